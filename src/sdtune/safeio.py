@@ -1,0 +1,91 @@
+"""Loading without code execution, and atomic writes.
+
+Every weight file sdtune reads goes through ``load_state``: safetensors directly, pickle-based files
+(.pt/.bin/.ckpt) only through ``torch.load(weights_only=True)``, which refuses anything but tensors and
+plain containers. Every file sdtune writes goes through a temporary file in the same folder and an
+atomic rename, so a kill never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class SdtuneError(Exception):
+    """A user-facing error: its message is one clear line that names the problem and the fix."""
+
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pti"}
+
+
+def is_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+    except OSError:
+        return False
+
+
+def load_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
+    """(tensors or plain containers, safetensors metadata) from a weight file, never executing code."""
+    path = Path(path)
+    if not path.is_file():
+        raise SdtuneError(f"{path}: no such file; check the path")
+    if is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+            raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise SdtuneError(
+                f"{path}: this pickle holds Python objects beyond plain tensors, and sdtune refuses to unpickle "
+                f"it (it could run code); convert it to .safetensors with a tool you trust")
+        raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors/.pt file?")
+    return obj, {}
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def atomic_save_torch(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
