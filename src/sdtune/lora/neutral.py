@@ -55,8 +55,8 @@ class Adapter:
         t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         if self.kind == "lora":
             down, up = t["down"].flatten(1), t["up"].flatten(1)
-            if "mid" in t:  # LoCon tucker core: down [r, in,1,1], mid [r, r, kh, kw], up [out, r,1,1]
-                core = torch.einsum("ri,rskl->sikl", t["down"].flatten(1), t["mid"])  # [r, in, kh, kw]
+            if "mid" in t:  # LoCon tucker core: down [r, in,1,1], mid [r_out, r_in, kh, kw] (a conv), up [out, r,1,1]
+                core = torch.einsum("ri,srkl->sikl", t["down"].flatten(1), t["mid"])  # [r, in, kh, kw]
                 d = up @ core.flatten(1)
             else:
                 d = up @ down
@@ -79,6 +79,7 @@ class Lora:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata (e.g. ss_*)
     format: str = ""  # where it came from: "kohya", "diffusers", "peft", "diffusers-old", "lycoris-loha", ...
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # TI vectors bundled in the same file
+    unknown: list[str] = field(default_factory=list)  # file keys no reader understood (reported, never applied)
 
     def items(self):
         for comp, mods in self.modules.items():

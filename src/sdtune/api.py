@@ -1,0 +1,103 @@
+"""The everyday workflow in a few calls: load a base, add adapters by name, generate.
+
+    from sdtune import load_base, generate
+    base = load_base("tiny")
+    base.loras.add("style", "style.safetensors", weight=0.5)
+    base.embeddings.load("concept.safetensors")
+    images = generate(base, "a photo of <concept>", seed=1)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import sources
+from .generate import Generated
+from .generate import generate as _generate
+from .models import Base, load_base
+from .safeio import SdtuneError
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::([^:>]+))?>")
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
+    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags, return them."""
+    tags = []
+    for m in LORA_TAG.finditer(prompt):
+        try:
+            w = float(m.group(2)) if m.group(2) else 1.0
+            te = float(m.group(3)) if m.group(3) else None
+        except ValueError:
+            raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
+        tags.append((m.group(1), w, te))
+    return re.sub(r"\s*,?\s*" + LORA_TAG.pattern, "", prompt).strip(" ,"), tags
+
+
+def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | None = None,
+             search_dirs: tuple = (), allow_partial: bool = False) -> str:
+    """Load a LoRA from 'SOURCE[:WEIGHT]' (file, lora-dir name or hub source) under a name; returns the name."""
+    src, w = sources.parse_weighted(spec)
+    path = sources.resolve(src, "lora", tuple(search_dirs))
+    name = name or Path(path).stem
+    base.loras.add(name, path, weight if weight is not None else w, allow_partial=allow_partial)
+    return name
+
+
+def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str]:
+    """Load a TI embedding from 'SOURCE[:TOKEN]'; returns the registered token(s)."""
+    from .ti.formats import load_embedding
+
+    src, token = sources.split_suffix(spec)
+    path = sources.resolve(src, "embedding", tuple(search_dirs))
+    return base.embeddings.add(load_embedding(path, token=token))
+
+
+def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(), lora_dirs=(),
+         embedding_dirs=(), allow_partial: bool = False) -> Base:
+    base = load_base(model, device=device, dtype=dtype)
+    for spec in embeddings:
+        add_embedding(base, spec, search_dirs=tuple(embedding_dirs))
+    for spec in loras:
+        add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
+    base.embedding_dirs = tuple(embedding_dirs)
+    return base
+
+
+def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
+    """A1111 behaviour: an embedding file's name used as a word in the prompt loads that embedding."""
+    from .ti.formats import load_embedding
+
+    words = set(re.findall(r"[^\s,()\[\]]+", prompt))
+    for d in dirs:
+        for f in sorted(Path(d).glob("*")):
+            if f.suffix in sources.WEIGHT_SUFFIXES and f.stem in words and f.stem not in base.embeddings:
+                base.embeddings.add(load_embedding(f, token=f.stem))
+
+
+def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
+             **kwargs) -> list[Generated]:
+    """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (applied for this
+    call only, looked up in ``lora_dirs``) and embedding names from ``embedding_dirs``."""
+    clean, tags = parse_lora_tags(prompt)
+    dirs = embedding_dirs if embedding_dirs is not None else getattr(base, "embedding_dirs", ())
+    _load_dir_embeddings(base, clean + " " + kwargs.get("negative_prompt", ""), dirs)
+    added = []
+    try:
+        for tag_name, w, te in tags:
+            name = f"<lora:{tag_name}>"
+            path = sources.resolve(tag_name, "lora", tuple(lora_dirs))
+            base.loras.add(name, path, w, te_weight=te, allow_partial=allow_partial)
+            added.append(name)
+        info = {}
+        if len(base.loras):
+            info["Lora weights"] = "; ".join(f"{r['name']}={r['unet_weight']:g}" for r in base.loras.list())
+        extra = {**info, **kwargs.pop("extra_info", {})}
+        results = _generate(base, clean, extra_info=extra, **kwargs)
+        if tags:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image
+            for r in results:
+                r.infotext = r.infotext.replace(clean, prompt, 1)
+        return results
+    finally:
+        for name in added:
+            base.loras.remove(name)

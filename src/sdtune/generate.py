@@ -1,0 +1,232 @@
+"""txt2img on a loaded base: schedulers, seeds, A1111-style PNG infotext, grids.
+
+Reproducibility: image ``i`` of a call with seed ``s`` starts from noise drawn on the CPU with seed
+``s + i`` (as A1111 does), so the same seed and settings give the same pixels whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from .safeio import SdtuneError, atomic_path
+
+# CLI name -> (diffusers class name, extra config, A1111 sampler name)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
+    "pndm": ("PNDMScheduler", {}, "PNDM"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+}
+
+
+def make_scheduler(name: str, base_scheduler):
+    if name not in SCHEDULERS:
+        raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls_name, extra, _ = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    seed: int
+    infotext: str
+    params: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        return save_png(self.image, path, self.infotext)
+
+
+def save_png(image: Image.Image, path: str | Path, infotext: str | None = None) -> Path:
+    info = PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_infotext(path: str | Path) -> str | None:
+    with Image.open(path) as im:
+        return im.info.get("parameters")
+
+
+def infotext(prompt: str, negative: str, params: dict) -> str:
+    """The A1111 ``parameters`` text: prompt, 'Negative prompt:' line, then 'Key: value, ...'."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+
+    def fmt(v):
+        v = str(v)
+        return f'"{v}"' if ("," in v or ":" in v) else v
+
+    lines.append(", ".join(f"{k}: {fmt(v)}" for k, v in params.items() if v not in (None, "")))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict:
+    """Inverse of ``infotext`` for the fields sdtune writes (prompt, negative, and the key/value line)."""
+    lines = text.strip().split("\n")
+    out = {"prompt": lines[0], "negative_prompt": ""}
+    for line in lines[1:-1]:
+        if line.startswith("Negative prompt: "):
+            out["negative_prompt"] = line[len("Negative prompt: ") :]
+    for m in re.finditer(r'\s*([\w \-/]+): ("(?:[^"]*)"|[^,]*)(?:,|$)', lines[-1]):
+        out[m.group(1).strip()] = m.group(2).strip('"')
+    return out
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 8:
+            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
+
+
+def default_size(base) -> int:
+    scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return int(base.unet.config.sample_size) * scale
+
+
+@torch.no_grad()
+def encode_prompt(base, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings as SD 1.x uses them (77 tokens, last hidden state). sdtune encodes prompts
+    itself so that its own multi-vector token expansion is what the model sees."""
+    ids = base.tokenizer(
+        prompts, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return base.text_encoder(ids.to(base.device))[0].to(base.dtype)
+
+
+@torch.no_grad()
+def generate(
+    base,
+    prompt: str,
+    negative_prompt: str = "",
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int | None = None,
+    scheduler: str = "ddim",
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int = 1,
+    batch_size: int = 4,
+    progress: bool = True,
+    extra_info: dict | None = None,
+) -> list[Generated]:
+    """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are."""
+    width = width or default_size(base)
+    height = height or default_size(base)
+    check_size(width, height)
+    if steps < 1:
+        raise SdtuneError(f"--steps {steps}: must be at least 1")
+    if seed is None or seed < 0:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    prompt_text = prompt
+    expand = getattr(getattr(base, "embeddings", None), "expand", None)
+    if expand is not None:  # multi-vector embeddings become their sub-tokens
+        prompt, negative_prompt = expand(prompt), expand(negative_prompt)
+    pipe = base.pipeline(make_scheduler(scheduler, base.scheduler))
+    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
+    scale = pipe.vae_scale_factor
+    out: list[Generated] = []
+    for start in range(0, num_images, batch_size):
+        seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (1, base.unet.config.in_channels, height // scale, width // scale)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(base.device, base.dtype)
+        cond = encode_prompt(base, [prompt]).expand(len(seeds), -1, -1)
+        uncond = encode_prompt(base, [negative_prompt]).expand(len(seeds), -1, -1)
+        images = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents,
+            generator=gens,
+            height=height,
+            width=width,
+        ).images
+        for s, img in zip(seeds, images):
+            params = {
+                "Steps": steps,
+                "Sampler": SCHEDULERS[scheduler][2],
+                "CFG scale": guidance,
+                "Seed": s,
+                "Size": f"{width}x{height}",
+                "Model hash": getattr(base, "model_hash", ""),
+                "Model": getattr(base, "name", ""),
+                **(extra_info or {}),
+            }
+            out.append(Generated(img, s, infotext(prompt_text, negative_prompt, params), params))
+    return out
+
+
+# --- grids --------------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def grid(
+    images: list[Image.Image],
+    cols: int | None = None,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    cell: int | None = None,
+) -> Image.Image:
+    """Images in a grid (row-major); labels drawn on the left and on top when given."""
+    if not images:
+        raise ValueError("grid needs at least one image")
+    cols = cols or (len(col_labels) if col_labels else min(len(images), 4))
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    if cell and cell > w:  # small images are scaled up (nearest) so labels stay readable
+        images = [im.resize((cell, cell * h // w), Image.Resampling.NEAREST) for im in images]
+        w, h = images[0].size
+    font = _font(max(10, min(18, w // 8)))
+    pad_top = 24 if col_labels else 0
+    pad_left = 0
+    if row_labels:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        pad_left = 8 + max(int(probe.textlength(lbl, font=font)) for lbl in row_labels)
+    canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, im in enumerate(images):
+        canvas.paste(im.convert("RGB"), (pad_left + (i % cols) * w, pad_top + (i // cols) * h))
+    for c, lbl in enumerate(col_labels or []):
+        draw.text((pad_left + c * w + w // 2, pad_top // 2), lbl, fill="black", font=font, anchor="mm")
+    for r, lbl in enumerate(row_labels or []):
+        draw.text((4, pad_top + r * h + h // 2), lbl, fill="black", font=font, anchor="lm")
+    return canvas
+
+
+def save_batch(results: list[Generated], out_dir: str | Path, prefix: str = "") -> list[Path]:
+    """Write each image as NNNNN-SEED.png (with infotext), plus grid.png when there are several."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = len(list(out_dir.glob("*.png")))
+    paths = [r.save(out_dir / f"{prefix}{start + i:05d}-{r.seed}.png") for i, r in enumerate(results)]
+    if len(results) > 1:
+        paths.append(
+            save_png(grid([r.image for r in results]), out_dir / f"{prefix}grid-{start:05d}.png", results[0].infotext)
+        )
+    return paths

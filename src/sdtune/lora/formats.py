@@ -1,0 +1,543 @@
+"""LoRA files <-> the neutral ``Lora``: every common layout in, kohya or diffusers out.
+
+Read (``load_lora`` / ``from_state_dict``), detected key by key, so a file mixing layouts still loads:
+
+- kohya / A1111 / civitai: ``lora_unet_<path>`` / ``lora_te_<path>`` (``lora_te1_``, SDXL ``lora_te2_``) with
+  ``.lora_down.weight`` ``.lora_up.weight`` [``.lora_mid.weight``] [``.alpha``]; UNet paths in diffusers or LDM
+  naming; LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``) and full (``.diff``) under the same names.
+- diffusers / PEFT: ``[unet.|text_encoder.|base_model.model.]<path>.lora_A.weight`` / ``lora_B.weight``, alphas
+  from ``.alpha`` keys, the ``lora_adapter_metadata`` header or a PEFT ``adapter_config.json`` beside the file;
+  the older ``.lora.down.weight``, ``.lora_linear_layer.down.weight`` and attention-processor
+  (``attn1.processor.to_q_lora.down.weight``) keys.
+- cloneofsimo ``lora_diffusion``: order-indexed ``unet:N:up`` keys (and its bare-list ``.pt``), TI vectors beside.
+- bundled embeddings (``bundle_emb.<name>.string_to_param.*``, cloneofsimo ``<s1>``) go to ``Lora.embeddings``.
+
+Keys no reader understands are kept in ``Lora.unknown`` (``keys.match`` reports them); nothing is dropped.
+LyCORIS Tucker factors (``hada_t1``, ``lokr_t2``) are folded into plain two-factor form on reading, which gives
+the same ΔW with the same rank (and so the same alpha / rank scale).
+
+Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full) with ``ss_*`` metadata, or diffusers/PEFT keys
+with the alphas in the ``lora_adapter_metadata`` header (per-module ``rank_pattern``/``alpha_pattern``), which
+diffusers' ``load_lora_weights`` reads, so the scale stays exact and the factors are stored unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..safeio import SdtuneError, atomic_save_safetensors, load_state
+from . import keys
+from .neutral import COMPONENTS, Adapter, Lora
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                  "lora_te_": "text_encoder"}
+KOHYA_SAVE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# kohya/LyCORIS key suffix -> (adapter kind, tensor role); kind None: shared by every kind (alpha)
+KOHYA_ROLES = {
+    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"), "lora_mid.weight": ("lora", "mid"),
+    "hada_w1_a": ("loha", "w1a"), "hada_w1_b": ("loha", "w1b"), "hada_w2_a": ("loha", "w2a"),
+    "hada_w2_b": ("loha", "w2b"), "hada_t1": ("loha", "t1"), "hada_t2": ("loha", "t2"),
+    "lokr_w1": ("lokr", "w1"), "lokr_w1_a": ("lokr", "w1a"), "lokr_w1_b": ("lokr", "w1b"),
+    "lokr_w2": ("lokr", "w2"), "lokr_w2_a": ("lokr", "w2a"), "lokr_w2_b": ("lokr", "w2b"),
+    "lokr_t2": ("lokr", "t2"), "diff": ("diff", "diff"), "alpha": (None, "alpha"),
+}
+_KOHYA_SAVE_NAMES = {kind_role: suffix for suffix, kind_role in KOHYA_ROLES.items() if kind_role[0]}
+# diffusers/PEFT key endings -> (role, style)
+_DIFFUSERS_SUFFIXES = (
+    (".lora_A.weight", "down", "peft"), (".lora_B.weight", "up", "peft"),
+    (".lora.down.weight", "down", "diffusers-old"), (".lora.up.weight", "up", "diffusers-old"),
+    (".lora_linear_layer.down.weight", "down", "diffusers-old"),
+    (".lora_linear_layer.up.weight", "up", "diffusers-old"),
+    (".alpha", "alpha", None),
+)
+# attention-processor LoRA (diffusers < 0.19, and the text-encoder monkey patch of that time)
+_PROCESSOR_KEY = re.compile(r"^(.*?)(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_PROCESSOR_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
+_DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+                       ("base_model.model.", None))
+_META_KEY = "lora_adapter_metadata"
+
+
+# ================================================================= reading
+
+def load_lora(path: str | Path, *, model_keys: dict | None = None) -> Lora:
+    """Read a LoRA file (or a folder holding one) of any supported layout into a ``Lora``.
+
+    ``model_keys`` ({component: module paths}) resolves kohya's underscore names and cloneofsimo's indices
+    against the actual model; without it the SD 1.5 module structure is used.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _weights_in_folder(path)
+    state, metadata = load_state(path)
+    peft_config = _peft_config_beside(path)
+    if isinstance(state, (list, tuple)):
+        return _from_cloneofsimo_list(state, path, model_keys)
+    return from_state_dict(state, metadata, source=str(path), model_keys=model_keys, peft_config=peft_config)
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin",
+                 "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise SdtuneError(f"{folder}: a folder without one clear LoRA file (pytorch_lora_weights.safetensors or "
+                      f"adapter_model.safetensors); give the file's path instead")
+
+
+def _peft_config_beside(path: Path) -> dict | None:
+    """A PEFT ``adapter_config.json`` saved next to ``adapter_model.*`` (or with the same name stem)."""
+    candidates = [path.with_name(path.name.replace("adapter_model", "adapter_config")).with_suffix(".json"),
+                  path.with_name("adapter_config.json")]
+    for c in candidates:
+        if c != path and c.is_file():
+            try:
+                return json.loads(c.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise SdtuneError(f"{c}: unreadable PEFT adapter config ({e}); fix or remove it")
+    return None
+
+
+def from_state_dict(sd: dict, metadata: dict | None = None, *, source: str = "", model_keys: dict | None = None,
+                    peft_config: dict | None = None) -> Lora:
+    """A ``Lora`` from tensors and the safetensors header. ``peft_config``: an adapter_config.json's contents."""
+    source = source or "LoRA state dict"
+    metadata = dict(metadata or {})
+    sd = _plain_tensors(sd, source)
+    lora = Lora(metadata=metadata)
+    reader = _Reader(lora, source, model_keys, metadata, peft_config)
+    for key, value in sd.items():
+        reader.take(key, value)
+    reader.finish()
+    if not len(lora) and not lora.embeddings:
+        raise SdtuneError(_not_a_lora_message(sd, source))
+    return lora
+
+
+def _plain_tensors(sd, source: str) -> dict:
+    if not isinstance(sd, dict):
+        raise SdtuneError(f"{source}: holds a {type(sd).__name__}, not a dict of tensors; is it a LoRA file?")
+    if "string_to_param" in sd or "emb_params" in sd:
+        raise SdtuneError(f"{source}: this is a Textual Inversion embedding, not a LoRA; load it as an embedding")
+    if isinstance(sd.get("state_dict"), dict) and len(sd) <= 4:  # a training checkpoint wrapping the weights
+        sd = sd["state_dict"]
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise SdtuneError(f"{source}: entry {bad[0]!r} is a {type(sd[bad[0]]).__name__}, not a tensor; "
+                          f"this is not a LoRA weight file sdtune can read")
+    return sd
+
+
+def _not_a_lora_message(sd: dict, source: str) -> str:
+    first = ", ".join(list(sd)[:3])
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in sd):
+        return f"{source}: this is a full Stable Diffusion checkpoint, not a LoRA; load it as the base model"
+    return f"{source}: no LoRA weights found (first keys: {first}); is this a LoRA file?"
+
+
+class _Reader:
+    """Groups file keys by (component, module path) and turns each group into an ``Adapter``."""
+
+    def __init__(self, lora: Lora, source: str, model_keys, metadata: dict, peft_config: dict | None):
+        self.lora, self.source, self.model_keys, self.metadata = lora, source, model_keys, metadata
+        self.groups: dict[tuple[str, str], dict] = {}
+        self.styles: Counter = Counter()
+        self.cloneofsimo: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        self._resolver = None
+        self.peft = _peft_configs(metadata, peft_config, source)
+
+    @property
+    def resolver(self) -> keys.NameResolver:
+        if self._resolver is None:
+            self._resolver = keys.NameResolver(self.model_keys)
+        return self._resolver
+
+    def take(self, key: str, value: torch.Tensor) -> None:
+        if self._embedding(key, value):
+            return
+        if m := _CLONEOFSIMO_KEY.match(key):
+            self.cloneofsimo.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = value
+            return
+        for prefix, comp in KOHYA_PREFIXES.items():
+            if key.startswith(prefix):
+                name, _, suffix = key[len(prefix):].partition(".")
+                kind_role = KOHYA_ROLES.get(suffix)
+                if kind_role is None:
+                    break
+                path = self.resolver.kohya(comp, name)
+                style = {"lora": "kohya", "diff": "lycoris-full"}.get(kind_role[0], f"lycoris-{kind_role[0]}")
+                self._add(comp, path, kind_role, value, key, style if kind_role[0] else None)
+                return
+        else:
+            if self._diffusers(key, value):
+                return
+        self.lora.unknown.append(key)
+
+    def _embedding(self, key: str, value: torch.Tensor) -> bool:
+        if key.startswith("bundle_emb."):
+            rest = key[len("bundle_emb."):]
+            m = re.match(r"^(.+)\.(string_to_param\.[^.]+|clip_l|clip_g)$", rest)
+            if not m:
+                return False
+            name = m.group(1) if m.group(2) != "clip_g" else f"{m.group(1)}.clip_g"
+            self.lora.embeddings[name] = value
+            return True
+        if self.metadata.get(key) == "<embed>" or (re.fullmatch(r"<[^<>]+>", key) and value.dim() <= 2):
+            self.lora.embeddings[key] = value
+            return True
+        return False
+
+    def _diffusers(self, key: str, value: torch.Tensor) -> bool:
+        comp, rest, prefixed = None, key, False
+        for prefix, c in _DIFFUSERS_PREFIXES:
+            if key.startswith(prefix):
+                comp, rest, prefixed = c, key[len(prefix):], c is not None
+                break
+        if m := _PROCESSOR_KEY.match(rest):
+            comp = comp or _component_of(m.group(1))
+            if comp is None:
+                return False
+            table = _PROCESSOR_TEXT if comp.startswith("text_encoder") else _PROCESSOR_UNET
+            path = f"{m.group(1)}.{table[m.group(3)]}"
+            self._add(comp, _clean_path(comp, path), (None, m.group(4)), value, key, "diffusers-old")
+            return True
+        for suffix, role, style in _DIFFUSERS_SUFFIXES:
+            if rest.endswith(suffix):
+                path = rest[: -len(suffix)]
+                comp = comp or _component_of(path)
+                if comp is None or not path:
+                    return False
+                if style == "peft" and prefixed:
+                    style = "diffusers"
+                self._add(comp, _clean_path(comp, path), ("lora", role), value, key, style)
+                return True
+        return False
+
+    def _add(self, comp, path, kind_role, value, key, style) -> None:
+        group = self.groups.setdefault((comp, path), {"kinds": set(), "roles": {}, "keys": [], "styles": set()})
+        kind, role = kind_role
+        if kind:
+            group["kinds"].add(kind)
+        if role in group["roles"]:  # the same module twice (e.g. with and without text_model.)
+            self.lora.unknown.append(key)
+            return
+        group["roles"][role] = value
+        group["keys"].append(key)
+        if style:
+            group["styles"].add(style)
+
+    def finish(self) -> None:
+        for (comp, path), group in self.groups.items():
+            adapter = self._adapter(comp, path, group)
+            if adapter is None:
+                self.lora.unknown.extend(group["keys"])
+                continue
+            self.lora.modules.setdefault(comp, {})[path] = adapter
+            self.styles.update(group["styles"])
+        for comp, entries in self.cloneofsimo.items():
+            self._cloneofsimo(comp, entries)
+        styles = [s for s, n in self.styles.most_common() if n]
+        self.lora.format = "+".join(styles) if styles else ("embeddings" if self.lora.embeddings else "")
+
+    def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
+        roles, kinds = dict(group["roles"]), group["kinds"] or {"lora"}
+        if len(kinds) != 1:
+            return None
+        kind = kinds.pop()
+        alpha = roles.pop("alpha", None)
+        alpha = float(alpha.float().item()) if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 else alpha
+        if isinstance(alpha, torch.Tensor):
+            return None
+        try:
+            if kind == "lora":
+                if not {"down", "up"} <= set(roles) or set(roles) - {"down", "up", "mid"}:
+                    return None
+                if alpha is None and group["styles"] & {"peft", "diffusers"}:
+                    alpha = self.peft_alpha(comp, path, roles["down"].shape[0])
+                return Adapter("lora", roles, alpha)
+            if kind == "loha":
+                return _loha(roles, alpha)
+            if kind == "lokr":
+                return _lokr(roles, alpha)
+            if kind == "diff" and set(roles) == {"diff"}:
+                return Adapter("diff", roles, None)
+        except (KeyError, RuntimeError, ValueError):
+            return None
+        return None
+
+    def peft_alpha(self, comp: str, path: str, rank: int) -> float | None:
+        cfg = self.peft.get(comp) or self.peft.get("*")
+        if not cfg:
+            return None
+        names = [path] + ([f"text_model.{path}"] if comp.startswith("text_encoder") else [])
+        r = _pattern_value(cfg.get("rank_pattern") or {}, names, cfg.get("r", rank))
+        a = _pattern_value(cfg.get("alpha_pattern") or {}, names, cfg.get("lora_alpha", 8))
+        r, a = int(r), float(a)
+        if cfg.get("use_rslora"):
+            return a * rank / math.sqrt(r)  # PEFT scale alpha / sqrt(r), as alpha' / rank
+        return a if r == rank else a * rank / r
+
+    def _cloneofsimo(self, comp: str, entries: dict[int, dict]) -> None:
+        """lora_diffusion numbered the layers it patched; map numbers back to module paths."""
+        layout = "the cloneofsimo lora_diffusion layout (keys like unet:N:up)"
+        if self.model_keys and self.model_keys.get(comp) is not None:
+            paths = keys.model_keys_of({comp: self.model_keys[comp]})[comp]
+        else:
+            paths = keys.sd15_reference()[comp]
+        targets = keys.cloneofsimo_targets(comp, paths)
+        targets = [t.removeprefix("text_model.") for t in targets]
+        declared = self.metadata.get(comp, "")
+        if comp == "unet" and ("GEGLU" not in declared if declared else len(entries) * 9 == len(targets) * 8):
+            targets = [t for t in targets if not t.endswith("ff.net.0.proj")]  # older default: attention only
+        if len(entries) != len(targets) or set(entries) != set(range(len(entries))):
+            raise SdtuneError(f"{self.source}: {layout} with {len(entries)} {comp} entries, but the model has "
+                              f"{len(targets)} layers in that scheme; the file is not for this model's architecture")
+        for index, pair in sorted(entries.items()):
+            if set(pair) != {"up", "down"}:
+                self.lora.unknown.extend(f"{comp}:{index}:{r}" for r in pair)
+                continue
+            self.lora.modules.setdefault(comp, {})[targets[index]] = Adapter("lora", {"down": pair["down"],
+                                                                                     "up": pair["up"]})
+        self.styles["cloneofsimo"] += len(entries)
+
+
+def _component_of(path: str) -> str | None:
+    root = path.split(".", 1)[0]
+    if root in keys.UNET_ROOTS:
+        return "unet"
+    if root in keys.TEXT_ROOTS:
+        return "text_encoder"
+    return None
+
+
+def _clean_path(comp: str, path: str) -> str:
+    return path.removeprefix("text_model.") if comp.startswith("text_encoder") else path
+
+
+def _pattern_value(patterns: dict, names: list[str], default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it (as a regex)."""
+    for pattern, value in patterns.items():
+        for name in names:
+            try:
+                if re.match(rf"(.*\.)?({pattern})$", name):
+                    return value
+            except re.error:
+                continue
+    return default
+
+
+def _peft_configs(metadata: dict, peft_config: dict | None, source: str) -> dict[str, dict]:
+    """{component or "*": LoraConfig kwargs} from the diffusers header and/or an adapter_config.json."""
+    configs: dict[str, dict] = {}
+    if peft_config:
+        configs["*"] = peft_config
+    raw = metadata.get(_META_KEY)
+    if raw:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise SdtuneError(f"{source}: the {_META_KEY} header is not valid JSON ({e}); re-export the file")
+        prefixed = {k for k in data if k.split(".", 1)[0] in (*COMPONENTS, "text_encoder_2") and "." in k}
+        if prefixed:
+            for k in prefixed:
+                comp, _, field_name = k.partition(".")
+                configs.setdefault(comp, {})[field_name] = data[k]
+        else:
+            configs["*"] = data
+    return configs
+
+
+def _tucker_to_pair(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LyCORIS Tucker factors (core t [r, r, kh, kw], wa [r, out], wb [r, in]) as an equal product A @ B.
+
+    LyCORIS rebuilds W[p, q, k, l] = Σ_ij t[i, j, k, l] wa[i, p] wb[j, q]; grouping the j-sum into B gives
+    A = waᵀ [out, r] and B = Σ_j t[i, j] wb[j, q] flattened to [r, in·kh·kw], with the same rank r.
+    """
+    b = torch.einsum("ijkl,jq->iqkl", t.float(), wb.float()).flatten(1).to(wb.dtype)
+    return wa.t().contiguous(), b
+
+
+def _loha(roles: dict, alpha) -> Adapter:
+    t = dict(roles)
+    if "t1" in t or "t2" in t:
+        t["w1a"], t["w1b"] = _tucker_to_pair(t.pop("t1"), t["w1a"], t["w1b"])
+        t["w2a"], t["w2b"] = _tucker_to_pair(t.pop("t2"), t["w2a"], t["w2b"])
+    if set(t) != {"w1a", "w1b", "w2a", "w2b"}:
+        raise KeyError("incomplete LoHa")
+    t = {k: (v.flatten(1) if k.endswith("b") else v) for k, v in t.items()}
+    return Adapter("loha", t, alpha)
+
+
+def _lokr(roles: dict, alpha) -> Adapter:
+    t = dict(roles)
+    if "t2" in t:
+        t["w2a"], t["w2b"] = _tucker_to_pair(t.pop("t2"), t["w2a"], t["w2b"])
+    ok1 = ("w1" in t) != ({"w1a", "w1b"} <= set(t))
+    ok2 = ("w2" in t) != ({"w2a", "w2b"} <= set(t))
+    if not (ok1 and ok2) or set(t) - {"w1", "w1a", "w1b", "w2", "w2a", "w2b"}:
+        raise KeyError("incomplete LoKr")
+    return Adapter("lokr", t, alpha)
+
+
+def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
+    """lora_diffusion's ``.pt``: a bare list [up0, down0, up1, down1, ...] of one component."""
+    if len(state) % 2 or not all(isinstance(t, torch.Tensor) for t in state):
+        raise SdtuneError(f"{path}: a list that is not the cloneofsimo lora_diffusion .pt layout (pairs of up, "
+                          f"down tensors); sdtune cannot read it")
+    comp = "text_encoder" if "text_encoder" in path.name else "unet"
+    sd = {}
+    for i in range(len(state) // 2):
+        sd[f"{comp}:{i}:up"], sd[f"{comp}:{i}:down"] = state[2 * i], state[2 * i + 1]
+    meta = {comp: '["CrossAttention", "Attention", "GEGLU"]'} if comp == "unet" else {}
+    return from_state_dict(sd, meta, source=str(path), model_keys=model_keys)
+
+
+# ================================================================= writing
+
+def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None) -> None:
+    """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically)."""
+    path = Path(path)
+    if lora.unknown:
+        raise SdtuneError(f"{path}: the LoRA has {len(lora.unknown)} keys sdtune could not read (e.g. "
+                          f"{lora.unknown[0]}); writing it would lose them. Remove them from the source first")
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if format == "kohya":
+        tensors, header = _kohya_tensors(lora), _kohya_metadata(lora)
+        meta = {**_carried_metadata(lora), **header, **extra}
+    elif format == "diffusers":
+        tensors, header = _diffusers_tensors(lora, path)
+        meta = {**_carried_metadata(lora), **extra, "format": "pt", _META_KEY: header}
+    else:
+        raise SdtuneError(f"{path}: unknown LoRA format {format!r}; use 'kohya' or 'diffusers'")
+    atomic_save_safetensors(tensors, path, metadata=meta)
+
+
+def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None) -> Lora:
+    """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
+    lora = load_lora(in_path, model_keys=model_keys)
+    save_lora(lora, out_path, format=to)
+    return lora
+
+
+def _carried_metadata(lora: Lora) -> dict[str, str]:
+    """Header entries worth keeping across formats (not those describing the old layout)."""
+    drop = {_META_KEY, "format"}
+    return {k: v for k, v in lora.metadata.items() if k not in drop and v != "<embed>"
+            and not re.match(r"^(unet|text_encoder):\d+:rank$", k) and k not in ("unet", "text_encoder")}
+
+
+def _kohya_name(comp: str, path: str) -> str:
+    if comp not in KOHYA_SAVE_PREFIX:
+        raise SdtuneError(f"component {comp!r} has no kohya name; expected unet or text_encoder")
+    if comp.startswith("text_encoder"):
+        path = "text_model." + path
+    return KOHYA_SAVE_PREFIX[comp] + keys.underscored(path)
+
+
+def _kohya_tensors(lora: Lora) -> dict[str, torch.Tensor]:
+    out = {}
+    for comp, path, ad in lora.items():
+        name = _kohya_name(comp, path)
+        for role, tensor in ad.tensors.items():
+            out[f"{name}.{_KOHYA_SAVE_NAMES[(ad.kind, role)]}"] = tensor
+        if ad.alpha is not None and ad.kind != "diff":
+            out[f"{name}.alpha"] = torch.tensor(float(ad.alpha), dtype=torch.float32)
+    for name, emb in lora.embeddings.items():
+        emb = emb[None] if emb.dim() == 1 else emb
+        key = f"bundle_emb.{name[:-len('.clip_g')]}.clip_g" if name.endswith(".clip_g") else \
+            f"bundle_emb.{name}.string_to_param.*"
+        out[key] = emb
+    return out
+
+
+def _number(x: float) -> str:
+    return str(float(x))
+
+
+def _kohya_metadata(lora: Lora) -> dict[str, str]:
+    kinds = {ad.kind for _, _, ad in lora.items()}
+    linear = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] in (None, (1, 1))]
+    conv = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] not in (None, (1, 1))]
+
+    def dim_alpha(ads):
+        ranks = {ad.rank for ad in ads}
+        alphas = {ad.alpha if ad.alpha is not None else ad.rank for ad in ads}
+        dim = str(ranks.pop()) if len(ranks) == 1 and None not in ranks else "Dynamic"
+        alpha = _number(alphas.pop()) if len(alphas) == 1 and None not in alphas else "Dynamic"
+        return dim, alpha
+
+    dim, alpha = dim_alpha(linear or conv) if (linear or conv) else ("0", "0")
+    meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, "ss_base_model_version": "sd_v1", "ss_v2": "False"}
+    lycoris = kinds - {"lora"} or any("mid" in ad.tensors for _, _, ad in lora.items())
+    args = {}
+    if conv:
+        args["conv_dim"], args["conv_alpha"] = dim_alpha(conv)
+    if lycoris:
+        algo = "locon" if kinds == {"lora"} else "+".join(sorted({"diff": "full"}.get(k, k) for k in kinds - {"lora"}))
+        args["algo"] = algo
+        meta["ss_network_module"] = "lycoris.kohya"
+    else:
+        meta["ss_network_module"] = "networks.lora"
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    return meta
+
+
+def _te_prefix(comp: str) -> str:
+    # diffusers 0.42 strips a leading ``text_model.`` when the CLIPTextModel has none (transformers 5) and keeps
+    # it for transformers 4, so writing it is what every diffusers version with either transformers loads.
+    return f"{comp}.text_model." if comp.startswith("text_encoder") else f"{comp}."
+
+
+def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if lora.embeddings:
+        raise SdtuneError(f"{path}: this LoRA carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
+                          f"which the diffusers LoRA layout cannot hold; save as kohya, or save the embeddings apart")
+    tensors, header = {}, {}
+    for comp in lora.modules:
+        mods = lora.modules[comp]
+        if not mods:
+            continue
+        other = {ad.kind for ad in mods.values()} - {"lora"}
+        if other:
+            raise SdtuneError(f"{path}: {'/'.join(sorted(other))} (LyCORIS) adapters have no diffusers layout "
+                              f"that diffusers loads for SD 1.x; save them with format='kohya'")
+        ranks, alphas = {}, {}
+        for p, ad in mods.items():
+            down, up = ad.tensors["down"], ad.tensors["up"]
+            if "mid" in ad.tensors:  # PEFT has no Tucker core: fold it into lora_A (same ΔW, same rank)
+                mid = ad.tensors["mid"]
+                core = torch.einsum("ri,srkl->sikl", down.flatten(1).float(), mid.float()).to(down.dtype)
+                down = core
+            key = _te_prefix(comp) + p
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+            ranks[p] = ad.rank
+            alphas[p] = float(ad.alpha) if ad.alpha is not None else float(ad.rank)
+        header |= _pack_config(comp, ranks, alphas)
+    return tensors, json.dumps(header, sort_keys=True)
+
+
+def _pack_config(comp: str, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """LoraConfig kwargs for one component, prefixed the way diffusers' save_lora_weights packs them."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    a = Counter(alphas.values()).most_common(1)[0][0]
+    # Exact, anchored-at-a-dot patterns: PEFT matches ``(.*\.)?(pattern)$`` against the full module name.
+    config = {
+        "r": r, "lora_alpha": a,
+        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != a},
+        "target_modules": sorted(ranks),
+        "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False,
+    }
+    return {f"{comp}.{k}": v for k, v in config.items()}

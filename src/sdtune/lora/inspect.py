@@ -1,0 +1,92 @@
+"""What a LoRA file holds, without a model: backs ``sdtune inspect FILE [--json]``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from . import keys
+from .formats import load_lora
+
+_LYCORIS = {"loha": "LoHa", "lokr": "LoKr", "diff": "full (diff)"}
+
+
+def describe(path: str | Path) -> dict:
+    """A JSON-ready summary: format, base family guess, ranks, alphas, scales, modules per component, conv
+    layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings, and keys sdtune could not read."""
+    lora = load_lora(path)
+    reference = keys.sd15_reference()
+    kinds = Counter(ad.kind for _, _, ad in lora.items())
+    conv3, conv1 = 0, 0
+    for comp, p, ad in lora.items():
+        shape = reference.get(comp, {}).get(p)
+        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else keys.adapter_io(ad)[2]
+        if kernel and math.prod(kernel) > 1:
+            conv3 += 1
+        elif kernel:
+            conv1 += 1
+    lycoris = sorted(_LYCORIS[k] for k in kinds if k in _LYCORIS)
+    if any("mid" in ad.tensors for _, _, ad in lora.items()):
+        lycoris.append("LoCon (Tucker)")
+    family = keys.guess_family(lora)
+    return {
+        "file": str(path),
+        "format": lora.format,
+        "family": family,
+        "family_name": keys.FAMILY_NAMES.get(family),
+        "modules": {c: len(m) for c, m in lora.modules.items() if m},
+        "kinds": dict(kinds),
+        "ranks": sorted({ad.rank for _, _, ad in lora.items() if ad.rank is not None}),
+        "alphas": sorted({float(ad.alpha) for _, _, ad in lora.items() if ad.alpha is not None}),
+        "alpha_missing": sum(1 for _, _, ad in lora.items() if ad.alpha is None),
+        "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items()}),
+        "conv_layers": conv3,
+        "conv1x1_layers": conv1,
+        "lycoris": ", ".join(lycoris) or None,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for _, _, ad in lora.items()
+                          for t in ad.tensors.values()}),
+        "parameters": sum(t.numel() for _, _, ad in lora.items() for t in ad.tensors.values()),
+        "embeddings": {name: list(t.shape) for name, t in lora.embeddings.items()},
+        "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_"))},
+        "unknown_keys": list(lora.unknown),
+    }
+
+
+def _short(value, width: int = 90) -> str:
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render(info: dict) -> str:
+    """The summary as an aligned two-column table."""
+    family = info["family_name"] + " (guess)" if info.get("family_name") else "unknown"
+    alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
+    if info["alphas"] and info["alpha_missing"]:
+        alphas += f" ({info['alpha_missing']} modules without: alpha = rank)"
+    elif info["alpha_missing"]:
+        alphas = "none (alpha = rank)"
+    rows = [
+        ("file", info["file"]),
+        ("format", info["format"] or "unknown"),
+        ("base family", family),
+        ("modules", ", ".join(f"{c} {n}" for c, n in info["modules"].items()) or "none"),
+        ("adapter kinds", ", ".join(f"{k} {n}" for k, n in info["kinds"].items()) or "none"),
+        ("ranks", ", ".join(map(str, info["ranks"])) or "n/a"),
+        ("alphas", alphas),
+        ("scales", ", ".join(f"{s:g}" for s in info["scales"]) or "n/a"),
+        ("conv layers", f"{info['conv_layers']} (kernel > 1), {info['conv1x1_layers']} (1x1)"),
+        ("LyCORIS", info["lycoris"] or "no"),
+        ("dtypes", ", ".join(info["dtypes"]) or "n/a"),
+        ("parameters", f"{info['parameters']:,}"),
+        ("embeddings", ", ".join(f"{n} {tuple(s)}" for n, s in info["embeddings"].items()) or "none"),
+        ("unread keys", f"{len(info['unknown_keys'])}: " + _short(", ".join(info["unknown_keys"][:5]))
+         if info["unknown_keys"] else "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if info["metadata"]:
+        lines.append("metadata")
+        mw = max(len(k) for k in info["metadata"])
+        lines += [f"  {k:<{mw}}  {_short(v)}" for k, v in info["metadata"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Textual-inversion embedding files: read every common layout into one ``Embedding``, write two.
+
+Layouts read (all through ``safeio.load_state``, so nothing is ever unpickled unsafely):
+- diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: [d] or [n, d]}``
+- A1111 ``.pt``: ``{"string_to_param": {"*": [n, d]}, "name": token, "string_to_token", "step", ...}``
+- kohya / A1111 safetensors: ``{"emb_params": [n, d]}``; the file carries no token, the file name is used
+- a bare tensor ``[d]`` / ``[n, d]`` saved with ``torch.save``; the token must be given
+SDXL files (``clip_l`` + ``clip_g``, or pivotal tuning's ``text_encoders_0`` + ``text_encoders_1``) are recognised
+and refused, since sdtune targets SD 1.x; so is the original textual_inversion pickle (a ``ParameterDict`` with
+numpy objects), which cannot be read without executing code.
+"""
+
+from __future__ import annotations
+
+import pickletools
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..safeio import SdtuneError, atomic_save_safetensors, atomic_save_torch, is_safetensors, load_state
+
+FORMATS = ("diffusers", "a1111", "kohya", "tensor")
+DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+SDXL_KEY_PAIRS = (("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1"))
+A1111_PLACEHOLDER_ID = 265  # the CLIP id of "*", which A1111 writes as string_to_token["*"]
+
+
+@dataclass
+class Embedding:
+    token: str
+    vectors: torch.Tensor  # [n, d] float32 on the CPU, one row per vector
+    source: str  # where it came from (a path), for error messages
+    format: str  # one of FORMATS
+
+    @property
+    def num_vectors(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[1]
+
+
+def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
+    """Read an embedding file (or a folder holding ``learned_embeds.*``); ``token`` overrides the stored name."""
+    path = _resolve_file(Path(path))
+    try:
+        state, _ = load_state(path)
+    except SdtuneError:
+        if _is_original_textual_inversion(path):
+            raise SdtuneError(
+                f"{path}: an original textual_inversion embedding (a pickled ParameterDict with numpy objects), which "
+                f"sdtune will not unpickle since that could run code; convert it to learned_embeds.safetensors "
+                f"with a tool you trust") from None
+        raise
+    stored_token, vectors, fmt = _parse(state, path)
+    token = token if token is not None else stored_token
+    if token is None:
+        raise SdtuneError(f"{path}: a bare tensor with no token name; give one as {path}:TOKEN")
+    check_token(token, path)
+    return Embedding(token=token, vectors=_as_rows(vectors, path), source=str(path), format=fmt)
+
+
+def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers", step: int = 0) -> None:
+    """Write ``emb`` atomically: "diffusers" ``{token: [n, d]}`` (safetensors, or a torch pickle for .bin/.pt),
+    or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    vectors = emb.vectors.detach().to("cpu", torch.float32).contiguous().clone()
+    if format == "diffusers":
+        if path.suffix in (".bin", ".pt"):
+            atomic_save_torch({emb.token: vectors}, path)
+        else:
+            atomic_save_safetensors({emb.token: vectors}, path)
+    elif format == "a1111":
+        atomic_save_torch({
+            "string_to_token": {"*": A1111_PLACEHOLDER_ID},
+            "string_to_param": {"*": vectors},
+            "name": emb.token,
+            "step": int(step),
+        }, path)
+    else:
+        raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
+
+
+def _resolve_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    for name in DIFFUSERS_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise SdtuneError(f"{path}: a folder without {' or '.join(DIFFUSERS_FILES)}; point at the embedding file itself")
+
+
+def _parse(state, path: Path) -> tuple[str | None, torch.Tensor, str]:
+    """(stored token or None, raw vectors, format) from a loaded state."""
+    if isinstance(state, torch.Tensor):
+        return None, state, "tensor"
+    if not isinstance(state, dict) or not state:
+        raise SdtuneError(f"{path}: holds {type(state).__name__}, not an embedding; expected a textual-inversion file")
+    for first, second in SDXL_KEY_PAIRS:
+        if first in state and second in state:
+            widths = f"{first} {tuple(state[first].shape)}, {second} {tuple(state[second].shape)}"
+            raise SdtuneError(
+                f"{path}: an SDXL embedding ({widths}); sdtune works with SD 1.x models (text width 768), "
+                f"use an embedding made for SD 1.x")
+    if "string_to_param" in state:
+        params = state["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise SdtuneError(f"{path}: A1111 embedding whose string_to_param does not hold exactly one tensor; "
+                              f"re-export it from A1111")
+        name = state.get("name")
+        return (str(name) if name else path.stem), next(iter(params.values())), "a1111"
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(state) == 1 and len(tensors) == 1:
+        key, vectors = next(iter(tensors.items()))
+        if key == "emb_params":
+            return path.stem, vectors, "kohya"
+        return key, vectors, "diffusers"
+    keys = ", ".join(list(map(str, state))[:6])
+    raise SdtuneError(f"{path}: not a textual-inversion layout (keys: {keys}); expected one {{token: tensor}}, "
+                      f"string_to_param or emb_params")
+
+
+def _as_rows(vectors, path: Path) -> torch.Tensor:
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or vectors.numel() == 0:
+        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise SdtuneError(f"{path}: embedding of shape {shape}; expected [width] or [vectors, width]")
+    rows = vectors.detach().to("cpu", torch.float32).reshape(-1, vectors.shape[-1]).clone()
+    if not torch.isfinite(rows).all():
+        raise SdtuneError(f"{path}: embedding holds NaN or infinite values; re-train or re-download it")
+    return rows
+
+
+def check_token(token: str, path: Path) -> None:
+    """A token must be one non-empty word: the tokenizer matches it as a unit and FILE:TOKEN can name it."""
+    if not token or token != token.strip() or any(c.isspace() for c in token):
+        raise SdtuneError(f"{path}: token {token!r} is empty or has spaces; give a one-word token as {path}:TOKEN")
+
+
+def _is_original_textual_inversion(path: Path) -> bool:
+    """Whether a torch zip pickle names ParameterDict/numpy classes, read from its opcodes without running them."""
+    if is_safetensors(path) or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                return False
+            names = [str(arg) for op, arg, _ in pickletools.genops(archive.read(name)) if op.name == "GLOBAL"]
+    except Exception:  # noqa: BLE001 - a corrupt archive is simply "not recognised"
+        return False
+    return any("ParameterDict" in n or n.startswith("numpy") for n in names)

@@ -1,0 +1,67 @@
+"""How well the built-in model draws what it is asked: generate, let the judge score, print a table.
+
+Held-in prompts should mostly be right (target: >= 80% show the prompted shape and colour). Held-out
+concepts were never shown to the diffusion model, so it should fail on them: that is the baseline TI
+and LoRA training must beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import judge, world
+
+HELD_IN = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
+           ("purple", "cross"), ("orange", "diamond"), ("pink", "hexagon"), ("cyan", "circle")]
+HELD_OUT = [  # (label, prompt, what the judge should see)
+    ("heart (unseen shape)", "a photo of a red heart", dict(shape="heart", colour="red")),
+    *[(f"{c} {s} (unseen pair)", f"a photo of a {c} {s}", dict(shape=s, colour=c))
+      for c, s in world.HELD_OUT_PAIRS],
+    ("outline style (unseen)", "a blue circle on a white background, outline style",
+     dict(shape="circle", colour="blue", style="outline")),
+]
+
+
+@dataclass
+class Row:
+    label: str
+    prompt: str
+    n: int
+    scores: dict
+
+    @property
+    def hit(self) -> float:
+        return self.scores["all"]
+
+
+def evaluate(base, images_per_prompt: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0,
+             progress: bool = False) -> tuple[list[Row], list[Row]]:
+    """(held-in rows, held-out rows); each row scores ``images_per_prompt`` images of one prompt."""
+    from ..generate import generate
+
+    def run(label, prompt, wanted):
+        imgs = [g.image for g in generate(base, prompt, steps=steps, guidance=guidance, seed=seed,
+                                          num_images=images_per_prompt, batch_size=images_per_prompt,
+                                          progress=progress)]
+        return Row(label, prompt, len(imgs), judge.score(imgs, **wanted))
+
+    held_in = [run(f"{c} {s}", f"a {c} {s} on a white background", dict(shape=s, colour=c)) for c, s in HELD_IN]
+    held_out = [run(*item) for item in HELD_OUT]
+    return held_in, held_out
+
+
+def table(held_in: list[Row], held_out: list[Row]) -> str:
+    lines = [f"{'prompt':<34} {'images':>6} {'shape':>6} {'colour':>6} {'both':>6}", "-" * 62]
+
+    def add(rows):
+        for r in rows:
+            s = r.scores
+            lines.append(f"{r.label:<34} {r.n:>6} {s.get('shape', 0):>6.0%} {s.get('colour', 0):>6.0%} {r.hit:>6.0%}")
+
+    lines.append("held-in (target: both >= 80% overall)")
+    add(held_in)
+    total = sum(r.hit * r.n for r in held_in) / max(1, sum(r.n for r in held_in))
+    lines.append(f"{'held-in overall':<34} {sum(r.n for r in held_in):>6} {'':>6} {'':>6} {total:>6.0%}")
+    lines.append("held-out (never trained on: the base should fail)")
+    add(held_out)
+    return "\n".join(lines)

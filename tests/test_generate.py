@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune import api, sources
+from sdtune.generate import generate, grid, infotext, parse_infotext, read_infotext, save_batch
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random")
+
+
+def test_same_seed_same_pixels_and_seed_sequence(base):
+    a = generate(base, "a red circle", steps=4, seed=7, num_images=2, progress=False)
+    b = generate(base, "a red circle", steps=4, seed=7, num_images=2, progress=False)
+    assert [r.seed for r in a] == [7, 8]
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
+    c = generate(base, "a red circle", steps=4, seed=9, num_images=1, progress=False)
+    assert not np.array_equal(np.asarray(a[0].image), np.asarray(c[0].image))
+
+
+def test_png_carries_a1111_parameters(base, tmp_path):
+    res = generate(base, "a blue star", negative_prompt="blurry", steps=3, guidance=6.0, seed=5, num_images=2,
+                   scheduler="euler_a", progress=False)
+    paths = save_batch(res, tmp_path)
+    assert [p.name for p in paths] == ["00000-5.png", "00001-6.png", "grid-00000.png"]
+    text = read_infotext(paths[1])
+    lines = text.split("\n")
+    assert lines[0] == "a blue star" and lines[1] == "Negative prompt: blurry"
+    fields = parse_infotext(text)
+    assert fields["Steps"] == "3" and fields["Sampler"] == "Euler a" and fields["CFG scale"] == "6.0"
+    assert fields["Seed"] == "6" and fields["Size"] == "64x64" and fields["Model"] == "tiny-random"
+    assert fields["Model hash"] == base.model_hash
+    assert Image.open(paths[2]).size == (128, 64)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc"])
+def test_schedulers_run_and_differ_from_noise(base, name):
+    res = generate(base, "a red circle", steps=3, seed=1, scheduler=name, progress=False)
+    assert res[0].image.size == (64, 64)
+
+
+def test_bad_inputs_are_clear_errors(base):
+    with pytest.raises(SdtuneError, match="unknown scheduler 'nope'"):
+        generate(base, "x", scheduler="nope", steps=1)
+    with pytest.raises(SdtuneError, match="multiple of 8"):
+        generate(base, "x", width=60, steps=1)
+
+
+def test_infotext_round_trip_quotes_commas():
+    text = infotext("p", "", {"Steps": 2, "Lora weights": "a=0.5; b=1", "Model": "x, y"})
+    assert parse_infotext(text)["Model"] == "x, y"
+    assert parse_infotext(text)["Lora weights"] == "a=0.5; b=1"
+
+
+def test_grid_labels_and_size():
+    ims = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
+    g = grid(ims, cols=2, row_labels=["r1", "r2"], col_labels=["c1", "c2"])
+    assert g.size[0] > 128 and g.size[1] == 128 + 24
+
+
+def test_lora_tag_parsing():
+    clean, tags = api.parse_lora_tags("a castle, <lora:moxin:0.8> <lora:b> <lora:c:1:0.5>")
+    assert clean == "a castle"
+    assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 1.0, 0.5)]
+    with pytest.raises(SdtuneError, match="must be a number"):
+        api.parse_lora_tags("<lora:x:abc>")
+
+
+def test_source_specs(tmp_path):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"x")
+    assert sources.parse_weighted(f"{f}:0.5") == (str(f), 0.5)
+    assert sources.parse_weighted(str(f)) == (str(f), 1.0)
+    assert sources.split_suffix(f"{f}:<tok>") == (str(f), "<tok>")
+    assert sources.resolve("a", "lora", (tmp_path,)) == f
+    assert sources.hub_parts("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora") == ("andrewzhu/MoXinV1",
+                                                                                  ("MoXinV1.safetensors",))
+    assert sources.hub_parts("sd-concepts-library/midjourney-style", "embedding")[1][0] == "learned_embeds.safetensors"
+    with pytest.raises(SdtuneError, match="weight after ':' must be a number"):
+        sources.parse_weighted("x.safetensors:heavy")
+    with pytest.raises(SdtuneError, match="no such file"):
+        sources.resolve(str(tmp_path / "missing.safetensors"))
+
+
+def test_hub_source_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SdtuneError) as e:
+        sources.resolve("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora")
+    assert "hub is unreachable" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,302 @@
+"""LoraSet: named adapters merged into the weights, reweighted and removed, always from the pristine base."""
+
+import warnings
+
+import pytest
+import torch
+
+from sdtune.lora import patch
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.lora.patch import LoraSet, apply_loras
+from sdtune.safeio import SdtuneError
+from sdtune.tiny import model as tiny
+
+UNET_ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+UNET_FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+TE_Q = "encoder.layers.1.self_attn.q_proj"
+RESNET_CONV = "down_blocks.1.resnets.0.conv1"
+
+
+def linear_targets(parts):
+    """Every attention / feed-forward linear of the UNet and every text-encoder linear."""
+    out = []
+    for comp in ("unet", "text_encoder"):
+        for path, m in parts[comp].named_modules():
+            if isinstance(m, torch.nn.Linear) and any(s in path for s in ("attn1.", "attn2.", "ff.net", "self_attn.", "mlp.")):
+                out.append((comp, path, m.weight.shape))
+    return out
+
+
+def random_lora(parts, seed, rank=4, alpha=3.0, every=1) -> Lora:
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora(format="test")
+    for i, (comp, path, shape) in enumerate(linear_targets(parts)):
+        if i % every == 0:
+            lora.modules[comp][path] = Adapter("lora", {"down": torch.randn(rank, shape[1], generator=g) * 0.2,
+                                                        "up": torch.randn(shape[0], rank, generator=g) * 0.2}, alpha)
+    return lora
+
+
+def snapshot(parts):
+    return {c: {k: v.clone() for k, v in parts[c].state_dict().items()} for c in ("unet", "text_encoder")}
+
+
+def assert_same(parts, snap):
+    for c in ("unet", "text_encoder"):
+        for k, v in parts[c].state_dict().items():
+            assert torch.equal(v, snap[c][k]), f"{c}.{k} differs"
+
+
+def expected(w0, adapters_and_weights):
+    w = w0.double()
+    for ad, weight in adapters_and_weights:
+        w = w + weight * ad.delta(w0.shape, dtype=torch.float64)
+    return w
+
+
+@pytest.fixture
+def parts():
+    return tiny.build(seed=0)
+
+
+def weight_of(parts, comp, path):
+    return parts[comp].get_submodule(path).weight
+
+
+def test_add_merges_scaled_delta_into_unet_and_text_encoder(parts):
+    base = snapshot(parts)
+    a = random_lora(parts, 1, rank=4, alpha=3.0)
+    s = LoraSet.attach(parts)
+    s.add("a", a, weight=0.7)
+    for comp, path in (("unet", UNET_ATTN), ("unet", UNET_FF), ("text_encoder", TE_Q)):
+        want = expected(base[comp][path + ".weight"], [(a.modules[comp][path], 0.7)])
+        got = weight_of(parts, comp, path)
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-6)
+        assert not torch.equal(got, base[comp][path + ".weight"])
+    # untouched layers are the very same values; biases are never changed
+    assert torch.equal(weight_of(parts, "unet", RESNET_CONV), base["unet"][RESNET_CONV + ".weight"])
+    assert torch.equal(parts["unet"].get_submodule(UNET_FF).bias, base["unet"][UNET_FF + ".bias"])
+    assert s.names() == ["a"]
+    row = s.list()[0]
+    assert (row["unet_weight"], row["te_weight"]) == (0.7, 0.7)
+    assert row["unet_layers"] == len(a.modules["unet"]) and row["te_layers"] == len(a.modules["text_encoder"])
+
+
+def test_weights_above_one_negative_and_separate_text_encoder_weight(parts):
+    base = snapshot(parts)
+    a, b = random_lora(parts, 1), random_lora(parts, 2, rank=8, alpha=16.0)
+    s = LoraSet.attach(parts)
+    s.add("a", a, weight=1.8, te_weight=-0.5)
+    s.add("b", b, weight=-1.0)
+    for comp, path, wa, wb in (("unet", UNET_ATTN, 1.8, -1.0), ("text_encoder", TE_Q, -0.5, -1.0)):
+        want = expected(base[comp][path + ".weight"], [(a.modules[comp][path], wa), (b.modules[comp][path], wb)])
+        assert torch.allclose(weight_of(parts, comp, path).double(), want, rtol=0, atol=1e-6)
+    s.set_weights({"a": (0.25, 2.0), "b": 0.5})
+    for comp, path, wa, wb in (("unet", UNET_ATTN, 0.25, 0.5), ("text_encoder", TE_Q, 2.0, 0.5)):
+        want = expected(base[comp][path + ".weight"], [(a.modules[comp][path], wa), (b.modules[comp][path], wb)])
+        assert torch.allclose(weight_of(parts, comp, path).double(), want, rtol=0, atol=1e-6)
+    assert [(r["name"], r["unet_weight"], r["te_weight"]) for r in s.list()] == [("a", 0.25, 2.0), ("b", 0.5, 0.5)]
+
+
+def test_reweight_recomputes_only_layers_whose_sum_changed(parts, monkeypatch):
+    a = random_lora(parts, 1)
+    b = random_lora(parts, 2, every=3)  # touches a third of the layers
+    s = LoraSet.attach(parts)
+    s.add("a", a, 1.0)
+    s.add("b", b, 1.0)
+    written = []
+    real = patch._write_patched
+    monkeypatch.setattr(patch, "_write_patched", lambda w, p, c: (written.append(w), real(w, p, c)))
+    s.set_weights({"a": 1.0})  # unchanged
+    assert written == []
+    s.set_weights({"b": (1.0, 0.3)})  # only b's text-encoder layers
+    assert len(written) == len(b.modules["text_encoder"])
+    written.clear()
+    s.set_weight("b", 0.5, 0.3)  # only b's UNet layers
+    assert len(written) == len(b.modules["unet"])
+
+
+def test_remove_all_restores_bit_for_bit_after_a_messy_sequence(parts):
+    base = snapshot(parts)
+    a, b, c = random_lora(parts, 1), random_lora(parts, 2, rank=8, alpha=1.0, every=2), random_lora(parts, 3, every=5)
+    s = LoraSet.attach(parts)
+    s.add("a", a, 0.5)
+    s.add("b", b, 1.3, te_weight=-0.7)
+    s.set_weights({"a": 2.0, "b": (0.1, 0.9)})
+    s.add("c", c, -1.0)
+    s.remove("a")
+    s.add("a", b, 0.3)  # same name, other LoRA: replaces
+    s.set_weights({"c": 0.0})
+    assert s.pristine_bytes() > 0
+    s.remove_all()
+    assert_same(parts, base)
+    assert s.names() == [] and s.pristine_bytes() == 0
+
+
+def test_any_sequence_ends_equal_to_a_fresh_patch(parts):
+    a, b, c = random_lora(parts, 1), random_lora(parts, 2, rank=8, alpha=16.0), random_lora(parts, 3, every=2)
+    s = LoraSet.attach(parts)
+    s.add("b", b, 3.0)
+    s.add("c", c, 1.0)
+    s.add("a", a, -2.0, te_weight=0.1)
+    s.set_weights({"a": 0.0, "b": (0.2, 0.2)})
+    s.remove("c")
+    s.set_weights({"a": 0.5, "b": 1.0})
+    s.add("c", c, 0.7)
+    s.remove("c")
+
+    fresh = tiny.build(seed=0)
+    f = LoraSet.attach(fresh)
+    f.add("a", a, 0.5)  # other insertion order: the result must not depend on it
+    f.add("b", b, 1.0)
+    for comp in ("unet", "text_encoder"):
+        mine, theirs = parts[comp].state_dict(), fresh[comp].state_dict()
+        for k in theirs:
+            assert torch.equal(mine[k], theirs[k]), f"{comp}.{k}"
+
+
+def test_zero_weight_leaves_layers_exactly_at_base(parts):
+    base = snapshot(parts)
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1), 1.0)
+    s.set_weights({"a": 0.0})
+    assert_same(parts, base)
+    assert s.pristine_bytes() == 0 and s.names() == ["a"]
+    s.set_weights({"a": 1.0})
+    assert not torch.equal(weight_of(parts, "unet", UNET_ATTN), base["unet"][UNET_ATTN + ".weight"])
+
+
+def test_half_precision_model_sums_in_float32_then_casts(parts):
+    for c in ("unet", "text_encoder"):
+        parts[c].to(torch.bfloat16)
+    base = snapshot(parts)
+    a, b = random_lora(parts, 1), random_lora(parts, 2, rank=2, alpha=1.0)
+    s = LoraSet.attach(parts)
+    s.add("a", a, 0.5)
+    s.add("b", b, 1.0)
+    w0 = base["unet"][UNET_ATTN + ".weight"]
+    want = (w0.double() + 0.5 * a.modules["unet"][UNET_ATTN].delta(w0.shape, torch.float64)
+            + b.modules["unet"][UNET_ATTN].delta(w0.shape, torch.float64)).to(torch.bfloat16)
+    got = weight_of(parts, "unet", UNET_ATTN)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -8  # within one bf16 step
+    s.remove_all()
+    assert_same(parts, base)
+
+
+def test_pristine_copy_costs_the_touched_layers_once(parts):
+    s = LoraSet.attach(parts)
+    a = random_lora(parts, 1, every=2)
+    s.add("a", a, 1.0)
+    touched = sum(weight_of(parts, c, p).numel() * 4 for c, p, _ in a.items())
+    assert s.pristine_bytes() == touched
+    s.add("a2", a, 0.5)
+    s.set_weights({"a": -1.0})
+    assert s.pristine_bytes() == touched  # more adapters or reweights on the same layers cost nothing more
+    s.remove("a")
+    s.remove("a2")
+    assert s.pristine_bytes() == 0
+
+
+def test_weights_stay_merged_no_hooks_or_wrappers(parts):
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1), 1.0)
+    for comp in ("unet", "text_encoder"):
+        for m in parts[comp].modules():
+            assert not m._forward_hooks and not m._forward_pre_hooks
+    assert type(parts["unet"].get_submodule(UNET_ATTN)) is torch.nn.Linear
+
+
+def test_conv_locon_and_lycoris_kinds_use_their_delta(parts):
+    base = snapshot(parts)
+    g = torch.Generator().manual_seed(5)
+    conv_shape = weight_of(parts, "unet", RESNET_CONV).shape  # [64, 32, 3, 3]
+    attn_shape = weight_of(parts, "unet", UNET_ATTN).shape  # [32, 32]
+    ff2 = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    ff2_shape = weight_of(parts, "unet", ff2).shape
+    lora = Lora()
+    lora.modules["unet"] = {
+        RESNET_CONV: Adapter("lora", {"down": torch.randn(4, conv_shape[1], 3, 3, generator=g),
+                                      "up": torch.randn(conv_shape[0], 4, 1, 1, generator=g)}, 2.0),
+        UNET_ATTN: Adapter("loha", {k: torch.randn(*s, generator=g) for k, s in
+                                    (("w1a", (32, 2)), ("w1b", (2, 32)), ("w2a", (32, 2)), ("w2b", (2, 32)))}, 1.0),
+        UNET_FF: Adapter("diff", {"diff": torch.randn(weight_of(parts, "unet", UNET_FF).shape, generator=g)}),
+        ff2: Adapter("lokr", {"w1": torch.randn(4, 8, generator=g), "w2a": torch.randn(ff2_shape[0] // 4, 2, generator=g),
+                              "w2b": torch.randn(2, ff2_shape[1] // 8, generator=g)}, 4.0),
+    }
+    assert attn_shape == (32, 32)
+    s = LoraSet.attach(parts)
+    s.add("x", lora, 0.4)
+    for path, ad in lora.modules["unet"].items():
+        w0 = base["unet"][path + ".weight"]
+        assert torch.allclose(weight_of(parts, "unet", path).double(), expected(w0, [(ad, 0.4)]), rtol=1e-6, atol=1e-5)
+    s.remove_all()
+    assert_same(parts, base)
+
+
+def test_unmatched_and_misshapen_modules_refused_unless_partial(parts):
+    base = snapshot(parts)
+    lora = random_lora(parts, 1)
+    lora.modules["unet"]["down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q"] = Adapter(
+        "lora", {"down": torch.zeros(4, 32), "up": torch.zeros(32, 4)})
+    s = LoraSet.attach(parts)
+    with pytest.raises(SdtuneError, match="down_blocks.7"):
+        s.add("bad", lora, 1.0)
+    assert_same(parts, base) and s.names() == []
+
+    wide = random_lora(parts, 1)
+    wide.modules["text_encoder"][TE_Q] = Adapter("lora", {"down": torch.zeros(4, 768), "up": torch.zeros(64, 4)})
+    with pytest.raises(SdtuneError, match=TE_Q.replace(".", r"\.")):
+        s.add("wide", wide, 1.0)
+    assert_same(parts, base)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        s.add("bad", lora, 1.0, allow_partial=True)
+    assert s.names() == ["bad"]
+    assert s.list()[0]["unet_layers"] == len(lora.modules["unet"]) - 1  # every fitting module applied
+    assert not torch.equal(weight_of(parts, "unet", UNET_ATTN), base["unet"][UNET_ATTN + ".weight"])
+
+
+def test_unknown_names_are_clear_errors(parts):
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1), 1.0)
+    with pytest.raises(SdtuneError, match="no adapter named 'zz'.*loaded: a"):
+        s.set_weights({"zz": 1.0})
+    with pytest.raises(SdtuneError, match="no adapter named 'zz'"):
+        s.remove("zz")
+    with pytest.raises(SdtuneError, match="one number"):
+        s.set_weights({"a": (1.0, 2.0, 3.0)})
+
+
+def test_attach_returns_the_one_set_of_a_model(parts):
+    s = LoraSet.attach(parts)
+    assert LoraSet.attach(parts) is s
+    with pytest.raises(SdtuneError, match="already has a LoraSet"):
+        LoraSet(parts["unet"], parts["text_encoder"])
+    s.detach()
+    assert LoraSet.attach(parts) is not s
+
+
+def test_apply_loras_names_and_weights(parts):
+    base = snapshot(parts)
+    a, b = random_lora(parts, 1), random_lora(parts, 2)
+    s = apply_loras(parts, [(a, 0.5), (b, (1.0, 0.0))])
+    assert [(r["unet_weight"], r["te_weight"]) for r in s.list()] == [(0.5, 0.5), (1.0, 0.0)]
+    w0 = base["text_encoder"][TE_Q + ".weight"]
+    want = expected(w0, [(a.modules["text_encoder"][TE_Q], 0.5)])
+    assert torch.allclose(weight_of(parts, "text_encoder", TE_Q).double(), want, rtol=0, atol=1e-6)
+    s.remove_all()
+    assert_same(parts, base)
+
+
+def test_apply_loras_from_files(parts, tmp_path):
+    formats = pytest.importorskip("sdtune.lora.formats")
+    a = random_lora(parts, 1)
+    formats.save_lora(a, tmp_path / "style.safetensors", format="kohya")
+    s = apply_loras(parts, [(tmp_path / "style.safetensors", 0.8), (str(tmp_path / "style.safetensors"), 0.1)])
+    assert s.names() == ["style", "style_2"]
+    fresh = tiny.build(seed=0)
+    LoraSet.attach(fresh).add("x", a, 0.9)
+    got, want = weight_of(parts, "unet", UNET_FF), weight_of(fresh, "unet", UNET_FF)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)

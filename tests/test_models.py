@@ -1,0 +1,255 @@
+"""Base models: tokenizer, single-file and diffusers round trips, device/dtype choice, clear errors."""
+
+import hashlib
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+
+from sdtune import ldm
+from sdtune.models import (
+    Base,
+    build_components,
+    load_base,
+    pick_device,
+    pick_dtype,
+    save_diffusers,
+    save_single_file,
+    sd15_configs,
+)
+from sdtune.safeio import SdtuneError
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def single_file(base, tmp_path_factory):
+    return save_single_file(base, tmp_path_factory.mktemp("single") / "tiny.safetensors")
+
+
+def _outputs(b: Base) -> dict:
+    """UNet noise prediction, text-encoder states and VAE decode for fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    ids = b.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = b.text_encoder(ids)[0]
+        noise = b.unet(latents, 500, encoder_hidden_states=text).sample
+        image = b.vae.decode(latents).sample
+    return {"text": text, "noise": noise, "image": image}
+
+
+def _assert_same_outputs(a: Base, b: Base):
+    out_a, out_b = _outputs(a), _outputs(b)
+    for name in out_a:
+        assert torch.equal(out_a[name], out_b[name]), name
+
+
+def test_tokenizer_is_sd_clip(base):
+    assert base.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(base.tokenizer) == 49408
+
+
+def test_tiny_random_is_deterministic(base):
+    again = load_base("tiny-random", device="cpu")
+    assert again.model_hash == base.model_hash and len(base.model_hash) == 10
+    _assert_same_outputs(base, again)
+    assert (base.source, base.architecture, base.single_file) == ("tiny-random", "tiny", None)
+    assert load_base("tiny", device="cpu").architecture == "tiny"
+
+
+def test_single_file_round_trip(base, single_file):
+    with open(single_file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert any(k.startswith("model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1") for k in header)
+    assert any(k.startswith("first_stage_model.encoder.down.0.block.0.conv1") for k in header)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.encoder.layers.0") for k in header)
+    loaded = load_base(str(single_file), device="cpu")
+    assert (loaded.source, loaded.architecture, loaded.single_file) == ("single-file", "tiny", single_file)
+    assert loaded.model_hash == hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]
+    assert loaded.vae.config.scaling_factor == base.vae.config.scaling_factor
+    _assert_same_outputs(base, loaded)
+
+
+def test_single_file_readable_by_diffusers(base, single_file, tmp_path):
+    """diffusers' own single-file loader (offline, local config) reads the same weights from our file."""
+    from diffusers import StableDiffusionPipeline
+
+    config = save_diffusers(base, tmp_path / "config")
+    pipe = StableDiffusionPipeline.from_single_file(str(single_file), config=str(config), local_files_only=True)
+    for ours, theirs in ((base.unet, pipe.unet), (base.vae, pipe.vae), (base.text_encoder, pipe.text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shape_detection_without_metadata(base, single_file, tmp_path):
+    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no sdtune metadata
+    _assert_same_outputs(base, load_base(str(plain), device="cpu"))
+
+
+def test_fp16_single_file(base, tmp_path):
+    path = save_single_file(base, tmp_path / "half.safetensors", dtype="fp16")
+    loaded = load_base(str(path), device="cpu", dtype="fp32")
+    assert loaded.unet.conv_in.weight.dtype == torch.float32
+    assert torch.allclose(loaded.unet.conv_in.weight, base.unet.conv_in.weight, atol=1e-3)
+
+
+def test_ckpt_through_safe_loader(base, tmp_path):
+    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, path)
+    _assert_same_outputs(base, load_base(str(path), device="cpu"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_ckpt_with_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, path)
+    with pytest.raises(SdtuneError, match="refuses to unpickle"):
+        load_base(str(path), device="cpu")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_diffusers_folder_round_trip(base, tmp_path):
+    folder = save_diffusers(base, tmp_path / "model")
+    loaded = load_base(str(folder), device="cpu")
+    assert (loaded.source, loaded.architecture) == ("diffusers", "tiny")
+    assert type(loaded.scheduler) is type(base.scheduler)
+    _assert_same_outputs(base, loaded)
+    save_diffusers(loaded, folder)  # replacing an existing model folder works
+    assert load_base(str(folder), device="cpu").model_hash == loaded.model_hash
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
+
+
+def test_pipeline_and_to(base):
+    pipe = base.pipeline()
+    assert pipe.safety_checker is None and pipe.unet is base.unet
+    result = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(1)).images
+    again = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(1)).images
+    assert result.shape == (1, 64, 64, 3) and (result == again).all()
+    half = load_base("tiny-random", device="cpu").to("cpu", "bf16")
+    assert half.dtype == torch.bfloat16 and half.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_sd15_configs_are_the_real_architecture():
+    configs = sd15_configs()
+    with init_empty_weights():
+        unet, vae, text_encoder = build_components(configs)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(unet), count(vae), count(text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
+    assert unet.config.cross_attention_dim == 768 and text_encoder.config.hidden_size == 768
+
+
+def test_device_and_dtype_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None).type in ("cuda", "mps", "cpu")
+    assert pick_dtype("cpu") == torch.float32 and pick_dtype("cuda") == torch.float16
+    assert pick_dtype("cpu", "bf16") == torch.bfloat16 and pick_dtype("cpu", "fp16") == torch.float16
+    with pytest.raises(SdtuneError, match="unknown dtype"):
+        pick_dtype("cpu", "fp8")
+    with pytest.raises(SdtuneError, match="device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SdtuneError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _fake_checkpoint(path, cross_width, conv_width=320, extra=None):
+    prefix = ldm.UNET_PREFIX
+    state = {prefix + "input_blocks.0.0.weight": torch.zeros(conv_width, 4, 3, 3),
+             prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(conv_width, cross_width)}
+    save_file(state | (extra or {}), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: str(p / "missing.safetensors"), "no such file"),
+    (lambda p: str(p / "missing_folder") + "/", "no such file"),
+    (lambda p: _write(p / "junk.safetensors", b"\x00garbage" * 100), "cannot read weights"),
+    (lambda p: _fake_checkpoint(p / "xl.safetensors", 2048, extra={"conditioner.embedders.0.x": torch.zeros(1)}),
+     "SDXL"),
+    (lambda p: _fake_checkpoint(p / "xl_bare.safetensors", 2048), "SDXL"),
+    (lambda p: _fake_checkpoint(p / "sd2.safetensors", 1024), "SD 2.x"),
+    (lambda p: _fake_checkpoint(p / "inpaint.safetensors", 768, extra={
+        ldm.UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}), "inpainting"),
+    (lambda p: _fake_checkpoint(p / "incomplete.safetensors", 768), "weights do not fit|unexpected weight|no vae"),
+    (lambda p: save_file({"lora_unet_x.lora_down.weight": torch.zeros(1)}, str(p / "l.safetensors"))
+     or str(p / "l.safetensors"), "LoRA"),
+    (lambda p: (p / "folder").mkdir() or str(p / "folder"), "no model_index.json"),
+])
+def test_bad_specs_give_one_clear_line(tmp_path, make, words):
+    spec = make(tmp_path)
+    with pytest.raises(SdtuneError, match=words) as caught:
+        load_base(spec, device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_truncated_safetensors(single_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(single_file.read_bytes()[: single_file.stat().st_size // 2])
+    with pytest.raises(SdtuneError, match="not a readable safetensors file") as caught:
+        load_base(str(cut), device="cpu")
+    assert str(cut) in str(caught.value)
+
+
+def test_corrupt_diffusers_folder(base, tmp_path):
+    folder = save_diffusers(base, tmp_path / "model")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SdtuneError, match="cannot load the diffusers model"):
+        load_base(str(folder), device="cpu")
+
+
+def test_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SdtuneError, match="hub is unreachable.*local") as caught:
+        load_base("someone/some-sd15-model-that-is-not-cached", device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_hub_connection_error_is_quick_and_clear(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(SdtuneError, match="hub is unreachable; download the model and pass its local"):
+        load_base("someone/some-model", device="cpu")
+
+
+def test_raw_pickle_is_not_executed(tmp_path, capsys):
+    """A legacy (non-zip) pickle with a payload is refused the same way."""
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=2))
+    assert not zipfile.is_zipfile(path)
+    with pytest.raises(SdtuneError, match="refuses to unpickle"):
+        load_base(str(path), device="cpu")
+    assert "pwned" not in capsys.readouterr().out

@@ -1,0 +1,143 @@
+"""Embedding files: every layout reads into the same Embedding, bad files fail with one clear line."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdtune.safeio import SdtuneError
+from sdtune.ti.formats import Embedding, load_embedding, save_embedding
+
+D = 64
+
+
+def rows(n=1, seed=0):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_diffusers_safetensors_1d_and_2d(tmp_path):
+    one, multi = rows(1, 1)[0], rows(3, 2)
+    save_file({"<one>": one}, tmp_path / "one.safetensors")
+    save_file({"<multi>": multi}, tmp_path / "learned_embeds.safetensors")
+    emb = load_embedding(tmp_path / "one.safetensors")
+    assert (emb.token, emb.format, emb.vectors.shape, emb.vectors.dtype) == ("<one>", "diffusers", (1, D), torch.float32)
+    assert torch.equal(emb.vectors[0], one)
+    emb = load_embedding(tmp_path)  # a folder resolves to its learned_embeds file
+    assert (emb.token, emb.num_vectors, emb.width) == ("<multi>", 3, D)
+    assert torch.equal(emb.vectors, multi)
+
+
+def test_diffusers_bin_and_half_precision(tmp_path):
+    vec = rows(2, 3).to(torch.bfloat16)
+    torch.save({"<b>": vec}, tmp_path / "learned_embeds.bin")
+    emb = load_embedding(tmp_path / "learned_embeds.bin")
+    assert emb.token == "<b>" and emb.format == "diffusers" and emb.vectors.dtype == torch.float32
+    assert torch.equal(emb.vectors, vec.float())
+
+
+def test_a1111_pt_with_parameter_and_name(tmp_path):
+    vec = torch.nn.Parameter(rows(2, 4))  # A1111 saves the trained Parameter itself
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "my-style", "step": 1200,
+                "sd_checkpoint": "abc", "sd_checkpoint_name": "model"}, tmp_path / "whatever.pt")
+    emb = load_embedding(tmp_path / "whatever.pt")
+    assert (emb.token, emb.format) == ("my-style", "a1111")
+    assert torch.equal(emb.vectors, vec.detach()) and not emb.vectors.requires_grad
+    assert load_embedding(tmp_path / "whatever.pt", token="renamed").token == "renamed"
+
+
+def test_kohya_emb_params_takes_file_name(tmp_path):
+    vec = rows(4, 5)
+    save_file({"emb_params": vec}, tmp_path / "neg-embed.safetensors")
+    emb = load_embedding(tmp_path / "neg-embed.safetensors")
+    assert (emb.token, emb.format) == ("neg-embed", "kohya") and torch.equal(emb.vectors, vec)
+
+
+def test_bare_tensor_needs_a_token(tmp_path):
+    vec = rows(1, 6)[0]
+    torch.save(vec, tmp_path / "bare.pt")
+    emb = load_embedding(tmp_path / "bare.pt", token="<bare>")
+    assert (emb.token, emb.format) == ("<bare>", "tensor") and torch.equal(emb.vectors[0], vec)
+    with pytest.raises(SdtuneError, match=r"bare tensor.*bare\.pt:TOKEN"):
+        load_embedding(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize("keys", [("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1")])
+def test_sdxl_files_are_refused(tmp_path, keys):
+    save_file({keys[0]: torch.zeros(2, 768), keys[1]: torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
+    with pytest.raises(SdtuneError, match=rf"SDXL embedding \({keys[0]} \(2, 768\), {keys[1]} \(2, 1280\)\).*SD 1\.x"):
+        load_embedding(tmp_path / "xl.safetensors")
+
+
+class RunsCode:
+    """Unpickling this would create a file: proves the loader never executes a pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_unsafe_pickles_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "was-executed"
+    torch.save({"<x>": RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(SdtuneError, match="refuses to unpickle") as err:
+        load_embedding(tmp_path / "evil.pt")
+    assert not marker.exists() and "\n" not in str(err.value)
+
+    # the original textual_inversion layout: a ParameterDict plus numpy objects
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(rows(1))})
+    torch.save({"string_to_param": params, "string_to_token": {"*": np.int64(265)},
+                "extra": collections.OrderedDict(a=np.zeros(2))}, tmp_path / "embeddings.pt")
+    with pytest.raises(SdtuneError, match=r"embeddings\.pt: an original textual_inversion embedding.*will not unpickle"):
+        load_embedding(tmp_path / "embeddings.pt")
+
+
+def test_malformed_files(tmp_path):
+    save_file({"<a>": rows(), "<b>": rows()}, tmp_path / "two.safetensors")
+    with pytest.raises(SdtuneError, match=r"two\.safetensors: not a textual-inversion layout \(keys: <a>, <b>\)"):
+        load_embedding(tmp_path / "two.safetensors")
+    save_file({"<c>": torch.zeros(1, 2, D)}, tmp_path / "cube.safetensors")
+    with pytest.raises(SdtuneError, match=r"shape \(1, 2, 64\)"):
+        load_embedding(tmp_path / "cube.safetensors")
+    save_file({"<n>": torch.full((1, D), float("nan"))}, tmp_path / "nan.safetensors")
+    with pytest.raises(SdtuneError, match="NaN"):
+        load_embedding(tmp_path / "nan.safetensors")
+    save_file({"two words": rows()}, tmp_path / "spaced.safetensors")
+    with pytest.raises(SdtuneError, match=r"has spaces.*spaced\.safetensors:TOKEN"):
+        load_embedding(tmp_path / "spaced.safetensors")
+    assert load_embedding(tmp_path / "spaced.safetensors", token="<ok>").token == "<ok>"
+    (tmp_path / "junk.pt").write_bytes(b"not a weight file at all")
+    with pytest.raises(SdtuneError, match=r"junk\.pt: "):
+        load_embedding(tmp_path / "junk.pt")
+    with pytest.raises(SdtuneError, match="no such file"):
+        load_embedding(tmp_path / "missing.safetensors")
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(SdtuneError, match="learned_embeds.safetensors or learned_embeds.bin"):
+        load_embedding(tmp_path / "empty-dir")
+
+
+def test_save_diffusers_and_a1111_round_trip(tmp_path):
+    emb = Embedding("<mine>", rows(3, 7), "trained", "diffusers")
+    save_embedding(emb, tmp_path / "learned_embeds.safetensors")
+    save_embedding(emb, tmp_path / "learned_embeds.bin")
+    save_embedding(emb, tmp_path / "mine.pt", format="a1111", step=500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learned_embeds.bin", "learned_embeds.safetensors", "mine.pt"]
+
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        back = load_embedding(tmp_path / name)
+        assert (back.token, back.format) == ("<mine>", "diffusers") and torch.equal(back.vectors, emb.vectors)
+
+    raw = torch.load(tmp_path / "mine.pt", weights_only=True)  # plain containers only
+    assert raw["name"] == "<mine>" and raw["step"] == 500 and raw["string_to_token"] == {"*": 265}
+    assert type(raw["string_to_param"]["*"]) is torch.Tensor and torch.equal(raw["string_to_param"]["*"], emb.vectors)
+    back = load_embedding(tmp_path / "mine.pt")
+    assert (back.token, back.format) == ("<mine>", "a1111") and torch.equal(back.vectors, emb.vectors)
+
+    with pytest.raises(SdtuneError, match="unknown embedding format 'ckpt'"):
+        save_embedding(emb, tmp_path / "x.ckpt", format="ckpt")
