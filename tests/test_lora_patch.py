@@ -105,8 +105,8 @@ def test_reweight_recomputes_only_layers_whose_sum_changed(parts, monkeypatch):
     s.add("a", a, 1.0)
     s.add("b", b, 1.0)
     written = []
-    real = patch._write_patched
-    monkeypatch.setattr(patch, "_write_patched", lambda w, p, c: (written.append(w), real(w, p, c)))
+    real = patch.write_patched
+    monkeypatch.setattr(patch, "write_patched", lambda o, b, c: (written.append(o), real(o, b, c)))
     s.set_weights({"a": 1.0})  # unchanged
     assert written == []
     s.set_weights({"b": (1.0, 0.3)})  # only b's text-encoder layers

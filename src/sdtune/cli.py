@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from .safeio import SdtuneError
 
@@ -54,6 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="what a LoRA file holds: format, family, ranks, alphas, modules")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("convert", help="rewrite a LoRA in another layout (lossless)")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    c.set_defaults(func=cmd_convert)
+
+    m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; streams single files)")
+    m.add_argument("--model", default="tiny")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    m.add_argument("--out", required=True, help="a folder (diffusers layout) or a .safetensors file (LDM layout)")
+    m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
+    m.add_argument("--allow-partial", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
+    _base_args(e)
+    e.add_argument("--images", type=int, default=8, help="images per prompt")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval_tiny)
     return ap
 
 
@@ -70,6 +95,41 @@ def cmd_generate(a) -> None:
 
     for path in save_batch(results, a.out):
         print(path)
+
+
+def cmd_inspect(a) -> None:
+    from .lora import inspect
+
+    info = inspect.describe(a.file)
+    print(json.dumps(info, indent=1, default=str) if a.json else inspect.render(info))
+
+
+def cmd_convert(a) -> None:
+    from .lora.formats import convert
+
+    lora = convert(a.input, a.output, to=a.to)
+    print(f"{a.output}: {len(lora)} modules in {a.to} layout")
+
+
+def cmd_merge(a) -> None:
+    from . import sources
+    from .lora.bake import merge
+
+    pairs = []
+    for spec in a.lora:
+        src, w = sources.parse_weighted(spec)
+        pairs.append((sources.resolve(src, "lora"), w))
+    fmt = "single" if a.out.endswith(".safetensors") else "diffusers"
+    print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
+
+
+def cmd_eval_tiny(a) -> None:
+    from .models import load_base
+    from .tiny import evaluate
+
+    base = load_base(a.model, device=a.device, dtype=a.dtype)
+    held_in, held_out = evaluate.evaluate(base, a.images, a.steps, a.guidance, a.seed, progress=True)
+    print(evaluate.table(held_in, held_out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,22 @@ class Base:
         self.device, self.dtype = device, dtype
         return self
 
+    @property
+    def loras(self):
+        """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use."""
+        from .lora.patch import LoraSet
+
+        return LoraSet.attach(self)
+
+    @property
+    def embeddings(self):
+        """The TI embeddings loaded into this model (``sdtune.ti.tokens.EmbeddingSet``), created on first use."""
+        if "_embeddings" not in self.__dict__:
+            from .ti.tokens import EmbeddingSet
+
+            self.__dict__["_embeddings"] = EmbeddingSet(self.tokenizer, self.text_encoder)
+        return self.__dict__["_embeddings"]
+
     def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,

@@ -22,7 +22,7 @@ from .. import ldm
 from ..safeio import SdtuneError, atomic_path, is_safetensors
 from . import keys
 from .neutral import Lora
-from .patch import LoraSet, _write_patched, check_fit
+from .patch import LoraSet, check_fit, write_patched
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -187,7 +187,7 @@ def _merge_single_file(path: Path, pairs, out: Path, dtype, allow_partial: bool)
             tensor = _read_tensor(src, header[key], data_start)
             if key in targets:
                 patched = torch.empty_like(tensor)
-                _write_patched(patched, tensor, targets[key])
+                write_patched(patched, tensor, targets[key])
                 tensor = patched
             want = ST_DTYPES[out_header[key]["dtype"]]
             dst.write(_tensor_bytes(tensor.to(want) if tensor.dtype != want else tensor))

@@ -139,7 +139,7 @@ def _infer_unet_config(paths: set[str]) -> dict | None:
     n = max(down) + 1
     per_layer = len({m.group(1) for p in paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))})
     depth = 1 + max(int(m.group(1)) for p in paths if (m := re.search(r"transformer_blocks\.(\d+)\.", p)))
-    has = lambda prefix: any(p.startswith(prefix) for p in paths)  # noqa: E731
+    has = lambda prefix: any(p.startswith(prefix) for p in paths)
     return {
         "block_out_channels": [10 * (b + 1) for b in range(n)],
         "layers_per_block": max(per_layer, 1),
@@ -155,10 +155,10 @@ class NameResolver:
     """kohya underscore names -> module paths of one model (or of SD 1.5 when no model is given)."""
 
     def __init__(self, model_keys: dict | None = None):
-        ref = sd15_reference()
         model_keys = model_keys_of(model_keys) if model_keys else {}
-        unet_paths = set(model_keys.get("unet") or ref["unet"])
-        text_paths = {p.removeprefix("text_model.") for p in (model_keys.get("text_encoder") or ref["text_encoder"])}
+        unet_paths = set(model_keys.get("unet") or sd15_reference()["unet"])
+        text_paths = {p.removeprefix("text_model.") for p in (model_keys.get("text_encoder")
+                                                              or sd15_reference()["text_encoder"])}
         self.unet = {underscored(p): p for p in unet_paths}
         config = _infer_unet_config(unet_paths) or _sd15_config("unet")
         try:
@@ -231,7 +231,7 @@ def adapter_io(ad: Adapter) -> tuple[int, int, tuple | None]:
         return t["w1a"].shape[0], t["w1b"].flatten(1).shape[1], None
     if ad.kind == "lokr":
         w1 = t["w1"].shape if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1])
-        w2 = t["w2"] if "w2" in t else None
+        w2 = t.get("w2")
         w2_out, w2_in = (w2.shape[0], w2.flatten(1).shape[1]) if w2 is not None else \
             (t["w2a"].shape[0], t["w2b"].flatten(1).shape[1])
         kernel = tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def _as_weights(w) -> tuple[float, float | None]:
     return float(w), None
 
 
-_REGISTRY: "weakref.WeakKeyDictionary[torch.nn.Module, LoraSet]" = weakref.WeakKeyDictionary()
+_REGISTRY: weakref.WeakKeyDictionary[torch.nn.Module, LoraSet] = weakref.WeakKeyDictionary()
 
 
 class LoraSet:
@@ -110,14 +111,15 @@ class LoraSet:
     """
 
     def __init__(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None,
-                 *, pristine_device: str | torch.device | None = "cpu"):
+                 *, pristine_device: str | torch.device | None = None):
         self.modules = {c: m for c, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
         if not self.modules:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
-        self.pristine_device = pristine_device  # None: keep originals on the layer's own device
+        self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
         self._entries: dict[str, _Entry] = {}
         self._layers: dict[LayerKey, _Layer] = {}  # layers that hold merged contributions now
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
+        self._batch_depth, self._dirty = 0, set()
         for m in self.modules.values():
             if m in _REGISTRY:
                 raise SdtuneError("this model already has a LoraSet; use LoraSet.attach(model) to get it")
@@ -125,7 +127,7 @@ class LoraSet:
             _REGISTRY[m] = self
 
     @classmethod
-    def attach(cls, target, *, pristine_device: str | torch.device | None = "cpu") -> "LoraSet":
+    def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
         for m in mods.values():
             if m in _REGISTRY:
@@ -225,33 +227,69 @@ class LoraSet:
                 out.append((name, e.uid, ad, w))
         return out
 
+    @contextmanager
+    def batch(self):
+        """Group changes: layers are recomputed once, when the outermost ``with`` block ends.
+
+        ``with loras.batch(): loras.add("a", a, 0.5); loras.add("b", b, 1.0)`` touches each layer once
+        (one rank-(ra+rb) product) instead of once per call.
+        """
+        self._batch_depth += 1
+        try:
+            yield self
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0:
+                dirty, self._dirty = self._dirty, set()
+                self._sync(dirty)
+
     @torch.no_grad()
     def _sync(self, keys: set[LayerKey]) -> None:
+        if self._batch_depth:
+            self._dirty |= keys
+            return
         for key in keys:
             contribs = self._contributions(key)
             layer = self._layers.get(key)
             if not contribs:  # nothing merged here any more: put the original back and forget it
                 if layer is not None:
-                    layer.module.weight.data.copy_(layer.pristine)
+                    _restore(layer.module.weight, layer.pristine)
                     del self._layers[key]
                 continue
-            if layer is None:
-                layer = self._layers[key] = _Layer(self._module_of[key])
-            weight = layer.module.weight
             signature = tuple((n, uid, w) for n, uid, _, w in contribs)
-            if signature == layer.applied:
+            if layer is not None and signature == layer.applied:
                 continue
-            if layer.pristine is None:
-                device = weight.device if self.pristine_device is None else torch.device(self.pristine_device)
-                layer.pristine = weight.detach().to(device=device, copy=True)
-            _write_patched(weight, layer.pristine, contribs)
+            if layer is None:  # first touch: the current tensor is the original
+                weight = self._module_of[key].weight
+                original = weight.data
+                store = original.device if self.pristine_device is None else torch.device(self.pristine_device)
+                pristine = original if store == original.device else original.to(store, copy=True)
+                layer = self._layers[key] = _Layer(self._module_of[key], pristine)
+                # The original storage becomes the pristine copy (no copy on the model's device) and the
+                # parameter gets a fresh buffer: one read and one write per element.
+                weight.data = torch.empty(original.shape, dtype=original.dtype, device=original.device)
+                write_patched(weight.data, original, contribs)
+            else:
+                write_patched(layer.module.weight.data, layer.pristine, contribs)
             layer.applied = signature
 
 
-def _write_patched(weight: torch.Tensor, pristine: torch.Tensor, contribs) -> None:
-    """weight <- pristine + Σ w·ΔW, in float32, one addmm for all plain LoRAs of this layer."""
-    device, rows = weight.device, weight.shape[0]
-    base = pristine.to(device=device, dtype=torch.float32).reshape(rows, -1)
+def _restore(weight: torch.nn.Parameter, pristine: torch.Tensor) -> None:
+    """Put the original tensor back: the very same storage where it lives on the layer's device."""
+    if pristine.device == weight.device and pristine.dtype == weight.dtype:
+        weight.data = pristine
+    else:
+        weight.data.copy_(pristine)
+
+
+def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
+    """out <- base + Σ w·ΔW over ``contribs`` ((name, uid, adapter, w) tuples), summed in float32.
+
+    All plain LoRAs of the layer go through one ``addmm`` of the stacked factors. ``out`` is contiguous and
+    distinct from ``base``; it may have another dtype (the result is cast once, at the end).
+    """
+    device, rows = out.device, out.shape[0]
+    base = base.to(device=device).reshape(rows, -1)
     ups, downs, others = [], [], []
     for _, _, ad, w in contribs:
         t = ad.tensors
@@ -260,18 +298,18 @@ def _write_patched(weight: torch.Tensor, pristine: torch.Tensor, contribs) -> No
             downs.append(t["down"].to(device=device, dtype=torch.float32).reshape(ups[-1].shape[1], -1))
         else:
             others.append((ad, w))
-    in_place = weight.dtype == torch.float32 and weight.is_contiguous()
-    acc = weight.data.view(rows, -1) if in_place else torch.empty_like(base)
+    flat = out.view(rows, -1)
+    acc = flat if out.dtype == torch.float32 else torch.empty(flat.shape, dtype=torch.float32, device=device)
     if ups:
         up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
         down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
-        torch.addmm(base, up, down, out=acc)
+        torch.addmm(base.float(), up, down, out=acc)
     else:
         acc.copy_(base)
     for ad, w in others:
-        acc.add_(ad.delta(weight.shape, dtype=torch.float32, device=device).reshape(rows, -1), alpha=w)
-    if not in_place:
-        weight.data.copy_(acc.view(weight.shape))
+        acc.add_(ad.delta(out.shape, dtype=torch.float32, device=device).reshape(rows, -1), alpha=w)
+    if acc is not flat:
+        flat.copy_(acc)
 
 
 def apply_loras(base, loras, *, allow_partial: bool = False) -> LoraSet:
@@ -281,10 +319,11 @@ def apply_loras(base, loras, *, allow_partial: bool = False) -> LoraSet:
     after their file stem (``name_2`` etc. on clashes). Returns the model's ``LoraSet`` for later changes.
     """
     lora_set = LoraSet.attach(base)
-    for i, (source, weight) in enumerate(loras):
-        stem = Path(source).stem if isinstance(source, (str, Path)) else (source.metadata.get("name") or f"lora{i}")
-        name, n = stem, 2
-        while name in lora_set:
-            name, n = f"{stem}_{n}", n + 1
-        lora_set.add(name, source, weight, allow_partial=allow_partial)
+    with lora_set.batch():
+        for i, (source, weight) in enumerate(loras):
+            stem = Path(source).stem if isinstance(source, (str, Path)) else (source.metadata.get("name") or f"lora{i}")
+            name, n = stem, 2
+            while name in lora_set:
+                name, n = f"{stem}_{n}", n + 1
+            lora_set.add(name, source, weight, allow_partial=allow_partial)
     return lora_set

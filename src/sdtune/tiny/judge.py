@@ -18,7 +18,7 @@ recognise what TI and LoRA teach), with augmentations that imitate what a tiny d
 shifts, small scale and rotation changes, gaussian blur, down-and-up resampling (smoothing), colour and
 brightness jitter, pixel noise and low-frequency blotches. Validation uses renders from other seeds.
 
-Input: PIL images; numpy arrays channel-last (H, W, 3) or (N, H, W, 3); torch tensors channel-first (3, H, W)
+Input: PIL images or image files; numpy arrays channel-last (H, W, 3) or (N, H, W, 3); torch tensors channel-first (3, H, W)
 or (N, 3, H, W) -- the layouts of diffusers' "np" and "pt" outputs. uint8 arrays are 0..255; float arrays are
 read in ``value_range`` (default 0..1; pass (-1, 1) for raw VAE decodes). Other sizes are resized to 64x64.
 """
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
-from . import world
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
+from . import world
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "assets" / "judge.safetensors"
 FORMAT = "sdtune-judge-1"
@@ -83,8 +83,12 @@ class JudgeNet(nn.Module):
 
 def to_batch(images, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Any supported image input (see the module doc) -> float (N, 3, 64, 64) in 0..1."""
-    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
+    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor, str, Path)):
         images = [images]
+    try:
+        images = list(images)
+    except TypeError:
+        images = [images]  # reported below as unreadable
     parts = [_one_or_batch(im, value_range) for im in images]
     if not parts:
         raise SdtuneError("judge: no images given; pass a PIL image, an array/tensor, or a non-empty list of them")
@@ -95,6 +99,12 @@ def to_batch(images, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Ten
 
 
 def _one_or_batch(im, value_range) -> torch.Tensor:
+    if isinstance(im, (str, Path)):
+        try:
+            with Image.open(im) as opened:
+                im = opened.convert("RGB")
+        except OSError as e:
+            raise SdtuneError(f"{im}: cannot open as an image ({e}); pass a PNG/JPEG file or an image object")
     if isinstance(im, Image.Image):
         arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         return torch.from_numpy(arr).permute(2, 0, 1)[None]

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import model, world
 from .. import safeio
+from . import model, world
 
 
 def to_tensor(img) -> torch.Tensor:

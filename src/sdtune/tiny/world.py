@@ -194,6 +194,20 @@ def concept_scenes(n: int, seed: int = 0, **fixed) -> list[Scene]:
     return [random_scene(rng, **fixed) for _ in range(n)]
 
 
-__all__ = ["Scene", "render", "caption", "random_scene", "concept_scenes", "write_dataset", "is_held_out",
-           "SHAPES", "COLOURS", "BACKGROUNDS", "STYLES", "HELD_OUT_SHAPES", "HELD_OUT_STYLES", "HELD_OUT_PAIRS",
-           "replace"]
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "HELD_OUT_PAIRS",
+    "HELD_OUT_SHAPES",
+    "HELD_OUT_STYLES",
+    "SHAPES",
+    "STYLES",
+    "Scene",
+    "caption",
+    "concept_scenes",
+    "is_held_out",
+    "random_scene",
+    "render",
+    "replace",
+    "write_dataset",
+]

@@ -1,0 +1,246 @@
+"""Training settings: one dataclass per kind of training, filled from a TOML file and then from flags.
+
+Every field is a CLI option (``--lr`` sets ``lr``, ``--init-token`` sets ``init_token``) and a TOML key
+(either spelling). ``load_settings(file, overrides)`` reads the file, then applies the flags the user
+actually gave, so a flag always wins over the file.
+
+    # lora.toml
+    data = "images/"
+    out = "out/style"
+    rank = 8
+    targets = "attn+ff"
+    lr = 2e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_type_hints
+
+from ..safeio import SdtuneError
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+TARGETS = ("attn", "attn+ff", "all")
+
+
+@dataclass
+class TrainSettings:
+    """What every training run needs (the shared loop and data)."""
+
+    data: str = ""  # folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)
+    out: str = ""  # output folder: results, snapshots, resume state, sample grids
+    model: str = "tiny"  # base model spec for the CLI (train_ti/train_lora take a loaded Base)
+    steps: int = 1000  # optimizer steps
+    epochs: int = 0  # when > 0: steps = epochs x batches per epoch (overrides steps)
+    lr: float = 1e-4
+    batch_size: int = 1  # per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    resolution: int = 0  # 0: the model's native size
+    seed: int = 0
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (decay to 0)
+    lr_warmup_steps: int = 0
+    min_snr_gamma: float = 0.0  # 0: off; 5 is the usual value
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    weight_decay: float = 1e-2
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16
+    crop: str = "center"  # center | random (random crops are VAE-encoded every step)
+    flip: bool = False
+    buckets: bool = False  # aspect-ratio buckets for images of mixed sizes
+    bucket_step: int = 0  # 0: the model's (64 for SD 1.x)
+    shuffle_captions: bool = False  # shuffle comma-separated tags
+    keep_tokens: int = 0  # tags kept in front when shuffling
+    caption_dropout: float = 0.0  # probability of training a sample with an empty caption
+    default_caption: str | None = None  # caption of images without a caption file
+    save_every: int = 0  # snapshot + resume state every N steps (0: only at the end)
+    sample_every: int = 0  # sample grid every M steps (0: never; needs sample_prompts)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_images: int = 4  # images per prompt in a grid
+    sample_steps: int = 20
+    sample_guidance: float = 7.5
+    resume: bool = True  # continue from the resume state in ``out`` if there is one
+    progress: bool = True  # progress bar
+
+    kind = "train"
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, with the option to fix."""
+        if not self.data:
+            raise SdtuneError("no training data; pass --data DIR (a folder of images with .txt captions)")
+        if not self.out:
+            raise SdtuneError("no output folder; pass --out DIR")
+        positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                        sample_images=self.sample_images, sample_steps=self.sample_steps)
+        for name, value in positive.items():
+            if not value > 0:
+                raise SdtuneError(f"--{_flag(name)} {value}: must be greater than 0")
+        non_negative = dict(steps=self.steps, epochs=self.epochs, resolution=self.resolution,
+                            lr_warmup_steps=self.lr_warmup_steps, min_snr_gamma=self.min_snr_gamma,
+                            noise_offset=self.noise_offset, max_grad_norm=self.max_grad_norm,
+                            weight_decay=self.weight_decay, bucket_step=self.bucket_step,
+                            keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every)
+        for name, value in non_negative.items():
+            if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+                raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
+        if not self.steps and not self.epochs:
+            raise SdtuneError("--steps 0 and --epochs 0: give one of them")
+        if not 0 <= self.caption_dropout < 1:
+            raise SdtuneError(f"--caption-dropout {self.caption_dropout}: must be in [0, 1)")
+        _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("crop", self.crop, ("center", "random"))
+        if self.sample_every and not self.sample_prompts:
+            raise SdtuneError("--sample-every needs at least one --sample-prompt")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TISettings(TrainSettings):
+    """Textual Inversion: a new token whose vector(s) learn the concept; nothing else changes."""
+
+    token: str = ""  # the new word, e.g. "<my-cat>"
+    init_token: str = ""  # a single existing token to start from, e.g. "cat"
+    num_vectors: int = 1
+    property: str = "object"  # object | style: which prompt templates (when images have no captions)
+    formats: list[str] = field(default_factory=lambda: ["diffusers"])  # diffusers and/or a1111
+    steps: int = 1000
+    lr: float = 5e-3
+    batch_size: int = 4
+
+    kind = "ti"
+
+    def check(self) -> None:
+        super().check()
+        if not self.token:
+            raise SdtuneError("no token; pass --token '<name>' (the new word your prompts will use)")
+        if not self.init_token:
+            raise SdtuneError("no init token; pass --init-token WORD (one existing word close to the concept)")
+        if self.num_vectors < 1:
+            raise SdtuneError(f"--num-vectors {self.num_vectors}: must be at least 1")
+        _choice("property", self.property, ("object", "style"))
+        for f in self.formats:
+            _choice("format", f, ("diffusers", "a1111"))
+
+
+@dataclass
+class LoraSettings(TrainSettings):
+    """LoRA: low-rank updates of the UNet's (and optionally the text encoder's) layers."""
+
+    rank: int = 16
+    alpha: float = 8.0
+    targets: str = "attn"  # attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)
+    text_encoder: bool = False  # also train LoRA on the text encoder
+    te_lr: float | None = None  # text-encoder learning rate (None: lr)
+    conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
+    conv_alpha: float | None = None  # None: conv_rank
+    lora_dropout: float = 0.0
+    name: str = "lora"  # output file name (without .safetensors)
+    formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
+    steps: int = 1000
+    lr: float = 1e-4
+
+    kind = "lora"
+
+    def check(self) -> None:
+        super().check()
+        if self.rank < 1:
+            raise SdtuneError(f"--rank {self.rank}: must be at least 1")
+        if not self.alpha > 0:
+            raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
+        if self.conv_rank < 0:
+            raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
+        if self.te_lr is not None and not self.te_lr >= 0:
+            raise SdtuneError(f"--te-lr {self.te_lr}: must be 0 or more")
+        if not 0 <= self.lora_dropout < 1:
+            raise SdtuneError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        _choice("targets", self.targets, TARGETS)
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
+        for f in self.formats:
+            _choice("format", f, ("kohya", "diffusers"))
+
+
+KINDS = {"ti": TISettings, "lora": LoraSettings}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SdtuneError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def _coerce(cls, name: str, value, where: str):
+    """``value`` checked against the field's type (ints are fine for floats, one string for a list)."""
+    hint = get_type_hints(cls)[name]
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise SdtuneError(f"{where}: {name} cannot be empty")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float or "float" in text:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif "list" in text:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif "str" in text:
+        if isinstance(value, str):
+            return value
+    kind = text.replace("<class '", "").replace("'>", "")
+    raise SdtuneError(f"{where}: {name} = {value!r} is not a {kind}; fix the value")
+
+
+def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora"):
+    """Settings of ``kind`` ("ti" | "lora"): defaults, then the TOML file, then ``overrides`` (the flags
+    given on the command line; ``None`` values mean "not given" and are skipped)."""
+    if kind not in KINDS:
+        raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
+    cls = KINDS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if toml_path is not None:
+        path = Path(toml_path)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SdtuneError(f"{path}: no such config file; check the path") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None
+        table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
+        for key, value in table.items():
+            if isinstance(value, dict):
+                continue  # a section for the other kind
+            name = key.replace("-", "_")
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise SdtuneError(f"{path}: unknown setting {key!r} for {kind} training{hint}")
+            values[name] = _coerce(cls, name, value, str(path))
+    for key, value in (overrides or {}).items():
+        name = key.replace("-", "_")
+        if value is None:
+            continue
+        if name not in names:
+            raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
+        values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
+    return cls(**values)

@@ -1,0 +1,346 @@
+"""Training data: a folder of images and captions in, cached latents and per-step batches out.
+
+Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them; a subfolder
+named ``N_name`` repeats its images N times per epoch, and ``name`` is the caption of its images that have
+no caption file. Any image Pillow reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it
+becomes 8-bit RGB, transparency composited on white. Unreadable files are skipped and listed.
+
+Each image is resized to cover its bucket (one square size, or with bucketing the size whose aspect ratio
+is closest) and cropped. With a center crop it is encoded once by the frozen VAE and the latent
+distribution kept (mean and std), so every step draws a fresh sample from it at no VAE cost; flipped
+copies are encoded too when flipping is on. A random crop changes every step, so those images are kept as
+pixels and encoded per step.
+
+Batches are a pure function of (seed, batch number): epoch e shuffles every bucket with seed (seed, e),
+chunks it into global batches (the last one filled by wrapping around) and shuffles the batch order. That
+makes resuming exact, and lets each of several processes take its slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..safeio import SdtuneError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_SUFFIXES = (".txt", ".caption")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+def seed_for(*parts) -> int:
+    """A 63-bit seed from any parts (seed, step, purpose...); the same in every process and Python run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------- the folder
+
+@dataclass
+class Example:
+    path: Path
+    caption: str | None  # None: no caption file, no folder name, no default
+    repeats: int = 1
+
+
+@dataclass
+class Scan:
+    examples: list[Example]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images, and why
+    folders: dict[str, dict] = field(default_factory=dict)  # folder -> {"n_repeats", "img_count"} (kohya metadata)
+
+
+def read_caption(image: Path) -> str | None:
+    for suffix in CAPTION_SUFFIXES:
+        path = image.with_suffix(suffix)
+        if path.is_file():
+            try:
+                lines = path.read_text(encoding="utf-8-sig").splitlines()
+            except UnicodeDecodeError:
+                raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
+            return next((ln.strip() for ln in lines if ln.strip()), "")
+    return None
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True) -> Scan:
+    """Every readable image under ``folder`` with its caption and repeat count.
+
+    Caption order: same-name caption file, then the ``N_name`` folder's name, then ``default_caption``.
+    With ``require_captions`` an image left without one is an error (TI uses prompt templates instead)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SdtuneError(f"{folder}: --data is not a folder; point it at a folder of images and captions")
+    groups: list[tuple[Path, int, str | None, bool]] = [(folder, 1, None, False)]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEAT_FOLDER.match(sub.name)
+        groups.append((sub, int(m.group(1)), m.group(2).strip() or None, True) if m else (sub, 1, None, True))
+    scan = Scan([])
+    missing: list[Path] = []
+    for path_, repeats, folder_caption, recursive in groups:
+        files = _image_files(path_, recursive)
+        count = 0
+        for image in files:
+            why = check_image(image)
+            if why:
+                scan.skipped.append((image, why))
+                continue
+            caption = read_caption(image)
+            if caption is None:
+                caption = folder_caption if folder_caption is not None else default_caption
+            if caption is None and require_captions:
+                missing.append(image)
+            scan.examples.append(Example(image, caption, repeats))
+            count += 1
+        if count and repeats > 0:
+            scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
+    scan.examples = [e for e in scan.examples if e.repeats > 0]
+    if missing:
+        shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise SdtuneError(f"{folder}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
+                          f"or pass --default-caption TEXT")
+    if not scan.examples:
+        if scan.skipped:
+            raise SdtuneError(f"{folder}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
+                              f"{scan.skipped[0][0].name}: {scan.skipped[0][1]}); check the files")
+        raise SdtuneError(f"{folder}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))}); put the training "
+                          f"images there, with same-name .txt captions")
+    return scan
+
+
+# ---------------------------------------------------------------- images
+
+def check_image(path: Path) -> str | None:
+    """None if Pillow can decode ``path``, else the reason."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "empty image"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Grayscale of more than 8 bits (I;16*, I, F) as 8-bit L, scaled rather than clipped."""
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "F":
+        arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+    elif arr.size and arr.max() > 255:  # "I": 16-bit data in a 32-bit container
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image as 8-bit RGB, upright (EXIF orientation applied), transparency composited on white."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
+        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """Resize to cover ``size`` (w, h) keeping the aspect ratio, then crop; ``where`` places the crop (0..1)."""
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = round((nw - w) * where[0]), round((nh - h) * where[1])
+    return img.crop((left, top, left + w, top + h))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def bucket_sizes(resolution: int, step: int, min_side: int | None = None, max_side: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """(w, h) sizes, multiples of ``step``, of area at most resolution², sides within [min_side, max_side]."""
+    min_side = min_side or max(step, (resolution // 2) // step * step)
+    max_side = max_side or resolution * 2
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    for w in range(min_side, max_side + 1, step):
+        h = min(max_side, area // w // step * step)
+        if h >= min_side:
+            sizes.update({(w, h), (h, w)})
+    return sorted(sizes)
+
+
+def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The size whose aspect ratio is closest to the image's (ties: the larger area)."""
+    ratio = math.log(width / height)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - ratio), -s[0] * s[1]))
+
+
+# ---------------------------------------------------------------- captions
+
+def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
+                    dropout: float = 0.0) -> str:
+    """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
+    comma-separated tags, the first ``keep_tokens`` staying in front."""
+    if dropout > 0 and rng.random() < dropout:
+        return ""
+    if shuffle:
+        tags = [t.strip() for t in text.split(",") if t.strip()]
+        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+        rng.shuffle(tail)
+        text = ", ".join(head + tail)
+    return text
+
+
+# ---------------------------------------------------------------- latents
+
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 2C, h, w]: mean and std of the scaled latent distribution of ``pixels`` ([N, 3, H, W], [-1, 1])."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return torch.cat([(dist.mean - shift) * scale, dist.std * scale], 1).float().cpu()
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [b, C, h, w] a sample of each image's latent distribution (this process's slice)
+    captions: list[str]
+    size: tuple[int, int]  # (w, h) in pixels
+
+
+class TrainingSet:
+    """The scanned images resized into buckets, encoded once, and served as reproducible batches."""
+
+    def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
+                 crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
+                 caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8):
+        if crop not in ("center", "random"):
+            raise SdtuneError(f"--crop {crop!r}: use center or random")
+        if resolution % bucket_step:
+            raise SdtuneError(f"--resolution {resolution}: must be a multiple of {bucket_step} for this model")
+        self.scan, self.vae, self.seed = scan, vae, seed
+        self.crop, self.flip = crop, flip
+        self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout)
+        self.templates = templates
+        sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
+        # entries: one per image per repeat, grouped by bucket
+        self.bucket_of: list[tuple[int, int]] = []
+        self.row_of: list[int] = []
+        images_by_bucket: dict[tuple[int, int], list[Image.Image]] = {}
+        for ex in scan.examples:
+            img = open_rgb(ex.path)
+            size = pick_bucket(img.width, img.height, sizes)
+            group = images_by_bucket.setdefault(size, [])
+            self.bucket_of.append(size)
+            self.row_of.append(len(group))
+            group.append(img if crop == "random" else fit(img, size))
+        self.sizes = sorted(images_by_bucket)
+        # per bucket: latents [n, 2C, h, w] (and flipped) when cached, else cover-resized images (random crop)
+        self.latents: dict[tuple[int, int], torch.Tensor] = {}
+        self.flipped: dict[tuple[int, int], torch.Tensor] = {}
+        self.pixels: dict[tuple[int, int], list[Image.Image]] = {}
+        for size, imgs in images_by_bucket.items():
+            if crop == "random":
+                self.pixels[size] = [fit(im, _cover(im, size), (0.5, 0.5)) for im in imgs]
+                continue
+            x = torch.stack([to_tensor(im) for im in imgs])
+            self.latents[size] = torch.cat([encode(vae, c) for c in x.split(encode_batch)])
+            if flip:
+                self.flipped[size] = torch.cat([encode(vae, c) for c in x.flip(-1).split(encode_batch)])
+        self.entries = [i for i, ex in enumerate(scan.examples) for _ in range(ex.repeats)]
+        self.counts = {size: sum(1 for i in self.entries if self.bucket_of[i] == size) for size in self.sizes}
+        self._plan_cache: tuple[int, int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def captions_vary(self) -> bool:
+        """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
+        return self.caption_opts["shuffle"]
+
+    def possible_captions(self) -> list[str]:
+        """Every caption a batch can hold (when they don't vary), for caching text-encoder outputs."""
+        texts = set(self.templates) if self.templates is not None else {ex.caption or "" for ex in self.scan.examples}
+        if self.caption_opts["dropout"] > 0:
+            texts.add("")
+        return sorted(texts)
+
+    def batches_per_epoch(self, global_batch: int) -> int:
+        return sum(math.ceil(n / global_batch) for n in self.counts.values())
+
+    def plan(self, epoch: int, global_batch: int) -> list[list[int]]:
+        """The epoch's global batches (example indices), each from one bucket and exactly ``global_batch`` long."""
+        if self._plan_cache and self._plan_cache[:2] == (epoch, global_batch):
+            return self._plan_cache[2]
+        rng = random.Random(seed_for(self.seed, "epoch", epoch))
+        batches = []
+        for size in self.sizes:
+            ids = [i for i in self.entries if self.bucket_of[i] == size]
+            rng.shuffle(ids)
+            n = math.ceil(len(ids) / global_batch) * global_batch
+            ids = [ids[k % len(ids)] for k in range(n)]  # fill the last batch by wrapping around
+            batches += [ids[k:k + global_batch] for k in range(0, n, global_batch)]
+        rng.shuffle(batches)
+        self._plan_cache = (epoch, global_batch, batches)
+        return batches
+
+    def batch(self, number: int, global_batch: int, rank: int = 0, world: int = 1) -> Batch:
+        """Global batch ``number`` (counting from 0 over the whole run), this process's slice of it."""
+        per_epoch = self.batches_per_epoch(global_batch)
+        ids = self.plan(number // per_epoch, global_batch)[number % per_epoch]
+        size = self.bucket_of[ids[0]]
+        g = torch.Generator().manual_seed(seed_for(self.seed, "batch", number))
+        rng = random.Random(seed_for(self.seed, "captions", number))
+        flips = (torch.rand(len(ids), generator=g) < 0.5).tolist() if self.flip else [False] * len(ids)
+        per = global_batch // world
+        part = slice(rank * per, (rank + 1) * per)
+        if self.crop == "random":  # only this process's images are encoded; the draws cover the global batch
+            where = torch.rand(len(ids), 2, generator=g).tolist()
+            x = []
+            for i, f, (fx, fy) in list(zip(ids, flips, where))[part]:
+                img = fit(self.pixels[size][self.row_of[i]], size, (fx, fy))
+                x.append(to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else img))
+            mean, std = encode(self.vae, torch.stack(x)).chunk(2, 1)
+            eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+        else:
+            stats = torch.stack([(self.flipped if f else self.latents)[size][self.row_of[i]]
+                                 for i, f in list(zip(ids, flips))[part]])
+            mean, std = stats.chunk(2, 1)
+            eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+        latents = mean + std * eps
+        captions = []
+        for i in ids:
+            text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
+            captions.append(process_caption(text, rng, **self.caption_opts))
+        return Batch(latents, captions[part], size)
+
+
+def _cover(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """The size ``img`` takes when resized to cover ``size`` (random crops are cut from it per step)."""
+    scale = max(size[0] / img.width, size[1] / img.height)
+    return max(size[0], round(img.width * scale)), max(size[1], round(img.height * scale))

@@ -1,0 +1,339 @@
+"""The diffusion training loop, shared by Textual Inversion and LoRA.
+
+One step, for a batch of cached latents z0 and captions c::
+
+    noise ~ N(0, I) (+ noise_offset · N(0, I) per channel),   t ~ U{0, T-1}
+    z_t  = sqrt(ᾱ_t) · z0 + sqrt(1 - ᾱ_t) · noise
+    loss = mean_i  w_i · ‖target_i − ε_θ(z_t, t, c)_i‖²      target = noise (ε) or v; w = min-SNR-γ or 1
+
+Only the job's parameters (TI's new rows, the LoRA matrices) are in the optimizer; everything else is
+frozen, in eval mode, and where it does not lead to a trainable parameter runs without autograd (the text
+encoder of a UNet-only LoRA; its outputs are even cached when captions do not change).
+
+Reproducibility. Every random draw of step s comes from generators seeded with (seed, s): which images,
+their latent samples and flips, caption shuffles, noise, timesteps and dropout. So a run resumed from a save
+repeats the uninterrupted one exactly, and several processes (``accelerate launch``, ``torchrun``) each take
+their slice of the same global batch: N processes with batch b give the result of one with batch N·b.
+
+Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings); a
+NaN loss stops the run before the bad step is applied, leaving the last save as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..safeio import SdtuneError, atomic_save_torch, load_state
+from .config import TrainSettings
+from .data import TrainingSet, seed_for
+
+STATE_FILE = "resume.pt"
+STATE_FORMAT = "sdtune-train-state-1"
+# settings that may change between a save and its resume without changing what the remaining steps compute
+RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
+                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats"}
+
+
+@dataclass
+class Job:
+    """What a kind of training plugs into the loop."""
+
+    name: str  # "ti" | "lora"
+    param_groups: list[dict]  # [{"params": [...], "lr": base lr}, ...]
+    state: Callable[[], dict]  # the trainable tensors, for the resume state
+    load_state: Callable[[dict], None]
+    save: Callable[[int, bool], list[Path]]  # (step, final) -> files written (final: the main file names)
+    text_trainable: bool  # gradients must flow through the text encoder
+    expand: Callable[[str], str] = lambda prompt: prompt  # prompt rewrite (multi-vector TI tokens)
+    set_training: Callable[[bool], None] = lambda on: None  # train/eval mode of the trainable modules (dropout)
+    metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
+
+
+# ---------------------------------------------------------------- pieces
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise SdtuneError(f"--lr-scheduler {schedule!r}: use constant, constant_with_warmup, linear or cosine")
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε, / (SNR + 1) for v."""
+    acp = alphas_cumprod[timesteps].float()
+    snr = acp / (1 - acp)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, noise_offset: float):
+    """(noise, timesteps) for global batch ``number`` (shape: the global batch's latent shape)."""
+    g = torch.Generator().manual_seed(seed_for(seed, "noise", number))
+    noise = torch.randn(shape, generator=g)
+    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=g)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=g)
+    return noise, timesteps
+
+
+class Objective(nn.Module):
+    """The loss of one batch. It holds the UNet and text encoder, so the trainable parameters injected into
+    them are its parameters (what DDP sees), while the frozen rest takes no part in the optimizer."""
+
+    def __init__(self, unet, text_encoder, scheduler, min_snr_gamma: float = 0.0, text_trainable: bool = False):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.detach().float().clone(), persistent=False)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise SdtuneError(f"scheduler prediction type {self.prediction_type!r}: sdtune trains epsilon or "
+                              f"v_prediction models")
+        self.min_snr_gamma = min_snr_gamma
+        self.text_trainable = text_trainable
+
+    def forward(self, latents, noise, timesteps, input_ids=None, context=None):
+        if context is None:
+            with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
+                context = self.text_encoder(input_ids)[0]
+        acp = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+        dtype = self.unet.dtype
+        pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
+        target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
+        return loss.mean()
+
+
+class TextInput:
+    """Captions -> what the objective takes: cached encoder outputs when the text encoder is frozen and
+    captions are fixed, else token ids for the text encoder to run on."""
+
+    def __init__(self, tokenizer, text_encoder, device, expand=lambda p: p, cache_captions: list[str] | None = None):
+        self.tokenizer, self.device, self.expand = tokenizer, device, expand
+        self.cache: dict[str, torch.Tensor] | None = None
+        if cache_captions is not None:
+            self.cache = {}
+            with torch.no_grad():
+                for i in range(0, len(cache_captions), 32):
+                    chunk = cache_captions[i:i + 32]
+                    out = text_encoder(self.ids(chunk))[0]
+                    self.cache.update(zip(chunk, out))
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer([self.expand(c) for c in captions], padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+
+    def __call__(self, captions: list[str]) -> dict:
+        if self.cache is not None:
+            return {"context": torch.stack([self.cache[c] for c in captions])}
+        return {"input_ids": self.ids(captions)}
+
+
+def make_accelerator(settings: TrainSettings, base):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    on_cpu = base.device.type == "cpu"
+    mp = settings.mixed_precision
+    if mp == "auto":
+        mp = "no" if on_cpu else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base.dtype, "no")
+    if on_cpu and base.dtype == torch.float16:
+        raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
+    if on_cpu and mp == "fp16":
+        raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
+    # buffers are constants here, so DDP need not re-broadcast them every step
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=mp, cpu=on_cpu, kwargs_handlers=[ddp])
+
+
+def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -> int:
+    if settings.epochs:
+        return settings.epochs * math.ceil(data.batches_per_epoch(global_batch) / settings.grad_accum)
+    return settings.steps
+
+
+def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
+    state, _ = load_state(path)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise SdtuneError(f"{path}: not an sdtune resume state; delete it or use another --out")
+    saved = json.loads(state["settings"])
+    now = settings.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
+        raise SdtuneError(f"{path}: this run was started with other settings ({what}); use the same settings to "
+                          f"resume, another --out for a new run, or --no-resume to start over here")
+    if state.get("model_hash") and model_hash and state["model_hash"] != model_hash:
+        raise SdtuneError(f"{path}: this run was started on another base model (hash {state['model_hash']}, now "
+                          f"{model_hash}); use the same --model, or another --out")
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
+        callback: Callable[[int, float], None] | None = None) -> list[Path]:
+    """Train ``job`` on ``data``; returns the final files. Resumes from ``out/resume.pt`` when allowed."""
+    accelerator = make_accelerator(settings, base)
+    if base.device != accelerator.device:  # e.g. one GPU per process under accelerate launch
+        base.to(accelerator.device)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(settings.out)
+    state_path = out / STATE_FILE
+    global_batch = settings.batch_size * world
+    accum = settings.grad_accum
+    total = total_steps(settings, data, global_batch)
+    job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
+                        global_batch=global_batch * accum, processes=world, images=len(data.scan.examples),
+                        entries=len(data))
+
+    unet, te = base.unet, base.text_encoder
+    params = [p for group in job.param_groups for p in group["params"]]
+    trainable = {id(p) for p in params}
+    was_trainable = {}  # the base's own requires_grad flags, restored at the end
+    for module in (unet, te, base.vae):
+        module.eval()
+        for p in module.parameters():
+            if id(p) not in trainable:
+                was_trainable[p] = p.requires_grad
+                p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    job.set_training(True)
+    restore_checkpointing = []
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        restore_checkpointing.append(unet.disable_gradient_checkpointing)
+        if job.text_trainable:  # transformers only checkpoints in train mode (CLIP has no dropout to switch)
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            te.train()
+            restore_checkpointing += [te.gradient_checkpointing_disable, te.eval]
+
+    cache = None if job.text_trainable or data.captions_vary else data.possible_captions()
+    text = TextInput(base.tokenizer, te, device, job.expand, cache)
+    objective = Objective(unet, te, base.scheduler, settings.min_snr_gamma, job.text_trainable).to(device)
+    for group in job.param_groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    start, last_save, final_files = 0, None, []
+    if settings.resume and state_path.is_file():
+        state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
+        job.load_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # base lrs from this run's settings, not the saved ones
+            group["base_lr"] = next(g["base_lr"] for g in job.param_groups if g["params"][0] is group["params"][0])
+        start = last_save = int(state["step"])
+    model, optimizer = accelerator.prepare(objective, optimizer)
+
+    def save(step: int, final: bool) -> None:
+        nonlocal last_save, final_files
+        accelerator.wait_for_everyone()
+        if main:
+            written = job.save(step, final)
+            final_files = written if final else final_files
+            atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": job.state(),
+                               "optimizer": optimizer.state_dict(), "settings": json.dumps(settings.to_dict()),
+                               "model_hash": getattr(base, "model_hash", "")}, state_path)
+        last_save = step
+        accelerator.wait_for_everyone()
+
+    def sample(step: int) -> None:
+        if main:
+            job.set_training(False)
+            try:
+                sample_grid(base, settings, job.expand, out / "samples" / f"step-{step:06d}.png")
+            finally:
+                job.set_training(True)
+        accelerator.wait_for_everyone()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"train {job.name}", unit="step", dynamic_ncols=True,
+               disable=not (main and settings.progress), file=sys.stderr)
+    smooth = None
+    try:
+        for step in range(start, total):
+            factor = lr_factor(step, total, settings.lr_warmup_steps, settings.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
+                number = step * accum + micro
+                batch = data.batch(number, global_batch, rank, world)
+                shape = (global_batch, *batch.latents.shape[1:])
+                noise, timesteps = diffusion_draws(settings.seed, number, shape,
+                                                   len(objective.alphas_cumprod), settings.noise_offset)
+                part = slice(rank * settings.batch_size, (rank + 1) * settings.batch_size)
+                torch.manual_seed(seed_for(settings.seed, "dropout", number, rank))
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss = model(batch.latents.to(device), noise[part].to(device), timesteps[part].to(device),
+                                 **text(batch.captions)) / accum
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm else None
+            value = float(accelerator.reduce(step_loss, "mean"))
+            bad_norm = norm is not None and accelerator.mixed_precision != "fp16" and not math.isfinite(float(norm))
+            if not math.isfinite(value) or bad_norm:
+                kept = (f"the last good save is step {last_save} in {out}" if last_save
+                        else "nothing had been saved yet")
+                raise SdtuneError(f"{job.name} training: the loss became {'NaN' if value != value else value} at "
+                                  f"step {step + 1}, so training stopped before applying it; {kept}. Lower --lr, "
+                                  f"or use fp32/bf16 instead of fp16")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            if callback is not None:
+                callback(done, value)
+            if settings.save_every and done % settings.save_every == 0 and done < total:
+                save(done, final=False)
+            if settings.sample_every and done % settings.sample_every == 0:
+                sample(done)
+        save(total, final=True)
+    finally:
+        bar.close()
+        job.set_training(False)
+        for undo in restore_checkpointing:
+            undo()
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        accelerator.free_memory()
+    return final_files
+
+
+@torch.no_grad()
+def sample_grid(base, settings: TrainSettings, expand, path: Path) -> Path:
+    """A grid of ``sample_images`` images per validation prompt (one row each), same seeds every time."""
+    from ..generate import generate, grid, save_png
+
+    images = []
+    for prompt in settings.sample_prompts:
+        images += [g.image for g in generate(base, expand(prompt), steps=settings.sample_steps,
+                                             guidance=settings.sample_guidance, seed=settings.seed,
+                                             num_images=settings.sample_images, progress=False)]
+    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(settings.sample_prompts))

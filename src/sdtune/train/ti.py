@@ -1,0 +1,172 @@
+"""Textual Inversion training: a new token whose vector(s) learn a concept from a few images.
+
+    v* = argmin_v  E ‖ε − ε_θ(z_t, t, c_θ(y))‖²        (y: "a photo of <token>", ...)
+
+The token is added with ``EmbeddingSet.add_placeholder`` (its rows start as copies of ``--init-token``).
+During training the text encoder's token table is wrapped: ids of the new token read their rows from a
+small trainable parameter ``[num_vectors, width]`` and all other ids the frozen table, so only those rows
+get a gradient, no full-table gradient or copy is made, and every other row stays bit-identical. At the
+end the learned rows are written into the table (the token stays loaded on the base, ready to use) and
+saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..safeio import SdtuneError
+from ..ti.formats import Embedding, save_embedding
+from ..ti.tokens import EmbeddingSet
+from . import loop
+from .config import TISettings
+from .data import Scan, TrainingSet, scan_folder
+
+# Prompt templates for images without captions ({} is the token).
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a photo of the {}", "a picture of a {}", "an image of the {}", "a close-up photo of a {}",
+    "a rendering of a {}", "a good photo of the {}", "a photo of one {}", "a cropped photo of the {}",
+    "a bright photo of a {}", "a clean photo of the {}", "a small {}", "a large {}", "the {}", "a {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a picture in the style of {}", "an image in the style of {}",
+    "a rendering in the style of {}", "a drawing in the style of {}", "artwork in the style of {}",
+    "a photo in the style of {}", "a small picture in the style of {}", "a large picture in the style of {}",
+    "a nice picture in the style of {}", "in the style of {}", "{} style",
+]
+DIFFUSERS_FILE = "learned_embeds.safetensors"
+
+
+class SplicedEmbedding(nn.Module):
+    """A token table whose rows ``first .. first+n-1`` come from the trainable ``rows`` parameter."""
+
+    def __init__(self, table: nn.Embedding, first: int, rows: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.first = first
+        self.rows = nn.Parameter(rows.detach().to(torch.float32).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads the table (e.g. sizes); the new rows live in ``rows``
+        return self.table.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            frozen = self.table(ids)
+        n = self.rows.shape[0]
+        new = (ids >= self.first) & (ids < self.first + n)
+        picked = self.rows[(ids - self.first).clamp(0, n - 1)]  # always used, so DDP sees the parameter every step
+        return torch.where(new.unsqueeze(-1), picked.to(frozen.dtype), frozen)
+
+
+def embedding_set(base) -> EmbeddingSet:
+    """The base's embedding set (created and attached when it has none)."""
+    found = getattr(base, "embeddings", None)
+    if found is not None and hasattr(found, "add_placeholder"):
+        return found
+    made = EmbeddingSet(base.tokenizer, base.text_encoder)
+    try:
+        base.embeddings = made
+    except AttributeError:
+        pass
+    return made
+
+
+def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
+    """None when every image has a caption that mentions the token (train on those), else the templates."""
+    captions = [ex.caption for ex in scan.examples]
+    mentions = [bool(c) and token.lower() in c.lower() for c in captions]
+    if all(mentions):
+        return None
+    if any(mentions):
+        lacking = next(ex for ex, m in zip(scan.examples, mentions) if not m)
+        raise SdtuneError(f"{lacking.path}: its caption does not mention {token}; put {token} in every caption, or "
+                          f"remove the caption files to train on {prop} prompt templates")
+    return [t.format(token) for t in (STYLE_TEMPLATES if prop == "style" else OBJECT_TEMPLATES)]
+
+
+def file_stem(token: str) -> str:
+    """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
+    return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
+
+
+def model_steps(base) -> tuple[int, int]:
+    """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
+    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
+    return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
+
+
+def training_set(base, settings, scan: Scan, templates: list[str] | None) -> TrainingSet:
+    native, step = model_steps(base)
+    return TrainingSet(scan, base.vae, settings.resolution or native, settings.seed,
+                       bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
+                       flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
+                       caption_dropout=settings.caption_dropout, templates=templates)
+
+
+def report_skipped(scan: Scan) -> None:
+    if scan.skipped:
+        print(f"skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
+        for path, why in scan.skipped:
+            print(f"  {path}: {why}", file=sys.stderr)
+
+
+def train_ti(base, settings: TISettings, callback=None) -> Path:
+    """Train a Textual Inversion embedding; returns ``out/learned_embeds.safetensors``.
+
+    Afterwards the token is loaded on ``base`` with its learned vectors (``base.embeddings``)."""
+    settings.check()
+    out = Path(settings.out)
+    scan = scan_folder(settings.data, default_caption=None, require_captions=False)
+    report_skipped(scan)
+    templates = prompt_templates(scan, settings.token, settings.property)
+    data = training_set(base, settings, scan, templates)
+
+    embeddings = embedding_set(base)
+    ids = embeddings.add_placeholder(settings.token, settings.init_token, settings.num_vectors)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise SdtuneError(f"--token {settings.token}: its ids {ids} are not consecutive; load it on a fresh model")
+    te = base.text_encoder
+    table = te.get_input_embeddings()
+    spliced = SplicedEmbedding(table, ids[0], table.weight.detach()[ids]).to(table.weight.device)
+    formats = ["diffusers"] + [f for f in settings.formats if f != "diffusers"]
+
+    def save(step: int, final: bool) -> list[Path]:
+        emb = Embedding(token=settings.token, vectors=spliced.rows.detach().float().cpu(),
+                        source=str(out / DIFFUSERS_FILE), format="diffusers")
+        suffix = "" if final else f"-step{step:06d}"
+        paths = []
+        for fmt in formats:
+            name = f"learned_embeds{suffix}.safetensors" if fmt == "diffusers" else \
+                f"{file_stem(settings.token)}{suffix}.pt"
+            save_embedding(emb, out / name, format=fmt, step=step)
+            paths.append(out / name)
+        return paths
+
+    def load_state(state: dict) -> None:
+        rows = state["rows"]
+        if tuple(rows.shape) != tuple(spliced.rows.shape):
+            raise SdtuneError(f"{out / loop.STATE_FILE}: holds {tuple(rows.shape)} vectors, this run trains "
+                              f"{tuple(spliced.rows.shape)}; use the same --num-vectors, or another --out")
+        with torch.no_grad():
+            spliced.rows.copy_(rows)
+
+    job = loop.Job(name="ti", param_groups=[{"params": [spliced.rows], "lr": settings.lr}],
+                   state=lambda: {"rows": spliced.rows.detach().cpu().clone()}, load_state=load_state,
+                   save=save, text_trainable=True, expand=embeddings.expand)
+    te.set_input_embeddings(spliced)
+    try:
+        loop.run(base, settings, job, data, callback)
+    except BaseException:
+        te.set_input_embeddings(table)
+        embeddings.remove(settings.token)  # the base goes back to how it was
+        raise
+    te.set_input_embeddings(table)
+    with torch.no_grad():
+        table.weight[ids] = spliced.rows.detach().to(table.weight.dtype)
+    return out / DIFFUSERS_FILE

@@ -1,0 +1,593 @@
+"""X/Y comparison plots, as A1111 users know them: one setting per column, another per row, same everything else.
+
+    from sdtune.xyplot import Axis, xy_plot
+    xy_plot(base, "a red star", x=Axis("weight", [0, 0.5, 1], target="style"), y=Axis("seed", [1, 2]),
+            loras=["style.safetensors"], out_dir="grid")
+
+Axis kinds: ``prompt`` (whole prompts), ``sr`` (A1111's Prompt S/R: the first value is searched for in the
+prompt and negative prompt, each value replaces it), ``seed``, ``guidance``, ``steps``, ``sampler``,
+``weight`` (one LoRA's weight), ``adapters`` / ``loras`` / ``embeddings`` (which adapters are on: each value is
+``none`` or ``A[:W]+B[:W]+<token>``; names of adapters given with ``loras=``/``embeddings=`` or file paths).
+
+Adapters are loaded once; between cells only ``LoraSet.set_weights`` runs (a weight of 0 puts the pristine
+layer back, so that cell is the base model bit for bit) and embeddings are added or removed from the
+``EmbeddingSet``. Whatever the plot loaded is unloaded at the end, and adapters the base already had get their
+weights back. Cells that differ only by consecutive seeds are generated as one batch.
+
+Output in ``out_dir``: ``NAME.png`` (the labelled grid; its ``parameters`` text holds the shared settings and
+``X Type``/``X Values``/``Y Type``/``Y Values``), ``NAME-RR-CC.png`` (each cell, with its own ``parameters``),
+and ``NAME.json`` (axes, settings and cell file names, for scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from . import sources
+from .generate import SCHEDULERS, infotext, save_png
+from .safeio import SdtuneError, atomic_write_text
+
+KIND_NAMES = {  # kind -> the axis title A1111 users know
+    "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
+    "sampler": "Sampler", "weight": "LoRA weight", "adapters": "Adapters", "loras": "LoRAs",
+    "embeddings": "Embeddings",
+}
+ALIASES = {"prompts": "prompt", "prompt_sr": "sr", "seeds": "seed", "cfg": "guidance", "cfg_scale": "guidance",
+           "scheduler": "sampler", "weights": "weight", "lora_weight": "weight", "adapter": "adapters",
+           "lora": "loras", "embedding": "embeddings", "ti": "embeddings"}
+ADAPTER_KINDS = ("adapters", "loras", "embeddings")
+NONE_WORDS = ("none", "base", "off", "")
+
+
+# ---------------------------------------------------------------------------------------------- axes
+
+@dataclass
+class Axis:
+    """One axis: a kind, its values (typed by kind), an optional LoRA name for ``weight``, optional labels."""
+
+    kind: str
+    values: list
+    target: str | None = None  # weight axis: the LoRA swept (a name from loras=, or a file)
+    labels: list[str] | None = None  # drawn instead of the default labels
+
+    def __post_init__(self):
+        kind = ALIASES.get(self.kind, self.kind)
+        if kind not in KIND_NAMES:
+            raise SdtuneError(f"unknown axis kind {self.kind!r}; choose one of: {', '.join(KIND_NAMES)}")
+        self.kind = kind
+        if not self.values:
+            raise SdtuneError(f"{kind} axis has no values; give at least one, e.g. {kind}={_EXAMPLES[kind]}")
+        self.values = [_typed(kind, v) for v in self.values]
+        if self.labels is not None and len(self.labels) != len(self.values):
+            raise SdtuneError(f"{kind} axis: {len(self.labels)} labels for {len(self.values)} values")
+        if kind == "sr" and len(self.values) < 2:
+            raise SdtuneError("sr axis: give the text to search for, then its replacements, e.g. "
+                              "'sr=red|blue|green'")
+
+    @property
+    def title(self) -> str:
+        return KIND_NAMES[self.kind]
+
+    def label(self, i: int) -> str:
+        if self.labels is not None:
+            return self.labels[i]
+        v = self.values[i]
+        if self.kind == "seed":
+            return f"seed {v}"
+        if self.kind == "guidance":
+            return f"CFG {v:g}"
+        if self.kind == "steps":
+            return f"{v} steps"
+        if self.kind == "weight":
+            return f"{self.target or 'LoRA'} {v:g}"
+        if self.kind in ADAPTER_KINDS:
+            return "base" if v.strip().lower() in NONE_WORDS else v
+        return str(v)
+
+    def describe(self) -> str:
+        """The values as A1111's ``X Values`` field writes them."""
+        sep = " | " if self.kind in ("prompt", "sr", *ADAPTER_KINDS) else ", "
+        return sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in self.values)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "title": self.title, "values": self.values, "target": self.target,
+                "labels": [self.label(i) for i in range(len(self.values))]}
+
+
+_EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "seed": "1,2,3 or 1-4",
+             "guidance": "3,5,7.5", "steps": "10,20,30", "sampler": "ddim,euler_a",
+             "weight": "0,0.25,0.5,1,1.5", "adapters": "'none|style|style:0.5+detail:1'",
+             "loras": "'none|style|style:0.5+detail:1'", "embeddings": "'none|<my-thing>'"}
+
+
+def _typed(kind: str, v):
+    try:
+        if kind in ("seed", "steps"):
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            n = int(v)
+            if kind == "steps" and n < 1:
+                raise SdtuneError(f"steps axis value {n}: must be at least 1")
+            return n
+        if kind in ("guidance", "weight"):
+            return float(v)
+    except (TypeError, ValueError):
+        raise SdtuneError(f"{kind} axis value {v!r} is not a number; e.g. {kind}={_EXAMPLES[kind]}") from None
+    if kind == "sampler" and str(v) not in SCHEDULERS:
+        raise SdtuneError(f"sampler axis value {v!r}: choose from {', '.join(SCHEDULERS)}")
+    return str(v)
+
+
+def parse_values(kind: str, text: str) -> list:
+    """Axis values from a command-line string: split on '|' when there is one, else on ','.
+
+    Integer axes also take ranges: ``1-4`` is 1,2,3,4 and ``1-10(+3)`` is 1,4,7,10 (as in A1111)."""
+    kind = ALIASES.get(kind, kind)
+    parts = [p.strip() for p in (text.split("|") if "|" in text else text.split(","))]
+    if kind not in ("prompt", "sr"):
+        parts = [p for p in parts if p or kind in ADAPTER_KINDS]
+    out: list = []
+    for p in parts:
+        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)(?:\s*\(\s*\+\s*(\d+)\s*\))?", p) if kind in ("seed", "steps") else None
+        if m:
+            lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+            if hi < lo or step < 1:
+                raise SdtuneError(f"{kind} axis range {p!r}: write low-high, e.g. 1-4 or 1-10(+3)")
+            out.extend(range(lo, hi + 1, step))
+        else:
+            out.append(p)
+    return out
+
+
+def parse_axis(spec: str, target: str | None = None) -> Axis:
+    """``KIND=VALUES`` (e.g. ``seed=1-4``, ``weight=0,0.5,1``, ``'prompt=a red star|a blue star'``) -> Axis."""
+    kind, sep, text = spec.partition("=")
+    if not sep:
+        raise SdtuneError(f"axis {spec!r}: write KIND=VALUES, e.g. seed=1,2,3 (kinds: {', '.join(KIND_NAMES)})")
+    kind = ALIASES.get(kind.strip(), kind.strip())
+    if kind not in KIND_NAMES:
+        raise SdtuneError(f"axis {spec!r}: unknown kind {kind!r}; choose one of: {', '.join(KIND_NAMES)}")
+    return Axis(kind, parse_values(kind, text), target=target)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+class _Adapters:
+    """What the plot loaded and controls, and how to put the base back afterwards."""
+
+    def __init__(self, base, lora_dirs=(), embedding_dirs=()):
+        self.loras = base.loras  # sdtune.lora.patch.LoraSet
+        self.embs = base.embeddings  # sdtune.ti.tokens.EmbeddingSet
+        self.lora_dirs, self.embedding_dirs = tuple(lora_dirs), tuple(embedding_dirs)
+        self.start_weights = {r["name"]: (r["unet_weight"], r["te_weight"]) for r in self.loras.list()}
+        self.start_tokens = list(self.embs.tokens)
+        self.held = {t: self.embs.get(t) for t in self.start_tokens}  # token -> Embedding, to re-add
+        self.added_loras: list[str] = []
+        self.by_file: dict[str, str] = {}  # resolved path -> name of a LoRA the plot loaded
+        self.added_tokens: list[str] = []
+        self.controlled_loras: set[str] = set()
+        self.controlled_tokens: set[str] = set()
+        self.fixed: dict[str, float] = {}  # LoRAs given with loras= and not on an axis: their weight
+
+    # ---- loading ----
+    def _lora_name(self, path: Path) -> str:
+        stem, name, n = path.stem, path.stem, 2
+        while name in self.loras:
+            name, n = f"{stem}_{n}", n + 1
+        return name
+
+    def add_lora_file(self, spec: str) -> str:
+        src, weight = sources.parse_weighted(str(spec))
+        if src in self.loras:  # already loaded under that name
+            self.fixed[src] = weight
+            return src
+        path = sources.resolve(src, "lora", self.lora_dirs)
+        key = str(Path(path).resolve())
+        if key in self.by_file:  # the same file named twice (e.g. on an axis and with loras=): load it once
+            return self.by_file[key]
+        name = self._lora_name(path)
+        self.loras.add(name, path, 0.0)
+        self.added_loras.append(name)
+        self.by_file[key] = name
+        self.fixed[name] = weight
+        return name
+
+    def add_embedding_file(self, spec: str) -> str:
+        from .ti.formats import load_embedding
+
+        src, token = sources.split_suffix(str(spec))
+        if token is None and self.token_of(src):
+            return self.token_of(src)
+        emb = load_embedding(sources.resolve(src, "embedding", self.embedding_dirs), token=token)
+        existing = self.token_of(emb.token)
+        if existing:
+            return existing
+        self.embs.add(emb)
+        self.held[emb.token] = emb
+        self.added_tokens.append(emb.token)
+        return emb.token
+
+    def token_of(self, word: str) -> str | None:
+        for t in self.held:
+            if t.lower() == word.lower():
+                return t
+        return None
+
+    # ---- axis values ----
+    def resolve_set(self, kind: str, value: str) -> tuple[dict[str, float], set[str]]:
+        """({lora name: weight}, {embedding tokens}) that an adapter-axis value turns on."""
+        loras: dict[str, float] = {}
+        tokens: set[str] = set()
+        if value.strip().lower() in NONE_WORDS:
+            return loras, tokens
+        for item in (i.strip() for i in value.split("+")):
+            if not item:
+                raise SdtuneError(f"{kind} axis value {value!r}: an empty item between '+' signs")
+            token = self.token_of(item)
+            if token is not None:
+                tokens.add(token)
+                continue
+            src, tail = sources.split_suffix(item)
+            weight = None
+            if tail is not None:
+                try:
+                    weight = float(tail)
+                except ValueError:
+                    weight = None
+            if src in self.loras and kind != "embeddings":
+                loras[src] = 1.0 if weight is None else weight
+                continue
+            if self.token_of(src) is not None:
+                raise SdtuneError(f"{kind} axis item {item!r}: embeddings take no weight; write {src}")
+            if kind == "embeddings" or (kind == "adapters" and tail is not None and weight is None):
+                tokens.add(self.add_embedding_file(item))
+                continue
+            try:
+                name = self.add_lora_file(src)
+                self.fixed.pop(name, None)
+            except SdtuneError as lora_error:
+                if kind == "loras" or weight is not None:
+                    raise
+                try:
+                    tokens.add(self.add_embedding_file(src))
+                    continue
+                except SdtuneError:
+                    raise lora_error from None
+            loras[name] = 1.0 if weight is None else weight
+        return loras, tokens
+
+    def weight_target(self, axis: Axis) -> str:
+        if axis.target is None:
+            names = self.loras.names()
+            if len(names) != 1:
+                raise SdtuneError(f"weight axis: say which LoRA to sweep (loaded: {', '.join(names) or 'none'}); "
+                                  "give exactly one --lora, or Axis('weight', ..., target=NAME)")
+            return names[0]
+        if axis.target in self.loras:
+            return axis.target
+        return self.add_lora_file(axis.target)
+
+    # ---- applying ----
+    def apply(self, loras: dict[str, float], tokens: set[str]) -> None:
+        weights = {n: 0.0 for n in self.controlled_loras}
+        weights.update(loras)
+        current = {r["name"]: (r["unet_weight"], r["te_weight"]) for r in self.loras.list()}
+        changed = {n: w for n, w in weights.items() if current.get(n) != (w, w)}
+        if changed:
+            self.loras.set_weights(changed)
+        for t in sorted(self.controlled_tokens):
+            on = t in tokens
+            if on and t not in self.embs:
+                self.embs.add(self.held[t])
+            elif not on and t in self.embs:
+                self.embs.remove(t)
+
+    def restore(self) -> None:
+        for name in self.added_loras:
+            if name in self.loras:
+                self.loras.remove(name)
+        back = {n: w for n, w in self.start_weights.items() if n in self.loras}
+        if back:
+            self.loras.set_weights(back)
+        for t in self.added_tokens:
+            if t in self.embs:
+                self.embs.remove(t)
+        for t in self.start_tokens:
+            if t not in self.embs:
+                self.embs.add(self.held[t])
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+@dataclass
+class _Cell:
+    row: int
+    col: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    loras: dict[str, float] = field(default_factory=dict)
+    tokens: frozenset = frozenset()
+
+    def group_key(self) -> tuple:
+        """Everything but the seed: cells with equal keys and consecutive seeds share one batch."""
+        return (self.prompt, self.negative_prompt, self.steps, self.guidance, self.scheduler,
+                tuple(sorted(self.loras.items())), tuple(sorted(self.tokens)))
+
+
+def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: dict) -> None:
+    v = axis.values[i]
+    if axis.kind == "prompt":
+        cell.prompt = v
+    elif axis.kind == "sr":
+        search = axis.values[0]
+        cell.prompt = cell.prompt.replace(search, v)
+        cell.negative_prompt = cell.negative_prompt.replace(search, v)
+    elif axis.kind == "seed":
+        cell.seed = v
+    elif axis.kind == "guidance":
+        cell.guidance = v
+    elif axis.kind == "steps":
+        cell.steps = v
+    elif axis.kind == "sampler":
+        cell.scheduler = v
+    elif axis.kind == "weight":
+        cell.loras[targets[id(axis)]] = v
+    else:
+        loras, tokens = adapters.resolve_set(axis.kind, v)
+        cell.loras.update(loras)
+        cell.tokens = frozenset(cell.tokens | tokens)
+
+
+def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
+    """Cells grouped into batches: same settings, seeds s, s+1, s+2, ... (generate seeds image i with s+i)."""
+    groups: dict[tuple, list[_Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.group_key(), []).append(c)
+    runs = []
+    for members in groups.values():
+        members.sort(key=lambda c: c.seed)
+        run = [members[0]]
+        for c in members[1:]:
+            if c.seed == run[-1].seed + 1:
+                run.append(c)
+            else:
+                runs.append(run)
+                run = [c]
+        runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, draw) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
+            cell: int | None = None) -> Image.Image:
+    """The labelled grid: column labels on top, row labels on the left, wrapped to fit; small images are
+    scaled up (nearest neighbour: the pixels stay what the model made) to ``cell`` pixels wide."""
+    w, h = images[0][0].size
+    if cell and cell > w:
+        h, w = cell * h // w, cell
+    font = _font(max(11, min(16, w // 9)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.size * 1.25) if hasattr(font, "size") else 14
+    col_lines = [_wrap(lbl, font, w - 6, probe) for lbl in col_labels]
+    pad_top = 6 + line_h * max(len(lines) for lines in col_lines)
+    pad_left, row_lines = 0, []
+    if row_labels:
+        max_w = max(w, 160)
+        row_lines = [_wrap(lbl, font, max_w, probe) for lbl in row_labels]
+        widest = max(probe.textlength(line, font=font) for lines in row_lines for line in lines)
+        pad_left = int(widest) + 12
+    rows, cols = len(images), len(images[0])
+    canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(images):
+        for c, im in enumerate(row):
+            im = im.convert("RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.Resampling.NEAREST)
+            canvas.paste(im, (pad_left + c * w, pad_top + r * h))
+    for c, lines in enumerate(col_lines):
+        y0 = pad_top - 3 - line_h * len(lines)
+        for k, line in enumerate(lines):
+            draw.text((pad_left + c * w + w // 2, y0 + k * line_h), line, fill="black", font=font, anchor="ma")
+    for r, lines in enumerate(row_lines):
+        y0 = pad_top + r * h + (h - line_h * len(lines)) // 2
+        for k, line in enumerate(lines):
+            draw.text((6, y0 + k * line_h), line, fill="black", font=font, anchor="la")
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- the plot
+
+def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
+            steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
+            height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
+            out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128, progress: bool = True) -> Path:
+    """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
+
+    ``loras``: "FILE[:W]" specs loaded for the plot (named by file stem; usable by name in axis values; fixed at
+    W unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
+    """
+    if scheduler not in SCHEDULERS:
+        raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if seed is None or seed < 0:
+        raise SdtuneError(f"seed {seed}: an X/Y plot needs a fixed seed (0 or more) so cells are comparable")
+    axes = [a for a in (x, y) if a is not None]
+    for a in axes:
+        if a.kind == "sr" and a.values[0] not in prompt and a.values[0] not in negative_prompt:
+            raise SdtuneError(f"sr axis: {a.values[0]!r} is not in the prompt; the first value is the text to "
+                              f"replace, e.g. prompt 'a red star' with sr=red|blue")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapters = _Adapters(base, lora_dirs, embedding_dirs)
+    try:
+        for spec in loras:
+            adapters.add_lora_file(spec)
+        for spec in embeddings:
+            adapters.add_embedding_file(spec)
+        targets = {id(a): adapters.weight_target(a) for a in axes if a.kind == "weight"}
+        # adapters named on an axis are set by it in every cell (off where a value leaves them out); LoRAs
+        # loaded for the plot and on no axis keep their given weight; everything else stays as it is
+        axis_loras, axis_tokens = set(targets.values()), set()
+        for a in axes:
+            if a.kind in ADAPTER_KINDS:
+                for v in a.values:
+                    lo, to = adapters.resolve_set(a.kind, v)
+                    axis_loras |= set(lo)
+                    axis_tokens |= to
+        for n in axis_loras:
+            adapters.fixed.pop(n, None)
+        adapters.controlled_loras = axis_loras | set(adapters.fixed)
+        adapters.controlled_tokens = axis_tokens
+        ys = range(len(y.values)) if y is not None else [None]
+        cells: list[_Cell] = []
+        for r in ys:
+            for c in range(len(x.values)):
+                cell_ = _Cell(r or 0, c, prompt, negative_prompt, seed, steps, guidance, scheduler,
+                              loras=dict(adapters.fixed))
+                for a, i in ((y, r), (x, c)):
+                    if a is not None:
+                        _apply_value(cell_, a, i, adapters, targets)
+                cells.append(cell_)
+        results = _render(base, cells, adapters, width, height, lora_dirs, progress)
+    finally:
+        adapters.restore()
+
+    n_rows, n_cols = len(ys), len(x.values)
+    grid_images = [[None] * n_cols for _ in range(n_rows)]
+    files = [[None] * n_cols for _ in range(n_rows)]
+    for c_, res in results:
+        path = out_dir / f"{name}-{c_.row:02d}-{c_.col:02d}.png"
+        res.save(path)
+        grid_images[c_.row][c_.col] = res.image
+        files[c_.row][c_.col] = path.name
+    col_labels = [x.label(i) for i in range(n_cols)]
+    row_labels = [y.label(i) for i in range(n_rows)] if y is not None else None
+    canvas = draw_xy(grid_images, row_labels, col_labels, cell=cell)
+    first = results[0][1]
+    shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights")}
+    shared["Seed"] = seed
+    shared["Steps"], shared["CFG scale"] = steps, guidance
+    shared["Sampler"] = SCHEDULERS[scheduler][2]
+    if adapters.fixed:
+        shared["Lora weights"] = "; ".join(f"{n}={w:g}" for n, w in sorted(adapters.fixed.items()))
+    for tag, a in (("X", x), ("Y", y)):
+        if a is not None:
+            shared[f"{tag} Type"] = a.title + (f" ({targets[id(a)]})" if a.kind == "weight" else "")
+            shared[f"{tag} Values"] = a.describe()
+    text = infotext(prompt, negative_prompt, shared)
+    grid_path = save_png(canvas, out_dir / f"{name}.png", text)
+    record = {"grid": grid_path.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+              "steps": steps, "guidance": guidance, "scheduler": scheduler, "rows": n_rows, "cols": n_cols,
+              "x": x.to_json() | ({"target": targets[id(x)]} if x.kind == "weight" else {}),
+              "y": (y.to_json() | ({"target": targets[id(y)]} if y.kind == "weight" else {})) if y else None,
+              "cells": files, "cell_prompts": [[None] * n_cols for _ in range(n_rows)], "parameters": text}
+    for c_, _ in results:
+        record["cell_prompts"][c_.row][c_.col] = c_.prompt
+    atomic_write_text(json.dumps(record, indent=1), out_dir / f"{name}.json")
+    return grid_path
+
+
+def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, progress: bool):
+    from tqdm.auto import tqdm
+
+    from . import api
+
+    out = []
+    runs = _runs(cells)
+    runs.sort(key=lambda run: (tuple(sorted(run[0].loras.items())), tuple(sorted(run[0].tokens))))
+    with tqdm(total=len(cells), desc="grid", unit="img", disable=not progress, leave=False) as bar:
+        for run in runs:
+            c0 = run[0]
+            adapters.apply(c0.loras, set(c0.tokens))
+            res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
+                               guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler, width=width,
+                               height=height, num_images=len(run), batch_size=len(run), progress=False,
+                               lora_dirs=lora_dirs, embedding_dirs=())
+            out.extend(zip(run, res))
+            bar.update(len(run))
+    out.sort(key=lambda cr: (cr[0].row, cr[0].col))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def add_arguments(p) -> None:
+    """The ``sdtune grid`` flags (the CLI adds --model/--device/--dtype and the adapter flags itself)."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--x", metavar="KIND=VALUES",
+                   help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
+                        "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
+                        "'embeddings=none|<tok>'")
+    p.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
+    p.add_argument("--weights", metavar="W1,W2,...",
+                   help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
+    p.add_argument("--sweep", metavar="NAME", help="which loaded LoRA a weight axis sweeps (default: the only one)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
+    p.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
+    p.add_argument("--out", default="grid")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_from_args(a, base=None) -> Path:
+    """``sdtune grid``: build the axes from the parsed flags, load the model (unless given), plot."""
+    if a.x is None and a.weights is None:
+        raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
+    if a.x is not None and a.weights is not None and a.y is not None:
+        raise SdtuneError("sdtune grid: --weights is a third axis next to --x and --y; drop one of them")
+    axes = []
+    sweep = getattr(a, "sweep", None)
+    if a.weights is not None:
+        axes.append(Axis("weight", parse_values("weight", a.weights), target=sweep))
+    for spec in (a.x, a.y):
+        if spec is not None:
+            axes.append(parse_axis(spec, target=sweep))
+    x, y = axes[0], (axes[1] if len(axes) > 1 else None)
+    if base is None:
+        from . import api
+
+        base = api.load(getattr(a, "model", "tiny"), getattr(a, "device", None), getattr(a, "dtype", None))
+    return xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
+                   guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height,
+                   loras=getattr(a, "lora", []) or [], embeddings=getattr(a, "embedding", []) or [],
+                   lora_dirs=getattr(a, "lora_dir", []) or [], embedding_dirs=getattr(a, "embedding_dir", []) or [],
+                   out_dir=a.out, name=a.name, cell=a.cell, progress=not a.no_progress)

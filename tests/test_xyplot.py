@@ -1,0 +1,216 @@
+"""X/Y plots: grid geometry, metadata, single images, and exact adapter switching between cells."""
+
+import itertools
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.generate import generate, parse_infotext, read_infotext
+from sdtune.lora.formats import save_lora
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
+from sdtune.ti.formats import Embedding, save_embedding
+from sdtune.xyplot import Axis, parse_axis, parse_values, run_from_args, xy_plot
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random")
+
+
+def _random_lora(base, seed: int, scale: float = 0.5) -> Lora:
+    """A LoRA on every attention linear of the UNet and text encoder, strong enough to change the picture."""
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora(format="test")
+    for comp, root in (("unet", base.unet), ("text_encoder", base.text_encoder)):
+        for path, m in root.named_modules():
+            if isinstance(m, torch.nn.Linear) and any(s in path for s in ("attn1.", "attn2.", "self_attn.")):
+                out_f, in_f = m.weight.shape
+                lora.modules[comp][path] = Adapter("lora", {"down": torch.randn(4, in_f, generator=g) * scale,
+                                                            "up": torch.randn(out_f, 4, generator=g) * scale}, 4.0)
+    return lora
+
+
+@pytest.fixture(scope="module")
+def lora_files(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    paths = []
+    for seed, name in ((1, "style"), (2, "detail")):
+        save_lora(_random_lora(base, seed), folder / f"{name}.safetensors", format="kohya")
+        paths.append(folder / f"{name}.safetensors")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def emb_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("emb") / "thing.safetensors"
+    vec = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 3
+    save_embedding(Embedding("<thing>", vec, "test", "diffusers"), path)
+    return path
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_seed_by_prompt_grid_geometry_metadata_and_cells(base, tmp_path):
+    x = Axis("seed", [5, 6, 7])
+    y = Axis("prompt", ["a red circle", "a blue square, on white"])
+    grid_path = xy_plot(base, "unused", x, y, steps=STEPS, guidance=5.0, out_dir=tmp_path, cell=96, progress=False)
+    assert grid_path == tmp_path / "xy.png"
+    text = read_infotext(grid_path)
+    fields = parse_infotext(text)
+    assert fields["X Type"] == "Seed" and fields["X Values"] == "5, 6, 7"
+    assert fields["Y Type"] == "Prompt" and fields["Y Values"] == "a red circle | a blue square, on white"
+    assert fields["Steps"] == str(STEPS) and fields["CFG scale"] == "5.0" and fields["Sampler"] == "DDIM"
+    grid = Image.open(grid_path)
+    # 3 columns and 2 rows of 96x96 cells, plus the label margins on the left and top
+    record = json.loads((tmp_path / "xy.json").read_text())
+    assert (record["rows"], record["cols"]) == (2, 3)
+    left, top = grid.width - 3 * 96, grid.height - 2 * 96
+    assert 0 < left < 400 and 0 < top < 100
+    for r, prompt in enumerate(y.values):
+        # a row of consecutive seeds is one batch: the same pixels as one generate() call for those seeds
+        row = generate(base, prompt, steps=STEPS, guidance=5.0, seed=5, num_images=3, progress=False)
+        for c, seed in enumerate(x.values):
+            cell_file = tmp_path / record["cells"][r][c]
+            assert cell_file.name == f"xy-{r:02d}-{c:02d}.png" and cell_file.is_file()
+            info = parse_infotext(read_infotext(cell_file))
+            assert info["prompt"] == prompt and info["Seed"] == str(seed)
+            want = row[c].image
+            assert np.array_equal(_pixels(cell_file), np.asarray(want))
+            tile = grid.crop((left + c * 96, top + r * 96, left + (c + 1) * 96, top + (r + 1) * 96))
+            assert np.array_equal(np.asarray(tile), np.asarray(want.resize((96, 96), Image.Resampling.NEAREST)))
+    # the label margins hold drawn text (not just white)
+    assert (np.asarray(grid.convert("L"))[:top, left:] < 128).any()
+    assert (np.asarray(grid.convert("L"))[top:, :left] < 128).any()
+
+
+def test_weight_sweep_zero_is_base_exactly_and_cells_change_with_weight(base, lora_files, tmp_path):
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    grid_path = xy_plot(base, "a red circle", Axis("weight", [0, 0.5, 1.0, 1.5]), seed=3, steps=STEPS,
+                        loras=[str(lora_files[0])], out_dir=tmp_path, name="sweep", progress=False)
+    fields = parse_infotext(read_infotext(grid_path))
+    assert fields["X Type"] == "LoRA weight (style)" and fields["X Values"] == "0, 0.5, 1, 1.5"
+    cells = [_pixels(tmp_path / f"sweep-00-{c:02d}.png") for c in range(4)]
+    plain = np.asarray(generate(base, "a red circle", steps=STEPS, seed=3, progress=False)[0].image)
+    assert np.array_equal(cells[0], plain)  # weight 0: the base model, bit for bit
+    for a, b in itertools.pairwise(cells):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 1.0  # every step in weight shows
+    assert parse_infotext(read_infotext(tmp_path / "sweep-00-02.png"))["Lora weights"] == "style=1"
+    # the plot unloaded its LoRA: the model is back to its exact weights
+    assert len(base.loras) == 0
+    for k, v in base.unet.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_weight_sweep_reweights_without_reloading(base, lora_files, tmp_path, monkeypatch):
+    from sdtune.lora import patch
+
+    adds, reweights = [], []
+    orig_add, orig_set = patch.LoraSet.add, patch.LoraSet.set_weights
+    monkeypatch.setattr(patch.LoraSet, "add", lambda self, *a, **k: (adds.append(a[0]), orig_add(self, *a, **k))[1])
+    monkeypatch.setattr(patch.LoraSet, "set_weights",
+                        lambda self, w: (reweights.append(dict(w)), orig_set(self, w))[1])
+    xy_plot(base, "a red circle", Axis("weight", [0.25, 0.5, 1.0]), y=Axis("seed", [1, 2]), steps=1,
+            loras=[str(lora_files[0])], out_dir=tmp_path, progress=False)
+    assert adds == ["style"]  # loaded once
+    assert [w["style"] for w in reweights[:3]] == [0.25, 0.5, 1.0]  # one reweight per column (seeds batched)
+
+
+def test_adapter_sets_axis_matches_direct_patching(base, lora_files, tmp_path):
+    style, detail = map(str, lora_files)
+    x = parse_axis(f"loras=none|{style}|{style}:0.5+{detail}:1.0")
+    grid_path = xy_plot(base, "a blue star", x, seed=2, steps=STEPS, out_dir=tmp_path, progress=False)
+    assert parse_infotext(read_infotext(grid_path))["X Type"] == "LoRAs"
+    got = [_pixels(tmp_path / f"xy-00-{c:02d}.png") for c in range(3)]
+    lset = base.loras
+    want = [np.asarray(generate(base, "a blue star", steps=STEPS, seed=2, progress=False)[0].image)]
+    lset.add("s", lora_files[0], 1.0)
+    want.append(np.asarray(generate(base, "a blue star", steps=STEPS, seed=2, progress=False)[0].image))
+    lset.add("d", lora_files[1], 1.0)
+    lset.set_weights({"s": 0.5})
+    want.append(np.asarray(generate(base, "a blue star", steps=STEPS, seed=2, progress=False)[0].image))
+    lset.remove_all()
+    for g, w in zip(got, want):
+        assert np.abs(g.astype(int) - w.astype(int)).max() <= 1  # same merge, up to float summation order
+    assert not np.array_equal(got[1], got[2])
+
+
+def test_named_loras_and_embedding_on_off(base, lora_files, emb_file, tmp_path):
+    x = Axis("adapters", ["none", "<thing>", "style:0.5+<thing>"])
+    y = Axis("guidance", [3, 7.5])
+    tokens_before = base.text_encoder.get_input_embeddings().weight.shape[0]
+    xy_plot(base, "a photo of <thing>", x, y, seed=4, steps=STEPS, loras=[str(lora_files[0])],
+            embeddings=[str(emb_file)], out_dir=tmp_path, progress=False)
+    # the embedding-off cell reads "<thing>" as plain text: the same as the base model without the file
+    plain = np.asarray(generate(base, "a photo of <thing>", steps=STEPS, guidance=3, seed=4, progress=False)[0].image)
+    assert np.array_equal(_pixels(tmp_path / "xy-00-00.png"), plain)
+    assert not np.array_equal(_pixels(tmp_path / "xy-00-00.png"), _pixels(tmp_path / "xy-00-01.png"))
+    assert not np.array_equal(_pixels(tmp_path / "xy-00-01.png"), _pixels(tmp_path / "xy-00-02.png"))
+    assert parse_infotext(read_infotext(tmp_path / "xy-01-02.png"))["CFG scale"] == "7.5"
+    # everything the plot loaded is gone again
+    assert base.text_encoder.get_input_embeddings().weight.shape[0] == tokens_before
+    assert len(base.loras) == 0 and "<thing>" not in base.embeddings
+
+
+def test_preloaded_adapter_gets_its_weight_back(base, lora_files, tmp_path):
+    lset = base.loras
+    lset.add("mine", lora_files[1], 0.7)
+    try:
+        xy_plot(base, "a red circle", Axis("weight", [0, 1.2], target="mine"), steps=1, out_dir=tmp_path,
+                progress=False)
+        assert lset.list()[0]["unet_weight"] == 0.7 and lset.names() == ["mine"]
+    finally:
+        lset.remove_all()
+
+
+def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
+    xy_plot(base, "a red star", Axis("sr", ["red", "blue"]), Axis("sampler", ["ddim", "euler"]), seed=1,
+            steps=STEPS, out_dir=tmp_path, progress=False)
+    assert parse_infotext(read_infotext(tmp_path / "xy-00-01.png"))["prompt"] == "a blue star"
+    assert parse_infotext(read_infotext(tmp_path / "xy-01-00.png"))["Sampler"] == "Euler"
+    xy_plot(base, "a red star", Axis("steps", [1, 2]), seed=1, out_dir=tmp_path, name="st", progress=False)
+    assert parse_infotext(read_infotext(tmp_path / "st-00-01.png"))["Steps"] == "2"
+    assert json.loads((tmp_path / "st.json").read_text())["y"] is None
+
+
+def test_parsing_and_errors(base, tmp_path):
+    assert parse_values("seed", "1-4") == [1, 2, 3, 4]
+    assert parse_values("seed", "1-10(+3)") == [1, 4, 7, 10]
+    assert parse_values("prompt", "a, b|c") == ["a, b", "c"]
+    assert parse_axis("cfg=3,7.5").values == [3.0, 7.5] and parse_axis("cfg=3,7.5").kind == "guidance"
+    with pytest.raises(SdtuneError, match="unknown axis kind 'nope'"):
+        Axis("nope", [1])
+    with pytest.raises(SdtuneError, match="KIND=VALUES"):
+        parse_axis("1,2,3")
+    with pytest.raises(SdtuneError, match="not a number"):
+        parse_axis("weight=0,half")
+    with pytest.raises(SdtuneError, match="choose from"):
+        parse_axis("sampler=ddim,warp")
+    with pytest.raises(SdtuneError, match="say which LoRA"):
+        xy_plot(base, "x", Axis("weight", [0, 1]), steps=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(SdtuneError, match="not in the prompt"):
+        xy_plot(base, "a red star", Axis("sr", ["green", "blue"]), steps=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(SdtuneError, match="no such file"):
+        xy_plot(base, "x", parse_axis("loras=none|missing.safetensors"), steps=1, out_dir=tmp_path, progress=False)
+    assert len(base.loras) == 0
+
+
+def test_command_line_weights_shorthand(base, lora_files, tmp_path):
+    args = SimpleNamespace(prompt="a red star", negative_prompt="", x=None, y="seed=1,2", weights="0,1",
+                           sweep=None, steps=1, guidance=7.5, seed=1, scheduler="ddim", width=None, height=None,
+                           cell=64, name="xy", out=str(tmp_path), no_progress=True, lora=[str(lora_files[0])],
+                           embedding=[], lora_dir=[], embedding_dir=[])
+    path = run_from_args(args, base=base)
+    fields = parse_infotext(read_infotext(path))
+    assert fields["X Type"] == "LoRA weight (style)" and fields["Y Type"] == "Seed"
+    assert sorted(p.name for p in tmp_path.glob("xy-*.png")) == ["xy-00-00.png", "xy-00-01.png", "xy-01-00.png",
+                                                                  "xy-01-01.png"]
