@@ -260,6 +260,15 @@ def test_raw_peft_with_adapter_config_beside(tmp_path, shapes):
     _assert_deltas(lora, _peft_expected(factors, 4, 12.0, alpha_pattern=[("fc1", 2.0)]), shapes)
 
 
+def test_unrelated_json_beside_is_not_a_peft_config(tmp_path, shapes):
+    sd, _ = _peft_sd(shapes, lambda c: "" if c == "unet" else "text_model.", seed=21)
+    save_file(sd, str(tmp_path / "style.safetensors"))
+    (tmp_path / "style.json").write_text(json.dumps({"description": "A1111 card", "preferred weight": 0.8}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"note": "not a PEFT config"}))
+    lora = formats.load_lora(tmp_path / "style.safetensors")
+    assert {ad.alpha for _, _, ad in lora.items()} == {None}
+
+
 # ------------------------------------------------------------------ LyCORIS
 
 def _cp(t, wa, wb):

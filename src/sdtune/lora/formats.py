@@ -97,15 +97,20 @@ def _weights_in_folder(folder: Path) -> Path:
 
 
 def _peft_config_beside(path: Path) -> dict | None:
-    """A PEFT ``adapter_config.json`` saved next to ``adapter_model.*`` (or with the same name stem)."""
-    candidates = [path.with_name(path.name.replace("adapter_model", "adapter_config")).with_suffix(".json"),
-                  path.with_name("adapter_config.json")]
+    """The PEFT ``adapter_config.json`` saved with ``adapter_model.*`` (also as ``<x>adapter_config.json`` beside
+    ``<x>adapter_model.safetensors``). Other JSON files next to a LoRA (A1111/civitai notes) are not configs."""
+    candidates = [path.with_name("adapter_config.json")]
+    if "adapter_model" in path.name:
+        candidates.insert(0, path.with_name(path.name.replace("adapter_model", "adapter_config")).with_suffix(".json"))
     for c in candidates:
-        if c != path and c.is_file():
-            try:
-                return json.loads(c.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise SdtuneError(f"{c}: unreadable PEFT adapter config ({e}); fix or remove it")
+        if not c.is_file():
+            continue
+        try:
+            config = json.loads(c.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SdtuneError(f"{c}: unreadable PEFT adapter config ({e}); fix or remove it")
+        if isinstance(config, dict) and ("peft_type" in config or {"r", "lora_alpha"} <= set(config)):
+            return config
     return None
 
 
@@ -169,7 +174,7 @@ class _Reader:
         if m := _CLONEOFSIMO_KEY.match(key):
             self.cloneofsimo.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = value
             return
-        for prefix, comp in KOHYA_PREFIXES.items():
+        for prefix, comp in KOHYA_PREFIXES.items():  # kohya names; an unknown kohya suffix is an unknown key
             if key.startswith(prefix):
                 name, _, suffix = key[len(prefix):].partition(".")
                 kind_role = KOHYA_ROLES.get(suffix)
@@ -251,7 +256,7 @@ class _Reader:
         self.lora.format = "+".join(styles) if styles else ("embeddings" if self.lora.embeddings else "")
 
     def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
-        roles, kinds = dict(group["roles"]), group["kinds"] or {"lora"}
+        roles, kinds = dict(group["roles"]), set(group["kinds"]) or {"lora"}
         if len(kinds) != 1:
             return None
         kind = kinds.pop()

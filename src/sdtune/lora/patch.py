@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,7 @@ class LoraSet:
         if self._batch_depth:
             self._dirty |= keys
             return
+        jobs = []  # (weight, base, contribs, out or None): out None means "a fresh buffer" (first touch)
         for key in keys:
             contribs = self._contributions(key)
             layer = self._layers.get(key)
@@ -260,18 +262,47 @@ class LoraSet:
             if layer is not None and signature == layer.applied:
                 continue
             if layer is None:  # first touch: the current tensor is the original
-                weight = self._module_of[key].weight
-                original = weight.data
+                original = self._module_of[key].weight.data
                 store = original.device if self.pristine_device is None else torch.device(self.pristine_device)
                 pristine = original if store == original.device else original.to(store, copy=True)
                 layer = self._layers[key] = _Layer(self._module_of[key], pristine)
-                # The original storage becomes the pristine copy (no copy on the model's device) and the
-                # parameter gets a fresh buffer: one read and one write per element.
-                weight.data = torch.empty(original.shape, dtype=original.dtype, device=original.device)
-                write_patched(weight.data, original, contribs)
+                jobs.append((layer.module.weight, original, contribs, None))
             else:
-                write_patched(layer.module.weight.data, layer.pristine, contribs)
+                jobs.append((layer.module.weight, layer.pristine, contribs, layer.module.weight.data))
             layer.applied = signature
+        _run_jobs(jobs)
+
+
+def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: torch.Tensor | None) -> None:
+    if out is None:
+        # The original storage stays as the pristine copy (no copy on the model's device) and the parameter
+        # gets a fresh buffer: one read and one write per element.
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        write_patched(out, base, contribs)
+        weight.data = out
+    else:
+        write_patched(out, base, contribs)
+
+
+def _run_jobs(jobs: list) -> None:
+    """Patch layers; on CPU, spread whole layers over the intra-op threads instead of splitting each matmul.
+
+    Layers are independent, so workers never wait on each other; one multi-threaded GEMM per small layer spends
+    much of its time in thread barriers, worst on a busy machine.
+    """
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(jobs) < 2 or any(w.device.type != "cpu" for w, *_ in jobs):
+        for job in jobs:
+            _patch_one(*job)
+        return
+    jobs = sorted(jobs, key=lambda j: -j[1].numel())  # biggest first: even finish
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(_patch_one, *job) for job in jobs]:
+                f.result()
+    finally:
+        torch.set_num_threads(workers)
 
 
 def _restore(weight: torch.nn.Parameter, pristine: torch.Tensor) -> None:

@@ -314,7 +314,7 @@ def train(out: str | Path | None = WEIGHTS_PATH, seed: int = 0, steps: int = 800
         net.eval()
         if out is not None:
             meta = {"format": FORMAT, "classes": json.dumps(ATTRIBUTES), "seed": str(seed), "steps": str(steps),
-                    "batch": str(batch), "pool": str(pool), "train_seconds": f"{time.time() - t0:.0f}"}
+                    "batch": str(batch), "pool": str(pool)}  # no timings: same seed, same bytes
             atomic_save_safetensors({k: v.half() if v.is_floating_point() else v
                                      for k, v in net.state_dict().items()}, out, meta)
             _load_cached.cache_clear()

@@ -1,0 +1,588 @@
+"""``sdtune demo``: the whole story on the built-in model, offline, on a CPU, written up as a report folder.
+
+1. data   render two small training sets from the shapes world: a colour-on-shape pair the base model never
+          saw together (for Textual Inversion, captioned with a new word) and shapes drawn in the held-out
+          "outline" style (for LoRA, captioned *without* the style word);
+2. ti     train a TI embedding with ``sdtune.train`` (the code behind ``sdtune train ti``);
+3. lora   train a LoRA the same way (``sdtune train lora``);
+4. grids  X/Y plots (``sdtune grid``): base vs TI, base vs LoRA, a LoRA weight sweep, the two mixed;
+5. report score the grid images with the shapes-world judge, write ``scores.json``, ``reproduce.sh`` and an
+          ``index.html`` that shows it all.
+
+Every finished phase is recorded in ``phases.json`` with a signature of everything that decides its output
+(the plan, the model's hash, the phases before it); a re-run skips phases whose record matches and whose
+files exist, unless ``fresh``. A training phase killed half-way resumes from its own last save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import random
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from PIL import Image
+
+from .safeio import SdtuneError, atomic_write_text
+from .tiny import world
+from .tiny.evaluate import HELD_IN
+
+PHASES = ("data", "ti", "lora", "grids", "report")
+PHASES_FILE = "phases.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that decides the demo's outputs (besides the model)."""
+
+    colour: str = "purple"  # TI concept: a held-out colour-on-shape pair
+    shape: str = "star"
+    token: str = "<purple-star>"
+    init_token: str = "star"
+    style: str = "outline"  # LoRA: the held-out style
+    lora_name: str = "outline"
+    ti_images: int = 8
+    lora_images: int = 24
+    ti_steps: int = 300
+    ti_lr: float = 5e-3
+    ti_batch: int = 4
+    lora_steps: int = 300
+    lora_lr: float = 1e-3
+    lora_batch: int = 4
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = "attn+ff"
+    seed: int = 0
+    gen_steps: int = 20
+    guidance: float = 5.0
+    scheduler: str = "ddim"
+    grid_seed: int = 1
+    seeds: int = 8  # images per row of the TI grid (and so per TI score)
+    lora_prompts: int = 8  # held-in prompts in the base-vs-LoRA grid
+    sweep_prompts: int = 4
+    sweep_weights: tuple = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+    mix_seeds: int = 4
+    mix_weight: float = 0.5
+
+    def signature(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+FULL = Plan()
+QUICK = Plan(ti_images=5, lora_images=8, ti_steps=30, lora_steps=30, gen_steps=8, seeds=4, lora_prompts=4,
+             sweep_prompts=2, sweep_weights=(0.0, 0.5, 1.0, 1.5), mix_seeds=2)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def concept_caption(scene: world.Scene, token: str, template: int) -> str:
+    """The scene's caption with its 'colour shape' words replaced by the new token."""
+    return world.caption(scene, template).replace(f"{scene.colour} {scene.shape}", token)
+
+
+def write_ti_set(folder: str | Path, n: int = 8, seed: int = 0, colour: str = "purple", shape: str = "star",
+                 token: str = "<purple-star>") -> Path:
+    """``n`` renders of one colour-on-shape concept; captions name it only by ``token``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"demo-ti:{seed}")
+    for i, scene in enumerate(world.concept_scenes(n, seed=seed, shape=shape, colour=colour, style="flat")):
+        world.render(scene).save(folder / f"{i:04d}.png")
+        text = concept_caption(scene, token, rng.randrange(world.n_templates()))
+        (folder / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+def style_scenes(n: int, seed: int = 0, style: str = "outline") -> list[world.Scene]:
+    """``n`` scenes in ``style`` with shapes and colour pairs the base model knows (no held-out shape/pair)."""
+    rng = random.Random(f"demo-style:{seed}")
+    scenes = []
+    while len(scenes) < n:
+        s = world.random_scene(rng, style=style)
+        if s.shape not in world.HELD_OUT_SHAPES and (s.colour, s.shape) not in world.HELD_OUT_PAIRS:
+            scenes.append(s)
+    return scenes
+
+
+def write_style_set(folder: str | Path, n: int = 24, seed: int = 0, style: str = "outline") -> Path:
+    """``n`` renders in ``style``, captioned without the style word (the LoRA must learn it from pixels)."""
+    return world.write_dataset(folder, style_scenes(n, seed, style), template=None, with_style=False, seed=seed)
+
+
+def contact_sheet(folder: Path, out: Path, cols: int = 8) -> Path:
+    from .generate import grid, save_png
+
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    return save_png(grid(images, cols=min(cols, len(images)), cell=96), out)
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+class _Phases:
+    """``phases.json``: which phases finished, with what signature, in how many seconds."""
+
+    def __init__(self, out: Path, fresh: bool):
+        self.path = out / PHASES_FILE
+        self.records: dict = {}
+        if not fresh and self.path.is_file():
+            try:
+                self.records = json.loads(self.path.read_text(encoding="utf-8"))
+            except ValueError:
+                self.records = {}  # a damaged marker file only costs a re-run
+        self.chain_intact = True
+        self.sigs: dict[str, str] = {}
+
+    def signature(self, name: str, *parts) -> str:
+        before = [self.sigs[p] for p in PHASES[: PHASES.index(name)] if p in self.sigs]
+        sig = hashlib.sha256(json.dumps([name, *map(str, parts), before]).encode()).hexdigest()[:16]
+        self.sigs[name] = sig
+        return sig
+
+    def reusable(self, name: str, sig: str, outputs: list[Path]) -> bool:
+        rec = self.records.get(name, {})
+        ok = self.chain_intact and rec.get("done") and rec.get("signature") == sig and all(
+            p.exists() for p in outputs)
+        self.chain_intact = bool(ok)
+        return bool(ok)
+
+    def started_with(self, name: str) -> str | None:
+        return self.records.get(name, {}).get("signature")
+
+    def mark(self, name: str, sig: str, done: bool, seconds: float = 0.0, **info) -> None:
+        self.records[name] = {"signature": sig, "done": done, "seconds": round(seconds, 1), **info}
+        for later in PHASES[PHASES.index(name) + 1:]:  # their inputs changed: they must run again
+            if not done:
+                self.records.pop(later, None)
+        atomic_write_text(json.dumps(self.records, indent=1), self.path)
+
+
+def _trainer(kind: str):
+    """``sdtune.train``'s ``train_ti`` / ``train_lora`` (what ``sdtune train ti|lora`` calls)."""
+    import importlib
+
+    from . import train
+
+    fn = getattr(train, f"train_{kind}", None)
+    if fn is None:
+        fn = getattr(importlib.import_module(f".train.{kind}", __package__), f"train_{kind}")
+    return fn
+
+
+def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
+    from .train.config import TISettings
+
+    return TISettings(data=str(data), out=str(out), model=model, token=plan.token, init_token=plan.init_token,
+                      steps=plan.ti_steps, lr=plan.ti_lr, batch_size=plan.ti_batch, seed=plan.seed,
+                      progress=progress)
+
+
+def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
+    from .train.config import LoraSettings
+
+    return LoraSettings(data=str(data), out=str(out), model=model, rank=plan.rank, alpha=plan.alpha,
+                        targets=plan.targets, steps=plan.lora_steps, lr=plan.lora_lr, batch_size=plan.lora_batch,
+                        seed=plan.seed, name=plan.lora_name, progress=progress)
+
+
+_NOT_FLAGS = {"progress", "resume", "formats", "sample_prompts"}
+
+
+def train_command(kind: str, settings) -> str:
+    """The ``sdtune train`` command line for ``settings`` (every option that differs from the default)."""
+    defaults = type(settings)()
+    words = ["sdtune", "train", kind]
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in _NOT_FLAGS or (value == getattr(defaults, f.name) and f.name not in ("data", "out")):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                words.append(flag)
+            continue
+        words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
+def _trained_file(result, folder: Path, kind: str) -> Path:
+    """The file a trainer wrote (it may return the file, a list of files, or its output folder)."""
+    from . import sources
+
+    if isinstance(result, (list, tuple)):
+        result = next((Path(p) for p in result if Path(p).suffix == ".safetensors"), None)
+    path = Path(result) if result else folder
+    if path.is_dir():
+        wanted = "embedding" if kind == "ti" else "lora"
+        try:
+            path = sources.resolve(path, wanted)
+        except SdtuneError:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) != 1:
+                raise SdtuneError(f"{path}: {kind} training wrote no single .safetensors result; check its log")
+            path = found[0]
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- grids
+
+def lora_prompt(colour: str, shape: str) -> str:
+    return f"a {colour} {shape} on a white background"
+
+
+def _spec(name: str, title: str, prompt: str, x, y, loras=(), embeddings=()) -> dict:
+    return {"name": name, "title": title, "prompt": prompt, "x": x, "y": y, "loras": list(loras),
+            "embeddings": list(embeddings)}
+
+
+def _grid_specs(plan: Plan, ti_file: Path, lora_file: Path) -> list[dict]:
+    """The four X/Y plots of the report (what ``compute_scores`` reads back)."""
+    from .xyplot import Axis
+
+    words, learned = f"a photo of a {plan.colour} {plan.shape}", f"a photo of a {plan.token}"
+    held, sweep_held = HELD_IN[: plan.lora_prompts], HELD_IN[: plan.sweep_prompts]
+    lo, tok, w = plan.lora_name, plan.token, plan.mix_weight
+    return [
+        _spec("ti", "Textual Inversion: the base model asked in words vs the learned word", learned,
+              Axis("seed", list(range(plan.grid_seed, plan.grid_seed + plan.seeds))),
+              Axis("prompt", [words, learned], labels=[f"base: {words}", f"TI: {learned}"]), embeddings=[ti_file]),
+        _spec("lora", "LoRA: base model vs the style LoRA, prompts without the style word", lora_prompt(*held[0]),
+              Axis("prompt", [lora_prompt(c, s) for c, s in held], labels=[f"{c} {s}" for c, s in held]),
+              Axis("loras", ["none", lo], labels=["base", "LoRA 1.0"]), loras=[lora_file]),
+        _spec("sweep", "LoRA weight sweep", lora_prompt(*sweep_held[0]),
+              Axis("weight", list(plan.sweep_weights), target=lo),
+              Axis("prompt", [lora_prompt(c, s) for c, s in sweep_held], labels=[f"{c} {s}" for c, s in sweep_held]),
+              loras=[lora_file]),
+        _spec("mix", f"Two adapters mixed: TI + LoRA at {w:g}", learned,
+              Axis("adapters", ["none", tok, lo, f"{lo}:{w:g}+{tok}", f"{lo}+{tok}"],
+                   labels=["base", "TI", "LoRA", f"TI + LoRA {w:g}", "TI + LoRA 1"]),
+              Axis("seed", list(range(plan.grid_seed, plan.grid_seed + plan.mix_seeds))),
+              loras=[lora_file], embeddings=[ti_file]),
+    ]
+
+
+def grid_command(spec: dict, plan: Plan, model: str, out: Path) -> str:
+    words = ["sdtune", "grid", "--model", model, "--prompt", spec["prompt"]]
+    for path in spec["loras"]:
+        words += ["--lora", str(path)]
+    for path in spec["embeddings"]:
+        words += ["--embedding", str(path)]
+    for flag, axis in (("--x", spec["x"]), ("--y", spec["y"])):
+        sep = "|" if axis.kind in ("prompt", "sr", "adapters", "loras", "embeddings") else ","
+        values = sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in axis.values)
+        words += [flag, f"{axis.kind}={values}"]
+    if any(a.kind == "weight" for a in (spec["x"], spec["y"])):
+        words += ["--sweep", plan.lora_name]
+    words += ["--steps", str(plan.gen_steps), "--guidance", f"{plan.guidance:g}", "--seed", str(plan.grid_seed),
+              "--scheduler", plan.scheduler, "--out", str(out), "--name", spec["name"]]
+    return shlex.join(words)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+def _cells(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _measure(out: Path, items: list[tuple[str, dict]]) -> dict:
+    """Judge the images ``items`` = [(file, wanted attributes)]: fraction whose verdict matches, per image."""
+    from .tiny import judge
+
+    images = [Image.open(out / f).convert("RGB") for f, _ in items]
+    verdicts = judge.judge(images)
+    hits = [v.matches(**wanted) for v, (_, wanted) in zip(verdicts, items)]
+    return {"value": sum(hits) / len(hits), "n": len(hits),
+            "items": [{"file": f, "wanted": w, "seen": {k: getattr(v, k) for k in judge.ATTRIBUTES}, "hit": h}
+                      for (f, w), v, h in zip(items, verdicts, hits)]}
+
+
+def _row(rec: dict, r: int, wanted) -> list[tuple[str, dict]]:
+    """Row ``r`` of a plot's cells, each with what the judge should see (``wanted(col)``)."""
+    return [(rec["cells"][r][c], wanted(c)) for c in range(rec["cols"])]
+
+
+def _col(rec: dict, c: int, wanted) -> list[tuple[str, dict]]:
+    return [(rec["cells"][r][c], wanted(r)) for r in range(rec["rows"])]
+
+
+def compute_scores(out: Path, plan: Plan) -> dict:
+    """Before/after numbers, each from the judge's verdicts on the saved grid images (nothing hard-coded)."""
+    ti, lora, sweep, mix = (_cells(out, n) for n in ("ti", "lora", "sweep", "mix"))
+    held, sweep_held = HELD_IN[: plan.lora_prompts], HELD_IN[: plan.sweep_prompts]
+    concept = {"shape": plan.shape, "colour": plan.colour}
+    style = {"style": plan.style}
+    everything = {**concept, **style}
+
+    def compare(id_, grid, what, before_label, before, after_label, after):
+        return {"id": id_, "grid": grid, "what": what, "before_label": before_label, "after_label": after_label,
+                "before": _measure(out, before), "after": _measure(out, after)}
+
+    def as_prompted(pairs):
+        return lambda i: {"shape": pairs[i][1], "colour": pairs[i][0]}
+
+    rows = [
+        compare("ti", "ti.png", f"TI: the image shows a {plan.colour} {plan.shape}",
+                f"base, 'a photo of a {plan.colour} {plan.shape}'", _row(ti, 0, lambda c: concept),
+                f"TI, 'a photo of a {plan.token}'", _row(ti, 1, lambda c: concept)),
+        compare("lora_style", "lora.png", f"LoRA: {plan.style} style, though no prompt names it",
+                "base", _row(lora, 0, lambda c: style), "LoRA at 1.0", _row(lora, 1, lambda c: style)),
+        compare("lora_content", "lora.png", "LoRA: shape and colour still as prompted (held-in prompts)",
+                "base", _row(lora, 0, as_prompted(held)), "LoRA at 1.0", _row(lora, 1, as_prompted(held))),
+        compare("mix", "mix.png", f"Mixed: a {plan.colour} {plan.shape} in {plan.style} style",
+                f"base, 'a photo of a {plan.token}'", _col(mix, 0, lambda r: everything),
+                f"TI + LoRA at {plan.mix_weight:g}", _col(mix, 3, lambda r: everything)),
+    ]
+    sweep_rows = [{"weight": w, "style": _measure(out, _col(sweep, c, lambda r: style)),
+                   "content": _measure(out, _col(sweep, c, as_prompted(sweep_held)))}
+                  for c, w in enumerate(plan.sweep_weights)]
+    mix_cols = [{"label": label, "concept": _measure(out, _col(mix, c, lambda r: concept)),
+                 "style": _measure(out, _col(mix, c, lambda r: style))}
+                for c, label in enumerate(mix["x"]["labels"])]
+    return {"scores": rows, "sweep": sweep_rows, "mix": mix_cols}
+
+
+def rescore(out_dir: str | Path) -> dict:
+    """Recompute every number of ``scores.json`` from the images it lists: {score id: (before, after)}."""
+    out = Path(out_dir)
+    data = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    result = {}
+    for row in data["scores"]:
+        result[row["id"]] = tuple(
+            _measure(out, [(i["file"], i["wanted"]) for i in row[side]["items"]])["value"] for side in ("before", "after"))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def write_report(out: Path, plan: Plan, quick: bool, model: str, model_hash: str, scores: dict, commands: list,
+                 files: dict, timings: dict) -> Path:
+    """``index.html``: every image and file it shows is in ``out`` (relative links)."""
+    e = html.escape
+    parts = [f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sdtune demo</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
+table {{ border-collapse: collapse; margin: 1em 0 }} td, th {{ border: 1px solid #ccc; padding: .3em .7em }}
+th {{ background: #f3f3f3 }} td.num {{ text-align: right; font-variant-numeric: tabular-nums }}
+img {{ max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd }}
+pre {{ background: #f6f6f6; padding: .7em; overflow-x: auto; white-space: pre-wrap }}
+.up {{ color: #080; font-weight: bold }} .small {{ color: #666; font-size: .9em }}
+</style></head><body>
+<h1>sdtune demo: teach a concept with TI, a style with LoRA, mix them</h1>
+<p>Model <b>{e(model)}</b> (hash {e(model_hash)}), {"quick" if quick else "full"} run. Every image below was
+generated by that model; every number was computed by the shapes-world judge from the images in this folder
+(<a href="scores.json">scores.json</a> lists each image with the judge's verdict).</p>
+<h2>1. Training data</h2>
+<p>Textual Inversion: {plan.ti_images} images of a <b>{e(plan.colour)} {e(plan.shape)}</b>, a colour-on-shape pair the
+base model never saw together, captioned with the new word <code>{e(plan.token)}</code>
+(<a href="data/ti">data/ti</a>).</p>
+<img src="data/ti-set.png" alt="TI training images">
+<p>LoRA: {plan.lora_images} images in the <b>{e(plan.style)}</b> style the base model never saw, captioned
+<i>without</i> the style word, so the LoRA has to learn it from the pixels (<a href="data/lora">data/lora</a>).</p>
+<img src="data/lora-set.png" alt="LoRA training images">
+<h2>2. Before and after</h2>
+<table><tr><th>what the judge checks</th><th>before</th><th></th><th>after</th><th></th><th>images</th></tr>"""]
+    for row in scores["scores"]:
+        b, a = row["before"]["value"], row["after"]["value"]
+        cls = ' class="num up"' if a > b else ' class="num"'
+        parts.append(f'<tr><td>{e(row["what"])} (<a href="{row["grid"]}">grid</a>)</td>'
+                     f'<td class="small">{e(row["before_label"])}</td><td class="num">{_pct(b)}</td>'
+                     f'<td class="small">{e(row["after_label"])}</td><td{cls}>{_pct(a)}</td>'
+                     f'<td class="num">{row["after"]["n"]}</td></tr>')
+    parts.append("</table>")
+    parts.append("<h3>LoRA weight sweep</h3><table><tr><th>LoRA weight</th><th>" + e(plan.style)
+                 + " style</th><th>shape + colour as prompted</th></tr>")
+    for s in scores["sweep"]:
+        parts.append(f'<tr><td class="num">{s["weight"]:g}</td><td class="num">{_pct(s["style"]["value"])}</td>'
+                     f'<td class="num">{_pct(s["content"]["value"])}</td></tr>')
+    parts.append("</table>")
+    parts.append("<h3>Mixing</h3><table><tr><th>adapters</th><th>" + e(f"{plan.colour} {plan.shape}")
+                 + "</th><th>" + e(plan.style) + " style</th></tr>")
+    for m in scores["mix"]:
+        parts.append(f'<tr><td>{e(m["label"])}</td><td class="num">{_pct(m["concept"]["value"])}</td>'
+                     f'<td class="num">{_pct(m["style"]["value"])}</td></tr>')
+    parts.append("</table>")
+    parts.append("<h2>3. Comparison grids</h2>")
+    for g in files["grids"]:
+        parts.append(f'<h3>{e(g["title"])}</h3><p><a href="{g["file"]}"><img src="{g["file"]}" alt="{e(g["title"])}">'
+                     f'</a></p><p class="small">Single images: {g["cells"]} files <code>{e(g["name"])}-RR-CC.png</code>; '
+                     f'axes and settings in <a href="{g["json"]}">{e(g["json"])}</a> and in the PNG\'s '
+                     f'<code>parameters</code> text.</p><pre>{e(g["command"])}</pre>')
+    parts.append("<h2>4. Files</h2><ul>")
+    for label, path in files["outputs"]:
+        parts.append(f'<li>{e(label)}: <a href="{path}">{e(path)}</a></li>')
+    parts.append("</ul>")
+    parts.append('<h2>5. Reproduce it step by step</h2><p>The same steps as commands '
+                 '(<a href="reproduce.sh">reproduce.sh</a>), run from the folder that holds this report\'s '
+                 'folder:</p><pre>')
+    parts.append(e("\n".join(f"# {title}\n{cmd}" for title, cmd in commands)))
+    parts.append("</pre><h2>6. Time</h2><table><tr><th>phase</th><th>seconds</th><th></th></tr>")
+    for name, t in timings.items():
+        parts.append(f'<tr><td>{e(name)}</td><td class="num">{t["seconds"]:.0f}</td>'
+                     f'<td class="small">{"reused from an earlier run" if t.get("reused") else ""}</td></tr>')
+    parts.append("</table></body></html>\n")
+    path = out / "index.html"
+    atomic_write_text("\n".join(parts), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = False, fresh: bool = False,
+             device=None, dtype=None, progress: bool = True, plan: Plan | None = None) -> Path:
+    """Run (or finish) the demo in ``out_dir``; returns the path of its ``index.html``."""
+    from tqdm.auto import tqdm
+
+    from .models import load_base
+    from .xyplot import xy_plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan or (QUICK if quick else FULL)
+    phases = _Phases(out, fresh)
+    say = tqdm.write if progress else (lambda *_: None)
+    base = load_base(model, device=device, dtype=dtype)
+    model_hash = base.model_hash
+    data_ti, data_lora = out / "data" / "ti", out / "data" / "lora"
+    train_ti_dir, train_lora_dir = out / "train-ti", out / "train-lora"
+    timings: dict = {}
+    outer = tqdm(total=len(PHASES), desc="sdtune demo", unit="phase", disable=not progress, position=0)
+
+    def phase(name: str, sig: str, outputs: list[Path]) -> bool:
+        """True: run it (and time it). False: reused."""
+        if phases.reusable(name, sig, outputs):
+            timings[name] = {"seconds": phases.records[name].get("seconds", 0.0), "reused": True}
+            say(f"[{name}] finished in an earlier run; reusing it (pass --fresh to redo)")
+            outer.update(1)
+            return False
+        say(f"[{name}] ...")
+        return True
+
+    def finish(name: str, sig: str, t0: float, **info) -> None:
+        timings[name] = {"seconds": time.time() - t0}
+        phases.mark(name, sig, True, time.time() - t0, **info)
+        outer.update(1)
+
+    try:
+        # 1. data ------------------------------------------------------------------------------------------
+        sig = phases.signature("data", plan.signature())
+        sheets = [out / "data" / "ti-set.png", out / "data" / "lora-set.png"]
+        if phase("data", sig, sheets):
+            t0 = time.time()
+            for folder in (data_ti, data_lora):
+                if folder.exists():
+                    shutil.rmtree(folder)
+            write_ti_set(data_ti, plan.ti_images, plan.seed, plan.colour, plan.shape, plan.token)
+            write_style_set(data_lora, plan.lora_images, plan.seed, plan.style)
+            contact_sheet(data_ti, sheets[0])
+            contact_sheet(data_lora, sheets[1])
+            finish("data", sig, t0)
+
+        # 2./3. training -----------------------------------------------------------------------------------
+        trained: dict[str, Path] = {}
+        settings = {"ti": ti_settings(plan, data_ti, train_ti_dir, model, progress),
+                    "lora": lora_settings(plan, data_lora, train_lora_dir, model, progress)}
+        for kind, folder in (("ti", train_ti_dir), ("lora", train_lora_dir)):
+            sig = phases.signature(kind, plan.signature(), model, model_hash)
+            rec_file = phases.records.get(kind, {}).get("file")
+            outputs = [out / rec_file] if rec_file else [out / "missing"]
+            if phase(kind, sig, outputs):
+                t0 = time.time()
+                if phases.started_with(kind) != sig and folder.exists():
+                    shutil.rmtree(folder)  # a save from other settings or another model: start over
+                phases.mark(kind, sig, False)
+                fresh_base = load_base(model, device=device, dtype=dtype)
+                result = _trainer(kind)(fresh_base, settings[kind])
+                del fresh_base
+                path = _trained_file(result, folder, kind)
+                finish(kind, sig, t0, file=path.relative_to(out).as_posix() if path.is_relative_to(out)
+                       else str(path))
+            rec_file = phases.records[kind]["file"]
+            trained[kind] = out / rec_file if not Path(rec_file).is_absolute() else Path(rec_file)
+
+        # 4. grids -----------------------------------------------------------------------------------------
+        specs = _grid_specs(plan, trained["ti"], trained["lora"])
+        sig = phases.signature("grids", plan.signature(), model_hash)
+        grid_files = [out / f"{s['name']}{ext}" for s in specs for ext in (".png", ".json")]
+        if phase("grids", sig, grid_files):
+            t0 = time.time()
+            for spec in specs:
+                say(f"[grids] {spec['name']}: {spec['title']}")
+                xy_plot(base, spec["prompt"], spec["x"], spec["y"], seed=plan.grid_seed, steps=plan.gen_steps,
+                        guidance=plan.guidance, scheduler=plan.scheduler, loras=[str(p) for p in spec["loras"]],
+                        embeddings=[str(p) for p in spec["embeddings"]], out_dir=out, name=spec["name"],
+                        progress=progress)
+            finish("grids", sig, t0)
+
+        # 5. report ----------------------------------------------------------------------------------------
+        sig = phases.signature("report", plan.signature())
+        t0 = time.time()  # always rewritten: it is cheap and shows this run's timings
+        say("[report] ...")
+        scores = compute_scores(out, plan)
+        scores.update(model=model, model_hash=model_hash, quick=quick, plan=asdict(plan))
+        atomic_write_text(json.dumps(scores, indent=1), out / "scores.json")
+        commands = [
+            ("1. the TI training set", _python_command(
+                f"from sdtune.demo import write_ti_set; write_ti_set({str(data_ti)!r}, n={plan.ti_images}, "
+                f"seed={plan.seed}, colour={plan.colour!r}, shape={plan.shape!r}, token={plan.token!r})")),
+            ("1. the LoRA training set", _python_command(
+                f"from sdtune.demo import write_style_set; write_style_set({str(data_lora)!r}, "
+                f"n={plan.lora_images}, seed={plan.seed}, style={plan.style!r})")),
+            ("2. train the TI embedding", train_command("ti", settings["ti"])),
+            ("3. train the LoRA", train_command("lora", settings["lora"])),
+            *[(f"4. grid: {s['title']}", grid_command(s, plan, model, out)) for s in specs],
+            ("5. the judge's scores, recomputed from the images", _python_command(
+                f"from sdtune.demo import rescore; print(rescore({str(out)!r}))")),
+        ]
+        atomic_write_text("#!/bin/sh\nset -e\n" + "\n".join(f"# {t}\n{c}" for t, c in commands) + "\n",
+                          out / "reproduce.sh")
+        files = {
+            "grids": [{"name": s["name"], "title": s["title"], "file": f"{s['name']}.png",
+                       "json": f"{s['name']}.json", "cells": len(s["x"].values) * len(s["y"].values),
+                       "command": grid_command(s, plan, model, out)} for s in specs],
+            "outputs": [("TI embedding", _rel(trained["ti"], out)), ("LoRA", _rel(trained["lora"], out)),
+                        ("judge scores, image by image", "scores.json"), ("phases and timings", PHASES_FILE),
+                        ("all commands", "reproduce.sh")],
+        }
+        index = write_report(out, plan, quick, model, model_hash, scores, commands, files, timings)
+        finish("report", sig, t0)
+        say(f"[report] {index}")
+        return index
+    finally:
+        outer.close()
+
+
+def _rel(path: Path, out: Path) -> str:
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _python_command(code: str) -> str:
+    return shlex.join(["python", "-c", code])
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def add_arguments(p) -> None:
+    """The ``sdtune demo`` flags besides --model/--device/--dtype (which the CLI adds)."""
+    p.add_argument("--out", default="demo", help="report folder (default: demo)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and images: under 3 minutes on a CPU")
+    p.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_from_args(a) -> Path:
+    return run_demo(a.out, model=getattr(a, "model", "tiny"), quick=a.quick, fresh=a.fresh,
+                    device=getattr(a, "device", None), dtype=getattr(a, "dtype", None),
+                    progress=not getattr(a, "no_progress", False))

@@ -1,0 +1,265 @@
+"""LoRA training: low-rank updates ΔW = (alpha / rank) · up @ down learned on a frozen model.
+
+Each targeted layer (a Linear or Conv2d of the UNet, optionally of the text encoder) is wrapped for the
+run: ``y = W x + scale · up(down(dropout(x)))``, ``down`` initialised like a fresh layer and ``up`` at zero,
+so training starts from the base model exactly. Convolutions get a ``down`` conv with the layer's kernel,
+stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
+
+- ``attn``: attention projections to_q/to_k/to_v/to_out.0 (text encoder: q/k/v/out_proj)
+- ``attn+ff``: + feed-forward ff.net.0.proj/ff.net.2 and proj_in/proj_out (kohya's default; text encoder:
+  + mlp.fc1/fc2)
+- ``all``: + the resnets' convs, time_emb_proj and shortcut, and the down/upsampler convs
+A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 convs then use that rank.
+
+At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
+neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata and on request the diffusers layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..lora.formats import save_lora
+from ..lora.neutral import Adapter, Lora
+from ..safeio import SdtuneError
+from . import loop
+from .config import LoraSettings
+from .data import scan_folder, seed_for
+from .ti import report_skipped, training_set
+
+UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
+UNET_RESNET = re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|\.(down|up)samplers\.\d+\.conv)$")
+TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
+
+
+class LoraLayer(nn.Module):
+    """A frozen Linear/Conv2d plus a trainable low-rank branch."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.alpha = base, rank, alpha
+        self.scale = alpha / rank
+        w = base.weight
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            if base.groups != 1:
+                raise SdtuneError(f"grouped convolutions cannot take a LoRA (groups={base.groups})")
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        self.down.to(device=w.device, dtype=torch.float32)
+        self.up.to(device=w.device, dtype=torch.float32)
+        with torch.no_grad():
+            init = torch.empty(self.down.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)  # as a fresh layer (PEFT, kohya)
+            self.down.weight.copy_(init)
+            self.up.weight.zero_()  # ΔW = 0 at the start
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x, *args, **kwargs):
+        y = self.base(x)
+        branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
+        return y + (branch * self.scale).to(y.dtype)
+
+    def adapter(self) -> Adapter:
+        return Adapter("lora", {"down": self.down.weight.detach().float().cpu().clone(),
+                                "up": self.up.weight.detach().float().cpu().clone()}, float(self.alpha))
+
+
+def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
+    """Module paths of the UNet layers that get a LoRA."""
+    found = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        dotted = "." + name
+        if (UNET_ATTN.search(dotted) or (targets != "attn" and UNET_FF.search(dotted))
+                or ((targets == "all" or with_convs) and UNET_RESNET.search(dotted))):
+            found.append(name)
+    return found
+
+
+def te_targets(text_encoder: nn.Module, targets: str) -> list[str]:
+    return [name for name, module in text_encoder.named_modules() if isinstance(module, nn.Linear)
+            and (TE_ATTN.search("." + name) or (targets != "attn" and TE_MLP.search("." + name)))]
+
+
+def _is_3x3(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+class Network:
+    """The LoRA layers injected into a model for one training run."""
+
+    def __init__(self, base, settings: LoraSettings):
+        g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
+        conv_rank = settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
+        conv_alpha = settings.conv_alpha if settings.conv_alpha is not None else float(conv_rank)
+        self.layers: dict[tuple[str, str], LoraLayer] = {}
+        plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
+        if settings.text_encoder:
+            plan.append(("text_encoder", base.text_encoder, te_targets(base.text_encoder, settings.targets)))
+        for comp, root, paths in plan:
+            if not paths:
+                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it an SD 1.x "
+                                  f"model?")
+            for path in paths:
+                module = root.get_submodule(path)
+                rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
+                self.layers[(comp, path)] = LoraLayer(module, rank, alpha, settings.lora_dropout, g)
+        self.roots = {"unet": base.unet, "text_encoder": base.text_encoder}
+
+    def inject(self) -> None:
+        for (comp, path), layer in self.layers.items():
+            self._put(comp, path, layer)
+
+    def remove(self) -> None:
+        for (comp, path), layer in self.layers.items():
+            self._put(comp, path, layer.base)
+
+    def _put(self, comp: str, path: str, module: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.roots[comp].get_submodule(parent_path) if parent_path else self.roots[comp]
+        setattr(parent, child, module)
+
+    def params(self, comp: str) -> list[nn.Parameter]:
+        return [p for (c, _), layer in self.layers.items() if c == comp for p in (layer.down.weight, layer.up.weight)]
+
+    def set_training(self, on: bool) -> None:
+        for layer in self.layers.values():
+            layer.dropout.train(on)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{comp}:{path}.{part}": getattr(layer, part).weight.detach().cpu().clone()
+                for (comp, path), layer in self.layers.items() for part in ("down", "up")}
+
+    def load_state(self, state: dict, source: Path) -> None:
+        mine = self.state()
+        if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in mine):
+            raise SdtuneError(f"{source}: its LoRA layers differ from this run's (targets, rank or text encoder "
+                              f"changed); use the same settings, or another --out")
+        with torch.no_grad():
+            for (comp, path), layer in self.layers.items():
+                for part in ("down", "up"):
+                    getattr(layer, part).weight.copy_(state[f"{comp}:{path}.{part}"])
+
+    def to_lora(self) -> Lora:
+        lora = Lora(format="sdtune")
+        for (comp, path), layer in self.layers.items():
+            clean = path[len("text_model."):] if comp == "text_encoder" and path.startswith("text_model.") else path
+            lora.modules[comp][clean] = layer.adapter()
+        return lora
+
+
+def _tag_frequency(scan, root: Path) -> dict:
+    """{folder: {tag: count}} over the captions' comma-separated tags (kohya's ss_tag_frequency)."""
+    freq: dict[str, Counter] = {}
+    for ex in scan.examples:
+        folder = ex.path.parent.name if ex.path.parent != root else "."
+        tags = [t.strip() for t in (ex.caption or "").split(",") if t.strip()]
+        freq.setdefault(folder, Counter()).update(tags)
+    return {k: dict(v) for k, v in freq.items()}
+
+
+def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, started: float, final: bool) -> dict:
+    """Training facts in kohya's ``ss_*`` keys, which A1111, ComfyUI and LoRA browsers show."""
+    m = job.metadata
+    per_epoch = max(1, m.get("batches_per_epoch", 1))
+    sizes = Counter(data.bucket_of[i] for i in data.entries)
+    meta = {
+        "ss_session_id": str(seed_for(settings.seed, "session") % 2**31),
+        "ss_training_started_at": str(started),
+        "ss_output_name": settings.name,
+        "ss_learning_rate": str(settings.lr),
+        "ss_unet_lr": str(settings.lr),
+        "ss_text_encoder_lr": str(settings.te_lr if settings.te_lr is not None else settings.lr),
+        "ss_num_train_images": str(len(data)),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": str(per_epoch),
+        "ss_num_epochs": str(math.ceil(m.get("total_steps", step) * settings.grad_accum / per_epoch)),
+        "ss_epoch": str(math.ceil(step * settings.grad_accum / per_epoch)),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(m.get("total_steps", step)),
+        "ss_batch_size_per_device": str(settings.batch_size),
+        "ss_total_batch_size": str(m.get("global_batch", settings.batch_size)),
+        "ss_gradient_checkpointing": str(settings.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(settings.grad_accum),
+        "ss_lr_warmup_steps": str(settings.lr_warmup_steps),
+        "ss_lr_scheduler": settings.lr_scheduler,
+        "ss_optimizer": f"torch.optim.AdamW(weight_decay={settings.weight_decay})",
+        "ss_max_grad_norm": str(settings.max_grad_norm),
+        "ss_mixed_precision": settings.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_resolution": str(tuple(max(sizes, key=sizes.get))) if sizes else "",
+        "ss_clip_skip": "None",
+        "ss_max_token_length": "None",
+        "ss_cache_latents": str(data.crop == "center"),
+        "ss_seed": str(settings.seed),
+        "ss_noise_offset": str(settings.noise_offset),
+        "ss_min_snr_gamma": str(settings.min_snr_gamma or None),
+        "ss_caption_dropout_rate": str(settings.caption_dropout),
+        "ss_keep_tokens": str(settings.keep_tokens),
+        "ss_shuffle_caption": str(settings.shuffle_captions),
+        "ss_flip_aug": str(settings.flip),
+        "ss_random_crop": str(settings.crop == "random"),
+        "ss_enable_bucket": str(settings.buckets),
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(s), "count": n}
+                                                  for i, (s, n) in enumerate(sorted(sizes.items()))}}),
+        "ss_dataset_dirs": json.dumps(data.scan.folders),
+        "ss_tag_frequency": json.dumps(_tag_frequency(data.scan, Path(settings.data))),
+        "ss_sd_model_name": Path(str(getattr(base, "name", ""))).name,
+        "ss_sd_model_hash": str(getattr(base, "model_hash", "")),
+        "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
+        "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
+    }
+    if final:
+        meta["ss_training_finished_at"] = str(time.time())
+    return meta
+
+
+def train_lora(base, settings: LoraSettings, callback=None) -> Path:
+    """Train a LoRA; returns ``out/NAME.safetensors`` (kohya layout). The base is left unchanged."""
+    settings.check()
+    out = Path(settings.out)
+    started = time.time()
+    scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
+    report_skipped(scan)
+    data = training_set(base, settings, scan, templates=None)
+    network = Network(base, settings)
+    groups = [{"params": network.params("unet"), "lr": settings.lr}]
+    if settings.text_encoder:
+        groups.append({"params": network.params("text_encoder"),
+                       "lr": settings.te_lr if settings.te_lr is not None else settings.lr})
+
+    def save(step: int, final: bool) -> list[Path]:
+        lora = network.to_lora()
+        meta = kohya_metadata(settings, base, data, job, step, started, final)
+        stem = settings.name if final else f"{settings.name}-step{step:06d}"
+        paths = [out / f"{stem}.safetensors"]
+        save_lora(lora, paths[0], format="kohya", metadata=meta)
+        if final and "diffusers" in settings.formats:
+            paths.append(out / "diffusers" / "pytorch_lora_weights.safetensors")
+            save_lora(lora, paths[-1], format="diffusers")
+        return paths
+
+    job = loop.Job(name="lora", param_groups=groups, state=network.state,
+                   load_state=lambda state: network.load_state(state, out / loop.STATE_FILE), save=save,
+                   text_trainable=settings.text_encoder, set_training=network.set_training)
+    network.inject()
+    try:
+        loop.run(base, settings, job, data, callback)
+    finally:
+        network.remove()
+    return out / f"{settings.name}.safetensors"

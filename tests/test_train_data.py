@@ -1,0 +1,255 @@
+"""Training data: image modes, EXIF, repeats, captions, buckets, errors, the latent cache and batch plans."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.safeio import SdtuneError
+from sdtune.tiny import model as tiny
+from sdtune.train import data
+from sdtune.train.data import (TrainingSet, bucket_sizes, fit, open_rgb, pick_bucket, process_caption, scan_folder,
+                               to_tensor)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny.build(seed=0)["vae"].eval()
+
+
+def solid(path, colour=(200, 30, 30), size=(64, 64), mode="RGB", caption="a red square"):
+    Image.new(mode, size, colour).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- image modes
+
+def test_every_mode_becomes_8bit_rgb_with_transparency_on_white(tmp_path):
+    cases = {
+        "rgba.png": (Image.new("RGBA", (8, 8), (255, 0, 0, 0)), (255, 255, 255)),  # fully transparent red
+        "rgba_half.png": (Image.new("RGBA", (8, 8), (0, 0, 0, 128)), (127, 127, 127)),
+        "la.png": (Image.new("LA", (8, 8), (0, 0)), (255, 255, 255)),
+        "gray.png": (Image.new("L", (8, 8), 77), (77, 77, 77)),
+        "bw.png": (Image.new("1", (8, 8), 1), (255, 255, 255)),
+        "cmyk.jpg": (Image.new("CMYK", (8, 8), (0, 0, 0, 0)), (255, 255, 255)),
+        "gray16.png": (Image.fromarray(np.full((8, 8), 65535, np.uint16)), (255, 255, 255)),
+        "gray16_mid.png": (Image.fromarray(np.full((8, 8), 32896, np.uint16)), (128, 128, 128)),
+    }
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 255, 0] + [0] * 765)
+    pal.info["transparency"] = 0
+    cases["palette_transparent.png"] = (pal, (255, 255, 255))
+    for name, (img, want) in cases.items():
+        img.save(tmp_path / name)
+        got = open_rgb(tmp_path / name)
+        assert got.mode == "RGB", name
+        pixel = got.getpixel((4, 4))
+        assert all(abs(a - b) <= 2 for a, b in zip(pixel, want)), (name, pixel, want)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    up = open_rgb(tmp_path / "phone.jpg")
+    assert up.size == (20, 40)
+    top, bottom = up.getpixel((10, 5)), up.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60, top  # the stored left (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def test_fit_covers_then_crops_center_and_placed():
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 25, 50))  # white left quarter
+    out = fit(img, (32, 32))
+    assert out.size == (32, 32)
+    assert out.getpixel((0, 16))[0] < 30  # center crop of the 64x32 resize starts at x=16: black
+    left = fit(img, (32, 32), (0.0, 0.5))
+    assert left.getpixel((2, 16))[0] > 220  # crop placed on the left: white quarter visible
+    t = to_tensor(out)
+    assert t.shape == (3, 32, 32) and t.min() >= -1 and t.max() <= 1
+
+
+# ---------------------------------------------------------------- folders and captions
+
+def test_captions_repeats_and_folder_names(tmp_path):
+    solid(tmp_path / "a.png", caption="from txt")
+    solid(tmp_path / "b.png", caption=None)
+    (tmp_path / "b.caption").write_text("\n  from caption file \n")
+    solid(tmp_path / "c.png", caption="txt wins")
+    (tmp_path / "c.caption").write_text("not used")
+    sub = tmp_path / "3_sks dog"
+    sub.mkdir()
+    solid(sub / "d.png", caption=None)  # no caption: the folder's name
+    solid(sub / "e.png", caption="own caption")
+    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / ".hidden").mkdir()
+    solid(tmp_path / ".hidden" / "x.png", caption="hidden")
+    scan = scan_folder(tmp_path)
+    got = {e.path.name: (e.caption, e.repeats) for e in scan.examples}
+    assert got == {"a.png": ("from txt", 1), "b.png": ("from caption file", 1), "c.png": ("txt wins", 1),
+                   "d.png": ("sks dog", 3), "e.png": ("own caption", 3)}
+    assert scan.folders == {".": {"n_repeats": 1, "img_count": 3}, "3_sks dog": {"n_repeats": 3, "img_count": 2}}
+
+
+def test_missing_captions_need_a_default_caption(tmp_path):
+    solid(tmp_path / "a.png", caption=None)
+    solid(tmp_path / "b.png", caption="ok")
+    with pytest.raises(SdtuneError, match=r"1 image\(s\) have no caption \(a.png\).*--default-caption"):
+        scan_folder(tmp_path)
+    scan = scan_folder(tmp_path, default_caption="a thing")
+    assert {e.path.name: e.caption for e in scan.examples} == {"a.png": "a thing", "b.png": "ok"}
+    assert scan_folder(tmp_path, require_captions=False).examples[0].caption is None
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path):
+    solid(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    scan = scan_folder(tmp_path, default_caption="x")
+    assert [e.path.name for e in scan.examples] == ["good.png"]
+    assert sorted(p.name for p, _ in scan.skipped) == ["broken.png", "empty.jpg"]
+    assert all(why for _, why in scan.skipped)
+
+
+def test_empty_or_unreadable_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SdtuneError, match="no images found"):
+        scan_folder(tmp_path)
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.raises(SdtuneError, match="none of its 1 image"):
+        scan_folder(tmp_path)
+    with pytest.raises(SdtuneError, match="not a folder"):
+        scan_folder(tmp_path / "missing")
+
+
+def test_non_utf8_caption_is_a_clear_error(tmp_path):
+    solid(tmp_path / "a.png", caption=None)
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 \xff\xfe")
+    with pytest.raises(SdtuneError, match="a.txt: caption is not UTF-8"):
+        scan_folder(tmp_path)
+
+
+def test_caption_shuffle_keeps_tokens_and_dropout_rate():
+    rng = random.Random(0)
+    text = "sks, dog, grass, sunny, park, ball"
+    seen = set()
+    for _ in range(50):
+        out = process_caption(text, rng, shuffle=True, keep_tokens=2)
+        tags = out.split(", ")
+        assert tags[:2] == ["sks", "dog"] and sorted(tags) == sorted(text.split(", "))
+        seen.add(out)
+    assert len(seen) > 10
+    dropped = sum(process_caption(text, rng, dropout=0.3) == "" for _ in range(2000))
+    assert 500 < dropped < 700
+    assert process_caption(text, rng) == text
+
+
+# ---------------------------------------------------------------- buckets
+
+def test_bucket_sizes_and_choice():
+    sizes = bucket_sizes(512, 64)
+    assert (512, 512) in sizes and (384, 640) in sizes and (640, 384) in sizes
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in sizes)
+    assert all(256 <= w <= 1024 and 256 <= h <= 1024 for w, h in sizes)
+    assert pick_bucket(1600, 900, sizes)[0] > pick_bucket(1600, 900, sizes)[1]
+    assert pick_bucket(900, 1600, sizes)[0] < pick_bucket(900, 1600, sizes)[1]
+    assert pick_bucket(700, 700, sizes) == (512, 512)
+
+
+def test_buckets_group_mixed_sizes_and_batches_stay_in_one_bucket(tmp_path, vae):
+    for i in range(3):
+        solid(tmp_path / f"wide{i}.png", size=(128, 64))
+        solid(tmp_path / f"tall{i}.png", size=(64, 128))
+        solid(tmp_path / f"square{i}.png", size=(70, 70))
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, buckets=True)
+    assert len(ts.sizes) == 3
+    by_name = {e.path.name[:4]: ts.bucket_of[i] for i, e in enumerate(ts.scan.examples)}
+    assert by_name["wide"][0] > by_name["wide"][1] and by_name["tall"][0] < by_name["tall"][1]
+    assert by_name["squa"] == (64, 64)
+    assert ts.batches_per_epoch(2) == 6  # 3 buckets x ceil(3 / 2)
+    for n in range(6):
+        b = ts.batch(n, 2)
+        w, h = b.size
+        assert b.latents.shape == (2, 4, h // 4, w // 4)
+    flat = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16)
+    assert flat.sizes == [(64, 64)]
+
+
+# ---------------------------------------------------------------- cache and batches
+
+def test_latents_are_encoded_once_flips_included(tmp_path, vae, monkeypatch):
+    for i, c in enumerate([(250, 0, 0), (0, 0, 250), (0, 250, 0)]):
+        img = Image.new("RGB", (64, 64), (255, 255, 255))
+        img.paste(c, (0, 0, 20, 64))  # asymmetric, so a flip changes the latent
+        img.save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    encoded = []
+    real = data.encode
+    monkeypatch.setattr(data, "encode", lambda v, x: encoded.append(len(x)) or real(v, x))
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, flip=True)
+    assert sum(encoded) == 6  # 3 images + 3 flipped copies, once
+    for n in range(8):
+        ts.batch(n, 2)
+    assert sum(encoded) == 6  # batches never run the VAE
+    x = to_tensor(open_rgb(tmp_path / "0.png"))[None]
+    assert torch.allclose(ts.latents[(64, 64)][0], real(vae, x)[0], atol=1e-6)
+    assert torch.allclose(ts.flipped[(64, 64)][0], real(vae, x.flip(-1))[0], atol=1e-6)
+    assert not torch.allclose(ts.latents[(64, 64)][0], ts.flipped[(64, 64)][0])
+    # the latent is a sample: mean + std * eps, different eps per batch
+    mean, std = ts.latents[(64, 64)][0].chunk(2, 0)
+    assert std.min() > 0
+
+
+def test_random_crop_encodes_every_step_with_varying_crops(tmp_path, vae, monkeypatch):
+    solid(tmp_path / "a.png", size=(128, 64))
+    calls = []
+    real = data.encode
+    monkeypatch.setattr(data, "encode", lambda v, x: calls.append(x.clone()) or real(v, x))
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, crop="random")
+    assert not calls and not ts.latents
+    for n in range(4):
+        ts.batch(n, 1)
+    assert len(calls) == 4 and calls[0].shape == (1, 3, 64, 64)
+
+
+def test_epochs_visit_every_entry_with_repeats(tmp_path, vae):
+    solid(tmp_path / "a.png", caption="a")
+    sub = tmp_path / "2_b"
+    sub.mkdir()
+    solid(sub / "b.png", caption=None)
+    solid(sub / "c.png", caption=None)
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=3, bucket_step=16)
+    assert len(ts) == 5
+    assert ts.batches_per_epoch(1) == 5
+    seen = Counter(ts.batch(n, 1).captions[0] for n in range(5))
+    assert seen == {"a": 1, "b": 4}  # b.png and c.png, twice each
+    assert ts.plan(0, 1) != ts.plan(1, 1) or ts.plan(1, 1) != ts.plan(2, 1)  # reshuffled per epoch
+
+
+def test_batches_are_reproducible_and_slice_across_processes(tmp_path, vae):
+    for i in range(5):
+        solid(tmp_path / f"{i}.png", colour=(50 * i, 20, 200 - 30 * i), caption=f"tag{i}, x, y, z")
+    make = lambda: TrainingSet(scan_folder(tmp_path), vae, 64, seed=7, bucket_step=16, flip=True,  # noqa: E731
+                               shuffle_captions=True, keep_tokens=1, caption_dropout=0.2)
+    one, again = make(), make()
+    for n in range(7):
+        whole = one.batch(n, 4)
+        same = again.batch(n, 4)
+        assert torch.equal(whole.latents, same.latents) and whole.captions == same.captions
+        parts = [one.batch(n, 4, rank=r, world=2) for r in range(2)]
+        assert torch.equal(torch.cat([p.latents for p in parts]), whole.latents)
+        assert parts[0].captions + parts[1].captions == whole.captions
+    assert not torch.equal(one.batch(0, 4).latents, one.batch(1, 4).latents)
+
+
+def test_bad_resolution_is_a_clear_error(tmp_path, vae):
+    solid(tmp_path / "a.png")
+    with pytest.raises(SdtuneError, match="--resolution 60: must be a multiple of 16"):
+        TrainingSet(scan_folder(tmp_path), vae, 60, seed=0, bucket_step=16)
