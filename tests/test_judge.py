@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtune.safeio import SdtuneError
+from sdtune.safeio import SdtuneError, load_state
 from sdtune.tiny import judge as J
 from sdtune.tiny import world
 from sdtune.tiny.world import Scene
@@ -127,12 +127,16 @@ def test_missing_or_foreign_weights_are_refused(tmp_path):
 
 def test_training_recipe_is_reproducible(tmp_path):
     threads = torch.get_num_threads()
-    kw = dict(steps=3, batch=8, pool=24, log=lambda s: None)
+    kw = {"steps": 3, "batch": 8, "pool": 24, "log": lambda s: None}
     J.train(tmp_path / "a.safetensors", seed=5, **kw)
     J.train(tmp_path / "b.safetensors", seed=5, **kw)
     J.train(tmp_path / "c.safetensors", seed=6, **kw)
-    a, b, c = ((tmp_path / f"{n}.safetensors").read_bytes() for n in "abc")
-    assert a == b and a != c
+    (a, meta_a), (b, meta_b), (c, _) = (load_state(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert meta_a == meta_b and meta_a["seed"] == "5"  # (metadata order in the header is not fixed)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert all(v.dtype == torch.float16 for v in a.values() if v.is_floating_point())  # shipped in fp16
     assert torch.get_num_threads() == threads  # the trainer's one-thread setting does not leak
     net = J.load_judge(tmp_path / "a.safetensors")  # what train writes, load_judge reads
     assert len(J.judge(world.render(Scene("circle", "red")), model=net)) == 1

@@ -147,3 +147,12 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
         bake.merge(base_file, [(loras[1], 1.0)], tmp_path / "x.ckpt", fmt="single")
     with pytest.raises(SdtuneError, match="input checkpoint"):
         bake.merge(base_file, [(loras[1], 1.0)], base_file, fmt="single")
+
+
+def test_truncated_checkpoint_fails_clearly_and_leaves_no_file(base_file, loras, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    data = base_file.read_bytes()
+    cut.write_bytes(data[: len(data) - 4096])
+    with pytest.raises(SdtuneError, match="truncated"):
+        bake.merge(cut, [(loras[1], 1.0)], tmp_path / "out.safetensors", fmt="single")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors"]

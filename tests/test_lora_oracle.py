@@ -17,7 +17,7 @@ from sdtune.lora.patch import LoraSet
 from sdtune.tiny import model as tiny
 
 pytest.importorskip("peft")
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import StableDiffusionPipeline
 
 WEIGHTS = [0.5, 1.0]
 TE_ORACLE_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")

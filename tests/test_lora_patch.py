@@ -116,6 +116,58 @@ def test_reweight_recomputes_only_layers_whose_sum_changed(parts, monkeypatch):
     assert len(written) == len(b.modules["unet"])
 
 
+def test_batch_writes_each_layer_once(parts, monkeypatch):
+    a, b = random_lora(parts, 1), random_lora(parts, 2, every=2)
+    written = []
+    real = patch.write_patched
+    monkeypatch.setattr(patch, "write_patched", lambda o, b_, c: (written.append(len(c)), real(o, b_, c)))
+    s = LoraSet.attach(parts)
+    with s.batch():
+        s.add("a", a, 0.5)
+        s.add("b", b, 1.0)
+        assert written == []  # nothing computed inside the block
+    assert len(written) == len(a)  # b's layers are a subset of a's: each layer once, with both adapters
+    assert sorted(written).count(2) == len(b)
+    fresh = tiny.build(seed=0)
+    f = LoraSet.attach(fresh)
+    f.add("a", a, 0.5)
+    f.add("b", b, 1.0)
+    for comp in ("unet", "text_encoder"):
+        for k, v in fresh[comp].state_dict().items():
+            assert torch.equal(parts[comp].state_dict()[k], v)
+
+
+def test_layer_parallel_patch_gives_the_same_bits(parts):
+    a, b = random_lora(parts, 1), random_lora(parts, 2, rank=8)
+    LoraSet.attach(parts).add("a", a, 0.5)
+    LoraSet.attach(parts).add("b", b, -1.0)
+    other = tiny.build(seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = LoraSet.attach(other)
+        with s.batch():
+            s.add("a", a, 0.5)
+            s.add("b", b, -1.0)
+        assert torch.get_num_threads() == 2  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(threads)
+    for comp in ("unet", "text_encoder"):
+        for k, v in other[comp].state_dict().items():
+            assert torch.equal(parts[comp].state_dict()[k], v), k
+
+
+def test_restore_gives_back_the_original_storage(parts):
+    layer = parts["unet"].get_submodule(UNET_ATTN)
+    original = layer.weight.data
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1), 1.0)
+    assert layer.weight.data_ptr() != original.data_ptr() and layer.weight is not None
+    s.set_weights({"a": 2.0})
+    s.remove_all()
+    assert layer.weight.data_ptr() == original.data_ptr()
+
+
 def test_remove_all_restores_bit_for_bit_after_a_messy_sequence(parts):
     base = snapshot(parts)
     a, b, c = random_lora(parts, 1), random_lora(parts, 2, rank=8, alpha=1.0, every=2), random_lora(parts, 3, every=5)
@@ -300,3 +352,34 @@ def test_apply_loras_from_files(parts, tmp_path):
     LoraSet.attach(fresh).add("x", a, 0.9)
     got, want = weight_of(parts, "unet", UNET_FF), weight_of(fresh, "unet", UNET_FF)
     assert torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_model_with_loras_is_freed_with_its_set():
+    import gc
+    import weakref
+
+    parts = tiny.build(seed=0)
+    LoraSet.attach(parts).add("a", random_lora(parts, 1), 1.0)
+    ref = weakref.ref(parts["unet"])
+    del parts
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_model_with_originals_on_cpu():
+    parts = tiny.build(seed=0)
+    for c in ("unet", "text_encoder"):
+        parts[c].to("cuda", torch.float16)
+    base = {c: {k: v.clone() for k, v in parts[c].state_dict().items()} for c in ("unet", "text_encoder")}
+    a = random_lora(parts, 1)
+    s = LoraSet.attach(parts, pristine_device="cpu")
+    s.add("a", a, 0.5)
+    assert all(layer.pristine.device.type == "cpu" for layer in s._layers.values())
+    w0 = base["unet"][UNET_ATTN + ".weight"].cpu()
+    want = (w0.double() + 0.5 * a.modules["unet"][UNET_ATTN].delta(w0.shape, torch.float64)).half()
+    got = weight_of(parts, "unet", UNET_ATTN)
+    assert got.device.type == "cuda" and (got.cpu().float() - want.float()).abs().max() <= 2e-3
+    s.set_weights({"a": -1.0})
+    s.remove_all()
+    assert_same(parts, base)

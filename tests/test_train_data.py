@@ -11,8 +11,16 @@ from PIL import Image
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny
 from sdtune.train import data
-from sdtune.train.data import (TrainingSet, bucket_sizes, fit, open_rgb, pick_bucket, process_caption, scan_folder,
-                               to_tensor)
+from sdtune.train.data import (
+    TrainingSet,
+    bucket_sizes,
+    fit,
+    open_rgb,
+    pick_bucket,
+    process_caption,
+    scan_folder,
+    to_tensor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,7 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     up = open_rgb(tmp_path / "phone.jpg")
-    assert up.size == (20, 40)
+    assert up.size == (20, 40) and data.upright_size(tmp_path / "phone.jpg") == (20, 40)  # buckets see it tall
     top, bottom = up.getpixel((10, 5)), up.getpixel((10, 35))
     assert top[0] > 200 and top[2] < 60, top  # the stored left (red) is now on top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
@@ -202,9 +210,11 @@ def test_latents_are_encoded_once_flips_included(tmp_path, vae, monkeypatch):
     assert torch.allclose(ts.latents[(64, 64)][0], real(vae, x)[0], atol=1e-6)
     assert torch.allclose(ts.flipped[(64, 64)][0], real(vae, x.flip(-1))[0], atol=1e-6)
     assert not torch.allclose(ts.latents[(64, 64)][0], ts.flipped[(64, 64)][0])
-    # the latent is a sample: mean + std * eps, different eps per batch
-    mean, std = ts.latents[(64, 64)][0].chunk(2, 0)
+    # the cache holds the distribution (mean, std), so every batch draws a fresh sample
+    std = ts.latents[(64, 64)][0].chunk(2, 0)[1]
     assert std.min() > 0
+    first, second = ts.batch(0, 3).latents, ts.batch(3, 3).latents  # epochs 0 and 1: the same 3 images
+    assert not torch.allclose(first.sort(0).values, second.sort(0).values)
 
 
 def test_random_crop_encodes_every_step_with_varying_crops(tmp_path, vae, monkeypatch):
@@ -236,7 +246,7 @@ def test_epochs_visit_every_entry_with_repeats(tmp_path, vae):
 def test_batches_are_reproducible_and_slice_across_processes(tmp_path, vae):
     for i in range(5):
         solid(tmp_path / f"{i}.png", colour=(50 * i, 20, 200 - 30 * i), caption=f"tag{i}, x, y, z")
-    make = lambda: TrainingSet(scan_folder(tmp_path), vae, 64, seed=7, bucket_step=16, flip=True,  # noqa: E731
+    make = lambda: TrainingSet(scan_folder(tmp_path), vae, 64, seed=7, bucket_step=16, flip=True,
                                shuffle_captions=True, keep_tokens=1, caption_dropout=0.2)
     one, again = make(), make()
     for n in range(7):

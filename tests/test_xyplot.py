@@ -15,7 +15,7 @@ from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
-from sdtune.xyplot import Axis, parse_axis, parse_values, run_from_args, xy_plot
+from sdtune.xyplot import GAP, Axis, parse_axis, parse_values, run_from_args, xy_plot
 
 STEPS = 2
 
@@ -74,7 +74,8 @@ def test_seed_by_prompt_grid_geometry_metadata_and_cells(base, tmp_path):
     # 3 columns and 2 rows of 96x96 cells, plus the label margins on the left and top
     record = json.loads((tmp_path / "xy.json").read_text())
     assert (record["rows"], record["cols"]) == (2, 3)
-    left, top = grid.width - 3 * 96, grid.height - 2 * 96
+    step = 96 + GAP
+    left, top = grid.width - 3 * step + GAP, grid.height - 2 * step + GAP
     assert 0 < left < 400 and 0 < top < 100
     for r, prompt in enumerate(y.values):
         # a row of consecutive seeds is one batch: the same pixels as one generate() call for those seeds
@@ -86,7 +87,7 @@ def test_seed_by_prompt_grid_geometry_metadata_and_cells(base, tmp_path):
             assert info["prompt"] == prompt and info["Seed"] == str(seed)
             want = row[c].image
             assert np.array_equal(_pixels(cell_file), np.asarray(want))
-            tile = grid.crop((left + c * 96, top + r * 96, left + (c + 1) * 96, top + (r + 1) * 96))
+            tile = grid.crop((left + c * step, top + r * step, left + c * step + 96, top + r * step + 96))
             assert np.array_equal(np.asarray(tile), np.asarray(want.resize((96, 96), Image.Resampling.NEAREST)))
     # the label margins hold drawn text (not just white)
     assert (np.asarray(grid.convert("L"))[:top, left:] < 128).any()

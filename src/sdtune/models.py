@@ -235,7 +235,6 @@ def _quiet_progress():
             tf_logging.enable_progress_bar()
 
 
-_build = build_components  # older name, still imported by lora/bake.py
 
 
 def _finish(unet, vae, text_encoder, scheduler, device, dtype, **info) -> Base:

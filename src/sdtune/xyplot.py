@@ -391,10 +391,14 @@ def _wrap(text: str, font, width: int, draw) -> list[str]:
     return lines
 
 
+GAP = 2  # white pixels between cells
+
+
 def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
             cell: int | None = None) -> Image.Image:
     """The labelled grid: column labels on top, row labels on the left, wrapped to fit; small images are
-    scaled up (nearest neighbour: the pixels stay what the model made) to ``cell`` pixels wide."""
+    scaled up (nearest neighbour: the pixels stay what the model made) to ``cell`` pixels wide. Cell (r, c)
+    starts at (left + c * (w + GAP), top + r * (h + GAP))."""
     w, h = images[0][0].size
     if cell and cell > w:
         h, w = cell * h // w, cell
@@ -410,20 +414,21 @@ def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_l
         widest = max(probe.textlength(line, font=font) for lines in row_lines for line in lines)
         pad_left = int(widest) + 12
     rows, cols = len(images), len(images[0])
-    canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
+    canvas = Image.new("RGB", (pad_left + cols * (w + GAP) - GAP, pad_top + rows * (h + GAP) - GAP), "white")
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(images):
         for c, im in enumerate(row):
             im = im.convert("RGB")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.Resampling.NEAREST)
-            canvas.paste(im, (pad_left + c * w, pad_top + r * h))
+            canvas.paste(im, (pad_left + c * (w + GAP), pad_top + r * (h + GAP)))
     for c, lines in enumerate(col_lines):
         y0 = pad_top - 3 - line_h * len(lines)
         for k, line in enumerate(lines):
-            draw.text((pad_left + c * w + w // 2, y0 + k * line_h), line, fill="black", font=font, anchor="ma")
+            draw.text((pad_left + c * (w + GAP) + w // 2, y0 + k * line_h), line, fill="black", font=font,
+                      anchor="ma")
     for r, lines in enumerate(row_lines):
-        y0 = pad_top + r * h + (h - line_h * len(lines)) // 2
+        y0 = pad_top + r * (h + GAP) + (h - line_h * len(lines)) // 2
         for k, line in enumerate(lines):
             draw.text((6, y0 + k * line_h), line, fill="black", font=font, anchor="la")
     return canvas

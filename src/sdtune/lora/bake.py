@@ -93,18 +93,23 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
 
 def _read_header(path: Path) -> tuple[dict, dict, int]:
     """({key: info}, metadata, offset of the data block) of a safetensors file, without mapping it."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-    metadata = header.pop("__metadata__", None) or {}
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= i.keys() for i in header.values()):
+            raise ValueError("a tensor entry lacks dtype, shape or data_offsets")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
     return header, metadata, 8 + size
 
 
 def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     start, end = info["data_offsets"]
     f.seek(data_start + start)
-    buf = bytearray(f.read(end - start))
-    if len(buf) != end - start:
+    buf = bytearray(end - start)  # read straight into the tensor's memory: no second copy
+    if f.readinto(buf) != end - start:
         raise SdtuneError(f"{f.name}: truncated file; re-download it")
     dtype = ST_DTYPES.get(info["dtype"])
     if dtype is None:
@@ -122,14 +127,14 @@ def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial:
     """{file key: [(name, uid, adapter, weight), ...]} for every weight a LoRA changes, after checking fit."""
     from accelerate import init_empty_weights
 
-    from ..models import META_ARCH, _build, detect_architecture, sd15_configs, tiny_configs
+    from ..models import META_ARCH, build_components, detect_architecture, sd15_configs, tiny_configs
 
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
     arch = metadata.get(META_ARCH) if metadata.get(META_ARCH) in ("tiny", "sd15") else None
     arch = arch or detect_architecture(shapes, path)
     configs = tiny_configs() if arch == "tiny" else sd15_configs()
     with init_empty_weights():  # a shape-only model: the shared key matcher gives its usual messages
-        unet, _, text_encoder = _build(configs)
+        unet, _, text_encoder = build_components(configs)
     unet_inverse = {d: f"{ldm.UNET_PREFIX}{m}" for m, d in ldm.unet_module_map(configs["unet"]).items()}
     text_prefix = next((p for p in ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
                         if any(k.startswith(p + "encoder.") for k in header)), ldm.TEXT_PREFIX)
@@ -180,6 +185,16 @@ def _merge_single_file(path: Path, pairs, out: Path, dtype, allow_partial: bool)
     head = json.dumps({"__metadata__": out_meta, **out_header}, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data block starts 8-byte aligned, as safetensors writes it
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the GEMM threading LoraSet uses, so a bake gives the bits of an in-memory patch
+    try:
+        _stream(path, out, header, data_start, order, out_header, head, targets)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _stream(path, out, header, data_start, order, out_header, head, targets) -> None:
     with torch.no_grad(), open(path, "rb") as src, atomic_path(out) as tmp, open(tmp, "wb") as dst:
         dst.write(struct.pack("<Q", len(head)))
         dst.write(head)
@@ -193,4 +208,3 @@ def _merge_single_file(path: Path, pairs, out: Path, dtype, allow_partial: bool)
             dst.write(_tensor_bytes(tensor.to(want) if tensor.dtype != want else tensor))
             del tensor
         dst.flush()
-    return out

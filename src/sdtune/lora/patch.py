@@ -5,18 +5,21 @@ Every touched layer is always recomputed from its pristine weight::
     W' = W0 + Σ_i w_i · ΔW_i          (summed in float32, then cast to the layer's dtype)
 
 so any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
-final set would give, and removing every adapter copies W0 back: the base is restored bit for bit.
+final set would give, and removing every adapter puts W0 back: the base is restored bit for bit.
 
-Cost: the first time a layer is touched, its original weight is copied (by default to CPU memory, in the
-layer's own dtype) and kept until no adapter touches it any more. That is the touched layers' weights once,
-whatever the number of adapters or reweights: on SD 1.5 with LoRAs on every attention, feed-forward and
-text-encoder linear layer, ~327 M parameters, i.e. ~1.3 GB for an fp32 model, ~0.65 GB for fp16
-(``LoraSet.pristine_bytes()`` says the current figure). Nothing else of the model is copied.
+Cost: the first time a layer is touched, its original weight tensor is kept aside (the parameter gets a new
+buffer for W', so nothing is copied on the model's device; ``pristine_device="cpu"`` keeps a CPU copy instead,
+to spare GPU memory) until no adapter touches that layer any more; restoring hands the original tensor back.
+That is the touched layers' weights once, whatever the number of adapters or reweights: on SD 1.5 with LoRAs
+on every attention, feed-forward and text-encoder linear layer, 232 layers and 327 M parameters, i.e. 1.31 GB
+for an fp32 model, 0.65 GB for fp16 (``LoraSet.pristine_bytes()`` gives the current figure). Nothing else of
+the model is copied.
 
 Weights stay merged: there is no hook or wrapper on the forward path, so inference runs at base speed.
 A reweight recomputes only the layers whose weighted sum changed (e.g. only text-encoder layers when only
 the text-encoder weight moved). For plain LoRA adapters one layer's whole sum is a single ``addmm``:
-``W0 + [w1·s1·up1 | w2·s2·up2 | …] @ [down1; down2; …]``, written straight into the parameter.
+``W0 + [w1·s1·up1 | w2·s2·up2 | …] @ [down1; down2; …]``, written straight into the parameter; on CPU the
+layers are spread over the threads. ``with loras.batch():`` groups several changes into one pass.
 Contributions are taken in adapter-name order, so the floating-point result does not depend on the order
 in which adapters were added either.
 """
@@ -24,7 +27,6 @@ in which adapters were added either.
 from __future__ import annotations
 
 import itertools
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,14 +96,19 @@ def check_fit(lora: Lora, modules: dict, allow_partial: bool, source: str) -> di
 
 
 def _as_weights(w) -> tuple[float, float | None]:
-    if isinstance(w, (tuple, list)):
-        if len(w) != 2:
-            raise SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)")
-        return float(w[0]), (None if w[1] is None else float(w[1]))
-    return float(w), None
+    """(unet weight, text-encoder weight or None) from a number or a pair."""
+    bad = SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)")
+    try:
+        if isinstance(w, (tuple, list)):
+            if len(w) != 2:
+                raise bad
+            return float(w[0]), (None if w[1] is None else float(w[1]))
+        return float(w), None
+    except (TypeError, ValueError):
+        raise bad from None
 
 
-_REGISTRY: weakref.WeakKeyDictionary[torch.nn.Module, LoraSet] = weakref.WeakKeyDictionary()
+_ATTR = "_sdtune_lora_set"  # the LoraSet of a module is kept on the module itself, so both go away together
 
 
 class LoraSet:
@@ -122,17 +129,17 @@ class LoraSet:
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
         self._batch_depth, self._dirty = 0, set()
         for m in self.modules.values():
-            if m in _REGISTRY:
+            if getattr(m, _ATTR, None) is not None:
                 raise SdtuneError("this model already has a LoraSet; use LoraSet.attach(model) to get it")
         for m in self.modules.values():
-            _REGISTRY[m] = self
+            object.__setattr__(m, _ATTR, self)
 
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
         for m in mods.values():
-            if m in _REGISTRY:
-                return _REGISTRY[m]
+            if getattr(m, _ATTR, None) is not None:
+                return getattr(m, _ATTR)
         return cls(mods.get("unet"), mods.get("text_encoder"), pristine_device=pristine_device)
 
     # ---- queries ----
@@ -156,7 +163,7 @@ class LoraSet:
         return len(self._entries)
 
     def pristine_bytes(self) -> int:
-        """Memory held by the copies of original weights (the whole cost of exact restore)."""
+        """Bytes of original weights kept aside for exact restore (the whole memory cost of patching)."""
         return sum(l.pristine.numel() * l.pristine.element_size() for l in self._layers.values()
                    if l.pristine is not None)
 
@@ -172,6 +179,10 @@ class LoraSet:
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
+        if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
+            import warnings
+            warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
+                          "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
         unet_w, te_w = _as_weights(weight)
         te_w = te_weight if te_weight is not None else (te_w if te_w is not None else unet_w)
         old = self._entries.pop(name, None)
@@ -214,8 +225,8 @@ class LoraSet:
         """Restore the base and forget this set (a new one may then be attached)."""
         self.remove_all()
         for m in self.modules.values():
-            if _REGISTRY.get(m) is self:
-                del _REGISTRY[m]
+            if getattr(m, _ATTR, None) is self:
+                object.__delattr__(m, _ATTR)
 
     # ---- the one place weights are written ----
     def _contributions(self, key: LayerKey) -> list[tuple[str, int, Adapter, float]]:
@@ -285,22 +296,29 @@ def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: to
 
 
 def _run_jobs(jobs: list) -> None:
-    """Patch layers; on CPU, spread whole layers over the intra-op threads instead of splitting each matmul.
+    """Patch layers; on CPU, whole layers are spread over the intra-op threads, each GEMM single-threaded.
 
-    Layers are independent, so workers never wait on each other; one multi-threaded GEMM per small layer spends
-    much of its time in thread barriers, worst on a busy machine.
+    Layers are independent, so workers never wait on each other, where one multi-threaded GEMM per small layer
+    spends much of its time in thread barriers (worst on a busy machine). Every CPU GEMM then also runs with
+    the same threading, so a layer gets the same bits however many layers are recomputed with it.
     """
-    workers = torch.get_num_threads()
-    if workers <= 1 or len(jobs) < 2 or any(w.device.type != "cpu" for w, *_ in jobs):
+    if not jobs:
+        return
+    if any(w.device.type != "cpu" for w, *_ in jobs):
         for job in jobs:
             _patch_one(*job)
         return
-    jobs = sorted(jobs, key=lambda j: -j[1].numel())  # biggest first: even finish
+    workers = torch.get_num_threads()
+    jobs = sorted(jobs, key=lambda j: -j[1].numel())  # biggest first: workers finish together
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for f in [pool.submit(_patch_one, *job) for job in jobs]:
-                f.result()
+        if workers <= 1 or len(jobs) == 1:
+            for job in jobs:
+                _patch_one(*job)
+        else:
+            with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+                for f in [pool.submit(_patch_one, *job) for job in jobs]:
+                    f.result()
     finally:
         torch.set_num_threads(workers)
 

@@ -17,10 +17,15 @@ How it was trained: on renders from ``world`` of every concept, held-out ones in
 recognise what TI and LoRA teach), with augmentations that imitate what a tiny diffusion model draws:
 shifts, small scale and rotation changes, gaussian blur, down-and-up resampling (smoothing), colour and
 brightness jitter, pixel noise and low-frequency blotches. Validation uses renders from other seeds.
+Recipe: 10,000 renders, 800 AdamW steps of 48, cosine lr from 3e-3; about 3.5 CPU-minutes on one thread
+(6 minutes wall on a 2-core machine shared with two other jobs); the same seed gives bit-identical weights.
+Measured (``--eval``, 2000 fresh renders, 911 of them held-out scenes): shape, colour, style and background
+100.0% clean; 100.0% after PIL GaussianBlur(1) (held-out shapes 99.9%); shape 99.9% after GaussianBlur(2).
 
-Input: PIL images or image files; numpy arrays channel-last (H, W, 3) or (N, H, W, 3); torch tensors channel-first (3, H, W)
-or (N, 3, H, W) -- the layouts of diffusers' "np" and "pt" outputs. uint8 arrays are 0..255; float arrays are
-read in ``value_range`` (default 0..1; pass (-1, 1) for raw VAE decodes). Other sizes are resized to 64x64.
+Input: PIL images or image files; numpy arrays channel-last, (H, W, 3) or (N, H, W, 3); torch tensors
+channel-first, (3, H, W) or (N, 3, H, W) -- the layouts of diffusers' "np" and "pt" outputs. uint8 arrays are
+0..255; float arrays are read in ``value_range`` (default 0..1; pass (-1, 1) for raw VAE decodes). Other sizes
+are resized to 64x64.
 """
 
 from __future__ import annotations
@@ -130,8 +135,9 @@ def _one_or_batch(im, value_range) -> torch.Tensor:
     lo, hi = value_range
     t = (t.float() - lo) / (hi - lo)
     if t.numel() and (t.min() < -0.05 or t.max() > 1.05):
-        raise SdtuneError(f"judge: float image values span {t.min() * (hi - lo) + lo:.2f}..{t.max() * (hi - lo) + lo:.2f}, "
-                          f"outside value_range={value_range}; pass value_range=(-1, 1) for raw VAE output")
+        span = f"{float(t.min()) * (hi - lo) + lo:.2f}..{float(t.max()) * (hi - lo) + lo:.2f}"
+        raise SdtuneError(f"judge: float image values span {span}, outside value_range={value_range}; "
+                          "pass value_range=(-1, 1) for raw VAE output")
     return t
 
 
@@ -203,8 +209,8 @@ def judge(images, value_range=(0.0, 1.0), model: JudgeNet | None = None) -> list
 def score(images, shape: str | None = None, colour: str | None = None, style: str | None = None,
           background: str | None = None, value_range=(0.0, 1.0), model: JudgeNet | None = None) -> dict:
     """Fractions of images showing each given attribute, and all of them together ("all"); "n" = image count."""
-    wanted = {k: v for k, v in dict(shape=shape, colour=colour, style=style, background=background).items()
-              if v is not None}
+    given = {"shape": shape, "colour": colour, "style": style, "background": background}
+    wanted = {k: v for k, v in given.items() if v is not None}
     if not wanted:
         raise SdtuneError("judge.score: nothing to check; give at least one of shape=, colour=, style=, background=")
     for k, v in wanted.items():

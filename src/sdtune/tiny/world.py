@@ -19,7 +19,9 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
+
+from ..safeio import atomic_path, atomic_write_text
 
 SIZE = 64
 _SS = 4  # supersampling factor
@@ -66,6 +68,9 @@ def is_held_out(scene: Scene) -> bool:
 def random_scene(rng: random.Random, shape=None, colour=None, background=None, style=None,
                  held_in_only: bool = False) -> Scene:
     """A scene with the given attributes and random jitter for the rest (held-in combos if asked)."""
+    if held_in_only and (shape in HELD_OUT_SHAPES or style in HELD_OUT_STYLES or (colour, shape) in HELD_OUT_PAIRS):
+        raise ValueError(f"held_in_only asks for held-in scenes, but {shape or ''} {colour or ''} {style or ''} "
+                         "is held out")
     while True:
         s = Scene(
             shape=shape or rng.choice(SHAPES),
@@ -164,8 +169,6 @@ def render(scene: Scene) -> Image.Image:
         for x in range(-big, 2 * big, period):  # diagonal bands
             sd.polygon([(x, 0), (x + period // 2, 0), (x + period // 2 + big, big), (x + big, big)], fill=255)
         fill = Image.new("RGB", (big, big), colour)
-        from PIL import ImageChops
-
         img.paste(fill, (0, 0), ImageChops.multiply(mask, stripes))
         draw.line(pts + pts[:2], fill=colour, width=int(0.02 * big), joint="curve")
     else:
@@ -182,9 +185,10 @@ def write_dataset(out: str | Path, scenes: list[Scene], template: int | None = 0
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i, scene in enumerate(scenes):
-        render(scene).save(out / f"{i:04d}.png")
+        with atomic_path(out / f"{i:04d}.png") as tmp:
+            render(scene).save(tmp, format="PNG")
         t = rng.randrange(n_templates()) if template is None else template
-        (out / f"{i:04d}.txt").write_text(caption(scene, t, with_style) + "\n", encoding="utf-8")
+        atomic_write_text(caption(scene, t, with_style) + "\n", out / f"{i:04d}.txt")
     return out
 
 

@@ -203,9 +203,8 @@ def _coerce(cls, name: str, value, where: str):
             return [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-    elif "str" in text:
-        if isinstance(value, str):
-            return value
+    elif "str" in text and isinstance(value, str):
+        return value
     kind = text.replace("<class '", "").replace("'>", "")
     raise SdtuneError(f"{where}: {name} = {value!r} is not a {kind}; fix the value")
 

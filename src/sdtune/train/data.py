@@ -22,12 +22,14 @@ import hashlib
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from ..safeio import SdtuneError
 
@@ -161,6 +163,14 @@ def open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed: EXIF orientations 5-8 swap the sides. Reads only the header."""
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
     """Resize to cover ``size`` (w, h) keeping the aspect ratio, then crop; ``where`` places the crop (0..1)."""
     w, h = size
@@ -237,7 +247,8 @@ class TrainingSet:
 
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
                  crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
-                 caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8):
+                 caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8,
+                 progress: bool = False):
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
@@ -247,30 +258,40 @@ class TrainingSet:
         self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout)
         self.templates = templates
         sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
-        # entries: one per image per repeat, grouped by bucket
-        self.bucket_of: list[tuple[int, int]] = []
-        self.row_of: list[int] = []
-        images_by_bucket: dict[tuple[int, int], list[Image.Image]] = {}
-        for ex in scan.examples:
-            img = open_rgb(ex.path)
-            size = pick_bucket(img.width, img.height, sizes)
-            group = images_by_bucket.setdefault(size, [])
-            self.bucket_of.append(size)
-            self.row_of.append(len(group))
-            group.append(img if crop == "random" else fit(img, size))
-        self.sizes = sorted(images_by_bucket)
+        # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
+        # only ``encode_batch`` decoded images are held at once
+        self.bucket_of = [pick_bucket(*upright_size(ex.path), sizes) for ex in scan.examples]
+        members: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(self.bucket_of):
+            members.setdefault(size, []).append(i)
+        self.row_of = [0] * len(scan.examples)
+        for ids in members.values():
+            for row, i in enumerate(ids):
+                self.row_of[i] = row
+        self.sizes = sorted(members)
         # per bucket: latents [n, 2C, h, w] (and flipped) when cached, else cover-resized images (random crop)
         self.latents: dict[tuple[int, int], torch.Tensor] = {}
         self.flipped: dict[tuple[int, int], torch.Tensor] = {}
         self.pixels: dict[tuple[int, int], list[Image.Image]] = {}
-        for size, imgs in images_by_bucket.items():
+        bar = tqdm(total=len(scan.examples), desc="encoding images", unit="img", leave=False, disable=not progress,
+                   file=sys.stderr)
+        for size, ids in members.items():
+            paths = [scan.examples[i].path for i in ids]
             if crop == "random":
-                self.pixels[size] = [fit(im, _cover(im, size), (0.5, 0.5)) for im in imgs]
+                self.pixels[size] = [_cover_resize(open_rgb(path), size) for path in paths]
+                bar.update(len(paths))
                 continue
-            x = torch.stack([to_tensor(im) for im in imgs])
-            self.latents[size] = torch.cat([encode(vae, c) for c in x.split(encode_batch)])
+            plain, flipped = [], []
+            for k in range(0, len(paths), encode_batch):
+                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in paths[k:k + encode_batch]])
+                plain.append(encode(vae, x))
+                if flip:
+                    flipped.append(encode(vae, x.flip(-1)))
+                bar.update(len(x))
+            self.latents[size] = torch.cat(plain)
             if flip:
-                self.flipped[size] = torch.cat([encode(vae, c) for c in x.flip(-1).split(encode_batch)])
+                self.flipped[size] = torch.cat(flipped)
+        bar.close()
         self.entries = [i for i, ex in enumerate(scan.examples) for _ in range(ex.repeats)]
         self.counts = {size: sum(1 for i in self.entries if self.bucket_of[i] == size) for size in self.sizes}
         self._plan_cache: tuple[int, int, list[list[int]]] | None = None
@@ -340,7 +361,31 @@ class TrainingSet:
         return Batch(latents, captions[part], size)
 
 
-def _cover(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
-    """The size ``img`` takes when resized to cover ``size`` (random crops are cut from it per step)."""
+def _cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` resized to just cover ``size`` (random crops are cut from it per step)."""
     scale = max(size[0] / img.width, size[1] / img.height)
-    return max(size[0], round(img.width * scale)), max(size[1], round(img.height * scale))
+    return fit(img, (max(size[0], round(img.width * scale)), max(size[1], round(img.height * scale))))
+
+
+# ---------------------------------------------------------------- from settings
+
+def model_steps(base) -> tuple[int, int]:
+    """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
+    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
+    return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
+
+
+def training_set(base, settings, scan: Scan, templates: list[str] | None) -> TrainingSet:
+    native, step = model_steps(base)
+    return TrainingSet(scan, base.vae, settings.resolution or native, settings.seed,
+                       bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
+                       flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
+                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress)
+
+
+def report_skipped(scan: Scan) -> None:
+    if scan.skipped:
+        print(f"skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
+        for path, why in scan.skipped:
+            print(f"  {path}: {why}", file=sys.stderr)

@@ -25,9 +25,9 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,6 @@ class TextInput:
 
 def make_accelerator(settings: TrainSettings, base):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     on_cpu = base.device.type == "cpu"
     mp = settings.mixed_precision
@@ -161,9 +160,7 @@ def make_accelerator(settings: TrainSettings, base):
         raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
     if on_cpu and mp == "fp16":
         raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
-    # buffers are constants here, so DDP need not re-broadcast them every step
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=mp, cpu=on_cpu, kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=mp, cpu=on_cpu)
 
 
 def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -> int:
@@ -191,71 +188,97 @@ def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
 
 # ---------------------------------------------------------------- the loop
 
+def _freeze(base, job: Job) -> Callable[[], None]:
+    """Only the job's parameters require grad, the frozen modules are in eval mode; returns the undo."""
+    params = {id(p) for group in job.param_groups for p in group["params"]}
+    flags = {}
+    for module in (base.unet, base.text_encoder, base.vae):
+        module.eval()
+        for p in module.parameters():
+            if id(p) not in params:
+                flags[p] = p.requires_grad
+                p.requires_grad_(False)
+    for group in job.param_groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return lambda: [p.requires_grad_(flag) for p, flag in flags.items()]
+
+
+def _checkpointing(base, text_trainable: bool) -> Callable[[], None]:
+    """Gradient checkpointing on the UNet (and the text encoder when it is on the gradient path)."""
+    unet, te = base.unet, base.text_encoder
+    unet.enable_gradient_checkpointing()
+    if not text_trainable:
+        return unet.disable_gradient_checkpointing
+    # transformers checkpoints only in train mode (CLIP has no dropout, so train mode changes nothing else)
+    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    te.train()
+    return lambda: (unet.disable_gradient_checkpointing(), te.gradient_checkpointing_disable(), te.eval())
+
+
 def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         callback: Callable[[int, float], None] | None = None) -> list[Path]:
     """Train ``job`` on ``data``; returns the final files. Resumes from ``out/resume.pt`` when allowed."""
     accelerator = make_accelerator(settings, base)
     if base.device != accelerator.device:  # e.g. one GPU per process under accelerate launch
         base.to(accelerator.device)
+    device, world = accelerator.device, accelerator.num_processes
+    out = Path(settings.out)
+    state_path = out / STATE_FILE
+    global_batch, accum = settings.batch_size * world, settings.grad_accum
+    total = total_steps(settings, data, global_batch)
+    job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
+                        global_batch=global_batch * accum, processes=world)
+    params = [p for group in job.param_groups for p in group["params"]]
+    for group in job.param_groups:
+        group["base_lr"] = group["lr"]
+    undo = [_freeze(base, job)]
+    try:
+        if settings.gradient_checkpointing:
+            undo.append(_checkpointing(base, job.text_trainable))
+        job.set_training(True)
+        undo.append(lambda: job.set_training(False))
+        cache = None if job.text_trainable or data.captions_vary else data.possible_captions()
+        text = TextInput(base.tokenizer, base.text_encoder, device, job.expand, cache)
+        objective = Objective(base.unet, base.text_encoder, base.scheduler, settings.min_snr_gamma,
+                              job.text_trainable).to(device)
+        optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        start = 0
+        if settings.resume and state_path.is_file():
+            state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
+            start = int(state["step"])
+            if start > total:
+                raise SdtuneError(f"{state_path}: the saved run is at step {start}, past --steps {total}; raise "
+                                  f"--steps, or use another --out")
+            job.load_state(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+        model, optimizer = accelerator.prepare(objective, optimizer)
+        undo.append(accelerator.free_memory)
+        return _steps(accelerator, base, settings, job, data, text, model, optimizer, params, start, total,
+                      callback)
+    finally:
+        for step_back in reversed(undo):
+            step_back()
+
+
+def _steps(accelerator, base, settings, job, data, text, model, optimizer, params, start, total, callback):
+    """The loop itself: micro-batches, backward, clip, NaN check, step, saves and samples."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(settings.out)
-    state_path = out / STATE_FILE
-    global_batch = settings.batch_size * world
-    accum = settings.grad_accum
-    total = total_steps(settings, data, global_batch)
-    job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
-                        global_batch=global_batch * accum, processes=world, images=len(data.scan.examples),
-                        entries=len(data))
-
-    unet, te = base.unet, base.text_encoder
-    params = [p for group in job.param_groups for p in group["params"]]
-    trainable = {id(p) for p in params}
-    was_trainable = {}  # the base's own requires_grad flags, restored at the end
-    for module in (unet, te, base.vae):
-        module.eval()
-        for p in module.parameters():
-            if id(p) not in trainable:
-                was_trainable[p] = p.requires_grad
-                p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    job.set_training(True)
-    restore_checkpointing = []
-    if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        restore_checkpointing.append(unet.disable_gradient_checkpointing)
-        if job.text_trainable:  # transformers only checkpoints in train mode (CLIP has no dropout to switch)
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            te.train()
-            restore_checkpointing += [te.gradient_checkpointing_disable, te.eval]
-
-    cache = None if job.text_trainable or data.captions_vary else data.possible_captions()
-    text = TextInput(base.tokenizer, te, device, job.expand, cache)
-    objective = Objective(unet, te, base.scheduler, settings.min_snr_gamma, job.text_trainable).to(device)
-    for group in job.param_groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
-
-    start, last_save, final_files = 0, None, []
-    if settings.resume and state_path.is_file():
-        state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
-        job.load_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # base lrs from this run's settings, not the saved ones
-            group["base_lr"] = next(g["base_lr"] for g in job.param_groups if g["params"][0] is group["params"][0])
-        start = last_save = int(state["step"])
-    model, optimizer = accelerator.prepare(objective, optimizer)
+    global_batch, accum = settings.batch_size * world, settings.grad_accum
+    num_timesteps = len(base.scheduler.alphas_cumprod)
+    last_save, final_files = (start or None), []
 
     def save(step: int, final: bool) -> None:
         nonlocal last_save, final_files
         accelerator.wait_for_everyone()
         if main:
-            written = job.save(step, final)
+            written = job.save(step, final)  # the user's files first, then the state that points at them
             final_files = written if final else final_files
             atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": job.state(),
                                "optimizer": optimizer.state_dict(), "settings": json.dumps(settings.to_dict()),
-                               "model_hash": getattr(base, "model_hash", "")}, state_path)
+                               "model_hash": getattr(base, "model_hash", "")}, out / STATE_FILE)
         last_save = step
         accelerator.wait_for_everyone()
 
@@ -273,6 +296,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     bar = tqdm(total=total, initial=start, desc=f"train {job.name}", unit="step", dynamic_ncols=True,
                disable=not (main and settings.progress), file=sys.stderr)
     smooth = None
+    part = slice(rank * settings.batch_size, (rank + 1) * settings.batch_size)
     try:
         for step in range(start, total):
             factor = lr_factor(step, total, settings.lr_warmup_steps, settings.lr_scheduler)
@@ -282,10 +306,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             for micro in range(accum):
                 number = step * accum + micro
                 batch = data.batch(number, global_batch, rank, world)
-                shape = (global_batch, *batch.latents.shape[1:])
-                noise, timesteps = diffusion_draws(settings.seed, number, shape,
-                                                   len(objective.alphas_cumprod), settings.noise_offset)
-                part = slice(rank * settings.batch_size, (rank + 1) * settings.batch_size)
+                noise, timesteps = diffusion_draws(settings.seed, number, (global_batch, *batch.latents.shape[1:]),
+                                                   num_timesteps, settings.noise_offset)
                 torch.manual_seed(seed_for(settings.seed, "dropout", number, rank))
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
                 with sync:
@@ -297,11 +319,10 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             value = float(accelerator.reduce(step_loss, "mean"))
             bad_norm = norm is not None and accelerator.mixed_precision != "fp16" and not math.isfinite(float(norm))
             if not math.isfinite(value) or bad_norm:
-                kept = (f"the last good save is step {last_save} in {out}" if last_save
-                        else "nothing had been saved yet")
-                raise SdtuneError(f"{job.name} training: the loss became {'NaN' if value != value else value} at "
-                                  f"step {step + 1}, so training stopped before applying it; {kept}. Lower --lr, "
-                                  f"or use fp32/bf16 instead of fp16")
+                kept = f"the last good save is step {last_save} in {out}" if last_save else "nothing was saved yet"
+                what = "NaN" if math.isnan(value) else ("infinite" if math.isinf(value) else "a NaN gradient")
+                raise SdtuneError(f"{job.name} training: the loss became {what} at step {step + 1}, so training "
+                                  f"stopped before applying it; {kept}. Lower --lr, or use fp32/bf16 instead of fp16")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -317,12 +338,6 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         save(total, final=True)
     finally:
         bar.close()
-        job.set_training(False)
-        for undo in restore_checkpointing:
-            undo()
-        for p, flag in was_trainable.items():
-            p.requires_grad_(flag)
-        accelerator.free_memory()
     return final_files
 
 

@@ -32,8 +32,7 @@ from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
 from . import loop
 from .config import LoraSettings
-from .data import scan_folder, seed_for
-from .ti import report_skipped, training_set
+from .data import report_skipped, scan_folder, seed_for, training_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
@@ -71,7 +70,7 @@ class LoraLayer(nn.Module):
     def forward(self, x, *args, **kwargs):
         y = self.base(x)
         branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
-        return y + (branch * self.scale).to(y.dtype)
+        return y.add(branch.to(y.dtype), alpha=self.scale)
 
     def adapter(self) -> Adapter:
         return Adapter("lora", {"down": self.down.weight.detach().float().cpu().clone(),

@@ -13,7 +13,6 @@ saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet
 from . import loop
 from .config import TISettings
-from .data import Scan, TrainingSet, scan_folder
+from .data import Scan, report_skipped, scan_folder, training_set
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [
@@ -92,28 +91,6 @@ def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
 def file_stem(token: str) -> str:
     """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
-
-
-def model_steps(base) -> tuple[int, int]:
-    """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
-    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
-    return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
-
-
-def training_set(base, settings, scan: Scan, templates: list[str] | None) -> TrainingSet:
-    native, step = model_steps(base)
-    return TrainingSet(scan, base.vae, settings.resolution or native, settings.seed,
-                       bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
-                       flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                       caption_dropout=settings.caption_dropout, templates=templates)
-
-
-def report_skipped(scan: Scan) -> None:
-    if scan.skipped:
-        print(f"skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
-        for path, why in scan.skipped:
-            print(f"  {path}: {why}", file=sys.stderr)
 
 
 def train_ti(base, settings: TISettings, callback=None) -> Path:

@@ -1,0 +1,188 @@
+"""``sdtune demo --quick``: every file the report names exists, every number comes from the judge."""
+
+import argparse
+import json
+import re
+import shlex
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune import demo
+from sdtune.generate import parse_infotext, read_infotext
+from sdtune.tiny import judge, world
+from sdtune.train.config import load_settings
+from sdtune.xyplot import add_arguments as add_grid_arguments
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    t0 = time.time()
+    index = demo.run_demo(out, quick=True, progress=False)
+    return out, index, time.time() - t0
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("href", "src"):
+                self.links.append(v)
+
+
+def _links(index: Path) -> list[str]:
+    p = _Links()
+    p.feed(index.read_text(encoding="utf-8"))
+    return p.links
+
+
+def test_every_file_the_report_names_exists(report):
+    out, index, _ = report
+    assert index == out / "index.html"
+    links = _links(index)
+    assert len(links) > 10
+    for link in links:
+        assert not re.match(r"^[a-z]+:|^/", link), f"{link} is not a relative link"
+        assert (out / link).exists(), f"index.html links to {link}, which is missing"
+    for needed in ("scores.json", "reproduce.sh", "phases.json", "data/ti-set.png", "data/lora-set.png",
+                   "grids/ti.png", "grids/lora.png", "grids/sweep.png", "grids/mix.png"):
+        assert needed in links
+    # the trained files are linked, and are what the training API wrote
+    phases = json.loads((out / "phases.json").read_text())
+    assert phases["ti"]["file"] in links and phases["lora"]["file"] in links
+    for p in demo.PHASES:
+        assert phases[p]["done"]
+
+
+def test_scores_are_the_judges_verdicts_on_the_saved_images(report):
+    out, index, _ = report
+    data = json.loads((out / "scores.json").read_text())
+    plan = demo.QUICK
+    expect_n = {"ti": plan.seeds, "lora_style": plan.lora_prompts, "lora_content": plan.lora_prompts,
+                "mix": plan.mix_seeds}
+    html_text = index.read_text(encoding="utf-8")
+    for row in data["scores"]:
+        for side in ("before", "after"):
+            items = row[side]["items"]
+            assert len(items) == row[side]["n"] == expect_n[row["id"]]
+            verdicts = judge.judge([Image.open(out / i["file"]).convert("RGB") for i in items])
+            hits = [v.matches(**i["wanted"]) for v, i in zip(verdicts, items)]
+            assert row[side]["value"] == sum(hits) / len(hits)
+            assert [i["hit"] for i in items] == hits
+            assert f"{100 * row[side]['value']:.0f}%" in html_text
+    # what is scored is the right thing: the TI rows are the grid's rows, the concept as wanted
+    ti = data["scores"][0]
+    assert [i["file"] for i in ti["after"]["items"]] == [f"grids/ti-01-{c:02d}.png" for c in range(plan.seeds)]
+    assert ti["after"]["items"][0]["wanted"] == {"shape": plan.shape, "colour": plan.colour}
+    assert data["scores"][1]["after"]["items"][0]["wanted"] == {"style": plan.style}
+    assert [s["weight"] for s in data["sweep"]] == list(plan.sweep_weights)
+    assert demo.rescore(out) == {r["id"]: (r["before"]["value"], r["after"]["value"]) for r in data["scores"]}
+
+
+def test_grids_have_their_axes_metadata_and_cells(report):
+    out, _, _ = report
+    plan = demo.QUICK
+    shapes = {"ti": (2, plan.seeds), "lora": (2, plan.lora_prompts), "sweep": (plan.sweep_prompts,
+              len(plan.sweep_weights)), "mix": (plan.mix_seeds, 5)}
+    for name, (rows, cols) in shapes.items():
+        rec = json.loads((out / "grids" / f"{name}.json").read_text())
+        assert (rec["rows"], rec["cols"]) == (rows, cols)
+        for r in range(rows):
+            for c in range(cols):
+                assert (out / "grids" / f"{name}-{r:02d}-{c:02d}.png").is_file()
+        fields = parse_infotext(read_infotext(out / "grids" / f"{name}.png"))
+        assert fields["Steps"] == str(plan.gen_steps) and "X Type" in fields and "Y Type" in fields
+    assert parse_infotext(read_infotext(out / "grids" / "sweep.png"))["X Type"] == "LoRA weight (outline)"
+    # weight 0 of the sweep is the base model exactly: the same pixels as the base row of the LoRA grid
+    for r in range(plan.sweep_prompts):
+        a = np.asarray(Image.open(out / "grids" / f"sweep-{r:02d}-00.png"))
+        b = np.asarray(Image.open(out / "grids" / f"lora-00-{r:02d}.png"))
+        assert np.array_equal(a, b)
+        assert not np.array_equal(a, np.asarray(Image.open(out / "grids" / f"sweep-{r:02d}-02.png")))
+
+
+def test_training_sets_teach_what_they_claim(report):
+    out, _, _ = report
+    plan = demo.QUICK
+    ti_caps = [p.read_text().strip() for p in sorted((out / "data" / "ti").glob("*.txt"))]
+    assert len(ti_caps) == plan.ti_images and all(
+        plan.token in c and plan.colour not in c.replace(plan.token, "") for c in ti_caps)
+    lora_caps = [p.read_text().strip() for p in sorted((out / "data" / "lora").glob("*.txt"))]
+    assert len(lora_caps) == plan.lora_images and not any(plan.style in c for c in lora_caps)
+    ti_imgs = [Image.open(p) for p in sorted((out / "data" / "ti").glob("*.png"))]
+    assert judge.score(ti_imgs, shape=plan.shape, colour=plan.colour)["all"] == 1.0
+    lora_imgs = [Image.open(p) for p in sorted((out / "data" / "lora").glob("*.png"))]
+    assert judge.score(lora_imgs, style=plan.style)["style"] == 1.0
+    for s in demo.style_scenes(20):
+        assert s.style == "outline" and s.shape not in world.HELD_OUT_SHAPES
+        assert (s.colour, s.shape) not in world.HELD_OUT_PAIRS
+
+
+def test_commands_reproduce_the_steps(report):
+    out, _, _ = report
+    script = (out / "reproduce.sh").read_text()
+    lines = [ln for ln in script.splitlines() if ln and not ln.startswith("#")]
+    train = {w[2]: w for w in (shlex.split(ln) for ln in lines) if w[:2] == ["sdtune", "train"]}
+    assert set(train) == {"ti", "lora"}
+    for kind, words in train.items():
+        flags, i = {}, 3
+        while i < len(words):
+            flags[words[i][2:].replace("-", "_")] = words[i + 1]
+            i += 2
+        typed = {k: type(getattr(load_settings(None, {}, kind), k))(v) for k, v in flags.items()}
+        want = (demo.ti_settings if kind == "ti" else demo.lora_settings)(
+            demo.QUICK, out / "data" / kind, out / f"train-{kind}", "tiny", True)
+        assert load_settings(None, typed, kind) == want
+    grids = [shlex.split(ln)[2:] for ln in lines if ln.startswith("sdtune grid")]
+    assert len(grids) == 4
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    parser.add_argument("--lora", action="append", default=[])
+    parser.add_argument("--embedding", action="append", default=[])
+    add_grid_arguments(parser)
+    names = []
+    for words in grids:
+        a = parser.parse_args(words)
+        names.append(a.name)
+        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps
+        for f in a.lora + a.embedding:
+            assert Path(f).is_file()
+    assert names == ["ti", "lora", "sweep", "mix"]
+
+
+def test_rerun_reuses_finished_phases(report):
+    out, index, first_seconds = report
+    phases_before = json.loads((out / "phases.json").read_text())
+    trained = out / phases_before["lora"]["file"]
+    stamp = trained.stat().st_mtime_ns
+    cell_stamp = (out / "grids" / "mix-00-00.png").stat().st_mtime_ns
+    t0 = time.time()
+    assert demo.run_demo(out, quick=True, progress=False) == index
+    assert time.time() - t0 < max(15.0, first_seconds / 3)
+    assert trained.stat().st_mtime_ns == stamp and (out / "grids" / "mix-00-00.png").stat().st_mtime_ns == cell_stamp
+    after = json.loads((out / "phases.json").read_text())
+    for p in ("data", "ti", "lora", "grids"):
+        assert after[p]["signature"] == phases_before[p]["signature"]
+    assert "reused from an earlier run" in index.read_text()
+
+
+def test_phase_chain_invalidates_later_phases(tmp_path):
+    ph = demo._Phases(tmp_path, fresh=False)
+    sigs = {p: ph.signature(p, "a") for p in demo.PHASES}
+    for p in demo.PHASES:
+        ph.mark(p, sigs[p], True)
+    again = demo._Phases(tmp_path, fresh=False)
+    assert again.reusable("data", again.signature("data", "a"), [])
+    assert not again.reusable("ti", again.signature("ti", "changed"), [])
+    assert not again.reusable("lora", again.signature("lora", "a"), [])  # after a redone phase: redo
+    assert not demo._Phases(tmp_path, fresh=True).reusable("data", sigs["data"], [])
+    missing = demo._Phases(tmp_path, fresh=False)
+    assert not missing.reusable("data", missing.signature("data", "a"), [tmp_path / "gone.png"])

@@ -1,0 +1,248 @@
+"""The shared training loop: schedules, loss, settings, exact resume, NaN stop, samples, several processes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.lora.formats import load_lora
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError, load_state
+from sdtune.tiny import world
+from sdtune.train import data as data_mod
+from sdtune.train import loop
+from sdtune.train.config import LoraSettings, TISettings, load_settings
+from sdtune.train.lora import train_lora
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(5, seed=1, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def lora_tensors(path):
+    return {(c, p): ad.tensors for c, p, ad in load_lora(path).items()}
+
+
+def settings(dataset, out, **kw):
+    defaults = dict(data=str(dataset), out=str(out), steps=6, batch_size=2, rank=4, alpha=4, lr=2e-3,
+                    progress=False)
+    return LoraSettings(**{**defaults, **kw})
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_lr_factor_warmup_and_schedules():
+    f = loop.lr_factor
+    assert [f(s, 110, 10, "constant") for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    assert f(60, 110, 10, "linear") == pytest.approx(0.5)
+    assert f(60, 110, 10, "cosine") == pytest.approx(0.5)
+    assert f(10, 110, 10, "cosine") == pytest.approx(1.0)
+    assert f(109, 110, 10, "linear") == pytest.approx(0.01)
+    with pytest.raises(SdtuneError, match="--lr-scheduler"):
+        f(0, 10, 0, "exponential")
+
+
+def test_min_snr_weights_match_the_formula():
+    acp = torch.linspace(0.999, 0.001, 1000)
+    t = torch.tensor([0, 100, 500, 999])
+    snr = acp[t] / (1 - acp[t])
+    assert torch.allclose(loop.min_snr_weights(t, acp, 5.0), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert torch.allclose(loop.min_snr_weights(t, acp, 5.0, "v_prediction"),
+                          torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert torch.allclose(loop.min_snr_weights(t, acp, 1e9), torch.ones(4))
+
+
+class ZeroUNet(torch.nn.Module):
+    dtype = torch.float32
+
+    def forward(self, x, t, context):
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def test_objective_is_the_weighted_noise_mse(base):
+    obj = loop.Objective(ZeroUNet(), None, base.scheduler, min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 400, 900])
+    loss = obj(z0, noise, t, context=torch.zeros(3, 77, 64))
+    w = loop.min_snr_weights(t, base.scheduler.alphas_cumprod, 5.0)
+    assert loss.item() == pytest.approx((w * noise.pow(2).mean(dim=(1, 2, 3))).mean().item(), rel=1e-6)
+
+
+def test_draws_are_reproducible_and_noise_offset_shifts_channels():
+    a, ta = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.0)
+    b, tb = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.0)
+    c, _ = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.1)
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    shift = c - a  # one constant per (image, channel)
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift)) and shift.abs().max() > 0
+    assert not torch.equal(a, loop.diffusion_draws(1, 6, (2, 4, 8, 8), 1000, 0.0)[0])
+
+
+def test_text_cache_equals_running_the_encoder(base):
+    captions = ["a red circle", "a blue square", ""]
+    cached = loop.TextInput(base.tokenizer, base.text_encoder, "cpu", cache_captions=captions)
+    live = loop.TextInput(base.tokenizer, base.text_encoder, "cpu")
+    with torch.no_grad():
+        want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"])[0]
+    assert torch.allclose(cached(["a blue square", "a red circle"])["context"], want, atol=1e-6)
+
+
+def test_settings_from_toml_with_flags_winning(tmp_path):
+    cfg = tmp_path / "lora.toml"
+    cfg.write_text('data = "imgs"\nout = "o"\nrank = 8\nlr = 1\n"text-encoder" = true\n'
+                   'sample_prompts = "a cat"\n[ti]\ntoken = "<x>"\n')
+    s = load_settings(cfg, {"rank": 32, "alpha": None, "te_lr": 5e-5}, kind="lora")
+    assert (s.data, s.rank, s.alpha, s.lr, s.text_encoder, s.te_lr) == ("imgs", 32, 8.0, 1.0, True, 5e-5)
+    assert s.sample_prompts == ["a cat"] and isinstance(s.lr, float)
+    ti = load_settings(None, {"token": "<y>", "init_token": "dog"}, kind="ti")
+    assert isinstance(ti, TISettings) and ti.token == "<y>" and ti.lr == 5e-3
+    (tmp_path / "bad.toml").write_text("rnak = 4\n")
+    with pytest.raises(SdtuneError, match=r"bad.toml: unknown setting 'rnak' for lora training; did you mean 'rank'"):
+        load_settings(tmp_path / "bad.toml")
+    (tmp_path / "type.toml").write_text('rank = "big"\n')
+    with pytest.raises(SdtuneError, match="type.toml: rank = 'big' is not a int"):
+        load_settings(tmp_path / "type.toml")
+    (tmp_path / "broken.toml").write_text("rank = \n")
+    with pytest.raises(SdtuneError, match="broken.toml: not valid TOML"):
+        load_settings(tmp_path / "broken.toml")
+    with pytest.raises(SdtuneError, match="--targets 'everything': choose one of attn, attn\\+ff, all"):
+        LoraSettings(data="d", out="o", targets="everything").check()
+    with pytest.raises(SdtuneError, match="no training data"):
+        LoraSettings(out="o").check()
+
+
+# ---------------------------------------------------------------- runs
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(base, dataset, tmp_path):
+    # every source of randomness on: flips, shuffled captions with dropout, noise offset, LoRA dropout, accumulation
+    kw = dict(flip=True, shuffle_captions=True, caption_dropout=0.2, noise_offset=0.05, lora_dropout=0.1,
+              grad_accum=2, min_snr_gamma=5.0, lr_scheduler="cosine", lr_warmup_steps=2, save_every=3)
+    whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
+
+    def stop_at_5(step, loss):
+        if step == 5:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=stop_at_5)
+    assert not (tmp_path / "cut" / "lora.safetensors").exists()
+    state, _ = load_state(tmp_path / "cut" / loop.STATE_FILE)
+    assert state["step"] == 3
+    steps = []
+    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=lambda s, _: steps.append(s))
+    assert steps == [4, 5, 6]
+    a, b = lora_tensors(whole), lora_tensors(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        for role in ("down", "up"):
+            assert torch.equal(a[key][role], b[key][role]), key
+    assert any(t["up"].abs().max() > 0 for t in a.values())
+
+
+def test_resume_refuses_other_settings(base, dataset, tmp_path):
+    train_lora(base, settings(dataset, tmp_path, steps=2))
+    with pytest.raises(SdtuneError, match=r"resume.pt: this run was started with other settings \(rank 4 -> 8"):
+        train_lora(base, settings(dataset, tmp_path, steps=3, rank=8))
+    with pytest.raises(SdtuneError, match="past --steps 1"):
+        train_lora(base, settings(dataset, tmp_path, steps=1))
+    # more steps continue the run; resume=False starts over
+    steps = []
+    train_lora(base, settings(dataset, tmp_path, steps=3), callback=lambda s, _: steps.append(s))
+    train_lora(base, settings(dataset, tmp_path, steps=2, resume=False), callback=lambda s, _: steps.append(s))
+    assert steps == [3, 1, 2]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_save(base, dataset, tmp_path, monkeypatch):
+    real = data_mod.TrainingSet.batch
+
+    def poisoned(self, number, *a, **k):
+        b = real(self, number, *a, **k)
+        if number == 4:  # step 5 with one micro-batch per step
+            b.latents = b.latents * float("nan")
+        return b
+
+    monkeypatch.setattr(data_mod.TrainingSet, "batch", poisoned)
+    pristine = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    flags = [p.requires_grad for p in base.unet.parameters()]
+    with pytest.raises(SdtuneError, match=r"loss became NaN at step 5.*last good save is step 4"):
+        train_lora(base, settings(dataset, tmp_path, save_every=2))
+    state, _ = load_state(tmp_path / loop.STATE_FILE)
+    assert state["step"] == 4
+    good = lora_tensors(tmp_path / "lora-step000004.safetensors")
+    assert all(torch.isfinite(t).all() for ts in good.values() for t in ts.values())
+    assert not (tmp_path / "lora.safetensors").exists()
+    assert base.unet.state_dict().keys() == pristine.keys()  # LoRA layers taken out again
+    assert all(torch.equal(v, pristine[k]) for k, v in base.unet.state_dict().items())
+    assert [p.requires_grad for p in base.unet.parameters()] == flags
+
+
+def test_gradient_checkpointing_changes_nothing(base, dataset, tmp_path):
+    kw = dict(steps=2, text_encoder=True, targets="attn+ff")
+    a = lora_tensors(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
+    b = lora_tensors(train_lora(base, settings(dataset, tmp_path / "b", gradient_checkpointing=True, **kw)))
+    for key in a:
+        for role in ("down", "up"):
+            assert torch.allclose(a[key][role], b[key][role], atol=1e-6), key
+    assert not base.unet.is_gradient_checkpointing
+
+
+def test_sample_grids_every_m_steps(base, dataset, tmp_path):
+    s = settings(dataset, tmp_path, steps=4, sample_every=2, sample_prompts=["a red circle", "a blue square"],
+                 sample_images=2, sample_steps=2)
+    train_lora(base, s)
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    with Image.open(tmp_path / "samples" / grids[0]) as im:
+        assert im.size == (2 * 64, 2 * 64)  # one row per prompt, sample_images columns
+
+
+def test_epochs_set_the_number_of_steps(base, dataset, tmp_path):
+    train_lora(base, settings(dataset, tmp_path, steps=0, epochs=2, batch_size=2))
+    state, _ = load_state(tmp_path / loop.STATE_FILE)
+    assert state["step"] == 6  # 5 images in batches of 2: 3 batches per epoch
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from sdtune.models import load_base
+    from sdtune.train.config import LoraSettings
+    from sdtune.train.lora import train_lora
+    data, out = sys.argv[1:3]
+    train_lora(load_base("tiny-random"), LoraSettings(data=data, out=out, steps=3, batch_size=2, rank=4, alpha=4,
+                                                       lr=1e-3, progress=False))
+""")
+
+
+def test_two_processes_equal_one_with_double_batch(base, dataset, tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(dataset), str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = train_lora(base, settings(dataset, tmp_path / "one", steps=3, batch_size=4, lr=1e-3))
+    a, b = load_lora(one), load_lora(tmp_path / "two" / "lora.safetensors")
+    worst = 0.0
+    for comp, path, ad in a.items():
+        shape = (ad.tensors["up"].shape[0], -1)
+        da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
+        worst = max(worst, ((da - db).norm() / da.norm()).item())
+    assert worst < 1e-3, worst

@@ -1,0 +1,181 @@
+"""LoRA training: targets, the saved kohya and diffusers files (loaded back by sdtune and diffusers), metadata."""
+
+import copy
+import io
+import json
+import logging
+import re
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+from sdtune.lora.formats import load_lora
+from sdtune.lora.patch import LoraSet
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
+from sdtune.tiny import world
+from sdtune.train.config import LoraSettings
+from sdtune.train.lora import LoraLayer, Network, te_targets, train_lora, unet_targets
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora")
+    sub = folder / "2_shapes"
+    sub.mkdir()
+    world.write_dataset(sub, world.concept_scenes(4, seed=3, style="outline"), template=None, with_style=False)
+    return folder
+
+
+def settings(dataset, out, **kw):
+    return LoraSettings(**{**dict(data=str(dataset), out=str(out), steps=3, batch_size=2, rank=4, alpha=2, lr=5e-3,
+                                  progress=False), **kw})
+
+
+def test_target_sets(base):
+    unet, te = base.unet, base.text_encoder
+    attn = unet_targets(unet, "attn", with_convs=False)
+    ff = unet_targets(unet, "attn+ff", with_convs=False)
+    everything = unet_targets(unet, "all", with_convs=False)
+    assert attn and all(re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", p) for p in attn)
+    blocks = sum(1 for n, _ in unet.named_modules() if re.search(r"transformer_blocks\.\d+$", n))
+    assert len(attn) == blocks * 8  # attn1 and attn2: q, k, v, out each
+    extra = set(ff) - set(attn)
+    assert extra and all(re.search(r"(ff\.net\.(0\.proj|2)|proj_in|proj_out)$", p) for p in extra)
+    convs = set(everything) - set(ff)
+    assert any(p.endswith("resnets.0.conv1") for p in convs) and any("downsamplers.0.conv" in p for p in convs)
+    assert any(p.endswith("time_emb_proj") for p in convs) and any("upsamplers.0.conv" in p for p in convs)
+    assert unet_targets(unet, "attn", with_convs=True) == sorted(set(attn) | convs, key=everything.index)
+    assert len(te_targets(te, "attn")) == 3 * 4 and len(te_targets(te, "attn+ff")) == 3 * 6
+
+
+def test_lora_layer_starts_at_the_base_and_adds_its_delta():
+    g = torch.Generator().manual_seed(0)
+    for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)):
+        lora = LoraLayer(layer, rank=2, alpha=1.0, dropout=0.0, generator=g)
+        x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 8, 8)
+        assert torch.equal(lora(x), layer(x))  # up starts at zero
+        with torch.no_grad():
+            lora.up.weight.normal_()
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight += lora.adapter().delta(layer.weight.shape)
+        assert torch.allclose(lora(x), merged(x), atol=1e-5)
+
+
+def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dataset, tmp_path):
+    s = settings(dataset, tmp_path, targets="all", conv_rank=2, conv_alpha=1, text_encoder=True, te_lr=1e-3)
+    pristine = {c: {k: v.clone() for k, v in getattr(base, c).state_dict().items()} for c in ("unet", "text_encoder")}
+    path = train_lora(base, s)
+    for comp in ("unet", "text_encoder"):  # the base is unchanged
+        now = getattr(base, comp).state_dict()
+        assert now.keys() == pristine[comp].keys() and all(torch.equal(now[k], v) for k, v in pristine[comp].items())
+
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.lora_down") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "2.0" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
+    assert meta["ss_steps"] == "3" and meta["ss_num_train_images"] == "8" and meta["ss_text_encoder_lr"] == "0.001"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_shapes": {"n_repeats": 2, "img_count": 4}}
+    tags = json.loads(meta["ss_tag_frequency"])["2_shapes"]
+    assert sum(tags.values()) >= 4 and meta["ss_base_model_version"] == "sd_v1"
+
+    lora = load_lora(path)
+    conv = lora.modules["unet"]["down_blocks.0.resnets.0.conv1"]
+    assert conv.rank == 2 and conv.alpha == 1 and conv.tensors["down"].shape[2:] == (3, 3)
+    attn = lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert attn.rank == 4 and attn.alpha == 2 and attn.tensors["up"].abs().max() > 0
+    assert lora.modules["text_encoder"]["encoder.layers.0.self_attn.q_proj"].tensors["up"].abs().max() > 0
+
+    # the file, merged by sdtune's patcher, gives what the trained network computed
+    network = Network(base, s)
+    state = {}
+    for comp, p, ad in lora.items():
+        state[f"{comp}:{p}.down"], state[f"{comp}:{p}.up"] = ad.tensors["down"], ad.tensors["up"]
+    network.load_state(state, path)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ids = base.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    network.inject()
+    try:
+        with torch.no_grad():
+            ctx = base.text_encoder(ids)[0]
+            want = base.unet(x, 500, ctx).sample
+    finally:
+        network.remove()
+    loras = LoraSet.attach(base)
+    loras.add("trained", path, 1.0)
+    try:
+        with torch.no_grad():
+            got = base.unet(x, 500, base.text_encoder(ids)[0]).sample
+    finally:
+        loras.detach()
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path):
+    s = settings(dataset, tmp_path, targets="attn+ff", conv_rank=2, text_encoder=True, formats=["diffusers"])
+    kohya = train_lora(base, s)
+    path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
+    assert path.is_file()
+    unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out, logs = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(logs)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(out):
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    said = out.getvalue() + logs.getvalue() + " ".join(str(w.message) for w in caught)
+    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    lora = load_lora(kohya)
+    for comp, model in (("unet", unet), ("text_encoder", text)):
+        wrapped = {n.removeprefix("text_model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+        assert wrapped == set(lora.modules[comp]), comp
+    pipe.fuse_lora(adapter_names=["trained"], lora_scale=1.0)
+    for comp, model in (("unet", unet), ("text_encoder", text)):
+        for p, ad in lora.modules[comp].items():
+            mod = model.get_submodule(p)
+            fused = (mod.base_layer if hasattr(mod, "base_layer") else mod).weight.detach()
+            w0 = getattr(base, comp).get_submodule(p).weight.detach()
+            want = w0 + ad.delta(w0.shape)
+            assert torch.allclose(fused, want, atol=1e-6), (comp, p)
+
+
+def test_default_caption_and_missing_captions(base, tmp_path):
+    folder = world.write_dataset(tmp_path / "d", world.concept_scenes(2, seed=4))
+    (folder / "0000.txt").unlink()
+    with pytest.raises(SdtuneError, match=r"0000.png\).*--default-caption"):
+        train_lora(base, settings(folder, tmp_path / "o"))
+    path = train_lora(base, settings(folder, tmp_path / "o", default_caption="a shape", steps=1))
+    with safe_open(str(path), "pt") as f:
+        tags = json.loads(f.metadata()["ss_tag_frequency"])["."]
+    assert tags["a shape"] == 1
+
+
+def test_lora_dropout_is_off_outside_training(base, dataset, tmp_path):
+    s = settings(dataset, tmp_path, lora_dropout=0.5)
+    network = Network(base, s)
+    layer = next(iter(network.layers.values()))
+    network.set_training(True)
+    assert layer.dropout.training
+    network.set_training(False)
+    assert not layer.dropout.training
