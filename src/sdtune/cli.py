@@ -72,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-partial", action="store_true")
     m.set_defaults(func=cmd_merge)
 
+    t = sub.add_parser("train", help="train a TI embedding or a LoRA from a folder of images and captions")
+    tsub = t.add_subparsers(dest="kind", required=True)
+    for kind, text in (("ti", "Textual Inversion: learn a new token"), ("lora", "LoRA on the UNet (+ text encoder)")):
+        tp = tsub.add_parser(kind, help=text)
+        tp.add_argument("--config", help="TOML file with the same settings (flags override it)")
+        tp.add_argument("--device")
+        tp.add_argument("--dtype")
+        _settings_args(tp, kind)
+        tp.set_defaults(func=cmd_train)
+
+    from . import demo, xyplot
+
+    gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
+    _base_args(gr)
+    _adapter_args(gr)
+    xyplot.add_arguments(gr)
+    gr.set_defaults(func=xyplot.run_from_args)
+
+    d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
+    _base_args(d)
+    demo.add_arguments(d)
+    d.set_defaults(func=lambda a: print(demo.run_from_args(a)))
+
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
     _base_args(e)
     e.add_argument("--images", type=int, default=8, help="images per prompt")
@@ -95,6 +118,44 @@ def cmd_generate(a) -> None:
 
     for path in save_batch(results, a.out):
         print(path)
+
+
+def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """One flag per training setting (``init_token`` -> ``--init-token``); unset flags stay None so that
+    the TOML file's value (or the default) is kept."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from .train.config import KINDS
+
+    cls = KINDS[kind]
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, text = "--" + f.name.replace("_", "-"), str(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"default: {default}"
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif "list" in text:
+            p.add_argument(flag, nargs="+", default=None, help=help_)
+        else:
+            typ = int if hints[f.name] is int else float if "float" in text else str
+            p.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def cmd_train(a) -> None:
+    from .models import load_base
+    from .train.config import KINDS, load_settings
+
+    names = {f.name for f in __import__("dataclasses").fields(KINDS[a.kind])}
+    overrides = {k: v for k, v in vars(a).items() if k in names}
+    settings = load_settings(a.config, overrides, kind=a.kind)
+    base = load_base(settings.model, device=a.device, dtype=a.dtype)
+    if a.kind == "ti":
+        from .train.ti import train_ti as train
+    else:
+        from .train.lora import train_lora as train
+    print(train(base, settings))
 
 
 def cmd_inspect(a) -> None:

@@ -49,7 +49,7 @@ def load_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+        if "Weights only load failed" in str(e):  # the file holds objects beyond tensors; corrupt files differ
             raise SdtuneError(
                 f"{path}: this pickle holds Python objects beyond plain tensors, and sdtune refuses to unpickle "
                 f"it (it could run code); convert it to .safetensors with a tool you trust")
