@@ -1,6 +1,6 @@
 """``sdtune demo --quick``: every file the report names exists, every number comes from the judge."""
 
-import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune import demo
+from sdtune import cli, demo, xyplot
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.tiny import judge, world
-from sdtune.train.config import load_settings
-from sdtune.xyplot import add_arguments as add_grid_arguments
+from sdtune.train.config import KINDS, load_settings
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +111,11 @@ def test_grids_have_their_axes_metadata_and_cells(report):
 def test_training_sets_teach_what_they_claim(report):
     out, _, _ = report
     plan = demo.QUICK
-    ti_caps = [p.read_text().strip() for p in sorted((out / "data" / "ti").glob("*.txt"))]
-    assert len(ti_caps) == plan.ti_images and all(
-        plan.token in c and plan.colour not in c.replace(plan.token, "") for c in ti_caps)
+    ti_imgs = [Image.open(p) for p in sorted((out / "data" / "ti").glob("*.png"))]
+    assert len(ti_imgs) == plan.ti_images and not list((out / "data" / "ti").glob("*.txt"))  # TI templates
+    assert judge.score(ti_imgs, shape=plan.shape, colour=plan.colour)["all"] == 1.0
     lora_caps = [p.read_text().strip() for p in sorted((out / "data" / "lora").glob("*.txt"))]
     assert len(lora_caps) == plan.lora_images and not any(plan.style in c for c in lora_caps)
-    ti_imgs = [Image.open(p) for p in sorted((out / "data" / "ti").glob("*.png"))]
-    assert judge.score(ti_imgs, shape=plan.shape, colour=plan.colour)["all"] == 1.0
     lora_imgs = [Image.open(p) for p in sorted((out / "data" / "lora").glob("*.png"))]
     assert judge.score(lora_imgs, style=plan.style)["style"] == 1.0
     for s in demo.style_scenes(20):
@@ -126,36 +123,34 @@ def test_training_sets_teach_what_they_claim(report):
         assert (s.colour, s.shape) not in world.HELD_OUT_PAIRS
 
 
-def test_commands_reproduce_the_steps(report):
+def test_commands_reproduce_the_steps(report, tmp_path):
+    """The commands in reproduce.sh parse with the real CLI into exactly the settings the demo used."""
     out, _, _ = report
     script = (out / "reproduce.sh").read_text()
-    lines = [ln for ln in script.splitlines() if ln and not ln.startswith("#")]
-    train = {w[2]: w for w in (shlex.split(ln) for ln in lines) if w[:2] == ["sdtune", "train"]}
-    assert set(train) == {"ti", "lora"}
-    for kind, words in train.items():
-        flags, i = {}, 3
-        while i < len(words):
-            flags[words[i][2:].replace("-", "_")] = words[i + 1]
-            i += 2
-        typed = {k: type(getattr(load_settings(None, {}, kind), k))(v) for k, v in flags.items()}
-        want = (demo.ti_settings if kind == "ti" else demo.lora_settings)(
-            demo.QUICK, out / "data" / kind, out / f"train-{kind}", "tiny", True)
-        assert load_settings(None, typed, kind) == want
-    grids = [shlex.split(ln)[2:] for ln in lines if ln.startswith("sdtune grid")]
-    assert len(grids) == 4
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    parser.add_argument("--lora", action="append", default=[])
-    parser.add_argument("--embedding", action="append", default=[])
-    add_grid_arguments(parser)
-    names = []
-    for words in grids:
-        a = parser.parse_args(words)
-        names.append(a.name)
-        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps
-        for f in a.lora + a.embedding:
-            assert Path(f).is_file()
-    assert names == ["ti", "lora", "sweep", "mix"]
+    lines = [shlex.split(ln) for ln in script.splitlines() if ln.startswith("sdtune ")]
+    parser = cli.build_parser()
+    train = [w for w in lines if w[1] == "train"]
+    assert [w[2] for w in train] == ["ti", "lora"]
+    for words in train:
+        a = parser.parse_args(words[1:])
+        names = {f.name for f in dataclasses.fields(KINDS[a.kind])}
+        got = load_settings(a.config, {k: v for k, v in vars(a).items() if k in names}, kind=a.kind)
+        make = demo.ti_settings if a.kind == "ti" else demo.lora_settings
+        assert got == make(demo.QUICK, out / "data" / a.kind, out / f"train-{a.kind}", "tiny", True)
+    grids = [parser.parse_args(w[1:]) for w in lines if w[1] == "grid"]
+    assert [a.name for a in grids] == ["ti", "lora", "sweep", "mix"]
+    for a in grids:
+        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps and a.func is xyplot.run_from_args
+        assert all(Path(f).is_file() for f in a.lora + a.embedding)
+    # running one of them (into another folder) gives the demo's images exactly
+    words = next(w for w in lines if w[1] == "grid" and "mix" in w)
+    words[words.index("--out") + 1] = str(tmp_path)
+    assert cli.main([*words[1:], "--no-progress"]) == 0
+    for f in ("mix-00-00.png", "mix-01-03.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f)), np.asarray(Image.open(out / "grids" / f)))
+    # the data commands are Python calls of the functions the demo used
+    data_lines = [ln for ln in script.splitlines() if ln.startswith("python -c")]
+    assert any("write_ti_set" in ln for ln in data_lines) and any("write_style_set" in ln for ln in data_lines)
 
 
 def test_rerun_reuses_finished_phases(report):

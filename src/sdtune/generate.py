@@ -149,8 +149,8 @@ def generate(
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (1, base.unet.config.in_channels, height // scale, width // scale)
         latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(base.device, base.dtype)
-        cond = encode_prompt(base, [prompt]).expand(len(seeds), -1, -1)
-        uncond = encode_prompt(base, [negative_prompt]).expand(len(seeds), -1, -1)
+        uncond, cond = encode_prompt(base, [negative_prompt, prompt]).chunk(2)  # one text-encoder call
+        cond, uncond = cond.expand(len(seeds), -1, -1), uncond.expand(len(seeds), -1, -1)
         images = pipe(
             prompt_embeds=cond,
             negative_prompt_embeds=uncond,
