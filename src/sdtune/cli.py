@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(gr)
     _adapter_args(gr)
     xyplot.add_arguments(gr)
-    gr.set_defaults(func=xyplot.run_from_args)
+    gr.set_defaults(func=lambda a: print(xyplot.run_from_args(a)))
 
     d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
     _base_args(d)

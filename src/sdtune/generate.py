@@ -1,7 +1,8 @@
 """txt2img on a loaded base: schedulers, seeds, A1111-style PNG infotext, grids.
 
 Reproducibility: image ``i`` of a call with seed ``s`` starts from noise drawn on the CPU with seed
-``s + i`` (as A1111 does), so the same seed and settings give the same pixels whatever the batch size.
+``s + i`` (as A1111 does), so the same seed and settings give the same pixels; across different batch
+sizes a few pixels may differ by 1/255 (CPU kernels round differently per batch shape).
 """
 
 from __future__ import annotations
