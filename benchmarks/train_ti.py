@@ -43,8 +43,12 @@ def write_small_model(folder: Path) -> Path:
     pipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**SMALL_UNET), vae=AutoencoderKL(**SMALL_VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SMALL_TEXT)), tokenizer=tokenizer(),
-        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.disable_progress_bar()
     pipe.save_pretrained(folder)
     return folder
 
@@ -98,6 +102,12 @@ def child_main(spec: dict) -> None:
     from sdtune.train.ti import train_ti
 
     base = load_base(spec["model"], device="cpu", dtype="fp32")
+    loaded_gb = _rss_gb("VmRSS")
+    try:  # reset the peak to the current RSS, so VmHWM at the end is the training phase's peak
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
     stamps = []  # (wall, process CPU) after each step
     train = train_ti if spec["kind"] == "ti" else train_lora
     cls = TISettings if spec["kind"] == "ti" else LoraSettings
@@ -106,7 +116,16 @@ def child_main(spec: dict) -> None:
     skip = min(2, len(stamps) - 2)
     n = len(stamps) - 1 - skip
     print(json.dumps({"s_per_step": (stamps[-1][0] - stamps[skip][0]) / n,
-                      "cpu_s_per_step": (stamps[-1][1] - stamps[skip][1]) / n, "steps": len(stamps)}))
+                      "cpu_s_per_step": (stamps[-1][1] - stamps[skip][1]) / n, "steps": len(stamps),
+                      "loaded_gb": loaded_gb, "train_peak_gb": _rss_gb("VmHWM") if reset else None}))
+
+
+def _rss_gb(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (peak) of this process, in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return None
 
 
 def script_run(script: str, args: list[str], steps: tuple[int, int], threads: int, out: Path) -> dict:
@@ -121,11 +140,13 @@ def script_run(script: str, args: list[str], steps: tuple[int, int], threads: in
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    """s/step is wall time; CPU s/step (sdtune only) is the process's CPU time, all threads together."""
-    lines = [f"{'trainer':<62} {'s/step':>8} {'CPU s/step':>10} {'peak RSS':>9}", "-" * 92]
+    """s/step: wall time; CPU s/step: the process's CPU time (all threads); peak RSS: the whole process;
+    training peak: the highest RSS while training (after the model was loaded), sdtune only."""
+    lines = [f"{'trainer':<62} {'s/step':>8} {'CPU s/step':>10} {'peak RSS':>9} {'training peak':>13}", "-" * 106]
     for name, r in rows:
         cpu = f"{r['cpu_s_per_step']:.3f}" if "cpu_s_per_step" in r else "-"
-        lines.append(f"{name:<62} {r['s_per_step']:>8.3f} {cpu:>10} {r['peak_rss_gb']:>7.2f}GB")
+        train = f"{r['train_peak_gb']:.2f}GB" if r.get("train_peak_gb") else "-"
+        lines.append(f"{name:<62} {r['s_per_step']:>8.3f} {cpu:>10} {r['peak_rss_gb']:>7.2f}GB {train:>13}")
     return "\n".join(lines)
 
 

@@ -92,3 +92,40 @@ def test_hub_source_offline_is_one_clear_line(monkeypatch):
     with pytest.raises(SdtuneError) as e:
         sources.resolve("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora")
     assert "hub is unreachable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_readme_workflow_two_loras_reweight_remove(tmp_path):
+    """The README's Python API example, with LoRAs made on the spot: weights change images, removal
+    restores the base exactly."""
+    import torch
+
+    from sdtune import generate as gen
+    from sdtune import load_base as lb
+    from sdtune.lora.formats import save_lora
+    from sdtune.lora.neutral import Adapter, Lora
+
+    base = lb("tiny-random")
+    files = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        lora = Lora(format="kohya")
+        for path in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                     "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"):
+            w = base.unet.get_submodule(path).weight
+            lora.modules["unet"][path] = Adapter("lora", {"down": torch.randn(4, w.shape[1], generator=g),
+                                                          "up": torch.randn(w.shape[0], 4, generator=g)}, 2.0)
+        files.append(tmp_path / f"l{i}.safetensors")
+        save_lora(lora, files[-1])
+    before = np.asarray(gen(base, "a red circle", steps=3, seed=1, progress=False)[0].image)
+    weights0 = base.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q").weight.clone()
+    base.loras.add("a", files[0], weight=0.5)
+    base.loras.add("b", files[1], weight=1.0)
+    mixed = np.asarray(gen(base, "a red circle", steps=3, seed=1, progress=False)[0].image)
+    base.loras.set_weights({"a": 1.0, "b": (0.5, 0.0)})
+    reweighted = np.asarray(gen(base, "a red circle", steps=3, seed=1, progress=False)[0].image)
+    assert not np.array_equal(before, mixed) and not np.array_equal(mixed, reweighted)
+    base.loras.remove("b")
+    base.loras.remove("a")
+    assert torch.equal(base.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q").weight,
+                       weights0)
+    assert np.array_equal(before, np.asarray(gen(base, "a red circle", steps=3, seed=1, progress=False)[0].image))

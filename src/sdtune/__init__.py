@@ -1,0 +1,13 @@
+"""sdtune: personalise Stable Diffusion with LoRA and Textual Inversion.
+
+    from sdtune import load_base, generate
+"""
+
+__version__ = "0.1.0"
+
+# Imported after the submodule `sdtune.generate` so that the name `generate` here is the function.
+from .api import add_embedding, add_lora, generate, load  # noqa: E402
+from .models import load_base  # noqa: E402
+from .safeio import SdtuneError  # noqa: E402
+
+__all__ = ["load_base", "generate", "load", "add_lora", "add_embedding", "SdtuneError"]
