@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .safeio import SdtuneError
 
@@ -88,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(gr)
     _adapter_args(gr)
     xyplot.add_arguments(gr)
-    gr.set_defaults(func=lambda a: print(xyplot.run_from_args(a)))
+    gr.set_defaults(func=xyplot.run_from_args)
 
     d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
     _base_args(d)
     demo.add_arguments(d)
-    d.set_defaults(func=lambda a: print(demo.run_from_args(a)))
+    d.set_defaults(func=demo.run_from_args)
 
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
     _base_args(e)
@@ -196,7 +197,9 @@ def cmd_eval_tiny(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        result = args.func(args)
+        if isinstance(result, Path):  # commands that make one main file print where it is
+            print(result)
     except SdtuneError as e:
         if args.debug:
             raise
