@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not tiny_model.trained_weight
 SAMPLING = dict(steps=20, guidance=5.0)
 
 # Hyperparameters (tuned on the shipped tiny model; see the numbers in the README).
-TI = dict(num_vectors=2, steps=300, lr=2e-3, batch_size=4, flip=False)
-LORA = dict(rank=8, alpha=8, targets="attn+ff", steps=400, lr=1e-3, batch_size=8)
+TI = dict(num_vectors=2, steps=400, lr=5e-3, batch_size=4, flip=False)
+LORA = dict(rank=8, alpha=8, targets="attn+ff", steps=300, lr=1e-3, batch_size=8)
 LORA_IMAGES = 48
 
 

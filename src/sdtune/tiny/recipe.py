@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import random
 import shutil
 import time
@@ -25,13 +27,31 @@ from safetensors.torch import load_file, save_file
 from .. import safeio
 from . import model, world
 
+# The shipped model's settings (python -m sdtune.tiny.recipe with no flags reproduces it).
+VAE_STEPS, VAE_BATCH, VAE_IMAGES = 3000, 32, 32000
+STEPS, BATCH, LR, IMAGES = 9000, 96, 5e-4, 32000
 
-def to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+def _render_u8(scene) -> np.ndarray:
+    return np.asarray(world.render(scene), dtype=np.uint8)
+
+
+def render_pool(scenes, workers: int = 1) -> torch.Tensor:
+    """uint8 [N, 3, 64, 64] renders; worker processes only split the work (same pixels for any count)."""
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            arrays = pool.map(_render_u8, scenes, chunksize=256)
+    else:
+        arrays = [_render_u8(s) for s in scenes]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
 
 
 def render_batch(scenes) -> torch.Tensor:
-    return torch.stack([to_tensor(world.render(s)) for s in scenes])
+    return to_float(render_pool(scenes))
 
 
 def _save_ckpt(path: Path, modules: dict, opt, step: int, extra: dict | None = None) -> None:
@@ -47,7 +67,9 @@ def _load_ckpt(path: Path, modules: dict, opt) -> dict:
     return ck
 
 
-def train_vae(vae, out: Path, steps: int, batch: int, seed: int, log) -> float:
+def train_vae(vae, pool: torch.Tensor, out: Path, steps: int, batch: int, seed: int, device, log,
+              save_every: int = 500) -> float:
+    """Reconstruction (L1 + MSE) with a light KL term, on batches drawn from ``pool`` (uint8 renders)."""
     ck_path = out / "vae_ckpt.pt"
     with torch.no_grad():  # start near-deterministic (posterior std ~0.05) so reconstruction learns fast
         vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
@@ -59,10 +81,11 @@ def train_vae(vae, out: Path, steps: int, batch: int, seed: int, log) -> float:
     vae.train()
     t0 = time.time()
     for step in range(start, steps):
-        rng = random.Random(seed * 100003 + step)
-        x = render_batch([world.random_scene(rng) for _ in range(batch)])
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        x = to_float(pool[torch.randint(0, len(pool), (batch,), generator=g)]).to(device)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
         for group in opt.param_groups:
@@ -70,32 +93,39 @@ def train_vae(vae, out: Path, steps: int, batch: int, seed: int, log) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 100 == 0:
             log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-        if (step + 1) % 250 == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps:
             _save_ckpt(ck_path, {"vae": vae}, opt, step + 1)
     vae.eval()
     with torch.no_grad():  # SD-style scaling factor: make latents unit variance
-        rng = random.Random(seed + 7)
-        z = vae.encode(render_batch([world.random_scene(rng) for _ in range(256)])).latent_dist.mean
+        z = vae.encode(to_float(pool[:256]).to(device)).latent_dist.mean
     return float(1.0 / z.std())
 
 
-@torch.no_grad()
-def encode_dataset(vae, scaling: float, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Held-in scenes with varied captions, encoded once (mean and std of the latent distribution)."""
+def dataset_scenes(n: int, seed: int) -> tuple[list, list[str]]:
+    """Held-in scenes with varied captions: the diffusion model's training set."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, held_in_only=True) for _ in range(n)]
-    captions = [world.caption(s, rng.randrange(world.n_templates())) for s in scenes]
+    return scenes, [world.caption(s, rng.randrange(world.n_templates())) for s in scenes]
+
+
+@torch.no_grad()
+def encode_dataset(vae, scaling: float, pixels: torch.Tensor, device) -> torch.Tensor:
+    """Each image encoded once: mean and std of its latent distribution, scaled (kept on the CPU)."""
     stats = []
-    for i in range(0, n, 256):
-        d = vae.encode(render_batch(scenes[i:i + 256])).latent_dist
-        stats.append(torch.cat([d.mean, d.std], 1) * scaling)
-    return torch.cat(stats), captions
+    for i in range(0, len(pixels), 256):
+        d = vae.encode(to_float(pixels[i:i + 256]).to(device)).latent_dist
+        stats.append((torch.cat([d.mean, d.std], 1) * scaling).cpu())
+    return torch.cat(stats)
 
 
 def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch: int, lr: float, seed: int,
-                    log) -> None:
+                    device, log, save_every: int = 500) -> None:
+    """UNet and text encoder together on the epsilon loss, with caption dropout and an EMA of the weights.
+
+    The random draws come from a CPU generator seeded per step, so a resumed run repeats the same steps.
+    """
     unet, te, tok, sched = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -107,7 +137,10 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
         ck = _load_ckpt(ck_path, {"unet": unet, "te": te}, opt)
         start = ck["step"]
         for n in ema:
-            ema[n] = {k[len(n) + 5:]: v for k, v in ck["model_ema"].items() if k.startswith(n + ".ema.")}
+            ema[n] = {k[len(n) + 5:]: v.to(device) for k, v in ck["model_ema"].items() if k.startswith(n + ".ema.")}
+    live = [v for m in (unet, te) for v in m.state_dict().values() if v.dtype.is_floating_point]
+    shadow = [ema[n][k] for n, m in (("unet", unet), ("te", te))
+              for k, v in m.state_dict().items() if v.dtype.is_floating_point]
     acp = sched.alphas_cumprod
     unet.train()
     te.train()
@@ -123,6 +156,7 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, t, ids, noise = zt.to(device), t.to(device), ids.to(device), noise.to(device)
         pred = unet(zt, t, te(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:  # warm-up then cosine decay
@@ -133,24 +167,30 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for n, m in (("unet", unet), ("te", te)):
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[n][k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        if (step + 1) % 50 == 0:
+            torch._foreach_lerp_(shadow, live, 1 - decay)
+        if (step + 1) % 100 == 0:
             log(f"diffusion step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-        if (step + 1) % 250 == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps:
             flat = {f"{n}.ema.{k}": v for n, d in ema.items() for k, v in d.items()}
             _save_ckpt(ck_path, {"unet": unet, "te": te}, opt, step + 1, {"model_ema": flat})
     unet.load_state_dict(ema["unet"])
     te.load_state_dict(ema["te"])
 
 
+def load_ema(parts: dict, out: Path) -> int:
+    """Put the EMA weights of the last diffusion checkpoint into ``parts``; returns its step."""
+    ck = torch.load(out / "diffusion_ckpt.pt", map_location="cpu", weights_only=True)
+    for n, name in (("unet", "unet"), ("te", "text_encoder")):
+        parts[name].load_state_dict({k[len(n) + 5:]: v for k, v in ck["model_ema"].items()
+                                     if k.startswith(n + ".ema.")})
+    return ck["step"]
+
+
 def export(parts: dict, scaling: float, folder: Path) -> None:
     """fp16 safetensors, one file per component (the package ships these)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in model.COMPONENTS:
-        state = {k: v.detach().half().contiguous() for k, v in parts[name].state_dict().items()}
+        state = {k: v.detach().cpu().half().contiguous() for k, v in parts[name].state_dict().items()}
         if name == "vae":
             state["scaling_factor"] = torch.tensor(scaling)
         save_file(state, folder / f"{name}.safetensors")
@@ -160,17 +200,27 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--images", type=int, default=24000)
+    p.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    p.add_argument("--vae-batch", type=int, default=VAE_BATCH)
+    p.add_argument("--vae-images", type=int, default=VAE_IMAGES, help="renders the VAE trains on (all kinds)")
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--images", type=int, default=IMAGES, help="held-in training images of the diffusion model")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU core)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
+    p.add_argument("--export-only", action="store_true", help="export the EMA weights of the last checkpoint")
     p.add_argument("--install", action="store_true", help="copy the result into the package assets")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if a.device == "auto" else a.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes throughout
+    workers = a.workers or os.cpu_count() or 1
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -180,30 +230,50 @@ def main(argv=None) -> None:
         logf.write(msg + "\n")
         logf.flush()
 
-    log(f"recipe {json.dumps(vars(a))}")
+    log(f"recipe {json.dumps(vars(a))} on {device}")
+    t0 = time.time()
     parts = model.build(a.seed)
     vae_done = out / "vae.safetensors"
     if vae_done.exists():
         state = load_file(vae_done)
         scaling = float(state.pop("scaling_factor"))
         parts["vae"].load_state_dict(state)
+    elif a.export_only:
+        raise SystemExit(f"{out}: no trained VAE yet; run the recipe without --export-only first")
+    if a.export_only:
+        log(f"exporting the EMA weights of step {load_ema(parts, out)}")
     else:
-        scaling = train_vae(parts["vae"], out, a.vae_steps, a.vae_batch, a.seed, log)
-        save_file({**parts["vae"].state_dict(), "scaling_factor": torch.tensor(scaling)}, vae_done)
-    log(f"vae scaling factor {scaling:.4f}")
-    parts["vae"].eval().requires_grad_(False)
-    cache = out / "latents.safetensors"
-    if cache.exists():
-        latents = load_file(cache)["latents"]
-        captions = json.loads((out / "captions.json").read_text())
-    else:
-        latents, captions = encode_dataset(parts["vae"], scaling, a.images, a.seed + 1)
-        save_file({"latents": latents.contiguous()}, cache)
-        (out / "captions.json").write_text(json.dumps(captions))
-    log(f"{len(captions)} encoded training images")
-    train_diffusion(parts, latents, captions, out, a.steps, a.batch, a.lr, a.seed, log)
+        cache = out / "latents.safetensors"
+        scenes = captions = pixels = None
+        if not cache.exists():  # render before CUDA starts (worker processes are forked)
+            scenes, captions = dataset_scenes(a.images, a.seed + 1)
+            pixels = render_pool(scenes, workers)
+            log(f"rendered {len(scenes)} training images ({time.time() - t0:.0f}s)")
+        if not vae_done.exists():
+            rng = random.Random(a.seed)
+            pool = render_pool([world.random_scene(rng) for _ in range(a.vae_images)], workers)
+            log(f"rendered {len(pool)} VAE images ({time.time() - t0:.0f}s)")
+            scaling = train_vae(parts["vae"].to(device), pool, out, a.vae_steps, a.vae_batch, a.seed, device, log,
+                                a.save_every)
+            del pool
+            safeio.atomic_save_safetensors({**{k: v.cpu() for k, v in parts["vae"].state_dict().items()},
+                       "scaling_factor": torch.tensor(scaling)}, vae_done)
+        log(f"vae scaling factor {scaling:.4f}")
+        parts["vae"].to(device).eval().requires_grad_(False)
+        if cache.exists():
+            latents = load_file(cache)["latents"]
+            captions = json.loads((out / "captions.json").read_text())
+        else:
+            latents = encode_dataset(parts["vae"], scaling, pixels, device)
+            safeio.atomic_write_text(json.dumps(captions), out / "captions.json")
+            safeio.atomic_save_safetensors({"latents": latents.contiguous()}, cache)
+        log(f"{len(captions)} encoded training images ({time.time() - t0:.0f}s)")
+        parts["unet"].to(device)
+        parts["text_encoder"].to(device)
+        train_diffusion(parts, latents, captions, out, a.steps, a.batch, a.lr, a.seed, device, log,
+                        a.save_every)
     export(parts, scaling, out / "model")
-    log(f"exported to {out / 'model'}")
+    log(f"exported to {out / 'model'} ({time.time() - t0:.0f}s)")
     if a.install:
         shutil.copytree(out / "model", model.WEIGHTS, dirs_exist_ok=True)
         log(f"installed into {model.WEIGHTS}")
