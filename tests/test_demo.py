@@ -65,7 +65,7 @@ def test_scores_are_the_judges_verdicts_on_the_saved_images(report):
     out, index, _ = report
     data = json.loads((out / "scores.json").read_text())
     plan = demo.QUICK
-    expect_n = {"ti": plan.seeds, "lora_style": plan.lora_prompts, "lora_content": plan.lora_prompts,
+    expect_n = {"ti": plan.seeds, "ti_words": plan.seeds, "lora_style": plan.lora_prompts, "lora_content": plan.lora_prompts,
                 "mix": plan.mix_seeds}
     html_text = index.read_text(encoding="utf-8")
     for row in data["scores"]:
@@ -79,9 +79,10 @@ def test_scores_are_the_judges_verdicts_on_the_saved_images(report):
             assert f"{100 * row[side]['value']:.0f}%" in html_text
     # what is scored is the right thing: the TI rows are the grid's rows, the concept as wanted
     ti = data["scores"][0]
-    assert [i["file"] for i in ti["after"]["items"]] == [f"grids/ti-01-{c:02d}.png" for c in range(plan.seeds)]
+    assert [i["file"] for i in ti["before"]["items"]] == [f"grids/ti-00-{c:02d}.png" for c in range(plan.seeds)]
+    assert [i["file"] for i in ti["after"]["items"]] == [f"grids/ti-02-{c:02d}.png" for c in range(plan.seeds)]
     assert ti["after"]["items"][0]["wanted"] == {"shape": plan.shape, "colour": plan.colour}
-    assert data["scores"][1]["after"]["items"][0]["wanted"] == {"style": plan.style}
+    assert data["scores"][2]["after"]["items"][0]["wanted"] == {"style": plan.style}
     assert [s["weight"] for s in data["sweep"]] == list(plan.sweep_weights)
     assert demo.rescore(out) == {r["id"]: (r["before"]["value"], r["after"]["value"]) for r in data["scores"]}
 
@@ -89,7 +90,7 @@ def test_scores_are_the_judges_verdicts_on_the_saved_images(report):
 def test_grids_have_their_axes_metadata_and_cells(report):
     out, _, _ = report
     plan = demo.QUICK
-    shapes = {"ti": (2, plan.seeds), "lora": (2, plan.lora_prompts), "sweep": (plan.sweep_prompts,
+    shapes = {"ti": (3, plan.seeds), "lora": (2, plan.lora_prompts), "sweep": (plan.sweep_prompts,
               len(plan.sweep_weights)), "mix": (plan.mix_seeds, 5)}
     for name, (rows, cols) in shapes.items():
         rec = json.loads((out / "grids" / f"{name}.json").read_text())
