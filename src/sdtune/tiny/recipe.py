@@ -1,8 +1,9 @@
 """The training recipe of the built-in tiny model: VAE first, then UNet and text encoder together.
 
-    python -m sdtune.tiny.recipe --out runs/tiny        # then copies the result into the package
+    python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
 
-Reproducible from a seed; resumable (a checkpoint every few hundred steps). Everything is trained on
+The defaults are the shipped model's settings: about 10 minutes on one H200 GPU, about 7 hours on 2 CPU
+cores. Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps). Everything is trained on
 renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE,
 like SD's, is a generic image codec and sees every kind of image.
 """
