@@ -51,10 +51,6 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-def render_batch(scenes) -> torch.Tensor:
-    return to_float(render_pool(scenes))
-
-
 def _save_ckpt(path: Path, modules: dict, opt, step: int, extra: dict | None = None) -> None:
     state = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
     safeio.atomic_save_torch({"model": state, "opt": opt.state_dict(), "step": step, **(extra or {})}, path)
