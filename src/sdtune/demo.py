@@ -42,7 +42,7 @@ class Plan:
 
     colour: str = "purple"  # TI concept: a held-out colour-on-shape pair
     shape: str = "star"
-    token: str = "<sks>"  # an opaque word: split into text, "<purple-star>" would say it in words
+    token: str = "<sks>"  # opaque: without the embedding, CLIP would read "<purple-star>" as its words
     init_token: str = "star"
     style: str = "outline"  # LoRA: the held-out style
     lora_name: str = "outline"
