@@ -65,8 +65,8 @@ def test_scores_are_the_judges_verdicts_on_the_saved_images(report):
     out, index, _ = report
     data = json.loads((out / "scores.json").read_text())
     plan = demo.QUICK
-    expect_n = {"ti": plan.seeds, "ti_words": plan.seeds, "lora_style": plan.lora_prompts, "lora_content": plan.lora_prompts,
-                "mix": plan.mix_seeds}
+    expect_n = {"ti": plan.seeds, "ti_words": plan.seeds, "lora_style": plan.lora_prompts,
+                "lora_content": plan.lora_prompts, "mix": plan.mix_seeds}
     html_text = index.read_text(encoding="utf-8")
     for row in data["scores"]:
         for side in ("before", "after"):

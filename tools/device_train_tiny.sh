@@ -24,13 +24,10 @@ for spec in "${SPECS[@]}"; do
   cp runs/$name/model/*.safetensors "$OUT/$name/" 2>/dev/null
   { echo "== $name"; grep -v transformers "runs/$name.log" | tail -n 25; } >> "$OUT/report.txt"
 done
-ASSETS=src/sdtune/tiny/assets/model
-[ -e "$ASSETS" ] && { echo "$ASSETS exists; move it away first" >&2; exit 1; }
 for spec in "${SPECS[@]}"; do
   name=${spec%%:*}
   [ -f "$OUT/$name/unet.safetensors" ] || continue
-  mkdir -p "$ASSETS" && cp "$OUT/$name"/*.safetensors "$ASSETS/"
-  { echo "== eval $name"; $PY -m sdtune.cli eval-tiny --device "$DEVICE" --dtype fp32 ${EVAL_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v -e transformers -e '%|'; } >> "$OUT/report.txt"
+  { echo "== eval $name"; $PY -m sdtune.cli eval-tiny --model "$OUT/$name" --device "$DEVICE" --dtype fp32 ${EVAL_ARGS:-} 2>&1 \
+      | tr '\r' '\n' | grep -v -e transformers -e '%|'; } >> "$OUT/report.txt"
 done
-rm -rf "$ASSETS"
 cat "$OUT/report.txt"

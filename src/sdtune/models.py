@@ -247,12 +247,13 @@ def _finish(unet, vae, text_encoder, scheduler, device, dtype, **info) -> Base:
 
 # ---------------------------------------------------------------- sources
 
-def _load_tiny(spec: str, device, dtype) -> Base:
-    parts = tiny_model.build(seed=0) if spec == "tiny-random" else tiny_model.load()
-    trained = spec == "tiny" and tiny_model.trained_weights_exist()
+def _load_tiny(spec: str, device, dtype, folder: Path = tiny_model.WEIGHTS) -> Base:
+    """The built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``)."""
+    parts = tiny_model.build(seed=0) if spec == "tiny-random" else tiny_model.load(folder)
+    trained = spec != "tiny-random" and tiny_model.trained_weights_exist(folder)
     if trained:
-        files = [tiny_model.WEIGHTS / f"{c}.safetensors" for c in tiny_model.COMPONENTS]
-        model_hash = _files_hash(files, tiny_model.WEIGHTS)
+        files = [folder / f"{c}.safetensors" for c in tiny_model.COMPONENTS]
+        model_hash = _files_hash(files, folder)
     else:
         model_hash = _weights_hash(parts["unet"], parts["vae"], parts["text_encoder"])
     return _finish(parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"], device, dtype,
@@ -445,6 +446,8 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     if spec == "sd15-random":
         return _load_sd15_random(spec, device, dtype)
     path = Path(spec).expanduser()
+    if path.is_dir() and tiny_model.trained_weights_exist(path):  # an export of the tiny recipe
+        return _load_tiny(spec, device, dtype, path)
     if path.is_dir():
         return _load_folder(spec, path, device, dtype)
     if path.is_file():

@@ -3,7 +3,8 @@
     python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
 
 The defaults are the shipped model's settings: about 10 minutes on one H200 GPU, about 7 hours on 2 CPU
-cores. Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps). Everything is trained on
+cores. Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps).
+``sdtune eval-tiny --model runs/tiny/model`` judges an export before it is installed. Everything is trained on
 renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE,
 like SD's, is a generic image codec and sees every kind of image.
 """
@@ -23,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import safeio
+from ..models import pick_device
 from . import model, world
 
 # The shipped model's settings (python -m sdtune.tiny.recipe with no flags reproduces it).
@@ -190,7 +192,7 @@ def export(parts: dict, scaling: float, folder: Path) -> None:
         state = {k: v.detach().cpu().half().contiguous() for k, v in parts[name].state_dict().items()}
         if name == "vae":
             state["scaling_factor"] = torch.tensor(scaling)
-        save_file(state, folder / f"{name}.safetensors")
+        safeio.atomic_save_safetensors(state, folder / f"{name}.safetensors")
 
 
 def main(argv=None) -> None:
@@ -213,8 +215,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
+    device = pick_device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes throughout
     workers = a.workers or os.cpu_count() or 1
@@ -253,8 +254,8 @@ def main(argv=None) -> None:
             scaling = train_vae(parts["vae"].to(device), pool, out, a.vae_steps, a.vae_batch, a.seed, device, log,
                                 a.save_every)
             del pool
-            safeio.atomic_save_safetensors({**{k: v.cpu() for k, v in parts["vae"].state_dict().items()},
-                       "scaling_factor": torch.tensor(scaling)}, vae_done)
+            state = {k: v.cpu() for k, v in parts["vae"].state_dict().items()}
+            safeio.atomic_save_safetensors({**state, "scaling_factor": torch.tensor(scaling)}, vae_done)
         log(f"vae scaling factor {scaling:.4f}")
         parts["vae"].to(device).eval().requires_grad_(False)
         if cache.exists():
