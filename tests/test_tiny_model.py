@@ -1,5 +1,7 @@
 """The built-in tiny model: the shipped weights draw what they are asked; the recipe resumes exactly."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,11 +35,15 @@ def test_shipped_model_draws_the_prompted_shape_and_colour(colour, shape):
 
 
 SMALL = ["--vae-steps", "4", "--vae-batch", "2", "--vae-images", "16", "--images", "16", "--steps", "6",
-         "--batch", "2", "--save-every", "2", "--workers", "1", "--device", "cpu", "--seed", "3"]
+         "--batch", "2", "--save-every", "2", "--workers", "1", "--device", "cpu", "--seed", "3",
+         "--preset", "cpu"]  # every size given; the preset supplies the rest (Min-SNR weighting, lr)
 
 
 def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "straight"), *SMALL])
+    settings = json.loads((tmp_path / "straight" / "log.txt").read_text().splitlines()[0].split(" ", 1)[1]
+                          .rsplit(" on ", 1)[0])
+    assert settings["steps"] == 6 and settings["min_snr"] == recipe.PRESETS["cpu"]["min_snr"] > 0
 
     real, calls = recipe.F.mse_loss, {"n": 0}
 
@@ -78,3 +84,15 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     base = load_base(str(tmp_path / "straight" / "model"), device="cpu", dtype="fp32")
     assert base.architecture == "tiny" and base.source == "tiny"
     assert base.unet.conv_in.weight.equal(exported["conv_in.weight"].float())
+
+
+def test_min_snr_weights_damp_only_the_nearly_clean_timesteps():
+    acp = tiny_model.build()["scheduler"].alphas_cumprod
+    t = torch.arange(1000)
+    w = recipe.min_snr_weights(acp, t, 5.0)
+    snr = acp / (1 - acp)
+    noisy = snr <= 5.0
+    assert noisy.any() and (~noisy).any()
+    assert torch.equal(w[noisy], torch.ones(int(noisy.sum())))  # noisy end: plain MSE
+    torch.testing.assert_close(w[~noisy], 5.0 / snr[~noisy])    # clean end: scaled down to gamma / SNR
+    assert w[0] < 0.01 and bool((w[1:] >= w[:-1]).all())        # monotone in t
