@@ -34,8 +34,8 @@ from ..models import pick_device
 from . import model, world
 
 # "shipped": the shipped model's settings (the default; ~10 min on one H200, ~7 h on 2 CPU cores).
-# "cpu": sized for 2 CPU cores (73 min measured); its model draws 91% of held-in prompts right, but loses
-# colour under the outline LoRA of the quality test (72-75%), so it is not the one shipped (see README).
+# "cpu": sized for 2 CPU cores (73 min measured); its model draws 91% of held-in prompts right, but under the
+# outline LoRA of the quality test its shape+colour falls to 62%, so it is not the one shipped (see README).
 PRESETS = {
     "shipped": dict(vae_steps=3000, vae_batch=32, vae_images=32000, steps=9000, batch=96, lr=5e-4,
                     images=32000, min_snr=0.0),
