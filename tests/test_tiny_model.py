@@ -1,7 +1,5 @@
 """The built-in tiny model: the shipped weights draw what they are asked; the recipe resumes exactly."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -41,9 +39,8 @@ SMALL = ["--vae-steps", "4", "--vae-batch", "2", "--vae-images", "16", "--images
 
 def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "straight"), *SMALL])
-    settings = json.loads((tmp_path / "straight" / "log.txt").read_text().splitlines()[0].split(" ", 1)[1]
-                          .rsplit(" on ", 1)[0])
-    assert settings["steps"] == 6 and settings["min_snr"] == recipe.PRESETS["cpu"]["min_snr"] > 0
+    settings = recipe.settings(SMALL)
+    assert settings.steps == 6 and settings.min_snr == recipe.PRESETS["cpu"]["min_snr"] > 0
 
     real, calls = recipe.F.mse_loss, {"n": 0}
 

@@ -21,6 +21,7 @@ for spec in "${SPECS[@]}"; do train "${spec%%:*}" ${spec#*:} & done
 wait
 for spec in "${SPECS[@]}"; do
   name=${spec%%:*}
+  # the log without library noise, progress lines only every 500 steps
   { echo "== $name"; grep -v transformers "runs/$name.log" | grep -v "step [0-9]*[1-46-9]00/" | tail -n 30; } >> "$OUT/report.txt"
 done
 : > runs/scores

@@ -175,10 +175,10 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        w = min_snr_weights(acp, t, min_snr).to(device) if min_snr > 0 else None  # from the CPU t: no sync
         zt, t, ids, noise = zt.to(device), t.to(device), ids.to(device), noise.to(device)
         pred = unet(zt, t, te(ids)[0]).sample
-        if min_snr > 0:
-            w = min_snr_weights(acp, t.cpu(), min_snr).to(device)
+        if w is not None:
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
         else:
             loss = F.mse_loss(pred, noise)
@@ -219,7 +219,8 @@ def export(parts: dict, scaling: float, folder: Path) -> None:
         safeio.atomic_save_safetensors(state, folder / f"{name}.safetensors")
 
 
-def main(argv=None) -> None:
+def settings(argv=None) -> argparse.Namespace:
+    """The command line, with the chosen preset filling every size not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -243,6 +244,11 @@ def main(argv=None) -> None:
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    return a
+
+
+def main(argv=None) -> None:
+    a = settings(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
