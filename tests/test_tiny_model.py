@@ -86,7 +86,7 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
 def test_min_snr_weights_damp_only_the_nearly_clean_timesteps():
     acp = tiny_model.build()["scheduler"].alphas_cumprod
     t = torch.arange(1000)
-    w = recipe.min_snr_weights(acp, t, 5.0)
+    w = recipe.min_snr_weights(t, acp, 5.0)  # the training loop's, shared by the recipe
     snr = acp / (1 - acp)
     noisy = snr <= 5.0
     assert noisy.any() and (~noisy).any()

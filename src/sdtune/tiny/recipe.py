@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from .. import safeio
 from ..models import pick_device
+from ..train.loop import min_snr_weights
 from . import model, world
 
 # "shipped": the shipped model's settings (the default; ~10 min on one H200, ~7 h on 2 CPU cores).
@@ -128,12 +129,6 @@ def encode_dataset(vae, scaling: float, pixels: torch.Tensor, device) -> torch.T
     return torch.cat(stats)
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR(t), gamma) / SNR(t) for epsilon prediction (1 at the noisy end)."""
-    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return snr.clamp(max=gamma) / snr
-
-
 def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch: int, lr: float, seed: int,
                     device, log, save_every: int = 500, min_snr: float = 0.0) -> None:
     """UNet and text encoder together on the epsilon loss, with caption dropout and an EMA of the weights.
@@ -175,7 +170,7 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        w = min_snr_weights(acp, t, min_snr).to(device) if min_snr > 0 else None  # from the CPU t: no sync
+        w = min_snr_weights(t, acp, min_snr).to(device) if min_snr > 0 else None  # from the CPU t: no sync
         zt, t, ids, noise = zt.to(device), t.to(device), ids.to(device), noise.to(device)
         pred = unet(zt, t, te(ids)[0]).sample
         if w is not None:
