@@ -16,7 +16,7 @@ UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     layers_per_block=1,
     cross_attention_dim=TEXT_WIDTH,
-    attention_head_dim=4,
+    attention_head_dim=(1, 2, 4),  # diffusers reads this as heads per level: head size 32 everywhere
     norm_num_groups=16,
     use_linear_projection=False,  # SD 1.x: proj_in/proj_out are 1x1 convs
 )
