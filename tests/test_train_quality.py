@@ -50,7 +50,7 @@ def matches(images, wanted: list[dict]) -> list[bool]:
 def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path):
     start = time.perf_counter()
     # cyan triangle: with the plain word the base draws it 0% of the time (its stars are often purple), and
-    # the token learns it at 100% for seeds 0 and 1 (orange square: 75% and 19%, its orange drifts to red)
+    # the token learns it at 100% for seeds 0 and 1 (orange square: 75% and 19%, the colour comes out wrong)
     colour, shape = world.HELD_OUT_PAIRS[2]
     base = load_base("tiny", device="cpu", dtype="fp32")
     scenes = world.concept_scenes(5, seed=0, shape=shape, colour=colour, style="flat", background="white")
