@@ -2,7 +2,7 @@
 
     python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
 
-The defaults (``--preset cpu``) are the shipped model's settings, sized for 2 CPU cores: 86 minutes
+The defaults (``--preset cpu``) are the shipped model's settings, sized for 2 CPU cores: 88 minutes
 measured. ``--preset large`` is the earlier GPU recipe (4x the samples; about 10 minutes on one H200).
 Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps).
 ``sdtune eval-tiny --model runs/tiny/model`` judges an export before it is installed. Everything is trained on
@@ -32,7 +32,7 @@ from ..models import pick_device
 from ..train.loop import min_snr_weights
 from . import model, world
 
-# "cpu": the shipped model (86 min on 2 CPU cores). Min-SNR weighting (gamma 5) is what lets 216,000 samples
+# "cpu": the shipped model (88 min on 2 CPU cores). Min-SNR weighting (gamma 5) is what lets 216,000 samples
 # do; LoRAs for this model train best with it too (see tests/test_train_quality.py).
 # "large": the settings of the earlier GPU-trained model (864,000 samples, plain MSE; ~10 min on one H200,
 # ~7 h on 2 CPU cores); not rerun since the UNet's attention went to head size 32.
