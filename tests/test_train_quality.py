@@ -8,34 +8,28 @@
   and colour accuracy of held-in prompts drops by at most 10 points; within 15 minutes.
 """
 
+import dataclasses
 import random
 import time
 
 import pytest
 
+from sdtune import demo
 from sdtune.generate import generate
 from sdtune.lora.patch import LoraSet
 from sdtune.models import load_base
 from sdtune.tiny import judge, world
 from sdtune.tiny import model as tiny_model
 from sdtune.tiny.evaluate import HELD_IN
-from sdtune.train.config import LoraSettings, TISettings
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not tiny_model.trained_weights_exist(),
                                                     reason="the trained tiny model is not shipped yet")]
 
-SAMPLING = dict(steps=20, guidance=5.0)
-
-# Hyperparameters (tuned on the shipped tiny model; see the numbers in the README).
-TI = dict(num_vectors=2, steps=400, lr=5e-3, batch_size=4, flip=False)
-# Min-SNR weighting as in the base model's own training: without it the LoRA spends its steps on the nearly
-# clean timesteps the base weighted least. targets="all" (LoCon: the resnet convs too): a drawing style is
-# largely a convolutional thing; attention + feed-forward alone learned it by bending shape and colour
-# (held-in shape+colour under the LoRA, 8 images per prompt: 84-88% attn+ff, 94-98% all over seeds 0-2).
-LORA = dict(rank=8, alpha=8, targets="all", steps=300, lr=1e-3, batch_size=8, min_snr_gamma=5.0)
-LORA_IMAGES = 48
+# Training recipes and sampling are the demo's (tuned on the shipped tiny model; the why is in demo.Plan).
+PLAN = demo.FULL
+SAMPLING = {"steps": PLAN.gen_steps, "guidance": PLAN.guidance}
 
 
 def render(base, prompt: str, n: int, seed: int = 1000) -> list:
@@ -60,8 +54,8 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path):
     before = judge.score(render(base, f"a photo of a {shape}", 16), shape=shape, colour=colour)
 
     token = f"<{colour}-{shape}>"
-    train_ti(base, TISettings(data=str(data), out=str(tmp_path / "ti"), token=token, init_token=shape, seed=0,
-                              progress=False, **TI))
+    settings = demo.ti_settings(PLAN, data, tmp_path / "ti", "tiny", progress=False)
+    train_ti(base, dataclasses.replace(settings, token=token, init_token=shape))
     after = judge.score(render(base, f"a photo of a {token}", 16), shape=shape, colour=colour)
     minutes = (time.perf_counter() - start) / 60
     print(f"TI {colour} {shape}: base with '{shape}' {before['all']:.0%}, '{token}' {after['all']:.0%} "
@@ -78,13 +72,12 @@ def test_lora_learns_the_held_out_style_and_keeps_content(tmp_path):
     held_in_pairs = [(c, s) for c in world.COLOURS for s in world.SHAPES
                      if s not in world.HELD_OUT_SHAPES and (c, s) not in world.HELD_OUT_PAIRS]
     scenes = []
-    for _ in range(LORA_IMAGES):
+    for _ in range(PLAN.lora_images):
         colour, shape = rng.choice(held_in_pairs)
         scenes.append(world.random_scene(rng, shape=shape, colour=colour, style="outline"))
     data = world.write_dataset(tmp_path / "data", scenes, template=None, with_style=False)
     assert not any("outline" in p.read_text() for p in data.glob("*.txt"))
-    path = train_lora(base, LoraSettings(data=str(data), out=str(tmp_path / "lora"), seed=0, progress=False,
-                                         **LORA))
+    path = train_lora(base, demo.lora_settings(PLAN, data, tmp_path / "lora", "tiny", progress=False))
 
     prompts = [(f"a {c} {s} on a white background", dict(shape=s, colour=c)) for c, s in HELD_IN]
     per_prompt = 4
