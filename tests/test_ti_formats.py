@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, load_embedding, save_embedding
 
@@ -109,8 +110,10 @@ def test_malformed_files(tmp_path):
     with pytest.raises(SdtuneError, match="NaN"):
         load_embedding(tmp_path / "nan.safetensors")
     save_file({"two words": rows()}, tmp_path / "spaced.safetensors")
-    with pytest.raises(SdtuneError, match=r"has spaces.*spaced\.safetensors:TOKEN"):
-        load_embedding(tmp_path / "spaced.safetensors")
+    with pytest.warns(SdtuneWarning, match=r"'two words' is not one word.*'spaced'.*spaced\.safetensors:TOKEN"):
+        assert load_embedding(tmp_path / "spaced.safetensors").token == "spaced"  # the file name, as in A1111
+    with pytest.raises(SdtuneError, match=r"'two words' is empty or has spaces"):
+        load_embedding(tmp_path / "spaced.safetensors", token="two words")
     assert load_embedding(tmp_path / "spaced.safetensors", token="<ok>").token == "<ok>"
     (tmp_path / "junk.pt").write_bytes(b"not a weight file at all")
     with pytest.raises(SdtuneError, match=r"junk\.pt: "):

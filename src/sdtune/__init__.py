@@ -5,9 +5,12 @@
 
 __version__ = "0.1.0"
 
+# First: silences library import-time messages before diffusers/transformers are imported below.
+from . import console  # noqa: E402, F401, I001
+
 # Imported after the submodule `sdtune.generate` so that the name `generate` here is the function.
-from .api import add_embedding, add_lora, generate, load  # noqa: E402
+from .api import add_embedding, add_embeddings, add_lora, generate, load  # noqa: E402
 from .models import load_base  # noqa: E402
 from .safeio import SdtuneError  # noqa: E402
 
-__all__ = ["load_base", "generate", "load", "add_lora", "add_embedding", "SdtuneError"]
+__all__ = ["load_base", "generate", "load", "add_lora", "add_embedding", "add_embeddings", "SdtuneError"]

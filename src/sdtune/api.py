@@ -1,9 +1,9 @@
 """The everyday workflow in a few calls: load a base, add adapters by name, generate.
 
-    from sdtune import load_base, generate
+    from sdtune import load_base, generate, add_embedding
     base = load_base("tiny")
     base.loras.add("style", "style.safetensors", weight=0.5)
-    base.embeddings.load("concept.safetensors")
+    add_embedding(base, "concept.safetensors")
     images = generate(base, "a photo of <concept>", seed=1)
 """
 
@@ -13,10 +13,13 @@ import re
 from pathlib import Path
 
 from . import sources
+from .console import note
 from .generate import Generated
 from .generate import generate as _generate
 from .models import Base, load_base
 from .safeio import SdtuneError
+from .ti.formats import load_embedding
+from .ti.tokens import find_in_prompt
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::([^:>]+))?>")
 
@@ -46,18 +49,35 @@ def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | 
 
 def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str]:
     """Load a TI embedding from 'SOURCE[:TOKEN]'; returns the registered token(s)."""
-    from .ti.formats import load_embedding
-
     src, token = sources.split_suffix(spec)
     path = sources.resolve(src, "embedding", tuple(search_dirs))
     return base.embeddings.add(load_embedding(path, token=token))
 
 
+def _add_or_skip(base: Base, what: str, load) -> None:
+    """One odd embedding (an unknown layout, another model's width, a clashing token) must not stop the
+    others from loading, as in A1111: it is named in a warning and left out."""
+    try:
+        load()
+    except SdtuneError as e:
+        note(f"{e} (skipped; the other embeddings are loaded)")
+
+
+def add_embeddings(base: Base, specs, *, search_dirs: tuple = ()) -> list[str]:
+    """Load several 'SOURCE[:TOKEN]' embeddings; a file that cannot be used is skipped with a warning (a
+    missing file is a typo and stops here). Returns the tokens loaded."""
+    for spec in specs:  # check every path first, so that a typo costs no loading
+        sources.resolve(sources.split_suffix(spec)[0], "embedding", tuple(search_dirs))
+    before = set(base.embeddings.tokens)
+    for spec in specs:
+        _add_or_skip(base, spec, lambda spec=spec: add_embedding(base, spec, search_dirs=tuple(search_dirs)))
+    return [t for t in base.embeddings.tokens if t not in before]
+
+
 def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(), lora_dirs=(),
          embedding_dirs=(), allow_partial: bool = False) -> Base:
     base = load_base(model, device=device, dtype=dtype)
-    for spec in embeddings:
-        add_embedding(base, spec, search_dirs=tuple(embedding_dirs))
+    add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs))
     for spec in loras:
         add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
     base.embedding_dirs = tuple(embedding_dirs)
@@ -66,13 +86,10 @@ def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(
 
 def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
     """A1111 behaviour: an embedding file's name used as a word in the prompt loads that embedding."""
-    from .ti.formats import load_embedding
-
-    words = set(re.findall(r"[^\s,()\[\]]+", prompt))
     for d in dirs:
-        for f in sorted(Path(d).glob("*")):
-            if f.suffix in sources.WEIGHT_SUFFIXES and f.stem in words and f.stem not in base.embeddings:
-                base.embeddings.add(load_embedding(f, token=f.stem))
+        for name, path in find_in_prompt(d, prompt).items():
+            if name not in base.embeddings:
+                _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)))
 
 
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .console import cli_warnings
 from .safeio import SdtuneError
 
 
@@ -196,6 +197,7 @@ def cmd_eval_tiny(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli_warnings()
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import note
 from ..safeio import SdtuneError, atomic_save_safetensors, atomic_save_torch, is_safetensors, load_state
 
 FORMATS = ("diffusers", "a1111", "kohya", "tensor")
@@ -56,6 +57,10 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
                 f"with a tool you trust") from None
         raise
     stored_token, vectors, fmt = _parse(state, path)
+    if token is None and stored_token is not None and not is_one_word(stored_token):
+        token = file_token(path)
+        note(f"{path}: its stored token {stored_token!r} is not one word, so it loads as {token!r} (its file or folder "
+             f"name, as A1111 does); choose another name with {path}:TOKEN")
     token = token if token is not None else stored_token
     if token is None:
         raise SdtuneError(f"{path}: a bare tensor with no token name; give one as {path}:TOKEN")
@@ -111,12 +116,12 @@ def _parse(state, path: Path) -> tuple[str | None, torch.Tensor, str]:
             raise SdtuneError(f"{path}: A1111 embedding whose string_to_param does not hold exactly one tensor; "
                               f"re-export it from A1111")
         name = state.get("name")
-        return (str(name) if name else path.stem), next(iter(params.values())), "a1111"
+        return (str(name) if name else file_token(path)), next(iter(params.values())), "a1111"
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if len(state) == 1 and len(tensors) == 1:
         key, vectors = next(iter(tensors.items()))
         if key == "emb_params":
-            return path.stem, vectors, "kohya"
+            return file_token(path), vectors, "kohya"
         return key, vectors, "diffusers"
     keys = ", ".join(list(map(str, state))[:6])
     raise SdtuneError(f"{path}: not a textual-inversion layout (keys: {keys}); expected one {{token: tensor}}, "
@@ -133,9 +138,20 @@ def _as_rows(vectors, path: Path) -> torch.Tensor:
     return rows
 
 
+def is_one_word(token: str) -> bool:
+    return bool(token) and not any(c.isspace() for c in token)
+
+
+def file_token(path: Path) -> str:
+    """The name A1111 gives an embedding: its file name, or for diffusers' generic ``learned_embeds.*`` the
+    folder it sits in (hub concepts are folders named after the concept); spaces become dashes."""
+    name = path.parent.name if path.name in DIFFUSERS_FILES and path.parent.name else path.stem
+    return "-".join(name.split())
+
+
 def check_token(token: str, path: Path) -> None:
     """A token must be one non-empty word: the tokenizer matches it as a unit and FILE:TOKEN can name it."""
-    if not token or token != token.strip() or any(c.isspace() for c in token):
+    if not is_one_word(token):
         raise SdtuneError(f"{path}: token {token!r} is empty or has spaces; give a one-word token as {path}:TOKEN")
 
 

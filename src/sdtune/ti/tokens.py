@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..console import note
 from ..safeio import SdtuneError
 from .formats import Embedding, check_token
 
 MODEL_FAMILIES = {64: "the built-in tiny model", 768: "SD 1.x", 1024: "SD 2.x",
                   1280: "SDXL's second text encoder", 2048: "SDXL (both text encoders)"}
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pti")
 
 
 def model_family(width: int) -> str:
@@ -269,8 +270,9 @@ def scan_dir(folder: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix.lower() in EMBEDDING_SUFFIXES and not path.name.startswith("."):
-            if path.stem in found:
-                raise SdtuneError(f"{path}: same name as {found[path.stem]}; rename one of them")
+            if path.stem in found:  # one clash must not hide the rest of the folder
+                note(f"{path}: same name as {found[path.stem]}, which is the one used; rename one of them")
+                continue
             found[path.stem] = path
     return found
 

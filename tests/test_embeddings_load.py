@@ -1,0 +1,115 @@
+"""Loading many embeddings at once, as users do: a stored token that is not one word falls back to the file
+name (as A1111 does), and one file that cannot be used is skipped with a warning instead of stopping the rest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdtune import add_embeddings, load_base
+from sdtune.console import SdtuneWarning
+from sdtune.ti.formats import load_embedding
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ti"
+SPACED = "<Le Petit Prince-moon >"  # the token stored in a real sd-concepts-library learned_embeds.bin
+
+
+def spaced_file(root: Path, width: int) -> Path:
+    folder = root / "le-petit-prince-moon"
+    folder.mkdir(parents=True)
+    torch.save({SPACED: torch.full((width,), 0.5)}, folder / "learned_embeds.bin")
+    return folder / "learned_embeds.bin"
+
+
+def test_spaced_token_falls_back_to_the_folder_name(tmp_path):
+    path = spaced_file(tmp_path, 768)
+    with pytest.warns(SdtuneWarning, match=r"'<Le Petit Prince-moon >' is not one word.*'le-petit-prince-moon'"):
+        emb = load_embedding(path)
+    assert emb.token == "le-petit-prince-moon" and torch.equal(emb.vectors, torch.full((1, 768), 0.5))
+    renamed = load_embedding(path, token="<moon>")  # SRC:TOKEN still renames, with nothing to warn about
+    assert renamed.token == "<moon>"
+
+
+def test_a1111_name_with_spaces_falls_back_to_the_file_name(tmp_path):
+    path = tmp_path / "soft light.pt"
+    torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "soft light", "string_to_token": {"*": 265}},
+               path)
+    with pytest.warns(SdtuneWarning, match="soft-light"):
+        assert load_embedding(path).token == "soft-light"
+
+
+def wide_base():
+    """The tiny model with an SD 1.x-wide (768) one-layer text encoder: real embeddings fit it, quickly."""
+    base = load_base("tiny-random")
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    base.text_encoder = CLIPTextModel(config)
+    return base
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"real embedding fixtures not found at {FIXTURES}")
+def test_real_embeddings_load_together_and_odd_ones_are_skipped(tmp_path):
+    sd1 = {"mayaru_bestconfig__bad-hands-5.pt": "bad-hands-5",
+           "mayaru_bestconfig__EasyNegative.safetensors": "mayaru_bestconfig__EasyNegative",
+           "fastai_diffusion-nbs__learned_embeds.bin": "<birb-style>",
+           "ttekcor_Embedding_sd__learned_embeds.safetensors": "<detail-schemas>"}
+    odd = ["HK200202_emojii__embeddings.pti", "Birch-san_stable-diffusion__embeddings.pt",
+           "monsterhunters__nfixer.pt"]  # SDXL, an unsafe pickle, SD 2.x (1024 wide)
+    specs = [str(FIXTURES / name) for name in [*sd1, *odd]] + [str(spaced_file(tmp_path, 768))]
+    base = wide_base()
+    with pytest.warns(SdtuneWarning) as caught:
+        loaded = add_embeddings(base, specs)
+    assert loaded == [*sd1.values(), "le-petit-prince-moon"]
+    skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(skipped) == len(odd) and all(any(name in m for m in skipped) for name in odd)
+    table = base.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[base.embeddings.ids("le-petit-prince-moon")], torch.full((1, 768), 0.5))
+    assert torch.equal(table[base.embeddings.ids("bad-hands-5")], load_embedding(FIXTURES / next(iter(sd1))).vectors)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sdtune.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_skips_an_odd_embedding_with_one_line_each(tmp_path):
+    save_file({"emb_params": torch.randn(2, 64)}, tmp_path / "zqshiny.safetensors")
+    save_file({"emb_params": torch.randn(2, 768)}, tmp_path / "wide.safetensors")  # SD 1.x, not the tiny model
+    spaced = spaced_file(tmp_path, 64)
+    r = run_cli("generate", "--model", "tiny-random", "--prompt", "zqshiny le-petit-prince-moon", "--steps", "1",
+                "--no-progress", "--out", str(tmp_path / "out"), "--embedding", str(tmp_path / "zqshiny.safetensors"),
+                "--embedding", str(tmp_path / "wide.safetensors"), "--embedding", str(spaced))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("sdtune: warning: ") for ln in lines), r.stderr
+    assert "wide.safetensors" in lines[0] and "768 wide" in lines[0] and "skipped" in lines[0]
+    assert "le-petit-prince-moon" in lines[1]
+    assert r.stdout.strip().endswith(".png")
+
+
+def test_cli_missing_embedding_stops_with_one_line(tmp_path):
+    r = run_cli("generate", "--model", "tiny-random", "--prompt", "x", "--steps", "1", "--no-progress",
+                "--out", str(tmp_path), "--embedding", str(tmp_path / "typo.safetensors"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"sdtune: error: {tmp_path / 'typo.safetensors'}: no such file; check the path"]
+
+
+def test_embedding_dir_duplicate_and_odd_files_do_not_stop_generation(tmp_path):
+    emb_dir = tmp_path / "embeddings"
+    (emb_dir / "sub").mkdir(parents=True)
+    save_file({"emb_params": torch.randn(1, 64)}, emb_dir / "shiny.safetensors")
+    save_file({"emb_params": torch.randn(1, 64)}, emb_dir / "sub" / "shiny.safetensors")  # same name, deeper
+    save_file({"emb_params": torch.randn(1, 768)}, emb_dir / "wide.safetensors")
+    r = run_cli("generate", "--model", "tiny-random", "--prompt", "shiny, wide", "--steps", "1", "--no-progress",
+                "--out", str(tmp_path / "out"), "--embedding-dir", str(emb_dir))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert all(ln.startswith("sdtune: warning: ") for ln in lines), r.stderr
+    assert any("same name as" in ln for ln in lines) and any("wide.safetensors" in ln and "skipped" in ln
+                                                             for ln in lines)
