@@ -1,42 +1,233 @@
-"""The command line: exit codes and one-line errors, and that it writes what it says."""
+"""The command line through its real entry point (``sdtune.cli.main`` or ``python -m sdtune.cli``): every
+subcommand and every flag the README shows, with what each writes and prints; errors are one line."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
+from sdtune.lora.formats import load_lora
+from sdtune.models import load_base
+from sdtune.ti.formats import load_embedding
+from sdtune.tiny import world
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FAST = ["--model", "tiny-random", "--steps", "2", "--no-progress"]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdtune.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
 
+
+def tiny_lora(path: Path, scale: float = 0.5, seed: int = 0) -> Path:
+    """A kohya LoRA on every attention projection of the tiny model's UNet (rank 2)."""
+    g = torch.Generator().manual_seed(seed)
+    unet = load_base("tiny-random").unet
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ("attn1" in name or "attn2" in name):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=g) * scale
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=g) * scale
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    return tiny_lora(d / "style.safetensors"), tiny_lora(d / "other.safetensors", seed=1)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+# ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "/nonexistent/model.safetensors"], "/nonexistent/model.safetensors"),
     (["--model", "tiny-random", "--scheduler", "bogus"], "unknown scheduler 'bogus'"),
     (["--model", "tiny-random", "--width", "63"], "multiple of 8"),
+    (["--model", "tiny-random", "--device", "cuda"], "use --device cpu"),
+    (["--model", "tiny-random", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--model", "tiny-random", "--lora", "style.safetensors:heavy"], "must be a number"),
 ])
 def test_generate_errors_are_one_line(tmp_path, args, words):
-    r = run_cli("generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path), *args)
+    r = run_cli("generate", "--prompt", "x", "--steps", "1", "--out", tmp_path, *args)
     assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("sdtune: error:")]
-    assert len(lines) == 1 and words in lines[0]
-    assert "Traceback" not in r.stderr
+    # nothing else on stderr: no library notices, no traceback
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("sdtune: error:") and words in r.stderr
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_corrupt_weights_are_one_line(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    r = run_cli("generate", "--prompt", "x", "--model", str(bad), "--out", str(tmp_path))
-    assert r.returncode == 2 and "broken.safetensors" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "x", "--model", bad, "--out", tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "broken.safetensors" in r.stderr
 
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("--debug", "generate", "--prompt", "x", "--model", tmp_path / "missing.safetensors")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "SdtuneError" in r.stderr
+
+
+# ---------------------------------------------------------------- generate
 
 def test_generate_writes_pngs_with_metadata(tmp_path, capsys):
-    assert main(["generate", "--model", "tiny-random", "--prompt", "a red circle", "--steps", "2", "--seed", "3",
-                 "--num-images", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["generate", "--prompt", "a red circle", "--seed", "3", "--num-images", "2", "--out", str(tmp_path),
+                 "--device", "cpu", "--dtype", "fp32", *FAST]) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 3 and all(p.endswith(".png") for p in printed)
     info = parse_infotext(read_infotext(tmp_path / "00001-4.png"))
     assert info["prompt"] == "a red circle" and info["Seed"] == "4" and info["Steps"] == "2"
+
+
+def test_generate_with_loras_weights_and_tags(tmp_path, loras, capsys):
+    style, other = loras
+    common = ["--prompt", "a red circle", "--seed", "1", *FAST]
+    assert main(["generate", *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "mixed"), "--lora", f"{style}:0.7",
+                 "--lora", f"{other}:-0.3"]) == 0
+    assert main(["generate", "--prompt", "a red circle, <lora:style:0.7>", "--seed", "1", *FAST,
+                 "--lora-dir", str(style.parent), "--out", str(tmp_path / "tag")]) == 0
+    capsys.readouterr()
+    base, mixed, tag = (pixels(next((tmp_path / d).glob("*.png"))) for d in ("base", "mixed", "tag"))
+    assert np.abs(base - mixed).max() > 0 and np.abs(base - tag).max() > 0 and np.abs(mixed - tag).max() > 0
+    mixed_info = parse_infotext(read_infotext(next((tmp_path / "mixed").glob("*.png"))))
+    assert mixed_info["Lora weights"] == "style=0.7; other=-0.3"
+    tag_info = parse_infotext(read_infotext(next((tmp_path / "tag").glob("*.png"))))
+    assert tag_info["prompt"] == "a red circle, <lora:style:0.7>"  # kept, so the PNG reproduces the image
+
+
+def test_generate_with_an_embedding_in_the_negative_prompt(tmp_path, capsys):
+    emb = tmp_path / "EasyNeg.safetensors"
+    save_file({"emb_params": torch.randn(2, 64) * 3}, emb)
+    common = ["--prompt", "a red circle", "--seed", "1", *FAST]
+    assert main(["generate", *common, "--out", str(tmp_path / "plain"), "--negative-prompt", "blurry"]) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "neg"), "--embedding", str(emb),
+                 "--negative-prompt", "EasyNeg"]) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "dir"), "--embedding-dir", str(tmp_path),
+                 "--negative-prompt", "EasyNeg"]) == 0
+    capsys.readouterr()
+    plain, neg, by_dir = (next((tmp_path / d).glob("*.png")) for d in ("plain", "neg", "dir"))
+    assert parse_infotext(read_infotext(neg))["negative_prompt"] == "EasyNeg"
+    assert np.abs(pixels(plain) - pixels(neg)).max() > 0
+    assert np.array_equal(pixels(neg), pixels(by_dir))  # the same embedding, found by its file name
+
+
+# ---------------------------------------------------------------- inspect, convert, merge
+
+def test_inspect_text_and_json(loras, capsys):
+    style, _ = loras
+    assert main(["inspect", str(style)]) == 0
+    text = capsys.readouterr().out
+    assert "format" in text and "kohya" in text
+    assert main(["inspect", str(style), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya" and info["ranks"] == [2] and info["alphas"] == [2.0]
+
+
+REAL_FILES = sorted(p for sub in ("lora", "ti") for p in (FIXTURES / sub).glob("*")
+                    if p.suffix in (".safetensors", ".pt", ".bin", ".pti")) if FIXTURES.is_dir() else []
+
+
+@pytest.mark.skipif(not REAL_FILES, reason=f"real adapter fixtures not found at {FIXTURES}")
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
+def test_inspect_json_answers_every_real_file(path, capsys):
+    code = main(["inspect", str(path), "--json"])
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert json.loads(out)["file"] == str(path) and err == ""
+    else:  # a file that is not a LoRA (an embedding, an unsafe pickle) is refused in one line
+        assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"sdtune: error: {path}")
+
+
+@pytest.mark.parametrize("to", ["diffusers", "kohya"])
+def test_convert(tmp_path, loras, to, capsys):
+    style, _ = loras
+    out = tmp_path / f"{to}.safetensors"
+    assert main(["convert", str(style), str(out), "--to", to]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+    before, after = load_lora(style), load_lora(out)
+    assert after.format == to and len(after) == len(before)
+    for comp, path, ad in before.items():
+        shape = (ad.tensors["up"].shape[0], ad.tensors["down"].shape[1])
+        assert torch.equal(after.modules[comp][path].delta(shape), ad.delta(shape))  # lossless: same tensors
+
+
+def test_merge_into_a_single_file(tmp_path, loras, capsys):
+    style, _ = loras
+    model = tmp_path / "base.safetensors"
+    assert main(["merge", "--model", "tiny-random", "--lora", f"{style}:0.0", "--out", str(model)]) == 0
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", str(model), "--lora", f"{style}:0.8", "--out", str(out),
+                 "--save-dtype", "fp32"]) == 0
+    assert capsys.readouterr().out.strip().endswith("merged.safetensors")
+    expected = load_base(str(model))
+    expected.loras.add("style", style, 0.8)
+    merged = load_base(str(out))
+    for (name, want), (_, got) in zip(expected.unet.state_dict().items(), merged.unet.state_dict().items()):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+
+
+# ---------------------------------------------------------------- train
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    return world.write_dataset(tmp_path_factory.mktemp("data"), world.concept_scenes(4, seed=3, shape="star"))
+
+
+def test_train_ti(tmp_path, shapes_data, capsys):
+    out = tmp_path / "ti"
+    assert main(["train", "ti", "--data", str(shapes_data), "--token", "<my-thing>", "--init-token", "star",
+                 "--out", str(out), "--model", "tiny-random", "--steps", "2", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    emb = load_embedding(printed)
+    assert printed.parent == out and emb.token == "<my-thing>" and emb.vectors.shape == (1, 64)
+
+
+def test_train_lora(tmp_path, shapes_data, capsys):
+    out = tmp_path / "lora"
+    assert main(["train", "lora", "--data", str(shapes_data), "--rank", "16", "--alpha", "8", "--out", str(out),
+                 "--model", "tiny-random", "--steps", "2", "--batch-size", "2", "--no-progress"]) == 0
+    printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    lora = load_lora(printed)
+    assert printed.parent == out and lora.format == "kohya" and len(lora) > 0
+    assert {ad.rank for _, _, ad in lora.items()} == {16} and {ad.alpha for _, _, ad in lora.items()} == {8.0}
+
+
+# ---------------------------------------------------------------- grid, eval-tiny
+
+def test_grid_weights_and_axes(tmp_path, loras, capsys):
+    style, other = loras
+    assert main(["grid", "--prompt", "a red star", "--lora", str(style), "--weights", "0,0.5,1",
+                 "--out", str(tmp_path / "w"), "--seed", "1", *FAST]) == 0
+    w_grid = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert w_grid.is_file() and len(list((tmp_path / "w").glob("*-00-0[0-2].png"))) == 3
+    assert main(["grid", "--prompt", "a red star", "--lora", str(style), "--lora", str(other),
+                 "--x", "loras=none|style|style:0.5+other:1", "--y", "seed=1-3", "--out", str(tmp_path / "xy"),
+                 *FAST]) == 0
+    xy_grid = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    cells = sorted((tmp_path / "xy").glob("*-0[0-9]-0[0-9].png"))
+    assert xy_grid.is_file() and len(cells) == 9  # 3 seeds x 3 adapter mixes
+    first_row = [pixels(c) for c in cells[:3]]
+    assert np.abs(first_row[0] - first_row[1]).max() > 0 and np.abs(first_row[1] - first_row[2]).max() > 0
+
+
+def test_eval_tiny_prints_the_table(capsys):
+    assert main(["eval-tiny", "--model", "tiny-random", "--images", "1", "--steps", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "red circle" in table and "heart" in table and "%" in table

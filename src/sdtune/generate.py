@@ -137,7 +137,7 @@ def generate(
         raise SdtuneError(f"--steps {steps}: must be at least 1")
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    prompt_text = prompt
+    prompt_text, negative_text = prompt, negative_prompt  # as typed: the PNG must reproduce the image
     expand = getattr(getattr(base, "embeddings", None), "expand", None)
     if expand is not None:  # multi-vector embeddings become their sub-tokens
         prompt, negative_prompt = expand(prompt), expand(negative_prompt)
@@ -173,7 +173,7 @@ def generate(
                 "Model": getattr(base, "name", ""),
                 **(extra_info or {}),
             }
-            out.append(Generated(img, s, infotext(prompt_text, negative_prompt, params), params))
+            out.append(Generated(img, s, infotext(prompt_text, negative_text, params), params))
     return out
 
 
