@@ -22,13 +22,12 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from . import ldm
+from . import families, ldm
 from .safeio import SdtuneError, atomic_save_safetensors, atomic_write_text, load_state
 from .tiny import config as tiny_config
 from .tiny import model as tiny_model
 
-CONFIGS = Path(__file__).parent / "configs"
-SD15 = CONFIGS / "sd15"
+SD15 = families.CONFIGS / families.SD1.configs
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

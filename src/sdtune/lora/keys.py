@@ -13,16 +13,15 @@ the base family the file was made for, and ``MatchReport.raise_if_bad`` turns a 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 
 import torch
 
+from .. import families
 from ..safeio import SdtuneError
 from .neutral import Adapter, Lora
 
@@ -72,11 +71,6 @@ def dotted_guess(name: str) -> str:
 
 # ---------------------------------------------------------------- reference structure (SD 1.5, meta device)
 
-def _sd15_config(name: str) -> dict:
-    text = resources.files("sdtune").joinpath("configs", "sd15", f"{name}.json").read_text(encoding="utf-8")
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-
-
 def weight_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     """{module path: weight shape} for every module of ``module`` that owns a ``weight`` tensor."""
     out = {}
@@ -99,8 +93,8 @@ def sd15_reference() -> dict[str, dict[str, tuple]]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(_sd15_config("unet"))
-        text = CLIPTextModel(CLIPTextConfig(**_sd15_config("text_encoder")))
+        unet = UNet2DConditionModel.from_config(families.SD1.component_configs()["unet"])
+        text = CLIPTextModel(CLIPTextConfig(**families.SD1.component_configs()["text_encoder"]))
     return {"unet": weight_shapes(unet), "text_encoder": weight_shapes(text)}
 
 
@@ -160,7 +154,7 @@ class NameResolver:
         text_paths = {p.removeprefix("text_model.") for p in (model_keys.get("text_encoder")
                                                               or sd15_reference()["text_encoder"])}
         self.unet = {underscored(p): p for p in unet_paths}
-        config = _infer_unet_config(unet_paths) or _sd15_config("unet")
+        config = _infer_unet_config(unet_paths) or families.SD1.component_configs()["unet"]
         try:
             from ..ldm import unet_module_map
 
