@@ -208,9 +208,6 @@ class LoraSet:
             e.weights = new
         self._sync(changed)
 
-    def set_weight(self, name: str, weight: float, te_weight: float | None = None) -> None:
-        self.set_weights({name: (weight, te_weight)})
-
     def remove(self, name: str) -> None:
         if name not in self._entries:
             raise SdtuneError(f"no adapter named {name!r}; loaded: {', '.join(self._entries) or 'none'}")
@@ -360,19 +357,3 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
     if acc is not flat:
         flat.copy_(acc)
 
-
-def apply_loras(base, loras, *, allow_partial: bool = False) -> LoraSet:
-    """Merge ``[(source, weight), ...]`` into ``base`` (a Base, pipeline or component dict) in one go.
-
-    ``source`` is a file path or a ``Lora``; ``weight`` a number or ``(unet_w, te_w)``. Adapters are named
-    after their file stem (``name_2`` etc. on clashes). Returns the model's ``LoraSet`` for later changes.
-    """
-    lora_set = LoraSet.attach(base)
-    with lora_set.batch():
-        for i, (source, weight) in enumerate(loras):
-            stem = Path(source).stem if isinstance(source, (str, Path)) else (source.metadata.get("name") or f"lora{i}")
-            name, n = stem, 2
-            while name in lora_set:
-                name, n = f"{stem}_{n}", n + 1
-            lora_set.add(name, source, weight, allow_partial=allow_partial)
-    return lora_set
