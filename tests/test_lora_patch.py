@@ -321,6 +321,24 @@ def test_unknown_names_are_clear_errors(parts):
         s.set_weights({"a": (1.0, 2.0, 3.0)})
 
 
+def test_bad_weights_are_refused_before_anything_changes(parts):
+    s = LoraSet.attach(parts)
+    a = random_lora(parts, 1)
+    s.add("a", a, 1.0)
+    s.add("b", a, 0.5)
+    before = snapshot(parts)
+    with pytest.raises(SdtuneError, match=r"adapter weight 'x': give one number"):
+        s.set_weights({"a": 0.3, "b": "x"})  # a's new weight is not taken either
+    with pytest.raises(SdtuneError, match="one number"):
+        s.add("c", a, (1.0, "x"))
+    with pytest.raises(SdtuneError, match="one number"):
+        s.add("c", a, 1.0, te_weight=[0.5])
+    assert [(r["name"], r["unet_weight"], r["te_weight"]) for r in s.list()] == [("a", 1.0, 1.0), ("b", 0.5, 0.5)]
+    assert_same(parts, before)
+    s.add("c", a, (2.0, None))  # None: the text encoder takes the UNet weight
+    assert s.list()[2]["te_weight"] == 2.0
+
+
 def test_attach_returns_the_one_set_of_a_model(parts):
     s = LoraSet.attach(parts)
     assert LoraSet.attach(parts) is s

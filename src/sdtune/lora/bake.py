@@ -22,7 +22,7 @@ from .. import ldm
 from ..safeio import SdtuneError, atomic_path, is_safetensors
 from . import keys
 from .neutral import Lora
-from .patch import LoraSet, check_fit, write_patched
+from .patch import LoraSet, as_weights, check_fit, write_patched
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,12 +40,6 @@ def _load(source, modules: dict) -> Lora:
     return load_lora(source, model_keys=modules)
 
 
-def _weights(w) -> dict[str, float]:
-    if isinstance(w, (tuple, list)):
-        return {"unet": float(w[0]), "text_encoder": float(w[1] if w[1] is not None else w[0])}
-    return {"unet": float(w), "text_encoder": float(w)}
-
-
 def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow_partial: bool = False) -> Path:
     """Write ``base_or_spec`` with ``[(lora, weight), ...]`` baked in to ``out``.
 
@@ -58,7 +52,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     out = Path(out)
     if fmt == "single" and out.suffix != ".safetensors":
         raise SdtuneError(f"{out}: a single-file merge is written as .safetensors; use that suffix")
-    pairs = [(src, _weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
+    pairs = [(src, as_weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
              for i, (src, w) in enumerate(loras)]
     if isinstance(base_or_spec, (str, Path)):
         path = Path(base_or_spec).expanduser()
