@@ -27,6 +27,7 @@ in which adapters were added either.
 from __future__ import annotations
 
 import itertools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -184,7 +185,6 @@ class LoraSet:
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
         if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
-            import warnings
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
         old = self._entries.pop(name, None)
