@@ -147,6 +147,9 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
         bake.merge(base_file, [(loras[1], 1.0)], tmp_path / "x.ckpt", fmt="single")
     with pytest.raises(SdtuneError, match="input checkpoint"):
         bake.merge(base_file, [(loras[1], 1.0)], base_file, fmt="single")
+    with pytest.raises(SdtuneError, match=r"adapter weight \(1\.0, 2\.0, 3\.0\): give one number"):
+        bake.merge(base_file, [(loras[1], (1.0, 2.0, 3.0))], tmp_path / "x.safetensors", fmt="single")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_checkpoint_fails_clearly_and_leaves_no_file(base_file, loras, tmp_path):

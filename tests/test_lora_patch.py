@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from sdtune.lora import patch
+from sdtune.lora import formats, patch
 from sdtune.lora.neutral import Adapter, Lora
-from sdtune.lora.patch import LoraSet, apply_loras
+from sdtune.lora.patch import LoraSet
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny
 
@@ -112,7 +112,7 @@ def test_reweight_recomputes_only_layers_whose_sum_changed(parts, monkeypatch):
     s.set_weights({"b": (1.0, 0.3)})  # only b's text-encoder layers
     assert len(written) == len(b.modules["text_encoder"])
     written.clear()
-    s.set_weight("b", 0.5, 0.3)  # only b's UNet layers
+    s.set_weights({"b": (0.5, 0.3)})  # only b's UNet layers
     assert len(written) == len(b.modules["unet"])
 
 
@@ -321,6 +321,24 @@ def test_unknown_names_are_clear_errors(parts):
         s.set_weights({"a": (1.0, 2.0, 3.0)})
 
 
+def test_bad_weights_are_refused_before_anything_changes(parts):
+    s = LoraSet.attach(parts)
+    a = random_lora(parts, 1)
+    s.add("a", a, 1.0)
+    s.add("b", a, 0.5)
+    before = snapshot(parts)
+    with pytest.raises(SdtuneError, match=r"adapter weight 'x': give one number"):
+        s.set_weights({"a": 0.3, "b": "x"})  # a's new weight is not taken either
+    with pytest.raises(SdtuneError, match="one number"):
+        s.add("c", a, (1.0, "x"))
+    with pytest.raises(SdtuneError, match="one number"):
+        s.add("c", a, 1.0, te_weight=[0.5])
+    assert [(r["name"], r["unet_weight"], r["te_weight"]) for r in s.list()] == [("a", 1.0, 1.0), ("b", 0.5, 0.5)]
+    assert_same(parts, before)
+    s.add("c", a, (2.0, None))  # None: the text encoder takes the UNet weight
+    assert s.list()[2]["te_weight"] == 2.0
+
+
 def test_attach_returns_the_one_set_of_a_model(parts):
     s = LoraSet.attach(parts)
     assert LoraSet.attach(parts) is s
@@ -330,10 +348,13 @@ def test_attach_returns_the_one_set_of_a_model(parts):
     assert LoraSet.attach(parts) is not s
 
 
-def test_apply_loras_names_and_weights(parts):
+def test_batched_adds_keep_each_weight_pair(parts):
     base = snapshot(parts)
     a, b = random_lora(parts, 1), random_lora(parts, 2)
-    s = apply_loras(parts, [(a, 0.5), (b, (1.0, 0.0))])
+    s = LoraSet.attach(parts)
+    with s.batch():
+        s.add("a", a, 0.5)
+        s.add("b", b, (1.0, 0.0))  # a (unet, text encoder) pair as the weight
     assert [(r["unet_weight"], r["te_weight"]) for r in s.list()] == [(0.5, 0.5), (1.0, 0.0)]
     w0 = base["text_encoder"][TE_Q + ".weight"]
     want = expected(w0, [(a.modules["text_encoder"][TE_Q], 0.5)])
@@ -342,16 +363,27 @@ def test_apply_loras_names_and_weights(parts):
     assert_same(parts, base)
 
 
-def test_apply_loras_from_files(parts, tmp_path):
-    formats = pytest.importorskip("sdtune.lora.formats")
+def test_add_from_files_given_as_path_or_str(parts, tmp_path):
     a = random_lora(parts, 1)
-    formats.save_lora(a, tmp_path / "style.safetensors", format="kohya")
-    s = apply_loras(parts, [(tmp_path / "style.safetensors", 0.8), (str(tmp_path / "style.safetensors"), 0.1)])
-    assert s.names() == ["style", "style_2"]
+    path = tmp_path / "style.safetensors"
+    formats.save_lora(a, path, format="kohya")
+    s = LoraSet.attach(parts)
+    with s.batch():
+        s.add("style", path, 0.8)
+        s.add("style_2", str(path), 0.1)
+    assert [(r["name"], r["source"], r["unet_layers"]) for r in s.list()] == [
+        ("style", str(path), len(a.modules["unet"])), ("style_2", str(path), len(a.modules["unet"]))]
     fresh = tiny.build(seed=0)
+    w0 = fresh["unet"].get_submodule(UNET_FF).weight.detach().clone()
     LoraSet.attach(fresh).add("x", a, 0.9)
     got, want = weight_of(parts, "unet", UNET_FF), weight_of(fresh, "unet", UNET_FF)
-    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    assert not torch.equal(got, w0)
+    # Two computations: W0 + [0.8·s·up | 0.1·s·up] @ [down; down] (rank 8) against W0 + 0.9·s·up @ down (rank 4),
+    # each one fp32 addmm. A k-term fp32 dot product is off by at most ~k·eps·Σ|terms|; with k <= 9 on each
+    # side, 18·eps times (|W0| + 0.9·s·|up|@|down|) bounds their difference.
+    ad = a.modules["unet"][UNET_FF]
+    terms = w0.abs() + 0.9 * ad.scale * (ad.tensors["up"].abs() @ ad.tensors["down"].abs())
+    assert ((got - want).abs() <= 18 * torch.finfo(torch.float32).eps * terms).all()
 
 
 def test_a_model_with_loras_is_freed_with_its_set():

@@ -97,7 +97,7 @@ def test_lora_learns_the_held_out_style_and_keeps_content(tmp_path):
     try:
         loras.add("outline", path, 1.0)
         full_outline, full_content = evaluate()
-        loras.set_weight("outline", 0.0)
+        loras.set_weights({"outline": 0.0})
         zero_outline, _ = evaluate()
     finally:
         loras.detach()

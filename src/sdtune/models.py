@@ -17,13 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
+import huggingface_hub
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as tf_logging
 
 from . import families, ldm
+from .lora.patch import LoraSet
 from .safeio import SdtuneError, atomic_save_safetensors, atomic_write_text, load_state
+from .ti.tokens import EmbeddingSet
 from .tiny import config as tiny_config
 from .tiny import model as tiny_model
 
@@ -62,18 +67,14 @@ class Base:
         return self
 
     @property
-    def loras(self):
+    def loras(self) -> LoraSet:
         """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use."""
-        from .lora.patch import LoraSet
-
         return LoraSet.attach(self)
 
     @property
-    def embeddings(self):
+    def embeddings(self) -> EmbeddingSet:
         """The TI embeddings loaded into this model (``sdtune.ti.tokens.EmbeddingSet``), created on first use."""
         if "_embeddings" not in self.__dict__:
-            from .ti.tokens import EmbeddingSet
-
             self.__dict__["_embeddings"] = EmbeddingSet(self.tokenizer, self.text_encoder)
         return self.__dict__["_embeddings"]
 
@@ -204,7 +205,6 @@ def tiny_configs() -> dict:
 def _scheduler(architecture: str):
     if architecture == "tiny":
         return DDIMScheduler(**tiny_config.SCHEDULER)
-    from diffusers import PNDMScheduler
     return PNDMScheduler.from_config(_read_json(SD15 / "scheduler.json"))
 
 
@@ -224,7 +224,6 @@ def _move(module: torch.nn.Module, device, dtype) -> None:
 @contextmanager
 def _quiet_progress():
     """No per-component "Loading weights"/"Writing model shards" bars from transformers."""
-    from transformers.utils import logging as tf_logging
     was_enabled = tf_logging.is_progress_bar_enabled()
     tf_logging.disable_progress_bar()
     try:
@@ -401,9 +400,8 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(constants.HF_HUB_OFFLINE)
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 HUB_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "unet/config.json", "vae/config.json",
@@ -412,15 +410,12 @@ HUB_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "unet/config
 
 
 def _load_hub(spec: str, device, dtype) -> Base:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     offline = _hub_offline()
     unreachable = (f"{spec}: not a local file or folder, and the Hugging Face hub is unreachable"
                    f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download the model and pass its local "
                    "diffusers folder or .safetensors file")
     try:
-        folder = snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=offline)
+        folder = huggingface_hub.snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=offline)
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
         raise SdtuneError(f"{spec}: no such model on the Hugging Face hub (or it is gated); "
                           "check the id, or pass a local path") from None

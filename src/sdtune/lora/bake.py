@@ -17,12 +17,14 @@ import struct
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 
-from .. import ldm
+from .. import ldm, models
 from ..safeio import SdtuneError, atomic_path, is_safetensors
 from . import keys
+from .formats import load_lora
 from .neutral import Lora
-from .patch import LoraSet, check_fit, write_patched
+from .patch import LoraSet, as_weights, check_fit, write_patched
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,14 +38,7 @@ def _load(source, modules: dict) -> Lora:
     """A ``Lora`` from a ``Lora`` or a file; kohya names are resolved against the model's own modules."""
     if isinstance(source, Lora):
         return source
-    from .formats import load_lora
     return load_lora(source, model_keys=modules)
-
-
-def _weights(w) -> dict[str, float]:
-    if isinstance(w, (tuple, list)):
-        return {"unet": float(w[0]), "text_encoder": float(w[1] if w[1] is not None else w[0])}
-    return {"unet": float(w), "text_encoder": float(w)}
 
 
 def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow_partial: bool = False) -> Path:
@@ -58,21 +53,18 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     out = Path(out)
     if fmt == "single" and out.suffix != ".safetensors":
         raise SdtuneError(f"{out}: a single-file merge is written as .safetensors; use that suffix")
-    pairs = [(src, _weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
+    pairs = [(src, as_weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
              for i, (src, w) in enumerate(loras)]
     if isinstance(base_or_spec, (str, Path)):
         path = Path(base_or_spec).expanduser()
         if fmt == "single" and path.is_file():
             return _merge_single_file(path, pairs, out, dtype, allow_partial)
-        from ..models import load_base
-        base = load_base(str(base_or_spec), device="cpu", dtype="fp32")
+        base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
         return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
     return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
 
 
 def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) -> Path:
-    from ..models import save_diffusers, save_single_file
-
     if len(LoraSet.attach(base)):
         raise SdtuneError("this model has LoRAs applied already; remove them (LoraSet.remove_all) before merging")
     lora_set = LoraSet.attach(base)
@@ -81,10 +73,10 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
             lora_set.add(f"{i:04d}", _load(src, lora_set.modules), (w["unet"], w["text_encoder"]),
                          allow_partial=allow_partial)
         if fmt == "single":
-            return save_single_file(base, out, dtype=dtype)
+            return models.save_single_file(base, out, dtype=dtype)
         if dtype is not None:
             raise SdtuneError("dtype is for single-file output; load the base in that dtype for a diffusers folder")
-        return save_diffusers(base, out)
+        return models.save_diffusers(base, out)
     finally:
         lora_set.remove_all()
 
@@ -125,16 +117,12 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial: bool) -> dict[str, list]:
     """{file key: [(name, uid, adapter, weight), ...]} for every weight a LoRA changes, after checking fit."""
-    from accelerate import init_empty_weights
-
-    from ..models import META_ARCH, build_components, detect_architecture, sd15_configs, tiny_configs
-
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    arch = metadata.get(META_ARCH) if metadata.get(META_ARCH) in ("tiny", "sd15") else None
-    arch = arch or detect_architecture(shapes, path)
-    configs = tiny_configs() if arch == "tiny" else sd15_configs()
+    arch = metadata.get(models.META_ARCH) if metadata.get(models.META_ARCH) in ("tiny", "sd15") else None
+    arch = arch or models.detect_architecture(shapes, path)
+    configs = models.tiny_configs() if arch == "tiny" else models.sd15_configs()
     with init_empty_weights():  # a shape-only model: the shared key matcher gives its usual messages
-        unet, _, text_encoder = build_components(configs)
+        unet, _, text_encoder = models.build_components(configs)
     unet_inverse = {d: f"{ldm.UNET_PREFIX}{m}" for m, d in ldm.unet_module_map(configs["unet"]).items()}
     text_prefix = next((p for p in ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
                         if any(k.startswith(p + "encoder.") for k in header)), ldm.TEXT_PREFIX)
@@ -157,13 +145,11 @@ def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial:
 
 def _merge_single_file(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
     if not is_safetensors(path):  # pickled checkpoints cannot be read piecewise: load, patch, save
-        from ..models import load_base
-        return _merge_loaded(load_base(str(path), device="cpu", dtype="fp32"), pairs, out, "single", dtype,
+        return _merge_loaded(models.load_base(str(path), device="cpu", dtype="fp32"), pairs, out, "single", dtype,
                              allow_partial)
     if out.resolve() == path.resolve():
         raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
-    from ..models import pick_dtype
-    out_float = None if dtype is None else pick_dtype("cpu", dtype)
+    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
     header, metadata, data_start = _read_header(path)
     targets = _ldm_targets(header, metadata, pairs, path, allow_partial)
 

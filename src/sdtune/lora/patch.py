@@ -27,6 +27,7 @@ in which adapters were added either.
 from __future__ import annotations
 
 import itertools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,15 +96,16 @@ def check_fit(lora: Lora, modules: dict, allow_partial: bool, source: str) -> di
     return {(comp, path): lora.modules[comp][path] for comp, path in report.matched}
 
 
-def _as_weights(w) -> tuple[float, float | None]:
-    """(unet weight, text-encoder weight or None) from a number or a pair."""
+def as_weights(w) -> dict[str, float]:
+    """{"unet": w, "text_encoder": w} from one number, or from a pair (unet_w, te_w); te_w None: same as unet_w."""
     bad = SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)")
     try:
         if isinstance(w, (tuple, list)):
             if len(w) != 2:
                 raise bad
-            return float(w[0]), (None if w[1] is None else float(w[1]))
-        return float(w), None
+            unet = float(w[0])
+            return {"unet": unet, "text_encoder": unet if w[1] is None else float(w[1])}
+        return {"unet": float(w), "text_encoder": float(w)}
     except (TypeError, ValueError):
         raise bad from None
 
@@ -175,18 +177,18 @@ class LoraSet:
         Every LoRA module must match a model layer of the right shape, else ``SdtuneError`` naming the first
         offenders; ``allow_partial=True`` skips those (with a warning) and applies the rest.
         """
+        weights = as_weights(weight)  # a bad weight fails before the file is read
+        if te_weight is not None:
+            weights["text_encoder"] = as_weights(te_weight)["unet"]
         source = str(lora) if isinstance(lora, (str, Path)) else (lora.metadata.get("source", "") or name)
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
         if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
-            import warnings
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
-        unet_w, te_w = _as_weights(weight)
-        te_w = te_weight if te_weight is not None else (te_w if te_w is not None else unet_w)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(lora, {"unet": unet_w, "text_encoder": float(te_w)}, targets, source)
+        self._entries[name] = _Entry(lora, weights, targets, source)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
@@ -197,19 +199,15 @@ class LoraSet:
         unknown = [n for n in weights if n not in self._entries]
         if unknown:
             raise SdtuneError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._entries) or 'none'}")
+        parsed = {name: as_weights(w) for name, w in weights.items()}  # all checked before any changes
         changed: set[LayerKey] = set()
-        for name, w in weights.items():
-            unet_w, te_w = _as_weights(w)
+        for name, new in parsed.items():
             e = self._entries[name]
-            new = {"unet": unet_w, "text_encoder": unet_w if te_w is None else te_w}
             for comp in COMPONENTS:
                 if new[comp] != e.weights[comp]:
                     changed.update(k for k in e.targets if k[0] == comp)
             e.weights = new
         self._sync(changed)
-
-    def set_weight(self, name: str, weight: float, te_weight: float | None = None) -> None:
-        self.set_weights({name: (weight, te_weight)})
 
     def remove(self, name: str) -> None:
         if name not in self._entries:
@@ -360,19 +358,3 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
     if acc is not flat:
         flat.copy_(acc)
 
-
-def apply_loras(base, loras, *, allow_partial: bool = False) -> LoraSet:
-    """Merge ``[(source, weight), ...]`` into ``base`` (a Base, pipeline or component dict) in one go.
-
-    ``source`` is a file path or a ``Lora``; ``weight`` a number or ``(unet_w, te_w)``. Adapters are named
-    after their file stem (``name_2`` etc. on clashes). Returns the model's ``LoraSet`` for later changes.
-    """
-    lora_set = LoraSet.attach(base)
-    with lora_set.batch():
-        for i, (source, weight) in enumerate(loras):
-            stem = Path(source).stem if isinstance(source, (str, Path)) else (source.metadata.get("name") or f"lora{i}")
-            name, n = stem, 2
-            while name in lora_set:
-                name, n = f"{stem}_{n}", n + 1
-            lora_set.add(name, source, weight, allow_partial=allow_partial)
-    return lora_set
