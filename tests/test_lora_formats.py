@@ -155,10 +155,12 @@ def test_locon_tucker_mid_matches_sequential_convs(shapes, model_keys):
     sd = {f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid, f"{name}.lora_up.weight": up,
           f"{name}.alpha": torch.tensor(alpha)}
     lora = formats.from_state_dict(sd, model_keys=model_keys)
-    x = torch.randn(2, in_ch, 9, 9, generator=g)
-    want = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up) * (alpha / r)
-    got = F.conv2d(x, lora.modules["unet"][p].delta((out_ch, in_ch, kh, kw)), padding=1)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # in float64: one folded conv and three in turn sum in different orders, which float32 rounds to ~1e-4
+    # on outputs of size ~600; float64 leaves ~1e-12, so the default float64 tolerance (1e-7) tests the algebra
+    x = torch.randn(2, in_ch, 9, 9, generator=g, dtype=torch.float64)
+    want = F.conv2d(F.conv2d(F.conv2d(x, down.double()), mid.double(), padding=1), up.double()) * (alpha / r)
+    got = F.conv2d(x, lora.modules["unet"][p].delta((out_ch, in_ch, kh, kw), dtype=torch.float64), padding=1)
+    torch.testing.assert_close(got, want)
     assert keys.match(lora, shapes).ok
 
 

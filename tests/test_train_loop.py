@@ -86,7 +86,9 @@ def test_draws_are_reproducible_and_noise_offset_shifts_channels():
     c, _ = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.1)
     assert torch.equal(a, b) and torch.equal(ta, tb)
     shift = c - a  # one constant per (image, channel)
-    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift)) and shift.abs().max() > 0
+    # (a + s) - a gives s back up to the rounding of a + s: half a float32 step at |a| < 8 is 2.4e-7, far
+    # below the shifts themselves (0.1 x N(0, 1))
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), rtol=0, atol=1e-6) and shift.abs().max() > 0
     assert not torch.equal(a, loop.diffusion_draws(1, 6, (2, 4, 8, 8), 1000, 0.0)[0])
 
 
@@ -96,7 +98,10 @@ def test_text_cache_equals_running_the_encoder(base):
     live = loop.TextInput(base.tokenizer, base.text_encoder, "cpu")
     with torch.no_grad():
         want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"])[0]
-    assert torch.allclose(cached(["a blue square", "a red circle"])["context"], want, atol=1e-6)
+    # the cache ran the encoder on another batch (all three captions), and CPU kernels may round differently
+    # with batch size; 1e-4 is far above that (~1e-6 on outputs of size ~3) and far below the gap between
+    # two captions' outputs (~1), so a stale or swapped entry still fails
+    assert torch.allclose(cached(["a blue square", "a red circle"])["context"], want, atol=1e-4)
 
 
 def test_settings_from_toml_with_flags_winning(tmp_path):
@@ -194,11 +199,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_save(base, dataset, tmp_path, mo
 
 def test_gradient_checkpointing_changes_nothing(base, dataset, tmp_path):
     kw = dict(steps=2, text_encoder=True, targets="attn+ff")
-    a = lora_tensors(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
-    b = lora_tensors(train_lora(base, settings(dataset, tmp_path / "b", gradient_checkpointing=True, **kw)))
-    for key in a:
-        for role in ("down", "up"):
-            assert torch.allclose(a[key][role], b[key][role], atol=1e-6), key
+    a = load_lora(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
+    b = load_lora(train_lora(base, settings(dataset, tmp_path / "b", gradient_checkpointing=True, **kw)))
+    assert {(c, p) for c, p, _ in a.items()} == {(c, p) for c, p, _ in b.items()}
+    # The same forward values, but the recomputed graph may sum gradients in another order: float rounding,
+    # ~1e-7 of each ΔW (AdamW scales every entry by its own gradient size). 1e-5 leaves room for that; a lost
+    # or doubled gradient moves ΔW by a large part of itself.
+    for comp, path, ad in a.items():
+        shape = (ad.tensors["up"].shape[0], -1)
+        da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
+        assert (da - db).norm() <= 1e-5 * da.norm(), (comp, path)
     assert not base.unet.is_gradient_checkpointing
 
 

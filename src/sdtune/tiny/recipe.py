@@ -2,8 +2,8 @@
 
     python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
 
-The defaults (``--preset cpu``) are the shipped model's settings, sized for 2 CPU cores: 88 minutes
-measured. ``--preset large`` is the earlier GPU recipe (4x the samples; about 10 minutes on one H200).
+The defaults (``--preset cpu``) are the shipped model's settings, sized for a 2-core CPU (the README has
+the measured run). ``--preset large`` is the earlier recipe sized for one GPU (4x the samples, plain MSE).
 Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps).
 ``sdtune eval-tiny --model runs/tiny/model`` judges an export before it is installed. Everything is trained on
 renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE,
@@ -32,10 +32,10 @@ from ..models import pick_device
 from ..train.loop import min_snr_weights
 from . import model, world
 
-# "cpu": the shipped model (88 min on 2 CPU cores). Min-SNR weighting (gamma 5) is what lets 216,000 samples
+# "cpu": the shipped model, sized for 2 CPU cores. Min-SNR weighting (gamma 5) is what lets 216,000 samples
 # do; LoRAs for this model train best with it too (see tests/test_train_quality.py).
-# "large": the settings of the earlier GPU-trained model (864,000 samples, plain MSE; ~10 min on one H200,
-# ~7 h on 2 CPU cores); not rerun since the UNet's attention went to head size 32.
+# "large": the settings of the earlier GPU-trained model (864,000 samples, plain MSE, sized for one GPU);
+# not rerun since the UNet's attention went to head size 32.
 PRESETS = {
     "cpu": dict(vae_steps=1500, vae_batch=16, vae_images=16000, steps=9000, batch=24, lr=1e-3,
                 images=16000, min_snr=5.0),

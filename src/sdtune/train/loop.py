@@ -223,13 +223,11 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     if base.device != accelerator.device:  # e.g. one GPU per process under accelerate launch
         base.to(accelerator.device)
     device, world = accelerator.device, accelerator.num_processes
-    out = Path(settings.out)
-    state_path = out / STATE_FILE
-    global_batch, accum = settings.batch_size * world, settings.grad_accum
+    state_path = Path(settings.out) / STATE_FILE
+    global_batch = settings.batch_size * world
     total = total_steps(settings, data, global_batch)
     job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
-                        global_batch=global_batch * accum, processes=world)
-    params = [p for group in job.param_groups for p in group["params"]]
+                        global_batch=global_batch * settings.grad_accum, processes=world)
     for group in job.param_groups:
         group["base_lr"] = group["lr"]
     undo = [_freeze(base, job)]
@@ -254,75 +252,108 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             optimizer.load_state_dict(state["optimizer"])
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
-        return _steps(accelerator, base, settings, job, data, text, model, optimizer, params, start, total,
-                      callback)
+        session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
+                          model=model, optimizer=optimizer, total=total, last_save=start or None)
+        return _steps(session, start, callback)
     finally:
         for step_back in reversed(undo):
             step_back()
 
 
-def _steps(accelerator, base, settings, job, data, text, model, optimizer, params, start, total, callback):
-    """The loop itself: micro-batches, backward, clip, NaN check, step, saves and samples."""
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    out = Path(settings.out)
-    global_batch, accum = settings.batch_size * world, settings.grad_accum
-    num_timesteps = len(base.scheduler.alphas_cumprod)
-    last_save, final_files = (start or None), []
+@dataclass
+class Session:
+    """What the steps of one run share: the prepared model and optimizer, the data, the settings."""
 
-    def save(step: int, final: bool) -> None:
-        nonlocal last_save, final_files
-        accelerator.wait_for_everyone()
-        if main:
-            written = job.save(step, final)  # the user's files first, then the state that points at them
-            final_files = written if final else final_files
-            atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": job.state(),
-                               "optimizer": optimizer.state_dict(), "settings": json.dumps(settings.to_dict()),
-                               "model_hash": getattr(base, "model_hash", "")}, out / STATE_FILE)
-        last_save = step
-        accelerator.wait_for_everyone()
+    accelerator: object  # accelerate.Accelerator
+    base: object  # the Base being trained
+    settings: TrainSettings
+    job: Job
+    data: TrainingSet
+    text: TextInput
+    model: nn.Module  # the Objective, as accelerate prepared it (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    total: int  # steps of the whole run
+    last_save: int | None = None  # step of the newest save, for the NaN message
+    final_files: list[Path] = field(default_factory=list)
 
-    def sample(step: int) -> None:
-        if main:
-            job.set_training(False)
+    @property
+    def out(self) -> Path:
+        return Path(self.settings.out)
+
+    @property
+    def global_batch(self) -> int:
+        return self.settings.batch_size * self.accelerator.num_processes
+
+    def micro_step(self, number: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of global batch ``number`` (this process's slice); returns its share of the
+        step loss. ``sync``: the last micro-batch of a step, whose backward all-reduces the gradients."""
+        acc, s = self.accelerator, self.settings
+        batch = self.data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
+        noise, timesteps = diffusion_draws(s.seed, number, (self.global_batch, *batch.latents.shape[1:]),
+                                           len(self.base.scheduler.alphas_cumprod), s.noise_offset)
+        mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
+        torch.manual_seed(seed_for(s.seed, "dropout", number, acc.process_index))
+        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            loss = self.model(batch.latents.to(acc.device), noise[mine].to(acc.device),
+                              timesteps[mine].to(acc.device), **self.text(batch.captions)) / s.grad_accum
+            acc.backward(loss)
+        return loss.detach()
+
+    def save(self, step: int, final: bool) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            written = self.job.save(step, final)  # the user's files first, then the state that points at them
+            self.final_files = written if final else self.final_files
+            atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
+                               "optimizer": self.optimizer.state_dict(),
+                               "settings": json.dumps(self.settings.to_dict()),
+                               "model_hash": getattr(self.base, "model_hash", "")}, self.out / STATE_FILE)
+        self.last_save = step
+        acc.wait_for_everyone()
+
+    def sample(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self.job.set_training(False)
             try:
-                sample_grid(base, settings, job.expand, out / "samples" / f"step-{step:06d}.png")
+                sample_grid(self.base, self.settings, self.job.expand, self.out / "samples" / f"step-{step:06d}.png")
             finally:
-                job.set_training(True)
-        accelerator.wait_for_everyone()
+                self.job.set_training(True)
+        self.accelerator.wait_for_everyone()
 
+    def stop_if_diverged(self, step: int, loss: float, grad_norm) -> None:
+        """Raise before the optimizer step when the loss or the gradient norm is not finite (under fp16 the
+        grad scaler skips steps with infinite gradients by itself)."""
+        bad_norm = (grad_norm is not None and self.accelerator.mixed_precision != "fp16"
+                    and not math.isfinite(float(grad_norm)))
+        if math.isfinite(loss) and not bad_norm:
+            return
+        kept = f"the last good save is step {self.last_save} in {self.out}" if self.last_save else "nothing was saved yet"
+        what = "NaN" if math.isnan(loss) else ("infinite" if math.isinf(loss) else "a NaN gradient")
+        raise SdtuneError(f"{self.job.name} training: the loss became {what} at step {step + 1}, so training "
+                          f"stopped before applying it; {kept}. Lower --lr, or use fp32/bf16 instead of fp16")
+
+
+def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None) -> list[Path]:
+    """The loop itself: micro-batches, backward, clip, NaN check, step, saves and samples."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=f"train {job.name}", unit="step", dynamic_ncols=True,
-               disable=not (main and settings.progress), file=sys.stderr)
+    s, acc, optimizer = r.settings, r.accelerator, r.optimizer
+    params = [p for group in r.job.param_groups for p in group["params"]]
+    bar = tqdm(total=r.total, initial=start, desc=f"train {r.job.name}", unit="step", dynamic_ncols=True,
+               disable=not (acc.is_main_process and s.progress), file=sys.stderr)
     smooth = None
-    part = slice(rank * settings.batch_size, (rank + 1) * settings.batch_size)
     try:
-        for step in range(start, total):
-            factor = lr_factor(step, total, settings.lr_warmup_steps, settings.lr_scheduler)
+        for step in range(start, r.total):
+            factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                number = step * accum + micro
-                batch = data.batch(number, global_batch, rank, world)
-                noise, timesteps = diffusion_draws(settings.seed, number, (global_batch, *batch.latents.shape[1:]),
-                                                   num_timesteps, settings.noise_offset)
-                torch.manual_seed(seed_for(settings.seed, "dropout", number, rank))
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss = model(batch.latents.to(device), noise[part].to(device), timesteps[part].to(device),
-                                 **text(batch.captions)) / accum
-                    accelerator.backward(loss)
-                step_loss += loss.detach()
-            norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm else None
-            value = float(accelerator.reduce(step_loss, "mean"))
-            bad_norm = norm is not None and accelerator.mixed_precision != "fp16" and not math.isfinite(float(norm))
-            if not math.isfinite(value) or bad_norm:
-                kept = f"the last good save is step {last_save} in {out}" if last_save else "nothing was saved yet"
-                what = "NaN" if math.isnan(value) else ("infinite" if math.isinf(value) else "a NaN gradient")
-                raise SdtuneError(f"{job.name} training: the loss became {what} at step {step + 1}, so training "
-                                  f"stopped before applying it; {kept}. Lower --lr, or use fp32/bf16 instead of fp16")
+            loss = torch.zeros((), device=acc.device)
+            for micro in range(s.grad_accum):
+                loss += r.micro_step(step * s.grad_accum + micro, sync=micro == s.grad_accum - 1)
+            norm = acc.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm else None
+            value = float(acc.reduce(loss, "mean"))
+            r.stop_if_diverged(step, value, norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -331,14 +362,14 @@ def _steps(accelerator, base, settings, job, data, text, model, optimizer, param
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if callback is not None:
                 callback(done, value)
-            if settings.save_every and done % settings.save_every == 0 and done < total:
-                save(done, final=False)
-            if settings.sample_every and done % settings.sample_every == 0:
-                sample(done)
-        save(total, final=True)
+            if s.save_every and done % s.save_every == 0 and done < r.total:
+                r.save(done, final=False)
+            if s.sample_every and done % s.sample_every == 0:
+                r.sample(done)
+        r.save(r.total, final=True)
     finally:
         bar.close()
-    return final_files
+    return r.final_files
 
 
 @torch.no_grad()
