@@ -66,7 +66,7 @@ def write_ldm_file(base, path: Path) -> None:
         n = v.numel() * v.element_size()
         header[k] = {"dtype": ST_NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
         offset += n
-    head = json.dumps({"__metadata__": {META_ARCH: base.architecture}, **header}).encode()
+    head = json.dumps({"__metadata__": {META_ARCH: base.family.name}, **header}).encode()
     head += b" " * (-len(head) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)

@@ -79,7 +79,7 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     assert all(again[k].equal(exported[k]) for k in exported)
     # an export loads as a model of its own (what eval-tiny --model runs/tiny/model judges)
     base = load_base(str(tmp_path / "straight" / "model"), device="cpu", dtype="fp32")
-    assert base.architecture == "tiny" and base.source == "tiny"
+    assert base.family.name == "tiny" and base.source == "tiny"
     assert base.unet.conv_in.weight.equal(exported["conv_in.weight"].float())
 
 

@@ -251,3 +251,17 @@ def split_ldm_state_dict(sd: dict, unet_config, vae_config) -> dict[str, dict]:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not an SD 1.x model of this architecture")
     return parts
+
+
+def split_single_file(sd: dict, family, configs: dict) -> dict[str, dict]:
+    """A single-file checkpoint of ``family`` -> {component: state dict in diffusers/transformers-5 naming}."""
+    if family.single_file_layout != "ldm" or any(te.openclip for te in family.text_encoders):
+        raise SdtuneError(f"single-file {family.title} checkpoints cannot be read yet; pass a diffusers folder")
+    return split_ldm_state_dict(sd, configs["unet"], configs["vae"])
+
+
+def to_single_file(modules: dict, family) -> dict:
+    """{component: module} of a ``family`` model -> its single-file state dict (LDM or SGM layout)."""
+    if family.single_file_layout != "ldm" or any(te.openclip for te in family.text_encoders):
+        raise SdtuneError(f"{family.title} models cannot be written as single files yet; write a diffusers folder")
+    return to_ldm_state_dict(modules["unet"], modules["vae"], modules["text_encoder"])

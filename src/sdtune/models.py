@@ -7,30 +7,32 @@ code), split with ``ldm`` into components built from the configs shipped in ``sd
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import huggingface_hub
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as tf_logging
 
 from . import families, ldm
+from .families import Family, TextEncoder
 from .lora.patch import LoraSet
 from .safeio import SdtuneError, atomic_save_safetensors, atomic_write_text, load_state
 from .ti.tokens import EmbeddingSet
-from .tiny import config as tiny_config
 from .tiny import model as tiny_model
+from .tiny import xl_config
 
 SD15 = families.CONFIGS / families.SD1.configs
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -43,7 +45,7 @@ META_ARCH = "sdtune.architecture"
 
 @dataclass
 class Base:
-    """A loaded SD 1.x base model: its components and where it came from."""
+    """A loaded base model of any family: its components, its family, and where it came from."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -53,15 +55,25 @@ class Base:
     device: torch.device
     dtype: torch.dtype
     name: str  # the spec as given
-    source: str  # tiny | tiny-random | sd15-random | diffusers | single-file | hub
+    source: str  # tiny | tiny-random | <family>-random | diffusers | single-file | hub
     single_file: Path | None
     model_hash: str  # A1111-style short hash (10 hex)
-    architecture: str = field(default="sd15")  # tiny | sd15
+    family: Family = families.SD1
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second text encoder (OpenCLIP bigG)
+    tokenizer_2: CLIPTokenizer | None = None
+
+    def text_encoders(self) -> list[tuple[TextEncoder, torch.nn.Module, CLIPTokenizer]]:
+        """(description, model, tokenizer) of each text encoder, in the family's order."""
+        return [(te, getattr(self, te.component), getattr(self, te.tokenizer)) for te in self.family.text_encoders]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every weighted component by its diffusers name: unet, vae, text_encoder (, text_encoder_2)."""
+        return {"unet": self.unet, "vae": self.vae, **{te.component: m for te, m, _ in self.text_encoders()}}
 
     def to(self, device=None, dtype=None) -> Base:
         device = self.device if device is None else pick_device(device)
         dtype = self.dtype if dtype is None else pick_dtype(device, dtype)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules().values():
             _move(module, device, dtype)
         self.device, self.dtype = device, dtype
         return self
@@ -78,11 +90,15 @@ class Base:
             self.__dict__["_embeddings"] = EmbeddingSet(self.tokenizer, self.text_encoder)
         return self.__dict__["_embeddings"]
 
-    def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler if scheduler is not None else self.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    def pipeline(self, scheduler=None):
+        """The family's diffusers pipeline over these very modules (nothing is copied)."""
+        cls = getattr(diffusers, self.family.pipeline)
+        parts = {**self.modules(), **{te.tokenizer: tok for te, _, tok in self.text_encoders()},
+                 "scheduler": scheduler if scheduler is not None else self.scheduler}
+        # SD 1.x/2.x pipelines also take a safety checker, which sdtune never loads
+        optional = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**parts, **{k: v for k, v in optional.items() if k in accepted})
 
 
 # ---------------------------------------------------------------- device and dtype
@@ -188,31 +204,55 @@ def _weights_hash(*modules) -> str:
 
 # ---------------------------------------------------------------- configs and construction
 
-def _read_json(path: Path) -> dict:
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-
-
 def sd15_configs() -> dict:
     """The shipped SD 1.5 component configs."""
-    return {part: _read_json(SD15 / f"{part}.json") for part in ("unet", "vae", "text_encoder", "scheduler")}
+    return families.SD1.component_configs()
 
 
 def tiny_configs() -> dict:
-    return {"unet": dict(tiny_config.UNET), "vae": dict(tiny_config.VAE, scaling_factor=1.0),
-            "text_encoder": dict(tiny_config.TEXT_ENCODER), "scheduler": dict(tiny_config.SCHEDULER)}
+    return families.TINY.component_configs()
 
 
-def _scheduler(architecture: str):
-    if architecture == "tiny":
-        return DDIMScheduler(**tiny_config.SCHEDULER)
-    return PNDMScheduler.from_config(_read_json(SD15 / "scheduler.json"))
+def small_sdxl_configs() -> dict:
+    """The small random SDXL-architecture model (``sdxl-small-random``): see ``sdtune.tiny.xl_config``."""
+    return {"unet": dict(xl_config.UNET), "vae": dict(xl_config.VAE), "text_encoder": dict(xl_config.TEXT_ENCODER),
+            "text_encoder_2": dict(xl_config.TEXT_ENCODER_2),
+            "scheduler": families.SDXL.component_configs()["scheduler"]}
+
+
+def make_scheduler(family: Family, config: dict):
+    """The family's own scheduler class from a config dict."""
+    return getattr(diffusers, family.scheduler).from_config(config)
+
+
+TEXT_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+
+
+def text_model(te: TextEncoder, config: dict) -> torch.nn.Module:
+    """A random-init text encoder of the class the family names, from a transformers config dict."""
+    config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    return TEXT_CLASSES[te.model_class](CLIPTextConfig(**config))
+
+
+def build_parts(family: Family, configs: dict | None = None) -> dict[str, torch.nn.Module]:
+    """{"unet", "vae", text encoder components} built from configs (random init; under init_empty_weights
+    for shapes only). ``configs`` defaults to the family's shipped ones."""
+    configs = configs or family.component_configs()
+    parts = {"unet": UNet2DConditionModel(**configs["unet"]), "vae": AutoencoderKL(**configs["vae"])}
+    for te in family.text_encoders:
+        parts[te.component] = text_model(te, configs[te.component])
+    return parts
 
 
 def build_components(configs: dict) -> tuple:
-    """(unet, vae, text_encoder) built from config dicts (random init; use under init_empty_weights for shapes)."""
-    text_config = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
-    return (UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"]),
-            CLIPTextModel(CLIPTextConfig(**text_config)))
+    """(unet, vae, text_encoder) of an SD 1.x-shaped model built from config dicts."""
+    parts = build_parts(families.SD1, configs)
+    return parts["unet"], parts["vae"], parts["text_encoder"]
+
+
+def tokenizer_for(te: TextEncoder) -> CLIPTokenizer:
+    """The CLIP BPE tokenizer shipped with sdtune, padded as this text encoder was trained."""
+    return CLIPTokenizer.from_pretrained(tiny_model.TOKENIZER, pad_token=te.pad_token)
 
 
 def _move(module: torch.nn.Module, device, dtype) -> None:
@@ -235,12 +275,12 @@ def _quiet_progress():
 
 
 
-def _finish(unet, vae, text_encoder, scheduler, device, dtype, **info) -> Base:
-    for module in (unet, vae, text_encoder):
+def _finish(parts: dict, scheduler, device, dtype, family: Family, tokenizers: dict | None = None, **info) -> Base:
+    for module in parts.values():
         _move(module, device, dtype)
         module.eval()
-    return Base(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_model.tokenizer(),
-                scheduler=scheduler, device=device, dtype=dtype, **info)
+    tokenizers = tokenizers or {te.tokenizer: tokenizer_for(te) for te in family.text_encoders}
+    return Base(**parts, **tokenizers, scheduler=scheduler, device=device, dtype=dtype, family=family, **info)
 
 
 # ---------------------------------------------------------------- sources
@@ -254,60 +294,70 @@ def _load_tiny(spec: str, device, dtype, folder: Path = tiny_model.WEIGHTS) -> B
         model_hash = _files_hash(files, folder)
     else:
         model_hash = _weights_hash(parts["unet"], parts["vae"], parts["text_encoder"])
-    return _finish(parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"], device, dtype,
-                   name=spec, source="tiny" if trained else "tiny-random",
-                   single_file=None, model_hash=model_hash, architecture="tiny")
+    scheduler = parts.pop("scheduler")
+    tokenizers = {"tokenizer": parts.pop("tokenizer")}
+    return _finish(parts, scheduler, device, dtype, families.TINY, tokenizers, name=spec,
+                   source="tiny" if trained else "tiny-random", single_file=None, model_hash=model_hash)
 
 
-def _load_sd15_random(spec: str, device, dtype) -> Base:
-    configs = sd15_configs()
+# Random-init models of each family's real architecture (and a small SDXL one), for tests and benchmarks.
+RANDOM_SPECS = {"sd15-random": (families.SD1, None), "sd1-random": (families.SD1, None),
+                "sd2-random": (families.SD2, None), "sdxl-random": (families.SDXL, None),
+                "sdxl-small-random": (families.SDXL, small_sdxl_configs)}
+
+
+def _load_random(spec: str, device, dtype) -> Base:
+    family, make_configs = RANDOM_SPECS[spec]
+    configs = make_configs() if make_configs else family.component_configs()
     torch.manual_seed(0)
-    with torch.device(device):  # initialise where it will run: ~1B parameters are slow to init on CPU
-        unet, vae, text_encoder = build_components(configs)
-    # Random init is fully determined by the config and the seed; hashing 4 GB of noise would only cost time.
+    # Initialise where it will run and in the dtype it will run in: SDXL is 3.5 B parameters, slow to draw
+    # on a CPU and 14 GB in fp32.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            parts = build_parts(family, configs)
+    finally:
+        torch.set_default_dtype(default)
+    # Random init is fully determined by the config and the seed; hashing gigabytes of noise would only cost time.
     model_hash = hashlib.sha256((json.dumps(configs, sort_keys=True) + "seed=0").encode()).hexdigest()[:10]
-    return _finish(unet, vae, text_encoder, _scheduler("sd15"), device, dtype, name=spec, source=spec,
-                   single_file=None, model_hash=model_hash, architecture="sd15")
+    return _finish(parts, make_scheduler(family, configs["scheduler"]), device, dtype, family, name=spec,
+                   source=spec, single_file=None, model_hash=model_hash)
 
 
-# (conv_in width, cross-attention width) of the SD 1.x architectures sdtune knows.
-KNOWN_SHAPES = {(320, 768): "sd15", (tiny_config.UNET["block_out_channels"][0], tiny_config.TEXT_WIDTH): "tiny"}
+FAMILY_KEYS = "SD 1.x (768), SD 2.x (1024) or SDXL (2048)"
 
 
-def detect_architecture(state: dict, path: Path) -> str:
-    """"sd15" or "tiny" from the tensor shapes of an LDM single-file checkpoint; anything else is refused."""
+def detect_family(state: dict, path: Path) -> Family:
+    """The family of a single-file checkpoint, from its key layout and tensor shapes; anything else is refused."""
     keys = list(state)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SdtuneError(f"{path}: this is an SDXL checkpoint; sdtune works with SD 1.x models (e.g. SD 1.5)")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise SdtuneError(f"{path}: this is an SD 2.x checkpoint (OpenCLIP text encoder); sdtune works with SD 1.x")
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
         if any("lora_" in k or ".lora_A" in k or ".alpha" in k for k in keys):
-            raise SdtuneError(f"{path}: this is a LoRA/adapter file, not a base model; pass a full SD 1.x checkpoint")
+            raise SdtuneError(f"{path}: this is a LoRA/adapter file, not a base model; pass a full checkpoint")
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-            raise SdtuneError(f"{path}: this is a bare diffusers UNet, not a full SD 1.x checkpoint; "
+            raise SdtuneError(f"{path}: this is a bare diffusers UNet, not a full checkpoint; "
                               "pass a single-file checkpoint or a diffusers folder")
         raise SdtuneError(f"{path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
-                          "pass an SD 1.x checkpoint")
+                          "pass a full checkpoint")
     conv_in = state.get(ldm.UNET_PREFIX + "input_blocks.0.0.weight")
     cross = next((v for k, v in state.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
                  None)
     if conv_in is None or cross is None or conv_in.ndim != 4 or cross.ndim != 2:
         raise SdtuneError(f"{path}: the UNet weights are incomplete (no conv_in or cross-attention); "
-                          "the file is damaged or not an SD 1.x checkpoint")
-    width = cross.shape[1]
-    if width == 2048:
-        raise SdtuneError(f"{path}: cross-attention width 2048 means SDXL; sdtune works with SD 1.x models")
-    if width == 1024:
-        raise SdtuneError(f"{path}: cross-attention width 1024 means SD 2.x; sdtune works with SD 1.x models")
+                          "the file is damaged or not a Stable Diffusion checkpoint")
     if conv_in.shape[1] != 4:
         raise SdtuneError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an inpainting or "
-                          "instruct-pix2pix model); sdtune works with plain text-to-image SD 1.x models")
-    arch = KNOWN_SHAPES.get((conv_in.shape[0], width))
-    if arch is None:
-        raise SdtuneError(f"{path}: unknown UNet shape (width {conv_in.shape[0]}, cross-attention {width}); "
-                          "sdtune works with SD 1.x models")
-    return arch
+                          "instruct-pix2pix model); sdtune works with plain text-to-image models")
+    family = families.by_cross_attention(cross.shape[1])
+    if family is None:
+        raise SdtuneError(f"{path}: cross-attention width {cross.shape[1]} is not {FAMILY_KEYS}; "
+                          "sdtune does not know this model family")
+    has_text = [any(k.startswith(te.single_file_prefix) for k in keys) for te in family.text_encoders]
+    if not all(has_text):
+        missing = [te.single_file_prefix for te, ok in zip(family.text_encoders, has_text) if not ok]
+        raise SdtuneError(f"{path}: {family.title} UNet weights without the text encoder's ({missing[0]}*); "
+                          f"pass a full {family.title} checkpoint")
+    return family
 
 
 def _unwrap(obj, path: Path) -> dict:
@@ -329,35 +379,56 @@ def _place(tensors: dict, device, dtype) -> None:
         tensors[key] = value.clone() if value.data_ptr() % 64 else value
 
 
+def family_from_metadata(metadata: dict) -> Family | None:
+    """The family sdtune wrote into its own single files ("sd15" is what earlier versions wrote for SD 1.x)."""
+    name = {"sd15": "sd1"}.get(metadata.get(META_ARCH), metadata.get(META_ARCH))
+    return families.FAMILIES.get(name) if name else None
+
+
 def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
-    arch = metadata.get(META_ARCH) if metadata.get(META_ARCH) in ("tiny", "sd15") else None
-    arch = detect_architecture(state, path) if arch is None else arch
-    configs = tiny_configs() if arch == "tiny" else sd15_configs()
+    family = family_from_metadata(metadata) or detect_family(state, path)
+    configs = family.component_configs()
     try:
-        parts = ldm.split_ldm_state_dict(state, configs["unet"], configs["vae"])
+        parts = ldm.split_single_file(state, family, configs)
     except SdtuneError as e:
         raise SdtuneError(f"{path}: {e}") from None
-    for part, prefix in (("vae", ldm.VAE_PREFIX), ("text_encoder", "cond_stage_model.transformer.")):
-        if not parts[part]:
-            raise SdtuneError(f"{path}: has no {part.replace('_', ' ')} weights ({prefix}*); "
-                              "pass a full SD 1.x checkpoint that includes them")
+    if not parts["vae"]:
+        raise SdtuneError(f"{path}: has no VAE weights ({ldm.VAE_PREFIX}*); pass a full {family.title} checkpoint "
+                          "that includes them")
     if META_SCALING in metadata:
         configs["vae"]["scaling_factor"] = float(metadata[META_SCALING])
     del raw, state  # from here on each tensor is referenced once, so _place can free as it goes
     with init_empty_weights():  # no random init: the file fills every parameter
-        unet, vae, text_encoder = build_components(configs)
-    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        modules = build_parts(family, configs)
+    for part, module in modules.items():
         _place(parts[part], device, dtype)
         try:
             module.load_state_dict(parts[part], strict=True, assign=True)
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:300]
-            raise SdtuneError(f"{path}: the {part} weights do not fit the {arch} architecture ({detail}); "
-                              "the file is damaged or not an SD 1.x checkpoint") from None
-    return _finish(unet, vae, text_encoder, _scheduler(arch), device, dtype, name=spec, source="single-file",
-                   single_file=path, model_hash=file_sha256(path)[:10], architecture=arch)
+            raise SdtuneError(f"{path}: the {part} weights do not fit the {family.title} architecture ({detail}); "
+                              f"the file is damaged or not a {family.title} checkpoint") from None
+    return _finish(modules, make_scheduler(family, configs["scheduler"]), device, dtype, family, name=spec,
+                   source="single-file", single_file=path, model_hash=file_sha256(path)[:10])
+
+
+def _folder_family(folder: Path, index: dict) -> Family:
+    try:
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"{folder}: no readable unet/config.json ({e}); re-download or re-export the model") from None
+    width = unet_config.get("cross_attention_dim")
+    family = families.by_cross_attention(width)
+    if family is None:
+        raise SdtuneError(f"{folder}: cross-attention width {width} is not {FAMILY_KEYS}; "
+                          "sdtune does not know this model family")
+    missing = [te.component for te in family.text_encoders if te.component not in index]
+    if missing:
+        raise SdtuneError(f"{folder}: {family.title} UNet but no {missing[0]} in model_index.json; "
+                          f"pass a complete {family.title} diffusers folder")
+    return family
 
 
 def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffusers") -> Base:
@@ -369,34 +440,26 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
-    pipeline = index.get("_class_name", "")
-    if "XL" in pipeline or "text_encoder_2" in index:
-        raise SdtuneError(f"{folder}: this is an SDXL model ({pipeline}); sdtune works with SD 1.x models")
-    try:
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SdtuneError(f"{folder}: no readable unet/config.json ({e}); re-download or re-export the model") from None
-    width = unet_config.get("cross_attention_dim")
-    if width in (1024, 2048) or unet_config.get("addition_embed_type") is not None:
-        raise SdtuneError(f"{folder}: cross-attention width {width} is not SD 1.x (it is SD 2.x or SDXL); "
-                          "sdtune works with SD 1.x models")
+    family = _folder_family(folder, index)
     try:
         with _quiet_progress():
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        scheduler_class = (index.get("scheduler") or [None, "DDIMScheduler"])[1]
+            parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                     "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae")}
+            for te in family.text_encoders:
+                parts[te.component] = TEXT_CLASSES[te.model_class].from_pretrained(folder / te.component)
+        scheduler_class = (index.get("scheduler") or [None, family.scheduler])[1]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder, subfolder="scheduler")
     except Exception as e:  # noqa: BLE001 - any loader failure is a damaged or incomplete folder
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SdtuneError(f"{folder}: cannot load the diffusers model ({first}); re-download or re-export it") from None
-    arch = KNOWN_SHAPES.get((unet.config.block_out_channels[0], width), "sd15")
-    files = [f for c in ("unet", "vae", "text_encoder") for f in (folder / c).glob("*") if f.suffix in WEIGHT_SUFFIXES]
-    base = _finish(unet, vae, text_encoder, scheduler, device, dtype, name=spec, source=source, single_file=None,
-                   model_hash=_files_hash(files, folder), architecture=arch)
-    if (folder / "tokenizer" / "vocab.json").is_file():
-        base.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    return base
+    if families.TINY.cross_attention_width == family.cross_attention_width:
+        family = families.TINY
+    tokenizers = {te.tokenizer: CLIPTokenizer.from_pretrained(folder / te.tokenizer)
+                  if (folder / te.tokenizer / "vocab.json").is_file() else tokenizer_for(te)
+                  for te in family.text_encoders}
+    files = [f for c in parts for f in (folder / c).glob("*") if f.suffix in WEIGHT_SUFFIXES]
+    return _finish(parts, scheduler, device, dtype, family, tokenizers, name=spec, source=source, single_file=None,
+                   model_hash=_files_hash(files, folder))
 
 
 def _hub_offline() -> bool:
@@ -425,20 +488,20 @@ def _load_hub(spec: str, device, dtype) -> Base:
 
 
 def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
-    """Load an SD 1.x base model.
+    """Load a base model of any family (SD 1.x, SD 2.x, SDXL); the family is read from the files.
 
-    ``spec``: "tiny" (built-in; random init until trained weights ship), "tiny-random", "sd15-random"
-    (random init of the real SD 1.5 architecture), a diffusers folder, a single-file checkpoint
-    (.safetensors; .ckpt/.pt through the safe loader), or a hub id. ``device``/``dtype`` default to
-    ``pick_device()``/``pick_dtype()``.
+    ``spec``: "tiny" (built-in), "tiny-random", a random-init real architecture ("sd15-random", "sd2-random",
+    "sdxl-random", or "sdxl-small-random": SDXL's structure and names at small widths), a diffusers folder,
+    a single-file checkpoint (.safetensors; .ckpt/.pt through the safe loader), or a hub id.
+    ``device``/``dtype`` default to ``pick_device()``/``pick_dtype()``.
     """
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     spec = str(spec)
     if spec in ("tiny", "tiny-random"):
         return _load_tiny(spec, device, dtype)
-    if spec == "sd15-random":
-        return _load_sd15_random(spec, device, dtype)
+    if spec in RANDOM_SPECS:
+        return _load_random(spec, device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir() and tiny_model.trained_weights_exist(path):  # an export of the tiny recipe
         return _load_tiny(spec, device, dtype, path)
@@ -455,16 +518,18 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
 # ---------------------------------------------------------------- saving
 
 def save_single_file(base: Base, path, dtype=None) -> Path:
-    """Write the model as one original-LDM-layout .safetensors file (A1111/ComfyUI/kohya read it)."""
+    """Write the model as one .safetensors file in its family's original layout (LDM for SD 1.x/2.x, SGM for
+    SDXL), which A1111, ComfyUI and kohya read."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: single-file models are written as .safetensors; use that suffix")
     dtype = None if dtype is None else pick_dtype("cpu", dtype)
     state = {}
-    for key, value in ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder).items():
+    for key, value in ldm.to_single_file(base.modules(), base.family).items():
         value = value.detach().to("cpu")
         state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-    metadata = {"format": "pt", META_ARCH: base.architecture, META_SCALING: repr(float(base.vae.config.scaling_factor))}
+    metadata = {"format": "pt", META_ARCH: base.family.name,
+                META_SCALING: repr(float(base.vae.config.scaling_factor))}
     atomic_save_safetensors(state, path, metadata=metadata)
     return path
 

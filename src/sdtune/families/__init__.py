@@ -52,6 +52,7 @@ class Family:
     configs: str  # folder under families/configs ("" for the tiny model, whose configs are Python)
     single_file_layout: str  # "ldm" (SD 1.x/2.x) | "sgm" (SDXL: conditioner.embedders.N)
     pipeline: str  # diffusers pipeline class name
+    scheduler: str  # diffusers scheduler class the published model ships with
     prediction_type: str  # what the UNet predicts by default: "epsilon" | "v_prediction"
     pooled_and_time_ids: bool  # SDXL: pooled text embedding + (original size, crop, target size) condition
     base_model_version: str  # kohya ss_base_model_version written for LoRAs of this family
@@ -81,15 +82,16 @@ def _clip_l(component="text_encoder", tokenizer="tokenizer", prefix="lora_te_", 
 SD1 = Family(
     name="sd1", title="SD 1.x", cross_attention_width=768,
     text_encoders=(_clip_l(single="cond_stage_model.transformer."),),
-    configs="sd1", single_file_layout="ldm", pipeline="StableDiffusionPipeline", prediction_type="epsilon",
-    pooled_and_time_ids=False, base_model_version="sd_v1", default_size=512)
+    configs="sd1", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="PNDMScheduler",
+    prediction_type="epsilon", pooled_and_time_ids=False, base_model_version="sd_v1", default_size=512)
 
 SD2 = Family(
     name="sd2", title="SD 2.x", cross_attention_width=1024,
     text_encoders=(TextEncoder("text_encoder", "tokenizer", 1024, "lora_te_", "", "cond_stage_model.model.",
                                openclip=True, model_class="CLIPTextModel", hidden_layer=-1, pad_token="!",
                                pretrained_layers=24),),
-    configs="sd2", single_file_layout="ldm", pipeline="StableDiffusionPipeline", prediction_type="v_prediction",
+    configs="sd2", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
+    prediction_type="v_prediction",
     pooled_and_time_ids=False, base_model_version="sd_v2", default_size=768)
 
 SDXL = Family(
@@ -99,14 +101,16 @@ SDXL = Family(
         TextEncoder("text_encoder_2", "tokenizer_2", 1280, "lora_te2_", "clip_g", "conditioner.embedders.1.model.",
                     openclip=True, model_class="CLIPTextModelWithProjection", hidden_layer=-2, pad_token="!"),
     ),
-    configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", prediction_type="epsilon",
+    configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
+    prediction_type="epsilon",
     pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", default_size=1024)
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.
 TINY = Family(
     name="tiny", title="the built-in tiny model", cross_attention_width=tiny_config.TEXT_WIDTH,
     text_encoders=(_clip_l(single="cond_stage_model.transformer.", width=tiny_config.TEXT_WIDTH),),
-    configs="", single_file_layout="ldm", pipeline="StableDiffusionPipeline", prediction_type="epsilon",
+    configs="", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
+    prediction_type="epsilon",
     pooled_and_time_ids=False, base_model_version="sd_v1", default_size=tiny_config.RESOLUTION)
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY)}

@@ -118,11 +118,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial: bool) -> dict[str, list]:
     """{file key: [(name, uid, adapter, weight), ...]} for every weight a LoRA changes, after checking fit."""
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    arch = metadata.get(models.META_ARCH) if metadata.get(models.META_ARCH) in ("tiny", "sd15") else None
-    arch = arch or models.detect_architecture(shapes, path)
-    configs = models.tiny_configs() if arch == "tiny" else models.sd15_configs()
+    family = models.family_from_metadata(metadata) or models.detect_family(shapes, path)
+    configs = family.component_configs()
     with init_empty_weights():  # a shape-only model: the shared key matcher gives its usual messages
-        unet, _, text_encoder = models.build_components(configs)
+        parts = models.build_parts(family, configs)
+    unet, text_encoder = parts["unet"], parts["text_encoder"]
     unet_inverse = {d: f"{ldm.UNET_PREFIX}{m}" for m, d in ldm.unet_module_map(configs["unet"]).items()}
     text_prefix = next((p for p in ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
                         if any(k.startswith(p + "encoder.") for k in header)), ldm.TEXT_PREFIX)
@@ -137,7 +137,7 @@ def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial:
                 key = f"{text_prefix}{ldm.text_encoder_key(module_path)}.weight"
             if key not in header or not keys.fits(adapter, tuple(header[key]["shape"])):
                 raise SdtuneError(f"{path}: weight {key} is missing or misshapen although the file passed as "
-                                  f"{arch}; the checkpoint is damaged, re-download or re-export it")
+                                  f"{family.title}; the checkpoint is damaged, re-download or re-export it")
             if weights[comp] != 0.0:
                 targets.setdefault(key, []).append((f"{i:04d}", i, adapter, weights[comp]))
     return targets
