@@ -103,14 +103,38 @@ def default_size(base) -> int:
     return int(base.unet.config.sample_size) * scale
 
 
+@dataclass
+class PromptEmbeds:
+    """What the UNet is conditioned on: per-token features, and for SDXL the pooled text embedding."""
+
+    hidden: torch.Tensor  # [batch, 77, cross-attention width]
+    pooled: torch.Tensor | None = None  # [batch, width of the projecting encoder] (SDXL), else None
+
+    def chunk(self, n: int) -> list[PromptEmbeds]:
+        pooled = self.pooled.chunk(n) if self.pooled is not None else [None] * n
+        return [PromptEmbeds(h, p) for h, p in zip(self.hidden.chunk(n), pooled)]
+
+    def repeat(self, n: int) -> PromptEmbeds:
+        return PromptEmbeds(self.hidden.expand(n, -1, -1),
+                            self.pooled.expand(n, -1) if self.pooled is not None else None)
+
+
 @torch.no_grad()
-def encode_prompt(base, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings as SD 1.x uses them (77 tokens, last hidden state). sdtune encodes prompts
-    itself so that its own multi-vector token expansion is what the model sees."""
-    ids = base.tokenizer(
-        prompts, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return base.text_encoder(ids.to(base.device))[0].to(base.dtype)
+def encode_prompt(base, prompts: list[str]) -> PromptEmbeds:
+    """Text features as the base's family reads them: each text encoder's chosen hidden layer (the last for
+    SD 1.x/2.x, the penultimate of both for SDXL), concatenated, plus the pooled output of an encoder that
+    projects it (SDXL's second). sdtune encodes prompts itself so that its own multi-vector token expansion
+    is what the model sees."""
+    hidden, pooled = [], None
+    for te, model, tokenizer in base.text_encoders():
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(base.device)
+        out = model(ids, output_hidden_states=te.hidden_layer != -1)
+        hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
+        if getattr(out, "text_embeds", None) is not None:
+            pooled = out.text_embeds
+    cast = (lambda t: t.to(base.dtype) if t is not None else None)
+    return PromptEmbeds(cast(torch.cat(hidden, dim=-1)), cast(pooled))
 
 
 @torch.no_grad()
@@ -150,11 +174,15 @@ def generate(
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (1, base.unet.config.in_channels, height // scale, width // scale)
         latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(base.device, base.dtype)
-        uncond, cond = encode_prompt(base, [negative_prompt, prompt]).chunk(2)  # one text-encoder call
-        cond, uncond = cond.expand(len(seeds), -1, -1), uncond.expand(len(seeds), -1, -1)
+        uncond, cond = (e.repeat(len(seeds)) for e in encode_prompt(base, [negative_prompt, prompt]).chunk(2))
+        if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded empty string
+            uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
+        pooled = {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         images = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
+            prompt_embeds=cond.hidden,
+            negative_prompt_embeds=uncond.hidden,
+            **(pooled if cond.pooled is not None else {}),
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=latents,
