@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtune import cli
 from sdtune.generate import generate, parse_infotext, read_infotext
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
@@ -46,6 +47,18 @@ def lora_files(base, tmp_path_factory):
         save_lora(_random_lora(base, seed), folder / f"{name}.safetensors", format="kohya")
         paths.append(folder / f"{name}.safetensors")
     return paths
+
+
+@pytest.fixture(scope="module")
+def partial_file(base, tmp_path_factory):
+    """A LoRA with one module the model does not have (a down block past the last one) besides fitting ones."""
+    lora = _random_lora(base, 5)
+    path, adapter = next(iter(lora.modules["unet"].items()))
+    lora.modules["unet"][path.replace("down_blocks.0", "down_blocks.7", 1)] = Adapter(
+        adapter.kind, {k: t.clone() for k, t in adapter.tensors.items()}, adapter.alpha)
+    out = tmp_path_factory.mktemp("partial") / "partial.safetensors"
+    save_lora(lora, out, format="kohya")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +228,18 @@ def test_command_line_weights_shorthand(base, lora_files, tmp_path):
     assert fields["X Type"] == "LoRA weight (style)" and fields["Y Type"] == "Seed"
     assert sorted(p.name for p in tmp_path.glob("xy-*.png")) == ["xy-00-00.png", "xy-00-01.png", "xy-01-00.png",
                                                                   "xy-01-01.png"]
+
+
+def test_command_line_allow_partial(partial_file, tmp_path, capsys):
+    """``sdtune grid``: a LoRA with unmatched keys is refused, and applied (with a warning) under --allow-partial."""
+    args = ["grid", "--model", "tiny-random", "--prompt", "a red star", "--lora", str(partial_file),
+            "--weights", "0,1", "--steps", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "down_blocks.7" in err[0] and "--allow-partial" in err[0]
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.warns(UserWarning, match="applying only the"):
+        assert cli.main([*args, "--allow-partial"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "xy.png")
+    # the modules that fit were applied: weight 1 draws something else than weight 0 (the base)
+    assert not np.array_equal(_pixels(tmp_path / "xy-00-00.png"), _pixels(tmp_path / "xy-00-01.png"))

@@ -160,7 +160,8 @@ def parse_axis(spec: str, target: str | None = None) -> Axis:
 class _Adapters:
     """What the plot loaded and controls, and how to put the base back afterwards."""
 
-    def __init__(self, base, lora_dirs=(), embedding_dirs=()):
+    def __init__(self, base, lora_dirs=(), embedding_dirs=(), allow_partial: bool = False):
+        self.allow_partial = allow_partial  # apply LoRAs whose keys only partly fit the model (warns)
         self.loras = base.loras  # sdtune.lora.patch.LoraSet
         self.embs = base.embeddings  # sdtune.ti.tokens.EmbeddingSet
         self.lora_dirs, self.embedding_dirs = tuple(lora_dirs), tuple(embedding_dirs)
@@ -191,7 +192,7 @@ class _Adapters:
         if key in self.by_file:  # the same file named twice (e.g. on an axis and with loras=): load it once
             return self.by_file[key]
         name = self._lora_name(path)
-        self.loras.add(name, path, 0.0)
+        self.loras.add(name, path, 0.0, allow_partial=self.allow_partial)
         self.added_loras.append(name)
         self.by_file[key] = name
         self.fixed[name] = weight
@@ -439,11 +440,14 @@ def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_l
 def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
             steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
-            out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128, progress: bool = True) -> Path:
+            allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
+            progress: bool = True) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
     ``loras``: "FILE[:W]" specs loaded for the plot (named by file stem; usable by name in axis values; fixed at
     W unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
+    ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
+    otherwise such a LoRA is refused.
     """
     if scheduler not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -456,7 +460,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                               f"replace, e.g. prompt 'a red star' with sr=red|blue")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapters = _Adapters(base, lora_dirs, embedding_dirs)
+    adapters = _Adapters(base, lora_dirs, embedding_dirs, allow_partial)
     try:
         for spec in loras:
             adapters.add_lora_file(spec)
@@ -486,7 +490,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                     if a is not None:
                         _apply_value(cell_, a, i, adapters, targets)
                 cells.append(cell_)
-        results = _render(base, cells, adapters, width, height, lora_dirs, progress)
+        results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress)
     finally:
         adapters.restore()
 
@@ -525,7 +529,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     return grid_path
 
 
-def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, progress: bool):
+def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, allow_partial: bool,
+            progress: bool):
     from tqdm.auto import tqdm
 
     from . import api
@@ -540,7 +545,7 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
                                guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler, width=width,
                                height=height, num_images=len(run), batch_size=len(run), progress=False,
-                               lora_dirs=lora_dirs, embedding_dirs=())
+                               lora_dirs=lora_dirs, embedding_dirs=(), allow_partial=allow_partial)
             out.extend(zip(run, res))
             bar.update(len(run))
     out.sort(key=lambda cr: (cr[0].row, cr[0].col))
@@ -595,4 +600,5 @@ def run_from_args(a, base=None) -> Path:
                    guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height,
                    loras=getattr(a, "lora", []) or [], embeddings=getattr(a, "embedding", []) or [],
                    lora_dirs=getattr(a, "lora_dir", []) or [], embedding_dirs=getattr(a, "embedding_dir", []) or [],
+                   allow_partial=getattr(a, "allow_partial", False),
                    out_dir=a.out, name=a.name, cell=a.cell, progress=not a.no_progress)
