@@ -2,7 +2,6 @@
 
 import itertools
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
-from sdtune.xyplot import GAP, Axis, parse_axis, parse_values, run_from_args, xy_plot
+from sdtune.xyplot import GAP, Axis, axes_from_specs, parse_axis, parse_values, xy_plot
 
 STEPS = 2
 
@@ -218,16 +217,21 @@ def test_parsing_and_errors(base, tmp_path):
     assert len(base.loras) == 0
 
 
-def test_command_line_weights_shorthand(base, lora_files, tmp_path):
-    args = SimpleNamespace(prompt="a red star", negative_prompt="", x=None, y="seed=1,2", weights="0,1",
-                           sweep=None, steps=1, guidance=7.5, seed=1, scheduler="ddim", width=None, height=None,
-                           cell=64, name="xy", out=str(tmp_path), no_progress=True, lora=[str(lora_files[0])],
-                           embedding=[], lora_dir=[], embedding_dir=[])
-    path = run_from_args(args, base=base)
+def test_weights_shorthand(base, lora_files, tmp_path):
+    """``weights`` (``sdtune grid --weights``) is a weight axis in front: the columns, the other axis the rows."""
+    x, y = axes_from_specs(y="seed=1,2", weights="0,1")
+    path = xy_plot(base, "a red star", x, y, seed=1, steps=1, loras=[str(lora_files[0])], out_dir=tmp_path, cell=64,
+                   progress=False)
     fields = parse_infotext(read_infotext(path))
     assert fields["X Type"] == "LoRA weight (style)" and fields["Y Type"] == "Seed"
     assert sorted(p.name for p in tmp_path.glob("xy-*.png")) == ["xy-00-00.png", "xy-00-01.png", "xy-01-00.png",
                                                                   "xy-01-01.png"]
+    x, y = axes_from_specs("cfg=3,7", weights="0,1", sweep="style")
+    assert (x.kind, x.values, x.target, y.kind, y.values) == ("weight", [0.0, 1.0], "style", "guidance", [3.0, 7.0])
+    with pytest.raises(SdtuneError, match="give --x KIND=VALUES"):
+        axes_from_specs(y="seed=1,2")
+    with pytest.raises(SdtuneError, match="third axis"):
+        axes_from_specs("seed=1,2", "cfg=3,7", weights="0,1")
 
 
 def test_command_line_allow_partial(partial_file, tmp_path, capsys):

@@ -26,11 +26,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
+from . import sources
 from .demo_report import write_report
+from .generate import grid, save_png
+from .models import load_base
 from .safeio import SdtuneError, atomic_write_text
-from .tiny import world
+from .tiny import judge, world
 from .tiny.evaluate import HELD_IN
+from .train.config import LoraSettings, TISettings
+from .train.lora import train_lora
+from .train.ti import train_ti
+from .xyplot import Axis, xy_plot
 
 PHASES = ("data", "ti", "lora", "grids", "report")
 PHASES_FILE = "phases.json"
@@ -117,8 +125,6 @@ def write_style_set(folder: str | Path, n: int = 24, seed: int = 0, style: str =
 
 
 def contact_sheet(folder: Path, out: Path, cols: int = 8) -> Path:
-    from .generate import grid, save_png
-
     images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
     return save_png(grid(images, cols=min(cols, len(images)), cell=96), out)
 
@@ -163,24 +169,16 @@ class _Phases:
         atomic_write_text(json.dumps(self.records, indent=1), self.path)
 
 
-def _trainer(kind: str):
-    """``sdtune.train``'s ``train_ti`` / ``train_lora`` (what ``sdtune train ti|lora`` calls)."""
-    import importlib
-
-    return getattr(importlib.import_module(f".train.{kind}", __package__), f"train_{kind}")
+TRAINERS = {"ti": train_ti, "lora": train_lora}  # what ``sdtune train ti|lora`` calls
 
 
-def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
-    from .train.config import TISettings
-
+def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> TISettings:
     return TISettings(data=str(data), out=str(out), model=model, token=plan.token, init_token=plan.init_token,
                       num_vectors=plan.ti_vectors, steps=plan.ti_steps, lr=plan.ti_lr, batch_size=plan.ti_batch, seed=plan.seed,
                       progress=progress)
 
 
-def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
-    from .train.config import LoraSettings
-
+def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> LoraSettings:
     return LoraSettings(data=str(data), out=str(out), model=model, rank=plan.rank, alpha=plan.alpha,
                         targets=plan.targets, steps=plan.lora_steps, lr=plan.lora_lr, batch_size=plan.lora_batch,
                         min_snr_gamma=plan.lora_min_snr, seed=plan.seed, name=plan.lora_name, progress=progress)
@@ -209,8 +207,6 @@ def train_command(kind: str, settings) -> str:
 
 def _trained_file(result, folder: Path, kind: str) -> Path:
     """The file a trainer wrote (it may return the file, a list of files, or its output folder)."""
-    from . import sources
-
     if isinstance(result, (list, tuple)):
         result = next((Path(p) for p in result if Path(p).suffix == ".safetensors"), None)
     path = Path(result) if result else folder
@@ -252,8 +248,6 @@ def _ti_prompts(plan: Plan) -> tuple[str, str, str]:
 
 def _grid_specs(plan: Plan, ti_file: Path, lora_file: Path) -> list[dict]:
     """The four X/Y plots of the report (what ``compute_scores`` reads back)."""
-    from .xyplot import Axis
-
     init, words, learned = _ti_prompts(plan)
     held, sweep_held = HELD_IN[: plan.lora_prompts], HELD_IN[: plan.sweep_prompts]
     lo, tok, w = plan.lora_name, plan.token, plan.mix_weight
@@ -308,8 +302,6 @@ def _cells(out: Path, name: str) -> dict:
 
 def _measure(out: Path, items: list[tuple[str, dict]]) -> dict:
     """Judge the images ``items`` = [(file, wanted attributes)]: fraction whose verdict matches, per image."""
-    from .tiny import judge
-
     images = [Image.open(out / f).convert("RGB") for f, _ in items]
     verdicts = judge.judge(images)
     hits = [v.matches(**wanted) for v, (_, wanted) in zip(verdicts, items)]
@@ -395,11 +387,6 @@ def rescore(out_dir: str | Path) -> dict:
 def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = False, fresh: bool = False,
              device=None, dtype=None, progress: bool = True, plan: Plan | None = None) -> Path:
     """Run (or finish) the demo in ``out_dir``; returns the path of its ``index.html``."""
-    from tqdm.auto import tqdm
-
-    from .models import load_base
-    from .xyplot import xy_plot
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan or (QUICK if quick else FULL)
@@ -456,7 +443,7 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
                     shutil.rmtree(folder)  # a save from other settings or another model: start over
                 phases.mark(kind, sig, False)
                 fresh_base = load_base(model, device=device, dtype=dtype)
-                result = _trainer(kind)(fresh_base, settings[kind])
+                result = TRAINERS[kind](fresh_base, settings[kind])
                 del fresh_base
                 path = _trained_file(result, folder, kind)
                 finish(kind, sig, t0, file=path.relative_to(out).as_posix() if path.is_relative_to(out)
@@ -529,19 +516,3 @@ def _python_call(function: str, *args, echo: bool = False, **kwargs) -> str:
     words += [f"{k}={json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in kwargs.items()]
     call = f"{function}({', '.join(words)})"
     return shlex.join(["python", "-c", f"from sdtune.demo import {function}; {f'print({call})' if echo else call}"])
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    """The ``sdtune demo`` flags besides --model/--device/--dtype (which the CLI adds)."""
-    p.add_argument("--out", default="demo", help="report folder (default: demo)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and images: under 3 minutes on a CPU")
-    p.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a) -> Path:
-    return run_demo(a.out, model=getattr(a, "model", "tiny"), quick=a.quick, fresh=a.fresh,
-                    device=getattr(a, "device", None), dtype=getattr(a, "dtype", None),
-                    progress=not getattr(a, "no_progress", False))

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
-from . import sources
+from . import api, sources
 from .generate import SCHEDULERS, infotext, save_png
 from .safeio import SdtuneError, atomic_write_text
+from .ti.formats import load_embedding
 
 KIND_NAMES = {  # kind -> the axis title A1111 users know
     "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
@@ -155,6 +157,21 @@ def parse_axis(spec: str, target: str | None = None) -> Axis:
     return Axis(kind, parse_values(kind, text), target=target)
 
 
+def axes_from_specs(x: str | None = None, y: str | None = None, *, weights: str | None = None,
+                    sweep: str | None = None) -> tuple[Axis, Axis | None]:
+    """The plot's (x, y) axes from ``KIND=VALUES`` strings (what ``sdtune grid --x/--y`` takes).
+
+    ``weights`` ("0,0.5,1") is shorthand for a weight axis, which then comes first (the columns) and pushes
+    the other axis given to the rows; ``sweep`` names the LoRA a weight axis sweeps (default: the only one loaded)."""
+    if x is None and weights is None:
+        raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
+    if x is not None and weights is not None and y is not None:
+        raise SdtuneError("sdtune grid: --weights is a third axis next to --x and --y; drop one of them")
+    axes = [Axis("weight", parse_values("weight", weights), target=sweep)] if weights is not None else []
+    axes += [parse_axis(spec, target=sweep) for spec in (x, y) if spec is not None]
+    return axes[0], (axes[1] if len(axes) > 1 else None)
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 
 class _Adapters:
@@ -199,8 +216,6 @@ class _Adapters:
         return name
 
     def add_embedding_file(self, spec: str) -> str:
-        from .ti.formats import load_embedding
-
         src, token = sources.split_suffix(str(spec))
         if token is None and self.token_of(src):
             return self.token_of(src)
@@ -531,10 +546,6 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
 
 def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, allow_partial: bool,
             progress: bool):
-    from tqdm.auto import tqdm
-
-    from . import api
-
     out = []
     runs = _runs(cells)
     runs.sort(key=lambda run: (tuple(sorted(run[0].loras.items())), tuple(sorted(run[0].tokens))))
@@ -550,55 +561,3 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             bar.update(len(run))
     out.sort(key=lambda cr: (cr[0].row, cr[0].col))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    """The ``sdtune grid`` flags (the CLI adds --model/--device/--dtype and the adapter flags itself)."""
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--x", metavar="KIND=VALUES",
-                   help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
-                        "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
-                        "'embeddings=none|<tok>'")
-    p.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
-    p.add_argument("--weights", metavar="W1,W2,...",
-                   help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
-    p.add_argument("--sweep", metavar="NAME", help="which loaded LoRA a weight axis sweeps (default: the only one)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
-    p.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
-    p.add_argument("--out", default="grid")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a, base=None) -> Path:
-    """``sdtune grid``: build the axes from the parsed flags, load the model (unless given), plot."""
-    if a.x is None and a.weights is None:
-        raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
-    if a.x is not None and a.weights is not None and a.y is not None:
-        raise SdtuneError("sdtune grid: --weights is a third axis next to --x and --y; drop one of them")
-    axes = []
-    sweep = getattr(a, "sweep", None)
-    if a.weights is not None:
-        axes.append(Axis("weight", parse_values("weight", a.weights), target=sweep))
-    for spec in (a.x, a.y):
-        if spec is not None:
-            axes.append(parse_axis(spec, target=sweep))
-    x, y = axes[0], (axes[1] if len(axes) > 1 else None)
-    if base is None:
-        from . import api
-
-        base = api.load(getattr(a, "model", "tiny"), getattr(a, "device", None), getattr(a, "dtype", None))
-    return xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
-                   guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height,
-                   loras=getattr(a, "lora", []) or [], embeddings=getattr(a, "embedding", []) or [],
-                   lora_dirs=getattr(a, "lora_dir", []) or [], embedding_dirs=getattr(a, "embedding_dir", []) or [],
-                   allow_partial=getattr(a, "allow_partial", False),
-                   out_dir=a.out, name=a.name, cell=a.cell, progress=not a.no_progress)
