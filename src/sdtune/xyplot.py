@@ -26,11 +26,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from . import api, sources
-from .generate import SCHEDULERS, infotext, save_png
+from .generate import SCHEDULERS, draw_grid, infotext, save_png
 from .safeio import SdtuneError, atomic_write_text
 from .ti.formats import load_embedding
 
@@ -382,75 +381,10 @@ def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
     return runs
 
 
-# ---------------------------------------------------------------------------------------------- drawing
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int, draw) -> list[str]:
-    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
-    lines: list[str] = []
-    for para in str(text).split("\n"):
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}".strip()
-            if line and draw.textlength(trial, font=font) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-    return lines
-
-
-GAP = 2  # white pixels between cells
-
-
-def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
-            cell: int | None = None) -> Image.Image:
-    """The labelled grid: column labels on top, row labels on the left, wrapped to fit; small images are
-    scaled up (nearest neighbour: the pixels stay what the model made) to ``cell`` pixels wide. Cell (r, c)
-    starts at (left + c * (w + GAP), top + r * (h + GAP))."""
-    w, h = images[0][0].size
-    if cell and cell > w:
-        h, w = cell * h // w, cell
-    font = _font(max(11, min(16, w // 9)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(font.size * 1.25) if hasattr(font, "size") else 14
-    col_lines = [_wrap(lbl, font, w - 6, probe) for lbl in col_labels]
-    pad_top = 6 + line_h * max(len(lines) for lines in col_lines)
-    pad_left, row_lines = 0, []
-    if row_labels:
-        max_w = max(w, 160)
-        row_lines = [_wrap(lbl, font, max_w, probe) for lbl in row_labels]
-        widest = max(probe.textlength(line, font=font) for lines in row_lines for line in lines)
-        pad_left = int(widest) + 12
-    rows, cols = len(images), len(images[0])
-    canvas = Image.new("RGB", (pad_left + cols * (w + GAP) - GAP, pad_top + rows * (h + GAP) - GAP), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(images):
-        for c, im in enumerate(row):
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.NEAREST)
-            canvas.paste(im, (pad_left + c * (w + GAP), pad_top + r * (h + GAP)))
-    for c, lines in enumerate(col_lines):
-        y0 = pad_top - 3 - line_h * len(lines)
-        for k, line in enumerate(lines):
-            draw.text((pad_left + c * (w + GAP) + w // 2, y0 + k * line_h), line, fill="black", font=font,
-                      anchor="ma")
-    for r, lines in enumerate(row_lines):
-        y0 = pad_top + r * (h + GAP) + (h - line_h * len(lines)) // 2
-        for k, line in enumerate(lines):
-            draw.text((6, y0 + k * line_h), line, fill="black", font=font, anchor="la")
-    return canvas
-
-
 # ---------------------------------------------------------------------------------------------- the plot
+
+GAP = 2  # white pixels between the plot's cells (generate.draw_grid draws the grid)
+
 
 def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
             steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
@@ -519,7 +453,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         files[c_.row][c_.col] = path.name
     col_labels = [x.label(i) for i in range(n_cols)]
     row_labels = [y.label(i) for i in range(n_rows)] if y is not None else None
-    canvas = draw_xy(grid_images, row_labels, col_labels, cell=cell)
+    canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
     first = results[0][1]
     shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights")}
     shared["Seed"] = seed
