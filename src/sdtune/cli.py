@@ -16,7 +16,7 @@ from .lora.formats import convert
 from .models import load_base
 from .safeio import SdtuneError
 from .tiny import evaluate
-from .train.config import KINDS, load_settings
+from .train.config import KINDS, load_settings, setting_type
 from .train.lora import train_lora
 from .train.ti import train_ti
 
@@ -152,20 +152,16 @@ def cmd_generate(a) -> None:
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per training setting (``init_token`` -> ``--init-token``); unset flags stay None so that
     the TOML file's value (or the default) is kept."""
-    from typing import get_type_hints
-
     cls = KINDS[kind]
-    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag, text = "--" + f.name.replace("_", "-"), str(hints[f.name])
+        flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"default: {default}"
-        if hints[f.name] is bool:
+        if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif "list" in text:
+        elif typ is list:
             p.add_argument(flag, nargs="+", default=None, help=help_)
         else:
-            typ = int if hints[f.name] is int else float if "float" in text else str
             p.add_argument(flag, type=typ, default=None, help=help_)
 
 
