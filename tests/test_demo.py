@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune import cli, demo, xyplot
+from sdtune import cli, demo, demo_report
 from sdtune.generate import parse_infotext, read_infotext
+from sdtune.safeio import SdtuneError
 from sdtune.tiny import judge, world
 from sdtune.train.config import KINDS, load_settings
 
@@ -109,6 +110,45 @@ def test_grids_have_their_axes_metadata_and_cells(report):
         assert not np.array_equal(a, np.asarray(Image.open(out / "grids" / f"sweep-{r:02d}-02.png")))
 
 
+def test_scored_cells_are_found_by_label_not_position(report):
+    out, _, _ = report
+    rec = demo._cells(out, "mix")
+    anything = lambda r: {}
+    full = demo._col(rec, demo.MIX_FULL, anything)
+    assert [f for f, _ in full] == [f"grids/mix-{r:02d}-04.png" for r in range(rec["rows"])]
+    # the same plot with its columns in another order: the headline still scores the same images
+    order = [4, 2, 0, 3, 1]
+    moved = {**rec, "x": {**rec["x"], **{k: [rec["x"][k][c] for c in order] for k in ("labels", "values")}},
+             "cells": [[row[c] for c in order] for row in rec["cells"]]}
+    assert demo._col(moved, demo.MIX_FULL, anything) == full
+    assert demo._col(moved, demo.BASE, anything) == demo._col(rec, demo.BASE, anything)
+    sweep = demo._cells(out, "sweep")  # a weight axis: found by value
+    assert demo._col(sweep, 0.5, anything)[0][0] == "grids/sweep-00-01.png"
+    with pytest.raises(SdtuneError, match="no 'TI \\+ LoRA 3'.*rerun it with --fresh"):
+        demo._col(rec, "TI + LoRA 3", anything)
+
+
+def test_report_page_escapes_text_and_has_every_section(tmp_path):
+    score = {"value": 0.5, "n": 2, "items": []}
+    scores = {"scores": [{"id": "x", "grid": "grids/x.png", "what": "a <b> & c", "before_label": "base",
+                          "after_label": "after", "before": score, "after": {**score, "value": 1.0}}],
+              "sweep": [{"weight": 0.25, "style": score, "content": score}],
+              "mix": [{"label": "TI + <LoRA>", "concept": score, "style": score}]}
+    files = {"grids": [{"name": "x", "title": "T <1>", "file": "grids/x.png", "json": "grids/x.json", "cells": 4,
+                        "command": "sdtune grid --x 'a|b'"}], "outputs": [("LoRA", "train-lora/a.safetensors")]}
+    index = demo_report.write_report(tmp_path, demo.QUICK, True, "tiny", "h4sh", scores,
+                                     [("step <1>", "sdtune train ti --token '<sks>'")], files,
+                                     {"data": {"seconds": 2.4}, "ti": {"seconds": 10.0, "reused": True}})
+    text = index.read_text(encoding="utf-8")
+    for heading in ("1. Training data", "2. Before and after", "LoRA weight sweep", "Mixing", "3. Comparison grids",
+                    "4. Files", "5. Reproduce it step by step", "6. Time"):
+        assert heading in text
+    assert "a &lt;b&gt; &amp; c" in text and "TI + &lt;LoRA&gt;" in text and "--token &#x27;&lt;sks&gt;&#x27;" in text
+    assert '<td class="num up">100%</td>' in text and '<td class="num">0.25</td>' in text
+    assert '<tr><th>total</th><td class="num">12</td>' in text  # seconds, summed
+    assert "<b>quick</b> run" in text and "$" not in text
+
+
 def test_training_sets_teach_what_they_claim(report):
     out, _, _ = report
     plan = demo.QUICK
@@ -141,7 +181,7 @@ def test_commands_reproduce_the_steps(report, tmp_path):
     grids = [parser.parse_args(w[1:]) for w in lines if w[1] == "grid"]
     assert [a.name for a in grids] == ["ti", "lora", "sweep", "mix"]
     for a in grids:
-        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps and a.func is xyplot.run_from_args
+        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps and a.func is cli.cmd_grid
         assert all(Path(f).is_file() for f in a.lora + a.embedding)
     # running one of them (into another folder) gives the demo's images exactly
     words = next(w for w in lines if w[1] == "grid" and "mix" in w)

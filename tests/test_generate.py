@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from sdtune import api, sources
-from sdtune.generate import generate, grid, infotext, parse_infotext, read_infotext, save_batch
+from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, save_batch
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 
@@ -61,6 +61,22 @@ def test_grid_labels_and_size():
     ims = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
     g = grid(ims, cols=2, row_labels=["r1", "r2"], col_labels=["c1", "c2"])
     assert g.size[0] > 128 and g.size[1] == 128 + 24
+
+
+def test_grid_places_cells_gaps_and_empty_places():
+    ims = [Image.new("RGB", (32, 16), c) for c in ("red", "green", "blue", "black", "yellow")]
+    g = grid(ims, cols=3)  # row-major, no gaps, the last row's sixth place white
+    assert g.size == (96, 32)
+    assert [g.getpixel((16 + 32 * c, 8 + 16 * r)) for r in range(2) for c in range(3)] == [
+        (255, 0, 0), (0, 128, 0), (0, 0, 255), (0, 0, 0), (255, 255, 0), (255, 255, 255)]
+    # the drawer under it, as X/Y plots use it: 2-pixel gaps, cells scaled up (nearest) to 64 pixels wide
+    g = draw_grid([ims[:2], ims[2:4]], cell=64, gap=2)
+    assert g.size == (2 * 64 + 2, 2 * 32 + 2)
+    assert g.getpixel((63, 31)) == (255, 0, 0) and g.getpixel((64, 31)) == (255, 255, 255)  # the gap
+    assert g.getpixel((66, 34)) == (0, 0, 0)
+    labelled = draw_grid([ims[:2]], ["a row label long enough to wrap onto two lines"], ["x", "y"], cell=64, gap=2)
+    left, top = labelled.width - g.width, labelled.height - 32  # one row of 64x32 cells
+    assert left > 0 and top > 0 and labelled.getpixel((left, top)) == (255, 0, 0)
 
 
 def test_lora_tag_parsing():

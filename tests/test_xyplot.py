@@ -2,20 +2,20 @@
 
 import itertools
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from sdtune import cli
 from sdtune.generate import generate, parse_infotext, read_infotext
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
-from sdtune.xyplot import GAP, Axis, parse_axis, parse_values, run_from_args, xy_plot
+from sdtune.xyplot import GAP, Axis, axes_from_specs, parse_axis, parse_values, xy_plot
 
 STEPS = 2
 
@@ -46,6 +46,18 @@ def lora_files(base, tmp_path_factory):
         save_lora(_random_lora(base, seed), folder / f"{name}.safetensors", format="kohya")
         paths.append(folder / f"{name}.safetensors")
     return paths
+
+
+@pytest.fixture(scope="module")
+def partial_file(base, tmp_path_factory):
+    """A LoRA with one module the model does not have (a down block past the last one) besides fitting ones."""
+    lora = _random_lora(base, 5)
+    path, adapter = next(iter(lora.modules["unet"].items()))
+    lora.modules["unet"][path.replace("down_blocks.0", "down_blocks.7", 1)] = Adapter(
+        adapter.kind, {k: t.clone() for k, t in adapter.tensors.items()}, adapter.alpha)
+    out = tmp_path_factory.mktemp("partial") / "partial.safetensors"
+    save_lora(lora, out, format="kohya")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +217,33 @@ def test_parsing_and_errors(base, tmp_path):
     assert len(base.loras) == 0
 
 
-def test_command_line_weights_shorthand(base, lora_files, tmp_path):
-    args = SimpleNamespace(prompt="a red star", negative_prompt="", x=None, y="seed=1,2", weights="0,1",
-                           sweep=None, steps=1, guidance=7.5, seed=1, scheduler="ddim", width=None, height=None,
-                           cell=64, name="xy", out=str(tmp_path), no_progress=True, lora=[str(lora_files[0])],
-                           embedding=[], lora_dir=[], embedding_dir=[])
-    path = run_from_args(args, base=base)
+def test_weights_shorthand(base, lora_files, tmp_path):
+    """``weights`` (``sdtune grid --weights``) is a weight axis in front: the columns, the other axis the rows."""
+    x, y = axes_from_specs(y="seed=1,2", weights="0,1")
+    path = xy_plot(base, "a red star", x, y, seed=1, steps=1, loras=[str(lora_files[0])], out_dir=tmp_path, cell=64,
+                   progress=False)
     fields = parse_infotext(read_infotext(path))
     assert fields["X Type"] == "LoRA weight (style)" and fields["Y Type"] == "Seed"
     assert sorted(p.name for p in tmp_path.glob("xy-*.png")) == ["xy-00-00.png", "xy-00-01.png", "xy-01-00.png",
                                                                   "xy-01-01.png"]
+    x, y = axes_from_specs("cfg=3,7", weights="0,1", sweep="style")
+    assert (x.kind, x.values, x.target, y.kind, y.values) == ("weight", [0.0, 1.0], "style", "guidance", [3.0, 7.0])
+    with pytest.raises(SdtuneError, match="give --x KIND=VALUES"):
+        axes_from_specs(y="seed=1,2")
+    with pytest.raises(SdtuneError, match="third axis"):
+        axes_from_specs("seed=1,2", "cfg=3,7", weights="0,1")
+
+
+def test_command_line_allow_partial(partial_file, tmp_path, capsys):
+    """``sdtune grid``: a LoRA with unmatched keys is refused, and applied (with a warning) under --allow-partial."""
+    args = ["grid", "--model", "tiny-random", "--prompt", "a red star", "--lora", str(partial_file),
+            "--weights", "0,1", "--steps", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "down_blocks.7" in err[0] and "--allow-partial" in err[0]
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.warns(UserWarning, match="applying only the"):
+        assert cli.main([*args, "--allow-partial"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "xy.png")
+    # the modules that fit were applied: weight 1 draws something else than weight 0 (the base)
+    assert not np.array_equal(_pixels(tmp_path / "xy-00-00.png"), _pixels(tmp_path / "xy-00-01.png"))

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from . import api, demo, sources, xyplot
 from .console import cli_warnings
+from .generate import save_batch
+from .lora import inspect
+from .lora.bake import merge
+from .lora.formats import convert
+from .models import load_base
 from .safeio import SdtuneError
+from .tiny import evaluate
+from .train.config import KINDS, load_settings, setting_type
+from .train.lora import train_lora
+from .train.ti import train_ti
 
 
 def _base_args(p: argparse.ArgumentParser) -> None:
@@ -85,18 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
         _settings_args(tp, kind)
         tp.set_defaults(func=cmd_train)
 
-    from . import demo, xyplot
-
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
     _adapter_args(gr)
-    xyplot.add_arguments(gr)
-    gr.set_defaults(func=xyplot.run_from_args)
+    gr.add_argument("--prompt", required=True)
+    gr.add_argument("--negative-prompt", default="")
+    gr.add_argument("--x", metavar="KIND=VALUES",
+                    help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
+                         "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
+                         "'embeddings=none|<tok>'")
+    gr.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
+    gr.add_argument("--weights", metavar="W1,W2,...",
+                    help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
+    gr.add_argument("--sweep", metavar="NAME", help="which loaded LoRA a weight axis sweeps (default: the only one)")
+    gr.add_argument("--steps", type=int, default=20)
+    gr.add_argument("--guidance", type=float, default=7.5)
+    gr.add_argument("--seed", type=int, default=1)
+    gr.add_argument("--scheduler", default="ddim")
+    gr.add_argument("--width", type=int)
+    gr.add_argument("--height", type=int)
+    gr.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
+    gr.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
+    gr.add_argument("--out", default="grid")
+    gr.add_argument("--no-progress", action="store_true")
+    gr.set_defaults(func=cmd_grid)
 
     d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
     _base_args(d)
-    demo.add_arguments(d)
-    d.set_defaults(func=demo.run_from_args)
+    d.add_argument("--out", default="demo", help="report folder (default: demo)")
+    d.add_argument("--quick", action="store_true", help="fewer steps and images: under 3 minutes on a CPU")
+    d.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
     _base_args(e)
@@ -109,16 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> None:
-    from . import api
-
     base = api.load(a.model, a.device, a.dtype, loras=a.lora, embeddings=a.embedding, lora_dirs=a.lora_dir,
                     embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
                            seed=a.seed, scheduler=a.scheduler, width=a.width, height=a.height,
                            num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
                            allow_partial=a.allow_partial)
-    from .generate import save_batch
-
     for path in save_batch(results, a.out):
         print(path)
 
@@ -126,59 +153,39 @@ def cmd_generate(a) -> None:
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per training setting (``init_token`` -> ``--init-token``); unset flags stay None so that
     the TOML file's value (or the default) is kept."""
-    import dataclasses
-    from typing import get_type_hints
-
-    from .train.config import KINDS
-
     cls = KINDS[kind]
-    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag, text = "--" + f.name.replace("_", "-"), str(hints[f.name])
+        flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"default: {default}"
-        if hints[f.name] is bool:
+        if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif "list" in text:
+        elif typ is list:
             p.add_argument(flag, nargs="+", default=None, help=help_)
         else:
-            typ = int if hints[f.name] is int else float if "float" in text else str
             p.add_argument(flag, type=typ, default=None, help=help_)
 
 
 def cmd_train(a) -> None:
-    from .models import load_base
-    from .train.config import KINDS, load_settings
-
-    names = {f.name for f in __import__("dataclasses").fields(KINDS[a.kind])}
+    names = {f.name for f in dataclasses.fields(KINDS[a.kind])}
     overrides = {k: v for k, v in vars(a).items() if k in names}
     settings = load_settings(a.config, overrides, kind=a.kind)
     base = load_base(settings.model, device=a.device, dtype=a.dtype)
-    if a.kind == "ti":
-        from .train.ti import train_ti as train
-    else:
-        from .train.lora import train_lora as train
+    train = train_ti if a.kind == "ti" else train_lora
     print(train(base, settings))
 
 
 def cmd_inspect(a) -> None:
-    from .lora import inspect
-
     info = inspect.describe(a.file)
     print(json.dumps(info, indent=1, default=str) if a.json else inspect.render(info))
 
 
 def cmd_convert(a) -> None:
-    from .lora.formats import convert
-
     lora = convert(a.input, a.output, to=a.to)
     print(f"{a.output}: {len(lora)} modules in {a.to} layout")
 
 
 def cmd_merge(a) -> None:
-    from . import sources
-    from .lora.bake import merge
-
     pairs = []
     for spec in a.lora:
         src, w = sources.parse_weighted(spec)
@@ -187,10 +194,22 @@ def cmd_merge(a) -> None:
     print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
 
 
-def cmd_eval_tiny(a) -> None:
-    from .models import load_base
-    from .tiny import evaluate
+def cmd_grid(a) -> Path:
+    x, y = xyplot.axes_from_specs(a.x, a.y, weights=a.weights, sweep=a.sweep)  # bad axes stop before the load
+    base = api.load(a.model, a.device, a.dtype)
+    return xyplot.xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
+                          guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height, loras=a.lora,
+                          embeddings=a.embedding, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
+                          allow_partial=a.allow_partial, out_dir=a.out, name=a.name, cell=a.cell,
+                          progress=not a.no_progress)
 
+
+def cmd_demo(a) -> Path:
+    return demo.run_demo(a.out, model=a.model, quick=a.quick, fresh=a.fresh, device=a.device, dtype=a.dtype,
+                         progress=not a.no_progress)
+
+
+def cmd_eval_tiny(a) -> None:
     base = load_base(a.model, device=a.device, dtype=a.dtype)
     held_in, held_out = evaluate.evaluate(base, a.images, a.steps, a.guidance, a.seed, progress=True)
     print(evaluate.table(held_in, held_out))

@@ -17,7 +17,6 @@ files exist, unless ``fresh``. A training phase killed half-way resumes from its
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import random
 import shlex
@@ -27,10 +26,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
+from . import sources
+from .demo_report import write_report
+from .generate import grid, save_png
+from .models import load_base
 from .safeio import SdtuneError, atomic_write_text
-from .tiny import world
+from .tiny import judge, world
 from .tiny.evaluate import HELD_IN
+from .train.config import LoraSettings, TISettings
+from .train.lora import train_lora
+from .train.ti import train_ti
+from .xyplot import Axis, xy_plot
 
 PHASES = ("data", "ti", "lora", "grids", "report")
 PHASES_FILE = "phases.json"
@@ -117,8 +125,6 @@ def write_style_set(folder: str | Path, n: int = 24, seed: int = 0, style: str =
 
 
 def contact_sheet(folder: Path, out: Path, cols: int = 8) -> Path:
-    from .generate import grid, save_png
-
     images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
     return save_png(grid(images, cols=min(cols, len(images)), cell=96), out)
 
@@ -163,29 +169,16 @@ class _Phases:
         atomic_write_text(json.dumps(self.records, indent=1), self.path)
 
 
-def _trainer(kind: str):
-    """``sdtune.train``'s ``train_ti`` / ``train_lora`` (what ``sdtune train ti|lora`` calls)."""
-    import importlib
-
-    from . import train
-
-    fn = getattr(train, f"train_{kind}", None)
-    if fn is None:
-        fn = getattr(importlib.import_module(f".train.{kind}", __package__), f"train_{kind}")
-    return fn
+TRAINERS = {"ti": train_ti, "lora": train_lora}  # what ``sdtune train ti|lora`` calls
 
 
-def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
-    from .train.config import TISettings
-
+def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> TISettings:
     return TISettings(data=str(data), out=str(out), model=model, token=plan.token, init_token=plan.init_token,
                       num_vectors=plan.ti_vectors, steps=plan.ti_steps, lr=plan.ti_lr, batch_size=plan.ti_batch, seed=plan.seed,
                       progress=progress)
 
 
-def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool):
-    from .train.config import LoraSettings
-
+def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> LoraSettings:
     return LoraSettings(data=str(data), out=str(out), model=model, rank=plan.rank, alpha=plan.alpha,
                         targets=plan.targets, steps=plan.lora_steps, lr=plan.lora_lr, batch_size=plan.lora_batch,
                         min_snr_gamma=plan.lora_min_snr, seed=plan.seed, name=plan.lora_name, progress=progress)
@@ -214,8 +207,6 @@ def train_command(kind: str, settings) -> str:
 
 def _trained_file(result, folder: Path, kind: str) -> Path:
     """The file a trainer wrote (it may return the file, a list of files, or its output folder)."""
-    from . import sources
-
     if isinstance(result, (list, tuple)):
         result = next((Path(p) for p in result if Path(p).suffix == ".safetensors"), None)
     path = Path(result) if result else folder
@@ -242,12 +233,22 @@ def _spec(name: str, title: str, prompt: str, x, y, loras=(), embeddings=()) -> 
             "embeddings": list(embeddings)}
 
 
+# Row and column labels that compute_scores looks the cells up by: it names what it scores, so reordering the
+# axes in _grid_specs cannot make it score the wrong images.
+BASE = "base"
+LORA_ON = "LoRA 1.0"
+MIX_FULL = "TI + LoRA 1"
+
+
+def _ti_prompts(plan: Plan) -> tuple[str, str, str]:
+    """The TI grid's rows: the base with the init word, the base told the concept in words, the learned word."""
+    return (f"a photo of a {plan.init_token}", f"a photo of a {plan.colour} {plan.shape}",
+            f"a photo of a {plan.token}")
+
+
 def _grid_specs(plan: Plan, ti_file: Path, lora_file: Path) -> list[dict]:
     """The four X/Y plots of the report (what ``compute_scores`` reads back)."""
-    from .xyplot import Axis
-
-    init = f"a photo of a {plan.init_token}"
-    words, learned = f"a photo of a {plan.colour} {plan.shape}", f"a photo of a {plan.token}"
+    init, words, learned = _ti_prompts(plan)
     held, sweep_held = HELD_IN[: plan.lora_prompts], HELD_IN[: plan.sweep_prompts]
     lo, tok, w = plan.lora_name, plan.token, plan.mix_weight
     return [
@@ -257,14 +258,14 @@ def _grid_specs(plan: Plan, ti_file: Path, lora_file: Path) -> list[dict]:
               embeddings=[ti_file]),
         _spec("lora", "LoRA: base model vs the style LoRA, prompts without the style word", lora_prompt(*held[0]),
               Axis("prompt", [lora_prompt(c, s) for c, s in held], labels=[f"{c} {s}" for c, s in held]),
-              Axis("loras", ["none", lo], labels=["base", "LoRA 1.0"]), loras=[lora_file]),
+              Axis("loras", ["none", lo], labels=[BASE, LORA_ON]), loras=[lora_file]),
         _spec("sweep", "LoRA weight sweep", lora_prompt(*sweep_held[0]),
               Axis("weight", list(plan.sweep_weights), target=lo),
               Axis("prompt", [lora_prompt(c, s) for c, s in sweep_held], labels=[f"{c} {s}" for c, s in sweep_held]),
               loras=[lora_file]),
         _spec("mix", f"Two adapters mixed: TI + LoRA at {w:g}", learned,
               Axis("adapters", ["none", tok, lo, f"{lo}:{w:g}+{tok}", f"{lo}+{tok}"],
-                   labels=["base", "TI", "LoRA", f"TI + LoRA {w:g}", "TI + LoRA 1"]),
+                   labels=[BASE, "TI", "LoRA", f"TI + LoRA {w:g}", MIX_FULL]),
               Axis("seed", list(range(plan.grid_seed, plan.grid_seed + plan.mix_seeds))),
               loras=[lora_file], embeddings=[ti_file]),
     ]
@@ -301,8 +302,6 @@ def _cells(out: Path, name: str) -> dict:
 
 def _measure(out: Path, items: list[tuple[str, dict]]) -> dict:
     """Judge the images ``items`` = [(file, wanted attributes)]: fraction whose verdict matches, per image."""
-    from .tiny import judge
-
     images = [Image.open(out / f).convert("RGB") for f, _ in items]
     verdicts = judge.judge(images)
     hits = [v.matches(**wanted) for v, (_, wanted) in zip(verdicts, items)]
@@ -311,12 +310,24 @@ def _measure(out: Path, items: list[tuple[str, dict]]) -> dict:
                       for (f, w), v, h in zip(items, verdicts, hits)]}
 
 
-def _row(rec: dict, r: int, wanted) -> list[tuple[str, dict]]:
-    """Row ``r`` of a plot's cells, each with what the judge should see (``wanted(col)``)."""
+def _at(axis: dict, name) -> int:
+    """The position of the row or column labelled ``name`` (or, failing that, with the value ``name``)."""
+    for key in ("labels", "values"):
+        if name in axis[key]:
+            return axis[key].index(name)
+    raise SdtuneError(f"the {axis['title']} axis of a demo grid has no {name!r} (it has {', '.join(axis['labels'])}); "
+                      "the grids come from another version of the demo: rerun it with --fresh")
+
+
+def _row(rec: dict, name, wanted) -> list[tuple[str, dict]]:
+    """The row ``name`` of a plot's cells, each with what the judge should see (``wanted(col)``)."""
+    r = _at(rec["y"], name)
     return [(rec["cells"][r][c], wanted(c)) for c in range(rec["cols"])]
 
 
-def _col(rec: dict, c: int, wanted) -> list[tuple[str, dict]]:
+def _col(rec: dict, name, wanted) -> list[tuple[str, dict]]:
+    """The column ``name`` of a plot's cells, each with what the judge should see (``wanted(row)``)."""
+    c = _at(rec["x"], name)
     return [(rec["cells"][r][c], wanted(r)) for r in range(rec["rows"])]
 
 
@@ -327,6 +338,7 @@ def compute_scores(out: Path, plan: Plan) -> dict:
     concept = {"shape": plan.shape, "colour": plan.colour}
     style = {"style": plan.style}
     everything = {**concept, **style}
+    init, words, learned = _ti_prompts(plan)
 
     def compare(id_, grid, what, before_label, before, after_label, after):
         return {"id": id_, "grid": grid, "what": what, "before_label": before_label, "after_label": after_label,
@@ -337,25 +349,25 @@ def compute_scores(out: Path, plan: Plan) -> dict:
 
     rows = [
         compare("ti", f"{GRIDS}/ti.png", f"TI: the image shows a {plan.colour} {plan.shape}",
-                f"base, 'a photo of a {plan.init_token}' (the init word)", _row(ti, 0, lambda c: concept),
-                f"TI, 'a photo of a {plan.token}'", _row(ti, 2, lambda c: concept)),
+                f"base, '{init}' (the init word)", _row(ti, init, lambda c: concept),
+                f"TI, '{learned}'", _row(ti, learned, lambda c: concept)),
         compare("ti_words", f"{GRIDS}/ti.png", f"Reference: the base told '{plan.colour} {plan.shape}' in words",
-                f"base, 'a photo of a {plan.init_token}'", _row(ti, 0, lambda c: concept),
-                f"base, 'a photo of a {plan.colour} {plan.shape}'", _row(ti, 1, lambda c: concept)),
+                f"base, '{init}'", _row(ti, init, lambda c: concept),
+                f"base, '{words}'", _row(ti, words, lambda c: concept)),
         compare("lora_style", f"{GRIDS}/lora.png", f"LoRA: {plan.style} style, though no prompt names it",
-                "base", _row(lora, 0, lambda c: style), "LoRA at 1.0", _row(lora, 1, lambda c: style)),
+                "base", _row(lora, BASE, lambda c: style), "LoRA at 1.0", _row(lora, LORA_ON, lambda c: style)),
         compare("lora_content", f"{GRIDS}/lora.png", "LoRA: shape and colour still as prompted (held-in prompts)",
-                "base", _row(lora, 0, as_prompted(held)), "LoRA at 1.0", _row(lora, 1, as_prompted(held))),
+                "base", _row(lora, BASE, as_prompted(held)), "LoRA at 1.0", _row(lora, LORA_ON, as_prompted(held))),
         compare("mix", f"{GRIDS}/mix.png", f"Mixed: a {plan.colour} {plan.shape} in {plan.style} style",
-                f"base, 'a photo of a {plan.token}'", _col(mix, 0, lambda r: everything),
-                "TI + LoRA at 1", _col(mix, 4, lambda r: everything)),  # the table shows the partial mix too
+                f"base, '{learned}'", _col(mix, BASE, lambda r: everything),
+                "TI + LoRA at 1", _col(mix, MIX_FULL, lambda r: everything)),  # the table shows the partial mix too
     ]
-    sweep_rows = [{"weight": w, "style": _measure(out, _col(sweep, c, lambda r: style)),
-                   "content": _measure(out, _col(sweep, c, as_prompted(sweep_held)))}
-                  for c, w in enumerate(plan.sweep_weights)]
-    mix_cols = [{"label": label, "concept": _measure(out, _col(mix, c, lambda r: concept)),
-                 "style": _measure(out, _col(mix, c, lambda r: style))}
-                for c, label in enumerate(mix["x"]["labels"])]
+    sweep_rows = [{"weight": w, "style": _measure(out, _col(sweep, w, lambda r: style)),
+                   "content": _measure(out, _col(sweep, w, as_prompted(sweep_held)))}
+                  for w in plan.sweep_weights]
+    mix_cols = [{"label": label, "concept": _measure(out, _col(mix, label, lambda r: concept)),
+                 "style": _measure(out, _col(mix, label, lambda r: style))}
+                for label in mix["x"]["labels"]]
     return {"scores": rows, "sweep": sweep_rows, "mix": mix_cols}
 
 
@@ -370,102 +382,11 @@ def rescore(out_dir: str | Path) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
-QUICK_NOTE = (" This is a <b>quick</b> run (few training steps, few images): a first look at the pipeline, "
-              "not at what TI and LoRA can do. Run <code>sdtune demo</code> without <code>--quick</code> for that.")
-
-
-def write_report(out: Path, plan: Plan, quick: bool, model: str, model_hash: str, scores: dict, commands: list,
-                 files: dict, timings: dict) -> Path:
-    """``index.html``: every image and file it shows is in ``out`` (relative links)."""
-    e = html.escape
-    parts = [f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sdtune demo</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
-table {{ border-collapse: collapse; margin: 1em 0 }} td, th {{ border: 1px solid #ccc; padding: .3em .7em }}
-th {{ background: #f3f3f3 }} td.num {{ text-align: right; font-variant-numeric: tabular-nums }}
-img {{ max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd }}
-pre {{ background: #f6f6f6; padding: .7em; overflow-x: auto; white-space: pre-wrap }}
-.up {{ color: #080; font-weight: bold }} .small {{ color: #666; font-size: .9em }}
-</style></head><body>
-<h1>sdtune demo: teach a concept with TI, a style with LoRA, mix them</h1>
-<p>Model <b>{e(model)}</b> (hash {e(model_hash)}), {"quick" if quick else "full"} run. Every image below was
-generated by that model; every number was computed by the shapes-world judge from the images in this folder
-(<a href="scores.json">scores.json</a> lists each image with the judge's verdict).{QUICK_NOTE if quick else ""}</p>
-<h2>1. Training data</h2>
-<p>Textual Inversion: {plan.ti_images} images of a <b>{e(plan.colour)} {e(plan.shape)}</b>, a colour-on-shape pair
-the base model never saw together. They have no captions: training uses prompts like "a photo of a
-<code>{e(plan.token)}</code>", so the concept is only ever named by the new word (<a href="data/ti">data/ti</a>). TI starts the word from
-"{e(plan.init_token)}"; the base model with that word alone is the baseline. (Told the pair in words, the
-built-in model draws it by composition: the reference row.)</p>
-<img src="data/ti-set.png" alt="TI training images">
-<p>LoRA: {plan.lora_images} images in the <b>{e(plan.style)}</b> style the base model never saw, captioned
-<i>without</i> the style word, so the LoRA has to learn it from the pixels (<a href="data/lora">data/lora</a>).</p>
-<img src="data/lora-set.png" alt="LoRA training images">
-<h2>2. Before and after</h2>
-<table><tr><th>what the judge checks</th><th>before</th><th></th><th>after</th><th></th><th>images</th></tr>"""]
-    for row in scores["scores"]:
-        b, a = row["before"]["value"], row["after"]["value"]
-        cls = ' class="num up"' if a > b else ' class="num"'
-        parts.append(f'<tr><td>{e(row["what"])} (<a href="{row["grid"]}">grid</a>)</td>'
-                     f'<td class="small">{e(row["before_label"])}</td><td class="num">{_pct(b)}</td>'
-                     f'<td class="small">{e(row["after_label"])}</td><td{cls}>{_pct(a)}</td>'
-                     f'<td class="num">{row["after"]["n"]}</td></tr>')
-    parts.append("</table>")
-    parts.append("<h3>LoRA weight sweep</h3><table><tr><th>LoRA weight</th><th>" + e(plan.style)
-                 + " style</th><th>shape + colour as prompted</th></tr>")
-    for s in scores["sweep"]:
-        parts.append(f'<tr><td class="num">{s["weight"]:g}</td><td class="num">{_pct(s["style"]["value"])}</td>'
-                     f'<td class="num">{_pct(s["content"]["value"])}</td></tr>')
-    parts.append("</table>")
-    parts.append("<h3>Mixing</h3><table><tr><th>adapters</th><th>" + e(f"{plan.colour} {plan.shape}")
-                 + "</th><th>" + e(plan.style) + " style</th></tr>")
-    for m in scores["mix"]:
-        parts.append(f'<tr><td>{e(m["label"])}</td><td class="num">{_pct(m["concept"]["value"])}</td>'
-                     f'<td class="num">{_pct(m["style"]["value"])}</td></tr>')
-    parts.append("</table>")
-    parts.append("<h2>3. Comparison grids</h2>")
-    for g in files["grids"]:
-        parts.append(f'<h3>{e(g["title"])}</h3><p><a href="{g["file"]}"><img src="{g["file"]}" alt="{e(g["title"])}">'
-                     f'</a></p><p class="small">Single images: {g["cells"]} files <code>{e(g["name"])}-RR-CC.png</code>; '
-                     f'axes and settings in <a href="{g["json"]}">{e(g["json"])}</a> and in the PNG\'s '
-                     f'<code>parameters</code> text.</p><pre>{e(g["command"])}</pre>')
-    parts.append("<h2>4. Files</h2><ul>")
-    for label, path in files["outputs"]:
-        parts.append(f'<li>{e(label)}: <a href="{path}">{e(path)}</a></li>')
-    parts.append("</ul>")
-    parts.append('<h2>5. Reproduce it step by step</h2><p>The same steps as commands '
-                 '(<a href="reproduce.sh">reproduce.sh</a>), run from the folder the demo was '
-                 'started in:</p><pre>')
-    parts.append(e("\n".join(f"# {title}\n{cmd}" for title, cmd in commands)))
-    parts.append("</pre><h2>6. Time</h2><table><tr><th>phase</th><th>seconds</th><th></th></tr>")
-    for name, t in timings.items():
-        parts.append(f'<tr><td>{e(name)}</td><td class="num">{t["seconds"]:.0f}</td>'
-                     f'<td class="small">{"reused from an earlier run" if t.get("reused") else ""}</td></tr>')
-    total = sum(t["seconds"] for t in timings.values())
-    parts.append(f'<tr><th>total</th><td class="num">{total:.0f}</td><td></td></tr>')
-    parts.append("</table></body></html>\n")
-    path = out / "index.html"
-    atomic_write_text("\n".join(parts), path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- the demo
 
 def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = False, fresh: bool = False,
              device=None, dtype=None, progress: bool = True, plan: Plan | None = None) -> Path:
     """Run (or finish) the demo in ``out_dir``; returns the path of its ``index.html``."""
-    from tqdm.auto import tqdm
-
-    from .models import load_base
-    from .xyplot import xy_plot
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan or (QUICK if quick else FULL)
@@ -522,7 +443,7 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
                     shutil.rmtree(folder)  # a save from other settings or another model: start over
                 phases.mark(kind, sig, False)
                 fresh_base = load_base(model, device=device, dtype=dtype)
-                result = _trainer(kind)(fresh_base, settings[kind])
+                result = TRAINERS[kind](fresh_base, settings[kind])
                 del fresh_base
                 path = _trained_file(result, folder, kind)
                 finish(kind, sig, t0, file=path.relative_to(out).as_posix() if path.is_relative_to(out)
@@ -595,19 +516,3 @@ def _python_call(function: str, *args, echo: bool = False, **kwargs) -> str:
     words += [f"{k}={json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in kwargs.items()]
     call = f"{function}({', '.join(words)})"
     return shlex.join(["python", "-c", f"from sdtune.demo import {function}; {f'print({call})' if echo else call}"])
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    """The ``sdtune demo`` flags besides --model/--device/--dtype (which the CLI adds)."""
-    p.add_argument("--out", default="demo", help="report folder (default: demo)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and images: under 3 minutes on a CPU")
-    p.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a) -> Path:
-    return run_demo(a.out, model=getattr(a, "model", "tiny"), quick=a.quick, fresh=a.fresh,
-                    device=getattr(a, "device", None), dtype=getattr(a, "dtype", None),
-                    progress=not getattr(a, "no_progress", False))

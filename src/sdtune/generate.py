@@ -215,6 +215,68 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font, width: int, draw) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def draw_grid(rows: list[list[Image.Image | None]], row_labels: list[str] | None = None,
+              col_labels: list[str] | None = None, *, cell: int | None = None, gap: int = 0, margin: int = 3,
+              font_size: int | None = None) -> Image.Image:
+    """The one grid drawer (batch grids, contact sheets, X/Y plots): ``rows`` of images (``None`` leaves a
+    place white), column labels on top and row labels on the left, each wrapped to fit.
+
+    Every image is drawn at the first one's size; small images are scaled up (nearest neighbour: the pixels
+    stay what the model made) to ``cell`` pixels wide. Cell (r, c) starts at (left + c * (w + gap),
+    top + r * (h + gap)). Labels sit ``margin`` pixels from the images (row labels twice that from either
+    side); ``font_size`` defaults to one that grows with the cell width (11 to 16)."""
+    w, h = rows[0][0].size
+    if cell and cell > w:
+        h, w = cell * h // w, cell
+    font = _font(font_size or max(11, min(16, w // 9)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.size * 1.25) if hasattr(font, "size") else 14
+    col_lines = [_wrap(lbl, font, w - 6, probe) for lbl in col_labels or []]
+    pad_top = 2 * margin + line_h * max(len(lines) for lines in col_lines) if col_lines else 0
+    pad_left, row_lines = 0, []
+    if row_labels:
+        row_lines = [_wrap(lbl, font, max(w, 160), probe) for lbl in row_labels]
+        widest = max(probe.textlength(line, font=font) for lines in row_lines for line in lines)
+        pad_left = int(widest) + 4 * margin
+    n_cols = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (pad_left + n_cols * (w + gap) - gap, pad_top + len(rows) * (h + gap) - gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            if im is None:
+                continue
+            im = im.convert("RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.Resampling.NEAREST)
+            canvas.paste(im, (pad_left + c * (w + gap), pad_top + r * (h + gap)))
+    for c, lines in enumerate(col_lines):
+        y0 = pad_top - margin - line_h * len(lines)
+        for k, line in enumerate(lines):
+            draw.text((pad_left + c * (w + gap) + w // 2, y0 + k * line_h), line, fill="black", font=font,
+                      anchor="ma")
+    for r, lines in enumerate(row_lines):
+        y0 = pad_top + r * (h + gap) + (h - line_h * len(lines)) // 2
+        for k, line in enumerate(lines):
+            draw.text((2 * margin, y0 + k * line_h), line, fill="black", font=font, anchor="la")
+    return canvas
+
+
 def grid(
     images: list[Image.Image],
     cols: int | None = None,
@@ -222,30 +284,14 @@ def grid(
     col_labels: list[str] | None = None,
     cell: int | None = None,
 ) -> Image.Image:
-    """Images in a grid (row-major); labels drawn on the left and on top when given."""
+    """Images in a grid (row-major, no gaps); labels drawn on the left and on top when given."""
     if not images:
         raise ValueError("grid needs at least one image")
     cols = cols or (len(col_labels) if col_labels else min(len(images), 4))
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    if cell and cell > w:  # small images are scaled up (nearest) so labels stay readable
-        images = [im.resize((cell, cell * h // w), Image.Resampling.NEAREST) for im in images]
-        w, h = images[0].size
-    font = _font(max(10, min(18, w // 8)))
-    pad_top = 24 if col_labels else 0
-    pad_left = 0
-    if row_labels:
-        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        pad_left = 8 + max(int(probe.textlength(lbl, font=font)) for lbl in row_labels)
-    canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, im in enumerate(images):
-        canvas.paste(im.convert("RGB"), (pad_left + (i % cols) * w, pad_top + (i // cols) * h))
-    for c, lbl in enumerate(col_labels or []):
-        draw.text((pad_left + c * w + w // 2, pad_top // 2), lbl, fill="black", font=font, anchor="mm")
-    for r, lbl in enumerate(row_labels or []):
-        draw.text((4, pad_top + r * h + h // 2), lbl, fill="black", font=font, anchor="lm")
-    return canvas
+    places = images + [None] * (-len(images) % cols)  # the last row's empty places stay white
+    width = max(cell or 0, images[0].width)  # the drawn cell width (small images are scaled up to cell)
+    return draw_grid([places[i:i + cols] for i in range(0, len(places), cols)], row_labels, col_labels, cell=cell,
+                     margin=6, font_size=max(10, min(18, width // 8)))
 
 
 def save_batch(results: list[Generated], out_dir: str | Path, prefix: str = "") -> list[Path]:

@@ -26,11 +26,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
-from . import sources
-from .generate import SCHEDULERS, infotext, save_png
+from . import api, sources
+from .generate import SCHEDULERS, draw_grid, infotext, save_png
 from .safeio import SdtuneError, atomic_write_text
+from .ti.formats import load_embedding
 
 KIND_NAMES = {  # kind -> the axis title A1111 users know
     "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
@@ -155,12 +156,28 @@ def parse_axis(spec: str, target: str | None = None) -> Axis:
     return Axis(kind, parse_values(kind, text), target=target)
 
 
+def axes_from_specs(x: str | None = None, y: str | None = None, *, weights: str | None = None,
+                    sweep: str | None = None) -> tuple[Axis, Axis | None]:
+    """The plot's (x, y) axes from ``KIND=VALUES`` strings (what ``sdtune grid --x/--y`` takes).
+
+    ``weights`` ("0,0.5,1") is shorthand for a weight axis, which then comes first (the columns) and pushes
+    the other axis given to the rows; ``sweep`` names the LoRA a weight axis sweeps (default: the only one loaded)."""
+    if x is None and weights is None:
+        raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
+    if x is not None and weights is not None and y is not None:
+        raise SdtuneError("sdtune grid: --weights is a third axis next to --x and --y; drop one of them")
+    axes = [Axis("weight", parse_values("weight", weights), target=sweep)] if weights is not None else []
+    axes += [parse_axis(spec, target=sweep) for spec in (x, y) if spec is not None]
+    return axes[0], (axes[1] if len(axes) > 1 else None)
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 
 class _Adapters:
     """What the plot loaded and controls, and how to put the base back afterwards."""
 
-    def __init__(self, base, lora_dirs=(), embedding_dirs=()):
+    def __init__(self, base, lora_dirs=(), embedding_dirs=(), allow_partial: bool = False):
+        self.allow_partial = allow_partial  # apply LoRAs whose keys only partly fit the model (warns)
         self.loras = base.loras  # sdtune.lora.patch.LoraSet
         self.embs = base.embeddings  # sdtune.ti.tokens.EmbeddingSet
         self.lora_dirs, self.embedding_dirs = tuple(lora_dirs), tuple(embedding_dirs)
@@ -191,15 +208,13 @@ class _Adapters:
         if key in self.by_file:  # the same file named twice (e.g. on an axis and with loras=): load it once
             return self.by_file[key]
         name = self._lora_name(path)
-        self.loras.add(name, path, 0.0)
+        self.loras.add(name, path, 0.0, allow_partial=self.allow_partial)
         self.added_loras.append(name)
         self.by_file[key] = name
         self.fixed[name] = weight
         return name
 
     def add_embedding_file(self, spec: str) -> str:
-        from .ti.formats import load_embedding
-
         src, token = sources.split_suffix(str(spec))
         if token is None and self.token_of(src):
             return self.token_of(src)
@@ -366,84 +381,22 @@ def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
     return runs
 
 
-# ---------------------------------------------------------------------------------------------- drawing
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int, draw) -> list[str]:
-    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
-    lines: list[str] = []
-    for para in str(text).split("\n"):
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}".strip()
-            if line and draw.textlength(trial, font=font) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-    return lines
-
-
-GAP = 2  # white pixels between cells
-
-
-def draw_xy(images: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
-            cell: int | None = None) -> Image.Image:
-    """The labelled grid: column labels on top, row labels on the left, wrapped to fit; small images are
-    scaled up (nearest neighbour: the pixels stay what the model made) to ``cell`` pixels wide. Cell (r, c)
-    starts at (left + c * (w + GAP), top + r * (h + GAP))."""
-    w, h = images[0][0].size
-    if cell and cell > w:
-        h, w = cell * h // w, cell
-    font = _font(max(11, min(16, w // 9)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(font.size * 1.25) if hasattr(font, "size") else 14
-    col_lines = [_wrap(lbl, font, w - 6, probe) for lbl in col_labels]
-    pad_top = 6 + line_h * max(len(lines) for lines in col_lines)
-    pad_left, row_lines = 0, []
-    if row_labels:
-        max_w = max(w, 160)
-        row_lines = [_wrap(lbl, font, max_w, probe) for lbl in row_labels]
-        widest = max(probe.textlength(line, font=font) for lines in row_lines for line in lines)
-        pad_left = int(widest) + 12
-    rows, cols = len(images), len(images[0])
-    canvas = Image.new("RGB", (pad_left + cols * (w + GAP) - GAP, pad_top + rows * (h + GAP) - GAP), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(images):
-        for c, im in enumerate(row):
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.NEAREST)
-            canvas.paste(im, (pad_left + c * (w + GAP), pad_top + r * (h + GAP)))
-    for c, lines in enumerate(col_lines):
-        y0 = pad_top - 3 - line_h * len(lines)
-        for k, line in enumerate(lines):
-            draw.text((pad_left + c * (w + GAP) + w // 2, y0 + k * line_h), line, fill="black", font=font,
-                      anchor="ma")
-    for r, lines in enumerate(row_lines):
-        y0 = pad_top + r * (h + GAP) + (h - line_h * len(lines)) // 2
-        for k, line in enumerate(lines):
-            draw.text((6, y0 + k * line_h), line, fill="black", font=font, anchor="la")
-    return canvas
-
-
 # ---------------------------------------------------------------------------------------------- the plot
+
+GAP = 2  # white pixels between the plot's cells (generate.draw_grid draws the grid)
+
 
 def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
             steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
-            out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128, progress: bool = True) -> Path:
+            allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
+            progress: bool = True) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
     ``loras``: "FILE[:W]" specs loaded for the plot (named by file stem; usable by name in axis values; fixed at
     W unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
+    ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
+    otherwise such a LoRA is refused.
     """
     if scheduler not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -456,7 +409,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                               f"replace, e.g. prompt 'a red star' with sr=red|blue")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapters = _Adapters(base, lora_dirs, embedding_dirs)
+    adapters = _Adapters(base, lora_dirs, embedding_dirs, allow_partial)
     try:
         for spec in loras:
             adapters.add_lora_file(spec)
@@ -486,7 +439,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                     if a is not None:
                         _apply_value(cell_, a, i, adapters, targets)
                 cells.append(cell_)
-        results = _render(base, cells, adapters, width, height, lora_dirs, progress)
+        results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress)
     finally:
         adapters.restore()
 
@@ -500,7 +453,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         files[c_.row][c_.col] = path.name
     col_labels = [x.label(i) for i in range(n_cols)]
     row_labels = [y.label(i) for i in range(n_rows)] if y is not None else None
-    canvas = draw_xy(grid_images, row_labels, col_labels, cell=cell)
+    canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
     first = results[0][1]
     shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights")}
     shared["Seed"] = seed
@@ -525,11 +478,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     return grid_path
 
 
-def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, progress: bool):
-    from tqdm.auto import tqdm
-
-    from . import api
-
+def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, allow_partial: bool,
+            progress: bool):
     out = []
     runs = _runs(cells)
     runs.sort(key=lambda run: (tuple(sorted(run[0].loras.items())), tuple(sorted(run[0].tokens))))
@@ -540,59 +490,8 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
                                guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler, width=width,
                                height=height, num_images=len(run), batch_size=len(run), progress=False,
-                               lora_dirs=lora_dirs, embedding_dirs=())
+                               lora_dirs=lora_dirs, embedding_dirs=(), allow_partial=allow_partial)
             out.extend(zip(run, res))
             bar.update(len(run))
     out.sort(key=lambda cr: (cr[0].row, cr[0].col))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    """The ``sdtune grid`` flags (the CLI adds --model/--device/--dtype and the adapter flags itself)."""
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--x", metavar="KIND=VALUES",
-                   help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
-                        "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
-                        "'embeddings=none|<tok>'")
-    p.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
-    p.add_argument("--weights", metavar="W1,W2,...",
-                   help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
-    p.add_argument("--sweep", metavar="NAME", help="which loaded LoRA a weight axis sweeps (default: the only one)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
-    p.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
-    p.add_argument("--out", default="grid")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a, base=None) -> Path:
-    """``sdtune grid``: build the axes from the parsed flags, load the model (unless given), plot."""
-    if a.x is None and a.weights is None:
-        raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
-    if a.x is not None and a.weights is not None and a.y is not None:
-        raise SdtuneError("sdtune grid: --weights is a third axis next to --x and --y; drop one of them")
-    axes = []
-    sweep = getattr(a, "sweep", None)
-    if a.weights is not None:
-        axes.append(Axis("weight", parse_values("weight", a.weights), target=sweep))
-    for spec in (a.x, a.y):
-        if spec is not None:
-            axes.append(parse_axis(spec, target=sweep))
-    x, y = axes[0], (axes[1] if len(axes) > 1 else None)
-    if base is None:
-        from . import api
-
-        base = api.load(getattr(a, "model", "tiny"), getattr(a, "device", None), getattr(a, "dtype", None))
-    return xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
-                   guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height,
-                   loras=getattr(a, "lora", []) or [], embeddings=getattr(a, "embedding", []) or [],
-                   lora_dirs=getattr(a, "lora_dir", []) or [], embedding_dirs=getattr(a, "embedding_dir", []) or [],
-                   out_dir=a.out, name=a.name, cell=a.cell, progress=not a.no_progress)

@@ -20,7 +20,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError
 
@@ -181,31 +181,41 @@ def _choice(name: str, value, allowed) -> None:
         raise SdtuneError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
 
 
+def setting_type(cls, name: str) -> tuple[type, bool]:
+    """The type of setting ``name`` of ``cls`` (bool, int, float, str or list; lists hold strings) and whether
+    it may be None: what a TOML value or a flag is checked against, and what kind of flag the CLI makes."""
+    hint = get_type_hints(cls)[name]
+    args = get_args(hint)
+    nullable = type(None) in args
+    if nullable:  # ``X | None``
+        (hint,) = [a for a in args if a is not type(None)]
+    return get_origin(hint) or hint, nullable  # list[str] -> list
+
+
 def _coerce(cls, name: str, value, where: str):
     """``value`` checked against the field's type (ints are fine for floats, one string for a list)."""
-    hint = get_type_hints(cls)[name]
-    text = str(hint)
+    typ, nullable = setting_type(cls, name)
     if value is None:
-        if "None" in text:
+        if nullable:
             return None
         raise SdtuneError(f"{where}: {name} cannot be empty")
-    if hint is bool:
+    if typ is bool:
         if isinstance(value, bool):
             return value
-    elif hint is int:
+    elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif hint is float or "float" in text:
+    elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif "list" in text:
+    elif typ is list:
         if isinstance(value, str):
             return [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-    elif "str" in text and isinstance(value, str):
+    elif typ is str and isinstance(value, str):
         return value
-    kind = text.replace("<class '", "").replace("'>", "")
+    kind = ("list[str]" if typ is list else typ.__name__) + (" | None" if nullable else "")
     raise SdtuneError(f"{where}: {name} = {value!r} is not a {kind}; fix the value")
 
 
