@@ -302,6 +302,19 @@ def test_unknown_keys_refused_schedules_and_ema_dropped(model):
             ldm.split_single_file(sd | {key: torch.zeros(1)}, base.family, base.modules())
 
 
+def test_clip_names_with_or_without_text_model_level(sdxl):
+    """SDXL's first encoder as the original files name it (``transformer.text_model.*``) or in transformers-5
+    naming (no ``text_model.`` level) reads the same."""
+    base, _ = sdxl
+    sd = ldm.to_single_file(base.modules(), base.family)
+    prefix = base.family.text_encoders[0].single_file_prefix
+    flat = {k.replace(prefix + "text_model.", prefix): v for k, v in sd.items()}
+    assert flat.keys() != sd.keys()
+    ours, theirs = (ldm.split_single_file(s, base.family, base.modules()) for s in (sd, flat))
+    assert ours["text_encoder"].keys() == theirs["text_encoder"].keys() == base.text_encoder.state_dict().keys()
+    assert all(ours["text_encoder"][k] is theirs["text_encoder"][k] for k in ours["text_encoder"])
+
+
 def test_ckpt_without_metadata_detects_the_family(model, tmp_path, monkeypatch):
     """A .ckpt (read without unpickling code) carries no configs: the family comes from the weights and its
     shipped configs, here replaced by the small ones."""

@@ -285,8 +285,8 @@ def _write_text_encoder(te: TextEncoder, module) -> dict:
         return out
     # SD 2.x: the 23 blocks the model holds, not the 24 of the original files (see _carried_only). diffusers'
     # from_single_file skips block 23 only when present and loads such a file (tests/test_single_file_families);
-    # A1111 and ComfyUI load OpenCLIP weights non-strictly and take the penultimate block's output, so the
-    # missing last block is never used. Writing a made-up block 23 would put weights in the file that no model has.
+    # A1111 and ComfyUI (not run here) load OpenCLIP weights non-strictly and take the penultimate block's output,
+    # so the missing last block's weights are never used. Writing a made-up block 23 would put weights in the file that no model has.
     out = {}
     for name, target in openclip_names(module.config.num_hidden_layers).items():
         if isinstance(target, tuple):
@@ -313,20 +313,8 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, param
 
 
-def _read_unet(sub: dict, module) -> tuple[dict, list[str]]:
-    names = unet_module_map(module.config)
-    out, unknown = {}, []
-    for key, value in sub.items():
-        name, param = _split_key(key)
-        if name in names:
-            out[f"{names[name]}.{param}"] = value
-        else:
-            unknown.append(key)
-    return out, unknown
-
-
-def _read_vae(sub: dict, module) -> tuple[dict, list[str]]:
-    names = vae_module_map(module.config)
+def _read_renamed(sub: dict, names: dict[str, str], vae: bool) -> tuple[dict, list[str]]:
+    """(state dict in diffusers naming, keys with no counterpart) from a UNet's or VAE's file tensors."""
     out, unknown = {}, []
     for key, value in sub.items():
         name, param = _split_key(key)
@@ -334,33 +322,23 @@ def _read_vae(sub: dict, module) -> tuple[dict, list[str]]:
             unknown.append(key)
             continue
         target = names[name]
-        if param == "weight" and _is_vae_attention_linear(target) and value.ndim > 2:
+        if vae and param == "weight" and _is_vae_attention_linear(target) and value.ndim > 2:
             value = value.reshape(value.shape[0], value.shape[1])  # LDM holds these as 1x1 convs
         out[f"{target}.{param}"] = value
     return out, unknown
 
 
-def _write_unet(module) -> dict:
-    inverse = {d: ldm for ldm, d in unet_module_map(module.config).items()}
+def _write_renamed(module, names: dict[str, str], prefix: str, vae: bool) -> dict:
+    """A UNet's or VAE's tensors in LDM naming, prefix included."""
+    inverse = {d: ldm for ldm, d in names.items()}
     out = {}
     for key, value in module.state_dict().items():
         name, param = _split_key(key)
         if name not in inverse:
-            raise SdtuneError(f"UNet weight {key} has no counterpart in the model built from the config")
-        out[f"{UNET_PREFIX}{inverse[name]}.{param}"] = value
-    return out
-
-
-def _write_vae(module) -> dict:
-    inverse = {d: ldm for ldm, d in vae_module_map(module.config).items()}
-    out = {}
-    for key, value in module.state_dict().items():
-        name, param = _split_key(key)
-        if name not in inverse:
-            raise SdtuneError(f"VAE weight {key} has no LDM counterpart")
-        if param == "weight" and _is_vae_attention_linear(name):
+            raise SdtuneError(f"{'VAE' if vae else 'UNet'} weight {key} has no LDM counterpart")
+        if vae and param == "weight" and _is_vae_attention_linear(name):
             value = value[:, :, None, None]  # LDM holds these as 1x1 convs
-        out[f"{VAE_PREFIX}{inverse[name]}.{param}"] = value
+        out[f"{prefix}{inverse[name]}.{param}"] = value
     return out
 
 
@@ -394,7 +372,8 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
     ``SdtuneError`` for a tensor with no counterpart or a component with no weights."""
     groups, unknown = _group(sd, family)
     prefixes = component_prefixes(family)
-    readers = {"unet": lambda sub: _read_unet(sub, modules["unet"]), "vae": lambda sub: _read_vae(sub, modules["vae"])}
+    readers = {"unet": lambda sub: _read_renamed(sub, unet_module_map(modules["unet"].config), vae=False),
+               "vae": lambda sub: _read_renamed(sub, vae_module_map(modules["vae"].config), vae=True)}
     for te in family.text_encoders:
         readers[te.component] = lambda sub, te=te: _read_text_encoder(sub, te, modules[te.component])
     parts = {}
@@ -414,7 +393,9 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
 def to_single_file(modules: dict, family: Family) -> dict:
     """{component: module} of a ``family`` model -> its single-file state dict (LDM or SGM layout: the UNet and
     VAE names are the same in both, the text encoders sit where the family says)."""
-    out = _write_unet(modules["unet"]) | _write_vae(modules["vae"])
+    unet, vae = modules["unet"], modules["vae"]
+    out = _write_renamed(unet, unet_module_map(unet.config), UNET_PREFIX, vae=False)
+    out |= _write_renamed(vae, vae_module_map(vae.config), VAE_PREFIX, vae=True)
     for te in family.text_encoders:
         out |= _write_text_encoder(te, modules[te.component])
     return out
