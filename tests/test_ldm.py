@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdtune import ldm
+from sdtune import families, ldm
 from sdtune.models import sd15_configs, tiny_configs
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny_model
@@ -34,6 +34,11 @@ def tiny():
 def arch(request):
     configs = tiny_configs() if request.param == "tiny" else sd15_configs()
     return request.param, _meta_models(configs)
+
+
+def _modules(parts):
+    unet, vae, text_encoder = parts
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
 def _param_owners(module):
@@ -91,7 +96,7 @@ def test_round_trip_is_exact(tiny):
     sd = ldm.to_ldm_state_dict(unet, vae, text_encoder)
     assert all(k.startswith((ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.TEXT_PREFIX)) for k in sd)
     assert sd[ldm.VAE_PREFIX + "encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 conv in LDM
-    parts = ldm.split_ldm_state_dict(sd, unet.config, vae.config)
+    parts = ldm.split_single_file(sd, families.TINY, _modules(tiny))
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         expected = module.state_dict()
         assert parts[name].keys() == expected.keys()
@@ -117,7 +122,7 @@ def test_sd15_matches_diffusers_converter():
     configs = sd15_configs()
     unet, vae, text_encoder = _meta_models(configs)
     sd = ldm.to_ldm_state_dict(unet, vae, text_encoder)
-    ours = ldm.split_ldm_state_dict(sd, configs["unet"], configs["vae"])
+    ours = ldm.split_single_file(sd, families.SD1, _modules((unet, vae, text_encoder)))
     theirs = convert_ldm_unet_checkpoint(sd, configs["unet"])
     assert theirs.keys() == ours["unet"].keys() == unet.state_dict().keys()
     assert all(theirs[k] is ours["unet"][k] for k in theirs)  # the very same source tensor
@@ -144,8 +149,8 @@ def test_split_ignores_training_extras_and_refuses_foreign_keys(tiny):
     extras = {"betas": torch.zeros(3), "alphas_cumprod": torch.zeros(3), "model_ema.decay": torch.zeros(()),
               "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(1),
               "first_stage_model.loss.logvar": torch.zeros(())}
-    parts = ldm.split_ldm_state_dict(sd | extras, unet.config, vae.config)
+    parts = ldm.split_single_file(sd | extras, families.TINY, _modules(tiny))
     assert len(parts["unet"]) == len(unet.state_dict())
     with pytest.raises(SdtuneError, match="unexpected weight model.diffusion_model.input_blocks.99.0.op.weight"):
-        ldm.split_ldm_state_dict(sd | {"model.diffusion_model.input_blocks.99.0.op.weight": torch.zeros(1)},
-                                 unet.config, vae.config)
+        ldm.split_single_file(sd | {"model.diffusion_model.input_blocks.99.0.op.weight": torch.zeros(1)},
+                              families.TINY, _modules(tiny))

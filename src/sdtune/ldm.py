@@ -1,22 +1,31 @@
-"""Names of the original LDM single-file layout of SD 1.x, and their diffusers/transformers counterparts.
+"""Names of the original single-file layouts, and their diffusers/transformers counterparts.
 
-A1111, ComfyUI, kohya and civitai files use the LDM layout (``model.diffusion_model.input_blocks.4.1...``,
-``first_stage_model.encoder.down.0.block.0...``, ``cond_stage_model.transformer.text_model...``); sdtune holds
-models in diffusers/transformers-5 naming. The maps here are derived from the component configs, so they
-cover any SD-1.x-shaped UNet/VAE (the real SD 1.5 and the tiny model alike), and every module that owns
-parameters appears exactly once.
+A1111, ComfyUI, kohya and civitai files use the layouts of the original code: LDM for SD 1.x/2.x
+(``model.diffusion_model.input_blocks.4.1...``, ``first_stage_model.encoder.down.0.block.0...``,
+``cond_stage_model.transformer.text_model...`` or ``cond_stage_model.model.transformer.resblocks...``) and SGM
+for SDXL, which keeps the UNet and VAE names and files its text encoders under ``conditioner.embedders.N``.
+sdtune holds models in diffusers/transformers-5 naming.
+
+The UNet and VAE maps are derived from the component configs, so they cover any UNet/VAE of these shapes (the
+real models, the tiny model and small test models alike), and every module that owns parameters appears
+exactly once. Where each text encoder sits and whether it uses OpenCLIP names is the family's data
+(``TextEncoder.single_file_prefix``/``openclip``); the layer count comes from the model itself.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from . import families
+from .families import Family, TextEncoder
 from .safeio import SdtuneError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 TEXT_MODEL = "text_model."  # the extra level of transformers 4 / hub CLIP state dicts
+TEXT_PREFIX = families.SD1.text_encoders[0].single_file_prefix + TEXT_MODEL  # SD 1.x's text encoder
 
 # LDM ResBlock children -> diffusers ResnetBlock2D children (UNet); the VAE ResnetBlock names match diffusers
 # except for the shortcut.
@@ -31,9 +40,13 @@ _UNET_RESNET = {
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _VAE_ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
 
-# Top-level entries of LDM checkpoints that are not weights of the three models (schedules, EMA, loss).
+# SDXL's added conditioning (pooled text + size/crop ids) is LDM's label_emb: Sequential(Sequential(Linear,
+# SiLU, Linear)).
+_ADDED_EMBEDDINGS = {"text_time": {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}}
+
+# Top-level entries of LDM/SGM checkpoints that are not weights of the models (schedules, EMA, loss).
 _IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_",
-                     "posterior_", "logvar", "lvlb_weights", "first_stage_model.loss.")
+                     "posterior_", "logvar", "lvlb_weights", "first_stage_model.loss.", "denoiser.")
 
 
 def _config(obj) -> dict:
@@ -69,7 +82,11 @@ def unet_module_map(unet_config) -> dict[str, str]:
     n = len(widths)
     per_layer = cfg["layers_per_block"]
     if not isinstance(per_layer, int):
-        raise SdtuneError("UNet configs with a different layers_per_block per block are not SD 1.x")
+        raise SdtuneError("UNet configs with a different layers_per_block per block are not Stable Diffusion")
+    added = cfg.get("addition_embed_type")
+    if added not in (None, *_ADDED_EMBEDDINGS) or cfg.get("class_embed_type") or cfg.get("num_class_embeds"):
+        raise SdtuneError(f"UNet class/added embedding {added or cfg.get('class_embed_type')} is not SD 1.x, SD 2.x "
+                          "or SDXL")
     depth = _per_block(cfg.get("transformer_layers_per_block", 1) or 1, n)
     down_attn = ["CrossAttn" in t for t in cfg["down_block_types"]]
     up_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
@@ -79,7 +96,7 @@ def unet_module_map(unet_config) -> dict[str, str]:
         "input_blocks.0.0": "conv_in",
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
-    }
+    } | _ADDED_EMBEDDINGS.get(added, {})
     # Down path: input_blocks.0 is conv_in; each block contributes layers_per_block (resnet, attention?) entries,
     # then one downsampler entry except the last block.
     index = 1
@@ -96,7 +113,7 @@ def unet_module_map(unet_config) -> dict[str, str]:
     # Middle: resnet, transformer, resnet.
     mid_type = cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
     if mid_type != "UNetMidBlock2DCrossAttn":
-        raise SdtuneError(f"UNet mid block {mid_type} is not SD 1.x")
+        raise SdtuneError(f"UNet mid block {mid_type} is not SD 1.x, SD 2.x or SDXL")
     names |= _unet_resnet("middle_block.0", "mid_block.resnets.0", widths[-1], widths[-1])
     names |= _spatial_transformer("middle_block.1", "mid_block.attentions.0", depth[-1])
     names |= _unet_resnet("middle_block.2", "mid_block.resnets.1", widths[-1], widths[-1])
@@ -166,17 +183,126 @@ def vae_module_map(vae_config) -> dict[str, str]:
     return names
 
 
+# ---------------------------------------------------------------- text encoders
+
+# Prefixes of text encoders stored in transformers' CLIP naming (SD 1.x, SDXL's first encoder).
+_CLIP_PREFIXES = tuple(dict.fromkeys(te.single_file_prefix for f in families.FAMILIES.values()
+                                     for te in f.text_encoders if not te.openclip))
+POSITION_IDS = "embeddings.position_ids"  # a buffer of transformers' CLIP, rebuilt by the model
+
+# OpenCLIP's text transformer (SD 2.x, SDXL's second encoder) -> transformers' CLIP, without the text_model.
+# level. The top-level tensors are named one by one; each resblock's children by module.
+_OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                 "positional_embedding": "embeddings.position_embedding.weight",
+                 "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias",
+                 "text_projection": "text_projection.weight"}
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# OpenCLIP applies the projection as x @ P with P of shape [width, projection]; a Linear holds P.T.
+_OPENCLIP_TRANSPOSED = {"text_projection"}
+# CLIP's contrastive temperature: trained with the image tower, no part of the text encoder.
+_OPENCLIP_DROPPED = {"logit_scale"}
+_PROJECTION = _OPENCLIP_TOP["text_projection"]
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
+
+
 def text_encoder_key(key: str) -> str:
-    """A CLIP text-encoder key or module path in transformers-5 naming, from LDM, hub/transformers-4 or 5 naming."""
-    for prefix in ("cond_stage_model.transformer.", TEXT_MODEL):
+    """A CLIP text-encoder key or module path in transformers-5 naming, from LDM, SGM, hub/transformers-4 or 5
+    naming (transformers-naming encoders only; OpenCLIP names go through ``openclip_names``)."""
+    for prefix in _CLIP_PREFIXES:
         key = key.removeprefix(prefix)
-    return key
+    return key.removeprefix(TEXT_MODEL)
 
 
 def text_encoder_state(sd: dict) -> dict:
     """A CLIP text-encoder state dict in transformers-5 naming (accepts ``text_model.``-prefixed keys too)."""
     return {text_encoder_key(k): v for k, v in sd.items()}
 
+
+def openclip_names(layers: int) -> dict[str, str | tuple[str, str, str]]:
+    """OpenCLIP tensor name -> transformers CLIP name (no ``text_model.`` level) for a text transformer of
+    ``layers`` blocks. The fused attention input projection maps to the (q, k, v) triple it stacks."""
+    names: dict[str, str | tuple[str, str, str]] = dict(_OPENCLIP_TOP)
+    for n in range(layers):
+        block, layer = f"transformer.resblocks.{n}", f"encoder.layers.{n}"
+        for param in ("weight", "bias"):
+            names |= {f"{block}.{a}.{param}": f"{layer}.{b}.{param}" for a, b in _OPENCLIP_BLOCK.items()}
+            names[f"{block}.attn.in_proj_{param}"] = tuple(f"{layer}.self_attn.{p}_proj.{param}" for p in "qkv")
+    return names
+
+
+def _module_key(name: str, module_keys) -> str | None:
+    """The model's own key for a CLIP name: transformers 5 flattened CLIPTextModel but CLIPTextModelWithProjection
+    keeps its ``text_model.`` level, so ask the model rather than the class name."""
+    return next((k for k in (name, TEXT_MODEL + name) if k in module_keys), None)
+
+
+def _carried_only(te: TextEncoder, name: str, layers: int) -> bool:
+    """Tensors single files carry that the diffusers model does not hold. SD 2.x files have the 24 blocks of
+    OpenCLIP ViT-H; SD 2.x reads the penultimate block's output, so diffusers' encoder keeps 23. CLIP's
+    contrastive temperature was trained with the image tower. Position ids are a buffer the model rebuilds."""
+    if not te.openclip:
+        return text_encoder_key(name) == POSITION_IDS
+    block = _RESBLOCK.match(name)
+    if block:
+        return layers <= int(block.group(1)) < te.pretrained_layers
+    return name in _OPENCLIP_DROPPED
+
+
+def _read_text_encoder(sub: dict, te: TextEncoder, module) -> tuple[dict, list[str]]:
+    """(state dict in the module's own naming, names with no counterpart) from one encoder's file tensors."""
+    keys = set(module.state_dict())
+    layers = module.config.num_hidden_layers
+    names = openclip_names(layers) if te.openclip else {}
+    out, unknown = {}, []
+    for name, value in sub.items():
+        if _carried_only(te, name, layers):
+            continue
+        target = names.get(name) if te.openclip else text_encoder_key(name)
+        if target is None:
+            unknown.append(name)
+            continue
+        if te.openclip and name in _OPENCLIP_TRANSPOSED:
+            value = value.T.contiguous()
+        targets = zip(target, value.chunk(3)) if isinstance(target, tuple) else [(target, value)]
+        for clip_name, tensor in targets:
+            key = _module_key(clip_name, keys)
+            if key is not None:
+                out[key] = tensor
+            elif clip_name != _PROJECTION:  # the projection serves the pooled output; SD 2.x's encoder has none
+                unknown.append(name)
+    return out, unknown
+
+
+def _write_text_encoder(te: TextEncoder, module) -> dict:
+    """One text encoder's tensors in its single-file naming, prefix included."""
+    state = {text_encoder_key(k): v for k, v in module.state_dict().items()}
+    if not te.openclip:
+        out = {f"{te.single_file_prefix}{TEXT_MODEL}{k}": v for k, v in state.items()}
+        # Strict loaders of older transformers expect the position ids next to the embeddings.
+        positions = module.config.max_position_embeddings
+        out[f"{te.single_file_prefix}{TEXT_MODEL}{POSITION_IDS}"] = torch.arange(positions, dtype=torch.int64)[None]
+        return out
+    # SD 2.x: the 23 blocks the model holds, not the 24 of the original files (see _carried_only). diffusers'
+    # from_single_file skips block 23 only when present and loads such a file (tests/test_single_file_families);
+    # A1111 and ComfyUI (not run here) load OpenCLIP weights non-strictly and take the penultimate block's output,
+    # so the missing last block's weights are never used. Writing a made-up block 23 would put weights in the file that no model has.
+    out = {}
+    for name, target in openclip_names(module.config.num_hidden_layers).items():
+        if isinstance(target, tuple):
+            value = torch.cat([state.pop(t) for t in target])
+        elif target in state:
+            value = state.pop(target)
+            value = value.T.contiguous() if name in _OPENCLIP_TRANSPOSED else value
+        else:
+            continue  # no projection (SD 2.x)
+        out[te.single_file_prefix + name] = value
+    if state:
+        raise SdtuneError(f"{te.component} weight {next(iter(state))} has no OpenCLIP counterpart")
+    return out
+
+
+# ---------------------------------------------------------------- UNet and VAE
 
 def _is_vae_attention_linear(diffusers_module: str) -> bool:
     return ".mid_block.attentions." in diffusers_module and diffusers_module.endswith(_VAE_ATTENTION_LINEARS)
@@ -187,81 +313,94 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, param
 
 
-def _rename(sd: dict, module_map: dict[str, str], what: str) -> dict:
+def _read_renamed(sub: dict, names: dict[str, str], vae: bool) -> tuple[dict, list[str]]:
+    """(state dict in diffusers naming, keys with no counterpart) from a UNet's or VAE's file tensors."""
+    out, unknown = {}, []
+    for key, value in sub.items():
+        name, param = _split_key(key)
+        if name not in names:
+            unknown.append(key)
+            continue
+        target = names[name]
+        if vae and param == "weight" and _is_vae_attention_linear(target) and value.ndim > 2:
+            value = value.reshape(value.shape[0], value.shape[1])  # LDM holds these as 1x1 convs
+        out[f"{target}.{param}"] = value
+    return out, unknown
+
+
+def _write_renamed(module, names: dict[str, str], prefix: str, vae: bool) -> dict:
+    """A UNet's or VAE's tensors in LDM naming, prefix included."""
+    inverse = {d: ldm for ldm, d in names.items()}
     out = {}
+    for key, value in module.state_dict().items():
+        name, param = _split_key(key)
+        if name not in inverse:
+            raise SdtuneError(f"{'VAE' if vae else 'UNet'} weight {key} has no LDM counterpart")
+        if vae and param == "weight" and _is_vae_attention_linear(name):
+            value = value[:, :, None, None]  # LDM holds these as 1x1 convs
+        out[f"{prefix}{inverse[name]}.{param}"] = value
+    return out
+
+
+# ---------------------------------------------------------------- whole checkpoints
+
+def component_prefixes(family: Family) -> dict[str, str]:
+    """{component: where its weights sit in a single file of this family}."""
+    return {"unet": UNET_PREFIX, "vae": VAE_PREFIX, **{te.component: te.single_file_prefix for te in family.text_encoders}}
+
+
+def _group(sd: dict, family: Family) -> tuple[dict[str, dict], list[str]]:
+    """File tensors by component (prefix removed), and the keys that belong to none. Schedules, EMA copies and
+    the VAE's training loss are dropped."""
+    prefixes = component_prefixes(family)
+    groups: dict[str, dict] = {component: {} for component in prefixes}
+    unknown = []
     for key, value in sd.items():
-        module, param = _split_key(key)
-        if module not in module_map:
-            raise SdtuneError(f"{what} weight {key} has no counterpart in the model built from the config")
-        out[f"{module_map[module]}.{param}"] = value
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        component = next((c for c, p in prefixes.items() if key.startswith(p)), None)
+        if component is None:
+            unknown.append(key)
+        else:
+            groups[component][key[len(prefixes[component]):]] = value
+    return groups, unknown
+
+
+def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict]:
+    """A single-file checkpoint of ``family`` -> {component: state dict in the naming of ``modules``} (the
+    components it fills, built from their configs; under ``init_empty_weights`` is enough). Raises one
+    ``SdtuneError`` for a tensor with no counterpart or a component with no weights."""
+    groups, unknown = _group(sd, family)
+    prefixes = component_prefixes(family)
+    readers = {"unet": lambda sub: _read_renamed(sub, unet_module_map(modules["unet"].config), vae=False),
+               "vae": lambda sub: _read_renamed(sub, vae_module_map(modules["vae"].config), vae=True)}
+    for te in family.text_encoders:
+        readers[te.component] = lambda sub, te=te: _read_text_encoder(sub, te, modules[te.component])
+    parts = {}
+    for component, read in readers.items():
+        parts[component], missed = read(groups[component])
+        unknown += [prefixes[component] + name for name in missed]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a {family.title} model of this architecture")
+    for component, state in parts.items():
+        if not state:
+            raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full {family.title} "
+                              "checkpoint that includes them")
+    return parts
+
+
+def to_single_file(modules: dict, family: Family) -> dict:
+    """{component: module} of a ``family`` model -> its single-file state dict (LDM or SGM layout: the UNet and
+    VAE names are the same in both, the text encoders sit where the family says)."""
+    unet, vae = modules["unet"], modules["vae"]
+    out = _write_renamed(unet, unet_module_map(unet.config), UNET_PREFIX, vae=False)
+    out |= _write_renamed(vae, vae_module_map(vae.config), VAE_PREFIX, vae=True)
+    for te in family.text_encoders:
+        out |= _write_text_encoder(te, modules[te.component])
     return out
 
 
 def to_ldm_state_dict(unet, vae, text_encoder) -> dict:
-    """The three models' weights in the original LDM single-file layout (SD 1.x)."""
-    out = {}
-    inverse = {d: ldm for ldm, d in unet_module_map(unet.config).items()}
-    for key, value in _rename(unet.state_dict(), inverse, "UNet").items():
-        out[UNET_PREFIX + key] = value
-    inverse = {d: ldm for ldm, d in vae_module_map(vae.config).items()}
-    for key, value in vae.state_dict().items():
-        module, param = _split_key(key)
-        if module not in inverse:
-            raise SdtuneError(f"VAE weight {key} has no LDM counterpart")
-        if param == "weight" and _is_vae_attention_linear(module):
-            value = value[:, :, None, None]  # LDM holds these as 1x1 convs
-        out[f"{VAE_PREFIX}{inverse[module]}.{param}"] = value
-    for key, value in text_encoder.state_dict().items():
-        out[TEXT_PREFIX + text_encoder_key(key)] = value
-    # Strict loaders of older transformers expect the position ids next to the embeddings.
-    positions = text_encoder.config.max_position_embeddings
-    out[TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
-    return out
-
-
-def split_ldm_state_dict(sd: dict, unet_config, vae_config) -> dict[str, dict]:
-    """An LDM single-file state dict -> {"unet", "vae", "text_encoder"} state dicts in diffusers/transformers-5
-    naming. Schedule buffers, EMA copies and the VAE training loss are dropped; any other unknown key raises."""
-    unet_map, vae_map = unet_module_map(unet_config), vae_module_map(vae_config)
-    parts: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
-    unknown = []
-    for key, value in sd.items():
-        if key.startswith(UNET_PREFIX):
-            module, param = _split_key(key[len(UNET_PREFIX):])
-            if module in unet_map:
-                parts["unet"][f"{unet_map[module]}.{param}"] = value
-                continue
-        elif key.startswith(VAE_PREFIX) and not key.startswith(VAE_PREFIX + "loss."):
-            module, param = _split_key(key[len(VAE_PREFIX):])
-            if module in vae_map:
-                target = vae_map[module]
-                if param == "weight" and _is_vae_attention_linear(target) and value.ndim > 2:
-                    value = value.reshape(value.shape[0], value.shape[1])
-                parts["vae"][f"{target}.{param}"] = value
-                continue
-        elif key.startswith("cond_stage_model.transformer."):
-            name = text_encoder_key(key)
-            if name != "embeddings.position_ids":  # a buffer, rebuilt by the model
-                parts["text_encoder"][name] = value
-            continue
-        elif key.startswith(_IGNORED_PREFIXES):
-            continue
-        unknown.append(key)
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not an SD 1.x model of this architecture")
-    return parts
-
-
-def split_single_file(sd: dict, family, configs: dict) -> dict[str, dict]:
-    """A single-file checkpoint of ``family`` -> {component: state dict in diffusers/transformers-5 naming}."""
-    if family.single_file_layout != "ldm" or any(te.openclip for te in family.text_encoders):
-        raise SdtuneError(f"single-file {family.title} checkpoints cannot be read yet; pass a diffusers folder")
-    return split_ldm_state_dict(sd, configs["unet"], configs["vae"])
-
-
-def to_single_file(modules: dict, family) -> dict:
-    """{component: module} of a ``family`` model -> its single-file state dict (LDM or SGM layout)."""
-    if family.single_file_layout != "ldm" or any(te.openclip for te in family.text_encoders):
-        raise SdtuneError(f"{family.title} models cannot be written as single files yet; write a diffusers folder")
-    return to_ldm_state_dict(modules["unet"], modules["vae"], modules["text_encoder"])
+    """The three models' weights in the LDM single-file layout of SD 1.x."""
+    return to_single_file({"unet": unet, "vae": vae, "text_encoder": text_encoder}, families.SD1)

@@ -41,6 +41,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 META_SCALING = "sdtune.vae_scaling_factor"
 META_ARCH = "sdtune.architecture"
+META_CONFIGS = "sdtune.configs"  # JSON {component: config}: the architecture, for models not of the shipped size
 
 
 @dataclass
@@ -352,11 +353,10 @@ def detect_family(state: dict, path: Path) -> Family:
     if family is None:
         raise SdtuneError(f"{path}: cross-attention width {cross.shape[1]} is not {FAMILY_KEYS}; "
                           "sdtune does not know this model family")
-    has_text = [any(k.startswith(te.single_file_prefix) for k in keys) for te in family.text_encoders]
-    if not all(has_text):
-        missing = [te.single_file_prefix for te, ok in zip(family.text_encoders, has_text) if not ok]
-        raise SdtuneError(f"{path}: {family.title} UNet weights without the text encoder's ({missing[0]}*); "
-                          f"pass a full {family.title} checkpoint")
+    missing = [te for te in family.text_encoders if not any(k.startswith(te.single_file_prefix) for k in keys)]
+    if missing:
+        raise SdtuneError(f"{path}: {family.title} UNet weights without the text encoder's ({missing[0].component}: "
+                          f"{missing[0].single_file_prefix}*); pass a full {family.title} checkpoint")
     return family
 
 
@@ -385,23 +385,35 @@ def family_from_metadata(metadata: dict) -> Family | None:
     return families.FAMILIES.get(name) if name else None
 
 
+def _file_configs(family: Family, metadata: dict, path: Path) -> dict:
+    """The component configs a single file is built from: the family's shipped ones, or the ones sdtune wrote
+    into its own files (a model of another size, a different scheduler), which the weights alone do not tell."""
+    configs = family.component_configs()
+    if META_CONFIGS in metadata:
+        try:
+            written = json.loads(metadata[META_CONFIGS])
+        except ValueError:
+            written = None
+        if not isinstance(written, dict) or not all(isinstance(v, dict) for v in written.values()):
+            raise SdtuneError(f"{path}: unreadable {META_CONFIGS} metadata; re-export the model or remove that entry")
+        configs |= written
+    if META_SCALING in metadata:
+        configs["vae"]["scaling_factor"] = float(metadata[META_SCALING])
+    return configs
+
+
 def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
-    configs = family.component_configs()
-    try:
-        parts = ldm.split_single_file(state, family, configs)
-    except SdtuneError as e:
-        raise SdtuneError(f"{path}: {e}") from None
-    if not parts["vae"]:
-        raise SdtuneError(f"{path}: has no VAE weights ({ldm.VAE_PREFIX}*); pass a full {family.title} checkpoint "
-                          "that includes them")
-    if META_SCALING in metadata:
-        configs["vae"]["scaling_factor"] = float(metadata[META_SCALING])
-    del raw, state  # from here on each tensor is referenced once, so _place can free as it goes
+    configs = _file_configs(family, metadata, path)
     with init_empty_weights():  # no random init: the file fills every parameter
         modules = build_parts(family, configs)
+    try:
+        parts = ldm.split_single_file(state, family, modules)
+    except SdtuneError as e:
+        raise SdtuneError(f"{path}: {e}") from None
+    del raw, state  # from here on each tensor is referenced once, so _place can free as it goes
     for part, module in modules.items():
         _place(parts[part], device, dtype)
         try:
@@ -517,6 +529,16 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
 
 # ---------------------------------------------------------------- saving
 
+def _component_configs(base: Base) -> dict:
+    """The config of each component (and the scheduler) as build_parts/make_scheduler take them back."""
+    configs = {"unet": dict(base.unet.config), "vae": dict(base.vae.config), "scheduler": dict(base.scheduler.config)}
+    for te, module, _ in base.text_encoders():
+        configs[te.component] = module.config.to_diff_dict()
+    # diffusers' bookkeeping ("_use_default_values") and transformers' version stamp are no constructor arguments
+    return {name: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+            for name, config in configs.items()}
+
+
 def save_single_file(base: Base, path, dtype=None) -> Path:
     """Write the model as one .safetensors file in its family's original layout (LDM for SD 1.x/2.x, SGM for
     SDXL), which A1111, ComfyUI and kohya read."""
@@ -529,7 +551,8 @@ def save_single_file(base: Base, path, dtype=None) -> Path:
         value = value.detach().to("cpu")
         state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     metadata = {"format": "pt", META_ARCH: base.family.name,
-                META_SCALING: repr(float(base.vae.config.scaling_factor))}
+                META_SCALING: repr(float(base.vae.config.scaling_factor)),
+                META_CONFIGS: json.dumps(_component_configs(base))}
     atomic_save_safetensors(state, path, metadata=metadata)
     return path
 
