@@ -69,9 +69,31 @@ def test_real_embeddings_load_together_and_odd_ones_are_skipped(tmp_path):
     assert loaded == [*sd1.values(), "le-petit-prince-moon"]
     skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(skipped) == len(odd) and all(any(name in m for m in skipped) for name in odd)
+    assert any("made for SDXL (clip_l 768 and clip_g 1280 wide), but this model is SD 1.x" in m for m in skipped)
     table = base.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[base.embeddings.ids("le-petit-prince-moon")], torch.full((1, 768), 0.5))
     assert torch.equal(table[base.embeddings.ids("bad-hands-5")], load_embedding(FIXTURES / next(iter(sd1))).vectors)
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"real embedding fixtures not found at {FIXTURES}")
+def test_sdxl_base_loads_sdxl_embeddings_and_skips_sd1_ones():
+    base = load_base("sdxl-small-random")
+    sdxl = {"Kaleidia__SDXL-Detail.safetensors": "Kaleidia__SDXL-Detail",
+            "HK200202_emojii__embeddings.pti": "HK200202_emojii__embeddings",
+            "roettger_XLTI__myPuppet768.pt": "my-puppet"}
+    specs = [str(FIXTURES / "mayaru_bestconfig__bad-hands-5.pt"),
+             *(str(FIXTURES / name) + (":my-puppet" if name.endswith(".pt") else "") for name in sdxl)]
+    with pytest.warns(SdtuneWarning) as caught:
+        loaded = add_embeddings(base, specs)
+    assert loaded == list(sdxl.values())
+    assert [str(w.message) for w in caught] == [
+        f"{specs[0]}: embedding made for SD 1.x (768 wide), but this model is SDXL (clip_l 768 and clip_g 1280 wide); "
+        f"use an embedding made for this model (skipped; the other embeddings are loaded)"]
+    puppet = load_embedding(FIXTURES / "roettger_XLTI__myPuppet768.pt")
+    ids = base.embeddings.ids("my-puppet")
+    assert ids == base.embeddings.ids("my-puppet", "clip_g") == [49412]
+    assert torch.equal(base.text_encoder.get_input_embeddings().weight[ids], puppet.vectors["clip_l"])
+    assert torch.equal(base.text_encoder_2.get_input_embeddings().weight[ids], puppet.vectors["clip_g"])
 
 
 def run_cli(*args):

@@ -1,5 +1,6 @@
 """Real embedding files made by other tools (../shared/fixtures/ti): they load on a 768-wide text encoder exactly
-as diffusers loads them, fail clearly on the 64-wide tiny model, and the SDXL / unsafe ones are refused."""
+as diffusers loads them, fail clearly on the 64-wide tiny model; SDXL files read (and are refused on SD 1.x
+in one line), the unsafe pickle is refused. SDXL and SD 2.x loading is in test_ti_families.py."""
 
 from __future__ import annotations
 
@@ -99,16 +100,30 @@ def test_load_on_768_wide_encoder_like_diffusers_and_unload_exactly(sd1_width):
 def test_sd1_files_fail_clearly_on_the_tiny_model(tiny, path):
     tokenizer, text_encoder = tiny
     embeddings = EmbeddingSet(tokenizer, text_encoder)
-    with pytest.raises(SdtuneError, match=rf"{path.name}: embedding is 768 wide \(made for SD 1\.x\), but this text "
-                                          rf"encoder is 64 wide \(the built-in tiny model\)"):
+    with pytest.raises(SdtuneError, match=rf"{path.name}: embedding made for SD 1\.x \(768 wide\), but this model is "
+                                          rf"the built-in tiny model \(64 wide\)"):
         embeddings.add(load_embedding(path))
     assert len(tokenizer) == 49408 and text_encoder.get_input_embeddings().num_embeddings == 49408
 
 
-def test_sdxl_pivotal_tuning_file_is_refused():
-    with pytest.raises(SdtuneError, match=r"\.pti: an SDXL embedding \(text_encoders_0 \(2, 768\), text_encoders_1 "
-                                          r"\(2, 1280\)\); sdtune works with SD 1\.x"):
-        load_embedding(SDXL)
+SDXL_FILES = {  # file -> (token: the file name, vectors, format)
+    SDXL: ("HK200202_emojii__embeddings", 2, "pti"),
+    FIXTURES / "Kaleidia__SDXL-Detail.safetensors": ("Kaleidia__SDXL-Detail", 2, "sdxl"),
+    FIXTURES / "roettger_XLTI__myPuppet768.pt": ("roettger_XLTI__myPuppet768", 1, "emb2"),
+}
+
+
+@pytest.mark.parametrize("path", list(SDXL_FILES), ids=lambda p: p.stem)
+def test_sdxl_files_read_and_are_refused_on_sd1_in_one_line(sd1_width, path):
+    emb = load_embedding(path)
+    assert (emb.token, emb.num_vectors, emb.format) == SDXL_FILES[path]
+    assert emb.widths == {"clip_l": 768, "clip_g": 1280}
+    tokenizer, text_encoder = sd1_width
+    with pytest.raises(SdtuneError) as err:
+        EmbeddingSet(tokenizer, text_encoder).add(emb)
+    assert str(err.value) == (f"{path}: embedding made for SDXL (clip_l 768 and clip_g 1280 wide), but this model is "
+                              f"SD 1.x (768 wide); use an embedding made for this model")
+    assert len(tokenizer) == 49408 and text_encoder.get_input_embeddings().num_embeddings == 49408
 
 
 def test_original_textual_inversion_pickle_is_refused():

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError
@@ -67,11 +67,46 @@ def test_bare_tensor_needs_a_token(tmp_path):
         load_embedding(tmp_path / "bare.pt")
 
 
-@pytest.mark.parametrize("keys", [("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1")])
-def test_sdxl_files_are_refused(tmp_path, keys):
-    save_file({keys[0]: torch.zeros(2, 768), keys[1]: torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(SdtuneError, match=rf"SDXL embedding \({keys[0]} \(2, 768\), {keys[1]} \(2, 1280\)\).*SD 1\.x"):
-        load_embedding(tmp_path / "xl.safetensors")
+def xl_parts(n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"clip_l": torch.randn(n, 768, generator=gen), "clip_g": torch.randn(n, 1280, generator=gen)}
+
+
+@pytest.mark.parametrize("fmt, keys", [("sdxl", ("clip_l", "clip_g")), ("pti", ("text_encoders_0", "text_encoders_1")),
+                                       ("emb2", ("emb", "emb2"))])
+def test_sdxl_layouts_read_into_clip_l_and_clip_g(tmp_path, fmt, keys):
+    parts = xl_parts(2, 1)
+    raw = {keys[0]: parts["clip_l"].to(torch.bfloat16), keys[1]: parts["clip_g"].to(torch.bfloat16)}
+    save_file(raw, tmp_path / "xl-thing.safetensors")
+    torch.save({k: v[0] for k, v in raw.items()}, tmp_path / "one.pt")  # 1-D rows, a torch dict
+    emb = load_embedding(tmp_path / "xl-thing.safetensors")
+    assert (emb.token, emb.format, emb.num_vectors) == ("xl-thing", fmt, 2)  # no token stored: the file name
+    assert list(emb.vectors) == ["clip_l", "clip_g"] and emb.widths == {"clip_l": 768, "clip_g": 1280}
+    for key, file_key in zip(("clip_l", "clip_g"), keys):
+        assert emb.vectors[key].dtype == torch.float32 and torch.equal(emb.vectors[key], raw[file_key].float())
+    one = load_embedding(tmp_path / "one.pt", token="<one>")
+    assert (one.token, one.num_vectors) == ("<one>", 1) and torch.equal(one.vectors["clip_g"], raw[keys[1]][:1].float())
+
+
+def test_sdxl_counts_must_agree_and_width_is_per_encoder(tmp_path):
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, tmp_path / "odd.safetensors")
+    with pytest.raises(SdtuneError, match=r"^\S*odd\.safetensors: the text encoders' vector counts differ \(clip_l 2, "
+                                          r"clip_g 3\); re-export the embedding$"):
+        load_embedding(tmp_path / "odd.safetensors")
+    with pytest.raises(ValueError, match="one width per encoder"):
+        _ = Embedding("<x>", xl_parts(), "x", "sdxl").width
+
+
+def test_save_sdxl_as_clip_l_clip_g(tmp_path):
+    emb = Embedding("<xl>", xl_parts(3, 2), "trained", "sdxl")
+    save_embedding(emb, tmp_path / "xl.safetensors")
+    save_embedding(emb, tmp_path / "xl.pt", format="a1111")  # A1111 and ComfyUI read this dict from .pt too
+    for state in (load_file(tmp_path / "xl.safetensors"), torch.load(tmp_path / "xl.pt", weights_only=True)):
+        assert sorted(state) == ["clip_g", "clip_l"]
+        assert all(torch.equal(state[k], emb.vectors[k]) for k in state)
+    back = load_embedding(tmp_path / "xl.safetensors")
+    assert (back.token, back.format) == ("xl", "sdxl") and all(torch.equal(back.vectors[k], emb.vectors[k])
+                                                               for k in emb.vectors)
 
 
 class RunsCode:

@@ -181,10 +181,15 @@ def test_errors_name_the_problem_and_the_fix(parts):
     embeddings.add(Embedding("<a>", rows(1, 0), "first.pt", "diffusers"))
     with pytest.raises(SdtuneError, match=r"second\.pt: token '<A>' is already loaded \(from first\.pt\).*second\.pt:"):
         embeddings.add(Embedding("<A>", rows(1, 0), "second.pt", "diffusers"))
-    for width, family in ((768, "SD 1.x"), (1024, "SD 2.x"), (1280, "SDXL")):
-        with pytest.raises(SdtuneError, match=rf"w\.pt: embedding is {width} wide \(made for {family}.*this text "
-                                              rf"encoder is 64 wide"):
+    for width, family in ((768, "SD 1.x"), (1024, "SD 2.x"), (1280, "SDXL's text_encoder_2")):
+        with pytest.raises(SdtuneError, match=rf"^w\.pt: embedding made for {family} \({width} wide\), but this model "
+                                              rf"is the built-in tiny model \(64 wide\); use an embedding made for this "
+                                              rf"model$"):
             embeddings.add(Embedding("<w>", torch.zeros(1, width), "w.pt", "diffusers"))
+    sdxl = Embedding("<xl>", {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "xl.safetensors", "sdxl")
+    with pytest.raises(SdtuneError, match=r"^xl\.safetensors: embedding made for SDXL \(clip_l 768 and clip_g 1280 "
+                                          r"wide\), but this model is the built-in tiny model \(64 wide\)"):
+        embeddings.add(sdxl)
     assert embeddings.tokens == ["<a>"] and len(parts[0]) == 49409 and table(parts[1]).shape == (49409, D)
 
 

@@ -86,9 +86,10 @@ class Base:
 
     @property
     def embeddings(self) -> EmbeddingSet:
-        """The TI embeddings loaded into this model (``sdtune.ti.tokens.EmbeddingSet``), created on first use."""
+        """The TI embeddings loaded into this model (``sdtune.ti.tokens.EmbeddingSet``) over every text encoder
+        of its family (SDXL: both), created on first use."""
         if "_embeddings" not in self.__dict__:
-            self.__dict__["_embeddings"] = EmbeddingSet(self.tokenizer, self.text_encoder)
+            self.__dict__["_embeddings"] = EmbeddingSet.for_base(self)
         return self.__dict__["_embeddings"]
 
     def pipeline(self, scheduler=None):

@@ -1,13 +1,16 @@
-"""Textual-inversion embedding files: read every common layout into one ``Embedding``, write two.
+"""Textual-inversion embedding files: read every common layout into one ``Embedding``, write them back.
 
 Layouts read (all through ``safeio.load_state``, so nothing is ever unpickled unsafely):
 - diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: [d] or [n, d]}``
 - A1111 ``.pt``: ``{"string_to_param": {"*": [n, d]}, "name": token, "string_to_token", "step", ...}``
 - kohya / A1111 safetensors: ``{"emb_params": [n, d]}``; the file carries no token, the file name is used
 - a bare tensor ``[d]`` / ``[n, d]`` saved with ``torch.save``; the token must be given
-SDXL files (``clip_l`` + ``clip_g``, or pivotal tuning's ``text_encoders_0`` + ``text_encoders_1``) are recognised
-and refused, since sdtune targets SD 1.x; so is the original textual_inversion pickle (a ``ParameterDict`` with
-numpy objects), which cannot be read without executing code.
+- SDXL, one set of rows per text encoder, the token from the file name: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
+  (A1111, ComfyUI, civitai), replicate/cog pivotal tuning's ``.pti`` (``text_encoders_0`` / ``text_encoders_1``)
+  and XL-Textual-Inversion's ``{"emb": [768], "emb2": [1280]}``
+The width says which model an embedding is for (768 SD 1.x, 1024 SD 2.x); the EmbeddingSet checks it fits.
+The original textual_inversion pickle (a ``ParameterDict`` with numpy objects) is refused: it cannot be read
+without executing code.
 """
 
 from __future__ import annotations
@@ -19,29 +22,69 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..console import note
 from ..safeio import SdtuneError, atomic_save_safetensors, atomic_save_torch, is_safetensors, load_state
 
-FORMATS = ("diffusers", "a1111", "kohya", "tensor")
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
-SDXL_KEY_PAIRS = (("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1"))
 A1111_PLACEHOLDER_ID = 265  # the CLIP id of "*", which A1111 writes as string_to_token["*"]
+# Layouts holding rows for each of SDXL's text encoders: format -> the file's keys, in the family's encoder order.
+SDXL_KEYS = tuple(te.embedding_key for te in families.SDXL.text_encoders)  # ("clip_l", "clip_g")
+MULTI_LAYOUTS = {"sdxl": SDXL_KEYS, "pti": ("text_encoders_0", "text_encoders_1"), "emb2": ("emb", "emb2")}
+FORMATS = ("diffusers", "a1111", "kohya", "tensor", *MULTI_LAYOUTS)
+SAVE_FORMATS = ("diffusers", "a1111")
 
 
 @dataclass
 class Embedding:
     token: str
-    vectors: torch.Tensor  # [n, d] float32 on the CPU, one row per vector
+    # [n, d] float32 on the CPU, one row per vector; for a model with several text encoders (SDXL) a dict
+    # {embedding key ("clip_l", "clip_g"): [n, d]} holding the same number of rows for each
+    vectors: torch.Tensor | dict[str, torch.Tensor]
     source: str  # where it came from (a path), for error messages
     format: str  # one of FORMATS
 
     @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Rows by text encoder's embedding key; a one-encoder embedding is ``{"": rows}``, the key such
+        encoders have (``families.TextEncoder.embedding_key``)."""
+        return dict(self.vectors) if isinstance(self.vectors, dict) else {"": self.vectors}
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {key: rows.shape[1] for key, rows in self.parts.items()}
+
+    @property
     def num_vectors(self) -> int:
-        return self.vectors.shape[0]
+        return next(iter(self.parts.values())).shape[0]
 
     @property
     def width(self) -> int:
+        """The width of a one-encoder embedding (``widths`` has each encoder's)."""
+        if isinstance(self.vectors, dict):
+            raise ValueError(f"{self.source}: a multi-encoder embedding has one width per encoder: {self.widths}")
         return self.vectors.shape[1]
+
+    @staticmethod
+    def from_parts(token: str, parts: dict[str, torch.Tensor], source: str, format: str) -> Embedding:
+        """The inverse of ``parts``: ``{"": rows}`` becomes plain rows."""
+        vectors = parts[""] if list(parts) == [""] else dict(parts)
+        return Embedding(token=token, vectors=vectors, source=source, format=format)
+
+
+def made_for(widths: dict[str, int]) -> str:
+    """The family whose text encoders these widths (by embedding key) fill, for messages: {"": 768} ->
+    "SD 1.x", {"clip_l": 768, "clip_g": 1280} -> "SDXL"; by width alone when no family has exactly them."""
+    titles = [f.title for f in families.FAMILIES.values()
+              if {te.embedding_key: te.width for te in f.text_encoders} == widths]
+    if titles:
+        return " or ".join(titles)
+    return families.describe_width(widths[""]) if list(widths) == [""] else "an unknown model family"
+
+
+def describe_widths(widths: dict[str, int]) -> str:
+    """ "768 wide", or "clip_l 768 and clip_g 1280 wide"."""
+    return " and ".join(f"{key} {w}".strip() for key, w in widths.items()) + " wide"
 
 
 def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
@@ -65,28 +108,39 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if token is None:
         raise SdtuneError(f"{path}: a bare tensor with no token name; give one as {path}:TOKEN")
     check_token(token, path)
+    if isinstance(vectors, dict):
+        return Embedding(token=token, vectors=_as_parts(vectors, path), source=str(path), format=fmt)
     return Embedding(token=token, vectors=_as_rows(vectors, path), source=str(path), format=fmt)
 
 
 def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers", step: int = 0) -> None:
     """Write ``emb`` atomically: "diffusers" ``{token: [n, d]}`` (safetensors, or a torch pickle for .bin/.pt),
-    or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``)."""
+    or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``).
+    An SDXL embedding is written as ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` in either format: the one
+    multi-encoder layout A1111 and ComfyUI read (diffusers has none: it loads each key into its encoder)."""
     path = Path(path)
-    vectors = emb.vectors.detach().to("cpu", torch.float32).contiguous().clone()
-    if format == "diffusers":
-        if path.suffix in (".bin", ".pt"):
-            atomic_save_torch({emb.token: vectors}, path)
-        else:
-            atomic_save_safetensors({emb.token: vectors}, path)
-    elif format == "a1111":
+    if format not in SAVE_FORMATS:
+        raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
+    parts = {key: rows.detach().to("cpu", torch.float32).contiguous().clone() for key, rows in emb.parts.items()}
+    if isinstance(emb.vectors, dict):
+        _save_dict(parts, path)
+    elif format == "diffusers":
+        _save_dict({emb.token: parts[""]}, path)
+    else:
         atomic_save_torch({
             "string_to_token": {"*": A1111_PLACEHOLDER_ID},
-            "string_to_param": {"*": vectors},
+            "string_to_param": {"*": parts[""]},
             "name": emb.token,
             "step": int(step),
         }, path)
+
+
+def _save_dict(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors, or a torch pickle for .bin/.pt names (which some tools expect)."""
+    if path.suffix in (".bin", ".pt"):
+        atomic_save_torch(tensors, path)
     else:
-        raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
+        atomic_save_safetensors(tensors, path)
 
 
 def _resolve_file(path: Path) -> Path:
@@ -98,18 +152,15 @@ def _resolve_file(path: Path) -> Path:
     raise SdtuneError(f"{path}: a folder without {' or '.join(DIFFUSERS_FILES)}; point at the embedding file itself")
 
 
-def _parse(state, path: Path) -> tuple[str | None, torch.Tensor, str]:
-    """(stored token or None, raw vectors, format) from a loaded state."""
+def _parse(state, path: Path) -> tuple[str | None, torch.Tensor | dict, str]:
+    """(stored token or None, raw vectors (a dict by embedding key for SDXL layouts), format) from a loaded state."""
     if isinstance(state, torch.Tensor):
         return None, state, "tensor"
     if not isinstance(state, dict) or not state:
         raise SdtuneError(f"{path}: holds {type(state).__name__}, not an embedding; expected a textual-inversion file")
-    for first, second in SDXL_KEY_PAIRS:
-        if first in state and second in state:
-            widths = f"{first} {tuple(state[first].shape)}, {second} {tuple(state[second].shape)}"
-            raise SdtuneError(
-                f"{path}: an SDXL embedding ({widths}); sdtune works with SD 1.x models (text width 768), "
-                f"use an embedding made for SD 1.x")
+    for fmt, keys in MULTI_LAYOUTS.items():
+        if all(k in state for k in keys):  # none of these layouts stores a token: A1111 uses the file name
+            return file_token(path), dict(zip(SDXL_KEYS, (state[k] for k in keys))), fmt
     if "string_to_param" in state:
         params = state["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
@@ -126,6 +177,16 @@ def _parse(state, path: Path) -> tuple[str | None, torch.Tensor, str]:
     keys = ", ".join(list(map(str, state))[:6])
     raise SdtuneError(f"{path}: not a textual-inversion layout (keys: {keys}); expected one {{token: tensor}}, "
                       f"string_to_param or emb_params")
+
+
+def _as_parts(raw: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Rows for each encoder; every encoder needs as many, since one prompt word stands for all of them."""
+    parts = {key: _as_rows(vectors, path) for key, vectors in raw.items()}
+    counts = {key: rows.shape[0] for key, rows in parts.items()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{key} {n}" for key, n in counts.items())
+        raise SdtuneError(f"{path}: the text encoders' vector counts differ ({shown}); re-export the embedding")
+    return parts
 
 
 def _as_rows(vectors, path: Path) -> torch.Tensor:

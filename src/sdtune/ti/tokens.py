@@ -1,8 +1,10 @@
-"""Register textual-inversion tokens in a CLIP tokenizer + text encoder, and take them out again exactly.
+"""Register textual-inversion tokens in a model's CLIP tokenizers + text encoders, and take them out again exactly.
 
 Naming follows diffusers' ``load_textual_inversion``: an ``n``-vector embedding ``tok`` becomes the added
 tokens ``tok tok_1 ... tok_{n-1}`` with consecutive ids after the vocabulary, and its rows are appended to
 the token-embedding table in that order; prompts mention ``tok`` and ``expand`` spells out the sub-tokens.
+A model with two text encoders (SDXL) gets the same names in both tokenizers, each encoder its own rows
+(``clip_l`` into text_encoder, ``clip_g`` into text_encoder_2), so one expanded prompt serves both.
 
 Exact unloading. A transformers-5 ``CLIPTokenizer`` keeps all of its state in the Rust backend
 (``tokenizer._tokenizer``), which can add tokens but never remove them. So the first ``add`` sets the pristine
@@ -24,15 +26,9 @@ from torch import nn
 
 from ..console import note
 from ..safeio import SdtuneError
-from .formats import Embedding, check_token
+from .formats import Embedding, check_token, describe_widths, made_for
 
-MODEL_FAMILIES = {64: "the built-in tiny model", 768: "SD 1.x", 1024: "SD 2.x",
-                  1280: "SDXL's second text encoder", 2048: "SDXL (both text encoders)"}
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pti")
-
-
-def model_family(width: int) -> str:
-    return MODEL_FAMILIES.get(width, "an unknown model family")
 
 
 def sub_tokens(token: str, num_vectors: int) -> list[str]:
@@ -47,23 +43,115 @@ class _Loaded:
     format: str
 
 
-class EmbeddingSet:
-    """The embeddings loaded into one tokenizer + text encoder pair.
+class _Table:
+    """One tokenizer + text encoder pair, and what puts it back exactly: its pristine tokenizer backend (set
+    aside while anything is loaded), its row count and its config's vocab_size before the first add."""
 
-    Make one per pair and add tokens only through it: unloading restores the state it saw before its first add.
-    Prompts for a diffusers pipeline: encode ``expand(prompt)`` yourself and pass ``prompt_embeds``; diffusers'
-    own rewrite of multi-vector tokens (``maybe_convert_prompt``) would expand an expanded prompt again."""
-
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, key: str, tokenizer, text_encoder):
+        self.key = key  # the embedding key its rows come under: "" (one encoder), "clip_l", "clip_g"
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.pristine_backend = None
+        self.base_rows = 0
+        self.base_config_vocab = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.text_encoder.get_input_embeddings().weight
+
+    def ids(self, names: list[str]) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(n) for n in names]
+
+    def rows(self, names: list[str]) -> torch.Tensor:
+        return self.weight.detach()[self.ids(names)].clone()
+
+    def append(self, names: list[str], rows: torch.Tensor) -> None:
+        if self.pristine_backend is None:
+            self.take_pristine()
+        self.add_names(names, first_id=len(self.tokenizer))
+        weight = self.weight.detach()
+        self.set_rows(torch.cat([weight, rows.to(device=weight.device, dtype=weight.dtype)]))
+
+    def take_pristine(self) -> None:
+        self.pristine_backend = self.tokenizer._tokenizer
+        self.base_rows = self.weight.shape[0]
+        self.base_config_vocab = getattr(self.text_encoder.config, "vocab_size", None)
+        self.install_backend(copy.deepcopy(self.pristine_backend))
+
+    def install_backend(self, backend) -> None:
+        self.tokenizer._tokenizer = backend
+        # CLIPTokenizer patches its backend's decode (drops "</w>"); a copy loses the patch, so re-apply it
+        if backend is not self.pristine_backend and "decode" in vars(self.pristine_backend):
+            rewrap = getattr(self.tokenizer, "_wrap_decode_method_backend_tokenizer", None)
+            if rewrap is not None:
+                rewrap()
+
+    def add_names(self, names: list[str], first_id: int) -> None:
+        for offset, name in enumerate(names):
+            self.tokenizer.add_tokens(name)
+            got = self.tokenizer.convert_tokens_to_ids(name)
+            if got != first_id + offset:
+                raise SdtuneError(f"token {name!r} got id {got}, expected {first_id + offset}; the tokenizer "
+                                  f"was changed outside sdtune")
+
+    def set_rows(self, weight: torch.Tensor) -> None:
+        table = self.text_encoder.get_input_embeddings()
+        table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
+        table.num_embeddings = weight.shape[0]
+        if self.base_config_vocab is not None:
+            self.text_encoder.config.vocab_size = weight.shape[0]
+
+    def rebuild(self, names_in_order: list[list[str]], rows_in_order: list[torch.Tensor]) -> None:
+        """Tokenizer and table holding exactly these tokens (in load order) with these rows; none: pristine."""
+        if self.pristine_backend is None:
+            return
+        base = self.weight.detach()[: self.base_rows]
+        if not names_in_order:
+            self.set_rows(base.clone())
+            if self.base_config_vocab is not None:
+                self.text_encoder.config.vocab_size = self.base_config_vocab
+            self.install_backend(self.pristine_backend)
+            self.pristine_backend = None
+            return
+        self.install_backend(copy.deepcopy(self.pristine_backend))
+        next_id = self.base_rows
+        for names in names_in_order:
+            self.add_names(names, first_id=next_id)
+            next_id += len(names)
+        self.set_rows(torch.cat([base, *rows_in_order]))
+
+
+class EmbeddingSet:
+    """The embeddings loaded into one model: ``EmbeddingSet(tokenizer, text_encoder)`` for one pair, or
+    ``EmbeddingSet.for_base(base)`` for every text encoder of its family (SDXL: both, each its own rows).
+
+    Make one per model and add tokens only through it: unloading restores the state it saw before its first
+    add. Prompts for a diffusers pipeline: encode ``expand(prompt)`` with each tokenizer yourself and pass
+    ``prompt_embeds``; diffusers' own rewrite of multi-vector tokens (``maybe_convert_prompt``) would expand an
+    expanded prompt again."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self._tables = [_Table("", tokenizer, text_encoder)]
         self._loaded: dict[str, _Loaded] = {}  # by token, in load order
-        self._pristine_backend = None  # the tokenizer's own backend while anything is loaded
-        self._base_rows = 0
-        self._base_config_vocab = None
         self._pattern = None  # cached prompt matcher for expand()
 
+    @classmethod
+    def for_base(cls, base) -> EmbeddingSet:
+        """One set over all of ``base``'s text encoders, each taking the rows under its ``embedding_key``."""
+        encoders = base.text_encoders()
+        made = cls(encoders[0][2], encoders[0][1])
+        made._tables = [_Table(te.embedding_key, tokenizer, model) for te, model, tokenizer in encoders]
+        return made
+
     # ---- queries -------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._tables[0].tokenizer
+
+    @property
+    def text_encoder(self):
+        return self._tables[0].text_encoder
+
     @property
     def tokens(self) -> list[str]:
         return list(self._loaded)
@@ -71,39 +159,30 @@ class EmbeddingSet:
     def __contains__(self, token: str) -> bool:
         return token in self._loaded
 
-    def ids(self, token: str) -> list[int]:
-        """Token ids of ``token`` and its sub-tokens, in vector order."""
-        return [self.tokenizer.convert_tokens_to_ids(n) for n in self._entry(token).names]
+    def ids(self, token: str, key: str | None = None) -> list[int]:
+        """Token ids of ``token`` and its sub-tokens, in vector order, in the first tokenizer or in the one
+        whose encoder takes the rows under ``key`` ("clip_g": SDXL's tokenizer_2)."""
+        return self._table(key).ids(self._entry(token).names)
 
     def get(self, token: str) -> Embedding:
         """The current vectors of a loaded token (e.g. after training), as an ``Embedding`` ready to save."""
         entry = self._entry(token)
-        rows = self._table().weight.detach()[self.ids(token)].to("cpu", torch.float32).clone()
-        return Embedding(token=entry.names[0], vectors=rows, source=entry.source, format=entry.format)
+        parts = {t.key: t.rows(entry.names).to("cpu", torch.float32) for t in self._tables}
+        return Embedding.from_parts(entry.names[0], parts, entry.source, entry.format)
 
     # ---- loading -------------------------------------------------------------------------------------------
     def add(self, emb: Embedding) -> list[str]:
-        """Register ``emb``: add its token(s), append its rows; returns the added token names."""
-        width = self._table().weight.shape[1]
-        if emb.width != width:
-            raise SdtuneError(
-                f"{emb.source}: embedding is {emb.width} wide (made for {model_family(emb.width)}), but this text "
-                f"encoder is {width} wide ({model_family(width)}); use an embedding made for this model")
+        """Register ``emb``: add its token(s), append its rows to each text encoder; returns the added names."""
+        self._check_fits(emb)
         check_token(emb.token, Path(emb.source))
         names = sub_tokens(emb.token, emb.num_vectors)
         self._check_free(names, emb)
-        rows_before, vocab_before = self._table().weight.shape[0], len(self.tokenizer)
-        if rows_before != vocab_before:
-            raise SdtuneError(
-                f"{emb.source}: the tokenizer has {vocab_before} tokens but the text encoder's table {rows_before} "
-                f"rows; load embeddings only through one EmbeddingSet on an unmodified model")
-        if self._pristine_backend is None:
-            self._take_pristine()
+        parts = emb.parts
         try:
-            self._add_names(names, first_id=vocab_before)
-            self._set_rows(torch.cat([self._table().weight.detach(), self._cast(emb.vectors)]))
+            for table in self._tables:
+                table.append(names, parts[table.key])
         except BaseException:
-            self._rebuild([self._current_rows(t) for t in self._loaded])  # back to the state before this add
+            self._rebuild()  # back to the state before this add, in every table
             raise
         self._loaded[emb.token] = _Loaded(names, emb.source, emb.format)
         self._pattern = None
@@ -115,20 +194,22 @@ class EmbeddingSet:
             raise SdtuneError(f"--num-vectors {num_vectors}: must be at least 1")
         if not token or any(c.isspace() for c in token):
             raise SdtuneError(f"--token {token!r}: must be one word without spaces, e.g. '<my-concept>'")
-        pieces = self.tokenizer.encode(init_token, add_special_tokens=False)
-        if len(pieces) != 1:
-            shown = " ".join(self.tokenizer.convert_ids_to_tokens(pieces))
-            raise SdtuneError(
-                f"--init-token {init_token!r} is {len(pieces)} tokens ({shown or 'none'}), not one; choose a single "
-                f"common word close to the concept (e.g. 'dog', 'painting')")
-        init_row = self._table().weight.detach()[pieces[0]].to("cpu", torch.float32)
-        rows = init_row.unsqueeze(0).repeat(num_vectors, 1)
-        self.add(Embedding(token=token, vectors=rows, source=f"placeholder {token}", format="diffusers"))
+        parts = {}
+        for table in self._tables:
+            pieces = table.tokenizer.encode(init_token, add_special_tokens=False)
+            if len(pieces) != 1:
+                shown = " ".join(table.tokenizer.convert_ids_to_tokens(pieces))
+                raise SdtuneError(
+                    f"--init-token {init_token!r} is {len(pieces)} tokens ({shown or 'none'}), not one; choose a "
+                    f"single common word close to the concept (e.g. 'dog', 'painting')")
+            parts[table.key] = table.weight.detach()[pieces[0]].to("cpu", torch.float32).repeat(num_vectors, 1)
+        self.add(Embedding.from_parts(token, parts, f"placeholder {token}", "diffusers"))
         return self.ids(token)
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def expand(self, prompt: str) -> str:
-        """Write each multi-vector token as its sub-tokens (every occurrence; idempotent)."""
+        """Write each multi-vector token as its sub-tokens (every occurrence; idempotent). The names are the
+        same in every tokenizer of the model, so the expanded prompt is what each of them encodes."""
         multi = {t: e.names for t, e in self._loaded.items() if len(e.names) > 1}
         if not multi:
             return prompt
@@ -146,16 +227,12 @@ class EmbeddingSet:
     def remove(self, token: str) -> None:
         """Unload one token (with its sub-tokens); the others keep working under compacted ids."""
         entry = self._entry(token)
-        keep = [t for t in self._loaded if self._loaded[t] is not entry]
-        rows = [self._current_rows(t) for t in keep]
-        self._loaded = {t: self._loaded[t] for t in keep}
-        self._rebuild(rows)
+        self._rebuild(keep=[t for t in self._loaded if self._loaded[t] is not entry])
         self._pattern = None
 
     def remove_all(self) -> None:
-        """Unload everything: tokenizer and table return exactly to their state before the first add."""
-        self._loaded = {}
-        self._rebuild([])
+        """Unload everything: tokenizers and tables return exactly to their state before the first add."""
+        self._rebuild(keep=[])
         self._pattern = None
 
     # ---- internals -----------------------------------------------------------------------------------------
@@ -168,77 +245,52 @@ class EmbeddingSet:
         shown = ", ".join(self._loaded) or "none"
         raise SdtuneError(f"embedding token {token!r} is not loaded (loaded: {shown}); check its spelling")
 
-    def _table(self) -> nn.Embedding:
-        return self.text_encoder.get_input_embeddings()
+    def _table(self, key: str | None) -> _Table:
+        if key is None:
+            return self._tables[0]
+        for table in self._tables:
+            if table.key == key:
+                return table
+        raise SdtuneError(f"this model has no text encoder for embedding key {key!r} "
+                          f"(it has: {', '.join(repr(t.key) for t in self._tables)})")
 
-    def _cast(self, rows: torch.Tensor) -> torch.Tensor:
-        weight = self._table().weight
-        return rows.to(device=weight.device, dtype=weight.dtype)
+    def _rebuild(self, keep: list[str] | None = None) -> None:
+        """Every table holding exactly the loaded tokens named in ``keep`` (default: all), in load order."""
+        keep = list(self._loaded) if keep is None else keep
+        names = [self._loaded[t].names for t in keep]
+        rows = {table.key: [table.rows(n) for n in names] for table in self._tables}  # read before any rebuild
+        self._loaded = {t: self._loaded[t] for t in keep}
+        for table in self._tables:
+            table.rebuild(names, rows[table.key])
 
-    def _current_rows(self, token: str) -> torch.Tensor:
-        return self._table().weight.detach()[self.ids(token)].clone()
+    def _check_fits(self, emb: Embedding) -> None:
+        """The embedding has rows, of the right width, for exactly this model's text encoders."""
+        # the model is named by its widths, not its Base's family: a test may swap in a wider text encoder
+        model = {table.key: table.weight.shape[1] for table in self._tables}
+        if emb.widths != model:
+            raise SdtuneError(
+                f"{emb.source}: embedding made for {made_for(emb.widths)} ({describe_widths(emb.widths)}), but this "
+                f"model is {made_for(model)} ({describe_widths(model)}); use an embedding made for this model")
 
     def _check_free(self, names: list[str], emb: Embedding) -> None:
         fix = f"load it under another name: {emb.source}:NEWTOKEN"
         if emb.token in self._loaded or emb.token.lower() in {t.lower() for t in self._loaded}:
             raise SdtuneError(f"{emb.source}: token {emb.token!r} is already loaded (from "
                               f"{self._entry(emb.token).source}); {fix}")
-        vocab = self.tokenizer.get_vocab()
-        added = {t.lower() for t in self.tokenizer.get_added_vocab()}
-        for name in names:
-            # the CLIP tokenizer lowercases prompts, so a token differing only in case would collide too
-            if name in vocab or name.lower() in vocab or name.lower() in added:
-                what = "token" if name == emb.token else f"sub-token {name!r} of the {len(names)}-vector token"
-                raise SdtuneError(f"{emb.source}: {what} {emb.token!r} is already in the tokenizer's vocabulary; "
-                                  f"{fix}")
-
-    def _take_pristine(self) -> None:
-        self._pristine_backend = self.tokenizer._tokenizer
-        self._base_rows = self._table().weight.shape[0]
-        self._base_config_vocab = getattr(self.text_encoder.config, "vocab_size", None)
-        self._install_backend(copy.deepcopy(self._pristine_backend))
-
-    def _install_backend(self, backend) -> None:
-        self.tokenizer._tokenizer = backend
-        # CLIPTokenizer patches its backend's decode (drops "</w>"); a copy loses the patch, so re-apply it
-        if backend is not self._pristine_backend and "decode" in vars(self._pristine_backend):
-            rewrap = getattr(self.tokenizer, "_wrap_decode_method_backend_tokenizer", None)
-            if rewrap is not None:
-                rewrap()
-
-    def _add_names(self, names: list[str], first_id: int) -> None:
-        for offset, name in enumerate(names):
-            self.tokenizer.add_tokens(name)
-            got = self.tokenizer.convert_tokens_to_ids(name)
-            if got != first_id + offset:
-                raise SdtuneError(f"token {name!r} got id {got}, expected {first_id + offset}; the tokenizer "
-                                  f"was changed outside sdtune")
-
-    def _set_rows(self, weight: torch.Tensor) -> None:
-        table = self._table()
-        table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
-        table.num_embeddings = weight.shape[0]
-        if self._base_config_vocab is not None:
-            self.text_encoder.config.vocab_size = weight.shape[0]
-
-    def _rebuild(self, rows_in_order: list[torch.Tensor]) -> None:
-        """Tokenizer and table holding exactly the loaded tokens (in load order) with ``rows_in_order``."""
-        if self._pristine_backend is None:
-            return
-        base = self._table().weight.detach()[: self._base_rows]
-        if not self._loaded:
-            self._set_rows(base.clone())
-            if self._base_config_vocab is not None:
-                self.text_encoder.config.vocab_size = self._base_config_vocab
-            self._install_backend(self._pristine_backend)
-            self._pristine_backend = None
-            return
-        self._install_backend(copy.deepcopy(self._pristine_backend))
-        next_id = self._base_rows
-        for entry in self._loaded.values():
-            self._add_names(entry.names, first_id=next_id)
-            next_id += len(entry.names)
-        self._set_rows(torch.cat([base, *rows_in_order]))
+        for table in self._tables:
+            rows, vocab_size = table.weight.shape[0], len(table.tokenizer)
+            if rows != vocab_size:
+                raise SdtuneError(
+                    f"{emb.source}: the tokenizer has {vocab_size} tokens but the text encoder's table {rows} rows; "
+                    f"load embeddings only through one EmbeddingSet on an unmodified model")
+            vocab = table.tokenizer.get_vocab()
+            added = {t.lower() for t in table.tokenizer.get_added_vocab()}
+            for name in names:
+                # the CLIP tokenizer lowercases prompts, so a token differing only in case would collide too
+                if name in vocab or name.lower() in vocab or name.lower() in added:
+                    what = "token" if name == emb.token else f"sub-token {name!r} of the {len(names)}-vector token"
+                    raise SdtuneError(f"{emb.source}: {what} {emb.token!r} is already in the tokenizer's "
+                                      f"vocabulary; {fix}")
 
 
 def _matcher(loaded: dict[str, _Loaded], multi: dict[str, list[str]]):
