@@ -24,7 +24,7 @@ from .train.ti import train_ti
 
 def _base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny (built-in), a diffusers folder, a .safetensors/.ckpt "
-                   "SD 1.x checkpoint, or a hub id (default: tiny)")
+                   "SD 1.x/2.x/SDXL checkpoint, or a hub id (default: tiny)")
     p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     p.add_argument("--dtype", help="fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)")
 
