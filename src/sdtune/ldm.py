@@ -219,35 +219,46 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict:
     return out
 
 
-def split_ldm_state_dict(sd: dict, unet_config, vae_config) -> dict[str, dict]:
-    """An LDM single-file state dict -> {"unet", "vae", "text_encoder"} state dicts in diffusers/transformers-5
-    naming. Schedule buffers, EMA copies and the VAE training loss are dropped; any other unknown key raises."""
+def split_ldm_keys(keys, unet_config, vae_config, strict: bool = True) -> dict[str, tuple[str, str, bool]]:
+    """{LDM key: (part, key in diffusers/transformers-5 naming, squeeze)} for the model weights among ``keys``;
+    part is "unet", "vae" or "text_encoder", squeeze marks a VAE attention weight that LDM holds as a 1x1 conv
+    and diffusers as a linear (same bytes, two trailing dimensions fewer). Schedule buffers, EMA copies, the
+    VAE training loss and the text encoder's position ids are left out; any other unknown key raises
+    (``strict``) or is left out too."""
     unet_map, vae_map = unet_module_map(unet_config), vae_module_map(vae_config)
-    parts: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    plan: dict[str, tuple[str, str, bool]] = {}
     unknown = []
-    for key, value in sd.items():
+    for key in keys:
         if key.startswith(UNET_PREFIX):
             module, param = _split_key(key[len(UNET_PREFIX):])
             if module in unet_map:
-                parts["unet"][f"{unet_map[module]}.{param}"] = value
+                plan[key] = ("unet", f"{unet_map[module]}.{param}", False)
                 continue
         elif key.startswith(VAE_PREFIX) and not key.startswith(VAE_PREFIX + "loss."):
             module, param = _split_key(key[len(VAE_PREFIX):])
             if module in vae_map:
                 target = vae_map[module]
-                if param == "weight" and _is_vae_attention_linear(target) and value.ndim > 2:
-                    value = value.reshape(value.shape[0], value.shape[1])
-                parts["vae"][f"{target}.{param}"] = value
+                plan[key] = ("vae", f"{target}.{param}", param == "weight" and _is_vae_attention_linear(target))
                 continue
         elif key.startswith("cond_stage_model.transformer."):
             name = text_encoder_key(key)
             if name != "embeddings.position_ids":  # a buffer, rebuilt by the model
-                parts["text_encoder"][name] = value
+                plan[key] = ("text_encoder", name, False)
             continue
         elif key.startswith(_IGNORED_PREFIXES):
             continue
         unknown.append(key)
-    if unknown:
+    if unknown and strict:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not an SD 1.x model of this architecture")
+    return plan
+
+
+def split_ldm_state_dict(sd: dict, unet_config, vae_config) -> dict[str, dict]:
+    """An LDM single-file state dict -> {"unet", "vae", "text_encoder"} state dicts in diffusers/transformers-5
+    naming. Schedule buffers, EMA copies and the VAE training loss are dropped; any other unknown key raises."""
+    parts: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for key, (part, name, squeeze) in split_ldm_keys(sd, unet_config, vae_config).items():
+        value = sd[key]
+        parts[part][name] = value.reshape(value.shape[0], value.shape[1]) if squeeze and value.ndim > 2 else value
     return parts
