@@ -10,8 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from transformers.utils import logging as tf_logging
 
 from . import ldm
 from .lora.patch import LoraSet
-from .safeio import SdtuneError, atomic_save_safetensors, atomic_write_text, load_state
+from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, load_state
 from .ti.tokens import EmbeddingSet
 from .tiny import config as tiny_config
 from .tiny import model as tiny_model
@@ -475,19 +473,6 @@ def save_diffusers(base: Base, folder) -> Path:
     folder = Path(folder)
     if folder.exists() and not (folder / "model_index.json").is_file() and any(folder.iterdir()):
         raise SdtuneError(f"{folder}: exists and is not a diffusers model folder; choose a new or empty folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        with _quiet_progress():
-            base.pipeline().save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "model")
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_folder(folder) as tmp, _quiet_progress():
+        base.pipeline().save_pretrained(tmp, safe_serialization=True)
     return folder
