@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -369,3 +371,16 @@ def test_without_kernel_copy_or_preadv_the_bytes_are_the_same(base_folder, loras
     slow = bake.merge(base_folder, pairs, tmp_path / "slow")
     for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (slow / name).read_bytes() == (fast / name).read_bytes()
+
+
+def test_streamed_folder_merge_imports_neither_diffusers_nor_transformers(base_folder, loras, tmp_path):
+    """Importing them takes 2 to 4 s, as long as a whole streamed merge of SD 1.5 (benchmarks/merge_folder.py)."""
+    code = ("import sys; from sdtune.cli import main; "
+            f"assert main(['merge', '--model', {str(base_folder)!r}, '--lora', {str(loras[1])!r} + ':0.5', "
+            f"'--out', {str(tmp_path / 'merged')!r}]) == 0; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'accelerate'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert_same_weights(models.load_base(str(tmp_path / "merged"), device="cpu", dtype="fp32"),
+                        patched_in_memory(base_folder, [(loras[1], 0.5)]), comps=("unet",))

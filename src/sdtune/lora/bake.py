@@ -18,6 +18,9 @@ single file, a loaded ``Base``) loads the base, patches it in memory with ``patc
 Files are read with plain positioned reads, not ``safetensors.safe_open``: that maps the file, and the
 mapped pages it reads stay in the process's resident set until the file is closed, so the peak RSS would
 grow to the size of the largest input file.
+
+``sdtune.models`` is imported inside the functions that use it, not at the top, because it imports diffusers
+and transformers: 2 to 4 s, about as long as a whole streamed folder merge, which needs neither.
 """
 
 from __future__ import annotations
@@ -32,12 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import StableDiffusionPipeline
 
-from .. import ldm, models
+from .. import ldm
 from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors
-from ..tiny import model as tiny_model
 from .formats import load_lora
 from .neutral import Lora
 from .patch import LoraSet, as_weights, check_fit, write_patched
@@ -82,11 +82,15 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     files = _folder_weight_files(path) if fmt == "diffusers" and path.is_dir() else None
     if files is not None:
         return _folder_to_folder(path, files, pairs, out, allow_partial)
+    from .. import models  # not at the top: see the module docstring
+
     base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
     return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
 
 
 def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) -> Path:
+    from .. import models  # not at the top: see the module docstring
+
     if len(LoraSet.attach(base)):
         raise SdtuneError("this model has LoRAs applied already; remove them (LoraSet.remove_all) before merging")
     lora_set = LoraSet.attach(base)
@@ -330,6 +334,8 @@ def _by_offset(src: _Source, keys) -> list[str]:
 
 def _ldm_plan(src: _Source, strict: bool) -> tuple[str, dict, dict]:
     """(architecture, configs, ``ldm.split_ldm_keys`` plan) of an LDM single file, from its header."""
+    from .. import models  # not at the top: see the module docstring
+
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
     arch = src.metadata.get(models.META_ARCH)
     arch = arch if arch in ("tiny", "sd15") else models.detect_architecture(shapes, src.path)
@@ -350,6 +356,8 @@ def _ldm_where(src: _Source, plan: dict) -> dict:
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
+    from .. import models  # not at the top: see the module docstring
+
     if out.resolve() == path.resolve():
         raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
     out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
@@ -395,6 +403,12 @@ def _write_configs(folder: Path, arch: str, configs: dict, metadata: dict) -> di
 
     Returns {transformers-5 text-encoder key: key as the installed transformers names it}.
     """
+    from accelerate import init_empty_weights  # these four not at the top: see the module docstring
+    from diffusers import StableDiffusionPipeline
+
+    from .. import models
+    from ..tiny import model as tiny_model
+
     if models.META_SCALING in metadata:
         configs["vae"]["scaling_factor"] = float(metadata[models.META_SCALING])
     with init_empty_weights():  # shape-less shells: only their configs are written
