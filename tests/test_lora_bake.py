@@ -1,6 +1,8 @@
-"""Baking LoRAs into a checkpoint: streamed single file, diffusers folder, and what a reload gives back."""
+"""Baking LoRAs into a checkpoint: streamed single file and diffusers folder, and what a reload gives back."""
 
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -66,6 +68,63 @@ def patched_in_memory(spec, pairs, dtype="fp32"):
     return base
 
 
+def assert_same_weights(got, want, comps=("unet", "text_encoder", "vae")):
+    """Bit for bit: the bake runs the same float32 computation (same kernel, same single-threaded GEMM, same
+    order of the LoRAs) as the in-memory patch, so nothing may differ."""
+    for comp in comps:
+        mine, ref = getattr(got, comp).state_dict(), getattr(want, comp).state_dict()
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            assert mine[k].dtype == ref[k].dtype and torch.equal(mine[k], ref[k]), f"{comp}.{k}"
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tensors(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def base_folder(base_file, tmp_path_factory):
+    """The same model as a diffusers folder, as save_diffusers writes it."""
+    out = tmp_path_factory.mktemp("folder") / "tiny"
+    return models.save_diffusers(models.load_base(str(base_file), device="cpu", dtype="fp32"), out)
+
+
+@pytest.fixture(scope="module")
+def sharded_folder(base_folder, tmp_path_factory):
+    """base_folder with the UNet and text encoder in 3 shards each (text encoder keys named the hub's way,
+    ``text_model.*``), plus a README, an fp16 UNet variant and a hidden folder."""
+    out = tmp_path_factory.mktemp("sharded") / "tiny"
+    shutil.copytree(base_folder, out)
+    for comp, stem, prefix in (("unet", "diffusion_pytorch_model", ""), ("text_encoder", "model", "text_model.")):
+        state, meta = tensors(out / comp / f"{stem}.safetensors")
+        (out / comp / f"{stem}.safetensors").unlink()
+        keys = sorted(state)
+        weight_map = {}
+        for n in range(3):
+            shard = f"{stem}-0000{n + 1}-of-00003.safetensors"
+            part = {prefix + k: state[k] for k in keys[n::3]}
+            save_file(part, str(out / comp / shard), metadata=meta)
+            weight_map |= dict.fromkeys(part, shard)
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / comp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_file({"conv_in.weight": torch.zeros(1)}, str(out / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    (out / "README.md").write_text("a model card\n")
+    (out / ".cache").mkdir()
+    (out / ".cache" / "lock").write_text("x")
+    return out
+
+
 def test_single_file_stream_equals_in_memory_patch_and_keeps_layout(base_file, loras, tmp_path, monkeypatch):
     pairs = [(loras[0], 0.5), (loras[1], (1.0, -0.5))]
     want = patched_in_memory(base_file, pairs)
@@ -87,11 +146,7 @@ def test_single_file_stream_equals_in_memory_patch_and_keeps_layout(base_file, l
     assert meta["modelspec.title"] == "tiny"
     assert [m["te_weight"] for m in json.loads(meta["sdtune.merged_loras"])] == [0.5, -0.5]
 
-    got = models.load_base(str(out), device="cpu", dtype="fp32")
-    for comp in ("unet", "text_encoder", "vae"):
-        mine, ref = getattr(got, comp).state_dict(), getattr(want, comp).state_dict()
-        for k in ref:
-            assert torch.equal(mine[k], ref[k]), f"{comp}.{k}"
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), want)
 
 
 def test_single_file_stream_to_fp16(base_file, loras, tmp_path):
@@ -116,11 +171,9 @@ def test_diffusers_folder_merge_reloads_to_the_patched_weights(base_file, loras,
         for k, v in getattr(base, comp).state_dict().items():
             assert torch.equal(v, pristine[comp][k])
     want = patched_in_memory(base_file, pairs)
-    got = models.load_base(str(out), device="cpu", dtype="fp32")
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), want, comps=("unet", "text_encoder"))
     for comp in ("unet", "text_encoder"):
-        mine, ref = getattr(got, comp).state_dict(), getattr(want, comp).state_dict()
-        for k in ref:
-            assert torch.equal(mine[k], ref[k]), f"{comp}.{k}"
+        ref = getattr(want, comp).state_dict()
         assert any(not torch.equal(ref[k], pristine[comp][k]) for k in ref)
 
 
@@ -159,3 +212,160 @@ def test_truncated_checkpoint_fails_clearly_and_leaves_no_file(base_file, loras,
     with pytest.raises(SdtuneError, match="truncated"):
         bake.merge(cut, [(loras[1], 1.0)], tmp_path / "out.safetensors", fmt="single")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors"]
+
+
+def test_folder_to_folder_streams_the_in_memory_patch(base_folder, loras, tmp_path, monkeypatch):
+    pairs = [(loras[0], 0.5), (loras[1], (1.0, -0.5))]
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("the streaming path must not load the model"))
+    out = bake.merge(base_folder, pairs, tmp_path / "merged")
+    monkeypatch.undo()
+
+    before, after = files_of(base_folder), files_of(out)
+    assert before.keys() == after.keys()
+    for name in before:  # configs, tokenizer, scheduler, VAE: copied as they are
+        if name not in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+            assert after[name].read_bytes() == before[name].read_bytes(), name
+    changed = set()
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        old, _ = tensors(before[name])
+        new, meta = tensors(after[name])
+        assert old.keys() == new.keys() and meta["format"] == "pt"
+        assert [m["te_weight"] for m in json.loads(meta["sdtune.merged_loras"])] == [0.5, -0.5]
+        changed |= {k for k in old if not torch.equal(old[k], new[k])}
+    assert {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            "down_blocks.1.resnets.0.conv1.weight",  # the LoCon conv
+            "encoder.layers.0.mlp.fc1.weight"} <= changed
+    assert all(k.endswith(".weight") for k in changed)
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), patched_in_memory(base_folder, pairs))
+
+
+def test_folder_output_loads_in_diffusers(base_folder, loras, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pairs = [(loras[1], 0.8)]
+    out = bake.merge(base_folder, pairs, tmp_path / "merged")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    want = patched_in_memory(base_folder, pairs)
+    for comp in ("unet", "text_encoder"):
+        mine, ref = getattr(pipe, comp).state_dict(), getattr(want, comp).state_dict()
+        for k in ref:
+            assert torch.equal(mine[k], ref[k]), f"{comp}.{k}"
+
+
+def test_sharded_folder_keeps_its_shards(sharded_folder, loras, tmp_path):
+    pairs = [(loras[0], 1.0), (loras[1], 0.6)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = bake.merge(sharded_folder, pairs, tmp_path / "merged")
+    assert any("diffusion_pytorch_model.fp16.safetensors" in str(w.message) for w in caught)
+    names = set(files_of(out))
+    assert names == set(files_of(sharded_folder)) - {"unet/diffusion_pytorch_model.fp16.safetensors", ".cache/lock"}
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        index = f"{comp}/{stem}.safetensors.index.json"
+        assert (out / index).read_bytes() == (sharded_folder / index).read_bytes()
+        weight_map = json.loads((out / index).read_text())["weight_map"]
+        for shard in set(weight_map.values()):  # every key is still in the shard the index names
+            assert {k for k, v in weight_map.items() if v == shard} == set(tensors(out / comp / shard)[0])
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"),
+                        patched_in_memory(sharded_folder, pairs))
+
+
+def test_fp16_folder_stays_fp16_and_matches_an_fp16_patch(base_folder, loras, tmp_path):
+    half = models.save_diffusers(models.load_base(str(base_folder), device="cpu", dtype="fp16"), tmp_path / "half")
+    pairs = [(loras[0], 0.7), (loras[1], 1.0)]
+    out = bake.merge(half, pairs, tmp_path / "merged")
+    state, _ = tensors(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    # write_patched sums in float32 and casts once, in memory as in the bake
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp16"),
+                        patched_in_memory(half, pairs, dtype="fp16"))
+
+
+def test_single_file_to_folder_streams_the_in_memory_patch(base_file, base_folder, loras, tmp_path, monkeypatch):
+    pairs = [(loras[0], (-0.4, 0.0)), (loras[1], (1.3, 0.0))]
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("the streaming path must not load the model"))
+    out = bake.merge(base_file, pairs, tmp_path / "merged", fmt="diffusers")
+    monkeypatch.undo()
+
+    before, after = files_of(base_folder), files_of(out)  # base_folder: what save_diffusers writes for this model
+    assert before.keys() == after.keys()
+    for name in before:
+        if not name.endswith(".safetensors"):
+            assert after[name].read_bytes() == before[name].read_bytes(), name
+    vae_before, _ = tensors(before["vae/diffusion_pytorch_model.safetensors"])
+    vae_after, _ = tensors(after["vae/diffusion_pytorch_model.safetensors"])
+    assert vae_before.keys() == vae_after.keys()
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)  # 1x1 conv attention -> linear
+    text_before, _ = tensors(before["text_encoder/model.safetensors"])
+    text_after, meta = tensors(after["text_encoder/model.safetensors"])
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)  # text-encoder weights 0.0
+    assert json.loads(meta["sdtune.merged_loras"])[1]["te_weight"] == 0.0
+    got = models.load_base(str(out), device="cpu", dtype="fp32")
+    assert_same_weights(got, patched_in_memory(base_file, pairs))
+
+
+def test_folder_merge_errors_leave_nothing_behind(base_folder, sharded_folder, loras, tmp_path):
+    wrong = Lora()
+    wrong.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] = Adapter(
+        "lora", {"down": torch.zeros(4, 1024), "up": torch.zeros(32, 4)})
+    with pytest.raises(SdtuneError, match="to_k"):
+        bake.merge(base_folder, [(wrong, 1.0)], tmp_path / "x")
+    with pytest.raises(SdtuneError, match=r"is \(in\) the input model"):
+        bake.merge(base_folder, [(loras[1], 1.0)], base_folder)
+    with pytest.raises(SdtuneError, match=r"is \(in\) the input model"):
+        bake.merge(base_folder, [(loras[1], 1.0)], base_folder / "merged")
+    assert not (base_folder / "merged").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(SdtuneError, match="not a diffusers model folder"):
+        bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "taken")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SdtuneError, match="not a diffusers model folder"):
+        bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "file")
+    with pytest.raises(SdtuneError, match="dtype is for single-file output"):
+        bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "x", dtype="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken"]
+
+    cut = tmp_path / "cut"
+    shutil.copytree(sharded_folder, cut)
+    shard = cut / "unet" / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(SdtuneError, match="diffusion_pytorch_model-00002-of-00003.safetensors: truncated"):
+        bake.merge(cut, [(loras[1], 1.0)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "file", "taken"]
+
+
+def test_a_new_merge_replaces_an_old_one(base_folder, loras, tmp_path):
+    out = bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "merged")
+    (out / "stale.txt").write_text("from the first merge")
+    bake.merge(base_folder, [(loras[1], -1.0)], out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"),
+                        patched_in_memory(base_folder, [(loras[1], -1.0)]), comps=("unet",))
+
+
+def test_folder_with_bin_weights_is_loaded_patched_and_saved(base_folder, loras, tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(base_folder, legacy)
+    weights = legacy / "text_encoder" / "model.safetensors"
+    torch.save(load_file(str(weights)), legacy / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    pairs = [(loras[1], 0.9)]
+    out = bake.merge(legacy, pairs, tmp_path / "merged")
+    assert (out / "text_encoder" / "model.safetensors").is_file()  # written by save_diffusers
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), patched_in_memory(legacy, pairs))
+
+
+def test_without_kernel_copy_or_preadv_the_bytes_are_the_same(base_folder, loras, tmp_path, monkeypatch):
+    pairs = [(loras[0], 0.3), (loras[1], 1.0)]
+    fast = bake.merge(base_folder, pairs, tmp_path / "fast")
+
+    def no_kernel_copy(*args):
+        raise OSError(38, "copy_file_range not supported")
+
+    monkeypatch.setattr(bake.os, "copy_file_range", no_kernel_copy)
+    monkeypatch.delattr(bake.os, "preadv")
+    slow = bake.merge(base_folder, pairs, tmp_path / "slow")
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (slow / name).read_bytes() == (fast / name).read_bytes()

@@ -404,3 +404,39 @@ def to_single_file(modules: dict, family: Family) -> dict:
 def to_ldm_state_dict(unet, vae, text_encoder) -> dict:
     """The three models' weights in the LDM single-file layout of SD 1.x."""
     return to_single_file({"unet": unet, "vae": vae, "text_encoder": text_encoder}, families.SD1)
+
+
+def split_ldm_keys(keys, unet_config, vae_config, strict: bool = True) -> dict[str, tuple[str, str, bool]]:
+    """{LDM key: (part, key in diffusers/transformers-5 naming, squeeze)} for the model weights among ``keys``;
+    part is "unet", "vae" or "text_encoder", squeeze marks a VAE attention weight that LDM holds as a 1x1 conv
+    and diffusers as a linear (same bytes, two trailing dimensions fewer). Schedule buffers, EMA copies, the
+    VAE training loss and the text encoder's position ids are left out; any other unknown key raises
+    (``strict``) or is left out too."""
+    unet_map, vae_map = unet_module_map(unet_config), vae_module_map(vae_config)
+    plan: dict[str, tuple[str, str, bool]] = {}
+    unknown = []
+    for key in keys:
+        if key.startswith(UNET_PREFIX):
+            module, param = _split_key(key[len(UNET_PREFIX):])
+            if module in unet_map:
+                plan[key] = ("unet", f"{unet_map[module]}.{param}", False)
+                continue
+        elif key.startswith(VAE_PREFIX) and not key.startswith(VAE_PREFIX + "loss."):
+            module, param = _split_key(key[len(VAE_PREFIX):])
+            if module in vae_map:
+                target = vae_map[module]
+                plan[key] = ("vae", f"{target}.{param}", param == "weight" and _is_vae_attention_linear(target))
+                continue
+        elif key.startswith("cond_stage_model.transformer."):
+            name = text_encoder_key(key)
+            if name != "embeddings.position_ids":  # a buffer, rebuilt by the model
+                plan[key] = ("text_encoder", name, False)
+            continue
+        elif key.startswith(_IGNORED_PREFIXES):
+            continue
+        unknown.append(key)
+    if unknown and strict:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not an SD 1.x model of this architecture")
+    return plan
+

@@ -11,8 +11,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from transformers.utils import logging as tf_logging
 from . import families, ldm
 from .families import Family, TextEncoder
 from .lora.patch import LoraSet
-from .safeio import SdtuneError, atomic_save_safetensors, atomic_write_text, load_state
+from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, load_state
 from .ti.tokens import EmbeddingSet
 from .tiny import model as tiny_model
 from .tiny import xl_config
@@ -264,7 +262,7 @@ def _move(module: torch.nn.Module, device, dtype) -> None:
 
 
 @contextmanager
-def _quiet_progress():
+def quiet_progress():
     """No per-component "Loading weights"/"Writing model shards" bars from transformers."""
     was_enabled = tf_logging.is_progress_bar_enabled()
     tf_logging.disable_progress_bar()
@@ -386,7 +384,7 @@ def family_from_metadata(metadata: dict) -> Family | None:
     return families.FAMILIES.get(name) if name else None
 
 
-def _file_configs(family: Family, metadata: dict, path: Path) -> dict:
+def file_configs(family: Family, metadata: dict, path: Path) -> dict:
     """The component configs a single file is built from: the family's shipped ones, or the ones sdtune wrote
     into its own files (a model of another size, a different scheduler), which the weights alone do not tell."""
     configs = family.component_configs()
@@ -407,7 +405,7 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
-    configs = _file_configs(family, metadata, path)
+    configs = file_configs(family, metadata, path)
     with init_empty_weights():  # no random init: the file fills every parameter
         modules = build_parts(family, configs)
     try:
@@ -455,7 +453,7 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
     family = _folder_family(folder, index)
     try:
-        with _quiet_progress():
+        with quiet_progress():
             parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
                      "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae")}
             for te in family.text_encoders:
@@ -563,19 +561,6 @@ def save_diffusers(base: Base, folder) -> Path:
     folder = Path(folder)
     if folder.exists() and not (folder / "model_index.json").is_file() and any(folder.iterdir()):
         raise SdtuneError(f"{folder}: exists and is not a diffusers model folder; choose a new or empty folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        with _quiet_progress():
-            base.pipeline().save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "model")
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_folder(folder) as tmp, quiet_progress():
+        base.pipeline().save_pretrained(tmp, safe_serialization=True)
     return folder

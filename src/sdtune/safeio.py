@@ -9,6 +9,7 @@ atomic rename, so a kill never leaves a half-written output behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,27 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a new folder beside ``path`` to fill; on success it takes the place of ``path`` (replacing a folder
+    there), on failure it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():  # the old folder is moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:

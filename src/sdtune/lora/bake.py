@@ -1,27 +1,44 @@
 """Bake LoRAs into a base model and write the result: a diffusers folder or one LDM-layout .safetensors file.
 
-A single ``.safetensors`` input baked to a single file is streamed: the header is read, the output header
-is written first (shapes and dtypes do not change), then each tensor is read with a plain file read, gets
-Σ w·ΔW added if some LoRA targets it, and is written out before the next one is read. Memory stays near
-the largest tensor plus the LoRAs, not the model. Every key of the input (EMA weights, schedule buffers,
-anything unknown) is copied through in the input's layout, with its metadata.
+Safetensors inputs are streamed, never loaded as a model: a diffusers folder (unet and text_encoder weights in
+one file each or sharded) written as a diffusers folder, and an LDM single file written as a diffusers folder
+or as a single file. Only the headers are parsed to check the LoRAs against the model. Each output file's
+header is written first (shapes do not change), then its tensors in input order: a tensor some LoRA targets is
+read, gets Σ w·ΔW added by ``patch.write_patched`` (the code and GEMM threading ``LoraSet`` uses, so the bits
+are those of an in-memory patch) and is written; each run of untouched tensors is copied file to file by the
+kernel (``os.copy_file_range``) without passing through this process. Memory stays near the LoRAs plus a few
+layers, and the time near that of copying the files. Every key of a single-file input (EMA weights, schedule
+buffers, anything unknown) is kept in a single-file output, with the input's metadata; a folder output gets
+every other file of the input folder (configs, tokenizer, scheduler, VAE, index files) copied unchanged.
 
-Every other combination loads the base, patches it in memory with ``patch.LoraSet`` and saves it with
+Everything else (a pickled checkpoint, a folder of .bin weights, the built-in model, a folder written as a
+single file, a loaded ``Base``) loads the base, patches it in memory with ``patch.LoraSet`` and saves it with
 ``sdtune.models``; a ``Base`` passed in is restored exactly afterwards.
+
+Files are read with plain positioned reads, not ``safetensors.safe_open``: that maps the file, and the
+mapped pages it reads stay in the process's resident set until the file is closed, so the peak RSS would
+grow to the size of the largest input file.
+
+The streamed single-file paths read the LDM layout of SD 1.x (and the tiny model); a single file of another
+family (SDXL's SGM layout, SD 2.x's OpenCLIP text encoder) is loaded, patched and saved.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 
 from .. import ldm, models
-from ..safeio import SdtuneError, atomic_path, is_safetensors
-from . import keys
+from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors
 from .formats import load_lora
 from .neutral import Lora
 from .patch import LoraSet, as_weights, check_fit, write_patched
@@ -32,13 +49,12 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 FORMATS = ("diffusers", "single")
-
-
-def _load(source, modules: dict) -> Lora:
-    """A ``Lora`` from a ``Lora`` or a file; kohya names are resolved against the model's own modules."""
-    if isinstance(source, Lora):
-        return source
-    return load_lora(source, model_keys=modules)
+# The weight file (or shard index) diffusers' and transformers' from_pretrained read in each patched component
+# folder when no variant is asked for; other weight files there (variants, .bin copies, Flax/TF/ONNX exports)
+# would keep the old weights, so they are left out of a merged folder.
+FOLDER_WEIGHTS = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data")
+META_MERGED = "sdtune.merged_loras"
 
 
 def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow_partial: bool = False) -> Path:
@@ -46,22 +62,29 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
 
     ``base_or_spec``: a loaded ``Base`` or anything ``load_base`` takes. ``lora``: a ``Lora`` or a file;
     ``weight``: a number or ``(unet_w, te_w)``. ``fmt``: "diffusers" (a folder) or "single" (one
-    ``.safetensors`` in the original LDM layout). ``dtype``: e.g. "fp16" to store the result smaller.
+    ``.safetensors`` in the original LDM layout). ``dtype``: e.g. "fp16" to store a single file smaller.
     """
     if fmt not in FORMATS:
         raise SdtuneError(f"unknown merge format {fmt!r}; use diffusers or single")
     out = Path(out)
     if fmt == "single" and out.suffix != ".safetensors":
         raise SdtuneError(f"{out}: a single-file merge is written as .safetensors; use that suffix")
+    if fmt == "diffusers" and dtype is not None:
+        raise SdtuneError("dtype is for single-file output; a diffusers folder is written in the dtype of its input")
     pairs = [(src, as_weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
              for i, (src, w) in enumerate(loras)]
-    if isinstance(base_or_spec, (str, Path)):
-        path = Path(base_or_spec).expanduser()
-        if fmt == "single" and path.is_file():
-            return _merge_single_file(path, pairs, out, dtype, allow_partial)
-        base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
-        return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
-    return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
+    if not isinstance(base_or_spec, (str, Path)):
+        return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
+    path = Path(base_or_spec).expanduser()
+    if path.is_file() and is_safetensors(path) and streams(path):
+        if fmt == "single":
+            return _single_to_single(path, pairs, out, dtype, allow_partial)
+        return _single_to_folder(path, pairs, out, allow_partial)
+    files = _folder_weight_files(path) if fmt == "diffusers" and path.is_dir() else None
+    if files is not None:
+        return _folder_to_folder(path, files, pairs, out, allow_partial)
+    base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
+    return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
 
 
 def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) -> Path:
@@ -74,123 +97,418 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
                          allow_partial=allow_partial)
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype)
-        if dtype is not None:
-            raise SdtuneError("dtype is for single-file output; load the base in that dtype for a diffusers folder")
         return models.save_diffusers(base, out)
     finally:
         lora_set.remove_all()
 
 
-# ---------------------------------------------------------------- streaming single-file merge
+def _load(source, modules: dict) -> Lora:
+    """A ``Lora`` from a ``Lora`` or a file; kohya names are resolved against the model's own modules."""
+    return source if isinstance(source, Lora) else load_lora(source, model_keys=modules)
 
-def _read_header(path: Path) -> tuple[dict, dict, int]:
-    """({key: info}, metadata, offset of the data block) of a safetensors file, without mapping it."""
+
+# ---------------------------------------------------------------- safetensors files, piece by piece
+
+@dataclass
+class _Source:
+    """One input safetensors file: its parsed header; tensors are read one at a time."""
+
+    path: Path
+    header: dict  # key -> {"dtype", "shape", "data_offsets"}
+    metadata: dict
+    data_start: int
+
+    @classmethod
+    def open(cls, path: Path) -> _Source:
+        try:
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            metadata = header.pop("__metadata__", None) or {}
+            if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= i.keys() for i in header.values()):
+                raise ValueError("a tensor entry lacks dtype, shape or data_offsets")
+            end = max((i["data_offsets"][1] for i in header.values()), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+            raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
+        if path.stat().st_size < 8 + size + end:  # found before anything is written
+            raise SdtuneError(f"{path}: truncated file; re-download it")
+        unknown = next((k for k, i in header.items() if i["dtype"] not in ST_DTYPES), None)
+        if unknown is not None:
+            raise SdtuneError(f"{path}: tensor {unknown} has dtype {header[unknown]['dtype']}, which sdtune cannot "
+                              "merge; convert the file to fp16/fp32")
+        return cls(path, header, metadata, 8 + size)
+
+    def span(self, key: str) -> tuple[int, int]:
+        start, end = self.header[key]["data_offsets"]
+        return self.data_start + start, end - start
+
+    def read(self, fd: int, key: str) -> torch.Tensor:
+        """The tensor, read into freshly allocated (aligned) memory with positioned reads (thread-safe)."""
+        info = self.header[key]
+        offset, nbytes = self.span(key)
+        tensor = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < nbytes:
+            n = _pread_into(fd, view[done:], offset + done)
+            if n <= 0:
+                raise SdtuneError(f"{self.path}: truncated file; re-download it")
+            done += n
+        return tensor
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):  # straight into the tensor's memory
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)  # platforms without preadv: one copy more
+    view[:len(data)] = data
+    return len(data)
+
+
+@dataclass
+class _Item:
+    """One tensor of an output file: where it comes from, what is added to it, how it is stored."""
+
+    key: str  # name in the output file
+    src: _Source
+    src_key: str
+    contribs: list  # (name, uid, adapter, weight), in list order; empty: the tensor is copied unchanged
+    dtype: str  # safetensors dtype name in the output
+    shape: list  # shape in the output (a reshape keeps the bytes)
+
+    @property
+    def copied(self) -> bool:
+        return not self.contribs and self.dtype == self.src.header[self.src_key]["dtype"]
+
+
+COPY_CHUNK = 64 << 20  # unchanged bytes are copied in pieces of this size, so the threads share the work evenly
+# Each worker holds at most one layer before and after its patch (SD 1.5's largest: 2 x 52 MB in fp32); past a
+# few threads the copy is bound by the disk or page cache anyway.
+MAX_WORKERS = 8
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src: _Source, src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
+    """Copy ``count`` bytes of the source at ``offset`` into the output at ``dst_offset``: by the kernel
+    (``copy_file_range``) where it can, through a buffer elsewhere."""
+    while count:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count, offset, dst_offset)
+        except (AttributeError, OSError):  # not Linux, or file systems that cannot
+            chunk = os.pread(src_fd, min(count, COPY_CHUNK), offset)
+            _pwrite_all(dst_fd, chunk, dst_offset)
+            n = len(chunk)
+        if n <= 0:
+            raise SdtuneError(f"{src.path}: truncated file; re-download it")
+        offset, count, dst_offset = offset + n, count - n, dst_offset + n
+
+
+def _header(items: list[_Item], metadata: dict) -> tuple[bytes, list[int]]:
+    """The output file's header, and where each item's bytes start in the file."""
+    entries, starts, offset = {}, [], 0
+    for item in items:
+        nbytes = torch.Size(item.shape).numel() * ST_DTYPES[item.dtype].itemsize
+        entries[item.key] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, offset + nbytes]}
+        starts.append(offset)
+        offset += nbytes
+    head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data block starts 8-byte aligned, as safetensors writes it
+    head = struct.pack("<Q", len(head)) + head
+    return head, [len(head) + s for s in starts]
+
+
+def _jobs(items: list[_Item], starts: list[int]) -> list[tuple]:
+    """("tensor", item, output offset) for each tensor that changes; ("copy", source, offset, count, output
+    offset) for unchanged tensors that lie back to back in one input, joined up to COPY_CHUNK bytes."""
+    jobs: list[tuple] = []
+    for item, start in zip(items, starts):
+        offset, nbytes = item.src.span(item.src_key)
+        last = jobs[-1] if jobs else ("tensor",)
+        if not item.copied:
+            jobs.append(("tensor", item, start))
+        elif last[0] == "copy" and last[1] is item.src and last[2] + last[3] == offset and last[3] + nbytes <= COPY_CHUNK:
+            jobs[-1] = ("copy", item.src, last[2], last[3] + nbytes, last[4])
+        else:
+            jobs.append(("copy", item.src, offset, nbytes, start))
+    return jobs
+
+
+@torch.no_grad()  # grad mode is per thread: each worker sets it itself
+def _run_job(job: tuple, fds: dict, dst: int) -> None:
+    if job[0] == "copy":
+        _, src, offset, count, dst_offset = job
+        _copy_range(src, fds[src.path], dst, offset, count, dst_offset)
+        return
+    _, item, dst_offset = job
+    tensor = item.src.read(fds[item.src.path], item.src_key)
+    if item.contribs:
+        patched = torch.empty_like(tensor)
+        write_patched(patched, tensor, item.contribs)
+        tensor = patched
+    want = ST_DTYPES[item.dtype]
+    tensor = tensor if tensor.dtype == want else tensor.to(want)
+    _pwrite_all(dst, tensor.reshape(-1).view(torch.uint8).numpy(), dst_offset)
+
+
+def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
+    """Write ``items`` as one safetensors file at ``out``, atomically.
+
+    Every piece has its place in the output from the header on, so the pieces are written independently, by
+    as many threads as torch uses (up to MAX_WORKERS): copies of unchanged bytes (in the kernel) and tensors that change (read,
+    patched, cast). Each patch runs its GEMM single-threaded, as ``LoraSet`` does, so it gets the same bits.
+    """
+    head, starts = _header(items, metadata)
+    jobs = _jobs(items, starts)
+    workers = min(torch.get_num_threads(), MAX_WORKERS)
+    threads = torch.get_num_threads()
+    fds = {}
+    torch.set_num_threads(1)
     try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(size))
-        metadata = header.pop("__metadata__", None) or {}
-        if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= i.keys() for i in header.values()):
-            raise ValueError("a tensor entry lacks dtype, shape or data_offsets")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
-    return header, metadata, 8 + size
+        for item in items:
+            if item.src.path not in fds:
+                fds[item.src.path] = os.open(item.src.path, os.O_RDONLY)
+        with atomic_path(out) as tmp:
+            dst = os.open(tmp, os.O_WRONLY)
+            try:
+                _pwrite_all(dst, head, 0)
+                _run_all(jobs, fds, dst, workers)
+            finally:
+                os.close(dst)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        torch.set_num_threads(threads)
 
 
-def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
-    start, end = info["data_offsets"]
-    f.seek(data_start + start)
-    buf = bytearray(end - start)  # read straight into the tensor's memory: no second copy
-    if f.readinto(buf) != end - start:
-        raise SdtuneError(f"{f.name}: truncated file; re-download it")
-    dtype = ST_DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise SdtuneError(f"{f.name}: tensor dtype {info['dtype']} is not supported; convert the file to fp16/fp32")
-    if not buf:
-        return torch.empty(info["shape"], dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
+    """Run the jobs on ``workers`` threads, in order; the first error cancels the jobs not yet started."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_run_job, job, fds, dst) for job in jobs]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+# ---------------------------------------------------------------- which weights the LoRAs change
 
+def _contributions(where: dict, pairs, allow_partial: bool) -> dict[tuple[Path, str], list]:
+    """{(input file, key): [(name, uid, adapter, weight), ...]} for every weight some LoRA changes.
 
-def _ldm_targets(header: dict, metadata: dict, pairs, path: Path, allow_partial: bool) -> dict[str, list]:
-    """{file key: [(name, uid, adapter, weight), ...]} for every weight a LoRA changes, after checking fit."""
-    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    family = models.family_from_metadata(metadata) or models.detect_family(shapes, path)
-    configs = family.component_configs()
-    with init_empty_weights():  # a shape-only model: the shared key matcher gives its usual messages
-        parts = models.build_parts(family, configs)
-    unet, text_encoder = parts["unet"], parts["text_encoder"]
-    unet_inverse = {d: f"{ldm.UNET_PREFIX}{m}" for m, d in ldm.unet_module_map(configs["unet"]).items()}
-    text_prefix = next((p for p in ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
-                        if any(k.startswith(p + "encoder.") for k in header)), ldm.TEXT_PREFIX)
-    targets: dict[str, list] = {}
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    for i, (src, weights, source) in enumerate(pairs):
-        fitting = check_fit(_load(src, modules), modules, allow_partial, source)
-        for (comp, module_path), adapter in fitting.items():
-            if comp == "unet":
-                key = f"{unet_inverse.get(module_path, module_path)}.weight"
-            else:
-                key = f"{text_prefix}{ldm.text_encoder_key(module_path)}.weight"
-            if key not in header or not keys.fits(adapter, tuple(header[key]["shape"])):
-                raise SdtuneError(f"{path}: weight {key} is missing or misshapen although the file passed as "
-                                  f"{family.title}; the checkpoint is damaged, re-download or re-export it")
+    ``where``: {component: {module path: (_Source, key of its weight)}}, the model seen through file headers;
+    the LoRAs are matched against its shapes by the same checks ``LoraSet.add`` makes.
+    """
+    shapes = {comp: {path: tuple(src.header[key]["shape"]) for path, (src, key) in paths.items()}
+              for comp, paths in where.items()}
+    changes: dict[tuple[Path, str], list] = {}
+    for i, (lora, weights, source) in enumerate(pairs):
+        for (comp, path), adapter in check_fit(_load(lora, shapes), shapes, allow_partial, source).items():
+            src, key = where[comp][path]
             if weights[comp] != 0.0:
-                targets.setdefault(key, []).append((f"{i:04d}", i, adapter, weights[comp]))
-    return targets
+                changes.setdefault((src.path, key), []).append((f"{i:04d}", i, adapter, weights[comp]))
+    return changes
 
 
-def _merge_single_file(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
-    if not is_safetensors(path):  # pickled checkpoints cannot be read piecewise: load, patch, save
-        return _merge_loaded(models.load_base(str(path), device="cpu", dtype="fp32"), pairs, out, "single", dtype,
-                             allow_partial)
+def _merged_note(pairs) -> str:
+    return json.dumps([{"source": source, "unet_weight": w["unet"], "te_weight": w["text_encoder"]}
+                       for _, w, source in pairs])
+
+
+def _by_offset(src: _Source, keys) -> list[str]:
+    return sorted(keys, key=lambda k: src.header[k]["data_offsets"][0])
+
+
+# ---------------------------------------------------------------- LDM single file in
+
+def _ldm_plan(src: _Source, strict: bool) -> tuple[models.Family, dict, dict]:
+    """(family, configs, ``ldm.split_ldm_keys`` plan) of an LDM single file, from its header."""
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
+    family = models.family_from_metadata(src.metadata) or models.detect_family(shapes, src.path)
+    configs = models.file_configs(family, src.metadata, src.path)
+    try:
+        plan = ldm.split_ldm_keys(src.header, configs["unet"], configs["vae"], strict=strict)
+    except SdtuneError as e:
+        raise SdtuneError(f"{src.path}: {e}") from None
+    return family, configs, plan
+
+
+def streams(path: Path) -> bool:
+    """Whether a single file's family has a key-for-key LDM layout that the streamed paths can plan."""
+    header = _Source.open(path).header
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+    family = models.family_from_metadata(_Source.open(path).metadata) or models.detect_family(shapes, path)
+    return family.single_file_layout == "ldm" and not any(te.openclip for te in family.text_encoders)
+
+
+def _ldm_where(src: _Source, plan: dict) -> dict:
+    where: dict[str, dict] = {"unet": {}, "text_encoder": {}}
+    for key, (part, name, _) in plan.items():
+        if part in where and name.endswith(".weight"):
+            where[part][name.removesuffix(".weight")] = (src, key)
+    return where
+
+
+def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
     if out.resolve() == path.resolve():
         raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
-    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
-    header, metadata, data_start = _read_header(path)
-    targets = _ldm_targets(header, metadata, pairs, path, allow_partial)
-
-    # Output header: same keys, shapes and (unless converted) dtypes, packed in input order.
-    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    out_header, offset = {}, 0
-    for key in order:
-        info = header[key]
-        name = info["dtype"]
-        if out_float is not None and ST_DTYPES.get(name, torch.int8).is_floating_point:
-            name = ST_NAMES[out_float]
-        nbytes = torch.Size(info["shape"]).numel() * ST_DTYPES[name].itemsize if name in ST_DTYPES else 0
-        if name not in ST_DTYPES:
-            raise SdtuneError(f"{path}: tensor {key} has dtype {name}, which sdtune cannot merge; convert the file")
-        out_header[key] = {"dtype": name, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    merged = [{"source": source, "unet_weight": w["unet"], "te_weight": w["text_encoder"]} for _, w, source in pairs]
-    out_meta = dict(metadata, **{"sdtune.merged_loras": json.dumps(merged)})
-    head = json.dumps({"__metadata__": out_meta, **out_header}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data block starts 8-byte aligned, as safetensors writes it
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the GEMM threading LoraSet uses, so a bake gives the bits of an in-memory patch
-    try:
-        _stream(path, out, header, data_start, order, out_header, head, targets)
-    finally:
-        torch.set_num_threads(threads)
+    out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
+    src = _Source.open(path)
+    _, _, plan = _ldm_plan(src, strict=False)  # keys it does not know are copied through
+    changes = _contributions(_ldm_where(src, plan), pairs, allow_partial)
+    items = []
+    for key in _by_offset(src, src.header):
+        info = src.header[key]
+        floating = ST_DTYPES[info["dtype"]].is_floating_point
+        items.append(_Item(key, src, key, changes.get((path, key), []),
+                           out_float if out_float and floating else info["dtype"], info["shape"]))
+    _write_file(out, items, dict(src.metadata, **{META_MERGED: _merged_note(pairs)}))
     return out
 
 
-def _stream(path, out, header, data_start, order, out_header, head, targets) -> None:
-    with torch.no_grad(), open(path, "rb") as src, atomic_path(out) as tmp, open(tmp, "wb") as dst:
-        dst.write(struct.pack("<Q", len(head)))
-        dst.write(head)
-        for key in order:
-            tensor = _read_tensor(src, header[key], data_start)
-            if key in targets:
-                patched = torch.empty_like(tensor)
-                write_patched(patched, tensor, targets[key])
-                tensor = patched
-            want = ST_DTYPES[out_header[key]["dtype"]]
-            dst.write(_tensor_bytes(tensor.to(want) if tensor.dtype != want else tensor))
-            del tensor
-        dst.flush()
+def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path:
+    _check_out_folder(out, None)
+    src = _Source.open(path)
+    family, configs, plan = _ldm_plan(src, strict=True)  # a folder holds only what its components load
+    for part, prefix in (("vae", ldm.VAE_PREFIX), ("text_encoder", "cond_stage_model.transformer.")):
+        if not any(p == part for p, _, _ in plan.values()):
+            raise SdtuneError(f"{path}: has no {part.replace('_', ' ')} weights ({prefix}*); "
+                              f"pass a full {family.title} checkpoint that includes them")
+    changes = _contributions(_ldm_where(src, plan), pairs, allow_partial)
+    with atomic_folder(out) as tmp:
+        text_keys = _write_configs(tmp, family, configs)
+        for part, file in (("unet", "unet/diffusion_pytorch_model.safetensors"),
+                           ("vae", "vae/diffusion_pytorch_model.safetensors"), ("text_encoder", "text_encoder/model.safetensors")):
+            items = []
+            for key in _by_offset(src, [k for k, (p, _, _) in plan.items() if p == part]):
+                _, name, squeeze = plan[key]
+                shape = src.header[key]["shape"]
+                items.append(_Item(text_keys.get(name, name), src, key, changes.get((path, key), []),
+                                   src.header[key]["dtype"], shape[:2] if squeeze else shape))
+            metadata = {"format": "pt", **({META_MERGED: _merged_note(pairs)} if part != "vae" else {})}
+            _write_file(tmp / file, items, metadata)
+    return out
+
+
+def _write_configs(folder: Path, family: models.Family, configs: dict) -> dict[str, str]:
+    """The configs, tokenizer and scheduler files ``save_diffusers`` writes for this model, without weights.
+
+    Returns {transformers-5 text-encoder key: key as the installed transformers names it}.
+    """
+    with init_empty_weights():  # shape-less shells: only their configs are written
+        parts = models.build_parts(family, configs)
+    te = family.text_encoders[0]
+    tokenizer = models.tokenizer_for(te)
+    scheduler = models.make_scheduler(family, configs["scheduler"])
+    pipeline = models.Base(**parts, tokenizer=tokenizer, scheduler=scheduler, device=torch.device("cpu"),
+                           dtype=torch.float32, name="", source="", single_file=None, model_hash="",
+                           family=family).pipeline()
+    pipeline.save_config(folder)
+    parts["unet"].save_config(folder / "unet")
+    parts["vae"].save_config(folder / "vae")
+    with models.quiet_progress():  # no weights (an empty state dict): transformers writes the config it would
+        parts[te.component].save_pretrained(folder / te.component, state_dict={})
+    tokenizer.save_pretrained(folder / te.tokenizer)
+    scheduler.save_pretrained(folder / "scheduler")
+    return {ldm.text_encoder_key(k): k for k in parts[te.component].state_dict()}
+
+
+# ---------------------------------------------------------------- diffusers folder in
+
+def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
+    """{"unet" | "text_encoder": safetensors files from_pretrained reads}, or None if either has none."""
+    if not (folder / "model_index.json").is_file():
+        return None
+    found = {}
+    for comp, stem in FOLDER_WEIGHTS.items():
+        single, index = folder / comp / f"{stem}.safetensors", folder / comp / f"{stem}.safetensors.index.json"
+        if single.is_file():
+            found[comp] = [single]
+        elif index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise SdtuneError(f"{index}: unreadable shard index ({e}); re-download or re-export the model") from None
+            found[comp] = [index.parent / s for s in shards]
+            missing = next((p for p in found[comp] if not p.is_file()), None)
+            if missing is not None:
+                raise SdtuneError(f"{missing}: a shard listed in {index.name} is missing; re-download the model")
+        else:
+            return None
+    return found
+
+
+def _check_sd1_folder(folder: Path) -> None:
+    """Refuse what ``load_base`` refuses: SDXL and SD 2.x folders."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"{folder}: unreadable model_index.json or unet/config.json ({e}); "
+                          "re-download or re-export the model") from None
+    width = unet.get("cross_attention_dim")
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index or width in (1024, 2048):
+        raise SdtuneError(f"{folder}: not an SD 1.x model (SD 2.x or SDXL: cross-attention width {width}); "
+                          "sdtune works with SD 1.x models")
+
+
+def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial: bool) -> Path:
+    _check_out_folder(out, folder)
+    _check_sd1_folder(folder)
+    sources = {comp: [_Source.open(p) for p in paths] for comp, paths in files.items()}
+    where: dict[str, dict] = {comp: {} for comp in sources}
+    for comp, srcs in sources.items():
+        for src in srcs:
+            for key in src.header:
+                if key.endswith(".weight"):  # text-encoder paths in transformers-5 naming, whatever the file uses
+                    path = key.removesuffix(".weight")
+                    where[comp][ldm.text_encoder_key(path) if comp == "text_encoder" else path] = (src, key)
+    changes = _contributions(where, pairs, allow_partial)
+    with atomic_folder(out) as tmp:
+        rewritten = {src.path for srcs in sources.values() for src in srcs}
+        left_out = _copy_folder(folder, tmp, rewritten)
+        for src in (s for srcs in sources.values() for s in srcs):
+            items = [_Item(k, src, k, changes.get((src.path, k), []), src.header[k]["dtype"], src.header[k]["shape"])
+                     for k in _by_offset(src, src.header)]
+            metadata = dict(src.metadata, **{META_MERGED: _merged_note(pairs)})
+            _write_file(tmp / src.path.relative_to(folder), items, metadata)
+    if left_out:
+        warnings.warn(f"{folder}: left out of the merge, as they would keep the unmerged weights: "
+                      f"{', '.join(left_out)}", stacklevel=3)
+    return out
+
+
+def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:
+    """Copy every file of ``folder`` to ``dst`` except ``rewritten``, other weight files of the patched
+    components, and hidden files (``.git``, caches). Returns the weight files left out."""
+    left_out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            rel = path.relative_to(folder)
+            if name.startswith(".") or path in rewritten:
+                continue
+            if rel.parts[0] in FOLDER_WEIGHTS and len(rel.parts) == 2 and name.endswith(WEIGHT_SUFFIXES):
+                left_out.append(rel.as_posix())
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dst / rel)  # the kernel copies (sendfile); symlinks into a hub cache are followed
+    return sorted(left_out)
+
+
+def _check_out_folder(out: Path, source: Path | None) -> None:
+    """Refuse an output that would copy the input into itself, or replace a folder that is not a model (an
+    earlier merge is replaced, by ``safeio.atomic_folder``, once the new one is complete)."""
+    if source is not None and out.resolve().is_relative_to(source.resolve()):
+        raise SdtuneError(f"{out}: is (in) the input model; write the merge to a folder outside it")
+    if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
+        raise SdtuneError(f"{out}: exists and is not a diffusers model folder; choose a new or empty folder")
