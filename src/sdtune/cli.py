@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
-    m.add_argument("--out", required=True, help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
+    m.add_argument("--out", required=True,
+                   help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
     m.add_argument("--allow-partial", action="store_true")
     m.set_defaults(func=cmd_merge)
