@@ -1,14 +1,17 @@
-"""LoRA apply / reweight / restore / bake: sdtune against diffusers on the real SD 1.5 architecture (CPU).
+"""LoRA apply / reweight / restore / bake: sdtune against diffusers on the real SD 1.5 and SDXL architectures (CPU).
 
 Two kohya LoRAs of rank 32 (random values) on every attention, feed-forward and text-encoder linear layer of
-a random-init SD 1.5 (``load_base("sd15-random")``), timed in the same run:
+a random-init model (``load_base("sd15-random")``; the SDXL row: ``--model sdxl-random --dtype fp16``, both
+text encoders, ``lora_te1_``/``lora_te2_`` names), timed in the same run:
 
 - diffusers: ``load_lora_weights`` x2; ``set_adapters`` + ``fuse_lora``; ``unfuse_lora``; a reweight of the
   fused model (``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
 - sdtune: ``load_lora`` x2; ``LoraSet.add`` x2 in one batch; ``set_weights``; ``remove_all`` (checked bit-exact).
-- a single-file bake (``bake.merge(..., fmt="single")``) in a subprocess, whose peak RSS is read back.
+- a single-file bake (``bake.merge(..., fmt="single")``) in a subprocess, whose peak RSS is read back (for
+  families sdtune writes single files of: SD 1.x).
 
-Heavy: ~7 GB of RAM and a few minutes. Run it alone, e.g. ``nice python benchmarks/lora_apply.py``.
+Heavy: ~7 GB of RAM and a few minutes for SD 1.5; SDXL in fp16 ~12 GB. Run it alone, e.g.
+``nice python benchmarks/lora_apply.py``.
 """
 
 from __future__ import annotations
@@ -34,33 +37,47 @@ from sdtune import ldm
 from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
 from sdtune.models import META_ARCH, load_base
+from sdtune.safeio import SdtuneError
 
 UNET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
+def components(base) -> list[str]:
+    return ["unet", *(te.component for te in base.family.text_encoders)]
+
+
 def targets(base):
-    for comp, suffixes in (("unet", UNET_SUFFIXES), ("text_encoder", TE_SUFFIXES)):
+    for comp in components(base):
+        suffixes = UNET_SUFFIXES if comp == "unet" else TE_SUFFIXES
         for path, m in getattr(base, comp).named_modules():
             if isinstance(m, torch.nn.Linear) and path.endswith(suffixes):
                 yield comp, path, m
+
+
+def kohya_name(base, comp: str, path: str) -> str:
+    if comp == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    # kohya keeps transformers 4's text_model level: lora_te_text_model_encoder_..., lora_te2_text_model_...
+    return base.family.text_encoder(comp).kohya_prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
 
 
 def write_kohya(base, path: Path, seed: int, rank: int, alpha: float) -> None:
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for comp, p, m in targets(base):
-        name = ("lora_unet_" if comp == "unet" else "lora_te_text_model_") + p.replace(".", "_")
-        sd[f"{name}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.02
-        sd[f"{name}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.02
+        name = kohya_name(base, comp, p)
+        sd[f"{name}.lora_down.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.02).to(base.dtype)
+        sd[f"{name}.lora_up.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.02).to(base.dtype)
         sd[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(sd, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    save_file(sd, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+                                       "ss_base_model_version": base.family.base_model_version})
 
 
 def write_ldm_file(base, path: Path) -> None:
     """The base as an LDM single file, written tensor by tensor (the benchmark must not need 2x the model)."""
-    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    state = ldm.to_single_file(base.modules(), base.family)
     header, offset = {}, 0
     for k, v in state.items():
         n = v.numel() * v.element_size()
@@ -77,7 +94,7 @@ def write_ldm_file(base, path: Path) -> None:
 def digest(base, keys) -> str:
     h = hashlib.sha256()
     for comp, p in sorted(keys):
-        h.update(getattr(base, comp).get_submodule(p).weight.detach().numpy().tobytes())
+        h.update(getattr(base, comp).get_submodule(p).weight.detach().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -129,17 +146,19 @@ def run_diffusers(base, files, probes):
     r["load"], _ = timed(lambda: (pipe.load_lora_weights(str(files[0]), adapter_name="a"),
                                   pipe.load_lora_weights(str(files[1]), adapter_name="b")))
 
+    parts = components(base)
+
     def fuse(weights):
         pipe.set_adapters(["a", "b"], adapter_weights=weights)
-        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=["a", "b"])
+        pipe.fuse_lora(components=parts, lora_scale=1.0, adapter_names=["a", "b"])
     r["apply"], _ = timed(lambda: fuse([0.5, 1.0]))
     fused = {k: getattr(base, k[0]).get_submodule(k[1]).base_layer.weight.detach().clone() for k in probes}
-    r["restore"], _ = timed(lambda: pipe.unfuse_lora(components=["unet", "text_encoder"]))
+    r["restore"], _ = timed(lambda: pipe.unfuse_lora(components=parts))
     fuse([0.5, 1.0])
-    t_unfuse, _ = timed(lambda: pipe.unfuse_lora(components=["unet", "text_encoder"]))
+    t_unfuse, _ = timed(lambda: pipe.unfuse_lora(components=parts))
     t_fuse, _ = timed(lambda: fuse([0.8, 0.3]))
     r["reweight_fuse_only"], r["reweight"] = t_fuse, t_unfuse + t_fuse
-    pipe.unfuse_lora(components=["unet", "text_encoder"])
+    pipe.unfuse_lora(components=parts)
     pipe.unload_lora_weights()
     return r, fused
 
@@ -156,8 +175,12 @@ print(time.perf_counter() - t, int(hwm) * 1024)
 
 
 def run_bake(base, files, tmp: Path, patched):
-    src, out = tmp / "sd15_random.safetensors", tmp / "sd15_merged.safetensors"
-    write_ldm_file(base, src)
+    src, out = tmp / "base.safetensors", tmp / "merged.safetensors"
+    try:
+        write_ldm_file(base, src)
+    except SdtuneError as e:  # single files of this family are not written yet
+        print(f"bake skipped: {e}", flush=True)
+        return None
     proc = subprocess.run([sys.executable, "-c", BAKE_CHILD, str(src), str(files[0]), str(files[1]), str(out)],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -175,19 +198,23 @@ def run_bake(base, files, tmp: Path, patched):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="sd15-random", help="sd15-random (the benchmark) or tiny-random (smoke run)")
+    ap.add_argument("--model", default="sd15-random",
+                    help="sd15-random (the benchmark), sdxl-random (the SDXL row, with --dtype fp16) or tiny-random "
+                         "/ sdxl-small-random (smoke runs)")
+    ap.add_argument("--dtype", default="fp32", help="fp32 (SD 1.5 row) or fp16 (SDXL row)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-bake", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="sdtune rounds (the median is reported)")
     args = ap.parse_args()
 
-    t, base = timed(lambda: load_base(args.model, device="cpu", dtype="fp32"))
+    t, base = timed(lambda: load_base(args.model, device="cpu", dtype=args.dtype))
     print(f"{args.model}: built in {t:.1f} s; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
           flush=True)
-    probes = [("unet", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"),
-              ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
-              ("text_encoder", "encoder.layers.2.self_attn.q_proj")]
+    by_component: dict[str, list[str]] = {}
+    for comp, path, _ in targets(base):
+        by_component.setdefault(comp, []).append(path)
+    probes = [(c, paths[i]) for c, paths in by_component.items() for i in (0, -1)]  # first and last of each
     original = {k: getattr(base, k[0]).get_submodule(k[1]).weight.detach().clone() for k in probes}
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-", dir=os.environ.get("SDTUNE_BENCH_TMP")) as tmp:
         tmp = Path(tmp)
@@ -226,7 +253,7 @@ def main() -> None:
                    / (fused[k].double() - original[k].double()).norm()).item() for k in probes)
         print(f"sdtune vs diffusers fused weights (probe layers): max relative error {rel:.1e} (of the weight change)")
     if bake:
-        print(f"single-file bake ({bake['file_gb']:.2f} GB fp32 LDM file): {bake['seconds']:.1f} s, peak RSS "
+        print(f"single-file bake ({bake['file_gb']:.2f} GB {args.dtype} LDM file): {bake['seconds']:.1f} s, peak RSS "
               f"{bake['peak_rss_gb']:.2f} GB (target < 1.5 GB); equals in-memory patch: {bake['equals_in_memory_patch']}")
 
 

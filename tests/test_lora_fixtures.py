@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from sdtune import families
 from sdtune.lora import formats, inspect, keys
 from sdtune.safeio import SdtuneError
 
@@ -30,7 +31,7 @@ def lora_dir(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def sd15():
-    return keys.sd15_reference()
+    return keys.reference(families.SD1)
 
 
 @pytest.mark.parametrize("stem", sorted(EXPECTED))
@@ -43,7 +44,7 @@ def test_fixture_loads_as_promised(stem, lora_dir, sd15):
     assert {ad.alpha for _, _, ad in lora.items()} == alphas
     assert {round(ad.scale, 6) for _, _, ad in lora.items()} == scales
     report = keys.match(lora, sd15)
-    assert report.ok and len(report.matched) == len(lora) and report.family_guess == "sd1"
+    assert report.ok and len(report.matched) == len(lora) and report.family_guess == families.SD1
     report.raise_if_bad(source=stem)
 
 
@@ -114,7 +115,7 @@ def test_sd2_fixture_refused_naming_sd2(lora_dir, sd15):
     lora = formats.load_lora(lora_dir / f"{SD2_FILE}.safetensors")
     assert next(iter(lora.modules["unet"].values())).tensors["down"].dtype == torch.bfloat16
     report = keys.match(lora, sd15)
-    assert report.family_guess == "sd2" and len(report.shape_mismatch) == 32
+    assert report.family_guess == families.SD2 and len(report.shape_mismatch) == 32
     with pytest.raises(SdtuneError, match=r"this LoRA is for SD 2\.x; the model is SD 1\.x.*attn2\.to_k"):
         report.raise_if_bad(source=SD2_FILE)
     with pytest.warns(UserWarning, match="SD 2.x"):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdtune import families
 from sdtune.ldm import unet_module_map
 from sdtune.lora import formats, inspect, keys
 from sdtune.lora.neutral import Adapter, Lora
@@ -126,7 +127,7 @@ def test_kohya_ldm_names_and_te1_prefix(parts, shapes, model_keys):
 
 
 def test_kohya_ldm_names_on_sd15():
-    ref = keys.sd15_reference()
+    ref = keys.reference(families.SD1)
     r, g = 4, torch.Generator().manual_seed(0)
     sd = {
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(r, 640, generator=g),
@@ -426,20 +427,21 @@ def _sd_for(paths_shapes, prefix="lora_unet_"):
 
 
 def test_sd2_and_sdxl_files_refused_with_family(shapes):
-    ref = keys.sd15_reference()
+    ref = keys.reference(families.SD1)
     sd2 = _sd_for({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 1024),
                    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)})
     report = keys.match(formats.from_state_dict(sd2), ref)
-    assert report.family_guess == "sd2" and report.shape_mismatch
+    assert report.family_guess == families.SD2 and report.shape_mismatch
     with pytest.raises(SdtuneError, match=r"for SD 2\.x; the model is SD 1\.x"):
         report.raise_if_bad(source="sd2.safetensors")
 
     xl = _sd_for({"input_blocks.7.1.transformer_blocks.9.attn2.to_k": (1280, 2048)})
     xl |= _sd_for({"text_model.encoder.layers.0.self_attn.q_proj": (1280, 1280)}, prefix="lora_te2_")
     lora = formats.from_state_dict(xl)
-    assert "text_encoder_2" in lora.modules and keys.guess_family(lora) == "sdxl"
-    for model in (ref, shapes):  # SD 1.5 itself, and the tiny SD-1.x-shaped model
-        with pytest.raises(SdtuneError, match="for SDXL; the model is SD 1.x"):
+    assert "text_encoder_2" in lora.modules and keys.guess_family(lora) == families.SDXL
+    # SD 1.5 itself, and the tiny SD-1.x-shaped model (its own family: 64-wide text)
+    for model, title in ((ref, "SD 1.x"), (shapes, "the built-in tiny model")):
+        with pytest.raises(SdtuneError, match=f"for SDXL; the model is {title}"):
             keys.match(lora, model).raise_if_bad(allow_partial=True, source="xl.safetensors")
 
 

@@ -31,13 +31,16 @@ from pathlib import Path
 
 import torch
 
+from .. import families
+from ..families import Family
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
 from . import keys
-from .neutral import COMPONENTS, Adapter, Lora
+from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-                  "lora_te_": "text_encoder"}
-KOHYA_SAVE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_UNET_PREFIX = "lora_unet_"
+# kohya prefix -> component: lora_unet_, and each family's text-encoder prefixes (lora_te_, lora_te1_, lora_te2_)
+KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {te.kohya_prefix: te.component for f in families.FAMILIES.values()
+                                                for te in f.text_encoders}
 # kohya/LyCORIS key suffix -> (adapter kind, tensor role); kind None: shared by every kind (alpha)
 KOHYA_ROLES = {
     "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"), "lora_mid.weight": ("lora", "mid"),
@@ -71,8 +74,9 @@ _META_KEY = "lora_adapter_metadata"
 def load_lora(path: str | Path, *, model_keys: dict | None = None) -> Lora:
     """Read a LoRA file (or a folder holding one) of any supported layout into a ``Lora``.
 
-    ``model_keys`` ({component: module paths}) resolves kohya's underscore names and cloneofsimo's indices
-    against the actual model; without it the SD 1.5 module structure is used.
+    ``model_keys`` ({component: root module or module paths}) resolves kohya's underscore names and
+    cloneofsimo's indices against the actual model; without it, against the structure of the family the
+    file's layer widths point to (SD 1.x when they do not say).
     """
     path = Path(path)
     if path.is_dir():
@@ -152,21 +156,20 @@ def _not_a_lora_message(sd: dict, source: str) -> str:
 
 
 class _Reader:
-    """Groups file keys by (component, module path) and turns each group into an ``Adapter``."""
+    """Groups file keys by (component, module) and turns each group into an ``Adapter``.
+
+    kohya names are kept as they are until the whole file is read: which structure resolves them (SD 1.x's,
+    SDXL's...) depends on the family, and that is read off the widths of all the file's layers.
+    """
 
     def __init__(self, lora: Lora, source: str, model_keys, metadata: dict, peft_config: dict | None):
         self.lora, self.source, self.model_keys, self.metadata = lora, source, model_keys, metadata
-        self.groups: dict[tuple[str, str], dict] = {}
+        self.groups: dict[tuple[str, str], dict] = {}  # (component, module path) -> keys of one adapter
+        self.kohya: dict[tuple[str, str], dict] = {}  # (component, kohya underscore name) -> keys of one adapter
+        self.bare_text: set[tuple[str, str]] = set()  # text-encoder groups whose keys did not say which encoder
         self.styles: Counter = Counter()
         self.cloneofsimo: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        self._resolver = None
         self.peft = _peft_configs(metadata, peft_config, source)
-
-    @property
-    def resolver(self) -> keys.NameResolver:
-        if self._resolver is None:
-            self._resolver = keys.NameResolver(self.model_keys)
-        return self._resolver
 
     def take(self, key: str, value: torch.Tensor) -> None:
         if self._embedding(key, value):
@@ -180,9 +183,8 @@ class _Reader:
                 kind_role = KOHYA_ROLES.get(suffix)
                 if kind_role is None:
                     break
-                path = self.resolver.kohya(comp, name)
                 style = {"lora": "kohya", "diff": "lycoris-full"}.get(kind_role[0], f"lycoris-{kind_role[0]}")
-                self._add(comp, path, kind_role, value, key, style if kind_role[0] else None)
+                self._add(self.kohya, comp, name, kind_role, value, key, style if kind_role[0] else None)
                 return
         else:
             if self._diffusers(key, value):
@@ -213,9 +215,9 @@ class _Reader:
             comp = comp or _component_of(m.group(1))
             if comp is None:
                 return False
-            table = _PROCESSOR_TEXT if comp.startswith("text_encoder") else _PROCESSOR_UNET
+            table = _PROCESSOR_TEXT if comp in TEXT_COMPONENTS else _PROCESSOR_UNET
             path = f"{m.group(1)}.{table[m.group(3)]}"
-            self._add(comp, _clean_path(comp, path), (None, m.group(4)), value, key, "diffusers-old")
+            self._add_dotted(comp, path, prefixed, (None, m.group(4)), value, key, "diffusers-old")
             return True
         for suffix, role, style in _DIFFUSERS_SUFFIXES:
             if rest.endswith(suffix):
@@ -225,12 +227,19 @@ class _Reader:
                     return False
                 if style == "peft" and prefixed:
                     style = "diffusers"
-                self._add(comp, _clean_path(comp, path), ("lora", role), value, key, style)
+                self._add_dotted(comp, path, prefixed, ("lora", role), value, key, style)
                 return True
         return False
 
-    def _add(self, comp, path, kind_role, value, key, style) -> None:
-        group = self.groups.setdefault((comp, path), {"kinds": set(), "roles": {}, "keys": [], "styles": set()})
+    def _add_dotted(self, comp, path, prefixed: bool, kind_role, value, key, style) -> None:
+        if comp in TEXT_COMPONENTS:
+            path = text_path(path)
+            if not prefixed:  # raw PEFT / unprefixed keys: which encoder is decided from the widths in finish()
+                self.bare_text.add((comp, path))
+        self._add(self.groups, comp, path, kind_role, value, key, style)
+
+    def _add(self, groups: dict, comp, name, kind_role, value, key, style) -> None:
+        group = groups.setdefault((comp, name), {"kinds": set(), "roles": {}, "keys": [], "styles": set()})
         kind, role = kind_role
         if kind:
             group["kinds"].add(kind)
@@ -243,17 +252,47 @@ class _Reader:
             group["styles"].add(style)
 
     def finish(self) -> None:
-        for (comp, path), group in self.groups.items():
-            adapter = self._adapter(comp, path, group)
-            if adapter is None:
-                self.lora.unknown.extend(group["keys"])
-                continue
+        built = self._place_bare_text(self._build(self.groups))
+        raw = self._build(self.kohya)
+        if raw:
+            sketch = Lora(modules={c: {} for c in COMPONENTS}, metadata=self.metadata, embeddings=self.lora.embeddings)
+            for (comp, name), (adapter, _) in {**built, **raw}.items():
+                sketch.modules.setdefault(comp, {})[name] = adapter
+            resolver = keys.NameResolver(self.model_keys, keys.guess_family(sketch))
+            for (comp, name), (adapter, group) in raw.items():
+                path = resolver.kohya(comp, name)
+                if (comp, path) in built:  # the same module under two names: neither is applied twice
+                    self.lora.unknown.extend(group["keys"])
+                    continue
+                built[(comp, path)] = adapter, group
+        for (comp, path), (adapter, group) in built.items():
             self.lora.modules.setdefault(comp, {})[path] = adapter
             self.styles.update(group["styles"])
         for comp, entries in self.cloneofsimo.items():
             self._cloneofsimo(comp, entries)
         styles = [s for s, n in self.styles.most_common() if n]
         self.lora.format = "+".join(styles) if styles else ("embeddings" if self.lora.embeddings else "")
+
+    def _build(self, groups: dict) -> dict[tuple[str, str], tuple[Adapter, dict]]:
+        """{group key: (adapter, group)}; groups that make no adapter go to ``unknown``."""
+        built = {}
+        for (comp, name), group in groups.items():
+            adapter = self._adapter(comp, name, group)
+            if adapter is None:
+                self.lora.unknown.extend(group["keys"])
+            else:
+                built[(comp, name)] = adapter, group
+        return built
+
+    def _place_bare_text(self, built: dict) -> dict:
+        """Text-encoder adapters from keys that name no encoder (a raw PEFT ``text_model.…`` file) go to the
+        encoder whose width their attention projections have: 1280 is only SDXL's text_encoder_2."""
+        bare = {k: v for k, v in built.items() if k in self.bare_text}
+        widths = {keys.adapter_io(ad)[0] for (_, p), (ad, _) in bare.items() if keys.TEXT_ATTENTION.search(p)}
+        comp = keys.text_component(widths.pop()) if len(widths) == 1 else None
+        if comp is None:
+            return built
+        return {((comp if k in bare else k[0]), k[1]): v for k, v in built.items()}
 
     def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
         roles, kinds = dict(group["roles"]), set(group["kinds"]) or {"lora"}
@@ -285,7 +324,7 @@ class _Reader:
         cfg = self.peft.get(comp) or self.peft.get("*")
         if not cfg:
             return None
-        names = [path] + ([f"text_model.{path}"] if comp.startswith("text_encoder") else [])
+        names = list(dict.fromkeys(text_paths(path))) if comp in TEXT_COMPONENTS else [path]
         r = _pattern_value(cfg.get("rank_pattern") or {}, names, cfg.get("r", rank))
         a = _pattern_value(cfg.get("alpha_pattern") or {}, names, cfg.get("lora_alpha", 8))
         r, a = int(r), float(a)
@@ -299,9 +338,8 @@ class _Reader:
         if self.model_keys and self.model_keys.get(comp) is not None:
             paths = keys.model_keys_of({comp: self.model_keys[comp]})[comp]
         else:
-            paths = keys.sd15_reference()[comp]
-        targets = keys.cloneofsimo_targets(comp, paths)
-        targets = [t.removeprefix("text_model.") for t in targets]
+            paths = keys.reference(families.SD1)[comp]  # lora_diffusion only ever trained SD 1.x
+        targets = [text_path(t) for t in keys.cloneofsimo_targets(comp, paths)]
         declared = self.metadata.get(comp, "")
         if comp == "unet" and ("GEGLU" not in declared if declared else len(entries) * 9 == len(targets) * 8):
             targets = [t for t in targets if not t.endswith("ff.net.0.proj")]  # older default: attention only
@@ -324,10 +362,6 @@ def _component_of(path: str) -> str | None:
     if root in keys.TEXT_ROOTS:
         return "text_encoder"
     return None
-
-
-def _clean_path(comp: str, path: str) -> str:
-    return path.removeprefix("text_model.") if comp.startswith("text_encoder") else path
 
 
 def _pattern_value(patterns: dict, names: list[str], default):
@@ -353,7 +387,7 @@ def _peft_configs(metadata: dict, peft_config: dict | None, source: str) -> dict
             data = json.loads(raw)
         except ValueError as e:
             raise SdtuneError(f"{source}: the {_META_KEY} header is not valid JSON ({e}); re-export the file")
-        prefixed = {k for k in data if k.split(".", 1)[0] in (*COMPONENTS, "text_encoder_2") and "." in k}
+        prefixed = {k for k in data if k.split(".", 1)[0] in COMPONENTS and "." in k}
         if prefixed:
             for k in prefixed:
                 comp, _, field_name = k.partition(".")
@@ -410,15 +444,21 @@ def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
 
 # ================================================================= writing
 
-def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None) -> None:
-    """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically)."""
+def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,
+              family: Family | None = None) -> None:
+    """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically).
+
+    ``family`` (default: the one its layer widths point to, else SD 1.x) gives the kohya text-encoder prefixes
+    (``lora_te_`` or ``lora_te1_``/``lora_te2_``) and ``ss_base_model_version``.
+    """
     path = Path(path)
+    family = family or keys.guess_family(lora) or families.SD1
     if lora.unknown:
         raise SdtuneError(f"{path}: the LoRA has {len(lora.unknown)} keys sdtune could not read (e.g. "
                           f"{lora.unknown[0]}); writing it would lose them. Remove them from the source first")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     if format == "kohya":
-        tensors, header = _kohya_tensors(lora), _kohya_metadata(lora)
+        tensors, header = _kohya_tensors(lora, family), _kohya_metadata(lora, family)
         meta = {**_carried_metadata(lora), **header, **extra}
     elif format == "diffusers":
         tensors, header = _diffusers_tensors(lora, path)
@@ -428,10 +468,11 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 
-def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None) -> Lora:
+def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None,
+            family: Family | None = None) -> Lora:
     """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
     lora = load_lora(in_path, model_keys=model_keys)
-    save_lora(lora, out_path, format=to)
+    save_lora(lora, out_path, format=to, family=family)
     return lora
 
 
@@ -442,18 +483,23 @@ def _carried_metadata(lora: Lora) -> dict[str, str]:
             and not re.match(r"^(unet|text_encoder):\d+:rank$", k) and k not in ("unet", "text_encoder")}
 
 
-def _kohya_name(comp: str, path: str) -> str:
-    if comp not in KOHYA_SAVE_PREFIX:
-        raise SdtuneError(f"component {comp!r} has no kohya name; expected unet or text_encoder")
-    if comp.startswith("text_encoder"):
-        path = "text_model." + path
-    return KOHYA_SAVE_PREFIX[comp] + keys.underscored(path)
+def _kohya_name(comp: str, path: str, family: Family) -> str:
+    """kohya's name of a module: its prefix, then the path with dots as underscores (text paths keep the
+    ``text_model`` level, as kohya's transformers-4 models had it)."""
+    if comp == "unet":
+        return KOHYA_UNET_PREFIX + keys.underscored(path)
+    try:
+        prefix = family.text_encoder(comp).kohya_prefix
+    except KeyError:
+        raise SdtuneError(f"this LoRA has {comp} layers, which {family.title} has no kohya name for; "
+                          f"write it for a family with that text encoder (SDXL) or drop those layers") from None
+    return prefix + keys.underscored(text_paths(path)[1])
 
 
-def _kohya_tensors(lora: Lora) -> dict[str, torch.Tensor]:
+def _kohya_tensors(lora: Lora, family: Family) -> dict[str, torch.Tensor]:
     out = {}
     for comp, path, ad in lora.items():
-        name = _kohya_name(comp, path)
+        name = _kohya_name(comp, path, family)
         for role, tensor in ad.tensors.items():
             out[f"{name}.{_KOHYA_SAVE_NAMES[(ad.kind, role)]}"] = tensor
         if ad.alpha is not None and ad.kind != "diff":
@@ -470,7 +516,14 @@ def _number(x: float) -> str:
     return str(float(x))
 
 
-def _kohya_metadata(lora: Lora) -> dict[str, str]:
+def _base_model_version(lora: Lora, family: Family) -> str:
+    """The family's ``ss_base_model_version``, or the file's own when it names the same family more precisely
+    (``sd_v2_768_v``)."""
+    carried = lora.metadata.get("ss_base_model_version")
+    return carried if families.by_base_model_version(carried) == family else family.base_model_version
+
+
+def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
     linear = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] in (None, (1, 1))]
     conv = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] not in (None, (1, 1))]
@@ -483,7 +536,9 @@ def _kohya_metadata(lora: Lora) -> dict[str, str]:
         return dim, alpha
 
     dim, alpha = dim_alpha(linear or conv) if (linear or conv) else ("0", "0")
-    meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, "ss_base_model_version": "sd_v1", "ss_v2": "False"}
+    # kohya's ss_v2 flag means exactly "an SD 2.x base"
+    meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, "ss_base_model_version": _base_model_version(lora, family),
+            "ss_v2": str(family == families.SD2)}
     lycoris = kinds - {"lora"} or any("mid" in ad.tensors for _, _, ad in lora.items())
     args = {}
     if conv:
@@ -499,10 +554,11 @@ def _kohya_metadata(lora: Lora) -> dict[str, str]:
     return meta
 
 
-def _te_prefix(comp: str) -> str:
+def _diffusers_module(comp: str, path: str) -> str:
     # diffusers 0.42 strips a leading ``text_model.`` when the CLIPTextModel has none (transformers 5) and keeps
-    # it for transformers 4, so writing it is what every diffusers version with either transformers loads.
-    return f"{comp}.text_model." if comp.startswith("text_encoder") else f"{comp}."
+    # it for transformers 4 and CLIPTextModelWithProjection, so writing it is what every diffusers version with
+    # either transformers loads.
+    return f"{comp}.{text_paths(path)[1] if comp in TEXT_COMPONENTS else path}"
 
 
 def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -517,7 +573,7 @@ def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor],
         other = {ad.kind for ad in mods.values()} - {"lora"}
         if other:
             raise SdtuneError(f"{path}: {'/'.join(sorted(other))} (LyCORIS) adapters have no diffusers layout "
-                              f"that diffusers loads for SD 1.x; save them with format='kohya'")
+                              f"that diffusers loads; save them with format='kohya'")
         ranks, alphas = {}, {}
         for p, ad in mods.items():
             down, up = ad.tensors["down"], ad.tensors["up"]
@@ -525,7 +581,7 @@ def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor],
                 mid = ad.tensors["mid"]
                 core = torch.einsum("ri,srkl->sikl", down.flatten(1).float(), mid.float()).to(down.dtype)
                 down = core
-            key = _te_prefix(comp) + p
+            key = _diffusers_module(comp, p)
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
             ranks[p] = ad.rank
             alphas[p] = float(ad.alpha) if ad.alpha is not None else float(ad.rank)

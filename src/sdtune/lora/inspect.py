@@ -6,17 +6,21 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .. import families
 from . import keys
 from .formats import load_lora
+from .neutral import COMPONENTS
 
 _LYCORIS = {"loha": "LoHa", "lokr": "LoKr", "diff": "full (diff)"}
 
 
 def describe(path: str | Path) -> dict:
-    """A JSON-ready summary: format, base family guess, ranks, alphas, scales, modules per component, conv
-    layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings, and keys sdtune could not read."""
+    """A JSON-ready summary: format, base family guess, modules per component and how many of them fit that
+    family's layers, ranks, alphas, scales, conv layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings,
+    and keys sdtune could not read."""
     lora = load_lora(path)
-    reference = keys.sd15_reference()
+    family = keys.guess_family(lora)
+    reference = keys.reference(family or families.SD1)
     kinds = Counter(ad.kind for _, _, ad in lora.items())
     conv3, conv1 = 0, 0
     for comp, p, ad in lora.items():
@@ -29,13 +33,16 @@ def describe(path: str | Path) -> dict:
     lycoris = sorted(_LYCORIS[k] for k in kinds if k in _LYCORIS)
     if any("mid" in ad.tensors for _, _, ad in lora.items()):
         lycoris.append("LoCon (Tucker)")
-    family = keys.guess_family(lora)
+    fit = keys.match(lora, reference)
     return {
         "file": str(path),
         "format": lora.format,
-        "family": family,
-        "family_name": keys.FAMILY_NAMES.get(family),
+        "family": family.name if family else None,
+        "family_name": family.title if family else None,
         "modules": {c: len(m) for c, m in lora.modules.items() if m},
+        # modules that fit a layer of the family's real architecture (SD 1.x's when the family is unknown)
+        "fits": {c: sum(1 for cc, _ in fit.matched if cc == c) for c in COMPONENTS if lora.modules.get(c)},
+        "fits_family": (family or families.SD1).title,
         "kinds": dict(kinds),
         "ranks": sorted({ad.rank for _, _, ad in lora.items() if ad.rank is not None}),
         "alphas": sorted({float(ad.alpha) for _, _, ad in lora.items() if ad.alpha is not None}),
@@ -71,6 +78,8 @@ def render(info: dict) -> str:
         ("format", info["format"] or "unknown"),
         ("base family", family),
         ("modules", ", ".join(f"{c} {n}" for c, n in info["modules"].items()) or "none"),
+        (f"fit {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}" for c, n in info["modules"].items())
+         or "none"),
         ("adapter kinds", ", ".join(f"{k} {n}" for k, n in info["kinds"].items()) or "none"),
         ("ranks", ", ".join(map(str, info["ranks"])) or "n/a"),
         ("alphas", alphas),

@@ -3,12 +3,13 @@
 kohya/A1111 files name a module by its path with every dot turned into an underscore
 (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0``), which is ambiguous on its own
 (``to_out_0`` vs ``to.out.0``). ``NameResolver`` undoes it by looking the name up among the real module paths
-of the model (or of the SD 1.5 reference structure), in diffusers naming and in the original LDM naming
+of the model (or of its family's reference structure), in diffusers naming and in the original LDM/SGM naming
 (``input_blocks_4_1_...``, via ``sdtune.ldm``); names found nowhere get a best-effort dotted path so that the
 matcher can still report them instead of dropping them.
 
 ``match`` then checks every adapter of a ``Lora`` against the model's layers (existence and shape), guesses
-the base family the file was made for, and ``MatchReport.raise_if_bad`` turns a bad fit into one clear error.
+the base family the file was made for (``guess_family``: from the widths of its layers, asked of
+``sdtune.families``), and ``MatchReport.raise_if_bad`` turns a bad fit into one clear error.
 """
 
 from __future__ import annotations
@@ -17,24 +18,22 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from .. import families
+from ..families import Family
 from ..safeio import SdtuneError
-from .neutral import Adapter, Lora
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# Width of the text features the UNet cross-attends to, per family (attn2.to_k/to_v input width).
-CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-# Hidden width of a kohya ``lora_te_`` text encoder: SD 1.x CLIP-L 768, SD 2.x OpenCLIP-H 1024.
-TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
 UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
               "add_embedding", "class_embedding", "encoder_hid_proj")
 LDM_UNET_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
-TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
+TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm", "text_projection")
+# SDXL's added-conditioning MLP (diffusers ``add_embedding``) is ``label_emb.0`` in SGM files; ``ldm.unet_module_map``
+# does not name it, so it is added here for UNets that have one.
+SGM_LABEL_EMB = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 
 # Attribute names that themselves contain underscores (diffusers, LDM and CLIP naming): an underscore inside
 # one of these is not a path separator.
@@ -69,7 +68,7 @@ def dotted_guess(name: str) -> str:
     return ".".join(out)
 
 
-# ---------------------------------------------------------------- reference structure (SD 1.5, meta device)
+# ---------------------------------------------------------------- reference structures (meta device)
 
 def weight_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     """{module path: weight shape} for every module of ``module`` that owns a ``weight`` tensor."""
@@ -81,21 +80,20 @@ def weight_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     return out
 
 
-@lru_cache(maxsize=1)
-def sd15_reference() -> dict[str, dict[str, tuple]]:
-    """{"unet" | "text_encoder": {module path: weight shape}} of the real SD 1.5 architecture.
+@cache
+def reference(family: Family) -> dict[str, dict[str, tuple]]:
+    """{component: {module path: weight shape}} of ``family``'s real architecture (unet and text encoders).
 
     Built on the meta device (no memory, well under a second), so names can be resolved and files inspected
     without any model at hand.
     """
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models import build_parts  # models imports the LoRA patcher, which imports this module
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(families.SD1.component_configs()["unet"])
-        text = CLIPTextModel(CLIPTextConfig(**families.SD1.component_configs()["text_encoder"]))
-    return {"unet": weight_shapes(unet), "text_encoder": weight_shapes(text)}
+        parts = build_parts(family)
+    return {c: weight_shapes(parts[c]) for c in ("unet", *(te.component for te in family.text_encoders))}
 
 
 def model_keys_of(model_modules: dict) -> dict[str, set[str]]:
@@ -126,18 +124,25 @@ def _infer_unet_config(paths: set[str]) -> dict | None:
 
     Widths are unknown from names alone; distinct made-up widths make the map include every possible
     shortcut conv, which is harmless: the map only translates names, existence is checked separately.
+    Transformer depth is read per level (SDXL: 1, 2, 10), since the LDM block numbering does not depend on it
+    but the names inside each block do.
     """
     down = {int(m.group(1)) for p in paths if (m := re.match(r"down_blocks\.(\d+)\.", p))}
     if not down or "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" not in paths:
         return None
     n = max(down) + 1
     per_layer = len({m.group(1) for p in paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))})
-    depth = 1 + max(int(m.group(1)) for p in paths if (m := re.search(r"transformer_blocks\.(\d+)\.", p)))
     has = lambda prefix: any(p.startswith(prefix) for p in paths)
+
+    def depth(prefix: str) -> int:
+        found = [int(m.group(1)) for p in paths if p.startswith(prefix)
+                 and (m := re.search(r"transformer_blocks\.(\d+)\.", p))]
+        return 1 + max(found, default=0)
+
     return {
         "block_out_channels": [10 * (b + 1) for b in range(n)],
         "layers_per_block": max(per_layer, 1),
-        "transformer_layers_per_block": depth,
+        "transformer_layers_per_block": [depth(f"down_blocks.{b}.") for b in range(n - 1)] + [depth("mid_block.")],
         "down_block_types": ["CrossAttnDownBlock2D" if has(f"down_blocks.{b}.attentions.") else "DownBlock2D"
                              for b in range(n)],
         "up_block_types": ["CrossAttnUpBlock2D" if has(f"up_blocks.{b}.attentions.") else "UpBlock2D"
@@ -145,36 +150,55 @@ def _infer_unet_config(paths: set[str]) -> dict | None:
     }
 
 
+def _unet_config(root, paths: set[str], family: Family) -> dict:
+    """The UNet config behind the LDM/SGM names: the model's own, else read off its paths, else the family's."""
+    config = getattr(root, "config", None)
+    if config is not None and "block_out_channels" in config:
+        return dict(config)
+    return (_infer_unet_config(paths) if root is not None else None) or family.component_configs()["unet"]
+
+
+def _ldm_names(config: dict, paths: set[str]) -> dict[str, str]:
+    """LDM/SGM module path -> diffusers path for a UNet of this config ({} where the layout has no LDM names)."""
+    from ..ldm import unet_module_map
+
+    try:
+        names = unet_module_map(config)
+    except (SdtuneError, KeyError):  # not an SD-shaped UNet: its diffusers names still resolve
+        return {}
+    names |= {ldm: d for ldm, d in SGM_LABEL_EMB.items() if d in paths}
+    return names
+
+
 class NameResolver:
-    """kohya underscore names -> module paths of one model (or of SD 1.5 when no model is given)."""
+    """kohya underscore names -> module paths of one model, or of a family's reference structure.
 
-    def __init__(self, model_keys: dict | None = None):
-        model_keys = model_keys_of(model_keys) if model_keys else {}
-        unet_paths = set(model_keys.get("unet") or sd15_reference()["unet"])
-        text_paths = {p.removeprefix("text_model.") for p in (model_keys.get("text_encoder")
-                                                              or sd15_reference()["text_encoder"])}
+    ``model_keys``: {component: root module, {path: ...} or set of paths}; a component it lacks is taken from
+    ``family``'s reference (SD 1.x by default), so that names of every component still read.
+    """
+
+    def __init__(self, model_keys: dict | None = None, family: Family | None = None):
+        family = family or families.SD1
+        model_keys = {c: v for c, v in (model_keys or {}).items() if v is not None}
+        given = model_keys_of(model_keys)
+        table = lambda c: given.get(c) or set(reference(family).get(c, ()))
+        unet_paths = table("unet")
         self.unet = {underscored(p): p for p in unet_paths}
-        config = _infer_unet_config(unet_paths) or families.SD1.component_configs()["unet"]
-        try:
-            from ..ldm import unet_module_map
-
-            ldm_map = unet_module_map(config)
-        except (ImportError, SdtuneError, KeyError):  # no LDM names for this layout: diffusers names still work
-            ldm_map = {}
+        ldm_map = _ldm_names(_unet_config(model_keys.get("unet"), unet_paths, family), unet_paths)
         for ldm, diffusers in ldm_map.items():
             self.unet.setdefault(underscored(ldm), diffusers)
-        self.text = {}
-        for p in text_paths:
-            self.text[underscored(p)] = p
-            self.text[underscored("text_model." + p)] = p
+        self.text: dict[str, dict[str, str]] = {}
+        for comp in TEXT_COMPONENTS:
+            names = self.text[comp] = {}
+            for p in table(comp):
+                for spelling in text_paths(p):
+                    names[underscored(spelling)] = text_path(p)
 
     def kohya(self, component: str, name: str) -> str:
-        """Module path for ``name`` (the part after ``lora_unet_`` / ``lora_te_``)."""
+        """Module path for ``name`` (the part after ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``)."""
         if component == "unet":
             return self.unet.get(name) or dotted_guess(name)
-        if component == "text_encoder":
-            return self.text.get(name) or dotted_guess(name).removeprefix("text_model.")
-        return dotted_guess(name).removeprefix("text_model.")
+        return self.text.get(component, {}).get(name) or text_path(dotted_guess(name))
 
 
 # ---------------------------------------------------------------- cloneofsimo order-indexed layout
@@ -252,35 +276,79 @@ def fits(ad: Adapter, shape: tuple) -> bool:
     return kernel is None or math.prod(kernel) == 1 or tuple(shape[2:]) == kernel
 
 
-def guess_family(lora: Lora) -> str | None:
-    """"sd1" | "sd2" | "sdxl" | None: the base the file was made for, from names and layer widths."""
-    votes = set()
+# Layers whose widths tell the family, in dotted or in kohya underscore spelling (guessing runs before kohya
+# names are resolved, since the resolution needs the family's structure).
+_CROSS_ATTENTION = re.compile(r"attn2[._]to_[kv]$")
+_TRANSFORMER_INDEX = re.compile(r"transformer_blocks[._](\d+)[._]")
+TEXT_ATTENTION = re.compile(r"self_attn[._](q|k|v|out)_proj$")
+
+
+@cache
+def _transformer_depth(family: Family) -> int:
+    """The most transformer blocks any attention of the family's UNet stacks (SD 1.x/2.x: 1, SDXL: 10)."""
+    depth = family.component_configs()["unet"].get("transformer_layers_per_block") or 1
+    return max(depth) if isinstance(depth, (list, tuple)) else depth
+
+
+def _layer_evidence(comp: str, path: str, out: int, inner: int) -> list[set[Family]]:
+    """The families each fact about one layer allows: an empty set means no known family has such a layer."""
+    allowed = []
+    if comp in TEXT_COMPONENTS:
+        allowed.append({f for f in families.FAMILIES.values() if comp in (te.component for te in f.text_encoders)})
+        if TEXT_ATTENTION.search(path):  # the attention projections map the encoder's width onto itself
+            allowed.append({f for f, te in families.by_text_width(out) if te.component == comp})
+    elif comp == "unet":
+        if _CROSS_ATTENTION.search(path):  # attn2.to_k/to_v read the text features
+            family = families.by_cross_attention(inner)
+            allowed.append({family} if family else set())
+        if m := _TRANSFORMER_INDEX.search(path):
+            allowed.append({f for f in families.FAMILIES.values() if _transformer_depth(f) > int(m.group(1))})
+    return allowed
+
+
+def text_component(width: int) -> str | None:
+    """The text-encoder component (text_encoder, text_encoder_2) every family with an encoder this wide calls
+    it; None when they differ (768 is SD 1.x's only encoder and SDXL's first alike) or none is this wide."""
+    components = {te.component for _, te in families.by_text_width(width)}
+    return components.pop() if len(components) == 1 else None
+
+
+def _pick_family(evidence: list[set[Family]], hint: Family | None) -> Family | None:
+    """The one family every piece of evidence allows; ties go to ``hint`` (the file's own claim), then to the
+    family with the fewest text encoders (a file without te2 keys is no SDXL evidence), then FAMILIES order."""
+    everything = set(families.FAMILIES.values())
+    evidence = [e for e in evidence if e != everything]
+    if not evidence:
+        return hint
+    common = set.intersection(*evidence)
+    if not common:  # contradictory, or widths no known family has
+        return None
+    if hint in common:
+        return hint
+    order = list(families.FAMILIES.values())
+    return min(common, key=lambda f: (len(f.text_encoders), order.index(f)))
+
+
+def guess_family(lora: Lora) -> Family | None:
+    """The family the file was made for, from its layer widths (cross-attention 768/1024/2048, text-encoder
+    widths, transformer depth), whether it has te2 layers, and its embeddings' widths; None if they do not say."""
+    evidence = []
     for comp, path, ad in lora.items():
-        if comp == "text_encoder_2":
-            votes.add("sdxl")
-            continue
-        if comp == "unet":
-            m = re.search(r"transformer_blocks\.(\d+)\.", path)
-            if m and int(m.group(1)) >= 1:  # SD 1.x/2.x have one transformer block per attention
-                votes.add("sdxl")
-            if path.endswith(("attn2.to_k", "attn2.to_v")):
-                votes.add(CONTEXT_WIDTH_FAMILY.get(adapter_io(ad)[1]))
-        elif comp == "text_encoder" and path.endswith("self_attn.q_proj"):
-            votes.add(TEXT_WIDTH_FAMILY.get(adapter_io(ad)[1]))
+        out, inner, _ = adapter_io(ad)
+        evidence += _layer_evidence(comp, path, out, inner)
     for emb in lora.embeddings.values():
-        votes.add({1024: "sd2", 1280: "sdxl"}.get(emb.shape[-1]))
-    votes.discard(None)
-    for family in ("sdxl", "sd2", "sd1"):
-        if family in votes:
-            return family
-    return None
+        evidence.append({f for f, _ in families.by_text_width(emb.shape[-1])})
+    return _pick_family(evidence, families.by_base_model_version(lora.metadata.get("ss_base_model_version")))
 
 
-def model_family(tables: dict[str, dict]) -> str | None:
-    for path, shape in tables.get("unet", {}).items():
-        if path.endswith("attn2.to_k") and shape:
-            return CONTEXT_WIDTH_FAMILY.get(shape[1])
-    return None
+def model_family(tables: dict[str, dict]) -> Family | None:
+    """The family of a model from its layers' shapes ({component: {path: shape}}), as ``guess_family`` reads files."""
+    evidence = []
+    for comp, table in tables.items():
+        for path, shape in table.items():
+            if shape and len(shape) >= 2:
+                evidence += _layer_evidence(comp, path, shape[0], math.prod(shape[1:]))
+    return _pick_family(evidence, None)
 
 
 # ---------------------------------------------------------------- matching
@@ -292,8 +360,8 @@ class MatchReport:
     matched: list[tuple[str, str]] = field(default_factory=list)  # (component, module path)
     unmatched: list[str] = field(default_factory=list)  # "component:path" with no such layer, or unread file keys
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (component:path, lora, model)
-    family_guess: str | None = None  # what the file looks made for
-    model_family: str | None = None  # what the model looks like (None: SD 1.x-shaped but unrecognised width)
+    family_guess: Family | None = None  # what the file looks made for
+    model_family: Family | None = None  # what the model looks like (None: widths of no known family)
 
     @property
     def ok(self) -> bool:
@@ -310,9 +378,9 @@ class MatchReport:
         return f"{bad} of {bad + len(self.matched)} LoRA entries do not fit this model: {'; '.join(parts)}"
 
     def cause(self) -> str:
-        model = FAMILY_NAMES.get(self.model_family or "sd1")
-        if self.family_guess and self.family_guess != (self.model_family or "sd1"):
-            return f"this LoRA is for {FAMILY_NAMES[self.family_guess]}; the model is {model}. "
+        guess, model = self.family_guess, self.model_family
+        if guess and model and guess != model:
+            return f"this LoRA is for {guess.title}; the model is {model.title}. "
         return ""
 
     def raise_if_bad(self, allow_partial: bool = False, source: str = "") -> None:
@@ -349,8 +417,5 @@ def match(lora: Lora, model_modules: dict) -> MatchReport:
     return report
 
 
-def _candidates(comp: str, path: str) -> list[str]:
-    if comp != "text_encoder":
-        return [path]
-    bare = path.removeprefix("text_model.")
-    return [bare, "text_model." + bare]
+def _candidates(comp: str, path: str) -> tuple[str, ...]:
+    return text_paths(path) if comp in TEXT_COMPONENTS else (path,)

@@ -1,8 +1,10 @@
 """The one in-memory form of a LoRA, whatever file it came from.
 
-A ``Lora`` maps component ("unet" | "text_encoder") -> module path -> ``Adapter``. Module paths use the
-model's own naming: diffusers naming for the UNet (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``),
-transformers-5 naming for the CLIP text encoder (``encoder.layers.0.self_attn.q_proj``, no ``text_model.``).
+A ``Lora`` maps component ("unet" | "text_encoder" | "text_encoder_2", SDXL's second encoder) -> module path ->
+``Adapter``. Module paths use the model's own naming: diffusers naming for the UNet
+(``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``), transformers-5 ``CLIPTextModel`` naming for
+both text encoders (``encoder.layers.0.self_attn.q_proj``, no ``text_model.``: files and
+``CLIPTextModelWithProjection`` keep that level, and readers and the patcher accept both).
 File formats convert to and from this form at the edges (``formats``); ``patch`` only ever sees this.
 
 Each adapter algorithm says how to build its weight difference ΔW (before the user's weight):
@@ -19,7 +21,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+TEXT_MODEL = "text_model."  # the level transformers 4 (and CLIPTextModelWithProjection in 5) put around the encoder
+
+
+def text_path(path: str) -> str:
+    """A text-encoder module path in the neutral form: without the ``text_model.`` level."""
+    return path.removeprefix(TEXT_MODEL)
+
+
+def text_paths(path: str) -> tuple[str, str]:
+    """Both spellings of a neutral text-encoder path; ``text_projection`` sits outside ``text_model``, so the
+    prefixed spelling is the one files and ``CLIPTextModelWithProjection`` use for everything else."""
+    bare = text_path(path)
+    return (bare, bare) if bare.startswith("text_projection") else (bare, TEXT_MODEL + bare)
 
 
 @dataclass

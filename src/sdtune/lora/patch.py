@@ -38,7 +38,7 @@ import torch
 from ..safeio import SdtuneError
 from . import keys
 from .formats import load_lora
-from .neutral import COMPONENTS, Adapter, Lora
+from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_paths
 
 LayerKey = tuple[str, str]  # (component, module path)
 _ENTRY_IDS = itertools.count()
@@ -46,10 +46,10 @@ _ENTRY_IDS = itertools.count()
 
 @dataclass
 class _Entry:
-    """One named adapter: its LoRA, its two weights and the layers it was matched to."""
+    """One named adapter: its LoRA, its weight per component and the layers it was matched to."""
 
     lora: Lora
-    weights: dict[str, float]  # component -> user weight
+    weights: dict[str, float]  # component (unet, text_encoder, text_encoder_2) -> user weight
     targets: dict[LayerKey, Adapter] = field(default_factory=dict)
     source: str = ""
     uid: int = field(default_factory=lambda: next(_ENTRY_IDS))  # tells a re-added name from the old one
@@ -63,7 +63,8 @@ class _Layer:
 
 
 def _component_modules(target) -> dict[str, torch.nn.Module]:
-    """{"unet": ..., "text_encoder": ...} from a Base, a diffusers pipeline or a dict of components."""
+    """{"unet": ..., "text_encoder": ..., "text_encoder_2": ...} (those present) from a Base, a diffusers
+    pipeline or a dict of components."""
     get = target.get if isinstance(target, dict) else lambda k: getattr(target, k, None)
     mods = {c: get(c) for c in COMPONENTS}
     mods = {c: m for c, m in mods.items() if isinstance(m, torch.nn.Module)}
@@ -73,10 +74,8 @@ def _component_modules(target) -> dict[str, torch.nn.Module]:
 
 
 def _find_module(root: torch.nn.Module, comp: str, path: str) -> torch.nn.Module | None:
-    """The module at ``path``; the CLIP text encoder is looked up with and without ``text_model.``."""
-    candidates = [path]
-    if comp == "text_encoder":
-        candidates += [path.removeprefix("text_model.")] if path.startswith("text_model.") else [f"text_model.{path}"]
+    """The module at ``path``; text encoders are looked up with and without ``text_model.``."""
+    candidates = text_paths(path) if comp in TEXT_COMPONENTS else (path,)
     for p in candidates:
         try:
             return root.get_submodule(p)
@@ -96,16 +95,36 @@ def check_fit(lora: Lora, modules: dict, allow_partial: bool, source: str) -> di
     return {(comp, path): lora.modules[comp][path] for comp, path in report.matched}
 
 
-def as_weights(w) -> dict[str, float]:
-    """{"unet": w, "text_encoder": w} from one number, or from a pair (unet_w, te_w); te_w None: same as unet_w."""
-    bad = SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)")
+def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = False) -> dict[str, float]:
+    """{component: weight} for unet, text_encoder and text_encoder_2 from a weight as users give it:
+
+    - one number: every component;
+    - ``(unet_w, te_w)``: te_w for the text encoder(s), both of SDXL's; None: the UNet's weight;
+    - ``{"unet": .., "text_encoder": ..}``: components not named keep ``current`` (a reweight), or without it
+      follow the pair's rule (UNet 1.0, the text encoders from the UNet);
+    - with ``two_encoders`` (an SDXL model) also ``(unet_w, te1_w, te2_w)`` and a dict naming
+      ``text_encoder_2``; None in a triple: te2 takes te1's weight, te1 the UNet's.
+    """
+    forms = "(unet, text_encoder, text_encoder_2) weights, " if two_encoders else ""
+    bad = SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)"
+                      + (f", {forms}or a {{component: weight}} dict" if two_encoders else ""))
+    components = COMPONENTS if two_encoders else COMPONENTS[:2]
     try:
+        if isinstance(w, dict):
+            if not w or set(w) - set(components):
+                raise bad
+            given = {c: float(v) for c, v in w.items()}
+            if current:
+                return {**current, **given}
+            w = (given.get("unet", 1.0), given.get("text_encoder"), given.get("text_encoder_2"))
         if isinstance(w, (tuple, list)):
-            if len(w) != 2:
+            if len(w) != len(components) and len(w) != 2:
                 raise bad
             unet = float(w[0])
-            return {"unet": unet, "text_encoder": unet if w[1] is None else float(w[1])}
-        return {"unet": float(w), "text_encoder": float(w)}
+            te = unet if w[1] is None else float(w[1])
+            te2 = te if len(w) == 2 or w[2] is None else float(w[2])
+            return {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+        return dict.fromkeys(COMPONENTS, float(w))
     except (TypeError, ValueError):
         raise bad from None
 
@@ -114,15 +133,16 @@ _ATTR = "_sdtune_lora_set"  # the LoraSet of a module is kept on the module itse
 
 
 class LoraSet:
-    """The named adapters merged into one model's ``unet`` and ``text_encoder``.
+    """The named adapters merged into one model's ``unet``, ``text_encoder`` and (SDXL) ``text_encoder_2``.
 
     ``LoraSet.attach(base)`` returns the set already attached to that model, or a new one: two sets on the
     same modules would each take the other's patched weights for pristine ones.
     """
 
     def __init__(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None,
-                 *, pristine_device: str | torch.device | None = None):
-        self.modules = {c: m for c, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+                 text_encoder_2: torch.nn.Module | None = None, *, pristine_device: str | torch.device | None = None):
+        given = zip(COMPONENTS, (unet, text_encoder, text_encoder_2))
+        self.modules = {c: m for c, m in given if m is not None}
         if not self.modules:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
         self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
@@ -142,19 +162,22 @@ class LoraSet:
         for m in mods.values():
             if getattr(m, _ATTR, None) is not None:
                 return getattr(m, _ATTR)
-        return cls(mods.get("unet"), mods.get("text_encoder"), pristine_device=pristine_device)
+        return cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
+                   pristine_device=pristine_device)
 
     # ---- queries ----
     def names(self) -> list[str]:
         return list(self._entries)
 
     def list(self) -> list[dict]:
-        """One row per adapter: name, unet/text-encoder weights, layers patched per component, source."""
+        """One row per adapter: name, weight and layers patched per component (te: text_encoder, te2:
+        text_encoder_2), format, source."""
         rows = []
         for name, e in self._entries.items():
             per_comp = {c: sum(1 for (cc, _) in e.targets if cc == c) for c in COMPONENTS}
             rows.append({"name": name, "unet_weight": e.weights["unet"], "te_weight": e.weights["text_encoder"],
-                         "unet_layers": per_comp["unet"], "te_layers": per_comp["text_encoder"],
+                         "te2_weight": e.weights["text_encoder_2"], "unet_layers": per_comp["unet"],
+                         "te_layers": per_comp["text_encoder"], "te2_layers": per_comp["text_encoder_2"],
                          "format": e.lora.format, "source": e.source})
         return rows
 
@@ -170,16 +193,17 @@ class LoraSet:
                    if l.pristine is not None)
 
     # ---- changes ----
-    def add(self, name: str, lora: Lora | str | Path, weight: float = 1.0, te_weight: float | None = None,
+    def add(self, name: str, lora: Lora | str | Path, weight=1.0, te_weight: float | None = None,
             allow_partial: bool = False) -> None:
-        """Merge ``lora`` under ``name`` (replacing an adapter of that name). ``te_weight`` None: same as weight.
+        """Merge ``lora`` under ``name`` (replacing an adapter of that name).
 
+        ``weight``: any form ``as_weights`` takes; ``te_weight`` (None: from ``weight``) sets both text encoders.
         Every LoRA module must match a model layer of the right shape, else ``SdtuneError`` naming the first
         offenders; ``allow_partial=True`` skips those (with a warning) and applies the rest.
         """
-        weights = as_weights(weight)  # a bad weight fails before the file is read
+        weights = self._weights(weight)  # a bad weight fails before the file is read
         if te_weight is not None:
-            weights["text_encoder"] = as_weights(te_weight)["unet"]
+            weights |= dict.fromkeys(TEXT_COMPONENTS, as_weights(te_weight)["unet"])
         source = str(lora) if isinstance(lora, (str, Path)) else (lora.metadata.get("source", "") or name)
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
@@ -195,11 +219,14 @@ class LoraSet:
         self._sync(set(targets) | (set(old.targets) if old else set()))
 
     def set_weights(self, weights: dict) -> None:
-        """``{name: w}`` (both components) or ``{name: (unet_w, te_w)}``; other adapters keep theirs."""
+        """``{name: w}``, w in any form ``as_weights`` takes: one number (every component), ``(unet_w, te_w)``
+        (te_w for both text encoders), ``(unet_w, te1_w, te2_w)`` or ``{component: w}`` (the others keep
+        theirs); adapters not named keep their weights."""
         unknown = [n for n in weights if n not in self._entries]
         if unknown:
             raise SdtuneError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._entries) or 'none'}")
-        parsed = {name: as_weights(w) for name, w in weights.items()}  # all checked before any changes
+        # all checked before any changes
+        parsed = {name: self._weights(w, self._entries[name].weights) for name, w in weights.items()}
         changed: set[LayerKey] = set()
         for name, new in parsed.items():
             e = self._entries[name]
@@ -208,6 +235,9 @@ class LoraSet:
                     changed.update(k for k in e.targets if k[0] == comp)
             e.weights = new
         self._sync(changed)
+
+    def _weights(self, w, current: dict[str, float] | None = None) -> dict[str, float]:
+        return as_weights(w, current, two_encoders="text_encoder_2" in self.modules)
 
     def remove(self, name: str) -> None:
         if name not in self._entries:
