@@ -2,13 +2,15 @@
 
 Read (``load_lora`` / ``from_state_dict``), detected key by key, so a file mixing layouts still loads:
 
-- kohya / A1111 / civitai: ``lora_unet_<path>`` / ``lora_te_<path>`` (``lora_te1_``, SDXL ``lora_te2_``) with
-  ``.lora_down.weight`` ``.lora_up.weight`` [``.lora_mid.weight``] [``.alpha``]; UNet paths in diffusers or LDM
-  naming; LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``) and full (``.diff``) under the same names.
-- diffusers / PEFT: ``[unet.|text_encoder.|base_model.model.]<path>.lora_A.weight`` / ``lora_B.weight``, alphas
-  from ``.alpha`` keys, the ``lora_adapter_metadata`` header or a PEFT ``adapter_config.json`` beside the file;
+- kohya / A1111 / civitai: ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL: ``lora_te1_``, ``lora_te2_``) with
+  ``.lora_down.weight`` ``.lora_up.weight`` [``.lora_mid.weight``] [``.alpha``]; UNet paths in diffusers or
+  LDM/SGM naming (``input_blocks_4_1_…``), resolved against the model or the family the layer widths point to;
+  LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``) and full (``.diff``) under the same names.
+- diffusers / PEFT: ``[unet.|text_encoder.|text_encoder_2.|base_model.model.]<path>.lora_A.weight`` /
+  ``lora_B.weight``, alphas from ``.alpha`` keys, the ``lora_adapter_metadata`` header or a PEFT
+  ``adapter_config.json`` beside the file (a raw PEFT text-encoder adapter goes to the encoder of its width);
   the older ``.lora.down.weight``, ``.lora_linear_layer.down.weight`` and attention-processor
-  (``attn1.processor.to_q_lora.down.weight``) keys.
+  (``attn1.processor.to_q_lora.down.weight``) keys. Text paths are read with or without ``text_model.``.
 - cloneofsimo ``lora_diffusion``: order-indexed ``unet:N:up`` keys (and its bare-list ``.pt``), TI vectors beside.
 - bundled embeddings (``bundle_emb.<name>.string_to_param.*``, cloneofsimo ``<s1>``) go to ``Lora.embeddings``.
 
@@ -16,7 +18,8 @@ Keys no reader understands are kept in ``Lora.unknown`` (``keys.match`` reports 
 LyCORIS Tucker factors (``hada_t1``, ``lokr_t2``) are folded into plain two-factor form on reading, which gives
 the same ΔW with the same rank (and so the same alpha / rank scale).
 
-Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full) with ``ss_*`` metadata, or diffusers/PEFT keys
+Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full; the family's text-encoder prefixes and
+``ss_base_model_version``) with ``ss_*`` metadata, or diffusers/PEFT keys
 with the alphas in the ``lora_adapter_metadata`` header (per-module ``rank_pattern``/``alpha_pattern``), which
 diffusers' ``load_lora_weights`` reads, so the scale stays exact and the factors are stored unchanged.
 """
@@ -255,16 +258,7 @@ class _Reader:
         built = self._place_bare_text(self._build(self.groups))
         raw = self._build(self.kohya)
         if raw:
-            sketch = Lora(modules={c: {} for c in COMPONENTS}, metadata=self.metadata, embeddings=self.lora.embeddings)
-            for (comp, name), (adapter, _) in {**built, **raw}.items():
-                sketch.modules.setdefault(comp, {})[name] = adapter
-            resolver = keys.NameResolver(self.model_keys, keys.guess_family(sketch))
-            for (comp, name), (adapter, group) in raw.items():
-                path = resolver.kohya(comp, name)
-                if (comp, path) in built:  # the same module under two names: neither is applied twice
-                    self.lora.unknown.extend(group["keys"])
-                    continue
-                built[(comp, path)] = adapter, group
+            self._resolve_kohya(built, raw)
         for (comp, path), (adapter, group) in built.items():
             self.lora.modules.setdefault(comp, {})[path] = adapter
             self.styles.update(group["styles"])
@@ -272,6 +266,20 @@ class _Reader:
             self._cloneofsimo(comp, entries)
         styles = [s for s, n in self.styles.most_common() if n]
         self.lora.format = "+".join(styles) if styles else ("embeddings" if self.lora.embeddings else "")
+
+    def _resolve_kohya(self, built: dict, raw: dict) -> None:
+        """Add the kohya-named adapters ``raw`` to ``built`` under module paths, resolved against the model,
+        or (without one) against the structure of the family all the file's layers point to."""
+        sketch = Lora(modules={c: {} for c in COMPONENTS}, metadata=self.metadata, embeddings=self.lora.embeddings)
+        for (comp, name), (adapter, _) in {**built, **raw}.items():
+            sketch.modules.setdefault(comp, {})[name] = adapter
+        resolver = keys.NameResolver(self.model_keys, keys.guess_family(sketch))
+        for (comp, name), (adapter, group) in raw.items():
+            path = resolver.kohya(comp, name)
+            if (comp, path) in built:  # the same module under two names: neither is applied twice
+                self.lora.unknown.extend(group["keys"])
+                continue
+            built[(comp, path)] = adapter, group
 
     def _build(self, groups: dict) -> dict[tuple[str, str], tuple[Adapter, dict]]:
         """{group key: (adapter, group)}; groups that make no adapter go to ``unknown``."""

@@ -78,7 +78,7 @@ def render(info: dict) -> str:
         ("format", info["format"] or "unknown"),
         ("base family", family),
         ("modules", ", ".join(f"{c} {n}" for c, n in info["modules"].items()) or "none"),
-        (f"fit {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}" for c, n in info["modules"].items())
+        (f"fits {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}" for c, n in info["modules"].items())
          or "none"),
         ("adapter kinds", ", ".join(f"{k} {n}" for k, n in info["kinds"].items()) or "none"),
         ("ranks", ", ".join(map(str, info["ranks"])) or "n/a"),

@@ -4,6 +4,9 @@ Every touched layer is always recomputed from its pristine weight::
 
     W' = W0 + Σ_i w_i · ΔW_i          (summed in float32, then cast to the layer's dtype)
 
+with w_i the adapter's weight for the layer's component: the UNet, the text encoder and SDXL's second text
+encoder each have their own (``as_weights``).
+
 so any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
 final set would give, and removing every adapter puts W0 back: the base is restored bit for bit.
 
