@@ -281,8 +281,7 @@ def xl_pristine(xl, xl_pipe):
 
 @pytest.fixture(scope="module")
 def xl_sgm_names(xl):
-    names = {d: ldm for ldm, d in unet_module_map(xl.unet.config).items()}
-    return names | {d: ldm for ldm, d in keys.SGM_LABEL_EMB.items()}
+    return {d: ldm for ldm, d in unet_module_map(xl.unet.config).items()}  # label_emb included
 
 
 def _xl_case(tmp_path, xl, xl_pipe, xl_pristine, write, *args):

@@ -181,7 +181,8 @@ class _Adapters:
         self.loras = base.loras  # sdtune.lora.patch.LoraSet
         self.embs = base.embeddings  # sdtune.ti.tokens.EmbeddingSet
         self.lora_dirs, self.embedding_dirs = tuple(lora_dirs), tuple(embedding_dirs)
-        self.start_weights = {r["name"]: (r["unet_weight"], r["te_weight"]) for r in self.loras.list()}
+        self.two_encoders = len(base.family.text_encoders) > 1
+        self.start_weights = {r["name"]: self._weights_of(r) for r in self.loras.list()}
         self.start_tokens = list(self.embs.tokens)
         self.held = {t: self.embs.get(t) for t in self.start_tokens}  # token -> Embedding, to re-add
         self.added_loras: list[str] = []
@@ -287,12 +288,18 @@ class _Adapters:
             return axis.target
         return self.add_lora_file(axis.target)
 
+    def _weights_of(self, row: dict) -> tuple:
+        """A LoRA's weight per component as ``set_weights`` takes it back: SDXL's second text encoder may
+        have a weight of its own."""
+        pair = (row["unet_weight"], row["te_weight"])
+        return (*pair, row["te2_weight"]) if self.two_encoders else pair
+
     # ---- applying ----
     def apply(self, loras: dict[str, float], tokens: set[str]) -> None:
         weights = {n: 0.0 for n in self.controlled_loras}
         weights.update(loras)
-        current = {r["name"]: (r["unet_weight"], r["te_weight"]) for r in self.loras.list()}
-        changed = {n: w for n, w in weights.items() if current.get(n) != (w, w)}
+        current = {r["name"]: self._weights_of(r) for r in self.loras.list()}
+        changed = {n: w for n, w in weights.items() if set(current.get(n, ())) != {w}}
         if changed:
             self.loras.set_weights(changed)
         for t in sorted(self.controlled_tokens):

@@ -24,6 +24,7 @@ import torch
 
 from .. import families
 from ..families import Family
+from ..ldm import unet_module_map
 from ..safeio import SdtuneError
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
@@ -31,9 +32,6 @@ UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "c
               "add_embedding", "class_embedding", "encoder_hid_proj")
 LDM_UNET_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm", "text_projection")
-# SDXL's added-conditioning MLP (diffusers ``add_embedding``) is ``label_emb.0`` in SGM files; ``ldm.unet_module_map``
-# does not name it, so it is added here for UNets that have one.
-SGM_LABEL_EMB = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 
 # Attribute names that themselves contain underscores (diffusers, LDM and CLIP naming): an underscore inside
 # one of these is not a path separator.
@@ -158,16 +156,12 @@ def _unet_config(root, paths: set[str], family: Family) -> dict:
     return (_infer_unet_config(paths) if root is not None else None) or family.component_configs()["unet"]
 
 
-def _ldm_names(config: dict, paths: set[str]) -> dict[str, str]:
+def _ldm_names(config: dict) -> dict[str, str]:
     """LDM/SGM module path -> diffusers path for a UNet of this config ({} where the layout has no LDM names)."""
-    from ..ldm import unet_module_map
-
     try:
-        names = unet_module_map(config)
+        return unet_module_map(config)  # SDXL's label_emb (add_embedding) included
     except (SdtuneError, KeyError):  # not an SD-shaped UNet: its diffusers names still resolve
         return {}
-    names |= {ldm: d for ldm, d in SGM_LABEL_EMB.items() if d in paths}
-    return names
 
 
 class NameResolver:
@@ -184,7 +178,7 @@ class NameResolver:
         table = lambda c: given.get(c) or set(reference(family).get(c, ()))
         unet_paths = table("unet")
         self.unet = {underscored(p): p for p in unet_paths}
-        ldm_map = _ldm_names(_unet_config(model_keys.get("unet"), unet_paths, family), unet_paths)
+        ldm_map = _ldm_names(_unet_config(model_keys.get("unet"), unet_paths, family))
         for ldm, diffusers in ldm_map.items():
             self.unet.setdefault(underscored(ldm), diffusers)
         self.text: dict[str, dict[str, str]] = {}
