@@ -5,18 +5,15 @@ Every touched layer is always recomputed from its pristine weight::
     W' = W0 + Σ_i w_i · ΔW_i          (summed in float32, then cast to the layer's dtype)
 
 with w_i the adapter's weight for the layer's component: the UNet, the text encoder and SDXL's second text
-encoder each have their own (``as_weights``).
-
-so any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
+encoder each have their own (``as_weights``). So any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
 final set would give, and removing every adapter puts W0 back: the base is restored bit for bit.
 
 Cost: the first time a layer is touched, its original weight tensor is kept aside (the parameter gets a new
 buffer for W', so nothing is copied on the model's device; ``pristine_device="cpu"`` keeps a CPU copy instead,
 to spare GPU memory) until no adapter touches that layer any more; restoring hands the original tensor back.
-That is the touched layers' weights once, whatever the number of adapters or reweights: on SD 1.5 with LoRAs
-on every attention, feed-forward and text-encoder linear layer, 232 layers and 327 M parameters, i.e. 1.31 GB
-for an fp32 model, 0.65 GB for fp16 (``LoraSet.pristine_bytes()`` gives the current figure). Nothing else of
-the model is copied.
+That is the touched layers' weights once, whatever the number of adapters or reweights
+(``LoraSet.pristine_bytes()`` gives the current figure; the README has it for SD 1.5). Nothing else of the
+model is copied.
 
 Weights stay merged: there is no hook or wrapper on the forward path, so inference runs at base speed.
 A reweight recomputes only the layers whose weighted sum changed (e.g. only text-encoder layers when only
