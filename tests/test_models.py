@@ -11,9 +11,9 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from sdtune import ldm
+from sdtune.families.build import build_components
 from sdtune.models import (
     Base,
-    build_components,
     load_base,
     pick_device,
     pick_dtype,

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -35,8 +36,6 @@ SCHEDULERS = {
 def make_scheduler(name: str, base_scheduler):
     if name not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    import diffusers
-
     cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 

@@ -21,11 +21,12 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as tf_logging
 
 from . import families, ldm
 from .families import Family, TextEncoder
+from .families.build import TEXT_CLASSES, build_parts
 from .lora.patch import LoraSet
 from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, load_state
 from .ti.tokens import EmbeddingSet
@@ -223,31 +224,6 @@ def small_sdxl_configs() -> dict:
 def make_scheduler(family: Family, config: dict):
     """The family's own scheduler class from a config dict."""
     return getattr(diffusers, family.scheduler).from_config(config)
-
-
-TEXT_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
-
-
-def text_model(te: TextEncoder, config: dict) -> torch.nn.Module:
-    """A random-init text encoder of the class the family names, from a transformers config dict."""
-    config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
-    return TEXT_CLASSES[te.model_class](CLIPTextConfig(**config))
-
-
-def build_parts(family: Family, configs: dict | None = None) -> dict[str, torch.nn.Module]:
-    """{"unet", "vae", text encoder components} built from configs (random init; under init_empty_weights
-    for shapes only). ``configs`` defaults to the family's shipped ones."""
-    configs = configs or family.component_configs()
-    parts = {"unet": UNet2DConditionModel(**configs["unet"]), "vae": AutoencoderKL(**configs["vae"])}
-    for te in family.text_encoders:
-        parts[te.component] = text_model(te, configs[te.component])
-    return parts
-
-
-def build_components(configs: dict) -> tuple:
-    """(unet, vae, text_encoder) of an SD 1.x-shaped model built from config dicts."""
-    parts = build_parts(families.SD1, configs)
-    return parts["unet"], parts["vae"], parts["text_encoder"]
 
 
 def tokenizer_for(te: TextEncoder) -> CLIPTokenizer:

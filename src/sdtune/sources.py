@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
 from .safeio import SdtuneError
 
 DEFAULT_FILES = {
@@ -74,9 +77,6 @@ def resolve(source: str | Path, kind: str = "lora", search_dirs: tuple = ()) -> 
 
 
 def _download(repo: str, names: tuple[str, ...], source: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     last = None
     for name in names:
         try:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+from accelerate import init_empty_weights
 
 from .. import families
 from ..families import Family
+from ..families.build import build_parts
 from ..ldm import unet_module_map
 from ..safeio import SdtuneError
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
@@ -85,10 +87,6 @@ def reference(family: Family) -> dict[str, dict[str, tuple]]:
     Built on the meta device (no memory, well under a second), so names can be resolved and files inspected
     without any model at hand.
     """
-    from accelerate import init_empty_weights
-
-    from ..models import build_parts  # models imports the LoRA patcher, which imports this module
-
     with init_empty_weights():
         parts = build_parts(family)
     return {c: weight_shapes(parts[c]) for c in ("unet", *(te.component for te in family.text_encoders))}

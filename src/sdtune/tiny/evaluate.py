@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..generate import generate
 from . import judge, world
 
 HELD_IN = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
@@ -37,8 +38,6 @@ class Row:
 def evaluate(base, images_per_prompt: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = False) -> tuple[list[Row], list[Row]]:
     """(held-in rows, held-out rows); each row scores ``images_per_prompt`` images of one prompt."""
-    from ..generate import generate
-
     def run(label, prompt, wanted):
         imgs = [g.image for g in generate(base, prompt, steps=steps, guidance=guidance, seed=seed,
                                           num_images=images_per_prompt, batch_size=images_per_prompt,
