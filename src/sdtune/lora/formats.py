@@ -37,31 +37,15 @@ import torch
 from .. import families
 from ..families import Family
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
-from . import keys
+from . import algos, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 # kohya prefix -> component: lora_unet_, and each family's text-encoder prefixes (lora_te_, lora_te1_, lora_te2_)
 KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {te.kohya_prefix: te.component for f in families.FAMILIES.values()
                                                 for te in f.text_encoders}
-# kohya/LyCORIS key suffix -> (adapter kind, tensor role); kind None: shared by every kind (alpha)
-KOHYA_ROLES = {
-    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"), "lora_mid.weight": ("lora", "mid"),
-    "hada_w1_a": ("loha", "w1a"), "hada_w1_b": ("loha", "w1b"), "hada_w2_a": ("loha", "w2a"),
-    "hada_w2_b": ("loha", "w2b"), "hada_t1": ("loha", "t1"), "hada_t2": ("loha", "t2"),
-    "lokr_w1": ("lokr", "w1"), "lokr_w1_a": ("lokr", "w1a"), "lokr_w1_b": ("lokr", "w1b"),
-    "lokr_w2": ("lokr", "w2"), "lokr_w2_a": ("lokr", "w2a"), "lokr_w2_b": ("lokr", "w2b"),
-    "lokr_t2": ("lokr", "t2"), "diff": ("diff", "diff"), "alpha": (None, "alpha"),
-}
-_KOHYA_SAVE_NAMES = {kind_role: suffix for suffix, kind_role in KOHYA_ROLES.items() if kind_role[0]}
-# diffusers/PEFT key endings -> (role, style)
-_DIFFUSERS_SUFFIXES = (
-    (".lora_A.weight", "down", "peft"), (".lora_B.weight", "up", "peft"),
-    (".lora.down.weight", "down", "diffusers-old"), (".lora.up.weight", "up", "diffusers-old"),
-    (".lora_linear_layer.down.weight", "down", "diffusers-old"),
-    (".lora_linear_layer.up.weight", "up", "diffusers-old"),
-    (".alpha", "alpha", None),
-)
+# The key suffixes and roles of each algorithm are its own (``algos``); ``alpha`` is shared by all of them.
+_ALPHA = "alpha"
 # attention-processor LoRA (diffusers < 0.19, and the text-encoder monkey patch of that time)
 _PROCESSOR_KEY = re.compile(r"^(.*?)(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -173,6 +157,9 @@ class _Reader:
         self.styles: Counter = Counter()
         self.cloneofsimo: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self.peft = _peft_configs(metadata, peft_config, source)
+        # read from the registry now, so that an algorithm registered at run time is read too
+        self.kohya_roles = algos.kohya_roles() | {_ALPHA: (None, _ALPHA)}
+        self.diffusers_roles = [(algo.name, r) for algo in algos.ALGORITHMS.values() for r in algo.diffusers_roles]
 
     def take(self, key: str, value: torch.Tensor) -> None:
         if self._embedding(key, value):
@@ -183,11 +170,11 @@ class _Reader:
         for prefix, comp in KOHYA_PREFIXES.items():  # kohya names; an unknown kohya suffix is an unknown key
             if key.startswith(prefix):
                 name, _, suffix = key[len(prefix):].partition(".")
-                kind_role = KOHYA_ROLES.get(suffix)
+                kind_role = self.kohya_roles.get(suffix)
                 if kind_role is None:
                     break
-                style = {"lora": "kohya", "diff": "lycoris-full"}.get(kind_role[0], f"lycoris-{kind_role[0]}")
-                self._add(self.kohya, comp, name, kind_role, value, key, style if kind_role[0] else None)
+                style = algos.get(kind_role[0]).style if kind_role[0] else None
+                self._add(self.kohya, comp, name, kind_role, value, key, style)
                 return
         else:
             if self._diffusers(key, value):
@@ -222,7 +209,7 @@ class _Reader:
             path = f"{m.group(1)}.{table[m.group(3)]}"
             self._add_dotted(comp, path, prefixed, (None, m.group(4)), value, key, "diffusers-old")
             return True
-        for suffix, role, style in _DIFFUSERS_SUFFIXES:
+        for kind, (suffix, role, style) in [*self.diffusers_roles, (None, ("." + _ALPHA, _ALPHA, None))]:
             if rest.endswith(suffix):
                 path = rest[: -len(suffix)]
                 comp = comp or _component_of(path)
@@ -230,7 +217,7 @@ class _Reader:
                     return False
                 if style == "peft" and prefixed:
                     style = "diffusers"
-                self._add_dotted(comp, path, prefixed, ("lora", role), value, key, style)
+                self._add_dotted(comp, path, prefixed, (kind, role), value, key, style)
                 return True
         return False
 
@@ -303,30 +290,24 @@ class _Reader:
         return {((comp if k in bare else k[0]), k[1]): v for k, v in built.items()}
 
     def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
+        # keys that name no algorithm (alpha alone, the attention-processor layout) are plain LoRA's
         roles, kinds = dict(group["roles"]), set(group["kinds"]) or {"lora"}
         if len(kinds) != 1:
             return None
-        kind = kinds.pop()
-        alpha = roles.pop("alpha", None)
+        algo = algos.get(kinds.pop())
+        alpha = roles.pop(_ALPHA, None)
         alpha = float(alpha.float().item()) if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 else alpha
         if isinstance(alpha, torch.Tensor):
             return None
         try:
-            if kind == "lora":
-                if not {"down", "up"} <= set(roles) or set(roles) - {"down", "up", "mid"}:
-                    return None
-                if alpha is None and group["styles"] & {"peft", "diffusers"}:
-                    alpha = self.peft_alpha(comp, path, roles["down"].shape[0])
-                return Adapter("lora", roles, alpha)
-            if kind == "loha":
-                return _loha(roles, alpha)
-            if kind == "lokr":
-                return _lokr(roles, alpha)
-            if kind == "diff" and set(roles) == {"diff"}:
-                return Adapter("diff", roles, None)
+            tensors = algo.build(roles)
         except (KeyError, RuntimeError, ValueError):
             return None
-        return None
+        if not algo.uses_alpha:
+            alpha = None
+        elif alpha is None and group["styles"] & {"peft", "diffusers"}:
+            alpha = self.peft_alpha(comp, path, algo.rank(tensors))
+        return Adapter(algo.name, tensors, alpha)
 
     def peft_alpha(self, comp: str, path: str, rank: int) -> float | None:
         cfg = self.peft.get(comp) or self.peft.get("*")
@@ -405,38 +386,6 @@ def _peft_configs(metadata: dict, peft_config: dict | None, source: str) -> dict
     return configs
 
 
-def _tucker_to_pair(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LyCORIS Tucker factors (core t [r, r, kh, kw], wa [r, out], wb [r, in]) as an equal product A @ B.
-
-    LyCORIS rebuilds W[p, q, k, l] = Σ_ij t[i, j, k, l] wa[i, p] wb[j, q]; grouping the j-sum into B gives
-    A = waᵀ [out, r] and B = Σ_j t[i, j] wb[j, q] flattened to [r, in·kh·kw], with the same rank r.
-    """
-    b = torch.einsum("ijkl,jq->iqkl", t.float(), wb.float()).flatten(1).to(wb.dtype)
-    return wa.t().contiguous(), b
-
-
-def _loha(roles: dict, alpha) -> Adapter:
-    t = dict(roles)
-    if "t1" in t or "t2" in t:
-        t["w1a"], t["w1b"] = _tucker_to_pair(t.pop("t1"), t["w1a"], t["w1b"])
-        t["w2a"], t["w2b"] = _tucker_to_pair(t.pop("t2"), t["w2a"], t["w2b"])
-    if set(t) != {"w1a", "w1b", "w2a", "w2b"}:
-        raise KeyError("incomplete LoHa")
-    t = {k: (v.flatten(1) if k.endswith("b") else v) for k, v in t.items()}
-    return Adapter("loha", t, alpha)
-
-
-def _lokr(roles: dict, alpha) -> Adapter:
-    t = dict(roles)
-    if "t2" in t:
-        t["w2a"], t["w2b"] = _tucker_to_pair(t.pop("t2"), t["w2a"], t["w2b"])
-    ok1 = ("w1" in t) != ({"w1a", "w1b"} <= set(t))
-    ok2 = ("w2" in t) != ({"w2a", "w2b"} <= set(t))
-    if not (ok1 and ok2) or set(t) - {"w1", "w1a", "w1b", "w2", "w2a", "w2b"}:
-        raise KeyError("incomplete LoKr")
-    return Adapter("lokr", t, alpha)
-
-
 def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
     """lora_diffusion's ``.pt``: a bare list [up0, down0, up1, down1, ...] of one component."""
     if len(state) % 2 or not all(isinstance(t, torch.Tensor) for t in state):
@@ -509,9 +458,9 @@ def _kohya_tensors(lora: Lora, family: Family) -> dict[str, torch.Tensor]:
     for comp, path, ad in lora.items():
         name = _kohya_name(comp, path, family)
         for role, tensor in ad.tensors.items():
-            out[f"{name}.{_KOHYA_SAVE_NAMES[(ad.kind, role)]}"] = tensor
-        if ad.alpha is not None and ad.kind != "diff":
-            out[f"{name}.alpha"] = torch.tensor(float(ad.alpha), dtype=torch.float32)
+            out[f"{name}.{ad.algo.file_key(role)}"] = tensor
+        if ad.alpha is not None and ad.algo.uses_alpha:
+            out[f"{name}.{_ALPHA}"] = torch.tensor(float(ad.alpha), dtype=torch.float32)
     for name, emb in lora.embeddings.items():
         emb = emb[None] if emb.dim() == 1 else emb
         key = f"bundle_emb.{name[:-len('.clip_g')]}.clip_g" if name.endswith(".clip_g") else \
@@ -533,8 +482,8 @@ def _base_model_version(lora: Lora, family: Family) -> str:
 
 def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
-    linear = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] in (None, (1, 1))]
-    conv = [ad for _, _, ad in lora.items() if keys.adapter_io(ad)[2] not in (None, (1, 1))]
+    linear = [ad for _, _, ad in lora.items() if ad.io().kernel in (None, (1, 1))]
+    conv = [ad for _, _, ad in lora.items() if ad.io().kernel not in (None, (1, 1))]
 
     def dim_alpha(ads):
         ranks = {ad.rank for ad in ads}
@@ -547,13 +496,14 @@ def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     # kohya's ss_v2 flag means exactly "an SD 2.x base"
     meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, "ss_base_model_version": _base_model_version(lora, family),
             "ss_v2": str(family == families.SD2)}
-    lycoris = kinds - {"lora"} or any("mid" in ad.tensors for _, _, ad in lora.items())
+    # LyCORIS names the algorithms beyond kohya's plain LoRA; a Tucker core alone makes it LyCORIS's LoCon
+    network_algos = sorted({algos.get(k).network_algo for k in kinds} - {None})
+    lycoris = network_algos or any(ad.algo.lycoris_label(ad.tensors) for _, _, ad in lora.items())
     args = {}
     if conv:
         args["conv_dim"], args["conv_alpha"] = dim_alpha(conv)
     if lycoris:
-        algo = "locon" if kinds == {"lora"} else "+".join(sorted({"diff": "full"}.get(k, k) for k in kinds - {"lora"}))
-        args["algo"] = algo
+        args["algo"] = "+".join(network_algos) or "locon"
         meta["ss_network_module"] = "lycoris.kohya"
     else:
         meta["ss_network_module"] = "networks.lora"
@@ -578,17 +528,13 @@ def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor],
         mods = lora.modules[comp]
         if not mods:
             continue
-        other = {ad.kind for ad in mods.values()} - {"lora"}
+        other = {ad.kind for ad in mods.values() if ad.algo.peft_factors(ad.tensors) is None}
         if other:
             raise SdtuneError(f"{path}: {'/'.join(sorted(other))} (LyCORIS) adapters have no diffusers layout "
                               f"that diffusers loads; save them with format='kohya'")
         ranks, alphas = {}, {}
         for p, ad in mods.items():
-            down, up = ad.tensors["down"], ad.tensors["up"]
-            if "mid" in ad.tensors:  # PEFT has no Tucker core: fold it into lora_A (same ΔW, same rank)
-                mid = ad.tensors["mid"]
-                core = torch.einsum("ri,srkl->sikl", down.flatten(1).float(), mid.float()).to(down.dtype)
-                down = core
+            down, up = ad.algo.peft_factors(ad.tensors)
             key = _diffusers_module(comp, p)
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
             ranks[p] = ad.rank

@@ -11,8 +11,6 @@ from . import keys
 from .formats import load_lora
 from .neutral import COMPONENTS
 
-_LYCORIS = {"loha": "LoHa", "lokr": "LoKr", "diff": "full (diff)"}
-
 
 def describe(path: str | Path) -> dict:
     """A JSON-ready summary: format, base family guess, modules per component and how many of them fit that
@@ -25,14 +23,12 @@ def describe(path: str | Path) -> dict:
     conv3, conv1 = 0, 0
     for comp, p, ad in lora.items():
         shape = reference.get(comp, {}).get(p)
-        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else keys.adapter_io(ad)[2]
+        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else ad.io().kernel
         if kernel and math.prod(kernel) > 1:
             conv3 += 1
         elif kernel:
             conv1 += 1
-    lycoris = sorted(_LYCORIS[k] for k in kinds if k in _LYCORIS)
-    if any("mid" in ad.tensors for _, _, ad in lora.items()):
-        lycoris.append("LoCon (Tucker)")
+    lycoris = sorted({ad.algo.lycoris_label(ad.tensors) for _, _, ad in lora.items()} - {None})
     fit = keys.match(lora, reference)
     return {
         "file": str(path),

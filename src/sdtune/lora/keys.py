@@ -230,24 +230,9 @@ def cloneofsimo_targets(component: str, paths) -> list[str]:
 # ---------------------------------------------------------------- shapes and family
 
 def adapter_io(ad: Adapter) -> tuple[int, int, tuple | None]:
-    """(out features, in features flattened over the kernel, kernel size or None) of an adapter's ΔW."""
-    t = ad.tensors
-    if ad.kind == "lora":
-        down = t["down"]
-        kernel = tuple(t["mid"].shape[2:]) if "mid" in t else (tuple(down.shape[2:]) if down.dim() == 4 else None)
-        inner = down.shape[1] * (math.prod(kernel) if "mid" in t else math.prod(down.shape[2:]))
-        return t["up"].shape[0], inner, kernel
-    if ad.kind == "loha":
-        return t["w1a"].shape[0], t["w1b"].flatten(1).shape[1], None
-    if ad.kind == "lokr":
-        w1 = t["w1"].shape if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1])
-        w2 = t.get("w2")
-        w2_out, w2_in = (w2.shape[0], w2.flatten(1).shape[1]) if w2 is not None else \
-            (t["w2a"].shape[0], t["w2b"].flatten(1).shape[1])
-        kernel = tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else None
-        return w1[0] * w2_out, w1[1] * w2_in, kernel
-    d = t["diff"]
-    return d.shape[0], d[0].numel(), tuple(d.shape[2:]) if d.dim() == 4 else None
+    """(out features, in features flattened over the kernel, kernel size or None) of an adapter's ΔW: its
+    algorithm's ``io``."""
+    return ad.io()
 
 
 def adapter_shape(ad: Adapter) -> tuple:

@@ -7,12 +7,8 @@ both text encoders (``encoder.layers.0.self_attn.q_proj``, no ``text_model.``: f
 ``CLIPTextModelWithProjection`` keep that level, and readers and the patcher accept both).
 File formats convert to and from this form at the edges (``formats``); ``patch`` only ever sees this.
 
-Each adapter algorithm says how to build its weight difference ΔW (before the user's weight):
-- ``lora``: ΔW = (alpha / rank) · up @ down  (conv: flattened, then reshaped to the kernel)
-- ``loha``: ΔW = (alpha / rank) · (w1a @ w1b) ⊙ (w2a @ w2b)        (LyCORIS LoHa, Hadamard product)
-- ``lokr``: ΔW = scale · kron(w1, w2), w1 = w1 or w1a @ w1b, w2 likewise (LyCORIS LoKr);
-            scale = alpha / rank when a factor is split into a/b, else 1
-- ``diff``: ΔW = diff (a full weight difference)
+Each adapter's ``kind`` names its algorithm in the ``algos`` registry, which says how its tensors make the
+weight difference ΔW (``lora``, ``loha``, ``lokr``, ``diff``: one module each in ``algos/``).
 """
 
 from __future__ import annotations
@@ -20,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from . import algos
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -40,53 +38,36 @@ def text_paths(path: str) -> tuple[str, str]:
 
 @dataclass
 class Adapter:
-    kind: str  # "lora" | "loha" | "lokr" | "diff"
-    tensors: dict[str, torch.Tensor]  # lora: down, up (+ mid); loha: w1a w1b w2a w2b; lokr: w1|w1a,w1b, w2|w2a,w2b
+    kind: str  # an ``algos.ALGORITHMS`` name: "lora" | "loha" | "lokr" | "diff" | ...
+    tensors: dict[str, torch.Tensor]  # by the algorithm's roles: lora down, up (+ mid); loha w1a w1b w2a w2b; ...
     alpha: float | None = None  # None: alpha = rank (scale 1)
 
     @property
+    def algo(self) -> algos.Algorithm:
+        return algos.get(self.kind)
+
+    @property
     def rank(self) -> int | None:
-        t = self.tensors
-        if self.kind == "lora":
-            return t["down"].shape[0]
-        if self.kind == "loha":
-            return t["w1b"].shape[0]
-        if self.kind == "lokr":
-            for k in ("w1b", "w2b"):
-                if k in t:
-                    return t[k].shape[0]
-        return None
+        return self.algo.rank(self.tensors)
 
     @property
     def scale(self) -> float:
-        rank = self.rank
-        if self.alpha is None or not rank:
-            return 1.0
-        if self.kind == "lokr" and "w1b" not in self.tensors and "w2b" not in self.tensors:
-            return 1.0
-        return float(self.alpha) / rank
+        return self.algo.scale(self.tensors, self.alpha)
+
+    def io(self) -> algos.Io:
+        """(out, inner, kernel) of ΔW: what a layer must have for the adapter to fit."""
+        return self.algo.io(self.tensors)
+
+    def cast(self, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
+        return {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
 
     def delta(self, shape: torch.Size | tuple, dtype=torch.float32, device=None) -> torch.Tensor:
         """ΔW (scale included, user weight not) reshaped to the target weight's ``shape``."""
-        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        if self.kind == "lora":
-            down, up = t["down"].flatten(1), t["up"].flatten(1)
-            if "mid" in t:  # LoCon tucker core: down [r, in,1,1], mid [r_out, r_in, kh, kw] (a conv), up [out, r,1,1]
-                core = torch.einsum("ri,srkl->sikl", t["down"].flatten(1), t["mid"])  # [r, in, kh, kw]
-                d = up @ core.flatten(1)
-            else:
-                d = up @ down
-        elif self.kind == "loha":
-            d = (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"])
-        elif self.kind == "lokr":
-            w1 = t["w1"] if "w1" in t else t["w1a"] @ t["w1b"]
-            w2 = t["w2"] if "w2" in t else t["w2a"] @ t["w2b"]
-            d = torch.kron(w1.flatten(1) if w1.dim() > 2 else w1, w2.flatten(1))
-        elif self.kind == "diff":
-            d = t["diff"]
-        else:
-            raise ValueError(f"unknown adapter kind {self.kind!r}")
-        return (d * self.scale).reshape(shape)
+        return (self.algo.delta(self.cast(dtype, device)) * self.scale).reshape(shape)
+
+    def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """W' = f(W, tensors, strength) in ``weight``'s dtype and device (W + strength · ΔW for additive ones)."""
+        return self.algo.apply(weight, self.cast(weight.dtype, weight.device), self.scale, strength)
 
 
 @dataclass

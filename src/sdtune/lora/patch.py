@@ -17,7 +17,8 @@ model is copied.
 
 Weights stay merged: there is no hook or wrapper on the forward path, so inference runs at base speed.
 A reweight recomputes only the layers whose weighted sum changed (e.g. only text-encoder layers when only
-the text-encoder weight moved). For plain LoRA adapters one layer's whole sum is a single ``addmm``:
+the text-encoder weight moved). For plain LoRA adapters (low-rank ones, ``algos``) one layer's whole sum
+is a single ``addmm``:
 ``W0 + [w1·s1·up1 | w2·s2·up2 | …] @ [down1; down2; …]``, written straight into the parameter; on CPU the
 layers are spread over the threads. ``with loras.batch():`` groups several changes into one pass.
 Contributions are taken in adapter-name order, so the floating-point result does not depend on the order
@@ -362,19 +363,25 @@ def _restore(weight: torch.nn.Parameter, pristine: torch.Tensor) -> None:
 def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
     """out <- base + Σ w·ΔW over ``contribs`` ((name, uid, adapter, w) tuples), summed in float32.
 
-    All plain LoRAs of the layer go through one ``addmm`` of the stacked factors. ``out`` is contiguous and
-    distinct from ``base``; it may have another dtype (the result is cast once, at the end).
+    All low-rank adapters of the layer (``Algorithm.low_rank``: plain LoRA) go through one ``addmm`` of the
+    stacked factors, the other additive ones add their ΔW, and non-additive ones (``Algorithm.additive`` false)
+    then map that sum to W' in turn. ``out`` is contiguous and distinct from ``base``; it may have another dtype
+    (the result is cast once, at the end).
     """
     device, rows = out.device, out.shape[0]
     base = base.to(device=device).reshape(rows, -1)
-    ups, downs, others = [], [], []
+    ups, downs, others, transforms = [], [], [], []
     for _, _, ad, w in contribs:
-        t = ad.tensors
-        if ad.kind == "lora" and "mid" not in t:
-            ups.append(t["up"].to(device=device, dtype=torch.float32).reshape(rows, -1) * (w * ad.scale))
-            downs.append(t["down"].to(device=device, dtype=torch.float32).reshape(ups[-1].shape[1], -1))
-        else:
+        algo = ad.algo
+        factors = algo.low_rank(ad.tensors) if algo.additive else None
+        if factors is not None:
+            up, down = factors
+            ups.append(up.to(device=device, dtype=torch.float32).reshape(rows, -1) * (w * ad.scale))
+            downs.append(down.to(device=device, dtype=torch.float32).reshape(ups[-1].shape[1], -1))
+        elif algo.additive:
             others.append((ad, w))
+        else:
+            transforms.append((ad, w))
     flat = out.view(rows, -1)
     acc = flat if out.dtype == torch.float32 else torch.empty(flat.shape, dtype=torch.float32, device=device)
     if ups:
@@ -385,6 +392,7 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
         acc.copy_(base)
     for ad, w in others:
         acc.add_(ad.delta(out.shape, dtype=torch.float32, device=device).reshape(rows, -1), alpha=w)
+    for ad, w in transforms:
+        acc.copy_(ad.apply(acc.view(out.shape), w).reshape(rows, -1))
     if acc is not flat:
         flat.copy_(acc)
-

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
 from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
@@ -41,40 +42,11 @@ TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
 
 
-class LoraLayer(nn.Module):
-    """A frozen Linear/Conv2d plus a trainable low-rank branch."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
-        super().__init__()
-        self.base, self.rank, self.alpha = base, rank, alpha
-        self.scale = alpha / rank
-        w = base.weight
-        if isinstance(base, nn.Linear):
-            self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
-        else:
-            if base.groups != 1:
-                raise SdtuneError(f"grouped convolutions cannot take a LoRA (groups={base.groups})")
-            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                  base.dilation, bias=False)
-            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        self.down.to(device=w.device, dtype=torch.float32)
-        self.up.to(device=w.device, dtype=torch.float32)
-        with torch.no_grad():
-            init = torch.empty(self.down.weight.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)  # as a fresh layer (PEFT, kohya)
-            self.down.weight.copy_(init)
-            self.up.weight.zero_()  # ΔW = 0 at the start
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    def forward(self, x, *args, **kwargs):
-        y = self.base(x)
-        branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
-        return y.add(branch.to(y.dtype), alpha=self.scale)
+class LoraLayer(algo_lora.LoraLayer):
+    """A frozen Linear/Conv2d plus a trainable low-rank branch (the plain LoRA algorithm's layer)."""
 
     def adapter(self) -> Adapter:
-        return Adapter("lora", {"down": self.down.weight.detach().float().cpu().clone(),
-                                "up": self.up.weight.detach().float().cpu().clone()}, float(self.alpha))
+        return Adapter("lora", self.tensors(), float(self.alpha))
 
 
 def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:

@@ -1,0 +1,112 @@
+"""What every adapter algorithm says about itself, and the defaults most of them share.
+
+An algorithm is a stateless object; the tensors of one adapter stay in ``neutral.Adapter`` and are handed to
+its methods as a {role: tensor} dict. Roles are the algorithm's own names (``down``/``up``, ``w1a``...), the
+same whichever file layout the tensors came from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, NamedTuple
+
+import torch
+
+
+class Io(NamedTuple):
+    """The shape of an adapter's ΔW: what a target layer must have for it to fit."""
+
+    out: int  # output features / channels
+    inner: int  # input features, flattened over the kernel
+    kernel: tuple | None  # (kh, kw) when the tensors tell it; None: a linear layer or not known
+
+
+class DiffusersRole(NamedTuple):
+    """One diffusers/PEFT key ending an algorithm reads: ``<module path><suffix>``."""
+
+    suffix: str
+    role: str
+    style: str  # what the key says about the file's layout (``peft``, ``diffusers-old``)
+
+
+class Algorithm:
+    """One adapter algorithm: its file keys, how its tensors are checked, its rank and scale, and how it changes a
+    weight. Subclasses set the class fields and override what differs; adding an algorithm is one subclass in its
+    own module plus one ``register`` line in ``algos/__init__``."""
+
+    name: ClassVar[str]  # the neutral kind (``Adapter.kind``)
+    style: ClassVar[str]  # the layout name kohya-style keys of this algorithm give a file (``Lora.format``)
+    roles: ClassVar[dict[str, str]]  # kohya/LyCORIS key suffix (after ``<module>.``) -> tensor role
+    diffusers_roles: ClassVar[tuple[DiffusersRole, ...]] = ()  # diffusers/PEFT key endings, where it has them
+    network_algo: ClassVar[str | None] = None  # LyCORIS ``ss_network_args`` ``algo``; None: kohya's plain LoRA
+    label: ClassVar[str | None] = None  # its LyCORIS type as ``sdtune inspect`` names it; None: not LyCORIS
+    uses_alpha: ClassVar[bool] = True  # whether a file's ``.alpha`` key belongs to it
+    # Whether W' = W0 + strength · ΔW. Additive adapters of one layer are summed (and plain LoRAs share one GEMM);
+    # a non-additive one (DoRA, OFT) overrides ``apply`` and is applied to that sum.
+    additive: ClassVar[bool] = True
+    layer: ClassVar[type[torch.nn.Module] | None] = None  # the trainable layer (``train``), where there is one
+
+    def build(self, roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises
+        ``KeyError`` or ``ValueError`` when they do not make a complete, consistent adapter."""
+        if set(roles) != set(self.roles.values()):
+            raise KeyError(f"incomplete {self.name}")
+        return dict(roles)
+
+    def rank(self, t: dict[str, torch.Tensor]) -> int | None:
+        return None
+
+    def scale(self, t: dict[str, torch.Tensor], alpha: float | None) -> float:
+        """The factor ΔW is multiplied by: alpha / rank, 1 without an alpha or a rank."""
+        rank = self.rank(t)
+        return 1.0 if alpha is None or not rank else float(alpha) / rank
+
+    def delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ΔW before the scale, in any shape with the target weight's number of elements."""
+        raise NotImplementedError
+
+    def low_rank(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) with ΔW = up @ down (flattened), for adapters ``patch.write_patched`` may stack into one
+        GEMM with the layer's other such adapters; None for the others."""
+        return None
+
+    def apply(self, weight: torch.Tensor, t: dict[str, torch.Tensor], scale: float, strength: float) -> torch.Tensor:
+        """W' from W (``weight``), at the user's ``strength``. The additive form; DoRA/OFT-like algorithms
+        override it (and set ``additive = False``)."""
+        return weight + strength * (self.delta(t) * scale).reshape(weight.shape)
+
+    def io(self, t: dict[str, torch.Tensor]) -> Io:
+        raise NotImplementedError
+
+    def peft_factors(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lora_A, lora_B) for the diffusers/PEFT layout; None: the algorithm has no layout diffusers loads."""
+        return None
+
+    def lycoris_label(self, t: dict[str, torch.Tensor]) -> str | None:
+        """The LyCORIS type these tensors are, as ``sdtune inspect`` names it; None: kohya's plain LoRA."""
+        return self.label
+
+    def file_key(self, role: str) -> str:
+        """The kohya/LyCORIS suffix a role is written under."""
+        return next(suffix for suffix, r in self.roles.items() if r == role)
+
+
+def kernel_of(weight: torch.Tensor) -> tuple | None:
+    """The (kh, kw) of a conv weight, None for a matrix."""
+    return tuple(weight.shape[2:]) if weight.dim() == 4 else None
+
+
+def tucker_to_pair(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LyCORIS Tucker factors (core t [r, r, kh, kw], wa [r, out], wb [r, in]) as an equal product A @ B.
+
+    LyCORIS rebuilds W[p, q, k, l] = Σ_ij t[i, j, k, l] wa[i, p] wb[j, q]; grouping the j-sum into B gives
+    A = waᵀ [out, r] and B = Σ_j t[i, j] wb[j, q] flattened to [r, in·kh·kw], with the same rank r (and so the
+    same alpha / rank scale).
+    """
+    b = torch.einsum("ijkl,jq->iqkl", t.float(), wb.float()).flatten(1).to(wb.dtype)
+    return wa.t().contiguous(), b
+
+
+def flat_inner(w: torch.Tensor) -> int:
+    """A factor's input width flattened over any kernel."""
+    return math.prod(w.shape[1:])

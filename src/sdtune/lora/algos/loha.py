@@ -1,0 +1,38 @@
+"""LyCORIS LoHa: ΔW = (alpha / rank) · (w1a @ w1b) ⊙ (w2a @ w2b), a Hadamard product of two low-rank products.
+
+Tucker files (``hada_t1``/``hada_t2`` cores for convolutions) are folded into the plain two-factor form on
+reading: the same ΔW with the same rank.
+"""
+
+from __future__ import annotations
+
+from .base import Algorithm, Io, tucker_to_pair
+
+_FACTORS = {"w1a", "w1b", "w2a", "w2b"}
+
+
+class Loha(Algorithm):
+    name = "loha"
+    style = "lycoris-loha"
+    roles = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
+             "hada_t1": "t1", "hada_t2": "t2"}
+    network_algo = "loha"
+    label = "LoHa"
+
+    def build(self, roles):
+        t = dict(roles)
+        if "t1" in t or "t2" in t:
+            t["w1a"], t["w1b"] = tucker_to_pair(t.pop("t1"), t["w1a"], t["w1b"])
+            t["w2a"], t["w2b"] = tucker_to_pair(t.pop("t2"), t["w2a"], t["w2b"])
+        if set(t) != _FACTORS:
+            raise KeyError("incomplete LoHa")
+        return {k: (v.flatten(1) if k.endswith("b") else v) for k, v in t.items()}  # conv b factors as matrices
+
+    def rank(self, t):
+        return t["w1b"].shape[0]
+
+    def delta(self, t):
+        return (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"])
+
+    def io(self, t):
+        return Io(t["w1a"].shape[0], t["w1b"].flatten(1).shape[1], None)

@@ -1,0 +1,109 @@
+"""Plain LoRA and LoCon: ΔW = (alpha / rank) · up @ down.
+
+Convolutions (LoCon) flatten ``down`` [r, in, kh, kw] and reshape the product to the kernel. LyCORIS's Tucker
+LoCon adds a core ``mid`` [r, r, kh, kw] between a 1x1 ``down`` [r, in, 1, 1] and ``up`` [out, r, 1, 1]; it is
+kept as it is (so files round-trip) and folded into ``down`` where one product is needed (``fold_mid``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...safeio import SdtuneError
+from .base import Algorithm, DiffusersRole, Io, flat_inner, kernel_of
+
+
+def fold_mid(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """The Tucker core folded into ``down``: [r, in, kh, kw], so that ΔW = up @ result (flattened)."""
+    return torch.einsum("ri,srkl->sikl", down.flatten(1), mid)
+
+
+class LoraLayer(nn.Module):
+    """A frozen Linear/Conv2d plus a trainable low-rank branch: y = W x + scale · up(down(dropout(x))).
+
+    ``down`` starts like a fresh layer and ``up`` at zero, so training starts from the base model exactly.
+    Convolutions get a ``down`` conv with the layer's kernel, stride and padding and a 1x1 ``up`` (LoCon).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.alpha = base, rank, alpha
+        self.scale = alpha / rank
+        w = base.weight
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            if base.groups != 1:
+                raise SdtuneError(f"grouped convolutions cannot take a LoRA (groups={base.groups})")
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        self.down.to(device=w.device, dtype=torch.float32)
+        self.up.to(device=w.device, dtype=torch.float32)
+        with torch.no_grad():
+            init = torch.empty(self.down.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)  # as a fresh layer (PEFT, kohya)
+            self.down.weight.copy_(init)
+            self.up.weight.zero_()  # ΔW = 0 at the start
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x, *args, **kwargs):
+        y = self.base(x)
+        branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
+        return y.add(branch.to(y.dtype), alpha=self.scale)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The learned factors as the adapter's roles (float32, on the CPU, detached copies)."""
+        return {"down": self.down.weight.detach().float().cpu().clone(),
+                "up": self.up.weight.detach().float().cpu().clone()}
+
+
+class Lora(Algorithm):
+    name = "lora"
+    style = "kohya"
+    roles = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"}
+    diffusers_roles = (
+        DiffusersRole(".lora_A.weight", "down", "peft"), DiffusersRole(".lora_B.weight", "up", "peft"),
+        DiffusersRole(".lora.down.weight", "down", "diffusers-old"),
+        DiffusersRole(".lora.up.weight", "up", "diffusers-old"),
+        DiffusersRole(".lora_linear_layer.down.weight", "down", "diffusers-old"),
+        DiffusersRole(".lora_linear_layer.up.weight", "up", "diffusers-old"),
+    )
+    layer = LoraLayer
+
+    def build(self, roles):
+        if not {"down", "up"} <= set(roles) or set(roles) - {"down", "up", "mid"}:
+            raise KeyError("incomplete LoRA")
+        return dict(roles)
+
+    def rank(self, t):
+        return t["down"].shape[0]
+
+    def delta(self, t):
+        down = fold_mid(t["down"], t["mid"]) if "mid" in t else t["down"]
+        return t["up"].flatten(1) @ down.flatten(1)
+
+    def low_rank(self, t):
+        return None if "mid" in t else (t["up"], t["down"])
+
+    def io(self, t):
+        down = t["down"]
+        if "mid" in t:  # down is 1x1; the kernel is the core's
+            kernel = tuple(t["mid"].shape[2:])
+            return Io(t["up"].shape[0], down.shape[1] * math.prod(kernel), kernel)
+        return Io(t["up"].shape[0], flat_inner(down), kernel_of(down))
+
+    def lycoris_label(self, t):
+        return "LoCon (Tucker)" if "mid" in t else None  # a LoRA with a Tucker core only LyCORIS makes
+
+    def peft_factors(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A, lora_B) for the diffusers/PEFT layout, which has no Tucker core: it is folded into lora_A
+        (same ΔW, same rank), computed in float32 and stored in ``down``'s dtype."""
+        down = t["down"]
+        if "mid" in t:
+            down = fold_mid(down.float(), t["mid"].float()).to(down.dtype)
+        return down, t["up"]
