@@ -1,0 +1,166 @@
+"""The adapter algorithm registry: each algorithm's ΔW against an independent float64 computation, and a new
+algorithm added by registering one class, read from a file and applied by ``LoraSet`` with no other change."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdtune.lora import algos, formats
+from sdtune.lora.algos.base import Algorithm, Io
+from sdtune.lora.neutral import Adapter
+from sdtune.lora.patch import LoraSet
+from sdtune.tiny import model as tiny
+
+UNET_ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+D = torch.float64
+
+
+def rand(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+
+def kron64(a, b):
+    """kron(a, b) written out: out[i·p + k, j·q + l] = a[i, j] · b[k, l]."""
+    (m, n), (p, q) = a.shape, b.shape
+    return torch.einsum("ij,kl->ikjl", a.to(D), b.to(D)).reshape(m * p, n * q)
+
+
+def tucker64(t, wa, wb):
+    """LyCORIS's Tucker rebuild: W[p, q, k, l] = Σ_ij t[i, j, k, l] wa[i, p] wb[j, q]."""
+    return torch.einsum("ijkl,ip,jq->pqkl", t.to(D), wa.to(D), wb.to(D))
+
+
+def adapter(kind, roles, alpha=None):
+    """An adapter as a file's roles make it: through the algorithm's own ``build``."""
+    return Adapter(kind, algos.get(kind).build(roles), alpha)
+
+
+def test_registry_lists_the_algorithms_with_distinct_file_keys():
+    assert list(algos.ALGORITHMS)[:4] == ["lora", "loha", "lokr", "diff"]
+    roles = algos.kohya_roles()
+    assert roles["lora_down.weight"] == ("lora", "down") and roles["hada_w1_a"] == ("loha", "w1a")
+    assert roles["lokr_w2_b"] == ("lokr", "w2b") and roles["diff"] == ("diff", "diff")
+    assert sum(len(a.roles) for a in algos.ALGORITHMS.values()) == len(roles)  # no suffix claimed twice
+
+    class Clash(Algorithm):
+        name, style, roles = "clash", "clash", {"hada_w1_a": "x"}
+
+    with pytest.raises(ValueError, match="already belong"):
+        algos.register(Clash())
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        algos.get("nope")
+
+
+def test_lora_linear_conv_and_tucker():
+    g = torch.Generator().manual_seed(0)
+    down, up = rand(g, 4, 12), rand(g, 10, 4)
+    ad = adapter("lora", {"down": down, "up": up}, alpha=2.0)
+    assert ad.rank == 4 and ad.scale == 0.5 and ad.io() == Io(10, 12, None)
+    torch.testing.assert_close(ad.delta((10, 12), D), 0.5 * up.to(D) @ down.to(D))
+
+    down = rand(g, 3, 5, 3, 3)  # LoCon: the kernel is down's, up is 1x1
+    up = rand(g, 6, 3, 1, 1)
+    ad = adapter("lora", {"down": down, "up": up}, alpha=6.0)
+    want = 2.0 * torch.einsum("or,rikl->oikl", up.flatten(1).to(D), down.to(D))
+    assert ad.io() == Io(6, 45, (3, 3))
+    torch.testing.assert_close(ad.delta((6, 5, 3, 3), D), want)
+
+    down, mid, up = rand(g, 3, 5, 1, 1), rand(g, 3, 3, 3, 3), rand(g, 6, 3, 1, 1)  # Tucker LoCon core
+    ad = adapter("lora", {"down": down, "mid": mid, "up": up}, alpha=3.0)
+    want = torch.einsum("os,srkl,ri->oikl", up.flatten(1).to(D), mid.to(D), down.flatten(1).to(D))
+    assert ad.rank == 3 and ad.io() == Io(6, 45, (3, 3)) and ad.algo.low_rank(ad.tensors) is None
+    torch.testing.assert_close(ad.delta((6, 5, 3, 3), D), want)
+    a, b = ad.algo.peft_factors(ad.tensors)  # PEFT's folded pair gives the same ΔW (folded in float32)
+    torch.testing.assert_close((b.flatten(1).to(D) @ a.flatten(1).to(D)).reshape(6, 5, 3, 3), want,
+                               rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(KeyError):
+        algos.get("lora").build({"down": down})
+
+
+def test_loha_plain_and_tucker():
+    g = torch.Generator().manual_seed(1)
+    w1a, w1b, w2a, w2b = rand(g, 10, 2), rand(g, 2, 12), rand(g, 10, 2), rand(g, 2, 12)
+    ad = adapter("loha", {"w1a": w1a, "w1b": w1b, "w2a": w2a, "w2b": w2b}, alpha=1.0)
+    want = 0.5 * (w1a.to(D) @ w1b.to(D)) * (w2a.to(D) @ w2b.to(D))
+    assert ad.rank == 2 and ad.io() == Io(10, 12, None)
+    torch.testing.assert_close(ad.delta((10, 12), D), want)
+
+    t1, t2 = rand(g, 2, 2, 3, 3), rand(g, 2, 2, 3, 3)
+    wa1, wb1, wa2, wb2 = rand(g, 2, 6), rand(g, 2, 5), rand(g, 2, 6), rand(g, 2, 5)
+    ad = adapter("loha", {"t1": t1, "w1a": wa1, "w1b": wb1, "t2": t2, "w2a": wa2, "w2b": wb2}, alpha=4.0)
+    want = 2.0 * tucker64(t1, wa1, wb1) * tucker64(t2, wa2, wb2)
+    assert ad.rank == 2  # folded without changing the rank, so the same alpha / rank
+    torch.testing.assert_close(ad.delta((6, 5, 3, 3), D), want)
+
+
+def test_lokr_whole_and_split_factors():
+    g = torch.Generator().manual_seed(2)
+    w1, w2a, w2b = rand(g, 2, 3), rand(g, 5, 2), rand(g, 2, 4)
+    ad = adapter("lokr", {"w1": w1, "w2a": w2a, "w2b": w2b}, alpha=1.0)
+    assert ad.rank == 2 and ad.scale == 0.5 and ad.io() == Io(10, 12, None)
+    torch.testing.assert_close(ad.delta((10, 12), D), 0.5 * kron64(w1, w2a.to(D) @ w2b.to(D)))
+
+    w1, w2 = rand(g, 2, 3), rand(g, 5, 4)
+    ad = adapter("lokr", {"w1": w1, "w2": w2}, alpha=7.0)
+    assert ad.rank is None and ad.scale == 1.0  # whole factors have no rank: alpha does not scale
+    torch.testing.assert_close(ad.delta((10, 12), D), kron64(w1, w2))
+
+    with pytest.raises(KeyError):
+        algos.get("lokr").build({"w1": w1, "w1a": w1, "w1b": w1, "w2": w2})
+
+
+def test_diff_is_the_difference_itself():
+    g = torch.Generator().manual_seed(3)
+    d = rand(g, 6, 5, 3, 3)
+    ad = adapter("diff", {"diff": d})
+    assert ad.rank is None and ad.scale == 1.0 and ad.io() == Io(6, 45, (3, 3))
+    torch.testing.assert_close(ad.delta((6, 5, 3, 3), D), d.to(D))
+
+
+def test_apply_is_the_weight_plus_strength_times_delta():
+    g = torch.Generator().manual_seed(4)
+    w0 = rand(g, 10, 12).to(D)
+    ad = adapter("loha", {"w1a": rand(g, 10, 2), "w1b": rand(g, 2, 12), "w2a": rand(g, 10, 2),
+                          "w2b": rand(g, 2, 12)}, alpha=3.0)
+    torch.testing.assert_close(ad.apply(w0, 0.7), w0 + 0.7 * ad.delta(w0.shape, D))
+
+
+class RowCol(Algorithm):
+    """A toy non-additive algorithm: W' = W ⊙ (1 + strength · outer(row, col))."""
+
+    name, style, roles, additive = "rowcol", "toy-rowcol", {"toy_row": "row", "toy_col": "col"}, False
+
+    def io(self, t):
+        return Io(t["row"].numel(), t["col"].numel(), None)
+
+    def apply(self, weight, t, scale, strength):
+        return weight * (1 + strength * scale * torch.outer(t["row"], t["col"]))
+
+
+@pytest.fixture
+def rowcol():
+    algos.register(RowCol())
+    yield
+    del algos.ALGORITHMS["rowcol"]
+
+
+def test_a_registered_algorithm_is_read_from_a_file_and_patched(rowcol, tmp_path):
+    parts = tiny.build(seed=0)
+    layer = parts["unet"].get_submodule(UNET_ATTN)
+    w0 = layer.weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    row, col = rand(g, w0.shape[0]), rand(g, w0.shape[1])
+    name = "lora_unet_" + UNET_ATTN.replace(".", "_")
+    path = tmp_path / "toy.safetensors"
+    save_file({f"{name}.toy_row": row, f"{name}.toy_col": col}, path)
+
+    lora = formats.load_lora(path, model_keys={"unet": parts["unet"]})
+    ad = lora.modules["unet"][UNET_ATTN]
+    assert lora.format == "toy-rowcol" and ad.kind == "rowcol" and not lora.unknown
+
+    loras = LoraSet(parts["unet"], parts["text_encoder"])
+    loras.add("toy", path, weight=0.5)
+    torch.testing.assert_close(layer.weight.detach(), w0 * (1 + 0.5 * torch.outer(row, col)))
+    loras.remove("toy")
+    assert torch.equal(layer.weight.detach(), w0)  # restored bit for bit
