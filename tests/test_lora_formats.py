@@ -392,11 +392,11 @@ def test_bundled_embeddings_and_pt_through_safe_loader(tmp_path, shapes):
 def test_unknown_keys_are_reported_never_dropped(tmp_path, shapes):
     sd, _ = _kohya_sd(shapes, seed=13)
     name = "lora_unet_" + UNET_LINEAR[0].replace(".", "_")
-    sd[f"{name}.dora_scale"] = torch.ones(1, 32)
+    sd[f"{name}.unknown_suffix"] = torch.ones(1, 32)  # no algorithm claims it
     sd["some_other_thing.weight"] = torch.ones(3)
     sd["lora_unet_down_blocks_7_attentions_0_to_q.lora_down.weight"] = torch.ones(2, 32)  # no up: incomplete
     lora = formats.from_state_dict(sd)
-    assert set(lora.unknown) == {f"{name}.dora_scale", "some_other_thing.weight",
+    assert set(lora.unknown) == {f"{name}.unknown_suffix", "some_other_thing.weight",
                                  "lora_unet_down_blocks_7_attentions_0_to_q.lora_down.weight"}
     report = keys.match(lora, shapes)
     assert set(lora.unknown) <= set(report.unmatched)

@@ -292,6 +292,7 @@ class _Reader:
     def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
         # keys that name no algorithm (alpha alone, the attention-processor layout) are plain LoRA's
         roles, kinds = dict(group["roles"]), set(group["kinds"]) or {"lora"}
+        kinds -= {algos.get(k).extends for k in kinds}  # DoRA's keys are LoRA's plus its own: a DoRA
         if len(kinds) != 1:
             return None
         algo = algos.get(kinds.pop())

@@ -8,7 +8,8 @@ both text encoders (``encoder.layers.0.self_attn.q_proj``, no ``text_model.``: f
 File formats convert to and from this form at the edges (``formats``); ``patch`` only ever sees this.
 
 Each adapter's ``kind`` names its algorithm in the ``algos`` registry, which says how its tensors make the
-weight difference ΔW (``lora``, ``loha``, ``lokr``, ``diff``: one module each in ``algos/``).
+weight difference ΔW (``lora``, ``loha``, ``lokr``, ``diff``; ``dora`` maps W itself: one module each in
+``algos/``).
 """
 
 from __future__ import annotations

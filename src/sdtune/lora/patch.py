@@ -4,6 +4,8 @@ Every touched layer is always recomputed from its pristine weight::
 
     W' = W0 + Σ_i w_i · ΔW_i          (summed in float32, then cast to the layer's dtype)
 
+(a non-additive adapter, DoRA or OFT, adds its change f_i(W0, w_i) − W0, from the pristine weight as A1111 does)
+
 with w_i the adapter's weight for the layer's component: the UNet, the text encoder and SDXL's second text
 encoder each have their own (``as_weights``). So any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
 final set would give, and removing every adapter puts W0 back: the base is restored bit for bit.
@@ -364,8 +366,10 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
     """out <- base + Σ w·ΔW over ``contribs`` ((name, uid, adapter, w) tuples), summed in float32.
 
     All low-rank adapters of the layer (``Algorithm.low_rank``: plain LoRA) go through one ``addmm`` of the
-    stacked factors, the other additive ones add their ΔW, and non-additive ones (``Algorithm.additive`` false)
-    then map that sum to W' in turn. ``out`` is contiguous and distinct from ``base``; it may have another dtype
+    stacked factors, the other additive ones add their ΔW, and each non-additive one (``Algorithm.additive``
+    false: DoRA, OFT) adds its own change f(W0) − W0, computed from the pristine W0, as A1111 does: so
+    W' = W0 + Σ w_i·ΔW_i + Σ_j (f_j(W0, w_j) − W0), whatever the order, and a DoRA's magnitude is that of W0
+    plus its own LoRA, never of another adapter's result. ``out`` is contiguous and distinct from ``base``; it may have another dtype
     (the result is cast once, at the end).
     """
     device, rows = out.device, out.shape[0]
@@ -392,7 +396,9 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
         acc.copy_(base)
     for ad, w in others:
         acc.add_(ad.delta(out.shape, dtype=torch.float32, device=device).reshape(rows, -1), alpha=w)
-    for ad, w in transforms:
-        acc.copy_(ad.apply(acc.view(out.shape), w).reshape(rows, -1))
+    if transforms:  # each from the pristine weight, as A1111 merges them: no order among them, none sees another
+        w0 = base.float().reshape(out.shape)
+        for ad, w in transforms:
+            acc.add_((ad.apply(w0, w) - w0).reshape(rows, -1))
     if acc is not flat:
         flat.copy_(acc)

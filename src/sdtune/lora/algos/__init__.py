@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Algorithm, Io
 from .diff import Diff
+from .dora import Dora
 from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
@@ -45,3 +46,4 @@ register(Lora())
 register(Loha())
 register(Lokr())
 register(Diff())
+register(Dora())

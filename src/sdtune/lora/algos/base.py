@@ -42,9 +42,12 @@ class Algorithm:
     label: ClassVar[str | None] = None  # its LyCORIS type as ``sdtune inspect`` names it; None: not LyCORIS
     uses_alpha: ClassVar[bool] = True  # whether a file's ``.alpha`` key belongs to it
     # Whether W' = W0 + strength · ΔW. Additive adapters of one layer are summed (and plain LoRAs share one GEMM);
-    # a non-additive one (DoRA, OFT) overrides ``apply`` and is applied to that sum.
+    # a non-additive one (DoRA, OFT) overrides ``apply``, and its change apply(W0) − W0 is added to that sum.
     additive: ClassVar[bool] = True
     layer: ClassVar[type[torch.nn.Module] | None] = None  # the trainable layer (``train``), where there is one
+    # The algorithm whose file keys this one's add to (DoRA: LoRA's plus a magnitude): a module holding both
+    # algorithms' keys reads as this one.
+    extends: ClassVar[str | None] = None
 
     def build(self, roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises

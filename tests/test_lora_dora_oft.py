@@ -1,0 +1,210 @@
+"""DoRA as a registry algorithm: PEFT files against PEFT's own merge (the oracle for that layout), kohya/LyCORIS
+``dora_scale`` files against an independent float64 computation of LyCORIS's maths, each read from a file this
+test writes and merged by ``base.loras`` on the tiny SD1 model; strength, restore, and the order with other LoRAs."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdtune.lora import formats
+from sdtune.lora.inspect import describe
+from sdtune.lora.neutral import Adapter
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
+
+peft = pytest.importorskip("peft")
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32: square, so the axis matters
+CONV = "down_blocks.1.resnets.0.conv1"  # Conv2d 32 -> 64, 3x3
+TEXT_Q = "encoder.layers.0.self_attn.q_proj"
+D = torch.float64
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    return load_base("tiny-random")
+
+
+@pytest.fixture
+def base(pristine):
+    b = copy.deepcopy(pristine)
+    yield b
+    b.loras.detach()
+
+
+def weight(module, path):
+    return module.get_submodule(path).weight.detach().clone()
+
+
+def kohya(path):
+    return "lora_unet_" + path.replace(".", "_")
+
+
+# ---------------------------------------------------------------- PEFT: its own merge is the oracle
+
+def peft_dora(module, targets, seed, save_to=None, r=4, alpha=6):
+    """A PEFT DoRA on ``targets`` of a copy of ``module``: random A, B and a magnitude moved off ‖W0‖ (so that
+    every part counts), saved by PEFT to ``save_to`` if given; returns its state dict as PEFT saves it, and PEFT's
+    merged weights."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=targets, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(module), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.5 * torch.rand(p.shape))
+    state = peft.get_peft_model_state_dict(model)
+    if save_to:
+        model.save_pretrained(save_to)  # adapter_model.safetensors + adapter_config.json
+    merged = model.merge_and_unload()
+    return state, {t: weight(merged, t) for t in targets}
+
+
+def test_peft_folder_matches_peft_merge_at_every_strength(base, tmp_path):
+    w0 = {t: weight(base.unet, t) for t in (ATTN, CONV)}
+    state, expected = peft_dora(base.unet, [ATTN, CONV], seed=1, save_to=tmp_path / "peft")  # alpha 6, r 4
+    assert any(k.endswith(ATTN + ".lora_magnitude_vector") for k in state)  # the layout this reads
+
+    lora = formats.load_lora(tmp_path / "peft", model_keys={"unet": base.unet})
+    assert {ad.kind for _, _, ad in lora.items()} == {"dora"} and not lora.unknown
+    assert lora.modules["unet"][ATTN].scale == pytest.approx(1.5)
+    base.loras.add("d", tmp_path / "peft" / "adapter_model.safetensors")
+    for t in (ATTN, CONV):
+        torch.testing.assert_close(weight(base.unet, t), expected[t], rtol=1e-5, atol=1e-6)
+    base.loras.set_weights({"d": 0.6})  # strength scales the change from W0 (A1111)
+    for t in (ATTN, CONV):
+        torch.testing.assert_close(weight(base.unet, t), w0[t] + 0.6 * (expected[t] - w0[t]), rtol=1e-5, atol=1e-6)
+    base.loras.remove("d")
+    for t in (ATTN, CONV):
+        assert torch.equal(weight(base.unet, t), w0[t])  # restored bit for bit
+
+
+def test_diffusers_prefixed_unet_and_text_encoder_keys(base, tmp_path):
+    unet_state, unet_expected = peft_dora(base.unet, [ATTN], seed=2)
+    text_state, text_expected = peft_dora(base.text_encoder, [TEXT_Q], seed=3)
+    sd = {"unet." + k.removeprefix("base_model.model."): v for k, v in unet_state.items()}
+    sd |= {"text_encoder." + k.removeprefix("base_model.model."): v for k, v in text_state.items()}
+    header = {"unet.r": 4, "unet.lora_alpha": 6, "text_encoder.r": 4, "text_encoder.lora_alpha": 6}
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(header)})
+
+    base.loras.add("d", path)
+    torch.testing.assert_close(weight(base.unet, ATTN), unet_expected[ATTN], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight(base.text_encoder, TEXT_Q), text_expected[TEXT_Q], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- kohya / LyCORIS: float64 oracle
+
+def lycoris64(w0, down, up, dora_scale, alpha_over_rank, strength):
+    """LyCORIS's DoRA written out in float64: V = W0 + (alpha/rank)·up@down; each input column (or, for a
+    [out, 1] scale, each output row) of V rescaled to dora_scale / (its L2 norm + eps); then A1111's strength."""
+    w0 = w0.to(D)
+    out, inner = w0.shape[0], w0.shape[1]
+    v = w0 + alpha_over_rank * (up.to(D).reshape(out, -1) @ down.to(D).reshape(down.shape[0], -1)).reshape(w0.shape)
+    if dora_scale.shape[0] == 1:  # per input column: sum the squares over everything but dim 1
+        sq = (v ** 2).transpose(0, 1).reshape(inner, -1).sum(1)
+        norm = (sq.sqrt() + EPS).reshape(1, inner, *[1] * (w0.dim() - 2))
+    else:
+        norm = ((v ** 2).reshape(out, -1).sum(1).sqrt() + EPS).reshape(out, *[1] * (w0.dim() - 1))
+    w_dora = v * dora_scale.to(D).reshape(norm.shape) / norm
+    return (w0 + strength * (w_dora - w0)).float()
+
+
+def lycoris_tensors(w0, g, rank=4, per_out=False):
+    out, inner = w0.shape[0], w0.shape[1]
+    kernel = tuple(w0.shape[2:])
+    down = torch.randn(rank, inner, *kernel, generator=g) * 0.2
+    up = torch.randn(out, rank, *[1] * len(kernel), generator=g) * 0.2
+    if per_out:  # LyCORIS wd_on_out
+        norm = w0.reshape(out, -1).norm(dim=1).reshape(out, *[1] * (w0.dim() - 1))
+    else:  # kohya's default: one per input column
+        norm = w0.transpose(0, 1).reshape(inner, -1).norm(dim=1).reshape(1, inner, *[1] * len(kernel))
+    return down, up, norm * (1 + 0.5 * torch.rand(norm.shape, generator=g))
+
+
+def test_lycoris_dora_scale_per_input_column_and_per_output_row(base, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    to_k = ATTN.replace("to_q", "to_k")  # also square: only dora_scale's shape says which axis
+    cases = {ATTN: False, CONV: False, to_k: True}
+    w0 = {t: weight(base.unet, t) for t in cases}
+    sd, tensors = {}, {}
+    for t, per_out in cases.items():
+        tensors[t] = lycoris_tensors(w0[t], g, per_out=per_out)
+        down, up, scale = tensors[t]
+        sd |= {f"{kohya(t)}.lora_down.weight": down, f"{kohya(t)}.lora_up.weight": up,
+               f"{kohya(t)}.dora_scale": scale, f"{kohya(t)}.alpha": torch.tensor(2.0)}
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, path)
+
+    base.loras.add("d", path, weight=0.7)
+    for t in cases:
+        down, up, scale = tensors[t]
+        torch.testing.assert_close(weight(base.unet, t), lycoris64(w0[t], down, up, scale, 0.5, 0.7),
+                                   rtol=1e-5, atol=1e-6)
+    # the other axis gives another weight: the test would see a mix-up
+    down, up, scale = tensors[ATTN]
+    wrong = lycoris64(w0[ATTN], down, up, scale.reshape(-1, 1), 0.5, 0.7)
+    assert (weight(base.unet, ATTN) - wrong).abs().max() > 1e-3
+    base.loras.remove("d")
+    for t in cases:
+        assert torch.equal(weight(base.unet, t), w0[t])
+
+    info = describe(path)
+    assert info["kinds"] == {"dora": 3} and info["lycoris"] == "DoRA" and info["unknown_keys"] == []
+
+
+def test_dora_with_an_additive_lora_on_the_same_layer(base, tmp_path):
+    """Order: every adapter's change is taken from the pristine W0 and the changes are summed (A1111's order),
+    so the DoRA's magnitude is that of W0 plus its own LoRA, and the result is independent of adding order."""
+    g = torch.Generator().manual_seed(5)
+    w0 = weight(base.unet, ATTN)
+    down, up, scale = lycoris_tensors(w0, g)
+    save_file({f"{kohya(ATTN)}.lora_down.weight": down, f"{kohya(ATTN)}.lora_up.weight": up,
+               f"{kohya(ATTN)}.dora_scale": scale}, tmp_path / "dora.safetensors")
+    ld, lu = torch.randn(2, 32, generator=g) * 0.3, torch.randn(32, 2, generator=g) * 0.3
+    save_file({f"{kohya(ATTN)}.lora_down.weight": ld, f"{kohya(ATTN)}.lora_up.weight": lu,
+               f"{kohya(ATTN)}.alpha": torch.tensor(1.0)}, tmp_path / "lora.safetensors")
+
+    dora_change = lycoris64(w0, down, up, scale, 1.0, 0.8).to(D) - w0.to(D)
+    expected = (w0.to(D) + 0.5 * 0.5 * (lu.to(D) @ ld.to(D)) + dora_change).float()
+    for first, second in (("a", "b"), ("b", "a")):
+        base.loras.add(first, tmp_path / "dora.safetensors", weight=0.8)
+        base.loras.add(second, tmp_path / "lora.safetensors", weight=0.5)
+        torch.testing.assert_close(weight(base.unet, ATTN), expected, rtol=1e-5, atol=1e-6)
+        base.loras.remove_all()
+        assert torch.equal(weight(base.unet, ATTN), w0)
+
+
+# ---------------------------------------------------------------- files: round trip, bad input
+
+def test_kohya_dora_round_trips_and_peft_dora_refuses_kohya(base, tmp_path):
+    g = torch.Generator().manual_seed(6)
+    down, up, scale = lycoris_tensors(weight(base.unet, ATTN), g)
+    save_file({f"{kohya(ATTN)}.lora_down.weight": down, f"{kohya(ATTN)}.lora_up.weight": up,
+               f"{kohya(ATTN)}.dora_scale": scale, f"{kohya(ATTN)}.alpha": torch.tensor(3.0)}, tmp_path / "a.safetensors")
+    lora = formats.convert(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    again = formats.load_lora(tmp_path / "b.safetensors")
+    a, b = lora.modules["unet"][ATTN], again.modules["unet"][ATTN]
+    assert b.kind == "dora" and b.alpha == 3.0 and set(b.tensors) == {"down", "up", "dora_scale"}
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+    peft_ad = Adapter("dora", {"down": down, "up": up, "magnitude": torch.ones(32)}, 4.0)
+    lora.modules["unet"][ATTN] = peft_ad
+    with pytest.raises(SdtuneError, match="no kohya layout"):
+        formats.save_lora(lora, tmp_path / "c.safetensors")
+    with pytest.raises(SdtuneError, match="format='kohya'"):
+        formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
+
+
+def test_misshapen_dora_scale_is_one_clear_error(base, tmp_path):
+    g = torch.Generator().manual_seed(7)
+    down, up, _ = lycoris_tensors(weight(base.unet, CONV), g)
+    save_file({f"{kohya(CONV)}.lora_down.weight": down, f"{kohya(CONV)}.lora_up.weight": up,
+               f"{kohya(CONV)}.dora_scale": torch.ones(1, 7, 1, 1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(SdtuneError) as err:
+        base.loras.add("bad", tmp_path / "bad.safetensors")
+    assert "\n" not in str(err.value) and "dora_scale" in str(err.value) and len(base.loras) == 0
