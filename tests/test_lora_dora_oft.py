@@ -208,3 +208,83 @@ def test_misshapen_dora_scale_is_one_clear_error(base, tmp_path):
     with pytest.raises(SdtuneError) as err:
         base.loras.add("bad", tmp_path / "bad.safetensors")
     assert "\n" not in str(err.value) and "dora_scale" in str(err.value) and len(base.loras) == 0
+
+
+# ---------------------------------------------------------------- OFT: float64 oracle (PEFT has no oft_blocks layout)
+
+def oft64(w0, blocks, alpha, strength):
+    """kohya/LyCORIS OFT written out in float64: Q = B − Bᵀ, shrunk to norm alpha·out if larger, R_j =
+    (I + Q_j)(I − Q_j)⁻¹ by explicit inverse, R the block-diagonal of them, W' = Rᵀ·W0; then A1111's strength."""
+    out = w0.shape[0]
+    q = blocks.to(D) - blocks.to(D).transpose(1, 2)
+    norm, bound = q.flatten().norm(), alpha * out
+    if alpha and norm > bound:
+        q = q * bound / norm
+    eye = torch.eye(q.shape[1], dtype=D)
+    r = torch.block_diag(*[(eye + qj) @ torch.linalg.inv(eye - qj) for qj in q])
+    assert torch.allclose(r.T @ r, torch.eye(out, dtype=D))  # orthogonal: the oracle's own check
+    rotated = (r.T @ w0.to(D).reshape(out, -1)).reshape(w0.shape)
+    return (w0.to(D) + strength * (rotated - w0.to(D))).float()
+
+
+def test_oft_blocks_rotate_output_rows_with_and_without_the_constraint(base, tmp_path):
+    g = torch.Generator().manual_seed(8)
+    # ATTN: 4 blocks of 8, a large constraint (never reached); CONV: 8 blocks of 8 (64 rows), clamped hard
+    cases = {ATTN: (4, 10.0), CONV: (8, 1e-3)}
+    w0 = {t: weight(base.unet, t) for t in cases}
+    sd, blocks = {}, {}
+    for t, (k, alpha) in cases.items():
+        blocks[t] = torch.randn(k, 8, 8, generator=g) * 0.1
+        sd |= {f"{kohya(t)}.oft_blocks": blocks[t], f"{kohya(t)}.alpha": torch.tensor(alpha)}
+    path = tmp_path / "oft.safetensors"
+    save_file(sd, path)
+    q = blocks[CONV] - blocks[CONV].transpose(1, 2)
+    assert q.norm() > 1e-3 * 64  # the clamp is exercised
+
+    base.loras.add("o", path, weight=0.6)
+    for t, (_, alpha) in cases.items():
+        torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], alpha, 0.6), rtol=1e-5, atol=1e-6)
+    base.loras.set_weights({"o": 1.0})
+    for t, (_, alpha) in cases.items():
+        torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], alpha, 1.0), rtol=1e-5, atol=1e-6)
+    base.loras.remove("o")
+    for t in cases:
+        assert torch.equal(weight(base.unet, t), w0[t])
+
+    info = describe(path)
+    assert info["kinds"] == {"oft": 2} and info["lycoris"] == "OFT" and info["unknown_keys"] == []
+
+
+def test_oft_with_dora_and_lora_on_one_layer_sums_changes_from_w0(base, tmp_path):
+    g = torch.Generator().manual_seed(9)
+    w0 = weight(base.unet, ATTN)
+    blocks = torch.randn(4, 8, 8, generator=g) * 0.1
+    save_file({f"{kohya(ATTN)}.oft_blocks": blocks, f"{kohya(ATTN)}.alpha": torch.tensor(0.0)},
+              tmp_path / "oft.safetensors")
+    down, up, scale = lycoris_tensors(w0, g)
+    save_file({f"{kohya(ATTN)}.lora_down.weight": down, f"{kohya(ATTN)}.lora_up.weight": up,
+               f"{kohya(ATTN)}.dora_scale": scale}, tmp_path / "dora.safetensors")
+    ld, lu = torch.randn(2, 32, generator=g) * 0.3, torch.randn(32, 2, generator=g) * 0.3
+    save_file({f"{kohya(ATTN)}.lora_down.weight": ld, f"{kohya(ATTN)}.lora_up.weight": lu},
+              tmp_path / "lora.safetensors")
+
+    expected = (w0.to(D) + 0.5 * (lu.to(D) @ ld.to(D)) + (oft64(w0, blocks, 0.0, 0.7).to(D) - w0.to(D))
+                + (lycoris64(w0, down, up, scale, 1.0, 0.9).to(D) - w0.to(D))).float()
+    with base.loras.batch():
+        base.loras.add("oft", tmp_path / "oft.safetensors", weight=0.7)
+        base.loras.add("dora", tmp_path / "dora.safetensors", weight=0.9)
+        base.loras.add("lora", tmp_path / "lora.safetensors", weight=0.5)
+    torch.testing.assert_close(weight(base.unet, ATTN), expected, rtol=1e-5, atol=2e-6)
+    base.loras.remove_all()
+    assert torch.equal(weight(base.unet, ATTN), w0)
+
+
+def test_boft_and_misshapen_oft_blocks_are_one_clear_error(base, tmp_path):
+    sd = {f"{kohya(ATTN)}.oft_blocks": torch.zeros(2, 4, 8, 8)}  # LyCORIS BOFT: not read
+    save_file(sd, tmp_path / "boft.safetensors")
+    sd = {f"{kohya(ATTN)}.oft_blocks": torch.zeros(3, 8, 8)}  # 24 rows for a 32-row layer
+    save_file(sd, tmp_path / "bad.safetensors")
+    for name in ("boft", "bad"):
+        with pytest.raises(SdtuneError) as err:
+            base.loras.add(name, tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(err.value) and len(base.loras) == 0

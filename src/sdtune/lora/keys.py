@@ -238,7 +238,7 @@ def adapter_io(ad: Adapter) -> tuple[int, int, tuple | None]:
 def adapter_shape(ad: Adapter) -> tuple:
     """The ΔW shape as the file implies it: (out, in) or (out, in, kh, kw) when the kernel is known."""
     out, inner, kernel = adapter_io(ad)
-    if kernel:
+    if kernel and inner is not None:
         return (out, inner // math.prod(kernel), *kernel)
     return (out, inner)
 
@@ -248,7 +248,7 @@ def fits(ad: Adapter, shape: tuple) -> bool:
     if len(shape) < 2:
         return False
     out, inner, kernel = adapter_io(ad)
-    if out != shape[0] or inner != math.prod(shape[1:]):
+    if out != shape[0] or (inner is not None and inner != math.prod(shape[1:])):  # None: any width (OFT)
         return False
     return kernel is None or math.prod(kernel) == 1 or tuple(shape[2:]) == kernel
 
@@ -275,7 +275,7 @@ def _layer_evidence(comp: str, path: str, out: int, inner: int) -> list[set[Fami
         if TEXT_ATTENTION.search(path):  # the attention projections map the encoder's width onto itself
             allowed.append({f for f, te in families.by_text_width(out) if te.component == comp})
     elif comp == "unet":
-        if _CROSS_ATTENTION.search(path):  # attn2.to_k/to_v read the text features
+        if _CROSS_ATTENTION.search(path) and inner:  # attn2.to_k/to_v read the text features
             family = families.by_cross_attention(inner)
             allowed.append({family} if family else set())
         if m := _TRANSFORMER_INDEX.search(path):

@@ -13,6 +13,7 @@ from .dora import Dora
 from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
+from .oft import Oft
 
 __all__ = ["ALGORITHMS", "Algorithm", "Io", "get", "kohya_roles", "register"]
 
@@ -47,3 +48,4 @@ register(Loha())
 register(Lokr())
 register(Diff())
 register(Dora())
+register(Oft())

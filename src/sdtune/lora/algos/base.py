@@ -17,7 +17,7 @@ class Io(NamedTuple):
     """The shape of an adapter's ΔW: what a target layer must have for it to fit."""
 
     out: int  # output features / channels
-    inner: int  # input features, flattened over the kernel
+    inner: int | None  # input features, flattened over the kernel; None: any (OFT mixes output rows only)
     kernel: tuple | None  # (kh, kw) when the tensors tell it; None: a linear layer or not known
 
 
