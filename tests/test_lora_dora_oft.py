@@ -44,6 +44,15 @@ def kohya(path):
     return "lora_unet_" + path.replace(".", "_")
 
 
+def removed_and_described(base, name, w0, path, kind, label):
+    """Removing the adapter gives every layer its original bits back, and ``inspect`` names the algorithm."""
+    base.loras.remove(name)
+    for t in w0:
+        assert torch.equal(weight(base.unet, t), w0[t])
+    info = describe(path)
+    assert info["kinds"] == {kind: len(w0)} and info["lycoris"] == label and info["unknown_keys"] == []
+
+
 # ---------------------------------------------------------------- PEFT: its own merge is the oracle
 
 def peft_dora(module, targets, seed, save_to=None, r=4, alpha=6):
@@ -149,12 +158,7 @@ def test_lycoris_dora_scale_per_input_column_and_per_output_row(base, tmp_path):
     down, up, scale = tensors[ATTN]
     wrong = lycoris64(w0[ATTN], down, up, scale.reshape(-1, 1), 0.5, 0.7)
     assert (weight(base.unet, ATTN) - wrong).abs().max() > 1e-3
-    base.loras.remove("d")
-    for t in cases:
-        assert torch.equal(weight(base.unet, t), w0[t])
-
-    info = describe(path)
-    assert info["kinds"] == {"dora": 3} and info["lycoris"] == "DoRA" and info["unknown_keys"] == []
+    removed_and_described(base, "d", w0, path, "dora", "DoRA")
 
 
 def test_dora_with_an_additive_lora_on_the_same_layer(base, tmp_path):
@@ -247,12 +251,7 @@ def test_oft_blocks_rotate_output_rows_with_and_without_the_constraint(base, tmp
     base.loras.set_weights({"o": 1.0})
     for t, (_, alpha) in cases.items():
         torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], alpha, 1.0), rtol=1e-5, atol=1e-6)
-    base.loras.remove("o")
-    for t in cases:
-        assert torch.equal(weight(base.unet, t), w0[t])
-
-    info = describe(path)
-    assert info["kinds"] == {"oft": 2} and info["lycoris"] == "OFT" and info["unknown_keys"] == []
+    removed_and_described(base, "o", w0, path, "oft", "OFT")
 
 
 def test_oft_with_dora_and_lora_on_one_layer_sums_changes_from_w0(base, tmp_path):
