@@ -253,6 +253,14 @@ def test_oft_blocks_rotate_output_rows_with_and_without_the_constraint(base, tmp
         torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], alpha, 1.0), rtol=1e-5, atol=1e-6)
     removed_and_described(base, "o", w0, path, "oft", "OFT")
 
+    lora = formats.convert(path, tmp_path / "again.safetensors")  # kohya out, same tensors and constraint
+    again = formats.load_lora(tmp_path / "again.safetensors")
+    for t, (_, alpha) in cases.items():
+        ad = again.modules["unet"][t]
+        assert ad.kind == "oft" and ad.alpha == pytest.approx(alpha) and torch.equal(ad.tensors["blocks"], blocks[t])
+    with pytest.raises(SdtuneError, match="format='kohya'"):
+        formats.save_lora(lora, tmp_path / "d.safetensors", format="diffusers")
+
 
 def test_oft_with_dora_and_lora_on_one_layer_sums_changes_from_w0(base, tmp_path):
     g = torch.Generator().manual_seed(9)
