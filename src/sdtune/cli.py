@@ -12,6 +12,7 @@ from . import api, demo, sources, xyplot
 from .console import cli_warnings
 from .generate import save_batch
 from .lora import inspect
+from .lora import tools as lora_tools
 from .lora.bake import merge
 from .lora.formats import convert
 from .models import load_base
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     c.set_defaults(func=cmd_convert)
+
+    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one"))
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
@@ -184,6 +187,30 @@ def cmd_inspect(a) -> None:
 def cmd_convert(a) -> None:
     lora = convert(a.input, a.output, to=a.to)
     print(f"{a.output}: {len(lora)} modules in {a.to} layout")
+
+
+# ---------------------------------------------------------------- the LoRA toolbox (sdtune lora ...)
+
+def _lora_tool_args(p: argparse.ArgumentParser) -> None:
+    tools_sub = p.add_subparsers(dest="tool", required=True)
+    mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
+    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT]")
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--rank", type=int, help="SVD of each layer's summed ΔW to this rank (default: exact, the "
+                    "ranks concatenated)")
+    mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    mg.set_defaults(func=cmd_lora_merge)
+
+
+def cmd_lora_merge(a) -> Path:
+    specs = []
+    for spec in a.specs:
+        src, w = sources.parse_weighted(spec)
+        specs.append((sources.resolve(src, "lora"), w))
+    _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to)
+    if reports:
+        print(lora_tools.report_table(reports))
+    return Path(a.out)
 
 
 def cmd_merge(a) -> None:

@@ -1,0 +1,162 @@
+"""The LoRA toolbox: merge several LoRAs into one file, resize one, extract one from two checkpoints.
+
+All three end in the same place: per layer a ΔW (or exact low-rank factors of it), written back as plain LoRA
+factors with alpha = rank (scale 1), so the file says exactly the ΔW it was given, in any layout ``save_lora``
+writes. Low-rank approximations are SVD truncations: ΔW ≈ U_r diag(S_r) V_rᵀ, with up = U_r diag(S_r) and
+down = V_rᵀ (kohya's split), which is the best rank-r approximation in the Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import families
+from ..safeio import SdtuneError
+from . import keys
+from .formats import load_lora, save_lora
+from .neutral import Adapter, Lora
+
+
+@dataclass
+class LayerReport:
+    """What a low-rank step kept of one layer: its new rank and the share of ΔW's Frobenius norm retained."""
+
+    component: str
+    path: str
+    rank: int
+    old_rank: int | None
+    fro: float  # ‖ΔW_r‖_F / ‖ΔW‖_F
+
+
+def _factors_to_adapter(up: torch.Tensor, down: torch.Tensor, kernel: tuple | None, dtype: torch.dtype) -> Adapter:
+    """Plain LoRA (or LoCon) factors from flat ``up`` [out, r] and ``down`` [r, inner]; alpha = r (scale 1)."""
+    r = down.shape[0]
+    if kernel:  # kohya LoCon: down carries the kernel, up is 1x1
+        down = down.reshape(r, down.shape[1] // math.prod(kernel), *kernel)
+        up = up.reshape(up.shape[0], r, 1, 1)
+    return Adapter("lora", {"down": down.to(dtype).contiguous(), "up": up.to(dtype).contiguous()}, alpha=float(r))
+
+
+def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # float64: the ranks the dynamic modes pick compare cumulative sums to a threshold; keep them stable
+    return torch.linalg.svd(delta.double(), full_matrices=False)
+
+
+def _truncate(u, s, vh, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def fro_share(s: torch.Tensor, r: int) -> float:
+    total = float(s.pow(2).sum())
+    return 1.0 if total == 0 else math.sqrt(float(s[:r].pow(2).sum()) / total)
+
+
+def _kernel(comp: str, path: str, ad: Adapter, family) -> tuple | None:
+    kernel = ad.io().kernel
+    if kernel is None:  # LoHa/LoKr tensors do not say; the family's architecture does
+        shape = keys.reference(family or families.SD1).get(comp, {}).get(path)
+        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else None
+    return kernel
+
+
+def _dtype(loras: list[Lora]) -> torch.dtype:
+    dtypes = {t.dtype for lora in loras for _, _, ad in lora.items() for t in ad.tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _read(path: str | Path) -> Lora:
+    lora = load_lora(path)
+    if lora.unknown:
+        raise SdtuneError(f"{path}: {len(lora.unknown)} keys sdtune cannot read (e.g. {lora.unknown[0]}); a merge "
+                          f"or resize would drop them. Convert or clean the file first")
+    return lora
+
+
+def _family(loras: list[tuple[str, Lora]]):
+    found = {}
+    for path, lora in loras:
+        fam = keys.guess_family(lora)
+        if fam is not None:
+            found.setdefault(fam, path)
+    if len(found) > 1:
+        names = ", ".join(f"{p} ({f.title})" for f, p in found.items())
+        raise SdtuneError(f"these LoRAs are for different model families: {names}; merge LoRAs of one family")
+    return next(iter(found), None)
+
+
+# ================================================================= merge
+
+def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
+                to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """One LoRA file equal to loading each (file, weight) of ``specs`` at once.
+
+    Default: exact concatenation per layer, up = [w₁s₁·up₁ | w₂s₂·up₂ | …], down = [down₁; down₂; …],
+    alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
+    summation order differs). A layer with a LoHa/LoKr/full adapter is merged through its ΔW and SVD, keeping
+    every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
+    rank (at most), reported per layer.
+    """
+    if not specs:
+        raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
+    if rank is not None and rank < 1:
+        raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
+    loaded = [(str(p), _read(p), float(w)) for p, w in specs]
+    family = _family([(p, lora) for p, lora, _ in loaded])
+    dtype = _dtype([lora for _, lora, _ in loaded])
+    layers: dict[tuple[str, str], list[tuple[Adapter, float]]] = {}
+    for _, lora, w in loaded:
+        for comp, path, ad in lora.items():
+            layers.setdefault((comp, path), []).append((ad, w))
+    mix, reports = Lora(), []
+    for (comp, path), contribs in layers.items():
+        kernel = _kernel(comp, path, contribs[0][0], family)
+        plain = all(ad.kind == "lora" for ad, _ in contribs)
+        if rank is None and plain:
+            ups, downs = [], []
+            for ad, w in contribs:
+                down, up = ad.algo.peft_factors(ad.cast())  # a Tucker core folds into down: same ΔW, same rank
+                ups.append(up.flatten(1) * (w * ad.scale))
+                downs.append(down.flatten(1))
+            mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(torch.cat(ups, 1), torch.cat(downs, 0),
+                                                                         kernel, dtype)
+            continue
+        out_f, inner, _ = contribs[0][0].io()
+        delta = sum(w * ad.delta((out_f, inner)) for ad, w in contribs)
+        u, s, vh = _svd(delta)
+        if rank is None:  # exact: every singular value above float32 rounding of the largest
+            r = max(1, int((s > s[0] * 1e-6).sum())) if s[0] > 0 else 1
+        else:
+            r = min(rank, len(s))
+        up, down = _truncate(u, s, vh, r)
+        mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(up, down, kernel, dtype)
+        reports.append(LayerReport(comp, path, r, None, fro_share(s, r)))
+    names = {}
+    for p, lora, _ in loaded:
+        for name, emb in lora.embeddings.items():
+            if name in names and not torch.equal(mix.embeddings[name], emb):
+                raise SdtuneError(f"{p}: bundles an embedding {name!r} that {names[name]} bundles too, with other "
+                                  f"values; merge LoRAs without clashing embeddings")
+            names[name] = p
+            mix.embeddings[name] = emb
+    mix.metadata = {"ss_training_comment": "sdtune lora merge: " + " + ".join(f"{Path(p).name}:{w:g}"
+                                                                               for p, _, w in loaded)}
+    save_lora(mix, out, format=to, family=family)
+    return mix, reports
+
+
+def report_table(reports: list[LayerReport]) -> str:
+    """One row per layer: component, module, rank (old -> new where it changed), retained Frobenius share."""
+    if not reports:
+        return "every layer merged exactly (concatenated factors)"
+    width = max(len(f"{r.component}.{r.path}") for r in reports)
+    lines = [f"{'layer':<{width}}  {'rank':>9}  fro kept"]
+    for r in reports:
+        ranks = f"{r.old_rank}->{r.rank}" if r.old_rank is not None else str(r.rank)
+        lines.append(f"{r.component + '.' + r.path:<{width}}  {ranks:>9}  {r.fro:8.4f}")
+    total = sum(r.fro for r in reports) / len(reports)
+    lines.append(f"{len(reports)} layers, mean Frobenius share kept {total:.4f}")
+    return "\n".join(lines)

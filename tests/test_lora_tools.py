@@ -1,0 +1,127 @@
+"""The LoRA toolbox (``sdtune lora merge|resize|extract``): the weights each output patches in, its ranks, its
+layout, against computations done here (LoraSet with the inputs, SVDs in float64, sd-scripts' rank rules)."""
+
+import logging
+
+import pytest
+import torch
+
+from sdtune.cli import main
+from sdtune.lora import tools
+from sdtune.lora.formats import load_lora, save_lora
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.models import load_base
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+CONV = "down_blocks.1.resnets.0.conv1"
+TE_Q = "encoder.layers.1.self_attn.q_proj"
+# diffusers tells kohya text-encoder keys apart by an out_proj among them, as every real kohya file has one
+TE_OUT = "encoder.layers.1.self_attn.out_proj"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random", device="cpu", dtype="fp32")
+
+
+def _shape(base, comp, path):
+    return getattr(base, comp).get_submodule(path).weight.shape
+
+
+def lora_file(base, path, seed, rank, alpha, conv=False, te=True, loha_on=None) -> str:
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora()
+    layers = [("unet", ATTN), ("unet", FF)] + ([("text_encoder", TE_Q), ("text_encoder", TE_OUT)] if te else [])
+    for comp, p in layers:
+        out_f, in_f = _shape(base, comp, p)
+        if p == loha_on:
+            lora.modules[comp][p] = Adapter("loha", {k: torch.randn(*s, generator=g) * 0.3 for k, s in
+                                                     (("w1a", (out_f, 2)), ("w1b", (2, in_f)), ("w2a", (out_f, 2)),
+                                                      ("w2b", (2, in_f)))}, alpha=1.0)
+            continue
+        lora.modules[comp][p] = Adapter("lora", {"down": torch.randn(rank, in_f, generator=g) * 0.3,
+                                                 "up": torch.randn(out_f, rank, generator=g) * 0.3}, alpha)
+    if conv:
+        o, i, kh, kw = _shape(base, "unet", CONV)
+        lora.modules["unet"][CONV] = Adapter("lora", {"down": torch.randn(rank, i, kh, kw, generator=g) * 0.1,
+                                                      "up": torch.randn(o, rank, 1, 1, generator=g) * 0.1}, alpha)
+    save_lora(lora, path)
+    return str(path)
+
+
+def patched(base, loras: list[tuple[str, float]]) -> dict:
+    """The weights LoraSet makes from these (file, weight) pairs, then the base restored."""
+    for i, (p, w) in enumerate(loras):
+        base.loras.add(f"l{i}", p, w)
+    out = {(c, p): getattr(base, c).get_submodule(p).weight.detach().clone()
+           for c, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q),
+                                   ("text_encoder", TE_OUT))}
+    base.loras.remove_all()
+    return out
+
+
+def deltas(lora: Lora) -> dict:
+    return {(c, p): ad.delta(ad.io()[:2]).double() for c, p, ad in lora.items()}
+
+
+# ---------------------------------------------------------------- merge
+
+def test_exact_merge_patches_as_both_loaded(base, tmp_path):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, conv=True)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=6.0)
+    out = tmp_path / "mix.safetensors"
+    assert main(["lora", "merge", f"{a}:0.5", f"{b}:1.0", "--out", str(out)]) == 0
+    mix = load_lora(out)
+    assert mix.modules["unet"][ATTN].rank == 5 and mix.modules["unet"][ATTN].alpha == 5.0  # ranks add, scale 1
+    assert mix.modules["unet"][CONV].rank == 2 and mix.modules["unet"][CONV].tensors["down"].dim() == 4
+    want, got = patched(base, [(a, 0.5), (b, 1.0)]), patched(base, [(str(out), 1.0)])
+    for k in want:
+        # the same sum in another order: fp32 rounding of values of size ~1 (1e-5 is ~100 ulp)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+    assert not torch.equal(want[("unet", ATTN)], base.unet.get_submodule(ATTN).weight)
+
+
+def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=4, alpha=4.0)
+    exact, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "x.safetensors")
+    assert [r.path for r in reports] == [FF]  # only the LoHa layer goes through its ΔW
+    want, got = patched(base, [(a, 0.7), (b, -0.4)]), patched(base, [(str(tmp_path / "x.safetensors"), 1.0)])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-5)
+    # --rank 3: each layer is the float64 SVD truncation of the summed ΔW
+    summed = {k: 0.7 * d for k, d in deltas(load_lora(a)).items()}
+    for k, d in deltas(load_lora(b)).items():
+        summed[k] = summed[k] - 0.4 * d
+    low, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "r.safetensors", rank=3, to="diffusers")
+    reread = load_lora(tmp_path / "r.safetensors")
+    assert "peft" in reread.format or "diffusers" in reread.format
+    for k, d in deltas(reread).items():
+        u, s, vh = torch.linalg.svd(summed[k], full_matrices=False)
+        torch.testing.assert_close(d, (u[:, :3] * s[:3]) @ vh[:3], rtol=0, atol=1e-5)
+        assert reread.modules[k[0]][k[1]].rank == 3
+        rep = next(r for r in reports if (r.component, r.path) == k)
+        assert rep.fro == pytest.approx(float(s[:3].norm() / s.norm()), abs=1e-6)
+
+
+def test_kohya_merge_loads_in_diffusers_with_no_unmatched_keys(base, tmp_path, caplog):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, conv=True)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=3.0)
+    out = tmp_path / "mix.safetensors"
+    tools.merge_loras([(a, 1.0), (b, 0.5)], out)
+    pipe = load_base("tiny-random", device="cpu", dtype="fp32").pipeline()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out), adapter_name="mix")
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower() or
+                "not" in r.getMessage().lower() and "lora" in r.getMessage().lower()]
+    wrapped = {n.removesuffix(".lora_A.mix") for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A.mix")}
+    assert wrapped == {ATTN, FF, CONV}
+    te = {n.removesuffix(".lora_A.mix") for n, _ in pipe.text_encoder.named_modules() if n.endswith(".lora_A.mix")}
+    assert {n.removeprefix("text_model.") for n in te} == {TE_Q, TE_OUT}
+
+
+def test_merge_errors_name_the_file(tmp_path, capsys):
+    assert main(["lora", "merge", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.safetensors" in err and err.count("\n") == 1
