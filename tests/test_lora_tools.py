@@ -1,8 +1,10 @@
 """The LoRA toolbox (``sdtune lora merge|resize|extract``): the weights each output patches in, its ranks, its
 layout, against computations done here (LoraSet with the inputs, SVDs in float64, sd-scripts' rank rules)."""
 
+import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +127,53 @@ def test_merge_errors_name_the_file(tmp_path, capsys):
     assert main(["lora", "merge", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "missing.safetensors" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- resize
+
+def sd_scripts_rank(s: np.ndarray, mode: str, param: float, cap: int) -> int:
+    """resize_lora.py's rules written out again with numpy (index, clamp to [1, n-1], +1, cap)."""
+    n = len(s)
+    if mode == "sv_ratio":
+        index = int(np.sum(s > s[0] / param))
+    elif mode == "sv_cumulative":
+        index = int(np.searchsorted(np.cumsum(s) / s.sum(), param)) + 1
+    else:
+        sq = s ** 2
+        index = int(np.searchsorted(np.cumsum(sq) / sq.sum(), param ** 2)) + 1
+    return min(max(1, min(index, n - 1)) + 1, cap)
+
+
+@pytest.mark.parametrize("mode, param", [("sv_ratio", 4.0), ("sv_cumulative", 0.6), ("sv_fro", 0.9)])
+def test_dynamic_resize_ranks_follow_sd_scripts(base, tmp_path, capsys, mode, param):
+    src = lora_file(base, tmp_path / "big.safetensors", 3, rank=16, alpha=8.0, conv=True)
+    out = tmp_path / "small.safetensors"
+    assert main(["lora", "resize", src, "--dynamic", mode, "--param", str(param), "--out", str(out), "--json"]) == 0
+    rows = {(r["component"], r["path"]): r for r in json.loads(capsys.readouterr().out)}
+    small = load_lora(out)
+    for (comp, p), d in deltas(load_lora(src)).items():
+        s = np.linalg.svd(d.numpy(), compute_uv=False)
+        want = sd_scripts_rank(s, mode, param, cap=16)
+        assert rows[(comp, p)]["rank"] == want == small.modules[comp][p].rank
+        assert rows[(comp, p)]["fro"] == pytest.approx(np.sqrt((s[:want] ** 2).sum() / (s ** 2).sum()), abs=1e-6)
+    assert len({r["rank"] for r in rows.values()}) > 1 or mode == "sv_ratio"
+
+
+def test_fixed_resize_is_the_svd_truncation_with_a_table(base, tmp_path, capsys):
+    src = lora_file(base, tmp_path / "big.safetensors", 4, rank=8, alpha=4.0, conv=True)
+    out = tmp_path / "r4.safetensors"
+    assert main(["lora", "resize", src, "--rank", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"unet.{ATTN}" in text and "8->4" in text and "fro kept" in text
+    small = deltas(load_lora(out))
+    for k, d in deltas(load_lora(src)).items():
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        torch.testing.assert_close(small[k], (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-5)
+    assert load_lora(out).modules["unet"][CONV].tensors["down"].shape[2:] == (3, 3)
+
+
+def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
+    src = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
+    assert main(["lora", "resize", src, "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "a.safetensors" in err and "--rank" in err and err.count("\n") == 1

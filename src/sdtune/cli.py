@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     c.set_defaults(func=cmd_convert)
 
-    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one"))
+    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize"))
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
@@ -200,6 +200,23 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
                     "ranks concatenated)")
     mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     mg.set_defaults(func=cmd_lora_merge)
+    rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
+    rs.add_argument("file")
+    rs.add_argument("--rank", type=int, help="the new rank (with --dynamic: the most any layer keeps)")
+    rs.add_argument("--dynamic", choices=list(lora_tools.DYNAMIC))
+    rs.add_argument("--param", type=float, help="the --dynamic mode's target (sv_ratio: e.g. 2; sv_fro, "
+                    "sv_cumulative: a share, e.g. 0.9)")
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    rs.set_defaults(func=cmd_lora_resize)
+
+
+def _print_reports(reports, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
+    else:
+        print(lora_tools.report_table(reports))
 
 
 def cmd_lora_merge(a) -> Path:
@@ -211,6 +228,13 @@ def cmd_lora_merge(a) -> Path:
     if reports:
         print(lora_tools.report_table(reports))
     return Path(a.out)
+
+
+def cmd_lora_resize(a) -> Path | None:
+    _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
+                                        param=a.param, to=a.to)
+    _print_reports(reports, a.json)
+    return None if a.json else Path(a.out)
 
 
 def cmd_merge(a) -> None:

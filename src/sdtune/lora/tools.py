@@ -20,6 +20,9 @@ from . import keys
 from .formats import load_lora, save_lora
 from .neutral import Adapter, Lora
 
+DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
+MIN_SV = 1e-6  # sd-scripts' resize_lora: a layer whose largest singular value is below this is taken as zero
+
 
 @dataclass
 class LayerReport:
@@ -146,6 +149,61 @@ def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank:
                                                                                for p, _, w in loaded)}
     save_lora(mix, out, format=to, family=family)
     return mix, reports
+
+
+# ================================================================= resize
+
+def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
+    """sd-scripts ``resize_lora``'s rank for one layer's singular values ``s`` (descending), before the cap.
+
+    sv_ratio: count of singular values above s₀ / param; sv_cumulative: first index where the running sum of S
+    reaches ``param`` of the total; sv_fro: the same on S², against param²; each index is clamped to
+    [1, len − 1] and sd-scripts adds 1 (so the rank is one past the index the threshold is met at).
+    """
+    n = len(s)
+    if method == "sv_ratio":
+        index = int((s > s[0] / param).sum())
+    elif method == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor(float(param), dtype=s.dtype))) + 1
+    elif method == "sv_fro":
+        sq = s.pow(2)
+        index = int(torch.searchsorted(torch.cumsum(sq, 0) / sq.sum(), torch.tensor(float(param) ** 2,
+                                                                                    dtype=s.dtype))) + 1
+    else:
+        raise SdtuneError(f"--dynamic {method}: unknown mode; use one of {', '.join(DYNAMIC)}")
+    return max(1, min(index, n - 1)) + 1
+
+
+def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, dynamic: str | None = None,
+                param: float | None = None, to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """Lower each layer's rank by SVD of its ΔW: to ``rank`` (fixed), or as sd-scripts' ``resize_lora.py``
+    dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
+    if dynamic is None and rank is None:
+        raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
+    if dynamic is not None and (dynamic not in DYNAMIC or param is None or param <= 0):
+        raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
+                          f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
+    if rank is not None and rank < 1:
+        raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
+    lora = _read(path)
+    family = keys.guess_family(lora)
+    dtype = _dtype([lora])
+    small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
+    for comp, p, ad in lora.items():
+        out_f, inner, _ = ad.io()
+        u, s, vh = _svd(ad.delta((out_f, inner)))
+        # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
+        own = ad.rank if ad.kind == "lora" else len(s)
+        cap = min(rank, own) if rank is not None else own
+        r = dynamic_rank(s, dynamic, param) if dynamic else cap
+        if s[0] <= MIN_SV:  # a zero layer keeps rank 1, as in sd-scripts
+            r = 1
+        r = min(r, cap, len(s))
+        up, down = _truncate(u, s, vh, r)
+        small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, _kernel(comp, p, ad, family), dtype)
+        reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
+    save_lora(small, out, format=to, family=family)
+    return small, reports
 
 
 def report_table(reports: list[LayerReport]) -> str:
