@@ -12,7 +12,7 @@ from sdtune.cli import main
 from sdtune.lora import tools
 from sdtune.lora.formats import load_lora, save_lora
 from sdtune.lora.neutral import Adapter, Lora
-from sdtune.models import load_base
+from sdtune.models import load_base, save_single_file
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
@@ -177,3 +177,40 @@ def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
     assert main(["lora", "resize", src, "--out", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "a.safetensors" in err and "--rank" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- extract
+
+def test_full_rank_extract_reproduces_the_tuned_model(tmp_path, capsys):
+    src = load_base("tiny-random", device="cpu", dtype="fp32")
+    save_single_file(src, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for comp, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q)):
+            w = getattr(src, comp).get_submodule(p).weight
+            w.add_(torch.randn(w.shape, generator=g) * 0.05)
+    save_single_file(src, tmp_path / "tuned.safetensors")
+    out = tmp_path / "x.safetensors"
+    assert main(["lora", "extract", "--base", str(tmp_path / "base.safetensors"), "--tuned",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "100000", "--text-encoder", "--min-diff", "1e-7",
+                 "--out", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["component"], r["path"]) for r in rows} == {("unet", ATTN), ("unet", FF), ("unet", CONV),
+                                                            ("text_encoder", TE_Q)}
+    assert all(r["fro"] == pytest.approx(1.0) for r in rows)
+    again = load_base(str(tmp_path / "base.safetensors"), device="cpu", dtype="fp32")
+    again.loras.add("x", out, 1.0)
+    for comp, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q)):
+        torch.testing.assert_close(getattr(again, comp).get_submodule(p).weight,
+                                   getattr(src, comp).get_submodule(p).weight, rtol=0, atol=1e-6)
+    # a low rank keeps less than all of it, and says so
+    _, reports = tools.extract_lora(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                                    tmp_path / "r2.safetensors", rank=2, min_diff=1e-7)
+    assert all(r.rank == 2 and r.fro < 0.9 for r in reports)
+
+
+def test_extract_of_identical_models_is_an_error(tmp_path, capsys):
+    assert main(["lora", "extract", "--base", "tiny-random", "--tuned", "tiny-random", "--rank", "4",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no layer differs" in err and err.count("\n") == 1

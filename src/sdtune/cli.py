@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     c.set_defaults(func=cmd_convert)
 
-    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize"))
+    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize, extract from two models"))
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
@@ -210,6 +210,18 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
     rs.set_defaults(func=cmd_lora_resize)
+    ex = tools_sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
+    ex.add_argument("--base", required=True, help="the original model (any --model form)")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model of the same family")
+    ex.add_argument("--rank", type=int, required=True)
+    ex.add_argument("--conv-rank", type=int, help="rank of convolutions with a kernel above 1x1 (default: --rank)")
+    ex.add_argument("--text-encoder", action="store_true", help="also the text encoder(s)")
+    ex.add_argument("--min-diff", type=float, default=0.0, help="leave out layers whose largest change is at most "
+                    "this (default: 0)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    ex.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    ex.set_defaults(func=cmd_lora_extract)
 
 
 def _print_reports(reports, as_json: bool) -> None:
@@ -233,6 +245,13 @@ def cmd_lora_merge(a) -> Path:
 def cmd_lora_resize(a) -> Path | None:
     _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
                                         param=a.param, to=a.to)
+    _print_reports(reports, a.json)
+    return None if a.json else Path(a.out)
+
+
+def cmd_lora_extract(a) -> Path | None:
+    _, reports = lora_tools.extract_lora(a.base, a.tuned, a.out, rank=a.rank, conv_rank=a.conv_rank,
+                                         text_encoder=a.text_encoder, min_diff=a.min_diff, to=a.to)
     _print_reports(reports, a.json)
     return None if a.json else Path(a.out)
 

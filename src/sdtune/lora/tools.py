@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from .. import families
+from ..models import load_base
 from ..safeio import SdtuneError
 from . import keys
 from .formats import load_lora, save_lora
-from .neutral import Adapter, Lora
+from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
 MIN_SV = 1e-6  # sd-scripts' resize_lora: a layer whose largest singular value is below this is taken as zero
@@ -204,6 +205,56 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
     save_lora(small, out, format=to, family=family)
     return small, reports
+
+
+# ================================================================= extract
+
+def _layers(module: torch.nn.Module, comp: str) -> dict[str, torch.nn.Module]:
+    found = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "weight", None) is not None:
+            found[text_path(name) if comp in TEXT_COMPONENTS else name] = m
+    return found
+
+
+def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int, conv_rank: int | None = None,
+                 text_encoder: bool = False, min_diff: float = 0.0,
+                 to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """A LoRA of ``tuned - base`` (two checkpoints of one family): per Linear/Conv2d layer the SVD of
+    W_tuned − W_base to ``rank`` (``conv_rank`` for kernels above 1x1; default ``rank``). Layers whose largest
+    difference is at most ``min_diff`` are left out. The text encoders only with ``text_encoder``."""
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise SdtuneError(f"{out}: --rank and --conv-rank must be 1 or more")
+    # fp32 on the CPU: the difference of two fp16 weights would lose the small changes a fine-tune makes
+    base, tuned = (load_base(s, device="cpu", dtype="fp32") for s in (base_spec, tuned_spec))
+    if base.family != tuned.family:
+        raise SdtuneError(f"{tuned_spec}: a {tuned.family.title} model, but {base_spec} is {base.family.title}; "
+                          f"extract from two checkpoints of one family")
+    comps = ["unet"] + ([te.component for te in base.family.text_encoders] if text_encoder else [])
+    lora, reports = Lora(metadata={"ss_training_comment": f"sdtune lora extract: {Path(str(tuned_spec)).name} - "
+                                                          f"{Path(str(base_spec)).name}"}), []
+    for comp in comps:
+        a, b = _layers(getattr(base, comp), comp), _layers(getattr(tuned, comp), comp)
+        for p, ma in a.items():
+            mb = b.get(p)
+            if mb is None or mb.weight.shape != ma.weight.shape:
+                raise SdtuneError(f"{tuned_spec}: layer {comp}.{p} is missing or has another shape than in "
+                                  f"{base_spec}; extract from two checkpoints of one architecture")
+            delta = (mb.weight.detach().double() - ma.weight.detach().double())
+            if float(delta.abs().max()) <= min_diff:
+                continue
+            kernel = tuple(delta.shape[2:]) if delta.dim() == 4 else None
+            u, s, vh = _svd(delta.flatten(1))
+            want = conv_rank if (kernel and math.prod(kernel) > 1 and conv_rank) else rank
+            r = min(want, len(s))
+            up, down = _truncate(u, s, vh, r)
+            lora.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, kernel, torch.float32)
+            reports.append(LayerReport(comp, p, r, None, fro_share(s, r)))
+    if not len(lora):
+        raise SdtuneError(f"{tuned_spec}: no layer differs from {base_spec} by more than {min_diff}; nothing to "
+                          f"extract (lower --min-diff, or check the two paths)")
+    save_lora(lora, out, format=to, family=base.family)
+    return lora, reports
 
 
 def report_table(reports: list[LayerReport]) -> str:
