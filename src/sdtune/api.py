@@ -16,6 +16,7 @@ from . import sources
 from .console import note
 from .generate import Generated
 from .generate import generate as _generate
+from .lora.hashes import lora_hashes_field
 from .models import Base, load_base
 from .safeio import SdtuneError
 from .ti.formats import load_embedding
@@ -92,6 +93,10 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
                 _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)))
 
 
+def _tag_name(name: str) -> str:
+    return name[len("<lora:"):-1] if name.startswith("<lora:") and name.endswith(">") else name
+
+
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
              **kwargs) -> list[Generated]:
     """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (applied for this
@@ -109,6 +114,8 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
         info = {}
         if len(base.loras):
             info["Lora weights"] = "; ".join(f"{r['name']}={r['unet_weight']:g}" for r in base.loras.list())
+            # A1111's field, by which civitai links the image to the LoRA pages (tags named as in the prompt)
+            info["Lora hashes"] = lora_hashes_field([(_tag_name(r["name"]), r["source"]) for r in base.loras.list()])
         extra = {**info, **kwargs.pop("extra_info", {})}
         results = _generate(base, clean, extra_info=extra, **kwargs)
         if tags:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image

@@ -12,6 +12,7 @@ from . import api, demo, sources, xyplot
 from .console import cli_warnings
 from .generate import save_batch
 from .lora import inspect
+from .lora import tools as lora_tools
 from .lora.bake import merge
 from .lora.formats import convert
 from .models import load_base
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     c.set_defaults(func=cmd_convert)
+
+    _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize, extract from two models"))
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
@@ -184,6 +187,73 @@ def cmd_inspect(a) -> None:
 def cmd_convert(a) -> None:
     lora = convert(a.input, a.output, to=a.to)
     print(f"{a.output}: {len(lora)} modules in {a.to} layout")
+
+
+# ---------------------------------------------------------------- the LoRA toolbox (sdtune lora ...)
+
+def _lora_tool_args(p: argparse.ArgumentParser) -> None:
+    tools_sub = p.add_subparsers(dest="tool", required=True)
+    mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
+    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT]")
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--rank", type=int, help="SVD of each layer's summed ΔW to this rank (default: exact, the "
+                    "ranks concatenated)")
+    mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    mg.set_defaults(func=cmd_lora_merge)
+    rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
+    rs.add_argument("file")
+    rs.add_argument("--rank", type=int, help="the new rank (with --dynamic: the most any layer keeps)")
+    rs.add_argument("--dynamic", choices=list(lora_tools.DYNAMIC))
+    rs.add_argument("--param", type=float, help="the --dynamic mode's target (sv_ratio: e.g. 2; sv_fro, "
+                    "sv_cumulative: a share, e.g. 0.9)")
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    rs.set_defaults(func=cmd_lora_resize)
+    ex = tools_sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
+    ex.add_argument("--base", required=True, help="the original model (any --model form)")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model of the same family")
+    ex.add_argument("--rank", type=int, required=True)
+    ex.add_argument("--conv-rank", type=int, help="rank of convolutions with a kernel above 1x1 (default: --rank)")
+    ex.add_argument("--text-encoder", action="store_true", help="also the text encoder(s)")
+    ex.add_argument("--min-diff", type=float, default=0.0, help="leave out layers whose largest change is at most "
+                    "this (default: 0)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    ex.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    ex.set_defaults(func=cmd_lora_extract)
+
+
+def _print_reports(reports, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
+    else:
+        print(lora_tools.report_table(reports))
+
+
+def cmd_lora_merge(a) -> Path:
+    specs = []
+    for spec in a.specs:
+        src, w = sources.parse_weighted(spec)
+        specs.append((sources.resolve(src, "lora"), w))
+    _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to)
+    if reports:
+        print(lora_tools.report_table(reports))
+    return Path(a.out)
+
+
+def cmd_lora_resize(a) -> Path | None:
+    _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
+                                        param=a.param, to=a.to)
+    _print_reports(reports, a.json)
+    return None if a.json else Path(a.out)
+
+
+def cmd_lora_extract(a) -> Path | None:
+    _, reports = lora_tools.extract_lora(a.base, a.tuned, a.out, rank=a.rank, conv_rank=a.conv_rank,
+                                         text_encoder=a.text_encoder, min_diff=a.min_diff, to=a.to)
+    _print_reports(reports, a.json)
+    return None if a.json else Path(a.out)
 
 
 def cmd_merge(a) -> None:

@@ -462,7 +462,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     row_labels = [y.label(i) for i in range(n_rows)] if y is not None else None
     canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
     first = results[0][1]
-    shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights")}
+    # per-cell values (each cell's PNG has its own); the first cell's would mislabel the grid
+    shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights", "Lora hashes")}
     shared["Seed"] = seed
     shared["Steps"], shared["CFG scale"] = steps, guidance
     shared["Sampler"] = SCHEDULERS[scheduler][2]

@@ -37,7 +37,7 @@ import torch
 from .. import families
 from ..families import Family
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
-from . import algos, keys
+from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -423,6 +423,9 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
         meta = {**_carried_metadata(lora), **extra, "format": "pt", _META_KEY: header}
     else:
         raise SdtuneError(f"{path}: unknown LoRA format {format!r}; use 'kohya' or 'diffusers'")
+    # kohya's precomputed hashes, so A1111/additional-networks/civitai need not hash the file (stale ones carried
+    # from the source are replaced)
+    meta |= hashes.sshs_hashes(tensors, meta)
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import families
-from . import keys
+from . import hashes, keys
 from .formats import load_lora
 from .neutral import COMPONENTS
 
@@ -53,6 +53,8 @@ def describe(path: str | Path) -> dict:
         "embeddings": {name: list(t.shape) for name, t in lora.embeddings.items()},
         "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_"))},
         "unknown_keys": list(lora.unknown),
+        # civitai's AutoV2 (whole file) and AutoV3 (tensor data = sshs_model_hash), what model pages list
+        "hashes": hashes.describe(path),
     }
 
 
@@ -88,6 +90,10 @@ def render(info: dict) -> str:
         ("unread keys", f"{len(info['unknown_keys'])}: " + _short(", ".join(info["unknown_keys"][:5]))
          if info["unknown_keys"] else "none"),
     ]
+    h = info.get("hashes") or {}
+    if h:
+        rows.append(("AutoV2", h["autov2"]))
+        rows.append(("AutoV3", f"{h['autov3']} (tensor data sha256 {h['tensor_sha256']})" if h["autov3"] else "n/a"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if info["metadata"]:

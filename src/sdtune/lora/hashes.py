@@ -1,0 +1,117 @@
+"""The hashes LoRA tools key files by: kohya's ``sshs_*`` header entries, civitai's AutoV2/AutoV3, A1111's short hash.
+
+- ``sshs_model_hash`` (kohya sd-scripts, sd-webui-additional-networks "new" hash): sha256 of the bytes after the
+  safetensors header (the tensor data), so it names the weights whatever the metadata says. kohya computes it
+  on a re-serialisation with only the ``ss_*`` metadata; the tensor bytes do not depend on the header, so it is
+  also the tensor-data hash of the written file. civitai calls the same digest AutoV3; A1111's ``Lora hashes``
+  infotext field uses its first 12 hex digits.
+- ``sshs_legacy_hash`` (the "old" additional-networks hash): sha256 of the 64 KiB at offset 1 MiB of that
+  ``ss_*``-only serialisation, 8 hex digits. It does depend on the header (the offset moves with it), which is
+  why kohya pins the header to the training facts: user metadata edits must not change it either.
+- AutoV2 (A1111 / civitai model hash): sha256 of the whole file, first 10 hex digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from ..safeio import SdtuneError
+
+_BLOCK = 1 << 20
+_LEGACY_AT, _LEGACY_LEN = 0x100000, 0x10000
+AUTOV2_LEN, SHORT_LEN = 10, 12
+
+
+def _after_header(data: bytes) -> int:
+    """Offset of the tensor data: 8-byte little-endian header length, then the JSON header."""
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``{"sshs_model_hash": ..., "sshs_legacy_hash": ...}`` for a file about to be written with ``tensors``
+    and ``metadata``, computed as kohya does (on the ``ss_*`` part of the metadata only)."""
+    ss = {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=ss or None)
+    return {"sshs_model_hash": hashlib.sha256(data[_after_header(data):]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[_LEGACY_AT:_LEGACY_AT + _LEGACY_LEN]).hexdigest()[:8]}
+
+
+def _sha256_from(path: Path, offset: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for chunk in iter(lambda: f.read(_BLOCK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _header_end(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size = path.stat().st_size
+    if len(head) < 8 or 8 + int.from_bytes(head, "little") > size:
+        raise SdtuneError(f"{path}: not a safetensors file (bad header length); the tensor-data hash needs one, "
+                          f"re-export it as .safetensors")
+    return _after_header(head)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of the whole file (AutoV2 is its first 10 hex digits)."""
+    return _sha256_from(Path(path), 0)
+
+
+def tensor_sha256(path: str | Path) -> str:
+    """sha256 of a safetensors file's tensor data, after the header (AutoV3 / ``sshs_model_hash``)."""
+    path = Path(path)
+    return _sha256_from(path, _header_end(path))
+
+
+def describe(path: str | Path) -> dict[str, str | None]:
+    """Every hash ``sdtune inspect`` shows. Non-safetensors files have no tensor-data hash (None)."""
+    path = Path(path)
+    full = file_sha256(path)
+    try:
+        tensor = tensor_sha256(path) if path.suffix.lower() == ".safetensors" else None
+    except SdtuneError:
+        tensor = None
+    return {"sha256": full, "autov2": full[:AUTOV2_LEN], "tensor_sha256": tensor,
+            "autov3": tensor[:SHORT_LEN] if tensor else None}
+
+
+_SHORT_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def short_hash(path: str | Path) -> str | None:
+    """A1111's LoRA short hash: the tensor-data sha256 (its ``sshs_model_hash``), 12 hex digits; None where the
+    file is not a safetensors file. Cached on (path, size, mtime): generate asks for it on every call."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHORT_CACHE:
+        if path.suffix.lower() != ".safetensors":
+            return None
+        try:
+            _SHORT_CACHE[key] = tensor_sha256(path)[:SHORT_LEN]
+        except SdtuneError:
+            return None
+    return _SHORT_CACHE[key]
+
+
+def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
+    """The infotext value A1111 writes as ``Lora hashes``: ``name: hash, name: hash`` (files without a hash are
+    left out, as A1111 leaves out networks it could not hash)."""
+    parts = []
+    for name, path in named_paths:
+        h = short_hash(path)
+        if h:
+            parts.append(f"{name}: {h}")
+    return ", ".join(parts)
+

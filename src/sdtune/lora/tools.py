@@ -1,0 +1,271 @@
+"""The LoRA toolbox: merge several LoRAs into one file, resize one, extract one from two checkpoints.
+
+All three end in the same place: per layer a ΔW (or exact low-rank factors of it), written back as plain LoRA
+factors with alpha = rank (scale 1), so the file says exactly the ΔW it was given, in any layout ``save_lora``
+writes. Low-rank approximations are SVD truncations: ΔW ≈ U_r diag(S_r) V_rᵀ, with up = U_r diag(S_r) and
+down = V_rᵀ (kohya's split), which is the best rank-r approximation in the Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import families
+from ..models import load_base
+from ..safeio import SdtuneError
+from . import keys
+from .formats import load_lora, save_lora
+from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
+
+DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
+MIN_SV = 1e-6  # sd-scripts' resize_lora: a layer whose largest singular value is below this is taken as zero
+
+
+@dataclass
+class LayerReport:
+    """What a low-rank step kept of one layer: its new rank and the share of ΔW's Frobenius norm retained."""
+
+    component: str
+    path: str
+    rank: int
+    old_rank: int | None
+    fro: float  # ‖ΔW_r‖_F / ‖ΔW‖_F
+
+
+def _factors_to_adapter(up: torch.Tensor, down: torch.Tensor, kernel: tuple | None, dtype: torch.dtype) -> Adapter:
+    """Plain LoRA (or LoCon) factors from flat ``up`` [out, r] and ``down`` [r, inner]; alpha = r (scale 1)."""
+    r = down.shape[0]
+    if kernel:  # kohya LoCon: down carries the kernel, up is 1x1
+        down = down.reshape(r, down.shape[1] // math.prod(kernel), *kernel)
+        up = up.reshape(up.shape[0], r, 1, 1)
+    return Adapter("lora", {"down": down.to(dtype).contiguous(), "up": up.to(dtype).contiguous()}, alpha=float(r))
+
+
+def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # float64: the ranks the dynamic modes pick compare cumulative sums to a threshold; keep them stable
+    return torch.linalg.svd(delta.double(), full_matrices=False)
+
+
+def _truncate(u, s, vh, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def fro_share(s: torch.Tensor, r: int) -> float:
+    total = float(s.pow(2).sum())
+    return 1.0 if total == 0 else math.sqrt(float(s[:r].pow(2).sum()) / total)
+
+
+def _kernel(comp: str, path: str, ad: Adapter, family) -> tuple | None:
+    kernel = ad.io().kernel
+    if kernel is None:  # LoHa/LoKr tensors do not say; the family's architecture does
+        shape = keys.reference(family or families.SD1).get(comp, {}).get(path)
+        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else None
+    return kernel
+
+
+def _dtype(loras: list[Lora]) -> torch.dtype:
+    dtypes = {t.dtype for lora in loras for _, _, ad in lora.items() for t in ad.tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _read(path: str | Path) -> Lora:
+    lora = load_lora(path)
+    if lora.unknown:
+        raise SdtuneError(f"{path}: {len(lora.unknown)} keys sdtune cannot read (e.g. {lora.unknown[0]}); a merge "
+                          f"or resize would drop them. Convert or clean the file first")
+    return lora
+
+
+def _family(loras: list[tuple[str, Lora]]):
+    found = {}
+    for path, lora in loras:
+        fam = keys.guess_family(lora)
+        if fam is not None:
+            found.setdefault(fam, path)
+    if len(found) > 1:
+        names = ", ".join(f"{p} ({f.title})" for f, p in found.items())
+        raise SdtuneError(f"these LoRAs are for different model families: {names}; merge LoRAs of one family")
+    return next(iter(found), None)
+
+
+# ================================================================= merge
+
+def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
+                to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """One LoRA file equal to loading each (file, weight) of ``specs`` at once.
+
+    Default: exact concatenation per layer, up = [w₁s₁·up₁ | w₂s₂·up₂ | …], down = [down₁; down₂; …],
+    alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
+    summation order differs). A layer with a LoHa/LoKr/full adapter is merged through its ΔW and SVD, keeping
+    every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
+    rank (at most), reported per layer.
+    """
+    if not specs:
+        raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
+    if rank is not None and rank < 1:
+        raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
+    loaded = [(str(p), _read(p), float(w)) for p, w in specs]
+    family = _family([(p, lora) for p, lora, _ in loaded])
+    dtype = _dtype([lora for _, lora, _ in loaded])
+    layers: dict[tuple[str, str], list[tuple[Adapter, float]]] = {}
+    for _, lora, w in loaded:
+        for comp, path, ad in lora.items():
+            layers.setdefault((comp, path), []).append((ad, w))
+    mix, reports = Lora(), []
+    for (comp, path), contribs in layers.items():
+        kernel = _kernel(comp, path, contribs[0][0], family)
+        plain = all(ad.kind == "lora" for ad, _ in contribs)
+        if rank is None and plain:
+            ups, downs = [], []
+            for ad, w in contribs:
+                down, up = ad.algo.peft_factors(ad.cast())  # a Tucker core folds into down: same ΔW, same rank
+                ups.append(up.flatten(1) * (w * ad.scale))
+                downs.append(down.flatten(1))
+            mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(torch.cat(ups, 1), torch.cat(downs, 0),
+                                                                         kernel, dtype)
+            continue
+        out_f, inner, _ = contribs[0][0].io()
+        delta = sum(w * ad.delta((out_f, inner)) for ad, w in contribs)
+        u, s, vh = _svd(delta)
+        if rank is None:  # exact: every singular value above float32 rounding of the largest
+            r = max(1, int((s > s[0] * 1e-6).sum())) if s[0] > 0 else 1
+        else:
+            r = min(rank, len(s))
+        up, down = _truncate(u, s, vh, r)
+        mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(up, down, kernel, dtype)
+        reports.append(LayerReport(comp, path, r, None, fro_share(s, r)))
+    names = {}
+    for p, lora, _ in loaded:
+        for name, emb in lora.embeddings.items():
+            if name in names and not torch.equal(mix.embeddings[name], emb):
+                raise SdtuneError(f"{p}: bundles an embedding {name!r} that {names[name]} bundles too, with other "
+                                  f"values; merge LoRAs without clashing embeddings")
+            names[name] = p
+            mix.embeddings[name] = emb
+    mix.metadata = {"ss_training_comment": "sdtune lora merge: " + " + ".join(f"{Path(p).name}:{w:g}"
+                                                                               for p, _, w in loaded)}
+    save_lora(mix, out, format=to, family=family)
+    return mix, reports
+
+
+# ================================================================= resize
+
+def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
+    """sd-scripts ``resize_lora``'s rank for one layer's singular values ``s`` (descending), before the cap.
+
+    sv_ratio: count of singular values above s₀ / param; sv_cumulative: first index where the running sum of S
+    reaches ``param`` of the total; sv_fro: the same on S², against param²; each index is clamped to
+    [1, len − 1] and sd-scripts adds 1 (so the rank is one past the index the threshold is met at).
+    """
+    n = len(s)
+    if method == "sv_ratio":
+        index = int((s > s[0] / param).sum())
+    elif method == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor(float(param), dtype=s.dtype))) + 1
+    elif method == "sv_fro":
+        sq = s.pow(2)
+        index = int(torch.searchsorted(torch.cumsum(sq, 0) / sq.sum(), torch.tensor(float(param) ** 2,
+                                                                                    dtype=s.dtype))) + 1
+    else:
+        raise SdtuneError(f"--dynamic {method}: unknown mode; use one of {', '.join(DYNAMIC)}")
+    return max(1, min(index, n - 1)) + 1
+
+
+def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, dynamic: str | None = None,
+                param: float | None = None, to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """Lower each layer's rank by SVD of its ΔW: to ``rank`` (fixed), or as sd-scripts' ``resize_lora.py``
+    dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
+    if dynamic is None and rank is None:
+        raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
+    if dynamic is not None and (dynamic not in DYNAMIC or param is None or param <= 0):
+        raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
+                          f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
+    if rank is not None and rank < 1:
+        raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
+    lora = _read(path)
+    family = keys.guess_family(lora)
+    dtype = _dtype([lora])
+    small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
+    for comp, p, ad in lora.items():
+        out_f, inner, _ = ad.io()
+        u, s, vh = _svd(ad.delta((out_f, inner)))
+        # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
+        own = ad.rank if ad.kind == "lora" else len(s)
+        cap = min(rank, own) if rank is not None else own
+        r = dynamic_rank(s, dynamic, param) if dynamic else cap
+        if s[0] <= MIN_SV:  # a zero layer keeps rank 1, as in sd-scripts
+            r = 1
+        r = min(r, cap, len(s))
+        up, down = _truncate(u, s, vh, r)
+        small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, _kernel(comp, p, ad, family), dtype)
+        reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
+    save_lora(small, out, format=to, family=family)
+    return small, reports
+
+
+# ================================================================= extract
+
+def _layers(module: torch.nn.Module, comp: str) -> dict[str, torch.nn.Module]:
+    found = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "weight", None) is not None:
+            found[text_path(name) if comp in TEXT_COMPONENTS else name] = m
+    return found
+
+
+def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int, conv_rank: int | None = None,
+                 text_encoder: bool = False, min_diff: float = 0.0,
+                 to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+    """A LoRA of ``tuned - base`` (two checkpoints of one family): per Linear/Conv2d layer the SVD of
+    W_tuned − W_base to ``rank`` (``conv_rank`` for kernels above 1x1; default ``rank``). Layers whose largest
+    difference is at most ``min_diff`` are left out. The text encoders only with ``text_encoder``."""
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise SdtuneError(f"{out}: --rank and --conv-rank must be 1 or more")
+    # fp32 on the CPU: the difference of two fp16 weights would lose the small changes a fine-tune makes
+    base, tuned = (load_base(s, device="cpu", dtype="fp32") for s in (base_spec, tuned_spec))
+    if base.family != tuned.family:
+        raise SdtuneError(f"{tuned_spec}: a {tuned.family.title} model, but {base_spec} is {base.family.title}; "
+                          f"extract from two checkpoints of one family")
+    comps = ["unet"] + ([te.component for te in base.family.text_encoders] if text_encoder else [])
+    lora, reports = Lora(metadata={"ss_training_comment": f"sdtune lora extract: {Path(str(tuned_spec)).name} - "
+                                                          f"{Path(str(base_spec)).name}"}), []
+    for comp in comps:
+        a, b = _layers(getattr(base, comp), comp), _layers(getattr(tuned, comp), comp)
+        for p, ma in a.items():
+            mb = b.get(p)
+            if mb is None or mb.weight.shape != ma.weight.shape:
+                raise SdtuneError(f"{tuned_spec}: layer {comp}.{p} is missing or has another shape than in "
+                                  f"{base_spec}; extract from two checkpoints of one architecture")
+            delta = (mb.weight.detach().double() - ma.weight.detach().double())
+            if float(delta.abs().max()) <= min_diff:
+                continue
+            kernel = tuple(delta.shape[2:]) if delta.dim() == 4 else None
+            u, s, vh = _svd(delta.flatten(1))
+            want = conv_rank if (kernel and math.prod(kernel) > 1 and conv_rank) else rank
+            r = min(want, len(s))
+            up, down = _truncate(u, s, vh, r)
+            lora.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, kernel, torch.float32)
+            reports.append(LayerReport(comp, p, r, None, fro_share(s, r)))
+    if not len(lora):
+        raise SdtuneError(f"{tuned_spec}: no layer differs from {base_spec} by more than {min_diff}; nothing to "
+                          f"extract (lower --min-diff, or check the two paths)")
+    save_lora(lora, out, format=to, family=base.family)
+    return lora, reports
+
+
+def report_table(reports: list[LayerReport]) -> str:
+    """One row per layer: component, module, rank (old -> new where it changed), retained Frobenius share."""
+    if not reports:
+        return "every layer merged exactly (concatenated factors)"
+    width = max(len(f"{r.component}.{r.path}") for r in reports)
+    lines = [f"{'layer':<{width}}  {'rank':>9}  fro kept"]
+    for r in reports:
+        ranks = f"{r.old_rank}->{r.rank}" if r.old_rank is not None else str(r.rank)
+        lines.append(f"{r.component + '.' + r.path:<{width}}  {ranks:>9}  {r.fro:8.4f}")
+    total = sum(r.fro for r in reports) / len(reports)
+    lines.append(f"{len(reports)} layers, mean Frobenius share kept {total:.4f}")
+    return "\n".join(lines)

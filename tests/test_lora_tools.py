@@ -1,0 +1,216 @@
+"""The LoRA toolbox (``sdtune lora merge|resize|extract``): the weights each output patches in, its ranks, its
+layout, against computations done here (LoraSet with the inputs, SVDs in float64, sd-scripts' rank rules)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune.cli import main
+from sdtune.lora import tools
+from sdtune.lora.formats import load_lora, save_lora
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.models import load_base, save_single_file
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+CONV = "down_blocks.1.resnets.0.conv1"
+TE_Q = "encoder.layers.1.self_attn.q_proj"
+# diffusers tells kohya text-encoder keys apart by an out_proj among them, as every real kohya file has one
+TE_OUT = "encoder.layers.1.self_attn.out_proj"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random", device="cpu", dtype="fp32")
+
+
+def _shape(base, comp, path):
+    return getattr(base, comp).get_submodule(path).weight.shape
+
+
+def lora_file(base, path, seed, rank, alpha, conv=False, te=True, loha_on=None) -> str:
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora()
+    layers = [("unet", ATTN), ("unet", FF)] + ([("text_encoder", TE_Q), ("text_encoder", TE_OUT)] if te else [])
+    for comp, p in layers:
+        out_f, in_f = _shape(base, comp, p)
+        if p == loha_on:
+            lora.modules[comp][p] = Adapter("loha", {k: torch.randn(*s, generator=g) * 0.3 for k, s in
+                                                     (("w1a", (out_f, 2)), ("w1b", (2, in_f)), ("w2a", (out_f, 2)),
+                                                      ("w2b", (2, in_f)))}, alpha=1.0)
+            continue
+        lora.modules[comp][p] = Adapter("lora", {"down": torch.randn(rank, in_f, generator=g) * 0.3,
+                                                 "up": torch.randn(out_f, rank, generator=g) * 0.3}, alpha)
+    if conv:
+        o, i, kh, kw = _shape(base, "unet", CONV)
+        lora.modules["unet"][CONV] = Adapter("lora", {"down": torch.randn(rank, i, kh, kw, generator=g) * 0.1,
+                                                      "up": torch.randn(o, rank, 1, 1, generator=g) * 0.1}, alpha)
+    save_lora(lora, path)
+    return str(path)
+
+
+def patched(base, loras: list[tuple[str, float]]) -> dict:
+    """The weights LoraSet makes from these (file, weight) pairs, then the base restored."""
+    for i, (p, w) in enumerate(loras):
+        base.loras.add(f"l{i}", p, w)
+    out = {(c, p): getattr(base, c).get_submodule(p).weight.detach().clone()
+           for c, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q),
+                                   ("text_encoder", TE_OUT))}
+    base.loras.remove_all()
+    return out
+
+
+def deltas(lora: Lora) -> dict:
+    return {(c, p): ad.delta(ad.io()[:2]).double() for c, p, ad in lora.items()}
+
+
+# ---------------------------------------------------------------- merge
+
+def test_exact_merge_patches_as_both_loaded(base, tmp_path):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, conv=True)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=6.0)
+    out = tmp_path / "mix.safetensors"
+    assert main(["lora", "merge", f"{a}:0.5", f"{b}:1.0", "--out", str(out)]) == 0
+    mix = load_lora(out)
+    assert mix.modules["unet"][ATTN].rank == 5 and mix.modules["unet"][ATTN].alpha == 5.0  # ranks add, scale 1
+    assert mix.modules["unet"][CONV].rank == 2 and mix.modules["unet"][CONV].tensors["down"].dim() == 4
+    want, got = patched(base, [(a, 0.5), (b, 1.0)]), patched(base, [(str(out), 1.0)])
+    for k in want:
+        # the same sum in another order: fp32 rounding of values of size ~1 (1e-5 is ~100 ulp)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+    assert not torch.equal(want[("unet", ATTN)], base.unet.get_submodule(ATTN).weight)
+
+
+def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=4, alpha=4.0)
+    exact, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "x.safetensors")
+    assert [r.path for r in reports] == [FF]  # only the LoHa layer goes through its ΔW
+    want, got = patched(base, [(a, 0.7), (b, -0.4)]), patched(base, [(str(tmp_path / "x.safetensors"), 1.0)])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-5)
+    # --rank 3: each layer is the float64 SVD truncation of the summed ΔW
+    summed = {k: 0.7 * d for k, d in deltas(load_lora(a)).items()}
+    for k, d in deltas(load_lora(b)).items():
+        summed[k] = summed[k] - 0.4 * d
+    low, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "r.safetensors", rank=3, to="diffusers")
+    reread = load_lora(tmp_path / "r.safetensors")
+    assert "peft" in reread.format or "diffusers" in reread.format
+    for k, d in deltas(reread).items():
+        u, s, vh = torch.linalg.svd(summed[k], full_matrices=False)
+        torch.testing.assert_close(d, (u[:, :3] * s[:3]) @ vh[:3], rtol=0, atol=1e-5)
+        assert reread.modules[k[0]][k[1]].rank == 3
+        rep = next(r for r in reports if (r.component, r.path) == k)
+        assert rep.fro == pytest.approx(float(s[:3].norm() / s.norm()), abs=1e-6)
+
+
+def test_kohya_merge_loads_in_diffusers_with_no_unmatched_keys(base, tmp_path, caplog):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, conv=True)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=3.0)
+    out = tmp_path / "mix.safetensors"
+    tools.merge_loras([(a, 1.0), (b, 0.5)], out)
+    pipe = load_base("tiny-random", device="cpu", dtype="fp32").pipeline()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out), adapter_name="mix")
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower() or
+                "not" in r.getMessage().lower() and "lora" in r.getMessage().lower()]
+    wrapped = {n.removesuffix(".lora_A.mix") for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A.mix")}
+    assert wrapped == {ATTN, FF, CONV}
+    te = {n.removesuffix(".lora_A.mix") for n, _ in pipe.text_encoder.named_modules() if n.endswith(".lora_A.mix")}
+    assert {n.removeprefix("text_model.") for n in te} == {TE_Q, TE_OUT}
+
+
+def test_merge_errors_name_the_file(tmp_path, capsys):
+    assert main(["lora", "merge", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.safetensors" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- resize
+
+def sd_scripts_rank(s: np.ndarray, mode: str, param: float, cap: int) -> int:
+    """resize_lora.py's rules written out again with numpy (index, clamp to [1, n-1], +1, cap)."""
+    n = len(s)
+    if mode == "sv_ratio":
+        index = int(np.sum(s > s[0] / param))
+    elif mode == "sv_cumulative":
+        index = int(np.searchsorted(np.cumsum(s) / s.sum(), param)) + 1
+    else:
+        sq = s ** 2
+        index = int(np.searchsorted(np.cumsum(sq) / sq.sum(), param ** 2)) + 1
+    return min(max(1, min(index, n - 1)) + 1, cap)
+
+
+@pytest.mark.parametrize("mode, param", [("sv_ratio", 4.0), ("sv_cumulative", 0.6), ("sv_fro", 0.9)])
+def test_dynamic_resize_ranks_follow_sd_scripts(base, tmp_path, capsys, mode, param):
+    src = lora_file(base, tmp_path / "big.safetensors", 3, rank=16, alpha=8.0, conv=True)
+    out = tmp_path / "small.safetensors"
+    assert main(["lora", "resize", src, "--dynamic", mode, "--param", str(param), "--out", str(out), "--json"]) == 0
+    rows = {(r["component"], r["path"]): r for r in json.loads(capsys.readouterr().out)}
+    small = load_lora(out)
+    for (comp, p), d in deltas(load_lora(src)).items():
+        s = np.linalg.svd(d.numpy(), compute_uv=False)
+        want = sd_scripts_rank(s, mode, param, cap=16)
+        assert rows[(comp, p)]["rank"] == want == small.modules[comp][p].rank
+        assert rows[(comp, p)]["fro"] == pytest.approx(np.sqrt((s[:want] ** 2).sum() / (s ** 2).sum()), abs=1e-6)
+    assert len({r["rank"] for r in rows.values()}) > 1 or mode == "sv_ratio"
+
+
+def test_fixed_resize_is_the_svd_truncation_with_a_table(base, tmp_path, capsys):
+    src = lora_file(base, tmp_path / "big.safetensors", 4, rank=8, alpha=4.0, conv=True)
+    out = tmp_path / "r4.safetensors"
+    assert main(["lora", "resize", src, "--rank", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"unet.{ATTN}" in text and "8->4" in text and "fro kept" in text
+    small = deltas(load_lora(out))
+    for k, d in deltas(load_lora(src)).items():
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        torch.testing.assert_close(small[k], (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-5)
+    assert load_lora(out).modules["unet"][CONV].tensors["down"].shape[2:] == (3, 3)
+
+
+def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
+    src = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
+    assert main(["lora", "resize", src, "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "a.safetensors" in err and "--rank" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- extract
+
+def test_full_rank_extract_reproduces_the_tuned_model(tmp_path, capsys):
+    src = load_base("tiny-random", device="cpu", dtype="fp32")
+    save_single_file(src, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for comp, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q)):
+            w = getattr(src, comp).get_submodule(p).weight
+            w.add_(torch.randn(w.shape, generator=g) * 0.05)
+    save_single_file(src, tmp_path / "tuned.safetensors")
+    out = tmp_path / "x.safetensors"
+    assert main(["lora", "extract", "--base", str(tmp_path / "base.safetensors"), "--tuned",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "100000", "--text-encoder", "--min-diff", "1e-7",
+                 "--out", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["component"], r["path"]) for r in rows} == {("unet", ATTN), ("unet", FF), ("unet", CONV),
+                                                            ("text_encoder", TE_Q)}
+    assert all(r["fro"] == pytest.approx(1.0) for r in rows)
+    again = load_base(str(tmp_path / "base.safetensors"), device="cpu", dtype="fp32")
+    again.loras.add("x", out, 1.0)
+    for comp, p in (("unet", ATTN), ("unet", FF), ("unet", CONV), ("text_encoder", TE_Q)):
+        torch.testing.assert_close(getattr(again, comp).get_submodule(p).weight,
+                                   getattr(src, comp).get_submodule(p).weight, rtol=0, atol=1e-6)
+    # a low rank keeps less than all of it, and says so
+    _, reports = tools.extract_lora(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                                    tmp_path / "r2.safetensors", rank=2, min_diff=1e-7)
+    assert all(r.rank == 2 and r.fro < 0.9 for r in reports)
+
+
+def test_extract_of_identical_models_is_an_error(tmp_path, capsys):
+    assert main(["lora", "extract", "--base", "tiny-random", "--tuned", "tiny-random", "--rank", "4",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no layer differs" in err and err.count("\n") == 1
