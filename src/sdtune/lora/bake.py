@@ -9,15 +9,17 @@ a single file holds, and the LoRAs are checked against the shapes. Each output f
 (shapes do not change), then its tensors in input order: a tensor some LoRA targets is read, gets Σ w·ΔW added
 by ``patch.write_patched`` (the code and GEMM threading ``LoraSet`` uses, on a weight of the shape the module
 has, so the bits are those of an in-memory patch) and is written; each run of untouched tensors is copied file
-to file by the kernel (``os.copy_file_range``) without passing through this process. A LoRA may change part of
-a stored tensor: OpenCLIP text encoders (SD 2.x, SDXL's second) keep q, k and v stacked in one
-``attn.in_proj_weight``, so a LoRA on ``q_proj`` adds ΔW to the first third of its rows, and ``text_projection``
-is stored transposed (``_Cut``). Written as a folder, the fused tensor becomes three (rows read straight from
-the file, copied by the kernel when unchanged) and SD 2.x files' extra OpenCLIP block is left out, as
-``load_base`` drops it. Memory stays near the LoRAs plus a few layers, and the time near that of copying the
-files. Every key of a single-file input (EMA weights, schedule buffers, anything unknown) is kept in a
-single-file output, with the input's metadata; a folder output gets every other file of the input folder
-(configs, tokenizers, scheduler, VAE, index files) copied unchanged.
+to file by the kernel (``os.copy_file_range``) without passing through this process. Memory stays near the
+LoRAs plus ``SCRATCH_BYTES`` for the tensors being rewritten, whatever the number of threads (``_Scratch``),
+and the time near that of copying the files. Every key of a single-file input (EMA weights, schedule buffers,
+anything unknown) is kept in a single-file output, with the input's metadata; a folder output gets every other
+file of the input folder (configs, tokenizers, scheduler, VAE, index files) copied unchanged.
+
+A LoRA may change part of a stored tensor (``_Cut``): OpenCLIP text encoders (SD 2.x's, SDXL's second) keep
+q, k and v stacked in one ``attn.in_proj_weight``, so a LoRA on ``q_proj`` adds its ΔW to the first third of
+the rows, and ``text_projection`` is stored transposed. Written as a folder, the fused tensor becomes three
+(rows read straight from the file, or copied by the kernel when unchanged), and what SD 2.x files carry beyond
+the model (OpenCLIP's last block, its projection and temperature) is left out, as ``load_base`` leaves it.
 
 Everything else (a pickled checkpoint, a folder of .bin weights, the built-in model, a folder written as a
 single file, a loaded ``Base``) loads the base, patches it in memory with ``patch.LoraSet`` and saves it with
@@ -31,11 +33,14 @@ grow to the size of the largest input file.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +158,13 @@ class _Source:
         row_bytes = (end - start) // self.header[key]["shape"][0]
         return self.data_start + start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
-    def read(self, fd: int, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or a block of its rows), read into freshly allocated (aligned) memory with positioned
-        reads (thread-safe)."""
+    def read(self, fd: int, key: str, rows: tuple[int, int] | None = None, new=torch.empty) -> torch.Tensor:
+        """The tensor (or a block of its rows), read with positioned reads (thread-safe) into aligned memory from
+        ``new(shape, dtype=...)``."""
         info = self.header[key]
         offset, nbytes = self.span(key, rows)
         shape = info["shape"] if rows is None else [rows[1] - rows[0], *info["shape"][1:]]
-        tensor = torch.empty(shape, dtype=ST_DTYPES[info["dtype"]])
+        tensor = new(shape, dtype=ST_DTYPES[info["dtype"]])
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < nbytes:
@@ -198,18 +203,31 @@ class _Cut:
         shape = list(stored_shape) if self.rows is None else [self.rows[1] - self.rows[0], *stored_shape[1:]]
         return shape[::-1] if self.transposed else shape
 
-    def patched(self, tensor: torch.Tensor, contribs: list) -> torch.Tensor:
+    def patched(self, tensor: torch.Tensor, contribs: list, new=torch.empty) -> torch.Tensor:
         """``tensor`` with Σ w·ΔW added to this weight. The weight is taken out in the model's orientation and
-        patched into a fresh buffer of its own shape, as ``LoraSet`` patches the module, so the bits are the same."""
+        patched into a fresh buffer of its own shape, as ``LoraSet`` patches the module, so the bits are the same.
+        ``new(shape, dtype=...)``: where the buffers come from."""
         base = tensor if self.rows is None else tensor[self.rows[0]:self.rows[1]]  # rows: a contiguous view
-        base = base.T.contiguous() if self.transposed else base
-        out = torch.empty(base.shape, dtype=base.dtype)
-        write_patched(out, base, contribs)
-        out = out.T.contiguous() if self.transposed else out
+        base = new(base.shape[::-1], dtype=base.dtype).copy_(base.T) if self.transposed else base
+        # write_patched sums in float32 and casts once at the end: given float32 buffers, it makes no float32
+        # temporaries of its own (the sum, the weight in float32) outside ``new``'s memory. Same bits.
+        base32 = base if base.dtype == torch.float32 else new(base.shape, dtype=torch.float32).copy_(base)
+        out = new(base.shape, dtype=torch.float32)
+        write_patched(out, base32, contribs)
+        out = out if base.dtype == torch.float32 else new(base.shape, dtype=base.dtype).copy_(out)
+        out = new(out.shape[::-1], dtype=out.dtype).copy_(out.T) if self.transposed else out
         if self.rows is None:
             return out
         tensor[self.rows[0]:self.rows[1]] = out  # the rows of the other weights stay as they were
         return tensor
+
+    def work_bytes(self, stored_shape: list, dtype: torch.dtype) -> int:
+        """The memory ``patched`` takes from ``new`` for this weight of a tensor stored in ``dtype``: the sum in
+        float32, and unless stored in float32 the weight in float32 and the result cast back; with a transposed
+        weight a copy of it and of the result."""
+        numel = torch.Size(self.shape(stored_shape)).numel()
+        half = dtype != torch.float32
+        return numel * ((2 * self.transposed + 2 * half) * dtype.itemsize + 4 * (1 + half))
 
 
 WHOLE = _Cut()
@@ -231,11 +249,85 @@ class _Item:
     def copied(self) -> bool:
         return not self.patches and not self.cut.transposed and self.dtype == self.src.header[self.src_key]["dtype"]
 
+    @property
+    def work_bytes(self) -> int:
+        """The memory ``_rewrite`` takes for this tensor: what it reads (and its transpose), each patch's
+        buffers, the result cast to the output dtype, and up to 64 bytes of alignment for each."""
+        read, write = (ST_DTYPES[d] for d in (self.src.header[self.src_key]["dtype"], self.dtype))
+        numel = torch.Size(self.shape).numel()
+        total = numel * read.itemsize * (1 + self.cut.transposed) + (numel * write.itemsize if write != read else 0)
+        total += sum(cut.work_bytes(self.shape, read) for cut, _ in self.patches)
+        return total + 64 * (3 + 4 * len(self.patches))
+
 
 COPY_CHUNK = 64 << 20  # unchanged bytes are copied in pieces of this size, so the threads share the work evenly
-# Each worker holds at most one layer before and after its patch (SD 1.5's largest: 2 x 52 MB in fp32); past a
-# few threads the copy is bound by the disk or page cache anyway.
+# Past a few threads the copy is bound by the disk or page cache anyway.
 MAX_WORKERS = 8
+# Memory the tensors being rewritten take together, whatever the number of threads (``_Scratch``): SDXL's
+# largest layer takes 236 MB in fp16 by ``_Item.work_bytes`` (ff.net.0.proj), SD 1.5's 315 MB in fp32 (it
+# runs alone, in its own mapping).
+SCRATCH_BYTES = 256 << 20
+
+
+class _Scratch:
+    """The memory for tensors being rewritten: private anonymous mappings, at most ``capacity`` bytes of them
+    (a job that needs more waits until it runs alone), each lent to one job at a time and reused.
+
+    Not ``torch.empty``: glibc serves blocks below its mmap threshold from its heaps and keeps them there when
+    they are freed, and it raises that threshold (up to 32 MB) each time a larger block is freed, so layer-sized
+    buffers piled up in the worker threads' heaps (0.3 GB more peak RSS on SDXL, more with more threads). A fresh
+    mapping per tensor would give the memory back but cost a page fault per 4 KB (twice the system time of a
+    whole SDXL merge), hence the reuse.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.mapped = capacity, 0
+        self.free: list[mmap.mmap] = []
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def lend(self, nbytes: int):
+        """A ``_Region`` of at least ``nbytes`` for the duration of the ``with`` block."""
+        with self.changed:
+            memory = self.changed.wait_for(lambda: self._take(nbytes))
+        try:
+            yield _Region(memory)
+        finally:
+            with self.changed:
+                self.free.append(memory)
+                self.changed.notify_all()
+
+    def _take(self, nbytes: int) -> mmap.mmap | None:
+        """The smallest free mapping that is big enough, or a new one if there is room (made by unmapping free
+        ones), or None (the caller waits for a job to finish)."""
+        fits = [m for m in self.free if len(m) >= nbytes]
+        if fits:
+            memory = min(fits, key=len)
+            self.free.remove(memory)
+            return memory
+        in_use = self.mapped - sum(len(m) for m in self.free)
+        if in_use and in_use + nbytes > self.capacity:
+            return None
+        while self.free and self.mapped + nbytes > self.capacity:  # unmapped once no tensor refers to it
+            self.mapped -= len(self.free.pop(0))
+        self.mapped += nbytes
+        return mmap.mmap(-1, max(nbytes, 1))
+
+
+class _Region:
+    """Tensors for one job, carved one after the other out of one mapping, 64-byte aligned as torch aligns its
+    own (so that CPU kernels take the same paths); ``torch.empty`` for any beyond what it holds."""
+
+    def __init__(self, memory: mmap.mmap):
+        self.memory, self.used = memory, 0
+
+    def new(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        count = torch.Size(shape).numel()
+        start = -(-self.used // 64) * 64
+        if not count or start + count * dtype.itemsize > len(self.memory):
+            return torch.empty(shape, dtype=dtype)
+        self.used = start + count * dtype.itemsize
+        return torch.frombuffer(self.memory, dtype=dtype, count=count, offset=start).view(shape)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -291,19 +383,25 @@ def _jobs(items: list[_Item], starts: list[int]) -> list[tuple]:
 
 
 @torch.no_grad()  # grad mode is per thread: each worker sets it itself
-def _run_job(job: tuple, fds: dict, dst: int) -> None:
+def _run_job(job: tuple, fds: dict, dst: int, scratch: _Scratch) -> None:
     if job[0] == "copy":
         _, src, offset, count, dst_offset = job
         _copy_range(src, fds[src.path], dst, offset, count, dst_offset)
         return
     _, item, dst_offset = job
-    tensor = item.src.read(fds[item.src.path], item.src_key, item.cut.rows)
+    with scratch.lend(item.work_bytes) as region:
+        _rewrite(item, fds[item.src.path], dst, dst_offset, region.new)
+
+
+def _rewrite(item: _Item, src_fd: int, dst: int, dst_offset: int, new) -> None:
+    """Read the item's tensor, patch it, cast it and write it at its place in the output (buffers from ``new``)."""
+    tensor = item.src.read(src_fd, item.src_key, item.cut.rows, new)
     if item.cut.transposed:
-        tensor = tensor.T.contiguous()
+        tensor = new(tensor.shape[::-1], dtype=tensor.dtype).copy_(tensor.T)
     for cut, contribs in item.patches:
-        tensor = cut.patched(tensor, contribs)
+        tensor = cut.patched(tensor, contribs, new)
     want = ST_DTYPES[item.dtype]
-    tensor = tensor if tensor.dtype == want else tensor.to(want)
+    tensor = tensor if tensor.dtype == want else new(tensor.shape, dtype=want).copy_(tensor)
     _pwrite_all(dst, tensor.reshape(-1).view(torch.uint8).numpy(), dst_offset)
 
 
@@ -311,8 +409,9 @@ def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
     """Write ``items`` as one safetensors file at ``out``, atomically.
 
     Every piece has its place in the output from the header on, so the pieces are written independently, by
-    as many threads as torch uses (up to MAX_WORKERS): copies of unchanged bytes (in the kernel) and tensors that change (read,
-    patched, cast). Each patch runs its GEMM single-threaded, as ``LoraSet`` does, so it gets the same bits.
+    as many threads as torch uses (up to MAX_WORKERS): copies of unchanged bytes (in the kernel) and tensors that
+    change (read, patched, cast, in memory lent by a ``_Scratch``). Each patch runs its GEMM single-threaded, as
+    ``LoraSet`` does, so it gets the same bits.
     """
     head, starts = _header(items, metadata)
     jobs = _jobs(items, starts)
@@ -340,7 +439,8 @@ def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
 def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
     """Run the jobs on ``workers`` threads, in order; the first error cancels the jobs not yet started."""
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_run_job, job, fds, dst) for job in jobs]
+        scratch = _Scratch(SCRATCH_BYTES)
+        futures = [pool.submit(_run_job, job, fds, dst, scratch) for job in jobs]
         try:
             for future in futures:
                 future.result()
