@@ -263,9 +263,9 @@ class _Item:
 COPY_CHUNK = 64 << 20  # unchanged bytes are copied in pieces of this size, so the threads share the work evenly
 # Past a few threads the copy is bound by the disk or page cache anyway.
 MAX_WORKERS = 8
-# Memory the tensors being rewritten take together, whatever the number of threads (``_Scratch``): SDXL's
-# largest layer takes 236 MB in fp16 by ``_Item.work_bytes`` (ff.net.0.proj), SD 1.5's 315 MB in fp32 (it
-# runs alone, in its own mapping).
+# Memory the tensors being rewritten take together, whatever the number of threads (``_Scratch``): the largest
+# layer of SDXL takes 184 MB in fp16 (``_Item.work_bytes`` of ff.net.0.proj), of SD 1.5 105 MB in fp32; one that
+# needs more than this runs alone.
 SCRATCH_BYTES = 256 << 20
 
 
