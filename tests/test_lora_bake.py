@@ -369,3 +369,28 @@ def test_without_kernel_copy_or_preadv_the_bytes_are_the_same(base_folder, loras
     slow = bake.merge(base_folder, pairs, tmp_path / "slow")
     for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (slow / name).read_bytes() == (fast / name).read_bytes()
+
+
+def test_scratch_lends_within_its_capacity_and_reuses_mappings():
+    scratch = bake._Scratch(1000)
+    with scratch.lend(600) as a, scratch.lend(300) as b:
+        assert (len(a.memory), len(b.memory), scratch.mapped) == (600, 300, 900)
+        x = a.new([5], dtype=torch.float32)
+        y = a.new([4], dtype=torch.float16)  # after x, at the next 64-byte boundary
+        assert y.data_ptr() - x.data_ptr() == 64 and x.data_ptr() % 64 == 0 and a.used == 72
+        big = a.new([100], dtype=torch.float64)  # more than is left: from torch instead
+        assert big.shape == (100,) and a.used == 72
+    with scratch.lend(500) as c:  # the smallest free mapping that is big enough
+        assert c.memory is a.memory
+    with scratch.lend(2500) as d:  # more than the capacity: alone, after the free mappings are dropped
+        assert len(d.memory) == 2500 and scratch.free == [] and scratch.mapped == 2500
+
+
+def test_a_small_scratch_writes_the_same_bytes(base_folder, loras, tmp_path, monkeypatch):
+    """Jobs wait for scratch memory, and those bigger than all of it run alone: the output does not change."""
+    pairs = [(loras[0], 0.3), (loras[1], 1.0)]
+    roomy = bake.merge(base_folder, pairs, tmp_path / "roomy")
+    monkeypatch.setattr(bake, "SCRATCH_BYTES", 300_000)
+    tight = bake.merge(base_folder, pairs, tmp_path / "tight")
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tight / name).read_bytes() == (roomy / name).read_bytes()

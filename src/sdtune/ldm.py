@@ -15,6 +15,8 @@ exactly once. Where each text encoder sits and whether it uses OpenCLIP names is
 from __future__ import annotations
 
 import re
+from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -231,6 +233,9 @@ def openclip_names(layers: int) -> dict[str, str | tuple[str, str, str]]:
     return names
 
 
+_openclip_names = cache(openclip_names)  # asked once per tensor by single_file_plan
+
+
 def _module_key(name: str, module_keys) -> str | None:
     """The model's own key for a CLIP name: transformers 5 flattened CLIPTextModel but CLIPTextModelWithProjection
     keeps its ``text_model.`` level, so ask the model rather than the class name."""
@@ -406,37 +411,73 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict:
     return to_single_file({"unet": unet, "vae": vae, "text_encoder": text_encoder}, families.SD1)
 
 
-def split_ldm_keys(keys, unet_config, vae_config, strict: bool = True) -> dict[str, tuple[str, str, bool]]:
-    """{LDM key: (part, key in diffusers/transformers-5 naming, squeeze)} for the model weights among ``keys``;
-    part is "unet", "vae" or "text_encoder", squeeze marks a VAE attention weight that LDM holds as a 1x1 conv
-    and diffusers as a linear (same bytes, two trailing dimensions fewer). Schedule buffers, EMA copies, the
-    VAE training loss and the text encoder's position ids are left out; any other unknown key raises
-    (``strict``) or is left out too."""
-    unet_map, vae_map = unet_module_map(unet_config), vae_module_map(vae_config)
-    plan: dict[str, tuple[str, str, bool]] = {}
-    unknown = []
+class Target(NamedTuple):
+    """One model tensor that a single-file tensor holds."""
+
+    component: str  # unet, vae, text_encoder, text_encoder_2
+    name: str  # its key in the component's own state dict (diffusers, or transformers as installed)
+    chunk: int | None = None  # OpenCLIP's fused attn.in_proj: which third of its rows (0 q, 1 k, 2 v)
+    transposed: bool = False  # OpenCLIP's text_projection: the transpose of the Linear weight (applied as x @ P)
+    squeeze: bool = False  # a VAE attention weight that LDM holds as a 1x1 conv (two trailing dimensions of 1)
+
+
+def _renamed_targets(component: str, name: str, names: dict[str, str]) -> list[Target] | None:
+    module, param = _split_key(name)
+    if module not in names:
+        return None
+    target = names[module]
+    squeeze = component == "vae" and param == "weight" and _is_vae_attention_linear(target)
+    return [Target(component, f"{target}.{param}", squeeze=squeeze)]
+
+
+def _text_targets(te: TextEncoder, module_keys: set[str], layers: int, name: str) -> list[Target] | None:
+    """What ``_read_text_encoder`` makes of one file tensor, as names ([]: a tensor only files carry)."""
+    if _carried_only(te, name, layers):
+        return []
+    target = _openclip_names(layers).get(name) if te.openclip else text_encoder_key(name)
+    if target is None:
+        return None
+    if isinstance(target, tuple):
+        found = [_module_key(clip_name, module_keys) for clip_name in target]
+        return None if None in found else [Target(te.component, k, chunk=i) for i, k in enumerate(found)]
+    key = _module_key(target, module_keys)
+    if key is None:  # the projection serves the pooled output; SD 2.x's encoder has none
+        return [] if target == _PROJECTION else None
+    return [Target(te.component, key, transposed=te.openclip and name in _OPENCLIP_TRANSPOSED)]
+
+
+def single_file_plan(keys, family: Family, modules: dict, strict: bool = True) -> dict[str, list[Target]]:
+    """{file key: the model tensors it holds} for a single file of ``family``, from the key names alone: what
+    ``split_single_file`` does to the tensors, as a plan that a streamed merge follows tensor by tensor.
+
+    ``modules``: the components built from their configs (under ``init_empty_weights``). Keys that hold no
+    model tensor (schedules, EMA, the VAE's loss, position ids, SD 2.x's last OpenCLIP block and projection,
+    CLIP's temperature) map to []. Any other unknown key raises ``SdtuneError`` (``strict``) or is left out.
+    """
+    prefixes = component_prefixes(family)
+    names = {"unet": unet_module_map(modules["unet"].config), "vae": vae_module_map(modules["vae"].config)}
+    encoders = {te.component: (te, set(modules[te.component].state_dict()), modules[te.component].config.num_hidden_layers)
+                for te in family.text_encoders}
+
+    def targets(key: str) -> list[Target] | None:
+        if key.startswith(_IGNORED_PREFIXES):
+            return []
+        component = next((c for c, p in prefixes.items() if key.startswith(p)), None)
+        if component is None:
+            return None
+        name = key[len(prefixes[component]):]
+        if component in names:
+            return _renamed_targets(component, name, names[component])
+        return _text_targets(*encoders[component], name)
+
+    plan, unknown = {}, []
     for key in keys:
-        if key.startswith(UNET_PREFIX):
-            module, param = _split_key(key[len(UNET_PREFIX):])
-            if module in unet_map:
-                plan[key] = ("unet", f"{unet_map[module]}.{param}", False)
-                continue
-        elif key.startswith(VAE_PREFIX) and not key.startswith(VAE_PREFIX + "loss."):
-            module, param = _split_key(key[len(VAE_PREFIX):])
-            if module in vae_map:
-                target = vae_map[module]
-                plan[key] = ("vae", f"{target}.{param}", param == "weight" and _is_vae_attention_linear(target))
-                continue
-        elif key.startswith("cond_stage_model.transformer."):
-            name = text_encoder_key(key)
-            if name != "embeddings.position_ids":  # a buffer, rebuilt by the model
-                plan[key] = ("text_encoder", name, False)
-            continue
-        elif key.startswith(_IGNORED_PREFIXES):
-            continue
-        unknown.append(key)
+        found = targets(key)
+        if found is None:
+            unknown.append(key)
+        else:
+            plan[key] = found
     if unknown and strict:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not an SD 1.x model of this architecture")
+        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a {family.title} model of this architecture")
     return plan
-

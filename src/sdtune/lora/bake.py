@@ -1,15 +1,25 @@
-"""Bake LoRAs into a base model and write the result: a diffusers folder or one LDM-layout .safetensors file.
+"""Bake LoRAs into a base model and write the result: a diffusers folder, or one .safetensors file in the
+family's original layout (LDM for SD 1.x/2.x, SGM for SDXL).
 
-Safetensors inputs are streamed, never loaded as a model: a diffusers folder (unet and text_encoder weights in
-one file each or sharded) written as a diffusers folder, and an LDM single file written as a diffusers folder
-or as a single file. Only the headers are parsed to check the LoRAs against the model. Each output file's
-header is written first (shapes do not change), then its tensors in input order: a tensor some LoRA targets is
-read, gets Σ w·ΔW added by ``patch.write_patched`` (the code and GEMM threading ``LoraSet`` uses, so the bits
-are those of an in-memory patch) and is written; each run of untouched tensors is copied file to file by the
-kernel (``os.copy_file_range``) without passing through this process. Memory stays near the LoRAs plus a few
-layers, and the time near that of copying the files. Every key of a single-file input (EMA weights, schedule
-buffers, anything unknown) is kept in a single-file output, with the input's metadata; a folder output gets
-every other file of the input folder (configs, tokenizer, scheduler, VAE, index files) copied unchanged.
+Safetensors inputs of every family (SD 1.x, SD 2.x, SDXL and the tiny model) are streamed, never loaded as a
+model: a single file written as a single file in its own layout or as a diffusers folder, and a diffusers
+folder (unet and text encoder weights, SDXL's text_encoder_2 included, in one file each or sharded) written as
+a diffusers folder. Only the headers are parsed: ``ldm.single_file_plan`` names the model tensor(s) each key of
+a single file holds, and the LoRAs are checked against the shapes. Each output file's header is written first
+(shapes do not change), then its tensors in input order: a tensor some LoRA targets is read, gets Σ w·ΔW added
+by ``patch.write_patched`` (the code and GEMM threading ``LoraSet`` uses, on a weight of the shape the module
+has, so the bits are those of an in-memory patch) and is written; each run of untouched tensors is copied file
+to file by the kernel (``os.copy_file_range``) without passing through this process. Memory stays near the
+LoRAs plus ``SCRATCH_BYTES`` for the tensors being rewritten, whatever the number of threads (``_Scratch``),
+and the time near that of copying the files. Every key of a single-file input (EMA weights, schedule buffers,
+anything unknown) is kept in a single-file output, with the input's metadata; a folder output gets every other
+file of the input folder (configs, tokenizers, scheduler, VAE, index files) copied unchanged.
+
+A LoRA may change part of a stored tensor (``_Cut``): OpenCLIP text encoders (SD 2.x's, SDXL's second) keep
+q, k and v stacked in one ``attn.in_proj_weight``, so a LoRA on ``q_proj`` adds its ΔW to the first third of
+the rows, and ``text_projection`` is stored transposed. Written as a folder, the fused tensor becomes three
+(rows read straight from the file, or copied by the kernel when unchanged), and what SD 2.x files carry beyond
+the model (OpenCLIP's last block, its projection and temperature) is left out, as ``load_base`` leaves it.
 
 Everything else (a pickled checkpoint, a folder of .bin weights, the built-in model, a folder written as a
 single file, a loaded ``Base``) loads the base, patches it in memory with ``patch.LoraSet`` and saves it with
@@ -18,19 +28,19 @@ single file, a loaded ``Base``) loads the base, patches it in memory with ``patc
 Files are read with plain positioned reads, not ``safetensors.safe_open``: that maps the file, and the
 mapped pages it reads stay in the process's resident set until the file is closed, so the peak RSS would
 grow to the size of the largest input file.
-
-The streamed single-file paths read the LDM layout of SD 1.x (and the tiny model); a single file of another
-family (SDXL's SGM layout, SD 2.x's OpenCLIP text encoder) is loaded, patched and saved.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +50,7 @@ from accelerate import init_empty_weights
 from .. import ldm, models
 from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors
 from .formats import load_lora
-from .neutral import Lora
+from .neutral import TEXT_COMPONENTS, Lora, text_path
 from .patch import LoraSet, as_weights, check_fit, write_patched
 
 # safetensors dtype names <-> torch dtypes
@@ -52,7 +62,8 @@ FORMATS = ("diffusers", "single")
 # The weight file (or shard index) diffusers' and transformers' from_pretrained read in each patched component
 # folder when no variant is asked for; other weight files there (variants, .bin copies, Flax/TF/ONNX exports)
 # would keep the old weights, so they are left out of a merged folder.
-FOLDER_WEIGHTS = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
+FOLDER_WEIGHTS = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
+COMPONENT_WEIGHTS = {**FOLDER_WEIGHTS, "vae": "diffusion_pytorch_model"}  # what a single file -> folder merge writes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data")
 META_MERGED = "sdtune.merged_loras"
 
@@ -61,8 +72,9 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     """Write ``base_or_spec`` with ``[(lora, weight), ...]`` baked in to ``out``.
 
     ``base_or_spec``: a loaded ``Base`` or anything ``load_base`` takes. ``lora``: a ``Lora`` or a file;
-    ``weight``: a number or ``(unet_w, te_w)``. ``fmt``: "diffusers" (a folder) or "single" (one
-    ``.safetensors`` in the original LDM layout). ``dtype``: e.g. "fp16" to store a single file smaller.
+    ``weight``: a number or ``(unet_w, te_w)`` (te_w for both of SDXL's encoders). ``fmt``: "diffusers" (a
+    folder) or "single" (one ``.safetensors`` in the family's original layout: LDM, or SGM for SDXL).
+    ``dtype``: e.g. "fp16" to store a single file smaller.
     """
     if fmt not in FORMATS:
         raise SdtuneError(f"unknown merge format {fmt!r}; use diffusers or single")
@@ -76,7 +88,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     if not isinstance(base_or_spec, (str, Path)):
         return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
     path = Path(base_or_spec).expanduser()
-    if path.is_file() and is_safetensors(path) and streams(path):
+    if path.is_file() and is_safetensors(path):
         if fmt == "single":
             return _single_to_single(path, pairs, out, dtype, allow_partial)
         return _single_to_folder(path, pairs, out, allow_partial)
@@ -138,15 +150,21 @@ class _Source:
                               "merge; convert the file to fp16/fp32")
         return cls(path, header, metadata, 8 + size)
 
-    def span(self, key: str) -> tuple[int, int]:
+    def span(self, key: str, rows: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(offset in the file, byte count) of the tensor, or of a block of its rows (contiguous bytes too)."""
         start, end = self.header[key]["data_offsets"]
-        return self.data_start + start, end - start
+        if rows is None:
+            return self.data_start + start, end - start
+        row_bytes = (end - start) // self.header[key]["shape"][0]
+        return self.data_start + start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
-    def read(self, fd: int, key: str) -> torch.Tensor:
-        """The tensor, read into freshly allocated (aligned) memory with positioned reads (thread-safe)."""
+    def read(self, fd: int, key: str, rows: tuple[int, int] | None = None, new=torch.empty) -> torch.Tensor:
+        """The tensor (or a block of its rows), read with positioned reads (thread-safe) into aligned memory from
+        ``new(shape, dtype=...)``."""
         info = self.header[key]
-        offset, nbytes = self.span(key)
-        tensor = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+        offset, nbytes = self.span(key, rows)
+        shape = info["shape"] if rows is None else [rows[1] - rows[0], *info["shape"][1:]]
+        tensor = new(shape, dtype=ST_DTYPES[info["dtype"]])
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < nbytes:
@@ -165,6 +183,56 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     return len(data)
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """Where a model weight lies in a stored tensor: all of it, a block of its rows (OpenCLIP's fused
+    ``attn.in_proj_weight`` stacks q, k and v), or all of it transposed (OpenCLIP's ``text_projection``)."""
+
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+
+    @classmethod
+    def of(cls, target: ldm.Target, stored_shape: list) -> _Cut:
+        if target.chunk is None:
+            return cls(transposed=target.transposed)
+        n = stored_shape[0] // 3
+        return cls((target.chunk * n, (target.chunk + 1) * n))
+
+    def shape(self, stored_shape: list) -> list:
+        """The model weight's shape."""
+        shape = list(stored_shape) if self.rows is None else [self.rows[1] - self.rows[0], *stored_shape[1:]]
+        return shape[::-1] if self.transposed else shape
+
+    def patched(self, tensor: torch.Tensor, contribs: list, new=torch.empty) -> torch.Tensor:
+        """``tensor`` with Σ w·ΔW added to this weight. The weight is taken out in the model's orientation and
+        patched into a fresh buffer of its own shape, as ``LoraSet`` patches the module, so the bits are the same.
+        ``new(shape, dtype=...)``: where the buffers come from."""
+        base = tensor if self.rows is None else tensor[self.rows[0]:self.rows[1]]  # rows: a contiguous view
+        base = new(base.shape[::-1], dtype=base.dtype).copy_(base.T) if self.transposed else base
+        # write_patched sums in float32 and casts once at the end: given float32 buffers, it makes no float32
+        # temporaries of its own (the sum, the weight in float32) outside ``new``'s memory. Same bits.
+        base32 = base if base.dtype == torch.float32 else new(base.shape, dtype=torch.float32).copy_(base)
+        out = new(base.shape, dtype=torch.float32)
+        write_patched(out, base32, contribs)
+        out = out if base.dtype == torch.float32 else new(base.shape, dtype=base.dtype).copy_(out)
+        out = new(out.shape[::-1], dtype=out.dtype).copy_(out.T) if self.transposed else out
+        if self.rows is None:
+            return out
+        tensor[self.rows[0]:self.rows[1]] = out  # the rows of the other weights stay as they were
+        return tensor
+
+    def work_bytes(self, stored_shape: list, dtype: torch.dtype) -> int:
+        """The memory ``patched`` takes from ``new`` for this weight of a tensor stored in ``dtype``: the sum in
+        float32, and unless stored in float32 the weight in float32 and the result cast back; with a transposed
+        weight a copy of it and of the result."""
+        numel = torch.Size(self.shape(stored_shape)).numel()
+        half = dtype != torch.float32
+        return numel * ((2 * self.transposed + 2 * half) * dtype.itemsize + 4 * (1 + half))
+
+
+WHOLE = _Cut()
+
+
 @dataclass
 class _Item:
     """One tensor of an output file: where it comes from, what is added to it, how it is stored."""
@@ -172,19 +240,94 @@ class _Item:
     key: str  # name in the output file
     src: _Source
     src_key: str
-    contribs: list  # (name, uid, adapter, weight), in list order; empty: the tensor is copied unchanged
+    patches: list  # [(_Cut of the output tensor, [(name, uid, adapter, weight), ...] in list order)]; [] copies
     dtype: str  # safetensors dtype name in the output
     shape: list  # shape in the output (a reshape keeps the bytes)
+    cut: _Cut = WHOLE  # the part of the stored tensor that is the output tensor (q, k or v of a fused one...)
 
     @property
     def copied(self) -> bool:
-        return not self.contribs and self.dtype == self.src.header[self.src_key]["dtype"]
+        return not self.patches and not self.cut.transposed and self.dtype == self.src.header[self.src_key]["dtype"]
+
+    @property
+    def work_bytes(self) -> int:
+        """The memory ``_rewrite`` takes for this tensor: what it reads (and its transpose), each patch's
+        buffers, the result cast to the output dtype, and up to 64 bytes of alignment for each."""
+        read, write = (ST_DTYPES[d] for d in (self.src.header[self.src_key]["dtype"], self.dtype))
+        numel = torch.Size(self.shape).numel()
+        total = numel * read.itemsize * (1 + self.cut.transposed) + (numel * write.itemsize if write != read else 0)
+        total += sum(cut.work_bytes(self.shape, read) for cut, _ in self.patches)
+        return total + 64 * (3 + 4 * len(self.patches))
 
 
 COPY_CHUNK = 64 << 20  # unchanged bytes are copied in pieces of this size, so the threads share the work evenly
-# Each worker holds at most one layer before and after its patch (SD 1.5's largest: 2 x 52 MB in fp32); past a
-# few threads the copy is bound by the disk or page cache anyway.
+# Past a few threads the copy is bound by the disk or page cache anyway.
 MAX_WORKERS = 8
+# Memory the tensors being rewritten take together, whatever the number of threads (``_Scratch``): the largest
+# layer of SDXL takes 184 MB in fp16 (``_Item.work_bytes`` of ff.net.0.proj), of SD 1.5 105 MB in fp32; one that
+# needs more than this runs alone.
+SCRATCH_BYTES = 256 << 20
+
+
+class _Scratch:
+    """The memory for tensors being rewritten: private anonymous mappings, at most ``capacity`` bytes of them
+    (a job that needs more waits until it runs alone), each lent to one job at a time and reused.
+
+    Not ``torch.empty``: glibc serves blocks below its mmap threshold from its heaps and keeps them there when
+    they are freed, and it raises that threshold (up to 32 MB) each time a larger block is freed, so layer-sized
+    buffers piled up in the worker threads' heaps (0.3 GB more peak RSS on SDXL, more with more threads). A fresh
+    mapping per tensor would give the memory back but cost a page fault per 4 KB (twice the system time of a
+    whole SDXL merge), hence the reuse.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.mapped = capacity, 0
+        self.free: list[mmap.mmap] = []
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def lend(self, nbytes: int):
+        """A ``_Region`` of at least ``nbytes`` for the duration of the ``with`` block."""
+        with self.changed:
+            memory = self.changed.wait_for(lambda: self._take(nbytes))
+        try:
+            yield _Region(memory)
+        finally:
+            with self.changed:
+                self.free.append(memory)
+                self.changed.notify_all()
+
+    def _take(self, nbytes: int) -> mmap.mmap | None:
+        """The smallest free mapping that is big enough, or a new one if there is room (made by unmapping free
+        ones), or None (the caller waits for a job to finish)."""
+        fits = [m for m in self.free if len(m) >= nbytes]
+        if fits:
+            memory = min(fits, key=len)
+            self.free.remove(memory)
+            return memory
+        in_use = self.mapped - sum(len(m) for m in self.free)
+        if in_use and in_use + nbytes > self.capacity:
+            return None
+        while self.free and self.mapped + nbytes > self.capacity:  # unmapped once no tensor refers to it
+            self.mapped -= len(self.free.pop(0))
+        self.mapped += nbytes
+        return mmap.mmap(-1, max(nbytes, 1))
+
+
+class _Region:
+    """Tensors for one job, carved one after the other out of one mapping, 64-byte aligned as torch aligns its
+    own (so that CPU kernels take the same paths); ``torch.empty`` for any beyond what it holds."""
+
+    def __init__(self, memory: mmap.mmap):
+        self.memory, self.used = memory, 0
+
+    def new(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        count = torch.Size(shape).numel()
+        start = -(-self.used // 64) * 64
+        if not count or start + count * dtype.itemsize > len(self.memory):
+            return torch.empty(shape, dtype=dtype)
+        self.used = start + count * dtype.itemsize
+        return torch.frombuffer(self.memory, dtype=dtype, count=count, offset=start).view(shape)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -228,7 +371,7 @@ def _jobs(items: list[_Item], starts: list[int]) -> list[tuple]:
     offset) for unchanged tensors that lie back to back in one input, joined up to COPY_CHUNK bytes."""
     jobs: list[tuple] = []
     for item, start in zip(items, starts):
-        offset, nbytes = item.src.span(item.src_key)
+        offset, nbytes = item.src.span(item.src_key, item.cut.rows)
         last = jobs[-1] if jobs else ("tensor",)
         if not item.copied:
             jobs.append(("tensor", item, start))
@@ -240,19 +383,25 @@ def _jobs(items: list[_Item], starts: list[int]) -> list[tuple]:
 
 
 @torch.no_grad()  # grad mode is per thread: each worker sets it itself
-def _run_job(job: tuple, fds: dict, dst: int) -> None:
+def _run_job(job: tuple, fds: dict, dst: int, scratch: _Scratch) -> None:
     if job[0] == "copy":
         _, src, offset, count, dst_offset = job
         _copy_range(src, fds[src.path], dst, offset, count, dst_offset)
         return
     _, item, dst_offset = job
-    tensor = item.src.read(fds[item.src.path], item.src_key)
-    if item.contribs:
-        patched = torch.empty_like(tensor)
-        write_patched(patched, tensor, item.contribs)
-        tensor = patched
+    with scratch.lend(item.work_bytes) as region:
+        _rewrite(item, fds[item.src.path], dst, dst_offset, region.new)
+
+
+def _rewrite(item: _Item, src_fd: int, dst: int, dst_offset: int, new) -> None:
+    """Read the item's tensor, patch it, cast it and write it at its place in the output (buffers from ``new``)."""
+    tensor = item.src.read(src_fd, item.src_key, item.cut.rows, new)
+    if item.cut.transposed:
+        tensor = new(tensor.shape[::-1], dtype=tensor.dtype).copy_(tensor.T)
+    for cut, contribs in item.patches:
+        tensor = cut.patched(tensor, contribs, new)
     want = ST_DTYPES[item.dtype]
-    tensor = tensor if tensor.dtype == want else tensor.to(want)
+    tensor = tensor if tensor.dtype == want else new(tensor.shape, dtype=want).copy_(tensor)
     _pwrite_all(dst, tensor.reshape(-1).view(torch.uint8).numpy(), dst_offset)
 
 
@@ -260,8 +409,9 @@ def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
     """Write ``items`` as one safetensors file at ``out``, atomically.
 
     Every piece has its place in the output from the header on, so the pieces are written independently, by
-    as many threads as torch uses (up to MAX_WORKERS): copies of unchanged bytes (in the kernel) and tensors that change (read,
-    patched, cast). Each patch runs its GEMM single-threaded, as ``LoraSet`` does, so it gets the same bits.
+    as many threads as torch uses (up to MAX_WORKERS): copies of unchanged bytes (in the kernel) and tensors that
+    change (read, patched, cast, in memory lent by a ``_Scratch``). Each patch runs its GEMM single-threaded, as
+    ``LoraSet`` does, so it gets the same bits.
     """
     head, starts = _header(items, metadata)
     jobs = _jobs(items, starts)
@@ -289,7 +439,8 @@ def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
 def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
     """Run the jobs on ``workers`` threads, in order; the first error cancels the jobs not yet started."""
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_run_job, job, fds, dst) for job in jobs]
+        scratch = _Scratch(SCRATCH_BYTES)
+        futures = [pool.submit(_run_job, job, fds, dst, scratch) for job in jobs]
         try:
             for future in futures:
                 future.result()
@@ -301,74 +452,88 @@ def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
 
 # ---------------------------------------------------------------- which weights the LoRAs change
 
-def _contributions(where: dict, pairs, allow_partial: bool) -> dict[tuple[Path, str], list]:
-    """{(input file, key): [(name, uid, adapter, weight), ...]} for every weight some LoRA changes.
+def _contributions(where: dict, pairs, allow_partial: bool) -> dict[tuple[Path, str], dict[_Cut, list]]:
+    """{(input file, key): {where in that tensor: [(name, uid, adapter, weight), ...]}} for every weight some
+    LoRA changes.
 
-    ``where``: {component: {module path: (_Source, key of its weight)}}, the model seen through file headers;
-    the LoRAs are matched against its shapes by the same checks ``LoraSet.add`` makes.
+    ``where``: {component: {module path: (_Source, key of the tensor holding its weight, _Cut)}}, the model
+    seen through file headers; the LoRAs are matched against its shapes by the same checks ``LoraSet.add`` makes.
     """
-    shapes = {comp: {path: tuple(src.header[key]["shape"]) for path, (src, key) in paths.items()}
+    shapes = {comp: {path: tuple(cut.shape(src.header[key]["shape"])) for path, (src, key, cut) in paths.items()}
               for comp, paths in where.items()}
-    changes: dict[tuple[Path, str], list] = {}
+    changes: dict[tuple[Path, str], dict[_Cut, list]] = {}
     for i, (lora, weights, source) in enumerate(pairs):
         for (comp, path), adapter in check_fit(_load(lora, shapes), shapes, allow_partial, source).items():
-            src, key = where[comp][path]
+            src, key, cut = where[comp][text_path(path) if comp in TEXT_COMPONENTS else path]
             if weights[comp] != 0.0:
-                changes.setdefault((src.path, key), []).append((f"{i:04d}", i, adapter, weights[comp]))
+                changes.setdefault((src.path, key), {}).setdefault(cut, []).append(
+                    (f"{i:04d}", i, adapter, weights[comp]))
     return changes
 
 
 def _merged_note(pairs) -> str:
-    return json.dumps([{"source": source, "unet_weight": w["unet"], "te_weight": w["text_encoder"]}
-                       for _, w, source in pairs])
+    return json.dumps([{"source": source, "unet_weight": w["unet"], "te_weight": w["text_encoder"],
+                        "te2_weight": w["text_encoder_2"]} for _, w, source in pairs])
 
 
 def _by_offset(src: _Source, keys) -> list[str]:
     return sorted(keys, key=lambda k: src.header[k]["data_offsets"][0])
 
 
-# ---------------------------------------------------------------- LDM single file in
+# ---------------------------------------------------------------- single file in
 
-def _ldm_plan(src: _Source, strict: bool) -> tuple[models.Family, dict, dict]:
-    """(family, configs, ``ldm.split_ldm_keys`` plan) of an LDM single file, from its header."""
-    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
-    family = models.family_from_metadata(src.metadata) or models.detect_family(shapes, src.path)
-    configs = models.file_configs(family, src.metadata, src.path)
-    try:
-        plan = ldm.split_ldm_keys(src.header, configs["unet"], configs["vae"], strict=strict)
-    except SdtuneError as e:
-        raise SdtuneError(f"{src.path}: {e}") from None
-    return family, configs, plan
+@dataclass
+class _SingleFile:
+    """A single-file checkpoint seen through its header: its family, configs, components (shells without
+    weights) and the ``ldm.single_file_plan`` of its keys."""
 
+    src: _Source
+    family: models.Family
+    configs: dict
+    parts: dict
+    plan: dict[str, list[ldm.Target]]
 
-def streams(path: Path) -> bool:
-    """Whether a single file's family has a key-for-key LDM layout that the streamed paths can plan."""
-    header = _Source.open(path).header
-    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    family = models.family_from_metadata(_Source.open(path).metadata) or models.detect_family(shapes, path)
-    return family.single_file_layout == "ldm" and not any(te.openclip for te in family.text_encoders)
+    @classmethod
+    def open(cls, path: Path, strict: bool) -> _SingleFile:
+        src = _Source.open(path)
+        shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
+        family = models.family_from_metadata(src.metadata) or models.detect_family(shapes, path)
+        configs = models.file_configs(family, src.metadata, path)
+        with init_empty_weights():  # names and configs only
+            parts = models.build_parts(family, configs)
+        try:
+            plan = ldm.single_file_plan(src.header, family, parts, strict=strict)
+        except SdtuneError as e:
+            raise SdtuneError(f"{path}: {e}") from None
+        return cls(src, family, configs, parts, plan)
 
+    def cut(self, key: str, target: ldm.Target) -> _Cut:
+        return _Cut.of(target, self.src.header[key]["shape"])
 
-def _ldm_where(src: _Source, plan: dict) -> dict:
-    where: dict[str, dict] = {"unet": {}, "text_encoder": {}}
-    for key, (part, name, _) in plan.items():
-        if part in where and name.endswith(".weight"):
-            where[part][name.removesuffix(".weight")] = (src, key)
-    return where
+    def where(self) -> dict:
+        """{component LoRAs patch: {module path: (_Source, key, _Cut)}} of every weight the file holds."""
+        where: dict[str, dict] = {comp: {} for comp in self.parts if comp != "vae"}
+        for key, targets in self.plan.items():
+            for target in targets:
+                if target.component in where and target.name.endswith(".weight"):
+                    path = target.name.removesuffix(".weight")
+                    path = text_path(path) if target.component in TEXT_COMPONENTS else path
+                    where[target.component][path] = (self.src, key, self.cut(key, target))
+        return where
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
     if out.resolve() == path.resolve():
         raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
     out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
-    src = _Source.open(path)
-    _, _, plan = _ldm_plan(src, strict=False)  # keys it does not know are copied through
-    changes = _contributions(_ldm_where(src, plan), pairs, allow_partial)
+    single = _SingleFile.open(path, strict=False)  # keys it does not know are copied through
+    src = single.src
+    changes = _contributions(single.where(), pairs, allow_partial)
     items = []
     for key in _by_offset(src, src.header):
         info = src.header[key]
         floating = ST_DTYPES[info["dtype"]].is_floating_point
-        items.append(_Item(key, src, key, changes.get((path, key), []),
+        items.append(_Item(key, src, key, list(changes.get((path, key), {}).items()),
                            out_float if out_float and floating else info["dtype"], info["shape"]))
     _write_file(out, items, dict(src.metadata, **{META_MERGED: _merged_note(pairs)}))
     return out
@@ -376,59 +541,70 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
 
 def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path:
     _check_out_folder(out, None)
-    src = _Source.open(path)
-    family, configs, plan = _ldm_plan(src, strict=True)  # a folder holds only what its components load
-    for part, prefix in (("vae", ldm.VAE_PREFIX), ("text_encoder", "cond_stage_model.transformer.")):
-        if not any(p == part for p, _, _ in plan.values()):
-            raise SdtuneError(f"{path}: has no {part.replace('_', ' ')} weights ({prefix}*); "
-                              f"pass a full {family.title} checkpoint that includes them")
-    changes = _contributions(_ldm_where(src, plan), pairs, allow_partial)
+    single = _SingleFile.open(path, strict=True)  # a folder holds only what its components load
+    src, prefixes = single.src, ldm.component_prefixes(single.family)
+    by_part: dict[str, list] = {comp: [] for comp in single.parts}
+    for key in _by_offset(src, single.plan):
+        for target in single.plan[key]:
+            by_part[target.component].append((key, target))
+    for comp, found in by_part.items():
+        if not found:
+            raise SdtuneError(f"{path}: has no {comp} weights ({prefixes[comp]}*); pass a full "
+                              f"{single.family.title} checkpoint that includes them")
+    changes = _contributions(single.where(), pairs, allow_partial)
     with atomic_folder(out) as tmp:
-        text_keys = _write_configs(tmp, family, configs)
-        for part, file in (("unet", "unet/diffusion_pytorch_model.safetensors"),
-                           ("vae", "vae/diffusion_pytorch_model.safetensors"), ("text_encoder", "text_encoder/model.safetensors")):
+        _write_configs(tmp, single, {comp: _float_dtype(src, found) for comp, found in by_part.items()})
+        for comp, found in by_part.items():
             items = []
-            for key in _by_offset(src, [k for k, (p, _, _) in plan.items() if p == part]):
-                _, name, squeeze = plan[key]
-                shape = src.header[key]["shape"]
-                items.append(_Item(text_keys.get(name, name), src, key, changes.get((path, key), []),
-                                   src.header[key]["dtype"], shape[:2] if squeeze else shape))
-            metadata = {"format": "pt", **({META_MERGED: _merged_note(pairs)} if part != "vae" else {})}
-            _write_file(tmp / file, items, metadata)
+            for key, target in found:
+                info, cut = src.header[key], single.cut(key, target)
+                shape = cut.shape(info["shape"])
+                contribs = changes.get((path, key), {}).get(cut)
+                items.append(_Item(target.name, src, key, [(WHOLE, contribs)] if contribs else [], info["dtype"],
+                                   shape[:2] if target.squeeze else shape, cut))
+            metadata = {"format": "pt", **({META_MERGED: _merged_note(pairs)} if comp != "vae" else {})}
+            _write_file(tmp / comp / f"{COMPONENT_WEIGHTS[comp]}.safetensors", items, metadata)
     return out
 
 
-def _write_configs(folder: Path, family: models.Family, configs: dict) -> dict[str, str]:
-    """The configs, tokenizer and scheduler files ``save_diffusers`` writes for this model, without weights.
+def _float_dtype(src: _Source, found: list) -> torch.dtype:
+    """The dtype of a component's weights: the first floating-point one of its (key, target) pairs."""
+    return next(d for key, _ in found if (d := ST_DTYPES[src.header[key]["dtype"]]).is_floating_point)
 
-    Returns {transformers-5 text-encoder key: key as the installed transformers names it}.
-    """
-    with init_empty_weights():  # shape-less shells: only their configs are written
-        parts = models.build_parts(family, configs)
-    te = family.text_encoders[0]
-    tokenizer = models.tokenizer_for(te)
-    scheduler = models.make_scheduler(family, configs["scheduler"])
-    pipeline = models.Base(**parts, tokenizer=tokenizer, scheduler=scheduler, device=torch.device("cpu"),
+
+def _write_configs(folder: Path, single: _SingleFile, dtypes: dict[str, torch.dtype]) -> None:
+    """The configs, tokenizers and scheduler files ``save_diffusers`` writes for this model, without weights;
+    ``dtypes``: each component's, which transformers writes into its config."""
+    family, parts = single.family, single.parts
+    tokenizers = {te.tokenizer: models.tokenizer_for(te) for te in family.text_encoders}
+    scheduler = models.make_scheduler(family, single.configs["scheduler"])
+    pipeline = models.Base(**parts, **tokenizers, scheduler=scheduler, device=torch.device("cpu"),
                            dtype=torch.float32, name="", source="", single_file=None, model_hash="",
                            family=family).pipeline()
     pipeline.save_config(folder)
     parts["unet"].save_config(folder / "unet")
     parts["vae"].save_config(folder / "vae")
-    with models.quiet_progress():  # no weights (an empty state dict): transformers writes the config it would
-        parts[te.component].save_pretrained(folder / te.component, state_dict={})
-    tokenizer.save_pretrained(folder / te.tokenizer)
+    for te in family.text_encoders:
+        with models.quiet_progress():  # no weights (an empty state dict): transformers writes the config it would
+            parts[te.component].to(dtypes[te.component]).save_pretrained(folder / te.component, state_dict={})
+        tokenizers[te.tokenizer].save_pretrained(folder / te.tokenizer)
     scheduler.save_pretrained(folder / "scheduler")
-    return {ldm.text_encoder_key(k): k for k in parts[te.component].state_dict()}
 
 
 # ---------------------------------------------------------------- diffusers folder in
 
 def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
-    """{"unet" | "text_encoder": safetensors files from_pretrained reads}, or None if either has none."""
-    if not (folder / "model_index.json").is_file():
+    """{"unet" | text encoder: safetensors files from_pretrained reads}, or None if any has none."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
         return None
+    try:
+        family = models._folder_family(folder, json.loads(index_file.read_text()))
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
     found = {}
-    for comp, stem in FOLDER_WEIGHTS.items():
+    for comp in ("unet", *(te.component for te in family.text_encoders)):
+        stem = FOLDER_WEIGHTS[comp]
         single, index = folder / comp / f"{stem}.safetensors", folder / comp / f"{stem}.safetensors.index.json"
         if single.is_file():
             found[comp] = [single]
@@ -446,23 +622,8 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
     return found
 
 
-def _check_sd1_folder(folder: Path) -> None:
-    """Refuse what ``load_base`` refuses: SDXL and SD 2.x folders."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SdtuneError(f"{folder}: unreadable model_index.json or unet/config.json ({e}); "
-                          "re-download or re-export the model") from None
-    width = unet.get("cross_attention_dim")
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index or width in (1024, 2048):
-        raise SdtuneError(f"{folder}: not an SD 1.x model (SD 2.x or SDXL: cross-attention width {width}); "
-                          "sdtune works with SD 1.x models")
-
-
 def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial: bool) -> Path:
     _check_out_folder(out, folder)
-    _check_sd1_folder(folder)
     sources = {comp: [_Source.open(p) for p in paths] for comp, paths in files.items()}
     where: dict[str, dict] = {comp: {} for comp in sources}
     for comp, srcs in sources.items():
@@ -470,14 +631,14 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial
             for key in src.header:
                 if key.endswith(".weight"):  # text-encoder paths in transformers-5 naming, whatever the file uses
                     path = key.removesuffix(".weight")
-                    where[comp][ldm.text_encoder_key(path) if comp == "text_encoder" else path] = (src, key)
+                    where[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
     changes = _contributions(where, pairs, allow_partial)
     with atomic_folder(out) as tmp:
         rewritten = {src.path for srcs in sources.values() for src in srcs}
         left_out = _copy_folder(folder, tmp, rewritten)
         for src in (s for srcs in sources.values() for s in srcs):
-            items = [_Item(k, src, k, changes.get((src.path, k), []), src.header[k]["dtype"], src.header[k]["shape"])
-                     for k in _by_offset(src, src.header)]
+            items = [_Item(k, src, k, list(changes.get((src.path, k), {}).items()), src.header[k]["dtype"],
+                           src.header[k]["shape"]) for k in _by_offset(src, src.header)]
             metadata = dict(src.metadata, **{META_MERGED: _merged_note(pairs)})
             _write_file(tmp / src.path.relative_to(folder), items, metadata)
     if left_out:

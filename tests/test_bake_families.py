@@ -1,0 +1,326 @@
+"""Streamed merges of SDXL and SD 2.x: single file -> single file (the family's own layout), single file ->
+diffusers folder, and SDXL folder -> folder, each equal bit for bit to the in-memory patch (``load_base`` +
+``LoraSet``). A LoRA on an OpenCLIP q/k/v projection changes a block of rows of the fused ``in_proj_weight``;
+one on SDXL's ``text_projection`` changes a tensor stored transposed."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
+from test_lora_bake import assert_same_weights, files_of, patched_in_memory, tensors
+from test_single_file_families import _small_sd2
+
+from sdtune import families, ldm, models
+from sdtune.lora import bake
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.safeio import SdtuneError
+
+ALL = ("unet", "vae", "text_encoder", "text_encoder_2")
+EXTRA = {"model_ema.decay": torch.tensor(0.9999), "denoiser.sigmas": torch.linspace(0.03, 14.6, 10)}
+TE2 = families.SDXL.text_encoders[1].single_file_prefix + "transformer.resblocks."
+SD2_TE = families.SD2.text_encoders[0].single_file_prefix
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+
+
+def _layers(module, suffixes):
+    """(path without text_model., module) of the layers whose path ends with one of ``suffixes``."""
+    return [(p.removeprefix("text_model."), m) for p, m in module.named_modules() if p.endswith(suffixes)]
+
+
+def _factors(module, rank, g) -> dict:
+    w = module.weight
+    return {"down": torch.randn(rank, *w.shape[1:], generator=g) * 0.1,
+            "up": torch.randn(w.shape[0], rank, *([1] * (w.dim() - 2)), generator=g) * 0.1}
+
+
+def kohya_lora(base, path, seed: int, rank: int = 4):
+    """A kohya file on UNet attention, feed-forward and a 3x3 conv, on both text encoders' attention and MLP,
+    and on the q/k/v projections the OpenCLIP encoder fuses (all three in layer 0, v alone in layer 1)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [("lora_unet_", p, m) for p, m in _layers(base.unet, ("attn1.to_q", "attn2.to_k", "ff.net.2"))]
+    targets.append(("lora_unet_", "down_blocks.1.resnets.0.conv1", base.unet.get_submodule("down_blocks.1.resnets.0.conv1")))
+    for te in base.family.text_encoders:
+        suffixes = ("0.self_attn.q_proj", "0.self_attn.k_proj", "0.self_attn.v_proj", "1.self_attn.v_proj",
+                    "0.self_attn.out_proj", "1.mlp.fc1")
+        targets += [(te.kohya_prefix + "text_model.", p, m) for p, m in _layers(getattr(base, te.component), suffixes)]
+    state = {}
+    for prefix, p, m in targets:
+        name = (prefix + p).replace(".", "_")
+        factors = _factors(m, rank, g)
+        state |= {f"{name}.lora_down.weight": factors["down"], f"{name}.lora_up.weight": factors["up"],
+                  f"{name}.alpha": torch.tensor(2.0)}
+    save_file(state, str(path), metadata={"ss_base_model_version": base.family.base_model_version})
+    return path
+
+
+def neutral_lora(base, seed: int) -> Lora:
+    """A LoRA object on the last text encoder's layer-1 q projection (the fused tensor's first rows), on SDXL's
+    text_projection (stored transposed) and on a UNet layer the kohya file also changes."""
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora(format="test")
+    te = base.family.text_encoders[-1]
+    module = getattr(base, te.component)
+    paths = ["encoder.layers.1.self_attn.q_proj"] + (["text_projection"] if hasattr(module, "text_projection") else [])
+    for path in paths:
+        inner = module.text_model if hasattr(module, "text_model") and path != "text_projection" else module
+        layer = inner.get_submodule(path)
+        lora.modules[te.component][path] = Adapter("lora", _factors(layer, 8, g), 4.0)
+    unet_path = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora.modules["unet"][unet_path] = Adapter("lora", _factors(base.unet.get_submodule(unet_path), 8, g), 4.0)
+    return lora
+
+
+def _write_model(base, path, extra: dict) -> object:
+    models.save_single_file(base, path)
+    state, meta = tensors(path)
+    save_file(state | extra, str(path), metadata={**meta, "modelspec.title": base.family.name})
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(SDXL single file in fp16 with EMA/denoiser keys, [(kohya LoRA, weights), (Lora object, weight)])."""
+    d = tmp_path_factory.mktemp("xl")
+    base = models.load_base("sdxl-small-random", device="cpu", dtype="fp16")
+    path = _write_model(base, d / "xl.safetensors", {k: v.half() for k, v in EXTRA.items()})
+    return path, [(kohya_lora(base, d / "xl_kohya.safetensors", 1), (0.8, -0.6)), (neutral_lora(base, 2), 1.3)]
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """(SD 2.x single file in fp32 with what original files carry beyond the model: OpenCLIP's last block
+    (here block 2 of a 2-layer encoder), its projection and temperature; LoRA pairs as for sdxl)."""
+    d = tmp_path_factory.mktemp("sd2")
+    base = _small_sd2()
+    state = ldm.to_single_file(base.modules(), base.family)
+    beyond = {k.replace(".resblocks.1.", ".resblocks.2."): v.clone() + 1 for k, v in state.items()
+              if k.startswith(SD2_TE + "transformer.resblocks.1.")}
+    beyond |= {SD2_TE + "text_projection": torch.randn(1024, 512), SD2_TE + "logit_scale": torch.tensor(4.6)}
+    path = _write_model(base, d / "sd2.safetensors", EXTRA | beyond)
+    return path, [(kohya_lora(base, d / "sd2_kohya.safetensors", 3), (0.8, -0.6)), (neutral_lora(base, 4), 1.3)]
+
+
+@pytest.fixture(params=["sdxl", "sd2"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+def _dtype(path) -> str:
+    conv_in = load_file(str(path))[ldm.UNET_PREFIX + "input_blocks.0.0.weight"]
+    return {torch.float16: "fp16", torch.float32: "fp32"}[conv_in.dtype]
+
+
+def streamed_and_reference(monkeypatch, source, pairs, out, fmt, dtype):
+    """(the merge, with ``load_base`` forbidden: the streamed paths never load the model; the in-memory patch)."""
+    want = patched_in_memory(source, pairs, dtype=dtype)
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("the streaming path must not load the model"))
+    out = bake.merge(source, pairs, out, fmt=fmt)
+    monkeypatch.undo()
+    return out, want
+
+
+# ---------------------------------------------------------------- the plan
+
+def test_plan_names_what_the_reader_reads(model):
+    """Following ``single_file_plan`` gives the state dicts ``split_single_file`` gives, tensor for tensor."""
+    path, _ = model
+    base = models.load_base(str(path), device="cpu")
+    state, _ = tensors(path)
+    plan = ldm.single_file_plan(state, base.family, base.modules())
+    followed = {name: {} for name in base.modules()}
+    for key, targets in plan.items():
+        for t in targets:
+            value = state[key].chunk(3)[t.chunk] if t.chunk is not None else state[key]
+            followed[t.component][t.name] = (value.T if t.transposed else value, t.squeeze)
+    expected = ldm.split_single_file(state, base.family, base.modules())
+    for name, part in expected.items():
+        assert followed[name].keys() == part.keys(), name
+        for k, want in part.items():
+            value, squeeze = followed[name][k]
+            assert squeeze == (value.dim() > want.dim()) and torch.equal(value.reshape(want.shape), want), (name, k)
+    assert set(state) - set(plan) == set()  # every key known: EMA, schedules, SD 2.x's extra block mapped to []
+    assert {k for k, v in plan.items() if not v} >= set(EXTRA)
+
+
+def test_unknown_key_is_named(sdxl, tmp_path):
+    path, pairs = sdxl
+    state, meta = tensors(path)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state | {TE2 + "0.attn.bogus_weight": torch.zeros(2)}, str(bad), metadata=meta)
+    with pytest.raises(SdtuneError, match=r"bad.safetensors: unexpected weight .*bogus_weight: not a SDXL model"):
+        bake.merge(bad, pairs[:1], tmp_path / "out" / "merged", fmt="diffusers")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- single file -> single file
+
+def test_single_file_streams_the_in_memory_patch(model, tmp_path, monkeypatch):
+    path, pairs = model
+    out, want = streamed_and_reference(monkeypatch, path, pairs, tmp_path / "merged.safetensors", "single", _dtype(path))
+
+    before, after = load_file(str(path)), load_file(str(out))
+    reference = load_file(str(models.save_single_file(want, tmp_path / "reference.safetensors")))
+    assert list(after) == list(before)  # the input's layout, every key kept, in file order
+    for key, value in after.items():  # the model's tensors as the in-memory patch writes them, the rest as they were
+        assert value.dtype == before[key].dtype and torch.equal(value, reference.get(key, before[key])), key
+    assert set(before) - set(reference) >= set(EXTRA)
+    te = want.family.text_encoders[-1]
+    fused = f"{te.single_file_prefix}transformer.resblocks.1.attn.in_proj_weight"
+    rows = before[fused].shape[0] // 3
+    changed = [not torch.equal(after[fused][i * rows:(i + 1) * rows], before[fused][i * rows:(i + 1) * rows])
+               for i in range(3)]
+    assert changed == [True, False, True]  # q from the Lora object, v from the kohya file; k untouched
+    meta = tensors(out)[1]
+    assert meta["modelspec.title"] == want.family.name and meta[models.META_ARCH] == want.family.name
+    assert [(m["te_weight"], m["te2_weight"]) for m in json.loads(meta[bake.META_MERGED])] == [(-0.6, -0.6), (1.3, 1.3)]
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype=_dtype(path)), want, tuple(want.modules()))
+
+
+def test_sdxl_text_projection_is_patched_in_its_stored_orientation(sdxl, tmp_path):
+    path, pairs = sdxl
+    key = families.SDXL.text_encoders[1].single_file_prefix + "text_projection"
+    out = bake.merge(path, pairs[1:], tmp_path / "merged.safetensors", fmt="single")
+    want = patched_in_memory(path, pairs[1:], dtype="fp16")
+    assert torch.equal(load_file(str(out))[key], want.text_encoder_2.text_projection.weight.T)
+    assert not torch.equal(load_file(str(path))[key], load_file(str(out))[key])
+
+
+def test_sd2_single_file_to_fp16(sd2, tmp_path):
+    path, pairs = sd2
+    out = bake.merge(path, pairs, tmp_path / "half.safetensors", fmt="single", dtype="fp16")
+    want = patched_in_memory(path, pairs)  # fp32, cast once when written
+    reference = load_file(str(models.save_single_file(want, tmp_path / "reference.safetensors", dtype="fp16")))
+    after = load_file(str(out))
+    assert all(torch.equal(after[k], v) for k, v in reference.items())
+    assert after[SD2_TE + "logit_scale"].dtype == torch.float16
+
+
+# ---------------------------------------------------------------- single file -> folder
+
+def test_single_file_to_folder_streams_the_in_memory_patch(model, tmp_path, monkeypatch):
+    path, pairs = model
+    out, want = streamed_and_reference(monkeypatch, path, pairs, tmp_path / "merged", "diffusers", _dtype(path))
+
+    reference = models.save_diffusers(want, tmp_path / "reference")
+    mine, theirs = files_of(out), files_of(reference)
+    assert mine.keys() == theirs.keys()
+    for name in theirs:  # configs, tokenizers, scheduler as save_diffusers writes them; weights by value
+        if name.endswith(".safetensors"):
+            a, b = tensors(mine[name])[0], tensors(theirs[name])[0]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+        else:
+            assert mine[name].read_bytes() == theirs[name].read_bytes(), name
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype=_dtype(path)), want, tuple(want.modules()))
+
+
+def test_sdxl_folder_loads_in_diffusers(sdxl, tmp_path):
+    path, pairs = sdxl
+    out = bake.merge(path, pairs, tmp_path / "merged", fmt="diffusers")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(out), torch_dtype=torch.float16)
+    want = patched_in_memory(path, pairs, dtype="fp16")
+    for name, module in want.modules().items():
+        mine, ref = getattr(pipe, name).state_dict(), module.state_dict()
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
+
+
+def test_sd2_folder_loads_in_diffusers(sd2, tmp_path):
+    path, pairs = sd2
+    out = bake.merge(path, pairs, tmp_path / "merged", fmt="diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    want = patched_in_memory(path, pairs)
+    for name, module in want.modules().items():
+        mine, ref = getattr(pipe, name).state_dict(), module.state_dict()
+        assert all(torch.equal(mine[k], ref[k]) for k in ref), name
+
+
+def test_sdxl_file_without_text_encoder_2_is_refused(sdxl, tmp_path):
+    path, pairs = sdxl
+    state, meta = tensors(path)
+    cut = tmp_path / "no_te2.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}, str(cut), metadata=meta)
+    with pytest.raises(SdtuneError, match=r"no_te2.safetensors: has no text_encoder_2 weights "
+                                          r"\(conditioner.embedders.1.model.\*\); pass a full SDXL checkpoint"):
+        bake.merge(cut, pairs[:1], tmp_path / "out", fmt="diffusers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd1_lora_on_sdxl_is_refused(sdxl, tmp_path):
+    path, _ = sdxl
+    wrong = Lora()
+    wrong.modules["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] = Adapter(
+        "lora", {"down": torch.zeros(4, 768), "up": torch.zeros(64, 4)})
+    with pytest.raises(SdtuneError, match=r"this LoRA is for SD 1.x; the model is SDXL"):
+        bake.merge(path, [(wrong, 1.0)], tmp_path / "out" / "x.safetensors", fmt="single")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- SDXL folder -> folder
+
+@pytest.fixture(scope="module")
+def sdxl_folder(sdxl, tmp_path_factory):
+    """The SDXL model as a diffusers folder, text_encoder_2 in 3 shards named the hub's way (text_model.*)."""
+    path, _ = sdxl
+    out = models.save_diffusers(models.load_base(str(path), device="cpu", dtype="fp16"),
+                                tmp_path_factory.mktemp("xl_folder") / "xl")
+    state, meta = tensors(out / "text_encoder_2" / "model.safetensors")
+    (out / "text_encoder_2" / "model.safetensors").unlink()
+    keys, weight_map = sorted(state), {}
+    for n in range(3):
+        shard = f"model-0000{n + 1}-of-00003.safetensors"
+        part = {k: state[k] for k in keys[n::3]}
+        save_file(part, str(out / "text_encoder_2" / shard), metadata=meta)
+        weight_map |= dict.fromkeys(part, shard)
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": weight_map}
+    (out / "text_encoder_2" / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+def test_sdxl_folder_to_folder_streams_the_in_memory_patch(sdxl, sdxl_folder, tmp_path, monkeypatch):
+    _, pairs = sdxl
+    out, want = streamed_and_reference(monkeypatch, sdxl_folder, pairs, tmp_path / "merged", "diffusers", "fp16")
+
+    before, after = files_of(sdxl_folder), files_of(out)
+    assert before.keys() == after.keys()
+    rewritten = {n for n in before if n.endswith(".safetensors") and not n.startswith("vae/")}
+    assert {n for n in before if n.startswith("text_encoder_2/model-")} <= rewritten
+    for name in set(before) - rewritten:
+        assert after[name].read_bytes() == before[name].read_bytes(), name
+    changed = set()
+    for name in rewritten:
+        old, new = tensors(before[name])[0], tensors(after[name])[0]
+        assert old.keys() == new.keys()
+        changed |= {f"{name.split('/')[0]}:{k}" for k in old if not torch.equal(old[k], new[k])}
+    assert {"text_encoder_2:text_model.encoder.layers.1.self_attn.q_proj.weight",
+            "text_encoder_2:text_projection.weight",
+            "text_encoder:encoder.layers.0.self_attn.k_proj.weight"} <= changed
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp16"), want, ALL)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(out), torch_dtype=torch.float16)
+    for name in ("unet", "text_encoder_2"):
+        mine, ref = getattr(pipe, name).state_dict(), getattr(want, name).state_dict()
+        assert all(torch.equal(mine[k], ref[k]) for k in ref), name
+
+
+def test_sdxl_folder_missing_shard_fails_clearly(sdxl, sdxl_folder, tmp_path):
+    _, pairs = sdxl
+    broken = tmp_path / "broken"
+    shutil.copytree(sdxl_folder, broken)
+    (broken / "text_encoder_2" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(SdtuneError, match=r"model-00002-of-00003.safetensors: a shard listed in "
+                                          r"model.safetensors.index.json is missing; re-download the model"):
+        bake.merge(broken, pairs, tmp_path / "out" / "merged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd2_folder_to_folder_streams_the_in_memory_patch(sd2, tmp_path, monkeypatch):
+    path, pairs = sd2
+    folder = models.save_diffusers(models.load_base(str(path), device="cpu", dtype="fp32"), tmp_path / "sd2")
+    out, want = streamed_and_reference(monkeypatch, folder, pairs, tmp_path / "merged", "diffusers", "fp32")
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), want, tuple(want.modules()))
+    assert not (out / "text_encoder_2").exists()
