@@ -7,8 +7,8 @@ text encoders, ``lora_te1_``/``lora_te2_`` names), timed in the same run:
 - diffusers: ``load_lora_weights`` x2; ``set_adapters`` + ``fuse_lora``; ``unfuse_lora``; a reweight of the
   fused model (``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
 - sdtune: ``load_lora`` x2; ``LoraSet.add`` x2 in one batch; ``set_weights``; ``remove_all`` (checked bit-exact).
-- a single-file bake (``bake.merge(..., fmt="single")``) in a subprocess, whose peak RSS is read back (for
-  families sdtune writes single files of: SD 1.x).
+- a single-file bake (``bake.merge(..., fmt="single")``) in a subprocess, whose peak RSS is read back
+  (``benchmarks/bake_sdxl.py`` measures the full-size SDXL bake against diffusers).
 
 Heavy: ~7 GB of RAM and a few minutes for SD 1.5; SDXL in fp16 ~12 GB. Run it alone, e.g.
 ``nice python benchmarks/lora_apply.py``.
@@ -76,7 +76,8 @@ def write_kohya(base, path: Path, seed: int, rank: int, alpha: float) -> None:
 
 
 def write_ldm_file(base, path: Path) -> None:
-    """The base as an LDM single file, written tensor by tensor (the benchmark must not need 2x the model)."""
+    """The base as a single file in its family's layout, written tensor by tensor (the benchmark must not need
+    2x the model)."""
     state = ldm.to_single_file(base.modules(), base.family)
     header, offset = {}, 0
     for k, v in state.items():

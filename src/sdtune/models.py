@@ -401,7 +401,7 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
                    source="single-file", single_file=path, model_hash=file_sha256(path)[:10])
 
 
-def _folder_family(folder: Path, index: dict) -> Family:
+def folder_family(folder: Path, index: dict) -> Family:
     try:
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -427,7 +427,7 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
-    family = _folder_family(folder, index)
+    family = folder_family(folder, index)
     try:
         with quiet_progress():
             parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),

@@ -599,7 +599,7 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
     if not index_file.is_file():
         return None
     try:
-        family = models._folder_family(folder, json.loads(index_file.read_text()))
+        family = models.folder_family(folder, json.loads(index_file.read_text()))
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
     found = {}
