@@ -12,6 +12,8 @@ sdtune does not need it.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 from ..console import note
@@ -80,6 +82,8 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
           flush=True)
     if not block:
         return app, studio
+    # `kill` (SIGTERM) stops the server like Ctrl+C does: its training jobs are stopped too, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
