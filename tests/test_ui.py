@@ -220,7 +220,7 @@ def test_stop_ends_the_process_group_and_resume_continues(runner):
     proc = runner.procs["long"]
     runner.stop("long")
     assert job.state == "stopped" and proc.poll() is not None
-    assert _live_members(proc.pid) == []  # nothing of the group is left (zombies aside, reaped by init)
+    _wait(lambda: _live_members(proc.pid) == [], 3)  # nothing of the group is left (zombies aside)
     at = int((Path(job.folder) / "state").read_text())
     time.sleep(0.3)
     assert int((Path(job.folder) / "state").read_text()) == at
@@ -396,3 +396,13 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
         studio.submit("lora", "", "", {})
     with pytest.raises(Refused, match="job name"):
         studio.submit("lora", "../x", "stars", {})
+
+
+def test_the_ui_command_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from sdtune import cli
+
+    assert cli.main(["ui", "--auth", "nopassword", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "sdtune: error: --auth: write USER:PASS, e.g. --auth me:a-long-password\n"
+    assert cli.main(["ui", "--port", "70000", "--out", str(tmp_path / "o")]) == 2
+    assert "--port 70000: use a port between 1 and 65535" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was made

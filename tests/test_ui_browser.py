@@ -1,6 +1,7 @@
 """`sdtune ui` in a real browser: headless Chromium drives the page of a server started as a user would start it.
 
-Skipped when Chromium, chromedriver or Selenium is missing. The tests share one server and one browser and run
+The browser tests are skipped when Chromium, chromedriver or Selenium is missing; the last test (--listen and
+--auth) needs only the server. The tests share one server and one browser and run
 in file order (generate, compare, LoRA files, train, gallery, refusals). ``SDTUNE_UI_SCREENSHOTS=docs/ui``
 saves the screenshots there (the README's); by default they go to a temporary folder and are only checked.
 """
@@ -40,12 +41,15 @@ try:
 except ImportError:
     webdriver = None
 
-pytestmark = pytest.mark.skipif(
+needs_browser = pytest.mark.skipif(
     webdriver is None or not CHROMIUM or not CHROMEDRIVER,
     reason="browser tests need selenium (pip install selenium) and headless Chromium with its driver "
            "(apt-get install chromium chromium-driver)")
 
 MAX_SHOT = 200_000  # bytes per README screenshot
+# the README's screenshots are made with the trained tiny model (SDTUNE_UI_MODEL=tiny); tests use the random one
+MODEL = os.environ.get("SDTUNE_UI_MODEL", "tiny-random")
+STEPS = 10  # enough for the trained tiny model to draw a recognisable shape
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -63,7 +67,7 @@ def _tiny_lora() -> Lora:
     for path, m in base.unet.named_modules():
         if isinstance(m, torch.nn.Linear) and path.endswith(("attn1.to_q", "attn2.to_k")):
             out_f, in_f = m.weight.shape
-            lora.modules["unet"][path] = Adapter("lora", {"down": torch.randn(2, in_f, generator=g),
+            lora.modules["unet"][path] = Adapter("lora", {"down": torch.randn(2, in_f, generator=g) * 0.3,
                                                           "up": torch.randn(out_f, 2, generator=g)}, 2.0)
     return lora
 
@@ -77,24 +81,39 @@ def server(tmp_path_factory):
     (root / "secret.safetensors").write_bytes((loras / "tinystyle.safetensors").read_bytes())
     (loras / "evil.safetensors").symlink_to(root / "secret.safetensors")  # a link out of the LoRA folder
     world.write_dataset(out / "datasets" / "stars", world.concept_scenes(4, seed=3, shape="star"))
+    proc, url = _start(root / "server.log", "--model", MODEL, "--out", str(out), "--lora-dir", str(loras),
+                       "--max-upload-mb", "2")
+    _wait_up(proc, url, root / "server.log")
+    yield {"url": url, "root": root, "out": out, "loras": loras, "proc": proc, "log": root / "server.log"}
+    _stop(proc)
+
+
+def _start(log: Path, *args: str):
+    """`sdtune ui ARGS --port FREE` in a process group of its own, output to ``log``; (process, local URL)."""
     port = _free_port()
-    log = open(root / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "sdtune.cli", "ui", "--model", "tiny-random", "--out", str(out),
-                             "--lora-dir", str(loras), "--port", str(port), "--max-upload-mb", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "sdtune.cli", "ui", *args, "--port", str(port)], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_up(proc, url: str, log: Path) -> None:
     end = time.time() + 120
     while time.time() < end:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return
+        except urllib.error.HTTPError:  # answering, if only to say "log in first"
+            return
         except OSError:
-            assert proc.poll() is None, (root / "server.log").read_text()
+            assert proc.poll() is None, log.read_text()
             time.sleep(0.5)
-    yield {"url": url, "root": root, "out": out, "loras": loras, "proc": proc, "log": root / "server.log"}
-    os.killpg(proc.pid, signal.SIGTERM)
+    raise AssertionError(f"the server did not come up: {log.read_text()}")
+
+
+def _stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the server stops its training jobs on the way out
     proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +190,14 @@ def _wait_text(d, elem_id, pattern, timeout=60.0):
 
 
 def _shot(d, shots, name):
-    """A screenshot of the page as a 256-colour PNG (what the README shows)."""
+    """A screenshot of the page's top (up to 1400 px) as a 256-colour PNG (what the README shows)."""
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # close an open dropdown list
+    d.execute_script("window.scrollTo(0, 0)")
+    height = d.execute_script("return document.documentElement.scrollHeight")
+    d.set_window_size(1280, min(max(height, 800), 1400))
+    time.sleep(0.7)
     im = Image.open(io.BytesIO(d.get_screenshot_as_png())).convert("RGB")
+    d.set_window_size(1280, 1000)
     path = shots / f"{name}.png"
     im.quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     assert path.stat().st_size < MAX_SHOT
@@ -181,10 +206,11 @@ def _shot(d, shots, name):
 
 # ---------------------------------------------------------------------------------------------- the tests
 
+@needs_browser
 def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     d = browser
     _type(d, "gen-prompt", "a red star on a white background")
-    _type(d, "gen-steps", 2)
+    _type(d, "gen-steps", STEPS)
     _type(d, "gen-seed", 7)
     lora_options = _field(d, "gen-lora-0")
     lora_options.click()
@@ -196,13 +222,15 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     _wait_text(d, "gen-status", r"1 image\(s\) in")
     params = parse_infotext(_value(d, "gen-params"))
     assert params["prompt"] == "a red star on a white background, <lora:tinystyle:0.8>"
-    assert params["Lora weights"] == "<lora:tinystyle>=0.8" and params["Seed"] == "7" and params["Steps"] == "2"
+    assert params["Lora weights"] == "<lora:tinystyle>=0.8"
+    assert params["Seed"] == "7" and params["Steps"] == str(STEPS)
     (png,) = sorted((server["out"] / "generate").glob("*.png"))
     assert parse_infotext(read_infotext(png)) == params  # the file says what the page says
     _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#gen-gallery img"), 10, "the image")
     _shot(d, shots, "generate")
 
 
+@needs_browser
 def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     d = browser
     png = save_png(Image.new("RGB", (64, 64), "white"), tmp_path / "from-a1111.png",
@@ -220,6 +248,7 @@ def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     assert params["Lora weights"] == "<lora:tinystyle>=0.5" and params["Sampler"] == "Euler a"
 
 
+@needs_browser
 def test_compare_makes_a_2x2_grid_with_downloadable_parts(server, browser, shots):
     d = browser
     _tab(d, "compare")
@@ -227,7 +256,7 @@ def test_compare_makes_a_2x2_grid_with_downloadable_parts(server, browser, shots
     _type(d, "cmp-x", "seed=1,2")
     _type(d, "cmp-y", "weight=0,0.8")
     _pick(d, "cmp-loras", "tinystyle")
-    _type(d, "cmp-steps", 2)
+    _type(d, "cmp-steps", STEPS)
     d.find_element(By.ID, "cmp-go").click()
     _wait_text(d, "cmp-status", "grid and 5 parts in", 120)
     (grid,) = (server["out"] / "grids").glob("*/xy.png")
@@ -243,6 +272,7 @@ def test_compare_makes_a_2x2_grid_with_downloadable_parts(server, browser, shots
     _shot(d, shots, "compare")
 
 
+@needs_browser
 def test_lora_files_inspect_and_refuse_a_pickle_with_code(server, browser, shots, tmp_path):
     d = browser
     _tab(d, "loras")
@@ -272,6 +302,7 @@ def _progress(d):
     return int(m.group(1)) if m else None
 
 
+@needs_browser
 def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     d = browser
     _tab(d, "train")
@@ -280,15 +311,17 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     _type(d, "train-steps", 40)
     _type(d, "train-save_every", 3)
     _type(d, "train-rank", 4)
+    _type(d, "train-sample_every", 3)
+    _type(d, "train-sample_prompts", "a red star on a white background")
     d.find_element(By.ID, "train-start").click()
     _wait_text(d, "train-status", "job run1 queued", 20)
     first = _wait(lambda: _progress(d), 90, "progress")
     _wait(lambda: (_progress(d) or 0) >= max(first + 1, 4), 60, "progress to move on")  # past the save at 3
+    _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-samples img"), 30, "the sample grid of step 3")
     folder = server["out"] / "train" / "run1"
     d.find_element(By.ID, "train-stop").click()
     _wait_text(d, "train-progress", r"\(lora\): stopped", 30)
     assert (folder / "resume.pt").is_file()
-    _shot(d, shots, "train")
     d.find_element(By.ID, "train-resume").click()
     _wait_text(d, "train-progress", r"\(lora\): running", 30)
     run2 = lambda: (folder / "train.log").read_text().split("--- run 2")[-1]  # noqa: E731
@@ -300,11 +333,14 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
         _type(d, "train-name", name)
         _type(d, "train-steps", 2)
         _type(d, "train-save_every", 0)
+        _type(d, "train-sample_every", 0)
         d.find_element(By.ID, "train-start").click()
         _wait_text(d, "train-status", f"job {name} queued", 20)
     _wait_text(d, "train-jobs", r"q2\s+lora\s+queued", 10)
     assert re.search(r"q1\s+lora\s+queued", _text(d, "train-jobs"))
     _pick(d, "train-job", "run1")
+    _wait_text(d, "train-progress", r"\(lora\): running", 10)
+    _shot(d, shots, "train")
     d.find_element(By.ID, "train-stop").click()
     _wait_text(d, "train-jobs", r"q2\s+lora\s+done", 120)
     assert re.search(r"q1\s+lora\s+done", _text(d, "train-jobs"))
@@ -318,6 +354,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     assert (server["loras"] / "q2.safetensors").is_file()
 
 
+@needs_browser
 def test_gallery_search_and_send_to_generate(server, browser, shots):
     d = browser
     _tab(d, "gallery")
@@ -335,6 +372,7 @@ def test_gallery_search_and_send_to_generate(server, browser, shots):
     _shot(d, shots, "gallery")
 
 
+@needs_browser
 def test_path_traversal_is_refused(server, browser):
     d = browser
     _tab(d, "generate")
@@ -358,6 +396,37 @@ def test_path_traversal_is_refused(server, browser):
         assert e.value.code in (403, 404)
 
 
+@needs_browser
 def test_the_server_said_nothing_but_its_address(server):
     lines = [ln for ln in server["log"].read_text().splitlines() if ln.strip()]
     assert lines[0].startswith("sdtune ui: http://127.0.0.1:") and len(lines) == 1, lines
+
+
+def test_listen_warns_without_auth_and_auth_asks_for_the_password(tmp_path):
+    open_log, locked_log = tmp_path / "open.log", tmp_path / "locked.log"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    opened, open_url = _start(open_log, "--model", "tiny-random", "--out", str(tmp_path / "a"), "--listen")
+    locked, locked_url = _start(locked_log, "--model", "tiny-random", "--out", str(tmp_path / "b"),
+                                "--auth", "me:s3cret-pass")
+    try:
+        _wait_up(opened, open_url, open_log)
+        _wait_up(locked, locked_url, locked_log)
+        lines = open_log.read_text().splitlines()
+        assert lines[0].startswith("sdtune: warning: --listen without --auth: anyone who can reach this machine")
+        assert lines[1].startswith("sdtune ui: http://0.0.0.0:")
+        with urllib.request.urlopen(f"{open_url}/config") as r:
+            assert r.status == 200
+        assert locked_log.read_text().startswith("sdtune ui: http://127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{locked_url}/config")
+        assert e.value.code == 401
+        login = lambda pw: urllib.request.urlopen(urllib.request.Request(  # noqa: E731
+            f"{locked_url}/login", data=urllib.parse.urlencode({"username": "me", "password": pw}).encode()))
+        with pytest.raises(urllib.error.HTTPError):
+            login("wrong")
+        with login("s3cret-pass") as r:
+            assert r.status == 200
+    finally:
+        _stop(opened)
+        _stop(locked)

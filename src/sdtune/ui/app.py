@@ -64,45 +64,47 @@ def _form_updates(form: dict) -> list:
 # ---------------------------------------------------------------------------------------------- tabs
 
 def _generate_tab(studio: Studio):
-    with gr.Row():
-        with gr.Column(scale=3):
+    with gr.Row(equal_height=True):  # A1111's place for the prompts and the button
+        with gr.Column(scale=6):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                 placeholder="a red star on a white background, <lora:name:0.8>")
             negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+        go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=1, min_width=120)
+    with gr.Row():
+        with gr.Column(scale=3):
             with gr.Row():
                 sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="gen-sampler")
                 steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="gen-steps")
                 cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed")
-                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="gen-width")
-                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="gen-height")
                 count = gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count")
-            with gr.Accordion("LoRAs (from the LoRA folder; or type <lora:name:weight> in the prompt)", open=True):
+                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: model's)", elem_id="gen-width")
+                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: model's)", elem_id="gen-height")
+            with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
+                              "text-encoder (TE) weight follows the weight until you set it", open=True):
                 slots = []
                 for i in range(LORA_SLOTS):
-                    with gr.Row():
-                        name = gr.Dropdown([""] + studio.lora_names(), value="", label=f"LoRA {i + 1}",
-                                           elem_id=f"gen-lora-{i}", scale=2)
+                    with gr.Row(equal_height=True):
+                        name = gr.Dropdown([""] + studio.lora_names(), value="", show_label=False,
+                                           elem_id=f"gen-lora-{i}", scale=2, container=False)
                         weight = gr.Slider(-2, 2, 1.0, step=0.05, label="weight", elem_id=f"gen-lora-{i}-w", scale=2)
-                        te = gr.Slider(-2, 2, 1.0, step=0.05, label="text-encoder weight (follows weight)",
-                                       elem_id=f"gen-lora-{i}-te", scale=2)
+                        te = gr.Slider(-2, 2, 1.0, step=0.05, label="TE weight", elem_id=f"gen-lora-{i}-te", scale=2)
                         # in the browser, so that the text-encoder weight has followed before Generate is pressed
                         weight.change(None, weight, te, js="(w) => w", show_progress="hidden")
                     slots.append((name, weight, te))
-            with gr.Row():
+            with gr.Row(equal_height=True):
                 emb = gr.Dropdown([""] + studio.embedding_names(), value="", label="Embedding (by its file name)",
                                   elem_id="gen-embedding", scale=3)
                 add_pos = gr.Button("Add to prompt", size="sm", scale=1)
                 add_neg = gr.Button("Add to negative", size="sm", scale=1)
                 refresh = gr.Button("Refresh lists", size="sm", scale=1)
-            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
         with gr.Column(scale=2):
-            images = gr.Gallery(label="Images", columns=2, height=360, elem_id="gen-gallery")
-            params = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="gen-params")
+            images = gr.Gallery(label="Images", columns=2, height=300, elem_id="gen-gallery")
+            params = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="gen-params")
             reuse = gr.Button("Reuse these settings", elem_id="gen-reuse")
             drop = gr.File(label="Drop an sdtune or A1111 PNG here to reuse its settings", elem_id="gen-drop",
-                           file_types=[".png", ".jpg", ".jpeg", ".webp"])
+                           height=120, file_types=[".png", ".jpg", ".jpeg", ".webp"])
             status = _status("gen-status")
     shown = gr.State([])  # [(path, parameters)] of the images on show
     picked = gr.State(None)  # path of the image whose parameters are on show
@@ -199,23 +201,13 @@ def _train_tab(studio: Studio):
     fields = [f for f in trainform.form_fields() if f.name != "data"]
     data_help = next(f.help for f in trainform.form_fields() if f.name == "data")
     first = "lora"
-    with gr.Row():
-        kind = gr.Radio(list(trainform.KINDS), value=first, label="Training", elem_id="train-kind")
-        name = gr.Textbox(label="Job name (empty: lora-001, ...)", elem_id="train-name")
-        dataset = gr.Dropdown(studio.datasets(), value=None, allow_custom_value=True, elem_id="train-dataset",
-                              label="Dataset (a folder in the output folder's datasets/)", info=data_help)
-    with gr.Accordion("Add images to a dataset", open=False):
-        with gr.Row():
-            upload = gr.File(file_count="multiple", label="Images and same-name .txt captions",
-                             file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption"], elem_id="train-upload")
-            upload_name = gr.Textbox(label="Dataset name", elem_id="train-upload-name")
-            upload_go = gr.Button("Add to dataset", size="sm")
     comps = {}
 
     def component(f: trainform.FormField):
         kind_ = first if first in f.defaults else next(iter(f.defaults))
         value = trainform.to_form(f, f.defaults[kind_])
-        common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=f"train-{f.name}")
+        common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=f"train-{f.name}",
+                      min_width=150)
         if f.typ is bool:
             return gr.Checkbox(value=bool(value), **common)
         if f.choices:
@@ -227,35 +219,48 @@ def _train_tab(studio: Studio):
                                                        "one per line"})
         return gr.Textbox(value=value, **common)
 
-    with gr.Group():
-        with gr.Row(equal_height=True):
-            for f in fields:
-                if f.basic:
-                    comps[f.name] = component(f)
-    with gr.Accordion("Advanced settings", open=False):
-        with gr.Row(equal_height=True):
-            for f in fields:
-                if not f.basic:
-                    comps[f.name] = component(f)
     with gr.Row():
-        start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
-        stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
-        resume = gr.Button("Resume", elem_id="train-resume")
-        use = gr.Button("Copy the result to the LoRA / embedding folder", elem_id="train-use")
-    status = _status("train-status")
-    with gr.Row():
-        with gr.Column(scale=2):
+        with gr.Column(scale=3):  # the form
+            with gr.Row():
+                kind = gr.Radio(list(trainform.KINDS), value=first, label="Training", elem_id="train-kind")
+                name = gr.Textbox(label="Job name (empty: lora-001, ...)", elem_id="train-name")
+            dataset = gr.Dropdown(studio.datasets(), value=None, allow_custom_value=True, elem_id="train-dataset",
+                                  label="Dataset (a folder in the output folder's datasets/)", info=data_help)
+            with gr.Accordion("Add images to a dataset", open=False):
+                with gr.Row():
+                    upload = gr.File(file_count="multiple", label="Images and same-name .txt captions",
+                                     file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption"],
+                                     elem_id="train-upload")
+                    with gr.Column():
+                        upload_name = gr.Textbox(label="Dataset name", elem_id="train-upload-name")
+                        upload_go = gr.Button("Add to dataset", size="sm")
+            with gr.Group():
+                with gr.Row(equal_height=True):
+                    for f in fields:
+                        if f.basic:
+                            comps[f.name] = component(f)
+            with gr.Accordion("Advanced settings", open=False):
+                with gr.Row(equal_height=True):
+                    for f in fields:
+                        if not f.basic:
+                            comps[f.name] = component(f)
+            start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
+        with gr.Column(scale=2):  # the jobs
             table = gr.Dataframe(headers=["job", "kind", "state", "step", "loss"], interactive=False,
-                                 elem_id="train-jobs", label="Jobs (newest first)")
+                                 elem_id="train-jobs", label="Jobs (newest first)", max_height=200)
             job = gr.Dropdown([j.name for j in studio.jobs.list()], value=None, label="Job on show",
                               elem_id="train-job")
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", size="sm", elem_id="train-stop")
+                resume = gr.Button("Resume", size="sm", elem_id="train-resume")
+                use = gr.Button("Use the result", size="sm", elem_id="train-use")
+            status = _status("train-status")
             view = gr.Markdown(elem_id="train-progress")
-            log = gr.Textbox(label="Log (last lines)", lines=6, interactive=False, elem_id="job-log")
-            result = gr.File(label="Result", interactive=False, elem_id="train-result")
-        with gr.Column(scale=2):
-            plot = gr.LinePlot(x="step", y="loss", label="Loss", height=220, elem_id="train-loss")
+            plot = gr.LinePlot(x="step", y="loss", label="Loss", height=200, elem_id="train-loss")
             loss_png = gr.Image(label="loss.png", type="filepath", interactive=False, visible=False)
-            samples = gr.Gallery(label="Samples", columns=3, height=240, elem_id="train-samples")
+            samples = gr.Gallery(label="Samples", columns=3, height=200, elem_id="train-samples")
+            result = gr.File(label="Result", interactive=False, elem_id="train-result")
+            log = gr.Textbox(label="Log (last lines)", lines=5, interactive=False, elem_id="job-log")
 
     fields_by_name = {f.name: f for f in fields}
     names = list(comps)
@@ -294,7 +299,8 @@ def _train_tab(studio: Studio):
             if not name_:
                 raise SdtuneError("pick a job first")
             if what == "use":
-                return f"copied as {studio.use_result(name_)}; pick it on the Generate tab (Refresh lists)"
+                return f"copied as {studio.use_result(name_)} into the LoRA / embedding folder; on the Generate " \
+                    "tab, Refresh lists"
             getattr(studio.jobs, what)(name_)
             return f"job {name_}: {'stopped' if what == 'stop' else 'queued again; it resumes from its last save'}"
         return run
@@ -323,7 +329,8 @@ def _train_tab(studio: Studio):
             lines.append(_md_escape(p["error"]))
         if p["report"]:
             lines.append(f"report: {_md_escape(p['report'])}")
-        curve = pd.DataFrame(p["loss"], columns=["step", "loss"])
+        # numeric columns even when empty: the plot keeps the axis types of the first frame it gets
+        curve = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
         return (table_, " · ".join(lines), p["log_tail"], str(p["result"]) if p["result"] else None, curve,
                 gr.update(value=str(p["loss_png"]) if p["loss_png"] else None, visible=p["loss_png"] is not None),
                 [str(s) for s in p["samples"]])
@@ -357,7 +364,8 @@ def _lora_tab(studio: Studio, pickers):
             status = _status("lora-status")
         with gr.Column(scale=3):
             info = gr.Textbox(label="What the file holds", lines=18, interactive=False, elem_id="lora-info")
-            details = gr.JSON(label="As JSON", elem_id="lora-json")
+            with gr.Accordion("As JSON", open=False):
+                details = gr.JSON(show_label=False, elem_id="lora-json")
 
     @_handler(3)
     def inspect(n, up):
@@ -409,10 +417,12 @@ def _gallery_tab(studio: Studio, form, tabs):
 
     def find(q):
         rows = [(str(p), t) for p, t in studio.gallery(q or "")]
-        return [(p, t.splitlines()[0] if t else "") for p, t in rows], rows, f"{len(rows)} image(s)"
+        return (gr.update(value=[(p, t.splitlines()[0] if t else "") for p, t in rows], selected_index=None),
+                rows, "", None, f"{len(rows)} image(s)")
 
-    search.click(find, query, [images, shown, status])
-    query.submit(find, query, [images, shown, status])
+    found = [images, shown, params, picked, status]
+    search.click(find, query, found)
+    query.submit(find, query, found)
 
     def select(rows, evt: gr.SelectData):
         path, text = rows[evt.index]
@@ -428,7 +438,7 @@ def _gallery_tab(studio: Studio, form, tabs):
             "sent to Generate"
 
     send.click(to_generate, picked, form + [tabs, status])
-    return find, query, images, shown, status
+    return find, query, found
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -446,6 +456,6 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
                 _lora_tab(studio, [form[-LORA_SLOTS + i] for i in range(LORA_SLOTS)] + [cmp_loras, cmp_sweep])
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
-                find, query, images, shown, status = _gallery_tab(studio, form, tabs)
-        gallery_tab.select(find, query, [images, shown, status])
+                find, query, found = _gallery_tab(studio, form, tabs)
+        gallery_tab.select(find, query, found)
     return app

@@ -172,15 +172,21 @@ class JobRunner:
 
 
 def _end_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM to the job's process group, SIGKILL if it is still there after ``grace`` seconds."""
+    """SIGTERM to the job's process group; after the job has exited (or ``grace`` seconds), SIGKILL to whatever
+    of its group is left (helpers it started)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     except ProcessLookupError:
         pass
+    proc.wait()
 
 
 # ---------------------------------------------------------------- what a job's folder says
