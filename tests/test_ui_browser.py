@@ -98,16 +98,20 @@ def _start(log: Path, *args: str):
 
 
 def _wait_up(proc, url: str, log: Path) -> None:
+    """Until the server answers and has printed its address (it prints once it serves, so after the first)."""
     end = time.time() + 120
     while time.time() < end:
+        assert proc.poll() is None, log.read_text()
         try:
             urllib.request.urlopen(url, timeout=2)
-            return
         except urllib.error.HTTPError:  # answering, if only to say "log in first"
-            return
+            pass
         except OSError:
-            assert proc.poll() is None, log.read_text()
             time.sleep(0.5)
+            continue
+        if "sdtune ui: http" in log.read_text():
+            return
+        time.sleep(0.2)
     raise AssertionError(f"the server did not come up: {log.read_text()}")
 
 
@@ -282,6 +286,17 @@ def test_lora_files_inspect_and_refuse_a_pickle_with_code(server, browser, shots
     info = _value(d, "lora-info")
     assert re.search(r"ranks\s+2", info) and "format" in info
     _shot(d, shots, "loras")
+    d.find_element(By.XPATH, "//*[@id='lora-to']//label[contains(., 'diffusers')]").click()
+    _type(d, "lora-conv-name", "tinystyle-diffusers")
+    d.find_element(By.ID, "lora-convert").click()
+    _wait_text(d, "lora-status", "written: .*tinystyle-diffusers.safetensors", 30)
+    assert "lora_unet_" not in (server["loras"] / "tinystyle-diffusers.safetensors").read_bytes()[:4000].decode(
+        "latin-1")  # diffusers key names, not kohya's
+    _type(d, "lora-merge-specs", "tinystyle:0.5")
+    _type(d, "lora-merge-name", "star-merged")
+    d.find_element(By.ID, "lora-merge").click()
+    _wait_text(d, "lora-status", "written: .*star-merged.safetensors", 60)
+    assert (server["out"] / "merged" / "star-merged.safetensors").is_file()
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
 
@@ -369,6 +384,8 @@ def test_gallery_search_and_send_to_generate(server, browser, shots):
     _tab(d, "gallery")
     _type(d, "gal-query", "", enter=True)
     _wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#gal-images img")) >= 4, 20, "thumbnails")
+    for close in d.find_elements(By.CSS_SELECTOR, "#gal-images button[aria-label='Close']"):
+        close.click()  # back from the large view of the picked image to the thumbnails
     _shot(d, shots, "gallery")
 
 

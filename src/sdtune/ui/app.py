@@ -54,6 +54,12 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~])", r"\\\1", str(text))
 
 
+def _picked(rows, evt: gr.SelectData):
+    """(parameters, path) of the image clicked in a gallery showing ``rows`` of (path, parameters)."""
+    path, text = rows[evt.index]
+    return text, path
+
+
 def _form_updates(form: dict) -> list:
     """Generate-form updates from ``Studio.settings_of``; the LoRA pickers are emptied (the prompt's tags
     carry the LoRAs of the image)."""
@@ -100,7 +106,8 @@ def _generate_tab(studio: Studio):
                 add_neg = gr.Button("Add to negative", size="sm", scale=1)
                 refresh = gr.Button("Refresh lists", size="sm", scale=1)
         with gr.Column(scale=2):
-            images = gr.Gallery(label="Images", columns=2, height=300, elem_id="gen-gallery")
+            images = gr.Gallery(label="Images", columns=2, height=300, object_fit="contain",
+                                elem_id="gen-gallery")
             params = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="gen-params")
             reuse = gr.Button("Reuse these settings", elem_id="gen-reuse")
             drop = gr.File(label="Drop an sdtune or A1111 PNG here to reuse its settings", elem_id="gen-drop",
@@ -122,11 +129,7 @@ def _generate_tab(studio: Studio):
     go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, count,
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
 
-    def select(rows, evt: gr.SelectData):
-        path, text = rows[evt.index]
-        return text, path
-
-    images.select(select, shown, [params, picked], show_progress="hidden")
+    images.select(_picked, shown, [params, picked], show_progress="hidden")
 
     @_handler(len(form) + 1)
     def reuse_picked(path):
@@ -258,8 +261,9 @@ def _train_tab(studio: Studio):
             view = gr.Markdown(elem_id="train-progress")
             plot = gr.LinePlot(x="step", y="loss", label="Loss", height=200, elem_id="train-loss")
             loss_png = gr.Image(label="loss.png", type="filepath", interactive=False, visible=False)
-            samples = gr.Gallery(label="Samples", columns=3, height=200, elem_id="train-samples")
-            result = gr.File(label="Result", interactive=False, elem_id="train-result")
+            samples = gr.Image(label="Newest sample grid", type="filepath", interactive=False, height=150,
+                               elem_id="train-samples")
+            result = gr.File(label="Result", interactive=False, height=90, elem_id="train-result")
             log = gr.Textbox(label="Log (last lines)", lines=5, interactive=False, elem_id="job-log")
 
     fields_by_name = {f.name: f for f in fields}
@@ -317,7 +321,7 @@ def _train_tab(studio: Studio):
             rows.append([j.name, j.kind, j.state, step, f"{p['loss'][-1][1]:.4f}" if p["loss"] else ""])
         table_ = pd.DataFrame(rows, columns=["job", "kind", "state", "step", "loss"])
         if not name_:
-            return table_, "", "", None, None, gr.update(visible=False), []
+            return table_, "", "", None, None, gr.update(visible=False), None
         p = studio.job_view(name_)
         j = p["job"]
         lines = [f"**{j.name}** ({j.kind}): **{j.state}**"]
@@ -333,7 +337,8 @@ def _train_tab(studio: Studio):
         curve = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
         return (table_, " · ".join(lines), p["log_tail"], str(p["result"]) if p["result"] else None, curve,
                 gr.update(value=str(p["loss_png"]) if p["loss_png"] else None, visible=p["loss_png"] is not None),
-                [str(s) for s in p["samples"]])
+                gr.update(value=str(p["samples"][-1]), label=f"Newest sample grid ({p['samples'][-1].stem})")
+                if p["samples"] else gr.update(value=None, label="Newest sample grid"))
 
     outputs = [table, view, log, result, plot, loss_png, samples]
     gr.Timer(1.0).tick(refresh, job, outputs, show_progress="hidden")
@@ -354,8 +359,8 @@ def _lora_tab(studio: Studio, pickers):
                 conv_name = gr.Textbox(label="New file name (in the LoRA folder)", elem_id="lora-conv-name")
                 conv = gr.Button("Convert", elem_id="lora-convert")
             with gr.Group():
-                specs = gr.Textbox(label="Merge into the model: LoRAs with weights", placeholder="style:0.8, detail:0.5",
-                                   elem_id="lora-merge-specs")
+                specs = gr.Textbox(label="Merge into the model: LoRAs with weights",
+                                   placeholder="style:0.8, detail:0.5", elem_id="lora-merge-specs")
                 merge_name = gr.Textbox(label="Merged model name (in the output folder's merged/)",
                                         elem_id="lora-merge-name")
                 fmt = gr.Radio(["single", "diffusers"], value="single", label="Write as",
@@ -407,7 +412,8 @@ def _gallery_tab(studio: Studio, form, tabs):
         search = gr.Button("Search / refresh", elem_id="gal-search", scale=1)
     with gr.Row():
         with gr.Column(scale=3):
-            images = gr.Gallery(label="Output folder, newest first", columns=5, height=480, elem_id="gal-images")
+            images = gr.Gallery(label="Output folder, newest first", columns=5, height=480, object_fit="contain",
+                                elem_id="gal-images")
         with gr.Column(scale=2):
             params = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="gal-params")
             send = gr.Button("Send to Generate", variant="primary", elem_id="gal-send")
@@ -424,11 +430,7 @@ def _gallery_tab(studio: Studio, form, tabs):
     search.click(find, query, found)
     query.submit(find, query, found)
 
-    def select(rows, evt: gr.SelectData):
-        path, text = rows[evt.index]
-        return text, path
-
-    images.select(select, shown, [params, picked], show_progress="hidden")
+    images.select(_picked, shown, [params, picked], show_progress="hidden")
 
     @_handler(len(form) + 2)
     def to_generate(path):
