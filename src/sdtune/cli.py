@@ -140,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval_tiny)
+
+    u = sub.add_parser("ui", help="the whole workflow in a browser: generate, compare, train, LoRA files, gallery")
+    _base_args(u)
+    u.add_argument("--lora-dir", help="LoRA folder the UI lists and writes to (default: OUT/loras)")
+    u.add_argument("--embedding-dir", help="embedding folder (default: OUT/embeddings)")
+    u.add_argument("--out", default="outputs", help="output folder: images, grids, training jobs, datasets "
+                   "(default: outputs)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--listen", action="store_true", help="serve on every network interface, not only this "
+                   "machine (use with --auth)")
+    u.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
+    u.set_defaults(func=cmd_ui)
     return ap
 
 
@@ -284,6 +297,13 @@ def cmd_eval_tiny(a) -> None:
     base = load_base(a.model, device=a.device, dtype=a.dtype)
     held_in, held_out = evaluate.evaluate(base, a.images, a.steps, a.guidance, a.seed, progress=True)
     print(evaluate.table(held_in, held_out))
+
+
+def cmd_ui(a) -> None:
+    from . import ui  # Gradio is loaded for this command only
+
+    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, port=a.port, listen=a.listen,
+             auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
 
 
 def main(argv: list[str] | None = None) -> int:

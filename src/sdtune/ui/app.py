@@ -1,0 +1,463 @@
+"""The page: five tabs (Generate, Compare, Train, LoRA files, Gallery) laid out with Gradio, each button wired to
+a ``Studio`` method. Layout and wiring only; what a button does is in ``studio.py``.
+
+Every handler shows its outcome in its tab's status line; an ``SdtuneError`` (a refused path, a bad setting)
+becomes that line instead of a stack trace, and the other outputs keep their values.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import traceback
+
+import gradio as gr
+import pandas as pd
+
+from ..generate import SCHEDULERS
+from ..safeio import SdtuneError
+from . import trainform
+from .studio import Studio
+
+LORA_SLOTS = 4  # LoRA pickers on the Generate tab (Fooocus shows 5, A1111 users type tags for more)
+GEN_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height")
+CSS = """
+#job-log textarea, #lora-info textarea { font-family: ui-monospace, monospace; font-size: 12px; }
+"""
+
+
+def _handler(n_outputs: int):
+    """Wrap a handler whose last output is the tab's status line: errors go there, other outputs stay."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            try:
+                return fn(*args)
+            except SdtuneError as e:
+                message = f"⚠️ {e}"
+            except Exception as e:  # noqa: BLE001 - the page must say something, the server must go on
+                traceback.print_exc(file=sys.stderr)
+                message = f"⚠️ unexpected error: {type(e).__name__}: {e}"
+            keep = [gr.skip()] * (n_outputs - 1)
+            return (*keep, message) if keep else message
+        return run
+    return wrap
+
+
+def _status(elem_id: str) -> gr.Textbox:
+    """A tab's status line: plain text, since messages quote paths and prompts (<lora:...>, '..', '_')."""
+    return gr.Textbox("", label="Status", interactive=False, max_lines=6, elem_id=elem_id, elem_classes=["status"])
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~])", r"\\\1", str(text))
+
+
+def _picked(rows, evt: gr.SelectData):
+    """(parameters, path) of the image clicked in a gallery showing ``rows`` of (path, parameters)."""
+    path, text = rows[evt.index]
+    return text, path
+
+
+def _form_updates(form: dict) -> list:
+    """Generate-form updates from ``Studio.settings_of``; the LoRA pickers are emptied (the prompt's tags
+    carry the LoRAs of the image)."""
+    return [gr.update(value=form[k]) if k in form else gr.skip() for k in GEN_FIELDS] + \
+        [gr.update(value="")] * LORA_SLOTS
+
+
+# ---------------------------------------------------------------------------------------------- tabs
+
+def _generate_tab(studio: Studio):
+    with gr.Row(equal_height=True):  # A1111's place for the prompts and the button
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
+                                placeholder="a red star on a white background, <lora:name:0.8>")
+            negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+        go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=1, min_width=120)
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="gen-sampler")
+                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="gen-steps")
+                cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
+            with gr.Row():
+                seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed")
+                count = gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count")
+                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: model's)", elem_id="gen-width")
+                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: model's)", elem_id="gen-height")
+            with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
+                              "text-encoder (TE) weight follows the weight until you set it", open=True):
+                slots = []
+                for i in range(LORA_SLOTS):
+                    with gr.Row(equal_height=True):
+                        name = gr.Dropdown([""] + studio.lora_names(), value="", show_label=False,
+                                           elem_id=f"gen-lora-{i}", scale=2, container=False)
+                        weight = gr.Slider(-2, 2, 1.0, step=0.05, label="weight", elem_id=f"gen-lora-{i}-w", scale=2)
+                        te = gr.Slider(-2, 2, 1.0, step=0.05, label="TE weight", elem_id=f"gen-lora-{i}-te", scale=2)
+                        # in the browser, so that the text-encoder weight has followed before Generate is pressed
+                        weight.change(None, weight, te, js="(w) => w", show_progress="hidden")
+                    slots.append((name, weight, te))
+            with gr.Row(equal_height=True):
+                emb = gr.Dropdown([""] + studio.embedding_names(), value="", label="Embedding (by its file name)",
+                                  elem_id="gen-embedding", scale=3)
+                add_pos = gr.Button("Add to prompt", size="sm", scale=1)
+                add_neg = gr.Button("Add to negative", size="sm", scale=1)
+                refresh = gr.Button("Refresh lists", size="sm", scale=1)
+        with gr.Column(scale=2):
+            images = gr.Gallery(label="Images", columns=2, height=300, object_fit="contain",
+                                elem_id="gen-gallery")
+            params = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="gen-params")
+            reuse = gr.Button("Reuse these settings", elem_id="gen-reuse")
+            drop = gr.File(label="Drop an sdtune or A1111 PNG here to reuse its settings", elem_id="gen-drop",
+                           height=120, file_types=[".png", ".jpg", ".jpeg", ".webp"])
+            status = _status("gen-status")
+    shown = gr.State([])  # [(path, parameters)] of the images on show
+    picked = gr.State(None)  # path of the image whose parameters are on show
+    form = [prompt, negative, sampler, steps, cfg, seed, width, height] + [s[0] for s in slots]
+
+    @_handler(5)
+    def run(p, n, smp, st, c, sd, w, h, k, *slot_values):
+        picks = [tuple(slot_values[i:i + 3]) for i in range(0, len(slot_values), 3)]
+        rows, notes = studio.generate(p, n, sampler=smp, steps=st, cfg=c, seed=sd, width=w, height=h, count=k,
+                                      picks=picks)
+        rows = [(str(path), text) for path, text in rows]
+        say = f"{len(rows)} image(s) in {studio.folders.out / 'generate'}" + "".join(f"\n\n⚠️ {m}" for m in notes)
+        return rows, rows[0][1], rows, rows[0][0], say
+
+    go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, count,
+                   *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
+
+    images.select(_picked, shown, [params, picked], show_progress="hidden")
+
+    @_handler(len(form) + 1)
+    def reuse_picked(path):
+        if not path:
+            raise SdtuneError("no image on show; generate one, or drop a PNG below")
+        return *_form_updates(studio.settings_of(path, uploaded=False)), "settings taken from the image"
+
+    reuse.click(reuse_picked, picked, form + [status])
+
+    @_handler(len(form) + 2)
+    def reuse_dropped(upload):
+        if not upload:
+            return *[gr.skip()] * (len(form) + 1), ""
+        found = studio.settings_of(upload, uploaded=True)
+        return *_form_updates(found), found["parameters"], "settings taken from the dropped image"
+
+    drop.upload(reuse_dropped, drop, form + [params, status])
+
+    def refresh_lists():
+        loras = [""] + studio.lora_names()
+        return *[gr.update(choices=loras)] * LORA_SLOTS, gr.update(choices=[""] + studio.embedding_names())
+
+    refresh.click(refresh_lists, None, [s[0] for s in slots] + [emb])
+    add_pos.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [prompt, emb], prompt)
+    add_neg.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [negative, emb], negative)
+    return form, status
+
+
+def _compare_tab(studio: Studio):
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="cmp-prompt")
+            negative = gr.Textbox(label="Negative prompt", elem_id="cmp-negative")
+            x = gr.Textbox(label="X axis (columns)", elem_id="cmp-x",
+                           placeholder="seed=1-4 | weight=0,0.5,1 | cfg=3,7 | steps=10,20 | sampler=ddim,euler | "
+                                       "'prompt=a|b' | sr=red|blue | loras=none|a|a:0.5+b:1 | embeddings=none|name")
+            y = gr.Textbox(label="Y axis (rows, optional)", elem_id="cmp-y")
+            with gr.Row():
+                loras = gr.Dropdown(studio.lora_names(), multiselect=True, label="LoRAs for the plot",
+                                    elem_id="cmp-loras", scale=3)
+                sweep = gr.Dropdown([""] + studio.lora_names(), value="", label="weight axis sweeps",
+                                    elem_id="cmp-sweep", scale=2)
+            with gr.Row():
+                sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="cmp-sampler")
+                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="cmp-steps")
+                cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="cmp-cfg")
+                seed = gr.Number(1, label="Seed", precision=0, elem_id="cmp-seed")
+            with gr.Row():
+                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="cmp-width")
+                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="cmp-height")
+                cell = gr.Slider(32, 512, 128, step=8, label="Cell width in the grid", elem_id="cmp-cell")
+            go = gr.Button("Make the grid", variant="primary", elem_id="cmp-go")
+            status = _status("cmp-status")
+        with gr.Column(scale=3):
+            grid = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="cmp-grid")
+            files = gr.File(label="The grid and its parts", file_count="multiple", interactive=False,
+                            elem_id="cmp-files")
+
+    @_handler(3)
+    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, w, h, cl):
+        path, parts, notes = studio.compare(p, n, x=xs or "", y=ys or "", loras=picked or [], sweep=sw, steps=st,
+                                            cfg=c, seed=sd, sampler=smp, width=w, height=h, cell=cl)
+        return str(path), [str(q) for q in parts], f"grid and {len(parts) - 1} parts in {path.parent}" + \
+            "".join(f"\n\n⚠️ {m}" for m in notes)
+
+    go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, width, height, cell],
+             [grid, files, status], concurrency_id="model")
+    return loras, sweep
+
+
+def _train_tab(studio: Studio):
+    fields = [f for f in trainform.form_fields() if f.name != "data"]
+    data_help = next(f.help for f in trainform.form_fields() if f.name == "data")
+    first = "lora"
+    comps = {}
+
+    def component(f: trainform.FormField):
+        kind_ = first if first in f.defaults else next(iter(f.defaults))
+        value = trainform.to_form(f, f.defaults[kind_])
+        common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=f"train-{f.name}",
+                      min_width=150)
+        if f.typ is bool:
+            return gr.Checkbox(value=bool(value), **common)
+        if f.choices:
+            return gr.Dropdown(list(f.choices), value=value, **common)
+        if f.typ in (int, float):
+            return gr.Number(value=value, precision=0 if f.typ is int else None, **common)
+        if f.typ is list:
+            return gr.Textbox(value=value, lines=2, **{**common, "info": (f.help + "; " if f.help else "") +
+                                                       "one per line"})
+        return gr.Textbox(value=value, **common)
+
+    with gr.Row():
+        with gr.Column(scale=3):  # the form
+            with gr.Row():
+                kind = gr.Radio(list(trainform.KINDS), value=first, label="Training", elem_id="train-kind")
+                name = gr.Textbox(label="Job name (empty: lora-001, ...)", elem_id="train-name")
+            dataset = gr.Dropdown(studio.datasets(), value=None, allow_custom_value=True, elem_id="train-dataset",
+                                  label="Dataset (a folder in the output folder's datasets/)", info=data_help)
+            with gr.Accordion("Add images to a dataset", open=False):
+                with gr.Row():
+                    upload = gr.File(file_count="multiple", label="Images and same-name .txt captions",
+                                     file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption"],
+                                     elem_id="train-upload")
+                    with gr.Column():
+                        upload_name = gr.Textbox(label="Dataset name", elem_id="train-upload-name")
+                        upload_go = gr.Button("Add to dataset", size="sm")
+            with gr.Group():
+                with gr.Row(equal_height=True):
+                    for f in fields:
+                        if f.basic:
+                            comps[f.name] = component(f)
+            with gr.Accordion("Advanced settings", open=False):
+                with gr.Row(equal_height=True):
+                    for f in fields:
+                        if not f.basic:
+                            comps[f.name] = component(f)
+            start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
+        with gr.Column(scale=2):  # the jobs
+            table = gr.Dataframe(headers=["job", "kind", "state", "step", "loss"], interactive=False,
+                                 elem_id="train-jobs", label="Jobs (newest first)", max_height=200)
+            job = gr.Dropdown([j.name for j in studio.jobs.list()], value=None, label="Job on show",
+                              elem_id="train-job")
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", size="sm", elem_id="train-stop")
+                resume = gr.Button("Resume", size="sm", elem_id="train-resume")
+                use = gr.Button("Use the result", size="sm", elem_id="train-use")
+            status = _status("train-status")
+            view = gr.Markdown(elem_id="train-progress")
+            plot = gr.LinePlot(x="step", y="loss", label="Loss", height=200, elem_id="train-loss")
+            loss_png = gr.Image(label="loss.png", type="filepath", interactive=False, visible=False)
+            samples = gr.Image(label="Newest sample grid", type="filepath", interactive=False, height=150,
+                               elem_id="train-samples")
+            result = gr.File(label="Result", interactive=False, height=90, elem_id="train-result")
+            log = gr.Textbox(label="Log (last lines)", lines=5, interactive=False, elem_id="job-log")
+
+    fields_by_name = {f.name: f for f in fields}
+    names = list(comps)
+
+    def switch(k):
+        ups = []
+        for n in names:
+            f = fields_by_name[n]
+            differs = len({repr(v) for v in f.defaults.values()}) > 1
+            value = trainform.to_form(f, f.defaults[k]) if k in f.defaults and differs else gr.skip()
+            ups.append(gr.update(visible=k in f.defaults, value=value))
+        return ups
+
+    kind.change(switch, kind, [comps[n] for n in names])
+
+    @_handler(3)
+    def submit(k, nm, data, *values):
+        new = studio.submit(k, nm, data, dict(zip(names, values)))
+        return gr.update(choices=[j.name for j in studio.jobs.list()], value=new.name), \
+            gr.update(value=""), f"job {new.name} queued"
+
+    start.click(submit, [kind, name, dataset] + [comps[n] for n in names], [job, name, status])
+
+    @_handler(3)
+    def add_files(files, nm):
+        got, n = studio.add_dataset_files(nm, files)
+        return gr.update(choices=studio.datasets(), value=got), gr.update(value=None), \
+            f"{n} file(s) added to dataset {got}"
+
+    upload_go.click(add_files, [upload, upload_name], [dataset, upload, status])
+    dataset.focus(lambda: gr.update(choices=studio.datasets()), None, dataset, show_progress="hidden")
+
+    def act(what):
+        @_handler(1)
+        def run(name_):
+            if not name_:
+                raise SdtuneError("pick a job first")
+            if what == "use":
+                return f"copied as {studio.use_result(name_)} into the LoRA / embedding folder; on the Generate " \
+                    "tab, Refresh lists"
+            getattr(studio.jobs, what)(name_)
+            return f"job {name_}: {'stopped' if what == 'stop' else 'queued again; it resumes from its last save'}"
+        return run
+
+    stop.click(act("stop"), job, status)
+    resume.click(act("resume"), job, status)
+    use.click(act("use"), job, status)
+
+    def refresh(name_):
+        rows = []
+        for j in studio.jobs.list():
+            p = studio.job_view(j.name)
+            step = f"{p['step']}/{p['total']}" if p["total"] else ""
+            rows.append([j.name, j.kind, j.state, step, f"{p['loss'][-1][1]:.4f}" if p["loss"] else ""])
+        table_ = pd.DataFrame(rows, columns=["job", "kind", "state", "step", "loss"])
+        if not name_:
+            return table_, "", "", None, None, gr.update(visible=False), None
+        p = studio.job_view(name_)
+        j = p["job"]
+        lines = [f"**{j.name}** ({j.kind}): **{j.state}**"]
+        if p["total"]:
+            lines.append(f"step {p['step']} of {p['total']} ({100 * p['step'] // p['total']}%)")
+        if p["loss"]:
+            lines.append(f"loss {p['loss'][-1][1]:.4f} (from the {p['loss_source']})")
+        if p["error"]:
+            lines.append(_md_escape(p["error"]))
+        if p["report"]:
+            lines.append(f"report: {_md_escape(p['report'])}")
+        # numeric columns even when empty: the plot keeps the axis types of the first frame it gets
+        curve = pd.DataFrame(p["loss"], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+        return (table_, " · ".join(lines), p["log_tail"], str(p["result"]) if p["result"] else None, curve,
+                gr.update(value=str(p["loss_png"]) if p["loss_png"] else None, visible=p["loss_png"] is not None),
+                gr.update(value=str(p["samples"][-1]), label=f"Newest sample grid ({p['samples'][-1].stem})")
+                if p["samples"] else gr.update(value=None, label="Newest sample grid"))
+
+    outputs = [table, view, log, result, plot, loss_png, samples]
+    gr.Timer(1.0).tick(refresh, job, outputs, show_progress="hidden")
+    job.change(refresh, job, outputs, show_progress="hidden")
+
+
+def _lora_tab(studio: Studio, pickers):
+    with gr.Row():
+        with gr.Column(scale=2):
+            name = gr.Dropdown(studio.lora_names(), value=None, label="LoRA in the LoRA folder", elem_id="lora-name")
+            upload = gr.File(label="... or upload one (.safetensors, .pt)", file_types=[".safetensors", ".pt", ".bin"],
+                             elem_id="lora-upload")
+            with gr.Row():
+                look = gr.Button("Inspect", variant="primary", elem_id="lora-inspect")
+                keep = gr.Button("Add the upload to the LoRA folder", elem_id="lora-keep")
+            with gr.Group():
+                to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Convert to", elem_id="lora-to")
+                conv_name = gr.Textbox(label="New file name (in the LoRA folder)", elem_id="lora-conv-name")
+                conv = gr.Button("Convert", elem_id="lora-convert")
+            with gr.Group():
+                specs = gr.Textbox(label="Merge into the model: LoRAs with weights",
+                                   placeholder="style:0.8, detail:0.5", elem_id="lora-merge-specs")
+                merge_name = gr.Textbox(label="Merged model name (in the output folder's merged/)",
+                                        elem_id="lora-merge-name")
+                fmt = gr.Radio(["single", "diffusers"], value="single", label="Write as",
+                               info="single: one .safetensors in the family's original layout; diffusers: a folder")
+                merge_go = gr.Button("Merge", elem_id="lora-merge")
+            status = _status("lora-status")
+        with gr.Column(scale=3):
+            info = gr.Textbox(label="What the file holds", lines=18, interactive=False, elem_id="lora-info")
+            with gr.Accordion("As JSON", open=False):
+                details = gr.JSON(show_label=False, elem_id="lora-json")
+
+    @_handler(3)
+    def inspect(n, up):
+        text, data = studio.inspect(n, up)
+        return text, data, f"inspected {data['file']}"
+
+    look.click(inspect, [name, upload], [info, details, status])
+
+    def relist():
+        names = studio.lora_names()
+        # pickers that may be left empty offer "" first; the multi-select (a list) does not need it
+        return [gr.update(choices=names)] + [gr.update(choices=names if p.multiselect else [""] + names)
+                                             for p in pickers]
+
+    @_handler(1)
+    def add(up):
+        if not up:
+            raise SdtuneError("no upload; drop a .safetensors or .pt file above first")
+        return f"added as {studio.add_upload(up, 'loras')}"
+
+    keep.click(add, upload, status).then(relist, None, [name, *pickers])
+
+    @_handler(1)
+    def convert(n, target, new):
+        return f"written: {studio.convert(n, target, new)}"
+
+    conv.click(convert, [name, to, conv_name], status).then(relist, None, [name, *pickers])
+
+    @_handler(1)
+    def merge(s, new, f):
+        return f"written: {studio.merge(s, new, f)}"
+
+    merge_go.click(merge, [specs, merge_name, fmt], status, concurrency_id="model")
+
+
+def _gallery_tab(studio: Studio, form, tabs):
+    with gr.Row():
+        query = gr.Textbox(label="Search (prompt, parameters or file name)", elem_id="gal-query", scale=4)
+        search = gr.Button("Search / refresh", elem_id="gal-search", scale=1)
+    with gr.Row():
+        with gr.Column(scale=3):
+            images = gr.Gallery(label="Output folder, newest first", columns=5, height=480, object_fit="contain",
+                                elem_id="gal-images")
+        with gr.Column(scale=2):
+            params = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="gal-params")
+            send = gr.Button("Send to Generate", variant="primary", elem_id="gal-send")
+            status = _status("gal-status")
+    shown = gr.State([])
+    picked = gr.State(None)
+
+    def find(q):
+        rows = [(str(p), t) for p, t in studio.gallery(q or "")]
+        return (gr.update(value=[(p, t.splitlines()[0] if t else "") for p, t in rows], selected_index=None),
+                rows, "", None, f"{len(rows)} image(s)")
+
+    found = [images, shown, params, picked, status]
+    search.click(find, query, found)
+    query.submit(find, query, found)
+
+    images.select(_picked, shown, [params, picked], show_progress="hidden")
+
+    @_handler(len(form) + 2)
+    def to_generate(path):
+        if not path:
+            raise SdtuneError("pick an image first")
+        return *_form_updates(studio.settings_of(path, uploaded=False)), gr.Tabs(selected="generate"), \
+            "sent to Generate"
+
+    send.click(to_generate, picked, form + [tabs, status])
+    return find, query, found
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+def build(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="sdtune") as app:
+        gr.Markdown(f"**sdtune** · model `{studio.model}` · output folder `{studio.folders.out}`")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                form, _ = _generate_tab(studio)
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                cmp_loras, cmp_sweep = _compare_tab(studio)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                _train_tab(studio)
+            with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
+                _lora_tab(studio, [form[-LORA_SLOTS + i] for i in range(LORA_SLOTS)] + [cmp_loras, cmp_sweep])
+            with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
+                find, query, found = _gallery_tab(studio, form, tabs)
+        gallery_tab.select(find, query, found)
+    return app

@@ -1,0 +1,332 @@
+"""What the web UI's buttons do, as plain Python: each method calls the sdtune API and returns paths, texts or
+dicts. No web framework here, so that every action (and every refusal) is testable without a browser.
+
+Names typed or picked on the page go through ``guard.Folders`` before the API sees them: a LoRA or embedding
+is looked up the way the API looks it up (``sources.resolve`` in the configured folder) and the file found must
+lie inside that folder. The model stays loaded between requests; one lock keeps two requests from changing
+its adapters at the same time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .. import api, sources, xyplot
+from ..generate import SCHEDULERS, parse_infotext, read_infotext, save_batch
+from ..lora import inspect as lora_inspect
+from ..lora.bake import merge
+from ..lora.formats import convert, load_lora
+from ..models import load_base
+from ..safeio import SdtuneError
+from ..ti.formats import load_embedding
+from ..ti.tokens import find_in_prompt
+from . import trainform
+from .guard import Folders, Refused, check_upload
+from .jobs import JobRunner, progress
+
+SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
+KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
+
+
+class Studio:
+    """One server's state: its folders, the loaded model, the training queue."""
+
+    def __init__(self, folders: Folders, model: str = "tiny", device: str | None = None, dtype: str | None = None,
+                 max_upload_mb: float = 512):
+        self.folders, self.model, self.device, self.dtype = folders, model, device, dtype
+        self.max_upload = int(max_upload_mb * 2**20)
+        self._base = None
+        self.lock = threading.Lock()
+        extra = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
+        self.jobs = JobRunner(folders.out / "train", extra_args=tuple(extra))
+
+    @contextmanager
+    def model_in_use(self):
+        """The loaded model (loaded on first use), held for one request; the API's warnings are collected in
+        the list yielded with it, for the page to show."""
+        with self.lock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if self._base is None:
+                self._base = load_base(self.model, device=self.device, dtype=self.dtype)
+            notes: list[str] = []
+            yield self._base, notes
+            notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    # ---------------------------------------------------------------- files in the folders
+
+    def _names(self, kind: str) -> list[str]:
+        root = self.folders.root(kind)
+        names = []
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if (p.suffix not in sources.WEIGHT_SUFFIXES or not p.is_file() or any(s.startswith(".") for s in rel.parts)
+                    or any(c in str(rel) for c in ":<>")):  # not writable as <lora:name:w>
+                continue
+            try:
+                self.folders.inside(p, kind)  # a symlink out of the folder is not offered
+            except Refused:
+                continue
+            names.append(rel.with_suffix("").as_posix())
+        return names
+
+    def lora_names(self) -> list[str]:
+        return self._names("loras")
+
+    def embedding_names(self) -> list[str]:
+        return self._names("embeddings")
+
+    def adapter_file(self, kind: str, name: str) -> Path:
+        """The file the API will open for LoRA/embedding ``name``, refused unless it is in folder ``kind``."""
+        self.folders.child(kind, name, must_exist=False)  # no absolute path, no '..'
+        label = "LoRA" if kind == "loras" else "embedding"
+        try:
+            path = sources.resolve(name, KIND_OF[kind], (self.folders.root(kind),))
+        except SdtuneError:
+            raise Refused(f"{name}: no {label} of that name in the {label} folder ({self.folders.root(kind)})") \
+                from None
+        return self.folders.inside(path, kind, shown=name)
+
+    def check_prompt(self, *texts: str) -> None:
+        """Refuse a prompt whose ``<lora:...>`` tags or embedding names lead outside the configured folders."""
+        for text in texts:
+            for name, _, _ in api.parse_lora_tags(text)[1]:
+                self.adapter_file("loras", name)
+            for word, path in find_in_prompt(self.folders.embeddings, text).items():
+                self.folders.inside(path, "embeddings", shown=word)
+
+    # ---------------------------------------------------------------- Generate
+
+    @staticmethod
+    def with_loras(prompt: str, picks) -> str:
+        """The prompt with the picked LoRAs as A1111 tags: the PNG then says which LoRAs made the image, at what
+        weights, and dropping it back on the page reproduces it."""
+        tags = []
+        for name, weight, te_weight in picks:
+            if not name:
+                continue
+            te = "" if te_weight is None or float(te_weight) == float(weight) else f":{float(te_weight):g}"
+            tags.append(f"<lora:{name}:{float(weight):g}{te}>")
+        return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
+
+    def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
+                 cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
+                 picks=()) -> tuple[list[tuple[Path, str]], list[str]]:
+        """Images saved in ``out/generate`` with their parameters, and any warnings."""
+        full = self.with_loras(prompt, picks)
+        self.check_prompt(full, negative)
+        with self.model_in_use() as (base, notes):
+            results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps), guidance=float(cfg),
+                                   seed=int(seed), scheduler=sampler, width=int(width) or None,
+                                   height=int(height) or None, num_images=int(count), progress=False,
+                                   lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,))
+        paths = save_batch(results, self.folders.out / "generate")
+        return [(p, r.infotext) for p, r in zip(paths, results)], notes
+
+    def settings_of(self, path: str | Path, *, uploaded: bool) -> dict:
+        """The Generate form's values from an sdtune or A1111 PNG (dropped on the page, or in the output folder)."""
+        path = check_upload(path, "image", self.max_upload) if uploaded else self.folders.inside(Path(path), "out")
+        text = read_infotext(path)
+        if not text:
+            raise SdtuneError(f"{Path(path).name}: no generation parameters in this image (sdtune and A1111 PNGs "
+                              f"have them; JPEGs and edited files usually not)")
+        p = parse_infotext(text)
+        form = {"prompt": p["prompt"], "negative_prompt": p.get("negative_prompt", ""), "parameters": text}
+        try:
+            if "Steps" in p:
+                form["steps"] = int(p["Steps"])
+            if "CFG scale" in p:
+                form["cfg"] = float(p["CFG scale"])
+            if "Seed" in p:
+                form["seed"] = int(p["Seed"])
+            if "Size" in p:
+                form["width"], form["height"] = (int(v) for v in p["Size"].lower().split("x"))
+        except ValueError:
+            raise SdtuneError(f"{Path(path).name}: its parameters are not readable ({text.splitlines()[-1]})") from None
+        if p.get("Sampler") in SAMPLER_KEYS:
+            form["sampler"] = SAMPLER_KEYS[p["Sampler"]]
+        return form
+
+    # ---------------------------------------------------------------- Compare
+
+    def _cell_prompts(self, prompt: str, negative: str, axes) -> list[tuple[str, str]]:
+        """Every (prompt, negative prompt) a cell of the plot will use, as xy_plot sets them (y, then x)."""
+        ranges = [range(len(a.values)) for a in axes]
+        out = []
+        for idx in itertools.product(*ranges):
+            p, n = prompt, negative
+            for a, i in zip(axes, idx):
+                if a.kind == "prompt":
+                    p = a.values[i]
+                elif a.kind == "sr":
+                    p, n = p.replace(a.values[0], a.values[i]), n.replace(a.values[0], a.values[i])
+            out.append((p, n))
+        return out
+
+    def compare(self, prompt: str, negative: str = "", *, x: str = "", y: str = "", loras=(), sweep: str = "",
+                steps: int = 20, cfg: float = 7.5, seed: int = 1, sampler: str = "ddim", width: int = 0,
+                height: int = 0, cell: int = 128) -> tuple[Path, list[Path], list[str]]:
+        """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON)."""
+        x_axis, y_axis = xyplot.axes_from_specs(x.strip() or None, y.strip() or None, sweep=sweep or None)
+        axes = [a for a in (y_axis, x_axis) if a is not None]
+        files = {Path(n).name: str(self.adapter_file("loras", n)) for n in loras if n}
+        for a in axes:  # adapter names on an axis must be picked LoRAs or files in the folders
+            if a.kind == "weight" and a.target and a.target not in files:
+                self.adapter_file("loras", a.target)
+            for v in (a.values if a.kind in xyplot.ADAPTER_KINDS else []):
+                for item in v.split("+"):
+                    src = sources.split_suffix(item.strip())[0]
+                    if src.lower() in xyplot.NONE_WORDS or src in files:
+                        continue
+                    try:
+                        self.adapter_file("loras", src)
+                    except Refused:
+                        self.adapter_file("embeddings", src)
+        for p, n in self._cell_prompts(prompt, negative, axes):
+            self.check_prompt(p, n)
+        grids = self.folders.out / "grids"
+        folder = grids / time.strftime("%Y%m%d-%H%M%S")
+        while folder.exists():
+            folder = folder.with_name(folder.name + "-1")
+        with self.model_in_use() as (base, notes):
+            grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
+                                  steps=int(steps), guidance=float(cfg), scheduler=sampler, width=int(width) or None,
+                                  height=int(height) or None, loras=list(files.values()),
+                                  lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
+                                  out_dir=folder, cell=int(cell), progress=False)
+        parts = sorted(folder.iterdir())
+        return grid, [grid] + [p for p in parts if p != grid], notes
+
+    # ---------------------------------------------------------------- LoRA files
+
+    def lora_source(self, name: str | None, upload: str | None) -> Path:
+        if upload:
+            return check_upload(upload, "weights", self.max_upload)
+        return self.adapter_file("loras", name or "")
+
+    def inspect(self, name: str | None = None, upload: str | None = None) -> tuple[str, dict]:
+        path = self.lora_source(name, upload)
+        info = lora_inspect.describe(path)  # reads through safeio.load_state: no code in a pickle runs
+        info["file"] = name or Path(upload).name
+        return lora_inspect.render(info), info
+
+    def _new_file(self, kind: str, name: str, suffix: str = ".safetensors", under: str = "") -> Path:
+        """A new file (or folder) NAME+suffix in folder ``kind`` (in its subfolder ``under``)."""
+        name = self.folders.new_name(name, "output name")
+        if not name.endswith(suffix):
+            name += suffix
+        path = self.folders.child(kind, f"{under}/{name}" if under else name, must_exist=False)
+        if path.exists():
+            raise SdtuneError(f"{name} exists already in the {kind} folder; pick another name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def convert(self, name: str, to: str, out_name: str) -> Path:
+        """Write LoRA ``name`` in layout ``to`` as a new file in the LoRA folder."""
+        src = self.adapter_file("loras", name)
+        dest = self._new_file("loras", out_name)
+        convert(src, dest, to=to)
+        return dest
+
+    def merge(self, specs: str, out_name: str, fmt: str = "single") -> Path:
+        """Bake 'NAME[:WEIGHT]' LoRAs (comma or line separated) into the model, written under ``out/merged``."""
+        pairs = []
+        for spec in (s.strip() for s in specs.replace("\n", ",").split(",")):
+            if spec:
+                src, weight = sources.parse_weighted(spec)
+                pairs.append((self.adapter_file("loras", src), weight))
+        if not pairs:
+            raise SdtuneError("no LoRA to merge; write NAME or NAME:WEIGHT, e.g. style:0.8")
+        dest = self._new_file("out", out_name, ".safetensors" if fmt == "single" else "", under="merged")
+        with self.lock:
+            return merge(self.model, pairs, dest, fmt=fmt)
+
+    def add_upload(self, upload: str, kind: str) -> str:
+        """Put an uploaded LoRA or embedding into its folder (after reading it safely); returns its name."""
+        path = check_upload(upload, "weights", self.max_upload)
+        (load_lora if kind == "loras" else load_embedding)(path)  # refuse what is not one, before copying
+        dest = self._new_file(kind, Path(path).stem, Path(path).suffix.lower())
+        shutil.copyfile(path, dest)
+        return dest.stem
+
+    # ---------------------------------------------------------------- Gallery
+
+    def gallery(self, query: str = "", limit: int = 200) -> list[tuple[Path, str]]:
+        """PNGs in the output folder, newest first, with their parameters; ``query`` filters on both."""
+        out = self.folders.out
+        found = []
+        for p in out.rglob("*.png"):
+            rel = p.relative_to(out)
+            if rel.parts[0] == "datasets" or any(s.startswith(".") for s in rel.parts):
+                continue
+            found.append((p.stat().st_mtime, p))
+        found.sort(key=lambda t: t[0], reverse=True)
+        q = query.strip().lower()
+        rows = []
+        for _, p in found:
+            try:
+                text = read_infotext(p) or ""
+            except OSError:
+                continue
+            if q and q not in text.lower() and q not in str(p.relative_to(out)).lower():
+                continue
+            rows.append((p, text))
+            if len(rows) >= limit:
+                break
+        return rows
+
+    # ---------------------------------------------------------------- Train
+
+    def datasets(self) -> list[str]:
+        root = self.folders.out / "datasets"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def add_dataset_files(self, name: str, uploads) -> tuple[str, int]:
+        """Uploaded images and captions into ``out/datasets/NAME``; returns the name and the file count."""
+        name = self.folders.new_name(name, "dataset name")
+        checked = [check_upload(u, "caption" if Path(u).suffix.lower() in (".txt", ".caption") else "image",
+                                self.max_upload) for u in uploads or []]
+        if not checked:
+            raise SdtuneError("no files; add images (and same-name .txt captions)")
+        folder = self.folders.child("out", f"datasets/{name}", must_exist=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in checked:
+            shutil.copyfile(path, folder / self.folders.new_name(path.name, "file name"))
+        return name, len(checked)
+
+    def submit(self, kind: str, name: str, dataset: str, values: dict):
+        """Queue a training job of ``kind`` from the form's values; returns the job."""
+        if kind not in trainform.KINDS:
+            raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
+        name = self.folders.new_name(name, "job name") if name and name.strip() else self._job_name(kind)
+        if not dataset or not str(dataset).strip():
+            raise SdtuneError("no training data; pick a dataset (a folder in out/datasets) or upload images first")
+        data = self.folders.child("out", f"datasets/{dataset}" if dataset and "/" not in dataset else dataset)
+        settings = trainform.settings_for(kind, values, data=str(data.resolve()),
+                                          out=str(self.jobs.root.resolve() / name), model=self.model)
+        return self.jobs.submit(name, kind, trainform.to_toml(settings))
+
+    def _job_name(self, kind: str) -> str:
+        n = 1
+        while f"{kind}-{n:03d}" in self.jobs.jobs or (self.jobs.root / f"{kind}-{n:03d}").exists():
+            n += 1
+        return f"{kind}-{n:03d}"
+
+    def job_view(self, name: str) -> dict:
+        job = self.jobs.get(name)
+        return {"job": job, **progress(job.folder)}
+
+    def use_result(self, name: str) -> str:
+        """Copy a finished job's result into the LoRA or embedding folder, named after the job."""
+        view = self.job_view(name)
+        if view["result"] is None:
+            raise SdtuneError(f"job {name} has no result yet ({view['job'].state})")
+        kind = "loras" if view["job"].kind == "lora" else "embeddings"
+        dest = self._new_file(kind, name)
+        shutil.copyfile(view["result"], dest)
+        return dest.stem

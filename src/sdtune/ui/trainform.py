@@ -1,0 +1,139 @@
+"""The training forms, read from the settings dataclasses that the CLI flags and TOML files come from.
+
+Nothing about a setting is written here: its type comes from ``train.config.setting_type``, its default
+from the dataclass field, its help from the comment beside the field, and which kind (TI, LoRA) it applies
+to from ``train.config.KINDS``. A setting added to a dataclass appears in the form by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+
+from ..safeio import SdtuneError
+from ..train import config
+from ..train.config import KINDS, load_settings, setting_type
+
+# set by the UI itself: where the job writes, which model, progress for the live view
+MANAGED = ("out", "model", "progress", "resume")
+# the ones a first run needs; the rest go under "Advanced"
+BASIC = ("data", "token", "init_token", "name", "steps", "lr", "batch_size", "rank", "alpha", "targets",
+         "text_encoder", "num_vectors", "sample_every", "sample_prompts", "save_every", "seed")
+# settings whose allowed values config.py names as a constant
+CHOICES = {"lr_scheduler": config.SCHEDULES, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS}
+
+
+@dataclass
+class FormField:
+    name: str
+    typ: type  # bool, int, float, str or list (of strings)
+    nullable: bool
+    defaults: dict  # kind -> default, for the kinds that have this setting
+    help: str
+    choices: tuple | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ")
+
+    @property
+    def basic(self) -> bool:
+        return self.name in BASIC
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _comments(cls) -> dict[str, str]:
+    """{field: the comment beside it} over the class and its dataclass bases (subclasses win)."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=]*=.*?#\s*(.+)$", line)
+            if m:
+                notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def form_fields() -> list[FormField]:
+    """Every setting of every kind, once, in dataclass order (shared settings first)."""
+    out: dict[str, FormField] = {}
+    for kind, cls in KINDS.items():
+        notes = _comments(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in MANAGED:
+                continue
+            if f.name not in out:
+                typ, nullable = setting_type(cls, f.name)
+                out[f.name] = FormField(f.name, typ, nullable, {}, notes.get(f.name, ""), CHOICES.get(f.name))
+            out[f.name].defaults[kind] = _default(f)
+    return list(out.values())
+
+
+def to_form(field: FormField, value):
+    """A setting's value as the form shows it (lists one item per line, None empty)."""
+    if field.typ is list:
+        return "\n".join(value or [])
+    if value is None:
+        return "" if field.typ is str else None
+    return value
+
+
+def from_form(field: FormField, value):
+    """A form value back to the setting's type; None means "the default"."""
+    if field.typ is list:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if field.typ is bool:
+        return bool(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if field.typ is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise SdtuneError(f"{field.label}: {value} is not a whole number")
+        return int(value)
+    if field.typ is float:
+        return float(value)
+    return str(value)
+
+
+def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
+    """Checked settings of ``kind`` from the form's values (settings of the other kind are ignored)."""
+    names = {f.name for f in dataclasses.fields(KINDS[kind])}
+    fields = {f.name: f for f in form_fields()}
+    overrides = {k: from_form(fields[k], v) for k, v in values.items() if k in names and k in fields}
+    overrides.update(data=data, out=out, model=model, progress=True, resume=True)
+    settings = load_settings(None, overrides, kind=kind)
+    settings.check()
+    return settings
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise SdtuneError(f"{v}: a setting must be a finite number")
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    # a JSON string is a TOML basic string, except that TOML wants DEL escaped too
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def to_toml(settings) -> str:
+    """The settings as the TOML file ``sdtune train KIND --config`` reads (None values: left at the default)."""
+    table = {k: v for k, v in settings.to_dict().items() if v is not None}
+    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+    if tomllib.loads(text) != table:  # the file must say exactly what the form said
+        raise SdtuneError("these settings cannot be written as TOML; check the text fields for odd characters")
+    return text

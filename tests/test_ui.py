@@ -1,0 +1,408 @@
+"""The web UI without a browser: path guard, upload check, training forms, job runner, and the UI's actions
+(generate with a picked LoRA, reuse a PNG's settings, compare, LoRA files, gallery) with their refusals."""
+
+import dataclasses
+import os
+import pickle
+import shutil
+import stat
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.generate import parse_infotext, read_infotext, save_png
+from sdtune.lora.formats import save_lora
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
+from sdtune.train.config import KINDS, load_settings
+from sdtune.ui import jobs as jobs_mod
+from sdtune.ui import parse_auth, trainform
+from sdtune.ui.guard import Folders, Refused, check_upload
+
+MB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------- guard
+
+@pytest.fixture
+def folders(tmp_path):
+    return Folders.make(tmp_path / "out", tmp_path / "loras", tmp_path / "embs")
+
+
+def test_names_inside_a_folder_are_allowed(folders):
+    (folders.loras / "sub").mkdir()
+    (folders.loras / "sub" / "a.safetensors").write_bytes(b"x")
+    assert folders.child("loras", "sub/a.safetensors") == folders.loras / "sub" / "a.safetensors"
+    assert folders.child("out", "new.png", must_exist=False) == folders.out / "new.png"
+
+
+@pytest.mark.parametrize("name, says", [
+    ("../secret.safetensors", "'..' leaves the LoRA folder"),
+    ("sub/../../secret.safetensors", "'..' leaves the LoRA folder"),
+    ("/etc/passwd", "absolute paths are not allowed"),
+    ("~/x.safetensors", "absolute paths are not allowed"),
+    ("", "no LoRA file named"),
+    ("nothere.safetensors", "no such file in the LoRA folder"),
+])
+def test_traversal_and_absolute_paths_are_refused(folders, name, says):
+    with pytest.raises(Refused, match=says):
+        folders.child("loras", name)
+
+
+def test_a_symlink_out_of_the_folder_is_refused(folders, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"secret")
+    (folders.loras / "evil.safetensors").symlink_to(outside)
+    (folders.loras / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(Refused, match="leads outside the LoRA folder"):
+        folders.child("loras", "evil.safetensors")
+    with pytest.raises(Refused, match="leads outside the LoRA folder"):
+        folders.child("loras", "linkdir/outside.safetensors")
+
+
+def test_new_names_are_plain(folders):
+    assert folders.new_name("my-lora_v2.1") == "my-lora_v2.1"
+    for bad in ("../x", "a/b", "", ".hidden", "a b", "..", "x" * 101):
+        with pytest.raises(Refused, match="use letters, digits"):
+            folders.new_name(bad)
+
+
+def test_uploads_are_checked_for_size_and_type(tmp_path):
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(png)
+    assert check_upload(png, "image", MB) == png
+    with pytest.raises(Refused, match="over the upload limit"):
+        check_upload(png, "image", 10)
+    fake = tmp_path / "b.png"
+    fake.write_bytes(b"#!/bin/sh\necho not an image\n")
+    with pytest.raises(Refused, match="contents are not a PNG"):
+        check_upload(fake, "image", MB)
+    with pytest.raises(Refused, match=r"not a \.safetensors or \.pt weight file"):
+        check_upload(png, "weights", MB)
+    text = tmp_path / "w.safetensors"
+    text.write_text("hello")
+    with pytest.raises(Refused, match="contents are not a .safetensors"):
+        check_upload(text, "weights", MB)
+    pt = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(2)}, pt)
+    assert check_upload(pt, "weights", MB) == pt
+
+
+def test_auth_is_user_colon_password():
+    assert parse_auth("me:pw:with:colons") == ("me", "pw:with:colons")
+    assert parse_auth(None) is None
+    for bad in ("nopass", ":pw", "me:"):
+        with pytest.raises(SdtuneError, match="USER:PASS"):
+            parse_auth(bad)
+
+
+# ---------------------------------------------------------------------------------------------- forms
+
+def test_the_forms_come_from_the_settings_dataclasses():
+    fields = {f.name: f for f in trainform.form_fields()}
+    for kind, cls in KINDS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in trainform.MANAGED:
+                assert f.name not in fields
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert fields[f.name].defaults[kind] == default
+    assert set(fields["token"].defaults) == {"ti"} and set(fields["rank"].defaults) == {"lora"}
+    assert fields["steps"].defaults == {"ti": 1000, "lora": 1000} and fields["lr"].defaults["ti"] == 5e-3
+    assert fields["te_lr"].nullable and fields["te_lr"].typ is float
+    assert fields["sample_prompts"].typ is list and fields["flip"].typ is bool
+    assert "optimizer steps" in fields["steps"].help  # the comment beside the field
+    assert fields["targets"].choices == ("attn", "attn+ff", "all")
+
+
+def test_form_values_become_the_toml_the_cli_reads(tmp_path):
+    values = {"steps": 12.0, "rank": 4, "te_lr": None, "sample_prompts": "a red star\n\n a blue star ",
+              "flip": True, "token": "<ignored for lora>", "default_caption": ""}
+    s = trainform.settings_for("lora", values, data=str(tmp_path), out=str(tmp_path / "o"), model="tiny")
+    text = trainform.to_toml(s)
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    again = load_settings(path, kind="lora")
+    assert again == s
+    assert again.sample_prompts == ["a red star", "a blue star"] and again.steps == 12 and again.te_lr is None
+    assert tomllib.loads(text)["progress"] is True
+    odd = trainform.settings_for("lora", {"default_caption": 'q"uo\\te\x7f\u00e9\n'}, data=str(tmp_path), out="o",
+                                 model="m")
+    again = load_settings(_write(tmp_path / "odd.toml", trainform.to_toml(odd)), kind="lora")
+    assert again.default_caption == odd.default_caption
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bad_form_values_are_refused_before_a_job_starts(tmp_path):
+    with pytest.raises(SdtuneError, match="--rank 0: must be at least 1"):
+        trainform.settings_for("lora", {"rank": 0}, data=str(tmp_path), out="o", model="tiny")
+    with pytest.raises(SdtuneError, match="no token"):
+        trainform.settings_for("ti", {}, data=str(tmp_path), out="o", model="tiny")
+    with pytest.raises(SdtuneError, match="not a whole number"):
+        trainform.settings_for("lora", {"steps": 2.5}, data=str(tmp_path), out="o", model="tiny")
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+FAKE_TRAIN = r"""#!/bin/sh
+# stands in for "python -m sdtune.cli train KIND --config job.toml": progress lines as the loop writes them,
+# a resume state every step, the result path at the end
+total=$(sed -n 's/^steps = //p' job.toml)
+i=0; [ -f state ] && i=$(cat state)
+while [ "$i" -lt "$total" ]; do
+  i=$((i+1)); echo "$i" > state
+  printf '\rtrain lora: %d/%d [00:00<00:00, 9.9step/s, loss=0.%d, lr=1e-4]' "$i" "$total" "$i" >&2
+  sleep 0.1
+done
+if grep -q '^fail' job.toml; then echo "sdtune: error: the loss became NaN" >&2; exit 2; fi
+touch lora.safetensors; echo; echo "$PWD/lora.safetensors"
+"""
+
+
+@pytest.fixture
+def runner(tmp_path):
+    fake = tmp_path / "fakepython"
+    fake.write_text(FAKE_TRAIN)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    r = jobs_mod.JobRunner(tmp_path / "train", python=str(fake), poll=0.05)
+    yield r
+    r.shutdown()
+
+
+def _wait(cond, timeout=20.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (from /proc: field 5 of stat is the group)."""
+    alive = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat_file.parent.name))
+    return alive
+
+
+def test_jobs_run_one_at_a_time_in_order_and_report_progress(runner):
+    a = runner.submit("a", "lora", "steps = 5\n")
+    b = runner.submit("b", "lora", "steps = 3\n")
+    _wait(lambda: a.state == "running")
+    assert b.state == "queued"
+    _wait(lambda: b.state == "done")
+    assert a.state == "done" and a.ended <= b.started
+    p = jobs_mod.progress(a.folder)
+    assert (p["step"], p["total"]) == (5, 5) and p["loss"][-1] == (5, 0.5) and p["loss_source"] == "log"
+    assert p["result"] == Path(a.folder) / "lora.safetensors" and p["error"] is None
+    with pytest.raises(SdtuneError, match="exists already"):
+        runner.submit("a", "lora", "steps = 1\n")
+
+
+def test_stop_ends_the_process_group_and_resume_continues(runner):
+    job = runner.submit("long", "lora", "steps = 200\n")
+    _wait(lambda: (jobs_mod.progress(job.folder)["step"] or 0) >= 3)
+    proc = runner.procs["long"]
+    runner.stop("long")
+    assert job.state == "stopped" and proc.poll() is not None
+    _wait(lambda: _live_members(proc.pid) == [], 3)  # nothing of the group is left (zombies aside)
+    at = int((Path(job.folder) / "state").read_text())
+    time.sleep(0.3)
+    assert int((Path(job.folder) / "state").read_text()) == at
+    runner.resume("long")
+    _wait(lambda: job.state == "running" and (jobs_mod.progress(job.folder)["step"] or 0) > at)
+    log = (Path(job.folder) / jobs_mod.LOG_FILE).read_text()
+    assert "--- run 2" in log and f"{at + 1}/200" in log.split("--- run 2")[1]
+    runner.stop("long")
+    with pytest.raises(SdtuneError, match="is stopped, not running"):
+        runner.stop("long")
+
+
+def test_a_failed_job_says_why_and_the_queue_goes_on(runner):
+    bad = runner.submit("bad", "lora", "steps = 1\nfail = true\n")
+    good = runner.submit("good", "lora", "steps = 1\n")
+    _wait(lambda: good.state == "done")
+    assert bad.state == "failed" and bad.returncode == 2
+    assert jobs_mod.progress(bad.folder)["error"] == "sdtune: error: the loss became NaN"
+
+
+def test_a_queued_job_can_be_taken_out_and_jobs_survive_a_restart(runner, tmp_path):
+    runner.submit("first", "lora", "steps = 50\n")
+    second = runner.submit("second", "lora", "steps = 1\n")
+    runner.stop("second")
+    assert second.state == "stopped"
+    _wait(lambda: runner.jobs["first"].state == "running")
+    runner.shutdown()
+    again = jobs_mod.JobRunner(tmp_path / "train", python="false")
+    try:
+        assert {j.name: j.state for j in again.list()} == {"first": "stopped", "second": "stopped"}
+    finally:
+        again.shutdown()
+
+
+def test_progress_reads_a_loss_csv_when_training_writes_one(tmp_path):
+    (tmp_path / "log.csv").write_text("step,loss,lr\n1,0.9,1e-4\n2,0.7,1e-4\n")
+    (tmp_path / "loss.png").write_bytes(b"")
+    p = jobs_mod.progress(tmp_path)
+    assert p["loss"] == [(1, 0.9), (2, 0.7)] and p["loss_source"] == "csv" and p["loss_png"] == tmp_path / "loss.png"
+
+
+# ---------------------------------------------------------------------------------------------- the UI's actions
+
+def _lora_for(base, seed=1) -> Lora:
+    g = torch.Generator().manual_seed(seed)
+    lora = Lora(format="test")
+    for path, m in base.unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and path.endswith(("attn1.to_q", "attn2.to_k")):
+            out_f, in_f = m.weight.shape
+            lora.modules["unet"][path] = Adapter("lora", {"down": torch.randn(2, in_f, generator=g),
+                                                          "up": torch.randn(out_f, 2, generator=g)}, 2.0)
+    return lora
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    from sdtune.ui.studio import Studio
+
+    root = tmp_path_factory.mktemp("ui")
+    folders = Folders.make(root / "out", root / "loras", root / "embs")
+    save_lora(_lora_for(load_base("tiny-random")), folders.loras / "style.safetensors")
+    (root / "secret.safetensors").write_bytes((folders.loras / "style.safetensors").read_bytes())
+    (folders.loras / "evil.safetensors").symlink_to(root / "secret.safetensors")
+    s = Studio(folders, model="tiny-random", max_upload_mb=1)
+    yield s
+    s.jobs.shutdown()
+
+
+def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
+    assert studio.lora_names() == ["style"]  # the symlink out of the folder is not offered
+    rows, notes = studio.generate("a red star", steps=2, seed=5, picks=[("style", 0.8, 0.8), ("", 1, 1)])
+    (path, text), = rows
+    assert path.parent == studio.folders.out / "generate" and read_infotext(path) == text
+    params = parse_infotext(text)
+    assert params["prompt"] == "a red star, <lora:style:0.8>" and params["Lora weights"] == "<lora:style>=0.8"
+    assert params["Seed"] == "5" and notes == []
+    form = studio.settings_of(path, uploaded=False)
+    assert form["prompt"] == "a red star, <lora:style:0.8>" and form["seed"] == 5 and form["steps"] == 2
+    assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:1:0.5>"
+
+
+@pytest.mark.parametrize("prompt, says", [
+    ("a star <lora:../secret:1>", "'..' leaves the LoRA folder"),
+    ("a star <lora:/etc/passwd:1>", "absolute paths are not allowed"),
+    ("a star <lora:evil:1>", "leads outside the LoRA folder"),
+    ("a star <lora:nothere:1>", "no LoRA of that name in the LoRA folder"),
+])
+def test_generate_refuses_loras_outside_the_folder(studio, prompt, says):
+    with pytest.raises(Refused, match=says):
+        studio.generate(prompt, steps=1)
+    with pytest.raises(Refused, match=says):
+        studio.compare("a red star", x="seed=1,2", y=f"prompt={prompt}|a star", steps=1)
+
+
+def test_reuse_reads_an_a1111_png(studio, tmp_path):
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111.png",
+                   "a castle\nNegative prompt: blurry\nSteps: 31, Sampler: Euler a, CFG scale: 6.5, Seed: 42, "
+                   "Size: 512x768, Model hash: abc, Model: sd15")
+    form = studio.settings_of(png, uploaded=True)
+    assert form == {"prompt": "a castle", "negative_prompt": "blurry", "parameters": read_infotext(png),
+                    "steps": 31, "cfg": 6.5, "seed": 42, "width": 512, "height": 768, "sampler": "euler_a"}
+    bare = tmp_path / "bare.png"
+    Image.new("RGB", (8, 8)).save(bare)
+    with pytest.raises(SdtuneError, match="no generation parameters"):
+        studio.settings_of(bare, uploaded=True)
+    with pytest.raises(Refused, match="leads outside the output folder"):
+        studio.settings_of(png, uploaded=False)  # the gallery only reads the output folder
+
+
+def test_compare_makes_a_grid_with_its_parts(studio):
+    grid, parts, _ = studio.compare("a red star", x="seed=1,2", y="weight=0,1", loras=["style"], steps=1, cell=64)
+    names = sorted(p.name for p in parts)
+    assert grid.name == "xy.png" and names == sorted(["xy.png", "xy.json", "xy-00-00.png", "xy-00-01.png",
+                                                      "xy-01-00.png", "xy-01-01.png"])
+    assert "Y Type: LoRA weight (style)" in read_infotext(grid)
+    with pytest.raises(Refused, match="absolute paths are not allowed"):
+        studio.compare("a red star", x="loras=none|/etc/passwd", steps=1)
+
+
+def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):
+    text, info = studio.inspect("style")
+    assert info["modules"]["unet"] == info["fits"]["unet"] > 0 and info["ranks"] == [2] and info["file"] == "style"
+    assert text.startswith("file ") and "ranks" in text
+    out = studio.convert("style", "diffusers", "style-diffusers")
+    assert out == studio.folders.loras / "style-diffusers.safetensors" and "style-diffusers" in studio.lora_names()
+    with pytest.raises(SdtuneError, match="exists already"):
+        studio.convert("style", "diffusers", "style-diffusers")
+    with pytest.raises(Refused, match="use letters, digits"):
+        studio.convert("style", "kohya", "../escaped")
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": Evil()}, protocol=2))
+    with pytest.raises(SdtuneError, match="refuses to unpickle"):
+        studio.inspect(upload=str(evil))
+    with pytest.raises(SdtuneError, match="refuses to unpickle"):
+        studio.add_upload(str(evil), "loras")
+    assert not marker.exists() and "evil" not in studio.lora_names()
+    big = tmp_path / "big.safetensors"
+    shutil.copyfile(studio.folders.loras / "style.safetensors", big)
+    with open(big, "ab") as f:
+        f.write(b"\0" * (2 * MB))
+    with pytest.raises(Refused, match="over the upload limit of 1 MB"):
+        studio.inspect(upload=str(big))
+
+
+def test_merge_writes_inside_the_output_folder(studio):
+    path = studio.merge("style:0.5", "merged-style", "single")
+    assert path == studio.folders.out / "merged" / "merged-style.safetensors" and path.is_file()
+    with pytest.raises(Refused, match="'..' leaves the LoRA folder"):
+        studio.merge("../secret:1", "m2", "single")
+
+
+def test_gallery_lists_newest_first_and_searches_parameters(studio):
+    studio.generate("a blue circle", steps=1, seed=9)
+    rows = studio.gallery()
+    assert rows[0][1].startswith("a blue circle")
+    assert all("blue circle" in t for _, t in studio.gallery("BLUE CIRCLE"))
+    assert studio.gallery("no such prompt anywhere") == []
+
+
+def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
+    with pytest.raises(Refused, match="'..' leaves the output folder"):
+        studio.submit("lora", "", "../../etc", {})
+    with pytest.raises(Refused, match="absolute paths are not allowed"):
+        studio.submit("lora", "", "/etc", {})
+    with pytest.raises(SdtuneError, match="no training data"):
+        studio.submit("lora", "", "", {})
+    with pytest.raises(Refused, match="job name"):
+        studio.submit("lora", "../x", "stars", {})
+
+
+def test_the_ui_command_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from sdtune import cli
+
+    assert cli.main(["ui", "--auth", "nopassword", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "sdtune: error: --auth: write USER:PASS, e.g. --auth me:a-long-password\n"
+    assert cli.main(["ui", "--port", "70000", "--out", str(tmp_path / "o")]) == 2
+    assert "--port 70000: use a port between 1 and 65535" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was made
