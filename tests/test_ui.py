@@ -29,9 +29,15 @@ MB = 2**20
 
 # ---------------------------------------------------------------------------------------------- guard
 
+def _folders(root: Path) -> Folders:
+    for name in ("loras", "embs"):
+        (root / name).mkdir()
+    return Folders.make(root / "out", root / "loras", root / "embs")
+
+
 @pytest.fixture
 def folders(tmp_path):
-    return Folders.make(tmp_path / "out", tmp_path / "loras", tmp_path / "embs")
+    return _folders(tmp_path)
 
 
 def test_names_inside_a_folder_are_allowed(folders):
@@ -63,6 +69,14 @@ def test_a_symlink_out_of_the_folder_is_refused(folders, tmp_path):
         folders.child("loras", "evil.safetensors")
     with pytest.raises(Refused, match="leads outside the LoRA folder"):
         folders.child("loras", "linkdir/outside.safetensors")
+
+
+def test_given_folders_must_exist(tmp_path):
+    with pytest.raises(SdtuneError, match="--lora-dir .*nope: no such folder"):
+        Folders.make(tmp_path / "out", tmp_path / "nope")
+    f = Folders.make(tmp_path / "out")
+    assert (f.loras, f.embeddings, f.model) == (f.out / "loras", f.out / "embeddings", None)
+    assert f.loras.is_dir() and f.embeddings.is_dir()
 
 
 def test_new_names_are_plain(folders):
@@ -280,7 +294,7 @@ def studio(tmp_path_factory):
     from sdtune.ui.studio import Studio
 
     root = tmp_path_factory.mktemp("ui")
-    folders = Folders.make(root / "out", root / "loras", root / "embs")
+    folders = _folders(root)
     save_lora(_lora_for(load_base("tiny-random")), folders.loras / "style.safetensors")
     (root / "secret.safetensors").write_bytes((folders.loras / "style.safetensors").read_bytes())
     (folders.loras / "evil.safetensors").symlink_to(root / "secret.safetensors")

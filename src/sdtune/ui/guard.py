@@ -48,6 +48,10 @@ class Folders:
     @classmethod
     def make(cls, out, loras=None, embeddings=None, model: str | None = None) -> Folders:
         """Folders from the command line; the LoRA and embedding folders default to ones inside ``out``."""
+        for flag, given in (("--lora-dir", loras), ("--embedding-dir", embeddings)):
+            if given and not Path(given).expanduser().is_dir():  # a typo must not become a new empty folder
+                raise SdtuneError(f"{flag} {given}: no such folder; check the path (or leave it out: the default "
+                                  f"is a folder inside --out)")
         out = Path(out).expanduser().resolve()
         builtin = model is None or model in ("tiny", "tiny-random") or model.endswith("-random")
         model_path = None if builtin else Path(model).expanduser()

@@ -108,7 +108,8 @@ class JobRunner:
 
     def list(self) -> list[Job]:
         """Newest first."""
-        return sorted(self.jobs.values(), key=lambda j: j.submitted, reverse=True)
+        with self.lock:  # the page asks while the worker or another request adds jobs
+            return sorted(self.jobs.values(), key=lambda j: j.submitted, reverse=True)
 
     def shutdown(self) -> None:
         """Stop the worker and every running job (the server is going away)."""
