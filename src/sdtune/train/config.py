@@ -1,8 +1,9 @@
-"""Training settings: one dataclass per kind of training, filled from a TOML file and then from flags.
+"""Training settings: one dataclass per kind of training, filled from a preset, a TOML file and flags.
 
 Every field is a CLI option (``--lr`` sets ``lr``, ``--init-token`` sets ``init_token``) and a TOML key
-(either spelling). ``load_settings(file, overrides)`` reads the file, then applies the flags the user
-actually gave, so a flag always wins over the file.
+(either spelling). ``load_settings(file, overrides, kind, family)`` starts from a preset (``--preset``, else
+the base model family's own, see ``presets``), applies the file, then the flags the user actually gave: a
+flag wins over the file, the file over the preset.
 
     # lora.toml
     data = "images/"
@@ -23,10 +24,16 @@ from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError
+from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
+
+
+def _help(text: str, **kw):
+    """A field with its ``--help`` text (the CLI shows it; other fields show only their default)."""
+    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -36,6 +43,8 @@ class TrainSettings:
     data: str = ""  # folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)
     out: str = ""  # output folder: results, snapshots, resume state, sample grids
     model: str = "tiny"  # base model spec for the CLI (train_ti/train_lora take a loaded Base)
+    preset: str = _help("recommended settings to start from (--list-presets shows them); default: the base "
+                        "model's own", default="")
     steps: int = 1000  # optimizer steps
     epochs: int = 0  # when > 0: steps = epochs x batches per epoch (overrides steps)
     lr: float = 1e-4
@@ -141,7 +150,7 @@ class LoraSettings(TrainSettings):
     text_encoder: bool = False  # also train LoRA on the text encoder
     te_lr: float | None = None  # text-encoder learning rate (None: lr)
     conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
-    conv_alpha: float | None = None  # None: conv_rank
+    conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
     name: str = "lora"  # output file name (without .safetensors)
     formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
@@ -219,9 +228,9 @@ def _coerce(cls, name: str, value, where: str):
     raise SdtuneError(f"{where}: {name} = {value!r} is not a {kind}; fix the value")
 
 
-def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora"):
-    """Settings of ``kind`` ("ti" | "lora"): defaults, then the TOML file, then ``overrides`` (the flags
-    given on the command line; ``None`` values mean "not given" and are skipped)."""
+def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
+    """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
+    command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
     if kind not in KINDS:
         raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
     cls = KINDS[kind]
@@ -252,4 +261,25 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         if name not in names:
             raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
-    return cls(**values)
+    return values
+
+
+def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora",
+                  family=None):
+    """Settings of ``kind`` ("ti" | "lora"): a preset (``preset`` from the file or flags, else the one of
+    ``family``, the base model's ``Family`` or its name; with neither, the dataclass defaults), then the TOML
+    file, then ``overrides``. The preset used is recorded in ``settings.preset``."""
+    given = read_settings(toml_path, overrides, kind)
+    preset = presets.get(kind, given["preset"]) if given.get("preset") else presets.for_family(kind, family)
+    values = dict(preset.values) if preset else {}
+    values.update(given)
+    values["preset"] = preset.name if preset else ""
+    return KINDS[kind](**values)
+
+
+def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):
+    """Settings for training ``base`` (a loaded model): its family's preset, the file, then ``given``
+    (``settings_for(base, "lora", data="imgs", out="runs/a")``); ``model`` defaults to the base's name."""
+    if "model" not in read_settings(toml_path, given, kind):
+        given["model"] = getattr(base, "name", None)
+    return load_settings(toml_path, given, kind, family=base.family)

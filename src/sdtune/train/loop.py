@@ -41,7 +41,8 @@ STATE_FILE = "resume.pt"
 STATE_FORMAT = "sdtune-train-state-1"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
-                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats"}
+                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
+                     "preset"}
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
     state, _ = load_state(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SdtuneError(f"{path}: not an sdtune resume state; delete it or use another --out")
-    saved = json.loads(state["settings"])
+    saved = {**type(settings)().to_dict(), **json.loads(state["settings"])}  # settings added since: defaults
     now = settings.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:

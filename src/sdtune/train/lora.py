@@ -105,7 +105,10 @@ class Network:
     def __init__(self, base, settings: LoraSettings):
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
         conv_rank = settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
-        conv_alpha = settings.conv_alpha if settings.conv_alpha is not None else float(conv_rank)
+        if settings.conv_alpha is not None:
+            conv_alpha = settings.conv_alpha
+        else:  # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
+            conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
         self.layers: dict[tuple[str, str], LoraLayer] = {}
         plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
         if settings.text_encoder:

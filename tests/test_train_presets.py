@@ -1,0 +1,76 @@
+"""Model-aware defaults and named presets."""
+
+
+import pytest
+
+from sdtune import families
+from sdtune.cli import main
+from sdtune.safeio import SdtuneError
+from sdtune.tiny import world
+from sdtune.train import presets
+from sdtune.train.config import LoraSettings, TISettings, load_settings, settings_for
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(6, seed=5, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def test_each_model_family_starts_from_its_own_preset():
+    tiny = load_settings(None, {}, "lora", family="tiny")
+    # the recipe that learns the held-out style on the built-in model (tests/test_train_quality.py)
+    assert (tiny.preset, tiny.targets, tiny.rank, tiny.alpha, tiny.lr, tiny.batch_size, tiny.steps,
+            tiny.min_snr_gamma) == ("tiny", "all", 8, 8.0, 1e-3, 8, 300, 5.0)
+    sd1 = load_settings(None, {}, "lora", family=families.SD1)
+    assert (sd1.preset, sd1.targets, sd1.rank, sd1.alpha, sd1.lr, sd1.resolution) == ("sd1", "attn+ff", 16, 8.0,
+                                                                                        1e-4, 512)
+    sdxl = load_settings(None, {}, "lora", family=families.SDXL)
+    assert (sdxl.rank, sdxl.alpha, sdxl.resolution, sdxl.gradient_checkpointing) == (32, 16.0, 1024, True)
+    ti = load_settings(None, {}, "ti", family="tiny")
+    assert (ti.preset, ti.steps, ti.lr, ti.batch_size, ti.num_vectors) == ("tiny", 400, 5e-3, 4, 1)
+    assert load_settings(None, {}, "ti", family="sd2").resolution == 768
+    for family in families.FAMILIES.values():  # every family sdtune loads has one of each
+        assert presets.for_family("lora", family) and presets.for_family("ti", family)
+    # no family (a settings object built by hand): the dataclass defaults, no preset
+    assert load_settings(None, {}, "lora") == LoraSettings()
+
+
+def test_settings_for_a_loaded_model():
+    from sdtune.models import load_base
+
+    base = load_base("tiny-random")
+    s = settings_for(base, "ti", data="d", out="o", token="<t>", init_token="star")
+    assert isinstance(s, TISettings) and s.preset == "tiny" and s.steps == 400 and s.model == "tiny-random"
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("rank = 4\nlr = 0.5\n")
+    s = load_settings(cfg, {"lr": 0.25}, "lora", family="tiny")
+    assert (s.rank, s.lr, s.targets, s.steps) == (4, 0.25, "all", 300)  # file > preset, flag > file
+    cfg.write_text('preset = "tiny-quick"\nrank = 4\n')
+    assert load_settings(cfg, {}, "lora", family="sd1").steps == 30  # a named preset beats the model's
+    s = load_settings(cfg, {"preset": "sd1"}, "lora", family="tiny")
+    assert (s.preset, s.steps, s.rank, s.resolution) == ("sd1", 1500, 4, 512)  # the flag's preset; the file's rank
+
+
+def test_an_unknown_preset_is_one_line_naming_the_choices(dataset, tmp_path, capsys):
+    with pytest.raises(SdtuneError, match=r"--preset 'tiny-quik': no such lora preset; did you mean 'tiny-quick'\? "
+                                          r"choose one of tiny, tiny-quick, sd1, sd2, sdxl"):
+        load_settings(None, {"preset": "tiny-quik"}, "lora")
+    assert main(["train", "ti", "--data", str(dataset), "--out", str(tmp_path), "--preset", "huge"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdtune: error: --preset 'huge': no such ti preset")
+
+
+def test_list_presets_says_what_each_is_for(capsys):
+    for kind in ("lora", "ti"):
+        assert main(["train", kind, "--list-presets"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"{kind} presets")
+        for preset in presets.PRESETS[kind].values():
+            line = next(ln for ln in lines if ln.split()[0] == preset.name)
+            assert preset.purpose in line
+        assert "[default for the built-in tiny model]" in next(ln for ln in lines if ln.split()[0] == "tiny")
+        assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
