@@ -1,10 +1,16 @@
-"""Model-aware defaults and named presets."""
+"""Model-aware defaults and named presets; every run prints and saves its settings; --config reruns a run."""
 
+import dataclasses
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from sdtune import families
 from sdtune.cli import main
+from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train import presets
@@ -74,3 +80,33 @@ def test_list_presets_says_what_each_is_for(capsys):
             assert preset.purpose in line
         assert "[default for the built-in tiny model]" in next(ln for ln in lines if ln.split()[0] == "tiny")
         assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
+
+
+def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, capsys):
+    first = tmp_path / "first"
+    args = ["train", "lora", "--data", dataset, "--out", first, "--model", "tiny-random", "--steps", "3",
+            "--rank", "4", "--batch-size", "2", "--seed", "3", "--sample-steps", "2", "--no-progress"]
+    # through the real entry point: nothing but sdtune's own lines on the terminal (no TensorBoard or
+    # matplotlib import messages)
+    run = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines() == [str(first / "lora.safetensors")]
+    err = run.stderr.splitlines()
+    assert err[0].startswith("sdtune train lora: preset 'tiny'; settings")
+    assert all(re.match(r"(sdtune train lora: |  \w+=)", ln) for ln in err), err
+    assert "  rank=4" in run.stderr or " rank=4 " in run.stderr
+    saved = load_settings(first / "settings.toml", kind="lora")
+    assert (saved.preset, saved.rank, saved.steps, saved.seed, saved.targets, saved.model) == (
+        "tiny", 4, 3, 3, "all", "tiny-random")  # the flags, and the preset's values they did not touch
+    # --config reruns it: the same settings (but --out) and the same LoRA, bit for bit
+    second = tmp_path / "second"
+    assert main(["train", "lora", "--config", str(first / "settings.toml"), "--out", str(second),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert load_settings(second / "settings.toml", kind="lora") == dataclasses.replace(saved, out=str(second))
+    a, b = load_lora(first / "lora.safetensors"), load_lora(second / "lora.safetensors")
+    assert {(c, p) for c, p, _ in a.items()} == {(c, p) for c, p, _ in b.items()}
+    for comp, path, ad in a.items():
+        for role, tensor in ad.tensors.items():
+            assert torch.equal(tensor, b.modules[comp][path].tensors[role]), (comp, path, role)

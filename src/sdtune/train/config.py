@@ -3,7 +3,8 @@
 Every field is a CLI option (``--lr`` sets ``lr``, ``--init-token`` sets ``init_token``) and a TOML key
 (either spelling). ``load_settings(file, overrides, kind, family)`` starts from a preset (``--preset``, else
 the base model family's own, see ``presets``), applies the file, then the flags the user actually gave: a
-flag wins over the file, the file over the preset.
+flag wins over the file, the file over the preset. ``to_toml`` writes settings back as a file that
+``--config`` reads into the same settings (each run saves its own as ``settings.toml``).
 
     # lora.toml
     data = "images/"
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -283,3 +285,36 @@ def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):
     if "model" not in read_settings(toml_path, given, kind):
         given["model"] = getattr(base, "name", None)
     return load_settings(toml_path, given, kind, family=base.family)
+
+
+# ---------------------------------------------------------------- writing them back
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr keeps every digit of a float (1e-05, 0.1): read back, it is the same number
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def to_toml(settings: TrainSettings) -> str:
+    """The settings as a TOML file (``[lora]`` or ``[ti]``) that ``load_settings`` reads back into equal
+    settings; unset optional values (None, which TOML cannot write) are comments."""
+    lines = [f"# sdtune train {settings.kind} --config THIS_FILE reruns it; flags still override single settings",
+             f"[{settings.kind}]"]
+    for name, value in settings.to_dict().items():
+        lines.append(f"# {name} = (unset)" if value is None else f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(settings: TrainSettings, width: int = 110) -> str:
+    """The settings as a few wrapped ``name=value`` lines, for the terminal."""
+    lines = [""]
+    for name, value in settings.to_dict().items():
+        word = f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+        if lines[-1] and len(lines[-1]) + 2 + len(word) > width:
+            lines.append("")
+        lines[-1] += ("  " if lines[-1] else "") + word
+    return "\n".join("  " + line for line in lines)

@@ -17,6 +17,8 @@ their slice of the same global batch: N processes with batch b give the result o
 
 Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings); a
 NaN loss stops the run before the bad step is applied, leaving the last save as it was.
+
+Each run prints its settings and writes them to ``settings.toml`` (``--config`` reruns it).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..safeio import SdtuneError, atomic_save_torch, load_state
-from .config import TrainSettings
+from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
+from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, seed_for
 
 STATE_FILE = "resume.pt"
 STATE_FORMAT = "sdtune-train-state-1"
+SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
                      "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
@@ -170,6 +173,14 @@ def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -
     return settings.steps
 
 
+def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
+    """Print the settings the run uses and write them where ``--config`` can rerun them."""
+    atomic_write_text(to_toml(settings), out / SETTINGS_FILE)
+    preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
+    print(f"sdtune train {job.name}: {preset}; settings (also in {out / SETTINGS_FILE}):\n{summary(settings)}",
+          file=sys.stderr)
+
+
 def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
     state, _ = load_state(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -251,6 +262,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                                   f"--steps, or use another --out")
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
+        if accelerator.is_main_process:
+            _announce(settings, job, Path(settings.out))
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,

@@ -12,7 +12,8 @@ stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
 A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 convs then use that rank.
 
 At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
-neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata and on request the diffusers layout.
+neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata (the run's whole settings included, as
+``ss_sdtune_settings``) and on request the diffusers layout.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..lora.formats import save_lora
 from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
 from . import loop
-from .config import LoraSettings
+from .config import LoraSettings, to_toml
 from .data import report_skipped, scan_folder, seed_for, training_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -225,6 +226,8 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
+        "ss_sdtune_preset": settings.preset,
+        "ss_sdtune_settings": to_toml(settings),  # --config reads it back: the run that made this file
     }
     if final:
         meta["ss_training_finished_at"] = str(time.time())
