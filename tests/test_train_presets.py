@@ -82,6 +82,14 @@ def test_list_presets_says_what_each_is_for(capsys):
         assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
 
 
+def test_help_says_how_num_vectors_meets_a_longer_init_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "ti", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1 starts from their mean" in text and "N = T: one token each" in text and "A1111's rule" in text
+    assert "--list-presets" in text and "the preset's" in text
+
+
 def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, capsys):
     first = tmp_path / "first"
     args = ["train", "lora", "--data", dataset, "--out", first, "--model", "tiny-random", "--steps", "3",

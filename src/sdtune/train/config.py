@@ -119,8 +119,12 @@ class TISettings(TrainSettings):
     """Textual Inversion: a new token whose vector(s) learn the concept; nothing else changes."""
 
     token: str = ""  # the new word, e.g. "<my-cat>"
-    init_token: str = ""  # a single existing token to start from, e.g. "cat"
-    num_vectors: int = 1
+    init_token: str = _help("a word (or a few) close to the concept, e.g. cat or 'red hexagon': the vectors start "
+                            "from its CLIP tokens", default="")
+    num_vectors: int = _help("vectors of the new word. With an init text of T tokens: 1 starts from their mean; "
+                             "N <= T splits them into N consecutive groups and starts each vector from its group's "
+                             "mean (N = T: one token each); N > T spreads them, each token over N/T neighbouring "
+                             "vectors (A1111's rule)", default=1)
     property: str = "object"  # object | style: which prompt templates (when images have no captions)
     formats: list[str] = field(default_factory=lambda: ["diffusers"])  # diffusers and/or a1111
     steps: int = 1000
@@ -133,8 +137,10 @@ class TISettings(TrainSettings):
         super().check()
         if not self.token:
             raise SdtuneError("no token; pass --token '<name>' (the new word your prompts will use)")
-        if not self.init_token:
-            raise SdtuneError("no init token; pass --init-token WORD (one existing word close to the concept)")
+        if len(self.token.split()) != 1:
+            raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
+        if not self.init_token.strip():
+            raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
         if self.num_vectors < 1:
             raise SdtuneError(f"--num-vectors {self.num_vectors}: must be at least 1")
         _choice("property", self.property, ("object", "style"))

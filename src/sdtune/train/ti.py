@@ -2,10 +2,11 @@
 
     v* = argmin_v  E ‖ε − ε_θ(z_t, t, c_θ(y))‖²        (y: "a photo of <token>", ...)
 
-The token is added with ``EmbeddingSet.add_placeholder`` (its rows start as copies of ``--init-token``).
-During training the text encoder's token table is wrapped: ids of the new token read their rows from a
-small trainable parameter ``[num_vectors, width]`` and all other ids the frozen table, so only those rows
-get a gradient, no full-table gradient or copy is made, and every other row stays bit-identical. At the
+The token is added to the base's ``EmbeddingSet``, its rows starting from the CLIP tokens of ``--init-token``
+(``init_rows``: a word of several tokens is fine, as in A1111). During training the text encoder's token
+table is wrapped: ids of the new token read their rows from a small trainable parameter ``[num_vectors,
+width]`` and all other ids the frozen table, so only those rows get a gradient, no full-table gradient or
+copy is made, and every other row stays bit-identical. At the
 end the learned rows are written into the table (the token stays loaded on the base, ready to use) and
 saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``.
 """
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
-from ..ti.tokens import EmbeddingSet
+from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop
 from .config import TISettings
 from .data import Scan, report_skipped, scan_folder, training_set
@@ -88,6 +89,40 @@ def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
     return [t.format(token) for t in (STYLE_TEMPLATES if prop == "style" else OBJECT_TEMPLATES)]
 
 
+def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` starting vectors from the ``t`` rows of an init text's tokens: n <= t splits the tokens into n
+    consecutive groups and takes each group's mean (1: the mean of all, t: one token each); n > t takes token
+    ``i * t // n`` for vector i, each token spread over neighbouring vectors (A1111's rule)."""
+    t = rows.shape[0]
+    if n >= t:
+        return rows[[i * t // n for i in range(n)]].clone()
+    return torch.stack([rows[i * t // n:(i + 1) * t // n].mean(0) for i in range(n)])
+
+
+def init_rows(base, text: str, num_vectors: int) -> dict[str, torch.Tensor]:
+    """The new token's starting rows in each text encoder (by embedding key), from the tokens of ``text``."""
+    parts = {}
+    for te, model, tokenizer in base.text_encoders():
+        pieces = tokenizer.encode(text, add_special_tokens=False)
+        if not pieces:
+            raise SdtuneError(f"--init-token {text!r} has no tokens; give a word close to the concept, e.g. cat")
+        rows = model.get_input_embeddings().weight.detach()[pieces].to("cpu", torch.float32)
+        parts[te.embedding_key] = spread(rows, num_vectors)
+    return parts
+
+
+def add_token(base, settings: TISettings) -> list[int]:
+    """Add the token to the base's embeddings with its starting rows; returns its ids (consecutive)."""
+    known = {t.lower() for t in base.tokenizer.get_vocab()}
+    if any(name.lower() in known for name in sub_tokens(settings.token, settings.num_vectors)):
+        raise SdtuneError(f"--token {settings.token!r} is already in the tokenizer's vocabulary (a word it knows, or "
+                          f"a loaded embedding); choose a new word, e.g. '<{settings.token.strip('<>')}-1>'")
+    embeddings = embedding_set(base)
+    parts = init_rows(base, settings.init_token, settings.num_vectors)
+    embeddings.add(Embedding.from_parts(settings.token, parts, f"placeholder {settings.token}", "diffusers"))
+    return embeddings.ids(settings.token)
+
+
 def file_stem(token: str) -> str:
     """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
@@ -105,7 +140,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     data = training_set(base, settings, scan, templates)
 
     embeddings = embedding_set(base)
-    ids = embeddings.add_placeholder(settings.token, settings.init_token, settings.num_vectors)
+    ids = add_token(base, settings)
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise SdtuneError(f"--token {settings.token}: its ids {ids} are not consecutive; load it on a fresh model")
     te = base.text_encoder
