@@ -36,7 +36,7 @@ def lora_tensors(path):
 
 def settings(dataset, out, **kw):
     defaults = dict(data=str(dataset), out=str(out), steps=6, batch_size=2, rank=4, alpha=4, lr=2e-3,
-                    progress=False)
+                    sample_steps=2, progress=False)
     return LoraSettings(**{**defaults, **kw})
 
 

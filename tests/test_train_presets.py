@@ -27,7 +27,7 @@ def test_each_model_family_starts_from_its_own_preset():
     tiny = load_settings(None, {}, "lora", family="tiny")
     # the recipe that learns the held-out style on the built-in model (tests/test_train_quality.py)
     assert (tiny.preset, tiny.targets, tiny.rank, tiny.alpha, tiny.lr, tiny.batch_size, tiny.steps,
-            tiny.min_snr_gamma) == ("tiny", "all", 8, 8.0, 1e-3, 8, 300, 5.0)
+            tiny.min_snr_gamma, tiny.validation_split) == ("tiny", "all", 8, 8.0, 1e-3, 8, 300, 5.0, 0.1)
     sd1 = load_settings(None, {}, "lora", family=families.SD1)
     assert (sd1.preset, sd1.targets, sd1.rank, sd1.alpha, sd1.lr, sd1.resolution) == ("sd1", "attn+ff", 16, 8.0,
                                                                                         1e-4, 512)
@@ -59,6 +59,12 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
     assert load_settings(cfg, {}, "lora", family="sd1").steps == 30  # a named preset beats the model's
     s = load_settings(cfg, {"preset": "sd1"}, "lora", family="tiny")
     assert (s.preset, s.steps, s.rank, s.resolution) == ("sd1", 1500, 4, 512)  # the flag's preset; the file's rank
+    # held-out images given: the preset's --validation-split gives way instead of clashing
+    s = load_settings(None, {"data": "d", "out": "o", "validation_dir": "v"}, "lora", family="tiny")
+    assert s.validation_split == 0.0
+    s.check()
+    with pytest.raises(SdtuneError, match="--validation-split and --validation-dir both given"):
+        dataclasses.replace(s, validation_split=0.1).check()
 
 
 def test_an_unknown_preset_is_one_line_naming_the_choices(dataset, tmp_path, capsys):
@@ -101,8 +107,8 @@ def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, cap
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines() == [str(first / "lora.safetensors")]
     err = run.stderr.splitlines()
-    assert err[0].startswith("sdtune train lora: preset 'tiny'; settings")
-    assert all(re.match(r"(sdtune train lora: |  \w+=)", ln) for ln in err), err
+    assert err[0].startswith("sdtune train lora: preset 'tiny'; validation on 1 held-out image(s); settings")
+    assert all(re.match(r"(sdtune train lora: |  \w+=|step \d+: validation loss \d\.\d{8}$)", ln) for ln in err), err
     assert "  rank=4" in run.stderr or " rank=4 " in run.stderr
     saved = load_settings(first / "settings.toml", kind="lora")
     assert (saved.preset, saved.rank, saved.steps, saved.seed, saved.targets, saved.model) == (

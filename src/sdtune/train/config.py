@@ -76,6 +76,11 @@ class TrainSettings:
     sample_images: int = 4  # images per prompt in a grid
     sample_steps: int = 20
     sample_guidance: float = 7.5
+    validation_dir: str = _help("held-out images (captioned like --data) for the validation loss", default="")
+    validation_split: float = _help("fraction of the --data images held out for the validation loss (0: none; "
+                                    "the loss is then measured on up to 8 training images)", default=0.0)
+    validation_every: int = _help("validation loss every N steps, besides step 0, each save and the end (0: only "
+                                  "those)", default=0)
     resume: bool = True  # continue from the resume state in ``out`` if there is one
     progress: bool = True  # progress bar
 
@@ -96,7 +101,8 @@ class TrainSettings:
                             lr_warmup_steps=self.lr_warmup_steps, min_snr_gamma=self.min_snr_gamma,
                             noise_offset=self.noise_offset, max_grad_norm=self.max_grad_norm,
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
-                            keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every)
+                            keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every,
+                            validation_every=self.validation_every)
         for name, value in non_negative.items():
             if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
@@ -104,6 +110,10 @@ class TrainSettings:
             raise SdtuneError("--steps 0 and --epochs 0: give one of them")
         if not 0 <= self.caption_dropout < 1:
             raise SdtuneError(f"--caption-dropout {self.caption_dropout}: must be in [0, 1)")
+        if not 0 <= self.validation_split < 1:
+            raise SdtuneError(f"--validation-split {self.validation_split}: must be in [0, 1), e.g. 0.1")
+        if self.validation_split and self.validation_dir:
+            raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
@@ -280,6 +290,8 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     given = read_settings(toml_path, overrides, kind)
     preset = presets.get(kind, given["preset"]) if given.get("preset") else presets.for_family(kind, family)
     values = dict(preset.values) if preset else {}
+    if "validation_dir" in given and "validation_split" not in given:
+        values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)
     values["preset"] = preset.name if preset else ""
     return KINDS[kind](**values)

@@ -18,7 +18,9 @@ their slice of the same global batch: N processes with batch b give the result o
 Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings); a
 NaN loss stops the run before the bad step is applied, leaving the last save as it was.
 
-Each run prints its settings and writes them to ``settings.toml`` (``--config`` reruns it).
+What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
+validation loss (``validation``) is measured and printed at step 0, every ``validation_every`` steps, at each
+save and at the end.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, seed_for
+from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
 STATE_FORMAT = "sdtune-train-state-1"
@@ -45,7 +49,7 @@ SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
                      "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
-                     "preset"}
+                     "preset", "validation_every"}
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Job:
     expand: Callable[[str], str] = lambda prompt: prompt  # prompt rewrite (multi-vector TI tokens)
     set_training: Callable[[bool], None] = lambda on: None  # train/eval mode of the trainable modules (dropout)
     metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
+    validation: ValidationSet | None = None  # fixed images for the validation loss
 
 
 # ---------------------------------------------------------------- pieces
@@ -113,7 +118,8 @@ class Objective(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.text_trainable = text_trainable
 
-    def forward(self, latents, noise, timesteps, input_ids=None, context=None):
+    def errors(self, latents, noise, timesteps, input_ids=None, context=None) -> torch.Tensor:
+        """The plain prediction error of each sample (what the validation loss averages)."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
                 context = self.text_encoder(input_ids)[0]
@@ -122,7 +128,10 @@ class Objective(nn.Module):
         dtype = self.unet.dtype
         pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def forward(self, latents, noise, timesteps, input_ids=None, context=None):
+        loss = self.errors(latents, noise, timesteps, input_ids, context)
         if self.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
         return loss.mean()
@@ -133,7 +142,7 @@ class TextInput:
     captions are fixed, else token ids for the text encoder to run on."""
 
     def __init__(self, tokenizer, text_encoder, device, expand=lambda p: p, cache_captions: list[str] | None = None):
-        self.tokenizer, self.device, self.expand = tokenizer, device, expand
+        self.tokenizer, self.text_encoder, self.device, self.expand = tokenizer, text_encoder, device, expand
         self.cache: dict[str, torch.Tensor] | None = None
         if cache_captions is not None:
             self.cache = {}
@@ -151,6 +160,13 @@ class TextInput:
         if self.cache is not None:
             return {"context": torch.stack([self.cache[c] for c in captions])}
         return {"input_ids": self.ids(captions)}
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Encoder outputs for any captions (validation's need not be training captions), without gradients."""
+        if self.cache is not None and all(c in self.cache for c in captions):
+            return torch.stack([self.cache[c] for c in captions])
+        return self.text_encoder(self.ids(captions))[0]
 
 
 def make_accelerator(settings: TrainSettings, base):
@@ -177,8 +193,9 @@ def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
     """Print the settings the run uses and write them where ``--config`` can rerun them."""
     atomic_write_text(to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
-    print(f"sdtune train {job.name}: {preset}; settings (also in {out / SETTINGS_FILE}):\n{summary(settings)}",
-          file=sys.stderr)
+    validated = job.validation.description if job.validation else "no validation images"
+    print(f"sdtune train {job.name}: {preset}; validation on {validated}; settings (also in "
+          f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
 def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
@@ -326,14 +343,32 @@ class Session:
         self.last_save = step
         acc.wait_for_everyone()
 
-    def sample(self, step: int) -> None:
+    def _evaluating(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the main process with the trainable modules in eval mode (no dropout)."""
         if self.accelerator.is_main_process:
             self.job.set_training(False)
             try:
-                sample_grid(self.base, self.settings, self.job.expand, self.out / "samples" / f"step-{step:06d}.png")
+                work()
             finally:
                 self.job.set_training(True)
         self.accelerator.wait_for_everyone()
+
+    def sample(self, step: int) -> None:
+        path = self.out / "samples" / f"step-{step:06d}.png"
+        self._evaluating(lambda: sample_grid(self.base, self.settings, self.job.expand, path))
+
+    def validate(self, step: int) -> None:
+        """The validation loss at ``step``: logged, and printed with enough digits to compare runs."""
+        if self.job.validation is None:
+            return
+
+        def measure():
+            with self.accelerator.autocast():
+                value = validation_loss(self.accelerator.unwrap_model(self.model), self.text, self.job.validation,
+                                        self.accelerator.device)
+            tqdm.write(f"step {step}: validation loss {value:.8f}", file=sys.stderr)
+
+        self._evaluating(measure)
 
     def stop_if_diverged(self, step: int, loss: float, grad_norm) -> None:
         """Raise before the optimizer step when the loss or the gradient norm is not finite (under fp16 the
@@ -349,15 +384,15 @@ class Session:
 
 
 def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None) -> list[Path]:
-    """The loop itself: micro-batches, backward, clip, NaN check, step, saves and samples."""
-    from tqdm.auto import tqdm
-
+    """The loop itself: micro-batches, backward, clip, NaN check, step, validation, saves and samples."""
     s, acc, optimizer = r.settings, r.accelerator, r.optimizer
     params = [p for group in r.job.param_groups for p in group["params"]]
     bar = tqdm(total=r.total, initial=start, desc=f"train {r.job.name}", unit="step", dynamic_ncols=True,
                disable=not (acc.is_main_process and s.progress), file=sys.stderr)
     smooth = None
     try:
+        if start == 0:  # the base model's number: where the run starts from
+            r.validate(0)
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
             for group in optimizer.param_groups:
@@ -376,7 +411,10 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if callback is not None:
                 callback(done, value)
-            if s.save_every and done % s.save_every == 0 and done < r.total:
+            saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total
+            if saving or done == r.total or (s.validation_every and done % s.validation_every == 0):
+                r.validate(done)
+            if saving:
                 r.save(done, final=False)
             if s.sample_every and done % s.sample_every == 0:
                 r.sample(done)

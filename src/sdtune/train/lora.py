@@ -31,7 +31,7 @@ from torch import nn
 from ..lora.formats import save_lora
 from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
-from . import loop
+from . import loop, validation
 from .config import LoraSettings, to_toml
 from .data import report_skipped, scan_folder, seed_for, training_set
 
@@ -241,7 +241,9 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     started = time.time()
     scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
     report_skipped(scan)
+    scan, held, held_out = validation.split(settings, scan, require_captions=True)
     data = training_set(base, settings, scan, templates=None)
+    checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     network = Network(base, settings)
     groups = [{"params": network.params("unet"), "lr": settings.lr}]
     if settings.text_encoder:
@@ -261,7 +263,8 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
 
     job = loop.Job(name="lora", param_groups=groups, state=network.state,
                    load_state=lambda state: network.load_state(state, out / loop.STATE_FILE), save=save,
-                   text_trainable=settings.text_encoder, set_training=network.set_training)
+                   text_trainable=settings.text_encoder, set_training=network.set_training,
+                   validation=checks)
     network.inject()
     try:
         loop.run(base, settings, job, data, callback)

@@ -22,7 +22,7 @@ from torch import nn
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
-from . import loop
+from . import loop, validation
 from .config import TISettings
 from .data import Scan, report_skipped, scan_folder, training_set
 
@@ -137,7 +137,13 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     scan = scan_folder(settings.data, default_caption=None, require_captions=False)
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
+    scan, held, held_out = validation.split(settings, scan, require_captions=False)
     data = training_set(base, settings, scan, templates)
+    # validation images get the captions or templates their folder's rule gives (template i % n for image i)
+    held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates
+    captions = [held_templates[i % len(held_templates)] if held_templates else ex.caption
+                for i, ex in enumerate(held.examples)]
+    checks = validation.build(base, settings, held, captions, held_out)
 
     embeddings = embedding_set(base)
     ids = add_token(base, settings)
@@ -170,7 +176,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
 
     job = loop.Job(name="ti", param_groups=[{"params": [spliced.rows], "lr": settings.lr}],
                    state=lambda: {"rows": spliced.rows.detach().cpu().clone()}, load_state=load_state,
-                   save=save, text_trainable=True, expand=embeddings.expand)
+                   save=save, text_trainable=True, expand=embeddings.expand, validation=checks)
     te.set_input_embeddings(spliced)
     try:
         loop.run(base, settings, job, data, callback)
