@@ -1,22 +1,27 @@
-"""What a run shows: the validation loss (held out, deterministic, comparable)."""
+"""What a run shows: the validation loss (held out, deterministic, comparable), loss.csv, TensorBoard events,
+loss.png and sample grids; resumed runs keep one consistent log."""
 
 import random
+from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
+from sdtune.train import logs
 from sdtune.train.config import LoraSettings
-from sdtune.train.data import scan_folder, split_validation
+from sdtune.train.data import first_prompts, scan_folder, split_validation
 from sdtune.train.lora import train_lora
 
 
 def settings(dataset, out, **kw):
-    """A short run with two saves, and a fifth of the images held out."""
+    """A short run with two saves, samples at each, and a fifth of the images held out."""
     return LoraSettings(**{**dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=5e-3,
-                                  save_every=2, validation_split=0.2, progress=False), **kw})
+                                  save_every=2, sample_every=2, sample_images=1, sample_steps=2, validation_split=0.2,
+                                  progress=False), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +41,10 @@ def lora_run(base, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train_lora(base, settings(dataset, out))
     return out
+
+
+def csv_rows(out: Path) -> list[str]:
+    return (out / logs.CSV_FILE).read_text().splitlines()
 
 
 # ---------------------------------------------------------------- validation
@@ -60,30 +69,87 @@ def test_held_out_images_are_not_trained_on(lora_run):
         assert f.metadata()["ss_num_train_images"] == "8"
 
 
-def test_validation_loss_is_deterministic_and_comparable(base, dataset, tmp_path, capsys):
-    def printed(out, **kw):
-        capsys.readouterr()
-        train_lora(base, settings(dataset, tmp_path / out, **kw))
-        return [ln for ln in capsys.readouterr().err.splitlines() if "validation loss" in ln]
-
-    first = printed("a")
-    assert printed("b") == first  # to the last printed digit
-    assert [ln.split(":")[0] for ln in first] == ["step 0", "step 2", "step 4"]  # step 0, each save, the end
+def test_validation_loss_is_deterministic_and_comparable(base, dataset, lora_run, tmp_path, capsys):
+    capsys.readouterr()
+    train_lora(base, settings(dataset, tmp_path / "again"))
+    printed = [ln for ln in capsys.readouterr().err.splitlines() if "validation loss" in ln]
+    first = [r for r in csv_rows(lora_run)]
+    assert csv_rows(tmp_path / "again") == first  # every digit of every loss, lr and validation loss
+    val = {int(r.split(",")[0]): r.split(",")[3] for r in first[1:] if r.split(",")[3]}
+    assert sorted(val) == [0, 2, 4]  # step 0, each save, the end
+    assert printed == [f"step {s}: validation loss {float(v):.8f}" for s, v in val.items()]
     # another seed and Min-SNR weighting change training, not the yardstick: step 0 (the base) reads the same
-    other = printed("c", seed=1, min_snr_gamma=5.0)
-    assert other[0] == first[0] and other[2] != first[2]
+    train_lora(base, settings(dataset, tmp_path / "other", seed=1, min_snr_gamma=5.0))
+    other = {int(r.split(",")[0]): r.split(",")[3] for r in csv_rows(tmp_path / "other")[1:] if r.split(",")[3]}
+    assert other[0] == val[0] and other[4] != val[4]
 
 
 def test_without_held_out_images_training_images_stand_in(base, dataset, tmp_path, capsys):
-    train_lora(base, settings(dataset, tmp_path, validation_split=0.0, steps=2))
-    err = capsys.readouterr().err
-    assert "validation on 8 training image(s): nothing was held out" in err and "step 0: validation loss" in err
+    train_lora(base, settings(dataset, tmp_path, validation_split=0.0, steps=2, sample_every=0))
+    assert "validation on 8 training image(s): nothing was held out" in capsys.readouterr().err
+    assert (tmp_path / logs.CSV_FILE).read_text().splitlines()[1].startswith("0,,,")  # still a number at step 0
 
 
 def test_a_validation_folder(base, dataset, tmp_path, capsys):
     held = world.write_dataset(tmp_path / "held", world.concept_scenes(3, seed=9, style="outline"), template=None,
                                with_style=False)
-    train_lora(base, settings(dataset, tmp_path / "out", validation_split=0.0, validation_dir=str(held), steps=2))
+    train_lora(base, settings(dataset, tmp_path / "out", validation_split=0.0, validation_dir=str(held), steps=2,
+                              sample_every=0))
     assert "validation on 3 held-out image(s)" in capsys.readouterr().err
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_num_train_images"] == "10"  # all of --data trains
+
+
+# ---------------------------------------------------------------- logs
+
+def test_loss_csv_tensorboard_and_plot(lora_run):
+    rows = [r.split(",") for r in csv_rows(lora_run)]
+    assert rows[0] == ["step", "loss", "lr", "val_loss"]
+    assert [int(r[0]) for r in rows[1:]] == [0, 1, 2, 3, 4]
+    assert rows[1][1:3] == ["", ""] and all(float(r[1]) > 0 and float(r[2]) == 5e-3 for r in rows[2:])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(lora_run / logs.TENSORBOARD_DIR))
+    events.Reload()
+    train = events.Scalars("loss/train")
+    assert [e.step for e in train] == [1, 2, 3, 4]
+    assert [e.value for e in train] == pytest.approx([float(r[1]) for r in rows[2:]], rel=1e-6)
+    assert [e.step for e in events.Scalars("loss/validation")] == [0, 2, 4]
+    with Image.open(lora_run / logs.PLOT_FILE) as im:
+        assert im.format == "PNG" and im.size == (800, 550)
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    assert logs.smooth([2.0, 2.0, 2.0], 10) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0 at the start
+    assert logs.smooth([0.0, 1.0], 1) == [0.0, 1.0]  # window 1: the values themselves
+    smoothed = logs.smooth([0.0] * 50 + [1.0] * 50, 10)
+    assert 0 < smoothed[55] < 1 and smoothed[-1] == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_resumed_run_keeps_one_log(base, dataset, lora_run, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path), callback=stop)
+    assert [r.split(",")[0] for r in csv_rows(tmp_path)[1:]] == ["0", "1", "2", "3"]  # up to the stop
+    train_lora(base, settings(dataset, tmp_path))
+    assert csv_rows(tmp_path) == csv_rows(lora_run)  # resumed from the save at 2: as if it had never stopped
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / logs.TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3, 4]  # step 3 of the cut run purged
+
+
+def test_samples_start_at_the_base_and_use_the_first_captions(lora_run, dataset):
+    assert sorted(p.name for p in (lora_run / "samples").iterdir()) == [
+        "step-000000.png", "step-000002.png", "step-000004.png"]
+    prompts = first_prompts(ex.caption for ex in split_validation(scan_folder(dataset), 0.2, dataset)[0].examples)
+    with Image.open(lora_run / "samples" / "step-000002.png") as sample:
+        assert len(prompts) == 4 and sample.size == (64, 4 * 64)  # the first 4 captions x one image
+    assert first_prompts(["", "a", "b", "a"]) == ["a", "b"] and first_prompts(["", ""]) == [""]

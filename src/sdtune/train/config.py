@@ -71,8 +71,9 @@ class TrainSettings:
     caption_dropout: float = 0.0  # probability of training a sample with an empty caption
     default_caption: str | None = None  # caption of images without a caption file
     save_every: int = 0  # snapshot + resume state every N steps (0: only at the end)
-    sample_every: int = 0  # sample grid every M steps (0: never; needs sample_prompts)
-    sample_prompts: list[str] = field(default_factory=list)
+    sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
+    sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions)",
+                                      default_factory=list)
     sample_images: int = 4  # images per prompt in a grid
     sample_steps: int = 20
     sample_guidance: float = 7.5
@@ -117,8 +118,6 @@ class TrainSettings:
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
-        if self.sample_every and not self.sample_prompts:
-            raise SdtuneError("--sample-every needs at least one --sample-prompt")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

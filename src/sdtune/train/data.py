@@ -153,6 +153,12 @@ def split_validation(scan: Scan, fraction: float, root: str | Path) -> tuple[Sca
             _subset(scan, [ex for ex in scan.examples if id(ex) in held], root))
 
 
+def first_prompts(texts, n: int = 4) -> list[str]:
+    """The first ``n`` distinct non-empty texts: the prompts of samples and the report when none are given
+    (the empty prompt when every text is empty)."""
+    return list(dict.fromkeys(t for t in texts if t))[:n] or [""]
+
+
 # ---------------------------------------------------------------- images
 
 def check_image(path: Path) -> str | None:

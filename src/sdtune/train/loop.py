@@ -19,8 +19,9 @@ Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optim
 NaN loss stops the run before the bad step is applied, leaving the last save as it was.
 
 What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
-validation loss (``validation``) is measured and printed at step 0, every ``validation_every`` steps, at each
-save and at the end.
+validation loss (``validation``) is measured at step 0, every ``validation_every`` steps, at each save and at
+the end; sample grids at step 0, every ``sample_every`` steps and at the end; the losses go to ``loss.csv``,
+TensorBoard and ``loss.png`` (``logs``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
+from . import logs
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, seed_for
 from .validation import ValidationSet, validation_loss
@@ -65,6 +67,7 @@ class Job:
     expand: Callable[[str], str] = lambda prompt: prompt  # prompt rewrite (multi-vector TI tokens)
     set_training: Callable[[bool], None] = lambda on: None  # train/eval mode of the trainable modules (dropout)
     metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
+    sample_prompts: list[str] = field(default_factory=list)  # the grids' prompts when the settings name none
     validation: ValidationSet | None = None  # fixed images for the validation loss
 
 
@@ -283,8 +286,10 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             _announce(settings, job, Path(settings.out))
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
+        log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process)
+        undo.append(log.close)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
-                          model=model, optimizer=optimizer, total=total, last_save=start or None)
+                          model=model, optimizer=optimizer, total=total, log=log, last_save=start or None)
         return _steps(session, start, callback)
     finally:
         for step_back in reversed(undo):
@@ -304,6 +309,7 @@ class Session:
     model: nn.Module  # the Objective, as accelerate prepared it (DDP-wrapped with several processes)
     optimizer: torch.optim.Optimizer
     total: int  # steps of the whole run
+    log: logs.TrainLog
     last_save: int | None = None  # step of the newest save, for the NaN message
     final_files: list[Path] = field(default_factory=list)
 
@@ -336,6 +342,7 @@ class Session:
         if acc.is_main_process:
             written = self.job.save(step, final)  # the user's files first, then the state that points at them
             self.final_files = written if final else self.final_files
+            self.log.flush()
             atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
                                "optimizer": self.optimizer.state_dict(),
                                "settings": json.dumps(self.settings.to_dict()),
@@ -354,8 +361,9 @@ class Session:
         self.accelerator.wait_for_everyone()
 
     def sample(self, step: int) -> None:
+        prompts = self.settings.sample_prompts or self.job.sample_prompts
         path = self.out / "samples" / f"step-{step:06d}.png"
-        self._evaluating(lambda: sample_grid(self.base, self.settings, self.job.expand, path))
+        self._evaluating(lambda: sample_grid(self.base, self.settings, prompts, self.job.expand, path))
 
     def validate(self, step: int) -> None:
         """The validation loss at ``step``: logged, and printed with enough digits to compare runs."""
@@ -366,6 +374,7 @@ class Session:
             with self.accelerator.autocast():
                 value = validation_loss(self.accelerator.unwrap_model(self.model), self.text, self.job.validation,
                                         self.accelerator.device)
+            self.log.validation(step, value)
             tqdm.write(f"step {step}: validation loss {value:.8f}", file=sys.stderr)
 
         self._evaluating(measure)
@@ -391,8 +400,10 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                disable=not (acc.is_main_process and s.progress), file=sys.stderr)
     smooth = None
     try:
-        if start == 0:  # the base model's number: where the run starts from
+        if start == 0:  # the base model's numbers: where the run starts from
             r.validate(0)
+            if s.sample_every:
+                r.sample(0)
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
             for group in optimizer.param_groups:
@@ -409,6 +420,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            r.log.train(done, value, optimizer.param_groups[0]["lr"])
             if callback is not None:
                 callback(done, value)
             saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total
@@ -416,7 +428,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                 r.validate(done)
             if saving:
                 r.save(done, final=False)
-            if s.sample_every and done % s.sample_every == 0:
+            if s.sample_every and (done % s.sample_every == 0 or done == r.total):
                 r.sample(done)
         r.save(r.total, final=True)
     finally:
@@ -425,13 +437,13 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
 
 
 @torch.no_grad()
-def sample_grid(base, settings: TrainSettings, expand, path: Path) -> Path:
-    """A grid of ``sample_images`` images per validation prompt (one row each), same seeds every time."""
+def sample_grid(base, settings: TrainSettings, prompts: list[str], expand, path: Path) -> Path:
+    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time."""
     from ..generate import generate, grid, save_png
 
     images = []
-    for prompt in settings.sample_prompts:
+    for prompt in prompts:
         images += [g.image for g in generate(base, expand(prompt), steps=settings.sample_steps,
                                              guidance=settings.sample_guidance, seed=settings.seed,
                                              num_images=settings.sample_images, progress=False)]
-    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(settings.sample_prompts))
+    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(prompts))

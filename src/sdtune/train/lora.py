@@ -33,7 +33,7 @@ from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
 from . import loop, validation
 from .config import LoraSettings, to_toml
-from .data import report_skipped, scan_folder, seed_for, training_set
+from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
@@ -261,9 +261,10 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
             save_lora(lora, paths[-1], format="diffusers")
         return paths
 
+    prompts = first_prompts(ex.caption for ex in scan.examples)
     job = loop.Job(name="lora", param_groups=groups, state=network.state,
                    load_state=lambda state: network.load_state(state, out / loop.STATE_FILE), save=save,
-                   text_trainable=settings.text_encoder, set_training=network.set_training,
+                   text_trainable=settings.text_encoder, set_training=network.set_training, sample_prompts=prompts,
                    validation=checks)
     network.inject()
     try:

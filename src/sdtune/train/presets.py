@@ -34,19 +34,22 @@ class Preset:
 # least (content kept: 62% without, 80% with, on an earlier CPU-trained model). A tenth of the images is held
 # out for the validation loss (48 images: 5).
 _TINY_LORA = dict(targets="all", rank=8, alpha=8.0, lr=1e-3, batch_size=8, steps=300, min_snr_gamma=5.0,
-                  validation_split=0.1, validation_every=50, save_every=100)
+                  validation_split=0.1, validation_every=50, save_every=100, sample_every=100, sample_images=2,
+                  sample_guidance=5.0)
 # The built-in tiny model, TI: a handful of images of one concept, so nothing is held out (the validation loss
 # is then measured on training images at fixed noise: still a steady, comparable curve, not a test of
 # generalisation). One vector, as A1111 starts: it learns the quality test's cyan triangle in 16 of 16
 # images (seeds 1000 and 2000), as two vectors did.
-_TINY_TI = dict(steps=400, lr=5e-3, batch_size=4, validation_every=50, save_every=100)
-_QUICK = dict(steps=30, validation_every=0, save_every=10)
+_TINY_TI = dict(steps=400, lr=5e-3, batch_size=4, validation_every=50, save_every=100, sample_every=100,
+                sample_images=2, sample_guidance=5.0)
+# samples at the start and the end only: on the tiny model a sample grid costs about as much as 20 steps
+_QUICK = dict(steps=30, validation_every=0, save_every=10, sample_every=30)
 
 # kohya-ss's usual LoRA: attention + feed-forward + proj_in/out (its default module set), Min-SNR 5, cosine.
 _KOHYA = dict(targets="attn+ff", lr=1e-4, min_snr_gamma=5.0, lr_scheduler="cosine", buckets=True,
-              save_every=250)
+              save_every=250, sample_every=250, sample_steps=25)
 # A1111's and diffusers' usual TI: lr 5e-3 over an effective batch of 4.
-_A1111_TI = dict(lr=5e-3, batch_size=1, grad_accum=4, steps=2000, save_every=250)
+_A1111_TI = dict(lr=5e-3, batch_size=1, grad_accum=4, steps=2000, save_every=250, sample_every=250, sample_steps=25)
 
 LORA = [
     Preset("tiny", "the built-in tiny model: learn a style or a look from ~50 captioned images in about a minute "

@@ -24,7 +24,7 @@ from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, validation
 from .config import TISettings
-from .data import Scan, report_skipped, scan_folder, training_set
+from .data import Scan, first_prompts, report_skipped, scan_folder, training_set
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [
@@ -144,6 +144,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     captions = [held_templates[i % len(held_templates)] if held_templates else ex.caption
                 for i, ex in enumerate(held.examples)]
     checks = validation.build(base, settings, held, captions, held_out)
+    prompts = first_prompts(templates or [ex.caption for ex in scan.examples])
 
     embeddings = embedding_set(base)
     ids = add_token(base, settings)
@@ -176,7 +177,8 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
 
     job = loop.Job(name="ti", param_groups=[{"params": [spliced.rows], "lr": settings.lr}],
                    state=lambda: {"rows": spliced.rows.detach().cpu().clone()}, load_state=load_state,
-                   save=save, text_trainable=True, expand=embeddings.expand, validation=checks)
+                   save=save, text_trainable=True, expand=embeddings.expand, sample_prompts=prompts,
+                   validation=checks)
     te.set_input_embeddings(spliced)
     try:
         loop.run(base, settings, job, data, callback)
