@@ -1,20 +1,26 @@
 """What a run shows: the validation loss (held out, deterministic, comparable), loss.csv, TensorBoard events,
-loss.png and sample grids; resumed runs keep one consistent log."""
+loss.png, sample grids, report.html and best.safetensors; resumed runs keep one consistent log."""
 
 import random
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
+from sdtune.ti.formats import load_embedding
 from sdtune.tiny import world
-from sdtune.train import logs
-from sdtune.train.config import LoraSettings
+from sdtune.train import logs, report
+from sdtune.train.config import LoraSettings, TISettings
 from sdtune.train.data import first_prompts, scan_folder, split_validation
+from sdtune.train.loop import Record
 from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
 
 
 def settings(dataset, out, **kw):
@@ -144,6 +150,9 @@ def test_a_resumed_run_keeps_one_log(base, dataset, lora_run, tmp_path):
     events = EventAccumulator(str(tmp_path / logs.TENSORBOARD_DIR))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3, 4]  # step 3 of the cut run purged
+    # the report knows the checkpoint saved before the stop
+    page = (tmp_path / report.REPORT_FILE).read_text()
+    assert '<a href="lora-step000002.safetensors">' in page and "4 steps, resumed sessions included" in page
 
 
 def test_samples_start_at_the_base_and_use_the_first_captions(lora_run, dataset):
@@ -153,3 +162,64 @@ def test_samples_start_at_the_base_and_use_the_first_captions(lora_run, dataset)
     with Image.open(lora_run / "samples" / "step-000002.png") as sample:
         assert len(prompts) == 4 and sample.size == (64, 4 * 64)  # the first 4 captions x one image
     assert first_prompts(["", "a", "b", "a"]) == ["a", "b"] and first_prompts(["", ""]) == [""]
+
+
+# ---------------------------------------------------------------- report
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src")]
+
+
+def test_report_shows_the_run_and_names_the_best_checkpoint(lora_run):
+    page = (lora_run / report.REPORT_FILE).read_text()
+    parser = _Links()
+    parser.feed(page)
+    for link in parser.links:  # opens from the disk: every link is relative and there
+        assert not re.match(r"^[a-z]+:|^/", link) and (lora_run / link).exists(), link
+    for needed in ("loss.png", "loss.csv", "settings.toml", report.BEST_FILE, report.GRID_FILE,
+                   "samples/step-000000.png", "samples/step-000002.png", "samples/step-000004.png",
+                   "lora-step000002.safetensors", "lora.safetensors"):
+        assert needed in parser.links, needed
+    val = {int(r.split(",")[0]): float(r.split(",")[3]) for r in csv_rows(lora_run)[1:] if r.split(",")[3]}
+    best_step = min((2, 4), key=lambda s: (val[s], s))
+    best_file = "lora.safetensors" if best_step == 4 else "lora-step000002.safetensors"
+    assert f"Recommended checkpoint: <span class=\"best\">step {best_step}</span>, <code>{best_file}</code>" in page
+    assert (lora_run / report.BEST_FILE).read_bytes() == (lora_run / best_file).read_bytes()
+    assert "rank = 4" in page and "sdtune train lora --config" in page  # the settings, and how to rerun them
+    assert re.search(r"peak memory</th><td class=\"num\">\d+\.\d\d GB RAM", page)
+    with Image.open(lora_run / report.GRID_FILE) as grid:  # 2 checkpoints x 4 strengths, 128-px cells
+        assert grid.width > 4 * report.GRID_CELL and 2 * report.GRID_CELL < grid.height < 3 * report.GRID_CELL
+
+
+def test_best_checkpoint_and_verdict(tmp_path):
+    ckpts = [(2, tmp_path / "a-2.safetensors"), (4, tmp_path / "a.safetensors")]
+    learned = Record([], ckpts, {0: 1.0, 2: 0.5, 4: 0.7}, "", 1.0, {}, True)
+    assert report.best_checkpoint(learned) == ckpts[0]
+    text = report._verdict(learned, ckpts[0], tmp_path)
+    assert "step 2" in text and "50.0% below the base model's 1.000000" in text and "over-fitting" in text
+    tie = Record([], ckpts, {0: 1.0, 2: 0.5, 4: 0.5}, "", 1.0, {}, True)
+    assert report.best_checkpoint(tie) == ckpts[0]  # the earlier of equals
+    flat = Record([], ckpts, {0: 1.0, 2: 1.2, 4: 1.1}, "", 1.0, {}, True)
+    assert "never fell below the base model's" in report._verdict(flat, report.best_checkpoint(flat), tmp_path)
+
+
+def test_ti_report_grid_and_the_token_keeps_its_final_vectors(tmp_path):
+    base = load_base("tiny-random")
+    data = world.write_dataset(tmp_path / "d", world.concept_scenes(4, seed=2, shape="star"))
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    s = TISettings(data=str(data), out=str(tmp_path / "o"), token="<st>", init_token="star", steps=4, batch_size=2,
+                   lr=5e-2, save_every=2, sample_images=1, sample_steps=2, progress=False)
+    path = train_ti(base, s)
+    learned = load_embedding(path).vectors
+    assert torch.equal(base.embeddings.get("<st>").vectors, learned)  # the grid put the final vectors back
+    page = (tmp_path / "o" / report.REPORT_FILE).read_text()
+    assert "Each checkpoint on the sample prompts" in page and "a photo of a &lt;st&gt;" in page
+    with Image.open(tmp_path / "o" / report.GRID_FILE) as grid:  # base row + 2 checkpoints, 4 prompts
+        assert grid.width > 4 * report.GRID_CELL and 3 * report.GRID_CELL < grid.height < 4 * report.GRID_CELL
+    assert (tmp_path / "o" / report.BEST_FILE).is_file()

@@ -82,6 +82,8 @@ class TrainSettings:
                                     "the loss is then measured on up to 8 training images)", default=0.0)
     validation_every: int = _help("validation loss every N steps, besides step 0, each save and the end (0: only "
                                   "those)", default=0)
+    report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
+                         "checkpoint (copied to best.safetensors)", default=True)
     resume: bool = True  # continue from the resume state in ``out`` if there is one
     progress: bool = True  # progress bar
 

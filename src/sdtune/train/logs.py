@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 
 from ..safeio import atomic_path, atomic_write_text
@@ -33,6 +34,24 @@ def smooth(values: list[float], window: int) -> list[float]:
         acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
         out.append(acc / norm if norm else v)
     return out
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak memory of this process in bytes: ``rss`` (resident, the whole run) and ``cuda`` (allocated on the
+    GPU) where known."""
+    import torch
+
+    peak = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak["rss"] = rss if sys.platform == "darwin" else rss * 1024  # macOS says bytes, Linux kilobytes
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = int(torch.cuda.max_memory_allocated())
+    return peak
 
 
 class TrainLog:
@@ -63,6 +82,9 @@ class TrainLog:
         if self.enabled:
             self._row(step)["val_loss"] = loss
             self.writer.add_scalar("loss/validation", loss, step)
+
+    def val_losses(self) -> dict[int, float]:
+        return {s: r["val_loss"] for s, r in sorted(self.rows.items()) if r["val_loss"] is not None}
 
     def flush(self) -> None:
         """Write ``loss.csv`` (every digit of each number) and flush the TensorBoard events."""

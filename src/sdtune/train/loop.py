@@ -15,13 +15,13 @@ their latent samples and flips, caption shuffles, noise, timesteps and dropout. 
 repeats the uninterrupted one exactly, and several processes (``accelerate launch``, ``torchrun``) each take
 their slice of the same global batch: N processes with batch b give the result of one with batch N·b.
 
-Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings); a
-NaN loss stops the run before the bad step is applied, leaving the last save as it was.
+Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings, the
+checkpoints so far); a NaN loss stops the run before the bad step is applied, leaving the last save as it was.
 
 What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
 validation loss (``validation``) is measured at step 0, every ``validation_every`` steps, at each save and at
 the end; sample grids at step 0, every ``sample_every`` steps and at the end; the losses go to ``loss.csv``,
-TensorBoard and ``loss.png`` (``logs``).
+TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html`` from the returned ``Record``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
                      "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
-                     "preset", "validation_every"}
+                     "preset", "validation_every", "report"}
 
 
 @dataclass
@@ -69,6 +70,19 @@ class Job:
     metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
     sample_prompts: list[str] = field(default_factory=list)  # the grids' prompts when the settings name none
     validation: ValidationSet | None = None  # fixed images for the validation loss
+
+
+@dataclass
+class Record:
+    """What a finished run did, for its report."""
+
+    files: list[Path]  # the final files
+    checkpoints: list[tuple[int, Path]]  # (step, main file) of every save, the final one last
+    val_losses: dict[int, float]  # step -> validation loss
+    validation: str  # which images the validation loss is on
+    seconds: float  # training time, summed over resumed sessions
+    peak_memory: dict[str, int]  # bytes: "rss", "cuda"
+    main: bool  # the main process (the one that writes files)
 
 
 # ---------------------------------------------------------------- pieces
@@ -249,8 +263,9 @@ def _checkpointing(base, text_trainable: bool) -> Callable[[], None]:
 
 
 def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
-        callback: Callable[[int, float], None] | None = None) -> list[Path]:
-    """Train ``job`` on ``data``; returns the final files. Resumes from ``out/resume.pt`` when allowed."""
+        callback: Callable[[int, float], None] | None = None) -> Record:
+    """Train ``job`` on ``data``; returns what the run did. Resumes from ``out/resume.pt`` when allowed."""
+    started = time.perf_counter()
     accelerator = make_accelerator(settings, base)
     if base.device != accelerator.device:  # e.g. one GPU per process under accelerate launch
         base.to(accelerator.device)
@@ -273,7 +288,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         objective = Objective(base.unet, base.text_encoder, base.scheduler, settings.min_snr_gamma,
                               job.text_trainable).to(device)
         optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
-        start = 0
+        start, history = 0, {}
         if settings.resume and state_path.is_file():
             state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
             start = int(state["step"])
@@ -282,6 +297,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                                   f"--steps, or use another --out")
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
+            history = state.get("history", {})
         if accelerator.is_main_process:
             _announce(settings, job, Path(settings.out))
         model, optimizer = accelerator.prepare(objective, optimizer)
@@ -289,8 +305,14 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process)
         undo.append(log.close)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
-                          model=model, optimizer=optimizer, total=total, log=log, last_save=start or None)
-        return _steps(session, start, callback)
+                          model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
+                          checkpoints=[(s, Path(settings.out) / f) for s, f in history.get("checkpoints", [])],
+                          seconds_before=history.get("seconds", 0.0), started=started)
+        files = _steps(session, start, callback)
+        log.close()  # loss.png and the last rows, before the report reads them
+        return Record(files=files, checkpoints=session.checkpoints, val_losses=log.val_losses(),
+                      validation=job.validation.description if job.validation else "",
+                      seconds=session.seconds, peak_memory=logs.peak_memory(), main=accelerator.is_main_process)
     finally:
         for step_back in reversed(undo):
             step_back()
@@ -312,6 +334,13 @@ class Session:
     log: logs.TrainLog
     last_save: int | None = None  # step of the newest save, for the NaN message
     final_files: list[Path] = field(default_factory=list)
+    checkpoints: list[tuple[int, Path]] = field(default_factory=list)  # (step, main file), resumed runs' included
+    seconds_before: float = 0.0  # training time of the sessions before a resume
+    started: float = 0.0  # perf_counter() at this session's start
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
     @property
     def out(self) -> Path:
@@ -342,10 +371,13 @@ class Session:
         if acc.is_main_process:
             written = self.job.save(step, final)  # the user's files first, then the state that points at them
             self.final_files = written if final else self.final_files
+            self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
+            history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
+                       "seconds": self.seconds}
             self.log.flush()
             atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
                                "optimizer": self.optimizer.state_dict(),
-                               "settings": json.dumps(self.settings.to_dict()),
+                               "settings": json.dumps(self.settings.to_dict()), "history": history,
                                "model_hash": getattr(self.base, "model_hash", "")}, self.out / STATE_FILE)
         self.last_save = step
         acc.wait_for_everyone()

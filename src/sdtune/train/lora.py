@@ -13,7 +13,8 @@ A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 conv
 
 At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
 neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata (the run's whole settings included, as
-``ss_sdtune_settings``) and on request the diffusers layout.
+``ss_sdtune_settings``) and on request the diffusers layout. ``report.html`` then shows each checkpoint at
+strengths 0 to 1.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from ..lora.formats import save_lora
 from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
-from . import loop, validation
+from . import loop, report, validation
 from .config import LoraSettings, to_toml
 from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
 
@@ -268,7 +269,13 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
                    validation=checks)
     network.inject()
     try:
-        loop.run(base, settings, job, data, callback)
+        record = loop.run(base, settings, job, data, callback)
     finally:
         network.remove()
+    if settings.report and record.main:
+        shown = settings.sample_prompts or prompts
+        report.write_report(base, settings, record, lambda: report.lora_grid(base, settings, record, shown[0]),
+                            "Each checkpoint at strengths 0 to 1",
+                            f"Prompt: {shown[0]}; seed {settings.seed}. Strength 0 is the base model.",
+                            shown, len(scan.examples))
     return out / f"{settings.name}.safetensors"

@@ -8,7 +8,8 @@ table is wrapped: ids of the new token read their rows from a small trainable pa
 width]`` and all other ids the frozen table, so only those rows get a gradient, no full-table gradient or
 copy is made, and every other row stays bit-identical. At the
 end the learned rows are written into the table (the token stays loaded on the base, ready to use) and
-saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``.
+saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``. ``report.html`` then
+shows each checkpoint on the sample prompts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
-from . import loop, validation
+from . import loop, report, validation
 from .config import TISettings
 from .data import Scan, first_prompts, report_skipped, scan_folder, training_set
 
@@ -181,7 +182,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
                    validation=checks)
     te.set_input_embeddings(spliced)
     try:
-        loop.run(base, settings, job, data, callback)
+        record = loop.run(base, settings, job, data, callback)
     except BaseException:
         te.set_input_embeddings(table)
         embeddings.remove(settings.token)  # the base goes back to how it was
@@ -189,4 +190,10 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     te.set_input_embeddings(table)
     with torch.no_grad():
         table.weight[ids] = spliced.rows.detach().to(table.weight.dtype)
+    if settings.report and record.main:
+        shown = settings.sample_prompts or prompts
+        report.write_report(base, settings, record, lambda: report.ti_grid(base, settings, record, shown),
+                            "Each checkpoint on the sample prompts",
+                            f"Seed {settings.seed}. The first row is the base model with the init text "
+                            f"{settings.init_token!r} in place of {settings.token}.", shown, len(scan.examples))
     return out / DIFFUSERS_FILE
