@@ -36,7 +36,7 @@ def lora_tensors(path):
 
 def settings(dataset, out, **kw):
     defaults = dict(data=str(dataset), out=str(out), steps=6, batch_size=2, rank=4, alpha=4, lr=2e-3,
-                    progress=False)
+                    sample_steps=2, progress=False)
     return LoraSettings(**{**defaults, **kw})
 
 
@@ -217,7 +217,7 @@ def test_sample_grids_every_m_steps(base, dataset, tmp_path):
                  sample_images=2, sample_steps=2)
     train_lora(base, s)
     grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert grids == ["step-000002.png", "step-000004.png"]
+    assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]  # step 0: the base model
     with Image.open(tmp_path / "samples" / grids[0]) as im:
         assert im.size == (2 * 64, 2 * 64)  # one row per prompt, sample_images columns
 

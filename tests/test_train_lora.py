@@ -18,7 +18,7 @@ from sdtune.lora.patch import LoraSet
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
-from sdtune.train.config import LoraSettings
+from sdtune.train.config import LoraSettings, load_settings
 from sdtune.train.lora import LoraLayer, Network, te_targets, train_lora, unet_targets
 
 
@@ -38,7 +38,7 @@ def dataset(tmp_path_factory):
 
 def settings(dataset, out, **kw):
     return LoraSettings(**{**dict(data=str(dataset), out=str(out), steps=3, batch_size=2, rank=4, alpha=2, lr=5e-3,
-                                  progress=False), **kw})
+                                  sample_steps=2, progress=False), **kw})
 
 
 def test_target_sets(base):
@@ -90,6 +90,9 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_shapes": {"n_repeats": 2, "img_count": 4}}
     tags = json.loads(meta["ss_tag_frequency"])["2_shapes"]
     assert sum(tags.values()) >= 4 and meta["ss_base_model_version"] == "sd_v1"
+    # the whole settings ride along: read back, they are the run's (what --config would rerun)
+    (tmp_path / "from-metadata.toml").write_text(meta["ss_sdtune_settings"])
+    assert load_settings(tmp_path / "from-metadata.toml", kind="lora") == s and meta["ss_sdtune_preset"] == ""
 
     lora = load_lora(path)
     conv = lora.modules["unet"]["down_blocks.0.resnets.0.conv1"]

@@ -14,7 +14,16 @@ from sdtune.tiny import world
 from sdtune.train import loop
 from sdtune.train.config import TISettings
 from sdtune.train.data import scan_folder
-from sdtune.train.ti import OBJECT_TEMPLATES, STYLE_TEMPLATES, SplicedEmbedding, prompt_templates, train_ti
+from sdtune.train.ti import (
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    SplicedEmbedding,
+    add_token,
+    init_rows,
+    prompt_templates,
+    spread,
+    train_ti,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,7 @@ def dataset(tmp_path_factory):
 
 def settings(dataset, out, **kw):
     return TISettings(**{**dict(data=str(dataset), out=str(out), token="<pstar>", init_token="star", steps=4,
-                                batch_size=2, lr=5e-2, progress=False), **kw})
+                                batch_size=2, lr=5e-2, sample_steps=2, progress=False), **kw})
 
 
 def table(base):
@@ -107,12 +116,13 @@ def test_prompt_source_templates_or_captions(dataset, tmp_path):
 def test_bad_tokens_fail_clearly_and_leave_the_base_unchanged(dataset, tmp_path):
     base = load_base("tiny-random")
     before = table(base)
-    with pytest.raises(SdtuneError, match="--init-token 'purple star' is 2 tokens"):
-        train_ti(base, settings(dataset, tmp_path, init_token="purple star"))
-    with pytest.raises(SdtuneError, match="already in the tokenizer's vocabulary"):
+    with pytest.raises(SdtuneError, match="--token 'star' is already in the tokenizer's vocabulary"):
         train_ti(base, settings(dataset, tmp_path, token="star"))
-    with pytest.raises(SdtuneError, match="no init token"):
-        train_ti(base, settings(dataset, tmp_path, init_token=""))
+    with pytest.raises(SdtuneError, match="--token 'my star': must be one word"):
+        train_ti(base, settings(dataset, tmp_path, token="my star"))
+    for blank in ("", "  "):
+        with pytest.raises(SdtuneError, match="no init token"):
+            train_ti(base, settings(dataset, tmp_path, init_token=blank))
     assert torch.equal(table(base), before) and len(base.tokenizer) == before.shape[0]
 
 
@@ -136,3 +146,29 @@ def test_resume_equals_uninterrupted_and_failure_unloads_the_token(dataset, tmp_
     assert state["step"] == 2 and (tmp_path / "cut" / "learned_embeds-step000002.safetensors").is_file()
     resumed = load_embedding(train_ti(base, settings(dataset, tmp_path / "cut", **kw)))
     assert torch.equal(whole.vectors, resumed.vectors)
+
+
+def test_vectors_spread_over_the_init_tokens():
+    rows = torch.tensor([[0.0, 0.0], [2.0, 4.0], [4.0, 8.0]])  # three tokens
+    assert torch.equal(spread(rows, 1), torch.tensor([[2.0, 4.0]]))  # one vector: the mean
+    assert torch.equal(spread(rows, 3), rows)  # as many vectors as tokens: one each
+    assert torch.equal(spread(rows, 2), torch.tensor([[0.0, 0.0], [3.0, 6.0]]))  # groups [0], [1, 2]
+    assert torch.equal(spread(rows, 5), rows[[0, 0, 1, 1, 2]])  # more vectors: each token over neighbours
+    assert torch.equal(spread(rows[:1], 3), rows[[0, 0, 0]])  # one token: copies (the old single-word rule)
+
+
+def test_init_text_of_several_tokens_starts_the_token(dataset, tmp_path):
+    """"hexagon" is two CLIP tokens (hex + agon</w>); A1111 accepts it, and so does training now."""
+    base = load_base("tiny-random")
+    pieces = base.tokenizer.encode("hexagon", add_special_tokens=False)
+    assert len(pieces) == 2
+    token_rows = table(base)[pieces]
+    assert torch.equal(init_rows(base, "hexagon", 1)[""], token_rows.mean(0, keepdim=True))
+    assert torch.equal(init_rows(base, "hexagon", 2)[""], token_rows)
+    assert torch.equal(init_rows(base, "red hexagon", 2)[""][1], token_rows.mean(0))  # red | hex agon
+    ids = add_token(base, settings(dataset, tmp_path, token="<hx>", init_token="hexagon", num_vectors=2))
+    assert torch.equal(table(base)[ids], token_rows)
+    base.embeddings.remove("<hx>")
+    # a whole run from a multi-token init: the file holds vectors that moved away from that start
+    emb = load_embedding(train_ti(base, settings(dataset, tmp_path / "run", init_token="hexagon", steps=2)))
+    assert emb.vectors.shape == (1, 64) and not torch.equal(emb.vectors[0], token_rows.mean(0))

@@ -18,7 +18,8 @@ from .lora.formats import convert
 from .models import load_base
 from .safeio import SdtuneError
 from .tiny import evaluate
-from .train.config import KINDS, load_settings, setting_type
+from .train import presets
+from .train.config import KINDS, load_settings, read_settings, setting_type
 from .train.lora import train_lora
 from .train.ti import train_ti
 
@@ -93,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a TI embedding or a LoRA from a folder of images and captions")
     tsub = t.add_subparsers(dest="kind", required=True)
     for kind, text in (("ti", "Textual Inversion: learn a new token"), ("lora", "LoRA on the UNet (+ text encoder)")):
-        tp = tsub.add_parser(kind, help=text)
-        tp.add_argument("--config", help="TOML file with the same settings (flags override it)")
+        tp = tsub.add_parser(kind, help=text, description=f"{text}. Settings start from a preset (the base "
+                             "model's own unless --preset names one), then the --config file, then the flags.")
+        tp.add_argument("--config", help="TOML file with the same settings (flags override it; a run's own "
+                        "settings.toml reruns it)")
+        tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
         tp.add_argument("--device")
         tp.add_argument("--dtype")
         _settings_args(tp, kind)
@@ -171,10 +175,13 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per training setting (``init_token`` -> ``--init-token``); unset flags stay None so that
     the TOML file's value (or the default) is kept."""
     cls = KINDS[kind]
+    preset_set = {name for p in presets.PRESETS[kind].values() for name in p.values}
     for f in dataclasses.fields(cls):
         flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"default: {default}"
+        help_ = f"default: {default}" + (", or the preset's" if f.name in preset_set else "")
+        if "help" in f.metadata:
+            help_ = f.metadata["help"] + (f" ({help_})" if default != "" else "")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:
@@ -184,10 +191,16 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def cmd_train(a) -> None:
+    if a.list_presets:
+        print(presets.listing(a.kind))
+        return
     names = {f.name for f in dataclasses.fields(KINDS[a.kind])}
     overrides = {k: v for k, v in vars(a).items() if k in names}
-    settings = load_settings(a.config, overrides, kind=a.kind)
-    base = load_base(settings.model, device=a.device, dtype=a.dtype)
+    given = read_settings(a.config, overrides, kind=a.kind)  # bad values stop before the model loads
+    if given.get("preset"):
+        presets.get(a.kind, given["preset"])
+    base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype)
+    settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
     train = train_ti if a.kind == "ti" else train_lora
     print(train(base, settings))
 

@@ -35,7 +35,7 @@ from .models import load_base
 from .safeio import SdtuneError, atomic_write_text
 from .tiny import judge, world
 from .tiny.evaluate import HELD_IN
-from .train.config import LoraSettings, TISettings
+from .train.config import LoraSettings, TISettings, load_settings
 from .train.lora import train_lora
 from .train.ti import train_ti
 from .xyplot import Axis, xy_plot
@@ -54,25 +54,13 @@ class Plan:
     init_token: str = "triangle"
     style: str = "outline"  # LoRA: the held-out style
     lora_name: str = "outline"
-    # training recipes, tuned on the tiny model (tests/test_train_quality.py trains with these too)
     ti_images: int = 5
     ti_background: str = "white"
-    ti_vectors: int = 2
-    ti_steps: int = 400
-    ti_lr: float = 5e-3
-    ti_batch: int = 4
     lora_images: int = 48
-    lora_steps: int = 300
-    lora_lr: float = 1e-3
-    lora_batch: int = 8
-    rank: int = 8
-    alpha: float = 8.0
-    # LoCon: a drawing style is largely convolutional; attention + feed-forward alone learned it by bending
-    # shape and colour (held-in shape+colour under the LoRA, 8 images per prompt: 84-88% vs 94-98%, seeds 0-2)
-    targets: str = "all"
-    # Min-SNR as in the tiny model's own training; without it the LoRA spends its steps on the nearly clean
-    # timesteps the base weighted least (content kept: 62% without, 80% with, on an earlier CPU-trained model)
-    lora_min_snr: float = 5.0
+    # training recipes: the built-in model's presets (sdtune.train.presets, where the why of each value is),
+    # what ``sdtune train`` uses on it with no flags
+    ti_preset: str = "tiny"
+    lora_preset: str = "tiny"
     seed: int = 0
     gen_steps: int = 20
     guidance: float = 5.0
@@ -90,7 +78,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(lora_images=16, ti_steps=30, lora_steps=30, lora_batch=4, gen_steps=8, seeds=4, lora_prompts=4,
+QUICK = Plan(lora_images=16, ti_preset="tiny-quick", lora_preset="tiny-quick", gen_steps=8, seeds=4, lora_prompts=4,
              sweep_prompts=2, sweep_weights=(0.0, 0.5, 1.0, 1.5), mix_seeds=2)
 
 
@@ -173,27 +161,27 @@ TRAINERS = {"ti": train_ti, "lora": train_lora}  # what ``sdtune train ti|lora``
 
 
 def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> TISettings:
-    return TISettings(data=str(data), out=str(out), model=model, token=plan.token, init_token=plan.init_token,
-                      num_vectors=plan.ti_vectors, steps=plan.ti_steps, lr=plan.ti_lr, batch_size=plan.ti_batch, seed=plan.seed,
-                      progress=progress)
+    return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.ti_preset,
+                                    token=plan.token, init_token=plan.init_token, seed=plan.seed, progress=progress),
+                         kind="ti")
 
 
 def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> LoraSettings:
-    return LoraSettings(data=str(data), out=str(out), model=model, rank=plan.rank, alpha=plan.alpha,
-                        targets=plan.targets, steps=plan.lora_steps, lr=plan.lora_lr, batch_size=plan.lora_batch,
-                        min_snr_gamma=plan.lora_min_snr, seed=plan.seed, name=plan.lora_name, progress=progress)
+    return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.lora_preset,
+                                    seed=plan.seed, name=plan.lora_name, progress=progress), kind="lora")
 
 
 _NOT_FLAGS = {"progress", "resume"}  # how a run behaves, not what it computes
 
 
 def train_command(kind: str, settings) -> str:
-    """The ``sdtune train`` command line for ``settings`` (every option that differs from the default)."""
-    defaults = type(settings)()
+    """The ``sdtune train`` command line for ``settings``: its preset, and every option that differs from it."""
+    defaults = load_settings(None, {"preset": settings.preset or None}, kind=kind)
     words = ["sdtune", "train", kind]
+    shown = {"data", "out", "preset"} if settings.preset else {"data", "out"}
     for f in fields(settings):
         value = getattr(settings, f.name)
-        if f.name in _NOT_FLAGS or (value == getattr(defaults, f.name) and f.name not in ("data", "out")):
+        if f.name in _NOT_FLAGS or (value == getattr(defaults, f.name) and f.name not in shown):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -434,7 +422,8 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
         settings = {"ti": ti_settings(plan, data_ti, train_ti_dir, model, progress),
                     "lora": lora_settings(plan, data_lora, train_lora_dir, model, progress)}
         for kind, folder in (("ti", train_ti_dir), ("lora", train_lora_dir)):
-            sig = phases.signature(kind, plan.signature(), model, model_hash)
+            recipe = {k: v for k, v in settings[kind].to_dict().items() if k not in _NOT_FLAGS}
+            sig = phases.signature(kind, plan.signature(), model, model_hash, json.dumps(recipe, sort_keys=True))
             rec_file = phases.records.get(kind, {}).get("file")
             outputs = [out / rec_file] if rec_file else [out / "missing"]
             if phase(kind, sig, outputs):

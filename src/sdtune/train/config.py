@@ -1,8 +1,10 @@
-"""Training settings: one dataclass per kind of training, filled from a TOML file and then from flags.
+"""Training settings: one dataclass per kind of training, filled from a preset, a TOML file and flags.
 
 Every field is a CLI option (``--lr`` sets ``lr``, ``--init-token`` sets ``init_token``) and a TOML key
-(either spelling). ``load_settings(file, overrides)`` reads the file, then applies the flags the user
-actually gave, so a flag always wins over the file.
+(either spelling). ``load_settings(file, overrides, kind, family)`` starts from a preset (``--preset``, else
+the base model family's own, see ``presets``), applies the file, then the flags the user actually gave: a
+flag wins over the file, the file over the preset. ``to_toml`` writes settings back as a file that
+``--config`` reads into the same settings (each run saves its own as ``settings.toml``).
 
     # lora.toml
     data = "images/"
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -23,10 +26,16 @@ from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError
+from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
+
+
+def _help(text: str, **kw):
+    """A field with its ``--help`` text (the CLI shows it; other fields show only their default)."""
+    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -36,6 +45,8 @@ class TrainSettings:
     data: str = ""  # folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)
     out: str = ""  # output folder: results, snapshots, resume state, sample grids
     model: str = "tiny"  # base model spec for the CLI (train_ti/train_lora take a loaded Base)
+    preset: str = _help("recommended settings to start from (--list-presets shows them); default: the base "
+                        "model's own", default="")
     steps: int = 1000  # optimizer steps
     epochs: int = 0  # when > 0: steps = epochs x batches per epoch (overrides steps)
     lr: float = 1e-4
@@ -60,11 +71,19 @@ class TrainSettings:
     caption_dropout: float = 0.0  # probability of training a sample with an empty caption
     default_caption: str | None = None  # caption of images without a caption file
     save_every: int = 0  # snapshot + resume state every N steps (0: only at the end)
-    sample_every: int = 0  # sample grid every M steps (0: never; needs sample_prompts)
-    sample_prompts: list[str] = field(default_factory=list)
+    sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
+    sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions)",
+                                      default_factory=list)
     sample_images: int = 4  # images per prompt in a grid
     sample_steps: int = 20
     sample_guidance: float = 7.5
+    validation_dir: str = _help("held-out images (captioned like --data) for the validation loss", default="")
+    validation_split: float = _help("fraction of the --data images held out for the validation loss (0: none; "
+                                    "the loss is then measured on up to 8 training images)", default=0.0)
+    validation_every: int = _help("validation loss every N steps, besides step 0, each save and the end (0: only "
+                                  "those)", default=0)
+    report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
+                         "checkpoint (copied to best.safetensors)", default=True)
     resume: bool = True  # continue from the resume state in ``out`` if there is one
     progress: bool = True  # progress bar
 
@@ -85,7 +104,8 @@ class TrainSettings:
                             lr_warmup_steps=self.lr_warmup_steps, min_snr_gamma=self.min_snr_gamma,
                             noise_offset=self.noise_offset, max_grad_norm=self.max_grad_norm,
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
-                            keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every)
+                            keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every,
+                            validation_every=self.validation_every)
         for name, value in non_negative.items():
             if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
@@ -93,11 +113,13 @@ class TrainSettings:
             raise SdtuneError("--steps 0 and --epochs 0: give one of them")
         if not 0 <= self.caption_dropout < 1:
             raise SdtuneError(f"--caption-dropout {self.caption_dropout}: must be in [0, 1)")
+        if not 0 <= self.validation_split < 1:
+            raise SdtuneError(f"--validation-split {self.validation_split}: must be in [0, 1), e.g. 0.1")
+        if self.validation_split and self.validation_dir:
+            raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
-        if self.sample_every and not self.sample_prompts:
-            raise SdtuneError("--sample-every needs at least one --sample-prompt")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,8 +130,12 @@ class TISettings(TrainSettings):
     """Textual Inversion: a new token whose vector(s) learn the concept; nothing else changes."""
 
     token: str = ""  # the new word, e.g. "<my-cat>"
-    init_token: str = ""  # a single existing token to start from, e.g. "cat"
-    num_vectors: int = 1
+    init_token: str = _help("a word (or a few) close to the concept, e.g. cat or 'red hexagon': the vectors start "
+                            "from its CLIP tokens", default="")
+    num_vectors: int = _help("vectors of the new word. With an init text of T tokens: 1 starts from their mean; "
+                             "N <= T splits them into N consecutive groups and starts each vector from its group's "
+                             "mean (N = T: one token each); N > T spreads them, each token over N/T neighbouring "
+                             "vectors (A1111's rule)", default=1)
     property: str = "object"  # object | style: which prompt templates (when images have no captions)
     formats: list[str] = field(default_factory=lambda: ["diffusers"])  # diffusers and/or a1111
     steps: int = 1000
@@ -122,8 +148,10 @@ class TISettings(TrainSettings):
         super().check()
         if not self.token:
             raise SdtuneError("no token; pass --token '<name>' (the new word your prompts will use)")
-        if not self.init_token:
-            raise SdtuneError("no init token; pass --init-token WORD (one existing word close to the concept)")
+        if len(self.token.split()) != 1:
+            raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
+        if not self.init_token.strip():
+            raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
         if self.num_vectors < 1:
             raise SdtuneError(f"--num-vectors {self.num_vectors}: must be at least 1")
         _choice("property", self.property, ("object", "style"))
@@ -141,7 +169,7 @@ class LoraSettings(TrainSettings):
     text_encoder: bool = False  # also train LoRA on the text encoder
     te_lr: float | None = None  # text-encoder learning rate (None: lr)
     conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
-    conv_alpha: float | None = None  # None: conv_rank
+    conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
     name: str = "lora"  # output file name (without .safetensors)
     formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
@@ -219,9 +247,9 @@ def _coerce(cls, name: str, value, where: str):
     raise SdtuneError(f"{where}: {name} = {value!r} is not a {kind}; fix the value")
 
 
-def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora"):
-    """Settings of ``kind`` ("ti" | "lora"): defaults, then the TOML file, then ``overrides`` (the flags
-    given on the command line; ``None`` values mean "not given" and are skipped)."""
+def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
+    """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
+    command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
     if kind not in KINDS:
         raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
     cls = KINDS[kind]
@@ -252,4 +280,60 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         if name not in names:
             raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
-    return cls(**values)
+    return values
+
+
+def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora",
+                  family=None):
+    """Settings of ``kind`` ("ti" | "lora"): a preset (``preset`` from the file or flags, else the one of
+    ``family``, the base model's ``Family`` or its name; with neither, the dataclass defaults), then the TOML
+    file, then ``overrides``. The preset used is recorded in ``settings.preset``."""
+    given = read_settings(toml_path, overrides, kind)
+    preset = presets.get(kind, given["preset"]) if given.get("preset") else presets.for_family(kind, family)
+    values = dict(preset.values) if preset else {}
+    if "validation_dir" in given and "validation_split" not in given:
+        values.pop("validation_split", None)  # held-out images given: the preset's split gives way
+    values.update(given)
+    values["preset"] = preset.name if preset else ""
+    return KINDS[kind](**values)
+
+
+def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):
+    """Settings for training ``base`` (a loaded model): its family's preset, the file, then ``given``
+    (``settings_for(base, "lora", data="imgs", out="runs/a")``); ``model`` defaults to the base's name."""
+    if "model" not in read_settings(toml_path, given, kind):
+        given["model"] = getattr(base, "name", None)
+    return load_settings(toml_path, given, kind, family=base.family)
+
+
+# ---------------------------------------------------------------- writing them back
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr keeps every digit of a float (1e-05, 0.1): read back, it is the same number
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def to_toml(settings: TrainSettings) -> str:
+    """The settings as a TOML file (``[lora]`` or ``[ti]``) that ``load_settings`` reads back into equal
+    settings; unset optional values (None, which TOML cannot write) are comments."""
+    lines = [f"# sdtune train {settings.kind} --config THIS_FILE reruns it; flags still override single settings",
+             f"[{settings.kind}]"]
+    for name, value in settings.to_dict().items():
+        lines.append(f"# {name} = (unset)" if value is None else f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(settings: TrainSettings, width: int = 110) -> str:
+    """The settings as a few wrapped ``name=value`` lines, for the terminal."""
+    lines = [""]
+    for name, value in settings.to_dict().items():
+        word = f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+        if lines[-1] and len(lines[-1]) + 2 + len(word) > width:
+            lines.append("")
+        lines[-1] += ("  " if lines[-1] else "") + word
+    return "\n".join("  " + line for line in lines)

@@ -123,6 +123,42 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
     return scan
 
 
+def _subset(scan: Scan, keep: list[Example], root: Path) -> Scan:
+    """``scan`` reduced to ``keep``, with its per-folder image counts recounted."""
+    folders = {}
+    for ex in keep:
+        rel = ex.path.relative_to(root).parts
+        name = rel[0] if len(rel) > 1 else "."
+        folders.setdefault(name, {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
+    return Scan(keep, scan.skipped, {k: folders[k] for k in scan.folders if k in folders})
+
+
+def held_out_order(scan: Scan, root: Path) -> list[Example]:
+    """The images in a fixed order that depends only on their paths under ``root`` (not on the seed or the
+    file system): the validation images are the first of it, the same ones in every run on that folder."""
+    return sorted(scan.examples, key=lambda ex: hashlib.sha256(ex.path.relative_to(root).as_posix().encode())
+                  .hexdigest())
+
+
+def split_validation(scan: Scan, fraction: float, root: str | Path) -> tuple[Scan, Scan]:
+    """(training, validation): ``fraction`` of the images (at least one) held out, with all their repeats."""
+    root = Path(root)
+    n = len(scan.examples)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise SdtuneError(f"--validation-split {fraction:g} holds out all {n} image(s) of {root}; lower it, add "
+                          f"images, or give held-out images with --validation-dir")
+    held = {id(ex) for ex in held_out_order(scan, root)[:k]}
+    return (_subset(scan, [ex for ex in scan.examples if id(ex) not in held], root),
+            _subset(scan, [ex for ex in scan.examples if id(ex) in held], root))
+
+
+def first_prompts(texts, n: int = 4) -> list[str]:
+    """The first ``n`` distinct non-empty texts: the prompts of samples and the report when none are given
+    (the empty prompt when every text is empty)."""
+    return list(dict.fromkeys(t for t in texts if t))[:n] or [""]
+
+
 # ---------------------------------------------------------------- images
 
 def check_image(path: Path) -> str | None:

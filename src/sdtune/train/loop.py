@@ -15,8 +15,13 @@ their latent samples and flips, caption shuffles, noise, timesteps and dropout. 
 repeats the uninterrupted one exactly, and several processes (``accelerate launch``, ``torchrun``) each take
 their slice of the same global batch: N processes with batch b give the result of one with batch N·b.
 
-Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings); a
-NaN loss stops the run before the bad step is applied, leaving the last save as it was.
+Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings, the
+checkpoints so far); a NaN loss stops the run before the bad step is applied, leaving the last save as it was.
+
+What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
+validation loss (``validation``) is measured at step 0, every ``validation_every`` steps, at each save and at
+the end; sample grids at step 0, every ``sample_every`` steps and at the end; the losses go to ``loss.csv``,
+TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html`` from the returned ``Record``.
 """
 
 from __future__ import annotations
@@ -25,23 +30,31 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..safeio import SdtuneError, atomic_save_torch, load_state
-from .config import TrainSettings
+from ..generate import generate, grid, save_png
+from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
+from . import logs
+from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, seed_for
+from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
 STATE_FORMAT = "sdtune-train-state-1"
+SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
-                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats"}
+                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
+                     "preset", "validation_every", "report"}
 
 
 @dataclass
@@ -57,6 +70,21 @@ class Job:
     expand: Callable[[str], str] = lambda prompt: prompt  # prompt rewrite (multi-vector TI tokens)
     set_training: Callable[[bool], None] = lambda on: None  # train/eval mode of the trainable modules (dropout)
     metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
+    sample_prompts: list[str] = field(default_factory=list)  # the grids' prompts when the settings name none
+    validation: ValidationSet | None = None  # fixed images for the validation loss
+
+
+@dataclass
+class Record:
+    """What a finished run did, for its report."""
+
+    files: list[Path]  # the final files
+    checkpoints: list[tuple[int, Path]]  # (step, main file) of every save, the final one last
+    val_losses: dict[int, float]  # step -> validation loss
+    validation: str  # which images the validation loss is on
+    seconds: float  # training time, summed over resumed sessions
+    peak_memory: dict[str, int]  # bytes: "rss", "cuda"
+    main: bool  # the main process (the one that writes files)
 
 
 # ---------------------------------------------------------------- pieces
@@ -109,7 +137,8 @@ class Objective(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.text_trainable = text_trainable
 
-    def forward(self, latents, noise, timesteps, input_ids=None, context=None):
+    def errors(self, latents, noise, timesteps, input_ids=None, context=None) -> torch.Tensor:
+        """The plain prediction error of each sample (what the validation loss averages)."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
                 context = self.text_encoder(input_ids)[0]
@@ -118,7 +147,10 @@ class Objective(nn.Module):
         dtype = self.unet.dtype
         pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def forward(self, latents, noise, timesteps, input_ids=None, context=None):
+        loss = self.errors(latents, noise, timesteps, input_ids, context)
         if self.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
         return loss.mean()
@@ -129,7 +161,7 @@ class TextInput:
     captions are fixed, else token ids for the text encoder to run on."""
 
     def __init__(self, tokenizer, text_encoder, device, expand=lambda p: p, cache_captions: list[str] | None = None):
-        self.tokenizer, self.device, self.expand = tokenizer, device, expand
+        self.tokenizer, self.text_encoder, self.device, self.expand = tokenizer, text_encoder, device, expand
         self.cache: dict[str, torch.Tensor] | None = None
         if cache_captions is not None:
             self.cache = {}
@@ -148,10 +180,15 @@ class TextInput:
             return {"context": torch.stack([self.cache[c] for c in captions])}
         return {"input_ids": self.ids(captions)}
 
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Encoder outputs for any captions (validation's need not be training captions), without gradients."""
+        if self.cache is not None and all(c in self.cache for c in captions):
+            return torch.stack([self.cache[c] for c in captions])
+        return self.text_encoder(self.ids(captions))[0]
+
 
 def make_accelerator(settings: TrainSettings, base):
-    from accelerate import Accelerator
-
     on_cpu = base.device.type == "cpu"
     mp = settings.mixed_precision
     if mp == "auto":
@@ -169,11 +206,20 @@ def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -
     return settings.steps
 
 
+def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
+    """Print the settings the run uses and write them where ``--config`` can rerun them."""
+    atomic_write_text(to_toml(settings), out / SETTINGS_FILE)
+    preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
+    validated = job.validation.description if job.validation else "no validation images"
+    print(f"sdtune train {job.name}: {preset}; validation on {validated}; settings (also in "
+          f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
+
+
 def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
     state, _ = load_state(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SdtuneError(f"{path}: not an sdtune resume state; delete it or use another --out")
-    saved = json.loads(state["settings"])
+    saved = {**type(settings)().to_dict(), **json.loads(state["settings"])}  # settings added since: defaults
     now = settings.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -217,8 +263,9 @@ def _checkpointing(base, text_trainable: bool) -> Callable[[], None]:
 
 
 def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
-        callback: Callable[[int, float], None] | None = None) -> list[Path]:
-    """Train ``job`` on ``data``; returns the final files. Resumes from ``out/resume.pt`` when allowed."""
+        callback: Callable[[int, float], None] | None = None) -> Record:
+    """Train ``job`` on ``data``; returns what the run did. Resumes from ``out/resume.pt`` when allowed."""
+    started = time.perf_counter()
     accelerator = make_accelerator(settings, base)
     if base.device != accelerator.device:  # e.g. one GPU per process under accelerate launch
         base.to(accelerator.device)
@@ -241,7 +288,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         objective = Objective(base.unet, base.text_encoder, base.scheduler, settings.min_snr_gamma,
                               job.text_trainable).to(device)
         optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
-        start = 0
+        start, history = 0, {}
         if settings.resume and state_path.is_file():
             state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
             start = int(state["step"])
@@ -250,11 +297,22 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                                   f"--steps, or use another --out")
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
+            history = state.get("history", {})
+        if accelerator.is_main_process:
+            _announce(settings, job, Path(settings.out))
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
+        log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process)
+        undo.append(log.close)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
-                          model=model, optimizer=optimizer, total=total, last_save=start or None)
-        return _steps(session, start, callback)
+                          model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
+                          checkpoints=[(s, Path(settings.out) / f) for s, f in history.get("checkpoints", [])],
+                          seconds_before=history.get("seconds", 0.0), started=started)
+        files = _steps(session, start, callback)
+        log.close()  # loss.png and the last rows, before the report reads them
+        return Record(files=files, checkpoints=session.checkpoints, val_losses=log.val_losses(),
+                      validation=job.validation.description if job.validation else "",
+                      seconds=session.seconds, peak_memory=logs.peak_memory(), main=accelerator.is_main_process)
     finally:
         for step_back in reversed(undo):
             step_back()
@@ -273,8 +331,16 @@ class Session:
     model: nn.Module  # the Objective, as accelerate prepared it (DDP-wrapped with several processes)
     optimizer: torch.optim.Optimizer
     total: int  # steps of the whole run
+    log: logs.TrainLog
     last_save: int | None = None  # step of the newest save, for the NaN message
     final_files: list[Path] = field(default_factory=list)
+    checkpoints: list[tuple[int, Path]] = field(default_factory=list)  # (step, main file), resumed runs' included
+    seconds_before: float = 0.0  # training time of the sessions before a resume
+    started: float = 0.0  # perf_counter() at this session's start
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
     @property
     def out(self) -> Path:
@@ -305,21 +371,45 @@ class Session:
         if acc.is_main_process:
             written = self.job.save(step, final)  # the user's files first, then the state that points at them
             self.final_files = written if final else self.final_files
+            self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
+            history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
+                       "seconds": self.seconds}
+            self.log.flush()
             atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
                                "optimizer": self.optimizer.state_dict(),
-                               "settings": json.dumps(self.settings.to_dict()),
+                               "settings": json.dumps(self.settings.to_dict()), "history": history,
                                "model_hash": getattr(self.base, "model_hash", "")}, self.out / STATE_FILE)
         self.last_save = step
         acc.wait_for_everyone()
 
-    def sample(self, step: int) -> None:
+    def _evaluating(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the main process with the trainable modules in eval mode (no dropout)."""
         if self.accelerator.is_main_process:
             self.job.set_training(False)
             try:
-                sample_grid(self.base, self.settings, self.job.expand, self.out / "samples" / f"step-{step:06d}.png")
+                work()
             finally:
                 self.job.set_training(True)
         self.accelerator.wait_for_everyone()
+
+    def sample(self, step: int) -> None:
+        prompts = self.settings.sample_prompts or self.job.sample_prompts
+        path = self.out / "samples" / f"step-{step:06d}.png"
+        self._evaluating(lambda: sample_grid(self.base, self.settings, prompts, self.job.expand, path))
+
+    def validate(self, step: int) -> None:
+        """The validation loss at ``step``: logged, and printed with enough digits to compare runs."""
+        if self.job.validation is None:
+            return
+
+        def measure():
+            with self.accelerator.autocast():
+                value = validation_loss(self.accelerator.unwrap_model(self.model), self.text, self.job.validation,
+                                        self.accelerator.device)
+            self.log.validation(step, value)
+            tqdm.write(f"step {step}: validation loss {value:.8f}", file=sys.stderr)
+
+        self._evaluating(measure)
 
     def stop_if_diverged(self, step: int, loss: float, grad_norm) -> None:
         """Raise before the optimizer step when the loss or the gradient norm is not finite (under fp16 the
@@ -335,15 +425,17 @@ class Session:
 
 
 def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None) -> list[Path]:
-    """The loop itself: micro-batches, backward, clip, NaN check, step, saves and samples."""
-    from tqdm.auto import tqdm
-
+    """The loop itself: micro-batches, backward, clip, NaN check, step, validation, saves and samples."""
     s, acc, optimizer = r.settings, r.accelerator, r.optimizer
     params = [p for group in r.job.param_groups for p in group["params"]]
     bar = tqdm(total=r.total, initial=start, desc=f"train {r.job.name}", unit="step", dynamic_ncols=True,
                disable=not (acc.is_main_process and s.progress), file=sys.stderr)
     smooth = None
     try:
+        if start == 0:  # the base model's numbers: where the run starts from
+            r.validate(0)
+            if s.sample_every:
+                r.sample(0)
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
             for group in optimizer.param_groups:
@@ -360,11 +452,15 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            r.log.train(done, value, optimizer.param_groups[0]["lr"])
             if callback is not None:
                 callback(done, value)
-            if s.save_every and done % s.save_every == 0 and done < r.total:
+            saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total
+            if saving or done == r.total or (s.validation_every and done % s.validation_every == 0):
+                r.validate(done)
+            if saving:
                 r.save(done, final=False)
-            if s.sample_every and done % s.sample_every == 0:
+            if s.sample_every and (done % s.sample_every == 0 or done == r.total):
                 r.sample(done)
         r.save(r.total, final=True)
     finally:
@@ -373,13 +469,11 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
 
 
 @torch.no_grad()
-def sample_grid(base, settings: TrainSettings, expand, path: Path) -> Path:
-    """A grid of ``sample_images`` images per validation prompt (one row each), same seeds every time."""
-    from ..generate import generate, grid, save_png
-
+def sample_grid(base, settings: TrainSettings, prompts: list[str], expand, path: Path) -> Path:
+    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time."""
     images = []
-    for prompt in settings.sample_prompts:
+    for prompt in prompts:
         images += [g.image for g in generate(base, expand(prompt), steps=settings.sample_steps,
                                              guidance=settings.sample_guidance, seed=settings.seed,
                                              num_images=settings.sample_images, progress=False)]
-    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(settings.sample_prompts))
+    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(prompts))

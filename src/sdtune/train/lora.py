@@ -12,7 +12,9 @@ stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
 A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 convs then use that rank.
 
 At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
-neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata and on request the diffusers layout.
+neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata (the run's whole settings included, as
+``ss_sdtune_settings``) and on request the diffusers layout. ``report.html`` then shows each checkpoint at
+strengths 0 to 1.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
 from ..lora.neutral import Adapter, Lora
 from ..safeio import SdtuneError
-from . import loop
-from .config import LoraSettings
-from .data import report_skipped, scan_folder, seed_for, training_set
+from . import loop, report, validation
+from .config import LoraSettings, to_toml
+from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
@@ -77,7 +79,10 @@ class Network:
     def __init__(self, base, settings: LoraSettings):
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
         conv_rank = settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
-        conv_alpha = settings.conv_alpha if settings.conv_alpha is not None else float(conv_rank)
+        if settings.conv_alpha is not None:
+            conv_alpha = settings.conv_alpha
+        else:  # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
+            conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
         self.layers: dict[tuple[str, str], LoraLayer] = {}
         plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
         if settings.text_encoder:
@@ -194,6 +199,8 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
+        "ss_sdtune_preset": settings.preset,
+        "ss_sdtune_settings": to_toml(settings),  # --config reads it back: the run that made this file
     }
     if final:
         meta["ss_training_finished_at"] = str(time.time())
@@ -207,7 +214,9 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     started = time.time()
     scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
     report_skipped(scan)
+    scan, held, held_out = validation.split(settings, scan, require_captions=True)
     data = training_set(base, settings, scan, templates=None)
+    checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     network = Network(base, settings)
     groups = [{"params": network.params("unet"), "lr": settings.lr}]
     if settings.text_encoder:
@@ -225,12 +234,20 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
             save_lora(lora, paths[-1], format="diffusers")
         return paths
 
+    prompts = first_prompts(ex.caption for ex in scan.examples)
     job = loop.Job(name="lora", param_groups=groups, state=network.state,
                    load_state=lambda state: network.load_state(state, out / loop.STATE_FILE), save=save,
-                   text_trainable=settings.text_encoder, set_training=network.set_training)
+                   text_trainable=settings.text_encoder, set_training=network.set_training, sample_prompts=prompts,
+                   validation=checks)
     network.inject()
     try:
-        loop.run(base, settings, job, data, callback)
+        record = loop.run(base, settings, job, data, callback)
     finally:
         network.remove()
+    if settings.report and record.main:
+        shown = settings.sample_prompts or prompts
+        report.write_report(base, settings, record, lambda: report.lora_grid(base, settings, record, shown[0]),
+                            "Each checkpoint at strengths 0 to 1",
+                            f"Prompt: {shown[0]}; seed {settings.seed}. Strength 0 is the base model.",
+                            shown, len(scan.examples))
     return out / f"{settings.name}.safetensors"

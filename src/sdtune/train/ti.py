@@ -2,12 +2,14 @@
 
     v* = argmin_v  E ‖ε − ε_θ(z_t, t, c_θ(y))‖²        (y: "a photo of <token>", ...)
 
-The token is added with ``EmbeddingSet.add_placeholder`` (its rows start as copies of ``--init-token``).
-During training the text encoder's token table is wrapped: ids of the new token read their rows from a
-small trainable parameter ``[num_vectors, width]`` and all other ids the frozen table, so only those rows
-get a gradient, no full-table gradient or copy is made, and every other row stays bit-identical. At the
+The token is added to the base's ``EmbeddingSet``, its rows starting from the CLIP tokens of ``--init-token``
+(``init_rows``: a word of several tokens is fine, as in A1111). During training the text encoder's token
+table is wrapped: ids of the new token read their rows from a small trainable parameter ``[num_vectors,
+width]`` and all other ids the frozen table, so only those rows get a gradient, no full-table gradient or
+copy is made, and every other row stays bit-identical. At the
 end the learned rows are written into the table (the token stays loaded on the base, ready to use) and
-saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``.
+saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``. ``report.html`` then
+shows each checkpoint on the sample prompts.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from torch import nn
 
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
-from ..ti.tokens import EmbeddingSet
-from . import loop
+from ..ti.tokens import EmbeddingSet, sub_tokens
+from . import loop, report, validation
 from .config import TISettings
-from .data import Scan, report_skipped, scan_folder, training_set
+from .data import Scan, first_prompts, report_skipped, scan_folder, training_set
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [
@@ -88,6 +90,40 @@ def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
     return [t.format(token) for t in (STYLE_TEMPLATES if prop == "style" else OBJECT_TEMPLATES)]
 
 
+def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` starting vectors from the ``t`` rows of an init text's tokens: n <= t splits the tokens into n
+    consecutive groups and takes each group's mean (1: the mean of all, t: one token each); n > t takes token
+    ``i * t // n`` for vector i, each token spread over neighbouring vectors (A1111's rule)."""
+    t = rows.shape[0]
+    if n >= t:
+        return rows[[i * t // n for i in range(n)]].clone()
+    return torch.stack([rows[i * t // n:(i + 1) * t // n].mean(0) for i in range(n)])
+
+
+def init_rows(base, text: str, num_vectors: int) -> dict[str, torch.Tensor]:
+    """The new token's starting rows in each text encoder (by embedding key), from the tokens of ``text``."""
+    parts = {}
+    for te, model, tokenizer in base.text_encoders():
+        pieces = tokenizer.encode(text, add_special_tokens=False)
+        if not pieces:
+            raise SdtuneError(f"--init-token {text!r} has no tokens; give a word close to the concept, e.g. cat")
+        rows = model.get_input_embeddings().weight.detach()[pieces].to("cpu", torch.float32)
+        parts[te.embedding_key] = spread(rows, num_vectors)
+    return parts
+
+
+def add_token(base, settings: TISettings) -> list[int]:
+    """Add the token to the base's embeddings with its starting rows; returns its ids (consecutive)."""
+    known = {t.lower() for t in base.tokenizer.get_vocab()}
+    if any(name.lower() in known for name in sub_tokens(settings.token, settings.num_vectors)):
+        raise SdtuneError(f"--token {settings.token!r} is already in the tokenizer's vocabulary (a word it knows, or "
+                          f"a loaded embedding); choose a new word, e.g. '<{settings.token.strip('<>')}-1>'")
+    embeddings = embedding_set(base)
+    parts = init_rows(base, settings.init_token, settings.num_vectors)
+    embeddings.add(Embedding.from_parts(settings.token, parts, f"placeholder {settings.token}", "diffusers"))
+    return embeddings.ids(settings.token)
+
+
 def file_stem(token: str) -> str:
     """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
@@ -102,10 +138,17 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     scan = scan_folder(settings.data, default_caption=None, require_captions=False)
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
+    scan, held, held_out = validation.split(settings, scan, require_captions=False)
     data = training_set(base, settings, scan, templates)
+    # validation images get the captions or templates their folder's rule gives (template i % n for image i)
+    held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates
+    captions = [held_templates[i % len(held_templates)] if held_templates else ex.caption
+                for i, ex in enumerate(held.examples)]
+    checks = validation.build(base, settings, held, captions, held_out)
+    prompts = first_prompts(templates or [ex.caption for ex in scan.examples])
 
     embeddings = embedding_set(base)
-    ids = embeddings.add_placeholder(settings.token, settings.init_token, settings.num_vectors)
+    ids = add_token(base, settings)
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise SdtuneError(f"--token {settings.token}: its ids {ids} are not consecutive; load it on a fresh model")
     te = base.text_encoder
@@ -135,10 +178,11 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
 
     job = loop.Job(name="ti", param_groups=[{"params": [spliced.rows], "lr": settings.lr}],
                    state=lambda: {"rows": spliced.rows.detach().cpu().clone()}, load_state=load_state,
-                   save=save, text_trainable=True, expand=embeddings.expand)
+                   save=save, text_trainable=True, expand=embeddings.expand, sample_prompts=prompts,
+                   validation=checks)
     te.set_input_embeddings(spliced)
     try:
-        loop.run(base, settings, job, data, callback)
+        record = loop.run(base, settings, job, data, callback)
     except BaseException:
         te.set_input_embeddings(table)
         embeddings.remove(settings.token)  # the base goes back to how it was
@@ -146,4 +190,10 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     te.set_input_embeddings(table)
     with torch.no_grad():
         table.weight[ids] = spliced.rows.detach().to(table.weight.dtype)
+    if settings.report and record.main:
+        shown = settings.sample_prompts or prompts
+        report.write_report(base, settings, record, lambda: report.ti_grid(base, settings, record, shown),
+                            "Each checkpoint on the sample prompts",
+                            f"Seed {settings.seed}. The first row is the base model with the init text "
+                            f"{settings.init_token!r} in place of {settings.token}.", shown, len(scan.examples))
     return out / DIFFUSERS_FILE

@@ -1,0 +1,152 @@
+"""A run's logs in the forms people already read: ``loss.csv``, TensorBoard event files, ``loss.png``.
+
+Rows are kept in memory and ``loss.csv`` is rewritten atomically at every save and at the end, so after a
+kill it ends where the resume state does; a resumed run reads it back up to its start step (TensorBoard's
+``purge_step`` drops the later events the same way). Only the main process writes.
+
+The two losses are different measures, so ``loss.png`` draws them in two panels: the training loss is the
+objective of each step's random batch (Min-SNR weighted when that is on), noisy, drawn raw and smoothed; the
+validation loss is the plain noise-prediction error on fixed images, timesteps and noise, one steady point
+per evaluation (see ``validation``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..safeio import atomic_path, atomic_write_text
+
+CSV_FILE = "loss.csv"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+COLUMNS = ("step", "loss", "lr", "val_loss")
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Debiased exponential moving average over about ``window`` points (TensorBoard's smoothing)."""
+    weight = 1 - 1 / max(1, window)
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(acc / norm if norm else v)
+    return out
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak memory of this process in bytes: ``rss`` (resident, the whole run) and ``cuda`` (allocated on the
+    GPU) where known."""
+    peak = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak["rss"] = rss if sys.platform == "darwin" else rss * 1024  # macOS says bytes, Linux kilobytes
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = int(torch.cuda.max_memory_allocated())
+    return peak
+
+
+class TrainLog:
+    """One run's loss log (a no-op on processes other than the main one)."""
+
+    def __init__(self, out: Path, start: int, enabled: bool = True):
+        self.out, self.enabled = Path(out), enabled
+        self.rows: dict[int, dict] = {}
+        self.writer = None
+        if not enabled:
+            return
+        self.rows = {step: row for step, row in read_csv(self.out / CSV_FILE).items() if step <= start}
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard hides this folder's older events past ``start`` (a fresh run: all of them)
+        self.writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR), purge_step=start + 1 if start else 0)
+
+    def _row(self, step: int) -> dict:
+        return self.rows.setdefault(step, {"step": step, "loss": None, "lr": None, "val_loss": None})
+
+    def train(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled:
+            self._row(step).update(loss=loss, lr=lr)
+            self.writer.add_scalar("loss/train", loss, step)
+            self.writer.add_scalar("lr", lr, step)
+
+    def validation(self, step: int, loss: float) -> None:
+        if self.enabled:
+            self._row(step)["val_loss"] = loss
+            self.writer.add_scalar("loss/validation", loss, step)
+
+    def val_losses(self) -> dict[int, float]:
+        return {s: r["val_loss"] for s, r in sorted(self.rows.items()) if r["val_loss"] is not None}
+
+    def flush(self) -> None:
+        """Write ``loss.csv`` (every digit of each number) and flush the TensorBoard events."""
+        if not self.enabled:
+            return
+        text = io.StringIO()
+        table = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+        table.writeheader()
+        for _, row in sorted(self.rows.items()):
+            table.writerow({k: "" if row[k] is None else repr(row[k]) for k in COLUMNS})
+        atomic_write_text(text.getvalue(), self.out / CSV_FILE)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Write everything, ``loss.png`` included; later calls do nothing."""
+        if self.enabled:
+            self.flush()
+            plot(self.rows, self.out / PLOT_FILE)
+            self.writer.close()
+            self.enabled = False
+
+
+def read_csv(path: Path) -> dict[int, dict]:
+    """``loss.csv`` back as {step: row} (numbers as floats, empty cells None); nothing if there is no file."""
+    if not path.is_file():
+        return {}
+    rows = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for rec in csv.DictReader(f):
+            row = {"step": int(rec["step"])}
+            row.update({k: float(rec[k]) if rec.get(k) else None for k in COLUMNS[1:]})
+            rows[row["step"]] = row
+    return rows
+
+
+def plot(rows: dict[int, dict], path: Path) -> Path:
+    """``loss.png``: the training loss (raw and smoothed) above, the validation loss below, same steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no global pyplot state
+    from matplotlib.figure import Figure
+
+    ordered = [rows[s] for s in sorted(rows)]
+    train = [(r["step"], r["loss"]) for r in ordered if r["loss"] is not None and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in ordered if r["val_loss"] is not None]
+    fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    if train:
+        steps, losses = zip(*train)
+        top.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="each step")
+        top.plot(steps, smooth(list(losses), max(1, len(losses) // 20)), color="#08519c", linewidth=2,
+                 label="smoothed")
+        top.legend(loc="upper right")
+    top.set_ylabel("training loss")
+    top.set_title("training loss (the objective of each step's random batch)")
+    if val:
+        steps, losses = zip(*val)
+        bottom.plot(steps, losses, "o-", color="#d94801", linewidth=2)
+    bottom.set_ylabel("validation loss")
+    bottom.set_xlabel("step")
+    bottom.set_title("validation loss (plain error on fixed images, timesteps and noise; lower is better)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

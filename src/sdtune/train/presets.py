@@ -1,0 +1,113 @@
+"""Recommended training settings: named presets, and the one each model family starts from.
+
+A preset is a few settings with a one-line purpose; every setting it does not name keeps the default of
+``LoraSettings`` / ``TISettings``. Which preset a run starts from, in order: ``--preset`` (or ``preset =`` in
+the TOML file), else the base model's own (``FAMILY_DEFAULTS``, looked up by ``base.family.name``). Then the
+TOML file, then the flags override single settings (``config.load_settings``).
+
+Why the model decides: the usual SD 1.5 values (rank 16, lr 1e-4, batch 1, 1,000 steps) learn nothing on the
+built-in tiny model in that time, and a rank-8 LoCon at lr 1e-3 would wreck SD 1.5. The tiny model's recipes
+are tuned on it (the demo and ``tests/test_train_quality.py`` use them; the why of each choice is beside
+it). The SD families get the community's usual starting points (kohya-ss for LoRA, A1111/diffusers for TI),
+at each family's native size.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from .. import families
+from ..safeio import SdtuneError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    purpose: str  # one line: what it is for (``--list-presets`` shows it)
+    values: dict = field(default_factory=dict)  # the settings it sets
+
+
+# The built-in tiny model, LoRA. LoCon (``targets = "all"``, the resnet convs included): a drawing style is
+# largely convolutional; attention + feed-forward alone learned it by bending shape and colour (held-in
+# shape+colour under the LoRA, 8 images per prompt: 84-88% vs 94-98%, seeds 0-2). Min-SNR as in the tiny
+# model's own training: without it the LoRA spends its steps on the nearly clean timesteps the base weighted
+# least (content kept: 62% without, 80% with, on an earlier CPU-trained model). A tenth of the images is held
+# out for the validation loss (48 images: 5).
+_TINY_LORA = dict(targets="all", rank=8, alpha=8.0, lr=1e-3, batch_size=8, steps=300, min_snr_gamma=5.0,
+                  validation_split=0.1, validation_every=50, save_every=100, sample_every=100, sample_images=2,
+                  sample_guidance=5.0)
+# The built-in tiny model, TI: a handful of images of one concept, so nothing is held out (the validation loss
+# is then measured on training images at fixed noise: still a steady, comparable curve, not a test of
+# generalisation). One vector, as A1111 starts: it learns the quality test's cyan triangle in 16 of 16
+# images (seeds 1000 and 2000), as two vectors did.
+_TINY_TI = dict(steps=400, lr=5e-3, batch_size=4, validation_every=50, save_every=100, sample_every=100,
+                sample_images=2, sample_guidance=5.0)
+# samples at the start and the end only: on the tiny model a sample grid costs about as much as 20 steps
+_QUICK = dict(steps=30, validation_every=0, save_every=10, sample_every=30)
+
+# kohya-ss's usual LoRA: attention + feed-forward + proj_in/out (its default module set), Min-SNR 5, cosine.
+_KOHYA = dict(targets="attn+ff", lr=1e-4, min_snr_gamma=5.0, lr_scheduler="cosine", buckets=True,
+              save_every=250, sample_every=250, sample_steps=25)
+# A1111's and diffusers' usual TI: lr 5e-3 over an effective batch of 4.
+_A1111_TI = dict(lr=5e-3, batch_size=1, grad_accum=4, steps=2000, save_every=250, sample_every=250, sample_steps=25)
+
+LORA = [
+    Preset("tiny", "the built-in tiny model: learn a style or a look from ~50 captioned images in about a minute "
+           "on a CPU (LoCon rank 8, lr 1e-3, 300 steps of 8, Min-SNR 5)", _TINY_LORA),
+    Preset("tiny-quick", "the built-in tiny model: a 30-step smoke test of your data and flags (learns little)",
+           {**_TINY_LORA, **_QUICK, "batch_size": 4}),
+    Preset("sd1", "SD 1.x at 512 px: kohya's usual LoRA for a character, object or style (rank 16, alpha 8, "
+           "lr 1e-4, batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500,
+                                                "resolution": 512}),
+    Preset("sd2", "SD 2.x at 768 px: kohya's usual LoRA (rank 16, alpha 8, lr 1e-4, batch 2, 1,500 steps)",
+           {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500, "resolution": 768}),
+    Preset("sdxl", "SDXL at 1024 px: kohya's usual LoRA (rank 32, alpha 16, lr 1e-4, batch 1, 2,000 steps, "
+           "gradient checkpointing)", {**_KOHYA, "rank": 32, "alpha": 16.0, "batch_size": 1, "steps": 2000,
+                                       "resolution": 1024, "gradient_checkpointing": True}),
+]
+TI = [
+    Preset("tiny", "the built-in tiny model: a new word for an object from ~5 images in about a minute on a CPU "
+           "(lr 5e-3, 400 steps of 4)", _TINY_TI),
+    Preset("tiny-quick", "the built-in tiny model: a 30-step smoke test of your data and flags (learns little)",
+           {**_TINY_TI, **_QUICK}),
+    Preset("sd1", "SD 1.x at 512 px: A1111's usual embedding for an object or style (lr 5e-3, batch 4, "
+           "2,000 steps)", {**_A1111_TI, "resolution": 512}),
+    Preset("sd2", "SD 2.x at 768 px: A1111's usual embedding (lr 5e-3, batch 4, 2,000 steps)",
+           {**_A1111_TI, "resolution": 768}),
+    Preset("sdxl", "SDXL at 1024 px: the usual embedding (lr 5e-3, batch 4, 2,000 steps, gradient checkpointing)",
+           {**_A1111_TI, "resolution": 1024, "gradient_checkpointing": True}),
+]
+PRESETS: dict[str, dict[str, Preset]] = {"lora": {p.name: p for p in LORA}, "ti": {p.name: p for p in TI}}
+
+# family name (``sdtune.families``) -> the preset a run on that model starts from, per kind of training
+FAMILY_DEFAULTS = {"tiny": "tiny", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+
+
+def get(kind: str, name: str) -> Preset:
+    """The ``kind`` preset ``name``, or one line naming the choices."""
+    table = PRESETS[kind]
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise SdtuneError(f"--preset {name!r}: no such {kind} preset; {hint}choose one of {', '.join(table)} "
+                      f"(sdtune train {kind} --list-presets says what each is for)")
+
+
+def for_family(kind: str, family) -> Preset | None:
+    """The preset a model of ``family`` (a ``Family`` or its name) starts from; None for an unknown family."""
+    name = FAMILY_DEFAULTS.get(getattr(family, "name", family))
+    return PRESETS[kind][name] if name else None
+
+
+def listing(kind: str) -> str:
+    """``--list-presets``: each preset's name and purpose, and which model family starts from it."""
+    table = PRESETS[kind]
+    width = max(map(len, table))
+    lines = [f"{kind} presets (sdtune train {kind} --preset NAME; flags and the --config file override them):"]
+    for p in table.values():
+        users = [families.FAMILIES[f].title for f, name in FAMILY_DEFAULTS.items() if name == p.name]
+        default = f" [default for {', '.join(users)}]" if users else ""
+        lines.append(f"  {p.name:<{width}}  {p.purpose}{default}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""``report.html`` at the end of a training run: did it work, and which checkpoint to use.
+
+The page is ``templates/train_report.html`` (a ``string.Template``, filled like the demo's page, every value
+escaped). It shows the loss curves (``loss.png``), each checkpoint's validation loss, a grid of what each
+checkpoint draws (LoRA: checkpoint x strength 0, 0.5, 0.75, 1; TI: checkpoint x prompt, with a row for the
+base model and the init word), the sample grids made during training, the settings, the time and the peak
+memory. The recommended checkpoint is the one with the lowest validation loss; it is copied to
+``best.safetensors``. Everything it shows lies in the output folder and is linked relatively, so the page
+opens from the disk with no server.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from ..demo_report import _fill, _Html, _lines
+from ..generate import draw_grid, generate, save_png
+from ..safeio import atomic_path, atomic_write_text
+from ..ti.formats import load_embedding
+from .config import to_toml
+from .logs import TENSORBOARD_DIR
+from .loop import SETTINGS_FILE, Record
+
+PAGE = "templates/train_report.html"
+LOOK = "templates/demo_report.html"  # its stylesheet: one look for sdtune's pages
+REPORT_FILE = "report.html"
+BEST_FILE = "best.safetensors"
+GRID_FILE = "checkpoint-grid.png"
+STRENGTHS = (0.0, 0.5, 0.75, 1.0)
+GRID_CELL = 128  # pixels per grid cell (the tiny model's 64-px images are scaled up)
+
+CHECKPOINT_ROW = Template('<tr><td class="num">step $step</td><td><a href="$file">$file</a></td>'
+                          '<td class="num">$loss</td><td class="best">$mark</td></tr>')
+BASE_ROW = Template('<tr><td class="num">step 0</td><td>(the base model)</td><td class="num">$loss</td><td></td></tr>')
+SAMPLE = Template('<h3>$title</h3><p><a href="$file"><img src="$file" alt="$title"></a></p>')
+
+
+def best_checkpoint(record: Record) -> tuple[int, Path] | None:
+    """(step, file) of the saved checkpoint with the lowest validation loss (the earlier one on a tie)."""
+    scored = [(record.val_losses[s], s, path) for s, path in record.checkpoints if s in record.val_losses]
+    if not scored:
+        return None
+    _, step, path = min(scored, key=lambda x: (x[0], x[1]))
+    return step, path
+
+
+def _image(base, settings, prompt: str):
+    """One image of ``prompt`` with the run's sampling settings and seed."""
+    return generate(base, prompt, steps=settings.sample_steps, guidance=settings.sample_guidance,
+                    seed=settings.seed, num_images=1, progress=False)[0].image
+
+
+def lora_grid(base, settings, record: Record, prompt: str):
+    """Checkpoint x strength: rows are the checkpoints, columns the LoRA at 0 (the base), 0.5, 0.75 and 1."""
+    plain = _image(base, settings, prompt)  # strength 0 is the base model bit for bit: drawn once
+    rows = []
+    for step, path in record.checkpoints:
+        name = f"report-step-{step}"
+        base.loras.add(name, path, 0.0)
+        try:
+            row = [plain]
+            for strength in STRENGTHS[1:]:
+                base.loras.set_weights({name: strength})
+                row.append(_image(base, settings, prompt))
+        finally:
+            base.loras.remove(name)
+        rows.append(row)
+    return draw_grid(rows, [f"step {s}" for s, _ in record.checkpoints], [f"strength {w:g}" for w in STRENGTHS],
+                     cell=GRID_CELL)
+
+
+def ti_grid(base, settings, record: Record, prompts: list[str]):
+    """Checkpoint x prompt: a first row of the base model with the init text in place of the token, then one
+    row per checkpoint. The token ends up holding the final vectors again."""
+    embeddings, token = base.embeddings, settings.token
+    pattern = re.compile(re.escape(token), re.IGNORECASE)
+    rows = [[_image(base, settings, pattern.sub(settings.init_token, p)) for p in prompts]]
+    final = embeddings.get(token)
+    try:
+        for _, path in record.checkpoints:
+            embeddings.remove(token)
+            embeddings.add(load_embedding(path, token=token))
+            rows.append([_image(base, settings, p) for p in prompts])
+    finally:
+        if token in embeddings:
+            embeddings.remove(token)
+        embeddings.add(final)
+    labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in record.checkpoints]
+    return draw_grid(rows, labels, prompts, cell=GRID_CELL)
+
+
+def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> _Html:
+    """What the validation loss says, in a sentence or three."""
+    losses = record.val_losses
+    if best is None:
+        return _Html("No checkpoint has a validation loss; look at the samples below.")
+    step, path = best
+    value, start = losses[step], losses.get(0)
+    name = f"<code>{html.escape(path.relative_to(out).as_posix())}</code>"
+    text = (f"Recommended checkpoint: <span class=\"best\">step {step}</span>, {name}, copied to "
+            f"<a href=\"{BEST_FILE}\">{BEST_FILE}</a>: the lowest validation loss, {value:.6f}")
+    if start is None:
+        return _Html(text + ".")
+    change = (value - start) / start
+    if value < start:
+        text += f", {-change:.1%} below the base model's {start:.6f} (step 0)."
+    else:
+        text += (f". <span class=\"warn\">It never fell below the base model's {start:.6f} (step 0): the run has "
+                 f"not learned what the images show.</span> Try more --steps or a higher --lr, and check the "
+                 f"samples and captions.")
+    last_step, _ = record.checkpoints[-1]
+    if last_step != step and losses.get(last_step, value) > value:
+        text += (f" Later checkpoints score worse (step {last_step}: {losses[last_step]:.6f}): over-fitting "
+                 f"may have begun, so prefer step {step} to the final file.")
+    return _Html(text)
+
+
+def _memory(peak: dict[str, int]) -> tuple[str, str]:
+    shown = [f"{peak['rss'] / 2**30:.2f} GB RAM"] if "rss" in peak else []
+    shown += [f"{peak['cuda'] / 2**30:.2f} GB GPU"] if "cuda" in peak else []
+    return ", ".join(shown) or "unknown", "the process's peak resident memory (and GPU memory allocated)"
+
+
+def write_report(base, settings, record: Record, grid, grid_title: str, grid_note: str, prompts: list[str],
+                 images: int) -> Path:
+    """``out/report.html`` (and ``best.safetensors``, the checkpoint grid). ``grid``: a callable making the
+    checkpoint grid image (``lora_grid`` or ``ti_grid`` with its arguments bound); ``images``: training images."""
+    started = time.perf_counter()
+    out = Path(settings.out)
+    best = best_checkpoint(record)
+    if best is not None:
+        with atomic_path(out / BEST_FILE) as tmp:
+            shutil.copyfile(best[1], tmp)
+    save_png(grid(), out / GRID_FILE)
+    checkpoint_rows = [_fill(CHECKPOINT_ROW, step=s, file=p.relative_to(out).as_posix(),
+                             loss=f"{record.val_losses[s]:.6f}" if s in record.val_losses else "",
+                             mark="best" if best and s == best[0] else "") for s, p in record.checkpoints]
+    if 0 in record.val_losses:
+        checkpoint_rows.insert(0, _fill(BASE_ROW, loss=f"{record.val_losses[0]:.6f}"))
+    samples = []
+    for path in sorted((out / "samples").glob("step-*.png")):
+        step = int(path.stem.split("-")[1])
+        title = f"step {step}" + (" (the base model)" if step == 0 else "")
+        samples.append(_fill(SAMPLE, title=title, file=path.relative_to(out).as_posix()))
+    peak, memory_note = _memory(record.peak_memory)
+    package = resources.files("sdtune")
+    page = Template(package.joinpath(PAGE).read_text(encoding="utf-8"))
+    style = re.search(r"<style>.*?</style>", package.joinpath(LOOK).read_text(encoding="utf-8"), re.S).group(0)
+    text = _fill(page, style=_Html(style), kind=settings.kind, out=str(out),
+                 model=getattr(base, "name", settings.model), preset=settings.preset or "none",
+                 images=images, validation=record.validation, verdict=_verdict(record, best, out),
+                 tensorboard=str(out / TENSORBOARD_DIR), checkpoint_rows=_lines(checkpoint_rows),
+                 grid_title=grid_title, grid_note=grid_note, grid=GRID_FILE,
+                 prompts=" | ".join(prompts), samples=_lines(samples) or _Html("<p>No samples (--sample-every 0).</p>"),
+                 settings_file=str(out / SETTINGS_FILE), settings=to_toml(settings),
+                 train_seconds=f"{record.seconds:.0f}", steps=record.checkpoints[-1][0] if record.checkpoints else 0,
+                 report_seconds=f"{time.perf_counter() - started:.0f}", peak_memory=peak, memory_note=memory_note)
+    atomic_write_text(text, out / REPORT_FILE)
+    chosen = f"best checkpoint: step {best[0]}, copied to {out / BEST_FILE}" if best else "no validation loss"
+    print(f"sdtune train {settings.kind}: report in {out / REPORT_FILE} ({chosen})", file=sys.stderr)
+    return out / REPORT_FILE

@@ -1,0 +1,99 @@
+"""The validation loss: one steady number per evaluation, to compare checkpoints and runs.
+
+The training loss of a step depends on that step's random images, timesteps and noise, so it jumps around
+and no two runs see the same draws. The validation loss fixes all three: each validation image (its latent
+mean, no sampling) is noised at the same ``TIMESTEPS`` with noise drawn from its file name alone, never from
+``--seed``, and the model's plain error (the MSE of the ε or v prediction, without Min-SNR weights, which
+differ between runs) is averaged over every image and timestep. The same images then give the same number
+for the same weights, in any run: two runs with the same seed print it to the last digit (on one machine),
+and runs with different settings are comparable.
+
+The images are held out from training (``--validation-dir``, or ``--validation-split`` of ``--data``); with
+neither, up to ``FALLBACK_IMAGES`` training images stand in, which still tracks training steadily but cannot
+show over-fitting (the report says which it was).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Scan, TrainingSet, held_out_order, model_steps, scan_folder, seed_for, split_validation
+
+TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
+FALLBACK_IMAGES = 8
+CHUNK = 32  # (image, timestep) pairs per forward pass
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [n, C, h, w]
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # [n]
+    captions: list[str]
+
+
+@dataclass
+class ValidationSet:
+    batches: list[Batch]
+    images: int
+    held_out: bool  # False: training images stand in
+
+    @property
+    def description(self) -> str:
+        if self.held_out:
+            return f"{self.images} held-out image(s)"
+        return (f"{self.images} training image(s): nothing was held out (--validation-split or --validation-dir), "
+                f"so this tracks training but cannot show over-fitting")
+
+
+def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, bool]:
+    """(training images, validation images, held out?) from the settings' --validation-dir/--validation-split."""
+    if settings.validation_dir:
+        held = scan_folder(settings.validation_dir, default_caption=settings.default_caption,
+                           require_captions=require_captions)
+        return scan, held, True
+    if settings.validation_split:
+        train, held = split_validation(scan, settings.validation_split, settings.data)
+        return train, held, True
+    chosen = held_out_order(scan, Path(settings.data))[:FALLBACK_IMAGES]
+    return scan, Scan(chosen), False
+
+
+def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> ValidationSet:
+    """The fixed (latent, noise, timestep, caption) batches of ``scan``'s images; ``captions[i]`` is image i's."""
+    native, step = model_steps(base)
+    # center crops, no flips: the latents' means are the images
+    images = TrainingSet(scan, base.vae, settings.resolution or native, seed=0,
+                         bucket_step=settings.bucket_step or step, buckets=settings.buckets)
+    num_timesteps = len(base.scheduler.alphas_cumprod)
+    timesteps = [int((k + 0.5) * num_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
+    pairs: dict[tuple[int, int], list] = {}  # per bucket: (latent, noise, t, caption), images in scan order
+    for i, ex in enumerate(scan.examples):
+        size = images.bucket_of[i]
+        mean = images.latents[size][images.row_of[i]].chunk(2)[0]
+        g = torch.Generator().manual_seed(seed_for("validation", ex.path.name))
+        noise = torch.randn((TIMESTEPS, *mean.shape), generator=g)
+        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i]) for k, t in enumerate(timesteps))
+    batches = []
+    for size in sorted(pairs):
+        group = pairs[size]
+        for k in range(0, len(group), CHUNK):
+            part = group[k:k + CHUNK]
+            batches.append(Batch(torch.stack([p[0] for p in part]), torch.stack([p[1] for p in part]),
+                                 torch.tensor([p[2] for p in part]), [p[3] for p in part]))
+    return ValidationSet(batches, len(scan.examples), held_out)
+
+
+@torch.no_grad()
+def validation_loss(objective, text, vset: ValidationSet, device) -> float:
+    """The mean plain error over every (image, timestep) pair; summed in float64 in a fixed order."""
+    total, count = 0.0, 0
+    for b in vset.batches:
+        errors = objective.errors(b.latents.to(device), b.noise.to(device), b.timesteps.to(device),
+                                  context=text.encode(b.captions))
+        total += float(errors.double().sum())
+        count += len(errors)
+    return total / count

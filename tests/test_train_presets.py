@@ -1,0 +1,126 @@
+"""Model-aware defaults and named presets; every run prints and saves its settings; --config reruns a run."""
+
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdtune import families
+from sdtune.cli import main
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import SdtuneError
+from sdtune.tiny import world
+from sdtune.train import presets
+from sdtune.train.config import LoraSettings, TISettings, load_settings, settings_for
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(6, seed=5, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def test_each_model_family_starts_from_its_own_preset():
+    tiny = load_settings(None, {}, "lora", family="tiny")
+    # the recipe that learns the held-out style on the built-in model (tests/test_train_quality.py)
+    assert (tiny.preset, tiny.targets, tiny.rank, tiny.alpha, tiny.lr, tiny.batch_size, tiny.steps,
+            tiny.min_snr_gamma, tiny.validation_split) == ("tiny", "all", 8, 8.0, 1e-3, 8, 300, 5.0, 0.1)
+    sd1 = load_settings(None, {}, "lora", family=families.SD1)
+    assert (sd1.preset, sd1.targets, sd1.rank, sd1.alpha, sd1.lr, sd1.resolution) == ("sd1", "attn+ff", 16, 8.0,
+                                                                                        1e-4, 512)
+    sdxl = load_settings(None, {}, "lora", family=families.SDXL)
+    assert (sdxl.rank, sdxl.alpha, sdxl.resolution, sdxl.gradient_checkpointing) == (32, 16.0, 1024, True)
+    ti = load_settings(None, {}, "ti", family="tiny")
+    assert (ti.preset, ti.steps, ti.lr, ti.batch_size, ti.num_vectors) == ("tiny", 400, 5e-3, 4, 1)
+    assert load_settings(None, {}, "ti", family="sd2").resolution == 768
+    for family in families.FAMILIES.values():  # every family sdtune loads has one of each
+        assert presets.for_family("lora", family) and presets.for_family("ti", family)
+    # no family (a settings object built by hand): the dataclass defaults, no preset
+    assert load_settings(None, {}, "lora") == LoraSettings()
+
+
+def test_settings_for_a_loaded_model():
+    from sdtune.models import load_base
+
+    base = load_base("tiny-random")
+    s = settings_for(base, "ti", data="d", out="o", token="<t>", init_token="star")
+    assert isinstance(s, TISettings) and s.preset == "tiny" and s.steps == 400 and s.model == "tiny-random"
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("rank = 4\nlr = 0.5\n")
+    s = load_settings(cfg, {"lr": 0.25}, "lora", family="tiny")
+    assert (s.rank, s.lr, s.targets, s.steps) == (4, 0.25, "all", 300)  # file > preset, flag > file
+    cfg.write_text('preset = "tiny-quick"\nrank = 4\n')
+    assert load_settings(cfg, {}, "lora", family="sd1").steps == 30  # a named preset beats the model's
+    s = load_settings(cfg, {"preset": "sd1"}, "lora", family="tiny")
+    assert (s.preset, s.steps, s.rank, s.resolution) == ("sd1", 1500, 4, 512)  # the flag's preset; the file's rank
+    # held-out images given: the preset's --validation-split gives way instead of clashing
+    s = load_settings(None, {"data": "d", "out": "o", "validation_dir": "v"}, "lora", family="tiny")
+    assert s.validation_split == 0.0
+    s.check()
+    with pytest.raises(SdtuneError, match="--validation-split and --validation-dir both given"):
+        dataclasses.replace(s, validation_split=0.1).check()
+
+
+def test_an_unknown_preset_is_one_line_naming_the_choices(dataset, tmp_path, capsys):
+    with pytest.raises(SdtuneError, match=r"--preset 'tiny-quik': no such lora preset; did you mean 'tiny-quick'\? "
+                                          r"choose one of tiny, tiny-quick, sd1, sd2, sdxl"):
+        load_settings(None, {"preset": "tiny-quik"}, "lora")
+    assert main(["train", "ti", "--data", str(dataset), "--out", str(tmp_path), "--preset", "huge"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdtune: error: --preset 'huge': no such ti preset")
+
+
+def test_list_presets_says_what_each_is_for(capsys):
+    for kind in ("lora", "ti"):
+        assert main(["train", kind, "--list-presets"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"{kind} presets")
+        for preset in presets.PRESETS[kind].values():
+            line = next(ln for ln in lines if ln.split()[0] == preset.name)
+            assert preset.purpose in line
+        assert "[default for the built-in tiny model]" in next(ln for ln in lines if ln.split()[0] == "tiny")
+        assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
+
+
+def test_help_says_how_num_vectors_meets_a_longer_init_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "ti", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1 starts from their mean" in text and "N = T: one token each" in text and "A1111's rule" in text
+    assert "--list-presets" in text and "the preset's" in text
+
+
+def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, capsys):
+    first = tmp_path / "first"
+    args = ["train", "lora", "--data", dataset, "--out", first, "--model", "tiny-random", "--steps", "3",
+            "--rank", "4", "--batch-size", "2", "--seed", "3", "--sample-steps", "2", "--no-progress"]
+    # through the real entry point: nothing but sdtune's own lines on the terminal (no TensorBoard or
+    # matplotlib import messages)
+    run = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines() == [str(first / "lora.safetensors")]
+    err = run.stderr.splitlines()
+    assert err[0].startswith("sdtune train lora: preset 'tiny'; validation on 1 held-out image(s); settings")
+    assert all(re.match(r"(sdtune train lora: |  \w+=|step \d+: validation loss \d\.\d{8}$)", ln) for ln in err), err
+    assert "  rank=4" in run.stderr or " rank=4 " in run.stderr
+    saved = load_settings(first / "settings.toml", kind="lora")
+    assert (saved.preset, saved.rank, saved.steps, saved.seed, saved.targets, saved.model) == (
+        "tiny", 4, 3, 3, "all", "tiny-random")  # the flags, and the preset's values they did not touch
+    # --config reruns it: the same settings (but --out) and the same LoRA, bit for bit
+    second = tmp_path / "second"
+    assert main(["train", "lora", "--config", str(first / "settings.toml"), "--out", str(second),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert load_settings(second / "settings.toml", kind="lora") == dataclasses.replace(saved, out=str(second))
+    a, b = load_lora(first / "lora.safetensors"), load_lora(second / "lora.safetensors")
+    assert {(c, p) for c, p, _ in a.items()} == {(c, p) for c, p, _ in b.items()}
+    for comp, path, ad in a.items():
+        for role, tensor in ad.tensors.items():
+            assert torch.equal(tensor, b.modules[comp][path].tensors[role]), (comp, path, role)
