@@ -81,7 +81,7 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
     row per checkpoint. The token ends up holding the final vectors again."""
     embeddings, token = base.embeddings, settings.token
     pattern = re.compile(re.escape(token), re.IGNORECASE)
-    rows = [[_image(base, settings, pattern.sub(settings.init_token, p)) for p in prompts]]
+    rows = [[_image(base, settings, pattern.sub(lambda _: settings.init_token, p)) for p in prompts]]
     final = embeddings.get(token)
     try:
         for _, path in record.checkpoints:

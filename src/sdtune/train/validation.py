@@ -52,8 +52,8 @@ class ValidationSet:
 def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, bool]:
     """(training images, validation images, held out?) from the settings' --validation-dir/--validation-split."""
     if settings.validation_dir:
-        held = scan_folder(settings.validation_dir, default_caption=settings.default_caption,
-                           require_captions=require_captions)
+        held = scan_folder(settings.validation_dir, require_captions=require_captions,
+                           default_caption=settings.default_caption if require_captions else None)  # as --data
         return scan, held, True
     if settings.validation_split:
         train, held = split_validation(scan, settings.validation_split, settings.data)
