@@ -12,7 +12,6 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdtune import families, ldm
-from sdtune.models import sd15_configs, tiny_configs
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny_model
 
@@ -32,7 +31,7 @@ def tiny():
 
 @pytest.fixture(scope="module", params=["tiny", "sd15"])
 def arch(request):
-    configs = tiny_configs() if request.param == "tiny" else sd15_configs()
+    configs = families.get("tiny" if request.param == "tiny" else "sd1").component_configs()
     return request.param, _meta_models(configs)
 
 
@@ -53,7 +52,7 @@ def test_maps_cover_every_parameter_owner_once(arch):
 
 
 def test_sd15_names():
-    unet_map = ldm.unet_module_map(sd15_configs()["unet"])
+    unet_map = ldm.unet_module_map(families.SD1.component_configs()["unet"])
     assert len(unet_map) == 391
     expected = {
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q":
@@ -73,7 +72,7 @@ def test_sd15_names():
     }
     for old, new in expected.items():
         assert unet_map[old] == new
-    vae_map = ldm.vae_module_map(sd15_configs()["vae"])
+    vae_map = ldm.vae_module_map(families.SD1.component_configs()["vae"])
     assert vae_map["encoder.down.0.block.0.conv1"] == "encoder.down_blocks.0.resnets.0.conv1"
     assert vae_map["decoder.up.3.block.2.conv2"] == "decoder.up_blocks.0.resnets.2.conv2"
     assert "decoder.up.0.upsample.conv" not in vae_map  # the highest-resolution level does not upsample
@@ -82,7 +81,7 @@ def test_sd15_names():
 
 
 def test_tiny_names():
-    unet_map = ldm.unet_module_map(tiny_configs()["unet"])  # 3 blocks, layers_per_block=1
+    unet_map = ldm.unet_module_map(families.TINY.component_configs()["unet"])  # 3 blocks, layers_per_block=1
     assert unet_map["input_blocks.2.0.op"] == "down_blocks.0.downsamplers.0.conv"
     assert unet_map["input_blocks.3.1.proj_in"] == "down_blocks.1.attentions.0.proj_in"
     assert unet_map["input_blocks.5.0.in_layers.2"] == "down_blocks.2.resnets.0.conv1"
@@ -119,7 +118,7 @@ def test_tiny_matches_diffusers_converter(tiny):
 
 def test_sd15_matches_diffusers_converter():
     """Names only (meta tensors): each LDM tensor lands on the same diffusers key in both converters."""
-    configs = sd15_configs()
+    configs = families.SD1.component_configs()
     unet, vae, text_encoder = _meta_models(configs)
     sd = ldm.to_ldm_state_dict(unet, vae, text_encoder)
     ours = ldm.split_single_file(sd, families.SD1, _modules((unet, vae, text_encoder)))

@@ -10,8 +10,8 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
-from sdtune import ldm
-from sdtune.families.build import build_components
+from sdtune import families, ldm
+from sdtune.families.build import build_parts
 from sdtune.models import (
     Base,
     load_base,
@@ -19,7 +19,6 @@ from sdtune.models import (
     pick_dtype,
     save_diffusers,
     save_single_file,
-    sd15_configs,
 )
 from sdtune.safeio import SdtuneError
 
@@ -152,9 +151,10 @@ def test_pipeline_and_to(base):
 
 
 def test_sd15_configs_are_the_real_architecture():
-    configs = sd15_configs()
+    configs = families.SD1.component_configs()
     with init_empty_weights():
-        unet, vae, text_encoder = build_components(configs)
+        parts = build_parts(families.SD1, configs)
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(unet), count(vae), count(text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
     assert unet.config.cross_attention_dim == 768 and text_encoder.config.hidden_size == 768

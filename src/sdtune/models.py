@@ -205,15 +205,6 @@ def _weights_hash(*modules) -> str:
 
 # ---------------------------------------------------------------- configs and construction
 
-def sd15_configs() -> dict:
-    """The shipped SD 1.5 component configs."""
-    return families.SD1.component_configs()
-
-
-def tiny_configs() -> dict:
-    return families.TINY.component_configs()
-
-
 def small_sdxl_configs() -> dict:
     """The small random SDXL-architecture model (``sdxl-small-random``): see ``sdtune.tiny.xl_config``."""
     return {"unet": dict(xl_config.UNET), "vae": dict(xl_config.VAE), "text_encoder": dict(xl_config.TEXT_ENCODER),

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from . import SD1, Family, TextEncoder
+from . import Family, TextEncoder
 
 TEXT_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
 
@@ -30,8 +30,3 @@ def build_parts(family: Family, configs: dict | None = None) -> dict[str, torch.
         parts[te.component] = text_model(te, configs[te.component])
     return parts
 
-
-def build_components(configs: dict) -> tuple:
-    """(unet, vae, text_encoder) of an SD 1.x-shaped model built from config dicts."""
-    parts = build_parts(SD1, configs)
-    return parts["unet"], parts["vae"], parts["text_encoder"]
