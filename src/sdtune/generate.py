@@ -181,7 +181,7 @@ def generate(
         images = pipe(
             prompt_embeds=cond.hidden,
             negative_prompt_embeds=uncond.hidden,
-            **(pooled if cond.pooled is not None else {}),
+            **(pooled if base.family.pooled_and_time_ids else {}),
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=latents,

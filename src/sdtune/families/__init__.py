@@ -9,7 +9,7 @@ names. A family says:
 - the single-file layout (LDM for SD 1.x/2.x, SGM for SDXL), the pipeline class and the prediction type;
 - how prompts are encoded (which hidden layer, whether the pooled output and SDXL's size/crop time ids
   condition the UNet);
-- the ``ss_base_model_version`` value kohya writes, and the default image size.
+- the ``ss_base_model_version`` value kohya writes.
 
 Adding a family (an SD 1.x inpainting UNet, say) is one new ``Family`` in ``FAMILIES`` and its configs.
 """
@@ -56,7 +56,6 @@ class Family:
     prediction_type: str  # what the UNet predicts by default: "epsilon" | "v_prediction"
     pooled_and_time_ids: bool  # SDXL: pooled text embedding + (original size, crop, target size) condition
     base_model_version: str  # kohya ss_base_model_version written for LoRAs of this family
-    default_size: int  # native image size in pixels
 
     @property
     def text_widths(self) -> tuple[int, ...]:
@@ -83,7 +82,7 @@ SD1 = Family(
     name="sd1", title="SD 1.x", cross_attention_width=768,
     text_encoders=(_clip_l(single="cond_stage_model.transformer."),),
     configs="sd1", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="PNDMScheduler",
-    prediction_type="epsilon", pooled_and_time_ids=False, base_model_version="sd_v1", default_size=512)
+    prediction_type="epsilon", pooled_and_time_ids=False, base_model_version="sd_v1")
 
 SD2 = Family(
     name="sd2", title="SD 2.x", cross_attention_width=1024,
@@ -92,7 +91,7 @@ SD2 = Family(
                                pretrained_layers=24),),
     configs="sd2", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
     prediction_type="v_prediction",
-    pooled_and_time_ids=False, base_model_version="sd_v2", default_size=768)
+    pooled_and_time_ids=False, base_model_version="sd_v2")
 
 SDXL = Family(
     name="sdxl", title="SDXL", cross_attention_width=2048,
@@ -103,7 +102,7 @@ SDXL = Family(
     ),
     configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
     prediction_type="epsilon",
-    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", default_size=1024)
+    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0")
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.
 TINY = Family(
@@ -111,7 +110,7 @@ TINY = Family(
     text_encoders=(_clip_l(single="cond_stage_model.transformer.", width=tiny_config.TEXT_WIDTH),),
     configs="", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
     prediction_type="epsilon",
-    pooled_and_time_ids=False, base_model_version="sd_v1", default_size=tiny_config.RESOLUTION)
+    pooled_and_time_ids=False, base_model_version="sd_v1")
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY)}
 
