@@ -232,7 +232,7 @@ class LoraSet:
             config = getattr(self.modules.get("unet"), "config", None) or self._family().component_configs()["unet"]
             factors = block_weights.layer_factors(block_ws, targets, config)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(lora, weights, targets, source, factors, block_ws)
+        self._entries[name] = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
