@@ -129,8 +129,9 @@ def _tag_name(name: str) -> str:
 
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
              **kwargs) -> list[Generated]:
-    """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (applied for this
-    call only, looked up in ``lora_dirs``) and embedding names from ``embedding_dirs``."""
+    """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (``<lora:name:w:lbw=…>``
+    with block weights; applied for this call only, looked up in ``lora_dirs``) and embedding names from
+    ``embedding_dirs``."""
     clean, tags = lora_tags(prompt)
     dirs = embedding_dirs if embedding_dirs is not None else getattr(base, "embedding_dirs", ())
     _load_dir_embeddings(base, clean + " " + kwargs.get("negative_prompt", ""), dirs)
