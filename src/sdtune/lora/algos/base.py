@@ -16,7 +16,7 @@ import torch
 class Io(NamedTuple):
     """The shape of an adapter's ΔW: what a target layer must have for it to fit."""
 
-    out: int  # output features / channels
+    out: int | None  # output features / channels; None: any (PEFT OFT mixes input columns only)
     inner: int | None  # input features, flattened over the kernel; None: any (OFT mixes output rows only)
     kernel: tuple | None  # (kh, kw) when the tensors tell it; None: a linear layer or not known
 
@@ -48,6 +48,12 @@ class Algorithm:
     # The algorithm whose file keys this one's add to (DoRA: LoRA's plus a magnitude): a module holding both
     # algorithms' keys reads as this one.
     extends: ClassVar[str | None] = None
+
+    def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the
+        diffusers header; {} when it has none) says folded in, before ``build``. Most algorithms need nothing from
+        it (LoRA's alpha is read apart); PEFT OFT's rotation depends on it."""
+        return roles
 
     def build(self, roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises
