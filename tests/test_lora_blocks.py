@@ -8,6 +8,7 @@ then per level ``layers_per_block`` (resnet, attention) entries and a downsample
 are BASE and layers outside the blocks keep the plain weight; sdtune finds blocks through ``ldm.unet_module_map``.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -259,3 +260,55 @@ def test_bad_vectors_are_one_clear_error(sd1_case, xl_case, tmp_path, capsys):
     assert main(["lora", "merge", f"{f}:1:lbw=1,2", "--blocks", "--out", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"sdtune: error: lbw=1,2: SDXL takes 12 or 20 .*", err) and not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------- block weights baked into a checkpoint
+
+VECTOR_XL = "1,0,0.5,1,0,1,0.25,1,0,1,1,0.75"
+
+
+@pytest.fixture(scope="module")
+def xl_single(xl, tmp_path_factory):
+    from sdtune import models
+
+    return models.save_single_file(xl, tmp_path_factory.mktemp("xl-single") / "base.safetensors")
+
+
+def test_checkpoint_merge_bakes_block_weights_as_apply_does(xl_case, xl_single, tmp_path):
+    """``sdtune merge --lora FILE:W:lbw=…`` (a single file streamed to a single file) and ``bake.merge`` with
+    (lora, weight, blocks) (a diffusers folder streamed to a folder) give each layer the bits of the same LoRA
+    applied with those block weights; the merge note records them. (sdxl-small-random: SDXL's blocks at small
+    widths; sd1-random is a full-size 4 GB checkpoint.)"""
+    from safetensors import safe_open
+
+    from sdtune import models
+    from sdtune.lora import bake
+
+    base, f, w0, plain = xl_case
+    want = applied(base, f, VECTOR_XL)
+    assert any(torch.equal(want[k], w0[k]) for k in w0) and any(not torch.equal(want[k], plain[k]) for k in w0)
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(xl_single), "--lora", f"{f}:{W}:lbw={VECTOR_XL}", "--out", str(out)]) == 0
+    got = weights(load_base(str(out), device="cpu", dtype="fp32"))
+    for k in w0:
+        assert torch.equal(got[k], want[k]), k
+    with safe_open(str(out), "pt") as fh:
+        note = json.loads(fh.metadata()[bake.META_MERGED])
+    assert note == [{"source": f, "unet_weight": W, "te_weight": W, "te2_weight": W, "blocks": VECTOR_XL}]
+
+    folder = models.save_diffusers(base, tmp_path / "base-folder")
+    out_folder = bake.merge(str(folder), [(f, W, "OUTALL")], tmp_path / "baked-folder")
+    want = applied(base, f, "OUTALL")
+    got = weights(load_base(str(out_folder), device="cpu", dtype="fp32"))
+    for k in w0:
+        assert torch.equal(got[k], want[k]), k
+    assert all(torch.equal(module(base, c, p).weight, w0[(c, p)]) for c, p in w0)  # the base was not touched
+
+
+def test_checkpoint_merge_with_bad_block_weights_writes_nothing(xl_case, xl_single, tmp_path, capsys):
+    _, f, _, _ = xl_case
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(xl_single), "--lora", f"{f}:1:lbw=1,0", "--out", str(out)]) == 2
+    assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", "--model", "tiny", "--lora", f"{f}:1:lbw=ALL", "--out", str(out)]) == 2
+    assert "the built-in tiny model has none" in capsys.readouterr().err and not out.exists()

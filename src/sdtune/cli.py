@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT][:lbw=W,W,…|PRESET]",
+                   help="a LoRA to bake in, with its weight and optional lora-block-weight block weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
@@ -294,8 +295,9 @@ def cmd_lora_extract(a) -> Path | None:
 def cmd_merge(a) -> None:
     pairs = []
     for spec in a.lora:
+        spec, lbw = block_weights.split_spec(spec)
         src, w = sources.parse_weighted(spec)
-        pairs.append((sources.resolve(src, "lora"), w))
+        pairs.append((sources.resolve(src, "lora"), w, lbw))
     fmt = "single" if a.out.endswith(".safetensors") else "diffusers"
     print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
 
