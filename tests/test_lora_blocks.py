@@ -312,3 +312,80 @@ def test_checkpoint_merge_with_bad_block_weights_writes_nothing(xl_case, xl_sing
     assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not out.exists()
     assert main(["merge", "--model", "tiny", "--lora", f"{f}:1:lbw=ALL", "--out", str(out)]) == 2
     assert "the built-in tiny model has none" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------- block weights in X/Y plots
+
+def pixels(path):
+    from PIL import Image
+
+    return torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("RGB")).astype("int16"))
+
+
+def direct(base, f, weight, spec, tmp_path, name) -> torch.Tensor:
+    """The image of the plot's settings with the LoRA applied straight away (weight, block weights)."""
+    from sdtune.generate import generate
+
+    base.loras.add("direct", f, weight, blocks=spec)
+    try:
+        image = generate(base, "a cat", steps=1, seed=4, width=64, height=64, progress=False)[0].image
+    finally:
+        base.loras.remove_all()
+    image.save(tmp_path / f"{name}.png")
+    return pixels(tmp_path / f"{name}.png")
+
+
+def test_grid_blocks_axis_through_the_cli(xl_case, tmp_path):
+    """``sdtune grid --lora FILE:W --x 'blocks=…|…'``: each column is the LoRA applied with that column's block
+    weights (a preset or a vector), and the grid's record names the axis and the LoRA it sweeps."""
+    base, f, _, _ = xl_case
+    values = ["INALL", "OUTALL", VECTOR_XL]
+    out = tmp_path / "grid"
+    assert main(["grid", "--model", "sdxl-small-random", "--device", "cpu", "--dtype", "fp32", "--prompt", "a cat",
+                 "--lora", f"{f}:{W}", "--x", "blocks=" + "|".join(values), "--steps", "1", "--seed", "4",
+                 "--width", "64", "--height", "64", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "xy.json").read_text())
+    assert record["x"]["kind"] == "blocks" and record["x"]["values"] == values and record["x"]["target"] == "a"
+    assert "X Type: LoRA block weights (a)" in record["parameters"]
+    cells = [pixels(out / f"xy-00-{c:02d}.png") for c in range(3)]
+    for c, spec in enumerate(values):
+        want = direct(base, f, W, spec, tmp_path, f"want{c}")
+        assert int((cells[c] - want).abs().max()) <= 1, spec  # the same merge: at most rounding in the PNG
+    assert not torch.equal(cells[0], cells[1])
+
+
+def test_plot_lbw_in_lora_specs_and_adapter_items(xl_case, tmp_path):
+    """``loras=["FILE:W:lbw=…"]`` keeps those block weights where no axis sets them; an adapter-axis item
+    ``FILE:W:lbw=…`` sets its own; the plot leaves the base as it was."""
+    from sdtune.xyplot import Axis, xy_plot
+
+    base, f, w0, _ = xl_case
+    grid = xy_plot(base, "a cat", Axis("weight", [0.5, W]), loras=[f"{f}:1:lbw=OUTALL"], seed=4, steps=1,
+                   width=64, height=64, out_dir=tmp_path / "a", progress=False)
+    for c, weight in enumerate((0.5, W)):
+        want = direct(base, f, weight, "OUTALL", tmp_path, f"w{c}")
+        assert int((pixels(grid.parent / f"xy-00-{c:02d}.png") - want).abs().max()) <= 1
+    grid = xy_plot(base, "a cat", Axis("loras", ["none", f"{f}:0.6:lbw=INALL"]), seed=4, steps=1, width=64,
+                   height=64, out_dir=tmp_path / "b", progress=False)
+    want = direct(base, f, 0.6, "INALL", tmp_path, "item")
+    assert int((pixels(grid.parent / "xy-00-01.png") - want).abs().max()) <= 1
+    assert len(base.loras) == 0 and all(torch.equal(module(base, c, p).weight, w0[(c, p)]) for c, p in w0)
+
+
+def test_plot_block_weights_errors(xl_case, tmp_path, capsys):
+    from sdtune.xyplot import Axis, xy_plot
+
+    base, f, _, _ = xl_case
+    with pytest.raises(SdtuneError, match="lbw=1,1: SDXL takes 12 or 20"):
+        xy_plot(base, "a cat", Axis("blocks", ["ALL", "1,1"]), loras=[f], steps=1, out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.png")) and len(base.loras) == 0  # stopped before any image
+    base.loras.add("before", f, 1.0)
+    try:
+        with pytest.raises(SdtuneError, match="before was loaded before the plot"):
+            xy_plot(base, "a cat", Axis("blocks", ["ALL"], target="before"), steps=1, out_dir=tmp_path,
+                    progress=False)
+    finally:
+        base.loras.remove_all()
+    assert main(["grid", "--model", "sdxl-small-random", "--prompt", "a", "--lora", f"{f}:1", "--x",
+                 "lbw=INALL|1,0", "--steps", "1", "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not (tmp_path / "t").exists()
