@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdtune.cli import main
 from sdtune.lora import formats
 from sdtune.lora.algos.peft_oft import DEFAULTS, rotation
 from sdtune.lora.inspect import describe
@@ -126,13 +127,16 @@ def test_diffusers_prefixed_keys_take_the_config_from_the_header(base, tmp_path)
     assert not torch.allclose(weight(base.unet, ATTN), expected[ATTN], atol=1e-4)
 
 
-def test_no_other_layout_and_misshapen_tensors_are_clear_errors(base, tmp_path):
+def test_no_other_layout_and_misshapen_tensors_are_clear_errors(base, tmp_path, capsys):
     state, _ = peft_oft(base.unet, [ATTN], seed=11, save_to=tmp_path / "peft")
     lora = formats.load_lora(tmp_path / "peft")
     with pytest.raises(SdtuneError, match="no kohya/LyCORIS layout"):
         formats.save_lora(lora, tmp_path / "k.safetensors")
     with pytest.raises(SdtuneError, match="no diffusers layout"):
         formats.save_lora(lora, tmp_path / "d.safetensors", format="diffusers")
+    resized = tmp_path / "r.safetensors"
+    assert main(["lora", "resize", str(tmp_path / "peft" / "adapter_model.safetensors"), "--rank", "2", "--out", str(resized)]) == 2
+    assert "change the weight itself" in capsys.readouterr().err and not resized.exists()
 
     (key,) = state
     bad = tmp_path / "bad.safetensors"

@@ -12,6 +12,8 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from ...safeio import SdtuneError
+
 
 class Io(NamedTuple):
     """The shape of an adapter's ΔW: what a target layer must have for it to fit."""
@@ -72,7 +74,10 @@ class Algorithm:
 
     def delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """ΔW before the scale, in any shape with the target weight's number of elements."""
-        raise NotImplementedError
+        # DoRA and OFT change W itself: their ΔW depends on the weight, which a LoRA file alone does not hold
+        raise SdtuneError(f"{self.name} adapters change the weight itself, not by a fixed ΔW: merging, resizing "
+                          f"or re-saving them as a plain LoRA is not possible; bake them into a checkpoint with "
+                          f"sdtune merge, or apply them as they are")
 
     def low_rank(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(up, down) with ΔW = up @ down (flattened), for adapters ``patch.write_patched`` may stack into one
