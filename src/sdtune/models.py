@@ -80,8 +80,11 @@ class Base:
 
     @property
     def loras(self) -> LoraSet:
-        """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use."""
-        return LoraSet.attach(self)
+        """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use. The
+        embeddings a LoRA file bundles are loaded into ``embeddings`` with it, and unloaded with it."""
+        loras = LoraSet.attach(self)
+        loras.embeddings = self.embeddings
+        return loras
 
     @property
     def embeddings(self) -> EmbeddingSet:

@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
+from ..console import note
 from ..safeio import SdtuneError
 from . import keys
-from .formats import load_lora
+from .formats import bundled_embeddings, load_lora
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_paths
 
 LayerKey = tuple[str, str]  # (component, module path)
@@ -56,6 +57,7 @@ class _Entry:
     targets: dict[LayerKey, Adapter] = field(default_factory=dict)
     source: str = ""
     uid: int = field(default_factory=lambda: next(_ENTRY_IDS))  # tells a re-added name from the old one
+    tokens: list[str] = field(default_factory=list)  # bundled embeddings it loaded (unloaded with it)
 
 
 @dataclass
@@ -149,6 +151,9 @@ class LoraSet:
         if not self.modules:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
         self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
+        # where the Textual Inversion embeddings a LoRA file bundles are loaded (``ti.tokens.EmbeddingSet``: its
+        # ``add(Embedding)`` and ``remove(token)``); a ``Base`` sets its own. None: they are not loaded
+        self.embeddings = None
         self._entries: dict[str, _Entry] = {}
         self._layers: dict[LayerKey, _Layer] = {}  # layers that hold merged contributions now
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
@@ -211,15 +216,42 @@ class LoraSet:
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
-        if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
+        if lora.embeddings and self.embeddings is None:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(lora, weights, targets, source)
+        if old is not None:
+            self._unload_tokens(old)
+        self._entries[name] = entry = _Entry(lora, weights, targets, source)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
         self._sync(set(targets) | (set(old.targets) if old else set()))
+        entry.tokens = self._load_tokens(lora, source)
+
+    def _load_tokens(self, lora: Lora, source: str) -> list[str]:
+        """Load the embeddings ``lora`` bundles (pivotal tuning's new words), as A1111 does: one that is already
+        loaded (e.g. from the embeddings folder) or does not fit the model is skipped with a note."""
+        if self.embeddings is None:
+            return []
+        loaded = []
+        for emb in bundled_embeddings(lora, source):
+            if emb.token in self.embeddings:
+                note(f"{source}: its bundled embedding {emb.token!r} is already loaded; that one is used")
+                continue
+            try:
+                self.embeddings.add(emb)
+            except SdtuneError as e:
+                note(f"{e} (the bundled embedding is skipped; the LoRA is loaded)")
+                continue
+            loaded.append(emb.token)
+        return loaded
+
+    def _unload_tokens(self, entry: _Entry) -> None:
+        for token in entry.tokens:
+            if token in self.embeddings:
+                self.embeddings.remove(token)
+        entry.tokens = []
 
     def set_weights(self, weights: dict) -> None:
         """``{name: w}``, w in any form ``as_weights`` takes: one number (every component), ``(unet_w, te_w)``
@@ -245,10 +277,15 @@ class LoraSet:
     def remove(self, name: str) -> None:
         if name not in self._entries:
             raise SdtuneError(f"no adapter named {name!r}; loaded: {', '.join(self._entries) or 'none'}")
-        self._sync(set(self._entries.pop(name).targets))
+        entry = self._entries.pop(name)
+        self._sync(set(entry.targets))
+        self._unload_tokens(entry)
 
     def remove_all(self) -> None:
-        """Drop every adapter; every touched layer gets its original tensor back, bit for bit."""
+        """Drop every adapter (and the embeddings they loaded); every touched layer gets its original tensor
+        back, bit for bit."""
+        for entry in self._entries.values():
+            self._unload_tokens(entry)
         self._entries.clear()
         self._sync(set(self._layers))
 
