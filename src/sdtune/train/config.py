@@ -242,9 +242,6 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
         if self.ti_steps < 0:
             raise SdtuneError(f"--ti-steps {self.ti_steps}: must be 0 or more")
-        if "diffusers" in self.formats:
-            raise SdtuneError("--format diffusers cannot hold the --ti-token embedding (diffusers' LoRA layout has "
-                              "no place for it); use --format kohya (the embedding is also saved on its own)")
 
     def _check_prior(self) -> None:
         if self.class_prompt and self.num_class_images < 1:

@@ -15,6 +15,10 @@ At the end the wrappers are taken out again (the base is unchanged) and the lear
 neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata (the run's whole settings included, as
 ``ss_sdtune_settings``) and on request the diffusers layout. ``report.html`` then shows each checkpoint at
 strengths 0 to 1.
+
+Options beside the LoRA itself: ``--ti-token`` trains a new word with it (pivotal tuning, ``pivotal``: the word
+is saved inside each LoRA file and beside it), ``--reg-dir`` / ``--class-prompt`` add class images to every step
+(prior preservation, ``prior``), ``--masked-loss`` weights the loss by a mask per image (``masks``).
 """
 
 from __future__ import annotations
@@ -236,9 +240,9 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
             meta["ss_num_reg_images"] = str(len(prior))
         stem = settings.name if final else f"{settings.name}-step{step:06d}"
         paths = [out / f"{stem}.safetensors"]
-        if pivot is not None:
-            pivot.add_to(lora)
-        save_lora(lora, paths[0], format="kohya", metadata=meta)
+        # pivotal tuning: the word inside the kohya file (A1111 loads both from it) and on its own beside it (for
+        # diffusers, whose LoRA layout has no place for it: load_textual_inversion reads that file)
+        save_lora(pivot.bundled(lora) if pivot is not None else lora, paths[0], format="kohya", metadata=meta)
         if pivot is not None:
             paths.append(pivot.save(out, step, final))
         if final and "diffusers" in settings.formats:

@@ -15,6 +15,7 @@ at the end.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -95,9 +96,11 @@ class Pivot:
                 spliced.rows.copy_(rows)
         return rest
 
-    def add_to(self, lora: Lora) -> None:
-        """Bundle the word into ``lora`` (written by the kohya writer as A1111's ``bundle_emb`` keys)."""
-        bundle(lora, self.token, self.parts())
+    def bundled(self, lora: Lora) -> Lora:
+        """``lora`` with the word bundled in (the kohya writer saves it as A1111's ``bundle_emb`` keys)."""
+        out = dataclasses.replace(lora, embeddings=dict(lora.embeddings))
+        bundle(out, self.token, self.parts())
+        return out
 
     def save(self, out: Path, step: int, final: bool) -> Path:
         """The word on its own, beside the LoRA file: ``<tok>.safetensors`` (``-stepNNNNNN`` for snapshots)."""

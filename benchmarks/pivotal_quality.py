@@ -1,0 +1,81 @@
+"""Pivotal tuning vs TI alone vs LoRA alone on the built-in tiny model, scored by the judge.
+
+The concept: an orange square drawn in outline, a colour-on-shape pair and a style the base model never saw
+together (``tiny.world``'s held-out pair and style). 12 renders, each captioned "a photo of a <os>"; every
+method trains with the tiny model's presets (TI: 400 steps; LoRA and pivotal: 300 steps of 8, pivotal's word
+at TI's lr 5e-3), then draws 16 images of "a photo of a <os>" per seed, which the judge scores for shape,
+colour and style together. LoRA alone sees the same captions; "<os>" is then plain text to it.
+
+    nice -n 10 python benchmarks/pivotal_quality.py --out /tmp/pq [--methods ti lora pivotal] [--seeds 1000 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from sdtune import demo
+from sdtune.generate import generate
+from sdtune.models import load_base
+from sdtune.tiny import judge, world
+from sdtune.train.config import settings_for
+from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
+
+TOKEN = "<os>"
+CONCEPT = dict(shape="square", colour="orange", style="outline")
+PROMPT = f"a photo of a {TOKEN}"
+
+
+def dataset(folder: Path, n: int = 12) -> Path:
+    scenes = world.concept_scenes(n, seed=0, background="white", **CONCEPT)
+    data = world.write_dataset(folder, scenes)
+    for caption in data.glob("*.txt"):
+        caption.write_text(PROMPT + "\n")
+    return data
+
+
+def render(base, seeds: list[int], n: int = 16) -> list:
+    return [g.image for seed in seeds for g in generate(base, PROMPT, seed=seed, num_images=n, batch_size=16,
+                                                        steps=demo.FULL.gen_steps, guidance=demo.FULL.guidance,
+                                                        progress=False)]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", nargs="+", default=["ti", "lora", "pivotal"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1000, 2000])
+    p.add_argument("--extra", default="{}", help="JSON settings added to every LoRA/pivotal run")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    data = dataset(out / "data")
+    base = load_base("tiny", device="cpu", dtype="fp32")
+    results = {}
+    for method in a.methods:
+        start = time.perf_counter()
+        run = dict(data=str(data), out=str(out / method), progress=False, report=False, resume=False)
+        if method == "ti":
+            train_ti(base, settings_for(base, "ti", token=TOKEN, init_token="square", **run))
+            images = render(base, a.seeds)
+            base.embeddings.remove(TOKEN)
+        else:
+            extra = json.loads(a.extra)
+            if method == "pivotal":
+                extra.update(ti_token=TOKEN, ti_init="square")
+            path = train_lora(base, settings_for(base, "lora", **run, **extra))
+            base.loras.add(method, path)
+            try:
+                images = render(base, a.seeds)
+            finally:
+                base.loras.remove(method)
+        score = judge.score(images, **CONCEPT)
+        results[method] = {**score, "minutes": round((time.perf_counter() - start) / 60, 2)}
+        print(method, json.dumps(results[method]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
