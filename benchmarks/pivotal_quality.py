@@ -49,6 +49,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["ti", "lora", "pivotal"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1000, 2000])
     p.add_argument("--extra", default="{}", help="JSON settings added to every LoRA/pivotal run")
+    p.add_argument("--init", default="square", help="the init words of the new word (TI and pivotal)")
+    p.add_argument("--vectors", type=int, default=1, help="vectors of the new word (TI and pivotal)")
+    p.add_argument("--ti-extra", default="{}", help="JSON settings added to the TI run")
     a = p.parse_args(argv)
     out = Path(a.out)
     data = dataset(out / "data")
@@ -58,13 +61,13 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         run = dict(data=str(data), out=str(out / method), progress=False, report=False, resume=False)
         if method == "ti":
-            train_ti(base, settings_for(base, "ti", token=TOKEN, init_token="square", **run))
+            train_ti(base, settings_for(base, "ti", token=TOKEN, init_token=a.init, num_vectors=a.vectors, **run, **json.loads(a.ti_extra)))
             images = render(base, a.seeds)
             base.embeddings.remove(TOKEN)
         else:
             extra = json.loads(a.extra)
             if method == "pivotal":
-                extra.update(ti_token=TOKEN, ti_init="square")
+                extra.update(ti_token=TOKEN, ti_init=a.init, ti_vectors=a.vectors)
             path = train_lora(base, settings_for(base, "lora", **run, **extra))
             base.loras.add(method, path)
             try:
