@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -29,11 +30,20 @@ CONCEPT = dict(shape="square", colour="orange", style="outline")
 PROMPT = f"a photo of a {TOKEN}"
 
 
-def dataset(folder: Path, n: int = 12) -> Path:
+def dataset(folder: Path, n: int = 12, mix: int = 0) -> Path:
+    """``n`` renders of the concept captioned PROMPT, and in ``mix/`` ``mix`` renders of shapes and colours the
+    base knows, captioned as usual (the concept must then be told apart by its word)."""
     scenes = world.concept_scenes(n, seed=0, background="white", **CONCEPT)
     data = world.write_dataset(folder, scenes)
     for caption in data.glob("*.txt"):
         caption.write_text(PROMPT + "\n")
+    if mix:
+        rng = random.Random(1)
+        known = [(c, s) for c in world.COLOURS for s in world.SHAPES
+                 if s not in world.HELD_OUT_SHAPES and (c, s) not in world.HELD_OUT_PAIRS]
+        others = [world.random_scene(rng, colour=c, shape=s, style="flat")
+                  for c, s in (rng.choice(known) for _ in range(mix))]
+        world.write_dataset(folder / "mix", others, template=None)
     return data
 
 
@@ -49,17 +59,20 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["ti", "lora", "pivotal"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1000, 2000])
     p.add_argument("--extra", default="{}", help="JSON settings added to every LoRA/pivotal run")
+    p.add_argument("--mix", type=int, default=0, help="known shapes beside the concept in the LoRA runs' data")
     p.add_argument("--init", default="square", help="the init words of the new word (TI and pivotal)")
     p.add_argument("--vectors", type=int, default=1, help="vectors of the new word (TI and pivotal)")
     p.add_argument("--ti-extra", default="{}", help="JSON settings added to the TI run")
     a = p.parse_args(argv)
     out = Path(a.out)
     data = dataset(out / "data")
+    mixed = dataset(out / "mixed", mix=a.mix) if a.mix else data
     base = load_base("tiny", device="cpu", dtype="fp32")
     results = {}
     for method in a.methods:
         start = time.perf_counter()
-        run = dict(data=str(data), out=str(out / method), progress=False, report=False, resume=False)
+        run = dict(data=str(data if method == "ti" else mixed), out=str(out / method), progress=False, report=False,
+                   resume=False)  # TI's captions must all name its word
         if method == "ti":
             train_ti(base, settings_for(base, "ti", token=TOKEN, init_token=a.init, num_vectors=a.vectors, **run, **json.loads(a.ti_extra)))
             images = render(base, a.seeds)

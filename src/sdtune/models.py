@@ -82,9 +82,7 @@ class Base:
     def loras(self) -> LoraSet:
         """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use. The
         embeddings a LoRA file bundles are loaded into ``embeddings`` with it, and unloaded with it."""
-        loras = LoraSet.attach(self)
-        loras.embeddings = self.embeddings
-        return loras
+        return LoraSet.attach(self)
 
     @property
     def embeddings(self) -> EmbeddingSet:

@@ -167,11 +167,14 @@ class LoraSet:
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
-        for m in mods.values():
-            if getattr(m, _ATTR, None) is not None:
-                return getattr(m, _ATTR)
-        return cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
-                   pristine_device=pristine_device)
+        found = next((getattr(m, _ATTR) for m in mods.values() if getattr(m, _ATTR, None) is not None), None)
+        if found is None:
+            found = cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
+                        pristine_device=pristine_device)
+        embeddings = getattr(target, "embeddings", None)  # a Base's: bundled embeddings load into it
+        if found.embeddings is None and hasattr(embeddings, "add") and hasattr(embeddings, "remove"):
+            found.embeddings = embeddings
+        return found
 
     # ---- queries ----
     def names(self) -> list[str]:
