@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
 import sys
@@ -463,7 +464,8 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
         if files or alpha:
             found = " and ".join(f"{n} {what}" for n, what in ((files, "with a NAME.mask file"),
                                                               (alpha, "with transparency")) if n)
-            note(f"{settings.data}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
+            folder = os.path.commonpath([str(ex.path.parent) for ex in scan.examples])
+            note(f"{folder}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
                  f"their masks are white (now the whole image is learned, transparency on white)")
     return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
