@@ -1,12 +1,19 @@
 """Pivotal tuning vs TI alone vs LoRA alone on the built-in tiny model, scored by the judge.
 
 The concept: an orange square drawn in outline, a colour-on-shape pair and a style the base model never saw
-together (``tiny.world``'s held-out pair and style). 12 renders, each captioned "a photo of a <os>"; every
-method trains with the tiny model's presets (TI: 400 steps; LoRA and pivotal: 300 steps of 8, pivotal's word
-at TI's lr 5e-3), then draws 16 images of "a photo of a <os>" per seed, which the judge scores for shape,
-colour and style together. LoRA alone sees the same captions; "<os>" is then plain text to it.
+(``tiny.world``'s held-out pair and style). 12 renders of it, each captioned "a photo of a <os>"; the LoRA runs
+also see 24 renders of shapes the base knows (flat, captioned as usual: "a blue circle, flat"...), so the
+concept has to be told apart by its word. TI trains on the 12 alone (its captions must all name the word).
+Every method trains with the tiny model's presets (TI: 400 steps of 4; LoRA and pivotal: 300 steps of 8,
+pivotal's word at TI's lr 5e-3 all along); the word starts from "orange square", one vector per token. Each
+then draws 16 images of "a photo of a <os>" per seed, and the judge scores shape, colour and style together.
+LoRA alone sees the same captions; "<os>" is then plain text to it.
 
-    nice -n 10 python benchmarks/pivotal_quality.py --out /tmp/pq [--methods ti lora pivotal] [--seeds 1000 2000]
+Measured (2026-11-30, 2 shared CPU cores, OMP_NUM_THREADS=1, seeds 1000 and 2000, 32 images each), images
+showing the whole concept: TI 0/32 (shape 91%, colour 72%, outline 0%), LoRA 7/32 (colour 47%, outline 22%),
+pivotal 32/32. Without the 24 other images (``--mix 0``): LoRA 31/32, pivotal 32/32.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/pivotal_quality.py --out /tmp/pq [--methods ti lora pivotal]
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from sdtune.train.ti import train_ti
 TOKEN = "<os>"
 CONCEPT = dict(shape="square", colour="orange", style="outline")
 PROMPT = f"a photo of a {TOKEN}"
+# no sample grids, validation losses or snapshots: they cost time and change nothing that is trained
+QUIET = '{"sample_every": 0, "validation_every": 0, "save_every": 0}'
 
 
 def dataset(folder: Path, n: int = 12, mix: int = 0) -> Path:
@@ -59,9 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["ti", "lora", "pivotal"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1000, 2000])
     p.add_argument("--extra", default="{}", help="JSON settings added to every LoRA/pivotal run")
-    p.add_argument("--mix", type=int, default=0, help="known shapes beside the concept in the LoRA runs' data")
-    p.add_argument("--init", default="square", help="the init words of the new word (TI and pivotal)")
-    p.add_argument("--vectors", type=int, default=1, help="vectors of the new word (TI and pivotal)")
+    p.add_argument("--mix", type=int, default=24, help="known shapes beside the concept in the LoRA runs' data")
+    p.add_argument("--init", default="orange square", help="the init words of the new word (TI and pivotal)")
+    p.add_argument("--vectors", type=int, default=2, help="vectors of the new word (TI and pivotal)")
     p.add_argument("--ti-extra", default="{}", help="JSON settings added to the TI run")
     a = p.parse_args(argv)
     out = Path(a.out)
