@@ -194,6 +194,16 @@ def test_cli_pivotal_run_writes_both_files(dataset, tmp_path, capsys):
     assert 'ti_token = "<pv>"' in (out / "settings.toml").read_text()
 
 
+def test_captions_without_the_word_are_refused(base, tmp_path):
+    data = tmp_path / "data"
+    world.write_dataset(data, world.concept_scenes(1, seed=3))
+    vocab = dict(base.tokenizer.get_vocab())
+    with pytest.raises(SdtuneError, match=r"no caption mentions <pv>; put --ti-token <pv> in the captions"):
+        train_lora(base, LoraSettings(data=str(data), out=str(tmp_path / "o"), steps=1, progress=False,
+                                      ti_token=TOKEN, ti_init="square"))
+    assert base.tokenizer.get_vocab() == vocab  # nothing was added
+
+
 def test_pivotal_settings_are_checked():
     base_kw = dict(data="d", out="o")
     with pytest.raises(SdtuneError, match="--ti-token needs --ti-init"):

@@ -40,7 +40,7 @@ from ..safeio import SdtuneError
 from . import loop, report, validation
 from .config import LoraSettings, to_toml
 from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
-from .pivotal import Pivot
+from .pivotal import Pivot, check_captions
 from .prior import prior_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -229,6 +229,8 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     if settings.text_encoder:
         groups.append({"params": network.params("text_encoder"),
                        "lr": settings.te_lr if settings.te_lr is not None else settings.lr})
+    if settings.pivotal:
+        check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
     pivot = Pivot(base, settings) if settings.pivotal else None
     if pivot is not None:
         groups.append(pivot.param_group())

@@ -30,6 +30,13 @@ from .ti import SplicedEmbedding, add_token, embedding_set, file_stem
 STATE_KEY = "pivotal:rows"  # the word's rows in the resume state (one entry per text encoder key)
 
 
+def check_captions(captions, token: str, folder) -> None:
+    """The word must be in the captions, or it learns nothing (CLIP lowercases prompts, so case is free)."""
+    if not any(token.lower() in (c or "").lower() for c in captions):
+        raise SdtuneError(f"{folder}: no caption mentions {token}; put --ti-token {token} in the captions of the "
+                          f"images that show the concept (e.g. 'a photo of {token}')")
+
+
 class Pivot:
     """The new word of one pivotal-tuning run: added to ``base``'s embeddings, trainable while installed."""
 
