@@ -135,5 +135,8 @@ def test_an_image_masked_out_entirely_trains_nothing(base, tmp_path):
                      progress=False, report=False, masked_loss=True)
     path = train_lora(base, s, callback=lambda step, loss: losses.append(loss))
     assert losses == [0.0, 0.0]
+    # so is the validation loss: the same masks weight it
+    assert [row.split(",")[3] for row in (tmp_path / "o" / "loss.csv").read_text().splitlines()[1:]
+            if row.split(",")[3]] == ["0.0", "0.0"]
     lora = load_lora(path)
     assert all(torch.count_nonzero(ad.tensors["up"]) == 0 for _, _, ad in lora.items())  # ΔW stays 0
