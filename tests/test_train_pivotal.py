@@ -214,3 +214,18 @@ def test_pivotal_settings_are_checked():
         LoraSettings(**base_kw, ti_token="my.dog", ti_init="dog").check()
     with pytest.raises(SdtuneError, match="--ti-steps -1"):
         LoraSettings(**base_kw, ti_token=TOKEN, ti_init="dog", ti_steps=-1).check()
+
+
+def test_a_resumed_pivotal_run_repeats_the_uninterrupted_one(base, dataset, tmp_path):
+    def run_to(out, steps):
+        return train_lora(base, LoraSettings(data=str(dataset), out=str(out), steps=steps, save_every=1, batch_size=2,
+                                             rank=2, lr=5e-3, progress=False, report=False, ti_token=TOKEN,
+                                             ti_init="square", ti_lr=5e-2))
+
+    whole = run_to(tmp_path / "whole", 3)
+    run_to(tmp_path / "split", 2)
+    resumed = run_to(tmp_path / "split", 3)  # from the step-2 state: the word's rows and the LoRA's
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert set(a) == set(b) and f"bundle_emb.{TOKEN}.string_to_param.*" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
