@@ -229,3 +229,26 @@ def test_a_resumed_pivotal_run_repeats_the_uninterrupted_one(base, dataset, tmp_
     assert set(a) == set(b) and f"bundle_emb.{TOKEN}.string_to_param.*" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_an_sdxl_bundle_loads_into_both_text_encoders_and_unloads_exactly(tmp_path):
+    xl = load_base("sdxl-small-random")
+    encoders = xl.text_encoders()
+    tables = {te.embedding_key: m.get_input_embeddings().weight.detach().clone() for te, m, _ in encoders}
+    vocabs = {te.embedding_key: dict(tok.get_vocab()) for te, _, tok in encoders}
+    g = torch.Generator().manual_seed(2)
+    rows = {key: torch.randn(2, t.shape[1], generator=g) for key, t in tables.items()}
+    lora = Lora()
+    formats.bundle(lora, "<xl>", rows)
+    formats.save_lora(lora, tmp_path / "xl.safetensors")
+    assert set(_bundle(tmp_path / "xl.safetensors")) == {"bundle_emb.<xl>.clip_l", "bundle_emb.<xl>.clip_g"}
+    xl.loras.add("xl", tmp_path / "xl.safetensors")
+    try:
+        for te, model, tok in encoders:
+            ids = tok.convert_tokens_to_ids(["<xl>", "<xl>_1"])
+            assert torch.equal(model.get_input_embeddings().weight[ids].detach(), rows[te.embedding_key])
+    finally:
+        xl.loras.remove("xl")
+    for te, model, tok in encoders:
+        assert tok.get_vocab() == vocabs[te.embedding_key]
+        assert torch.equal(model.get_input_embeddings().weight, tables[te.embedding_key])
