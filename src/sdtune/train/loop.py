@@ -375,27 +375,22 @@ class Session:
         """Forward and backward of global batch ``number`` (this process's slice); returns its share of the
         step loss. ``sync``: the last micro-batch of a step, whose backward all-reduces the gradients."""
         acc, s = self.accelerator, self.settings
-        batch = self.data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
-        noise, timesteps = diffusion_draws(s.seed, number, (self.global_batch, *batch.latents.shape[1:]),
-                                           len(self.base.scheduler.alphas_cumprod), s.noise_offset)
-        mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
+        inputs = self.inputs(self.data, s.seed, number)
+        if self.job.prior_data is not None:  # the class images: their own batches, noise and timesteps
+            inputs.update(prior=self.inputs(self.job.prior_data, seed_for(s.seed, "prior"), number),
+                          prior_weight=self.job.prior_weight)
         torch.manual_seed(seed_for(s.seed, "dropout", number, acc.process_index))
-        extra = {} if batch.mask is None else {"mask": batch.mask.to(acc.device)}
-        if self.job.prior_data is not None:
-            extra.update(prior=self.prior_inputs(number), prior_weight=self.job.prior_weight)
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-            loss = self.model(batch.latents.to(acc.device), noise[mine].to(acc.device),
-                              timesteps[mine].to(acc.device), **self.text(batch.captions), **extra) / s.grad_accum
+            loss = self.model(**inputs) / s.grad_accum
             acc.backward(loss)
         return loss.detach()
 
-    def prior_inputs(self, number: int) -> dict:
-        """The objective's inputs for global batch ``number`` of the class images (this process's slice): their
-        own batches, noise and timesteps, drawn from seeds of their own."""
+    def inputs(self, data: TrainingSet, seed: int, number: int) -> dict:
+        """The objective's inputs for global batch ``number`` of ``data`` (this process's slice), with the noise
+        and timesteps drawn for it from ``seed``."""
         acc, s = self.accelerator, self.settings
-        batch = self.job.prior_data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
-        noise, timesteps = diffusion_draws(seed_for(s.seed, "prior"), number,
-                                           (self.global_batch, *batch.latents.shape[1:]),
+        batch = data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
+        noise, timesteps = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
                                            len(self.base.scheduler.alphas_cumprod), s.noise_offset)
         mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
         inputs = {"latents": batch.latents.to(acc.device), "noise": noise[mine].to(acc.device),
