@@ -148,3 +148,25 @@ def test_no_other_layout_and_misshapen_tensors_are_clear_errors(base, tmp_path, 
     with pytest.raises(SdtuneError, match=r"do not fit this model.*\(None, 24\) vs model \(32, 32\)"):
         base.loras.add("o", other)
     assert torch.equal(weight(base.unet, ATTN), weight(copy.deepcopy(base.unet), ATTN))
+
+
+def test_checkpoint_merge_bakes_what_patching_gives(base, tmp_path):
+    """``sdtune merge --lora adapter_model.safetensors:W`` streams a single file and bakes a PEFT OFT (its config
+    beside it) to the bits ``base.loras`` gives the same adapter at W."""
+    from safetensors.torch import load_file
+
+    from sdtune import models
+
+    peft_oft(base.unet, [ATTN, CONV], seed=13, save_to=tmp_path / "peft", use_cayley_neumann=False)
+    adapter = tmp_path / "peft" / "adapter_model.safetensors"
+    single = models.save_single_file(base, tmp_path / "base.safetensors")
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(single), "--lora", f"{adapter}:0.7", "--out", str(out)]) == 0
+    before, after = load_file(str(single)), load_file(str(out))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert len(changed) == 2  # the two layers, nothing else
+    base.loras.add("o", adapter, 0.7)
+    want = [weight(base.unet, t) for t in (ATTN, CONV)]
+    baked = [after[k] for k in changed]
+    for w in want:
+        assert any(b.shape == w.shape and torch.equal(b, w) for b in baked)
