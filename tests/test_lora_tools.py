@@ -132,16 +132,30 @@ def test_merge_errors_name_the_file(tmp_path, capsys):
 # ---------------------------------------------------------------- resize
 
 def sd_scripts_rank(s: np.ndarray, mode: str, param: float, cap: int) -> int:
-    """resize_lora.py's rules written out again with numpy (index, clamp to [1, n-1], +1, cap)."""
+    """resize_lora.py's rules written out again with numpy: an index in [0, n-1], rank = index + 1, capped."""
     n = len(s)
     if mode == "sv_ratio":
-        index = int(np.sum(s > s[0] / param))
+        index = int(np.sum(s > s[0] / param)) - 1
     elif mode == "sv_cumulative":
-        index = int(np.searchsorted(np.cumsum(s) / s.sum(), param)) + 1
+        index = int(np.searchsorted(np.cumsum(s) / s.sum(), param))
     else:
         sq = s ** 2
-        index = int(np.searchsorted(np.cumsum(sq) / sq.sum(), param ** 2)) + 1
-    return min(max(1, min(index, n - 1)) + 1, cap)
+        index = int(np.searchsorted(np.cumsum(sq) / sq.sum(), param ** 2))
+    return min(max(0, min(index, n - 1)) + 1, cap)
+
+
+def test_dynamic_rank_edges():
+    """The counting rules at their edges: one kept value when only s0 passes, a share met exactly keeps the
+    values up to it, and the rank never passes n."""
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    assert tools.dynamic_rank(s, "sv_ratio", 2.0) == 1  # 2.0 is not > 4 / 2
+    assert tools.dynamic_rank(s, "sv_ratio", 2.5) == 2
+    assert tools.dynamic_rank(s, "sv_ratio", 100.0) == 4
+    assert tools.dynamic_rank(s, "sv_cumulative", 0.5) == 1  # 4 / 8 reaches one half exactly
+    assert tools.dynamic_rank(s, "sv_cumulative", 0.76) == 3
+    assert tools.dynamic_rank(s, "sv_fro", 0.8) == 1  # 16 / 22 = 0.727 >= 0.64
+    assert tools.dynamic_rank(s, "sv_fro", 0.9) == 2  # 20 / 22 = 0.909 >= 0.81
+    assert tools.dynamic_rank(s, "sv_fro", 1.5) == 4
 
 
 @pytest.mark.parametrize("mode, param", [("sv_ratio", 4.0), ("sv_cumulative", 0.6), ("sv_fro", 0.9)])

@@ -177,22 +177,22 @@ def _block_factors(path: str, lora: Lora, blocks, family) -> dict[tuple[str, str
 def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
     """sd-scripts ``resize_lora``'s rank for one layer's singular values ``s`` (descending), before the cap.
 
-    sv_ratio: count of singular values above s₀ / param; sv_cumulative: first index where the running sum of S
-    reaches ``param`` of the total; sv_fro: the same on S², against param²; each index is clamped to
-    [1, len − 1] and sd-scripts adds 1 (so the rank is one past the index the threshold is met at).
+    The script picks an index i in [0, n − 1] and keeps rank i + 1:
+    sv_ratio: i = (count of singular values > s₀ / param) − 1, so the rank is that count (at least 1);
+    sv_cumulative: i = the first index where the running sum of S reaches ``param`` of the total;
+    sv_fro: the same on S², against param² (so ‖ΔW_r‖_F ≥ param · ‖ΔW‖_F).
+    "Reaches" is ≥ (a left binary search), so a share met exactly at index i keeps i + 1 values.
     """
     n = len(s)
     if method == "sv_ratio":
-        index = int((s > s[0] / param).sum())
-    elif method == "sv_cumulative":
-        index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor(float(param), dtype=s.dtype))) + 1
-    elif method == "sv_fro":
-        sq = s.pow(2)
-        index = int(torch.searchsorted(torch.cumsum(sq, 0) / sq.sum(), torch.tensor(float(param) ** 2,
-                                                                                    dtype=s.dtype))) + 1
+        index = int((s > s[0] / param).sum()) - 1
+    elif method in ("sv_cumulative", "sv_fro"):
+        v = s if method == "sv_cumulative" else s.pow(2)
+        target = float(param) if method == "sv_cumulative" else float(param) ** 2
+        index = int(torch.searchsorted(torch.cumsum(v, 0) / v.sum(), torch.tensor(target, dtype=s.dtype)))
     else:
         raise SdtuneError(f"--dynamic {method}: unknown mode; use one of {', '.join(DYNAMIC)}")
-    return max(1, min(index, n - 1)) + 1
+    return max(0, min(index, n - 1)) + 1
 
 
 def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, dynamic: str | None = None,
@@ -217,7 +217,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         own = ad.rank if ad.kind == "lora" else len(s)
         cap = min(rank, own) if rank is not None else own
         r = dynamic_rank(s, dynamic, param) if dynamic else cap
-        if s[0] <= MIN_SV:  # a zero layer keeps rank 1, as in sd-scripts
+        # a zero layer keeps rank 1, as in sd-scripts, which tests s₀ of up @ down before alpha / rank scales it
+        if s[0] <= MIN_SV * (abs(ad.scale) if ad.kind == "lora" else 1.0):
             r = 1
         r = min(r, cap, len(s))
         up, down = _truncate(u, s, vh, r)
