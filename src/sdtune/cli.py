@@ -19,6 +19,7 @@ from .models import load_base
 from .safeio import SdtuneError
 from .tiny import evaluate
 from .train import presets
+from .train import queue as train_queue
 from .train.config import KINDS, load_settings, read_settings, setting_type
 from .train.lora import train_lora
 from .train.ti import train_ti
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--dtype")
         _settings_args(tp, kind)
         tp.set_defaults(func=cmd_train)
+    tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=train_queue.__doc__)
+    tq.add_argument("jobs", help="the queue file (TOML, as below)")
+    tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
+    tq.add_argument("--device")
+    tq.add_argument("--dtype")
+    tq.set_defaults(func=cmd_train_queue)
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
@@ -203,6 +211,10 @@ def cmd_train(a) -> None:
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
     train = train_ti if a.kind == "ti" else train_lora
     print(train(base, settings))
+
+
+def cmd_train_queue(a) -> Path:
+    return train_queue.run_queue(a.jobs, a.out, device=a.device, dtype=a.dtype)
 
 
 def cmd_inspect(a) -> None:
