@@ -19,14 +19,15 @@ SHORT = """
 data = "{data}"
 model = "tiny"
 steps = 2
-batch_size = 2
-rank = 4
-alpha = 4
+batch_size = 1
+rank = 2
+alpha = 2
+targets = "attn"
 save_every = 0
 sample_every = 2
 sample_prompts = ["an outline star"]
 sample_images = 1
-sample_steps = 2
+sample_steps = 1
 validation_split = 0.2
 validation_every = 0
 progress = false
@@ -36,7 +37,7 @@ NO_EXTRAS = "save_every = 1\nsample_every = 0\nreport = false\n"  # only the ste
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    scenes = world.concept_scenes(10, seed=3, style="outline")
+    scenes = world.concept_scenes(5, seed=3, style="outline")
     return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
 
 
