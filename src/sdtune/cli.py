@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(u)
     u.add_argument("--lora-dir", help="LoRA folder the UI lists and writes to (default: OUT/loras)")
     u.add_argument("--embedding-dir", help="embedding folder (default: OUT/embeddings)")
+    u.add_argument("--model-dir", help="folder of models (.safetensors, .ckpt, diffusers folders) the page can "
+                   "switch to, besides the built-in ones and --model")
     u.add_argument("--out", default="outputs", help="output folder: images, grids, training jobs, datasets "
                    "(default: outputs)")
     u.add_argument("--port", type=int, default=7860)
@@ -327,8 +329,8 @@ def cmd_eval_tiny(a) -> None:
 def cmd_ui(a) -> None:
     from . import ui  # Gradio is loaded for this command only
 
-    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, port=a.port, listen=a.listen,
-             auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
+    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, model_dir=a.model_dir,
+             port=a.port, listen=a.listen, auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
 
 
 def main(argv: list[str] | None = None) -> int:

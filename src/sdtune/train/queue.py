@@ -315,6 +315,9 @@ def differing(runs: list[Run]) -> list[str]:
 ROW = Template("<tr><th>$label</th>$cells</tr>")
 CELL = Template("<td$mark>$text</td>")
 LINK = Template('<a href="$href">$text</a>')
+INTRO = Template('$done of $total run(s) done, in <code>$out</code>. One column per run; each run\'s folder holds its '
+                 'own report, files and logs. The queue\'s state is <a href="$state_file">$state_file</a>: run the '
+                 'queue again to resume it (done runs are skipped, an interrupted run continues from its last save).')
 SAMPLE = Template('<a href="$href"><img src="$href" alt="$text"></a><br>$text')
 
 
@@ -327,8 +330,9 @@ def _given(run: Run, key: str):
     return {**KINDS[run.kind]().to_dict(), **run.given}.get(key)
 
 
-def write_page(folder: Path, runs: list[Run], state: dict) -> Path:
-    """``OUT/queue.html``: one column per run, one row per compared thing. Links are relative to the folder."""
+def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = None) -> Path:
+    """``OUT/queue.html``: one column per run, one row per compared thing. Links are relative to the folder.
+    ``intro``: the text above the table (default: what the queue's folder holds and how to resume it)."""
     info = [summarize(folder / r.name) for r in runs]
     states = [state.get(r.name, {}) for r in runs]
     best_loss = min((i["best"][1] for i in info if i["best"]), default=None)
@@ -362,7 +366,8 @@ def write_page(folder: Path, runs: list[Run], state: dict) -> Path:
     style = re.search(r"<style>.*?</style>", package.joinpath(LOOK).read_text(encoding="utf-8"), re.S).group(0)
     page = Template(package.joinpath(PAGE).read_text(encoding="utf-8"))
     done = sum(state.get(r.name, {}).get("state") == "done" for r in runs)
-    text = _fill(page, style=_Html(style), out=str(folder), done=done, total=len(runs), rows=_lines(rows),
-                 state_file=QUEUE_STATE)
+    if intro is None:
+        intro = _fill(INTRO, done=done, total=len(runs), out=str(folder), state_file=QUEUE_STATE)
+    text = _fill(page, style=_Html(style), out=str(folder), intro=intro, rows=_lines(rows))
     atomic_write_text(text, folder / QUEUE_PAGE)
     return folder / QUEUE_PAGE
