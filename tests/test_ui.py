@@ -418,13 +418,14 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
 
 def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
     seen = []
+    assert studio.cancel() is False  # nothing to cancel: the next generation is not cancelled in advance
     rows, _ = studio.generate("a blue circle", steps=3, seed=1, count=2, on_step=lambda d, t: seen.append((d, t)))
     assert len(rows) == 2 and seen == [(1, 3), (2, 3), (3, 3)]  # two images are one batch of 3 steps
     before = sorted((studio.folders.out / "generate").iterdir())
 
     def press_cancel(done, total):
         seen.append(done)
-        studio.cancel()  # as the Cancel button does, from another request, while the model is in use
+        assert studio.cancel()  # as the Cancel button does, from another request, while the model is in use
 
     seen.clear()
     with pytest.raises(SdtuneError, match="generation cancelled at step 2 of 4; nothing was saved"):

@@ -135,7 +135,8 @@ def _generate_tab(studio: Studio):
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
     # outside the queue, so that it runs while the generation holds the model; the generation then stops
     # after its current step and says so in the status line
-    cancel.click(studio.cancel, None, None, queue=False, show_progress="hidden")
+    cancel.click(lambda: None if studio.cancel() else gr.Info("no generation to cancel"), None, None, queue=False,
+                 show_progress="hidden")
 
     images.select(_picked, shown, [params, picked], show_progress="hidden")
 

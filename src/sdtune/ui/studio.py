@@ -57,7 +57,9 @@ class Studio:
         self.max_upload = int(max_upload_mb * 2**20)
         self._base = None
         self.lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # set by cancel(): the generations running now stop at their next step
+        self._counting = threading.Lock()
+        self._generating = 0  # generations running or waiting for the model
         extra = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
         self.jobs = JobRunner(folders.out / "train", extra_args=tuple(extra))
 
@@ -170,9 +172,13 @@ class Studio:
             tags.append(f"<lora:{name}:{float(weight):g}{te}>")
         return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
 
-    def cancel(self) -> None:
-        """Stop the generation in progress after its current denoising step."""
-        self._cancel.set()
+    def cancel(self) -> bool:
+        """Stop the generations in progress (running, or waiting for the model) after their current denoising
+        step; False when there is none (a later one is not cancelled in advance)."""
+        with self._counting:
+            if self._generating:
+                self._cancel.set()
+            return self._generating > 0
 
     def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
                  cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
@@ -181,7 +187,6 @@ class Studio:
         follows the denoising steps; ``cancel()`` (from another request) stops it with ``Cancelled``."""
         full = self.with_loras(prompt, picks)
         self.check_prompt(full, negative)
-        self._cancel.clear()
 
         def step(done: int, total: int) -> None:
             if self._cancel.is_set():
@@ -189,12 +194,20 @@ class Studio:
             if on_step is not None:
                 on_step(done, total)
 
-        with self.model_in_use() as (base, notes):
-            results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps), guidance=float(cfg),
-                                   seed=int(seed), scheduler=sampler, width=int(width) or None,
-                                   height=int(height) or None, num_images=int(count), progress=False,
-                                   lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
-                                   on_step=step)
+        with self._counting:
+            self._generating += 1
+        try:
+            with self.model_in_use() as (base, notes):
+                results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
+                                       guidance=float(cfg), seed=int(seed), scheduler=sampler,
+                                       width=int(width) or None, height=int(height) or None, num_images=int(count),
+                                       progress=False, lora_dirs=(self.folders.loras,),
+                                       embedding_dirs=(self.folders.embeddings,), on_step=step)
+        finally:
+            with self._counting:
+                self._generating -= 1
+                if not self._generating:
+                    self._cancel.clear()
         paths = save_batch(results, self.folders.out / "generate")
         return [(p, r.infotext) for p, r in zip(paths, results)], notes
 
