@@ -348,9 +348,9 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     _type(d, "train-sample_prompts", "a red star on a white background")
     d.find_element(By.ID, "train-start").click()
     _wait_text(d, "train-status", "job run1 queued", 20)
-    first = _wait(lambda: _progress(d), 90, "progress")
-    _wait(lambda: (_progress(d) or 0) >= max(first + 1, 4), 60, "progress to move on")  # past the save at 3
-    _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-samples img"), 30, "the sample grid of step 3")
+    first = _wait(lambda: _progress(d), 240, "progress")
+    _wait(lambda: (_progress(d) or 0) >= max(first + 1, 4), 240, "progress to move on")  # past the save at 3
+    _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-samples img"), 120, "the sample grid of step 3")
     folder = server["out"] / "train" / "run1"
     d.find_element(By.ID, "train-stop").click()
     _wait_text(d, "train-progress", r"\(lora\): stopped", 30)
@@ -358,7 +358,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     d.find_element(By.ID, "train-resume").click()
     _wait_text(d, "train-progress", r"\(lora\): running", 30)
     run2 = lambda: (folder / "train.log").read_text().split("--- run 2")[-1]  # noqa: E731
-    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 90, "the resumed run's progress")
+    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 240, "the resumed run's progress")
     resumed_at = int(re.search(r" (\d+)/40 ", run2()).group(1))
     assert resumed_at >= 3  # it went on from the save, not from 0
 
@@ -375,7 +375,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     _wait_text(d, "train-progress", r"\(lora\): running", 10)
     _shot(d, shots, "train")
     d.find_element(By.ID, "train-stop").click()
-    _wait_text(d, "train-jobs", r"q2\s+lora\s+done", 120)
+    _wait_text(d, "train-jobs", r"q2\s+lora\s+done", 600)
     assert re.search(r"q1\s+lora\s+done", _text(d, "train-jobs"))
     assert re.search(r"run1\s+lora\s+stopped", _text(d, "train-jobs"))
     for name in ("q1", "q2"):
