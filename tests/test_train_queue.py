@@ -28,6 +28,7 @@ sample_every = 2
 sample_prompts = ["an outline star"]
 sample_images = 1
 sample_steps = 1
+sample_guidance = 1.0
 validation_split = 0.2
 validation_every = 0
 progress = false
@@ -89,8 +90,8 @@ def test_a_sweep_writes_a_report_per_run_and_a_page_comparing_them(dataset, tmp_
 
 
 def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset, tmp_path):
-    jobs = queue_file(tmp_path, dataset, f'[[job]]\nkind = "lora"\nsteps = 3\n{NO_EXTRAS}\n[[job]]\nkind = "ti"\n'
-                                         f'token = "<q>"\ninit_token = "star"\nsteps = 4\n{NO_EXTRAS}')
+    jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\nsample_every = 0\nreport = false\n\n[[job]]\n'
+                                         f'kind = "ti"\ntoken = "<q>"\ninit_token = "star"\nsteps = 3\n{NO_EXTRAS}')
     out = tmp_path / "q"
     seen = []
 
@@ -101,7 +102,7 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
 
     with pytest.raises(KeyboardInterrupt):
         train_queue.run_queue(jobs, out, step_callback=kill_in_run_2)
-    assert seen == [("lora-1", 1), ("lora-1", 2), ("lora-1", 3), ("ti-1", 1), ("ti-1", 2)]
+    assert seen == [("lora-1", 1), ("lora-1", 2), ("ti-1", 1), ("ti-1", 2)]
     state = json.loads((out / "queue.json").read_text())["runs"]
     assert (state["lora-1"]["state"], state["ti-1"]["state"]) == ("done", "running")
     finished = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns
@@ -110,14 +111,14 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
     ended = []
     page = train_queue.run_queue(jobs, out, step_callback=lambda r, s, v: seen.append((r, s)),
                                  run_callback=lambda r, s: ended.append((r, s)))
-    assert seen == [("ti-1", 2), ("ti-1", 3), ("ti-1", 4)]  # from the save of step 1; run 1 not again
+    assert seen == [("ti-1", 2), ("ti-1", 3)]  # from the save of step 1; run 1 not again
     assert ended == [("ti-1", "done")]
     assert (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns == finished
     assert (out / "ti-1" / "learned_embeds.safetensors").is_file()
     assert "<td>done</td>\n<td>done</td>" in page.read_text()
 
     # a done run whose settings were changed since is not silently taken as done
-    jobs.write_text(jobs.read_text().replace("steps = 3", "steps = 5", 1))
+    jobs.write_text(jobs.read_text().replace("steps = 2\n", "steps = 5\n", 1))
     with pytest.raises(Exception, match=r"job lora-1 finished with other settings \(steps changed\)"):
         train_queue.run_queue(jobs, out)
 
