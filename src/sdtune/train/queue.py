@@ -140,49 +140,61 @@ def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
     counts: dict[str, int] = {}
     for number, job in enumerate(jobs, 1):
         kind = job.get("kind")
-        where = f"job {number}" + (f" ({job['name']})" if isinstance(job.get("name"), str) else "")
-        if kind not in KINDS:
-            raise SdtuneError(f"{path}: {where}: kind = {kind!r}; write kind = \"ti\" or kind = \"lora\"")
         counts[kind] = counts.get(kind, 0) + 1
-        name = job.get("name", f"{kind}-{counts[kind]}")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
-            raise SdtuneError(f"{path}: {where}: name = {name!r}: use letters, digits, '.', '_' or '-'")
-        own = {k: v for k, v in job.items() if k not in JOB_KEYS}
-        if any(k.replace("-", "_") == "out" for k in own) or "out" in job.get("sweep", {}):
-            raise SdtuneError(f"{path}: {where}: out is set by the queue (each job writes to OUT/{name}); remove it")
-        names = _setting_names(kind)
-        given = {k: v for k, v in defaults.items() if k.replace("-", "_") in names}
-        given = _checked(path, where, kind, {**given, **own})
-        sweep = job.get("sweep", {})
-        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-            raise SdtuneError(f"{path}: {where}: sweep must be a table of lists, e.g. sweep = {{lr = [1e-3, 5e-4]}}")
-        for key in sweep:
-            if key.replace("-", "_") not in names:
-                raise _unknown(path, f"{where}: sweep", key, names)
-        keys = [k.replace("-", "_") for k in sweep]
-        for combo in itertools.product(*sweep.values()):
-            values = _checked(path, f"{where}: sweep", kind, dict(zip(keys, combo)))
-            suffix = "".join(f"-{k}-{_value_text(v)}" for k, v in values.items())
-            runs.append(Run(name + suffix, kind, {**given, **values}, values))
+        runs += _job_runs(path, number, job, defaults, counts[kind])
     seen: set[str] = set()
     for run in runs:
         if run.name in seen:
             raise SdtuneError(f"{path}: two runs are named {run.name!r}; give the jobs different name = keys")
         seen.add(run.name)
-    for run in runs:  # what needs no model: a typo in a preset name or in the data folder stops here
-        where = f"job {run.name}"
-        if run.given.get("preset"):
-            try:
-                presets.get(run.kind, run.given["preset"])
-            except SdtuneError as e:
-                raise SdtuneError(f"{path}: {where}: {e}") from None
-        data = run.given.get("data", "")
-        if not data:
-            raise SdtuneError(f"{path}: {where}: no data; add data = \"FOLDER\" to the job or to [defaults]")
-        if not Path(data).is_dir():
-            raise SdtuneError(f"{path}: {where}: data = {data!r}: no such folder (paths are relative to the "
-                              f"current folder); fix the path")
+        _check_run(path, run)
     return {k: v for k, v in table.items() if k == "out"}, runs
+
+
+def _job_runs(path: Path, number: int, job: dict, defaults: dict, nth: int) -> list[Run]:
+    """The runs of job ``number`` (the ``nth`` of its kind): one, or one per combination of its sweep."""
+    kind = job.get("kind")
+    where = f"job {number}" + (f" ({job['name']})" if isinstance(job.get("name"), str) else "")
+    if kind not in KINDS:
+        raise SdtuneError(f"{path}: {where}: kind = {kind!r}; write kind = \"ti\" or kind = \"lora\"")
+    name = job.get("name", f"{kind}-{nth}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
+        raise SdtuneError(f"{path}: {where}: name = {name!r}: use letters, digits, '.', '_' or '-'")
+    own = {k: v for k, v in job.items() if k not in JOB_KEYS}
+    sweep = job.get("sweep", {})
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise SdtuneError(f"{path}: {where}: sweep must be a table of lists, e.g. sweep = {{lr = [1e-3, 5e-4]}}")
+    if any(k.replace("-", "_") == "out" for k in [*own, *sweep]):
+        raise SdtuneError(f"{path}: {where}: out is set by the queue (each job writes to OUT/{name}); remove it")
+    names = _setting_names(kind)
+    given = {k: v for k, v in defaults.items() if k.replace("-", "_") in names}  # the other kind's are skipped
+    given = _checked(path, where, kind, {**given, **own})
+    for key in sweep:
+        if key.replace("-", "_") not in names:
+            raise _unknown(path, f"{where}: sweep", key, names)
+    keys = [k.replace("-", "_") for k in sweep]
+    runs = []
+    for combo in itertools.product(*sweep.values()):
+        values = _checked(path, f"{where}: sweep", kind, dict(zip(keys, combo)))
+        suffix = "".join(f"-{k}-{_value_text(v)}" for k, v in values.items())
+        runs.append(Run(name + suffix, kind, {**given, **values}, values))
+    return runs
+
+
+def _check_run(path: Path, run: Run) -> None:
+    """What can be checked without the model: a typo in a preset name or in the data folder stops here."""
+    where = f"job {run.name}"
+    if run.given.get("preset"):
+        try:
+            presets.get(run.kind, run.given["preset"])
+        except SdtuneError as e:
+            raise SdtuneError(f"{path}: {where}: {e}") from None
+    data = run.given.get("data", "")
+    if not data:
+        raise SdtuneError(f"{path}: {where}: no data; add data = \"FOLDER\" to the job or to [defaults]")
+    if not Path(data).is_dir():
+        raise SdtuneError(f"{path}: {where}: data = {data!r}: no such folder (paths are relative to the current "
+                          f"folder); fix the path")
 
 
 def queue_folder(path: str | Path, top: dict, out: str | Path | None = None) -> Path:
