@@ -459,7 +459,8 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
                           ("/etc/passwd", "absolute paths are not allowed"),
                           ("link.safetensors", "leads outside the model folder"),
                           ("notes.txt", "not a model in the model folder"),
-                          ("nothere.safetensors", "no such file in the model folder")]:
+                          ("nothere.safetensors", "no such file in the model folder"),
+                          ("sdxl-random", "no such file in the model folder")]:  # built in, but not offered
             with pytest.raises(Refused, match=re.escape(says)):
                 s.set_model(bad)
         assert s.model == str(models / "sd")  # a refusal changes nothing

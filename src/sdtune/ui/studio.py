@@ -26,7 +26,7 @@ from ..generate import SCHEDULERS, parse_infotext, read_infotext, save_batch
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import RANDOM_SPECS, load_base
+from ..models import load_base
 from ..safeio import SdtuneError
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
@@ -103,7 +103,7 @@ class Studio:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
         the model's spec."""
         choice = str(choice or "").strip()
-        if choice in (*BUILT_IN, self.started_with) or choice in RANDOM_SPECS:
+        if choice in (*BUILT_IN, self.started_with):  # not any spec: a full-size random SDXL is a way to fill RAM
             spec = choice
         else:
             path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
