@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 
 from .. import families
+from ..console import note
 from ..families import Family
 from ..safeio import SdtuneError
 from . import blocks as block_weights
 from . import keys
-from .formats import load_lora
+from .formats import bundled_embeddings, load_lora
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_paths
 
 LayerKey = tuple[str, str]  # (component, module path)
@@ -62,6 +63,7 @@ class _Entry:
     blocks: dict[str, float] | None = None  # {block id: weight} as given (lbw=), None: no block weights
     source: str = ""
     uid: int = field(default_factory=lambda: next(_ENTRY_IDS))  # tells a re-added name from the old one
+    tokens: list[str] = field(default_factory=list)  # bundled embeddings it loaded (unloaded with it)
 
 
 @dataclass
@@ -157,6 +159,9 @@ class LoraSet:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
         self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
         self.family = family  # for block weights; None: told by the UNet's cross-attention width
+        # where the Textual Inversion embeddings a LoRA file bundles are loaded (``ti.tokens.EmbeddingSet``: its
+        # ``add(Embedding)`` and ``remove(token)``); a ``Base`` sets its own. None: they are not loaded
+        self.embeddings = None
         self._entries: dict[str, _Entry] = {}
         self._layers: dict[LayerKey, _Layer] = {}  # layers that hold merged contributions now
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
@@ -170,12 +175,15 @@ class LoraSet:
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
-        for m in mods.values():
-            if getattr(m, _ATTR, None) is not None:
-                return getattr(m, _ATTR)
-        family = getattr(target, "family", None)
-        return cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
-                   pristine_device=pristine_device, family=family if isinstance(family, Family) else None)
+        found = next((getattr(m, _ATTR) for m in mods.values() if getattr(m, _ATTR, None) is not None), None)
+        if found is None:
+            family = getattr(target, "family", None)
+            found = cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
+                        pristine_device=pristine_device, family=family if isinstance(family, Family) else None)
+        embeddings = getattr(target, "embeddings", None)  # a Base's: bundled embeddings load into it
+        if found.embeddings is None and hasattr(embeddings, "add") and hasattr(embeddings, "remove"):
+            found.embeddings = embeddings
+        return found
 
     # ---- queries ----
     def names(self) -> list[str]:
@@ -224,7 +232,7 @@ class LoraSet:
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
-        if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
+        if lora.embeddings and self.embeddings is None:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
         factors = {}
@@ -232,11 +240,38 @@ class LoraSet:
             config = getattr(self.modules.get("unet"), "config", None) or self._family().component_configs()["unet"]
             factors = block_weights.layer_factors(block_ws, targets, config)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
+        if old is not None:
+            self._unload_tokens(old)
+        self._entries[name] = entry = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
         self._sync(set(targets) | (set(old.targets) if old else set()))
+        entry.tokens = self._load_tokens(lora, source)
+
+    def _load_tokens(self, lora: Lora, source: str) -> list[str]:
+        """Load the embeddings ``lora`` bundles (pivotal tuning's new words), as A1111 does: one that is already
+        loaded (e.g. from the embeddings folder) or does not fit the model is skipped with a note."""
+        if self.embeddings is None:
+            return []
+        loaded = []
+        for emb in bundled_embeddings(lora, source):
+            if emb.token in self.embeddings:
+                note(f"{source}: its bundled embedding {emb.token!r} is already loaded; that one is used")
+                continue
+            try:
+                self.embeddings.add(emb)
+            except SdtuneError as e:
+                note(f"{e} (the bundled embedding is skipped; the LoRA is loaded)")
+                continue
+            loaded.append(emb.token)
+        return loaded
+
+    def _unload_tokens(self, entry: _Entry) -> None:
+        for token in entry.tokens:
+            if token in self.embeddings:
+                self.embeddings.remove(token)
+        entry.tokens = []
 
     def set_weights(self, weights: dict) -> None:
         """``{name: w}``, w in any form ``as_weights`` takes: one number (every component), ``(unet_w, te_w)``
@@ -268,10 +303,15 @@ class LoraSet:
     def remove(self, name: str) -> None:
         if name not in self._entries:
             raise SdtuneError(f"no adapter named {name!r}; loaded: {', '.join(self._entries) or 'none'}")
-        self._sync(set(self._entries.pop(name).targets))
+        entry = self._entries.pop(name)
+        self._sync(set(entry.targets))
+        self._unload_tokens(entry)
 
     def remove_all(self) -> None:
-        """Drop every adapter; every touched layer gets its original tensor back, bit for bit."""
+        """Drop every adapter (and the embeddings they loaded); every touched layer gets its original tensor
+        back, bit for bit."""
+        for entry in self._entries.values():
+            self._unload_tokens(entry)
         self._entries.clear()
         self._sync(set(self._layers))
 
