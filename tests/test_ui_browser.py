@@ -393,7 +393,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
         d.switch_to.default_content()
     d.find_element(By.ID, "train-compare").click()
     _wait_text(d, "train-status", "jobs compared in", 20)
-    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-report iframe[title='queue.html']"), 20)[0]
+    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-comparison iframe"), 20)[0]
     d.switch_to.frame(frame)
     try:
         assert re.search(r"run\s+run1\s+q1\s+q2", d.find_element(By.TAG_NAME, "table").text)

@@ -275,7 +275,8 @@ def _train_tab(studio: Studio):
             result = gr.File(label="Result", interactive=False, height=90, elem_id="train-result")
             log = gr.Textbox(label="Log (last lines)", lines=5, interactive=False, elem_id="job-log")
             compare = gr.Button("Compare the jobs", size="sm", elem_id="train-compare")
-    report = gr.HTML(elem_id="train-report")  # the job's report.html when it has one, or the comparison
+    report = gr.HTML(elem_id="train-report")  # the job's report.html when it has one
+    comparison = gr.HTML(elem_id="train-comparison")  # the jobs side by side, when asked for
     report_shown = gr.State("")  # what the report panel shows (path and time), so the timer does not reload it
 
     fields_by_name = {f.name: f for f in fields}
@@ -367,12 +368,12 @@ def _train_tab(studio: Studio):
     gr.Timer(2.0).tick(show_report, [job, report_shown], [report, report_shown], show_progress="hidden")
     job.change(show_report, [job, report_shown], [report, report_shown], show_progress="hidden")
 
-    @_handler(3)
+    @_handler(2)
     def compare_all():
         page = studio.compare_jobs()
-        return studio.embed_page(page), f"comparison:{page.stat().st_mtime_ns}", f"jobs compared in {page}"
+        return studio.embed_page(page, height=420), f"jobs compared in {page}"
 
-    compare.click(compare_all, None, [report, report_shown, status])
+    compare.click(compare_all, None, [comparison, status])
 
 
 def _lora_tab(studio: Studio, pickers):
