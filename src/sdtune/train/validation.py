@@ -33,6 +33,7 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor  # [n]
     captions: list[str]
+    time_ids: torch.Tensor  # [n, 6] SDXL's size and crop conditioning of each image (center crop, no flip)
 
 
 @dataclass
@@ -76,14 +77,16 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
         mean = images.latents[size][images.row_of[i]].chunk(2)[0]
         g = torch.Generator().manual_seed(seed_for("validation", ex.path.name))
         noise = torch.randn((TIMESTEPS, *mean.shape), generator=g)
-        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i]) for k, t in enumerate(timesteps))
+        ids = images.time_ids(i)
+        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i], ids) for k, t in enumerate(timesteps))
     batches = []
     for size in sorted(pairs):
         group = pairs[size]
         for k in range(0, len(group), CHUNK):
             part = group[k:k + CHUNK]
             batches.append(Batch(torch.stack([p[0] for p in part]), torch.stack([p[1] for p in part]),
-                                 torch.tensor([p[2] for p in part]), [p[3] for p in part]))
+                                 torch.tensor([p[2] for p in part]), [p[3] for p in part],
+                                 torch.tensor([p[4] for p in part], dtype=torch.float32)))
     return ValidationSet(batches, len(scan.examples), held_out)
 
 
@@ -93,7 +96,7 @@ def validation_loss(objective, text, vset: ValidationSet, device) -> float:
     total, count = 0.0, 0
     for b in vset.batches:
         errors = objective.errors(b.latents.to(device), b.noise.to(device), b.timesteps.to(device),
-                                  context=text.encode(b.captions))
+                                  **text.encode(b.captions), time_ids=b.time_ids.to(device))
         total += float(errors.double().sum())
         count += len(errors)
     return total / count
