@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
 import sys
@@ -35,7 +36,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..console import note
 from ..safeio import SdtuneError
+from . import masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -78,7 +81,7 @@ def read_caption(image: Path) -> str | None:
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -300,6 +303,7 @@ class Batch:
     captions: list[str]
     size: tuple[int, int]  # (w, h) in pixels
     time_ids: torch.Tensor  # [b, 6] SDXL's (original h, w, crop top, left, target h, w) of each image (``time_ids``)
+    mask: torch.Tensor | None = None  # [b, 1, h, w] loss weights per latent pixel (``masks``), with --masked-loss
 
 
 class TrainingSet:
@@ -308,7 +312,7 @@ class TrainingSet:
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
                  crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
                  caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8,
-                 progress: bool = False):
+                 progress: bool = False, masked: bool = False):
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
@@ -335,22 +339,36 @@ class TrainingSet:
         self.latents: dict[tuple[int, int], torch.Tensor] = {}
         self.flipped: dict[tuple[int, int], torch.Tensor] = {}
         self.pixels: dict[tuple[int, int], list[Image.Image]] = {}
+        # with ``masked``: per bucket the loss masks on the latent grid [n, 1, h, w] (cached latents), or the
+        # cover-resized mask images (random crop; None: no mask), cropped like their images every step
+        self.masked = masked
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.mask_pixels: dict[tuple[int, int], list[Image.Image | None]] = {}
         bar = tqdm(total=len(scan.examples), desc="encoding images", unit="img", leave=False, disable=not progress,
                    file=sys.stderr)
         for size, ids in members.items():
             paths = [scan.examples[i].path for i in ids]
             if crop == "random":
                 self.pixels[size] = [_cover_resize(open_rgb(path), size) for path in paths]
+                if masked:
+                    self.mask_pixels[size] = [None if m is None else _cover_resize(m, size)
+                                              for m in (masks.open_mask(path, IMAGE_SUFFIXES) for path in paths)]
                 bar.update(len(paths))
                 continue
-            plain, flipped = [], []
+            plain, flipped, marks = [], [], []
             for k in range(0, len(paths), encode_batch):
-                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in paths[k:k + encode_batch]])
+                chunk = paths[k:k + encode_batch]
+                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in chunk])
                 plain.append(encode(vae, x))
                 if flip:
                     flipped.append(encode(vae, x.flip(-1)))
+                if masked:
+                    grid = tuple(plain[-1].shape[-2:])
+                    marks.append(torch.stack([masks.to_latent(_fitted_mask(path, size), grid) for path in chunk]))
                 bar.update(len(x))
             self.latents[size] = torch.cat(plain)
+            if masked:
+                self.masks[size] = torch.cat(marks)
             if flip:
                 self.flipped[size] = torch.cat(flipped)
         bar.close()
@@ -421,18 +439,42 @@ class TrainingSet:
                 x.append(to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else img))
             mean, std = encode(self.vae, torch.stack(x)).chunk(2, 1)
             eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+            mask = None
+            if self.masked:
+                grid = tuple(mean.shape[-2:])
+                mask = torch.stack([masks.to_latent(_crop_mask(self.mask_pixels[size][self.row_of[i]], size, (fx, fy),
+                                                               f), grid)
+                                    for i, f, (fx, fy) in list(zip(ids, flips, where))[part]])
         else:
             conditions = [self.time_ids(i, f) for i, f in list(zip(ids, flips))[part]]
             stats = torch.stack([(self.flipped if f else self.latents)[size][self.row_of[i]]
                                  for i, f in list(zip(ids, flips))[part]])
             mean, std = stats.chunk(2, 1)
             eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+            mask = None
+            if self.masked:
+                mask = torch.stack([self.masks[size][self.row_of[i]].flip(-1) if f else self.masks[size][self.row_of[i]]
+                                    for i, f in list(zip(ids, flips))[part]])
         latents = mean + std * eps
         captions = []
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
             captions.append(process_caption(text, rng, **self.caption_opts))
-        return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32))
+        return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
+
+
+def _fitted_mask(path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The image's mask resized and center-cropped as ``fit`` does the image; None: it has none."""
+    mask = masks.open_mask(path, IMAGE_SUFFIXES)
+    return None if mask is None else fit(mask, size)
+
+
+def _crop_mask(mask: Image.Image | None, size: tuple[int, int], where: tuple[float, float], flipped: bool):
+    """A random crop's mask: cut where its image was cut, flipped with it."""
+    if mask is None:
+        return None
+    mask = fit(mask, size, where)
+    return mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else mask
 
 
 def _cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -455,12 +497,24 @@ def model_steps(base) -> tuple[int, int]:
     return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
 
 
-def training_set(base, settings, scan: Scan, templates: list[str] | None) -> TrainingSet:
+def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: int | None = None) -> TrainingSet:
+    """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
+    (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
     native, step = model_steps(base)
-    return TrainingSet(scan, base.vae, settings.resolution or native, settings.seed,
+    masked = getattr(settings, "masked_loss", False)
+    if not masked:
+        files, alpha = masks.count([ex.path for ex in scan.examples], IMAGE_SUFFIXES)
+        if files or alpha:
+            found = " and ".join(f"{n} {what}" for n, what in ((files, "with a NAME.mask file"),
+                                                              (alpha, "with transparency")) if n)
+            folder = os.path.commonpath([str(ex.path.parent) for ex in scan.examples])
+            note(f"{folder}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
+                 f"their masks are white (now the whole image is learned, transparency on white)")
+    return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
                        flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress)
+                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress,
+                       masked=masked)
 
 
 def report_skipped(scan: Scan) -> None:

@@ -4,7 +4,11 @@ One step, for a batch of cached latents z0 and captions c::
 
     noise ~ N(0, I) (+ noise_offset · N(0, I) per channel),   t ~ U{0, T-1}
     z_t  = sqrt(ᾱ_t) · z0 + sqrt(1 - ᾱ_t) · noise
-    loss = mean_i  w_i · ‖target_i − ε_θ(z_t, t, c)_i‖²      target = noise (ε) or v; w = min-SNR-γ or 1
+    loss = mean_i  w_i · mean(m_i ⊙ (target_i − ε_θ(z_t, t, c)_i)²)    target = noise (ε) or v; w = min-SNR-γ or 1
+
+m_i is the image's loss mask on the latent grid (``masks``, with ``--masked-loss``; else all ones). With prior
+preservation (``prior``) each step also draws a batch of class images and adds ``prior_loss_weight`` times
+their loss, computed the same way (DreamBooth).
 
 The condition c is what the family's UNet reads (``TextStack``): each text encoder's chosen hidden layer,
 concatenated, and for SDXL also the pooled text embedding and each image's time ids (original size, crop,
@@ -77,6 +81,8 @@ class Job:
     metadata: dict = field(default_factory=dict)  # filled by the loop: steps, epochs, batches per epoch...
     sample_prompts: list[str] = field(default_factory=list)  # the grids' prompts when the settings name none
     validation: ValidationSet | None = None  # fixed images for the validation loss
+    prior_data: TrainingSet | None = None  # prior preservation: the class images, a batch of them every step
+    prior_weight: float = 0.0  # their loss's weight
 
 
 @dataclass
@@ -183,9 +189,10 @@ class Objective(nn.Module):
         self.text_trainable = text_trainable
         self.added_conditioning, self.vae_scale = added_conditioning, vae_scale
 
-    def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None,
-               time_ids=None) -> torch.Tensor:
-        """The plain prediction error of each sample (what the validation loss averages)."""
+    def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+               mask=None) -> torch.Tensor:
+        """The plain prediction error of each sample (what the validation loss averages); ``mask`` [b, 1, h, w]
+        weights each latent pixel's squared error."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
                 context, pooled = self.text(input_ids)
@@ -199,13 +206,26 @@ class Objective(nn.Module):
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
         pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype), **extra).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if mask is not None:
+            squared = squared * mask.to(squared.device, squared.dtype)
+        return squared.mean(dim=(1, 2, 3))
 
-    def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None):
-        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids)
+    def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+                   mask=None) -> torch.Tensor:
+        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
         if self.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
         return loss.mean()
+
+    def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+                mask=None, prior=None, prior_weight: float = 0.0):
+        """The batch's loss, plus ``prior_weight`` x the loss of the class-image batch ``prior`` (the same
+        arguments as a dict); one call, so that DDP sees one forward per backward."""
+        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
+        if prior is not None:
+            loss = loss + prior_weight * self.batch_loss(**prior)
+        return loss
 
 
 class TextInput:
@@ -350,7 +370,9 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             undo.append(_checkpointing(base, job.text_trainable))
         job.set_training(True)
         undo.append(lambda: job.set_training(False))
-        cache = None if job.text_trainable or data.captions_vary else data.possible_captions()
+        sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
+        cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
+            sorted({c for d in sets for c in d.possible_captions()})
         stack = TextStack.of(base)
         text = TextInput(stack, device, job.expand, cache)
         objective = Objective(base.unet, stack, base.scheduler, settings.min_snr_gamma, job.text_trainable,
@@ -422,17 +444,30 @@ class Session:
         """Forward and backward of global batch ``number`` (this process's slice); returns its share of the
         step loss. ``sync``: the last micro-batch of a step, whose backward all-reduces the gradients."""
         acc, s = self.accelerator, self.settings
-        batch = self.data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
-        noise, timesteps = diffusion_draws(s.seed, number, (self.global_batch, *batch.latents.shape[1:]),
-                                           len(self.base.scheduler.alphas_cumprod), s.noise_offset)
-        mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
+        inputs = self.inputs(self.data, s.seed, number)
+        if self.job.prior_data is not None:  # the class images: their own batches, noise and timesteps
+            inputs.update(prior=self.inputs(self.job.prior_data, seed_for(s.seed, "prior"), number),
+                          prior_weight=self.job.prior_weight)
         torch.manual_seed(seed_for(s.seed, "dropout", number, acc.process_index))
         with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-            loss = self.model(batch.latents.to(acc.device), noise[mine].to(acc.device),
-                              timesteps[mine].to(acc.device), **self.text(batch.captions),
-                              time_ids=batch.time_ids.to(acc.device)) / s.grad_accum
+            loss = self.model(**inputs) / s.grad_accum
             acc.backward(loss)
         return loss.detach()
+
+    def inputs(self, data: TrainingSet, seed: int, number: int) -> dict:
+        """The objective's inputs for global batch ``number`` of ``data`` (this process's slice), with the noise
+        and timesteps drawn for it from ``seed``."""
+        acc, s = self.accelerator, self.settings
+        batch = data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
+        noise, timesteps = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
+                                           len(self.base.scheduler.alphas_cumprod), s.noise_offset)
+        mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
+        inputs = {"latents": batch.latents.to(acc.device), "noise": noise[mine].to(acc.device),
+                  "timesteps": timesteps[mine].to(acc.device), **self.text(batch.captions),
+                  "time_ids": batch.time_ids.to(acc.device)}
+        if batch.mask is not None:
+            inputs["mask"] = batch.mask.to(acc.device)
+        return inputs
 
     def save(self, step: int, final: bool) -> None:
         acc = self.accelerator
@@ -507,8 +542,9 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                 r.sample(0)
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            for group in optimizer.param_groups:  # a group may stop early (pivotal tuning's word: --ti-steps)
+                stop = group.get("stop_after", 0)
+                group["lr"] = 0.0 if stop and step >= stop else group["base_lr"] * factor
             loss = torch.zeros((), device=acc.device)
             for micro in range(s.grad_accum):
                 loss += r.micro_step(step * s.grad_accum + micro, sync=micro == s.grad_accum - 1)

@@ -17,6 +17,10 @@ neutral ``Lora``, written in the kohya layout (the family's prefixes: ``lora_te_
 and ``lora_te2_``, and its ``ss_base_model_version``) with ``ss_*`` metadata (the run's whole settings included, as
 ``ss_sdtune_settings``) and on request the diffusers layout. ``report.html`` then shows each checkpoint at
 strengths 0 to 1.
+
+Options beside the LoRA itself: ``--ti-token`` trains a new word with it (pivotal tuning, ``pivotal``: the word
+is saved inside each LoRA file and beside it), ``--reg-dir`` / ``--class-prompt`` add class images to every step
+(prior preservation, ``prior``), ``--masked-loss`` weights the loss by a mask per image (``masks``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from ..safeio import SdtuneError
 from . import loop, report, validation
 from .config import LoraSettings, to_toml
 from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
+from .pivotal import Pivot, check_captions
+from .prior import prior_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
@@ -248,34 +254,59 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
+    prior = prior_set(base, settings)  # before anything is trained in: class images show the base model
     network = Network(base, settings)
     groups = [{"params": network.params("unet"), "lr": settings.lr}]
     if settings.text_encoder:
         groups += [{"params": network.params(te.component), "lr": lr}
                    for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))]
+    if settings.pivotal:
+        check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
+    pivot = Pivot(base, settings) if settings.pivotal else None
+    if pivot is not None:
+        groups.append(pivot.param_group())
 
     def save(step: int, final: bool) -> list[Path]:
         lora = network.to_lora()
         meta = kohya_metadata(settings, base, data, job, step, started, final)
+        if prior is not None:
+            meta["ss_num_reg_images"] = str(len(prior))
         stem = settings.name if final else f"{settings.name}-step{step:06d}"
         paths = [out / f"{stem}.safetensors"]
-        # the family names the text encoders' kohya prefixes (SDXL: lora_te1_, lora_te2_) and ss_base_model_version
-        save_lora(lora, paths[0], format="kohya", metadata=meta, family=base.family)
+        # pivotal tuning: the word inside the kohya file (A1111 loads both from it) and on its own beside it (for
+        # diffusers, whose LoRA layout has no place for it: load_textual_inversion reads that file). The family
+        # names the text encoders' kohya prefixes (SDXL: lora_te1_, lora_te2_) and ss_base_model_version.
+        save_lora(pivot.bundled(lora) if pivot is not None else lora, paths[0], format="kohya", metadata=meta,
+                  family=base.family)
+        if pivot is not None:
+            paths.append(pivot.save(out, step, final))
         if final and "diffusers" in settings.formats:
             paths.append(out / "diffusers" / "pytorch_lora_weights.safetensors")
             save_lora(lora, paths[-1], format="diffusers", family=base.family)
         return paths
 
+    def state() -> dict:
+        return {**network.state(), **(pivot.state() if pivot is not None else {})}
+
+    def load_state(saved: dict) -> None:
+        source = out / loop.STATE_FILE
+        network.load_state(pivot.load_state(saved, source) if pivot is not None else saved, source)
+
     prompts = first_prompts(ex.caption for ex in scan.examples)
-    job = loop.Job(name="lora", param_groups=groups, state=network.state,
-                   load_state=lambda state: network.load_state(state, out / loop.STATE_FILE), save=save,
-                   text_trainable=settings.text_encoder, set_training=network.set_training, sample_prompts=prompts,
-                   validation=checks)
+    job = loop.Job(name="lora", param_groups=groups, state=state, load_state=load_state, save=save,
+                   text_trainable=settings.text_encoder or pivot is not None, set_training=network.set_training,
+                   sample_prompts=prompts, validation=checks,
+                   expand=pivot.embeddings.expand if pivot is not None else (lambda prompt: prompt),
+                   prior_data=prior, prior_weight=settings.prior_loss_weight)
     network.inject()
+    if pivot is not None:
+        pivot.install()
     try:
         record = loop.run(base, settings, job, data, callback)
     finally:
         network.remove()
+        if pivot is not None:
+            pivot.remove()  # the base as it was; the LoRA file brings the word back (base.loras.add)
     if settings.report and record.main:
         shown = settings.sample_prompts or prompts
         report.write_report(base, settings, record, lambda: report.lora_grid(base, settings, record, shown[0]),
