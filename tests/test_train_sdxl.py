@@ -9,6 +9,7 @@
   as sdtune does.
 - SDXL's time ids: each image's original size and crop from the data pipeline, into the UNet.
 - SD 2.x: the v-prediction target is diffusers' ``get_velocity``.
+- ``torchrun`` with two CPU processes (gloo) equals one process with twice the batch, on SDXL too.
 """
 
 import copy
