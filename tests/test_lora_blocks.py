@@ -8,6 +8,7 @@ then per level ``layers_per_block`` (resnet, attention) entries and a downsample
 are BASE and layers outside the blocks keep the plain weight; sdtune finds blocks through ``ldm.unet_module_map``.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -259,3 +260,131 @@ def test_bad_vectors_are_one_clear_error(sd1_case, xl_case, tmp_path, capsys):
     assert main(["lora", "merge", f"{f}:1:lbw=1,2", "--blocks", "--out", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"sdtune: error: lbw=1,2: SDXL takes 12 or 20 .*", err) and not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------- block weights baked into a checkpoint
+
+VECTOR_XL = "1,0,0.5,1,0,1,0.25,1,0,1,1,0.75"
+
+
+@pytest.fixture(scope="module")
+def xl_single(xl, tmp_path_factory):
+    from sdtune import models
+
+    return models.save_single_file(xl, tmp_path_factory.mktemp("xl-single") / "base.safetensors")
+
+
+def test_checkpoint_merge_bakes_block_weights_as_apply_does(xl_case, xl_single, tmp_path):
+    """``sdtune merge --lora FILE:W:lbw=…`` (a single file streamed to a single file) and ``bake.merge`` with
+    (lora, weight, blocks) (a diffusers folder streamed to a folder) give each layer the bits of the same LoRA
+    applied with those block weights; the merge note records them. (sdxl-small-random: SDXL's blocks at small
+    widths; sd1-random is a full-size 4 GB checkpoint.)"""
+    from safetensors import safe_open
+
+    from sdtune import models
+    from sdtune.lora import bake
+
+    base, f, w0, plain = xl_case
+    want = applied(base, f, VECTOR_XL)
+    assert any(torch.equal(want[k], w0[k]) for k in w0) and any(not torch.equal(want[k], plain[k]) for k in w0)
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(xl_single), "--lora", f"{f}:{W}:lbw={VECTOR_XL}", "--out", str(out)]) == 0
+    got = weights(load_base(str(out), device="cpu", dtype="fp32"))
+    for k in w0:
+        assert torch.equal(got[k], want[k]), k
+    with safe_open(str(out), "pt") as fh:
+        note = json.loads(fh.metadata()[bake.META_MERGED])
+    assert note == [{"source": f, "unet_weight": W, "te_weight": W, "te2_weight": W, "blocks": VECTOR_XL}]
+
+    folder = models.save_diffusers(base, tmp_path / "base-folder")
+    out_folder = bake.merge(str(folder), [(f, W, "OUTALL")], tmp_path / "baked-folder")
+    want = applied(base, f, "OUTALL")
+    got = weights(load_base(str(out_folder), device="cpu", dtype="fp32"))
+    for k in w0:
+        assert torch.equal(got[k], want[k]), k
+    assert all(torch.equal(module(base, c, p).weight, w0[(c, p)]) for c, p in w0)  # the base was not touched
+
+
+def test_checkpoint_merge_with_bad_block_weights_writes_nothing(xl_case, xl_single, tmp_path, capsys):
+    _, f, _, _ = xl_case
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(xl_single), "--lora", f"{f}:1:lbw=1,0", "--out", str(out)]) == 2
+    assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", "--model", "tiny", "--lora", f"{f}:1:lbw=ALL", "--out", str(out)]) == 2
+    assert "the built-in tiny model has none" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------- block weights in X/Y plots
+
+def pixels(path):
+    from PIL import Image
+
+    return torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("RGB")).astype("int16"))
+
+
+def direct(base, f, weight, spec, tmp_path, name) -> torch.Tensor:
+    """The image of the plot's settings with the LoRA applied straight away (weight, block weights)."""
+    from sdtune.generate import generate
+
+    base.loras.add("direct", f, weight, blocks=spec)
+    try:
+        image = generate(base, "a cat", steps=1, seed=4, width=64, height=64, progress=False)[0].image
+    finally:
+        base.loras.remove_all()
+    image.save(tmp_path / f"{name}.png")
+    return pixels(tmp_path / f"{name}.png")
+
+
+def test_grid_blocks_axis_through_the_cli(xl_case, tmp_path):
+    """``sdtune grid --lora FILE:W --x 'blocks=…|…'``: each column is the LoRA applied with that column's block
+    weights (a preset or a vector), and the grid's record names the axis and the LoRA it sweeps."""
+    base, f, _, _ = xl_case
+    values = ["INALL", VECTOR_XL]
+    out = tmp_path / "grid"
+    assert main(["grid", "--model", "sdxl-small-random", "--device", "cpu", "--dtype", "fp32", "--prompt", "a cat",
+                 "--lora", f"{f}:{W}", "--x", "blocks=" + "|".join(values), "--steps", "1", "--seed", "4",
+                 "--width", "64", "--height", "64", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "xy.json").read_text())
+    assert record["x"]["kind"] == "blocks" and record["x"]["values"] == values and record["x"]["target"] == "a"
+    assert "X Type: LoRA block weights (a)" in record["parameters"]
+    cells = [pixels(out / f"xy-00-{c:02d}.png") for c in range(len(values))]
+    for c, spec in enumerate(values):
+        want = direct(base, f, W, spec, tmp_path, f"want{c}")
+        assert int((cells[c] - want).abs().max()) <= 1, spec  # the same merge: at most rounding in the PNG
+    assert not torch.equal(cells[0], cells[1])
+
+
+def test_plot_lbw_in_lora_specs_and_adapter_items(xl_case, tmp_path):
+    """``loras=["FILE:W:lbw=…"]`` keeps those block weights where no axis sets them; an adapter-axis item
+    ``FILE:W:lbw=…`` sets its own; the plot leaves the base as it was."""
+    from sdtune.xyplot import Axis, xy_plot
+
+    base, f, w0, _ = xl_case
+    grid = xy_plot(base, "a cat", Axis("weight", [W]), loras=[f"{f}:1:lbw=OUTALL"], seed=4, steps=1,
+                   width=64, height=64, out_dir=tmp_path / "a", progress=False)
+    want = direct(base, f, W, "OUTALL", tmp_path, "spec")
+    assert int((pixels(grid.parent / "xy-00-00.png") - want).abs().max()) <= 1
+    grid = xy_plot(base, "a cat", Axis("loras", [f"{f}:0.6:lbw=INALL"]), seed=4, steps=1, width=64,
+                   height=64, out_dir=tmp_path / "b", progress=False)
+    want = direct(base, f, 0.6, "INALL", tmp_path, "item")
+    assert int((pixels(grid.parent / "xy-00-00.png") - want).abs().max()) <= 1
+    assert len(base.loras) == 0 and all(torch.equal(module(base, c, p).weight, w0[(c, p)]) for c, p in w0)
+
+
+def test_plot_block_weights_errors(xl_case, tmp_path, capsys):
+    from sdtune.xyplot import Axis, xy_plot
+
+    base, f, _, _ = xl_case
+    with pytest.raises(SdtuneError, match="lbw=1,1: SDXL takes 12 or 20"):
+        xy_plot(base, "a cat", Axis("blocks", ["ALL", "1,1"]), loras=[f], steps=1, out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.png")) and len(base.loras) == 0  # stopped before any image
+    base.loras.add("before", f, 1.0)
+    try:
+        with pytest.raises(SdtuneError, match="before was loaded before the plot"):
+            xy_plot(base, "a cat", Axis("blocks", ["ALL"], target="before"), steps=1, out_dir=tmp_path,
+                    progress=False)
+    finally:
+        base.loras.remove_all()
+    assert main(["grid", "--model", "sdxl-small-random", "--prompt", "a", "--lora", f"{f}:1", "--x",
+                 "lbw=INALL|1,0", "--steps", "1", "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not list(tmp_path.rglob("*.png"))

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT][:lbw=W,W,…|PRESET]",
+                   help="a LoRA to bake in, with its weight and optional lora-block-weight block weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--x", metavar="KIND=VALUES",
                     help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
                          "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
-                         "'embeddings=none|<tok>'")
+                         "'embeddings=none|<tok>', 'blocks=INALL|OUTALL|1,0,…' (block weights of the --lora)")
     gr.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
     gr.add_argument("--weights", metavar="W1,W2,...",
                     help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
@@ -308,8 +309,9 @@ def cmd_lora_extract(a) -> Path | None:
 def cmd_merge(a) -> None:
     pairs = []
     for spec in a.lora:
+        spec, lbw = block_weights.split_spec(spec)
         src, w = sources.parse_weighted(spec)
-        pairs.append((sources.resolve(src, "lora"), w))
+        pairs.append((sources.resolve(src, "lora"), w, lbw))
     fmt = "single" if a.out.endswith(".safetensors") else "diffusers"
     print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
 

@@ -287,7 +287,8 @@ class _Reader:
         """Text-encoder adapters from keys that name no encoder (a raw PEFT ``text_model.…`` file) go to the
         encoder whose width their attention projections have: 1280 is only SDXL's text_encoder_2."""
         bare = {k: v for k, v in built.items() if k in self.bare_text}
-        widths = {keys.adapter_io(ad)[0] for (_, p), (ad, _) in bare.items() if keys.TEXT_ATTENTION.search(p)}
+        ios = [keys.adapter_io(ad) for (_, p), (ad, _) in bare.items() if keys.TEXT_ATTENTION.search(p)]
+        widths = {io.out or io.inner for io in ios} - {None}  # these layers are square: PEFT OFT tells only in
         comp = keys.text_component(widths.pop()) if len(widths) == 1 else None
         if comp is None:
             return built
@@ -305,6 +306,8 @@ class _Reader:
         if isinstance(alpha, torch.Tensor):
             return None
         try:
+            if group["styles"] & {"peft", "diffusers"}:
+                roles = algo.configure(roles, self.peft.get(comp) or self.peft.get("*") or {})
             tensors = algo.build(roles)
         except (KeyError, RuntimeError, ValueError):
             return None
