@@ -66,13 +66,16 @@ def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: int, world_share: float,
-             lr: float, anchor: float, seed: int, device, log, save_every: int = 250, minutes: float = 0.0) -> int:
+             lr: float, anchor: float, seed: int, device, log, save_every: int = 250, minutes: float = 0.0,
+             teacher=None) -> int:
     """Fine-tune ``vae`` in place (its scaling factor untouched); resumes from ``out/vae_ft_ckpt.pt``.
+
+    The anchor pulls world latents to ``teacher``'s (default: ``vae`` as it is at the start).
 
     ``minutes`` > 0 is a wall-clock budget for a shared machine: the learning-rate schedule runs on
     whichever is further along, steps or time, and training ends when either is used up (the run is then
     reproducible only up to the step it reached, which the log and the return value give)."""
-    teacher = copy.deepcopy(vae).to(device).eval().requires_grad_(False)
+    teacher = copy.deepcopy(teacher or vae).to(device).eval().requires_grad_(False)
     sf = float(vae.config.scaling_factor)
     n_world = max(2, round(batch * world_share)) // 2 * 2
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -150,6 +153,8 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/vae")
     p.add_argument("--start", default="runs/tiny/model/vae.safetensors",
                    help="the VAE the tiny UNet was trained on (default: the first recipe's export)")
+    p.add_argument("--init", help="weights to go on from, e.g. an earlier run's vae.safetensors (default: "
+                   "--start); the anchor still pulls to --start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
@@ -187,7 +192,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe` first or give "
                          "--start PATH/vae.safetensors")
     old = load_vae(Path(a.start))
-    vae = copy.deepcopy(old)
+    vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
     if a.export_only:
         ck = torch.load(out / "vae_ft_ckpt.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(ck["vae"])
@@ -196,7 +201,7 @@ def main(argv=None) -> None:
         pool = training_pool(a.per_category, a.seed)
         log(f"generated {sum(len(p) for p in pool.values())} training images ({time.time() - t0:.0f}s)")
         done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
-                        a.save_every, a.minutes)
+                        a.save_every, a.minutes, teacher=old)
         log(f"trained {done} steps ({time.time() - t0:.0f}s)")
         del pool
     vae.cpu().eval()
