@@ -157,7 +157,7 @@ def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, thr
     names = list(trainers)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            out = scratch / f"{name.split()[0]}-{r}"
+            out = scratch / f"{names.index(name)}-{r}"
             if out.exists():
                 shutil.rmtree(out)
             res = run_process(trainers[name](out), child_env(threads, out))
@@ -256,23 +256,25 @@ def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: b
 
 def report(title: str, results: dict[str, dict], flops: float, extra_flops: float, rates: dict[str, float],
            repeats: int) -> str:
-    """The comparison table: medians, MFU against the fp32 matmul rate, and sdtune's ratios to diffusers."""
+    """The comparison table: medians, MFU (against the fp32 matmul rate; the bf16 one for rows that run in bf16)
+    and each sdtune row's ratios to diffusers."""
     peak = rates["fp32"]
     lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step "
              f"{flops / 1e9:.2f} GFLOP (diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding "
              f"what sdtune caches); matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
              + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),
-             f"{'trainer':<40} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU fp32':>9}", "-" * 78]
+             f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU':>9}", "-" * 86]
     for name, r in results.items():
-        mfu = flops / r["s_per_step"] / peak
-        lines.append(f"{name:<40} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
-                     f"{100 * mfu:>8.1f}%")
-    names = list(results)
-    if len(names) == 2:
-        a, b = results[names[0]], results[names[1]]
-        lines.append(f"sdtune vs diffusers: {b['s_per_step'] / a['s_per_step']:.2f}x per step, "
-                     f"{b['wall_s'] / a['wall_s']:.2f}x whole process, "
-                     f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x the peak memory")
+        bf16 = "bf16" in name and "bf16" in rates  # a bf16 run is measured against the bf16 rate
+        mfu = flops / r["s_per_step"] / (rates["bf16"] if bf16 else peak)
+        lines.append(f"{name:<48} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
+                     f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else ""))
+    reference = next((r for name, r in results.items() if name.startswith("diffusers")), None)
+    for name, r in results.items():
+        if reference is not None and r is not reference:
+            lines.append(f"{name} vs diffusers: {reference['s_per_step'] / r['s_per_step']:.2f}x faster per step, "
+                         f"{reference['wall_s'] / r['wall_s']:.2f}x faster whole process, "
+                         f"{r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x the peak memory")
     return "\n".join(lines)
 
 

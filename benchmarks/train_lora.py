@@ -1,7 +1,7 @@
 """LoRA (rank 4, attention), whole process, same run: sdtune against diffusers' train_text_to_image_lora.py.
 
     python benchmarks/train_lora.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
-                                    [--sdtune-args "--flag value ..."] [--profile] [--no-diffusers]
+                                    [--sdtune-args "--flag value ..." ...] [--profile] [--no-diffusers]
 
 Both read the same mid-size SD 1.x-architecture model folder and the same 8 captioned images (the script
 through ``datasets``' imagefolder and metadata.jsonl), at 64 px, batch 4, lr 1e-4 constant, seed 0, fp32,
@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--sdtune-args", default="", help="extra sdtune train lora flags (to measure an option)")
+    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
+                   help="also run sdtune with these extra train lora flags, as its own row (repeatable)")
     p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
     p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)
@@ -44,12 +45,18 @@ def main(argv=None) -> None:
         api = dict(data=str(images), steps=a.steps, batch_size=a.batch, resolution=a.resolution, lr=1e-4, seed=0,
                    rank=4, alpha=4.0, targets="attn", min_snr_gamma=0.0, lr_scheduler="constant", buckets=False,
                    max_grad_norm=1.0, grad_accum=1, save_every=0, sample_every=0)
-        trainers = {"sdtune train lora": lambda out: c.sdtune_cmd("lora", [
-            "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
-            "--steps", str(a.steps), "--batch-size", str(a.batch), "--grad-accum", "1", "--resolution",
-            str(a.resolution), "--lr", "1e-4", "--seed", "0", "--rank", "4", "--alpha", "4", "--targets", "attn",
-            "--min-snr-gamma", "0", "--lr-scheduler", "constant", "--no-buckets", "--max-grad-norm", "1",
-            "--save-every", "0", "--sample-every", "0", "--no-report", *shlex.split(a.sdtune_args)])}
+
+        def sdtune(out, extra=""):
+            return c.sdtune_cmd("lora", [
+                "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
+                "--steps", str(a.steps), "--batch-size", str(a.batch), "--grad-accum", "1", "--resolution",
+                str(a.resolution), "--lr", "1e-4", "--seed", "0", "--rank", "4", "--alpha", "4", "--targets", "attn",
+                "--min-snr-gamma", "0", "--lr-scheduler", "constant", "--no-buckets", "--max-grad-norm", "1",
+                "--save-every", "0", "--sample-every", "0", "--no-report", *shlex.split(extra)])
+
+        trainers = {"sdtune train lora": sdtune}
+        for flags in a.sdtune_args:
+            trainers[f"sdtune train lora {flags}"] = lambda out, flags=flags: sdtune(out, flags)
         if examples:
             trainers["diffusers train_text_to_image_lora.py"] = lambda out: c.diffusers_cmd(
                 examples, "train_text_to_image_lora.py", [
@@ -63,7 +70,7 @@ def main(argv=None) -> None:
         flops = c.sdtune_step_flops("lora", model, dict(api, out=str(tmp / "flops")))
         extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=True)
         title = (f"LoRA rank 4 attention, {c.MID_NAME}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
-                 f"{a.threads} threads, {c.cpu_name()}" + (f", sdtune {a.sdtune_args}" if a.sdtune_args else ""))
+                 f"{a.threads} threads, {c.cpu_name()}")
         print(c.report(title, results, flops, extra, rates, a.repeats))
         if a.profile:
             print(c.profile_sdtune("lora", model, dict(api, out=str(tmp / "profile")), a.threads))

@@ -1,7 +1,7 @@
 """Textual Inversion, whole process, same run: sdtune against diffusers' textual_inversion.py.
 
     python benchmarks/train_ti.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
-                                  [--sdtune-args "--flag value ..."] [--profile] [--no-diffusers]
+                                  [--sdtune-args "--flag value ..." ...] [--profile] [--no-diffusers]
 
 Both read the same mid-size SD 1.x-architecture model folder and the same 8 uncaptioned images (both fall back
 to "a photo of a <token>"-style templates), at 64 px, batch 4, lr 5e-3, seed 0, fp32, constant lr, no
@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--sdtune-args", default="", help="extra sdtune train ti flags (to measure an option)")
+    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
+                   help="also run sdtune with these extra train ti flags, as its own row (repeatable)")
     p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
     p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)
@@ -45,12 +46,18 @@ def main(argv=None) -> None:
         common = dict(steps=a.steps, batch_size=a.batch, resolution=a.resolution, lr=5e-3, seed=0)
         api = dict(common, data=str(images), token=TOKEN, init_token=INIT, max_grad_norm=0.0, grad_accum=1,
                    save_every=0, sample_every=0)
-        trainers = {"sdtune train ti": lambda out: c.sdtune_cmd("ti", [
-            "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
-            "--token", TOKEN, "--init-token", INIT, "--steps", str(a.steps), "--batch-size", str(a.batch),
-            "--grad-accum", "1", "--resolution", str(a.resolution), "--lr", "5e-3", "--seed", "0",
-            "--max-grad-norm", "0", "--save-every", "0", "--sample-every", "0", "--no-report",
-            *shlex.split(a.sdtune_args)])}
+
+        def sdtune(out, extra=""):
+            return c.sdtune_cmd("ti", [
+                "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
+                "--token", TOKEN, "--init-token", INIT, "--steps", str(a.steps), "--batch-size", str(a.batch),
+                "--grad-accum", "1", "--resolution", str(a.resolution), "--lr", "5e-3", "--seed", "0",
+                "--max-grad-norm", "0", "--save-every", "0", "--sample-every", "0", "--no-report",
+            *shlex.split(extra)])
+
+        trainers = {"sdtune train ti": sdtune}
+        for flags in a.sdtune_args:
+            trainers[f"sdtune train ti {flags}"] = lambda out, flags=flags: sdtune(out, flags)
         if examples:
             trainers["diffusers textual_inversion.py"] = lambda out: c.diffusers_cmd(examples, "textual_inversion.py", [
                 "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--output_dir",
@@ -63,7 +70,7 @@ def main(argv=None) -> None:
         flops = c.sdtune_step_flops("ti", model, dict(api, out=str(tmp / "flops")))
         extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=False)
         title = (f"Textual Inversion, {c.MID_NAME}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
-                 f"{a.threads} threads, {c.cpu_name()}" + (f", sdtune {a.sdtune_args}" if a.sdtune_args else ""))
+                 f"{a.threads} threads, {c.cpu_name()}")
         print(c.report(title, results, flops, extra, rates, a.repeats))
         if a.profile:
             print(c.profile_sdtune("ti", model, dict(api, out=str(tmp / "profile")), a.threads))
