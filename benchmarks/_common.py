@@ -272,9 +272,9 @@ def report(title: str, results: dict[str, dict], flops: float, extra_flops: floa
     reference = next((r for name, r in results.items() if name.startswith("diffusers")), None)
     for name, r in results.items():
         if reference is not None and r is not reference:
-            lines.append(f"{name} vs diffusers: {reference['s_per_step'] / r['s_per_step']:.2f}x faster per step, "
-                         f"{reference['wall_s'] / r['wall_s']:.2f}x faster whole process, "
-                         f"{r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x the peak memory")
+            lines.append(f"{name} / diffusers: speed-up {reference['s_per_step'] / r['s_per_step']:.2f}x per step, "
+                         f"{reference['wall_s'] / r['wall_s']:.2f}x whole process (above 1: sdtune faster); "
+                         f"peak memory {r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x")
     return "\n".join(lines)
 
 
