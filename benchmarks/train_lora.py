@@ -1,7 +1,7 @@
 """LoRA (rank 4, attention), whole process, same run: sdtune against diffusers' train_text_to_image_lora.py.
 
     python benchmarks/train_lora.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
-                                    [--sdtune-args "--flag value ..." ...] [--profile] [--no-diffusers]
+                                    [--sdtune-args="--flag value ..." ...] [--profile] [--no-diffusers]
 
 Both read the same mid-size SD 1.x-architecture model folder and the same 8 captioned images (the script
 through ``datasets``' imagefolder and metadata.jsonl), at 64 px, batch 4, lr 1e-4 constant, seed 0, fp32,
@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
-                   help="also run sdtune with these extra train lora flags, as its own row (repeatable)")
+                   help="also run sdtune with these extra train lora flags, as its own row (repeatable; write "
+                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
     p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
     p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)

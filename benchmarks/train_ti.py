@@ -1,7 +1,7 @@
 """Textual Inversion, whole process, same run: sdtune against diffusers' textual_inversion.py.
 
     python benchmarks/train_ti.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
-                                  [--sdtune-args "--flag value ..." ...] [--profile] [--no-diffusers]
+                                  [--sdtune-args="--flag value ..." ...] [--profile] [--no-diffusers]
 
 Both read the same mid-size SD 1.x-architecture model folder and the same 8 uncaptioned images (both fall back
 to "a photo of a <token>"-style templates), at 64 px, batch 4, lr 5e-3, seed 0, fp32, constant lr, no
@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
-                   help="also run sdtune with these extra train ti flags, as its own row (repeatable)")
+                   help="also run sdtune with these extra train ti flags, as its own row (repeatable; write "
+                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
     p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
     p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)

@@ -216,7 +216,8 @@ def test_speed_options_learn_the_same(base, dataset, tmp_path):
     kw = dict(steps=2, targets="all", conv_rank=4)
     a = load_lora(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
     for option in ("channels_last", "flush_denormals"):
-        b = load_lora(train_lora(base, settings(dataset, tmp_path / option, **{option: True}, **kw)))
+        flipped = {option: not getattr(LoraSettings(), option)}  # the other way from the default
+        b = load_lora(train_lora(base, settings(dataset, tmp_path / option, **flipped, **kw)))
         # NHWC kernels round differently (~1e-6 relative per value), flushed subnormals move nothing above
         # 1e-38; a wrong layout or a lost gradient would move ΔW by a large part of itself.
         for comp, path, ad in a.items():
