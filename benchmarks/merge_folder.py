@@ -14,6 +14,10 @@ Runs alternate (sdtune, diffusers, sdtune, ...) so that a change in machine load
 output is deleted and the page cache flushed (``sync``) before the next run, so that no run pays for the
 previous one's writes. The table gives the median of each side.
 
+A third process gives the floor: importing torch, diffusers and transformers, then copying the input folder
+(what any merge into a folder must at least do: the output's bytes are written either way). sdtune's time over
+the floor says how much is left to win; diffusers' time over the floor bounds any speed-up.
+
 Heavy: about 17 GB of disk under --work (the inputs are kept between runs and built once) and 5 GB of RAM.
 
     python benchmarks/merge_folder.py [--work DIR] [--repeats 2]
@@ -59,6 +63,15 @@ pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_name
 pipe.unload_lora_weights()
 pipe.save_pretrained(out)
 """ % WEIGHTS
+# The least any merge into a folder does, whole process: import what reads the model (torch, diffusers' UNet,
+# transformers' CLIP) and write the output's bytes, here as a plain copy of the input folder by the kernel.
+FLOOR_CHILD = """
+import shutil, sys
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
+shutil.copytree(sys.argv[1], sys.argv[2])
+"""
 # Layers compared between the two outputs (UNet attention, UNet feed-forward, text-encoder attention).
 PROBES = (("unet/diffusion_pytorch_model.safetensors", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
           ("unet/diffusion_pytorch_model.safetensors", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"),
@@ -112,6 +125,10 @@ def diffusers_cmd(model: Path, paths: dict, out: Path) -> list[str]:
             str(paths["b"]), str(out)]
 
 
+def floor_cmd(model: Path, paths: dict, out: Path) -> list[str]:
+    return [sys.executable, "-c", FLOOR_CHILD, str(paths["folder"]), str(out)]
+
+
 def max_relative_difference(ours: Path, theirs: Path, base: Path) -> float:
     """Largest |ours - theirs| / |theirs - base| over the probe layers (how far apart the two bakes are,
     relative to the change the LoRAs make)."""
@@ -138,9 +155,12 @@ def main() -> None:
     for i in range(args.repeats):
         last = i == args.repeats - 1  # the last outputs are kept and compared
         for source in ("folder", "single"):
-            for tool, command in (("sdtune", sdtune_cmd), ("diffusers", diffusers_cmd)):
+            for tool, command in (("sdtune", sdtune_cmd), ("diffusers", diffusers_cmd), ("floor", floor_cmd)):
+                if tool == "floor" and source == "single":
+                    continue  # one floor: the output is the same folder
                 out = args.work / f"out_{tool}_{source}"
-                rows.setdefault((source, tool), []).append(run(command(paths[source], paths, out), out, keep=last))
+                rows.setdefault((source, tool), []).append(
+                    run(command(paths[source], paths, out), out, keep=last and tool != "floor"))
                 seconds, gb = rows[source, tool][-1]
                 print(f"  {tool:9} {source:6} run {i + 1}: {seconds:5.1f} s, {gb:.2f} GB "
                       f"(load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -151,6 +171,11 @@ def main() -> None:
         d_s, d_gb = (statistics.median(v) for v in zip(*rows[source, "diffusers"]))
         s_s, s_gb = (statistics.median(v) for v in zip(*rows[source, "sdtune"]))
         print(f"| {label} | {d_s:.1f} | {s_s:.1f} | {d_s / s_s:.1f}x | {d_gb:.2f} | {s_gb:.2f} | {d_gb / s_gb:.1f}x |")
+    f_s = statistics.median(s for s, _ in rows["folder", "floor"])
+    d_s, s_s = (statistics.median(s for s, _ in rows["folder", tool]) for tool in ("diffusers", "sdtune"))
+    print(f"\nFloor (import torch/diffusers/transformers + copy the input folder, whole process): {f_s:.1f} s. "
+          f"sdtune takes {s_s / f_s:.2f}x the floor, diffusers {d_s / f_s:.2f}x; the most any tool could be "
+          f"faster than diffusers here is {d_s / f_s:.1f}x.")
     for source in ("folder", "single"):
         ours, theirs = args.work / f"out_sdtune_{source}", args.work / f"out_diffusers_{source}"
         rel = max_relative_difference(ours, theirs, paths["folder"])

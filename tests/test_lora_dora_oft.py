@@ -214,7 +214,7 @@ def test_misshapen_dora_scale_is_one_clear_error(base, tmp_path):
     assert "\n" not in str(err.value) and "dora_scale" in str(err.value) and len(base.loras) == 0
 
 
-# ---------------------------------------------------------------- OFT: float64 oracle (PEFT has no oft_blocks layout)
+# ---------------------------------------------------------------- OFT/BOFT: float64 oracles (PEFT has no such layout)
 
 def oft64(w0, blocks, alpha, strength):
     """kohya/LyCORIS OFT written out in float64: Q = B − Bᵀ, shrunk to norm alpha·out if larger, R_j =
@@ -286,12 +286,81 @@ def test_oft_with_dora_and_lora_on_one_layer_sums_changes_from_w0(base, tmp_path
     assert torch.equal(weight(base.unet, ATTN), w0)
 
 
-def test_boft_and_misshapen_oft_blocks_are_one_clear_error(base, tmp_path):
-    sd = {f"{kohya(ATTN)}.oft_blocks": torch.zeros(2, 4, 8, 8)}  # LyCORIS BOFT: not read
+def butterfly64(w0, blocks, alpha, strength, rescale=None):
+    """LyCORIS BOFT written out in float64 with explicit matrices: each stage's R_i blocks (Cayley of B − Bᵀ, one
+    norm constraint alpha·out over every stage) made into a block-diagonal matrix, conjugated by the permutation
+    that lists rows as (c, g, j) -> (c, j, g) with j < 2^i·b/2, so that row pairs 2^i·b/2 apart share a block;
+    W' = S_{m-1} … S_0 · W0, times rescale per row, then A1111's strength."""
+    m, k, b, _ = blocks.shape
+    out = k * b
+    q = blocks.to(D) - blocks.to(D).transpose(-1, -2)
+    norm, bound = q.flatten().norm(), alpha * out
+    if alpha and norm > bound:
+        q = q * bound / norm
+    eye = torch.eye(b, dtype=D)
+    total = torch.eye(out, dtype=D)
+    for i in range(m):
+        half = 2 ** i * b // 2
+        order = [c * 2 * half + g * half + j for c in range(out // (2 * half)) for j in range(half) for g in range(2)]
+        perm = torch.zeros(out, out, dtype=D)
+        for new, old in enumerate(order):  # (perm @ x)[new] = x[old]
+            perm[new, old] = 1
+        stage = torch.block_diag(*[(eye + qj) @ torch.linalg.inv(eye - qj) for qj in q[i]])
+        total = perm.T @ stage @ perm @ total
+    assert torch.allclose(total.T @ total, torch.eye(out, dtype=D))  # orthogonal: the oracle's own check
+    rotated = (total @ w0.to(D).reshape(out, -1)).reshape(w0.shape)
+    if rescale is not None:
+        rotated = rotated * rescale.to(D).reshape(out, *[1] * (w0.dim() - 1))
+    return (w0.to(D) + strength * (rotated - w0.to(D))).float()
+
+
+def test_boft_butterfly_with_constraint_and_rescale(base, tmp_path):
+    g = torch.Generator().manual_seed(10)
+    # ATTN: 32 rows = 4 blocks of 8 in 3 stages (pairs 4, 8, 16 rows apart), free; CONV: 64 rows = 16 blocks of 4 in
+    # 2 stages, clamped, with a rescale
+    cases = {ATTN: ((3, 4, 8, 8), 0.0, None), CONV: ((2, 16, 4, 4), 1e-3, 1 + 0.2 * torch.randn(64, 1, 1, 1,
+                                                                                           generator=g))}
+    w0 = {t: weight(base.unet, t) for t in cases}
+    sd, blocks = {}, {}
+    for t, (shape, alpha, rescale) in cases.items():
+        blocks[t] = torch.randn(*shape, generator=g) * 0.1
+        sd |= {f"{kohya(t)}.oft_blocks": blocks[t], f"{kohya(t)}.alpha": torch.tensor(alpha)}
+        if rescale is not None:
+            sd[f"{kohya(t)}.rescale"] = rescale
     save_file(sd, tmp_path / "boft.safetensors")
-    sd = {f"{kohya(ATTN)}.oft_blocks": torch.zeros(3, 8, 8)}  # 24 rows for a 32-row layer
-    save_file(sd, tmp_path / "bad.safetensors")
-    for name in ("boft", "bad"):
+    q = blocks[CONV] - blocks[CONV].transpose(-1, -2)
+    assert q.norm() > 1e-3 * 64  # the clamp is exercised
+    for strength in (1.0, 0.4):
+        base.loras.add("b", tmp_path / "boft.safetensors", weight=strength)
+        for t, (_, alpha, rescale) in cases.items():
+            torch.testing.assert_close(weight(base.unet, t), butterfly64(w0[t], blocks[t], alpha, strength, rescale),
+                                       rtol=1e-5, atol=1e-6)
+    removed_and_described(base, "b", w0, tmp_path / "boft.safetensors", "oft", "BOFT")
+    formats.convert(tmp_path / "boft.safetensors", tmp_path / "again.safetensors")  # kohya out, same tensors
+    again = formats.load_lora(tmp_path / "again.safetensors")
+    assert torch.equal(again.modules["unet"][CONV].tensors["rescale"], cases[CONV][2])
+    assert torch.equal(again.modules["unet"][ATTN].tensors["blocks"], blocks[ATTN])
+
+
+def test_oft_diag_is_the_rotation_itself(base, tmp_path):
+    """Older LyCORIS files store R (``oft_diag``): used as it is, W' = Rᵀ·W0 per block (A1111's is_R)."""
+    g = torch.Generator().manual_seed(11)
+    w0 = weight(base.unet, ATTN)
+    r = torch.linalg.qr(torch.randn(4, 8, 8, generator=g, dtype=D))[0]  # any orthogonal blocks
+    save_file({f"{kohya(ATTN)}.oft_diag": r.float().contiguous()}, tmp_path / "diag.safetensors")
+    base.loras.add("d", tmp_path / "diag.safetensors", weight=0.5)
+    big = torch.block_diag(*r.float().to(D))
+    expected = (w0.to(D) + 0.5 * (big.T @ w0.to(D) - w0.to(D))).float()
+    torch.testing.assert_close(weight(base.unet, ATTN), expected, rtol=1e-5, atol=1e-6)
+    removed_and_described(base, "d", {ATTN: w0}, tmp_path / "diag.safetensors", "oft", "OFT")
+
+
+def test_misshapen_oft_blocks_are_one_clear_error(base, tmp_path):
+    bad = {"rows": torch.zeros(3, 8, 8),  # 24 rows for a 32-row layer
+           "butterfly": torch.zeros(3, 2, 8, 8),  # 3 stages need blocks in multiples of 4
+           "odd": torch.zeros(2, 4, 7, 7)}  # BOFT blocks pair rows: an even size
+    for name, blocks in bad.items():
+        save_file({f"{kohya(ATTN)}.oft_blocks": blocks}, tmp_path / f"{name}.safetensors")
         with pytest.raises(SdtuneError) as err:
             base.loras.add(name, tmp_path / f"{name}.safetensors")
         assert "\n" not in str(err.value) and len(base.loras) == 0

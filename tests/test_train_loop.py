@@ -94,10 +94,10 @@ def test_draws_are_reproducible_and_noise_offset_shifts_channels():
 
 def test_text_cache_equals_running_the_encoder(base):
     captions = ["a red circle", "a blue square", ""]
-    cached = loop.TextInput(base.tokenizer, base.text_encoder, "cpu", cache_captions=captions)
-    live = loop.TextInput(base.tokenizer, base.text_encoder, "cpu")
+    cached = loop.TextInput(loop.TextStack.of(base), "cpu", cache_captions=captions)
+    live = loop.TextInput(loop.TextStack.of(base), "cpu")
     with torch.no_grad():
-        want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"])[0]
+        want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"][0])[0]
     # the cache ran the encoder on another batch (all three captions), and CPU kernels may round differently
     # with batch size; 1e-4 is far above that (~1e-6 on outputs of size ~3) and far below the gap between
     # two captions' outputs (~1), so a stale or swapped entry still fails

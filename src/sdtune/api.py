@@ -11,40 +11,70 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from . import sources
 from .console import note
 from .generate import Generated
 from .generate import generate as _generate
+from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field
 from .models import Base, load_base
 from .safeio import SdtuneError
 from .ti.formats import load_embedding
 from .ti.tokens import find_in_prompt
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::([^:>]+))?>")
+LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
-def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
-    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags, return them."""
+class LoraTag(NamedTuple):
+    name: str
+    weight: float
+    te_weight: float | None
+    blocks: str | None  # the lbw= value (block weights or a preset name), None without one
+
+
+def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags, with the lora-block-weight
+    extension's ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and return them."""
     tags = []
     for m in LORA_TAG.finditer(prompt):
+        numbers, lbw = [], None
+        for item in m.group(2).split(":")[1:]:
+            if item.startswith(block_weights.LBW):
+                lbw = item[len(block_weights.LBW):]
+            elif "=" in item:
+                raise SdtuneError(f"{m.group(0)}: unknown option {item.split('=')[0]!r}; a tag takes up to two "
+                                  f"weights and lbw=BLOCK_WEIGHTS, e.g. <lora:{m.group(1)}:0.8:lbw=INALL>")
+            else:
+                numbers.append(item)
         try:
-            w = float(m.group(2)) if m.group(2) else 1.0
-            te = float(m.group(3)) if m.group(3) else None
+            if len(numbers) > 2:
+                raise ValueError
+            w = float(numbers[0]) if numbers and numbers[0] else 1.0
+            te = float(numbers[1]) if len(numbers) > 1 and numbers[1] else None
         except ValueError:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
-        tags.append((m.group(1), w, te))
+        tags.append(LoraTag(m.group(1), w, te, lbw))
     return re.sub(r"\s*,?\s*" + LORA_TAG.pattern, "", prompt).strip(" ,"), tags
 
 
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
+    """``lora_tags`` as (name, weight, te_weight) triples, without the block weights."""
+    clean, tags = lora_tags(prompt)
+    return clean, [(t.name, t.weight, t.te_weight) for t in tags]
+
+
 def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | None = None,
-             search_dirs: tuple = (), allow_partial: bool = False) -> str:
-    """Load a LoRA from 'SOURCE[:WEIGHT]' (file, lora-dir name or hub source) under a name; returns the name."""
+             search_dirs: tuple = (), allow_partial: bool = False, blocks=None) -> str:
+    """Load a LoRA from 'SOURCE[:WEIGHT][:lbw=BLOCK_WEIGHTS]' (file, lora-dir name or hub source) under a name;
+    returns the name. ``blocks`` (a preset name, "1,0,…" or numbers) overrides the spec's ``lbw=``."""
+    spec, lbw = block_weights.split_spec(spec)
     src, w = sources.parse_weighted(spec)
     path = sources.resolve(src, "lora", tuple(search_dirs))
     name = name or Path(path).stem
-    base.loras.add(name, path, weight if weight is not None else w, allow_partial=allow_partial)
+    base.loras.add(name, path, weight if weight is not None else w, allow_partial=allow_partial,
+                   blocks=blocks if blocks is not None else lbw)
     return name
 
 
@@ -99,17 +129,19 @@ def _tag_name(name: str) -> str:
 
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
              **kwargs) -> list[Generated]:
-    """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (applied for this
-    call only, looked up in ``lora_dirs``) and embedding names from ``embedding_dirs``."""
-    clean, tags = parse_lora_tags(prompt)
+    """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (``<lora:name:w:lbw=…>``
+    with block weights; applied for this call only, looked up in ``lora_dirs``) and embedding names from
+    ``embedding_dirs``."""
+    clean, tags = lora_tags(prompt)
     dirs = embedding_dirs if embedding_dirs is not None else getattr(base, "embedding_dirs", ())
     _load_dir_embeddings(base, clean + " " + kwargs.get("negative_prompt", ""), dirs)
     added = []
     try:
-        for tag_name, w, te in tags:
-            name = f"<lora:{tag_name}>"
-            path = sources.resolve(tag_name, "lora", tuple(lora_dirs))
-            base.loras.add(name, path, w, te_weight=te, allow_partial=allow_partial)
+        for tag in tags:
+            name = f"<lora:{tag.name}>"
+            path = sources.resolve(tag.name, "lora", tuple(lora_dirs))
+            base.loras.add(name, path, tag.weight, te_weight=tag.te_weight, allow_partial=allow_partial,
+                           blocks=tag.blocks)
             added.append(name)
         info = {}
         if len(base.loras):

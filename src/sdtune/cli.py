@@ -11,6 +11,7 @@ from pathlib import Path
 from . import api, demo, sources, xyplot
 from .console import cli_warnings
 from .generate import save_batch
+from .lora import blocks as block_weights
 from .lora import inspect
 from .lora import tools as lora_tools
 from .lora.bake import merge
@@ -32,8 +33,9 @@ def _base_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT]",
-                   help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT][:lbw=W,W,…|PRESET]",
+                   help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default, block weights as "
+                   "the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
                    help="a TI embedding file or hub source; repeatable")
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny")
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT][:lbw=W,W,…|PRESET]",
+                   help="a LoRA to bake in, with its weight and optional lora-block-weight block weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--x", metavar="KIND=VALUES",
                     help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
                          "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
-                         "'embeddings=none|<tok>'")
+                         "'embeddings=none|<tok>', 'blocks=INALL|OUTALL|1,0,…' (block weights of the --lora)")
     gr.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
     gr.add_argument("--weights", metavar="W1,W2,...",
                     help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
@@ -220,11 +223,13 @@ def cmd_convert(a) -> None:
 def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     tools_sub = p.add_subparsers(dest="tool", required=True)
     mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
-    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT]")
+    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT][:lbw=W,W,…|PRESET]")
     mg.add_argument("--out", required=True)
     mg.add_argument("--rank", type=int, help="SVD of each layer's summed ΔW to this rank (default: exact, the "
                     "ranks concatenated)")
     mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    mg.add_argument("--blocks", action="store_true", help="bake the files' lbw= block weights into the result "
+                    "(each layer scaled by its block's weight)")
     mg.set_defaults(func=cmd_lora_merge)
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")
@@ -260,8 +265,13 @@ def _print_reports(reports, as_json: bool) -> None:
 def cmd_lora_merge(a) -> Path:
     specs = []
     for spec in a.specs:
+        spec, lbw = block_weights.split_spec(spec)
+        if lbw is not None and not a.blocks:
+            raise SdtuneError(f"{spec}:lbw={lbw}: block weights in a merge are baked into the file; add --blocks")
         src, w = sources.parse_weighted(spec)
-        specs.append((sources.resolve(src, "lora"), w))
+        specs.append((sources.resolve(src, "lora"), w, lbw))
+    if a.blocks and all(lbw is None for *_, lbw in specs):
+        raise SdtuneError("--blocks bakes the files' block weights, but no FILE has one; give e.g. FILE:1:lbw=INALL")
     _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to)
     if reports:
         print(lora_tools.report_table(reports))
@@ -285,8 +295,9 @@ def cmd_lora_extract(a) -> Path | None:
 def cmd_merge(a) -> None:
     pairs = []
     for spec in a.lora:
+        spec, lbw = block_weights.split_spec(spec)
         src, w = sources.parse_weighted(spec)
-        pairs.append((sources.resolve(src, "lora"), w))
+        pairs.append((sources.resolve(src, "lora"), w, lbw))
     fmt = "single" if a.out.endswith(".safetensors") else "diffusers"
     print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
 

@@ -80,7 +80,8 @@ class Base:
 
     @property
     def loras(self) -> LoraSet:
-        """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use."""
+        """The named LoRAs merged into this model (``sdtune.lora.patch.LoraSet``), created on first use. The
+        embeddings a LoRA file bundles are loaded into ``embeddings`` with it, and unloaded with it."""
         return LoraSet.attach(self)
 
     @property

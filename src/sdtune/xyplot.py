@@ -6,13 +6,18 @@
 
 Axis kinds: ``prompt`` (whole prompts), ``sr`` (A1111's Prompt S/R: the first value is searched for in the
 prompt and negative prompt, each value replaces it), ``seed``, ``guidance``, ``steps``, ``sampler``,
-``weight`` (one LoRA's weight), ``adapters`` / ``loras`` / ``embeddings`` (which adapters are on: each value is
-``none`` or ``A[:W]+B[:W]+<token>``; names of adapters given with ``loras=``/``embeddings=`` or file paths).
+``weight`` (one LoRA's weight), ``blocks`` (one LoRA's block weights, the lora-block-weight extension's
+``lbw=`` values: presets or vectors, ``'blocks=INALL|OUTALL|1,0,0,…'``: split on '|' only), ``adapters`` /
+``loras`` / ``embeddings`` (which adapters are on: each value is ``none`` or ``A[:W]+B[:W]+<token>``, a LoRA item
+may end in ``:lbw=…``; names of adapters given with ``loras=``/``embeddings=`` or file paths). A ``loras=`` spec
+may carry ``:lbw=…`` too: that LoRA's block weights wherever no axis sets them.
 
 Adapters are loaded once; between cells only ``LoraSet.set_weights`` runs (a weight of 0 puts the pristine
 layer back, so that cell is the base model bit for bit) and embeddings are added or removed from the
 ``EmbeddingSet``. Whatever the plot loaded is unloaded at the end, and adapters the base already had get their
-weights back. Cells that differ only by consecutive seeds are generated as one batch.
+weights back. Cells that differ only by consecutive seeds are generated as one batch. Block weights change by
+re-adding that LoRA (from the ``Lora`` the plot read once) with its new vector: so they apply to LoRAs the plot
+loads itself, not to ones the base already had.
 
 Output in ``out_dir``: ``NAME.png`` (the labelled grid; its ``parameters`` text holds the shared settings and
 ``X Type``/``X Values``/``Y Type``/``Y Values``), ``NAME-RR-CC.png`` (each cell, with its own ``parameters``),
@@ -30,18 +35,22 @@ from tqdm.auto import tqdm
 
 from . import api, sources
 from .generate import SCHEDULERS, draw_grid, infotext, save_png
+from .lora import blocks as block_weights
+from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text
 from .ti.formats import load_embedding
 
 KIND_NAMES = {  # kind -> the axis title A1111 users know
     "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
     "sampler": "Sampler", "weight": "LoRA weight", "adapters": "Adapters", "loras": "LoRAs",
-    "embeddings": "Embeddings",
+    "embeddings": "Embeddings", "blocks": "LoRA block weights",
 }
 ALIASES = {"prompts": "prompt", "prompt_sr": "sr", "seeds": "seed", "cfg": "guidance", "cfg_scale": "guidance",
            "scheduler": "sampler", "weights": "weight", "lora_weight": "weight", "adapter": "adapters",
-           "lora": "loras", "embedding": "embeddings", "ti": "embeddings"}
+           "lora": "loras", "embedding": "embeddings", "ti": "embeddings", "lbw": "blocks",
+           "block_weights": "blocks"}
 ADAPTER_KINDS = ("adapters", "loras", "embeddings")
+TARGETED_KINDS = ("weight", "blocks")  # axes that act on one LoRA (``Axis.target``)
 NONE_WORDS = ("none", "base", "off", "")
 
 
@@ -53,7 +62,7 @@ class Axis:
 
     kind: str
     values: list
-    target: str | None = None  # weight axis: the LoRA swept (a name from loras=, or a file)
+    target: str | None = None  # weight/blocks axis: the LoRA swept (a name from loras=, or a file)
     labels: list[str] | None = None  # drawn instead of the default labels
 
     def __post_init__(self):
@@ -92,7 +101,7 @@ class Axis:
 
     def describe(self) -> str:
         """The values as A1111's ``X Values`` field writes them."""
-        sep = " | " if self.kind in ("prompt", "sr", *ADAPTER_KINDS) else ", "
+        sep = " | " if self.kind in ("prompt", "sr", "blocks", *ADAPTER_KINDS) else ", "
         return sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in self.values)
 
     def to_json(self) -> dict:
@@ -103,7 +112,8 @@ class Axis:
 _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "seed": "1,2,3 or 1-4",
              "guidance": "3,5,7.5", "steps": "10,20,30", "sampler": "ddim,euler_a",
              "weight": "0,0.25,0.5,1,1.5", "adapters": "'none|style|style:0.5+detail:1'",
-             "loras": "'none|style|style:0.5+detail:1'", "embeddings": "'none|<my-thing>'"}
+             "loras": "'none|style|style:0.5+detail:1'", "embeddings": "'none|<my-thing>'",
+             "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'"}
 
 
 def _typed(kind: str, v):
@@ -129,7 +139,8 @@ def parse_values(kind: str, text: str) -> list:
 
     Integer axes also take ranges: ``1-4`` is 1,2,3,4 and ``1-10(+3)`` is 1,4,7,10 (as in A1111)."""
     kind = ALIASES.get(kind, kind)
-    parts = [p.strip() for p in (text.split("|") if "|" in text else text.split(","))]
+    # block-weight vectors hold commas: that axis splits on '|' only
+    parts = [p.strip() for p in (text.split("|") if "|" in text or kind == "blocks" else text.split(","))]
     if kind not in ("prompt", "sr"):
         parts = [p for p in parts if p or kind in ADAPTER_KINDS]
     out: list = []
@@ -161,7 +172,8 @@ def axes_from_specs(x: str | None = None, y: str | None = None, *, weights: str 
     """The plot's (x, y) axes from ``KIND=VALUES`` strings (what ``sdtune grid --x/--y`` takes).
 
     ``weights`` ("0,0.5,1") is shorthand for a weight axis, which then comes first (the columns) and pushes
-    the other axis given to the rows; ``sweep`` names the LoRA a weight axis sweeps (default: the only one loaded)."""
+    the other axis given to the rows; ``sweep`` names the LoRA a weight or blocks axis sweeps (default: the only
+    one loaded)."""
     if x is None and weights is None:
         raise SdtuneError("sdtune grid: give --x KIND=VALUES (e.g. --x seed=1-4) or --lora FILE --weights 0,0.5,1")
     if x is not None and weights is not None and y is not None:
@@ -191,6 +203,10 @@ class _Adapters:
         self.controlled_loras: set[str] = set()
         self.controlled_tokens: set[str] = set()
         self.fixed: dict[str, float] = {}  # LoRAs given with loras= and not on an axis: their weight
+        self.read: dict[str, object] = {}  # name -> the ``Lora`` the plot read, to re-add with other block weights
+        self.base_blocks: dict[str, str] = {}  # name -> lbw= of its loras= spec: its blocks where no axis says
+        self.blocks: dict[str, str | None] = {}  # name -> the block weights it is patched with now (None: none)
+        self.family = base.family
 
     # ---- loading ----
     def _lora_name(self, path: Path) -> str:
@@ -200,20 +216,40 @@ class _Adapters:
         return name
 
     def add_lora_file(self, spec: str) -> str:
-        src, weight = sources.parse_weighted(str(spec))
+        spec, lbw = block_weights.split_spec(str(spec))
+        src, weight = sources.parse_weighted(spec)
         if src in self.loras:  # already loaded under that name
             self.fixed[src] = weight
+            self._set_base_blocks(src, lbw)
             return src
         path = sources.resolve(src, "lora", self.lora_dirs)
         key = str(Path(path).resolve())
         if key in self.by_file:  # the same file named twice (e.g. on an axis and with loras=): load it once
+            self._set_base_blocks(self.by_file[key], lbw)
             return self.by_file[key]
         name = self._lora_name(path)
-        self.loras.add(name, path, 0.0, allow_partial=self.allow_partial)
+        lora = load_lora(path, model_keys=self.loras.modules)
+        lora.metadata["source"] = str(path)  # what LoraSet lists as its source (PNG "Lora hashes" hash that file)
+        self.loras.add(name, lora, 0.0, allow_partial=self.allow_partial)
+        self.read[name] = lora
+        self.blocks[name] = None
         self.added_loras.append(name)
         self.by_file[key] = name
         self.fixed[name] = weight
+        self._set_base_blocks(name, lbw)
         return name
+
+    def _set_base_blocks(self, name: str, lbw: str | None) -> None:
+        if lbw is not None:
+            self.check_blocks(name, lbw)
+            self.base_blocks[name] = lbw
+
+    def check_blocks(self, name: str, lbw: str) -> None:
+        """Fail before any image when a LoRA cannot take block weights here, or the vector does not fit."""
+        if name not in self.read:
+            raise SdtuneError(f"lbw={lbw}: {name} was loaded before the plot, so the plot cannot re-add it with "
+                              f"block weights; give its file instead (loras=[FILE], --lora FILE)")
+        block_weights.parse(lbw, self.family)
 
     def add_embedding_file(self, spec: str) -> str:
         src, token = sources.split_suffix(str(spec))
@@ -235,15 +271,23 @@ class _Adapters:
         return None
 
     # ---- axis values ----
-    def resolve_set(self, kind: str, value: str) -> tuple[dict[str, float], set[str]]:
-        """({lora name: weight}, {embedding tokens}) that an adapter-axis value turns on."""
+    def resolve_set(self, kind: str, value: str) -> tuple[dict[str, float], set[str], dict[str, str]]:
+        """({lora name: weight}, {embedding tokens}, {lora name: lbw=}) that an adapter-axis value turns on."""
         loras: dict[str, float] = {}
         tokens: set[str] = set()
+        lbws: dict[str, str] = {}
         if value.strip().lower() in NONE_WORDS:
-            return loras, tokens
+            return loras, tokens, lbws
         for item in (i.strip() for i in value.split("+")):
             if not item:
                 raise SdtuneError(f"{kind} axis value {value!r}: an empty item between '+' signs")
+            item, lbw = block_weights.split_spec(item)
+            if lbw is not None:
+                name = self._lora_item(kind, item)
+                self.check_blocks(name, lbw)
+                loras[name] = self._item_weight(item)
+                lbws[name] = lbw
+                continue
             token = self.token_of(item)
             if token is not None:
                 tokens.add(token)
@@ -275,18 +319,44 @@ class _Adapters:
                 except SdtuneError:
                     raise lora_error from None
             loras[name] = 1.0 if weight is None else weight
-        return loras, tokens
+        return loras, tokens, lbws
+
+    def _lora_item(self, kind: str, item: str) -> str:
+        """The LoRA an adapter-axis item with ``:lbw=`` names (a loaded name or a file)."""
+        if kind == "embeddings":
+            raise SdtuneError(f"embeddings axis item {item!r}: lbw= is for LoRAs")
+        src, _ = sources.split_suffix(item)
+        src = src if self._item_weight(item, strict=False) is not None else item
+        if src in self.loras:
+            return src
+        name = self.add_lora_file(src)
+        self.fixed.pop(name, None)
+        return name
+
+    @staticmethod
+    def _item_weight(item: str, strict: bool = True) -> float | None:
+        """The ``:W`` of an adapter-axis item (1 without one); ``strict=False``: None when it has none."""
+        _, tail = sources.split_suffix(item)
+        try:
+            return float(tail) if tail is not None else (1.0 if strict else None)
+        except ValueError:
+            if strict:
+                raise SdtuneError(f"adapter axis item {item!r}: with lbw=, write NAME[:WEIGHT]:lbw=…") from None
+            return None
 
     def weight_target(self, axis: Axis) -> str:
         if axis.target is None:
             names = self.loras.names()
             if len(names) != 1:
-                raise SdtuneError(f"weight axis: say which LoRA to sweep (loaded: {', '.join(names) or 'none'}); "
-                                  "give exactly one --lora, or Axis('weight', ..., target=NAME)")
-            return names[0]
-        if axis.target in self.loras:
-            return axis.target
-        return self.add_lora_file(axis.target)
+                raise SdtuneError(f"{axis.kind} axis: say which LoRA to sweep (loaded: {', '.join(names) or 'none'}); "
+                                  f"give exactly one --lora, or Axis('{axis.kind}', ..., target=NAME)")
+            name = names[0]
+        else:
+            name = axis.target if axis.target in self.loras else self.add_lora_file(axis.target)
+        if axis.kind == "blocks":
+            for v in axis.values:
+                self.check_blocks(name, v)
+        return name
 
     def _weights_of(self, row: dict) -> tuple:
         """A LoRA's weight per component as ``set_weights`` takes it back: SDXL's second text encoder may
@@ -295,13 +365,20 @@ class _Adapters:
         return (*pair, row["te2_weight"]) if self.two_encoders else pair
 
     # ---- applying ----
-    def apply(self, loras: dict[str, float], tokens: set[str]) -> None:
+    def apply(self, loras: dict[str, float], tokens: set[str], blocks: dict[str, str | None]) -> None:
         weights = {n: 0.0 for n in self.controlled_loras}
         weights.update(loras)
         current = {r["name"]: self._weights_of(r) for r in self.loras.list()}
-        changed = {n: w for n, w in weights.items() if set(current.get(n, ())) != {w}}
-        if changed:
-            self.loras.set_weights(changed)
+        # a LoRA whose block weights change is re-added with them (and its weight), in the same pass
+        reblock = {n: b for n, b in blocks.items() if n in self.read and self.blocks.get(n) != b}
+        changed = {n: w for n, w in weights.items() if set(current.get(n, ())) != {w} and n not in reblock}
+        with self.loras.batch():
+            for n, b in reblock.items():
+                w = weights.get(n, current[n])
+                self.loras.add(n, self.read[n], w, allow_partial=self.allow_partial, blocks=b)
+                self.blocks[n] = b
+            if changed:
+                self.loras.set_weights(changed)
         for t in sorted(self.controlled_tokens):
             on = t in tokens
             if on and t not in self.embs:
@@ -338,11 +415,15 @@ class _Cell:
     scheduler: str
     loras: dict[str, float] = field(default_factory=dict)
     tokens: frozenset = frozenset()
+    blocks: dict[str, str | None] = field(default_factory=dict)  # LoRA name -> its lbw= (None: none)
+
+    def adapter_key(self) -> tuple:
+        return (tuple(sorted(self.loras.items())), tuple(sorted(self.tokens)),
+                tuple(sorted((n, b or "") for n, b in self.blocks.items())))
 
     def group_key(self) -> tuple:
         """Everything but the seed: cells with equal keys and consecutive seeds share one batch."""
-        return (self.prompt, self.negative_prompt, self.steps, self.guidance, self.scheduler,
-                tuple(sorted(self.loras.items())), tuple(sorted(self.tokens)))
+        return (self.prompt, self.negative_prompt, self.steps, self.guidance, self.scheduler, self.adapter_key())
 
 
 def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: dict) -> None:
@@ -363,10 +444,13 @@ def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: 
         cell.scheduler = v
     elif axis.kind == "weight":
         cell.loras[targets[id(axis)]] = v
+    elif axis.kind == "blocks":
+        cell.blocks[targets[id(axis)]] = v
     else:
-        loras, tokens = adapters.resolve_set(axis.kind, v)
+        loras, tokens, lbws = adapters.resolve_set(axis.kind, v)
         cell.loras.update(loras)
         cell.tokens = frozenset(cell.tokens | tokens)
+        cell.blocks.update(lbws)
 
 
 def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
@@ -400,8 +484,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
             progress: bool = True) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
-    ``loras``: "FILE[:W]" specs loaded for the plot (named by file stem; usable by name in axis values; fixed at
-    W unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
+    ``loras``: "FILE[:W][:lbw=…]" specs loaded for the plot (named by file stem; usable by name in axis values;
+    fixed at W, with those block weights, unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
     otherwise such a LoRA is refused.
     """
@@ -422,14 +506,15 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
             adapters.add_lora_file(spec)
         for spec in embeddings:
             adapters.add_embedding_file(spec)
-        targets = {id(a): adapters.weight_target(a) for a in axes if a.kind == "weight"}
+        targets = {id(a): adapters.weight_target(a) for a in axes if a.kind in TARGETED_KINDS}
         # adapters named on an axis are set by it in every cell (off where a value leaves them out); LoRAs
-        # loaded for the plot and on no axis keep their given weight; everything else stays as it is
-        axis_loras, axis_tokens = set(targets.values()), set()
+        # loaded for the plot and on no axis keep their given weight; everything else stays as it is. A blocks
+        # axis sets block weights only: its LoRA keeps its weight.
+        axis_loras, axis_tokens = {targets[id(a)] for a in axes if a.kind == "weight"}, set()
         for a in axes:
             if a.kind in ADAPTER_KINDS:
                 for v in a.values:
-                    lo, to = adapters.resolve_set(a.kind, v)
+                    lo, to, _ = adapters.resolve_set(a.kind, v)
                     axis_loras |= set(lo)
                     axis_tokens |= to
         for n in axis_loras:
@@ -441,7 +526,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         for r in ys:
             for c in range(len(x.values)):
                 cell_ = _Cell(r or 0, c, prompt, negative_prompt, seed, steps, guidance, scheduler,
-                              loras=dict(adapters.fixed))
+                              loras=dict(adapters.fixed),
+                              blocks={n: adapters.base_blocks.get(n) for n in adapters.read})
                 for a, i in ((y, r), (x, c)):
                     if a is not None:
                         _apply_value(cell_, a, i, adapters, targets)
@@ -471,14 +557,14 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         shared["Lora weights"] = "; ".join(f"{n}={w:g}" for n, w in sorted(adapters.fixed.items()))
     for tag, a in (("X", x), ("Y", y)):
         if a is not None:
-            shared[f"{tag} Type"] = a.title + (f" ({targets[id(a)]})" if a.kind == "weight" else "")
+            shared[f"{tag} Type"] = a.title + (f" ({targets[id(a)]})" if a.kind in TARGETED_KINDS else "")
             shared[f"{tag} Values"] = a.describe()
     text = infotext(prompt, negative_prompt, shared)
     grid_path = save_png(canvas, out_dir / f"{name}.png", text)
     record = {"grid": grid_path.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
               "steps": steps, "guidance": guidance, "scheduler": scheduler, "rows": n_rows, "cols": n_cols,
-              "x": x.to_json() | ({"target": targets[id(x)]} if x.kind == "weight" else {}),
-              "y": (y.to_json() | ({"target": targets[id(y)]} if y.kind == "weight" else {})) if y else None,
+              "x": x.to_json() | ({"target": targets[id(x)]} if x.kind in TARGETED_KINDS else {}),
+              "y": (y.to_json() | ({"target": targets[id(y)]} if y.kind in TARGETED_KINDS else {})) if y else None,
               "cells": files, "cell_prompts": [[None] * n_cols for _ in range(n_rows)], "parameters": text}
     for c_, _ in results:
         record["cell_prompts"][c_.row][c_.col] = c_.prompt
@@ -490,11 +576,11 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             progress: bool):
     out = []
     runs = _runs(cells)
-    runs.sort(key=lambda run: (tuple(sorted(run[0].loras.items())), tuple(sorted(run[0].tokens))))
+    runs.sort(key=lambda run: run[0].adapter_key())
     with tqdm(total=len(cells), desc="grid", unit="img", disable=not progress, leave=False) as bar:
         for run in runs:
             c0 = run[0]
-            adapters.apply(c0.loras, set(c0.tokens))
+            adapters.apply(c0.loras, set(c0.tokens), c0.blocks)
             res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
                                guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler, width=width,
                                height=height, num_images=len(run), batch_size=len(run), progress=False,

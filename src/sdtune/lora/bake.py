@@ -15,6 +15,10 @@ and the time near that of copying the files. Every key of a single-file input (E
 anything unknown) is kept in a single-file output, with the input's metadata; a folder output gets every other
 file of the input folder (configs, tokenizers, scheduler, VAE, index files) copied unchanged.
 
+A LoRA given with block weights (the lora-block-weight extension's ``lbw=`` vectors and presets, ``lora.blocks``)
+adds each layer's ΔW times its component's weight times its block's weight: the very product ``LoraSet`` uses,
+so a baked layer has the bits the same LoRA applied in memory with ``blocks=`` gives it.
+
 A LoRA may change part of a stored tensor (``_Cut``): OpenCLIP text encoders (SD 2.x's, SDXL's second) keep
 q, k and v stacked in one ``attn.in_proj_weight``, so a LoRA on ``q_proj`` adds its ΔW to the first third of
 the rows, and ``text_projection`` is stored transposed. Written as a folder, the fused tensor becomes three
@@ -48,7 +52,9 @@ import torch
 from accelerate import init_empty_weights
 
 from .. import ldm, models
+from ..families import Family
 from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors
+from . import blocks as block_weights
 from .formats import load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
 from .patch import LoraSet, as_weights, check_fit, write_patched
@@ -72,7 +78,9 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     """Write ``base_or_spec`` with ``[(lora, weight), ...]`` baked in to ``out``.
 
     ``base_or_spec``: a loaded ``Base`` or anything ``load_base`` takes. ``lora``: a ``Lora`` or a file;
-    ``weight``: a number or ``(unet_w, te_w)`` (te_w for both of SDXL's encoders). ``fmt``: "diffusers" (a
+    ``weight``: a number or ``(unet_w, te_w)`` (te_w for both of SDXL's encoders); a triple
+    ``(lora, weight, blocks)`` adds block weights as ``LoraSet.add`` takes them (a preset name such as
+    ``"INALL"``, ``"1,0,…"`` or numbers; None: none). ``fmt``: "diffusers" (a
     folder) or "single" (one ``.safetensors`` in the family's original layout: LDM, or SGM for SDXL).
     ``dtype``: e.g. "fp16" to store a single file smaller.
     """
@@ -83,8 +91,11 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         raise SdtuneError(f"{out}: a single-file merge is written as .safetensors; use that suffix")
     if fmt == "diffusers" and dtype is not None:
         raise SdtuneError("dtype is for single-file output; a diffusers folder is written in the dtype of its input")
-    pairs = [(src, as_weights(w), str(src) if not isinstance(src, Lora) else f"lora{i}")
-             for i, (src, w) in enumerate(loras)]
+    pairs = []
+    for i, entry in enumerate(loras):
+        blocks = _blocks_of(entry)
+        src = entry[0]
+        pairs.append(_Pair(src, as_weights(entry[1]), str(src) if not isinstance(src, Lora) else f"lora{i}", blocks))
     if not isinstance(base_or_spec, (str, Path)):
         return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
     path = Path(base_or_spec).expanduser()
@@ -99,14 +110,30 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """One LoRA to bake: its source, its weight per component, its name in the metadata, its block weights."""
+
+    src: object  # a ``Lora`` or a file
+    weights: dict[str, float]
+    source: str
+    blocks: object = None  # as ``LoraSet.add(blocks=)`` takes them; None: no block weights
+
+
+def _blocks_of(entry) -> object:
+    if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+        raise SdtuneError(f"merge: each LoRA is (lora, weight) or (lora, weight, blocks), not {entry!r}")
+    return entry[2] if len(entry) == 3 else None
+
+
 def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) -> Path:
     if len(LoraSet.attach(base)):
         raise SdtuneError("this model has LoRAs applied already; remove them (LoraSet.remove_all) before merging")
     lora_set = LoraSet.attach(base)
     try:
-        for i, (src, w, _) in enumerate(pairs):  # names keep list order, the order the sums are taken in
-            lora_set.add(f"{i:04d}", _load(src, lora_set.modules), (w["unet"], w["text_encoder"]),
-                         allow_partial=allow_partial)
+        for i, p in enumerate(pairs):  # names keep list order, the order the sums are taken in
+            lora_set.add(f"{i:04d}", _load(p.src, lora_set.modules), (p.weights["unet"], p.weights["text_encoder"]),
+                         allow_partial=allow_partial, blocks=p.blocks)
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype)
         return models.save_diffusers(base, out)
@@ -452,28 +479,40 @@ def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
 
 # ---------------------------------------------------------------- which weights the LoRAs change
 
-def _contributions(where: dict, pairs, allow_partial: bool) -> dict[tuple[Path, str], dict[_Cut, list]]:
+def _contributions(where: dict, pairs, allow_partial: bool, family: Family | None,
+                   unet_config) -> dict[tuple[Path, str], dict[_Cut, list]]:
     """{(input file, key): {where in that tensor: [(name, uid, adapter, weight), ...]}} for every weight some
     LoRA changes.
 
     ``where``: {component: {module path: (_Source, key of the tensor holding its weight, _Cut)}}, the model
     seen through file headers; the LoRAs are matched against its shapes by the same checks ``LoraSet.add`` makes.
+    ``family`` and ``unet_config`` (a dict) place layers in blocks for pairs with block weights.
     """
     shapes = {comp: {path: tuple(cut.shape(src.header[key]["shape"])) for path, (src, key, cut) in paths.items()}
               for comp, paths in where.items()}
+    # every vector checked against the family before any file is read
+    block_ws = [None if p.blocks is None else block_weights.parse(p.blocks, family) for p in pairs]
     changes: dict[tuple[Path, str], dict[_Cut, list]] = {}
-    for i, (lora, weights, source) in enumerate(pairs):
-        for (comp, path), adapter in check_fit(_load(lora, shapes), shapes, allow_partial, source).items():
+    for i, (p, blocks) in enumerate(zip(pairs, block_ws)):
+        targets = check_fit(_load(p.src, shapes), shapes, allow_partial, p.source)
+        factors = {} if blocks is None else block_weights.layer_factors(blocks, targets, unet_config)
+        for (comp, path), adapter in targets.items():
             src, key, cut = where[comp][text_path(path) if comp in TEXT_COMPONENTS else path]
-            if weights[comp] != 0.0:
-                changes.setdefault((src.path, key), {}).setdefault(cut, []).append(
-                    (f"{i:04d}", i, adapter, weights[comp]))
+            w = p.weights[comp] * factors.get((comp, path), 1.0)  # the product LoraSet takes: the same bits
+            if w != 0.0:
+                changes.setdefault((src.path, key), {}).setdefault(cut, []).append((f"{i:04d}", i, adapter, w))
     return changes
 
 
 def _merged_note(pairs) -> str:
-    return json.dumps([{"source": source, "unet_weight": w["unet"], "te_weight": w["text_encoder"],
-                        "te2_weight": w["text_encoder_2"]} for _, w, source in pairs])
+    return json.dumps([{"source": p.source, "unet_weight": p.weights["unet"], "te_weight": p.weights["text_encoder"],
+                        "te2_weight": p.weights["text_encoder_2"],
+                        **({"blocks": _blocks_text(p.blocks)} if p.blocks is not None else {})} for p in pairs])
+
+
+def _blocks_text(blocks) -> str:
+    """Block weights as given (a preset name or the vector), as the ``lbw=`` option writes them."""
+    return blocks if isinstance(blocks, str) else ",".join(f"{float(v):g}" for v in blocks)
 
 
 def _by_offset(src: _Source, keys) -> list[str]:
@@ -528,7 +567,7 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
     out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
     single = _SingleFile.open(path, strict=False)  # keys it does not know are copied through
     src = single.src
-    changes = _contributions(single.where(), pairs, allow_partial)
+    changes = _contributions(single.where(), pairs, allow_partial, single.family, dict(single.parts["unet"].config))
     items = []
     for key in _by_offset(src, src.header):
         info = src.header[key]
@@ -551,7 +590,7 @@ def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path
         if not found:
             raise SdtuneError(f"{path}: has no {comp} weights ({prefixes[comp]}*); pass a full "
                               f"{single.family.title} checkpoint that includes them")
-    changes = _contributions(single.where(), pairs, allow_partial)
+    changes = _contributions(single.where(), pairs, allow_partial, single.family, dict(single.parts["unet"].config))
     with atomic_folder(out) as tmp:
         _write_configs(tmp, single, {comp: _float_dtype(src, found) for comp, found in by_part.items()})
         for comp, found in by_part.items():
@@ -632,7 +671,7 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial
                 if key.endswith(".weight"):  # text-encoder paths in transformers-5 naming, whatever the file uses
                     path = key.removesuffix(".weight")
                     where[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
-    changes = _contributions(where, pairs, allow_partial)
+    changes = _contributions(where, pairs, allow_partial, *_folder_blocks_context(folder, pairs))
     with atomic_folder(out) as tmp:
         rewritten = {src.path for srcs in sources.values() for src in srcs}
         left_out = _copy_folder(folder, tmp, rewritten)
@@ -645,6 +684,15 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial
         warnings.warn(f"{folder}: left out of the merge, as they would keep the unmerged weights: "
                       f"{', '.join(left_out)}", stacklevel=3)
     return out
+
+
+def _folder_blocks_context(folder: Path, pairs) -> tuple[Family | None, dict | None]:
+    """The family and UNet config block weights need, read only when some LoRA has them."""
+    if all(p.blocks is None for p in pairs):
+        return None, None
+    index = json.loads((folder / "model_index.json").read_text())  # read already by _folder_weight_files
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())  # and by models.folder_family
+    return models.folder_family(folder, index), unet_config
 
 
 def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:

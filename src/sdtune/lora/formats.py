@@ -12,7 +12,9 @@ Read (``load_lora`` / ``from_state_dict``), detected key by key, so a file mixin
   the older ``.lora.down.weight``, ``.lora_linear_layer.down.weight`` and attention-processor
   (``attn1.processor.to_q_lora.down.weight``) keys. Text paths are read with or without ``text_model.``.
 - cloneofsimo ``lora_diffusion``: order-indexed ``unet:N:up`` keys (and its bare-list ``.pt``), TI vectors beside.
-- bundled embeddings (``bundle_emb.<name>.string_to_param.*``, cloneofsimo ``<s1>``) go to ``Lora.embeddings``.
+- bundled embeddings (A1111's ``bundle_emb.<name>.string_to_param.*``, SDXL ``bundle_emb.<name>.clip_l`` /
+  ``.clip_g``, cloneofsimo ``<s1>``) go to ``Lora.embeddings`` (an SDXL bundle's clip_g rows as ``<name>.clip_g``);
+  ``bundled_embeddings`` gives them as ``Embedding``s, ``bundle`` puts one in (pivotal tuning).
 
 Keys no reader understands are kept in ``Lora.unknown`` (``keys.match`` reports them); nothing is dropped.
 LyCORIS Tucker factors (``hada_t1``, ``lokr_t2``) are folded into plain two-factor form on reading, which gives
@@ -37,6 +39,7 @@ import torch
 from .. import families
 from ..families import Family
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
+from ..ti.formats import SDXL_KEYS, Embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
@@ -54,6 +57,7 @@ _CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 _DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                        ("base_model.model.", None))
 _META_KEY = "lora_adapter_metadata"
+_CLIP_G = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
 
 
 # ================================================================= reading
@@ -283,7 +287,8 @@ class _Reader:
         """Text-encoder adapters from keys that name no encoder (a raw PEFT ``text_model.…`` file) go to the
         encoder whose width their attention projections have: 1280 is only SDXL's text_encoder_2."""
         bare = {k: v for k, v in built.items() if k in self.bare_text}
-        widths = {keys.adapter_io(ad)[0] for (_, p), (ad, _) in bare.items() if keys.TEXT_ATTENTION.search(p)}
+        ios = [keys.adapter_io(ad) for (_, p), (ad, _) in bare.items() if keys.TEXT_ATTENTION.search(p)]
+        widths = {io.out or io.inner for io in ios} - {None}  # these layers are square: PEFT OFT tells only in
         comp = keys.text_component(widths.pop()) if len(widths) == 1 else None
         if comp is None:
             return built
@@ -301,6 +306,8 @@ class _Reader:
         if isinstance(alpha, torch.Tensor):
             return None
         try:
+            if group["styles"] & {"peft", "diffusers"}:
+                roles = algo.configure(roles, self.peft.get(comp) or self.peft.get("*") or {})
             tensors = algo.build(roles)
         except (KeyError, RuntimeError, ValueError):
             return None
@@ -467,10 +474,47 @@ def _kohya_tensors(lora: Lora, family: Family) -> dict[str, torch.Tensor]:
             out[f"{name}.{_ALPHA}"] = torch.tensor(float(ad.alpha), dtype=torch.float32)
     for name, emb in lora.embeddings.items():
         emb = emb[None] if emb.dim() == 1 else emb
-        key = f"bundle_emb.{name[:-len('.clip_g')]}.clip_g" if name.endswith(".clip_g") else \
-            f"bundle_emb.{name}.string_to_param.*"
-        out[key] = emb
+        if name.endswith(_CLIP_G):
+            key = f"bundle_emb.{name[:-len(_CLIP_G)]}.clip_g"
+        elif name + _CLIP_G in lora.embeddings:  # SDXL: the first encoder's rows are clip_l, as A1111 names them
+            key = f"bundle_emb.{name}.clip_l"
+        else:
+            key = f"bundle_emb.{name}.string_to_param.*"
+        out[key] = emb.contiguous()
     return out
+
+
+# ================================================================= bundled embeddings
+
+def bundle(lora: Lora, token: str, parts: dict[str, torch.Tensor]) -> None:
+    """Put a Textual Inversion embedding into ``lora`` (``parts``: rows by embedding key, ``{"": rows}`` for one
+    text encoder, ``{"clip_l": .., "clip_g": ..}`` for SDXL). The kohya writer saves it in A1111's layout:
+    ``bundle_emb.<token>.string_to_param.*``, or ``bundle_emb.<token>.clip_l`` / ``.clip_g``."""
+    if "." in token:
+        raise SdtuneError(f"token {token!r}: A1111 reads bundled embedding names up to the first dot; choose a "
+                          f"token without dots")
+    if set(parts) == {""}:
+        lora.embeddings[token] = parts[""]
+    elif set(parts) == set(SDXL_KEYS):
+        lora.embeddings[token], lora.embeddings[token + _CLIP_G] = parts["clip_l"], parts["clip_g"]
+    else:
+        raise SdtuneError(f"token {token!r}: embedding rows for {sorted(parts)}; a LoRA file bundles one text "
+                          f"encoder's rows or SDXL's clip_l and clip_g")
+
+
+def bundled_embeddings(lora: Lora, source: str = "") -> list[Embedding]:
+    """The Textual Inversion embeddings a LoRA file carries (``bundle_emb.*``, cloneofsimo's ``<s1>``), each as an
+    ``Embedding`` whose token is its bundled name (A1111's prompt word)."""
+    found = []
+    for name, rows in lora.embeddings.items():
+        if name.endswith(_CLIP_G):
+            continue
+        rows = (rows[None] if rows.dim() == 1 else rows).to("cpu", torch.float32)
+        g = lora.embeddings.get(name + _CLIP_G)
+        parts = {"": rows} if g is None else {"clip_l": rows, "clip_g": (g[None] if g.dim() == 1 else g).to(
+            "cpu", torch.float32)}
+        found.append(Embedding.from_parts(name, parts, f"{source or 'LoRA'} (bundled {name})", "bundle"))
+    return found
 
 
 def _number(x: float) -> str:

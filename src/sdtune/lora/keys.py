@@ -248,7 +248,7 @@ def fits(ad: Adapter, shape: tuple) -> bool:
     if len(shape) < 2:
         return False
     out, inner, kernel = adapter_io(ad)
-    if out != shape[0] or (inner is not None and inner != math.prod(shape[1:])):  # None: any width (OFT)
+    if (out is not None and out != shape[0]) or (inner is not None and inner != math.prod(shape[1:])):  # None: any
         return False
     return kernel is None or math.prod(kernel) == 1 or tuple(shape[2:]) == kernel
 
@@ -272,8 +272,9 @@ def _layer_evidence(comp: str, path: str, out: int, inner: int) -> list[set[Fami
     allowed = []
     if comp in TEXT_COMPONENTS:
         allowed.append({f for f in families.FAMILIES.values() if comp in (te.component for te in f.text_encoders)})
-        if TEXT_ATTENTION.search(path):  # the attention projections map the encoder's width onto itself
-            allowed.append({f for f, te in families.by_text_width(out) if te.component == comp})
+        width = out or inner  # PEFT OFT tells only its input width
+        if TEXT_ATTENTION.search(path) and width:  # the attention projections map the encoder's width onto itself
+            allowed.append({f for f, te in families.by_text_width(width) if te.component == comp})
     elif comp == "unet":
         if _CROSS_ATTENTION.search(path) and inner:  # attn2.to_k/to_v read the text features
             family = families.by_cross_attention(inner)

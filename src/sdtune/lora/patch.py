@@ -7,7 +7,8 @@ Every touched layer is always recomputed from its pristine weight::
 (a non-additive adapter, DoRA or OFT, adds its change f_i(W0, w_i) − W0, from the pristine weight as A1111 does)
 
 with w_i the adapter's weight for the layer's component: the UNet, the text encoder and SDXL's second text
-encoder each have their own (``as_weights``). So any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
+encoder each have their own (``as_weights``), times the layer's block weight when the adapter was added with
+``blocks=`` (the lora-block-weight extension's vectors, ``lora.blocks``). So any sequence of ``add`` / ``set_weights`` / ``remove`` leaves exactly the weights a fresh patch with the
 final set would give, and removing every adapter puts W0 back: the base is restored bit for bit.
 
 Cost: the first time a layer is touched, its original weight tensor is kept aside (the parameter gets a new
@@ -38,9 +39,13 @@ from pathlib import Path
 
 import torch
 
+from .. import families
+from ..console import note
+from ..families import Family
 from ..safeio import SdtuneError
+from . import blocks as block_weights
 from . import keys
-from .formats import load_lora
+from .formats import bundled_embeddings, load_lora
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_paths
 
 LayerKey = tuple[str, str]  # (component, module path)
@@ -54,8 +59,11 @@ class _Entry:
     lora: Lora
     weights: dict[str, float]  # component (unet, text_encoder, text_encoder_2) -> user weight
     targets: dict[LayerKey, Adapter] = field(default_factory=dict)
+    factors: dict[LayerKey, float] = field(default_factory=dict)  # block weight per layer (``blocks``); none: 1
+    blocks: dict[str, float] | None = None  # {block id: weight} as given (lbw=), None: no block weights
     source: str = ""
     uid: int = field(default_factory=lambda: next(_ENTRY_IDS))  # tells a re-added name from the old one
+    tokens: list[str] = field(default_factory=list)  # bundled embeddings it loaded (unloaded with it)
 
 
 @dataclass
@@ -143,12 +151,17 @@ class LoraSet:
     """
 
     def __init__(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None,
-                 text_encoder_2: torch.nn.Module | None = None, *, pristine_device: str | torch.device | None = None):
+                 text_encoder_2: torch.nn.Module | None = None, *, pristine_device: str | torch.device | None = None,
+                 family: Family | None = None):
         given = zip(COMPONENTS, (unet, text_encoder, text_encoder_2))
         self.modules = {c: m for c, m in given if m is not None}
         if not self.modules:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
         self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
+        self.family = family  # for block weights; None: told by the UNet's cross-attention width
+        # where the Textual Inversion embeddings a LoRA file bundles are loaded (``ti.tokens.EmbeddingSet``: its
+        # ``add(Embedding)`` and ``remove(token)``); a ``Base`` sets its own. None: they are not loaded
+        self.embeddings = None
         self._entries: dict[str, _Entry] = {}
         self._layers: dict[LayerKey, _Layer] = {}  # layers that hold merged contributions now
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
@@ -162,11 +175,15 @@ class LoraSet:
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
-        for m in mods.values():
-            if getattr(m, _ATTR, None) is not None:
-                return getattr(m, _ATTR)
-        return cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
-                   pristine_device=pristine_device)
+        found = next((getattr(m, _ATTR) for m in mods.values() if getattr(m, _ATTR, None) is not None), None)
+        if found is None:
+            family = getattr(target, "family", None)
+            found = cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
+                        pristine_device=pristine_device, family=family if isinstance(family, Family) else None)
+        embeddings = getattr(target, "embeddings", None)  # a Base's: bundled embeddings load into it
+        if found.embeddings is None and hasattr(embeddings, "add") and hasattr(embeddings, "remove"):
+            found.embeddings = embeddings
+        return found
 
     # ---- queries ----
     def names(self) -> list[str]:
@@ -181,7 +198,7 @@ class LoraSet:
             rows.append({"name": name, "unet_weight": e.weights["unet"], "te_weight": e.weights["text_encoder"],
                          "te2_weight": e.weights["text_encoder_2"], "unet_layers": per_comp["unet"],
                          "te_layers": per_comp["text_encoder"], "te2_layers": per_comp["text_encoder_2"],
-                         "format": e.lora.format, "source": e.source})
+                         "format": e.lora.format, "source": e.source, "blocks": e.blocks})
         return rows
 
     def __contains__(self, name: str) -> bool:
@@ -197,29 +214,64 @@ class LoraSet:
 
     # ---- changes ----
     def add(self, name: str, lora: Lora | str | Path, weight=1.0, te_weight: float | None = None,
-            allow_partial: bool = False) -> None:
+            allow_partial: bool = False, blocks=None) -> None:
         """Merge ``lora`` under ``name`` (replacing an adapter of that name).
 
         ``weight``: any form ``as_weights`` takes; ``te_weight`` (None: from ``weight``) sets both text encoders.
+        ``blocks``: block weights as the lora-block-weight extension gives them (``lora.blocks``): a preset name
+        (``"INALL"``), ``"1,0,…"`` or a sequence of numbers; each layer's strength is then its component's weight
+        times its block's weight.
         Every LoRA module must match a model layer of the right shape, else ``SdtuneError`` naming the first
         offenders; ``allow_partial=True`` skips those (with a warning) and applies the rest.
         """
         weights = self._weights(weight)  # a bad weight fails before the file is read
         if te_weight is not None:
             weights |= dict.fromkeys(TEXT_COMPONENTS, as_weights(te_weight)["unet"])
+        block_ws = None if blocks is None else block_weights.parse(blocks, self._family())  # so does a bad vector
         source = str(lora) if isinstance(lora, (str, Path)) else (lora.metadata.get("source", "") or name)
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
-        if lora.embeddings:  # patching changes weights only; the tokens need the Textual Inversion loader
+        if lora.embeddings and self.embeddings is None:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
+        factors = {}
+        if block_ws is not None:
+            config = getattr(self.modules.get("unet"), "config", None) or self._family().component_configs()["unet"]
+            factors = block_weights.layer_factors(block_ws, targets, config)
         old = self._entries.pop(name, None)
-        self._entries[name] = _Entry(lora, weights, targets, source)
+        if old is not None:
+            self._unload_tokens(old)
+        self._entries[name] = entry = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
         self._sync(set(targets) | (set(old.targets) if old else set()))
+        entry.tokens = self._load_tokens(lora, source)
+
+    def _load_tokens(self, lora: Lora, source: str) -> list[str]:
+        """Load the embeddings ``lora`` bundles (pivotal tuning's new words), as A1111 does: one that is already
+        loaded (e.g. from the embeddings folder) or does not fit the model is skipped with a note."""
+        if self.embeddings is None:
+            return []
+        loaded = []
+        for emb in bundled_embeddings(lora, source):
+            if emb.token in self.embeddings:
+                note(f"{source}: its bundled embedding {emb.token!r} is already loaded; that one is used")
+                continue
+            try:
+                self.embeddings.add(emb)
+            except SdtuneError as e:
+                note(f"{e} (the bundled embedding is skipped; the LoRA is loaded)")
+                continue
+            loaded.append(emb.token)
+        return loaded
+
+    def _unload_tokens(self, entry: _Entry) -> None:
+        for token in entry.tokens:
+            if token in self.embeddings:
+                self.embeddings.remove(token)
+        entry.tokens = []
 
     def set_weights(self, weights: dict) -> None:
         """``{name: w}``, w in any form ``as_weights`` takes: one number (every component), ``(unet_w, te_w)``
@@ -239,16 +291,27 @@ class LoraSet:
             e.weights = new
         self._sync(changed)
 
+    def _family(self) -> Family | None:
+        if self.family is None and "unet" in self.modules:
+            width = getattr(getattr(self.modules["unet"], "config", None), "cross_attention_dim", None)
+            return families.by_cross_attention(width) if isinstance(width, int) else None
+        return self.family
+
     def _weights(self, w, current: dict[str, float] | None = None) -> dict[str, float]:
         return as_weights(w, current, two_encoders="text_encoder_2" in self.modules)
 
     def remove(self, name: str) -> None:
         if name not in self._entries:
             raise SdtuneError(f"no adapter named {name!r}; loaded: {', '.join(self._entries) or 'none'}")
-        self._sync(set(self._entries.pop(name).targets))
+        entry = self._entries.pop(name)
+        self._sync(set(entry.targets))
+        self._unload_tokens(entry)
 
     def remove_all(self) -> None:
-        """Drop every adapter; every touched layer gets its original tensor back, bit for bit."""
+        """Drop every adapter (and the embeddings they loaded); every touched layer gets its original tensor
+        back, bit for bit."""
+        for entry in self._entries.values():
+            self._unload_tokens(entry)
         self._entries.clear()
         self._sync(set(self._layers))
 
@@ -265,7 +328,7 @@ class LoraSet:
         for name in sorted(self._entries):
             e = self._entries[name]
             ad = e.targets.get(key)
-            w = e.weights[key[0]]
+            w = e.weights[key[0]] * e.factors.get(key, 1.0)
             if ad is not None and w != 0.0:
                 out.append((name, e.uid, ad, w))
         return out

@@ -17,6 +17,7 @@ import torch
 from .. import families
 from ..models import load_base
 from ..safeio import SdtuneError
+from . import blocks as block_weights
 from . import keys
 from .formats import load_lora, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -94,9 +95,13 @@ def _family(loras: list[tuple[str, Lora]]):
 
 # ================================================================= merge
 
-def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
+def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
                 to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
-    """One LoRA file equal to loading each (file, weight) of ``specs`` at once.
+    """One LoRA file equal to loading each (file, weight) or (file, weight, blocks) of ``specs`` at once.
+
+    ``blocks`` (a preset name, "1,0,…" or numbers: ``lora.blocks``) bakes block weights in: each layer's weight is
+    multiplied by its block's, so the file at weight 1 patches as its source loaded with those block weights.
+    Layers all of whose contributions are then 0 are left out.
 
     Default: exact concatenation per layer, up = [w₁s₁·up₁ | w₂s₂·up₂ | …], down = [down₁; down₂; …],
     alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
@@ -108,15 +113,18 @@ def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank:
         raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
     if rank is not None and rank < 1:
         raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
-    loaded = [(str(p), _read(p), float(w)) for p, w in specs]
+    loaded = [(str(p), _read(p), float(w)) for p, w, *_ in specs]
     family = _family([(p, lora) for p, lora, _ in loaded])
     dtype = _dtype([lora for _, lora, _ in loaded])
     layers: dict[tuple[str, str], list[tuple[Adapter, float]]] = {}
-    for _, lora, w in loaded:
+    for (p, lora, w), spec in zip(loaded, specs):
+        factors = _block_factors(p, lora, spec[2] if len(spec) > 2 else None, family)
         for comp, path, ad in lora.items():
-            layers.setdefault((comp, path), []).append((ad, w))
+            layers.setdefault((comp, path), []).append((ad, w * factors.get((comp, path), 1.0)))
     mix, reports = Lora(), []
     for (comp, path), contribs in layers.items():
+        if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
+            continue
         kernel = _kernel(comp, path, contribs[0][0], family)
         plain = all(ad.kind == "lora" for ad, _ in contribs)
         if rank is None and plain:
@@ -150,6 +158,18 @@ def merge_loras(specs: list[tuple[str | Path, float]], out: str | Path, *, rank:
                                                                                for p, _, w in loaded)}
     save_lora(mix, out, format=to, family=family)
     return mix, reports
+
+
+def _block_factors(path: str, lora: Lora, blocks, family) -> dict[tuple[str, str], float]:
+    """Each layer's block weight for ``blocks`` (none: {}), in the family's layout."""
+    if blocks is None:
+        return {}
+    if family is None:
+        raise SdtuneError(f"{path}: cannot tell which model family this LoRA is for, so not where its blocks are; "
+                          f"block weights need an SD 1.x, SD 2.x or SDXL LoRA")
+    weights = block_weights.parse(blocks, family)
+    return block_weights.layer_factors(weights, [(c, p) for c, p, _ in lora.items()],
+                                       family.component_configs()["unet"])
 
 
 # ================================================================= resize

@@ -88,6 +88,9 @@ class TrainSettings:
                                     "the loss is then measured on up to 8 training images)", default=0.0)
     validation_every: int = _help("validation loss every N steps, besides step 0, each save and the end (0: only "
                                   "those)", default=0)
+    masked_loss: bool = _help("weight the loss by a mask per image: its alpha channel, or NAME.mask.png beside "
+                              "NAME.png (white: learn, black: ignore; resized to the latent grid). Off: masks are "
+                              "not used and transparency is composited on white", default=False)
     report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
                          "checkpoint (copied to best.safetensors)", default=True)
     resume: bool = True  # continue from the resume state in ``out`` if there is one
@@ -172,8 +175,9 @@ class LoraSettings(TrainSettings):
     rank: int = 16
     alpha: float = 8.0
     targets: str = "attn"  # attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)
-    text_encoder: bool = False  # also train LoRA on the text encoder
+    text_encoder: bool = False  # also train LoRA on the text encoder(s) (SDXL: both)
     te_lr: float | None = None  # text-encoder learning rate (None: lr)
+    te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
     conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
     conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
@@ -181,8 +185,33 @@ class LoraSettings(TrainSettings):
     formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
     steps: int = 1000
     lr: float = 1e-4
+    ti_token: str = _help("pivotal tuning: also train this new word (e.g. '<my-dog>') with the LoRA; put it in "
+                          "the captions. Saved inside the LoRA file (A1111's bundle_emb layout) and beside it",
+                          default="")
+    ti_init: str = _help("pivotal tuning: a word (or a few) close to the concept; the new word's vectors start "
+                         "from its tokens, as --init-token does for TI", default="")
+    ti_vectors: int = _help("pivotal tuning: vectors of the new word (as TI's --num-vectors)", default=1)
+    ti_lr: float = _help("pivotal tuning: learning rate of the new word's vectors (TI's usual 5e-3)", default=5e-3)
+    ti_steps: int = _help("pivotal tuning: train the word only for the first N steps, then only the LoRA "
+                          "(0: all steps)", default=0)
+    reg_dir: str = _help("prior preservation: class images (captioned like --data); with --class-prompt, the "
+                         "folder the generated ones are cached in", default="")
+    class_prompt: str = _help("prior preservation: generate --num-class-images images of this prompt with the "
+                              "base model once (cached in --reg-dir, else OUT/class_images) and train on them "
+                              "beside your images", default="")
+    num_class_images: int = _help("prior preservation: how many class images --class-prompt makes", default=100)
+    prior_loss_weight: float = _help("prior preservation: loss = instance loss + this x class-image loss",
+                                     default=1.0)
 
     kind = "lora"
+
+    @property
+    def pivotal(self) -> bool:
+        return bool(self.ti_token)
+
+    @property
+    def prior(self) -> bool:
+        return bool(self.reg_dir or self.class_prompt)
 
     def check(self) -> None:
         super().check()
@@ -192,8 +221,10 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
-        if self.te_lr is not None and not self.te_lr >= 0:
-            raise SdtuneError(f"--te-lr {self.te_lr}: must be 0 or more")
+        for name in ("te_lr", "te2_lr"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
         if not 0 <= self.lora_dropout < 1:
             raise SdtuneError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _choice("targets", self.targets, TARGETS)
@@ -201,6 +232,31 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
         for f in self.formats:
             _choice("format", f, ("kohya", "diffusers"))
+        self._check_pivotal()
+        self._check_prior()
+
+    def _check_pivotal(self) -> None:
+        if not self.ti_token:
+            if self.ti_init:
+                raise SdtuneError("--ti-init without --ti-token; name the new word with --ti-token '<name>'")
+            return
+        if len(self.ti_token.split()) != 1 or "." in self.ti_token:
+            raise SdtuneError(f"--ti-token {self.ti_token!r}: must be one word without spaces or dots, e.g. "
+                              f"'<my-concept>'")
+        if not self.ti_init.strip():
+            raise SdtuneError("--ti-token needs --ti-init WORD (an existing word close to the concept)")
+        if self.ti_vectors < 1:
+            raise SdtuneError(f"--ti-vectors {self.ti_vectors}: must be at least 1")
+        if not self.ti_lr >= 0 or not math.isfinite(self.ti_lr):
+            raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
+        if self.ti_steps < 0:
+            raise SdtuneError(f"--ti-steps {self.ti_steps}: must be 0 or more")
+
+    def _check_prior(self) -> None:
+        if self.class_prompt and self.num_class_images < 1:
+            raise SdtuneError(f"--num-class-images {self.num_class_images}: must be at least 1 with --class-prompt")
+        if not self.prior_loss_weight >= 0 or not math.isfinite(self.prior_loss_weight):
+            raise SdtuneError(f"--prior-loss-weight {self.prior_loss_weight}: must be 0 or more")
 
 
 KINDS = {"ti": TISettings, "lora": LoraSettings}

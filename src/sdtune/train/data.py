@@ -11,6 +11,10 @@ distribution kept (mean and std), so every step draws a fresh sample from it at 
 copies are encoded too when flipping is on. A random crop changes every step, so those images are kept as
 pixels and encoded per step.
 
+Each image's upright size and its crop (the corner cut from the resized image, mirrored when flipped) are
+kept: SDXL's UNet is conditioned on them (``time_ids``: original size, crop top-left, target size), as it
+was trained, so a batch carries one row of time ids per image.
+
 Batches are a pure function of (seed, batch number): epoch e shuffles every bucket with seed (seed, e),
 chunks it into global batches (the last one filled by wrapping around) and shuffles the batch order. That
 makes resuming exact, and lets each of several processes take its slice of the same global batch.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
 import sys
@@ -31,7 +36,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..console import note
 from ..safeio import SdtuneError
+from . import masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -74,7 +81,7 @@ def read_caption(image: Path) -> str | None:
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -207,15 +214,34 @@ def upright_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def cover_box(width: int, height: int, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)
+              ) -> tuple[int, int, int, int]:
+    """What ``fit`` does to a ``width`` x ``height`` image: (resized width, resized height, crop left, crop top),
+    the crop's corner in the resized image's pixels (what SDXL's crop time ids hold)."""
+    w, h = size
+    scale = max(w / width, h / height)
+    nw, nh = max(w, round(width * scale)), max(h, round(height * scale))
+    return nw, nh, round((nw - w) * where[0]), round((nh - h) * where[1])
+
+
 def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
     """Resize to cover ``size`` (w, h) keeping the aspect ratio, then crop; ``where`` places the crop (0..1)."""
     w, h = size
-    scale = max(w / img.width, h / img.height)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    nw, nh, left, top = cover_box(img.width, img.height, size, where)
     if (nw, nh) != img.size:
         img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    left, top = round((nw - w) * where[0]), round((nh - h) * where[1])
     return img.crop((left, top, left + w, top + h))
+
+
+def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
+             flipped: bool = False) -> list[float]:
+    """SDXL's size and crop conditioning of one training image: (original height, original width, crop top,
+    crop left, target height, target width), as SDXL was trained. ``original``, ``size``: (w, h); ``box``: from
+    ``cover_box``. A flipped image's crop is mirrored: its left edge is the distance from the right."""
+    nw, _, left, top = box
+    if flipped:
+        left = nw - size[0] - left
+    return [float(original[1]), float(original[0]), float(top), float(left), float(size[1]), float(size[0])]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -276,6 +302,8 @@ class Batch:
     latents: torch.Tensor  # [b, C, h, w] a sample of each image's latent distribution (this process's slice)
     captions: list[str]
     size: tuple[int, int]  # (w, h) in pixels
+    time_ids: torch.Tensor  # [b, 6] SDXL's (original h, w, crop top, left, target h, w) of each image (``time_ids``)
+    mask: torch.Tensor | None = None  # [b, 1, h, w] loss weights per latent pixel (``masks``), with --masked-loss
 
 
 class TrainingSet:
@@ -284,7 +312,7 @@ class TrainingSet:
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
                  crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
                  caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8,
-                 progress: bool = False):
+                 progress: bool = False, masked: bool = False):
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
@@ -296,7 +324,9 @@ class TrainingSet:
         sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
-        self.bucket_of = [pick_bucket(*upright_size(ex.path), sizes) for ex in scan.examples]
+        # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
+        self.original_size = [upright_size(ex.path) for ex in scan.examples]
+        self.bucket_of = [pick_bucket(*wh, sizes) for wh in self.original_size]
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):
             members.setdefault(size, []).append(i)
@@ -309,22 +339,36 @@ class TrainingSet:
         self.latents: dict[tuple[int, int], torch.Tensor] = {}
         self.flipped: dict[tuple[int, int], torch.Tensor] = {}
         self.pixels: dict[tuple[int, int], list[Image.Image]] = {}
+        # with ``masked``: per bucket the loss masks on the latent grid [n, 1, h, w] (cached latents), or the
+        # cover-resized mask images (random crop; None: no mask), cropped like their images every step
+        self.masked = masked
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.mask_pixels: dict[tuple[int, int], list[Image.Image | None]] = {}
         bar = tqdm(total=len(scan.examples), desc="encoding images", unit="img", leave=False, disable=not progress,
                    file=sys.stderr)
         for size, ids in members.items():
             paths = [scan.examples[i].path for i in ids]
             if crop == "random":
                 self.pixels[size] = [_cover_resize(open_rgb(path), size) for path in paths]
+                if masked:
+                    self.mask_pixels[size] = [None if m is None else _cover_resize(m, size)
+                                              for m in (masks.open_mask(path, IMAGE_SUFFIXES) for path in paths)]
                 bar.update(len(paths))
                 continue
-            plain, flipped = [], []
+            plain, flipped, marks = [], [], []
             for k in range(0, len(paths), encode_batch):
-                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in paths[k:k + encode_batch]])
+                chunk = paths[k:k + encode_batch]
+                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in chunk])
                 plain.append(encode(vae, x))
                 if flip:
                     flipped.append(encode(vae, x.flip(-1)))
+                if masked:
+                    grid = tuple(plain[-1].shape[-2:])
+                    marks.append(torch.stack([masks.to_latent(_fitted_mask(path, size), grid) for path in chunk]))
                 bar.update(len(x))
             self.latents[size] = torch.cat(plain)
+            if masked:
+                self.masks[size] = torch.cat(marks)
             if flip:
                 self.flipped[size] = torch.cat(flipped)
         bar.close()
@@ -346,6 +390,16 @@ class TrainingSet:
         if self.caption_opts["dropout"] > 0:
             texts.add("")
         return sorted(texts)
+
+    def time_ids(self, i: int, flipped: bool = False, where: tuple[float, float] = (0.5, 0.5)) -> list[float]:
+        """SDXL time ids of image ``i`` cropped at ``where`` (center crops: the middle), flipped or not."""
+        size = self.bucket_of[i]
+        if self.crop == "random":  # cut from the cover-resized image: the same box as from the original
+            img = self.pixels[size][self.row_of[i]]
+            box = cover_box(img.width, img.height, size, where)
+        else:
+            box = cover_box(*self.original_size[i], size, where)
+        return time_ids(self.original_size[i], box, size, flipped)
 
     def batches_per_epoch(self, global_batch: int) -> int:
         return sum(math.ceil(n / global_batch) for n in self.counts.values())
@@ -378,23 +432,49 @@ class TrainingSet:
         part = slice(rank * per, (rank + 1) * per)
         if self.crop == "random":  # only this process's images are encoded; the draws cover the global batch
             where = torch.rand(len(ids), 2, generator=g).tolist()
+            conditions = [self.time_ids(i, f, tuple(w)) for i, f, w in list(zip(ids, flips, where))[part]]
             x = []
             for i, f, (fx, fy) in list(zip(ids, flips, where))[part]:
                 img = fit(self.pixels[size][self.row_of[i]], size, (fx, fy))
                 x.append(to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else img))
             mean, std = encode(self.vae, torch.stack(x)).chunk(2, 1)
             eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+            mask = None
+            if self.masked:
+                grid = tuple(mean.shape[-2:])
+                mask = torch.stack([masks.to_latent(_crop_mask(self.mask_pixels[size][self.row_of[i]], size, (fx, fy),
+                                                               f), grid)
+                                    for i, f, (fx, fy) in list(zip(ids, flips, where))[part]])
         else:
+            conditions = [self.time_ids(i, f) for i, f in list(zip(ids, flips))[part]]
             stats = torch.stack([(self.flipped if f else self.latents)[size][self.row_of[i]]
                                  for i, f in list(zip(ids, flips))[part]])
             mean, std = stats.chunk(2, 1)
             eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
+            mask = None
+            if self.masked:
+                mask = torch.stack([self.masks[size][self.row_of[i]].flip(-1) if f else self.masks[size][self.row_of[i]]
+                                    for i, f in list(zip(ids, flips))[part]])
         latents = mean + std * eps
         captions = []
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
             captions.append(process_caption(text, rng, **self.caption_opts))
-        return Batch(latents, captions[part], size)
+        return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
+
+
+def _fitted_mask(path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The image's mask resized and center-cropped as ``fit`` does the image; None: it has none."""
+    mask = masks.open_mask(path, IMAGE_SUFFIXES)
+    return None if mask is None else fit(mask, size)
+
+
+def _crop_mask(mask: Image.Image | None, size: tuple[int, int], where: tuple[float, float], flipped: bool):
+    """A random crop's mask: cut where its image was cut, flipped with it."""
+    if mask is None:
+        return None
+    mask = fit(mask, size, where)
+    return mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else mask
 
 
 def _cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -405,19 +485,36 @@ def _cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 # ---------------------------------------------------------------- from settings
 
+def vae_scale(base) -> int:
+    """Pixels per latent pixel along each side (8 for SD's VAE)."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
 def model_steps(base) -> tuple[int, int]:
     """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
-    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    vae_factor = vae_scale(base)
     unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
     return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
 
 
-def training_set(base, settings, scan: Scan, templates: list[str] | None) -> TrainingSet:
+def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: int | None = None) -> TrainingSet:
+    """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
+    (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
     native, step = model_steps(base)
-    return TrainingSet(scan, base.vae, settings.resolution or native, settings.seed,
+    masked = getattr(settings, "masked_loss", False)
+    if not masked:
+        files, alpha = masks.count([ex.path for ex in scan.examples], IMAGE_SUFFIXES)
+        if files or alpha:
+            found = " and ".join(f"{n} {what}" for n, what in ((files, "with a NAME.mask file"),
+                                                              (alpha, "with transparency")) if n)
+            folder = os.path.commonpath([str(ex.path.parent) for ex in scan.examples])
+            note(f"{folder}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
+                 f"their masks are white (now the whole image is learned, transparency on white)")
+    return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
                        flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress)
+                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress,
+                       masked=masked)
 
 
 def report_skipped(scan: Scan) -> None:

@@ -4,7 +4,8 @@ The training loss of a step depends on that step's random images, timesteps and 
 and no two runs see the same draws. The validation loss fixes all three: each validation image (its latent
 mean, no sampling) is noised at the same ``TIMESTEPS`` with noise drawn from its file name alone, never from
 ``--seed``, and the model's plain error (the MSE of the ε or v prediction, without Min-SNR weights, which
-differ between runs) is averaged over every image and timestep. The same images then give the same number
+differ between runs; with ``--masked-loss`` weighted by the images' masks, as in training) is averaged over
+every image and timestep. The same images then give the same number
 for the same weights, in any run: two runs with the same seed print it to the last digit (on one machine),
 and runs with different settings are comparable.
 
@@ -33,6 +34,8 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor  # [n]
     captions: list[str]
+    time_ids: torch.Tensor  # [n, 6] SDXL's size and crop conditioning of each image (center crop, no flip)
+    mask: torch.Tensor | None = None  # [n, 1, h, w] with --masked-loss: the images' loss masks
 
 
 @dataclass
@@ -66,24 +69,30 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
     """The fixed (latent, noise, timestep, caption) batches of ``scan``'s images; ``captions[i]`` is image i's."""
     native, step = model_steps(base)
     # center crops, no flips: the latents' means are the images
+    masked = getattr(settings, "masked_loss", False)  # masked training is validated on the same masked errors
     images = TrainingSet(scan, base.vae, settings.resolution or native, seed=0,
-                         bucket_step=settings.bucket_step or step, buckets=settings.buckets)
+                         bucket_step=settings.bucket_step or step, buckets=settings.buckets, masked=masked)
     num_timesteps = len(base.scheduler.alphas_cumprod)
     timesteps = [int((k + 0.5) * num_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
     pairs: dict[tuple[int, int], list] = {}  # per bucket: (latent, noise, t, caption), images in scan order
     for i, ex in enumerate(scan.examples):
         size = images.bucket_of[i]
         mean = images.latents[size][images.row_of[i]].chunk(2)[0]
+        mask = images.masks[size][images.row_of[i]] if masked else None
         g = torch.Generator().manual_seed(seed_for("validation", ex.path.name))
         noise = torch.randn((TIMESTEPS, *mean.shape), generator=g)
-        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i]) for k, t in enumerate(timesteps))
+        ids = images.time_ids(i)
+        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i], ids, mask)
+                                          for k, t in enumerate(timesteps))
     batches = []
     for size in sorted(pairs):
         group = pairs[size]
         for k in range(0, len(group), CHUNK):
             part = group[k:k + CHUNK]
             batches.append(Batch(torch.stack([p[0] for p in part]), torch.stack([p[1] for p in part]),
-                                 torch.tensor([p[2] for p in part]), [p[3] for p in part]))
+                                 torch.tensor([p[2] for p in part]), [p[3] for p in part],
+                                 torch.tensor([p[4] for p in part], dtype=torch.float32),
+                                 torch.stack([p[5] for p in part]) if masked else None))
     return ValidationSet(batches, len(scan.examples), held_out)
 
 
@@ -93,7 +102,8 @@ def validation_loss(objective, text, vset: ValidationSet, device) -> float:
     total, count = 0.0, 0
     for b in vset.batches:
         errors = objective.errors(b.latents.to(device), b.noise.to(device), b.timesteps.to(device),
-                                  context=text.encode(b.captions))
+                                  **text.encode(b.captions), time_ids=b.time_ids.to(device),
+                                  mask=b.mask.to(device) if b.mask is not None else None)
         total += float(errors.double().sum())
         count += len(errors)
     return total / count

@@ -14,6 +14,7 @@ from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
 from .oft import Oft
+from .peft_oft import PeftOft
 
 __all__ = ["ALGORITHMS", "Algorithm", "Io", "get", "kohya_roles", "register"]
 
@@ -49,3 +50,4 @@ register(Lokr())
 register(Diff())
 register(Dora())
 register(Oft())
+register(PeftOft())

@@ -12,11 +12,13 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from ...safeio import SdtuneError
+
 
 class Io(NamedTuple):
     """The shape of an adapter's ΔW: what a target layer must have for it to fit."""
 
-    out: int  # output features / channels
+    out: int | None  # output features / channels; None: any (PEFT OFT mixes input columns only)
     inner: int | None  # input features, flattened over the kernel; None: any (OFT mixes output rows only)
     kernel: tuple | None  # (kh, kw) when the tensors tell it; None: a linear layer or not known
 
@@ -49,6 +51,12 @@ class Algorithm:
     # algorithms' keys reads as this one.
     extends: ClassVar[str | None] = None
 
+    def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the
+        diffusers header; {} when it has none) says folded in, before ``build``. Most algorithms need nothing from
+        it (LoRA's alpha is read apart); PEFT OFT's rotation depends on it."""
+        return roles
+
     def build(self, roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises
         ``KeyError`` or ``ValueError`` when they do not make a complete, consistent adapter."""
@@ -66,7 +74,10 @@ class Algorithm:
 
     def delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """ΔW before the scale, in any shape with the target weight's number of elements."""
-        raise NotImplementedError
+        # DoRA and OFT change W itself: their ΔW depends on the weight, which a LoRA file alone does not hold
+        raise SdtuneError(f"{self.name} adapters change the weight itself, not by a fixed ΔW: merging, resizing "
+                          f"or re-saving them as a plain LoRA is not possible; bake them into a checkpoint with "
+                          f"sdtune merge, or apply them as they are")
 
     def low_rank(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(up, down) with ΔW = up @ down (flattened), for adapters ``patch.write_patched`` may stack into one

@@ -1,14 +1,25 @@
-"""OFT (kohya's ``networks.oft`` and LyCORIS's diag-oft): W' = Rᵀ·W0, R block-diagonal and orthogonal.
+"""OFT and BOFT (kohya's ``networks.oft``, LyCORIS's diag-oft and boft): W0's output rows turned by an orthogonal R.
 
-``oft_blocks`` [k, b, b] holds k free blocks (k·b = the layer's output width); each becomes skew-symmetric,
-Q = B − Bᵀ, then orthogonal by the Cayley transform R = (I + Q)(I − Q)⁻¹. Block j of R mixes output rows
-j·b … j·b + b − 1: kohya multiplies the layer's output by R from the right (y·R), which is W' = Rᵀ·W0, as
-A1111's and LyCORIS's ``einsum("k n m, k n ... -> k m ...")`` merge does. The file's ``alpha`` is not a scale but
-the constraint: Q is shrunk to norm alpha·out when its norm (over all blocks) is larger; alpha 0 leaves it free.
+Three layouts, as A1111 reads them (``network_oft``):
 
-The user's strength w scales the change from W0 (A1111; kohya's own w·R + (1 − w)·I is the same weight):
-W' = W0 + w·(Rᵀ·W0 − W0). Only output rows are mixed, so the tensors fit any input width: ``io`` leaves it None.
-LyCORIS's butterfly BOFT (4-D ``oft_blocks``) and the ``rescale``/``oft_diag`` variants are not read.
+- ``oft_blocks`` [k, b, b] (kohya, LyCORIS diag-oft): k free blocks (k·b = the layer's output width); each becomes
+  skew-symmetric, Q = B − Bᵀ, then orthogonal by the Cayley transform R = (I + Q)(I − Q)⁻¹. Block j of R mixes
+  output rows j·b … j·b + b − 1: kohya multiplies the layer's output by R from the right (y·R), which is
+  W' = Rᵀ·W0, as A1111's and LyCORIS's ``einsum("k n m, k n ... -> k m ...")`` merge does. The file's ``alpha`` is
+  not a scale but the constraint: Q is shrunk to norm alpha·out when its norm (over all blocks) is larger; alpha 0
+  leaves it free.
+- ``oft_diag`` [k, b, b] (older LyCORIS files): the orthogonal blocks R themselves, used as they are
+  (no Cayley transform, no constraint), W' = Rᵀ·W0 per block as above.
+- ``oft_blocks`` [m, k, b, b] (LyCORIS BOFT, butterfly OFT): m stages of k blocks, each R_i by the Cayley transform
+  (one constraint over all stages). Stage i pairs rows 2^i·b/2 apart: the rows, grouped as (c, 2, 2^i·b/2), are
+  reordered to (c, 2^i·b/2, 2), cut into blocks of b consecutive rows, each block multiplied by its R_i from the
+  left (``einsum("b i j, b j ... -> b i ...")``), and put back in order. W' = S_{m-1}·…·S_0·W0.
+
+LyCORIS's optional ``rescale`` [out, 1, …] then multiplies each output row of W'.
+
+The user's strength w scales the change from W0 (A1111; kohya's own w·R + (1 − w)·I is the same weight for
+diag-oft): W' = W0 + w·(R(W0) − W0). Only output rows are mixed, so the tensors fit any input width: ``io``
+leaves it None.
 """
 
 from __future__ import annotations
@@ -17,37 +28,82 @@ import torch
 
 from .base import Algorithm, Io
 
+_ROTATIONS = ("blocks", "rotation")  # the free blocks (Cayley) or R itself; a file has exactly one
+
 
 class Oft(Algorithm):
     name = "oft"
     style = "lycoris-oft"
-    roles = {"oft_blocks": "blocks"}
+    roles = {"oft_blocks": "blocks", "oft_diag": "rotation", "rescale": "rescale"}
     network_algo = "diag-oft"
     label = "OFT"
     additive = False
 
     def build(self, roles):
-        t = super().build(roles)
-        blocks = t["blocks"]
-        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:  # BOFT's is 4-D
-            raise ValueError(f"oft_blocks of shape {tuple(blocks.shape)} is not [blocks, size, size]")
+        t = dict(roles)
+        given = [r for r in _ROTATIONS if r in t]
+        if len(given) != 1 or set(t) - {*_ROTATIONS, "rescale"}:
+            raise KeyError("an OFT needs exactly one of oft_blocks or oft_diag (and optionally rescale)")
+        blocks = t[given[0]]
+        butterfly = given[0] == "blocks" and blocks.dim() == 4
+        if blocks.dim() not in ((3, 4) if given[0] == "blocks" else (3,)) or blocks.shape[-1] != blocks.shape[-2]:
+            raise ValueError(f"oft_{'blocks' if given[0] == 'blocks' else 'diag'} of shape {tuple(blocks.shape)} is "
+                             f"not [blocks, size, size] (or BOFT's [stages, blocks, size, size])")
+        if butterfly:
+            stages, k, b, _ = blocks.shape
+            if b % 2 or k % 2 ** (stages - 1):
+                raise ValueError(f"BOFT oft_blocks of shape {tuple(blocks.shape)}: a butterfly of {stages} stages "
+                                 f"needs an even block size and blocks in multiples of {2 ** (stages - 1)}")
+        out = blocks.shape[-3] * blocks.shape[-1]
+        if "rescale" in t and t["rescale"].numel() != out:
+            raise ValueError(f"rescale has {t['rescale'].numel()} values for {out} output rows")
         return t
 
     def scale(self, t, alpha):
         # ``apply`` receives the scale; for OFT that slot carries alpha, the constraint factor (0: none)
-        return 0.0 if alpha is None else float(alpha)
+        return 0.0 if alpha is None or "rotation" in t else float(alpha)
 
     def io(self, t):
-        k, b, _ = t["blocks"].shape
-        return Io(k * b, None, None)
+        r = t["blocks"] if "blocks" in t else t["rotation"]
+        return Io(r.shape[-3] * r.shape[-1], None, None)
+
+    def lycoris_label(self, t):
+        return "BOFT" if "blocks" in t and t["blocks"].dim() == 4 else self.label
 
     def apply(self, weight, t, scale, strength):
         rows = weight.shape[0]
-        r = rotation(t["blocks"], constraint=scale * rows)
-        k, b, _ = r.shape
-        w0 = weight.to(r.dtype).reshape(k, b, -1)
-        rotated = (r.transpose(1, 2) @ w0).reshape(weight.shape).to(weight.dtype)
-        return weight + strength * (rotated - weight)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        w0 = weight.to(dtype).reshape(rows, -1)
+        if "rotation" in t:
+            rotated = _rotate_blocks(t["rotation"].to(dtype), w0)
+        elif t["blocks"].dim() == 3:
+            rotated = _rotate_blocks(rotation(t["blocks"], constraint=scale * rows), w0)
+        else:
+            stages, k, b, _ = t["blocks"].shape
+            r = rotation(t["blocks"].reshape(stages * k, b, b), constraint=scale * rows).reshape(stages, k, b, b)
+            rotated = _butterfly(r, w0)
+        if "rescale" in t:
+            rotated = rotated * t["rescale"].to(dtype).reshape(rows, 1)
+        return weight + strength * (rotated.reshape(weight.shape).to(weight.dtype) - weight)
+
+
+def _rotate_blocks(r: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """Rᵀ·W0 for block-diagonal R [k, b, b] and W0 [k·b, inner]."""
+    k, b, _ = r.shape
+    return (r.transpose(1, 2) @ w0.reshape(k, b, -1)).reshape(w0.shape)
+
+
+def _butterfly(r: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """BOFT: each stage's blocks [stages, k, b, b] applied to W0 [k·b, inner] in that stage's row order."""
+    stages, k, b, _ = r.shape
+    x = w0
+    for i in range(stages):
+        half = 2 ** i * (b // 2)  # rows paired in this stage are this far apart
+        # rows (c, 2, half) -> (c, half, 2): each block of b consecutive rows then holds pairs `half` apart
+        x = x.reshape(-1, 2, half, x.shape[-1]).transpose(1, 2).reshape(k, b, -1)
+        x = r[i] @ x
+        x = x.reshape(-1, half, 2, x.shape[-1]).transpose(1, 2).reshape(w0.shape)
+    return x
 
 
 def rotation(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
