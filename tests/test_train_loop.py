@@ -212,6 +212,22 @@ def test_gradient_checkpointing_changes_nothing(base, dataset, tmp_path):
     assert not base.unet.is_gradient_checkpointing
 
 
+def test_speed_options_learn_the_same(base, dataset, tmp_path):
+    kw = dict(steps=2, targets="all", conv_rank=4)
+    a = load_lora(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
+    for option in ("channels_last", "flush_denormals"):
+        flipped = {option: not getattr(LoraSettings(), option)}  # the other way from the default
+        b = load_lora(train_lora(base, settings(dataset, tmp_path / option, **flipped, **kw)))
+        # NHWC kernels round differently (~1e-6 relative per value), flushed subnormals move nothing above
+        # 1e-38; a wrong layout or a lost gradient would move ΔW by a large part of itself.
+        for comp, path, ad in a.items():
+            shape = (ad.tensors["up"].shape[0], -1)
+            da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
+            assert (da - db).norm() <= 1e-3 * da.norm(), (option, comp, path)
+    assert all(p.is_contiguous() for p in base.unet.parameters())  # the layout is restored afterwards
+    assert (torch.tensor([1e-40]) * 1).item() != 0  # and subnormals are kept again
+
+
 def test_sample_grids_every_m_steps(base, dataset, tmp_path):
     s = settings(dataset, tmp_path, steps=4, sample_every=2, sample_prompts=["a red circle", "a blue square"],
                  sample_images=2, sample_steps=2)

@@ -61,6 +61,12 @@ class TrainSettings:
     max_grad_norm: float = 1.0  # 0: no clipping
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
+    channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
+                                "cuDNN in fp16/bf16; same math, other kernels (float rounding differs)",
+                                default=False)
+    flush_denormals: bool = _help("on the CPU, flush subnormal floats (below 1.2e-38) to zero while training: "
+                                  "Adam's second moments of small LoRA gradients decay into them, and x86 CPUs "
+                                  "compute with them many times slower", default=False)
     mixed_precision: str = "auto"  # auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16
     crop: str = "center"  # center | random (random crops are VAE-encoded every step)
     flip: bool = False

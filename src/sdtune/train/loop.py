@@ -368,6 +368,12 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
+        if settings.channels_last:  # only 4-D weights change layout: the convolutions (LoRA's included)
+            base.unet.to(memory_format=torch.channels_last)
+            undo.append(lambda: base.unet.to(memory_format=torch.contiguous_format))
+        if settings.flush_denormals and device.type == "cpu":  # a subnormal moment changes less than Adam's eps
+            torch.set_flush_denormal(True)
+            undo.append(lambda: torch.set_flush_denormal(False))
         job.set_training(True)
         undo.append(lambda: job.set_training(False))
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
