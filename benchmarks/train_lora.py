@@ -1,71 +1,80 @@
-"""LoRA training speed and memory: sdtune on a small model and on the real SD 1.5 architecture, and
-diffusers' example script when given.
+"""LoRA (rank 4, attention), whole process, same run: sdtune against diffusers' train_text_to_image_lora.py.
 
-    python benchmarks/train_lora.py [--steps 20] [--threads 2] [--no-sd15]
-                                    [--diffusers-script path/to/train_text_to_image_lora.py]
+    python benchmarks/train_lora.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
+                                    [--sdtune-args="--flag value ..." ...] [--profile] [--no-diffusers]
 
-Small model: UNet channels 32/64 (see ``train_ti.py``), rank 4 on the attention projections, 64 px, batch 4,
-CPU. SD 1.5: a random-init model of the real architecture (860M-parameter UNet) at 256 px, batch 1, same
-LoRA, with gradient checkpointing off and on. Each run is a fresh process; peak RSS is its maximum
-resident memory; seconds per step are timed between steps after the first ones.
+Both read the same mid-size SD 1.x-architecture model folder and the same 8 captioned images (the script
+through ``datasets``' imagefolder and metadata.jsonl), at 64 px, batch 4, lr 1e-4 constant, seed 0, fp32,
+LoRA rank 4 / alpha 4 on the UNet's attention projections (to_q, to_k, to_v, to_out.0), gradient clipping
+at 1.0 (the script's default), no Min-SNR, no samples or checkpoints on the way. sdtune runs with
+``--no-report`` (the script draws nothing either) but keeps its validation loss at the start and the end.
+See ``_common`` for how time, memory, FLOPs and MFU are measured. ``--profile`` prints where one sdtune
+step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_ti import script_run, sdtune_child, table, write_images, write_small_model
-
-
-def write_metadata(images: Path) -> None:
-    """The captions as metadata.jsonl, the layout the diffusers script's image-folder loader reads."""
-    lines = [json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text().strip()})
-             for p in sorted(images.glob("*.png"))]
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+import _common as c  # noqa: E402  (benchmarks are scripts, not a package)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sd15-steps", type=int, default=4)
-    p.add_argument("--sd15-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating (medians are shown)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-sd15", action="store_true", help="skip the SD 1.5-architecture runs")
-    p.add_argument("--diffusers-script", help="a copy of diffusers' examples/text_to_image/train_text_to_image_lora.py")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
+                   help="also run sdtune with these extra train lora flags, as its own row (repeatable; write "
+                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
+    p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
+    p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)
-    rows = []
+    examples = None if a.no_diffusers else c.diffusers_examples()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = write_small_model(tmp / "model")
-        images = write_images(tmp / "images", style="outline")
-        common = dict(data=str(images), rank=4, alpha=4, targets="attn", lr=1e-4, progress=False)
-        small = dict(common, out=str(tmp / "small"), steps=a.steps, batch_size=4, resolution=64)
-        rows.append(("sdtune train lora (channels 32/64, 64 px, batch 4)",
-                     sdtune_child("lora", small, str(model), a.threads)))
-        if a.diffusers_script:
-            write_metadata(images)
-            args = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images),
-                    "--caption_column", "text", "--resolution", "64", "--train_batch_size", "4", "--rank", "4",
-                    "--learning_rate", "1e-4", "--seed", "0", "--dataloader_num_workers", "0",
-                    "--checkpointing_steps", "100000", "--mixed_precision", "no"]
-            rows.append(("diffusers train_text_to_image_lora.py (same)",
-                         script_run(a.diffusers_script, args, (3, 3 + a.steps), a.threads, tmp)))
-        if not a.no_sd15:
-            for gc in (False, True):
-                sd15 = dict(common, out=str(tmp / f"sd15-{gc}"), steps=a.sd15_steps, batch_size=a.sd15_batch,
-                            resolution=256, gradient_checkpointing=gc)
-                name = f"sdtune, SD 1.5 arch, 256 px, batch {a.sd15_batch}, checkpointing {'on' if gc else 'off'}"
-                rows.append((name, sdtune_child("lora", sd15, "sd15-random", a.threads)))
-    print(f"LoRA training (rank 4, attention), CPU, {a.threads} threads")
-    print(table(rows))
-    if a.diffusers_script:
-        print(f"speed-up on the small model: {rows[1][1]['s_per_step'] / rows[0][1]['s_per_step']:.2f}x, "
-              f"memory ratio: {rows[0][1]['peak_rss_gb'] / rows[1][1]['peak_rss_gb']:.2f}")
+        model = c.write_mid_model(tmp / "model")
+        images = c.write_images(tmp / "images", style="outline")
+        api = dict(data=str(images), steps=a.steps, batch_size=a.batch, resolution=a.resolution, lr=1e-4, seed=0,
+                   rank=4, alpha=4.0, targets="attn", min_snr_gamma=0.0, lr_scheduler="constant", buckets=False,
+                   max_grad_norm=1.0, grad_accum=1, save_every=0, sample_every=0)
+
+        def sdtune(out, extra=""):
+            return c.sdtune_cmd("lora", [
+                "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
+                "--steps", str(a.steps), "--batch-size", str(a.batch), "--grad-accum", "1", "--resolution",
+                str(a.resolution), "--lr", "1e-4", "--seed", "0", "--rank", "4", "--alpha", "4", "--targets", "attn",
+                "--min-snr-gamma", "0", "--lr-scheduler", "constant", "--no-buckets", "--max-grad-norm", "1",
+                "--save-every", "0", "--sample-every", "0", "--no-report", *shlex.split(extra)])
+
+        trainers = {"sdtune train lora": sdtune}
+        for flags in a.sdtune_args:
+            trainers[f"sdtune train lora {flags}"] = lambda out, flags=flags: sdtune(out, flags)
+        if examples:
+            trainers["diffusers train_text_to_image_lora.py"] = lambda out: c.diffusers_cmd(
+                examples, "train_text_to_image_lora.py", [
+                    "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--output_dir",
+                    str(out), "--caption_column", "text", "--resolution", str(a.resolution), "--center_crop",
+                    "--train_batch_size", str(a.batch), "--max_train_steps", str(a.steps), "--learning_rate",
+                    "1e-4", "--rank", "4", "--seed", "0", "--mixed_precision", "no", "--dataloader_num_workers",
+                    "0", "--checkpointing_steps", "100000"])
+        rates = c.matmul_rates(a.threads)
+        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup)
+        flops = c.sdtune_step_flops("lora", model, dict(api, out=str(tmp / "flops")))
+        extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=True)
+        title = (f"LoRA rank 4 attention, {c.MID_NAME}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
+                 f"{a.threads} threads, {c.cpu_name()}")
+        print(c.report(title, results, flops, extra, rates, a.repeats))
+        if a.profile:
+            print(c.profile_sdtune("lora", model, dict(api, out=str(tmp / "profile")), a.threads))
 
 
 if __name__ == "__main__":

@@ -1,185 +1,80 @@
-"""Textual Inversion training speed and memory: sdtune, and diffusers' example script when given.
+"""Textual Inversion, whole process, same run: sdtune against diffusers' textual_inversion.py.
 
-    python benchmarks/train_ti.py [--steps 20] [--threads 2] [--diffusers-script path/to/textual_inversion.py]
+    python benchmarks/train_ti.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
+                                  [--sdtune-args="--flag value ..." ...] [--profile] [--no-diffusers]
 
-The model is a small SD-architecture one (UNet channels 32/64, the real CLIP tokenizer), trained at 64 px
-with batch 4 on the CPU; it is written as a diffusers folder so both trainers read the same weights, and
-both train on the same 8 images. Each trainer runs in a fresh process: peak RSS is that process's
-maximum resident memory. sdtune's seconds per step are timed between steps (start-up and the first two
-steps excluded); the script's as the wall-time difference of a long and a short run, which cancels its
-start-up the same way.
+Both read the same mid-size SD 1.x-architecture model folder and the same 8 uncaptioned images (both fall back
+to "a photo of a <token>"-style templates), at 64 px, batch 4, lr 5e-3, seed 0, fp32, constant lr, no
+gradient clipping (the script has none), no samples or checkpoints on the way. sdtune runs with
+``--no-report`` (the script draws nothing either) but keeps its validation loss at the start and the end.
+See ``_common`` for how time, memory, FLOPs and MFU are measured. ``--profile`` prints where one sdtune
+step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-SMALL_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
-SMALL_VAE = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SMALL_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-                  vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407, projection_dim=32)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402  (benchmarks are scripts, not a package)
 
-
-def write_small_model(folder: Path) -> Path:
-    """The small SD-architecture model (random init, seed 0) as a diffusers folder."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdtune.tiny.model import tokenizer
-
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SMALL_UNET), vae=AutoencoderKL(**SMALL_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SMALL_TEXT)), tokenizer=tokenizer(),
-        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                                steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from transformers.utils import logging as tf_logging
-
-    tf_logging.disable_progress_bar()
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def write_images(folder: Path, n: int = 8, style: str | None = None, captions: bool = True) -> Path:
-    from sdtune.tiny import world
-
-    scenes = world.concept_scenes(n, seed=0, **({"style": style} if style else {"shape": "star", "colour": "purple"}))
-    world.write_dataset(folder, scenes, template=None, with_style=False)
-    if not captions:
-        for f in folder.glob("*.txt"):
-            f.unlink()
-    return folder
-
-
-def peak_rss_run(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GB, output) of a command run in its own process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return wall, usage.ru_maxrss / 2**20, out  # ru_maxrss is in KB on Linux
-
-
-def child_env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def sdtune_child(kind: str, settings: dict, model: str, threads: int) -> dict:
-    """Run one sdtune training in a fresh process; its step timings and peak RSS."""
-    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, "settings": settings, "model": model,
-                                                             "threads": threads})]
-    wall, rss, out = peak_rss_run(cmd, child_env(threads))
-    result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "peak_rss_gb": rss, "wall_s": wall}
-
-
-def child_main(spec: dict) -> None:
-    """In the fresh process: load, train, print {"s_per_step": ...} as the last line."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from sdtune.models import load_base
-    from sdtune.train.config import LoraSettings, TISettings
-    from sdtune.train.lora import train_lora
-    from sdtune.train.ti import train_ti
-
-    base = load_base(spec["model"], device="cpu", dtype="fp32")
-    loaded_gb = _rss_gb("VmRSS")
-    try:  # reset the peak to the current RSS, so VmHWM at the end is the training phase's peak
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
-    stamps = []  # (wall, process CPU) after each step
-    train = train_ti if spec["kind"] == "ti" else train_lora
-    cls = TISettings if spec["kind"] == "ti" else LoraSettings
-    train(base, cls(**spec["settings"]),
-          callback=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
-    skip = min(2, len(stamps) - 2)
-    n = len(stamps) - 1 - skip
-    print(json.dumps({"s_per_step": (stamps[-1][0] - stamps[skip][0]) / n,
-                      "cpu_s_per_step": (stamps[-1][1] - stamps[skip][1]) / n, "steps": len(stamps),
-                      "loaded_gb": loaded_gb, "train_peak_gb": _rss_gb("VmHWM") if reset else None}))
-
-
-def _rss_gb(field: str) -> float | None:
-    """VmRSS (now) or VmHWM (peak) of this process, in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    return None
-
-
-def script_run(script: str, args: list[str], steps: tuple[int, int], threads: int, out: Path) -> dict:
-    """Seconds per step and peak RSS of a diffusers example script (long run minus short run)."""
-    results = []
-    for n in steps:
-        cmd = [sys.executable, script, *args, "--max_train_steps", str(n), "--output_dir", str(out / f"run{n}")]
-        wall, rss, _ = peak_rss_run(cmd, child_env(threads))
-        results.append((wall, rss))
-    (w1, _), (w2, rss) = results
-    return {"s_per_step": (w2 - w1) / (steps[1] - steps[0]), "peak_rss_gb": rss}
-
-
-def table(rows: list[tuple[str, dict]]) -> str:
-    """s/step: wall time; CPU s/step: the process's CPU time (all threads); peak RSS: the whole process;
-    training peak: the highest RSS while training (after the model was loaded), sdtune only."""
-    lines = [f"{'trainer':<62} {'s/step':>8} {'CPU s/step':>10} {'peak RSS':>9} {'training peak':>13}", "-" * 106]
-    for name, r in rows:
-        cpu = f"{r['cpu_s_per_step']:.3f}" if "cpu_s_per_step" in r else "-"
-        train = f"{r['train_peak_gb']:.2f}GB" if r.get("train_peak_gb") else "-"
-        lines.append(f"{name:<62} {r['s_per_step']:>8.3f} {cpu:>10} {r['peak_rss_gb']:>7.2f}GB {train:>13}")
-    return "\n".join(lines)
+TOKEN, INIT = "<pstar>", "star"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating (medians are shown)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--diffusers-script", help="a copy of diffusers' examples/textual_inversion/textual_inversion.py")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
+                   help="also run sdtune with these extra train ti flags, as its own row (repeatable; write "
+                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
+    p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
+    p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     a = p.parse_args(argv)
-    if a.child:
-        return child_main(json.loads(a.child))
+    examples = None if a.no_diffusers else c.diffusers_examples()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = write_small_model(tmp / "model")
-        images = write_images(tmp / "images", captions=False)
-        settings = dict(data=str(images), out=str(tmp / "sdtune"), token="<pstar>", init_token="star",
-                        steps=a.steps, batch_size=4, resolution=64, lr=5e-3, progress=False)
-        rows = [("sdtune train ti (channels 32/64, 64 px, batch 4)", sdtune_child("ti", settings, str(model),
-                                                                                 a.threads))]
-        if a.diffusers_script:
-            args = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images),
-                    "--learnable_property", "object", "--placeholder_token", "<pstar>", "--initializer_token", "star",
-                    "--resolution", "64", "--train_batch_size", "4", "--learning_rate", "5e-3", "--seed", "0",
-                    "--save_steps", "100000", "--checkpointing_steps", "100000", "--dataloader_num_workers", "0",
-                    "--mixed_precision", "no"]
-            rows.append(("diffusers textual_inversion.py (same)",
-                         script_run(a.diffusers_script, args, (3, 3 + a.steps), a.threads, tmp)))
-    print(f"Textual Inversion training, CPU, {a.threads} threads, {a.steps} steps")
-    print(table(rows))
-    if len(rows) == 2:
-        print(f"speed-up: {rows[1][1]['s_per_step'] / rows[0][1]['s_per_step']:.2f}x, "
-              f"memory ratio: {rows[0][1]['peak_rss_gb'] / rows[1][1]['peak_rss_gb']:.2f}")
+        model = c.write_mid_model(tmp / "model")
+        images = c.write_images(tmp / "images", captions=False)
+        common = dict(steps=a.steps, batch_size=a.batch, resolution=a.resolution, lr=5e-3, seed=0)
+        api = dict(common, data=str(images), token=TOKEN, init_token=INIT, max_grad_norm=0.0, grad_accum=1,
+                   save_every=0, sample_every=0)
+
+        def sdtune(out, extra=""):
+            return c.sdtune_cmd("ti", [
+                "--model", str(model), "--device", "cpu", "--dtype", "fp32", "--data", str(images), "--out", str(out),
+                "--token", TOKEN, "--init-token", INIT, "--steps", str(a.steps), "--batch-size", str(a.batch),
+                "--grad-accum", "1", "--resolution", str(a.resolution), "--lr", "5e-3", "--seed", "0",
+                "--max-grad-norm", "0", "--save-every", "0", "--sample-every", "0", "--no-report",
+            *shlex.split(extra)])
+
+        trainers = {"sdtune train ti": sdtune}
+        for flags in a.sdtune_args:
+            trainers[f"sdtune train ti {flags}"] = lambda out, flags=flags: sdtune(out, flags)
+        if examples:
+            trainers["diffusers textual_inversion.py"] = lambda out: c.diffusers_cmd(examples, "textual_inversion.py", [
+                "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--output_dir",
+                str(out), "--learnable_property", "object", "--placeholder_token", TOKEN, "--initializer_token",
+                INIT, "--resolution", str(a.resolution), "--train_batch_size", str(a.batch), "--max_train_steps",
+                str(a.steps), "--learning_rate", "5e-3", "--seed", "0", "--mixed_precision", "no",
+                "--dataloader_num_workers", "0", "--save_steps", "100000", "--checkpointing_steps", "100000"])
+        rates = c.matmul_rates(a.threads)
+        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup)
+        flops = c.sdtune_step_flops("ti", model, dict(api, out=str(tmp / "flops")))
+        extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=False)
+        title = (f"Textual Inversion, {c.MID_NAME}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
+                 f"{a.threads} threads, {c.cpu_name()}")
+        print(c.report(title, results, flops, extra, rates, a.repeats))
+        if a.profile:
+            print(c.profile_sdtune("ti", model, dict(api, out=str(tmp / "profile")), a.threads))
 
 
 if __name__ == "__main__":

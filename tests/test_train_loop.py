@@ -94,10 +94,10 @@ def test_draws_are_reproducible_and_noise_offset_shifts_channels():
 
 def test_text_cache_equals_running_the_encoder(base):
     captions = ["a red circle", "a blue square", ""]
-    cached = loop.TextInput(base.tokenizer, base.text_encoder, "cpu", cache_captions=captions)
-    live = loop.TextInput(base.tokenizer, base.text_encoder, "cpu")
+    cached = loop.TextInput(loop.TextStack.of(base), "cpu", cache_captions=captions)
+    live = loop.TextInput(loop.TextStack.of(base), "cpu")
     with torch.no_grad():
-        want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"])[0]
+        want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"][0])[0]
     # the cache ran the encoder on another batch (all three captions), and CPU kernels may round differently
     # with batch size; 1e-4 is far above that (~1e-6 on outputs of size ~3) and far below the gap between
     # two captions' outputs (~1), so a stale or swapped entry still fails
@@ -210,6 +210,22 @@ def test_gradient_checkpointing_changes_nothing(base, dataset, tmp_path):
         da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
         assert (da - db).norm() <= 1e-5 * da.norm(), (comp, path)
     assert not base.unet.is_gradient_checkpointing
+
+
+def test_speed_options_learn_the_same(base, dataset, tmp_path):
+    kw = dict(steps=2, targets="all", conv_rank=4)
+    a = load_lora(train_lora(base, settings(dataset, tmp_path / "a", **kw)))
+    for option in ("channels_last", "flush_denormals"):
+        flipped = {option: not getattr(LoraSettings(), option)}  # the other way from the default
+        b = load_lora(train_lora(base, settings(dataset, tmp_path / option, **flipped, **kw)))
+        # NHWC kernels round differently (~1e-6 relative per value), flushed subnormals move nothing above
+        # 1e-38; a wrong layout or a lost gradient would move ΔW by a large part of itself.
+        for comp, path, ad in a.items():
+            shape = (ad.tensors["up"].shape[0], -1)
+            da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
+            assert (da - db).norm() <= 1e-3 * da.norm(), (option, comp, path)
+    assert all(p.is_contiguous() for p in base.unet.parameters())  # the layout is restored afterwards
+    assert (torch.tensor([1e-40]) * 1).item() != 0  # and subnormals are kept again
 
 
 def test_sample_grids_every_m_steps(base, dataset, tmp_path):

@@ -2,12 +2,16 @@
 (generate with a picked LoRA, reuse a PNG's settings, compare, LoRA files, gallery) with their refusals."""
 
 import dataclasses
+import html
+import json
 import os
 import pickle
+import re
 import shutil
 import stat
 import time
 import tomllib
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -412,6 +416,116 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
         studio.submit("lora", "../x", "stars", {})
 
 
+def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
+    seen = []
+    assert studio.cancel() is False  # nothing to cancel: the next generation is not cancelled in advance
+    rows, _ = studio.generate("a blue circle", steps=3, seed=1, count=2, on_step=lambda d, t: seen.append((d, t)))
+    assert len(rows) == 2 and seen == [(1, 3), (2, 3), (3, 3)]  # two images are one batch of 3 steps
+    before = sorted((studio.folders.out / "generate").iterdir())
+
+    def press_cancel(done, total):
+        seen.append(done)
+        assert studio.cancel()  # as the Cancel button does, from another request, while the model is in use
+
+    seen.clear()
+    with pytest.raises(SdtuneError, match="generation cancelled at step 2 of 4; nothing was saved"):
+        studio.generate("a blue circle", steps=4, seed=1, on_step=press_cancel)
+    assert seen == [1] and sorted((studio.folders.out / "generate").iterdir()) == before
+    rows, _ = studio.generate("a blue circle", steps=1, seed=1)  # the next one runs: the model is free again
+    assert len(rows) == 1
+
+
+def test_the_base_model_switches_only_to_models_offered(tmp_path):
+    from sdtune.ui.studio import Studio
+
+    models = tmp_path / "models"
+    (models / "sd" / "unet").mkdir(parents=True)
+    (models / "sd" / "model_index.json").write_text("{}")
+    (models / "sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")  # part of the folder
+    (models / "style.safetensors").write_bytes(b"x")
+    (models / ".hidden.safetensors").write_bytes(b"x")
+    (models / "notes.txt").write_text("x")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (models / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    folders = Folders.make(tmp_path / "out", model="tiny-random", models=models)
+    s = Studio(folders, model="tiny-random")
+    try:
+        assert s.model_choices() == ["tiny", "tiny-random", "sd", "style.safetensors"]
+        s._base = object()  # a loaded model: switching drops it, the next request loads the new one
+        assert s.set_model("style.safetensors") == str(models / "style.safetensors") == s.model
+        assert s._base is None
+        assert s.set_model("sd") == str(models / "sd")
+        for bad, says in [("../outside.safetensors", "'..' leaves the model folder"),
+                          ("/etc/passwd", "absolute paths are not allowed"),
+                          ("link.safetensors", "leads outside the model folder"),
+                          ("notes.txt", "not a model in the model folder"),
+                          ("nothere.safetensors", "no such file in the model folder"),
+                          ("sdxl-random", "no such file in the model folder")]:  # built in, but not offered
+            with pytest.raises(Refused, match=re.escape(says)):
+                s.set_model(bad)
+        assert s.model == str(models / "sd")  # a refusal changes nothing
+        assert s.set_model("tiny") == "tiny"
+    finally:
+        s.jobs.shutdown()
+    plain = Studio(Folders.make(tmp_path / "out2"), model="tiny-random")
+    try:
+        assert plain.model_choices() == ["tiny", "tiny-random"]
+        with pytest.raises(Refused, match="start the UI with --model-dir DIR"):
+            plain.set_model("style.safetensors")
+    finally:
+        plain.jobs.shutdown()
+
+
+def _finished_job(root: Path, name: str, lr: float, val: float) -> Path:
+    folder = root / name
+    (folder / "samples").mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({"name": name, "kind": "lora", "folder": str(folder),
+                                                 "state": "done", "submitted": int(name[-1])}))
+    (folder / "job.toml").write_text(f'data = "d"\nout = "{folder}"\nlr = {lr}\nrank = 4\n')
+    (folder / "loss.csv").write_text(f"step,loss,lr,val_loss\n0,,,0.5\n2,0.4,{lr},{val}\n")
+    save_png(Image.new("RGB", (8, 8)), folder / "samples" / "step-000002.png")
+    (folder / "report.html").write_text("<html><head></head><body><img src=\"samples/step-000002.png\"></body></html>")
+    return folder
+
+
+def test_reports_are_embedded_with_links_only_into_the_output_folder(tmp_path):
+    from sdtune.ui.studio import Studio
+
+    folders = Folders.make(tmp_path / "out")
+    a = _finished_job(folders.out / "train", "lora-001", 1e-3, 0.25)
+    _finished_job(folders.out / "train", "lora-002", 5e-4, 0.125)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (a / "link.png").symlink_to(tmp_path / "secret.png")
+    (a / "report.html").write_text('<html><head></head><body><img src="loss%20curve.png"><img src="link.png">'
+                                   '<a href="../../../secret.png">x</a><a href="/etc/passwd">y</a>'
+                                   '<a href="https://example.com/">z</a><img src="samples/step-000002.png">'
+                                   '</body></html>')
+    (a / "loss curve.png").write_bytes(b"x")
+    s = Studio(folders, model="tiny-random")
+    try:
+        assert s.report("lora-001") == a / "report.html"
+        frame = s.embed_page(s.report("lora-001"))
+        assert frame.startswith("<iframe ") and 'sandbox="allow-same-origin allow-popups"' in frame
+        inner = html.unescape(re.search(r'srcdoc="([^"]*)"', frame).group(1))
+        links = re.findall(r'(?:src|href)="([^"]*)"', inner)
+        route = "gradio_api/file="
+        assert links == [route + urllib.parse.quote(str((a / "loss curve.png").resolve())), "#", "#", "#", "#",
+                         route + urllib.parse.quote(str((a / "samples" / "step-000002.png").resolve()))]
+        assert '<base target="_blank">' in inner
+        (tmp_path / "elsewhere.html").write_text("<html></html>")
+        with pytest.raises(Refused, match="leads outside the output folder"):
+            s.embed_page(tmp_path / "elsewhere.html")
+
+        page = s.compare_jobs()  # the jobs side by side, on the page `sdtune train queue` writes
+        assert page == folders.out / "train" / "queue.html"
+        text = page.read_text()
+        assert re.search(r"<th>lr</th>\s*<td>0.001</td>\s*<td>0.0005</td>", text)
+        assert "0.250000 (step 2)" in text and "0.125000 (step 2)" in text and "<th>rank</th>" not in text
+        assert 'href="lora-002/report.html"' in text and 'src="lora-001/samples/step-000002.png"' in text
+    finally:
+        s.jobs.shutdown()
+
+
 def test_the_ui_command_refuses_bad_options_in_one_line(tmp_path, capsys):
     from sdtune import cli
 
@@ -419,4 +533,6 @@ def test_the_ui_command_refuses_bad_options_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == "sdtune: error: --auth: write USER:PASS, e.g. --auth me:a-long-password\n"
     assert cli.main(["ui", "--port", "70000", "--out", str(tmp_path / "o")]) == 2
     assert "--port 70000: use a port between 1 and 65535" in capsys.readouterr().err
+    assert cli.main(["ui", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--model-dir " + str(tmp_path / "nope") + ": no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was made

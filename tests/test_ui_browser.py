@@ -235,6 +235,24 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
 
 
 @needs_browser
+def test_generation_can_be_cancelled_and_the_model_switched(server, browser):
+    d = browser
+    _type(d, "gen-prompt", "a green square")
+    _type(d, "gen-steps", 150)
+    before = sorted((server["out"] / "generate").glob("*.png"))
+    d.find_element(By.ID, "gen-go").click()
+    _wait(lambda: re.search(r"denoising", d.find_element(By.ID, "gen-gallery").text), 60, "the step progress")
+    d.find_element(By.ID, "gen-cancel").click()
+    _wait_text(d, "gen-status", r"generation cancelled at step \d+ of 150; nothing was saved", 60)
+    assert sorted((server["out"] / "generate").glob("*.png")) == before
+    _type(d, "gen-steps", STEPS)
+    _pick(d, "model", "tiny")
+    _wait_text(d, "model-status", "base model: tiny ", 30)
+    _pick(d, "model", MODEL)
+    _wait_text(d, "model-status", f"base model: {MODEL} ", 30)
+
+
+@needs_browser
 def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     d = browser
     png = save_png(Image.new("RGB", (64, 64), "white"), tmp_path / "from-a1111.png",
@@ -330,9 +348,9 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     _type(d, "train-sample_prompts", "a red star on a white background")
     d.find_element(By.ID, "train-start").click()
     _wait_text(d, "train-status", "job run1 queued", 20)
-    first = _wait(lambda: _progress(d), 90, "progress")
-    _wait(lambda: (_progress(d) or 0) >= max(first + 1, 4), 60, "progress to move on")  # past the save at 3
-    _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-samples img"), 30, "the sample grid of step 3")
+    first = _wait(lambda: _progress(d), 240, "progress")
+    _wait(lambda: (_progress(d) or 0) >= max(first + 1, 4), 240, "progress to move on")  # past the save at 3
+    _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-samples img"), 120, "the sample grid of step 3")
     folder = server["out"] / "train" / "run1"
     d.find_element(By.ID, "train-stop").click()
     _wait_text(d, "train-progress", r"\(lora\): stopped", 30)
@@ -340,7 +358,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     d.find_element(By.ID, "train-resume").click()
     _wait_text(d, "train-progress", r"\(lora\): running", 30)
     run2 = lambda: (folder / "train.log").read_text().split("--- run 2")[-1]  # noqa: E731
-    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 90, "the resumed run's progress")
+    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 240, "the resumed run's progress")
     resumed_at = int(re.search(r" (\d+)/40 ", run2()).group(1))
     assert resumed_at >= 3  # it went on from the save, not from 0
 
@@ -357,13 +375,30 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     _wait_text(d, "train-progress", r"\(lora\): running", 10)
     _shot(d, shots, "train")
     d.find_element(By.ID, "train-stop").click()
-    _wait_text(d, "train-jobs", r"q2\s+lora\s+done", 120)
+    _wait_text(d, "train-jobs", r"q2\s+lora\s+done", 600)
     assert re.search(r"q1\s+lora\s+done", _text(d, "train-jobs"))
     assert re.search(r"run1\s+lora\s+stopped", _text(d, "train-jobs"))
     for name in ("q1", "q2"):
         assert (server["out"] / "train" / name / "lora.safetensors").is_file()
     _pick(d, "train-job", "q2")
     _wait_text(d, "train-progress", r"\(lora\): done.*step 2 of 2", 10)
+    # its report, embedded: the page's images come through the file route of the output folder
+    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-report iframe"), 30, "the report")[0]
+    d.switch_to.frame(frame)
+    try:
+        assert "did it work?" in d.find_element(By.TAG_NAME, "h1").text
+        loaded = "return [...document.images].map(i => i.complete && i.naturalWidth > 0)"
+        assert _wait(lambda: (lambda ok: ok and all(ok))(d.execute_script(loaded)), 20, "the report's images")
+    finally:
+        d.switch_to.default_content()
+    d.find_element(By.ID, "train-compare").click()
+    _wait_text(d, "train-status", "jobs compared in", 20)
+    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-comparison iframe"), 20)[0]
+    d.switch_to.frame(frame)
+    try:
+        assert re.search(r"run\s+run1\s+q1\s+q2", d.find_element(By.TAG_NAME, "table").text)
+    finally:
+        d.switch_to.default_content()
     d.find_element(By.ID, "train-use").click()  # the result goes to the LoRA folder, named after the job
     _wait_text(d, "train-status", "copied as q2", 10)
     assert (server["loras"] / "q2.safetensors").is_file()

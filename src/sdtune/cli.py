@@ -20,6 +20,7 @@ from .models import load_base
 from .safeio import SdtuneError
 from .tiny import evaluate
 from .train import presets
+from .train import queue as train_queue
 from .train.config import KINDS, load_settings, read_settings, setting_type
 from .train.lora import train_lora
 from .train.ti import train_ti
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--dtype")
         _settings_args(tp, kind)
         tp.set_defaults(func=cmd_train)
+    tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=train_queue.__doc__)
+    tq.add_argument("jobs", help="the queue file (TOML, as below)")
+    tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
+    tq.add_argument("--device")
+    tq.add_argument("--dtype")
+    tq.set_defaults(func=cmd_train_queue)
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
@@ -152,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(u)
     u.add_argument("--lora-dir", help="LoRA folder the UI lists and writes to (default: OUT/loras)")
     u.add_argument("--embedding-dir", help="embedding folder (default: OUT/embeddings)")
+    u.add_argument("--model-dir", help="folder of models (.safetensors, .ckpt, diffusers folders) the page can "
+                   "switch to, besides the built-in ones and --model")
     u.add_argument("--out", default="outputs", help="output folder: images, grids, training jobs, datasets "
                    "(default: outputs)")
     u.add_argument("--port", type=int, default=7860)
@@ -206,6 +216,10 @@ def cmd_train(a) -> None:
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
     train = train_ti if a.kind == "ti" else train_lora
     print(train(base, settings))
+
+
+def cmd_train_queue(a) -> Path:
+    return train_queue.run_queue(a.jobs, a.out, device=a.device, dtype=a.dtype)
 
 
 def cmd_inspect(a) -> None:
@@ -326,8 +340,8 @@ def cmd_eval_tiny(a) -> None:
 def cmd_ui(a) -> None:
     from . import ui  # Gradio is loaded for this command only
 
-    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, port=a.port, listen=a.listen,
-             auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
+    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, model_dir=a.model_dir,
+             port=a.port, listen=a.listen, auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ sizes a few pixels may differ by 1/255 (CPU kernels round differently per batch 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,10 @@ def generate(
     batch_size: int = 4,
     progress: bool = True,
     extra_info: dict | None = None,
+    on_step=None,
 ) -> list[Generated]:
-    """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are."""
+    """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are. ``on_step(done,
+    total)`` is called after each denoising step (of all batches together); an exception it raises stops here."""
     width = width or default_size(base)
     height = height or default_size(base)
     check_size(width, height)
@@ -168,6 +171,12 @@ def generate(
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
     scale = pipe.vae_scale_factor
     out: list[Generated] = []
+    total = steps * -(-num_images // batch_size)
+
+    def step_end(pipe, i, t, tensors, start=0):  # diffusers' callback_on_step_end
+        on_step(start // batch_size * steps + i + 1, total)
+        return tensors
+
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -188,6 +197,7 @@ def generate(
             generator=gens,
             height=height,
             width=width,
+            callback_on_step_end=None if on_step is None else functools.partial(step_end, start=start),
         ).images
         for s, img in zip(seeds, images):
             params = {

@@ -6,8 +6,10 @@ The defaults (``--preset cpu``) are the shipped model's settings, sized for a 2-
 the measured run). ``--preset large`` is the earlier recipe sized for one GPU (4x the samples, plain MSE).
 Reproducible from a seed (per-step random draws); resumable (a checkpoint every 500 steps).
 ``sdtune eval-tiny --model runs/tiny/model`` judges an export before it is installed. Everything is trained on
-renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE,
-like SD's, is a generic image codec and sees every kind of image.
+renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE
+this recipe trains knows only the world; a second stage, ``python -m sdtune.tiny.vae_recipe --start
+runs/tiny/model/vae.safetensors --install``, makes it a general codec (any colour, frames, text, photos)
+while keeping the latents this UNet was trained on (see ``vae_recipe``).
 """
 
 from __future__ import annotations

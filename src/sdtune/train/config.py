@@ -61,6 +61,12 @@ class TrainSettings:
     max_grad_norm: float = 1.0  # 0: no clipping
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
+    channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
+                                "cuDNN in fp16/bf16; same math, other kernels (float rounding differs)",
+                                default=False)
+    flush_denormals: bool = _help("on the CPU, flush subnormal floats (below 1.2e-38) to zero while training: "
+                                  "Adam's second moments of small LoRA gradients decay into them, and x86 CPUs "
+                                  "compute with them many times slower", default=False)
     mixed_precision: str = "auto"  # auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16
     crop: str = "center"  # center | random (random crops are VAE-encoded every step)
     flip: bool = False
@@ -169,8 +175,9 @@ class LoraSettings(TrainSettings):
     rank: int = 16
     alpha: float = 8.0
     targets: str = "attn"  # attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)
-    text_encoder: bool = False  # also train LoRA on the text encoder
+    text_encoder: bool = False  # also train LoRA on the text encoder(s) (SDXL: both)
     te_lr: float | None = None  # text-encoder learning rate (None: lr)
+    te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
     conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
     conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
@@ -214,8 +221,10 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
-        if self.te_lr is not None and not self.te_lr >= 0:
-            raise SdtuneError(f"--te-lr {self.te_lr}: must be 0 or more")
+        for name in ("te_lr", "te2_lr"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
         if not 0 <= self.lora_dropout < 1:
             raise SdtuneError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _choice("targets", self.targets, TARGETS)

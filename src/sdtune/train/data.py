@@ -11,6 +11,10 @@ distribution kept (mean and std), so every step draws a fresh sample from it at 
 copies are encoded too when flipping is on. A random crop changes every step, so those images are kept as
 pixels and encoded per step.
 
+Each image's upright size and its crop (the corner cut from the resized image, mirrored when flipped) are
+kept: SDXL's UNet is conditioned on them (``time_ids``: original size, crop top-left, target size), as it
+was trained, so a batch carries one row of time ids per image.
+
 Batches are a pure function of (seed, batch number): epoch e shuffles every bucket with seed (seed, e),
 chunks it into global batches (the last one filled by wrapping around) and shuffles the batch order. That
 makes resuming exact, and lets each of several processes take its slice of the same global batch.
@@ -210,15 +214,34 @@ def upright_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def cover_box(width: int, height: int, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)
+              ) -> tuple[int, int, int, int]:
+    """What ``fit`` does to a ``width`` x ``height`` image: (resized width, resized height, crop left, crop top),
+    the crop's corner in the resized image's pixels (what SDXL's crop time ids hold)."""
+    w, h = size
+    scale = max(w / width, h / height)
+    nw, nh = max(w, round(width * scale)), max(h, round(height * scale))
+    return nw, nh, round((nw - w) * where[0]), round((nh - h) * where[1])
+
+
 def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
     """Resize to cover ``size`` (w, h) keeping the aspect ratio, then crop; ``where`` places the crop (0..1)."""
     w, h = size
-    scale = max(w / img.width, h / img.height)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    nw, nh, left, top = cover_box(img.width, img.height, size, where)
     if (nw, nh) != img.size:
         img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    left, top = round((nw - w) * where[0]), round((nh - h) * where[1])
     return img.crop((left, top, left + w, top + h))
+
+
+def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
+             flipped: bool = False) -> list[float]:
+    """SDXL's size and crop conditioning of one training image: (original height, original width, crop top,
+    crop left, target height, target width), as SDXL was trained. ``original``, ``size``: (w, h); ``box``: from
+    ``cover_box``. A flipped image's crop is mirrored: its left edge is the distance from the right."""
+    nw, _, left, top = box
+    if flipped:
+        left = nw - size[0] - left
+    return [float(original[1]), float(original[0]), float(top), float(left), float(size[1]), float(size[0])]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -279,6 +302,7 @@ class Batch:
     latents: torch.Tensor  # [b, C, h, w] a sample of each image's latent distribution (this process's slice)
     captions: list[str]
     size: tuple[int, int]  # (w, h) in pixels
+    time_ids: torch.Tensor  # [b, 6] SDXL's (original h, w, crop top, left, target h, w) of each image (``time_ids``)
     mask: torch.Tensor | None = None  # [b, 1, h, w] loss weights per latent pixel (``masks``), with --masked-loss
 
 
@@ -300,7 +324,9 @@ class TrainingSet:
         sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
-        self.bucket_of = [pick_bucket(*upright_size(ex.path), sizes) for ex in scan.examples]
+        # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
+        self.original_size = [upright_size(ex.path) for ex in scan.examples]
+        self.bucket_of = [pick_bucket(*wh, sizes) for wh in self.original_size]
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):
             members.setdefault(size, []).append(i)
@@ -365,6 +391,16 @@ class TrainingSet:
             texts.add("")
         return sorted(texts)
 
+    def time_ids(self, i: int, flipped: bool = False, where: tuple[float, float] = (0.5, 0.5)) -> list[float]:
+        """SDXL time ids of image ``i`` cropped at ``where`` (center crops: the middle), flipped or not."""
+        size = self.bucket_of[i]
+        if self.crop == "random":  # cut from the cover-resized image: the same box as from the original
+            img = self.pixels[size][self.row_of[i]]
+            box = cover_box(img.width, img.height, size, where)
+        else:
+            box = cover_box(*self.original_size[i], size, where)
+        return time_ids(self.original_size[i], box, size, flipped)
+
     def batches_per_epoch(self, global_batch: int) -> int:
         return sum(math.ceil(n / global_batch) for n in self.counts.values())
 
@@ -396,6 +432,7 @@ class TrainingSet:
         part = slice(rank * per, (rank + 1) * per)
         if self.crop == "random":  # only this process's images are encoded; the draws cover the global batch
             where = torch.rand(len(ids), 2, generator=g).tolist()
+            conditions = [self.time_ids(i, f, tuple(w)) for i, f, w in list(zip(ids, flips, where))[part]]
             x = []
             for i, f, (fx, fy) in list(zip(ids, flips, where))[part]:
                 img = fit(self.pixels[size][self.row_of[i]], size, (fx, fy))
@@ -409,6 +446,7 @@ class TrainingSet:
                                                                f), grid)
                                     for i, f, (fx, fy) in list(zip(ids, flips, where))[part]])
         else:
+            conditions = [self.time_ids(i, f) for i, f in list(zip(ids, flips))[part]]
             stats = torch.stack([(self.flipped if f else self.latents)[size][self.row_of[i]]
                                  for i, f in list(zip(ids, flips))[part]])
             mean, std = stats.chunk(2, 1)
@@ -422,7 +460,7 @@ class TrainingSet:
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
             captions.append(process_caption(text, rng, **self.caption_opts))
-        return Batch(latents, captions[part], size, mask)
+        return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
 
 
 def _fitted_mask(path: Path, size: tuple[int, int]) -> Image.Image | None:
@@ -447,9 +485,14 @@ def _cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 # ---------------------------------------------------------------- from settings
 
+def vae_scale(base) -> int:
+    """Pixels per latent pixel along each side (8 for SD's VAE)."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
 def model_steps(base) -> tuple[int, int]:
     """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
-    vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    vae_factor = vae_scale(base)
     unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
     return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
 

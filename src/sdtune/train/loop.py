@@ -10,9 +10,14 @@ m_i is the image's loss mask on the latent grid (``masks``, with ``--masked-loss
 preservation (``prior``) each step also draws a batch of class images and adds ``prior_loss_weight`` times
 their loss, computed the same way (DreamBooth).
 
+The condition c is what the family's UNet reads (``TextStack``): each text encoder's chosen hidden layer,
+concatenated, and for SDXL also the pooled text embedding and each image's time ids (original size, crop,
+target size, from the data). The target follows the scheduler's prediction type (ε, or v for SD 2.x's
+768-v models: v = sqrt(ᾱ_t) · noise − sqrt(1 − ᾱ_t) · z0, diffusers' ``get_velocity``).
+
 Only the job's parameters (TI's new rows, the LoRA matrices) are in the optimizer; everything else is
 frozen, in eval mode, and where it does not lead to a trainable parameter runs without autograd (the text
-encoder of a UNet-only LoRA; its outputs are even cached when captions do not change).
+encoders of a UNet-only LoRA; their outputs are even cached when captions do not change).
 
 Reproducibility. Every random draw of step s comes from generators seeded with (seed, s): which images,
 their latent samples and flips, caption shuffles, noise, timesteps and dropout. So a run resumed from a save
@@ -49,7 +54,7 @@ from ..generate import generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs
 from .config import TrainSettings, summary, to_toml
-from .data import TrainingSet, seed_for
+from .data import TrainingSet, seed_for, vae_scale
 from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
@@ -128,13 +133,53 @@ def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, no
     return noise, timesteps
 
 
-class Objective(nn.Module):
-    """The loss of one batch. It holds the UNet and text encoder, so the trainable parameters injected into
-    them are its parameters (what DDP sees), while the frozen rest takes no part in the optimizer."""
+class TextStack(nn.Module):
+    """A family's text encoders as its UNet reads them (``families.TextEncoder``): each encoder's chosen hidden
+    layer (SD 1.x/2.x: the last; SDXL: the penultimate of both), concatenated, and the pooled output of an
+    encoder that projects it (SDXL's second). ``generate.encode_prompt`` computes the same, without gradients."""
 
-    def __init__(self, unet, text_encoder, scheduler, min_snr_gamma: float = 0.0, text_trainable: bool = False):
+    def __init__(self, encoders):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
+        self.specs = [te for te, _, _ in encoders]
+        self.tokenizers = [tok for _, _, tok in encoders]
+        self.models = nn.ModuleList([model for _, model, _ in encoders])
+
+    @classmethod
+    def of(cls, base) -> TextStack:
+        return cls(base.text_encoders())
+
+    def ids(self, texts: list[str], device) -> list[torch.Tensor]:
+        """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently)."""
+        return [tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                    return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
+
+    def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden, pooled = [], None
+        for te, model, x in zip(self.specs, self.models, ids):
+            out = model(x, output_hidden_states=te.hidden_layer != -1)
+            hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+
+def default_time_ids(latents: torch.Tensor, scale: int) -> torch.Tensor:
+    """SDXL time ids of uncropped images at their training size: (h, w, 0, 0, h, w) per sample."""
+    h, w = latents.shape[-2] * scale, latents.shape[-1] * scale
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=latents.device).expand(len(latents), 6)
+
+
+class Objective(nn.Module):
+    """The loss of one batch. It holds the UNet and the text encoders (a ``TextStack``), so the trainable
+    parameters injected into them are its parameters (what DDP sees), while the frozen rest takes no part in
+    the optimizer. ``added_conditioning``: the UNet also reads the pooled text embedding and SDXL's time ids
+    (``Family.pooled_and_time_ids``)."""
+
+    def __init__(self, unet, text: TextStack | None, scheduler, min_snr_gamma: float = 0.0,
+                 text_trainable: bool = False, added_conditioning: bool = False, vae_scale: int = 8):
+        super().__init__()
+        self.unet, self.text = unet, text
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.detach().float().clone(), persistent=False)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -142,69 +187,84 @@ class Objective(nn.Module):
                               f"v_prediction models")
         self.min_snr_gamma = min_snr_gamma
         self.text_trainable = text_trainable
+        self.added_conditioning, self.vae_scale = added_conditioning, vae_scale
 
-    def errors(self, latents, noise, timesteps, input_ids=None, context=None, mask=None) -> torch.Tensor:
+    def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+               mask=None) -> torch.Tensor:
         """The plain prediction error of each sample (what the validation loss averages); ``mask`` [b, 1, h, w]
         weights each latent pixel's squared error."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
-                context = self.text_encoder(input_ids)[0]
+                context, pooled = self.text(input_ids)
         acp = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
         dtype = self.unet.dtype
-        pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
+        extra = {}
+        if self.added_conditioning:
+            if time_ids is None:
+                time_ids = default_time_ids(latents, self.vae_scale)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype), **extra).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
         squared = F.mse_loss(pred.float(), target.float(), reduction="none")
         if mask is not None:
             squared = squared * mask.to(squared.device, squared.dtype)
         return squared.mean(dim=(1, 2, 3))
 
-    def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, mask=None) -> torch.Tensor:
-        loss = self.errors(latents, noise, timesteps, input_ids, context, mask)
+    def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+                   mask=None) -> torch.Tensor:
+        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
         if self.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
         return loss.mean()
 
-    def forward(self, latents, noise, timesteps, input_ids=None, context=None, mask=None, prior=None,
-                prior_weight: float = 0.0):
+    def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
+                mask=None, prior=None, prior_weight: float = 0.0):
         """The batch's loss, plus ``prior_weight`` x the loss of the class-image batch ``prior`` (the same
         arguments as a dict); one call, so that DDP sees one forward per backward."""
-        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, mask)
+        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
         if prior is not None:
             loss = loss + prior_weight * self.batch_loss(**prior)
         return loss
 
 
 class TextInput:
-    """Captions -> what the objective takes: cached encoder outputs when the text encoder is frozen and
-    captions are fixed, else token ids for the text encoder to run on."""
+    """Captions -> what the objective takes: cached encoder outputs (per-token features and, for SDXL, the
+    pooled embedding) when the text encoders are frozen and captions are fixed, else token ids for the
+    encoders to run on."""
 
-    def __init__(self, tokenizer, text_encoder, device, expand=lambda p: p, cache_captions: list[str] | None = None):
-        self.tokenizer, self.text_encoder, self.device, self.expand = tokenizer, text_encoder, device, expand
-        self.cache: dict[str, torch.Tensor] | None = None
+    def __init__(self, text: TextStack, device, expand=lambda p: p, cache_captions: list[str] | None = None):
+        self.text, self.device, self.expand = text, device, expand
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         if cache_captions is not None:
             self.cache = {}
             with torch.no_grad():
                 for i in range(0, len(cache_captions), 32):
                     chunk = cache_captions[i:i + 32]
-                    out = text_encoder(self.ids(chunk))[0]
-                    self.cache.update(zip(chunk, out))
+                    hidden, pooled = text(self.ids(chunk))
+                    pooled = pooled if pooled is not None else [None] * len(chunk)
+                    self.cache.update(zip(chunk, zip(hidden, pooled)))
 
-    def ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer([self.expand(c) for c in captions], padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+    def ids(self, captions: list[str]) -> list[torch.Tensor]:
+        return self.text.ids([self.expand(c) for c in captions], self.device)
+
+    def _cached(self, captions: list[str]) -> dict:
+        hidden, pooled = zip(*(self.cache[c] for c in captions))
+        return {"context": torch.stack(hidden), "pooled": None if pooled[0] is None else torch.stack(pooled)}
 
     def __call__(self, captions: list[str]) -> dict:
         if self.cache is not None:
-            return {"context": torch.stack([self.cache[c] for c in captions])}
+            return self._cached(captions)
         return {"input_ids": self.ids(captions)}
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        """Encoder outputs for any captions (validation's need not be training captions), without gradients."""
+    def encode(self, captions: list[str]) -> dict:
+        """Encoder outputs for any captions (validation's need not be training captions), without gradients:
+        the objective's ``context`` and ``pooled``."""
         if self.cache is not None and all(c in self.cache for c in captions):
-            return torch.stack([self.cache[c] for c in captions])
-        return self.text_encoder(self.ids(captions))[0]
+            return self._cached(captions)
+        context, pooled = self.text(self.ids(captions))
+        return {"context": context, "pooled": pooled}
 
 
 def make_accelerator(settings: TrainSettings, base):
@@ -257,7 +317,7 @@ def _freeze(base, job: Job) -> Callable[[], None]:
     """Only the job's parameters require grad, the frozen modules are in eval mode; returns the undo."""
     params = {id(p) for group in job.param_groups for p in group["params"]}
     flags = {}
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in base.modules().values():
         module.eval()
         for p in module.parameters():
             if id(p) not in params:
@@ -270,15 +330,23 @@ def _freeze(base, job: Job) -> Callable[[], None]:
 
 
 def _checkpointing(base, text_trainable: bool) -> Callable[[], None]:
-    """Gradient checkpointing on the UNet (and the text encoder when it is on the gradient path)."""
-    unet, te = base.unet, base.text_encoder
+    """Gradient checkpointing on the UNet (and the text encoders when they are on the gradient path)."""
+    unet = base.unet
     unet.enable_gradient_checkpointing()
     if not text_trainable:
         return unet.disable_gradient_checkpointing
+    encoders = [model for _, model, _ in base.text_encoders()]
     # transformers checkpoints only in train mode (CLIP has no dropout, so train mode changes nothing else)
-    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    te.train()
-    return lambda: (unet.disable_gradient_checkpointing(), te.gradient_checkpointing_disable(), te.eval())
+    for te in encoders:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        te.train()
+
+    def undo():
+        unet.disable_gradient_checkpointing()
+        for te in encoders:
+            te.gradient_checkpointing_disable()
+            te.eval()
+    return undo
 
 
 def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
@@ -300,14 +368,21 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
+        if settings.channels_last:  # only 4-D weights change layout: the convolutions (LoRA's included)
+            base.unet.to(memory_format=torch.channels_last)
+            undo.append(lambda: base.unet.to(memory_format=torch.contiguous_format))
+        if settings.flush_denormals and device.type == "cpu":  # a subnormal moment changes less than Adam's eps
+            torch.set_flush_denormal(True)
+            undo.append(lambda: torch.set_flush_denormal(False))
         job.set_training(True)
         undo.append(lambda: job.set_training(False))
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
-        text = TextInput(base.tokenizer, base.text_encoder, device, job.expand, cache)
-        objective = Objective(base.unet, base.text_encoder, base.scheduler, settings.min_snr_gamma,
-                              job.text_trainable).to(device)
+        stack = TextStack.of(base)
+        text = TextInput(stack, device, job.expand, cache)
+        objective = Objective(base.unet, stack, base.scheduler, settings.min_snr_gamma, job.text_trainable,
+                              base.family.pooled_and_time_ids, vae_scale(base)).to(device)
         optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
         start, history = 0, {}
         if settings.resume and state_path.is_file():
@@ -394,7 +469,8 @@ class Session:
                                            len(self.base.scheduler.alphas_cumprod), s.noise_offset)
         mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
         inputs = {"latents": batch.latents.to(acc.device), "noise": noise[mine].to(acc.device),
-                  "timesteps": timesteps[mine].to(acc.device), **self.text(batch.captions)}
+                  "timesteps": timesteps[mine].to(acc.device), **self.text(batch.captions),
+                  "time_ids": batch.time_ids.to(acc.device)}
         if batch.mask is not None:
             inputs["mask"] = batch.mask.to(acc.device)
         return inputs

@@ -1,6 +1,7 @@
 """LoRA training: low-rank updates ΔW = (alpha / rank) · up @ down learned on a frozen model.
 
-Each targeted layer (a Linear or Conv2d of the UNet, optionally of the text encoder) is wrapped for the
+Each targeted layer (a Linear or Conv2d of the UNet, optionally of every text encoder: SDXL's two, each at
+its own learning rate, ``--te-lr`` and ``--te2-lr``) is wrapped for the
 run: ``y = W x + scale · up(down(dropout(x)))``, ``down`` initialised like a fresh layer and ``up`` at zero,
 so training starts from the base model exactly. Convolutions get a ``down`` conv with the layer's kernel,
 stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
@@ -12,7 +13,8 @@ stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
 A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 convs then use that rank.
 
 At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
-neutral ``Lora``, written in the kohya layout with ``ss_*`` metadata (the run's whole settings included, as
+neutral ``Lora``, written in the kohya layout (the family's prefixes: ``lora_te_``, or SDXL's ``lora_te1_``
+and ``lora_te2_``, and its ``ss_base_model_version``) with ``ss_*`` metadata (the run's whole settings included, as
 ``ss_sdtune_settings``) and on request the diffusers layout. ``report.html`` then shows each checkpoint at
 strengths 0 to 1.
 
@@ -35,7 +37,7 @@ from torch import nn
 
 from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
-from ..lora.neutral import Adapter, Lora
+from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..safeio import SdtuneError
 from . import loop, report, validation
 from .config import LoraSettings, to_toml
@@ -48,6 +50,7 @@ UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_
 UNET_RESNET = re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|\.(down|up)samplers\.\d+\.conv)$")
 TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
+TE_LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
 
 
 class LoraLayer(algo_lora.LoraLayer):
@@ -70,9 +73,28 @@ def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
     return found
 
 
-def te_targets(text_encoder: nn.Module, targets: str) -> list[str]:
-    return [name for name, module in text_encoder.named_modules() if isinstance(module, nn.Linear)
-            and (TE_ATTN.search("." + name) or (targets != "attn" and TE_MLP.search("." + name)))]
+def te_targets(text_encoder: nn.Module, targets: str, layers: int | None = None) -> list[str]:
+    """Module paths of the text-encoder layers that get a LoRA, in its first ``layers`` encoder layers (all)."""
+    found = []
+    for name, module in text_encoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        dotted = "." + name
+        layer = TE_LAYER.search(dotted)
+        if layers is not None and layer and int(layer.group(1)) >= layers:
+            continue
+        if TE_ATTN.search(dotted) or (targets != "attn" and TE_MLP.search(dotted)):
+            found.append(name)
+    return found
+
+
+def used_layers(te, model: nn.Module, family) -> int:
+    """How many of a text encoder's layers the UNet's conditioning depends on: up to the hidden layer it reads
+    (SDXL's first encoder: all but the last, whose LoRA would never get a gradient), all of them when the
+    encoder's pooled output conditions the UNet too (SDXL's second)."""
+    total = model.config.num_hidden_layers
+    pooled = family.pooled_and_time_ids and te.model_class == "CLIPTextModelWithProjection"
+    return total if te.hidden_layer == -1 or pooled else total + 1 + te.hidden_layer
 
 
 def _is_3x3(module: nn.Module) -> bool:
@@ -91,17 +113,18 @@ class Network:
             conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
         self.layers: dict[tuple[str, str], LoraLayer] = {}
         plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
-        if settings.text_encoder:
-            plan.append(("text_encoder", base.text_encoder, te_targets(base.text_encoder, settings.targets)))
+        if settings.text_encoder:  # every text encoder of the family (SDXL: both)
+            plan += [(te.component, model, te_targets(model, settings.targets, used_layers(te, model, base.family)))
+                     for te, model, _ in base.text_encoders()]
         for comp, root, paths in plan:
             if not paths:
-                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it an SD 1.x "
-                                  f"model?")
+                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a Stable "
+                                  f"Diffusion model of a family sdtune knows?")
             for path in paths:
                 module = root.get_submodule(path)
                 rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
                 self.layers[(comp, path)] = LoraLayer(module, rank, alpha, settings.lora_dropout, g)
-        self.roots = {"unet": base.unet, "text_encoder": base.text_encoder}
+        self.roots = {comp: root for comp, root, _ in plan}
 
     def inject(self) -> None:
         for (comp, path), layer in self.layers.items():
@@ -140,9 +163,17 @@ class Network:
     def to_lora(self) -> Lora:
         lora = Lora(format="sdtune")
         for (comp, path), layer in self.layers.items():
-            clean = path[len("text_model."):] if comp == "text_encoder" and path.startswith("text_model.") else path
+            clean = text_path(path) if comp in TEXT_COMPONENTS else path
             lora.modules[comp][clean] = layer.adapter()
         return lora
+
+
+def text_lrs(settings: LoraSettings, base) -> list[float]:
+    """The learning rate of each text encoder: --te-lr (else --lr) for the first, --te2-lr (else the first's)
+    for SDXL's second."""
+    first = settings.te_lr if settings.te_lr is not None else settings.lr
+    second = settings.te2_lr if settings.te2_lr is not None else first
+    return [first, *[second] * (len(base.family.text_encoders) - 1)]
 
 
 def _tag_frequency(scan, root: Path) -> dict:
@@ -166,7 +197,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_output_name": settings.name,
         "ss_learning_rate": str(settings.lr),
         "ss_unet_lr": str(settings.lr),
-        "ss_text_encoder_lr": str(settings.te_lr if settings.te_lr is not None else settings.lr),
+        "ss_text_encoder_lr": str(text_lrs(settings, base)[0]),
         "ss_num_train_images": str(len(data)),
         "ss_num_reg_images": "0",
         "ss_num_batches_per_epoch": str(per_epoch),
@@ -227,8 +258,8 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     network = Network(base, settings)
     groups = [{"params": network.params("unet"), "lr": settings.lr}]
     if settings.text_encoder:
-        groups.append({"params": network.params("text_encoder"),
-                       "lr": settings.te_lr if settings.te_lr is not None else settings.lr})
+        groups += [{"params": network.params(te.component), "lr": lr}
+                   for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))]
     if settings.pivotal:
         check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
     pivot = Pivot(base, settings) if settings.pivotal else None
@@ -243,13 +274,15 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
         stem = settings.name if final else f"{settings.name}-step{step:06d}"
         paths = [out / f"{stem}.safetensors"]
         # pivotal tuning: the word inside the kohya file (A1111 loads both from it) and on its own beside it (for
-        # diffusers, whose LoRA layout has no place for it: load_textual_inversion reads that file)
-        save_lora(pivot.bundled(lora) if pivot is not None else lora, paths[0], format="kohya", metadata=meta)
+        # diffusers, whose LoRA layout has no place for it: load_textual_inversion reads that file). The family
+        # names the text encoders' kohya prefixes (SDXL: lora_te1_, lora_te2_) and ss_base_model_version.
+        save_lora(pivot.bundled(lora) if pivot is not None else lora, paths[0], format="kohya", metadata=meta,
+                  family=base.family)
         if pivot is not None:
             paths.append(pivot.save(out, step, final))
         if final and "diffusers" in settings.formats:
             paths.append(out / "diffusers" / "pytorch_lora_weights.safetensors")
-            save_lora(lora, paths[-1], format="diffusers")
+            save_lora(lora, paths[-1], format="diffusers", family=base.family)
         return paths
 
     def state() -> dict:

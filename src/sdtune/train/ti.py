@@ -3,13 +3,15 @@
     v* = argmin_v  E ‖ε − ε_θ(z_t, t, c_θ(y))‖²        (y: "a photo of <token>", ...)
 
 The token is added to the base's ``EmbeddingSet``, its rows starting from the CLIP tokens of ``--init-token``
-(``init_rows``: a word of several tokens is fine, as in A1111). During training the text encoder's token
-table is wrapped: ids of the new token read their rows from a small trainable parameter ``[num_vectors,
-width]`` and all other ids the frozen table, so only those rows get a gradient, no full-table gradient or
-copy is made, and every other row stays bit-identical. At the
-end the learned rows are written into the table (the token stays loaded on the base, ready to use) and
-saved as ``learned_embeds.safetensors`` (diffusers) and, on request, an A1111 ``.pt``. ``report.html`` then
-shows each checkpoint on the sample prompts.
+(``init_rows``: a word of several tokens is fine, as in A1111), in each text encoder of the family from that
+encoder's own table (SDXL: a 768-wide clip_l and a 1280-wide clip_g row per vector). During training each text
+encoder's token table is wrapped: ids of the new token read their rows from a small trainable parameter
+``[num_vectors, width]`` and all other ids the frozen table, so only those rows get a gradient, no full-table
+gradient or copy is made, and every other row stays bit-identical. At the end the learned rows are written
+into the table (the token stays loaded on the base, ready to use) and saved as ``learned_embeds.safetensors``
+(diffusers; for SDXL ``{"clip_l", "clip_g"}``, the layout A1111 and ComfyUI read, which diffusers loads with
+one ``load_textual_inversion`` per encoder) and, on request, an A1111 ``.pt``. ``report.html`` then shows each
+checkpoint on the sample prompts.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def embedding_set(base) -> EmbeddingSet:
     found = getattr(base, "embeddings", None)
     if found is not None and hasattr(found, "add_placeholder"):
         return found
-    made = EmbeddingSet(base.tokenizer, base.text_encoder)
+    made = EmbeddingSet.for_base(base)
     try:
         base.embeddings = made
     except AttributeError:
@@ -124,6 +126,11 @@ def add_token(base, settings: TISettings) -> list[int]:
     return embeddings.ids(settings.token)
 
 
+def _state_key(embedding_key: str) -> str:
+    """The resume state's name of an encoder's rows: "rows" (one encoder), "rows.clip_l", "rows.clip_g"."""
+    return f"rows.{embedding_key}" if embedding_key else "rows"
+
+
 def file_stem(token: str) -> str:
     """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
@@ -148,17 +155,25 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     prompts = first_prompts(templates or [ex.caption for ex in scan.examples])
 
     embeddings = embedding_set(base)
-    ids = add_token(base, settings)
-    if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise SdtuneError(f"--token {settings.token}: its ids {ids} are not consecutive; load it on a fresh model")
-    te = base.text_encoder
-    table = te.get_input_embeddings()
-    spliced = SplicedEmbedding(table, ids[0], table.weight.detach()[ids]).to(table.weight.device)
+    add_token(base, settings)
+    # one trainable splice per text encoder (SDXL: clip_l and clip_g rows), each over its own token table
+    splices: dict[str, tuple[nn.Module, nn.Embedding, SplicedEmbedding]] = {}
+    for te, model, _ in base.text_encoders():
+        ids = embeddings.ids(settings.token, te.embedding_key)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            embeddings.remove(settings.token)
+            raise SdtuneError(f"--token {settings.token}: its ids {ids} are not consecutive; load it on a fresh model")
+        table = model.get_input_embeddings()
+        splices[te.embedding_key] = (model, table,
+                                     SplicedEmbedding(table, ids[0], table.weight.detach()[ids]).to(table.weight.device))
     formats = ["diffusers"] + [f for f in settings.formats if f != "diffusers"]
 
+    def learned() -> Embedding:
+        parts = {key: spliced.rows.detach().float().cpu() for key, (_, _, spliced) in splices.items()}
+        return Embedding.from_parts(settings.token, parts, str(out / DIFFUSERS_FILE), "diffusers")
+
     def save(step: int, final: bool) -> list[Path]:
-        emb = Embedding(token=settings.token, vectors=spliced.rows.detach().float().cpu(),
-                        source=str(out / DIFFUSERS_FILE), format="diffusers")
+        emb = learned()
         suffix = "" if final else f"-step{step:06d}"
         paths = []
         for fmt in formats:
@@ -168,28 +183,39 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
             paths.append(out / name)
         return paths
 
-    def load_state(state: dict) -> None:
-        rows = state["rows"]
-        if tuple(rows.shape) != tuple(spliced.rows.shape):
-            raise SdtuneError(f"{out / loop.STATE_FILE}: holds {tuple(rows.shape)} vectors, this run trains "
-                              f"{tuple(spliced.rows.shape)}; use the same --num-vectors, or another --out")
-        with torch.no_grad():
-            spliced.rows.copy_(rows)
+    def state() -> dict:
+        return {_state_key(key): spliced.rows.detach().cpu().clone() for key, (_, _, spliced) in splices.items()}
 
-    job = loop.Job(name="ti", param_groups=[{"params": [spliced.rows], "lr": settings.lr}],
-                   state=lambda: {"rows": spliced.rows.detach().cpu().clone()}, load_state=load_state,
-                   save=save, text_trainable=True, expand=embeddings.expand, sample_prompts=prompts,
-                   validation=checks)
-    te.set_input_embeddings(spliced)
+    def load_state(saved: dict) -> None:
+        mine = state()
+        if set(saved) != set(mine) or any(tuple(saved[k].shape) != tuple(mine[k].shape) for k in mine):
+            held = {k: tuple(v.shape) for k, v in saved.items()}
+            wanted = {k: tuple(v.shape) for k, v in mine.items()}
+            raise SdtuneError(f"{out / loop.STATE_FILE}: holds vectors {held}, this run trains {wanted}; use the "
+                              f"same --num-vectors and model, or another --out")
+        with torch.no_grad():
+            for key, (_, _, spliced) in splices.items():
+                spliced.rows.copy_(saved[_state_key(key)])
+
+    def put_back() -> None:
+        for model, table, _ in splices.values():
+            model.set_input_embeddings(table)
+
+    job = loop.Job(name="ti", param_groups=[{"params": [sp.rows for _, _, sp in splices.values()], "lr": settings.lr}],
+                   state=state, load_state=load_state, save=save, text_trainable=True, expand=embeddings.expand,
+                   sample_prompts=prompts, validation=checks)
+    for model, _, spliced in splices.values():
+        model.set_input_embeddings(spliced)
     try:
         record = loop.run(base, settings, job, data, callback)
     except BaseException:
-        te.set_input_embeddings(table)
+        put_back()
         embeddings.remove(settings.token)  # the base goes back to how it was
         raise
-    te.set_input_embeddings(table)
+    put_back()
     with torch.no_grad():
-        table.weight[ids] = spliced.rows.detach().to(table.weight.dtype)
+        for _, table, spliced in splices.values():
+            table.weight[spliced.first:spliced.first + len(spliced.rows)] = spliced.rows.detach().to(table.weight.dtype)
     if settings.report and record.main:
         shown = settings.sample_prompts or prompts
         report.write_report(base, settings, record, lambda: report.ti_grid(base, settings, record, shown),

@@ -34,6 +34,7 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor  # [n]
     captions: list[str]
+    time_ids: torch.Tensor  # [n, 6] SDXL's size and crop conditioning of each image (center crop, no flip)
     mask: torch.Tensor | None = None  # [n, 1, h, w] with --masked-loss: the images' loss masks
 
 
@@ -80,7 +81,9 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
         mask = images.masks[size][images.row_of[i]] if masked else None
         g = torch.Generator().manual_seed(seed_for("validation", ex.path.name))
         noise = torch.randn((TIMESTEPS, *mean.shape), generator=g)
-        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i], mask) for k, t in enumerate(timesteps))
+        ids = images.time_ids(i)
+        pairs.setdefault(size, []).extend((mean, noise[k], t, captions[i], ids, mask)
+                                          for k, t in enumerate(timesteps))
     batches = []
     for size in sorted(pairs):
         group = pairs[size]
@@ -88,7 +91,8 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
             part = group[k:k + CHUNK]
             batches.append(Batch(torch.stack([p[0] for p in part]), torch.stack([p[1] for p in part]),
                                  torch.tensor([p[2] for p in part]), [p[3] for p in part],
-                                 torch.stack([p[4] for p in part]) if masked else None))
+                                 torch.tensor([p[4] for p in part], dtype=torch.float32),
+                                 torch.stack([p[5] for p in part]) if masked else None))
     return ValidationSet(batches, len(scan.examples), held_out)
 
 
@@ -98,7 +102,7 @@ def validation_loss(objective, text, vset: ValidationSet, device) -> float:
     total, count = 0.0, 0
     for b in vset.batches:
         errors = objective.errors(b.latents.to(device), b.noise.to(device), b.timesteps.to(device),
-                                  context=text.encode(b.captions),
+                                  **text.encode(b.captions), time_ids=b.time_ids.to(device),
                                   mask=b.mask.to(device) if b.mask is not None else None)
         total += float(errors.double().sum())
         count += len(errors)

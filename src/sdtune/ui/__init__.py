@@ -43,7 +43,7 @@ def _quiet_environment(folders: Folders) -> None:
 
 
 def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = None, embedding_dir: str | None = None,
-          port: int = 7860, listen: bool = False, auth: str | None = None, device: str | None = None,
+          model_dir: str | None = None, port: int = 7860, listen: bool = False, auth: str | None = None, device: str | None = None,
           dtype: str | None = None, max_upload_mb: float = 512, block: bool = True):
     """Start the web UI; with ``block=False`` return (app, studio) with the server running in a thread."""
     credentials = parse_auth(auth)
@@ -51,7 +51,7 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
         raise SdtuneError(f"--port {port}: use a port between 1 and 65535, e.g. 7860")
     if not (model in ("tiny", "tiny-random") or model.endswith("-random")) and os.path.exists(model):
         model = os.path.abspath(os.path.expanduser(model))  # the server changes folder below
-    folders = Folders.make(out, lora_dir, embedding_dir, model)
+    folders = Folders.make(out, lora_dir, embedding_dir, model, model_dir)
     _quiet_environment(folders)
     # relative paths the API resolves (a prompt's <lora:name>) must land in the output folder, never in the
     # folder the server happened to be started from

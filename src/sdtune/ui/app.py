@@ -75,7 +75,9 @@ def _generate_tab(studio: Studio):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                 placeholder="a red star on a white background, <lora:name:0.8>")
             negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
-        go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=1, min_width=120)
+        with gr.Column(scale=1, min_width=120):
+            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            cancel = gr.Button("Cancel", variant="stop", size="sm", elem_id="gen-cancel")
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
@@ -118,16 +120,23 @@ def _generate_tab(studio: Studio):
     form = [prompt, negative, sampler, steps, cfg, seed, width, height] + [s[0] for s in slots]
 
     @_handler(5)
-    def run(p, n, smp, st, c, sd, w, h, k, *slot_values):
+    def run(progress=gr.Progress(), *values):  # Gradio finds its progress bar by this default
+        p, n, smp, st, c, sd, w, h, k, *slot_values = values
         picks = [tuple(slot_values[i:i + 3]) for i in range(0, len(slot_values), 3)]
         rows, notes = studio.generate(p, n, sampler=smp, steps=st, cfg=c, seed=sd, width=w, height=h, count=k,
-                                      picks=picks)
+                                      picks=picks, on_step=lambda done, total: progress((done, total),
+                                                                                        desc="denoising",
+                                                                                        unit="steps"))
         rows = [(str(path), text) for path, text in rows]
         say = f"{len(rows)} image(s) in {studio.folders.out / 'generate'}" + "".join(f"\n\n⚠️ {m}" for m in notes)
         return rows, rows[0][1], rows, rows[0][0], say
 
     go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, count,
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
+    # outside the queue, so that it runs while the generation holds the model; the generation then stops
+    # after its current step and says so in the status line
+    cancel.click(lambda: None if studio.cancel() else gr.Info("no generation to cancel"), None, None, queue=False,
+                 show_progress="hidden")
 
     images.select(_picked, shown, [params, picked], show_progress="hidden")
 
@@ -265,6 +274,10 @@ def _train_tab(studio: Studio):
                                elem_id="train-samples")
             result = gr.File(label="Result", interactive=False, height=90, elem_id="train-result")
             log = gr.Textbox(label="Log (last lines)", lines=5, interactive=False, elem_id="job-log")
+            compare = gr.Button("Compare the jobs", size="sm", elem_id="train-compare")
+    report = gr.HTML(elem_id="train-report")  # the job's report.html when it has one
+    comparison = gr.HTML(elem_id="train-comparison")  # the jobs side by side, when asked for
+    report_shown = gr.State("")  # what the report panel shows (path and time), so the timer does not reload it
 
     fields_by_name = {f.name: f for f in fields}
     names = list(comps)
@@ -343,6 +356,24 @@ def _train_tab(studio: Studio):
     outputs = [table, view, log, result, plot, loss_png, samples]
     gr.Timer(1.0).tick(refresh, job, outputs, show_progress="hidden")
     job.change(refresh, job, outputs, show_progress="hidden")
+
+    def show_report(name_, shown_):
+        """The job's report, embedded, once it exists; nothing is sent while it is the one on show."""
+        page = studio.report(name_) if name_ else None
+        key = f"{page}:{page.stat().st_mtime_ns}" if page else ""
+        if key == shown_:
+            return gr.skip(), gr.skip()
+        return (studio.embed_page(page) if page else ""), key
+
+    gr.Timer(2.0).tick(show_report, [job, report_shown], [report, report_shown], show_progress="hidden")
+    job.change(show_report, [job, report_shown], [report, report_shown], show_progress="hidden")
+
+    @_handler(2)
+    def compare_all():
+        page = studio.compare_jobs()
+        return studio.embed_page(page, height=420), f"jobs compared in {page}"
+
+    compare.click(compare_all, None, [comparison, status])
 
 
 def _lora_tab(studio: Studio, pickers):
@@ -447,7 +478,19 @@ def _gallery_tab(studio: Studio, form, tabs):
 
 def build(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="sdtune") as app:
-        gr.Markdown(f"**sdtune** · model `{studio.model}` · output folder `{studio.folders.out}`")
+        with gr.Row(equal_height=True):
+            gr.Markdown(f"**sdtune** · output folder `{studio.folders.out}`")
+            model = gr.Dropdown(studio.model_choices(), value=studio.model, label="Base model", elem_id="model",
+                                info="built-in, --model, or a model in --model-dir; it loads on first use",
+                                scale=2)
+            model_status = gr.Textbox("", show_label=False, interactive=False, elem_id="model-status", scale=2)
+
+        @_handler(1)
+        def switch_model(choice):
+            return f"base model: {studio.set_model(choice)} (training jobs started from now on use it too)"
+
+        model.change(switch_model, model, model_status, concurrency_id="model")
+        model.focus(lambda: gr.update(choices=studio.model_choices()), None, model, show_progress="hidden")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 form, _ = _generate_tab(studio)

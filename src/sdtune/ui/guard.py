@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..safeio import SdtuneError, is_safetensors
 
-LABELS = {"model": "model", "loras": "LoRA", "embeddings": "embedding", "out": "output"}
+LABELS = {"model": "model", "models": "model", "loras": "LoRA", "embeddings": "embedding", "out": "output"}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 # upload kind -> (accepted suffixes, what to ask for)
@@ -38,17 +38,19 @@ def _within(path: Path, root: Path) -> bool:
 
 @dataclass
 class Folders:
-    """The folders the server may use. ``model`` is the model file or folder (None for the built-in model)."""
+    """The folders the server may use. ``model`` is the model file or folder (None for the built-in model);
+    ``models`` the folder of models the page may switch to (``--model-dir``; None: none)."""
 
     out: Path
     loras: Path
     embeddings: Path
     model: Path | None = None
+    models: Path | None = None
 
     @classmethod
-    def make(cls, out, loras=None, embeddings=None, model: str | None = None) -> Folders:
+    def make(cls, out, loras=None, embeddings=None, model: str | None = None, models=None) -> Folders:
         """Folders from the command line; the LoRA and embedding folders default to ones inside ``out``."""
-        for flag, given in (("--lora-dir", loras), ("--embedding-dir", embeddings)):
+        for flag, given in (("--lora-dir", loras), ("--embedding-dir", embeddings), ("--model-dir", models)):
             if given and not Path(given).expanduser().is_dir():  # a typo must not become a new empty folder
                 raise SdtuneError(f"{flag} {given}: no such folder; check the path (or leave it out: the default "
                                   f"is a folder inside --out)")
@@ -58,7 +60,8 @@ class Folders:
         folders = cls(out=out,
                       loras=Path(loras).expanduser().resolve() if loras else out / "loras",
                       embeddings=Path(embeddings).expanduser().resolve() if embeddings else out / "embeddings",
-                      model=model_path.resolve() if model_path is not None and model_path.exists() else None)
+                      model=model_path.resolve() if model_path is not None and model_path.exists() else None,
+                      models=Path(models).expanduser().resolve() if models else None)
         for d in (folders.out, folders.loras, folders.embeddings):
             d.mkdir(parents=True, exist_ok=True)
         return folders
@@ -68,6 +71,8 @@ class Folders:
             if self.model is None:
                 raise Refused("the model is built in or a hub id; there is no model folder to read from")
             return self.model if self.model.is_dir() else self.model.parent
+        if kind == "models" and self.models is None:
+            raise Refused("no model folder; start the UI with --model-dir DIR to switch between the models in it")
         return getattr(self, kind)
 
     def child(self, kind: str, name: str, *, must_exist: bool = True) -> Path:

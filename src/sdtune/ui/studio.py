@@ -9,10 +9,14 @@ its adapters at the same time.
 
 from __future__ import annotations
 
+import html
 import itertools
+import re
 import shutil
 import threading
 import time
+import tomllib
+import urllib.parse
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +30,21 @@ from ..models import load_base
 from ..safeio import SdtuneError
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
+from ..train import queue as train_queue
 from . import trainform
 from .guard import Folders, Refused, check_upload
-from .jobs import JobRunner, progress
+from .jobs import CONFIG_FILE, JobRunner, progress
 
 SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
+BUILT_IN = ("tiny", "tiny-random")  # models the page can always switch to (no file, offline)
+# the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
+PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
+FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
+
+
+class Cancelled(SdtuneError):
+    """The user pressed Cancel."""
 
 
 class Studio:
@@ -40,9 +53,13 @@ class Studio:
     def __init__(self, folders: Folders, model: str = "tiny", device: str | None = None, dtype: str | None = None,
                  max_upload_mb: float = 512):
         self.folders, self.model, self.device, self.dtype = folders, model, device, dtype
+        self.started_with = model  # the --model, always offered
         self.max_upload = int(max_upload_mb * 2**20)
         self._base = None
         self.lock = threading.Lock()
+        self._cancel = threading.Event()  # set by cancel(): the generations running now stop at their next step
+        self._counting = threading.Lock()
+        self._generating = 0  # generations running or waiting for the model
         extra = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
         self.jobs = JobRunner(folders.out / "train", extra_args=tuple(extra))
 
@@ -57,6 +74,47 @@ class Studio:
             notes: list[str] = []
             yield self._base, notes
             notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    # ---------------------------------------------------------------- the base model
+
+    def model_choices(self) -> list[str]:
+        """What the page may switch to: the built-in models, the --model, and the models in --model-dir (its
+        .safetensors/.ckpt files and diffusers folders, by their names in it)."""
+        choices = list(dict.fromkeys([*BUILT_IN, self.started_with]))
+        root = self.folders.models
+        if root is None:
+            return choices
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            weights = p.is_file() and p.suffix in (".safetensors", ".ckpt")
+            if weights and any((q / "model_index.json").is_file() for q in p.parents if root in q.parents):
+                continue  # a part of a diffusers folder, listed as that folder
+            if weights or (p.is_dir() and (p / "model_index.json").is_file()):
+                try:
+                    self.folders.inside(p, "models")
+                except Refused:
+                    continue
+                choices.append(rel.as_posix())
+        return choices
+
+    def set_model(self, choice: str) -> str:
+        """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
+        the model's spec."""
+        choice = str(choice or "").strip()
+        if choice in (*BUILT_IN, self.started_with):  # not any spec: a full-size random SDXL is a way to fill RAM
+            spec = choice
+        else:
+            path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
+            if choice not in self.model_choices():
+                raise Refused(f"{choice}: not a model in the model folder ({self.folders.models}); pick one "
+                              f"from the list")
+            spec = str(path.resolve())
+        with self.lock:  # not while a request uses the old one
+            if spec != self.model:
+                self.model, self._base = spec, None
+        return spec
 
     # ---------------------------------------------------------------- files in the folders
 
@@ -114,17 +172,42 @@ class Studio:
             tags.append(f"<lora:{name}:{float(weight):g}{te}>")
         return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
 
+    def cancel(self) -> bool:
+        """Stop the generations in progress (running, or waiting for the model) after their current denoising
+        step; False when there is none (a later one is not cancelled in advance)."""
+        with self._counting:
+            if self._generating:
+                self._cancel.set()
+            return self._generating > 0
+
     def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
                  cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
-                 picks=()) -> tuple[list[tuple[Path, str]], list[str]]:
-        """Images saved in ``out/generate`` with their parameters, and any warnings."""
+                 picks=(), on_step=None) -> tuple[list[tuple[Path, str]], list[str]]:
+        """Images saved in ``out/generate`` with their parameters, and any warnings. ``on_step(done, total)``
+        follows the denoising steps; ``cancel()`` (from another request) stops it with ``Cancelled``."""
         full = self.with_loras(prompt, picks)
         self.check_prompt(full, negative)
-        with self.model_in_use() as (base, notes):
-            results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps), guidance=float(cfg),
-                                   seed=int(seed), scheduler=sampler, width=int(width) or None,
-                                   height=int(height) or None, num_images=int(count), progress=False,
-                                   lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,))
+
+        def step(done: int, total: int) -> None:
+            if self._cancel.is_set():
+                raise Cancelled(f"generation cancelled at step {done} of {total}; nothing was saved")
+            if on_step is not None:
+                on_step(done, total)
+
+        with self._counting:
+            self._generating += 1
+        try:
+            with self.model_in_use() as (base, notes):
+                results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
+                                       guidance=float(cfg), seed=int(seed), scheduler=sampler,
+                                       width=int(width) or None, height=int(height) or None, num_images=int(count),
+                                       progress=False, lora_dirs=(self.folders.loras,),
+                                       embedding_dirs=(self.folders.embeddings,), on_step=step)
+        finally:
+            with self._counting:
+                self._generating -= 1
+                if not self._generating:
+                    self._cancel.clear()
         paths = save_batch(results, self.folders.out / "generate")
         return [(p, r.infotext) for p, r in zip(paths, results)], notes
 
@@ -330,3 +413,49 @@ class Studio:
         dest = self._new_file(kind, name)
         shutil.copyfile(view["result"], dest)
         return dest.stem
+
+    # ---------------------------------------------------------------- pages in the output folder
+
+    def embed_page(self, page: Path, height: int = 640) -> str:
+        """An HTML page sdtune wrote in the output folder (a report), as an iframe to show on the page. Its
+        relative links become Gradio file URLs, each checked to lie in the output folder; any other link is
+        dropped. The frame runs no scripts and its links open in a new tab."""
+        page = self.folders.inside(Path(page), "out")
+        folder = page.parent
+
+        def link(m: re.Match) -> str:
+            attr, target = m.group(1), html.unescape(m.group(2))
+            if not target or re.match(r"^([a-z][a-z0-9+.-]*:|/|\\|#)", target, re.I):
+                return f'{attr}="#"'
+            try:
+                path = self.folders.inside(folder / urllib.parse.unquote(target), "out")
+            except Refused:
+                return f'{attr}="#"'
+            return f'{attr}="{html.escape(FILE_ROUTE + urllib.parse.quote(str(path.resolve())))}"'
+
+        text = PAGE_LINK.sub(link, page.read_text(encoding="utf-8"))
+        text = text.replace("<head>", '<head><base target="_blank">', 1)
+        return (f'<iframe title="{html.escape(page.name)}" sandbox="allow-same-origin allow-popups" '
+                f'style="width:100%;height:{int(height)}px;border:1px solid #ccc" srcdoc="{html.escape(text)}">'
+                f'</iframe>')
+
+    def report(self, name: str) -> Path | None:
+        """The job's report.html once training has written it."""
+        report = self.job_view(name)["report"]
+        return None if report is None else self.folders.inside(report, "out")
+
+    def compare_jobs(self) -> Path:
+        """``out/train/queue.html``: the training jobs side by side (settings that differ, validation loss,
+        best checkpoint, samples), the page ``sdtune train queue`` writes."""
+        runs, state = [], {}
+        for job in sorted(self.jobs.list(), key=lambda j: j.submitted):
+            try:
+                table = tomllib.loads((Path(job.folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError):
+                continue
+            runs.append(train_queue.Run(job.name, job.kind, table))
+            state[job.name] = {"state": job.state}
+        if not runs:
+            raise SdtuneError("no training jobs yet; start one above")
+        return train_queue.write_page(self.jobs.root, runs, state, intro="The training jobs of the web UI, "
+                                      "oldest first; each job's folder holds its own report, files and logs.")

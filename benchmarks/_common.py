@@ -1,0 +1,346 @@
+"""What the training benchmarks share: the model and data both trainers read, running a trainer as a whole
+process, per-step times from its own progress bar, FLOPs per step, the machine's matmul rate, the profile.
+
+Fairness rules, the same for sdtune and diffusers' example scripts:
+- one model folder (a mid-size random-init SD 1.x architecture, ``write_mid_model``) and one image folder,
+  written once per benchmark run; the same settings (size, batch, steps, lr, seed, fp32);
+- each run is a fresh process started the same way; whole-process time is its wall time from start to exit
+  (imports, loading, training, saving), peak RSS is the ``ru_maxrss`` that ``wait4`` reports for it (which
+  covers the processes it waited for, so ``run.sh`` and the python it starts count as one);
+- seconds per step come from each trainer's own tqdm bar: ``TQDM_BAR_FORMAT`` (tqdm reads its defaults from
+  ``TQDM_*`` variables) makes every bar print ``n`` and the exact elapsed seconds at each update, and the rate
+  is taken between step ``warmup`` and the last step, so start-up and the first steps do not count;
+- runs alternate between the trainers and repeat; the tables show medians (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT.parent / "shared" / "oracles" / "diffusers-examples"
+
+# A mid-size model of the SD 1.x architecture: SD 1.5's block types, attention layout and CLIP-L text width
+# (768, which is what makes it an SD 1.x model to any loader), with a tenth of the channels and one text layer
+# (a step is then about 9 GFLOP for TI, 3.5 for LoRA: a minute of training on 2 shared cores, where SD 1.5's
+# real sizes would take hours; at 64 px the text encoder is a larger share of the work than at 512 px).
+MID_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+MID_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=2,
+    block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
+MID_TEXT = dict(
+    hidden_size=768, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=12, vocab_size=49408,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+    eos_token_id=49407, pad_token_id=49407)
+MID_NAME = "mid-size SD 1.x (UNet 32/64/128/128, 10M; CLIP width 768, 1 layer; VAE 32..128)"
+
+STEP_MARK = re.compile(r"@step (\d+) ([0-9.]+)@")
+
+
+def write_mid_model(folder: Path) -> Path:
+    """The mid-size model (random init, seed 0) as a diffusers folder that both trainers load."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as tf_logging
+
+    from sdtune.tiny.model import tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**MID_UNET), vae=AutoencoderKL(**MID_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**MID_TEXT)), tokenizer=tokenizer(),
+        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tf_logging.disable_progress_bar()
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_images(folder: Path, n: int = 8, style: str | None = None, captions: bool = True) -> Path:
+    """``n`` shapes-world images (a purple star, or any shape in ``style``), with .txt captions if asked and a
+    metadata.jsonl (the layout diffusers' text-to-image scripts read through ``datasets``' imagefolder)."""
+    from sdtune.tiny import world
+
+    fixed = {"style": style} if style else {"shape": "star", "colour": "purple"}
+    world.write_dataset(folder, world.concept_scenes(n, seed=0, **fixed), template=None, with_style=False)
+    lines = [json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text().strip()})
+             for p in sorted(folder.glob("*.png"))]
+    if captions:
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    else:
+        for f in folder.glob("*.txt"):
+            f.unlink()
+    return folder
+
+
+# ---------------------------------------------------------------- running a trainer
+
+def child_env(threads: int, scratch: Path) -> dict:
+    """The environment of every trainer process: same threads, offline, caches in the run's scratch folder,
+    and tqdm bars that print each step's exact elapsed time."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
+            "TQDM_BAR_FORMAT": "@step {n} {elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
+            f"{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT / "src")}
+
+
+def run_process(cmd: list[str], env: dict) -> dict:
+    """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB) and its output; stops on failure."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "output": out}  # ru_maxrss: KB on Linux
+
+
+def step_times(output: str) -> dict[int, float]:
+    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the (last) training bar."""
+    marks: dict[int, float] = {}
+    for n, t in STEP_MARK.findall(output):
+        if int(n) == 0:
+            marks = {}  # a new bar (a sampling bar printed before training, if any): start over
+        marks[int(n)] = float(t)
+    return marks
+
+
+def seconds_per_step(output: str, warmup: int) -> float:
+    marks = step_times(output)
+    last = max(marks, default=0)
+    if last <= warmup or warmup not in marks:
+        raise SystemExit(f"no step times after step {warmup} in the output:\n{output[-2000:]}")
+    return (marks[last] - marks[warmup]) / (last - warmup)
+
+
+def diffusers_examples() -> Path | None:
+    """The folder of diffusers' example scripts and run.sh, or None (with a message) when it is absent."""
+    if (EXAMPLES / "run.sh").is_file():
+        return EXAMPLES
+    print(f"diffusers' example scripts are not at {EXAMPLES}: skipping the diffusers side of the comparison",
+          file=sys.stderr)
+    return None
+
+
+def sdtune_cmd(kind: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sdtune.cli", "train", kind, *args]
+
+
+def diffusers_cmd(examples: Path, script: str, args: list[str]) -> list[str]:
+    return ["bash", str(examples / "run.sh"), script, *args]
+
+
+def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, threads: int, repeats: int,
+            warmup: int) -> dict[str, dict]:
+    """Run each trainer ``repeats`` times, alternating (the first one changes each round); the median of
+    each measure per trainer, with the single values kept under ``runs``."""
+    runs: dict[str, list[dict]] = {name: [] for name in trainers}
+    names = list(trainers)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out = scratch / f"{names.index(name)}-{r}"
+            if out.exists():
+                shutil.rmtree(out)
+            res = run_process(trainers[name](out), child_env(threads, out))
+            res["s_per_step"] = seconds_per_step(res.pop("output"), warmup)
+            runs[name].append(res)
+            print(f"  round {r + 1}/{repeats} {name}: {res['wall_s']:.1f} s, {res['peak_rss_gb']:.3f} GB, "
+                  f"{res['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    return {name: {**{k: statistics.median(x[k] for x in rs) for k in rs[0]}, "runs": rs}
+            for name, rs in runs.items()}
+
+
+# ---------------------------------------------------------------- the limit: FLOPs and matmul rate
+
+def matmul_rates(threads: int, n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
+    """The dense matmul rate (FLOP/s) this process reaches on ``threads`` threads, in fp32 and, where the CPU
+    has bf16 units (AVX-512 BF16 or AMX), bf16: the denominator of MFU. It is the 80th percentile of the
+    rates of repeated n x n products over ``seconds``: near the best, but not one lucky timing (on a shared
+    machine single timings stray both ways)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtypes = {"fp32": torch.float32}
+    if cpu_has_bf16():
+        dtypes["bf16"] = torch.bfloat16
+    rates = {}
+    for name, dtype in dtypes.items():
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        seen, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end or len(seen) < 5:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            seen.append(2 * n**3 / (time.perf_counter() - t))
+        rates[name] = sorted(seen)[int(0.8 * (len(seen) - 1))]
+    return rates
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def sdtune_step_flops(kind: str, model: Path, settings: dict) -> float:
+    """FLOPs of one sdtune training step as it runs (its third: data, forward, backward, clipping, optimizer),
+    counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdtune.models import load_base
+    from sdtune.train.config import LoraSettings, TISettings
+    from sdtune.train.lora import train_lora
+    from sdtune.train.ti import train_ti
+
+    base = load_base(str(model), device="cpu", dtype="fp32")
+    counter = FlopCounterMode(display=False)
+
+    def callback(step, loss):  # steps are counted after the optimizer: between the calls lies exactly one step
+        if step == 2:
+            counter.__enter__()
+        elif step == 3:
+            counter.__exit__(None, None, None)
+
+    train, cls = (train_ti, TISettings) if kind == "ti" else (train_lora, LoraSettings)
+    train(base, cls(**{**settings, "steps": 3, "progress": False, "report": False}), callback=callback)
+    return float(counter.get_total_flops())
+
+
+def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: bool) -> float:
+    """FLOPs diffusers' scripts spend each step on work sdtune does once: the VAE encoding of the batch (and,
+    for a UNet-only LoRA, the frozen text encoder's forward pass)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        vae.encode(torch.zeros(batch, 3, resolution, resolution)).latent_dist.sample()
+        if with_text:
+            CLIPTextModel.from_pretrained(model / "text_encoder").eval()(torch.zeros(batch, 77, dtype=torch.long))
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- the table
+
+def report(title: str, results: dict[str, dict], flops: float, extra_flops: float, rates: dict[str, float],
+           repeats: int) -> str:
+    """The comparison table: medians, MFU (against the fp32 matmul rate; the bf16 one for rows that run in bf16)
+    and each sdtune row's ratios to diffusers."""
+    peak = rates["fp32"]
+    lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step "
+             f"{flops / 1e9:.2f} GFLOP (diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding "
+             f"what sdtune caches); matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
+             + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),
+             f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU':>9}", "-" * 86]
+    for name, r in results.items():
+        bf16 = "bf16" in name and "bf16" in rates  # a bf16 run is measured against the bf16 rate
+        mfu = flops / r["s_per_step"] / (rates["bf16"] if bf16 else peak)
+        lines.append(f"{name:<48} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
+                     f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else ""))
+    reference = next((r for name, r in results.items() if name.startswith("diffusers")), None)
+    for name, r in results.items():
+        if reference is not None and r is not reference:
+            lines.append(f"{name} / diffusers: speed-up {reference['s_per_step'] / r['s_per_step']:.2f}x per step, "
+                         f"{reference['wall_s'] / r['wall_s']:.2f}x whole process (above 1: sdtune faster); "
+                         f"peak memory {r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the profile
+
+def profile_sdtune(kind: str, model: Path, settings: dict, threads: int, steps: int = 8) -> str:
+    """Where one sdtune step's time goes: a torch.profiler summary of ``steps`` steps after two warm-up ones,
+    split into data, text input, forward, backward, clipping and optimizer (record_function ranges put
+    around the loop's parts here, not in sdtune), the top ops by self time, and what no op accounts for
+    (Python and framework overhead)."""
+    import torch
+    from accelerate import Accelerator
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    from sdtune.models import load_base
+    from sdtune.train import loop
+    from sdtune.train.config import LoraSettings, TISettings
+    from sdtune.train.data import TrainingSet
+    from sdtune.train.lora import train_lora
+    from sdtune.train.ti import train_ti
+
+    torch.set_num_threads(threads)
+    parts = {"data": (TrainingSet, "batch"), "text": (loop.TextInput, "__call__"),
+             "forward": (loop.Objective, "forward"), "backward": (Accelerator, "backward"),
+             "clip": (Accelerator, "clip_grad_norm_")}
+    originals = {name: getattr(cls, attr) for name, (cls, attr) in parts.items()}
+
+    def ranged(name, fn):
+        def wrapper(*a, **kw):
+            with record_function(f"step:{name}"):
+                return fn(*a, **kw)
+        return wrapper
+
+    for name, (cls, attr) in parts.items():
+        setattr(cls, attr, ranged(name, originals[name]))
+    base = load_base(str(model), device="cpu", dtype="fp32")
+    stamps = []
+    try:
+        with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=2, active=steps, repeat=1),
+                     record_shapes=False) as prof:
+            def callback(step, loss):
+                stamps.append(time.perf_counter())
+                prof.step()
+
+            train, cls = (train_ti, TISettings) if kind == "ti" else (train_lora, LoraSettings)
+            train(base, cls(**{**settings, "steps": steps + 2, "progress": False, "report": False}), callback=callback)
+    finally:
+        for name, (cls, attr) in parts.items():
+            setattr(cls, attr, originals[name])
+    wall = (stamps[-1] - stamps[1]) / steps
+    averages = prof.key_averages()
+    by_name = {e.key: e for e in averages}
+    lines = [f"sdtune train {kind}: profile of {steps} steps ({wall:.3f} s/step wall, profiler on)"]
+    accounted = 0.0
+    for name in [*parts, "optimizer"]:
+        key = "Optimizer.step#AdamW.step" if name == "optimizer" else f"step:{name}"
+        s = by_name[key].cpu_time_total / 1e6 / steps if key in by_name else 0.0
+        accounted += s
+        lines.append(f"  {name:<10} {s:8.4f} s/step {100 * s / wall:5.1f}%")
+    lines.append(f"  {'rest':<10} {wall - accounted:8.4f} s/step {100 * (wall - accounted) / wall:5.1f}%  "
+                 f"(lr, NaN check, logging, callback)")
+    ops = [e for e in averages if not e.key.startswith(("step:", "Optimizer.", "ProfilerStep"))]
+    op_self = sum(e.self_cpu_time_total for e in ops) / 1e6 / steps
+    lines.append(f"  time inside aten ops {op_self:.4f} s/step ({100 * op_self / wall:.1f}%); the rest "
+                 f"({100 * (1 - op_self / wall):.1f}%) is Python, dispatch and autograd overhead")
+    lines.append("  top ops by self CPU time:")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:15]:
+        lines.append(f"    {e.key:<48} {e.self_cpu_time_total / 1e6 / steps:8.4f} s/step  x{e.count // steps}")
+    return "\n".join(lines)

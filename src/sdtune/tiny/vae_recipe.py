@@ -1,0 +1,220 @@
+"""Make the built-in VAE a general 64 px codec without moving the latents the tiny UNet was trained on.
+
+    python -m sdtune.tiny.vae_recipe --out runs/vae --install   # after `python -m sdtune.tiny.recipe`
+
+The first recipe (``recipe``) trains its VAE on shapes-world renders only, then the UNet on that VAE's
+latents. This second stage fine-tunes that VAE (encoder and decoder) on the broad set of ``images`` so it
+reproduces any background colour, frame, line, texture, text or photo, and keeps the UNet working:
+
+- anchoring: for world renders, the new encoder's posterior (mean and log-variance, in the UNet's scaled
+  units) is pulled to the frozen old encoder's, so what the UNet learned to produce still means the same;
+- half of the world renders are decoded from the old encoder's latents (sampled, as the UNet saw them), so
+  the decoder keeps turning the UNet's latents into the same pictures even where the encoder drifts;
+- reconstruction is L1 + MSE plus an L1 on image gradients (keeps thin lines, frames and text sharp).
+
+The scaling factor stays the old one (the UNet's latents are in its units). Reproducible from a seed
+(per-step random draws); resumable (a checkpoint every ``--save-every`` steps). The defaults are the
+shipped run, sized for one CPU thread (the README has its time and table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from .. import safeio
+from ..models import pick_device
+from . import images, model, vae_quality
+
+BROAD = [c for c in images.CATEGORIES if c != "world"]
+
+
+def training_pool(per_category: int, seed: int) -> dict[str, torch.Tensor]:
+    """uint8 [N, 3, 64, 64] per category, from seeds below ``vae_quality.HELD_OUT_SEED`` (never measured)."""
+    start = seed * per_category
+    if start + per_category > vae_quality.HELD_OUT_SEED:
+        raise ValueError(f"seed {seed} x {per_category} images reaches the held-out seeds")
+    seeds = range(start, start + per_category)
+    return {c: torch.from_numpy(images.images(c, seeds)).permute(0, 3, 1, 2).contiguous() for c in images.CATEGORIES}
+
+
+def _batch(pool: dict[str, torch.Tensor], n_world: int, n_broad: int, g: torch.Generator) -> torch.Tensor:
+    """n_world world renders first, then n_broad images of the other categories (uniform), random flips."""
+    cats = torch.randint(0, len(BROAD), (n_broad,), generator=g)
+    parts = [pool["world"][torch.randint(0, len(pool["world"]), (n_world,), generator=g)]]
+    for i in range(n_broad):
+        src = pool[BROAD[int(cats[i])]]
+        parts.append(src[torch.randint(0, len(src), (1,), generator=g)])
+    x = torch.cat(parts).float() / 127.5 - 1.0
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(a), dx(b)) + F.l1_loss(dy(a), dy(b))
+
+
+def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: int, world_share: float,
+             lr: float, anchor: float, seed: int, device, log, save_every: int = 250, minutes: float = 0.0,
+             teacher=None) -> int:
+    """Fine-tune ``vae`` in place (its scaling factor untouched); resumes from ``out/vae_ft_ckpt.pt``.
+
+    The anchor pulls world latents to ``teacher``'s (default: ``vae`` as it is at the start).
+
+    ``minutes`` > 0 is a wall-clock budget for a shared machine: the learning-rate schedule runs on
+    whichever is further along, steps or time, and training ends when either is used up (the run is then
+    reproducible only up to the step it reached, which the log and the return value give)."""
+    teacher = copy.deepcopy(teacher or vae).to(device).eval().requires_grad_(False)
+    sf = float(vae.config.scaling_factor)
+    n_world = max(2, round(batch * world_share)) // 2 * 2
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    ck_path, start, spent = out / "vae_ft_ckpt.pt", 0, 0.0
+    if ck_path.exists():
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        vae.load_state_dict(ck["vae"])
+        opt.load_state_dict(ck["opt"])
+        start, spent = ck["step"], float(ck["seconds"])
+    vae.to(device).train()
+    t0, seen = time.time() - spent, {"rec": 0.0, "anchor": 0.0}
+    step = start
+    for step in range(start, steps):
+        progress = max(step / steps, (time.time() - t0) / (minutes * 60) if minutes > 0 else 0.0)
+        if progress >= 1.0:
+            log(f"vae-ft: time budget of {minutes} min used up at step {step}")
+            safeio.atomic_save_torch({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                      "seconds": time.time() - t0}, ck_path)
+            break
+        g = torch.Generator().manual_seed(seed * 1000003 + step)
+        x = _batch(pool, n_world, batch - n_world, g).to(device)
+        eps = torch.randn((len(x), vae.config.latent_channels, x.shape[-2] // 4, x.shape[-1] // 4), generator=g)
+        eps = eps.to(device)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * eps
+        with torch.no_grad():
+            old = teacher.encode(x[:n_world]).latent_dist
+        half = n_world // 2  # these world renders are decoded from the old encoder's latents
+        z = torch.cat([old.mean[:half] + old.std[:half] * eps[:half], z[half:]])
+        rec = vae.decode(z).sample
+        loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * _grad_l1(rec, x)
+        loss_anchor = (F.mse_loss(post.mean[:n_world] * sf, old.mean * sf)
+                       + 0.1 * F.mse_loss(post.logvar[:n_world], old.logvar))
+        kl = post.kl().mean() / x[0].numel()
+        loss = loss_rec + anchor * loss_anchor + 1e-4 * kl
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * (1 + math.cos(math.pi * progress)) / 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        seen["rec"] += loss_rec.item()
+        seen["anchor"] += loss_anchor.item()
+        if (step + 1) % 50 == 0:
+            log(f"vae-ft step {step + 1}/{steps} rec {seen['rec'] / 50:.4f} anchor {seen['anchor'] / 50:.5f} "
+                f"({time.time() - t0:.0f}s)")
+            seen = {"rec": 0.0, "anchor": 0.0}
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            safeio.atomic_save_torch({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                                      "seconds": time.time() - t0}, ck_path)
+    else:
+        step = steps
+    vae.eval()
+    return step
+
+
+def export(vae, path: Path) -> None:
+    """fp16 safetensors with the scaling factor, the format ``model.load`` reads."""
+    state = {k: v.detach().cpu().half().contiguous() for k, v in vae.state_dict().items()}
+    state["scaling_factor"] = torch.tensor(float(vae.config.scaling_factor))
+    safeio.atomic_save_safetensors(state, path)
+
+
+def load_vae(path: Path):
+    """A VAE of the tiny architecture with the weights (and scaling factor) of a ``vae.safetensors``."""
+    vae = model.build()["vae"]
+    state = load_file(path)
+    vae.register_to_config(scaling_factor=float(state.pop("scaling_factor")))
+    vae.load_state_dict({k: v.float() for k, v in state.items()})
+    return vae
+
+
+def settings(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/vae")
+    p.add_argument("--start", default="runs/tiny/model/vae.safetensors",
+                   help="the VAE the tiny UNet was trained on (default: the first recipe's export)")
+    p.add_argument("--init", help="weights to go on from, e.g. an earlier run's vae.safetensors (default: "
+                   "--start); the anchor still pulls to --start")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--world-share", type=float, default=0.25, help="share of each batch that is world renders")
+    p.add_argument("--per-category", type=int, default=3000, help="training images per category")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--anchor", type=float, default=1.0, help="weight of the latent anchor on world renders")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core CPU)")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none; see finetune)")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--eval-per-category", type=int, default=32, help="held-out images per category measured")
+    p.add_argument("--export-only", action="store_true", help="export the last checkpoint")
+    p.add_argument("--install", action="store_true", help="copy the result into the package assets")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = settings(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = pick_device(a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"vae recipe {json.dumps(vars(a))} on {device}")
+    t0 = time.time()
+    if not Path(a.start).is_file():
+        raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe` first or give "
+                         "--start PATH/vae.safetensors")
+    old = load_vae(Path(a.start))
+    vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
+    if a.export_only:
+        ck = torch.load(out / "vae_ft_ckpt.pt", map_location="cpu", weights_only=True)
+        vae.load_state_dict(ck["vae"])
+        log(f"exporting step {ck['step']}")
+    else:
+        pool = training_pool(a.per_category, a.seed)
+        log(f"generated {sum(len(p) for p in pool.values())} training images ({time.time() - t0:.0f}s)")
+        done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
+                        a.save_every, a.minutes, teacher=old)
+        log(f"trained {done} steps ({time.time() - t0:.0f}s)")
+        del pool
+    vae.cpu().eval()
+    export(vae, out / "vae.safetensors")
+    shipped = load_vae(out / "vae.safetensors")  # measure what is shipped: the fp16 weights
+    test_set = vae_quality.held_out_set(a.eval_per_category)
+    log(vae_quality.table({"old": vae_quality.category_psnr(old.eval(), test_set),
+                           "new": vae_quality.category_psnr(shipped.eval(), test_set)}))
+    log(f"exported {out / 'vae.safetensors'} ({time.time() - t0:.0f}s)")
+    if a.install:
+        shutil.copyfile(out / "vae.safetensors", model.WEIGHTS / "vae.safetensors")
+        log(f"installed into {model.WEIGHTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""`sdtune train queue`: sweeps expand into runs, each run has its report, queue.html compares them, a killed
+queue resumes (done runs skipped, the interrupted one from its last save), bad queue files say where."""
+
+import json
+import re
+import tomllib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from sdtune.cli import main
+from sdtune.tiny import world
+from sdtune.train import logs
+from sdtune.train import queue as train_queue
+
+SHORT = """
+[defaults]
+data = "{data}"
+model = "tiny"
+steps = 2
+batch_size = 1
+rank = 2
+alpha = 2
+targets = "attn"
+save_every = 0
+sample_every = 2
+sample_prompts = ["an outline star"]
+sample_images = 1
+sample_steps = 1
+sample_guidance = 1.0
+validation_split = 0.2
+validation_every = 0
+progress = false
+"""
+NO_EXTRAS = "save_every = 1\nsample_every = 0\nreport = false\n"  # only the steps, for the resume test
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(5, seed=3, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def queue_file(folder: Path, dataset: Path, jobs: str) -> Path:
+    path = folder / "jobs.toml"
+    path.write_text(SHORT.format(data=dataset.as_posix()) + jobs)
+    return path
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src")]
+
+
+def test_a_sweep_writes_a_report_per_run_and_a_page_comparing_them(dataset, tmp_path, capsys):
+    jobs = queue_file(tmp_path, dataset, '[[job]]\nname = "style"\nkind = "lora"\nsweep = {lr = [1e-3, 5e-3]}\n')
+    assert main(["train", "queue", str(jobs)]) == 0
+    out = tmp_path / "jobs"  # the file's name without .toml
+    assert capsys.readouterr().out.strip() == str(out / "queue.html")
+    names = ["style-lr-0.001", "style-lr-0.005"]
+    for name in names:
+        assert (out / name / "report.html").is_file() and (out / name / "lora.safetensors").is_file()
+        assert tomllib.loads((out / name / "settings.toml").read_text())["lora"]["lr"] == float(name[-5:])
+    state = json.loads((out / "queue.json").read_text())["runs"]
+    assert [state[n]["state"] for n in names] == ["done", "done"]
+    assert [state[n]["given"]["lr"] for n in names] == [1e-3, 5e-3]
+
+    page = (out / "queue.html").read_text()
+    parser = Links()
+    parser.feed(page)
+    for name in names:
+        assert f"{name}/report.html" in parser.links
+        assert f"{name}/samples/step-000002.png" in parser.links
+    assert all((out / link).is_file() for link in parser.links if not link.startswith("http"))
+    # the settings that differ are shown (lr), those that do not are not (rank)
+    assert re.search(r"<th>lr</th>\s*<td>0.001</td>\s*<td>0.005</td>", page)
+    assert "<th>rank</th>" not in page
+    for name in names:  # the final validation loss is the run's own last one
+        rows = logs.read_csv(out / name / logs.CSV_FILE)
+        assert f"{rows[2]['val_loss']:.6f} (step 2)" in page
+        info = train_queue.summarize(out / name)
+        step, loss, path = info["best"]
+        assert loss == min(r["val_loss"] for s, r in rows.items() if s and r["val_loss"] is not None)
+        assert path.is_file() and f'{name}/{path.name}' in parser.links
+
+
+def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset, tmp_path):
+    jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\nsample_every = 0\nreport = false\n\n[[job]]\n'
+                                         f'kind = "ti"\ntoken = "<q>"\ninit_token = "star"\nsteps = 3\n{NO_EXTRAS}')
+    out = tmp_path / "q"
+    seen = []
+
+    def kill_in_run_2(run, step, loss):
+        seen.append((run, step))
+        if run == "ti-1" and step == 2:
+            raise KeyboardInterrupt  # as Ctrl+C would, after step 2 and before its save
+
+    with pytest.raises(KeyboardInterrupt):
+        train_queue.run_queue(jobs, out, step_callback=kill_in_run_2)
+    assert seen == [("lora-1", 1), ("lora-1", 2), ("ti-1", 1), ("ti-1", 2)]
+    state = json.loads((out / "queue.json").read_text())["runs"]
+    assert (state["lora-1"]["state"], state["ti-1"]["state"]) == ("done", "running")
+    finished = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns
+
+    seen.clear()
+    ended = []
+    page = train_queue.run_queue(jobs, out, step_callback=lambda r, s, v: seen.append((r, s)),
+                                 run_callback=lambda r, s: ended.append((r, s)))
+    assert seen == [("ti-1", 2), ("ti-1", 3)]  # from the save of step 1; run 1 not again
+    assert ended == [("ti-1", "done")]
+    assert (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns == finished
+    assert (out / "ti-1" / "learned_embeds.safetensors").is_file()
+    assert "<td>done</td>\n<td>done</td>" in page.read_text()
+
+    # a done run whose settings were changed since is not silently taken as done
+    jobs.write_text(jobs.read_text().replace("steps = 2\n", "steps = 5\n", 1))
+    with pytest.raises(Exception, match=r"job lora-1 finished with other settings \(steps changed\)"):
+        train_queue.run_queue(jobs, out)
+
+
+@pytest.mark.parametrize("text, says", [
+    ('outt = "x"\n[[job]]\nkind = "lora"\n', r"top level: unknown key 'outt'; did you mean 'out'\?"),
+    ('[[job]]\nkind = "lora"\nlearning_rate = 1e-3\n', r"job 1: unknown key 'learning_rate'"),
+    ('[[job]]\nname = "a"\nkind = "lora"\nrnk = 4\n', r"job 1 \(a\): unknown key 'rnk'; did you mean 'rank'\?"),
+    ('[[job]]\nkind = "lora"\nrank = "big"\n', r"job 1: rank = 'big' is not a int"),
+    ('[[job]]\nkind = "ti"\ntoken = "<t>"\nsweep = {rank = [4]}\n', r"job 1: sweep: unknown key 'rank'"),
+    ('[[job]]\nkind = "lora"\nsweep = {lr = 1e-3}\n', r"job 1: sweep must be a table of lists"),
+    ('[[job]]\nkind = "lora"\nsweep = {lr = ["fast"]}\n', r"job 1: sweep: lr = 'fast' is not a float"),
+    ('[[job]]\nkind = "dreambooth"\n', r"job 1: kind = 'dreambooth'; write kind = \"ti\" or kind = \"lora\""),
+    ('[[job]]\nkind = "lora"\nout = "elsewhere"\n', r"job 1: out is set by the queue"),
+    ('[[job]]\nkind = "lora"\n[[job]]\nkind = "lora"\nname = "lora-1"\n', r"two runs are named 'lora-1'"),
+    ('[[job]]\nkind = "lora"\npreset = "sd9"\n', r"job lora-1: .*sd9"),
+    ('[defaults]\nrnak = 2\n[[job]]\nkind = "lora"\n', r"\[defaults\]: unknown key 'rnak'; did you mean 'rank'\?"),
+    ('', r"no jobs; add \[\[job\]\] tables"),
+    ('[defaults]\nout = "x"\n[[job]]\nkind = "lora"\n', r"\[defaults\]: out is set by the queue"),
+])
+def test_a_bad_queue_file_names_the_file_and_the_key(dataset, tmp_path, capsys, text, says):
+    path = tmp_path / "bad.toml"
+    data = f'data = "{dataset.as_posix()}"\n'
+    path.write_text(text.replace("[defaults]\n", "[defaults]\n" + data) if "[defaults]" in text else
+                    text + "\n[defaults]\n" + data)
+    assert main(["train", "queue", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(f"^sdtune: error: {re.escape(str(path))}: {says}", err), err
+    assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+def test_a_missing_data_folder_stops_before_any_training(tmp_path, capsys):
+    path = tmp_path / "jobs.toml"
+    path.write_text('[[job]]\nkind = "lora"\ndata = "no/such/folder"\n')
+    assert main(["train", "queue", str(path)]) == 2
+    assert "job lora-1: data = 'no/such/folder': no such folder" in capsys.readouterr().err
