@@ -51,6 +51,15 @@ def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.linalg.svd(delta.double(), full_matrices=False)
 
 
+def _svd_factored(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of ΔW = scale · up @ down without forming ΔW: QR of each factor, then the SVD of the r x r core.
+    The same singular values (float64), at a cost of r² · width instead of width³ per layer."""
+    q_up, r_up = torch.linalg.qr(up.flatten(1).double())
+    q_down, r_down = torch.linalg.qr(down.flatten(1).double().T)
+    u, s, vh = torch.linalg.svd(scale * r_up @ r_down.T)
+    return q_up @ u, s, vh @ q_down.T
+
+
 def _truncate(u, s, vh, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (u[:, :r] * s[:r]).float(), vh[:r].float()
 
@@ -212,7 +221,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
     for comp, p, ad in lora.items():
         out_f, inner, _ = ad.io()
-        u, s, vh = _svd(ad.delta((out_f, inner)))
+        factors = ad.algo.low_rank(ad.tensors)
+        u, s, vh = _svd_factored(*factors, ad.scale) if factors else _svd(ad.delta((out_f, inner)))
         # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
         own = ad.rank if ad.kind == "lora" else len(s)
         cap = min(rank, own) if rank is not None else own
