@@ -240,6 +240,17 @@ def settings(argv=None) -> argparse.Namespace:
     return a
 
 
+def run_log(out: Path):
+    """A function that prints a line and appends it to ``out/log.txt`` (kept across resumed runs)."""
+    logf = open(out / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+    return log
+
+
 def main(argv=None) -> None:
     a = settings(argv)
     if a.threads:
@@ -250,13 +261,7 @@ def main(argv=None) -> None:
     workers = a.workers or os.cpu_count() or 1
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
+    log = run_log(out)
     log(f"recipe {json.dumps(vars(a))} on {device}")
     t0 = time.time()
     parts = model.build(a.seed)

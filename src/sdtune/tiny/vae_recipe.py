@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from .. import safeio
 from ..models import pick_device
 from . import images, model, vae_quality
+from .recipe import run_log
 
 BROAD = [c for c in images.CATEGORIES if c != "world"]
 
@@ -179,13 +180,7 @@ def main(argv=None) -> None:
     device = pick_device(a.device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
+    log = run_log(out)
     log(f"vae recipe {json.dumps(vars(a))} on {device}")
     t0 = time.time()
     if not Path(a.start).is_file():
