@@ -16,6 +16,7 @@ import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+from torch import nn
 
 from .safeio import SdtuneError, atomic_path
 
@@ -119,22 +120,44 @@ class PromptEmbeds:
                             self.pooled.expand(n, -1) if self.pooled is not None else None)
 
 
+class TextStack(nn.Module):
+    """A family's text encoders as its UNet reads them (``families.TextEncoder``): each encoder's chosen hidden
+    layer (SD 1.x/2.x: the last; SDXL: the penultimate of both), concatenated, and the pooled output of an
+    encoder that projects it (SDXL's second). Training runs it with gradients, ``encode_prompt`` without."""
+
+    def __init__(self, encoders):
+        super().__init__()
+        encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
+        self.specs = [te for te, _, _ in encoders]
+        self.tokenizers = [tok for _, _, tok in encoders]
+        self.models = nn.ModuleList([model for _, model, _ in encoders])
+
+    @classmethod
+    def of(cls, base) -> TextStack:
+        return cls(base.text_encoders())
+
+    def ids(self, texts: list[str], device) -> list[torch.Tensor]:
+        """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently)."""
+        return [tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                    return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
+
+    def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden, pooled = [], None
+        for te, model, x in zip(self.specs, self.models, ids):
+            out = model(x, output_hidden_states=te.hidden_layer != -1)
+            hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+
 @torch.no_grad()
 def encode_prompt(base, prompts: list[str]) -> PromptEmbeds:
-    """Text features as the base's family reads them: each text encoder's chosen hidden layer (the last for
-    SD 1.x/2.x, the penultimate of both for SDXL), concatenated, plus the pooled output of an encoder that
-    projects it (SDXL's second). sdtune encodes prompts itself so that its own multi-vector token expansion
-    is what the model sees."""
-    hidden, pooled = [], None
-    for te, model, tokenizer in base.text_encoders():
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(base.device)
-        out = model(ids, output_hidden_states=te.hidden_layer != -1)
-        hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
-        if getattr(out, "text_embeds", None) is not None:
-            pooled = out.text_embeds
-    cast = (lambda t: t.to(base.dtype) if t is not None else None)
-    return PromptEmbeds(cast(torch.cat(hidden, dim=-1)), cast(pooled))
+    """Text features as the base's family reads them (``TextStack``), in the base's dtype. sdtune encodes
+    prompts itself so that its own multi-vector token expansion is what the model sees."""
+    text = TextStack.of(base)
+    hidden, pooled = text(text.ids(prompts, base.device))
+    return PromptEmbeds(hidden.to(base.dtype), pooled.to(base.dtype) if pooled is not None else None)
 
 
 @torch.no_grad()

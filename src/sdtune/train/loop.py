@@ -50,7 +50,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..generate import generate, grid, save_png
+from ..generate import TextStack, generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs
 from .config import TrainSettings, summary, to_toml
@@ -131,37 +131,6 @@ def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, no
     if noise_offset:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=g)
     return noise, timesteps
-
-
-class TextStack(nn.Module):
-    """A family's text encoders as its UNet reads them (``families.TextEncoder``): each encoder's chosen hidden
-    layer (SD 1.x/2.x: the last; SDXL: the penultimate of both), concatenated, and the pooled output of an
-    encoder that projects it (SDXL's second). ``generate.encode_prompt`` computes the same, without gradients."""
-
-    def __init__(self, encoders):
-        super().__init__()
-        encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
-        self.specs = [te for te, _, _ in encoders]
-        self.tokenizers = [tok for _, _, tok in encoders]
-        self.models = nn.ModuleList([model for _, model, _ in encoders])
-
-    @classmethod
-    def of(cls, base) -> TextStack:
-        return cls(base.text_encoders())
-
-    def ids(self, texts: list[str], device) -> list[torch.Tensor]:
-        """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently)."""
-        return [tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                    return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
-
-    def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden, pooled = [], None
-        for te, model, x in zip(self.specs, self.models, ids):
-            out = model(x, output_hidden_states=te.hidden_layer != -1)
-            hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
-            if getattr(out, "text_embeds", None) is not None:
-                pooled = out.text_embeds
-        return torch.cat(hidden, dim=-1), pooled
 
 
 def default_time_ids(latents: torch.Tensor, scale: int) -> torch.Tensor:
