@@ -84,7 +84,8 @@ def test_list_presets_says_what_each_is_for(capsys):
         for preset in presets.PRESETS[kind].values():
             line = next(ln for ln in lines if ln.split()[0] == preset.name)
             assert preset.purpose in line
-        assert "[default for the built-in tiny model]" in next(ln for ln in lines if ln.split()[0] == "tiny")
+        assert "[default for the built-in tiny model, the built-in tiny SDXL model]" in next(
+            ln for ln in lines if ln.split()[0] == "tiny")
         assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
 
 

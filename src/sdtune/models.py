@@ -55,7 +55,7 @@ class Base:
     device: torch.device
     dtype: torch.dtype
     name: str  # the spec as given
-    source: str  # tiny | tiny-random | <family>-random | diffusers | single-file | hub
+    source: str  # tiny | tiny-xl | tiny(-xl)-random | <family>-random | diffusers | single-file | hub
     single_file: Path | None
     model_hash: str  # A1111-style short hash (10 hex)
     family: Family = families.SD1
@@ -253,19 +253,27 @@ def _finish(parts: dict, scheduler, device, dtype, family: Family, tokenizers: d
 
 # ---------------------------------------------------------------- sources
 
-def _load_tiny(spec: str, device, dtype, folder: Path = tiny_model.WEIGHTS) -> Base:
-    """The built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``)."""
-    parts = tiny_model.build(seed=0) if spec == "tiny-random" else tiny_model.load(folder)
-    trained = spec != "tiny-random" and tiny_model.trained_weights_exist(folder)
-    if trained:
-        files = [folder / f"{c}.safetensors" for c in tiny_model.COMPONENTS]
-        model_hash = _files_hash(files, folder)
-    else:
-        model_hash = _weights_hash(parts["unet"], parts["vae"], parts["text_encoder"])
+TINY_SPECS = {"tiny": (False, True), "tiny-random": (False, False), "tiny-xl": (True, True),
+              "tiny-xl-random": (True, False)}  # spec -> (SDXL architecture, trained weights)
+
+
+def _load_tiny(spec: str, device, dtype, folder: Path | None = None) -> Base:
+    """A built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``, ``runs/tiny-xl/model``)."""
+    xl, trained = TINY_SPECS.get(spec, (folder is not None and tiny_model.is_xl_export(folder), True))
+    folder = folder or (tiny_model.XL_WEIGHTS if xl else tiny_model.WEIGHTS)
+    build, load = (tiny_model.build_xl, tiny_model.load_xl) if xl else (tiny_model.build, tiny_model.load)
+    files = tiny_model.weight_files(folder, xl)
+    trained = trained and all(f.is_file() for f in files)
+    parts = load(folder) if trained else build(seed=0)
     scheduler = parts.pop("scheduler")
-    tokenizers = {"tokenizer": parts.pop("tokenizer")}
-    return _finish(parts, scheduler, device, dtype, families.TINY, tokenizers, name=spec,
-                   source="tiny" if trained else "tiny-random", single_file=None, model_hash=model_hash)
+    tokenizers = {"tokenizer": parts.pop("tokenizer")} if "tokenizer" in parts else None
+    # Each file by its own folder's path: an export of tiny-xl hashes as the shipped one when its files are.
+    model_hash = (hashlib.sha256("".join(_files_hash([f], f.parent) for f in files).encode()).hexdigest()[:10]
+                  if xl and trained else _files_hash(files, folder) if trained else _weights_hash(*parts.values()))
+    family = families.TINY_XL if xl else families.TINY
+    return _finish(parts, scheduler, device, dtype, family, tokenizers, name=spec,
+                   source=("tiny-xl" if xl else "tiny") + ("" if trained else "-random"), single_file=None,
+                   model_hash=model_hash)
 
 
 # Random-init models of each family's real architecture (and a small SDXL one), for tests and benchmarks.
@@ -469,7 +477,7 @@ def _load_hub(spec: str, device, dtype) -> Base:
 def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     """Load a base model of any family (SD 1.x, SD 2.x, SDXL); the family is read from the files.
 
-    ``spec``: "tiny" (built-in), "tiny-random", a random-init real architecture ("sd15-random", "sd2-random",
+    ``spec``: "tiny" or "tiny-xl" (built-in), "tiny-random", "tiny-xl-random", a random-init real architecture ("sd15-random", "sd2-random",
     "sdxl-random", or "sdxl-small-random": SDXL's structure and names at small widths), a diffusers folder,
     a single-file checkpoint (.safetensors; .ckpt/.pt through the safe loader), or a hub id.
     ``device``/``dtype`` default to ``pick_device()``/``pick_dtype()``.
@@ -477,13 +485,13 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     spec = str(spec)
-    if spec in ("tiny", "tiny-random"):
+    if spec in TINY_SPECS:
         return _load_tiny(spec, device, dtype)
     if spec in RANDOM_SPECS:
         return _load_random(spec, device, dtype)
     path = Path(spec).expanduser()
-    if path.is_dir() and tiny_model.trained_weights_exist(path):  # an export of the tiny recipe
-        return _load_tiny(spec, device, dtype, path)
+    if path.is_dir() and (tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path)):
+        return _load_tiny(spec, device, dtype, path)  # an export of the tiny recipe
     if path.is_dir():
         return _load_folder(spec, path, device, dtype)
     if path.is_file():

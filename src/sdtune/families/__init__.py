@@ -45,11 +45,11 @@ class TextEncoder:
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # "sd1" | "sd2" | "sdxl" | "tiny"
+    name: str  # "sd1" | "sd2" | "sdxl" | "tiny" | "tiny-xl"
     title: str  # for messages: "SD 1.x"
     cross_attention_width: int  # what the UNet's attn2.to_k reads: the text features' width
     text_encoders: tuple[TextEncoder, ...]
-    configs: str  # folder under families/configs ("" for the tiny model, whose configs are Python)
+    configs: str  # folder under families/configs ("" for the tiny models, whose configs are Python)
     single_file_layout: str  # "ldm" (SD 1.x/2.x) | "sgm" (SDXL: conditioner.embedders.N)
     pipeline: str  # diffusers pipeline class name
     scheduler: str  # diffusers scheduler class the published model ships with
@@ -112,7 +112,21 @@ TINY = Family(
     prediction_type="epsilon",
     pooled_and_time_ids=False, base_model_version="sd_v1")
 
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY)}
+# tiny-xl: the SDXL architecture at small widths (see sdtune.tiny.config), sharing tiny's first text encoder.
+TINY_XL = Family(
+    name="tiny-xl", title="the built-in tiny SDXL model", cross_attention_width=tiny_config.XL_UNET["cross_attention_dim"],
+    text_encoders=(
+        _clip_l(prefix="lora_te1_", key="clip_l", single="conditioner.embedders.0.transformer.",
+                width=tiny_config.TEXT_WIDTH, layer=-2),
+        TextEncoder("text_encoder_2", "tokenizer_2", tiny_config.XL_TEXT_WIDTH_2, "lora_te2_", "clip_g",
+                    "conditioner.embedders.1.model.", openclip=True, model_class="CLIPTextModelWithProjection",
+                    hidden_layer=-2, pad_token="!"),
+    ),
+    configs="", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="DDIMScheduler",
+    prediction_type="epsilon", pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0")
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY, TINY_XL)}
+_TINY_ARCH = {"tiny": "sd1", "tiny-xl": "sdxl"}  # families whose configs are Python (sdtune.tiny.config)
 
 # kohya's ss_base_model_version values (and the older ss_v2/ss_sdxl spellings) -> family.
 _BASE_MODEL_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_512": "sd2", "sd_v2_768_v": "sd2",
@@ -153,8 +167,7 @@ def describe_width(width: int) -> str:
 def _read_configs(name: str) -> dict[str, dict]:
     family = FAMILIES[name]
     if not family.configs:
-        return {"unet": dict(tiny_config.UNET), "vae": dict(tiny_config.VAE, scaling_factor=1.0),
-                "text_encoder": dict(tiny_config.TEXT_ENCODER), "scheduler": dict(tiny_config.SCHEDULER)}
+        return tiny_config.configs(_TINY_ARCH[name])
     folder = CONFIGS / family.configs
     parts = ["unet", "vae", "scheduler", *(te.component for te in family.text_encoders)]
     return {part: _without_private(json.loads((folder / f"{part}.json").read_text())) for part in parts}

@@ -81,7 +81,7 @@ XL = Layout(_XL_BLOCKS, {20: _XL_BLOCKS, 12: _XL_12}, {
     "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
 })
 
-LAYOUTS = {"sd1": SD, "sd2": SD, "sdxl": XL}  # family name -> its layout; the tiny model has none
+LAYOUTS = {"sd1": SD, "sd2": SD, "sdxl": XL, "tiny-xl": XL}  # family name -> its layout (tiny-xl has SDXL's blocks)
 
 
 def layout(family: Family | None) -> Layout:

@@ -57,3 +57,56 @@ SCHEDULER = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+
+
+# ---------------------------------------------------------------- tiny-xl: the SDXL architecture at small widths
+# It shares the VAE and the first text encoder (frozen) with ``tiny``; it adds a second, projecting text
+# encoder and an SDXL-layout UNet. The UNet keeps SDXL's module names: three levels, no attention at the first
+# (the costly 16x16 self-attention goes, which pays for SDXL's two resnets per level), linear proj_in/out,
+# and the added conditioning (pooled text + six size/crop time ids). One transformer block per level where
+# SDXL has 1, 2 and 10, and 96 channels at the last level, keep its weights with the shared ones under 20 MB.
+
+XL_TEXT_WIDTH_2 = 32
+
+XL_TEXT_ENCODER_2 = dict(
+    vocab_size=49408,
+    hidden_size=XL_TEXT_WIDTH_2,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,  # pooled output at the first end-of-text token; padding is "!" as in SDXL
+    pad_token_id=0,
+    projection_dim=XL_TEXT_WIDTH_2,
+)
+
+XL_TIME_EMBED = 16  # per time id (SDXL: 256)
+
+XL_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 96),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 1, 1),
+    attention_head_dim=(1, 2, 3),  # heads per level (diffusers' reading): head size 32
+    norm_num_groups=16,
+    cross_attention_dim=TEXT_WIDTH + XL_TEXT_WIDTH_2,  # both encoders' penultimate layers, concatenated
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=XL_TIME_EMBED,
+    projection_class_embeddings_input_dim=XL_TEXT_WIDTH_2 + 6 * XL_TIME_EMBED,
+)
+
+
+def configs(arch: str = "sd1") -> dict[str, dict]:
+    """Every component's config of the tiny model ("sd1") or of tiny-xl ("sdxl"), as fresh dicts."""
+    out = {"unet": dict(UNET), "vae": dict(VAE, scaling_factor=1.0), "text_encoder": dict(TEXT_ENCODER),
+           "scheduler": dict(SCHEDULER)}
+    if arch == "sdxl":
+        out |= {"unet": dict(XL_UNET), "text_encoder_2": dict(XL_TEXT_ENCODER_2)}
+    return out

@@ -1,4 +1,6 @@
-"""Build the tiny model's components, random-init or from the shipped weights."""
+"""Build the built-in models' components, random-init or from the shipped weights: ``tiny`` (SD 1.x
+architecture) and ``tiny-xl`` (SDXL architecture; it ships only its UNet and second text encoder and takes the
+VAE and first text encoder from ``tiny``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import config
 
@@ -15,6 +17,8 @@ ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "model"
 TOKENIZER = ASSETS / "tokenizer"
 COMPONENTS = ("unet", "vae", "text_encoder")
+XL_WEIGHTS = ASSETS / "model-xl"
+XL_COMPONENTS = ("unet", "text_encoder_2")  # tiny-xl's own; the VAE and text_encoder are tiny's
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -35,8 +39,50 @@ def build(seed: int = 0) -> dict:
     }
 
 
-def trained_weights_exist(folder: Path = WEIGHTS) -> bool:
-    return all((folder / f"{c}.safetensors").is_file() for c in COMPONENTS)
+def build_xl(seed: int = 0) -> dict:
+    """Random-init tiny-xl components: tiny's VAE and first text encoder, an SDXL-layout UNet and a second,
+    projecting text encoder (tokenizers are the caller's: ``models.tokenizer_for`` pads each as it was trained)."""
+    parts = build(seed)
+    del parts["tokenizer"]
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet2DConditionModel(**config.XL_UNET)
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config.XL_TEXT_ENCODER_2))
+    return parts
+
+
+def trained_weights_exist(folder: Path = WEIGHTS, components=COMPONENTS) -> bool:
+    return all((folder / f"{c}.safetensors").is_file() for c in components)
+
+
+def is_xl_export(folder: Path) -> bool:
+    """A folder of tiny-xl weights (its own components; an export of the recipe also holds the shared ones)."""
+    return trained_weights_exist(folder, XL_COMPONENTS)
+
+
+def weight_files(folder: Path, xl: bool) -> list[Path]:
+    """The files a model is loaded from: tiny-xl takes each component from ``folder`` where it is there, else
+    from the shipped tiny model."""
+    if not xl:
+        return [folder / f"{c}.safetensors" for c in COMPONENTS]
+    return [folder / f"{c}.safetensors" if (folder / f"{c}.safetensors").is_file() else WEIGHTS / f"{c}.safetensors"
+            for c in (*COMPONENTS, "text_encoder_2")]
+
+
+def _fill(parts: dict, files: list[Path]) -> dict:
+    for path in files:
+        state = load_file(path)
+        module = parts[path.stem]
+        if path.stem == "vae":
+            module.register_to_config(scaling_factor=float(state.pop("scaling_factor")))
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    return parts
+
+
+def load_xl(folder: Path = XL_WEIGHTS) -> dict:
+    """Trained tiny-xl; random init (same architecture) if no weights are shipped."""
+    if not (is_xl_export(folder) and trained_weights_exist(WEIGHTS)):
+        return build_xl()
+    return _fill(build_xl(), weight_files(folder, xl=True))
 
 
 def load(folder: Path = WEIGHTS) -> dict:
@@ -44,10 +90,4 @@ def load(folder: Path = WEIGHTS) -> dict:
     parts = build()
     if not trained_weights_exist(folder):
         return parts
-    for name in COMPONENTS:
-        state = load_file(folder / f"{name}.safetensors")
-        module = parts[name]
-        if name == "vae":
-            module.register_to_config(scaling_factor=float(state.pop("scaling_factor")))
-        module.load_state_dict({k: v.float() for k, v in state.items()})
-    return parts
+    return _fill(parts, weight_files(folder, xl=False))

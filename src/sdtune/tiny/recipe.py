@@ -1,6 +1,7 @@
-"""The training recipe of the built-in tiny model: VAE first, then UNet and text encoder together.
+"""The training recipe of the built-in models: VAE first, then UNet and text encoder together.
 
     python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
+    python -m sdtune.tiny.recipe --arch sdxl --out runs/tiny-xl --install    # tiny-xl (needs tiny's weights)
 
 The defaults (``--preset cpu``) are the shipped model's settings, sized for a 2-core CPU (the README has
 the measured run). ``--preset large`` is the earlier recipe sized for one GPU (4x the samples, plain MSE).
@@ -10,6 +11,10 @@ renders of the shapes world; the diffusion model never sees a held-out concept (
 this recipe trains knows only the world; a second stage, ``python -m sdtune.tiny.vae_recipe --start
 runs/tiny/model/vae.safetensors --install``, makes it a general codec (any colour, frames, text, photos)
 while keeping the latents this UNet was trained on (see ``vae_recipe``).
+
+``--arch sdxl`` trains ``tiny-xl``: the shipped tiny VAE and first text encoder stay as they are (frozen, shared),
+and an SDXL-layout UNet learns with a second, projecting text encoder (``config.XL_*``), conditioned as SDXL is:
+both encoders' penultimate layers, the second's pooled output and the size/crop time ids (64, 64, 0, 0, 64, 64).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .. import safeio
-from ..models import pick_device
+from ..families import TINY, TINY_XL
+from ..generate import TextStack
+from ..models import pick_device, tokenizer_for
 from ..train.loop import min_snr_weights
 from . import model, world
 
@@ -43,7 +50,13 @@ PRESETS = {
                 images=16000, min_snr=5.0),
     "large": dict(vae_steps=3000, vae_batch=32, vae_images=32000, steps=9000, batch=96, lr=5e-4,
                   images=32000, min_snr=0.0),
+    # tiny-xl trains no VAE (it shares tiny's) and starts with a trained first text encoder
+    "xl-cpu": dict(vae_steps=0, vae_batch=0, vae_images=0, steps=8000, batch=24, lr=1e-3, images=16000, min_snr=5.0),
 }
+DEFAULT_PRESET = {"sd1": "cpu", "sdxl": "xl-cpu"}
+# checkpoint name of each trained module -> its component (tiny trains "te", tiny-xl "te2" with tiny's frozen "te")
+TRAINED = {"unet": "unet", "te": "text_encoder", "te2": "text_encoder_2"}
+TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL's (original size, crop top-left, target size) of every 64 px render
 
 
 def _render_u8(scene) -> np.ndarray:
@@ -134,43 +147,48 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
                     device, log, save_every: int = 500, min_snr: float = 0.0) -> None:
     """UNet and text encoder together on the epsilon loss, with caption dropout and an EMA of the weights.
 
+    ``parts``: "unet", "scheduler", "text" (a ``TextStack`` of the family's encoders, as the UNet reads them) and
+    "trained" ({checkpoint name: module} of what learns; a text encoder not in it stays frozen).
     ``min_snr`` > 0 weights each sample's loss by min(SNR, gamma) / SNR (Min-SNR weighting): the nearly clean
     timesteps, which only polish pixels, stop dominating the gradient, and shape and colour are learnt sooner.
     The random draws come from a CPU generator seeded per step, so a resumed run repeats the same steps.
     """
-    unet, te, tok, sched = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
-    ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    params = list(unet.parameters()) + list(te.parameters())
+    unet, text, sched, trained = parts["unet"], parts["text"], parts["scheduler"], parts["trained"]
+    ids_all, empty = text.ids(captions, "cpu"), text.ids([""], "cpu")
+    params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=True)
-    ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in (("unet", unet), ("te", te))}
+    ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in trained.items()}
     ck_path, start = out / "diffusion_ckpt.pt", 0
     if ck_path.exists():
-        ck = _load_ckpt(ck_path, {"unet": unet, "te": te}, opt)
+        ck = _load_ckpt(ck_path, trained, opt)
         start = ck["step"]
         for n in ema:
             ema[n] = {k[len(n) + 5:]: v.to(device) for k, v in ck["model_ema"].items() if k.startswith(n + ".ema.")}
-    live = [v for m in (unet, te) for v in m.state_dict().values() if v.dtype.is_floating_point]
-    shadow = [ema[n][k] for n, m in (("unet", unet), ("te", te))
-              for k, v in m.state_dict().items() if v.dtype.is_floating_point]
+    live = [v for m in trained.values() for v in m.state_dict().values() if v.dtype.is_floating_point]
+    shadow = [ema[n][k] for n, m in trained.items() for k, v in m.state_dict().items() if v.dtype.is_floating_point]
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32, device=device).expand(batch, -1)
     acp = sched.alphas_cumprod
-    unet.train()
-    te.train()
+    for m in trained.values():
+        m.train()
     t0 = time.time()
     for step in range(start, steps):
         g = torch.Generator().manual_seed(seed * 1000003 + step)
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         mean, std = latents[idx].chunk(2, 1)
         z0 = mean + std * torch.randn(mean.shape, generator=g)
-        ids = ids_all[idx].clone()
-        ids[torch.rand(batch, generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
+        ids = [x[idx].clone() for x in ids_all]
+        drop = torch.rand(batch, generator=g) < 0.1  # caption dropout for classifier-free guidance
+        for x, e in zip(ids, empty):
+            x[drop] = e[0]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         w = min_snr_weights(t, acp, min_snr).to(device) if min_snr > 0 else None  # from the CPU t: no sync
-        zt, t, ids, noise = zt.to(device), t.to(device), ids.to(device), noise.to(device)
-        pred = unet(zt, t, te(ids)[0]).sample
+        zt, t, noise = zt.to(device), t.to(device), noise.to(device)
+        hidden, pooled = text([x.to(device) for x in ids])
+        added = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        pred = unet(zt, t, hidden, **added).sample
         if w is not None:
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
         else:
@@ -188,24 +206,41 @@ def train_diffusion(parts: dict, latents, captions, out: Path, steps: int, batch
             log(f"diffusion step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % save_every == 0 or step + 1 == steps:
             flat = {f"{n}.ema.{k}": v for n, d in ema.items() for k, v in d.items()}
-            _save_ckpt(ck_path, {"unet": unet, "te": te}, opt, step + 1, {"model_ema": flat})
-    unet.load_state_dict(ema["unet"])
-    te.load_state_dict(ema["te"])
+            _save_ckpt(ck_path, trained, opt, step + 1, {"model_ema": flat})
+    for n, m in trained.items():
+        m.load_state_dict(ema[n])
 
 
 def load_ema(parts: dict, out: Path) -> int:
     """Put the EMA weights of the last diffusion checkpoint into ``parts``; returns its step."""
     ck = torch.load(out / "diffusion_ckpt.pt", map_location="cpu", weights_only=True)
-    for n, name in (("unet", "unet"), ("te", "text_encoder")):
-        parts[name].load_state_dict({k[len(n) + 5:]: v for k, v in ck["model_ema"].items()
-                                     if k.startswith(n + ".ema.")})
+    for n, name in TRAINED.items():
+        state = {k[len(n) + 5:]: v for k, v in ck["model_ema"].items() if k.startswith(n + ".ema.")}
+        if state:
+            parts[name].load_state_dict(state)
     return ck["step"]
 
 
+def diffusion_parts(parts: dict, arch: str) -> dict:
+    """What ``train_diffusion`` takes: the text encoders as the family's UNet reads them, and what learns."""
+    family = TINY_XL if arch == "sdxl" else TINY
+    tokenizers = {"tokenizer": parts["tokenizer"]} if "tokenizer" in parts else {}
+    encoders = [(te, parts[te.component], tokenizers.get(te.tokenizer) or tokenizer_for(te))
+                for te in family.text_encoders]
+    if arch == "sdxl":  # tiny's text encoder is shared, so it stays as shipped
+        parts["text_encoder"].eval().requires_grad_(False)
+        trained = {"unet": parts["unet"], "te2": parts["text_encoder_2"]}
+    else:
+        trained = {"unet": parts["unet"], "te": parts["text_encoder"]}
+    return {"unet": parts["unet"], "scheduler": parts["scheduler"], "text": TextStack(encoders), "trained": trained}
+
+
 def export(parts: dict, scaling: float, folder: Path) -> None:
-    """fp16 safetensors, one file per component (the package ships these)."""
+    """fp16 safetensors, one file per component (the package ships these; tiny-xl only its own two)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in model.COMPONENTS:
+    for name in (*model.COMPONENTS, "text_encoder_2"):
+        if name not in parts:
+            continue
         state = {k: v.detach().cpu().half().contiguous() for k, v in parts[name].state_dict().items()}
         if name == "vae":
             state["scaling_factor"] = torch.tensor(scaling)
@@ -215,10 +250,13 @@ def export(parts: dict, scaling: float, folder: Path) -> None:
 def settings(argv=None) -> argparse.Namespace:
     """The command line, with the chosen preset filling every size not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/tiny")
+    p.add_argument("--arch", choices=sorted(DEFAULT_PRESET), default="sd1",
+                   help="sd1: the tiny model (default); sdxl: tiny-xl, on tiny's VAE and first text encoder")
+    p.add_argument("--out", help="run folder (default runs/tiny, or runs/tiny-xl with --arch sdxl)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="the settings below, unless given: cpu (default, the shipped model) or large")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the settings below, unless given: cpu (the shipped tiny), xl-cpu (the shipped tiny-xl; "
+                        "the default with --arch sdxl) or large")
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--vae-batch", type=int)
     p.add_argument("--vae-images", type=int, help="renders the VAE trains on (all kinds)")
@@ -234,6 +272,8 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--export-only", action="store_true", help="export the EMA weights of the last checkpoint")
     p.add_argument("--install", action="store_true", help="copy the result into the package assets")
     a = p.parse_args(argv)
+    a.out = a.out or ("runs/tiny-xl" if a.arch == "sdxl" else "runs/tiny")
+    a.preset = a.preset or DEFAULT_PRESET[a.arch]
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -264,8 +304,16 @@ def main(argv=None) -> None:
     log = run_log(out)
     log(f"recipe {json.dumps(vars(a))} on {device}")
     t0 = time.time()
-    parts = model.build(a.seed)
+    xl = a.arch == "sdxl"
+    parts = model.build_xl(a.seed) if xl else model.build(a.seed)
     vae_done = out / "vae.safetensors"
+    if xl:  # tiny's VAE and first text encoder, as shipped
+        if not model.trained_weights_exist():
+            raise SystemExit(f"{model.WEIGHTS}: no trained tiny model to build tiny-xl on; train it first")
+        shipped = model.load()
+        parts["text_encoder"].load_state_dict(shipped["text_encoder"].state_dict())
+        if not vae_done.exists():
+            shutil.copyfile(model.WEIGHTS / "vae.safetensors", vae_done)
     if vae_done.exists():
         state = load_file(vae_done)
         scaling = float(state.pop("scaling_factor"))
@@ -300,15 +348,19 @@ def main(argv=None) -> None:
             safeio.atomic_write_text(json.dumps(captions), out / "captions.json")
             safeio.atomic_save_safetensors({"latents": latents.contiguous()}, cache)
         log(f"{len(captions)} encoded training images ({time.time() - t0:.0f}s)")
-        parts["unet"].to(device)
-        parts["text_encoder"].to(device)
-        train_diffusion(parts, latents, captions, out, a.steps, a.batch, a.lr, a.seed, device, log,
-                        a.save_every, a.min_snr)
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if name in parts:
+                parts[name].to(device)
+        train_diffusion(diffusion_parts(parts, a.arch), latents, captions, out, a.steps, a.batch, a.lr, a.seed,
+                        device, log, a.save_every, a.min_snr)
     export(parts, scaling, out / "model")
     log(f"exported to {out / 'model'} ({time.time() - t0:.0f}s)")
-    if a.install:
-        shutil.copytree(out / "model", model.WEIGHTS, dirs_exist_ok=True)
-        log(f"installed into {model.WEIGHTS}")
+    if a.install:  # tiny-xl ships only its own components
+        dest, names = (model.XL_WEIGHTS, model.XL_COMPONENTS) if xl else (model.WEIGHTS, model.COMPONENTS)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(out / "model" / f"{name}.safetensors", dest / f"{name}.safetensors")
+        log(f"installed into {dest}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ TI = [
 PRESETS: dict[str, dict[str, Preset]] = {"lora": {p.name: p for p in LORA}, "ti": {p.name: p for p in TI}}
 
 # family name (``sdtune.families``) -> the preset a run on that model starts from, per kind of training
-FAMILY_DEFAULTS = {"tiny": "tiny", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+FAMILY_DEFAULTS = {"tiny": "tiny", "tiny-xl": "tiny", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 
 
 def get(kind: str, name: str) -> Preset:

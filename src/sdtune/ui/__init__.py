@@ -49,7 +49,7 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
     credentials = parse_auth(auth)
     if not 0 < port < 65536:
         raise SdtuneError(f"--port {port}: use a port between 1 and 65535, e.g. 7860")
-    if not (model in ("tiny", "tiny-random") or model.endswith("-random")) and os.path.exists(model):
+    if not (model in ("tiny", "tiny-xl") or model.endswith("-random")) and os.path.exists(model):
         model = os.path.abspath(os.path.expanduser(model))  # the server changes folder below
     folders = Folders.make(out, lora_dir, embedding_dir, model, model_dir)
     _quiet_environment(folders)

@@ -55,7 +55,7 @@ class Folders:
                 raise SdtuneError(f"{flag} {given}: no such folder; check the path (or leave it out: the default "
                                   f"is a folder inside --out)")
         out = Path(out).expanduser().resolve()
-        builtin = model is None or model in ("tiny", "tiny-random") or model.endswith("-random")
+        builtin = model is None or model in ("tiny", "tiny-xl") or model.endswith("-random")
         model_path = None if builtin else Path(model).expanduser()
         folders = cls(out=out,
                       loras=Path(loras).expanduser().resolve() if loras else out / "loras",

@@ -37,7 +37,7 @@ from .jobs import CONFIG_FILE, JobRunner, progress
 
 SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
-BUILT_IN = ("tiny", "tiny-random")  # models the page can always switch to (no file, offline)
+BUILT_IN = ("tiny", "tiny-xl", "tiny-random")  # models the page can always switch to (no file, offline)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
 FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
