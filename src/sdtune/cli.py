@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 from pathlib import Path
@@ -362,5 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``sdtune`` process: ``main`` on the command line, then exit. Python's cyclic garbage collector
+    walks every tracked object on each full collection and once more while the interpreter shuts down;
+    torch, diffusers and transformers leave about 400 thousand of them at import, so each full collection
+    cost 0.2 to 0.5 s, several times a training run and again at exit. What is imported lives until exit
+    anyway, so it is frozen first (``gc.freeze``: kept out of every later collection; what the command
+    creates is collected as usual), and what is left at the end too, since the process ends there. Only the
+    process's entry does this: ``main`` called in a longer-lived process (tests, a notebook) leaves its
+    collector alone."""
+    gc.freeze()
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
