@@ -228,6 +228,36 @@ def test_speed_options_learn_the_same(base, dataset, tmp_path):
     assert (torch.tensor([1e-40]) * 1).item() != 0  # and subnormals are kept again
 
 
+def test_the_faster_loop_learns_bit_for_bit_what_the_plain_one_did(base, dataset, tmp_path, monkeypatch):
+    """The loop's speed-ups keep every number: AdamW's foreach form on the CPU (the same kernels on each
+    tensor as the Python loop it replaces) and the UNet's dtype read once. The plain forms, restored here,
+    give the same losses and the same LoRA to the last bit."""
+    kw = dict(steps=3, text_encoder=True, targets="attn+ff")
+
+    def losses_and_lora(out):
+        seen = []
+        path = train_lora(base, settings(dataset, out, **kw), callback=lambda step, loss: seen.append(loss))
+        return seen, lora_tensors(path)
+
+    fast = losses_and_lora(tmp_path / "fast")
+    adamw = torch.optim.AdamW
+    made = []
+
+    def plain_adamw(*args, **kwargs):
+        made.append(kwargs.get("foreach"))
+        return adamw(*args, **{**kwargs, "foreach": False})
+
+    monkeypatch.setattr(torch.optim, "AdamW", plain_adamw)
+    # the dtype asked of the UNet at every forward pass again (the value __init__ stores is ignored)
+    monkeypatch.setattr(loop.Objective, "unet_dtype", property(lambda self: self.unet.dtype, lambda self, v: None),
+                        raising=False)
+    plain = losses_and_lora(tmp_path / "plain")
+    assert made == [True]  # the loop asked for foreach on the CPU
+    assert len(fast[0]) == 3 and fast[0] == plain[0]
+    assert fast[1].keys() == plain[1].keys()
+    assert all(torch.equal(fast[1][k][role], plain[1][k][role]) for k in fast[1] for role in ("down", "up"))
+
+
 def test_sample_grids_every_m_steps(base, dataset, tmp_path):
     s = settings(dataset, tmp_path, steps=4, sample_every=2, sample_prompts=["a red circle", "a blue square"],
                  sample_images=2, sample_steps=2)
