@@ -176,6 +176,12 @@ def _pick(d, elem_id, option):
     time.sleep(0.3)
 
 
+def _open(d, elem_id):
+    """Open a closed accordion by its label."""
+    d.find_element(By.CSS_SELECTOR, f"#{elem_id} .label-wrap").click()
+    time.sleep(0.5)
+
+
 def _value(d, elem_id):
     return _field(d, elem_id).get_attribute("value")
 
@@ -232,6 +238,19 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     assert parse_infotext(read_infotext(png)) == params  # the file says what the page says
     _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#gen-gallery img"), 10, "the image")
     _shot(d, shots, "generate")
+
+
+@needs_browser
+def test_block_weights_of_a_picked_lora_go_to_the_api(server, browser):
+    d = browser
+    assert _value(d, "gen-lora-0") == "tinystyle"
+    _type(d, "gen-lora-0-blocks", "INALL")
+    d.find_element(By.ID, "gen-go").click()  # the tiny model has no block layout: the API's own refusal
+    _wait_text(d, "gen-status", re.escape("block weights (lbw=) are defined for SD 1.x, SD 2.x and SDXL"), 30)
+    _type(d, "gen-lora-0-blocks", "")
+    d.find_element(By.ID, "gen-go").click()
+    _wait_text(d, "gen-status", r"1 image\(s\) in")
+    assert parse_infotext(_value(d, "gen-params"))["prompt"] == "a red star on a white background, <lora:tinystyle:0.8>"
 
 
 @needs_browser
@@ -336,7 +355,7 @@ def _progress(d):
 
 
 @needs_browser
-def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
+def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path):
     d = browser
     _tab(d, "train")
     _type(d, "train-name", "run1")
@@ -380,6 +399,31 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     assert re.search(r"run1\s+lora\s+stopped", _text(d, "train-jobs"))
     for name in ("q1", "q2"):
         assert (server["out"] / "train" / name / "lora.safetensors").is_file()
+
+    # a queue file (jobs and sweeps): one in the output folder runs as a job with its page; a bad upload is
+    # refused in one line
+    (server["out"] / "sweep.toml").write_text('[defaults]\ndata = "datasets/stars"\nsteps = 2\nreport = false\n'
+                                              '[[job]]\nkind = "lora"\nrank = 2\nsweep = {lr = [1e-3, 5e-4]}\n')
+    _open(d, "train-queue")
+    _type(d, "train-name", "sweep")
+    _type(d, "train-queue-path", "sweep.toml")
+    d.find_element(By.ID, "train-queue-go").click()
+    _wait_text(d, "train-status", "job sweep queued", 20)
+    _wait_text(d, "train-jobs", r"sweep\s+queue\s+done", 300)
+    _wait_text(d, "train-progress", r"\(queue\): done.*run 2 of 2: lora-1-lr-0\.0005.*step 2 of 2", 10)
+    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-report iframe"), 30, "the queue's page")[0]
+    d.switch_to.frame(frame)
+    try:
+        assert re.search(r"run\s+lora-1-lr-0.001\s+lora-1-lr-0.0005", d.find_element(By.TAG_NAME, "table").text)
+    finally:
+        d.switch_to.default_content()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[job]]\nkind = 'lora'\nrnak = 2\n")
+    d.find_element(By.CSS_SELECTOR, "#train-queue-file input[type=file]").send_keys(str(bad))
+    time.sleep(1.5)
+    d.find_element(By.ID, "train-queue-go").click()
+    _wait_text(d, "train-status", re.escape("bad.toml: job 1: unknown key 'rnak'; did you mean 'rank'?"), 20)
+    assert "\n" not in _text(d, "train-status").strip()
     _pick(d, "train-job", "q2")
     _wait_text(d, "train-progress", r"\(lora\): done.*step 2 of 2", 10)
     # its report, embedded: the page's images come through the file route of the output folder
