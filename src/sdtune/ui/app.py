@@ -264,7 +264,7 @@ def _train_tab(studio: Studio):
                         if not f.basic:
                             comps[f.name] = component(f)
             start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
-            with gr.Accordion("Run a queue file: jobs and sweeps, as `sdtune train queue` reads them", open=False,
+            with gr.Accordion("Run a queue file: jobs and sweeps, as sdtune train queue reads them", open=False,
                               elem_id="train-queue"):
                 with gr.Row():
                     queue_file = gr.File(label="Queue file (.toml)", file_types=[".toml"], height=90,
