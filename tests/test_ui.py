@@ -459,6 +459,17 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
         studio.submit("lora", "", "", {})
     with pytest.raises(Refused, match="job name"):
         studio.submit("lora", "../x", "stars", {})
+    for held_out in ("images", "held-out"):
+        (studio.folders.out / "datasets" / held_out).mkdir(parents=True)
+    for setting in ("validation_dir", "reg_dir"):  # the form's other folders, as the queue file's
+        with pytest.raises(Refused, match="absolute paths are not allowed"):
+            studio.submit("lora", "", "images", {setting: "/etc"})
+        with pytest.raises(Refused, match="'..' leaves the output folder"):
+            studio.submit("lora", "", "images", {setting: "../../x"})
+    job = studio.submit("lora", "with-val", "images", {"validation_dir": "datasets/held-out", "steps": 1})
+    studio.jobs.stop(job.name)
+    table = tomllib.loads((Path(job.folder) / jobs_mod.CONFIG_FILE).read_text())
+    assert table["validation_dir"] == str((studio.folders.out / "datasets" / "held-out").resolve())
 
 
 def test_generation_reports_its_steps_and_stops_when_cancelled(studio):

@@ -407,13 +407,18 @@ class Studio:
         return name, len(checked)
 
     def submit(self, kind: str, name: str, dataset: str, values: dict):
-        """Queue a training job of ``kind`` from the form's values; returns the job."""
+        """Queue a training job of ``kind`` from the form's values; returns the job. Folders it names (the
+        dataset, ``validation_dir``, ``reg_dir``) are names inside the output folder."""
         if kind not in trainform.KINDS:
             raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
         name = self.folders.new_name(name, "job name") if name and name.strip() else self._job_name(kind)
         if not dataset or not str(dataset).strip():
             raise SdtuneError("no training data; pick a dataset (a folder in out/datasets) or upload images first")
         data = self.folders.child("out", f"datasets/{dataset}" if dataset and "/" not in dataset else dataset)
+        values = dict(values)
+        for setting in PATH_SETTINGS:  # the other folders a form names: inside the output folder too
+            if setting != "data" and isinstance(values.get(setting), str) and values[setting].strip():
+                values[setting] = str(self.folders.child("out", values[setting].strip(), must_exist=False).resolve())
         settings = trainform.settings_for(kind, values, data=str(data.resolve()),
                                           out=str(self.jobs.root.resolve() / name), model=self.model)
         return self.jobs.submit(name, kind, trainform.to_toml(settings))
