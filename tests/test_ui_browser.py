@@ -361,7 +361,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     _tab(d, "train")
     _type(d, "train-name", "run1")
     _type(d, "train-dataset", "stars", enter=True)
-    _type(d, "train-steps", 40)
+    _type(d, "train-steps", 400)  # still running when the queue below is filled; stopped there
     _type(d, "train-save_every", 3)
     _type(d, "train-rank", 4)
     _type(d, "train-sample_every", 3)
@@ -378,8 +378,8 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     d.find_element(By.ID, "train-resume").click()
     _wait_text(d, "train-progress", r"\(lora\): running", 30)
     run2 = lambda: (folder / "train.log").read_text().split("--- run 2")[-1]  # noqa: E731
-    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 240, "the resumed run's progress")
-    resumed_at = int(re.search(r" (\d+)/40 ", run2()).group(1))
+    _wait(lambda: re.search(r" (\d+)/400 ", run2()), 240, "the resumed run's progress")
+    resumed_at = int(re.search(r" (\d+)/400 ", run2()).group(1))
     assert resumed_at >= 3  # it went on from the save, not from 0
 
     for name in ("q1", "q2"):  # two more jobs wait for the running one
