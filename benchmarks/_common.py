@@ -7,10 +7,17 @@ Fairness rules, the same for sdtune and diffusers' example scripts:
   the same settings (size, batch, steps, lr, seed, fp32);
 - each run is a fresh process started the same way; whole-process time is its wall time from start to exit
   (imports, loading, training, saving), peak RSS is the ``ru_maxrss`` that ``wait4`` reports for it (which
-  covers the processes it waited for, so ``run.sh`` and the python it starts count as one);
+  covers the processes it waited for, so ``run.sh`` and the python it starts count as one), taken by a small
+  launcher process (``LAUNCHER``): a process's ``ru_maxrss`` starts at the peak RSS of the process it was
+  spawned from (Linux carries the old memory's high-water mark over ``exec``), which for the benchmark itself,
+  holding torch and a model, would be the floor of every row;
 - seconds per step come from each trainer's own tqdm bar: ``TQDM_BAR_FORMAT`` (tqdm reads its defaults from
-  ``TQDM_*`` variables) makes every bar print ``n`` and the exact elapsed seconds at each update, and the rate
-  is taken between step ``warmup`` and the last step, so start-up and the first steps do not count;
+  ``TQDM_*`` variables) makes every bar print its description, ``n``, total and the exact elapsed seconds at
+  each update; the training bar is the last one of ``steps`` steps that is not a "Loading ..." bar (diffusers'
+  SDXL DreamBooth script loads a pipeline after training), each step is timed at its bar's first mark of it
+  (later marks of the same step are postfix updates, or work after the last step such as sdtune's final
+  validation loss), and the rate is taken between step ``warmup`` and the last step, so start-up and the
+  first steps do not count;
 - runs alternate between the trainers and repeat; the tables show medians (the machine is shared);
 - a diffusers script that cannot run here (absent, or it stops with an error) gets a row that says why, and
   the sdtune rows are still measured.
@@ -26,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +68,7 @@ MID_NAME = "mid-size SD 1.x (UNet 32/64/128/128, 10M; CLIP width 768, 1 layer; V
 # projections of the 77 text tokens are most of a step's FLOPs, as the text side is in a real SDXL at 1024 px.
 XL_NAME = "small SDXL (UNet 32/64/128, depths 1/2/10, 54M; CLIP-L/bigG widths 768/1280, 2 layers each)"
 
-STEP_MARK = re.compile(r"@step (\d+) ([0-9.]+)@")
+STEP_MARK = re.compile(r"@step (.*?)\|(\d+)\|(\d+|None)\|([0-9.]+)@")
 
 
 def write_mid_model(folder: Path) -> Path:
@@ -155,7 +163,7 @@ def child_env(threads: int, scratch: Path) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
-            "TQDM_BAR_FORMAT": "@step {n} {elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
+            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
             f"{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT / "src")}
 
 
@@ -170,34 +178,48 @@ class TrainerFailed(Exception):
 ERROR_LINE = re.compile(r"^(\w+(\.\w+)*(Error|Exception)\b.*|.*can't open file.*|.*No such file.*)$")
 
 
+# Runs argv[2:] and writes its ru_maxrss (KB) to argv[1]; a small python (about 10 MB) without torch.
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status) & 255)")
+
+
 def run_process(cmd: list[str], env: dict) -> dict:
     """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB) and its output; ``TrainerFailed`` on failure."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = Path(tmp) / "maxrss"
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss), *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        out = proc.stdout.read()
+        proc.wait()
+        wall = time.perf_counter() - start
+        maxrss_kb = int(rss.read_text()) if rss.is_file() else 0
     if proc.returncode:
         lines = [line.strip() for line in out.splitlines() if line.strip()]
         errors = [line for line in lines if ERROR_LINE.match(line)]
         reason = (errors or lines or [f"exit status {proc.returncode}"])[-1][:300]
         raise TrainerFailed(f"{reason} (exit status {proc.returncode})", out[-4000:])
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "output": out}  # ru_maxrss: KB on Linux
+    return {"wall_s": wall, "peak_rss_gb": maxrss_kb / 2**20, "output": out}  # ru_maxrss: KB on Linux
 
 
-def step_times(output: str) -> dict[int, float]:
-    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the (last) training bar."""
-    marks: dict[int, float] = {}
-    for n, t in STEP_MARK.findall(output):
-        if int(n) == 0:
-            marks = {}  # a new bar (a sampling bar printed before training, if any): start over
-        marks[int(n)] = float(t)
-    return marks
+def step_times(output: str, steps: int) -> dict[int, float]:
+    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the training bar: the last
+    bar of ``steps`` steps that is not a model-loading bar, each step at its first mark."""
+    bars: list[tuple[str, str, dict[int, float]]] = []
+    current: dict[str, dict[int, float]] = {}  # the open bar of each description and total (bars may interleave)
+    for desc, n, total, t in STEP_MARK.findall(output):
+        key, n = f"{desc}|{total}", int(n)
+        marks = current.get(key)
+        if marks is None or (n == 0 and max(marks) > 0):  # a new bar (one bar may print step 0 again)
+            marks = current[key] = {}
+            bars.append((desc, total, marks))
+        marks.setdefault(n, float(t))
+    training = [marks for desc, total, marks in bars if total == str(steps) and not desc.startswith("Loading")]
+    return training[-1] if training else {}
 
 
-def seconds_per_step(output: str, warmup: int) -> float:
-    marks = step_times(output)
+def seconds_per_step(output: str, warmup: int, steps: int) -> float:
+    marks = step_times(output, steps)
     last = max(marks, default=0)
     if last <= warmup or warmup not in marks:
         raise SystemExit(f"no step times after step {warmup} in the output:\n{output[-2000:]}")
@@ -224,7 +246,7 @@ def diffusers_cmd(examples: Path, script: str, args: list[str]) -> list[str]:
 
 
 def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, threads: int, repeats: int,
-            warmup: int) -> dict[str, dict]:
+            warmup: int, steps: int) -> dict[str, dict]:
     """Run each trainer ``repeats`` times, alternating (the first one changes each round); the median of
     each measure per trainer, with the single values kept under ``runs``. A diffusers script that fails is
     not run again: its entry is ``{"not_run": reason}``; an sdtune failure stops the benchmark."""
@@ -246,7 +268,7 @@ def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, thr
                 failed[name] = e.reason
                 print(f"  round {r + 1}/{repeats} {name}: cannot run here: {e.reason}", file=sys.stderr, flush=True)
                 continue
-            res["s_per_step"] = seconds_per_step(res.pop("output"), warmup)
+            res["s_per_step"] = seconds_per_step(res.pop("output"), warmup, steps)
             runs[name].append(res)
             print(f"  round {r + 1}/{repeats} {name}: {res['wall_s']:.1f} s, {res['peak_rss_gb']:.3f} GB, "
                   f"{res['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)

@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                 str(a.steps), "--learning_rate", "1e-4", "--rank", "4", "--seed", "0", "--mixed_precision", "no",
                 "--dataloader_num_workers", "0", "--checkpointing_steps", "100000"])
         rates = c.matmul_rates(a.threads)
-        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup)
+        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup, a.steps)
         flops = c.sdtune_step_flops("lora", model, dict(api, out=str(tmp / "flops")))
         # the DreamBooth script encodes its one prompt once; the text-to-image one encodes each batch's captions
         extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=not dreambooth)

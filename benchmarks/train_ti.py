@@ -59,7 +59,7 @@ def main(argv=None) -> None:
                 str(a.steps), "--learning_rate", "5e-3", "--seed", "0", "--mixed_precision", "no",
                 "--dataloader_num_workers", "0", "--save_steps", "100000", "--checkpointing_steps", "100000"])
         rates = c.matmul_rates(a.threads)
-        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup)
+        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup, a.steps)
         flops = c.sdtune_step_flops("ti", model, dict(api, out=str(tmp / "flops")))
         extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=False)
         title = (f"Textual Inversion, {arch.title}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "

@@ -92,6 +92,9 @@ def test_sdxl_ti_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
                                                                          "rows.clip_g": (1, 1280)}
     assert torch.equal(state["trainable"]["rows.clip_l"], saved["clip_l"])
     assert torch.equal(state["trainable"]["rows.clip_g"], saved["clip_g"])
+    moments = state["optimizer"]["state"]  # and Adam's moments of each, after two steps
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments.values()) == [(1, 768), (1, 1280)]
+    assert all(int(m["step"]) == 2 for m in moments.values())
 
     again = subprocess.run(ti_command(data, tmp_path / "cut"), env=env, capture_output=True, text=True,
                            timeout=600, check=False)
