@@ -108,10 +108,10 @@ class Arch:
     scripts: dict[str, str]  # "ti" / "lora" -> script in EXAMPLES
 
 
-# SDXL LoRA runs against train_dreambooth_lora_sdxl.py, the script the SDXL issue names and the one diffusers'
-# SDXL LoRA guide uses: it reads a plain folder of images with one instance prompt. train_text_to_image_lora_sdxl.py
-# also runs here (datasets' imagefolder with a metadata.jsonl, as the SD 1.x row's script does) but encodes each
-# batch's captions again at every step.
+# SDXL LoRA runs against train_dreambooth_lora_sdxl.py, the script the SDXL issue names: it reads a plain folder
+# of images (every file in it as an image) with one instance prompt, whose text it encodes once, as sdtune does.
+# train_text_to_image_lora_sdxl.py also runs here (datasets' imagefolder with a metadata.jsonl, as the SD 1.x
+# row's script does) but encodes each batch's captions again at every step.
 ARCHS = {
     "sd1": Arch(MID_NAME, write_mid_model, {"ti": "textual_inversion.py", "lora": "train_text_to_image_lora.py"}),
     "sdxl": Arch(XL_NAME, write_small_xl_model,
@@ -381,11 +381,10 @@ def report(title: str, results: dict[str, dict], flops: tuple[float, float], ext
     and each sdtune row's ratios to diffusers; a trainer that could not run has a row that says why."""
     peak = rates["fp32"]
     flops, added = flops
-    lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step "
-             f"{flops / 1e9:.2f} GFLOP" + (f" ({added / 1e6:.1f} MFLOP of it in the added conditioning: pooled "
-                                           "text + time ids)" if added else "")
-             + f" (diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding "
-             f"what sdtune caches); matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
+    lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step {flops / 1e9:.2f} GFLOP"
+             + (f", {added / 1e6:.1f} MFLOP of it in the added conditioning (pooled text + time ids)" if added else "")
+             + f"; diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding what sdtune caches; "
+             f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
              + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),
              f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU':>9}", "-" * 86]
     for name, r in results.items():
