@@ -59,6 +59,17 @@ def test_shipped_model_draws_the_prompted_shape_and_colour(model, colour, shape)
     assert [v.shape for v in verdicts] == [shape, shape]
 
 
+def assert_same_exports(straight, resumed, components):
+    """Same per-step random draws and restored optimizer/EMA state; CPU conv/matmul kernels may round
+    differently in another process (allocation-dependent), so compare to fp16 rounding, not bits."""
+    for name in components:
+        a = load_file(straight / f"{name}.safetensors")
+        b = load_file(resumed / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=4e-3, atol=1e-4, msg=f"{name}.{k}")
+
+
 SMALL = ["--vae-steps", "4", "--vae-batch", "2", "--vae-images", "16", "--images", "16", "--steps", "6",
          "--batch", "2", "--save-every", "2", "--workers", "1", "--device", "cpu", "--seed", "3",
          "--preset", "cpu"]  # every size given; the preset supplies the rest (Min-SNR weighting, lr)
@@ -91,14 +102,7 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "resumed"), *SMALL])
     assert calls["n"] == 2  # VAE kept, diffusion went on from its step-4 checkpoint: steps 5 and 6 only
 
-    # Same per-step random draws and restored optimizer/EMA state; CPU conv/matmul kernels may round
-    # differently in another process (allocation-dependent), so compare to fp16 rounding, not bits.
-    for name in tiny_model.COMPONENTS:
-        a = load_file(tmp_path / "straight" / "model" / f"{name}.safetensors")
-        b = load_file(tmp_path / "resumed" / "model" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=4e-3, atol=1e-4, msg=f"{name}.{k}")
+    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", tiny_model.COMPONENTS)
     # --export-only rebuilds the same export from the last checkpoint
     exported = load_file(tmp_path / "straight" / "model" / "unet.safetensors")
     recipe.main(["--out", str(tmp_path / "straight"), "--export-only"])
@@ -144,12 +148,8 @@ def test_xl_recipe_trains_on_tiny_s_frozen_parts_resumes_and_installs_only_its_o
     assert calls["n"] == 2  # went on from its step-4 checkpoint: steps 5 and 6 only
 
     shipped_te = load_file(tiny_model.WEIGHTS / "text_encoder.safetensors")
-    for name in (*tiny_model.COMPONENTS, "text_encoder_2"):  # an export holds all four components
-        a = load_file(tmp_path / "straight" / "model" / f"{name}.safetensors")
-        b = load_file(tmp_path / "resumed" / "model" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=4e-3, atol=1e-4, msg=f"{name}.{k}")
+    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model",
+                        (*tiny_model.COMPONENTS, "text_encoder_2"))  # an export holds all four components
     trained_te = load_file(tmp_path / "straight" / "model" / "text_encoder.safetensors")
     assert all(trained_te[k].equal(shipped_te[k]) for k in shipped_te)  # tiny's encoder stayed frozen
     assert sorted(p.name for p in installed.iterdir()) == ["text_encoder_2.safetensors", "unet.safetensors"]
