@@ -2,19 +2,30 @@
 process, per-step times from its own progress bar, FLOPs per step, the machine's matmul rate, the profile.
 
 Fairness rules, the same for sdtune and diffusers' example scripts:
-- one model folder (a mid-size random-init SD 1.x architecture, ``write_mid_model``) and one image folder,
-  written once per benchmark run; the same settings (size, batch, steps, lr, seed, fp32);
+- one model folder (``--arch``: a mid-size random-init SD 1.x architecture, ``write_mid_model``, or a small
+  random-init SDXL architecture, ``write_small_xl_model``) and one image folder, written once per benchmark run;
+  the same settings (size, batch, steps, lr, seed, fp32);
 - each run is a fresh process started the same way; whole-process time is its wall time from start to exit
   (imports, loading, training, saving), peak RSS is the ``ru_maxrss`` that ``wait4`` reports for it (which
-  covers the processes it waited for, so ``run.sh`` and the python it starts count as one);
+  covers the processes it waited for, so ``run.sh`` and the python it starts count as one), taken by a small
+  launcher process (``LAUNCHER``): a process's ``ru_maxrss`` starts at the peak RSS of the process it was
+  spawned from (Linux carries the old memory's high-water mark over ``exec``), which for the benchmark itself,
+  holding torch and a model, would be the floor of every row;
 - seconds per step come from each trainer's own tqdm bar: ``TQDM_BAR_FORMAT`` (tqdm reads its defaults from
-  ``TQDM_*`` variables) makes every bar print ``n`` and the exact elapsed seconds at each update, and the rate
-  is taken between step ``warmup`` and the last step, so start-up and the first steps do not count;
-- runs alternate between the trainers and repeat; the tables show medians (the machine is shared).
+  ``TQDM_*`` variables) makes every bar print its description, ``n``, total and the exact elapsed seconds at
+  each update; the training bar is the last one of ``steps`` steps that is not a "Loading ..." bar (diffusers'
+  SDXL DreamBooth script loads a pipeline after training), each step is timed at its bar's first mark of it
+  (later marks of the same step are postfix updates, or work after the last step such as sdtune's final
+  validation loss), and the rate is taken between step ``warmup`` and the last step, so start-up and the
+  first steps do not count;
+- runs alternate between the trainers and repeat; the tables show medians (the machine is shared);
+- a diffusers script that cannot run here (absent, or it stops with an error) gets a row that says why, and
+  the sdtune rows are still measured.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -22,8 +33,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +61,14 @@ MID_TEXT = dict(
     eos_token_id=49407, pad_token_id=49407)
 MID_NAME = "mid-size SD 1.x (UNet 32/64/128/128, 10M; CLIP width 768, 1 layer; VAE 32..128)"
 
-STEP_MARK = re.compile(r"@step (\d+) ([0-9.]+)@")
+# The small SDXL architecture is sdtune's ``sdxl-small-random`` (``sdtune.tiny.xl_config``): SDXL's three UNet
+# levels with transformer depths 1, 2, 10, its added conditioning (pooled text + six time ids) and module names,
+# at channel widths 32/64/128, and both text encoders at SDXL's widths (768 and 1280, so the embedding tables
+# and the UNet's 2048-wide cross-attention are SDXL's) with two layers each. At 64 px the cross-attention
+# projections of the 77 text tokens are most of a step's FLOPs, as the text side is in a real SDXL at 1024 px.
+XL_NAME = "small SDXL (UNet 32/64/128, depths 1/2/10, 54M; CLIP-L/bigG widths 768/1280, 2 layers each)"
+
+STEP_MARK = re.compile(r"@step (.*?)\|(\d+)\|(\d+|None)\|([0-9.]+)@")
 
 
 def write_mid_model(folder: Path) -> Path:
@@ -70,6 +90,52 @@ def write_mid_model(folder: Path) -> Path:
     tf_logging.disable_progress_bar()
     pipe.save_pretrained(folder)
     return folder
+
+
+def write_small_xl_model(folder: Path) -> Path:
+    """The small SDXL-architecture model (``sdxl-small-random``, random init, seed 0) as a diffusers folder."""
+    from sdtune.models import load_base, save_diffusers
+
+    return save_diffusers(load_base("sdxl-small-random", device="cpu", dtype="fp32"), folder)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A model architecture the benchmarks run on: how to write its model folder, and diffusers' example
+    script for each kind of training on it."""
+    title: str
+    write_model: Callable[[Path], Path]
+    scripts: dict[str, str]  # "ti" / "lora" -> script in EXAMPLES
+
+
+# SDXL LoRA runs against train_dreambooth_lora_sdxl.py, the script the SDXL issue names: it reads a plain folder
+# of images (every file in it as an image) with one instance prompt, whose text it encodes once, as sdtune does.
+# train_text_to_image_lora_sdxl.py also runs here (datasets' imagefolder with a metadata.jsonl, as the SD 1.x
+# row's script does) but encodes each batch's captions again at every step.
+ARCHS = {
+    "sd1": Arch(MID_NAME, write_mid_model, {"ti": "textual_inversion.py", "lora": "train_text_to_image_lora.py"}),
+    "sdxl": Arch(XL_NAME, write_small_xl_model,
+                 {"ti": "textual_inversion_sdxl.py", "lora": "train_dreambooth_lora_sdxl.py"}),
+}
+
+
+def arguments(kind: str, doc: str) -> argparse.ArgumentParser:
+    """The command line both benchmarks take (``kind``: "ti" or "lora")."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=list(ARCHS), default="sd1",
+                   help="the model: a mid-size SD 1.x or a small SDXL architecture (default sd1)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating (medians are shown)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
+                   help=f"also run sdtune with these extra train {kind} flags, as its own row (repeatable; write "
+                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
+    p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
+    p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
+    return p
 
 
 def write_images(folder: Path, n: int = 8, style: str | None = None, captions: bool = True) -> Path:
@@ -97,35 +163,63 @@ def child_env(threads: int, scratch: Path) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
-            "TQDM_BAR_FORMAT": "@step {n} {elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
+            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
             f"{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT / "src")}
 
 
+class TrainerFailed(Exception):
+    """A trainer process ended with an error; ``reason`` is its last error line, ``output`` the end of its output."""
+
+    def __init__(self, reason: str, output: str):
+        super().__init__(reason)
+        self.reason, self.output = reason, output
+
+
+ERROR_LINE = re.compile(r"^(\w+(\.\w+)*(Error|Exception)\b.*|.*can't open file.*|.*No such file.*)$")
+
+
+# Runs argv[2:] and writes its ru_maxrss (KB) to argv[1]; a small python (about 10 MB) without torch.
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status) & 255)")
+
+
 def run_process(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB) and its output; stops on failure."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB) and its output; ``TrainerFailed`` on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = Path(tmp) / "maxrss"
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss), *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        out = proc.stdout.read()
+        proc.wait()
+        wall = time.perf_counter() - start
+        maxrss_kb = int(rss.read_text()) if rss.is_file() else 0
     if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "output": out}  # ru_maxrss: KB on Linux
+        lines = [line.strip() for line in out.splitlines() if line.strip()]
+        errors = [line for line in lines if ERROR_LINE.match(line)]
+        reason = (errors or lines or [f"exit status {proc.returncode}"])[-1][:300]
+        raise TrainerFailed(f"{reason} (exit status {proc.returncode})", out[-4000:])
+    return {"wall_s": wall, "peak_rss_gb": maxrss_kb / 2**20, "output": out}  # ru_maxrss: KB on Linux
 
 
-def step_times(output: str) -> dict[int, float]:
-    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the (last) training bar."""
-    marks: dict[int, float] = {}
-    for n, t in STEP_MARK.findall(output):
-        if int(n) == 0:
-            marks = {}  # a new bar (a sampling bar printed before training, if any): start over
-        marks[int(n)] = float(t)
-    return marks
+def step_times(output: str, steps: int) -> dict[int, float]:
+    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the training bar: the last
+    bar of ``steps`` steps that is not a model-loading bar, each step at its first mark."""
+    bars: list[tuple[str, str, dict[int, float]]] = []
+    current: dict[str, dict[int, float]] = {}  # the open bar of each description and total (bars may interleave)
+    for desc, n, total, t in STEP_MARK.findall(output):
+        key, n = f"{desc}|{total}", int(n)
+        marks = current.get(key)
+        if marks is None or (n == 0 and max(marks) > 0):  # a new bar (one bar may print step 0 again)
+            marks = current[key] = {}
+            bars.append((desc, total, marks))
+        marks.setdefault(n, float(t))
+    training = [marks for desc, total, marks in bars if total == str(steps) and not desc.startswith("Loading")]
+    return training[-1] if training else {}
 
 
-def seconds_per_step(output: str, warmup: int) -> float:
-    marks = step_times(output)
+def seconds_per_step(output: str, warmup: int, steps: int) -> float:
+    marks = step_times(output, steps)
     last = max(marks, default=0)
     if last <= warmup or warmup not in marks:
         raise SystemExit(f"no step times after step {warmup} in the output:\n{output[-2000:]}")
@@ -146,27 +240,40 @@ def sdtune_cmd(kind: str, args: list[str]) -> list[str]:
 
 
 def diffusers_cmd(examples: Path, script: str, args: list[str]) -> list[str]:
+    if not (examples / script).is_file():
+        raise TrainerFailed(f"{script} is not in {examples}", "")
     return ["bash", str(examples / "run.sh"), script, *args]
 
 
 def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, threads: int, repeats: int,
-            warmup: int) -> dict[str, dict]:
+            warmup: int, steps: int) -> dict[str, dict]:
     """Run each trainer ``repeats`` times, alternating (the first one changes each round); the median of
-    each measure per trainer, with the single values kept under ``runs``."""
+    each measure per trainer, with the single values kept under ``runs``. A diffusers script that fails is
+    not run again: its entry is ``{"not_run": reason}``; an sdtune failure stops the benchmark."""
     runs: dict[str, list[dict]] = {name: [] for name in trainers}
+    failed: dict[str, str] = {}
     names = list(trainers)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            if name in failed:
+                continue
             out = scratch / f"{names.index(name)}-{r}"
             if out.exists():
                 shutil.rmtree(out)
-            res = run_process(trainers[name](out), child_env(threads, out))
-            res["s_per_step"] = seconds_per_step(res.pop("output"), warmup)
+            try:
+                res = run_process(trainers[name](out), child_env(threads, out))  # the command may refuse too
+            except TrainerFailed as e:
+                if not name.startswith("diffusers"):
+                    raise SystemExit(f"{name} failed: {e.reason}\n{e.output}") from None
+                failed[name] = e.reason
+                print(f"  round {r + 1}/{repeats} {name}: cannot run here: {e.reason}", file=sys.stderr, flush=True)
+                continue
+            res["s_per_step"] = seconds_per_step(res.pop("output"), warmup, steps)
             runs[name].append(res)
             print(f"  round {r + 1}/{repeats} {name}: {res['wall_s']:.1f} s, {res['peak_rss_gb']:.3f} GB, "
                   f"{res['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
-    return {name: {**{k: statistics.median(x[k] for x in rs) for k in rs[0]}, "runs": rs}
-            for name, rs in runs.items()}
+    return {name: {"not_run": failed[name]} if name in failed else
+            {**{k: statistics.median(x[k] for x in rs) for k in rs[0]}, "runs": rs} for name, rs in runs.items()}
 
 
 # ---------------------------------------------------------------- the limit: FLOPs and matmul rate
@@ -211,9 +318,16 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 
-def sdtune_step_flops(kind: str, model: Path, settings: dict) -> float:
+# The modules that carry SDXL's added conditioning: the UNet's projection of pooled text + time ids into the
+# time embedding, and the second text encoder's projection to the pooled embedding.
+ADDED_CONDITIONING = ("add_embedding", "text_projection")
+
+
+def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float]:
     """FLOPs of one sdtune training step as it runs (its third: data, forward, backward, clipping, optimizer),
-    counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free)."""
+    counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free): the
+    total, and the part spent in the added conditioning of SDXL (``ADDED_CONDITIONING``; 0 for SD 1.x), which
+    shows that the count covers that path."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdtune.models import load_base
@@ -232,46 +346,58 @@ def sdtune_step_flops(kind: str, model: Path, settings: dict) -> float:
 
     train, cls = (train_ti, TISettings) if kind == "ti" else (train_lora, LoraSettings)
     train(base, cls(**{**settings, "steps": 3, "progress": False, "report": False}), callback=callback)
-    return float(counter.get_total_flops())
+    added = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                if name.rsplit(".", 1)[-1] in ADDED_CONDITIONING)
+    return float(counter.get_total_flops()), float(added)
 
 
 def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: bool) -> float:
     """FLOPs diffusers' scripts spend each step on work sdtune does once: the VAE encoding of the batch (and,
-    for a UNet-only LoRA, the frozen text encoder's forward pass)."""
+    for a UNet-only LoRA on per-image captions, the frozen text encoders' forward passes: one, or SDXL's two)."""
     import torch
+    import transformers
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    encoders = []
+    for sub in ("text_encoder", "text_encoder_2") if with_text else ():
+        if (model / sub / "config.json").is_file():  # the class the folder was saved from (SDXL's second projects)
+            cls = getattr(transformers, json.loads((model / sub / "config.json").read_text())["architectures"][0])
+            encoders.append(cls.from_pretrained(model / sub).eval())
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         vae.encode(torch.zeros(batch, 3, resolution, resolution)).latent_dist.sample()
-        if with_text:
-            CLIPTextModel.from_pretrained(model / "text_encoder").eval()(torch.zeros(batch, 77, dtype=torch.long))
+        for encoder in encoders:
+            encoder(torch.zeros(batch, 77, dtype=torch.long))
     return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------- the table
 
-def report(title: str, results: dict[str, dict], flops: float, extra_flops: float, rates: dict[str, float],
-           repeats: int) -> str:
+def report(title: str, results: dict[str, dict], flops: tuple[float, float], extra_flops: float,
+           rates: dict[str, float], repeats: int) -> str:
     """The comparison table: medians, MFU (against the fp32 matmul rate; the bf16 one for rows that run in bf16)
-    and each sdtune row's ratios to diffusers."""
+    and each sdtune row's ratios to diffusers; a trainer that could not run has a row that says why."""
     peak = rates["fp32"]
-    lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step "
-             f"{flops / 1e9:.2f} GFLOP (diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding "
-             f"what sdtune caches); matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
+    flops, added = flops
+    lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step {flops / 1e9:.2f} GFLOP"
+             + (f", {added / 1e6:.1f} MFLOP of it in the added conditioning (pooled text + time ids)" if added else "")
+             + f"; diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding what sdtune caches; "
+             f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
              + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),
              f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU':>9}", "-" * 86]
     for name, r in results.items():
+        if "not_run" in r:
+            lines.append(f"{name:<48} cannot run here: {r['not_run']}")
+            continue
         bf16 = "bf16" in name and "bf16" in rates  # a bf16 run is measured against the bf16 rate
         mfu = flops / r["s_per_step"] / (rates["bf16"] if bf16 else peak)
         lines.append(f"{name:<48} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
                      f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else ""))
-    reference = next((r for name, r in results.items() if name.startswith("diffusers")), None)
+    reference = next((r for name, r in results.items() if name.startswith("diffusers") and "not_run" not in r), None)
     for name, r in results.items():
-        if reference is not None and r is not reference:
+        if reference is not None and r is not reference and "not_run" not in r:
             lines.append(f"{name} / diffusers: speed-up {reference['s_per_step'] / r['s_per_step']:.2f}x per step, "
                          f"{reference['wall_s'] / r['wall_s']:.2f}x whole process (above 1: sdtune faster); "
                          f"peak memory {r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x")

@@ -1,19 +1,21 @@
-"""Textual Inversion, whole process, same run: sdtune against diffusers' textual_inversion.py.
+"""Textual Inversion, whole process, same run: sdtune against diffusers' textual_inversion.py (SD 1.x) or
+textual_inversion_sdxl.py (SDXL: one token with a vector in each text encoder).
 
-    python benchmarks/train_ti.py [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
+    python benchmarks/train_ti.py [--arch sd1|sdxl] [--steps 60] [--repeats 3] [--threads 2] [--warmup 10]
                                   [--sdtune-args="--flag value ..." ...] [--profile] [--no-diffusers]
 
-Both read the same mid-size SD 1.x-architecture model folder and the same 8 uncaptioned images (both fall back
-to "a photo of a <token>"-style templates), at 64 px, batch 4, lr 5e-3, seed 0, fp32, constant lr, no
-gradient clipping (the script has none), no samples or checkpoints on the way. sdtune runs with
-``--no-report`` (the script draws nothing either) but keeps its validation loss at the start and the end.
+Both read the same model folder (``--arch sd1``: a mid-size SD 1.x architecture; ``sdxl``: a small SDXL
+architecture) and the same 8 uncaptioned images (both fall back to "a photo of a <token>"-style templates), at
+64 px, batch 4, lr 5e-3, seed 0, fp32, constant lr, no gradient clipping (the scripts have none), no gradient
+checkpointing (sdtune's SDXL preset turns it on; the scripts do not), no samples or checkpoints on the way.
+sdtune runs with ``--no-report`` (the scripts draw nothing either) but keeps its validation loss at the start
+and the end.
 See ``_common`` for how time, memory, FLOPs and MFU are measured. ``--profile`` prints where one sdtune
 step's time goes.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import tempfile
@@ -26,23 +28,12 @@ TOKEN, INIT = "<pstar>", "star"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating (medians are shown)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step time")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--sdtune-args", action="append", default=[], metavar="FLAGS",
-                   help="also run sdtune with these extra train ti flags, as its own row (repeatable; write "
-                        "--sdtune-args=--flag: argparse takes a lone value starting with -- for an option)")
-    p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
-    p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
-    a = p.parse_args(argv)
+    a = c.arguments("ti", __doc__).parse_args(argv)
+    arch = c.ARCHS[a.arch]
     examples = None if a.no_diffusers else c.diffusers_examples()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = c.write_mid_model(tmp / "model")
+        model = arch.write_model(tmp / "model")
         images = c.write_images(tmp / "images", captions=False)
         common = dict(steps=a.steps, batch_size=a.batch, resolution=a.resolution, lr=5e-3, seed=0)
         api = dict(common, data=str(images), token=TOKEN, init_token=INIT, max_grad_norm=0.0, grad_accum=1,
@@ -54,23 +45,24 @@ def main(argv=None) -> None:
                 "--token", TOKEN, "--init-token", INIT, "--steps", str(a.steps), "--batch-size", str(a.batch),
                 "--grad-accum", "1", "--resolution", str(a.resolution), "--lr", "5e-3", "--seed", "0",
                 "--max-grad-norm", "0", "--save-every", "0", "--sample-every", "0", "--no-report",
-            *shlex.split(extra)])
+                "--no-gradient-checkpointing", *shlex.split(extra)])
 
         trainers = {"sdtune train ti": sdtune}
         for flags in a.sdtune_args:
             trainers[f"sdtune train ti {flags}"] = lambda out, flags=flags: sdtune(out, flags)
         if examples:
-            trainers["diffusers textual_inversion.py"] = lambda out: c.diffusers_cmd(examples, "textual_inversion.py", [
+            script = arch.scripts["ti"]
+            trainers[f"diffusers {script}"] = lambda out: c.diffusers_cmd(examples, script, [
                 "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--output_dir",
                 str(out), "--learnable_property", "object", "--placeholder_token", TOKEN, "--initializer_token",
                 INIT, "--resolution", str(a.resolution), "--train_batch_size", str(a.batch), "--max_train_steps",
                 str(a.steps), "--learning_rate", "5e-3", "--seed", "0", "--mixed_precision", "no",
                 "--dataloader_num_workers", "0", "--save_steps", "100000", "--checkpointing_steps", "100000"])
         rates = c.matmul_rates(a.threads)
-        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup)
+        results = c.compare(trainers, tmp / "runs", a.threads, a.repeats, a.warmup, a.steps)
         flops = c.sdtune_step_flops("ti", model, dict(api, out=str(tmp / "flops")))
         extra = c.diffusers_extra_flops(model, a.batch, a.resolution, with_text=False)
-        title = (f"Textual Inversion, {c.MID_NAME}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
+        title = (f"Textual Inversion, {arch.title}, {a.resolution} px, batch {a.batch}, {a.steps} steps, fp32, "
                  f"{a.threads} threads, {c.cpu_name()}")
         print(c.report(title, results, flops, extra, rates, a.repeats))
         if a.profile:

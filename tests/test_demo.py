@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdtune import cli, demo, demo_report
 from sdtune.generate import parse_infotext, read_infotext
@@ -222,3 +224,21 @@ def test_phase_chain_invalidates_later_phases(tmp_path):
     assert not demo._Phases(tmp_path, fresh=True).reusable("data", sigs["data"], [])
     missing = demo._Phases(tmp_path, fresh=False)
     assert not missing.reusable("data", missing.signature("data", "a"), [tmp_path / "gone.png"])
+
+
+@pytest.mark.slow
+def test_demo_on_tiny_xl_writes_sdxl_files_and_the_same_report(tmp_path):
+    """``sdtune demo --model tiny-xl``: the same phases on the SDXL-architecture built-in model; its TI file holds
+    both encoders' vectors (clip_l, clip_g) and its LoRA is a kohya SDXL file."""
+    assert cli.main(["demo", "--model", "tiny-xl", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["model"] == "tiny-xl" and scores["quick"] is True
+    phases = json.loads((tmp_path / "phases.json").read_text())
+    emb = load_file(tmp_path / phases["ti"]["file"])
+    assert sorted(emb) == ["clip_g", "clip_l"] and emb["clip_l"].shape[-1] == 64 and emb["clip_g"].shape[-1] == 32
+    with safe_open(tmp_path / phases["lora"]["file"], "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    links = _links(tmp_path / "index.html")
+    assert phases["ti"]["file"] in links and phases["lora"]["file"] in links
+    assert all((tmp_path / link).exists() for link in links)

@@ -1,4 +1,4 @@
-"""The built-in tiny model: the shipped weights draw what they are asked; the recipe resumes exactly."""
+"""The built-in models (tiny, tiny-xl): the shipped weights draw what they are asked; the recipe resumes exactly."""
 
 import pytest
 import torch
@@ -10,6 +10,8 @@ from sdtune.tiny import judge, recipe
 from sdtune.tiny import model as tiny_model
 
 shipped = pytest.mark.skipif(not tiny_model.trained_weights_exist(), reason="no trained tiny model shipped")
+shipped_xl = pytest.mark.skipif(not (tiny_model.trained_weights_exist() and tiny_model.is_xl_export(
+    tiny_model.XL_WEIGHTS)), reason="no trained tiny-xl shipped")
 
 
 @shipped
@@ -21,15 +23,51 @@ def test_shipped_weights_are_small_and_load_as_tiny():
     assert base.vae.config.scaling_factor != 1.0  # the trained VAE's own factor, not the random default
 
 
+@shipped_xl
+def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae_and_text_encoder():
+    own = [tiny_model.XL_WEIGHTS / f"{c}.safetensors" for c in tiny_model.XL_COMPONENTS]
+    shared = [tiny_model.WEIGHTS / f"{c}.safetensors" for c in ("vae", "text_encoder")]
+    assert sum(f.stat().st_size for f in own + shared) <= 20_000_000  # all it loads, the shared files included
+    base = load_base("tiny-xl", device="cpu", dtype="fp32")
+    tiny = load_base("tiny", device="cpu", dtype="fp32")
+    assert base.source == "tiny-xl" and base.family.name == "tiny-xl" and base.model_hash != tiny.model_hash
+    for name in ("vae", "text_encoder"):  # shared, bit for bit
+        mine, theirs = getattr(base, name).state_dict(), getattr(tiny, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
+    assert base.vae.config.scaling_factor == tiny.vae.config.scaling_factor
+    # SDXL's structure: no attention at the first level, linear projections, pooled text + time ids
+    unet = base.unet.config
+    assert unet.down_block_types[0] == "DownBlock2D" and unet.addition_embed_type == "text_time"
+    assert unet.use_linear_projection and unet.layers_per_block == 2
+    names = dict(base.unet.named_modules())
+    assert "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k" in names
+    assert "add_embedding.linear_1" in names and "down_blocks.0.attentions" not in names
+    assert type(base.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert type(base.pipeline()).__name__ == "StableDiffusionXLPipeline"
+    assert base.tokenizer_2.pad_token == "!" and base.tokenizer.pad_token == "<|endoftext|>"
+
+
 @shipped
+@pytest.mark.parametrize("model", ["tiny", pytest.param("tiny-xl", marks=shipped_xl)])
 @pytest.mark.parametrize("colour,shape", [("red", "circle"), ("blue", "square"), ("green", "triangle")])
-def test_shipped_model_draws_the_prompted_shape_and_colour(colour, shape):
-    base = load_base("tiny", device="cpu", dtype="fp32")
+def test_shipped_model_draws_the_prompted_shape_and_colour(model, colour, shape):
+    base = load_base(model, device="cpu", dtype="fp32")
     images = [g.image for g in generate(base, f"a {colour} {shape} on a white background", steps=20,
                                         guidance=5.0, seed=0, num_images=2, progress=False)]
     verdicts = judge.judge(images)
     assert [v.colour for v in verdicts] == [colour, colour]
     assert [v.shape for v in verdicts] == [shape, shape]
+
+
+def assert_same_exports(straight, resumed, components):
+    """Same per-step random draws and restored optimizer/EMA state; CPU conv/matmul kernels may round
+    differently in another process (allocation-dependent), so compare to fp16 rounding, not bits."""
+    for name in components:
+        a = load_file(straight / f"{name}.safetensors")
+        b = load_file(resumed / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=4e-3, atol=1e-4, msg=f"{name}.{k}")
 
 
 SMALL = ["--vae-steps", "4", "--vae-batch", "2", "--vae-images", "16", "--images", "16", "--steps", "6",
@@ -64,14 +102,7 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "resumed"), *SMALL])
     assert calls["n"] == 2  # VAE kept, diffusion went on from its step-4 checkpoint: steps 5 and 6 only
 
-    # Same per-step random draws and restored optimizer/EMA state; CPU conv/matmul kernels may round
-    # differently in another process (allocation-dependent), so compare to fp16 rounding, not bits.
-    for name in tiny_model.COMPONENTS:
-        a = load_file(tmp_path / "straight" / "model" / f"{name}.safetensors")
-        b = load_file(tmp_path / "resumed" / "model" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=4e-3, atol=1e-4, msg=f"{name}.{k}")
+    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", tiny_model.COMPONENTS)
     # --export-only rebuilds the same export from the last checkpoint
     exported = load_file(tmp_path / "straight" / "model" / "unet.safetensors")
     recipe.main(["--out", str(tmp_path / "straight"), "--export-only"])
@@ -81,6 +112,52 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     base = load_base(str(tmp_path / "straight" / "model"), device="cpu", dtype="fp32")
     assert base.family.name == "tiny" and base.source == "tiny"
     assert base.unet.conv_in.weight.equal(exported["conv_in.weight"].float())
+
+
+SMALL_XL = ["--arch", "sdxl", "--images", "16", "--steps", "6", "--batch", "2", "--save-every", "2", "--workers",
+            "1", "--device", "cpu", "--seed", "3"]
+
+
+@shipped
+def test_xl_recipe_trains_on_tiny_s_frozen_parts_resumes_and_installs_only_its_own(tmp_path, monkeypatch):
+    recipe.main(["--out", str(tmp_path / "straight"), *SMALL_XL])
+    settings = recipe.settings(SMALL_XL)
+    assert settings.preset == "xl-cpu" and settings.min_snr > 0 and settings.vae_steps == 0
+
+    real, calls = recipe.F.mse_loss, {"n": 0}
+
+    def dies_in_step_5(*a, **k):  # no VAE stage: every loss is a diffusion step's (checkpoint every 2)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(recipe.F, "mse_loss", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(["--out", str(tmp_path / "resumed"), *SMALL_XL])
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    calls["n"] = 0
+    monkeypatch.setattr(recipe.F, "mse_loss", counted)
+    installed = tmp_path / "installed"
+    monkeypatch.setattr(tiny_model, "XL_WEIGHTS", installed)
+    recipe.main(["--out", str(tmp_path / "resumed"), *SMALL_XL, "--install"])
+    assert calls["n"] == 2  # went on from its step-4 checkpoint: steps 5 and 6 only
+
+    shipped_te = load_file(tiny_model.WEIGHTS / "text_encoder.safetensors")
+    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model",
+                        (*tiny_model.COMPONENTS, "text_encoder_2"))  # an export holds all four components
+    trained_te = load_file(tmp_path / "straight" / "model" / "text_encoder.safetensors")
+    assert all(trained_te[k].equal(shipped_te[k]) for k in shipped_te)  # tiny's encoder stayed frozen
+    assert sorted(p.name for p in installed.iterdir()) == ["text_encoder_2.safetensors", "unet.safetensors"]
+    for folder in (tmp_path / "straight" / "model", installed):  # both load as tiny-xl
+        base = load_base(str(folder), device="cpu", dtype="fp32")
+        assert base.family.name == "tiny-xl" and base.source == "tiny-xl"
+        unet = load_file(folder / "unet.safetensors")
+        assert base.unet.conv_in.weight.equal(unet["conv_in.weight"].float())
 
 
 def test_min_snr_weights_damp_only_the_nearly_clean_timesteps():

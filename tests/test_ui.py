@@ -320,6 +320,51 @@ def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
     assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:1:0.5>"
 
 
+def test_picked_block_weights_become_the_lbw_option_of_the_tag(studio):
+    assert studio.with_loras("x", [("style", 0.8, 0.8, "INALL")]) == "x, <lora:style:0.8:lbw=INALL>"
+    assert studio.with_loras("x", [("style", 1, 0.5, " 1, 0,0.5 ")]) == "x, <lora:style:1:0.5:lbw=1,0,0.5>"
+    assert studio.with_loras("x", [("style", 1, 1, ""), ("", 1, 1, "INS")]) == "x, <lora:style:1>"
+    for bad in ("INS><lora:../secret:1", "1:lbw=2"):  # nothing that ends the tag or adds an option
+        with pytest.raises(SdtuneError, match="write a preset name .* or comma-separated numbers"):
+            studio.with_loras("x", [("style", 1, 1, bad)])
+    # the tiny model has no block layout: the API says so, as it does for the typed tag
+    for picks, prompt in (([("style", 1, 1, "INALL")], "a star"), ([], "a star, <lora:style:1:lbw=INALL>")):
+        with pytest.raises(SdtuneError, match=r"block weights \(lbw=\) are defined for SD 1.x, SD 2.x and SDXL"):
+            studio.generate(prompt, steps=1, picks=picks)
+    studio.generate("a star", steps=1)  # the model is loaded now: its family's presets are offered (none)
+    assert studio.block_presets() == []
+
+
+def test_picked_block_weights_generate_as_the_typed_tag_does(tmp_path):
+    from sdtune.lora.blocks import XL
+    from sdtune.ui.studio import Studio
+
+    folders = Folders.make(tmp_path / "out", model="sdxl-small-random")
+    s = Studio(folders, model="sdxl-small-random")
+    try:
+        assert s.block_presets() == list(XL.presets)  # before loading: the names every layout has
+        with s.model_in_use() as (base, _):
+            save_lora(_lora_for(base), folders.loras / "style.safetensors")
+        assert s.block_presets() == list(XL.presets)  # SDXL's own
+        run = dict(steps=2, seed=3, cfg=5)
+        (picked, text), = s.generate("a red star", picks=[("style", 0.8, 0.8, "OUTD")], **run)[0]
+        params = parse_infotext(read_infotext(picked))
+        assert params["prompt"] == "a red star, <lora:style:0.8:lbw=OUTD>" == s.settings_of(picked,
+                                                                                          uploaded=False)["prompt"]
+        assert params["Lora weights"] == "<lora:style>=0.8"
+        (typed, typed_text), = s.generate("a red star, <lora:style:0.8:lbw=OUTD>", **run)[0]
+        assert typed_text == text  # the same parameters ...
+        pixels = lambda path: torch.tensor(list(Image.open(path).getdata()))  # noqa: E731
+        assert torch.equal(pixels(picked), pixels(typed))  # ... and the same image: the same API call
+        (plain, _), = s.generate("a red star", picks=[("style", 0.8, 0.8, "")], **run)[0]
+        (inall, _), = s.generate("a red star", picks=[("style", 0.8, 0.8, "1,1,1,1,1,0,0,0,0,0,0,0")], **run)[0]
+        assert not torch.equal(pixels(plain), pixels(picked)) and not torch.equal(pixels(inall), pixels(picked))
+        with pytest.raises(SdtuneError, match="lbw=1,0,1: SDXL takes 12 or 20 comma-separated block weights"):
+            s.generate("a red star", picks=[("style", 0.8, 0.8, "1,0,1")], **run)
+    finally:
+        s.jobs.shutdown()
+
+
 @pytest.mark.parametrize("prompt, says", [
     ("a star <lora:../secret:1>", "'..' leaves the LoRA folder"),
     ("a star <lora:/etc/passwd:1>", "absolute paths are not allowed"),
@@ -414,6 +459,17 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
         studio.submit("lora", "", "", {})
     with pytest.raises(Refused, match="job name"):
         studio.submit("lora", "../x", "stars", {})
+    for held_out in ("images", "held-out"):
+        (studio.folders.out / "datasets" / held_out).mkdir(parents=True)
+    for setting in ("validation_dir", "reg_dir"):  # the form's other folders, as the queue file's
+        with pytest.raises(Refused, match="absolute paths are not allowed"):
+            studio.submit("lora", "", "images", {setting: "/etc"})
+        with pytest.raises(Refused, match="'..' leaves the output folder"):
+            studio.submit("lora", "", "images", {setting: "../../x"})
+    job = studio.submit("lora", "with-val", "images", {"validation_dir": "datasets/held-out", "steps": 1})
+    studio.jobs.stop(job.name)
+    table = tomllib.loads((Path(job.folder) / jobs_mod.CONFIG_FILE).read_text())
+    assert table["validation_dir"] == str((studio.folders.out / "datasets" / "held-out").resolve())
 
 
 def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
@@ -450,7 +506,7 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
     folders = Folders.make(tmp_path / "out", model="tiny-random", models=models)
     s = Studio(folders, model="tiny-random")
     try:
-        assert s.model_choices() == ["tiny", "tiny-random", "sd", "style.safetensors"]
+        assert s.model_choices() == ["tiny", "tiny-xl", "tiny-random", "sd", "style.safetensors"]
         s._base = object()  # a loaded model: switching drops it, the next request loads the new one
         assert s.set_model("style.safetensors") == str(models / "style.safetensors") == s.model
         assert s._base is None
@@ -469,7 +525,7 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
         s.jobs.shutdown()
     plain = Studio(Folders.make(tmp_path / "out2"), model="tiny-random")
     try:
-        assert plain.model_choices() == ["tiny", "tiny-random"]
+        assert plain.model_choices() == ["tiny", "tiny-xl", "tiny-random"]
         with pytest.raises(Refused, match="start the UI with --model-dir DIR"):
             plain.set_model("style.safetensors")
     finally:
@@ -536,3 +592,80 @@ def test_the_ui_command_refuses_bad_options_in_one_line(tmp_path, capsys):
     assert cli.main(["ui", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "--model-dir " + str(tmp_path / "nope") + ": no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was made
+
+
+QUEUE_FILE = """
+out = "/tmp/elsewhere"            # replaced: the UI puts a queue in out/train/NAME
+
+[defaults]
+data = "datasets/stars"           # a name in the output folder
+steps = 2
+report = false
+
+[[job]]
+kind = "lora"
+rank = 2
+sweep = {lr = [1e-3, 5e-4]}
+"""
+
+
+def test_a_queue_file_runs_as_a_job_with_its_page(studio, tmp_path):
+    from sdtune.tiny import world
+
+    world.write_dataset(studio.folders.out / "datasets" / "stars", world.concept_scenes(2, seed=3, shape="star"))
+    upload = _write(tmp_path / "two.toml", QUEUE_FILE)
+    job = studio.submit_queue(str(upload), uploaded=True, name="sweep")
+    assert (job.kind, Path(job.folder)) == ("queue", studio.folders.out / "train" / "sweep")
+    table = tomllib.loads((Path(job.folder) / jobs_mod.CONFIG_FILE).read_text())
+    assert "out" not in table and table["defaults"]["model"] == "tiny-random"
+    assert table["defaults"]["data"] == str((studio.folders.out / "datasets" / "stars").resolve())
+    assert table["job"] == [{"kind": "lora", "rank": 2, "sweep": {"lr": [1e-3, 5e-4]}}]
+    _wait(lambda: job.state not in ("queued", "running"), 180)
+    view = studio.job_view("sweep")
+    assert job.state == "done", view["log_tail"]
+    assert view["run"] == (2, 2, "lora-1-lr-0.0005") and (view["step"], view["total"]) == (2, 2)
+    assert view["report"] == Path(job.folder) / "queue.html" == studio.report("sweep")
+    page = view["report"].read_text()
+    assert re.search(r"<th>lr</th>\s*<td>0.001</td>\s*<td>0.0005</td>", page)
+    for run in ("lora-1-lr-0.001", "lora-1-lr-0.0005"):
+        assert (Path(job.folder) / run / "lora.safetensors").is_file()
+    assert "iframe" in studio.embed_page(view["report"])
+    with pytest.raises(SdtuneError, match="is a queue: its runs' results are in their folders"):
+        studio.use_result("sweep")
+    # a queue file already in the output folder, by its name there
+    shutil.copyfile(upload, studio.folders.out / "again.toml")
+    assert studio.submit_queue("again.toml", uploaded=False).name == "queue-001"
+    studio.jobs.stop("queue-001")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[[job]]\nkind = 'lora'\nrnak = 2\n", "bad.toml: job 1: unknown key 'rnak'; did you mean 'rank'?"),
+    ("[[job]]\nkind = 'lora'\ndata = '../../etc'\n",
+     "bad.toml: job 1: data: ../../etc: refused: '..' leaves the output folder"),
+    ("[defaults]\nreg_dir = '/tmp'\n[[job]]\nkind = 'lora'\n",
+     "bad.toml: [defaults]: reg_dir: /tmp: refused: absolute paths are not allowed"),
+    ("[[job]]\nkind = 'lora'\ndata = 'datasets/stars'\nsweep = {model = ['tiny', '/x/sd.safetensors']}\n",
+     "bad.toml: job 1: model: /x/sd.safetensors: no model folder; start the UI with --model-dir DIR"),
+    ("[[job]]\nkind = 'lora'\ndata = 'nothere'\n", "bad.toml: job lora-1: data = '"),
+    ("[[job\nkind = 'lora'\n", "bad.toml: not valid TOML"),
+])
+def test_a_bad_queue_file_is_refused_in_one_line(studio, tmp_path, text, says):
+    before = set(studio.jobs.jobs)
+    with pytest.raises(SdtuneError, match=re.escape(says)) as e:
+        studio.submit_queue(str(_write(tmp_path / "bad.toml", text)), uploaded=True)
+    assert "\n" not in str(e.value) and set(studio.jobs.jobs) == before
+
+
+def test_a_queue_file_is_checked_like_any_upload(studio, tmp_path):
+    with pytest.raises(Refused, match=r"jobs.txt: not a \.toml queue file"):
+        studio.submit_queue(str(_write(tmp_path / "jobs.txt", "[[job]]\n")), uploaded=True)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00" * 10)
+    with pytest.raises(Refused, match="binary.toml: its contents are not a .toml queue file"):
+        studio.submit_queue(str(binary), uploaded=True)
+    with pytest.raises(Refused, match="over the upload limit of 1 MB"):
+        studio.submit_queue(str(_write(tmp_path / "big.toml", "#" * (2 * MB))), uploaded=True)
+    for name, says in (("../two.toml", "'..' leaves the output folder"), ("/etc/passwd", "absolute paths"),
+                       ("nothere.toml", "no such file in the output folder")):
+        with pytest.raises(Refused, match=re.escape(says)):
+            studio.submit_queue(name, uploaded=False)

@@ -176,6 +176,12 @@ def _pick(d, elem_id, option):
     time.sleep(0.3)
 
 
+def _open(d, elem_id):
+    """Open a closed accordion by its label."""
+    d.find_element(By.CSS_SELECTOR, f"#{elem_id} .label-wrap").click()
+    time.sleep(0.5)
+
+
 def _value(d, elem_id):
     return _field(d, elem_id).get_attribute("value")
 
@@ -235,6 +241,19 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
 
 
 @needs_browser
+def test_block_weights_of_a_picked_lora_go_to_the_api(server, browser):
+    d = browser
+    assert _value(d, "gen-lora-0") == "tinystyle"
+    _type(d, "gen-lora-0-blocks", "INALL")
+    d.find_element(By.ID, "gen-go").click()  # the tiny model has no block layout: the API's own refusal
+    _wait_text(d, "gen-status", re.escape("block weights (lbw=) are defined for SD 1.x, SD 2.x and SDXL"), 30)
+    _type(d, "gen-lora-0-blocks", "")
+    d.find_element(By.ID, "gen-go").click()
+    _wait_text(d, "gen-status", r"1 image\(s\) in")
+    assert parse_infotext(_value(d, "gen-params"))["prompt"] == "a red star on a white background, <lora:tinystyle:0.8>"
+
+
+@needs_browser
 def test_generation_can_be_cancelled_and_the_model_switched(server, browser):
     d = browser
     _type(d, "gen-prompt", "a green square")
@@ -246,8 +265,9 @@ def test_generation_can_be_cancelled_and_the_model_switched(server, browser):
     _wait_text(d, "gen-status", r"generation cancelled at step \d+ of 150; nothing was saved", 60)
     assert sorted((server["out"] / "generate").glob("*.png")) == before
     _type(d, "gen-steps", STEPS)
-    _pick(d, "model", "tiny")
-    _wait_text(d, "model-status", "base model: tiny ", 30)
+    other = "tiny-random" if MODEL == "tiny" else "tiny"  # another one: picking the one in use changes nothing
+    _pick(d, "model", other)
+    _wait_text(d, "model-status", f"base model: {other} ", 30)
     _pick(d, "model", MODEL)
     _wait_text(d, "model-status", f"base model: {MODEL} ", 30)
 
@@ -336,12 +356,12 @@ def _progress(d):
 
 
 @needs_browser
-def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
+def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path):
     d = browser
     _tab(d, "train")
     _type(d, "train-name", "run1")
     _type(d, "train-dataset", "stars", enter=True)
-    _type(d, "train-steps", 40)
+    _type(d, "train-steps", 400)  # still running when the queue below is filled; stopped there
     _type(d, "train-save_every", 3)
     _type(d, "train-rank", 4)
     _type(d, "train-sample_every", 3)
@@ -358,8 +378,8 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     d.find_element(By.ID, "train-resume").click()
     _wait_text(d, "train-progress", r"\(lora\): running", 30)
     run2 = lambda: (folder / "train.log").read_text().split("--- run 2")[-1]  # noqa: E731
-    _wait(lambda: re.search(r" (\d+)/40 ", run2()), 240, "the resumed run's progress")
-    resumed_at = int(re.search(r" (\d+)/40 ", run2()).group(1))
+    _wait(lambda: re.search(r" (\d+)/400 ", run2()), 240, "the resumed run's progress")
+    resumed_at = int(re.search(r" (\d+)/400 ", run2()).group(1))
     assert resumed_at >= 3  # it went on from the save, not from 0
 
     for name in ("q1", "q2"):  # two more jobs wait for the running one
@@ -380,6 +400,31 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots):
     assert re.search(r"run1\s+lora\s+stopped", _text(d, "train-jobs"))
     for name in ("q1", "q2"):
         assert (server["out"] / "train" / name / "lora.safetensors").is_file()
+
+    # a queue file (jobs and sweeps): one in the output folder runs as a job with its page; a bad upload is
+    # refused in one line
+    (server["out"] / "sweep.toml").write_text('[defaults]\ndata = "datasets/stars"\nsteps = 2\nreport = false\n'
+                                              '[[job]]\nkind = "lora"\nrank = 2\nsweep = {lr = [1e-3, 5e-4]}\n')
+    _open(d, "train-queue")
+    _type(d, "train-name", "sweep")
+    _type(d, "train-queue-path", "sweep.toml")
+    d.find_element(By.ID, "train-queue-go").click()
+    _wait_text(d, "train-status", "job sweep queued", 20)
+    _wait_text(d, "train-jobs", r"sweep\s+queue\s+done", 300)
+    _wait_text(d, "train-progress", r"\(queue\): done.*run 2 of 2: lora-1-lr-0\.0005.*step 2 of 2", 10)
+    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-report iframe"), 30, "the queue's page")[0]
+    d.switch_to.frame(frame)
+    try:
+        assert re.search(r"run\s+lora-1-lr-0.001\s+lora-1-lr-0.0005", d.find_element(By.TAG_NAME, "table").text)
+    finally:
+        d.switch_to.default_content()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[job]]\nkind = 'lora'\nrnak = 2\n")
+    d.find_element(By.CSS_SELECTOR, "#train-queue-file input[type=file]").send_keys(str(bad))
+    time.sleep(1.5)
+    d.find_element(By.ID, "train-queue-go").click()
+    _wait_text(d, "train-status", re.escape("bad.toml: job 1: unknown key 'rnak'; did you mean 'rank'?"), 20)
+    assert "\n" not in _text(d, "train-status").strip()
     _pick(d, "train-job", "q2")
     _wait_text(d, "train-progress", r"\(lora\): done.*step 2 of 2", 10)
     # its report, embedded: the page's images come through the file route of the output folder
@@ -421,6 +466,7 @@ def test_gallery_search_and_send_to_generate(server, browser, shots):
     _wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#gal-images img")) >= 4, 20, "thumbnails")
     for close in d.find_elements(By.CSS_SELECTOR, "#gal-images button[aria-label='Close']"):
         close.click()  # back from the large view of the picked image to the thumbnails
+    d.execute_script("document.querySelectorAll('#gal-images, #gal-images *').forEach(e => e.scrollTop = 0)")
     _shot(d, shots, "gallery")
 
 

@@ -258,7 +258,8 @@ TINY_SPECS = {"tiny": (False, True), "tiny-random": (False, False), "tiny-xl": (
 
 
 def _load_tiny(spec: str, device, dtype, folder: Path | None = None) -> Base:
-    """A built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``, ``runs/tiny-xl/model``)."""
+    """A built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``,
+    ``runs/tiny-xl/model``)."""
     xl, trained = TINY_SPECS.get(spec, (folder is not None and tiny_model.is_xl_export(folder), True))
     folder = folder or (tiny_model.XL_WEIGHTS if xl else tiny_model.WEIGHTS)
     build, load = (tiny_model.build_xl, tiny_model.load_xl) if xl else (tiny_model.build, tiny_model.load)
@@ -477,8 +478,9 @@ def _load_hub(spec: str, device, dtype) -> Base:
 def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     """Load a base model of any family (SD 1.x, SD 2.x, SDXL); the family is read from the files.
 
-    ``spec``: "tiny" or "tiny-xl" (built-in), "tiny-random", "tiny-xl-random", a random-init real architecture ("sd15-random", "sd2-random",
-    "sdxl-random", or "sdxl-small-random": SDXL's structure and names at small widths), a diffusers folder,
+    ``spec``: "tiny" or "tiny-xl" (built-in), "tiny-random", "tiny-xl-random", a random-init real architecture
+    ("sd15-random", "sd2-random", "sdxl-random", or "sdxl-small-random": SDXL's structure and names at small
+    widths), a diffusers folder,
     a single-file checkpoint (.safetensors; .ckpt/.pt through the safe loader), or a hub id.
     ``device``/``dtype`` default to ``pick_device()``/``pick_dtype()``.
     """

@@ -68,33 +68,20 @@ SCHEDULER = dict(
 
 XL_TEXT_WIDTH_2 = 32
 
-XL_TEXT_ENCODER_2 = dict(
-    vocab_size=49408,
-    hidden_size=XL_TEXT_WIDTH_2,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,  # pooled output at the first end-of-text token; padding is "!" as in SDXL
-    pad_token_id=0,
-    projection_dim=XL_TEXT_WIDTH_2,
-)
+XL_TEXT_ENCODER_2 = dict(  # pooled output at the first end-of-text token; padding is "!" (id 0) as in SDXL
+    TEXT_ENCODER, hidden_size=XL_TEXT_WIDTH_2, intermediate_size=128, num_attention_heads=2, hidden_act="gelu",
+    pad_token_id=0, projection_dim=XL_TEXT_WIDTH_2)
 
 XL_TIME_EMBED = 16  # per time id (SDXL: 256)
 
 XL_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
+    UNET,  # sample size, channels in and out, group norm as tiny's
     block_out_channels=(32, 64, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     layers_per_block=2,
     transformer_layers_per_block=(1, 1, 1),
     attention_head_dim=(1, 2, 3),  # heads per level (diffusers' reading): head size 32
-    norm_num_groups=16,
     cross_attention_dim=TEXT_WIDTH + XL_TEXT_WIDTH_2,  # both encoders' penultimate layers, concatenated
     use_linear_projection=True,
     addition_embed_type="text_time",

@@ -61,10 +61,10 @@ def _picked(rows, evt: gr.SelectData):
 
 
 def _form_updates(form: dict) -> list:
-    """Generate-form updates from ``Studio.settings_of``; the LoRA pickers are emptied (the prompt's tags
-    carry the LoRAs of the image)."""
+    """Generate-form updates from ``Studio.settings_of``; the LoRA pickers and their block weights are emptied
+    (the prompt's tags carry the LoRAs of the image)."""
     return [gr.update(value=form[k]) if k in form else gr.skip() for k in GEN_FIELDS] + \
-        [gr.update(value="")] * LORA_SLOTS
+        [gr.update(value="")] * (2 * LORA_SLOTS)
 
 
 # ---------------------------------------------------------------------------------------------- tabs
@@ -90,7 +90,8 @@ def _generate_tab(studio: Studio):
                 width = gr.Slider(0, 2048, 0, step=8, label="Width (0: model's)", elem_id="gen-width")
                 height = gr.Slider(0, 2048, 0, step=8, label="Height (0: model's)", elem_id="gen-height")
             with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
-                              "text-encoder (TE) weight follows the weight until you set it", open=True):
+                              "text-encoder (TE) weight follows the weight until you set it; block weights: a "
+                              "preset or a comma vector as in <lora:name:w:lbw=...> (empty: none)", open=True):
                 slots = []
                 for i in range(LORA_SLOTS):
                     with gr.Row(equal_height=True):
@@ -98,9 +99,14 @@ def _generate_tab(studio: Studio):
                                            elem_id=f"gen-lora-{i}", scale=2, container=False)
                         weight = gr.Slider(-2, 2, 1.0, step=0.05, label="weight", elem_id=f"gen-lora-{i}-w", scale=2)
                         te = gr.Slider(-2, 2, 1.0, step=0.05, label="TE weight", elem_id=f"gen-lora-{i}-te", scale=2)
+                        blocks = gr.Dropdown([""] + studio.block_presets(), value="", allow_custom_value=True,
+                                             label="block weights", elem_id=f"gen-lora-{i}-blocks", scale=2)
                         # in the browser, so that the text-encoder weight has followed before Generate is pressed
                         weight.change(None, weight, te, js="(w) => w", show_progress="hidden")
-                    slots.append((name, weight, te))
+                        # the presets of the model in use (it may have been switched or loaded since)
+                        blocks.focus(lambda: gr.update(choices=[""] + studio.block_presets()), None, blocks,
+                                     show_progress="hidden")
+                    slots.append((name, weight, te, blocks))
             with gr.Row(equal_height=True):
                 emb = gr.Dropdown([""] + studio.embedding_names(), value="", label="Embedding (by its file name)",
                                   elem_id="gen-embedding", scale=3)
@@ -117,12 +123,13 @@ def _generate_tab(studio: Studio):
             status = _status("gen-status")
     shown = gr.State([])  # [(path, parameters)] of the images on show
     picked = gr.State(None)  # path of the image whose parameters are on show
-    form = [prompt, negative, sampler, steps, cfg, seed, width, height] + [s[0] for s in slots]
+    pickers = [s[0] for s in slots]
+    form = [prompt, negative, sampler, steps, cfg, seed, width, height] + pickers + [s[3] for s in slots]
 
     @_handler(5)
     def run(progress=gr.Progress(), *values):  # Gradio finds its progress bar by this default
         p, n, smp, st, c, sd, w, h, k, *slot_values = values
-        picks = [tuple(slot_values[i:i + 3]) for i in range(0, len(slot_values), 3)]
+        picks = [tuple(slot_values[i:i + 4]) for i in range(0, len(slot_values), 4)]
         rows, notes = studio.generate(p, n, sampler=smp, steps=st, cfg=c, seed=sd, width=w, height=h, count=k,
                                       picks=picks, on_step=lambda done, total: progress((done, total),
                                                                                         desc="denoising",
@@ -164,7 +171,7 @@ def _generate_tab(studio: Studio):
     refresh.click(refresh_lists, None, [s[0] for s in slots] + [emb])
     add_pos.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [prompt, emb], prompt)
     add_neg.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [negative, emb], negative)
-    return form, status
+    return form, pickers
 
 
 def _compare_tab(studio: Studio):
@@ -257,6 +264,17 @@ def _train_tab(studio: Studio):
                         if not f.basic:
                             comps[f.name] = component(f)
             start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
+            with gr.Accordion("Run a queue file: jobs and sweeps, as sdtune train queue reads them", open=False,
+                              elem_id="train-queue"):
+                with gr.Row():
+                    queue_file = gr.File(label="Queue file (.toml)", file_types=[".toml"], height=90,
+                                         elem_id="train-queue-file")
+                    with gr.Column():
+                        queue_path = gr.Textbox(label="... or a .toml file in the output folder",
+                                                info="its data = folders are names in the output folder; its "
+                                                     "runs go to train/JOB NAME/, compared in queue.html",
+                                                elem_id="train-queue-path")
+                        queue_go = gr.Button("Queue the file", size="sm", elem_id="train-queue-go")
         with gr.Column(scale=2):  # the jobs
             table = gr.Dataframe(headers=["job", "kind", "state", "step", "loss"], interactive=False,
                                  elem_id="train-jobs", label="Jobs (newest first)", max_height=200)
@@ -301,6 +319,16 @@ def _train_tab(studio: Studio):
 
     start.click(submit, [kind, name, dataset] + [comps[n] for n in names], [job, name, status])
 
+    @_handler(4)
+    def submit_file(upload, typed, nm):
+        if not upload and not (typed or "").strip():
+            raise SdtuneError("no queue file; upload a .toml file, or name one in the output folder")
+        new = studio.submit_queue(upload or typed, uploaded=bool(upload), name=nm)
+        return gr.update(choices=[j.name for j in studio.jobs.list()], value=new.name), gr.update(value=""), \
+            gr.update(value=None), f"job {new.name} queued: the queue file's runs, in turn"
+
+    queue_go.click(submit_file, [queue_file, queue_path, name], [job, name, queue_file, status])
+
     @_handler(3)
     def add_files(files, nm):
         got, n = studio.add_dataset_files(nm, files)
@@ -338,6 +366,8 @@ def _train_tab(studio: Studio):
         p = studio.job_view(name_)
         j = p["job"]
         lines = [f"**{j.name}** ({j.kind}): **{j.state}**"]
+        if p["run"]:
+            lines.append(f"run {p['run'][0]} of {p['run'][1]}: {_md_escape(p['run'][2])}")
         if p["total"]:
             lines.append(f"step {p['step']} of {p['total']} ({100 * p['step'] // p['total']}%)")
         if p["loss"]:
@@ -493,13 +523,13 @@ def build(studio: Studio) -> gr.Blocks:
         model.focus(lambda: gr.update(choices=studio.model_choices()), None, model, show_progress="hidden")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                form, _ = _generate_tab(studio)
+                form, gen_pickers = _generate_tab(studio)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 cmp_loras, cmp_sweep = _compare_tab(studio)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 _train_tab(studio)
             with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
-                _lora_tab(studio, [form[-LORA_SLOTS + i] for i in range(LORA_SLOTS)] + [cmp_loras, cmp_sweep])
+                _lora_tab(studio, gen_pickers + [cmp_loras, cmp_sweep])
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
                 find, query, found = _gallery_tab(studio, form, tabs)
         gallery_tab.select(find, query, found)

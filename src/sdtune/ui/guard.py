@@ -24,6 +24,7 @@ UPLOADS = {
     "image": ((".png", ".jpg", ".jpeg", ".webp"), "a PNG, JPEG or WebP image"),
     "weights": ((".safetensors", ".pt", ".pth", ".bin", ".ckpt"), "a .safetensors or .pt weight file"),
     "caption": ((".txt", ".caption"), "a .txt caption"),
+    "queue": ((".toml",), "a .toml queue file (as sdtune train queue reads)"),
 }
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
 

@@ -1,7 +1,9 @@
 """Training jobs for the web UI: a queue of ``sdtune train`` processes, and what their folders say.
 
 A job is a folder (``job.toml``, ``job.json``, ``train.log`` and whatever training writes) and, while it runs,
-a child process ``python -m sdtune.cli train KIND --config job.toml`` in its own process group. The server
+a child process ``python -m sdtune.cli train KIND --config job.toml`` in its own process group; a job of kind
+``queue`` is a queue file, run as ``python -m sdtune.cli train queue job.toml --out .`` (its runs in
+subfolders, compared in its ``queue.html``). The server
 never trains in its own process: the page stays responsive, a crashed job cannot take the server down, and
 stopping a job is ending its process group. Resuming is running the same config again: training continues
 from the resume state in the folder. One job runs at a time (they would share the CPU or GPU); the others
@@ -28,6 +30,10 @@ from pathlib import Path
 from ..safeio import SdtuneError, atomic_write_text
 
 JOB_FILE, CONFIG_FILE, LOG_FILE = "job.json", "job.toml", "train.log"
+QUEUE = "queue"  # the kind of a job that runs a queue file
+QUEUE_PAGE = "queue.html"  # what ``sdtune train queue`` writes after each of its runs
+# the line ``sdtune train queue`` prints as each run starts: "sdtune train queue: 2/3 lora-lr-0.001 (lora, ...)"
+QUEUE_RUN = re.compile(r"^sdtune train queue: (\d+)/(\d+) (\S+) \(")
 STATES = ("queued", "running", "done", "failed", "stopped")
 # a tqdm progress line: "train lora:  30%|###   | 3/10 [00:01<00:02, 2.9step/s, loss=0.1234, lr=1.00e-04]"
 PROGRESS = re.compile(r"(\d+)/(\d+) \[([^\]]*)\]")
@@ -37,7 +43,7 @@ LOSS = re.compile(r"loss=([-+0-9.eE]+|nan|inf)")
 @dataclass
 class Job:
     name: str
-    kind: str  # ti | lora
+    kind: str  # ti | lora | queue
     folder: str
     state: str = "queued"
     submitted: float = field(default_factory=time.time)
@@ -148,7 +154,8 @@ class JobRunner:
 
     def _start(self, job: Job) -> None:
         folder = Path(job.folder)
-        cmd = [self.python, "-m", "sdtune.cli", "train", job.kind, "--config", CONFIG_FILE, *self.extra_args]
+        what = [QUEUE, CONFIG_FILE, "--out", "."] if job.kind == QUEUE else [job.kind, "--config", CONFIG_FILE]
+        cmd = [self.python, "-m", "sdtune.cli", "train", *what, *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(folder / LOG_FILE, "ab") as log:
             log.write(f"\n--- run {job.runs + 1}: {' '.join(cmd[1:])}\n".encode())
@@ -222,19 +229,28 @@ def _csv_loss(folder: Path) -> list[tuple[int, float]]:
 
 
 def progress(folder: str | Path) -> dict:
-    """What a job's folder says: step, total, loss curve, samples, loss plot, report, result, log tail."""
+    """What a job's folder says: step, total, loss curve, samples, loss plot, report, result, log tail. For a
+    queue job, the numbers are those of its current (or last) run, named in ``run`` as (number, of, name), and
+    the report is the queue's page comparing its runs."""
     folder = Path(folder)
     log = _log_text(folder)
     segments = [s for line in log.split("\n") for s in line.split("\r") if s.strip()]
-    step = total = None
+    step = total = run = None
     curve: dict[int, float] = {}
     for seg in segments:
+        started = QUEUE_RUN.match(seg)
+        if started:  # a queue's next run: its own steps from 0
+            run, step, total, curve = (int(started.group(1)), int(started.group(2)), started.group(3)), None, None, {}
+            continue
         m = PROGRESS.search(seg)
         if m:
             step, total = int(m.group(1)), int(m.group(2))
             value = LOSS.search(m.group(3))
             if value:
                 curve[step] = float(value.group(1))
+    page = folder / QUEUE_PAGE
+    if run is not None and (folder / run[2]).is_dir():
+        folder = folder / run[2]  # the run's files: its loss CSV, samples and plot
     from_csv = _csv_loss(folder)
     loss = from_csv or sorted(curve.items())
     # the command prints the path of what it made as its last line
@@ -248,10 +264,10 @@ def progress(folder: str | Path) -> dict:
             break
     errors = [s[s.index("sdtune: error:"):] for s in segments if "sdtune: error:" in s]
     return {
-        "step": step, "total": total, "loss": loss, "loss_source": "csv" if from_csv else "log",
+        "step": step, "total": total, "loss": loss, "loss_source": "csv" if from_csv else "log", "run": run,
         "samples": sorted((folder / "samples").glob("*.png")),
         "loss_png": next(iter(sorted(folder.rglob("loss.png"))), None),
-        "report": next(iter(sorted(folder.rglob("report.html"))), None),
+        "report": page if page.is_file() else next(iter(sorted(folder.rglob("report.html"))), None),
         "result": result,
         "error": errors[-1] if errors else None,
         "log_tail": "\n".join(segments[-15:]),

@@ -13,6 +13,7 @@ import html
 import itertools
 import re
 import shutil
+import tempfile
 import threading
 import time
 import tomllib
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .. import api, sources, xyplot
 from ..generate import SCHEDULERS, parse_infotext, read_infotext, save_batch
+from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
@@ -33,7 +35,7 @@ from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
 from . import trainform
 from .guard import Folders, Refused, check_upload
-from .jobs import CONFIG_FILE, JobRunner, progress
+from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
@@ -41,6 +43,8 @@ BUILT_IN = ("tiny", "tiny-xl", "tiny-random")  # models the page can always swit
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
 FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
+# the training settings that name folders: what a job reads (reg_dir: where class images are also written)
+PATH_SETTINGS = ("data", "validation_dir", "reg_dir")
 
 
 class Cancelled(SdtuneError):
@@ -99,18 +103,21 @@ class Studio:
                 choices.append(rel.as_posix())
         return choices
 
+    def model_spec(self, choice: str) -> str:
+        """The spec to load for ``choice``, which must be one of ``model_choices``."""
+        choice = str(choice or "").strip()
+        if choice in (*BUILT_IN, self.started_with):  # not any spec: a full-size random SDXL is a way to fill RAM
+            return choice
+        path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
+        if choice not in self.model_choices():
+            raise Refused(f"{choice}: not a model in the model folder ({self.folders.models}); pick one "
+                          f"from the list")
+        return str(path.resolve())
+
     def set_model(self, choice: str) -> str:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
         the model's spec."""
-        choice = str(choice or "").strip()
-        if choice in (*BUILT_IN, self.started_with):  # not any spec: a full-size random SDXL is a way to fill RAM
-            spec = choice
-        else:
-            path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
-            if choice not in self.model_choices():
-                raise Refused(f"{choice}: not a model in the model folder ({self.folders.models}); pick one "
-                              f"from the list")
-            spec = str(path.resolve())
+        spec = self.model_spec(choice)
         with self.lock:  # not while a request uses the old one
             if spec != self.model:
                 self.model, self._base = spec, None
@@ -163,14 +170,31 @@ class Studio:
     @staticmethod
     def with_loras(prompt: str, picks) -> str:
         """The prompt with the picked LoRAs as A1111 tags: the PNG then says which LoRAs made the image, at what
-        weights, and dropping it back on the page reproduces it."""
+        weights and block weights, and dropping it back on the page reproduces it. A pick is (name, weight,
+        te_weight) or (name, weight, te_weight, blocks): blocks as the lora-block-weight extension writes them
+        after ``lbw=`` (a preset name or a comma vector; empty: none)."""
         tags = []
-        for name, weight, te_weight in picks:
+        for name, weight, te_weight, *rest in picks:
             if not name:
                 continue
             te = "" if te_weight is None or float(te_weight) == float(weight) else f":{float(te_weight):g}"
-            tags.append(f"<lora:{name}:{float(weight):g}{te}>")
+            blocks = re.sub(r"\s+", "", str(rest[0] or "")) if rest else ""
+            if re.search(r"[:<>]", blocks):  # it goes inside a tag: nothing that ends the tag or adds an option
+                raise SdtuneError(f"block weights {blocks!r} for {name}: write a preset name (e.g. INALL) or "
+                                  f"comma-separated numbers (e.g. 1,0,0,1,1,0,0,0,0,0,0,0)")
+            tags.append(f"<lora:{name}:{float(weight):g}{te}" + (f":{block_weights.LBW}{blocks}" if blocks else "")
+                        + ">")
         return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
+
+    def block_presets(self) -> list[str]:
+        """The block-weight presets the page offers: those of the loaded model's family (none for a family
+        without block layout, such as the built-in tiny model); before the model is loaded, the names the
+        layouts share (each family's preset of a name weights its own blocks)."""
+        base = self._base
+        if base is not None:
+            layout = block_weights.LAYOUTS.get(base.family.name)
+            return list(layout.presets) if layout else []
+        return list(dict.fromkeys(n for lay in block_weights.LAYOUTS.values() for n in lay.presets))
 
     def cancel(self) -> bool:
         """Stop the generations in progress (running, or waiting for the model) after their current denoising
@@ -383,16 +407,84 @@ class Studio:
         return name, len(checked)
 
     def submit(self, kind: str, name: str, dataset: str, values: dict):
-        """Queue a training job of ``kind`` from the form's values; returns the job."""
+        """Queue a training job of ``kind`` from the form's values; returns the job. Folders it names (the
+        dataset, ``validation_dir``, ``reg_dir``) are names inside the output folder."""
         if kind not in trainform.KINDS:
             raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
         name = self.folders.new_name(name, "job name") if name and name.strip() else self._job_name(kind)
         if not dataset or not str(dataset).strip():
             raise SdtuneError("no training data; pick a dataset (a folder in out/datasets) or upload images first")
         data = self.folders.child("out", f"datasets/{dataset}" if dataset and "/" not in dataset else dataset)
+        values = dict(values)
+        for setting in PATH_SETTINGS:  # the other folders a form names: inside the output folder too
+            if setting != "data" and isinstance(values.get(setting), str) and values[setting].strip():
+                values[setting] = str(self.folders.child("out", values[setting].strip(), must_exist=False).resolve())
         settings = trainform.settings_for(kind, values, data=str(data.resolve()),
                                           out=str(self.jobs.root.resolve() / name), model=self.model)
         return self.jobs.submit(name, kind, trainform.to_toml(settings))
+
+    def submit_queue(self, source: str | Path, *, uploaded: bool, name: str = ""):
+        """Queue a queue file (the TOML of jobs and sweeps that ``sdtune train queue`` runs) as one job: its runs
+        train in turn outside the server, in ``out/train/NAME/RUN``, compared in ``out/train/NAME/queue.html``.
+        ``source``: an uploaded file, or (``uploaded=False``) a file name inside the output folder. As for the
+        forms, the file may only use the configured folders: its folder settings (``data``, ``validation_dir``,
+        ``reg_dir``) are names inside the output folder, its ``model`` one the page offers (default: the model
+        in use), and its ``out`` is replaced by the job's folder. Every key and value is checked as the command
+        checks them, before anything is queued; returns the job."""
+        shown = Path(str(source)).name if uploaded else str(source or "").strip()
+        path = source if uploaded else self.folders.child("out", shown)
+        path = check_upload(path, "queue", self.max_upload)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise SdtuneError(f"{shown}: not valid TOML ({e}); fix the file") from None
+        text = trainform.table_toml(self._queue_in_folders(table, shown))
+        # checked as `sdtune train queue` will read it, so that a bad file is refused here, named as given
+        scratch = self.folders.out / ".cache"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            check = Path(tmp) / CONFIG_FILE
+            check.write_text(text, encoding="utf-8")
+            try:
+                train_queue.read_queue(check)
+            except SdtuneError as e:
+                raise SdtuneError(str(e).replace(str(check), shown)) from None
+        name = self.folders.new_name(name, "job name") if name and name.strip() else self._job_name(QUEUE)
+        return self.jobs.submit(name, QUEUE, text)
+
+    def _queue_in_folders(self, table: dict, shown: str) -> dict:
+        """A queue file's table with its folders resolved inside the output folder and its model checked."""
+        table = {k: v for k, v in table.items() if k != "out"}  # the job's folder is the queue's
+        if not isinstance(table.get("defaults", {}), dict):
+            return table  # read_queue says what is wrong with it
+        defaults = table.setdefault("defaults", {})
+        if not any(k == "model" for k in defaults):
+            defaults["model"] = self.model
+        jobs = table.get("job") if isinstance(table.get("job"), list) else []
+        sections = [("[defaults]", defaults)] + [(f"job {i}", j) for i, j in enumerate(jobs, 1) if isinstance(j, dict)]
+        for where, section in sections:
+            sweep = section.get("sweep")
+            for values, each in ((section, False), (sweep if isinstance(sweep, dict) else {}, True)):
+                for key, value in values.items():
+                    setting = key.replace("-", "_")
+                    if setting not in (*PATH_SETTINGS, "model"):
+                        continue
+                    try:
+                        values[key] = ([self._queue_value(setting, v) for v in value] if each and isinstance(value, list)
+                                       else self._queue_value(setting, value))
+                    except Refused as e:
+                        raise Refused(f"{shown}: {where}: {key}: {e}") from None
+        return table
+
+    def _queue_value(self, setting: str, value):
+        if not isinstance(value, str) or not value.strip():
+            return value  # not a name: read_queue refuses a wrong type; "" is "none"
+        if setting == "model":
+            try:
+                return self.model_spec(value)
+            except Refused as e:  # say which model, whatever the reason
+                raise Refused(str(e) if str(e).startswith(value) else f"{value}: {e}") from None
+        return str(self.folders.child("out", value, must_exist=False).resolve())
 
     def _job_name(self, kind: str) -> str:
         n = 1
@@ -407,6 +499,9 @@ class Studio:
     def use_result(self, name: str) -> str:
         """Copy a finished job's result into the LoRA or embedding folder, named after the job."""
         view = self.job_view(name)
+        if view["job"].kind == QUEUE:
+            raise SdtuneError(f"job {name} is a queue: its runs' results are in their folders under "
+                              f"{view['job'].folder}, compared in its queue.html")
         if view["result"] is None:
             raise SdtuneError(f"job {name} has no result yet ({view['job'].state})")
         kind = "loras" if view["job"].kind == "lora" else "embeddings"
@@ -449,6 +544,8 @@ class Studio:
         best checkpoint, samples), the page ``sdtune train queue`` writes."""
         runs, state = [], {}
         for job in sorted(self.jobs.list(), key=lambda j: j.submitted):
+            if job.kind == QUEUE:
+                continue  # its own queue.html compares its runs
             try:
                 table = tomllib.loads((Path(job.folder) / CONFIG_FILE).read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError):

@@ -137,3 +137,34 @@ def to_toml(settings) -> str:
     if tomllib.loads(text) != table:  # the file must say exactly what the form said
         raise SdtuneError("these settings cannot be written as TOML; check the text fields for odd characters")
     return text
+
+
+def _inline(v) -> str:
+    if isinstance(v, dict):  # a sweep = {lr = [...]} table
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_inline(x)}" for k, x in v.items()) + "}"
+    return _toml_value(v)
+
+
+def table_toml(table: dict) -> str:
+    """A queue file's table (top-level values, ``[defaults]``, ``[[job]]`` tables whose values may be inline
+    tables) as TOML, checked to read back as the same table."""
+    def is_jobs(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def pairs(d: dict) -> str:
+        return "".join(f"{json.dumps(str(k))} = {_inline(v)}\n" for k, v in d.items())
+
+    text = pairs({k: v for k, v in table.items() if not isinstance(v, dict) and not is_jobs(v)})
+    for k, v in table.items():
+        if isinstance(v, dict):
+            text += f"\n[{json.dumps(str(k))}]\n" + pairs(v)
+        elif is_jobs(v):
+            text += "".join(f"\n[[{json.dumps(str(k))}]]\n" + pairs(x) for x in v)
+    try:
+        same = tomllib.loads(text) == table
+    except tomllib.TOMLDecodeError:
+        same = False
+    if not same:
+        raise SdtuneError("this queue file cannot be written back as TOML unchanged (dates or nested tables?); use "
+                          "plain settings, lists and sweep = {...} tables")
+    return text
