@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 import gc  # noqa: E402, I001
 
 # Importing torch, diffusers and transformers creates about 400 thousand objects, and Python's cyclic
-# collector walked the growing heap in full about 7 times on the way (1 to 1.5 s of a 3.5 s import, idle).
+# collector walked the growing heap in full 7 times on the way (a quarter of the import's time, measured on
+# the shared 2-core test machine).
 # Import-time objects are nearly all alive for good, so the collector waits until the imports below are
 # done; the state it had is then restored (the ``sdtune`` command then freezes them, see ``cli.run``).
 _collecting = gc.isenabled()

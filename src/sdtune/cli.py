@@ -367,7 +367,8 @@ def run() -> None:
     """The ``sdtune`` process: ``main`` on the command line, then exit. Python's cyclic garbage collector
     walks every tracked object on each full collection and once more while the interpreter shuts down;
     torch, diffusers and transformers leave about 400 thousand of them at import, so each full collection
-    cost 0.2 to 0.5 s, several times a training run and again at exit. What is imported lives until exit
+    cost up to a few tenths of a second, and the exit of a LoRA training run about a tenth of the whole
+    process (on the shared 2-core test machine). What is imported lives until exit
     anyway, so it is frozen first (``gc.freeze``: kept out of every later collection; what the command
     creates is collected as usual), and what is left at the end too, since the process ends there. Only the
     process's entry does this: ``main`` called in a longer-lived process (tests, a notebook) leaves its
