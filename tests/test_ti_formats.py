@@ -104,9 +104,14 @@ def test_save_sdxl_as_clip_l_clip_g(tmp_path):
     for state in (load_file(tmp_path / "xl.safetensors"), torch.load(tmp_path / "xl.pt", weights_only=True)):
         assert sorted(state) == ["clip_g", "clip_l"]
         assert all(torch.equal(state[k], emb.vectors[k]) for k in state)
-    back = load_embedding(tmp_path / "xl.safetensors")
-    assert (back.token, back.format) == ("xl", "sdxl") and all(torch.equal(back.vectors[k], emb.vectors[k])
-                                                               for k in emb.vectors)
+    back = load_embedding(tmp_path / "xl.safetensors")  # the token from sdtune's metadata; A1111 uses the name
+    assert (back.token, back.format) == ("<xl>", "sdxl") and all(torch.equal(back.vectors[k], emb.vectors[k])
+                                                                 for k in emb.vectors)
+    assert load_embedding(tmp_path / "xl.pt").token == "xl"  # no metadata in a .pt: the file name
+    assert load_embedding(tmp_path / "xl.safetensors", token="mine").token == "mine"  # FILE:TOKEN still wins
+    bare = tmp_path / "other-tool.safetensors"  # the same layout from another tool: the file name
+    save_file(load_file(tmp_path / "xl.safetensors"), bare)
+    assert load_embedding(bare).token == "other-tool"
 
 
 class RunsCode:

@@ -5,7 +5,8 @@ Layouts read (all through ``safeio.load_state``, so nothing is ever unpickled un
 - A1111 ``.pt``: ``{"string_to_param": {"*": [n, d]}, "name": token, "string_to_token", "step", ...}``
 - kohya / A1111 safetensors: ``{"emb_params": [n, d]}``; the file carries no token, the file name is used
 - a bare tensor ``[d]`` / ``[n, d]`` saved with ``torch.save``; the token must be given
-- SDXL, one set of rows per text encoder, the token from the file name: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
+- SDXL, one set of rows per text encoder, the token from the file name (or, in files sdtune wrote, from the
+  ``sdtune.token`` metadata): ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
   (A1111, ComfyUI, civitai), replicate/cog pivotal tuning's ``.pti`` (``text_encoders_0`` / ``text_encoders_1``)
   and XL-Textual-Inversion's ``{"emb": [768], "emb2": [1280]}``
 The width says which model an embedding is for (768 SD 1.x, 1024 SD 2.x); the EmbeddingSet checks it fits.
@@ -30,6 +31,7 @@ DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 A1111_PLACEHOLDER_ID = 265  # the CLIP id of "*", which A1111 writes as string_to_token["*"]
 # Layouts holding rows for each of SDXL's text encoders: format -> the file's keys, in the family's encoder order.
 SDXL_KEYS = tuple(te.embedding_key for te in families.SDXL.text_encoders)  # ("clip_l", "clip_g")
+TOKEN_METADATA = "sdtune.token"  # safetensors metadata: the token of a layout that stores none (SDXL's)
 MULTI_LAYOUTS = {"sdxl": SDXL_KEYS, "pti": ("text_encoders_0", "text_encoders_1"), "emb2": ("emb", "emb2")}
 FORMATS = ("diffusers", "a1111", "kohya", "tensor", *MULTI_LAYOUTS)
 SAVE_FORMATS = ("diffusers", "a1111")
@@ -91,7 +93,7 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
     """Read an embedding file (or a folder holding ``learned_embeds.*``); ``token`` overrides the stored name."""
     path = _resolve_file(Path(path))
     try:
-        state, _ = load_state(path)
+        state, metadata = load_state(path)
     except SdtuneError:
         if _is_original_textual_inversion(path):
             raise SdtuneError(
@@ -100,6 +102,8 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
                 f"with a tool you trust") from None
         raise
     stored_token, vectors, fmt = _parse(state, path)
+    if fmt in MULTI_LAYOUTS and metadata.get(TOKEN_METADATA):  # sdtune's own SDXL files name their token
+        stored_token = metadata[TOKEN_METADATA]
     if token is None and stored_token is not None and not is_one_word(stored_token):
         token = file_token(path)
         note(f"{path}: its stored token {stored_token!r} is not one word, so it loads as {token!r} (its file or folder "
@@ -122,8 +126,8 @@ def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers", 
     if format not in SAVE_FORMATS:
         raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
     parts = {key: rows.detach().to("cpu", torch.float32).contiguous().clone() for key, rows in emb.parts.items()}
-    if isinstance(emb.vectors, dict):
-        _save_dict(parts, path)
+    if isinstance(emb.vectors, dict):  # the layout has no token: A1111 takes the file name, sdtune the metadata
+        _save_dict(parts, path, {TOKEN_METADATA: emb.token})
     elif format == "diffusers":
         _save_dict({emb.token: parts[""]}, path)
     else:
@@ -135,12 +139,12 @@ def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers", 
         }, path)
 
 
-def _save_dict(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors, or a torch pickle for .bin/.pt names (which some tools expect)."""
     if path.suffix in (".bin", ".pt"):
         atomic_save_torch(tensors, path)
     else:
-        atomic_save_safetensors(tensors, path)
+        atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
 def _resolve_file(path: Path) -> Path:
