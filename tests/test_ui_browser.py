@@ -159,7 +159,9 @@ def _tab(d, tab_id):
 
 
 def _field(d, elem_id):
-    return d.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input:not([type=range])")
+    """The input of a component, waited for: on a loaded machine the page may still be rendering its parts."""
+    css = f"#{elem_id} textarea, #{elem_id} input:not([type=range])"
+    return _wait(lambda: d.find_elements(By.CSS_SELECTOR, css), 30, f"#{elem_id}'s input")[0]
 
 
 def _type(d, elem_id, text, enter=False):
