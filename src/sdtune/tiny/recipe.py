@@ -54,8 +54,11 @@ PRESETS = {
     "xl-cpu": dict(vae_steps=0, vae_batch=0, vae_images=0, steps=8000, batch=24, lr=1e-3, images=16000, min_snr=5.0),
 }
 DEFAULT_PRESET = {"sd1": "cpu", "sdxl": "xl-cpu"}
-# checkpoint name of each trained module -> its component (tiny trains "te", tiny-xl "te2" with tiny's frozen "te")
-TRAINED = {"unet": "unet", "te": "text_encoder", "te2": "text_encoder_2"}
+# per architecture: the family, and what learns ({checkpoint name: component}); tiny-xl's first text encoder is
+# tiny's, shared, so it stays frozen as shipped
+ARCHES = {"sd1": (TINY, {"unet": "unet", "te": "text_encoder"}),
+          "sdxl": (TINY_XL, {"unet": "unet", "te2": "text_encoder_2"})}
+TRAINED = {n: c for _, learns in ARCHES.values() for n, c in learns.items()}  # every checkpoint name -> component
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL's (original size, crop top-left, target size) of every 64 px render
 
 
@@ -223,15 +226,14 @@ def load_ema(parts: dict, out: Path) -> int:
 
 def diffusion_parts(parts: dict, arch: str) -> dict:
     """What ``train_diffusion`` takes: the text encoders as the family's UNet reads them, and what learns."""
-    family = TINY_XL if arch == "sdxl" else TINY
+    family, learns = ARCHES[arch]
     tokenizers = {"tokenizer": parts["tokenizer"]} if "tokenizer" in parts else {}
     encoders = [(te, parts[te.component], tokenizers.get(te.tokenizer) or tokenizer_for(te))
                 for te in family.text_encoders]
-    if arch == "sdxl":  # tiny's text encoder is shared, so it stays as shipped
-        parts["text_encoder"].eval().requires_grad_(False)
-        trained = {"unet": parts["unet"], "te2": parts["text_encoder_2"]}
-    else:
-        trained = {"unet": parts["unet"], "te": parts["text_encoder"]}
+    for te in family.text_encoders:
+        if te.component not in learns.values():
+            parts[te.component].eval().requires_grad_(False)
+    trained = {n: parts[c] for n, c in learns.items()}
     return {"unet": parts["unet"], "scheduler": parts["scheduler"], "text": TextStack(encoders), "trained": trained}
 
 
