@@ -7,11 +7,11 @@ templates below (which escape their own values).
 
 from __future__ import annotations
 
-import html
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+from .pages import Html, fill, lines
 from .safeio import atomic_write_text
 
 PAGE = "templates/demo_report.html"
@@ -31,20 +31,6 @@ QUICK_NOTE = (' This is a <b>quick</b> run (few training steps, few images): a f
               'not at what TI and LoRA can do. Run <code>sdtune demo</code> without <code>--quick</code> for that.')
 
 
-class _Html(str):
-    """A fragment that is already HTML: ``_fill`` inserts it as it is."""
-
-
-def _fill(template: Template, **values) -> _Html:
-    """``template`` with every value escaped, except ``_Html`` fragments; a missing value is an error."""
-    return _Html(template.substitute({k: v if isinstance(v, _Html) else html.escape(str(v))
-                                      for k, v in values.items()}))
-
-
-def _lines(fragments) -> _Html:
-    return _Html("\n".join(fragments))
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -57,27 +43,27 @@ def write_report(out: Path, plan, quick: bool, model: str, model_hash: str, scor
     command line)]; ``files``: {"grids": [{name, title, file, json, cells, command}], "outputs": [(label,
     path)]}; ``timings``: {phase: {"seconds": s, "reused": bool}}.
     """
-    score_rows = [_fill(SCORE_ROW, what=row["what"], grid=row["grid"], before_label=row["before_label"],
+    score_rows = [fill(SCORE_ROW, what=row["what"], grid=row["grid"], before_label=row["before_label"],
                         before=_pct(row["before"]["value"]), after_label=row["after_label"],
                         after=_pct(row["after"]["value"]), n=row["after"]["n"],
                         after_class="num up" if row["after"]["value"] > row["before"]["value"] else "num")
                   for row in scores["scores"]]
-    sweep_rows = [_fill(SWEEP_ROW, weight=f"{s['weight']:g}", style=_pct(s["style"]["value"]),
+    sweep_rows = [fill(SWEEP_ROW, weight=f"{s['weight']:g}", style=_pct(s["style"]["value"]),
                         content=_pct(s["content"]["value"])) for s in scores["sweep"]]
-    mix_rows = [_fill(MIX_ROW, label=m["label"], concept=_pct(m["concept"]["value"]), style=_pct(m["style"]["value"]))
+    mix_rows = [fill(MIX_ROW, label=m["label"], concept=_pct(m["concept"]["value"]), style=_pct(m["style"]["value"]))
                 for m in scores["mix"]]
-    grids = [_fill(GRID, **g) for g in files["grids"]]
-    outputs = [_fill(OUTPUT, label=label, path=path) for label, path in files["outputs"]]
-    timing_rows = [_fill(TIMING_ROW, name=name, seconds=f"{t['seconds']:.0f}",
+    grids = [fill(GRID, **g) for g in files["grids"]]
+    outputs = [fill(OUTPUT, label=label, path=path) for label, path in files["outputs"]]
+    timing_rows = [fill(TIMING_ROW, name=name, seconds=f"{t['seconds']:.0f}",
                          note="reused from an earlier run" if t.get("reused") else "") for name, t in timings.items()]
     page = Template(resources.files(__package__).joinpath(PAGE).read_text(encoding="utf-8"))
-    text = _fill(page, model=model, model_hash=model_hash, run="quick" if quick else "full",
-                 quick_note=_Html(QUICK_NOTE if quick else ""), ti_images=plan.ti_images,
+    text = fill(page, model=model, model_hash=model_hash, run="quick" if quick else "full",
+                 quick_note=Html(QUICK_NOTE if quick else ""), ti_images=plan.ti_images,
                  concept=f"{plan.colour} {plan.shape}", token=plan.token, init_token=plan.init_token,
-                 lora_images=plan.lora_images, style=plan.style, score_rows=_lines(score_rows),
-                 sweep_rows=_lines(sweep_rows), mix_rows=_lines(mix_rows), grids=_lines(grids),
-                 outputs=_lines(outputs), commands="\n".join(f"# {title}\n{cmd}" for title, cmd in commands),
-                 timing_rows=_lines(timing_rows), total=f"{sum(t['seconds'] for t in timings.values()):.0f}")
+                 lora_images=plan.lora_images, style=plan.style, score_rows=lines(score_rows),
+                 sweep_rows=lines(sweep_rows), mix_rows=lines(mix_rows), grids=lines(grids),
+                 outputs=lines(outputs), commands="\n".join(f"# {title}\n{cmd}" for title, cmd in commands),
+                 timing_rows=lines(timing_rows), total=f"{sum(t['seconds'] for t in timings.values()):.0f}")
     path = out / "index.html"
     atomic_write_text(text, path)
     return path

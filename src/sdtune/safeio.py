@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,3 +112,14 @@ def atomic_save_torch(obj, path: str | Path) -> None:
 def atomic_write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """A TOML file's table; a missing or malformed ``what`` file is one line naming it and the fix."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdtuneError(f"{path}: no such {what} file; check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None

@@ -20,12 +20,11 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from ..safeio import SdtuneError
+from ..safeio import SdtuneError, read_toml
 from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -319,12 +318,7 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     values: dict = {}
     if toml_path is not None:
         path = Path(toml_path)
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SdtuneError(f"{path}: no such config file; check the path") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None
+        table = read_toml(path)
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
         for key, value in table.items():
             if isinstance(value, dict):

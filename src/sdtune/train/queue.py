@@ -41,16 +41,15 @@ import itertools
 import json
 import re
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ..demo_report import _fill, _Html, _lines
 from ..models import load_base
-from ..safeio import SdtuneError, atomic_write_text, load_state
+from ..pages import Html, fill, lines
+from ..safeio import SdtuneError, atomic_write_text, load_state, read_toml
 from . import logs, presets
 from .config import KINDS, load_settings, read_settings
 from .loop import STATE_FILE, Record
@@ -112,12 +111,7 @@ def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
     """The file's top-level values (``out``) and its runs, sweeps expanded; every key and value is checked
     here, before anything trains, and a bad one is named with the file and the job."""
     path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SdtuneError(f"{path}: no such queue file; check the path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None
+    table = read_toml(path, "queue")
     for key in table:
         if key not in TOP_KEYS:
             raise _unknown(path, "top level", key, TOP_KEYS)
@@ -333,9 +327,9 @@ INTRO = Template('$done of $total run(s) done, in <code>$out</code>. One column 
 SAMPLE = Template('<a href="$href"><img src="$href" alt="$text"></a><br>$text')
 
 
-def _cell(text, mark: bool = False) -> _Html:
-    """A table cell: ``text`` escaped unless it is ``_Html``; ``mark`` shows it as the best."""
-    return _fill(CELL, text=text, mark=_Html(' class="best"' if mark else ""))
+def _cell(text, mark: bool = False) -> Html:
+    """A table cell: ``text`` escaped unless it is ``Html``; ``mark`` shows it as the best."""
+    return fill(CELL, text=text, mark=Html(' class="best"' if mark else ""))
 
 
 def _given(run: Run, key: str):
@@ -349,12 +343,12 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     states = [state.get(r.name, {}) for r in runs]
     best_loss = min((i["best"][1] for i in info if i["best"]), default=None)
 
-    def row(label: str, cells) -> _Html:
-        return _fill(ROW, label=label, cells=_lines(c if isinstance(c, _Html) else _cell(c) for c in cells))
+    def row(label: str, cells) -> Html:
+        return fill(ROW, label=label, cells=lines(c if isinstance(c, Html) else _cell(c) for c in cells))
 
-    def link(path: Path | None, text: str | None = None) -> _Html:
+    def link(path: Path | None, text: str | None = None) -> Html:
         href = path.relative_to(folder).as_posix() if path else ""
-        return _fill(LINK, href=href, text=text or href) if path else _Html("")
+        return fill(LINK, href=href, text=text or href) if path else Html("")
 
     rows = [row("run", [r.name for r in runs]),
             row("state", [s.get("state", "queued") + (f": {s['error']}" if s.get("error") else "") for s in states]),
@@ -368,10 +362,10 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
             best_cells.append("")
             continue
         step, loss, path = i["best"]
-        best_cells.append(_cell(_Html(f"step {step}, {link(path, path.name)}: {loss:.6f}"), mark=loss == best_loss))
+        best_cells.append(_cell(Html(f"step {step}, {link(path, path.name)}: {loss:.6f}"), mark=loss == best_loss))
     rows.append(row("best checkpoint (lowest validation loss)", best_cells))
     rows.append(row("report", [_cell(link(i["report"])) for i in info]))
-    samples = [_cell(_fill(SAMPLE, href=i["sample"].relative_to(folder).as_posix(), text=i["sample"].stem))
+    samples = [_cell(fill(SAMPLE, href=i["sample"].relative_to(folder).as_posix(), text=i["sample"].stem))
                if i["sample"] else "no samples (sample_every = 0)" for i in info]
     rows.append(row("last samples", samples))
     package = resources.files("sdtune")
@@ -379,7 +373,7 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     page = Template(package.joinpath(PAGE).read_text(encoding="utf-8"))
     done = sum(state.get(r.name, {}).get("state") == "done" for r in runs)
     if intro is None:
-        intro = _fill(INTRO, done=done, total=len(runs), out=str(folder), state_file=QUEUE_STATE)
-    text = _fill(page, style=_Html(style), out=str(folder), intro=intro, rows=_lines(rows))
+        intro = fill(INTRO, done=done, total=len(runs), out=str(folder), state_file=QUEUE_STATE)
+    text = fill(page, style=Html(style), out=str(folder), intro=intro, rows=lines(rows))
     atomic_write_text(text, folder / QUEUE_PAGE)
     return folder / QUEUE_PAGE

@@ -20,8 +20,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ..demo_report import _fill, _Html, _lines
 from ..generate import draw_grid, generate, save_png
+from ..pages import Html, fill, lines
 from ..safeio import atomic_path, atomic_write_text
 from ..ti.formats import load_embedding
 from .config import to_toml
@@ -96,18 +96,18 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
     return draw_grid(rows, labels, prompts, cell=GRID_CELL)
 
 
-def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> _Html:
+def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> Html:
     """What the validation loss says, in a sentence or three."""
     losses = record.val_losses
     if best is None:
-        return _Html("No checkpoint has a validation loss; look at the samples below.")
+        return Html("No checkpoint has a validation loss; look at the samples below.")
     step, path = best
     value, start = losses[step], losses.get(0)
     name = f"<code>{html.escape(path.relative_to(out).as_posix())}</code>"
     text = (f"Recommended checkpoint: <span class=\"best\">step {step}</span>, {name}, copied to "
             f"<a href=\"{BEST_FILE}\">{BEST_FILE}</a>: the lowest validation loss, {value:.6f}")
     if start is None:
-        return _Html(text + ".")
+        return Html(text + ".")
     change = (value - start) / start
     if value < start:
         text += f", {-change:.1%} below the base model's {start:.6f} (step 0)."
@@ -119,7 +119,7 @@ def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> _Html:
     if last_step != step and losses.get(last_step, value) > value:
         text += (f" Later checkpoints score worse (step {last_step}: {losses[last_step]:.6f}): over-fitting "
                  f"may have begun, so prefer step {step} to the final file.")
-    return _Html(text)
+    return Html(text)
 
 
 def _memory(peak: dict[str, int]) -> tuple[str, str]:
@@ -139,26 +139,26 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
         with atomic_path(out / BEST_FILE) as tmp:
             shutil.copyfile(best[1], tmp)
     save_png(grid(), out / GRID_FILE)
-    checkpoint_rows = [_fill(CHECKPOINT_ROW, step=s, file=p.relative_to(out).as_posix(),
+    checkpoint_rows = [fill(CHECKPOINT_ROW, step=s, file=p.relative_to(out).as_posix(),
                              loss=f"{record.val_losses[s]:.6f}" if s in record.val_losses else "",
                              mark="best" if best and s == best[0] else "") for s, p in record.checkpoints]
     if 0 in record.val_losses:
-        checkpoint_rows.insert(0, _fill(BASE_ROW, loss=f"{record.val_losses[0]:.6f}"))
+        checkpoint_rows.insert(0, fill(BASE_ROW, loss=f"{record.val_losses[0]:.6f}"))
     samples = []
     for path in sorted((out / "samples").glob("step-*.png")):
         step = int(path.stem.split("-")[1])
         title = f"step {step}" + (" (the base model)" if step == 0 else "")
-        samples.append(_fill(SAMPLE, title=title, file=path.relative_to(out).as_posix()))
+        samples.append(fill(SAMPLE, title=title, file=path.relative_to(out).as_posix()))
     peak, memory_note = _memory(record.peak_memory)
     package = resources.files("sdtune")
     page = Template(package.joinpath(PAGE).read_text(encoding="utf-8"))
     style = re.search(r"<style>.*?</style>", package.joinpath(LOOK).read_text(encoding="utf-8"), re.S).group(0)
-    text = _fill(page, style=_Html(style), kind=settings.kind, out=str(out),
+    text = fill(page, style=Html(style), kind=settings.kind, out=str(out),
                  model=getattr(base, "name", settings.model), preset=settings.preset or "none",
                  images=images, validation=record.validation, verdict=_verdict(record, best, out),
-                 tensorboard=str(out / TENSORBOARD_DIR), checkpoint_rows=_lines(checkpoint_rows),
+                 tensorboard=str(out / TENSORBOARD_DIR), checkpoint_rows=lines(checkpoint_rows),
                  grid_title=grid_title, grid_note=grid_note, grid=GRID_FILE,
-                 prompts=" | ".join(prompts), samples=_lines(samples) or _Html("<p>No samples (--sample-every 0).</p>"),
+                 prompts=" | ".join(prompts), samples=lines(samples) or Html("<p>No samples (--sample-every 0).</p>"),
                  settings_file=str(out / SETTINGS_FILE), settings=to_toml(settings),
                  train_seconds=f"{record.seconds:.0f}", steps=record.checkpoints[-1][0] if record.checkpoints else 0,
                  report_seconds=f"{time.perf_counter() - started:.0f}", peak_memory=peak, memory_note=memory_note)
