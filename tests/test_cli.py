@@ -231,3 +231,17 @@ def test_eval_tiny_prints_the_table(capsys):
     assert main(["eval-tiny", "--model", "tiny-random", "--images", "1", "--steps", "1"]) == 0
     table = capsys.readouterr().out
     assert "red circle" in table and "heart" in table and "%" in table
+
+
+def test_importing_sdtune_freezes_the_import_and_leaves_the_collector_as_it_was():
+    """The import's ~700k objects are frozen (no later collection walks them), the collector stays on, and what
+    a program creates afterwards is still collected (see console.imports_without_gc)."""
+    probe = ("import gc, sys, weakref\n"
+             "enabled = gc.isenabled()\n"
+             "import sdtune.cli\n"
+             "class Node: pass\n"
+             "a, b = Node(), Node(); a.other, b.other = b, a; ref = weakref.ref(a); del a, b\n"
+             "gc.collect()\n"
+             "print(enabled, gc.isenabled(), gc.get_freeze_count() > 100_000, ref() is None)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "True", "True", "True"], out.stderr[-2000:]

@@ -9,22 +9,24 @@ import json
 import sys
 from pathlib import Path
 
-from . import api, demo, sources, xyplot
-from .console import cli_warnings
-from .generate import save_batch
-from .lora import blocks as block_weights
-from .lora import inspect
-from .lora import tools as lora_tools
-from .lora.bake import merge
-from .lora.formats import convert
-from .models import load_base
-from .safeio import SdtuneError
-from .tiny import evaluate
-from .train import presets
-from .train import queue as train_queue
-from .train.config import KINDS, load_settings, read_settings, setting_type
-from .train.lora import train_lora
-from .train.ti import train_ti
+from .console import cli_warnings, imports_without_gc
+
+with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
+    from . import api, demo, sources, xyplot
+    from .generate import save_batch
+    from .lora import blocks as block_weights
+    from .lora import inspect
+    from .lora import tools as lora_tools
+    from .lora.bake import merge
+    from .lora.formats import convert
+    from .models import load_base
+    from .safeio import SdtuneError
+    from .tiny import evaluate
+    from .train import presets
+    from .train import queue as train_queue
+    from .train.config import KINDS, load_settings, read_settings, setting_type
+    from .train.lora import train_lora
+    from .train.ti import train_ti
 
 
 def _base_args(p: argparse.ArgumentParser) -> None:
@@ -364,16 +366,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``sdtune`` process: ``main`` on the command line, then exit. Python's cyclic garbage collector
-    walks every tracked object on each full collection and once more while the interpreter shuts down;
-    torch, diffusers and transformers leave about 400 thousand of them at import, so each full collection
-    cost up to a few tenths of a second, and the exit of a LoRA training run about a tenth of the whole
-    process (on the shared 2-core test machine). What is imported lives until exit
-    anyway, so it is frozen first (``gc.freeze``: kept out of every later collection; what the command
-    creates is collected as usual), and what is left at the end too, since the process ends there. Only the
-    process's entry does this: ``main`` called in a longer-lived process (tests, a notebook) leaves its
-    collector alone."""
-    gc.freeze()
+    """The ``sdtune`` process: ``main`` on the command line, then exit. What the command leaves is frozen
+    before the exit (as the imports were, see ``console.imports_without_gc``): Python's collector otherwise
+    walks every tracked object once more while the interpreter shuts down, and the exit of a LoRA training run
+    cost about a tenth of the whole process (on the shared 2-core test machine). Only the process's entry does
+    this: ``main`` called in a longer-lived process (tests, a notebook) leaves its collector alone."""
     code = main()
     gc.freeze()
     sys.exit(code)
