@@ -2,6 +2,8 @@
 subcommand and every flag the README shows, with what each writes and prints; errors are one line."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +209,12 @@ def test_train_lora(tmp_path, shapes_data, capsys):
     lora = load_lora(printed)
     assert printed.parent == out and lora.format == "kohya" and len(lora) > 0
     assert {ad.rank for _, _, ad in lora.items()} == {16} and {ad.alpha for _, _, ad in lora.items()} == {8.0}
+    # every output has the usual permissions (the umask's), not the 0600 of its temporary file: A1111 or
+    # ComfyUI under another account can read it
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (printed, out / "loss.csv", out / "resume.pt", out / "settings.toml"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
 
 
 # ---------------------------------------------------------------- grid, eval-tiny

@@ -68,9 +68,11 @@ def atomic_path(path: str | Path):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and writers that recreate the file (safetensors' save_file) keep that: outputs get
+        # the usual permissions, so another account's A1111 or ComfyUI can read a LoRA written here
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
