@@ -36,8 +36,9 @@ def is_safetensors(path: Path) -> bool:
         return False
 
 
-def load_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
-    """(tensors or plain containers, safetensors metadata) from a weight file, never executing code."""
+def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tuple[dict, dict]:
+    """(tensors or plain containers, safetensors metadata) from a weight file, never executing code.
+    ``mmap``: a torch file's tensors are mapped, not read (for callers that want only its small fields)."""
     path = Path(path)
     if not path.is_file():
         raise SdtuneError(f"{path}: no such file; check the path")
@@ -48,7 +49,7 @@ def load_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
         except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
             raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it")
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e):  # the file holds objects beyond tensors; corrupt files differ

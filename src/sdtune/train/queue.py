@@ -292,7 +292,9 @@ def summarize(folder: Path) -> dict:
     val = {s: r["val_loss"] for s, r in sorted(rows.items()) if r["val_loss"] is not None}
     checkpoints = []
     if (folder / STATE_FILE).is_file():
-        saved, _ = load_state(folder / STATE_FILE)
+        # mapped, not read: the state also holds the trainable tensors and optimizer moments (hundreds of MB
+        # for an SDXL LoRA), and the page is rewritten after every run
+        saved, _ = load_state(folder / STATE_FILE, mmap=True)
         checkpoints = [(s, folder / f) for s, f in saved.get("history", {}).get("checkpoints", [])]
     record = Record(files=[], checkpoints=checkpoints, val_losses=val, validation="", seconds=0.0, peak_memory={},
                     main=True)
