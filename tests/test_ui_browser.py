@@ -35,6 +35,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -153,8 +154,29 @@ def _wait(cond, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _frame_heading(d, selector) -> str:
+    """The h1 of the page in the frame ``selector`` ("" while there is none)."""
+    frames = d.find_elements(By.CSS_SELECTOR, selector)
+    if not frames:
+        return ""
+    try:
+        d.switch_to.frame(frames[0])
+        return " ".join(h.text for h in d.find_elements(By.TAG_NAME, "h1"))
+    except WebDriverException:  # the frame was replaced while it was read
+        return ""
+    finally:
+        d.switch_to.default_content()
+
+
 def _tab(d, tab_id):
-    d.find_element(By.CSS_SELECTOR, f"button[role=tab][data-tab-id='{tab_id}']").click()
+    def clicked():  # the page's loading overlay takes the click until the app has started (slow on a loaded CPU)
+        try:
+            d.find_element(By.CSS_SELECTOR, f"button[role=tab][data-tab-id='{tab_id}']").click()
+            return True
+        except WebDriverException:
+            return False
+
+    _wait(clicked, 60, f"the {tab_id} tab to take a click")
     time.sleep(0.5)
 
 
@@ -430,10 +452,10 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     _pick(d, "train-job", "q2")
     _wait_text(d, "train-progress", r"\(lora\): done.*step 2 of 2", 10)
     # its report, embedded: the page's images come through the file route of the output folder
-    frame = _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#train-report iframe"), 30, "the report")[0]
-    d.switch_to.frame(frame)
+    # the page shown before (the queue's) stays in place until the job's report replaces it
+    _wait(lambda: "did it work?" in _frame_heading(d, "#train-report iframe"), 30, "the job's report")
+    d.switch_to.frame(d.find_element(By.CSS_SELECTOR, "#train-report iframe"))
     try:
-        assert "did it work?" in d.find_element(By.TAG_NAME, "h1").text
         loaded = "return [...document.images].map(i => i.complete && i.naturalWidth > 0)"
         assert _wait(lambda: (lambda ok: ok and all(ok))(d.execute_script(loaded)), 20, "the report's images")
     finally:
