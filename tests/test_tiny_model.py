@@ -24,17 +24,22 @@ def test_shipped_weights_are_small_and_load_as_tiny():
 
 
 @shipped_xl
-def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae_and_text_encoder():
+def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae():
     own = [tiny_model.XL_WEIGHTS / f"{c}.safetensors" for c in tiny_model.XL_COMPONENTS]
-    shared = [tiny_model.WEIGHTS / f"{c}.safetensors" for c in ("vae", "text_encoder")]
-    assert sum(f.stat().st_size for f in own + shared) <= 20_000_000  # all it loads, the shared files included
+    assert sum(f.stat().st_size for f in [*own, tiny_model.WEIGHTS / "vae.safetensors"]) <= 20_000_000  # all it loads
     base = load_base("tiny-xl", device="cpu", dtype="fp32")
     tiny = load_base("tiny", device="cpu", dtype="fp32")
     assert base.source == "tiny-xl" and base.family.name == "tiny-xl" and base.model_hash != tiny.model_hash
-    for name in ("vae", "text_encoder"):  # shared, bit for bit
-        mine, theirs = getattr(base, name).state_dict(), getattr(tiny, name).state_dict()
-        assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
+    mine, theirs = base.vae.state_dict(), tiny.vae.state_dict()  # shared, bit for bit
+    assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
     assert base.vae.config.scaling_factor == tiny.vae.config.scaling_factor
+    # the first text encoder is tiny's, trained on, with a fourth layer that adds nothing: SDXL's penultimate
+    # layer is its last
+    assert base.text_encoder.config.num_hidden_layers == tiny.text_encoder.config.num_hidden_layers + 1
+    ids = tiny.tokenizer(["a blue square on a white background"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = base.text_encoder(ids, output_hidden_states=True).hidden_states
+    assert states[-1].equal(states[-2])
     # SDXL's structure: no attention at the first level, linear projections, pooled text + time ids
     unet = base.unet.config
     assert unet.down_block_types[0] == "DownBlock2D" and unet.addition_embed_type == "text_time"
@@ -47,9 +52,9 @@ def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae_and_text_encoder(
     assert base.tokenizer_2.pad_token == "!" and base.tokenizer.pad_token == "<|endoftext|>"
 
 
-# tiny-xl, as shipped, draws blue as cyan on a white background (on black it is blue): eval-tiny held-in 88%, not
+# tiny-xl, as shipped, draws blue as cyan on a white background (on black it is blue): eval-tiny held-in 91%, not
 # the 95% it is meant to reach; a known shortfall, left visible here until a retrained tiny-xl fixes it
-BLUE_ON_WHITE = pytest.mark.xfail(reason="tiny-xl draws blue as cyan on white (held-in 88%)", strict=False)
+BLUE_ON_WHITE = pytest.mark.xfail(reason="tiny-xl draws blue as cyan on white (held-in 91%)", strict=False)
 
 
 @shipped
@@ -126,7 +131,7 @@ SMALL_XL = ["--arch", "sdxl", "--images", "16", "--steps", "6", "--batch", "2", 
 
 
 @shipped
-def test_xl_recipe_trains_on_tiny_s_frozen_parts_resumes_and_installs_only_its_own(tmp_path, monkeypatch):
+def test_xl_recipe_trains_from_tiny_on_its_vae_resumes_and_installs_only_its_own(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "straight"), *SMALL_XL])
     settings = recipe.settings(SMALL_XL)
     assert settings.preset == "xl-cpu" and settings.min_snr > 0 and settings.vae_steps == 0
@@ -154,12 +159,20 @@ def test_xl_recipe_trains_on_tiny_s_frozen_parts_resumes_and_installs_only_its_o
     recipe.main(["--out", str(tmp_path / "resumed"), *SMALL_XL, "--install"])
     assert calls["n"] == 2  # went on from its step-4 checkpoint: steps 5 and 6 only
 
-    shipped_te = load_file(tiny_model.WEIGHTS / "text_encoder.safetensors")
     assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model",
                         (*tiny_model.COMPONENTS, "text_encoder_2"))  # an export holds all four components
+    shipped_vae = load_file(tiny_model.WEIGHTS / "vae.safetensors")
+    trained_vae = load_file(tmp_path / "straight" / "model" / "vae.safetensors")
+    assert all(trained_vae[k].equal(shipped_vae[k]) for k in shipped_vae)  # tiny's VAE stayed frozen
+    # the first text encoder starts as tiny's with a fourth layer that adds nothing, and learns slowly from there
+    shipped_te = load_file(tiny_model.WEIGHTS / "text_encoder.safetensors")
     trained_te = load_file(tmp_path / "straight" / "model" / "text_encoder.safetensors")
-    assert all(trained_te[k].equal(shipped_te[k]) for k in shipped_te)  # tiny's encoder stayed frozen
-    assert sorted(p.name for p in installed.iterdir()) == ["text_encoder_2.safetensors", "unet.safetensors"]
+    added = set(trained_te) - set(shipped_te)
+    assert added and all(".layers.3." in k for k in added)
+    assert all(not trained_te[k].any() for k in added if "out_proj" in k or "fc2" in k)
+    assert all(torch.allclose(trained_te[k].float(), shipped_te[k].float(), atol=1e-2) for k in shipped_te)
+    assert sorted(p.name for p in installed.iterdir()) == ["text_encoder.safetensors", "text_encoder_2.safetensors",
+                                                           "unet.safetensors"]
     for folder in (tmp_path / "straight" / "model", installed):  # both load as tiny-xl
         base = load_base(str(folder), device="cpu", dtype="fp32")
         assert base.family.name == "tiny-xl" and base.source == "tiny-xl"

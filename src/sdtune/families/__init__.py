@@ -112,7 +112,8 @@ TINY = Family(
     prediction_type="epsilon",
     pooled_and_time_ids=False, base_model_version="sd_v1")
 
-# tiny-xl: the SDXL architecture at small widths (see sdtune.tiny.config), sharing tiny's first text encoder.
+# tiny-xl: the SDXL architecture at small widths (see sdtune.tiny.config), on tiny's VAE; its first text encoder is
+# tiny's width (an embedding for one fits the other's clip_l).
 TINY_XL = Family(
     name="tiny-xl", title="the built-in tiny SDXL model", cross_attention_width=tiny_config.XL_UNET["cross_attention_dim"],
     text_encoders=(

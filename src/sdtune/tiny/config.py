@@ -60,11 +60,17 @@ SCHEDULER = dict(
 
 
 # ---------------------------------------------------------------- tiny-xl: the SDXL architecture at small widths
-# It shares the VAE and the first text encoder (frozen) with ``tiny``; it adds a second, projecting text
-# encoder and an SDXL-layout UNet. The UNet keeps SDXL's module names: three levels, no attention at the first
+# It shares the VAE with ``tiny``; its first text encoder starts as tiny's, one (identity) layer deeper; it adds
+# a second, projecting text encoder and an SDXL-layout UNet. The UNet keeps SDXL's module names: three levels, no attention at the first
 # (the costly 16x16 self-attention goes, which pays for SDXL's two resnets per level), linear proj_in/out,
 # and the added conditioning (pooled text + six size/crop time ids). One transformer block per level where
 # SDXL has 1, 2 and 10, and 96 channels at the last level, keep its weights with the shared ones under 20 MB.
+
+# SDXL reads its encoders' penultimate layer. Read so, tiny's 3-layer encoder gave features one layer short of
+# what tiny's UNet learnt on, and tiny-xl drew colour-on-white scenes with the colours mixed (held-in 88%). Its
+# first encoder starts as tiny's with a fourth layer that adds nothing (zero output projections, never read, so
+# they stay zero): the penultimate layer is then tiny's last, and so is the last.
+XL_TEXT_ENCODER_1 = dict(TEXT_ENCODER, num_hidden_layers=TEXT_ENCODER["num_hidden_layers"] + 1)
 
 XL_TEXT_WIDTH_2 = 32
 
@@ -95,5 +101,6 @@ def configs(arch: str = "sd1") -> dict[str, dict]:
     out = {"unet": dict(UNET), "vae": dict(VAE, scaling_factor=1.0), "text_encoder": dict(TEXT_ENCODER),
            "scheduler": dict(SCHEDULER)}
     if arch == "sdxl":
-        out |= {"unet": dict(XL_UNET), "text_encoder_2": dict(XL_TEXT_ENCODER_2)}
+        out |= {"unet": dict(XL_UNET), "text_encoder": dict(XL_TEXT_ENCODER_1),
+                "text_encoder_2": dict(XL_TEXT_ENCODER_2)}
     return out

@@ -1,6 +1,6 @@
 """Build the built-in models' components, random-init or from the shipped weights: ``tiny`` (SD 1.x
-architecture) and ``tiny-xl`` (SDXL architecture; it ships only its UNet and second text encoder and takes the
-VAE and first text encoder from ``tiny``)."""
+architecture) and ``tiny-xl`` (SDXL architecture; it ships its UNet and text encoders and takes the VAE from
+``tiny``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ WEIGHTS = ASSETS / "model"
 TOKENIZER = ASSETS / "tokenizer"
 COMPONENTS = ("unet", "vae", "text_encoder")
 XL_WEIGHTS = ASSETS / "model-xl"
-XL_COMPONENTS = ("unet", "text_encoder_2")  # tiny-xl's own; the VAE and text_encoder are tiny's
+XL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # tiny-xl's own; the VAE is tiny's
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -40,12 +40,13 @@ def build(seed: int = 0) -> dict:
 
 
 def build_xl(seed: int = 0) -> dict:
-    """Random-init tiny-xl components: tiny's VAE and first text encoder, an SDXL-layout UNet and a second,
-    projecting text encoder (tokenizers are the caller's: ``models.tokenizer_for`` pads each as it was trained)."""
+    """Random-init tiny-xl components: tiny's VAE, a first text encoder one layer deeper than tiny's (see
+    ``config.XL_TEXT_ENCODER_1``), an SDXL-layout UNet and a second, projecting text encoder (tokenizers are the caller's: ``models.tokenizer_for`` pads each as it was trained)."""
     parts = build(seed)
     del parts["tokenizer"]
     torch.manual_seed(seed + 1)
     parts["unet"] = UNet2DConditionModel(**config.XL_UNET)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**config.XL_TEXT_ENCODER_1))
     parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config.XL_TEXT_ENCODER_2))
     return parts
 
@@ -60,12 +61,12 @@ def is_xl_export(folder: Path) -> bool:
 
 
 def weight_files(folder: Path, xl: bool) -> list[Path]:
-    """The files a model is loaded from: tiny-xl takes each component from ``folder`` where it is there, else
-    from the shipped tiny model."""
+    """The files a model is loaded from: tiny-xl takes its own components from ``folder``, and the VAE from
+    there too where an export holds one, else from the shipped tiny model."""
     if not xl:
         return [folder / f"{c}.safetensors" for c in COMPONENTS]
-    return [folder / f"{c}.safetensors" if (folder / f"{c}.safetensors").is_file() else WEIGHTS / f"{c}.safetensors"
-            for c in (*COMPONENTS, "text_encoder_2")]
+    vae = folder / "vae.safetensors"
+    return [folder / f"{c}.safetensors" for c in XL_COMPONENTS] + [vae if vae.is_file() else WEIGHTS / vae.name]
 
 
 def _fill(parts: dict, files: list[Path]) -> dict:
