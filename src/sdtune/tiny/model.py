@@ -41,7 +41,8 @@ def build(seed: int = 0) -> dict:
 
 def build_xl(seed: int = 0) -> dict:
     """Random-init tiny-xl components: tiny's VAE, a first text encoder one layer deeper than tiny's (see
-    ``config.XL_TEXT_ENCODER_1``), an SDXL-layout UNet and a second, projecting text encoder (tokenizers are the caller's: ``models.tokenizer_for`` pads each as it was trained)."""
+    ``config.XL_TEXT_ENCODER_1``), an SDXL-layout UNet and a second, projecting text encoder (tokenizers are the
+    caller's: ``models.tokenizer_for`` pads each as it was trained)."""
     parts = build(seed)
     del parts["tokenizer"]
     torch.manual_seed(seed + 1)
