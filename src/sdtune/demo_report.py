@@ -44,26 +44,26 @@ def write_report(out: Path, plan, quick: bool, model: str, model_hash: str, scor
     path)]}; ``timings``: {phase: {"seconds": s, "reused": bool}}.
     """
     score_rows = [fill(SCORE_ROW, what=row["what"], grid=row["grid"], before_label=row["before_label"],
-                        before=_pct(row["before"]["value"]), after_label=row["after_label"],
-                        after=_pct(row["after"]["value"]), n=row["after"]["n"],
-                        after_class="num up" if row["after"]["value"] > row["before"]["value"] else "num")
+                       before=_pct(row["before"]["value"]), after_label=row["after_label"],
+                       after=_pct(row["after"]["value"]), n=row["after"]["n"],
+                       after_class="num up" if row["after"]["value"] > row["before"]["value"] else "num")
                   for row in scores["scores"]]
     sweep_rows = [fill(SWEEP_ROW, weight=f"{s['weight']:g}", style=_pct(s["style"]["value"]),
-                        content=_pct(s["content"]["value"])) for s in scores["sweep"]]
+                       content=_pct(s["content"]["value"])) for s in scores["sweep"]]
     mix_rows = [fill(MIX_ROW, label=m["label"], concept=_pct(m["concept"]["value"]), style=_pct(m["style"]["value"]))
                 for m in scores["mix"]]
     grids = [fill(GRID, **g) for g in files["grids"]]
     outputs = [fill(OUTPUT, label=label, path=path) for label, path in files["outputs"]]
     timing_rows = [fill(TIMING_ROW, name=name, seconds=f"{t['seconds']:.0f}",
-                         note="reused from an earlier run" if t.get("reused") else "") for name, t in timings.items()]
+                        note="reused from an earlier run" if t.get("reused") else "") for name, t in timings.items()]
     page = Template(resources.files(__package__).joinpath(PAGE).read_text(encoding="utf-8"))
     text = fill(page, model=model, model_hash=model_hash, run="quick" if quick else "full",
-                 quick_note=Html(QUICK_NOTE if quick else ""), ti_images=plan.ti_images,
-                 concept=f"{plan.colour} {plan.shape}", token=plan.token, init_token=plan.init_token,
-                 lora_images=plan.lora_images, style=plan.style, score_rows=lines(score_rows),
-                 sweep_rows=lines(sweep_rows), mix_rows=lines(mix_rows), grids=lines(grids),
-                 outputs=lines(outputs), commands="\n".join(f"# {title}\n{cmd}" for title, cmd in commands),
-                 timing_rows=lines(timing_rows), total=f"{sum(t['seconds'] for t in timings.values()):.0f}")
+                quick_note=Html(QUICK_NOTE if quick else ""), ti_images=plan.ti_images,
+                concept=f"{plan.colour} {plan.shape}", token=plan.token, init_token=plan.init_token,
+                lora_images=plan.lora_images, style=plan.style, score_rows=lines(score_rows),
+                sweep_rows=lines(sweep_rows), mix_rows=lines(mix_rows), grids=lines(grids),
+                outputs=lines(outputs), commands="\n".join(f"# {title}\n{cmd}" for title, cmd in commands),
+                timing_rows=lines(timing_rows), total=f"{sum(t['seconds'] for t in timings.values()):.0f}")
     path = out / "index.html"
     atomic_write_text(text, path)
     return path

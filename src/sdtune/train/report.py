@@ -140,8 +140,8 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
             shutil.copyfile(best[1], tmp)
     save_png(grid(), out / GRID_FILE)
     checkpoint_rows = [fill(CHECKPOINT_ROW, step=s, file=p.relative_to(out).as_posix(),
-                             loss=f"{record.val_losses[s]:.6f}" if s in record.val_losses else "",
-                             mark="best" if best and s == best[0] else "") for s, p in record.checkpoints]
+                            loss=f"{record.val_losses[s]:.6f}" if s in record.val_losses else "",
+                            mark="best" if best and s == best[0] else "") for s, p in record.checkpoints]
     if 0 in record.val_losses:
         checkpoint_rows.insert(0, fill(BASE_ROW, loss=f"{record.val_losses[0]:.6f}"))
     samples = []
@@ -154,14 +154,14 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
     page = Template(package.joinpath(PAGE).read_text(encoding="utf-8"))
     style = re.search(r"<style>.*?</style>", package.joinpath(LOOK).read_text(encoding="utf-8"), re.S).group(0)
     text = fill(page, style=Html(style), kind=settings.kind, out=str(out),
-                 model=getattr(base, "name", settings.model), preset=settings.preset or "none",
-                 images=images, validation=record.validation, verdict=_verdict(record, best, out),
-                 tensorboard=str(out / TENSORBOARD_DIR), checkpoint_rows=lines(checkpoint_rows),
-                 grid_title=grid_title, grid_note=grid_note, grid=GRID_FILE,
-                 prompts=" | ".join(prompts), samples=lines(samples) or Html("<p>No samples (--sample-every 0).</p>"),
-                 settings_file=str(out / SETTINGS_FILE), settings=to_toml(settings),
-                 train_seconds=f"{record.seconds:.0f}", steps=record.checkpoints[-1][0] if record.checkpoints else 0,
-                 report_seconds=f"{time.perf_counter() - started:.0f}", peak_memory=peak, memory_note=memory_note)
+                model=getattr(base, "name", settings.model), preset=settings.preset or "none",
+                images=images, validation=record.validation, verdict=_verdict(record, best, out),
+                tensorboard=str(out / TENSORBOARD_DIR), checkpoint_rows=lines(checkpoint_rows),
+                grid_title=grid_title, grid_note=grid_note, grid=GRID_FILE,
+                prompts=" | ".join(prompts), samples=lines(samples) or Html("<p>No samples (--sample-every 0).</p>"),
+                settings_file=str(out / SETTINGS_FILE), settings=to_toml(settings),
+                train_seconds=f"{record.seconds:.0f}", steps=record.checkpoints[-1][0] if record.checkpoints else 0,
+                report_seconds=f"{time.perf_counter() - started:.0f}", peak_memory=peak, memory_note=memory_note)
     atomic_write_text(text, out / REPORT_FILE)
     chosen = f"best checkpoint: step {best[0]}, copied to {out / BEST_FILE}" if best else "no validation loss"
     print(f"sdtune train {settings.kind}: report in {out / REPORT_FILE} ({chosen})", file=sys.stderr)
