@@ -323,11 +323,25 @@ def cpu_name() -> str:
 ADDED_CONDITIONING = ("add_embedding", "text_projection")
 
 
-def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float]:
-    """FLOPs of one sdtune training step as it runs (its third: data, forward, backward, clipping, optimizer),
-    counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free): the
-    total, and the part spent in the added conditioning of SDXL (``ADDED_CONDITIONING``; 0 for SD 1.x), which
-    shows that the count covers that path."""
+def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float, float]:
+    """FLOPs of one sdtune training step (its third: data, forward, backward, clipping, optimizer), counted by
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free): the model's
+    FLOPs (every sample's text projected by the cross-attention, as the scripts do; what MFU counts for every
+    row), the part of them spent in the added conditioning of SDXL (``ADDED_CONDITIONING``; 0 for SD 1.x), which
+    shows that the count covers that path, and what sdtune executes (a batch's repeated captions projected
+    once: ``sdtune.train.shared_text``)."""
+    from sdtune.train import shared_text
+
+    install = shared_text.install
+    shared_text.install = lambda unet: None  # the model's FLOPs: no sharing
+    try:
+        total, added = _count_step_flops(kind, model, settings)
+    finally:
+        shared_text.install = install
+    return total, added, _count_step_flops(kind, model, settings)[0]
+
+
+def _count_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdtune.models import load_base
@@ -380,9 +394,11 @@ def report(title: str, results: dict[str, dict], flops: tuple[float, float], ext
     """The comparison table: medians, MFU (against the fp32 matmul rate; the bf16 one for rows that run in bf16)
     and each sdtune row's ratios to diffusers; a trainer that could not run has a row that says why."""
     peak = rates["fp32"]
-    flops, added = flops
+    flops, added, executed = flops
     lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step {flops / 1e9:.2f} GFLOP"
              + (f", {added / 1e6:.1f} MFLOP of it in the added conditioning (pooled text + time ids)" if added else "")
+             + (f"; sdtune executes {executed / 1e9:.2f} GFLOP of them (a batch's repeated captions go through the "
+                f"cross-attention's text projections once)" if executed < 0.999 * flops else "")
              + f"; diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding what sdtune caches; "
              f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
              + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..generate import TextStack, generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
-from . import logs
+from . import logs, shared_text
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, seed_for, vae_scale
 from .validation import ValidationSet, validation_loss
@@ -161,9 +161,10 @@ class Objective(nn.Module):
         self.unet_dtype = unet.dtype
 
     def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-               mask=None) -> torch.Tensor:
+               mask=None, text_rows=None) -> torch.Tensor:
         """The plain prediction error of each sample (what the validation loss averages); ``mask`` [b, 1, h, w]
-        weights each latent pixel's squared error."""
+        weights each latent pixel's squared error. ``text_rows``: sample i reads row ``text_rows[i]`` of
+        ``context`` (the batch's distinct captions; ``shared_text``)."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
                 context, pooled = self.text(input_ids)
@@ -175,6 +176,8 @@ class Objective(nn.Module):
             if time_ids is None:
                 time_ids = default_time_ids(latents, self.vae_scale)
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        if text_rows is not None:
+            extra["cross_attention_kwargs"] = {"text_rows": text_rows}
         pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype), **extra).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
         squared = F.mse_loss(pred.float(), target.float(), reduction="none")
@@ -183,17 +186,17 @@ class Objective(nn.Module):
         return squared.mean(dim=(1, 2, 3))
 
     def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                   mask=None) -> torch.Tensor:
-        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
+                   mask=None, text_rows=None) -> torch.Tensor:
+        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows)
         if self.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
         return loss.mean()
 
     def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                mask=None, prior=None, prior_weight: float = 0.0):
+                mask=None, text_rows=None, prior=None, prior_weight: float = 0.0):
         """The batch's loss, plus ``prior_weight`` x the loss of the class-image batch ``prior`` (the same
         arguments as a dict); one call, so that DDP sees one forward per backward."""
-        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask)
+        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows)
         if prior is not None:
             loss = loss + prior_weight * self.batch_loss(**prior)
         return loss
@@ -202,10 +205,12 @@ class Objective(nn.Module):
 class TextInput:
     """Captions -> what the objective takes: cached encoder outputs (per-token features and, for SDXL, the
     pooled embedding) when the text encoders are frozen and captions are fixed, else token ids for the
-    encoders to run on."""
+    encoders to run on. ``shared``: a batch's repeated captions become one row of the features and
+    ``text_rows`` (for a UNet with ``shared_text``'s processor)."""
 
-    def __init__(self, text: TextStack, device, expand=lambda p: p, cache_captions: list[str] | None = None):
-        self.text, self.device, self.expand = text, device, expand
+    def __init__(self, text: TextStack, device, expand=lambda p: p, cache_captions: list[str] | None = None,
+                 shared: bool = False):
+        self.text, self.device, self.expand, self.shared = text, device, expand, shared
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         if cache_captions is not None:
             self.cache = {}
@@ -220,8 +225,13 @@ class TextInput:
         return self.text.ids([self.expand(c) for c in captions], self.device)
 
     def _cached(self, captions: list[str]) -> dict:
-        hidden, pooled = zip(*(self.cache[c] for c in captions))
-        return {"context": torch.stack(hidden), "pooled": None if pooled[0] is None else torch.stack(pooled)}
+        distinct, rows = shared_text.distinct_rows(captions) if self.shared else (captions, None)
+        pooled = [self.cache[c][1] for c in captions]  # per sample: the UNet adds it to each one's time embedding
+        out = {"context": torch.stack([self.cache[c][0] for c in distinct]),
+               "pooled": None if pooled[0] is None else torch.stack(pooled)}
+        if rows is not None:
+            out["text_rows"] = rows.to(self.device)
+        return out
 
     def __call__(self, captions: list[str]) -> dict:
         if self.cache is not None:
@@ -351,7 +361,11 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
         stack = TextStack.of(base)
-        text = TextInput(stack, device, job.expand, cache)
+        # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
+        unshare = shared_text.install(base.unet) if cache is not None else None
+        if unshare is not None:
+            undo.append(unshare)
+        text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
         objective = Objective(base.unet, stack, base.scheduler, settings.min_snr_gamma, job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base)).to(device)
         # foreach on the CPU too (its default there is a Python loop over the tensors, 250 of them for a LoRA on
