@@ -335,10 +335,10 @@ def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, fl
     install = shared_text.install
     shared_text.install = lambda unet: None  # the model's FLOPs: no sharing
     try:
-        total, added = _count_step_flops(kind, model, settings)
+        total, added = _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-model"))
     finally:
         shared_text.install = install
-    return total, added, _count_step_flops(kind, model, settings)[0]
+    return total, added, _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-run"))[0]
 
 
 def _count_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float]:
@@ -408,9 +408,13 @@ def report(title: str, results: dict[str, dict], flops: tuple[float, float], ext
             lines.append(f"{name:<48} cannot run here: {r['not_run']}")
             continue
         bf16 = "bf16" in name and "bf16" in rates  # a bf16 run is measured against the bf16 rate
-        mfu = flops / r["s_per_step"] / (rates["bf16"] if bf16 else peak)
+        rate = rates["bf16"] if bf16 else peak
+        mfu = flops / r["s_per_step"] / rate
+        # where sdtune skips repeated work, also how busy the FLOPs it does execute keep the cores
+        busy = (f" ({100 * executed / r['s_per_step'] / rate:.1f}% executed)"
+                if executed < 0.999 * flops and name.startswith("sdtune") else "")
         lines.append(f"{name:<48} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
-                     f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else ""))
+                     f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else "") + busy)
     reference = next((r for name, r in results.items() if name.startswith("diffusers") and "not_run" not in r), None)
     for name, r in results.items():
         if reference is not None and r is not reference and "not_run" not in r:
