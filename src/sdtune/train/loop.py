@@ -17,7 +17,8 @@ target size, from the data). The target follows the scheduler's prediction type 
 
 Only the job's parameters (TI's new rows, the LoRA matrices) are in the optimizer; everything else is
 frozen, in eval mode, and where it does not lead to a trainable parameter runs without autograd (the text
-encoders of a UNet-only LoRA; their outputs are even cached when captions do not change).
+encoders of a UNet-only LoRA; their outputs are even cached when captions do not change, and a caption that a
+batch holds several times then goes through the UNet's cross-attention text projections once: ``shared_text``).
 
 Reproducibility. Every random draw of step s comes from generators seeded with (seed, s): which images,
 their latent samples and flips, caption shuffles, noise, timesteps and dropout. So a run resumed from a save
