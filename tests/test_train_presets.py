@@ -69,7 +69,7 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
 
 def test_an_unknown_preset_is_one_line_naming_the_choices(dataset, tmp_path, capsys):
     with pytest.raises(SdtuneError, match=r"--preset 'tiny-quik': no such lora preset; did you mean 'tiny-quick'\? "
-                                          r"choose one of tiny, tiny-quick, sd1, sd2, sdxl"):
+                                          r"choose one of tiny, tiny-quick, tiny-xl, sd1, sd2, sdxl"):
         load_settings(None, {"preset": "tiny-quik"}, "lora")
     assert main(["train", "ti", "--data", str(dataset), "--out", str(tmp_path), "--preset", "huge"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -81,12 +81,15 @@ def test_list_presets_says_what_each_is_for(capsys):
         assert main(["train", kind, "--list-presets"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].startswith(f"{kind} presets")
+
+        def line_of(name):
+            return next(ln for ln in lines if ln.split()[0] == name)
+
         for preset in presets.PRESETS[kind].values():
-            line = next(ln for ln in lines if ln.split()[0] == preset.name)
-            assert preset.purpose in line
-        assert "[default for the built-in tiny model, the built-in tiny SDXL model]" in next(
-            ln for ln in lines if ln.split()[0] == "tiny")
-        assert "[default for SD 1.x]" in next(ln for ln in lines if ln.split()[0] == "sd1")
+            assert preset.purpose in line_of(preset.name)
+        assert line_of("tiny").endswith("[default for the built-in tiny model]")
+        assert line_of("tiny-xl").endswith("[default for the built-in tiny SDXL model]")
+        assert "[default for SD 1.x]" in line_of("sd1")
 
 
 def test_help_says_how_num_vectors_meets_a_longer_init_text(capsys):

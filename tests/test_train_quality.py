@@ -78,10 +78,10 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path, model):
     assert minutes <= 10 and training <= DEFAULT_RUN_MINUTES
 
 
-# On tiny-xl, as shipped, the LoRA learns the style but shifts colours to the neighbouring hue (held-in shape+colour
-# 94% -> 59%): the model's colours are too fragile (see test_tiny_model's blue-on-white); a known shortfall.
+# On tiny-xl, as shipped, the LoRA learns the style (100%) but shifts colours: held-in shape+colour 100% -> 84%, not
+# within the 10 points allowed (presets.py lists the recipes tried); a known shortfall.
 LORA_MODELS = [MODELS[0], pytest.param("tiny-xl", marks=[*MODELS[1].marks, pytest.mark.xfail(
-    reason="tiny-xl: the style LoRA shifts colours (content 94% -> 59%)", strict=False)])]
+    reason="tiny-xl: the style LoRA shifts colours (content 100% -> 84%)", strict=False)])]
 
 
 @pytest.mark.parametrize("model", LORA_MODELS)

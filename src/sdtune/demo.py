@@ -57,10 +57,10 @@ class Plan:
     ti_images: int = 5
     ti_background: str = "white"
     lora_images: int = 48
-    # training recipes: the built-in model's presets (sdtune.train.presets, where the why of each value is),
+    # training recipes: "" is the model's own preset (sdtune.train.presets, where the why of each value is),
     # what ``sdtune train`` uses on it with no flags
-    ti_preset: str = "tiny"
-    lora_preset: str = "tiny"
+    ti_preset: str = ""
+    lora_preset: str = ""
     seed: int = 0
     gen_steps: int = 20
     guidance: float = 5.0
@@ -160,15 +160,16 @@ class _Phases:
 TRAINERS = {"ti": train_ti, "lora": train_lora}  # what ``sdtune train ti|lora`` calls
 
 
-def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> TISettings:
+def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool, family=None) -> TISettings:
     return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.ti_preset,
                                     token=plan.token, init_token=plan.init_token, seed=plan.seed, progress=progress),
-                         kind="ti")
+                         kind="ti", family=family)
 
 
-def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool) -> LoraSettings:
+def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool, family=None) -> LoraSettings:
     return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.lora_preset,
-                                    seed=plan.seed, name=plan.lora_name, progress=progress), kind="lora")
+                                    seed=plan.seed, name=plan.lora_name, progress=progress), kind="lora",
+                         family=family)
 
 
 _NOT_FLAGS = {"progress", "resume"}  # how a run behaves, not what it computes
@@ -419,8 +420,8 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
 
         # 2./3. training -----------------------------------------------------------------------------------
         trained: dict[str, Path] = {}
-        settings = {"ti": ti_settings(plan, data_ti, train_ti_dir, model, progress),
-                    "lora": lora_settings(plan, data_lora, train_lora_dir, model, progress)}
+        settings = {"ti": ti_settings(plan, data_ti, train_ti_dir, model, progress, base.family),
+                    "lora": lora_settings(plan, data_lora, train_lora_dir, model, progress, base.family)}
         for kind, folder in (("ti", train_ti_dir), ("lora", train_lora_dir)):
             recipe = {k: v for k, v in settings[kind].to_dict().items() if k not in _NOT_FLAGS}
             sig = phases.signature(kind, plan.signature(), model, model_hash, json.dumps(recipe, sort_keys=True))
