@@ -13,7 +13,7 @@ runs/tiny/model/vae.safetensors --install``, makes it a general codec (any colou
 while keeping the latents this UNet was trained on (see ``vae_recipe``).
 
 ``--arch sdxl`` trains ``tiny-xl``: the shipped tiny VAE stays as it is (frozen, shared); the first text encoder
-starts as tiny's with a fourth layer that adds nothing (``config.XL_TEXT_ENCODER_1``) and learns at a tenth of the
+starts as tiny's with a fourth layer that adds nothing (``config.XL_TEXT_ENCODER_1``) and learns at 0.3x the
 rate; an SDXL-layout UNet learns with it and a second, projecting text encoder (``config.XL_*``), conditioned as
 SDXL is: both encoders' penultimate layers, the second's pooled output and the size/crop time ids
 (64, 64, 0, 0, 64, 64).
