@@ -228,10 +228,11 @@ def test_speed_options_learn_the_same(base, dataset, tmp_path):
     assert (torch.tensor([1e-40]) * 1).item() != 0  # and subnormals are kept again
 
 
-def test_the_faster_loop_learns_bit_for_bit_what_the_plain_one_did(base, dataset, tmp_path, monkeypatch):
-    """The loop's speed-ups keep every number: AdamW's foreach form on the CPU (the same kernels on each
-    tensor as the Python loop it replaces) and the UNet's dtype read once. The plain forms, restored here,
-    give the same losses and the same LoRA to the last bit."""
+def test_the_faster_loop_learns_what_the_plain_one_did(base, dataset, tmp_path, monkeypatch):
+    """The loop's speed-ups keep the numbers: AdamW's fused form on the CPU (one kernel for all tensors where the
+    plain form loops over them in Python: the same update, rounded to within a bit or so) and the UNet's dtype
+    read once. The plain forms, restored here, give the same first loss to the last bit and the same LoRA to
+    float rounding."""
     kw = dict(steps=3, text_encoder=True, targets="attn+ff")
 
     def losses_and_lora(out):
@@ -244,18 +245,28 @@ def test_the_faster_loop_learns_bit_for_bit_what_the_plain_one_did(base, dataset
     made = []
 
     def plain_adamw(*args, **kwargs):
-        made.append(kwargs.get("foreach"))
-        return adamw(*args, **{**kwargs, "foreach": False})
+        made.append(kwargs.get("fused"))
+        return adamw(*args, **{**kwargs, "fused": None, "foreach": False})
 
     monkeypatch.setattr(torch.optim, "AdamW", plain_adamw)
     # the dtype asked of the UNet at every forward pass again (the value __init__ stores is ignored)
     monkeypatch.setattr(loop.Objective, "unet_dtype", property(lambda self: self.unet.dtype, lambda self, v: None),
                         raising=False)
     plain = losses_and_lora(tmp_path / "plain")
-    assert made == [True]  # the loop asked for foreach on the CPU
-    assert len(fast[0]) == 3 and fast[0] == plain[0]
+    assert made == [True]  # the loop asked for the fused form on the CPU
+    assert len(fast[0]) == 3 and fast[0][0] == plain[0][0]  # before any update: the same computation
+    assert fast[0][1:] == pytest.approx(plain[0][1:], rel=1e-5)
     assert fast[1].keys() == plain[1].keys()
-    assert all(torch.equal(fast[1][k][role], plain[1][k][role]) for k in fast[1] for role in ("down", "up"))
+    moved = 0
+    for k in fast[1]:
+        for role in ("down", "up"):
+            a, b = fast[1][k][role], plain[1][k][role]
+            # Adam moves each entry by about lr per step, whatever the gradient's size: where a gradient is
+            # near zero a one-ulp difference in its moments moves that entry visibly, so the whole matrix is
+            # compared (a wrong update would move it by a large part of itself)
+            assert (a - b).norm() <= 1e-3 * b.norm(), (k, role, ((a - b).norm() / b.norm()).item())
+            moved += int(role == "up" and b.abs().max() > 0)
+    assert moved == len(fast[1])
 
 
 def test_sample_grids_every_m_steps(base, dataset, tmp_path):
