@@ -114,6 +114,20 @@ def test_recipe_keeps_the_scaling_factor_and_resumes_after_a_kill(tmp_path, monk
         vae_recipe.main(["--out", str(tmp_path / "c"), "--start", str(tmp_path / "missing.safetensors")])
 
 
+def test_decoder_only_keeps_every_latent_bit_for_bit(tmp_path):
+    start = tmp_path / "start.safetensors"
+    vae = tiny_model.build(seed=1)["vae"]
+    vae.register_to_config(scaling_factor=0.5)
+    vae_recipe.export(vae, start)
+    vae_recipe.main(["--out", str(tmp_path / "d"), "--start", str(start), "--steps", "3", "--batch", "4",
+                     "--per-category", "4", "--eval-per-category", "1", "--lr", "1e-3", "--decoder-only"])
+    before, after = load_file(start), load_file(tmp_path / "d" / "vae.safetensors")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(after[k].equal(before[k]) for k in encoder)
+    assert any(not after[k].equal(before[k]) for k in decoder)  # it trained
+
+
 def test_anchor_pulls_world_latents_to_the_old_encoder(tmp_path):
     torch.manual_seed(0)
     start = tiny_model.build(seed=1)["vae"]

@@ -12,6 +12,11 @@ reproduces any background colour, frame, line, texture, text or photo, and keeps
   the decoder keeps turning the UNet's latents into the same pictures even where the encoder drifts;
 - reconstruction is L1 + MSE plus an L1 on image gradients (keeps thin lines, frames and text sharp).
 
+``--decoder-only`` trains the decoder alone: the encoder (and quant_conv) stay as they are, so the latents of
+every image stay bit for bit and no UNet trained on them is touched. From the shipped VAE, ``--decoder-only
+--lr 3e-4 --per-category 1000 --steps 100000 --minutes 22`` (3,448 steps on one thread) raised the mean PSNR
+from 25.9 to 26.9 dB (the README has the categories); not shipped yet.
+
 The scaling factor stays the old one (the UNet's latents are in its units). Reproducible from a seed
 (per-step random draws); resumable (a checkpoint every ``--save-every`` steps). The defaults are the
 shipped run, sized for one CPU thread (the README has its time and table).
@@ -163,6 +168,8 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--per-category", type=int, default=3000, help="training images per category")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--anchor", type=float, default=1.0, help="weight of the latent anchor on world renders")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train the decoder alone: every image's latents stay bit for bit (the anchor is then 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core CPU)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none; see finetune)")
@@ -195,8 +202,11 @@ def main(argv=None) -> None:
     else:
         pool = training_pool(a.per_category, a.seed)
         log(f"generated {sum(len(p) for p in pool.values())} training images ({time.time() - t0:.0f}s)")
-        done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
-                        a.save_every, a.minutes, teacher=old)
+        if a.decoder_only:  # AdamW skips parameters that never get a gradient
+            for frozen in (vae.encoder, vae.quant_conv):
+                frozen.requires_grad_(False)
+        done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, 0.0 if a.decoder_only else a.anchor,
+                        a.seed, device, log, a.save_every, a.minutes, teacher=old)
         log(f"trained {done} steps ({time.time() - t0:.0f}s)")
         del pool
     vae.cpu().eval()
