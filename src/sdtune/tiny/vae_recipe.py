@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from .. import safeio
@@ -82,6 +83,11 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
     whichever is further along, steps or time, and training ends when either is used up (the run is then
     reproducible only up to the step it reached, which the log and the return value give)."""
     teacher = copy.deepcopy(teacher or vae).to(device).eval().requires_grad_(False)
+    # a frozen encoder equal to the teacher's (--decoder-only from the start weights) gives the teacher's latents
+    # itself: they are not computed twice (and the anchor between them is exactly 0)
+    encoding = lambda v: [*v.encoder.parameters(), *v.quant_conv.parameters()]  # noqa: E731
+    own_teacher = not any(p.requires_grad for p in encoding(vae)) and all(
+        torch.equal(a, b.to(a.device)) for a, b in zip(encoding(vae), encoding(teacher)))
     sf = float(vae.config.scaling_factor)
     n_world = max(2, round(batch * world_share)) // 2 * 2
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -107,8 +113,11 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
         eps = eps.to(device)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * eps
-        with torch.no_grad():
-            old = teacher.encode(x[:n_world]).latent_dist
+        if own_teacher:
+            old = DiagonalGaussianDistribution(post.parameters[:n_world])
+        else:
+            with torch.no_grad():
+                old = teacher.encode(x[:n_world]).latent_dist
         half = n_world // 2  # these world renders are decoded from the old encoder's latents
         z = torch.cat([old.mean[:half] + old.std[:half] * eps[:half], z[half:]])
         rec = vae.decode(z).sample
@@ -169,7 +178,7 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--anchor", type=float, default=1.0, help="weight of the latent anchor on world renders")
     p.add_argument("--decoder-only", action="store_true",
-                   help="train the decoder alone: every image's latents stay bit for bit (the anchor is then 0)")
+                   help="train the decoder alone: every image's latents stay bit for bit")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core CPU)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none; see finetune)")
@@ -205,8 +214,8 @@ def main(argv=None) -> None:
         if a.decoder_only:  # AdamW skips parameters that never get a gradient
             for frozen in (vae.encoder, vae.quant_conv):
                 frozen.requires_grad_(False)
-        done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, 0.0 if a.decoder_only else a.anchor,
-                        a.seed, device, log, a.save_every, a.minutes, teacher=old)
+        done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
+                        a.save_every, a.minutes, teacher=old)
         log(f"trained {done} steps ({time.time() - t0:.0f}s)")
         del pool
     vae.cpu().eval()

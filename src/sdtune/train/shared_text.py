@@ -32,7 +32,8 @@ class SharedTextProcessor:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if (attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None
                 or attn.norm_cross or hidden_states.ndim != 3):  # layouts SD's UNets do not use: plain, per sample
-            return self.plain(attn, hidden_states, encoder_hidden_states[text_rows], attention_mask, temb)
+            return self.plain(attn, hidden_states, encoder_hidden_states.index_select(0, text_rows), attention_mask,
+                              temb)
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         # index_select, not [text_rows]: its backward is an index_add (~25 us here), where indexing's is an
