@@ -147,3 +147,32 @@ def test_anchor_pulls_world_latents_to_the_old_encoder(tmp_path):
     for d in ("a0.0", "a100.0"):
         (tmp_path / d).mkdir()
     assert drift(100.0) < 0.5 * drift(0.0)
+
+
+def test_widen_keeps_what_the_vae_computes_and_the_recipe_trains_the_wider_decoder(tmp_path):
+    torch.manual_seed(0)
+    world = tiny_model.build(seed=1)["vae"].eval()  # the recipe's first VAE
+    world.register_to_config(scaling_factor=0.5)
+    wide = vae_recipe.widen(world).eval()
+    assert wide.config.block_out_channels == tuple(2 * c for c in world.config.block_out_channels)
+    assert wide.config.scaling_factor == 0.5
+    x = torch.from_numpy(images.images("frame", range(900_000, 900_004))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        old, new = world.encode(x).latent_dist, wide.encode(x).latent_dist
+        torch.testing.assert_close(new.mean, old.mean, atol=1e-5, rtol=1e-5)  # the same latents (float rounding)
+        torch.testing.assert_close(new.logvar, old.logvar, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wide.decode(old.mean).sample, world.decode(old.mean).sample, atol=1e-5, rtol=1e-5)
+    start = tmp_path / "start.safetensors"
+    vae_recipe.export(world, start)
+    vae_recipe.main(["--out", str(tmp_path / "w"), "--start", str(start), "--widen", "--decoder-only", "--steps", "3",
+                     "--batch", "4", "--per-category", "4", "--eval-per-category", "1", "--lr", "1e-3"])
+    before, after = load_file(start), load_file(tmp_path / "w" / "vae.safetensors")
+    trained = vae_recipe.load_vae(tmp_path / "w" / "vae.safetensors")  # the widths are read from the file
+    assert trained.config.block_out_channels == wide.config.block_out_channels
+    assert float(after["scaling_factor"]) == 0.5
+    for k in before:  # the encoder: the old channels as they were, the new ones zero (group norm scales aside)
+        if k.startswith(("encoder.", "quant_conv.")) and ".to_q." not in k and not ("norm" in k and "weight" in k):
+            old_part = after[k][tuple(slice(0, n) for n in before[k].shape)]
+            assert old_part.equal(before[k]) and after[k].count_nonzero() == before[k].count_nonzero(), k
+    decoder = [k for k in before if k.startswith("decoder.up_blocks.")]
+    assert any(not after[k][tuple(slice(0, n) for n in before[k].shape)].equal(before[k]) for k in decoder)

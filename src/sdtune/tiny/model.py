@@ -25,6 +25,12 @@ def tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TOKENIZER)
 
 
+def vae_for(state: dict) -> AutoencoderKL:
+    """A random VAE of the widths a state dict holds (the shipped VAE's, or twice those: ``vae_recipe --widen``)."""
+    factor = state["encoder.conv_in.weight"].shape[0] // config.VAE["block_out_channels"][0]
+    return AutoencoderKL(**config.vae_widened(factor))
+
+
 def build(seed: int = 0) -> dict:
     """Random-init components of the tiny architecture (deterministic for a seed)."""
     torch.manual_seed(seed)
@@ -73,6 +79,8 @@ def weight_files(folder: Path, xl: bool) -> list[Path]:
 def _fill(parts: dict, files: list[Path]) -> dict:
     for path in files:
         state = load_file(path)
+        if path.stem == "vae":  # its widths as in the file (``vae_recipe --widen`` makes them twice as wide)
+            parts["vae"] = vae_for(state)
         module = parts[path.stem]
         if path.stem == "vae":
             module.register_to_config(scaling_factor=float(state.pop("scaling_factor")))

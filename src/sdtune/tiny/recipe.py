@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .. import safeio
-from ..families import TINY, TINY_XL
+from ..families import TINY, TINY_XL, Family
 from ..generate import TextStack
 from ..models import pick_device, tokenizer_for
 from ..train.loop import min_snr_weights
@@ -56,15 +57,24 @@ PRESETS = {
     "xl-cpu": dict(vae_steps=0, vae_batch=0, vae_images=0, steps=8000, batch=24, lr=1e-3, images=16000, min_snr=5.0),
 }
 DEFAULT_PRESET = {"sd1": "cpu", "sdxl": "xl-cpu"}
-# per architecture: the family, and what learns ({checkpoint name: component})
-ARCHES = {"sd1": (TINY, {"unet": "unet", "te": "text_encoder"}),
-          "sdxl": (TINY_XL, {"unet": "unet", "te": "text_encoder", "te2": "text_encoder_2"})}
-# per architecture, learning-rate factors: tiny-xl's first encoder starts trained (tiny's) and follows at 0.3x.
-# Frozen, tiny-xl drew 69% of the held-in prompts right; at the full rate 100%, but a TI token learnt on it drew
-# crosses and stripes instead of the concept (the TI quality test at 0%); at a tenth, held-in 91% (blue drawn
-# cyan on white) with TI at 88%; at 0.3x (shipped), held-in 100%, and TI learns the concept with 600 steps.
-LR_SCALE = {"sd1": {}, "sdxl": {"te": 0.3}}
-TRAINED = {n: c for _, learns in ARCHES.values() for n, c in learns.items()}  # every checkpoint name -> component
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the recipe trains for one architecture."""
+    family: Family
+    learns: dict[str, str]  # checkpoint name -> component
+    lr_scale: dict[str, float] = field(default_factory=dict)  # checkpoint name -> factor on the learning rate
+
+
+# tiny-xl's first text encoder starts trained (tiny's) and follows at 0.3x. Frozen, tiny-xl drew 69% of the held-in
+# prompts right; at the full rate 100%, but a TI token learnt on it drew crosses and stripes instead of the concept
+# (the TI quality test at 0%); at a tenth, held-in 91% (blue drawn cyan on white) with TI at 88%; at 0.3x (shipped),
+# held-in 100%, and TI learns the concept with 600 steps. At 0.3x with its token embedding frozen (tiny's, so the
+# 6.3 MB table could be shared, tiny-xl's own weights 12 MB), held-in 97% (blue drawn cyan on white 2 in 8).
+ARCHES = {"sd1": Arch(TINY, {"unet": "unet", "te": "text_encoder"}),
+          "sdxl": Arch(TINY_XL, {"unet": "unet", "te": "text_encoder", "te2": "text_encoder_2"}, {"te": 0.3})}
+TRAINED = {n: c for arch in ARCHES.values() for n, c in arch.learns.items()}  # every checkpoint name -> component
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL's (original size, crop top-left, target size) of every 64 px render
 
 
@@ -234,7 +244,7 @@ def load_ema(parts: dict, out: Path) -> int:
 
 def diffusion_parts(parts: dict, arch: str) -> dict:
     """What ``train_diffusion`` takes: the text encoders as the family's UNet reads them, and what learns."""
-    family, learns = ARCHES[arch]
+    family, learns = ARCHES[arch].family, ARCHES[arch].learns
     tokenizers = {"tokenizer": parts["tokenizer"]} if "tokenizer" in parts else {}
     encoders = [(te, parts[te.component], tokenizers.get(te.tokenizer) or tokenizer_for(te))
                 for te in family.text_encoders]
@@ -243,7 +253,7 @@ def diffusion_parts(parts: dict, arch: str) -> dict:
             parts[te.component].eval().requires_grad_(False)
     trained = {n: parts[c] for n, c in learns.items()}
     return {"unet": parts["unet"], "scheduler": parts["scheduler"], "text": TextStack(encoders), "trained": trained,
-            "lr_scale": LR_SCALE[arch]}
+            "lr_scale": ARCHES[arch].lr_scale}
 
 
 def export(parts: dict, scaling: float, folder: Path) -> None:
@@ -334,6 +344,7 @@ def main(argv=None) -> None:
     if vae_done.exists():
         state = load_file(vae_done)
         scaling = float(state.pop("scaling_factor"))
+        parts["vae"] = model.vae_for(state)  # its widths as in the file (a widened VAE is twice as wide)
         parts["vae"].load_state_dict(state)
     elif a.export_only:
         raise SystemExit(f"{out}: no trained VAE yet; run the recipe without --export-only first")
