@@ -151,7 +151,7 @@ def test_anchor_pulls_world_latents_to_the_old_encoder(tmp_path):
 
 def test_widen_keeps_what_the_vae_computes_and_the_recipe_trains_the_wider_decoder(tmp_path):
     torch.manual_seed(0)
-    world = tiny_model.build(seed=1)["vae"].eval()  # the recipe's first VAE
+    world = tiny_model.build(seed=1)["vae"].eval()
     world.register_to_config(scaling_factor=0.5)
     wide = vae_recipe.widen(world).eval()
     assert wide.config.block_out_channels == tuple(2 * c for c in world.config.block_out_channels)
@@ -176,3 +176,5 @@ def test_widen_keeps_what_the_vae_computes_and_the_recipe_trains_the_wider_decod
             assert old_part.equal(before[k]) and after[k].count_nonzero() == before[k].count_nonzero(), k
     decoder = [k for k in before if k.startswith("decoder.up_blocks.")]
     assert any(not after[k][tuple(slice(0, n) for n in before[k].shape)].equal(before[k]) for k in decoder)
+    with pytest.raises(SystemExit, match="add --decoder-only"):
+        vae_recipe.main(["--out", str(tmp_path / "x"), "--start", str(start), "--widen"])

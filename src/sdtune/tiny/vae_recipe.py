@@ -240,6 +240,8 @@ def main(argv=None) -> None:
     if not Path(a.start).is_file():
         raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe` first or give "
                          "--start PATH/vae.safetensors")
+    if a.widen and not a.decoder_only:  # the widened encoder's new channels are zero and would stay so
+        raise SystemExit("--widen trains the wider decoder alone: add --decoder-only")
     old = load_vae(Path(a.start))
     vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
     if a.widen and not a.init:
