@@ -81,10 +81,8 @@ def _fill(parts: dict, files: list[Path]) -> dict:
         state = load_file(path)
         if path.stem == "vae":  # its widths as in the file (``vae_recipe --widen`` makes them twice as wide)
             parts["vae"] = vae_for(state)
-        module = parts[path.stem]
-        if path.stem == "vae":
-            module.register_to_config(scaling_factor=float(state.pop("scaling_factor")))
-        module.load_state_dict({k: v.float() for k, v in state.items()})
+            parts["vae"].register_to_config(scaling_factor=float(state.pop("scaling_factor")))
+        parts[path.stem].load_state_dict({k: v.float() for k, v in state.items()})
     return parts
 
 

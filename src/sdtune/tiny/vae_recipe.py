@@ -126,8 +126,9 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
             with torch.no_grad():
                 old = teacher.encode(x[:n_world]).latent_dist
         z = post.mean + post.std * eps
-        half = n_world // 2  # these world renders are decoded from the old encoder's latents
-        z = torch.cat([old.mean[:half] + old.std[:half] * eps[:half], z[half:]])
+        if not decoder_only:  # half of the world renders are decoded from the old encoder's latents
+            half = n_world // 2
+            z = torch.cat([old.mean[:half] + old.std[:half] * eps[:half], z[half:]])
         rec = vae.decode(z).sample
         loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * _grad_l1(rec, x)
         loss_anchor = (F.mse_loss(post.mean[:n_world] * sf, old.mean * sf)
