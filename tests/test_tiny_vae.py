@@ -178,3 +178,62 @@ def test_widen_keeps_what_the_vae_computes_and_the_recipe_trains_the_wider_decod
     assert any(not after[k][tuple(slice(0, n) for n in before[k].shape)].equal(before[k]) for k in decoder)
     with pytest.raises(SystemExit, match="add --decoder-only"):
         vae_recipe.main(["--out", str(tmp_path / "x"), "--start", str(start), "--widen"])
+
+
+def test_category_weights_draw_the_named_categories_more_often():
+    assert vae_recipe.category_weights("") is None
+    weights = vae_recipe.category_weights("photo=3,lines=0")
+    assert weights[vae_recipe.BROAD.index("photo")] == 3 and weights[vae_recipe.BROAD.index("lines")] == 0
+    assert weights.sum() == 3 + len(vae_recipe.BROAD) - 2
+    # each category's images hold their own value: the batch says which categories were drawn
+    pool = {c: torch.full((2, 3, 4, 4), i, dtype=torch.uint8) for i, c in enumerate(images.CATEGORIES)}
+    x = vae_recipe._batch(pool, 2, 400, torch.Generator().manual_seed(0), weights)
+    drawn = [images.CATEGORIES[round(float(v))] for v in (x[2:, 0, 0, 0] + 1) * 127.5]
+    assert "lines" not in drawn and drawn.count("photo") > 2.5 * drawn.count("texture")
+    for bad in ("photos=2", "photo"):
+        with pytest.raises(SystemExit, match="needs CAT=W"):
+            vae_recipe.category_weights(bad)
+
+
+def test_distil_pulls_the_decoder_to_the_start_vae_on_given_latents(tmp_path):
+    torch.manual_seed(0)
+    start = tiny_model.build(seed=1)["vae"].eval()
+    start.register_to_config(scaling_factor=0.5)
+    pool = vae_recipe.training_pool(4, seed=0)
+    latents = torch.randn(16, 4, 16, 16) * 2  # off any encoder's manifold, like a UNet's samples can be
+
+    def gap(distil):  # training on images moves the decoder; on the given latents the distil term holds it
+        vae = tiny_model.build(seed=1)["vae"]
+        vae.register_to_config(scaling_factor=0.5)
+        for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()]:
+            p.requires_grad_(False)
+        out = tmp_path / ("on" if distil is not None else "off")
+        out.mkdir()
+        vae_recipe.finetune(vae, out, pool, steps=6, batch=4, world_share=0.5, lr=3e-3, anchor=0.0, seed=0,
+                            device="cpu", log=lambda m: None, save_every=100, teacher=start, distil=distil)
+        with torch.no_grad():
+            return float((vae.decode(latents).sample - start.decode(latents).sample).abs().mean())
+
+    assert gap(latents) < 0.6 * gap(None)
+
+
+@shipped
+def test_unet_latents_are_what_the_built_in_unet_draws(monkeypatch):
+    torch.set_num_threads(1)
+    drawn, lines = [], []
+
+    def generate(*args, **kwargs):  # the pictures the pipeline made from the latents caught on their way
+        out = real(*args, **kwargs)
+        drawn.extend(np.asarray(g.image) for g in out)
+        return out
+
+    real = vae_recipe.generate
+    monkeypatch.setattr(vae_recipe, "generate", generate)
+    latents = vae_recipe.unet_latents(["tiny"], 8, seed=0, log=lines.append)
+    assert latents.shape == (8, 4, 16, 16) and lines == ["distil: 8 UNet latents after tiny"]
+    vae = tiny_model.load()["vae"].eval()
+    with torch.no_grad():  # the same decode as the pipeline's: the latents are the decoder's input
+        x = vae.decode(latents).sample
+    decoded = ((x / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+    assert len(drawn) == 8
+    assert np.abs(decoded - np.stack(drawn).astype(np.float64)).max() <= 1

@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -46,8 +47,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from .. import safeio
-from ..models import pick_device
-from . import config, images, model, vae_quality
+from ..generate import generate
+from ..models import load_base, pick_device
+from . import config, images, model, vae_quality, world
 from .recipe import run_log
 
 BROAD = [c for c in images.CATEGORIES if c != "world"]
@@ -62,9 +64,14 @@ def training_pool(per_category: int, seed: int) -> dict[str, torch.Tensor]:
     return {c: torch.from_numpy(images.images(c, seeds)).permute(0, 3, 1, 2).contiguous() for c in images.CATEGORIES}
 
 
-def _batch(pool: dict[str, torch.Tensor], n_world: int, n_broad: int, g: torch.Generator) -> torch.Tensor:
-    """n_world world renders first, then n_broad images of the other categories (uniform), random flips."""
-    cats = torch.randint(0, len(BROAD), (n_broad,), generator=g)
+def _batch(pool: dict[str, torch.Tensor], n_world: int, n_broad: int, g: torch.Generator,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """n_world world renders first, then n_broad images of the other categories (uniform, or drawn with
+    ``weights`` over BROAD), random flips."""
+    if weights is None:
+        cats = torch.randint(0, len(BROAD), (n_broad,), generator=g)
+    else:
+        cats = torch.multinomial(weights, n_broad, replacement=True, generator=g)
     parts = [pool["world"][torch.randint(0, len(pool["world"]), (n_world,), generator=g)]]
     for i in range(n_broad):
         src = pool[BROAD[int(cats[i])]]
@@ -72,6 +79,30 @@ def _batch(pool: dict[str, torch.Tensor], n_world: int, n_broad: int, g: torch.G
     x = torch.cat(parts).float() / 127.5 - 1.0
     flip = torch.rand(len(x), generator=g) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def unet_latents(specs: list[str], n: int, seed: int, log) -> torch.Tensor:
+    """About ``n`` latents that the built-in models' UNets sample for held-in world captions (eval-tiny's
+    settings: 20 DDIM steps, guidance 5), as the decoder receives them (after the scaling factor).
+
+    They are not quite the encoder's latents of any render, and a decoder trained on renders alone decodes them
+    with shifted colours; ``--distil`` trains the decoder to decode these as the start VAE does."""
+    rng, got = random.Random(seed), []
+    per_caption = 8
+    for spec in specs:
+        base = load_base(spec, device="cpu", dtype=torch.float32)
+        # the decoder's input is post_quant_conv's: catch it there whatever the pipeline does around decode
+        hook = base.vae.post_quant_conv.register_forward_pre_hook(lambda m, args: got.append(args[0].detach()))
+        try:
+            for i in range(max(1, n // len(specs) // per_caption)):
+                scene = world.random_scene(rng, held_in_only=True)
+                prompt = world.caption(scene, rng.randrange(world.n_templates()))
+                generate(base, prompt, steps=20, guidance=5.0, seed=rng.randrange(2**31), num_images=per_caption,
+                         batch_size=per_caption, progress=False)
+        finally:
+            hook.remove()
+        log(f"distil: {sum(len(z) for z in got)} UNet latents after {spec}")
+    return torch.cat(got)
 
 
 def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,10 +113,13 @@ def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: int, world_share: float,
              lr: float, anchor: float, seed: int, device, log, save_every: int = 250, minutes: float = 0.0,
-             teacher=None) -> int:
+             teacher=None, distil: torch.Tensor | None = None, distil_batch: int = 8,
+             weights: torch.Tensor | None = None) -> int:
     """Fine-tune ``vae`` in place (its scaling factor untouched); resumes from ``out/vae_ft_ckpt.pt``.
 
-    The anchor pulls world latents to ``teacher``'s (default: ``vae`` as it is at the start).
+    The anchor pulls world latents to ``teacher``'s (default: ``vae`` as it is at the start). ``distil``
+    (decoder inputs, see ``unet_latents``): each step ``distil_batch`` of them are decoded and pulled to what
+    ``teacher`` decodes from them. ``weights``: how often each BROAD category is drawn (default: equally).
 
     ``minutes`` > 0 is a wall-clock budget for a shared machine: the learning-rate schedule runs on
     whichever is further along, steps or time, and training ends when either is used up (the run is then
@@ -114,7 +148,7 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
                                       "seconds": time.time() - t0}, ck_path)
             break
         g = torch.Generator().manual_seed(seed * 1000003 + step)
-        x = _batch(pool, n_world, batch - n_world, g).to(device)
+        x = _batch(pool, n_world, batch - n_world, g, weights).to(device)
         eps = torch.randn((len(x), vae.config.latent_channels, x.shape[-2] // 4, x.shape[-1] // 4), generator=g)
         eps = eps.to(device)
         if decoder_only:
@@ -135,6 +169,14 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
                        + 0.1 * F.mse_loss(post.logvar[:n_world], old.logvar))
         kl = post.kl().mean() / x[0].numel()
         loss = loss_rec + anchor * loss_anchor + 1e-4 * kl
+        if distil is not None:
+            zd = distil[torch.randint(0, len(distil), (distil_batch,), generator=g)].to(device)
+            with torch.no_grad():
+                want = teacher.decode(zd).sample
+            got = vae.decode(zd).sample
+            loss_distil = F.l1_loss(got, want) + F.mse_loss(got, want)
+            loss = loss + loss_distil
+            seen["distil"] = seen.get("distil", 0.0) + loss_distil.item()
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * (1 + math.cos(math.pi * progress)) / 2)
         opt.zero_grad(set_to_none=True)
@@ -144,8 +186,9 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
         seen["rec"] += loss_rec.item()
         seen["anchor"] += loss_anchor.item()
         if (step + 1) % 50 == 0:
-            log(f"vae-ft step {step + 1}/{steps} rec {seen['rec'] / 50:.4f} anchor {seen['anchor'] / 50:.5f} "
-                f"({time.time() - t0:.0f}s)")
+            distilled = f" distil {seen['distil'] / 50:.4f}" if distil is not None else ""
+            log(f"vae-ft step {step + 1}/{steps} rec {seen['rec'] / 50:.4f} anchor {seen['anchor'] / 50:.5f}"
+                f"{distilled} ({time.time() - t0:.0f}s)")
             seen = {"rec": 0.0, "anchor": 0.0}
         if (step + 1) % save_every == 0 or step + 1 == steps:
             safeio.atomic_save_torch({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
@@ -200,6 +243,19 @@ def load_vae(path: Path):
     return vae
 
 
+def category_weights(text: str) -> torch.Tensor | None:
+    """``photo=2,lines=2`` -> a weight per BROAD category (1 for those not named); "" -> None (uniform)."""
+    if not text:
+        return None
+    weights = dict.fromkeys(BROAD, 1.0)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights or not value:
+            raise SystemExit(f"--category-weights {text}: {name.strip()!r} needs CAT=W with CAT one of {', '.join(BROAD)}")
+        weights[name.strip()] = float(value)
+    return torch.tensor([weights[c] for c in BROAD])
+
+
 def settings(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/vae")
@@ -218,6 +274,12 @@ def settings(argv=None) -> argparse.Namespace:
                    help="train the decoder alone: every image's latents stay bit for bit")
     p.add_argument("--widen", action="store_true",
                    help="first widen --start to twice its widths (config.WIDE_VAE), keeping what it computes (see widen)")
+    p.add_argument("--distil", type=int, default=0, metavar="N",
+                   help="also keep decoding about N latents sampled by the built-in UNets as --start does "
+                   "(see unet_latents; 0: off)")
+    p.add_argument("--distil-from", default="tiny,tiny-xl", help="the built-in models whose UNets --distil samples")
+    p.add_argument("--category-weights", default="", metavar="CAT=W,...",
+                   help="draw these categories W times as often as the others, e.g. photo=2,lines=2")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core CPU)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none; see finetune)")
@@ -254,11 +316,21 @@ def main(argv=None) -> None:
     else:
         pool = training_pool(a.per_category, a.seed)
         log(f"generated {sum(len(p) for p in pool.values())} training images ({time.time() - t0:.0f}s)")
+        distil = None
+        if a.distil:
+            cache = out / "distil_latents.pt"  # sampled once: a resumed run trains on the same ones
+            if cache.exists():
+                distil = torch.load(cache, map_location="cpu", weights_only=True)
+            else:
+                distil = unet_latents(a.distil_from.split(","), a.distil, a.seed, log)
+                safeio.atomic_save_torch(distil, cache)
+            log(f"distil: {len(distil)} UNet latents ({time.time() - t0:.0f}s)")
         if a.decoder_only:  # AdamW skips parameters that never get a gradient
             for frozen in (vae.encoder, vae.quant_conv):
                 frozen.requires_grad_(False)
         done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
-                        a.save_every, a.minutes, teacher=old)
+                        a.save_every, a.minutes, teacher=old, distil=distil,
+                        weights=category_weights(a.category_weights))
         log(f"trained {done} steps ({time.time() - t0:.0f}s)")
         del pool
     vae.cpu().eval()
