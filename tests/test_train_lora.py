@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
+from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
 from sdtune.models import load_base
@@ -56,6 +57,31 @@ def test_target_sets(base):
     assert any(p.endswith("time_emb_proj") for p in convs) and any("upsamplers.0.conv" in p for p in convs)
     assert unet_targets(unet, "attn", with_convs=True) == sorted(set(attn) | convs, key=everything.index)
     assert len(te_targets(te, "attn")) == 3 * 4 and len(te_targets(te, "attn+ff")) == 3 * 6
+
+
+def test_exclude_leaves_layers_out_and_reads_back_from_the_settings_file(base, dataset, tmp_path, capsys):
+    kept = Network(base, settings(dataset, tmp_path, targets="all", text_encoder=True)).layers
+    pattern = [r"attn2\.to_[kv]$", r"^text_encoder\..*layers\.0\."]
+    left = Network(base, settings(dataset, tmp_path, targets="all", text_encoder=True, exclude=pattern)).layers
+    gone = set(kept) - set(left)
+    assert set(left) <= set(kept)
+    assert {p for c, p in gone if c == "unet"} == {p for c, p in kept if c == "unet" and re.search(r"attn2\.to_[kv]$", p)}
+    assert {c for c, _ in gone} == {"unet", "text_encoder"}
+    assert all(".layers.0." in p for c, p in gone if c == "text_encoder")
+    # a settings file keeps the patterns (backslashes included) and a run with them trains and saves
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--batch-size", "1", "--sample-every", "0", "--exclude", pattern[0]]) == 0
+    again = load_settings(tmp_path / "run" / "settings.toml", {}, "lora")
+    assert again.exclude == [pattern[0]]
+    paths = [p for c, p, _ in load_lora(tmp_path / "run" / "lora.safetensors").items() if c == "unet"]
+    assert not any(re.search(pattern[0], p) for p in paths) and any(p.endswith("attn2.to_q") for p in paths)
+    capsys.readouterr()
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "bad"),
+                 "--exclude", "attn2.(to_k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--exclude 'attn2.(to_k': not a regular expression" in err[0]
+    with pytest.raises(SdtuneError, match="less --exclude .*: no matching layers in the unet"):
+        Network(base, settings(dataset, tmp_path, targets="attn", exclude=["attn"]))
 
 
 def test_lora_layer_starts_at_the_base_and_adds_its_delta():

@@ -78,13 +78,7 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path, model):
     assert minutes <= 10 and training <= DEFAULT_RUN_MINUTES
 
 
-# On tiny-xl, as shipped, the LoRA learns the style (100%) but shifts colours: held-in shape+colour 100% -> 84%, not
-# within the 10 points allowed (presets.py lists the recipes tried); a known shortfall.
-LORA_MODELS = [MODELS[0], pytest.param("tiny-xl", marks=[*MODELS[1].marks, pytest.mark.xfail(
-    reason="tiny-xl: the style LoRA shifts colours (content 100% -> 84%)", strict=False)])]
-
-
-@pytest.mark.parametrize("model", LORA_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_lora_learns_the_held_out_style_and_keeps_content(tmp_path, model):
     start = time.perf_counter()
     base = load_base(model, device="cpu", dtype="fp32")

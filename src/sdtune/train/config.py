@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -178,6 +179,10 @@ class LoraSettings(TrainSettings):
     te_lr: float | None = None  # text-encoder learning rate (None: lr)
     te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
     conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
+    exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
+                               "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
+                               "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
+                               default_factory=list)
     conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
     name: str = "lora"  # output file name (without .safetensors)
@@ -227,6 +232,11 @@ class LoraSettings(TrainSettings):
         if not 0 <= self.lora_dropout < 1:
             raise SdtuneError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _choice("targets", self.targets, TARGETS)
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SdtuneError(f"--exclude {pattern!r}: not a regular expression ({e}); fix the pattern") from None
         if not self.name or "/" in self.name or "\\" in self.name:
             raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
         for f in self.formats:

@@ -11,6 +11,7 @@ stride and padding and a 1x1 ``up`` (LoCon). Targets, by module name (SD 1.x):
   + mlp.fc1/fc2)
 - ``all``: + the resnets' convs, time_emb_proj and shortcut, and the down/upsampler convs
 A ``--conv-rank`` adds the resnet and sampler layers to any target set; 3x3 convs then use that rank.
+``--exclude`` takes layers out again by regular expression (as kohya's ``exclude_patterns``).
 
 At the end the wrappers are taken out again (the base is unchanged) and the learned matrices become a
 neutral ``Lora``, written in the kohya layout (the family's prefixes: ``lora_te_``, or SDXL's ``lora_te1_``
@@ -116,10 +117,13 @@ class Network:
         if settings.text_encoder:  # every text encoder of the family (SDXL: both)
             plan += [(te.component, model, te_targets(model, settings.targets, used_layers(te, model, base.family)))
                      for te, model, _ in base.text_encoders()]
+        exclude = [re.compile(pattern) for pattern in settings.exclude]
         for comp, root, paths in plan:
+            paths = [p for p in paths if not any(x.search(f"{comp}.{p}") for x in exclude)]
             if not paths:
-                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a Stable "
-                                  f"Diffusion model of a family sdtune knows?")
+                left_out = f" less --exclude {' '.join(settings.exclude)}" if exclude else ""
+                raise SdtuneError(f"--targets {settings.targets}{left_out}: no matching layers in the {comp}; is it a "
+                                  f"Stable Diffusion model of a family sdtune knows?")
             for path in paths:
                 module = root.get_submodule(path)
                 rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
