@@ -175,14 +175,14 @@ class LoraSettings(TrainSettings):
     rank: int = 16
     alpha: float = 8.0
     targets: str = "attn"  # attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)
-    text_encoder: bool = False  # also train LoRA on the text encoder(s) (SDXL: both)
-    te_lr: float | None = None  # text-encoder learning rate (None: lr)
-    te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
-    conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
                                "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
                                default_factory=list)
+    text_encoder: bool = False  # also train LoRA on the text encoder(s) (SDXL: both)
+    te_lr: float | None = None  # text-encoder learning rate (None: lr)
+    te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
+    conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
     conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
     lora_dropout: float = 0.0
     name: str = "lora"  # output file name (without .safetensors)
