@@ -134,8 +134,11 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
         vae.load_state_dict(ck["vae"])
         opt.load_state_dict(ck["opt"])
         start, spent = ck["step"], float(ck["seconds"])
+    if distil is not None:  # the teacher's decodes of the fixed distil latents, once rather than every step
+        with torch.no_grad():
+            wanted = torch.cat([teacher.decode(z.to(device)).sample.cpu() for z in distil.split(64)])
     vae.to(device).train()
-    t0, seen = time.time() - spent, {"rec": 0.0, "anchor": 0.0}
+    t0, seen = time.time() - spent, dict.fromkeys(("rec", "anchor", "distil"), 0.0)
     step = start
     for step in range(start, steps):
         progress = max(step / steps, (time.time() - t0) / (minutes * 60) if minutes > 0 else 0.0)
@@ -167,13 +170,11 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
         kl = post.kl().mean() / x[0].numel()
         loss = loss_rec + anchor * loss_anchor + 1e-4 * kl
         if distil is not None:
-            zd = distil[torch.randint(0, len(distil), (distil_batch,), generator=g)].to(device)
-            with torch.no_grad():
-                want = teacher.decode(zd).sample
-            got = vae.decode(zd).sample
+            pick = torch.randint(0, len(distil), (distil_batch,), generator=g)
+            got, want = vae.decode(distil[pick].to(device)).sample, wanted[pick].to(device)
             loss_distil = F.l1_loss(got, want) + F.mse_loss(got, want)
             loss = loss + loss_distil
-            seen["distil"] = seen.get("distil", 0.0) + loss_distil.item()
+            seen["distil"] += loss_distil.item()
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * (1 + math.cos(math.pi * progress)) / 2)
         opt.zero_grad(set_to_none=True)
@@ -186,7 +187,7 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
             distilled = f" distil {seen['distil'] / 50:.4f}" if distil is not None else ""
             log(f"vae-ft step {step + 1}/{steps} rec {seen['rec'] / 50:.4f} anchor {seen['anchor'] / 50:.5f}"
                 f"{distilled} ({time.time() - t0:.0f}s)")
-            seen = {"rec": 0.0, "anchor": 0.0}
+            seen = dict.fromkeys(seen, 0.0)
         if (step + 1) % save_every == 0 or step + 1 == steps:
             safeio.atomic_save_torch({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                       "seconds": time.time() - t0}, ck_path)
