@@ -40,9 +40,8 @@ def vae_widened(factor: int) -> dict:
                 norm_num_groups=VAE["norm_num_groups"] * factor)
 
 
-# ``vae_recipe --widen`` makes a VAE twice as wide (AutoencoderKL ties the encoder's widths to the decoder's),
-# keeping the encoder's function (the new channels are zero), and trains the wider decoder on the broad set: the
-# latents stay, the decoder has four times the weights. Measured, not shipped (the README says why).
+# ``vae_recipe --widen`` makes a VAE twice as wide (AutoencoderKL ties the encoder's widths to the decoder's)
+# computing what it did, so the latents stay; the shipped VAE has these widths (the README lists its runs).
 WIDE_VAE = vae_widened(2)
 
 TEXT_ENCODER = dict(

@@ -19,11 +19,13 @@ same function. ``--distil N`` also keeps the decoder decoding N latents that the
 start VAE does (see ``unet_latents``): without it, a wide decoder trained on encoder latents alone took the tiny
 model's eval-tiny held-in score from 100% to 91% (shifted colours); with it, 100%.
 
-The shipped VAE took three runs (the README lists their commands, times and PSNR table): the defaults (both
+The shipped VAE took five runs (the README lists their commands, times and PSNR table): the defaults (both
 halves at the first widths, anchored), then ``--widen --decoder-only``, then ``--decoder-only --distil 512``
-from there. The scaling factor stays the old one (the UNet's latents are in its units). Reproducible from a
-seed (per-step random draws) where no ``--minutes`` budget cuts a run short; resumable (a checkpoint every
-``--save-every`` steps).
+from there, twice, then ``--distil 512`` with the wider encoder trained too (anchored: world latents moved
+0.02 RMS). A widened encoder that is trained gets small random input weights for its new channels (see
+``wake``), with ``--widen`` or later. The scaling factor stays the old one (the UNet's latents are in its
+units). Reproducible from a seed (per-step random draws) where no ``--minutes`` budget cuts a run short;
+resumable (a checkpoint every ``--save-every`` steps).
 """
 
 from __future__ import annotations
@@ -197,32 +199,50 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
     return step
 
 
-def widen(old: AutoencoderKL, seed: int = 0) -> AutoencoderKL:
+def widen(old: AutoencoderKL, seed: int = 0, encoder: bool = False) -> AutoencoderKL:
     """``old`` at twice its widths (``config.WIDE_VAE``), computing what it computed, up to float rounding.
 
     Each layer's old channels come first, so every group norm group of the old model is a group of the new one.
     Weights from new channels into old ones are zero, so the old channels compute what they did whatever the new
-    ones hold. In the decoder the new channels get small random weights from the channels before them (zero ones
-    would never get a gradient); in the encoder they stay zero, as it is not trained (``--decoder-only``).
+    ones hold. The decoder's new channels get small random weights from the channels before them (see
+    ``wake``); the encoder's too with ``encoder`` (it is to be trained), else they stay zero.
     The mid-block attention has one head, whose 1/sqrt(width) scale halves as the width doubles: the old query
     weights are scaled to keep every score.
     """
     new = AutoencoderKL(**config.WIDE_VAE)
     new.register_to_config(scaling_factor=float(old.config.scaling_factor))
-    g = torch.Generator().manual_seed(seed)
     olds, state = old.state_dict(), {}
     for key, shape in ((k, v.shape) for k, v in new.state_dict().items()):
         o, t = olds[key], torch.zeros(shape)
-        grown = len(shape) >= 2 and shape[0] > o.shape[0]
-        if grown and key.startswith("decoder.") and ".to_q." not in key:  # a query of a new channel would add to
-            t[o.shape[0]:] = torch.randn(t[o.shape[0]:].shape, generator=g) / math.sqrt(t[0].numel())  # the scores
         if len(shape) == 1 and "norm" in key and key.endswith("weight"):
             t[:] = 1.0
         scale = math.sqrt(shape[0] / o.shape[0]) if ".to_q." in key else 1.0
         t[tuple(slice(0, n) for n in o.shape)] = o * scale
         state[key] = t
     new.load_state_dict(state)
+    wake(new, old, ("decoder.", "encoder.") if encoder else ("decoder.",), seed)
     return new
+
+
+@torch.no_grad()
+def wake(wide: AutoencoderKL, narrow: AutoencoderKL, parts: tuple[str, ...], seed: int = 0) -> int:
+    """Give the new channels of a widened VAE that are still all zero small random weights from the channels
+    before them, in the parameters under ``parts`` (``"encoder."``, ``"decoder."``); returns how many tensors.
+
+    A zero channel with zero weights in and out never gets a gradient, so training could not use it. Weights
+    from new channels into old ones stay zero, so what the old channels compute is kept. New query rows of the
+    mid-block attention stay zero: a query there would add to every score."""
+    g = torch.Generator().manual_seed(seed)
+    olds, woken = narrow.state_dict(), 0
+    for key, t in wide.state_dict().items():
+        o = olds[key]
+        if not key.startswith(parts) or ".to_q." in key or t.dim() < 2 or t.shape[0] == o.shape[0]:
+            continue
+        rows = t[o.shape[0]:]
+        if rows.count_nonzero() == 0:
+            rows.copy_(torch.randn(rows.shape, generator=g) / math.sqrt(t[0].numel()))
+            woken += 1
+    return woken
 
 
 def export(vae, path: Path) -> None:
@@ -301,12 +321,12 @@ def main(argv=None) -> None:
     if not Path(a.start).is_file():
         raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe` first or give "
                          "--start PATH/vae.safetensors")
-    if a.widen and not a.decoder_only:  # the widened encoder's new channels are zero and would stay so
-        raise SystemExit("--widen trains the wider decoder alone: add --decoder-only")
     old = load_vae(Path(a.start))
     vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
     if a.widen and not a.init:
-        vae = widen(vae, a.seed)
+        vae = widen(vae, a.seed, encoder=not a.decoder_only)
+    elif not a.decoder_only and vae.config.block_out_channels != old.config.block_out_channels:
+        wake(vae, old, ("encoder.",), a.seed)  # a wide VAE trained with a frozen encoder: its new channels are 0
     if a.export_only:
         ck = torch.load(out / "vae_ft_ckpt.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(ck["vae"])
