@@ -195,9 +195,10 @@ def test_a_widened_encoder_that_is_trained_gets_live_new_channels_and_keeps_its_
     vae_recipe.main(["--out", str(tmp_path / "w"), "--start", str(start), "--widen", "--steps", "3",
                      "--batch", "4", "--per-category", "4", "--eval-per-category", "1", "--lr", "1e-3"])
     after = load_file(tmp_path / "w" / "vae.safetensors")
-    begun = vae_recipe.widen(world, seed=0, encoder=True).state_dict()
-    weight = "encoder.down_blocks.0.resnets.0.conv1.weight"  # trained, new channels included
-    assert after[weight][16:].count_nonzero() > 0 and not after[weight].float().equal(begun[weight].half().float())
+    begun = vae_recipe.widen(vae_recipe.load_vae(start), seed=0, encoder=True).state_dict()  # what it started from
+    weight = "encoder.down_blocks.0.resnets.0.conv1.weight"
+    new_rows, started = after[weight][16:].float(), begun[weight][16:].half().float()
+    assert started.count_nonzero() == started.numel() and not new_rows.equal(started)  # woken, then trained
 
 
 def test_category_weights_draw_the_named_categories_more_often():
