@@ -268,9 +268,13 @@ def category_weights(text: str) -> torch.Tensor | None:
     weights = dict.fromkeys(BROAD, 1.0)
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name.strip() not in weights or not value:
-            raise SystemExit(f"--category-weights {text}: {name.strip()!r} needs CAT=W with CAT one of {', '.join(BROAD)}")
-        weights[name.strip()] = float(value)
+        try:
+            if name.strip() not in weights:
+                raise ValueError(name)
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--category-weights {text}: {item.strip()!r} needs CAT=W with CAT one of "
+                             f"{', '.join(BROAD)} and W a number") from None
     return torch.tensor([weights[c] for c in BROAD])
 
 
@@ -323,6 +327,10 @@ def main(argv=None) -> None:
                          "--start PATH/vae.safetensors")
     old = load_vae(Path(a.start))
     vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
+    try:  # before minutes of image generation and sampling
+        weights = category_weights(a.category_weights)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if a.widen and not a.init:
         vae = widen(vae, a.seed, encoder=not a.decoder_only)
     elif not a.decoder_only and vae.config.block_out_channels != old.config.block_out_channels:
@@ -348,7 +356,7 @@ def main(argv=None) -> None:
                 frozen.requires_grad_(False)
         done = finetune(vae, out, pool, a.steps, a.batch, a.world_share, a.lr, a.anchor, a.seed, device, log,
                         a.save_every, a.minutes, teacher=old, distil=distil,
-                        weights=category_weights(a.category_weights))
+                        weights=weights)
         log(f"trained {done} steps ({time.time() - t0:.0f}s)")
         del pool
     vae.cpu().eval()
