@@ -199,13 +199,13 @@ def finetune(vae, out: Path, pool: dict[str, torch.Tensor], steps: int, batch: i
     return step
 
 
-def widen(old: AutoencoderKL, seed: int = 0, encoder: bool = False) -> AutoencoderKL:
+def widen(old: AutoencoderKL, seed: int = 0) -> AutoencoderKL:
     """``old`` at twice its widths (``config.WIDE_VAE``), computing what it computed, up to float rounding.
 
     Each layer's old channels come first, so every group norm group of the old model is a group of the new one.
     Weights from new channels into old ones are zero, so the old channels compute what they did whatever the new
-    ones hold. The decoder's new channels get small random weights from the channels before them (see
-    ``wake``); the encoder's too with ``encoder`` (it is to be trained), else they stay zero.
+    ones hold. The decoder's new channels get small random weights from the channels before them (see ``wake``);
+    the encoder's stay zero until the encoder is trained (``main`` wakes them then).
     The mid-block attention has one head, whose 1/sqrt(width) scale halves as the width doubles: the old query
     weights are scaled to keep every score.
     """
@@ -220,7 +220,7 @@ def widen(old: AutoencoderKL, seed: int = 0, encoder: bool = False) -> Autoencod
         t[tuple(slice(0, n) for n in o.shape)] = o * scale
         state[key] = t
     new.load_state_dict(state)
-    wake(new, old, ("decoder.", "encoder.") if encoder else ("decoder.",), seed)
+    wake(new, old, ("decoder.",), seed)
     return new
 
 
@@ -261,20 +261,25 @@ def load_vae(path: Path):
     return vae
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def category_weights(text: str) -> torch.Tensor | None:
     """``photo=2,lines=2`` -> a weight per BROAD category (1 for those not named); "" -> None (uniform)."""
     if not text:
         return None
     weights = dict.fromkeys(BROAD, 1.0)
     for item in text.split(","):
-        name, _, value = item.partition("=")
-        try:
-            if name.strip() not in weights:
-                raise ValueError(name)
-            weights[name.strip()] = float(value)
-        except ValueError:
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in weights or not _is_number(value):
             raise ValueError(f"--category-weights {text}: {item.strip()!r} needs CAT=W with CAT one of "
-                             f"{', '.join(BROAD)} and W a number") from None
+                             f"{', '.join(BROAD)} and W a number")
+        weights[name] = float(value)
     return torch.tensor([weights[c] for c in BROAD])
 
 
@@ -332,9 +337,9 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if a.widen and not a.init:
-        vae = widen(vae, a.seed, encoder=not a.decoder_only)
-    elif not a.decoder_only and vae.config.block_out_channels != old.config.block_out_channels:
-        wake(vae, old, ("encoder.",), a.seed)  # a wide VAE trained with a frozen encoder: its new channels are 0
+        vae = widen(vae, a.seed)
+    if not a.decoder_only and vae.config.block_out_channels != old.config.block_out_channels:
+        wake(vae, old, ("encoder.",), a.seed)  # the encoder is trained: its new channels must not stay 0
     if a.export_only:
         ck = torch.load(out / "vae_ft_ckpt.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(ck["vae"])
