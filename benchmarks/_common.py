@@ -330,14 +330,7 @@ def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, fl
     row), the part of them spent in the added conditioning of SDXL (``ADDED_CONDITIONING``; 0 for SD 1.x), which
     shows that the count covers that path, and what sdtune executes (a batch's repeated captions projected
     once: ``sdtune.train.shared_text``)."""
-    from sdtune.train import shared_text
-
-    install = shared_text.install
-    shared_text.install = lambda unet: None  # the model's FLOPs: no sharing
-    try:
-        total, added = _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-model"))
-    finally:
-        shared_text.install = install
+    total, added = _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-model", share_text=False))
     return total, added, _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-run"))[0]
 
 

@@ -82,10 +82,10 @@ def test_one_caption_run_equals_the_run_without_sharing(tmp_path, monkeypatch):
             calls.append((len(encoder_hidden_states), None if text_rows is None else text_rows.tolist()))
         return real(self, attn, hidden_states, encoder_hidden_states, *a, text_rows=text_rows, **k)
 
-    def train(out):
+    def train(out, **kw):
         s = LoraSettings(data=str(data), out=str(out), default_caption="a sks square", steps=4, batch_size=4,
                          rank=4, alpha=4, lr=1e-3, targets="attn", validation_split=0.0, sample_every=0,
-                         save_every=0, report=False, progress=False, buckets=False)
+                         save_every=0, report=False, progress=False, buckets=False, **kw)
         train_lora(base, s)
         return load_file(out / "lora.safetensors"), read_csv(out / CSV_FILE)
 
@@ -94,8 +94,9 @@ def test_one_caption_run_equals_the_run_without_sharing(tmp_path, monkeypatch):
     # every cross-attention call got one text row: the training batches of 4 and the validation's batches
     assert calls and all(n == 1 and rows and set(rows) == {0} for n, rows in calls)
     assert {len(rows) for _, rows in calls} >= {4}
-    monkeypatch.setattr(shared_text, "install", lambda unet: None)
-    plain, plain_log = train(tmp_path / "plain")
+    calls.clear()
+    plain, plain_log = train(tmp_path / "plain", share_text=False)  # the setting that turns sharing off
+    assert not calls
     assert all(type(p) is AttnProcessor2_0 for p in base.unet.attn_processors.values())
     assert shared.keys() == plain.keys() and shared_log.keys() == plain_log.keys()
     for step, row in plain_log.items():

@@ -67,6 +67,9 @@ class TrainSettings:
     flush_denormals: bool = _help("on the CPU, flush subnormal floats (below 1.2e-38) to zero while training: "
                                   "Adam's second moments of small LoRA gradients decay into them, and x86 CPUs "
                                   "compute with them many times slower", default=False)
+    share_text: bool = _help("with frozen, cached text: a batch's repeated captions go through the UNet's "
+                             "cross-attention text projections once (the same values; off: once per sample, "
+                             "as diffusers' scripts do)", default=True)
     mixed_precision: str = "auto"  # auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16
     crop: str = "center"  # center | random (random crops are VAE-encoded every step)
     flip: bool = False

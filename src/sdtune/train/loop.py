@@ -363,7 +363,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             sorted({c for d in sets for c in d.possible_captions()})
         stack = TextStack.of(base)
         # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
-        unshare = shared_text.install(base.unet) if cache is not None else None
+        unshare = shared_text.install(base.unet) if cache is not None and settings.share_text else None
         if unshare is not None:
             undo.append(unshare)
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)

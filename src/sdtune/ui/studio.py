@@ -29,7 +29,7 @@ from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
 from ..models import load_base
-from ..safeio import SdtuneError
+from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
@@ -435,9 +435,9 @@ class Studio:
         path = source if uploaded else self.folders.child("out", shown)
         path = check_upload(path, "queue", self.max_upload)
         try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise SdtuneError(f"{shown}: not valid TOML ({e}); fix the file") from None
+            table = read_toml(path, "queue")
+        except SdtuneError as e:  # named as the user gave it, not as the upload's temporary path
+            raise SdtuneError(str(e).replace(str(path), shown)) from None
         text = trainform.table_toml(self._queue_in_folders(table, shown))
         # checked as `sdtune train queue` will read it, so that a bad file is refused here, named as given
         scratch = self.folders.out / ".cache"
