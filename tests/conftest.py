@@ -1,4 +1,8 @@
+import io
+import logging
 import os
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -15,3 +19,26 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"real adapter fixtures not present at {FIXTURES}")
     return FIXTURES
+
+
+def _said_while(call) -> str:
+    """Everything diffusers, transformers and PEFT say while ``call()`` runs: their logs, warnings and prints."""
+    out, logs = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(logs)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(out):
+            warnings.simplefilter("always")
+            call()
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return out.getvalue() + logs.getvalue() + " ".join(str(w.message) for w in caught)
+
+
+@pytest.fixture
+def diffusers_says():
+    """``diffusers_says(call)``: what the libraries said while ``call()`` ran (to assert no unmatched keys)."""
+    return _said_while

@@ -6,13 +6,9 @@ through sdtune's ``Adapter.delta`` alone.
 """
 
 import copy
-import io
 import json
-import logging
 import math
 import re
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -530,7 +526,7 @@ def test_diffusers_file_with_embeddings_refused(tmp_path):
     assert torch.equal(formats.load_lora(tmp_path / "k.safetensors").embeddings["<s1>"], torch.ones(1, 8))
 
 
-def test_diffusers_output_loads_in_diffusers_exactly(tmp_path, parts, shapes):
+def test_diffusers_output_loads_in_diffusers_exactly(tmp_path, parts, shapes, diffusers_says):
     """The oracle: diffusers' own loader reads every key of sdtune's diffusers file, scale included."""
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
@@ -548,19 +544,7 @@ def test_diffusers_output_loads_in_diffusers_exactly(tmp_path, parts, shapes):
     pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=text, tokenizer=parts["tokenizer"], unet=unet,
                                    scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out, logs = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(logs)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(out):
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(tmp_path / "d.safetensors"), adapter_name="x")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    text_out = out.getvalue() + logs.getvalue() + " ".join(str(w.message) for w in caught)
+    text_out = diffusers_says(lambda: pipe.load_lora_weights(str(tmp_path / "d.safetensors"), adapter_name="x"))
     assert "UNEXPECTED" not in text_out and "did not match" not in text_out, text_out[-2000:]
     assert not re.search(r"lora_[AB].*MISSING", text_out), text_out[-2000:]
     # every module got its adapter with the file's factors, nothing else got one

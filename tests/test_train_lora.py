@@ -1,12 +1,8 @@
 """LoRA training: targets, the saved kohya and diffusers files (loaded back by sdtune and diffusers), metadata."""
 
 import copy
-import io
 import json
-import logging
 import re
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -152,7 +148,7 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path):
+def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path, diffusers_says):
     s = settings(dataset, tmp_path, targets="attn+ff", conv_rank=2, text_encoder=True, formats=["diffusers"])
     kohya = train_lora(base, s)
     path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
@@ -161,19 +157,7 @@ def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset,
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
                                    scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out, logs = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(logs)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(out):
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    said = out.getvalue() + logs.getvalue() + " ".join(str(w.message) for w in caught)
+    said = diffusers_says(lambda: pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained"))
     assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
     lora = load_lora(kohya)
     for comp, model in (("unet", unet), ("text_encoder", text)):

@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import warnings
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -152,23 +151,6 @@ def _complaints(said: str) -> list[str]:
     return found
 
 
-def _quiet_load(pipe, path, name: str) -> str:
-    """What diffusers says while loading ``path``: its logs, warnings and prints."""
-    out, logs = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(logs)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(out):
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path), adapter_name=name)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    return out.getvalue() + logs.getvalue() + " ".join(str(w.message) for w in caught)
-
-
 def _adapters(model, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """PEFT's (A, B, scale) of adapter ``name`` in every wrapped module of ``model``."""
     return {n.removeprefix("text_model."): (m.lora_A[name].weight.detach().clone(),
@@ -176,7 +158,7 @@ def _adapters(model, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, f
             for n, m in model.named_modules() if hasattr(m, "lora_A") and name in m.lora_A}
 
 
-def test_trained_lora_loads_in_diffusers_sdxl_and_fuses_as_sdtune_patches(xl, cli_lora):
+def test_trained_lora_loads_in_diffusers_sdxl_and_fuses_as_sdtune_patches(xl, cli_lora, diffusers_says):
     out, kohya, _ = cli_lora
     lora = load_lora(kohya)
     assert set(lora.modules) == {"unet", *TEXT} and all(lora.modules[c] for c in ("unet", *TEXT))
@@ -186,7 +168,7 @@ def test_trained_lora_loads_in_diffusers_sdxl_and_fuses_as_sdtune_patches(xl, cl
                                      **{c: copy.deepcopy(getattr(xl, c)) for c in ("unet", *TEXT)})
     loaded = {}
     for name, file in (("d", out / "diffusers" / "pytorch_lora_weights.safetensors"), ("k", kohya)):
-        said = _quiet_load(pipe, file, name)
+        said = diffusers_says(lambda: pipe.load_lora_weights(str(file), adapter_name=name))
         assert not _complaints(said), (name, _complaints(said)[:5])
         # every trained layer, and only those, took an adapter
         loaded[name] = {c: _adapters(getattr(pipe, c), name) for c in ("unet", *TEXT)}
