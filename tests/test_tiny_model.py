@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdtune.generate import generate
 from sdtune.models import load_base
-from sdtune.tiny import judge, recipe
+from sdtune.tiny import config as tiny_config
+from sdtune.tiny import judge, recipe, vae_recipe
 from sdtune.tiny import model as tiny_model
 
 shipped = pytest.mark.skipif(not tiny_model.trained_weights_exist(), reason="no trained tiny model shipped")
@@ -117,6 +119,29 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     base = load_base(str(tmp_path / "straight" / "model"), device="cpu", dtype="fp32")
     assert base.family.name == "tiny" and base.source == "tiny"
     assert base.unet.conv_in.weight.equal(exported["conv_in.weight"].float())
+
+
+def test_recipe_trains_on_a_given_vae_without_training_one(tmp_path, monkeypatch):
+    """``--vae``: tiny retrained on another VAE (the general one, twice as wide): no VAE stage, its latents."""
+    given = tmp_path / "given.safetensors"
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**tiny_config.WIDE_VAE)
+    vae.register_to_config(scaling_factor=0.5)
+    vae_recipe.export(vae, given)
+    real, calls = recipe.F.mse_loss, {"n": 0}
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(recipe.F, "mse_loss", counted)
+    recipe.main(["--out", str(tmp_path / "run"), *SMALL, "--vae", str(given)])
+    assert calls["n"] == 6  # the six diffusion steps; no VAE step
+    assert not (tmp_path / "run" / "vae_ckpt.pt").exists()
+    exported, want = load_file(tmp_path / "run" / "model" / "vae.safetensors"), load_file(given)
+    assert exported.keys() == want.keys() and all(exported[k].equal(want[k]) for k in want)  # shipped as given
+    with pytest.raises(SystemExit, match="nothere.safetensors: no such VAE file; give --vae"):
+        recipe.main(["--out", str(tmp_path / "other"), *SMALL, "--vae", str(tmp_path / "nothere.safetensors")])
 
 
 SMALL_XL = ["--arch", "sdxl", "--images", "16", "--steps", "6", "--batch", "2", "--save-every", "2", "--workers",

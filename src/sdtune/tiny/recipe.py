@@ -10,7 +10,8 @@ Reproducible from a seed (per-step random draws); resumable (a checkpoint every 
 renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE
 this recipe trains knows only the world; a second stage, ``python -m sdtune.tiny.vae_recipe --start
 runs/tiny/model/vae.safetensors --install``, makes it a general codec (any colour, frames, text, photos)
-while keeping the latents this UNet was trained on (see ``vae_recipe``).
+while keeping the latents this UNet was trained on (see ``vae_recipe``). ``--vae PATH/vae.safetensors`` trains
+on a VAE already made (the general one) instead of training one: tiny retrained on the new VAE.
 
 ``--arch sdxl`` trains ``tiny-xl``: the shipped tiny VAE stays as it is (frozen, shared); the first text encoder
 starts as tiny's with a fourth layer that adds nothing (``config.XL_TEXT_ENCODER_1``) and learns at 0.3x the
@@ -278,6 +279,8 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="the settings below, unless given: cpu (the shipped tiny), xl-cpu (the shipped tiny-xl; "
                         "the default with --arch sdxl) or large")
+    p.add_argument("--vae", help="train on this vae.safetensors instead of training a VAE first (tiny-xl: "
+                   "default the shipped tiny VAE), e.g. the general VAE of vae_recipe")
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--vae-batch", type=int)
     p.add_argument("--vae-images", type=int, help="renders the VAE trains on (all kinds)")
@@ -339,8 +342,11 @@ def main(argv=None) -> None:
             for name, param in parts["text_encoder"].named_parameters():
                 if added in name and ("out_proj" in name or "fc2" in name):
                     param.zero_()
-        if not vae_done.exists():
-            shutil.copyfile(model.WEIGHTS / "vae.safetensors", vae_done)
+    given = Path(a.vae) if a.vae else model.WEIGHTS / "vae.safetensors" if xl else None
+    if given is not None and not vae_done.exists():  # a resumed run keeps the VAE it started on
+        if not given.is_file():
+            raise SystemExit(f"{given}: no such VAE file; give --vae PATH/vae.safetensors")
+        shutil.copyfile(given, vae_done)
     if vae_done.exists():
         state = load_file(vae_done)
         scaling = float(state.pop("scaling_factor"))
