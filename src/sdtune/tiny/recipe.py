@@ -1,6 +1,8 @@
 """The training recipe of the built-in models: VAE first, then UNet and text encoder together.
 
-    python -m sdtune.tiny.recipe --out runs/tiny --install    # --install copies the result into the package
+    python -m sdtune.tiny.recipe --out runs/tiny --vae src/sdtune/tiny/assets/model/vae.safetensors --install
+                            # the shipped tiny, on the general VAE; --install copies the result into the package
+    python -m sdtune.tiny.recipe --out runs/tiny0             # VAE first (world renders), then UNet: the first model
     python -m sdtune.tiny.recipe --arch sdxl --out runs/tiny-xl --install    # tiny-xl (needs tiny's weights)
 
 The defaults (``--preset cpu``) are the shipped model's settings, sized for a 2-core CPU (the README has
