@@ -11,7 +11,7 @@ Reproducible from a seed (per-step random draws); resumable (a checkpoint every 
 ``sdtune eval-tiny --model runs/tiny/model`` judges an export before it is installed. Everything is trained on
 renders of the shapes world; the diffusion model never sees a held-out concept (see ``world``). The VAE
 this recipe trains knows only the world; a second stage, ``python -m sdtune.tiny.vae_recipe --start
-runs/tiny/model/vae.safetensors --install``, makes it a general codec (any colour, frames, text, photos)
+runs/tiny0/model/vae.safetensors --install``, makes it a general codec (any colour, frames, text, photos)
 while keeping the latents this UNet was trained on (see ``vae_recipe``). ``--vae PATH/vae.safetensors`` trains
 on a VAE already made (the general one) instead of training one: tiny retrained on the new VAE.
 

@@ -1,6 +1,6 @@
 """Make the built-in VAE a general 64 px codec without moving the latents the tiny UNet was trained on.
 
-    python -m sdtune.tiny.vae_recipe --out runs/vae --install   # after `python -m sdtune.tiny.recipe`
+    python -m sdtune.tiny.vae_recipe --out runs/vae --install   # after `python -m sdtune.tiny.recipe --out runs/tiny0`
 
 The first recipe (``recipe``) trains its VAE on shapes-world renders only, then the UNet on that VAE's
 latents. This second stage fine-tunes that VAE (encoder and decoder) on the broad set of ``images`` so it
@@ -286,8 +286,8 @@ def category_weights(text: str) -> torch.Tensor | None:
 def settings(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/vae")
-    p.add_argument("--start", default="runs/tiny/model/vae.safetensors",
-                   help="the VAE the tiny UNet was trained on (default: the first recipe's export)")
+    p.add_argument("--start", default="runs/tiny0/model/vae.safetensors",
+                   help="the VAE the first tiny UNet was trained on (default: the first recipe's export)")
     p.add_argument("--init", help="weights to go on from, e.g. an earlier run's vae.safetensors (default: "
                    "--start); the anchor still pulls to --start")
     p.add_argument("--seed", type=int, default=0)
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     log(f"vae recipe {json.dumps(vars(a))} on {device}")
     t0 = time.time()
     if not Path(a.start).is_file():
-        raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe` first or give "
+        raise SystemExit(f"{a.start}: no VAE to start from; run `python -m sdtune.tiny.recipe --out runs/tiny0` first or give "
                          "--start PATH/vae.safetensors")
     old = load_vae(Path(a.start))
     vae = load_vae(Path(a.init)) if a.init else copy.deepcopy(old)
