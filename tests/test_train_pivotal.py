@@ -132,7 +132,7 @@ def test_a_word_already_loaded_is_kept_and_not_unloaded_by_the_lora(base, run):
         base.embeddings.remove(TOKEN)
 
 
-def _lora_part_note_dropped(said: str) -> str:
+def _without_text_encoder_note(said: str) -> str:
     # the run trained no text-encoder LoRA, which diffusers mentions in a line of its own
     return re.sub(r"No LoRA keys associated to CLIPTextModel[^\n]*", "", said)
 
@@ -150,13 +150,13 @@ def test_diffusers_loads_the_lora_part_and_the_word_beside_it(base, run, diffuse
     # the kohya file without its bundle: diffusers' kohya converter takes every key
     pipe = _pipe(base)
     lora_part = {k: v for k, v in load_file(str(path)).items() if not k.startswith("bundle_emb.")}
-    said = _lora_part_note_dropped(diffusers_says(lambda: pipe.load_lora_weights(lora_part, adapter_name="pivotal")))
+    said = _without_text_encoder_note(diffusers_says(lambda: pipe.load_lora_weights(lora_part, adapter_name="pivotal")))
     assert not re.search(r"unexpected|did not match|missing|not been correctly", said, re.IGNORECASE), said[-2000:]
     wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == set(lora.modules["unet"])
     # the diffusers-layout file and the word on its own (diffusers' pivotal-tuning pair)
     pipe = _pipe(base)
-    said = _lora_part_note_dropped(diffusers_says(
+    said = _without_text_encoder_note(diffusers_says(
         lambda: pipe.load_lora_weights(str(out / "diffusers"), adapter_name="pivotal")))
     assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
     assert {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")} == set(lora.modules["unet"])

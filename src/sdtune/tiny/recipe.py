@@ -344,7 +344,7 @@ def main(argv=None) -> None:
             for name, param in parts["text_encoder"].named_parameters():
                 if added in name and ("out_proj" in name or "fc2" in name):
                     param.zero_()
-    given = Path(a.vae) if a.vae else model.WEIGHTS / "vae.safetensors" if xl else None
+    given = Path(a.vae) if a.vae else (model.WEIGHTS / "vae.safetensors" if xl else None)  # None: train one
     if given is not None and not vae_done.exists():  # a resumed run keeps the VAE it started on
         if not given.is_file():
             raise SystemExit(f"{given}: no such VAE file; give --vae PATH/vae.safetensors")
