@@ -20,12 +20,19 @@ Fairness rules, the same for sdtune and diffusers' example scripts:
   first steps do not count;
 - runs alternate between the trainers and repeat; the tables show medians (the machine is shared);
 - a diffusers script that cannot run here (absent, or it stops with an error) gets a row that says why, and
-  the sdtune rows are still measured.
+  the sdtune rows are still measured;
+- on a GPU (``--device cuda``, see ``gpu_sdxl.sh``) each row also gets its peak GPU memory: the most nvidia-smi
+  reports in use on the GPU while the trainer runs, less what was in use before it started, polled four times a
+  second (PyTorch's caching allocator keeps what it reserved, so a peak lasts until the process frees its cache
+  or ends); both trainers run in the same dtype (``--dtype bf16``: sdtune loads the model in bf16 and trains
+  with bf16 mixed precision, the scripts with ``--mixed_precision bf16``), and MFU is taken against the GPU's
+  own matmul rate in that dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,13 +41,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT.parent / "shared" / "oracles" / "diffusers-examples"
+# diffusers' example scripts: beside the checkout, or where SDTUNE_DIFFUSERS_EXAMPLES says (gpu_sdxl.sh: a copy
+# carried to a machine that has no ../shared)
+EXAMPLES = Path(os.environ.get("SDTUNE_DIFFUSERS_EXAMPLES") or ROOT.parent / "shared" / "oracles" / "diffusers-examples")
 
 # A mid-size model of the SD 1.x architecture: SD 1.5's block types, attention layout and CLIP-L text width
 # (768, which is what makes it an SD 1.x model to any loader), with a tenth of the channels and one text layer
@@ -67,12 +77,15 @@ MID_NAME = "mid-size SD 1.x (UNet 32/64/128/128, 10M; CLIP width 768, 1 layer; V
 # and the UNet's 2048-wide cross-attention are SDXL's) with two layers each. At 64 px the cross-attention
 # projections of the 77 text tokens are most of a step's FLOPs, as the text side is in a real SDXL at 1024 px.
 XL_NAME = "small SDXL (UNet 32/64/128, depths 1/2/10, 54M; CLIP-L/bigG widths 768/1280, 2 layers each)"
+# SDXL at its real sizes (sdtune's ``sdxl-random``), for the GPU rows: a CPU would take minutes per step at 1024 px.
+FULL_XL_NAME = "full-size SDXL, random init (UNet 2.6B; CLIP-L and OpenCLIP bigG)"
 
 STEP_MARK = re.compile(r"@step (.*?)\|(\d+)\|(\d+|None)\|([0-9.]+)@")
 
 
-def write_mid_model(folder: Path) -> Path:
-    """The mid-size model (random init, seed 0) as a diffusers folder that both trainers load."""
+def write_mid_model(folder: Path, device: str = "cpu", dtype: str = "fp32") -> Path:
+    """The mid-size model (random init, seed 0) as a diffusers folder that both trainers load; drawn on the CPU
+    in fp32 (the same numbers on any device), saved in ``dtype``."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -88,15 +101,28 @@ def write_mid_model(folder: Path) -> Path:
                                 clip_sample=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tf_logging.disable_progress_bar()
-    pipe.save_pretrained(folder)
+    pipe.to(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder)
     return folder
 
 
-def write_small_xl_model(folder: Path) -> Path:
+def write_small_xl_model(folder: Path, device: str = "cpu", dtype: str = "fp32") -> Path:
     """The small SDXL-architecture model (``sdxl-small-random``, random init, seed 0) as a diffusers folder."""
     from sdtune.models import load_base, save_diffusers
 
-    return save_diffusers(load_base("sdxl-small-random", device="cpu", dtype="fp32"), folder)
+    return save_diffusers(load_base("sdxl-small-random", device="cpu", dtype=dtype), folder)
+
+
+def write_full_xl_model(folder: Path, device: str = "cpu", dtype: str = "fp32") -> Path:
+    """SDXL at its real sizes (``sdxl-random``, random init, seed 0) as a diffusers folder: drawn on ``device``
+    (seconds on a GPU; 3.5 B parameters are minutes on a CPU), saved in ``dtype`` (7 GB in bf16)."""
+    import torch
+
+    from sdtune.models import load_base, save_diffusers
+
+    save_diffusers(load_base("sdxl-random", device=device, dtype=dtype), folder)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the trainers' GPU memory is measured on a GPU this process has left empty
+    return folder
 
 
 @dataclass(frozen=True)
@@ -104,7 +130,7 @@ class Arch:
     """A model architecture the benchmarks run on: how to write its model folder, and diffusers' example
     script for each kind of training on it."""
     title: str
-    write_model: Callable[[Path], Path]
+    write_model: Callable[[Path, str, str], Path]  # (folder, device, dtype) -> folder
     scripts: dict[str, str]  # "ti" / "lora" -> script in EXAMPLES
 
 
@@ -116,6 +142,8 @@ ARCHS = {
     "sd1": Arch(MID_NAME, write_mid_model, {"ti": "textual_inversion.py", "lora": "train_text_to_image_lora.py"}),
     "sdxl": Arch(XL_NAME, write_small_xl_model,
                  {"ti": "textual_inversion_sdxl.py", "lora": "train_dreambooth_lora_sdxl.py"}),
+    "sdxl-full": Arch(FULL_XL_NAME, write_full_xl_model,
+                      {"ti": "textual_inversion_sdxl.py", "lora": "train_dreambooth_lora_sdxl.py"}),
 }
 
 
@@ -123,7 +151,16 @@ def arguments(kind: str, doc: str) -> argparse.ArgumentParser:
     """The command line both benchmarks take (``kind``: "ti" or "lora")."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="sd1",
-                   help="the model: a mid-size SD 1.x or a small SDXL architecture (default sd1)")
+                   help="the model: a mid-size SD 1.x, a small SDXL, or (for a GPU) a full-size SDXL architecture "
+                        "(default sd1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both trainers run")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default), or bf16: the model's weights, and mixed precision for both trainers")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="both trainers checkpoint activations (diffusers' TI script only its text encoders')")
+    p.add_argument("--model-folder", type=Path, metavar="DIR",
+                   help="write the model here, or use the one already written here (a full-size SDXL takes "
+                        "minutes to write; train_lora.py and train_ti.py can share it)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3, help="runs per trainer, alternating (medians are shown)")
     p.add_argument("--threads", type=int, default=2)
@@ -136,6 +173,26 @@ def arguments(kind: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also print a profile of sdtune's steps")
     p.add_argument("--no-diffusers", action="store_true", help="run sdtune only")
     return p
+
+
+def model_folder(a: argparse.Namespace, scratch: Path) -> Path:
+    """The model both trainers read: the one in ``--model-folder`` if written there before, else a new one."""
+    folder = a.model_folder or scratch / "model"
+    if (folder / "model_index.json").is_file():
+        print(f"using the model already in {folder}", file=sys.stderr, flush=True)
+        return folder
+    start = time.perf_counter()
+    ARCHS[a.arch].write_model(folder, a.device, a.dtype)
+    print(f"wrote the model to {folder} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return folder
+
+
+def check_device(device: str) -> None:
+    """One line, before anything is written, where the device asked for is not here."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu")
 
 
 def write_images(folder: Path, n: int = 8, style: str | None = None, captions: bool = True) -> Path:
@@ -164,7 +221,9 @@ def child_env(threads: int, scratch: Path) -> dict:
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
             "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
-            f"{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT / "src")}
+            f"{os.environ.get('PATH', '')}",
+            # this checkout's sdtune first; packages installed beside the environment's (gpu_sdxl.sh) stay found
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 
 
 class TrainerFailed(Exception):
@@ -183,9 +242,39 @@ LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, 
             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status) & 255)")
 
 
-def run_process(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB) and its output; ``TrainerFailed`` on failure."""
-    with tempfile.TemporaryDirectory() as tmp:
+class GpuMemory:
+    """The most GPU memory in use (GB) while it is entered, less what was in use on entry: nvidia-smi polled in a
+    thread four times a second."""
+
+    def __init__(self, device: str):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
+        index = device.partition(":")[2] or visible or "0"
+        self.query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", index]
+        self.peak_gb, self._stop = 0.0, threading.Event()
+
+    def used_gb(self) -> float:
+        return float(subprocess.run(self.query, capture_output=True, text=True, check=True).stdout) / 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak_gb = max(self.peak_gb, self.used_gb() - self.before)
+
+    def __enter__(self):
+        self.before = self.used_gb()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_process(cmd: list[str], env: dict, device: str = "cpu") -> dict:
+    """Run ``cmd`` as a fresh process: wall seconds, peak RSS (GB), on a GPU its peak GPU memory (GB), and its
+    output; ``TrainerFailed`` on failure."""
+    gpu = GpuMemory(device) if device.startswith("cuda") else None
+    with tempfile.TemporaryDirectory() as tmp, gpu or contextlib.nullcontext():
         rss = Path(tmp) / "maxrss"
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(rss), *cmd], stdout=subprocess.PIPE,
@@ -199,7 +288,8 @@ def run_process(cmd: list[str], env: dict) -> dict:
         errors = [line for line in lines if ERROR_LINE.match(line)]
         reason = (errors or lines or [f"exit status {proc.returncode}"])[-1][:300]
         raise TrainerFailed(f"{reason} (exit status {proc.returncode})", out[-4000:])
-    return {"wall_s": wall, "peak_rss_gb": maxrss_kb / 2**20, "output": out}  # ru_maxrss: KB on Linux
+    gpu_gb = {"peak_gpu_gb": gpu.peak_gb} if gpu else {}
+    return {"wall_s": wall, "peak_rss_gb": maxrss_kb / 2**20, **gpu_gb, "output": out}  # ru_maxrss: KB on Linux
 
 
 def step_times(output: str, steps: int) -> dict[int, float]:
@@ -246,7 +336,7 @@ def diffusers_cmd(examples: Path, script: str, args: list[str]) -> list[str]:
 
 
 def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, threads: int, repeats: int,
-            warmup: int, steps: int) -> dict[str, dict]:
+            warmup: int, steps: int, device: str = "cpu") -> dict[str, dict]:
     """Run each trainer ``repeats`` times, alternating (the first one changes each round); the median of
     each measure per trainer, with the single values kept under ``runs``. A diffusers script that fails is
     not run again: its entry is ``{"not_run": reason}``; an sdtune failure stops the benchmark."""
@@ -261,7 +351,7 @@ def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, thr
             if out.exists():
                 shutil.rmtree(out)
             try:
-                res = run_process(trainers[name](out), child_env(threads, out))  # the command may refuse too
+                res = run_process(trainers[name](out), child_env(threads, out), device)  # the command may refuse too
             except TrainerFailed as e:
                 if not name.startswith("diffusers"):
                     raise SystemExit(f"{name} failed: {e.reason}\n{e.output}") from None
@@ -270,7 +360,8 @@ def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, thr
                 continue
             res["s_per_step"] = seconds_per_step(res.pop("output"), warmup, steps)
             runs[name].append(res)
-            print(f"  round {r + 1}/{repeats} {name}: {res['wall_s']:.1f} s, {res['peak_rss_gb']:.3f} GB, "
+            gpu = f", GPU {res['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in res else ""
+            print(f"  round {r + 1}/{repeats} {name}: {res['wall_s']:.1f} s, {res['peak_rss_gb']:.3f} GB{gpu}, "
                   f"{res['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
     return {name: {"not_run": failed[name]} if name in failed else
             {**{k: statistics.median(x[k] for x in rs) for k in rs[0]}, "runs": rs} for name, rs in runs.items()}
@@ -278,27 +369,37 @@ def compare(trainers: dict[str, Callable[[Path], list[str]]], scratch: Path, thr
 
 # ---------------------------------------------------------------- the limit: FLOPs and matmul rate
 
-def matmul_rates(threads: int, n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
-    """The dense matmul rate (FLOP/s) this process reaches on ``threads`` threads, in fp32 and, where the CPU
-    has bf16 units (AVX-512 BF16 or AMX), bf16: the denominator of MFU. It is the 80th percentile of the
-    rates of repeated n x n products over ``seconds``: near the best, but not one lucky timing (on a shared
-    machine single timings stray both ways)."""
+def matmul_rates(threads: int, device: str = "cpu", seconds: float = 2.0) -> dict[str, float]:
+    """The dense matmul rate (FLOP/s) this process reaches on ``threads`` threads or on the GPU, in fp32 and,
+    where the CPU has bf16 units (AVX-512 BF16 or AMX) or on a GPU, bf16: the denominator of MFU. It is the
+    80th percentile of the rates of repeated n x n products over ``seconds`` (n = 2048 on a CPU, 8192 on a
+    GPU, each product waited for): near the best, but not one lucky timing (on a shared machine single
+    timings stray both ways). A GPU's fp32 rate is without TF32, PyTorch's default, which both trainers keep."""
     import torch
 
+    gpu = device.startswith("cuda")
     torch.set_num_threads(threads)
+    n = 8192 if gpu else 2048
     dtypes = {"fp32": torch.float32}
-    if cpu_has_bf16():
+    if gpu or cpu_has_bf16():
         dtypes["bf16"] = torch.bfloat16
     rates = {}
     for name, dtype in dtypes.items():
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         torch.mm(a, b)
         seen, end = [], time.perf_counter() + seconds
         while time.perf_counter() < end or len(seen) < 5:
+            if gpu:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             torch.mm(a, b)
+            if gpu:
+                torch.cuda.synchronize()
             seen.append(2 * n**3 / (time.perf_counter() - t))
         rates[name] = sorted(seen)[int(0.8 * (len(seen) - 1))]
+        del a, b
+    if gpu:
+        torch.cuda.empty_cache()  # the trainers' GPU memory is measured on a GPU this process has left empty
     return rates
 
 
@@ -308,6 +409,17 @@ def cpu_has_bf16() -> bool:
     except (OSError, StopIteration):
         return False
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def run_conditions(a: argparse.Namespace) -> str:
+    """The dtype, checkpointing and machine of a run, for its table's title."""
+    if a.device.startswith("cuda"):
+        import torch
+
+        where = torch.cuda.get_device_name(a.device)
+    else:
+        where = f"{a.threads} threads, {cpu_name()}"
+    return f"{a.dtype}, " + ("gradient checkpointing, " if a.gradient_checkpointing else "") + where
 
 
 def cpu_name() -> str:
@@ -323,18 +435,22 @@ def cpu_name() -> str:
 ADDED_CONDITIONING = ("add_embedding", "text_projection")
 
 
-def sdtune_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float, float]:
+def sdtune_step_flops(kind: str, model: Path, settings: dict, device: str = "cpu",
+                      dtype: str = "fp32") -> tuple[float, float, float]:
     """FLOPs of one sdtune training step (its third: data, forward, backward, clipping, optimizer), counted by
     ``torch.utils.flop_counter`` (matmuls, convolutions, attention; elementwise work is free): the model's
     FLOPs (every sample's text projected by the cross-attention, as the scripts do; what MFU counts for every
     row), the part of them spent in the added conditioning of SDXL (``ADDED_CONDITIONING``; 0 for SD 1.x), which
     shows that the count covers that path, and what sdtune executes (a batch's repeated captions projected
-    once: ``sdtune.train.shared_text``)."""
-    total, added = _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-model", share_text=False))
-    return total, added, _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-run"))[0]
+    once: ``sdtune.train.shared_text``). Counted without gradient checkpointing: its recomputation is not
+    model FLOPs."""
+    settings = dict(settings, gradient_checkpointing=False)
+    total, added = _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-model", share_text=False),
+                                     device, dtype)
+    return total, added, _count_step_flops(kind, model, dict(settings, out=settings["out"] + "-run"), device, dtype)[0]
 
 
-def _count_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, float]:
+def _count_step_flops(kind: str, model: Path, settings: dict, device: str, dtype: str) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdtune.models import load_base
@@ -342,7 +458,7 @@ def _count_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, fl
     from sdtune.train.lora import train_lora
     from sdtune.train.ti import train_ti
 
-    base = load_base(str(model), device="cpu", dtype="fp32")
+    base = load_base(str(model), device=device, dtype=dtype)
     counter = FlopCounterMode(display=False)
 
     def callback(step, loss):  # steps are counted after the optimizer: between the calls lies exactly one step
@@ -355,10 +471,15 @@ def _count_step_flops(kind: str, model: Path, settings: dict) -> tuple[float, fl
     train(base, cls(**{**settings, "steps": 3, "progress": False, "report": False}), callback=callback)
     added = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
                 if name.rsplit(".", 1)[-1] in ADDED_CONDITIONING)
+    del base  # the next count, or the next trainer, gets the GPU memory back
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
     return float(counter.get_total_flops()), float(added)
 
 
-def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: bool) -> float:
+def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: bool, device: str = "cpu") -> float:
     """FLOPs diffusers' scripts spend each step on work sdtune does once: the VAE encoding of the batch (and,
     for a UNet-only LoRA on per-image captions, the frozen text encoders' forward passes: one, or SDXL's two)."""
     import torch
@@ -366,28 +487,33 @@ def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: b
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).eval()
     encoders = []
     for sub in ("text_encoder", "text_encoder_2") if with_text else ():
         if (model / sub / "config.json").is_file():  # the class the folder was saved from (SDXL's second projects)
             cls = getattr(transformers, json.loads((model / sub / "config.json").read_text())["architectures"][0])
-            encoders.append(cls.from_pretrained(model / sub).eval())
+            encoders.append(cls.from_pretrained(model / sub).to(device).eval())
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        vae.encode(torch.zeros(batch, 3, resolution, resolution)).latent_dist.sample()
+        vae.encode(torch.zeros(batch, 3, resolution, resolution, device=device)).latent_dist.sample()
         for encoder in encoders:
-            encoder(torch.zeros(batch, 77, dtype=torch.long))
+            encoder(torch.zeros(batch, 77, dtype=torch.long, device=device))
+    del vae, encoders
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------- the table
 
 def report(title: str, results: dict[str, dict], flops: tuple[float, float], extra_flops: float,
-           rates: dict[str, float], repeats: int) -> str:
-    """The comparison table: medians, MFU (against the fp32 matmul rate; the bf16 one for rows that run in bf16)
-    and each sdtune row's ratios to diffusers; a trainer that could not run has a row that says why."""
+           rates: dict[str, float], repeats: int, dtype: str = "fp32") -> str:
+    """The comparison table: medians, MFU (against the matmul rate in the run's dtype; the bf16 one for rows
+    that run in bf16) and each sdtune row's ratios to diffusers; a trainer that could not run has a row that
+    says why. Runs on a GPU also have a peak GPU memory column and ratio."""
     peak = rates["fp32"]
     flops, added, executed = flops
+    gpu = any("peak_gpu_gb" in r for r in results.values())
     lines = [title, f"medians of {repeats} alternating runs per trainer; model FLOPs per step {flops / 1e9:.2f} GFLOP"
              + (f", {added / 1e6:.1f} MFLOP of it in the added conditioning (pooled text + time ids)" if added else "")
              + (f"; sdtune executes {executed / 1e9:.2f} GFLOP of them (a batch's repeated captions go through the "
@@ -395,25 +521,28 @@ def report(title: str, results: dict[str, dict], flops: tuple[float, float], ext
              + f"; diffusers also spends {extra_flops / 1e9:.2f} GFLOP/step re-encoding what sdtune caches; "
              f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s"
              + (f", bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in rates else ""),
-             f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9} {'MFU':>9}", "-" * 86]
+             f"{'trainer':<48} {'s/step':>8} {'whole s':>8} {'peak RSS':>9}" + (f" {'peak GPU':>9}" if gpu else "")
+             + f" {'MFU':>9}", "-" * (96 if gpu else 86)]
     for name, r in results.items():
         if "not_run" in r:
             lines.append(f"{name:<48} cannot run here: {r['not_run']}")
             continue
-        bf16 = "bf16" in name and "bf16" in rates  # a bf16 run is measured against the bf16 rate
+        bf16 = "bf16" in rates and (dtype == "bf16" or "bf16" in name)  # a bf16 run: against the bf16 rate
         rate = rates["bf16"] if bf16 else peak
         mfu = flops / r["s_per_step"] / rate
         # where sdtune skips repeated work, also how busy the FLOPs it does execute keep the cores
         busy = (f" ({100 * executed / r['s_per_step'] / rate:.1f}% executed)"
                 if executed < 0.999 * flops and name.startswith("sdtune") else "")
         lines.append(f"{name:<48} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>7.3f}GB "
-                     f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else "") + busy)
+                     + (f"{r['peak_gpu_gb']:>7.2f}GB " if gpu else "")
+                     + f"{100 * mfu:>8.1f}%" + (" (of bf16)" if bf16 else "") + busy)
     reference = next((r for name, r in results.items() if name.startswith("diffusers") and "not_run" not in r), None)
     for name, r in results.items():
         if reference is not None and r is not reference and "not_run" not in r:
             lines.append(f"{name} / diffusers: speed-up {reference['s_per_step'] / r['s_per_step']:.2f}x per step, "
                          f"{reference['wall_s'] / r['wall_s']:.2f}x whole process (above 1: sdtune faster); "
-                         f"peak memory {r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x")
+                         f"peak memory {r['peak_rss_gb'] / reference['peak_rss_gb']:.2f}x"
+                         + (f", peak GPU memory {r['peak_gpu_gb'] / reference['peak_gpu_gb']:.2f}x" if gpu else ""))
     return "\n".join(lines)
 
 

@@ -7,11 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from sdtune.models import load_base
+
 # Tests never reach a model hub: hub sources must fail fast with a clear message instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A random-init SD1 model, fresh for each test module (its tests attach adapters to it and train on it)."""
+    return load_base("tiny-random")
 
 
 @pytest.fixture(scope="session")

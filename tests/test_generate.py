@@ -4,13 +4,7 @@ from PIL import Image
 
 from sdtune import api, sources
 from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, save_batch
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 def test_same_seed_same_pixels_and_seed_sequence(base):

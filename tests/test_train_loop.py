@@ -10,18 +10,12 @@ import torch
 from PIL import Image
 
 from sdtune.lora.formats import load_lora
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
 from sdtune.train import loop
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from safetensors import safe_open
 from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train.config import LoraSettings, load_settings
 from sdtune.train.lora import LoraLayer, Network, te_targets, train_lora, unet_targets
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ masked to 0 adds nothing to the loss or its gradient."""
 import warnings
 from types import SimpleNamespace
 
-import pytest
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -12,7 +11,6 @@ from torch import nn
 
 from sdtune.console import SdtuneWarning
 from sdtune.lora.formats import load_lora
-from sdtune.models import load_base
 from sdtune.train.config import LoraSettings
 from sdtune.train.data import scan_folder, seed_for, training_set
 from sdtune.train.loop import Objective
@@ -59,11 +57,6 @@ def test_a_region_masked_to_zero_adds_nothing_to_the_loss_or_its_gradient():
     # an all-white mask is no mask
     assert torch.equal(objective(latents, noise, t, context=context, mask=torch.ones(2, 1, 8, 8)),
                        objective(latents, noise, t, context=context))
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 def _image(path, alpha=None):

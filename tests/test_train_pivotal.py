@@ -24,11 +24,6 @@ TOKEN = "<pv>"
 
 
 @pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pivotal")
     world.write_dataset(folder, world.concept_scenes(4, seed=3, style="outline"), template=None, with_style=False)

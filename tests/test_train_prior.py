@@ -1,16 +1,14 @@
 """Prior preservation: class images drawn once by the base and reused; loss = instance + weight x prior."""
 
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
-from torch import nn
+from test_train_masked import FixedPrediction  # the same stand-in UNet
 
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train.config import LoraSettings
@@ -24,11 +22,6 @@ CLASS = "a photo of a shape"
 def _pixels(source) -> np.ndarray:
     with Image.open(source) as img:
         return np.asarray(img.convert("RGB")).astype(int)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +63,6 @@ def test_class_images_are_drawn_once_and_reused(base, dataset, tmp_path):
                                      reg_dir=str(reg)))
     assert sorted(p.name for p in reg.iterdir()) == ["class-00000.png", "class-00000.txt"]
     assert not (tmp_path / "other").exists()
-
-
-class FixedPrediction(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.pred = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    def forward(self, noisy, timesteps, context):
-        return SimpleNamespace(sample=self.pred + 0 * noisy)
 
 
 def test_the_objective_adds_the_weighted_prior_loss():

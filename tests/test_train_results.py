@@ -38,11 +38,6 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
-
-
-@pytest.fixture(scope="module")
 def lora_run(base, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train_lora(base, settings(dataset, out))

@@ -12,17 +12,11 @@ from sdtune import cli
 from sdtune.generate import generate, parse_infotext, read_infotext
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
 from sdtune.xyplot import GAP, Axis, axes_from_specs, parse_axis, parse_values, xy_plot
 
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny-random")
 
 
 def _random_lora(base, seed: int, scale: float = 0.5) -> Lora:
