@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sdtune.models import load_base
-
 # Tests never reach a model hub: hub sources must fail fast with a clear message instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sdtune.models import load_base  # noqa: E402  (after the lines above: huggingface_hub reads them at import)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
