@@ -138,6 +138,20 @@ def test_diffusers_folder_round_trip(base, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
 
 
+def test_a_folder_loads_in_the_dtype_asked_for_with_the_weights_a_cast_gives(base, tmp_path):
+    # read straight into the dtype (no fp32 copy on the way, which doubled an SDXL folder's memory): the same
+    # values as casting the fp32 model, and the same dtype for every component
+    folder = save_diffusers(base, tmp_path / "model")
+    for dtype in (torch.float16, torch.bfloat16):
+        loaded = load_base(str(folder), device="cpu", dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])
+        for name in ("unet", "vae", "text_encoder"):
+            theirs, mine = getattr(base, name).state_dict(), getattr(loaded, name).state_dict()
+            assert theirs.keys() == mine.keys()
+            for key, value in mine.items():
+                assert value.dtype == dtype, (name, key)
+                assert torch.equal(value, theirs[key].to(dtype)), (name, key)
+
+
 def test_pipeline_and_to(base):
     pipe = base.pipeline()
     assert pipe.safety_checker is None and pipe.unet is base.unet
