@@ -1,9 +1,11 @@
 """The built-in models (tiny, tiny-xl): the shipped weights draw what they are asked; the recipe resumes exactly."""
 
+import shutil
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdtune.generate import generate
 from sdtune.models import load_base
@@ -196,6 +198,22 @@ def test_xl_recipe_trains_from_tiny_on_its_vae_resumes_and_installs_only_its_own
         assert base.family.name == "tiny-xl" and base.source == "tiny-xl"
         unet = load_file(folder / "unet.safetensors")
         assert base.unet.conv_in.weight.equal(unet["conv_in.weight"].float())
+
+
+@shipped
+def test_xl_recipe_starts_its_first_text_encoder_from_the_tiny_it_is_given(tmp_path):
+    other = tmp_path / "other-tiny"  # another tiny: the shipped one with its text encoder's weights moved
+    other.mkdir()
+    for name in tiny_model.COMPONENTS:
+        shutil.copyfile(tiny_model.WEIGHTS / f"{name}.safetensors", other / f"{name}.safetensors")
+    given = {k: v + 0.5 if v.is_floating_point() else v for k, v in
+             load_file(tiny_model.WEIGHTS / "text_encoder.safetensors").items()}
+    save_file(given, other / "text_encoder.safetensors")
+    recipe.main(["--out", str(tmp_path / "run"), *SMALL_XL, "--steps", "2", "--tiny", str(other)])
+    trained = load_file(tmp_path / "run" / "model" / "text_encoder.safetensors")
+    assert all(torch.allclose(trained[k].float(), given[k].float(), atol=1e-2) for k in given)  # 0.5 from the shipped
+    with pytest.raises(SystemExit, match="nothere: no trained tiny model to build tiny-xl on; give --tiny an export"):
+        recipe.main(["--out", str(tmp_path / "other-run"), *SMALL_XL, "--tiny", str(tmp_path / "nothere")])
 
 
 def test_min_snr_weights_damp_only_the_nearly_clean_timesteps():

@@ -3,7 +3,8 @@
     python -m sdtune.tiny.recipe --out runs/tiny --vae src/sdtune/tiny/assets/model/vae.safetensors --install
                             # the shipped tiny, on the general VAE; --install copies the result into the package
     python -m sdtune.tiny.recipe --out runs/tiny0             # VAE first (world renders), then UNet: the first model
-    python -m sdtune.tiny.recipe --arch sdxl --out runs/tiny-xl --install    # tiny-xl (needs tiny's weights)
+    python -m sdtune.tiny.recipe --arch sdxl --out runs/tiny-xl --install    # tiny-xl (needs tiny's weights,
+                            # the shipped ones or --tiny FOLDER's: its first text encoder starts from tiny's)
 
 The defaults (``--preset cpu``) are the shipped model's settings, sized for a 2-core CPU (the README has
 the measured run). ``--preset large`` is the earlier recipe sized for one GPU (4x the samples, plain MSE).
@@ -291,6 +292,9 @@ def settings(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--min-snr", type=float, help="Min-SNR loss weighting gamma (0: plain MSE)")
     p.add_argument("--images", type=int, help="held-in training images of the diffusion model")
+    p.add_argument("--tiny", metavar="FOLDER",
+                   help="tiny-xl: the tiny model (an export of this recipe) whose text encoder its first one starts "
+                        "from (default: the shipped tiny)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU core)")
@@ -334,10 +338,12 @@ def main(argv=None) -> None:
     parts = model.build_xl(a.seed) if xl else model.build(a.seed)
     vae_done = out / "vae.safetensors"
     if xl:  # tiny's VAE as shipped; the first text encoder starts from tiny's, its extra last layer adding nothing
-        if not model.trained_weights_exist():
-            raise SystemExit(f"{model.WEIGHTS}: no trained tiny model to build tiny-xl on; train it first")
-        shipped = model.load()
-        missing, unexpected = parts["text_encoder"].load_state_dict(shipped["text_encoder"].state_dict(), strict=False)
+        tiny = Path(a.tiny) if a.tiny else model.WEIGHTS
+        if not model.trained_weights_exist(tiny):
+            raise SystemExit(f"{tiny}: no trained tiny model to build tiny-xl on; "
+                             + ("give --tiny an export folder of tiny's recipe" if a.tiny else "train it first"))
+        start = model.load(tiny)
+        missing, unexpected = parts["text_encoder"].load_state_dict(start["text_encoder"].state_dict(), strict=False)
         added = f".layers.{model.config.TEXT_ENCODER['num_hidden_layers']}."
         assert not unexpected and all(added in k for k in missing), (missing, unexpected)
         with torch.no_grad():  # the extra layer adds nothing: the last hidden state is the penultimate too
