@@ -112,16 +112,21 @@ def write_small_xl_model(folder: Path, device: str = "cpu", dtype: str = "fp32")
     return save_diffusers(load_base("sdxl-small-random", device="cpu", dtype=dtype), folder)
 
 
+def release_gpu(device: str) -> None:
+    """Hand this process's cached GPU memory back: the trainers' GPU memory is measured on a GPU it left empty."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def write_full_xl_model(folder: Path, device: str = "cpu", dtype: str = "fp32") -> Path:
     """SDXL at its real sizes (``sdxl-random``, random init, seed 0) as a diffusers folder: drawn on ``device``
     (seconds on a GPU; 3.5 B parameters are minutes on a CPU), saved in ``dtype`` (7 GB in bf16)."""
-    import torch
-
     from sdtune.models import load_base, save_diffusers
 
     save_diffusers(load_base("sdxl-random", device=device, dtype=dtype), folder)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the trainers' GPU memory is measured on a GPU this process has left empty
+    release_gpu(device)
     return folder
 
 
@@ -398,8 +403,7 @@ def matmul_rates(threads: int, device: str = "cpu", seconds: float = 2.0) -> dic
             seen.append(2 * n**3 / (time.perf_counter() - t))
         rates[name] = sorted(seen)[int(0.8 * (len(seen) - 1))]
         del a, b
-    if gpu:
-        torch.cuda.empty_cache()  # the trainers' GPU memory is measured on a GPU this process has left empty
+    release_gpu(device)
     return rates
 
 
@@ -472,10 +476,7 @@ def _count_step_flops(kind: str, model: Path, settings: dict, device: str, dtype
     added = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
                 if name.rsplit(".", 1)[-1] in ADDED_CONDITIONING)
     del base  # the next count, or the next trainer, gets the GPU memory back
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
+    release_gpu(device)
     return float(counter.get_total_flops()), float(added)
 
 
@@ -499,8 +500,7 @@ def diffusers_extra_flops(model: Path, batch: int, resolution: int, with_text: b
         for encoder in encoders:
             encoder(torch.zeros(batch, 77, dtype=torch.long, device=device))
     del vae, encoders
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    release_gpu(device)
     return float(counter.get_total_flops())
 
 
