@@ -135,7 +135,7 @@ class Arch:
     """A model architecture the benchmarks run on: how to write its model folder, and diffusers' example
     script for each kind of training on it."""
     title: str
-    write_model: Callable[[Path, str, str], Path]  # (folder, device, dtype) -> folder
+    write_model: Callable[[Path, str, str], Path]  # (folder, device, dtype) -> folder; small ones draw on the CPU
     scripts: dict[str, str]  # "ti" / "lora" -> script in EXAMPLES
 
 

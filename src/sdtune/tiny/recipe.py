@@ -339,11 +339,11 @@ def main(argv=None) -> None:
     vae_done = out / "vae.safetensors"
     if xl:  # tiny's VAE as shipped; the first text encoder starts from tiny's, its extra last layer adding nothing
         tiny = Path(a.tiny) if a.tiny else model.WEIGHTS
-        if not model.trained_weights_exist(tiny):
-            raise SystemExit(f"{tiny}: no trained tiny model to build tiny-xl on; "
-                             + ("give --tiny an export folder of tiny's recipe" if a.tiny else "train it first"))
-        start = model.load(tiny)
-        missing, unexpected = parts["text_encoder"].load_state_dict(start["text_encoder"].state_dict(), strict=False)
+        if not model.trained_weights_exist(tiny, ("text_encoder",)):  # only its text encoder is read
+            raise SystemExit(f"{tiny}: no trained tiny text encoder (text_encoder.safetensors) to build tiny-xl on; "
+                             + ("give --tiny an export folder of tiny's recipe" if a.tiny else "train tiny first"))
+        start = {k: v.float() for k, v in load_file(tiny / "text_encoder.safetensors").items()}
+        missing, unexpected = parts["text_encoder"].load_state_dict(start, strict=False)
         added = f".layers.{model.config.TEXT_ENCODER['num_hidden_layers']}."
         assert not unexpected and all(added in k for k in missing), (missing, unexpected)
         with torch.no_grad():  # the extra layer adds nothing: the last hidden state is the penultimate too
