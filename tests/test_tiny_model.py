@@ -1,6 +1,5 @@
 """The built-in models (tiny, tiny-xl): the shipped weights draw what they are asked; the recipe resumes exactly."""
 
-
 import pytest
 import torch
 from diffusers import AutoencoderKL
