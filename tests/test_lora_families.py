@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune import families, models
@@ -326,6 +327,27 @@ def test_sdxl_locon_sgm_names_convs_and_label_emb(tmp_path, xl, xl_pipe, xl_pris
     print(f"LoCon SGM-named: worst relative error {worst:.1e}")
 
 
+def test_sdxl_kohya_output_in_sgm_names_as_sd_scripts_writes(tmp_path, xl, xl_pipe, xl_pristine, xl_sgm_names):
+    """sdtune writes SDXL's kohya keys in SGM names (sd-scripts' own UNet), which A1111 matches as they are
+    (``lora_unet_`` -> ``diffusion_model_``): with diffusers names its SD 1.x block arithmetic puts up_blocks.0's
+    upsampler on output_blocks.2.1 (SDXL's is 2.2) and has no name for add_embedding. diffusers fuses them as
+    sdtune patches, add_embedding included."""
+    targets = conv_targets(xl) + attention_targets(xl)[:60]
+    sgm_modules = {keys.underscored(n) for n in xl_sgm_names.values()}
+
+    def write(path, seed):  # diffusers-named in, converted by sdtune
+        src = write_kohya(tmp_path / f"src{seed}.safetensors", families.SDXL, targets, seed, rank=4, alpha=2.0)
+        formats.convert(src, path, to="kohya")
+        return path
+    worst = _xl_case(tmp_path, xl, xl_pipe, xl_pristine, write)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        unet = {k.split(".")[0].removeprefix("lora_unet_") for k in f.keys() if k.startswith("lora_unet_")}
+    assert unet <= sgm_modules and len(unet) == sum(c == "unet" for c, _, _ in targets)
+    assert {"label_emb_0_0", "label_emb_0_2", "time_embed_0", "output_blocks_2_2_conv", "input_blocks_3_0_op",
+            "input_blocks_4_0_skip_connection", "input_blocks_1_0_emb_layers_1"} <= unet
+    print(f"kohya output in SGM names: worst relative error {worst:.1e}")
+
+
 def test_sdxl_diffusers_peft_layout(tmp_path, xl, xl_pipe, xl_pristine):
     targets = attention_targets(xl)
 
@@ -453,8 +475,6 @@ def test_sdxl_convert_kohya_diffusers_round_trip_and_inspect(tmp_path, xl, xl_sg
     assert {(c, p) for c, p, _ in original.items()} == {(c, p) for c, p, _ in targets}
     formats.convert(src, tmp_path / "d.safetensors", to="diffusers")
     formats.convert(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", to="kohya")
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "k2.safetensors"), "pt") as f:
         meta, names = f.metadata(), list(f.keys())
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"

@@ -111,7 +111,9 @@ def test_cli_lora_writes_kohya_sdxl_keys_with_the_sdxl_preset(cli_lora):
     # output goes through all of its layers)
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in keys)
     assert not any(k.startswith("lora_te1_text_model_encoder_layers_1_") for k in keys)
-    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in keys)
+    # the UNet in SGM names, as sd-scripts writes SDXL LoRAs (down_blocks.0.resnets.0.conv1)
+    assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in keys)
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in keys)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     # the run started from the SDXL preset: what the flags did not set is the preset's
     assert meta["ss_sdtune_preset"] == "sdxl" and meta["ss_enable_bucket"] == "True"

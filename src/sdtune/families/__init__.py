@@ -9,7 +9,7 @@ names. A family says:
 - the single-file layout (LDM for SD 1.x/2.x, SGM for SDXL), the pipeline class and the prediction type;
 - how prompts are encoded (which hidden layer, whether the pooled output and SDXL's size/crop time ids
   condition the UNet);
-- the ``ss_base_model_version`` value kohya writes.
+- the ``ss_base_model_version`` value kohya writes, and how kohya names UNet modules in LoRA keys.
 
 Adding a family (an SD 1.x inpainting UNet, say) is one new ``Family`` in ``FAMILIES`` and its configs.
 """
@@ -56,6 +56,9 @@ class Family:
     prediction_type: str  # what the UNet predicts by default: "epsilon" | "v_prediction"
     pooled_and_time_ids: bool  # SDXL: pooled text embedding + (original size, crop, target size) condition
     base_model_version: str  # kohya ss_base_model_version written for LoRAs of this family
+    # UNet module names in kohya LoRA keys: "diffusers" (``lora_unet_down_blocks_0_…``: sd-scripts trains SD 1.x/2.x
+    # on diffusers' UNet) or "sgm" (``lora_unet_input_blocks_4_1_…``: it trains SDXL on its own SGM-layout UNet)
+    kohya_unet_names: str = "diffusers"
 
     @property
     def text_widths(self) -> tuple[int, ...]:
@@ -102,7 +105,7 @@ SDXL = Family(
     ),
     configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
     prediction_type="epsilon",
-    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0")
+    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm")
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.
 TINY = Family(
@@ -124,7 +127,7 @@ TINY_XL = Family(
                     hidden_layer=-2, pad_token="!"),
     ),
     configs="", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="DDIMScheduler",
-    prediction_type="epsilon", pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0")
+    prediction_type="epsilon", pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm")
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY, TINY_XL)}
 _TINY_ARCH = {"tiny": "sd1", "tiny-xl": "sdxl"}  # families whose configs are Python (sdtune.tiny.config)

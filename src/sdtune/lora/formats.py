@@ -20,8 +20,8 @@ Keys no reader understands are kept in ``Lora.unknown`` (``keys.match`` reports 
 LyCORIS Tucker factors (``hada_t1``, ``lokr_t2``) are folded into plain two-factor form on reading, which gives
 the same ΔW with the same rank (and so the same alpha / rank scale).
 
-Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full; the family's text-encoder prefixes and
-``ss_base_model_version``) with ``ss_*`` metadata, or diffusers/PEFT keys
+Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full; the family's text-encoder prefixes, UNet naming
+(SGM for SDXL) and ``ss_base_model_version``) with ``ss_*`` metadata, or diffusers/PEFT keys
 with the alphas in the ``lora_adapter_metadata`` header (per-module ``rank_pattern``/``alpha_pattern``), which
 diffusers' ``load_lora_weights`` reads, so the scale stays exact and the factors are stored unchanged.
 """
@@ -38,6 +38,7 @@ import torch
 
 from .. import families
 from ..families import Family
+from ..ldm import unet_module_map
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state
 from ..ti.formats import SDXL_KEYS, Embedding
 from . import algos, hashes, keys
@@ -414,7 +415,7 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
     """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically).
 
     ``family`` (default: the one its layer widths point to, else SD 1.x) gives the kohya text-encoder prefixes
-    (``lora_te_`` or ``lora_te1_``/``lora_te2_``) and ``ss_base_model_version``.
+    (``lora_te_`` or ``lora_te1_``/``lora_te2_``), the UNet's naming and ``ss_base_model_version``.
     """
     path = Path(path)
     family = family or keys.guess_family(lora) or families.SD1
@@ -451,11 +452,22 @@ def _carried_metadata(lora: Lora) -> dict[str, str]:
             and not re.match(r"^(unet|text_encoder):\d+:rank$", k) and k not in ("unet", "text_encoder")}
 
 
+def _kohya_unet_names(paths, family: Family) -> dict[str, str]:
+    """diffusers UNet path -> the path kohya names it by: the same for SD 1.x/2.x, SGM's for SDXL
+    (``input_blocks.4.1.proj_in``, ``label_emb.0.0``), as sd-scripts writes. A1111 and ComfyUI match SGM names as
+    they are, while A1111 maps diffusers names by SD 1.x's block layout (SDXL's first upsampler lands on the wrong
+    module, and the added embedding on none). A UNet with a module outside the family's layout keeps diffusers
+    names throughout: diffusers drops the SGM keys of a file that mixes the two."""
+    same = {p: p for p in paths}
+    if family.kohya_unet_names != "sgm":
+        return same
+    sgm = {diffusers: name for name, diffusers in unet_module_map(family.component_configs()["unet"]).items()}
+    return {p: sgm[p] for p in paths} if all(p in sgm for p in paths) else same
+
+
 def _kohya_name(comp: str, path: str, family: Family) -> str:
-    """kohya's name of a module: its prefix, then the path with dots as underscores (text paths keep the
+    """kohya's name of a text-encoder module: its prefix, then the path with dots as underscores (keeping the
     ``text_model`` level, as kohya's transformers-4 models had it)."""
-    if comp == "unet":
-        return KOHYA_UNET_PREFIX + keys.underscored(path)
     try:
         prefix = family.text_encoder(comp).kohya_prefix
     except KeyError:
@@ -466,8 +478,9 @@ def _kohya_name(comp: str, path: str, family: Family) -> str:
 
 def _kohya_tensors(lora: Lora, family: Family) -> dict[str, torch.Tensor]:
     out = {}
+    unet = _kohya_unet_names(lora.modules["unet"], family)
     for comp, path, ad in lora.items():
-        name = _kohya_name(comp, path, family)
+        name = KOHYA_UNET_PREFIX + keys.underscored(unet[path]) if comp == "unet" else _kohya_name(comp, path, family)
         for role, tensor in ad.tensors.items():
             out[f"{name}.{ad.algo.file_key(role)}"] = tensor
         if ad.alpha is not None and ad.algo.uses_alpha:

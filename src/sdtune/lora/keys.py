@@ -143,6 +143,8 @@ def _infer_unet_config(paths: set[str]) -> dict | None:
                              for b in range(n)],
         "up_block_types": ["CrossAttnUpBlock2D" if has(f"up_blocks.{b}.attentions.") else "UpBlock2D"
                            for b in range(n)],
+        # SDXL's pooled text + time ids: LDM's label_emb
+        "addition_embed_type": "text_time" if has("add_embedding.") else None,
     }
 
 
