@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune.lora import formats
@@ -196,12 +197,40 @@ def test_kohya_dora_round_trips_and_peft_dora_refuses_kohya(base, tmp_path):
     assert b.kind == "dora" and b.alpha == 3.0 and set(b.tensors) == {"down", "up", "dora_scale"}
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
+    # kohya's dora_scale is per input column, PEFT's magnitude per output row: no diffusers layout for it
+    with pytest.raises(SdtuneError, match="DoRA adapters in this layout have no diffusers layout.*format='kohya'"):
+        formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
     peft_ad = Adapter("dora", {"down": down, "up": up, "magnitude": torch.ones(32)}, 4.0)
     lora.modules["unet"][ATTN] = peft_ad
-    with pytest.raises(SdtuneError, match="no kohya layout"):
+    with pytest.raises(SdtuneError, match="no kohya layout.*format='diffusers'"):
         formats.save_lora(lora, tmp_path / "c.safetensors")
-    with pytest.raises(SdtuneError, match="format='kohya'"):
-        formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
+    formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
+    back = formats.load_lora(tmp_path / "c.safetensors").modules["unet"][ATTN]
+    assert back.kind == "dora" and back.alpha == 4.0
+    assert all(torch.equal(back.tensors[k], v) for k, v in peft_ad.tensors.items())
+    # one PEFT config per component: DoRA and plain LoRA layers together cannot be described
+    lora.modules["unet"][CONV] = Adapter("lora", {"down": torch.ones(2, 32, 3, 3), "up": torch.ones(64, 2, 1, 1)})
+    with pytest.raises(SdtuneError, match="mixes DoRA and plain LoRA"):
+        formats.save_lora(lora, tmp_path / "d.safetensors", format="diffusers")
+
+
+def test_peft_dora_converted_to_diffusers_loads_in_diffusers_as_peft_merges(base, tmp_path):
+    """PEFT's folder -> ``sdtune convert --to diffusers`` -> diffusers' load_lora_weights + fuse_lora gives PEFT's
+    own merge (lora_magnitude_vector kept, use_dora in the header)."""
+    w0 = {t: weight(base.unet, t) for t in (ATTN, CONV)}
+    _, expected = peft_dora(base.unet, [ATTN, CONV], seed=4, save_to=tmp_path / "peft")
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    formats.convert(tmp_path / "peft" / "adapter_model.safetensors", out, to="diffusers")
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.use_dora"] is True
+        assert f"unet.{ATTN}.lora_magnitude_vector" in f.keys()
+    pipe = base.pipeline()
+    pipe.load_lora_weights(str(out), adapter_name="d")
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["d"])
+    pipe.unload_lora_weights()
+    for t in (ATTN, CONV):
+        assert not torch.equal(weight(base.unet, t), w0[t])
+        torch.testing.assert_close(weight(base.unet, t), expected[t], rtol=1e-5, atol=1e-6)
 
 
 def test_misshapen_dora_scale_is_one_clear_error(base, tmp_path):

@@ -23,7 +23,8 @@ the same ΔW with the same rank (and so the same alpha / rank scale).
 Write (``save_lora``): kohya (LyCORIS names for LoHa/LoKr/full; the family's text-encoder prefixes, UNet naming
 (SGM for SDXL) and ``ss_base_model_version``) with ``ss_*`` metadata, or diffusers/PEFT keys
 with the alphas in the ``lora_adapter_metadata`` header (per-module ``rank_pattern``/``alpha_pattern``), which
-diffusers' ``load_lora_weights`` reads, so the scale stays exact and the factors are stored unchanged.
+diffusers' ``load_lora_weights`` reads, so the scale stays exact and the factors are stored unchanged (a PEFT DoRA
+keeps its ``lora_magnitude_vector``, with ``use_dora`` on).
 """
 
 from __future__ import annotations
@@ -589,23 +590,31 @@ def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor],
         mods = lora.modules[comp]
         if not mods:
             continue
-        other = {ad.kind for ad in mods.values() if ad.algo.peft_factors(ad.tensors) is None}
+        other = {ad.algo.label or ad.kind for ad in mods.values() if ad.algo.peft_factors(ad.tensors) is None}
         if other:
-            raise SdtuneError(f"{path}: {'/'.join(sorted(other))} (LyCORIS) adapters have no diffusers layout "
-                              f"that diffusers loads; save them with format='kohya'")
+            raise SdtuneError(f"{path}: {'/'.join(sorted(other))} adapters in this layout have no diffusers layout "
+                              f"that diffusers loads (a kohya/LyCORIS DoRA normalises other axes than PEFT's); "
+                              f"save them with format='kohya'")
+        # PEFT switches an option such as DoRA on for a whole component, never per module
+        switches = {ad.algo.peft_switch for ad in mods.values()}
+        if len(switches) > 1:
+            raise SdtuneError(f"{path}: {comp} mixes DoRA and plain LoRA layers, which one PEFT config cannot "
+                              f"describe; save it with format='kohya'")
         ranks, alphas = {}, {}
         for p, ad in mods.items():
             down, up = ad.algo.peft_factors(ad.tensors)
             key = _diffusers_module(comp, p)
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+            tensors |= {key + suffix: t for suffix, t in ad.algo.peft_extras(ad.tensors).items()}
             ranks[p] = ad.rank
             alphas[p] = float(ad.alpha) if ad.alpha is not None else float(ad.rank)
-        header |= _pack_config(comp, ranks, alphas)
+        header |= _pack_config(comp, ranks, alphas, switches.pop())
     return tensors, json.dumps(header, sort_keys=True)
 
 
-def _pack_config(comp: str, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
-    """LoraConfig kwargs for one component, prefixed the way diffusers' save_lora_weights packs them."""
+def _pack_config(comp: str, ranks: dict[str, int], alphas: dict[str, float], switch: str | None = None) -> dict:
+    """LoraConfig kwargs for one component, prefixed the way diffusers' save_lora_weights packs them (``switch``:
+    a boolean option its algorithm needs on, "use_dora")."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     a = Counter(alphas.values()).most_common(1)[0][0]
     # Exact, anchored-at-a-dot patterns: PEFT matches ``(.*\.)?(pattern)$`` against the full module name.
@@ -616,4 +625,6 @@ def _pack_config(comp: str, ranks: dict[str, int], alphas: dict[str, float]) -> 
         "target_modules": sorted(ranks),
         "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False,
     }
+    if switch:
+        config[switch] = True
     return {f"{comp}.{k}": v for k, v in config.items()}

@@ -50,6 +50,7 @@ class Algorithm:
     # The algorithm whose file keys this one's add to (DoRA: LoRA's plus a magnitude): a module holding both
     # algorithms' keys reads as this one.
     extends: ClassVar[str | None] = None
+    peft_switch: ClassVar[str | None] = None  # the LoraConfig option its PEFT layout needs on ("use_dora")
 
     def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the
@@ -95,6 +96,10 @@ class Algorithm:
     def peft_factors(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lora_A, lora_B) for the diffusers/PEFT layout; None: the algorithm has no layout diffusers loads."""
         return None
+
+    def peft_extras(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What its diffusers/PEFT layout stores beside lora_A/lora_B: module key suffix -> tensor."""
+        return {}
 
     def lycoris_label(self, t: dict[str, torch.Tensor]) -> str | None:
         """The LyCORIS type these tensors are, as ``sdtune inspect`` names it; None: kohya's plain LoRA."""

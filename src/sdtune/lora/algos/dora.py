@@ -36,6 +36,7 @@ class Dora(Algorithm):
     extends = "lora"
     label = "DoRA"
     additive = False
+    peft_switch = "use_dora"
 
     def build(self, roles):
         norms = {"magnitude", "dora_scale"} & set(roles)
@@ -60,8 +61,16 @@ class Dora(Algorithm):
     def file_key(self, role):
         if role == "magnitude":  # kohya/A1111 would read it as per-input-column: a different weight
             raise SdtuneError("a PEFT DoRA (magnitude per output row) has no kohya layout that A1111 reads the "
-                              "same way; keep it in its PEFT/diffusers file")
+                              "same way; write it in the diffusers layout (format='diffusers', --to diffusers)")
         return super().file_key(role) if role in self.roles.values() else _LORA.file_key(role)
+
+    # PEFT's layout goes back to PEFT/diffusers as it came; kohya's dora_scale (per input column by default) has no
+    # PEFT equivalent, as PEFT normalises per output row.
+    def peft_factors(self, t):
+        return _LORA.peft_factors(t) if "magnitude" in t else None
+
+    def peft_extras(self, t):
+        return {".lora_magnitude_vector": t["magnitude"]}
 
     def apply(self, weight, t, scale, strength):
         return weight + strength * (self.merged(weight, t, scale) - weight)
