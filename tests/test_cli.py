@@ -73,6 +73,34 @@ def test_generate_errors_are_one_line(tmp_path, args, words):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "x", *FAST],
+    ["grid", "--prompt", "x", "--x", "seed=1-2", *FAST],
+    ["train", "lora", "--data", ".", "--model", "tiny-random", "--preset", "tiny-quick"],
+    ["demo", "--quick", "--model", "tiny-random"],
+])
+@pytest.mark.parametrize("where", ["the folder", "a parent"])
+def test_out_where_a_file_stands_is_one_line_and_touches_nothing(tmp_path, capsys, command, where):
+    (tmp_path / "data").mkdir()
+    blocker = tmp_path / "taken.png"
+    blocker.write_bytes(b"keep me")
+    out = blocker if where == "the folder" else blocker / "sub"
+    assert main([a if a != "." else str(tmp_path / "data") for a in command] + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "is a file, not a folder; choose another --out" in err
+    assert err.startswith(f"sdtune: error: {out}:") and ("taken.png is" in err if out != blocker else True)
+    assert blocker.read_bytes() == b"keep me" and sorted(tmp_path.iterdir()) == [tmp_path / "data", blocker]
+
+
+def test_file_outputs_refuse_a_folder(tmp_path, loras, capsys):
+    (tmp_path / "d").mkdir()
+    for command in (["convert", "--to", "diffusers", loras[0]], ["lora", "merge", f"{loras[0]}:1", "--out"]):
+        assert main([*map(str, command), str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and "is a folder; give a file name" in err
+    assert not any((tmp_path / "d").iterdir())
+
+
 def test_corrupt_weights_are_one_line(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")

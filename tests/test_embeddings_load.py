@@ -88,7 +88,7 @@ def test_sdxl_base_loads_sdxl_embeddings_and_skips_sd1_ones():
     assert loaded == list(sdxl.values())
     assert [str(w.message) for w in caught] == [
         f"{specs[0]}: embedding made for SD 1.x (768 wide), but this model is SDXL (clip_l 768 and clip_g 1280 wide); "
-        f"use an embedding made for this model (skipped; the other embeddings are loaded)"]
+        f"use an embedding made for this model (skipped)"]
     puppet = load_embedding(FIXTURES / "roettger_XLTI__myPuppet768.pt")
     ids = base.embeddings.ids("my-puppet")
     assert ids == base.embeddings.ids("my-puppet", "clip_g") == [49412]
@@ -100,18 +100,22 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "sdtune.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_cli_skips_an_odd_embedding_with_one_line_each(tmp_path):
+def test_cli_embedding_named_but_unusable_stops_with_one_line(tmp_path):
+    """A file the user named (``--embedding``) is not skipped as a folder's odd file is: images drawn without it
+    would be wrong and cost the run."""
     save_file({"emb_params": torch.randn(2, 64)}, tmp_path / "zqshiny.safetensors")
     save_file({"emb_params": torch.randn(2, 768)}, tmp_path / "wide.safetensors")  # SD 1.x, not the tiny model
     spaced = spaced_file(tmp_path, 64)
-    r = run_cli("generate", "--model", "tiny-random", "--prompt", "zqshiny le-petit-prince-moon", "--steps", "1",
-                "--no-progress", "--out", str(tmp_path / "out"), "--embedding", str(tmp_path / "zqshiny.safetensors"),
-                "--embedding", str(tmp_path / "wide.safetensors"), "--embedding", str(spaced))
+    args = ["generate", "--model", "tiny-random", "--prompt", "zqshiny le-petit-prince-moon", "--steps", "1",
+            "--no-progress", "--out", str(tmp_path / "out"), "--embedding", str(tmp_path / "zqshiny.safetensors")]
+    r = run_cli(*args, "--embedding", str(tmp_path / "wide.safetensors"), "--embedding", str(spaced))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"sdtune: error: {tmp_path / 'wide.safetensors'}") and "768 wide" in r.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
+    r = run_cli(*args, "--embedding", str(spaced))  # the usable ones: the stored token's fallback is one note
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and all(ln.startswith("sdtune: warning: ") for ln in lines), r.stderr
-    assert "wide.safetensors" in lines[0] and "768 wide" in lines[0] and "skipped" in lines[0]
-    assert "le-petit-prince-moon" in lines[1]
+    assert len(lines) == 1 and lines[0].startswith("sdtune: warning: ") and "le-petit-prince-moon" in lines[0]
     assert r.stdout.strip().endswith(".png")
 
 

@@ -91,24 +91,28 @@ def _add_or_skip(base: Base, what: str, load) -> None:
     try:
         load()
     except SdtuneError as e:
-        note(f"{e} (skipped; the other embeddings are loaded)")
+        note(f"{e} (skipped)")
 
 
-def add_embeddings(base: Base, specs, *, search_dirs: tuple = ()) -> list[str]:
-    """Load several 'SOURCE[:TOKEN]' embeddings; a file that cannot be used is skipped with a warning (a
-    missing file is a typo and stops here). Returns the tokens loaded."""
+def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable: bool = True) -> list[str]:
+    """Load several 'SOURCE[:TOKEN]' embeddings; a file that cannot be used is skipped with a warning, or with
+    ``skip_unusable=False`` stops here as a missing file (a typo) always does. Returns the tokens loaded."""
     for spec in specs:  # check every path first, so that a typo costs no loading
         sources.resolve(sources.split_suffix(spec)[0], "embedding", tuple(search_dirs))
     before = set(base.embeddings.tokens)
     for spec in specs:
-        _add_or_skip(base, spec, lambda spec=spec: add_embedding(base, spec, search_dirs=tuple(search_dirs)))
+        if skip_unusable:
+            _add_or_skip(base, spec, lambda spec=spec: add_embedding(base, spec, search_dirs=tuple(search_dirs)))
+        else:
+            add_embedding(base, spec, search_dirs=tuple(search_dirs))
     return [t for t in base.embeddings.tokens if t not in before]
 
 
 def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(), lora_dirs=(),
          embedding_dirs=(), allow_partial: bool = False) -> Base:
     base = load_base(model, device=device, dtype=dtype)
-    add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs))
+    # named one by one, so one that cannot be used stops here rather than draw images without it
+    add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
     for spec in loras:
         add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
     base.embedding_dirs = tuple(embedding_dirs)

@@ -20,7 +20,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .lora.bake import merge
     from .lora.formats import convert
     from .models import load_base
-    from .safeio import SdtuneError
+    from .safeio import SdtuneError, output_folder
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> None:
+    output_folder(a.out)  # a file in the way stops it before the work, not after
     base = api.load(a.model, a.device, a.dtype, loras=a.lora, embeddings=a.embedding, lora_dirs=a.lora_dir,
                     embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,

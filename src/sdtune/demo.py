@@ -32,7 +32,7 @@ from . import sources
 from .demo_report import write_report
 from .generate import grid, save_png
 from .models import load_base
-from .safeio import SdtuneError, atomic_write_text
+from .safeio import SdtuneError, atomic_write_text, output_folder
 from .tiny import judge, world
 from .tiny.evaluate import HELD_IN
 from .train.config import LoraSettings, TISettings, load_settings
@@ -376,8 +376,7 @@ def rescore(out_dir: str | Path) -> dict:
 def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = False, fresh: bool = False,
              device=None, dtype=None, progress: bool = True, plan: Plan | None = None) -> Path:
     """Run (or finish) the demo in ``out_dir``; returns the path of its ``index.html``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     plan = plan or (QUICK if quick else FULL)
     phases = _Phases(out, fresh)
     say = tqdm.write if progress else (lambda *_: None)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
-from .safeio import SdtuneError, atomic_path
+from .safeio import SdtuneError, atomic_path, output_folder
 
 # CLI name -> (diffusers class name, extra config, A1111 sampler name)
 SCHEDULERS = {
@@ -328,8 +328,7 @@ def grid(
 
 def save_batch(results: list[Generated], out_dir: str | Path, prefix: str = "") -> list[Path]:
     """Write each image as NNNNN-SEED.png (with infotext), plus grid.png when there are several."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     start = len(list(out_dir.glob("*.png")))
     paths = [r.save(out_dir / f"{prefix}{start + i:05d}-{r.seed}.png") for i, r in enumerate(results)]
     if len(results) > 1:

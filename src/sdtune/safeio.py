@@ -60,10 +60,36 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
     return obj, {}
 
 
+def output_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
+    """The output folder ``path``, created with its parents (``create``) or only checked; a file standing where a
+    folder must be is one line naming ``option``, not a traceback."""
+    path = Path(path)
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        where = "" if blocked == path else f" {blocked}"
+        raise SdtuneError(f"{path}:{where} is a file, not a folder; choose another {option}")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise SdtuneError(f"{path}: no permission to create this folder; choose another {option}") from None
+    return path
+
+
+def output_file(path: str | Path, option: str = "--out") -> Path:
+    """An output file's path, checked before any work: not a folder, and its folder creatable."""
+    path = Path(path)
+    if path.is_dir():
+        raise SdtuneError(f"{path}: is a folder; give a file name for {option}, e.g. {path / 'out.safetensors'}")
+    output_folder(path.parent, option, create=False)
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
     path = Path(path)
+    output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -85,7 +111,7 @@ def atomic_folder(path: str | Path):
     """Yield a new folder beside ``path`` to fill; on success it takes the place of ``path`` (replacing a folder
     there), on failure it is deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp

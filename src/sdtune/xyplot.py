@@ -37,7 +37,7 @@ from . import api, sources
 from .generate import SCHEDULERS, draw_grid, infotext, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
-from .safeio import SdtuneError, atomic_write_text
+from .safeio import SdtuneError, atomic_write_text, output_folder
 from .ti.formats import load_embedding
 
 KIND_NAMES = {  # kind -> the axis title A1111 users know
@@ -498,8 +498,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         if a.kind == "sr" and a.values[0] not in prompt and a.values[0] not in negative_prompt:
             raise SdtuneError(f"sr axis: {a.values[0]!r} is not in the prompt; the first value is the text to "
                               f"replace, e.g. prompt 'a red star' with sr=red|blue")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     adapters = _Adapters(base, lora_dirs, embedding_dirs, allow_partial)
     try:
         for spec in loras:

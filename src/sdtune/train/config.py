@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from ..safeio import SdtuneError, read_toml
+from ..safeio import SdtuneError, output_folder, read_toml
 from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -107,6 +107,7 @@ class TrainSettings:
             raise SdtuneError("no training data; pass --data DIR (a folder of images with .txt captions)")
         if not self.out:
             raise SdtuneError("no output folder; pass --out DIR")
+        output_folder(self.out, create=False)
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                         sample_images=self.sample_images, sample_steps=self.sample_steps)
         for name, value in positive.items():

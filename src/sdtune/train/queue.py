@@ -49,7 +49,7 @@ from string import Template
 
 from ..models import load_base
 from ..pages import Html, fill, lines
-from ..safeio import SdtuneError, atomic_write_text, load_state, read_toml
+from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
 from . import logs, presets
 from .config import KINDS, load_settings, read_settings
 from .loop import STATE_FILE, Record
@@ -230,8 +230,7 @@ def run_queue(path: str | Path, out: str | Path | None = None, *, device=None, d
     Raises ``SdtuneError`` naming the failed runs, after the others have run."""
     path = Path(path)
     top, runs = read_queue(path)
-    folder = queue_folder(path, top, out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(queue_folder(path, top, out))
     state = _read_state(folder)
     for run in runs:  # a done run with other settings now: its folder no longer says what the file asks
         old = state.get(run.name)
