@@ -427,9 +427,11 @@ def test_sd2_and_sdxl_files_refused_with_family(shapes):
     sd2 = _sd_for({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 1024),
                    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)})
     report = keys.match(formats.from_state_dict(sd2), ref)
-    assert report.family_guess == families.SD2 and report.shape_mismatch
-    with pytest.raises(SdtuneError, match=r"for SD 2\.x; the model is SD 1\.x"):
+    assert report.family_guess == families.SD2 and report.shape_mismatch and report.matched
+    with pytest.raises(SdtuneError, match=r"for SD 2\.x; the model is SD 1\.x") as refused:
         report.raise_if_bad(source="sd2.safetensors")
+    # the self-attention layer both families share in name and shape is no reason to offer partial loading
+    assert str(refused.value).endswith("; use a LoRA made for this base model")
 
     xl = _sd_for({"input_blocks.7.1.transformer_blocks.9.attn2.to_k": (1280, 2048)})
     xl |= _sd_for({"text_model.encoder.layers.0.self_attn.q_proj": (1280, 1280)}, prefix="lora_te2_")

@@ -131,8 +131,9 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
         raise SdtuneError("this model has LoRAs applied already; remove them (LoraSet.remove_all) before merging")
     lora_set = LoraSet.attach(base)
     try:
-        for i, p in enumerate(pairs):  # names keep list order, the order the sums are taken in
-            lora_set.add(f"{i:04d}", _load(p.src, lora_set.modules), (p.weights["unet"], p.weights["text_encoder"]),
+        for i, p in enumerate(pairs):  # names keep list order, the order the sums are taken in; a file is read
+            # by LoraSet, which names it in its messages
+            lora_set.add(f"{i:04d}", p.src, (p.weights["unet"], p.weights["text_encoder"]),
                          allow_partial=allow_partial, blocks=p.blocks)
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype)

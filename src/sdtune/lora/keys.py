@@ -371,7 +371,9 @@ class MatchReport:
         if allow_partial and self.matched:
             warnings.warn(f"{message}; applying only the {len(self.matched)} that fit", stacklevel=2)
             return
-        fix = ("use a LoRA made for this base model" if not self.matched else
+        # partial loading is worth offering for a LoRA of this model's family, not for the few layers another
+        # family's file happens to share in name and shape
+        fix = ("use a LoRA made for this base model" if not self.matched or self.cause() else
                "use a LoRA made for this base model, or allow partial loading (--allow-partial) to apply the rest")
         raise SdtuneError(f"{message}; {fix}")
 
