@@ -111,7 +111,7 @@ def test_settings_from_toml_with_flags_winning(tmp_path):
     with pytest.raises(SdtuneError, match=r"bad.toml: unknown setting 'rnak' for lora training; did you mean 'rank'"):
         load_settings(tmp_path / "bad.toml")
     (tmp_path / "type.toml").write_text('rank = "big"\n')
-    with pytest.raises(SdtuneError, match="type.toml: rank = 'big' is not a int"):
+    with pytest.raises(SdtuneError, match="type.toml: rank = 'big' is not an integer"):
         load_settings(tmp_path / "type.toml")
     (tmp_path / "broken.toml").write_text("rank = \n")
     with pytest.raises(SdtuneError, match="broken.toml: not valid TOML"):

@@ -127,10 +127,10 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
     ('outt = "x"\n[[job]]\nkind = "lora"\n', r"top level: unknown key 'outt'; did you mean 'out'\?"),
     ('[[job]]\nkind = "lora"\nlearning_rate = 1e-3\n', r"job 1: unknown key 'learning_rate'"),
     ('[[job]]\nname = "a"\nkind = "lora"\nrnk = 4\n', r"job 1 \(a\): unknown key 'rnk'; did you mean 'rank'\?"),
-    ('[[job]]\nkind = "lora"\nrank = "big"\n', r"job 1: rank = 'big' is not a int"),
+    ('[[job]]\nkind = "lora"\nrank = "big"\n', r"job 1: rank = 'big' is not an integer; fix the value"),
     ('[[job]]\nkind = "ti"\ntoken = "<t>"\nsweep = {rank = [4]}\n', r"job 1: sweep: unknown key 'rank'"),
     ('[[job]]\nkind = "lora"\nsweep = {lr = 1e-3}\n', r"job 1: sweep must be a table of lists"),
-    ('[[job]]\nkind = "lora"\nsweep = {lr = ["fast"]}\n', r"job 1: sweep: lr = 'fast' is not a float"),
+    ('[[job]]\nkind = "lora"\nsweep = {lr = ["fast"]}\n', r"job 1: sweep: lr = 'fast' is not a number"),
     ('[[job]]\nkind = "dreambooth"\n', r"job 1: kind = 'dreambooth'; write kind = \"ti\" or kind = \"lora\""),
     ('[[job]]\nkind = "lora"\nout = "elsewhere"\n', r"job 1: out is set by the queue"),
     ('[[job]]\nkind = "lora"\n[[job]]\nkind = "lora"\nname = "lora-1"\n', r"two runs are named 'lora-1'"),
@@ -148,6 +148,24 @@ def test_a_bad_queue_file_names_the_file_and_the_key(dataset, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(f"^sdtune: error: {re.escape(str(path))}: {says}", err), err
     assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+def test_every_bad_job_is_named_at_once(dataset, tmp_path, capsys):
+    """All jobs are checked before the first is fixed: one line per bad job, the good ones not named."""
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'[[job]]\nkind = "lora"\nrnak = 4\ndata = "{dataset.as_posix()}"\n'
+                    f'[[job]]\nkind = "tii"\n'
+                    f'[[job]]\nkind = "lora"\ndata = "no/such/folder"\n'
+                    f'[[job]]\nkind = "ti"\ndata = "{dataset.as_posix()}"\n'  # no token
+                    f'[[job]]\nkind = "lora"\nname = "fine"\ndata = "{dataset.as_posix()}"\n')
+    assert main(["train", "queue", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith(f"sdtune: error: {path}: job 1: unknown key 'rnak'; did you mean 'rank'?")
+    assert lines[1:] == [f"{path}: job 2: kind = 'tii'; write kind = \"ti\" or kind = \"lora\"",
+                         f"{path}: job lora-2: data = 'no/such/folder': no such folder (paths are relative to the "
+                         f"current folder); fix the path",
+                         f"{path}: job ti-1: no token; pass --token '<name>' (the new word your prompts will use)"]
+    assert not (tmp_path / "jobs").exists()
 
 
 def test_a_missing_data_folder_stops_before_any_training(tmp_path, capsys):

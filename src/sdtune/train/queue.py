@@ -50,7 +50,7 @@ from string import Template
 from ..models import load_base
 from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
-from . import logs, presets
+from . import logs
 from .config import KINDS, load_settings, read_settings
 from .loop import STATE_FILE, Record
 from .lora import train_lora
@@ -98,7 +98,7 @@ def _checked(path: Path, where: str, kind: str, table: dict) -> dict:
             raise _unknown(path, where, key, names)
     try:
         return read_settings(None, table, kind)
-    except SdtuneError as e:  # "--lr: lr = 'x' is not a float": name the file and the job instead of a flag
+    except SdtuneError as e:  # "--lr: lr = 'x' is not a number": name the file and the job instead of a flag
         message = re.sub(r"^--[\w-]+: ", "", str(e))
         raise SdtuneError(f"{path}: {where}: {message}") from None
 
@@ -132,16 +132,25 @@ def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
         raise SdtuneError(f"{path}: out = {table['out']!r}: must be a folder name in quotes")
     runs: list[Run] = []
     counts: dict[str, int] = {}
+    problems: list[str] = []  # every job is checked, and each bad one named, before the user fixes any
     for number, job in enumerate(jobs, 1):
         kind = job.get("kind")
         counts[kind] = counts.get(kind, 0) + 1
-        runs += _job_runs(path, number, job, defaults, counts[kind])
+        try:
+            job_runs = _job_runs(path, number, job, defaults, counts[kind])
+            for run in job_runs:
+                _check_run(path, run)
+        except SdtuneError as e:
+            problems.append(str(e))
+            continue
+        runs += job_runs
     seen: set[str] = set()
     for run in runs:
         if run.name in seen:
-            raise SdtuneError(f"{path}: two runs are named {run.name!r}; give the jobs different name = keys")
+            problems.append(f"{path}: two runs are named {run.name!r}; give the jobs different name = keys")
         seen.add(run.name)
-        _check_run(path, run)
+    if problems:
+        raise SdtuneError("\n".join(problems))  # one line each
     return {k: v for k, v in table.items() if k == "out"}, runs
 
 
@@ -176,19 +185,20 @@ def _job_runs(path: Path, number: int, job: dict, defaults: dict, nth: int) -> l
 
 
 def _check_run(path: Path, run: Run) -> None:
-    """What can be checked without the model: a typo in a preset name or in the data folder stops here."""
+    """What can be checked without the model: a typo in a preset name, in the data folder, or a setting that
+    cannot work (a TI job without a token) stops here."""
     where = f"job {run.name}"
-    if run.given.get("preset"):
-        try:
-            presets.get(run.kind, run.given["preset"])
-        except SdtuneError as e:
-            raise SdtuneError(f"{path}: {where}: {e}") from None
     data = run.given.get("data", "")
     if not data:
         raise SdtuneError(f"{path}: {where}: no data; add data = \"FOLDER\" to the job or to [defaults]")
     if not Path(data).is_dir():
         raise SdtuneError(f"{path}: {where}: data = {data!r}: no such folder (paths are relative to the current "
                           f"folder); fix the path")
+    try:
+        # the model's preset is unknown until it loads; what the job gives is checked on the plain defaults
+        load_settings(None, {**run.given, "out": run.name}, kind=run.kind).check()
+    except SdtuneError as e:
+        raise SdtuneError(f"{path}: {where}: {e}") from None
 
 
 def queue_folder(path: str | Path, top: dict, out: str | Path | None = None) -> Path:
