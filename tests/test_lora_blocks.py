@@ -1,6 +1,6 @@
 """Block weights (the A1111 lora-block-weight extension's lbw=): which layers each block weight scales, on the real
-SD 1.x block structure (``sd1-random``) and SDXL's (``sdxl-small-random``), its presets, the prompt/CLI/API forms,
-``lora merge --blocks`` and the errors.
+SD 1.x block structure (``sd1-random``), SDXL's (``sdxl-small-random``) and the tiny model's (three levels of one
+resnet), its presets, the prompt/CLI/API forms, ``lora merge --blocks`` and the errors.
 
 The oracle for "which block is this layer in" is written here from the LDM UNet's numbering (input_blocks: conv_in,
 then per level ``layers_per_block`` (resnet, attention) entries and a downsampler; output_blocks: per level
@@ -36,6 +36,8 @@ EXTENSION_PRESETS = {
 # The extension's block ids of the 17- and 12-weight vectors (BLOCKID17, BLOCKID12).
 ID17 = "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03 OUT04 OUT05 OUT06 OUT07 OUT08 OUT09 OUT10 OUT11".split()
 ID12 = "BASE IN04 IN05 IN07 IN08 M00 OUT00 OUT01 OUT02 OUT03 OUT04 OUT05".split()
+# The tiny model's blocks with attention (one resnet + attention per level, the deepest level without)
+ID8 = "BASE IN01 IN03 M00 OUT02 OUT03 OUT04 OUT05".split()
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,11 @@ def weights(base) -> dict:
 
 
 @pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory):
+    return case(load_base("tiny-random"), tmp_path_factory.mktemp("tiny") / "a.safetensors")
+
+
+@pytest.fixture(scope="module")
 def sd1_case(sd1, tmp_path_factory):
     return case(sd1, tmp_path_factory.mktemp("sd1") / "a.safetensors")
 
@@ -136,7 +143,7 @@ def applied(base, f, blocks_spec, weight=W) -> dict:
     return out
 
 
-@pytest.mark.parametrize("which", ["sd1_case", "xl_case"])
+@pytest.mark.parametrize("which", ["sd1_case", "xl_case", "tiny_case"])
 def test_every_block_weight_scales_its_own_layers(which, request):
     """One distinct weight per block: each layer's change is the plain one times its block's weight."""
     base, f, w0, plain = request.getfixturevalue(which)
@@ -145,7 +152,7 @@ def test_every_block_weight_scales_its_own_layers(which, request):
     got = applied(base, f, [per_block[b] for b in ids])
     seen = set()
     for key in w0:
-        block = expected_block(*key)
+        block = expected_block(*key, per_level=base.unet.config.layers_per_block)
         factor = 1.0 if block is None else per_block[block]
         seen.add(block)
         change, full = (got[key] - w0[key]).double(), (plain[key] - w0[key]).double()
@@ -172,13 +179,13 @@ def test_one_block_at_zero_and_half_touches_only_its_layers(which, block, reques
             assert torch.equal(off[k], plain[k]) and torch.equal(half[k], plain[k]), k
 
 
-def test_short_vectors_leave_out_blocks_as_the_extension(sd1_case, xl_case):
-    """17 (SD) and 12 (SDXL) weights: the blocks they do not list get 0 (the extension's to26)."""
-    for base, f, w0, plain in (sd1_case, xl_case):
-        listed = set(ID17 if base.family.name == "sd1" else ID12)
+def test_short_vectors_leave_out_blocks_as_the_extension(sd1_case, xl_case, tiny_case):
+    """17 (SD), 12 (SDXL) and 8 (tiny) weights: the blocks they do not list get 0 (the extension's to26)."""
+    for base, f, w0, plain in (sd1_case, xl_case, tiny_case):
+        listed = set({"sd1": ID17, "sdxl": ID12, "tiny": ID8}[base.family.name])
         got = applied(base, f, "ALL")
         for k in w0:
-            block = expected_block(*k)
+            block = expected_block(*k, per_level=base.unet.config.layers_per_block)
             want = w0[k] if block is not None and block not in listed else plain[k]
             assert torch.equal(got[k], want), (k, block)
 
@@ -198,6 +205,10 @@ def test_presets_expand_to_the_extensions_vectors():
     assert on["MIDD"] == {"BASE", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02"}
     assert on["NONE"] == set() and set(xl["ALL0.5"].values()) == {0.0, 0.5}
     assert len(blocks.parse(",".join(["1"] * 20), families.SDXL)) == 20
+    tiny = {name: {b for b, v in blocks.parse(name, families.TINY).items() if v == 1} for name in EXTENSION_PRESETS}
+    assert tiny["INALL"] == {"BASE", "IN01", "IN03"} and tiny["OUTALL"] == {"BASE", "OUT02", "OUT03", "OUT04", "OUT05"}
+    assert tiny["MIDD"] == {"BASE", "IN03", "M00", "OUT02", "OUT03"} and tiny["ALL"] == set(ID8)
+    assert len(blocks.parse(",".join(["1"] * 14), families.TINY)) == 14
 
 
 def test_prompt_tag_and_cli_flag_give_the_api_weights(xl_case, tmp_path, monkeypatch):
@@ -247,8 +258,10 @@ def test_bad_vectors_are_one_clear_error(sd1_case, xl_case, tmp_path, capsys):
         blocks.parse("INNALL", families.SD2)
     with pytest.raises(SdtuneError, match="lbw=1,x,1: "):
         blocks.parse("1,x,1", families.SD1)
-    with pytest.raises(SdtuneError, match="the built-in tiny model has none"):
-        blocks.parse("ALL", families.TINY)
+    with pytest.raises(SdtuneError, match="a model of unknown family has none. Give the LoRA a plain weight"):
+        blocks.parse("ALL", None)
+    with pytest.raises(SdtuneError, match="lbw=BOGUS: the built-in tiny model takes 8 or 14 .* preset: NONE, ALL"):
+        blocks.parse("BOGUS", families.TINY)
     base, f, w0, _ = xl_case
     with pytest.raises(SdtuneError, match="SDXL takes 12 or 20") as e:
         base.loras.add("bad", f, 1.0, blocks="1,1")
@@ -310,8 +323,8 @@ def test_checkpoint_merge_with_bad_block_weights_writes_nothing(xl_case, xl_sing
     out = tmp_path / "baked.safetensors"
     assert main(["merge", "--model", str(xl_single), "--lora", f"{f}:1:lbw=1,0", "--out", str(out)]) == 2
     assert "lbw=1,0: SDXL takes 12 or 20" in capsys.readouterr().err and not out.exists()
-    assert main(["merge", "--model", "tiny", "--lora", f"{f}:1:lbw=ALL", "--out", str(out)]) == 2
-    assert "the built-in tiny model has none" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", "--model", "tiny", "--lora", f"{f}:1:lbw=1,0", "--out", str(out)]) == 2
+    assert "lbw=1,0: the built-in tiny model takes 8 or 14" in capsys.readouterr().err and not out.exists()
 
 
 # ---------------------------------------------------------------- block weights in X/Y plots

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from sdtune.generate import parse_infotext, read_infotext, save_png
+from sdtune.lora.blocks import TINY
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
@@ -327,12 +328,12 @@ def test_picked_block_weights_become_the_lbw_option_of_the_tag(studio):
     for bad in ("INS><lora:../secret:1", "1:lbw=2"):  # nothing that ends the tag or adds an option
         with pytest.raises(SdtuneError, match="write a preset name .* or comma-separated numbers"):
             studio.with_loras("x", [("style", 1, 1, bad)])
-    # the tiny model has no block layout: the API says so, as it does for the typed tag
-    for picks, prompt in (([("style", 1, 1, "INALL")], "a star"), ([], "a star, <lora:style:1:lbw=INALL>")):
-        with pytest.raises(SdtuneError, match=r"block weights \(lbw=\) are defined for SD 1.x, SD 2.x and SDXL"):
+    # a bad vector for the tiny model's layout: the API says so, as it does for the typed tag
+    for picks, prompt in (([("style", 1, 1, "1,0,1")], "a star"), ([], "a star, <lora:style:1:lbw=1,0,1>")):
+        with pytest.raises(SdtuneError, match="lbw=1,0,1: the built-in tiny model takes 8 or 14 comma-separated"):
             studio.generate(prompt, steps=1, picks=picks)
-    studio.generate("a star", steps=1)  # the model is loaded now: its family's presets are offered (none)
-    assert studio.block_presets() == []
+    studio.generate("a star", steps=1)  # the model is loaded now: its family's presets are offered
+    assert studio.block_presets() == list(TINY.presets)
 
 
 def test_picked_block_weights_generate_as_the_typed_tag_does(tmp_path):

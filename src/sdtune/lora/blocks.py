@@ -8,7 +8,10 @@ The layouts are the extension's, as data per family (``LAYOUTS``, by family name
 
 - SD 1.x/2.x: 26 weights (BASE, IN00-IN11, M00, OUT00-OUT11), or 17 (BASE, IN01, IN02, IN04, IN05, IN07, IN08,
   M00, OUT03-OUT11: the blocks with attention, where a plain LoRA has layers);
-- SDXL: 20 weights (BASE, IN00-IN08, M00, OUT00-OUT08), or 12 (BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05).
+- SDXL: 20 weights (BASE, IN00-IN08, M00, OUT00-OUT08), or 12 (BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05);
+- the built-in tiny model (SD 1.x's names, three levels of one resnet each): 14 weights (BASE, IN00-IN05, M00,
+  OUT00-OUT05), or 8 (BASE, IN01, IN03, M00, OUT02-OUT05: its blocks with attention), sdtune's own by the
+  extension's rules, so that block weights run on it as on SD 1.5. (tiny-xl has SDXL's blocks.)
 
 As in the extension, a short vector gives the blocks it leaves out weight 0 (they hold only LoCon convolutions:
 ``conv_in``, the down/upsamplers, SD 1.x's last down and first up level), and a layer in no block at all
@@ -18,7 +21,7 @@ is put in a block through its LDM name (``ldm.unet_module_map``), the names the 
 Presets: the extension's own for SD 1.x/2.x (17 weights: NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL,
 ALL0.5). The extension ships none for SDXL; sdtune's SDXL presets of those names (12 weights) weight the same
 parts: INS/IND the shallow/deep input blocks, OUTD/OUTS the deep/shallow output blocks, MIDD the deep ones on
-both sides and the middle.
+both sides and the middle; so do the tiny model's (8 weights).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ _SD_BLOCKS = (BASE, *_ids("IN", range(12)), "M00", *_ids("OUT", range(12)))
 _SD_17 = (BASE, *_ids("IN", (1, 2, 4, 5, 7, 8)), "M00", *_ids("OUT", range(3, 12)))
 _XL_BLOCKS = (BASE, *_ids("IN", range(9)), "M00", *_ids("OUT", range(9)))
 _XL_12 = (BASE, *_ids("IN", (4, 5, 7, 8)), "M00", *_ids("OUT", range(6)))
+_TINY_BLOCKS = (BASE, *_ids("IN", range(6)), "M00", *_ids("OUT", range(6)))
+_TINY_8 = (BASE, *_ids("IN", (1, 3)), "M00", *_ids("OUT", range(2, 6)))
 
 SD = Layout(_SD_BLOCKS, {26: _SD_BLOCKS, 17: _SD_17}, {
     "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
@@ -81,15 +86,29 @@ XL = Layout(_XL_BLOCKS, {20: _XL_BLOCKS, 12: _XL_12}, {
     "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
 })
 
-LAYOUTS = {"sd1": SD, "sd2": SD, "sdxl": XL, "tiny-xl": XL}  # family name -> its layout (tiny-xl has SDXL's blocks)
+TINY = Layout(_TINY_BLOCKS, {14: _TINY_BLOCKS, 8: _TINY_8}, {
+    "NONE": "0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1",
+    "INS": "1,1,0,0,0,0,0,0",
+    "IND": "1,0,1,0,0,0,0,0",
+    "INALL": "1,1,1,0,0,0,0,0",
+    "MIDD": "1,0,1,1,1,1,0,0",
+    "OUTD": "1,0,0,0,1,1,0,0",
+    "OUTS": "1,0,0,0,0,0,1,1",
+    "OUTALL": "1,0,0,0,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+})
+
+# family name -> its layout (tiny-xl has SDXL's blocks)
+LAYOUTS = {"sd1": SD, "sd2": SD, "sdxl": XL, "tiny": TINY, "tiny-xl": XL}
 
 
 def layout(family: Family | None) -> Layout:
     found = LAYOUTS.get(family.name) if family is not None else None
     if found is None:
         what = family.title if family is not None else "a model of unknown family"
-        raise SdtuneError(f"block weights (lbw=) are defined for SD 1.x, SD 2.x and SDXL (the lora-block-weight "
-                          f"layouts); {what} has none. Give the LoRA a plain weight")
+        raise SdtuneError(f"block weights (lbw=) are defined for SD 1.x, SD 2.x, SDXL and the built-in models (the "
+                          f"lora-block-weight layouts); {what} has none. Give the LoRA a plain weight")
     return found
 
 

@@ -188,8 +188,8 @@ class Studio:
 
     def block_presets(self) -> list[str]:
         """The block-weight presets the page offers: those of the loaded model's family (none for a family
-        without block layout, such as the built-in tiny model); before the model is loaded, the names the
-        layouts share (each family's preset of a name weights its own blocks)."""
+        without a block layout); before the model is loaded, the names the layouts share (each family's preset
+        of a name weights its own blocks)."""
         base = self._base
         if base is not None:
             layout = block_weights.LAYOUTS.get(base.family.name)
