@@ -43,12 +43,45 @@ def test_bad_inputs_are_clear_errors(base):
         generate(base, "x", scheduler="nope", steps=1)
     with pytest.raises(SdtuneError, match="multiple of 8"):
         generate(base, "x", width=60, steps=1)
+    with pytest.raises(SdtuneError, match="--num-images 0: must be at least 1"):
+        generate(base, "x", num_images=0, steps=1)
+
+
+def test_lms_without_scipy_is_one_line(monkeypatch):
+    import importlib.util
+
+    gen = importlib.import_module("sdtune.generate")  # the module (sdtune.generate names the function too)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(SdtuneError, match="scheduler 'lms' needs scipy, which is not installed; pip install scipy"):
+        gen.check_scheduler("lms")
 
 
 def test_infotext_round_trip_quotes_commas():
     text = infotext("p", "", {"Steps": 2, "Lora weights": "a=0.5; b=1", "Model": "x, y"})
     assert parse_infotext(text)["Model"] == "x, y"
     assert parse_infotext(text)["Lora weights"] == "a=0.5; b=1"
+
+
+def test_infotext_reads_as_a1111_writes_and_parses():
+    """Values with quotes, backslashes or newlines are JSON-quoted (A1111's quote()), and read back; prompts and
+    negative prompts may span lines; the last line holds the parameters."""
+    values = {"Steps": 2, "Model": 'my "best", model', "VAE": "C:\\vae\\x,y.pt", "Note": "two\nlines"}
+    text = infotext("a red\ncircle", "bad,\nugly", values)
+    assert 'Model: "my \\"best\\", model"' in text and 'VAE: "C:\\\\vae\\\\x,y.pt"' in text
+    assert parse_infotext(text) == {"prompt": "a red\ncircle", "negative_prompt": "bad,\nugly", "Steps": "2",
+                                    "Model": 'my "best", model', "VAE": "C:\\vae\\x,y.pt", "Note": "two\nlines"}
+    assert parse_infotext("just a prompt") == {"prompt": "just a prompt", "negative_prompt": ""}
+
+
+def test_save_batch_numbers_after_the_highest_in_use(base, tmp_path):
+    """A deleted image's number is not reused: the files after it would be overwritten (A1111 numbers so too)."""
+    first = save_batch(generate(base, "x", steps=1, seed=1, num_images=2, progress=False), tmp_path)
+    assert [p.name for p in first] == ["00000-1.png", "00001-2.png", "grid-00000.png"]
+    kept = first[1].read_bytes()
+    first[0].unlink()
+    again = save_batch(generate(base, "y", steps=1, seed=1, progress=False), tmp_path)
+    assert [p.name for p in again] == ["00002-1.png"] and first[1].read_bytes() == kept
 
 
 def test_grid_labels_and_size():
@@ -79,6 +112,20 @@ def test_lora_tag_parsing():
     assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 1.0, 0.5)]
     with pytest.raises(SdtuneError, match="must be a number"):
         api.parse_lora_tags("<lora:x:abc>")
+    # A1111's named weights; a tag glued to the next word leaves the words apart, as A1111's removal does
+    assert api.parse_lora_tags("a, <lora:x:unet=0.5:te=0.2>, b") == ("a, b", [("x", 0.5, 0.2)])
+    assert api.parse_lora_tags("a red <lora:x:1>circle")[0] == "a red circle"
+    with pytest.raises(SdtuneError, match="unknown option 'dyn'"):
+        api.parse_lora_tags("<lora:x:dyn=4>")
+
+
+def test_a_tag_naming_no_lora_says_where_it_looked(base, tmp_path):
+    (tmp_path / "loras").mkdir()
+    with pytest.raises(SdtuneError, match=r"^<lora:nosuch:…> in the prompt: no LoRA named 'nosuch' in .*loras; "
+                                          r"check the name, or pass the folder .* with --lora-dir$"):
+        api.generate(base, "a, <lora:nosuch:0.8>", lora_dirs=(tmp_path / "loras",), steps=1, progress=False)
+    with pytest.raises(SdtuneError, match=r"no LoRA named 'nosuch' \(no LoRA folder given\)"):
+        api.generate(base, "a, <lora:nosuch:0.8>", steps=1, progress=False)
 
 
 def test_source_specs(tmp_path):

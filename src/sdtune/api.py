@@ -35,28 +35,37 @@ class LoraTag(NamedTuple):
 
 
 def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags, with the lora-block-weight
-    extension's ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and return them."""
+    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags (or A1111's named
+    ``unet=``/``te=``), with the lora-block-weight extension's ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and
+    return them."""
     tags = []
     for m in LORA_TAG.finditer(prompt):
-        numbers, lbw = [], None
+        numbers, named, lbw = [], {}, None
         for item in m.group(2).split(":")[1:]:
+            key, eq, value = item.partition("=")
             if item.startswith(block_weights.LBW):
                 lbw = item[len(block_weights.LBW):]
-            elif "=" in item:
-                raise SdtuneError(f"{m.group(0)}: unknown option {item.split('=')[0]!r}; a tag takes up to two "
-                                  f"weights and lbw=BLOCK_WEIGHTS, e.g. <lora:{m.group(1)}:0.8:lbw=INALL>")
+            elif eq and key.strip() in ("unet", "te"):
+                named[key.strip()] = value
+            elif eq:
+                raise SdtuneError(f"{m.group(0)}: unknown option {key!r}; a tag takes up to two weights (or unet= "
+                                  f"and te=) and lbw=BLOCK_WEIGHTS, e.g. <lora:{m.group(1)}:0.8:lbw=INALL>")
             else:
                 numbers.append(item)
         try:
             if len(numbers) > 2:
                 raise ValueError
-            w = float(numbers[0]) if numbers and numbers[0] else 1.0
-            te = float(numbers[1]) if len(numbers) > 1 and numbers[1] else None
+            w = named.get("unet", numbers[0] if numbers else "")
+            te = named.get("te", numbers[1] if len(numbers) > 1 else "")
+            w, te = float(w) if w else 1.0, float(te) if te else None
         except ValueError:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
         tags.append(LoraTag(m.group(1), w, te, lbw))
-    return re.sub(r"\s*,?\s*" + LORA_TAG.pattern, "", prompt).strip(" ,"), tags
+
+    def drop(tag: re.Match) -> str:  # the tag and the separator before it; a word glued after it keeps that gap
+        glued = tag.end() < len(prompt) and prompt[tag.end()] not in " ,\n"
+        return tag.group(1) if glued else ""
+    return re.sub(r"(\s*,?\s*)" + LORA_TAG.pattern, drop, prompt).strip(" ,"), tags
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
@@ -127,6 +136,18 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
                 _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)))
 
 
+def _tag_source(name: str, dirs: tuple) -> Path:
+    """The file of a prompt's ``<lora:NAME:…>``: a name in the LoRA folders (A1111's only form), or a path/hub id."""
+    try:
+        return sources.resolve(name, "lora", dirs)
+    except SdtuneError:
+        if "/" in name or Path(name).suffix:  # meant as a path or a hub id: its own message says more
+            raise
+        where = f"in {', '.join(map(str, dirs))}" if dirs else "(no LoRA folder given)"
+        raise SdtuneError(f"<lora:{name}:…> in the prompt: no LoRA named {name!r} {where}; check the name, or "
+                          f"pass the folder that holds {name}.safetensors with --lora-dir") from None
+
+
 def _tag_name(name: str) -> str:
     return name[len("<lora:"):-1] if name.startswith("<lora:") and name.endswith(">") else name
 
@@ -143,7 +164,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     try:
         for tag in tags:
             name = f"<lora:{tag.name}>"
-            path = sources.resolve(tag.name, "lora", tuple(lora_dirs))
+            path = _tag_source(tag.name, tuple(lora_dirs))
             base.loras.add(name, path, tag.weight, te_weight=tag.te_weight, allow_partial=allow_partial,
                            blocks=tag.blocks)
             added.append(name)

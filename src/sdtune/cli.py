@@ -13,7 +13,7 @@ from .console import cli_warnings, imports_without_gc
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
-    from .generate import save_batch
+    from .generate import SCHEDULERS, check_scheduler, save_batch
     from .lora import blocks as block_weights
     from .lora import inspect
     from .lora import tools as lora_tools
@@ -32,6 +32,10 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
 def _base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny (built-in), a diffusers folder, a .safetensors/.ckpt "
                    "SD 1.x/2.x/SDXL checkpoint, or a hub id (default: tiny)")
+    _device_args(p)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     p.add_argument("--dtype", help="fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)")
 
@@ -49,12 +53,15 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="apply a LoRA even if some of its keys match no module (warns)")
 
 
+SCHEDULER_HELP = f"sampler: {', '.join(SCHEDULERS)} (default ddim)"
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
 
@@ -106,16 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--config", help="TOML file with the same settings (flags override it; a run's own "
                         "settings.toml reruns it)")
         tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
-        tp.add_argument("--device")
-        tp.add_argument("--dtype")
+        _device_args(tp)
         _settings_args(tp, kind)
         tp.set_defaults(func=cmd_train)
     tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
                          formatter_class=argparse.RawDescriptionHelpFormatter, description=train_queue.__doc__)
     tq.add_argument("jobs", help="the queue file (TOML, as below)")
     tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
-    tq.add_argument("--device")
-    tq.add_argument("--dtype")
+    _device_args(tq)
     tq.set_defaults(func=cmd_train_queue)
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
@@ -134,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--steps", type=int, default=20)
     gr.add_argument("--guidance", type=float, default=7.5)
     gr.add_argument("--seed", type=int, default=1)
-    gr.add_argument("--scheduler", default="ddim")
+    gr.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     gr.add_argument("--width", type=int)
     gr.add_argument("--height", type=int)
     gr.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
@@ -177,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> None:
-    output_folder(a.out)  # a file in the way stops it before the work, not after
+    output_folder(a.out)  # a file in the way, or a sampler that cannot run, stops it before the work
+    check_scheduler(a.scheduler)
     base = api.load(a.model, a.device, a.dtype, loras=a.lora, embeddings=a.embedding, lora_dirs=a.lora_dir,
                     embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
@@ -322,6 +328,7 @@ def cmd_merge(a) -> None:
 
 def cmd_grid(a) -> Path:
     x, y = xyplot.axes_from_specs(a.x, a.y, weights=a.weights, sweep=a.sweep)  # bad axes stop before the load
+    check_scheduler(a.scheduler)
     base = api.load(a.model, a.device, a.dtype)
     return xyplot.xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
                           guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height, loras=a.lora,

@@ -8,6 +8,9 @@ sizes a few pixels may differ by 1/255 (CPU kernels round differently per batch 
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +38,17 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, base_scheduler):
+def check_scheduler(name: str) -> None:
+    """An unknown sampler, or one whose package is missing, is one line (before a model is loaded for it)."""
     if name not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if name == "lms" and importlib.util.find_spec("scipy") is None:  # diffusers' LMS integrates with scipy
+        raise SdtuneError("scheduler 'lms' needs scipy, which is not installed; pip install scipy, or choose "
+                          "another scheduler")
+
+
+def make_scheduler(name: str, base_scheduler):
+    check_scheduler(name)
     cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 
@@ -73,23 +84,33 @@ def infotext(prompt: str, negative: str, params: dict) -> str:
     if negative:
         lines.append(f"Negative prompt: {negative}")
 
-    def fmt(v):
+    def fmt(v):  # A1111's quote(): JSON string quoting, so quotes and backslashes inside survive the round trip
         v = str(v)
-        return f'"{v}"' if ("," in v or ":" in v) else v
+        return json.dumps(v, ensure_ascii=False) if ("," in v or ":" in v or "\n" in v) else v
 
     lines.append(", ".join(f"{k}: {fmt(v)}" for k, v in params.items() if v not in (None, "")))
     return "\n".join(lines)
 
 
 def parse_infotext(text: str) -> dict:
-    """Inverse of ``infotext`` for the fields sdtune writes (prompt, negative, and the key/value line)."""
+    """Inverse of ``infotext``, read as A1111 reads it: prompt lines, then the lines from 'Negative prompt:' on,
+    then the last line's 'Key: value' pairs (a value in double quotes is a JSON string)."""
     lines = text.strip().split("\n")
-    out = {"prompt": lines[0], "negative_prompt": ""}
-    for line in lines[1:-1]:
-        if line.startswith("Negative prompt: "):
-            out["negative_prompt"] = line[len("Negative prompt: ") :]
-    for m in re.finditer(r'\s*([\w \-/]+): ("(?:[^"]*)"|[^,]*)(?:,|$)', lines[-1]):
-        out[m.group(1).strip()] = m.group(2).strip('"')
+    params = lines.pop() if len(lines) > 1 and re.search(r"(^|, )Steps: ", lines[-1]) else ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for m in re.finditer(r'\s*([\w \-/]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', params):
+        value = m.group(2)
+        if value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = value.strip('"')
+        out[m.group(1).strip()] = value
     return out
 
 
@@ -184,6 +205,8 @@ def generate(
     check_size(width, height)
     if steps < 1:
         raise SdtuneError(f"--steps {steps}: must be at least 1")
+    if num_images < 1:
+        raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     prompt_text, negative_text = prompt, negative_prompt  # as typed: the PNG must reproduce the image
@@ -329,7 +352,11 @@ def grid(
 def save_batch(results: list[Generated], out_dir: str | Path, prefix: str = "") -> list[Path]:
     """Write each image as NNNNN-SEED.png (with infotext), plus grid.png when there are several."""
     out_dir = output_folder(out_dir)
-    start = len(list(out_dir.glob("*.png")))
+    # after the highest number in use, as A1111 numbers them: a count would reuse a deleted file's number and
+    # overwrite the images after it
+    used = [int(m.group(1)) for p in out_dir.glob(f"{glob.escape(prefix)}*.png")
+            if (m := re.match(re.escape(prefix) + r"(?:grid-)?(\d{5,})", p.name))]
+    start = max(used, default=-1) + 1
     paths = [r.save(out_dir / f"{prefix}{start + i:05d}-{r.seed}.png") for i, r in enumerate(results)]
     if len(results) > 1:
         paths.append(

@@ -42,8 +42,9 @@ def _help(text: str, **kw):
 class TrainSettings:
     """What every training run needs (the shared loop and data)."""
 
-    data: str = ""  # folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)
-    out: str = ""  # output folder: results, snapshots, resume state, sample grids
+    data: str = _help("folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)",
+                      default="")
+    out: str = _help("output folder: results, checkpoints, resume state, samples, report.html", default="")
     model: str = "tiny"  # base model spec for the CLI (train_ti/train_lora take a loaded Base)
     preset: str = _help("recommended settings to start from (--list-presets shows them); default: the base "
                         "model's own", default="")

@@ -255,8 +255,12 @@ class Studio:
                 form["width"], form["height"] = (int(v) for v in p["Size"].lower().split("x"))
         except ValueError:
             raise SdtuneError(f"{Path(path).name}: its parameters are not readable ({text.splitlines()[-1]})") from None
-        if p.get("Sampler") in SAMPLER_KEYS:
-            form["sampler"] = SAMPLER_KEYS[p["Sampler"]]
+        # A1111 1.9+ writes the schedule apart ("DPM++ 2M" + "Schedule type: Karras"); older ones in the name
+        sampler = p.get("Sampler", "")
+        if p.get("Schedule type", "").lower() == "karras" and not sampler.endswith(" Karras"):
+            sampler += " Karras"
+        if sampler in SAMPLER_KEYS:
+            form["sampler"] = SAMPLER_KEYS[sampler]
         return form
 
     # ---------------------------------------------------------------- Compare
