@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
+from . import prompts as prompts_syntax
 from .safeio import SdtuneError, atomic_path, output_folder
 
 # CLI name -> (diffusers class name, extra config, A1111 sampler name)
@@ -129,7 +130,7 @@ def default_size(base) -> int:
 class PromptEmbeds:
     """What the UNet is conditioned on: per-token features, and for SDXL the pooled text embedding."""
 
-    hidden: torch.Tensor  # [batch, 77, cross-attention width]
+    hidden: torch.Tensor  # [batch, 77 per chunk of the prompt, cross-attention width]
     pooled: torch.Tensor | None = None  # [batch, width of the projecting encoder] (SDXL), else None
 
     def chunk(self, n: int) -> list[PromptEmbeds]:
@@ -174,10 +175,20 @@ class TextStack(nn.Module):
 
 @torch.no_grad()
 def encode_prompt(base, prompts: list[str]) -> PromptEmbeds:
-    """Text features as the base's family reads them (``TextStack``), in the base's dtype. sdtune encodes
-    prompts itself so that its own multi-vector token expansion is what the model sees."""
+    """Text features as the base's family reads them (``TextStack``), in the base's dtype, with A1111's prompt
+    syntax (``prompts``: emphasis, BREAK, chunks of 75 tokens put one after the other; SDXL's pooled embedding is
+    the first chunk's). sdtune encodes prompts itself so that its own multi-vector token expansion is what the
+    model sees."""
     text = TextStack.of(base)
-    hidden, pooled = text(text.ids(prompts, base.device))
+    ids, weights = prompts_syntax.tokenize(text.tokenizers, prompts)
+    rows, chunks, length = ids[0].shape
+    hidden, pooled = text([i.reshape(rows * chunks, length).to(base.device) for i in ids])
+    parts = hidden.split([te.width for te in text.specs], dim=-1)  # each encoder's emphasis on its own features
+    hidden = torch.cat([prompts_syntax.weigh(h, w.reshape(rows * chunks, length)) for h, w in zip(parts, weights)],
+                       dim=-1)
+    hidden = hidden.reshape(rows, chunks * length, -1)
+    if pooled is not None:
+        pooled = pooled.reshape(rows, chunks, -1)[:, 0]
     return PromptEmbeds(hidden.to(base.dtype), pooled.to(base.dtype) if pooled is not None else None)
 
 

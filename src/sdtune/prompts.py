@@ -1,0 +1,118 @@
+"""A1111's prompt syntax, as generation reads it: emphasis, BREAK and prompts longer than CLIP's 75 tokens.
+
+- ``(text)`` multiplies the weight of its tokens by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)`` sets the
+  factor; brackets nest (``((text))`` is 1.21). ``\\(`` ``\\)`` ``\\[`` ``\\]`` are the characters themselves; a
+  closer without its opener is plain text, an opener never closed weights the rest of the prompt (as A1111).
+- ``BREAK`` (capitals, a word of its own) ends the current chunk.
+- The tokens are cut into chunks of 75, each encoded as CLIP's 77 (start, 75, end or padding) and the chunks'
+  features put one after the other, as A1111 does instead of cutting the prompt at 75 tokens. A batch's prompts
+  get the same number of chunks (the shorter ones end in empty chunks), so that the prompt and the negative
+  prompt line up.
+
+The weights are applied to the encoder's features (``weigh``): each token's features times its weight, A1111's
+"No norm" emphasis. Its default, "Original", then rescales each chunk to its former mean; that mean is a
+difference of near-equal sums wherever features come out of a layer norm (about 0.002 of their typical size on
+the built-in model), so the rescale there swings by tens of percent for no reason in the prompt. A prompt without
+emphasis, BREAK or more than 75 tokens is tokenized exactly as the tokenizer alone does it, and its features
+are left untouched.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+CHUNK = 75  # tokens per chunk; with the start and end tokens, CLIP's 77 positions
+EMPHASIS = 1.1
+BREAK = "BREAK"
+
+_PIECES = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|]|\bBREAK\b|[^\\()\[\]:B]+|.",
+                     re.DOTALL)
+
+
+def parse(prompt: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) runs, in order; ``(BREAK, 0.0)`` marks a chunk break."""
+    runs: list[list] = []
+    open_round: list[int] = []  # where each open bracket's runs start
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for m in _PIECES.finditer(prompt):
+        piece, number = m.group(0), m.group(1)
+        if piece.startswith("\\") and len(piece) == 2:
+            runs.append([piece[1], 1.0])
+        elif piece == "(":
+            open_round.append(len(runs))
+        elif piece == "[":
+            open_square.append(len(runs))
+        elif number is not None and open_round:
+            scale(open_round.pop(), float(number))
+        elif piece == ")" and open_round:
+            scale(open_round.pop(), EMPHASIS)
+        elif piece == "]" and open_square:
+            scale(open_square.pop(), 1 / EMPHASIS)
+        elif piece == BREAK:
+            runs.append([BREAK, 0.0])
+        else:
+            runs.append([piece, 1.0])
+    for start in open_round:
+        scale(start, EMPHASIS)
+    for start in open_square:
+        scale(start, 1 / EMPHASIS)
+    merged: list[tuple[str, float]] = []  # neighbours of one weight as one run: the tokenizer sees whole words
+    for text, weight in runs:
+        if merged and weight == merged[-1][1] and text != BREAK and merged[-1][0] != BREAK:
+            merged[-1] = (merged[-1][0] + text, weight)
+        else:
+            merged.append((text, weight))
+    return merged
+
+
+def _chunks(tokenizer, runs: list[tuple[str, float]]) -> list[tuple[list[int], list[float]]]:
+    """(token ids, weights) per chunk of 75 tokens, without the start and end tokens."""
+    chunks: list[tuple[list[int], list[float]]] = [([], [])]
+    for text, weight in runs:
+        if text == BREAK:
+            chunks.append(([], []))
+            continue
+        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+            if len(chunks[-1][0]) == CHUNK:
+                chunks.append(([], []))
+            chunks[-1][0].append(token)
+            chunks[-1][1].append(weight)
+    return chunks
+
+
+def tokenize(tokenizers, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per tokenizer: token ids [prompts, chunks, 77] and their weights (the same shape), every prompt with the
+    same number of chunks."""
+    parsed = [parse(p) for p in prompts]
+    per_tok = [[_chunks(tok, runs) for runs in parsed] for tok in tokenizers]
+    count = max(len(chunks) for table in per_tok for chunks in table)
+    ids, weights = [], []
+    for tok, table in zip(tokenizers, per_tok):
+        length = tok.model_max_length
+        start, end, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        rows_i, rows_w = [], []
+        for chunks in table:
+            chunks = chunks + [([], [])] * (count - len(chunks))
+            for tokens, ws in chunks:
+                fill = length - 2 - len(tokens)
+                rows_i.append([start, *tokens, end] + [pad] * fill)
+                rows_w.append([1.0, *ws, 1.0] + [1.0] * fill)
+        ids.append(torch.tensor(rows_i).reshape(len(prompts), count, length))
+        weights.append(torch.tensor(rows_w).reshape(len(prompts), count, length))
+    return ids, weights
+
+
+def weigh(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Emphasis on one encoder's features [rows, 77, width] with weights [rows, 77]: each token's features times
+    its weight; without emphasis the features are returned as they are."""
+    weights = weights.to(features)
+    if bool((weights == 1).all()):
+        return features
+    return features * weights[..., None]
