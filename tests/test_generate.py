@@ -186,3 +186,37 @@ def test_readme_workflow_two_loras_reweight_remove(tmp_path):
     assert torch.equal(base.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q").weight,
                        weights0)
     assert np.array_equal(before, np.asarray(gen(base, "a red circle", steps=3, seed=1, progress=False)[0].image))
+
+
+def test_infotext_names_the_embeddings_used_and_every_lora_strength(base, tmp_path):
+    """A1111's ``TI hashes`` (the embedding file's sha256, 12 hex digits) for the embeddings the prompt or the
+    negative prompt uses, and a --lora's text-encoder weight and block weights, as a prompt tag would carry them."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sdtune.lora.formats import save_lora
+    from sdtune.lora.neutral import Adapter, Lora
+
+    for name in ("zqshiny", "zqdull", "zqunused"):
+        save_file({"emb_params": torch.randn(1, 64)}, tmp_path / f"{name}.safetensors")
+    lora = Lora()
+    lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = Adapter(
+        "lora", {"down": torch.randn(2, 32) * 0.1, "up": torch.randn(32, 2) * 0.1}, 2.0)
+    save_lora(lora, tmp_path / "style.safetensors")
+    names = ("zqshiny", "zqdull", "zqunused")
+    for spec in [str(tmp_path / f"{n}.safetensors") for n in names]:
+        api.add_embedding(base, spec)
+    api.add_lora(base, f"{tmp_path / 'style.safetensors'}:0.8:lbw=INALL", name="style")
+    base.loras.set_weights({"style": (0.8, 0.5)})
+    try:
+        (res,) = api.generate(base, "a ZQShiny star", negative_prompt="zqdull", steps=1, seed=1, progress=False)
+    finally:
+        base.loras.remove("style")
+        for n in names:
+            base.embeddings.remove(n)
+    fields = parse_infotext(res.infotext)
+    sha = {n: hashlib.sha256((tmp_path / f"{n}.safetensors").read_bytes()).hexdigest()[:12] for n in names}
+    assert fields["TI hashes"] == f"zqshiny: {sha['zqshiny']}, zqdull: {sha['zqdull']}"
+    assert fields["Lora weights"] == "style=0.8:0.5:lbw=1,0,1,0,1,0,0,0,0,0,0,0,0,0"  # INALL: BASE, IN01, IN03

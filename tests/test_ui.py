@@ -352,7 +352,8 @@ def test_picked_block_weights_generate_as_the_typed_tag_does(tmp_path):
         params = parse_infotext(read_infotext(picked))
         assert params["prompt"] == "a red star, <lora:style:0.8:lbw=OUTD>" == s.settings_of(picked,
                                                                                           uploaded=False)["prompt"]
-        assert params["Lora weights"] == "<lora:style>=0.8"
+        # the strengths field carries the block weights too (OUTD on SDXL: BASE, OUT00-OUT02)
+        assert params["Lora weights"] == "<lora:style>=0.8:lbw=1,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0"
         (typed, typed_text), = s.generate("a red star, <lora:style:0.8:lbw=OUTD>", **run)[0]
         assert typed_text == text  # the same parameters ...
         pixels = lambda path: torch.tensor(list(Image.open(path).getdata()))  # noqa: E731

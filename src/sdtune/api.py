@@ -18,7 +18,7 @@ from .console import note
 from .generate import Generated
 from .generate import generate as _generate
 from .lora import blocks as block_weights
-from .lora.hashes import lora_hashes_field
+from .lora.hashes import lora_hashes_field, ti_hashes_field
 from .models import Base, load_base
 from .safeio import SdtuneError
 from .ti.formats import load_embedding
@@ -136,6 +136,26 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
                 _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)))
 
 
+def _weights_text(row: dict) -> str:
+    """A LoRA's strengths for the infotext: ``name=w``, then ``:te`` where the text encoders' differ and
+    ``:lbw=…`` (every block, in the layout's order) with block weights, so that a --lora given on the command line
+    is reproducible from the PNG as a prompt tag is."""
+    text = f"{row['name']}={row['unet_weight']:g}"
+    if row["te_weight"] != row["unet_weight"]:
+        text += f":{row['te_weight']:g}"
+    if row["blocks"] is not None:
+        text += f":lbw={','.join(f'{w:g}' for w in row['blocks'].values())}"
+    return text
+
+
+def _used_embeddings(base: Base, text: str) -> list[tuple[str, str]]:
+    """(token, source) of each loaded embedding the text names: the tokenizer finds a token anywhere in the text,
+    whatever its case, so this does too."""
+    embeddings = getattr(base, "embeddings", None)
+    low = text.lower()
+    return [(t, embeddings.get(t).source) for t in (embeddings.tokens if embeddings else []) if t.lower() in low]
+
+
 def _tag_source(name: str, dirs: tuple) -> Path:
     """The file of a prompt's ``<lora:NAME:…>``: a name in the LoRA folders (A1111's only form), or a path/hub id."""
     try:
@@ -170,9 +190,12 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
             added.append(name)
         info = {}
         if len(base.loras):
-            info["Lora weights"] = "; ".join(f"{r['name']}={r['unet_weight']:g}" for r in base.loras.list())
+            info["Lora weights"] = "; ".join(_weights_text(r) for r in base.loras.list())
             # A1111's field, by which civitai links the image to the LoRA pages (tags named as in the prompt)
             info["Lora hashes"] = lora_hashes_field([(_tag_name(r["name"]), r["source"]) for r in base.loras.list()])
+        used = _used_embeddings(base, clean + "\n" + kwargs.get("negative_prompt", ""))
+        if used:  # A1111's field for the embeddings a prompt used, by which civitai links them too
+            info["TI hashes"] = ti_hashes_field(used)
         extra = {**info, **kwargs.pop("extra_info", {})}
         results = _generate(base, clean, extra_info=extra, **kwargs)
         if tags:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image

@@ -105,6 +105,12 @@ def short_hash(path: str | Path) -> str | None:
     return _SHORT_CACHE[key]
 
 
+def ti_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
+    """The infotext value A1111 writes as ``TI hashes``: ``name: hash, ...``, each the first 12 hex digits of the
+    embedding file's sha256 (an embedding that is no file, such as one being trained, is left out)."""
+    return ", ".join(f"{name}: {file_sha256(path)[:12]}" for name, path in named_paths if Path(path).is_file())
+
+
 def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
     """The infotext value A1111 writes as ``Lora hashes``: ``name: hash, name: hash`` (files without a hash are
     left out, as A1111 leaves out networks it could not hash)."""
