@@ -149,6 +149,9 @@ def test_adapter_sets_axis_matches_direct_patching(base, lora_files, tmp_path):
     for g, w in zip(got, want):
         assert np.abs(g.astype(int) - w.astype(int)).max() <= 1  # same merge, up to float summation order
     assert not np.array_equal(got[1], got[2])
+    # each cell credits (Lora hashes) only the LoRAs it drew with: none for the base cell
+    credited = [parse_infotext(read_infotext(tmp_path / f"xy-00-{c:02d}.png")).get("Lora hashes", "") for c in range(3)]
+    assert credited[0] == "" and credited[1].count(": ") == 1 and credited[2].count(": ") == 2
 
 
 def test_named_loras_and_embedding_on_off(base, lora_files, emb_file, tmp_path):

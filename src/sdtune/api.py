@@ -191,8 +191,10 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
         info = {}
         if len(base.loras):
             info["Lora weights"] = "; ".join(_weights_text(r) for r in base.loras.list())
-            # A1111's field, by which civitai links the image to the LoRA pages (tags named as in the prompt)
-            info["Lora hashes"] = lora_hashes_field([(_tag_name(r["name"]), r["source"]) for r in base.loras.list()])
+            # A1111's field, by which civitai links the image to the LoRA pages (tags named as in the prompt); a
+            # LoRA held at weight 0 (a grid's base cell) drew nothing and is not credited
+            info["Lora hashes"] = lora_hashes_field([(_tag_name(r["name"]), r["source"]) for r in base.loras.list()
+                                                     if any(r[k] for k in ("unet_weight", "te_weight", "te2_weight"))])
         used = _used_embeddings(base, clean + "\n" + kwargs.get("negative_prompt", ""))
         if used:  # A1111's field for the embeddings a prompt used, by which civitai links them too
             info["TI hashes"] = ti_hashes_field(used)
