@@ -93,18 +93,22 @@ def infotext(prompt: str, negative: str, params: dict) -> str:
     return "\n".join(lines)
 
 
+_PARAM = re.compile(r'\s*([\w \-/]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')  # Key: value, or Key: "JSON string"
+
+
 def parse_infotext(text: str) -> dict:
     """Inverse of ``infotext``, read as A1111 reads it: prompt lines, then the lines from 'Negative prompt:' on,
     then the last line's 'Key: value' pairs (a value in double quotes is a JSON string)."""
     lines = text.strip().split("\n")
-    params = lines.pop() if len(lines) > 1 and re.search(r"(^|, )Steps: ", lines[-1]) else ""
+    # the last line holds the parameters when it reads as three or more pairs (A1111's test; the prompt may be empty)
+    params = lines.pop() if len(_PARAM.findall(lines[-1])) >= 3 else ""
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
-    for m in re.finditer(r'\s*([\w \-/]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', params):
+    for m in _PARAM.finditer(params):
         value = m.group(2)
         if value.startswith('"'):
             try:

@@ -319,8 +319,8 @@ def _coerce(cls, name: str, value, where: str):
             return list(value)
     elif typ is str and isinstance(value, str):
         return value
-    kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-            list: "a string or a list of strings"}.get(typ if typ is list else typ.__name__, typ.__name__)
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a string or a list of strings"}.get(typ, typ.__name__)
     raise SdtuneError(f"{where}: {name} = {value!r} is not {kind}{' (or empty)' if nullable else ''}; fix the value")
 
 

@@ -196,7 +196,7 @@ def _check_run(path: Path, run: Run) -> None:
                           f"folder); fix the path")
     try:
         # the model's preset is unknown until it loads; what the job gives is checked on the plain defaults
-        load_settings(None, {**run.given, "out": run.name}, kind=run.kind).check()
+        load_settings(None, {**run.given, "out": "."}, kind=run.kind).check()  # out: set by the queue later
     except SdtuneError as e:
         raise SdtuneError(f"{path}: {where}: {e}") from None
 
