@@ -195,6 +195,15 @@ def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
 def test_parsing_and_errors(base, tmp_path):
     assert parse_values("seed", "1-4") == [1, 2, 3, 4]
     assert parse_values("seed", "1-10(+3)") == [1, 4, 7, 10]
+    # A1111's other range forms, on every numeric axis, and its sampler names
+    assert parse_values("seed", "1-10[4]") == [1, 4, 7, 10] and parse_values("cfg", "3-7(+2)") == [3.0, 5.0, 7.0]
+    assert parse_values("weight", "0-1[5]") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_values("weight", "-0.5,0.5") == ["-0.5", "0.5"]  # single values, not a range
+    assert parse_axis("sampler=Euler a|DPM++ 2M Karras|ddim").values == ["euler_a", "dpmpp_2m_karras", "ddim"]
+    drawn = parse_axis("seed=-1,5")  # -1: a seed drawn now, so that the label names it
+    assert 0 <= drawn.values[0] and drawn.values[1] == 5 and drawn.label(0) == f"seed {drawn.values[0]}"
+    with pytest.raises(SdtuneError, match=r"cfg axis range|guidance axis range"):
+        parse_values("cfg", "7-3")
     assert parse_values("prompt", "a, b|c") == ["a, b", "c"]
     assert parse_axis("cfg=3,7.5").values == [3.0, 7.5] and parse_axis("cfg=3,7.5").kind == "guidance"
     with pytest.raises(SdtuneError, match="unknown axis kind 'nope'"):

@@ -27,6 +27,7 @@ and ``NAME.json`` (axes, settings and cell file names, for scripts).
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,9 @@ _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "se
              "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'"}
 
 
+_A1111_SAMPLERS = {a1111.lower(): key for key, (_, _, a1111) in SCHEDULERS.items()}  # "euler a" -> "euler_a"
+
+
 def _typed(kind: str, v):
     try:
         if kind in ("seed", "steps"):
@@ -124,20 +128,49 @@ def _typed(kind: str, v):
             n = int(v)
             if kind == "steps" and n < 1:
                 raise SdtuneError(f"steps axis value {n}: must be at least 1")
+            if kind == "seed" and n < 0:  # -1: a random seed, drawn now so that the label names it (as A1111)
+                n = random.randrange(2**31 - 1)
             return n
         if kind in ("guidance", "weight"):
             return float(v)
     except (TypeError, ValueError):
         raise SdtuneError(f"{kind} axis value {v!r} is not a number; e.g. {kind}={_EXAMPLES[kind]}") from None
-    if kind == "sampler" and str(v) not in SCHEDULERS:
-        raise SdtuneError(f"sampler axis value {v!r}: choose from {', '.join(SCHEDULERS)}")
+    if kind == "sampler":
+        name = _A1111_SAMPLERS.get(str(v).strip().lower(), str(v))  # A1111's names as well ("Euler a")
+        if name not in SCHEDULERS:
+            raise SdtuneError(f"sampler axis value {v!r}: choose from {', '.join(SCHEDULERS)}")
+        return name
     return str(v)
+
+
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+# A1111's ranges: low-high, low-high (+step), low-high [count] (count values from low to high)
+_RANGE = re.compile(rf"({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*\+\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?")
+
+
+def _range(kind: str, text: str) -> list | None:
+    """The values of a numeric axis range, or None when ``text`` is not one."""
+    m = _RANGE.fullmatch(text) if kind in ("seed", "steps", "guidance", "weight") else None
+    if m is None:
+        return None
+    whole = kind in ("seed", "steps")
+    lo, hi = float(m.group(1)), float(m.group(2))
+    step, count = float(m.group(3) or 1), int(m.group(4) or 0)
+    if hi < lo or step <= 0 or (m.group(4) and count < 1) or (whole and not (lo.is_integer() and hi.is_integer())):
+        raise SdtuneError(f"{kind} axis range {text!r}: write low-high, low-high(+step) or low-high[count], e.g. "
+                          f"1-10(+3) or 3-7[5]")
+    if count:
+        values = [lo + (hi - lo) * i / max(count - 1, 1) for i in range(count)]
+    else:
+        values = [lo + step * i for i in range(int((hi - lo) / step + 1e-9) + 1)]
+    return [int(round(v)) for v in values] if whole else [round(v, 10) for v in values]
 
 
 def parse_values(kind: str, text: str) -> list:
     """Axis values from a command-line string: split on '|' when there is one, else on ','.
 
-    Integer axes also take ranges: ``1-4`` is 1,2,3,4 and ``1-10(+3)`` is 1,4,7,10 (as in A1111)."""
+    Numeric axes also take A1111's ranges: ``1-4`` is 1,2,3,4, ``1-10(+3)`` is 1,4,7,10, ``3-7(+0.5)`` steps by
+    0.5 and ``3-7[5]`` is 5 values from 3 to 7."""
     kind = ALIASES.get(kind, kind)
     # block-weight vectors hold commas: that axis splits on '|' only
     parts = [p.strip() for p in (text.split("|") if "|" in text or kind == "blocks" else text.split(","))]
@@ -145,14 +178,8 @@ def parse_values(kind: str, text: str) -> list:
         parts = [p for p in parts if p or kind in ADAPTER_KINDS]
     out: list = []
     for p in parts:
-        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)(?:\s*\(\s*\+\s*(\d+)\s*\))?", p) if kind in ("seed", "steps") else None
-        if m:
-            lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
-            if hi < lo or step < 1:
-                raise SdtuneError(f"{kind} axis range {p!r}: write low-high, e.g. 1-4 or 1-10(+3)")
-            out.extend(range(lo, hi + 1, step))
-        else:
-            out.append(p)
+        values = _range(kind, p)
+        out.extend([p] if values is None else values)
     return out
 
 
@@ -349,7 +376,8 @@ class _Adapters:
             names = self.loras.names()
             if len(names) != 1:
                 raise SdtuneError(f"{axis.kind} axis: say which LoRA to sweep (loaded: {', '.join(names) or 'none'}); "
-                                  f"give exactly one --lora, or Axis('{axis.kind}', ..., target=NAME)")
+                                  f"give exactly one --lora, or name it with --sweep NAME (in Python: "
+                                  f"Axis('{axis.kind}', ..., target=NAME))")
             name = names[0]
         else:
             name = axis.target if axis.target in self.loras else self.add_lora_file(axis.target)
