@@ -60,6 +60,12 @@ def _picked(rows, evt: gr.SelectData):
     return text, path
 
 
+def _taken(form: dict) -> str:
+    """The status line after an image's settings were taken, naming those the form cannot apply."""
+    missed = form.get("not_applied") or []
+    return "settings taken from the image" + (f"; not applied here: {', '.join(missed)}" if missed else "")
+
+
 def _form_updates(form: dict) -> list:
     """Generate-form updates from ``Studio.settings_of``; the LoRA pickers and their block weights are emptied
     (the prompt's tags carry the LoRAs of the image)."""
@@ -151,7 +157,8 @@ def _generate_tab(studio: Studio):
     def reuse_picked(path):
         if not path:
             raise SdtuneError("no image on show; generate one, or drop a PNG below")
-        return *_form_updates(studio.settings_of(path, uploaded=False)), "settings taken from the image"
+        found = studio.settings_of(path, uploaded=False)
+        return *_form_updates(found), _taken(found)
 
     reuse.click(reuse_picked, picked, form + [status])
 
@@ -160,7 +167,7 @@ def _generate_tab(studio: Studio):
         if not upload:
             return *[gr.skip()] * (len(form) + 1), ""
         found = studio.settings_of(upload, uploaded=True)
-        return *_form_updates(found), found["parameters"], "settings taken from the dropped image"
+        return *_form_updates(found), found["parameters"], _taken(found).replace("the image", "the dropped image")
 
     drop.upload(reuse_dropped, drop, form + [params, status])
 

@@ -38,6 +38,9 @@ from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
+# A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
+NOT_APPLIED = ("Clip skip", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
+               "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 BUILT_IN = ("tiny", "tiny-xl", "tiny-random")  # models the page can always switch to (no file, offline)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
@@ -261,6 +264,7 @@ class Studio:
             sampler += " Karras"
         if sampler in SAMPLER_KEYS:
             form["sampler"] = SAMPLER_KEYS[sampler]
+        form["not_applied"] = [k for k in NOT_APPLIED if k in p]
         return form
 
     # ---------------------------------------------------------------- Compare
