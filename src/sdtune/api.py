@@ -153,7 +153,7 @@ def _used_embeddings(base: Base, text: str) -> list[tuple[str, str]]:
     whatever its case, so this does too."""
     embeddings = getattr(base, "embeddings", None)
     low = text.lower()
-    return [(t, embeddings.get(t).source) for t in (embeddings.tokens if embeddings else []) if t.lower() in low]
+    return [(t, embeddings.source(t)) for t in (embeddings.tokens if embeddings else []) if t.lower() in low]
 
 
 def _tag_source(name: str, dirs: tuple) -> Path:

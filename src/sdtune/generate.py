@@ -48,6 +48,18 @@ def check_scheduler(name: str) -> None:
                           "another scheduler")
 
 
+_A1111_NAMES = {a1111.lower(): key for key, (_, _, a1111) in SCHEDULERS.items()}  # "dpm++ 2m karras" -> key
+
+
+def sampler_key(name: str, schedule: str = "") -> str | None:
+    """sdtune's sampler for an A1111 sampler name ("Euler a"; A1111 1.9+ writes "DPM++ 2M" with ``schedule``
+    "Karras" apart); None when it has none."""
+    name = name.strip()
+    if schedule.strip().lower() == "karras" and not name.lower().endswith(" karras"):
+        name += " Karras"
+    return _A1111_NAMES.get(name.lower())
+
+
 def make_scheduler(name: str, base_scheduler):
     check_scheduler(name)
     cls_name, extra, _ = SCHEDULERS[name]
@@ -187,9 +199,10 @@ def encode_prompt(base, prompts: list[str]) -> PromptEmbeds:
     ids, weights = prompts_syntax.tokenize(text.tokenizers, prompts)
     rows, chunks, length = ids[0].shape
     hidden, pooled = text([i.reshape(rows * chunks, length).to(base.device) for i in ids])
-    parts = hidden.split([te.width for te in text.specs], dim=-1)  # each encoder's emphasis on its own features
-    hidden = torch.cat([prompts_syntax.weigh(h, w.reshape(rows * chunks, length)) for h, w in zip(parts, weights)],
-                       dim=-1)
+    if any(bool((w != 1).any()) for w in weights):  # each encoder's emphasis on its own features
+        parts = hidden.split([te.width for te in text.specs], dim=-1)
+        hidden = torch.cat([prompts_syntax.weigh(h, w.reshape(rows * chunks, length))
+                            for h, w in zip(parts, weights)], dim=-1)
     hidden = hidden.reshape(rows, chunks * length, -1)
     if pooled is not None:
         pooled = pooled.reshape(rows, chunks, -1)[:, 0]

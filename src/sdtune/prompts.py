@@ -111,8 +111,5 @@ def tokenize(tokenizers, prompts: list[str]) -> tuple[list[torch.Tensor], list[t
 
 def weigh(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Emphasis on one encoder's features [rows, 77, width] with weights [rows, 77]: each token's features times
-    its weight; without emphasis the features are returned as they are."""
-    weights = weights.to(features)
-    if bool((weights == 1).all()):
-        return features
-    return features * weights[..., None]
+    its weight."""
+    return features * weights.to(features)[..., None]

@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import api, sources
-from .generate import SCHEDULERS, draw_grid, infotext, save_png
+from .generate import SCHEDULERS, check_scheduler, draw_grid, infotext, sampler_key, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text, output_folder
@@ -117,9 +117,6 @@ _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "se
              "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'"}
 
 
-_A1111_SAMPLERS = {a1111.lower(): key for key, (_, _, a1111) in SCHEDULERS.items()}  # "euler a" -> "euler_a"
-
-
 def _typed(kind: str, v):
     try:
         if kind in ("seed", "steps"):
@@ -136,7 +133,7 @@ def _typed(kind: str, v):
     except (TypeError, ValueError):
         raise SdtuneError(f"{kind} axis value {v!r} is not a number; e.g. {kind}={_EXAMPLES[kind]}") from None
     if kind == "sampler":
-        name = _A1111_SAMPLERS.get(str(v).strip().lower(), str(v))  # A1111's names as well ("Euler a")
+        name = sampler_key(str(v)) or str(v)  # A1111's names as well ("Euler a")
         if name not in SCHEDULERS:
             raise SdtuneError(f"sampler axis value {v!r}: choose from {', '.join(SCHEDULERS)}")
         return name
@@ -517,8 +514,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
     otherwise such a LoRA is refused.
     """
-    if scheduler not in SCHEDULERS:
-        raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    check_scheduler(scheduler)
     if seed is None or seed < 0:
         raise SdtuneError(f"seed {seed}: an X/Y plot needs a fixed seed (0 or more) so cells are comparable")
     axes = [a for a in (x, y) if a is not None]

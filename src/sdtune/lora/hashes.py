@@ -83,32 +83,45 @@ def describe(path: str | Path) -> dict[str, str | None]:
             "autov3": tensor[:SHORT_LEN] if tensor else None}
 
 
-_SHORT_CACHE: dict[tuple[str, int, int], str] = {}
+_SHORT_CACHE: dict[tuple[str, str, int, int], str] = {}
 
 
-def short_hash(path: str | Path) -> str | None:
-    """A1111's LoRA short hash: the tensor-data sha256 (its ``sshs_model_hash``), 12 hex digits; None where the
-    file is not a safetensors file. Cached on (path, size, mtime): generate asks for it on every call."""
-    path = Path(path)
+def _cached(path: Path, kind: str, compute) -> str | None:
+    """``compute(path)`` once per file version (path, size, mtime): generate asks for the short hashes on every
+    call. None where the file cannot be read."""
     try:
         st = path.stat()
     except OSError:
         return None
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHORT_CACHE:
-        if path.suffix.lower() != ".safetensors":
-            return None
-        try:
-            _SHORT_CACHE[key] = tensor_sha256(path)[:SHORT_LEN]
-        except SdtuneError:
-            return None
+        _SHORT_CACHE[key] = compute(path)
     return _SHORT_CACHE[key]
+
+
+def short_hash(path: str | Path) -> str | None:
+    """A1111's LoRA short hash: the tensor-data sha256 (its ``sshs_model_hash``), 12 hex digits; None where the
+    file is not a safetensors file."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        return _cached(path, "tensor", lambda p: tensor_sha256(p)[:SHORT_LEN])
+    except SdtuneError:
+        return None
+
+
+def file_short_hash(path: str | Path) -> str | None:
+    """A1111's embedding short hash: the whole file's sha256, 12 hex digits; None where it is no readable file."""
+    path = Path(path)
+    return _cached(path, "file", lambda p: file_sha256(p)[:SHORT_LEN]) if path.is_file() else None
 
 
 def ti_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
     """The infotext value A1111 writes as ``TI hashes``: ``name: hash, ...``, each the first 12 hex digits of the
     embedding file's sha256 (an embedding that is no file, such as one being trained, is left out)."""
-    return ", ".join(f"{name}: {file_sha256(path)[:12]}" for name, path in named_paths if Path(path).is_file())
+    hashed = [(name, file_short_hash(path)) for name, path in named_paths]
+    return ", ".join(f"{name}: {h}" for name, h in hashed if h)
 
 
 def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:

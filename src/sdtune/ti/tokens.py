@@ -164,6 +164,10 @@ class EmbeddingSet:
         whose encoder takes the rows under ``key`` ("clip_g": SDXL's tokenizer_2)."""
         return self._table(key).ids(self._entry(token).names)
 
+    def source(self, token: str) -> str:
+        """Where a loaded token came from (its file, or what made it), without copying its rows."""
+        return self._entry(token).source
+
     def get(self, token: str) -> Embedding:
         """The current vectors of a loaded token (e.g. after training), as an ``Embedding`` ready to save."""
         entry = self._entry(token)

@@ -60,10 +60,10 @@ def _picked(rows, evt: gr.SelectData):
     return text, path
 
 
-def _taken(form: dict) -> str:
+def _taken(form: dict, image: str = "the image") -> str:
     """The status line after an image's settings were taken, naming those the form cannot apply."""
     missed = form.get("not_applied") or []
-    return "settings taken from the image" + (f"; not applied here: {', '.join(missed)}" if missed else "")
+    return f"settings taken from {image}" + (f"; not applied here: {', '.join(missed)}" if missed else "")
 
 
 def _form_updates(form: dict) -> list:
@@ -167,7 +167,7 @@ def _generate_tab(studio: Studio):
         if not upload:
             return *[gr.skip()] * (len(form) + 1), ""
         found = studio.settings_of(upload, uploaded=True)
-        return *_form_updates(found), found["parameters"], _taken(found).replace("the image", "the dropped image")
+        return *_form_updates(found), found["parameters"], _taken(found, "the dropped image")
 
     drop.upload(reuse_dropped, drop, form + [params, status])
 

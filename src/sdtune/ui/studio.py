@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import api, sources, xyplot
-from ..generate import SCHEDULERS, parse_infotext, read_infotext, save_batch
+from ..generate import parse_infotext, read_infotext, sampler_key, save_batch
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
@@ -37,7 +37,6 @@ from . import trainform
 from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
-SAMPLER_KEYS = {a1111: key for key, (_, _, a1111) in SCHEDULERS.items()}  # "DPM++ 2M" -> "dpmpp_2m"
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
 NOT_APPLIED = ("Clip skip", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
                "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
@@ -258,12 +257,9 @@ class Studio:
                 form["width"], form["height"] = (int(v) for v in p["Size"].lower().split("x"))
         except ValueError:
             raise SdtuneError(f"{Path(path).name}: its parameters are not readable ({text.splitlines()[-1]})") from None
-        # A1111 1.9+ writes the schedule apart ("DPM++ 2M" + "Schedule type: Karras"); older ones in the name
-        sampler = p.get("Sampler", "")
-        if p.get("Schedule type", "").lower() == "karras" and not sampler.endswith(" Karras"):
-            sampler += " Karras"
-        if sampler in SAMPLER_KEYS:
-            form["sampler"] = SAMPLER_KEYS[sampler]
+        sampler = sampler_key(p.get("Sampler", ""), p.get("Schedule type", ""))
+        if sampler:
+            form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
         return form
 
