@@ -114,6 +114,9 @@ def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, cap
     assert err[0].startswith("sdtune train lora: preset 'tiny'; validation on 1 held-out image(s); settings")
     assert all(re.match(r"(sdtune train lora: |  \w+=|step \d+: validation loss \d\.\d{8}$)", ln) for ln in err), err
     assert "  rank=4" in run.stderr or " rank=4 " in run.stderr
+    # --no-progress is how this terminal watches, not a training setting: neither printed nor saved, so a
+    # --config rerun elsewhere shows its bar
+    assert "progress" not in run.stderr and "progress" not in (first / "settings.toml").read_text()
     saved = load_settings(first / "settings.toml", kind="lora")
     assert (saved.preset, saved.rank, saved.steps, saved.seed, saved.targets, saved.model) == (
         "tiny", 4, 3, 3, "all", "tiny-random")  # the flags, and the preset's values they did not touch
@@ -126,6 +129,7 @@ def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, cap
                            check=False)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert load_settings(second / "settings.toml", kind="lora") == dataclasses.replace(saved, out=str(second))
+    assert saved.progress
     a, b = load_lora(first / "lora.safetensors"), load_lora(second / "lora.safetensors")
     assert {(c, p) for c, p, _ in a.items()} == {(c, p) for c, p, _ in b.items()}
     for comp, path, ad in a.items():

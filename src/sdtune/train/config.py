@@ -98,7 +98,7 @@ class TrainSettings:
     report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
                          "checkpoint (copied to best.safetensors)", default=True)
     resume: bool = True  # continue from the resume state in ``out`` if there is one
-    progress: bool = True  # progress bar
+    progress: bool = True  # progress bar (a terminal preference: not written to settings.toml nor printed)
 
     kind = "train"
 
@@ -380,14 +380,26 @@ def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):
 
 # ---------------------------------------------------------------- writing them back
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """``value`` (bool, number, string, list, or a dict as an inline table) as TOML that reads back equal."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SdtuneError(f"{value}: a setting must be a finite number")
     if isinstance(value, (int, float)):
         return repr(value)  # repr keeps every digit of a float (1e-05, 0.1): read back, it is the same number
     if isinstance(value, list):
-        return "[" + ", ".join(map(_toml_value, value)) + "]"
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    if isinstance(value, dict):  # a sweep = {lr = [...]} table
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    # a JSON string is a TOML basic string, except that TOML wants DEL escaped too
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _recorded(settings: TrainSettings) -> list[tuple[str, object]]:
+    """The settings a run records and prints: all but the terminal's progress bar, which is how one session
+    chose to watch, not part of what was trained (a ``--config`` rerun elsewhere should not inherit it)."""
+    return [(name, value) for name, value in settings.to_dict().items() if name != "progress"]
 
 
 def to_toml(settings: TrainSettings) -> str:
@@ -395,15 +407,15 @@ def to_toml(settings: TrainSettings) -> str:
     settings; unset optional values (None, which TOML cannot write) are comments."""
     lines = [f"# sdtune train {settings.kind} --config THIS_FILE reruns it; flags still override single settings",
              f"[{settings.kind}]"]
-    for name, value in settings.to_dict().items():
-        lines.append(f"# {name} = (unset)" if value is None else f"{name} = {_toml_value(value)}")
+    for name, value in _recorded(settings):
+        lines.append(f"# {name} = (unset)" if value is None else f"{name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
 def summary(settings: TrainSettings, width: int = 110) -> str:
     """The settings as a few wrapped ``name=value`` lines, for the terminal."""
     lines = [""]
-    for name, value in settings.to_dict().items():
+    for name, value in _recorded(settings):
         word = f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
         if lines[-1] and len(lines[-1]) + 2 + len(word) > width:
             lines.append("")

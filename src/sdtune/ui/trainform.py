@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -115,34 +114,13 @@ def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
     return settings
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise SdtuneError(f"{v}: a setting must be a finite number")
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    # a JSON string is a TOML basic string, except that TOML wants DEL escaped too
-    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
 def to_toml(settings) -> str:
     """The settings as the TOML file ``sdtune train KIND --config`` reads (None values: left at the default)."""
     table = {k: v for k, v in settings.to_dict().items() if v is not None}
-    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+    text = "".join(f"{k} = {config.toml_value(v)}\n" for k, v in table.items())
     if tomllib.loads(text) != table:  # the file must say exactly what the form said
         raise SdtuneError("these settings cannot be written as TOML; check the text fields for odd characters")
     return text
-
-
-def _inline(v) -> str:
-    if isinstance(v, dict):  # a sweep = {lr = [...]} table
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_inline(x)}" for k, x in v.items()) + "}"
-    return _toml_value(v)
 
 
 def table_toml(table: dict) -> str:
@@ -152,7 +130,7 @@ def table_toml(table: dict) -> str:
         return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
     def pairs(d: dict) -> str:
-        return "".join(f"{json.dumps(str(k))} = {_inline(v)}\n" for k, v in d.items())
+        return "".join(f"{config.toml_value(str(k))} = {config.toml_value(v)}\n" for k, v in d.items())
 
     text = pairs({k: v for k, v in table.items() if not isinstance(v, dict) and not is_jobs(v)})
     for k, v in table.items():
