@@ -13,6 +13,7 @@ from sdtune.cli import main
 from sdtune.tiny import world
 from sdtune.train import logs
 from sdtune.train import queue as train_queue
+from sdtune.train.config import load_settings, to_toml
 
 SHORT = """
 [defaults]
@@ -173,3 +174,25 @@ def test_a_missing_data_folder_stops_before_any_training(tmp_path, capsys):
     path.write_text('[[job]]\nkind = "lora"\ndata = "no/such/folder"\n')
     assert main(["train", "queue", str(path)]) == 2
     assert "job lora-1: data = 'no/such/folder': no such folder" in capsys.readouterr().err
+
+
+def test_the_page_compares_the_settings_each_run_trains_with(tmp_path):
+    started = train_queue.Run("a", "lora", {"lr": 1e-3})
+    (tmp_path / "a").mkdir()  # a run that has started: its settings.toml holds the model's preset (tiny's)
+    (tmp_path / "a" / "settings.toml").write_text(to_toml(load_settings(
+        None, {"lr": 1e-3, "data": "d", "out": "o"}, kind="lora", family="tiny")))
+    queued = train_queue.Run("b", "lora", {"lr": 5e-3, "data": "d"})  # not started, no preset named: only what the queue gives
+    named = train_queue.Run("c", "lora", {"lr": 5e-3, "data": "d", "preset": "tiny-quick"})
+    ti = train_queue.Run("d", "ti", {"token": "<q>", "lr": 5e-3, "data": "d"})
+    runs = [started, queued, named, ti]
+    used = [train_queue.used_settings(tmp_path, r) for r in runs]
+    assert (used[0]["rank"], used[0]["targets"]) == (8, "all")  # not the class defaults' 16 and "attn"
+    assert "rank" not in used[1] and used[2]["steps"] == 30
+    # rank is compared between the runs that have one (8 and 8: the same), steps too (tiny's 300, quick's 30);
+    # TI's token belongs to one run only
+    assert train_queue.differing(used) == ["preset", "steps", "lr", "batch_size", "save_every", "sample_every",
+                                           "validation_every"]
+    page = train_queue.write_page(tmp_path, runs, {}).read_text()
+    assert re.search(r"<th>lr</th>\s*<td>0.001</td>\s*<td>0.005</td>\s*<td>0.005</td>\s*<td>0.005</td>", page)
+    assert re.search(r"<th>steps</th>\s*<td>300</td>\s*<td></td>\s*<td>30</td>\s*<td></td>", page)
+    assert "<th>rank</th>" not in page and "<th>token</th>" not in page and "null" not in page

@@ -52,7 +52,7 @@ from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
 from . import logs
 from .config import KINDS, load_settings, read_settings
-from .loop import STATE_FILE, Record
+from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
 from .ti import train_ti
@@ -319,14 +319,27 @@ def summarize(folder: Path) -> dict:
     }
 
 
-def differing(runs: list[Run]) -> list[str]:
-    """The settings whose values differ between the runs (given or defaulted), in the order of the fields."""
-    full = []
-    for run in runs:
-        values = {**KINDS[run.kind]().to_dict(), **run.given}
-        full.append(values)
-    keys = [k for k in dict.fromkeys(k for values in full for k in values) if k not in NOT_COMPARED]
-    return [k for k in keys if len({json.dumps(v.get(k), default=str) for v in full}) > 1]
+def used_settings(folder: Path, run: Run) -> dict:
+    """The settings ``run`` trains with, as far as they are known: its own ``settings.toml`` once it has started
+    (what the model's preset set included), before that what the queue gives it over the preset it names. A
+    setting the model's preset will decide is left out until then (the class defaults would show values the
+    run never uses)."""
+    saved = folder / run.name / SETTINGS_FILE
+    try:
+        if saved.is_file():
+            return load_settings(saved, kind=run.kind).to_dict()
+        if run.given.get("preset"):
+            return load_settings(None, run.given, kind=run.kind).to_dict()
+    except SdtuneError:
+        pass  # an unreadable file: what the queue gives, as for a run not started
+    return {k.replace("-", "_"): v for k, v in run.given.items()}
+
+
+def differing(values: list[dict]) -> list[str]:
+    """The settings whose values differ between the runs that have them (``values``: each run's settings), in
+    the order first met. A setting of one kind only (rank, token) is compared between the runs of that kind."""
+    keys = [k for k in dict.fromkeys(k for v in values for k in v) if k not in NOT_COMPARED]
+    return [k for k in keys if len({json.dumps(v[k], default=str) for v in values if k in v}) > 1]
 
 
 ROW = Template("<tr><th>$label</th>$cells</tr>")
@@ -341,10 +354,6 @@ SAMPLE = Template('<a href="$href"><img src="$href" alt="$text"></a><br>$text')
 def _cell(text, mark: bool = False) -> Html:
     """A table cell: ``text`` escaped unless it is ``Html``; ``mark`` shows it as the best."""
     return fill(CELL, text=text, mark=Html(' class="best"' if mark else ""))
-
-
-def _given(run: Run, key: str):
-    return {**KINDS[run.kind]().to_dict(), **run.given}.get(key)
 
 
 def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = None) -> Path:
@@ -364,7 +373,8 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     rows = [row("run", [r.name for r in runs]),
             row("state", [s.get("state", "queued") + (f": {s['error']}" if s.get("error") else "") for s in states]),
             row("kind", [r.kind for r in runs])]
-    rows += [row(key, [json.dumps(_given(r, key), default=str) for r in runs]) for key in differing(runs)]
+    used = [used_settings(folder, r) for r in runs]
+    rows += [row(key, [json.dumps(u[key], default=str) if key in u else "" for u in used]) for key in differing(used)]
     rows.append(row("final validation loss", [f"{i['final_loss']:.6f} (step {i['final_step']})"
                                               if i["final_loss"] is not None else "" for i in info]))
     best_cells = []
