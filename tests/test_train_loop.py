@@ -1,6 +1,7 @@
 """The shared training loop: schedules, loss, settings, exact resume, NaN stop, samples, several processes."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,45 @@ def test_resume_refuses_other_settings(base, dataset, tmp_path):
     train_lora(base, settings(dataset, tmp_path, steps=3), callback=lambda s, _: steps.append(s))
     train_lora(base, settings(dataset, tmp_path, steps=2, resume=False), callback=lambda s, _: steps.append(s))
     assert steps == [3, 1, 2]
+
+
+QUIET = dict(report=False, sample_every=0)
+
+
+def test_more_steps_on_a_finished_run_keep_its_final_weights_under_their_step(base, dataset, tmp_path, capsys):
+    first = lora_tensors(train_lora(base, settings(dataset, tmp_path, steps=2, lr_scheduler="cosine", **QUIET)))
+    capsys.readouterr()
+    train_lora(base, settings(dataset, tmp_path, steps=3, lr_scheduler="cosine", **QUIET))
+    err = capsys.readouterr().err
+    assert f"sdtune train lora: resuming at step 2 of 3 from {tmp_path / loop.STATE_FILE}" in err
+    assert "the cosine learning-rate schedule now spans 3 steps, not 2" in err
+    # lora.safetensors now holds step 3: the step-2 weights stay, under their step's name, as the history says
+    kept = lora_tensors(tmp_path / "lora-step000002.safetensors")
+    assert kept.keys() == first.keys()
+    assert all(torch.equal(kept[k][r], first[k][r]) for k in first for r in first[k])
+    state, _ = load_state(tmp_path / loop.STATE_FILE)
+    assert [tuple(c) for c in state["history"]["checkpoints"]] == [(2, "lora-step000002.safetensors"),
+                                                                   (3, "lora.safetensors")]
+    assert not any(torch.equal(lora_tensors(tmp_path / "lora.safetensors")[k]["up"], first[k]["up"]) for k in first)
+
+
+def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(dataset, data)
+    train_lora(base, settings(data, out, steps=2, **QUIET))
+    moved = tmp_path / "moved"  # the same images in another folder: the run goes on
+    data.rename(moved)
+    steps = []
+    train_lora(base, settings(moved, out, steps=3, **QUIET), callback=lambda s, _: steps.append(s))
+    assert steps == [3]
+    next(moved.glob("*.txt")).write_text("a different caption")
+    with pytest.raises(SdtuneError, match=r"resume.pt: the images or captions in .*moved changed since this run was "
+                                          r"saved \(\d+ image\(s\) then, \d+ now\).*--no-resume to start over here"):
+        train_lora(base, settings(moved, out, steps=4, **QUIET))
+    (out / loop.STATE_FILE).write_bytes((out / loop.STATE_FILE).read_bytes()[:200])  # a save cut short
+    with pytest.raises(SdtuneError, match=r"resume.pt: .*; delete it to start over here \(or use --no-resume\), or "
+                                          r"use another --out"):
+        train_lora(base, settings(moved, out, steps=4, **QUIET))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_save(base, dataset, tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import load_embedding
 from sdtune.tiny import world
-from sdtune.train import logs, report
-from sdtune.train.config import LoraSettings, TISettings
-from sdtune.train.data import first_prompts, scan_folder, split_validation
+from sdtune.train import logs, report, validation
+from sdtune.train.config import LoraSettings, TISettings, load_settings
+from sdtune.train.data import Scan, first_prompts, scan_folder, split_validation
 from sdtune.train.loop import Record
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
@@ -61,6 +61,10 @@ def test_validation_split_holds_out_the_same_images_whatever_the_order(dataset):
     assert len(split_validation(scan, 0.01, dataset)[1].examples) == 1  # at least one
     with pytest.raises(SdtuneError, match=r"--validation-split 0.95 holds out all 10 image\(s\)"):
         split_validation(scan, 0.95, dataset)
+    with pytest.raises(SdtuneError, match=r"^preset 'tiny''s --validation-split 0.1 holds out all 1 image\(s\) of "
+                                          r".*give --validation-split 0"):
+        validation.split(load_settings(None, {"data": str(dataset)}, "lora", family="tiny"), Scan(scan.examples[:1]),
+                         require_captions=True)
     with pytest.raises(SdtuneError, match=r"--validation-split 1.0: must be in \[0, 1\)"):
         settings(dataset, "o", validation_split=1.0).check()
 

@@ -1,6 +1,7 @@
 """Textual Inversion training: only the new rows learn; the files load in diffusers and sdtune; exact resume."""
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -118,6 +119,12 @@ def test_bad_tokens_fail_clearly_and_leave_the_base_unchanged(dataset, tmp_path)
     before = table(base)
     with pytest.raises(SdtuneError, match="--token 'star' is already in the tokenizer's vocabulary"):
         train_ti(base, settings(dataset, tmp_path, token="star"))
+    captioned = tmp_path / "captioned"  # captions without the token: the known word is still what is said first
+    shutil.copytree(dataset, captioned)
+    for image in captioned.glob("*.png"):
+        image.with_suffix(".txt").write_text("a red star")
+    with pytest.raises(SdtuneError, match="--token 'red' is already in the tokenizer's vocabulary"):
+        train_ti(base, settings(captioned, tmp_path / "o", token="red"))
     with pytest.raises(SdtuneError, match="--token 'my star': must be one word"):
         train_ti(base, settings(dataset, tmp_path, token="my star"))
     for blank in ("", "  "):

@@ -170,7 +170,7 @@ class TISettings(TrainSettings):
             raise SdtuneError(f"--num-vectors {self.num_vectors}: must be at least 1")
         _choice("property", self.property, ("object", "style"))
         for f in self.formats:
-            _choice("format", f, ("diffusers", "a1111"))
+            _choice("formats", f, ("diffusers", "a1111"))
 
 
 @dataclass
@@ -245,7 +245,7 @@ class LoraSettings(TrainSettings):
         if not self.name or "/" in self.name or "\\" in self.name:
             raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
         for f in self.formats:
-            _choice("format", f, ("kohya", "diffusers"))
+            _choice("formats", f, ("kohya", "diffusers"))
         self._check_pivotal()
         self._check_prior()
 

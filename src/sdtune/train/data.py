@@ -147,14 +147,25 @@ def held_out_order(scan: Scan, root: Path) -> list[Example]:
                   .hexdigest())
 
 
-def split_validation(scan: Scan, fraction: float, root: str | Path) -> tuple[Scan, Scan]:
-    """(training, validation): ``fraction`` of the images (at least one) held out, with all their repeats."""
+def fingerprint(scan: Scan, root: str | Path) -> dict:
+    """What identifies a folder's training data for a resume: its images (by path inside ``root``, so that a moved
+    folder still matches, and size in bytes), their captions and repeats; {"images": n, "sha256": ...}."""
+    root = Path(root)
+    rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.path.name,
+                   ex.path.stat().st_size, ex.caption, ex.repeats) for ex in scan.examples)
+    return {"images": len(rows), "sha256": hashlib.sha256(repr(rows).encode()).hexdigest()}
+
+
+def split_validation(scan: Scan, fraction: float, root: str | Path, origin: str = "") -> tuple[Scan, Scan]:
+    """(training, validation): ``fraction`` of the images (at least one) held out, with all their repeats.
+    ``origin``: where the fraction came from, for the message ("preset 'tiny''s "), when not from the user."""
     root = Path(root)
     n = len(scan.examples)
     k = max(1, round(fraction * n))
     if k >= n:
-        raise SdtuneError(f"--validation-split {fraction:g} holds out all {n} image(s) of {root}; lower it, add "
-                          f"images, or give held-out images with --validation-dir")
+        raise SdtuneError(f"{origin}--validation-split {fraction:g} holds out all {n} image(s) of {root}; add images, "
+                          f"give --validation-split 0 (the loss is then measured on training images), or give "
+                          f"held-out images with --validation-dir")
     held = {id(ex) for ex in held_out_order(scan, root)[:k]}
     return (_subset(scan, [ex for ex in scan.examples if id(ex) not in held], root),
             _subset(scan, [ex for ex in scan.examples if id(ex) in held], root))

@@ -55,7 +55,7 @@ from ..generate import TextStack, generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs, shared_text
 from .config import TrainSettings, summary, to_toml
-from .data import TrainingSet, seed_for, vae_scale
+from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
@@ -276,8 +276,11 @@ def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
-def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
-    state, _ = load_state(path)
+def _read_resume(path: Path, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
+    try:
+        state, _ = load_state(path)
+    except SdtuneError as e:  # cut short (a full disk): the files of the last complete save are still there
+        raise SdtuneError(f"{e}; delete it to start over here (or use --no-resume), or use another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SdtuneError(f"{path}: not an sdtune resume state; delete it or use another --out")
     saved = {**type(settings)().to_dict(), **json.loads(state["settings"])}  # settings added since: defaults
@@ -290,7 +293,23 @@ def _read_resume(path: Path, settings: TrainSettings, model_hash: str) -> dict:
     if state.get("model_hash") and model_hash and state["model_hash"] != model_hash:
         raise SdtuneError(f"{path}: this run was started on another base model (hash {state['model_hash']}, now "
                           f"{model_hash}); use the same --model, or another --out")
+    saved_data = state.get("data")  # states written before sdtune recorded it: not checked
+    if saved_data and saved_data != data_id:
+        raise SdtuneError(f"{path}: the images or captions in {settings.data} changed since this run was saved "
+                          f"({saved_data['images']} image(s) then, {data_id['images']} now), and the rest of the run "
+                          f"would train and validate on other data under the same curve; use another --out for a "
+                          f"new run, or --no-resume to start over here")
     return state
+
+
+def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSettings) -> str:
+    """The line a resumed run prints: where it picks up, and what a changed step count does to the schedule."""
+    line = f"sdtune train {name}: resuming at step {start} of {total} from {Path(settings.out) / STATE_FILE}"
+    before = state.get("total")
+    if before and before != total and settings.lr_scheduler != "constant":
+        line += (f" (the {settings.lr_scheduler} learning-rate schedule now spans {total} steps, not {before}, "
+                 f"so the remaining steps' rates differ from the first run's plan)")
+    return line
 
 
 # ---------------------------------------------------------------- the loop
@@ -373,9 +392,10 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         # the attention layers): one kernel for all, 4x faster than foreach, equal to it to the last bit or so
         optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay,
                                       fused=True if device.type == "cpu" else None)
-        start, history = 0, {}
+        start, history, extend, state = 0, {}, False, {}
+        data_id = fingerprint(data.scan, settings.data)
         if settings.resume and state_path.is_file():
-            state = _read_resume(state_path, settings, getattr(base, "model_hash", ""))
+            state = _read_resume(state_path, settings, getattr(base, "model_hash", ""), data_id)
             start = int(state["step"])
             if start > total:
                 raise SdtuneError(f"{state_path}: the saved run is at step {start}, past --steps {total}; raise "
@@ -383,8 +403,15 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             history = state.get("history", {})
+            # a finished run given more steps: its final files are written again at the new end, so the weights
+            # they hold now are saved under their step's name first (states before sdtune recorded "final": the
+            # saved step count tells)
+            saved_steps = json.loads(state["settings"]).get("steps")
+            extend = start < total and state.get("final", start == saved_steps and not settings.epochs)
         if accelerator.is_main_process:
             _announce(settings, job, Path(settings.out))
+            if start:
+                print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
         log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process)
@@ -392,7 +419,9 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
                           model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
                           checkpoints=[(s, Path(settings.out) / f) for s, f in history.get("checkpoints", [])],
-                          seconds_before=history.get("seconds", 0.0), started=started)
+                          seconds_before=history.get("seconds", 0.0), started=started, data_id=data_id)
+        if extend:
+            session.save(start, final=False)
         files = _steps(session, start, callback)
         log.close()  # loss.png and the last rows, before the report reads them
         return Record(files=files, checkpoints=session.checkpoints, val_losses=log.val_losses(),
@@ -421,6 +450,7 @@ class Session:
     final_files: list[Path] = field(default_factory=list)
     checkpoints: list[tuple[int, Path]] = field(default_factory=list)  # (step, main file), resumed runs' included
     seconds_before: float = 0.0  # training time of the sessions before a resume
+    data_id: dict = field(default_factory=dict)  # the training data's fingerprint (data.fingerprint), for resumes
     started: float = 0.0  # perf_counter() at this session's start
 
     @property
@@ -477,7 +507,8 @@ class Session:
             atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
                                "optimizer": self.optimizer.state_dict(),
                                "settings": json.dumps(self.settings.to_dict()), "history": history,
-                               "model_hash": getattr(self.base, "model_hash", "")}, self.out / STATE_FILE)
+                               "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
+                               "final": final, "total": self.total}, self.out / STATE_FILE)
         self.last_save = step
         acc.wait_for_everyone()
 

@@ -114,12 +114,18 @@ def init_rows(base, text: str, num_vectors: int) -> dict[str, torch.Tensor]:
     return parts
 
 
-def add_token(base, settings: TISettings) -> list[int]:
-    """Add the token to the base's embeddings with its starting rows; returns its ids (consecutive)."""
+def check_new_token(base, settings: TISettings) -> None:
+    """The token (and its sub-tokens) must be new to the tokenizer: checked first, since a known word is the one
+    fix to make whatever else the data says."""
     known = {t.lower() for t in base.tokenizer.get_vocab()}
     if any(name.lower() in known for name in sub_tokens(settings.token, settings.num_vectors)):
         raise SdtuneError(f"--token {settings.token!r} is already in the tokenizer's vocabulary (a word it knows, or "
                           f"a loaded embedding); choose a new word, e.g. '<{settings.token.strip('<>')}-1>'")
+
+
+def add_token(base, settings: TISettings) -> list[int]:
+    """Add the token to the base's embeddings with its starting rows; returns its ids (consecutive)."""
+    check_new_token(base, settings)
     embeddings = embedding_set(base)
     parts = init_rows(base, settings.init_token, settings.num_vectors)
     embeddings.add(Embedding.from_parts(settings.token, parts, f"placeholder {settings.token}", "diffusers"))
@@ -141,6 +147,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
 
     Afterwards the token is loaded on ``base`` with its learned vectors (``base.embeddings``)."""
     settings.check()
+    check_new_token(base, settings)
     out = Path(settings.out)
     scan = scan_folder(settings.data, default_caption=None, require_captions=False)
     report_skipped(scan)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import presets
 from .data import Scan, TrainingSet, held_out_order, model_steps, scan_folder, seed_for, split_validation
 
 TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
@@ -59,7 +60,10 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
                            default_caption=settings.default_caption if require_captions else None)  # as --data
         return scan, held, True
     if settings.validation_split:
-        train, held = split_validation(scan, settings.validation_split, settings.data)
+        preset = presets.get(settings.kind, settings.preset).values if settings.preset else {}
+        origin = (f"preset {settings.preset!r}'s " if preset.get("validation_split") == settings.validation_split
+                  else "")
+        train, held = split_validation(scan, settings.validation_split, settings.data, origin)
         return train, held, True
     chosen = held_out_order(scan, Path(settings.data))[:FALLBACK_IMAGES]
     return scan, Scan(chosen), False
