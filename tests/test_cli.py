@@ -212,6 +212,22 @@ def test_merge_into_a_single_file(tmp_path, loras, capsys):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
 
 
+def test_merge_into_a_folder_has_the_usual_permissions_and_a_ckpt_name_is_refused(tmp_path, loras, capsys):
+    style, _ = loras
+    folder = tmp_path / "merged"
+    assert main(["merge", "--model", "tiny-random", "--lora", f"{style}:0.5:te=0.2", "--out", str(folder)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700: other accounts can read it
+    assert (folder / "model_index.json").is_file()
+    capsys.readouterr()
+    # an A1111 user's model.ckpt would otherwise be a diffusers folder of that name
+    assert main(["merge", "--model", "tiny-random", "--lora", str(style), "--out", str(tmp_path / "m.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"use {tmp_path / 'm.safetensors'} or a folder name" in err
+    assert not (tmp_path / "m.ckpt").exists()
+
+
 # ---------------------------------------------------------------- train
 
 @pytest.fixture(scope="module")

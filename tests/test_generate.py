@@ -133,6 +133,12 @@ def test_source_specs(tmp_path):
     f.write_bytes(b"x")
     assert sources.parse_weighted(f"{f}:0.5") == (str(f), 0.5)
     assert sources.parse_weighted(str(f)) == (str(f), 1.0)
+    # A1111's weights for the UNet and the text encoders, by place or by name (unet= overrides the plain weight)
+    assert sources.parse_weighted(f"{f}:0.5:0.2") == sources.parse_weighted(f"{f}:0.5:te=0.2") == (str(f), (0.5, 0.2))
+    assert sources.parse_weighted(f"{f}:te=0.2") == (str(f), (1.0, 0.2))
+    assert sources.parse_weighted(f"{f}:2:unet=0.3:te=0.2") == (str(f), (0.3, 0.2))
+    with pytest.raises(SdtuneError, match=r"unknown option 'foo'; after its file a LoRA takes :WEIGHT"):
+        sources.parse_weighted(f"{f}:0.5:foo=1")
     assert sources.split_suffix(f"{f}:<tok>") == (str(f), "<tok>")
     assert sources.resolve("a", "lora", (tmp_path,)) == f
     assert sources.hub_parts("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora") == ("andrewzhu/MoXinV1",

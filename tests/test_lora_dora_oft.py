@@ -198,7 +198,8 @@ def test_kohya_dora_round_trips_and_peft_dora_refuses_kohya(base, tmp_path):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
     # kohya's dora_scale is per input column, PEFT's magnitude per output row: no diffusers layout for it
-    with pytest.raises(SdtuneError, match="DoRA adapters in this layout have no diffusers layout.*format='kohya'"):
+    with pytest.raises(SdtuneError, match=r"DoRA adapters have no layout that diffusers loads \(a kohya/LyCORIS "
+                                          r"DoRA normalises.*format='kohya'"):
         formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
     peft_ad = Adapter("dora", {"down": down, "up": up, "magnitude": torch.ones(32)}, 4.0)
     lora.modules["unet"][ATTN] = peft_ad

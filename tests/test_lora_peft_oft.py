@@ -132,7 +132,7 @@ def test_no_other_layout_and_misshapen_tensors_are_clear_errors(base, tmp_path, 
     lora = formats.load_lora(tmp_path / "peft")
     with pytest.raises(SdtuneError, match="no kohya/LyCORIS layout"):
         formats.save_lora(lora, tmp_path / "k.safetensors")
-    with pytest.raises(SdtuneError, match="no diffusers layout"):
+    with pytest.raises(SdtuneError, match="have no layout that diffusers loads"):
         formats.save_lora(lora, tmp_path / "d.safetensors", format="diffusers")
     resized = tmp_path / "r.safetensors"
     assert main(["lora", "resize", str(tmp_path / "peft" / "adapter_model.safetensors"), "--rank", "2", "--out", str(resized)]) == 2

@@ -113,8 +113,11 @@ def atomic_folder(path: str | Path):
     path = Path(path)
     output_folder(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a model folder gets the usual permissions, as files do
         if path.exists():  # the old folder is moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

@@ -31,15 +31,31 @@ def split_suffix(spec: str) -> tuple[str, str | None]:
     return head, tail
 
 
-def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
-    """'FILE[:WEIGHT]' -> (FILE, WEIGHT)."""
-    src, tail = split_suffix(spec)
-    if tail is None:
-        return src, default
+def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[float, float]]:
+    """'FILE[:WEIGHT[:TE_WEIGHT]]', also with A1111's named ``:unet=W`` / ``:te=W`` (as in a prompt's
+    ``<lora:name:1:te=0.5>``) -> (FILE, weight): one number, or (unet, text encoders) where the text encoders'
+    weight is given."""
+    numbers, named, src = [], {}, spec
+    while True:
+        head, tail = split_suffix(src)
+        key, eq, value = (tail or "").partition("=")
+        if eq and key.strip() not in ("unet", "te"):
+            raise SdtuneError(f"{spec}: unknown option {key.strip()!r}; after its file a LoRA takes :WEIGHT"
+                              f"[:TE_WEIGHT], :unet=W, :te=W and :lbw=BLOCK_WEIGHTS")
+        if tail is None or (not eq and len(numbers) == 2):
+            break
+        if eq:
+            named.setdefault(key.strip(), value)
+        else:
+            numbers.insert(0, tail)
+        src = head
     try:
-        return src, float(tail)
+        unet = float(named.get("unet", numbers[0] if numbers else default))
+        te = named.get("te", numbers[1] if len(numbers) > 1 else None)
+        return src, unet if te is None else (unet, float(te))
     except ValueError:
-        raise SdtuneError(f"{spec}: the weight after ':' must be a number, e.g. {src}:0.8") from None
+        raise SdtuneError(f"{spec}: a weight after ':' must be a number (FILE:0.8, FILE:0.8:0.5 for the UNet and "
+                          f"the text encoders, or FILE:unet=0.8:te=0.5), e.g. {src}:0.8") from None
 
 
 def hub_parts(source: str, kind: str) -> tuple[str, tuple[str, ...]]:

@@ -89,6 +89,10 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     out = Path(out)
     if fmt == "single" and out.suffix != ".safetensors":
         raise SdtuneError(f"{out}: a single-file merge is written as .safetensors; use that suffix")
+    if fmt == "diffusers" and out.suffix.lower() in WEIGHT_SUFFIXES:  # meant as a file, not a folder's name
+        raise SdtuneError(f"{out}: sdtune writes a merged model as one .safetensors file (A1111 and ComfyUI load "
+                          f"it; never a pickled {out.suffix}) or a diffusers folder; use "
+                          f"{out.with_suffix('.safetensors')} or a folder name")
     if fmt == "diffusers" and dtype is not None:
         raise SdtuneError("dtype is for single-file output; a diffusers folder is written in the dtype of its input")
     pairs = []

@@ -574,6 +574,9 @@ def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     return meta
 
 
+KOHYA_HINT = "sdtune convert --to kohya; in Python format='kohya'"
+
+
 def _diffusers_module(comp: str, path: str) -> str:
     # diffusers 0.42 strips a leading ``text_model.`` when the CLIPTextModel has none (transformers 5) and keeps
     # it for transformers 4 and CLIPTextModelWithProjection, so writing it is what every diffusers version with
@@ -584,7 +587,8 @@ def _diffusers_module(comp: str, path: str) -> str:
 def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if lora.embeddings:
         raise SdtuneError(f"{path}: this LoRA carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
-                          f"which the diffusers LoRA layout cannot hold; save as kohya, or save the embeddings apart")
+                          f"which the diffusers LoRA layout cannot hold; write it in the kohya layout ({KOHYA_HINT}), "
+                          f"or save the embeddings apart")
     tensors, header = {}, {}
     for comp in lora.modules:
         mods = lora.modules[comp]
@@ -592,14 +596,16 @@ def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor],
             continue
         other = {ad.algo.label or ad.kind for ad in mods.values() if ad.algo.peft_factors(ad.tensors) is None}
         if other:
-            raise SdtuneError(f"{path}: {'/'.join(sorted(other))} adapters in this layout have no diffusers layout "
-                              f"that diffusers loads (a kohya/LyCORIS DoRA normalises other axes than PEFT's); "
-                              f"save them with format='kohya'")
+            why = ("a kohya/LyCORIS DoRA normalises other axes than PEFT's" if any("dora" in o.lower() for o in other)
+                   else "PEFT has no such adapter in diffusers")
+            raise SdtuneError(f"{path}: {'/'.join(sorted(other))} adapters have no layout that diffusers loads "
+                              f"({why}); write this LoRA in the kohya layout, which A1111 and ComfyUI load "
+                              f"({KOHYA_HINT})")
         # PEFT switches an option such as DoRA on for a whole component, never per module
         switches = {ad.algo.peft_switch for ad in mods.values()}
         if len(switches) > 1:
             raise SdtuneError(f"{path}: {comp} mixes DoRA and plain LoRA layers, which one PEFT config cannot "
-                              f"describe; save it with format='kohya'")
+                              f"describe; write it in the kohya layout ({KOHYA_HINT})")
         ranks, alphas = {}, {}
         for p, ad in mods.items():
             down, up = ad.algo.peft_factors(ad.tensors)

@@ -21,6 +21,7 @@ from . import blocks as block_weights
 from . import keys
 from .formats import load_lora, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
+from .patch import as_weights
 
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
 MIN_SV = 1e-6  # sd-scripts' resize_lora: a layer whose largest singular value is below this is taken as zero
@@ -122,14 +123,15 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
         raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
     if rank is not None and rank < 1:
         raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
-    loaded = [(str(p), _read(p), float(w)) for p, w, *_ in specs]
+    # a weight per component (the UNet's, the text encoders'), as a LoRA loaded with (unet_w, te_w) patches
+    loaded = [(str(p), _read(p), as_weights(w, two_encoders=True)) for p, w, *_ in specs]
     family = _family([(p, lora) for p, lora, _ in loaded])
     dtype = _dtype([lora for _, lora, _ in loaded])
     layers: dict[tuple[str, str], list[tuple[Adapter, float]]] = {}
     for (p, lora, w), spec in zip(loaded, specs):
         factors = _block_factors(p, lora, spec[2] if len(spec) > 2 else None, family)
         for comp, path, ad in lora.items():
-            layers.setdefault((comp, path), []).append((ad, w * factors.get((comp, path), 1.0)))
+            layers.setdefault((comp, path), []).append((ad, w[comp] * factors.get((comp, path), 1.0)))
     mix, reports = Lora(), []
     for (comp, path), contribs in layers.items():
         if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
@@ -163,10 +165,16 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
                                   f"values; merge LoRAs without clashing embeddings")
             names[name] = p
             mix.embeddings[name] = emb
-    mix.metadata = {"ss_training_comment": "sdtune lora merge: " + " + ".join(f"{Path(p).name}:{w:g}"
+    mix.metadata = {"ss_training_comment": "sdtune lora merge: " + " + ".join(f"{Path(p).name}:{_weight_text(w)}"
                                                                                for p, _, w in loaded)}
     save_lora(mix, out, format=to, family=family)
     return mix, reports
+
+
+def _weight_text(weights: dict[str, float]) -> str:
+    """A merge input's weights as its spec gives them: "0.8", or "unet=0.8:te=0.5" where the encoders' differ."""
+    unet, te = weights["unet"], weights["text_encoder"]
+    return f"{unet:g}" if te == unet == weights["text_encoder_2"] else f"unet={unet:g}:te={te:g}"
 
 
 def _block_factors(path: str, lora: Lora, blocks, family) -> dict[tuple[str, str], float]:
