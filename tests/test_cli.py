@@ -1,6 +1,7 @@
 """The command line through its real entry point (``sdtune.cli.main`` or ``python -m sdtune.cli``): every
 subcommand and every flag the README shows, with what each writes and prints; errors are one line."""
 
+import hashlib
 import json
 import os
 import stat
@@ -18,7 +19,7 @@ from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
-from sdtune.ti.formats import load_embedding
+from sdtune.ti.formats import Embedding, load_embedding, save_embedding
 from sdtune.tiny import world
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -169,6 +170,28 @@ def test_inspect_text_and_json(loras, capsys):
     assert info["format"] == "kohya" and info["ranks"] == [2] and info["alphas"] == [2.0]
 
 
+def test_inspect_describes_embeddings_of_every_layout(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    sdxl = Embedding("<x>", {"clip_l": torch.randn(2, 768, generator=g), "clip_g": torch.randn(2, 1280, generator=g)},
+                     "made here", "sdxl")
+    save_embedding(sdxl, tmp_path / "xl.safetensors")
+    save_embedding(Embedding("<p>", torch.randn(3, 1024, generator=g), "made here", "a1111"), tmp_path / "p.pt",
+                   format="a1111")
+    save_file({"emb_params": torch.randn(1, 768, generator=g)}, str(tmp_path / "kohya-style.safetensors"))
+    want = {"xl.safetensors": ("<x>", 2, {"clip_l": 768, "clip_g": 1280}, "SDXL"),
+            "p.pt": ("<p>", 3, {"": 1024}, "SD 2.x"),
+            "kohya-style.safetensors": ("kohya-style", 1, {"": 768}, "SD 1.x")}
+    for name, (token, n, widths, family) in want.items():
+        assert main(["inspect", str(tmp_path / name), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["kind"], info["token"], info["vectors"], info["widths"], info["family_name"]) == (
+            "embedding", token, n, widths, family), name
+        assert info["hashes"]["autov2"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:10]
+    assert main(["inspect", str(tmp_path / "xl.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "Textual Inversion embedding" in text and "clip_l 768, clip_g 1280" in text and "SDXL" in text
+
+
 REAL_FILES = sorted(p for sub in ("lora", "ti") for p in (FIXTURES / sub).glob("*")
                     if p.suffix in (".safetensors", ".pt", ".bin", ".pti")) if FIXTURES.is_dir() else []
 
@@ -180,8 +203,11 @@ def test_inspect_json_answers_every_real_file(path, capsys):
     out, err = capsys.readouterr()
     if code == 0:
         assert json.loads(out)["file"] == str(path) and err == ""
-    else:  # a file that is not a LoRA (an embedding, an unsafe pickle) is refused in one line
+        # every embedding layout is described as one (SD 1.x, SD 2.x and SDXL files among them)
+        assert (json.loads(out).get("kind") == "embedding") == (path.parent.name == "ti")
+    else:  # a file sdtune will not read (an unsafe pickle) is refused in one line
         assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"sdtune: error: {path}")
+        assert "pickle" in err
 
 
 @pytest.mark.parametrize("to", ["diffusers", "kohya"])

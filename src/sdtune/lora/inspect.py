@@ -1,4 +1,4 @@
-"""What a LoRA file holds, without a model: backs ``sdtune inspect FILE [--json]``."""
+"""What a LoRA or Textual Inversion file holds, without a model: backs ``sdtune inspect FILE [--json]``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from .. import families
+from ..safeio import SdtuneError
+from ..ti.formats import Embedding, load_embedding, made_for
 from . import hashes, keys
 from .formats import load_lora
 from .neutral import COMPONENTS
@@ -15,8 +17,19 @@ from .neutral import COMPONENTS
 def describe(path: str | Path) -> dict:
     """A JSON-ready summary: format, base family guess, modules per component and how many of them fit that
     family's layers, ranks, alphas, scales, conv layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings,
-    and keys sdtune could not read."""
-    lora = load_lora(path)
+    and keys sdtune could not read. A Textual Inversion file (any layout ``load_embedding`` reads) is described
+    as one: its token, vectors, widths and the family they fit."""
+    try:
+        lora = load_lora(path)
+    except SdtuneError:  # not a LoRA: an embedding, or the LoRA reader's message stands
+        embedding = _embedding(path)
+        if embedding is None:
+            raise
+        return _describe_embedding(path, embedding)
+    if not any(lora.modules.values()) and lora.embeddings and not lora.unknown:  # a diffusers {token: rows} file
+        embedding = _embedding(path)
+        if embedding is not None:
+            return _describe_embedding(path, embedding)
     family = keys.guess_family(lora)
     reference = keys.reference(family or families.SD1)
     kinds = Counter(ad.kind for _, _, ad in lora.items())
@@ -58,13 +71,61 @@ def describe(path: str | Path) -> dict:
     }
 
 
+def _embedding(path: str | Path) -> Embedding | None:
+    try:
+        return load_embedding(path)
+    except SdtuneError:
+        return None
+
+
+def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
+    rows = next(iter(emb.parts.values()))
+    return {
+        "file": str(path),
+        "kind": "embedding",
+        "format": emb.format,
+        "token": emb.token,  # the word it loads under (stored, else the file's name, as load_embedding picks it)
+        "vectors": emb.num_vectors,
+        "widths": emb.widths,
+        "family_name": made_for(emb.widths),
+        "dtypes": [str(rows.dtype).removeprefix("torch.")],
+        "norms": {key: round(float(r.norm(dim=1).mean()), 4) for key, r in emb.parts.items()},
+        "hashes": hashes.describe(path),
+    }
+
+
 def _short(value, width: int = 90) -> str:
     text = str(value).replace("\n", " ")
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _table(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def _hash_rows(h: dict) -> list[tuple[str, str]]:
+    if not h:
+        return []
+    return [("AutoV2", h["autov2"]),
+            ("AutoV3", f"{h['autov3']} (tensor data sha256 {h['tensor_sha256']})" if h["autov3"] else "n/a")]
+
+
+def _render_embedding(info: dict) -> str:
+    widths = ", ".join(f"{key} {w}".strip() for key, w in info["widths"].items())
+    norms = ", ".join(f"{key} {n:g}".strip() for key, n in info["norms"].items())
+    rows = [("file", info["file"]), ("kind", "Textual Inversion embedding"), ("format", info["format"]),
+            ("token", info["token"]), ("vectors", str(info["vectors"])), ("width", widths),
+            ("base family", info["family_name"]), ("mean vector norm", norms), ("dtype", ", ".join(info["dtypes"]))]
+    h = info.get("hashes") or {}
+    a1111 = [("TI hash", f"{h['sha256'][:12]} (A1111's \"TI hashes\" field: the file's sha256)")] if h else []
+    return "\n".join(_table(rows + _hash_rows(h) + a1111))
+
+
 def render(info: dict) -> str:
     """The summary as an aligned two-column table."""
+    if info.get("kind") == "embedding":
+        return _render_embedding(info)
     family = info["family_name"] + " (guess)" if info.get("family_name") else "unknown"
     alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
     if info["alphas"] and info["alpha_missing"]:
@@ -90,12 +151,7 @@ def render(info: dict) -> str:
         ("unread keys", f"{len(info['unknown_keys'])}: " + _short(", ".join(info["unknown_keys"][:5]))
          if info["unknown_keys"] else "none"),
     ]
-    h = info.get("hashes") or {}
-    if h:
-        rows.append(("AutoV2", h["autov2"]))
-        rows.append(("AutoV3", f"{h['autov3']} (tensor data sha256 {h['tensor_sha256']})" if h["autov3"] else "n/a"))
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines = _table(rows + _hash_rows(info.get("hashes") or {}))
     if info["metadata"]:
         lines.append("metadata")
         mw = max(len(k) for k in info["metadata"])
