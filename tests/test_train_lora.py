@@ -1,12 +1,14 @@
 """LoRA training: targets, the saved kohya and diffusers files (loaded back by sdtune and diffusers), metadata."""
 
 import copy
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors import safe_open
 
 from sdtune.cli import main
@@ -14,7 +16,9 @@ from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
+from sdtune.train import lora as lora_train
 from sdtune.train.config import LoraSettings, load_settings
+from sdtune.train.data import scan_folder
 from sdtune.train.lora import LoraLayer, Network, te_targets, train_lora, unet_targets
 
 
@@ -88,6 +92,16 @@ def test_lora_layer_starts_at_the_base_and_adds_its_delta():
         assert torch.allclose(lora(x), merged(x), atol=1e-5)
 
 
+def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):
+    for rel, caption in (("2_blue/sub/a.png", "blue, star"), ("2_blue/b.png", "blue"), ("c.png", "red")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel)
+        (tmp_path / rel).with_suffix(".txt").write_text(caption)
+    scan = scan_folder(tmp_path)
+    assert set(scan.folders) == {"2_blue", "."}
+    assert lora_train._tag_frequency(scan, tmp_path) == {"2_blue": {"blue": 2, "star": 1}, ".": {"red": 1}}
+
+
 def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dataset, tmp_path):
     s = settings(dataset, tmp_path, targets="all", conv_rank=2, conv_alpha=1, text_encoder=True, te_lr=1e-3)
     pristine = {c: {k: v.clone() for k, v in getattr(base, c).state_dict().items()} for c in ("unet", "text_encoder")}
@@ -106,9 +120,11 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_shapes": {"n_repeats": 2, "img_count": 4}}
     tags = json.loads(meta["ss_tag_frequency"])["2_shapes"]
     assert sum(tags.values()) >= 4 and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_mixed_precision"] == "no"  # what "auto" became on this device, as kohya writes it
     # the whole settings ride along: read back, they are the run's (what --config would rerun)
     (tmp_path / "from-metadata.toml").write_text(meta["ss_sdtune_settings"])
-    assert load_settings(tmp_path / "from-metadata.toml", kind="lora") == s and meta["ss_sdtune_preset"] == ""
+    again = load_settings(tmp_path / "from-metadata.toml", kind="lora")  # all but the terminal's progress bar
+    assert again == dataclasses.replace(s, progress=again.progress) and meta["ss_sdtune_preset"] == ""
 
     lora = load_lora(path)
     conv = lora.modules["unet"]["down_blocks.0.resnets.0.conv1"]

@@ -134,10 +134,15 @@ def _subset(scan: Scan, keep: list[Example], root: Path) -> Scan:
     """``scan`` reduced to ``keep``, with its per-folder image counts recounted."""
     folders = {}
     for ex in keep:
-        rel = ex.path.relative_to(root).parts
-        name = rel[0] if len(rel) > 1 else "."
-        folders.setdefault(name, {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
+        folders.setdefault(dataset_dir(ex.path, root), {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
     return Scan(keep, scan.skipped, {k: folders[k] for k in scan.folders if k in folders})
+
+
+def dataset_dir(image: Path, root: Path) -> str:
+    """The folder of ``root`` an image belongs to, as kohya's metadata names it: the top-level (``N_name``)
+    folder it is in, however deep, or "." for an image directly in ``root``."""
+    rel = image.relative_to(root).parts
+    return rel[0] if len(rel) > 1 else "."
 
 
 def held_out_order(scan: Scan, root: Path) -> list[Example]:

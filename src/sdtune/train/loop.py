@@ -362,7 +362,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     global_batch = settings.batch_size * world
     total = total_steps(settings, data, global_batch)
     job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
-                        global_batch=global_batch * settings.grad_accum, processes=world)
+                        global_batch=global_batch * settings.grad_accum, processes=world,
+                        mixed_precision=str(accelerator.mixed_precision))
     for group in job.param_groups:
         group["base_lr"] = group["lr"]
     undo = [_freeze(base, job)]

@@ -42,7 +42,7 @@ from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..safeio import SdtuneError
 from . import loop, report, validation
 from .config import LoraSettings, to_toml
-from .data import first_prompts, report_skipped, scan_folder, seed_for, training_set
+from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
 from .pivotal import Pivot, check_captions
 from .prior import prior_set
 
@@ -184,7 +184,7 @@ def _tag_frequency(scan, root: Path) -> dict:
     """{folder: {tag: count}} over the captions' comma-separated tags (kohya's ss_tag_frequency)."""
     freq: dict[str, Counter] = {}
     for ex in scan.examples:
-        folder = ex.path.parent.name if ex.path.parent != root else "."
+        folder = dataset_dir(ex.path, root)  # as ss_dataset_dirs names it: the N_name folder, not a subfolder
         tags = [t.strip() for t in (ex.caption or "").split(",") if t.strip()]
         freq.setdefault(folder, Counter()).update(tags)
     return {k: dict(v) for k, v in freq.items()}
@@ -217,7 +217,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_lr_scheduler": settings.lr_scheduler,
         "ss_optimizer": f"torch.optim.AdamW(weight_decay={settings.weight_decay})",
         "ss_max_grad_norm": str(settings.max_grad_norm),
-        "ss_mixed_precision": settings.mixed_precision,
+        "ss_mixed_precision": m.get("mixed_precision", settings.mixed_precision),  # auto resolved: no/fp16/bf16
         "ss_full_fp16": "False",
         "ss_resolution": str(tuple(max(sizes, key=sizes.get))) if sizes else "",
         "ss_clip_skip": "None",
