@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny
 from sdtune.train import data
@@ -125,6 +126,29 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path):
     assert [e.path.name for e in scan.examples] == ["good.png"]
     assert sorted(p.name for p, _ in scan.skipped) == ["broken.png", "empty.jpg"]
     assert all(why for _, why in scan.skipped)
+
+
+def test_caption_files_that_are_not_used_as_they_stand_are_noted(tmp_path):
+    for name in ("a", "b", "c"):
+        solid(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a red star")
+    (tmp_path / "a.caption").write_text("ignored")  # .txt wins
+    (tmp_path / "b.txt").write_text("  \n")  # empty: an empty caption
+    (tmp_path / "c.txt").write_text("a blue circle")
+    (tmp_path / "ghost.txt").write_text("no image")  # no image beside it
+    (tmp_path / "3_sub").mkdir()
+    solid(tmp_path / "3_sub" / "d.png")
+    (tmp_path / "3_sub" / "lost.caption").write_text("x")
+    scan = scan_folder(tmp_path)
+    assert [e.caption for e in scan.examples][:3] == ["a red star", "", "a blue circle"]
+    assert scan.unused == [
+        f"{tmp_path}: 1 caption file(s) have no image beside them and are not used (ghost.txt)",
+        f"{tmp_path}: 1 image(s) have both a .txt and a .caption file; the .txt is used (a.caption not)",
+        f"{tmp_path}: 1 caption file(s) are empty, so their images train with an empty caption (b.txt)",
+        f"{tmp_path / '3_sub'}: 1 caption file(s) have no image beside them and are not used (lost.caption)"]
+    with pytest.warns(SdtuneWarning) as seen:
+        data.report_skipped(scan)
+    assert [str(w.message) for w in seen] == scan.unused
 
 
 def test_empty_or_unreadable_folder_is_a_clear_error(tmp_path):

@@ -64,6 +64,7 @@ class Example:
 class Scan:
     examples: list[Example]
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images, and why
+    unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
     folders: dict[str, dict] = field(default_factory=dict)  # folder -> {"n_repeats", "img_count"} (kohya metadata)
 
 
@@ -83,6 +84,34 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _caption_notes(folder: Path, recursive: bool, images: list[Path]) -> list[str]:
+    """What a user would not see happen to the caption files of ``folder``: one with no image beside it (not
+    used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption)."""
+    stems = {p.with_suffix("") for p in images}
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    captions = sorted(p for p in files if p.suffix in CAPTION_SUFFIXES and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    orphans = [p for p in captions if p.with_suffix("") not in stems]
+    both = [p for p in captions if p.suffix == CAPTION_SUFFIXES[1] and p.with_suffix(CAPTION_SUFFIXES[0]).is_file()
+            and p.with_suffix("") in stems]
+    empty = [p for p in captions if p not in orphans and p not in both and p.stat().st_size < 64
+             and not p.read_text(encoding="utf-8", errors="replace").strip()]
+
+    def named(paths: list[Path]) -> str:
+        return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    notes = []
+    if orphans:
+        notes.append(f"{folder}: {len(orphans)} caption file(s) have no image beside them and are not used "
+                     f"({named(orphans)})")
+    if both:
+        notes.append(f"{folder}: {len(both)} image(s) have both a .txt and a .caption file; the .txt is used "
+                     f"({named(both)} not)")
+    if empty:
+        notes.append(f"{folder}: {len(empty)} caption file(s) are empty, so their images train with an empty "
+                     f"caption ({named(empty)})")
+    return notes
 
 
 def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True) -> Scan:
@@ -116,6 +145,7 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
             count += 1
         if count and repeats > 0:
             scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
+        scan.unused += _caption_notes(path_, recursive, files)
     scan.examples = [e for e in scan.examples if e.repeats > 0]
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -534,6 +564,8 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
 
 
 def report_skipped(scan: Scan) -> None:
+    for line in scan.unused:
+        note(line)
     if scan.skipped:
         print(f"skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
         for path, why in scan.skipped:
