@@ -61,6 +61,18 @@ def _svd_factored(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[t
     return q_up @ u, s, vh @ q_down.T
 
 
+def _svd_kron(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of ΔW = scale · kron(a, b) (LoKr) from the factors' SVDs: kron(Ua Sa Vaᵀ, Ub Sb Vbᵀ) =
+    kron(Ua, Ub) kron(Sa, Sb) kron(Va, Vb)ᵀ, so the singular values are the products sa_i · sb_j, sorted. The
+    dense SVD of a 1280 x 11520 ΔW in float64 takes seconds; the factors' take milliseconds."""
+    ua, sa, vha = torch.linalg.svd(a.double(), full_matrices=False)
+    ub, sb, vhb = torch.linalg.svd(b.double(), full_matrices=False)
+    s = torch.kron(sa, sb) * abs(scale)
+    order = torch.argsort(s, descending=True, stable=True)
+    u = torch.kron(ua, ub)[:, order]
+    return (-u if scale < 0 else u), s[order], torch.kron(vha, vhb)[order]
+
+
 def _truncate(u, s, vh, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (u[:, :r] * s[:r]).float(), vh[:r].float()
 
@@ -229,8 +241,13 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
     for comp, p, ad in lora.items():
         out_f, inner, _ = ad.io()
-        factors = ad.algo.low_rank(ad.tensors)
-        u, s, vh = _svd_factored(*factors, ad.scale) if factors else _svd(ad.delta((out_f, inner)))
+        factors, kron = ad.algo.low_rank(ad.tensors), ad.algo.kron_factors(ad.tensors)
+        if factors:
+            u, s, vh = _svd_factored(*factors, ad.scale)
+        elif kron:
+            u, s, vh = _svd_kron(*kron, ad.scale)
+        else:
+            u, s, vh = _svd(ad.delta((out_f, inner)))
         # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
         own = ad.rank if ad.kind == "lora" else len(s)
         cap = min(rank, own) if rank is not None else own

@@ -85,6 +85,11 @@ class Algorithm:
         GEMM with the layer's other such adapters; None for the others."""
         return None
 
+    def kron_factors(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a, b) with ΔW = kron(a, b) (flattened) for Kronecker adapters, whose SVD follows from the factors'
+        (``tools.resize_lora``); None for the others."""
+        return None
+
     def apply(self, weight: torch.Tensor, t: dict[str, torch.Tensor], scale: float, strength: float) -> torch.Tensor:
         """W' from W (``weight``), at the user's ``strength``. The additive form; DoRA/OFT-like algorithms
         override it (and set ``additive = False``)."""

@@ -38,10 +38,14 @@ class Lokr(Algorithm):
             return 1.0
         return super().scale(t, alpha)
 
-    def delta(self, t):
+    def kron_factors(self, t):
         w1 = t["w1"] if "w1" in t else t["w1a"] @ t["w1b"]
         w2 = t["w2"] if "w2" in t else t["w2a"] @ t["w2b"]
-        return torch.kron(w1.flatten(1) if w1.dim() > 2 else w1, w2.flatten(1))
+        # a conv's kernel is w2's: kron(w1, w2) flattened is kron(w1, w2 flattened) (input index, then kernel)
+        return w1.flatten(1) if w1.dim() > 2 else w1, w2.flatten(1)
+
+    def delta(self, t):
+        return torch.kron(*self.kron_factors(t))
 
     def io(self, t):
         w1 = (t["w1"].shape[0], t["w1"].shape[1]) if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1])
