@@ -183,6 +183,7 @@ def test_dynamic_resize_ranks_follow_sd_scripts(base, tmp_path, capsys, mode, pa
     assert main(["lora", "resize", src, "--dynamic", mode, "--param", str(param), "--out", str(out), "--json"]) == 0
     rows = {(r["component"], r["path"]): r for r in json.loads(capsys.readouterr().out)}
     small = load_lora(out)
+    assert small.metadata["ss_training_comment"] == f"Dynamic resize with {mode}: {param:g} from 16"
     for (comp, p), d in deltas(load_lora(src)).items():
         s = np.linalg.svd(d.numpy(), compute_uv=False)
         want = sd_scripts_rank(s, mode, param, cap=16)
@@ -202,6 +203,7 @@ def test_fixed_resize_is_the_svd_truncation_with_a_table(base, tmp_path, capsys)
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         torch.testing.assert_close(small[k], (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-5)
     assert load_lora(out).modules["unet"][CONV].tensors["down"].shape[2:] == (3, 3)
+    assert load_lora(out).metadata["ss_training_comment"] == "dimension is resized from 8 to 4"  # as sd-scripts
 
 
 @pytest.mark.parametrize("scale_sign", [1.0, -1.0])
@@ -233,6 +235,8 @@ def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
     assert main(["lora", "resize", src, "--out", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "a.safetensors" in err and "--rank" in err and err.count("\n") == 1
+    assert main(["lora", "resize", src, "--dynamic", "sv_fro", "--param", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--param 1.5: sv_fro keeps a share of the layer, from 0 to 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- extract

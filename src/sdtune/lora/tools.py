@@ -233,6 +233,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     if dynamic is not None and (dynamic not in DYNAMIC or param is None or param <= 0):
         raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
                           f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
+    if dynamic in ("sv_fro", "sv_cumulative") and param > 1:
+        raise SdtuneError(f"{path}: --param {param:g}: {dynamic} keeps a share of the layer, from 0 to 1 (e.g. 0.9)")
     if rank is not None and rank < 1:
         raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
     lora = _read(path)
@@ -259,6 +261,12 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         up, down = _truncate(u, s, vh, r)
         small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, _kernel(comp, p, ad, family), dtype)
         reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
+    # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
+    ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
+    was = "/".join(map(str, ranks)) or "?"
+    how = f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic else f"dimension is resized from {was} to {rank}"
+    comment = lora.metadata.get("ss_training_comment")
+    small.metadata["ss_training_comment"] = f"{how}; {comment}" if comment else how
     save_lora(small, out, format=to, family=family)
     return small, reports
 
