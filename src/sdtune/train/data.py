@@ -64,8 +64,8 @@ class Example:
 class Scan:
     examples: list[Example]
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images, and why
-    unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
     folders: dict[str, dict] = field(default_factory=dict)  # folder -> {"n_repeats", "img_count"} (kohya metadata)
+    unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
 
 
 def read_caption(image: Path) -> str | None:
@@ -165,7 +165,7 @@ def _subset(scan: Scan, keep: list[Example], root: Path) -> Scan:
     folders = {}
     for ex in keep:
         folders.setdefault(dataset_dir(ex.path, root), {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
-    return Scan(keep, scan.skipped, {k: folders[k] for k in scan.folders if k in folders})
+    return Scan(keep, scan.skipped, folders={k: folders[k] for k in scan.folders if k in folders})
 
 
 def dataset_dir(image: Path, root: Path) -> str:
