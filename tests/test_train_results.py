@@ -1,6 +1,7 @@
 """What a run shows: the validation loss (held out, deterministic, comparable), loss.csv, TensorBoard events,
 loss.png, sample grids, report.html and best.safetensors; resumed runs keep one consistent log."""
 
+import json
 import random
 import re
 from html.parser import HTMLParser
@@ -71,7 +72,9 @@ def test_validation_split_holds_out_the_same_images_whatever_the_order(dataset):
 
 def test_held_out_images_are_not_trained_on(lora_run):
     with safe_open(str(lora_run / "lora.safetensors"), "pt") as f:
-        assert f.metadata()["ss_num_train_images"] == "8"
+        meta = f.metadata()
+    assert meta["ss_num_train_images"] == "8"
+    assert json.loads(meta["ss_dataset_dirs"]) == {".": {"n_repeats": 1, "img_count": 8}}  # the held-out 2 not counted
 
 
 def test_validation_loss_is_deterministic_and_comparable(base, dataset, lora_run, tmp_path, capsys):
