@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
+from sdtune.lora import blocks
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
 from sdtune.ti.formats import Embedding, load_embedding, save_embedding
@@ -168,6 +169,11 @@ def test_inspect_text_and_json(loras, capsys):
     assert main(["inspect", str(style), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "kohya" and info["ranks"] == [2] and info["alphas"] == [2.0]
+    # every layer in one block of the lora-block-weight layout (text-encoder layers in BASE), in its order
+    assert sum(info["blocks"].values()) == sum(info["modules"].values())
+    assert info["blocks"].get("BASE", 0) == sum(n for c, n in info["modules"].items() if c != "unet")
+    assert list(info["blocks"]) == [b for b in (*blocks.TINY.blocks, "none") if b in info["blocks"]]
+    assert "layers per block" in text
 
 
 def test_inspect_describes_embeddings_of_every_layout(tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import families
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, load_embedding, made_for
+from . import blocks as block_weights
 from . import hashes, keys
 from .formats import load_lora
 from .neutral import COMPONENTS
@@ -64,11 +65,25 @@ def describe(path: str | Path) -> dict:
                           for t in ad.tensors.values()}),
         "parameters": sum(t.numel() for _, _, ad in lora.items() for t in ad.tensors.values()),
         "embeddings": {name: list(t.shape) for name, t in lora.embeddings.items()},
+        "blocks": _blocks(lora, family),
         "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_"))},
         "unknown_keys": list(lora.unknown),
         # civitai's AutoV2 (whole file) and AutoV3 (tensor data = sshs_model_hash), what model pages list
         "hashes": hashes.describe(path),
     }
+
+
+def _blocks(lora, family) -> dict[str, int] | None:
+    """Layers per block of the lora-block-weight extension's layout (what an ``lbw=`` vector scales), in the
+    layout's order; "none" counts layers in no block (time embedding, conv_in/out). None for an unknown family."""
+    if family is None:
+        return None
+    try:
+        unet = block_weights.unet_blocks(family.component_configs()["unet"])
+    except (SdtuneError, KeyError):
+        return None
+    counts = Counter(block_weights.block_of(c, p, unet) or "none" for c, p, _ in lora.items())
+    return {b: counts[b] for b in (*block_weights.layout(family).blocks, "none") if counts[b]}
 
 
 def _embedding(path: str | Path) -> Embedding | None:
@@ -148,6 +163,8 @@ def render(info: dict) -> str:
         ("dtypes", ", ".join(info["dtypes"]) or "n/a"),
         ("parameters", f"{info['parameters']:,}"),
         ("embeddings", ", ".join(f"{n} {tuple(s)}" for n, s in info["embeddings"].items()) or "none"),
+        ("layers per block", ", ".join(f"{b} {n}" for b, n in info["blocks"].items()) if info.get("blocks")
+         else "n/a (unknown family)"),
         ("unread keys", f"{len(info['unknown_keys'])}: " + _short(", ".join(info["unknown_keys"][:5]))
          if info["unknown_keys"] else "none"),
     ]
