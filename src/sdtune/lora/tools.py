@@ -264,7 +264,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
     ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
     was = "/".join(map(str, ranks)) or "?"
-    how = f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic else f"dimension is resized from {was} to {rank}"
+    how = (f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic
+           else f"dimension is resized from {was} to {rank}")
     comment = lora.metadata.get("ss_training_comment")
     small.metadata["ss_training_comment"] = f"{how}; {comment}" if comment else how
     save_lora(small, out, format=to, family=family)
