@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from sdtune import families, models
 from sdtune.ldm import unet_module_map
 from sdtune.lora import formats, inspect, keys
-from sdtune.lora.neutral import TEXT_COMPONENTS, text_paths
+from sdtune.lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_paths
 from sdtune.safeio import SdtuneError
 
 pytest.importorskip("peft")
@@ -596,3 +596,18 @@ def test_real_sd2_fixtures_against_diffusers(fixtures_dir):
         assert rel < REL_TOL, p
         worst = max(worst, rel)
     print(f"real SD 2.x fixtures at {WEIGHTS}: worst relative error {worst:.1e}")
+
+
+def test_a_lora_trained_on_a_built_in_model_is_taken_for_it():
+    """tiny-xl's files say sdxl_base_v1-0 (A1111 reads them as SDXL) and, without a LoRA on the cross-attention's
+    key and value (tiny-xl's preset), no layer width tells the two apart: the model name they carry does."""
+    def lora(path, inner, **meta):
+        made = Lora(metadata={"ss_base_model_version": "sdxl_base_v1-0", **meta})
+        made.modules["unet"] = {path: Adapter("lora", {"down": torch.zeros(2, inner), "up": torch.zeros(8, 2)}, 2.0)}
+        return made
+    attn1 = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert keys.guess_family(lora(attn1, 8)) == families.SDXL
+    assert keys.guess_family(lora(attn1, 8, ss_sd_model_name="tiny-xl")) == families.TINY_XL
+    # a layer that only SDXL has outweighs the name
+    attn2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert keys.guess_family(lora(attn2, 2048, ss_sd_model_name="tiny-xl")) == families.SDXL

@@ -318,7 +318,10 @@ def guess_family(lora: Lora) -> Family | None:
         evidence += _layer_evidence(comp, path, out, inner)
     for emb in lora.embeddings.values():
         evidence.append({f for f, _ in families.by_text_width(emb.shape[-1])})
-    return _pick_family(evidence, families.by_base_model_version(lora.metadata.get("ss_base_model_version")))
+    # the file's own claim: the model it was trained on where that is a family's name (the built-in tiny-xl, whose
+    # files say sdxl_base_v1-0 so that A1111 reads them as SDXL), else its base model version
+    named = families.FAMILIES.get(lora.metadata.get("ss_sd_model_name", ""))
+    return _pick_family(evidence, named or families.by_base_model_version(lora.metadata.get("ss_base_model_version")))
 
 
 def model_family(tables: dict[str, dict]) -> Family | None:
