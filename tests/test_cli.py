@@ -4,6 +4,7 @@ subcommand and every flag the README shows, with what each writes and prints; er
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora import blocks
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
+from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, load_embedding, save_embedding
 from sdtune.tiny import world
+from sdtune.train.config import read_settings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FAST = ["--model", "tiny-random", "--steps", "2", "--no-progress"]
@@ -275,6 +278,20 @@ def test_train_ti(tmp_path, shapes_data, capsys):
     printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
     emb = load_embedding(printed)
     assert printed.parent == out and emb.token == "<my-thing>" and emb.vectors.shape == (1, 64)
+    # the file says how it was trained, and its settings rerun the run as its settings.toml does
+    assert main(["inspect", str(printed)]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(r"^trained +2 steps on tiny-random \(model hash [0-9a-f]{10}\)$", shown, re.M)
+    assert f"sdtune train ti --config {printed} reruns them" in shown
+    assert read_settings(printed, kind="ti") == read_settings(out / "settings.toml", kind="ti")
+    with pytest.raises(SdtuneError, match=r"holds \[ti\] settings, not \[lora\]; use sdtune train ti"):
+        read_settings(printed, kind="lora")
+    # a copy keeps them; an embedding made elsewhere has none, so nothing to rerun
+    save_embedding(emb, tmp_path / "copy.safetensors")
+    assert load_embedding(tmp_path / "copy.safetensors").training == emb.training
+    save_embedding(Embedding(emb.token, emb.vectors, "made here", "diffusers"), tmp_path / "bare.safetensors")
+    with pytest.raises(SdtuneError, match=r"bare.safetensors: holds no training settings .* give a TOML file"):
+        read_settings(tmp_path / "bare.safetensors", kind="ti")
 
 
 def test_train_lora(tmp_path, shapes_data, capsys):
@@ -284,6 +301,7 @@ def test_train_lora(tmp_path, shapes_data, capsys):
     printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
     lora = load_lora(printed)
     assert printed.parent == out and lora.format == "kohya" and len(lora) > 0
+    assert read_settings(printed, kind="lora") == read_settings(out / "settings.toml", kind="lora")  # --config FILE
     assert {ad.rank for _, _, ad in lora.items()} == {16} and {ad.alpha for _, _, ad in lora.items()} == {8.0}
     # every output has the usual permissions (the umask's), not the 0600 of its temporary file: A1111 or
     # ComfyUI under another account can read it

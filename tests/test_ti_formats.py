@@ -166,21 +166,28 @@ def test_malformed_files(tmp_path):
 
 
 def test_save_diffusers_and_a1111_round_trip(tmp_path):
-    emb = Embedding("<mine>", rows(3, 7), "trained", "diffusers")
+    emb = Embedding("<mine>", rows(3, 7), "trained", "diffusers",
+                    training={"step": "500", "base_model": "tiny", "base_model_hash": "0123456789"})
     save_embedding(emb, tmp_path / "learned_embeds.safetensors")
     save_embedding(emb, tmp_path / "learned_embeds.bin")
-    save_embedding(emb, tmp_path / "mine.pt", format="a1111", step=500)
+    save_embedding(emb, tmp_path / "mine.pt", format="a1111")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["learned_embeds.bin", "learned_embeds.safetensors", "mine.pt"]
 
     for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
         back = load_embedding(tmp_path / name)
         assert (back.token, back.format) == ("<mine>", "diffusers") and torch.equal(back.vectors, emb.vectors)
+    # the training facts ride in the safetensors metadata (a .bin pickle has no place for them)
+    assert load_embedding(tmp_path / "learned_embeds.safetensors").training == emb.training
+    assert load_embedding(tmp_path / "learned_embeds.bin").training == {}
 
     raw = torch.load(tmp_path / "mine.pt", weights_only=True)  # plain containers only
     assert raw["name"] == "<mine>" and raw["step"] == 500 and raw["string_to_token"] == {"*": 265}
+    # A1111's own fields for the base model it was trained on
+    assert (raw["sd_checkpoint"], raw["sd_checkpoint_name"]) == ("0123456789", "tiny")
     assert type(raw["string_to_param"]["*"]) is torch.Tensor and torch.equal(raw["string_to_param"]["*"], emb.vectors)
     back = load_embedding(tmp_path / "mine.pt")
     assert (back.token, back.format) == ("<mine>", "a1111") and torch.equal(back.vectors, emb.vectors)
+    assert back.training == emb.training
 
     with pytest.raises(SdtuneError, match="unknown embedding format 'ckpt'"):
         save_embedding(emb, tmp_path / "x.ckpt", format="ckpt")

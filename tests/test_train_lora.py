@@ -190,8 +190,9 @@ def test_default_caption_and_missing_captions(base, tmp_path):
         train_lora(base, settings(folder, tmp_path / "o"))
     path = train_lora(base, settings(folder, tmp_path / "o", default_caption="a shape", steps=1))
     with safe_open(str(path), "pt") as f:
-        tags = json.loads(f.metadata()["ss_tag_frequency"])["."]
-    assert tags["a shape"] == 1
+        meta = f.metadata()
+    assert json.loads(meta["ss_tag_frequency"])["."]["a shape"] == 1
+    assert meta["ss_text_encoder_lr"] == "None"  # a UNet-only run trains no text encoder: no rate to show
 
 
 def test_lora_dropout_is_off_outside_training(base, dataset, tmp_path):

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         tp = tsub.add_parser(kind, help=text, description=f"{text}. Settings start from a preset (the base "
                              "model's own unless --preset names one), then the --config file, then the flags.")
         tp.add_argument("--config", help="TOML file with the same settings (flags override it; a run's own "
-                        "settings.toml reruns it)")
+                        "settings.toml reruns it, as does a .safetensors file sdtune trained)")
         tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
         _device_args(tp)
         _settings_args(tp, kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -105,8 +106,23 @@ def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
         "family_name": made_for(emb.widths),
         "dtypes": [str(rows.dtype).removeprefix("torch.")],
         "norms": {key: round(float(r.norm(dim=1).mean()), 4) for key, r in emb.parts.items()},
+        "training": emb.training,  # step, base model and its hash, settings: where the file records them
         "hashes": hashes.describe(path),
     }
+
+
+def _training_rows(info: dict) -> list[tuple[str, str]]:
+    t = info.get("training") or {}
+    rows = []
+    if "step" in t or "base_model" in t:
+        on = f" on {t['base_model']}" if t.get("base_model") else ""
+        rows.append(("trained", f"{t.get('step', '?')} steps{on}"
+                     + (f" (model hash {t['base_model_hash']})" if t.get("base_model_hash") else "")))
+    if "settings" in t:  # a pivotal-tuning word carries its LoRA run's settings
+        kind = re.search(r"^\[(\w+)\]", t["settings"], re.M)
+        rows.append(("settings", f"stored: sdtune train {kind[1] if kind else 'ti'} --config {info['file']} "
+                                 f"reruns them"))
+    return rows
 
 
 def _short(value, width: int = 90) -> str:
@@ -131,7 +147,8 @@ def _render_embedding(info: dict) -> str:
     norms = ", ".join(f"{key} {n:g}".strip() for key, n in info["norms"].items())
     rows = [("file", info["file"]), ("kind", "Textual Inversion embedding"), ("format", info["format"]),
             ("token", info["token"]), ("vectors", str(info["vectors"])), ("width", widths),
-            ("base family", info["family_name"]), ("mean vector norm", norms), ("dtype", ", ".join(info["dtypes"]))]
+            ("base family", info["family_name"]), ("mean vector norm", norms), ("dtype", ", ".join(info["dtypes"])),
+            *_training_rows(info)]
     h = info.get("hashes") or {}
     a1111 = [("TI hash", f"{h['sha256'][:12]} (A1111's \"TI hashes\" field: the file's sha256)")] if h else []
     return "\n".join(_table(rows + _hash_rows(h) + a1111))

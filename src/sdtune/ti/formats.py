@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pickletools
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,10 @@ A1111_PLACEHOLDER_ID = 265  # the CLIP id of "*", which A1111 writes as string_t
 # Layouts holding rows for each of SDXL's text encoders: format -> the file's keys, in the family's encoder order.
 SDXL_KEYS = tuple(te.embedding_key for te in families.SDXL.text_encoders)  # ("clip_l", "clip_g")
 TOKEN_METADATA = "sdtune.token"  # safetensors metadata: the token of a layout that stores none (SDXL's)
+# How a file sdtune trained was made (step, base model, its hash, the run's settings), as safetensors metadata
+# "sdtune.<fact>"; an A1111 .pt holds the step and base model in its own fields, which A1111 shows and writes.
+TRAINING_METADATA = "sdtune."
+A1111_FACTS = {"step": "step", "sd_checkpoint": "base_model_hash", "sd_checkpoint_name": "base_model"}
 MULTI_LAYOUTS = {"sdxl": SDXL_KEYS, "pti": ("text_encoders_0", "text_encoders_1"), "emb2": ("emb", "emb2")}
 FORMATS = ("diffusers", "a1111", "kohya", "tensor", *MULTI_LAYOUTS)
 SAVE_FORMATS = ("diffusers", "a1111")
@@ -45,6 +49,8 @@ class Embedding:
     vectors: torch.Tensor | dict[str, torch.Tensor]
     source: str  # where it came from (a path), for error messages
     format: str  # one of FORMATS
+    # how it was trained, where the file says: {"step", "base_model", "base_model_hash", "settings"} (strings)
+    training: dict[str, str] = field(default_factory=dict)
 
     @property
     def parts(self) -> dict[str, torch.Tensor]:
@@ -68,10 +74,11 @@ class Embedding:
         return self.vectors.shape[1]
 
     @staticmethod
-    def from_parts(token: str, parts: dict[str, torch.Tensor], source: str, format: str) -> Embedding:
+    def from_parts(token: str, parts: dict[str, torch.Tensor], source: str, format: str,
+                   training: dict[str, str] | None = None) -> Embedding:
         """The inverse of ``parts``: ``{"": rows}`` becomes plain rows."""
         vectors = parts[""] if list(parts) == [""] else dict(parts)
-        return Embedding(token=token, vectors=vectors, source=source, format=format)
+        return Embedding(token=token, vectors=vectors, source=source, format=format, training=dict(training or {}))
 
 
 def made_for(widths: dict[str, int]) -> str:
@@ -112,30 +119,46 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if token is None:
         raise SdtuneError(f"{path}: a bare tensor with no token name; give one as {path}:TOKEN")
     check_token(token, path)
+    training = _training_facts(state, metadata)
     if isinstance(vectors, dict):
-        return Embedding(token=token, vectors=_as_parts(vectors, path), source=str(path), format=fmt)
-    return Embedding(token=token, vectors=_as_rows(vectors, path), source=str(path), format=fmt)
+        return Embedding(token, _as_parts(vectors, path), str(path), fmt, training)
+    return Embedding(token, _as_rows(vectors, path), str(path), fmt, training)
 
 
-def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers", step: int = 0) -> None:
+def _training_facts(state, metadata: dict) -> dict[str, str]:
+    """How the file was trained: sdtune's ``sdtune.*`` metadata, else an A1111 .pt's own fields."""
+    facts = {k.removeprefix(TRAINING_METADATA): v for k, v in metadata.items()
+             if k.startswith(TRAINING_METADATA) and k != TOKEN_METADATA}
+    if isinstance(state, dict) and "string_to_param" in state:
+        for field_name, fact in A1111_FACTS.items():
+            if isinstance(state.get(field_name), (str, int)) and str(state[field_name]):
+                facts.setdefault(fact, str(state[field_name]))
+    return facts
+
+
+def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers") -> None:
     """Write ``emb`` atomically: "diffusers" ``{token: [n, d]}`` (safetensors, or a torch pickle for .bin/.pt),
     or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``).
     An SDXL embedding is written as ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` in either format: the one
-    multi-encoder layout A1111 and ComfyUI read (diffusers has none: it loads each key into its encoder)."""
+    multi-encoder layout A1111 and ComfyUI read (diffusers has none: it loads each key into its encoder).
+    ``emb.training`` goes along: as ``sdtune.*`` safetensors metadata, or in an A1111 .pt's own fields."""
     path = Path(path)
     if format not in SAVE_FORMATS:
         raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
     parts = {key: rows.detach().to("cpu", torch.float32).contiguous().clone() for key, rows in emb.parts.items()}
+    metadata = {TRAINING_METADATA + k: str(v) for k, v in emb.training.items()}
     if isinstance(emb.vectors, dict):  # the layout has no token: A1111 takes the file name, sdtune the metadata
-        _save_dict(parts, path, {TOKEN_METADATA: emb.token})
+        _save_dict(parts, path, {**metadata, TOKEN_METADATA: emb.token})
     elif format == "diffusers":
-        _save_dict({emb.token: parts[""]}, path)
+        _save_dict({emb.token: parts[""]}, path, metadata)
     else:
+        facts = {name: emb.training[fact] for name, fact in A1111_FACTS.items() if fact in emb.training}
         atomic_save_torch({
             "string_to_token": {"*": A1111_PLACEHOLDER_ID},
             "string_to_param": {"*": parts[""]},
             "name": emb.token,
-            "step": int(step),
+            **facts,
+            "step": int(emb.training.get("step", 0)),  # A1111 reads an int
         }, path)
 
 
@@ -144,7 +167,7 @@ def _save_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | No
     if path.suffix in (".bin", ".pt"):
         atomic_save_torch(tensors, path)
     else:
-        atomic_save_safetensors(tensors, path, metadata=metadata)
+        atomic_save_safetensors(tensors, path, metadata=metadata or None)
 
 
 def _resolve_file(path: Path) -> Path:

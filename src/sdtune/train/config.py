@@ -21,11 +21,12 @@ import difflib
 import json
 import math
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from ..safeio import SdtuneError, output_folder, read_toml
+from ..safeio import SdtuneError, is_safetensors, output_folder, read_metadata, read_toml
 from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -324,6 +325,25 @@ def _coerce(cls, name: str, value, where: str):
     raise SdtuneError(f"{where}: {name} = {value!r} is not {kind}{' (or empty)' if nullable else ''}; fix the value")
 
 
+# where the files sdtune trains keep their run's settings (as TOML): a LoRA's kohya metadata, an embedding's own
+SETTINGS_METADATA = ("ss_sdtune_settings", "sdtune.settings")
+
+
+def _settings_table(path: Path) -> dict:
+    """``--config``'s table: a TOML file, or the settings stored in a LoRA or embedding sdtune trained."""
+    if not is_safetensors(path):
+        return read_toml(path)
+    metadata = read_metadata(path)
+    text = next((metadata[k] for k in SETTINGS_METADATA if k in metadata), None)
+    if text is None:
+        raise SdtuneError(f"{path}: holds no training settings (only files sdtune trained do); give a TOML file, "
+                          f"such as a run's settings.toml")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SdtuneError(f"{path}: its stored settings are not valid TOML ({e}); give a TOML file") from None
+
+
 def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
     """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
     command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
@@ -334,7 +354,11 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     values: dict = {}
     if toml_path is not None:
         path = Path(toml_path)
-        table = read_toml(path)
+        table = _settings_table(path)
+        others = [k for k in KINDS if k != kind and isinstance(table.get(k), dict)]
+        if others and not isinstance(table.get(kind), dict):  # e.g. a LoRA run's settings given to train ti
+            raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
+                              f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
         for key, value in table.items():
             if isinstance(value, dict):

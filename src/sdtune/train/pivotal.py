@@ -25,7 +25,7 @@ from ..lora.neutral import Lora
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from .config import LoraSettings, TISettings
-from .ti import SplicedEmbedding, add_token, embedding_set, file_stem
+from .ti import SplicedEmbedding, add_token, embedding_set, file_stem, training_facts
 
 STATE_KEY = "pivotal:rows"  # the word's rows in the resume state (one entry per text encoder key)
 
@@ -41,7 +41,7 @@ class Pivot:
     """The new word of one pivotal-tuning run: added to ``base``'s embeddings, trainable while installed."""
 
     def __init__(self, base, settings: LoraSettings):
-        self.settings = settings
+        self.base, self.settings = base, settings
         self.token = settings.ti_token
         self.embeddings = embedding_set(base)
         add_token(base, TISettings(token=settings.ti_token, init_token=settings.ti_init,
@@ -112,6 +112,7 @@ class Pivot:
     def save(self, out: Path, step: int, final: bool) -> Path:
         """The word on its own, beside the LoRA file: ``<tok>.safetensors`` (``-stepNNNNNN`` for snapshots)."""
         path = out / (f"{self.stem}.safetensors" if final else f"{self.stem}-step{step:06d}.safetensors")
-        emb = Embedding.from_parts(self.token, self.parts(), str(path), "diffusers")
-        save_embedding(emb, path, format="diffusers", step=step)
+        emb = Embedding.from_parts(self.token, self.parts(), str(path), "diffusers",
+                                   training_facts(self.base, self.settings, step))
+        save_embedding(emb, path, format="diffusers")
         return path

@@ -26,7 +26,7 @@ from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, validation
-from .config import TISettings
+from .config import TISettings, to_toml
 from .data import Scan, first_prompts, report_skipped, scan_folder, training_set
 
 # Prompt templates for images without captions ({} is the token).
@@ -142,6 +142,13 @@ def file_stem(token: str) -> str:
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
 
 
+def training_facts(base, settings, step: int) -> dict[str, str]:
+    """What an embedding file records of its run (``Embedding.training``): the step, the base model's name and
+    hash (A1111's sd_checkpoint_name / sd_checkpoint in a .pt), and the settings (``--config`` reads them back)."""
+    return {"step": str(step), "base_model": Path(str(getattr(base, "name", ""))).name,
+            "base_model_hash": str(getattr(base, "model_hash", "")), "settings": to_toml(settings)}
+
+
 def train_ti(base, settings: TISettings, callback=None) -> Path:
     """Train a Textual Inversion embedding; returns ``out/learned_embeds.safetensors``.
 
@@ -175,18 +182,19 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
                                      SplicedEmbedding(table, ids[0], table.weight.detach()[ids]).to(table.weight.device))
     formats = ["diffusers"] + [f for f in settings.formats if f != "diffusers"]
 
-    def learned() -> Embedding:
+    def learned(step: int) -> Embedding:
         parts = {key: spliced.rows.detach().float().cpu() for key, (_, _, spliced) in splices.items()}
-        return Embedding.from_parts(settings.token, parts, str(out / DIFFUSERS_FILE), "diffusers")
+        return Embedding.from_parts(settings.token, parts, str(out / DIFFUSERS_FILE), "diffusers",
+                                    training_facts(base, settings, step))
 
     def save(step: int, final: bool) -> list[Path]:
-        emb = learned()
+        emb = learned(step)
         suffix = "" if final else f"-step{step:06d}"
         paths = []
         for fmt in formats:
             name = f"learned_embeds{suffix}.safetensors" if fmt == "diffusers" else \
                 f"{file_stem(settings.token)}{suffix}.pt"
-            save_embedding(emb, out / name, format=fmt, step=step)
+            save_embedding(emb, out / name, format=fmt)
             paths.append(out / name)
         return paths
 
