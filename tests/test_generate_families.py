@@ -1,15 +1,18 @@
 """Generation on every family: SDXL conditions on both encoders, the pooled embedding and size/crop time ids,
 exactly as diffusers' own SDXL pipeline does; SD 2.x keeps its v-prediction through any sampler."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from sdtune import families
 from sdtune.cli import main
-from sdtune.generate import encode_prompt, generate, make_scheduler, parse_infotext, read_infotext
+from sdtune.generate import encode_prompt, generate, make_scheduler, parse_infotext, read_infotext, read_layer
 from sdtune.models import load_base
 from sdtune.models import make_scheduler as family_scheduler
+from sdtune.safeio import SdtuneError
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,61 @@ def test_sd2_keeps_v_prediction_in_every_sampler():
     assert type(own).__name__ == "DDIMScheduler"
     for name in ("ddim", "euler", "dpmpp_2m", "unipc"):
         assert make_scheduler(name, own).config.prediction_type == "v_prediction"
+
+
+# ---------------------------------------------------------------- clip skip
+
+def test_clip_skip_reads_the_layer_a1111_reads():
+    """A1111's clip skip N on SD 1.x: the Nth layer from the end, then the final norm. The oracle is the usual
+    trick for it: the same encoder cut to its first layers, whose last (normed) output is that layer's.
+    (diffusers' own clip_skip, N-1 there, fails under transformers 5: it looks for text_model.final_layer_norm.)"""
+    base = load_base("tiny", device="cpu")
+    default = encode_prompt(base, ["a red star"]).hidden
+    assert torch.equal(encode_prompt(base, ["a red star"], clip_skip=1).hidden, default)
+    ids = base.tokenizer(["a red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    for skip in (2, 3):
+        config = base.text_encoder.config.to_dict() | {"num_hidden_layers": 3 - (skip - 1)}
+        cut = type(base.text_encoder)(type(base.text_encoder.config).from_dict(config)).eval()
+        cut.load_state_dict(base.text_encoder.state_dict(), strict=False)  # the deeper layers are left out
+        with torch.no_grad():
+            theirs = cut(ids)[0]
+        ours = encode_prompt(base, ["a red star"], clip_skip=skip).hidden
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # the same ops, another caller
+        assert not torch.allclose(ours, default)
+    with pytest.raises(SdtuneError, match=r"--clip-skip 4: text_encoder has only 3 layers"):
+        encode_prompt(base, ["a red star"], clip_skip=4)
+
+
+def test_sdxl_clip_skip_counts_from_the_penultimate_layer_it_reads_anyway():
+    base = load_base("tiny-xl", device="cpu")
+    default = encode_prompt(base, ["a red star"])
+    # SDXL reads both encoders' penultimate layer: clip skip 2 is the default (as in A1111 and ComfyUI)
+    assert torch.equal(encode_prompt(base, ["a red star"], clip_skip=2).hidden, default.hidden)
+    ours = encode_prompt(base, ["a red star"], clip_skip=3)
+    theirs, _, pooled, _ = base.pipeline().encode_prompt("a red star", do_classifier_free_guidance=False,
+                                                         clip_skip=1)
+    torch.testing.assert_close(ours.hidden, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.pooled, default.pooled)  # the pooled embedding is the last layer's, skip or not
+
+
+def test_sd2_clip_skip_counts_the_openclip_layer_diffusers_drops():
+    """SD 2.x's diffusers encoder is OpenCLIP without its last layer (SD 2 reads the penultimate): A1111's and
+    ComfyUI's clip skip 2 is its own last layer, 3 the one before, with the final norm."""
+    te = families.SD2.text_encoders[0]
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=23))
+    assert [read_layer(te, model, n) for n in (1, 2, 3, 4)] == [(-1, False), (-1, False), (-2, True), (-3, True)]
+    xl_l, xl_g = families.SDXL.text_encoders
+    assert read_layer(xl_l, model, 3) == read_layer(xl_g, model, 3) == (-3, False)  # SDXL never norms its layer
+
+
+def test_clip_skip_in_the_png_and_refused_when_impossible(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a red star", "--clip-skip", "2", "--steps", "1", "--seed", "3",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    png = capsys.readouterr().out.split()[-1]
+    assert parse_infotext(read_infotext(png))["Clip skip"] == "2"  # A1111's field, which it reads back
+    assert main(["generate", "--prompt", "a red star", "--steps", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "Clip skip" not in parse_infotext(read_infotext(capsys.readouterr().out.split()[-1]))  # 1: not written
+    assert main(["generate", "--prompt", "a red star", "--clip-skip", "0", "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert "--clip-skip 0: must be a whole number from 1" in err and "Traceback" not in err
+    assert not (tmp_path / "n").exists()

@@ -203,3 +203,16 @@ def test_lora_dropout_is_off_outside_training(base, dataset, tmp_path):
     assert layer.dropout.training
     network.set_training(False)
     assert not layer.dropout.training
+
+
+def test_clip_skip_trains_on_the_layer_it_reads(base, dataset, tmp_path):
+    """With clip skip 2 the UNet reads the penultimate layer: the last layer gets no LoRA (it would never learn),
+    the samples use the same skip, and the file says so as sd-scripts does (ss_clip_skip)."""
+    layers = base.text_encoder.config.num_hidden_layers
+    path = train_lora(base, settings(dataset, tmp_path, text_encoder=True, clip_skip=2, steps=1))
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    te_layers = {int(m.group(1)) for k in keys if (m := re.match(r"lora_te_text_model_encoder_layers_(\d+)_", k))}
+    assert te_layers == set(range(layers - 1)) and meta["ss_clip_skip"] == "2"
+    with pytest.raises(SdtuneError, match=r"--clip-skip 0: must be greater than 0"):
+        settings(dataset, tmp_path / "x", clip_skip=0).check()

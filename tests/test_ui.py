@@ -387,7 +387,7 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert form == {"prompt": "a castle", "negative_prompt": "blurry", "parameters": read_infotext(png),
                     "steps": 31, "cfg": 6.5, "seed": 42, "width": 512, "height": 768, "sampler": "euler_a",
-                    "not_applied": []}
+                    "clip_skip": 1, "not_applied": []}
     # A1111 1.9+: the schedule apart from the sampler, prompts over several lines
     png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-19.png",
                    "a castle,\nat night\nNegative prompt: blurry,\nugly\nSteps: 20, Sampler: DPM++ 2M, "
@@ -396,7 +396,8 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert (form["prompt"], form["negative_prompt"], form["sampler"]) == ("a castle,\nat night", "blurry,\nugly",
                                                                           "dpmpp_2m_karras")
-    assert form["not_applied"] == ["Clip skip", "Hires upscale", "Hires steps"]  # named to the user, not dropped
+    assert form["not_applied"] == ["Hires upscale", "Hires steps"]  # named to the user, not dropped
+    assert form["clip_skip"] == 2
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SdtuneError, match="no generation parameters"):

@@ -302,18 +302,21 @@ def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     d = browser
     png = save_png(Image.new("RGB", (64, 64), "white"), tmp_path / "from-a1111.png",
                    "a blue circle, <lora:tinystyle:0.5>\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, "
-                   "CFG scale: 6, Seed: 1234, Size: 64x64, Model hash: abc, Model: sd15, Clip skip: 2")
+                   "CFG scale: 6, Seed: 1234, Size: 64x64, Model hash: abc, Model: sd15, Clip skip: 2, "
+                   "Hires upscale: 2")
     d.find_element(By.CSS_SELECTOR, "#gen-drop input[type=file]").send_keys(str(png))
     # what the form cannot apply is named, not silently dropped
-    _wait_text(d, "gen-status", "settings taken from the dropped image; not applied here: Clip skip", 30)
+    _wait_text(d, "gen-status", "settings taken from the dropped image; not applied here: Hires upscale", 30)
     assert _value(d, "gen-prompt") == "a blue circle, <lora:tinystyle:0.5>"
     assert _value(d, "gen-negative") == "blurry"
     assert (_value(d, "gen-seed"), _value(d, "gen-steps"), _value(d, "gen-cfg")) == ("1234", "3", "6")
+    assert _value(d, "gen-clip-skip") == "2"
     assert _value(d, "gen-sampler") == "euler_a" and _value(d, "gen-lora-0") == ""
     d.find_element(By.ID, "gen-go").click()  # the typed tag works like the picker
     _wait_text(d, "gen-status", r"1 image\(s\) in")
     params = parse_infotext(_value(d, "gen-params"))
     assert params["Lora weights"] == "<lora:tinystyle>=0.5" and params["Sampler"] == "Euler a"
+    assert params["Clip skip"] == "2"  # the dropped image's clip skip drew this one
 
 
 @needs_browser

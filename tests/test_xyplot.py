@@ -190,6 +190,17 @@ def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
     xy_plot(base, "a red star", Axis("steps", [1, 2]), seed=1, out_dir=tmp_path, name="st", progress=False)
     assert parse_infotext(read_infotext(tmp_path / "st-00-01.png"))["Steps"] == "2"
     assert json.loads((tmp_path / "st.json").read_text())["y"] is None
+    # A1111's "Clip skip" axis: each cell is what generate draws at that skip, and its PNG says which
+    grid = xy_plot(base, "a red star", parse_axis("clip_skip=1-2"), seed=1, steps=1, out_dir=tmp_path, name="cs",
+                   progress=False)
+    cells = [parse_infotext(read_infotext(tmp_path / f"cs-00-0{i}.png")) for i in (0, 1)]
+    assert "Clip skip" not in cells[0] and cells[1]["Clip skip"] == "2"
+    assert parse_infotext(read_infotext(grid))["X Type"] == "Clip skip"
+    direct = generate(base, "a red star", seed=1, steps=1, clip_skip=2, progress=False)[0].image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cs-00-01.png")), np.asarray(direct))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "cs-00-00.png")), np.asarray(direct))
+    with pytest.raises(SdtuneError, match="clip_skip axis value 0: must be at least 1"):
+        parse_axis("clip_skip=0,1")
 
 
 def test_parsing_and_errors(base, tmp_path):

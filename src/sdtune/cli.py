@@ -13,7 +13,7 @@ from .console import cli_warnings, imports_without_gc
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
-    from .generate import SCHEDULERS, check_scheduler, save_batch
+    from .generate import SCHEDULERS, check_clip_skip, check_scheduler, save_batch
     from .lora import blocks as block_weights
     from .lora import inspect
     from .lora import tools as lora_tools
@@ -55,6 +55,8 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 SCHEDULER_HELP = f"sampler: {', '.join(SCHEDULERS)} (default ddim)"
+CLIP_SKIP_HELP = ("A1111's and ComfyUI's clip skip: the text encoder layer counted from its end (default 1, the "
+                  "last; anime SD 1.x models expect 2; SDXL reads its 2nd anyway)")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +65,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
     p.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
+    p.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
 
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--negative-prompt", default="")
     gr.add_argument("--x", metavar="KIND=VALUES",
                     help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
+                         "clip_skip=1,2, "
                          "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
                          "'embeddings=none|<tok>', 'blocks=INALL|OUTALL|1,0,…' (block weights of the --lora)")
     gr.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--guidance", type=float, default=7.5)
     gr.add_argument("--seed", type=int, default=1)
     gr.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
+    gr.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
     gr.add_argument("--width", type=int)
     gr.add_argument("--height", type=int)
     gr.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
@@ -185,13 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> None:
-    output_folder(a.out)  # a file in the way, or a sampler that cannot run, stops it before the work
-    check_scheduler(a.scheduler)
+    check_scheduler(a.scheduler)  # a sampler that cannot run, or a file in the way, stops it before the work
+    check_clip_skip(a.clip_skip)
+    output_folder(a.out)
     base = api.load(a.model, a.device, a.dtype, loras=a.lora, embeddings=a.embedding, lora_dirs=a.lora_dir,
                     embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
-                           seed=a.seed, scheduler=a.scheduler, width=a.width, height=a.height,
-                           num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
+                           seed=a.seed, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
+                           height=a.height, num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
                            allow_partial=a.allow_partial)
     for path in save_batch(results, a.out):
         print(path)
@@ -334,9 +340,11 @@ def cmd_merge(a) -> None:
 def cmd_grid(a) -> Path:
     x, y = xyplot.axes_from_specs(a.x, a.y, weights=a.weights, sweep=a.sweep)  # bad axes stop before the load
     check_scheduler(a.scheduler)
+    check_clip_skip(a.clip_skip)
     base = api.load(a.model, a.device, a.dtype)
     return xyplot.xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
-                          guidance=a.guidance, scheduler=a.scheduler, width=a.width, height=a.height, loras=a.lora,
+                          guidance=a.guidance, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
+                          height=a.height, loras=a.lora,
                           embeddings=a.embedding, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
                           allow_partial=a.allow_partial, out_dir=a.out, name=a.name, cell=a.cell,
                           progress=not a.no_progress)

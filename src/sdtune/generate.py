@@ -158,21 +158,48 @@ class PromptEmbeds:
                             self.pooled.expand(n, -1) if self.pooled is not None else None)
 
 
+def check_clip_skip(clip_skip: int) -> None:
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
+        raise SdtuneError(f"--clip-skip {clip_skip}: must be a whole number from 1 (the default: no skip); "
+                          f"2 is what anime SD 1.x models expect")
+
+
+def read_layer(te, model, clip_skip: int = 1) -> tuple[int, bool]:
+    """(hidden state index, whether the final layer norm follows) of what the UNet reads from encoder ``te`` at
+    clip skip N, as A1111 and ComfyUI count it: the Nth layer from the end of the encoder as published (SD 2.x's
+    OpenCLIP with the last layer diffusers drops), never shallower than the family's own (SDXL reads the
+    penultimate: its clip skip 1 and 2 are the same). An encoder whose own is its last applies the final norm
+    to an earlier layer too (A1111 does; diffusers' ``clip_skip`` is A1111's minus one)."""
+    check_clip_skip(clip_skip)
+    dropped = 1 if te.pretrained_layers else 0  # SD 2.x's diffusers encoder lacks OpenCLIP's last layer
+    depth = max(-te.hidden_layer, clip_skip - dropped)
+    layers = model.config.num_hidden_layers
+    if depth > layers:
+        raise SdtuneError(f"--clip-skip {clip_skip}: {te.component} has only {layers} layers; use a smaller skip")
+    return (-1, False) if depth == 1 else (-depth, te.hidden_layer == -1)
+
+
+def _final_norm(model) -> nn.Module:
+    return model.final_layer_norm if hasattr(model, "final_layer_norm") else model.text_model.final_layer_norm
+
+
 class TextStack(nn.Module):
     """A family's text encoders as its UNet reads them (``families.TextEncoder``): each encoder's chosen hidden
-    layer (SD 1.x/2.x: the last; SDXL: the penultimate of both), concatenated, and the pooled output of an
-    encoder that projects it (SDXL's second). Training runs it with gradients, ``encode_prompt`` without."""
+    layer (SD 1.x/2.x: the last; SDXL: the penultimate of both; deeper with a clip skip, ``read_layer``),
+    concatenated, and the pooled output of an encoder that projects it (SDXL's second). Training runs it with
+    gradients, ``encode_prompt`` without."""
 
-    def __init__(self, encoders):
+    def __init__(self, encoders, clip_skip: int = 1):
         super().__init__()
         encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
         self.specs = [te for te, _, _ in encoders]
         self.tokenizers = [tok for _, _, tok in encoders]
         self.models = nn.ModuleList([model for _, model, _ in encoders])
+        self.layers = [read_layer(te, model, clip_skip) for te, model, _ in encoders]
 
     @classmethod
-    def of(cls, base) -> TextStack:
-        return cls(base.text_encoders())
+    def of(cls, base, clip_skip: int = 1) -> TextStack:
+        return cls(base.text_encoders(), clip_skip)
 
     def ids(self, texts: list[str], device) -> list[torch.Tensor]:
         """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently)."""
@@ -181,21 +208,22 @@ class TextStack(nn.Module):
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pooled = [], None
-        for te, model, x in zip(self.specs, self.models, ids):
-            out = model(x, output_hidden_states=te.hidden_layer != -1)
-            hidden.append(out[0] if te.hidden_layer == -1 else out.hidden_states[te.hidden_layer])
+        for (layer, norm), model, x in zip(self.layers, self.models, ids):
+            out = model(x, output_hidden_states=layer != -1)
+            h = out[0] if layer == -1 else out.hidden_states[layer]
+            hidden.append(_final_norm(model)(h) if norm else h)
             if getattr(out, "text_embeds", None) is not None:
                 pooled = out.text_embeds
         return torch.cat(hidden, dim=-1), pooled
 
 
 @torch.no_grad()
-def encode_prompt(base, prompts: list[str]) -> PromptEmbeds:
+def encode_prompt(base, prompts: list[str], clip_skip: int = 1) -> PromptEmbeds:
     """Text features as the base's family reads them (``TextStack``), in the base's dtype, with A1111's prompt
     syntax (``prompts``: emphasis, BREAK, chunks of 75 tokens put one after the other; SDXL's pooled embedding is
     the first chunk's). sdtune encodes prompts itself so that its own multi-vector token expansion is what the
     model sees."""
-    text = TextStack.of(base)
+    text = TextStack.of(base, clip_skip)
     ids, weights = prompts_syntax.tokenize(text.tokenizers, prompts)
     rows, chunks, length = ids[0].shape
     hidden, pooled = text([i.reshape(rows * chunks, length).to(base.device) for i in ids])
@@ -218,6 +246,7 @@ def generate(
     guidance: float = 7.5,
     seed: int | None = None,
     scheduler: str = "ddim",
+    clip_skip: int = 1,
     width: int | None = None,
     height: int | None = None,
     num_images: int = 1,
@@ -235,6 +264,7 @@ def generate(
         raise SdtuneError(f"--steps {steps}: must be at least 1")
     if num_images < 1:
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
+    check_clip_skip(clip_skip)
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     prompt_text, negative_text = prompt, negative_prompt  # as typed: the PNG must reproduce the image
@@ -256,7 +286,7 @@ def generate(
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (1, base.unet.config.in_channels, height // scale, width // scale)
         latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(base.device, base.dtype)
-        uncond, cond = (e.repeat(len(seeds)) for e in encode_prompt(base, [negative_prompt, prompt]).chunk(2))
+        uncond, cond = (e.repeat(len(seeds)) for e in encode_prompt(base, [negative_prompt, prompt], clip_skip).chunk(2))
         if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded empty string
             uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
@@ -282,6 +312,7 @@ def generate(
                 "Size": f"{width}x{height}",
                 "Model hash": getattr(base, "model_hash", ""),
                 "Model": getattr(base, "name", ""),
+                "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set
                 **(extra_info or {}),
             }
             out.append(Generated(img, s, infotext(prompt_text, negative_text, params), params))

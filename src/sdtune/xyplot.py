@@ -5,7 +5,7 @@
             loras=["style.safetensors"], out_dir="grid")
 
 Axis kinds: ``prompt`` (whole prompts), ``sr`` (A1111's Prompt S/R: the first value is searched for in the
-prompt and negative prompt, each value replaces it), ``seed``, ``guidance``, ``steps``, ``sampler``,
+prompt and negative prompt, each value replaces it), ``seed``, ``guidance``, ``steps``, ``sampler``, ``clip_skip``,
 ``weight`` (one LoRA's weight), ``blocks`` (one LoRA's block weights, the lora-block-weight extension's
 ``lbw=`` values: presets or vectors, ``'blocks=INALL|OUTALL|1,0,0,…'``: split on '|' only), ``adapters`` /
 ``loras`` / ``embeddings`` (which adapters are on: each value is ``none`` or ``A[:W]+B[:W]+<token>``, a LoRA item
@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import api, sources
-from .generate import SCHEDULERS, check_scheduler, draw_grid, infotext, sampler_key, save_png
+from .generate import SCHEDULERS, check_clip_skip, check_scheduler, draw_grid, infotext, sampler_key, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text, output_folder
@@ -44,12 +44,12 @@ from .ti.formats import load_embedding
 KIND_NAMES = {  # kind -> the axis title A1111 users know
     "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
     "sampler": "Sampler", "weight": "LoRA weight", "adapters": "Adapters", "loras": "LoRAs",
-    "embeddings": "Embeddings", "blocks": "LoRA block weights",
+    "embeddings": "Embeddings", "blocks": "LoRA block weights", "clip_skip": "Clip skip",
 }
 ALIASES = {"prompts": "prompt", "prompt_sr": "sr", "seeds": "seed", "cfg": "guidance", "cfg_scale": "guidance",
            "scheduler": "sampler", "weights": "weight", "lora_weight": "weight", "adapter": "adapters",
            "lora": "loras", "embedding": "embeddings", "ti": "embeddings", "lbw": "blocks",
-           "block_weights": "blocks"}
+           "block_weights": "blocks", "clip-skip": "clip_skip", "clipskip": "clip_skip"}
 ADAPTER_KINDS = ("adapters", "loras", "embeddings")
 TARGETED_KINDS = ("weight", "blocks")  # axes that act on one LoRA (``Axis.target``)
 NONE_WORDS = ("none", "base", "off", "")
@@ -114,17 +114,17 @@ _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "se
              "guidance": "3,5,7.5", "steps": "10,20,30", "sampler": "ddim,euler_a",
              "weight": "0,0.25,0.5,1,1.5", "adapters": "'none|style|style:0.5+detail:1'",
              "loras": "'none|style|style:0.5+detail:1'", "embeddings": "'none|<my-thing>'",
-             "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'"}
+             "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'", "clip_skip": "1,2"}
 
 
 def _typed(kind: str, v):
     try:
-        if kind in ("seed", "steps"):
+        if kind in ("seed", "steps", "clip_skip"):
             if isinstance(v, float) and not v.is_integer():
                 raise ValueError
             n = int(v)
-            if kind == "steps" and n < 1:
-                raise SdtuneError(f"steps axis value {n}: must be at least 1")
+            if kind in ("steps", "clip_skip") and n < 1:
+                raise SdtuneError(f"{kind} axis value {n}: must be at least 1")
             if kind == "seed" and n < 0:  # -1: a random seed, drawn now so that the label names it (as A1111)
                 n = random.randrange(2**31 - 1)
             return n
@@ -147,10 +147,10 @@ _RANGE = re.compile(rf"({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*\+\s*({_NUMBER})\
 
 def _range(kind: str, text: str) -> list | None:
     """The values of a numeric axis range, or None when ``text`` is not one."""
-    m = _RANGE.fullmatch(text) if kind in ("seed", "steps", "guidance", "weight") else None
+    m = _RANGE.fullmatch(text) if kind in ("seed", "steps", "guidance", "weight", "clip_skip") else None
     if m is None:
         return None
-    whole = kind in ("seed", "steps")
+    whole = kind in ("seed", "steps", "clip_skip")
     lo, hi = float(m.group(1)), float(m.group(2))
     step, count = float(m.group(3) or 1), int(m.group(4) or 0)
     if hi < lo or step <= 0 or (m.group(4) and count < 1) or (whole and not (lo.is_integer() and hi.is_integer())):
@@ -441,6 +441,7 @@ class _Cell:
     steps: int
     guidance: float
     scheduler: str
+    clip_skip: int
     loras: dict[str, float] = field(default_factory=dict)
     tokens: frozenset = frozenset()
     blocks: dict[str, str | None] = field(default_factory=dict)  # LoRA name -> its lbw= (None: none)
@@ -451,7 +452,8 @@ class _Cell:
 
     def group_key(self) -> tuple:
         """Everything but the seed: cells with equal keys and consecutive seeds share one batch."""
-        return (self.prompt, self.negative_prompt, self.steps, self.guidance, self.scheduler, self.adapter_key())
+        return (self.prompt, self.negative_prompt, self.steps, self.guidance, self.scheduler, self.clip_skip,
+                self.adapter_key())
 
 
 def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: dict) -> None:
@@ -470,6 +472,8 @@ def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: 
         cell.steps = v
     elif axis.kind == "sampler":
         cell.scheduler = v
+    elif axis.kind == "clip_skip":
+        cell.clip_skip = v
     elif axis.kind == "weight":
         cell.loras[targets[id(axis)]] = v
     elif axis.kind == "blocks":
@@ -506,7 +510,8 @@ GAP = 2  # white pixels between the plot's cells (generate.draw_grid draws the g
 
 
 def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
-            steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
+            steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", clip_skip: int = 1,
+            width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
             allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
             progress: bool = True) -> Path:
@@ -518,6 +523,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     otherwise such a LoRA is refused.
     """
     check_scheduler(scheduler)
+    check_clip_skip(clip_skip)
     if seed is None or seed < 0:
         raise SdtuneError(f"seed {seed}: an X/Y plot needs a fixed seed (0 or more) so cells are comparable")
     axes = [a for a in (x, y) if a is not None]
@@ -551,7 +557,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         cells: list[_Cell] = []
         for r in ys:
             for c in range(len(x.values)):
-                cell_ = _Cell(r or 0, c, prompt, negative_prompt, seed, steps, guidance, scheduler,
+                cell_ = _Cell(r or 0, c, prompt, negative_prompt, seed, steps, guidance, scheduler, clip_skip,
                               loras=dict(adapters.fixed),
                               blocks={n: adapters.base_blocks.get(n) for n in adapters.read})
                 for a, i in ((y, r), (x, c)):
@@ -575,7 +581,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
     first = results[0][1]
     # per-cell values (each cell's PNG has its own); the first cell's would mislabel the grid
-    shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights", "Lora hashes")}
+    shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights", "Lora hashes", "Clip skip")}
+    shared["Clip skip"] = clip_skip if clip_skip > 1 else None
     shared["Seed"] = seed
     shared["Steps"], shared["CFG scale"] = steps, guidance
     shared["Sampler"] = SCHEDULERS[scheduler][2]
@@ -588,7 +595,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     text = infotext(prompt, negative_prompt, shared)
     grid_path = save_png(canvas, out_dir / f"{name}.png", text)
     record = {"grid": grid_path.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-              "steps": steps, "guidance": guidance, "scheduler": scheduler, "rows": n_rows, "cols": n_cols,
+              "steps": steps, "guidance": guidance, "scheduler": scheduler, "clip_skip": clip_skip,
+              "rows": n_rows, "cols": n_cols,
               "x": x.to_json() | ({"target": targets[id(x)]} if x.kind in TARGETED_KINDS else {}),
               "y": (y.to_json() | ({"target": targets[id(y)]} if y.kind in TARGETED_KINDS else {})) if y else None,
               "cells": files, "cell_prompts": [[None] * n_cols for _ in range(n_rows)], "parameters": text}
@@ -608,7 +616,8 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             c0 = run[0]
             adapters.apply(c0.loras, set(c0.tokens), c0.blocks)
             res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
-                               guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler, width=width,
+                               guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler,
+                               clip_skip=c0.clip_skip, width=width,
                                height=height, num_images=len(run), batch_size=len(run), progress=False,
                                lora_dirs=lora_dirs, embedding_dirs=(), allow_partial=allow_partial)
             out.extend(zip(run, res))

@@ -60,6 +60,9 @@ class TrainSettings:
     lr_warmup_steps: int = 0
     min_snr_gamma: float = 0.0  # 0: off; 5 is the usual value
     noise_offset: float = 0.0
+    clip_skip: int = _help("the text-encoder layer the UNet reads, counted from the end as A1111's clip skip "
+                           "(2 for anime SD 1.x models; SDXL reads its 2nd anyway); generate with the same",
+                           default=1)
     max_grad_norm: float = 1.0  # 0: no clipping
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
@@ -111,7 +114,7 @@ class TrainSettings:
             raise SdtuneError("no output folder; pass --out DIR")
         output_folder(self.out, create=False)
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                        sample_images=self.sample_images, sample_steps=self.sample_steps)
+                        sample_images=self.sample_images, sample_steps=self.sample_steps, clip_skip=self.clip_skip)
         for name, value in positive.items():
             if not value > 0:
                 raise SdtuneError(f"--{_flag(name)} {value}: must be greater than 0")

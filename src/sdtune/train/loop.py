@@ -381,7 +381,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
-        stack = TextStack.of(base)
+        stack = TextStack.of(base, settings.clip_skip)
         # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
         unshare = shared_text.install(base.unet) if cache is not None and settings.share_text else None
         if unshare is not None:
@@ -607,5 +607,6 @@ def sample_grid(base, settings: TrainSettings, prompts: list[str], expand, path:
     for prompt in prompts:
         images += [g.image for g in generate(base, expand(prompt), steps=settings.sample_steps,
                                              guidance=settings.sample_guidance, seed=settings.seed,
-                                             num_images=settings.sample_images, progress=False)]
+                                             clip_skip=settings.clip_skip, num_images=settings.sample_images,
+                                             progress=False)]
     return save_png(grid(images, cols=settings.sample_images), path, "\n".join(prompts))

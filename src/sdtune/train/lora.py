@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..generate import read_layer
 from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -89,13 +90,14 @@ def te_targets(text_encoder: nn.Module, targets: str, layers: int | None = None)
     return found
 
 
-def used_layers(te, model: nn.Module, family) -> int:
+def used_layers(te, model: nn.Module, family, clip_skip: int = 1) -> int:
     """How many of a text encoder's layers the UNet's conditioning depends on: up to the hidden layer it reads
-    (SDXL's first encoder: all but the last, whose LoRA would never get a gradient), all of them when the
-    encoder's pooled output conditions the UNet too (SDXL's second)."""
+    (SDXL's first encoder: all but the last, whose LoRA would never get a gradient; fewer with a clip skip), all
+    of them when the encoder's pooled output conditions the UNet too (SDXL's second)."""
     total = model.config.num_hidden_layers
     pooled = family.pooled_and_time_ids and te.model_class == "CLIPTextModelWithProjection"
-    return total if te.hidden_layer == -1 or pooled else total + 1 + te.hidden_layer
+    layer, _ = read_layer(te, model, clip_skip)
+    return total if layer == -1 or pooled else total + 1 + layer
 
 
 def _is_3x3(module: nn.Module) -> bool:
@@ -115,7 +117,8 @@ class Network:
         self.layers: dict[tuple[str, str], LoraLayer] = {}
         plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
         if settings.text_encoder:  # every text encoder of the family (SDXL: both)
-            plan += [(te.component, model, te_targets(model, settings.targets, used_layers(te, model, base.family)))
+            plan += [(te.component, model,
+                      te_targets(model, settings.targets, used_layers(te, model, base.family, settings.clip_skip)))
                      for te, model, _ in base.text_encoders()]
         exclude = [re.compile(pattern) for pattern in settings.exclude]
         for comp, root, paths in plan:
@@ -221,7 +224,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_mixed_precision": m.get("mixed_precision", settings.mixed_precision),  # auto resolved: no/fp16/bf16
         "ss_full_fp16": "False",
         "ss_resolution": str(tuple(max(sizes, key=sizes.get))) if sizes else "",
-        "ss_clip_skip": "None",
+        "ss_clip_skip": str(settings.clip_skip) if settings.clip_skip > 1 else "None",  # sd-scripts: None unset
         "ss_max_token_length": "None",
         "ss_cache_latents": str(data.crop == "center"),
         "ss_seed": str(settings.seed),

@@ -63,7 +63,8 @@ def make_class_images(base, settings: LoraSettings) -> list[Path]:
             runs.append([number])
     for run in runs:
         results = generate(base, settings.class_prompt, steps=settings.sample_steps, guidance=settings.sample_guidance,
-                           seed=settings.seed + run[0], width=size, height=size, num_images=len(run),
+                           seed=settings.seed + run[0], clip_skip=settings.clip_skip, width=size, height=size,
+                           num_images=len(run),
                            batch_size=len(run), progress=False)
         for number, result in zip(run, results):
             path = folder / f"{CLASS_NAME.format(number)}.png"

@@ -54,7 +54,7 @@ def best_checkpoint(record: Record) -> tuple[int, Path] | None:
 def _image(base, settings, prompt: str):
     """One image of ``prompt`` with the run's sampling settings and seed."""
     return generate(base, prompt, steps=settings.sample_steps, guidance=settings.sample_guidance,
-                    seed=settings.seed, num_images=1, progress=False)[0].image
+                    seed=settings.seed, clip_skip=settings.clip_skip, num_images=1, progress=False)[0].image
 
 
 def lora_grid(base, settings, record: Record, prompt: str):

@@ -21,7 +21,7 @@ from . import trainform
 from .studio import Studio
 
 LORA_SLOTS = 4  # LoRA pickers on the Generate tab (Fooocus shows 5, A1111 users type tags for more)
-GEN_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height")
+GEN_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height", "clip_skip")
 CSS = """
 #job-log textarea, #lora-info textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 """
@@ -90,6 +90,7 @@ def _generate_tab(studio: Studio):
                 sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="gen-sampler")
                 steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="gen-steps")
                 cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
+                clip_skip = gr.Slider(1, 12, 1, step=1, label="Clip skip", elem_id="gen-clip-skip")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed")
                 count = gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count")
@@ -130,21 +131,21 @@ def _generate_tab(studio: Studio):
     shown = gr.State([])  # [(path, parameters)] of the images on show
     picked = gr.State(None)  # path of the image whose parameters are on show
     pickers = [s[0] for s in slots]
-    form = [prompt, negative, sampler, steps, cfg, seed, width, height] + pickers + [s[3] for s in slots]
+    form = [prompt, negative, sampler, steps, cfg, seed, width, height, clip_skip] + pickers + [s[3] for s in slots]
 
     @_handler(5)
     def run(progress=gr.Progress(), *values):  # Gradio finds its progress bar by this default
-        p, n, smp, st, c, sd, w, h, k, *slot_values = values
+        p, n, smp, st, c, sd, w, h, cs, k, *slot_values = values
         picks = [tuple(slot_values[i:i + 4]) for i in range(0, len(slot_values), 4)]
         rows, notes = studio.generate(p, n, sampler=smp, steps=st, cfg=c, seed=sd, width=w, height=h, count=k,
-                                      picks=picks, on_step=lambda done, total: progress((done, total),
+                                      clip_skip=cs, picks=picks, on_step=lambda done, total: progress((done, total),
                                                                                         desc="denoising",
                                                                                         unit="steps"))
         rows = [(str(path), text) for path, text in rows]
         say = f"{len(rows)} image(s) in {studio.folders.out / 'generate'}" + "".join(f"\n\n⚠️ {m}" for m in notes)
         return rows, rows[0][1], rows, rows[0][0], say
 
-    go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, count,
+    go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, clip_skip, count,
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
     # outside the queue, so that it runs while the generation holds the model; the generation then stops
     # after its current step and says so in the status line
@@ -187,7 +188,7 @@ def _compare_tab(studio: Studio):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="cmp-prompt")
             negative = gr.Textbox(label="Negative prompt", elem_id="cmp-negative")
             x = gr.Textbox(label="X axis (columns)", elem_id="cmp-x",
-                           placeholder="seed=1-4 | weight=0,0.5,1 | cfg=3,7 | steps=10,20 | sampler=ddim,euler | "
+                           placeholder="seed=1-4 | weight=0,0.5,1 | cfg=3,7 | steps=10,20 | sampler=ddim,euler | clip_skip=1,2 | "
                                        "'prompt=a|b' | sr=red|blue | loras=none|a|a:0.5+b:1 | embeddings=none|name")
             y = gr.Textbox(label="Y axis (rows, optional)", elem_id="cmp-y")
             with gr.Row():
@@ -200,6 +201,7 @@ def _compare_tab(studio: Studio):
                 steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="cmp-steps")
                 cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="cmp-cfg")
                 seed = gr.Number(1, label="Seed", precision=0, elem_id="cmp-seed")
+                clip_skip = gr.Slider(1, 12, 1, step=1, label="Clip skip", elem_id="cmp-clip-skip")
             with gr.Row():
                 width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="cmp-width")
                 height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="cmp-height")
@@ -212,13 +214,13 @@ def _compare_tab(studio: Studio):
                             elem_id="cmp-files")
 
     @_handler(3)
-    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, w, h, cl):
+    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, cs, w, h, cl):
         path, parts, notes = studio.compare(p, n, x=xs or "", y=ys or "", loras=picked or [], sweep=sw, steps=st,
-                                            cfg=c, seed=sd, sampler=smp, width=w, height=h, cell=cl)
+                                            cfg=c, seed=sd, clip_skip=cs, sampler=smp, width=w, height=h, cell=cl)
         return str(path), [str(q) for q in parts], f"grid and {len(parts) - 1} parts in {path.parent}" + \
             "".join(f"\n\n⚠️ {m}" for m in notes)
 
-    go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, width, height, cell],
+    go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, clip_skip, width, height, cell],
              [grid, files, status], concurrency_id="model")
     return loras, sweep
 

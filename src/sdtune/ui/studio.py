@@ -38,7 +38,7 @@ from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
-NOT_APPLIED = ("Clip skip", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
+NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
                "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 BUILT_IN = ("tiny", "tiny-xl", "tiny-random")  # models the page can always switch to (no file, offline)
@@ -208,7 +208,7 @@ class Studio:
 
     def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
                  cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
-                 picks=(), on_step=None) -> tuple[list[tuple[Path, str]], list[str]]:
+                 clip_skip: int = 1, picks=(), on_step=None) -> tuple[list[tuple[Path, str]], list[str]]:
         """Images saved in ``out/generate`` with their parameters, and any warnings. ``on_step(done, total)``
         follows the denoising steps; ``cancel()`` (from another request) stops it with ``Cancelled``."""
         full = self.with_loras(prompt, picks)
@@ -226,7 +226,7 @@ class Studio:
             with self.model_in_use() as (base, notes):
                 results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
                                        guidance=float(cfg), seed=int(seed), scheduler=sampler,
-                                       width=int(width) or None, height=int(height) or None, num_images=int(count),
+                                       clip_skip=int(clip_skip), width=int(width) or None, height=int(height) or None, num_images=int(count),
                                        progress=False, lora_dirs=(self.folders.loras,),
                                        embedding_dirs=(self.folders.embeddings,), on_step=step)
         finally:
@@ -255,6 +255,7 @@ class Studio:
                 form["seed"] = int(p["Seed"])
             if "Size" in p:
                 form["width"], form["height"] = (int(v) for v in p["Size"].lower().split("x"))
+            form["clip_skip"] = int(p.get("Clip skip", 1))  # A1111 writes it only when not 1
         except ValueError:
             raise SdtuneError(f"{Path(path).name}: its parameters are not readable ({text.splitlines()[-1]})") from None
         sampler = sampler_key(p.get("Sampler", ""), p.get("Schedule type", ""))
@@ -280,7 +281,8 @@ class Studio:
         return out
 
     def compare(self, prompt: str, negative: str = "", *, x: str = "", y: str = "", loras=(), sweep: str = "",
-                steps: int = 20, cfg: float = 7.5, seed: int = 1, sampler: str = "ddim", width: int = 0,
+                steps: int = 20, cfg: float = 7.5, seed: int = 1, sampler: str = "ddim", clip_skip: int = 1,
+                width: int = 0,
                 height: int = 0, cell: int = 128) -> tuple[Path, list[Path], list[str]]:
         """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON)."""
         x_axis, y_axis = xyplot.axes_from_specs(x.strip() or None, y.strip() or None, sweep=sweep or None)
@@ -306,7 +308,8 @@ class Studio:
             folder = folder.with_name(folder.name + "-1")
         with self.model_in_use() as (base, notes):
             grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
-                                  steps=int(steps), guidance=float(cfg), scheduler=sampler, width=int(width) or None,
+                                  steps=int(steps), guidance=float(cfg), scheduler=sampler,
+                                  clip_skip=int(clip_skip), width=int(width) or None,
                                   height=int(height) or None, loras=list(files.values()),
                                   lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
                                   out_dir=folder, cell=int(cell), progress=False)
