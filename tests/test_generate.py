@@ -4,6 +4,7 @@ from PIL import Image
 
 from sdtune import api, sources
 from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, save_batch
+from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 
 
@@ -15,6 +16,16 @@ def test_same_seed_same_pixels_and_seed_sequence(base):
         assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
     c = generate(base, "a red circle", steps=4, seed=9, num_images=1, progress=False)
     assert not np.array_equal(np.asarray(a[0].image), np.asarray(c[0].image))
+
+
+def test_a_random_seed_is_random_after_a_model_load():
+    """Loading a built-in model seeds torch's global generator; seed -1 must not follow it (it did: every
+    first "random" seed after a load was 1143939325)."""
+    seeds = set()
+    for _ in range(3):
+        base = load_base("tiny-random")
+        seeds.add(generate(base, "a red circle", steps=1, seed=-1, progress=False)[0].seed)
+    assert len(seeds) == 3
 
 
 def test_png_carries_a1111_parameters(base, tmp_path):
@@ -45,6 +56,10 @@ def test_bad_inputs_are_clear_errors(base):
         generate(base, "x", width=60, steps=1)
     with pytest.raises(SdtuneError, match="--num-images 0: must be at least 1"):
         generate(base, "x", num_images=0, steps=1)
+    with pytest.raises(SdtuneError, match="--guidance nan: must be a finite number"):
+        generate(base, "x", guidance=float("nan"), steps=1)
+    with pytest.raises(SdtuneError, match=r"--seed 99999999999999999999: must be from -1 \(random\) to"):
+        generate(base, "x", seed=99999999999999999999, steps=1)  # torch takes 63 bits; it raised an overflow
 
 
 def test_lms_without_scipy_is_one_line(monkeypatch):
@@ -144,17 +159,25 @@ def test_source_specs(tmp_path):
     assert sources.hub_parts("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora") == ("andrewzhu/MoXinV1",
                                                                                   ("MoXinV1.safetensors",))
     assert sources.hub_parts("sd-concepts-library/midjourney-style", "embedding")[1][0] == "learned_embeds.safetensors"
-    with pytest.raises(SdtuneError, match="weight after ':' must be a number"):
+    with pytest.raises(SdtuneError, match="weight after ':' must be a finite number"):
         sources.parse_weighted("x.safetensors:heavy")
+    for bad in ("nan", "inf", "0.5:-inf", "unet=nan"):  # would bake NaN into every layer it touches
+        with pytest.raises(SdtuneError, match="must be a finite number"):
+            sources.parse_weighted(f"x.safetensors:{bad}")
     with pytest.raises(SdtuneError, match="no such file"):
         sources.resolve(str(tmp_path / "missing.safetensors"))
 
 
-def test_hub_source_offline_is_one_clear_line(monkeypatch):
+def test_hub_source_offline_is_one_clear_line(monkeypatch, capfd):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SdtuneError) as e:
         sources.resolve("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora")
     assert "hub is unreachable" in str(e.value) and "\n" not in str(e.value)
+    # not offline by setting, only unreachable (this machine): one request, no retries printed
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(SdtuneError, match="hub is unreachable|no hub repo"):  # (a machine that reaches it)
+        sources.resolve("someone/some-lora", "lora")
+    assert "Retry" not in capfd.readouterr().err
 
 
 def test_readme_workflow_two_loras_reweight_remove(tmp_path):

@@ -13,6 +13,7 @@ import time
 import tomllib
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,6 +162,29 @@ def _write(path, text):
     return path
 
 
+def test_an_unchanged_form_trains_as_the_cli_does(tmp_path):
+    """The form shows the model's preset; submitted unchanged, it gives the settings `sdtune train` would (an
+    unset optional number stays unset: a number box would have sent 0, training the text encoder at lr 0)."""
+    for kind, token in (("lora", {}), ("ti", {"token": "<t>", "init_token": "star"})):
+        shown = trainform.preset_values(kind, "tiny")
+        assert shown["preset"] == "tiny"
+        if kind == "lora":
+            assert shown["te_lr"] == "" and shown["conv_alpha"] == "" and shown["batch_size"] == 8
+        s = trainform.settings_for(kind, {**shown, **token}, data=str(tmp_path), out="o", model="tiny")
+        cli = load_settings(None, {"data": str(tmp_path), "out": "o", "model": "tiny", **token}, kind=kind,
+                            family="tiny")
+        assert dataclasses.replace(s, progress=cli.progress, resume=cli.resume) == cli
+    fields = {f.name: f for f in trainform.form_fields()}
+    assert trainform.text_field(fields["te_lr"]) and not trainform.text_field(fields["lr"])
+    assert trainform.from_form(fields["te_lr"], " ") is None and trainform.from_form(fields["te_lr"], "2e-4") == 2e-4
+    with pytest.raises(SdtuneError, match=r"te lr: 'fast' is not a number"):
+        trainform.from_form(fields["te_lr"], "fast")
+    # a form that names no preset trains on none, and says so (not the model's, whose values it did not show)
+    s = trainform.settings_for("lora", trainform.preset_values("lora", None), data=str(tmp_path), out="o",
+                               model="tiny")
+    assert s.preset == "" and s.lr == 1e-4
+
+
 def test_bad_form_values_are_refused_before_a_job_starts(tmp_path):
     with pytest.raises(SdtuneError, match="--rank 0: must be at least 1"):
         trainform.settings_for("lora", {"rank": 0}, data=str(tmp_path), out="o", model="tiny")
@@ -179,7 +203,7 @@ total=$(sed -n 's/^steps = //p' job.toml)
 i=0; [ -f state ] && i=$(cat state)
 while [ "$i" -lt "$total" ]; do
   i=$((i+1)); echo "$i" > state
-  printf '\rtrain lora: %d/%d [00:00<00:00, 9.9step/s, loss=0.%d, lr=1e-4]' "$i" "$total" "$i" >&2
+  printf '\rencoding images: 9/9 [00:00<00:00]\rtrain lora: %d/%d [00:00<00:00, 9.9step/s, loss=0.%d, lr=1e-4]' "$i" "$total" "$i" >&2
   sleep 0.1
 done
 if grep -q '^fail' job.toml; then echo "sdtune: error: the loss became NaN" >&2; exit 2; fi
@@ -250,6 +274,20 @@ def test_stop_ends_the_process_group_and_resume_continues(runner):
     runner.stop("long")
     with pytest.raises(SdtuneError, match="is stopped, not running"):
         runner.stop("long")
+
+
+def test_resume_says_whether_the_job_starts_over(runner):
+    from sdtune.ui.studio import Studio
+
+    runner.submit("first", "lora", "steps = 200\n")
+    second = runner.submit("second", "lora", "steps = 1\n")
+    runner.stop("second")  # taken out of the queue before it saved anything
+    page = SimpleNamespace(jobs=runner)
+    assert "it saved nothing before it stopped, so it starts over" in Studio.resume(page, "second")
+    runner.stop("second")
+    (Path(second.folder) / "resume.pt").write_bytes(b"")  # what a save leaves
+    assert Studio.resume(page, "second") == "job second: queued again; it resumes from its last save"
+    runner.stop("first")
 
 
 def test_a_failed_job_says_why_and_the_queue_goes_on(runner):
@@ -387,7 +425,7 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert form == {"prompt": "a castle", "negative_prompt": "blurry", "parameters": read_infotext(png),
                     "steps": 31, "cfg": 6.5, "seed": 42, "width": 512, "height": 768, "sampler": "euler_a",
-                    "clip_skip": 1, "not_applied": []}
+                    "clip_skip": 1, "not_applied": ["Model sd15 (the page's is tiny-random)"]}
     # A1111 1.9+: the schedule apart from the sampler, prompts over several lines
     png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-19.png",
                    "a castle,\nat night\nNegative prompt: blurry,\nugly\nSteps: 20, Sampler: DPM++ 2M, "
@@ -398,6 +436,14 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
                                                                           "dpmpp_2m_karras")
     assert form["not_applied"] == ["Hires upscale", "Hires steps"]  # named to the user, not dropped
     assert form["clip_skip"] == 2
+    # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
+    # Lora weights (those in the LoRA folder; the others are named)
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png",
+                   "a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
+                   "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1")
+    form = studio.settings_of(png, uploaded=True)
+    assert form["prompt"] == "a red star, <lora:style:0.5:0.25>"
+    assert form["not_applied"] == ["LoRA gone (not in the LoRA folder)"]
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SdtuneError, match="no generation parameters"):
@@ -414,12 +460,21 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     assert "Y Type: LoRA weight (style)" in read_infotext(grid)
     with pytest.raises(Refused, match="absolute paths are not allowed"):
         studio.compare("a red star", x="loras=none|/etc/passwd", steps=1)
+    (studio.folders.loras / "broken.safetensors").write_bytes(b"not weights")
+    before = set((studio.folders.out / "grids").iterdir())
+    with pytest.raises(SdtuneError, match="broken.safetensors"):
+        studio.compare("a red star", x="seed=1,2", loras=["broken"], steps=1)
+    assert set((studio.folders.out / "grids").iterdir()) == before  # no empty folder left for the refused grid
+    (studio.folders.loras / "broken.safetensors").unlink()
 
 
 def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):
     text, info = studio.inspect("style")
     assert info["modules"]["unet"] == info["fits"]["unet"] > 0 and info["ranks"] == [2] and info["file"] == "style"
     assert text.startswith("file ") and "ranks" in text
+    upload = tmp_path / "uploaded.safetensors"
+    shutil.copyfile(studio.folders.loras / "style.safetensors", upload)
+    assert studio.inspect("style", str(upload))[1]["file"] == "uploaded.safetensors"  # the file read, by its name
     out = studio.convert("style", "diffusers", "style-diffusers")
     assert out == studio.folders.loras / "style-diffusers.safetensors" and "style-diffusers" in studio.lora_names()
     with pytest.raises(SdtuneError, match="exists already"):

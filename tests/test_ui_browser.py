@@ -557,3 +557,30 @@ def test_listen_warns_without_auth_and_auth_asks_for_the_password(tmp_path):
     finally:
         _stop(opened)
         _stop(locked)
+
+
+@needs_browser
+def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(server, browser):
+    """The form shows what a run starts from, as `sdtune train` does: the model's preset for the kind picked
+    (the TI fields appear for TI), a preset picked by name; a reloaded page shows the model in use."""
+    d = browser
+    _tab(d, "train")
+    d.find_element(By.CSS_SELECTOR, "#train-kind input[value=ti]").click()
+    token = _wait(lambda: [e for e in d.find_elements(By.CSS_SELECTOR, "#train-token input, #train-token textarea")
+                           if e.is_displayed()], 30, "the TI form's token field")[0]
+    assert token.get_attribute("value") == ""
+    _wait(lambda: _value(d, "train-lr") == "0.005", 10, "the TI preset's lr")  # tiny-random: the tiny preset
+    assert not [e for e in d.find_elements(By.ID, "train-rank") if e.is_displayed()]  # a LoRA setting: hidden
+    d.find_element(By.CSS_SELECTOR, "#train-kind input[value=lora]").click()
+    _wait(lambda: _value(d, "train-lr") == "0.001" and _value(d, "train-batch_size") == "8", 10, "the LoRA preset")
+    _open(d, "train-advanced")
+    assert _value(d, "train-preset") == "tiny" and _value(d, "train-te_lr") == ""  # unset, not 0
+    _pick(d, "train-preset", "tiny-quick")
+    _wait(lambda: _value(d, "train-steps") == "30", 10, "the tiny-quick preset's 30 steps")
+    other = "tiny-xl" if MODEL != "tiny-xl" else "tiny"
+    _pick(d, "model", other)
+    _wait_text(d, "model-status", f"base model: {other} ", 30)
+    d.refresh()
+    _wait(lambda: _value(d, "model") == other, 30, "the model in use in the reloaded page's menu")
+    _pick(d, "model", MODEL)
+    _wait_text(d, "model-status", f"base model: {MODEL} ", 30)

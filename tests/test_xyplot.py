@@ -14,7 +14,7 @@ from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
-from sdtune.xyplot import GAP, Axis, axes_from_specs, parse_axis, parse_values, xy_plot
+from sdtune.xyplot import GAP, Axis, _Cell, _runs, axes_from_specs, parse_axis, parse_values, xy_plot
 
 STEPS = 2
 
@@ -232,6 +232,14 @@ def test_parsing_and_errors(base, tmp_path):
     with pytest.raises(SdtuneError, match="no such file"):
         xy_plot(base, "x", parse_axis("loras=none|missing.safetensors"), steps=1, out_dir=tmp_path, progress=False)
     assert len(base.loras) == 0
+    # a seed range of 100,000 filled the machine's memory as one batch: a grid has a size limit, batches too
+    with pytest.raises(SdtuneError, match="100000 cells: a grid takes at most 2500"):
+        xy_plot(base, "x", parse_axis("seed=1-100000"), steps=1, out_dir=tmp_path / "big", progress=False)
+    assert [len(r) for r in _runs([_Cell(0, i, "x", "", i, 1, 7.5, "ddim", 1) for i in range(20)])] == [8, 8, 4]
+    with pytest.raises(SdtuneError, match=r"--name '../up': a file name stem"):
+        xy_plot(base, "x", Axis("seed", [1]), steps=1, out_dir=tmp_path, name="../up", progress=False)
+    with pytest.raises(SdtuneError, match="--cell 0: must be at least 8"):
+        xy_plot(base, "x", Axis("seed", [1]), steps=1, out_dir=tmp_path, cell=0, progress=False)
 
 
 def test_weights_shorthand(base, lora_files, tmp_path):

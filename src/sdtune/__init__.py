@@ -5,8 +5,11 @@
 
 __version__ = "0.1.0"
 
-# First: silences library import-time messages before diffusers/transformers are imported below.
-from .console import imports_without_gc  # noqa: E402, I001
+# First: silences library import-time messages before diffusers/transformers are imported below, and makes a
+# Ctrl-C during those imports one line for the command.
+from .console import imports_without_gc, quiet_interrupt_while_starting  # noqa: E402, I001
+
+quiet_interrupt_while_starting()
 
 with imports_without_gc():
     # Imported after the submodule `sdtune.generate` so that the name `generate` here is the function.

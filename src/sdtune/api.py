@@ -119,6 +119,9 @@ def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable:
 
 def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(), lora_dirs=(),
          embedding_dirs=(), allow_partial: bool = False) -> Base:
+    for folder in lora_dirs:  # as --embedding-dir is: a mistyped folder is said now, not at the first <lora:> tag
+        if not Path(folder).is_dir():
+            raise SdtuneError(f"{folder}: --lora-dir is not a folder; check the path")
     base = load_base(model, device=device, dtype=dtype)
     # named one by one, so one that cannot be used stops here rather than draw images without it
     add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .console import cli_warnings, imports_without_gc
+from .console import cli_warnings, imports_without_gc, restore_interrupt
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
@@ -369,6 +369,7 @@ def cmd_ui(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    restore_interrupt()  # a Ctrl-C from now on is a KeyboardInterrupt, caught below after cleanups ran
     cli_warnings()
     args = build_parser().parse_args(argv)
     try:

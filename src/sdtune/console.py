@@ -10,7 +10,29 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
+import signal
+import sys
 import warnings
+
+
+def quiet_interrupt_while_starting() -> None:
+    """For the ``sdtune`` command only: a Ctrl-C during the seconds torch and diffusers take to import says
+    ``sdtune: interrupted``, as one later does (``cli.main`` catches those), instead of a traceback through
+    the libraries' imports. ``cli.main`` puts Python's own handler back."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "sdtune" and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+def _interrupted(signum, frame) -> None:
+    sys.stderr.write("sdtune: interrupted\n")
+    os._exit(130)
+
+
+def restore_interrupt() -> None:
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ import functools
 import glob
 import importlib.util
 import json
+import math
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,8 +267,13 @@ def generate(
     if num_images < 1:
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     check_clip_skip(clip_skip)
+    if not math.isfinite(guidance):
+        raise SdtuneError(f"--guidance {guidance}: must be a finite number, e.g. 7.5")
+    if seed is not None and seed + num_images > 2**63:
+        raise SdtuneError(f"--seed {seed}: must be from -1 (random) to {2**63 - 1 - num_images}")
     if seed is None or seed < 0:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        # not torch's global generator: loading a built-in model seeds it, so every first "random" seed was equal
+        seed = secrets.randbelow(2**31 - 1)
     prompt_text, negative_text = prompt, negative_prompt  # as typed: the PNG must reproduce the image
     expand = getattr(getattr(base, "embeddings", None), "expand", None)
     if expand is not None:  # multi-vector embeddings become their sub-tokens

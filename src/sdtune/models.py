@@ -283,6 +283,14 @@ RANDOM_SPECS = {"sd15-random": (families.SD1, None), "sd1-random": (families.SD1
                 "sdxl-small-random": (families.SDXL, small_sdxl_configs)}
 
 
+def known_family(spec: str):
+    """The family of a built-in or random-init ``spec``, known without loading it; None for files, folders
+    and hub ids."""
+    if spec in TINY_SPECS:
+        return families.TINY_XL if TINY_SPECS[spec][0] else families.TINY
+    return RANDOM_SPECS[spec][0] if spec in RANDOM_SPECS else None
+
+
 def _load_random(spec: str, device, dtype) -> Base:
     family, make_configs = RANDOM_SPECS[spec]
     configs = make_configs() if make_configs else family.component_configs()

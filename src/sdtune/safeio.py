@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import tomllib
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,16 +58,40 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
             raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it")
+    what = _not_weights(path)
+    if what:
+        raise SdtuneError(f"{path}: {what}, not a weight file; give a .safetensors, .pt, .ckpt or .bin file"
+                          + ("; a PEFT adapter keeps its weights beside it, in adapter_model.safetensors"
+                             if path.name == "adapter_config.json" else ""))
     try:
-        obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are about torch, not the user's file
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e):  # the file holds objects beyond tensors; corrupt files differ
             raise SdtuneError(
                 f"{path}: this pickle holds Python objects beyond plain tensors, and sdtune refuses to unpickle "
                 f"it (it could run code); convert it to .safetensors with a tool you trust")
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = msg if len(msg) <= 120 else msg[:117] + "..."
         raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors/.pt file?")
     return obj, {}
+
+
+# the first bytes of files people pass by mistake (a pickle starts with 0x80, a torch zip with PK)
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"RIFF": "a WEBP image", b"GIF8": "a GIF image"}
+
+
+def _not_weights(path: Path) -> str | None:
+    """What ``path`` is when it cannot be weights (an image, a text file); None when it may be."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return what
+    if head and not head.startswith((b"\x80", b"PK")) and all(c in b"\t\n\r" or 32 <= c < 127 for c in head[:64]):
+        return "a text file" if not head.lstrip().startswith((b"{", b"[")) else "a JSON file"
+    return None
 
 
 def output_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
@@ -82,6 +107,9 @@ def output_folder(path: str | Path, option: str = "--out", create: bool = True) 
             path.mkdir(parents=True, exist_ok=True)
         except PermissionError:
             raise SdtuneError(f"{path}: no permission to create this folder; choose another {option}") from None
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):  # found before the work, not after
+        raise SdtuneError(f"{existing}: no permission to write in this folder; choose another {option}")
     return path
 
 
@@ -126,7 +154,14 @@ def atomic_folder(path: str | Path):
     os.umask(umask)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a model folder gets the usual permissions, as files do
+        # mkdtemp makes 0700, and safetensors writes its files 0600: a model folder and its files get the usual
+        # permissions, as single files do, so another account's A1111 or ComfyUI can read them
+        for sub, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(sub, d), 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(sub, f), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if path.exists():  # the old folder is moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
@@ -162,5 +197,9 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SdtuneError(f"{path}: no such {what} file; check the path") from None
+    except IsADirectoryError:
+        raise SdtuneError(f"{path}: is a folder, not a {what} file; give the .toml file") from None
+    except PermissionError:
+        raise SdtuneError(f"{path}: no permission to read this {what} file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None

@@ -6,10 +6,11 @@ repo's usual file name for that kind of adapter. Offline, a hub source fails wit
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, model_info
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .safeio import SdtuneError
@@ -52,9 +53,12 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[
     try:
         unet = float(named.get("unet", numbers[0] if numbers else default))
         te = named.get("te", numbers[1] if len(numbers) > 1 else None)
-        return src, unet if te is None else (unet, float(te))
+        te = None if te is None else float(te)
+        if not all(math.isfinite(w) for w in (unet, te) if w is not None):
+            raise ValueError
+        return src, unet if te is None else (unet, te)
     except ValueError:
-        raise SdtuneError(f"{spec}: a weight after ':' must be a number (FILE:0.8, FILE:0.8:0.5 for the UNet and "
+        raise SdtuneError(f"{spec}: a weight after ':' must be a finite number (FILE:0.8, FILE:0.8:0.5 for the UNet and "
                           f"the text encoders, or FILE:unet=0.8:te=0.5), e.g. {src}:0.8") from None
 
 
@@ -92,7 +96,27 @@ def resolve(source: str | Path, kind: str = "lora", search_dirs: tuple = ()) -> 
     return _download(repo, names, str(source))
 
 
+def _cached(repo: str, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or no cache): the hub decides
+            continue
+    return None
+
+
 def _download(repo: str, names: tuple[str, ...], source: str) -> Path:
+    cached = _cached(repo, names)
+    if cached is not None:
+        return cached
+    try:  # one request first: a file download retries an unreachable hub for half a minute, saying so each time
+        model_info(repo)
+    except RepositoryNotFoundError:
+        raise SdtuneError(f"{source}: no such local file and no hub repo {repo}; check the name") from None
+    except Exception as e:  # noqa: BLE001 - offline, DNS, proxy: all mean "cannot reach the hub"
+        raise SdtuneError(
+            f"{source}: not a local file, the model hub is unreachable ({type(e).__name__}) and it is not in the "
+            f"hub cache; download {repo}/{names[0]} elsewhere and pass its local path") from None
     last = None
     for name in names:
         try:

@@ -485,8 +485,13 @@ def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: 
         cell.blocks.update(lbws)
 
 
+BATCH = 8  # cells generated together at most: a seed range is one run of cells, and memory grows with the batch
+MAX_CELLS = 2500  # a 50 x 50 grid; the drawn grid alone of a larger one takes gigabytes
+
+
 def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
-    """Cells grouped into batches: same settings, seeds s, s+1, s+2, ... (generate seeds image i with s+i)."""
+    """Cells grouped into batches: same settings, seeds s, s+1, s+2, ... (generate seeds image i with s+i), at
+    most ``BATCH`` in one."""
     groups: dict[tuple, list[_Cell]] = {}
     for c in cells:
         groups.setdefault(c.group_key(), []).append(c)
@@ -495,7 +500,7 @@ def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
         members.sort(key=lambda c: c.seed)
         run = [members[0]]
         for c in members[1:]:
-            if c.seed == run[-1].seed + 1:
+            if c.seed == run[-1].seed + 1 and len(run) < BATCH:
                 run.append(c)
             else:
                 runs.append(run)
@@ -524,6 +529,14 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     """
     check_scheduler(scheduler)
     check_clip_skip(clip_skip)
+    cells = len(x.values) * (len(y.values) if y is not None else 1)
+    if cells > MAX_CELLS:
+        raise SdtuneError(f"{cells} cells: a grid takes at most {MAX_CELLS}; use fewer axis values (or several grids)")
+    if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+        raise SdtuneError(f"--name {name!r}: a file name stem of letters, digits, '_', '.' or '-' (no folders: "
+                          f"the grid goes in --out)")
+    if cell is not None and cell < 8:
+        raise SdtuneError(f"--cell {cell}: must be at least 8 (pixels)")
     if seed is None or seed < 0:
         raise SdtuneError(f"seed {seed}: an X/Y plot needs a fixed seed (0 or more) so cells are comparable")
     axes = [a for a in (x, y) if a is not None]

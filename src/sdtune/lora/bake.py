@@ -53,7 +53,7 @@ from accelerate import init_empty_weights
 
 from .. import ldm, models
 from ..families import Family
-from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors
+from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors, output_file, output_folder
 from . import blocks as block_weights
 from .formats import load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
@@ -95,6 +95,10 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
                           f"{out.with_suffix('.safetensors')} or a folder name")
     if fmt == "diffusers" and dtype is not None:
         raise SdtuneError("dtype is for single-file output; a diffusers folder is written in the dtype of its input")
+    if fmt == "diffusers":  # a file in the way, or no right to write there: said before the bake, not after
+        output_folder(out, create=False)
+    else:
+        output_file(out)
     pairs = []
     for i, entry in enumerate(loras):
         blocks = _blocks_of(entry)

@@ -40,7 +40,7 @@ import torch
 from .. import families
 from ..families import Family
 from ..ldm import unet_module_map
-from ..safeio import SdtuneError, atomic_save_safetensors, load_state
+from ..safeio import SdtuneError, atomic_save_safetensors, load_state, output_file
 from ..ti.formats import SDXL_KEYS, Embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
@@ -411,6 +411,15 @@ def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
 
 # ================================================================= writing
 
+def check_output(path: str | Path) -> Path:
+    """A LoRA output path, checked before any work: a ``.safetensors`` name (a .ckpt/.pt one would make other
+    tools unpickle it) where a file can be written."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
+    return output_file(path)
+
+
 def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,
               family: Family | None = None) -> None:
     """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically).
@@ -418,7 +427,7 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
     ``family`` (default: the one its layer widths point to, else SD 1.x) gives the kohya text-encoder prefixes
     (``lora_te_`` or ``lora_te1_``/``lora_te2_``), the UNet's naming and ``ss_base_model_version``.
     """
-    path = Path(path)
+    path = check_output(path)
     family = family or keys.guess_family(lora) or families.SD1
     if lora.unknown:
         raise SdtuneError(f"{path}: the LoRA has {len(lora.unknown)} keys sdtune could not read (e.g. "

@@ -19,7 +19,7 @@ from ..models import load_base
 from ..safeio import SdtuneError
 from . import blocks as block_weights
 from . import keys
-from .formats import load_lora, save_lora
+from .formats import check_output, load_lora, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from .patch import as_weights
 
@@ -133,6 +133,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     """
     if not specs:
         raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
+    check_output(out)
     if rank is not None and rank < 1:
         raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
     # a weight per component (the UNet's, the text encoders'), as a LoRA loaded with (unet_w, te_w) patches
@@ -230,7 +231,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
     if dynamic is None and rank is None:
         raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
-    if dynamic is not None and (dynamic not in DYNAMIC or param is None or param <= 0):
+    check_output(out)
+    if dynamic is not None and (dynamic not in DYNAMIC or param is None or not param > 0 or param == math.inf):
         raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
                           f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
     if dynamic in ("sv_fro", "sv_cumulative") and param > 1:
@@ -289,11 +291,12 @@ def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int,
     W_tuned − W_base to ``rank`` (``conv_rank`` for kernels above 1x1; default ``rank``). Layers whose largest
     difference is at most ``min_diff`` are left out. The text encoders only with ``text_encoder``."""
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise SdtuneError(f"{out}: --rank and --conv-rank must be 1 or more")
+        raise SdtuneError(f"--rank {rank} / --conv-rank {conv_rank}: must be 1 or more")
+    check_output(out)
     # fp32 on the CPU: the difference of two fp16 weights would lose the small changes a fine-tune makes
     base, tuned = (load_base(s, device="cpu", dtype="fp32") for s in (base_spec, tuned_spec))
     if base.family != tuned.family:
-        raise SdtuneError(f"{tuned_spec}: a {tuned.family.title} model, but {base_spec} is {base.family.title}; "
+        raise SdtuneError(f"{tuned_spec} is for {tuned.family.title}, {base_spec} for {base.family.title}; "
                           f"extract from two checkpoints of one family")
     comps = ["unet"] + ([te.component for te in base.family.text_encoders] if text_encoder else [])
     lora, reports = Lora(metadata={"ss_training_comment": f"sdtune lora extract: {Path(str(tuned_spec)).name} - "

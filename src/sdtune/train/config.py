@@ -315,6 +315,8 @@ def _coerce(cls, name: str, value, where: str):
             return value
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SdtuneError(f"{where}: {name} = {value} is not a finite number; fix the value")
             return float(value)
     elif typ is list:
         if isinstance(value, str):
@@ -388,7 +390,10 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     ``family``, the base model's ``Family`` or its name; with neither, the dataclass defaults), then the TOML
     file, then ``overrides``. The preset used is recorded in ``settings.preset``."""
     given = read_settings(toml_path, overrides, kind)
-    preset = presets.get(kind, given["preset"]) if given.get("preset") else presets.for_family(kind, family)
+    if "preset" in given:  # named in the file or a flag; "" names none (a run's settings.toml of a preset-less run)
+        preset = presets.get(kind, given["preset"]) if given["preset"] else None
+    else:
+        preset = presets.for_family(kind, family)
     values = dict(preset.values) if preset else {}
     if "validation_dir" in given and "validation_split" not in given:
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way

@@ -97,7 +97,7 @@ def _generate_tab(studio: Studio):
                 width = gr.Slider(0, 2048, 0, step=8, label="Width (0: model's)", elem_id="gen-width")
                 height = gr.Slider(0, 2048, 0, step=8, label="Height (0: model's)", elem_id="gen-height")
             with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
-                              "text-encoder (TE) weight follows the weight until you set it; block weights: a "
+                              "text-encoder (TE) weight takes each new weight (set it after the weight); block weights: a "
                               "preset or a comma vector as in <lora:name:w:lbw=...> (empty: none)", open=True):
                 slots = []
                 for i in range(LORA_SLOTS):
@@ -172,14 +172,9 @@ def _generate_tab(studio: Studio):
 
     drop.upload(reuse_dropped, drop, form + [params, status])
 
-    def refresh_lists():
-        loras = [""] + studio.lora_names()
-        return *[gr.update(choices=loras)] * LORA_SLOTS, gr.update(choices=[""] + studio.embedding_names())
-
-    refresh.click(refresh_lists, None, [s[0] for s in slots] + [emb])
     add_pos.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [prompt, emb], prompt)
     add_neg.click(lambda text, e: f"{text}, {e}".strip(", ") if e else text, [negative, emb], negative)
-    return form, pickers
+    return form, pickers, emb, refresh  # the page refreshes the lists (``build``)
 
 
 def _compare_tab(studio: Studio):
@@ -230,18 +225,21 @@ def _train_tab(studio: Studio):
     data_help = next(f.help for f in trainform.form_fields() if f.name == "data")
     first = "lora"
     comps = {}
+    initial = studio.form_values(first)  # the model's preset, as sdtune train starts from
 
     def component(f: trainform.FormField):
         kind_ = first if first in f.defaults else next(iter(f.defaults))
-        value = trainform.to_form(f, f.defaults[kind_])
+        value = initial[f.name] if f.name in initial else trainform.to_form(f, f.defaults[kind_])
         common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=f"train-{f.name}",
                       min_width=150)
         if f.typ is bool:
             return gr.Checkbox(value=bool(value), **common)
         if f.choices:
             return gr.Dropdown(list(f.choices), value=value, **common)
-        if f.typ in (int, float):
+        if f.typ in (int, float) and not trainform.text_field(f):
             return gr.Number(value=value, precision=0 if f.typ is int else None, **common)
+        if f.typ in (int, float):  # may be unset: text, empty for "unset"
+            return gr.Textbox(value=value, placeholder="unset", **common)
         if f.typ is list:
             return gr.Textbox(value=value, lines=2, **{**common, "info": (f.help + "; " if f.help else "") +
                                                        "one per line"})
@@ -267,7 +265,7 @@ def _train_tab(studio: Studio):
                     for f in fields:
                         if f.basic:
                             comps[f.name] = component(f)
-            with gr.Accordion("Advanced settings", open=False):
+            with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
                 with gr.Row(equal_height=True):
                     for f in fields:
                         if not f.basic:
@@ -306,19 +304,23 @@ def _train_tab(studio: Studio):
     comparison = gr.HTML(elem_id="train-comparison")  # the jobs side by side, when asked for
     report_shown = gr.State("")  # what the report panel shows (path and time), so the timer does not reload it
 
-    fields_by_name = {f.name: f for f in fields}
     names = list(comps)
 
-    def switch(k):
-        ups = []
-        for n in names:
-            f = fields_by_name[n]
-            differs = len({repr(v) for v in f.defaults.values()}) > 1
-            value = trainform.to_form(f, f.defaults[k]) if k in f.defaults and differs else gr.skip()
-            ups.append(gr.update(visible=k in f.defaults, value=value))
-        return ups
+    filled = [comps[n] for n in names] + [status]
 
-    kind.change(switch, kind, [comps[n] for n in names])
+    @_handler(len(filled))
+    def fill(k, preset="", keep=()):
+        """Every field of kind ``k`` at the preset's values (the model's own when none is named), the other
+        kind's hidden; ``keep``: fields left as the user set them. The status line is left as it is."""
+        values = studio.form_values(k, preset)
+        return *[gr.skip() if n in keep else
+                 gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
+                 for n in names], gr.skip()
+
+    kind.change(fill, kind, filled)
+    # naming a preset fills the form with its values, as --preset does on the command line (flags still win
+    # there; here, change a value after picking the preset)
+    comps["preset"].input(lambda k, p: fill(k, p, ("preset",)), [kind, comps["preset"]], filled)
 
     @_handler(3)
     def submit(k, nm, data, *values):
@@ -355,10 +357,14 @@ def _train_tab(studio: Studio):
             if what == "use":
                 return f"copied as {studio.use_result(name_)} into the LoRA / embedding folder; on the Generate " \
                     "tab, Refresh lists"
-            getattr(studio.jobs, what)(name_)
-            return f"job {name_}: {'stopped' if what == 'stop' else 'queued again; it resumes from its last save'}"
+            if what == "resume":
+                return studio.resume(name_)
+            studio.jobs.stop(name_)
+            return f"job {name_}: stopped"
         return run
 
+    # the jobs may have changed since the page was built (a reload, another tab)
+    job.focus(lambda: gr.update(choices=[j.name for j in studio.jobs.list()]), None, job, show_progress="hidden")
     stop.click(act("stop"), job, status)
     resume.click(act("resume"), job, status)
     use.click(act("use"), job, status)
@@ -413,6 +419,7 @@ def _train_tab(studio: Studio):
         return studio.embed_page(page, height=420), f"jobs compared in {page}"
 
     compare.click(compare_all, None, [comparison, status])
+    return lambda k: fill(k), kind, filled  # for the model menu: another model, its preset
 
 
 def _lora_tab(studio: Studio, pickers):
@@ -474,6 +481,7 @@ def _lora_tab(studio: Studio, pickers):
         return f"written: {studio.merge(s, new, f)}"
 
     merge_go.click(merge, [specs, merge_name, fmt], status, concurrency_id="model")
+    return name
 
 
 def _gallery_tab(studio: Studio, form, tabs):
@@ -528,18 +536,34 @@ def build(studio: Studio) -> gr.Blocks:
         def switch_model(choice):
             return f"base model: {studio.set_model(choice)} (training jobs started from now on use it too)"
 
-        model.change(switch_model, model, model_status, concurrency_id="model")
         model.focus(lambda: gr.update(choices=studio.model_choices()), None, model, show_progress="hidden")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                form, gen_pickers = _generate_tab(studio)
+                form, gen_pickers, gen_emb, gen_refresh = _generate_tab(studio)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 cmp_loras, cmp_sweep = _compare_tab(studio)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                _train_tab(studio)
+                refill_train, train_kind, train_form = _train_tab(studio)
             with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
-                _lora_tab(studio, gen_pickers + [cmp_loras, cmp_sweep])
+                lora_name = _lora_tab(studio, gen_pickers + [cmp_loras, cmp_sweep])
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
                 find, query, found = _gallery_tab(studio, form, tabs)
         gallery_tab.select(find, query, found)
+        # another model: its training preset fills the Train form
+        model.change(switch_model, model, model_status, concurrency_id="model").then(refill_train, train_kind,
+                                                                                      train_form)
+
+        def lists():
+            """Every LoRA and embedding list as the folders hold them now (files added by hand, by Use the result
+            or on another tab), on each Refresh lists and each load of the page."""
+            names = studio.lora_names()
+            return (*[gr.update(choices=[""] + names)] * len(gen_pickers), gr.update(choices=names),
+                    gr.update(choices=[""] + names), gr.update(choices=names),
+                    gr.update(choices=[""] + studio.embedding_names()))
+
+        listed = [*gen_pickers, cmp_loras, cmp_sweep, lora_name, gen_emb]
+        gen_refresh.click(lists, None, listed)
+        # a reloaded page shows the server's state: the model in use (shared by every page) and the lists
+        app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists()), None,
+                 [model, *listed])
     return app

@@ -35,8 +35,9 @@ QUEUE_PAGE = "queue.html"  # what ``sdtune train queue`` writes after each of it
 # the line ``sdtune train queue`` prints as each run starts: "sdtune train queue: 2/3 lora-lr-0.001 (lora, ...)"
 QUEUE_RUN = re.compile(r"^sdtune train queue: (\d+)/(\d+) (\S+) \(")
 STATES = ("queued", "running", "done", "failed", "stopped")
-# a tqdm progress line: "train lora:  30%|###   | 3/10 [00:01<00:02, 2.9step/s, loss=0.1234, lr=1.00e-04]"
-PROGRESS = re.compile(r"(\d+)/(\d+) \[([^\]]*)\]")
+# the training bar's line: "train lora:  30%|###   | 3/10 [00:01<00:02, 2.9step/s, loss=0.1234, lr=1.00e-04]"
+# (not the other bars, such as "encoding images 5/5", which are not steps)
+PROGRESS = re.compile(r"train [\w-]+:[^\r\n]*?(\d+)/(\d+) \[([^\]]*)\]")
 LOSS = re.compile(r"loss=([-+0-9.eE]+|nan|inf)")
 
 

@@ -28,11 +28,12 @@ from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import load_base
+from ..models import known_family, load_base
 from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
+from ..train.loop import STATE_FILE
 from . import trainform
 from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
@@ -115,6 +116,23 @@ class Studio:
             raise Refused(f"{choice}: not a model in the model folder ({self.folders.models}); pick one "
                           f"from the list")
         return str(path.resolve())
+
+    def model_choice(self) -> str:
+        """The menu's name of the model in use (a model-dir file by its name in the folder, not its full path)."""
+        for choice in self.model_choices():
+            try:
+                if self.model_spec(choice) == self.model:
+                    return choice
+            except SdtuneError:
+                continue
+        return self.model
+
+    def form_values(self, kind: str, preset: str = "") -> dict:
+        """The Train form's values for ``kind``: the named preset's, else the model's own preset (by its family
+        when it is loaded, else the built-in models' by their name), as ``sdtune train`` starts from. A model
+        file not loaded yet shows the plain defaults, and its jobs name no preset."""
+        family = self._base.family if self._base is not None else known_family(self.model)
+        return trainform.preset_values(kind, family, preset)
 
     def set_model(self, choice: str) -> str:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
@@ -262,7 +280,28 @@ class Studio:
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
+        self._take_loras(p, form)
+        if p.get("Model") and p["Model"] not in (self.model_choice(), Path(self.model).name):
+            form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
         return form
+
+    def _take_loras(self, p: dict, form: dict) -> None:
+        """LoRAs an image names only in its ``Lora weights`` (a grid's cells load theirs as adapters, not as
+        prompt tags) go into the prompt as tags when the LoRA folder has them; the others are named as not
+        applied. Entries of tags (``<lora:name>=w``) are in the prompt already."""
+        tags, missing = [], []
+        for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
+            name, _, weights = item.partition("=")
+            if name.startswith("<lora:"):
+                continue
+            if name in self.lora_names() and weights:
+                tags.append(f"<lora:{name}:{weights}>")
+            else:
+                missing.append(name)
+        if tags:
+            form["prompt"] = ", ".join([form["prompt"], *tags]) if form["prompt"] else ", ".join(tags)
+        if missing:
+            form["not_applied"].append(f"LoRA {', '.join(missing)} (not in the LoRA folder)")
 
     # ---------------------------------------------------------------- Compare
 
@@ -306,13 +345,18 @@ class Studio:
         folder = grids / time.strftime("%Y%m%d-%H%M%S")
         while folder.exists():
             folder = folder.with_name(folder.name + "-1")
-        with self.model_in_use() as (base, notes):
-            grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
-                                  steps=int(steps), guidance=float(cfg), scheduler=sampler,
-                                  clip_skip=int(clip_skip), width=int(width) or None,
-                                  height=int(height) or None, loras=list(files.values()),
-                                  lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
-                                  out_dir=folder, cell=int(cell), progress=False)
+        try:
+            with self.model_in_use() as (base, notes):
+                grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
+                                      steps=int(steps), guidance=float(cfg), scheduler=sampler,
+                                      clip_skip=int(clip_skip), width=int(width) or None,
+                                      height=int(height) or None, loras=list(files.values()),
+                                      lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
+                                      out_dir=folder, cell=int(cell), progress=False)
+        except BaseException:
+            if folder.is_dir() and not any(folder.iterdir()):  # refused before a cell: no empty grid folder
+                folder.rmdir()
+            raise
         parts = sorted(folder.iterdir())
         return grid, [grid] + [p for p in parts if p != grid], notes
 
@@ -326,7 +370,7 @@ class Studio:
     def inspect(self, name: str | None = None, upload: str | None = None) -> tuple[str, dict]:
         path = self.lora_source(name, upload)
         info = lora_inspect.describe(path)  # reads through safeio.load_state: no code in a pickle runs
-        info["file"] = name or Path(upload).name
+        info["file"] = Path(upload).name if upload else name  # the file read: an upload wins, as in lora_source
         return lora_inspect.render(info), info
 
     def _new_file(self, kind: str, name: str, suffix: str = ".safetensors", under: str = "") -> Path:
@@ -498,6 +542,15 @@ class Studio:
         while f"{kind}-{n:03d}" in self.jobs.jobs or (self.jobs.root / f"{kind}-{n:03d}").exists():
             n += 1
         return f"{kind}-{n:03d}"
+
+    def resume(self, name: str) -> str:
+        """Queue a stopped or failed job again; says where it will start."""
+        self.jobs.resume(name)
+        job = self.jobs.get(name)
+        if job.kind == QUEUE or (Path(job.folder) / STATE_FILE).is_file():
+            return f"job {name}: queued again; it resumes from its last save"
+        return f"job {name}: queued again; it saved nothing before it stopped, so it starts over (a save every " \
+               f"N steps keeps what a stopped run learned)"
 
     def job_view(self, name: str) -> dict:
         job = self.jobs.get(name)

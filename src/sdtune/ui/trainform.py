@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass
 
 from ..safeio import SdtuneError
-from ..train import config
+from ..train import config, presets
 from ..train.config import KINDS, load_settings, setting_type
 
 # set by the UI itself: where the job writes, which model, progress for the live view
@@ -24,7 +24,8 @@ MANAGED = ("out", "model", "progress", "resume")
 BASIC = ("data", "token", "init_token", "name", "steps", "lr", "batch_size", "rank", "alpha", "targets",
          "text_encoder", "num_vectors", "sample_every", "sample_prompts", "save_every", "seed")
 # settings whose allowed values config.py names as a constant
-CHOICES = {"lr_scheduler": config.SCHEDULES, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS}
+CHOICES = {"lr_scheduler": config.SCHEDULES, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
+           "preset": ("", *dict.fromkeys(name for table in presets.PRESETS.values() for name in table))}
 
 
 @dataclass
@@ -77,12 +78,18 @@ def form_fields() -> list[FormField]:
     return list(out.values())
 
 
+def text_field(field: FormField) -> bool:
+    """Whether the form shows the setting as text: strings, lists, and numbers that may be unset (te_lr), since
+    a number box cannot be empty (the browser sends an emptied one back as 0, which would train at lr 0)."""
+    return field.typ in (str, list) or (field.nullable and field.typ in (int, float))
+
+
 def to_form(field: FormField, value):
     """A setting's value as the form shows it (lists one item per line, None empty)."""
     if field.typ is list:
         return "\n".join(value or [])
-    if value is None:
-        return "" if field.typ is str else None
+    if text_field(field):
+        return "" if value is None else str(value)
     return value
 
 
@@ -94,20 +101,34 @@ def from_form(field: FormField, value):
         return bool(value)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if field.typ is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise SdtuneError(f"{field.label}: {value} is not a whole number")
-        return int(value)
-    if field.typ is float:
-        return float(value)
+    if field.typ in (int, float):
+        try:
+            number = float(value)
+        except ValueError:
+            raise SdtuneError(f"{field.label}: {value!r} is not a number") from None
+        if field.typ is int:
+            if not number.is_integer():
+                raise SdtuneError(f"{field.label}: {value} is not a whole number")
+            return int(number)
+        return number
     return str(value)
 
 
+def preset_values(kind: str, family=None, preset: str = "") -> dict:
+    """The form's values for ``kind``, by field name: what a run starts from, as ``sdtune train`` does (the
+    named preset, else the one of ``family`` (a Family or its name), else the defaults)."""
+    settings = load_settings(None, {"preset": preset} if preset else {}, kind=kind, family=family)
+    fields = {f.name: f for f in form_fields()}
+    return {name: to_form(fields[name], v) for name, v in settings.to_dict().items() if name in fields}
+
+
 def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
-    """Checked settings of ``kind`` from the form's values (settings of the other kind are ignored)."""
+    """Checked settings of ``kind`` from the form's values (settings of the other kind are ignored). The form
+    shows a preset's values (``preset_values``), so they are all given; its preset names them in the record."""
     names = {f.name for f in dataclasses.fields(KINDS[kind])}
     fields = {f.name: f for f in form_fields()}
     overrides = {k: from_form(fields[k], v) for k, v in values.items() if k in names and k in fields}
+    overrides["preset"] = overrides.get("preset") or ""  # none named: none (not the model's, unseen here)
     overrides.update(data=data, out=out, model=model, progress=True, resume=True)
     settings = load_settings(None, overrides, kind=kind)
     settings.check()

@@ -1,0 +1,127 @@
+"""Bad input through the real entry points: one line naming the file (or flag) and the fix, before the work,
+nothing lost, no library noise. Each case here was once a traceback, a silent wrong result or a wait."""
+
+import os
+import pickle
+import shutil
+import signal
+import stat
+import subprocess
+import time
+import warnings
+
+import pytest
+import torch
+
+from sdtune import safeio
+from sdtune.cli import main
+from sdtune.lora.formats import save_lora
+from sdtune.lora.neutral import Adapter, Lora
+from sdtune.safeio import SdtuneError, load_state, output_folder
+
+
+@pytest.fixture(scope="module")
+def lora_file(base, tmp_path_factory):
+    """A small LoRA on the UNet's first attention projection."""
+    path = next(p for p, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear) and "attn1.to_q" in p)
+    out_f, in_f = base.unet.get_submodule(path).weight.shape
+    g = torch.Generator().manual_seed(0)
+    lora = Lora(format="test")
+    lora.modules["unet"][path] = Adapter("lora", {"down": torch.randn(2, in_f, generator=g),
+                                                  "up": torch.randn(out_f, 2, generator=g)}, 2.0)
+    file = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    save_lora(lora, file)
+    return file
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    exe = shutil.which("sdtune")
+    if exe is None:
+        pytest.skip("the sdtune command is not installed (pip install -e .)")
+    proc = subprocess.Popen([exe, "inspect", "nothing.safetensors"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.7)  # inside torch's and diffusers' imports, which take seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 2), err  # 2: the command had already finished (a very fast machine)
+    assert "Traceback" not in err and err.strip() in ("sdtune: interrupted",
+                                                      "sdtune: error: nothing.safetensors: no such file; check the path")
+
+
+def test_files_that_are_not_weights_say_what_they_are(tmp_path):
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(SdtuneError, match=r"photo.png: a PNG image, not a weight file; give a .safetensors"):
+        load_state(png)
+    config = tmp_path / "adapter_config.json"
+    config.write_text('{"r": 4, "lora_alpha": 4}')
+    with pytest.raises(SdtuneError, match=r"a JSON file, not a weight file.*adapter_model.safetensors"):
+        load_state(config)
+    # a pickle with code is refused as before, whatever its protocol, and torch's note on protocols stays quiet
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"w": Evil()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SdtuneError, match="refuses to unpickle"):
+            load_state(evil)
+    assert not caught and not marker.exists()
+
+
+def test_outputs_where_nothing_can_be_written_stop_before_the_work(tmp_path, lora_file, capsys, monkeypatch):
+    plain = tmp_path / "plainfile"
+    plain.write_text("data")
+    assert main(["merge", "--model", "tiny-random", "--lora", str(lora_file), "--out", str(plain)]) == 2
+    assert "plainfile: is a file, not a folder" in _error(capsys) and plain.read_text() == "data"
+    for out in ("out.ckpt", "out.pt"):  # other tools would unpickle a file so named
+        assert main(["convert", str(lora_file), str(tmp_path / out), "--to", "diffusers"]) == 2
+        assert "sdtune writes LoRAs as .safetensors files; use" in _error(capsys)
+        assert main(["lora", "resize", str(lora_file), "--rank", "1", "--out", str(tmp_path / out)]) == 2
+        assert "sdtune writes LoRAs as .safetensors files" in _error(capsys) and not (tmp_path / out).exists()
+    # a folder that exists but cannot be written (root writes anywhere, so the check is made to fail)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(safeio.os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with pytest.raises(SdtuneError, match=r"ro: no permission to write in this folder; choose another --out"):
+        output_folder(ro)
+    with pytest.raises(SdtuneError, match="no permission to write"):
+        output_folder(ro / "sub", create=False)
+
+
+def test_settings_and_weights_that_cannot_work(tmp_path, lora_file, capsys):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert main(["train", "lora", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config",
+                 str(folder)]) == 2
+    assert "configs: is a folder, not a config file; give the .toml file" in _error(capsys)
+    assert main(["train", "lora", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--lr", "inf"]) == 2
+    assert "--lr: lr = inf is not a finite number" in _error(capsys)
+    assert main(["lora", "merge", f"{lora_file}:nan", "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "must be a finite number" in _error(capsys) and not (tmp_path / "m.safetensors").exists()
+    assert main(["lora", "resize", str(lora_file), "--dynamic", "sv_fro", "--param", "nan",
+                 "--out", str(tmp_path / "r.safetensors")]) == 2
+    assert "--dynamic takes one of" in _error(capsys)
+    assert main(["generate", "--prompt", "x", "--lora-dir", str(tmp_path / "nodir"), "--steps", "1",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "nodir: --lora-dir is not a folder" in _error(capsys)
+
+
+def test_a_merged_model_folder_is_readable_by_others(tmp_path, lora_file):
+    """safetensors writes 0600 files; a merged diffusers folder's files get the umask's permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert main(["merge", "--model", "tiny-random", "--lora", f"{lora_file}:0.5", "--out", str(tmp_path / "m")]) == 0
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
