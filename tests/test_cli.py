@@ -68,7 +68,7 @@ def pixels(path) -> np.ndarray:
     (["--model", "tiny-random", "--width", "63"], "multiple of 8"),
     (["--model", "tiny-random", "--device", "cuda"], "use --device cpu"),
     (["--model", "tiny-random", "--dtype", "fp8"], "unknown dtype 'fp8'"),
-    (["--model", "tiny-random", "--lora", "style.safetensors:heavy"], "must be a number"),
+    (["--model", "tiny-random", "--lora", "style.safetensors:heavy"], "must be a finite number"),
 ])
 def test_generate_errors_are_one_line(tmp_path, args, words):
     r = run_cli("generate", "--prompt", "x", "--steps", "1", "--out", tmp_path, *args)

@@ -320,7 +320,7 @@ def test_folder_merge_errors_leave_nothing_behind(base_folder, sharded_folder, l
     with pytest.raises(SdtuneError, match="not a diffusers model folder"):
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "taken")
     (tmp_path / "file").write_text("mine")
-    with pytest.raises(SdtuneError, match="not a diffusers model folder"):
+    with pytest.raises(SdtuneError, match="file: is a file, not a folder"):  # said before the bake
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "file")
     with pytest.raises(SdtuneError, match="dtype is for single-file output"):
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "x", dtype="fp16")

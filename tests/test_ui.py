@@ -186,8 +186,10 @@ def test_an_unchanged_form_trains_as_the_cli_does(tmp_path):
 
 
 def test_bad_form_values_are_refused_before_a_job_starts(tmp_path):
-    with pytest.raises(SdtuneError, match="--rank 0: must be at least 1"):
+    with pytest.raises(SdtuneError, match="^rank 0: must be at least 1"):  # the field's name, not the flag's
         trainform.settings_for("lora", {"rank": 0}, data=str(tmp_path), out="o", model="tiny")
+    with pytest.raises(SdtuneError, match="^steps 0 and epochs 0: give one of them"):
+        trainform.settings_for("lora", {"steps": 0}, data=str(tmp_path), out="o", model="tiny")
     with pytest.raises(SdtuneError, match="no token"):
         trainform.settings_for("ti", {}, data=str(tmp_path), out="o", model="tiny")
     with pytest.raises(SdtuneError, match="not a whole number"):
@@ -466,6 +468,13 @@ def test_compare_makes_a_grid_with_its_parts(studio):
         studio.compare("a red star", x="seed=1,2", loras=["broken"], steps=1)
     assert set((studio.folders.out / "grids").iterdir()) == before  # no empty folder left for the refused grid
     (studio.folders.loras / "broken.safetensors").unlink()
+    # the grid's progress counts the denoising steps of all its batches; Cancel stops it as it stops Generate
+    seen = []
+    studio.compare("a red star", x="seed=1,2", y="cfg=3,7", steps=2, on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # two batches (one per cfg) of two seeds, 2 steps each
+    with pytest.raises(SdtuneError, match=r"grid cancelled at step 2 of 4; nothing was saved"):
+        studio.compare("a red star", x="seed=1,2", y="cfg=3,7", steps=2, on_step=lambda d, t: studio.cancel())
+    assert len(set((studio.folders.out / "grids").iterdir())) == len(before) + 1  # only the finished grid
 
 
 def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):

@@ -311,7 +311,7 @@ def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     assert _value(d, "gen-negative") == "blurry"
     assert (_value(d, "gen-seed"), _value(d, "gen-steps"), _value(d, "gen-cfg")) == ("1234", "3", "6")
     assert _value(d, "gen-clip-skip") == "2"
-    assert _value(d, "gen-sampler") == "euler_a" and _value(d, "gen-lora-0") == ""
+    assert _value(d, "gen-sampler") == "Euler a" and _value(d, "gen-lora-0") == ""  # A1111's name for euler_a
     d.find_element(By.ID, "gen-go").click()  # the typed tag works like the picker
     _wait_text(d, "gen-status", r"1 image\(s\) in")
     params = parse_infotext(_value(d, "gen-params"))

@@ -519,13 +519,14 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
             width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
             allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
-            progress: bool = True) -> Path:
+            progress: bool = True, on_step=None) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
     ``loras``: "FILE[:W][:lbw=…]" specs loaded for the plot (named by file stem; usable by name in axis values;
     fixed at W, with those block weights, unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
-    otherwise such a LoRA is refused.
+    otherwise such a LoRA is refused. ``on_step(done, total)``: after each denoising step of all the cells'
+    batches together; an exception it raises stops the plot, which then saves nothing.
     """
     check_scheduler(scheduler)
     check_clip_skip(clip_skip)
@@ -577,7 +578,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                     if a is not None:
                         _apply_value(cell_, a, i, adapters, targets)
                 cells.append(cell_)
-        results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress)
+        results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress, on_step)
     finally:
         adapters.restore()
 
@@ -620,20 +621,23 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
 
 
 def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, allow_partial: bool,
-            progress: bool):
+            progress: bool, on_step=None):
     out = []
     runs = _runs(cells)
     runs.sort(key=lambda run: run[0].adapter_key())
+    total, done = sum(run[0].steps for run in runs), 0  # denoising steps of all batches
     with tqdm(total=len(cells), desc="grid", unit="img", disable=not progress, leave=False) as bar:
         for run in runs:
             c0 = run[0]
             adapters.apply(c0.loras, set(c0.tokens), c0.blocks)
+            step = None if on_step is None else (lambda d, _, before=done: on_step(before + d, total))
             res = api.generate(base, c0.prompt, negative_prompt=c0.negative_prompt, steps=c0.steps,
                                guidance=c0.guidance, seed=c0.seed, scheduler=c0.scheduler,
                                clip_skip=c0.clip_skip, width=width,
                                height=height, num_images=len(run), batch_size=len(run), progress=False,
-                               lora_dirs=lora_dirs, embedding_dirs=(), allow_partial=allow_partial)
+                               lora_dirs=lora_dirs, embedding_dirs=(), allow_partial=allow_partial, on_step=step)
             out.extend(zip(run, res))
+            done += c0.steps
             bar.update(len(run))
     out.sort(key=lambda cr: (cr[0].row, cr[0].col))
     return out

@@ -414,10 +414,10 @@ def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
 def check_output(path: str | Path) -> Path:
     """A LoRA output path, checked before any work: a ``.safetensors`` name (a .ckpt/.pt one would make other
     tools unpickle it) where a file can be written."""
-    path = Path(path)
+    path = output_file(path)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
-    return output_file(path)
+    return path
 
 
 def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,

@@ -20,6 +20,7 @@ from ..safeio import SdtuneError
 from . import trainform
 from .studio import Studio
 
+SAMPLERS = [(a1111, name) for name, (_, _, a1111) in SCHEDULERS.items()]  # shown as A1111 names them ("Euler a")
 LORA_SLOTS = 4  # LoRA pickers on the Generate tab (Fooocus shows 5, A1111 users type tags for more)
 GEN_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height", "clip_skip")
 CSS = """
@@ -87,7 +88,7 @@ def _generate_tab(studio: Studio):
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="gen-sampler")
+                sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler", elem_id="gen-sampler")
                 steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="gen-steps")
                 cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
                 clip_skip = gr.Slider(1, 12, 1, step=1, label="Clip skip", elem_id="gen-clip-skip")
@@ -192,7 +193,7 @@ def _compare_tab(studio: Studio):
                 sweep = gr.Dropdown([""] + studio.lora_names(), value="", label="weight axis sweeps",
                                     elem_id="cmp-sweep", scale=2)
             with gr.Row():
-                sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler", elem_id="cmp-sampler")
+                sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler", elem_id="cmp-sampler")
                 steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="cmp-steps")
                 cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="cmp-cfg")
                 seed = gr.Number(1, label="Seed", precision=0, elem_id="cmp-seed")
@@ -201,7 +202,9 @@ def _compare_tab(studio: Studio):
                 width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="cmp-width")
                 height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="cmp-height")
                 cell = gr.Slider(32, 512, 128, step=8, label="Cell width in the grid", elem_id="cmp-cell")
-            go = gr.Button("Make the grid", variant="primary", elem_id="cmp-go")
+            with gr.Row():
+                go = gr.Button("Make the grid", variant="primary", elem_id="cmp-go", scale=3)
+                cancel = gr.Button("Cancel", variant="stop", size="sm", elem_id="cmp-cancel", scale=1)
             status = _status("cmp-status")
         with gr.Column(scale=3):
             grid = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="cmp-grid")
@@ -209,14 +212,18 @@ def _compare_tab(studio: Studio):
                             elem_id="cmp-files")
 
     @_handler(3)
-    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, cs, w, h, cl):
+    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, cs, w, h, cl, progress=gr.Progress()):
         path, parts, notes = studio.compare(p, n, x=xs or "", y=ys or "", loras=picked or [], sweep=sw, steps=st,
-                                            cfg=c, seed=sd, clip_skip=cs, sampler=smp, width=w, height=h, cell=cl)
+                                            cfg=c, seed=sd, clip_skip=cs, sampler=smp, width=w, height=h, cell=cl,
+                                            on_step=lambda done, total: progress((done, total), desc="grid",
+                                                                                 unit="steps"))
         return str(path), [str(q) for q in parts], f"grid and {len(parts) - 1} parts in {path.parent}" + \
             "".join(f"\n\n⚠️ {m}" for m in notes)
 
     go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, clip_skip, width, height, cell],
              [grid, files, status], concurrency_id="model")
+    cancel.click(lambda: None if studio.cancel() else gr.Info("no grid to cancel"), None, None, queue=False,
+                 show_progress="hidden")
     return loras, sweep
 
 

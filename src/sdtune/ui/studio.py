@@ -224,6 +224,26 @@ class Studio:
                 self._cancel.set()
             return self._generating > 0
 
+    @contextmanager
+    def _cancellable(self, what: str, on_step=None):
+        """Counts a generation or grid as running (so that ``cancel`` reaches it, even while it waits for the
+        model) and yields its ``on_step``, which stops it with ``Cancelled`` once cancelled."""
+        def step(done: int, total: int) -> None:
+            if self._cancel.is_set():
+                raise Cancelled(f"{what} cancelled at step {done} of {total}; nothing was saved")
+            if on_step is not None:
+                on_step(done, total)
+
+        with self._counting:
+            self._generating += 1
+        try:
+            yield step
+        finally:
+            with self._counting:
+                self._generating -= 1
+                if not self._generating:
+                    self._cancel.clear()
+
     def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
                  cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
                  clip_skip: int = 1, picks=(), on_step=None) -> tuple[list[tuple[Path, str]], list[str]]:
@@ -232,26 +252,13 @@ class Studio:
         full = self.with_loras(prompt, picks)
         self.check_prompt(full, negative)
 
-        def step(done: int, total: int) -> None:
-            if self._cancel.is_set():
-                raise Cancelled(f"generation cancelled at step {done} of {total}; nothing was saved")
-            if on_step is not None:
-                on_step(done, total)
-
-        with self._counting:
-            self._generating += 1
-        try:
-            with self.model_in_use() as (base, notes):
-                results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
-                                       guidance=float(cfg), seed=int(seed), scheduler=sampler,
-                                       clip_skip=int(clip_skip), width=int(width) or None, height=int(height) or None, num_images=int(count),
-                                       progress=False, lora_dirs=(self.folders.loras,),
-                                       embedding_dirs=(self.folders.embeddings,), on_step=step)
-        finally:
-            with self._counting:
-                self._generating -= 1
-                if not self._generating:
-                    self._cancel.clear()
+        with self._cancellable("generation", on_step) as step, self.model_in_use() as (base, notes):
+            results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
+                                   guidance=float(cfg), seed=int(seed), scheduler=sampler,
+                                   clip_skip=int(clip_skip), width=int(width) or None,
+                                   height=int(height) or None, num_images=int(count),
+                                   progress=False, lora_dirs=(self.folders.loras,),
+                                   embedding_dirs=(self.folders.embeddings,), on_step=step)
         paths = save_batch(results, self.folders.out / "generate")
         return [(p, r.infotext) for p, r in zip(paths, results)], notes
 
@@ -321,9 +328,9 @@ class Studio:
 
     def compare(self, prompt: str, negative: str = "", *, x: str = "", y: str = "", loras=(), sweep: str = "",
                 steps: int = 20, cfg: float = 7.5, seed: int = 1, sampler: str = "ddim", clip_skip: int = 1,
-                width: int = 0,
-                height: int = 0, cell: int = 128) -> tuple[Path, list[Path], list[str]]:
-        """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON)."""
+                width: int = 0, height: int = 0, cell: int = 128, on_step=None) -> tuple[Path, list[Path], list[str]]:
+        """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON).
+        ``on_step(done, total)`` follows the denoising steps; ``cancel()`` stops it as it stops a generation."""
         x_axis, y_axis = xyplot.axes_from_specs(x.strip() or None, y.strip() or None, sweep=sweep or None)
         axes = [a for a in (y_axis, x_axis) if a is not None]
         files = {Path(n).name: str(self.adapter_file("loras", n)) for n in loras if n}
@@ -346,13 +353,13 @@ class Studio:
         while folder.exists():
             folder = folder.with_name(folder.name + "-1")
         try:
-            with self.model_in_use() as (base, notes):
+            with self._cancellable("grid", on_step) as step, self.model_in_use() as (base, notes):
                 grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
                                       steps=int(steps), guidance=float(cfg), scheduler=sampler,
                                       clip_skip=int(clip_skip), width=int(width) or None,
                                       height=int(height) or None, loras=list(files.values()),
                                       lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
-                                      out_dir=folder, cell=int(cell), progress=False)
+                                      out_dir=folder, cell=int(cell), progress=False, on_step=step)
         except BaseException:
             if folder.is_dir() and not any(folder.iterdir()):  # refused before a cell: no empty grid folder
                 folder.rmdir()

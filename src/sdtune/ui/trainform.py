@@ -130,8 +130,12 @@ def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
     overrides = {k: from_form(fields[k], v) for k, v in values.items() if k in names and k in fields}
     overrides["preset"] = overrides.get("preset") or ""  # none named: none (not the model's, unseen here)
     overrides.update(data=data, out=out, model=model, progress=True, resume=True)
-    settings = load_settings(None, overrides, kind=kind)
-    settings.check()
+    try:
+        settings = load_settings(None, overrides, kind=kind)
+        settings.check()
+    except SdtuneError as e:  # the form's fields are named as its labels are, not as flags: "--lr" -> "lr"
+        raise SdtuneError(re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "),
+                                 str(e))) from None
     return settings
 
 
