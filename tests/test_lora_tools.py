@@ -228,6 +228,12 @@ def test_lokr_resize_takes_the_svd_from_the_kronecker_factors(tmp_path, scale_si
         report = next(r for r in reports if r.path == p)
         assert report.rank == 5 and report.fro == pytest.approx(float((s[:5].square().sum() / s.square().sum()).sqrt()))
     assert small.modules["unet"]["conv"].tensors["down"].shape[2:] == (3, 3)
+    # merging one LoKr takes the same route (a weight of -0.5 included): exact, every singular value kept
+    mix, _ = tools.merge_loras([(str(src), -0.5)], tmp_path / "m.safetensors")
+    for p, ad in load_lora(src).modules["unet"].items():
+        want = -0.5 * ad.delta(ad.io()[:2]).double()
+        got = mix.modules["unet"][p].delta(mix.modules["unet"][p].io()[:2]).double()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
 def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):

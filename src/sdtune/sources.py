@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, model_info
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 from .safeio import SdtuneError
 
@@ -105,6 +105,15 @@ def _cached(repo: str, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _unreachable(source: str, repo: str, name: str, e: Exception) -> SdtuneError:
+    return SdtuneError(f"{source}: not a local file, the model hub is unreachable ({type(e).__name__}) and it is "
+                       f"not in the hub cache; download {repo}/{name} elsewhere and pass its local path")
+
+
+def _no_repo(source: str, repo: str) -> SdtuneError:
+    return SdtuneError(f"{source}: no such local file and no hub repo {repo}; check the name")
+
+
 def _download(repo: str, names: tuple[str, ...], source: str) -> Path:
     cached = _cached(repo, names)
     if cached is not None:
@@ -112,27 +121,18 @@ def _download(repo: str, names: tuple[str, ...], source: str) -> Path:
     try:  # one request first: a file download retries an unreachable hub for half a minute, saying so each time
         model_info(repo)
     except RepositoryNotFoundError:
-        raise SdtuneError(f"{source}: no such local file and no hub repo {repo}; check the name") from None
+        raise _no_repo(source, repo) from None
     except Exception as e:  # noqa: BLE001 - offline, DNS, proxy: all mean "cannot reach the hub"
-        raise SdtuneError(
-            f"{source}: not a local file, the model hub is unreachable ({type(e).__name__}) and it is not in the "
-            f"hub cache; download {repo}/{names[0]} elsewhere and pass its local path") from None
+        raise _unreachable(source, repo, names[0], e) from None
     last = None
     for name in names:
         try:
             return Path(hf_hub_download(repo, name))
-        except LocalEntryNotFoundError:  # offline and not cached
-            raise SdtuneError(
-                f"{source}: not a local file, the model hub is unreachable and it is not in the hub cache; "
-                f"download {repo}/{name} elsewhere and pass its local path") from None
         except EntryNotFoundError as e:
             last = e
-            continue
         except RepositoryNotFoundError:
-            raise SdtuneError(f"{source}: no such local file and no hub repo {repo}; check the name") from None
-        except Exception as e:  # noqa: BLE001 - offline, DNS, proxy: all mean "cannot reach the hub"
-            raise SdtuneError(
-                f"{source}: not a local file, and the model hub is unreachable ({type(e).__name__}); "
-                f"download {repo}/{name} elsewhere and pass its local path") from None
+            raise _no_repo(source, repo) from None
+        except Exception as e:  # noqa: BLE001 - offline (not cached), DNS, proxy: "cannot reach the hub"
+            raise _unreachable(source, repo, name, e) from None
     raise SdtuneError(f"{source}: hub repo {repo} has none of {', '.join(names)}; name the file: {repo}/FILE "
                       f"({last})")

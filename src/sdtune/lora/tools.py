@@ -73,6 +73,18 @@ def _svd_kron(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Ten
     return (-u if scale < 0 else u), s[order], torch.kron(vha, vhb)[order]
 
 
+def _adapter_svd(ad: Adapter, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of weight · ΔW of one adapter: from its factors where it has them (a LoRA's up and down, a LoKr's
+    Kronecker pair), from the dense ΔW otherwise (LoHa, full)."""
+    factors, kron = ad.algo.low_rank(ad.tensors), ad.algo.kron_factors(ad.tensors)
+    if factors:
+        return _svd_factored(*factors, ad.scale * weight)
+    if kron:
+        return _svd_kron(*kron, ad.scale * weight)
+    out_f, inner, _ = ad.io()
+    return _svd(weight * ad.delta((out_f, inner)))
+
+
 def _truncate(u, s, vh, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (u[:, :r] * s[:r]).float(), vh[:r].float()
 
@@ -160,9 +172,11 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
             mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(torch.cat(ups, 1), torch.cat(downs, 0),
                                                                          kernel, dtype)
             continue
-        out_f, inner, _ = contribs[0][0].io()
-        delta = sum(w * ad.delta((out_f, inner)) for ad, w in contribs)
-        u, s, vh = _svd(delta)
+        if len(contribs) == 1:  # one adapter: its own SVD (a LoKr's from its factors, seconds -> milliseconds)
+            u, s, vh = _adapter_svd(*contribs[0])
+        else:
+            out_f, inner, _ = contribs[0][0].io()
+            u, s, vh = _svd(sum(w * ad.delta((out_f, inner)) for ad, w in contribs))
         if rank is None:  # exact: every singular value above float32 rounding of the largest
             r = max(1, int((s > s[0] * 1e-6).sum())) if s[0] > 0 else 1
         else:
@@ -231,7 +245,6 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
     if dynamic is None and rank is None:
         raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
-    check_output(out)
     if dynamic is not None and (dynamic not in DYNAMIC or param is None or not param > 0 or param == math.inf):
         raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
                           f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
@@ -239,19 +252,13 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         raise SdtuneError(f"{path}: --param {param:g}: {dynamic} keeps a share of the layer, from 0 to 1 (e.g. 0.9)")
     if rank is not None and rank < 1:
         raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
+    check_output(out)
     lora = _read(path)
     family = keys.guess_family(lora)
     dtype = _dtype([lora])
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
     for comp, p, ad in lora.items():
-        out_f, inner, _ = ad.io()
-        factors, kron = ad.algo.low_rank(ad.tensors), ad.algo.kron_factors(ad.tensors)
-        if factors:
-            u, s, vh = _svd_factored(*factors, ad.scale)
-        elif kron:
-            u, s, vh = _svd_kron(*kron, ad.scale)
-        else:
-            u, s, vh = _svd(ad.delta((out_f, inner)))
+        u, s, vh = _adapter_svd(ad)
         # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
         own = ad.rank if ad.kind == "lora" else len(s)
         cap = min(rank, own) if rank is not None else own
