@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from sdtune.generate import parse_infotext, read_infotext, save_png
 from sdtune.lora.blocks import TINY
@@ -504,6 +505,13 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):
     with pytest.raises(SdtuneError, match="refuses to unpickle"):
         studio.add_upload(str(evil), "loras")
     assert not marker.exists() and "evil" not in studio.lora_names()
+    # an embedding goes to the embedding folder; offered as a LoRA it is refused (it would have listed as one)
+    emb = tmp_path / "mystar.safetensors"
+    save_file({"<mystar>": torch.randn(1, 64)}, str(emb))
+    with pytest.raises(SdtuneError, match="mystar.safetensors: holds no LoRA layers .*embedding folder"):
+        studio.add_upload(str(emb), "loras")
+    assert studio.add_upload(str(emb), "embeddings") == "mystar" and "mystar" in studio.embedding_names()
+    assert "mystar" not in studio.lora_names()
     big = tmp_path / "big.safetensors"
     shutil.copyfile(studio.folders.loras / "style.safetensors", big)
     with open(big, "ab") as f:

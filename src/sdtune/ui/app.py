@@ -438,6 +438,7 @@ def _lora_tab(studio: Studio, pickers):
             with gr.Row():
                 look = gr.Button("Inspect", variant="primary", elem_id="lora-inspect")
                 keep = gr.Button("Add the upload to the LoRA folder", elem_id="lora-keep")
+                keep_emb = gr.Button("... to the embedding folder", elem_id="lora-keep-emb")
             with gr.Group():
                 to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Convert to", elem_id="lora-to")
                 conv_name = gr.Textbox(label="New file name (in the LoRA folder)", elem_id="lora-conv-name")
@@ -476,6 +477,15 @@ def _lora_tab(studio: Studio, pickers):
         return f"added as {studio.add_upload(up, 'loras')}"
 
     keep.click(add, upload, status).then(relist, None, [name, *pickers])
+
+    @_handler(1)
+    def add_embedding(up):
+        if not up:
+            raise SdtuneError("no upload; drop an embedding file above first")
+        return f"added as {studio.add_upload(up, 'embeddings')} (use its name in a prompt; Refresh lists on " \
+            "Generate shows it in the embedding menu)"
+
+    keep_emb.click(add_embedding, upload, status)
 
     @_handler(1)
     def convert(n, target, new):

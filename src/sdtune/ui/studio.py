@@ -414,7 +414,11 @@ class Studio:
     def add_upload(self, upload: str, kind: str) -> str:
         """Put an uploaded LoRA or embedding into its folder (after reading it safely); returns its name."""
         path = check_upload(upload, "weights", self.max_upload)
-        (load_lora if kind == "loras" else load_embedding)(path)  # refuse what is not one, before copying
+        if kind != "loras":
+            load_embedding(path)  # refuse what is not one, before copying
+        elif not any(load_lora(path).modules.values()):  # a {token: rows} embedding reads as a LoRA with no layers
+            raise SdtuneError(f"{Path(path).name}: holds no LoRA layers (an embedding?); add it to the embedding "
+                              f"folder instead")
         dest = self._new_file(kind, Path(path).stem, Path(path).suffix.lower())
         shutil.copyfile(path, dest)
         return dest.stem
