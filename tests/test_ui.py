@@ -463,6 +463,10 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     assert "Y Type: LoRA weight (style)" in read_infotext(grid)
     with pytest.raises(Refused, match="absolute paths are not allowed"):
         studio.compare("a red star", x="loras=none|/etc/passwd", steps=1)
+    with pytest.raises(SdtuneError, match="^no X axis; write KIND=VALUES in it"):  # the page's words, no flags
+        studio.compare("a red star", y="seed=1,2", steps=1)
+    with pytest.raises(SdtuneError, match="^weight axis: pick the LoRA it sweeps in 'weight axis sweeps'"):
+        studio.compare("a red star", x="weight=0,1", steps=1)
     (studio.folders.loras / "broken.safetensors").write_bytes(b"not weights")
     before = set((studio.folders.out / "grids").iterdir())
     with pytest.raises(SdtuneError, match="broken.safetensors"):

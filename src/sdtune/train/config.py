@@ -361,7 +361,8 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         path = Path(toml_path)
         table = _settings_table(path)
         others = [k for k in KINDS if k != kind and isinstance(table.get(k), dict)]
-        if others and not isinstance(table.get(kind), dict):  # e.g. a LoRA run's settings given to train ti
+        mine = isinstance(table.get(kind), dict) or any(not isinstance(v, dict) for v in table.values())
+        if others and not mine:  # only the other kind's section: e.g. a LoRA run's settings given to train ti
             raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section

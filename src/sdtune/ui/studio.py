@@ -331,9 +331,16 @@ class Studio:
                 width: int = 0, height: int = 0, cell: int = 128, on_step=None) -> tuple[Path, list[Path], list[str]]:
         """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON).
         ``on_step(done, total)`` follows the denoising steps; ``cancel()`` stops it as it stops a generation."""
-        x_axis, y_axis = xyplot.axes_from_specs(x.strip() or None, y.strip() or None, sweep=sweep or None)
+        if not (x or "").strip():  # the page's words, not the command line's (--x KIND=VALUES)
+            raise SdtuneError("no X axis; write KIND=VALUES in it, e.g. seed=1-4 or weight=0,0.5,1")
+        x_axis, y_axis = xyplot.axes_from_specs(x.strip(), (y or "").strip() or None, sweep=sweep or None)
         axes = [a for a in (y_axis, x_axis) if a is not None]
         files = {Path(n).name: str(self.adapter_file("loras", n)) for n in loras if n}
+        for a in axes:
+            if a.kind in xyplot.TARGETED_KINDS and a.target is None and len(files) != 1 and \
+                    not any(b.kind in xyplot.ADAPTER_KINDS for b in axes):
+                raise SdtuneError(f"{a.kind} axis: pick the LoRA it sweeps in 'weight axis sweeps', or pick exactly "
+                                  f"one LoRA for the plot")
         for a in axes:  # adapter names on an axis must be picked LoRAs or files in the folders
             if a.kind == "weight" and a.target and a.target not in files:
                 self.adapter_file("loras", a.target)
