@@ -288,7 +288,7 @@ class Studio:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
         self._take_loras(p, form)
-        if p.get("Model") and p["Model"] not in (self.model_choice(), Path(self.model).name):
+        if p.get("Model") and Path(p["Model"]).name not in (Path(self.model_choice()).name, Path(self.model).name):
             form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
         return form
 
