@@ -279,6 +279,17 @@ def test_stop_ends_the_process_group_and_resume_continues(runner):
         runner.stop("long")
 
 
+def test_the_job_view_knows_when_the_report_is_drawn(tmp_path):
+    log = tmp_path / jobs_mod.LOG_FILE
+    log.write_text("encoding images: 4/4 [00:00<00:00]\rtrain lora: 2/2 [00:01<00:00, loss=0.1]\n"
+                   f"sdtune train lora: writing the report, {tmp_path / 'report.html'}\n")
+    p = jobs_mod.progress(tmp_path)
+    assert (p["step"], p["total"], p["reporting"]) == (2, 2, True)  # not 4/4: the encoding bar is not steps
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    log.write_text(log.read_text() + f"{tmp_path / 'lora.safetensors'}\n")
+    assert jobs_mod.progress(tmp_path)["reporting"] is False
+
+
 def test_resume_says_whether_the_job_starts_over(runner):
     from sdtune.ui.studio import Studio
 

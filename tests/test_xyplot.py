@@ -217,6 +217,8 @@ def test_parsing_and_errors(base, tmp_path):
         parse_values("cfg", "7-3")
     assert parse_values("prompt", "a, b|c") == ["a, b", "c"]
     assert parse_axis("cfg=3,7.5").values == [3.0, 7.5] and parse_axis("cfg=3,7.5").kind == "guidance"
+    with pytest.raises(SdtuneError, match=r"^cfg axis value 'abc' is not a number; e.g. cfg=3,5,7.5$"):
+        parse_axis("cfg=abc")  # named as the user wrote it
     with pytest.raises(SdtuneError, match="unknown axis kind 'nope'"):
         Axis("nope", [1])
     with pytest.raises(SdtuneError, match="KIND=VALUES"):

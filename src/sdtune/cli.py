@@ -66,8 +66,8 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
     p.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     p.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int, help="a multiple of 8 (default, or 0: the model's size)")
+    p.add_argument("--height", type=int, help="a multiple of 8 (default, or 0: the model's size)")
 
 
 def build_parser() -> argparse.ArgumentParser:

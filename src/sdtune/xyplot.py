@@ -185,10 +185,16 @@ def parse_axis(spec: str, target: str | None = None) -> Axis:
     kind, sep, text = spec.partition("=")
     if not sep:
         raise SdtuneError(f"axis {spec!r}: write KIND=VALUES, e.g. seed=1,2,3 (kinds: {', '.join(KIND_NAMES)})")
-    kind = ALIASES.get(kind.strip(), kind.strip())
+    said = kind.strip()
+    kind = ALIASES.get(said, said)
     if kind not in KIND_NAMES:
         raise SdtuneError(f"axis {spec!r}: unknown kind {kind!r}; choose one of: {', '.join(KIND_NAMES)}")
-    return Axis(kind, parse_values(kind, text), target=target)
+    try:
+        return Axis(kind, parse_values(kind, text), target=target)
+    except SdtuneError as e:  # in the words the user wrote: "cfg axis value", not "guidance axis value"
+        if said == kind:
+            raise
+        raise SdtuneError(re.sub(rf"\b{kind}(?= axis|=)", said, str(e))) from None
 
 
 def axes_from_specs(x: str | None = None, y: str | None = None, *, weights: str | None = None,

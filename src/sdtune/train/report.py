@@ -29,6 +29,7 @@ from .logs import TENSORBOARD_DIR
 from .loop import SETTINGS_FILE, Record
 
 PAGE = "templates/train_report.html"
+WRITING_REPORT = "writing the report,"  # the line the web UI's job view recognises
 LOOK = "templates/demo_report.html"  # its stylesheet: one look for sdtune's pages
 REPORT_FILE = "report.html"
 BEST_FILE = "best.safetensors"
@@ -134,6 +135,8 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
     checkpoint grid image (``lora_grid`` or ``ti_grid`` with its arguments bound); ``images``: training images."""
     started = time.perf_counter()
     out = Path(settings.out)
+    # the checkpoint grid draws an image per checkpoint and strength: say what the pause after the last step is
+    print(f"sdtune train {settings.kind}: {WRITING_REPORT} {out / 'report.html'}", file=sys.stderr, flush=True)
     best = best_checkpoint(record)
     if best is not None:
         with atomic_path(out / BEST_FILE) as tmp:

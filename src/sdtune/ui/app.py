@@ -244,7 +244,9 @@ def _train_tab(studio: Studio):
         if f.choices:
             return gr.Dropdown(list(f.choices), value=value, **common)
         if f.typ in (int, float) and not trainform.text_field(f):
-            return gr.Number(value=value, precision=0 if f.typ is int else None, **common)
+            # no precision for whole numbers either: the browser would round 2.5 steps to 2 without a word;
+            # the form refuses it instead (trainform.from_form)
+            return gr.Number(value=value, **common)
         if f.typ in (int, float):  # may be unset: text, empty for "unset"
             return gr.Textbox(value=value, placeholder="unset", **common)
         if f.typ is list:
@@ -392,6 +394,8 @@ def _train_tab(studio: Studio):
             lines.append(f"run {p['run'][0]} of {p['run'][1]}: {_md_escape(p['run'][2])}")
         if p["total"]:
             lines.append(f"step {p['step']} of {p['total']} ({100 * p['step'] // p['total']}%)")
+        if p["reporting"] and j.state == "running":
+            lines.append("writing the report (a grid of every checkpoint)")
         if p["loss"]:
             lines.append(f"loss {p['loss'][-1][1]:.4f} (from the {p['loss_source']})")
         if p["error"]:

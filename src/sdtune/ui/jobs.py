@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..safeio import SdtuneError, atomic_write_text
+from ..train.report import WRITING_REPORT
 
 JOB_FILE, CONFIG_FILE, LOG_FILE = "job.json", "job.toml", "train.log"
 QUEUE = "queue"  # the kind of a job that runs a queue file
@@ -264,7 +265,10 @@ def progress(folder: str | Path) -> dict:
         if seg.startswith("--- run "):
             break
     errors = [s[s.index("sdtune: error:"):] for s in segments if "sdtune: error:" in s]
+    # training is over and the report is being drawn (its last line; the result path follows it when done)
+    reporting = bool(segments) and WRITING_REPORT in segments[-1]
     return {
+        "reporting": reporting,
         "step": step, "total": total, "loss": loss, "loss_source": "csv" if from_csv else "log", "run": run,
         "samples": sorted((folder / "samples").glob("*.png")),
         "loss_png": next(iter(sorted(folder.rglob("loss.png"))), None),
