@@ -610,7 +610,8 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
         s._base = object()  # a loaded model: switching drops it, the next request loads the new one
         assert s.set_model("style.safetensors") == str(models / "style.safetensors") == s.model
         assert s._base is None
-        assert s.set_model("sd") == str(models / "sd")
+        assert s.model_choice() == "style.safetensors"  # what the menu shows after a reload
+        assert s.set_model("sd") == str(models / "sd") and s.model_choice() == "sd"
         for bad, says in [("../outside.safetensors", "'..' leaves the model folder"),
                           ("/etc/passwd", "absolute paths are not allowed"),
                           ("link.safetensors", "leads outside the model folder"),
@@ -620,7 +621,7 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
             with pytest.raises(Refused, match=re.escape(says)):
                 s.set_model(bad)
         assert s.model == str(models / "sd")  # a refusal changes nothing
-        assert s.set_model("tiny") == "tiny"
+        assert s.set_model("tiny") == "tiny" and s.model_choice() == "tiny"
     finally:
         s.jobs.shutdown()
     plain = Studio(Folders.make(tmp_path / "out2"), model="tiny-random")

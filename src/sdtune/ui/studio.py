@@ -118,13 +118,14 @@ class Studio:
         return str(path.resolve())
 
     def model_choice(self) -> str:
-        """The menu's name of the model in use (a model-dir file by its name in the folder, not its full path)."""
-        for choice in self.model_choices():
+        """The menu's name of the model in use: a model-dir file by its path in the folder (``model_spec``
+        resolved it there), else the spec itself (built-in, --model)."""
+        root = self.folders.models
+        if root is not None and self.model not in (*BUILT_IN, self.started_with):
             try:
-                if self.model_spec(choice) == self.model:
-                    return choice
-            except SdtuneError:
-                continue
+                return Path(self.model).relative_to(root.resolve()).as_posix()
+            except ValueError:
+                pass
         return self.model
 
     def form_values(self, kind: str, preset: str = "") -> dict:
@@ -288,7 +289,7 @@ class Studio:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
         self._take_loras(p, form)
-        if p.get("Model") and Path(p["Model"]).name not in (Path(self.model_choice()).name, Path(self.model).name):
+        if p.get("Model") and Path(p["Model"]).name != Path(self.model).name:  # PNGs name a file model by its path
             form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
         return form
 
