@@ -536,9 +536,10 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     """
     check_scheduler(scheduler)
     check_clip_skip(clip_skip)
-    cells = len(x.values) * (len(y.values) if y is not None else 1)
-    if cells > MAX_CELLS:
-        raise SdtuneError(f"{cells} cells: a grid takes at most {MAX_CELLS}; use fewer axis values (or several grids)")
+    n_cells = len(x.values) * (len(y.values) if y is not None else 1)
+    if n_cells > MAX_CELLS:
+        raise SdtuneError(f"{n_cells} cells: a grid takes at most {MAX_CELLS}; use fewer axis values (or several "
+                          f"grids)")
     if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
         raise SdtuneError(f"--name {name!r}: a file name stem of letters, digits, '_', '.' or '-' (no folders: "
                           f"the grid goes in --out)")

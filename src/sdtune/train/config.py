@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError, is_safetensors, output_folder, read_metadata, read_toml
+from ..ti.formats import TRAINING_METADATA
 from . import presets
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -331,7 +332,9 @@ def _coerce(cls, name: str, value, where: str):
 
 
 # where the files sdtune trains keep their run's settings (as TOML): a LoRA's kohya metadata, an embedding's own
-SETTINGS_METADATA = ("ss_sdtune_settings", "sdtune.settings")
+# (``Embedding.training["settings"]``, written with the sdtune. prefix)
+LORA_SETTINGS_KEY = "ss_sdtune_settings"
+SETTINGS_METADATA = (LORA_SETTINGS_KEY, TRAINING_METADATA + "settings")
 
 
 def _settings_table(path: Path) -> dict:

@@ -42,7 +42,7 @@ from ..lora.formats import save_lora
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..safeio import SdtuneError
 from . import loop, report, validation
-from .config import LoraSettings, to_toml
+from .config import LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
 from .pivotal import Pivot, check_captions
 from .prior import prior_set
@@ -245,7 +245,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
         "ss_sdtune_preset": settings.preset,
-        "ss_sdtune_settings": to_toml(settings),  # --config reads it back: the run that made this file
+        LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
     if final:
         meta["ss_training_finished_at"] = str(time.time())

@@ -433,6 +433,13 @@ def _train_tab(studio: Studio):
     return lambda k: fill(k), kind, filled  # for the model menu: another model, its preset
 
 
+def _lora_menus(studio: Studio, pickers) -> list:
+    """Choices for the LoRA files tab's menu and ``pickers`` as the LoRA folder holds them now; pickers that may
+    be left empty offer "" first, the multi-select (a list) does not need it."""
+    names = studio.lora_names()
+    return [gr.update(choices=names)] + [gr.update(choices=names if p.multiselect else [""] + names) for p in pickers]
+
+
 def _lora_tab(studio: Studio, pickers):
     with gr.Row():
         with gr.Column(scale=2):
@@ -469,10 +476,7 @@ def _lora_tab(studio: Studio, pickers):
     look.click(inspect, [name, upload], [info, details, status])
 
     def relist():
-        names = studio.lora_names()
-        # pickers that may be left empty offer "" first; the multi-select (a list) does not need it
-        return [gr.update(choices=names)] + [gr.update(choices=names if p.multiselect else [""] + names)
-                                             for p in pickers]
+        return _lora_menus(studio, pickers)
 
     @_handler(1)
     def add(up):
@@ -566,7 +570,7 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 refill_train, train_kind, train_form = _train_tab(studio)
             with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
-                lora_name = _lora_tab(studio, gen_pickers + [cmp_loras, cmp_sweep])
+                lora_name = _lora_tab(studio, [*gen_pickers, cmp_loras, cmp_sweep])
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
                 find, query, found = _gallery_tab(studio, form, tabs)
         gallery_tab.select(find, query, found)
@@ -574,15 +578,14 @@ def build(studio: Studio) -> gr.Blocks:
         model.change(switch_model, model, model_status, concurrency_id="model").then(refill_train, train_kind,
                                                                                       train_form)
 
+        pickers = [*gen_pickers, cmp_loras, cmp_sweep]
+
         def lists():
             """Every LoRA and embedding list as the folders hold them now (files added by hand, by Use the result
             or on another tab), on each Refresh lists and each load of the page."""
-            names = studio.lora_names()
-            return (*[gr.update(choices=[""] + names)] * len(gen_pickers), gr.update(choices=names),
-                    gr.update(choices=[""] + names), gr.update(choices=names),
-                    gr.update(choices=[""] + studio.embedding_names()))
+            return *_lora_menus(studio, pickers), gr.update(choices=[""] + studio.embedding_names())
 
-        listed = [*gen_pickers, cmp_loras, cmp_sweep, lora_name, gen_emb]
+        listed = [lora_name, *pickers, gen_emb]
         gen_refresh.click(lists, None, listed)
         # a reloaded page shows the server's state: the model in use (shared by every page) and the lists
         app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists()), None,

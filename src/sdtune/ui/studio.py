@@ -297,12 +297,12 @@ class Studio:
         """LoRAs an image names only in its ``Lora weights`` (a grid's cells load theirs as adapters, not as
         prompt tags) go into the prompt as tags when the LoRA folder has them; the others are named as not
         applied. Entries of tags (``<lora:name>=w``) are in the prompt already."""
-        tags, missing = [], []
+        tags, missing, have = [], [], set(self.lora_names())
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
             name, _, weights = item.partition("=")
             if name.startswith("<lora:"):
                 continue
-            if name in self.lora_names() and weights:
+            if name in have and weights:
                 tags.append(f"<lora:{name}:{weights}>")
             else:
                 missing.append(name)
