@@ -1,6 +1,7 @@
 import io
 import logging
 import os
+import pickle
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -20,6 +21,26 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 def base():
     """A random-init SD1 model, fresh for each test module (its tests attach adapters to it and train on it)."""
     return load_base("tiny-random")
+
+
+class _RunsCode:
+    """Unpickled, it touches ``marker``: what a malicious .pt/.ckpt does, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def code_pickle():
+    """``make(path, key, marker, protocol)``: a pickle at ``path`` whose ``{key: ...}`` would run code when
+    loaded unsafely (it touches ``marker``); returns ``path``."""
+    def make(path: Path, key: str, marker: Path, protocol: int = 2) -> Path:
+        path.write_bytes(pickle.dumps({key: _RunsCode(marker)}, protocol=protocol))
+        return path
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 nothing lost, no library noise. Each case here was once a traceback, a silent wrong result or a wait."""
 
 import os
-import pickle
 import shutil
 import signal
 import stat
@@ -54,7 +53,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
                                                       "sdtune: error: nothing.safetensors: no such file; check the path")
 
 
-def test_files_that_are_not_weights_say_what_they_are(tmp_path):
+def test_files_that_are_not_weights_say_what_they_are(tmp_path, code_pickle):
     png = tmp_path / "photo.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     with pytest.raises(SdtuneError, match=r"photo.png: a PNG image, not a weight file; give a .safetensors"):
@@ -65,13 +64,7 @@ def test_files_that_are_not_weights_say_what_they_are(tmp_path):
         load_state(config)
     # a pickle with code is refused as before, whatever its protocol, and torch's note on protocols stays quiet
     marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"w": Evil()}, protocol=4))
+    evil = code_pickle(tmp_path / "evil.pt", "w", marker, protocol=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(SdtuneError, match="refuses to unpickle"):

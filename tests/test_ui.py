@@ -4,8 +4,6 @@
 import dataclasses
 import html
 import json
-import os
-import pickle
 import re
 import shutil
 import stat
@@ -493,7 +491,7 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     assert len(set((studio.folders.out / "grids").iterdir())) == len(before) + 1  # only the finished grid
 
 
-def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):
+def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, code_pickle):
     text, info = studio.inspect("style")
     assert info["modules"]["unet"] == info["fits"]["unet"] > 0 and info["ranks"] == [2] and info["file"] == "style"
     assert text.startswith("file ") and "ranks" in text
@@ -508,13 +506,7 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path):
         studio.convert("style", "kohya", "../escaped")
 
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": Evil()}, protocol=2))
+    evil = code_pickle(tmp_path / "evil.pt", "lora_unet_x.lora_down.weight", marker)
     with pytest.raises(SdtuneError, match="refuses to unpickle"):
         studio.inspect(upload=str(evil))
     with pytest.raises(SdtuneError, match="refuses to unpickle"):
