@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_bytes
 from safetensors.torch import save_file
 
-from sdtune import api
+from sdtune import api, safeio
 from sdtune.cli import main
 from sdtune.generate import parse_infotext
 from sdtune.lora import hashes
@@ -120,3 +120,16 @@ def test_generated_png_names_lora_hashes(tmp_path):
     short = data_sha(style)[:12]
     assert f'Lora hashes: "mine: {short}, style: {short}"' in result.infotext
     assert parse_infotext(result.infotext)["Lora hashes"] == f"mine: {short}, style: {short}"
+
+
+def test_same_tensors_and_metadata_give_the_same_autov2(tmp_path):
+    # the header's metadata is written sorted, escapes and non-ASCII text included, and reads back unchanged
+    meta = {f"k{i}": f"é\n\"/\\\x01 {i}" for i in range(40)} | {"ss_output_name": "日本"}
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for p in paths:
+        safeio.atomic_save_safetensors(tensors, p, metadata=dict(reversed(meta.items())) if p.stem == "1" else meta)
+    assert len({hashes.file_sha256(p) for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), tensors["b"])
+    assert st_bytes(tensors, metadata=meta)[-16:] == paths[0].read_bytes()[-16:]  # the data did not move

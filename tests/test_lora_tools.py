@@ -280,3 +280,14 @@ def test_extract_of_identical_models_is_an_error(tmp_path, capsys):
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "no layer differs" in err and err.count("\n") == 1
+
+
+def test_merge_reruns_write_the_same_bytes(base, tmp_path):
+    # safetensors keeps metadata in a hash map: unsorted, each run's header (and AutoV2 hash) came out different
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=6.0)
+    outs = [tmp_path / f"mix{i}.safetensors" for i in range(3)]
+    for out in outs:
+        assert main(["lora", "merge", f"{a}:0.5", f"{b}:1.0", "--out", str(out)]) == 0
+    assert len(load_lora(outs[0]).metadata) > 5
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()

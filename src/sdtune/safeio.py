@@ -8,6 +8,7 @@ atomic rename, so a kill never leaves a half-written output behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -174,10 +175,31 @@ def atomic_folder(path: str | Path):
             shutil.rmtree(tmp)
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a just-written safetensors header in place with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map, so two runs writing the same tensors and metadata gave files
+    that differed in bytes (and so in their AutoV2 hash, which civitai and A1111 key files by). The sorted header
+    has the same keys and values, so the same length (it is compact JSON either way); the tensor data does not
+    move. Were it ever longer, the file is left as written."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text.ljust(size, b" "))  # the format pads headers with spaces
+
+
 def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """Write ``tensors`` atomically, byte for byte the same file for the same tensors and metadata."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        if metadata:
+            _sort_header(Path(tmp))
 
 
 def atomic_save_torch(obj, path: str | Path) -> None:
