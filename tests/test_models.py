@@ -14,6 +14,7 @@ from sdtune import families, ldm
 from sdtune.families.build import build_parts
 from sdtune.models import (
     Base,
+    known_family,
     load_base,
     pick_device,
     pick_dtype,
@@ -267,3 +268,22 @@ def test_raw_pickle_is_not_executed(tmp_path, capsys):
     with pytest.raises(SdtuneError, match="refuses to unpickle"):
         load_base(str(path), device="cpu")
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_the_family_is_known_before_loading_where_the_files_tell_it(base, single_file, tmp_path):
+    # the web UI's Train form shows the model's preset from this, before a model file is loaded
+    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no sdtune metadata: by the widths
+    sd2 = tmp_path / "sd2-header.safetensors"  # only the header is read: one SD 2.x-wide cross-attention key
+    save_file({ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 1024)},
+              str(sd2))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state}, ckpt)
+    folder = save_diffusers(base, tmp_path / "model")
+    (tmp_path / "notes.safetensors").write_text("not weights")
+    cases = {"tiny-xl": "tiny-xl", "sd2-random": "sd2", str(single_file): "tiny", str(plain): "tiny",
+             str(folder): "tiny", str(sd2): "sd2", str(ckpt): None, str(tmp_path / "notes.safetensors"): None,
+             str(tmp_path / "missing.safetensors"): None, "someone/model": None}
+    assert {spec: getattr(known_family(spec), "name", None) for spec in cases} == cases
+    assert load_base(str(plain), device="cpu").family is known_family(str(plain))

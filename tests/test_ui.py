@@ -583,6 +583,27 @@ def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
     assert len(rows) == 1
 
 
+def test_the_train_form_shows_a_model_files_preset_before_it_loads(tmp_path):
+    from sdtune.ui.studio import Studio
+
+    models = tmp_path / "models"
+    models.mkdir()
+    # an SD 2.x checkpoint as far as its header tells: the form reads the header, not the weights
+    save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 1024)},
+              str(models / "sd2.safetensors"))
+    torch.save({"state_dict": {}}, models / "old.ckpt")
+    s = Studio(Folders.make(tmp_path / "out", model="tiny-random", models=models), model="tiny-random")
+    try:
+        s.set_model("sd2.safetensors")
+        shown = s.form_values("lora")
+        assert shown == trainform.preset_values("lora", "sd2") and shown["preset"] == "sd2"
+        assert s._base is None  # nothing was loaded
+        s.set_model("old.ckpt")  # a pickle tells its family only once loaded: the plain defaults until then
+        assert s.form_values("lora") == trainform.preset_values("lora", None)
+    finally:
+        s.jobs.shutdown()
+
+
 def test_the_base_model_switches_only_to_models_offered(tmp_path):
     from sdtune.ui.studio import Studio
 

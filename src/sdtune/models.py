@@ -21,6 +21,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as tf_logging
 
@@ -28,7 +29,7 @@ from . import families, ldm
 from .families import Family, TextEncoder
 from .families.build import TEXT_CLASSES, build_parts
 from .lora.patch import LoraSet
-from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, load_state
+from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, is_safetensors, load_state
 from .ti.tokens import EmbeddingSet
 from .tiny import model as tiny_model
 from .tiny import xl_config
@@ -284,11 +285,32 @@ RANDOM_SPECS = {"sd15-random": (families.SD1, None), "sd1-random": (families.SD1
 
 
 def known_family(spec: str):
-    """The family of a built-in or random-init ``spec``, known without loading it; None for files, folders
-    and hub ids."""
+    """The family of ``spec`` where it is known without loading the weights: built-in and random-init models by
+    name, a diffusers folder by its UNet config, a safetensors checkpoint by its header (sdtune's own metadata,
+    else the cross-attention width). None where only loading tells (a .ckpt pickle, a hub id, a damaged file),
+    and loading then says what is wrong."""
     if spec in TINY_SPECS:
         return families.TINY_XL if TINY_SPECS[spec][0] else families.TINY
-    return RANDOM_SPECS[spec][0] if spec in RANDOM_SPECS else None
+    if spec in RANDOM_SPECS:
+        return RANDOM_SPECS[spec][0]
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            if tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path):
+                return families.TINY_XL if tiny_model.is_xl_export(path) else families.TINY
+            config = json.loads((path / "unet" / "config.json").read_text())
+            return families.by_cross_attention(config.get("cross_attention_dim"))
+        if path.is_file() and is_safetensors(path):
+            with safe_open(str(path), "pt") as f:  # the header only: no tensor is read
+                family = family_from_metadata(f.metadata() or {})
+                cross = next((k for k in f.keys() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
+                             None)
+                if family is None and cross is not None:
+                    family = families.by_cross_attention(f.get_slice(cross).get_shape()[1])
+                return family
+    except (OSError, ValueError, SafetensorError, AttributeError, IndexError):
+        pass
+    return None
 
 
 def _load_random(spec: str, device, dtype) -> Base:

@@ -130,8 +130,9 @@ class Studio:
 
     def form_values(self, kind: str, preset: str = "") -> dict:
         """The Train form's values for ``kind``: the named preset's, else the model's own preset (by its family
-        when it is loaded, else the built-in models' by their name), as ``sdtune train`` starts from. A model
-        file not loaded yet shows the plain defaults, and its jobs name no preset."""
+        when it is loaded, else as ``known_family`` reads it from the name, the file's header or the folder's
+        config), as ``sdtune train`` starts from. A model whose family only loading tells (a .ckpt) shows the
+        plain defaults until it loads, and its jobs name no preset."""
         family = self._base.family if self._base is not None else known_family(self.model)
         return trainform.preset_values(kind, family, preset)
 
