@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sdtune.cli import main
+from sdtune.console import SdtuneWarning
 from sdtune.lora import tools
 from sdtune.lora.formats import load_lora, save_lora
 from sdtune.lora.neutral import Adapter, Lora
@@ -103,14 +104,14 @@ def test_merge_takes_the_text_encoders_own_weight_as_loading_does(base, tmp_path
 
 
 def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
-    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF)
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF, conv=True)
     b = lora_file(base, tmp_path / "b.safetensors", 1, rank=4, alpha=4.0)
     exact, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "x.safetensors")
     assert [r.path for r in reports] == [FF]  # only the LoHa layer goes through its ΔW
     want, got = patched(base, [(a, 0.7), (b, -0.4)]), patched(base, [(str(tmp_path / "x.safetensors"), 1.0)])
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-5)
-    # --rank 3: each layer is the float64 SVD truncation of the summed ΔW
+    # --rank 3: each layer is the float64 SVD truncation of the summed ΔW (plain LoRAs' from their factors)
     summed = {k: 0.7 * d for k, d in deltas(load_lora(a)).items()}
     for k, d in deltas(load_lora(b)).items():
         summed[k] = summed[k] - 0.4 * d
@@ -291,3 +292,11 @@ def test_merge_reruns_write_the_same_bytes(base, tmp_path):
         assert main(["lora", "merge", f"{a}:0.5", f"{b}:1.0", "--out", str(out)]) == 0
     assert len(load_lora(outs[0]).metadata) > 5
     assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+
+
+def test_a_merge_says_when_layers_need_their_full_svd(base, tmp_path):
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, loha_on=FF)
+    b = lora_file(base, tmp_path / "b.safetensors", 1, rank=2, alpha=1.0, loha_on=FF)
+    with pytest.warns(SdtuneWarning, match="LoHa/LoKr/full adapter meets another file's adapter: 1; each is merged"):
+        _, reports = tools.merge_loras([(a, 1.0), (b, 1.0)], tmp_path / "m.safetensors")
+    assert [r.path for r in reports] == [FF]

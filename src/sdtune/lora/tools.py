@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import families
+from ..console import note
 from ..models import load_base
 from ..safeio import SdtuneError
 from . import blocks as block_weights
@@ -158,21 +159,23 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
         for comp, path, ad in lora.items():
             layers.setdefault((comp, path), []).append((ad, w[comp] * factors.get((comp, path), 1.0)))
     mix, reports = Lora(), []
+    dense = sum(len(c) > 1 and any(ad.kind != "lora" for ad, _ in c) for c in layers.values())
+    if dense:  # the one slow case: say so rather than sit silent for minutes
+        note(f"layers where a LoHa/LoKr/full adapter meets another file's adapter: {dense}; each is merged through "
+             f"the SVD of its full ΔW, about a second per layer at SD 1.x size")
     for (comp, path), contribs in layers.items():
         if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
             continue
         kernel = _kernel(comp, path, contribs[0][0], family)
-        plain = all(ad.kind == "lora" for ad, _ in contribs)
-        if rank is None and plain:
-            ups, downs = [], []
-            for ad, w in contribs:
-                down, up = ad.algo.peft_factors(ad.cast())  # a Tucker core folds into down: same ΔW, same rank
-                ups.append(up.flatten(1) * (w * ad.scale))
-                downs.append(down.flatten(1))
-            mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(torch.cat(ups, 1), torch.cat(downs, 0),
-                                                                         kernel, dtype)
-            continue
-        if len(contribs) == 1:  # one adapter: its own SVD (a LoKr's from its factors, seconds -> milliseconds)
+        if all(ad.kind == "lora" for ad, _ in contribs):
+            up, down = _stacked(contribs)
+            if rank is None:
+                mix.modules.setdefault(comp, {})[path] = _factors_to_adapter(up, down, kernel, dtype)
+                continue
+            # the SVD of the stack's ΔW from its factors: two SD 1.x LoRAs to --rank 8 took 472 s through the
+            # dense ΔW of each of their 128 layers, and take under a second so
+            u, s, vh = _svd_factored(up, down, 1.0)
+        elif len(contribs) == 1:  # one adapter: its own SVD (a LoKr's from its factors, seconds -> milliseconds)
             u, s, vh = _adapter_svd(*contribs[0])
         else:
             out_f, inner, _ = contribs[0][0].io()
@@ -196,6 +199,17 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
                                                                                for p, _, w in loaded)}
     save_lora(mix, out, format=to, family=family)
     return mix, reports
+
+
+def _stacked(contribs: list[tuple[Adapter, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (up, down) of plain LoRAs side by side: up = [w₁s₁·up₁ | w₂s₂·up₂ | …], down = [down₁; down₂; …], so
+    up @ down = Σ wᵢsᵢ upᵢ downᵢ, the layer's summed ΔW."""
+    ups, downs = [], []
+    for ad, w in contribs:
+        down, up = ad.algo.peft_factors(ad.cast())  # a Tucker core folds into down: same ΔW, same rank
+        ups.append(up.flatten(1) * (w * ad.scale))
+        downs.append(down.flatten(1))
+    return torch.cat(ups, 1), torch.cat(downs, 0)
 
 
 def _weight_text(weights: dict[str, float]) -> str:
