@@ -324,3 +324,46 @@ def test_sd2_folder_to_folder_streams_the_in_memory_patch(sd2, tmp_path, monkeyp
     out, want = streamed_and_reference(monkeypatch, folder, pairs, tmp_path / "merged", "diffusers", "fp32")
     assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), want, tuple(want.modules()))
     assert not (out / "text_encoder_2").exists()
+
+
+def test_v_prediction_flags_are_read_kept_by_a_bake_and_written(sdxl, tmp_path):
+    """A v-prediction SDXL fine-tune with zero terminal SNR (NoobAI-XL V-Pred style) says so only by its empty
+    ``v_pred``/``ztsnr`` entries, as ComfyUI and A1111 read them: sdtune samples and trains it as such, a baked
+    file keeps the flags, a baked folder's scheduler says them, and a file sdtune writes carries them."""
+    path, pairs = sdxl
+    state, meta = tensors(path)
+    configs = json.loads(meta[models.META_CONFIGS])
+    del configs["scheduler"]  # as a file from elsewhere: the flags are all it has
+    marked = tmp_path / "vpred.safetensors"
+    save_file(state | {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, str(marked),
+              metadata={**meta, models.META_CONFIGS: json.dumps(configs)})
+    flags = lambda config: (config["prediction_type"], config["rescale_betas_zero_snr"], config["timestep_spacing"])  # noqa: E731
+    want = ("v_prediction", True, "trailing")
+    loaded = models.load_base(str(marked), device="cpu", dtype="fp16")
+    assert flags(loaded.scheduler.config) == want
+    assert models.load_base(str(path), device="cpu", dtype="fp16").scheduler.config.prediction_type == "epsilon"
+
+    single = bake.merge(marked, pairs, tmp_path / "merged.safetensors", fmt="single")
+    assert {"v_pred", "ztsnr"} <= tensors(single)[0].keys()
+    assert flags(models.load_base(str(single), device="cpu", dtype="fp16").scheduler.config) == want
+    folder = bake.merge(marked, pairs, tmp_path / "merged", fmt="diffusers")
+    assert flags(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())) == want
+    written = models.save_single_file(models.load_base(str(folder), device="cpu", dtype="fp16"),
+                                      tmp_path / "written.safetensors")
+    assert {"v_pred", "ztsnr"} <= tensors(written)[0].keys()
+    assert {"v_pred", "ztsnr"}.isdisjoint(tensors(models.save_single_file(models.load_base(str(path), device="cpu"),
+                                                                          tmp_path / "eps.safetensors"))[0])
+
+
+def test_modelspec_metadata_names_the_prediction_and_edm_files_are_refused(tmp_path):
+    sampling = models.file_sampling
+    assert sampling({"modelspec.prediction_type": "v"}) == {"prediction_type": "v_prediction"}
+    assert sampling({"modelspec.architecture": "stable-diffusion-v2-512"}) == {"prediction_type": "epsilon"}
+    assert sampling({"modelspec.architecture": "stable-diffusion-v2-768-v"}) == {"prediction_type": "v_prediction"}
+    assert sampling({"modelspec.architecture": "stable-diffusion-xl-v1-base"}) == {}
+    assert sampling({}, keys={"v_pred"}) == {"prediction_type": "v_prediction"}
+    assert models.file_configs(families.SD2, {"modelspec.architecture": "stable-diffusion-v2-512"},
+                               tmp_path)["scheduler"]["prediction_type"] == "epsilon"
+    assert models.file_configs(families.SD2, {}, tmp_path)["scheduler"]["prediction_type"] == "v_prediction"
+    with pytest.raises(SdtuneError, match=r"x.safetensors: an EDM model \(Playground v2.5 style: edm_mean\)"):
+        models.file_configs(families.SDXL, {}, tmp_path / "x.safetensors", keys={"edm_mean", "edm_std"})

@@ -385,16 +385,47 @@ def _place(tensors: dict, device, dtype) -> None:
         tensors[key] = value.clone() if value.data_ptr() % 64 else value
 
 
+# Single-file entries that are flags, not weights. SDXL fine-tunes trained for v-prediction (NoobAI-XL V-Pred and
+# others) carry an empty "v_pred" tensor, those trained with zero terminal SNR a "ztsnr" one; ComfyUI and A1111
+# pick their sampling from these, and the weights alone cannot tell. EDM models (Playground v2.5) carry their
+# sigmas.
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+EDM_MARKERS = {"edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min"}
+# ModelSpec (the modelspec.* metadata sd-scripts and Stability write): prediction_type "v"/"epsilon", else the
+# architecture name of SD 2.x's two kinds
+_MODELSPEC_PREDICTION = {"v": "v_prediction", "epsilon": "epsilon"}
+_MODELSPEC_ARCH_PREDICTION = {"stable-diffusion-v2-512": "epsilon", "stable-diffusion-v2-768-v": "v_prediction"}
+
+
+def file_sampling(metadata: dict, keys=()) -> dict:
+    """Scheduler settings a single file states beside its family's defaults: the prediction type (a v_pred
+    marker, else ModelSpec metadata) and zero terminal SNR (a ztsnr marker: rescaled betas, trailing timesteps)."""
+    settings = {}
+    prediction = (_MODELSPEC_PREDICTION.get(metadata.get("modelspec.prediction_type", ""))
+                  or _MODELSPEC_ARCH_PREDICTION.get(metadata.get("modelspec.architecture", "")))
+    if V_PRED in keys or prediction:
+        settings["prediction_type"] = "v_prediction" if V_PRED in keys else prediction
+    if ZTSNR in keys:
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return settings
+
+
 def family_from_metadata(metadata: dict) -> Family | None:
     """The family sdtune wrote into its own single files ("sd15" is what earlier versions wrote for SD 1.x)."""
     name = {"sd15": "sd1"}.get(metadata.get(META_ARCH), metadata.get(META_ARCH))
     return families.FAMILIES.get(name) if name else None
 
 
-def file_configs(family: Family, metadata: dict, path: Path) -> dict:
+def file_configs(family: Family, metadata: dict, path: Path, keys=()) -> dict:
     """The component configs a single file is built from: the family's shipped ones, or the ones sdtune wrote
-    into its own files (a model of another size, a different scheduler), which the weights alone do not tell."""
+    into its own files (a model of another size, a different scheduler), which the weights alone do not tell;
+    the scheduler as the file's markers and ModelSpec metadata (``file_sampling``) say, given its ``keys``."""
+    if EDM_MARKERS & set(keys):
+        raise SdtuneError(f"{path}: an EDM model (Playground v2.5 style: {sorted(EDM_MARKERS & set(keys))[0]}), which "
+                          f"samples on a continuous noise schedule sdtune does not implement; use a DDPM-style "
+                          f"checkpoint")
     configs = family.component_configs()
+    configs["scheduler"] = dict(configs["scheduler"], **file_sampling(metadata, keys))
     if META_CONFIGS in metadata:
         try:
             written = json.loads(metadata[META_CONFIGS])
@@ -412,7 +443,7 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
-    configs = file_configs(family, metadata, path)
+    configs = file_configs(family, metadata, path, keys=state.keys())
     with init_empty_weights():  # no random init: the file fills every parameter
         modules = build_parts(family, configs)
     try:
@@ -559,6 +590,11 @@ def save_single_file(base: Base, path, dtype=None) -> Path:
     for key, value in ldm.to_single_file(base.modules(), base.family).items():
         value = value.detach().to("cpu")
         state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    scheduler = base.scheduler.config  # the flags ComfyUI and A1111 read (sdtune reads its configs below too)
+    if scheduler.get("prediction_type") == "v_prediction":
+        state[V_PRED] = torch.zeros(0)
+    if scheduler.get("rescale_betas_zero_snr"):
+        state[ZTSNR] = torch.zeros(0)
     metadata = {"format": "pt", META_ARCH: base.family.name,
                 META_SCALING: repr(float(base.vae.config.scaling_factor)),
                 META_CONFIGS: json.dumps(_component_configs(base))}
