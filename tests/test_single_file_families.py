@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune import families, ldm, models
+from sdtune.cli import main
+from sdtune.lora import inspect
 from sdtune.safeio import SdtuneError, load_state
 
 PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd2": StableDiffusionPipeline}
@@ -326,3 +328,34 @@ def test_ckpt_without_metadata_detects_the_family(model, tmp_path, monkeypatch):
     loaded = models.load_base(str(path), device="cpu")
     assert loaded.family is base.family
     _assert_same_weights(base.modules(), loaded.modules())
+
+
+def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
+    """`sdtune inspect` on a checkpoint: family, parameters per component, dtypes, EMA, the prediction sdtune
+    samples it with, and A1111's model hash (the file's sha256, as generate writes it), reading no weight."""
+    base, path = sdxl
+    state, metadata = load_state(path)
+    marked = tmp_path / "vpred.safetensors"  # fp16, an EMA copy, v-prediction, ModelSpec metadata, no sdtune configs
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    configs = {k: v for k, v in json.loads(metadata[models.META_CONFIGS]).items() if k != "scheduler"}
+    save_file(half | {"model_ema.decay": torch.tensor(0.9999), "v_pred": torch.zeros(0)}, str(marked),
+              metadata={"modelspec.title": "NoobAI-XL V-Pred", models.META_ARCH: "sdxl",
+                        models.META_CONFIGS: json.dumps(configs)})
+    assert main(["inspect", str(marked), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in base.modules().items()}
+    assert info["components"] == counts and info["parameters"] == sum(counts.values())
+    assert (info["family"], info["prediction"], info["zero_terminal_snr"], info["ema_tensors"]) == (
+        "sdxl", "v_prediction", False, 1)
+    assert set(info["dtypes"]) == {"float16"}
+    assert info["hashes"]["autov2"] == models.load_base(str(marked), device="cpu").model_hash
+    assert info["metadata"] == {"modelspec.title": "NoobAI-XL V-Pred", models.META_ARCH: "sdxl"}
+    assert main(["inspect", str(marked)]) == 0
+    text = capsys.readouterr().out
+    assert "base family  SDXL" in text and "prediction   v_prediction" in text and f"unet {counts['unet']:,}" in text
+    ckpt = tmp_path / "model.ckpt"  # a pickle, through the safe loader: the family from the widths
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}}, ckpt)
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sdxl" and info["components"]["text_encoder_2"] == 0
+    assert "text_encoder_2 MISSING" in inspect.render(info)

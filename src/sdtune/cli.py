@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="what a LoRA file holds: format, family, ranks, alphas, modules")
+    i = sub.add_parser("inspect", help="what a LoRA, embedding or checkpoint file holds: format, family, ranks, "
+                       "alphas, modules, hashes")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)

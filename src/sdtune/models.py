@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,6 +439,65 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=()) -> dict:
     if META_SCALING in metadata:
         configs["vae"]["scaling_factor"] = float(metadata[META_SCALING])
     return configs
+
+
+# safetensors' dtype names -> torch's
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def _checkpoint_header(path: Path) -> tuple[dict[str, tuple[str, tuple]], dict]:
+    """Each tensor's (dtype, shape) and the metadata of a weight file: a safetensors header read alone, a torch
+    file mapped through the safe loader."""
+    if is_safetensors(path):
+        try:
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+                return {k: (_ST_DTYPES.get(d, d.lower()), s) for k, (d, s) in shapes.items()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
+    raw, metadata = load_state(path, mmap=True)
+    state = _unwrap(raw, path) if isinstance(raw, dict) else {}
+    return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}, metadata
+
+
+def describe_checkpoint(path: str | Path) -> dict | None:
+    """What a single-file checkpoint holds, from its header (no weight is read): family, parameters per component,
+    EMA copies, dtypes, the prediction type and noise schedule sdtune samples it with, its ModelSpec metadata.
+    None for a file with no Stable Diffusion UNet (a LoRA, an embedding)."""
+    path = Path(path)
+    shapes, metadata = _checkpoint_header(path)
+    if not any(k.startswith(ldm.UNET_PREFIX) for k in shapes):
+        return None
+    cross = next((s for k, (_, s) in shapes.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")
+                  and len(s) == 2), None)
+    family = family_from_metadata(metadata) or (families.by_cross_attention(cross[1]) if cross else None)
+    prefixes = ldm.component_prefixes(family) if family else {"unet": ldm.UNET_PREFIX, "vae": ldm.VAE_PREFIX}
+    weights = {k: (d, s) for k, (d, s) in shapes.items() if k.startswith(tuple(prefixes.values())) and "float" in d}
+    components = {c: sum(math.prod(s) for k, (_, s) in weights.items() if k.startswith(prefix))
+                  for c, prefix in prefixes.items()}
+    dtypes = Counter(d for d, _ in weights.values())
+    if EDM_MARKERS & shapes.keys():
+        sampling = {"prediction_type": "EDM (sdtune does not sample it)"}
+    else:
+        try:
+            sampling = file_configs(family, metadata, path, keys=shapes.keys())["scheduler"] if family else {}
+        except SdtuneError:  # unreadable sdtune configs: loading says so
+            sampling = {}
+    return {
+        "file": str(path),
+        "kind": "checkpoint",
+        "family": family.name if family else None,
+        "family_name": family.title if family else None,
+        "components": components,  # parameters each; 0: the file lacks that component
+        "ema_tensors": sum(1 for k in shapes if k.startswith("model_ema.")),
+        "dtypes": dict(dtypes.most_common()),
+        "parameters": sum(components.values()),
+        "prediction": sampling.get("prediction_type"),
+        "zero_terminal_snr": bool(sampling.get("rescale_betas_zero_snr")),
+        "metadata": {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.") or k == META_ARCH},
+    }
 
 
 def _load_single_file(spec: str, path: Path, device, dtype) -> Base:

@@ -1,4 +1,4 @@
-"""What a LoRA or Textual Inversion file holds, without a model: backs ``sdtune inspect FILE [--json]``."""
+"""What a LoRA, Textual Inversion or checkpoint file holds, without a model: backs ``sdtune inspect FILE [--json]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import families
+from ..models import describe_checkpoint, file_sha256
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, load_embedding, made_for
 from . import blocks as block_weights
@@ -20,7 +21,12 @@ def describe(path: str | Path) -> dict:
     """A JSON-ready summary: format, base family guess, modules per component and how many of them fit that
     family's layers, ranks, alphas, scales, conv layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings,
     and keys sdtune could not read. A Textual Inversion file (any layout ``load_embedding`` reads) is described
-    as one: its token, vectors, widths and the family they fit."""
+    as one: its token, vectors, widths and the family they fit; a checkpoint as ``models.describe_checkpoint``
+    reads its header, with the hash A1111 shows for it."""
+    checkpoint = describe_checkpoint(path)
+    if checkpoint is not None:
+        sha = file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
+        return checkpoint | {"hashes": {"sha256": sha, "autov2": sha[:hashes.AUTOV2_LEN]}}
     try:
         lora = load_lora(path)
     except SdtuneError:  # not a LoRA: an embedding, or the LoRA reader's message stands
@@ -154,10 +160,33 @@ def _render_embedding(info: dict) -> str:
     return "\n".join(_table(rows + _hash_rows(h) + a1111))
 
 
+def _render_checkpoint(info: dict) -> str:
+    parts = ", ".join(f"{c} {n:,}" if n else f"{c} MISSING" for c, n in info["components"].items())
+    prediction = info["prediction"] or "n/a (unknown family)"
+    if info["zero_terminal_snr"]:
+        prediction += ", zero terminal SNR (trailing timesteps)"
+    rows = [("file", info["file"]), ("kind", "checkpoint (single file)"),
+            ("base family", info["family_name"] or "unknown (a cross-attention width sdtune does not know)"),
+            ("parameters", f"{info['parameters']:,}: {parts}"),
+            ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items()) or "n/a"),
+            ("EMA copy", f"yes ({info['ema_tensors']} tensors, not loaded)" if info["ema_tensors"] else "no"),
+            ("prediction", prediction),
+            ("model hash", f"{info['hashes']['autov2']} (A1111's \"Model hash\", civitai's AutoV2; "
+                           f"sha256 {info['hashes']['sha256']})")]
+    lines = _table(rows)
+    if info["metadata"]:
+        lines.append("metadata")
+        mw = max(len(k) for k in info["metadata"])
+        lines += [f"  {k:<{mw}}  {_short(v)}" for k, v in info["metadata"].items()]
+    return "\n".join(lines)
+
+
 def render(info: dict) -> str:
     """The summary as an aligned two-column table."""
     if info.get("kind") == "embedding":
         return _render_embedding(info)
+    if info.get("kind") == "checkpoint":
+        return _render_checkpoint(info)
     family = info["family_name"] + " (guess)" if info.get("family_name") else "unknown"
     alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
     if info["alphas"] and info["alpha_missing"]:
