@@ -249,3 +249,53 @@ def test_infotext_names_the_embeddings_used_and_every_lora_strength(base, tmp_pa
     sha = {n: hashlib.sha256((tmp_path / f"{n}.safetensors").read_bytes()).hexdigest()[:12] for n in names}
     assert fields["TI hashes"] == f"zqshiny: {sha['zqshiny']}, zqdull: {sha['zqdull']}"
     assert fields["Lora weights"] == "style=0.8:0.5:lbw=1,0,1,0,1,0,0,0,0,0,0,0,0,0"  # INALL: BASE, IN01, IN03
+
+
+def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
+    """--vae: A1111's VAE files (LDM names, with or without first_stage_model., .safetensors or a .ckpt), diffusers'
+    names or a diffusers VAE folder put those weights in place of the model's own; the PNG says `VAE hash`/`VAE`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdtune import ldm
+    from sdtune.cli import main
+    from sdtune.models import file_sha256, use_vae
+
+    tiny = load_base("tiny", device="cpu")
+    vae = {k: v.clone() for k, v in tiny.vae.state_dict().items()}
+    ldm_names = {k.removeprefix(ldm.VAE_PREFIX): v for k, v in ldm.to_single_file(tiny.modules(), tiny.family).items()
+                 if k.startswith(ldm.VAE_PREFIX)}
+    save_file({k: v.contiguous() for k, v in ldm_names.items()}, str(tmp_path / "a1111.safetensors"))
+    torch.save({"state_dict": {ldm.VAE_PREFIX + k: v for k, v in ldm_names.items()}}, tmp_path / "a1111.ckpt")
+    (tmp_path / "folder").mkdir()
+    save_file(vae, str(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"))
+    for source in ("a1111.safetensors", "a1111.ckpt", "folder"):
+        other = load_base("tiny", device="cpu")
+        with torch.no_grad():
+            for p in other.vae.parameters():
+                p.mul_(0.5)
+        use_vae(other, tmp_path / source)
+        got = other.vae.state_dict()
+        assert got.keys() == vae.keys() and all(torch.equal(got[k], vae[k]) for k in vae), source
+        assert other.vae.config.scaling_factor == tiny.vae.config.scaling_factor
+
+    # the same weights decode the same image; other weights another; the PNG names the file and its hash
+    brighter = {k: v * 1.01 for k, v in vae.items()}
+    save_file(brighter, str(tmp_path / "brighter.safetensors"))
+    run = ["generate", "--prompt", "a red circle on a white background", "--steps", "3", "--seed", "2", "--no-progress"]
+    for name, extra in (("own", []), ("same", ["--vae", str(tmp_path / "a1111.safetensors")]),
+                        ("other", ["--vae", str(tmp_path / "brighter.safetensors")])):
+        assert main([*run, *extra, "--out", str(tmp_path / name)]) == 0
+    pixels = {n: np.asarray(Image.open(tmp_path / n / "00000-2.png")) for n in ("own", "same", "other")}
+    assert np.array_equal(pixels["own"], pixels["same"]) and not np.array_equal(pixels["own"], pixels["other"])
+    fields = parse_infotext(read_infotext(tmp_path / "other" / "00000-2.png"))
+    assert fields["VAE"] == "brighter.safetensors"
+    assert fields["VAE hash"] == file_sha256(tmp_path / "brighter.safetensors")[:10]
+    assert "VAE" not in parse_infotext(read_infotext(tmp_path / "own" / "00000-2.png"))
+
+    xl = load_base("tiny-xl", device="cpu")
+    with pytest.raises(SdtuneError, match="brighter.safetensors: .*; pass a VAE made for") as caught:
+        use_vae(load_base("tiny-random", device="cpu"), tmp_path / "brighter.safetensors")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(SdtuneError, match="no diffusion_pytorch_model.safetensors in this folder or its vae/"):
+        use_vae(xl, tmp_path / "own")

@@ -19,7 +19,7 @@ from .generate import Generated
 from .generate import generate as _generate
 from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
-from .models import Base, load_base
+from .models import Base, load_base, use_vae
 from .safeio import SdtuneError
 from .ti.formats import load_embedding
 from .ti.tokens import find_in_prompt
@@ -117,12 +117,17 @@ def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable:
     return [t for t in base.embeddings.tokens if t not in before]
 
 
-def load(model: str = "tiny", device=None, dtype=None, *, loras=(), embeddings=(), lora_dirs=(),
+def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), embeddings=(), lora_dirs=(),
          embedding_dirs=(), allow_partial: bool = False) -> Base:
+    """The base model with its adapters loaded; ``vae``: a VAE file or folder to decode with instead of its own."""
     for folder in lora_dirs:  # as --embedding-dir is: a mistyped folder is said now, not at the first <lora:> tag
         if not Path(folder).is_dir():
             raise SdtuneError(f"{folder}: --lora-dir is not a folder; check the path")
+    if vae is not None and not Path(vae).expanduser().exists():  # before the model loads
+        raise SdtuneError(f"{vae}: no such VAE file or folder; check the path")
     base = load_base(model, device=device, dtype=dtype)
+    if vae is not None:
+        use_vae(base, vae)
     # named one by one, so one that cannot be used stops here rather than draw images without it
     add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
     for spec in loras:

@@ -59,6 +59,10 @@ CLIP_SKIP_HELP = ("A1111's and ComfyUI's clip skip: the text encoder layer count
                   "last; anime SD 1.x models expect 2; SDXL reads its 2nd anyway)")
 
 
+VAE_HELP = ("a VAE file (.safetensors/.ckpt) or diffusers VAE folder to decode with instead of the model's own, as "
+            "A1111's SD VAE setting (e.g. vae-ft-mse-840000 for SD 1.x, the fp16-fix for SDXL)")
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=25)
@@ -66,6 +70,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
     p.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     p.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
+    p.add_argument("--vae", help=VAE_HELP)
     p.add_argument("--width", type=int, help="a multiple of 8 (default, or 0: the model's size)")
     p.add_argument("--height", type=int, help="a multiple of 8 (default, or 0: the model's size)")
 
@@ -149,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--seed", type=int, default=1)
     gr.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     gr.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
+    gr.add_argument("--vae", help=VAE_HELP)
     gr.add_argument("--width", type=int)
     gr.add_argument("--height", type=int)
     gr.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
@@ -194,8 +200,8 @@ def cmd_generate(a) -> None:
     check_scheduler(a.scheduler)  # a sampler that cannot run, or a file in the way, stops it before the work
     check_clip_skip(a.clip_skip)
     output_folder(a.out)
-    base = api.load(a.model, a.device, a.dtype, loras=a.lora, embeddings=a.embedding, lora_dirs=a.lora_dir,
-                    embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
+    base = api.load(a.model, a.device, a.dtype, vae=a.vae, loras=a.lora, embeddings=a.embedding,
+                    lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
                            seed=a.seed, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
                            height=a.height, num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
@@ -342,7 +348,7 @@ def cmd_grid(a) -> Path:
     x, y = xyplot.axes_from_specs(a.x, a.y, weights=a.weights, sweep=a.sweep)  # bad axes stop before the load
     check_scheduler(a.scheduler)
     check_clip_skip(a.clip_skip)
-    base = api.load(a.model, a.device, a.dtype)
+    base = api.load(a.model, a.device, a.dtype, vae=a.vae)
     return xyplot.xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
                           guidance=a.guidance, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
                           height=a.height, loras=a.lora,

@@ -319,6 +319,8 @@ def generate(
                 "Size": f"{width}x{height}",
                 "Model hash": getattr(base, "model_hash", ""),
                 "Model": getattr(base, "name", ""),
+                "VAE hash": getattr(base, "vae_hash", "") or None,  # A1111's pair, for a VAE given apart
+                "VAE": base.vae_file.name if getattr(base, "vae_file", None) else None,
                 "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set
                 **(extra_info or {}),
             }

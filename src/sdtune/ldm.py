@@ -348,6 +348,21 @@ def _write_renamed(module, names: dict[str, str], prefix: str, vae: bool) -> dic
     return out
 
 
+def read_vae(sd: dict, vae) -> dict:
+    """A standalone VAE file's tensors (A1111's VAE files: LDM names, with or without ``first_stage_model.``;
+    or diffusers' AutoencoderKL names) -> a state dict for ``vae``. Raises one ``SdtuneError`` for a tensor that
+    is not a VAE's."""
+    sd = {k.removeprefix(VAE_PREFIX): v for k, v in sd.items() if not k.startswith(("loss.", "model_ema.",
+                                                                                    VAE_PREFIX + "loss."))}
+    if any(k.startswith("encoder.down_blocks.") for k in sd):  # already diffusers' names
+        return sd
+    state, unknown = _read_renamed(sd, vae_module_map(vae.config), vae=True)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a Stable Diffusion VAE")
+    return state
+
+
 # ---------------------------------------------------------------- whole checkpoints
 
 def component_prefixes(family: Family) -> dict[str, str]:

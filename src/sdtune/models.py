@@ -64,6 +64,8 @@ class Base:
     family: Family = families.SD1
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second text encoder (OpenCLIP bigG)
     tokenizer_2: CLIPTokenizer | None = None
+    vae_file: Path | None = None  # a VAE put in place of the model's own (use_vae), which images name ...
+    vae_hash: str = ""  # ... with its short hash, as A1111's "VAE hash"
 
     def text_encoders(self) -> list[tuple[TextEncoder, torch.nn.Module, CLIPTokenizer]]:
         """(description, model, tokenizer) of each text encoder, in the family's order."""
@@ -626,6 +628,42 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
         return _load_hub(spec, device, dtype)
     raise SdtuneError(f"{spec}: no such file or folder; pass tiny, a diffusers folder, a .safetensors "
                       "checkpoint or a hub id")
+
+
+VAE_FOLDER_FILES = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
+def use_vae(base: Base, spec: str | Path) -> Base:
+    """Put the VAE of ``spec`` in place of ``base``'s, as A1111's "SD VAE" setting and ComfyUI's Load VAE do: a VAE
+    file (.safetensors, or .ckpt/.pt read without running code; LDM names as A1111's VAE files have them, with or
+    without ``first_stage_model.``, or diffusers' names) or a diffusers VAE folder. It is built in the family's VAE
+    architecture and keeps the family's latent scaling, which a VAE file does not state."""
+    path = Path(spec).expanduser()
+    weights = path
+    if path.is_dir():
+        weights = next((path / name for name in VAE_FOLDER_FILES if (path / name).is_file()), None)
+        if weights is None:
+            raise SdtuneError(f"{path}: no diffusion_pytorch_model.safetensors in this folder or its vae/; pass a VAE "
+                              f"file or a diffusers VAE folder")
+    elif not path.is_file():
+        raise SdtuneError(f"{spec}: no such VAE file; check the path")
+    raw, _ = load_state(weights)
+    # without diffusers' bookkeeping: its "_use_default_values" would reset a scaling factor set after construction
+    config = {k: v for k, v in base.vae.config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    try:
+        state = ldm.read_vae(_unwrap(raw, weights), vae)
+        _place(state, base.device, base.dtype)
+        vae.load_state_dict(state, strict=True, assign=True)
+    except SdtuneError as e:
+        raise SdtuneError(f"{weights}: {e}; pass a VAE made for {base.family.title}") from None
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise SdtuneError(f"{weights}: does not fit the VAE of {base.family.title} ({detail}); pass a VAE made for "
+                          f"{base.family.title}") from None
+    base.vae, base.vae_file, base.vae_hash = vae.eval(), weights, file_sha256(weights)[:10]
+    return base
 
 
 # ---------------------------------------------------------------- saving
