@@ -295,3 +295,51 @@ def test_bad_resolution_is_a_clear_error(tmp_path, vae):
     solid(tmp_path / "a.png")
     with pytest.raises(SdtuneError, match="--resolution 60: must be a multiple of 16"):
         TrainingSet(scan_folder(tmp_path), vae, 60, seed=0, bucket_step=16)
+
+
+def test_captions_from_metadata_jsonl_or_csv_and_upper_case_caption_files(tmp_path):
+    """Hugging Face's imagefolder layout (diffusers' scripts): metadata.jsonl / metadata.csv with file_name and a
+    caption column; a same-name caption file still wins. `A.PNG` + `A.TXT` is a pair."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("0", "1", "2"):
+        solid(hf / f"{name}.png", caption=None)
+    (hf / "2.txt").write_text("from the txt")
+    (hf / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red circle"}\n\n'
+                                       '{"file_name": "1.png", "text": "a blue star"}\n'
+                                       '{"file_name": "2.png", "text": "not used"}\n')
+    assert {e.path.name: e.caption for e in scan_folder(hf).examples} == {
+        "0.png": "a red circle", "1.png": "a blue star", "2.png": "from the txt"}
+    (hf / "metadata.jsonl").unlink()
+    (hf / "metadata.csv").write_text('file_name,caption\n0.png,"a red circle, striped"\n1.png,a blue star\n')
+    assert scan_folder(hf).examples[0].caption == "a red circle, striped"
+    (hf / "metadata.csv").unlink()
+    (hf / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "ok"}\n{"file_name": "1.png", oops}\n')
+    with pytest.raises(SdtuneError, match=r"metadata.jsonl: line 2 is not JSON"):
+        scan_folder(hf)
+    (hf / "metadata.jsonl").write_text('{"file_name": "0.png", "label": 3}\n')
+    with pytest.raises(SdtuneError, match=r"metadata.jsonl: no caption column \(text, caption, prompt\) for 0.png"):
+        scan_folder(hf)
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    solid(upper / "A.PNG", caption=None)
+    (upper / "A.TXT").write_text("a green square\nsecond line\n")
+    scan = scan_folder(upper)
+    assert scan.examples[0].caption == "a green square"
+    assert scan.unused == [f"{upper}: 1 caption file(s) have more than one line; only the first is used, as kohya "
+                           f"does (A.TXT); join the lines to keep them"]
+
+
+def test_kohya_folders_sd_scripts_would_read_otherwise_are_said(tmp_path):
+    for folder, name in (("5_red", "a"), ("0_unused", "b"), ("plain", "c")):
+        (tmp_path / folder).mkdir()
+        solid(tmp_path / folder / f"{name}.png", caption=None)
+    scan = scan_folder(tmp_path, default_caption="x")
+    assert {e.path.name: e.repeats for e in scan.examples} == {"a.png": 5, "c.png": 1}
+    assert scan.unused == [
+        f"{tmp_path / '0_unused'}: 0 repeats (its N_ prefix), so its images are not used",
+        f"{tmp_path / 'plain'}: no N_ repeat prefix among kohya-style folders, so its images train once per epoch "
+        f"(kohya sd-scripts skips such a folder)"]
+    with pytest.raises(SdtuneError, match=r"nothere: --validation-dir is not a folder"):
+        scan_folder(tmp_path / "nothere", option="--validation-dir")

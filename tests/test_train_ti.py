@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdtune.console import SdtuneWarning
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, load_state
 from sdtune.ti.formats import load_embedding
@@ -112,6 +113,11 @@ def test_prompt_source_templates_or_captions(dataset, tmp_path):
     for ex in scan.examples:
         ex.caption = "a <t> here"
     assert prompt_templates(scan, "<t>", "object") is None
+    for ex in scan.examples:  # captions, none naming the token: not used, and said
+        ex.caption = "a red square"
+    with pytest.warns(SdtuneWarning, match="no caption mentions <t>, so the captions are not used: training on the "
+                                           "object prompt templates"):
+        assert prompt_templates(scan, "<t>", "object")[0] == OBJECT_TEMPLATES[0].format("<t>")
 
 
 def test_bad_tokens_fail_clearly_and_leave_the_base_unchanged(dataset, tmp_path):

@@ -1,8 +1,9 @@
 """Training data: a folder of images and captions in, cached latents and per-step batches out.
 
-Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them; a subfolder
-named ``N_name`` repeats its images N times per epoch, and ``name`` is the caption of its images that have
-no caption file. Any image Pillow reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it
+Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them, or listed in a
+``metadata.jsonl``/``metadata.csv`` (Hugging Face's imagefolder layout, which diffusers' scripts read: ``file_name``
+and a ``text``/``caption``/``prompt`` column); a subfolder named ``N_name`` repeats its images N times per epoch,
+and ``name`` is the caption of its images that have no caption file. Any image Pillow reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it
 becomes 8-bit RGB, transparency composited on white. Unreadable files are skipped and listed.
 
 Each image is resized to cover its bucket (one square size, or with bucketing the size whose aspect ratio
@@ -22,7 +23,10 @@ makes resuming exact, and lets each of several processes take its slice of the s
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import math
 import os
 import random
@@ -68,16 +72,62 @@ class Scan:
     unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
 
 
-def read_caption(image: Path) -> str | None:
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+METADATA_COLUMNS = ("text", "caption", "prompt")  # diffusers' scripts default to "text"
+
+
+def caption_file(image: Path) -> Path | None:
+    """The caption file of ``image``: ``.txt``, else ``.caption``, in lower or upper case (``A.PNG`` + ``A.TXT``)."""
     for suffix in CAPTION_SUFFIXES:
-        path = image.with_suffix(suffix)
-        if path.is_file():
-            try:
-                lines = path.read_text(encoding="utf-8-sig").splitlines()
-            except UnicodeDecodeError:
-                raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
-            return next((ln.strip() for ln in lines if ln.strip()), "")
+        for case in (suffix, suffix.upper()):
+            if image.with_suffix(case).is_file():
+                return image.with_suffix(case)
     return None
+
+
+def read_caption(image: Path) -> str | None:
+    """The first non-empty line of the image's caption file ("" for an empty file); None without one."""
+    path = caption_file(image)
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
+    return next((ln.strip() for ln in lines if ln.strip()), "")
+
+
+def read_metadata_captions(folder: Path) -> dict[Path, str]:
+    """{image path: caption} from the folder's ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder:
+    a ``file_name`` relative to the folder and a caption column); {} without one."""
+    path = next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SdtuneError(f"{path}: is not UTF-8 text; re-save it as UTF-8") from None
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line)) if line.strip() else None
+            except ValueError:
+                raise SdtuneError(f"{path}: line {number} is not JSON; each line must be an object such as "
+                                  f'{{"file_name": "0.png", "text": "a red circle"}}') from None
+    captions = {}
+    for row in rows:
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise SdtuneError(f"{path}: a row without file_name ({str(row)[:60]}); give each image's file_name and "
+                              f"its {' or '.join(METADATA_COLUMNS)}")
+        column = next((c for c in METADATA_COLUMNS if c in row), None)
+        if column is None:
+            raise SdtuneError(f"{path}: no caption column ({', '.join(METADATA_COLUMNS)}) for {row['file_name']}; "
+                              f"name the captions' column text")
+        captions[(folder / str(row["file_name"])).resolve()] = str(row[column] or "").strip()
+    return captions
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -91,13 +141,16 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path]) -> list[st
     used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption)."""
     stems = {p.with_suffix("") for p in images}
     files = folder.rglob("*") if recursive else folder.iterdir()
-    captions = sorted(p for p in files if p.suffix in CAPTION_SUFFIXES and p.is_file()
+    captions = sorted(p for p in files if p.suffix.lower() in CAPTION_SUFFIXES and p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     orphans = [p for p in captions if p.with_suffix("") not in stems]
-    both = [p for p in captions if p.suffix == CAPTION_SUFFIXES[1] and p.with_suffix(CAPTION_SUFFIXES[0]).is_file()
-            and p.with_suffix("") in stems]
-    empty = [p for p in captions if p not in orphans and p not in both and p.stat().st_size < 64
-             and not p.read_text(encoding="utf-8", errors="replace").strip()]
+    both = [p for p in captions if p.suffix.lower() == CAPTION_SUFFIXES[1] and p.with_suffix("") in stems
+            and caption_file(p.with_suffix("")) != p]
+    used = [p for p in captions if p not in orphans and p not in both]
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in used}
+    empty = [p for p in used if not texts[p].strip()]
+    # only the first line is read, as kohya reads it: a captioner's further lines would go unseen
+    multi = [p for p in used if sum(1 for line in texts[p].splitlines() if line.strip()) > 1]
 
     def named(paths: list[Path]) -> str:
         return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -111,25 +164,39 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path]) -> list[st
     if empty:
         notes.append(f"{folder}: {len(empty)} caption file(s) are empty, so their images train with an empty "
                      f"caption ({named(empty)})")
+    if multi:
+        notes.append(f"{folder}: {len(multi)} caption file(s) have more than one line; only the first is used, as "
+                     f"kohya does ({named(multi)}); join the lines to keep them")
     return notes
 
 
-def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True) -> Scan:
-    """Every readable image under ``folder`` with its caption and repeat count.
+def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True,
+                option: str = "--data") -> Scan:
+    """Every readable image under ``folder`` (given as ``option``) with its caption and repeat count.
 
-    Caption order: same-name caption file, then the ``N_name`` folder's name, then ``default_caption``.
-    With ``require_captions`` an image left without one is an error (TI uses prompt templates instead)."""
+    Caption order: same-name caption file, then the folder's metadata.jsonl/csv, then the ``N_name`` folder's
+    name, then ``default_caption``. With ``require_captions`` an image left without one is an error (TI uses
+    prompt templates instead)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SdtuneError(f"{folder}: --data is not a folder; point it at a folder of images and captions")
+        raise SdtuneError(f"{folder}: {option} is not a folder; point it at a folder of images and captions")
     groups: list[tuple[Path, int, str | None, bool]] = [(folder, 1, None, False)]
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    kohya = any(REPEAT_FOLDER.match(sub.name) for sub in subfolders)
+    scan = Scan([])
+    for sub in subfolders:
         m = REPEAT_FOLDER.match(sub.name)
         groups.append((sub, int(m.group(1)), m.group(2).strip() or None, True) if m else (sub, 1, None, True))
-    scan = Scan([])
+        # kohya's layout read as sd-scripts reads it, but said: it skips an unprefixed folder, which trains here
+        if m and int(m.group(1)) == 0:
+            scan.unused.append(f"{sub}: 0 repeats (its N_ prefix), so its images are not used")
+        elif not m and kohya:
+            scan.unused.append(f"{sub}: no N_ repeat prefix among kohya-style folders, so its images train once per "
+                               f"epoch (kohya sd-scripts skips such a folder)")
     missing: list[Path] = []
     for path_, repeats, folder_caption, recursive in groups:
         files = _image_files(path_, recursive)
+        listed = read_metadata_captions(path_)
         count = 0
         for image in files:
             why = check_image(image)
@@ -137,6 +204,8 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
                 scan.skipped.append((image, why))
                 continue
             caption = read_caption(image)
+            if caption is None:
+                caption = listed.get(image.resolve())
             if caption is None:
                 caption = folder_caption if folder_caption is not None else default_caption
             if caption is None and require_captions:
@@ -150,7 +219,7 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise SdtuneError(f"{folder}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
-                          f"or pass --default-caption TEXT")
+                          f"(or a metadata.jsonl), or pass --default-caption TEXT")
     if not scan.examples:
         if scan.skipped:
             raise SdtuneError(f"{folder}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
@@ -567,6 +636,6 @@ def report_skipped(scan: Scan) -> None:
     for line in scan.unused:
         note(line)
     if scan.skipped:
-        print(f"skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
+        print(f"sdtune: warning: skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
         for path, why in scan.skipped:
             print(f"  {path}: {why}", file=sys.stderr)

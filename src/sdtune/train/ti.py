@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..console import note
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
@@ -89,7 +90,11 @@ def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
         lacking = next(ex for ex, m in zip(scan.examples, mentions) if not m)
         raise SdtuneError(f"{lacking.path}: its caption does not mention {token}; put {token} in every caption, or "
                           f"remove the caption files to train on {prop} prompt templates")
-    return [t.format(token) for t in (STYLE_TEMPLATES if prop == "style" else OBJECT_TEMPLATES)]
+    templates = [t.format(token) for t in (STYLE_TEMPLATES if prop == "style" else OBJECT_TEMPLATES)]
+    if any(captions):  # caption files that are not used: said, since a kohya user expects them to be
+        note(f"no caption mentions {token}, so the captions are not used: training on the {prop} prompt templates "
+             f"({templates[0]!r}, ...); put {token} in every caption to train on the captions")
+    return templates
 
 
 def spread(rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -56,8 +56,9 @@ class ValidationSet:
 def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, bool]:
     """(training images, validation images, held out?) from the settings' --validation-dir/--validation-split."""
     if settings.validation_dir:
-        held = scan_folder(settings.validation_dir, require_captions=require_captions,
-                           default_caption=settings.default_caption if require_captions else None)  # as --data
+        held = scan_folder(settings.validation_dir, require_captions=require_captions,  # as --data
+                           default_caption=settings.default_caption if require_captions else None,
+                           option="--validation-dir")
         return scan, held, True
     if settings.validation_split:
         preset = presets.get(settings.kind, settings.preset).values if settings.preset else {}
