@@ -155,6 +155,58 @@ def test_resume_after_interruption_equals_uninterrupted(base, dataset, tmp_path)
     assert any(t["up"].abs().max() > 0 for t in a.values())
 
 
+def test_ctrl_c_saves_the_step_it_stops_at_and_the_rerun_continues_exactly(base, dataset, tmp_path):
+    """A first Ctrl-C finishes the step in progress, saves it as a scheduled save does and stops with one line
+    naming what was kept; the same command then continues to the uninterrupted run's weights."""
+    import signal
+
+    from sdtune.console import Interrupted
+
+    kw = dict(flip=True, shuffle_captions=True, noise_offset=0.05, save_every=100)
+    whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
+
+    def ctrl_c_at_4(step, loss):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted, match=rf"interrupted at step 4 of 6, saved \({out / 'lora-step000004.safetensors'}"
+                                          rf", {out / loop.STATE_FILE}\); run the same command to continue"):
+        train_lora(base, settings(dataset, out, **kw), callback=ctrl_c_at_4)
+    assert signal.getsignal(signal.SIGINT) is before  # Python's own handler again after the loop
+    assert load_state(out / loop.STATE_FILE)[0]["step"] == 4 and not (out / "lora.safetensors").exists()
+    steps = []
+    resumed = train_lora(base, settings(dataset, out, **kw), callback=lambda s, _: steps.append(s))
+    assert steps == [5, 6]
+    a, b = lora_tensors(whole), lora_tensors(resumed)
+    assert all(torch.equal(a[k][r], b[k][r]) for k in a for r in ("down", "up"))
+
+
+def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dataset, tmp_path):
+    """torch computes in other last bits once set_num_threads has been called (the LoRA patcher and the bake
+    call it); sdtune sets it on import, so a run after a LoRA was applied equals the same run before."""
+    script = textwrap.dedent(f"""
+        import torch
+        from sdtune.models import load_base
+        from sdtune.train.config import LoraSettings
+        from sdtune.train.lora import train_lora
+        from sdtune.lora.formats import load_lora
+
+        def run(out):
+            s = LoraSettings(data={str(dataset)!r}, out=out, steps=2, batch_size=2, rank=4, alpha=4, lr=2e-3,
+                             flip=True, noise_offset=0.05, sample_steps=2, progress=False, report=False)
+            return {{(c, p): ad.tensors for c, p, ad in load_lora(train_lora(load_base("tiny-random"), s)).items()}}
+
+        first = run({str(tmp_path / "a")!r})  # the first run of a fresh process
+        torch.set_num_threads(torch.get_num_threads())  # as LoraSet's patching does around its worker threads
+        again = run({str(tmp_path / "b")!r})
+        print(all(torch.equal(first[k][r], again[k][r]) for k in first for r in ("down", "up")))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
+
+
 def test_resume_refuses_other_settings(base, dataset, tmp_path):
     train_lora(base, settings(dataset, tmp_path, steps=2))
     with pytest.raises(SdtuneError, match=r"resume.pt: this run was started with other settings \(rank 4 -> 8"):

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .console import cli_warnings, imports_without_gc, restore_interrupt
+from .console import Interrupted, cli_warnings, imports_without_gc, restore_interrupt
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdtune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sdtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"sdtune: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 
 
@@ -28,6 +29,33 @@ def quiet_interrupt_while_starting() -> None:
 def _interrupted(signum, frame) -> None:
     sys.stderr.write("sdtune: interrupted\n")
     os._exit(130)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that was handled: its message says what was kept (``cli.main`` prints it after ``sdtune:``)."""
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool = True):
+    """Inside: a first Ctrl-C only asks (the yielded list gets an entry) and says so, for a loop to finish its
+    step, save and stop; a second one interrupts at once, as outside. Off in other threads (the web UI's jobs),
+    where Python delivers no signal."""
+    requested: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def ask(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        sys.stderr.write("\nsdtune: stopping after this step to save it (Ctrl-C again to stop without saving)\n")
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def restore_interrupt() -> None:

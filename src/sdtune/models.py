@@ -41,6 +41,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# torch's CPU kernels split their work one way in the state a process starts in, and another way (other last
+# bits) once anything calls torch.set_num_threads, even with the same count, as the LoRA patcher and the bake
+# do for their worker threads. A training run after them came out different in the last bits from the same run
+# before them. Set once here, on import, every computation of a process runs in the one state.
+torch.set_num_threads(torch.get_num_threads())
 META_SCALING = "sdtune.vae_scaling_factor"
 META_ARCH = "sdtune.architecture"
 META_CONFIGS = "sdtune.configs"  # JSON {component: config}: the architecture, for models not of the shipped size

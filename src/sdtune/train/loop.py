@@ -51,6 +51,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..console import Interrupted, stop_requests
 from ..generate import TextStack, generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs, shared_text
@@ -562,6 +563,10 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     bar = tqdm(total=r.total, initial=start, desc=f"train {r.job.name}", unit="step", dynamic_ncols=True,
                disable=not (acc.is_main_process and s.progress), file=sys.stderr)
     smooth = None
+    # a Ctrl-C saves the step in progress, as a scheduled save does, and stops (one process only: several
+    # would have to agree on the step)
+    stopping = contextlib.ExitStack()
+    asked = stopping.enter_context(stop_requests(enabled=acc.num_processes == 1))
     try:
         if start == 0:  # the base model's numbers: where the run starts from
             r.validate(0)
@@ -594,9 +599,16 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                 r.save(done, final=False)
             if s.sample_every and (done % s.sample_every == 0 or done == r.total):
                 r.sample(done)
+            if asked and done < r.total:
+                if r.last_save != done:
+                    r.validate(done)
+                    r.save(done, final=False)
+                raise Interrupted(f"interrupted at step {done} of {r.total}, saved ({r.checkpoints[-1][1]}, "
+                                  f"{r.out / STATE_FILE}); run the same command to continue")
         r.save(r.total, final=True)
     finally:
         bar.close()
+        stopping.close()
     return r.final_files
 
 
