@@ -207,6 +207,20 @@ def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dat
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
 
 
+def test_starting_over_sets_the_earlier_run_aside_and_a_finished_run_says_so(base, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_lora(base, settings(dataset, out, steps=4, save_every=2, sample_every=2))
+    capsys.readouterr()
+    train_lora(base, settings(dataset, out, steps=4, save_every=2, sample_every=2))  # the same command again
+    assert "already finished (4 steps" in capsys.readouterr().err
+    earlier = sorted(p.name for p in out.iterdir())
+    train_lora(base, settings(dataset, out, steps=2, lr=5e-4, resume=False, sample_every=0))
+    assert f"starting over in {out}; the earlier run's files are now in {out / 'earlier-1'}" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "earlier-1").iterdir()) == earlier  # all there, none deleted
+    assert "lora-step000002.safetensors" in earlier and not (out / "lora-step000002.safetensors").exists()
+    assert not (out / "samples").exists() and load_state(out / loop.STATE_FILE)[0]["step"] == 2
+
+
 def test_resume_refuses_other_settings(base, dataset, tmp_path):
     train_lora(base, settings(dataset, tmp_path, steps=2))
     with pytest.raises(SdtuneError, match=r"resume.pt: this run was started with other settings \(rank 4 -> 8"):

@@ -303,8 +303,31 @@ def _read_resume(path: Path, settings: TrainSettings, model_hash: str, data_id: 
     return state
 
 
+# What a run writes in its folder (beside settings.toml): its files and checkpoints, samples, logs, report
+_RUN_SUFFIXES = {".safetensors", ".pt", ".bin", ".png", ".csv", ".html", ".toml"}
+_RUN_FOLDERS = ("samples", "tensorboard", "diffusers")
+
+
+def _set_aside(out: Path) -> Path | None:
+    """Move an earlier run's files out of ``out`` into ``out/earlier-N`` when a run starts over there (--no-resume,
+    or a run stopped before its first save): its checkpoints, samples and TensorBoard events would otherwise sit
+    beside this run's and be taken for them. Nothing is deleted. None when ``out`` holds no earlier run."""
+    if not (out / SETTINGS_FILE).is_file():
+        return None
+    old = [p for p in out.iterdir() if (p.is_file() and p.suffix in _RUN_SUFFIXES)
+           or (p.is_dir() and p.name.startswith(_RUN_FOLDERS))]
+    aside = next(out / f"earlier-{n}" for n in range(1, 10_000) if not (out / f"earlier-{n}").exists())
+    aside.mkdir()
+    for path in old:
+        path.rename(aside / path.name)
+    return aside
+
+
 def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSettings) -> str:
     """The line a resumed run prints: where it picks up, and what a changed step count does to the schedule."""
+    if start == total:
+        return (f"sdtune train {name}: already finished ({total} steps, {Path(settings.out) / STATE_FILE}); "
+                f"writing its final files and report again (more --steps would continue it)")
     line = f"sdtune train {name}: resuming at step {start} of {total} from {Path(settings.out) / STATE_FILE}"
     before = state.get("total")
     if before and before != total and settings.lr_scheduler != "constant":
@@ -411,6 +434,10 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             saved_steps = json.loads(state["settings"]).get("steps")
             extend = start < total and state.get("final", start == saved_steps and not settings.epochs)
         if accelerator.is_main_process:
+            aside = _set_aside(Path(settings.out)) if start == 0 else None
+            if aside is not None:
+                print(f"sdtune train {job.name}: starting over in {settings.out}; the earlier run's files are now in "
+                      f"{aside}", file=sys.stderr)
             _announce(settings, job, Path(settings.out))
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
