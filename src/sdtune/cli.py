@@ -29,9 +29,12 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .train.ti import train_ti
 
 
+MODEL_HELP = ("tiny (built-in), a diffusers folder, a .safetensors/.ckpt SD 1.x/2.x/SDXL checkpoint, or a hub id "
+              "(default: tiny)")
+
+
 def _base_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny (built-in), a diffusers folder, a .safetensors/.ckpt "
-                   "SD 1.x/2.x/SDXL checkpoint, or a hub id (default: tiny)")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     _device_args(p)
 
 
@@ -65,9 +68,10 @@ VAE_HELP = ("a VAE file (.safetensors/.ckpt) or diffusers VAE folder to decode w
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=-1, help="-1: random")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
+    p.add_argument("--seed", type=int, default=-1, help="the first image's seed, +1 for each next (default: -1, "
+                   "random)")
     p.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     p.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
     p.add_argument("--vae", help=VAE_HELP)
@@ -86,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_args(g)
     g.add_argument("--prompt", required=True)
     _gen_args(g)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--out", default="out")
+    g.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
+    g.add_argument("--out", default="out", help="output folder (default: out)")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
 
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize, extract from two models"))
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
-    m.add_argument("--model", default="tiny")
+    m.add_argument("--model", default="tiny", help=MODEL_HELP)
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:TE_WEIGHT]][:lbw=W,W,…|PRESET]",
                    help="a LoRA to bake in, with its weight (optionally the text encoders' own weight, as A1111 "
                    "writes it: FILE:0.8:0.5 or FILE:unet=0.8:te=0.5) and optional lora-block-weight block "
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         tp.set_defaults(func=cmd_train)
     tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
                          formatter_class=argparse.RawDescriptionHelpFormatter, description=train_queue.__doc__)
-    tq.add_argument("jobs", help="the queue file (TOML, as below)")
+    tq.add_argument("jobs", help="the queue file (TOML, as above)")
     tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
     _device_args(tq)
     tq.set_defaults(func=cmd_train_queue)
@@ -149,17 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--weights", metavar="W1,W2,...",
                     help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
     gr.add_argument("--sweep", metavar="NAME", help="which loaded LoRA a weight axis sweeps (default: the only one)")
-    gr.add_argument("--steps", type=int, default=20)
-    gr.add_argument("--guidance", type=float, default=7.5)
-    gr.add_argument("--seed", type=int, default=1)
+    gr.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    gr.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
+    gr.add_argument("--seed", type=int, default=1, help="every cell's seed unless an axis sweeps it (default: 1, "
+                    "fixed, so cells differ only by their axes)")
     gr.add_argument("--scheduler", default="ddim", help=SCHEDULER_HELP)
     gr.add_argument("--clip-skip", type=int, default=1, help=CLIP_SKIP_HELP)
     gr.add_argument("--vae", help=VAE_HELP)
-    gr.add_argument("--width", type=int)
-    gr.add_argument("--height", type=int)
+    gr.add_argument("--width", type=int, help="a multiple of 8 (default: the model's size)")
+    gr.add_argument("--height", type=int, help="a multiple of 8 (default: the model's size)")
     gr.add_argument("--cell", type=int, default=128, help="grid cell width in pixels (small images are scaled up)")
     gr.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
-    gr.add_argument("--out", default="grid")
+    gr.add_argument("--out", default="grid", help="output folder (default: grid)")
     gr.add_argument("--no-progress", action="store_true")
     gr.set_defaults(func=cmd_grid)
 
@@ -173,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
     _base_args(e)
-    e.add_argument("--images", type=int, default=8, help="images per prompt")
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=5.0)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--images", type=int, default=8, help="images per prompt (default: 8)")
+    e.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    e.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5.0)")
+    e.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
     e.set_defaults(func=cmd_eval_tiny)
 
     u = sub.add_parser("ui", help="the whole workflow in a browser: generate, compare, train, LoRA files, gallery")
@@ -187,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "switch to, besides the built-in ones and --model")
     u.add_argument("--out", default="outputs", help="output folder: images, grids, training jobs, datasets "
                    "(default: outputs)")
-    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--port", type=int, default=7860, help="(default: 7860)")
     u.add_argument("--listen", action="store_true", help="serve on every network interface, not only this "
                    "machine (use with --auth)")
     u.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
