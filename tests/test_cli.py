@@ -186,15 +186,15 @@ def test_inspect_describes_embeddings_of_every_layout(tmp_path, capsys):
     save_embedding(sdxl, tmp_path / "xl.safetensors")
     save_embedding(Embedding("<p>", torch.randn(3, 1024, generator=g), "made here", "a1111"), tmp_path / "p.pt",
                    format="a1111")
-    save_file({"emb_params": torch.randn(1, 768, generator=g)}, str(tmp_path / "kohya-style.safetensors"))
-    want = {"xl.safetensors": ("<x>", 2, {"clip_l": 768, "clip_g": 1280}, "SDXL"),
-            "p.pt": ("<p>", 3, {"": 1024}, "SD 2.x"),
-            "kohya-style.safetensors": ("kohya-style", 1, {"": 768}, "SD 1.x")}
-    for name, (token, n, widths, family) in want.items():
+    save_file({"emb_params": torch.randn(1, 768, generator=g).bfloat16()}, str(tmp_path / "kohya-style.safetensors"))
+    want = {"xl.safetensors": ("<x>", 2, {"clip_l": 768, "clip_g": 1280}, "SDXL", "float32"),
+            "p.pt": ("<p>", 3, {"": 1024}, "SD 2.x", "float32"),
+            "kohya-style.safetensors": ("kohya-style", 1, {"": 768}, "SD 1.x", "bfloat16")}  # as stored
+    for name, (token, n, widths, family, dtype) in want.items():
         assert main(["inspect", str(tmp_path / name), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert (info["kind"], info["token"], info["vectors"], info["widths"], info["family_name"]) == (
-            "embedding", token, n, widths, family), name
+        assert (info["kind"], info["token"], info["vectors"], info["widths"], info["family_name"], info["dtypes"]) == (
+            "embedding", token, n, widths, family, [dtype]), name
         assert info["hashes"]["autov2"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:10]
     assert main(["inspect", str(tmp_path / "xl.safetensors")]) == 0
     text = capsys.readouterr().out

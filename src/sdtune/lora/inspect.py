@@ -101,7 +101,6 @@ def _embedding(path: str | Path) -> Embedding | None:
 
 
 def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
-    rows = next(iter(emb.parts.values()))
     return {
         "file": str(path),
         "kind": "embedding",
@@ -110,7 +109,7 @@ def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
         "vectors": emb.num_vectors,
         "widths": emb.widths,
         "family_name": made_for(emb.widths),
-        "dtypes": [str(rows.dtype).removeprefix("torch.")],
+        "dtypes": [emb.stored_dtype],
         "norms": {key: round(float(r.norm(dim=1).mean()), 4) for key, r in emb.parts.items()},
         "training": emb.training,  # step, base model and its hash, settings: where the file records them
         "hashes": hashes.describe(path),

@@ -51,6 +51,7 @@ class Embedding:
     format: str  # one of FORMATS
     # how it was trained, where the file says: {"step", "base_model", "base_model_hash", "settings"} (strings)
     training: dict[str, str] = field(default_factory=dict)
+    stored_dtype: str = "float32"  # the file's (the vectors are float32 here)
 
     @property
     def parts(self) -> dict[str, torch.Tensor]:
@@ -120,9 +121,11 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
         raise SdtuneError(f"{path}: a bare tensor with no token name; give one as {path}:TOKEN")
     check_token(token, path)
     training = _training_facts(state, metadata)
+    first = next(iter(vectors.values())) if isinstance(vectors, dict) else vectors
+    stored = str(getattr(first, "dtype", "float32")).removeprefix("torch.")
     if isinstance(vectors, dict):
-        return Embedding(token, _as_parts(vectors, path), str(path), fmt, training)
-    return Embedding(token, _as_rows(vectors, path), str(path), fmt, training)
+        return Embedding(token, _as_parts(vectors, path), str(path), fmt, training, stored)
+    return Embedding(token, _as_rows(vectors, path), str(path), fmt, training, stored)
 
 
 def _training_facts(state, metadata: dict) -> dict[str, str]:
