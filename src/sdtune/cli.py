@@ -24,7 +24,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
-    from .train.config import KINDS, load_settings, read_settings, setting_type
+    from .train.config import KINDS, load_settings, read_settings, setting_helps, setting_type
     from .train.lora import train_lora
     from .train.ti import train_ti
 
@@ -220,12 +220,13 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     the TOML file's value (or the default) is kept."""
     cls = KINDS[kind]
     preset_set = {name for p in presets.PRESETS[kind].values() for name in p.values}
+    helps = setting_helps(cls)
     for f in dataclasses.fields(cls):
         flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"default: {default}" + (", or the preset's" if f.name in preset_set else "")
-        if "help" in f.metadata:
-            help_ = f.metadata["help"] + (f" ({help_})" if default != "" else "")
+        if f.name in helps:
+            help_ = helps[f.name] + (f" ({help_})" if default != "" else "")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:

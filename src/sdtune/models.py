@@ -465,7 +465,10 @@ def _checkpoint_header(path: Path) -> tuple[dict[str, tuple[str, tuple]], dict]:
                 return {k: (_ST_DTYPES.get(d, d.lower()), s) for k, (d, s) in shapes.items()}, dict(f.metadata() or {})
         except SafetensorError as e:
             raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
-    raw, metadata = load_state(path, mmap=True)
+    try:
+        raw, metadata = load_state(path, mmap=True)
+    except SdtuneError:  # a pickle torch cannot map (the pre-1.6 format), or one that says why it is refused
+        raw, metadata = load_state(path)
     state = _unwrap(raw, path) if isinstance(raw, dict) else {}
     return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}, metadata
 

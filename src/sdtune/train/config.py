@@ -44,27 +44,27 @@ def _help(text: str, **kw):
 class TrainSettings:
     """What every training run needs (the shared loop and data)."""
 
-    data: str = _help("folder of images (+ same-name .txt/.caption captions; N_name subfolders repeat N times)",
-                      default="")
+    data: str = _help("folder of images (+ same-name .txt/.caption captions or a metadata.jsonl; N_name subfolders "
+                      "repeat N times)", default="")
     out: str = _help("output folder: results, checkpoints, resume state, samples, report.html", default="")
-    model: str = "tiny"  # base model spec for the CLI (train_ti/train_lora take a loaded Base)
+    model: str = _help("the base model: tiny, a diffusers folder, a checkpoint file or a hub id", default="tiny")
     preset: str = _help("recommended settings to start from (--list-presets shows them); default: the base "
                         "model's own", default="")
-    steps: int = 1000  # optimizer steps
-    epochs: int = 0  # when > 0: steps = epochs x batches per epoch (overrides steps)
+    steps: int = _help("optimizer steps", default=1000)
+    epochs: int = _help("when > 0: steps = epochs x batches per epoch (overrides steps)", default=0)
     lr: float = 1e-4
-    batch_size: int = 1  # per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    resolution: int = 0  # 0: the model's native size
+    batch_size: int = _help("images per micro-batch, per process (x --grad-accum per optimizer step)", default=1)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    resolution: int = _help("training image size in pixels; 0: the model's native size", default=0)
     seed: int = 0
-    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (decay to 0)
+    lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine (decay to 0)", default="constant")
     lr_warmup_steps: int = 0
-    min_snr_gamma: float = 0.0  # 0: off; 5 is the usual value
+    min_snr_gamma: float = _help("0: off; 5 is the usual value", default=0.0)
     noise_offset: float = 0.0
     clip_skip: int = _help("the text-encoder layer the UNet reads, counted from the end as A1111's clip skip "
                            "(2 for anime SD 1.x models; SDXL reads its 2nd anyway); generate with the same",
                            default=1)
-    max_grad_norm: float = 1.0  # 0: no clipping
+    max_grad_norm: float = _help("0: no clipping", default=1.0)
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
     channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
@@ -76,20 +76,21 @@ class TrainSettings:
     share_text: bool = _help("with frozen, cached text: a batch's repeated captions go through the UNet's "
                              "cross-attention text projections once (the same values; off: once per sample, "
                              "as diffusers' scripts do)", default=True)
-    mixed_precision: str = "auto"  # auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16
-    crop: str = "center"  # center | random (random crops are VAE-encoded every step)
+    mixed_precision: str = _help("auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16 "
+                                 "", default="auto")
+    crop: str = _help("center | random (random crops are VAE-encoded every step)", default="center")
     flip: bool = False
-    buckets: bool = False  # aspect-ratio buckets for images of mixed sizes
-    bucket_step: int = 0  # 0: the model's (64 for SD 1.x)
-    shuffle_captions: bool = False  # shuffle comma-separated tags
-    keep_tokens: int = 0  # tags kept in front when shuffling
-    caption_dropout: float = 0.0  # probability of training a sample with an empty caption
-    default_caption: str | None = None  # caption of images without a caption file
-    save_every: int = 0  # snapshot + resume state every N steps (0: only at the end)
+    buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
+    bucket_step: int = _help("bucket sizes step in pixels; 0: the model's (64 for SD 1.x)", default=0)
+    shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)
+    keep_tokens: int = _help("tags kept in front when shuffling", default=0)
+    caption_dropout: float = _help("probability of training a sample with an empty caption", default=0.0)
+    default_caption: str | None = _help("caption of images without a caption file", default=None)
+    save_every: int = _help("snapshot + resume state every N steps (0: only at the end)", default=0)
     sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
     sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions)",
                                       default_factory=list)
-    sample_images: int = 4  # images per prompt in a grid
+    sample_images: int = _help("images per prompt in a grid", default=4)
     sample_steps: int = 20
     sample_guidance: float = 7.5
     validation_dir: str = _help("held-out images (captioned like --data) for the validation loss", default="")
@@ -102,8 +103,8 @@ class TrainSettings:
                               "not used and transparency is composited on white", default=False)
     report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
                          "checkpoint (copied to best.safetensors)", default=True)
-    resume: bool = True  # continue from the resume state in ``out`` if there is one
-    progress: bool = True  # progress bar (a terminal preference: not written to settings.toml nor printed)
+    resume: bool = _help("continue from the resume state in --out if there is one", default=True)
+    progress: bool = _help("progress bar", default=True)
 
     kind = "train"
 
@@ -148,15 +149,15 @@ class TrainSettings:
 class TISettings(TrainSettings):
     """Textual Inversion: a new token whose vector(s) learn the concept; nothing else changes."""
 
-    token: str = ""  # the new word, e.g. "<my-cat>"
+    token: str = _help("the new word, e.g. '<my-cat>' (required)", default="")
     init_token: str = _help("a word (or a few) close to the concept, e.g. cat or 'red hexagon': the vectors start "
                             "from its CLIP tokens", default="")
     num_vectors: int = _help("vectors of the new word. With an init text of T tokens: 1 starts from their mean; "
                              "N <= T splits them into N consecutive groups and starts each vector from its group's "
                              "mean (N = T: one token each); N > T spreads them, each token over N/T neighbouring "
                              "vectors (A1111's rule)", default=1)
-    property: str = "object"  # object | style: which prompt templates (when images have no captions)
-    formats: list[str] = field(default_factory=lambda: ["diffusers"])  # diffusers and/or a1111
+    property: str = _help("object | style: which prompt templates (when images have no captions)", default="object")
+    formats: list[str] = _help("diffusers and/or a1111", default_factory=lambda: ["diffusers"])
     steps: int = 1000
     lr: float = 5e-3
     batch_size: int = 4
@@ -184,19 +185,20 @@ class LoraSettings(TrainSettings):
 
     rank: int = 16
     alpha: float = 8.0
-    targets: str = "attn"  # attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)
+    targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers) "
+                         "", default="attn")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
                                "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
                                default_factory=list)
-    text_encoder: bool = False  # also train LoRA on the text encoder(s) (SDXL: both)
-    te_lr: float | None = None  # text-encoder learning rate (None: lr)
-    te2_lr: float | None = None  # SDXL's second text encoder's learning rate (None: te_lr)
-    conv_rank: int = 0  # rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)
-    conv_alpha: float | None = None  # None: conv_rank (with targets=all and no conv_rank: alpha)
+    text_encoder: bool = _help("also train LoRA on the text encoder(s) (SDXL: both)", default=False)
+    te_lr: float | None = _help("text-encoder learning rate (None: lr)", default=None)
+    te2_lr: float | None = _help("SDXL's second text encoder's learning rate (None: te_lr)", default=None)
+    conv_rank: int = _help("rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)", default=0)
+    conv_alpha: float | None = _help("None: conv_rank (with targets=all and no conv_rank: alpha)", default=None)
     lora_dropout: float = 0.0
-    name: str = "lora"  # output file name (without .safetensors)
-    formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
+    name: str = _help("output file name (without .safetensors)", default="lora")
+    formats: list[str] = _help("kohya and/or diffusers", default_factory=lambda: ["kohya"])
     steps: int = 1000
     lr: float = 1e-4
     ti_token: str = _help("pivotal tuning: also train this new word (e.g. '<my-dog>') with the LoRA; put it in "
@@ -288,6 +290,18 @@ def _flag(name: str) -> str:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise SdtuneError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def setting_helps(cls) -> dict[str, str]:
+    """{setting: its help text} (``_help``), over the class and its dataclass bases: a subclass that gives a
+    setting another default without a text keeps its base's text."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            own = klass.__dict__.get("__annotations__", {})
+            helps |= {name: klass.__dataclass_fields__[name].metadata["help"] for name in own
+                      if "help" in klass.__dataclass_fields__[name].metadata}
+    return helps
 
 
 def setting_type(cls, name: str) -> tuple[type, bool]:

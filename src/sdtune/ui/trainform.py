@@ -1,14 +1,13 @@
 """The training forms, read from the settings dataclasses that the CLI flags and TOML files come from.
 
 Nothing about a setting is written here: its type comes from ``train.config.setting_type``, its default
-from the dataclass field, its help from the comment beside the field, and which kind (TI, LoRA) it applies
+from the dataclass field, its help from the field's text (``config.setting_helps``), and which kind (TI, LoRA) it applies
 to from ``train.config.KINDS``. A setting added to a dataclass appears in the form by itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
 import tomllib
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 from ..safeio import SdtuneError
 from ..train import config, presets
-from ..train.config import KINDS, load_settings, setting_type
+from ..train.config import KINDS, load_settings, setting_helps, setting_type
 
 # set by the UI itself: where the job writes, which model, progress for the live view
 MANAGED = ("out", "model", "progress", "resume")
@@ -50,24 +49,11 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def _comments(cls) -> dict[str, str]:
-    """{field: the comment beside it} over the class and its dataclass bases (subclasses win)."""
-    notes: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^=]*=.*?#\s*(.+)$", line)
-            if m:
-                notes[m.group(1)] = m.group(2).strip()
-    return notes
-
-
 def form_fields() -> list[FormField]:
     """Every setting of every kind, once, in dataclass order (shared settings first)."""
     out: dict[str, FormField] = {}
     for kind, cls in KINDS.items():
-        notes = _comments(cls)
+        notes = setting_helps(cls)
         for f in dataclasses.fields(cls):
             if f.name in MANAGED:
                 continue
