@@ -109,8 +109,13 @@ def test_settings_from_toml_with_flags_winning(tmp_path):
     ti = load_settings(None, {"token": "<y>", "init_token": "dog"}, kind="ti")
     assert isinstance(ti, TISettings) and ti.token == "<y>" and ti.lr == 5e-3
     (tmp_path / "bad.toml").write_text("rnak = 4\n")
-    with pytest.raises(SdtuneError, match=r"bad.toml: unknown setting 'rnak' for lora training; did you mean 'rank'"):
+    with pytest.raises(SdtuneError, match=r"bad.toml: unknown setting for lora training: 'rnak' \(did you mean 'rank'"):
         load_settings(tmp_path / "bad.toml")
+    (tmp_path / "kohya.toml").write_text('learning_rate = 1e-4\nnetwork_dim = 8\nrnak = 4\n')  # every key, named
+    with pytest.raises(SdtuneError, match=r"kohya.toml: unknown settings for lora training: 'learning_rate' \(kohya's"
+                                          r"/diffusers' name; sdtune's is 'lr'\); 'network_dim' \(kohya's/diffusers' "
+                                          r"name; sdtune's is 'rank'\); 'rnak' \(did you mean 'rank'\?\)$"):
+        load_settings(tmp_path / "kohya.toml")
     (tmp_path / "type.toml").write_text('rank = "big"\n')
     with pytest.raises(SdtuneError, match="type.toml: rank = 'big' is not an integer"):
         load_settings(tmp_path / "type.toml")

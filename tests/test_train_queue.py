@@ -128,6 +128,8 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
     ('outt = "x"\n[[job]]\nkind = "lora"\n', r"top level: unknown key 'outt'; did you mean 'out'\?"),
     ('[[job]]\nkind = "lora"\nlearning_rate = 1e-3\n', r"job 1: unknown key 'learning_rate'"),
     ('[[job]]\nname = "a"\nkind = "lora"\nrnk = 4\n', r"job 1 \(a\): unknown key 'rnk'; did you mean 'rank'\?"),
+    ('[[job]]\nkind = "lora"\nlearning_rate = 1e-4\n', r"job 1: unknown key 'learning_rate'; did you mean 'lr'\? "
+                                                        r"\(kohya's/diffusers' name\)"),
     ('[[job]]\nkind = "lora"\nrank = "big"\n', r"job 1: rank = 'big' is not an integer; fix the value"),
     ('[[job]]\nkind = "ti"\ntoken = "<t>"\nsweep = {rank = [4]}\n', r"job 1: sweep: unknown key 'rank'"),
     ('[[job]]\nkind = "lora"\nsweep = {lr = 1e-3}\n', r"job 1: sweep must be a table of lists"),

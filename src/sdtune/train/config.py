@@ -366,6 +366,28 @@ def _settings_table(path: Path) -> dict:
         raise SdtuneError(f"{path}: its stored settings are not valid TOML ({e}); give a TOML file") from None
 
 
+# kohya sd-scripts' and diffusers' names for settings sdtune names otherwise (their config files and flags)
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "unet_lr": "lr", "text_encoder_lr": "te_lr", "train_batch_size": "batch_size",
+    "max_train_steps": "steps", "max_train_epochs": "epochs", "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "network_dim": "rank", "network_alpha": "alpha",
+    "output_dir": "out", "train_data_dir": "data", "instance_data_dir": "data",
+    "pretrained_model_name_or_path": "model", "save_every_n_steps": "save_every", "checkpointing_steps": "save_every",
+    "shuffle_caption": "shuffle_captions", "caption_dropout_rate": "caption_dropout", "output_name": "name",
+    "snr_gamma": "min_snr_gamma", "lr_warmup": "lr_warmup_steps", "placeholder_token": "token",
+    "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
+    "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder"}
+
+
+def _unknown_setting(key: str, names: set[str]) -> str:
+    """``key`` with the name sdtune gives it: another tool's name for it, else the closest spelling."""
+    name = key.replace("-", "_")
+    if OTHER_TOOLS_NAMES.get(name) in names:
+        return f"{key!r} (kohya's/diffusers' name; sdtune's is {OTHER_TOOLS_NAMES[name]!r})"
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
     """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
     command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
@@ -383,15 +405,14 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
+        unknown = [key for key, value in table.items() if not isinstance(value, dict)  # dicts: the other kind's
+                   and key.replace("-", "_") not in names]
+        if unknown:  # all of them at once, each with its likely name
+            raise SdtuneError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} for {kind} training: "
+                              + "; ".join(_unknown_setting(key, names) for key in unknown))
         for key, value in table.items():
-            if isinstance(value, dict):
-                continue  # a section for the other kind
-            name = key.replace("-", "_")
-            if name not in names:
-                close = difflib.get_close_matches(name, sorted(names), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise SdtuneError(f"{path}: unknown setting {key!r} for {kind} training{hint}")
-            values[name] = _coerce(cls, name, value, str(path))
+            if not isinstance(value, dict):
+                values[key.replace("-", "_")] = _coerce(cls, key.replace("-", "_"), value, str(path))
     for key, value in (overrides or {}).items():
         name = key.replace("-", "_")
         if value is None:

@@ -51,7 +51,7 @@ from ..models import load_base
 from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
 from . import logs
-from .config import KINDS, load_settings, read_settings
+from .config import KINDS, OTHER_TOOLS_NAMES, load_settings, read_settings
 from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
@@ -81,8 +81,9 @@ class Run:
 # ---------------------------------------------------------------- reading the queue file
 
 def _unknown(path: Path, where: str, key: str, allowed) -> SdtuneError:
-    close = difflib.get_close_matches(key.replace("-", "_"), sorted(allowed), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    other = OTHER_TOOLS_NAMES.get(key.replace("-", "_"))
+    close = [other] if other in allowed else difflib.get_close_matches(key.replace("-", "_"), sorted(allowed), n=1)
+    hint = f"; did you mean {close[0]!r}?" + (" (kohya's/diffusers' name)" if other in allowed else "") if close else ""
     return SdtuneError(f"{path}: {where}: unknown key {key!r}{hint}")
 
 
