@@ -343,3 +343,20 @@ def test_kohya_folders_sd_scripts_would_read_otherwise_are_said(tmp_path):
         f"(kohya sd-scripts skips such a folder)"]
     with pytest.raises(SdtuneError, match=r"nothere: --validation-dir is not a folder"):
         scan_folder(tmp_path / "nothere", option="--validation-dir")
+
+
+def test_a_vae_that_asks_for_it_encodes_in_fp32_and_keeps_its_fp16_weights():
+    """SDXL's VAE (force_upcast) overflows in fp16: it encodes in fp32, as diffusers does, and stays fp16."""
+    vae = tiny.build(seed=0)["vae"].eval().half()
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    weights = {k: v.clone() for k, v in vae.state_dict().items()}
+    vae.register_to_config(force_upcast=False)
+    plain = data.encode(vae, pixels)  # fp16 all the way
+    vae.register_to_config(force_upcast=True)  # diffusers' default, which SDXL's config states
+    upcast = data.encode(vae, pixels)
+    reference = tiny.build(seed=0)["vae"].eval().half().float()  # the same fp16 weights, in fp32
+    with torch.no_grad():
+        want = data.encode(reference, pixels)
+    assert torch.equal(upcast, want) and not torch.equal(plain, want)
+    assert next(vae.parameters()).dtype == torch.float16
+    assert all(torch.equal(v, weights[k]) for k, v in vae.state_dict().items())
