@@ -324,11 +324,13 @@ def test_speed_options_learn_the_same(base, dataset, tmp_path):
         flipped = {option: not getattr(LoraSettings(), option)}  # the other way from the default
         b = load_lora(train_lora(base, settings(dataset, tmp_path / option, **flipped, **kw)))
         # NHWC kernels round differently (~1e-6 relative per value), flushed subnormals move nothing above
-        # 1e-38; a wrong layout or a lost gradient would move ΔW by a large part of itself.
+        # 1e-38; Adam's first steps (near ±lr wherever a gradient is near eps) amplify such rounding, to 0.3% of a
+        # layer's ΔW in one run of the whole suite; a wrong layout or a lost gradient would move ΔW by a large part
+        # of itself.
         for comp, path, ad in a.items():
             shape = (ad.tensors["up"].shape[0], -1)
             da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
-            assert (da - db).norm() <= 1e-3 * da.norm(), (option, comp, path)
+            assert (da - db).norm() <= 2e-2 * da.norm(), (option, comp, path)
     assert all(p.is_contiguous() for p in base.unet.parameters())  # the layout is restored afterwards
     assert (torch.tensor([1e-40]) * 1).item() != 0  # and subnormals are kept again
 
