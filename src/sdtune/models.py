@@ -41,15 +41,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+META_SCALING = "sdtune.vae_scaling_factor"
+META_ARCH = "sdtune.architecture"
+META_CONFIGS = "sdtune.configs"  # JSON {component: config}: the architecture, for models not of the shipped size
 
 # torch's CPU kernels split their work one way in the state a process starts in, and another way (other last
 # bits) once anything calls torch.set_num_threads, even with the same count, as the LoRA patcher and the bake
 # do for their worker threads. A training run after them came out different in the last bits from the same run
 # before them. Set once here, on import, every computation of a process runs in the one state.
 torch.set_num_threads(torch.get_num_threads())
-META_SCALING = "sdtune.vae_scaling_factor"
-META_ARCH = "sdtune.architecture"
-META_CONFIGS = "sdtune.configs"  # JSON {component: config}: the architecture, for models not of the shipped size
 
 
 @dataclass
@@ -311,14 +311,8 @@ def known_family(spec: str):
             config = json.loads((path / "unet" / "config.json").read_text())
             return families.by_cross_attention(config.get("cross_attention_dim"))
         if path.is_file() and is_safetensors(path):
-            with safe_open(str(path), "pt") as f:  # the header only: no tensor is read
-                family = family_from_metadata(f.metadata() or {})
-                cross = next((k for k in f.keys() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
-                             None)
-                if family is None and cross is not None:
-                    family = families.by_cross_attention(f.get_slice(cross).get_shape()[1])
-                return family
-    except (OSError, ValueError, SafetensorError, AttributeError, IndexError):
+            return _header_family(*_checkpoint_header(path))  # the header only: no tensor is read
+    except (OSError, ValueError, SdtuneError, AttributeError):
         pass
     return None
 
@@ -473,6 +467,13 @@ def _checkpoint_header(path: Path) -> tuple[dict[str, tuple[str, tuple]], dict]:
     return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}, metadata
 
 
+def _header_family(shapes: dict[str, tuple[str, tuple]], metadata: dict) -> Family | None:
+    """A checkpoint's family from its header: sdtune's metadata, else the UNet's cross-attention width."""
+    cross = next((s for k, (_, s) in shapes.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")
+                  and len(s) == 2), None)
+    return family_from_metadata(metadata) or (families.by_cross_attention(cross[1]) if cross else None)
+
+
 def describe_checkpoint(path: str | Path) -> dict | None:
     """What a single-file checkpoint holds, from its header (no weight is read): family, parameters per component,
     EMA copies, dtypes, the prediction type and noise schedule sdtune samples it with, its ModelSpec metadata.
@@ -481,9 +482,7 @@ def describe_checkpoint(path: str | Path) -> dict | None:
     shapes, metadata = _checkpoint_header(path)
     if not any(k.startswith(ldm.UNET_PREFIX) for k in shapes):
         return None
-    cross = next((s for k, (_, s) in shapes.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")
-                  and len(s) == 2), None)
-    family = family_from_metadata(metadata) or (families.by_cross_attention(cross[1]) if cross else None)
+    family = _header_family(shapes, metadata)
     prefixes = ldm.component_prefixes(family) if family else {"unet": ldm.UNET_PREFIX, "vae": ldm.VAE_PREFIX}
     weights = {k: (d, s) for k, (d, s) in shapes.items() if k.startswith(tuple(prefixes.values())) and "float" in d}
     components = {c: sum(math.prod(s) for k, (_, s) in weights.items() if k.startswith(prefix))
