@@ -76,8 +76,8 @@ class TrainSettings:
     share_text: bool = _help("with frozen, cached text: a batch's repeated captions go through the UNet's "
                              "cross-attention text projections once (the same values; off: once per sample, "
                              "as diffusers' scripts do)", default=True)
-    mixed_precision: str = _help("auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16 "
-                                 "", default="auto")
+    mixed_precision: str = _help("auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16",
+                                 default="auto")
     crop: str = _help("center | random (random crops are VAE-encoded every step)", default="center")
     flip: bool = False
     buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
@@ -185,8 +185,8 @@ class LoraSettings(TrainSettings):
 
     rank: int = 16
     alpha: float = 8.0
-    targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers) "
-                         "", default="attn")
+    targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
+                         default="attn")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
                                "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",

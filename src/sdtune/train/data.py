@@ -3,8 +3,9 @@
 Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them, or listed in a
 ``metadata.jsonl``/``metadata.csv`` (Hugging Face's imagefolder layout, which diffusers' scripts read: ``file_name``
 and a ``text``/``caption``/``prompt`` column); a subfolder named ``N_name`` repeats its images N times per epoch,
-and ``name`` is the caption of its images that have no caption file. Any image Pillow reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it
-becomes 8-bit RGB, transparency composited on white. Unreadable files are skipped and listed.
+and ``name`` is the caption of its images that have no caption file. Any image Pillow reads is accepted (RGBA,
+palette, grayscale, 16-bit, EXIF-rotated): it becomes 8-bit RGB, transparency composited on white. Unreadable
+files are skipped and listed.
 
 Each image is resized to cover its bucket (one square size, or with bucketing the size whose aspect ratio
 is closest) and cropped. With a center crop it is encoded once by the frozen VAE and the latent
@@ -113,8 +114,10 @@ def read_metadata_captions(folder: Path) -> dict[Path, str]:
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line)) if line.strip() else None
+                rows.append(json.loads(line))
             except ValueError:
                 raise SdtuneError(f"{path}: line {number} is not JSON; each line must be an object such as "
                                   f'{{"file_name": "0.png", "text": "a red circle"}}') from None
