@@ -311,6 +311,34 @@ def test_train_lora(tmp_path, shapes_data, capsys):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
 
 
+def test_train_with_a_vae_given_apart(tmp_path, shapes_data, capsys):
+    """--vae trains on the latents of that VAE, records it as kohya does (ss_vae_name, ss_new_vae_hash) and in
+    settings.toml, is refused as a change on resume, and leaves the model's own VAE in place afterwards."""
+    from sdtune.models import file_sha256, load_base, vae_swapped
+
+    base = load_base("tiny-random")
+    own = {k: v.clone() for k, v in base.vae.state_dict().items()}
+    brighter = tmp_path / "brighter.safetensors"
+    save_file({k: (v * 1.02).contiguous() for k, v in own.items()}, str(brighter))
+    run = ["train", "lora", "--data", str(shapes_data), "--model", "tiny-random", "--steps", "2", "--batch-size", "2",
+           "--no-progress", "--no-report"]
+    assert main([*run, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*run, "--out", str(tmp_path / "vae"), "--vae", str(brighter)]) == 0
+    plain, other = (load_lora(tmp_path / name / "lora.safetensors") for name in ("plain", "vae"))
+    assert other.metadata["ss_vae_name"] == "brighter.safetensors"
+    assert other.metadata["ss_new_vae_hash"] == file_sha256(brighter) and "ss_vae_name" not in plain.metadata
+    assert any(not torch.equal(ad.tensors["up"], other.modules[c][p].tensors["up"]) for c, p, ad in plain.items())
+    assert read_settings(tmp_path / "vae" / "settings.toml", kind="lora")["vae"] == str(brighter)
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "vae"), "--steps", "3"]) == 2  # resumed without it: refused
+    assert "other settings (vae" in capsys.readouterr().err
+    assert main([*run, "--out", str(tmp_path / "x"), "--vae", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors: no such VAE file or folder; check --vae" in capsys.readouterr().err
+    with vae_swapped(base, brighter):
+        assert base.vae_file == brighter
+    assert base.vae_file is None and all(torch.equal(v, own[k]) for k, v in base.vae.state_dict().items())
+
+
 # ---------------------------------------------------------------- grid, eval-tiny
 
 def test_grid_weights_and_axes(tmp_path, loras, capsys):

@@ -674,6 +674,21 @@ def use_vae(base: Base, spec: str | Path) -> Base:
     return base
 
 
+@contextmanager
+def vae_swapped(base: Base, spec: str | Path | None):
+    """``base`` with the VAE of ``spec`` (``use_vae``) for the duration, and its own back afterwards, so that a
+    training run's VAE does not stay on a model the next run (a queue, the web UI) shares; none: unchanged."""
+    if not spec:
+        yield base
+        return
+    own = base.vae, base.vae_file, base.vae_hash
+    use_vae(base, spec)
+    try:
+        yield base
+    finally:
+        base.vae, base.vae_file, base.vae_hash = own
+
+
 # ---------------------------------------------------------------- saving
 
 def _component_configs(base: Base) -> dict:

@@ -64,6 +64,8 @@ class TrainSettings:
     clip_skip: int = _help("the text-encoder layer the UNet reads, counted from the end as A1111's clip skip "
                            "(2 for anime SD 1.x models; SDXL reads its 2nd anyway); generate with the same",
                            default=1)
+    vae: str = _help("a VAE file or folder to encode the images and draw the samples with instead of the model's "
+                     "own (as generate --vae and kohya's --vae)", default="")
     max_grad_norm: float = _help("0: no clipping", default=1.0)
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
@@ -115,6 +117,8 @@ class TrainSettings:
         if not self.out:
             raise SdtuneError("no output folder; pass --out DIR")
         output_folder(self.out, create=False)
+        if self.vae and not Path(self.vae).expanduser().exists():
+            raise SdtuneError(f"{self.vae}: no such VAE file or folder; check --vae")
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                         sample_images=self.sample_images, sample_steps=self.sample_steps, clip_skip=self.clip_skip)
         for name, value in positive.items():

@@ -40,6 +40,7 @@ from ..generate import read_layer
 from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
+from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, report, validation
 from .config import LORA_SETTINGS_KEY, LoraSettings, to_toml
@@ -245,6 +246,9 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
         "ss_sdtune_preset": settings.preset,
+        # kohya's record of a VAE given apart: its file name and sha256
+        **({"ss_vae_name": base.vae_file.name, "ss_new_vae_hash": file_sha256(base.vae_file)}
+           if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
     if final:
@@ -254,7 +258,13 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
 
 def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """Train a LoRA; returns ``out/NAME.safetensors`` (kohya layout). The base is left unchanged."""
-    settings.check()
+    settings.check()  # before the VAE is read
+    with vae_swapped(base, settings.vae):  # --vae: for this run only
+        return _train_lora(base, settings, callback)
+
+
+def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
+    """The run itself, with its VAE in place."""
     out = Path(settings.out)
     started = time.time()
     scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..console import note
+from ..models import vae_swapped
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
@@ -158,7 +159,13 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     """Train a Textual Inversion embedding; returns ``out/learned_embeds.safetensors``.
 
     Afterwards the token is loaded on ``base`` with its learned vectors (``base.embeddings``)."""
-    settings.check()
+    settings.check()  # before the VAE is read
+    with vae_swapped(base, settings.vae):  # --vae: for this run only
+        return _train_ti(base, settings, callback)
+
+
+def _train_ti(base, settings: TISettings, callback=None) -> Path:
+    """The run itself, with its VAE in place."""
     check_new_token(base, settings)
     out = Path(settings.out)
     scan = scan_folder(settings.data, default_caption=None, require_captions=False)
