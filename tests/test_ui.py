@@ -604,6 +604,24 @@ def test_the_train_form_shows_a_model_files_preset_before_it_loads(tmp_path):
         s.jobs.shutdown()
 
 
+def test_a_vae_given_to_the_ui_decodes_every_image_and_is_named(tmp_path):
+    from sdtune.models import file_sha256
+    from sdtune.ui.studio import Studio
+
+    own = load_base("tiny-random", device="cpu").vae.state_dict()
+    vae = tmp_path / "brighter.safetensors"
+    save_file({k: (v * 1.02).contiguous() for k, v in own.items()}, str(vae))
+    s = Studio(Folders.make(tmp_path / "out", model="tiny-random"), model="tiny-random", vae=str(vae))
+    try:
+        (path, _), = s.generate("a red star", steps=1, seed=3)[0]
+        params = parse_infotext(read_infotext(path))
+        assert (params["VAE"], params["VAE hash"]) == ("brighter.safetensors", file_sha256(vae)[:10])
+        with s.model_in_use() as (base, _):
+            assert all(torch.equal(v, own[k] * 1.02) for k, v in base.vae.state_dict().items())
+    finally:
+        s.jobs.shutdown()
+
+
 def test_the_base_model_switches_only_to_models_offered(tmp_path):
     from sdtune.ui.studio import Studio
 

@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine (use with --auth)")
     u.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
     u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
+    u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
     u.set_defaults(func=cmd_ui)
     return ap
 
@@ -378,7 +379,8 @@ def cmd_ui(a) -> None:
     from . import ui  # Gradio is loaded for this command only
 
     ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, model_dir=a.model_dir,
-             port=a.port, listen=a.listen, auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb)
+             port=a.port, listen=a.listen, auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb,
+             vae=a.vae)
 
 
 def main(argv: list[str] | None = None) -> int:

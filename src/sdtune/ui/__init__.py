@@ -44,13 +44,17 @@ def _quiet_environment(folders: Folders) -> None:
 
 def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = None, embedding_dir: str | None = None,
           model_dir: str | None = None, port: int = 7860, listen: bool = False, auth: str | None = None, device: str | None = None,
-          dtype: str | None = None, max_upload_mb: float = 512, block: bool = True):
+          dtype: str | None = None, max_upload_mb: float = 512, vae: str | None = None, block: bool = True):
     """Start the web UI; with ``block=False`` return (app, studio) with the server running in a thread."""
     credentials = parse_auth(auth)
     if not 0 < port < 65536:
         raise SdtuneError(f"--port {port}: use a port between 1 and 65535, e.g. 7860")
     if not (model in ("tiny", "tiny-xl") or model.endswith("-random")) and os.path.exists(model):
         model = os.path.abspath(os.path.expanduser(model))  # the server changes folder below
+    if vae is not None:  # before the server changes folder below
+        if not os.path.exists(os.path.expanduser(vae)):
+            raise SdtuneError(f"{vae}: no such VAE file or folder; check --vae")
+        vae = os.path.abspath(os.path.expanduser(vae))
     folders = Folders.make(out, lora_dir, embedding_dir, model, model_dir)
     _quiet_environment(folders)
     # relative paths the API resolves (a prompt's <lora:name>) must land in the output folder, never in the
@@ -61,7 +65,7 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
     from .app import CSS, build
     from .studio import Studio
 
-    studio = Studio(folders, model=model, device=device, dtype=dtype, max_upload_mb=max_upload_mb)
+    studio = Studio(folders, model=model, device=device, dtype=dtype, max_upload_mb=max_upload_mb, vae=vae)
     app = build(studio)
     host = ALL if listen else LOCAL
     if listen and credentials is None:

@@ -28,7 +28,7 @@ from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import known_family, load_base
+from ..models import known_family, load_base, use_vae
 from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
@@ -58,8 +58,9 @@ class Studio:
     """One server's state: its folders, the loaded model, the training queue."""
 
     def __init__(self, folders: Folders, model: str = "tiny", device: str | None = None, dtype: str | None = None,
-                 max_upload_mb: float = 512):
+                 max_upload_mb: float = 512, vae: str | None = None):
         self.folders, self.model, self.device, self.dtype = folders, model, device, dtype
+        self.vae = vae  # --vae: put in place of the VAE of every model the page loads
         self.started_with = model  # the --model, always offered
         self.max_upload = int(max_upload_mb * 2**20)
         self._base = None
@@ -77,7 +78,8 @@ class Studio:
         with self.lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if self._base is None:
-                self._base = load_base(self.model, device=self.device, dtype=self.dtype)
+                base = load_base(self.model, device=self.device, dtype=self.dtype)
+                self._base = use_vae(base, self.vae) if self.vae else base
             notes: list[str] = []
             yield self._base, notes
             notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
