@@ -339,6 +339,16 @@ def test_train_with_a_vae_given_apart(tmp_path, shapes_data, capsys):
     assert base.vae_file is None and all(torch.equal(v, own[k]) for k, v in base.vae.state_dict().items())
 
 
+def test_a_bad_value_from_a_config_file_is_named_by_its_key(tmp_path, shapes_data, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[lora]\ndata = "{shapes_data}"\nsave_every = -5\n')
+    run = ["train", "lora", "--config", str(config), "--out", str(tmp_path / "o"), "--model", "tiny-random"]
+    assert main(run) == 2
+    assert capsys.readouterr().err.strip() == f"sdtune: error: save_every (in {config}) -5: must be 0 or more"
+    assert main([*run, "--save-every", "-3"]) == 2  # given as a flag: named as the flag
+    assert capsys.readouterr().err.strip() == "sdtune: error: --save-every -3: must be 0 or more"
+
+
 # ---------------------------------------------------------------- grid, eval-tiny
 
 def test_grid_weights_and_axes(tmp_path, loras, capsys):

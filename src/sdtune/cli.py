@@ -24,7 +24,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
-    from .train.config import KINDS, load_settings, read_settings, setting_helps, setting_type
+    from .train.config import KINDS, check_given, load_settings, read_settings, setting_helps, setting_type
     from .train.lora import train_lora
     from .train.ti import train_ti
 
@@ -247,6 +247,7 @@ def cmd_train(a) -> None:
         presets.get(a.kind, given["preset"])
     base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype)
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
+    check_given(settings, a.config, overrides)
     train = train_ti if a.kind == "ti" else train_lora
     print(train(base, settings))
 

@@ -445,6 +445,23 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     return KINDS[kind](**values)
 
 
+def check_given(settings, toml_path: str | Path | None = None, overrides: dict | None = None) -> None:
+    """``settings.check()``, its refusal naming a setting the ``--config`` file gave (and no flag overrode) by its
+    key in that file: ``save_every (in run.toml) -5``, not ``--save-every -5``, a flag the user did not type."""
+    try:
+        settings.check()
+    except SdtuneError as e:
+        if toml_path is None:
+            raise
+        flags = {k for k, v in (overrides or {}).items() if v is not None}
+        from_file = set(read_settings(toml_path, None, settings.kind)) - flags
+
+        def named(m: re.Match) -> str:
+            key = m.group(1).replace("-", "_")
+            return f"{key} (in {toml_path})" if key in from_file else m.group(0)
+        raise SdtuneError(re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", named, str(e))) from None
+
+
 def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):
     """Settings for training ``base`` (a loaded model): its family's preset, the file, then ``given``
     (``settings_for(base, "lora", data="imgs", out="runs/a")``); ``model`` defaults to the base's name."""
