@@ -83,7 +83,7 @@ class Run:
 def _unknown(path: Path, where: str, key: str, allowed) -> SdtuneError:
     other = OTHER_TOOLS_NAMES.get(key.replace("-", "_"))
     close = [other] if other in allowed else difflib.get_close_matches(key.replace("-", "_"), sorted(allowed), n=1)
-    hint = f"; did you mean {close[0]!r}?" + (" (kohya's/diffusers' name)" if other in allowed else "") if close else ""
+    hint = (f"; did you mean {close[0]!r}?" + (" (kohya's/diffusers' name)" if other in allowed else "")) if close else ""
     return SdtuneError(f"{path}: {where}: unknown key {key!r}{hint}")
 
 

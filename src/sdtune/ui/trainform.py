@@ -1,8 +1,8 @@
 """The training forms, read from the settings dataclasses that the CLI flags and TOML files come from.
 
 Nothing about a setting is written here: its type comes from ``train.config.setting_type``, its default
-from the dataclass field, its help from the field's text (``config.setting_helps``), and which kind (TI, LoRA) it applies
-to from ``train.config.KINDS``. A setting added to a dataclass appears in the form by itself.
+from the dataclass field, its help from the field's text (``config.setting_helps``), and which kind (TI, LoRA)
+it applies to from ``train.config.KINDS``. A setting added to a dataclass appears in the form by itself.
 """
 
 from __future__ import annotations
