@@ -20,7 +20,7 @@ from .generate import generate as _generate
 from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
 from .models import Base, load_base, use_vae
-from .safeio import SdtuneError
+from .safeio import SdtuneError, input_path
 from .ti.formats import load_embedding
 from .ti.tokens import find_in_prompt
 
@@ -123,8 +123,8 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
     for folder in lora_dirs:  # as --embedding-dir is: a mistyped folder is said now, not at the first <lora:> tag
         if not Path(folder).is_dir():
             raise SdtuneError(f"{folder}: --lora-dir is not a folder; check the path")
-    if vae is not None and not Path(vae).expanduser().exists():  # before the model loads
-        raise SdtuneError(f"{vae}: no such VAE file or folder; check the path")
+    if vae is not None:  # before the model loads
+        input_path(vae, "VAE file or folder", "--vae")
     base = load_base(model, device=device, dtype=dtype)
     if vae is not None:
         use_vae(base, vae)

@@ -348,6 +348,12 @@ def _write_renamed(module, names: dict[str, str], prefix: str, vae: bool) -> dic
     return out
 
 
+def _unexpected(unknown: list[str], what: str) -> SdtuneError:
+    """The one line for file tensors that have no place in ``what``: the first named, the rest counted."""
+    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    return SdtuneError(f"unexpected weight {unknown[0]}{more}: not {what}")
+
+
 def read_vae(sd: dict, vae) -> dict:
     """A standalone VAE file's tensors (A1111's VAE files: LDM names, with or without ``first_stage_model.``;
     or diffusers' AutoencoderKL names) -> a state dict for ``vae``. Raises one ``SdtuneError`` for a tensor that
@@ -358,8 +364,7 @@ def read_vae(sd: dict, vae) -> dict:
         return sd
     state, unknown = _read_renamed(sd, vae_module_map(vae.config), vae=True)
     if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a Stable Diffusion VAE")
+        raise _unexpected(unknown, "a Stable Diffusion VAE")
     return state
 
 
@@ -402,8 +407,7 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
         parts[component], missed = read(groups[component])
         unknown += [prefixes[component] + name for name in missed]
     if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a {family.title} model of this architecture")
+        raise _unexpected(unknown, f"a {family.title} model of this architecture")
     for component, state in parts.items():
         if not state:
             raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full {family.title} "
@@ -494,6 +498,5 @@ def single_file_plan(keys, family: Family, modules: dict, strict: bool = True) -
         else:
             plan[key] = found
     if unknown and strict:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SdtuneError(f"unexpected weight {unknown[0]}{more}: not a {family.title} model of this architecture")
+        raise _unexpected(unknown, f"a {family.title} model of this architecture")
     return plan

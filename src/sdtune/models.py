@@ -31,7 +31,15 @@ from . import families, ldm
 from .families import Family, TextEncoder
 from .families.build import TEXT_CLASSES, build_parts
 from .lora.patch import LoraSet
-from .safeio import SdtuneError, atomic_folder, atomic_save_safetensors, atomic_write_text, is_safetensors, load_state
+from .safeio import (
+    SdtuneError,
+    atomic_folder,
+    atomic_save_safetensors,
+    atomic_write_text,
+    input_path,
+    is_safetensors,
+    load_state,
+)
 from .ti.tokens import EmbeddingSet
 from .tiny import model as tiny_model
 from .tiny import xl_config
@@ -306,8 +314,10 @@ def known_family(spec: str):
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
-            if tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path):
-                return families.TINY_XL if tiny_model.is_xl_export(path) else families.TINY
+            if tiny_model.is_xl_export(path):
+                return families.TINY_XL
+            if tiny_model.trained_weights_exist(path):
+                return families.TINY
             config = json.loads((path / "unet" / "config.json").read_text())
             return families.by_cross_attention(config.get("cross_attention_dim"))
         if path.is_file() and is_safetensors(path):
@@ -424,8 +434,9 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=()) -> dict:
     """The component configs a single file is built from: the family's shipped ones, or the ones sdtune wrote
     into its own files (a model of another size, a different scheduler), which the weights alone do not tell;
     the scheduler as the file's markers and ModelSpec metadata (``file_sampling``) say, given its ``keys``."""
-    if EDM_MARKERS & set(keys):
-        raise SdtuneError(f"{path}: an EDM model (Playground v2.5 style: {sorted(EDM_MARKERS & set(keys))[0]}), which "
+    edm = sorted(EDM_MARKERS.intersection(keys))
+    if edm:
+        raise SdtuneError(f"{path}: an EDM model (Playground v2.5 style: {edm[0]}), which "
                           f"samples on a continuous noise schedule sdtune does not implement; use a DDPM-style "
                           f"checkpoint")
     configs = family.component_configs()
@@ -455,8 +466,10 @@ def _checkpoint_header(path: Path) -> tuple[dict[str, tuple[str, tuple]], dict]:
     if is_safetensors(path):
         try:
             with safe_open(str(path), "pt") as f:
-                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-                return {k: (_ST_DTYPES.get(d, d.lower()), s) for k, (d, s) in shapes.items()}, dict(f.metadata() or {})
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                shapes = {k: (_ST_DTYPES.get(t.get_dtype(), t.get_dtype().lower()), tuple(t.get_shape()))
+                          for k, t in slices.items()}
+                return shapes, dict(f.metadata() or {})
         except SafetensorError as e:
             raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
     try:
@@ -646,15 +659,12 @@ def use_vae(base: Base, spec: str | Path) -> Base:
     file (.safetensors, or .ckpt/.pt read without running code; LDM names as A1111's VAE files have them, with or
     without ``first_stage_model.``, or diffusers' names) or a diffusers VAE folder. It is built in the family's VAE
     architecture and keeps the family's latent scaling, which a VAE file does not state."""
-    path = Path(spec).expanduser()
-    weights = path
+    path = weights = input_path(spec, "VAE file or folder", "--vae")
     if path.is_dir():
         weights = next((path / name for name in VAE_FOLDER_FILES if (path / name).is_file()), None)
         if weights is None:
             raise SdtuneError(f"{path}: no diffusion_pytorch_model.safetensors in this folder or its vae/; pass a VAE "
                               f"file or a diffusers VAE folder")
-    elif not path.is_file():
-        raise SdtuneError(f"{spec}: no such VAE file; check the path")
     raw, _ = load_state(weights)
     # without diffusers' bookkeeping: its "_use_default_values" would reset a scaling factor set after construction
     config = {k: v for k, v in base.vae.config.items() if not k.startswith("_")}

@@ -95,6 +95,14 @@ def _not_weights(path: Path) -> str | None:
     return None
 
 
+def input_path(path: str | Path, what: str, option: str) -> Path:
+    """``path`` (``~`` expanded) where it exists; else one line naming it and the ``option`` that gave it."""
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise SdtuneError(f"{path}: no such {what}; check {option}")
+    return found
+
+
 def output_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
     """The output folder ``path``, created with its parents (``create``) or only checked; a file standing where a
     folder must be is one line naming ``option``, not a traceback."""

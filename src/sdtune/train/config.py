@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from ..safeio import SdtuneError, is_safetensors, output_folder, read_metadata, read_toml
+from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from . import presets
 
@@ -117,8 +117,8 @@ class TrainSettings:
         if not self.out:
             raise SdtuneError("no output folder; pass --out DIR")
         output_folder(self.out, create=False)
-        if self.vae and not Path(self.vae).expanduser().exists():
-            raise SdtuneError(f"{self.vae}: no such VAE file or folder; check --vae")
+        if self.vae:
+            input_path(self.vae, "VAE file or folder", "--vae")
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                         sample_images=self.sample_images, sample_steps=self.sample_steps, clip_skip=self.clip_skip)
         for name, value in positive.items():
@@ -383,13 +383,22 @@ OTHER_TOOLS_NAMES = {
     "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder"}
 
 
-def _unknown_setting(key: str, names: set[str]) -> str:
-    """``key`` with the name sdtune gives it: another tool's name for it, else the closest spelling."""
+def likely_name(key: str, names) -> tuple[str | None, bool]:
+    """(the setting among ``names`` an unknown ``key`` most likely means, whether it is another tool's name for
+    it): kohya's/diffusers' name, else the closest spelling; (None, False) when nothing is close."""
     name = key.replace("-", "_")
     if OTHER_TOOLS_NAMES.get(name) in names:
-        return f"{key!r} (kohya's/diffusers' name; sdtune's is {OTHER_TOOLS_NAMES[name]!r})"
+        return OTHER_TOOLS_NAMES[name], True
     close = difflib.get_close_matches(name, sorted(names), n=1)
-    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return (close[0] if close else None), False
+
+
+def _unknown_setting(key: str, names: set[str]) -> str:
+    """``key`` with the name sdtune gives it."""
+    likely, other_tool = likely_name(key, names)
+    if other_tool:
+        return f"{key!r} (kohya's/diffusers' name; sdtune's is {likely!r})"
+    return f"{key!r}" + (f" (did you mean {likely!r}?)" if likely else "")
 
 
 def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:

@@ -87,8 +87,9 @@ def caption_file(image: Path) -> Path | None:
     return None
 
 
-def read_caption(image: Path) -> str | None:
-    """The first non-empty line of the image's caption file ("" for an empty file); None without one."""
+def read_caption(image: Path, read: dict[Path, list[str]] | None = None) -> str | None:
+    """The first non-empty line of the image's caption file ("" for an empty file); None without one. ``read``
+    collects each file's lines, for ``_caption_notes``."""
     path = caption_file(image)
     if path is None:
         return None
@@ -96,6 +97,8 @@ def read_caption(image: Path) -> str | None:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
+    if read is not None:
+        read[path] = lines
     return next((ln.strip() for ln in lines if ln.strip()), "")
 
 
@@ -140,9 +143,11 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _caption_notes(folder: Path, recursive: bool, images: list[Path]) -> list[str]:
+def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict[Path, list[str]]) -> list[str]:
     """What a user would not see happen to the caption files of ``folder``: one with no image beside it (not
-    used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption)."""
+    used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption), one of
+    several lines (the first is used). ``read``: the lines of the files the scan read (the others: of images
+    that were skipped) are not read again."""
     stems = {p.with_suffix("") for p in images}
     files = folder.rglob("*") if recursive else folder.iterdir()
     captions = sorted(p for p in files if p.suffix.lower() in CAPTION_SUFFIXES and p.is_file()
@@ -151,10 +156,12 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path]) -> list[st
     both = [p for p in captions if p.suffix.lower() == CAPTION_SUFFIXES[1] and p.with_suffix("") in stems
             and caption_file(p.with_suffix("")) != p]
     used = [p for p in captions if p not in orphans and p not in both]
-    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in used}
-    empty = [p for p in used if not texts[p].strip()]
+    def lines(p: Path) -> list[str]:
+        return read[p] if p in read else p.read_text(encoding="utf-8", errors="replace").splitlines()
+    filled = {p: [line for line in lines(p) if line.strip()] for p in used}
+    empty = [p for p in used if not filled[p]]
     # only the first line is read, as kohya reads it: a captioner's further lines would go unseen
-    multi = [p for p in used if sum(1 for line in texts[p].splitlines() if line.strip()) > 1]
+    multi = [p for p in used if len(filled[p]) > 1]
 
     def named(paths: list[Path]) -> str:
         return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -201,13 +208,14 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
     for path_, repeats, folder_caption, recursive in groups:
         files = _image_files(path_, recursive)
         listed = read_metadata_captions(path_)
+        read: dict[Path, list[str]] = {}
         count = 0
         for image in files:
             why = check_image(image)
             if why:
                 scan.skipped.append((image, why))
                 continue
-            caption = read_caption(image)
+            caption = read_caption(image, read)
             if caption is None:
                 caption = listed.get(image.resolve())
             if caption is None:
@@ -218,7 +226,7 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
             count += 1
         if count and repeats > 0:
             scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
-        scan.unused += _caption_notes(path_, recursive, files)
+        scan.unused += _caption_notes(path_, recursive, files, read)
     scan.examples = [e for e in scan.examples if e.repeats > 0]
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")

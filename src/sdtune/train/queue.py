@@ -36,7 +36,6 @@ last sample grid of each, side by side. Like the reports, it opens from the disk
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import re
@@ -51,7 +50,7 @@ from ..models import load_base
 from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
 from . import logs
-from .config import KINDS, OTHER_TOOLS_NAMES, load_settings, read_settings
+from .config import KINDS, likely_name, load_settings, read_settings
 from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
@@ -81,9 +80,8 @@ class Run:
 # ---------------------------------------------------------------- reading the queue file
 
 def _unknown(path: Path, where: str, key: str, allowed) -> SdtuneError:
-    other = OTHER_TOOLS_NAMES.get(key.replace("-", "_"))
-    close = [other] if other in allowed else difflib.get_close_matches(key.replace("-", "_"), sorted(allowed), n=1)
-    hint = (f"; did you mean {close[0]!r}?" + (" (kohya's/diffusers' name)" if other in allowed else "")) if close else ""
+    likely, other_tool = likely_name(key, allowed)
+    hint = (f"; did you mean {likely!r}?" + (" (kohya's/diffusers' name)" if other_tool else "")) if likely else ""
     return SdtuneError(f"{path}: {where}: unknown key {key!r}{hint}")
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from ..console import note
-from ..safeio import SdtuneError
+from ..safeio import SdtuneError, input_path
 from .guard import Folders
 
 LOCAL, ALL = "127.0.0.1", "0.0.0.0"
@@ -51,10 +51,8 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
         raise SdtuneError(f"--port {port}: use a port between 1 and 65535, e.g. 7860")
     if not (model in ("tiny", "tiny-xl") or model.endswith("-random")) and os.path.exists(model):
         model = os.path.abspath(os.path.expanduser(model))  # the server changes folder below
-    if vae is not None:  # before the server changes folder below
-        if not os.path.exists(os.path.expanduser(vae)):
-            raise SdtuneError(f"{vae}: no such VAE file or folder; check --vae")
-        vae = os.path.abspath(os.path.expanduser(vae))
+    if vae is not None:  # absolute: the server changes folder below
+        vae = str(input_path(vae, "VAE file or folder", "--vae").resolve())
     folders = Folders.make(out, lora_dir, embedding_dir, model, model_dir)
     _quiet_environment(folders)
     # relative paths the API resolves (a prompt's <lora:name>) must land in the output folder, never in the
