@@ -367,3 +367,46 @@ def test_modelspec_metadata_names_the_prediction_and_edm_files_are_refused(tmp_p
     assert models.file_configs(families.SD2, {}, tmp_path)["scheduler"]["prediction_type"] == "v_prediction"
     with pytest.raises(SdtuneError, match=r"x.safetensors: an EDM model \(Playground v2.5 style: edm_mean\)"):
         models.file_configs(families.SDXL, {}, tmp_path / "x.safetensors", keys={"edm_mean", "edm_std"})
+
+
+def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
+    """SD 2.x's 768-v and 512-px base models share one architecture; a file with neither a marker nor ModelSpec
+    metadata is read as ComfyUI reads it: v-prediction where the last output block's first norm1 bias spreads
+    wider than 0.09 (std), noise prediction otherwise. What the file says wins over the weight."""
+    probe = families.SD2.prediction_probe
+    spread = lambda std: torch.randn(32, generator=torch.Generator().manual_seed(0)) * std  # noqa: E731
+    sampling = models.file_sampling
+    assert sampling({}, probe=spread(0.3)) == {"prediction_type": "v_prediction"}
+    assert sampling({}, probe=spread(0.02)) == {"prediction_type": "epsilon"}
+    assert sampling({"modelspec.prediction_type": "epsilon"}, probe=spread(0.3)) == {"prediction_type": "epsilon"}
+    assert sampling({}, keys={"v_pred"}, probe=spread(0.02)) == {"prediction_type": "v_prediction"}
+    assert not families.SD1.prediction_probe and not families.SDXL.prediction_probe  # their files say, or are eps
+
+    def checkpoint(name, bias=None, metadata=None):  # a header's worth of an SD 2.x file
+        state = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024)}
+        if bias is not None:
+            state[probe] = bias.half()
+        save_file(state, str(tmp_path / name), metadata=metadata)
+        return models.describe_checkpoint(tmp_path / name)
+
+    assert checkpoint("v.safetensors", spread(0.3))["prediction"] == "v_prediction"
+    base = checkpoint("base.safetensors", spread(0.02))
+    assert (base["family"], base["prediction"]) == ("sd2", "epsilon")
+    assert checkpoint("said.safetensors", spread(0.02), {"modelspec.prediction_type": "v"})["prediction"] == "v_prediction"
+    assert checkpoint("none.safetensors")["prediction"] == "v_prediction"  # no weight to read: the family's default
+    torch.save({"state_dict": {probe: spread(0.02), "model.diffusion_model.x.attn2.to_k.weight": torch.zeros(8, 1024)}},
+               tmp_path / "base.ckpt")
+    assert models.describe_checkpoint(tmp_path / "base.ckpt")["prediction"] == "epsilon"
+    assert models.file_configs(families.SD2, {}, tmp_path, probe=spread(0.02))["scheduler"]["prediction_type"] == "epsilon"
+
+    path, pairs = sd2  # a whole file from elsewhere: no v_pred entry, no scheduler config; loaded and baked
+    state, meta = tensors(path)
+    configs = json.loads(meta[models.META_CONFIGS])
+    del configs["scheduler"]
+    for std, want in ((0.02, "epsilon"), (0.3, "v_prediction")):
+        bare = tmp_path / f"bare{std}.safetensors"
+        save_file({k: v for k, v in state.items() if k != "v_pred"} | {probe: spread(std)}, str(bare),
+                  metadata={**meta, models.META_CONFIGS: json.dumps(configs)})
+        assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == want
+        folder = bake.merge(bare, pairs, tmp_path / f"merged{std}", fmt="diffusers")
+        assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == want

@@ -411,17 +411,38 @@ _MODELSPEC_PREDICTION = {"v": "v_prediction", "epsilon": "epsilon"}
 _MODELSPEC_ARCH_PREDICTION = {"stable-diffusion-v2-512": "epsilon", "stable-diffusion-v2-768-v": "v_prediction"}
 
 
-def file_sampling(metadata: dict, keys=()) -> dict:
+# Above this standard deviation of a family's prediction_probe weight, a file that does not say is v-prediction
+V_PROBE_STD = 0.09
+
+
+def file_sampling(metadata: dict, keys=(), probe: torch.Tensor | None = None) -> dict:
     """Scheduler settings a single file states beside its family's defaults: the prediction type (a v_pred
-    marker, else ModelSpec metadata) and zero terminal SNR (a ztsnr marker: rescaled betas, trailing timesteps)."""
+    marker, else ModelSpec metadata, else what the family's ``prediction_probe`` weight, given as ``probe``, tells)
+    and zero terminal SNR (a ztsnr marker: rescaled betas, trailing timesteps)."""
     settings = {}
-    prediction = (_MODELSPEC_PREDICTION.get(metadata.get("modelspec.prediction_type", ""))
-                  or _MODELSPEC_ARCH_PREDICTION.get(metadata.get("modelspec.architecture", "")))
-    if V_PRED in keys or prediction:
-        settings["prediction_type"] = "v_prediction" if V_PRED in keys else prediction
+    prediction = ("v_prediction" if V_PRED in keys else None) or (
+        _MODELSPEC_PREDICTION.get(metadata.get("modelspec.prediction_type", ""))
+        or _MODELSPEC_ARCH_PREDICTION.get(metadata.get("modelspec.architecture", "")))
+    if prediction is None and probe is not None:
+        prediction = "v_prediction" if torch.std(probe.float(), unbiased=False) > V_PROBE_STD else "epsilon"
+    if prediction:
+        settings["prediction_type"] = prediction
     if ZTSNR in keys:
         settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return settings
+
+
+def read_probe(family: Family, path: Path, keys) -> torch.Tensor | None:
+    """The family's ``prediction_probe`` weight of a single file, read alone (None where the family has none or
+    the file lacks it)."""
+    key = family.prediction_probe
+    if not key or key not in keys:
+        return None
+    if is_safetensors(path):
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(key)
+    raw, _ = load_state(path, mmap=True)
+    return _unwrap(raw, path)[key]
 
 
 def family_from_metadata(metadata: dict) -> Family | None:
@@ -430,17 +451,18 @@ def family_from_metadata(metadata: dict) -> Family | None:
     return families.FAMILIES.get(name) if name else None
 
 
-def file_configs(family: Family, metadata: dict, path: Path, keys=()) -> dict:
+def file_configs(family: Family, metadata: dict, path: Path, keys=(), probe: torch.Tensor | None = None) -> dict:
     """The component configs a single file is built from: the family's shipped ones, or the ones sdtune wrote
     into its own files (a model of another size, a different scheduler), which the weights alone do not tell;
-    the scheduler as the file's markers and ModelSpec metadata (``file_sampling``) say, given its ``keys``."""
+    the scheduler as the file's markers, ModelSpec metadata or ``probe`` weight say (``file_sampling``), given its
+    ``keys``."""
     edm = sorted(EDM_MARKERS.intersection(keys))
     if edm:
         raise SdtuneError(f"{path}: an EDM model (Playground v2.5 style: {edm[0]}), which "
                           f"samples on a continuous noise schedule sdtune does not implement; use a DDPM-style "
                           f"checkpoint")
     configs = family.component_configs()
-    configs["scheduler"] = dict(configs["scheduler"], **file_sampling(metadata, keys))
+    configs["scheduler"] = dict(configs["scheduler"], **file_sampling(metadata, keys, probe))
     if META_CONFIGS in metadata:
         try:
             written = json.loads(metadata[META_CONFIGS])
@@ -505,7 +527,8 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         sampling = {"prediction_type": "EDM (sdtune does not sample it)"}
     else:
         try:
-            sampling = file_configs(family, metadata, path, keys=shapes.keys())["scheduler"] if family else {}
+            sampling = file_configs(family, metadata, path, keys=shapes.keys(),
+                                    probe=read_probe(family, path, shapes.keys()))["scheduler"] if family else {}
         except SdtuneError:  # unreadable sdtune configs: loading says so
             sampling = {}
     return {
@@ -527,7 +550,7 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
-    configs = file_configs(family, metadata, path, keys=state.keys())
+    configs = file_configs(family, metadata, path, keys=state.keys(), probe=state.get(family.prediction_probe))
     with init_empty_weights():  # no random init: the file fills every parameter
         modules = build_parts(family, configs)
     try:

@@ -59,6 +59,9 @@ class Family:
     # UNet module names in kohya LoRA keys: "diffusers" (``lora_unet_down_blocks_0_…``: sd-scripts trains SD 1.x/2.x
     # on diffusers' UNet) or "sgm" (``lora_unet_input_blocks_4_1_…``: it trains SDXL on its own SGM-layout UNet)
     kohya_unet_names: str = "diffusers"
+    # A single-file weight whose spread tells this family's v-prediction models from its noise-prediction ones when
+    # the file does not say which it is (see models.file_sampling); "" where the file must say.
+    prediction_probe: str = ""
 
     @property
     def text_widths(self) -> tuple[int, ...]:
@@ -94,7 +97,10 @@ SD2 = Family(
                                pretrained_layers=24),),
     configs="sd2", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
     prediction_type="v_prediction",
-    pooled_and_time_ids=False, base_model_version="sd_v2")
+    pooled_and_time_ids=False, base_model_version="sd_v2",
+    # SD 2.x ships 768-v models and 512-px "base" ones with the same architecture; ComfyUI tells them apart by
+    # this bias, whose standard deviation is above 0.09 in the v-prediction ones
+    prediction_probe="model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias")
 
 SDXL = Family(
     name="sdxl", title="SDXL", cross_attention_width=2048,

@@ -546,7 +546,8 @@ class _SingleFile:
         src = _Source.open(path)
         shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
         family = models.family_from_metadata(src.metadata) or models.detect_family(shapes, path)
-        configs = models.file_configs(family, src.metadata, path, keys=src.header.keys())
+        configs = models.file_configs(family, src.metadata, path, keys=src.header.keys(),
+                                      probe=models.read_probe(family, path, src.header.keys()))
         with init_empty_weights():  # names and configs only
             parts = models.build_parts(family, configs)
         try:
