@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..console import note
@@ -419,17 +418,19 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """[N, 2C, h, w]: mean and std of the scaled latent distribution of ``pixels`` ([N, 3, H, W], [-1, 1]).
 
     A VAE whose config asks for it (``force_upcast``, diffusers' default, which SDXL's states: its VAE overflows to
-    NaN in fp16) encodes in fp32, as diffusers' SDXL pipeline and training scripts do; its fp16 weights are put
-    back exactly afterwards."""
+    NaN in fp16) encodes in fp32, as diffusers' SDXL pipeline and training scripts do: only the parts encoding
+    uses (the encoder and its quant conv, under half the VAE: with ``--crop random`` this runs every step), their
+    fp16 weights put back exactly afterwards."""
     param = next(vae.parameters())
     upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:  # plain Module.to: diffusers' own warns about fp32-only modules even when there are none
-        nn.Module.to(vae, torch.float32)
+    parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None] if upcast else []
+    for part in parts:  # plain Module.to: diffusers' own warns about fp32-only modules even when there are none
+        part.to(torch.float32)
     try:
         dist = vae.encode(pixels.to(param.device, torch.float32 if upcast else param.dtype)).latent_dist
     finally:
-        if upcast:
-            nn.Module.to(vae, torch.float16)
+        for part in parts:
+            part.to(torch.float16)
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     return torch.cat([(dist.mean - shift) * scale, dist.std * scale], 1).float().cpu()
