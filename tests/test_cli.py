@@ -2,6 +2,7 @@
 subcommand and every flag the README shows, with what each writes and prints; errors are one line."""
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -15,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from sdtune import console
 from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora import blocks
@@ -292,6 +295,26 @@ def test_train_ti(tmp_path, shapes_data, capsys):
     save_embedding(Embedding(emb.token, emb.vectors, "made here", "diffusers"), tmp_path / "bare.safetensors")
     with pytest.raises(SdtuneError, match=r"bare.safetensors: holds no training settings .* give a TOML file"):
         read_settings(tmp_path / "bare.safetensors", kind="ti")
+
+
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch):
+    """With stderr not a terminal (a batch job, CI, ``2> log``) progress is a plain line every LOG_SECONDS and
+    one at the end, never a bar redrawn with carriage returns (a training run's: test_train_presets); on a
+    terminal the bar is tqdm's."""
+    monkeypatch.setattr(console, "LOG_SECONDS", 0.0)  # every update
+    monkeypatch.setattr(sys, "stderr", type("Log", (io.StringIO,), {"isatty": lambda self: False})())
+    with console.progress(4, "grid", "img", initial=1) as bar:
+        bar.update(2)
+        bar.set_postfix(loss="0.5")
+        bar.update(1)
+    lines = sys.stderr.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["grid: 3/4 img", "grid: 4/4 img"]
+    assert lines[-1].endswith("img/s, loss=0.5")
+    with console.progress(4, "idle", "img"):
+        pass
+    assert sys.stderr.getvalue().splitlines() == lines  # nothing done: nothing said
+    monkeypatch.setattr(sys, "stderr", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
+    assert isinstance(console.progress(4, "grid", "img"), tqdm)
 
 
 def test_train_lora(tmp_path, shapes_data, capsys):

@@ -124,10 +124,12 @@ def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, cap
     second = tmp_path / "second"
     # in a fresh process too: bit-exactness holds for the same computation, and an in-process run after other
     # tests may run with other thread or float settings
+    # (with its progress shown: stderr is no terminal here, so plain lines, as in a batch job's log)
     rerun = subprocess.run([sys.executable, "-m", "sdtune.cli", "train", "lora", "--config", str(first / "settings.toml"),
-                            "--out", str(second), "--no-progress"], capture_output=True, text=True, timeout=600,
-                           check=False)
+                            "--out", str(second)], capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "\r" not in rerun.stderr
+    assert re.search(r"^train lora: 3/3 step, \d+ s, [\d.]+ step/s, loss=[\d.]+, lr=\S+$", rerun.stderr, re.M)
     assert load_settings(second / "settings.toml", kind="lora") == dataclasses.replace(saved, out=str(second))
     assert saved.progress
     a, b = load_lora(first / "lora.safetensors"), load_lora(second / "lora.safetensors")

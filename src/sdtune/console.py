@@ -14,7 +14,10 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
+
+from tqdm.auto import tqdm
 
 
 def quiet_interrupt_while_starting() -> None:
@@ -118,3 +121,57 @@ def cli_warnings() -> None:
     warnings.formatwarning = _one_line
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# How often a progress line goes to a log file (see ``progress``)
+LOG_SECONDS = 30.0
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal, where a progress bar redraws itself in place."""
+    return sys.stderr.isatty()
+
+
+def progress(total: int, desc: str, unit: str, *, enabled: bool = True, initial: int = 0, leave: bool = True):
+    """A progress bar on stderr (tqdm's ``update``/``set_postfix``/``close``): drawn in place on a terminal; in a
+    log file (a batch job, CI, ``2> log``) a plain line every ``LOG_SECONDS`` and one at the end instead, where a
+    bar's carriage-return redraws would make one line of megabytes."""
+    if enabled and not on_terminal():
+        return LogLines(total, desc, unit, initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+class LogLines:
+    """The progress bar for a log file: ``desc: n/total unit, elapsed, rate, postfix`` lines (see ``progress``)."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+        self.total, self.desc, self.unit, self.n, self.first = total, desc, unit, initial, initial
+        self.postfix, self.closed, self.shown = "", False, initial
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= LOG_SECONDS:
+            self.line()
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
+
+    def line(self) -> None:
+        self.last, self.shown = time.monotonic(), self.n
+        elapsed = self.last - self.start
+        rate = f", {(self.n - self.first) / elapsed:.2f} {self.unit}/s" if elapsed > 0 and self.n > self.first else ""
+        sys.stderr.write(f"{self.desc}: {self.n}/{self.total} {self.unit}, {elapsed:.0f} s{rate}{self.postfix}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.closed and self.n != self.shown:  # where it ended, unless just said (nothing done: nothing)
+            self.line()
+        self.closed = True
+
+    def __enter__(self) -> LogLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

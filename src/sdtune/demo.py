@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import sources
+from . import console, sources
 from .demo_report import write_report
 from .generate import grid, save_png
 from .models import load_base
@@ -385,7 +385,7 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
     data_ti, data_lora = out / "data" / "ti", out / "data" / "lora"
     train_ti_dir, train_lora_dir = out / "train-ti", out / "train-lora"
     timings: dict = {}
-    outer = tqdm(total=len(PHASES), desc="sdtune demo", unit="phase", disable=not progress, position=0)
+    outer = console.progress(len(PHASES), "sdtune demo", "phase", enabled=progress)
 
     def phase(name: str, sig: str, outputs: list[Path]) -> bool:
         """True: run it (and time it). False: reused."""

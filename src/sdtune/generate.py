@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
+from . import console
 from . import prompts as prompts_syntax
 from .safeio import SdtuneError, atomic_path, output_folder
 
@@ -279,7 +280,8 @@ def generate(
     if expand is not None:  # multi-vector embeddings become their sub-tokens
         prompt, negative_prompt = expand(prompt), expand(negative_prompt)
     pipe = base.pipeline(make_scheduler(scheduler, base.scheduler))
-    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
+    # on a terminal only: in a log file each batch's redraws are noise (a grid or a run says how far it is)
+    pipe.set_progress_bar_config(disable=not (progress and console.on_terminal()), leave=False, desc="denoising")
     scale = pipe.vae_scale_factor
     out: list[Generated] = []
     total = steps * -(-num_images // batch_size)

@@ -32,9 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from . import api, sources
+from . import api, console, sources
 from .generate import SCHEDULERS, check_clip_skip, check_scheduler, draw_grid, infotext, sampler_key, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
@@ -633,7 +631,7 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
     runs = _runs(cells)
     runs.sort(key=lambda run: run[0].adapter_key())
     total, done = sum(run[0].steps for run in runs), 0  # denoising steps of all batches
-    with tqdm(total=len(cells), desc="grid", unit="img", disable=not progress, leave=False) as bar:
+    with console.progress(len(cells), "grid", "img", enabled=progress, leave=False) as bar:
         for run in runs:
             c0 = run[0]
             adapters.apply(c0.loras, set(c0.tokens), c0.blocks)

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from .. import console
 from ..console import note
 from ..safeio import SdtuneError
 from . import masks
@@ -483,8 +483,7 @@ class TrainingSet:
         self.masked = masked
         self.masks: dict[tuple[int, int], torch.Tensor] = {}
         self.mask_pixels: dict[tuple[int, int], list[Image.Image | None]] = {}
-        bar = tqdm(total=len(scan.examples), desc="encoding images", unit="img", leave=False, disable=not progress,
-                   file=sys.stderr)
+        bar = console.progress(len(scan.examples), "encoding images", "img", enabled=progress, leave=False)
         for size, ids in members.items():
             paths = [scan.examples[i].path for i in ids]
             if crop == "random":

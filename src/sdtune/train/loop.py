@@ -51,7 +51,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, stop_requests
+from ..console import Interrupted, progress, stop_requests
 from ..generate import TextStack, generate, grid, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs, shared_text
@@ -587,8 +587,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     """The loop itself: micro-batches, backward, clip, NaN check, step, validation, saves and samples."""
     s, acc, optimizer = r.settings, r.accelerator, r.optimizer
     params = [p for group in r.job.param_groups for p in group["params"]]
-    bar = tqdm(total=r.total, initial=start, desc=f"train {r.job.name}", unit="step", dynamic_ncols=True,
-               disable=not (acc.is_main_process and s.progress), file=sys.stderr)
+    bar = progress(r.total, f"train {r.job.name}", "step", initial=start, enabled=acc.is_main_process and s.progress)
     smooth = None
     # a Ctrl-C saves the step in progress, as a scheduled save does, and stops (one process only: several
     # would have to agree on the step)
