@@ -201,10 +201,12 @@ FAKE_TRAIN = r"""#!/bin/sh
 # stands in for "python -m sdtune.cli train KIND --config job.toml": progress lines as the loop writes them,
 # a resume state every step, the result path at the end
 total=$(sed -n 's/^steps = //p' job.toml)
+# the runner asks for a progress line a second (a log's default is one every 30 s)
+[ "$SDTUNE_LOG_SECONDS" = 1 ] || { echo "sdtune: error: SDTUNE_LOG_SECONDS is not 1" >&2; exit 3; }
 i=0; [ -f state ] && i=$(cat state)
 while [ "$i" -lt "$total" ]; do
   i=$((i+1)); echo "$i" > state
-  printf '\rencoding images: 9/9 [00:00<00:00]\rtrain lora: %d/%d [00:00<00:00, 9.9step/s, loss=0.%d, lr=1e-4]' "$i" "$total" "$i" >&2
+  printf 'encoding images: 9/9 img, 0 s\ntrain lora: %d/%d step, 0 s, 9.90 step/s, loss=0.%d, lr=1e-4\n' "$i" "$total" "$i" >&2
   sleep 0.1
 done
 if grep -q '^fail' job.toml; then echo "sdtune: error: the loss became NaN" >&2; exit 2; fi
@@ -279,10 +281,18 @@ def test_stop_ends_the_process_group_and_resume_continues(runner):
 
 def test_the_job_view_knows_when_the_report_is_drawn(tmp_path):
     log = tmp_path / jobs_mod.LOG_FILE
-    log.write_text("encoding images: 4/4 [00:00<00:00]\rtrain lora: 2/2 [00:01<00:00, loss=0.1]\n"
+    log.write_text("encoding images: 4/4 img, 0 s, 9.10 img/s\ntrain lora: 1/2 step, 1 s, 0.50 step/s, loss=0.2, "
+                   "lr=1e-4\nencoding images: 4/4 img, 0 s\ntrain lora: 2/2 step, 1 s, 0.50 step/s, loss=0.1, lr=1e-4\n"
                    f"sdtune train lora: writing the report, {tmp_path / 'report.html'}\n")
     p = jobs_mod.progress(tmp_path)
-    assert (p["step"], p["total"], p["reporting"]) == (2, 2, True)  # not 4/4: the encoding bar is not steps
+    assert (p["step"], p["total"], p["reporting"]) == (2, 2, True)  # not 4/4: the encoding lines are not steps
+    assert p["loss"] == [(1, 0.2), (2, 0.1)]
+    # a job folder from an earlier version: the terminal bar's redraws
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / jobs_mod.LOG_FILE).write_text("encoding images: 4/4 [00:00<00:00]\rtrain lora: 1/3 [00:01<00:"
+                                                      "00, loss=0.3]\rtrain lora: 2/3 [00:01<00:00, loss=0.2]")
+    p = jobs_mod.progress(tmp_path / "old")
+    assert (p["step"], p["total"], p["loss"]) == (2, 3, [(1, 0.3), (2, 0.2)])
     (tmp_path / "lora.safetensors").write_bytes(b"")
     log.write_text(log.read_text() + f"{tmp_path / 'lora.safetensors'}\n")
     assert jobs_mod.progress(tmp_path)["reporting"] is False

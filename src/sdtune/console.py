@@ -123,8 +123,10 @@ def cli_warnings() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-# How often a progress line goes to a log file (see ``progress``)
+# How often a progress line goes to a log file (see ``progress``); a program that watches the log (the web UI's
+# jobs) asks for more through the environment
 LOG_SECONDS = 30.0
+LOG_SECONDS_ENV = "SDTUNE_LOG_SECONDS"
 
 
 def on_terminal() -> bool:
@@ -137,7 +139,7 @@ def progress(total: int, desc: str, unit: str, *, enabled: bool = True, initial:
     log file (a batch job, CI, ``2> log``) a plain line every ``LOG_SECONDS`` and one at the end instead, where a
     bar's carriage-return redraws would make one line of megabytes."""
     if enabled and not on_terminal():
-        return LogLines(total, desc, unit, initial)
+        return LogLines(total, desc, unit, initial, float(os.environ.get(LOG_SECONDS_ENV, LOG_SECONDS)))
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave,
                 dynamic_ncols=True, file=sys.stderr)
 
@@ -145,14 +147,14 @@ def progress(total: int, desc: str, unit: str, *, enabled: bool = True, initial:
 class LogLines:
     """The progress bar for a log file: ``desc: n/total unit, elapsed, rate, postfix`` lines (see ``progress``)."""
 
-    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
-        self.total, self.desc, self.unit, self.n, self.first = total, desc, unit, initial, initial
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every: float = LOG_SECONDS):
+        self.total, self.desc, self.unit, self.n, self.first, self.every = total, desc, unit, initial, initial, every
         self.postfix, self.closed, self.shown = "", False, initial
         self.start = self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.monotonic() - self.last >= LOG_SECONDS:
+        if time.monotonic() - self.last >= self.every:
             self.line()
 
     def set_postfix(self, refresh: bool = False, **values) -> None:

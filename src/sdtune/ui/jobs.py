@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..console import LOG_SECONDS_ENV
 from ..safeio import SdtuneError, atomic_write_text
 from ..train.report import WRITING_REPORT
 
@@ -36,9 +37,11 @@ QUEUE_PAGE = "queue.html"  # what ``sdtune train queue`` writes after each of it
 # the line ``sdtune train queue`` prints as each run starts: "sdtune train queue: 2/3 lora-lr-0.001 (lora, ...)"
 QUEUE_RUN = re.compile(r"^sdtune train queue: (\d+)/(\d+) (\S+) \(")
 STATES = ("queued", "running", "done", "failed", "stopped")
-# the training bar's line: "train lora:  30%|###   | 3/10 [00:01<00:02, 2.9step/s, loss=0.1234, lr=1.00e-04]"
-# (not the other bars, such as "encoding images 5/5", which are not steps)
-PROGRESS = re.compile(r"train [\w-]+:[^\r\n]*?(\d+)/(\d+) \[([^\]]*)\]")
+# the training progress line of a log (console.LogLines), "train lora: 3/10 step, 1 s, 2.90 step/s, loss=0.1234,
+# lr=1.00e-04", or of a terminal's bar in jobs run by earlier versions, "train lora:  30%|###   | 3/10 [00:01<00:02,
+# 2.9step/s, loss=0.1234, lr=1.00e-04]" (not the other bars, such as "encoding images: 5/5 img", which are not steps)
+PROGRESS = re.compile(r"train [\w-]+:[^\r\n]*?(\d+)/(\d+) (?:step,([^\r\n]*)|\[([^\]]*)\])")
+LOG_EVERY = "1"  # seconds between the progress lines of a job's log: the page polls about this often
 LOSS = re.compile(r"loss=([-+0-9.eE]+|nan|inf)")
 
 
@@ -158,7 +161,7 @@ class JobRunner:
         folder = Path(job.folder)
         what = [QUEUE, CONFIG_FILE, "--out", "."] if job.kind == QUEUE else [job.kind, "--config", CONFIG_FILE]
         cmd = [self.python, "-m", "sdtune.cli", "train", *what, *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{LOG_SECONDS_ENV: LOG_EVERY})
         with open(folder / LOG_FILE, "ab") as log:
             log.write(f"\n--- run {job.runs + 1}: {' '.join(cmd[1:])}\n".encode())
             log.flush()
@@ -247,7 +250,7 @@ def progress(folder: str | Path) -> dict:
         m = PROGRESS.search(seg)
         if m:
             step, total = int(m.group(1)), int(m.group(2))
-            value = LOSS.search(m.group(3))
+            value = LOSS.search(m.group(3) or m.group(4))
             if value:
                 curve[step] = float(value.group(1))
     page = folder / QUEUE_PAGE
