@@ -134,6 +134,38 @@ def test_lora_tag_parsing():
         api.parse_lora_tags("<lora:x:dyn=4>")
 
 
+def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_path):
+    """A tag typed in the prompt and the same LoRA picked on the page (or one tag written twice): one adapter at
+    the summed weights, as two ComfyUI loaders of one file give, not an error; different block weights refused."""
+    import torch
+
+    from sdtune.lora.formats import save_lora
+    from sdtune.lora.neutral import Adapter, Lora
+
+    lora = Lora()
+    lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = Adapter(
+        "lora", {"down": torch.randn(2, 32) * 0.3, "up": torch.randn(32, 2) * 0.3}, 2.0)
+    (tmp_path / "loras").mkdir()
+    save_lora(lora, tmp_path / "loras" / "style.safetensors")
+    tag = api.LoraTag
+    assert api.combined_tags([tag("a", 0.8, None, None), tag("b", 1, None, None), tag("a", 0.5, None, None)]) == [
+        tag("a", 1.3, None, None), tag("b", 1, None, None)]
+    assert api.combined_tags([tag("a", 0.8, 0.2, None), tag("a", 0.5, None, None)]) == [tag("a", 1.3, 0.7, None)]
+    with pytest.raises(SdtuneError, match=r"^<lora:a:…> appears twice with different block weights \(lbw=INALL "
+                                          r"and lbw=None\); write it once$"):
+        api.combined_tags([tag("a", 1, None, "INALL"), tag("a", 1, None, None)])
+
+    def image(prompt):
+        (res,) = api.generate(base, prompt, lora_dirs=(tmp_path / "loras",), steps=2, seed=1, progress=False)
+        return np.asarray(res.image), parse_infotext(res.infotext)
+
+    twice, fields = image("a red star, <lora:style:0.8>, <lora:style:0.5>")
+    once, _ = image("a red star, <lora:style:1.3>")
+    assert np.array_equal(twice, once) and not np.array_equal(twice, image("a red star")[0])
+    assert fields["Lora weights"] == "<lora:style>=1.3" and "<lora:style:0.8>, <lora:style:0.5>" in fields["prompt"]
+    assert not len(base.loras)
+
+
 def test_a_tag_naming_no_lora_says_where_it_looked(base, tmp_path):
     (tmp_path / "loras").mkdir()
     with pytest.raises(SdtuneError, match=r"^<lora:nosuch:…> in the prompt: no LoRA named 'nosuch' in .*loras; "

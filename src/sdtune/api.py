@@ -68,6 +68,25 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     return re.sub(r"(\s*,?\s*)" + LORA_TAG.pattern, drop, prompt).strip(" ,"), tags
 
 
+def combined_tags(tags: list[LoraTag]) -> list[LoraTag]:
+    """One tag per LoRA name: a LoRA named twice (typed in the prompt and picked on the page, say) applies once at
+    the sum of its weights, as two loaders of one file chained in ComfyUI do; its block weights must agree."""
+    out: dict[str, LoraTag] = {}
+    for tag in tags:
+        first = out.get(tag.name)
+        if first is None:
+            out[tag.name] = tag
+            continue
+        if first.blocks != tag.blocks:
+            raise SdtuneError(f"<lora:{tag.name}:…> appears twice with different block weights (lbw={first.blocks} "
+                              f"and lbw={tag.blocks}); write it once")
+        te = None if first.te_weight is None and tag.te_weight is None else (
+            (first.weight if first.te_weight is None else first.te_weight)
+            + (tag.weight if tag.te_weight is None else tag.te_weight))
+        out[tag.name] = LoraTag(tag.name, first.weight + tag.weight, te, tag.blocks)
+    return list(out.values())
+
+
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
     """``lora_tags`` as (name, weight, te_weight) triples, without the block weights."""
     clean, tags = lora_tags(prompt)
@@ -186,6 +205,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     with block weights; applied for this call only, looked up in ``lora_dirs``) and embedding names from
     ``embedding_dirs``."""
     clean, tags = lora_tags(prompt)
+    tags = combined_tags(tags)
     dirs = embedding_dirs if embedding_dirs is not None else getattr(base, "embedding_dirs", ())
     _load_dir_embeddings(base, clean + " " + kwargs.get("negative_prompt", ""), dirs)
     added = []
