@@ -378,6 +378,9 @@ def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
     assert params["Seed"] == "5" and notes == []
     form = studio.settings_of(path, uploaded=False)
     assert form["prompt"] == "a red star, <lora:style:0.8>" and form["seed"] == 5 and form["steps"] == 2
+    # the same LoRA typed and picked: once, at the summed weight; an emptied seed box: a random seed
+    (path, text), = studio.generate("a red star, <lora:style:0.5>", steps=1, seed=None, picks=[("style", 0.3, 0.3)])[0]
+    assert parse_infotext(text)["Lora weights"] == "<lora:style>=0.8" and int(parse_infotext(text)["Seed"]) >= 0
     assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:1:0.5>"
 
 

@@ -54,6 +54,12 @@ class Cancelled(SdtuneError):
     """The user pressed Cancel."""
 
 
+def _seed(value) -> int:
+    """A seed box's value: emptied (the browser empties a number box it cannot read) means random, as -1 does
+    and as in A1111."""
+    return -1 if value is None or str(value).strip() == "" else int(value)
+
+
 class Studio:
     """One server's state: its folders, the loaded model, the training queue."""
 
@@ -258,7 +264,7 @@ class Studio:
 
         with self._cancellable("generation", on_step) as step, self.model_in_use() as (base, notes):
             results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
-                                   guidance=float(cfg), seed=int(seed), scheduler=sampler,
+                                   guidance=float(cfg), seed=_seed(seed), scheduler=sampler,
                                    clip_skip=int(clip_skip), width=int(width) or None,
                                    height=int(height) or None, num_images=int(count),
                                    progress=False, lora_dirs=(self.folders.loras,),
@@ -365,7 +371,7 @@ class Studio:
             folder = folder.with_name(folder.name + "-1")
         try:
             with self._cancellable("grid", on_step) as step, self.model_in_use() as (base, notes):
-                grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=int(seed),
+                grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=_seed(seed),
                                       steps=int(steps), guidance=float(cfg), scheduler=sampler,
                                       clip_skip=int(clip_skip), width=int(width) or None,
                                       height=int(height) or None, loras=list(files.values()),
