@@ -24,6 +24,7 @@ from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
+from sdtune.ti.formats import Embedding, save_embedding
 from sdtune.train.config import KINDS, load_settings
 from sdtune.ui import jobs as jobs_mod
 from sdtune.ui import parse_auth, trainform
@@ -366,6 +367,32 @@ def studio(tmp_path_factory):
     s = Studio(folders, model="tiny-random", max_upload_mb=1)
     yield s
     s.jobs.shutdown()
+
+
+def test_use_the_result_copies_the_recommended_checkpoint_under_the_name_to_type(studio, tmp_path, monkeypatch):
+    """A finished job's "Use the result": the checkpoint its report recommends (best.safetensors) where there is one;
+    an embedding named after its token (the folder's embeddings are typed by file name), a LoRA after the job; a
+    name in use gets a number, and the same file twice is not copied twice."""
+    job = tmp_path / "job"
+    job.mkdir()
+    final, best = job / "ti.safetensors", job / "best.safetensors"
+    for path, seed in ((final, 0), (best, 1)):
+        save_embedding(Embedding("<mystar>", torch.randn(1, 64, generator=torch.Generator().manual_seed(seed)),
+                                 "trained", "diffusers"), path)
+    view = {"job": SimpleNamespace(kind="ti", state="done", folder=str(job)), "result": final}
+    monkeypatch.setattr(studio, "job_view", lambda name: view)
+    says = "its report's best checkpoint is in the embedding folder as mystar; put mystar in a prompt"
+    assert studio.use_result("ti-001") == says
+    assert (studio.folders.embeddings / "mystar.safetensors").read_bytes() == best.read_bytes()
+    assert studio.use_result("ti-001") == says and not (studio.folders.embeddings / "mystar-2.safetensors").exists()
+    best.unlink()  # another run's file under the same token
+    assert studio.use_result("ti-002") == says.replace("its report's best checkpoint", "its final file").replace(
+        "mystar", "mystar-2")
+    assert (studio.folders.embeddings / "mystar-2.safetensors").read_bytes() == final.read_bytes()
+    lora = job / "lora.safetensors"
+    shutil.copyfile(studio.folders.loras / "style.safetensors", lora)
+    view.update(job=SimpleNamespace(kind="lora", state="done", folder=str(job)), result=lora)
+    assert studio.use_result("q2") == "its final file is in the LoRA folder as q2; put <lora:q2:1> in a prompt"
 
 
 def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):

@@ -474,7 +474,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     finally:
         d.switch_to.default_content()
     d.find_element(By.ID, "train-use").click()  # the result goes to the LoRA folder, named after the job
-    _wait_text(d, "train-status", "copied as q2", 10)
+    _wait_text(d, "train-status", re.escape("in the LoRA folder as q2; put <lora:q2:1> in a prompt"), 10)
     assert (server["loras"] / "q2.safetensors").is_file()
 
 

@@ -364,8 +364,7 @@ def _train_tab(studio: Studio):
             if not name_:
                 raise SdtuneError("pick a job first")
             if what == "use":
-                return f"copied as {studio.use_result(name_)} into the LoRA / embedding folder; on the Generate " \
-                    "tab, Refresh lists"
+                return f"{studio.use_result(name_)} (on the Generate tab, Refresh lists)"
             if what == "resume":
                 return studio.resume(name_)
             studio.jobs.stop(name_)

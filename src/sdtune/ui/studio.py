@@ -34,6 +34,7 @@ from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
 from ..train.loop import STATE_FILE
+from ..train.report import BEST_FILE
 from . import trainform
 from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
@@ -585,17 +586,33 @@ class Studio:
         return {"job": job, **progress(job.folder)}
 
     def use_result(self, name: str) -> str:
-        """Copy a finished job's result into the LoRA or embedding folder, named after the job."""
+        """Copy a finished job's result into the LoRA or embedding folder and say what to type: the checkpoint its
+        report recommends (``best.safetensors``, the lowest validation loss) where there is one, else the final
+        file; a LoRA named after the job, an embedding after its token (the folder's embeddings are used by file
+        name, as in A1111); a name in use gets a number (``-2``), the same file already there is named."""
         view = self.job_view(name)
         if view["job"].kind == QUEUE:
             raise SdtuneError(f"job {name} is a queue: its runs' results are in their folders under "
                               f"{view['job'].folder}, compared in its queue.html")
         if view["result"] is None:
             raise SdtuneError(f"job {name} has no result yet ({view['job'].state})")
-        kind = "loras" if view["job"].kind == "lora" else "embeddings"
-        dest = self._new_file(kind, name)
-        shutil.copyfile(view["result"], dest)
-        return dest.stem
+        result = Path(view["result"])
+        best = result.parent / BEST_FILE
+        chosen, which = (best, "its report's best checkpoint") if best.is_file() else (result, "its final file")
+        data = chosen.read_bytes()
+        lora = view["job"].kind == "lora"
+        kind = "loras" if lora else "embeddings"
+        stem = name if lora else (re.sub(r"[^\w.-]", "", load_embedding(result).token) or name)
+        for n in itertools.count(1):
+            candidate = stem if n == 1 else f"{stem}-{n}"
+            path = self.folders.child(kind, candidate + ".safetensors", must_exist=False)
+            if path.is_file() and path.read_bytes() == data:
+                break
+            if not path.exists():
+                shutil.copyfile(chosen, self._new_file(kind, candidate))
+                break
+        use = f"<lora:{candidate}:1>" if lora else candidate
+        return f"{which} is in the {'LoRA' if lora else 'embedding'} folder as {candidate}; put {use} in a prompt"
 
     # ---------------------------------------------------------------- pages in the output folder
 
