@@ -678,6 +678,15 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
     s = Studio(folders, model="tiny-random")
     try:
         assert s.model_choices() == ["tiny", "tiny-xl", "tiny-random", "sd", "style.safetensors"]
+        merged = folders.out / "merged"  # what the page's Merge writes: offered too, under its own prefix
+        (merged / "m" / "unet").mkdir(parents=True)
+        (merged / "m" / "model_index.json").write_text("{}")
+        (merged / "one.safetensors").write_bytes(b"x")
+        assert s.model_choices()[-2:] == ["merged: m", "merged: one.safetensors"]
+        assert s.set_model("merged: one.safetensors") == str(merged / "one.safetensors")
+        assert s.model_choice() == "merged: one.safetensors"
+        with pytest.raises(Refused, match="'..' leaves the output folder"):
+            s.set_model("merged: ../x.safetensors")
         s._base = object()  # a loaded model: switching drops it, the next request loads the new one
         assert s.set_model("style.safetensors") == str(models / "style.safetensors") == s.model
         assert s._base is None
@@ -697,11 +706,16 @@ def test_the_base_model_switches_only_to_models_offered(tmp_path):
         s.jobs.shutdown()
     plain = Studio(Folders.make(tmp_path / "out2"), model="tiny-random")
     try:
-        assert plain.model_choices() == ["tiny", "tiny-xl", "tiny-random"]
+        assert plain.model_choices() == ["tiny", "tiny-xl", "tiny-random"]  # tiny-random: the page's --model
         with pytest.raises(Refused, match="start the UI with --model-dir DIR"):
             plain.set_model("style.safetensors")
     finally:
         plain.jobs.shutdown()
+    shipped = Studio(Folders.make(tmp_path / "out3"), model="tiny")
+    try:
+        assert shipped.model_choices() == ["tiny", "tiny-xl"]  # tiny-random only for a page started with it
+    finally:
+        shipped.jobs.shutdown()
 
 
 def _finished_job(root: Path, name: str, lr: float, val: float) -> Path:

@@ -290,7 +290,7 @@ def test_generation_can_be_cancelled_and_the_model_switched(server, browser):
     _wait_text(d, "gen-status", r"generation cancelled at step \d+ of 150; nothing was saved", 60)
     assert sorted((server["out"] / "generate").glob("*.png")) == before
     _type(d, "gen-steps", STEPS)
-    other = "tiny-random" if MODEL == "tiny" else "tiny"  # another one: picking the one in use changes nothing
+    other = "tiny-xl" if MODEL == "tiny" else "tiny"  # another one: picking the one in use changes nothing
     _pick(d, "model", other)
     _wait_text(d, "model-status", f"base model: {other} ", 30)
     _pick(d, "model", MODEL)

@@ -18,7 +18,7 @@ import pandas as pd
 from ..generate import SCHEDULERS
 from ..safeio import SdtuneError
 from . import trainform
-from .studio import Studio
+from .studio import MERGED, Studio
 
 SAMPLERS = [(a1111, name) for name, (_, _, a1111) in SCHEDULERS.items()]  # shown as A1111 names them ("Euler a")
 LORA_SLOTS = 4  # LoRA pickers on the Generate tab (Fooocus shows 5, A1111 users type tags for more)
@@ -502,7 +502,8 @@ def _lora_tab(studio: Studio, pickers):
 
     @_handler(1)
     def merge(s, new, f):
-        return f"written: {studio.merge(s, new, f)}"
+        path = studio.merge(s, new, f)
+        return f"written: {path}; the Base model menu offers it as {MERGED}{path.name}"
 
     merge_go.click(merge, [specs, merge_name, fmt], status, concurrency_id="model")
     return name

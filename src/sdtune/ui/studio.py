@@ -43,7 +43,10 @@ from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
                "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
-BUILT_IN = ("tiny", "tiny-xl", "tiny-random")  # models the page can always switch to (no file, offline)
+# models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
+# page was started with it
+BUILT_IN = ("tiny", "tiny-xl")
+MERGED = "merged: "  # the menu's prefix of the models merged on the page (out/merged/NAME)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
 FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
@@ -94,12 +97,17 @@ class Studio:
     # ---------------------------------------------------------------- the base model
 
     def model_choices(self) -> list[str]:
-        """What the page may switch to: the built-in models, the --model, and the models in --model-dir (its
-        .safetensors/.ckpt files and diffusers folders, by their names in it)."""
+        """What the page may switch to: the built-in models, the --model, the models in --model-dir (its
+        .safetensors/.ckpt files and diffusers folders, by their names in it) and those merged on the page
+        (``merged: NAME``, in the output folder's merged/)."""
         choices = list(dict.fromkeys([*BUILT_IN, self.started_with]))
-        root = self.folders.models
-        if root is None:
-            return choices
+        if self.folders.models is not None:
+            choices += self._models_in("models", self.folders.models)
+        return choices + [MERGED + name for name in self._models_in("out", self.folders.out / "merged")]
+
+    def _models_in(self, kind: str, root: Path) -> list[str]:
+        """The model files and diffusers folders under ``root`` (in folder ``kind``), by their paths in it."""
+        found = []
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root)
             if any(part.startswith(".") for part in rel.parts):
@@ -109,30 +117,36 @@ class Studio:
                 continue  # a part of a diffusers folder, listed as that folder
             if weights or (p.is_dir() and (p / "model_index.json").is_file()):
                 try:
-                    self.folders.inside(p, "models")
+                    self.folders.inside(p, kind)
                 except Refused:
                     continue
-                choices.append(rel.as_posix())
-        return choices
+                found.append(rel.as_posix())
+        return found
 
     def model_spec(self, choice: str) -> str:
         """The spec to load for ``choice``, which must be one of ``model_choices``."""
         choice = str(choice or "").strip()
         if choice in (*BUILT_IN, self.started_with):  # not any spec: a full-size random SDXL is a way to fill RAM
             return choice
-        path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
+        if choice.startswith(MERGED):
+            path = self.folders.child("out", "merged/" + choice[len(MERGED):])
+        else:
+            path = self.folders.child("models", choice)  # refuses '..', absolute paths, symlinks out
         if choice not in self.model_choices():
             raise Refused(f"{choice}: not a model in the model folder ({self.folders.models}); pick one "
                           f"from the list")
         return str(path.resolve())
 
     def model_choice(self) -> str:
-        """The menu's name of the model in use: a model-dir file by its path in the folder (``model_spec``
-        resolved it there), else the spec itself (built-in, --model)."""
-        root = self.folders.models
-        if root is not None and self.model not in (*BUILT_IN, self.started_with):
+        """The menu's name of the model in use: a model-dir or merged file by its name in the menu
+        (``model_spec`` resolved it there), else the spec itself (built-in, --model)."""
+        if self.model in (*BUILT_IN, self.started_with):
+            return self.model
+        for prefix, root in (("", self.folders.models), (MERGED, self.folders.out / "merged")):
+            if root is None:
+                continue
             try:
-                return Path(self.model).relative_to(root.resolve()).as_posix()
+                return prefix + Path(self.model).relative_to(root.resolve()).as_posix()
             except ValueError:
                 pass
         return self.model
