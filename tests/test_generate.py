@@ -307,6 +307,7 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
             for p in other.vae.parameters():
                 p.mul_(0.5)
         use_vae(other, tmp_path / source)
+        assert other.vae_name == source  # as images name it: the file, or the folder given
         got = other.vae.state_dict()
         assert got.keys() == vae.keys() and all(torch.equal(got[k], vae[k]) for k in vae), source
         assert other.vae.config.scaling_factor == tiny.vae.config.scaling_factor

@@ -656,6 +656,13 @@ def test_a_vae_given_to_the_ui_decodes_every_image_and_is_named(tmp_path):
         (path, _), = s.generate("a red star", steps=1, seed=3)[0]
         params = parse_infotext(read_infotext(path))
         assert (params["VAE"], params["VAE hash"]) == ("brighter.safetensors", file_sha256(vae)[:10])
+        assert s.settings_of(path, uploaded=False)["not_applied"] == []  # the page's VAE made it
+        plain = Studio(Folders.make(tmp_path / "out"), model="tiny-random")
+        try:  # a page decoding with the model's own VAE says it does not use the image's
+            assert plain.settings_of(path, uploaded=False)["not_applied"] == [
+                "VAE brighter.safetensors (the page's is the model's own)"]
+        finally:
+            plain.jobs.shutdown()
         with s.model_in_use() as (base, _):
             assert all(torch.equal(v, own[k] * 1.02) for k, v in base.vae.state_dict().items())
     finally:

@@ -322,7 +322,7 @@ def generate(
                 "Model hash": getattr(base, "model_hash", ""),
                 "Model": getattr(base, "name", ""),
                 "VAE hash": getattr(base, "vae_hash", "") or None,  # A1111's pair, for a VAE given apart
-                "VAE": base.vae_file.name if getattr(base, "vae_file", None) else None,
+                "VAE": getattr(base, "vae_name", "") or None,
                 "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set
                 **(extra_info or {}),
             }

@@ -78,7 +78,8 @@ class Base:
     family: Family = families.SD1
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second text encoder (OpenCLIP bigG)
     tokenizer_2: CLIPTokenizer | None = None
-    vae_file: Path | None = None  # a VAE put in place of the model's own (use_vae), which images name ...
+    vae_file: Path | None = None  # the weights of a VAE put in place of the model's own (use_vae) ...
+    vae_name: str = ""  # ... which images name (the file, or the folder it came as) ...
     vae_hash: str = ""  # ... with its short hash, as A1111's "VAE hash"
 
     def text_encoders(self) -> list[tuple[TextEncoder, torch.nn.Module, CLIPTokenizer]]:
@@ -682,12 +683,7 @@ def use_vae(base: Base, spec: str | Path) -> Base:
     file (.safetensors, or .ckpt/.pt read without running code; LDM names as A1111's VAE files have them, with or
     without ``first_stage_model.``, or diffusers' names) or a diffusers VAE folder. It is built in the family's VAE
     architecture and keeps the family's latent scaling, which a VAE file does not state."""
-    path = weights = input_path(spec, "VAE file or folder", "--vae")
-    if path.is_dir():
-        weights = next((path / name for name in VAE_FOLDER_FILES if (path / name).is_file()), None)
-        if weights is None:
-            raise SdtuneError(f"{path}: no diffusion_pytorch_model.safetensors in this folder or its vae/; pass a VAE "
-                              f"file or a diffusers VAE folder")
+    weights = vae_weights(spec)
     raw, _ = load_state(weights)
     # without diffusers' bookkeeping: its "_use_default_values" would reset a scaling factor set after construction
     config = {k: v for k, v in base.vae.config.items() if not k.startswith("_")}
@@ -704,7 +700,20 @@ def use_vae(base: Base, spec: str | Path) -> Base:
         raise SdtuneError(f"{weights}: does not fit the VAE of {base.family.title} ({detail}); pass a VAE made for "
                           f"{base.family.title}") from None
     base.vae, base.vae_file, base.vae_hash = vae.eval(), weights, file_sha256(weights)[:10]
+    base.vae_name = Path(spec).name
     return base
+
+
+def vae_weights(spec: str | Path) -> Path:
+    """The weights file of a --vae: the file itself, or the one in a diffusers VAE folder (or a model folder's vae/)."""
+    path = input_path(spec, "VAE file or folder", "--vae")
+    if not path.is_dir():
+        return path
+    weights = next((path / name for name in VAE_FOLDER_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise SdtuneError(f"{path}: no diffusion_pytorch_model.safetensors in this folder or its vae/; pass a VAE "
+                          f"file or a diffusers VAE folder")
+    return weights
 
 
 @contextmanager
@@ -714,12 +723,12 @@ def vae_swapped(base: Base, spec: str | Path | None):
     if not spec:
         yield base
         return
-    own = base.vae, base.vae_file, base.vae_hash
+    own = base.vae, base.vae_file, base.vae_name, base.vae_hash
     use_vae(base, spec)
     try:
         yield base
     finally:
-        base.vae, base.vae_file, base.vae_hash = own
+        base.vae, base.vae_file, base.vae_name, base.vae_hash = own
 
 
 # ---------------------------------------------------------------- saving

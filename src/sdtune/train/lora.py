@@ -247,7 +247,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
         "ss_sdtune_preset": settings.preset,
         # kohya's record of a VAE given apart: its file name and sha256
-        **({"ss_vae_name": base.vae_file.name, "ss_new_vae_hash": file_sha256(base.vae_file)}
+        **({"ss_vae_name": base.vae_name, "ss_new_vae_hash": file_sha256(base.vae_file)}
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }

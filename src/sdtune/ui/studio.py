@@ -28,7 +28,7 @@ from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import known_family, load_base, use_vae
+from ..models import file_sha256, known_family, load_base, use_vae, vae_weights
 from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
@@ -40,7 +40,7 @@ from .guard import Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
-NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE", "Eta",
+NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Eta",
                "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 # models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
@@ -71,6 +71,7 @@ class Studio:
                  max_upload_mb: float = 512, vae: str | None = None):
         self.folders, self.model, self.device, self.dtype = folders, model, device, dtype
         self.vae = vae  # --vae: put in place of the VAE of every model the page loads
+        self._vae_hash: str | None = None  # its short hash, once asked (vae_hash)
         self.started_with = model  # the --model, always offered
         self.max_upload = int(max_upload_mb * 2**20)
         self._base = None
@@ -287,6 +288,12 @@ class Studio:
         paths = save_batch(results, self.folders.out / "generate")
         return [(p, r.infotext) for p, r in zip(paths, results)], notes
 
+    def vae_hash(self) -> str:
+        """A1111's short hash of the page's --vae ("": none, the models' own VAEs), as its PNGs carry it."""
+        if self.vae and self._vae_hash is None:
+            self._vae_hash = file_sha256(vae_weights(self.vae))[:10]
+        return self._vae_hash or ""
+
     def settings_of(self, path: str | Path, *, uploaded: bool) -> dict:
         """The Generate form's values from an sdtune or A1111 PNG (dropped on the page, or in the output folder)."""
         path = check_upload(path, "image", self.max_upload) if uploaded else self.folders.inside(Path(path), "out")
@@ -312,6 +319,9 @@ class Studio:
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
+        if ("VAE" in p or "VAE hash" in p) and p.get("VAE hash") != self.vae_hash():  # the page's --vae decodes
+            page = Path(self.vae).name if self.vae else "the model's own"
+            form["not_applied"].append(f"VAE {p.get('VAE') or p.get('VAE hash')} (the page's is {page})")
         self._take_loras(p, form)
         if p.get("Model") and Path(p["Model"]).name != Path(self.model).name:  # PNGs name a file model by its path
             form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
