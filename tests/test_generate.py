@@ -70,6 +70,8 @@ def test_lms_without_scipy_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
     with pytest.raises(SdtuneError, match="scheduler 'lms' needs scipy, which is not installed; pip install scipy"):
         gen.check_scheduler("lms")
+    # which the web UI's sampler menus leave out
+    assert not gen.scheduler_available("lms") and gen.scheduler_available("euler_a")
 
 
 def test_infotext_round_trip_quotes_commas():

@@ -505,7 +505,8 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
 
 
 def test_compare_makes_a_grid_with_its_parts(studio):
-    grid, parts, _ = studio.compare("a red star", x="seed=1,2", y="weight=0,1", loras=["style"], steps=1, cell=64)
+    # (an axis copied from a command line keeps its shell quotes: taken off)
+    grid, parts, _ = studio.compare("a red star", x="'seed=1,2'", y='"weight=0,1"', loras=["style"], steps=1, cell=64)
     names = sorted(p.name for p in parts)
     assert grid.name == "xy.png" and names == sorted(["xy.png", "xy.json", "xy-00-00.png", "xy-00-01.png",
                                                       "xy-01-00.png", "xy-01-01.png"])

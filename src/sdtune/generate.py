@@ -42,11 +42,16 @@ SCHEDULERS = {
 }
 
 
+def scheduler_available(name: str) -> bool:
+    """Whether the packages the sampler needs are installed (diffusers' LMS integrates with scipy)."""
+    return name != "lms" or importlib.util.find_spec("scipy") is not None
+
+
 def check_scheduler(name: str) -> None:
     """An unknown sampler, or one whose package is missing, is one line (before a model is loaded for it)."""
     if name not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    if name == "lms" and importlib.util.find_spec("scipy") is None:  # diffusers' LMS integrates with scipy
+    if not scheduler_available(name):
         raise SdtuneError("scheduler 'lms' needs scipy, which is not installed; pip install scipy, or choose "
                           "another scheduler")
 

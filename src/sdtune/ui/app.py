@@ -15,12 +15,13 @@ import traceback
 import gradio as gr
 import pandas as pd
 
-from ..generate import SCHEDULERS
+from ..generate import SCHEDULERS, scheduler_available
 from ..safeio import SdtuneError
 from . import trainform
 from .studio import MERGED, Studio
 
-SAMPLERS = [(a1111, name) for name, (_, _, a1111) in SCHEDULERS.items()]  # shown as A1111 names them ("Euler a")
+# shown as A1111 names them ("Euler a"); only those that can run here (LMS needs scipy)
+SAMPLERS = [(a1111, name) for name, (_, _, a1111) in SCHEDULERS.items() if scheduler_available(name)]
 LORA_SLOTS = 4  # LoRA pickers on the Generate tab (Fooocus shows 5, A1111 users type tags for more)
 GEN_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height", "clip_skip")
 CSS = """
@@ -184,8 +185,9 @@ def _compare_tab(studio: Studio):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="cmp-prompt")
             negative = gr.Textbox(label="Negative prompt", elem_id="cmp-negative")
             x = gr.Textbox(label="X axis (columns)", elem_id="cmp-x",
-                           placeholder="seed=1-4 | weight=0,0.5,1 | cfg=3,7 | steps=10,20 | sampler=ddim,euler | clip_skip=1,2 | "
-                                       "'prompt=a|b' | sr=red|blue | loras=none|a|a:0.5+b:1 | embeddings=none|name")
+                           placeholder="one of: seed=1-4 · weight=0,0.5,1 · cfg=3,7 · steps=10,20 · sampler=ddim,euler · "
+                                       "clip_skip=1,2 · prompt=a|b · sr=red|blue · loras=none|a|a:0.5+b:1 · "
+                                       "embeddings=none|name")
             y = gr.Textbox(label="Y axis (rows, optional)", elem_id="cmp-y")
             with gr.Row():
                 loras = gr.Dropdown(studio.lora_names(), multiselect=True, label="LoRAs for the plot",
@@ -237,8 +239,9 @@ def _train_tab(studio: Studio):
     def component(f: trainform.FormField):
         kind_ = first if first in f.defaults else next(iter(f.defaults))
         value = initial[f.name] if f.name in initial else trainform.to_form(f, f.defaults[kind_])
-        common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=f"train-{f.name}",
-                      min_width=150)
+        # the output file's name setting apart from the job's name (train-name), which the form shows first
+        elem = "train-file-name" if f.name == "name" else f"train-{f.name}"
+        common = dict(label=f.label, info=f.help or None, visible=first in f.defaults, elem_id=elem, min_width=150)
         if f.typ is bool:
             return gr.Checkbox(value=bool(value), **common)
         if f.choices:
@@ -258,7 +261,7 @@ def _train_tab(studio: Studio):
         with gr.Column(scale=3):  # the form
             with gr.Row():
                 kind = gr.Radio(list(trainform.KINDS), value=first, label="Training", elem_id="train-kind")
-                name = gr.Textbox(label="Job name (empty: lora-001, ...)", elem_id="train-name")
+                name = gr.Textbox(label="Job name (empty: numbered, e.g. lora-001 or ti-001)", elem_id="train-name")
             dataset = gr.Dropdown(studio.datasets(), value=None, allow_custom_value=True, elem_id="train-dataset",
                                   label="Dataset (a folder in the output folder's datasets/)", info=data_help)
             with gr.Accordion("Add images to a dataset", open=False):

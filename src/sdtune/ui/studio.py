@@ -64,6 +64,12 @@ def _seed(value) -> int:
     return -1 if value is None or str(value).strip() == "" else int(value)
 
 
+def _unquoted(axis: str | None) -> str:
+    """An axis as typed, without the shell quotes a command-line example carries ('prompt=a|b')."""
+    text = (axis or "").strip()
+    return text[1:-1].strip() if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
 class Studio:
     """One server's state: its folders, the loaded model, the training queue."""
 
@@ -368,7 +374,7 @@ class Studio:
         ``on_step(done, total)`` follows the denoising steps; ``cancel()`` stops it as it stops a generation."""
         if not (x or "").strip():  # the page's words, not the command line's (--x KIND=VALUES)
             raise SdtuneError("no X axis; write KIND=VALUES in it, e.g. seed=1-4 or weight=0,0.5,1")
-        x_axis, y_axis = xyplot.axes_from_specs(x.strip(), (y or "").strip() or None, sweep=sweep or None)
+        x_axis, y_axis = xyplot.axes_from_specs(_unquoted(x), _unquoted(y) or None, sweep=sweep or None)
         axes = [a for a in (y_axis, x_axis) if a is not None]
         files = {Path(n).name: str(self.adapter_file("loras", n)) for n in loras if n}
         for a in axes:
