@@ -340,6 +340,11 @@ def test_progress_reads_a_loss_csv_when_training_writes_one(tmp_path):
     (tmp_path / "loss.png").write_bytes(b"")
     p = jobs_mod.progress(tmp_path)
     assert p["loss"] == [(1, 0.9), (2, 0.7)] and p["loss_source"] == "csv" and p["loss_png"] == tmp_path / "loss.png"
+    # the log's lines since the CSV's last save follow it: the page's loss keeps up with the steps
+    (tmp_path / jobs_mod.LOG_FILE).write_text("train lora: 2/4 step, 1 s, loss=0.75\ntrain lora: 3/4 step, 1 s, "
+                                              "loss=0.6\n")
+    p = jobs_mod.progress(tmp_path)
+    assert p["loss"] == [(1, 0.9), (2, 0.7), (3, 0.6)] and p["loss_source"] == "log"
 
 
 # ---------------------------------------------------------------------------------------------- the UI's actions

@@ -256,8 +256,10 @@ def progress(folder: str | Path) -> dict:
     page = folder / QUEUE_PAGE
     if run is not None and (folder / run[2]).is_dir():
         folder = folder / run[2]  # the run's files: its loss CSV, samples and plot
+    # every step's loss from the CSV (written at each save), then the log's (smoothed) since the CSV's last row
     from_csv = _csv_loss(folder)
-    loss = from_csv or sorted(curve.items())
+    loss = from_csv + [(s, v) for s, v in sorted(curve.items()) if not from_csv or s > from_csv[-1][0]]
+    newest = "csv" if from_csv and loss[-1] == from_csv[-1] else "log"
     # the command prints the path of what it made as its last line
     result = None
     for seg in reversed(segments):
@@ -272,7 +274,7 @@ def progress(folder: str | Path) -> dict:
     reporting = bool(segments) and WRITING_REPORT in segments[-1]
     return {
         "reporting": reporting,
-        "step": step, "total": total, "loss": loss, "loss_source": "csv" if from_csv else "log", "run": run,
+        "step": step, "total": total, "loss": loss, "loss_source": newest,  # where the last value came from "run": run,
         "samples": sorted((folder / "samples").glob("*.png")),
         "loss_png": next(iter(sorted(folder.rglob("loss.png"))), None),
         "report": page if page.is_file() else next(iter(sorted(folder.rglob("report.html"))), None),
