@@ -179,6 +179,8 @@ def test_an_unchanged_form_trains_as_the_cli_does(tmp_path):
     assert trainform.from_form(fields["te_lr"], " ") is None and trainform.from_form(fields["te_lr"], "2e-4") == 2e-4
     with pytest.raises(SdtuneError, match=r"te lr: 'fast' is not a number"):
         trainform.from_form(fields["te_lr"], "fast")
+    with pytest.raises(SdtuneError, match=r"^lr: empty; enter a number$"):  # not the preset's value without a word
+        trainform.from_form(fields["lr"], None)
     # a form that names no preset trains on none, and says so (not the model's, whose values it did not show)
     s = trainform.settings_for("lora", trainform.preset_values("lora", None), data=str(tmp_path), out="o",
                                model="tiny")

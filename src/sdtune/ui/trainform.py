@@ -86,6 +86,8 @@ def from_form(field: FormField, value):
     if field.typ is bool:
         return bool(value)
     if value is None or (isinstance(value, str) and not value.strip()):
+        if field.typ in (int, float) and not text_field(field):  # a number box the browser emptied (it drops
+            raise SdtuneError(f"{field.label}: empty; enter a number")  # what it cannot read, e.g. "abc")
         return None
     if field.typ in (int, float):
         try:
