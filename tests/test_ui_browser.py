@@ -377,6 +377,11 @@ def test_lora_files_inspect_and_refuse_a_pickle_with_code(server, browser, shots
     d.find_element(By.ID, "lora-inspect").click()
     _wait_text(d, "lora-status", "refuses to unpickle", 30)
     assert not marker.exists()
+    assert d.find_elements(By.CSS_SELECTOR, "#lora-upload .file-preview")  # the upload, shown
+    _pick(d, "lora-name", "tinystyle")  # a file picked after an upload: the upload is dropped, Inspect takes the pick
+    _wait(lambda: not d.find_elements(By.CSS_SELECTOR, "#lora-upload .file-preview"), 10, "the upload dropped")
+    d.find_element(By.ID, "lora-inspect").click()
+    _wait_text(d, "lora-status", "inspected tinystyle", 30)
 
 
 def _progress(d):

@@ -476,6 +476,10 @@ def _lora_tab(studio: Studio, pickers):
         return text, data, f"inspected {data['file']}"
 
     look.click(inspect, [name, upload], [info, details, status])
+    # one file at a time: picking one in the menu drops an upload (which Inspect would take first) and the
+    # panel's account of another file, uploading one drops the menu's pick
+    name.input(lambda: (None, "", None), None, [upload, info, details], show_progress="hidden")
+    upload.upload(lambda: (None, "", None), None, [name, info, details], show_progress="hidden")
 
     def relist():
         return _lora_menus(studio, pickers)
