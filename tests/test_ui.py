@@ -503,6 +503,13 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert form["prompt"] == "a red star, <lora:style:0.5:0.25>"
     assert form["not_applied"] == ["LoRA gone (not in the LoRA folder)"]
+    # an A1111 prompt's tag for a LoRA the folder lacks: out of the prompt and named (Generate would refuse it)
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111.png",
+                   "a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, "
+                   "CFG scale: 7, Seed: 1, Size: 512x512")
+    form = studio.settings_of(png, uploaded=True)
+    assert form["prompt"] == "a castle, <lora:style:0.7>, at night"
+    assert form["not_applied"] == ["LoRA elsewhere (not in the LoRA folder)"]
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SdtuneError, match="no generation parameters"):

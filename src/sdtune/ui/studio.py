@@ -336,8 +336,16 @@ class Studio:
     def _take_loras(self, p: dict, form: dict) -> None:
         """LoRAs an image names only in its ``Lora weights`` (a grid's cells load theirs as adapters, not as
         prompt tags) go into the prompt as tags when the LoRA folder has them; the others are named as not
-        applied. Entries of tags (``<lora:name>=w``) are in the prompt already."""
+        applied. Entries of tags (``<lora:name>=w``) are in the prompt already; a tag naming a LoRA the folder
+        lacks is taken out of it and named (A1111 generates without it; Generate here would refuse it)."""
         tags, missing, have = [], [], set(self.lora_names())
+
+        def drop_missing(m: re.Match) -> str:
+            if m.group(2) in have:
+                return m.group(0)
+            missing.append(m.group(2))
+            return ""
+        form["prompt"] = re.sub(r"(\s*,?\s*)" + api.LORA_TAG.pattern, drop_missing, form["prompt"]).strip(" ,")
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
             name, _, weights = item.partition("=")
             if name.startswith("<lora:"):
