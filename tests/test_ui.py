@@ -595,6 +595,10 @@ def test_gallery_lists_newest_first_and_searches_parameters(studio):
     assert rows[0][1].startswith("a blue circle")
     assert all("blue circle" in t for _, t in studio.gallery("BLUE CIRCLE"))
     assert studio.gallery("no such prompt anywhere") == []
+    studio.generate("a blue circle", steps=1, seed=10)
+    rows, say = studio.gallery_view("blue circle", shown=1)  # more than it shows: said
+    assert len(rows) == 1 and say == "1 image(s) (the newest; more match: search to narrow them down)"
+    assert studio.gallery_view("blue circle", shown=2)[1] == "2 image(s)"
 
 
 def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):

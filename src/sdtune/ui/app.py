@@ -532,9 +532,10 @@ def _gallery_tab(studio: Studio, form, tabs):
     picked = gr.State(None)
 
     def find(q):
-        rows = [(str(p), t) for p, t in studio.gallery(q or "")]
+        found_, say = studio.gallery_view(q or "")
+        rows = [(str(p), t) for p, t in found_]
         return (gr.update(value=[(p, t.splitlines()[0] if t else "") for p, t in rows], selected_index=None),
-                rows, "", None, f"{len(rows)} image(s)")
+                rows, "", None, say)
 
     found = [images, shown, params, picked, status]
     search.click(find, query, found)

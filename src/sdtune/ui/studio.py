@@ -481,6 +481,13 @@ class Studio:
 
     # ---------------------------------------------------------------- Gallery
 
+    def gallery_view(self, query: str = "", shown: int = 200) -> tuple[list[tuple[Path, str]], str]:
+        """The Gallery's images (``gallery``, at most ``shown``) and its line saying how many, and whether more
+        match than it shows."""
+        rows = self.gallery(query, limit=shown + 1)
+        more = " (the newest; more match: search to narrow them down)" if len(rows) > shown else ""
+        return rows[:shown], f"{min(len(rows), shown)} image(s){more}"
+
     def gallery(self, query: str = "", limit: int = 200) -> list[tuple[Path, str]]:
         """PNGs in the output folder, newest first, with their parameters; ``query`` filters on both."""
         out = self.folders.out
