@@ -601,6 +601,23 @@ def test_gallery_lists_newest_first_and_searches_parameters(studio):
     assert studio.gallery_view("blue circle", shown=2)[1] == "2 image(s)"
 
 
+def test_dataset_uploads_say_what_they_got(studio, tmp_path):
+    """Images and captions into out/datasets/NAME: a file the browser sends twice counts once, a caption with no
+    image is named as unused."""
+    up = tmp_path / "up"
+    up.mkdir()
+    for stem in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(up / f"{stem}.png")
+        (up / f"{stem}.txt").write_text("a red star")
+    (up / "orphan.txt").write_text("a blue circle")
+    files = [str(p) for p in sorted(up.iterdir())]
+    name, said = studio.add_dataset_files("uploaded", files + files)
+    assert name == "uploaded" and said == "2 image(s) and 3 caption(s) added to dataset uploaded; no image for " \
+                                          "orphan.txt (not used)"
+    assert sorted(p.name for p in (studio.folders.out / "datasets" / "uploaded").iterdir()) == sorted(
+        p.name for p in up.iterdir())
+
+
 def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
     with pytest.raises(Refused, match="'..' leaves the output folder"):
         studio.submit("lora", "", "../../etc", {})

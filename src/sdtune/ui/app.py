@@ -354,9 +354,8 @@ def _train_tab(studio: Studio):
 
     @_handler(3)
     def add_files(files, nm):
-        got, n = studio.add_dataset_files(nm, files)
-        return gr.update(choices=studio.datasets(), value=got), gr.update(value=None), \
-            f"{n} file(s) added to dataset {got}"
+        got, said = studio.add_dataset_files(nm, files)
+        return gr.update(choices=studio.datasets(), value=got), gr.update(value=None), said
 
     upload_go.click(add_files, [upload, upload_name], [dataset, upload, status])
     dataset.focus(lambda: gr.update(choices=studio.datasets()), None, dataset, show_progress="hidden")

@@ -518,18 +518,24 @@ class Studio:
         root = self.folders.out / "datasets"
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
-    def add_dataset_files(self, name: str, uploads) -> tuple[str, int]:
-        """Uploaded images and captions into ``out/datasets/NAME``; returns the name and the file count."""
+    def add_dataset_files(self, name: str, uploads) -> tuple[str, str]:
+        """Uploaded images and captions into ``out/datasets/NAME``; returns the name and a line saying what it
+        got: images and captions (a file chosen twice counts once) and captions with no image beside them."""
         name = self.folders.new_name(name, "dataset name")
-        checked = [check_upload(u, "caption" if Path(u).suffix.lower() in (".txt", ".caption") else "image",
-                                self.max_upload) for u in uploads or []]
+        caption = lambda p: Path(p).suffix.lower() in (".txt", ".caption")  # noqa: E731
+        checked = {self.folders.new_name(Path(u).name, "file name"):  # the browser may send a file twice
+                   check_upload(u, "caption" if caption(u) else "image", self.max_upload) for u in uploads or []}
         if not checked:
             raise SdtuneError("no files; add images (and same-name .txt captions)")
         folder = self.folders.child("out", f"datasets/{name}", must_exist=False)
         folder.mkdir(parents=True, exist_ok=True)
-        for path in checked:
-            shutil.copyfile(path, folder / self.folders.new_name(path.name, "file name"))
-        return name, len(checked)
+        for file_name, path in checked.items():
+            shutil.copyfile(path, folder / file_name)
+        captions = sorted(n for n in checked if caption(n))
+        images = {p.stem for p in folder.iterdir() if not caption(p)}
+        alone = [n for n in captions if Path(n).stem not in images]
+        said = f"{len(checked) - len(captions)} image(s) and {len(captions)} caption(s) added to dataset {name}"
+        return name, said + (f"; no image for {', '.join(alone)} (not used)" if alone else "")
 
     def submit(self, kind: str, name: str, dataset: str, values: dict):
         """Queue a training job of ``kind`` from the form's values; returns the job. Folders it names (the
