@@ -400,6 +400,8 @@ def test_use_the_result_copies_the_recommended_checkpoint_under_the_name_to_type
     shutil.copyfile(studio.folders.loras / "style.safetensors", lora)
     view.update(job=SimpleNamespace(kind="lora", state="done", folder=str(job)), result=lora)
     assert studio.use_result("q2") == "its final file is in the LoRA folder as q2; put <lora:q2:1> in a prompt"
+    for made in (studio.folders.loras / "q2.safetensors", *studio.folders.embeddings.glob("mystar*")):
+        made.unlink()  # the module's other tests see the folders as they were
 
 
 def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):

@@ -274,7 +274,8 @@ def progress(folder: str | Path) -> dict:
     reporting = bool(segments) and WRITING_REPORT in segments[-1]
     return {
         "reporting": reporting,
-        "step": step, "total": total, "loss": loss, "loss_source": newest,  # where the last value came from "run": run,
+        "step": step, "total": total, "loss": loss, "run": run,
+        "loss_source": newest,  # where the last value came from
         "samples": sorted((folder / "samples").glob("*.png")),
         "loss_png": next(iter(sorted(folder.rglob("loss.png"))), None),
         "report": page if page.is_file() else next(iter(sorted(folder.rglob("report.html"))), None),
