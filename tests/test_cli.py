@@ -116,6 +116,15 @@ def test_corrupt_weights_are_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "broken.safetensors" in r.stderr
 
 
+def test_a_place_that_cannot_be_written_is_one_line(loras, capsys):
+    """A file system refusal (no such folder under /proc, a read-only folder, a full disk) names the place and the
+    system's reason in one line, not a traceback; an atomic write's temporary file is named by its folder."""
+    assert main(["convert", str(loras[0]), "/proc/sdtune-test/x.safetensors", "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"sdtune: error: /proc/sdtune-test\S*: [^\n]+; check that the folder exists and is "
+                        r"writable, or choose another place\n", err), err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run_cli("--debug", "generate", "--prompt", "x", "--model", tmp_path / "missing.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr and "SdtuneError" in r.stderr

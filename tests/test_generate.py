@@ -60,6 +60,8 @@ def test_bad_inputs_are_clear_errors(base):
         generate(base, "x", guidance=float("nan"), steps=1)
     with pytest.raises(SdtuneError, match=r"--seed 99999999999999999999: must be from -1 \(random\) to"):
         generate(base, "x", seed=99999999999999999999, steps=1)  # torch takes 63 bits; it raised an overflow
+    with pytest.raises(SdtuneError, match=r"^--steps 2000: at most 1000 for this model \(its noise levels\)"):
+        generate(base, "x", steps=2000)  # diffusers' ValueError, a traceback, before
 
 
 def test_lms_without_scipy_is_one_line(monkeypatch):

@@ -397,10 +397,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdtune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if args.debug or not e.filename:  # not about a path: a defect, whose traceback says where
+            raise
+        print(f"sdtune: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print(f"sdtune: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    """A file system refusal (a folder that cannot be made or written, a full disk) as one line: the place, the
+    system's reason, the fix. An atomic write's temporary file is named by its folder, which the user chose."""
+    path = Path(e.filename)
+    if path.name.startswith(".") and path.name.endswith(".tmp"):
+        path = path.parent
+    return f"{path}: {e.strerror or e}; check that the folder exists and is writable, or choose another place"
 
 
 def run() -> None:

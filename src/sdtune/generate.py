@@ -270,6 +270,9 @@ def generate(
     check_size(width, height)
     if steps < 1:
         raise SdtuneError(f"--steps {steps}: must be at least 1")
+    levels = base.scheduler.config.num_train_timesteps
+    if steps > levels:  # a sampler cannot take more steps than the noise levels the model was trained on
+        raise SdtuneError(f"--steps {steps}: at most {levels} for this model (its noise levels); 20 to 50 is usual")
     if num_images < 1:
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     check_clip_skip(clip_skip)
