@@ -125,6 +125,18 @@ def test_a_place_that_cannot_be_written_is_one_line(loras, capsys):
                         r"writable, or choose another place\n", err), err
 
 
+def test_file_tools_refuse_to_write_over_their_input(tmp_path, loras, capsys):
+    """convert, lora merge and lora resize given their input as the output: refused before anything is written
+    (the atomic rename would replace the input, read-only or not), as sdtune merge refuses its checkpoint."""
+    keep = tmp_path / "keep.safetensors"
+    keep.write_bytes(loras[0].read_bytes())
+    for args in (["convert", keep, keep, "--to", "diffusers"], ["lora", "resize", keep, "--rank", "1", "--out", keep],
+                 ["lora", "merge", f"{loras[1]}:0.5", f"{keep}:1", "--out", keep]):
+        assert main([str(a) for a in args]) == 2
+        assert capsys.readouterr().err == f"sdtune: error: {keep}: is an input of this command; write to a new file\n"
+    assert keep.read_bytes() == loras[0].read_bytes()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run_cli("--debug", "generate", "--prompt", "x", "--model", tmp_path / "missing.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr and "SdtuneError" in r.stderr

@@ -411,12 +411,15 @@ def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
 
 # ================================================================= writing
 
-def check_output(path: str | Path) -> Path:
+def check_output(path: str | Path, inputs=()) -> Path:
     """A LoRA output path, checked before any work: a ``.safetensors`` name (a .ckpt/.pt one would make other
-    tools unpickle it) where a file can be written."""
+    tools unpickle it) where a file can be written, and none of the command's ``inputs`` (written over, the
+    input would be lost, read-only or not: the atomic rename replaces it)."""
     path = output_file(path)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
+    if path.exists() and any(Path(i).exists() and path.samefile(i) for i in inputs):
+        raise SdtuneError(f"{path}: is an input of this command; write to a new file")
     return path
 
 
@@ -450,6 +453,7 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
 def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None,
             family: Family | None = None) -> Lora:
     """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
+    check_output(out_path, inputs=[in_path])
     lora = load_lora(in_path, model_keys=model_keys)
     save_lora(lora, out_path, format=to, family=family)
     return lora

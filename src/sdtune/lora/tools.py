@@ -146,7 +146,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     """
     if not specs:
         raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
-    check_output(out)
+    check_output(out, inputs=[spec[0] for spec in specs])
     if rank is not None and rank < 1:
         raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
     # a weight per component (the UNet's, the text encoders'), as a LoRA loaded with (unet_w, te_w) patches
@@ -266,7 +266,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         raise SdtuneError(f"{path}: --param {param:g}: {dynamic} keeps a share of the layer, from 0 to 1 (e.g. 0.9)")
     if rank is not None and rank < 1:
         raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
-    check_output(out)
+    check_output(out, inputs=[path])
     lora = _read(path)
     family = keys.guess_family(lora)
     dtype = _dtype([lora])
