@@ -118,3 +118,17 @@ def test_a_merged_model_folder_is_readable_by_others(tmp_path, lora_file):
     assert main(["merge", "--model", "tiny-random", "--lora", f"{lora_file}:0.5", "--out", str(tmp_path / "m")]) == 0
     files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
     assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
+
+
+def test_an_embedding_given_as_a_lora_is_refused_as_one(tmp_path, capsys):
+    """A diffusers TI file ({token: vectors}) read like cloneofsimo's bundled embeddings, with no LoRA weights: it
+    loaded as a LoRA that changed nothing, and the PNG credited it as one."""
+    from safetensors.torch import save_file
+
+    emb = tmp_path / "tri.safetensors"
+    save_file({"<tri>": torch.randn(1, 64)}, str(emb))
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--no-progress", "--out", str(tmp_path / "g"),
+                 "--lora", f"{emb}:0.8"]) == 2
+    assert capsys.readouterr().err == (f"sdtune: error: {emb}: holds Textual Inversion embeddings (<tri>) and no "
+                                       f"LoRA weights; load it as an embedding\n")
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())

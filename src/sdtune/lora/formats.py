@@ -122,6 +122,10 @@ def from_state_dict(sd: dict, metadata: dict | None = None, *, source: str = "",
     for key, value in sd.items():
         reader.take(key, value)
     reader.finish()
+    if not len(lora) and lora.embeddings and not any(k.startswith("bundle_emb.") for k in sd):
+        # {token: vectors}, as cloneofsimo's files bundle them, alone: a diffusers TI file
+        raise SdtuneError(f"{source}: holds Textual Inversion embeddings ({', '.join(lora.embeddings)}) and no LoRA "
+                          f"weights; load it as an embedding")
     if not len(lora) and not lora.embeddings:
         raise SdtuneError(_not_a_lora_message(sd, source))
     return lora
