@@ -143,6 +143,17 @@ def test_malformed_files(tmp_path):
     save_file({"<a>": rows(), "<b>": rows()}, tmp_path / "two.safetensors")
     with pytest.raises(SdtuneError, match=r"two\.safetensors: not a textual-inversion layout \(keys: <a>, <b>\)"):
         load_embedding(tmp_path / "two.safetensors")
+    # a LoRA (of any layout) or a checkpoint given as an embedding: said as what it is
+    save_file({"lora_unet_x.lora_down.weight": rows(), "lora_unet_x.alpha": torch.tensor(1.0)}, tmp_path / "l.safetensors")
+    save_file({"unet:0:up": rows(), "unet:0:down": rows()}, tmp_path / "c.safetensors")
+    for name in ("l", "c"):
+        with pytest.raises(SdtuneError, match=rf"{name}\.safetensors: this is a LoRA, not an embedding; give it with "
+                                              r"--lora \(or <lora:NAME:1> in a prompt\)$"):
+            load_embedding(tmp_path / f"{name}.safetensors")
+    save_file({"model.diffusion_model.a": rows(), "model.diffusion_model.b": rows()}, tmp_path / "m.safetensors")
+    with pytest.raises(SdtuneError, match=r"m\.safetensors: this is a full Stable Diffusion checkpoint, not an "
+                                          r"embedding; give it as --model$"):
+        load_embedding(tmp_path / "m.safetensors")
     save_file({"<c>": torch.zeros(1, 2, D)}, tmp_path / "cube.safetensors")
     with pytest.raises(SdtuneError, match=r"shape \(1, 2, 64\)"):
         load_embedding(tmp_path / "cube.safetensors")

@@ -17,6 +17,7 @@ without executing code.
 from __future__ import annotations
 
 import pickletools
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,9 +205,14 @@ def _parse(state, path: Path) -> tuple[str | None, torch.Tensor | dict, str]:
         if key == "emb_params":
             return file_token(path), vectors, "kohya"
         return key, vectors, "diffusers"
-    keys = ", ".join(list(map(str, state))[:6])
-    raise SdtuneError(f"{path}: not a textual-inversion layout (keys: {keys}); expected one {{token: tensor}}, "
-                      f"string_to_param or emb_params")
+    names = list(map(str, state))
+    if any(re.search(r"lora|hada_w|lokr_w|oft_|^(unet|text_encoder):\d+:(up|down)$", k, re.I) for k in names):
+        raise SdtuneError(f"{path}: this is a LoRA, not an embedding; give it with --lora (or <lora:NAME:1> in a "
+                          f"prompt)")
+    if any(k.startswith("model.diffusion_model.") for k in names):
+        raise SdtuneError(f"{path}: this is a full Stable Diffusion checkpoint, not an embedding; give it as --model")
+    raise SdtuneError(f"{path}: not a textual-inversion layout (keys: {', '.join(names[:6])}); expected one "
+                      f"{{token: tensor}}, string_to_param or emb_params")
 
 
 def _as_parts(raw: dict, path: Path) -> dict[str, torch.Tensor]:
