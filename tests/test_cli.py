@@ -137,6 +137,14 @@ def test_file_tools_refuse_to_write_over_their_input(tmp_path, loras, capsys):
     assert keep.read_bytes() == loras[0].read_bytes()
 
 
+def test_inspect_of_a_folder_says_so(tmp_path, loras, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lora.safetensors").write_bytes(loras[0].read_bytes())
+    assert main(["inspect", str(tmp_path / "run")]) == 2  # it said "no such file"
+    assert capsys.readouterr().err == (f"sdtune: error: {tmp_path / 'run'}: is a folder; give a LoRA, embedding or "
+                                       f"checkpoint file (it holds lora.safetensors)\n")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run_cli("--debug", "generate", "--prompt", "x", "--model", tmp_path / "missing.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr and "SdtuneError" in r.stderr

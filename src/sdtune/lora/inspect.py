@@ -23,6 +23,10 @@ def describe(path: str | Path) -> dict:
     and keys sdtune could not read. A Textual Inversion file (any layout ``load_embedding`` reads) is described
     as one: its token, vectors, widths and the family they fit; a checkpoint as ``models.describe_checkpoint``
     reads its header, with the hash A1111 shows for it."""
+    if Path(path).is_dir():
+        inside = sorted(Path(path).glob("*.safetensors"))[:3]
+        hint = f" (it holds {', '.join(p.name for p in inside)})" if inside else ""
+        raise SdtuneError(f"{path}: is a folder; give a LoRA, embedding or checkpoint file{hint}")
     checkpoint = describe_checkpoint(path)
     if checkpoint is not None:
         sha = file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
