@@ -417,6 +417,17 @@ def test_grid_weights_and_axes(tmp_path, loras, capsys):
     assert xy_grid.is_file() and len(cells) == 9  # 3 seeds x 3 adapter mixes
     first_row = [pixels(c) for c in cells[:3]]
     assert np.abs(first_row[0] - first_row[1]).max() > 0 and np.abs(first_row[1] - first_row[2]).max() > 0
+    # a second grid into the same --out keeps the first (numbered, as generate's images are)
+    before = {p: p.read_bytes() for p in (tmp_path / "xy").iterdir()}
+    assert main(["grid", "--prompt", "a red star", "--x", "seed=5,6", "--out", str(tmp_path / "xy"), *FAST]) == 0
+    again = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again == tmp_path / "xy" / "xy-2.png" and {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (tmp_path / "xy").glob("xy-2*")) == [
+        "xy-2-00-00.png", "xy-2-00-01.png", "xy-2.json", "xy-2.png"]
+    # both axes of one kind: one would hide the other
+    assert main(["grid", "--prompt", "x", "--x", "seed=1,2", "--y", "seed=3,4", "--out", str(tmp_path / "s"),
+                 *FAST]) == 2
+    assert "--x and --y both set seed: the grid would show one of them" in capsys.readouterr().err
 
 
 def test_eval_tiny_prints_the_table(capsys):

@@ -362,7 +362,7 @@ def cmd_grid(a) -> Path:
                           height=a.height, loras=a.lora,
                           embeddings=a.embedding, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
                           allow_partial=a.allow_partial, out_dir=a.out, name=a.name, cell=a.cell,
-                          progress=not a.no_progress)
+                          progress=not a.no_progress, keep_earlier=True)
 
 
 def cmd_demo(a) -> Path:

@@ -26,6 +26,8 @@ and ``NAME.json`` (axes, settings and cell file names, for scripts).
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import random
 import re
@@ -518,19 +520,29 @@ def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
 GAP = 2  # white pixels between the plot's cells (generate.draw_grid draws the grid)
 
 
+def _free_name(out_dir: Path, name: str) -> str:
+    """``name``, or the first ``name-N`` (N = 2, 3...) with no grid, record or cells in ``out_dir``."""
+    def taken(stem: str) -> bool:
+        return any((out_dir / f"{stem}{end}").exists() for end in (".png", ".json")) or \
+            any(out_dir.glob(f"{glob.escape(stem)}-[0-9][0-9]-[0-9][0-9].png"))
+    return next(stem for stem in (name if n == 1 else f"{name}-{n}" for n in itertools.count(1)) if not taken(stem))
+
+
 def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_prompt: str = "", seed: int = 0,
             steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", clip_skip: int = 1,
             width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
             allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
-            progress: bool = True, on_step=None) -> Path:
+            progress: bool = True, on_step=None, keep_earlier: bool = False) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
     ``loras``: "FILE[:W][:lbw=…]" specs loaded for the plot (named by file stem; usable by name in axis values;
     fixed at W, with those block weights, unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
     otherwise such a LoRA is refused. ``on_step(done, total)``: after each denoising step of all the cells'
-    batches together; an exception it raises stops the plot, which then saves nothing.
+    batches together; an exception it raises stops the plot, which then saves nothing. ``keep_earlier``: a grid
+    of that ``name`` in ``out_dir`` stays, the new one is named ``NAME-2`` (``-3``...) as ``generate`` numbers its
+    images; otherwise it is replaced.
     """
     check_scheduler(scheduler)
     check_clip_skip(clip_skip)
@@ -550,7 +562,13 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         if a.kind == "sr" and a.values[0] not in prompt and a.values[0] not in negative_prompt:
             raise SdtuneError(f"sr axis: {a.values[0]!r} is not in the prompt; the first value is the text to "
                               f"replace, e.g. prompt 'a red star' with sr=red|blue")
+    if y is not None and x.kind == y.kind and x.kind != "sr" and x.target == y.target:
+        # the rows would set what the columns set (only one of them would show): two S/R axes replace two texts
+        raise SdtuneError(f"--x and --y both set {x.kind}: the grid would show one of them; put all the values on "
+                          f"one axis, or another kind on the other")
     out_dir = output_folder(out_dir)
+    if keep_earlier:
+        name = _free_name(out_dir, name)
     adapters = _Adapters(base, lora_dirs, embedding_dirs, allow_partial)
     try:
         for spec in loras:
