@@ -201,6 +201,8 @@ def test_kohya_dora_round_trips_and_peft_dora_refuses_kohya(base, tmp_path):
     with pytest.raises(SdtuneError, match=r"DoRA adapters have no layout that diffusers loads \(a kohya/LyCORIS "
                                           r"DoRA normalises.*format='kohya'"):
         formats.save_lora(lora, tmp_path / "c.safetensors", format="diffusers")
+    with pytest.raises(SdtuneError, match=r"^\S*b\.safetensors: DoRA adapters have no layout that diffusers"):
+        formats.convert(tmp_path / "b.safetensors", tmp_path / "c.safetensors", to="diffusers")  # named: the input
     peft_ad = Adapter("dora", {"down": down, "up": up, "magnitude": torch.ones(32)}, 4.0)
     lora.modules["unet"][ATTN] = peft_ad
     with pytest.raises(SdtuneError, match="no kohya layout.*format='diffusers'"):

@@ -459,7 +459,11 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
     """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
     check_output(out_path, inputs=[in_path])
     lora = load_lora(in_path, model_keys=model_keys)
-    save_lora(lora, out_path, format=to, family=family)
+    try:
+        save_lora(lora, out_path, format=to, family=family)
+    except SdtuneError as e:  # what the layout cannot hold is in the input: name that file, as the user gave it
+        said, written = str(e), f"{out_path}: "
+        raise SdtuneError(f"{in_path}: {said[len(written):]}" if said.startswith(written) else said) from None
     return lora
 
 
