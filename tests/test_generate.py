@@ -197,6 +197,8 @@ def test_source_specs(tmp_path):
     assert sources.hub_parts("sd-concepts-library/midjourney-style", "embedding")[1][0] == "learned_embeds.safetensors"
     with pytest.raises(SdtuneError, match="weight after ':' must be a finite number"):
         sources.parse_weighted("x.safetensors:heavy")
+    with pytest.raises(SdtuneError, match=r"x.safetensors:1:2:3: a LoRA takes at most two weights"):
+        sources.parse_weighted("x.safetensors:1:2:3")  # it said "x.safetensors:1: no such file"
     for bad in ("nan", "inf", "0.5:-inf", "unet=nan"):  # would bake NaN into every layer it touches
         with pytest.raises(SdtuneError, match="must be a finite number"):
             sources.parse_weighted(f"x.safetensors:{bad}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, model_info
@@ -50,6 +51,10 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[
         else:
             numbers.insert(0, tail)
         src = head
+    extra = split_suffix(src)[1]
+    if len(numbers) == 2 and extra is not None and re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", extra, re.I):
+        raise SdtuneError(f"{spec}: a LoRA takes at most two weights, FILE:0.8 or FILE:0.8:0.5 (the UNet's, the "
+                          f"text encoders')")
     try:
         unet = float(named.get("unet", numbers[0] if numbers else default))
         te = named.get("te", numbers[1] if len(numbers) > 1 else None)
