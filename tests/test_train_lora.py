@@ -74,7 +74,8 @@ def test_exclude_leaves_layers_out_and_reads_back_from_the_settings_file(base, d
                  "--exclude", "attn2.(to_k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--exclude 'attn2.(to_k': not a regular expression" in err[0]
-    with pytest.raises(SdtuneError, match="less --exclude .*: no matching layers in the unet"):
+    with pytest.raises(SdtuneError, match=r"^--exclude attn: leaves none of the \d+ layers --targets attn picks in "
+                                          r"the unet; narrow the pattern \(it is searched in names such as unet\."):
         Network(base, settings(dataset, tmp_path, targets="attn", exclude=["attn"]))
 
 

@@ -123,11 +123,15 @@ class Network:
                      for te, model, _ in base.text_encoders()]
         exclude = [re.compile(pattern) for pattern in settings.exclude]
         for comp, root, paths in plan:
-            paths = [p for p in paths if not any(x.search(f"{comp}.{p}") for x in exclude)]
-            if not paths:
-                left_out = f" less --exclude {' '.join(settings.exclude)}" if exclude else ""
-                raise SdtuneError(f"--targets {settings.targets}{left_out}: no matching layers in the {comp}; is it a "
+            kept = [p for p in paths if not any(x.search(f"{comp}.{p}") for x in exclude)]
+            if paths and not kept:  # the pattern took them all, not the model
+                raise SdtuneError(f"--exclude {' '.join(settings.exclude)}: leaves none of the {len(paths)} layers "
+                                  f"--targets {settings.targets} picks in the {comp}; narrow the pattern (it is "
+                                  f"searched in names such as {comp}.{paths[0]})")
+            if not kept:
+                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a "
                                   f"Stable Diffusion model of a family sdtune knows?")
+            paths = kept
             for path in paths:
                 module = root.get_submodule(path)
                 rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
