@@ -338,3 +338,31 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(SdtuneError, match="no diffusion_pytorch_model.safetensors in this folder or its vae/"):
         use_vae(xl, tmp_path / "own")
+
+
+def test_an_image_that_comes_out_nan_is_said_and_drawn_black(base):
+    """A LoRA at an absurd weight makes NaN: one sdtune warning naming the seed and the likely causes (numpy's
+    "invalid value encountered in cast" before), and a black image rather than cast noise."""
+    import warnings
+
+    import torch
+
+    from sdtune.console import SdtuneWarning
+    from sdtune.lora.neutral import Adapter, Lora
+
+    lora = Lora()
+    sign = torch.tensor([1.0, -1.0]).repeat(16)[:, None]  # queries and keys overflow to +inf and -inf: NaN scores
+    for p in ("to_q", "to_k"):
+        lora.modules["unet"][f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.{p}"] = Adapter(
+            "lora", {"down": torch.ones(1, 32), "up": sign}, 1.0)
+    base.loras.add("huge", lora, weight=1e30)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (res,) = generate(base, "x", steps=1, seed=3, progress=False)
+    finally:
+        base.loras.remove("huge")
+    said = [str(w.message) for w in caught]
+    assert [w.category for w in caught] == [SdtuneWarning], said
+    assert said[0].startswith("seed 3: the model's output is not a number (NaN), drawn black")
+    assert not np.asarray(res.image).any()

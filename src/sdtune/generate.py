@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -319,7 +320,13 @@ def generate(
             height=height,
             width=width,
             callback_on_step_end=None if on_step is None else functools.partial(step_end, start=start),
+            output_type="np",  # floats in [0, 1]: checked below, then made PIL images as diffusers makes them
         ).images
+        broken = [s for s, a in zip(seeds, images) if not np.isfinite(a).all()]
+        if broken:  # numpy's cast would warn in words no user can act on, and the image would be noise
+            console.note(f"seed {', '.join(map(str, broken))}: the model's output is not a number (NaN), drawn black; "
+                         f"a LoRA weight far too large, or fp16 overflow (try --dtype fp32)")
+        images = [Image.fromarray((np.nan_to_num(a) * 255).round().astype("uint8")) for a in images]
         for s, img in zip(seeds, images):
             params = {
                 "Steps": steps,
