@@ -170,6 +170,18 @@ def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_pat
     assert not len(base.loras)
 
 
+def test_a_broken_lora_tag_is_said(base):
+    """An unclosed tag or one without a name stays as words (as in A1111), with a warning that no LoRA applies."""
+    import warnings
+
+    for prompt, shown in (("a red star <lora:style:0.8", "'<lora:style:0.8'"), ("a <lora::0.5> star", "'<lora::0.5>'")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            api.generate(base, prompt, steps=1, seed=1, progress=False)
+        assert [str(w.message) for w in caught] == [f"{shown} in the prompt is not a LoRA tag, so no LoRA is applied "
+                                                    f"for it; write <lora:NAME:WEIGHT>"]
+
+
 def test_a_tag_naming_no_lora_says_where_it_looked(base, tmp_path):
     (tmp_path / "loras").mkdir()
     with pytest.raises(SdtuneError, match=r"^<lora:nosuch:…> in the prompt: no LoRA named 'nosuch' in .*loras; "

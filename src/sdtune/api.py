@@ -206,6 +206,10 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     ``embedding_dirs``."""
     clean, tags = lora_tags(prompt)
     tags = combined_tags(tags)
+    broken = re.search(r"<lora:[^>]*(>|$)", clean, re.I)
+    if broken:  # unclosed, or no name: A1111 reads it as words too, but the user meant a LoRA
+        note(f"{broken.group(0)!r} in the prompt is not a LoRA tag, so no LoRA is applied for it; write "
+             f"<lora:NAME:WEIGHT>")
     dirs = embedding_dirs if embedding_dirs is not None else getattr(base, "embedding_dirs", ())
     _load_dir_embeddings(base, clean + " " + kwargs.get("negative_prompt", ""), dirs)
     added = []
