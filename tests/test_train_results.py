@@ -62,7 +62,7 @@ def test_validation_split_holds_out_the_same_images_whatever_the_order(dataset):
     assert len(split_validation(scan, 0.01, dataset)[1].examples) == 1  # at least one
     with pytest.raises(SdtuneError, match=r"--validation-split 0.95 holds out all 10 image\(s\)"):
         split_validation(scan, 0.95, dataset)
-    with pytest.raises(SdtuneError, match=r"^preset 'tiny''s --validation-split 0.1 holds out all 1 image\(s\) of "
+    with pytest.raises(SdtuneError, match=r"^the tiny preset's --validation-split 0.1 holds out all 1 image\(s\) of "
                                           r".*give --validation-split 0"):
         validation.split(load_settings(None, {"data": str(dataset)}, "lora", family="tiny"), Scan(scan.examples[:1]),
                          require_captions=True)

@@ -671,7 +671,7 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
         return _load_single_file(spec, path, device, dtype)
     if HUB_ID.match(spec) and not spec.lower().endswith(WEIGHT_SUFFIXES):
         return _load_hub(spec, device, dtype)
-    raise SdtuneError(f"{spec}: no such file or folder; pass tiny, a diffusers folder, a .safetensors "
+    raise SdtuneError(f"{spec}: no such file or folder; pass tiny, tiny-xl, a diffusers folder, a .safetensors "
                       "checkpoint or a hub id")
 
 

@@ -75,7 +75,7 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
                 f"it (it could run code); convert it to .safetensors with a tool you trust")
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg if len(msg) <= 120 else msg[:117] + "..."
-        raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors/.pt file?")
+        raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file")
     return obj, {}
 
 

@@ -273,7 +273,7 @@ def fingerprint(scan: Scan, root: str | Path) -> dict:
 
 def split_validation(scan: Scan, fraction: float, root: str | Path, origin: str = "") -> tuple[Scan, Scan]:
     """(training, validation): ``fraction`` of the images (at least one) held out, with all their repeats.
-    ``origin``: where the fraction came from, for the message ("preset 'tiny''s "), when not from the user."""
+    ``origin``: where the fraction came from, for the message ("the tiny preset's "), when not from the user."""
     root = Path(root)
     n = len(scan.examples)
     k = max(1, round(fraction * n))

@@ -62,7 +62,7 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
         return scan, held, True
     if settings.validation_split:
         preset = presets.get(settings.kind, settings.preset).values if settings.preset else {}
-        origin = (f"preset {settings.preset!r}'s " if preset.get("validation_split") == settings.validation_split
+        origin = (f"the {settings.preset} preset's " if preset.get("validation_split") == settings.validation_split
                   else "")
         train, held = split_validation(scan, settings.validation_split, settings.data, origin)
         return train, held, True
