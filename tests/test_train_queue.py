@@ -138,6 +138,7 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
     ('[[job]]\nkind = "lora"\nout = "elsewhere"\n', r"job 1: out is set by the queue"),
     ('[[job]]\nkind = "lora"\n[[job]]\nkind = "lora"\nname = "lora-1"\n', r"two runs are named 'lora-1'"),
     ('[[job]]\nkind = "lora"\npreset = "sd9"\n', r"job lora-1: .*sd9"),
+    ('[[job]]\nkind = "lora"\nrank = -4\n', r"job lora-1: rank -4: must be at least 1"),  # the key, not --rank
     ('[defaults]\nrnak = 2\n[[job]]\nkind = "lora"\n', r"\[defaults\]: unknown key 'rnak'; did you mean 'rank'\?"),
     ('', r"no jobs; add \[\[job\]\] tables"),
     ('[defaults]\nout = "x"\n[[job]]\nkind = "lora"\n', r"\[defaults\]: out is set by the queue"),

@@ -464,11 +464,16 @@ def check_given(settings, toml_path: str | Path | None = None, overrides: dict |
             raise
         flags = {k for k, v in (overrides or {}).items() if v is not None}
         from_file = set(read_settings(toml_path, None, settings.kind)) - flags
+        raise SdtuneError(as_keys(str(e), from_file, f" (in {toml_path})")) from None
 
-        def named(m: re.Match) -> str:
-            key = m.group(1).replace("-", "_")
-            return f"{key} (in {toml_path})" if key in from_file else m.group(0)
-        raise SdtuneError(re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", named, str(e))) from None
+
+def as_keys(message: str, keys, suffix: str = "") -> str:
+    """``message`` with the flags of settings ``keys`` named as the file gave them: ``--save-every`` ->
+    ``save_every`` + ``suffix``."""
+    def named(m: re.Match) -> str:
+        key = m.group(1).replace("-", "_")
+        return f"{key}{suffix}" if key in keys else m.group(0)
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", named, message)
 
 
 def settings_for(base, kind: str, toml_path: str | Path | None = None, **given):

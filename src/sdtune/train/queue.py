@@ -50,7 +50,7 @@ from ..models import load_base
 from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
 from . import logs
-from .config import KINDS, likely_name, load_settings, read_settings
+from .config import KINDS, as_keys, likely_name, load_settings, read_settings
 from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
@@ -196,8 +196,8 @@ def _check_run(path: Path, run: Run) -> None:
     try:
         # the model's preset is unknown until it loads; what the job gives is checked on the plain defaults
         load_settings(None, {**run.given, "out": "."}, kind=run.kind).check()  # out: set by the queue later
-    except SdtuneError as e:
-        raise SdtuneError(f"{path}: {where}: {e}") from None
+    except SdtuneError as e:  # named as the file's keys, not as flags the user did not type
+        raise SdtuneError(f"{path}: {where}: {as_keys(str(e), run.given)}") from None
 
 
 def queue_folder(path: str | Path, top: dict, out: str | Path | None = None) -> Path:
