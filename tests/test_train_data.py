@@ -360,3 +360,17 @@ def test_a_vae_that_asks_for_it_encodes_in_fp32_and_keeps_its_fp16_weights():
     assert torch.equal(upcast, want) and not torch.equal(plain, want)
     assert next(vae.parameters()).dtype == torch.float16
     assert all(torch.equal(v, weights[k]) for k, v in vae.state_dict().items())
+
+
+def test_a_caption_longer_than_the_text_window_is_said(base, tmp_path, capfd):
+    """Training reads 75 tokens of a caption: a longer one is named (the rest was dropped without a word)."""
+    for name, caption in (("short", "a red star"), ("long", "a red star " * 40), ("longer", "a blue circle " * 60)):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption)
+    scan = data.scan_folder(tmp_path)
+    with pytest.warns(SdtuneWarning) as caught:
+        data._note_long_captions(base.tokenizer, scan)
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'long.png'} and 1 more: caption longer than the 75 tokens training reads; the rest is not "
+        f"learned (shorten it, or put what matters first)"]
+    assert capfd.readouterr().err == ""  # not transformers' own line about long sequences too
