@@ -424,7 +424,7 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
     upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None] if upcast else []
-    for part in parts:  # plain Module.to: diffusers' own warns about fp32-only modules even when there are none
+    for part in parts:  # plain modules: no diffusers warning about fp32-only modules, as ModelMixin.to gives
         part.to(torch.float32)
     try:
         dist = vae.encode(pixels.to(param.device, torch.float32 if upcast else param.dtype)).latent_dist

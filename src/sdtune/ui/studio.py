@@ -472,9 +472,16 @@ class Studio:
         path = check_upload(upload, "weights", self.max_upload)
         if kind != "loras":
             load_embedding(path)  # refuse what is not one, before copying
-        elif not any(load_lora(path).modules.values()):  # a {token: rows} embedding reads as a LoRA with no layers
-            raise SdtuneError(f"{Path(path).name}: holds no LoRA layers (an embedding?); add it to the embedding "
-                              f"folder instead")
+        else:
+            try:
+                load_lora(path)
+            except SdtuneError as e:  # named by the upload's name, not the server's temporary copy
+                try:
+                    load_embedding(path)
+                except SdtuneError:
+                    raise SdtuneError(str(e).replace(str(path), Path(path).name)) from None
+                raise SdtuneError(f"{Path(path).name}: holds no LoRA layers (an embedding?); add it to the "
+                                  f"embedding folder instead") from None
         dest = self._new_file(kind, Path(path).stem, Path(path).suffix.lower())
         shutil.copyfile(path, dest)
         return dest.stem
