@@ -498,20 +498,16 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     assert form["not_applied"] == ["Hires upscale", "Hires steps"]  # named to the user, not dropped
     assert form["clip_skip"] == 2
     # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
-    # Lora weights (those in the LoRA folder; the others are named)
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png",
-                   "a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
-                   "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1")
-    form = studio.settings_of(png, uploaded=True)
-    assert form["prompt"] == "a red star, <lora:style:0.5:0.25>"
-    assert form["not_applied"] == ["LoRA gone (not in the LoRA folder)"]
-    # an A1111 prompt's tag for a LoRA the folder lacks: out of the prompt and named (Generate would refuse it)
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111.png",
-                   "a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, "
-                   "CFG scale: 7, Seed: 1, Size: 512x512")
-    form = studio.settings_of(png, uploaded=True)
-    assert form["prompt"] == "a castle, <lora:style:0.7>, at night"
-    assert form["not_applied"] == ["LoRA elsewhere (not in the LoRA folder)"]
+    # Lora weights (those in the LoRA folder; the others are named); an A1111 prompt's tag for a LoRA the folder
+    # lacks is taken out of the prompt and named (Generate would refuse it)
+    for text, prompt, missing in [
+        ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
+         "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1", "a red star, <lora:style:0.5:0.25>", "gone"),
+        ("a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
+         "Seed: 1, Size: 512x512", "a castle, <lora:style:0.7>, at night", "elsewhere")]:
+        form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", text), uploaded=True)
+        assert form["prompt"] == prompt
+        assert form["not_applied"] == [f"LoRA {missing} (not in the LoRA folder)"]
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SdtuneError, match="no generation parameters"):
