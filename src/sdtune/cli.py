@@ -20,7 +20,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .lora.bake import merge
     from .lora.formats import convert
     from .models import load_base
-    from .safeio import SdtuneError, output_folder
+    from .safeio import SdtuneError, output_folder, user_path
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
@@ -410,11 +410,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _os_error(e: OSError) -> str:
     """A file system refusal (a folder that cannot be made or written, a full disk) as one line: the place, the
-    system's reason, the fix. An atomic write's temporary file is named by its folder, which the user chose."""
-    path = Path(e.filename)
-    if path.name.startswith(".") and path.name.endswith(".tmp"):
-        path = path.parent
-    return f"{path}: {e.strerror or e}; check that the folder exists and is writable, or choose another place"
+    system's reason, the fix."""
+    return (f"{user_path(e.filename)}: {e.strerror or e}; check that the folder exists and is writable, or choose "
+            f"another place")
 
 
 def run() -> None:

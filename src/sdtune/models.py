@@ -699,8 +699,8 @@ def use_vae(base: Base, spec: str | Path) -> Base:
         detail = " ".join(str(e).split())[:300]
         raise SdtuneError(f"{weights}: does not fit the VAE of {base.family.title} ({detail}); pass a VAE made for "
                           f"{base.family.title}") from None
-    base.vae, base.vae_file, base.vae_hash = vae.eval(), weights, file_sha256(weights)[:10]
-    base.vae_name = Path(spec).name
+    base.vae, base.vae_file, base.vae_name = vae.eval(), weights, Path(spec).name  # the name: a file, or its folder
+    base.vae_hash = file_sha256(weights)[:10]
     return base
 
 

@@ -95,6 +95,15 @@ def _not_weights(path: Path) -> str | None:
     return None
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .NAME.XXXXXX.tmp beside NAME
+
+
+def user_path(path: str | Path) -> Path:
+    """The place a user chose behind a path a system error names: an atomic write's temporary file is its folder."""
+    path = Path(path)
+    return path.parent if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) else path
+
+
 def input_path(path: str | Path, what: str, option: str) -> Path:
     """``path`` (``~`` expanded) where it exists; else one line naming it and the ``option`` that gave it."""
     found = Path(path).expanduser()
@@ -137,7 +146,7 @@ def atomic_path(path: str | Path):
     path = Path(path)
     output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

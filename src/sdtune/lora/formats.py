@@ -428,23 +428,25 @@ def check_output(path: str | Path, inputs=()) -> Path:
 
 
 def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,
-              family: Family | None = None) -> None:
+              family: Family | None = None, source: str | Path | None = None) -> None:
     """Write ``lora`` as a ``.safetensors`` file in the kohya or the diffusers layout (atomically).
 
     ``family`` (default: the one its layer widths point to, else SD 1.x) gives the kohya text-encoder prefixes
-    (``lora_te_`` or ``lora_te1_``/``lora_te2_``), the UNet's naming and ``ss_base_model_version``.
+    (``lora_te_`` or ``lora_te1_``/``lora_te2_``), the UNet's naming and ``ss_base_model_version``. ``source``: the
+    file the LoRA was read from, which a refusal of its content names (default: ``path``).
     """
     path = check_output(path)
+    source = source or path
     family = family or keys.guess_family(lora) or families.SD1
     if lora.unknown:
-        raise SdtuneError(f"{path}: the LoRA has {len(lora.unknown)} keys sdtune could not read (e.g. "
+        raise SdtuneError(f"{source}: the LoRA has {len(lora.unknown)} keys sdtune could not read (e.g. "
                           f"{lora.unknown[0]}); writing it would lose them. Remove them from the source first")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     if format == "kohya":
         tensors, header = _kohya_tensors(lora, family), _kohya_metadata(lora, family)
         meta = {**_carried_metadata(lora), **header, **extra}
     elif format == "diffusers":
-        tensors, header = _diffusers_tensors(lora, path)
+        tensors, header = _diffusers_tensors(lora, source)
         meta = {**_carried_metadata(lora), **extra, "format": "pt", _META_KEY: header}
     else:
         raise SdtuneError(f"{path}: unknown LoRA format {format!r}; use 'kohya' or 'diffusers'")
@@ -459,11 +461,7 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
     """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
     check_output(out_path, inputs=[in_path])
     lora = load_lora(in_path, model_keys=model_keys)
-    try:
-        save_lora(lora, out_path, format=to, family=family)
-    except SdtuneError as e:  # what the layout cannot hold is in the input: name that file, as the user gave it
-        said, written = str(e), f"{out_path}: "
-        raise SdtuneError(f"{in_path}: {said[len(written):]}" if said.startswith(written) else said) from None
+    save_lora(lora, out_path, format=to, family=family, source=in_path)  # what the layout cannot hold: the input's
     return lora
 
 
@@ -605,7 +603,7 @@ def _diffusers_module(comp: str, path: str) -> str:
     return f"{comp}.{text_paths(path)[1] if comp in TEXT_COMPONENTS else path}"
 
 
-def _diffusers_tensors(lora: Lora, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _diffusers_tensors(lora: Lora, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if lora.embeddings:
         raise SdtuneError(f"{path}: this LoRA carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           f"which the diffusers LoRA layout cannot hold; write it in the kohya layout ({KOHYA_HINT}), "
