@@ -60,6 +60,10 @@ def test_bad_inputs_are_clear_errors(base):
         generate(base, "x", guidance=float("nan"), steps=1)
     with pytest.raises(SdtuneError, match=r"--seed 99999999999999999999: must be from -1 \(random\) to"):
         generate(base, "x", seed=99999999999999999999, steps=1)  # torch takes 63 bits; it raised an overflow
+    with pytest.raises(SdtuneError, match=r"^--seed -5: must be from -1 \(random\) to"):
+        generate(base, "x", seed=-5, steps=1)  # was taken as random: a typo lost the seed the user meant
+    with pytest.raises(SdtuneError, match=r"^height 100000: at most 8192 pixels"):
+        generate(base, "x", height=100000, steps=1)  # ran for minutes, then ran out of memory
     with pytest.raises(SdtuneError, match=r"^--steps 2000: at most 1000 for this model \(its noise levels\)"):
         generate(base, "x", steps=2000)  # diffusers' ValueError, a traceback, before
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from sdtune.generate import parse_infotext
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import load_embedding
@@ -163,6 +164,11 @@ def test_samples_start_at_the_base_and_use_the_first_captions(lora_run, dataset)
     prompts = first_prompts(ex.caption for ex in split_validation(scan_folder(dataset), 0.2, dataset)[0].examples)
     with Image.open(lora_run / "samples" / "step-000002.png") as sample:
         assert len(prompts) == 4 and sample.size == (64, 4 * 64)  # the first 4 captions x one image
+        params = parse_infotext(sample.info["parameters"])
+    # the first image's parameters, as A1111's grids carry them (all prompts joined was a prompt nobody typed),
+    # and the run and step: the adapter in training is in no tag
+    assert params["prompt"] == prompts[0] and params["Seed"] == "0"
+    assert params["Training sample"] == f"{lora_run.name} step-000002"
     assert first_prompts(["", "a", "b", "a"]) == ["a", "b"] and first_prompts(["", ""]) == [""]
 
 

@@ -508,6 +508,12 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
         form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", text), uploaded=True)
         assert form["prompt"] == prompt
         assert form["not_applied"] == [f"LoRA {missing} (not in the LoRA folder)"]
+    sample = ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
+              "Training sample: lora-001 step-000200")  # a training run's sample grid
+    form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "grid.png", sample), uploaded=True)
+    assert form["prompt"] == "a red star" and form["not_applied"] == [
+        "the adapter in training (lora-001 step-000200; pick its saved LoRA or embedding; this image is the first "
+        "row of its grid)"]
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SdtuneError, match="no generation parameters"):

@@ -140,10 +140,15 @@ def parse_infotext(text: str) -> dict:
     return out
 
 
+MAX_SIDE = 8192  # pixels; above this one image takes hours and more memory than any machine has (SDXL: 1024)
+
+
 def check_size(width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % 8:
             raise SdtuneError(f"{name} {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
+        if v > MAX_SIDE:
+            raise SdtuneError(f"{name} {v}: at most {MAX_SIDE} pixels (the model's own size is usual; upscale after)")
 
 
 def default_size(base) -> int:
@@ -279,9 +284,9 @@ def generate(
     check_clip_skip(clip_skip)
     if not math.isfinite(guidance):
         raise SdtuneError(f"--guidance {guidance}: must be a finite number, e.g. 7.5")
-    if seed is not None and seed + num_images > 2**63:
+    if seed is not None and (seed < -1 or seed + num_images > 2**63):  # -5 is a typo, not a wish for random
         raise SdtuneError(f"--seed {seed}: must be from -1 (random) to {2**63 - 1 - num_images}")
-    if seed is None or seed < 0:
+    if seed is None or seed == -1:
         # not torch's global generator: loading a built-in model seeds it, so every first "random" seed was equal
         seed = secrets.randbelow(2**31 - 1)
     prompt_text, negative_text = prompt, negative_prompt  # as typed: the PNG must reproduce the image

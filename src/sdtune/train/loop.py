@@ -52,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..console import Interrupted, progress, stop_requests
-from ..generate import TextStack, generate, grid, save_png
+from ..generate import TextStack, generate, grid, infotext, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
 from . import logs, shared_text
 from .config import TrainSettings, summary, to_toml
@@ -60,6 +60,7 @@ from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
+SAMPLE_KEY = "Training sample"  # the grid's parameter naming the run and step: the adapter was live, in no tag
 STATE_FORMAT = "sdtune-train-state-1"
 SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
@@ -640,11 +641,14 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
 
 @torch.no_grad()
 def sample_grid(base, settings: TrainSettings, prompts: list[str], expand, path: Path) -> Path:
-    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time."""
-    images = []
+    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time. Its PNG carries the
+    first image's parameters, as A1111's grids do (one prompt: "all prompts joined" is no prompt anyone typed),
+    and names the run and step the images came from."""
+    images, first = [], None
     for prompt in prompts:
-        images += [g.image for g in generate(base, expand(prompt), steps=settings.sample_steps,
-                                             guidance=settings.sample_guidance, seed=settings.seed,
-                                             clip_skip=settings.clip_skip, num_images=settings.sample_images,
-                                             progress=False)]
-    return save_png(grid(images, cols=settings.sample_images), path, "\n".join(prompts))
+        made = generate(base, expand(prompt), steps=settings.sample_steps, guidance=settings.sample_guidance,
+                        seed=settings.seed, clip_skip=settings.clip_skip, num_images=settings.sample_images,
+                        progress=False, extra_info={SAMPLE_KEY: f"{path.parent.parent.name} {path.stem}"})
+        images += [g.image for g in made]
+        first = first or infotext(prompt, "", made[0].params)  # as written: the TI sub-tokens are expand's
+    return save_png(grid(images, cols=settings.sample_images), path, first)

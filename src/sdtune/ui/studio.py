@@ -33,7 +33,7 @@ from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
-from ..train.loop import STATE_FILE
+from ..train.loop import SAMPLE_KEY, STATE_FILE
 from ..train.report import BEST_FILE
 from . import trainform
 from .guard import Folders, Refused, check_upload
@@ -329,6 +329,9 @@ class Studio:
             page = Path(self.vae).name if self.vae else "the model's own"
             form["not_applied"].append(f"VAE {p.get('VAE') or p.get('VAE hash')} (the page's is {page})")
         self._take_loras(p, form)
+        if SAMPLE_KEY in p:  # the adapter being trained was in the model, not in the prompt
+            form["not_applied"].append(f"the adapter in training ({p[SAMPLE_KEY]}; pick its saved LoRA or "
+                                       f"embedding; this image is the first row of its grid)")
         if p.get("Model") and Path(p["Model"]).name != Path(self.model).name:  # PNGs name a file model by its path
             form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
         return form
