@@ -253,7 +253,7 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     _pick(d, "gen-lora-0", "tinystyle")
     _type(d, "gen-lora-0-w", 0.8)
     d.find_element(By.ID, "gen-go").click()
-    _wait_text(d, "gen-status", r"1 image\(s\) in")
+    _wait_text(d, "gen-status", rf"1 image\(s\) by {MODEL} in")  # the model named: another page may switch it
     params = parse_infotext(_value(d, "gen-params"))
     assert params["prompt"] == "a red star on a white background, <lora:tinystyle:0.8>"
     assert params["Lora weights"] == "<lora:tinystyle>=0.8"
@@ -273,7 +273,7 @@ def test_block_weights_of_a_picked_lora_go_to_the_api(server, browser):
     _wait_text(d, "gen-status", re.escape("lbw=1,0,1: the built-in tiny model takes 8 or 14"), 30)
     _type(d, "gen-lora-0-blocks", "INALL")
     d.find_element(By.ID, "gen-go").click()
-    _wait_text(d, "gen-status", r"1 image\(s\) in")
+    _wait_text(d, "gen-status", r"1 image\(s\) by \S+ in")
     assert (parse_infotext(_value(d, "gen-params"))["prompt"]
             == "a red star on a white background, <lora:tinystyle:0.8:lbw=INALL>")
 
@@ -313,7 +313,7 @@ def test_reuse_the_settings_of_a_dropped_a1111_png(server, browser, tmp_path):
     assert _value(d, "gen-clip-skip") == "2"
     assert _value(d, "gen-sampler") == "Euler a" and _value(d, "gen-lora-0") == ""  # A1111's name for euler_a
     d.find_element(By.ID, "gen-go").click()  # the typed tag works like the picker
-    _wait_text(d, "gen-status", r"1 image\(s\) in")
+    _wait_text(d, "gen-status", r"1 image\(s\) by \S+ in")
     params = parse_infotext(_value(d, "gen-params"))
     assert params["Lora weights"] == "<lora:tinystyle>=0.5" and params["Sampler"] == "Euler a"
     assert params["Clip skip"] == "2"  # the dropped image's clip skip drew this one
@@ -329,7 +329,7 @@ def test_compare_makes_a_2x2_grid_with_downloadable_parts(server, browser, shots
     _pick(d, "cmp-loras", "tinystyle")
     _type(d, "cmp-steps", STEPS)
     d.find_element(By.ID, "cmp-go").click()
-    _wait_text(d, "cmp-status", "grid and 5 parts in", 120)
+    _wait_text(d, "cmp-status", f"grid and 5 parts by {MODEL} in", 120)
     (grid,) = (server["out"] / "grids").glob("*/xy.png")
     assert Image.open(grid).size[0] > 2 * 128
     assert "Y Type: LoRA weight (tinystyle)" in read_infotext(grid)

@@ -144,7 +144,9 @@ def _generate_tab(studio: Studio):
                                                                                         desc="denoising",
                                                                                         unit="steps"))
         rows = [(str(path), text) for path, text in rows]
-        say = f"{len(rows)} image(s) in {studio.folders.out / 'generate'}" + "".join(f"\n\n⚠️ {m}" for m in notes)
+        # the model named: the server has one, and another page may have switched it since this one loaded
+        say = f"{len(rows)} image(s) by {studio.model_choice()} in {studio.folders.out / 'generate'}" + \
+            "".join(f"\n\n⚠️ {m}" for m in notes)
         return rows, rows[0][1], rows, rows[0][0], say
 
     go.click(run, [prompt, negative, sampler, steps, cfg, seed, width, height, clip_skip, count,
@@ -219,7 +221,8 @@ def _compare_tab(studio: Studio):
                                             cfg=c, seed=sd, clip_skip=cs, sampler=smp, width=w, height=h, cell=cl,
                                             on_step=lambda done, total: progress((done, total), desc="grid",
                                                                                  unit="steps"))
-        return str(path), [str(q) for q in parts], f"grid and {len(parts) - 1} parts in {path.parent}" + \
+        return str(path), [str(q) for q in parts], \
+            f"grid and {len(parts) - 1} parts by {studio.model_choice()} in {path.parent}" + \
             "".join(f"\n\n⚠️ {m}" for m in notes)
 
     go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, clip_skip, width, height, cell],
