@@ -17,6 +17,7 @@ from sdtune.train import data as data_mod
 from sdtune.train import loop
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,7 @@ def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dat
         from sdtune.models import load_base
         from sdtune.train.config import LoraSettings
         from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
         from sdtune.lora.formats import load_lora
 
         def run(out):
@@ -263,6 +265,11 @@ def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(dataset, data)
     train_lora(base, settings(data, out, steps=2, **QUIET))
+    ti = TISettings(data=str(data), out=str(out), token="<q>", init_token="star", steps=2, **QUIET)
+    kept = (out / loop.SETTINGS_FILE).read_bytes()
+    with pytest.raises(SdtuneError, match=r"^\S+out holds a lora training run, not a ti one; use another --out"):
+        train_ti(base, ti)  # it listed the settings the two kinds differ in
+    assert (out / loop.SETTINGS_FILE).read_bytes() == kept
     moved = tmp_path / "moved"  # the same images in another folder: the run goes on
     data.rename(moved)
     steps = []
@@ -398,6 +405,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     from sdtune.models import load_base
     from sdtune.train.config import LoraSettings
     from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
     data, out = sys.argv[1:3]
     train_lora(load_base("tiny-random"), LoraSettings(data=data, out=out, steps=3, batch_size=2, rank=4, alpha=4,
                                                        lr=1e-3, progress=False))

@@ -278,15 +278,20 @@ def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
-def _read_resume(path: Path, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
+def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
     try:
         state, _ = load_state(path)
     except SdtuneError as e:  # cut short (a full disk): the files of the last complete save are still there
         raise SdtuneError(f"{e}; delete it to start over here (or use --no-resume), or use another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SdtuneError(f"{path}: not an sdtune resume state; delete it or use another --out")
-    saved = {**type(settings)().to_dict(), **json.loads(state["settings"])}  # settings added since: defaults
+    saved = json.loads(state["settings"])
     now = settings.to_dict()
+    other = state.get("kind") or ("lora" if "rank" in saved else "ti")  # older states name no kind
+    if other != kind:
+        raise SdtuneError(f"{path.parent} holds a {other} training run, not a {kind} one; use another --out for "
+                          f"this {kind} run")
+    saved = {**type(settings)().to_dict(), **saved}  # settings added since: defaults
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
@@ -421,7 +426,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         start, history, extend, state = 0, {}, False, {}
         data_id = fingerprint(data.scan, settings.data)
         if settings.resume and state_path.is_file():
-            state = _read_resume(state_path, settings, getattr(base, "model_hash", ""), data_id)
+            state = _read_resume(state_path, job.name, settings, getattr(base, "model_hash", ""), data_id)
             start = int(state["step"])
             if start > total:
                 raise SdtuneError(f"{state_path}: the saved run is at step {start}, past --steps {total}; raise "
@@ -534,7 +539,8 @@ class Session:
             history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
                        "seconds": self.seconds}
             self.log.flush()
-            atomic_save_torch({"format": STATE_FORMAT, "step": step, "trainable": self.job.state(),
+            atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
+                               "trainable": self.job.state(),
                                "optimizer": self.optimizer.state_dict(),
                                "settings": json.dumps(self.settings.to_dict()), "history": history,
                                "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
