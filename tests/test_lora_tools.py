@@ -237,6 +237,20 @@ def test_lokr_resize_takes_the_svd_from_the_kronecker_factors(tmp_path, scale_si
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def test_a_resized_lycoris_file_says_it_is_a_plain_lora(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    lora = Lora()
+    lora.modules["unet"]["linear"] = Adapter("lokr", {"w1": torch.randn(4, 4, generator=g),
+                                                      "w2": torch.randn(10, 9, generator=g)}, alpha=None)
+    src, out = tmp_path / "lokr.safetensors", tmp_path / "r2.safetensors"
+    save_lora(lora, src)
+    assert json.loads(load_lora(src).metadata["ss_network_args"]) == {"algo": "lokr"}
+    tools.resize_lora(src, out, rank=2)
+    meta = load_lora(out).metadata  # the LoKr's layout entries were carried over
+    assert meta["ss_network_module"] == "networks.lora" and "ss_network_args" not in meta
+    assert meta["ss_network_dim"] == "2"
+
+
 def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
     src = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
     assert main(["lora", "resize", src, "--out", str(tmp_path / "o.safetensors")]) == 2

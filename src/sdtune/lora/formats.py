@@ -466,8 +466,9 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
 
 
 def _carried_metadata(lora: Lora) -> dict[str, str]:
-    """Header entries worth keeping across formats (not those describing the old layout)."""
-    drop = {_META_KEY, "format"}
+    """Header entries worth keeping across formats (not those describing the old layout: a LoKr resized to LoRA
+    factors kept ``ss_network_args`` ``{"algo": "lokr"}``; the kohya layout writes its own)."""
+    drop = {_META_KEY, "format", "ss_network_args", "ss_network_module", "ss_network_dim", "ss_network_alpha"}
     return {k: v for k, v in lora.metadata.items() if k not in drop and v != "<embed>"
             and not re.match(r"^(unet|text_encoder):\d+:rank$", k) and k not in ("unet", "text_encoder")}
 

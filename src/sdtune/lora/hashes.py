@@ -36,7 +36,7 @@ def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     """``{"sshs_model_hash": ..., "sshs_legacy_hash": ...}`` for a file about to be written with ``tensors``
     and ``metadata``, computed as kohya does (on the ``ss_*`` part of the metadata only)."""
     ss = {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}
-    data = safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=ss or None)
+    data = safetensors_bytes({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=ss)  # kohya's: an empty header too
     return {"sshs_model_hash": hashlib.sha256(data[_after_header(data):]).hexdigest(),
             "sshs_legacy_hash": hashlib.sha256(data[_LEGACY_AT:_LEGACY_AT + _LEGACY_LEN]).hexdigest()[:8]}
 
