@@ -178,6 +178,10 @@ def test_preloaded_adapter_gets_its_weight_back(base, lora_files, tmp_path):
         xy_plot(base, "a red circle", Axis("weight", [0, 1.2], target="mine"), steps=1, out_dir=tmp_path,
                 progress=False)
         assert lset.list()[0]["unet_weight"] == 0.7 and lset.names() == ["mine"]
+        with pytest.raises(SdtuneError, match=r"^mnie.safetensors: no such file; check the path \(the LoRAs loaded "
+                                              r"before the plot are named: mine\)$"):
+            xy_plot(base, "a red circle", parse_axis("loras=none|mnie.safetensors"), steps=1, out_dir=tmp_path,
+                    progress=False)
     finally:
         lset.remove_all()
 

@@ -255,7 +255,13 @@ class _Adapters:
             self.fixed[src] = weight
             self._set_base_blocks(src, lbw)
             return src
-        path = sources.resolve(src, "lora", self.lora_dirs)
+        try:
+            path = sources.resolve(src, "lora", self.lora_dirs)
+        except SdtuneError as e:
+            loaded = [n for n in self.loras.names() if n not in self.added_loras]
+            if loaded:  # a typo of a loaded name reads as a file or hub id
+                raise SdtuneError(f"{e} (the LoRAs loaded before the plot are named: {', '.join(loaded)})") from None
+            raise
         key = str(Path(path).resolve())
         if key in self.by_file:  # the same file named twice (e.g. on an axis and with loras=): load it once
             self._set_base_blocks(self.by_file[key], lbw)
