@@ -101,6 +101,14 @@ def test_settings_and_weights_that_cannot_work(tmp_path, lora_file, capsys):
     assert "configs: is a folder, not a config file; give the .toml file" in _error(capsys)
     assert main(["train", "lora", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--lr", "inf"]) == 2
     assert "--lr: lr = inf is not a finite number" in _error(capsys)
+    images = tmp_path / "images"  # a run folder in the data: its samples would become training images
+    images.mkdir()
+    (images / "a.txt").write_text("a caption")
+    for out, where in ((images, "is --data"), (images / "run", "is inside --data")):
+        assert main(["train", "lora", "--data", str(images), "--out", str(out), "--no-resume", "--steps", "1"]) == 2
+        assert f"{out} {where} {images}: the run's sample images would be read as training images; give an " \
+               f"--out outside it" in _error(capsys)
+    assert [p.name for p in images.iterdir()] == ["a.txt"]
     assert main(["lora", "merge", f"{lora_file}:nan", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "must be a finite number" in _error(capsys) and not (tmp_path / "m.safetensors").exists()
     assert main(["lora", "resize", str(lora_file), "--dynamic", "sv_fro", "--param", "nan",

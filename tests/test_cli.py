@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sdtune import console
+from sdtune import cli, console
 from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora import blocks
@@ -123,6 +123,9 @@ def test_a_place_that_cannot_be_written_is_one_line(loras, capsys):
     err = capsys.readouterr().err
     assert re.fullmatch(r"sdtune: error: /proc/sdtune-test\S*: [^\n]+; check that the folder exists and is "
                         r"writable, or choose another place\n", err), err
+    # TensorBoard's writer raises with the path as bytes
+    bytes_named = cli._os_error(OSError(13, "Permission denied", b"/proc/run/logs/events.out"))
+    assert bytes_named.startswith("/proc/run/logs/events.out: Permission denied; check that the folder")
 
 
 def test_file_tools_refuse_to_write_over_their_input(tmp_path, loras, capsys):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sdtune.lora.formats import load_lora
-from sdtune.safeio import SdtuneError, load_state
+from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
 from sdtune.train import loop
@@ -197,7 +197,6 @@ def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dat
         from sdtune.models import load_base
         from sdtune.train.config import LoraSettings
         from sdtune.train.lora import train_lora
-from sdtune.train.ti import train_ti
         from sdtune.lora.formats import load_lora
 
         def run(out):
@@ -264,6 +263,10 @@ def test_more_steps_on_a_finished_run_keep_its_final_weights_under_their_step(ba
 def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(dataset, data)
+    edited = sorted(data.glob("*.png"))[0]
+    with Image.open(edited) as im:  # stored uncompressed: an edit keeps the file's size
+        pixels = im.convert("RGB")
+    pixels.save(edited, compress_level=0)
     train_lora(base, settings(data, out, steps=2, **QUIET))
     ti = TISettings(data=str(data), out=str(out), token="<q>", init_token="star", steps=2, **QUIET)
     kept = (out / loop.SETTINGS_FILE).read_bytes()
@@ -275,6 +278,13 @@ def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset
     steps = []
     train_lora(base, settings(moved, out, steps=3, **QUIET), callback=lambda s, _: steps.append(s))
     assert steps == [3]
+    edited, before = moved / edited.name, (moved / edited.name).read_bytes()
+    pixels.putpixel((0, 0), tuple(255 - c for c in pixels.getpixel((0, 0))))
+    pixels.save(edited, compress_level=0)
+    assert len(edited.read_bytes()) == len(before) and edited.read_bytes() != before
+    with pytest.raises(SdtuneError, match=r"resume.pt: the images or captions in .*moved changed since this run"):
+        train_lora(base, settings(moved, out, steps=4, **QUIET))
+    edited.write_bytes(before)
     next(moved.glob("*.txt")).write_text("a different caption")
     with pytest.raises(SdtuneError, match=r"resume.pt: the images or captions in .*moved changed since this run was "
                                           r"saved \(\d+ image\(s\) then, \d+ now\).*--no-resume to start over here"):
@@ -283,6 +293,18 @@ def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset
     with pytest.raises(SdtuneError, match=r"resume.pt: .*; delete it to start over here \(or use --no-resume\), or "
                                           r"use another --out"):
         train_lora(base, settings(moved, out, steps=4, **QUIET))
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(base, dataset, tmp_path):
+    """Two runs on one --out: the second would set the first's files aside, and the first would crash."""
+    out = tmp_path / "out"
+    with folder_lock(out, "sdtune train ti"):  # as the first run holds it (flock: per open file, so in-process too)
+        with pytest.raises(SdtuneError, match=rf"^{out}: sdtune train ti \(process {os.getpid()}\) is using this "
+                                              rf"folder; wait for it to end, or use another --out$"):
+            train_lora(base, settings(dataset, out, steps=1, **QUIET))
+        assert [p.name for p in out.iterdir()] == [".sdtune.lock"]
+    train_lora(base, settings(dataset, out, steps=1, **QUIET))  # released: the next run goes on
+    assert (out / "lora.safetensors").is_file()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_save(base, dataset, tmp_path, monkeypatch):
@@ -405,7 +427,6 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     from sdtune.models import load_base
     from sdtune.train.config import LoraSettings
     from sdtune.train.lora import train_lora
-from sdtune.train.ti import train_ti
     data, out = sys.argv[1:3]
     train_lora(load_base("tiny-random"), LoraSettings(data=data, out=out, steps=3, batch_size=2, rank=4, alpha=4,
                                                        lr=1e-3, progress=False))

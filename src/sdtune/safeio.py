@@ -21,6 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+try:  # POSIX only; see folder_lock
+    import fcntl
+except ImportError:
+    fcntl = None
+
 
 class SdtuneError(Exception):
     """A user-facing error: its message is one clear line that names the problem and the fix."""
@@ -98,9 +103,10 @@ def _not_weights(path: Path) -> str | None:
 TEMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .NAME.XXXXXX.tmp beside NAME
 
 
-def user_path(path: str | Path) -> Path:
-    """The place a user chose behind a path a system error names: an atomic write's temporary file is its folder."""
-    path = Path(path)
+def user_path(path: str | bytes | Path) -> Path:
+    """The place a user chose behind a path a system error names: an atomic write's temporary file is its folder.
+    Some libraries (TensorBoard's writer) raise with the path as bytes."""
+    path = Path(os.fsdecode(path))
     return path.parent if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) else path
 
 
@@ -242,3 +248,32 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
         raise SdtuneError(f"{path}: no permission to read this {what} file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SdtuneError(f"{path}: not valid TOML ({e}); fix the file") from None
+
+
+LOCK_FILE = ".sdtune.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str):
+    """Hold ``folder`` for one process's ``what`` (a training run): a second one there would set the first's
+    files aside, or write over them, and the first would crash. The system releases the lock when the process
+    ends, however it ends, so a killed run leaves nothing to clean up. Where the system has no ``flock``
+    (Windows), folders are not locked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise SdtuneError(f"{folder}: {holder} is using this folder; wait for it to end, or use another "
+                                  f"--out") from None
+        f.truncate(0)
+        f.write(f"{what} (process {os.getpid()})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)

@@ -117,6 +117,13 @@ class TrainSettings:
         if not self.out:
             raise SdtuneError("no output folder; pass --out DIR")
         output_folder(self.out, create=False)
+        out = Path(self.out).expanduser().resolve()
+        for option, given in (("--data", self.data), ("--validation-dir", self.validation_dir)):
+            folder = Path(given).expanduser().resolve() if given else None
+            # the run's sample PNGs would become training images, and starting over would move the images aside
+            if folder is not None and out.is_relative_to(folder):
+                raise SdtuneError(f"--out {self.out} is {'' if out == folder else 'inside '}{option} {given}: the "
+                                  f"run's sample images would be read as training images; give an --out outside it")
         if self.vae:
             input_path(self.vae, "VAE file or folder", "--vae")
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ..console import Interrupted, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, save_png
-from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, load_state
+from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
@@ -301,7 +301,8 @@ def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str
         raise SdtuneError(f"{path}: this run was started on another base model (hash {state['model_hash']}, now "
                           f"{model_hash}); use the same --model, or another --out")
     saved_data = state.get("data")  # states written before sdtune recorded it: not checked
-    if saved_data and saved_data != data_id:
+    # only what the state recorded (states before sdtune hashed the images' bytes or the class images hold less)
+    if saved_data and any(saved_data[k] != data_id.get(k) for k in saved_data):
         raise SdtuneError(f"{path}: the images or captions in {settings.data} changed since this run was saved "
                           f"({saved_data['images']} image(s) then, {data_id['images']} now), and the rest of the run "
                           f"would train and validate on other data under the same curve; use another --out for a "
@@ -327,6 +328,15 @@ def _set_aside(out: Path) -> Path | None:
     for path in old:
         path.rename(aside / path.name)
     return aside
+
+
+def _hold(out: Path, name: str, main: bool) -> Callable[[], None]:
+    """Lock ``out`` for this run (the main process's; the others of a launch write nothing there); returns the
+    release."""
+    held = contextlib.ExitStack()
+    if main:
+        held.enter_context(folder_lock(out, f"sdtune train {name}"))
+    return held.close
 
 
 def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSettings) -> str:
@@ -396,7 +406,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                         mixed_precision=str(accelerator.mixed_precision))
     for group in job.param_groups:
         group["base_lr"] = group["lr"]
-    undo = [_freeze(base, job)]
+    undo = [_hold(Path(settings.out), job.name, accelerator.is_main_process), _freeze(base, job)]
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
@@ -425,6 +435,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                                       fused=True if device.type == "cpu" else None)
         start, history, extend, state = 0, {}, False, {}
         data_id = fingerprint(data.scan, settings.data)
+        if job.prior_data is not None:  # class images added or edited would change the rest of the run as much
+            data_id["class_images"] = fingerprint(job.prior_data.scan)
         if settings.resume and state_path.is_file():
             state = _read_resume(state_path, job.name, settings, getattr(base, "model_hash", ""), data_id)
             start = int(state["step"])
