@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.lora import formats
+from sdtune.lora.bake import merge
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
@@ -159,6 +160,60 @@ def test_diffusers_loads_the_lora_part_and_the_word_beside_it(base, run, diffuse
     ids = pipe.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
     word = load_embedding(out / "pv.safetensors").vectors
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), word)
+
+
+def test_convert_to_diffusers_writes_the_word_beside_the_lora(base, run, diffusers_says, tmp_path, capsys):
+    """diffusers' loader refuses a LoRA file with the word inside; convert --to diffusers splits them in two."""
+    out, path, _, _ = run
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        _pipe(base).load_lora_weights(str(path), adapter_name="whole")
+    conv = tmp_path / "conv"
+    assert main(["convert", str(path), str(conv / "lora.safetensors"), "--to", "diffusers"]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        f"; its word {TOKEN} in {conv / 'pv.safetensors'} (diffusers loads it with load_textual_inversion)")
+    assert sorted(p.name for p in conv.iterdir()) == ["lora.safetensors", "pv.safetensors"]
+    pipe = _pipe(base)
+    said = _without_text_encoder_note(diffusers_says(
+        lambda: pipe.load_lora_weights(str(conv / "lora.safetensors"), adapter_name="pivotal")))
+    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    assert {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")} == set(formats.load_lora(path).modules["unet"])
+    pipe.load_textual_inversion(str(conv / "pv.safetensors"))
+    ids = pipe.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(),
+                       load_embedding(out / "pv.safetensors").vectors)
+    # into the run's own folder: its pv.safetensors holds the same word and is kept as it is
+    kept = (out / "pv.safetensors").read_bytes()
+    assert main(["convert", str(path), str(out / "as-diffusers.safetensors"), "--to", "diffusers"]) == 0
+    assert (out / "pv.safetensors").read_bytes() == kept
+    other = tmp_path / "other"  # another file by that name is not written over
+    other.mkdir()
+    (other / "pv.safetensors").write_bytes(b"mine")
+    assert main(["convert", str(path), str(other / "lora.safetensors"), "--to", "diffusers"]) == 2
+    assert (f"pv.safetensors: exists and is not the word {TOKEN} of {path}, which the diffusers layout keeps in "
+            f"its own file there; move that file, or convert into another folder") in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["pv.safetensors"]
+
+
+def test_a_merge_bakes_the_layers_and_leaves_the_word_out(base, run, tmp_path, capsys):
+    """A checkpoint has no tokenizer to hold a new word (a grown token table loads nowhere): every merge path
+    (a loaded model, a single file streamed) keeps the base's table and says where the word is."""
+    _, path, _, _ = run
+    rows = base.text_encoder.get_input_embeddings().weight.shape[0]
+
+    def table_rows(file):
+        with safe_open(str(file), "pt") as f:
+            return next(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("token_embedding.weight"))
+
+    said = (f"{path}: its bundled word(s) {TOKEN} are not baked in (a merged model keeps the base's vocabulary); "
+            f"load each beside it as an embedding: `sdtune convert {path} OUT --to diffusers` writes them apart")
+    first, second = tmp_path / "m.safetensors", tmp_path / "m2.safetensors"
+    for model, out in (("tiny-random", first), (first, second)):  # loaded and patched; streamed
+        with pytest.warns(UserWarning) as notes:
+            assert main(["merge", "--model", str(model), "--lora", str(path), "--out", str(out)]) == 0
+        assert [str(n.message) for n in notes] == [said]
+        assert table_rows(out) == rows
+    merge(base, [(path, 1.0)], tmp_path / "folder")  # a loaded Base: the word is not left in it either
+    assert TOKEN not in base.embeddings and base.text_encoder.get_input_embeddings().weight.shape[0] == rows
 
 
 def test_cli_pivotal_run_writes_both_files(dataset, tmp_path, capsys):

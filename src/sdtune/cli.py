@@ -18,7 +18,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .lora import inspect
     from .lora import tools as lora_tools
     from .lora.bake import merge
-    from .lora.formats import convert
+    from .lora.formats import convert, word_files
     from .models import load_base
     from .safeio import SdtuneError, output_folder, user_path
     from .tiny import evaluate
@@ -263,7 +263,10 @@ def cmd_inspect(a) -> None:
 
 def cmd_convert(a) -> None:
     lora = convert(a.input, a.output, to=a.to)
-    print(f"{a.output}: {len(lora)} modules in {a.to} layout")
+    words = word_files(lora, a.output) if a.to == "diffusers" else {}
+    print(f"{a.output}: {len(lora)} modules in {a.to} layout"
+          + "".join(f"; its word {emb.token} in {path} (diffusers loads it with load_textual_inversion)"
+                    for path, emb in words.items()))
 
 
 # ---------------------------------------------------------------- the LoRA toolbox (sdtune lora ...)

@@ -50,12 +50,14 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 
 from .. import ldm, models
+from ..console import note
 from ..families import Family
 from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors, output_file, output_folder
 from . import blocks as block_weights
-from .formats import load_lora
+from .formats import bundled_embeddings, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
 from .patch import LoraSet, as_weights, check_fit, write_patched
 
@@ -104,6 +106,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         blocks = _blocks_of(entry)
         src = entry[0]
         pairs.append(_Pair(src, as_weights(entry[1]), str(src) if not isinstance(src, Lora) else f"lora{i}", blocks))
+    _note_words_left_out(pairs)
     if not isinstance(base_or_spec, (str, Path)):
         return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
     path = Path(base_or_spec).expanduser()
@@ -128,6 +131,24 @@ class _Pair:
     blocks: object = None  # as ``LoraSet.add(blocks=)`` takes them; None: no block weights
 
 
+def _note_words_left_out(pairs) -> None:
+    """A merge bakes layers. A word a LoRA bundles (pivotal tuning's) would need a new row in the token table
+    and a tokenizer that knows it, which a single checkpoint file has no place for (a grown table does not even
+    load in diffusers or A1111); so no output gets it, and the note says where the word is."""
+    for p in pairs:
+        if isinstance(p.src, Lora):
+            words = sorted({emb.token for emb in bundled_embeddings(p.src)})
+        elif is_safetensors(p.src):
+            with safe_open(str(p.src), "pt") as f:
+                words = sorted({k.split(".")[1] for k in f.keys() if k.startswith("bundle_emb.")})
+        else:
+            words = []
+        if words:
+            note(f"{p.source}: its bundled word(s) {', '.join(words)} are not baked in (a merged model keeps the "
+                 f"base's vocabulary); load each beside it as an embedding: `sdtune convert {p.source} OUT "
+                 f"--to diffusers` writes them apart")
+
+
 def _blocks_of(entry) -> object:
     if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
         raise SdtuneError(f"merge: each LoRA is (lora, weight) or (lora, weight, blocks), not {entry!r}")
@@ -142,7 +163,7 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
         for i, p in enumerate(pairs):  # names keep list order, the order the sums are taken in; a file is read
             # by LoraSet, which names it in its messages
             lora_set.add(f"{i:04d}", p.src, (p.weights["unet"], p.weights["text_encoder"]),
-                         allow_partial=allow_partial, blocks=p.blocks)
+                         allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype)
         return models.save_diffusers(base, out)

@@ -29,6 +29,7 @@ keeps its ``lora_magnitude_vector``, with ``use_dora`` on).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -41,7 +42,7 @@ from .. import families
 from ..families import Family
 from ..ldm import unet_module_map
 from ..safeio import SdtuneError, atomic_save_safetensors, load_state, output_file
-from ..ti.formats import SDXL_KEYS, Embedding
+from ..ti.formats import SDXL_KEYS, Embedding, file_stem, load_embedding, save_embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
@@ -458,11 +459,44 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
 
 def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None,
             family: Family | None = None) -> Lora:
-    """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read."""
+    """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read.
+    The diffusers layout has no place for bundled embeddings (pivotal tuning's words; diffusers' loader refuses
+    the file): each goes beside the output as ``word_files`` names it, in the layout ``load_textual_inversion``
+    reads, and the LoRA without them."""
     check_output(out_path, inputs=[in_path])
     lora = load_lora(in_path, model_keys=model_keys)
-    save_lora(lora, out_path, format=to, family=family, source=in_path)  # what the layout cannot hold: the input's
+    words = word_files(lora, out_path) if to == "diffusers" else {}
+    for path, emb in words.items():
+        _check_word_file(path, emb, in_path)
+    kept = dataclasses.replace(lora, embeddings={}) if words else lora
+    save_lora(kept, out_path, format=to, family=family, source=in_path)  # what the layout cannot hold: the input's
+    for path, emb in words.items():
+        if not path.exists():
+            save_embedding(emb, path, format="diffusers")
     return lora
+
+
+def word_files(lora: Lora, out_path: str | Path) -> dict[Path, Embedding]:
+    """Where ``convert`` to the diffusers layout writes each of ``lora``'s bundled embeddings: beside ``out_path``,
+    named as pivotal training names the word's own file (``<os>``: ``os.safetensors``, A1111's word)."""
+    return {Path(out_path).with_name(file_stem(emb.token) + ".safetensors"): emb for emb in bundled_embeddings(lora)}
+
+
+def _check_word_file(path: Path, emb: Embedding, source) -> None:
+    """A word's file may be there already (a training run's folder holds ``os.safetensors``): the same rows are
+    kept as they are, other ones are not written over."""
+    if not path.exists():
+        check_output(path, inputs=[source])
+        return
+    try:
+        there = load_embedding(path)
+        same = there.token == emb.token and there.parts.keys() == emb.parts.keys() and all(
+            torch.equal(there.parts[k], emb.parts[k]) for k in emb.parts)
+    except SdtuneError:
+        same = False
+    if not same:
+        raise SdtuneError(f"{path}: exists and is not the word {emb.token} of {source}, which the diffusers layout "
+                          f"keeps in its own file there; move that file, or convert into another folder")
 
 
 def _carried_metadata(lora: Lora) -> dict[str, str]:

@@ -214,7 +214,7 @@ class LoraSet:
 
     # ---- changes ----
     def add(self, name: str, lora: Lora | str | Path, weight=1.0, te_weight: float | None = None,
-            allow_partial: bool = False, blocks=None) -> None:
+            allow_partial: bool = False, blocks=None, words: bool = True) -> None:
         """Merge ``lora`` under ``name`` (replacing an adapter of that name).
 
         ``weight``: any form ``as_weights`` takes; ``te_weight`` (None: from ``weight``) sets both text encoders.
@@ -222,7 +222,8 @@ class LoraSet:
         (``"INALL"``), ``"1,0,…"`` or a sequence of numbers; each layer's strength is then its component's weight
         times its block's weight.
         Every LoRA module must match a model layer of the right shape, else ``SdtuneError`` naming the first
-        offenders; ``allow_partial=True`` skips those (with a warning) and applies the rest.
+        offenders; ``allow_partial=True`` skips those (with a warning) and applies the rest. ``words=False``
+        leaves the embeddings the file bundles unloaded (a merge, which bakes layers only).
         """
         weights = self._weights(weight)  # a bad weight fails before the file is read
         if te_weight is not None:
@@ -232,7 +233,7 @@ class LoraSet:
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
-        if lora.embeddings and self.embeddings is None:  # patching changes weights only
+        if lora.embeddings and self.embeddings is None and words:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
         factors = {}
@@ -247,7 +248,7 @@ class LoraSet:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
         self._sync(set(targets) | (set(old.targets) if old else set()))
-        entry.tokens = self._load_tokens(lora, source)
+        entry.tokens = self._load_tokens(lora, source) if words else []
 
     def _load_tokens(self, lora: Lora, source: str) -> list[str]:
         """Load the embeddings ``lora`` bundles (pivotal tuning's new words), as A1111 does: one that is already

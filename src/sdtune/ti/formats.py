@@ -140,6 +140,11 @@ def _training_facts(state, metadata: dict) -> dict[str, str]:
     return facts
 
 
+def file_stem(token: str) -> str:
+    """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
+    return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
+
+
 def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers") -> None:
     """Write ``emb`` atomically: "diffusers" ``{token: [n, d]}`` (safetensors, or a torch pickle for .bin/.pt),
     or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``).

@@ -23,9 +23,9 @@ import torch
 from ..lora.formats import bundle
 from ..lora.neutral import Lora
 from ..safeio import SdtuneError
-from ..ti.formats import Embedding, save_embedding
+from ..ti.formats import Embedding, file_stem, save_embedding
 from .config import LoraSettings, TISettings
-from .ti import SplicedEmbedding, add_token, embedding_set, file_stem, training_facts
+from .ti import SplicedEmbedding, add_token, embedding_set, training_facts
 
 STATE_KEY = "pivotal:rows"  # the word's rows in the resume state (one entry per text encoder key)
 

@@ -16,7 +16,6 @@ checkpoint on the sample prompts.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from ..console import note
 from ..models import vae_swapped
 from ..safeio import SdtuneError
-from ..ti.formats import Embedding, save_embedding
+from ..ti.formats import Embedding, file_stem, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, validation
 from .config import TISettings, to_toml
@@ -141,11 +140,6 @@ def add_token(base, settings: TISettings) -> list[int]:
 def _state_key(embedding_key: str) -> str:
     """The resume state's name of an encoder's rows: "rows" (one encoder), "rows.clip_l", "rows.clip_g"."""
     return f"rows.{embedding_key}" if embedding_key else "rows"
-
-
-def file_stem(token: str) -> str:
-    """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
-    return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
 
 
 def training_facts(base, settings, step: int) -> dict[str, str]:
