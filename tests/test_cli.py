@@ -280,6 +280,10 @@ def test_merge_into_a_single_file(tmp_path, loras, capsys):
     merged = load_base(str(out))
     for (name, want), (_, got) in zip(expected.unet.state_dict().items(), merged.unet.state_dict().items()):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+    # its images name it as A1111 names a checkpoint (the file name without suffix), never by the local path
+    assert main(["generate", "--model", str(out), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "g")]) == 0
+    png = Path(capsys.readouterr().out.split()[0])
+    assert parse_infotext(read_infotext(png))["Model"] == "merged"
 
 
 def test_merge_into_a_folder_has_the_usual_permissions_and_a_ckpt_name_is_refused(tmp_path, loras, capsys):

@@ -132,11 +132,14 @@ def test_grid_places_cells_gaps_and_empty_places():
 def test_lora_tag_parsing():
     clean, tags = api.parse_lora_tags("a castle, <lora:moxin:0.8> <lora:b> <lora:c:1:0.5>")
     assert clean == "a castle"
-    assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 1.0, 0.5)]
+    assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 0.5, 1.0)]  # A1111: te first, then the UNet
     with pytest.raises(SdtuneError, match="must be a number"):
         api.parse_lora_tags("<lora:x:abc>")
     # A1111's named weights; a tag glued to the next word leaves the words apart, as A1111's removal does
     assert api.parse_lora_tags("a, <lora:x:unet=0.5:te=0.2>, b") == ("a, b", [("x", 0.5, 0.2)])
+    # A1111's UNet default is the text encoders' weight, te= included (extra_networks_lora.py)
+    assert api.parse_lora_tags("<lora:x:1:te=0.5>")[1] == [("x", 0.5, None)]
+    assert api.parse_lora_tags("<lora:x:unet=0.5>")[1] == [("x", 0.5, 1.0)]
     assert api.parse_lora_tags("a red <lora:x:1>circle")[0] == "a red circle"
     with pytest.raises(SdtuneError, match="unknown option 'dyn'"):
         api.parse_lora_tags("<lora:x:dyn=4>")
@@ -200,9 +203,11 @@ def test_source_specs(tmp_path):
     f.write_bytes(b"x")
     assert sources.parse_weighted(f"{f}:0.5") == (str(f), 0.5)
     assert sources.parse_weighted(str(f)) == (str(f), 1.0)
-    # A1111's weights for the UNet and the text encoders, by place or by name (unet= overrides the plain weight)
-    assert sources.parse_weighted(f"{f}:0.5:0.2") == sources.parse_weighted(f"{f}:0.5:te=0.2") == (str(f), (0.5, 0.2))
-    assert sources.parse_weighted(f"{f}:te=0.2") == (str(f), (1.0, 0.2))
+    # the weights of A1111's tags, by place (the text encoders', then the UNet's) or by name
+    assert sources.parse_weighted(f"{f}:0.2:0.5") == sources.parse_weighted(f"{f}:te=0.2:unet=0.5") == \
+        (str(f), (0.5, 0.2))
+    assert sources.parse_weighted(f"{f}:te=0.2") == (str(f), 0.2)  # the UNet's default is the text encoders'
+    assert sources.parse_weighted(f"{f}:unet=0.3") == (str(f), (0.3, 1.0))
     assert sources.parse_weighted(f"{f}:2:unet=0.3:te=0.2") == (str(f), (0.3, 0.2))
     with pytest.raises(SdtuneError, match=r"unknown option 'foo'; after its file a LoRA takes :WEIGHT"):
         sources.parse_weighted(f"{f}:0.5:foo=1")
@@ -302,7 +307,8 @@ def test_infotext_names_the_embeddings_used_and_every_lora_strength(base, tmp_pa
     fields = parse_infotext(res.infotext)
     sha = {n: hashlib.sha256((tmp_path / f"{n}.safetensors").read_bytes()).hexdigest()[:12] for n in names}
     assert fields["TI hashes"] == f"zqshiny: {sha['zqshiny']}, zqdull: {sha['zqdull']}"
-    assert fields["Lora weights"] == "style=0.8:0.5:lbw=1,0,1,0,1,0,0,0,0,0,0,0,0,0"  # INALL: BASE, IN01, IN03
+    # a tag's order (text encoders, UNet); INALL's blocks: BASE, IN01, IN03
+    assert fields["Lora weights"] == "style=0.5:0.8:lbw=1,0,1,0,1,0,0,0,0,0,0,0,0,0"
 
 
 def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):

@@ -89,15 +89,15 @@ def test_merge_takes_the_text_encoders_own_weight_as_loading_does(base, tmp_path
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
     b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=6.0)
     out = tmp_path / "mix.safetensors"
-    # A1111's forms: UNet then text encoders, or named (unet= overrides a plain weight)
-    assert main(["lora", "merge", f"{a}:0.5:te=0.2", f"{b}:2:unet=-1:te=0.25", "--out", str(out)]) == 0
+    # A1111's forms: named (each overrides a plain weight), or the text encoders' then the UNet's
+    assert main(["lora", "merge", f"{a}:unet=0.5:te=0.2", f"{b}:2:unet=-1:te=0.25", "--out", str(out)]) == 0
     want, got = patched(base, [(a, (0.5, 0.2)), (b, (-1.0, 0.25))]), patched(base, [(str(out), 1.0)])
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
     assert not torch.equal(want[("text_encoder", TE_Q)], patched(base, [(a, 0.5), (b, -1.0)])[("text_encoder", TE_Q)])
     assert load_lora(out).metadata["ss_training_comment"] == ("sdtune lora merge: a.safetensors:unet=0.5:te=0.2 + "
                                                               "b.safetensors:unet=-1:te=0.25")
-    assert main(["lora", "merge", f"{a}:0.5:0.2", "--out", str(out)]) == 0  # positional: the same weights
+    assert main(["lora", "merge", f"{a}:0.2:0.5", "--out", str(out)]) == 0  # positional: the same weights
     got = patched(base, [(str(out), 1.0)])
     torch.testing.assert_close(got[("text_encoder", TE_Q)], patched(base, [(a, (0.5, 0.2))])[("text_encoder", TE_Q)],
                                rtol=0, atol=1e-5)

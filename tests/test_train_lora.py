@@ -121,6 +121,7 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_shapes": {"n_repeats": 2, "img_count": 4}}
     tags = json.loads(meta["ss_tag_frequency"])["2_shapes"]
     assert sum(tags.values()) >= 4 and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_v_parameterization"] == "False" and meta["ss_resolution"] == "(64, 64)"  # the training size
     assert meta["ss_mixed_precision"] == "no"  # what "auto" became on this device, as kohya writes it
     # the whole settings ride along: read back, they are the run's (what --config would rerun)
     (tmp_path / "from-metadata.toml").write_text(meta["ss_sdtune_settings"])

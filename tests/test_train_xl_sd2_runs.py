@@ -172,7 +172,8 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
     assert torch.cat(against_noise).max() > 0.05  # epsilon's loss would differ (v is near the noise at small t)
     with safe_open(str(kohya), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"  # kohya's name
+    assert meta["ss_v_parameterization"] == "True"
 
     # diffusers reads the folder and loads both files with every key matched, each on the trained layers only
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

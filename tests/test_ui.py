@@ -417,12 +417,12 @@ def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
     # the same LoRA typed and picked: once, at the summed weight; an emptied seed box: a random seed
     (path, text), = studio.generate("a red star, <lora:style:0.5>", steps=1, seed=None, picks=[("style", 0.3, 0.3)])[0]
     assert parse_infotext(text)["Lora weights"] == "<lora:style>=0.8" and int(parse_infotext(text)["Seed"]) >= 0
-    assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:1:0.5>"
+    assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:0.5:1>"  # A1111: te, then UNet
 
 
 def test_picked_block_weights_become_the_lbw_option_of_the_tag(studio):
     assert studio.with_loras("x", [("style", 0.8, 0.8, "INALL")]) == "x, <lora:style:0.8:lbw=INALL>"
-    assert studio.with_loras("x", [("style", 1, 0.5, " 1, 0,0.5 ")]) == "x, <lora:style:1:0.5:lbw=1,0,0.5>"
+    assert studio.with_loras("x", [("style", 1, 0.5, " 1, 0,0.5 ")]) == "x, <lora:style:0.5:1:lbw=1,0,0.5>"
     assert studio.with_loras("x", [("style", 1, 1, ""), ("", 1, 1, "INS")]) == "x, <lora:style:1>"
     for bad in ("INS><lora:../secret:1", "1:lbw=2"):  # nothing that ends the tag or adds an option
         with pytest.raises(SdtuneError, match="write a preset name .* or comma-separated numbers"):

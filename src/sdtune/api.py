@@ -35,9 +35,9 @@ class LoraTag(NamedTuple):
 
 
 def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:unet_w:te_w>`` tags (or A1111's named
-    ``unet=``/``te=``), with the lora-block-weight extension's ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and
-    return them."""
+    """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:te_w:unet_w>`` tags (or A1111's named
+    ``te=``/``unet=``, read as ``sources.a1111_weights`` says), with the lora-block-weight extension's
+    ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and return them."""
     tags = []
     for m in LORA_TAG.finditer(prompt):
         numbers, named, lbw = [], {}, None
@@ -55,9 +55,7 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
         try:
             if len(numbers) > 2:
                 raise ValueError
-            w = named.get("unet", numbers[0] if numbers else "")
-            te = named.get("te", numbers[1] if len(numbers) > 1 else "")
-            w, te = float(w) if w else 1.0, float(te) if te else None
+            w, te = sources.a1111_weights([n for n in numbers if n], {k: v for k, v in named.items() if v})
         except ValueError:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
         tags.append(LoraTag(m.group(1), w, te, lbw))
@@ -164,12 +162,12 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
 
 
 def _weights_text(row: dict) -> str:
-    """A LoRA's strengths for the infotext: ``name=w``, then ``:te`` where the text encoders' differ and
-    ``:lbw=…`` (every block, in the layout's order) with block weights, so that a --lora given on the command line
-    is reproducible from the PNG as a prompt tag is."""
+    """A LoRA's strengths for the infotext, in a prompt tag's order: ``name=w``, or ``name=te:unet`` where the
+    text encoders' weight differs, then ``:lbw=…`` (every block, in the layout's order) with block weights, so
+    that a --lora given on the command line is reproducible from the PNG as a prompt tag is."""
     text = f"{row['name']}={row['unet_weight']:g}"
     if row["te_weight"] != row["unet_weight"]:
-        text += f":{row['te_weight']:g}"
+        text = f"{row['name']}={row['te_weight']:g}:{row['unet_weight']:g}"
     if row["blocks"] is not None:
         text += f":lbw={','.join(f'{w:g}' for w in row['blocks'].values())}"
     return text

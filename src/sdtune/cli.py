@@ -44,9 +44,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:TE_WEIGHT]][:lbw=W,W,…|PRESET]",
-                   help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the text "
-                   "encoders' own weight, as A1111 writes it: SOURCE:0.8:0.5 or SOURCE:unet=0.8:te=0.5, and "
+    p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
+                   help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the UNet's "
+                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, and "
                    "block weights as the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU; safetensors inputs are streamed)")
     m.add_argument("--model", default="tiny", help=MODEL_HELP)
-    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:TE_WEIGHT]][:lbw=W,W,…|PRESET]",
-                   help="a LoRA to bake in, with its weight (optionally the text encoders' own weight, as A1111 "
-                   "writes it: FILE:0.8:0.5 or FILE:unet=0.8:te=0.5) and optional lora-block-weight block "
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
+                   help="a LoRA to bake in, with its weight (optionally the UNet's own weight, as A1111 reads "
+                   "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8) and optional lora-block-weight block "
                    "weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
@@ -274,9 +274,9 @@ def cmd_convert(a) -> None:
 def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     tools_sub = p.add_subparsers(dest="tool", required=True)
     mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
-    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT[:TE_WEIGHT]][:lbw=W,W,…|PRESET]",
-                    help="LoRA files with their weights (optionally the text encoders' own weight, as A1111 writes "
-                    "it: FILE:0.8:0.5 or FILE:unet=0.8:te=0.5)")
+    mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
+                    help="LoRA files with their weights (optionally the UNet's own weight, as A1111 reads "
+                    "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8)")
     mg.add_argument("--out", required=True)
     mg.add_argument("--rank", type=int, help="SVD of each layer's summed ΔW to this rank (default: exact, the "
                     "ranks concatenated)")

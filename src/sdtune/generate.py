@@ -100,6 +100,13 @@ def read_infotext(path: str | Path) -> str | None:
         return im.info.get("parameters")
 
 
+def model_label(name: str) -> str:
+    """The model as A1111's infotext names a checkpoint: a file by its name without the suffix, a folder by its
+    name (a PNG shared carries no local path); a hub id or a built-in model's name as it is."""
+    path = Path(name).expanduser()
+    return path.stem if path.is_file() else path.name if path.is_dir() else name
+
+
 def infotext(prompt: str, negative: str, params: dict) -> str:
     """The A1111 ``parameters`` text: prompt, 'Negative prompt:' line, then 'Key: value, ...'."""
     lines = [prompt]
@@ -340,7 +347,7 @@ def generate(
                 "Seed": s,
                 "Size": f"{width}x{height}",
                 "Model hash": getattr(base, "model_hash", ""),
-                "Model": getattr(base, "name", ""),
+                "Model": model_label(getattr(base, "name", "")),
                 "VAE hash": getattr(base, "vae_hash", "") or None,  # A1111's pair, for a VAE given apart
                 "VAE": getattr(base, "vae_name", "") or None,
                 "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set

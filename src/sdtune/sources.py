@@ -33,17 +33,29 @@ def split_suffix(spec: str) -> tuple[str, str | None]:
     return head, tail
 
 
+def a1111_weights(numbers: list[str], named: dict[str, str], default: float = 1.0) -> tuple[float, float | None]:
+    """(UNet weight, text encoders' weight or None where it is the same) as A1111 reads ``<lora:name:A:B>``: A is
+    the text encoders' weight, and the UNet's too unless B gives the UNet its own; ``te=`` and ``unet=`` override
+    them, and the UNet's default is the text encoders' weight after ``te=`` (so ``<lora:x:1:te=0.5>`` is 0.5 for
+    both). Raises ValueError on a word that is no finite number."""
+    te = float(named.get("te", numbers[0] if numbers else default))
+    unet = float(named.get("unet", numbers[1] if len(numbers) > 1 else te))
+    if not (math.isfinite(te) and math.isfinite(unet)):
+        raise ValueError
+    return unet, None if te == unet else te
+
+
 def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[float, float]]:
-    """'FILE[:WEIGHT[:TE_WEIGHT]]', also with A1111's named ``:unet=W`` / ``:te=W`` (as in a prompt's
-    ``<lora:name:1:te=0.5>``) -> (FILE, weight): one number, or (unet, text encoders) where the text encoders'
-    weight is given."""
+    """'FILE[:WEIGHT[:UNET_WEIGHT]]', also with A1111's named ``:unet=W`` / ``:te=W``, read as A1111 reads the
+    same weights in a prompt's ``<lora:name:…>`` (``a1111_weights``) -> (FILE, weight): one number, or (unet,
+    text encoders) where the two differ."""
     numbers, named, src = [], {}, spec
     while True:
         head, tail = split_suffix(src)
         key, eq, value = (tail or "").partition("=")
         if eq and key.strip() not in ("unet", "te"):
             raise SdtuneError(f"{spec}: unknown option {key.strip()!r}; after its file a LoRA takes :WEIGHT"
-                              f"[:TE_WEIGHT], :unet=W, :te=W and :lbw=BLOCK_WEIGHTS")
+                              f"[:UNET_WEIGHT], :unet=W, :te=W and :lbw=BLOCK_WEIGHTS")
         if tail is None or (not eq and len(numbers) == 2):
             break
         if eq:
@@ -53,18 +65,15 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[
         src = head
     extra = split_suffix(src)[1]
     if len(numbers) == 2 and extra is not None and re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", extra, re.I):
-        raise SdtuneError(f"{spec}: a LoRA takes at most two weights, FILE:0.8 or FILE:0.8:0.5 (the UNet's, the "
-                          f"text encoders')")
+        raise SdtuneError(f"{spec}: a LoRA takes at most two weights, FILE:0.8 or FILE:0.5:0.8 (the text "
+                          f"encoders', then the UNet's, as in A1111's <lora:name:0.5:0.8>)")
     try:
-        unet = float(named.get("unet", numbers[0] if numbers else default))
-        te = named.get("te", numbers[1] if len(numbers) > 1 else None)
-        te = None if te is None else float(te)
-        if not all(math.isfinite(w) for w in (unet, te) if w is not None):
-            raise ValueError
-        return src, unet if te is None else (unet, te)
+        unet, te = a1111_weights(numbers, named, default)
     except ValueError:
-        raise SdtuneError(f"{spec}: a weight after ':' must be a finite number (FILE:0.8, FILE:0.8:0.5 for the UNet and "
-                          f"the text encoders, or FILE:unet=0.8:te=0.5), e.g. {src}:0.8") from None
+        raise SdtuneError(f"{spec}: a weight after ':' must be a finite number (FILE:0.8, FILE:0.5:0.8 for the text "
+                          f"encoders and the UNet as A1111 reads them, or FILE:te=0.5:unet=0.8), e.g. {src}:0.8") \
+            from None
+    return src, unet if te is None else (unet, te)
 
 
 def hub_parts(source: str, kind: str) -> tuple[str, tuple[str, ...]]:

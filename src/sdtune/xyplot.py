@@ -250,7 +250,7 @@ class _Adapters:
         src, weight = sources.parse_weighted(spec)
         if isinstance(weight, tuple):  # a grid's weights are one number per LoRA (its axes sweep them)
             raise SdtuneError(f"{spec}: a grid takes one weight per LoRA; give FILE:0.8, or the text encoders' "
-                              f"weight in a prompt tag (<lora:name:0.8:te=0.5>)")
+                              f"weight in a prompt tag (<lora:name:te=0.5:unet=0.8>)")
         if src in self.loras:  # already loaded under that name
             self.fixed[src] = weight
             self._set_base_blocks(src, lbw)

@@ -139,7 +139,8 @@ FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY, TINY_XL)}
 _TINY_ARCH = {"tiny": "sd1", "tiny-xl": "sdxl"}  # families whose configs are Python (sdtune.tiny.config)
 
 # kohya's ss_base_model_version values (and the older ss_v2/ss_sdxl spellings) -> family.
-_BASE_MODEL_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_512": "sd2", "sd_v2_768_v": "sd2",
+_BASE_MODEL_VERSIONS = {"sd_v1": "sd1", "sd_v1_v": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sd_v2_512": "sd2",
+                        "sd_v2_768_v": "sd2",
                         "sdxl_base_v0-9": "sdxl", "sdxl_base_v1-0": "sdxl"}
 
 

@@ -464,7 +464,7 @@ class TrainingSet:
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
             raise SdtuneError(f"--resolution {resolution}: must be a multiple of {bucket_step} for this model")
-        self.scan, self.vae, self.seed = scan, vae, seed
+        self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
         self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout)
         self.templates = templates

@@ -228,7 +228,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_max_grad_norm": str(settings.max_grad_norm),
         "ss_mixed_precision": m.get("mixed_precision", settings.mixed_precision),  # auto resolved: no/fp16/bf16
         "ss_full_fp16": "False",
-        "ss_resolution": str(tuple(max(sizes, key=sizes.get))) if sizes else "",
+        "ss_resolution": str((data.resolution, data.resolution)),  # the training size; buckets: ss_bucket_info
         "ss_clip_skip": str(settings.clip_skip) if settings.clip_skip > 1 else "None",  # sd-scripts: None unset
         "ss_max_token_length": "None",
         "ss_cache_latents": str(data.crop == "center"),
@@ -255,6 +255,11 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
+    # kohya: sd_v2_v (get_model_version_str_for_sd1_sd2) and ss_v_parameterization for a v-prediction model
+    v_pred = base.scheduler.config.get("prediction_type") == "v_prediction"
+    meta["ss_v_parameterization"] = str(v_pred)
+    if v_pred and base.family.base_model_version.startswith("sd_v"):
+        meta["ss_base_model_version"] = base.family.base_model_version + "_v"
     if final:
         meta["ss_training_finished_at"] = str(time.time())
     return meta

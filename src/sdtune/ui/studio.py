@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import api, sources, xyplot
-from ..generate import parse_infotext, read_infotext, sampler_key, save_batch
+from ..generate import model_label, parse_infotext, read_infotext, sampler_key, save_batch
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
@@ -229,12 +229,14 @@ class Studio:
         for name, weight, te_weight, *rest in picks:
             if not name:
                 continue
-            te = "" if te_weight is None or float(te_weight) == float(weight) else f":{float(te_weight):g}"
+            # A1111's order: the text encoders' weight, then the UNet's where it differs
+            both = f"{float(weight):g}" if te_weight is None or float(te_weight) == float(weight) else \
+                f"{float(te_weight):g}:{float(weight):g}"
             blocks = re.sub(r"\s+", "", str(rest[0] or "")) if rest else ""
             if re.search(r"[:<>]", blocks):  # it goes inside a tag: nothing that ends the tag or adds an option
                 raise SdtuneError(f"block weights {blocks!r} for {name}: write a preset name (e.g. INALL) or "
                                   f"comma-separated numbers (e.g. 1,0,0,1,1,0,0,0,0,0,0,0)")
-            tags.append(f"<lora:{name}:{float(weight):g}{te}" + (f":{block_weights.LBW}{blocks}" if blocks else "")
+            tags.append(f"<lora:{name}:{both}" + (f":{block_weights.LBW}{blocks}" if blocks else "")
                         + ">")
         return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
 
@@ -332,7 +334,8 @@ class Studio:
         if SAMPLE_KEY in p:  # the adapter being trained was in the model, not in the prompt
             form["not_applied"].append(f"the adapter in training ({p[SAMPLE_KEY]}; pick its saved LoRA or "
                                        f"embedding; this image is the first row of its grid)")
-        if p.get("Model") and Path(p["Model"]).name != Path(self.model).name:  # PNGs name a file model by its path
+        # A1111 names a checkpoint by its file name without suffix (sdtune did by its path before)
+        if p.get("Model") and Path(p["Model"]).stem != Path(model_label(self.model)).stem:
             form["not_applied"].append(f"Model {p['Model']} (the page's is {self.model_choice()})")
         return form
 
