@@ -305,6 +305,8 @@ def test_infotext_names_the_embeddings_used_and_every_lora_strength(base, tmp_pa
         for n in names:
             base.embeddings.remove(n)
     fields = parse_infotext(res.infotext)
+    # the LoRA loaded apart is a tag of the saved prompt, so A1111's "Send to txt2img" keeps it
+    assert fields["prompt"] == "a ZQShiny star <lora:style:0.5:0.8:lbw=1,0,1,0,1,0,0,0,0,0,0,0,0,0>"
     sha = {n: hashlib.sha256((tmp_path / f"{n}.safetensors").read_bytes()).hexdigest()[:12] for n in names}
     assert fields["TI hashes"] == f"zqshiny: {sha['zqshiny']}, zqdull: {sha['zqdull']}"
     # a tag's order (text encoders, UNet); INALL's blocks: BASE, IN01, IN03

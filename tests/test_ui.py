@@ -504,7 +504,10 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
         ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
          "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1", "a red star, <lora:style:0.5:0.25>", "gone"),
         ("a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
-         "Seed: 1, Size: 512x512", "a castle, <lora:style:0.7>, at night", "elsewhere")]:
+         "Seed: 1, Size: 512x512", "a castle, <lora:style:0.7>, at night", "elsewhere"),
+        # sdtune's own image of a --lora: the tag it wrote into the prompt, and the same LoRA's Lora weights entry
+        ("a red star <lora:style:0.5>\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
+         "Lora weights: style=0.5; gone=1", "a red star <lora:style:0.5>", "gone")]:
         form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", text), uploaded=True)
         assert form["prompt"] == prompt
         assert form["not_applied"] == [f"LoRA {missing} (not in the LoRA folder)"]

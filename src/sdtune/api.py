@@ -173,6 +173,15 @@ def _weights_text(row: dict) -> str:
     return text
 
 
+def _tags_of_loaded(base: Base) -> str:
+    """Prompt tags for the LoRAs loaded apart from the prompt (--lora, the UI's picks, a grid's cells), which A1111's
+    "Send to txt2img" would otherwise drop: `` <lora:name:w>`` each, with a space and no comma (A1111 cuts the tag
+    only, and a comma left behind would be a token more). A LoRA held at weight 0 drew nothing and gets none."""
+    rows = [r for r in base.loras.list() if not r["name"].startswith("<lora:")
+            and any(r[k] for k in ("unet_weight", "te_weight", "te2_weight"))]
+    return "".join(" <lora:" + _weights_text(r).replace("=", ":", 1) + ">" for r in rows)
+
+
 def _used_embeddings(base: Base, text: str) -> list[tuple[str, str]]:
     """(token, source) of each loaded embedding the text names: the tokenizer finds a token anywhere in the text,
     whatever its case, so this does too."""
@@ -230,9 +239,10 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
             info["TI hashes"] = ti_hashes_field(used)
         extra = {**info, **kwargs.pop("extra_info", {})}
         results = _generate(base, clean, extra_info=extra, **kwargs)
-        if tags:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image
+        saved = prompt + _tags_of_loaded(base)
+        if saved != clean:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image
             for r in results:
-                r.infotext = r.infotext.replace(clean, prompt, 1)
+                r.infotext = r.infotext.replace(clean, saved, 1)
         return results
     finally:
         for name in added:

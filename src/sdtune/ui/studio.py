@@ -352,9 +352,10 @@ class Studio:
             missing.append(m.group(2))
             return ""
         form["prompt"] = re.sub(r"(\s*,?\s*)" + api.LORA_TAG.pattern, drop_missing, form["prompt"]).strip(" ,")
+        in_prompt = {m.group(1) for m in api.LORA_TAG.finditer(form["prompt"])}
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
             name, _, weights = item.partition("=")
-            if name.startswith("<lora:"):
+            if name.startswith("<lora:") or name in in_prompt:  # the prompt has its tag (sdtune writes one)
                 continue
             if name in have and weights:
                 tags.append(f"<lora:{name}:{weights}>")
