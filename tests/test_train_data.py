@@ -311,8 +311,11 @@ def test_captions_from_metadata_jsonl_or_csv_and_upper_case_caption_files(tmp_pa
     assert {e.path.name: e.caption for e in scan_folder(hf).examples} == {
         "0.png": "a red circle", "1.png": "a blue star", "2.png": "from the txt"}
     (hf / "metadata.jsonl").unlink()
-    (hf / "metadata.csv").write_text('file_name,caption\n0.png,"a red circle, striped"\n1.png,a blue star\n')
-    assert scan_folder(hf).examples[0].caption == "a red circle, striped"
+    (hf / "metadata.csv").write_text('file_name,caption\n0.png,"a red circle, striped"\n1.png,a blue star\n'
+                                     '9.png,gone\n')
+    scan = scan_folder(hf)
+    assert scan.examples[0].caption == "a red circle, striped"
+    assert scan.unused == [f"{hf}: 1 row(s) of its metadata name no image there and are not used (9.png)"]
     (hf / "metadata.csv").unlink()
     (hf / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "ok"}\n{"file_name": "1.png", oops}\n')
     with pytest.raises(SdtuneError, match=r"metadata.jsonl: line 2 is not JSON"):
@@ -343,6 +346,12 @@ def test_kohya_folders_sd_scripts_would_read_otherwise_are_said(tmp_path):
         f"(kohya sd-scripts skips such a folder)"]
     with pytest.raises(SdtuneError, match=r"nothere: --validation-dir is not a folder"):
         scan_folder(tmp_path / "nothere", option="--validation-dir")
+    only_zero = tmp_path / "only-zero"  # said as such, not as "no images found"
+    (only_zero / "0_held").mkdir(parents=True)
+    solid(only_zero / "0_held" / "d.png", caption=None)
+    with pytest.raises(SdtuneError, match=r"only-zero: its 1 image\(s\) are all in folders of 0 repeats \(0_held\); "
+                                          r"give a folder a count of repeats, e.g. 10_held$"):
+        scan_folder(only_zero, default_caption="x")
 
 
 def test_a_vae_that_asks_for_it_encodes_in_fp32_and_keeps_its_fp16_weights():

@@ -187,6 +187,13 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_rerun_continues_exactly(base,
     assert steps == [5, 6]
     a, b = lora_tensors(whole), lora_tensors(resumed)
     assert all(torch.equal(a[k][r], b[k][r]) for k in a for r in ("down", "up"))
+    # SIGTERM (a scheduler's or `docker stop`'s first word) saves as a first Ctrl-C does
+    term_before, out = signal.getsignal(signal.SIGTERM), tmp_path / "term"
+    with pytest.raises(Interrupted, match=r"interrupted at step 2 of 6, saved"):
+        train_lora(base, settings(dataset, out, **kw),
+                   callback=lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is term_before
+    assert load_state(out / loop.STATE_FILE)[0]["step"] == 2
 
 
 def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dataset, tmp_path):

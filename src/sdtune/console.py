@@ -40,8 +40,8 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests(enabled: bool = True):
-    """Inside: a first Ctrl-C only asks (the yielded list gets an entry) and says so, for a loop to finish its
-    step, save and stop; a second one interrupts at once, as outside. Off in other threads (the web UI's jobs),
+    """Inside: a first Ctrl-C (or SIGTERM) only asks (the yielded list gets an entry) and says so, for a loop to
+    finish its step, save and stop; a second one interrupts at once, as outside. Off in other threads (the web UI's jobs),
     where Python delivers no signal."""
     requested: list[bool] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -52,13 +52,17 @@ def stop_requests(enabled: bool = True):
         if requested:
             raise KeyboardInterrupt
         requested.append(True)
-        sys.stderr.write("\nsdtune: stopping after this step to save it (Ctrl-C again to stop without saving)\n")
+        why = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
+        sys.stderr.write(f"\nsdtune: {why}stopping after this step to save it (Ctrl-C again to stop without "
+                         f"saving)\n")
 
-    previous = signal.signal(signal.SIGINT, ask)
+    # SIGTERM too: what a job scheduler, `docker stop` or `kill` sends first, with a grace period to save in
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def restore_interrupt() -> None:

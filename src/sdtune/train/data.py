@@ -226,12 +226,21 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
         if count and repeats > 0:
             scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
         scan.unused += _caption_notes(path_, recursive, files, read)
+        unlisted = sorted(p.name for p in listed if not p.is_file())
+        if unlisted:  # a typo, or an image renamed or deleted since the metadata was written
+            scan.unused.append(f"{path_}: {len(unlisted)} row(s) of its metadata name no image there and are not "
+                               f"used ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")
+    zero = [e for e in scan.examples if e.repeats == 0]
     scan.examples = [e for e in scan.examples if e.repeats > 0]
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise SdtuneError(f"{folder}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
                           f"(or a metadata.jsonl), or pass --default-caption TEXT")
     if not scan.examples:
+        if zero:  # kohya's 0_ folders hold regularisation or held-back images, nothing to train on
+            name = next(sub.name for sub in subfolders if zero[0].path.is_relative_to(sub))
+            raise SdtuneError(f"{folder}: its {len(zero)} image(s) are all in folders of 0 repeats ({name}); give "
+                              f"a folder a count of repeats, e.g. 10_{REPEAT_FOLDER.match(name).group(2)}")
         if scan.skipped:
             raise SdtuneError(f"{folder}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
                               f"{scan.skipped[0][0].name}: {scan.skipped[0][1]}); check the files")
