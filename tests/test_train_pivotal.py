@@ -51,7 +51,7 @@ def _bundle(path):
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith("bundle_emb.")}
 
 
-def test_bundle_round_trips_in_a1111_layout(tmp_path):
+def test_bundle_round_trips_in_a1111_layout(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     lora = Lora()
     lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = Adapter(
@@ -69,6 +69,10 @@ def test_bundle_round_trips_in_a1111_layout(tmp_path):
     assert set(embs) == {"<a>", "<b>"}
     assert torch.equal(embs["<a>"].vectors, rows)
     assert torch.equal(embs["<b>"].vectors["clip_l"], xl_l) and torch.equal(embs["<b>"].vectors["clip_g"], xl_g)
+    # inspect names each word once, an SDXL word with its two encoders' rows
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 0
+    assert re.search(r"\nembeddings +<a> \(2, 64\), <b> clip_l \(3, 768\) \+ clip_g \(3, 1280\)\n",
+                     capsys.readouterr().out)
     with pytest.raises(SdtuneError, match="without dots"):
         formats.bundle(lora, "a.b", {"": rows})
 

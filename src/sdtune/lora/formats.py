@@ -60,7 +60,7 @@ _CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 _DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                        ("base_model.model.", None))
 _META_KEY = "lora_adapter_metadata"
-_CLIP_G = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
+CLIP_G_SUFFIX = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
 
 
 # ================================================================= reading
@@ -542,9 +542,9 @@ def _kohya_tensors(lora: Lora, family: Family) -> dict[str, torch.Tensor]:
             out[f"{name}.{_ALPHA}"] = torch.tensor(float(ad.alpha), dtype=torch.float32)
     for name, emb in lora.embeddings.items():
         emb = emb[None] if emb.dim() == 1 else emb
-        if name.endswith(_CLIP_G):
-            key = f"bundle_emb.{name[:-len(_CLIP_G)]}.clip_g"
-        elif name + _CLIP_G in lora.embeddings:  # SDXL: the first encoder's rows are clip_l, as A1111 names them
+        if name.endswith(CLIP_G_SUFFIX):
+            key = f"bundle_emb.{name[:-len(CLIP_G_SUFFIX)]}.clip_g"
+        elif name + CLIP_G_SUFFIX in lora.embeddings:  # SDXL: the first encoder's rows are clip_l, as A1111 names them
             key = f"bundle_emb.{name}.clip_l"
         else:
             key = f"bundle_emb.{name}.string_to_param.*"
@@ -564,7 +564,7 @@ def bundle(lora: Lora, token: str, parts: dict[str, torch.Tensor]) -> None:
     if set(parts) == {""}:
         lora.embeddings[token] = parts[""]
     elif set(parts) == set(SDXL_KEYS):
-        lora.embeddings[token], lora.embeddings[token + _CLIP_G] = parts["clip_l"], parts["clip_g"]
+        lora.embeddings[token], lora.embeddings[token + CLIP_G_SUFFIX] = parts["clip_l"], parts["clip_g"]
     else:
         raise SdtuneError(f"token {token!r}: embedding rows for {sorted(parts)}; a LoRA file bundles one text "
                           f"encoder's rows or SDXL's clip_l and clip_g")
@@ -575,10 +575,10 @@ def bundled_embeddings(lora: Lora, source: str = "") -> list[Embedding]:
     ``Embedding`` whose token is its bundled name (A1111's prompt word)."""
     found = []
     for name, rows in lora.embeddings.items():
-        if name.endswith(_CLIP_G):
+        if name.endswith(CLIP_G_SUFFIX):
             continue
         rows = (rows[None] if rows.dim() == 1 else rows).to("cpu", torch.float32)
-        g = lora.embeddings.get(name + _CLIP_G)
+        g = lora.embeddings.get(name + CLIP_G_SUFFIX)
         parts = {"": rows} if g is None else {"clip_l": rows, "clip_g": (g[None] if g.dim() == 1 else g).to(
             "cpu", torch.float32)}
         found.append(Embedding.from_parts(name, parts, f"{source or 'LoRA'} (bundled {name})", "bundle"))

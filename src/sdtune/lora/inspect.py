@@ -13,7 +13,7 @@ from ..safeio import SdtuneError
 from ..ti.formats import Embedding, load_embedding, made_for
 from . import blocks as block_weights
 from . import hashes, keys
-from .formats import load_lora
+from .formats import CLIP_G_SUFFIX, load_lora
 from .neutral import COMPONENTS
 
 
@@ -75,7 +75,7 @@ def describe(path: str | Path) -> dict:
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for _, _, ad in lora.items()
                           for t in ad.tensors.values()}),
         "parameters": sum(t.numel() for _, _, ad in lora.items() for t in ad.tensors.values()),
-        "embeddings": {name: list(t.shape) for name, t in lora.embeddings.items()},
+        "embeddings": _bundled_shapes(lora),
         "blocks": _blocks(lora, family),
         "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_"))},
         "unknown_keys": list(lora.unknown),
@@ -95,6 +95,18 @@ def _blocks(lora, family) -> dict[str, int] | None:
         return None
     counts = Counter(block_weights.block_of(c, p, unet) or "none" for c, p, _ in lora.items())
     return {b: counts[b] for b in (*block_weights.layout(family).blocks, "none") if counts[b]}
+
+
+def _bundled_shapes(lora) -> dict:
+    """{word: rows' shape} of the embeddings a LoRA bundles; an SDXL word as one entry {"clip_l": .., "clip_g": ..}
+    (the file holds its two encoders' rows under one name)."""
+    shapes = {}
+    for name, rows in lora.embeddings.items():
+        if name.endswith(CLIP_G_SUFFIX) and name[:-len(CLIP_G_SUFFIX)] in lora.embeddings:
+            continue
+        g = lora.embeddings.get(name + CLIP_G_SUFFIX)
+        shapes[name] = list(rows.shape) if g is None else {"clip_l": list(rows.shape), "clip_g": list(g.shape)}
+    return shapes
 
 
 def _embedding(path: str | Path) -> Embedding | None:
@@ -211,7 +223,7 @@ def render(info: dict) -> str:
         ("LyCORIS", info["lycoris"] or "no"),
         ("dtypes", ", ".join(info["dtypes"]) or "n/a"),
         ("parameters", f"{info['parameters']:,}"),
-        ("embeddings", ", ".join(f"{n} {tuple(s)}" for n, s in info["embeddings"].items()) or "none"),
+        ("embeddings", ", ".join(f"{n} {_shape_text(s)}" for n, s in info["embeddings"].items()) or "none"),
         ("layers per block", ", ".join(f"{b} {n}" for b, n in info["blocks"].items()) if info.get("blocks")
          else "n/a (unknown family)"),
         ("unread keys", f"{len(info['unknown_keys'])}: " + _short(", ".join(info["unknown_keys"][:5]))
@@ -223,3 +235,7 @@ def render(info: dict) -> str:
         mw = max(len(k) for k in info["metadata"])
         lines += [f"  {k:<{mw}}  {_short(v)}" for k, v in info["metadata"].items()]
     return "\n".join(lines)
+
+
+def _shape_text(shape) -> str:
+    return " + ".join(f"{k} {tuple(v)}" for k, v in shape.items()) if isinstance(shape, dict) else str(tuple(shape))
