@@ -311,7 +311,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(base, dataset, tmp_path):
             train_lora(base, settings(dataset, out, steps=1, **QUIET))
         assert [p.name for p in out.iterdir()] == [".sdtune.lock"]
     train_lora(base, settings(dataset, out, steps=1, **QUIET))  # released: the next run goes on
-    assert (out / "lora.safetensors").is_file()
+    assert (out / "lora.safetensors").is_file() and not (out / ".sdtune.lock").exists()  # removed at the end
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_save(base, dataset, tmp_path, monkeypatch):

@@ -83,12 +83,14 @@ def test_only_the_new_rows_learn_and_the_file_loads_in_diffusers(dataset, tmp_pa
 
 
 def test_multi_vector_token_and_captions_that_mention_it(dataset, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
     for i, f in enumerate(sorted(dataset.glob("*.png"))):
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-        (tmp_path / f.with_suffix(".txt").name).write_text(f"a <mv> on a white background {i}")
+        (data / f.name).write_bytes(f.read_bytes())
+        (data / f.with_suffix(".txt").name).write_text(f"a <mv> on a white background {i}")
     base = load_base("tiny-random")
     before = table(base)
-    path = train_ti(base, settings(tmp_path, tmp_path / "out", token="<mv>", num_vectors=3))
+    path = train_ti(base, settings(data, tmp_path / "out", token="<mv>", num_vectors=3))
     after = table(base)
     assert after.shape[0] == before.shape[0] + 3 and torch.equal(after[:before.shape[0]], before)
     emb = load_embedding(path)

@@ -143,7 +143,7 @@ def test_the_forms_come_from_the_settings_dataclasses():
 def test_form_values_become_the_toml_the_cli_reads(tmp_path):
     values = {"steps": 12.0, "rank": 4, "te_lr": None, "sample_prompts": "a red star\n\n a blue star ",
               "flip": True, "token": "<ignored for lora>", "default_caption": ""}
-    s = trainform.settings_for("lora", values, data=str(tmp_path), out=str(tmp_path / "o"), model="tiny")
+    s = trainform.settings_for("lora", values, data=str(tmp_path / "d"), out=str(tmp_path / "o"), model="tiny")
     text = trainform.to_toml(s)
     path = tmp_path / "job.toml"
     path.write_text(text)

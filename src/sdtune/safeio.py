@@ -257,8 +257,8 @@ LOCK_FILE = ".sdtune.lock"
 def folder_lock(folder: str | Path, what: str):
     """Hold ``folder`` for one process's ``what`` (a training run): a second one there would set the first's
     files aside, or write over them, and the first would crash. The system releases the lock when the process
-    ends, however it ends, so a killed run leaves nothing to clean up. Where the system has no ``flock``
-    (Windows), folders are not locked."""
+    ends, however it ends, so a killed run's file (``LOCK_FILE``, naming the run) locks nothing; a run that ends
+    removes it. Where the system has no ``flock`` (Windows), folders are not locked."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_FILE, "a+") as f:
@@ -275,5 +275,5 @@ def folder_lock(folder: str | Path, what: str):
         f.flush()
         try:
             yield
-        finally:
-            f.truncate(0)
+        finally:  # removed while still held: a run that opened it meanwhile is refused, not left holding it
+            (folder / LOCK_FILE).unlink(missing_ok=True)
