@@ -165,9 +165,8 @@ def _weights_text(row: dict) -> str:
     """A LoRA's strengths for the infotext, in a prompt tag's order: ``name=w``, or ``name=te:unet`` where the
     text encoders' weight differs, then ``:lbw=…`` (every block, in the layout's order) with block weights, so
     that a --lora given on the command line is reproducible from the PNG as a prompt tag is."""
-    text = f"{row['name']}={row['unet_weight']:g}"
-    if row["te_weight"] != row["unet_weight"]:
-        text = f"{row['name']}={row['te_weight']:g}:{row['unet_weight']:g}"
+    unet, te = row["unet_weight"], row["te_weight"]
+    text = f"{row['name']}={unet:g}" if te == unet else f"{row['name']}={te:g}:{unet:g}"
     if row["blocks"] is not None:
         text += f":lbw={','.join(f'{w:g}' for w in row['blocks'].values())}"
     return text
