@@ -130,19 +130,22 @@ def test_grid_places_cells_gaps_and_empty_places():
 
 
 def test_lora_tag_parsing():
-    clean, tags = api.parse_lora_tags("a castle, <lora:moxin:0.8> <lora:b> <lora:c:1:0.5>")
-    assert clean == "a castle"
+    clean, tags = api.parse_lora_tags("a castle, <lora:moxin:0.8> <lora:b> <lyco:c:1:0.5>")  # lyco: A1111's alias
+    assert clean == "a castle,   "  # only the tags go, as in A1111 (the comma is a token of the prompt)
     assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 0.5, 1.0)]  # A1111: te first, then the UNet
     with pytest.raises(SdtuneError, match="must be a number"):
         api.parse_lora_tags("<lora:x:abc>")
-    # A1111's named weights; a tag glued to the next word leaves the words apart, as A1111's removal does
-    assert api.parse_lora_tags("a, <lora:x:unet=0.5:te=0.2>, b") == ("a, b", [("x", 0.5, 0.2)])
+    # A1111's named weights
+    assert api.parse_lora_tags("a, <lora:x:unet=0.5:te=0.2>, b") == ("a, , b", [("x", 0.5, 0.2)])
     # A1111's UNet default is the text encoders' weight, te= included (extra_networks_lora.py)
     assert api.parse_lora_tags("<lora:x:1:te=0.5>")[1] == [("x", 0.5, None)]
     assert api.parse_lora_tags("<lora:x:unet=0.5>")[1] == [("x", 0.5, 1.0)]
     assert api.parse_lora_tags("a red <lora:x:1>circle")[0] == "a red circle"
     with pytest.raises(SdtuneError, match="unknown option 'dyn'"):
         api.parse_lora_tags("<lora:x:dyn=4>")
+    with pytest.warns(UserWarning, match=r"^<hypernet:anime:1> in the prompt: sdtune has no hypernet networks; the "
+                                         r"tag is left out, as A1111 leaves out a network it lacks$"):
+        assert api.parse_lora_tags("a <hypernet:anime:1>girl")[0] == "a girl"
 
 
 def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_path):
@@ -171,7 +174,7 @@ def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_pat
         return np.asarray(res.image), parse_infotext(res.infotext)
 
     twice, fields = image("a red star, <lora:style:0.8>, <lora:style:0.5>")
-    once, _ = image("a red star, <lora:style:1.3>")
+    once, _ = image("a red star, <lora:style:1.3>, ")  # the same text once the tags are out: "a red star, , "
     assert np.array_equal(twice, once) and not np.array_equal(twice, image("a red star")[0])
     assert fields["Lora weights"] == "<lora:style>=1.3" and "<lora:style:0.8>, <lora:style:0.5>" in fields["prompt"]
     assert not len(base.loras)

@@ -10,6 +10,7 @@ import torch
 from sdtune.generate import TextStack, encode_prompt, generate
 from sdtune.models import load_base
 from sdtune.prompts import parse, tokenize
+from sdtune.ti.formats import Embedding
 
 LONG = "a red circle on a white background, " * 12  # 96 tokens: two chunks
 
@@ -96,3 +97,28 @@ def test_break_starts_a_new_chunk(tiny):
 def test_generation_takes_long_and_weighted_prompts(xl):
     long = generate(xl, LONG + "(red:1.3)", negative_prompt="blurry", steps=1, seed=3, progress=False)
     assert long[0].image.size == (64, 64) and "(red:1.3)" in long[0].infotext  # the prompt as typed
+
+
+def test_chunks_are_cut_where_a1111_cuts_them(tiny):
+    """A1111's tokenize_line: a full chunk ends at a comma up to 20 tokens back (the words after it start the
+    next chunk), a multi-vector embedding that does not fit starts the next chunk whole, a BREAK at the end adds
+    no chunk."""
+    tok = tiny.tokenizer
+
+    def chunk_texts(prompt):
+        ids, _ = tokenize([tok], [tiny.embeddings.expand(prompt)])
+        return [[name.removesuffix("</w>") for name in tok.convert_ids_to_tokens(row.tolist())
+                 if name not in (tok.bos_token, tok.eos_token, tok.pad_token)] for row in ids[0][0]]
+
+    near = chunk_texts("a " * 70 + ", " + "b " * 10)  # the comma 5 tokens back from the 75th: cut there
+    assert [len(c) for c in near] == [71, 10] and near[0][-1] == "," and set(near[1]) == {"b"}
+    far = chunk_texts("a " * 50 + ", " + "b " * 30)  # 25 back: past A1111's 20, cut at 75
+    assert [len(c) for c in far] == [75, 6]
+    assert [len(c) for c in chunk_texts("a red circle BREAK")] == [3]  # A1111: `if chunk.tokens or not chunks`
+    assert [len(c) for c in chunk_texts("BREAK a red circle")] == [0, 3]
+    tiny.embeddings.add(Embedding.from_parts("<mv3>", {"": torch.randn(3, 64)}, "test", "diffusers"))
+    try:
+        whole = chunk_texts("a " * 73 + "<mv3>")  # 73 + 3 > 75: the three vectors move on together
+        assert [len(c) for c in whole] == [73, 3] and whole[1] == ["<mv3>", "<mv3>_1", "<mv3>_2"]
+    finally:
+        tiny.embeddings.remove("<mv3>")

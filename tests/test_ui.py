@@ -410,20 +410,21 @@ def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
     (path, text), = rows
     assert path.parent == studio.folders.out / "generate" and read_infotext(path) == text
     params = parse_infotext(text)
-    assert params["prompt"] == "a red star, <lora:style:0.8>" and params["Lora weights"] == "<lora:style>=0.8"
+    # joined by a space, as A1111's cards add tags: no comma left behind as a token
+    assert params["prompt"] == "a red star <lora:style:0.8>" and params["Lora weights"] == "<lora:style>=0.8"
     assert params["Seed"] == "5" and notes == []
     form = studio.settings_of(path, uploaded=False)
-    assert form["prompt"] == "a red star, <lora:style:0.8>" and form["seed"] == 5 and form["steps"] == 2
+    assert form["prompt"] == "a red star <lora:style:0.8>" and form["seed"] == 5 and form["steps"] == 2
     # the same LoRA typed and picked: once, at the summed weight; an emptied seed box: a random seed
     (path, text), = studio.generate("a red star, <lora:style:0.5>", steps=1, seed=None, picks=[("style", 0.3, 0.3)])[0]
     assert parse_infotext(text)["Lora weights"] == "<lora:style>=0.8" and int(parse_infotext(text)["Seed"]) >= 0
-    assert studio.with_loras("x", [("style", 1, 0.5)]) == "x, <lora:style:0.5:1>"  # A1111: te, then UNet
+    assert studio.with_loras("x", [("style", 1, 0.5)]) == "x <lora:style:0.5:1>"  # A1111: te, then UNet
 
 
 def test_picked_block_weights_become_the_lbw_option_of_the_tag(studio):
-    assert studio.with_loras("x", [("style", 0.8, 0.8, "INALL")]) == "x, <lora:style:0.8:lbw=INALL>"
-    assert studio.with_loras("x", [("style", 1, 0.5, " 1, 0,0.5 ")]) == "x, <lora:style:0.5:1:lbw=1,0,0.5>"
-    assert studio.with_loras("x", [("style", 1, 1, ""), ("", 1, 1, "INS")]) == "x, <lora:style:1>"
+    assert studio.with_loras("x", [("style", 0.8, 0.8, "INALL")]) == "x <lora:style:0.8:lbw=INALL>"
+    assert studio.with_loras("x", [("style", 1, 0.5, " 1, 0,0.5 ")]) == "x <lora:style:0.5:1:lbw=1,0,0.5>"
+    assert studio.with_loras("x", [("style", 1, 1, ""), ("", 1, 1, "INS")]) == "x <lora:style:1>"
     for bad in ("INS><lora:../secret:1", "1:lbw=2"):  # nothing that ends the tag or adds an option
         with pytest.raises(SdtuneError, match="write a preset name .* or comma-separated numbers"):
             studio.with_loras("x", [("style", 1, 1, bad)])
@@ -449,11 +450,11 @@ def test_picked_block_weights_generate_as_the_typed_tag_does(tmp_path):
         run = dict(steps=2, seed=3, cfg=5)
         (picked, text), = s.generate("a red star", picks=[("style", 0.8, 0.8, "OUTD")], **run)[0]
         params = parse_infotext(read_infotext(picked))
-        assert params["prompt"] == "a red star, <lora:style:0.8:lbw=OUTD>" == s.settings_of(picked,
+        assert params["prompt"] == "a red star <lora:style:0.8:lbw=OUTD>" == s.settings_of(picked,
                                                                                           uploaded=False)["prompt"]
         # the strengths field carries the block weights too (OUTD on SDXL: BASE, OUT00-OUT02)
         assert params["Lora weights"] == "<lora:style>=0.8:lbw=1,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0"
-        (typed, typed_text), = s.generate("a red star, <lora:style:0.8:lbw=OUTD>", **run)[0]
+        (typed, typed_text), = s.generate("a red star <lora:style:0.8:lbw=OUTD>", **run)[0]
         assert typed_text == text  # the same parameters ...
         pixels = lambda path: torch.tensor(list(Image.open(path).getdata()))  # noqa: E731
         assert torch.equal(pixels(picked), pixels(typed))  # ... and the same image: the same API call
@@ -502,7 +503,7 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     # lacks is taken out of the prompt and named (Generate would refuse it)
     for text, prompt, missing in [
         ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
-         "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1", "a red star, <lora:style:0.5:0.25>", "gone"),
+         "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1", "a red star <lora:style:0.5:0.25>", "gone"),
         ("a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
          "Seed: 1, Size: 512x512", "a castle, <lora:style:0.7>, at night", "elsewhere"),
         # sdtune's own image of a --lora: the tag it wrote into the prompt, and the same LoRA's Lora weights entry

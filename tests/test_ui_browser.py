@@ -255,7 +255,7 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     d.find_element(By.ID, "gen-go").click()
     _wait_text(d, "gen-status", rf"1 image\(s\) by {MODEL} in")  # the model named: another page may switch it
     params = parse_infotext(_value(d, "gen-params"))
-    assert params["prompt"] == "a red star on a white background, <lora:tinystyle:0.8>"
+    assert params["prompt"] == "a red star on a white background <lora:tinystyle:0.8>"
     assert params["Lora weights"] == "<lora:tinystyle>=0.8"
     assert params["Seed"] == "7" and params["Steps"] == str(STEPS)
     (png,) = sorted((server["out"] / "generate").glob("*.png"))
@@ -275,7 +275,7 @@ def test_block_weights_of_a_picked_lora_go_to_the_api(server, browser):
     d.find_element(By.ID, "gen-go").click()
     _wait_text(d, "gen-status", r"1 image\(s\) by \S+ in")
     assert (parse_infotext(_value(d, "gen-params"))["prompt"]
-            == "a red star on a white background, <lora:tinystyle:0.8:lbw=INALL>")
+            == "a red star on a white background <lora:tinystyle:0.8:lbw=INALL>")
 
 
 @needs_browser

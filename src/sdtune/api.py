@@ -24,7 +24,8 @@ from .safeio import SdtuneError, input_path
 from .ti.formats import load_embedding
 from .ti.tokens import find_in_prompt
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tags, all taken out of the prompt
 
 
 class LoraTag(NamedTuple):
@@ -60,10 +61,16 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
         tags.append(LoraTag(m.group(1), w, te, lbw))
 
-    def drop(tag: re.Match) -> str:  # the tag and the separator before it; a word glued after it keeps that gap
-        glued = tag.end() < len(prompt) and prompt[tag.end()] not in " ,\n"
-        return tag.group(1) if glued else ""
-    return re.sub(r"(\s*,?\s*)" + LORA_TAG.pattern, drop, prompt).strip(" ,"), tags
+    # only the tags go, as A1111's parse_prompt takes them out: "a castle, <lora:x:1>" encodes "a castle, "
+    clean = LORA_TAG.sub("", prompt)
+
+    def other(m: re.Match) -> str:  # a broken LoRA tag stays, for generate's warning
+        if m.group(1).lower() in ("lora", "lyco"):
+            return m.group(0)
+        note(f"{m.group(0)} in the prompt: sdtune has no {m.group(1)} networks; the tag is left out, as A1111 "
+             f"leaves out a network it lacks")
+        return ""
+    return EXTRA_NETWORK.sub(other, clean), tags
 
 
 def combined_tags(tags: list[LoraTag]) -> list[LoraTag]:
@@ -212,7 +219,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     ``embedding_dirs``."""
     clean, tags = lora_tags(prompt)
     tags = combined_tags(tags)
-    broken = re.search(r"<lora:[^>]*(>|$)", clean, re.I)
+    broken = re.search(r"<(lora|lyco):[^>]*(>|$)", clean, re.I)
     if broken:  # unclosed, or no name: A1111 reads it as words too, but the user meant a LoRA
         note(f"{broken.group(0)!r} in the prompt is not a LoRA tag, so no LoRA is applied for it; write "
              f"<lora:NAME:WEIGHT>")

@@ -5,7 +5,9 @@
   closer without its opener is plain text, an opener never closed weights the rest of the prompt (as A1111).
 - ``BREAK`` (capitals, a word of its own) ends the current chunk.
 - The tokens are cut into chunks of 75, each encoded as CLIP's 77 (start, 75, end or padding) and the chunks'
-  features put one after the other, as A1111 does instead of cutting the prompt at 75 tokens. A batch's prompts
+  features put one after the other, as A1111 does instead of cutting the prompt at 75 tokens; like A1111, a
+  chunk ends at a comma up to 20 tokens back rather than in the middle of the words after it, and a
+  multi-vector embedding is never split between two chunks. A batch's prompts
   get the same number of chunks (the shorter ones end in empty chunks), so that the prompt and the negative
   prompt line up.
 
@@ -26,6 +28,7 @@ import torch
 CHUNK = 75  # tokens per chunk; with the start and end tokens, CLIP's 77 positions
 EMPHASIS = 1.1
 BREAK = "BREAK"
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: how far back a full chunk looks for a comma
 
 _PIECES = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|]|\bBREAK\b|[^\\()\[\]:B]+|.",
                      re.DOTALL)
@@ -72,18 +75,53 @@ def parse(prompt: str) -> list[tuple[str, float]]:
     return merged
 
 
+def _units(tokenizer, ids: list[int]) -> list[list[int]]:
+    """``ids`` in the groups a chunk must not split: each token alone, but a multi-vector embedding's tokens
+    (``<tok> <tok>_1 <tok>_2``, as ``EmbeddingSet.expand`` spells them) together, as A1111 keeps an embedding
+    whole in the next chunk when it does not fit in this one."""
+    added = tokenizer.get_added_vocab()
+    names = tokenizer.convert_ids_to_tokens(ids) if added else []
+    units, i = [], 0
+    while i < len(ids):
+        n = 1
+        if added and names[i] in added:
+            while i + n < len(ids) and names[i + n] == f"{names[i]}_{n}":
+                n += 1
+        units.append(ids[i:i + n])
+        i += n
+    return units
+
+
 def _chunks(tokenizer, runs: list[tuple[str, float]]) -> list[tuple[list[int], list[float]]]:
-    """(token ids, weights) per chunk of 75 tokens, without the start and end tokens."""
+    """(token ids, weights) per chunk of 75 tokens, without the start and end tokens, cut as A1111's
+    ``tokenize_line`` cuts: a full chunk whose last comma is at most ``COMMA_BACKTRACK`` tokens back ends at that
+    comma (the words after it start the next chunk), an embedding that does not fit starts the next chunk, and a
+    BREAK at the end adds no empty chunk."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
     chunks: list[tuple[list[int], list[float]]] = [([], [])]
+    last_comma = -1  # where in the current chunk its last comma is
     for text, weight in runs:
         if text == BREAK:
             chunks.append(([], []))
+            last_comma = -1
             continue
-        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids:
-            if len(chunks[-1][0]) == CHUNK:
+        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        for unit in _units(tokenizer, ids):
+            tokens, ws = chunks[-1]
+            if unit == [comma]:
+                last_comma = len(tokens)
+            elif len(tokens) == CHUNK and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                chunks[-1] = (tokens[:cut], ws[:cut])
+                chunks.append((tokens[cut:], ws[cut:]))
+                last_comma = -1
+            if len(chunks[-1][0]) + len(unit) > CHUNK and chunks[-1][0]:
                 chunks.append(([], []))
-            chunks[-1][0].append(token)
-            chunks[-1][1].append(weight)
+                last_comma = -1
+            chunks[-1][0].extend(unit)
+            chunks[-1][1].extend([weight] * len(unit))
+    if len(chunks) > 1 and not chunks[-1][0]:
+        chunks.pop()
     return chunks
 
 

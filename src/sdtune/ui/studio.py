@@ -238,7 +238,8 @@ class Studio:
                                   f"comma-separated numbers (e.g. 1,0,0,1,1,0,0,0,0,0,0,0)")
             tags.append(f"<lora:{name}:{both}" + (f":{block_weights.LBW}{blocks}" if blocks else "")
                         + ">")
-        return ", ".join([prompt.strip(), *tags]) if tags else prompt.strip()
+        # joined by a space, as A1111's network cards add them: a comma would stay as a token once the tags are out
+        return " ".join([prompt.strip(), *tags]).strip()
 
     def block_presets(self) -> list[str]:
         """The block-weight presets the page offers: those of the loaded model's family (none for a family
@@ -362,7 +363,7 @@ class Studio:
             else:
                 missing.append(name)
         if tags:
-            form["prompt"] = ", ".join([form["prompt"], *tags]) if form["prompt"] else ", ".join(tags)
+            form["prompt"] = " ".join([form["prompt"], *tags]).strip()
         if missing:
             form["not_applied"].append(f"LoRA {', '.join(missing)} (not in the LoRA folder)")
 
