@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from sdtune import api, sources
-from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, save_batch
+from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, sampler_key, save_batch
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 
@@ -41,6 +41,21 @@ def test_png_carries_a1111_parameters(base, tmp_path):
     assert fields["Seed"] == "6" and fields["Size"] == "64x64" and fields["Model"] == "tiny-random"
     assert fields["Model hash"] == base.model_hash
     assert Image.open(paths[2]).size == (128, 64)
+    # what A1111 needs to read it as drawn: the CPU's first noise; no emphasis or padding in this prompt
+    assert fields["RNG"] == "CPU" and not {"Emphasis", "Pad conds", "Schedule type"} & set(fields)
+
+
+def test_png_says_where_a1111_defaults_differ(base):
+    """A1111's DPM++ 2M is Karras unless the PNG says otherwise, its emphasis rescales unless told "No norm", and it
+    runs a negative prompt of fewer chunks apart unless "Pad conds" says sdtune padded it."""
+    (res,) = generate(base, "a (blue) star " + "on white, " * 30, negative_prompt="blurry", steps=1, seed=1,
+                      scheduler="dpmpp_2m", progress=False)
+    fields = parse_infotext(res.infotext)
+    assert fields["Sampler"] == "DPM++ 2M" and fields["Schedule type"] == "Uniform"
+    assert fields["Emphasis"] == "No norm" and fields["Pad conds"] == "True"
+    assert sampler_key("DPM++ 2M", "Uniform") == "dpmpp_2m" and sampler_key("DPM++ 2M", "Automatic") == \
+        "dpmpp_2m_karras" == sampler_key("DPM++ 2M Karras") == sampler_key("DPM++ 2M", "Karras")
+    assert sampler_key("PLMS") == "pndm" == sampler_key("PNDM") and sampler_key("Euler a", "Karras") is None
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc"])

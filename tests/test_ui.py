@@ -497,6 +497,13 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     assert (form["prompt"], form["negative_prompt"], form["sampler"]) == ("a castle,\nat night", "blurry,\nugly",
                                                                           "dpmpp_2m_karras")
     assert form["not_applied"] == ["Hires upscale", "Hires steps"]  # named to the user, not dropped
+    # what sdtune draws otherwise: GPU noise, A1111's default emphasis on a weighted prompt, a sampler it lacks
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-gpu.png",
+                   "a (red) castle\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+                   "Size: 512x512, RNG: GPU")
+    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+        "RNG GPU", "Emphasis Original (sdtune weighs as No norm)",
+        "Sampler Euler a (Karras schedule) (sdtune has no such sampler)"]
     assert form["clip_skip"] == 2
     # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
     # Lora weights (those in the LoRA folder; the others are named); an A1111 prompt's tag for a LoRA the folder

@@ -38,7 +38,7 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
     "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "pndm": ("PNDMScheduler", {}, "PNDM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),  # A1111's name for the pseudo linear multistep method
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
 }
 
@@ -58,13 +58,20 @@ def check_scheduler(name: str) -> None:
 
 
 _A1111_NAMES = {a1111.lower(): key for key, (_, _, a1111) in SCHEDULERS.items()}  # "dpm++ 2m karras" -> key
+_A1111_NAMES["pndm"] = "pndm"  # sdtune's PNGs before it wrote A1111's name
+# A1111 1.9+ writes the schedule apart ("Schedule type"); its default ("Automatic") for DPM++ 2M is Karras, and
+# sdtune's DPM++ 2M without Karras is the uniform one, which its PNGs say
+_AUTOMATIC_KARRAS = {"dpm++ 2m"}
+SCHEDULE_TYPES = {"dpmpp_2m": "Uniform"}
 
 
 def sampler_key(name: str, schedule: str = "") -> str | None:
     """sdtune's sampler for an A1111 sampler name ("Euler a"; A1111 1.9+ writes "DPM++ 2M" with ``schedule``
-    "Karras" apart); None when it has none."""
-    name = name.strip()
-    if schedule.strip().lower() == "karras" and not name.lower().endswith(" karras"):
+    "Karras" or "Automatic" apart); None when it has none."""
+    name, schedule = name.strip(), schedule.strip().lower()
+    if schedule == "automatic" and name.lower() in _AUTOMATIC_KARRAS:
+        schedule = "karras"
+    if schedule == "karras" and not name.lower().endswith(" karras"):
         name += " Karras"
     return _A1111_NAMES.get(name.lower())
 
@@ -311,6 +318,7 @@ def generate(
         on_step(start // batch_size * steps + i + 1, total)
         return tensors
 
+    reading = _how_read(base, prompt, negative_prompt, prompt_text, negative_text, scheduler)
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -353,8 +361,24 @@ def generate(
                 "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set
                 **(extra_info or {}),
             }
+            params.update(reading)
             out.append(Generated(img, s, infotext(prompt_text, negative_text, params), params))
     return out
+
+
+def _how_read(base, prompt: str, negative: str, typed: str, typed_negative: str, scheduler: str) -> dict:
+    """The infotext fields by which A1111 reads a PNG back as sdtune drew it, where A1111's defaults differ:
+    ``Schedule type`` (its DPM++ 2M is Karras unless told), ``Emphasis`` (sdtune's "No norm", written as A1111
+    writes it: for prompts with brackets), ``Pad conds`` (a negative prompt of fewer chunks than the prompt is
+    padded with empty ones; A1111 runs the two apart unless told) and ``RNG`` (the initial noise is drawn on
+    the CPU; A1111 takes a PNG without the field as GPU noise)."""
+    fields = {"Schedule type": SCHEDULE_TYPES.get(scheduler), "RNG": "CPU"}
+    if any(c in typed + typed_negative for c in "(["):
+        fields["Emphasis"] = "No norm"
+    tokenizers = [tok for _, _, tok in base.text_encoders()]
+    if len({prompts_syntax.chunk_count(tokenizers, p) for p in (prompt, negative)}) > 1:
+        fields["Pad conds"] = "True"
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 # --- grids --------------------------------------------------------------------------------------

@@ -125,6 +125,12 @@ def _chunks(tokenizer, runs: list[tuple[str, float]]) -> list[tuple[list[int], l
     return chunks
 
 
+def chunk_count(tokenizers, prompt: str) -> int:
+    """How many chunks of 75 tokens ``prompt`` takes (the most any of the tokenizers needs)."""
+    runs = parse(prompt)
+    return max(len(_chunks(tok, runs)) for tok in tokenizers)
+
+
 def tokenize(tokenizers, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per tokenizer: token ids [prompts, chunks, 77] and their weights (the same shape), every prompt with the
     same number of chunks."""

@@ -41,7 +41,7 @@ from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
 NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Eta",
-               "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "RNG", "Refiner")
+               "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "Refiner")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 # models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
 # page was started with it
@@ -328,6 +328,14 @@ class Studio:
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
+        if p.get("RNG", "CPU") != "CPU":  # sdtune draws the first noise on the CPU
+            form["not_applied"].append(f"RNG {p['RNG']}")
+        weighted = any(c in p.get("prompt", "") + p.get("negative_prompt", "") for c in "([")
+        if weighted and p.get("Emphasis", "Original") != "No norm":  # A1111's default rescales; sdtune's does not
+            form["not_applied"].append(f"Emphasis {p.get('Emphasis', 'Original')} (sdtune weighs as No norm)")
+        if p.get("Sampler") and not sampler:  # the page's sampler stays: say so
+            schedule = f" ({p['Schedule type']} schedule)" if p.get("Schedule type") else ""
+            form["not_applied"].append(f"Sampler {p['Sampler']}{schedule} (sdtune has no such sampler)")
         if ("VAE" in p or "VAE hash" in p) and p.get("VAE hash") != self.vae_hash():  # the page's --vae decodes
             page = Path(self.vae).name if self.vae else "the model's own"
             form["not_applied"].append(f"VAE {p.get('VAE') or p.get('VAE hash')} (the page's is {page})")
