@@ -139,3 +139,39 @@ def test_embedding_dir_duplicate_and_odd_files_do_not_stop_generation(tmp_path):
     assert all(ln.startswith("sdtune: warning: ") for ln in lines), r.stderr
     assert any("same name as" in ln for ln in lines) and any("wide.safetensors" in ln and "skipped" in ln
                                                              for ln in lines)
+
+
+def test_a_renamed_a1111_file_says_which_word_other_tools_use(tmp_path):
+    """An A1111 .pt loads under the name it stores (diffusers' rule); A1111 and ComfyUI type its file name, so a
+    download renamed since (nfixer.pt storing nfixer-271) is said, with the spec that uses the file's word."""
+    path = tmp_path / "nfixer.pt"
+    torch.save({"string_to_param": {"*": torch.randn(1, 64)}, "name": "nfixer-271"}, path)
+    base = load_base("tiny-random")
+    with pytest.warns(SdtuneWarning, match=rf"^{path}: loads as 'nfixer-271', the name it stores \(diffusers' "
+                                           rf"rule\); A1111 and ComfyUI use its file name 'nfixer': give {path}:nfixer"):
+        assert add_embeddings(base, [str(path)]) == ["nfixer-271"]
+    assert add_embeddings(base, [f"{path}:nfixer"]) == ["nfixer"]
+
+
+def test_an_embedding_dir_file_changed_or_deleted_is_reloaded_or_unloaded(tmp_path):
+    """A long-lived model (the UI) uses the folder's file as it is now, as A1111 rescans: edited, its new rows;
+    deleted, none."""
+    from sdtune import api
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    base = load_base("tiny-random")
+    first, second = torch.randn(1, 64), torch.randn(2, 64)
+
+    def rows():
+        return base.text_encoder.get_input_embeddings().weight[base.embeddings.ids("zqxemb")].detach()
+
+    save_file({"emb_params": first}, folder / "zqxemb.safetensors")
+    api.generate(base, "a zqxemb star", embedding_dirs=[folder], steps=1, progress=False)
+    assert torch.equal(rows(), first)
+    save_file({"emb_params": second}, folder / "zqxemb.safetensors")
+    (res,) = api.generate(base, "a zqxemb star", embedding_dirs=[folder], steps=1, progress=False)
+    assert torch.equal(rows(), second) and base.embeddings.expand("zqxemb") == "zqxemb zqxemb_1"
+    (folder / "zqxemb.safetensors").unlink()
+    api.generate(base, "a zqxemb star", embedding_dirs=[folder], steps=1, progress=False)
+    assert "zqxemb" not in base.embeddings

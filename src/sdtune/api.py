@@ -21,7 +21,7 @@ from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
 from .models import Base, load_base, use_vae
 from .safeio import SdtuneError, input_path
-from .ti.formats import load_embedding
+from .ti.formats import file_stem, file_token, load_embedding
 from .ti.tokens import find_in_prompt
 
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
@@ -117,16 +117,23 @@ def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str
     """Load a TI embedding from 'SOURCE[:TOKEN]'; returns the registered token(s)."""
     src, token = sources.split_suffix(spec)
     path = sources.resolve(src, "embedding", tuple(search_dirs))
-    return base.embeddings.add(load_embedding(path, token=token))
+    emb = load_embedding(path, token=token)
+    added = base.embeddings.add(emb)
+    word = file_token(Path(path))
+    # an A1111 file whose stored name is not its file's, as a renamed download (nfixer.pt storing nfixer-271)
+    if token is None and emb.format == "a1111" and file_stem(emb.token).lower() != word.lower():
+        note(f"{path}: loads as {emb.token!r}, the name it stores (diffusers' rule); A1111 and ComfyUI use its file "
+             f"name {word!r}: give {path}:{word} to type that")
+    return added
 
 
-def _add_or_skip(base: Base, what: str, load) -> None:
+def _add_or_skip(base: Base, what: str, load, skipped: str = "skipped") -> None:
     """One odd embedding (an unknown layout, another model's width, a clashing token) must not stop the
     others from loading, as in A1111: it is named in a warning and left out."""
     try:
         load()
     except SdtuneError as e:
-        note(f"{e} (skipped)")
+        note(f"{e} ({skipped})")
 
 
 def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable: bool = True) -> list[str]:
@@ -163,11 +170,31 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
 
 
 def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
-    """A1111 behaviour: an embedding file's name used as a word in the prompt loads that embedding."""
+    """A1111 behaviour: an embedding file's name used as a word in the prompt loads that embedding. A file changed
+    or deleted since it was loaded (a long-lived UI, a folder being edited) is loaded again or unloaded, as A1111
+    rescans its folder, so the rows used are the file's and the PNG's hash names them."""
+    loaded = base.__dict__.setdefault("dir_embeddings", {})  # token -> (file, its mtime and size when loaded)
+    for name, (path, stamp) in list(loaded.items()):
+        if name in base.embeddings and _stamp(path) != stamp:
+            base.embeddings.remove(name)
+        if name not in base.embeddings:
+            del loaded[name]
     for d in dirs:
         for name, path in find_in_prompt(d, prompt).items():
             if name not in base.embeddings:
-                _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)))
+                # a prompt names a folder's embedding by its file name, so that is what a clash asks to change
+                _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)),
+                             skipped="skipped; in a folder, rename the file to a word of its own")
+                if name in base.embeddings:
+                    loaded[name] = (path, _stamp(path))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:  # deleted
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _weights_text(row: dict) -> str:
