@@ -175,3 +175,19 @@ def test_an_embedding_dir_file_changed_or_deleted_is_reloaded_or_unloaded(tmp_pa
     (folder / "zqxemb.safetensors").unlink()
     api.generate(base, "a zqxemb star", embedding_dirs=[folder], steps=1, progress=False)
     assert "zqxemb" not in base.embeddings
+
+
+def test_an_embedding_is_a_word_of_its_own_as_in_a1111(tmp_path):
+    """A1111 matches an embedding's name as whole tokens: "filenames" does not use "filename" (diffusers' added
+    tokens would); the PNG credits only embeddings the prompt uses."""
+    from sdtune import api
+    from sdtune.generate import parse_infotext
+
+    base = load_base("tiny-random")
+    save_file({"emb_params": torch.randn(1, 64)}, tmp_path / "filename.safetensors")
+    add_embeddings(base, [str(tmp_path / "filename.safetensors")])
+    ids = base.embeddings.ids("filename")
+    assert not set(ids) & set(base.tokenizer("many filenames").input_ids)
+    assert set(ids) <= set(base.tokenizer("a Filename, and more").input_ids)
+    (res,) = api.generate(base, "many filenames", steps=1, progress=False)
+    assert "TI hashes" not in parse_infotext(res.infotext)

@@ -218,11 +218,11 @@ def _tags_of_loaded(base: Base) -> str:
 
 
 def _used_embeddings(base: Base, text: str) -> list[tuple[str, str]]:
-    """(token, source) of each loaded embedding the text names: the tokenizer finds a token anywhere in the text,
-    whatever its case, so this does too."""
+    """(token, source) of each loaded embedding the text names: as the tokenizer finds a token, a word of its own
+    in any case."""
     embeddings = getattr(base, "embeddings", None)
-    low = text.lower()
-    return [(t, embeddings.source(t)) for t in (embeddings.tokens if embeddings else []) if t.lower() in low]
+    return [(t, embeddings.source(t)) for t in (embeddings.tokens if embeddings else [])
+            if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text, re.IGNORECASE)]
 
 
 def _tag_source(name: str, dirs: tuple) -> Path:

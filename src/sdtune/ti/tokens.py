@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AddedToken
 
 from ..console import note
 from ..safeio import SdtuneError
@@ -88,7 +89,9 @@ class _Table:
 
     def add_names(self, names: list[str], first_id: int) -> None:
         for offset, name in enumerate(names):
-            self.tokenizer.add_tokens(name)
+            # a word of its own, as A1111 matches an embedding (its name's tokens, never inside a longer word:
+            # "filename" does not use "filenames"); diffusers' default would match inside words too
+            self.tokenizer.add_tokens(AddedToken(name, single_word=True))
             got = self.tokenizer.convert_tokens_to_ids(name)
             if got != first_id + offset:
                 raise SdtuneError(f"token {name!r} got id {got}, expected {first_id + offset}; the tokenizer "
