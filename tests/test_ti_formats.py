@@ -93,6 +93,10 @@ def test_sdxl_counts_must_agree_and_width_is_per_encoder(tmp_path):
     with pytest.raises(SdtuneError, match=r"^\S*odd\.safetensors: the text encoders' vector counts differ \(clip_l 2, "
                                           r"clip_g 3\); re-export the embedding$"):
         load_embedding(tmp_path / "odd.safetensors")
+    save_file({"clip_l": torch.zeros(1, 768)}, tmp_path / "half.safetensors")  # not a word named "clip_l"
+    with pytest.raises(SdtuneError, match=r"^\S*half\.safetensors: holds clip_l but not clip_g; an SDXL embedding "
+                                          r"needs a row for each text encoder, re-export it$"):
+        load_embedding(tmp_path / "half.safetensors")
     with pytest.raises(ValueError, match="one width per encoder"):
         _ = Embedding("<x>", xl_parts(), "x", "sdxl").width
 

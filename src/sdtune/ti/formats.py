@@ -205,6 +205,11 @@ def _parse(state, path: Path) -> tuple[str | None, torch.Tensor | dict, str]:
         name = state.get("name")
         return (str(name) if name else file_token(path)), next(iter(params.values())), "a1111"
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for keys in (MULTI_LAYOUTS["sdxl"], MULTI_LAYOUTS["pti"]):  # one encoder's half: not a word named "clip_l"
+        if set(keys) & set(state):
+            raise SdtuneError(f"{path}: holds {' and '.join(k for k in keys if k in state)} but not "
+                              f"{' and '.join(k for k in keys if k not in state)}; an SDXL embedding needs a row "
+                              f"for each text encoder, re-export it")
     if len(state) == 1 and len(tensors) == 1:
         key, vectors = next(iter(tensors.items()))
         if key == "emb_params":
