@@ -160,6 +160,9 @@ def test_lora_tag_parsing():
     assert api.parse_lora_tags("a red <lora:x:1>circle")[0] == "a red circle"
     with pytest.raises(SdtuneError, match="unknown option 'dyn'"):
         api.parse_lora_tags("<lora:x:dyn=4>")
+    with pytest.raises(SdtuneError, match=r"^<lora:x:1:1:16>: a tag takes at most two weights .*; A1111's third, "
+                                          r"dyn, is not read by sdtune: leave it out$"):
+        api.parse_lora_tags("<lora:x:1:1:16>")
     with pytest.warns(UserWarning, match=r"^<hypernet:anime:1> in the prompt: sdtune has no hypernet networks; the "
                                          r"tag is left out, as A1111 leaves out a network it lacks$"):
         assert api.parse_lora_tags("a <hypernet:anime:1>girl")[0] == "a girl"

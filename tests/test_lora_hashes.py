@@ -127,6 +127,7 @@ def test_generated_png_names_lora_hashes(tmp_path):
     short = data_sha(style)[:12]
     assert f'Lora hashes: "mine: {short}, style: {short}"' in result.infotext
     assert parse_infotext(result.infotext)["Lora hashes"] == f"mine: {short}, style: {short}"
+    assert hashes.lora_hashes_field([("a:b, c", style)]) == f"ab c: {short}"  # as A1111 cleans a name for the field
 
 
 def test_same_tensors_and_metadata_give_the_same_autov2(tmp_path):

@@ -55,9 +55,10 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
                                   f"and te=) and lbw=BLOCK_WEIGHTS, e.g. <lora:{m.group(1)}:0.8:lbw=INALL>")
             else:
                 numbers.append(item)
+        if len(numbers) > 2:  # A1111's third is dyn (a lower rank for the file's dynamic-rank layers)
+            raise SdtuneError(f"{m.group(0)}: a tag takes at most two weights (the text encoders', the UNet's); "
+                              f"A1111's third, dyn, is not read by sdtune: leave it out")
         try:
-            if len(numbers) > 2:
-                raise ValueError
             w, te = sources.a1111_weights([n for n in numbers if n], {k: v for k, v in named.items() if v})
         except ValueError:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None

@@ -130,7 +130,7 @@ def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
     parts = []
     for name, path in named_paths:
         h = short_hash(path)
-        if h:
-            parts.append(f"{name}: {h}")
+        if h:  # A1111 takes ':' and ',' out of a name here, which would end the entry when read back
+            parts.append(f"{name.replace(':', '').replace(',', '')}: {h}")
     return ", ".join(parts)
 
