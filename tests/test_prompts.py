@@ -30,6 +30,7 @@ def xl():
     ("a (red:1.5) circle", [("a ", 1.0), ("red", 1.5), (" circle", 1.0)]),
     ("((a)) [b]", [("a", pytest.approx(1.21)), (" ", 1.0), ("b", pytest.approx(1 / 1.1))]),
     (r"\(x\) y", [("(x) y", 1.0)]),  # escaped brackets are characters
+    ("a \\ b", [("a  b", 1.0)]),  # a backslash escaping nothing goes, as in A1111
     ("a BREAK b", [("a ", 1.0), ("BREAK", 0.0), (" b", 1.0)]),
     ("a ) b (c", [("a ) b ", 1.0), ("c", pytest.approx(1.1))]),  # a stray closer is text; an opener weights the rest
     ("(a:b) BREAKfast", [("a:b", pytest.approx(1.1)), (" BREAKfast", 1.0)]),

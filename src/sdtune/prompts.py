@@ -48,6 +48,8 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         piece, number = m.group(0), m.group(1)
         if piece.startswith("\\") and len(piece) == 2:
             runs.append([piece[1], 1.0])
+        elif piece == "\\":  # a backslash escaping nothing is dropped, as A1111's parser drops it
+            continue
         elif piece == "(":
             open_round.append(len(runs))
         elif piece == "[":
