@@ -269,12 +269,13 @@ def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -
     return settings.steps
 
 
-def _announce(settings: TrainSettings, job: Job, out: Path) -> None:
+def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int) -> None:
     """Print the settings the run uses and write them where ``--config`` can rerun them."""
     atomic_write_text(to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
     validated = job.validation.description if job.validation else "no validation images"
-    print(f"sdtune train {job.name}: {preset}; validation on {validated}; settings (also in "
+    size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""  # resolution=0 says less
+    print(f"sdtune train {job.name}: {preset}; validation on {validated}{size}; settings (also in "
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
@@ -456,7 +457,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             if aside is not None:
                 print(f"sdtune train {job.name}: starting over in {settings.out}; the earlier run's files are now in "
                       f"{aside}", file=sys.stderr)
-            _announce(settings, job, Path(settings.out))
+            _announce(settings, job, Path(settings.out), data.resolution)
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
