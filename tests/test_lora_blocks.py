@@ -218,7 +218,7 @@ def test_prompt_tag_and_cli_flag_give_the_api_weights(xl_case, tmp_path, monkeyp
     seen = []
     monkeypatch.setattr(api, "_generate", lambda b, *a, **k: seen.append(weights(b)) or [])
     clean, tags = api.lora_tags(f"a cat, <lora:a:{W}:lbw={vector}>")
-    assert clean == "a cat" and tags == [api.LoraTag("a", W, None, vector)]
+    assert clean == "a cat, " and tags == [api.LoraTag("a", W, None, vector)]  # only the tag goes, as in A1111
     api.generate(base, f"a cat, <lora:a:{W}:lbw={vector}>", lora_dirs=(str(Path(f).parent),))
     assert all(torch.equal(module(base, c, p).weight, w0[(c, p)]) for c, p in w0)  # the tag's LoRA is gone after
     assert main(["generate", "--model", "sdxl-small-random", "--device", "cpu", "--dtype", "fp32", "--prompt", "a",
