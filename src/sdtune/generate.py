@@ -319,6 +319,7 @@ def generate(
         return tensors
 
     reading = _how_read(base, prompt, negative_prompt, prompt_text, negative_text, scheduler)
+    model = model_label(getattr(base, "name", ""))  # a file's stem: one look at the disk, not one per image
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -355,7 +356,7 @@ def generate(
                 "Seed": s,
                 "Size": f"{width}x{height}",
                 "Model hash": getattr(base, "model_hash", ""),
-                "Model": model_label(getattr(base, "name", "")),
+                "Model": model,
                 "VAE hash": getattr(base, "vae_hash", "") or None,  # A1111's pair, for a VAE given apart
                 "VAE": getattr(base, "vae_name", "") or None,
                 "Clip skip": clip_skip if clip_skip > 1 else None,  # A1111 writes it only when set

@@ -50,14 +50,13 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 
 from .. import ldm, models
 from ..console import note
 from ..families import Family
 from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors, output_file, output_folder
 from . import blocks as block_weights
-from .formats import bundled_embeddings, load_lora
+from .formats import bundled_words, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
 from .patch import LoraSet, as_weights, check_fit, write_patched
 
@@ -136,13 +135,7 @@ def _note_words_left_out(pairs) -> None:
     and a tokenizer that knows it, which a single checkpoint file has no place for (a grown table does not even
     load in diffusers or A1111); so no output gets it, and the note says where the word is."""
     for p in pairs:
-        if isinstance(p.src, Lora):
-            words = sorted({emb.token for emb in bundled_embeddings(p.src)})
-        elif is_safetensors(p.src):
-            with safe_open(str(p.src), "pt") as f:
-                words = sorted({k.split(".")[1] for k in f.keys() if k.startswith("bundle_emb.")})
-        else:
-            words = []
+        words = bundled_words(p.src)
         if words:
             note(f"{p.source}: its bundled word(s) {', '.join(words)} are not baked in (a merged model keeps the "
                  f"base's vocabulary); load each beside it as an embedding: `sdtune convert {p.source} OUT "

@@ -37,11 +37,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .. import families
 from ..families import Family
 from ..ldm import unet_module_map
-from ..safeio import SdtuneError, atomic_save_safetensors, load_state, output_file
+from ..safeio import SdtuneError, atomic_save_safetensors, is_safetensors, load_state, output_file
 from ..ti.formats import SDXL_KEYS, Embedding, file_stem, load_embedding, save_embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
@@ -60,6 +61,7 @@ _CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 _DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                        ("base_model.model.", None))
 _META_KEY = "lora_adapter_metadata"
+BUNDLE_PREFIX = "bundle_emb."  # A1111's keys of an embedding a LoRA file carries
 CLIP_G_SUFFIX = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
 
 
@@ -193,8 +195,8 @@ class _Reader:
         self.lora.unknown.append(key)
 
     def _embedding(self, key: str, value: torch.Tensor) -> bool:
-        if key.startswith("bundle_emb."):
-            rest = key[len("bundle_emb."):]
+        if key.startswith(BUNDLE_PREFIX):
+            rest = key[len(BUNDLE_PREFIX):]
             m = re.match(r"^(.+)\.(string_to_param\.[^.]+|clip_l|clip_g)$", rest)
             if not m:
                 return False
@@ -568,6 +570,16 @@ def bundle(lora: Lora, token: str, parts: dict[str, torch.Tensor]) -> None:
     else:
         raise SdtuneError(f"token {token!r}: embedding rows for {sorted(parts)}; a LoRA file bundles one text "
                           f"encoder's rows or SDXL's clip_l and clip_g")
+
+
+def bundled_words(source: Lora | str | Path) -> list[str]:
+    """The words a LoRA (or a LoRA file, read from its header only) bundles; [] for a file of another kind."""
+    if isinstance(source, Lora):
+        return sorted({emb.token for emb in bundled_embeddings(source)})
+    if not is_safetensors(source):
+        return []
+    with safe_open(str(source), "pt") as f:  # names up to the first dot, as A1111 reads them
+        return sorted({k[len(BUNDLE_PREFIX):].split(".")[0] for k in f.keys() if k.startswith(BUNDLE_PREFIX)})
 
 
 def bundled_embeddings(lora: Lora, source: str = "") -> list[Embedding]:

@@ -278,13 +278,14 @@ def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
     every image once costs little beside the training that decodes them all. ``root`` defaults to the folder the
     images share."""
     root = Path(root or os.path.commonpath([ex.path.parent for ex in scan.examples] or ["."]))
+    examples = sorted(scan.examples, key=lambda ex: ex.path)
     rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.path.name,
-                   ex.path.stat().st_size, ex.caption, ex.repeats, ex.path) for ex in scan.examples)
+                   ex.path.stat().st_size, ex.caption, ex.repeats) for ex in examples)
     content = hashlib.sha256()
-    for *_, path in rows:
-        with open(path, "rb") as f:
+    for ex in examples:
+        with open(ex.path, "rb") as f:
             content.update(hashlib.file_digest(f, "sha256").digest())
-    return {"images": len(rows), "sha256": hashlib.sha256(repr([r[:4] for r in rows]).encode()).hexdigest(),
+    return {"images": len(rows), "sha256": hashlib.sha256(repr(rows).encode()).hexdigest(),
             "content": content.hexdigest()}
 
 
