@@ -4,12 +4,13 @@ in chunks rather than cut. The expected features are computed here from the enco
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
-from sdtune.generate import TextStack, encode_prompt, generate
+from sdtune.generate import TextStack, encode_prompt, generate, make_scheduler
 from sdtune.models import load_base
-from sdtune.prompts import parse, tokenize
+from sdtune.prompts import parse, schedule, text_at, tokenize
 from sdtune.ti.formats import Embedding
 
 LONG = "a red circle on a white background, " * 12  # 96 tokens: two chunks
@@ -123,3 +124,77 @@ def test_chunks_are_cut_where_a1111_cuts_them(tiny):
         assert [len(c) for c in whole] == [73, 3] and whole[1] == ["<mv3>", "<mv3>_1", "<mv3>_2"]
     finally:
         tiny.embeddings.remove("<mv3>")
+
+
+@pytest.mark.parametrize("prompt, plan", [
+    # A1111's own examples (prompt_parser.py's doctests, 10 steps), and the forms its wiki gives
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]),
+    ("a [cat::0.3]", [(3, "a cat"), (10, "a ")]),  # removed after 30% of the steps
+    ("a [cat:dog:1.0]", [(10, "a cat")]),  # with a point: a fraction, so all 10 steps
+    ("a [cat:dog:0]", [(10, "a dog")]),
+    ("a [red] (cat:1.2) [a:b] \\[x:y:2\\]", [(10, "a [red] (cat:1.2) [a:b] \\[x:y:2\\]")]),  # not edits
+    ("[a|]", [(i, "a" if i % 2 else "") for i in range(1, 11)]),
+])
+def test_prompt_editing_schedules_as_a1111(prompt, plan):
+    assert schedule(prompt, 10) == plan
+
+
+def test_a_sampling_step_reads_the_text_a1111_gives_it():
+    """A1111's denoiser counts from 0 and takes the first text scheduled up to its step or later: [a:b:2] is a for
+    steps 0, 1 and 2; [a|b] is a, a, b, a, b."""
+    assert [text_at(schedule("[a:b:2]", 5), i) for i in range(5)] == ["a", "a", "a", "b", "b"]
+    assert [text_at(schedule("[a|b]", 5), i) for i in range(5)] == ["a", "a", "b", "a", "b"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "xl"])
+def test_generation_swaps_the_conditions_where_the_prompt_is_edited(model, tiny, xl):
+    """The oracle: diffusers' own pipeline on the same embeddings (``encode_prompt`` of the same texts in one
+    batch), swapped by its step callback after sampling step 2 ([red circle:blue square:2] on 5 steps), with the
+    pooled embedding for SDXL. The same computation, so the pixels are equal."""
+    base = tiny if model == "tiny" else xl
+    kw = dict(negative_prompt="blurry", steps=5, seed=3, progress=False)
+    (edited,) = generate(base, "a [red circle:blue square:2]", **kw)
+    neg, first, then = encode_prompt(base, ["blurry", "a red circle", "a blue square"]).chunk(3)
+    pipe = base.pipeline(make_scheduler("ddim", base.scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    pooled = base.family.pooled_and_time_ids
+
+    def swap(pipe, i, t, tensors):
+        if i == 2:
+            tensors["prompt_embeds"] = torch.cat([neg.hidden, then.hidden])
+            if pooled:
+                tensors["add_text_embeds"] = torch.cat([neg.pooled, then.pooled])
+        return tensors
+
+    shape = (1, base.unet.config.in_channels, 64 // pipe.vae_scale_factor, 64 // pipe.vae_scale_factor)
+    latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(3))
+    extra = {"pooled_prompt_embeds": first.pooled, "negative_pooled_prompt_embeds": neg.pooled} if pooled else {}
+    want = pipe(prompt_embeds=first.hidden, negative_prompt_embeds=neg.hidden, **extra, num_inference_steps=5,
+                guidance_scale=7.5, latents=latents, height=64, width=64, callback_on_step_end=swap,
+                callback_on_step_end_tensor_inputs=["prompt_embeds"] + (["add_text_embeds"] if pooled else []),
+                output_type="pil").images[0]
+    assert np.array_equal(np.asarray(edited.image), np.asarray(want))
+    # and it is neither prompt alone; the PNG keeps the prompt as typed, for A1111 to schedule again
+    for alone in ("a red circle", "a blue square"):
+        assert not np.array_equal(np.asarray(edited.image), np.asarray(generate(base, alone, **kw)[0].image))
+    assert edited.infotext.startswith("a [red circle:blue square:2]\nNegative prompt: blurry\n")
+
+
+def test_an_edit_that_never_switches_is_the_plain_prompt(tiny):
+    kw = dict(steps=3, seed=2, progress=False)
+    plain = np.asarray(generate(tiny, "a red circle", **kw)[0].image)
+    assert np.array_equal(np.asarray(generate(tiny, "a [red circle:blue square:3]", **kw)[0].image), plain)
+    assert np.array_equal(np.asarray(generate(tiny, "a [blue square:red circle:0]", **kw)[0].image), plain)
+    # without guidance (no negative branch) the swap still runs
+    one = generate(tiny, "a [red|blue] circle", guidance=1.0, **kw)[0].image
+    assert not np.array_equal(np.asarray(one), np.asarray(generate(tiny, "a red circle", guidance=1.0, **kw)[0].image))

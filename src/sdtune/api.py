@@ -25,8 +25,8 @@ from .ti.formats import file_stem, file_token, load_embedding
 from .ti.tokens import find_in_prompt
 
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
-# A1111's prompt editing ([a:b:0.5], [b:10]), alternation ([a|b]) and composable AND, which sdtune reads as words
-UNREAD_SYNTAX = re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]|\[[^\[\]]*\|[^\[\]]*\]|\bAND\b")
+# A1111's composable AND, which sdtune reads as a word (prompt editing and alternation are read: prompts.schedule)
+UNREAD_SYNTAX = re.compile(r"\bAND\b")
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tags, all taken out of the prompt
 
 
@@ -251,8 +251,8 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     tags = combined_tags(tags)
     unread = UNREAD_SYNTAX.search(clean + "\n" + kwargs.get("negative_prompt", ""))
     if unread:
-        note(f"{unread.group(0)!r} in the prompt: sdtune does not read A1111's prompt editing [a:b:0.5], "
-             f"alternation [a|b] or AND; the words are encoded as written")
+        note("'AND' in the prompt: sdtune does not read A1111's composable AND (a prompt per part, their "
+             "predictions mixed); the word is encoded as written")
     broken = re.search(r"<(lora|lyco):[^>]*(>|$)", clean, re.I)
     if broken:  # unclosed, or no name: A1111 reads it as words too, but the user meant a LoRA
         note(f"{broken.group(0)!r} in the prompt is not a LoRA tag, so no LoRA is applied for it; write "

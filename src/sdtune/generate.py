@@ -314,21 +314,45 @@ def generate(
     out: list[Generated] = []
     total = steps * -(-num_images // batch_size)
 
-    def step_end(pipe, i, t, tensors, start=0):  # diffusers' callback_on_step_end
-        on_step(start // batch_size * steps + i + 1, total)
+    # A1111's prompt editing and alternation: the (negative, prompt) texts of each sampling step, all encoded
+    # once, with as many chunks each (the UNet's input keeps one length); most prompts have one pair
+    plans = [prompts_syntax.schedule(p, steps) for p in (negative_prompt, prompt)]
+    pairs = [tuple(prompts_syntax.text_at(plan, i) for plan in plans) for i in range(steps)]
+    texts = list(pairs[0])  # (negative, prompt) first, as a prompt without edits is encoded
+    texts += [t for t in dict.fromkeys(t for pair in pairs for t in pair) if t not in texts]
+    encoded = dict(zip(texts, encode_prompt(base, texts, clip_skip).chunk(len(texts))))
+    no_negative = not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+
+    def conditions(pair: tuple[str, str], n: int) -> tuple[PromptEmbeds, PromptEmbeds]:
+        uncond, cond = (encoded[t].repeat(n) for t in pair)
+        if no_negative:  # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded ""
+            uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
+        return uncond, cond
+
+    def step_end(pipe, i, t, tensors, start=0, shown=None):  # diffusers' callback_on_step_end
+        done = (i + 1) * steps // pipe.num_timesteps  # user steps done (a 2nd-order sampler calls twice a step)
+        if on_step is not None:
+            on_step(start // batch_size * steps + done, total)
+        if done < steps and pairs[done] != shown[0]:  # the next step reads another text: swap the conditions
+            shown[0] = pairs[done]
+            cfg = pipe.do_classifier_free_guidance  # then the pipeline's embeddings are [negative; prompt]
+            uncond, cond = conditions(pairs[done], len(tensors["prompt_embeds"]) // (1 + cfg))
+            both = (uncond, cond) if cfg else (cond,)
+            tensors["prompt_embeds"] = torch.cat([e.hidden for e in both])
+            if "add_text_embeds" in tensors:
+                tensors["add_text_embeds"] = torch.cat([e.pooled for e in both])
         return tensors
 
-    reading = _how_read(base, prompt, negative_prompt, prompt_text, negative_text, scheduler)
+    edited = len(set(pairs)) > 1
+    swapped = ["prompt_embeds", "add_text_embeds"] if base.family.pooled_and_time_ids else ["prompt_embeds"]
+    reading = _how_read(base, texts, prompt_text, negative_text, scheduler)
     model = model_label(getattr(base, "name", ""))  # a file's stem: one look at the disk, not one per image
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (1, base.unet.config.in_channels, height // scale, width // scale)
         latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(base.device, base.dtype)
-        uncond, cond = (e.repeat(len(seeds)) for e in encode_prompt(base, [negative_prompt, prompt], clip_skip).chunk(2))
-        if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-            # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded empty string
-            uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
+        uncond, cond = conditions(pairs[0], len(seeds))
         pooled = {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         images = pipe(
             prompt_embeds=cond.hidden,
@@ -340,7 +364,9 @@ def generate(
             generator=gens,
             height=height,
             width=width,
-            callback_on_step_end=None if on_step is None else functools.partial(step_end, start=start),
+            callback_on_step_end=functools.partial(step_end, start=start, shown=[pairs[0]])
+            if on_step is not None or edited else None,
+            callback_on_step_end_tensor_inputs=swapped if edited else ["latents"],
             output_type="np",  # floats in [0, 1]: checked below, then made PIL images as diffusers makes them
         ).images
         broken = [s for s, a in zip(seeds, images) if not np.isfinite(a).all()]
@@ -367,17 +393,18 @@ def generate(
     return out
 
 
-def _how_read(base, prompt: str, negative: str, typed: str, typed_negative: str, scheduler: str) -> dict:
+def _how_read(base, texts: list[str], typed: str, typed_negative: str, scheduler: str) -> dict:
     """The infotext fields by which A1111 reads a PNG back as sdtune drew it, where A1111's defaults differ:
     ``Schedule type`` (its DPM++ 2M is Karras unless told), ``Emphasis`` (sdtune's "No norm", written as A1111
     writes it: for prompts with brackets), ``Pad conds`` (a negative prompt of fewer chunks than the prompt is
-    padded with empty ones; A1111 runs the two apart unless told) and ``RNG`` (the initial noise is drawn on
+    padded with empty ones, as are the texts of a prompt edited at some step; A1111 runs the two apart unless
+    told) and ``RNG`` (the initial noise is drawn on
     the CPU; A1111 takes a PNG without the field as GPU noise)."""
     fields = {"Schedule type": SCHEDULE_TYPES.get(scheduler), "RNG": "CPU"}
     if any(c in typed + typed_negative for c in "(["):
         fields["Emphasis"] = "No norm"
     tokenizers = [tok for _, _, tok in base.text_encoders()]
-    if len({prompts_syntax.chunk_count(tokenizers, p) for p in (prompt, negative)}) > 1:
+    if len({prompts_syntax.chunk_count(tokenizers, p) for p in texts}) > 1:
         fields["Pad conds"] = "True"
     return {k: v for k, v in fields.items() if v is not None}
 

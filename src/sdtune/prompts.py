@@ -11,6 +11,17 @@
   get the same number of chunks (the shorter ones end in empty chunks), so that the prompt and the negative
   prompt line up.
 
+Prompt editing and alternation (``schedule``) are read first, as A1111 reads them, giving the text of each
+sampling step; each text is then read as above:
+
+- ``[from:to:when]`` is ``from`` up to step ``when`` and ``to`` after it; ``[to:when]`` adds ``to`` after
+  ``when``, ``[from::when]`` drops ``from`` after it. A ``when`` with a decimal point is a fraction of the steps
+  (``0.5``), one without is a step number (``10``).
+- ``[a|b|c]`` takes ``a``, ``b``, ``c`` in turn, one per step.
+- Steps are counted as A1111 counts them: the text scheduled "up to step N" is used by sampling steps 0 to N
+  (A1111's denoiser starts at 0, its schedule at 1), so ``[a|b]`` runs a, a, b, a, b, …
+- A bracket that fits neither form (``[word]``, ``[a:b]``) is text, left to the emphasis reading.
+
 The weights are applied to the encoder's features (``weigh``): each token's features times its weight, A1111's
 "No norm" emphasis. Its default, "Original", then rescales each chunk to its former mean; that mean is a
 difference of near-equal sums wherever features come out of a layer norm (about 0.002 of their typical size on
@@ -22,6 +33,7 @@ are left untouched.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -159,3 +171,130 @@ def weigh(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Emphasis on one encoder's features [rows, 77, width] with weights [rows, 77]: each token's features times
     its weight."""
     return features * weights.to(features)[..., None]
+
+
+# --- prompt editing and alternation ----------------------------------------------------------------------
+
+class _Edit(NamedTuple):
+    """``[before:after:when]``: ``before`` up to step ``when``, then ``after`` (each a parsed text)."""
+    before: list
+    after: list
+    when: str  # as written: a decimal point makes it a fraction of the steps
+
+
+class _Turns(NamedTuple):
+    """``[a|b|…]``: one option per step, in turn."""
+    options: list
+
+
+_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")  # lark's SIGNED_NUMBER, as A1111's grammar
+
+
+def _closing(text: str, start: int) -> int | None:
+    """Where the ``]`` closing the ``[`` at ``start`` is (escapes skipped), None if it is never closed."""
+    depth, i = 0, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "[") - (c == "]")
+        if depth == 0:
+            return i
+        i += 1
+    return None
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at each ``sep`` outside brackets of either kind (a colon inside ``(word:1.2)`` stays)."""
+    parts, depth, last, i = [], 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif c == sep and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+        i += 1
+    return parts + [text[last:]]
+
+
+def _edits(text: str) -> list:
+    """``text`` as a list of plain strings, ``_Edit`` and ``_Turns``."""
+    out: list = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        end = _closing(text, i) if c == "[" else None
+        if end is None:
+            out.append(text[i:i + 2] if c == "\\" else c)
+            i += 2 if c == "\\" else 1
+            continue
+        inner = text[i + 1:end]
+        turns, parts = _split_top(inner, "|"), _split_top(inner, ":")
+        if len(turns) > 1 and len(parts) == 1:
+            out.append(_Turns([_edits(t) for t in turns]))
+        elif len(parts) in (2, 3) and _NUMBER.fullmatch(parts[-1]) and len(turns) == 1:
+            out.append(_Edit(_edits(parts[0]) if len(parts) == 3 else [], _edits(parts[-2]), parts[-1].strip()))
+        else:  # emphasis, or text: the brackets stay for ``parse``, what is inside may still hold edits
+            out += ["[", *_edits(inner), "]"]
+        i = end + 1
+    return out
+
+
+def _when(when: str, steps: int) -> int:
+    """The step an edit switches after, as A1111 reckons it: a fraction of the steps when written with a point."""
+    value = float(when) * steps if "." in when else float(when)
+    return min(steps, int(value))
+
+
+def _switches(tree: list, steps: int) -> set[int]:
+    found: set[int] = set()
+    for node in tree:
+        if isinstance(node, _Edit):
+            when = _when(node.when, steps)
+            found |= ({when} if when >= 1 else set()) | _switches(node.before, steps) | _switches(node.after, steps)
+        elif isinstance(node, _Turns):
+            found |= set(range(1, steps + 1))
+            for option in node.options:
+                found |= _switches(option, steps)
+    return found
+
+
+def _text_at(tree: list, step: int, steps: int) -> str:
+    out = []
+    for node in tree:
+        if isinstance(node, _Edit):
+            out.append(_text_at(node.before if step <= _when(node.when, steps) else node.after, step, steps))
+        elif isinstance(node, _Turns):
+            out.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+        else:
+            out.append(node)
+    return "".join(out)
+
+
+def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """A1111's prompt editing and alternation: (last schedule step, text) pairs in order, the last ending at
+    ``steps``; a prompt without them is one pair holding it unchanged. ``text_at`` picks a sampling step's."""
+    if "[" not in prompt:
+        return [(steps, prompt)]
+    tree = _edits(prompt)
+    out: list[tuple[int, str]] = []
+    for step in sorted(_switches(tree, steps) | {steps}):
+        text = _text_at(tree, step, steps)
+        if out and out[-1][1] == text:
+            out[-1] = (step, text)
+        else:
+            out.append((step, text))
+    return out
+
+
+def text_at(plan: list[tuple[int, str]], step: int) -> str:
+    """The text sampling step ``step`` (from 0) reads: the first whose schedule step is not before it (A1111's
+    ``reconstruct_cond_batch``)."""
+    return next((text for end, text in plan if step <= end), plan[-1][1])
