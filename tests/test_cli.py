@@ -28,6 +28,7 @@ from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, load_embedding, save_embedding
 from sdtune.tiny import world
 from sdtune.train.config import read_settings
+from sdtune.train.ti import word_hint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FAST = ["--model", "tiny-random", "--steps", "2", "--no-progress"]
@@ -314,9 +315,16 @@ def test_train_ti(tmp_path, shapes_data, capsys):
     assert main(["train", "ti", "--data", str(shapes_data), "--token", "<my-thing>", "--init-token", "star",
                  "--out", str(out), "--model", "tiny-random", "--steps", "2", "--batch-size", "2",
                  "--no-progress"]) == 0
-    printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    said = capsys.readouterr()
+    printed = Path(said.out.strip().splitlines()[-1])
     emb = load_embedding(printed)
     assert printed.parent == out and emb.token == "<my-thing>" and emb.vectors.shape == (1, 64)
+    # which word to type where: A1111 and ComfyUI name an embedding by its file, not by the token inside
+    assert said.err.strip().splitlines()[-1] == (
+        f"sdtune train ti: type <my-thing> in sdtune (--embedding {printed}) and diffusers; A1111 and ComfyUI take "
+        f"the file's name as the word: put a copy of learned_embeds.safetensors named my-thing.safetensors in their "
+        f"embeddings folder and type my-thing (ComfyUI: embedding:my-thing)")
+    assert f"put {out / 'my-thing.pt'}, written beside, in their" in word_hint("<my-thing>", out, with_pt=True)
     # the file says how it was trained, and its settings rerun the run as its settings.toml does
     assert main(["inspect", str(printed)]) == 0
     shown = capsys.readouterr().out

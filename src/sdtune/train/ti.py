@@ -16,6 +16,7 @@ checkpoint on the sample prompts.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -243,4 +244,16 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
                             "Each checkpoint on the sample prompts",
                             f"Seed {settings.seed}. The first row is the base model with the init text "
                             f"{settings.init_token!r} in place of {settings.token}.", shown, len(scan.examples))
+    if record.main:
+        print(f"sdtune train ti: {word_hint(settings.token, out, 'a1111' in settings.formats)}", file=sys.stderr)
     return out / DIFFUSERS_FILE
+
+
+def word_hint(token: str, out: Path, with_pt: bool) -> str:
+    """Which word to type where: the token in sdtune and diffusers; the file's name in A1111 and ComfyUI, which
+    name an embedding by its file, so learned_embeds.safetensors would be the word "learned_embeds" there."""
+    stem = file_stem(token)
+    copy = f"{out / stem}.pt, written beside," if with_pt else f"a copy of {DIFFUSERS_FILE} named {stem}.safetensors"
+    return (f"type {token} in sdtune (--embedding {out / DIFFUSERS_FILE}) and diffusers; A1111 and ComfyUI take the "
+            f"file's name as the word: put {copy} in their embeddings folder and type {stem} (ComfyUI: "
+            f"embedding:{stem})")
