@@ -109,6 +109,16 @@ def test_lokr_whole_and_split_factors():
     with pytest.raises(KeyError):
         algos.get("lokr").build({"w1": w1, "w1a": w1, "w1b": w1, "w2": w2})
 
+    # a conv's split w2 as LyCORIS's functional API writes it, w2b [rank, in, kh, kw], with rank = kh (3): its
+    # weight_gen rebuilds w2 = (w2a @ w2b.view(rank, -1)).view(-1, in, kh, kw); a batched matmul over the last two
+    # dims ran too, with other numbers
+    w1, w2a, w2b = rand(g, 8, 4), rand(g, 8, 3), rand(g, 3, 8, 3, 3)
+    ad = adapter("lokr", {"w1": w1, "w2a": w2a, "w2b": w2b}, alpha=3.0)
+    w2 = (w2a.to(D) @ w2b.to(D).reshape(3, -1)).reshape(8, 8, 3, 3)
+    want = torch.einsum("ij,klmn->ikjlmn", w1.to(D), w2).reshape(64, 32, 3, 3)  # kron over out and in channels
+    assert ad.io() == Io(64, 32 * 9, None)
+    torch.testing.assert_close(ad.delta((64, 32, 3, 3), D).reshape(want.shape), want)
+
 
 def test_diff_is_the_difference_itself():
     g = torch.Generator().manual_seed(3)

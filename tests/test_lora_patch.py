@@ -415,3 +415,40 @@ def test_cuda_half_model_with_originals_on_cpu():
     s.set_weights({"a": -1.0})
     s.remove_all()
     assert_same(parts, base)
+
+
+def test_a_failed_patch_changes_nothing_and_the_originals_stay(parts, monkeypatch):
+    """A layer that cannot be patched (out of memory, an adapter that breaks on it) fails the call, which then
+    changes nothing: the adapters stay as they were, and the originals are never lost. Before, the failed
+    adapter stayed listed and its layers' originals were taken for patched copies, so the next change wrote W'
+    over the only copy of W0 and no remove gave it back."""
+    base = snapshot(parts)
+    a, b = random_lora(parts, 1), random_lora(parts, 2, every=3)
+    s = LoraSet.attach(parts)
+    real, calls = patch.write_patched, []
+
+    def fail_on_the_fifth(*args):  # one layer of the call fails, the others are written
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        real(*args)
+
+    monkeypatch.setattr(patch, "write_patched", fail_on_the_fifth)
+    with pytest.raises(RuntimeError, match="simulated"):
+        s.add("a", a, 0.5)  # first touch of every layer
+    assert s.names() == [] and s.pristine_bytes() == 0
+    assert_same(parts, base)
+
+    monkeypatch.setattr(patch, "write_patched", real)
+    s.add("a", a, 0.5)
+    with_a = snapshot(parts)
+    for change in (lambda: s.add("a", b, 0.7), lambda: s.add("b", b, 1.0), lambda: s.set_weights({"a": 2.0})):
+        calls.clear()
+        monkeypatch.setattr(patch, "write_patched", fail_on_the_fifth)
+        with pytest.raises(RuntimeError, match="simulated"):
+            change()  # layers patched before, written in place
+        monkeypatch.setattr(patch, "write_patched", real)
+        assert s.names() == ["a"] and s.list()[0]["unet_weight"] == 0.5
+        assert_same(parts, with_a)
+    s.remove("a")
+    assert_same(parts, base)

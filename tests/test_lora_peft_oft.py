@@ -147,7 +147,11 @@ def test_no_other_layout_and_misshapen_tensors_are_clear_errors(base, tmp_path, 
     save_file({key: torch.zeros(4, 15)}, other)  # blocks of 6: 4 of them are 24 inputs, the layer has 32
     with pytest.raises(SdtuneError, match=r"do not fit this model.*\(None, 24\) vs model \(32, 32\)"):
         base.loras.add("o", other)
-    assert torch.equal(weight(base.unet, ATTN), weight(copy.deepcopy(base.unet), ATTN))
+    shared = tmp_path / "shared.safetensors"
+    save_file({key: torch.zeros(1, 10)}, shared)  # one shared block of 5: 32 inputs are no whole number of them
+    with pytest.raises(SdtuneError, match=r"do not fit this model.*\(None, None\) vs model \(32, 32\)"):
+        base.loras.add("o", shared)  # refused before any layer is touched
+    assert torch.equal(weight(base.unet, ATTN), weight(copy.deepcopy(base.unet), ATTN)) and not len(base.loras)
 
 
 def test_checkpoint_merge_bakes_what_patching_gives(base, tmp_path):

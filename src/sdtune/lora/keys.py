@@ -252,6 +252,8 @@ def fits(ad: Adapter, shape: tuple) -> bool:
     out, inner, kernel = adapter_io(ad)
     if (out is not None and out != shape[0]) or (inner is not None and inner != math.prod(shape[1:])):  # None: any
         return False
+    if not ad.algo.fits(ad.tensors, shape):
+        return False
     return kernel is None or math.prod(kernel) == 1 or tuple(shape[2:]) == kernel
 
 

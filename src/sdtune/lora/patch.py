@@ -241,14 +241,33 @@ class LoraSet:
             config = getattr(self.modules.get("unet"), "config", None) or self._family().component_configs()["unet"]
             factors = block_weights.layer_factors(block_ws, targets, config)
         old = self._entries.pop(name, None)
-        if old is not None:
-            self._unload_tokens(old)
         self._entries[name] = entry = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
         for key in targets:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
-        self._sync(set(targets) | (set(old.targets) if old else set()))
+        touched = set(targets) | (set(old.targets) if old else set())
+
+        def back():
+            del self._entries[name]
+            if old is not None:
+                self._entries[name] = old
+        with self._undo(touched, back):
+            self._sync(touched)
+        if old is not None:
+            self._unload_tokens(old)
         entry.tokens = self._load_tokens(lora, source) if words else []
+
+    @contextmanager
+    def _undo(self, keys: set[LayerKey], back):
+        """On a failure inside (a layer that could not be patched: out of memory, an adapter that breaks on
+        this layer), ``back()`` puts the adapters as they were and those layers are recomputed from their
+        originals: a failed call changes nothing, and the originals are never lost."""
+        try:
+            yield
+        except BaseException:
+            back()
+            self._sync(keys)
+            raise
 
     def _load_tokens(self, lora: Lora, source: str) -> list[str]:
         """Load the embeddings ``lora`` bundles (pivotal tuning's new words), as A1111 does: one that is already
@@ -283,6 +302,7 @@ class LoraSet:
             raise SdtuneError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._entries) or 'none'}")
         # all checked before any changes
         parsed = {name: self._weights(w, self._entries[name].weights) for name, w in weights.items()}
+        before = {name: self._entries[name].weights for name in parsed}
         changed: set[LayerKey] = set()
         for name, new in parsed.items():
             e = self._entries[name]
@@ -290,7 +310,12 @@ class LoraSet:
                 if new[comp] != e.weights[comp]:
                     changed.update(k for k in e.targets if k[0] == comp)
             e.weights = new
-        self._sync(changed)
+
+        def back():
+            for name, w in before.items():
+                self._entries[name].weights = w
+        with self._undo(changed, back):
+            self._sync(changed)
 
     def _family(self) -> Family | None:
         if self.family is None and "unet" in self.modules:
@@ -356,6 +381,7 @@ class LoraSet:
             self._dirty |= keys
             return
         jobs = []  # (weight, base, contribs, out or None): out None means "a fresh buffer" (first touch)
+        fresh, signatures = {}, {}  # first-touch layers, and what each job merges
         for key in keys:
             contribs = self._contributions(key)
             layer = self._layers.get(key)
@@ -371,12 +397,22 @@ class LoraSet:
                 original = self._module_of[key].weight.data
                 store = original.device if self.pristine_device is None else torch.device(self.pristine_device)
                 pristine = original if store == original.device else original.to(store, copy=True)
-                layer = self._layers[key] = _Layer(self._module_of[key], pristine)
-                jobs.append((layer.module.weight, original, contribs, None))
+                layer = fresh[key] = _Layer(self._module_of[key], pristine)
+                jobs.append((key, layer.module.weight, original, contribs, None))
             else:
-                jobs.append((layer.module.weight, layer.pristine, contribs, layer.module.weight.data))
-            layer.applied = signature
-        _run_jobs(jobs)
+                layer.applied = ()  # written in place: until the job is done, it holds no known sum
+                jobs.append((key, layer.module.weight, layer.pristine, contribs, layer.module.weight.data))
+            signatures[key] = signature
+        # A layer is recorded as patched only once its job is done: a first-touch layer whose job failed still
+        # holds its original, which must not be taken for a patched copy (the next patch would overwrite it)
+        failed = _run_jobs(jobs)
+        for key, signature in signatures.items():
+            if key not in failed:
+                if key in fresh:
+                    self._layers[key] = fresh[key]
+                self._layers[key].applied = signature
+        if failed:
+            raise next(iter(failed.values()))
 
 
 def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: torch.Tensor | None) -> None:
@@ -390,32 +426,43 @@ def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: to
         write_patched(out, base, contribs)
 
 
-def _run_jobs(jobs: list) -> None:
-    """Patch layers; on CPU, whole layers are spread over the intra-op threads, each GEMM single-threaded.
+def _run_jobs(jobs: list) -> dict[LayerKey, BaseException]:
+    """Patch layers (``(key, weight, base, contribs, out)`` jobs); every job is tried, and the failed ones'
+    errors are returned by layer. On CPU, whole layers are spread over the intra-op threads, each GEMM
+    single-threaded.
 
     Layers are independent, so workers never wait on each other, where one multi-threaded GEMM per small layer
     spends much of its time in thread barriers (worst on a busy machine). Every CPU GEMM then also runs with
     the same threading, so a layer gets the same bits however many layers are recomputed with it.
     """
-    if not jobs:
-        return
-    if any(w.device.type != "cpu" for w, *_ in jobs):
-        for job in jobs:
+    failed: dict[LayerKey, BaseException] = {}
+
+    def run(key, *job):
+        try:
             _patch_one(*job)
-        return
+        except Exception as e:  # noqa: BLE001 - handed to the caller, which puts the set back and raises it
+            failed[key] = e
+
+    if not jobs:
+        return failed
+    if any(job[1].device.type != "cpu" for job in jobs):
+        for job in jobs:
+            run(*job)
+        return failed
     workers = torch.get_num_threads()
-    jobs = sorted(jobs, key=lambda j: -j[1].numel())  # biggest first: workers finish together
+    jobs = sorted(jobs, key=lambda j: -j[2].numel())  # biggest first: workers finish together
     torch.set_num_threads(1)
     try:
         if workers <= 1 or len(jobs) == 1:
             for job in jobs:
-                _patch_one(*job)
+                run(*job)
         else:
             with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
-                for f in [pool.submit(_patch_one, *job) for job in jobs]:
+                for f in [pool.submit(run, *job) for job in jobs]:
                     f.result()
     finally:
         torch.set_num_threads(workers)
+    return failed
 
 
 def _restore(weight: torch.nn.Parameter, pristine: torch.Tensor) -> None:

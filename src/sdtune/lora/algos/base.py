@@ -98,6 +98,11 @@ class Algorithm:
     def io(self, t: dict[str, torch.Tensor]) -> Io:
         raise NotImplementedError
 
+    def fits(self, t: dict[str, torch.Tensor], shape: tuple) -> bool:
+        """Whether the adapter fits a weight of ``shape`` beyond what ``io`` says (checked before any layer is
+        patched); most algorithms need nothing more."""
+        return True
+
     def peft_factors(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lora_A, lora_B) for the diffusers/PEFT layout; None: the algorithm has no layout diffusers loads."""
         return None

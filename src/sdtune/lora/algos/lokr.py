@@ -28,6 +28,8 @@ class Lokr(Algorithm):
         whole_or_split = all((f"w{i}" in t) != ({f"w{i}a", f"w{i}b"} <= set(t)) for i in (1, 2))
         if not whole_or_split or set(t) - {"w1", "w1a", "w1b", "w2", "w2a", "w2b"}:
             raise KeyError("incomplete LoKr")
+        if "w2b" in t:  # LyCORIS's functional API writes a conv's as [rank, in, kh, kw]: a matrix over in·kh·kw
+            t["w2b"] = t["w2b"].flatten(1)
         return t
 
     def rank(self, t):

@@ -65,6 +65,9 @@ class PeftOft(Algorithm):
         k, b, _ = t["rotation"].shape
         return Io(None, None if k == 1 else k * b, None)  # one block: shared over any multiple of b
 
+    def fits(self, t, shape):
+        return math.prod(shape[1:]) % t["rotation"].shape[1] == 0  # a shared block repeats a whole number of times
+
     def file_key(self, role):
         raise SdtuneError("a PEFT OFT (turning input columns) has no kohya/LyCORIS layout that A1111 reads the same "
                           "way; keep it in its PEFT adapter files")
