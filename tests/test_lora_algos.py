@@ -9,6 +9,7 @@ from sdtune.lora import algos, formats
 from sdtune.lora.algos.base import Algorithm, Io
 from sdtune.lora.neutral import Adapter
 from sdtune.lora.patch import LoraSet
+from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny
 
 UNET_ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -174,3 +175,43 @@ def test_a_registered_algorithm_is_read_from_a_file_and_patched(rowcol, tmp_path
     torch.testing.assert_close(layer.weight.detach(), w0 * (1 + 0.5 * torch.outer(row, col)))
     loras.remove("toy")
     assert torch.equal(layer.weight.detach(), w0)  # restored bit for bit
+
+
+def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
+    """A file of a type other tools write but sdtune does not apply is refused by that type's name, not as "no
+    such layer" (which blamed the base model) or "is this a LoRA file?"; allowed partial, the rest applies."""
+    parts = tiny.build(seed=0)
+    s = LoraSet.attach(parts)
+    g = torch.Generator().manual_seed(0)
+
+    def k(path):
+        return "lora_unet_" + path.replace(".", "_")
+    conv, norm = "down_blocks.1.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.norm1"
+    w0 = parts["unet"].get_submodule(conv).weight.detach().clone()
+    full = {k(conv) + ".diff": rand(g, 64, 32, 3, 3), k(conv) + ".diff_b": rand(g, 64)}
+    cases = {
+        "full": (full, r"1 of 2 LoRA entries do not fit this model: 1 that are LyCORIS full's bias differences "
+                       r"\(diff_b\), which sdtune does not apply \(e\.g\. lora_unet_down_blocks_1_resnets_0_conv1"
+                       r"\.diff_b\); allow partial loading \(--allow-partial\) to apply the rest without them$"),
+        "norm": ({k(UNET_ATTN) + ".lokr_w1": rand(g, 4, 8), k(UNET_ATTN) + ".lokr_w2": rand(g, 8, 8),
+                  k(norm) + ".w_norm": rand(g, 32), k(norm) + ".b_norm": rand(g, 32)},
+                 r"2 that are LyCORIS norm-layer adapters \(train_norm: w_norm/b_norm\)"),
+        "doha": ({k(UNET_ATTN) + s: rand(g, *shape) for s, shape in (
+            (".hada_w1_a", (32, 4)), (".hada_w1_b", (4, 32)), (".hada_w2_a", (32, 4)), (".hada_w2_b", (4, 32)),
+            (".dora_scale", (1, 32)))}, r"holds LyCORIS DoRA on LoHa/LoKr .*, which sdtune does not apply; it reads "
+                                        r"LoRA, LoCon, LoHa, LoKr, DoRA, OFT, BOFT and LyCORIS full weight"),
+        "glora": ({k(UNET_ATTN) + s: rand(g, 4, 4) for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")},
+                  r"holds LyCORIS GLoRA, which sdtune does not apply"),
+        "ia3": ({k(UNET_ATTN) + ".weight": rand(g, 32), k(UNET_ATTN) + ".on_input": torch.tensor(True)},
+                r"holds IA3, which"),
+        "old-oft": ({f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)},
+                    r"holds PEFT's older OFT \(oft_r/oft_s\), which"),
+    }
+    for name, (sd, message) in cases.items():
+        save_file(sd, tmp_path / f"{name}.safetensors")
+        with pytest.raises(SdtuneError, match=message):
+            s.add(name, tmp_path / f"{name}.safetensors")
+        assert not len(s)
+    with pytest.warns(UserWarning, match=r"that are LyCORIS full's bias differences .*applying only the 1 that fit"):
+        s.add("full", tmp_path / "full.safetensors", allow_partial=True)
+    torch.testing.assert_close(parts["unet"].get_submodule(conv).weight, w0 + full[k(conv) + ".diff"])

@@ -52,6 +52,8 @@ def removed_and_described(base, name, w0, path, kind, label):
         assert torch.equal(weight(base.unet, t), w0[t])
     info = describe(path)
     assert info["kinds"] == {kind: len(w0)} and info["lycoris"] == label and info["unknown_keys"] == []
+    if kind == "oft":  # its alpha is a constraint, not a factor on a ΔW: no scale is shown
+        assert info["scales"] == []
 
 
 # ---------------------------------------------------------------- PEFT: its own merge is the oracle

@@ -395,7 +395,7 @@ def test_unknown_keys_are_reported_never_dropped(tmp_path, shapes):
     assert set(lora.unknown) == {f"{name}.unknown_suffix", "some_other_thing.weight",
                                  "lora_unet_down_blocks_7_attentions_0_to_q.lora_down.weight"}
     report = keys.match(lora, shapes)
-    assert set(lora.unknown) <= set(report.unmatched)
+    assert set(lora.unknown) == set(report.unread) and not report.ok
     with pytest.raises(SdtuneError, match="dora_scale|some_other_thing"):
         report.raise_if_bad(source="x.safetensors")
     with pytest.warns(UserWarning, match="applying only"):

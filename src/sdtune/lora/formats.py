@@ -152,6 +152,9 @@ def _not_a_lora_message(sd: dict, source: str) -> str:
     first = ", ".join(list(sd)[:3])
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in sd):
         return f"{source}: this is a full Stable Diffusion checkpoint, not a LoRA; load it as the base model"
+    what = algos.not_read(sd)
+    if what:
+        return f"{source}: holds {what}, which sdtune does not apply; it reads {algos.READ}"
     return f"{source}: no LoRA weights found (first keys: {first}); is this a LoRA file?"
 
 

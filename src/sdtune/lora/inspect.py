@@ -68,7 +68,8 @@ def describe(path: str | Path) -> dict:
         "ranks": sorted({ad.rank for _, _, ad in lora.items() if ad.rank is not None}),
         "alphas": sorted({float(ad.alpha) for _, _, ad in lora.items() if ad.alpha is not None}),
         "alpha_missing": sum(1 for _, _, ad in lora.items() if ad.alpha is None),
-        "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items()}),
+        # an OFT's alpha is its constraint, not a factor on a ΔW (its scale slot carries it): no scale to show
+        "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if ad.kind != "oft"}),
         "conv_layers": conv3,
         "conv1x1_layers": conv1,
         "lycoris": ", ".join(lycoris) or None,

@@ -28,6 +28,7 @@ from ..families import Family
 from ..families.build import build_parts
 from ..ldm import unet_module_map
 from ..safeio import SdtuneError
+from . import algos
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
 
 UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
@@ -343,20 +344,27 @@ class MatchReport:
     """How a LoRA fits a model: what matched, what did not, and the likely reason."""
 
     matched: list[tuple[str, str]] = field(default_factory=list)  # (component, module path)
-    unmatched: list[str] = field(default_factory=list)  # "component:path" with no such layer, or unread file keys
+    unmatched: list[str] = field(default_factory=list)  # "component:path" with no such layer
+    unread: list[str] = field(default_factory=list)  # file keys no reader understood (``Lora.unknown``)
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (component:path, lora, model)
     family_guess: Family | None = None  # what the file looks made for
     model_family: Family | None = None  # what the model looks like (None: widths of no known family)
 
     @property
     def ok(self) -> bool:
-        return not self.unmatched and not self.shape_mismatch
+        return not self.unmatched and not self.shape_mismatch and not self.unread
 
     def summary(self) -> str:
-        bad = len(self.unmatched) + len(self.shape_mismatch)
+        bad = len(self.unmatched) + len(self.shape_mismatch) + len(self.unread)
         parts = []
-        if self.unmatched:
-            parts.append(f"{len(self.unmatched)} with no such layer (e.g. {', '.join(self.unmatched[:3])})")
+        what = algos.not_read(self.unread)
+        if what:  # a known type sdtune does not apply: its name says more than "no such layer"
+            parts.append(f"{len(self.unread)} that are {what}, which sdtune does not apply "
+                         f"(e.g. {', '.join(self.unread[:2])})")
+        # keys of no known form are most often another model's layer names
+        no_layer = self.unmatched + ([] if what else self.unread)
+        if no_layer:
+            parts.append(f"{len(no_layer)} with no such layer (e.g. {', '.join(no_layer[:3])})")
         if self.shape_mismatch:
             eg = "; ".join(f"{p} {tuple(a)} vs model {tuple(b)}" for p, a, b in self.shape_mismatch[:2])
             parts.append(f"{len(self.shape_mismatch)} with another shape (e.g. {eg})")
@@ -378,8 +386,13 @@ class MatchReport:
             return
         # partial loading is worth offering for a LoRA of this model's family, not for the few layers another
         # family's file happens to share in name and shape
-        fix = ("use a LoRA made for this base model" if not self.matched or self.cause() else
-               "use a LoRA made for this base model, or allow partial loading (--allow-partial) to apply the rest")
+        if algos.not_read(self.unread) and not self.unmatched and not self.shape_mismatch:
+            fix = ("allow partial loading (--allow-partial) to apply the rest without them" if self.matched else
+                   f"sdtune reads {algos.READ}")
+        else:
+            fix = ("use a LoRA made for this base model" if not self.matched or self.cause() else
+                   "use a LoRA made for this base model, or allow partial loading (--allow-partial) to apply the "
+                   "rest")
         raise SdtuneError(f"{message}; {fix}")
 
 
@@ -400,7 +413,7 @@ def match(lora: Lora, model_modules: dict) -> MatchReport:
             report.shape_mismatch.append((f"{comp}:{path}", adapter_shape(ad), tuple(table[found])))
         else:
             report.matched.append((comp, path))
-    report.unmatched.extend(getattr(lora, "unknown", []) or [])
+    report.unread = list(getattr(lora, "unknown", []) or [])
     return report
 
 

@@ -16,7 +16,7 @@ from .lora import Lora
 from .oft import Oft
 from .peft_oft import PeftOft
 
-__all__ = ["ALGORITHMS", "Algorithm", "Io", "get", "kohya_roles", "register"]
+__all__ = ["ALGORITHMS", "READ", "Algorithm", "Io", "get", "kohya_roles", "not_read", "register"]
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
@@ -37,6 +37,33 @@ def get(name: str) -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(ALGORITHMS)}") from None
+
+
+READ = "LoRA, LoCon, LoHa, LoKr, DoRA, OFT, BOFT and LyCORIS full weight differences"
+# Layouts other tools write that sdtune knows by their key endings but does not apply: (ending, what it is). A
+# file holding them is refused (or, allowed partial, applied without them) with their name, not as "no such
+# layer" or "not a LoRA"
+_NOT_READ = (
+    (".diff_b", "LyCORIS full's bias differences (diff_b)"),
+    (".w_norm", "LyCORIS norm-layer adapters (train_norm: w_norm/b_norm)"),
+    (".b_norm", "LyCORIS norm-layer adapters (train_norm: w_norm/b_norm)"),
+    (".a1.weight", "LyCORIS GLoRA"),
+    (".b1.weight", "LyCORIS GLoRA"),
+    (".on_input", "IA3"),
+    (".oft_r", "PEFT's older OFT (oft_r/oft_s)"),
+    (".oft_s", "PEFT's older OFT (oft_r/oft_s)"),
+)
+
+
+def not_read(keys) -> str | None:
+    """What known adapter type the unread file ``keys`` are, None when they are no type sdtune knows of."""
+    keys = list(keys)
+    for ending, what in _NOT_READ:
+        if any(k.endswith(ending) for k in keys):
+            return what
+    if any(k.endswith(".dora_scale") for k in keys) and any((".hada_" in k or ".lokr_" in k) for k in keys):
+        return "LyCORIS DoRA on LoHa/LoKr (dora_scale beside hada_/lokr_ keys)"
+    return None
 
 
 def kohya_roles() -> dict[str, tuple[str, str]]:
