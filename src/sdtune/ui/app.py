@@ -96,16 +96,17 @@ def _generate_tab(studio: Studio):
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed")
                 count = gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count")
-                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: model's)", elem_id="gen-width")
-                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: model's)", elem_id="gen-height")
+            with gr.Row():  # a row of their own: beside the seed their number boxes pushed the sliders out of view
+                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="gen-width")
+                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="gen-height")
             with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
                               "text-encoder (TE) weight takes each new weight (set it after the weight); block weights: a "
                               "preset or a comma vector as in <lora:name:w:lbw=...> (empty: none)", open=True):
                 slots = []
                 for i in range(LORA_SLOTS):
                     with gr.Row(equal_height=True):
-                        name = gr.Dropdown([""] + studio.lora_names(), value="", show_label=False,
-                                           elem_id=f"gen-lora-{i}", scale=2, container=False)
+                        name = gr.Dropdown([""] + studio.lora_names(), value="", label=f"LoRA {i + 1}",
+                                           elem_id=f"gen-lora-{i}", scale=2)
                         weight = gr.Slider(-2, 2, 1.0, step=0.05, label="weight", elem_id=f"gen-lora-{i}-w", scale=2)
                         te = gr.Slider(-2, 2, 1.0, step=0.05, label="TE weight", elem_id=f"gen-lora-{i}-te", scale=2)
                         blocks = gr.Dropdown([""] + studio.block_presets(), value="", allow_custom_value=True,
@@ -123,7 +124,9 @@ def _generate_tab(studio: Studio):
                 add_neg = gr.Button("Add to negative", size="sm", scale=1)
                 refresh = gr.Button("Refresh lists", size="sm", scale=1)
         with gr.Column(scale=2):
-            images = gr.Gallery(label="Images", columns=2, height=300, object_fit="contain",
+            # the gallery's height follows its images: at a fixed height one image (a column of its own) was
+            # drawn taller than the box and shown cut, behind a scroll bar
+            images = gr.Gallery(label="Images", columns=2, height="auto", object_fit="contain",
                                 elem_id="gen-gallery")
             params = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="gen-params")
             reuse = gr.Button("Reuse these settings", elem_id="gen-reuse")
@@ -565,7 +568,8 @@ def build(studio: Studio) -> gr.Blocks:
             model = gr.Dropdown(studio.model_choices(), value=studio.model, label="Base model", elem_id="model",
                                 info="built-in, --model, or a model in --model-dir; it loads on first use",
                                 scale=2)
-            model_status = gr.Textbox("", show_label=False, interactive=False, elem_id="model-status", scale=2)
+            model_status = gr.Textbox(f"base model: {studio.model}", show_label=False, interactive=False,
+                                      elem_id="model-status", scale=2)
 
         @_handler(1)
         def switch_model(choice):
