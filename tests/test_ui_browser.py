@@ -261,6 +261,17 @@ def test_generate_with_a_lora_at_weight_0_8(server, browser, shots):
     (png,) = sorted((server["out"] / "generate").glob("*.png"))
     assert parse_infotext(read_infotext(png)) == params  # the file says what the page says
     _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#gen-gallery img"), 10, "the image")
+    # the layout shows what it holds: the one image whole inside its gallery (a fixed height showed it cut, behind
+    # a scroll bar), each size slider inside its box (beside the seed they were pushed out), the pickers labelled
+    inside = """const [a, b] = [arguments[0], arguments[1]].map(e => e.getBoundingClientRect());
+                return a.left >= b.left - 1 && a.right <= b.right + 1 && a.top >= b.top - 1 && a.bottom <= b.bottom + 1"""
+    time.sleep(0.5)  # the image settles to its size
+    assert d.execute_script(inside, d.find_element(By.CSS_SELECTOR, "#gen-gallery img"),
+                            d.find_element(By.ID, "gen-gallery"))
+    for slider in ("gen-width", "gen-height"):
+        assert d.execute_script(inside, d.find_element(By.CSS_SELECTOR, f"#{slider} input[type=range]"),
+                                d.find_element(By.ID, slider))
+    assert d.find_element(By.ID, "gen-lora-0").text.startswith("LoRA 1")
     _shot(d, shots, "generate")
 
 
