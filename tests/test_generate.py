@@ -420,3 +420,15 @@ def test_an_image_that_comes_out_nan_is_said_and_drawn_black(base):
     assert [w.category for w in caught] == [SdtuneWarning], said
     assert said[0].startswith("seed 3: the model's output is not a number (NaN), drawn black")
     assert not np.asarray(res.image).any()
+
+
+def test_progress_counts_steps_also_for_a_second_order_sampler(base):
+    """Heun evaluates the model twice a step (2·steps − 1 calls): the progress counts the user's steps, to the
+    total and never past it."""
+    for scheduler in ("ddim", "heun"):
+        seen = []
+        generate(base, "a red circle", steps=3, seed=1, num_images=2, batch_size=1, scheduler=scheduler,
+                 progress=False, on_step=lambda done, total: seen.append((done, total)))
+        assert seen == sorted(seen) and seen[-1] == (6, 6) and all(d <= t for d, t in seen)
+        # ddim: one call a step; heun: its first call of an image finishes no step yet
+        assert {d for d, _ in seen} == ({1, 2, 3, 4, 5, 6} if scheduler == "ddim" else {0, 1, 2, 3, 4, 5, 6})
