@@ -2,10 +2,12 @@
 nothing lost, no library noise. Each case here was once a traceback, a silent wrong result or a wait."""
 
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 import warnings
 
@@ -51,6 +53,46 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     assert proc.returncode in (130, 2), err  # 2: the command had already finished (a very fast machine)
     assert "Traceback" not in err and err.strip() in ("sdtune: interrupted",
                                                       "sdtune: error: nothing.safetensors: no such file; check the path")
+
+
+def test_python_dash_m_sdtune_is_the_command_and_a_closed_pipe_ends_it_quietly(lora_file):
+    """``python -m sdtune`` runs the command (its Ctrl-C while importing is one line too), and output piped into a
+    reader that has stopped (``| head``) ends it without a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "inspect", str(lora_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "inspect", "nothing.safetensors"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and proc.returncode in (130, 2), err
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, lora_file, capsys, monkeypatch):
+    """safetensors' own write error is no OSError, and PIL's names no file: both used to end in a traceback. Nothing
+    is left behind."""
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safeio, "save_file", full)
+    out = tmp_path / "x.safetensors"
+    assert main(["convert", str(lora_file), str(out), "--to", "diffusers"]) == 2
+    assert _error(capsys).startswith(f"sdtune: error: {out}: could not be written (Error while serializing: I/O "
+                                     f"error: No space left on device (os error 28)); free some space")
+    monkeypatch.undo()
+
+    def no_space(self, fp, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    assert main(["generate", "--model", "tiny-random", "--prompt", "a", "--steps", "1", "--seed", "1",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert re.fullmatch(rf"sdtune: error: {tmp_path / 'g'}/00000-1\.png: No space left on device; .*\n", _error(capsys))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["g"]
 
 
 def test_files_that_are_not_weights_say_what_they_are(tmp_path, code_pickle):

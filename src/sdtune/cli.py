@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdtune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output piped into `head`, which has read enough: a quiet end, as `cat` has
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141
     except OSError as e:
         if args.debug or not e.filename:  # not about a path: a defect, whose traceback says where
             raise

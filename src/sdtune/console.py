@@ -24,7 +24,8 @@ def quiet_interrupt_while_starting() -> None:
     """For the ``sdtune`` command only: a Ctrl-C during the seconds torch and diffusers take to import says
     ``sdtune: interrupted``, as one later does (``cli.main`` catches those), instead of a traceback through
     the libraries' imports. ``cli.main`` puts Python's own handler back."""
-    if os.path.basename(sys.argv[0] if sys.argv else "") == "sdtune" and \
+    # the console script, or ``python -m sdtune[.cli]``, whose package is imported while sys.argv[0] is "-m"
+    if (os.path.basename(sys.argv[0]) if sys.argv else "") in ("sdtune", "-m") and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 try:  # POSIX only; see folder_lock
@@ -157,7 +157,12 @@ def atomic_path(path: str | Path):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as e:  # a full disk, say, raised by a writer that names no file (PIL): the output is named
+            if not e.filename:
+                e.filename = str(path)
+            raise
         # mkstemp makes 0600, and writers that recreate the file (safetensors' save_file) keep that: outputs get
         # the usual permissions, so another account's A1111 or ComfyUI can read a LoRA written here
         os.chmod(tmp, 0o666 & ~umask)
@@ -220,7 +225,10 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
     """Write ``tensors`` atomically, byte for byte the same file for the same tensors and metadata."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # safetensors' own error for a failed write (a full disk): not an OSError
+            raise SdtuneError(f"{path}: could not be written ({e}); free some space or choose another place") from None
         if metadata:
             _sort_header(Path(tmp))
 
