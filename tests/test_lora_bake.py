@@ -200,6 +200,23 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
         bake.merge(base_file, [(loras[1], 1.0)], tmp_path / "x.ckpt", fmt="single")
     with pytest.raises(SdtuneError, match="input checkpoint"):
         bake.merge(base_file, [(loras[1], 1.0)], base_file, fmt="single")
+    # the LoRA as --out: it was replaced by the checkpoint (and the command said nothing)
+    lora_copy = tmp_path / "copy.safetensors"
+    lora_copy.write_bytes(loras[1].read_bytes())
+    with pytest.raises(SdtuneError, match=rf"^{lora_copy}: is an input of this command \({lora_copy}\); write the "
+                                          r"merge to a new file$"):
+        bake.merge(base_file, [(lora_copy, 1.0)], lora_copy, fmt="single")
+    # a LoRA kept in the model folder --out names: the folder is replaced whole, and the LoRA went with it
+    folder = bake.merge(base_file, [(loras[1], 1.0)], tmp_path / "merged")
+    kept = folder / "mine.safetensors"
+    kept.write_bytes(loras[1].read_bytes())
+    with pytest.raises(SdtuneError, match=r"merged: holds .*mine\.safetensors, an input of this command, and a "
+                                          r"merge replaces the whole folder"):
+        bake.merge(base_file, [(kept, 1.0)], folder)
+    assert kept.read_bytes() == loras[1].read_bytes() == lora_copy.read_bytes()
+    kept.unlink()
+    lora_copy.unlink()
+    shutil.rmtree(folder)
     with pytest.raises(SdtuneError, match=r"adapter weight \(1\.0, 2\.0, 3\.0\): give one number"):
         bake.merge(base_file, [(loras[1], (1.0, 2.0, 3.0))], tmp_path / "x.safetensors", fmt="single")
     assert list(tmp_path.iterdir()) == []

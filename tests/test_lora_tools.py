@@ -297,6 +297,23 @@ def test_extract_of_identical_models_is_an_error(tmp_path, capsys):
     assert "no layer differs" in err and err.count("\n") == 1
 
 
+def test_extract_refuses_to_write_over_its_inputs_and_bad_numbers(tmp_path, capsys):
+    """--out naming --tuned replaced the fine-tuned checkpoint with the LoRA; --min-diff nan kept unchanged
+    layers; --conv-rank None leaked into the message."""
+    tuned = tmp_path / "tuned.safetensors"
+    save_single_file(load_base("tiny-random", device="cpu", dtype="fp32"), tuned)
+    before = tuned.read_bytes()
+    for args, said in (
+        (["--out", str(tuned)], f"{tuned}: is an input of this command; write to a new file"),
+        (["--out", str(tmp_path / "x.safetensors"), "--min-diff", "nan"], "--min-diff nan: must be a number from 0"),
+        (["--out", str(tmp_path / "x.safetensors"), "--min-diff", "-1"], "--min-diff -1.0: must be a number from 0"),
+        (["--out", str(tmp_path / "x.safetensors"), "--rank", "0"], "--rank 0: must be 1 or more"),
+    ):
+        assert main(["lora", "extract", "--base", "tiny-random", "--tuned", str(tuned), "--rank", "4", *args]) == 2
+        assert said in capsys.readouterr().err
+    assert tuned.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tuned.safetensors"]
+
+
 def test_merge_reruns_write_the_same_bytes(base, tmp_path):
     # safetensors keeps metadata in a hash map: unsorted, each run's header (and AutoV2 hash) came out different
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)

@@ -105,6 +105,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         blocks = _blocks_of(entry)
         src = entry[0]
         pairs.append(_Pair(src, as_weights(entry[1]), str(src) if not isinstance(src, Lora) else f"lora{i}", blocks))
+    _check_not_an_input(out, [p.src for p in pairs])  # the model's own checks come with its layout
     _note_words_left_out(pairs)
     if not isinstance(base_or_spec, (str, Path)):
         return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
@@ -736,6 +737,22 @@ def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dst / rel)  # the kernel copies (sendfile); symlinks into a hub cache are followed
     return sorted(left_out)
+
+
+def _check_not_an_input(out: Path, inputs) -> None:
+    """Refuse an output that would replace one of the LoRAs: named as ``out``, or kept in the model folder ``out``
+    names (that folder is replaced whole)."""
+    if not out.exists():
+        return
+    for given in inputs:
+        if not isinstance(given, (str, Path)) or not Path(given).expanduser().exists():
+            continue  # a loaded model or LoRA, a built-in name or a hub id
+        path = Path(given).expanduser()
+        if out.samefile(path):
+            raise SdtuneError(f"{out}: is an input of this command ({given}); write the merge to a new file")
+        if out.is_dir() and path.resolve().is_relative_to(out.resolve()):
+            raise SdtuneError(f"{out}: holds {given}, an input of this command, and a merge replaces the whole "
+                              f"folder; write the merge to a new folder, or move the input out first")
 
 
 def _check_out_folder(out: Path, source: Path | None) -> None:

@@ -312,8 +312,12 @@ def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int,
     W_tuned − W_base to ``rank`` (``conv_rank`` for kernels above 1x1; default ``rank``). Layers whose largest
     difference is at most ``min_diff`` are left out. The text encoders only with ``text_encoder``."""
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise SdtuneError(f"--rank {rank} / --conv-rank {conv_rank}: must be 1 or more")
-    check_output(out)
+        raise SdtuneError(f"--rank {rank}" + (f" / --conv-rank {conv_rank}" if conv_rank is not None else "")
+                          + ": must be 1 or more")
+    if not math.isfinite(min_diff) or min_diff < 0:
+        raise SdtuneError(f"--min-diff {min_diff}: must be a number from 0 (the largest change a layer must exceed "
+                          f"to be kept)")
+    check_output(out, inputs=[base_spec, tuned_spec])
     # fp32 on the CPU: the difference of two fp16 weights would lose the small changes a fine-tune makes
     base, tuned = (load_base(s, device="cpu", dtype="fp32") for s in (base_spec, tuned_spec))
     if base.family != tuned.family:
