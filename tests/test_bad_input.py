@@ -182,3 +182,25 @@ def test_an_embedding_given_as_a_lora_is_refused_as_one(tmp_path, capsys):
     assert capsys.readouterr().err == (f"sdtune: error: {emb}: holds Textual Inversion embeddings (<tri>) and no "
                                        f"LoRA weights; load it as an embedding\n")
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+
+
+def test_a_lora_holding_nan_is_refused_by_every_command(tmp_path, lora_file, capsys):
+    """It drew black images, a merge or bake carried it on, and resize failed inside the SVD with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(lora_file))
+    key = next(k for k in sd if k.endswith("lora_up.weight"))
+    sd[key][0, 0] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    save_file(sd, str(nan))
+    said = f"{nan}: 1 of its tensors hold NaN or infinite values (e.g. {key}); the file is broken: re-train or " \
+           f"re-download it"
+    for args in (["inspect", str(nan)], ["lora", "resize", str(nan), "--rank", "1", "--out", str(tmp_path / "r.safetensors")],
+                 ["lora", "merge", str(nan), str(lora_file), "--out", str(tmp_path / "m.safetensors")],
+                 ["merge", "--model", "tiny-random", "--lora", str(nan), "--out", str(tmp_path / "b")],
+                 ["generate", "--model", "tiny-random", "--lora", str(nan), "--prompt", "a", "--steps", "1",
+                  "--out", str(tmp_path / "g")]):
+        assert main(args) == 2, args
+        assert _error(capsys) == f"sdtune: error: {said}\n"
+    # generate makes its (empty) output folder first, so that a place it cannot write is said before the work
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["g", "nan.safetensors"]

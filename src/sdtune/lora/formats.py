@@ -145,6 +145,12 @@ def _plain_tensors(sd, source: str) -> dict:
     if bad:
         raise SdtuneError(f"{source}: entry {bad[0]!r} is a {type(sd[bad[0]]).__name__}, not a tensor; "
                           f"this is not a LoRA weight file sdtune can read")
+    # a broken file (a training run that diverged, a bad download): it would draw black images, and a merge,
+    # a bake or a resize would carry it on
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise SdtuneError(f"{source}: {len(broken)} of its tensors hold NaN or infinite values (e.g. {broken[0]}); "
+                          f"the file is broken: re-train or re-download it")
     return sd
 
 
