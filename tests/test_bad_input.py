@@ -204,3 +204,30 @@ def test_a_lora_holding_nan_is_refused_by_every_command(tmp_path, lora_file, cap
         assert _error(capsys) == f"sdtune: error: {said}\n"
     # generate makes its (empty) output folder first, so that a place it cannot write is said before the work
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["g", "nan.safetensors"]
+
+
+def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_path, capsys):
+    """--batch-size 100000 on 4 images was killed by the kernel at 24 GB, --resolution 100000 ran out of memory
+    in PIL, and --num-vectors 100 failed with a traceback after the first validation, its --out half written."""
+    from sdtune.tiny import world
+
+    data = world.write_dataset(tmp_path / "data", world.concept_scenes(4, seed=3, shape="star"))
+    common = ["--data", str(data), "--model", "tiny-random", "--steps", "1", "--no-progress", "--no-report"]
+    for kind, args, said in (
+        ("lora", ["--batch-size", "100000"], f"--batch-size 100000: more than the 3 training image(s) of {data}; use "
+                                             f"at most 3"),  # 4, one held out for validation
+        ("lora", ["--resolution", "100000"], "--resolution 100000: at most 8192 pixels"),
+        ("ti", ["--token", "<x>", "--init-token", "star", "--num-vectors", "100"],
+         "--num-vectors 100: must be from 1 to 75 (a prompt chunk's tokens)"),
+    ):
+        out = tmp_path / f"out-{kind}"
+        assert main(["train", kind, *common, "--out", str(out), *args]) == 2
+        assert said in _error(capsys)
+        assert not out.exists() or not any(out.iterdir())
+    # a loaded embedding longer than a chunk is refused by name, not a traceback in the prompt's tokenizing
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(100, 64)}, str(tmp_path / "long.safetensors"))
+    assert main(["generate", "--model", "tiny-random", "--embedding", str(tmp_path / "long.safetensors"),
+                 "--prompt", "a long", "--steps", "1", "--out", str(tmp_path / "g")]) == 2
+    assert "long.safetensors: 100 vectors; a prompt chunk holds 75 tokens" in _error(capsys)

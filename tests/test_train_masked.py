@@ -4,6 +4,7 @@ masked to 0 adds nothing to the loss or its gradient."""
 import warnings
 from types import SimpleNamespace
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -115,6 +116,19 @@ def test_masks_from_alpha_or_mask_files_on_the_latent_grid(base, tmp_path):
     said = [str(w.message) for w in caught if issubclass(w.category, SdtuneWarning)]
     assert len(said) == 1 and "1 with a NAME.mask file and 1 with transparency of 3 images" in said[0]
     assert "--masked-loss" in said[0] and off.batch(0, 3).mask is None
+
+
+def test_masked_loss_with_nothing_to_mask_says_so(base, tmp_path):
+    """It trained exactly as without the flag, and the user believed the loss masked."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in "ab":
+        _image(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("a red square")
+    s = LoraSettings(data=str(data), out=str(tmp_path / "o"), masked_loss=True)
+    with pytest.warns(UserWarning, match=r"data: no image has a NAME\.mask\.png or transparency, so --masked-loss "
+                                         r"has nothing to mask: the whole of each image is learned"):
+        training_set(base, s, scan_folder(data), None)
 
 
 def test_an_image_masked_out_entirely_trains_nothing(base, tmp_path):

@@ -29,6 +29,8 @@ from ..console import note
 from ..safeio import SdtuneError
 from .formats import Embedding, check_token, describe_widths, made_for
 
+MAX_VECTORS = 75  # tokens in one CLIP chunk: a multi-vector embedding is kept whole in one (A1111 too)
+
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pti")
 
 
@@ -197,8 +199,8 @@ class EmbeddingSet:
 
     def add_placeholder(self, token: str, init_token: str, num_vectors: int = 1) -> list[int]:
         """A new trainable token, each of its rows a copy of ``init_token``'s (one token); returns the new ids."""
-        if num_vectors < 1:
-            raise SdtuneError(f"--num-vectors {num_vectors}: must be at least 1")
+        if not 1 <= num_vectors <= MAX_VECTORS:
+            raise SdtuneError(f"--num-vectors {num_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's tokens)")
         if not token or any(c.isspace() for c in token):
             raise SdtuneError(f"--token {token!r}: must be one word without spaces, e.g. '<my-concept>'")
         parts = {}
@@ -271,7 +273,11 @@ class EmbeddingSet:
             table.rebuild(names, rows[table.key])
 
     def _check_fits(self, emb: Embedding) -> None:
-        """The embedding has rows, of the right width, for exactly this model's text encoders."""
+        """The embedding has rows, of the right width, for exactly this model's text encoders, and no more than a
+        prompt chunk holds."""
+        if emb.num_vectors > MAX_VECTORS:
+            raise SdtuneError(f"{emb.source}: {emb.num_vectors} vectors; a prompt chunk holds {MAX_VECTORS} tokens and "
+                              f"an embedding must fit in one (as in A1111); use an embedding of at most {MAX_VECTORS}")
         # the model is named by its widths, not its Base's family: a test may swap in a wider text encoder
         model = {table.key: table.weight.shape[1] for table in self._tables}
         if emb.widths != model:

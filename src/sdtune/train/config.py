@@ -28,7 +28,10 @@ from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
+from ..ti.tokens import MAX_VECTORS
 from . import presets
+
+MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -142,6 +145,9 @@ class TrainSettings:
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
         if not self.steps and not self.epochs:
             raise SdtuneError("--steps 0 and --epochs 0: give one of them")
+        if self.resolution > MAX_RESOLUTION:
+            raise SdtuneError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} pixels (SD 1.x trains at 512, "
+                              f"SDXL at 1024)")
         if not 0 <= self.caption_dropout < 1:
             raise SdtuneError(f"--caption-dropout {self.caption_dropout}: must be in [0, 1)")
         if not 0 <= self.validation_split < 1:
@@ -183,8 +189,9 @@ class TISettings(TrainSettings):
             raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
         if not self.init_token.strip():
             raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
-        if self.num_vectors < 1:
-            raise SdtuneError(f"--num-vectors {self.num_vectors}: must be at least 1")
+        if not 1 <= self.num_vectors <= MAX_VECTORS:
+            raise SdtuneError(f"--num-vectors {self.num_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's "
+                              f"tokens)")
         _choice("property", self.property, ("object", "style"))
         for f in self.formats:
             _choice("formats", f, ("diffusers", "a1111"))
@@ -277,8 +284,9 @@ class LoraSettings(TrainSettings):
                               f"'<my-concept>'")
         if not self.ti_init.strip():
             raise SdtuneError("--ti-token needs --ti-init WORD (an existing word close to the concept)")
-        if self.ti_vectors < 1:
-            raise SdtuneError(f"--ti-vectors {self.ti_vectors}: must be at least 1")
+        if not 1 <= self.ti_vectors <= MAX_VECTORS:
+            raise SdtuneError(f"--ti-vectors {self.ti_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's "
+                              f"tokens)")
         if not self.ti_lr >= 0 or not math.isfinite(self.ti_lr):
             raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
         if self.ti_steps < 0:

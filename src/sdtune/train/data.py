@@ -658,6 +658,16 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
     (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
     native, step = model_steps(base)
     masked = getattr(settings, "masked_loss", False)
+    images = sum(ex.repeats for ex in scan.examples)
+    if settings.batch_size > images and seed is None:  # a batch of copies: the memory of many, the use of one
+        raise SdtuneError(f"--batch-size {settings.batch_size}: more than the {images} training image(s) of "
+                          f"{settings.data}" + (" (with their repeats)" if images > len(scan.examples) else "")
+                          + f"; use at most {images}")
+    if masked and seed is None:
+        files, alpha = masks.count([ex.path for ex in scan.examples], IMAGE_SUFFIXES)
+        if not files and not alpha:
+            note(f"{settings.data}: no image has a NAME.mask.png or transparency, so --masked-loss has nothing to "
+                 f"mask: the whole of each image is learned")
     if not masked:
         files, alpha = masks.count([ex.path for ex in scan.examples], IMAGE_SUFFIXES)
         if files or alpha:
