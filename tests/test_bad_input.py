@@ -231,3 +231,33 @@ def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_pat
     assert main(["generate", "--model", "tiny-random", "--embedding", str(tmp_path / "long.safetensors"),
                  "--prompt", "a long", "--steps", "1", "--out", str(tmp_path / "g")]) == 2
     assert "long.safetensors: 100 vectors; a prompt chunk holds 75 tokens" in _error(capsys)
+
+
+def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
+    """--param without --dynamic was ignored; --max-upload-mb -5 started the server; --width -64 suggested 8;
+    --debug after the command was an unknown argument."""
+    assert main(["lora", "resize", str(lora_file), "--rank", "1", "--param", "0.5",
+                 "--out", str(tmp_path / "r.safetensors")]) == 2
+    assert "--param 0.5 is the target of a --dynamic mode; add --dynamic" in _error(capsys)
+    assert main(["ui", "--max-upload-mb", "-5", "--out", str(tmp_path / "ui")]) == 2
+    assert "--max-upload-mb -5.0: must be a size in MB greater than 0" in _error(capsys)
+    assert main(["generate", "--model", "tiny-random", "--prompt", "a", "--width", "-64",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "width -64 is not a positive multiple of 8; leave it out (or 0) for the model's size" in _error(capsys)
+    with pytest.raises(SdtuneError, match="no such file"):  # --debug after the command: the traceback's error
+        main(["inspect", str(tmp_path / "nothing.safetensors"), "--debug"])
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_a_text_encoder_learning_rate_for_a_unet_only_run_is_said(tmp_path):
+    from sdtune.models import load_base
+    from sdtune.tiny import world
+    from sdtune.train.config import LoraSettings
+    from sdtune.train.lora import train_lora
+
+    data = world.write_dataset(tmp_path / "data", world.concept_scenes(4, seed=3, shape="star"))
+    s = LoraSettings(data=str(data), out=str(tmp_path / "o"), steps=1, te_lr=1e-4, report=False, progress=False,
+                     validation_split=0.0)
+    with pytest.warns(UserWarning, match=r"--te-lr: the text encoders' learning rate, but this run trains the UNet "
+                                         r"only \(add --text-encoder to train them too\); not used"):
+        train_lora(load_base("tiny-random"), s)

@@ -391,6 +391,10 @@ def cmd_ui(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     restore_interrupt()  # a Ctrl-C from now on is a KeyboardInterrupt, caught below after cleanups ran
     cli_warnings()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv[1:]:  # also after the command (`sdtune inspect F --debug`), where users add it
+        argv.remove("--debug")
+        argv.insert(0, "--debug")
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

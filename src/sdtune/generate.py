@@ -159,7 +159,9 @@ MAX_SIDE = 8192  # pixels; above this one image takes hours and more memory than
 
 def check_size(width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % 8:
+        if v < 0:
+            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; leave it out (or 0) for the model's size")
+        if v == 0 or v % 8:
             raise SdtuneError(f"{name} {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
         if v > MAX_SIDE:
             raise SdtuneError(f"{name} {v}: at most {MAX_SIDE} pixels (the model's own size is usual; upscale after)")

@@ -259,6 +259,9 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
     if dynamic is None and rank is None:
         raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
+    if dynamic is None and param is not None:
+        raise SdtuneError(f"{path}: --param {param:g} is the target of a --dynamic mode; add --dynamic "
+                          f"{'|'.join(DYNAMIC)}, or leave --param out")
     if dynamic is not None and (dynamic not in DYNAMIC or param is None or not param > 0 or param == math.inf):
         raise SdtuneError(f"{path}: --dynamic takes one of {', '.join(DYNAMIC)} and a positive --param "
                           f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")

@@ -49,6 +49,8 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
     credentials = parse_auth(auth)
     if not 0 < port < 65536:
         raise SdtuneError(f"--port {port}: use a port between 1 and 65535, e.g. 7860")
+    if not 0 < max_upload_mb < float("inf"):
+        raise SdtuneError(f"--max-upload-mb {max_upload_mb}: must be a size in MB greater than 0, e.g. 512")
     if not (model in ("tiny", "tiny-xl") or model.endswith("-random")) and os.path.exists(model):
         model = os.path.abspath(os.path.expanduser(model))  # the server changes folder below
     if vae is not None:  # absolute: the server changes folder below
