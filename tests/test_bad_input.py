@@ -244,6 +244,8 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
     assert main(["generate", "--model", "tiny-random", "--prompt", "a", "--width", "-64",
                  "--out", str(tmp_path / "g")]) == 2
     assert "width -64 is not a positive multiple of 8; leave it out (or 0) for the model's size" in _error(capsys)
+    assert main(["convert", str(lora_file), str(tmp_path), "--to", "kohya"]) == 2  # its output is no --out
+    assert f"{tmp_path}: is a folder; give a file name for the output (convert's second argument)" in _error(capsys)
     with pytest.raises(SdtuneError, match="no such file"):  # --debug after the command: the traceback's error
         main(["inspect", str(tmp_path / "nothing.safetensors"), "--debug"])
     assert not (tmp_path / "r.safetensors").exists()

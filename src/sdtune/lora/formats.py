@@ -427,11 +427,11 @@ def _from_cloneofsimo_list(state: list, path: Path, model_keys) -> Lora:
 
 # ================================================================= writing
 
-def check_output(path: str | Path, inputs=()) -> Path:
+def check_output(path: str | Path, inputs=(), option: str = "--out") -> Path:
     """A LoRA output path, checked before any work: a ``.safetensors`` name (a .ckpt/.pt one would make other
     tools unpickle it) where a file can be written, and none of the command's ``inputs`` (written over, the
-    input would be lost, read-only or not: the atomic rename replaces it)."""
-    path = output_file(path)
+    input would be lost, read-only or not: the atomic rename replaces it). ``option``: how the user gave it."""
+    path = output_file(path, option)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
     if path.exists() and any(Path(i).exists() and path.samefile(i) for i in inputs):
@@ -474,7 +474,7 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
     The diffusers layout has no place for bundled embeddings (pivotal tuning's words; diffusers' loader refuses
     the file): each goes beside the output as ``word_files`` names it, in the layout ``load_textual_inversion``
     reads, and the LoRA without them."""
-    check_output(out_path, inputs=[in_path])
+    check_output(out_path, inputs=[in_path], option="the output (convert's second argument)")
     lora = load_lora(in_path, model_keys=model_keys)
     words = word_files(lora, out_path) if to == "diffusers" else {}
     for path, emb in words.items():
