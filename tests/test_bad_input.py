@@ -244,6 +244,13 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
     assert main(["generate", "--model", "tiny-random", "--prompt", "a", "--width", "-64",
                  "--out", str(tmp_path / "g")]) == 2
     assert "width -64 is not a positive multiple of 8; leave it out (or 0) for the model's size" in _error(capsys)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert main(["inspect", str(tmp_path / "empty.safetensors")]) == 2
+    assert _error(capsys) == f"sdtune: error: {tmp_path / 'empty.safetensors'}: an empty file (0 bytes); re-download " \
+                             f"or re-export it\n"
+    (tmp_path / "empty.safetensors").unlink()
+    assert main(["eval-tiny", "--model", "tiny-random", "--images", "0"]) == 2
+    assert "--images 0: must be at least 1" in _error(capsys)
     assert main(["convert", str(lora_file), str(tmp_path), "--to", "kohya"]) == 2  # its output is no --out
     assert f"{tmp_path}: is a folder; give a file name for the output (convert's second argument)" in _error(capsys)
     with pytest.raises(SdtuneError, match="no such file"):  # --debug after the command: the traceback's error

@@ -58,6 +58,8 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
     path = Path(path)
     if not path.is_file():
         raise SdtuneError(f"{path}: no such file; check the path")
+    if path.is_file() and path.stat().st_size == 0:  # a download or copy that never wrote
+        raise SdtuneError(f"{path}: an empty file (0 bytes); re-download or re-export it")
     if is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt", device=device) as f:
@@ -80,7 +82,7 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
                 f"it (it could run code); convert it to .safetensors with a tool you trust")
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg if len(msg) <= 120 else msg[:117] + "..."
-        raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file")
+        raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file?")
     return obj, {}
 
 

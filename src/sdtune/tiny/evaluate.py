@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..generate import generate
+from ..safeio import SdtuneError
 from . import judge, world
 
 HELD_IN = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"),
@@ -38,6 +39,8 @@ class Row:
 def evaluate(base, images_per_prompt: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = False) -> tuple[list[Row], list[Row]]:
     """(held-in rows, held-out rows); each row scores ``images_per_prompt`` images of one prompt."""
+    if images_per_prompt < 1:  # before generate's own check, which names its --num-images
+        raise SdtuneError(f"--images {images_per_prompt}: must be at least 1")
     def run(label, prompt, wanted):
         imgs = [g.image for g in generate(base, prompt, steps=steps, guidance=guidance, seed=seed,
                                           num_images=images_per_prompt, batch_size=images_per_prompt,
