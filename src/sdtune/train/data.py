@@ -657,6 +657,9 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
     """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
     (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
     native, step = model_steps(base)
+    if settings.bucket_step and (settings.resolution or native) % settings.bucket_step:  # said by its own flag
+        raise SdtuneError(f"--bucket-step {settings.bucket_step}: the training size {settings.resolution or native} "
+                          f"must be a multiple of it; use a divisor of it such as {step}")
     masked = getattr(settings, "masked_loss", False)
     images = sum(ex.repeats for ex in scan.examples)
     if settings.batch_size > images and seed is None:  # a batch of copies: the memory of many, the use of one
