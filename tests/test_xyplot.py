@@ -205,6 +205,8 @@ def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "cs-00-00.png")), np.asarray(direct))
     with pytest.raises(SdtuneError, match="clip_skip axis value 0: must be at least 1"):
         parse_axis("clip_skip=0,1")
+    with pytest.raises(SdtuneError, match="cfg axis value 'nan': must be a finite number"):
+        parse_axis("cfg=nan,3")  # not "--guidance nan", a flag not typed, after the first cell was drawn
 
 
 def test_parsing_and_errors(base, tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -129,6 +130,8 @@ def _typed(kind: str, v):
                 n = random.randrange(2**31 - 1)
             return n
         if kind in ("guidance", "weight"):
+            if not math.isfinite(float(v)):  # said here, by its axis, not later by a flag the user did not type
+                raise SdtuneError(f"{kind} axis value {v!r}: must be a finite number; e.g. {kind}={_EXAMPLES[kind]}")
             return float(v)
     except (TypeError, ValueError):
         raise SdtuneError(f"{kind} axis value {v!r} is not a number; e.g. {kind}={_EXAMPLES[kind]}") from None
