@@ -227,8 +227,9 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
         flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"default: {default}" + (", or the preset's" if f.name in preset_set else "")
-        if f.name in helps:
-            help_ = helps[f.name] + (f" ({help_})" if default != "" else "")
+        if f.name in helps:  # a help that names its default, or a default of nothing, needs no "(default: …)"
+            said = "(default:" in helps[f.name] or default in ("", None, [])
+            help_ = helps[f.name] + ("" if said and f.name not in preset_set else f" ({help_})")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:
