@@ -217,6 +217,8 @@ def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_pat
         ("lora", ["--batch-size", "100000"], f"--batch-size 100000: more than the 3 training image(s) of {data}; use "
                                              f"at most 3"),  # 4, one held out for validation
         ("lora", ["--resolution", "100000"], "--resolution 100000: at most 8192 pixels"),
+        ("lora", ["--reg-dir", str(tmp_path / "nothere")], f"{tmp_path / 'nothere'}: no such class-image folder; "
+                                                            f"check --reg-dir"),
         ("lora", ["--bucket-step", "7"], "--bucket-step 7: the training size 64 must be a multiple of it; use a "
                                          "divisor of it such as"),
         ("ti", ["--token", "<x>", "--init-token", "star", "--num-vectors", "100"],

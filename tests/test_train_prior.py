@@ -106,3 +106,5 @@ def test_prior_settings_are_checked(tmp_path):
         settings("d", "o", reg_dir="r", prior_loss_weight=-1).check()
     with pytest.raises(SdtuneError, match="--reg-dir is not a folder"):
         prior_set(None, settings("d", "o", reg_dir=str(tmp_path / "nothing")))
+    with pytest.raises(SdtuneError, match="nothing: no such class-image folder; check --reg-dir"):  # before the model
+        settings("d", "o", reg_dir=str(tmp_path / "nothing")).check()

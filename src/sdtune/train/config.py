@@ -297,6 +297,8 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--num-class-images {self.num_class_images}: must be at least 1 with --class-prompt")
         if not self.prior_loss_weight >= 0 or not math.isfinite(self.prior_loss_weight):
             raise SdtuneError(f"--prior-loss-weight {self.prior_loss_weight}: must be 0 or more")
+        if self.reg_dir and not self.class_prompt:  # nothing will draw into it: it must be there (said before the
+            input_path(self.reg_dir, "class-image folder", "--reg-dir")  # model loads and the images are encoded)
 
 
 KINDS = {"ti": TISettings, "lora": LoraSettings}
