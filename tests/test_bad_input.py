@@ -217,6 +217,9 @@ def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_pat
         ("lora", ["--batch-size", "100000"], f"--batch-size 100000: more than the 3 training image(s) of {data}; use "
                                              f"at most 3"),  # 4, one held out for validation
         ("lora", ["--resolution", "100000"], "--resolution 100000: at most 8192 pixels"),
+        ("lora", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU; on the CPU use no or bf16"),
+        ("ti", ["--token", "<x>", "--init-token", "star", "--dtype", "fp16"], "training on the CPU needs the model in "
+                                                                            "fp32 (or bf16)"),
         ("lora", ["--reg-dir", str(tmp_path / "nothere")], f"{tmp_path / 'nothere'}: no such class-image folder; "
                                                             f"check --reg-dir"),
         ("lora", ["--bucket-step", "7"], "--bucket-step 7: the training size 64 must be a multiple of it; use a "
@@ -226,7 +229,8 @@ def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_pat
     ):
         out = tmp_path / f"out-{kind}"
         assert main(["train", kind, *common, "--out", str(out), *args]) == 2
-        assert said in _error(capsys)
+        err = _error(capsys)
+        assert said in err and "encoding" not in err  # before any image is encoded
         assert not out.exists() or not any(out.iterdir())
     # a loaded embedding longer than a chunk is refused by name, not a traceback in the prompt's tokenizing
     from safetensors.torch import save_file

@@ -251,15 +251,21 @@ class TextInput:
         return {"context": context, "pooled": pooled}
 
 
+def check_precision(settings: TrainSettings, base) -> None:
+    """What the model's device cannot train in: said by the trainers first, before any image is encoded."""
+    on_cpu = base.device.type == "cpu"
+    if on_cpu and base.dtype == torch.float16:
+        raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
+    if on_cpu and settings.mixed_precision == "fp16":
+        raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
+
+
 def make_accelerator(settings: TrainSettings, base):
+    check_precision(settings, base)
     on_cpu = base.device.type == "cpu"
     mp = settings.mixed_precision
     if mp == "auto":
         mp = "no" if on_cpu else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base.dtype, "no")
-    if on_cpu and base.dtype == torch.float16:
-        raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
-    if on_cpu and mp == "fp16":
-        raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
     return Accelerator(mixed_precision=mp, cpu=on_cpu)
 
 
