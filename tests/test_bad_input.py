@@ -214,8 +214,8 @@ def test_training_numbers_no_machine_can_run_are_refused_before_the_work(tmp_pat
     data = world.write_dataset(tmp_path / "data", world.concept_scenes(4, seed=3, shape="star"))
     common = ["--data", str(data), "--model", "tiny-random", "--steps", "1", "--no-progress", "--no-report"]
     for kind, args, said in (
-        ("lora", ["--batch-size", "100000"], f"--batch-size 100000: more than the 3 training image(s) of {data}; use "
-                                             f"at most 3"),  # 4, one held out for validation
+        ("lora", ["--batch-size", "100000"], f"--batch-size 100000: far more than the 3 training image(s) of {data}, "
+                                             f"which each batch would repeat; use at most 3"),  # one held out
         ("lora", ["--resolution", "100000"], "--resolution 100000: at most 8192 pixels"),
         ("lora", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU; on the CPU use no or bf16"),
         ("ti", ["--token", "<x>", "--init-token", "star", "--dtype", "fp16"], "training on the CPU needs the model in "
@@ -278,3 +278,20 @@ def test_a_text_encoder_learning_rate_for_a_unet_only_run_is_said(tmp_path):
     with pytest.warns(UserWarning, match=r"--te-lr: the text encoders' learning rate, but this run trains the UNet "
                                          r"only \(add --text-encoder to train them too\); not used"):
         train_lora(load_base("tiny-random"), s)
+
+
+def test_a_refused_resume_is_said_before_the_images_are_encoded(tmp_path, capsys, monkeypatch):
+    from sdtune.tiny import world
+    from sdtune.train import lora as train_lora_module
+
+    data = world.write_dataset(tmp_path / "data", world.concept_scenes(4, seed=3, shape="star"))
+    args = ["train", "lora", "--data", str(data), "--model", "tiny-random", "--steps", "1", "--no-progress",
+            "--no-report", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    capsys.readouterr()
+
+    def encoded(*a, **k):
+        raise AssertionError("the images were encoded before the resume was refused")
+    monkeypatch.setattr(train_lora_module, "training_set", encoded)
+    assert main([*args, "--lr", "0.5"]) == 2
+    assert "this run was started with other settings (lr" in _error(capsys)

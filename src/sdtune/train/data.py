@@ -653,6 +653,9 @@ def model_steps(base) -> tuple[int, int]:
     return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
 
 
+BATCH_REPEATS = 16  # the most times a batch may hold each training image over (see training_set)
+
+
 def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: int | None = None) -> TrainingSet:
     """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
     (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
@@ -662,10 +665,12 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
                           f"must be a multiple of it; use a divisor of it such as {step}")
     masked = getattr(settings, "masked_loss", False)
     images = sum(ex.repeats for ex in scan.examples)
-    if settings.batch_size > images and seed is None:  # a batch of copies: the memory of many, the use of one
-        raise SdtuneError(f"--batch-size {settings.batch_size}: more than the {images} training image(s) of "
+    # A batch past the images repeats them (a preset's batch of 8 on 4 images is fine); far past them, it takes the
+    # memory of many images for the use of a few, and a typo (100000) was killed by the system with no word
+    if settings.batch_size > BATCH_REPEATS * images and seed is None:
+        raise SdtuneError(f"--batch-size {settings.batch_size}: far more than the {images} training image(s) of "
                           f"{settings.data}" + (" (with their repeats)" if images > len(scan.examples) else "")
-                          + f"; use at most {images}")
+                          + f", which each batch would repeat; use at most {images}")
     if masked and seed is None:
         files, alpha = masks.count([ex.path for ex in scan.examples], IMAGE_SUFFIXES)
         if not files and not alpha:

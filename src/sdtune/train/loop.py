@@ -285,6 +285,14 @@ def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int) -> 
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
+def check_resume(base, settings: TrainSettings, kind: str, scan) -> None:
+    """Refuse a resume ``run`` would refuse, before the images are encoded (minutes on a real dataset); ``run``
+    checks again, the class images too, which may not be drawn yet here."""
+    path = Path(settings.out) / STATE_FILE
+    if settings.resume and path.is_file():
+        _read_resume(path, kind, settings, getattr(base, "model_hash", ""), fingerprint(scan, settings.data))
+
+
 def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
     try:
         state, _ = load_state(path)
@@ -309,7 +317,7 @@ def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str
                           f"{model_hash}); use the same --model, or another --out")
     saved_data = state.get("data")  # states written before sdtune recorded it: not checked
     # only what the state recorded (states before sdtune hashed the images' bytes or the class images hold less)
-    if saved_data and any(saved_data[k] != data_id.get(k) for k in saved_data):
+    if saved_data and any(saved_data[k] != data_id.get(k) for k in saved_data if k in data_id or k != "class_images"):
         raise SdtuneError(f"{path}: the images or captions in {settings.data} changed since this run was saved "
                           f"({saved_data['images']} image(s) then, {data_id['images']} now), and the rest of the run "
                           f"would train and validate on other data under the same curve; use another --out for a "

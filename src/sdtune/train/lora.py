@@ -285,6 +285,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
+    loop.check_resume(base, settings, "lora", scan)  # before the images are encoded
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     prior = prior_set(base, settings)  # before anything is trained in: class images show the base model

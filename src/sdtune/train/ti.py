@@ -168,6 +168,7 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
     scan, held, held_out = validation.split(settings, scan, require_captions=False)
+    loop.check_resume(base, settings, "ti", scan)  # before the images are encoded
     data = training_set(base, settings, scan, templates)
     # validation images get the captions or templates their folder's rule gives (template i % n for image i)
     held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates
