@@ -249,6 +249,8 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
     assert "--param 0.5 is the target of a --dynamic mode; add --dynamic" in _error(capsys)
     assert main(["ui", "--max-upload-mb", "-5", "--out", str(tmp_path / "ui")]) == 2
     assert "--max-upload-mb -5.0: must be a size in MB greater than 0" in _error(capsys)
+    assert main(["ui", "--lora-dir", str(lora_file), "--out", str(tmp_path / "ui")]) == 2
+    assert f"--lora-dir {lora_file}: is a file, not a folder" in _error(capsys)
     assert main(["generate", "--model", "tiny-random", "--prompt", "a", "--width", "-64",
                  "--out", str(tmp_path / "g")]) == 2
     assert "width -64 is not a positive multiple of 8; leave it out (or 0) for the model's size" in _error(capsys)

@@ -392,6 +392,18 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(SdtuneError, match="no diffusion_pytorch_model.safetensors in this folder or its vae/"):
         use_vae(xl, tmp_path / "own")
+    # a whole checkpoint gives its own VAE; a LoRA is named as one
+    from sdtune.models import save_single_file
+    save_single_file(tiny, tmp_path / "whole.safetensors")
+    other = load_base("tiny", device="cpu")
+    with torch.no_grad():
+        for p in other.vae.parameters():
+            p.mul_(0.5)
+    use_vae(other, tmp_path / "whole.safetensors")
+    assert all(torch.equal(other.vae.state_dict()[k], vae[k]) for k in vae)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "style.safetensors"))
+    with pytest.raises(SdtuneError, match="style.safetensors: this is a LoRA, not a VAE; give it with --lora"):
+        use_vae(other, tmp_path / "style.safetensors")
 
 
 def test_an_image_that_comes_out_nan_is_said_and_drawn_black(base):

@@ -357,7 +357,11 @@ def _unexpected(unknown: list[str], what: str) -> SdtuneError:
 def read_vae(sd: dict, vae) -> dict:
     """A standalone VAE file's tensors (A1111's VAE files: LDM names, with or without ``first_stage_model.``;
     or diffusers' AutoencoderKL names) -> a state dict for ``vae``. Raises one ``SdtuneError`` for a tensor that
-    is not a VAE's."""
+    is not a VAE's. A whole checkpoint gives its own VAE (its ``first_stage_model.`` part)."""
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in sd):
+        raise SdtuneError("this is a LoRA, not a VAE; give it with --lora")
+    if any(k.startswith(VAE_PREFIX) for k in sd):  # a checkpoint, or a VAE saved with the prefix: its VAE only
+        sd = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     sd = {k.removeprefix(VAE_PREFIX): v for k, v in sd.items() if not k.startswith(("loss.", "model_ema.",
                                                                                     VAE_PREFIX + "loss."))}
     if any(k.startswith("encoder.down_blocks.") for k in sd):  # already diffusers' names

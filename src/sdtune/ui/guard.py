@@ -53,8 +53,9 @@ class Folders:
         """Folders from the command line; the LoRA and embedding folders default to ones inside ``out``."""
         for flag, given in (("--lora-dir", loras), ("--embedding-dir", embeddings), ("--model-dir", models)):
             if given and not Path(given).expanduser().is_dir():  # a typo must not become a new empty folder
-                raise SdtuneError(f"{flag} {given}: no such folder; check the path (or leave it out: the default "
-                                  f"is a folder inside --out)")
+                what = "is a file, not a folder" if Path(given).expanduser().exists() else "no such folder"
+                raise SdtuneError(f"{flag} {given}: {what}; check the path (or leave it out: the default is a folder "
+                                  f"inside --out)")
         out = Path(out).expanduser().resolve()
         builtin = model is None or model in ("tiny", "tiny-xl") or model.endswith("-random")
         model_path = None if builtin else Path(model).expanduser()
