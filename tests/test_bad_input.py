@@ -297,3 +297,22 @@ def test_a_refused_resume_is_said_before_the_images_are_encoded(tmp_path, capsys
     monkeypatch.setattr(train_lora_module, "training_set", encoded)
     assert main([*args, "--lr", "0.5"]) == 2
     assert "this run was started with other settings (lr" in _error(capsys)
+
+
+def test_a_resize_that_lowers_nothing_says_so(tmp_path, lora_file):
+    with pytest.warns(UserWarning, match=r"style\.safetensors: --rank 4 is not below its rank \(2\); every layer is "
+                                         r"written as it was"):
+        assert main(["lora", "resize", str(lora_file), "--rank", "4", "--out", str(tmp_path / "r.safetensors")]) == 0
+
+
+def test_a_port_in_use_is_one_line_without_gradio_s_advice(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--model", "tiny-random", "--out", str(tmp_path / "ui"), "--port", str(port)]) == 2
+    err = _error(capsys)
+    assert f"cannot serve on 127.0.0.1:{port} (" in err and "is another server using it? pass --port" in err
+    assert "GRADIO_SERVER_PORT" not in err and "launch()" not in err

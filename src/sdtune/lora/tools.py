@@ -290,6 +290,8 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
     ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
     was = "/".join(map(str, ranks)) or "?"
+    if not dynamic and reports and all(r.rank == r.old_rank for r in reports):
+        note(f"{path}: --rank {rank} is not below its rank ({was}); every layer is written as it was")
     how = (f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic
            else f"dimension is resized from {was} to {rank}")
     comment = lora.metadata.get("ss_training_comment")

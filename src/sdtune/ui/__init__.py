@@ -80,8 +80,9 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
                                                                                                  "monospace"]))
     except OSError as e:
         studio.jobs.shutdown()
-        raise SdtuneError(f"cannot serve on {host}:{port} ({str(e).splitlines()[0]}); is another server using "
-                          f"it? pass --port") from None
+        reason = str(e).splitlines()[0].split(". ")[0]  # Gradio's own advice after it names launch()'s options
+        raise SdtuneError(f"cannot serve on {host}:{port} ({reason}); is another server using it? pass --port") \
+            from None
     print(f"sdtune ui: http://{host}:{port}  (model {model}, output folder {folders.out}; Ctrl+C stops it)",
           flush=True)
     if not block:
