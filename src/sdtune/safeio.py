@@ -148,6 +148,22 @@ def output_file(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def input_at(out: Path, inputs) -> tuple[str | Path, bool] | None:
+    """The first of ``inputs`` (paths; other objects, built-in names and hub ids are skipped) that writing ``out``
+    would replace, and whether ``out`` is that very file (else a folder holding it); None when there is none."""
+    if not out.exists():
+        return None
+    for given in inputs:
+        if not isinstance(given, (str, Path)) or not Path(given).expanduser().exists():
+            continue
+        path = Path(given).expanduser()
+        if out.samefile(path):
+            return given, True
+        if out.is_dir() and path.resolve().is_relative_to(out.resolve()):
+            return given, False
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""

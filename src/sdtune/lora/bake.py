@@ -54,7 +54,7 @@ from accelerate import init_empty_weights
 from .. import ldm, models
 from ..console import note
 from ..families import Family
-from ..safeio import SdtuneError, atomic_folder, atomic_path, is_safetensors, output_file, output_folder
+from ..safeio import SdtuneError, atomic_folder, atomic_path, input_at, is_safetensors, output_file, output_folder
 from . import blocks as block_weights
 from .formats import bundled_words, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
@@ -742,17 +742,12 @@ def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:
 def _check_not_an_input(out: Path, inputs) -> None:
     """Refuse an output that would replace one of the LoRAs: named as ``out``, or kept in the model folder ``out``
     names (that folder is replaced whole)."""
-    if not out.exists():
-        return
-    for given in inputs:
-        if not isinstance(given, (str, Path)) or not Path(given).expanduser().exists():
-            continue  # a loaded model or LoRA, a built-in name or a hub id
-        path = Path(given).expanduser()
-        if out.samefile(path):
-            raise SdtuneError(f"{out}: is an input of this command ({given}); write the merge to a new file")
-        if out.is_dir() and path.resolve().is_relative_to(out.resolve()):
-            raise SdtuneError(f"{out}: holds {given}, an input of this command, and a merge replaces the whole "
-                              f"folder; write the merge to a new folder, or move the input out first")
+    found = input_at(out, inputs)
+    if found and found[1]:
+        raise SdtuneError(f"{out}: is an input of this command ({found[0]}); write the merge to a new file")
+    if found:
+        raise SdtuneError(f"{out}: holds {found[0]}, an input of this command, and a merge replaces the whole "
+                          f"folder; write the merge to a new folder, or move the input out first")
 
 
 def _check_out_folder(out: Path, source: Path | None) -> None:

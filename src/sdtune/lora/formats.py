@@ -42,7 +42,7 @@ from safetensors import safe_open
 from .. import families
 from ..families import Family
 from ..ldm import unet_module_map
-from ..safeio import SdtuneError, atomic_save_safetensors, is_safetensors, load_state, output_file
+from ..safeio import SdtuneError, atomic_save_safetensors, input_at, is_safetensors, load_state, output_file
 from ..ti.formats import SDXL_KEYS, Embedding, file_stem, load_embedding, save_embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
@@ -434,7 +434,7 @@ def check_output(path: str | Path, inputs=(), option: str = "--out") -> Path:
     path = output_file(path, option)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
-    if path.exists() and any(Path(i).exists() and path.samefile(i) for i in inputs):
+    if input_at(path, inputs):
         raise SdtuneError(f"{path}: is an input of this command; write to a new file")
     return path
 

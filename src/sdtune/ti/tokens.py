@@ -31,6 +31,12 @@ from .formats import Embedding, check_token, describe_widths, made_for
 
 MAX_VECTORS = 75  # tokens in one CLIP chunk: a multi-vector embedding is kept whole in one (A1111 too)
 
+
+def check_vectors(flag: str, n: int) -> None:
+    """A new word's vector count, as ``flag`` gave it: at least 1, at most a prompt chunk's tokens."""
+    if not 1 <= n <= MAX_VECTORS:
+        raise SdtuneError(f"{flag} {n}: must be from 1 to {MAX_VECTORS} (a prompt chunk's tokens)")
+
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pti")
 
 
@@ -199,8 +205,7 @@ class EmbeddingSet:
 
     def add_placeholder(self, token: str, init_token: str, num_vectors: int = 1) -> list[int]:
         """A new trainable token, each of its rows a copy of ``init_token``'s (one token); returns the new ids."""
-        if not 1 <= num_vectors <= MAX_VECTORS:
-            raise SdtuneError(f"--num-vectors {num_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's tokens)")
+        check_vectors("--num-vectors", num_vectors)
         if not token or any(c.isspace() for c in token):
             raise SdtuneError(f"--token {token!r}: must be one word without spaces, e.g. '<my-concept>'")
         parts = {}

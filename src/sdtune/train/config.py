@@ -28,7 +28,7 @@ from typing import get_args, get_origin, get_type_hints
 
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
-from ..ti.tokens import MAX_VECTORS
+from ..ti.tokens import check_vectors
 from . import presets
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
@@ -189,9 +189,7 @@ class TISettings(TrainSettings):
             raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
         if not self.init_token.strip():
             raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
-        if not 1 <= self.num_vectors <= MAX_VECTORS:
-            raise SdtuneError(f"--num-vectors {self.num_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's "
-                              f"tokens)")
+        check_vectors("--num-vectors", self.num_vectors)
         _choice("property", self.property, ("object", "style"))
         for f in self.formats:
             _choice("formats", f, ("diffusers", "a1111"))
@@ -284,9 +282,7 @@ class LoraSettings(TrainSettings):
                               f"'<my-concept>'")
         if not self.ti_init.strip():
             raise SdtuneError("--ti-token needs --ti-init WORD (an existing word close to the concept)")
-        if not 1 <= self.ti_vectors <= MAX_VECTORS:
-            raise SdtuneError(f"--ti-vectors {self.ti_vectors}: must be from 1 to {MAX_VECTORS} (a prompt chunk's "
-                              f"tokens)")
+        check_vectors("--ti-vectors", self.ti_vectors)
         if not self.ti_lr >= 0 or not math.isfinite(self.ti_lr):
             raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
         if self.ti_steps < 0:
