@@ -354,9 +354,15 @@ def test_folder_merge_errors_leave_nothing_behind(base_folder, sharded_folder, l
 
 def test_a_new_merge_replaces_an_old_one(base_folder, loras, tmp_path):
     out = bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "merged")
-    (out / "stale.txt").write_text("from the first merge")
+    (out / "notes.txt").write_text("kept by the user")
+    # a file the new merge does not write would be deleted with the old folder: refused, after the bake but
+    # before anything is replaced
+    with pytest.raises(SdtuneError, match=r"merged: holds 1 file\(s\) the new folder does not have \(notes.txt\)"):
+        bake.merge(base_folder, [(loras[1], -1.0)], out)
+    assert (out / "notes.txt").read_text() == "kept by the user"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
+    (out / "notes.txt").unlink()
     bake.merge(base_folder, [(loras[1], -1.0)], out)
-    assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"),
                         patched_in_memory(base_folder, [(loras[1], -1.0)]), comps=("unet",))

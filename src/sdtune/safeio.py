@@ -193,7 +193,7 @@ def atomic_path(path: str | Path):
 @contextmanager
 def atomic_folder(path: str | Path):
     """Yield a new folder beside ``path`` to fill; on success it takes the place of ``path`` (replacing a folder
-    there), on failure it is deleted."""
+    there, unless that holds files the new one does not: they would be lost), on failure it is deleted."""
     path = Path(path)
     output_folder(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -210,6 +210,11 @@ def atomic_folder(path: str | Path):
                 os.chmod(os.path.join(sub, f), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
         if path.exists():  # the old folder is moved aside, not deleted, until the new one is in place
+            lost = _only_in(path, tmp)
+            if lost:  # notes, previews, a file the user keeps there: replacing the folder would delete them
+                raise SdtuneError(f"{path}: holds {len(lost)} file(s) the new folder does not have "
+                                  f"({', '.join(lost[:3])}), which replacing it would delete; move them out, or "
+                                  f"write to a new folder (the folder is left as it was)")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
@@ -219,6 +224,12 @@ def atomic_folder(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _only_in(old: Path, new: Path) -> list[str]:
+    """The files under ``old`` with no file of the same relative path under ``new``."""
+    return sorted(p.relative_to(old).as_posix() for p in old.rglob("*")
+                  if not p.is_dir() and not (new / p.relative_to(old)).exists())
 
 
 def _sort_header(path: Path) -> None:

@@ -752,7 +752,8 @@ def _check_not_an_input(out: Path, inputs) -> None:
 
 def _check_out_folder(out: Path, source: Path | None) -> None:
     """Refuse an output that would copy the input into itself, or replace a folder that is not a model (an
-    earlier merge is replaced, by ``safeio.atomic_folder``, once the new one is complete)."""
+    earlier merge is replaced, by ``safeio.atomic_folder``, once the new one is complete, unless it holds files the
+    new one does not)."""
     if source is not None and out.resolve().is_relative_to(source.resolve()):
         raise SdtuneError(f"{out}: is (in) the input model; write the merge to a folder outside it")
     if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
