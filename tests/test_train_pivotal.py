@@ -252,6 +252,11 @@ def test_pivotal_settings_are_checked():
         LoraSettings(**base_kw, ti_token="my.dog", ti_init="dog").check()
     with pytest.raises(SdtuneError, match="--ti-steps -1"):
         LoraSettings(**base_kw, ti_token=TOKEN, ti_init="dog", ti_steps=-1).check()
+    # without a word too: settings.toml would keep a count no run can use, refused only at a resume with a word
+    with pytest.raises(SdtuneError, match="--ti-vectors 0: must be from 1 to 75"):
+        LoraSettings(**base_kw, ti_vectors=0).check()
+    with pytest.raises(SdtuneError, match="--ti-lr -1.0: must be 0 or more"):
+        LoraSettings(**base_kw, ti_lr=-1.0).check()
 
 
 def test_a_resumed_pivotal_run_repeats_the_uninterrupted_one(base, dataset, tmp_path):

@@ -273,6 +273,13 @@ class LoraSettings(TrainSettings):
         self._check_prior()
 
     def _check_pivotal(self) -> None:
+        # the numbers are checked with or without a word: a value no run can use would otherwise be saved in
+        # settings.toml, and refused only when that run is resumed with a word
+        check_vectors("--ti-vectors", self.ti_vectors)
+        if not self.ti_lr >= 0 or not math.isfinite(self.ti_lr):
+            raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
+        if self.ti_steps < 0:
+            raise SdtuneError(f"--ti-steps {self.ti_steps}: must be 0 or more")
         if not self.ti_token:
             if self.ti_init:
                 raise SdtuneError("--ti-init without --ti-token; name the new word with --ti-token '<name>'")
@@ -282,11 +289,6 @@ class LoraSettings(TrainSettings):
                               f"'<my-concept>'")
         if not self.ti_init.strip():
             raise SdtuneError("--ti-token needs --ti-init WORD (an existing word close to the concept)")
-        check_vectors("--ti-vectors", self.ti_vectors)
-        if not self.ti_lr >= 0 or not math.isfinite(self.ti_lr):
-            raise SdtuneError(f"--ti-lr {self.ti_lr}: must be 0 or more")
-        if self.ti_steps < 0:
-            raise SdtuneError(f"--ti-steps {self.ti_steps}: must be 0 or more")
 
     def _check_prior(self) -> None:
         if self.class_prompt and self.num_class_images < 1:
