@@ -205,6 +205,11 @@ def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "cs-00-00.png")), np.asarray(direct))
     with pytest.raises(SdtuneError, match="clip_skip axis value 0: must be at least 1"):
         parse_axis("clip_skip=0,1")
+    # a skip deeper than the encoder is refused before the first cell is drawn (it failed at its own cell)
+    with pytest.raises(SdtuneError, match=r"--clip-skip 99: text_encoder has only \d+ layers"):
+        xy_plot(base, "a red star", parse_axis("clip_skip=1,99"), seed=1, steps=1, out_dir=tmp_path / "deep",
+                progress=False)
+    assert not (tmp_path / "deep").exists() or not any((tmp_path / "deep").iterdir())
     with pytest.raises(SdtuneError, match="cfg axis value 'nan': must be a finite number"):
         parse_axis("cfg=nan,3")  # not "--guidance nan", a flag not typed, after the first cell was drawn
 

@@ -36,7 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import api, console, sources
-from .generate import SCHEDULERS, check_clip_skip, check_scheduler, draw_grid, infotext, sampler_key, save_png
+from .generate import (
+    SCHEDULERS,
+    check_clip_skip,
+    check_scheduler,
+    draw_grid,
+    infotext,
+    read_layer,
+    sampler_key,
+    save_png,
+)
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text, output_folder
@@ -571,6 +580,9 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         if a.kind == "sr" and a.values[0] not in prompt and a.values[0] not in negative_prompt:
             raise SdtuneError(f"sr axis: {a.values[0]!r} is not in the prompt; the first value is the text to "
                               f"replace, e.g. prompt 'a red star' with sr=red|blue")
+    for skip in {clip_skip, *(v for a in axes if a.kind == "clip_skip" for v in a.values)}:
+        for te, model, _ in base.text_encoders():  # a skip deeper than the encoder: said before the first cell
+            read_layer(te, model, skip)
     if y is not None and x.kind == y.kind and x.kind != "sr" and x.target == y.target:
         # the rows would set what the columns set (only one of them would show): two S/R axes replace two texts
         raise SdtuneError(f"--x and --y both set {x.kind}: the grid would show one of them; put all the values on "
