@@ -214,6 +214,22 @@ def test_buckets_group_mixed_sizes_and_batches_stay_in_one_bucket(tmp_path, vae)
     assert flat.sizes == [(64, 64)]
 
 
+def test_small_and_animated_images_are_said(tmp_path, vae):
+    solid(tmp_path / "fine.png", size=(48, 48))  # more than half of 64: no note
+    solid(tmp_path / "small.png", size=(32, 40))
+    frames = [Image.new("RGB", (64, 64), c) for c in ((200, 0, 0), (0, 0, 200))]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "moving.txt").write_text("a red square")
+    with pytest.warns(SdtuneWarning) as said:
+        ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16)
+    lines = sorted(str(w.message) for w in said)
+    assert lines == [f"{tmp_path / 'moving.gif'}: animated; only the first frame is trained on",
+                     f"{tmp_path / 'small.png'}: 32x40, at most half the 64x64 it is trained at; it is upscaled, so "
+                     f"it trains blurred (use larger images, or a smaller --resolution)"]
+    first = ts.scan.examples.index(next(e for e in ts.scan.examples if e.path.name == "moving.gif"))
+    assert ts.original_size[first] == (64, 64)
+
+
 # ---------------------------------------------------------------- cache and batches
 
 def test_latents_are_encoded_once_flips_included(tmp_path, vae, monkeypatch):

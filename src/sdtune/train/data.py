@@ -352,10 +352,33 @@ def open_rgb(path: Path) -> Image.Image:
 
 def upright_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5-8 swap the sides. Reads only the header."""
+    return _header(path)[0]
+
+
+def _header(path: Path) -> tuple[tuple[int, int], bool]:
+    """(upright (width, height), whether the file is animated: GIF, APNG, WebP) from its header."""
     with Image.open(path) as img:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        animated = bool(getattr(img, "is_animated", False))
+    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), animated
+
+
+def _note_image_sizes(scan: Scan, sizes: list[tuple[int, int]], buckets: list[tuple[int, int]],
+                      animated: list[bool]) -> None:
+    """What training does to an image that the user may not expect: an animated one trains on its first frame,
+    and one far smaller than its training size is upscaled (so it trains blurred)."""
+    moving = [ex.path for ex, a in zip(scan.examples, animated) if a]
+    if moving:
+        note(f"{moving[0]}" + (f" and {len(moving) - 1} more" if len(moving) > 1 else "") + ": animated; only the "
+             "first frame is trained on")
+    small = [(ex.path, wh, b) for ex, wh, b in zip(scan.examples, sizes, buckets)
+             if wh[0] * 2 <= b[0] or wh[1] * 2 <= b[1]]
+    if small:
+        path, (w, h), (bw, bh) = small[0]
+        note(f"{path}" + (f" and {len(small) - 1} more" if len(small) > 1 else "") + f": {w}x{h}, at most half "
+             f"the {bw}x{bh} it is trained at; it is upscaled, so it trains blurred (use larger images, or a "
+             f"smaller --resolution)")
 
 
 def cover_box(width: int, height: int, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)
@@ -482,8 +505,10 @@ class TrainingSet:
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
         # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
-        self.original_size = [upright_size(ex.path) for ex in scan.examples]
+        headers = [_header(ex.path) for ex in scan.examples]
+        self.original_size = [wh for wh, _ in headers]
         self.bucket_of = [pick_bucket(*wh, sizes) for wh in self.original_size]
+        _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):
             members.setdefault(size, []).append(i)
