@@ -410,3 +410,41 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
         assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == want
         folder = bake.merge(bare, pairs, tmp_path / f"merged{std}", fmt="diffusers")
         assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == want
+
+
+def full_and_norm_lora(base, seed: int) -> Lora:
+    """LyCORIS full differences with bias changes and norm-layer adapters: on the last text encoder's layer-1 k
+    projection (rows of OpenCLIP's fused ``in_proj_weight`` and ``in_proj_bias``) and a layer norm, on a UNet conv
+    and a GroupNorm."""
+    g = torch.Generator().manual_seed(seed)
+    te = base.family.text_encoders[-1]
+    module = getattr(base, te.component)
+    inner = module.text_model if hasattr(module, "text_model") else module
+    lora = Lora(format="test")
+    for comp, root, diff, norm in ((te.component, inner, "encoder.layers.1.self_attn.k_proj", "encoder.layers.0.layer_norm1"),
+                                   ("unet", base.unet, "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.norm1")):
+        w, b = root.get_submodule(diff).weight, root.get_submodule(diff).bias
+        lora.modules[comp][diff] = Adapter("diff", {"diff": torch.randn(w.shape, generator=g) * 0.1,
+                                                    "bias": torch.randn(b.shape, generator=g) * 0.1})
+        n = root.get_submodule(norm).weight.shape
+        lora.modules[comp][norm] = Adapter("norm", {"weight": torch.randn(n, generator=g) * 0.1,
+                                                    "bias": torch.randn(n, generator=g) * 0.1})
+    return lora
+
+
+def test_bias_and_norm_changes_stream_as_the_in_memory_patch(model, tmp_path, monkeypatch):
+    """A bias change lands in the stored bias (a block of rows of a fused one), to a single file and to a folder,
+    as ``LoraSet`` patches the loaded model."""
+    path, _ = model
+    base = models.load_base(str(path), device="cpu")
+    pairs = [(full_and_norm_lora(base, 3), 0.6)]
+    te = base.family.text_encoders[-1]
+    fused = f"{te.single_file_prefix}transformer.resblocks.1.attn.in_proj_bias"
+    for fmt, out in (("single", tmp_path / "merged.safetensors"), ("diffusers", tmp_path / "merged")):
+        out, want = streamed_and_reference(monkeypatch, path, pairs, out, fmt, _dtype(path))
+        assert_same_weights(models.load_base(str(out), device="cpu", dtype=_dtype(path)), want, tuple(want.modules()))
+    before, after = load_file(str(path)), load_file(str(tmp_path / "merged.safetensors"))
+    rows = before[fused].shape[0] // 3
+    changed = [not torch.equal(after[fused][i * rows:(i + 1) * rows], before[fused][i * rows:(i + 1) * rows])
+               for i in range(3)]
+    assert changed == [False, True, False]  # k's bias only

@@ -1,11 +1,14 @@
 """The adapter algorithm registry: each algorithm's ΔW against an independent float64 computation, and a new
 algorithm added by registering one class, read from a file and applied by ``LoraSet`` with no other change."""
 
+import json
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from sdtune.lora import algos, formats
+from sdtune.lora import algos, formats, tools
 from sdtune.lora.algos.base import Algorithm, Io
 from sdtune.lora.neutral import Adapter
 from sdtune.lora.patch import LoraSet
@@ -186,32 +189,111 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
 
     def k(path):
         return "lora_unet_" + path.replace(".", "_")
-    conv, norm = "down_blocks.1.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.norm1"
+    conv = "down_blocks.1.resnets.0.conv1"
     w0 = parts["unet"].get_submodule(conv).weight.detach().clone()
-    full = {k(conv) + ".diff": rand(g, 64, 32, 3, 3), k(conv) + ".diff_b": rand(g, 64)}
+    glora = {k(UNET_ATTN) + s: rand(g, 4, 4) for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")}
     cases = {
-        "full": (full, r"1 of 2 LoRA entries do not fit this model: 1 that are LyCORIS full's bias differences "
-                       r"\(diff_b\), which sdtune does not apply \(e\.g\. lora_unet_down_blocks_1_resnets_0_conv1"
-                       r"\.diff_b\); allow partial loading \(--allow-partial\) to apply the rest without them$"),
-        "norm": ({k(UNET_ATTN) + ".lokr_w1": rand(g, 4, 8), k(UNET_ATTN) + ".lokr_w2": rand(g, 8, 8),
-                  k(norm) + ".w_norm": rand(g, 32), k(norm) + ".b_norm": rand(g, 32)},
-                 r"2 that are LyCORIS norm-layer adapters \(train_norm: w_norm/b_norm\)"),
-        "doha": ({k(UNET_ATTN) + s: rand(g, *shape) for s, shape in (
-            (".hada_w1_a", (32, 4)), (".hada_w1_b", (4, 32)), (".hada_w2_a", (32, 4)), (".hada_w2_b", (4, 32)),
-            (".dora_scale", (1, 32)))}, r"holds LyCORIS DoRA on LoHa/LoKr .*, which sdtune does not apply; it reads "
-                                        r"LoRA, LoCon, LoHa, LoKr, DoRA, OFT, BOFT and LyCORIS full weight"),
-        "glora": ({k(UNET_ATTN) + s: rand(g, 4, 4) for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")},
-                  r"holds LyCORIS GLoRA, which sdtune does not apply"),
+        "glora": (glora, r"holds LyCORIS GLoRA, which sdtune does not apply; it reads LoRA, LoCon, LoHa, LoKr, "
+                         r"DoRA \(on LoRA, LoHa and LoKr\), OFT, BOFT, LyCORIS full weight and bias differences"),
         "ia3": ({k(UNET_ATTN) + ".weight": rand(g, 32), k(UNET_ATTN) + ".on_input": torch.tensor(True)},
                 r"holds IA3, which"),
         "old-oft": ({f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)},
                     r"holds PEFT's older OFT \(oft_r/oft_s\), which"),
+        "mixed": (glora | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
+                  r"4 of 5 LoRA entries do not fit this model: 4 that are LyCORIS GLoRA, which sdtune does not apply"
+                  r" .*; allow partial loading \(--allow-partial\) to apply the rest without them$"),
     }
     for name, (sd, message) in cases.items():
         save_file(sd, tmp_path / f"{name}.safetensors")
         with pytest.raises(SdtuneError, match=message):
             s.add(name, tmp_path / f"{name}.safetensors")
         assert not len(s)
-    with pytest.warns(UserWarning, match=r"that are LyCORIS full's bias differences .*applying only the 1 that fit"):
-        s.add("full", tmp_path / "full.safetensors", allow_partial=True)
-    torch.testing.assert_close(parts["unet"].get_submodule(conv).weight, w0 + full[k(conv) + ".diff"])
+    with pytest.warns(UserWarning, match=r"that are LyCORIS GLoRA, .*applying only the 1 that fit"):
+        s.add("mixed", tmp_path / "mixed.safetensors", allow_partial=True)
+    torch.testing.assert_close(parts["unet"].get_submodule(conv).weight, w0 + cases["mixed"][0][k(conv) + ".diff"])
+
+
+def test_full_bias_and_norm_adapters_change_weights_and_biases_and_restore_exactly(tmp_path):
+    """LyCORIS full's ``diff_b`` and norm-layer ``w_norm``/``b_norm``: W' = W0 + w·diff, b' = b0 + w·diff_b, a
+    norm's scale and bias likewise, as A1111 (network_full, network_norm: ex_bias times the multiplier) and
+    ComfyUI (a "diff" patch on the bias) apply them; beside a plain LoRA on the same layer; every original comes
+    back bit for bit."""
+    parts = tiny.build(seed=0)
+    g = torch.Generator().manual_seed(5)
+
+    def k(path, prefix="lora_unet_"):
+        return prefix + path.replace(".", "_")
+    conv, group, layer = ("down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.norm1",
+                          "down_blocks.0.attentions.0.transformer_blocks.0.norm1")
+    te_norm = "encoder.layers.0.layer_norm1"
+    unet, te = parts["unet"], parts["text_encoder"]
+    mods = {conv: unet.get_submodule(conv), group: unet.get_submodule(group), layer: unet.get_submodule(layer),
+            te_norm: te.get_submodule(te_norm)}
+    before = {p: (m.weight.detach().clone(), m.bias.detach().clone()) for p, m in mods.items()}
+    sd = {k(conv) + ".diff": rand(g, 64, 32, 3, 3), k(conv) + ".diff_b": rand(g, 64),
+          k(group) + ".w_norm": rand(g, 32), k(group) + ".b_norm": rand(g, 32),
+          k(layer) + ".w_norm": rand(g, 32), k(layer) + ".b_norm": rand(g, 32),
+          k("text_model." + te_norm, "lora_te_") + ".w_norm": rand(g, 64),
+          k("text_model." + te_norm, "lora_te_") + ".b_norm": rand(g, 64)}
+    save_file(sd, tmp_path / "full.safetensors")
+    lora = formats.load_lora(tmp_path / "full.safetensors")
+    assert {ad.kind for _, _, ad in lora.items()} == {"diff", "norm"} and not lora.unknown
+    plain = {k(conv) + ".lora_down.weight": rand(g, 2, 32, 3, 3), k(conv) + ".lora_up.weight": rand(g, 64, 2, 1, 1),
+             k(conv) + ".alpha": torch.tensor(1.0)}
+    save_file(plain, tmp_path / "plain.safetensors")
+    s = LoraSet.attach(parts)
+    s.add("plain", tmp_path / "plain.safetensors", 0.5)
+    s.add("full", tmp_path / "full.safetensors", 0.7)
+
+    def want(path, w, suffix):
+        name = k(path) if path != te_norm else k("text_model." + te_norm, "lora_te_")
+        w0, b0 = before[path]
+        return w0 + w * sd[name + suffix[0]], b0 + w * sd[name + suffix[1]]
+    up, down = plain[k(conv) + ".lora_up.weight"].flatten(1), plain[k(conv) + ".lora_down.weight"].flatten(1)
+    for w in (0.7, -0.3):
+        wc, bc = want(conv, w, (".diff", ".diff_b"))
+        torch.testing.assert_close(mods[conv].weight, wc + 0.5 * 0.5 * (up @ down).reshape(wc.shape))
+        torch.testing.assert_close(mods[conv].bias, bc)
+        for p in (group, layer, te_norm):
+            wn, bn = want(p, w, (".w_norm", ".b_norm"))
+            torch.testing.assert_close(mods[p].weight, wn)
+            torch.testing.assert_close(mods[p].bias, bn)
+        s.set_weights({"full": -0.3})
+    s.remove("full")  # the LoRA stays on the conv; its bias is the original again
+    assert torch.equal(mods[conv].bias, before[conv][1]) and not torch.equal(mods[conv].weight, before[conv][0])
+    s.remove_all()
+    for p, (w0, b0) in before.items():
+        assert torch.equal(mods[p].weight, w0) and torch.equal(mods[p].bias, b0)
+    assert s.pristine_bytes() == 0
+    # a bias change on a layer with no bias (attn1.to_q) is refused before anything is patched
+    save_file({k(UNET_ATTN) + ".diff": rand(g, 32, 32), k(UNET_ATTN) + ".diff_b": rand(g, 32)},
+              tmp_path / "nobias.safetensors")
+    with pytest.raises(SdtuneError, match=r"nobias.safetensors: changes the bias of unet:down_blocks.0.attentions.0."
+                                          r"transformer_blocks.0.attn1.to_q, which has none in this model"):
+        s.add("nobias", tmp_path / "nobias.safetensors")
+    assert not len(s)
+
+
+def test_full_bias_and_norm_adapters_round_trip_and_are_kept_out_of_lora_tools(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    conv, norm = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_resnets_0_norm1"
+    sd = {conv + ".diff": rand(g, 64, 32, 3, 3), conv + ".diff_b": rand(g, 64), norm + ".w_norm": rand(g, 32),
+          norm + ".b_norm": rand(g, 32)}
+    save_file(sd, tmp_path / "full.safetensors")
+    formats.convert(tmp_path / "full.safetensors", tmp_path / "again.safetensors")
+    again = load_file(tmp_path / "again.safetensors")
+    assert set(again) == set(sd) and all(torch.equal(again[key], sd[key]) for key in sd)
+    with safe_open(str(tmp_path / "again.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "full", "conv_dim": "Dynamic", "conv_alpha": "Dynamic",
+                                                   "train_norm": "True"}
+    with pytest.raises(SdtuneError, match=r"full \(diff\)/norm \(w_norm/b_norm\) adapters have no layout that "
+                                          r"diffusers loads"):
+        formats.convert(tmp_path / "full.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    for call in (lambda: tools.merge_loras([(tmp_path / "full.safetensors", 1.0)], tmp_path / "m.safetensors"),
+                 lambda: tools.resize_lora(tmp_path / "full.safetensors", tmp_path / "r.safetensors", rank=4)):
+        with pytest.raises(SdtuneError, match=r"full.safetensors: changes the biases or norm layers of 2 layers .*"
+                                              r"which LoRA factors cannot hold"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "full.safetensors"]

@@ -256,6 +256,27 @@ def test_folder_to_folder_streams_the_in_memory_patch(base_folder, loras, tmp_pa
     assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), patched_in_memory(base_folder, pairs))
 
 
+def test_folder_to_folder_bias_and_norm_changes_are_the_in_memory_patch(base_folder, tmp_path):
+    base = models.load_base(str(base_folder), device="cpu", dtype="fp32")
+    lora = Lora(format="test")
+    g = torch.Generator().manual_seed(4)
+    for comp, path, kind in (("unet", "down_blocks.1.resnets.0.conv1", "diff"), ("unet", "mid_block.resnets.0.norm2", "norm"),
+                             ("text_encoder", "encoder.layers.0.mlp.fc1", "diff"),
+                             ("text_encoder", "final_layer_norm", "norm")):
+        m = getattr(base, comp).get_submodule(path)
+        roles = ("diff", "bias") if kind == "diff" else ("weight", "bias")
+        lora.modules[comp][path] = Adapter(kind, {r: torch.randn(t.shape, generator=g) * 0.1
+                                                  for r, t in zip(roles, (m.weight, m.bias))})
+    pairs = [(lora, (0.8, -0.5))]
+    out = bake.merge(base_folder, pairs, tmp_path / "merged")
+    old, _ = tensors(base_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    new, _ = tensors(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {k for k in old if not torch.equal(old[k], new[k])} == {
+        "down_blocks.1.resnets.0.conv1.weight", "down_blocks.1.resnets.0.conv1.bias",
+        "mid_block.resnets.0.norm2.weight", "mid_block.resnets.0.norm2.bias"}
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), patched_in_memory(base_folder, pairs))
+
+
 def test_folder_output_loads_in_diffusers(base_folder, loras, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -238,6 +238,71 @@ def test_peft_dora_converted_to_diffusers_loads_in_diffusers_as_peft_merges(base
         torch.testing.assert_close(weight(base.unet, t), expected[t], rtol=1e-5, atol=1e-6)
 
 
+def dora64(w0, delta, dora_scale, scale, strength):
+    """DoRA on any ΔW in float64, as A1111's generic ``apply_weight_decompose`` (and LyCORIS's LoHa/LoKr with
+    dora_wd) computes it: V = W0 + scale·ΔW, renormalised per input column (or per output row for an [out, 1]
+    scale) to dora_scale / (its L2 norm + eps); then the strength scales the change from W0."""
+    w0 = w0.to(D)
+    out, inner = w0.shape[0], w0.shape[1]
+    v = w0 + scale * delta.to(D).reshape(w0.shape)
+    if dora_scale.shape[0] == 1:
+        norm = ((v ** 2).transpose(0, 1).reshape(inner, -1).sum(1).sqrt() + EPS).reshape(1, inner, *[1] * (w0.dim() - 2))
+    else:
+        norm = ((v ** 2).reshape(out, -1).sum(1).sqrt() + EPS).reshape(out, *[1] * (w0.dim() - 1))
+    return (w0 + strength * (v * dora_scale.to(D).reshape(norm.shape) / norm - w0)).float()
+
+
+def test_dora_on_loha_and_lokr(base, tmp_path):
+    """LyCORIS's dora_wd on LoHa (per input column, a conv and a linear layer) and LoKr (per output row, LyCORIS's
+    wd_on_out; and a whole 4-D w2 on a conv): each against ``dora64`` on the ΔW computed here in float64."""
+    g = torch.Generator().manual_seed(11)
+    to_k = ATTN.replace("to_q", "to_k")
+    w0 = {t: weight(base.unet, t) for t in (ATTN, CONV, to_k)}
+    sd, want = {}, {}
+    for t in (ATTN, CONV):  # LoHa, rank 4, alpha 2
+        out, inner = w0[t].shape[0], w0[t][0].numel()
+        f = {n: torch.randn(shape, generator=g) * 0.3 for n, shape in (
+            ("hada_w1_a", (out, 4)), ("hada_w1_b", (4, inner)), ("hada_w2_a", (out, 4)), ("hada_w2_b", (4, inner)))}
+        delta = (f["hada_w1_a"].to(D) @ f["hada_w1_b"].to(D)) * (f["hada_w2_a"].to(D) @ f["hada_w2_b"].to(D))
+        _, _, scale = lycoris_tensors(w0[t], g)
+        sd |= {f"{kohya(t)}.{n}": v for n, v in f.items()} | {f"{kohya(t)}.dora_scale": scale,
+                                                             f"{kohya(t)}.alpha": torch.tensor(2.0)}
+        want[t] = (delta, scale, 0.5)
+    w1, w2 = torch.randn(4, 4, generator=g) * 0.3, torch.randn(8, 8, generator=g) * 0.3  # LoKr, whole factors
+    _, _, scale = lycoris_tensors(w0[to_k], g, per_out=True)
+    sd |= {f"{kohya(to_k)}.lokr_w1": w1, f"{kohya(to_k)}.lokr_w2": w2, f"{kohya(to_k)}.dora_scale": scale}
+    want[to_k] = (torch.kron(w1.to(D), w2.to(D)), scale, 1.0)
+    path = tmp_path / "doha.safetensors"
+    save_file(sd, path)
+    lora = formats.load_lora(path)
+    assert {p: ad.kind for _, p, ad in lora.items()} == {ATTN: "dora-loha", CONV: "dora-loha", to_k: "dora-lokr"}
+    base.loras.add("d", path, weight=0.8)
+    for t, (delta, scale, s) in want.items():
+        torch.testing.assert_close(weight(base.unet, t), dora64(w0[t], delta, scale, s, 0.8), rtol=1e-5, atol=1e-6)
+    base.loras.remove("d")
+    assert all(torch.equal(weight(base.unet, t), w0[t]) for t in w0)
+    # a conv LoKr with a whole 4-D w2 (the kernel is its), per input column
+    conv_w0 = w0[CONV]
+    w1, w2 = torch.randn(4, 4, generator=g) * 0.3, torch.randn(16, 8, 3, 3, generator=g) * 0.3
+    _, _, scale = lycoris_tensors(conv_w0, g)
+    save_file({f"{kohya(CONV)}.lokr_w1": w1, f"{kohya(CONV)}.lokr_w2": w2, f"{kohya(CONV)}.dora_scale": scale},
+              tmp_path / "dokr.safetensors")
+    base.loras.add("k", tmp_path / "dokr.safetensors", weight=-0.5)
+    torch.testing.assert_close(weight(base.unet, CONV),
+                               dora64(conv_w0, torch.kron(w1.to(D), w2.to(D).flatten(1)), scale, 1.0, -0.5),
+                               rtol=1e-5, atol=1e-6)
+    base.loras.remove("k")
+    # they round-trip in the kohya layout with LyCORIS's metadata, and are named
+    formats.convert(path, tmp_path / "again.safetensors")
+    with safe_open(str(tmp_path / "again.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(sd)
+        assert json.loads(f.metadata()["ss_network_args"])["dora_wd"] == "True"
+    info = describe(path)
+    assert info["kinds"] == {"dora-loha": 2, "dora-lokr": 1} and info["lycoris"] == "LoHa + DoRA, LoKr + DoRA"
+    with pytest.raises(SdtuneError, match=r"LoHa \+ DoRA/LoKr \+ DoRA adapters have no layout that diffusers loads"):
+        formats.convert(path, tmp_path / "d.safetensors", to="diffusers")
+
+
 def test_misshapen_dora_scale_is_one_clear_error(base, tmp_path):
     g = torch.Generator().manual_seed(7)
     down, up, _ = lycoris_tensors(weight(base.unet, CONV), g)

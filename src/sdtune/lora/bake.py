@@ -503,15 +503,17 @@ def _run_all(jobs: list[tuple], fds: dict, dst: int, workers: int) -> None:
 
 # ---------------------------------------------------------------- which weights the LoRAs change
 
-def _contributions(where: dict, pairs, allow_partial: bool, family: Family | None,
+def _contributions(where: tuple[dict, dict], pairs, allow_partial: bool, family: Family | None,
                    unet_config) -> dict[tuple[Path, str], dict[_Cut, list]]:
-    """{(input file, key): {where in that tensor: [(name, uid, adapter, weight), ...]}} for every weight some
-    LoRA changes.
+    """{(input file, key): {where in that tensor: [(name, uid, adapter, weight), ...]}} for every weight (and
+    bias) some LoRA changes.
 
-    ``where``: {component: {module path: (_Source, key of the tensor holding its weight, _Cut)}}, the model
-    seen through file headers; the LoRAs are matched against its shapes by the same checks ``LoraSet.add`` makes.
-    ``family`` and ``unet_config`` (a dict) place layers in blocks for pairs with block weights.
+    ``where``: ({component: {module path: (_Source, key of the tensor holding its weight, _Cut)}}, the same for
+    the biases), the model seen through file headers; the LoRAs are matched against its shapes by the same checks
+    ``LoraSet.add`` makes. ``family`` and ``unet_config`` (a dict) place layers in blocks for pairs with block
+    weights.
     """
+    where, biases = where
     shapes = {comp: {path: tuple(cut.shape(src.header[key]["shape"])) for path, (src, key, cut) in paths.items()}
               for comp, paths in where.items()}
     # every vector checked against the family before any file is read
@@ -521,10 +523,18 @@ def _contributions(where: dict, pairs, allow_partial: bool, family: Family | Non
         targets = check_fit(_load(p.src, shapes), shapes, allow_partial, p.source)
         factors = {} if blocks is None else block_weights.layer_factors(blocks, targets, unet_config)
         for (comp, path), adapter in targets.items():
-            src, key, cut = where[comp][text_path(path) if comp in TEXT_COMPONENTS else path]
+            found = text_path(path) if comp in TEXT_COMPONENTS else path
+            src, key, cut = where[comp][found]
             w = p.weights[comp] * factors.get((comp, path), 1.0)  # the product LoraSet takes: the same bits
+            bias = adapter.bias_part()
+            if bias is not None and found not in biases.get(comp, {}):
+                raise SdtuneError(f"{p.source}: changes the bias of {comp}:{path}, which has none in this model; "
+                                  f"use a LoRA made for this base model")
             if w != 0.0:
                 changes.setdefault((src.path, key), {}).setdefault(cut, []).append((f"{i:04d}", i, adapter, w))
+                if bias is not None:
+                    bsrc, bkey, bcut = biases[comp][found]
+                    changes.setdefault((bsrc.path, bkey), {}).setdefault(bcut, []).append((f"{i:04d}", i, bias, w))
     return changes
 
 
@@ -574,16 +584,19 @@ class _SingleFile:
     def cut(self, key: str, target: ldm.Target) -> _Cut:
         return _Cut.of(target, self.src.header[key]["shape"])
 
-    def where(self) -> dict:
-        """{component LoRAs patch: {module path: (_Source, key, _Cut)}} of every weight the file holds."""
-        where: dict[str, dict] = {comp: {} for comp in self.parts if comp != "vae"}
+    def where(self) -> tuple[dict, dict]:
+        """({component LoRAs patch: {module path: (_Source, key, _Cut)}} of every weight the file holds, the same
+        of every bias)."""
+        found: dict[str, dict[str, dict]] = {suffix: {comp: {} for comp in self.parts if comp != "vae"}
+                                             for suffix in (".weight", ".bias")}
         for key, targets in self.plan.items():
             for target in targets:
-                if target.component in where and target.name.endswith(".weight"):
-                    path = target.name.removesuffix(".weight")
+                suffix = "." + target.name.rpartition(".")[2]
+                if suffix in found and target.component in found[suffix]:
+                    path = target.name.removesuffix(suffix)
                     path = text_path(path) if target.component in TEXT_COMPONENTS else path
-                    where[target.component][path] = (self.src, key, self.cut(key, target))
-        return where
+                    found[suffix][target.component][path] = (self.src, key, self.cut(key, target))
+        return found[".weight"], found[".bias"]
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
@@ -690,13 +703,15 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial
     _check_out_folder(out, folder)
     sources = {comp: [_Source.open(p) for p in paths] for comp, paths in files.items()}
     where: dict[str, dict] = {comp: {} for comp in sources}
+    biases: dict[str, dict] = {comp: {} for comp in sources}
     for comp, srcs in sources.items():
         for src in srcs:
             for key in src.header:
-                if key.endswith(".weight"):  # text-encoder paths in transformers-5 naming, whatever the file uses
-                    path = key.removesuffix(".weight")
-                    where[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
-    changes = _contributions(where, pairs, allow_partial, *_folder_blocks_context(folder, pairs))
+                for suffix, table in ((".weight", where), (".bias", biases)):
+                    if key.endswith(suffix):  # text-encoder paths in transformers-5 naming, whatever the file uses
+                        path = key.removesuffix(suffix)
+                        table[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
+    changes = _contributions((where, biases), pairs, allow_partial, *_folder_blocks_context(folder, pairs))
     with atomic_folder(out) as tmp:
         rewritten = {src.path for srcs in sources.values() for src in srcs}
         left_out = _copy_folder(folder, tmp, rewritten)

@@ -5,7 +5,8 @@ Read (``load_lora`` / ``from_state_dict``), detected key by key, so a file mixin
 - kohya / A1111 / civitai: ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL: ``lora_te1_``, ``lora_te2_``) with
   ``.lora_down.weight`` ``.lora_up.weight`` [``.lora_mid.weight``] [``.alpha``]; UNet paths in diffusers or
   LDM/SGM naming (``input_blocks_4_1_…``), resolved against the model or the family the layer widths point to;
-  LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``) and full (``.diff``) under the same names.
+  LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), full (``.diff``, ``.diff_b``) and norm (``.w_norm``, ``.b_norm``)
+  under the same names.
 - diffusers / PEFT: ``[unet.|text_encoder.|text_encoder_2.|base_model.model.]<path>.lora_A.weight`` /
   ``lora_B.weight``, alphas from ``.alpha`` keys, the ``lora_adapter_metadata`` header or a PEFT
   ``adapter_config.json`` beside the file (a raw PEFT text-encoder adapter goes to the encoder of its width);
@@ -315,7 +316,8 @@ class _Reader:
     def _adapter(self, comp: str, path: str, group: dict) -> Adapter | None:
         # keys that name no algorithm (alpha alone, the attention-processor layout) are plain LoRA's
         roles, kinds = dict(group["roles"]), set(group["kinds"]) or {"lora"}
-        kinds -= {algos.get(k).extends for k in kinds}  # DoRA's keys are LoRA's plus its own: a DoRA
+        if combined := algos.combined(kinds):  # a DoRA's keys: LoRA's (or LoHa's, LoKr's) plus its own
+            kinds = {combined}
         if len(kinds) != 1:
             return None
         algo = algos.get(kinds.pop())
@@ -619,8 +621,9 @@ def _base_model_version(lora: Lora, family: Family) -> str:
 
 def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
-    linear = [ad for _, _, ad in lora.items() if ad.io().kernel in (None, (1, 1))]
-    conv = [ad for _, _, ad in lora.items() if ad.io().kernel not in (None, (1, 1))]
+    layers = [ad for _, _, ad in lora.items() if not ad.algo.vector]  # norm adapters have no rank or kernel
+    linear = [ad for ad in layers if ad.io().kernel in (None, (1, 1))]
+    conv = [ad for ad in layers if ad.io().kernel not in (None, (1, 1))]
 
     def dim_alpha(ads):
         ranks = {ad.rank for ad in ads}
@@ -641,6 +644,8 @@ def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
         args["conv_dim"], args["conv_alpha"] = dim_alpha(conv)
     if lycoris:
         args["algo"] = "+".join(network_algos) or "locon"
+        for k in sorted(kinds):  # the switches its algorithms need (dora_wd, train_norm)
+            args |= algos.get(k).network_args
         meta["ss_network_module"] = "lycoris.kohya"
     else:
         meta["ss_network_module"] = "networks.lora"

@@ -241,15 +241,18 @@ def adapter_io(ad: Adapter) -> tuple[int, int, tuple | None]:
 def adapter_shape(ad: Adapter) -> tuple:
     """The ΔW shape as the file implies it: (out, in) or (out, in, kh, kw) when the kernel is known."""
     out, inner, kernel = adapter_io(ad)
+    if ad.algo.vector:
+        return (out,)
     if kernel and inner is not None:
         return (out, inner // math.prod(kernel), *kernel)
     return (out, inner)
 
 
 def fits(ad: Adapter, shape: tuple) -> bool:
-    """Whether ΔW reshapes onto a weight of ``shape`` (a 1x1 conv and a linear layer are interchangeable)."""
-    if len(shape) < 2:
-        return False
+    """Whether ΔW reshapes onto a weight of ``shape`` (a 1x1 conv and a linear layer are interchangeable; a
+    norm adapter's vector onto a norm layer's)."""
+    if ad.algo.vector or len(shape) < 2:
+        return ad.algo.vector and tuple(shape) == adapter_shape(ad)
     out, inner, kernel = adapter_io(ad)
     if (out is not None and out != shape[0]) or (inner is not None and inner != math.prod(shape[1:])):  # None: any
         return False

@@ -66,6 +66,12 @@ class Adapter:
         """ΔW (scale included, user weight not) reshaped to the target weight's ``shape``."""
         return (self.algo.delta(self.cast(dtype, device)) * self.scale).reshape(shape)
 
+    def bias_part(self) -> Adapter | None:
+        """The change to the layer's bias as an adapter of its own (a ``diff`` of the bias, at this adapter's
+        scale), which patches the bias as any additive adapter patches a weight; None: the bias stays."""
+        bias = self.algo.bias_delta(self.tensors)
+        return None if bias is None else Adapter("diff", {"diff": bias * self.scale if self.scale != 1 else bias})
+
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         """W' = f(W, tensors, strength) in ``weight``'s dtype and device (W + strength · ΔW for additive ones)."""
         return self.algo.apply(weight, self.cast(weight.dtype, weight.device), self.scale, strength)

@@ -4,7 +4,9 @@ Every touched layer is always recomputed from its pristine weight::
 
     W' = W0 + Σ_i w_i · ΔW_i          (summed in float32, then cast to the layer's dtype)
 
-(a non-additive adapter, DoRA or OFT, adds its change f_i(W0, w_i) − W0, from the pristine weight as A1111 does)
+(a non-additive adapter, DoRA or OFT, adds its change f_i(W0, w_i) − W0, from the pristine weight as A1111 does;
+an adapter that also changes the layer's bias, LyCORIS full's ``diff_b`` or a norm adapter's ``b_norm``, gives
+b' = b0 + Σ_i w_i · Δb_i the same way, with b0 kept aside too)
 
 with w_i the adapter's weight for the layer's component: the UNet, the text encoder and SDXL's second text
 encoder each have their own (``as_weights``), times the layer's block weight when the adapter was added with
@@ -71,6 +73,7 @@ class _Layer:
     module: torch.nn.Module
     pristine: torch.Tensor | None = None  # original weight, kept while any non-zero contribution is merged
     applied: tuple = ()  # signature of what is merged now: ((name, entry uid, weight), ...)
+    bias: torch.Tensor | None = None  # original bias, kept while some adapter changes it (LyCORIS full, norm)
 
 
 def _component_modules(target) -> dict[str, torch.nn.Module]:
@@ -209,8 +212,8 @@ class LoraSet:
 
     def pristine_bytes(self) -> int:
         """Bytes of original weights kept aside for exact restore (the whole memory cost of patching)."""
-        return sum(l.pristine.numel() * l.pristine.element_size() for l in self._layers.values()
-                   if l.pristine is not None)
+        return sum(t.numel() * t.element_size() for l in self._layers.values() for t in (l.pristine, l.bias)
+                   if t is not None)
 
     # ---- changes ----
     def add(self, name: str, lora: Lora | str | Path, weight=1.0, te_weight: float | None = None,
@@ -233,6 +236,12 @@ class LoraSet:
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
         targets = check_fit(lora, self.modules, allow_partial, source)
+        for key, ad in targets.items():
+            if key not in self._module_of:
+                self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
+            if ad.bias_part() is not None and getattr(self._module_of[key], "bias", None) is None:
+                raise SdtuneError(f"{source}: changes the bias of {key[0]}:{key[1]}, which has none in this model; "
+                                  f"use a LoRA made for this base model")
         if lora.embeddings and self.embeddings is None and words:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
@@ -242,9 +251,6 @@ class LoraSet:
             factors = block_weights.layer_factors(block_ws, targets, config)
         old = self._entries.pop(name, None)
         self._entries[name] = entry = _Entry(lora, weights, targets, source=source, factors=factors, blocks=block_ws)
-        for key in targets:
-            if key not in self._module_of:
-                self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
         touched = set(targets) | (set(old.targets) if old else set())
 
         def back():
@@ -385,9 +391,11 @@ class LoraSet:
         for key in keys:
             contribs = self._contributions(key)
             layer = self._layers.get(key)
-            if not contribs:  # nothing merged here any more: put the original back and forget it
+            if not contribs:  # nothing merged here any more: put the originals back and forget them
                 if layer is not None:
                     _restore(layer.module.weight, layer.pristine)
+                    if layer.bias is not None:
+                        _restore(layer.module.bias, layer.bias)
                     del self._layers[key]
                 continue
             signature = tuple((n, uid, w) for n, uid, _, w in contribs)
@@ -398,10 +406,10 @@ class LoraSet:
                 store = original.device if self.pristine_device is None else torch.device(self.pristine_device)
                 pristine = original if store == original.device else original.to(store, copy=True)
                 layer = fresh[key] = _Layer(self._module_of[key], pristine)
-                jobs.append((key, layer.module.weight, original, contribs, None))
+                jobs.append((key, layer, original, contribs, None))
             else:
                 layer.applied = ()  # written in place: until the job is done, it holds no known sum
-                jobs.append((key, layer.module.weight, layer.pristine, contribs, layer.module.weight.data))
+                jobs.append((key, layer, layer.pristine, contribs, layer.module.weight.data))
             signatures[key] = signature
         # A layer is recorded as patched only once its job is done: a first-touch layer whose job failed still
         # holds its original, which must not be taken for a patched copy (the next patch would overwrite it)
@@ -415,7 +423,9 @@ class LoraSet:
             raise next(iter(failed.values()))
 
 
-def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: torch.Tensor | None) -> None:
+def _patch_one(layer: _Layer, base: torch.Tensor, contribs, out: torch.Tensor | None) -> None:
+    bias = _patched_bias(layer, contribs)  # first: a failure there leaves the layer as it was
+    weight = layer.module.weight
     if out is None:
         # The original storage stays as the pristine copy (no copy on the model's device) and the parameter
         # gets a fresh buffer: one read and one write per element.
@@ -424,10 +434,29 @@ def _patch_one(weight: torch.nn.Parameter, base: torch.Tensor, contribs, out: to
         weight.data = out
     else:
         write_patched(out, base, contribs)
+    if bias is not None:  # the bias takes its new value; its original is kept to restore (a tiny tensor)
+        if layer.bias is None:
+            layer.bias = layer.module.bias.data
+        layer.module.bias.data = bias
+    elif layer.bias is not None:  # no adapter changes it any more
+        _restore(layer.module.bias, layer.bias)
+        layer.bias = None
+
+
+def _patched_bias(layer: _Layer, contribs) -> torch.Tensor | None:
+    """b0 + Σ w·Δb over the contributions that change the bias (as ``write_patched`` sums ΔW), or None when
+    none does."""
+    parts = [(name, uid, part, w) for name, uid, ad, w in contribs if (part := ad.bias_part()) is not None]
+    if not parts:
+        return None
+    b0 = layer.bias if layer.bias is not None else layer.module.bias.data
+    out = torch.empty(b0.shape, dtype=b0.dtype, device=b0.device)
+    write_patched(out, b0, parts)
+    return out
 
 
 def _run_jobs(jobs: list) -> dict[LayerKey, BaseException]:
-    """Patch layers (``(key, weight, base, contribs, out)`` jobs); every job is tried, and the failed ones'
+    """Patch layers (``(key, layer, base, contribs, out)`` jobs); every job is tried, and the failed ones'
     errors are returned by layer. On CPU, whole layers are spread over the intra-op threads, each GEMM
     single-threaded.
 
@@ -445,7 +474,7 @@ def _run_jobs(jobs: list) -> dict[LayerKey, BaseException]:
 
     if not jobs:
         return failed
-    if any(job[1].device.type != "cpu" for job in jobs):
+    if any(job[1].module.weight.device.type != "cpu" for job in jobs):
         for job in jobs:
             run(*job)
         return failed

@@ -113,6 +113,12 @@ def _read(path: str | Path) -> Lora:
     if lora.unknown:
         raise SdtuneError(f"{path}: {len(lora.unknown)} keys sdtune cannot read (e.g. {lora.unknown[0]}); a merge "
                           f"or resize would drop them. Convert or clean the file first")
+    kept_apart = [f"{comp}:{p}" for comp, p, ad in lora.items() if ad.algo.vector or ad.bias_part() is not None]
+    if kept_apart:
+        raise SdtuneError(f"{path}: changes the biases or norm layers of {len(kept_apart)} layers (e.g. "
+                          f"{kept_apart[0]}: LyCORIS full's diff_b, norm w_norm/b_norm), which LoRA factors cannot "
+                          f"hold: a merge or resize would drop them. Apply the file as it is, or bake it into a "
+                          f"checkpoint with sdtune merge")
     return lora
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from .base import Algorithm, Io
 from .diff import Diff
-from .dora import Dora
+from .dora import Dora, DoraLoha, DoraLokr
 from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
+from .norm import Norm
 from .oft import Oft
 from .peft_oft import PeftOft
 
-__all__ = ["ALGORITHMS", "READ", "Algorithm", "Io", "get", "kohya_roles", "not_read", "register"]
+__all__ = ["ALGORITHMS", "READ", "Algorithm", "Io", "combined", "get", "kohya_roles", "not_read", "register"]
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
@@ -39,14 +40,12 @@ def get(name: str) -> Algorithm:
         raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(ALGORITHMS)}") from None
 
 
-READ = "LoRA, LoCon, LoHa, LoKr, DoRA, OFT, BOFT and LyCORIS full weight differences"
+READ = ("LoRA, LoCon, LoHa, LoKr, DoRA (on LoRA, LoHa and LoKr), OFT, BOFT, LyCORIS full weight and bias differences "
+        "and norm-layer adapters")
 # Layouts other tools write that sdtune knows by their key endings but does not apply: (ending, what it is). A
 # file holding them is refused (or, allowed partial, applied without them) with their name, not as "no such
 # layer" or "not a LoRA"
 _NOT_READ = (
-    (".diff_b", "LyCORIS full's bias differences (diff_b)"),
-    (".w_norm", "LyCORIS norm-layer adapters (train_norm: w_norm/b_norm)"),
-    (".b_norm", "LyCORIS norm-layer adapters (train_norm: w_norm/b_norm)"),
     (".a1.weight", "LyCORIS GLoRA"),
     (".b1.weight", "LyCORIS GLoRA"),
     (".on_input", "IA3"),
@@ -61,9 +60,13 @@ def not_read(keys) -> str | None:
     for ending, what in _NOT_READ:
         if any(k.endswith(ending) for k in keys):
             return what
-    if any(k.endswith(".dora_scale") for k in keys) and any((".hada_" in k or ".lokr_" in k) for k in keys):
-        return "LyCORIS DoRA on LoHa/LoKr (dora_scale beside hada_/lokr_ keys)"
     return None
+
+
+def combined(kinds: set[str]) -> str | None:
+    """The algorithm a module holding keys of all ``kinds`` is (a DoRA on LoHa: {"dora", "loha"}), None if none."""
+    kinds = frozenset(kinds)
+    return next((a.name for a in ALGORITHMS.values() if a.combines == kinds), None)
 
 
 def kohya_roles() -> dict[str, tuple[str, str]]:
@@ -75,6 +78,9 @@ register(Lora())
 register(Loha())
 register(Lokr())
 register(Diff())
+register(Norm())
 register(Dora())
+register(DoraLoha())
+register(DoraLokr())
 register(Oft())
 register(PeftOft())

@@ -47,10 +47,14 @@ class Algorithm:
     # a non-additive one (DoRA, OFT) overrides ``apply``, and its change apply(W0) − W0 is added to that sum.
     additive: ClassVar[bool] = True
     layer: ClassVar[type[torch.nn.Module] | None] = None  # the trainable layer (``train``), where there is one
-    # The algorithm whose file keys this one's add to (DoRA: LoRA's plus a magnitude): a module holding both
-    # algorithms' keys reads as this one.
-    extends: ClassVar[str | None] = None
+    # The algorithms whose file keys together make this one (DoRA: LoRA's plus a magnitude, {"dora", "lora"}):
+    # a module holding keys of exactly these reads as this one.
+    combines: ClassVar[frozenset[str]] = frozenset()
+    network_args: ClassVar[dict[str, str]] = {}  # LyCORIS ``ss_network_args`` a file of it needs (dora_wd)
     peft_switch: ClassVar[str | None] = None  # the LoraConfig option its PEFT layout needs on ("use_dora")
+    optional: ClassVar[frozenset[str]] = frozenset()  # roles a file may leave out (a bias change)
+    # Whether it changes a vector weight (a norm layer's scale) rather than a matrix or a kernel
+    vector: ClassVar[bool] = False
 
     def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the
@@ -61,7 +65,8 @@ class Algorithm:
     def build(self, roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises
         ``KeyError`` or ``ValueError`` when they do not make a complete, consistent adapter."""
-        if set(roles) != set(self.roles.values()):
+        every = set(self.roles.values())
+        if not every - self.optional <= set(roles) <= every:
             raise KeyError(f"incomplete {self.name}")
         return dict(roles)
 
@@ -79,6 +84,11 @@ class Algorithm:
         raise SdtuneError(f"{self.name} adapters change the weight itself, not by a fixed ΔW: merging, resizing "
                           f"or re-saving them as a plain LoRA is not possible; bake them into a checkpoint with "
                           f"sdtune merge, or apply them as they are")
+
+    def bias_delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Δb, the change to the layer's bias (added at the user's strength, as A1111 and ComfyUI add it), or None:
+        the bias stays. LyCORIS full and norm adapters may carry one, under the role ``bias``."""
+        return t.get("bias")
 
     def low_rank(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(up, down) with ΔW = up @ down (flattened), for adapters ``patch.write_patched`` may stack into one

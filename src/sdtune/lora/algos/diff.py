@@ -1,4 +1,5 @@
-"""A full weight difference (LyCORIS ``full``): ΔW = diff, stored whole; no rank, and no alpha."""
+"""A full weight difference (LyCORIS ``full``): ΔW = diff, stored whole, and the bias's Δb (``diff_b``) where
+the layer has a bias; no rank, and no alpha."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from .base import Algorithm, Io, kernel_of
 class Diff(Algorithm):
     name = "diff"
     style = "lycoris-full"
-    roles = {"diff": "diff"}
+    roles = {"diff": "diff", "diff_b": "bias"}
+    optional = frozenset({"bias"})
     network_algo = "full"
     label = "full (diff)"
     uses_alpha = False

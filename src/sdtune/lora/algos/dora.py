@@ -13,15 +13,22 @@ Two layouts, and they normalise along different axes (LyCORIS issue #216), so bo
 s = alpha / rank goes inside V, as PEFT and LyCORIS compute it. The user's strength w scales the change from W0,
 as A1111 does: W' = W0 + w · (W_dora − W0), so w = 0 is the base and w = 1 the tool's own merge.
 
-A DoRA file's keys are LoRA's plus its own (``extends``): a module with both reads as one DoRA adapter.
+A DoRA file's keys are LoRA's plus its own (``combines``): a module with both reads as one DoRA adapter. LyCORIS
+also puts a ``dora_scale`` beside LoHa's and LoKr's keys (``dora_wd``): ``DoraLoha`` and ``DoraLokr`` are the same
+renormalisation of V = W0 + s·ΔW with that algorithm's ΔW, as A1111 (its generic ``apply_weight_decompose``) and
+LyCORIS apply them.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
 from ...safeio import SdtuneError
 from .base import Algorithm, DiffusersRole
+from .loha import Loha
+from .lokr import Lokr
 from .lora import Lora, fold_mid
 
 _LORA = Lora()
@@ -33,36 +40,49 @@ class Dora(Algorithm):
     roles = {"dora_scale": "dora_scale"}
     diffusers_roles = (DiffusersRole(".lora_magnitude_vector", "magnitude", "peft"),
                        DiffusersRole(".lora_magnitude_vector.weight", "magnitude", "peft"))
-    extends = "lora"
+    combines = frozenset({"dora", "lora"})
     label = "DoRA"
     additive = False
     peft_switch = "use_dora"
+    network_args = {"dora_wd": "True"}  # LyCORIS's switch for DoRA ("weight decompose")
+    base: ClassVar[Algorithm] = _LORA  # the algorithm whose ΔW is renormalised
 
     def build(self, roles):
         norms = {"magnitude", "dora_scale"} & set(roles)
         if len(norms) != 1:
             raise KeyError("a DoRA needs exactly one magnitude (lora_magnitude_vector or dora_scale)")
         (norm,) = norms
-        t = _LORA.build({k: v for k, v in roles.items() if k != norm})
+        t = self.base.build({k: v for k, v in roles.items() if k != norm})
         t[norm] = roles[norm]
-        out, inner = t["up"].shape[0], t["down"].shape[1]
+        out, inner, _ = self.base.io(t)
         if norm == "magnitude" and t[norm].numel() != out:
             raise ValueError(f"lora_magnitude_vector has {t[norm].numel()} values for {out} output rows")
-        if norm == "dora_scale" and _scale_axis(t[norm], out, inner) is None:
-            raise ValueError(f"dora_scale of shape {tuple(t[norm].shape)} fits neither [1, {inner}] nor [{out}, 1]")
+        if norm == "dora_scale" and not _may_fit(t[norm], out, inner):
+            raise ValueError(f"dora_scale of shape {tuple(t[norm].shape)} fits neither [1, in] nor [{out}, 1]")
         return t
 
+    def fits(self, t, shape):
+        # the layer's input channels, which a per-column dora_scale has one value each of
+        return "dora_scale" not in t or _scale_axis(t["dora_scale"], shape[0], shape[1]) is not None
+
+    def _base(self, t):
+        """The base algorithm's tensors: all but the magnitude."""
+        return {k: v for k, v in t.items() if k not in ("magnitude", "dora_scale")}
+
     def rank(self, t):
-        return _LORA.rank(t)
+        return self.base.rank(self._base(t))
+
+    def scale(self, t, alpha):
+        return self.base.scale(self._base(t), alpha)
 
     def io(self, t):
-        return _LORA.io(t)
+        return self.base.io(self._base(t))
 
     def file_key(self, role):
         if role == "magnitude":  # kohya/A1111 would read it as per-input-column: a different weight
             raise SdtuneError("a PEFT DoRA (magnitude per output row) has no kohya layout that A1111 reads the "
                               "same way; write it in the diffusers layout (format='diffusers', --to diffusers)")
-        return super().file_key(role) if role in self.roles.values() else _LORA.file_key(role)
+        return "dora_scale" if role == "dora_scale" else self.base.file_key(role)
 
     # PEFT's layout goes back to PEFT/diffusers as it came; kohya's dora_scale (per input column by default) has no
     # PEFT equivalent, as PEFT normalises per output row.
@@ -75,12 +95,16 @@ class Dora(Algorithm):
     def apply(self, weight, t, scale, strength):
         return weight + strength * (self.merged(weight, t, scale) - weight)
 
+    def base_delta(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The base algorithm's ΔW (before the scale) in ``dtype``, flattened to [out, in·kh·kw]."""
+        down = fold_mid(t["down"], t["mid"]) if "mid" in t else t["down"]
+        return t["up"].to(dtype).flatten(1) @ down.to(dtype).flatten(1)
+
     def merged(self, weight: torch.Tensor, t: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """W_dora at strength 1 (the tool's own merge), computed in float32 at least, in ``weight``'s shape."""
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        down = fold_mid(t["down"], t["mid"]) if "mid" in t else t["down"]
         rows = weight.shape[0]
-        v = weight.to(dtype).reshape(rows, -1) + scale * (t["up"].to(dtype).flatten(1) @ down.to(dtype).flatten(1))
+        v = weight.to(dtype).reshape(rows, -1) + scale * self.base_delta(t, dtype).reshape(rows, -1)
         v = v.reshape(weight.shape)
         rest = tuple(range(1, weight.dim()))
         if "magnitude" in t:
@@ -93,6 +117,42 @@ class Dora(Algorithm):
             norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
             m = m.reshape(norm.shape)
         return (v * (m / norm)).to(weight.dtype)
+
+
+class DoraLoha(Dora):
+    """LyCORIS LoHa with ``dora_wd``: its keys (``hada_*``) plus ``dora_scale``."""
+
+    name = "dora-loha"
+    style = "lycoris-loha-dora"
+    roles = {}  # its keys are LoHa's and DoRA's own: read as those, then combined
+    diffusers_roles = ()
+    combines = frozenset({"dora", "loha"})
+    label = "LoHa + DoRA"
+    network_algo = "loha"
+    peft_switch = None
+    base = Loha()
+
+    def base_delta(self, t, dtype):
+        return self.base.delta({k: v.to(dtype) for k, v in self._base(t).items()}).flatten(1)
+
+
+class DoraLokr(DoraLoha):
+    """LyCORIS LoKr with ``dora_wd``: its keys (``lokr_*``) plus ``dora_scale``."""
+
+    name = "dora-lokr"
+    style = "lycoris-lokr-dora"
+    combines = frozenset({"dora", "lokr"})
+    label = "LoKr + DoRA"
+    network_algo = "lokr"
+    base = Lokr()
+
+
+def _may_fit(scale: torch.Tensor, out: int, flat_inner: int) -> bool:
+    """Whether a ``dora_scale`` can belong to a ΔW of ``out`` rows and ``flat_inner`` inputs over the kernel (a
+    LoHa's tensors do not say the kernel; ``fits`` checks the layer's own input channels)."""
+    shape = tuple(scale.shape)
+    column = len(shape) >= 2 and shape[0] == 1 and shape[1] and flat_inner % shape[1] == 0
+    return bool(column) or _scale_axis(scale, out, flat_inner) == "row"
 
 
 def _scale_axis(scale: torch.Tensor, out: int, inner: int) -> str | None:
