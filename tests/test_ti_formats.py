@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import collections
 import os
+import pickle
+import re
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -203,6 +207,33 @@ def test_save_diffusers_and_a1111_round_trip(tmp_path):
     back = load_embedding(tmp_path / "mine.pt")
     assert (back.token, back.format) == ("<mine>", "a1111") and torch.equal(back.vectors, emb.vectors)
     assert back.training == emb.training
-
+    for name in ("mine.pt", "learned_embeds.bin"):
+        assert passes_a1111_safe_loader(tmp_path / name), name
     with pytest.raises(SdtuneError, match="unknown embedding format 'ckpt'"):
         save_embedding(emb, tmp_path / "x.ckpt", format="ckpt")
+
+
+def passes_a1111_safe_loader(path) -> bool:
+    """A1111's ``modules/safe.py`` check, as it reads files before unpickling them: a zip archive may hold only
+    data.pkl, version and data/N (current torch's zip format adds .format_version, byteorder...: refused, and the
+    embedding is dropped unread); a legacy file's five pickles must use only the globals it allows."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return all(re.fullmatch(r"[^/]+/((data/\d+)|version|(data\.pkl))", n) for n in z.namelist())
+    allowed = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch", "FloatStorage")}
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"{module}.{name}")
+            return super().find_class(module, name)
+
+        def persistent_load(self, saved_id):
+            return torch.storage.TypedStorage(_internal=True)
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated (A1111 makes it all the same)
+        unpickler = Restricted(f)
+        for _ in range(5):
+            unpickler.load()
+    return True
+

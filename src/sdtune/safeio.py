@@ -262,9 +262,12 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
             _sort_header(Path(tmp))
 
 
-def atomic_save_torch(obj, path: str | Path) -> None:
+def atomic_save_torch(obj, path: str | Path, legacy: bool = False) -> None:
+    """``torch.save`` atomically. ``legacy``: torch's pre-1.6 format, for files other tools check before they
+    unpickle: A1111's safe loader refuses a zip archive holding any member but data.pkl, version and data/N, and
+    current torch adds others (.format_version, byteorder...), so its embeddings folder drops a zip .pt unread."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

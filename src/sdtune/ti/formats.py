@@ -168,13 +168,13 @@ def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers") 
             "name": emb.token,
             **facts,
             "step": int(emb.training.get("step", 0)),  # A1111 reads an int
-        }, path)
+        }, path, legacy=True)
 
 
 def _save_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors, or a torch pickle for .bin/.pt names (which some tools expect)."""
     if path.suffix in (".bin", ".pt"):
-        atomic_save_torch(tensors, path)
+        atomic_save_torch(tensors, path, legacy=True)  # as A1111's safe loader takes it
     else:
         atomic_save_safetensors(tensors, path, metadata=metadata or None)
 
