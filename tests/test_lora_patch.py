@@ -1,9 +1,11 @@
 """LoraSet: named adapters merged into the weights, reweighted and removed, always from the pristine base."""
 
+import threading
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdtune.lora import formats, patch
 from sdtune.lora.neutral import Adapter, Lora
@@ -452,3 +454,106 @@ def test_a_failed_patch_changes_nothing_and_the_originals_stay(parts, monkeypatc
         assert_same(parts, with_a)
     s.remove("a")
     assert_same(parts, base)
+
+
+# ---------------------------------------------------------------- beside other code that changes the model
+
+def test_changes_from_two_threads_restore_exactly(parts, tmp_path):
+    """Without a lock, two threads adding at once each took the other's patched weight for an original, and no
+    remove gave the base back (0 to 55 layers in an audit's six trials)."""
+    before = snapshot(parts)
+    s = LoraSet.attach(parts)
+    for trial in range(4):
+        threads = [threading.Thread(target=s.add, args=(f"l{i}", random_lora(parts, 10 * trial + i), 0.7))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(s.names()) == ["l0", "l1", "l2"]
+        s.remove_all()
+        assert_same(parts, before)
+
+
+def test_a_swapped_component_gets_a_new_set_or_is_refused(parts):
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1))
+    other = tiny.build(seed=1)["unet"]
+    swapped = dict(parts, unet=other)  # e.g. a fine-tuned UNet put into the pipeline
+    with pytest.raises(SdtuneError, match=r"the model's unet was replaced while LoRAs are merged into the old one "
+                                          r"\(a\); remove them first"):
+        LoraSet.attach(swapped)
+    s.remove_all()
+    fresh = LoraSet.attach(swapped)
+    assert fresh is not s and fresh.modules["unet"] is other
+    w0 = other.get_submodule(UNET_ATTN).weight.detach().clone()
+    fresh.add("a", random_lora(parts, 1))
+    assert not torch.equal(other.get_submodule(UNET_ATTN).weight, w0)  # the new UNet is patched
+
+
+def test_layers_changed_by_other_code_are_refused_and_nothing_is_lost(parts):
+    """A recompute from the originals would silently undo (or be undone by) what diffusers did to the layer: a
+    fused LoRA (PEFT's merged adapters), fused q/k/v projections, weights offloaded to the meta device."""
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1), 0.5)
+    patched = snapshot(parts)
+    layer = parts["unet"].get_submodule(UNET_ATTN)
+    layer.merged_adapters = ["d"]  # what PEFT's merge (diffusers' fuse_lora) leaves on a tuner layer
+    for change in (lambda: s.set_weights({"a": 0.2}), lambda: s.remove("a"), s.remove_all):
+        with pytest.raises(SdtuneError, match=rf"unet:{UNET_ATTN}: diffusers/PEFT fused a LoRA into this layer"):
+            change()
+    assert s.names() == ["a"] and s.list()[0]["unet_weight"] == 0.5
+    assert_same(parts, patched)
+    del layer.merged_adapters
+    parts["unet"].fuse_qkv_projections()
+    with pytest.raises(SdtuneError, match=r"projections are fused \(fuse_qkv_projections\)"):
+        s.set_weights({"a": 0.2})
+    parts["unet"].unfuse_qkv_projections()
+    s.remove_all()
+    offloaded = tiny.build(seed=0)
+    offloaded["unet"].get_submodule(UNET_ATTN).to("meta")
+    with pytest.raises(SdtuneError, match=r"its weights are offloaded \(on the meta device"):
+        LoraSet.attach(offloaded).add("a", random_lora(offloaded, 1))
+
+
+def test_other_inputs_a_python_user_may_give(parts, tmp_path):
+    before = snapshot(parts)
+    s = LoraSet.attach(parts)
+    lora = random_lora(parts, 2)
+    formats.save_lora(lora, tmp_path / "a.safetensors")
+    s.add("file", tmp_path / "a.safetensors", 0.5)
+    from_file = snapshot(parts)
+    s.remove_all()
+    s.add("dict", load_file(str(tmp_path / "a.safetensors")), 0.5)  # a state dict, as diffusers takes one
+    assert_same(parts, from_file)
+    s.remove_all()
+    with pytest.raises(SdtuneError, match=r"LoRA 'b': give a file path, a Lora or a dict of tensors, not a bytes"):
+        s.add("b", b"\x00")
+    for bad in (float("nan"), float("inf"), (1.0, float("nan"))):
+        with pytest.raises(SdtuneError, match="must be a finite number"):
+            s.add("n", lora, bad)
+    assert_same(parts, before)
+    # a torch.compile'd component: its parameters are the model's, patched as they are
+    compiled = LoraSet(unet=torch.compile(tiny.build(seed=0)["unet"]))
+    compiled.add("a", Lora(modules={"unet": dict(lora.modules["unet"]), "text_encoder": {}, "text_encoder_2": {}}))
+    assert len(compiled.list()) == 1 and compiled.list()[0]["unet_layers"] > 0
+
+
+def test_a_channels_last_conv_is_patched_and_restored(parts):
+    """After ``unet.to(memory_format=torch.channels_last)`` a reweight wrote through a view the layout does not
+    allow (a traceback); the layer keeps its layout."""
+    conv = parts["unet"].get_submodule(RESNET_CONV)
+    w0 = conv.weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    lora = Lora(modules={"unet": {RESNET_CONV: Adapter("lora", {"down": torch.randn(2, 32, 3, 3, generator=g),
+                                                                 "up": torch.randn(64, 2, 1, 1, generator=g)}, 1.0)},
+                         "text_encoder": {}, "text_encoder_2": {}})
+    s = LoraSet.attach(parts)
+    s.add("c", lora, 0.5)
+    parts["unet"].to(memory_format=torch.channels_last)
+    s.set_weights({"c": 0.25})
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    want = w0.double() + 0.25 * lora.modules["unet"][RESNET_CONV].delta(w0.shape, dtype=torch.float64)
+    torch.testing.assert_close(conv.weight.double(), want)
+    s.remove_all()
+    assert torch.equal(conv.weight, w0)

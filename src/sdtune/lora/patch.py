@@ -32,7 +32,10 @@ in which adapters were added either.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -47,7 +50,7 @@ from ..families import Family
 from ..safeio import SdtuneError
 from . import blocks as block_weights
 from . import keys
-from .formats import bundled_embeddings, load_lora
+from .formats import bundled_embeddings, from_state_dict, load_lora
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_paths
 
 LayerKey = tuple[str, str]  # (component, module path)
@@ -80,11 +83,17 @@ def _component_modules(target) -> dict[str, torch.nn.Module]:
     """{"unet": ..., "text_encoder": ..., "text_encoder_2": ...} (those present) from a Base, a diffusers
     pipeline or a dict of components."""
     get = target.get if isinstance(target, dict) else lambda k: getattr(target, k, None)
-    mods = {c: get(c) for c in COMPONENTS}
+    mods = {c: _unwrapped(get(c)) for c in COMPONENTS}
     mods = {c: m for c, m in mods.items() if isinstance(m, torch.nn.Module)}
     if not mods:
         raise SdtuneError(f"{type(target).__name__}: has no unet or text_encoder module to put LoRAs on")
     return mods
+
+
+def _unwrapped(module):
+    """The module ``torch.compile`` wrapped (its parameters are the model's: patching them reaches the compiled
+    one); anything else as it is."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, torch.nn.Module) else module
 
 
 def _find_module(root: torch.nn.Module, comp: str, path: str) -> torch.nn.Module | None:
@@ -129,7 +138,7 @@ def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = 
                 raise bad
             given = {c: float(v) for c, v in w.items()}
             if current:
-                return {**current, **given}
+                return _finite({**current, **given}, w)
             w = (given.get("unet", 1.0), given.get("text_encoder"), given.get("text_encoder_2"))
         if isinstance(w, (tuple, list)):
             if len(w) != len(components) and len(w) != 2:
@@ -137,13 +146,29 @@ def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = 
             unet = float(w[0])
             te = unet if w[1] is None else float(w[1])
             te2 = te if len(w) == 2 or w[2] is None else float(w[2])
-            return {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
-        return dict.fromkeys(COMPONENTS, float(w))
+            return _finite({"unet": unet, "text_encoder": te, "text_encoder_2": te2}, w)
+        return _finite(dict.fromkeys(COMPONENTS, float(w)), w)
     except (TypeError, ValueError):
         raise bad from None
 
 
+def _finite(weights: dict[str, float], given) -> dict[str, float]:
+    if not all(math.isfinite(v) for v in weights.values()):  # it would draw black images
+        raise SdtuneError(f"adapter weight {given!r}: must be a finite number")
+    return weights
+
+
 _ATTR = "_sdtune_lora_set"  # the LoraSet of a module is kept on the module itself, so both go away together
+
+
+def _locked(method):
+    """One change to a set at a time: two threads patching at once could each take the other's patched weight
+    for an original, which no remove would give back."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 class LoraSet:
@@ -157,7 +182,7 @@ class LoraSet:
                  text_encoder_2: torch.nn.Module | None = None, *, pristine_device: str | torch.device | None = None,
                  family: Family | None = None):
         given = zip(COMPONENTS, (unet, text_encoder, text_encoder_2))
-        self.modules = {c: m for c, m in given if m is not None}
+        self.modules = {c: _unwrapped(m) for c, m in given if m is not None}
         if not self.modules:
             raise SdtuneError("LoraSet needs a unet or a text_encoder to patch")
         self.pristine_device = pristine_device  # None: originals stay where they are (no copy); "cpu": saves VRAM
@@ -169,6 +194,7 @@ class LoraSet:
         self._layers: dict[LayerKey, _Layer] = {}  # layers that hold merged contributions now
         self._module_of: dict[LayerKey, torch.nn.Module] = {}  # every layer some adapter was matched to
         self._batch_depth, self._dirty = 0, set()
+        self._lock = threading.RLock()
         for m in self.modules.values():
             if getattr(m, _ATTR, None) is not None:
                 raise SdtuneError("this model already has a LoraSet; use LoraSet.attach(model) to get it")
@@ -178,7 +204,17 @@ class LoraSet:
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)
-        found = next((getattr(m, _ATTR) for m in mods.values() if getattr(m, _ATTR, None) is not None), None)
+        sets = {id(s): s for m in mods.values() if (s := getattr(m, _ATTR, None)) is not None}
+        found = next(iter(sets.values()), None)
+        if found is not None and (len(sets) > 1 or any(found.modules.get(c) is not m for c, m in mods.items())):
+            # a component was swapped (a fine-tuned UNet put in): the set would patch the old one
+            swapped = sorted(c for c, m in mods.items() if found.modules.get(c) is not m)
+            if len(sets) > 1 or len(found):
+                raise SdtuneError(f"the model's {', '.join(swapped)} was replaced while LoRAs are merged into the "
+                                  f"old one ({', '.join(found.names())}); remove them first (loras.remove_all()), "
+                                  f"then swap it")
+            found.detach()
+            found = None
         if found is None:
             family = getattr(target, "family", None)
             found = cls(mods.get("unet"), mods.get("text_encoder"), mods.get("text_encoder_2"),
@@ -216,6 +252,7 @@ class LoraSet:
                    if t is not None)
 
     # ---- changes ----
+    @_locked
     def add(self, name: str, lora: Lora | str | Path, weight=1.0, te_weight: float | None = None,
             allow_partial: bool = False, blocks=None, words: bool = True) -> None:
         """Merge ``lora`` under ``name`` (replacing an adapter of that name).
@@ -232,6 +269,11 @@ class LoraSet:
         if te_weight is not None:
             weights |= dict.fromkeys(TEXT_COMPONENTS, as_weights(te_weight)["unet"])
         block_ws = None if blocks is None else block_weights.parse(blocks, self._family())  # so does a bad vector
+        if isinstance(lora, dict):  # a state dict, as diffusers' load_lora_weights takes one
+            lora = from_state_dict(lora, source=f"{name} (a state dict)", model_keys=self.modules)
+        elif not isinstance(lora, (str, Path, Lora)):
+            raise SdtuneError(f"LoRA {name!r}: give a file path, a Lora or a dict of tensors, not a "
+                              f"{type(lora).__name__}")
         source = str(lora) if isinstance(lora, (str, Path)) else (lora.metadata.get("source", "") or name)
         if isinstance(lora, (str, Path)):
             lora = load_lora(lora, model_keys=self.modules)
@@ -299,6 +341,7 @@ class LoraSet:
                 self.embeddings.remove(token)
         entry.tokens = []
 
+    @_locked
     def set_weights(self, weights: dict) -> None:
         """``{name: w}``, w in any form ``as_weights`` takes: one number (every component), ``(unet_w, te_w)``
         (te_w for both text encoders), ``(unet_w, te1_w, te2_w)`` or ``{component: w}`` (the others keep
@@ -323,6 +366,30 @@ class LoraSet:
         with self._undo(changed, back):
             self._sync(changed)
 
+    def _check_layers(self, keys: set[LayerKey]) -> None:
+        """Refuse to write layers that something else changed under this set (recomputing from the originals
+        would undo it silently, or be undone by it): a LoRA diffusers/PEFT fused into the layer
+        (``pipe.fuse_lora``), attention projections fused into one (``fuse_qkv_projections``), weights offloaded
+        to the meta device (accelerate's sequential CPU offload, where a patch would change nothing)."""
+        for comp, path in keys:
+            where = f"{comp}:{path}"
+            module = _find_module(self.modules[comp], comp, path)
+            if getattr(module, "merged_adapters", None):  # a PEFT tuner layer, merged
+                raise SdtuneError(f"{where}: diffusers/PEFT fused a LoRA into this layer (fuse_lora); unfuse it "
+                                  f"(pipe.unfuse_lora()) before changing sdtune's LoRAs")
+            parent = _find_module(self.modules[comp], comp, path.rpartition(".")[0]) if "." in path else None
+            # diffusers' unfuse_qkv_projections only puts the unfused processors back (to_qkv stays): the
+            # processor says whether the fused weight is the one used
+            if getattr(parent, "fused_projections", False) and "Fused" in type(getattr(parent, "processor", None)).__name__:
+                raise SdtuneError(f"{where}: its attention's projections are fused (fuse_qkv_projections), so a "
+                                  f"change to this layer would not be used; unfuse them "
+                                  f"(unfuse_qkv_projections()) before changing LoRAs, and fuse again after")
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_meta:
+                raise SdtuneError(f"{where}: its weights are offloaded (on the meta device, as accelerate's "
+                                  f"sequential CPU offload leaves them), where a LoRA cannot be merged; change "
+                                  f"LoRAs before enabling the offload")
+
     def _family(self) -> Family | None:
         if self.family is None and "unet" in self.modules:
             width = getattr(getattr(self.modules["unet"], "config", None), "cross_attention_dim", None)
@@ -332,21 +399,26 @@ class LoraSet:
     def _weights(self, w, current: dict[str, float] | None = None) -> dict[str, float]:
         return as_weights(w, current, two_encoders="text_encoder_2" in self.modules)
 
+    @_locked
     def remove(self, name: str) -> None:
         if name not in self._entries:
             raise SdtuneError(f"no adapter named {name!r}; loaded: {', '.join(self._entries) or 'none'}")
+        self._check_layers(set(self._entries[name].targets))  # nothing is dropped when a layer is refused
         entry = self._entries.pop(name)
         self._sync(set(entry.targets))
         self._unload_tokens(entry)
 
+    @_locked
     def remove_all(self) -> None:
         """Drop every adapter (and the embeddings they loaded); every touched layer gets its original tensor
         back, bit for bit."""
+        self._check_layers(set(self._layers))
         for entry in self._entries.values():
             self._unload_tokens(entry)
         self._entries.clear()
         self._sync(set(self._layers))
 
+    @_locked
     def detach(self) -> None:
         """Restore the base and forget this set (a new one may then be attached)."""
         self.remove_all()
@@ -372,20 +444,22 @@ class LoraSet:
         ``with loras.batch(): loras.add("a", a, 0.5); loras.add("b", b, 1.0)`` touches each layer once
         (one rank-(ra+rb) product) instead of once per call.
         """
-        self._batch_depth += 1
-        try:
-            yield self
-        finally:
-            self._batch_depth -= 1
-            if self._batch_depth == 0:
-                dirty, self._dirty = self._dirty, set()
-                self._sync(dirty)
+        with self._lock:
+            self._batch_depth += 1
+            try:
+                yield self
+            finally:
+                self._batch_depth -= 1
+                if self._batch_depth == 0:
+                    dirty, self._dirty = self._dirty, set()
+                    self._sync(dirty)
 
     @torch.no_grad()
     def _sync(self, keys: set[LayerKey]) -> None:
         if self._batch_depth:
             self._dirty |= keys
             return
+        self._check_layers(keys)  # before anything is written
         jobs = []  # (weight, base, contribs, out or None): out None means "a fresh buffer" (first touch)
         fresh, signatures = {}, {}  # first-touch layers, and what each job merges
         for key in keys:
@@ -429,7 +503,7 @@ def _patch_one(layer: _Layer, base: torch.Tensor, contribs, out: torch.Tensor | 
     if out is None:
         # The original storage stays as the pristine copy (no copy on the model's device) and the parameter
         # gets a fresh buffer: one read and one write per element.
-        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        out = torch.empty_like(base)  # the original's memory format too (a channels-last conv stays one)
         write_patched(out, base, contribs)
         weight.data = out
     else:
@@ -509,9 +583,14 @@ def write_patched(out: torch.Tensor, base: torch.Tensor, contribs) -> None:
     stacked factors, the other additive ones add their ΔW, and each non-additive one (``Algorithm.additive``
     false: DoRA, OFT) adds its own change f(W0) − W0, computed from the pristine W0, as A1111 does: so
     W' = W0 + Σ w_i·ΔW_i + Σ_j (f_j(W0, w_j) − W0), whatever the order, and a DoRA's magnitude is that of W0
-    plus its own LoRA, never of another adapter's result. ``out`` is contiguous and distinct from ``base``; it may have another dtype
-    (the result is cast once, at the end).
+    plus its own LoRA, never of another adapter's result. ``out`` is distinct from ``base``; it may have another
+    dtype (the result is cast once, at the end) and another memory layout (a channels-last conv).
     """
+    if not out.is_contiguous():  # summed in a contiguous buffer, then copied into the layout the layer has
+        flat = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        write_patched(flat, base, contribs)
+        out.copy_(flat)
+        return
     device, rows = out.device, out.shape[0]
     base = base.to(device=device).reshape(rows, -1)
     ups, downs, others, transforms = [], [], [], []
