@@ -83,6 +83,16 @@ def test_bad_inputs_are_clear_errors(base):
         generate(base, "x", height=100000, steps=1)  # ran for minutes, then ran out of memory
     with pytest.raises(SdtuneError, match=r"^--steps 2000: at most 1000 for this model \(its noise levels\)"):
         generate(base, "x", steps=2000)  # diffusers' ValueError, a traceback, before
+    # what a Python caller may pass that the command line never does: each was a TypeError from deep inside
+    for kwargs, said in (({"steps": 2.5}, r"^steps=2.5: must be a whole number$"),
+                         ({"seed": "5"}, r"^seed='5': must be a whole number$"),
+                         ({"guidance": None}, r"^guidance=None: must be a number$"),
+                         ({"prompt": ["x", "y"]}, r"^prompt: one text \(a str\), not a list; for several images")):
+        with pytest.raises(SdtuneError, match=said):
+            api.generate(base, **({"prompt": "x", "steps": 1} | kwargs))
+    # diffusers' default for no negative prompt is None: the same image as ""
+    none, empty = (api.generate(base, "x", negative_prompt=n, steps=1, seed=1, progress=False)[0] for n in (None, ""))
+    assert np.array_equal(np.asarray(none.image), np.asarray(empty.image))
 
 
 def test_lms_without_scipy_is_one_line(monkeypatch):
@@ -196,8 +206,18 @@ def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_pat
     twice, fields = image("a red star, <lora:style:0.8>, <lora:style:0.5>")
     once, _ = image("a red star, <lora:style:1.3>, ")  # the same text once the tags are out: "a red star, , "
     assert np.array_equal(twice, once) and not np.array_equal(twice, image("a red star")[0])
-    assert fields["Lora weights"] == "<lora:style>=1.3" and "<lora:style:0.8>, <lora:style:0.5>" in fields["prompt"]
+    assert fields["Lora weights"] == "style=1.3" and "<lora:style:0.8>, <lora:style:0.5>" in fields["prompt"]
     assert not len(base.loras)
+    # a LoRA added from a file under another name is tagged by its file's stem, as A1111 names it: the saved
+    # prompt finds it again in the LoRA folder
+    base.loras.add("mine", tmp_path / "loras" / "style.safetensors", 0.8)
+    try:
+        mine, fields = image("a red star")
+    finally:
+        base.loras.remove("mine")
+    assert fields["prompt"] == "a red star <lora:style:0.8>" and fields["Lora weights"] == "style=0.8"
+    assert fields["Lora hashes"].startswith("style: ")
+    assert np.array_equal(image(fields["prompt"])[0], mine)
 
 
 def test_a_broken_lora_tag_is_said(base):

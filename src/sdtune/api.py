@@ -105,7 +105,7 @@ def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | 
              search_dirs: tuple = (), allow_partial: bool = False, blocks=None) -> str:
     """Load a LoRA from 'SOURCE[:WEIGHT][:lbw=BLOCK_WEIGHTS]' (file, lora-dir name or hub source) under a name;
     returns the name. ``blocks`` (a preset name, "1,0,…" or numbers) overrides the spec's ``lbw=``."""
-    spec, lbw = block_weights.split_spec(spec)
+    spec, lbw = block_weights.split_spec(str(spec))  # a Path too, as loras.add takes one
     src, w = sources.parse_weighted(spec)
     path = sources.resolve(src, "lora", tuple(search_dirs))
     name = name or Path(path).stem
@@ -116,7 +116,7 @@ def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | 
 
 def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str]:
     """Load a TI embedding from 'SOURCE[:TOKEN]'; returns the registered token(s)."""
-    src, token = sources.split_suffix(spec)
+    src, token = sources.split_suffix(str(spec))
     path = sources.resolve(src, "embedding", tuple(search_dirs))
     emb = load_embedding(path, token=token)
     added = base.embeddings.add(emb)
@@ -202,8 +202,8 @@ def _weights_text(row: dict) -> str:
     """A LoRA's strengths for the infotext, in a prompt tag's order: ``name=w``, or ``name=te:unet`` where the
     text encoders' weight differs, then ``:lbw=…`` (every block, in the layout's order) with block weights, so
     that a --lora given on the command line is reproducible from the PNG as a prompt tag is."""
-    unet, te = row["unet_weight"], row["te_weight"]
-    text = f"{row['name']}={unet:g}" if te == unet else f"{row['name']}={te:g}:{unet:g}"
+    unet, te, name = row["unet_weight"], row["te_weight"], _prompt_name(row)
+    text = f"{name}={unet:g}" if te == unet else f"{name}={te:g}:{unet:g}"
     if row["blocks"] is not None:
         text += f":lbw={','.join(f'{w:g}' for w in row['blocks'].values())}"
     return text
@@ -238,8 +238,14 @@ def _tag_source(name: str, dirs: tuple) -> Path:
                           f"pass the folder that holds {name}.safetensors with --lora-dir") from None
 
 
-def _tag_name(name: str) -> str:
-    return name[len("<lora:"):-1] if name.startswith("<lora:") and name.endswith(">") else name
+def _prompt_name(row: dict) -> str:
+    """The name a prompt tag finds a loaded LoRA by: the tag's own, else its file's stem (A1111 names LoRAs by
+    their files: one added from a file under another name would not be found again), else the name it has."""
+    name = row["name"]
+    if name.startswith("<lora:") and name.endswith(">"):
+        return name[len("<lora:"):-1]
+    source = Path(row["source"]) if row["source"] else None
+    return source.stem if source is not None and source.suffix and source.is_file() else name
 
 
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
@@ -247,6 +253,11 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (``<lora:name:w:lbw=…>``
     with block weights; applied for this call only, looked up in ``lora_dirs``) and embedding names from
     ``embedding_dirs``."""
+    if kwargs.get("negative_prompt", "") is None:  # diffusers' default for none
+        kwargs["negative_prompt"] = ""
+    if not isinstance(prompt, str):
+        raise SdtuneError(f"prompt: one text (a str), not a {type(prompt).__name__}; for several images of one "
+                          f"prompt use num_images, for several prompts call once per prompt")
     clean, tags = lora_tags(prompt)
     tags = combined_tags(tags)
     unread = UNREAD_SYNTAX.search(clean + "\n" + kwargs.get("negative_prompt", ""))
@@ -272,7 +283,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
             info["Lora weights"] = "; ".join(_weights_text(r) for r in base.loras.list())
             # A1111's field, by which civitai links the image to the LoRA pages (tags named as in the prompt); a
             # LoRA held at weight 0 (a grid's base cell) drew nothing and is not credited
-            info["Lora hashes"] = lora_hashes_field([(_tag_name(r["name"]), r["source"]) for r in base.loras.list()
+            info["Lora hashes"] = lora_hashes_field([(_prompt_name(r), r["source"]) for r in base.loras.list()
                                                      if any(r[k] for k in ("unet_weight", "te_weight", "te2_weight"))])
         used = _used_embeddings(base, clean + "\n" + kwargs.get("negative_prompt", ""))
         if used:  # A1111's field for the embeddings a prompt used, by which civitai links them too

@@ -188,6 +188,23 @@ class PromptEmbeds:
                             self.pooled.expand(n, -1) if self.pooled is not None else None)
 
 
+def _check_types(prompt, negative_prompt, **numbers) -> None:
+    """What a Python caller may pass that the command line never does: a list of prompts, a float step count..."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise SdtuneError(f"{name}: one text (a str), not a {type(text).__name__}; for several images of one "
+                              f"prompt use num_images, for several prompts call once per prompt")
+    for name, value in numbers.items():
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if name == "guidance":
+            ok = whole or isinstance(value, float)
+        else:
+            ok = whole or (name == "seed" and value is None)
+        if not ok:
+            what = "a number" if name == "guidance" else "a whole number"
+            raise SdtuneError(f"{name}={value!r}: must be {what}")
+
+
 def check_clip_skip(clip_skip: int) -> None:
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise SdtuneError(f"--clip-skip {clip_skip}: must be a whole number from 1 (the default: no skip); "
@@ -287,6 +304,8 @@ def generate(
 ) -> list[Generated]:
     """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are. ``on_step(done,
     total)`` is called after each denoising step (of all batches together); an exception it raises stops here."""
+    _check_types(prompt, negative_prompt, steps=steps, num_images=num_images, batch_size=batch_size, seed=seed,
+                 guidance=guidance)
     width = width or default_size(base)
     height = height or default_size(base)
     check_size(width, height)
