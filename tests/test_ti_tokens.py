@@ -169,6 +169,12 @@ def test_expand_every_occurrence_idempotent_and_case_insensitive(parts):
     assert encoded.count(ids[0]) == 3 and encoded.count(ids[2]) == 3 and encoded.count(ids[1]) == 4
     assert embeddings.expand("nothing here") == "nothing here"
     assert parts[0].decode(encoded[:3]) == "<ml><ml>_1<ml>_2"  # decode still drops CLIP's "</w>" markers
+    # a whole word only, as the tokenizer finds one: inside "<Ml>s", "a<Ml>" or "<Ml>é" it names no embedding, and
+    # spelling it out there made its sub-tokens words of their own (vectors the prompt never asked for)
+    for inside in ("the <Ml>s", "a<Ml> b", "<Ml>é", "<ml>_x"):
+        assert embeddings.expand(inside) == inside
+        assert ids[0] not in parts[0](inside, add_special_tokens=False).input_ids
+    assert embeddings.expand("(<Ml>:1.2)-x") == "(<Ml> <Ml>_1 <Ml>_2:1.2)-x"
 
 
 def test_errors_name_the_problem_and_the_fix(parts):

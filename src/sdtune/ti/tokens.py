@@ -312,9 +312,9 @@ class EmbeddingSet:
 
 
 def _matcher(loaded: dict[str, _Loaded], multi: dict[str, list[str]]):
-    """A regex finding every loaded name leftmost-longest, as the tokenizer's added-token matcher does (so a
-    typed-out ``tok_1`` is never split), case-insensitively (CLIP lowercases prompts); a multi-vector token
-    already followed by its sub-tokens matches as a whole, which keeps ``expand`` idempotent."""
+    """A regex finding every loaded name as a whole word, leftmost-longest, as the tokenizer's added-token matcher
+    does (so a typed-out ``tok_1`` is never split), case-insensitively (CLIP lowercases prompts); a multi-vector
+    token already followed by its sub-tokens matches as a whole, which keeps ``expand`` idempotent."""
     alternatives = []
     for token, entry in loaded.items():
         for name in entry.names:
@@ -323,7 +323,9 @@ def _matcher(loaded: dict[str, _Loaded], multi: dict[str, list[str]]):
             spelled = r"\s+".join(re.escape(n) for n in multi[token])
             alternatives.append((len(" ".join(multi[token])), spelled))
     alternatives.sort(key=lambda a: -a[0])
-    pattern = re.compile("|".join(p for _, p in alternatives), re.IGNORECASE)
+    # a whole word only, as the tokenizer matches a single_word token: "zqxy" or "<cat>s" hold no "zqx" / "<cat>"
+    # (spelled out there, the sub-tokens would be found as words of their own: vectors the prompt never asked for)
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(p for _, p in alternatives) + r")(?!\w)", re.IGNORECASE)
     spelled_by_form = {}
     for names in multi.values():
         spelled = " ".join(names)
