@@ -1,5 +1,6 @@
 """LoraSet: named adapters merged into the weights, reweighted and removed, always from the pristine base."""
 
+import copy
 import threading
 import warnings
 
@@ -473,6 +474,17 @@ def test_changes_from_two_threads_restore_exactly(parts, tmp_path):
         assert sorted(s.names()) == ["l0", "l1", "l2"]
         s.remove_all()
         assert_same(parts, before)
+
+
+def test_a_copied_model_has_its_own_set(parts):
+    s = LoraSet.attach(parts)
+    s.add("a", random_lora(parts, 1))
+    copied = copy.deepcopy(parts)
+    twin = LoraSet.attach(copied)
+    assert twin is not s and twin.names() == ["a"] and twin.modules["unet"] is copied["unet"]
+    twin.remove_all()
+    assert_same(copied, snapshot(tiny.build(seed=0)))
+    assert s.names() == ["a"]
 
 
 def test_a_swapped_component_gets_a_new_set_or_is_refused(parts):

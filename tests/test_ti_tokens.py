@@ -138,6 +138,29 @@ def test_remove_one_matches_diffusers_unload_and_remove_all_restores_exactly(tmp
     assert embeddings.tokens == []
 
 
+def test_tokens_added_or_cut_by_another_loader_are_refused_not_dropped(tmp_path, pristine):
+    """diffusers' load_textual_inversion on the same tokenizer: sdtune's remove rebuilt from its own list and
+    dropped the other token silently; diffusers' unload cut sdtune's, whose word then read as <|endoftext|>."""
+    pipe = diffusers_pipe(pristine)
+    embeddings = EmbeddingSet(pipe.tokenizer, pipe.text_encoder)
+    embeddings.add(Embedding("<dog>", rows(2, 1), "dog.pt", "diffusers"))
+    save_file({"<cat>": rows(1, 2)}, tmp_path / "cat.safetensors")
+    pipe.load_textual_inversion(str(tmp_path / "cat.safetensors"))
+    said = r"the tokenizer or the text encoder's table was changed outside sdtune's embeddings"
+    for change in (lambda: embeddings.remove("<dog>"), lambda: embeddings.expand("a <dog>"),
+                   lambda: embeddings.add(Embedding("<owl>", rows(1, 3), "owl.pt", "diffusers"))):
+        with pytest.raises(SdtuneError, match=said):
+            change()
+    assert pipe.tokenizer.convert_tokens_to_ids("<cat>") == len(pipe.tokenizer) - 1  # diffusers' word kept
+    pipe.unload_textual_inversion("<cat>")
+    embeddings.remove("<dog>")  # the two agree again
+    pipe.unload_textual_inversion()  # diffusers' unload-all also cuts sdtune's tokens
+    embeddings.add(Embedding("<dog>", rows(2, 1), "dog.pt", "diffusers"))
+    pipe.unload_textual_inversion()
+    with pytest.raises(SdtuneError, match=said):
+        embeddings.expand("a <dog>")
+
+
 def test_remove_one_equals_never_having_loaded_it(tmp_path, pristine, parts):
     files = write_all_formats(tmp_path)
     tokenizer, text_encoder = parts

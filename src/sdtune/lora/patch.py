@@ -201,6 +201,13 @@ class LoraSet:
         for m in self.modules.values():
             object.__setattr__(m, _ATTR, self)
 
+    # a copied model (copy.deepcopy) takes a copy of its set, with a lock of its own
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
+
     @classmethod
     def attach(cls, target, *, pristine_device: str | torch.device | None = None) -> LoraSet:
         mods = _component_modules(target)

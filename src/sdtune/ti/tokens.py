@@ -191,13 +191,14 @@ class EmbeddingSet:
         self._check_fits(emb)
         check_token(emb.token, Path(emb.source))
         names = sub_tokens(emb.token, emb.num_vectors)
+        self._check_intact()
         self._check_free(names, emb)
         parts = emb.parts
         try:
             for table in self._tables:
                 table.append(names, parts[table.key])
         except BaseException:
-            self._rebuild()  # back to the state before this add, in every table
+            self._rebuild(check=False)  # back to the state before this add, in every table
             raise
         self._loaded[emb.token] = _Loaded(names, emb.source, emb.format)
         self._pattern = None
@@ -224,6 +225,8 @@ class EmbeddingSet:
     def expand(self, prompt: str) -> str:
         """Write each multi-vector token as its sub-tokens (every occurrence; idempotent). The names are the
         same in every tokenizer of the model, so the expanded prompt is what each of them encodes."""
+        if self._loaded:
+            self._check_intact()
         multi = {t: e.names for t, e in self._loaded.items() if len(e.names) > 1}
         if not multi:
             return prompt
@@ -268,8 +271,26 @@ class EmbeddingSet:
         raise SdtuneError(f"this model has no text encoder for embedding key {key!r} "
                           f"(it has: {', '.join(repr(t.key) for t in self._tables)})")
 
-    def _rebuild(self, keep: list[str] | None = None) -> None:
-        """Every table holding exactly the loaded tokens named in ``keep`` (default: all), in load order."""
+    def _check_intact(self) -> None:
+        """The tokenizers and tables hold exactly what this set put there: another loader (diffusers'
+        ``load_textual_inversion`` / ``unload_textual_inversion``) adding or cutting tokens would make a rebuild
+        drop its tokens, or this set's ids name other words."""
+        loaded = sum(len(e.names) for e in self._loaded.values())
+        for table in self._tables:
+            if table.pristine_backend is None:
+                continue
+            if len(table.tokenizer) != table.base_rows + loaded or table.weight.shape[0] != table.base_rows + loaded:
+                raise SdtuneError(
+                    f"the tokenizer or the text encoder's table was changed outside sdtune's embeddings (it has "
+                    f"{len(table.tokenizer)} tokens, {table.weight.shape[0]} rows; sdtune loaded {loaded} on "
+                    f"{table.base_rows}), e.g. by diffusers' load_textual_inversion or unload_textual_inversion; "
+                    f"load and unload every embedding through one of the two")
+
+    def _rebuild(self, keep: list[str] | None = None, check: bool = True) -> None:
+        """Every table holding exactly the loaded tokens named in ``keep`` (default: all), in load order
+        (``check``: first that nothing else changed them; off to undo a half-done add)."""
+        if check:
+            self._check_intact()
         keep = list(self._loaded) if keep is None else keep
         names = [self._loaded[t].names for t in keep]
         rows = {table.key: [table.rows(n) for n in names] for table in self._tables}  # read before any rebuild
