@@ -218,3 +218,15 @@ def test_clip_skip_trains_on_the_layer_it_reads(base, dataset, tmp_path):
     assert te_layers == set(range(layers - 1)) and meta["ss_clip_skip"] == "2"
     with pytest.raises(SdtuneError, match=r"--clip-skip 0: must be greater than 0"):
         settings(dataset, tmp_path / "x", clip_skip=0).check()
+
+
+def test_a_run_on_a_model_with_loras_merged_says_so(base, dataset, tmp_path):
+    """It learns on top of them, and its file works as trained only with them loaded: said, not silent."""
+    first = train_lora(base, settings(dataset, tmp_path / "first", steps=1, sample_every=0, report=False))
+    base.loras.add("style", first, 1.0)
+    try:
+        with pytest.warns(UserWarning, match=r"the model has LoRAs merged in \(style\): this run learns on top of "
+                                             r"them"):
+            train_lora(base, settings(dataset, tmp_path / "second", steps=1, sample_every=0, report=False))
+    finally:
+        base.loras.remove_all()

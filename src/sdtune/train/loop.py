@@ -51,7 +51,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, progress, stop_requests
+from ..console import Interrupted, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
@@ -258,6 +258,15 @@ def check_precision(settings: TrainSettings, base) -> None:
         raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
     if on_cpu and settings.mixed_precision == "fp16":
         raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
+
+
+def note_merged(base) -> None:
+    """A run on a model with LoRAs merged in learns on top of them: its file then works only with them loaded."""
+    loras = getattr(base, "loras", None)
+    if loras is not None and len(loras):
+        note(f"the model has LoRAs merged in ({', '.join(loras.names())}): this run learns on top of them, and what "
+             f"it writes works as trained only with them loaded too; remove them first to train on the model "
+             f"itself")
 
 
 def make_accelerator(settings: TrainSettings, base):

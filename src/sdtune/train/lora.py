@@ -270,6 +270,7 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """Train a LoRA; returns ``out/NAME.safetensors`` (kohya layout). The base is left unchanged."""
     settings.check()  # before the VAE is read
     loop.check_precision(settings, base)
+    loop.note_merged(base)
     unused = [f"--{n.replace('_', '-')}" for n in ("te_lr", "te2_lr") if getattr(settings, n) is not None]
     if unused and not settings.text_encoder:  # a kohya config may carry one for a UNet-only run: said, not refused
         note(f"{' and '.join(unused)}: the text encoders' learning rate, but this run trains the UNet only (add "

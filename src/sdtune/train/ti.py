@@ -156,6 +156,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     Afterwards the token is loaded on ``base`` with its learned vectors (``base.embeddings``)."""
     settings.check()  # before the VAE is read
     loop.check_precision(settings, base)
+    loop.note_merged(base)
     with vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_ti(base, settings, callback)
 
