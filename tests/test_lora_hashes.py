@@ -125,8 +125,10 @@ def test_generated_png_names_lora_hashes(tmp_path):
     [result] = api.generate(base, "a red circle, <lora:style:0.7>", seed=1, steps=2, lora_dirs=[tmp_path / "loras"],
                             progress=False)
     short = data_sha(style)[:12]
-    assert f'Lora hashes: "mine: {short}, style: {short}"' in result.infotext
-    assert parse_infotext(result.infotext)["Lora hashes"] == f"mine: {short}, style: {short}"
+    # "mine" is its file's stem in the PNG (a prompt tag finds it by that), and one file is one hash entry
+    assert f'Lora hashes: "style: {short}"' in result.infotext
+    assert parse_infotext(result.infotext)["Lora hashes"] == f"style: {short}"
+    assert result.infotext.startswith("a red circle, <lora:style:0.7> <lora:style:0.5>\n")
     assert hashes.lora_hashes_field([("a:b, c", style)]) == f"ab c: {short}"  # as A1111 cleans a name for the field
 
 

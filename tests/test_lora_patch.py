@@ -330,8 +330,11 @@ def test_bad_weights_are_refused_before_anything_changes(parts):
     s.add("a", a, 1.0)
     s.add("b", a, 0.5)
     before = snapshot(parts)
-    with pytest.raises(SdtuneError, match=r"adapter weight 'x': give one number"):
+    with pytest.raises(SdtuneError, match=r"adapter weight 'x': give one number, \(unet_weight, text_encoder_weight\), "
+                                          r"or a \{component: weight\} dict of unet, text_encoder$"):
         s.set_weights({"a": 0.3, "b": "x"})  # a's new weight is not taken either
+    with pytest.raises(SdtuneError, match=r"a \{component: weight\} dict of unet, text_encoder$"):
+        s.set_weights({"a": {"unet": 1, "te": 0.5}})
     with pytest.raises(SdtuneError, match="one number"):
         s.add("c", a, (1.0, "x"))
     with pytest.raises(SdtuneError, match="one number"):

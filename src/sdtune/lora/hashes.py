@@ -132,5 +132,5 @@ def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
         h = short_hash(path)
         if h:  # A1111 takes ':' and ',' out of a name here, which would end the entry when read back
             parts.append(f"{name.replace(':', '').replace(',', '')}: {h}")
-    return ", ".join(parts)
+    return ", ".join(dict.fromkeys(parts))  # a file loaded twice (a --lora and a tag of it) is one entry
 

@@ -129,9 +129,9 @@ def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = 
       ``text_encoder_2``; None in a triple: te2 takes te1's weight, te1 the UNet's.
     """
     forms = "(unet, text_encoder, text_encoder_2) weights, " if two_encoders else ""
-    bad = SdtuneError(f"adapter weight {w!r}: give one number, or (unet_weight, text_encoder_weight)"
-                      + (f", {forms}or a {{component: weight}} dict" if two_encoders else ""))
     components = COMPONENTS if two_encoders else COMPONENTS[:2]
+    bad = SdtuneError(f"adapter weight {w!r}: give one number, (unet_weight, text_encoder_weight), {forms}or a "
+                      f"{{component: weight}} dict of {', '.join(components)}")
     try:
         if isinstance(w, dict):
             if not w or set(w) - set(components):
