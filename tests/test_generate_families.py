@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdtune import families
+from sdtune import api, families
 from sdtune.cli import main
 from sdtune.generate import encode_prompt, generate, make_scheduler, parse_infotext, read_infotext, read_layer
+from sdtune.lora.formats import save_lora
+from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.models import make_scheduler as family_scheduler
 from sdtune.safeio import SdtuneError
@@ -116,3 +118,33 @@ def test_clip_skip_in_the_png_and_refused_when_impossible(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--clip-skip 0: must be a whole number from 1" in err and "Traceback" not in err
     assert not (tmp_path / "n").exists()
+
+
+def test_sdxl_second_encoder_weight_rides_in_the_png(xl, tmp_path):
+    """A LoRA added with its own weight for SDXL's second text encoder: the PNG's tag carries it (te2=), so the
+    saved prompt draws the same image again; A1111 reads the tag's other weights as ever."""
+    g = torch.Generator().manual_seed(0)
+    lora = Lora()
+    for comp, path in (("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"),
+                       ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+                       ("text_encoder_2", "encoder.layers.0.self_attn.q_proj")):
+        module = getattr(xl, comp)
+        w = (module.text_model if hasattr(module, "text_model") else module).get_submodule(path).weight
+        lora.modules[comp][path] = Adapter("lora", {"down": torch.randn(4, w.shape[1], generator=g),
+                                                    "up": torch.randn(w.shape[0], 4, generator=g)}, 4.0)
+    (tmp_path / "loras").mkdir()
+    save_lora(lora, tmp_path / "loras" / "xa.safetensors")
+    xl.loras.add("xa", tmp_path / "loras" / "xa.safetensors",
+                 weight={"unet": 0.8, "text_encoder": 0.5, "text_encoder_2": 0.0})
+    try:
+        [first] = api.generate(xl, "a red star", steps=2, seed=1, progress=False)
+    finally:
+        xl.loras.remove("xa")
+    fields = parse_infotext(first.infotext)
+    assert fields["prompt"] == "a red star <lora:xa:0.5:0.8:te2=0>" and fields["Lora weights"] == "xa=0.5:0.8:te2=0"
+    [again] = api.generate(xl, fields["prompt"], steps=2, seed=1, progress=False, lora_dirs=[tmp_path / "loras"])
+    assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
+    assert not len(xl.loras)
+    [without] = api.generate(xl, "a red star <lora:xa:0.5:0.8>", steps=2, seed=1, progress=False,
+                             lora_dirs=[tmp_path / "loras"])
+    assert not np.array_equal(np.asarray(without.image), np.asarray(first.image))  # te2 mattered

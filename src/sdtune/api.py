@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -35,12 +36,14 @@ class LoraTag(NamedTuple):
     weight: float
     te_weight: float | None
     blocks: str | None  # the lbw= value (block weights or a preset name), None without one
+    te2_weight: float | None = None  # SDXL's second text encoder where it has a weight of its own (te2=)
 
 
 def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     """A1111 prompt syntax: strip ``<lora:name:w>`` / ``<lora:name:te_w:unet_w>`` tags (or A1111's named
     ``te=``/``unet=``, read as ``sources.a1111_weights`` says), with the lora-block-weight extension's
-    ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and return them."""
+    ``:lbw=…`` (``<lora:name:1:lbw=INALL>``), and return them. ``te2=W`` gives SDXL's second text encoder a weight
+    of its own (sdtune writes it where one was given; A1111 ignores a named value it does not know)."""
     tags = []
     for m in LORA_TAG.finditer(prompt):
         numbers, named, lbw = [], {}, None
@@ -48,7 +51,7 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
             key, eq, value = item.partition("=")
             if item.startswith(block_weights.LBW):
                 lbw = item[len(block_weights.LBW):]
-            elif eq and key.strip() in ("unet", "te"):
+            elif eq and key.strip() in ("unet", "te", "te2"):
                 named[key.strip()] = value
             elif eq:
                 raise SdtuneError(f"{m.group(0)}: unknown option {key!r}; a tag takes up to two weights (or unet= "
@@ -60,9 +63,12 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
                               f"A1111's third, dyn, is not read by sdtune: leave it out")
         try:
             w, te = sources.a1111_weights([n for n in numbers if n], {k: v for k, v in named.items() if v})
+            te2 = float(named["te2"]) if named.get("te2") else None
+            if te2 is not None and not math.isfinite(te2):
+                raise ValueError
         except ValueError:
             raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
-        tags.append(LoraTag(m.group(1), w, te, lbw))
+        tags.append(LoraTag(m.group(1), w, te, lbw, te2))
 
     # only the tags go, as A1111's parse_prompt takes them out: "a castle, <lora:x:1>" encodes "a castle, "
     clean = LORA_TAG.sub("", prompt)
@@ -91,7 +97,10 @@ def combined_tags(tags: list[LoraTag]) -> list[LoraTag]:
         te = None if first.te_weight is None and tag.te_weight is None else (
             (first.weight if first.te_weight is None else first.te_weight)
             + (tag.weight if tag.te_weight is None else tag.te_weight))
-        out[tag.name] = LoraTag(tag.name, first.weight + tag.weight, te, tag.blocks)
+        te2 = None if first.te2_weight is None and tag.te2_weight is None else sum(
+            t.te2_weight if t.te2_weight is not None else (t.weight if t.te_weight is None else t.te_weight)
+            for t in (first, tag))
+        out[tag.name] = LoraTag(tag.name, first.weight + tag.weight, te, tag.blocks, te2)
     return list(out.values())
 
 
@@ -204,6 +213,8 @@ def _weights_text(row: dict) -> str:
     that a --lora given on the command line is reproducible from the PNG as a prompt tag is."""
     unet, te, name = row["unet_weight"], row["te_weight"], _prompt_name(row)
     text = f"{name}={unet:g}" if te == unet else f"{name}={te:g}:{unet:g}"
+    if row["te2_weight"] != te and row["te2_layers"]:  # SDXL's second encoder at a weight of its own
+        text += f":te2={row['te2_weight']:g}"
     if row["blocks"] is not None:
         text += f":lbw={','.join(f'{w:g}' for w in row['blocks'].values())}"
     return text
@@ -275,7 +286,12 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
         for tag in tags:
             name = f"<lora:{tag.name}>"
             path = _tag_source(tag.name, tuple(lora_dirs))
-            base.loras.add(name, path, tag.weight, te_weight=tag.te_weight, allow_partial=allow_partial,
+            own_te2 = tag.te2_weight is not None and "text_encoder_2" in base.loras.modules  # else: no such encoder
+            weight = tag.weight if not own_te2 else {
+                "unet": tag.weight, "text_encoder": tag.weight if tag.te_weight is None else tag.te_weight,
+                "text_encoder_2": tag.te2_weight}
+            base.loras.add(name, path, weight, te_weight=None if own_te2 else tag.te_weight,
+                           allow_partial=allow_partial,
                            blocks=tag.blocks)
             added.append(name)
         info = {}
