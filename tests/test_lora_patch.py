@@ -549,9 +549,20 @@ def test_other_inputs_a_python_user_may_give(parts, tmp_path):
             s.add("n", lora, bad)
     assert_same(parts, before)
     # a torch.compile'd component: its parameters are the model's, patched as they are
+    unet_only = Lora(modules={"unet": dict(lora.modules["unet"]), "text_encoder": {}, "text_encoder_2": {}})
     compiled = LoraSet(unet=torch.compile(tiny.build(seed=0)["unet"]))
-    compiled.add("a", Lora(modules={"unet": dict(lora.modules["unet"]), "text_encoder": {}, "text_encoder_2": {}}))
+    compiled.add("a", unet_only)
     assert len(compiled.list()) == 1 and compiled.list()[0]["unet_layers"] > 0
+    # a PEFT model (get_peft_model): its layers under base_model.model., the LoRA layers' base weights patched
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(tiny.build(seed=0)["unet"], peft.LoraConfig(r=2, target_modules=["to_k"]))
+    w0 = wrapped.get_base_model().get_submodule(UNET_ATTN).weight.detach().clone()
+    on_peft = LoraSet.attach({"unet": wrapped})
+    on_peft.add("a", unet_only)
+    assert on_peft.list()[0]["unet_layers"] == len(unet_only.modules["unet"])
+    assert not torch.equal(wrapped.get_base_model().get_submodule(UNET_ATTN).weight, w0)
+    on_peft.remove_all()
+    assert torch.equal(wrapped.get_base_model().get_submodule(UNET_ATTN).weight, w0)
 
 
 def test_a_channels_last_conv_is_patched_and_restored(parts):

@@ -91,9 +91,13 @@ def _component_modules(target) -> dict[str, torch.nn.Module]:
 
 
 def _unwrapped(module):
-    """The module ``torch.compile`` wrapped (its parameters are the model's: patching them reaches the compiled
-    one); anything else as it is."""
-    return getattr(module, "_orig_mod", module) if isinstance(module, torch.nn.Module) else module
+    """The model inside a ``torch.compile`` wrapper or a PEFT model (their parameters are the model's: patching
+    them reaches the wrapper); anything else as it is."""
+    if not isinstance(module, torch.nn.Module):
+        return module
+    module = getattr(module, "_orig_mod", module)
+    get_base = getattr(module, "get_base_model", None)  # PeftModel: its paths start with base_model.model.
+    return get_base() if callable(get_base) else module
 
 
 def _find_module(root: torch.nn.Module, comp: str, path: str) -> torch.nn.Module | None:
