@@ -464,7 +464,8 @@ def test_sdxl_file_refused_on_sd1_and_sd1_file_on_sdxl(tmp_path, xl, xl_sgm_name
     write_kohya(sd1_file, families.SD1, sd1_targets, 4, rank=4, alpha=4.0)
     with pytest.raises(SdtuneError, match=r"this LoRA is for SD 1\.x; the model is SDXL"):
         xl.loras.add("sd1", sd1_file)
-    with pytest.raises(SdtuneError, match=r"give one number, or \(unet_weight, text_encoder_weight\)$"):
+    with pytest.raises(SdtuneError, match=r"give one number, \(unet_weight, text_encoder_weight\), or a "
+                                          r"\{component: weight\} dict of unet, text_encoder$"):
         sd1.loras.add("triple", sd1_file, (1.0, 1.0, 1.0))  # one text encoder: no third weight
 
 

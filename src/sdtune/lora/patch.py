@@ -220,11 +220,13 @@ class LoraSet:
         if found is not None and (len(sets) > 1 or any(found.modules.get(c) is not m for c, m in mods.items())):
             # a component was swapped (a fine-tuned UNet put in): the set would patch the old one
             swapped = sorted(c for c, m in mods.items() if found.modules.get(c) is not m)
-            if len(sets) > 1 or len(found):
+            merged = [n for s in sets.values() for n in s.names()]
+            if merged:
                 raise SdtuneError(f"the model's {', '.join(swapped)} was replaced while LoRAs are merged into the "
-                                  f"old one ({', '.join(found.names())}); remove them first (loras.remove_all()), "
-                                  f"then swap it")
-            found.detach()
+                                  f"old one ({', '.join(merged)}); remove them first (loras.remove_all()), then swap "
+                                  f"it")
+            for old in sets.values():
+                old.detach()
             found = None
         if found is None:
             family = getattr(target, "family", None)
