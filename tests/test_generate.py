@@ -1,4 +1,6 @@
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from sdtune import api, sources
 from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, sampler_key, save_batch
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
+from sdtune.tiny import model as tiny_model
 
 
 def test_same_seed_same_pixels_and_seed_sequence(base):
@@ -381,7 +384,9 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
     torch.save({"state_dict": {ldm.VAE_PREFIX + k: v for k, v in ldm_names.items()}}, tmp_path / "a1111.ckpt")
     (tmp_path / "folder").mkdir()
     save_file(vae, str(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"))
-    for source in ("a1111.safetensors", "a1111.ckpt", "folder"):
+    # the built-in models' own VAE file also states its scaling_factor (the family's scaling is kept)
+    shutil.copy(Path(tiny_model.__file__).parent / "assets" / "model" / "vae.safetensors", tmp_path / "builtin.safetensors")
+    for source in ("a1111.safetensors", "a1111.ckpt", "folder", "builtin.safetensors"):
         other = load_base("tiny", device="cpu")
         with torch.no_grad():
             for p in other.vae.parameters():

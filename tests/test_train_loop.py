@@ -14,7 +14,7 @@ from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
-from sdtune.train import loop
+from sdtune.train import loop, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
@@ -300,6 +300,29 @@ def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset
     with pytest.raises(SdtuneError, match=r"resume.pt: .*; delete it to start over here \(or use --no-resume\), or "
                                           r"use another --out"):
         train_lora(base, settings(moved, out, steps=4, **QUIET))
+
+
+def test_resume_refuses_changed_held_out_images_and_draws_a_sample_a_kill_skipped(base, dataset, tmp_path, capsys):
+    """The held-out images of --validation-split are the validation curve's data: a caption changed there was
+    resumed over, the rest of the curve measured on other images. And a kill between a step's save and its
+    samples left that step's grid undrawn for good."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(dataset, data)
+    held = dict(validation_split=0.2, save_every=2, sample_every=2, report=False)
+    train_lora(base, settings(data, out, steps=2, **held))
+    (out / "samples" / "step-000002.png").unlink()  # as a kill before it was drawn leaves it
+    capsys.readouterr()
+    train_lora(base, settings(data, out, steps=3, **held))
+    assert "resuming at step 2 of 3" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000000.png", "step-000002.png",
+                                                                       "step-000003.png"]
+    s = settings(data, out, steps=4, **held)
+    _, held_scan, _ = validation.split(s, data_mod.scan_folder(str(data)), require_captions=True)
+    [image] = [ex.path for ex in held_scan.examples]
+    image.with_suffix(".txt").write_text("another caption")
+    with pytest.raises(SdtuneError, match=r"resume.pt: the held-out validation images or their captions in \S+data "
+                                          r"changed since this run was saved \(1 image\(s\) then, 1 now\)"):
+        train_lora(base, s)
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(base, dataset, tmp_path):

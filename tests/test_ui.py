@@ -411,13 +411,13 @@ def test_generate_with_a_picked_lora_writes_its_weight_in_the_png(studio):
     assert path.parent == studio.folders.out / "generate" and read_infotext(path) == text
     params = parse_infotext(text)
     # joined by a space, as A1111's cards add tags: no comma left behind as a token
-    assert params["prompt"] == "a red star <lora:style:0.8>" and params["Lora weights"] == "<lora:style>=0.8"
+    assert params["prompt"] == "a red star <lora:style:0.8>" and params["Lora weights"] == "style=0.8"
     assert params["Seed"] == "5" and notes == []
     form = studio.settings_of(path, uploaded=False)
     assert form["prompt"] == "a red star <lora:style:0.8>" and form["seed"] == 5 and form["steps"] == 2
     # the same LoRA typed and picked: once, at the summed weight; an emptied seed box: a random seed
     (path, text), = studio.generate("a red star, <lora:style:0.5>", steps=1, seed=None, picks=[("style", 0.3, 0.3)])[0]
-    assert parse_infotext(text)["Lora weights"] == "<lora:style>=0.8" and int(parse_infotext(text)["Seed"]) >= 0
+    assert parse_infotext(text)["Lora weights"] == "style=0.8" and int(parse_infotext(text)["Seed"]) >= 0
     assert studio.with_loras("x", [("style", 1, 0.5)]) == "x <lora:style:0.5:1>"  # A1111: te, then UNet
 
 
@@ -453,7 +453,7 @@ def test_picked_block_weights_generate_as_the_typed_tag_does(tmp_path):
         assert params["prompt"] == "a red star <lora:style:0.8:lbw=OUTD>" == s.settings_of(picked,
                                                                                           uploaded=False)["prompt"]
         # the strengths field carries the block weights too (OUTD on SDXL: BASE, OUT00-OUT02)
-        assert params["Lora weights"] == "<lora:style>=0.8:lbw=1,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0"
+        assert params["Lora weights"] == "style=0.8:lbw=1,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0"
         (typed, typed_text), = s.generate("a red star <lora:style:0.8:lbw=OUTD>", **run)[0]
         assert typed_text == text  # the same parameters ...
         pixels = lambda path: torch.tensor(list(Image.open(path).getdata()))  # noqa: E731

@@ -364,6 +364,7 @@ def read_vae(sd: dict, vae) -> dict:
         sd = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     sd = {k.removeprefix(VAE_PREFIX): v for k, v in sd.items() if not k.startswith(("loss.", "model_ema.",
                                                                                     VAE_PREFIX + "loss."))}
+    sd.pop("scaling_factor", None)  # the built-in models' VAE files state it; the family's scaling is kept
     if any(k.startswith("encoder.down_blocks.") for k in sd):  # already diffusers' names
         return sd
     state, unknown = _read_renamed(sd, vae_module_map(vae.config), vae=True)

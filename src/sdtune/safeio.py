@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import tomllib
@@ -102,14 +103,59 @@ def _not_weights(path: Path) -> str | None:
     return None
 
 
-TEMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .NAME.XXXXXX.tmp beside NAME
+TEMP_SUFFIX = ".tmp"  # an atomic write's temporary folder beside NAME: .NAME.PID-XXXXXX.tmp (holding NAME)
+OLD_SUFFIX = ".old"  # a replaced folder set aside until its successor is in place: .NAME.PID-XXXXXX.old
+
+
+def _temp_prefix(path: Path) -> str:
+    """The prefix of ``path``'s temporaries: the writer's process id in it tells a stale one (its writer killed)
+    from one being written now."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def clear_stale(path: Path) -> None:
+    """Remove what writes of ``path`` killed midway left beside it (a whole checkpoint, hidden, each time), and
+    put back a folder a kill left set aside between the two renames of ``atomic_folder``."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[^/]*({re.escape(TEMP_SUFFIX)}|{re.escape(OLD_SUFFIX)})$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _process_alive(int(m.group(1))):
+            continue
+        try:
+            if m.group(2) == OLD_SUFFIX and not path.exists() and (entry / path.name).exists():
+                os.replace(entry / path.name, path)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:  # another process cleaning it, or no right to: left as it is
+            continue
 
 
 def user_path(path: str | bytes | Path) -> Path:
-    """The place a user chose behind a path a system error names: an atomic write's temporary file is its folder.
+    """The place a user chose behind a path a system error names: the file an atomic write's temporary stands for.
     Some libraries (TensorBoard's writer) raise with the path as bytes."""
     path = Path(os.fsdecode(path))
-    return path.parent if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) else path
+    for part in (path, *path.parents):
+        if part.name.startswith(".") and part.name.endswith(TEMP_SUFFIX):
+            if part != path:  # the file inside the temporary folder: the output it becomes
+                return part.parent / path.relative_to(part)
+            return part.parent / re.sub(r"\.\d+-\w*" + re.escape(TEMP_SUFFIX) + "$", "", part.name[1:])
+    return path
 
 
 def input_path(path: str | Path, what: str, option: str) -> Path:
@@ -166,12 +212,18 @@ def input_at(out: Path, inputs) -> tuple[str | Path, bool] | None:
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically.
+
+    The temporary file has ``path``'s name, in a hidden folder of its own beside it: a writer that makes its own
+    temporary beside the file it is given (safetensors' save_file does) leaves nothing else behind, and a write
+    killed midway leaves one folder, which the next write of ``path`` removes (``clear_stale``)."""
     path = Path(path)
     output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    clear_stale(path)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
+    tmp = folder / path.name
+    tmp.touch()
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -186,8 +238,7 @@ def atomic_path(path: str | Path):
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -196,11 +247,15 @@ def atomic_folder(path: str | Path):
     there, unless that holds files the new one does not: they would be lost), on failure it is deleted."""
     path = Path(path)
     output_folder(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    clear_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except SafetensorError as e:  # a full disk in a writer (save_pretrained): not an OSError
+            raise SdtuneError(f"{path}: could not be written ({e}); free some space or choose another place") from None
         # mkdtemp makes 0700, and safetensors writes its files 0600: a model folder and its files get the usual
         # permissions, as single files do, so another account's A1111 or ComfyUI can read them
         for sub, dirs, files in os.walk(tmp):
@@ -215,7 +270,7 @@ def atomic_folder(path: str | Path):
                 raise SdtuneError(f"{path}: holds {len(lost)} file(s) the new folder does not have "
                                   f"({', '.join(lost[:3])}), which replacing it would delete; move them out, or "
                                   f"write to a new folder (the folder is left as it was)")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=OLD_SUFFIX, dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
@@ -267,7 +322,11 @@ def atomic_save_torch(obj, path: str | Path, legacy: bool = False) -> None:
     unpickle: A1111's safe loader refuses a zip archive holding any member but data.pkl, version and data/N, and
     current torch adds others (.format_version, byteorder...), so its embeddings folder drops a zip .pt unread."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
+        try:
+            torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
+        except RuntimeError as e:  # the zip writer's error for a failed write (a full disk): not an OSError
+            raise SdtuneError(f"{path}: could not be written ({str(e).splitlines()[-1]}); free some space or choose "
+                              f"another place") from None
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

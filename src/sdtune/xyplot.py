@@ -124,7 +124,7 @@ _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "se
              "guidance": "3,5,7.5", "steps": "10,20,30", "sampler": "ddim,euler_a",
              "weight": "0,0.25,0.5,1,1.5", "adapters": "'none|style|style:0.5+detail:1'",
              "loras": "'none|style|style:0.5+detail:1'", "embeddings": "'none|<my-thing>'",
-             "blocks": "'INALL|OUTALL|1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0'", "clip_skip": "1,2"}
+             "blocks": "'INALL|OUTALL|MIDD'", "clip_skip": "1,2"}
 
 
 def _typed(kind: str, v):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -294,12 +295,14 @@ def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int) -> 
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
 
-def check_resume(base, settings: TrainSettings, kind: str, scan) -> None:
+def check_resume(base, settings: TrainSettings, kind: str, scan, validation_id: dict | None = None) -> None:
     """Refuse a resume ``run`` would refuse, before the images are encoded (minutes on a real dataset); ``run``
-    checks again, the class images too, which may not be drawn yet here."""
+    checks again, the class images too, which may not be drawn yet here. ``validation_id``: the held-out images'
+    fingerprint (``validation.data_id``)."""
     path = Path(settings.out) / STATE_FILE
     if settings.resume and path.is_file():
-        _read_resume(path, kind, settings, getattr(base, "model_hash", ""), fingerprint(scan, settings.data))
+        data_id = fingerprint(scan, settings.data) | ({"validation": validation_id} if validation_id else {})
+        _read_resume(path, kind, settings, getattr(base, "model_hash", ""), data_id)
 
 
 def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
@@ -327,10 +330,16 @@ def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str
     saved_data = state.get("data")  # states written before sdtune recorded it: not checked
     # only what the state recorded (states before sdtune hashed the images' bytes or the class images hold less)
     if saved_data and any(saved_data[k] != data_id.get(k) for k in saved_data if k in data_id or k != "class_images"):
-        raise SdtuneError(f"{path}: the images or captions in {settings.data} changed since this run was saved "
-                          f"({saved_data['images']} image(s) then, {data_id['images']} now), and the rest of the run "
-                          f"would train and validate on other data under the same curve; use another --out for a "
-                          f"new run, or --no-resume to start over here")
+        held = saved_data.get("validation")
+        if held != data_id.get("validation") and all(saved_data[k] == data_id.get(k) for k in ("sha256", "content")):
+            where, then, now = (settings.validation_dir or settings.data, (held or {}).get("images", 0),
+                                (data_id.get("validation") or {}).get("images", 0))
+            what = "held-out validation images or their captions"
+        else:
+            where, then, now, what = settings.data, saved_data["images"], data_id["images"], "images or captions"
+        raise SdtuneError(f"{path}: the {what} in {where} changed since this run was saved ({then} image(s) then, "
+                          f"{now} now), and the rest of the run would train and validate on other data under the "
+                          f"same curve; use another --out for a new run, or --no-resume to start over here")
     return state
 
 
@@ -354,13 +363,12 @@ def _set_aside(out: Path) -> Path | None:
     return aside
 
 
-def _hold(out: Path, name: str, main: bool) -> Callable[[], None]:
-    """Lock ``out`` for this run (the main process's; the others of a launch write nothing there); returns the
-    release."""
-    held = contextlib.ExitStack()
-    if main:
-        held.enter_context(folder_lock(out, f"sdtune train {name}"))
-    return held.close
+def holding(settings: TrainSettings, name: str):
+    """``settings.out`` locked for a run from its first step through its report (the main process's lock; the
+    others of an ``accelerate launch`` write nothing there: RANK, which the launcher sets, tells them)."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return folder_lock(Path(settings.out), f"sdtune train {name}")
 
 
 def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSettings) -> str:
@@ -430,7 +438,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                         mixed_precision=str(accelerator.mixed_precision))
     for group in job.param_groups:
         group["base_lr"] = group["lr"]
-    undo = [_hold(Path(settings.out), job.name, accelerator.is_main_process), _freeze(base, job)]
+    undo = [_freeze(base, job)]  # the folder is held by the trainer (``holding``), through its report too
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
@@ -459,6 +467,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                                       fused=True if device.type == "cpu" else None)
         start, history, extend, state = 0, {}, False, {}
         data_id = fingerprint(data.scan, settings.data)
+        if job.validation is not None and job.validation.data_id:
+            data_id["validation"] = job.validation.data_id
         if job.prior_data is not None:  # class images added or edited would change the rest of the run as much
             data_id["class_images"] = fingerprint(job.prior_data.scan)
         if settings.resume and state_path.is_file():
@@ -596,8 +606,11 @@ class Session:
 
     def sample(self, step: int) -> None:
         prompts = self.settings.sample_prompts or self.job.sample_prompts
-        path = self.out / "samples" / f"step-{step:06d}.png"
+        path = self.sample_path(step)
         self._evaluating(lambda: sample_grid(self.base, self.settings, prompts, self.job.expand, path))
+
+    def sample_path(self, step: int) -> Path:
+        return self.out / "samples" / f"step-{step:06d}.png"
 
     def validate(self, step: int) -> None:
         """The validation loss at ``step``: logged, and printed with enough digits to compare runs."""
@@ -641,6 +654,8 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             r.validate(0)
             if s.sample_every:
                 r.sample(0)
+        elif s.sample_every and start % s.sample_every == 0 and not r.sample_path(start).exists():
+            r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
             for group in optimizer.param_groups:  # a group may stop early (pivotal tuning's word: --ti-steps)

@@ -275,7 +275,8 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     if unused and not settings.text_encoder:  # a kohya config may carry one for a UNet-only run: said, not refused
         note(f"{' and '.join(unused)}: the text encoders' learning rate, but this run trains the UNet only (add "
              f"--text-encoder to train them too); not used")
-    with vae_swapped(base, settings.vae):  # --vae: for this run only
+    # the folder is this run's from its first read of it through its report (a second run there is refused)
+    with loop.holding(settings, "lora"), vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_lora(base, settings, callback)
 
 
@@ -286,7 +287,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
-    loop.check_resume(base, settings, "lora", scan)  # before the images are encoded
+    loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     prior = prior_set(base, settings)  # before anything is trained in: class images show the base model

@@ -157,7 +157,8 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     settings.check()  # before the VAE is read
     loop.check_precision(settings, base)
     loop.note_merged(base)
-    with vae_swapped(base, settings.vae):  # --vae: for this run only
+    # the folder is this run's from its first read of it through its report (a second run there is refused)
+    with loop.holding(settings, "ti"), vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_ti(base, settings, callback)
 
 
@@ -169,7 +170,7 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
     scan, held, held_out = validation.split(settings, scan, require_captions=False)
-    loop.check_resume(base, settings, "ti", scan)  # before the images are encoded
+    loop.check_resume(base, settings, "ti", scan, validation.data_id(settings, held, held_out))  # before encoding
     data = training_set(base, settings, scan, templates)
     # validation images get the captions or templates their folder's rule gives (template i % n for image i)
     held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates

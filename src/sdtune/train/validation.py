@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import presets
-from .data import Scan, TrainingSet, held_out_order, model_steps, scan_folder, seed_for, split_validation
+from .data import Scan, TrainingSet, fingerprint, held_out_order, model_steps, scan_folder, seed_for, split_validation
 
 TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
 FALLBACK_IMAGES = 8
@@ -44,6 +44,7 @@ class ValidationSet:
     batches: list[Batch]
     images: int
     held_out: bool  # False: training images stand in
+    data_id: dict | None = None  # the held-out images' fingerprint (``data.fingerprint``), for resumes
 
     @property
     def description(self) -> str:
@@ -68,6 +69,14 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
         return train, held, True
     chosen = held_out_order(scan, Path(settings.data))[:FALLBACK_IMAGES]
     return scan, Scan(chosen), False
+
+
+def data_id(settings, held: Scan, held_out: bool) -> dict | None:
+    """What identifies the held-out images for a resume (a run resumed on other ones would go on measuring its
+    curve on other data); None where training images stand in (the training data's fingerprint covers them)."""
+    if not held_out or not held.examples:
+        return None
+    return fingerprint(held, settings.validation_dir or settings.data)
 
 
 def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> ValidationSet:
@@ -98,7 +107,7 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
                                  torch.tensor([p[2] for p in part]), [p[3] for p in part],
                                  torch.tensor([p[4] for p in part], dtype=torch.float32),
                                  torch.stack([p[5] for p in part]) if masked else None))
-    return ValidationSet(batches, len(scan.examples), held_out)
+    return ValidationSet(batches, len(scan.examples), held_out, data_id(settings, scan, held_out))
 
 
 @torch.no_grad()

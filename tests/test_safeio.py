@@ -1,0 +1,67 @@
+"""Atomic writes: what a killed write leaves is cleared by the next write of that file, and a failed write (a full
+disk) is one line naming the output."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from sdtune import safeio
+from sdtune.safeio import SdtuneError
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_killed_writes_leftovers_are_cleared_by_the_next_write(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    gone, alive = dead_pid(), os.getppid()
+    stale = tmp_path / f".lora.safetensors.{gone}-abc.tmp"  # a killed write's folder, with what it held
+    stale.mkdir()
+    (stale / "lora.safetensors").write_bytes(b"x" * 1000)
+    (stale / ".tmpQ1w2e3").write_bytes(b"y" * 1000)  # safetensors' own temporary inside it
+    running = tmp_path / f".lora.safetensors.{alive}-def.tmp"  # another process writing it now: left alone
+    running.mkdir()
+    other = tmp_path / f".other.safetensors.{gone}-abc.tmp"  # another file's: left for that file's next write
+    other.mkdir()
+    safeio.atomic_save_safetensors({"a": torch.ones(3)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, running.name, other.name])
+    # the write itself leaves nothing beside the file (safetensors' own temporary stays in sdtune's folder)
+    running.rmdir(), other.rmdir()
+    safeio.atomic_save_safetensors({"a": torch.zeros(3)}, target)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_folder_set_aside_by_a_kill_between_two_renames_is_put_back(tmp_path):
+    model = tmp_path / "merged"
+    aside = tmp_path / f".merged.{dead_pid()}-xyz.old"
+    (aside / "merged" / "unet").mkdir(parents=True)
+    (aside / "merged" / "model_index.json").write_text("{}")
+    safeio.clear_stale(model)
+    assert (model / "model_index.json").read_text() == "{}" and (model / "unet").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
+    def full(*args, **kwargs):  # what torch's zip writer raises when the disk fills (not an OSError)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1535424 vs 1535312")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SdtuneError, match=r"resume.pt: could not be written \(\[enforce fail .* unexpected pos 1535424 vs 1535312\); "
+                                          r"free some space or choose another place$"):
+        safeio.atomic_save_torch({"a": 1}, tmp_path / "resume.pt")
+    with pytest.raises(SdtuneError, match=r"model: could not be written \(.*No space left.*\); free some space"):
+        with safeio.atomic_folder(tmp_path / "model"):  # save_pretrained's safetensors error
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_naming_a_temporary_names_the_output():
+    assert safeio.user_path("/x/.lora.safetensors.123-ab_c9.tmp/lora.safetensors") == safeio.Path("/x/lora.safetensors")
+    assert safeio.user_path(b"/x/.lora.safetensors.123-abc.tmp") == safeio.Path("/x/lora.safetensors")
+    assert safeio.user_path("/x/out/lora.safetensors") == safeio.Path("/x/out/lora.safetensors")
