@@ -195,6 +195,16 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_rerun_continues_exactly(base,
     assert signal.getsignal(signal.SIGTERM) is term_before
     assert load_state(out / loop.STATE_FILE)[0]["step"] == 2
 
+    # a second Ctrl-C stops at once, saying what is kept (it said only "interrupted")
+    def twice_at_3(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Interrupted, match=r"^stopped without saving the step in progress; the same command continues "
+                                          r"from the last save, if there is one$"):
+        train_lora(base, settings(dataset, tmp_path / "twice", save_every=2), callback=twice_at_3)
+    assert load_state(tmp_path / "twice" / loop.STATE_FILE)[0]["step"] == 2
+
 
 def test_a_run_repeats_to_the_last_bit_after_work_that_sets_the_thread_count(dataset, tmp_path):
     """torch computes in other last bits once set_num_threads has been called (the LoRA patcher and the bake

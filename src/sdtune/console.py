@@ -51,11 +51,12 @@ def stop_requests(enabled: bool = True):
 
     def ask(signum, frame):
         if requested:
-            raise KeyboardInterrupt
+            raise Interrupted("stopped without saving the step in progress; the same command continues from the "
+                              "last save, if there is one")
         requested.append(True)
-        why = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
-        sys.stderr.write(f"\nsdtune: {why}stopping after this step to save it (Ctrl-C again to stop without "
-                         f"saving)\n")
+        name = signal.Signals(signum).name
+        why, again = ("", "Ctrl-C again") if signum == signal.SIGINT else (f"{name}: ", f"a second {name} or Ctrl-C")
+        sys.stderr.write(f"\nsdtune: {why}stopping after this step to save it ({again} to stop without saving)\n")
 
     # SIGTERM too: what a job scheduler, `docker stop` or `kill` sends first, with a grace period to save in
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
