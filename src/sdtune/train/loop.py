@@ -364,7 +364,7 @@ def _set_aside(out: Path) -> Path | None:
 
 
 def holding(settings: TrainSettings, name: str):
-    """``settings.out`` locked for a run from its first step through its report (the main process's lock; the
+    """``settings.out`` locked for a run from its start through its report (the main process's lock; the
     others of an ``accelerate launch`` write nothing there: RANK, which the launcher sets, tells them)."""
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return contextlib.nullcontext()
