@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from . import sources
 from .console import note
-from .generate import Generated
+from .generate import Generated, check_text
 from .generate import generate as _generate
 from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
@@ -266,9 +266,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     ``embedding_dirs``."""
     if kwargs.get("negative_prompt", "") is None:  # diffusers' default for none
         kwargs["negative_prompt"] = ""
-    if not isinstance(prompt, str):
-        raise SdtuneError(f"prompt: one text (a str), not a {type(prompt).__name__}; for several images of one "
-                          f"prompt use num_images, for several prompts call once per prompt")
+    check_text("prompt", prompt)  # before the tags are read from it
     clean, tags = lora_tags(prompt)
     tags = combined_tags(tags)
     unread = UNREAD_SYNTAX.search(clean + "\n" + kwargs.get("negative_prompt", ""))

@@ -188,21 +188,22 @@ class PromptEmbeds:
                             self.pooled.expand(n, -1) if self.pooled is not None else None)
 
 
-def _check_types(prompt, negative_prompt, **numbers) -> None:
-    """What a Python caller may pass that the command line never does: a list of prompts, a float step count..."""
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise SdtuneError(f"{name}: one text (a str), not a {type(text).__name__}; for several images of one "
-                              f"prompt use num_images, for several prompts call once per prompt")
-    for name, value in numbers.items():
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if name == "guidance":
-            ok = whole or isinstance(value, float)
-        else:
-            ok = whole or (name == "seed" and value is None)
-        if not ok:
-            what = "a number" if name == "guidance" else "a whole number"
-            raise SdtuneError(f"{name}={value!r}: must be {what}")
+def check_text(name: str, text) -> None:
+    """A prompt as a Python caller may pass it: one str (a list of prompts was a TypeError deep inside)."""
+    if not isinstance(text, str):
+        raise SdtuneError(f"{name}: one text (a str), not a {type(text).__name__}; for several images of one "
+                          f"prompt use num_images, for several prompts call once per prompt")
+
+
+def _check_types(prompt, negative_prompt, guidance, **whole) -> None:
+    """What a Python caller may pass that the command line never does: a float step count, a str seed..."""
+    check_text("prompt", prompt)
+    check_text("negative_prompt", negative_prompt)
+    for name, value in whole.items():  # seed may be None (random)
+        if not (isinstance(value, int) and not isinstance(value, bool)) and not (name == "seed" and value is None):
+            raise SdtuneError(f"{name}={value!r}: must be a whole number")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise SdtuneError(f"guidance={guidance!r}: must be a number")
 
 
 def check_clip_skip(clip_skip: int) -> None:
@@ -304,8 +305,8 @@ def generate(
 ) -> list[Generated]:
     """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are. ``on_step(done,
     total)`` is called after each denoising step (of all batches together); an exception it raises stops here."""
-    _check_types(prompt, negative_prompt, steps=steps, num_images=num_images, batch_size=batch_size, seed=seed,
-                 guidance=guidance)
+    _check_types(prompt, negative_prompt, guidance, steps=steps, num_images=num_images, batch_size=batch_size,
+                 seed=seed)
     width = width or default_size(base)
     height = height or default_size(base)
     check_size(width, height)

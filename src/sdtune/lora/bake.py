@@ -58,7 +58,7 @@ from ..safeio import SdtuneError, atomic_folder, atomic_path, input_at, is_safet
 from . import blocks as block_weights
 from .formats import bundled_words, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
-from .patch import LoraSet, as_weights, check_fit, write_patched
+from .patch import LoraSet, as_weights, check_fit, no_bias, write_patched
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -528,8 +528,7 @@ def _contributions(where: tuple[dict, dict], pairs, allow_partial: bool, family:
             w = p.weights[comp] * factors.get((comp, path), 1.0)  # the product LoraSet takes: the same bits
             bias = adapter.bias_part()
             if bias is not None and found not in biases.get(comp, {}):
-                raise SdtuneError(f"{p.source}: changes the bias of {comp}:{path}, which has none in this model; "
-                                  f"use a LoRA made for this base model")
+                raise no_bias(p.source, comp, path)
             if w != 0.0:
                 changes.setdefault((src.path, key), {}).setdefault(cut, []).append((f"{i:04d}", i, adapter, w))
                 if bias is not None:

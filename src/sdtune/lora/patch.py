@@ -156,6 +156,12 @@ def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = 
         raise bad from None
 
 
+def no_bias(source: str, comp: str, path: str) -> SdtuneError:
+    """The refusal of an adapter that changes a bias the model's layer does not have (``LoraSet`` and the bake)."""
+    return SdtuneError(f"{source}: changes the bias of {comp}:{path}, which has none in this model; use a LoRA made "
+                       f"for this base model")
+
+
 def _finite(weights: dict[str, float], given) -> dict[str, float]:
     if not all(math.isfinite(v) for v in weights.values()):  # it would draw black images
         raise SdtuneError(f"adapter weight {given!r}: must be a finite number")
@@ -295,8 +301,7 @@ class LoraSet:
             if key not in self._module_of:
                 self._module_of[key] = _find_module(self.modules[key[0]], key[0], key[1])
             if ad.bias_part() is not None and getattr(self._module_of[key], "bias", None) is None:
-                raise SdtuneError(f"{source}: changes the bias of {key[0]}:{key[1]}, which has none in this model; "
-                                  f"use a LoRA made for this base model")
+                raise no_bias(source, *key)
         if lora.embeddings and self.embeddings is None and words:  # patching changes weights only
             warnings.warn(f"{source}: also carries Textual Inversion embeddings ({', '.join(lora.embeddings)}), "
                           "which LoraSet does not load; load them with the embedding loader", stacklevel=2)
