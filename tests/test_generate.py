@@ -262,6 +262,11 @@ def test_source_specs(tmp_path):
     assert sources.parse_weighted(f"{f}:te=0.2") == (str(f), 0.2)  # the UNet's default is the text encoders'
     assert sources.parse_weighted(f"{f}:unet=0.3") == (str(f), (0.3, 1.0))
     assert sources.parse_weighted(f"{f}:2:unet=0.3:te=0.2") == (str(f), (0.3, 0.2))
+    # SDXL's second text encoder's own weight, as a prompt tag's te2= (unet, te1, te2)
+    assert sources.parse_weighted(f"{f}:0.5:0.8:te2=0") == (str(f), (0.8, 0.5, 0.0))
+    assert sources.parse_weighted(f"{f}:0.7:te2=0.2") == (str(f), (0.7, 0.7, 0.2))
+    with pytest.raises(SdtuneError, match="must be a finite number"):
+        sources.parse_weighted(f"{f}:te2=inf")
     with pytest.raises(SdtuneError, match=r"unknown option 'foo'; after its file a LoRA takes :WEIGHT"):
         sources.parse_weighted(f"{f}:0.5:foo=1")
     assert sources.split_suffix(f"{f}:<tok>") == (str(f), "<tok>")

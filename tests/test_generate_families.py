@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdtune import api, families
 from sdtune.cli import main
@@ -148,3 +149,21 @@ def test_sdxl_second_encoder_weight_rides_in_the_png(xl, tmp_path):
     [without] = api.generate(xl, "a red star <lora:xa:0.5:0.8>", steps=2, seed=1, progress=False,
                              lora_dirs=[tmp_path / "loras"])
     assert not np.array_equal(np.asarray(without.image), np.asarray(first.image))  # te2 mattered
+    # the command line takes the same weights after the file (it took te= and unet= only)
+    out = tmp_path / "cli"
+    assert main(["generate", "--model", "sdxl-small-random", "--prompt", "a red star", "--steps", "2", "--seed", "1",
+                 "--lora", f"{tmp_path / 'loras' / 'xa.safetensors'}:0.5:0.8:te2=0", "--no-progress",
+                 "--out", str(out)]) == 0
+    [png] = out.glob("*.png")
+    assert parse_infotext(read_infotext(png))["Lora weights"] == "xa=0.5:0.8:te2=0"
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(first.image))
+
+
+def test_te2_weight_on_a_model_with_one_text_encoder_is_refused(tmp_path, capsys):
+    lora = tmp_path / "x.safetensors"
+    save_lora(Lora(), lora)
+    assert main(["generate", "--prompt", "a red star", "--steps", "1", "--lora", f"{lora}:1:te2=0.3",
+                 "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert f"{lora}:1:te2=0.3: te2= weighs SDXL's second text encoder, and this model has one" in err
+    assert "Traceback" not in err

@@ -116,6 +116,9 @@ def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | 
     returns the name. ``blocks`` (a preset name, "1,0,…" or numbers) overrides the spec's ``lbw=``."""
     spec, lbw = block_weights.split_spec(str(spec))  # a Path too, as loras.add takes one
     src, w = sources.parse_weighted(spec)
+    if isinstance(w, tuple) and len(w) == 3 and "text_encoder_2" not in base.loras.modules:
+        raise SdtuneError(f"{spec}: te2= weighs SDXL's second text encoder, and this model has one text encoder; "
+                          f"leave te2= out")
     path = sources.resolve(src, "lora", tuple(search_dirs))
     name = name or Path(path).stem
     base.loras.add(name, path, weight if weight is not None else w, allow_partial=allow_partial,

@@ -47,7 +47,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
                    help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the UNet's "
-                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, and "
+                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, SDXL's second text encoder's te2=W, and "
                    "block weights as the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="tiny", help=MODEL_HELP)
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
                    help="a LoRA to bake in, with its weight (optionally the UNet's own weight, as A1111 reads "
-                   "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8) and optional lora-block-weight block "
+                   "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8; SDXL's second text encoder's: te2=W) and optional lora-block-weight block "
                    "weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
@@ -278,7 +278,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
     mg.add_argument("specs", nargs="+", metavar="FILE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
                     help="LoRA files with their weights (optionally the UNet's own weight, as A1111 reads "
-                    "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8)")
+                    "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8; SDXL's second text encoder's: te2=W)")
     mg.add_argument("--out", required=True)
     mg.add_argument("--rank", type=int, help="SVD of each layer's summed ΔW to this rank (default: exact, the "
                     "ranks concatenated)")

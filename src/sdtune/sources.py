@@ -45,17 +45,18 @@ def a1111_weights(numbers: list[str], named: dict[str, str], default: float = 1.
     return unet, None if te == unet else te
 
 
-def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[float, float]]:
+def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[float, ...]]:
     """'FILE[:WEIGHT[:UNET_WEIGHT]]', also with A1111's named ``:unet=W`` / ``:te=W``, read as A1111 reads the
-    same weights in a prompt's ``<lora:name:…>`` (``a1111_weights``) -> (FILE, weight): one number, or (unet,
-    text encoders) where the two differ."""
+    same weights in a prompt's ``<lora:name:…>`` (``a1111_weights``), and ``:te2=W`` (SDXL's second text
+    encoder, as in a prompt tag) -> (FILE, weight): one number, (unet, text encoders) where the two differ, or
+    (unet, first text encoder, second text encoder) with te2=."""
     numbers, named, src = [], {}, spec
     while True:
         head, tail = split_suffix(src)
         key, eq, value = (tail or "").partition("=")
-        if eq and key.strip() not in ("unet", "te"):
+        if eq and key.strip() not in ("unet", "te", "te2"):
             raise SdtuneError(f"{spec}: unknown option {key.strip()!r}; after its file a LoRA takes :WEIGHT"
-                              f"[:UNET_WEIGHT], :unet=W, :te=W and :lbw=BLOCK_WEIGHTS")
+                              f"[:UNET_WEIGHT], :unet=W, :te=W, :te2=W (SDXL) and :lbw=BLOCK_WEIGHTS")
         if tail is None or (not eq and len(numbers) == 2):
             break
         if eq:
@@ -69,10 +70,15 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[
                           f"encoders', then the UNet's, as in A1111's <lora:name:0.5:0.8>)")
     try:
         unet, te = a1111_weights(numbers, named, default)
+        te2 = float(named["te2"]) if "te2" in named else None
+        if te2 is not None and not math.isfinite(te2):
+            raise ValueError
     except ValueError:
         raise SdtuneError(f"{spec}: a weight after ':' must be a finite number (FILE:0.8, FILE:0.5:0.8 for the text "
-                          f"encoders and the UNet as A1111 reads them, or FILE:te=0.5:unet=0.8), e.g. {src}:0.8") \
+                          f"encoders and the UNet as A1111 reads them, or FILE:te=0.5:unet=0.8:te2=0.3), e.g. {src}:0.8") \
             from None
+    if te2 is not None:
+        return src, (unet, unet if te is None else te, te2)
     return src, unet if te is None else (unet, te)
 
 

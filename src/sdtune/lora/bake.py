@@ -79,7 +79,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     """Write ``base_or_spec`` with ``[(lora, weight), ...]`` baked in to ``out``.
 
     ``base_or_spec``: a loaded ``Base`` or anything ``load_base`` takes. ``lora``: a ``Lora`` or a file;
-    ``weight``: a number or ``(unet_w, te_w)`` (te_w for both of SDXL's encoders); a triple
+    ``weight``: a number, ``(unet_w, te_w)`` (te_w for both of SDXL's encoders) or ``(unet_w, te1_w, te2_w)``; a triple
     ``(lora, weight, blocks)`` adds block weights as ``LoraSet.add`` takes them (a preset name such as
     ``"INALL"``, ``"1,0,…"`` or numbers; None: none). ``fmt``: "diffusers" (a
     folder) or "single" (one ``.safetensors`` in the family's original layout: LDM, or SGM for SDXL).
@@ -104,7 +104,9 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     for i, entry in enumerate(loras):
         blocks = _blocks_of(entry)
         src = entry[0]
-        pairs.append(_Pair(src, as_weights(entry[1]), str(src) if not isinstance(src, Lora) else f"lora{i}", blocks))
+        name = str(src) if not isinstance(src, Lora) else f"lora{i}"
+        # a third weight is SDXL's second text encoder's; a file without such layers has nothing it weighs
+        pairs.append(_Pair(src, as_weights(entry[1], two_encoders=True), name, blocks))
     _check_not_an_input(out, [p.src for p in pairs])  # the model's own checks come with its layout
     _note_words_left_out(pairs)
     if not isinstance(base_or_spec, (str, Path)):
