@@ -103,6 +103,26 @@ def test_merge_takes_the_text_encoders_own_weight_as_loading_does(base, tmp_path
                                rtol=0, atol=1e-5)
 
 
+def test_merge_takes_sdxl_second_encoders_own_weight(tmp_path):
+    """FILE:W:te2=W2 weighs SDXL's second text encoder's layers alone, as the prompt tag's te2= does."""
+    g = torch.Generator().manual_seed(0)
+    lora = Lora()
+    for comp, path, out_f, in_f in (("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 640, 2048),
+                                    ("text_encoder", TE_Q, 768, 768), ("text_encoder_2", TE_Q, 1280, 1280)):
+        lora.modules[comp][path] = Adapter("lora", {"down": torch.randn(2, in_f, generator=g),
+                                                    "up": torch.randn(out_f, 2, generator=g)}, 2.0)
+    save_lora(lora, tmp_path / "xl.safetensors")
+    out = tmp_path / "mix.safetensors"
+    assert main(["lora", "merge", f"{tmp_path / 'xl.safetensors'}:0.5:te2=0.25", f"{tmp_path / 'xl.safetensors'}:1",
+                 "--out", str(out)]) == 0
+    mix = load_lora(out)
+    want = {"unet": 1.5, "text_encoder": 1.5, "text_encoder_2": 1.25}
+    for comp, path, ad in mix.items():
+        torch.testing.assert_close(ad.delta(ad.io()[:2]), want[comp] * lora.modules[comp][path].delta(ad.io()[:2]),
+                                   rtol=1e-5, atol=1e-5)
+    assert mix.metadata["ss_training_comment"] == "sdtune lora merge: xl.safetensors:0.5:te2=0.25 + xl.safetensors:1"
+
+
 def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF, conv=True)
     b = lora_file(base, tmp_path / "b.safetensors", 1, rank=4, alpha=4.0)

@@ -219,9 +219,11 @@ def _stacked(contribs: list[tuple[Adapter, float]]) -> tuple[torch.Tensor, torch
 
 
 def _weight_text(weights: dict[str, float]) -> str:
-    """A merge input's weights as its spec gives them: "0.8", or "unet=0.8:te=0.5" where the encoders' differ."""
-    unet, te = weights["unet"], weights["text_encoder"]
-    return f"{unet:g}" if te == unet == weights["text_encoder_2"] else f"unet={unet:g}:te={te:g}"
+    """A merge input's weights as its spec gives them: "0.8", "unet=0.8:te=0.5" where the encoders' differ from
+    the UNet's, and ":te2=0.3" after it where SDXL's second encoder's differs from the first's."""
+    unet, te, te2 = weights["unet"], weights["text_encoder"], weights["text_encoder_2"]
+    text = f"{unet:g}" if te == unet else f"unet={unet:g}:te={te:g}"
+    return text if te2 == te else f"{text}:te2={te2:g}"
 
 
 def _block_factors(path: str, lora: Lora, blocks, family) -> dict[tuple[str, str], float]:
