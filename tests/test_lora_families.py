@@ -545,6 +545,9 @@ def test_sd2_kohya_and_diffusers_against_diffusers(tmp_path):
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sd_v2" and f.metadata()["ss_v2"] == "True"
         assert any(k.startswith("lora_te_text_model_") for k in f.keys())
+    formats.convert(out, tmp_path / "d2.safetensors", to="diffusers")
+    with safe_open(str(tmp_path / "d2.safetensors"), "pt") as f:  # A1111 reads the base from these keys
+        assert f.metadata()["ss_base_model_version"] == "sd_v2" and f.metadata()["ss_v2"] == "True"
 
 
 def sd2_real_unet() -> torch.nn.Module:

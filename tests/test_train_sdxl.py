@@ -115,6 +115,9 @@ def test_cli_lora_writes_kohya_sdxl_keys_with_the_sdxl_preset(cli_lora):
     assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in keys)
     assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in keys)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    with safe_open(str(out / "diffusers" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        # the diffusers layout says its base too: A1111 lists a LoRA whose header lacks it under SD 1.x
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
     # the run started from the SDXL preset: what the flags did not set is the preset's
     assert meta["ss_sdtune_preset"] == "sdxl" and meta["ss_enable_bucket"] == "True"
     assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_steps"] == "2"

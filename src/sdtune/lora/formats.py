@@ -461,7 +461,9 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
         meta = {**_carried_metadata(lora), **header, **extra}
     elif format == "diffusers":
         tensors, header = _diffusers_tensors(lora, source)
-        meta = {**_carried_metadata(lora), **extra, "format": "pt", _META_KEY: header}
+        # kohya's version keys too: A1111 files a LoRA whose header lacks them under SD 1.x, and civitai reads them
+        meta = {**_carried_metadata(lora), **_version_metadata(lora, family), **extra, "format": "pt",
+                _META_KEY: header}
     else:
         raise SdtuneError(f"{path}: unknown LoRA format {format!r}; use 'kohya' or 'diffusers'")
     # kohya's precomputed hashes, so A1111/additional-networks/civitai need not hash the file (stale ones carried
@@ -619,6 +621,11 @@ def _base_model_version(lora: Lora, family: Family) -> str:
     return carried if families.by_base_model_version(carried) == family else family.base_model_version
 
 
+def _version_metadata(lora: Lora, family: Family) -> dict[str, str]:
+    """``ss_base_model_version``, and kohya's ``ss_v2`` flag, which means exactly "an SD 2.x base"."""
+    return {"ss_base_model_version": _base_model_version(lora, family), "ss_v2": str(family == families.SD2)}
+
+
 def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
     layers = [ad for _, _, ad in lora.items() if not ad.algo.vector]  # norm adapters have no rank or kernel
@@ -633,9 +640,7 @@ def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
         return dim, alpha
 
     dim, alpha = dim_alpha(linear or conv) if (linear or conv) else ("0", "0")
-    # kohya's ss_v2 flag means exactly "an SD 2.x base"
-    meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, "ss_base_model_version": _base_model_version(lora, family),
-            "ss_v2": str(family == families.SD2)}
+    meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, **_version_metadata(lora, family)}
     # LyCORIS names the algorithms beyond kohya's plain LoRA; a Tucker core alone makes it LyCORIS's LoCon
     network_algos = sorted({algos.get(k).network_algo for k in kinds} - {None})
     lycoris = network_algos or any(ad.algo.lycoris_label(ad.tensors) for _, _, ad in lora.items())
