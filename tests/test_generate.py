@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from sdtune import api, sources
+from sdtune.cli import main
 from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, sampler_key, save_batch
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
@@ -67,6 +68,16 @@ def test_png_says_where_a1111_defaults_differ(base):
 def test_schedulers_run_and_differ_from_noise(base, name):
     res = generate(base, "a red circle", steps=3, seed=1, scheduler=name, progress=False)
     assert res[0].image.size == (64, 64)
+
+
+def test_a1111_sampler_names_are_taken(base, tmp_path, capsys):
+    """A1111's names, as its UI and PNGs say them, draw what sdtune's keys draw and are written back the same."""
+    [ours] = generate(base, "a red circle", steps=2, seed=1, scheduler="dpmpp_2m_karras", progress=False)
+    [theirs] = generate(base, "a red circle", steps=2, seed=1, scheduler="DPM++ 2M Karras", progress=False)
+    assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image)) and ours.infotext == theirs.infotext
+    assert main(["generate", "--model", "tiny-random", "--prompt", "a red circle", "--steps", "1", "--scheduler",
+                 "Euler a", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert parse_infotext(read_infotext(capsys.readouterr().out.split()[-1]))["Sampler"] == "Euler a"
 
 
 def test_bad_inputs_are_clear_errors(base):

@@ -58,7 +58,7 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="apply a LoRA even if some of its keys match no module (warns)")
 
 
-SCHEDULER_HELP = f"sampler: {', '.join(SCHEDULERS)} (default ddim)"
+SCHEDULER_HELP = f"sampler: {', '.join(SCHEDULERS)}, or A1111's name (\"Euler a\") (default ddim)"
 CLIP_SKIP_HELP = ("A1111's and ComfyUI's clip skip: the text encoder layer counted from its end (default 1, the "
                   "last; anime SD 1.x models expect 2; SDXL reads its 2nd anyway)")
 

@@ -48,13 +48,17 @@ def scheduler_available(name: str) -> bool:
     return name != "lms" or importlib.util.find_spec("scipy") is not None
 
 
-def check_scheduler(name: str) -> None:
-    """An unknown sampler, or one whose package is missing, is one line (before a model is loaded for it)."""
-    if name not in SCHEDULERS:
-        raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    if not scheduler_available(name):
+def check_scheduler(name: str) -> str:
+    """sdtune's key for a sampler given by its key or A1111's name ("Euler a", "DPM++ 2M Karras"); an unknown
+    one, or one whose package is missing, is one line (before a model is loaded for it)."""
+    key = name if name in SCHEDULERS else sampler_key(str(name))
+    if key is None:
+        raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)} (or A1111's name: "
+                          f"{', '.join(repr(a1111) for _, _, a1111 in SCHEDULERS.values())})")
+    if not scheduler_available(key):
         raise SdtuneError("scheduler 'lms' needs scipy, which is not installed; pip install scipy, or choose "
                           "another scheduler")
+    return key
 
 
 _A1111_NAMES = {a1111.lower(): key for key, (_, _, a1111) in SCHEDULERS.items()}  # "dpm++ 2m karras" -> key
@@ -77,7 +81,7 @@ def sampler_key(name: str, schedule: str = "") -> str | None:
 
 
 def make_scheduler(name: str, base_scheduler):
-    check_scheduler(name)
+    name = check_scheduler(name)
     cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 
@@ -318,6 +322,7 @@ def generate(
     if num_images < 1:
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     check_clip_skip(clip_skip)
+    scheduler = check_scheduler(scheduler)
     if not math.isfinite(guidance):
         raise SdtuneError(f"--guidance {guidance}: must be a finite number, e.g. 7.5")
     if seed is not None and (seed < -1 or seed + num_images > 2**63):  # -5 is a typo, not a wish for random
