@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune import cli
+from sdtune import api, cli
 from sdtune.generate import generate, parse_infotext, read_infotext
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
@@ -169,6 +169,29 @@ def test_named_loras_and_embedding_on_off(base, lora_files, emb_file, tmp_path):
     # everything the plot loaded is gone again
     assert base.text_encoder.get_input_embeddings().weight.shape[0] == tokens_before
     assert len(base.loras) == 0 and "<thing>" not in base.embeddings
+
+
+def test_embedding_folder_words_in_the_prompt_are_loaded_as_generate_loads_them(base, tmp_path):
+    """A word of the prompt naming a file of the embedding folder loads it in every cell, as generate does (the
+    grid drew the cells without it); an axis that turns the same word on and off keeps it its own."""
+    folder = [tmp_path / "emb"]
+    folder[0].mkdir()
+    vec = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 3
+    save_embedding(Embedding("zqthing", vec, "test", "diffusers"), folder[0] / "zqthing.safetensors")
+    [plain] = generate(base, "a photo of zqthing", steps=STEPS, seed=4, progress=False)
+    [single] = api.generate(base, "a photo of zqthing", steps=STEPS, seed=4, progress=False, embedding_dirs=folder)
+    base.embeddings.remove("zqthing")
+    assert "TI hashes" in parse_infotext(single.infotext)
+    xy_plot(base, "a photo of zqthing", Axis("guidance", [7.5, 3]), seed=4, steps=STEPS, embedding_dirs=folder,
+            out_dir=tmp_path, progress=False)  # (cells one at a time: seeds in one batch differ by 1/255)
+    assert np.array_equal(_pixels(tmp_path / "xy-00-00.png"), np.asarray(single.image))
+    assert parse_infotext(read_infotext(tmp_path / "xy-00-00.png"))["TI hashes"] == \
+        parse_infotext(single.infotext)["TI hashes"]
+    assert "zqthing" not in base.embeddings  # the plot's own load is undone
+    xy_plot(base, "a photo of zqthing", parse_axis("embeddings=none|zqthing"), seed=4, steps=STEPS,
+            embedding_dirs=folder, out_dir=tmp_path, name="ax", progress=False)
+    assert np.array_equal(_pixels(tmp_path / "ax-00-00.png"), np.asarray(plain.image))
+    assert np.array_equal(_pixels(tmp_path / "ax-00-01.png"), np.asarray(single.image))
 
 
 def test_preloaded_adapter_gets_its_weight_back(base, lora_files, tmp_path):

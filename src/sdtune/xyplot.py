@@ -50,6 +50,7 @@ from .lora import blocks as block_weights
 from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text, output_folder
 from .ti.formats import load_embedding
+from .ti.tokens import find_in_prompt
 
 KIND_NAMES = {  # kind -> the axis title A1111 users know
     "prompt": "Prompt", "sr": "Prompt S/R", "seed": "Seed", "guidance": "CFG Scale", "steps": "Steps",
@@ -315,6 +316,24 @@ class _Adapters:
         self.added_tokens.append(emb.token)
         return emb.token
 
+    def add_prompt_words(self, texts) -> None:
+        """The embedding-folder files whose names the cells' prompts use as words, loaded once for the plot as
+        generate loads them (A1111's rule); a word an axis already turns on and off stays the axis's. One that
+        cannot be used is skipped with a note, as generate skips it."""
+        for d in self.embedding_dirs:
+            for text in texts:
+                for name, path in find_in_prompt(d, text).items():
+                    if self.token_of(name) is not None:
+                        continue
+                    try:
+                        emb = load_embedding(path, token=name)
+                        self.embs.add(emb)
+                    except SdtuneError as e:
+                        console.note(f"{e} (skipped)")
+                        continue
+                    self.held[emb.token] = emb
+                    self.added_tokens.append(emb.token)
+
     def token_of(self, word: str) -> str | None:
         for t in self.held:
             if t.lower() == word.lower():
@@ -562,7 +581,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     of that ``name`` in ``out_dir`` stays, the new one is named ``NAME-2`` (``-3``...) as ``generate`` numbers its
     images; otherwise it is replaced.
     """
-    check_scheduler(scheduler)
+    scheduler = check_scheduler(scheduler)
     check_clip_skip(clip_skip)
     n_cells = len(x.values) * (len(y.values) if y is not None else 1)
     if n_cells > MAX_CELLS:
@@ -622,6 +641,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                     if a is not None:
                         _apply_value(cell_, a, i, adapters, targets)
                 cells.append(cell_)
+        adapters.add_prompt_words(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
         results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress, on_step)
     finally:
         adapters.restore()
