@@ -674,6 +674,21 @@ def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
     assert len(rows) == 1
 
 
+def test_cancel_stops_only_what_its_page_started(studio):
+    """A page's Cancel stops its own tab's generation (or grid), not another tab's or another user's."""
+    said = []
+
+    def others_press_cancel(done, total):
+        said.append((studio.cancel(("generation", "tab-b")), studio.cancel(("grid", "tab-a"))))
+
+    rows, _ = studio.generate("a blue circle", steps=2, seed=1, on_step=others_press_cancel,
+                              owner=("generation", "tab-a"))
+    assert len(rows) == 1 and said == [(False, False), (False, False)]
+    with pytest.raises(SdtuneError, match="generation cancelled at step 2 of 2"):
+        studio.generate("a blue circle", steps=2, seed=1, owner=("generation", "tab-a"),
+                        on_step=lambda d, t: studio.cancel(("generation", "tab-a")))
+
+
 def test_the_train_form_shows_a_model_files_preset_before_it_loads(tmp_path):
     from sdtune.ui.studio import Studio
 

@@ -47,6 +47,12 @@ def _handler(n_outputs: int):
     return wrap
 
 
+def _owner(what: str, request: gr.Request | None) -> tuple[str, str | None]:
+    """Whose generation or grid a request starts or cancels: the page's tab (Gradio's session of that page load,
+    so another tab's or another user's Cancel leaves it running)."""
+    return what, getattr(request, "session_hash", None)
+
+
 def _status(elem_id: str) -> gr.Textbox:
     """A tab's status line: plain text, since messages quote paths and prompts (<lora:...>, '..', '_')."""
     return gr.Textbox("", label="Status", interactive=False, max_lines=6, elem_id=elem_id, elem_classes=["status"])
@@ -139,13 +145,14 @@ def _generate_tab(studio: Studio):
     form = [prompt, negative, sampler, steps, cfg, seed, width, height, clip_skip] + pickers + [s[3] for s in slots]
 
     @_handler(5)
-    def run(progress=gr.Progress(), *values):  # Gradio finds its progress bar by this default
+    def run(request: gr.Request, progress=gr.Progress(), *values):  # Gradio fills both by their annotation/default
         p, n, smp, st, c, sd, w, h, cs, k, *slot_values = values
         picks = [tuple(slot_values[i:i + 4]) for i in range(0, len(slot_values), 4)]
         rows, notes = studio.generate(p, n, sampler=smp, steps=st, cfg=c, seed=sd, width=w, height=h, count=k,
                                       clip_skip=cs, picks=picks, on_step=lambda done, total: progress((done, total),
                                                                                         desc="denoising",
-                                                                                        unit="steps"))
+                                                                                        unit="steps"),
+                                      owner=_owner("generation", request))
         rows = [(str(path), text) for path, text in rows]
         # the model named: the server has one, and another page may have switched it since this one loaded
         say = f"{len(rows)} image(s) by {studio.model_choice()} in {studio.folders.out / 'generate'}" + \
@@ -156,8 +163,11 @@ def _generate_tab(studio: Studio):
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
     # outside the queue, so that it runs while the generation holds the model; the generation then stops
     # after its current step and says so in the status line
-    cancel.click(lambda: None if studio.cancel() else gr.Info("no generation to cancel"), None, None, queue=False,
-                 show_progress="hidden")
+    def stop(request: gr.Request):
+        if not studio.cancel(_owner("generation", request)):
+            gr.Info("no generation to cancel")
+
+    cancel.click(stop, None, None, queue=False, show_progress="hidden")
 
     images.select(_picked, shown, [params, picked], show_progress="hidden")
 
@@ -219,19 +229,23 @@ def _compare_tab(studio: Studio):
                             elem_id="cmp-files")
 
     @_handler(3)
-    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, cs, w, h, cl, progress=gr.Progress()):
+    def run(p, n, xs, ys, picked, sw, smp, st, c, sd, cs, w, h, cl, request: gr.Request, progress=gr.Progress()):
         path, parts, notes = studio.compare(p, n, x=xs or "", y=ys or "", loras=picked or [], sweep=sw, steps=st,
                                             cfg=c, seed=sd, clip_skip=cs, sampler=smp, width=w, height=h, cell=cl,
                                             on_step=lambda done, total: progress((done, total), desc="grid",
-                                                                                 unit="steps"))
+                                                                                 unit="steps"),
+                                            owner=_owner("grid", request))
         return str(path), [str(q) for q in parts], \
             f"grid and {len(parts) - 1} parts by {studio.model_choice()} in {path.parent}" + \
             "".join(f"\n\n⚠️ {m}" for m in notes)
 
     go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, clip_skip, width, height, cell],
              [grid, files, status], concurrency_id="model")
-    cancel.click(lambda: None if studio.cancel() else gr.Info("no grid to cancel"), None, None, queue=False,
-                 show_progress="hidden")
+    def stop(request: gr.Request):
+        if not studio.cancel(_owner("grid", request)):
+            gr.Info("no grid to cancel")
+
+    cancel.click(stop, None, None, queue=False, show_progress="hidden")
     return loras, sweep
 
 

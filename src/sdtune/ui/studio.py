@@ -82,9 +82,10 @@ class Studio:
         self.max_upload = int(max_upload_mb * 2**20)
         self._base = None
         self.lock = threading.Lock()
-        self._cancel = threading.Event()  # set by cancel(): the generations running now stop at their next step
+        # the generations and grids running or waiting for the model: (owner, event); cancel(owner) sets the
+        # events of that owner's (a page's Cancel stops what that page started, not another tab's or user's)
+        self._running: list[tuple[object, threading.Event]] = []
         self._counting = threading.Lock()
-        self._generating = 0  # generations running or waiting for the model
         extra = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
         self.jobs = JobRunner(folders.out / "train", extra_args=tuple(extra))
 
@@ -251,43 +252,46 @@ class Studio:
             return list(layout.presets) if layout else []
         return list(dict.fromkeys(n for lay in block_weights.LAYOUTS.values() for n in lay.presets))
 
-    def cancel(self) -> bool:
-        """Stop the generations in progress (running, or waiting for the model) after their current denoising
-        step; False when there is none (a later one is not cancelled in advance)."""
+    def cancel(self, owner=None) -> bool:
+        """Stop ``owner``'s generations and grids in progress (running, or waiting for the model; None: everyone's)
+        after their current denoising step; False when there is none (a later one is not cancelled in advance).
+        The page's owner is its tab's session and what its Cancel button stops ("generation" or "grid")."""
         with self._counting:
-            if self._generating:
-                self._cancel.set()
-            return self._generating > 0
+            hit = [event for who, event in self._running if owner is None or who == owner]
+            for event in hit:
+                event.set()
+            return bool(hit)
 
     @contextmanager
-    def _cancellable(self, what: str, on_step=None):
+    def _cancellable(self, what: str, on_step=None, owner=None):
         """Counts a generation or grid as running (so that ``cancel`` reaches it, even while it waits for the
         model) and yields its ``on_step``, which stops it with ``Cancelled`` once cancelled."""
+        entry = (owner, threading.Event())
+
         def step(done: int, total: int) -> None:
-            if self._cancel.is_set():
+            if entry[1].is_set():
                 raise Cancelled(f"{what} cancelled at step {done} of {total}; nothing was saved")
             if on_step is not None:
                 on_step(done, total)
 
         with self._counting:
-            self._generating += 1
+            self._running.append(entry)
         try:
             yield step
         finally:
             with self._counting:
-                self._generating -= 1
-                if not self._generating:
-                    self._cancel.clear()
+                self._running.remove(entry)
 
     def generate(self, prompt: str, negative: str = "", *, sampler: str = "ddim", steps: int = 20,
                  cfg: float = 7.5, seed: int = -1, width: int = 0, height: int = 0, count: int = 1,
-                 clip_skip: int = 1, picks=(), on_step=None) -> tuple[list[tuple[Path, str]], list[str]]:
+                 clip_skip: int = 1, picks=(), on_step=None, owner=None) -> tuple[list[tuple[Path, str]], list[str]]:
         """Images saved in ``out/generate`` with their parameters, and any warnings. ``on_step(done, total)``
-        follows the denoising steps; ``cancel()`` (from another request) stops it with ``Cancelled``."""
+        follows the denoising steps; ``cancel()`` or ``cancel(owner)`` (from another request) stops it with
+        ``Cancelled``."""
         full = self.with_loras(prompt, picks)
         self.check_prompt(full, negative)
 
-        with self._cancellable("generation", on_step) as step, self.model_in_use() as (base, notes):
+        with self._cancellable("generation", on_step, owner) as step, self.model_in_use() as (base, notes):
             results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
                                    guidance=float(cfg), seed=_seed(seed), scheduler=sampler,
                                    clip_skip=int(clip_skip), width=int(width) or None,
@@ -393,9 +397,11 @@ class Studio:
 
     def compare(self, prompt: str, negative: str = "", *, x: str = "", y: str = "", loras=(), sweep: str = "",
                 steps: int = 20, cfg: float = 7.5, seed: int = 1, sampler: str = "ddim", clip_skip: int = 1,
-                width: int = 0, height: int = 0, cell: int = 128, on_step=None) -> tuple[Path, list[Path], list[str]]:
+                width: int = 0, height: int = 0, cell: int = 128, on_step=None,
+                owner=None) -> tuple[Path, list[Path], list[str]]:
         """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON).
-        ``on_step(done, total)`` follows the denoising steps; ``cancel()`` stops it as it stops a generation."""
+        ``on_step(done, total)`` follows the denoising steps; ``cancel()`` or ``cancel(owner)`` stops it as it
+        stops a generation."""
         if not (x or "").strip():  # the page's words, not the command line's (--x KIND=VALUES)
             raise SdtuneError("no X axis; write KIND=VALUES in it, e.g. seed=1-4 or weight=0,0.5,1")
         x_axis, y_axis = xyplot.axes_from_specs(_unquoted(x), _unquoted(y) or None, sweep=sweep or None)
@@ -425,7 +431,7 @@ class Studio:
         while folder.exists():
             folder = folder.with_name(folder.name + "-1")
         try:
-            with self._cancellable("grid", on_step) as step, self.model_in_use() as (base, notes):
+            with self._cancellable("grid", on_step, owner) as step, self.model_in_use() as (base, notes):
                 grid = xyplot.xy_plot(base, prompt, x_axis, y_axis, negative_prompt=negative or "", seed=_seed(seed),
                                       steps=int(steps), guidance=float(cfg), scheduler=sampler,
                                       clip_skip=int(clip_skip), width=int(width) or None,
