@@ -214,8 +214,12 @@ def test_prompt_sr_steps_and_sampler_axes(base, tmp_path):
             steps=STEPS, out_dir=tmp_path, progress=False)
     assert parse_infotext(read_infotext(tmp_path / "xy-00-01.png"))["prompt"] == "a blue star"
     assert parse_infotext(read_infotext(tmp_path / "xy-01-00.png"))["Sampler"] == "Euler"
+    # samplers labelled and listed by A1111's names, which its X/Y script reads back
+    assert json.loads((tmp_path / "xy.json").read_text())["y"]["labels"] == ["DDIM", "Euler"]
+    assert parse_infotext(read_infotext(tmp_path / "xy.png"))["Y Values"] == "DDIM, Euler"
     xy_plot(base, "a red star", Axis("steps", [1, 2]), seed=1, out_dir=tmp_path, name="st", progress=False)
     assert parse_infotext(read_infotext(tmp_path / "st-00-01.png"))["Steps"] == "2"
+    assert parse_infotext(read_infotext(tmp_path / "st.png"))["Steps"] == "1"  # the first cell's, as A1111 writes
     assert json.loads((tmp_path / "st.json").read_text())["y"] is None
     # A1111's "Clip skip" axis: each cell is what generate draws at that skip, and its PNG says which
     grid = xy_plot(base, "a red star", parse_axis("clip_skip=1-2"), seed=1, steps=1, out_dir=tmp_path, name="cs",
@@ -285,6 +289,8 @@ def test_weights_shorthand(base, lora_files, tmp_path):
                    progress=False)
     fields = parse_infotext(read_infotext(path))
     assert fields["X Type"] == "LoRA weight (style)" and fields["Y Type"] == "Seed"
+    # the columns name the LoRA they sweep (the only one loaded), not "LoRA"
+    assert json.loads((tmp_path / "xy.json").read_text())["x"]["labels"] == ["style 0", "style 1"]
     assert sorted(p.name for p in tmp_path.glob("xy-*.png")) == ["xy-00-00.png", "xy-00-01.png", "xy-01-00.png",
                                                                   "xy-01-01.png"]
     x, y = axes_from_specs("cfg=3,7", weights="0,1", sweep="style")

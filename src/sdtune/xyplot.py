@@ -95,7 +95,8 @@ class Axis:
     def title(self) -> str:
         return KIND_NAMES[self.kind]
 
-    def label(self, i: int) -> str:
+    def label(self, i: int, target: str | None = None) -> str:
+        """Cell ``i``'s heading; ``target``: the LoRA a weight axis sweeps where the plot found it (one loaded)."""
         if self.labels is not None:
             return self.labels[i]
         v = self.values[i]
@@ -106,19 +107,23 @@ class Axis:
         if self.kind == "steps":
             return f"{v} steps"
         if self.kind == "weight":
-            return f"{self.target or 'LoRA'} {v:g}"
+            return f"{self.target or target or 'LoRA'} {v:g}"
         if self.kind in ADAPTER_KINDS:
             return "base" if v.strip().lower() in NONE_WORDS else v
+        if self.kind == "sampler":
+            return SCHEDULERS[v][2]  # A1111's name, as its X/Y plot labels a sampler
         return str(v)
 
     def describe(self) -> str:
         """The values as A1111's ``X Values`` field writes them."""
         sep = " | " if self.kind in ("prompt", "sr", "blocks", *ADAPTER_KINDS) else ", "
+        if self.kind == "sampler":  # A1111's names, which its X/Y script reads back
+            return sep.join(SCHEDULERS[v][2] for v in self.values)
         return sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in self.values)
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "title": self.title, "values": self.values, "target": self.target,
-                "labels": [self.label(i) for i in range(len(self.values))]}
+    def to_json(self, target: str | None = None) -> dict:
+        return {"kind": self.kind, "title": self.title, "values": self.values, "target": self.target or target,
+                "labels": [self.label(i, target) for i in range(len(self.values))]}
 
 
 _EXAMPLES = {"prompt": "'a red star|a blue star'", "sr": "'red|blue|green'", "seed": "1,2,3 or 1-4",
@@ -654,16 +659,14 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         res.save(path)
         grid_images[c_.row][c_.col] = res.image
         files[c_.row][c_.col] = path.name
-    col_labels = [x.label(i) for i in range(n_cols)]
-    row_labels = [y.label(i) for i in range(n_rows)] if y is not None else None
+    col_labels = [x.label(i, targets.get(id(x))) for i in range(n_cols)]
+    row_labels = [y.label(i, targets.get(id(y))) for i in range(n_rows)] if y is not None else None
     canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
     first = results[0][1]
     # per-cell values (each cell's PNG has its own); the first cell's would mislabel the grid
     shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights", "Lora hashes", "Clip skip")}
     shared["Clip skip"] = clip_skip if clip_skip > 1 else None
-    shared["Seed"] = seed
-    shared["Steps"], shared["CFG scale"] = steps, guidance
-    shared["Sampler"] = SCHEDULERS[scheduler][2]
+    shared["Seed"] = seed  # (steps, CFG and sampler: the first cell's, as A1111 writes them)
     if adapters.fixed:
         shared["Lora weights"] = "; ".join(f"{n}={w:g}" for n, w in sorted(adapters.fixed.items()))
     for tag, a in (("X", x), ("Y", y)):
@@ -675,8 +678,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     record = {"grid": grid_path.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
               "steps": steps, "guidance": guidance, "scheduler": scheduler, "clip_skip": clip_skip,
               "rows": n_rows, "cols": n_cols,
-              "x": x.to_json() | ({"target": targets[id(x)]} if x.kind in TARGETED_KINDS else {}),
-              "y": (y.to_json() | ({"target": targets[id(y)]} if y.kind in TARGETED_KINDS else {})) if y else None,
+              "x": x.to_json(targets.get(id(x))), "y": y.to_json(targets.get(id(y))) if y else None,
               "cells": files, "cell_prompts": [[None] * n_cols for _ in range(n_rows)], "parameters": text}
     for c_, _ in results:
         record["cell_prompts"][c_.row][c_.col] = c_.prompt
