@@ -615,3 +615,12 @@ def test_a_lora_trained_on_a_built_in_model_is_taken_for_it():
     # a layer that only SDXL has outweighs the name
     attn2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     assert keys.guess_family(lora(attn2, 2048, ss_sd_model_name="tiny-xl")) == families.SDXL
+    # a file whose widths only the tiny models have, claiming SDXL without the model's name (a merge drops it):
+    # tiny-xl, not the one-encoder tiny (whose reading of the SGM names wrote a diffusers file tiny-xl refused)
+    width = families.TINY.text_encoders[0].width
+    made = lora(attn1, 8)
+    made.modules["text_encoder"] = {"encoder.layers.0.self_attn.q_proj": Adapter(
+        "lora", {"down": torch.zeros(2, width), "up": torch.zeros(width, 2)}, 2.0)}
+    assert keys.guess_family(made) == families.TINY_XL
+    made.metadata = {}
+    assert keys.guess_family(made) == families.TINY  # no claim: the fewest text encoders

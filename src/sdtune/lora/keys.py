@@ -311,6 +311,10 @@ def _pick_family(evidence: list[set[Family]], hint: Family | None) -> Family | N
         return None
     if hint in common:
         return hint
+    # a family of the same base version as the claim (the built-in tiny-xl where a file says sdxl_base_v1-0 and
+    # has tiny widths; its name was not kept): the tiny model, which the widths allow too, has one encoder only
+    claimed = {f for f in common if hint is not None and f.base_model_version == hint.base_model_version}
+    common = claimed or common
     order = list(families.FAMILIES.values())
     return min(common, key=lambda f: (len(f.text_encoders), order.index(f)))
 
