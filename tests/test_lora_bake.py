@@ -217,8 +217,15 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
     kept.unlink()
     lora_copy.unlink()
     shutil.rmtree(folder)
-    with pytest.raises(SdtuneError, match=r"adapter weight \(1\.0, 2\.0, 3\.0\): give one number"):
-        bake.merge(base_file, [(loras[1], (1.0, 2.0, 3.0))], tmp_path / "x.safetensors", fmt="single")
+    with pytest.raises(SdtuneError, match=r"adapter weight \(1\.0, 2\.0, 3\.0, 4\.0\): give one number"):
+        bake.merge(base_file, [(loras[1], (1.0, 2.0, 3.0, 4.0))], tmp_path / "x.safetensors", fmt="single")
+    assert list(tmp_path.iterdir()) == []
+    # a cut LoRA file: one line naming it (its header was read unguarded, a traceback)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(loras[1].read_bytes()[:200])
+    with pytest.raises(SdtuneError, match=rf"^{cut}: not a readable safetensors file"):
+        bake.merge(base_file, [(cut, 1.0)], tmp_path / "x.safetensors", fmt="single")
+    cut.unlink()
     assert list(tmp_path.iterdir()) == []
 
 

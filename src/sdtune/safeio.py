@@ -53,6 +53,15 @@ def read_metadata(path: str | Path) -> dict:
         raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
 
 
+def read_keys(path: str | Path) -> list[str]:
+    """A safetensors file's tensor names, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
+
+
 def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tuple[dict, dict]:
     """(tensors or plain containers, safetensors metadata) from a weight file, never executing code.
     ``mmap``: a torch file's tensors are mapped, not read (for callers that want only its small fields)."""

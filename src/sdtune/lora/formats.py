@@ -38,12 +38,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .. import families
 from ..families import Family
 from ..ldm import unet_module_map
-from ..safeio import SdtuneError, atomic_save_safetensors, input_at, is_safetensors, load_state, output_file
+from ..safeio import SdtuneError, atomic_save_safetensors, input_at, is_safetensors, load_state, output_file, read_keys
 from ..ti.formats import SDXL_KEYS, Embedding, file_stem, load_embedding, save_embedding
 from . import algos, hashes, keys
 from .neutral import COMPONENTS, TEXT_COMPONENTS, Adapter, Lora, text_path, text_paths
@@ -591,8 +590,8 @@ def bundled_words(source: Lora | str | Path) -> list[str]:
         return sorted({emb.token for emb in bundled_embeddings(source)})
     if not is_safetensors(source):
         return []
-    with safe_open(str(source), "pt") as f:  # names up to the first dot, as A1111 reads them
-        return sorted({k[len(BUNDLE_PREFIX):].split(".")[0] for k in f.keys() if k.startswith(BUNDLE_PREFIX)})
+    # names up to the first dot, as A1111 reads them
+    return sorted({k[len(BUNDLE_PREFIX):].split(".")[0] for k in read_keys(source) if k.startswith(BUNDLE_PREFIX)})
 
 
 def bundled_embeddings(lora: Lora, source: str = "") -> list[Embedding]:
