@@ -487,7 +487,7 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert form == {"prompt": "a castle", "negative_prompt": "blurry", "parameters": read_infotext(png),
                     "steps": 31, "cfg": 6.5, "seed": 42, "width": 512, "height": 768, "sampler": "euler_a",
-                    "clip_skip": 1, "not_applied": ["Model sd15 (the page's is tiny-random)"]}
+                    "clip_skip": 1, "not_applied": ["RNG GPU (A1111 default)", "Model sd15 (the page's is tiny-random)"]}
     # A1111 1.9+: the schedule apart from the sampler, prompts over several lines
     png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-19.png",
                    "a castle,\nat night\nNegative prompt: blurry,\nugly\nSteps: 20, Sampler: DPM++ 2M, "
@@ -496,7 +496,8 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert (form["prompt"], form["negative_prompt"], form["sampler"]) == ("a castle,\nat night", "blurry,\nugly",
                                                                           "dpmpp_2m_karras")
-    assert form["not_applied"] == ["Hires upscale", "Hires steps"]  # named to the user, not dropped
+    # named to the user, not dropped; A1111 writes no RNG for its default GPU noise
+    assert form["not_applied"] == ["Hires upscale", "Hires steps", "RNG GPU (A1111 default)"]
     # what sdtune draws otherwise: GPU noise, A1111's default emphasis on a weighted prompt, a sampler it lacks
     png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-gpu.png",
                    "a (red) castle\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, "
@@ -504,23 +505,29 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     assert studio.settings_of(png, uploaded=True)["not_applied"] == [
         "RNG GPU", "Emphasis Original (sdtune weighs as No norm)",
         "Sampler Euler a (Karras schedule) (sdtune has no such sampler)"]
+    # a schedule type sdtune's samplers do not follow, and A1111's other sampling settings: named, not dropped
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-exp.png",
+                   "a castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7, Seed: 1, "
+                   "Size: 512x512, NGMS: 0.5, RNG: CPU")
+    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+        "NGMS", "Sampler DPM++ 2M (Exponential schedule) (sdtune has no such sampler)"]
     assert form["clip_skip"] == 2
     # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
     # Lora weights (those in the LoRA folder; the others are named); an A1111 prompt's tag for a LoRA the folder
     # lacks is taken out of the prompt and named (Generate would refuse it)
     for text, prompt, missing in [
         ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, "
-         "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1", "a red star <lora:style:0.5:0.25>", "gone"),
+         "Lora weights: style=0.5:0.25; gone=1; <lora:tag>=1, RNG: CPU", "a red star <lora:style:0.5:0.25>", "gone"),
         ("a castle, <lora:style:0.7>, <lora:elsewhere:0.8>, at night\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
-         "Seed: 1, Size: 512x512", "a castle, <lora:style:0.7>, at night", "elsewhere"),
+         "Seed: 1, Size: 512x512, RNG: CPU", "a castle, <lora:style:0.7>, at night", "elsewhere"),
         # sdtune's own image of a --lora: the tag it wrote into the prompt, and the same LoRA's Lora weights entry
         ("a red star <lora:style:0.5>\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
-         "Lora weights: style=0.5; gone=1", "a red star <lora:style:0.5>", "gone")]:
+         "Lora weights: style=0.5; gone=1, RNG: CPU", "a red star <lora:style:0.5>", "gone")]:
         form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", text), uploaded=True)
         assert form["prompt"] == prompt
         assert form["not_applied"] == [f"LoRA {missing} (not in the LoRA folder)"]
     sample = ("a red star\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
-              "Training sample: lora-001 step-000200")  # a training run's sample grid
+              "Training sample: lora-001 step-000200, RNG: CPU")  # a training run's sample grid
     form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "grid.png", sample), uploaded=True)
     assert form["prompt"] == "a red star" and form["not_applied"] == [
         "the adapter in training (lora-001 step-000200; pick its saved LoRA or embedding; this image is the first "

@@ -67,12 +67,15 @@ _A1111_NAMES["pndm"] = "pndm"  # sdtune's PNGs before it wrote A1111's name
 # sdtune's DPM++ 2M without Karras is the uniform one, which its PNGs say
 _AUTOMATIC_KARRAS = {"dpm++ 2m"}
 SCHEDULE_TYPES = {"dpmpp_2m": "Uniform"}
+_SCHEDULES_READ = ("", "automatic", "karras", "uniform")  # A1111's schedule types sdtune's samplers follow
 
 
 def sampler_key(name: str, schedule: str = "") -> str | None:
     """sdtune's sampler for an A1111 sampler name ("Euler a"; A1111 1.9+ writes "DPM++ 2M" with ``schedule``
     "Karras" or "Automatic" apart); None when it has none."""
     name, schedule = name.strip(), schedule.strip().lower()
+    if schedule not in _SCHEDULES_READ:  # Exponential, SGM Uniform, Align Your Steps...: a sampling sdtune lacks
+        return None
     if schedule == "automatic" and name.lower() in _AUTOMATIC_KARRAS:
         schedule = "karras"
     if schedule == "karras" and not name.lower().endswith(" karras"):

@@ -41,7 +41,8 @@ from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
 NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Eta",
-               "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "Refiner")
+               "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "Refiner", "NGMS",
+               "Schedule max sigma", "Schedule min sigma", "Schedule rho")
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 # models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
 # page was started with it
@@ -332,8 +333,9 @@ class Studio:
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
-        if p.get("RNG", "CPU") != "CPU":  # sdtune draws the first noise on the CPU
-            form["not_applied"].append(f"RNG {p['RNG']}")
+        # sdtune draws the first noise on the CPU (and says so); A1111 writes RNG only when it is not its GPU default
+        if p.get("RNG", "GPU") != "CPU":
+            form["not_applied"].append(f"RNG {p.get('RNG', 'GPU (A1111 default)')}")
         weighted = any(c in p.get("prompt", "") + p.get("negative_prompt", "") for c in "([")
         if weighted and p.get("Emphasis", "Original") != "No norm":  # A1111's default rescales; sdtune's does not
             form["not_applied"].append(f"Emphasis {p.get('Emphasis', 'Original')} (sdtune weighs as No norm)")
