@@ -132,13 +132,17 @@ def test_embedding_dir_duplicate_and_odd_files_do_not_stop_generation(tmp_path):
     save_file({"emb_params": torch.randn(1, 64)}, emb_dir / "shiny.safetensors")
     save_file({"emb_params": torch.randn(1, 64)}, emb_dir / "sub" / "shiny.safetensors")  # same name, deeper
     save_file({"emb_params": torch.randn(1, 768)}, emb_dir / "wide.safetensors")
-    r = run_cli("generate", "--model", "tiny-random", "--prompt", "shiny, wide", "--steps", "1", "--no-progress",
-                "--out", str(tmp_path / "out"), "--embedding-dir", str(emb_dir))
+    save_file({"emb_params": torch.randn(1, 64)}, emb_dir / "thing.safetensors")  # a word the tokenizer has
+    r = run_cli("generate", "--model", "tiny-random", "--prompt", "shiny, wide, thing", "--steps", "1",
+                "--no-progress", "--out", str(tmp_path / "out"), "--embedding-dir", str(emb_dir))
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert all(ln.startswith("sdtune: warning: ") for ln in lines), r.stderr
-    assert any("same name as" in ln for ln in lines) and any("wide.safetensors" in ln and "skipped" in ln
-                                                             for ln in lines)
+    assert any("same name as" in ln for ln in lines)
+    # renaming mends a clash of names only, not another model's embedding
+    assert [ln.endswith("use an embedding made for this model (skipped)") for ln in lines if "wide." in ln] == [True]
+    assert [ln.endswith("(skipped; in a folder, rename the file to a word of its own)")
+            for ln in lines if "thing." in ln] == [True]
 
 
 def test_a_renamed_a1111_file_says_which_word_other_tools_use(tmp_path):

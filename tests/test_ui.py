@@ -549,6 +549,10 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     assert "Y Type: LoRA weight (style)" in read_infotext(grid)
     with pytest.raises(Refused, match="absolute paths are not allowed"):
         studio.compare("a red star", x="loras=none|/etc/passwd", steps=1)
+    # a LoRA item's refusal names the LoRA folder (it named the embedding folder), an embedding's its own
+    for axis, folder in (("loras", "LoRA"), ("adapters", "LoRA"), ("embeddings", "embedding")):
+        with pytest.raises(Refused, match=f"'..' leaves the {folder} folder"):
+            studio.compare("a red star", x=f"{axis}=none|../secret", steps=1)
     with pytest.raises(SdtuneError, match="^no X axis; write KIND=VALUES in it"):  # the page's words, no flags
         studio.compare("a red star", y="seed=1,2", steps=1)
     with pytest.raises(SdtuneError, match="^weight axis: pick the LoRA it sweeps in 'weight axis sweeps'"):

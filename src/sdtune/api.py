@@ -23,7 +23,7 @@ from .lora.hashes import lora_hashes_field, ti_hashes_field
 from .models import Base, load_base, use_vae
 from .safeio import SdtuneError, input_path
 from .ti.formats import file_stem, file_token, load_embedding
-from .ti.tokens import find_in_prompt
+from .ti.tokens import TokenTaken, find_in_prompt
 
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
 # A1111's composable AND, which sdtune reads as a word (prompt editing and alternation are read: prompts.schedule)
@@ -140,13 +140,13 @@ def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str
     return added
 
 
-def _add_or_skip(base: Base, what: str, load, skipped: str = "skipped") -> None:
+def _add_or_skip(load) -> None:
     """One odd embedding (an unknown layout, another model's width, a clashing token) must not stop the
     others from loading, as in A1111: it is named in a warning and left out."""
     try:
         load()
     except SdtuneError as e:
-        note(f"{e} ({skipped})")
+        note(f"{e} (skipped)")
 
 
 def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable: bool = True) -> list[str]:
@@ -157,7 +157,7 @@ def add_embeddings(base: Base, specs, *, search_dirs: tuple = (), skip_unusable:
     before = set(base.embeddings.tokens)
     for spec in specs:
         if skip_unusable:
-            _add_or_skip(base, spec, lambda spec=spec: add_embedding(base, spec, search_dirs=tuple(search_dirs)))
+            _add_or_skip(lambda spec=spec: add_embedding(base, spec, search_dirs=tuple(search_dirs)))
         else:
             add_embedding(base, spec, search_dirs=tuple(search_dirs))
     return [t for t in base.embeddings.tokens if t not in before]
@@ -195,9 +195,12 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
     for d in dirs:
         for name, path in find_in_prompt(d, prompt).items():
             if name not in base.embeddings:
-                # a prompt names a folder's embedding by its file name, so that is what a clash asks to change
-                _add_or_skip(base, str(path), lambda n=name, p=path: base.embeddings.add(load_embedding(p, token=n)),
-                             skipped="skipped; in a folder, rename the file to a word of its own")
+                try:
+                    base.embeddings.add(load_embedding(path, token=name))
+                except TokenTaken as e:  # a prompt names a folder's embedding by its file name: that is what to change
+                    note(f"{e} (skipped; in a folder, rename the file to a word of its own)")
+                except SdtuneError as e:  # another model's, unreadable...: as A1111, the others still load
+                    note(f"{e} (skipped)")
                 if name in base.embeddings:
                     loaded[name] = (path, _stamp(path))
 

@@ -314,7 +314,7 @@ class EmbeddingSet:
     def _check_free(self, names: list[str], emb: Embedding) -> None:
         fix = f"load it under another name: {emb.source}:NEWTOKEN"
         if emb.token in self._loaded or emb.token.lower() in {t.lower() for t in self._loaded}:
-            raise SdtuneError(f"{emb.source}: token {emb.token!r} is already loaded (from "
+            raise TokenTaken(f"{emb.source}: token {emb.token!r} is already loaded (from "
                               f"{self._entry(emb.token).source}); {fix}")
         for table in self._tables:
             rows, vocab_size = table.weight.shape[0], len(table.tokenizer)
@@ -328,8 +328,13 @@ class EmbeddingSet:
                 # the CLIP tokenizer lowercases prompts, so a token differing only in case would collide too
                 if name in vocab or name.lower() in vocab or name.lower() in added:
                     what = "token" if name == emb.token else f"sub-token {name!r} of the {len(names)}-vector token"
-                    raise SdtuneError(f"{emb.source}: {what} {emb.token!r} is already in the tokenizer's "
+                    raise TokenTaken(f"{emb.source}: {what} {emb.token!r} is already in the tokenizer's "
                                       f"vocabulary; {fix}")
+
+
+class TokenTaken(SdtuneError):
+    """An embedding whose word the model already has (loaded, or in the tokenizer's vocabulary): a name clash,
+    which another name mends."""
 
 
 def _matcher(loaded: dict[str, _Loaded], multi: dict[str, list[str]]):

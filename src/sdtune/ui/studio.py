@@ -417,15 +417,22 @@ class Studio:
         for a in axes:  # adapter names on an axis must be picked LoRAs or files in the folders
             if a.kind == "weight" and a.target and a.target not in files:
                 self.adapter_file("loras", a.target)
+            # the folders an item may come from: an adapters axis takes both (a refusal names the LoRA folder's)
+            where = {"loras": ("loras",), "embeddings": ("embeddings",)}.get(a.kind, ("loras", "embeddings"))
             for v in (a.values if a.kind in xyplot.ADAPTER_KINDS else []):
                 for item in v.split("+"):
                     src = sources.split_suffix(item.strip())[0]
                     if src.lower() in xyplot.NONE_WORDS or src in files:
                         continue
-                    try:
-                        self.adapter_file("loras", src)
-                    except Refused:
-                        self.adapter_file("embeddings", src)
+                    refusals = []
+                    for folder in where:
+                        try:
+                            self.adapter_file(folder, src)
+                            break
+                        except Refused as e:
+                            refusals.append(e)
+                    else:
+                        raise refusals[0]
         for p, n in self._cell_prompts(prompt, negative, axes):
             self.check_prompt(p, n)
         grids = self.folders.out / "grids"
