@@ -522,7 +522,10 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
          "Seed: 1, Size: 512x512, RNG: CPU", "a castle, <lora:style:0.7>, at night", "elsewhere"),
         # sdtune's own image of a --lora: the tag it wrote into the prompt, and the same LoRA's Lora weights entry
         ("a red star <lora:style:0.5>\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
-         "Lora weights: style=0.5; gone=1, RNG: CPU", "a red star <lora:style:0.5>", "gone")]:
+         "Lora weights: style=0.5; gone=1, RNG: CPU", "a red star <lora:style:0.5>", "gone"),
+        # a tag for a LoRA the folder lacks, and its Lora weights entry: named once (it was named twice)
+        ("a red star <lora:gone:0.5>\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, "
+         "Lora weights: gone=0.5, RNG: CPU", "a red star", "gone")]:
         form = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", text), uploaded=True)
         assert form["prompt"] == prompt
         assert form["not_applied"] == [f"LoRA {missing} (not in the LoRA folder)"]

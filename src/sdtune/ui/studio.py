@@ -370,7 +370,8 @@ class Studio:
         in_prompt = {m.group(1) for m in api.LORA_TAG.finditer(form["prompt"])}
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
             name, _, weights = item.partition("=")
-            if name.startswith("<lora:") or name in in_prompt:  # the prompt has its tag (sdtune writes one)
+            # the prompt has its tag (sdtune writes one), or had it and it is named already
+            if name.startswith("<lora:") or name in in_prompt or name in missing:
                 continue
             if name in have and weights:
                 tags.append(f"<lora:{name}:{weights}>")
