@@ -663,6 +663,12 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
             studio.submit("lora", "", "images", {setting: "/etc"})
         with pytest.raises(Refused, match="'..' leaves the output folder"):
             studio.submit("lora", "", "images", {setting: "../../x"})
+    # a size the model cannot train at is refused at Start, not by the queued job (the tiny models: steps of 16)
+    queued = len(studio.jobs.list())
+    for kind, extra in (("lora", {}), ("ti", {"token": "<zq>", "init_token": "star"})):
+        with pytest.raises(SdtuneError, match="^resolution 70: must be a multiple of 16 for this model, e.g. 64$"):
+            studio.submit(kind, "", "images", {"resolution": 70, **extra})
+    assert len(studio.jobs.list()) == queued
     job = studio.submit("lora", "with-val", "images", {"validation_dir": "datasets/held-out", "steps": 1})
     studio.jobs.stop(job.name)
     table = tomllib.loads((Path(job.folder) / jobs_mod.CONFIG_FILE).read_text())

@@ -673,9 +673,14 @@ def vae_scale(base) -> int:
 
 def model_steps(base) -> tuple[int, int]:
     """(native resolution, size granularity): images must be multiples of VAE x UNet downsampling."""
-    vae_factor = vae_scale(base)
-    unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
-    return int(base.unet.config.sample_size) * vae_factor, vae_factor * unet_factor
+    return config_steps(base.unet.config, base.vae.config)
+
+
+def config_steps(unet_config, vae_config) -> tuple[int, int]:
+    """``model_steps`` from the UNet's and the VAE's configs (a family's shipped ones, before a model loads)."""
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    return int(unet_config["sample_size"]) * vae_factor, vae_factor * unet_factor
 
 
 BATCH_REPEATS = 16  # the most times a batch may hold each training image over (see training_set)

@@ -33,6 +33,7 @@ from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..train import queue as train_queue
+from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
 from ..train.report import BEST_FILE
 from . import trainform
@@ -591,7 +592,21 @@ class Studio:
                 values[setting] = str(self.folders.child("out", values[setting].strip(), must_exist=False).resolve())
         settings = trainform.settings_for(kind, values, data=str(data.resolve()),
                                           out=str(self.jobs.root.resolve() / name), model=self.model)
+        self._check_size(settings.resolution, settings.bucket_step)
         return self.jobs.submit(name, kind, trainform.to_toml(settings))
+
+    def _check_size(self, resolution: int, bucket_step: int) -> None:
+        """A training size the model cannot take, said at Start (the queued job failed on it later); a model
+        whose family only loading tells is checked by its job."""
+        family = self._base.family if self._base is not None else known_family(self.model)
+        if not resolution or family is None:
+            return
+        configs = family.component_configs() if self._base is None else {
+            "unet": self._base.unet.config, "vae": self._base.vae.config}
+        step = bucket_step or config_steps(configs["unet"], configs["vae"])[1]
+        if resolution % step:
+            near = max(step, round(resolution / step) * step)
+            raise SdtuneError(f"resolution {resolution}: must be a multiple of {step} for this model, e.g. {near}")
 
     def submit_queue(self, source: str | Path, *, uploaded: bool, name: str = ""):
         """Queue a queue file (the TOML of jobs and sweeps that ``sdtune train queue`` runs) as one job: its runs
