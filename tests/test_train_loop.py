@@ -244,12 +244,18 @@ def test_starting_over_sets_the_earlier_run_aside_and_a_finished_run_says_so(bas
     assert not (out / "samples").exists() and load_state(out / loop.STATE_FILE)[0]["step"] == 2
 
 
-def test_resume_refuses_other_settings(base, dataset, tmp_path):
+def test_resume_refuses_other_settings(base, dataset, tmp_path, monkeypatch):
     train_lora(base, settings(dataset, tmp_path, steps=2))
     with pytest.raises(SdtuneError, match=r"resume.pt: this run was started with other settings \(rank 4 -> 8"):
         train_lora(base, settings(dataset, tmp_path, steps=3, rank=8))
     with pytest.raises(SdtuneError, match="past --steps 1"):
         train_lora(base, settings(dataset, tmp_path, steps=1))
+    # another model (whose preset differs in settings never typed) is said as such, before the settings
+    monkeypatch.setattr(base, "model_hash", "0123456789", raising=False)
+    with pytest.raises(SdtuneError, match=r"resume.pt: this run was started on another base model \(hash \w+, now "
+                                          r"0123456789\)"):
+        train_lora(base, settings(dataset, tmp_path, steps=3, rank=8))
+    monkeypatch.undo()
     # more steps continue the run; resume=False starts over
     steps = []
     train_lora(base, settings(dataset, tmp_path, steps=3), callback=lambda s, _: steps.append(s))

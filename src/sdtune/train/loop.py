@@ -318,15 +318,16 @@ def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str
     if other != kind:
         raise SdtuneError(f"{path.parent} holds a {other} training run, not a {kind} one; use another --out for "
                           f"this {kind} run")
+    # the model first: another model's preset differs in settings the user never typed
+    if state.get("model_hash") and model_hash and state["model_hash"] != model_hash:
+        raise SdtuneError(f"{path}: this run was started on another base model (hash {state['model_hash']}, now "
+                          f"{model_hash}); use the same --model, or another --out")
     saved = {**type(settings)().to_dict(), **saved}  # settings added since: defaults
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
         raise SdtuneError(f"{path}: this run was started with other settings ({what}); use the same settings to "
                           f"resume, another --out for a new run, or --no-resume to start over here")
-    if state.get("model_hash") and model_hash and state["model_hash"] != model_hash:
-        raise SdtuneError(f"{path}: this run was started on another base model (hash {state['model_hash']}, now "
-                          f"{model_hash}); use the same --model, or another --out")
     saved_data = state.get("data")  # states written before sdtune recorded it: not checked
     # only what the state recorded (states before sdtune hashed the images' bytes or the class images hold less)
     if saved_data and any(saved_data[k] != data_id.get(k) for k in saved_data if k in data_id or k != "class_images"):
