@@ -280,6 +280,11 @@ def test_a_text_encoder_learning_rate_for_a_unet_only_run_is_said(tmp_path):
     with pytest.warns(UserWarning, match=r"--te-lr: the text encoders' learning rate, but this run trains the UNet "
                                          r"only \(add --text-encoder to train them too\); not used"):
         train_lora(load_base("tiny-random"), s)
+    s = LoraSettings(data=str(data), out=str(tmp_path / "o2"), steps=1, te2_lr=1e-4, text_encoder=True,
+                     report=False, progress=False, validation_split=0.0)
+    with pytest.warns(UserWarning, match=r"--te2-lr: SDXL's second text encoder's learning rate, but the built-in "
+                                         r"tiny model has one text encoder; not used"):
+        train_lora(load_base("tiny-random"), s)
 
 
 def test_a_refused_resume_is_said_before_the_images_are_encoded(tmp_path, capsys, monkeypatch):

@@ -275,6 +275,9 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     if unused and not settings.text_encoder:  # a kohya config may carry one for a UNet-only run: said, not refused
         note(f"{' and '.join(unused)}: the text encoders' learning rate, but this run trains the UNet only (add "
              f"--text-encoder to train them too); not used")
+    elif settings.te2_lr is not None and len(base.family.text_encoders) < 2:
+        note(f"--te2-lr: SDXL's second text encoder's learning rate, but {base.family.title} has one text encoder; "
+             f"not used")
     # the folder is this run's from its first read of it through its report (a second run there is refused)
     with loop.holding(settings, "lora"), vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_lora(base, settings, callback)
