@@ -96,6 +96,10 @@ def test_sdxl_clip_skip_counts_from_the_penultimate_layer_it_reads_anyway():
                                                          clip_skip=1)
     torch.testing.assert_close(ours.hidden, theirs, rtol=1e-5, atol=1e-6)
     assert torch.equal(ours.pooled, default.pooled)  # the pooled embedding is the last layer's, skip or not
+    # A1111 reads SDXL at its own layer whatever the skip: a deeper one is said to be ComfyUI's reading only
+    with pytest.warns(UserWarning, match="clip skip 3: read as ComfyUI reads it; A1111 ignores clip skip on the "
+                                         "built-in tiny SDXL model, so it draws"):
+        api.generate(base, "a red star", steps=1, seed=1, clip_skip=3, progress=False)
 
 
 def test_sd2_clip_skip_counts_the_openclip_layer_diffusers_drops():

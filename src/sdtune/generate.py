@@ -325,6 +325,12 @@ def generate(
     if num_images < 1:
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     check_clip_skip(clip_skip)
+    family = getattr(base, "family", None)
+    # A1111 reads an OpenCLIP encoder (SD 2.x's, SDXL's second) at its own layer whatever the clip skip; the
+    # first two skips are these families' own layer anyway, a deeper one is ComfyUI's reading alone
+    if clip_skip > 2 and family is not None and any(te.openclip for te in family.text_encoders):
+        console.note(f"clip skip {clip_skip}: read as ComfyUI reads it; A1111 ignores clip skip on {family.title}, "
+                     f"so it draws this PNG's settings with the default")
     scheduler = check_scheduler(scheduler)
     if not math.isfinite(guidance):
         raise SdtuneError(f"--guidance {guidance}: must be a finite number, e.g. 7.5")
