@@ -163,6 +163,17 @@ def test_sdxl_second_encoder_weight_rides_in_the_png(xl, tmp_path):
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(first.image))
 
 
+def test_sdxl_empty_negative_asks_for_no_padding():
+    """SDXL conditions an empty negative on zeros, which pad to any length alike: a long prompt beside it asks
+    A1111 for no "Pad conds" (told to pad, A1111 pads with the encoded "", another image); a short negative does."""
+    base = load_base("tiny-xl", device="cpu")
+    long = ", ".join(["a red star on a white background"] * 12)  # past 75 tokens: two chunks
+    [alone] = api.generate(base, long, steps=1, seed=1, progress=False)
+    [beside] = api.generate(base, long, negative_prompt="blurry", steps=1, seed=1, progress=False)
+    assert "Pad conds" not in parse_infotext(alone.infotext)
+    assert parse_infotext(beside.infotext)["Pad conds"] == "True"
+
+
 def test_te2_weight_on_a_model_with_one_text_encoder_is_refused(tmp_path, capsys):
     lora = tmp_path / "x.safetensors"
     save_lora(Lora(), lora)

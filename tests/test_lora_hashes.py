@@ -59,13 +59,18 @@ def test_saved_lora_carries_kohya_hashes(tmp_path):
     raw = st_bytes(tensors(out), metadata=ss)
     assert meta["sshs_legacy_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
     assert len(meta["sshs_legacy_hash"]) == 8 and len(meta["sshs_model_hash"]) == 64
-    # no ss_* entries (the diffusers layout): kohya still serialises an empty header, which moves the data
+    # the diffusers layout's ss_* entries are its base's alone (A1111 reads them)
     plain = tmp_path / "plain.safetensors"
     save_lora(Lora(modules=big_lora().modules), plain, format="diffusers")
     meta = header(plain)
-    assert not any(k.startswith("ss_") for k in meta)
-    raw = st_bytes(tensors(plain), metadata={})
+    ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    assert set(ss) == {"ss_base_model_version", "ss_v2"}
+    raw = st_bytes(tensors(plain), metadata=ss)
     assert meta["sshs_legacy_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+    # no ss_* entries (another tool's file): kohya still serialises an empty header, which moves the data
+    raw = st_bytes(tensors(plain), metadata={})
+    assert hashes.sshs_hashes(tensors(plain), {})["sshs_legacy_hash"] == \
+        hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_editing_metadata_keeps_the_tensor_hash(tmp_path):

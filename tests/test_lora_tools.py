@@ -168,6 +168,25 @@ def test_merge_errors_name_the_file(tmp_path, capsys):
     assert "missing.safetensors" in err and err.count("\n") == 1
 
 
+
+def test_an_existing_file_that_holds_no_lora_is_not_written_over(base, tmp_path, capsys):
+    """merge, resize and convert write over an earlier LoRA (a rerun), never over a model or another file."""
+    from safetensors.torch import save_file
+
+    lora = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)
+    model = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.ones(4, 4)}, str(model))
+    kept = model.read_bytes()
+    for args in (["lora", "merge", lora], ["lora", "resize", lora, "--rank", "1"], ["convert", "--to", "kohya", lora]):
+        out_args = ["--out", str(model)] if args[0] == "lora" else [str(model)]
+        assert main([*args, *out_args]) == 2
+        assert f"{model}: exists and holds no LoRA" in capsys.readouterr().err
+        assert model.read_bytes() == kept
+    again = tmp_path / "again.safetensors"
+    assert main(["lora", "merge", lora, "--out", str(again)]) == 0
+    assert main(["lora", "merge", f"{lora}:0.5", "--out", str(again)]) == 0  # a rerun replaces its own output
+
+
 # ---------------------------------------------------------------- resize
 
 def sd_scripts_rank(s: np.ndarray, mode: str, param: float, cap: int) -> int:

@@ -381,7 +381,9 @@ def generate(
 
     edited = len(set(pairs)) > 1
     swapped = ["prompt_embeds", "add_text_embeds"] if base.family.pooled_and_time_ids else ["prompt_embeds"]
-    reading = _how_read(base, texts, prompt_text, negative_text, scheduler)
+    # an empty negative conditioned on zeros pads to any length alike (zero keys and values): A1111 told to pad
+    # conds would pad it with the encoded "", so it is left out of the chunk counts
+    reading = _how_read(base, texts[1:] if no_negative else texts, prompt_text, negative_text, scheduler)
     model = model_label(getattr(base, "name", ""))  # a file's stem: one look at the disk, not one per image
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]

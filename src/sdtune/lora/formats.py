@@ -437,7 +437,24 @@ def check_output(path: str | Path, inputs=(), option: str = "--out") -> Path:
         raise SdtuneError(f"{path}: sdtune writes LoRAs as .safetensors files; use {path.with_suffix('.safetensors')}")
     if input_at(path, inputs):
         raise SdtuneError(f"{path}: is an input of this command; write to a new file")
+    if path.is_file() and not _holds_a_lora(path):  # a rerun writes over its LoRA; a model or other file is kept
+        raise SdtuneError(f"{path}: exists and holds no LoRA (a model, an embedding or another file), which this "
+                          f"would replace; remove it first, or write to another name")
     return path
+
+
+_LORA_KEY = re.compile(r"lora|hada_|lokr_|oft_|bundle_emb", re.I)  # a key of any layout sdtune reads or writes
+
+
+def _holds_a_lora(path: Path) -> bool:
+    """Whether a file's header names LoRA-like keys (an empty or cut file is no loss either)."""
+    if path.stat().st_size == 0:
+        return True
+    try:
+        keys = read_keys(path) if is_safetensors(path) else None
+    except SdtuneError:  # an unreadable safetensors header: a cut write of ours, nothing to keep
+        return True
+    return keys is not None and (not keys or any(_LORA_KEY.search(k) for k in keys))
 
 
 def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,
