@@ -603,6 +603,12 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, co
         studio.add_upload(str(emb), "loras")
     assert studio.add_upload(str(emb), "embeddings") == "mystar" and "mystar" in studio.embedding_names()
     assert "mystar" not in studio.lora_names()
+    # an A1111-style file name (spaces, brackets) is taken under a plain one (it was refused as an "output name")
+    spaced = tmp_path / "my style (v2).safetensors"
+    shutil.copyfile(studio.folders.loras / "style.safetensors", spaced)
+    assert studio.add_upload(str(spaced), "loras") == "my_style_v2" and "my_style_v2" in studio.lora_names()
+    with pytest.raises(SdtuneError, match=r"^my_style_v2.safetensors exists already in the LoRA folder; pick"):
+        studio.add_upload(str(spaced), "loras")
     big = tmp_path / "big.safetensors"
     shutil.copyfile(studio.folders.loras / "style.safetensors", big)
     with open(big, "ab") as f:

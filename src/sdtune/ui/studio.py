@@ -37,7 +37,7 @@ from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
 from ..train.report import BEST_FILE
 from . import trainform
-from .guard import Folders, Refused, check_upload
+from .guard import LABELS, Folders, Refused, check_upload
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
@@ -476,7 +476,8 @@ class Studio:
             name += suffix
         path = self.folders.child(kind, f"{under}/{name}" if under else name, must_exist=False)
         if path.exists():
-            raise SdtuneError(f"{name} exists already in the {kind} folder; pick another name")
+            where = f"{LABELS.get(kind, kind)} folder" + (f"'s {under}" if under else "")
+            raise SdtuneError(f"{name} exists already in the {where}; pick another name")
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -515,7 +516,10 @@ class Studio:
                     raise SdtuneError(str(e).replace(str(path), Path(path).name)) from None
                 raise SdtuneError(f"{Path(path).name}: holds no LoRA layers (an embedding?); add it to the "
                                   f"embedding folder instead") from None
-        dest = self._new_file(kind, Path(path).stem, Path(path).suffix.lower())
+        # A1111 names such as "my style (v2)" are kept readable: the characters a page-written name may not hold
+        # become '_' (the name is shown, and is what prompts type)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._-") or "upload"
+        dest = self._new_file(kind, stem, Path(path).suffix.lower())
         shutil.copyfile(path, dest)
         return dest.stem
 
