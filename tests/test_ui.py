@@ -26,6 +26,7 @@ from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
 from sdtune.train.config import KINDS, load_settings
+from sdtune.ui import app as app_mod
 from sdtune.ui import jobs as jobs_mod
 from sdtune.ui import parse_auth, trainform
 from sdtune.ui.guard import Folders, Refused, check_upload
@@ -698,6 +699,14 @@ def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
     assert seen == [1] and sorted((studio.folders.out / "generate").iterdir()) == before
     rows, _ = studio.generate("a blue circle", steps=1, seed=1)  # the next one runs: the model is free again
     assert len(rows) == 1
+
+
+def test_the_status_line_names_the_pages_fields_not_the_command_lines_flags(studio):
+    """The page has no --seed or --x: an API refusal is said with the labels of the fields it is about."""
+    generate = app_mod._handler(1)(lambda: studio.generate("a red star", seed=-5, steps=1))
+    assert generate().startswith("⚠️ Seed -5: must be from -1 (random) to ")
+    compare = app_mod._handler(1)(lambda: studio.compare("a red star", x="seed=1,2", y="seed=3,4", steps=1))
+    assert compare().startswith("⚠️ X and Y axes both set seed")
 
 
 def test_cancel_stops_only_what_its_page_started(studio):

@@ -37,7 +37,7 @@ def _handler(n_outputs: int):
             try:
                 return fn(*args)
             except SdtuneError as e:
-                message = f"⚠️ {e}"
+                message = f"⚠️ {_page_words(str(e))}"
             except Exception as e:  # noqa: BLE001 - the page must say something, the server must go on
                 traceback.print_exc(file=sys.stderr)
                 message = f"⚠️ unexpected error: {type(e).__name__}: {e}"
@@ -51,6 +51,18 @@ def _owner(what: str, request: gr.Request | None) -> tuple[str, str | None]:
     """Whose generation or grid a request starts or cancels: the page's tab (Gradio's session of that page load,
     so another tab's or another user's Cancel leaves it running)."""
     return what, getattr(request, "session_hash", None)
+
+
+# the command line's flags that the API's messages name, as the page's fields are labelled (train form settings
+# keep their names: the form shows them so)
+_FIELDS = {"--seed": "Seed", "--clip-skip": "Clip skip", "--steps": "Steps", "--guidance": "CFG scale",
+           "--num-images": "Images", "--x and --y": "X and Y axes", "--cell": "Cell width"}
+_FLAG = re.compile("(?:" + "|".join(re.escape(f) for f in sorted(_FIELDS, key=len, reverse=True)) + r")(?![\w-])")
+
+
+def _page_words(message: str) -> str:
+    """An API message as the page says it: the fields' labels where it names the command line's flags."""
+    return _FLAG.sub(lambda m: _FIELDS[m.group(0)], message)
 
 
 def _status(elem_id: str) -> gr.Textbox:
