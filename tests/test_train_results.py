@@ -128,6 +128,21 @@ def test_loss_csv_tensorboard_and_plot(lora_run):
         assert im.format == "PNG" and im.size == (800, 550)
 
 
+def test_each_optimizer_groups_learning_rate_is_logged(base, dataset, tmp_path):
+    """With the text encoder trained at its own rate, TensorBoard has each group's (as kohya logs lr/unet and
+    lr/textencoder); the CSV keeps the UNet's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "te"
+    train_lora(base, settings(dataset, out, steps=2, text_encoder=True, te_lr=1e-4, validation_split=0.0,
+                              sample_every=0, report=False))
+    events = EventAccumulator(str(out / logs.TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.value for e in events.Scalars("lr/unet")] == pytest.approx([5e-3, 5e-3])
+    assert [e.value for e in events.Scalars("lr/text_encoder")] == pytest.approx([1e-4, 1e-4])
+    assert [float(r.split(",")[2]) for r in csv_rows(out)[2:]] == pytest.approx([5e-3, 5e-3])
+
+
 def test_smoothing_is_a_debiased_moving_average():
     assert logs.smooth([2.0, 2.0, 2.0], 10) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0 at the start
     assert logs.smooth([0.0, 1.0], 1) == [0.0, 1.0]  # window 1: the values themselves

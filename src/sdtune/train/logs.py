@@ -72,11 +72,15 @@ class TrainLog:
     def _row(self, step: int) -> dict:
         return self.rows.setdefault(step, {"step": step, "loss": None, "lr": None, "val_loss": None})
 
-    def train(self, step: int, loss: float, lr: float) -> None:
+    def train(self, step: int, loss: float, lr: float, group_lrs: dict[str, float] | None = None) -> None:
+        """A step's loss and (first) learning rate; ``group_lrs``: each optimizer group's by name, logged apart
+        to TensorBoard where there are several (lr/unet, lr/text_encoder, lr/text_encoder_2, lr/embedding)."""
         if self.enabled:
             self._row(step).update(loss=loss, lr=lr)
             self.writer.add_scalar("loss/train", loss, step)
             self.writer.add_scalar("lr", lr, step)
+            for name, value in (group_lrs or {}).items() if len(group_lrs or {}) > 1 else ():
+                self.writer.add_scalar(f"lr/{name}", value, step)
 
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:

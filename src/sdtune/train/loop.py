@@ -674,7 +674,8 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-            r.log.train(done, value, optimizer.param_groups[0]["lr"])
+            r.log.train(done, value, optimizer.param_groups[0]["lr"],
+                        {g["name"]: g["lr"] for g in optimizer.param_groups if "name" in g})
             if callback is not None:
                 callback(done, value)
             saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total

@@ -295,9 +295,9 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     prior = prior_set(base, settings)  # before anything is trained in: class images show the base model
     network = Network(base, settings)
-    groups = [{"params": network.params("unet"), "lr": settings.lr}]
+    groups = [{"params": network.params("unet"), "lr": settings.lr, "name": "unet"}]
     if settings.text_encoder:
-        groups += [{"params": network.params(te.component), "lr": lr}
+        groups += [{"params": network.params(te.component), "lr": lr, "name": te.component}
                    for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))]
     if settings.pivotal:
         check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)

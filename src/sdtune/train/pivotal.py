@@ -69,7 +69,8 @@ class Pivot:
     def param_group(self) -> dict:
         """The optimizer group of the word: its own learning rate, and when to stop (the loop reads
         ``stop_after``)."""
-        return {"params": self.params, "lr": self.settings.ti_lr, "stop_after": self.settings.ti_steps}
+        return {"params": self.params, "lr": self.settings.ti_lr, "stop_after": self.settings.ti_steps,
+                "name": "embedding"}
 
     def install(self) -> None:
         for model, _, spliced in self.splices.values():
