@@ -47,8 +47,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
                    help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the UNet's "
-                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, SDXL's second text encoder's te2=W, and "
-                   "block weights as the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); repeatable")
+                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, "
+                   "SDXL's second text encoder's te2=W, and block weights as the lora-block-weight extension's "
+                   "(lbw=1,0,… or lbw=INALL); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
                    help="a TI embedding file or hub source; repeatable")
@@ -114,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="tiny", help=MODEL_HELP)
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
                    help="a LoRA to bake in, with its weight (optionally the UNet's own weight, as A1111 reads "
-                   "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8; SDXL's second text encoder's: te2=W) and optional lora-block-weight block "
-                   "weights; repeatable")
+                   "<lora:name:0.5:0.8>: FILE:0.5:0.8 or FILE:te=0.5:unet=0.8; SDXL's second text encoder's: "
+                   "te2=W) and optional lora-block-weight block weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")

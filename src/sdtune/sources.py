@@ -75,8 +75,8 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float | tuple[
             raise ValueError
     except ValueError:
         raise SdtuneError(f"{spec}: a weight after ':' must be a finite number (FILE:0.8, FILE:0.5:0.8 for the text "
-                          f"encoders and the UNet as A1111 reads them, or FILE:te=0.5:unet=0.8:te2=0.3), e.g. {src}:0.8") \
-            from None
+                          f"encoders and the UNet as A1111 reads them, or FILE:te=0.5:unet=0.8:te2=0.3), "
+                          f"e.g. {src}:0.8") from None
     if te2 is not None:
         return src, (unet, unet if te is None else te, te2)
     return src, unet if te is None else (unet, te)

@@ -79,8 +79,8 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     """Write ``base_or_spec`` with ``[(lora, weight), ...]`` baked in to ``out``.
 
     ``base_or_spec``: a loaded ``Base`` or anything ``load_base`` takes. ``lora``: a ``Lora`` or a file;
-    ``weight``: a number, ``(unet_w, te_w)`` (te_w for both of SDXL's encoders) or ``(unet_w, te1_w, te2_w)``; a triple
-    ``(lora, weight, blocks)`` adds block weights as ``LoraSet.add`` takes them (a preset name such as
+    ``weight``: a number, ``(unet_w, te_w)`` (te_w for both of SDXL's encoders) or ``(unet_w, te1_w, te2_w)``;
+    a triple ``(lora, weight, blocks)`` adds block weights as ``LoraSet.add`` takes them (a preset name such as
     ``"INALL"``, ``"1,0,…"`` or numbers; None: none). ``fmt``: "diffusers" (a
     folder) or "single" (one ``.safetensors`` in the family's original layout: LDM, or SGM for SDXL).
     ``dtype``: e.g. "fp16" to store a single file smaller.

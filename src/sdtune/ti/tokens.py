@@ -315,7 +315,7 @@ class EmbeddingSet:
         fix = f"load it under another name: {emb.source}:NEWTOKEN"
         if emb.token in self._loaded or emb.token.lower() in {t.lower() for t in self._loaded}:
             raise TokenTaken(f"{emb.source}: token {emb.token!r} is already loaded (from "
-                              f"{self._entry(emb.token).source}); {fix}")
+                             f"{self._entry(emb.token).source}); {fix}")
         for table in self._tables:
             rows, vocab_size = table.weight.shape[0], len(table.tokenizer)
             if rows != vocab_size:
@@ -329,7 +329,7 @@ class EmbeddingSet:
                 if name in vocab or name.lower() in vocab or name.lower() in added:
                     what = "token" if name == emb.token else f"sub-token {name!r} of the {len(names)}-vector token"
                     raise TokenTaken(f"{emb.source}: {what} {emb.token!r} is already in the tokenizer's "
-                                      f"vocabulary; {fix}")
+                                     f"vocabulary; {fix}")
 
 
 class TokenTaken(SdtuneError):

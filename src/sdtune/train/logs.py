@@ -79,8 +79,9 @@ class TrainLog:
             self._row(step).update(loss=loss, lr=lr)
             self.writer.add_scalar("loss/train", loss, step)
             self.writer.add_scalar("lr", lr, step)
-            for name, value in (group_lrs or {}).items() if len(group_lrs or {}) > 1 else ():
-                self.writer.add_scalar(f"lr/{name}", value, step)
+            if group_lrs and len(group_lrs) > 1:
+                for name, value in group_lrs.items():
+                    self.writer.add_scalar(f"lr/{name}", value, step)
 
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:
