@@ -246,7 +246,7 @@ def test_sdxl_file_without_text_encoder_2_is_refused(sdxl, tmp_path):
     cut = tmp_path / "no_te2.safetensors"
     save_file({k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}, str(cut), metadata=meta)
     with pytest.raises(SdtuneError, match=r"no_te2.safetensors: has no text_encoder_2 weights "
-                                          r"\(conditioner.embedders.1.model.\*\); pass a full SDXL checkpoint"):
+                                          r"\(conditioner.embedders.1.model.\*\); pass a full checkpoint of SDXL"):
         bake.merge(cut, pairs[:1], tmp_path / "out", fmt="diffusers")
     assert not (tmp_path / "out").exists()
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -237,6 +238,19 @@ def test_corrupt_diffusers_folder(base, tmp_path):
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SdtuneError, match="cannot load the diffusers model"):
+        load_base(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("in_channels", 9, "the UNet takes 9 input channels (an inpainting or instruct-pix2pix model)"),
+    ("cross_attention_dim", 1280, "an SDXL refiner (cross-attention width 1280), which only refines images"),
+])
+def test_a_folder_of_a_model_sdtune_cannot_sample_is_refused_by_name(base, tmp_path, key, value, says):
+    """As a single file is (an inpainting folder loaded, then its first sampling step failed with a traceback)."""
+    folder = save_diffusers(base, tmp_path / "model")
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    with pytest.raises(SdtuneError, match=rf"^{folder}: {re.escape(says)}"):
         load_base(str(folder), device="cpu")
 
 

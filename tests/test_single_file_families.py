@@ -288,7 +288,7 @@ def test_sdxl_without_text_encoder_2_is_refused(sdxl, tmp_path):
         with pytest.raises(SdtuneError, match=words) as caught:
             models.load_base(str(path), device="cpu")
         message = str(caught.value)
-        assert message.startswith(str(path)) and "pass a full SDXL checkpoint" in message and "\n" not in message
+        assert message.startswith(str(path)) and "pass a full checkpoint of SDXL" in message and "\n" not in message
 
 
 def test_unknown_keys_refused_schedules_and_ema_dropped(model):

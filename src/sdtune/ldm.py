@@ -415,8 +415,8 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
         raise _unexpected(unknown, f"a {family.title} model of this architecture")
     for component, state in parts.items():
         if not state:
-            raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full {family.title} "
-                              "checkpoint that includes them")
+            raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full checkpoint of "
+                              f"{family.title} that includes them")
     return parts
 
 

@@ -372,12 +372,11 @@ def detect_family(state: dict, path: Path) -> Family:
                           "instruct-pix2pix model); sdtune works with plain text-to-image models")
     family = families.by_cross_attention(cross.shape[1])
     if family is None:
-        raise SdtuneError(f"{path}: cross-attention width {cross.shape[1]} is not {FAMILY_KEYS}; "
-                          "sdtune does not know this model family")
+        raise SdtuneError(f"{path}: {_unknown_width(cross.shape[1])}")
     missing = [te for te in family.text_encoders if not any(k.startswith(te.single_file_prefix) for k in keys)]
     if missing:
         raise SdtuneError(f"{path}: {family.title} UNet weights without the text encoder's ({missing[0].component}: "
-                          f"{missing[0].single_file_prefix}*); pass a full {family.title} checkpoint")
+                          f"{missing[0].single_file_prefix}*); pass a full checkpoint of {family.title}")
     return family
 
 
@@ -565,10 +564,18 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
             module.load_state_dict(parts[part], strict=True, assign=True)
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:300]
-            raise SdtuneError(f"{path}: the {part} weights do not fit the {family.title} architecture ({detail}); "
-                              f"the file is damaged or not a {family.title} checkpoint") from None
+            raise SdtuneError(f"{path}: the {part} weights do not fit the architecture of {family.title} "
+                              f"({detail}); the file is damaged or not a checkpoint of {family.title}") from None
     return _finish(modules, make_scheduler(family, configs["scheduler"]), device, dtype, family, name=spec,
                    source="single-file", single_file=path, model_hash=file_sha256(path)[:10])
+
+
+def _unknown_width(width) -> str:
+    """The refusal of a UNet whose cross-attention width no family has; SDXL's refiner (1280) named as such."""
+    if width == 1280:
+        return ("an SDXL refiner (cross-attention width 1280), which only refines images by img2img; sdtune needs "
+                "a text-to-image base model (SDXL base, Pony, Illustrious...)")
+    return f"cross-attention width {width} is not {FAMILY_KEYS}; sdtune does not know this model family"
 
 
 def folder_family(folder: Path, index: dict) -> Family:
@@ -577,10 +584,12 @@ def folder_family(folder: Path, index: dict) -> Family:
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{folder}: no readable unet/config.json ({e}); re-download or re-export the model") from None
     width = unet_config.get("cross_attention_dim")
+    if unet_config.get("in_channels", 4) != 4:  # the check a single file gets (it loaded, then sampling failed)
+        raise SdtuneError(f"{folder}: the UNet takes {unet_config['in_channels']} input channels (an inpainting or "
+                          "instruct-pix2pix model); sdtune works with plain text-to-image models")
     family = families.by_cross_attention(width)
     if family is None:
-        raise SdtuneError(f"{folder}: cross-attention width {width} is not {FAMILY_KEYS}; "
-                          "sdtune does not know this model family")
+        raise SdtuneError(f"{folder}: {_unknown_width(width)}")
     missing = [te.component for te in family.text_encoders if te.component not in index]
     if missing:
         raise SdtuneError(f"{folder}: {family.title} UNet but no {missing[0]} in model_index.json; "
