@@ -4,6 +4,7 @@ import hashlib
 import json
 import pickle
 import re
+import sys
 import zipfile
 
 import pytest
@@ -114,6 +115,36 @@ def test_ckpt_through_safe_loader(base, tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": state, "global_step": 10}, path)
     _assert_same_outputs(base, load_base(str(path), device="cpu"))
+
+
+def test_ckpt_with_a_training_runs_numpy_step_and_lightning_callback_loads(base, tmp_path, monkeypatch):
+    """CompVis/Stability training checkpoints keep numpy scalars and Lightning's ModelCheckpoint beside the
+    weights, which A1111's restricted unpickler allows: read without running the file's code (or Lightning's)."""
+    import types
+
+    import numpy as np
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = torch.tensor(0.1)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    path = tmp_path / "sd-v1-style.ckpt"
+    torch.save({"state_dict": state, "global_step": np.int64(470000), "epoch": np.int64(5),
+                "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
+    _assert_same_outputs(base, load_base(str(path), device="cpu"))
+    # the allowance is for those objects alone: one more object of any other kind is refused as ever
+    torch.save({"state_dict": state, "global_step": np.int64(1), "payload": Payload()}, path)
+    with pytest.raises(SdtuneError, match="refuses to unpickle"):
+        load_base(str(path), device="cpu")
 
 
 class Payload:

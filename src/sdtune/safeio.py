@@ -18,6 +18,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -84,7 +85,10 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols are about torch, not the user's file
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+            try:
+                obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+            except Exception as e:  # noqa: BLE001 - the training extras' retry, else the same error below
+                obj = _load_with_training_extras(path, device, mmap, e)
     except Exception as e:  # noqa: BLE001
         if "Weights only load failed" in str(e):  # the file holds objects beyond tensors; corrupt files differ
             raise SdtuneError(
@@ -94,6 +98,35 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
         msg = msg if len(msg) <= 120 else msg[:117] + "..."
         raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file?")
     return obj, {}
+
+
+class _Inert:
+    """Stands in for a training run's object saved beside the weights (Lightning's ``ModelCheckpoint`` callback in
+    CompVis/Stability checkpoints): made without its class's code, its state dropped, never used."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+# What original training checkpoints hold beside their tensors, as A1111's restricted unpickler allows it: numpy
+# scalars (``global_step``, ``epoch``) and Lightning's callback; nothing here runs code from the file.
+_TRAINING_EXTRAS = {"numpy.dtype": np.dtype, "numpy.core.multiarray.scalar": np._core.multiarray.scalar,
+                    "numpy._core.multiarray.scalar": np._core.multiarray.scalar,
+                    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": _Inert}
+
+
+def _load_with_training_extras(path: Path, device, mmap: bool, error: Exception):
+    """A torch file whose only objects beyond tensors are ``_TRAINING_EXTRAS``, loaded with those allowed; any
+    other file raises ``error`` again (its refusal)."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip archive (torch's legacy format): no list to check
+        raise error from None
+    if not needed or not set(needed) <= set(_TRAINING_EXTRAS):
+        raise error
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]  # a numpy scalar's dtype
+    with torch.serialization.safe_globals([(_TRAINING_EXTRAS[n], n) for n in needed] + dtypes):
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
 
 
 # the first bytes of files people pass by mistake (a pickle starts with 0x80, a torch zip with PK)
