@@ -135,6 +135,8 @@ def test_generated_png_names_lora_hashes(tmp_path):
     assert parse_infotext(result.infotext)["Lora hashes"] == f"style: {short}"
     assert result.infotext.startswith("a red circle, <lora:style:0.7> <lora:style:0.5>\n")
     assert hashes.lora_hashes_field([("a:b, c", style)]) == f"ab c: {short}"  # as A1111 cleans a name for the field
+    # TI hashes likewise (the file's whole sha256)
+    assert hashes.ti_hashes_field([("a:b, c", style)]) == f"ab c: {hashes.file_sha256(style)[:12]}"
 
 
 def test_same_tensors_and_metadata_give_the_same_autov2(tmp_path):

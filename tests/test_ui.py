@@ -506,6 +506,16 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     assert studio.settings_of(png, uploaded=True)["not_applied"] == [
         "RNG GPU", "Emphasis Original (sdtune weighs as No norm)",
         "Sampler Euler a (Karras schedule) (sdtune has no such sampler)"]
+    # an embedding the image used (TI hashes) that the folder lacks: named (its word is a plain word here)
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-ti.png",
+                   "a castle, EasyNegative\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, "
+                   'TI hashes: "EasyNegative: c74b4e810b03, other: 0123456789ab", RNG: CPU')
+    (studio.folders.embeddings / "other.safetensors").write_bytes(b"")
+    try:
+        assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+            "embedding EasyNegative (not in the embedding folder)"]
+    finally:
+        (studio.folders.embeddings / "other.safetensors").unlink()
     # a schedule type sdtune's samplers do not follow, and A1111's other sampling settings: named, not dropped
     png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-exp.png",
                    "a castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7, Seed: 1, "

@@ -120,8 +120,13 @@ def file_short_hash(path: str | Path) -> str | None:
 def ti_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
     """The infotext value A1111 writes as ``TI hashes``: ``name: hash, ...``, each the first 12 hex digits of the
     embedding file's sha256 (an embedding that is no file, such as one being trained, is left out)."""
-    hashed = [(name, file_short_hash(path)) for name, path in named_paths]
+    hashed = [(_entry_name(name), file_short_hash(path)) for name, path in named_paths]
     return ", ".join(f"{name}: {h}" for name, h in hashed if h)
+
+
+def _entry_name(name: str) -> str:
+    """A name as A1111 writes it in a hashes field: without ':' and ',', which would end the entry when read."""
+    return name.replace(":", "").replace(",", "")
 
 
 def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
@@ -130,7 +135,7 @@ def lora_hashes_field(named_paths: list[tuple[str, str | os.PathLike]]) -> str:
     parts = []
     for name, path in named_paths:
         h = short_hash(path)
-        if h:  # A1111 takes ':' and ',' out of a name here, which would end the entry when read back
-            parts.append(f"{name.replace(':', '').replace(',', '')}: {h}")
+        if h:
+            parts.append(f"{_entry_name(name)}: {h}")
     return ", ".join(dict.fromkeys(parts))  # a file loaded twice (a --lora and a tag of it) is one entry
 

@@ -347,6 +347,12 @@ class Studio:
             page = Path(self.vae).name if self.vae else "the model's own"
             form["not_applied"].append(f"VAE {p.get('VAE') or p.get('VAE hash')} (the page's is {page})")
         self._take_loras(p, form)
+        # the embeddings it used (A1111's TI hashes): one the folder lacks leaves its name a plain word here
+        used = [e.rpartition(":")[0].strip() for e in str(p.get("TI hashes", "")).split(",") if ":" in e]
+        have = {Path(n).name.lower() for n in self.embedding_names()}  # a prompt names one by its file's stem
+        lacking = [n for n in used if n and n.lower() not in have]
+        if lacking:
+            form["not_applied"].append(f"embedding {', '.join(lacking)} (not in the embedding folder)")
         if SAMPLE_KEY in p:  # the adapter being trained was in the model, not in the prompt
             form["not_applied"].append(f"the adapter in training ({p[SAMPLE_KEY]}; pick its saved LoRA or "
                                        f"embedding; this image is the first row of its grid)")
