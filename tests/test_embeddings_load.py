@@ -157,6 +157,23 @@ def test_a_renamed_a1111_file_says_which_word_other_tools_use(tmp_path):
     assert add_embeddings(base, [f"{path}:nfixer"]) == ["nfixer"]
 
 
+def test_a_renamed_sdxl_file_sdtune_wrote_says_which_word_other_tools_use(tmp_path):
+    """sdtune's SDXL files keep their token in the metadata, which A1111 and ComfyUI ignore: renamed, the file's
+    word is said as for an A1111 .pt (it was silently a plain word)."""
+    from sdtune.families import TINY_XL
+    from sdtune.ti.formats import Embedding, save_embedding
+
+    widths = {te.embedding_key: te.width for te in TINY_XL.text_encoders}
+    saved = tmp_path / "zq8.safetensors"
+    save_embedding(Embedding("zq8", {k: torch.randn(1, w) for k, w in widths.items()}, "test", "sdxl"), saved)
+    renamed = tmp_path / "renamed_style.safetensors"
+    saved.rename(renamed)
+    base = load_base("tiny-xl")
+    with pytest.warns(SdtuneWarning, match=rf"^{renamed}: loads as 'zq8', the name it stores .*A1111 and ComfyUI use "
+                                           rf"its file name 'renamed_style'"):
+        assert add_embeddings(base, [str(renamed)]) == ["zq8"]
+
+
 def test_an_embedding_dir_file_changed_or_deleted_is_reloaded_or_unloaded(tmp_path):
     """A long-lived model (the UI) uses the folder's file as it is now, as A1111 rescans: edited, its new rows;
     deleted, none."""
