@@ -174,6 +174,28 @@ def test_a_renamed_sdxl_file_sdtune_wrote_says_which_word_other_tools_use(tmp_pa
         assert add_embeddings(base, [str(renamed)]) == ["zq8"]
 
 
+def test_diffusers_sdxl_training_output_loads_as_one_embedding(tmp_path):
+    """diffusers' textual_inversion_sdxl.py writes learned_embeds (text_encoder's rows) and learned_embeds_2
+    (text_encoder_2's): the folder, or its first file, is one SDXL embedding (refused as an SD 1.x one before)."""
+    from sdtune.families import TINY_XL
+    from sdtune.ti.formats import load_embedding
+
+    first, second = (torch.randn(2, te.width) for te in TINY_XL.text_encoders)
+    out = tmp_path / "textual_inversion_cat"
+    out.mkdir()
+    save_file({"<cat-toy>": first}, out / "learned_embeds.safetensors")
+    save_file({"<cat-toy>": second}, out / "learned_embeds_2.safetensors")
+    for given in (out, out / "learned_embeds.safetensors"):
+        emb = load_embedding(given)
+        assert (emb.token, emb.format) == ("<cat-toy>", "sdxl")
+        assert torch.equal(emb.parts["clip_l"], first) and torch.equal(emb.parts["clip_g"], second)
+    base = load_base("tiny-xl")
+    assert add_embeddings(base, [str(out)], skip_unusable=False) == ["<cat-toy>"]
+    ids = base.embeddings.ids("<cat-toy>")
+    assert torch.equal(base.text_encoder.get_input_embeddings().weight[ids], first)
+    assert torch.equal(base.text_encoder_2.get_input_embeddings().weight[ids], second)
+
+
 def test_an_embedding_dir_file_changed_or_deleted_is_reloaded_or_unloaded(tmp_path):
     """A long-lived model (the UI) uses the folder's file as it is now, as A1111 rescans: edited, its new rows;
     deleted, none."""

@@ -37,6 +37,7 @@ TOKEN_METADATA = "sdtune.token"  # safetensors metadata: the token of a layout t
 # "sdtune.<fact>"; an A1111 .pt holds the step and base model in its own fields, which A1111 shows and writes.
 TRAINING_METADATA = "sdtune."
 A1111_FACTS = {"step": "step", "sd_checkpoint": "base_model_hash", "sd_checkpoint_name": "base_model"}
+SECOND_HALF = "learned_embeds_2"  # diffusers' textual_inversion_sdxl.py: the second text encoder's rows
 MULTI_LAYOUTS = {"sdxl": SDXL_KEYS, "pti": ("text_encoders_0", "text_encoders_1"), "emb2": ("emb", "emb2")}
 FORMATS = ("diffusers", "a1111", "kohya", "tensor", *MULTI_LAYOUTS)
 SAVE_FORMATS = ("diffusers", "a1111")
@@ -99,8 +100,28 @@ def describe_widths(widths: dict[str, int]) -> str:
 
 
 def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
-    """Read an embedding file (or a folder holding ``learned_embeds.*``); ``token`` overrides the stored name."""
+    """Read an embedding file (or a folder holding ``learned_embeds.*``); ``token`` overrides the stored name.
+    diffusers' SDXL training writes each encoder's rows to a file of its own: ``learned_embeds`` with a
+    ``learned_embeds_2`` beside it is read as the two halves of one SDXL embedding."""
     path = _resolve_file(Path(path))
+    second = path.with_name(SECOND_HALF + path.suffix)
+    if path.stem == Path(DIFFUSERS_FILES[0]).stem and second.is_file():
+        return _halves(load_embedding_file(path, token), load_embedding_file(second, token), path)
+    return load_embedding_file(path, token)
+
+
+def _halves(first: Embedding, second: Embedding, path: Path) -> Embedding:
+    """One SDXL embedding ({clip_l, clip_g}) from diffusers' two files, which must name one token, one size."""
+    if first.format != "diffusers" or second.format != "diffusers" or first.token != second.token or \
+            first.vectors.shape[0] != second.vectors.shape[0]:
+        raise SdtuneError(f"{path}: {path.name} and {SECOND_HALF}{path.suffix} are not the two halves of one "
+                          f"embedding (diffusers' SDXL layout: one token, as many rows in each); load one file alone")
+    return Embedding(first.token, {SDXL_KEYS[0]: first.vectors, SDXL_KEYS[1]: second.vectors}, str(path), "sdxl",
+                     first.training, first.stored_dtype)
+
+
+def load_embedding_file(path: Path, token: str | None = None) -> Embedding:
+    """``load_embedding`` of one file."""
     try:
         state, metadata = load_state(path)
     except SdtuneError:
