@@ -285,6 +285,22 @@ def test_a_folder_of_a_model_sdtune_cannot_sample_is_refused_by_name(base, tmp_p
         load_base(str(folder), device="cpu")
 
 
+@pytest.mark.parametrize("key, says", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "a LoRA/adapter file, not a base model; give "
+                                                                      "it with --lora"),
+    ("unet.down_blocks.0.attentions.0.proj_in.lora.down.weight", "a LoRA/adapter file"),  # diffusers' old layout
+    ("emb_params", "a textual-inversion embedding, not a base model; give it with --embedding"),
+    ("clip_g", "a textual-inversion embedding"),
+    ("encoder.down.0.block.0.conv1.weight", "a VAE, not a whole model; give it with --vae"),
+    ("control_model.input_blocks.0.0.weight", "a ControlNet, which sdtune does not use"),
+])
+def test_a_file_of_another_kind_as_the_model_says_what_it_is(tmp_path, key, says):
+    path = tmp_path / "given.safetensors"
+    save_file({key: torch.zeros(2, 2)}, str(path))
+    with pytest.raises(SdtuneError, match=rf"^{path}: this is {says}"):
+        load_base(str(path), device="cpu")
+
+
 def test_hub_id_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SdtuneError, match="hub is unreachable.*local") as caught:

@@ -350,17 +350,26 @@ def _load_random(spec: str, device, dtype) -> Base:
 FAMILY_KEYS = "SD 1.x (768), SD 2.x (1024) or SDXL (2048)"
 
 
+def _not_a_model(keys: list[str]) -> str:
+    """What a file given as a model holds instead of a UNet, by its keys, and where it goes."""
+    if any(re.search(r"lora|hada_|lokr_|oft_", k, re.I) or k.endswith(".alpha") for k in keys):
+        return "this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint as --model"
+    if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("<") for k in keys):
+        return "this is a textual-inversion embedding, not a base model; give it with --embedding"
+    if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.", "encoder.down_blocks.")) for k in keys):
+        return "this is a VAE, not a whole model; give it with --vae beside a full checkpoint as --model"
+    if any(k.startswith(("control_model.", "controlnet_")) for k in keys):
+        return "this is a ControlNet, which sdtune does not use; pass a full Stable Diffusion checkpoint"
+    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+        return "this is a bare diffusers UNet, not a full checkpoint; pass a single-file checkpoint or a diffusers folder"
+    return "no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; pass a full checkpoint"
+
+
 def detect_family(state: dict, path: Path) -> Family:
     """The family of a single-file checkpoint, from its key layout and tensor shapes; anything else is refused."""
     keys = list(state)
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
-        if any("lora_" in k or ".lora_A" in k or ".alpha" in k for k in keys):
-            raise SdtuneError(f"{path}: this is a LoRA/adapter file, not a base model; pass a full checkpoint")
-        if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-            raise SdtuneError(f"{path}: this is a bare diffusers UNet, not a full checkpoint; "
-                              "pass a single-file checkpoint or a diffusers folder")
-        raise SdtuneError(f"{path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
-                          "pass a full checkpoint")
+        raise SdtuneError(f"{path}: {_not_a_model(keys)}")
     conv_in = state.get(ldm.UNET_PREFIX + "input_blocks.0.0.weight")
     cross = next((v for k, v in state.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
                  None)
