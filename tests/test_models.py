@@ -4,6 +4,7 @@ import hashlib
 import json
 import pickle
 import re
+import shutil
 import sys
 import zipfile
 
@@ -299,6 +300,21 @@ def test_a_file_of_another_kind_as_the_model_says_what_it_is(tmp_path, key, says
     save_file({key: torch.zeros(2, 2)}, str(path))
     with pytest.raises(SdtuneError, match=rf"^{path}: this is {says}"):
         load_base(str(path), device="cpu")
+
+
+def test_a_folder_of_fp16_variant_weights_loads_and_a_missing_component_is_named(base, tmp_path, capfd):
+    """A hub download with variant="fp16" holds only NAME.fp16.safetensors files (refused before, with diffusers'
+    log lines); a folder without one component's folder names it (a hub-id error was shown)."""
+    folder = save_diffusers(base, tmp_path / "model")
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(f"{weights.stem}.fp16.safetensors"))
+    loaded = load_base(str(folder), device="cpu")
+    assert torch.equal(loaded.unet.conv_in.weight, base.unet.conv_in.weight)
+    assert torch.equal(loaded.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
+    assert capfd.readouterr().err == ""
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(SdtuneError, match=rf"^{folder}: no vae/config.json, so the vae is missing; re-download"):
+        load_base(str(folder), device="cpu")
 
 
 def test_hub_id_offline(monkeypatch):

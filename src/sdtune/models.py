@@ -616,14 +616,21 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
     family = folder_family(folder, index)
+    components = ["unet", "vae", *(te.component for te in family.text_encoders)]
+    missing = [c for c in components if not (folder / c / "config.json").is_file()]
+    if missing:  # said by its name (the loaders' own messages read as a hub error or name no component)
+        raise SdtuneError(f"{folder}: no {missing[0]}/config.json, so the {missing[0]} is missing; re-download or "
+                          f"re-export the whole model folder")
+    variant = {c: _variant(folder / c) for c in components}
     try:
         # Read straight into the dtype asked for: loading in fp32 and casting after would hold an fp32 copy
         # (an SDXL folder in bf16: 15 GB of RAM at the peak instead of 7.5).
         with quiet_progress():
-            parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-                     "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)}
+            parts = {c: cls.from_pretrained(folder, subfolder=c, torch_dtype=dtype, variant=variant[c])
+                     for c, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))}
             for te in family.text_encoders:
-                parts[te.component] = TEXT_CLASSES[te.model_class].from_pretrained(folder / te.component, dtype=dtype)
+                parts[te.component] = TEXT_CLASSES[te.model_class].from_pretrained(
+                    folder / te.component, dtype=dtype, variant=variant[te.component])
         scheduler_class = (index.get("scheduler") or [None, family.scheduler])[1]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder, subfolder="scheduler")
     except Exception as e:  # noqa: BLE001 - any loader failure is a damaged or incomplete folder
@@ -637,6 +644,16 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
     files = [f for c in parts for f in (folder / c).glob("*") if f.suffix in WEIGHT_SUFFIXES]
     return _finish(parts, scheduler, device, dtype, family, tokenizers, name=spec, source=source, single_file=None,
                    model_hash=_files_hash(files, folder))
+
+
+def _variant(component: Path) -> str | None:
+    """The weights variant a component folder holds where it has no plain weights: "fp16" for a hub download
+    of only ``*.fp16.safetensors`` files (diffusers looks for plain ones unless told)."""
+    names = [f.name for f in component.iterdir() if f.suffix in (".safetensors", ".bin")]
+    if any(name.count(".") == 1 for name in names):
+        return None
+    found = {name.split(".")[-2] for name in names if name.count(".") >= 2}
+    return found.pop() if len(found) == 1 else None
 
 
 def _hub_offline() -> bool:
