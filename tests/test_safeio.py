@@ -65,3 +65,11 @@ def test_an_error_naming_a_temporary_names_the_output():
     assert safeio.user_path("/x/.lora.safetensors.123-ab_c9.tmp/lora.safetensors") == safeio.Path("/x/lora.safetensors")
     assert safeio.user_path(b"/x/.lora.safetensors.123-abc.tmp") == safeio.Path("/x/lora.safetensors")
     assert safeio.user_path("/x/out/lora.safetensors") == safeio.Path("/x/out/lora.safetensors")
+
+
+def test_a_torch_file_named_safetensors_is_read_by_its_content(tmp_path):
+    """torch picks its reader by a path's suffix: a torch file named .safetensors gave "header too large"."""
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"w": torch.arange(3.0)}, path)
+    state, metadata = safeio.load_state(path)
+    assert torch.equal(state["w"], torch.arange(3.0)) and metadata == {}

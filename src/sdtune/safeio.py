@@ -86,7 +86,7 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
         with warnings.catch_warnings():  # torch's notes on pickle protocols are about torch, not the user's file
             warnings.simplefilter("ignore")
             try:
-                obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+                obj = _torch_load(path, device, mmap)
             except Exception as e:  # noqa: BLE001 - the training extras' retry, else the same error below
                 obj = _load_with_training_extras(path, device, mmap, e)
     except Exception as e:  # noqa: BLE001
@@ -126,7 +126,16 @@ def _load_with_training_extras(path: Path, device, mmap: bool, error: Exception)
         raise error
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]  # a numpy scalar's dtype
     with torch.serialization.safe_globals([(_TRAINING_EXTRAS[n], n) for n in needed] + dtypes):
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        return _torch_load(path, device, mmap)
+
+
+def _torch_load(path: Path, device, mmap: bool):
+    """``torch.load`` restricted to weights; an open file where it need not map it (torch picks its reader by a
+    path's suffix: a torch file named .safetensors was read as safetensors)."""
+    if mmap:
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=device, weights_only=True)
 
 
 # the first bytes of files people pass by mistake (a pickle starts with 0x80, a torch zip with PK)
