@@ -415,8 +415,9 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
         raise _unexpected(unknown, f"a {family.title} model of this architecture")
     for component, state in parts.items():
         if not state:
+            also = " (a --vae does not stand in for a missing one)" if component == "vae" else ""
             raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full checkpoint of "
-                              f"{family.title} that includes them")
+                              f"{family.title} that includes them{also}")
     return parts
 
 
