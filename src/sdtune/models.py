@@ -361,7 +361,8 @@ def _not_a_model(keys: list[str]) -> str:
     if any(k.startswith(("control_model.", "controlnet_")) for k in keys):
         return "this is a ControlNet, which sdtune does not use; pass a full Stable Diffusion checkpoint"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-        return "this is a bare diffusers UNet, not a full checkpoint; pass a single-file checkpoint or a diffusers folder"
+        return ("this is a bare diffusers UNet, not a full checkpoint; pass a single-file checkpoint or a diffusers "
+                "folder")
     return "no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; pass a full checkpoint"
 
 
