@@ -90,7 +90,11 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
             except Exception as e:  # noqa: BLE001 - the training extras' retry, else the same error below
                 obj = _load_with_training_extras(path, device, mmap, e)
     except Exception as e:  # noqa: BLE001
-        if "Weights only load failed" in str(e):  # the file holds objects beyond tensors; corrupt files differ
+        # a pickle (protocol 2+) or torch zip the restricted loader refused holds objects beyond tensors; bytes
+        # that start as neither are a damaged file, said below
+        with open(path, "rb") as f:
+            pickled = f.read(2).startswith((b"PK", b"\x80"))
+        if "Weights only load failed" in str(e) and pickled:
             raise SdtuneError(
                 f"{path}: this pickle holds Python objects beyond plain tensors, and sdtune refuses to unpickle "
                 f"it (it could run code); convert it to .safetensors with a tool you trust")

@@ -627,8 +627,8 @@ def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path
             by_part[target.component].append((key, target))
     for comp, found in by_part.items():
         if not found:
-            raise SdtuneError(f"{path}: has no {comp} weights ({prefixes[comp]}*); pass a full "
-                              f"{single.family.title} checkpoint that includes them")
+            raise SdtuneError(f"{path}: has no {comp} weights ({prefixes[comp]}*); pass a full checkpoint of "
+                              f"{single.family.title} that includes them")
     changes = _contributions(single.where(), pairs, allow_partial, single.family, dict(single.parts["unet"].config))
     with atomic_folder(out) as tmp:
         _write_configs(tmp, single, {comp: _float_dtype(src, found) for comp, found in by_part.items()})
