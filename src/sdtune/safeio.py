@@ -114,8 +114,9 @@ class _Inert:
 
 # What original training checkpoints hold beside their tensors, as A1111's restricted unpickler allows it: numpy
 # scalars (``global_step``, ``epoch``) and Lightning's callback; nothing here runs code from the file.
-_TRAINING_EXTRAS = {"numpy.dtype": np.dtype, "numpy.core.multiarray.scalar": np._core.multiarray.scalar,
-                    "numpy._core.multiarray.scalar": np._core.multiarray.scalar,
+_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 moved it (either name read)
+_TRAINING_EXTRAS = {"numpy.dtype": np.dtype, "numpy.core.multiarray.scalar": _SCALAR,
+                    "numpy._core.multiarray.scalar": _SCALAR,
                     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": _Inert}
 
 
