@@ -196,15 +196,21 @@ def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:
             del loaded[name]
     for d in dirs:
         for name, path in find_in_prompt(d, prompt).items():
-            if name not in base.embeddings:
-                try:
-                    base.embeddings.add(load_embedding(path, token=name))
-                except TokenTaken as e:  # a prompt names a folder's embedding by its file name: that is what to change
-                    note(f"{e} (skipped; in a folder, rename the file to a word of its own)")
-                except SdtuneError as e:  # another model's, unreadable...: as A1111, the others still load
-                    note(f"{e} (skipped)")
-                if name in base.embeddings:
-                    loaded[name] = (path, _stamp(path))
+            if name not in base.embeddings and load_folder_word(base.embeddings, name, path):
+                loaded[name] = (path, _stamp(path))
+
+
+def load_folder_word(embeddings, name: str, path: Path) -> bool:
+    """Add a folder's embedding to ``embeddings`` (an ``EmbeddingSet``) under the word a prompt names it by (its
+    file's stem); one that cannot be used is skipped with a note, as A1111 goes on without it: False."""
+    try:
+        embeddings.add(load_embedding(path, token=name))
+        return True
+    except TokenTaken as e:  # a prompt names a folder's embedding by its file name: that is what to change
+        note(f"{e} (skipped; in a folder, rename the file to a word of its own)")
+    except SdtuneError as e:  # another model's, unreadable...: the others still load
+        note(f"{e} (skipped)")
+    return False
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

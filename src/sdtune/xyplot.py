@@ -328,16 +328,9 @@ class _Adapters:
         for d in self.embedding_dirs:
             for text in texts:
                 for name, path in find_in_prompt(d, text).items():
-                    if self.token_of(name) is not None:
-                        continue
-                    try:
-                        emb = load_embedding(path, token=name)
-                        self.embs.add(emb)
-                    except SdtuneError as e:
-                        console.note(f"{e} (skipped)")
-                        continue
-                    self.held[emb.token] = emb
-                    self.added_tokens.append(emb.token)
+                    if self.token_of(name) is None and api.load_folder_word(self.embs, name, path):
+                        self.held[name] = self.embs.get(name)
+                        self.added_tokens.append(name)
 
     def token_of(self, word: str) -> str | None:
         for t in self.held:

@@ -161,12 +161,16 @@ class Studio:
                 pass
         return self.model
 
+    def _page_family(self):
+        """The page's model's family: the loaded one's, else as ``known_family`` reads it without loading."""
+        return self._base.family if self._base is not None else known_family(self.model)
+
     def form_values(self, kind: str, preset: str = "") -> dict:
         """The Train form's values for ``kind``: the named preset's, else the model's own preset (by its family
         when it is loaded, else as ``known_family`` reads it from the name, the file's header or the folder's
         config), as ``sdtune train`` starts from. A model whose family only loading tells (a .ckpt) shows the
         plain defaults until it loads, and its jobs name no preset."""
-        family = self._base.family if self._base is not None else known_family(self.model)
+        family = self._page_family()
         return trainform.preset_values(kind, family, preset)
 
     def set_model(self, choice: str) -> str:
@@ -608,7 +612,7 @@ class Studio:
     def _check_size(self, resolution: int, bucket_step: int) -> None:
         """A training size the model cannot take, said at Start (the queued job failed on it later); a model
         whose family only loading tells is checked by its job."""
-        family = self._base.family if self._base is not None else known_family(self.model)
+        family = self._page_family()
         if not resolution or family is None:
             return
         configs = family.component_configs() if self._base is None else {
