@@ -447,6 +447,54 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
         use_vae(other, tmp_path / "style.safetensors")
 
 
+def test_a_checkpoint_without_a_vae_loads_with_one_given_apart(tmp_path, capsys):
+    """A "no VAE" checkpoint (civitai's pruned uploads) loads with --vae, as A1111 and ComfyUI decode it with the VAE
+    chosen: generate and train then equal the full checkpoint with that VAE; without one, one line names --vae."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdtune import ldm
+    from sdtune.lora.formats import load_lora
+    from sdtune.models import save_single_file
+    from sdtune.tiny import world
+
+    tiny = load_base("tiny", device="cpu")
+    whole = save_single_file(tiny, tmp_path / "whole.safetensors")
+    with safe_open(str(whole), "pt") as f:
+        metadata = f.metadata()
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith(ldm.VAE_PREFIX)},
+                  str(tmp_path / "novae.safetensors"), metadata=metadata)
+    vae = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.vae.state_dict().items()}, str(vae))
+    loaded = load_base(str(tmp_path / "novae.safetensors"), device="cpu", vae=vae)
+    assert loaded.vae_file == vae and loaded.vae.config.scaling_factor == tiny.vae.config.scaling_factor
+    assert all(torch.equal(v, tiny.vae.state_dict()[k]) for k, v in loaded.vae.state_dict().items())
+
+    run = ["generate", "--prompt", "a red circle on a white background", "--steps", "3", "--seed", "2", "--no-progress"]
+    for name in ("whole", "novae"):
+        assert main([*run, "--model", str(tmp_path / f"{name}.safetensors"), "--vae", str(vae),
+                     "--out", str(tmp_path / f"gen-{name}")]) == 0
+    pixels = [np.asarray(Image.open(tmp_path / f"gen-{name}" / "00000-2.png")) for name in ("whole", "novae")]
+    assert np.array_equal(*pixels)
+    assert parse_infotext(read_infotext(tmp_path / "gen-novae" / "00000-2.png"))["VAE"] == "vae.safetensors"
+
+    data = world.write_dataset(tmp_path / "data", world.concept_scenes(2, seed=3, shape="star"))
+    train = ["train", "lora", "--data", str(data), "--steps", "1", "--batch-size", "2", "--no-progress", "--no-report",
+             "--vae", str(vae)]
+    for name in ("whole", "novae"):
+        assert main([*train, "--model", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name)]) == 0
+    a, b = (load_lora(tmp_path / name / "lora.safetensors") for name in ("whole", "novae"))
+    assert all(torch.equal(ad.tensors["up"], b.modules[c][p].tensors["up"]) for c, p, ad in a.items())
+
+    capsys.readouterr()
+    assert main([*run, "--model", str(tmp_path / "novae.safetensors"), "--out", str(tmp_path / "none")]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.endswith("novae.safetensors: has no vae weights (first_stage_model.*); pass a full checkpoint of the "
+                         "built-in tiny model that includes them (or give a VAE with --vae)")
+    assert "\n" not in said and not any((tmp_path / "none").iterdir())
+
+
 def test_an_image_that_comes_out_nan_is_said_and_drawn_black(base):
     """A LoRA at an absurd weight makes NaN: one sdtune warning naming the seed and the likely causes (numpy's
     "invalid value encountered in cast" before), and a black image rather than cast noise."""

@@ -38,6 +38,12 @@ def base():
 
 
 @pytest.fixture(scope="module")
+def shipped():
+    """The built-in model: a file without sdtune's metadata is read with the family's (shipped) configs."""
+    return load_base("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def single_file(base, tmp_path_factory):
     return save_single_file(base, tmp_path_factory.mktemp("single") / "tiny.safetensors")
 
@@ -97,11 +103,11 @@ def test_single_file_readable_by_diffusers(base, single_file, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_shape_detection_without_metadata(base, single_file, tmp_path):
-    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+def test_shape_detection_without_metadata(shipped, tmp_path):
+    state = ldm.to_ldm_state_dict(shipped.unet, shipped.vae, shipped.text_encoder)
     plain = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no sdtune metadata
-    _assert_same_outputs(base, load_base(str(plain), device="cpu"))
+    _assert_same_outputs(shipped, load_base(str(plain), device="cpu"))
 
 
 def test_fp16_single_file(base, tmp_path):
@@ -111,14 +117,14 @@ def test_fp16_single_file(base, tmp_path):
     assert torch.allclose(loaded.unet.conv_in.weight, base.unet.conv_in.weight, atol=1e-3)
 
 
-def test_ckpt_through_safe_loader(base, tmp_path):
-    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+def test_ckpt_through_safe_loader(shipped, tmp_path):
+    state = ldm.to_ldm_state_dict(shipped.unet, shipped.vae, shipped.text_encoder)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": state, "global_step": 10}, path)
-    _assert_same_outputs(base, load_base(str(path), device="cpu"))
+    _assert_same_outputs(shipped, load_base(str(path), device="cpu"))
 
 
-def test_ckpt_with_a_training_runs_numpy_step_and_lightning_callback_loads(base, tmp_path, monkeypatch):
+def test_ckpt_with_a_training_runs_numpy_step_and_lightning_callback_loads(shipped, tmp_path, monkeypatch):
     """CompVis/Stability training checkpoints keep numpy scalars and Lightning's ModelCheckpoint beside the
     weights, which A1111's restricted unpickler allows: read without running the file's code (or Lightning's)."""
     import types
@@ -135,13 +141,13 @@ def test_ckpt_with_a_training_runs_numpy_step_and_lightning_callback_loads(base,
     module.ModelCheckpoint = ModelCheckpoint
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
-    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    state = ldm.to_ldm_state_dict(shipped.unet, shipped.vae, shipped.text_encoder)
     path = tmp_path / "sd-v1-style.ckpt"
     torch.save({"state_dict": state, "global_step": np.int64(470000), "epoch": np.int64(5),
                 "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, path)
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
-    _assert_same_outputs(base, load_base(str(path), device="cpu"))
+    _assert_same_outputs(shipped, load_base(str(path), device="cpu"))
     # the allowance is for those objects alone: one more object of any other kind is refused as ever
     torch.save({"state_dict": state, "global_step": np.int64(1), "payload": Payload()}, path)
     with pytest.raises(SdtuneError, match="refuses to unpickle"):
@@ -347,9 +353,9 @@ def test_raw_pickle_is_not_executed(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
-def test_the_family_is_known_before_loading_where_the_files_tell_it(base, single_file, tmp_path):
+def test_the_family_is_known_before_loading_where_the_files_tell_it(base, shipped, single_file, tmp_path):
     # the web UI's Train form shows the model's preset from this, before a model file is loaded
-    state = ldm.to_ldm_state_dict(base.unet, base.vae, base.text_encoder)
+    state = ldm.to_ldm_state_dict(shipped.unet, shipped.vae, shipped.text_encoder)
     plain = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no sdtune metadata: by the widths
     sd2 = tmp_path / "sd2-header.safetensors"  # only the header is read: one SD 2.x-wide cross-attention key

@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from sdtune import ldm
 from sdtune.generate import generate
 from sdtune.models import load_base
 from sdtune.tiny import config as tiny_config
@@ -52,6 +53,28 @@ def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae():
     assert type(base.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert type(base.pipeline()).__name__ == "StableDiffusionXLPipeline"
     assert base.tokenizer_2.pad_token == "!" and base.tokenizer.pad_token == "<|endoftext|>"
+
+
+@shipped
+@pytest.mark.parametrize("model", ["tiny", pytest.param("tiny-xl", marks=shipped_xl)])
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_tiny_single_file_without_sdtune_metadata(model, suffix, tmp_path):
+    """A built-in model re-saved by another tool (ComfyUI, A1111: the weights, none of sdtune's metadata) loads
+    as the built-in one: the family's configs are the shipped VAE's widths and latent scaling."""
+    base = load_base(model, device="cpu", dtype="fp32")
+    state = ldm.to_single_file(base.modules(), base.family)
+    path = tmp_path / f"re-saved{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    loaded = load_base(str(path), device="cpu", dtype="fp32")
+    assert loaded.family is base.family
+    for name, module in base.modules().items():
+        mine, theirs = module.state_dict(), loaded.modules()[name].state_dict()
+        assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine), name
+    assert loaded.vae.config.scaling_factor == base.vae.config.scaling_factor == tiny_config.SHIPPED_VAE_SCALING
+    assert dict(loaded.scheduler.config) == dict(base.scheduler.config)
 
 
 @shipped

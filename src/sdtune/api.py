@@ -20,8 +20,8 @@ from .generate import Generated, check_text
 from .generate import generate as _generate
 from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
-from .models import Base, load_base, use_vae
-from .safeio import SdtuneError, input_path
+from .models import Base, load_base
+from .safeio import SdtuneError
 from .ti.formats import DIFFUSERS_FILES, MULTI_LAYOUTS, file_stem, file_token, load_embedding
 from .ti.tokens import TokenTaken, find_in_prompt
 
@@ -171,11 +171,7 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
     for folder in lora_dirs:  # as --embedding-dir is: a mistyped folder is said now, not at the first <lora:> tag
         if not Path(folder).is_dir():
             raise SdtuneError(f"{folder}: --lora-dir is not a folder; check the path")
-    if vae is not None:  # before the model loads
-        input_path(vae, "VAE file or folder", "--vae")
-    base = load_base(model, device=device, dtype=dtype)
-    if vae is not None:
-        use_vae(base, vae)
+    base = load_base(model, device=device, dtype=dtype, vae=vae)
     # named one by one, so one that cannot be used stops here rather than draw images without it
     add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
     for spec in loras:

@@ -248,7 +248,8 @@ def cmd_train(a) -> None:
     given = read_settings(a.config, overrides, kind=a.kind)  # bad values stop before the model loads
     if given.get("preset"):
         presets.get(a.kind, given["preset"])
-    base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype)
+    # the run's --vae as the model's: a "no VAE" checkpoint loads only with one
+    base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype, vae=given.get("vae"))
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
     check_given(settings, a.config, overrides)
     train = train_ti if a.kind == "ti" else train_lora

@@ -397,10 +397,10 @@ def _group(sd: dict, family: Family) -> tuple[dict[str, dict], list[str]]:
     return groups, unknown
 
 
-def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict]:
+def split_single_file(sd: dict, family: Family, modules: dict, optional=()) -> dict[str, dict]:
     """A single-file checkpoint of ``family`` -> {component: state dict in the naming of ``modules``} (the
     components it fills, built from their configs; under ``init_empty_weights`` is enough). Raises one
-    ``SdtuneError`` for a tensor with no counterpart or a component with no weights."""
+    ``SdtuneError`` for a tensor with no counterpart or a component with no weights (one in ``optional``: empty)."""
     groups, unknown = _group(sd, family)
     prefixes = component_prefixes(family)
     readers = {"unet": lambda sub: _read_renamed(sub, unet_module_map(modules["unet"].config), vae=False),
@@ -414,8 +414,8 @@ def split_single_file(sd: dict, family: Family, modules: dict) -> dict[str, dict
     if unknown:
         raise _unexpected(unknown, f"a {family.title} model of this architecture")
     for component, state in parts.items():
-        if not state:
-            also = " (a --vae does not stand in for a missing one)" if component == "vae" else ""
+        if not state and component not in optional:
+            also = " (or give a VAE with --vae)" if component == "vae" else ""
             raise SdtuneError(f"has no {component} weights ({prefixes[component]}*); pass a full checkpoint of "
                               f"{family.title} that includes them{also}")
     return parts

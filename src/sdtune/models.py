@@ -556,7 +556,9 @@ def describe_checkpoint(path: str | Path) -> dict | None:
     }
 
 
-def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
+def _load_single_file(spec: str, path: Path, device, dtype, vae=None) -> Base:
+    """``vae``: the --vae that will decode, which stands in for the VAE a "no VAE" checkpoint leaves out (as A1111's
+    and ComfyUI's VAE choice does)."""
     raw, metadata = load_state(path)
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
@@ -564,11 +566,16 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
     with init_empty_weights():  # no random init: the file fills every parameter
         modules = build_parts(family, configs)
     try:
-        parts = ldm.split_single_file(state, family, modules)
+        parts = ldm.split_single_file(state, family, modules, optional=("vae",) if vae else ())
     except SdtuneError as e:
         raise SdtuneError(f"{path}: {e}") from None
     del raw, state  # from here on each tensor is referenced once, so _place can free as it goes
-    for part, module in modules.items():
+    info = {}
+    if not parts["vae"]:
+        modules["vae"], info = _vae_from(vae, configs["vae"], family, device, dtype)
+        del parts["vae"]
+    for part in parts:
+        module = modules[part]
         _place(parts[part], device, dtype)
         try:
             module.load_state_dict(parts[part], strict=True, assign=True)
@@ -577,7 +584,7 @@ def _load_single_file(spec: str, path: Path, device, dtype) -> Base:
             raise SdtuneError(f"{path}: the {part} weights do not fit the architecture of {family.title} "
                               f"({detail}); the file is damaged or not a checkpoint of {family.title}") from None
     return _finish(modules, make_scheduler(family, configs["scheduler"]), device, dtype, family, name=spec,
-                   source="single-file", single_file=path, model_hash=file_sha256(path)[:10])
+                   source="single-file", single_file=path, model_hash=file_sha256(path)[:10], **info)
 
 
 def _unknown_width(width) -> str:
@@ -682,7 +689,7 @@ def _load_hub(spec: str, device, dtype) -> Base:
     return _load_folder(spec, Path(folder), device, dtype, source="hub")
 
 
-def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
+def load_base(spec: str = "tiny", device=None, dtype=None, vae=None) -> Base:
     """Load a base model of any family (SD 1.x, SD 2.x, SDXL); the family is read from the files.
 
     ``spec``: "tiny" or "tiny-xl" (built-in), "tiny-random", "tiny-xl-random", a random-init real architecture
@@ -690,7 +697,16 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     widths), a diffusers folder,
     a single-file checkpoint (.safetensors; .ckpt/.pt through the safe loader), or a hub id.
     ``device``/``dtype`` default to ``pick_device()``/``pick_dtype()``.
+    ``vae``: a VAE file or folder to decode with in place of the model's own (``use_vae``), or of none: a "no VAE"
+    single file loads only with one, as in A1111 and ComfyUI.
     """
+    if vae is not None:  # before the model loads
+        input_path(vae, "VAE file or folder", "--vae")
+    base = _load_any(spec, device, dtype, vae)
+    return use_vae(base, vae) if vae and base.vae_file is None else base
+
+
+def _load_any(spec: str, device, dtype, vae) -> Base:
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     spec = str(spec)
@@ -704,7 +720,7 @@ def load_base(spec: str = "tiny", device=None, dtype=None) -> Base:
     if path.is_dir():
         return _load_folder(spec, path, device, dtype)
     if path.is_file():
-        return _load_single_file(spec, path, device, dtype)
+        return _load_single_file(spec, path, device, dtype, vae)
     if HUB_ID.match(spec) and not spec.lower().endswith(WEIGHT_SUFFIXES):
         return _load_hub(spec, device, dtype)
     raise SdtuneError(f"{spec}: no such file or folder; pass tiny, tiny-xl, a diffusers folder, a .safetensors "
@@ -719,25 +735,32 @@ def use_vae(base: Base, spec: str | Path) -> Base:
     file (.safetensors, or .ckpt/.pt read without running code; LDM names as A1111's VAE files have them, with or
     without ``first_stage_model.``, or diffusers' names) or a diffusers VAE folder. It is built in the family's VAE
     architecture and keeps the family's latent scaling, which a VAE file does not state."""
-    weights = vae_weights(spec)
-    raw, _ = load_state(weights)
     # without diffusers' bookkeeping: its "_use_default_values" would reset a scaling factor set after construction
     config = {k: v for k, v in base.vae.config.items() if not k.startswith("_")}
+    base.vae, info = _vae_from(spec, config, base.family, base.device, base.dtype)
+    for field, value in info.items():
+        setattr(base, field, value)
+    return base
+
+
+def _vae_from(spec: str | Path, config: dict, family: Family, device, dtype) -> tuple[AutoencoderKL, dict]:
+    """The VAE of ``spec`` built in ``config``, and the Base fields that name it (file, name, hash)."""
+    weights = vae_weights(spec)
+    raw, _ = load_state(weights)
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
     try:
         state = ldm.read_vae(_unwrap(raw, weights), vae)
-        _place(state, base.device, base.dtype)
+        _place(state, device, dtype)
         vae.load_state_dict(state, strict=True, assign=True)
     except SdtuneError as e:
-        raise SdtuneError(f"{weights}: {e}; pass a VAE made for {base.family.title}") from None
+        raise SdtuneError(f"{weights}: {e}; pass a VAE made for {family.title}") from None
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise SdtuneError(f"{weights}: does not fit the VAE of {base.family.title} ({detail}); pass a VAE made for "
-                          f"{base.family.title}") from None
-    base.vae, base.vae_file, base.vae_name = vae.eval(), weights, Path(spec).name  # the name: a file, or its folder
-    base.vae_hash = file_sha256(weights)[:10]
-    return base
+        raise SdtuneError(f"{weights}: does not fit the VAE of {family.title} ({detail}); pass a VAE made for "
+                          f"{family.title}") from None
+    # the name: the file, or the folder it came as
+    return vae.eval(), {"vae_file": weights, "vae_name": Path(spec).name, "vae_hash": file_sha256(weights)[:10]}
 
 
 def vae_weights(spec: str | Path) -> Path:

@@ -44,6 +44,11 @@ def vae_widened(factor: int) -> dict:
 # computing what it did, so the latents stay; the shipped VAE has these widths (the README lists its runs).
 WIDE_VAE = vae_widened(2)
 
+# The shipped VAE's latent scaling (its file's "scaling_factor"; test_tiny_single_file holds them equal). The
+# families' configs carry it, with ``WIDE_VAE``, for a single file that lost sdtune's metadata (a ComfyUI or
+# A1111 re-save): at 1.0 such a file would load and draw wrong images.
+SHIPPED_VAE_SCALING = 0.49652421474456787
+
 TEXT_ENCODER = dict(
     vocab_size=49408,
     hidden_size=TEXT_WIDTH,
@@ -108,8 +113,9 @@ XL_UNET = dict(
 
 
 def configs(arch: str = "sd1") -> dict[str, dict]:
-    """Every component's config of the tiny model ("sd1") or of tiny-xl ("sdxl"), as fresh dicts."""
-    out = {"unet": dict(UNET), "vae": dict(VAE, scaling_factor=1.0), "text_encoder": dict(TEXT_ENCODER),
+    """Every component's config of the tiny model ("sd1") or of tiny-xl ("sdxl") as shipped, as fresh dicts
+    (``model.build`` makes the recipe's narrower random-init VAE)."""
+    out = {"unet": dict(UNET), "vae": dict(WIDE_VAE, scaling_factor=SHIPPED_VAE_SCALING), "text_encoder": dict(TEXT_ENCODER),
            "scheduler": dict(SCHEDULER)}
     if arch == "sdxl":
         out |= {"unet": dict(XL_UNET), "text_encoder": dict(XL_TEXT_ENCODER_1),

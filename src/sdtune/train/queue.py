@@ -258,10 +258,11 @@ def run_queue(path: str | Path, out: str | Path | None = None, *, device=None, d
         print(f"{head} ({run.kind}" + "".join(f", {k} = {v!r}" for k, v in run.swept.items()) + ")",
               file=sys.stderr)
         try:
-            model = run.given.get("model", KINDS[run.kind].model)
+            # with the run's --vae (a "no VAE" checkpoint loads only with one), so a model is reloaded for another
+            model = run.given.get("model", KINDS[run.kind].model), run.given.get("vae")
             if base is None or loaded != model:
                 base = None  # free the last model before loading the next
-                base, loaded = load_base(model, device=device, dtype=dtype), model
+                base, loaded = load_base(model[0], device=device, dtype=dtype, vae=model[1]), model
             settings = load_settings(None, {**run.given, "out": str(folder / run.name)}, kind=run.kind,
                                      family=base.family)
             before = set(base.embeddings.tokens)

@@ -28,7 +28,7 @@ from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import file_sha256, known_family, load_base, use_vae, vae_weights
+from ..models import file_sha256, known_family, load_base, vae_weights
 from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
@@ -98,8 +98,7 @@ class Studio:
         with self.lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if self._base is None:
-                base = load_base(self.model, device=self.device, dtype=self.dtype)
-                self._base = use_vae(base, self.vae) if self.vae else base
+                self._base = load_base(self.model, device=self.device, dtype=self.dtype, vae=self.vae or None)
             notes: list[str] = []
             yield self._base, notes
             notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
