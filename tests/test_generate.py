@@ -62,6 +62,9 @@ def test_png_says_where_a1111_defaults_differ(base):
     assert sampler_key("DPM++ 2M", "Uniform") == "dpmpp_2m" and sampler_key("DPM++ 2M", "Automatic") == \
         "dpmpp_2m_karras" == sampler_key("DPM++ 2M Karras") == sampler_key("DPM++ 2M", "Karras")
     assert sampler_key("PLMS") == "pndm" == sampler_key("PNDM") and sampler_key("Euler a", "Karras") is None
+    # A1111 looks for brackets in the texts once edited: an edit alone weighs nothing
+    (edited,) = generate(base, "a [red:blue:0.5] star", steps=1, seed=1, progress=False)
+    assert "Emphasis" not in parse_infotext(edited.infotext)
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc"])

@@ -190,6 +190,29 @@ def test_generation_swaps_the_conditions_where_the_prompt_is_edited(model, tiny,
     assert edited.infotext.startswith("a [red circle:blue square:2]\nNegative prompt: blurry\n")
 
 
+@pytest.mark.parametrize("prompt,steps,scheduler,reads", [
+    ("a [red:blue:3] circle", 6, "heun", "rrrrbbbbbbb"),  # 11 calls; A1111 schedules Heun over 12
+    ("a [red|blue] circle", 5, "heun", "rrbrbrbrb"),
+    ("a [red:blue:3] circle", 6, "euler", "rrrrbb"),
+])
+def test_edits_count_model_calls_as_a1111(tiny, prompt, steps, scheduler, reads):
+    """A1111 counts an edit's step and alternation in model calls, over twice the steps for its second-order
+    samplers (``total_steps``; ``CFGDenoiser`` counts each call): the text each UNet call reads is recorded."""
+    enc = {t: encode_prompt(tiny, [f"a {t} circle"]).hidden[0] for t in ("red", "blue")}
+    calls, forward = [], tiny.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, *a, **k):
+        calls.append(next(c for c, e in enc.items() if torch.equal(e, encoder_hidden_states[-1])))
+        return forward(sample, timestep, encoder_hidden_states, *a, **k)
+
+    tiny.unet.forward = spy
+    try:
+        generate(tiny, prompt, steps=steps, scheduler=scheduler, seed=1, progress=False)
+    finally:
+        tiny.unet.forward = forward
+    assert "".join(c[0] for c in calls) == reads
+
+
 def test_an_edit_that_never_switches_is_the_plain_prompt(tiny):
     kw = dict(steps=3, seed=2, progress=False)
     plain = np.asarray(generate(tiny, "a red circle", **kw)[0].image)

@@ -350,10 +350,13 @@ def generate(
     out: list[Generated] = []
     total = steps * -(-num_images // batch_size)
 
-    # A1111's prompt editing and alternation: the (negative, prompt) texts of each sampling step, all encoded
-    # once, with as many chunks each (the UNet's input keeps one length); most prompts have one pair
-    plans = [prompts_syntax.schedule(p, steps) for p in (negative_prompt, prompt)]
-    pairs = [tuple(prompts_syntax.text_at(plan, i) for plan in plans) for i in range(steps)]
+    # A1111's prompt editing and alternation: the (negative, prompt) texts of each UNet call, all encoded once,
+    # with as many chunks each (the UNet's input keeps one length); most prompts have one pair. A1111 counts its
+    # schedule in model calls over twice the steps for a second-order sampler (Heun: 2 steps - 1 calls, as
+    # diffusers'), so an edit at step 3 switches after the 2nd Heun step; PLMS's extra first call counts as one.
+    calls = steps * 2 if pipe.scheduler.order == 2 else steps
+    plans = [prompts_syntax.schedule(p, calls) for p in (negative_prompt, prompt)]
+    pairs = [tuple(prompts_syntax.text_at(plan, i) for plan in plans) for i in range(calls + 1)]
     texts = list(pairs[0])  # (negative, prompt) first, as a prompt without edits is encoded
     texts += [t for t in dict.fromkeys(t for pair in pairs for t in pair) if t not in texts]
     encoded = dict(zip(texts, encode_prompt(base, texts, clip_skip).chunk(len(texts))))
@@ -365,14 +368,14 @@ def generate(
             uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
         return uncond, cond
 
-    def step_end(pipe, i, t, tensors, start=0, shown=None):  # diffusers' callback_on_step_end
-        done = (i + 1) * steps // pipe.num_timesteps  # user steps done (a 2nd-order sampler calls twice a step)
-        if on_step is not None:
-            on_step(start // batch_size * steps + done, total)
-        if done < steps and pairs[done] != shown[0]:  # the next step reads another text: swap the conditions
-            shown[0] = pairs[done]
+    def step_end(pipe, i, t, tensors, start=0, shown=None):  # diffusers' callback_on_step_end, after UNet call i
+        if on_step is not None:  # user steps done (a 2nd-order sampler calls twice a step)
+            on_step(start // batch_size * steps + (i + 1) * steps // pipe.num_timesteps, total)
+        after = pairs[min(i + 1, calls)]
+        if i + 1 < pipe.num_timesteps and after != shown[0]:  # the next call reads another text: swap the conditions
+            shown[0] = after
             cfg = pipe.do_classifier_free_guidance  # then the pipeline's embeddings are [negative; prompt]
-            uncond, cond = conditions(pairs[done], len(tensors["prompt_embeds"]) // (1 + cfg))
+            uncond, cond = conditions(after, len(tensors["prompt_embeds"]) // (1 + cfg))
             both = (uncond, cond) if cfg else (cond,)
             tensors["prompt_embeds"] = torch.cat([e.hidden for e in both])
             if "add_text_embeds" in tensors:
@@ -383,7 +386,7 @@ def generate(
     swapped = ["prompt_embeds", "add_text_embeds"] if base.family.pooled_and_time_ids else ["prompt_embeds"]
     # an empty negative conditioned on zeros pads to any length alike (zero keys and values): A1111 told to pad
     # conds would pad it with the encoded "", so it is left out of the chunk counts
-    reading = _how_read(base, texts[1:] if no_negative else texts, prompt_text, negative_text, scheduler)
+    reading = _how_read(base, texts[1:] if no_negative else texts, scheduler)
     model = model_label(getattr(base, "name", ""))  # a file's stem: one look at the disk, not one per image
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
@@ -431,15 +434,15 @@ def generate(
     return out
 
 
-def _how_read(base, texts: list[str], typed: str, typed_negative: str, scheduler: str) -> dict:
+def _how_read(base, texts: list[str], scheduler: str) -> dict:
     """The infotext fields by which A1111 reads a PNG back as sdtune drew it, where A1111's defaults differ:
     ``Schedule type`` (its DPM++ 2M is Karras unless told), ``Emphasis`` (sdtune's "No norm", written as A1111
-    writes it: for prompts with brackets), ``Pad conds`` (a negative prompt of fewer chunks than the prompt is
+    writes it: for prompts with brackets once edited), ``Pad conds`` (a negative prompt of fewer chunks than the prompt is
     padded with empty ones, as are the texts of a prompt edited at some step; A1111 runs the two apart unless
     told) and ``RNG`` (the initial noise is drawn on
     the CPU; A1111 takes a PNG without the field as GPU noise)."""
     fields = {"Schedule type": SCHEDULE_TYPES.get(scheduler), "RNG": "CPU"}
-    if any(c in typed + typed_negative for c in "(["):
+    if any(c in text for text in texts for c in "(["):  # A1111's test: brackets left after prompt editing
         fields["Emphasis"] = "No norm"
     tokenizers = [tok for _, _, tok in base.text_encoders()]
     if len({prompts_syntax.chunk_count(tokenizers, p) for p in texts}) > 1:
