@@ -3,13 +3,14 @@
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdtune import models
+from sdtune import api, models
 from sdtune.lora import bake
 from sdtune.lora.formats import save_lora
 from sdtune.lora.neutral import Adapter, Lora
@@ -60,11 +61,13 @@ def loras(base_file, tmp_path_factory):
 
 
 def patched_in_memory(spec, pairs, dtype="fp32"):
-    """The reference: load the base, add the LoRAs in list order with LoraSet."""
+    """The reference: load the base, add the LoRAs with LoraSet, named as generate names them (a file by its stem;
+    LoraSet sums by name)."""
     base = models.load_base(str(spec), device="cpu", dtype=dtype)
     s = LoraSet.attach(base)
     for i, (src, w) in enumerate(pairs):
-        s.add(f"{i:04d}", src, *((w,) if not isinstance(w, tuple) else w))
+        name = Path(src).stem if isinstance(src, (str, Path)) else f"lora{i}"
+        s.add(name, src, *((w,) if not isinstance(w, tuple) else w))
     return base
 
 
@@ -445,3 +448,69 @@ def test_a_small_scratch_writes_the_same_bytes(base_folder, loras, tmp_path, mon
     tight = bake.merge(base_folder, pairs, tmp_path / "tight")
     for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (tight / name).read_bytes() == (roomy / name).read_bytes()
+
+
+def test_the_model_its_folder_and_other_files_are_never_written_over(base_folder, base_file, loras, tmp_path):
+    """--out naming a file of the input folder (or any place in it) would corrupt the model; an existing file that
+    is no checkpoint (another LoRA, an embedding) is not replaced; an earlier merge is."""
+    unet = base_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet.read_bytes()
+    with pytest.raises(SdtuneError, match=rf"^{unet}: is \(in\) the input model; write the merge outside it$"):
+        bake.merge(base_folder, [(loras[1], 1.0)], unet, fmt="single")
+    with pytest.raises(SdtuneError, match=r"merged\.safetensors: is \(in\) the input model"):
+        bake.merge(base_folder, [(loras[1], 1.0)], base_folder / "merged.safetensors", fmt="single")
+    assert unet.read_bytes() == before and not (base_folder / "merged.safetensors").exists()
+    other = tmp_path / "other_lora.safetensors"
+    other.write_bytes(loras[1].read_bytes())
+    for model in (base_file, base_folder):
+        with pytest.raises(SdtuneError, match=r"other_lora\.safetensors: exists and is not a checkpoint"):
+            bake.merge(model, [(loras[0], 1.0)], other, fmt="single")
+    assert other.read_bytes() == loras[1].read_bytes()
+    out = bake.merge(base_file, [(loras[1], 1.0)], tmp_path / "m.safetensors", fmt="single")
+    assert bake.merge(base_file, [(loras[1], 0.5)], out, fmt="single") == out  # a rerun replaces its own
+
+
+def test_stacked_loras_sum_in_the_order_generate_sums_them(base_file, loras, tmp_path):
+    """Generation sums LoRAs by name (LoraSet's order, whatever the order they came in: a file's stem), so a bake
+    of the same --lora list sums them so too and has the same bits: here the first given sorts last."""
+    zeta, alpha = tmp_path / "zeta.safetensors", tmp_path / "alpha.safetensors"
+    zeta.write_bytes(loras[1].read_bytes())
+    save_lora(loras[0], alpha, format="kohya")
+    specs = [f"{zeta}:0.9", f"{alpha}:-0.7"]
+    out = bake.merge(base_file, [(zeta, 0.9), (alpha, -0.7)], tmp_path / "m.safetensors", fmt="single")
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"),
+                        api.load(str(base_file), device="cpu", dtype="fp32", loras=specs))
+    assert [m["source"] for m in json.loads(tensors(out)[1][bake.META_MERGED])] == [str(zeta), str(alpha)]
+
+
+def test_fp16_input_to_a_wider_dtype_rounds_once(base_file, loras, tmp_path):
+    """An fp16 checkpoint written as fp32: the float32 sum W0 + ΔW, not one rounded to fp16 first (the in-memory
+    patch of the fp16 file loaded in fp32)."""
+    half = bake.merge(base_file, [(loras[1], 0.0)], tmp_path / "half.safetensors", fmt="single", dtype="fp16")
+    pairs = [(loras[0], 0.8)]
+    out = bake.merge(half, pairs, tmp_path / "wide.safetensors", fmt="single", dtype="fp32")
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), patched_in_memory(half, pairs))
+
+
+def test_a_loaded_route_keeps_the_folder_dtype_the_te2_weight_and_the_metadata(base_folder, loras, tmp_path):
+    """A folder written as one file (the model loaded, patched, saved): in the dtype the folder stores, with the
+    merge in its metadata, as the streamed routes write it; SDXL's (unet, te1, te2) weights each applied."""
+    half = models.save_diffusers(models.load_base(str(base_folder), device="cpu", dtype="fp16"), tmp_path / "half")
+    out = bake.merge(half, [(loras[1], 0.6)], tmp_path / "half.safetensors", fmt="single")
+    state, meta = tensors(out)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert json.loads(meta[bake.META_MERGED])[0]["unet_weight"] == 0.6
+
+    xl = models.load_base("tiny-xl", device="cpu", dtype="fp32")
+    g = torch.Generator().manual_seed(5)
+    lora = Lora(format="test")
+    for comp in ("text_encoder", "text_encoder_2", "unet"):
+        path, m = next((p, m) for p, m in getattr(xl, comp).named_modules()
+                       if isinstance(m, torch.nn.Linear) and ("q_proj" in p or "attn2.to_q" in p))
+        lora.modules[comp][path] = Adapter("lora", {"down": torch.randn(2, m.in_features, generator=g),
+                                                    "up": torch.randn(m.out_features, 2, generator=g)}, 2.0)
+    weights = (1.0, 0.5, -0.25)
+    out = bake.merge("tiny-xl", [(lora, weights)], tmp_path / "xl.safetensors", fmt="single")
+    LoraSet.attach(xl).add("a", lora, {"unet": 1.0, "text_encoder": 0.5, "text_encoder_2": -0.25})
+    assert_same_weights(models.load_base(str(out), device="cpu", dtype="fp32"), xl,
+                        comps=("unet", "text_encoder", "text_encoder_2", "vae"))

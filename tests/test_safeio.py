@@ -73,3 +73,27 @@ def test_a_torch_file_named_safetensors_is_read_by_its_content(tmp_path):
     torch.save({"w": torch.arange(3.0)}, path)
     state, metadata = safeio.load_state(path)
     assert torch.equal(state["w"], torch.arange(3.0)) and metadata == {}
+
+
+def test_sigterm_mid_write_removes_the_temporary_and_says_so(tmp_path, monkeypatch, capsys):
+    """`kill`, `docker stop` or a job scheduler's time limit (SIGTERM) while a command writes: the half-written
+    temporary goes as after Ctrl-C, the old output stays, and the command says why it stopped (rc 128 + 15)."""
+    import signal
+
+    from sdtune import cli
+
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"the earlier merge")
+
+    def killed_midway(args):
+        with safeio.atomic_path(out) as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "cmd_merge", killed_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["merge", "--lora", "x.safetensors", "--out", str(out)]) == 143
+    assert capsys.readouterr().err == "sdtune: terminated (SIGTERM)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]
+    assert out.read_bytes() == b"the earlier merge" and signal.getsignal(signal.SIGTERM) is before

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .console import Interrupted, cli_warnings, imports_without_gc, restore_interrupt
+from .console import Interrupted, Terminated, cli_warnings, imports_without_gc, restore_interrupt, terminate_unwinds
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "--debug")
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
+        with terminate_unwinds():
+            result = args.func(args)
         if isinstance(result, Path):  # commands that make one main file print where it is
             print(result)
     except SdtuneError as e:
@@ -417,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdtune: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"sdtune: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
-        return 130
+        print(f"sdtune: {e if isinstance(e, (Interrupted, Terminated)) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

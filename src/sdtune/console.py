@@ -39,6 +39,29 @@ class Interrupted(KeyboardInterrupt):
     """A Ctrl-C that was handled: its message says what was kept (``cli.main`` prints it after ``sdtune:``)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (``kill``, ``docker stop``, a job scheduler's time limit) outside a training step."""
+
+
+@contextlib.contextmanager
+def terminate_unwinds():
+    """Inside: a SIGTERM unwinds as a Ctrl-C does, so that half-written outputs' temporary files are removed on the
+    way out (by default Python ends at once and leaves them). Training's ``stop_requests`` takes it over for its
+    steps, to save first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stop_requests(enabled: bool = True):
     """Inside: a first Ctrl-C (or SIGTERM) only asks (the yielded list gets an entry) and says so, for a loop to

@@ -802,9 +802,9 @@ def _component_configs(base: Base) -> dict:
             for name, config in configs.items()}
 
 
-def save_single_file(base: Base, path, dtype=None) -> Path:
+def save_single_file(base: Base, path, dtype=None, metadata: dict | None = None) -> Path:
     """Write the model as one .safetensors file in its family's original layout (LDM for SD 1.x/2.x, SGM for
-    SDXL), which A1111, ComfyUI and kohya read."""
+    SDXL), which A1111, ComfyUI and kohya read; ``metadata``: entries to add."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SdtuneError(f"{path}: single-file models are written as .safetensors; use that suffix")
@@ -818,7 +818,7 @@ def save_single_file(base: Base, path, dtype=None) -> Path:
         state[V_PRED] = torch.zeros(0)
     if scheduler.get("rescale_betas_zero_snr"):
         state[ZTSNR] = torch.zeros(0)
-    metadata = {"format": "pt", META_ARCH: base.family.name,
+    metadata = {**(metadata or {}), "format": "pt", META_ARCH: base.family.name,
                 META_SCALING: repr(float(base.vae.config.scaling_factor)),
                 META_CONFIGS: json.dumps(_component_configs(base))}
     atomic_save_safetensors(state, path, metadata=metadata)

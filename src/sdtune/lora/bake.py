@@ -54,7 +54,16 @@ from accelerate import init_empty_weights
 from .. import ldm, models
 from ..console import note
 from ..families import Family
-from ..safeio import SdtuneError, atomic_folder, atomic_path, input_at, is_safetensors, output_file, output_folder
+from ..safeio import (
+    SdtuneError,
+    atomic_folder,
+    atomic_path,
+    input_at,
+    is_safetensors,
+    output_file,
+    output_folder,
+    read_keys,
+)
 from . import blocks as block_weights
 from .formats import bundled_words, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
@@ -107,11 +116,17 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         name = str(src) if not isinstance(src, Lora) else f"lora{i}"
         # a third weight is SDXL's second text encoder's; a file without such layers has nothing it weighs
         pairs.append(_Pair(src, as_weights(entry[1], two_encoders=True), name, blocks))
-    _check_not_an_input(out, [p.src for p in pairs])  # the model's own checks come with its layout
+    path = Path(base_or_spec).expanduser() if isinstance(base_or_spec, (str, Path)) else None
+    if path is not None and path.is_file() and out.exists() and out.samefile(path):
+        raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
+    if path is not None and path.is_dir() and out.resolve().is_relative_to(path.resolve()):
+        raise SdtuneError(f"{out}: is (in) the input model; write the merge outside it")
+    _check_not_an_input(out, [p.src for p in pairs] + [path])  # or a folder out names holds one
+    if fmt == "single":
+        _check_out_file(out)
     _note_words_left_out(pairs)
-    if not isinstance(base_or_spec, (str, Path)):
+    if path is None:
         return _merge_loaded(base_or_spec, pairs, out, fmt, dtype, allow_partial)
-    path = Path(base_or_spec).expanduser()
     if path.is_file() and is_safetensors(path):
         if fmt == "single":
             return _single_to_single(path, pairs, out, dtype, allow_partial)
@@ -120,7 +135,8 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     if files is not None:
         return _folder_to_folder(path, files, pairs, out, allow_partial)
     base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
-    return _merge_loaded(base, pairs, out, fmt, dtype, allow_partial)
+    # a folder's file written in the dtype its weights are stored in, as the streamed routes write theirs
+    return _merge_loaded(base, pairs, out, fmt, dtype or _stored_dtype(path), allow_partial)
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,12 @@ class _Pair:
     weights: dict[str, float]
     source: str
     blocks: object = None  # as ``LoraSet.add(blocks=)`` takes them; None: no block weights
+
+
+def _in_sum_order(pairs) -> list[_Pair]:
+    """The pairs in the order ``LoraSet`` sums adapters: by name, a file's stem as ``generate --lora`` names it
+    (list order among equal names), so that a baked layer has the bits the same LoRAs applied in memory give it."""
+    return sorted(pairs, key=lambda p: Path(p.source).stem if isinstance(p.src, (str, Path)) else p.source)
 
 
 def _note_words_left_out(pairs) -> None:
@@ -156,12 +178,14 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
         raise SdtuneError("this model has LoRAs applied already; remove them (LoraSet.remove_all) before merging")
     lora_set = LoraSet.attach(base)
     try:
-        for i, p in enumerate(pairs):  # names keep list order, the order the sums are taken in; a file is read
+        for i, p in enumerate(_in_sum_order(pairs)):  # named in that order; a file is read
             # by LoraSet, which names it in its messages
-            lora_set.add(f"{i:04d}", p.src, (p.weights["unet"], p.weights["text_encoder"]),
+            two = "text_encoder_2" in lora_set.modules
+            weights = p.weights if two else {c: w for c, w in p.weights.items() if c != "text_encoder_2"}
+            lora_set.add(f"{i:04d}", p.src, weights,
                          allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
         if fmt == "single":
-            return models.save_single_file(base, out, dtype=dtype)
+            return models.save_single_file(base, out, dtype=dtype, metadata={META_MERGED: _merged_note(pairs)})
         return models.save_diffusers(base, out)
     finally:
         lora_set.remove_all()
@@ -307,9 +331,11 @@ class _Item:
         """The memory ``_rewrite`` takes for this tensor: what it reads (and its transpose), each patch's
         buffers, the result cast to the output dtype, and up to 64 bytes of alignment for each."""
         read, write = (ST_DTYPES[d] for d in (self.src.header[self.src_key]["dtype"], self.dtype))
+        work = torch.float32 if self.patches and write != read else read  # patched in float32, cast once
         numel = torch.Size(self.shape).numel()
-        total = numel * read.itemsize * (1 + self.cut.transposed) + (numel * write.itemsize if write != read else 0)
-        total += sum(cut.work_bytes(self.shape, read) for cut, _ in self.patches)
+        total = numel * read.itemsize * (1 + self.cut.transposed) + (numel * 4 if work != read else 0)
+        total += (numel * write.itemsize if write != work else 0)
+        total += sum(cut.work_bytes(self.shape, work) for cut, _ in self.patches)
         return total + 64 * (3 + 4 * len(self.patches))
 
 
@@ -451,9 +477,11 @@ def _rewrite(item: _Item, src_fd: int, dst: int, dst_offset: int, new) -> None:
     tensor = item.src.read(src_fd, item.src_key, item.cut.rows, new)
     if item.cut.transposed:
         tensor = new(tensor.shape[::-1], dtype=tensor.dtype).copy_(tensor.T)
+    want = ST_DTYPES[item.dtype]
+    if item.patches and tensor.dtype != want:  # cast once: the float32 sum, not one rounded to the input's dtype
+        tensor = new(tensor.shape, dtype=torch.float32).copy_(tensor)
     for cut, contribs in item.patches:
         tensor = cut.patched(tensor, contribs, new)
-    want = ST_DTYPES[item.dtype]
     tensor = tensor if tensor.dtype == want else new(tensor.shape, dtype=want).copy_(tensor)
     _pwrite_all(dst, tensor.reshape(-1).view(torch.uint8).numpy(), dst_offset)
 
@@ -519,9 +547,10 @@ def _contributions(where: tuple[dict, dict], pairs, allow_partial: bool, family:
     shapes = {comp: {path: tuple(cut.shape(src.header[key]["shape"])) for path, (src, key, cut) in paths.items()}
               for comp, paths in where.items()}
     # every vector checked against the family before any file is read
+    pairs = _in_sum_order(pairs)
     block_ws = [None if p.blocks is None else block_weights.parse(p.blocks, family) for p in pairs]
     changes: dict[tuple[Path, str], dict[_Cut, list]] = {}
-    for i, (p, blocks) in enumerate(zip(pairs, block_ws)):
+    for i, (p, blocks) in enumerate(zip(pairs, block_ws)):  # in _in_sum_order: each weight's contributions
         targets = check_fit(_load(p.src, shapes), shapes, allow_partial, p.source)
         factors = {} if blocks is None else block_weights.layer_factors(blocks, targets, unet_config)
         for (comp, path), adapter in targets.items():
@@ -601,8 +630,6 @@ class _SingleFile:
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
-    if out.resolve() == path.resolve():
-        raise SdtuneError(f"{out}: is the input checkpoint; write the merge to a new file")
     out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
     single = _SingleFile.open(path, strict=False)  # keys it does not know are copied through
     src = single.src
@@ -618,7 +645,7 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
 
 
 def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path:
-    _check_out_folder(out, None)
+    _check_out_folder(out)
     single = _SingleFile.open(path, strict=True)  # a folder holds only what its components load
     src, prefixes = single.src, ldm.component_prefixes(single.family)
     by_part: dict[str, list] = {comp: [] for comp in single.parts}
@@ -701,7 +728,7 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
 
 
 def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial: bool) -> Path:
-    _check_out_folder(out, folder)
+    _check_out_folder(out)
     sources = {comp: [_Source.open(p) for p in paths] for comp, paths in files.items()}
     where: dict[str, dict] = {comp: {} for comp in sources}
     biases: dict[str, dict] = {comp: {} for comp in sources}
@@ -755,9 +782,33 @@ def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:
     return sorted(left_out)
 
 
+def _stored_dtype(path: Path) -> str | None:
+    """The dtype a diffusers folder's UNet weights are stored in (safetensors), by its header; None where only
+    loading tells (a .bin folder, a pickled checkpoint, the built-in model, a hub id)."""
+    files = _folder_weight_files(path) if path.is_dir() else None
+    if not files or not files.get("unet"):
+        return None
+    src = _Source.open(files["unet"][0])
+    floating = [ST_DTYPES[info["dtype"]] for info in src.header.values() if ST_DTYPES[info["dtype"]].is_floating_point]
+    return str(floating[0]).removeprefix("torch.") if floating else None
+
+
+def _check_out_file(out: Path) -> None:
+    """Refuse to replace an existing file that is not a Stable Diffusion checkpoint (a LoRA, an embedding, a VAE
+    named as --out by mistake); an earlier merge is replaced, once the new one is complete."""
+    if out.is_file():
+        try:
+            keys = read_keys(out)
+        except SdtuneError:
+            keys = ()
+        if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
+            raise SdtuneError(f"{out}: exists and is not a checkpoint (a merge replaces only an earlier one); choose "
+                              f"a new file name, or delete that file first")
+
+
 def _check_not_an_input(out: Path, inputs) -> None:
-    """Refuse an output that would replace one of the LoRAs: named as ``out``, or kept in the model folder ``out``
-    names (that folder is replaced whole)."""
+    """Refuse an output that would replace one of the inputs (the model, the LoRAs): named as ``out``, or kept in
+    the model folder ``out`` names (that folder is replaced whole)."""
     found = input_at(out, inputs)
     if found and found[1]:
         raise SdtuneError(f"{out}: is an input of this command ({found[0]}); write the merge to a new file")
@@ -766,11 +817,8 @@ def _check_not_an_input(out: Path, inputs) -> None:
                           f"folder; write the merge to a new folder, or move the input out first")
 
 
-def _check_out_folder(out: Path, source: Path | None) -> None:
-    """Refuse an output that would copy the input into itself, or replace a folder that is not a model (an
-    earlier merge is replaced, by ``safeio.atomic_folder``, once the new one is complete, unless it holds files the
-    new one does not)."""
-    if source is not None and out.resolve().is_relative_to(source.resolve()):
-        raise SdtuneError(f"{out}: is (in) the input model; write the merge to a folder outside it")
+def _check_out_folder(out: Path) -> None:
+    """Refuse an output that would replace a folder that is not a model (an earlier merge is replaced, by
+    ``safeio.atomic_folder``, once the new one is complete, unless it holds files the new one does not)."""
     if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
         raise SdtuneError(f"{out}: exists and is not a diffusers model folder; choose a new or empty folder")

@@ -143,7 +143,7 @@ def as_weights(w, current: dict[str, float] | None = None, two_encoders: bool = 
             given = {c: float(v) for c, v in w.items()}
             if current:
                 return _finite({**current, **given}, w)
-            w = (given.get("unet", 1.0), given.get("text_encoder"), given.get("text_encoder_2"))
+            w = (given.get("unet", 1.0), given.get("text_encoder"), given.get("text_encoder_2"))[:len(components)]
         if isinstance(w, (tuple, list)):
             if len(w) != len(components) and len(w) != 2:
                 raise bad
