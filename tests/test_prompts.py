@@ -221,3 +221,23 @@ def test_an_edit_that_never_switches_is_the_plain_prompt(tiny):
     # without guidance (no negative branch) the swap still runs
     one = generate(tiny, "a [red|blue] circle", guidance=1.0, **kw)[0].image
     assert not np.array_equal(np.asarray(one), np.asarray(generate(tiny, "a red circle", guidance=1.0, **kw)[0].image))
+
+
+def test_prompts_a1111_cannot_parse_get_no_editing_and_deep_ones_one_line():
+    """A1111's editing grammar fails on a '|' outside an alternation, or a lone '\\' at the end, and then edits
+    nothing (its emphasis still reads the brackets): so does sdtune, and says why. Brackets a thousand deep are one
+    line, not a recursion traceback; a thousand unclosed '[' read quickly, as text."""
+    import time
+
+    from sdtune.safeio import SdtuneError
+
+    for prompt in ("masterpiece | best quality, a [cat:dog:0.5]", "a [red|blue] ball, C:\\", "a [red|(b|c)] ball"):
+        with pytest.warns(UserWarning, match=r"makes A1111 read no prompt editing in it, so neither does sdtune"):
+            assert schedule(prompt, 10) == [(10, prompt)]
+    assert [text for _, text in schedule("a [red|blue] \\| C:\\\\", 2)] == ["a red \\| C:\\\\", "a blue \\| C:\\\\"]
+    assert schedule("a | b, [c]", 5) == [(5, "a | b, [c]")]  # nothing to edit: nothing said
+    with pytest.raises(SdtuneError, match=r"^the prompt nests \[ \] 1200 deep; write at most 100 levels$"):
+        schedule("[" * 1200 + "a:b:2" + "]" * 1200, 10)
+    started = time.perf_counter()
+    assert schedule("[a " * 4000, 10) == [(10, "[a " * 4000)]
+    assert time.perf_counter() - started < 2  # was 6 s: each '[' rescanned the rest of the prompt

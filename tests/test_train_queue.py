@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sdtune import safeio
 from sdtune.cli import main
+from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train import logs
 from sdtune.train import queue as train_queue
@@ -199,3 +201,87 @@ def test_the_page_compares_the_settings_each_run_trains_with(tmp_path):
     assert re.search(r"<th>lr</th>\s*<td>0.001</td>\s*<td>0.005</td>\s*<td>0.005</td>\s*<td>0.005</td>", page)
     assert re.search(r"<th>steps</th>\s*<td>300</td>\s*<td></td>\s*<td>30</td>\s*<td></td>", page)
     assert "<th>rank</th>" not in page and "<th>token</th>" not in page and "null" not in page
+
+
+def test_a_finished_queue_takes_settings_that_do_not_change_weights(dataset, tmp_path, capsys, monkeypatch):
+    """A finished run given a new progress bar, sample cadence or report setting is kept (said), not refused; a
+    second queue process on the same folder is refused at once; a data folder given as "." is not taken for
+    the run's output folder."""
+    jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\n' + NO_EXTRAS.replace("save_every = 1", "save_every = 0"))
+    out = tmp_path / "q"
+    train_queue.run_queue(jobs, out)
+    done = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    jobs.write_text(jobs.read_text().replace("progress = false", "progress = true").replace("sample_every = 0\n", ""))
+    train_queue.run_queue(jobs, out)
+    assert "done before, skipped (kept with its earlier sample_every: they do not change its weights" in \
+        capsys.readouterr().err
+    assert (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns == done
+
+    with safeio.folder_lock(out, "sdtune train queue"):
+        with pytest.raises(SdtuneError, match=r"q: sdtune train queue \(process \d+\) is using this folder"):
+            train_queue.run_queue(jobs, out)
+    assert json.loads((out / "queue.json").read_text())["runs"]["lora-1"]["state"] == "done"
+
+    monkeypatch.chdir(dataset)
+    dot = tmp_path / "dot.toml"
+    dot.write_text(f'out = "{(tmp_path / "elsewhere").as_posix()}"\n[[job]]\nkind = "lora"\ndata = "."\n')
+    assert [r.given["data"] for r in train_queue.read_queue(dot)[1]] == ["."]
+    inside = tmp_path / "inside.toml"
+    inside.write_text('[[job]]\nkind = "lora"\ndata = "."\n')
+    with pytest.raises(SdtuneError, match=r"inside.toml: job lora-1: .*the run's sample images would be read"):
+        train_queue.read_queue(inside, out=dataset / "runs")
+
+
+def test_queue_names_and_spellings(dataset, tmp_path):
+    """Swept values that print alike at 6 digits, or an empty one, still name runs apart; a setting written both
+    with '-' and '_' in one table is refused rather than one silently winning."""
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'[defaults]\ndata = "{dataset.as_posix()}"\n[[job]]\nkind = "lora"\n'
+                    'sweep = {lr = [1e-4, 1.0000001e-4], exclude = [["attn2"], []]}\n')
+    names = [r.name for r in train_queue.read_queue(path)[1]]
+    assert names == ["lora-1-lr-0.0001-exclude-attn2", "lora-1-lr-0.0001-exclude-none",
+                     "lora-1-lr-0.00010000001-exclude-attn2", "lora-1-lr-0.00010000001-exclude-none"]
+    path.write_text(f'[defaults]\ndata = "{dataset.as_posix()}"\nmin_snr_gamma = 5\n[[job]]\nkind = "lora"\n'
+                    'min_snr_gamma = 1\nmin-snr-gamma = 5\n')
+    with pytest.raises(SdtuneError, match=r"jobs.toml: job 1: min_snr_gamma and min-snr-gamma are the same setting"):
+        train_queue.read_queue(path)
+    # one spelling in [defaults], the other in a job: the job's overrides it
+    path.write_text(f'[defaults]\ndata = "{dataset.as_posix()}"\nmin-snr-gamma = 5\n[[job]]\nkind = "lora"\n'
+                    'min_snr_gamma = 1\n')
+    assert train_queue.read_queue(path)[1][0].given["min_snr_gamma"] == 1
+
+
+def test_the_page_marks_the_best_among_comparable_runs_and_says_what_is_running(tmp_path, monkeypatch):
+    """A lowest loss is marked only among runs of the same kind, model and held-out images (a tiny run's loss
+    says nothing against a tiny-xl run's); a run not yet sampled says so, not "sample_every = 0"."""
+    runs = [train_queue.Run("a", "lora", {"model": "tiny", "sample_every": 5}),
+            train_queue.Run("b", "lora", {"model": "tiny", "sample_every": 0}),
+            train_queue.Run("c", "lora", {"model": "tiny-xl", "sample_every": 5}),
+            train_queue.Run("d", "ti", {"model": "tiny", "token": "<q>"})]
+    losses = {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.05}
+    for r in runs:
+        (tmp_path / r.name).mkdir()
+        (tmp_path / r.name / "ckpt.safetensors").write_bytes(b"")
+
+    def summary(folder):
+        loss = losses[folder.name]
+        return {"final_step": 10, "final_loss": loss, "best": (10, loss, folder / "ckpt.safetensors"),
+                "sample": None, "report": None, "best_file": None}
+
+    monkeypatch.setattr(train_queue, "summarize", summary)
+    page = train_queue.write_page(tmp_path, runs, {"a": {"state": "running"}}).read_text()
+    assert page.count('class="best"') == 1 and re.search(r'<td class="best">step 10, <a[^>]*>ckpt.safetensors</a>: '
+                                                         r'0.200000</td>', page)
+    assert "<td>running</td>" in page and "<td>queued</td>" in page
+    assert page.count("none yet") == 3 and page.count("no samples (sample_every = 0)") == 1
+
+
+def test_peak_memory_restarts_for_each_run():
+    import numpy as np
+
+    big = np.ones(300 * 2**20 // 8)  # 300 MB touched
+    high = logs.peak_memory()["rss"]
+    del big
+    logs.reset_peak_memory()
+    assert logs.peak_memory()["rss"] < high - 200 * 2**20

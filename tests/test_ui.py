@@ -522,6 +522,19 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
                    "Size: 512x512, NGMS: 0.5, RNG: CPU")
     assert studio.settings_of(png, uploaded=True)["not_applied"] == [
         "NGMS", "Sampler DPM++ 2M (Exponential schedule) (sdtune has no such sampler)"]
+    # what A1111 assumes of an older version's PNG (before 1.6: old editing timelines, DDIM's v0 padding), a
+    # prompt of more chunks than its negative without "Pad conds" (A1111 ran them apart); an edit alone is no emphasis
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-old.png",
+                   "a [red:blue:1.0] castle\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, "
+                   "RNG: CPU, Version: v1.5.1")
+    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+        "Old prompt editing timelines (A1111 v1.5.1)", "Pad conds v0 (A1111 v1.5.1)",
+        "Downcast alphas_cumprod (A1111 v1.5.1)"]
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-long.png",
+                   "a castle" + ", a tower" * 40 + "\nNegative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 7, "
+                   "Seed: 1, Size: 512x512, RNG: CPU, Version: v1.10.1")
+    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+        "Pad conds off (A1111 ran the prompt and negative prompt of different lengths apart; sdtune pads the shorter)"]
     assert form["clip_skip"] == 2
     # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
     # Lora weights (those in the LoRA folder; the others are named); an A1111 prompt's tag for a LoRA the folder

@@ -53,6 +53,8 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
                 lbw = item[len(block_weights.LBW):]
             elif eq and key.strip() in ("unet", "te", "te2"):
                 named[key.strip()] = value
+            elif eq and key.strip() == "dyn":
+                numbers += ["", "", value]  # said below, as the third number is
             elif eq:
                 raise SdtuneError(f"{m.group(0)}: unknown option {key!r}; a tag takes up to two weights (or unet= "
                                   f"and te=) and lbw=BLOCK_WEIGHTS, e.g. <lora:{m.group(1)}:0.8:lbw=INALL>")

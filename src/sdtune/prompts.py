@@ -3,7 +3,8 @@
 - ``(text)`` multiplies the weight of its tokens by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)`` sets the
   factor; brackets nest (``((text))`` is 1.21). ``\\(`` ``\\)`` ``\\[`` ``\\]`` are the characters themselves; a
   closer without its opener is plain text, an opener never closed weights the rest of the prompt (as A1111).
-- ``BREAK`` (capitals, a word of its own) ends the current chunk.
+- ``BREAK`` (capitals, a word of its own) ends the current chunk, inside brackets too (A1111 reads one inside
+  ``( )`` or ``[ ]`` as the word "break" at a negative weight, which it cannot mean; sdtune breaks there).
 - The tokens are cut into chunks of 75, each encoded as CLIP's 77 (start, 75, end or padding) and the chunks'
   features put one after the other, as A1111 does instead of cutting the prompt at 75 tokens; like A1111, a
   chunk ends at a comma up to 20 tokens back rather than in the middle of the words after it, and a
@@ -36,6 +37,9 @@ import re
 from typing import NamedTuple
 
 import torch
+
+from .console import note
+from .safeio import SdtuneError
 
 CHUNK = 75  # tokens per chunk; with the start and end tokens, CLIP's 77 positions
 EMPHASIS = 1.1
@@ -190,25 +194,37 @@ class _Turns(NamedTuple):
 _NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")  # lark's SIGNED_NUMBER, as A1111's grammar
 
 
-def _closing(text: str, start: int) -> int | None:
-    """Where the ``]`` closing the ``[`` at ``start`` is (escapes skipped), None if it is never closed."""
-    depth, i = 0, start
+# Deeper brackets than this are refused: A1111 reads none so deep either, and each level is a recursion here.
+MAX_NESTING = 100
+
+
+def _closings(text: str) -> dict[int, int]:
+    """Where each ``[`` (escapes skipped) that is closed has its ``]``, found in one pass (one never closed is text)."""
+    opened, closing, i = [], {}, 0
     while i < len(text):
         c = text[i]
         if c == "\\":
             i += 2
             continue
-        depth += (c == "[") - (c == "]")
-        if depth == 0:
-            return i
+        if c == "[":
+            opened.append(i)
+        elif c == "]" and opened:
+            closing[opened.pop()] = i
         i += 1
-    return None
+    depth = deepest = 0
+    for i in sorted([*closing, *closing.values()]):
+        depth += 1 if i in closing else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise SdtuneError(f"the prompt nests [ ] {deepest} deep; write at most {MAX_NESTING} levels")
+    return closing
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """``text`` split at each ``sep`` outside brackets of either kind (a colon inside ``(word:1.2)`` stays)."""
-    parts, depth, last, i = [], 0, 0, 0
-    while i < len(text):
+def _split_top(text: str, lo: int, hi: int, sep: str) -> list[tuple[int, int]]:
+    """The spans of ``text[lo:hi]`` between each ``sep`` outside brackets of either kind (a colon inside
+    ``(word:1.2)`` stays)."""
+    parts, depth, last, i = [], 0, lo, lo
+    while i < hi:
         c = text[i]
         if c == "\\":
             i += 2
@@ -218,33 +234,53 @@ def _split_top(text: str, sep: str) -> list[str]:
         elif c in ")]":
             depth = max(0, depth - 1)
         elif c == sep and depth == 0:
-            parts.append(text[last:i])
+            parts.append((last, i))
             last = i + 1
         i += 1
-    return parts + [text[last:]]
+    return parts + [(last, hi)]
 
 
-def _edits(text: str) -> list:
-    """``text`` as a list of plain strings, ``_Edit`` and ``_Turns``."""
+def _edits(text: str, lo: int, hi: int, closing: dict[int, int]) -> list:
+    """``text[lo:hi]`` as a list of plain strings, ``_Edit`` and ``_Turns``."""
     out: list = []
-    i = 0
-    while i < len(text):
+    i = lo
+    while i < hi:
         c = text[i]
-        end = _closing(text, i) if c == "[" else None
-        if end is None:
-            out.append(text[i:i + 2] if c == "\\" else c)
+        end = closing.get(i, hi) if c == "[" else hi
+        if end >= hi:  # not an opener, or one closed only beyond this part
+            out.append(text[i:min(i + 2, hi)] if c == "\\" else c)
             i += 2 if c == "\\" else 1
             continue
-        inner = text[i + 1:end]
-        turns, parts = _split_top(inner, "|"), _split_top(inner, ":")
+        turns, parts = _split_top(text, i + 1, end, "|"), _split_top(text, i + 1, end, ":")
+        when = text[parts[-1][0]:parts[-1][1]]
         if len(turns) > 1 and len(parts) == 1:
-            out.append(_Turns([_edits(t) for t in turns]))
-        elif len(parts) in (2, 3) and _NUMBER.fullmatch(parts[-1]) and len(turns) == 1:
-            out.append(_Edit(_edits(parts[0]) if len(parts) == 3 else [], _edits(parts[-2]), parts[-1].strip()))
+            out.append(_Turns([_edits(text, a, b, closing) for a, b in turns]))
+        elif len(parts) in (2, 3) and _NUMBER.fullmatch(when) and len(turns) == 1:
+            before = _edits(text, *parts[0], closing) if len(parts) == 3 else []
+            out.append(_Edit(before, _edits(text, *parts[-2], closing), when.strip()))
         else:  # emphasis, or text: the brackets stay for ``parse``, what is inside may still hold edits
-            out += ["[", *_edits(inner), "]"]
+            out += ["[", *_edits(text, i + 1, end, closing), "]"]
         i = end + 1
     return out
+
+
+def _turns_read(tree: list) -> int:
+    """How many ``|`` the tree's alternations read as separators."""
+    count = 0
+    for node in tree:
+        if isinstance(node, _Edit):
+            count += _turns_read(node.before) + _turns_read(node.after)
+        elif isinstance(node, _Turns):
+            count += len(node.options) - 1 + sum(_turns_read(option) for option in node.options)
+    return count
+
+
+def _a1111_rejects(prompt: str, tree: list) -> bool:
+    """Whether A1111's prompt-editing grammar fails on the prompt, which then gets no editing in A1111 (its
+    emphasis reading still applies): a ``|`` that separates no ``[a|b]`` alternation, or a ``\\`` that escapes
+    nothing at the end."""
+    escaped = re.sub(r"\\.", "", prompt, flags=re.S)  # escape pairs out, so what is left is unescaped
+    return escaped.endswith("\\") or escaped.count("|") != _turns_read(tree)
 
 
 def _when(when: str, steps: int) -> int:
@@ -283,7 +319,12 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     ``steps``; a prompt without them is one pair holding it unchanged. ``text_at`` picks a sampling step's."""
     if "[" not in prompt:
         return [(steps, prompt)]
-    tree = _edits(prompt)
+    tree = _edits(prompt, 0, len(prompt), _closings(prompt))
+    if _a1111_rejects(prompt, tree):
+        if any(isinstance(node, (_Edit, _Turns)) for node in tree):  # what A1111 would not edit
+            note("prompt: a '|' outside an [a|b] alternation (or a lone '\\' at its end) makes A1111 read no prompt "
+                 "editing in it, so neither does sdtune; write \\| for the character")
+        return [(steps, prompt)]
     out: list[tuple[int, str]] = []
     for step in sorted(_switches(tree, steps) | {steps}):
         text = _text_at(tree, step, steps)

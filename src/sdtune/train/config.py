@@ -416,6 +416,16 @@ def _unknown_setting(key: str, names: set[str]) -> str:
     return f"{key!r}" + (f" (did you mean {likely!r}?)" if likely else "")
 
 
+def check_one_spelling(where, table: dict) -> None:
+    """Refuse a setting written twice, once with '-' and once with '_' (TOML takes both as keys): one would
+    silently win."""
+    seen: dict[str, str] = {}
+    for key in table:
+        other = seen.setdefault(key.replace("-", "_"), key)
+        if other != key:
+            raise SdtuneError(f"{where}: {other} and {key} are the same setting; keep one")
+
+
 def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
     """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
     command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
@@ -438,6 +448,7 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         if unknown:  # all of them at once, each with its likely name
             raise SdtuneError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} for {kind} training: "
                               + "; ".join(_unknown_setting(key, names) for key in unknown))
+        check_one_spelling(path, table)
         for key, value in table.items():
             if not isinstance(value, dict):
                 values[key.replace("-", "_")] = _coerce(cls, key.replace("-", "_"), value, str(path))

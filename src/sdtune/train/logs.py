@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -38,17 +39,31 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def peak_memory() -> dict[str, int]:
-    """Peak memory of this process in bytes: ``rss`` (resident, the whole run) and ``cuda`` (allocated on the
-    GPU) where known."""
-    peak = {}
+def reset_peak_memory() -> None:
+    """Start ``peak_memory`` afresh (a queue's next run): Linux resets the resident peak on request, CUDA too."""
     try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak["rss"] = rss if sys.platform == "darwin" else rss * 1024  # macOS says bytes, Linux kilobytes
-    except ImportError:  # Windows
+        Path("/proc/self/clear_refs").write_text("5")  # 5: the peak resident size becomes the current one
+    except OSError:  # not Linux, or not allowed: the process's peak so far stays in
         pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak memory in bytes since the process started (or ``reset_peak_memory``): ``rss`` (resident) and
+    ``cuda`` (allocated on the GPU) where known."""
+    peak = {}
+    try:  # Linux: VmHWM, which clear_refs resets (getrusage's maxrss keeps the process's peak)
+        status = Path("/proc/self/status").read_text()
+        peak["rss"] = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+    except (OSError, AttributeError):
+        try:
+            import resource
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak["rss"] = rss if sys.platform == "darwin" else rss * 1024  # macOS says bytes, Linux kilobytes
+        except ImportError:  # Windows
+            pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda"] = int(torch.cuda.max_memory_allocated())
     return peak

@@ -48,9 +48,9 @@ from string import Template
 
 from ..models import load_base
 from ..pages import Html, fill, lines
-from ..safeio import SdtuneError, atomic_write_text, load_state, output_folder, read_toml
+from ..safeio import SdtuneError, atomic_write_text, folder_lock, load_state, output_folder, read_toml
 from . import logs
-from .config import KINDS, as_keys, likely_name, load_settings, read_settings
+from .config import KINDS, as_keys, check_one_spelling, likely_name, load_settings, read_settings
 from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
@@ -65,6 +65,12 @@ JOB_KEYS = ("name", "kind", "sweep")  # a job's keys besides its settings
 TRAINERS = {"ti": train_ti, "lora": train_lora}
 # settings every run has its own value of, whatever was asked: not a difference worth a row on the page
 NOT_COMPARED = {"out", "progress", "resume"}
+# settings that change what a run shows or keeps (samples, checkpoints, its report, file formats), not the weights
+# it trains: a finished run given new ones is kept as it is, not refused
+NOT_WEIGHTS = NOT_COMPARED | {"save_every", "sample_every", "sample_prompts", "sample_images", "sample_steps",
+                              "sample_guidance", "validation_every", "report", "formats"}
+# what makes validation losses comparable between runs: the same model, kind of training and held-out images
+SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 
 
 @dataclass
@@ -103,12 +109,16 @@ def _checked(path: Path, where: str, kind: str, table: dict) -> dict:
 
 
 def _value_text(value) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{value:g}" if isinstance(value, float) else str(value)).strip("_")
+    """A swept value as a run's name has it: 0.001 (as short as tells it apart: 1.0000001e-04 stays so); "none"
+    for an empty one."""
+    text = f"{value:g}" if isinstance(value, float) and float(f"{value:g}") == value else str(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "none"
 
 
-def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
+def read_queue(path: str | Path, out: str | Path | None = None) -> tuple[dict, list[Run]]:
     """The file's top-level values (``out``) and its runs, sweeps expanded; every key and value is checked
-    here, before anything trains, and a bad one is named with the file and the job."""
+    here, before anything trains, and a bad one is named with the file and the job. ``out``: the queue's folder
+    when given apart (``--out``)."""
     path = Path(path)
     table = read_toml(path, "queue")
     for key in table:
@@ -121,6 +131,7 @@ def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
     if not isinstance(defaults, dict):
         raise SdtuneError(f"{path}: defaults must be a table ([defaults]) of settings")
     all_names = set().union(*(_setting_names(k) for k in KINDS))
+    check_one_spelling(f"{path}: [defaults]", defaults)
     for key in defaults:
         if key.replace("-", "_") not in all_names:
             raise _unknown(path, "[defaults]", key, all_names)
@@ -138,7 +149,7 @@ def read_queue(path: str | Path) -> tuple[dict, list[Run]]:
         try:
             job_runs = _job_runs(path, number, job, defaults, counts[kind])
             for run in job_runs:
-                _check_run(path, run)
+                _check_run(path, run, queue_folder(path, table, out) / run.name)
         except SdtuneError as e:
             problems.append(str(e))
             continue
@@ -163,6 +174,7 @@ def _job_runs(path: Path, number: int, job: dict, defaults: dict, nth: int) -> l
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
         raise SdtuneError(f"{path}: {where}: name = {name!r}: use letters, digits, '.', '_' or '-'")
     own = {k: v for k, v in job.items() if k not in JOB_KEYS}
+    check_one_spelling(f"{path}: {where}", own)
     sweep = job.get("sweep", {})
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise SdtuneError(f"{path}: {where}: sweep must be a table of lists, e.g. sweep = {{lr = [1e-3, 5e-4]}}")
@@ -183,9 +195,9 @@ def _job_runs(path: Path, number: int, job: dict, defaults: dict, nth: int) -> l
     return runs
 
 
-def _check_run(path: Path, run: Run) -> None:
+def _check_run(path: Path, run: Run, out: Path) -> None:
     """What can be checked without the model: a typo in a preset name, in the data folder, or a setting that
-    cannot work (a TI job without a token) stops here."""
+    cannot work (a TI job without a token) stops here; ``out``: the run's folder."""
     where = f"job {run.name}"
     data = run.given.get("data", "")
     if not data:
@@ -195,7 +207,7 @@ def _check_run(path: Path, run: Run) -> None:
                           f"folder); fix the path")
     try:
         # the model's preset is unknown until it loads; what the job gives is checked on the plain defaults
-        load_settings(None, {**run.given, "out": "."}, kind=run.kind).check()  # out: set by the queue later
+        load_settings(None, {**run.given, "out": str(out)}, kind=run.kind).check()
     except SdtuneError as e:  # named as the file's keys, not as flags the user did not type
         raise SdtuneError(f"{path}: {where}: {as_keys(str(e), run.given)}") from None
 
@@ -238,25 +250,41 @@ def run_queue(path: str | Path, out: str | Path | None = None, *, device=None, d
     called after each training step, ``run_callback(run, state)`` after each run ends ("done" | "failed").
     Raises ``SdtuneError`` naming the failed runs, after the others have run."""
     path = Path(path)
-    top, runs = read_queue(path)
+    top, runs = read_queue(path, out)
     folder = output_folder(queue_folder(path, top, out))
+    with folder_lock(folder, "sdtune train queue"):  # a second queue there would fail the runs the first holds
+        return _run_all(path, folder, runs, device, dtype, step_callback, run_callback)
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    """The settings a finished run was given otherwise (as recorded: JSON) than the queue gives it now."""
+    new = json.loads(json.dumps(new))
+    return sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
+
+
+def _run_all(path: Path, folder: Path, runs: list[Run], device, dtype, step_callback, run_callback) -> Path:
     state = _read_state(folder)
     for run in runs:  # a done run with other settings now: its folder no longer says what the file asks
         old = state.get(run.name)
-        if old and old["state"] == "done" and old["given"] != json.loads(json.dumps(run.given)):
-            changed = sorted(k for k in {**old["given"], **run.given} if old["given"].get(k) != run.given.get(k))
+        changed = [k for k in _changed(old["given"], run.given) if k not in NOT_WEIGHTS] if old else []
+        if old and old["state"] == "done" and changed:
             raise SdtuneError(f"{path}: job {run.name} finished with other settings ({', '.join(changed[:3])} "
                               f"changed); rename the job, or use another --out for a new queue")
     base, loaded = None, None
     for number, run in enumerate(runs, 1):
         head = f"sdtune train queue: {number}/{len(runs)} {run.name}"
         if state.get(run.name, {}).get("state") == "done":
-            print(f"{head}: done before, skipped", file=sys.stderr)
+            kept = [k for k in _changed(state[run.name]["given"], run.given) if k not in NOT_COMPARED]
+            print(f"{head}: done before, skipped" + (f" (kept with its earlier {', '.join(kept)}: they do not change "
+                                                     f"its weights; rename the job to train it again)" if kept else ""),
+                  file=sys.stderr)
             continue
         state[run.name] = {"state": "running", "kind": run.kind, "given": run.given}
         _write_state(folder, state)
+        write_page(folder, runs, state)
         print(f"{head} ({run.kind}" + "".join(f", {k} = {v!r}" for k, v in run.swept.items()) + ")",
               file=sys.stderr)
+        logs.reset_peak_memory()  # each run's report gives its own peak, not the queue's so far
         try:
             # with the run's --vae (a "no VAE" checkpoint loads only with one), so a model is reloaded for another
             model = run.given.get("model", KINDS[run.kind].model), run.given.get("vae")
@@ -351,6 +379,10 @@ INTRO = Template('$done of $total run(s) done, in <code>$out</code>. One column 
 SAMPLE = Template('<a href="$href"><img src="$href" alt="$text"></a><br>$text')
 
 
+def _validation_group(run: Run, used: dict) -> str:
+    return json.dumps([run.kind, *(used.get(k) for k in SAME_VALIDATION)], default=str)
+
+
 def _cell(text, mark: bool = False) -> Html:
     """A table cell: ``text`` escaped unless it is ``Html``; ``mark`` shows it as the best."""
     return fill(CELL, text=text, mark=Html(' class="best"' if mark else ""))
@@ -361,7 +393,13 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     ``intro``: the text above the table (default: what the queue's folder holds and how to resume it)."""
     info = [summarize(folder / r.name) for r in runs]
     states = [state.get(r.name, {}) for r in runs]
-    best_loss = min((i["best"][1] for i in info if i["best"]), default=None)
+    used = [used_settings(folder, r) for r in runs]
+    # the lowest loss is marked among runs whose losses compare (same model, kind and held-out images), two or more
+    groups: dict[str, list[float]] = {}
+    for r, u, i in zip(runs, used, info):
+        if i["best"]:
+            groups.setdefault(_validation_group(r, u), []).append(i["best"][1])
+    best_loss = {group: min(losses) for group, losses in groups.items() if len(losses) > 1}
 
     def row(label: str, cells) -> Html:
         return fill(ROW, label=label, cells=lines(c if isinstance(c, Html) else _cell(c) for c in cells))
@@ -373,21 +411,22 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     rows = [row("run", [r.name for r in runs]),
             row("state", [s.get("state", "queued") + (f": {s['error']}" if s.get("error") else "") for s in states]),
             row("kind", [r.kind for r in runs])]
-    used = [used_settings(folder, r) for r in runs]
     rows += [row(key, [json.dumps(u[key], default=str) if key in u else "" for u in used]) for key in differing(used)]
     rows.append(row("final validation loss", [f"{i['final_loss']:.6f} (step {i['final_step']})"
                                               if i["final_loss"] is not None else "" for i in info]))
     best_cells = []
-    for i in info:
+    for r, u, i in zip(runs, used, info):
         if i["best"] is None:
             best_cells.append("")
             continue
         step, loss, path = i["best"]
-        best_cells.append(_cell(Html(f"step {step}, {link(path, path.name)}: {loss:.6f}"), mark=loss == best_loss))
+        mark = loss == best_loss.get(_validation_group(r, u))
+        best_cells.append(_cell(Html(f"step {step}, {link(path, path.name)}: {loss:.6f}"), mark=mark))
     rows.append(row("best checkpoint (lowest validation loss)", best_cells))
     rows.append(row("report", [_cell(link(i["report"])) for i in info]))
     samples = [_cell(fill(SAMPLE, href=i["sample"].relative_to(folder).as_posix(), text=i["sample"].stem))
-               if i["sample"] else "no samples (sample_every = 0)" for i in info]
+               if i["sample"] else "no samples (sample_every = 0)" if u.get("sample_every") == 0 else "none yet"
+               for i, u in zip(info, used)]
     rows.append(row("last samples", samples))
     package = resources.files("sdtune")
     style = re.search(r"<style>.*?</style>", package.joinpath(LOOK).read_text(encoding="utf-8"), re.S).group(0)

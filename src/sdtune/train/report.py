@@ -126,7 +126,7 @@ def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> Html:
 def _memory(peak: dict[str, int]) -> tuple[str, str]:
     shown = [f"{peak['rss'] / 2**30:.2f} GB RAM"] if "rss" in peak else []
     shown += [f"{peak['cuda'] / 2**30:.2f} GB GPU"] if "cuda" in peak else []
-    return ", ".join(shown) or "unknown", "the process's peak resident memory (and GPU memory allocated)"
+    return ", ".join(shown) or "unknown", "peak resident memory (and GPU memory allocated) of the run's process"
 
 
 def write_report(base, settings, record: Record, grid, grid_title: str, grid_note: str, prompts: list[str],

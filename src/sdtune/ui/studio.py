@@ -9,6 +9,7 @@ its adapters at the same time.
 
 from __future__ import annotations
 
+import functools
 import html
 import itertools
 import re
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import api, sources, xyplot
+from .. import prompts as prompt_syntax
 from ..generate import model_label, parse_infotext, read_infotext, sampler_key, save_batch
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
@@ -32,6 +34,7 @@ from ..models import file_sha256, known_family, load_base, vae_weights
 from ..safeio import SdtuneError, read_toml
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
+from ..tiny import model as tiny_model
 from ..train import queue as train_queue
 from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
@@ -43,7 +46,13 @@ from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
 NOT_APPLIED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Eta",
                "ENSD", "Variation seed", "Variation seed strength", "Face restoration", "Refiner", "NGMS",
-               "Schedule max sigma", "Schedule min sigma", "Schedule rho")
+               "Schedule max sigma", "Schedule min sigma", "Schedule rho", "Old prompt editing timelines",
+               "Pad conds v0", "Downcast alphas_cumprod")
+# what A1111 assumes of a PNG an earlier version wrote (its infotext_versions.backcompat), where sdtune draws
+# otherwise: (before this version, the setting, when it applies)
+BACKCOMPAT = (((1, 6, 0, 0), "Old prompt editing timelines", lambda p: "[" in p.get("prompt", "")),
+              ((1, 6, 0, 0), "Pad conds v0", lambda p: p.get("Sampler") in ("DDIM", "PLMS")),
+              ((1, 7, 0, 225), "Downcast alphas_cumprod", lambda p: True))
 KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sources.resolve takes
 # models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
 # page was started with it
@@ -54,6 +63,12 @@ PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
 FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
 # the training settings that name folders: what a job reads (reg_dir: where class images are also written)
 PATH_SETTINGS = ("data", "validation_dir", "reg_dir")
+
+
+@functools.cache
+def _tokenizers() -> list:
+    """CLIP's tokenizer (every family's vocabulary), to count a prompt's chunks without a model."""
+    return [tiny_model.tokenizer()]
 
 
 class Cancelled(SdtuneError):
@@ -337,10 +352,20 @@ class Studio:
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
+        version = re.match(r"v?(\d+)\.(\d+)\.(\d+)(?:-(\d+))?", p.get("Version", ""))
+        if version:  # an older A1111's PNG: the settings its version implies
+            made = tuple(int(v or 0) for v in version.groups())
+            form["not_applied"] += [f"{setting} (A1111 {p['Version']})" for before, setting, applies in BACKCOMPAT
+                                    if made < before and applies(p) and setting not in p]
         # sdtune draws the first noise on the CPU (and says so); A1111 writes RNG only when it is not its GPU default
         if p.get("RNG", "GPU") != "CPU":
             form["not_applied"].append(f"RNG {p.get('RNG', 'GPU (A1111 default)')}")
-        weighted = any(c in p.get("prompt", "") + p.get("negative_prompt", "") for c in "([")
+        # A1111's tests, on each text as prompt editing makes it: brackets (emphasis), and chunks of 75 tokens
+        texts = [[t for _, t in prompt_syntax.schedule(p.get(k, ""), form.get("steps", 20))] for k in ("prompt", "negative_prompt")]
+        weighted = any(c in t for ts in texts for t in ts for c in "([")
+        if "Pad conds" not in p and len({prompt_syntax.chunk_count(_tokenizers(), t) for ts in texts for t in ts}) > 1:
+            form["not_applied"].append("Pad conds off (A1111 ran the prompt and negative prompt of different lengths "
+                                       "apart; sdtune pads the shorter)")
         if weighted and p.get("Emphasis", "Original") != "No norm":  # A1111's default rescales; sdtune's does not
             form["not_applied"].append(f"Emphasis {p.get('Emphasis', 'Original')} (sdtune weighs as No norm)")
         if p.get("Sampler") and not sampler:  # the page's sampler stays: say so
