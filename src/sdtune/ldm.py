@@ -25,6 +25,9 @@ from .families import Family, TextEncoder
 from .safeio import SdtuneError
 
 UNET_PREFIX = "model.diffusion_model."
+# a key of any adapter layout sdtune reads or writes (LoRA, LoHa, LoKr, OFT, a bundled embedding): what tells an
+# adapter file from a model
+ADAPTER_KEY = re.compile(r"lora|hada_|lokr_|oft_|bundle_emb", re.I)
 VAE_PREFIX = "first_stage_model."
 TEXT_MODEL = "text_model."  # the extra level of transformers 4 / hub CLIP state dicts
 TEXT_PREFIX = families.SD1.text_encoders[0].single_file_prefix + TEXT_MODEL  # SD 1.x's text encoder

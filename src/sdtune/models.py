@@ -352,7 +352,7 @@ FAMILY_KEYS = "SD 1.x (768), SD 2.x (1024) or SDXL (2048)"
 
 def _not_a_model(keys: list[str]) -> str:
     """What a file given as a model holds instead of a UNet, by its keys, and where it goes."""
-    if any(re.search(r"lora|hada_|lokr_|oft_", k, re.I) or k.endswith(".alpha") for k in keys):
+    if any(ldm.ADAPTER_KEY.search(k) or k.endswith(".alpha") for k in keys):
         return "this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint as --model"
     if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("<") for k in keys):
         return "this is a textual-inversion embedding, not a base model; give it with --embedding"

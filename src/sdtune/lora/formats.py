@@ -41,7 +41,7 @@ import torch
 
 from .. import families
 from ..families import Family
-from ..ldm import unet_module_map
+from ..ldm import ADAPTER_KEY, unet_module_map
 from ..safeio import SdtuneError, atomic_save_safetensors, input_at, is_safetensors, load_state, output_file, read_keys
 from ..ti.formats import SDXL_KEYS, Embedding, file_stem, load_embedding, save_embedding
 from . import algos, hashes, keys
@@ -443,9 +443,6 @@ def check_output(path: str | Path, inputs=(), option: str = "--out") -> Path:
     return path
 
 
-_LORA_KEY = re.compile(r"lora|hada_|lokr_|oft_|bundle_emb", re.I)  # a key of any layout sdtune reads or writes
-
-
 def _holds_a_lora(path: Path) -> bool:
     """Whether a file's header names LoRA-like keys (an empty or cut file is no loss either)."""
     if path.stat().st_size == 0:
@@ -454,7 +451,7 @@ def _holds_a_lora(path: Path) -> bool:
         keys = read_keys(path) if is_safetensors(path) else None
     except SdtuneError:  # an unreadable safetensors header: a cut write of ours, nothing to keep
         return True
-    return keys is not None and (not keys or any(_LORA_KEY.search(k) for k in keys))
+    return keys is not None and (not keys or any(ADAPTER_KEY.search(k) for k in keys))
 
 
 def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dict | None = None,
