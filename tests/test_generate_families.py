@@ -163,6 +163,24 @@ def test_sdxl_second_encoder_weight_rides_in_the_png(xl, tmp_path):
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(first.image))
 
 
+def test_a_te2_weight_on_a_lora_without_second_encoder_layers_is_said(xl, tmp_path):
+    """te2= weighs only layers in SDXL's second text encoder: on a LoRA with none it changes nothing, said (a tag
+    or --lora), not silently dropped."""
+    lora = Lora()
+    w = xl.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k").weight
+    lora.modules["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] = Adapter(
+        "lora", {"down": torch.ones(2, w.shape[1]), "up": torch.ones(w.shape[0], 2)}, 2.0)
+    (tmp_path / "loras").mkdir()
+    save_lora(lora, tmp_path / "loras" / "unet_only.safetensors")
+    said = r"te2= changes nothing, this LoRA has no layers in SDXL's second text encoder"
+    with pytest.warns(UserWarning, match=rf"unet_only.safetensors:1:te2=0.5: {said}"):
+        api.add_lora(xl, f"{tmp_path / 'loras' / 'unet_only.safetensors'}:1:te2=0.5")
+    xl.loras.remove("unet_only")
+    with pytest.warns(UserWarning, match=rf"<lora:unet_only:...:te2=...>: {said}"):
+        api.generate(xl, "a red star <lora:unet_only:1:te2=0>", steps=1, seed=1, progress=False,
+                     lora_dirs=[tmp_path / "loras"])
+
+
 def test_sdxl_empty_negative_asks_for_no_padding():
     """SDXL conditions an empty negative on zeros, which pad to any length alike: a long prompt beside it asks
     A1111 for no "Pad conds" (told to pad, A1111 pads with the encoded "", another image); a short negative does."""

@@ -125,7 +125,15 @@ def add_lora(base: Base, spec: str, *, weight: float | None = None, name: str | 
     name = name or Path(path).stem
     base.loras.add(name, path, weight if weight is not None else w, allow_partial=allow_partial,
                    blocks=blocks if blocks is not None else lbw)
+    if weight is None and isinstance(w, tuple) and len(w) == 3:
+        _note_idle_te2(base, name, spec)
     return name
+
+
+def _note_idle_te2(base: Base, name: str, given: str) -> None:
+    """A te2= weight on a LoRA with no layer in SDXL's second text encoder weighs nothing: said, not ignored."""
+    if not next(r for r in base.loras.list() if r["name"] == name)["te2_layers"]:
+        note(f"{given}: te2= changes nothing, this LoRA has no layers in SDXL's second text encoder")
 
 
 def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str]:
@@ -304,6 +312,8 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
                            allow_partial=allow_partial,
                            blocks=tag.blocks)
             added.append(name)
+            if own_te2:
+                _note_idle_te2(base, name, f"<lora:{tag.name}:...:te2=...>")
         info = {}
         if len(base.loras):
             info["Lora weights"] = "; ".join(_weights_text(r) for r in base.loras.list())
