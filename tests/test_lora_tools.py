@@ -246,6 +246,19 @@ def test_fixed_resize_is_the_svd_truncation_with_a_table(base, tmp_path, capsys)
     assert load_lora(out).metadata["ss_training_comment"] == "dimension is resized from 8 to 4"  # as sd-scripts
 
 
+def test_resize_takes_a_rank_of_its_own_for_3x3_convolutions(base, tmp_path, capsys):
+    """--conv-rank (sd-scripts' new_conv_rank): LoCon's 3x3 layers get it, the others --rank."""
+    src = lora_file(base, tmp_path / "big.safetensors", 4, rank=8, alpha=4.0, conv=True)
+    out = tmp_path / "r.safetensors"
+    assert main(["lora", "resize", src, "--rank", "4", "--conv-rank", "2", "--out", str(out)]) == 0
+    small, big = load_lora(out), deltas(load_lora(src))
+    assert small.modules["unet"][CONV].rank == 2 and small.modules["unet"][ATTN].rank == 4
+    u, s, vh = torch.linalg.svd(big[("unet", CONV)], full_matrices=False)
+    torch.testing.assert_close(deltas(small)[("unet", CONV)], (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-5)
+    assert main(["lora", "resize", src, "--rank", "4", "--conv-rank", "0", "--out", str(out)]) == 2
+    assert "--conv-rank 0: the rank must be 1 or more" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scale_sign", [1.0, -1.0])
 def test_lokr_resize_takes_the_svd_from_the_kronecker_factors(tmp_path, scale_sign):
     """LoKr's ΔW = kron(w1, w2): its SVD comes from the factors' (milliseconds, where the dense float64 SVD of a

@@ -291,6 +291,8 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")
     rs.add_argument("--rank", type=int, help="the new rank (with --dynamic: the most any layer keeps)")
+    rs.add_argument("--conv-rank", type=int, help="the same for convolutions with a kernel above 1x1 (LoCon's 3x3 "
+                    "layers; default: --rank)")
     rs.add_argument("--dynamic", choices=list(lora_tools.DYNAMIC))
     rs.add_argument("--param", type=float, help="the --dynamic mode's target (sv_ratio: e.g. 2; sv_fro, "
                     "sv_cumulative: a share, e.g. 0.9)")
@@ -337,7 +339,7 @@ def cmd_lora_merge(a) -> Path:
 
 def cmd_lora_resize(a) -> Path | None:
     _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
-                                        param=a.param, to=a.to)
+                                        param=a.param, to=a.to, conv_rank=a.conv_rank)
     _print_reports(reports, a.json)
     return None if a.json else Path(a.out)
 

@@ -262,9 +262,11 @@ def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
 
 
 def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, dynamic: str | None = None,
-                param: float | None = None, to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+                param: float | None = None, to: str = "kohya", conv_rank: int | None = None
+                ) -> tuple[Lora, list[LayerReport]]:
     """Lower each layer's rank by SVD of its ΔW: to ``rank`` (fixed), or as sd-scripts' ``resize_lora.py``
-    dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank)."""
+    dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank). ``conv_rank``: the same for
+    convolutions with a kernel above 1x1 (LoCon's 3x3 layers; default ``rank``), as sd-scripts' new_conv_rank."""
     if dynamic is None and rank is None:
         raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
     if dynamic is None and param is not None:
@@ -275,8 +277,9 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
                           f"(sv_ratio: e.g. 2; sv_fro, sv_cumulative: a share, e.g. 0.9)")
     if dynamic in ("sv_fro", "sv_cumulative") and param > 1:
         raise SdtuneError(f"{path}: --param {param:g}: {dynamic} keeps a share of the layer, from 0 to 1 (e.g. 0.9)")
-    if rank is not None and rank < 1:
-        raise SdtuneError(f"{path}: --rank {rank}: the rank must be 1 or more")
+    for flag, value in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise SdtuneError(f"{path}: {flag} {value}: the rank must be 1 or more")
     check_output(out, inputs=[path])
     lora = _read(path)
     family = keys.guess_family(lora)
@@ -284,16 +287,18 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
     for comp, p, ad in lora.items():
         u, s, vh = _adapter_svd(ad)
+        kernel = _kernel(comp, p, ad, family)
+        want = conv_rank if conv_rank is not None and kernel and math.prod(kernel) > 1 else rank
         # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
         own = ad.rank if ad.kind == "lora" else len(s)
-        cap = min(rank, own) if rank is not None else own
+        cap = min(want, own) if want is not None else own
         r = dynamic_rank(s, dynamic, param) if dynamic else cap
         # a zero layer keeps rank 1, as in sd-scripts, which tests s₀ of up @ down before alpha / rank scales it
         if s[0] <= MIN_SV * (abs(ad.scale) if ad.kind == "lora" else 1.0):
             r = 1
         r = min(r, cap, len(s))
         up, down = _truncate(u, s, vh, r)
-        small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, _kernel(comp, p, ad, family), dtype)
+        small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, kernel, dtype)
         reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
     # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
     ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
