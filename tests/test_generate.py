@@ -1,3 +1,4 @@
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -489,6 +490,10 @@ def test_a_checkpoint_without_a_vae_loads_with_one_given_apart(tmp_path, capsys)
         assert main([*train, "--model", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name)]) == 0
     a, b = (load_lora(tmp_path / name / "lora.safetensors") for name in ("whole", "novae"))
     assert all(torch.equal(ad.tensors["up"], b.modules[c][p].tensors["up"]) for c, p, ad in a.items())
+    # kohya's record of the base file: the old 8-hex hash (64 KiB at 1 MiB) and the whole file's sha256
+    data = whole.read_bytes()
+    assert a.metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert a.metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
 
     capsys.readouterr()
     assert main([*run, "--model", str(tmp_path / "novae.safetensors"), "--out", str(tmp_path / "none")]) == 2

@@ -5,6 +5,7 @@ writer and reader bit for bit, and through diffusers' ``from_single_file`` as an
 sizes are checked by name (meta tensors) against diffusers' converters and real SDXL key names.
 """
 
+import hashlib
 import json
 
 import pytest
@@ -349,6 +350,8 @@ def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
         "sdxl", "v_prediction", False, 1)
     assert set(info["dtypes"]) == {"float16"}
     assert info["hashes"]["autov2"] == models.load_base(str(marked), device="cpu").model_hash
+    # A1111's first model hash (kohya's model_hash): the 64 KiB at 1 MiB
+    assert info["hashes"]["autov1"] == hashlib.sha256(marked.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
     assert info["metadata"] == {"modelspec.title": "NoobAI-XL V-Pred", models.META_ARCH: "sdxl"}
     assert main(["inspect", str(marked)]) == 0
     text = capsys.readouterr().out

@@ -65,6 +65,14 @@ def file_sha256(path: str | Path) -> str:
     return _sha256_from(Path(path), 0)
 
 
+def old_model_hash(path: str | Path) -> str:
+    """A1111's first "Model hash" (civitai's AutoV1, kohya's ``model_hash``): sha256 of the 64 KiB at offset
+    1 MiB of the file, 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(_LEGACY_AT)
+        return hashlib.sha256(f.read(_LEGACY_LEN)).hexdigest()[:8]
+
+
 def tensor_sha256(path: str | Path) -> str:
     """sha256 of a safetensors file's tensor data, after the header (AutoV3 / ``sshs_model_hash``)."""
     path = Path(path)

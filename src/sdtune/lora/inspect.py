@@ -30,7 +30,8 @@ def describe(path: str | Path) -> dict:
     checkpoint = describe_checkpoint(path)
     if checkpoint is not None:
         sha = file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
-        return checkpoint | {"hashes": {"sha256": sha, "autov2": sha[:hashes.AUTOV2_LEN]}}
+        return checkpoint | {"hashes": {"sha256": sha, "autov2": sha[:hashes.AUTOV2_LEN],
+                                        "autov1": hashes.old_model_hash(path)}}
     try:
         lora = load_lora(path)
     except SdtuneError:  # not a LoRA: an embedding, or the LoRA reader's message stands
@@ -188,7 +189,8 @@ def _render_checkpoint(info: dict) -> str:
             ("EMA copy", f"yes ({info['ema_tensors']} tensors, not loaded)" if info["ema_tensors"] else "no"),
             ("prediction", prediction),
             ("model hash", f"{info['hashes']['autov2']} (A1111's \"Model hash\", civitai's AutoV2; "
-                           f"sha256 {info['hashes']['sha256']})")]
+                           f"sha256 {info['hashes']['sha256']}; before A1111 1.0 and in LoRAs' ss_sd_model_hash: "
+                           f"{info['hashes']['autov1']}, AutoV1)")]
     lines = _table(rows)
     if info["metadata"]:
         lines.append("metadata")

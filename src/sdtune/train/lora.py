@@ -40,6 +40,7 @@ from ..console import note
 from ..generate import read_layer
 from ..lora.algos import lora as algo_lora
 from ..lora.formats import save_lora
+from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
@@ -247,8 +248,10 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_dataset_dirs": json.dumps(data.scan.folders),
         "ss_tag_frequency": json.dumps(_tag_frequency(data.scan, Path(settings.data))),
         "ss_sd_model_name": Path(str(getattr(base, "name", ""))).name,
-        "ss_sd_model_hash": str(getattr(base, "model_hash", "")),
-        "ss_new_sd_model_hash": str(getattr(base, "model_hash", "")),
+        # kohya's hashes of a single-file base (the old 8-hex one and the sha256), by which tools find the model;
+        # a folder or built-in model has no file to hash
+        **({"ss_sd_model_hash": old_model_hash(base.single_file), "ss_new_sd_model_hash": file_sha256(base.single_file)}
+           if getattr(base, "single_file", None) else {}),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
         "ss_sdtune_preset": settings.preset,
         # kohya's record of a VAE given apart: its file name and sha256
