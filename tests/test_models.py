@@ -244,7 +244,10 @@ def _fake_checkpoint(path, cross_width, conv_width=320, extra=None):
 @pytest.mark.parametrize("make, words", [
     (lambda p: str(p / "missing.safetensors"), "no such file"),
     (lambda p: str(p / "missing_folder") + "/", "no such file"),
-    (lambda p: _write(p / "junk.safetensors", b"\x00garbage" * 100), "cannot read weights"),
+    (lambda p: _write(p / "junk.safetensors", b"\x00garbage" * 100), r"junk.safetensors: neither a readable "
+     r"safetensors file \(its header would be .* bytes, the file has 800\) nor a torch file; re-download"),
+    (lambda p: _write(p / "cut.safetensors", b"\x10\x00\x00"), r"cut.safetensors: neither a readable safetensors "
+     r"file \(shorter than a safetensors header\) nor a torch file"),
     (lambda p: _fake_checkpoint(p / "xl.safetensors", 2048, extra={"conditioner.embedders.0.x": torch.zeros(1)}),
      "SDXL"),
     (lambda p: _fake_checkpoint(p / "xl_bare.safetensors", 2048), "SDXL"),

@@ -93,11 +93,18 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
         # a pickle (protocol 2+) or torch zip the restricted loader refused holds objects beyond tensors; bytes
         # that start as neither are a damaged file, said below
         with open(path, "rb") as f:
-            pickled = f.read(2).startswith((b"PK", b"\x80"))
+            head = f.read(8)
+        pickled = head.startswith((b"PK", b"\x80"))
         if "Weights only load failed" in str(e) and pickled:
             raise SdtuneError(
                 f"{path}: this pickle holds Python objects beyond plain tensors, and sdtune refuses to unpickle "
                 f"it (it could run code); convert it to .safetensors with a tool you trust")
+        if not pickled:  # torch's words would be about pickles; say what the bytes are not
+            size = path.stat().st_size
+            why = ("shorter than a safetensors header" if size < 8 else
+                   f"its header would be {int.from_bytes(head, 'little'):,} bytes, the file has {size:,}")
+            raise SdtuneError(f"{path}: neither a readable safetensors file ({why}) nor a torch file; "
+                              f"re-download or re-export it")
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg if len(msg) <= 120 else msg[:117] + "..."
         raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file?")
