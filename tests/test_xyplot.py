@@ -314,3 +314,15 @@ def test_command_line_allow_partial(partial_file, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "xy.png")
     # the modules that fit were applied: weight 1 draws something else than weight 0 (the base)
     assert not np.array_equal(_pixels(tmp_path / "xy-00-00.png"), _pixels(tmp_path / "xy-00-01.png"))
+
+
+def test_a_replaced_grid_leaves_none_of_its_cells_behind(base, tmp_path):
+    """A grid drawn again under its name with fewer cells (a rerun of the demo, --quick after a full one): the
+    folder holds the new grid's cells only, as its JSON lists them; another grid's cells stay."""
+    xy_plot(base, "a red circle", Axis("seed", [1, 2, 3]), y=Axis("cfg", [1.0, 2.0]), seed=1, steps=1,
+            out_dir=tmp_path, progress=False, name="g")
+    xy_plot(base, "a red circle", Axis("seed", [1]), seed=1, steps=1, out_dir=tmp_path, progress=False, name="other")
+    xy_plot(base, "a red circle", Axis("seed", [1, 2]), seed=1, steps=1, out_dir=tmp_path, progress=False, name="g")
+    listed = {f for row in json.loads((tmp_path / "g.json").read_text())["cells"] for f in row}
+    assert {p.name for p in tmp_path.glob("g-*.png")} == listed == {"g-00-00.png", "g-00-01.png"}
+    assert (tmp_path / "other-00-00.png").is_file()

@@ -652,6 +652,10 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         res.save(path)
         grid_images[c_.row][c_.col] = res.image
         files[c_.row][c_.col] = path.name
+    kept = {f for row in files for f in row}
+    for stale in out_dir.glob(f"{glob.escape(name)}-[0-9][0-9]-[0-9][0-9].png"):  # a replaced, larger grid's cells
+        if stale.name not in kept:
+            stale.unlink()
     col_labels = [x.label(i, targets.get(id(x))) for i in range(n_cols)]
     row_labels = [y.label(i, targets.get(id(y))) for i in range(n_rows)] if y is not None else None
     canvas = draw_grid(grid_images, row_labels, col_labels, cell=cell, gap=GAP)
