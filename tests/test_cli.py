@@ -449,6 +449,11 @@ def test_eval_tiny_prints_the_table(capsys):
     assert main(["eval-tiny", "--model", "tiny-random", "--images", "1", "--steps", "1"]) == 0
     table = capsys.readouterr().out
     assert "red circle" in table and "heart" in table and "%" in table
+    # the style row shows its style score; the pairs the base composes are not called failures to come
+    header, _, *rows = table.splitlines()
+    assert header.split() == ["prompt", "images", "shape", "colour", "style", "all"]
+    assert len(next(r for r in rows if r.startswith("outline style")).split("%")) == 5  # 4 scores
+    assert "unseen pairs it composes from the words" in table
 
 
 def test_importing_sdtune_freezes_the_import_and_leaves_the_collector_as_it_was():
