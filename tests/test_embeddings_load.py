@@ -155,6 +155,12 @@ def test_a_renamed_a1111_file_says_which_word_other_tools_use(tmp_path):
                                            rf"rule\); A1111 and ComfyUI use its file name 'nfixer': give {path}:nfixer"):
         assert add_embeddings(base, [str(path)]) == ["nfixer-271"]
     assert add_embeddings(base, [f"{path}:nfixer"]) == ["nfixer"]
+    # inspect, where users look the trigger word up, says both
+    from sdtune.lora import inspect
+
+    info = inspect.describe(path)
+    assert (info["token"], info["a1111_word"]) == ("nfixer-271", "nfixer")
+    assert "token             nfixer-271 (in sdtune and diffusers; A1111 and ComfyUI: nfixer)" in inspect.render(info)
 
 
 def test_a_renamed_sdxl_file_sdtune_wrote_says_which_word_other_tools_use(tmp_path):

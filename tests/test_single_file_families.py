@@ -362,3 +362,21 @@ def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "sdxl" and info["components"]["text_encoder_2"] == 0
     assert "text_encoder_2 MISSING" in inspect.render(info)
+
+
+def test_inspect_describes_a_model_folder_and_names_a_models_part(sdxl, tmp_path, capsys):
+    """A diffusers model folder (what --model and merge --out take) is described from its headers; a component's
+    file alone is named as such, not asked whether it is a LoRA."""
+    base, _ = sdxl
+    folder = models.save_diffusers(base, tmp_path / "model")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in base.modules().items()}
+    assert (info["kind"], info["family"], info["components"], info["prediction"]) == (
+        "model folder", "sdxl", counts, "epsilon")
+    assert main(["inspect", str(folder)]) == 0
+    assert "diffusers model folder (give it as --model)" in capsys.readouterr().out
+    for part, says in (("unet/diffusion_pytorch_model.safetensors", "a bare diffusers UNet"),
+                       ("text_encoder_2/model.safetensors", "a text encoder's weights alone")):
+        assert main(["inspect", str(folder / part)]) == 2
+        assert says in capsys.readouterr().err

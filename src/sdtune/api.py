@@ -22,7 +22,7 @@ from .lora import blocks as block_weights
 from .lora.hashes import lora_hashes_field, ti_hashes_field
 from .models import Base, load_base
 from .safeio import SdtuneError
-from .ti.formats import DIFFUSERS_FILES, MULTI_LAYOUTS, file_stem, file_token, load_embedding
+from .ti.formats import a1111_word, load_embedding
 from .ti.tokens import TokenTaken, find_in_prompt
 
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
@@ -142,11 +142,8 @@ def add_embedding(base: Base, spec: str, *, search_dirs: tuple = ()) -> list[str
     path = sources.resolve(src, "embedding", tuple(search_dirs))
     emb = load_embedding(path, token=token)
     added = base.embeddings.add(emb)
-    word = file_token(Path(path))
-    # a file whose stored name is not its file's, as a renamed download (nfixer.pt storing nfixer-271, an SDXL file
-    # sdtune wrote with its token in the metadata); diffusers' own files (learned_embeds) name the token typed
-    renamed = emb.format == "a1111" or (emb.format in MULTI_LAYOUTS and Path(emb.source).name not in DIFFUSERS_FILES)
-    if token is None and renamed and file_stem(emb.token).lower() != word.lower():
+    word = a1111_word(emb, path)
+    if token is None and word:
         note(f"{path}: loads as {emb.token!r}, the name it stores (diffusers' rule); A1111 and ComfyUI use its file "
              f"name {word!r}: give {path}:{word} to type that")
     return added

@@ -350,7 +350,7 @@ def _load_random(spec: str, device, dtype) -> Base:
 FAMILY_KEYS = "SD 1.x (768), SD 2.x (1024) or SDXL (2048)"
 
 
-def _not_a_model(keys: list[str]) -> str:
+def not_a_model(keys: list[str]) -> str:
     """What a file given as a model holds instead of a UNet, by its keys, and where it goes."""
     if any(ldm.ADAPTER_KEY.search(k) or k.endswith(".alpha") for k in keys):
         return "this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint as --model"
@@ -363,6 +363,9 @@ def _not_a_model(keys: list[str]) -> str:
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
         return ("this is a bare diffusers UNet, not a full checkpoint; pass a single-file checkpoint or a diffusers "
                 "folder")
+    if any(k.startswith(("text_model.", "encoder.layers.")) for k in keys):
+        return ("this is a text encoder's weights alone (a part of a diffusers model folder), not a full "
+                "checkpoint; pass a single-file checkpoint or a diffusers folder")
     return "no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; pass a full checkpoint"
 
 
@@ -370,7 +373,7 @@ def detect_family(state: dict, path: Path) -> Family:
     """The family of a single-file checkpoint, from its key layout and tensor shapes; anything else is refused."""
     keys = list(state)
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
-        raise SdtuneError(f"{path}: {_not_a_model(keys)}")
+        raise SdtuneError(f"{path}: {not_a_model(keys)}")
     conv_in = state.get(ldm.UNET_PREFIX + "input_blocks.0.0.weight")
     cross = next((v for k, v in state.items() if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
                  None)
@@ -614,15 +617,42 @@ def folder_family(folder: Path, index: dict) -> Family:
     return family
 
 
-def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffusers") -> Base:
+def _folder_index(folder: Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise SdtuneError(f"{folder}: not a diffusers model folder (no model_index.json); "
                           "pass a diffusers folder or a .safetensors checkpoint")
     try:
-        index = json.loads(index_file.read_text())
+        return json.loads(index_file.read_text())
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
+
+
+def describe_folder(folder: str | Path) -> dict:
+    """What a diffusers model folder holds, from its configs and weight headers (no weight is read): family,
+    parameters per component (None: weights sdtune cannot read without loading, .bin), dtypes, prediction."""
+    folder = Path(folder)
+    family = folder_family(folder, _folder_index(folder))
+    components, dtypes = {}, Counter()
+    for comp in ("unet", "vae", *(te.component for te in family.text_encoders)):
+        place = folder / comp
+        variant = _variant(place) if place.is_dir() else None
+        files = [f for f in sorted(place.glob("*.safetensors"))
+                 if (f".{variant}" in f.name if variant else f.name.count(".") == 1)]
+        shapes = [s for f in files for s in _checkpoint_header(f)[0].values() if "float" in s[0]]
+        components[comp] = sum(math.prod(shape) for _, shape in shapes) if files else None
+        dtypes.update(d for d, _ in shapes)
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        scheduler = {}
+    return {"file": str(folder), "kind": "model folder", "family": family.name, "family_name": family.title,
+            "components": components, "dtypes": dict(dtypes.most_common()),
+            "parameters": sum(n or 0 for n in components.values()), "prediction": scheduler.get("prediction_type")}
+
+
+def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffusers") -> Base:
+    index = _folder_index(folder)
     family = folder_family(folder, index)
     components = ["unet", "vae", *(te.component for te in family.text_encoders)]
     missing = [c for c in components if not (folder / c / "config.json").is_file()]

@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from .. import families
-from ..models import describe_checkpoint, file_sha256
-from ..safeio import SdtuneError
-from ..ti.formats import Embedding, load_embedding, made_for
+from ..ldm import ADAPTER_KEY
+from ..models import describe_checkpoint, describe_folder, file_sha256, not_a_model
+from ..safeio import SdtuneError, is_safetensors, read_keys
+from ..ti.formats import Embedding, a1111_word, load_embedding, made_for
 from . import blocks as block_weights
 from . import hashes, keys
 from .formats import CLIP_G_SUFFIX, load_lora
@@ -23,6 +24,8 @@ def describe(path: str | Path) -> dict:
     and keys sdtune could not read. A Textual Inversion file (any layout ``load_embedding`` reads) is described
     as one: its token, vectors, widths and the family they fit; a checkpoint as ``models.describe_checkpoint``
     reads its header, with the hash A1111 shows for it."""
+    if Path(path).is_dir() and (Path(path) / "model_index.json").is_file():
+        return describe_folder(path)
     if Path(path).is_dir():
         inside = sorted(Path(path).glob("*.safetensors"))[:3]
         hint = f" (it holds {', '.join(p.name for p in inside)})" if inside else ""
@@ -34,9 +37,12 @@ def describe(path: str | Path) -> dict:
                                         "autov1": hashes.old_model_hash(path)}}
     try:
         lora = load_lora(path)
-    except SdtuneError:  # not a LoRA: an embedding, or the LoRA reader's message stands
+    except SdtuneError:  # not a LoRA: an embedding, a model's part, or the LoRA reader's message stands
         embedding = _embedding(path)
         if embedding is None:
+            names = read_keys(path) if is_safetensors(Path(path)) else []
+            if names and not any(ADAPTER_KEY.search(k) for k in names):
+                raise SdtuneError(f"{path}: {not_a_model(names)}") from None
             raise
         return _describe_embedding(path, embedding)
     if not any(lora.modules.values()) and lora.embeddings and not lora.unknown:  # a diffusers {token: rows} file
@@ -58,6 +64,7 @@ def describe(path: str | Path) -> dict:
     fit = keys.match(lora, reference)
     return {
         "file": str(path),
+        "kind": "lora",
         "format": lora.format,
         "family": family.name if family else None,
         "family_name": family.title if family else None,
@@ -124,6 +131,7 @@ def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
         "kind": "embedding",
         "format": emb.format,
         "token": emb.token,  # the word it loads under (stored, else the file's name, as load_embedding picks it)
+        "a1111_word": a1111_word(emb, path),  # A1111's and ComfyUI's word for it where that is another
         "vectors": emb.num_vectors,
         "widths": emb.widths,
         "family_name": made_for(emb.widths),
@@ -169,7 +177,9 @@ def _render_embedding(info: dict) -> str:
     widths = ", ".join(f"{key} {w}".strip() for key, w in info["widths"].items())
     norms = ", ".join(f"{key} {n:g}".strip() for key, n in info["norms"].items())
     rows = [("file", info["file"]), ("kind", "Textual Inversion embedding"), ("format", info["format"]),
-            ("token", info["token"]), ("vectors", str(info["vectors"])), ("width", widths),
+            ("token", info["token"] + (f" (in sdtune and diffusers; A1111 and ComfyUI: {info['a1111_word']})"
+                                       if info.get("a1111_word") else "")),
+            ("vectors", str(info["vectors"])), ("width", widths),
             ("base family", info["family_name"]), ("mean vector norm", norms), ("dtype", ", ".join(info["dtypes"])),
             *_training_rows(info)]
     h = info.get("hashes") or {}
@@ -177,8 +187,21 @@ def _render_embedding(info: dict) -> str:
     return "\n".join(_table(rows + _hash_rows(h) + a1111))
 
 
+def _parts(components: dict) -> str:
+    return ", ".join(f"{c} {n:,}" if n else f"{c} MISSING" if n == 0 else f"{c} (.bin: not read)"
+                     for c, n in components.items())
+
+
+def _render_folder(info: dict) -> str:
+    return "\n".join(_table([
+        ("file", info["file"]), ("kind", "diffusers model folder (give it as --model)"),
+        ("base family", info["family_name"]), ("parameters", f"{info['parameters']:,}: {_parts(info['components'])}"),
+        ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items()) or "n/a"),
+        ("prediction", info["prediction"] or "n/a")]))
+
+
 def _render_checkpoint(info: dict) -> str:
-    parts = ", ".join(f"{c} {n:,}" if n else f"{c} MISSING" for c, n in info["components"].items())
+    parts = _parts(info["components"])
     prediction = info["prediction"] or "n/a (unknown family)"
     if info["zero_terminal_snr"]:
         prediction += ", zero terminal SNR (trailing timesteps)"
@@ -205,6 +228,8 @@ def render(info: dict) -> str:
         return _render_embedding(info)
     if info.get("kind") == "checkpoint":
         return _render_checkpoint(info)
+    if info.get("kind") == "model folder":
+        return _render_folder(info)
     family = info["family_name"] + " (guess)" if info.get("family_name") else "unknown"
     alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
     if info["alphas"] and info["alpha_missing"]:

@@ -161,6 +161,15 @@ def _training_facts(state, metadata: dict) -> dict[str, str]:
     return facts
 
 
+def a1111_word(emb: Embedding, path: str | Path) -> str | None:
+    """The word A1111 and ComfyUI type for the file at ``path`` (its name) where the token it loads under in sdtune
+    and diffusers (the name it stores) is another: a renamed download (nfixer.pt storing nfixer-271), an SDXL file
+    sdtune wrote with its token in the metadata. diffusers' own files (learned_embeds) name the token typed."""
+    word = file_token(Path(path))
+    renamed = emb.format == "a1111" or (emb.format in MULTI_LAYOUTS and Path(emb.source).name not in DIFFUSERS_FILES)
+    return word if renamed and file_stem(emb.token).lower() != word.lower() else None
+
+
 def file_stem(token: str) -> str:
     """A file name for the token (A1111 uses the file name as the prompt word): <my-cat> -> my-cat."""
     return re.sub(r"[^\w.-]+", "_", token).strip("._") or "embedding"
