@@ -150,3 +150,17 @@ def test_same_tensors_and_metadata_give_the_same_autov2(tmp_path):
     with safe_open(str(paths[0]), "pt") as f:
         assert f.metadata() == meta and torch.equal(f.get_tensor("b"), tensors["b"])
     assert st_bytes(tensors, metadata=meta)[-16:] == paths[0].read_bytes()[-16:]  # the data did not move
+
+
+def test_tensor_hash_by_content_and_a_file_without_tensors(tmp_path, capsys):
+    """A safetensors file under another suffix (a .pti) has its AutoV3 too; one holding no tensor is said so."""
+    pti = tmp_path / "concept.pti"
+    save_file({"emb_params": torch.randn(2, 64)}, str(pti))
+    data = pti.read_bytes()
+    after = 8 + int.from_bytes(data[:8], "little")
+    assert hashes.describe(pti)["tensor_sha256"] == hashlib.sha256(data[after:]).hexdigest()
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty), metadata={"ss_network_dim": "4"})
+    assert main(["inspect", str(empty)]) == 2
+    assert capsys.readouterr().err.strip().endswith("empty.safetensors: holds no tensors at all (metadata alone); "
+                                                    "re-download or re-export it")

@@ -161,6 +161,8 @@ def _not_a_lora_message(sd: dict, source: str) -> str:
     what = algos.not_read(sd)
     if what:
         return f"{source}: holds {what}, which sdtune does not apply; it reads {algos.READ}"
+    if not sd:
+        return f"{source}: holds no tensors at all (metadata alone); re-download or re-export it"
     return f"{source}: no LoRA weights found (first keys: {first}); is this a LoRA file?"
 
 

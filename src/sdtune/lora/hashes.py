@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..safeio import SdtuneError
+from ..safeio import SdtuneError, is_safetensors
 
 _BLOCK = 1 << 20
 _LEGACY_AT, _LEGACY_LEN = 0x100000, 0x10000
@@ -84,7 +84,7 @@ def describe(path: str | Path) -> dict[str, str | None]:
     path = Path(path)
     full = file_sha256(path)
     try:
-        tensor = tensor_sha256(path) if path.suffix.lower() == ".safetensors" else None
+        tensor = tensor_sha256(path) if is_safetensors(path) else None  # by content: a .pti can be one
     except SdtuneError:
         tensor = None
     return {"sha256": full, "autov2": full[:AUTOV2_LEN], "tensor_sha256": tensor,
