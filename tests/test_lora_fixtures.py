@@ -89,6 +89,15 @@ def test_lokr_fixture_text_and_resnet_convs(lora_dir, sd15):
     assert info["modules"] == {"unet": 278, "text_encoder": 72}
 
 
+def test_lokr_fixture_written_as_kohya_keeps_its_conv_rank(lora_dir, tmp_path):
+    """A LoKr's factors are flattened, so its convolutions are known by the architecture: the kohya file written
+    from it says its conv rank and alpha (LyCORIS' conv_dim, which the fixture wrote as conv_rank)."""
+    out = tmp_path / "lokr.safetensors"
+    formats.convert(lora_dir / "LyCORIS__smart_falcon_4_lokr.safetensors", out, to="kohya")
+    args = json.loads(formats.load_lora(out).metadata["ss_network_args"])
+    assert (args["algo"], args["conv_dim"], float(args["conv_alpha"])) == ("lokr", "4", 4.0)
+
+
 def test_cloneofsimo_fixture_order_and_embeddings(lora_dir, sd15):
     lora = formats.load_lora(lora_dir / "cloneofsimo_lora__lora_disney.safetensors")
     assert set(lora.embeddings) == {"<s1>", "<s2>"} and lora.embeddings["<s1>"].shape == (768,)

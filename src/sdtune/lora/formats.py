@@ -643,9 +643,10 @@ def _version_metadata(lora: Lora, family: Family) -> dict[str, str]:
 
 def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
-    layers = [ad for _, _, ad in lora.items() if not ad.algo.vector]  # norm adapters have no rank or kernel
-    linear = [ad for ad in layers if ad.io().kernel in (None, (1, 1))]
-    conv = [ad for ad in layers if ad.io().kernel not in (None, (1, 1))]
+    # norm adapters have no rank or kernel; a LoHa's or LoKr's kernel is the architecture's
+    kernels = [(ad, keys.kernel_of(c, p, ad, family)) for c, p, ad in lora.items() if not ad.algo.vector]
+    linear = [ad for ad, kernel in kernels if kernel in (None, (1, 1))]
+    conv = [ad for ad, kernel in kernels if kernel not in (None, (1, 1))]
 
     def dim_alpha(ads):
         ranks = {ad.rank for ad in ads}

@@ -93,6 +93,16 @@ def reference(family: Family) -> dict[str, dict[str, tuple]]:
     return {c: weight_shapes(parts[c]) for c in ("unet", *(te.component for te in family.text_encoders))}
 
 
+def kernel_of(comp: str, path: str, ad: Adapter, family: Family | None) -> tuple | None:
+    """A layer's kernel (None: a linear layer): as the adapter's factors say, or for LoHa/LoKr, whose factors are
+    flattened, as the family's architecture says (SD 1.x's when the family is unknown)."""
+    kernel = ad.io().kernel
+    if kernel is None:
+        shape = reference(family or families.SD1).get(comp, {}).get(path)
+        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else None
+    return kernel
+
+
 def model_keys_of(model_modules: dict) -> dict[str, set[str]]:
     """``model_keys`` (component -> set of module paths) from roots or from ``{component: {path: ...}}``."""
     return {c: set(_module_table(v)) for c, v in model_modules.items() if v is not None}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from .. import families
 from ..console import note
 from ..models import load_base
 from ..safeio import SdtuneError
@@ -95,14 +94,6 @@ def fro_share(s: torch.Tensor, r: int) -> float:
     return 1.0 if total == 0 else math.sqrt(float(s[:r].pow(2).sum()) / total)
 
 
-def _kernel(comp: str, path: str, ad: Adapter, family) -> tuple | None:
-    kernel = ad.io().kernel
-    if kernel is None:  # LoHa/LoKr tensors do not say; the family's architecture does
-        shape = keys.reference(family or families.SD1).get(comp, {}).get(path)
-        kernel = tuple(shape[2:]) if shape and len(shape) == 4 else None
-    return kernel
-
-
 def _dtype(loras: list[Lora]) -> torch.dtype:
     dtypes = {t.dtype for lora in loras for _, _, ad in lora.items() for t in ad.tensors.values()}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -172,7 +163,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     for (comp, path), contribs in layers.items():
         if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
             continue
-        kernel = _kernel(comp, path, contribs[0][0], family)
+        kernel = keys.kernel_of(comp, path, contribs[0][0], family)
         if all(ad.kind == "lora" for ad, _ in contribs):
             up, down = _stacked(contribs)
             if rank is None:
@@ -287,7 +278,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
     for comp, p, ad in lora.items():
         u, s, vh = _adapter_svd(ad)
-        kernel = _kernel(comp, p, ad, family)
+        kernel = keys.kernel_of(comp, p, ad, family)
         want = conv_rank if conv_rank is not None and kernel and math.prod(kernel) > 1 else rank
         # a plain LoRA's ΔW has no more than its rank; a LoHa/LoKr's may have more (up to its full width)
         own = ad.rank if ad.kind == "lora" else len(s)
