@@ -97,3 +97,12 @@ def test_sigterm_mid_write_removes_the_temporary_and_says_so(tmp_path, monkeypat
     assert capsys.readouterr().err == "sdtune: terminated (SIGTERM)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]
     assert out.read_bytes() == b"the earlier merge" and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_torch_file_cut_short_is_said_in_plain_words(tmp_path):
+    path = tmp_path / "embedding.pt"
+    torch.save({"string_to_param": {"*": torch.randn(4, 64)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(SdtuneError, match=r"^.*embedding.pt: a torch file cut short \(its zip archive has no end\); "
+                                          r"re-download or re-export it$"):
+        safeio.load_state(path)

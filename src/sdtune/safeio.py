@@ -105,6 +105,9 @@ def load_state(path: str | Path, device: str = "cpu", mmap: bool = False) -> tup
                    f"its header would be {int.from_bytes(head, 'little'):,} bytes, the file has {size:,}")
             raise SdtuneError(f"{path}: neither a readable safetensors file ({why}) nor a torch file; "
                               f"re-download or re-export it")
+        if "central directory" in str(e):  # torch's zip reader on an archive whose end is missing
+            raise SdtuneError(f"{path}: a torch file cut short (its zip archive has no end); re-download or "
+                              f"re-export it")
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg if len(msg) <= 120 else msg[:117] + "..."
         raise SdtuneError(f"{path}: cannot read weights ({msg}); is it a complete .safetensors or .pt file?")
