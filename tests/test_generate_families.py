@@ -200,3 +200,21 @@ def test_te2_weight_on_a_model_with_one_text_encoder_is_refused(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{lora}:1:te2=0.3: te2= weighs SDXL's second text encoder, and this model has one" in err
     assert "Traceback" not in err
+
+
+def test_sdxl_negative_emptied_by_prompt_editing_is_zeros_from_then_on():
+    """SDXL conditions an empty negative on zeros; A1111 so too for one that prompt editing empties at a step
+    ([blurry::2]): the UNet's negative half is zeros from the step after 2 on, the encoded "blurry" before."""
+    base = load_base("tiny-xl", device="cpu")
+    zeros, forward = [], base.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, *a, **k):
+        zeros.append(not encoder_hidden_states[0].any())
+        return forward(sample, timestep, encoder_hidden_states, *a, **k)
+
+    base.unet.forward = spy
+    try:
+        api.generate(base, "a red star", negative_prompt="[blurry::2]", steps=5, seed=1, progress=False)
+    finally:
+        base.unet.forward = forward
+    assert zeros == [False, False, False, True, True]

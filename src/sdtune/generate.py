@@ -360,11 +360,13 @@ def generate(
     texts = list(pairs[0])  # (negative, prompt) first, as a prompt without edits is encoded
     texts += [t for t in dict.fromkeys(t for pair in pairs for t in pair) if t not in texts]
     encoded = dict(zip(texts, encode_prompt(base, texts, clip_skip).chunk(len(texts))))
-    no_negative = not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    zero_empty = getattr(pipe.config, "force_zeros_for_empty_prompt", False)
 
     def conditions(pair: tuple[str, str], n: int) -> tuple[PromptEmbeds, PromptEmbeds]:
         uncond, cond = (encoded[t].repeat(n) for t in pair)
-        if no_negative:  # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded ""
+        # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded ""; A1111 a negative
+        # that is empty at this step too (prompt editing: [blurry::5])
+        if zero_empty and pair[0] == "":
             uncond = PromptEmbeds(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
         return uncond, cond
 
@@ -386,7 +388,8 @@ def generate(
     swapped = ["prompt_embeds", "add_text_embeds"] if base.family.pooled_and_time_ids else ["prompt_embeds"]
     # an empty negative conditioned on zeros pads to any length alike (zero keys and values): A1111 told to pad
     # conds would pad it with the encoded "", so it is left out of the chunk counts
-    reading = _how_read(base, texts[1:] if no_negative else texts, scheduler)
+    negatives = {pair[0] for pair in pairs}
+    reading = _how_read(base, [t for t in texts if not (zero_empty and t == "" and "" in negatives)], scheduler)
     model = model_label(getattr(base, "name", ""))  # a file's stem: one look at the disk, not one per image
     for start in range(0, num_images, batch_size):
         seeds = [seed + i for i in range(start, min(num_images, start + batch_size))]
