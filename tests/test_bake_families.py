@@ -14,7 +14,9 @@ from test_lora_bake import assert_same_weights, files_of, patched_in_memory, ten
 from test_single_file_families import _small_sd2
 
 from sdtune import families, ldm, models
+from sdtune.generate import make_scheduler
 from sdtune.lora import bake
+from sdtune.lora.formats import sampling_metadata
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.safeio import SdtuneError
 
@@ -341,6 +343,13 @@ def test_v_prediction_flags_are_read_kept_by_a_bake_and_written(sdxl, tmp_path):
     want = ("v_prediction", True, "trailing")
     loaded = models.load_base(str(marked), device="cpu", dtype="fp16")
     assert flags(loaded.scheduler.config) == want
+    # a sampler whose diffusers class has no zero-terminal-SNR schedule would draw on the ordinary one: refused
+    with pytest.raises(SdtuneError, match=r"^--scheduler heun: this is a zero-terminal-SNR model, whose noise "
+                                          r"schedule diffusers' HeunDiscreteScheduler does not build; use one of ddim"):
+        make_scheduler("heun", loaded.scheduler)
+    assert make_scheduler("euler", loaded.scheduler).alphas_cumprod[-1] < 1e-6
+    assert sampling_metadata(loaded.family, loaded.scheduler.config) == {
+        "ss_v_parameterization": "True", "ss_zero_terminal_snr": "True"}  # SDXL keeps its own version name
     assert models.load_base(str(path), device="cpu", dtype="fp16").scheduler.config.prediction_type == "epsilon"
 
     single = bake.merge(marked, pairs, tmp_path / "merged.safetensors", fmt="single")
@@ -362,9 +371,11 @@ def test_modelspec_metadata_names_the_prediction_and_edm_files_are_refused(tmp_p
     assert sampling({"modelspec.architecture": "stable-diffusion-v2-768-v"}) == {"prediction_type": "v_prediction"}
     assert sampling({"modelspec.architecture": "stable-diffusion-xl-v1-base"}) == {}
     assert sampling({}, keys={"v_pred"}) == {"prediction_type": "v_prediction"}
-    assert models.file_configs(families.SD2, {"modelspec.architecture": "stable-diffusion-v2-512"},
-                               tmp_path)["scheduler"]["prediction_type"] == "epsilon"
-    assert models.file_configs(families.SD2, {}, tmp_path)["scheduler"]["prediction_type"] == "v_prediction"
+    base = models.file_configs(families.SD2, {"modelspec.architecture": "stable-diffusion-v2-512"}, tmp_path)
+    assert base["scheduler"]["prediction_type"] == "epsilon"
+    assert base["unet"]["sample_size"] == 64  # the 512-px base model: generation and training default to 512
+    v = models.file_configs(families.SD2, {}, tmp_path)
+    assert (v["scheduler"]["prediction_type"], v["unet"]["sample_size"]) == ("v_prediction", 96)
     with pytest.raises(SdtuneError, match=r"x.safetensors: an EDM model \(Playground v2.5 style: edm_mean\)"):
         models.file_configs(families.SDXL, {}, tmp_path / "x.safetensors", keys={"edm_mean", "edm_std"})
 

@@ -316,6 +316,7 @@ def test_resize_needs_a_rank_or_a_mode(base, tmp_path, capsys):
 
 def test_full_rank_extract_reproduces_the_tuned_model(tmp_path, capsys):
     src = load_base("tiny-random", device="cpu", dtype="fp32")
+    src.scheduler.register_to_config(prediction_type="v_prediction")  # the LoRA records it, as kohya's extract
     save_single_file(src, tmp_path / "base.safetensors")
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -330,6 +331,7 @@ def test_full_rank_extract_reproduces_the_tuned_model(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {(r["component"], r["path"]) for r in rows} == {("unet", ATTN), ("unet", FF), ("unet", CONV),
                                                             ("text_encoder", TE_Q)}
+    assert load_lora(out).metadata["ss_v_parameterization"] == "True"
     assert all(r["fro"] == pytest.approx(1.0) for r in rows)
     again = load_base(str(tmp_path / "base.safetensors"), device="cpu", dtype="fp32")
     again.loras.add("x", out, 1.0)

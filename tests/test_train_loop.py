@@ -57,6 +57,10 @@ def test_min_snr_weights_match_the_formula():
     assert torch.allclose(loop.min_snr_weights(t, acp, 5.0, "v_prediction"),
                           torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
     assert torch.allclose(loop.min_snr_weights(t, acp, 1e9), torch.ones(4))
+    # zero terminal SNR: the last timestep's SNR is 0, which weighs 1 for ε (the limit), 0 for v; never NaN
+    ztsnr = torch.cat([acp[:-1], torch.zeros(1)])
+    assert loop.min_snr_weights(t, ztsnr, 5.0)[-1] == 1.0
+    assert loop.min_snr_weights(t, ztsnr, 5.0, "v_prediction")[-1] == 0.0
 
 
 class ZeroUNet(torch.nn.Module):

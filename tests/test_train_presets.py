@@ -35,7 +35,7 @@ def test_each_model_family_starts_from_its_own_preset():
     assert (sdxl.rank, sdxl.alpha, sdxl.resolution, sdxl.gradient_checkpointing) == (32, 16.0, 1024, True)
     ti = load_settings(None, {}, "ti", family="tiny")
     assert (ti.preset, ti.steps, ti.lr, ti.batch_size, ti.num_vectors) == ("tiny", 400, 5e-3, 4, 1)
-    assert load_settings(None, {}, "ti", family="sd2").resolution == 768
+    assert load_settings(None, {}, "ti", family="sd2").resolution == 0  # the model's own: 768-v or 512 base
     for family in families.FAMILIES.values():  # every family sdtune loads has one of each
         assert presets.for_family("lora", family) and presets.for_family("ti", family)
     # no family (a settings object built by hand): the dataclass defaults, no preset

@@ -174,6 +174,10 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
         meta = f.metadata()
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"  # kohya's name
     assert meta["ss_v_parameterization"] == "True"
+    # the diffusers file of the same run says so too (a conversion of it to kohya's layout kept epsilon's name)
+    with safe_open(str(tmp_path / "run" / "diffusers" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        same = f.metadata()
+    assert (same["ss_base_model_version"], same["ss_v_parameterization"]) == ("sd_v2_v", "True")
 
     # diffusers reads the folder and loads both files with every key matched, each on the trained layers only
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

@@ -83,10 +83,23 @@ def sampler_key(name: str, schedule: str = "") -> str | None:
     return _A1111_NAMES.get(name.lower())
 
 
+def _rescales(cls_name: str) -> bool:
+    """Whether diffusers' scheduler class builds the zero-terminal-SNR schedule (``rescale_betas_zero_snr``)."""
+    cls = getattr(diffusers, cls_name)
+    return "rescale_betas_zero_snr" in cls._get_init_keys(cls)
+
+
 def make_scheduler(name: str, base_scheduler):
     name = check_scheduler(name)
     cls_name, extra, _ = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+    cls = getattr(diffusers, cls_name)
+    # a zero-terminal-SNR model (its ztsnr marker) samples on the rescaled schedule, which diffusers' Heun, LMS and
+    # PNDM do not build: they would draw on the ordinary one, another image than the model was trained for
+    if base_scheduler.config.get("rescale_betas_zero_snr") and not _rescales(cls_name):
+        usable = [k for k, (c, _, _) in SCHEDULERS.items() if scheduler_available(k) and _rescales(c)]
+        raise SdtuneError(f"--scheduler {name}: this is a zero-terminal-SNR model, whose noise schedule diffusers' "
+                          f"{cls_name} does not build; use one of {', '.join(usable)}")
+    return cls.from_config(base_scheduler.config, **extra)
 
 
 @dataclass

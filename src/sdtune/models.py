@@ -476,6 +476,8 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=(), probe: tor
                           f"checkpoint")
     configs = family.component_configs()
     configs["scheduler"] = dict(configs["scheduler"], **file_sampling(metadata, keys, probe))
+    if family.epsilon_sample_size and configs["scheduler"]["prediction_type"] == "epsilon":  # SD 2.x base: 512 px
+        configs["unet"]["sample_size"] = family.epsilon_sample_size
     if META_CONFIGS in metadata:
         try:
             written = json.loads(metadata[META_CONFIGS])

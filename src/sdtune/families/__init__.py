@@ -62,6 +62,9 @@ class Family:
     # A single-file weight whose spread tells this family's v-prediction models from its noise-prediction ones when
     # the file does not say which it is (see models.file_sampling); "" where the file must say.
     prediction_probe: str = ""
+    # The UNet sample size of this family's noise-prediction models where the shipped config is another's (SD 2.x
+    # ships 768-v's 96; its 512-px "base" models are 64): what a single file without sdtune's configs is given.
+    epsilon_sample_size: int = 0
 
     @property
     def text_widths(self) -> tuple[int, ...]:
@@ -100,7 +103,8 @@ SD2 = Family(
     pooled_and_time_ids=False, base_model_version="sd_v2",
     # SD 2.x ships 768-v models and 512-px "base" ones with the same architecture; ComfyUI tells them apart by
     # this bias, whose standard deviation is above 0.09 in the v-prediction ones
-    prediction_probe="model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias")
+    prediction_probe="model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias",
+    epsilon_sample_size=64)
 
 SDXL = Family(
     name="sdxl", title="SDXL", cross_attention_width=2048,

@@ -641,6 +641,19 @@ def _version_metadata(lora: Lora, family: Family) -> dict[str, str]:
     return {"ss_base_model_version": _base_model_version(lora, family), "ss_v2": str(family == families.SD2)}
 
 
+def sampling_metadata(family: Family, scheduler_config) -> dict[str, str]:
+    """kohya's record of how the base model samples, for a LoRA made on it (trained, extracted): a v-prediction
+    SD 2.x is ``sd_v2_v`` (its get_model_version_str_for_sd1_sd2) with ``ss_v_parameterization``; zero terminal
+    SNR is ``ss_zero_terminal_snr``. Written in either layout, so a converted file keeps it."""
+    v_pred = scheduler_config.get("prediction_type") == "v_prediction"
+    meta = {"ss_v_parameterization": str(v_pred)}
+    if v_pred and family.base_model_version.startswith("sd_v"):
+        meta["ss_base_model_version"] = family.base_model_version + "_v"
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        meta["ss_zero_terminal_snr"] = "True"
+    return meta
+
+
 def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     kinds = {ad.kind for _, _, ad in lora.items()}
     # norm adapters have no rank or kernel; a LoHa's or LoKr's kernel is the architecture's

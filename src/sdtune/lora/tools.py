@@ -19,7 +19,7 @@ from ..models import load_base
 from ..safeio import SdtuneError
 from . import blocks as block_weights
 from . import keys
-from .formats import check_output, load_lora, save_lora
+from .formats import check_output, load_lora, sampling_metadata, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from .patch import as_weights
 
@@ -355,7 +355,7 @@ def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int,
     if not len(lora):
         raise SdtuneError(f"{tuned_spec}: no layer differs from {base_spec} by more than {min_diff}; nothing to "
                           f"extract (lower --min-diff, or check the two paths)")
-    save_lora(lora, out, format=to, family=base.family)
+    save_lora(lora, out, format=to, family=base.family, metadata=sampling_metadata(base.family, base.scheduler.config))
     return lora, reports
 
 

@@ -120,11 +120,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
                     prediction_type: str = "epsilon") -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε, / (SNR + 1) for v."""
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε, / (SNR + 1) for v. A zero-terminal-
+    SNR schedule's last timestep (SNR 0) weighs 1 for ε, the limit of min(SNR, γ) / SNR, not 0/0."""
     acp = alphas_cumprod[timesteps].float()
     snr = acp / (1 - acp)
     clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
 
 
 def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, noise_offset: float):

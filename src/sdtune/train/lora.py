@@ -39,7 +39,7 @@ from torch import nn
 from ..console import note
 from ..generate import read_layer
 from ..lora.algos import lora as algo_lora
-from ..lora.formats import save_lora
+from ..lora.formats import sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..models import file_sha256, vae_swapped
@@ -259,11 +259,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
-    # kohya: sd_v2_v (get_model_version_str_for_sd1_sd2) and ss_v_parameterization for a v-prediction model
-    v_pred = base.scheduler.config.get("prediction_type") == "v_prediction"
-    meta["ss_v_parameterization"] = str(v_pred)
-    if v_pred and base.family.base_model_version.startswith("sd_v"):
-        meta["ss_base_model_version"] = base.family.base_model_version + "_v"
+    meta |= sampling_metadata(base.family, base.scheduler.config)
     if final:
         meta["ss_training_finished_at"] = str(time.time())
     return meta
@@ -324,7 +320,8 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
             paths.append(pivot.save(out, step, final))
         if final and "diffusers" in settings.formats:
             paths.append(out / "diffusers" / "pytorch_lora_weights.safetensors")
-            save_lora(lora, paths[-1], format="diffusers", family=base.family)
+            save_lora(lora, paths[-1], format="diffusers", family=base.family,
+                      metadata=sampling_metadata(base.family, base.scheduler.config))
         return paths
 
     def state() -> dict:

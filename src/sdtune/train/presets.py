@@ -73,8 +73,8 @@ LORA = [
     Preset("sd1", "SD 1.x at 512 px: kohya's usual LoRA for a character, object or style (rank 16, alpha 8, "
            "lr 1e-4, batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500,
                                                 "resolution": 512}),
-    Preset("sd2", "SD 2.x at 768 px: kohya's usual LoRA (rank 16, alpha 8, lr 1e-4, batch 2, 1,500 steps)",
-           {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500, "resolution": 768}),
+    Preset("sd2", "SD 2.x at its own size (768 px for 768-v, 512 for base): kohya's usual LoRA (rank 16, alpha 8, "
+           "lr 1e-4, batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500}),
     Preset("sdxl", "SDXL at 1024 px: kohya's usual LoRA (rank 32, alpha 16, lr 1e-4, batch 1, 2,000 steps, "
            "gradient checkpointing)", {**_KOHYA, "rank": 32, "alpha": 16.0, "batch_size": 1, "steps": 2000,
                                        "resolution": 1024, "gradient_checkpointing": True}),
@@ -87,8 +87,8 @@ TI = [
     Preset("tiny-xl", "the built-in tiny SDXL model: as tiny, samples at the start, middle and end", _TINY_XL_TI),
     Preset("sd1", "SD 1.x at 512 px: A1111's usual embedding for an object or style (lr 5e-3, batch 4, "
            "2,000 steps)", {**_A1111_TI, "resolution": 512}),
-    Preset("sd2", "SD 2.x at 768 px: A1111's usual embedding (lr 5e-3, batch 4, 2,000 steps)",
-           {**_A1111_TI, "resolution": 768}),
+    Preset("sd2", "SD 2.x at its own size (768 px for 768-v, 512 for base): A1111's usual embedding (lr 5e-3, "
+           "batch 4, 2,000 steps)", _A1111_TI),
     Preset("sdxl", "SDXL at 1024 px: the usual embedding (lr 5e-3, batch 4, 2,000 steps, gradient checkpointing)",
            {**_A1111_TI, "resolution": 1024, "gradient_checkpointing": True}),
 ]
