@@ -15,7 +15,7 @@ from test_single_file_families import _small_sd2
 
 from sdtune import families, ldm, models
 from sdtune.generate import make_scheduler
-from sdtune.lora import bake
+from sdtune.lora import bake, inspect
 from sdtune.lora.formats import sampling_metadata
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.safeio import SdtuneError
@@ -402,9 +402,13 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
 
     assert checkpoint("v.safetensors", spread(0.3))["prediction"] == "v_prediction"
     base = checkpoint("base.safetensors", spread(0.02))
-    assert (base["family"], base["prediction"]) == ("sd2", "epsilon")
-    assert checkpoint("said.safetensors", spread(0.02), {"modelspec.prediction_type": "v"})["prediction"] == "v_prediction"
-    assert checkpoint("none.safetensors")["prediction"] == "v_prediction"  # no weight to read: the family's default
+    assert (base["family"], base["prediction"], base["prediction_from"]) == ("sd2", "epsilon", "weights")
+    assert "(the file does not say: read from its weights, as ComfyUI reads it)" in inspect.render(base | {
+        "hashes": {"autov2": "0", "sha256": "0", "autov1": "0"}})
+    said = checkpoint("said.safetensors", spread(0.02), {"modelspec.prediction_type": "v"})
+    assert (said["prediction"], said["prediction_from"]) == ("v_prediction", "file")
+    none = checkpoint("none.safetensors")  # no weight to read: the family's default
+    assert (none["prediction"], none["prediction_from"]) == ("v_prediction", "family")
     torch.save({"state_dict": {probe: spread(0.02), "model.diffusion_model.x.attn2.to_k.weight": torch.zeros(8, 1024)}},
                tmp_path / "base.ckpt")
     assert models.describe_checkpoint(tmp_path / "base.ckpt")["prediction"] == "epsilon"

@@ -538,14 +538,16 @@ def describe_checkpoint(path: str | Path) -> dict | None:
     components = {c: sum(math.prod(s) for k, (_, s) in weights.items() if k.startswith(prefix))
                   for c, prefix in prefixes.items()}
     dtypes = Counter(d for d, _ in weights.values())
+    probe = read_probe(family, path, shapes.keys()) if family else None
     if EDM_MARKERS & shapes.keys():
         sampling = {"prediction_type": "EDM (sdtune does not sample it)"}
     else:
         try:
-            sampling = file_configs(family, metadata, path, keys=shapes.keys(),
-                                    probe=read_probe(family, path, shapes.keys()))["scheduler"] if family else {}
+            sampling = file_configs(family, metadata, path, keys=shapes.keys(), probe=probe)["scheduler"] if family else {}
         except SdtuneError:  # unreadable sdtune configs: loading says so
             sampling = {}
+    said = (V_PRED in shapes or META_CONFIGS in metadata or metadata.get("modelspec.prediction_type") in
+            _MODELSPEC_PREDICTION or metadata.get("modelspec.architecture") in _MODELSPEC_ARCH_PREDICTION)
     return {
         "file": str(path),
         "kind": "checkpoint",
@@ -556,6 +558,9 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         "dtypes": dict(dtypes.most_common()),
         "parameters": sum(components.values()),
         "prediction": sampling.get("prediction_type"),
+        # where that comes from: the file says it, or (SD 2.x files that do not) one weight's spread, as ComfyUI
+        # reads it, or the family's own
+        "prediction_from": "file" if said else "weights" if probe is not None else "family",
         "zero_terminal_snr": bool(sampling.get("rescale_betas_zero_snr")),
         "metadata": {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.") or k == META_ARCH},
     }

@@ -203,6 +203,8 @@ def _render_folder(info: dict) -> str:
 def _render_checkpoint(info: dict) -> str:
     parts = _parts(info["components"])
     prediction = info["prediction"] or "n/a (unknown family)"
+    if info["prediction"] and info.get("prediction_from") == "weights":
+        prediction += " (the file does not say: read from its weights, as ComfyUI reads it)"
     if info["zero_terminal_snr"]:
         prediction += ", zero terminal SNR (trailing timesteps)"
     rows = [("file", info["file"]), ("kind", "checkpoint (single file)"),
