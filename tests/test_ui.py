@@ -497,13 +497,17 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     form = studio.settings_of(png, uploaded=True)
     assert (form["prompt"], form["negative_prompt"], form["sampler"]) == ("a castle,\nat night", "blurry,\nugly",
                                                                           "dpmpp_2m_karras")
+
+    def not_applied(name: str, text: str) -> list[str]:
+        png = save_png(Image.new("RGB", (8, 8)), tmp_path / name, text)
+        return studio.settings_of(png, uploaded=True)["not_applied"]
+
     # named to the user, not dropped; A1111 writes no RNG for its default GPU noise
     assert form["not_applied"] == ["Hires upscale", "Hires steps", "RNG GPU (A1111 default)"]
     # what sdtune draws otherwise: GPU noise, A1111's default emphasis on a weighted prompt, a sampler it lacks
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-gpu.png",
-                   "a (red) castle\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, "
-                   "Size: 512x512, RNG: GPU")
-    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+    assert not_applied("a1111-gpu.png",
+                       "a (red) castle\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+                       "Size: 512x512, RNG: GPU") == [
         "RNG GPU", "Emphasis Original (sdtune weighs as No norm)",
         "Sampler Euler a (Karras schedule) (sdtune has no such sampler)"]
     # an embedding the image used (TI hashes) that the folder lacks: named (its word is a plain word here)
@@ -517,23 +521,20 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     finally:
         (studio.folders.embeddings / "other.safetensors").unlink()
     # a schedule type sdtune's samplers do not follow, and A1111's other sampling settings: named, not dropped
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-exp.png",
-                   "a castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7, Seed: 1, "
-                   "Size: 512x512, NGMS: 0.5, RNG: CPU")
-    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+    assert not_applied("a1111-exp.png",
+                       "a castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7, Seed: 1, "
+                       "Size: 512x512, NGMS: 0.5, RNG: CPU") == [
         "NGMS", "Sampler DPM++ 2M (Exponential schedule) (sdtune has no such sampler)"]
     # what A1111 assumes of an older version's PNG (before 1.6: old editing timelines, DDIM's v0 padding), a
     # prompt of more chunks than its negative without "Pad conds" (A1111 ran them apart); an edit alone is no emphasis
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-old.png",
-                   "a [red:blue:1.0] castle\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, "
-                   "RNG: CPU, Version: v1.5.1")
-    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+    assert not_applied("a1111-old.png",
+                       "a [red:blue:1.0] castle\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, "
+                       "RNG: CPU, Version: v1.5.1") == [
         "Old prompt editing timelines (A1111 v1.5.1)", "Pad conds v0 (A1111 v1.5.1)",
         "Downcast alphas_cumprod (A1111 v1.5.1)"]
-    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "a1111-long.png",
-                   "a castle" + ", a tower" * 40 + "\nNegative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 7, "
-                   "Seed: 1, Size: 512x512, RNG: CPU, Version: v1.10.1")
-    assert studio.settings_of(png, uploaded=True)["not_applied"] == [
+    assert not_applied("a1111-long.png",
+                       "a castle" + ", a tower" * 40 + "\nNegative prompt: blurry\nSteps: 20, Sampler: DDIM, "
+                       "CFG scale: 7, Seed: 1, Size: 512x512, RNG: CPU, Version: v1.10.1") == [
         "Pad conds off (A1111 ran the prompt and negative prompt of different lengths apart; sdtune pads the shorter)"]
     assert form["clip_skip"] == 2
     # a grid cell loads its LoRAs as adapters, so its prompt has no tags: they go into the prompt from its
