@@ -207,7 +207,8 @@ def test_a_finished_queue_takes_settings_that_do_not_change_weights(dataset, tmp
     """A finished run given a new progress bar, sample cadence or report setting is kept (said), not refused; a
     second queue process on the same folder is refused at once; a data folder given as "." is not taken for
     the run's output folder."""
-    jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\n' + NO_EXTRAS.replace("save_every = 1", "save_every = 0"))
+    extras = NO_EXTRAS.replace("save_every = 1", "save_every = 0")
+    jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\n' + extras)
     out = tmp_path / "q"
     train_queue.run_queue(jobs, out)
     done = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns

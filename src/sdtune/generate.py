@@ -453,10 +453,10 @@ def generate(
 def _how_read(base, texts: list[str], scheduler: str) -> dict:
     """The infotext fields by which A1111 reads a PNG back as sdtune drew it, where A1111's defaults differ:
     ``Schedule type`` (its DPM++ 2M is Karras unless told), ``Emphasis`` (sdtune's "No norm", written as A1111
-    writes it: for prompts with brackets once edited), ``Pad conds`` (a negative prompt of fewer chunks than the prompt is
-    padded with empty ones, as are the texts of a prompt edited at some step; A1111 runs the two apart unless
-    told) and ``RNG`` (the initial noise is drawn on
-    the CPU; A1111 takes a PNG without the field as GPU noise)."""
+    writes it: for prompts with brackets once edited), ``Pad conds`` (a negative prompt of fewer chunks than the
+    prompt is padded with empty ones, as are the texts of a prompt edited at some step; A1111 runs the two apart
+    unless told) and ``RNG`` (the initial noise is drawn on the CPU; A1111 takes a PNG without the field as GPU
+    noise)."""
     fields = {"Schedule type": SCHEDULE_TYPES.get(scheduler), "RNG": "CPU"}
     if any(c in text for text in texts for c in "(["):  # A1111's test: brackets left after prompt editing
         fields["Emphasis"] = "No norm"

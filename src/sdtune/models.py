@@ -543,7 +543,8 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         sampling = {"prediction_type": "EDM (sdtune does not sample it)"}
     else:
         try:
-            sampling = file_configs(family, metadata, path, keys=shapes.keys(), probe=probe)["scheduler"] if family else {}
+            sampling = (file_configs(family, metadata, path, keys=shapes.keys(), probe=probe)["scheduler"]
+                        if family else {})
         except SdtuneError:  # unreadable sdtune configs: loading says so
             sampling = {}
     said = (V_PRED in shapes or META_CONFIGS in metadata or metadata.get("modelspec.prediction_type") in

@@ -115,8 +115,8 @@ XL_UNET = dict(
 def configs(arch: str = "sd1") -> dict[str, dict]:
     """Every component's config of the tiny model ("sd1") or of tiny-xl ("sdxl") as shipped, as fresh dicts
     (``model.build`` makes the recipe's narrower random-init VAE)."""
-    out = {"unet": dict(UNET), "vae": dict(WIDE_VAE, scaling_factor=SHIPPED_VAE_SCALING), "text_encoder": dict(TEXT_ENCODER),
-           "scheduler": dict(SCHEDULER)}
+    out = {"unet": dict(UNET), "vae": dict(WIDE_VAE, scaling_factor=SHIPPED_VAE_SCALING),
+           "text_encoder": dict(TEXT_ENCODER), "scheduler": dict(SCHEDULER)}
     if arch == "sdxl":
         out |= {"unet": dict(XL_UNET), "text_encoder": dict(XL_TEXT_ENCODER_1),
                 "text_encoder_2": dict(XL_TEXT_ENCODER_2)}

@@ -361,7 +361,8 @@ class Studio:
         if p.get("RNG", "GPU") != "CPU":
             form["not_applied"].append(f"RNG {p.get('RNG', 'GPU (A1111 default)')}")
         # A1111's tests, on each text as prompt editing makes it: brackets (emphasis), and chunks of 75 tokens
-        texts = [[t for _, t in prompt_syntax.schedule(p.get(k, ""), form.get("steps", 20))] for k in ("prompt", "negative_prompt")]
+        texts = [[t for _, t in prompt_syntax.schedule(p.get(k, ""), form.get("steps", 20))]
+                 for k in ("prompt", "negative_prompt")]
         weighted = any(c in t for ts in texts for t in ts for c in "([")
         if "Pad conds" not in p and len({prompt_syntax.chunk_count(_tokenizers(), t) for ts in texts for t in ts}) > 1:
             form["not_applied"].append("Pad conds off (A1111 ran the prompt and negative prompt of different lengths "
