@@ -348,6 +348,11 @@ def test_progress_reads_a_loss_csv_when_training_writes_one(tmp_path):
                                               "loss=0.6\n")
     p = jobs_mod.progress(tmp_path)
     assert p["loss"] == [(1, 0.9), (2, 0.7), (3, 0.6)] and p["loss_source"] == "log"
+    # an atomic write's temporary folder (hidden, and gone a moment later) is not walked into
+    (tmp_path / "run1" / ".resume.pt.1-x.tmp").mkdir(parents=True)
+    (tmp_path / "run1" / ".resume.pt.1-x.tmp" / "report.html").write_text("")
+    (tmp_path / "run1" / "report.html").write_text("")
+    assert jobs_mod.progress(tmp_path)["report"] == tmp_path / "run1" / "report.html"
 
 
 # ---------------------------------------------------------------------------------------------- the UI's actions

@@ -189,6 +189,17 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def visible_paths(root: Path, folders: bool = False) -> list[Path]:
+    """The files (and with ``folders`` the folders) under ``root`` in path order, hidden ones and what hidden
+    folders hold left out. Those are atomic writes' temporaries (and .git, caches): one can vanish while it is
+    walked, which made ``Path.rglob`` raise; ``os.walk`` skips a folder gone meanwhile."""
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(here) / name for name in (dirs if folders else []) + files if not name.startswith(".")]
+    return sorted(found)
+
+
 def clear_stale(path: Path) -> None:
     """Remove what writes of ``path`` killed midway left beside it (a whole checkpoint, hidden, each time), and
     put back a folder a kill left set aside between the two renames of ``atomic_folder``."""

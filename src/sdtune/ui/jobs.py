@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..console import LOG_SECONDS_ENV
-from ..safeio import SdtuneError, atomic_write_text
+from ..safeio import SdtuneError, atomic_write_text, visible_paths
 from ..train.report import WRITING_REPORT
 
 JOB_FILE, CONFIG_FILE, LOG_FILE = "job.json", "job.toml", "train.log"
@@ -277,8 +277,9 @@ def progress(folder: str | Path) -> dict:
         "step": step, "total": total, "loss": loss, "run": run,
         "loss_source": newest,  # where the last value came from
         "samples": sorted((folder / "samples").glob("*.png")),
-        "loss_png": next(iter(sorted(folder.rglob("loss.png"))), None),
-        "report": page if page.is_file() else next(iter(sorted(folder.rglob("report.html"))), None),
+        "loss_png": next((p for p in visible_paths(folder) if p.name == "loss.png"), None),
+        "report": page if page.is_file() else next((p for p in visible_paths(folder) if p.name == "report.html"),
+                                                   None),
         "result": result,
         "error": errors[-1] if errors else None,
         "log_tail": "\n".join(segments[-15:]),

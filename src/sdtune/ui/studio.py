@@ -31,7 +31,7 @@ from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
 from ..models import file_sha256, known_family, load_base, vae_weights
-from ..safeio import SdtuneError, read_toml
+from ..safeio import SdtuneError, read_toml, visible_paths
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..tiny import model as tiny_model
@@ -132,10 +132,8 @@ class Studio:
     def _models_in(self, kind: str, root: Path) -> list[str]:
         """The model files and diffusers folders under ``root`` (in folder ``kind``), by their paths in it."""
         found = []
-        for p in sorted(root.rglob("*")):
+        for p in visible_paths(root, folders=True):
             rel = p.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
             weights = p.is_file() and p.suffix in (".safetensors", ".ckpt")
             if weights and any((q / "model_index.json").is_file() for q in p.parents if root in q.parents):
                 continue  # a part of a diffusers folder, listed as that folder
@@ -201,11 +199,10 @@ class Studio:
     def _names(self, kind: str) -> list[str]:
         root = self.folders.root(kind)
         names = []
-        for p in sorted(root.rglob("*")):
+        for p in visible_paths(root):
             rel = p.relative_to(root)
-            if (p.suffix not in sources.WEIGHT_SUFFIXES or not p.is_file() or any(s.startswith(".") for s in rel.parts)
-                    or any(c in str(rel) for c in ":<>")):  # not writable as <lora:name:w>
-                continue
+            if p.suffix not in sources.WEIGHT_SUFFIXES or not p.is_file() or any(c in str(rel) for c in ":<>"):
+                continue  # not a file, or not writable as <lora:name:w>
             try:
                 self.folders.inside(p, kind)  # a symlink out of the folder is not offered
             except Refused:
@@ -571,11 +568,14 @@ class Studio:
         """PNGs in the output folder, newest first, with their parameters; ``query`` filters on both."""
         out = self.folders.out
         found = []
-        for p in out.rglob("*.png"):
+        for p in visible_paths(out):
             rel = p.relative_to(out)
-            if rel.parts[0] == "datasets" or any(s.startswith(".") for s in rel.parts):
+            if p.suffix != ".png" or rel.parts[0] == "datasets":
                 continue
-            found.append((p.stat().st_mtime, p))
+            try:
+                found.append((p.stat().st_mtime, p))
+            except OSError:  # replaced or removed since the walk
+                continue
         found.sort(key=lambda t: t[0], reverse=True)
         q = query.strip().lower()
         rows = []
