@@ -272,14 +272,14 @@ def progress(folder: str | Path) -> dict:
     errors = [s[s.index("sdtune: error:"):] for s in segments if "sdtune: error:" in s]
     # training is over and the report is being drawn (its last line; the result path follows it when done)
     reporting = bool(segments) and WRITING_REPORT in segments[-1]
+    files = visible_paths(folder)  # one walk of the run folder per refresh, for its plot and report
     return {
         "reporting": reporting,
         "step": step, "total": total, "loss": loss, "run": run,
         "loss_source": newest,  # where the last value came from
         "samples": sorted((folder / "samples").glob("*.png")),
-        "loss_png": next((p for p in visible_paths(folder) if p.name == "loss.png"), None),
-        "report": page if page.is_file() else next((p for p in visible_paths(folder) if p.name == "report.html"),
-                                                   None),
+        "loss_png": next((p for p in files if p.name == "loss.png"), None),
+        "report": page if page.is_file() else next((p for p in files if p.name == "report.html"), None),
         "result": result,
         "error": errors[-1] if errors else None,
         "log_tail": "\n".join(segments[-15:]),
