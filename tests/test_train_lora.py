@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
+from sdtune import families
 from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
@@ -19,7 +20,7 @@ from sdtune.tiny import world
 from sdtune.train import lora as lora_train
 from sdtune.train.config import LoraSettings, load_settings
 from sdtune.train.data import scan_folder
-from sdtune.train.lora import LoraLayer, Network, te_targets, train_lora, unet_targets
+from sdtune.train.lora import LoraLayer, Network, kohya_clip_skip, te_targets, train_lora, unet_targets
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,10 @@ def test_clip_skip_trains_on_the_layer_it_reads(base, dataset, tmp_path):
     assert te_layers == set(range(layers - 1)) and meta["ss_clip_skip"] == "2"
     with pytest.raises(SdtuneError, match=r"--clip-skip 0: must be greater than 0"):
         settings(dataset, tmp_path / "x", clip_skip=0).check()
+    # sd-scripts counts SD 2.x's skip on the stored encoder, which lacks OpenCLIP's last layer: one less
+    counted = {(f.name, n): kohya_clip_skip(f, n) for f in (families.SD1, families.SD2, families.SDXL) for n in (1, 2, 3)}
+    assert counted == {("sd1", 1): "None", ("sd1", 2): "2", ("sd1", 3): "3", ("sd2", 1): "None", ("sd2", 2): "None",
+                       ("sd2", 3): "2", ("sdxl", 1): "None", ("sdxl", 2): "2", ("sdxl", 3): "3"}
 
 
 def test_a_run_on_a_model_with_loras_merged_says_so(base, dataset, tmp_path):

@@ -152,7 +152,7 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
         mp.setattr(UNet2DConditionModel, "forward", recording_forward)
         code = cli.main(["train", "lora", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"),
                          "--steps", "2", "--batch-size", "2", "--resolution", "64", "--rank", "4", "--alpha", "4",
-                         "--targets", "attn+ff", "--text-encoder", "--lr", "1e-3", "--formats", "kohya", "diffusers",
+                         "--targets", "attn+ff", "--text-encoder", "--clip-skip", "2", "--lr", "1e-3", "--formats", "kohya", "diffusers",
                          "--sample-every", "0", "--no-report", "--no-progress", "--device", "cpu", "--dtype", "fp32",
                          "--no-gradient-checkpointing"])
     assert code == 0, err.getvalue()[-2000:]
@@ -174,6 +174,7 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
         meta = f.metadata()
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"  # kohya's name
     assert meta["ss_v_parameterization"] == "True"
+    assert meta["ss_clip_skip"] == "None"  # A1111's 2 on SD 2.x is the default layer: sd-scripts' 1 (unset)
     # the diffusers file of the same run says so too (a conversion of it to kohya's layout kept epsilon's name)
     with safe_open(str(tmp_path / "run" / "diffusers" / "pytorch_lora_weights.safetensors"), "pt") as f:
         same = f.metadata()

@@ -200,6 +200,14 @@ def _tag_frequency(scan, root: Path) -> dict:
     return {k: dict(v) for k, v in freq.items()}
 
 
+def kohya_clip_skip(family, clip_skip: int) -> str:
+    """``ss_clip_skip`` as sd-scripts counts it: from the end of the encoder as diffusers stores it. That is
+    A1111's count except on SD 2.x, whose stored encoder already lacks OpenCLIP's last layer (A1111's 2 is
+    sd-scripts' 1, written "None" as when no skip is set)."""
+    skip = clip_skip - (1 if family.text_encoders[0].pretrained_layers else 0)
+    return str(skip) if skip > 1 else "None"
+
+
 def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, started: float, final: bool) -> dict:
     """Training facts in kohya's ``ss_*`` keys, which A1111, ComfyUI and LoRA browsers show."""
     m = job.metadata
@@ -231,7 +239,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_mixed_precision": m.get("mixed_precision", settings.mixed_precision),  # auto resolved: no/fp16/bf16
         "ss_full_fp16": "False",
         "ss_resolution": str((data.resolution, data.resolution)),  # the training size; buckets: ss_bucket_info
-        "ss_clip_skip": str(settings.clip_skip) if settings.clip_skip > 1 else "None",  # sd-scripts: None unset
+        "ss_clip_skip": kohya_clip_skip(base.family, settings.clip_skip),
         "ss_max_token_length": "None",
         "ss_cache_latents": str(data.crop == "center"),
         "ss_seed": str(settings.seed),
