@@ -14,6 +14,7 @@ from test_lora_bake import assert_same_weights, files_of, patched_in_memory, ten
 from test_single_file_families import _small_sd2
 
 from sdtune import families, ldm, models
+from sdtune.cli import main
 from sdtune.generate import make_scheduler
 from sdtune.lora import bake, inspect
 from sdtune.lora.formats import sampling_metadata
@@ -403,7 +404,7 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
     assert checkpoint("v.safetensors", spread(0.3))["prediction"] == "v_prediction"
     base = checkpoint("base.safetensors", spread(0.02))
     assert (base["family"], base["prediction"], base["prediction_from"]) == ("sd2", "epsilon", "weights")
-    assert "(the file does not say: read from its weights, as ComfyUI reads it)" in inspect.render(base | {
+    assert "(the file does not say: read from its weights, as ComfyUI reads it; a .yaml config" in inspect.render(base | {
         "hashes": {"autov2": "0", "sha256": "0", "autov1": "0"}})
     said = checkpoint("said.safetensors", spread(0.02), {"modelspec.prediction_type": "v"})
     assert (said["prediction"], said["prediction_from"]) == ("v_prediction", "file")
@@ -425,6 +426,52 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
         assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == want
         folder = bake.merge(bare, pairs, tmp_path / f"merged{std}", fmt="diffusers")
         assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == want
+
+
+def test_an_a1111_config_beside_a_checkpoint_settles_its_prediction(sd2, tmp_path, capsys):
+    """``model.yaml`` beside ``model.safetensors`` is the config A1111 reads (and ComfyUI's "load checkpoint with
+    config"): its LDM ``parameterization`` (none: eps) or SGM denoiser scaling wins over what sdtune reads from the
+    file (here the weight's spread), in loading, inspect and a merge, which writes the config beside its output."""
+    probe = families.SD2.prediction_probe
+    path, pairs = sd2
+    state, meta = tensors(path)
+    configs = json.loads(meta[models.META_CONFIGS])
+    del configs["scheduler"]
+    metadata = {**meta, models.META_CONFIGS: json.dumps(configs)}
+    spread = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 0.3  # the weights say v-prediction
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v for k, v in state.items() if k != "v_pred"} | {probe: spread}, str(bare), metadata=metadata)
+    assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == "v_prediction"
+
+    ldm_config = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
+    (tmp_path / "bare.yaml").write_text(ldm_config)  # v2-inference.yaml: no parameterization, so eps
+    assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == "epsilon"
+    described = models.describe_checkpoint(bare)
+    assert (described["prediction"], described["prediction_from"]) == ("epsilon", "config")
+    assert main(["inspect", str(bare)]) == 0
+    assert "epsilon (from bare.yaml beside it, as A1111 reads it)" in capsys.readouterr().out
+    merged = bake.merge(bare, pairs, tmp_path / "merged.safetensors", fmt="single")
+    assert (tmp_path / "merged.yaml").read_text() == ldm_config
+    assert models.load_base(str(merged), device="cpu").scheduler.config.prediction_type == "epsilon"
+    folder = bake.merge(bare, pairs, tmp_path / "folder", fmt="diffusers")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+
+    (tmp_path / "bare.yaml").write_text(ldm_config + "    parameterization: v\n")  # v2-inference-v.yaml
+    assert models.file_configs(families.SD2, {}, bare, probe=spread * 0)["scheduler"]["prediction_type"] == \
+        "v_prediction"
+    sgm = "model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n    denoiser_config:\n      params:\n" \
+          "        scaling_config:\n          target: sgm.modules.diffusionmodules.denoiser_scaling.{}\n"
+    for scaling, want in (("VScaling", "v_prediction"), ("EpsScaling", "epsilon")):
+        (tmp_path / "bare.yaml").write_text(sgm.format(scaling))
+        assert models.file_configs(families.SD2, {}, bare)["scheduler"]["prediction_type"] == want
+    for text, says in (("model: [unclosed\n", r"bare.yaml: not a model config A1111 reads \(expected ',' or ']'.* at line 2\)"),
+                       ("notes: mine\n", r"no model.params entry\); fix it, or rename it"),
+                       (ldm_config + "    parameterization: x0\n", "parameterization 'x0' is not one sdtune samples")):
+        (tmp_path / "bare.yaml").write_text(text)
+        with pytest.raises(SdtuneError, match=says):
+            models.load_base(str(bare), device="cpu")
+        assert main(["inspect", str(bare)]) == 2
+        assert capsys.readouterr().err.count("bare.yaml") == 1
 
 
 def full_and_norm_lora(base, seed: int) -> Lora:

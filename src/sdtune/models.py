@@ -20,6 +20,7 @@ from pathlib import Path
 import diffusers
 import huggingface_hub
 import torch
+import yaml
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -445,6 +446,43 @@ def file_sampling(metadata: dict, keys=(), probe: torch.Tensor | None = None) ->
     return settings
 
 
+def config_beside(path: Path) -> Path | None:
+    """The model config A1111 reads for a checkpoint (``model.yaml`` beside ``model.safetensors``), if any."""
+    found = Path(path).with_suffix(".yaml")
+    return found if Path(path).suffix and found.is_file() else None
+
+
+def config_prediction(path: Path) -> str | None:
+    """The prediction type the A1111 config beside a checkpoint states: LDM's ``parameterization`` ("v"; no
+    entry is noise prediction) or SGM's (SDXL) denoiser scaling (VScaling or EpsScaling). It is how A1111 and
+    ComfyUI's "load checkpoint with config" learn that a model whose file does not say is v-prediction, so it
+    wins over what sdtune reads from the file. None where there is no such config or it states neither."""
+    config = config_beside(path)
+    if config is None:
+        return None
+    try:
+        model = yaml.safe_load(config.read_text(encoding="utf-8"))["model"]  # safe_load: data only, no code
+        target, params = str(model.get("target", "")), model.get("params") or {}
+        scaling = params.get("denoiser_config", {}).get("params", {}).get("scaling_config", {}).get("target", "")
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        reason = ("no model.params entry" if not isinstance(e, yaml.YAMLError) else
+                  f"{getattr(e, 'problem', None) or 'bad YAML'}" + (f" at line {mark.line + 1}" if mark else ""))
+        raise SdtuneError(f"{config}: not a model config A1111 reads ({reason}); fix it, or rename it so that it "
+                          f"is not read as {path.name}'s") from None
+    if "parameterization" in params:
+        said = {"v": "v_prediction", "eps": "epsilon"}.get(params["parameterization"])
+        if said is None:
+            raise SdtuneError(f"{config}: parameterization {params['parameterization']!r} is not one sdtune samples; "
+                              f"use v or eps")
+        return said
+    if str(scaling).endswith("VScaling"):
+        return "v_prediction"
+    if str(scaling).endswith("EpsScaling") or target.startswith("ldm."):  # LDM's default is eps
+        return "epsilon"
+    return None
+
+
 def read_probe(family: Family, path: Path, keys) -> torch.Tensor | None:
     """The family's ``prediction_probe`` weight of a single file, read alone (None where the family has none or
     the file lacks it)."""
@@ -476,6 +514,9 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=(), probe: tor
                           f"checkpoint")
     configs = family.component_configs()
     configs["scheduler"] = dict(configs["scheduler"], **file_sampling(metadata, keys, probe))
+    declared = config_prediction(path)
+    if declared:
+        configs["scheduler"]["prediction_type"] = declared
     if family.epsilon_sample_size and configs["scheduler"]["prediction_type"] == "epsilon":  # SD 2.x base: 512 px
         configs["unet"]["sample_size"] = family.epsilon_sample_size
     if META_CONFIGS in metadata:
@@ -486,6 +527,8 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=(), probe: tor
         if not isinstance(written, dict) or not all(isinstance(v, dict) for v in written.values()):
             raise SdtuneError(f"{path}: unreadable {META_CONFIGS} metadata; re-export the model or remove that entry")
         configs |= written
+        if declared:
+            configs["scheduler"] = dict(configs["scheduler"], prediction_type=declared)
     if META_SCALING in metadata:
         configs["vae"]["scaling_factor"] = float(metadata[META_SCALING])
     return configs
@@ -547,6 +590,7 @@ def describe_checkpoint(path: str | Path) -> dict | None:
                         if family else {})
         except SdtuneError:  # unreadable sdtune configs: loading says so
             sampling = {}
+    declared = config_prediction(path)  # an unreadable config is said here, as loading says it
     said = (V_PRED in shapes or META_CONFIGS in metadata or metadata.get("modelspec.prediction_type") in
             _MODELSPEC_PREDICTION or metadata.get("modelspec.architecture") in _MODELSPEC_ARCH_PREDICTION)
     return {
@@ -559,9 +603,10 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         "dtypes": dict(dtypes.most_common()),
         "parameters": sum(components.values()),
         "prediction": sampling.get("prediction_type"),
-        # where that comes from: the file says it, or (SD 2.x files that do not) one weight's spread, as ComfyUI
-        # reads it, or the family's own
-        "prediction_from": "file" if said else "weights" if probe is not None else "family",
+        # where that comes from: the A1111 config beside it, the file, or (SD 2.x files that do not say) one
+        # weight's spread, as ComfyUI reads it, or the family's own
+        "prediction_from": ("config" if declared else "file" if said else "weights" if probe is not None
+                            else "family"),
         "zero_terminal_snr": bool(sampling.get("rescale_betas_zero_snr")),
         "metadata": {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.") or k == META_ARCH},
     }

@@ -58,6 +58,7 @@ from ..safeio import (
     SdtuneError,
     atomic_folder,
     atomic_path,
+    atomic_write_text,
     input_at,
     is_safetensors,
     output_file,
@@ -641,6 +642,9 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
         items.append(_Item(key, src, key, list(changes.get((path, key), {}).items()),
                            out_float if out_float and floating else info["dtype"], info["shape"]))
     _write_file(out, items, dict(src.metadata, **{META_MERGED: _merged_note(pairs)}))
+    config = models.config_beside(path)
+    if config is not None:  # the A1111 config that says how to sample the input says it of the merge too
+        atomic_write_text(config.read_text(encoding="utf-8"), out.with_suffix(".yaml"))
     return out
 
 

@@ -204,7 +204,10 @@ def _render_checkpoint(info: dict) -> str:
     parts = _parts(info["components"])
     prediction = info["prediction"] or "n/a (unknown family)"
     if info["prediction"] and info.get("prediction_from") == "weights":
-        prediction += " (the file does not say: read from its weights, as ComfyUI reads it)"
+        prediction += (" (the file does not say: read from its weights, as ComfyUI reads it; a .yaml config beside "
+                       "it, as A1111 reads one, settles it)")
+    if info.get("prediction_from") == "config":
+        prediction += f" (from {Path(info['file']).with_suffix('.yaml').name} beside it, as A1111 reads it)"
     if info["zero_terminal_snr"]:
         prediction += ", zero terminal SNR (trailing timesteps)"
     rows = [("file", info["file"]), ("kind", "checkpoint (single file)"),
