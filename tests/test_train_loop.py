@@ -1,5 +1,6 @@
 """The shared training loop: schedules, loss, settings, exact resume, NaN stop, samples, several processes."""
 
+import html
 import os
 import shutil
 import subprocess
@@ -285,6 +286,16 @@ def test_more_steps_on_a_finished_run_keep_its_final_weights_under_their_step(ba
     assert [tuple(c) for c in state["history"]["checkpoints"]] == [(2, "lora-step000002.safetensors"),
                                                                    (3, "lora.safetensors")]
     assert not any(torch.equal(lora_tensors(tmp_path / "lora.safetensors")[k]["up"], first[k]["up"]) for k in first)
+    # its settings cannot repeat steps 1-2, which ran on a cosine planned over 2 steps: settings.toml and the
+    # report say so (a resume with the same --steps adds nothing)
+    note = ("this run was resumed with other --steps, so its cosine learning-rate schedule was planned over other "
+            "step counts (steps 1-2 over 2, steps 3-3 over 3); these settings plan it over 3 throughout, so a "
+            "rerun's weights differ")
+    assert state["history"]["spans"] == [[0, 2], [2, 3]]
+    assert (tmp_path / loop.SETTINGS_FILE).read_text().startswith(f"# {note}\n# sdtune train lora --config")
+    train_lora(base, settings(dataset, tmp_path, steps=3, lr_scheduler="cosine", sample_every=0, sample_steps=2))
+    assert f"Not exactly: {html.escape(note)}." in (tmp_path / "report.html").read_text()
+    assert load_state(tmp_path / loop.STATE_FILE)[0]["history"]["spans"] == [[0, 2], [2, 3]]
 
 
 def test_resume_refuses_changed_images_or_captions_and_a_cut_state(base, dataset, tmp_path):

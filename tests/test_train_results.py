@@ -171,6 +171,7 @@ def test_a_resumed_run_keeps_one_log(base, dataset, lora_run, tmp_path):
     # the report knows the checkpoint saved before the stop
     page = (tmp_path / report.REPORT_FILE).read_text()
     assert '<a href="lora-step000002.safetensors">' in page and "4 steps, resumed sessions included" in page
+    assert "Not exactly" not in page  # resumed with the same --steps: its settings rerun it
 
 
 def test_samples_start_at_the_base_and_use_the_first_captions(lora_run, dataset):

@@ -100,6 +100,7 @@ class Record:
     seconds: float  # training time, summed over resumed sessions
     peak_memory: dict[str, int]  # bytes: "rss", "cuda"
     main: bool  # the main process (the one that writes files)
+    spans: list = field(default_factory=list)  # [first step, planned total] of each --steps the run had
 
 
 # ---------------------------------------------------------------- pieces
@@ -288,9 +289,22 @@ def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -
     return settings.steps
 
 
-def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int) -> None:
+def schedule_note(settings: TrainSettings, spans: list) -> str:
+    """What a run resumed with other --steps cannot repeat from its settings: the part of it that followed a
+    learning-rate schedule planned over another step count ("" when nothing differs)."""
+    if settings.lr_scheduler not in ("linear", "cosine") or len(spans) < 2:
+        return ""
+    ends = [start for start, _ in spans[1:]] + [spans[-1][1]]
+    parts = ", ".join(f"steps {start + 1}-{end} over {planned}" for (start, planned), end in zip(spans, ends))
+    return (f"this run was resumed with other --steps, so its {settings.lr_scheduler} learning-rate schedule was "
+            f"planned over other step counts ({parts}); these settings plan it over {spans[-1][1]} throughout, "
+            f"so a rerun's weights differ")
+
+
+def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spans: list) -> None:
     """Print the settings the run uses and write them where ``--config`` can rerun them."""
-    atomic_write_text(to_toml(settings), out / SETTINGS_FILE)
+    note = schedule_note(settings, spans)
+    atomic_write_text((f"# {note}\n" if note else "") + to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
     validated = job.validation.description if job.validation else "no validation images"
     size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""  # resolution=0 says less
@@ -469,7 +483,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         # the attention layers): one kernel for all, 4x faster than foreach, equal to it to the last bit or so
         optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay,
                                       fused=True if device.type == "cpu" else None)
-        start, history, extend, state = 0, {}, False, {}
+        start, history, extend, state, spans = 0, {}, False, {}, [[0, total]]
         data_id = fingerprint(data.scan, settings.data)
         if job.validation is not None and job.validation.data_id:
             data_id["validation"] = job.validation.data_id
@@ -484,6 +498,12 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             history = state.get("history", {})
+            # states before sdtune kept the spans: the one total they recorded
+            spans = history.get("spans") or ([[0, state["total"]]] if state.get("total") else [])
+            if spans and spans[-1][0] == start:  # resumed again where the last one began: no step ran on it
+                spans = spans[:-1]
+            if not spans or spans[-1][1] != total:
+                spans = [*spans, [start, total]]
             # a finished run given more steps: its final files are written again at the new end, so the weights
             # they hold now are saved under their step's name first (states before sdtune recorded "final": the
             # saved step count tells)
@@ -494,7 +514,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             if aside is not None:
                 print(f"sdtune train {job.name}: starting over in {settings.out}; the earlier run's files are now in "
                       f"{aside}", file=sys.stderr)
-            _announce(settings, job, Path(settings.out), data.resolution)
+            _announce(settings, job, Path(settings.out), data.resolution, spans)
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
@@ -504,14 +524,15 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
                           model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
                           checkpoints=[(s, Path(settings.out) / f) for s, f in history.get("checkpoints", [])],
-                          seconds_before=history.get("seconds", 0.0), started=started, data_id=data_id)
+                          seconds_before=history.get("seconds", 0.0), started=started, data_id=data_id, spans=spans)
         if extend:
             session.save(start, final=False)
         files = _steps(session, start, callback)
         log.close()  # loss.png and the last rows, before the report reads them
         return Record(files=files, checkpoints=session.checkpoints, val_losses=log.val_losses(),
                       validation=job.validation.description if job.validation else "",
-                      seconds=session.seconds, peak_memory=logs.peak_memory(), main=accelerator.is_main_process)
+                      seconds=session.seconds, peak_memory=logs.peak_memory(), main=accelerator.is_main_process,
+                      spans=spans)
     finally:
         for step_back in reversed(undo):
             step_back()
@@ -536,6 +557,7 @@ class Session:
     checkpoints: list[tuple[int, Path]] = field(default_factory=list)  # (step, main file), resumed runs' included
     seconds_before: float = 0.0  # training time of the sessions before a resume
     data_id: dict = field(default_factory=dict)  # the training data's fingerprint (data.fingerprint), for resumes
+    spans: list = field(default_factory=list)  # Record.spans
     started: float = 0.0  # perf_counter() at this session's start
 
     @property
@@ -587,7 +609,7 @@ class Session:
             self.final_files = written if final else self.final_files
             self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
             history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
-                       "seconds": self.seconds}
+                       "seconds": self.seconds, "spans": self.spans}
             self.log.flush()
             atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
                                "trainable": self.job.state(),

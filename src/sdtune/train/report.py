@@ -26,7 +26,7 @@ from ..safeio import atomic_path, atomic_write_text
 from ..ti.formats import load_embedding
 from .config import to_toml
 from .logs import TENSORBOARD_DIR
-from .loop import SETTINGS_FILE, Record
+from .loop import SETTINGS_FILE, Record, schedule_note
 
 PAGE = "templates/train_report.html"
 WRITING_REPORT = "writing the report,"  # the line the web UI's job view recognises
@@ -163,6 +163,7 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
                 grid_title=grid_title, grid_note=grid_note, grid=GRID_FILE,
                 prompts=" | ".join(prompts), samples=lines(samples) or Html("<p>No samples (--sample-every 0).</p>"),
                 settings_file=str(out / SETTINGS_FILE), settings=to_toml(settings),
+                rerun_note=(f"Not exactly: {note}." if (note := schedule_note(settings, record.spans)) else ""),
                 train_seconds=f"{record.seconds:.0f}", steps=record.checkpoints[-1][0] if record.checkpoints else 0,
                 report_seconds=f"{time.perf_counter() - started:.0f}", peak_memory=peak, memory_note=memory_note)
     atomic_write_text(text, out / REPORT_FILE)
