@@ -194,6 +194,10 @@ def test_lora_tag_parsing():
     with pytest.warns(UserWarning, match=r"^<hypernet:anime:1> in the prompt: sdtune has no hypernet networks; the "
                                          r"tag is left out, as A1111 leaves out a network it lacks$"):
         assert api.parse_lora_tags("a <hypernet:anime:1>girl")[0] == "a girl"
+    # A1111's network names are case-sensitive: <LORA:x> is a network it lacks, so no LoRA applies
+    with pytest.warns(UserWarning, match=r"^<LORA:x:0.5> in the prompt: A1111 reads only <lora:…> in lower case and "
+                                         r"leaves this tag out, so sdtune does too; write <lora:x:0.5>$"):
+        assert api.parse_lora_tags("a <LORA:x:0.5>girl, <lyco:y>") == ("a girl, ", [("y", 1.0, None)])
 
 
 def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_path):

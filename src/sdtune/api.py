@@ -25,7 +25,8 @@ from .safeio import SdtuneError
 from .ti.formats import a1111_word, load_embedding
 from .ti.tokens import TokenTaken, find_in_prompt
 
-LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.I)  # A1111 reads lyco: as lora: (lora_script)
+# A1111 reads lyco: as lora: (lora_script); its network names are case-sensitive (<LORA:x> is an unknown network)
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 # A1111's composable AND, which sdtune reads as a word (prompt editing and alternation are read: prompts.schedule)
 UNREAD_SYNTAX = re.compile(r"\bAND\b")
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tags, all taken out of the prompt
@@ -76,8 +77,12 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     clean = LORA_TAG.sub("", prompt)
 
     def other(m: re.Match) -> str:  # a broken LoRA tag stays, for generate's warning
-        if m.group(1).lower() in ("lora", "lyco"):
+        if m.group(1) in ("lora", "lyco"):
             return m.group(0)
+        if m.group(1).lower() in ("lora", "lyco"):
+            note(f"{m.group(0)} in the prompt: A1111 reads only <{m.group(1).lower()}:…> in lower case and leaves "
+                 f"this tag out, so sdtune does too; write <{m.group(1).lower()}:{m.group(2)}>")
+            return ""
         note(f"{m.group(0)} in the prompt: sdtune has no {m.group(1)} networks; the tag is left out, as A1111 "
              f"leaves out a network it lacks")
         return ""
@@ -290,7 +295,7 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     if unread:
         note("'AND' in the prompt: sdtune does not read A1111's composable AND (a prompt per part, their "
              "predictions mixed); the word is encoded as written")
-    broken = re.search(r"<(lora|lyco):[^>]*(>|$)", clean, re.I)
+    broken = re.search(r"<(lora|lyco):[^>]*(>|$)", clean, re.I)  # (<LORA:x> complete: said by lora_tags)
     if broken:  # unclosed, or no name: A1111 reads it as words too, but the user meant a LoRA
         note(f"{broken.group(0)!r} in the prompt is not a LoRA tag, so no LoRA is applied for it; write "
              f"<lora:NAME:WEIGHT>")
