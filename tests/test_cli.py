@@ -218,19 +218,20 @@ def test_inspect_text_and_json(loras, capsys):
 def test_inspect_describes_embeddings_of_every_layout(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     sdxl = Embedding("<x>", {"clip_l": torch.randn(2, 768, generator=g), "clip_g": torch.randn(2, 1280, generator=g)},
-                     "made here", "sdxl")
+                     "made here", "sdxl", training={"step": "500"})
     save_embedding(sdxl, tmp_path / "xl.safetensors")
-    save_embedding(Embedding("<p>", torch.randn(3, 1024, generator=g), "made here", "a1111"), tmp_path / "p.pt",
-                   format="a1111")
+    save_embedding(Embedding("<p>", torch.randn(3, 1024, generator=g), "made here", "a1111", training={"step": "12"}),
+                   tmp_path / "p.pt", format="a1111")
     save_file({"emb_params": torch.randn(1, 768, generator=g).bfloat16()}, str(tmp_path / "kohya-style.safetensors"))
-    want = {"xl.safetensors": ("<x>", 2, {"clip_l": 768, "clip_g": 1280}, "SDXL", "float32"),
-            "p.pt": ("<p>", 3, {"": 1024}, "SD 2.x", "float32"),
-            "kohya-style.safetensors": ("kohya-style", 1, {"": 768}, "SD 1.x", "bfloat16")}  # as stored
-    for name, (token, n, widths, family, dtype) in want.items():
+    want = {"xl.safetensors": ("<x>", 2, {"clip_l": 768, "clip_g": 1280}, "SDXL", "sdxl", "float32", 500),
+            "p.pt": ("<p>", 3, {"": 1024}, "SD 2.x", "sd2", "float32", 12),
+            "kohya-style.safetensors": ("kohya-style", 1, {"": 768}, "SD 1.x", "sd1", "bfloat16", None)}  # as stored
+    for name, (token, n, widths, title, family, dtype, step) in want.items():
         assert main(["inspect", str(tmp_path / name), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert (info["kind"], info["token"], info["vectors"], info["widths"], info["family_name"], info["dtypes"]) == (
-            "embedding", token, n, widths, family, [dtype]), name
+        assert (info["kind"], info["token"], info["vectors"], info["widths"], info["family_name"], info["family"],
+                info["dtypes"], info["training"].get("step")) == ("embedding", token, n, widths, title, family,
+                                                                  [dtype], step), name
         assert info["hashes"]["autov2"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:10]
     assert main(["inspect", str(tmp_path / "xl.safetensors")]) == 0
     text = capsys.readouterr().out

@@ -11,7 +11,7 @@ from .. import families
 from ..ldm import ADAPTER_KEY
 from ..models import describe_checkpoint, describe_folder, file_sha256, not_a_model
 from ..safeio import SdtuneError, is_safetensors, read_keys
-from ..ti.formats import Embedding, a1111_word, load_embedding, made_for
+from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
 from . import blocks as block_weights
 from . import hashes, keys
 from .formats import CLIP_G_SUFFIX, load_lora
@@ -126,6 +126,10 @@ def _embedding(path: str | Path) -> Embedding | None:
 
 
 def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
+    fitting = fitting_families(emb.widths)
+    training = dict(emb.training)
+    if str(training.get("step", "")).isdigit():  # files store it as text (safetensors metadata) or a number (A1111)
+        training["step"] = int(training["step"])
     return {
         "file": str(path),
         "kind": "embedding",
@@ -134,10 +138,11 @@ def _describe_embedding(path: str | Path, emb: Embedding) -> dict:
         "a1111_word": a1111_word(emb, path),  # A1111's and ComfyUI's word for it where that is another
         "vectors": emb.num_vectors,
         "widths": emb.widths,
+        "family": fitting[0].name if len(fitting) == 1 else None,  # as a LoRA's: the one family it fits
         "family_name": made_for(emb.widths),
         "dtypes": [emb.stored_dtype],
         "norms": {key: round(float(r.norm(dim=1).mean()), 4) for key, r in emb.parts.items()},
-        "training": emb.training,  # step, base model and its hash, settings: where the file records them
+        "training": training,  # step, base model and its hash, settings: where the file records them
         "hashes": hashes.describe(path),
     }
 

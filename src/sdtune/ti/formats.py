@@ -84,11 +84,15 @@ class Embedding:
         return Embedding(token=token, vectors=vectors, source=source, format=format, training=dict(training or {}))
 
 
+def fitting_families(widths: dict[str, int]) -> list:
+    """The families whose text encoders these widths (by embedding key) fill exactly."""
+    return [f for f in families.FAMILIES.values() if {te.embedding_key: te.width for te in f.text_encoders} == widths]
+
+
 def made_for(widths: dict[str, int]) -> str:
     """The family whose text encoders these widths (by embedding key) fill, for messages: {"": 768} ->
     "SD 1.x", {"clip_l": 768, "clip_g": 1280} -> "SDXL"; by width alone when no family has exactly them."""
-    titles = [f.title for f in families.FAMILIES.values()
-              if {te.embedding_key: te.width for te in f.text_encoders} == widths]
+    titles = [f.title for f in fitting_families(widths)]
     if titles:
         return " or ".join(titles)
     return families.describe_width(widths[""]) if list(widths) == [""] else "an unknown model family"
