@@ -232,6 +232,16 @@ def test_best_checkpoint_and_verdict(tmp_path):
     assert "never fell below the base model's" in report._verdict(flat, report.best_checkpoint(flat), tmp_path)
 
 
+def test_the_grid_draws_at_most_six_checkpoints_the_last_and_the_best_among_them(tmp_path):
+    ckpts = [(s, tmp_path / f"a-{s}.safetensors") for s in range(100, 1300, 100)]  # 12 saves
+    losses = {s: 1.0 for s, _ in ckpts} | {500: 0.5}
+    shown = [s for s, _ in report.grid_checkpoints(Record([], ckpts, losses, "", 1.0, {}, True))]
+    assert shown == [100, 400, 500, 700, 900, 1200]  # evenly spaced (100 ... 1200), and the best
+    assert [s for s, _ in report.grid_checkpoints(Record([], ckpts, {}, "", 1.0, {}, True))] == [
+        100, 400, 700, 900, 1200]
+    assert report.grid_checkpoints(Record([], ckpts[:6], losses, "", 1.0, {}, True)) == ckpts[:6]
+
+
 def test_ti_report_grid_and_the_token_keeps_its_final_vectors(tmp_path):
     base = load_base("tiny-random")
     data = world.write_dataset(tmp_path / "d", world.concept_scenes(4, seed=2, shape="star"))

@@ -36,6 +36,9 @@ BEST_FILE = "best.safetensors"
 GRID_FILE = "checkpoint-grid.png"
 STRENGTHS = (0.0, 0.5, 0.75, 1.0)
 GRID_CELL = 128  # pixels per grid cell (the tiny model's 64-px images are scaled up)
+# checkpoints the grid draws at most: a run saved 30 times would take longer to draw than to train on a CPU, and
+# 30 rows are no longer compared at a glance
+GRID_ROWS = 6
 
 CHECKPOINT_ROW = Template('<tr><td class="num">step $step</td><td><a href="$file">$file</a></td>'
                           '<td class="num">$loss</td><td class="best">$mark</td></tr>')
@@ -52,6 +55,19 @@ def best_checkpoint(record: Record) -> tuple[int, Path] | None:
     return step, path
 
 
+def grid_checkpoints(record: Record, limit: int = GRID_ROWS) -> list[tuple[int, Path]]:
+    """The checkpoints the grid draws: all of them up to ``limit``, else ``limit - 1`` evenly spaced ones (the
+    first and the last among them) and the best."""
+    saved = record.checkpoints
+    if len(saved) <= limit:
+        return saved
+    keep = {round(i * (len(saved) - 1) / (limit - 2)) for i in range(limit - 1)}
+    best = best_checkpoint(record)
+    if best is not None:
+        keep.add(next(i for i, (step, _) in enumerate(saved) if step == best[0]))
+    return [saved[i] for i in sorted(keep)]
+
+
 def _image(base, settings, prompt: str):
     """One image of ``prompt`` with the run's sampling settings and seed."""
     return generate(base, prompt, steps=settings.sample_steps, guidance=settings.sample_guidance,
@@ -62,7 +78,8 @@ def lora_grid(base, settings, record: Record, prompt: str):
     """Checkpoint x strength: rows are the checkpoints, columns the LoRA at 0 (the base), 0.5, 0.75 and 1."""
     plain = _image(base, settings, prompt)  # strength 0 is the base model bit for bit: drawn once
     rows = []
-    for step, path in record.checkpoints:
+    shown = grid_checkpoints(record)
+    for step, path in shown:
         name = f"report-step-{step}"
         base.loras.add(name, path, 0.0)
         try:
@@ -73,7 +90,7 @@ def lora_grid(base, settings, record: Record, prompt: str):
         finally:
             base.loras.remove(name)
         rows.append(row)
-    return draw_grid(rows, [f"step {s}" for s, _ in record.checkpoints], [f"strength {w:g}" for w in STRENGTHS],
+    return draw_grid(rows, [f"step {s}" for s, _ in shown], [f"strength {w:g}" for w in STRENGTHS],
                      cell=GRID_CELL)
 
 
@@ -85,7 +102,7 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
     rows = [[_image(base, settings, pattern.sub(lambda _: settings.init_token, p)) for p in prompts]]
     final = embeddings.get(token)
     try:
-        for _, path in record.checkpoints:
+        for _, path in grid_checkpoints(record):
             embeddings.remove(token)
             embeddings.add(load_embedding(path, token=token))
             rows.append([_image(base, settings, p) for p in prompts])
@@ -93,7 +110,7 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
         if token in embeddings:
             embeddings.remove(token)
         embeddings.add(final)
-    labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in record.checkpoints]
+    labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in grid_checkpoints(record)]
     return draw_grid(rows, labels, prompts, cell=GRID_CELL)
 
 
@@ -138,6 +155,10 @@ def write_report(base, settings, record: Record, grid, grid_title: str, grid_not
     # the checkpoint grid draws an image per checkpoint and strength: say what the pause after the last step is
     print(f"sdtune train {settings.kind}: {WRITING_REPORT} {out / 'report.html'}", file=sys.stderr, flush=True)
     best = best_checkpoint(record)
+    drawn = len(grid_checkpoints(record))
+    if drawn < len(record.checkpoints):
+        grid_note += (f" {drawn} of the {len(record.checkpoints)} checkpoints are drawn: evenly spaced, the last "
+                      f"and the best among them (the table above lists all).")
     if best is not None:
         with atomic_path(out / BEST_FILE) as tmp:
             shutil.copyfile(best[1], tmp)
