@@ -498,7 +498,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             history = state.get("history", {})
-            # states before sdtune kept the spans: the one total they recorded
+            # a state written before sdtune kept spans: the one total it recorded
             spans = history.get("spans") or ([[0, state["total"]]] if state.get("total") else [])
             if spans and spans[-1][0] == start:  # resumed again where the last one began: no step ran on it
                 spans = spans[:-1]
