@@ -131,6 +131,25 @@ def test_infotext_round_trip_quotes_commas():
     assert parse_infotext(text)["Lora weights"] == "a=0.5; b=1"
 
 
+def test_infotext_of_a1111_jpegs_and_webps_is_read_from_their_exif(tmp_path):
+    """A1111 writes a JPEG's or WebP's parameters into the EXIF UserComment (piexif's UNICODE form, UTF-16
+    big-endian); other tools write it little-endian, or as ASCII."""
+    from PIL import Image
+
+    text = "a castle, ünï\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
+    for name, comment in (("a.jpg", b"UNICODE\0" + text.encode("utf-16-be")),
+                          ("b.webp", b"UNICODE\0" + text.encode("utf-16-le")),
+                          ("c.jpg", b"ASCII\0\0\0" + text.encode("ascii", "replace"))):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = comment
+        Image.new("RGB", (8, 8)).save(tmp_path / name, exif=exif)
+        got = read_infotext(tmp_path / name)
+        assert got == (text if name != "c.jpg" else text.replace("ünï", "?n?")), name
+        assert parse_infotext(got)["Seed"] == "1"
+    Image.new("RGB", (8, 8)).save(tmp_path / "none.jpg")
+    assert read_infotext(tmp_path / "none.jpg") is None
+
+
 def test_infotext_reads_as_a1111_writes_and_parses():
     """Values with quotes, backslashes or newlines are JSON-quoted (A1111's quote()), and read back; prompts and
     negative prompts may span lines; the last line holds the parameters."""
@@ -290,6 +309,17 @@ def test_source_specs(tmp_path):
         sources.parse_weighted(f"{f}:0.5:foo=1")
     assert sources.split_suffix(f"{f}:<tok>") == (str(f), "<tok>")
     assert sources.resolve("a", "lora", (tmp_path,)) == f
+    # a name is found in a subfolder too, as A1111 finds <lora:inner> in Lora/sub/inner.safetensors; two are refused
+    for rel in ("sub/inner.safetensors", "x/dup.safetensors", "y/z/dup.pt", ".hidden/inner2.safetensors"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert sources.resolve("inner", "lora", (tmp_path,)) == tmp_path / "sub" / "inner.safetensors"
+    assert sources.resolve("inner.safetensors", "embedding", (tmp_path,)) == tmp_path / "sub" / "inner.safetensors"
+    with pytest.raises(SdtuneError, match=r"^dup: 2 files of that name in \S+ \(x/dup.safetensors, y/z/dup.pt\); name "
+                                          r"one by its path there, e.g. x/dup$"):
+        sources.resolve("dup", "lora", (tmp_path,))
+    with pytest.raises(SdtuneError, match="^inner2: no such file"):  # not in a hidden folder
+        sources.resolve("inner2", "lora", (tmp_path,))
     assert sources.hub_parts("andrewzhu/MoXinV1/MoXinV1.safetensors", "lora") == ("andrewzhu/MoXinV1",
                                                                                   ("MoXinV1.safetensors",))
     assert sources.hub_parts("sd-concepts-library/midjourney-style", "embedding")[1][0] == "learned_embeds.safetensors"

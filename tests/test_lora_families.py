@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdtune import families, models
 from sdtune.ldm import unet_module_map
@@ -325,6 +325,39 @@ def test_sdxl_locon_sgm_names_convs_and_label_emb(tmp_path, xl, xl_pipe, xl_pris
     sd = formats.load_lora(tmp_path / "0.safetensors")
     assert "add_embedding.linear_2" in sd.modules["unet"] and not sd.unknown
     print(f"LoCon SGM-named: worst relative error {worst:.1e}")
+
+
+def test_sdxl_comfyui_layout_reads_as_the_kohya_file_it_spells(tmp_path, xl, xl_pipe, xl_pristine, xl_sgm_names):
+    """ComfyUI's LoraSave writes diffusion_model.<SGM path> and text_encoders.clip_l|clip_g.transformer.<path>
+    keys, with kohya's suffixes: sdtune reads the same adapters as from the kohya file with those names, and
+    patches what diffusers patches from that kohya file (diffusers does not read ComfyUI's layout)."""
+    targets = attention_targets(xl) + conv_targets(xl)[:6]
+    named = {kohya_name(families.SDXL, c, p, xl_sgm_names): (c, p) for c, p, _ in targets}
+    kohya_files, comfy_files = [], []
+    for seed in (1, 2):
+        kohya = write_kohya(tmp_path / f"k{seed}.safetensors", families.SDXL, targets, seed, rank=4, alpha=2.0,
+                            ldm_names=xl_sgm_names)
+        comfy = {}
+        for key, value in load_file(str(kohya)).items():
+            name, _, suffix = key.partition(".")
+            comp, p = named[name]
+            where = ("diffusion_model." + xl_sgm_names.get(p, p) if comp == "unet" else
+                     f"text_encoders.{'clip_l' if comp == 'text_encoder' else 'clip_g'}.transformer.text_model.{p}")
+            comfy[f"{where}.{suffix}"] = value
+        save_file(comfy, str(tmp_path / f"c{seed}.safetensors"))
+        kohya_files.append(kohya)
+        comfy_files.append(tmp_path / f"c{seed}.safetensors")
+    worst = sdtune_against(xl, diffusers_fused(xl_pipe, kohya_files, XL_COMPONENTS), comfy_files, xl_pristine)
+    comfy, kohya = formats.load_lora(comfy_files[0]), formats.load_lora(kohya_files[0])
+    assert not comfy.unknown and comfy.modules.keys() == kohya.modules.keys()
+    for comp, modules in kohya.modules.items():
+        assert comfy.modules[comp].keys() == modules.keys() and len(modules) == sum(c == comp for c, _, _ in targets)
+        for path, adapter in modules.items():
+            theirs = comfy.modules[comp][path]
+            assert (theirs.kind, theirs.alpha, theirs.tensors.keys()) == (adapter.kind, adapter.alpha,
+                                                                          adapter.tensors.keys())
+            assert all(torch.equal(t, theirs.tensors[role]) for role, t in adapter.tensors.items())
+    print(f"ComfyUI layout: worst relative error {worst:.1e}")
 
 
 def test_sdxl_kohya_output_in_sgm_names_as_sd_scripts_writes(tmp_path, xl, xl_pipe, xl_pristine, xl_sgm_names):

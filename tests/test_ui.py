@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdtune.generate import parse_infotext, read_infotext, save_png
 from sdtune.lora.blocks import TINY
@@ -30,6 +30,7 @@ from sdtune.ui import app as app_mod
 from sdtune.ui import jobs as jobs_mod
 from sdtune.ui import parse_auth, trainform
 from sdtune.ui.guard import Folders, Refused, check_upload
+from sdtune.ui.studio import _split_names
 
 MB = 2**20
 
@@ -507,6 +508,20 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
         png = save_png(Image.new("RGB", (8, 8)), tmp_path / name, text)
         return studio.settings_of(png, uploaded=True)["not_applied"]
 
+    # values past the page's sliders (which would refuse them before any handler runs) are left out and named;
+    # a file name's '=' and brackets are no weight and no emphasis; a text with no settings is a prompt
+    big = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "big.png",
+                                       "a <lora:my (style):0.5>castle\nSteps: 200, CFG scale: 35, Seed: 1, "
+                                       "Size: 2560x1440, Clip skip: 13, RNG: CPU, Lora weights: eq=sign=0.8"),
+                             uploaded=True)
+    assert {k for k in ("steps", "cfg", "clip_skip", "width", "height") if k in big} == set()
+    assert big["not_applied"] == ["Steps 200 (the page takes 1 to 150)", "CFG scale 35 (the page takes 1 to 30)",
+                                   "Clip skip 13 (the page takes 1 to 12)", "Size 2560x1440 (the page takes 0 to 2048 "
+                                   "a side)", "LoRA my (style), eq=sign (not in the LoRA folder)"]
+    plain = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "text.png", "just some text"),
+                               uploaded=True)
+    assert plain == {"prompt": "just some text", "negative_prompt": "", "parameters": "just some text",
+                     "not_applied": []}
     # named to the user, not dropped; A1111 writes no RNG for its default GPU noise
     assert form["not_applied"] == ["Hires upscale", "Hires steps", "RNG GPU (A1111 default)"]
     # what sdtune draws otherwise: GPU noise, A1111's default emphasis on a weighted prompt, a sampler it lacks
@@ -633,12 +648,19 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, co
         studio.add_upload(str(emb), "loras")
     assert studio.add_upload(str(emb), "embeddings") == "mystar" and "mystar" in studio.embedding_names()
     assert "mystar" not in studio.lora_names()
-    # an A1111-style file name (spaces, brackets) is taken under a plain one (it was refused as an "output name")
-    spaced = tmp_path / "my style (v2).safetensors"
-    shutil.copyfile(studio.folders.loras / "style.safetensors", spaced)
-    assert studio.add_upload(str(spaced), "loras") == "my_style_v2" and "my_style_v2" in studio.lora_names()
-    with pytest.raises(SdtuneError, match=r"^my_style_v2.safetensors exists already in the LoRA folder; pick"):
-        studio.add_upload(str(spaced), "loras")
+    lora_file = studio.folders.loras / "style.safetensors"
+    with pytest.raises(SdtuneError, match=r"^style.safetensors: holds no embedding \(a LoRA\?\); add it to the LoRA "
+                                          r"folder instead$"):
+        studio.add_upload(str(lora_file), "embeddings")
+    # an A1111-style file name (spaces, brackets) is taken under a plain one (it was refused as an "output name"),
+    # letters of any script kept; the same file again is the one there, another of that name gets a number
+    spaced = tmp_path / "my style (v2) ünï.safetensors"
+    shutil.copyfile(lora_file, spaced)
+    assert studio.add_upload(str(spaced), "loras") == "my_style_v2_ünï" and "my_style_v2_ünï" in studio.lora_names()
+    assert studio.add_upload(str(spaced), "loras") == "my_style_v2_ünï"
+    save_file(load_file(str(lora_file)), str(spaced), metadata={"ss_output_name": "v3"})  # an update
+    assert studio.add_upload(str(spaced), "loras") == "my_style_v2_ünï-2"
+    assert (studio.folders.loras / "my_style_v2_ünï-2.safetensors").read_bytes() == spaced.read_bytes()
     big = tmp_path / "big.safetensors"
     shutil.copyfile(studio.folders.loras / "style.safetensors", big)
     with open(big, "ab") as f:
@@ -647,9 +669,33 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, co
         studio.inspect(upload=str(big))
 
 
+def test_a_lora_in_a_subfolder_is_found_by_its_file_name_as_in_a1111(studio, tmp_path):
+    """A grid cell (and A1111) writes <lora:STEM>: read back and generated, it finds sub/STEM."""
+    inner = studio.folders.loras / "sub" / "inner.safetensors"
+    inner.parent.mkdir()
+    shutil.copyfile(studio.folders.loras / "style.safetensors", inner)
+    try:
+        png = save_png(Image.new("RGB", (8, 8)), tmp_path / "cell.png", "a red star <lora:inner:1>\nSteps: 2, "
+                       "Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, RNG: CPU, Lora weights: inner=1; style=0")
+        form = studio.settings_of(png, uploaded=True)
+        assert form["prompt"] == "a red star <lora:inner:1> <lora:style:0>" and form["not_applied"] == []
+        assert "sub/inner" in studio.lora_names() and studio.adapter_file("loras", "inner") == inner
+    finally:
+        shutil.rmtree(inner.parent)
+
+
 def test_merge_writes_inside_the_output_folder(studio):
     path = studio.merge("style:0.5", "merged-style", "single")
     assert path == studio.folders.out / "merged" / "merged-style.safetensors" and path.is_file()
+    # a name the LoRA folder lists may hold a comma; the list's commas still separate
+    shutil.copyfile(studio.folders.loras / "style.safetensors", studio.folders.loras / "comma,name.safetensors")
+    try:
+        assert _split_names("comma,name:0.5, style\nstyle:0.2,comma,name", set(studio.lora_names())) == [
+            "comma,name:0.5", "style", "style:0.2", "comma,name"]
+        assert _split_names("a, b:1,,c", set()) == ["a", "b:1", "c"]
+        assert studio.merge("comma,name:0.5, style:0.5", "merged-comma", "single").is_file()
+    finally:
+        (studio.folders.loras / "comma,name.safetensors").unlink()
     with pytest.raises(Refused, match="'..' leaves the LoRA folder"):
         studio.merge("../secret:1", "m2", "single")
 

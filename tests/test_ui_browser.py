@@ -426,6 +426,9 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     _wait(lambda: re.search(r" (\d+)/400 ", run2()), 240, "the resumed run's progress")
     resumed_at = int(re.search(r" (\d+)/400 ", run2()).group(1))
     assert resumed_at >= 3  # it went on from the save, not from 0
+    d.refresh()  # a reloaded page shows the running job (it showed none)
+    _tab(d, "train")
+    _wait_text(d, "train-progress", r"run1 \(lora\): running", 30)
 
     for name in ("q1", "q2"):  # two more jobs wait for the running one
         _type(d, "train-name", name)

@@ -122,9 +122,27 @@ def save_png(image: Image.Image, path: str | Path, infotext: str | None = None) 
     return Path(path)
 
 
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # where A1111 writes a JPEG's or WebP's parameters
+
+
 def read_infotext(path: str | Path) -> str | None:
+    """The A1111 ``parameters`` text of an image: a PNG's text chunk, or the EXIF UserComment A1111 writes into
+    JPEG and WebP files (piexif's "UNICODE" form: UTF-16, big-endian as A1111 writes it, little-endian from
+    some other tools). None where it has none."""
     with Image.open(path) as im:
-        return im.info.get("parameters")
+        if im.info.get("parameters"):
+            return im.info["parameters"]
+        comment = im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, str):
+        return comment.strip("\0") or None
+    if not comment:
+        return None
+    head, body = comment[:8], comment[8:]
+    if head == b"UNICODE\0":
+        text = body.decode("utf-16-le" if body[1:2] == b"\0" and body[:1] != b"\0" else "utf-16-be", "replace")
+    else:  # "ASCII\0\0\0", or no prefix at all
+        text = (body if head.rstrip(b"\0") in (b"ASCII", b"") else comment).decode("utf-8", "replace")
+    return text.strip("\0") or None
 
 
 def model_label(name: str) -> str:

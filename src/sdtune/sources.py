@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download, model_info
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from .safeio import SdtuneError
+from .safeio import SdtuneError, visible_paths
 
 DEFAULT_FILES = {
     "lora": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
@@ -108,12 +108,33 @@ def resolve(source: str | Path, kind: str = "lora", search_dirs: tuple = ()) -> 
             cand = Path(d) / f"{source}{suffix}"
             if cand.is_file():
                 return cand
+    if search_dirs and not re.search(r"[/\\]", str(source)):
+        found = _in_subfolders(str(source), search_dirs)
+        if found is not None:
+            return found
     looks_local = (path.is_absolute() or str(source).startswith((".", "~")) or path.parent.is_dir() and
                    str(path.parent) != "." or (path.suffix in WEIGHT_SUFFIXES and len(path.parts) < 3))
     if looks_local:
         raise SdtuneError(f"{source}: no such file; check the path")
     repo, names = hub_parts(str(source), kind)
     return _download(repo, names, str(source))
+
+
+def _in_subfolders(name: str, search_dirs) -> Path | None:
+    """The file named ``name`` (with or without its weight suffix) in a subfolder of the first of ``search_dirs``
+    that has one, as A1111 finds a LoRA or embedding by its file name wherever it sits in its folder; two of that
+    name are refused, naming both."""
+    for d in search_dirs:
+        if not Path(d).is_dir():
+            continue
+        found = [p for p in visible_paths(Path(d)) if p.suffix in WEIGHT_SUFFIXES and name in (p.stem, p.name)]
+        if len(found) > 1:
+            shown = ", ".join(p.relative_to(d).as_posix() for p in found[:3])
+            raise SdtuneError(f"{name}: {len(found)} files of that name in {d} ({shown}); name one by its path "
+                              f"there, e.g. {found[0].relative_to(d).with_suffix('').as_posix()}")
+        if found:
+            return found[0]
+    return None
 
 
 def _cached(repo: str, names: tuple[str, ...]) -> Path | None:

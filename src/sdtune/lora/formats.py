@@ -60,6 +60,12 @@ _PROCESSOR_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out
 _CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 _DIFFUSERS_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                        ("base_model.model.", None))
+# ComfyUI's own layout (its LoraSave node writes it): the UNet's LDM/SGM module paths under "diffusion_model.", each
+# text encoder's transformers path under "text_encoders.<ComfyUI's name for it>.transformer.", with kohya's key
+# suffixes; read as the kohya names they spell (ComfyUI's clip_l is SDXL's first encoder, SD 1.x's only one)
+_COMFY_UNET = "diffusion_model."
+_COMFY_TEXT = re.compile(r"^text_encoders\.(clip_[lgh])\.transformer\.")
+_COMFY_TEXT_PREFIX = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "clip_h": "lora_te_"}
 _META_KEY = "lora_adapter_metadata"
 BUNDLE_PREFIX = "bundle_emb."  # A1111's keys of an embedding a LoRA file carries
 CLIP_G_SUFFIX = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
@@ -191,6 +197,7 @@ class _Reader:
         if m := _CLONEOFSIMO_KEY.match(key):
             self.cloneofsimo.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = value
             return
+        key = self._comfy_as_kohya(key)
         for prefix, comp in KOHYA_PREFIXES.items():  # kohya names; an unknown kohya suffix is an unknown key
             if key.startswith(prefix):
                 name, _, suffix = key[len(prefix):].partition(".")
@@ -204,6 +211,17 @@ class _Reader:
             if self._diffusers(key, value):
                 return
         self.lora.unknown.append(key)
+
+    def _comfy_as_kohya(self, key: str) -> str:
+        """A key of ComfyUI's layout as the kohya key it stands for; any other key as it is."""
+        m = _COMFY_TEXT.match(key)
+        prefix, rest = ((KOHYA_UNET_PREFIX, key[len(_COMFY_UNET):]) if key.startswith(_COMFY_UNET) else
+                        (_COMFY_TEXT_PREFIX[m.group(1)], key[m.end():]) if m else (None, ""))
+        suffix = max((x for x in self.kohya_roles if rest.endswith("." + x)), key=len, default=None) if prefix \
+            else None
+        if suffix is None:
+            return key
+        return prefix + rest[: -len(suffix) - 1].replace(".", "_") + "." + suffix
 
     def _embedding(self, key: str, value: torch.Tensor) -> bool:
         if key.startswith(BUNDLE_PREFIX):

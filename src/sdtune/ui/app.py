@@ -18,7 +18,7 @@ import pandas as pd
 from ..generate import SCHEDULERS, scheduler_available
 from ..safeio import SdtuneError
 from . import trainform
-from .studio import MERGED, Studio
+from .studio import MERGED, RANGES, Studio
 
 # shown as A1111 names them ("Euler a"); only those that can run here (LMS needs scipy)
 SAMPLERS = [(a1111, name) for name, (_, _, a1111) in SCHEDULERS.items() if scheduler_available(name)]
@@ -108,15 +108,15 @@ def _generate_tab(studio: Studio):
         with gr.Column(scale=3):
             with gr.Row():
                 sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler", elem_id="gen-sampler")
-                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="gen-steps")
-                cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
-                clip_skip = gr.Slider(1, 12, 1, step=1, label="Clip skip", elem_id="gen-clip-skip")
+                steps = gr.Slider(*RANGES["steps"], 20, step=1, label="Steps", elem_id="gen-steps")
+                cfg = gr.Slider(*RANGES["cfg"], 7.5, step=0.5, label="CFG scale", elem_id="gen-cfg")
+                clip_skip = gr.Slider(*RANGES["clip_skip"], 1, step=1, label="Clip skip", elem_id="gen-clip-skip")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed")
                 count = gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count")
             with gr.Row():  # a row of their own: beside the seed their number boxes pushed the sliders out of view
-                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="gen-width")
-                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="gen-height")
+                width = gr.Slider(*RANGES["width"], 0, step=8, label="Width (0: the model's)", elem_id="gen-width")
+                height = gr.Slider(*RANGES["height"], 0, step=8, label="Height (0: the model's)", elem_id="gen-height")
             with gr.Accordion("LoRAs from the LoRA folder (or type <lora:name:weight> in the prompt); the "
                               "text-encoder (TE) weight takes each new weight (set it after the weight); block weights: a "
                               "preset or a comma vector as in <lora:name:w:lbw=...> (empty: none)", open=True):
@@ -223,13 +223,13 @@ def _compare_tab(studio: Studio):
                                     elem_id="cmp-sweep", scale=2)
             with gr.Row():
                 sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler", elem_id="cmp-sampler")
-                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="cmp-steps")
-                cfg = gr.Slider(1, 30, 7.5, step=0.5, label="CFG scale", elem_id="cmp-cfg")
+                steps = gr.Slider(*RANGES["steps"], 20, step=1, label="Steps", elem_id="cmp-steps")
+                cfg = gr.Slider(*RANGES["cfg"], 7.5, step=0.5, label="CFG scale", elem_id="cmp-cfg")
                 seed = gr.Number(1, label="Seed", precision=0, elem_id="cmp-seed")
-                clip_skip = gr.Slider(1, 12, 1, step=1, label="Clip skip", elem_id="cmp-clip-skip")
+                clip_skip = gr.Slider(*RANGES["clip_skip"], 1, step=1, label="Clip skip", elem_id="cmp-clip-skip")
             with gr.Row():
-                width = gr.Slider(0, 2048, 0, step=8, label="Width (0: the model's)", elem_id="cmp-width")
-                height = gr.Slider(0, 2048, 0, step=8, label="Height (0: the model's)", elem_id="cmp-height")
+                width = gr.Slider(*RANGES["width"], 0, step=8, label="Width (0: the model's)", elem_id="cmp-width")
+                height = gr.Slider(*RANGES["height"], 0, step=8, label="Height (0: the model's)", elem_id="cmp-height")
                 cell = gr.Slider(32, 512, 128, step=8, label="Cell width in the grid", elem_id="cmp-cell")
             with gr.Row():
                 go = gr.Button("Make the grid", variant="primary", elem_id="cmp-go", scale=3)
@@ -463,7 +463,7 @@ def _train_tab(studio: Studio):
         return studio.embed_page(page, height=420), f"jobs compared in {page}"
 
     compare.click(compare_all, None, [comparison, status])
-    return lambda k: fill(k), kind, filled  # for the model menu: another model, its preset
+    return lambda k: fill(k), kind, filled, job  # for the model menu: another model, its preset; for a reload
 
 
 def _lora_menus(studio: Studio, pickers) -> list:
@@ -608,7 +608,7 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 cmp_loras, cmp_sweep = _compare_tab(studio)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                refill_train, train_kind, train_form = _train_tab(studio)
+                refill_train, train_kind, train_form, train_job = _train_tab(studio)
             with gr.Tab("LoRA files", id="loras", elem_id="tab-loras"):
                 lora_name = _lora_tab(studio, [*gen_pickers, cmp_loras, cmp_sweep])
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
@@ -627,7 +627,13 @@ def build(studio: Studio) -> gr.Blocks:
 
         listed = [lora_name, *pickers, gen_emb]
         gen_refresh.click(lists, None, listed)
-        # a reloaded page shows the server's state: the model in use (shared by every page) and the lists
-        app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists()), None,
-                 [model, *listed])
+        def job_on_show():
+            """The jobs as they are now, the running one (else the newest) on show."""
+            jobs = studio.jobs.list()
+            shown = next((j.name for j in jobs if j.state == "running"), jobs[0].name if jobs else None)
+            return gr.update(choices=[j.name for j in jobs], value=shown)
+
+        # a reloaded page shows the server's state: the model in use (shared by every page), the lists, the jobs
+        app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists(),
+                          job_on_show()), None, [model, *listed, train_job])
     return app

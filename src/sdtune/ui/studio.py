@@ -31,7 +31,7 @@ from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
 from ..models import file_sha256, known_family, load_base, vae_weights
-from ..safeio import SdtuneError, read_toml, visible_paths
+from ..safeio import SdtuneError, atomic_path, read_toml, visible_paths
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..tiny import model as tiny_model
@@ -57,6 +57,9 @@ KIND_OF = {"loras": "lora", "embeddings": "embedding"}  # folder -> the kind sou
 # models the page can always switch to (no file, offline); tiny-random (random weights, for tests) only when the
 # page was started with it
 BUILT_IN = ("tiny", "tiny-xl")
+# the Generate and Compare sliders' ranges (app.py draws them from here), A1111's own: an image's value outside
+# one is not put in the form, whose slider would refuse it before any handler runs
+RANGES = {"steps": (1, 150), "cfg": (1, 30), "clip_skip": (1, 12), "width": (0, 2048), "height": (0, 2048)}
 MERGED = "merged: "  # the menu's prefix of the models merged on the page (out/merged/NAME)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
@@ -85,6 +88,26 @@ def _unquoted(axis: str | None) -> str:
     """An axis as typed, without the shell quotes a command-line example carries ('prompt=a|b')."""
     text = (axis or "").strip()
     return text[1:-1].strip() if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def _split_names(text: str, names: set[str]) -> list[str]:
+    """'NAME[:WEIGHT]' items of a comma- or line-separated list, where a NAME of the folder may hold commas: the
+    longest run of comma-separated pieces that reads as one of ``names`` is one item."""
+    items = []
+    for line in text.splitlines():
+        pieces, i = line.split(","), 0
+        while i < len(pieces):
+            end = next((j for j in range(len(pieces), i + 1, -1) if _names_one(",".join(pieces[i:j]), names)), i + 1)
+            items.append(",".join(pieces[i:end]).strip())
+            i = end
+    return [item for item in items if item]
+
+
+def _names_one(spec: str, names: set[str]) -> bool:
+    try:
+        return sources.parse_weighted(spec.strip())[0] in names
+    except SdtuneError:
+        return False
 
 
 class Studio:
@@ -330,7 +353,7 @@ class Studio:
         text = read_infotext(path)
         if not text:
             raise SdtuneError(f"{Path(path).name}: no generation parameters in this image (sdtune and A1111 PNGs "
-                              f"have them; JPEGs and edited files usually not)")
+                              f"have them, as A1111 JPEGs and WebPs do; an edited image usually not)")
         p = parse_infotext(text)
         form = {"prompt": p["prompt"], "negative_prompt": p.get("negative_prompt", ""), "parameters": text}
         try:
@@ -342,23 +365,34 @@ class Studio:
                 form["seed"] = int(p["Seed"])
             if "Size" in p:
                 form["width"], form["height"] = (int(v) for v in p["Size"].lower().split("x"))
-            form["clip_skip"] = int(p.get("Clip skip", 1))  # A1111 writes it only when not 1
+            if "Steps" in p:  # settings, not just a text (A1111 writes Clip skip only when not 1)
+                form["clip_skip"] = int(p.get("Clip skip", 1))
         except ValueError:
             raise SdtuneError(f"{Path(path).name}: its parameters are not readable ({text.splitlines()[-1]})") from None
         sampler = sampler_key(p.get("Sampler", ""), p.get("Schedule type", ""))
         if sampler:
             form["sampler"] = sampler
         form["not_applied"] = [k for k in NOT_APPLIED if k in p]
+        for key, name in (("steps", "Steps"), ("cfg", "CFG scale"), ("clip_skip", "Clip skip")):
+            low, high = RANGES[key]
+            if key in form and not low <= form[key] <= high:
+                form["not_applied"].append(f"{name} {p.get(name, form[key])} (the page takes {low} to {high})")
+                del form[key]
+        low, high = RANGES["width"]
+        if "width" in form and not all(low <= form[k] <= high for k in ("width", "height")):
+            form["not_applied"].append(f"Size {p['Size']} (the page takes {low} to {high} a side)")
+            del form["width"], form["height"]
         version = re.match(r"v?(\d+)\.(\d+)\.(\d+)(?:-(\d+))?", p.get("Version", ""))
         if version:  # an older A1111's PNG: the settings its version implies
             made = tuple(int(v or 0) for v in version.groups())
             form["not_applied"] += [f"{setting} (A1111 {p['Version']})" for before, setting, applies in BACKCOMPAT
                                     if made < before and applies(p) and setting not in p]
         # sdtune draws the first noise on the CPU (and says so); A1111 writes RNG only when it is not its GPU default
-        if p.get("RNG", "GPU") != "CPU":
+        if p.get("RNG", "GPU") != "CPU" and "Steps" in p:
             form["not_applied"].append(f"RNG {p.get('RNG', 'GPU (A1111 default)')}")
         # A1111's tests, on each text as prompt editing makes it: brackets (emphasis), and chunks of 75 tokens
-        texts = [[t for _, t in prompt_syntax.schedule(p.get(k, ""), form.get("steps", 20))]
+        # (after taking the <lora:…> tags out, as A1111 does first: a name's brackets are not emphasis)
+        texts = [[t for _, t in prompt_syntax.schedule(api.EXTRA_NETWORK.sub("", p.get(k, "")), form.get("steps", 20))]
                  for k in ("prompt", "negative_prompt")]
         weighted = any(c in t for ts in texts for t in ts for c in "([")
         if "Pad conds" not in p and len({prompt_syntax.chunk_count(_tokenizers(), t) for ts in texts for t in ts}) > 1:
@@ -392,7 +426,8 @@ class Studio:
         prompt tags) go into the prompt as tags when the LoRA folder has them; the others are named as not
         applied. Entries of tags (``<lora:name>=w``) are in the prompt already; a tag naming a LoRA the folder
         lacks is taken out of it and named (A1111 generates without it; Generate here would refuse it)."""
-        tags, missing, have = [], [], set(self.lora_names())
+        names = self.lora_names()
+        tags, missing, have = [], [], {*names, *(Path(n).name for n in names)}  # A1111 names one in a subfolder
 
         def drop_missing(m: re.Match) -> str:
             if m.group(2) in have:
@@ -402,7 +437,7 @@ class Studio:
         form["prompt"] = re.sub(r"(\s*,?\s*)" + api.LORA_TAG.pattern, drop_missing, form["prompt"]).strip(" ,")
         in_prompt = {m.group(1) for m in api.LORA_TAG.finditer(form["prompt"])}
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
-            name, _, weights = item.partition("=")
+            name, _, weights = item.rpartition("=")  # a file name may hold '=' too
             # the prompt has its tag (sdtune writes one), or had it and it is named already
             if name.startswith("<lora:") or name in in_prompt or name in missing:
                 continue
@@ -523,10 +558,9 @@ class Studio:
     def merge(self, specs: str, out_name: str, fmt: str = "single") -> Path:
         """Bake 'NAME[:WEIGHT]' LoRAs (comma or line separated) into the model, written under ``out/merged``."""
         pairs = []
-        for spec in (s.strip() for s in specs.replace("\n", ",").split(",")):
-            if spec:
-                src, weight = sources.parse_weighted(spec)
-                pairs.append((self.adapter_file("loras", src), weight))
+        for spec in _split_names(specs, set(self.lora_names())):
+            src, weight = sources.parse_weighted(spec)
+            pairs.append((self.adapter_file("loras", src), weight))
         if not pairs:
             raise SdtuneError("no LoRA to merge; write NAME or NAME:WEIGHT, e.g. style:0.8")
         dest = self._new_file("out", out_name, ".safetensors" if fmt == "single" else "", under="merged")
@@ -536,24 +570,37 @@ class Studio:
     def add_upload(self, upload: str, kind: str) -> str:
         """Put an uploaded LoRA or embedding into its folder (after reading it safely); returns its name."""
         path = check_upload(upload, "weights", self.max_upload)
-        if kind != "loras":
-            load_embedding(path)  # refuse what is not one, before copying
-        else:
+        lora = kind == "loras"
+        wanted, other = (load_lora, load_embedding) if lora else (load_embedding, load_lora)
+        try:
+            wanted(path)  # refuse what is not one, before copying
+        except SdtuneError as e:  # named by the upload's name, not the server's temporary copy
             try:
-                load_lora(path)
-            except SdtuneError as e:  # named by the upload's name, not the server's temporary copy
-                try:
-                    load_embedding(path)
-                except SdtuneError:
-                    raise SdtuneError(str(e).replace(str(path), Path(path).name)) from None
-                raise SdtuneError(f"{Path(path).name}: holds no LoRA layers (an embedding?); add it to the "
-                                  f"embedding folder instead") from None
-        # A1111 names such as "my style (v2)" are kept readable: the characters a page-written name may not hold
-        # become '_' (the name is shown, and is what prompts type)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._-") or "upload"
-        dest = self._new_file(kind, stem, Path(path).suffix.lower())
-        shutil.copyfile(path, dest)
-        return dest.stem
+                other(path)
+            except SdtuneError:
+                raise SdtuneError(str(e).replace(str(path), Path(path).name)) from None
+            mine, theirs = ("LoRA layers", "embedding") if lora else ("embedding", "LoRA")
+            raise SdtuneError(f"{Path(path).name}: holds no {mine} (a {theirs}?); add it to the {theirs} folder "
+                              f"instead") from None
+        # A1111 names such as "my style (v2)" are kept readable: what a file name in the folder may not hold, or
+        # a prompt cannot type, becomes '_' (letters of any script stay)
+        stem = re.sub(r"[^\w.-]+", "_", Path(path).stem).strip("._-")[:100] or "upload"
+        return self._copy_in(kind, stem, path, Path(path).suffix.lower())
+
+    def _copy_in(self, kind: str, stem: str, src: Path, suffix: str = ".safetensors") -> str:
+        """Copy ``src`` into folder ``kind`` as STEM+suffix, or STEM-2... where that name holds another file (the
+        same file already there is named); returns the name it has there."""
+        data = src.read_bytes()
+        for n in itertools.count(1):
+            candidate = stem if n == 1 else f"{stem}-{n}"
+            path = self.folders.child(kind, candidate + suffix, must_exist=False)
+            if path.is_file() and path.read_bytes() == data:
+                return candidate
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:  # the folder's lists never show half a file
+                    shutil.copyfile(src, tmp)
+                return candidate
 
     # ---------------------------------------------------------------- Gallery
 
@@ -743,18 +790,10 @@ class Studio:
         result = Path(view["result"])
         best = result.parent / BEST_FILE
         chosen, which = (best, "its report's best checkpoint") if best.is_file() else (result, "its final file")
-        data = chosen.read_bytes()
         lora = view["job"].kind == "lora"
         kind = "loras" if lora else "embeddings"
         stem = name if lora else (re.sub(r"[^\w.-]", "", load_embedding(result).token) or name)
-        for n in itertools.count(1):
-            candidate = stem if n == 1 else f"{stem}-{n}"
-            path = self.folders.child(kind, candidate + ".safetensors", must_exist=False)
-            if path.is_file() and path.read_bytes() == data:
-                break
-            if not path.exists():
-                shutil.copyfile(chosen, self._new_file(kind, candidate))
-                break
+        candidate = self._copy_in(kind, stem, chosen)
         use = f"<lora:{candidate}:1>" if lora else candidate
         return f"{which} is in the {'LoRA' if lora else 'embedding'} folder as {candidate}; put {use} in a prompt"
 
