@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sdtune.lora.formats import load_lora
+from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
@@ -510,3 +511,13 @@ def test_two_processes_equal_one_with_double_batch(base, dataset, tmp_path):
         da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
         worst = max(worst, ((da - db).norm() / da.norm()).item())
     assert worst < 1e-3, worst
+    # said once (the second process says nothing), with the processes the settings do not hold
+    said = [line for line in run.stderr.splitlines() if line.startswith("sdtune")]
+    assert len(said) == len(set(said)) and any("2 processes x batch 2 x grad_accum 1 = global batch 4" in line
+                                               for line in said), said
+    assert "# trained on 2 processes x batch 2" in (tmp_path / "two" / loop.SETTINGS_FILE).read_text()
+    # resumed on one process, its batches and steps per epoch would differ: refused in one line
+    with pytest.raises(SdtuneError, match=r"resume.pt: this run was trained on 2 process\(es\) \(a global batch of 4\), "
+                                          r"now on 1; resume it on 2, or use another --out"):
+        train_lora(load_base("tiny-random"), LoraSettings(data=str(dataset), out=str(tmp_path / "two"), steps=4,
+                                                          batch_size=2, rank=4, alpha=4, lr=1e-3, progress=False))

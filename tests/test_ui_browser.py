@@ -429,6 +429,7 @@ def test_train_progress_stop_resume_and_a_queue(server, browser, shots, tmp_path
     d.refresh()  # a reloaded page shows the running job (it showed none)
     _tab(d, "train")
     _wait_text(d, "train-progress", r"run1 \(lora\): running", 30)
+    _type(d, "train-dataset", "stars", enter=True)  # the reloaded form starts from the preset again
 
     for name in ("q1", "q2"):  # two more jobs wait for the running one
         _type(d, "train-name", name)

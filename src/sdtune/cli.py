@@ -10,7 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-from .console import Interrupted, Terminated, cli_warnings, imports_without_gc, restore_interrupt, terminate_unwinds
+from .console import (
+    Interrupted,
+    Terminated,
+    cli_warnings,
+    imports_without_gc,
+    main_process,
+    restore_interrupt,
+    terminate_unwinds,
+)
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
@@ -253,7 +261,9 @@ def cmd_train(a) -> None:
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
     check_given(settings, a.config, overrides)
     train = train_ti if a.kind == "ti" else train_lora
-    print(train(base, settings))
+    written = train(base, settings)
+    if main_process():  # once under accelerate launch
+        print(written)
 
 
 def cmd_train_queue(a) -> Path:

@@ -122,9 +122,16 @@ class SdtuneWarning(UserWarning):
     """Something the user should know that does not stop the command (a skipped file, a fallback name)."""
 
 
+def main_process() -> bool:
+    """Whether this is the process that speaks and writes: the only one, or the first of an ``accelerate launch``
+    or ``torchrun`` (RANK, which the launchers set, tells the others, who would say everything again)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def note(message: str) -> None:
     """Tell the user about a fallback or a skipped input; the command goes on."""
-    warnings.warn(message, SdtuneWarning, stacklevel=2)
+    if main_process():
+        warnings.warn(message, SdtuneWarning, stacklevel=2)
 
 
 class _DropTorchvisionFallback(logging.Filter):
@@ -167,6 +174,7 @@ def progress(total: int, desc: str, unit: str, *, enabled: bool = True, initial:
     """A progress bar on stderr (tqdm's ``update``/``set_postfix``/``close``): drawn in place on a terminal; in a
     log file (a batch job, CI, ``2> log``) a plain line every ``LOG_SECONDS`` and one at the end instead, where a
     bar's carriage-return redraws would make one line of megabytes."""
+    enabled = enabled and main_process()
     if enabled and not on_terminal():
         return LogLines(total, desc, unit, initial, float(os.environ.get(LOG_SECONDS_ENV, LOG_SECONDS)))
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave,

@@ -23,7 +23,8 @@ batch holds several times then goes through the UNet's cross-attention text proj
 Reproducibility. Every random draw of step s comes from generators seeded with (seed, s): which images,
 their latent samples and flips, caption shuffles, noise, timesteps and dropout. So a run resumed from a save
 repeats the uninterrupted one exactly, and several processes (``accelerate launch``, ``torchrun``) each take
-their slice of the same global batch: N processes with batch b give the result of one with batch N·b.
+their slice of the same global batch: N processes with batch b give the result of one with batch N·b (except
+--lora-dropout: each process draws the masks of its own slice, equal in distribution only).
 
 Saves (atomic) hold the job's files plus ``resume.pt`` (trainable tensors, optimizer, step, settings, the
 checkpoints so far); a NaN loss stops the run before the bad step is applied, leaving the last save as it was.
@@ -39,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +52,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, note, progress, stop_requests
+from ..console import Interrupted, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
@@ -301,13 +301,20 @@ def schedule_note(settings: TrainSettings, spans: list) -> str:
             f"so a rerun's weights differ")
 
 
-def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spans: list) -> None:
-    """Print the settings the run uses and write them where ``--config`` can rerun them."""
-    note = schedule_note(settings, spans)
-    atomic_write_text((f"# {note}\n" if note else "") + to_toml(settings), out / SETTINGS_FILE)
+def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spans: list, processes: int) -> None:
+    """Print the settings the run uses and write them where ``--config`` can rerun them (with what the settings
+    do not hold: the processes of an ``accelerate launch``, a schedule a resume changed)."""
+    notes = [schedule_note(settings, spans)]
+    if processes > 1:
+        notes.append(f"trained on {processes} processes x batch {settings.batch_size} x grad_accum "
+                     f"{settings.grad_accum} = global batch {processes * settings.batch_size * settings.grad_accum}; "
+                     f"rerun it on as many")
+    notes = [n for n in notes if n]
+    atomic_write_text("".join(f"# {n}\n" for n in notes) + to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
     validated = job.validation.description if job.validation else "no validation images"
     size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""  # resolution=0 says less
+    size += f"; {notes[-1].partition(';')[0]}" if processes > 1 else ""
     print(f"sdtune train {job.name}: {preset}; validation on {validated}{size}; settings (also in "
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 
@@ -384,7 +391,7 @@ def _set_aside(out: Path) -> Path | None:
 def holding(settings: TrainSettings, name: str):
     """``settings.out`` locked for a run from its start through its report (the main process's lock; the
     others of an ``accelerate launch`` write nothing there: RANK, which the launcher sets, tells them)."""
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if not main_process():
         return contextlib.nullcontext()
     return folder_lock(Path(settings.out), f"sdtune train {name}")
 
@@ -495,6 +502,11 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             if start > total:
                 raise SdtuneError(f"{state_path}: the saved run is at step {start}, past --steps {total}; raise "
                                   f"--steps, or use another --out")
+            saved_world = state.get("processes", world)  # states before sdtune kept it: not checked
+            if saved_world != world:  # another global batch: other batches, another step count per epoch
+                raise SdtuneError(f"{state_path}: this run was trained on {saved_world} process(es) (a global batch "
+                                  f"of {saved_world * settings.batch_size}), now on {world}; resume it on "
+                                  f"{saved_world}, or use another --out")
             job.load_state(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             history = state.get("history", {})
@@ -514,7 +526,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             if aside is not None:
                 print(f"sdtune train {job.name}: starting over in {settings.out}; the earlier run's files are now in "
                       f"{aside}", file=sys.stderr)
-            _announce(settings, job, Path(settings.out), data.resolution, spans)
+            _announce(settings, job, Path(settings.out), data.resolution, spans, world)
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
@@ -616,7 +628,8 @@ class Session:
                                "optimizer": self.optimizer.state_dict(),
                                "settings": json.dumps(self.settings.to_dict()), "history": history,
                                "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
-                               "final": final, "total": self.total}, self.out / STATE_FILE)
+                               "final": final, "total": self.total, "processes": acc.num_processes},
+                              self.out / STATE_FILE)
         self.last_save = step
         acc.wait_for_everyone()
 
