@@ -259,6 +259,15 @@ def test_a_lora_named_twice_applies_once_at_the_sum_of_its_weights(base, tmp_pat
     assert fields["prompt"] == "a red star <lora:style:0.8>" and fields["Lora weights"] == "style=0.8"
     assert fields["Lora hashes"].startswith("style: ")
     assert np.array_equal(image(fields["prompt"])[0], mine)
+    # given apart and in the prompt with other block weights, its image's prompt could not be drawn again: refused
+    base.loras.add("mine", tmp_path / "loras" / "style.safetensors", 0.5)
+    try:
+        with pytest.raises(SdtuneError, match=r"^<lora:style:…> in the prompt and the LoRA style given apart from it "
+                                              r"have different block weights; give it once$"):
+            image("a red star <lora:style:0.8:lbw=INALL>")
+        assert len(base.loras) == 1  # the tag's adapter was not left behind
+    finally:
+        base.loras.remove("mine")
 
 
 def test_a_broken_lora_tag_is_said(base):

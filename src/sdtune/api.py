@@ -305,6 +305,13 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
     try:
         for tag in tags:
             name = f"<lora:{tag.name}>"
+            apart = next((r for r in base.loras.list() if not r["name"].startswith("<lora:")  # --lora, a pick
+                          and _prompt_name(r) == tag.name), None)
+            if apart is not None and apart["blocks"] != (None if tag.blocks is None else
+                                                         block_weights.parse(tag.blocks, base.family)):
+                # the image's prompt would name it twice with both, which combined_tags refuses on a redraw
+                raise SdtuneError(f"<lora:{tag.name}:…> in the prompt and the LoRA {tag.name} given apart from it "
+                                  f"have different block weights; give it once")
             path = _tag_source(tag.name, tuple(lora_dirs))
             own_te2 = tag.te2_weight is not None and "text_encoder_2" in base.loras.modules  # else: no such encoder
             weight = tag.weight if not own_te2 else {
