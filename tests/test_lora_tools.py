@@ -7,6 +7,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sdtune.cli import main
 from sdtune.console import SdtuneWarning
@@ -83,6 +85,23 @@ def test_exact_merge_patches_as_both_loaded(base, tmp_path):
         # the same sum in another order: fp32 rounding of values of size ~1 (1e-5 is ~100 ulp)
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
     assert not torch.equal(want[("unet", ATTN)], base.unet.get_submodule(ATTN).weight)
+
+
+def test_merge_keeps_what_all_its_inputs_say_of_their_base_model(base, tmp_path):
+    """A mix of two LoRAs made on one model (a Pony fine-tune, say) still names it; what they disagree on goes."""
+    facts = {"ss_sd_model_name": "ponyDiffusionV6XL.safetensors", "modelspec.architecture": "sd-v1/lora"}
+    for name, seed, clip_skip in (("a", 0, "2"), ("b", 1, "None")):
+        path = lora_file(base, tmp_path / f"{name}.safetensors", seed, rank=2, alpha=1.0)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        save_file(load_file(str(path)), str(path), metadata={**meta, **facts, "ss_clip_skip": clip_skip})
+    out = tmp_path / "mix.safetensors"
+    assert main(["lora", "merge", f"{tmp_path / 'a.safetensors'}:0.5", f"{tmp_path / 'b.safetensors'}",
+                 "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert facts.items() <= meta.items() and "ss_clip_skip" not in meta
+    assert meta["ss_training_comment"] == "sdtune lora merge: a.safetensors:0.5 + b.safetensors:1"
 
 
 def test_merge_takes_the_text_encoders_own_weight_as_loading_does(base, tmp_path):

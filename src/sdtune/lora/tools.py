@@ -127,6 +127,12 @@ def _family(loras: list[tuple[str, Lora]]):
 
 # ================================================================= merge
 
+# what LoRAs say of the base model they were made on (a Pony or Illustrious file names it), kept in a merge where
+# all its inputs say the same: the mix is for that model too
+BASE_FACTS = ("ss_base_model_version", "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_clip_skip",
+              "ss_v2", "ss_v_parameterization", "ss_zero_terminal_snr", "modelspec.architecture",
+              "modelspec.prediction_type", "modelspec.resolution")
+
 def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
                 to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
     """One LoRA file equal to loading each (file, weight) or (file, weight, blocks) of ``specs`` at once.
@@ -192,8 +198,10 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
                                   f"values; merge LoRAs without clashing embeddings")
             names[name] = p
             mix.embeddings[name] = emb
-    mix.metadata = {"ss_training_comment": "sdtune lora merge: " + " + ".join(f"{Path(p).name}:{_weight_text(w)}"
-                                                                               for p, _, w in loaded)}
+    agreed = {k: v for k in BASE_FACTS if len({lora.metadata.get(k) for _, lora, _ in loaded}) == 1
+              and (v := loaded[0][1].metadata.get(k)) is not None}
+    mix.metadata = {**agreed, "ss_training_comment": "sdtune lora merge: " + " + ".join(
+        f"{Path(p).name}:{_weight_text(w)}" for p, _, w in loaded)}
     save_lora(mix, out, format=to, family=family)
     return mix, reports
 
