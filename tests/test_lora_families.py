@@ -527,7 +527,16 @@ def test_sdxl_convert_kohya_diffusers_round_trip_and_inspect(tmp_path, xl, xl_sg
     # made for the small SDXL: its attention projections have real SDXL's text widths, its MLPs and UNet do not
     assert info["fits"] == {"unet": 0, "text_encoder": 8, "text_encoder_2": 8}
     text = inspect.render(info)
-    assert "SDXL (guess)" in text and "text_encoder_2 8 of 12" in text
+    assert "SDXL (as its metadata says)" in text and "text_encoder_2 8 of 12" in text
+    # the family a file states, by kohya's version or ModelSpec's architecture (shown with the rest of its metadata),
+    # else the one its layers point to
+    tensors = load_file(str(src))
+    for name, meta, said in (("bare", {}, "SDXL (guess, from its layers)"),
+                             ("spec", {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                                       "modelspec.title": "my pony style"}, "SDXL (as its metadata says)")):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        text = inspect.render(inspect.describe(tmp_path / f"{name}.safetensors"))
+        assert said in text and all(v in text for v in meta.values()), text
 
 
 # ------------------------------------------------------------------ SD 2.x

@@ -170,6 +170,17 @@ def by_base_model_version(value: str | None) -> Family | None:
     return FAMILIES.get(name) if name else None
 
 
+# ModelSpec's architecture names (modelspec.architecture, "stable-diffusion-xl-v1-base/lora" in a LoRA) by prefix
+_MODELSPEC_ARCHITECTURES = (("stable-diffusion-xl-v1", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                            ("stable-diffusion-v1", "sd1"))
+
+
+def by_modelspec_architecture(value: str | None) -> Family | None:
+    """The family a ModelSpec ``modelspec.architecture`` names (SDXL's refiner and others: None)."""
+    name = next((n for prefix, n in _MODELSPEC_ARCHITECTURES if (value or "").startswith(prefix)), None)
+    return FAMILIES.get(name) if name and "refiner" not in value else None
+
+
 def describe_width(width: int) -> str:
     """What a text width belongs to, for messages: 768 -> "SD 1.x", 1280 -> "SDXL's text_encoder_2"."""
     owners = by_text_width(width)

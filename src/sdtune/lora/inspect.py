@@ -68,6 +68,8 @@ def describe(path: str | Path) -> dict:
         "format": lora.format,
         "family": family.name if family else None,
         "family_name": family.title if family else None,
+        # where the family comes from: the file's metadata (and its layers agree), or its layers' widths alone
+        "family_from": "metadata" if family and keys.claimed_family(lora) == family else "layers",
         "modules": {c: len(m) for c, m in lora.modules.items() if m},
         # modules that fit a layer of the family's real architecture (SD 1.x's when the family is unknown)
         "fits": {c: sum(1 for cc, _ in fit.matched if cc == c) for c in COMPONENTS if lora.modules.get(c)},
@@ -86,7 +88,7 @@ def describe(path: str | Path) -> dict:
         "parameters": sum(t.numel() for _, _, ad in lora.items() for t in ad.tensors.values()),
         "embeddings": _bundled_shapes(lora),
         "blocks": _blocks(lora, family),
-        "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_"))},
+        "metadata": {k: v for k, v in sorted(lora.metadata.items()) if k.startswith(("ss_", "sshs_", "modelspec."))},
         "unknown_keys": list(lora.unknown),
         # civitai's AutoV2 (whole file) and AutoV3 (tensor data = sshs_model_hash), what model pages list
         "hashes": hashes.describe(path),
@@ -240,7 +242,8 @@ def render(info: dict) -> str:
         return _render_checkpoint(info)
     if info.get("kind") == "model folder":
         return _render_folder(info)
-    family = info["family_name"] + " (guess)" if info.get("family_name") else "unknown"
+    said = " (as its metadata says)" if info.get("family_from") == "metadata" else " (guess, from its layers)"
+    family = info["family_name"] + said if info.get("family_name") else "unknown"
     alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
     if info["alphas"] and info["alpha_missing"]:
         alphas += f" ({info['alpha_missing']} modules without: alpha = rank)"

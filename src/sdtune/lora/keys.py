@@ -338,10 +338,17 @@ def guess_family(lora: Lora) -> Family | None:
         evidence += _layer_evidence(comp, path, out, inner)
     for emb in lora.embeddings.values():
         evidence.append({f for f, _ in families.by_text_width(emb.shape[-1])})
-    # the file's own claim: the model it was trained on where that is a family's name (the built-in tiny-xl, whose
-    # files say sdxl_base_v1-0 so that A1111 reads them as SDXL), else its base model version
-    named = families.FAMILIES.get(lora.metadata.get("ss_sd_model_name", ""))
-    return _pick_family(evidence, named or families.by_base_model_version(lora.metadata.get("ss_base_model_version")))
+    return _pick_family(evidence, claimed_family(lora))
+
+
+def claimed_family(lora: Lora) -> Family | None:
+    """The family a file's metadata names: the model it was trained on where that is a family's name (the built-in
+    tiny-xl, whose files say sdxl_base_v1-0 so that A1111 reads them as SDXL), else its kohya base model version,
+    else its ModelSpec architecture."""
+    meta = lora.metadata
+    return (families.FAMILIES.get(meta.get("ss_sd_model_name", ""))
+            or families.by_base_model_version(meta.get("ss_base_model_version"))
+            or families.by_modelspec_architecture(meta.get("modelspec.architecture")))
 
 
 def model_family(tables: dict[str, dict]) -> Family | None:
