@@ -537,6 +537,14 @@ def test_sdxl_convert_kohya_diffusers_round_trip_and_inspect(tmp_path, xl, xl_sg
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta)
         text = inspect.render(inspect.describe(tmp_path / f"{name}.safetensors"))
         assert said in text and all(v in text for v in meta.values()), text
+    # a LoRA of no family's widths (SDXL's refiner reads 1280-wide text): named as such, no fit against SD 1.x
+    refiner = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.ones(4, 1280),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.ones(768, 4)}
+    save_file(refiner, str(tmp_path / "refiner.safetensors"))
+    info = inspect.describe(tmp_path / "refiner.safetensors")
+    text = inspect.render(info)
+    assert info["fits"] == {} and "fits SD" not in text
+    assert "unknown (its cross-attention reads 1280-wide text: an SDXL refiner" in text
 
 
 # ------------------------------------------------------------------ SD 2.x

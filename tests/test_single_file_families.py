@@ -362,6 +362,16 @@ def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "sdxl" and info["components"]["text_encoder_2"] == 0
     assert "text_encoder_2 MISSING" in inspect.render(info)
+    # what loading refuses, inspect says: an inpainting UNet (9 input channels), SDXL's refiner (cross width 1280)
+    conv_in = models.ldm.UNET_PREFIX + "input_blocks.0.0.weight"
+    cross = next(k for k in state if k.endswith("attn2.to_k.weight"))
+    for name, changed, says in (
+            ("inpaint", {conv_in: torch.zeros(state[conv_in].shape[0], 9, 3, 3)},
+             "no: the UNet takes 9 input channels (an inpainting or instruct-pix2pix model)"),
+            ("refiner", {cross: torch.zeros(state[cross].shape[0], 1280)}, "no: an SDXL refiner")):
+        save_file(state | changed, str(tmp_path / f"{name}.safetensors"))
+        assert main(["inspect", str(tmp_path / f"{name}.safetensors")]) == 0
+        assert f"sdtune loads it  {says}" in capsys.readouterr().out
 
 
 def test_inspect_describes_a_model_folder_and_names_a_models_part(sdxl, tmp_path, capsys):

@@ -386,7 +386,7 @@ def detect_family(state: dict, path: Path) -> Family:
                           "instruct-pix2pix model); sdtune works with plain text-to-image models")
     family = families.by_cross_attention(cross.shape[1])
     if family is None:
-        raise SdtuneError(f"{path}: {_unknown_width(cross.shape[1])}")
+        raise SdtuneError(f"{path}: {unknown_width(cross.shape[1])}")
     missing = [te for te in family.text_encoders if not any(k.startswith(te.single_file_prefix) for k in keys)]
     if missing:
         raise SdtuneError(f"{path}: {family.title} UNet weights without the text encoder's ({missing[0].component}: "
@@ -577,6 +577,13 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         return None
     family = _header_family(shapes, metadata)
     prefixes = ldm.component_prefixes(family) if family else {"unet": ldm.UNET_PREFIX, "vae": ldm.VAE_PREFIX}
+    conv_in = shapes.get(ldm.UNET_PREFIX + "input_blocks.0.0.weight", ("", ()))[1]
+    cross = next((s for k, (_, s) in shapes.items() if k.startswith(ldm.UNET_PREFIX)
+                  and k.endswith("attn2.to_k.weight") and len(s) == 2), None)
+    # what loading it would refuse, as loading says it (detect_family)
+    refused = (f"the UNet takes {conv_in[1]} input channels (an inpainting or instruct-pix2pix model)"
+               if len(conv_in) == 4 and conv_in[1] != 4 else unknown_width(cross[1]) if family is None and cross
+               else None)
     weights = {k: (d, s) for k, (d, s) in shapes.items() if k.startswith(tuple(prefixes.values())) and "float" in d}
     components = {c: sum(math.prod(s) for k, (_, s) in weights.items() if k.startswith(prefix))
                   for c, prefix in prefixes.items()}
@@ -608,6 +615,7 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         "prediction_from": ("config" if declared else "file" if said else "weights" if probe is not None
                             else "family"),
         "zero_terminal_snr": bool(sampling.get("rescale_betas_zero_snr")),
+        "not_loaded": refused,  # why sdtune does not load it, where it does not
         "metadata": {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.") or k == META_ARCH},
     }
 
@@ -643,7 +651,7 @@ def _load_single_file(spec: str, path: Path, device, dtype, vae=None) -> Base:
                    source="single-file", single_file=path, model_hash=file_sha256(path)[:10], **info)
 
 
-def _unknown_width(width) -> str:
+def unknown_width(width) -> str:
     """The refusal of a UNet whose cross-attention width no family has; SDXL's refiner (1280) named as such."""
     if width == 1280:
         return ("an SDXL refiner (cross-attention width 1280), which only refines images by img2img; sdtune needs "
@@ -662,7 +670,7 @@ def folder_family(folder: Path, index: dict) -> Family:
                           "instruct-pix2pix model); sdtune works with plain text-to-image models")
     family = families.by_cross_attention(width)
     if family is None:
-        raise SdtuneError(f"{folder}: {_unknown_width(width)}")
+        raise SdtuneError(f"{folder}: {unknown_width(width)}")
     missing = [te.component for te in family.text_encoders if te.component not in index]
     if missing:
         raise SdtuneError(f"{folder}: {family.title} UNet but no {missing[0]} in model_index.json; "

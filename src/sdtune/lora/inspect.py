@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import families
 from ..ldm import ADAPTER_KEY
-from ..models import describe_checkpoint, describe_folder, file_sha256, not_a_model
+from ..models import describe_checkpoint, describe_folder, file_sha256, not_a_model, unknown_width
 from ..safeio import SdtuneError, is_safetensors, read_keys
 from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
 from . import blocks as block_weights
@@ -68,12 +68,16 @@ def describe(path: str | Path) -> dict:
         "format": lora.format,
         "family": family.name if family else None,
         "family_name": family.title if family else None,
+        # no family's: the cross-attention width its layers read, which may name what it is for (SDXL's refiner)
+        "cross_attention_width": None if family else next(
+            (ad.io()[1] for c, p, ad in lora.items() if c == "unet" and p.endswith("attn2.to_k")), None),
         # where the family comes from: the file's metadata (and its layers agree), or its layers' widths alone
         "family_from": "metadata" if family and keys.claimed_family(lora) == family else "layers",
         "modules": {c: len(m) for c, m in lora.modules.items() if m},
-        # modules that fit a layer of the family's real architecture (SD 1.x's when the family is unknown)
-        "fits": {c: sum(1 for cc, _ in fit.matched if cc == c) for c in COMPONENTS if lora.modules.get(c)},
-        "fits_family": (family or families.SD1).title,
+        # modules that fit a layer of the family's real architecture (none to fit when the family is unknown)
+        "fits": {c: sum(1 for cc, _ in fit.matched if cc == c) for c in COMPONENTS if lora.modules.get(c)}
+        if family else {},
+        "fits_family": family.title if family else None,
         "kinds": dict(kinds),
         "ranks": sorted({ad.rank for _, _, ad in lora.items() if ad.rank is not None}),
         "alphas": sorted({float(ad.alpha) for _, _, ad in lora.items() if ad.alpha is not None}),
@@ -222,6 +226,7 @@ def _render_checkpoint(info: dict) -> str:
             ("parameters", f"{info['parameters']:,}: {parts}"),
             ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items()) or "n/a"),
             ("EMA copy", f"yes ({info['ema_tensors']} tensors, not loaded)" if info["ema_tensors"] else "no"),
+            *([("sdtune loads it", f"no: {info['not_loaded']}")] if info.get("not_loaded") else []),
             ("prediction", prediction),
             ("model hash", f"{info['hashes']['autov2']} (A1111's \"Model hash\", civitai's AutoV2; "
                            f"sha256 {info['hashes']['sha256']}; before A1111 1.0 and in LoRAs' ss_sd_model_hash: "
@@ -243,7 +248,9 @@ def render(info: dict) -> str:
     if info.get("kind") == "model folder":
         return _render_folder(info)
     said = " (as its metadata says)" if info.get("family_from") == "metadata" else " (guess, from its layers)"
-    family = info["family_name"] + said if info.get("family_name") else "unknown"
+    width = info.get("cross_attention_width")
+    family = info["family_name"] + said if info.get("family_name") else "unknown" + (
+        f" (its cross-attention reads {width}-wide text: {unknown_width(width)})" if width else "")
     alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
     if info["alphas"] and info["alpha_missing"]:
         alphas += f" ({info['alpha_missing']} modules without: alpha = rank)"
@@ -254,8 +261,9 @@ def render(info: dict) -> str:
         ("format", info["format"] or "unknown"),
         ("base family", family),
         ("modules", ", ".join(f"{c} {n}" for c, n in info["modules"].items()) or "none"),
-        (f"fits {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}" for c, n in info["modules"].items())
-         or "none"),
+        *([(f"fits {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}"
+                                                     for c, n in info["modules"].items()) or "none")]
+          if info.get("fits_family") else []),
         ("adapter kinds", ", ".join(f"{k} {n}" for k, n in info["kinds"].items()) or "none"),
         ("ranks", ", ".join(map(str, info["ranks"])) or "n/a"),
         ("alphas", alphas),
