@@ -219,6 +219,9 @@ def test_clip_skip_trains_on_the_layer_it_reads(base, dataset, tmp_path):
     assert te_layers == set(range(layers - 1)) and meta["ss_clip_skip"] == "2"
     with pytest.raises(SdtuneError, match=r"--clip-skip 0: must be greater than 0"):
         settings(dataset, tmp_path / "x", clip_skip=0).check()
+    for seed in (-1, 2**70):  # the samples' seeds would fail after the images were encoded
+        with pytest.raises(SdtuneError, match=rf"^--seed {seed}: must be from 0 to {2**63 - 65}$"):
+            settings(dataset, tmp_path / "x", seed=seed).check()
     # sd-scripts counts SD 2.x's skip on the stored encoder, which lacks OpenCLIP's last layer: one less
     counted = {(f.name, n): kohya_clip_skip(f, n) for f in (families.SD1, families.SD2, families.SDXL) for n in (1, 2, 3)}
     assert counted == {("sd1", 1): "None", ("sd1", 2): "2", ("sd1", 3): "3", ("sd2", 1): "None", ("sd2", 2): "None",

@@ -145,6 +145,8 @@ class TrainSettings:
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
         if not self.steps and not self.epochs:
             raise SdtuneError("--steps 0 and --epochs 0: give one of them")
+        if not 0 <= self.seed < 2**63 - 64:  # the samples' seeds (seed + image) stay torch's and A1111's
+            raise SdtuneError(f"--seed {self.seed}: must be from 0 to {2**63 - 65}")
         if self.resolution > MAX_RESOLUTION:
             raise SdtuneError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} pixels (SD 1.x trains at 512, "
                               f"SDXL at 1024)")

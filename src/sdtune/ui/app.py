@@ -214,7 +214,7 @@ def _compare_tab(studio: Studio):
             x = gr.Textbox(label="X axis (columns)", elem_id="cmp-x",
                            placeholder="one of: seed=1-4 · weight=0,0.5,1 · cfg=3,7 · steps=10,20 · sampler=ddim,euler · "
                                        "clip_skip=1,2 · prompt=a|b · sr=red|blue · loras=none|a|a:0.5+b:1 · "
-                                       "embeddings=none|name")
+                                       "embeddings=none|name · blocks=INALL|OUTD (values apart by |)")
             y = gr.Textbox(label="Y axis (rows, optional)", elem_id="cmp-y")
             with gr.Row():
                 loras = gr.Dropdown(studio.lora_names(), multiselect=True, label="LoRAs for the plot",
