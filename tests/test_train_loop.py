@@ -495,6 +495,42 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 """)
 
 
+REFUSED_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from sdtune.cli import main
+    data, out, per_process = sys.argv[1:4]
+    out = os.path.join(out, os.environ["RANK"]) if per_process == "1" else out  # folders the processes do not share
+    sys.exit(main(["train", "lora", "--model", "tiny-random", "--data", data, "--out", out, "--steps", "2",
+                   "--no-progress", "--sample-every", "0", "--no-report"]))
+""")
+
+
+def test_a_refusal_under_a_launcher_stops_every_process(dataset, tmp_path):
+    """The main process's lock, and the resume state each process sees, are shared before anything else: a folder
+    in use, or folders that are not one shared folder, stop both processes in one line each (the second one waited
+    in the first collective until the launcher's timeout, or resumed apart from the first)."""
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launched(out, per_process):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(dataset), str(out), per_process], env=env, capture_output=True,
+                              text=True, timeout=240, check=False)
+    with folder_lock(tmp_path / "busy", "sdtune train lora"):
+        run = launched(tmp_path / "busy", "0")
+    assert run.returncode != 0
+    assert run.stderr.count(f"sdtune: error: {tmp_path / 'busy'}: sdtune train lora (process {os.getpid()}) is using "
+                            f"this folder") == 2, run.stderr[-3000:]
+    (tmp_path / "apart" / "0").mkdir(parents=True)
+    (tmp_path / "apart" / "0" / loop.STATE_FILE).write_bytes(b"a save")
+    run = launched(tmp_path / "apart", "1")
+    assert run.returncode != 0
+    assert run.stderr.count("the processes of this run see different resume states there (process 0: 6 bytes, "
+                            "process 1: none); --out must be one folder they all share") == 2, run.stderr[-3000:]
+
+
 def test_two_processes_equal_one_with_double_batch(base, dataset, tmp_path):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)

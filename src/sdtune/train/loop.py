@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -388,12 +390,36 @@ def _set_aside(out: Path) -> Path | None:
     return aside
 
 
-def holding(settings: TrainSettings, name: str):
-    """``settings.out`` locked for a run from its start through its report (the main process's lock; the
-    others of an ``accelerate launch`` write nothing there: RANK, which the launcher sets, tells them)."""
-    if not main_process():
-        return contextlib.nullcontext()
-    return folder_lock(Path(settings.out), f"sdtune train {name}")
+@contextlib.contextmanager
+def holding(settings: TrainSettings, name: str, base):
+    """``settings.out`` locked for a run from its start through its report: the main process's lock (the others of
+    an ``accelerate launch`` write nothing there). Under a launcher the processes agree first, so that a refusal
+    stops all of them at once (one left going would wait in the first collective until the launcher's timeout):
+    the lock's outcome is shared, and every process must see the same resume state (one folder all share)."""
+    lock = folder_lock(Path(settings.out), f"sdtune train {name}")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        with lock:
+            yield
+        return
+    make_accelerator(settings, base)  # the process group (the run's own accelerator joins it)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if main_process():
+            try:
+                stack.enter_context(lock)
+            except SdtuneError as e:
+                error = str(e)
+        state = Path(settings.out) / STATE_FILE
+        seen = gather_object([(error, state.stat().st_size if settings.resume and state.is_file() else None)])
+        if any(e for e, _ in seen):
+            raise SdtuneError(next(e for e, _ in seen if e))
+        if len({size for _, size in seen}) > 1:
+            shown = ", ".join(f"process {i}: {'none' if size is None else f'{size} bytes'}"
+                              for i, (_, size) in enumerate(seen))
+            raise SdtuneError(f"{settings.out}: the processes of this run see different resume states there "
+                              f"({shown}); --out must be one folder they all share (on several machines, a shared "
+                              f"filesystem)")
+        yield
 
 
 def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSettings) -> str:

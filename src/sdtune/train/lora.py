@@ -286,7 +286,7 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
         note(f"--te2-lr: SDXL's second text encoder's learning rate, but {base.family.title} has one text encoder; "
              f"not used")
     # the folder is this run's from its first read of it through its report (a second run there is refused)
-    with loop.holding(settings, "lora"), vae_swapped(base, settings.vae):  # --vae: for this run only
+    with loop.holding(settings, "lora", base), vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_lora(base, settings, callback)
 
 

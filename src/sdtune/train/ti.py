@@ -158,7 +158,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
     loop.check_precision(settings, base)
     loop.note_merged(base)
     # the folder is this run's from its first read of it through its report (a second run there is refused)
-    with loop.holding(settings, "ti"), vae_swapped(base, settings.vae):  # --vae: for this run only
+    with loop.holding(settings, "ti", base), vae_swapped(base, settings.vae):  # --vae: for this run only
         return _train_ti(base, settings, callback)
 
 
