@@ -81,6 +81,8 @@ XL_NAME = "small SDXL (UNet 32/64/128, depths 1/2/10, 54M; CLIP-L/bigG widths 76
 FULL_XL_NAME = "full-size SDXL, random init (UNet 2.6B; CLIP-L and OpenCLIP bigG)"
 
 STEP_MARK = re.compile(r"@step (.*?)\|(\d+)\|(\d+|None)\|([0-9.]+)@")
+# sdtune's progress in a log file (console.LogLines): "train lora: 12/60 step, 1.2345 s, ..." (a line per step here)
+LOG_LINE = re.compile(r"^(.*?): (\d+)/(\d+) \w+, ([0-9]+\.[0-9]+) s", re.M)
 
 
 def write_mid_model(folder: Path, device: str = "cpu", dtype: str = "fp32") -> Path:
@@ -221,11 +223,12 @@ def write_images(folder: Path, n: int = 8, style: str | None = None, captions: b
 
 def child_env(threads: int, scratch: Path) -> dict:
     """The environment of every trainer process: same threads, offline, caches in the run's scratch folder,
-    and tqdm bars that print each step's exact elapsed time."""
+    and progress that prints each step's exact elapsed time: tqdm's bars (the scripts') in a format of marks,
+    sdtune's log lines (its progress off a terminal) at every step."""
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
-            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "PATH": f"{Path(sys.executable).parent}:"
+            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "SDTUNE_LOG_SECONDS": "0", "PATH": f"{Path(sys.executable).parent}:"
             f"{os.environ.get('PATH', '')}",
             # this checkout's sdtune first; packages installed beside the environment's (gpu_sdxl.sh) stay found
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -298,11 +301,11 @@ def run_process(cmd: list[str], env: dict, device: str = "cpu") -> dict:
 
 
 def step_times(output: str, steps: int) -> dict[int, float]:
-    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks of the training bar: the last
+    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks (or sdtune's log lines) of the training bar: the last
     bar of ``steps`` steps that is not a model-loading bar, each step at its first mark."""
     bars: list[tuple[str, str, dict[int, float]]] = []
     current: dict[str, dict[int, float]] = {}  # the open bar of each description and total (bars may interleave)
-    for desc, n, total, t in STEP_MARK.findall(output):
+    for desc, n, total, t in STEP_MARK.findall(output) + LOG_LINE.findall(output):
         key, n = f"{desc}|{total}", int(n)
         marks = current.get(key)
         if marks is None or (n == 0 and max(marks) > 0):  # a new bar (one bar may print step 0 again)

@@ -201,7 +201,8 @@ class LogLines:
         self.last, self.shown = time.monotonic(), self.n
         elapsed = self.last - self.start
         rate = f", {(self.n - self.first) / elapsed:.2f} {self.unit}/s" if elapsed > 0 and self.n > self.first else ""
-        sys.stderr.write(f"{self.desc}: {self.n}/{self.total} {self.unit}, {elapsed:.0f} s{rate}{self.postfix}\n")
+        digits = 4 if self.every < 1 else 0  # lines more often than each second (benchmarks time each step)
+        sys.stderr.write(f"{self.desc}: {self.n}/{self.total} {self.unit}, {elapsed:.{digits}f} s{rate}{self.postfix}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
