@@ -506,6 +506,40 @@ REFUSED_SCRIPT = textwrap.dedent("""
 """)
 
 
+INTERRUPTED_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from sdtune.console import Interrupted
+    from sdtune.models import load_base
+    from sdtune.train.config import LoraSettings
+    from sdtune.train.lora import train_lora
+
+    def ctrl_c(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt  # as a launcher's Ctrl-C reaches each process (before step 2 is saved)
+    try:
+        train_lora(load_base("tiny-random"), LoraSettings(data=sys.argv[1], out=sys.argv[2], steps=4, save_every=1,
+                                                           batch_size=1, rank=2, progress=False, report=False),
+                   callback=ctrl_c)
+    except Interrupted as e:
+        print(f"said: {e}", flush=True)
+""")
+
+
+def test_an_interrupt_under_a_launcher_says_where_the_run_continues(dataset, tmp_path):
+    """Several processes do not save the step in progress (they would have to agree on it): the message names
+    the last save, which the same command continues from."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(dataset), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240, check=False)
+    said = [line for line in run.stdout.splitlines() if line.startswith("said: ")]
+    assert said and set(said) == {f"said: interrupted; with several processes the step in progress is not saved: the "
+                                  f"same command continues from step 1 ({tmp_path / 'out' / loop.STATE_FILE})"}, \
+        run.stdout[-2000:] + run.stderr[-2000:]
+
+
 def test_a_refusal_under_a_launcher_stops_every_process(dataset, tmp_path):
     """The main process's lock, and the resume state each process sees, are shared before anything else: a folder
     in use, or folders that are not one shared folder, stop both processes in one line each (the second one waited

@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdtune: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"sdtune: {e if isinstance(e, (Interrupted, Terminated)) else 'interrupted'}", file=sys.stderr)
+        if main_process():  # a launcher's Ctrl-C reaches every process: one says it
+            print(f"sdtune: {e if isinstance(e, (Interrupted, Terminated)) else 'interrupted'}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
 

@@ -54,7 +54,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, main_process, note, progress, stop_requests
+from ..console import Interrupted, Terminated, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
@@ -756,6 +756,13 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                 raise Interrupted(f"interrupted at step {done} of {r.total}, saved ({r.checkpoints[-1][1]}, "
                                   f"{r.out / STATE_FILE}); run the same command to continue")
         r.save(r.total, final=True)
+    except KeyboardInterrupt as e:
+        if acc.num_processes == 1 or isinstance(e, Interrupted):
+            raise
+        # several processes (no save of the step in progress): say what the same command continues from
+        kept = f"step {r.last_save} ({r.out / STATE_FILE})" if r.last_save else "the start (nothing was saved yet)"
+        raise Interrupted(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; with several processes "
+                          f"the step in progress is not saved: the same command continues from {kept}") from None
     finally:
         bar.close()
         stopping.close()
