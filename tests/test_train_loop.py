@@ -16,7 +16,7 @@ from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
-from sdtune.train import loop, validation
+from sdtune.train import loop, prior, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
@@ -502,7 +502,7 @@ REFUSED_SCRIPT = textwrap.dedent("""
     data, out, per_process = sys.argv[1:4]
     out = os.path.join(out, os.environ["RANK"]) if per_process == "1" else out  # folders the processes do not share
     sys.exit(main(["train", "lora", "--model", "tiny-random", "--data", data, "--out", out, "--steps", "2",
-                   "--no-progress", "--sample-every", "0", "--no-report"]))
+                   "--no-progress", "--sample-every", "0", "--no-report", *sys.argv[4:]]))
 """)
 
 
@@ -538,6 +538,20 @@ def test_an_interrupt_under_a_launcher_says_where_the_run_continues(dataset, tmp
     assert said and set(said) == {f"said: interrupted; with several processes the step in progress is not saved: the "
                                   f"same command continues from step 1 ({tmp_path / 'out' / loop.STATE_FILE})"}, \
         run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_class_images_under_a_launcher_are_drawn_once(dataset, tmp_path):
+    """Prior preservation's class images are drawn by the main process alone; the others wait and read them."""
+    script = tmp_path / "prior.py"
+    script.write_text(REFUSED_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(dataset), str(tmp_path / "out"), "0", "--class-prompt", "a shape",
+                          "--num-class-images", "2", "--sample-steps", "2"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("prior preservation: drawing 2 class images") == 1 and "none drawn" not in run.stderr
+    assert len(list((tmp_path / "out" / prior.CLASS_DIR).glob("*.png"))) == 2
 
 
 def test_a_refusal_under_a_launcher_stops_every_process(dataset, tmp_path):

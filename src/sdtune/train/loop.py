@@ -375,6 +375,23 @@ _RUN_SUFFIXES = {".safetensors", ".pt", ".bin", ".png", ".csv", ".html", ".toml"
 _RUN_FOLDERS = ("samples", "tensorboard", "diffusers")
 
 
+def main_first(work: Callable[[], object]) -> None:
+    """``work`` (files that every process then reads) on the main process alone under a launcher, the others
+    waiting for it; an error it meets stops every process with its message."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        work()
+        return
+    error = None
+    if main_process():
+        try:
+            work()
+        except SdtuneError as e:
+            error = str(e)
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise SdtuneError(errors[0])
+
+
 def _set_aside(out: Path) -> Path | None:
     """Move an earlier run's files out of ``out`` into ``out/earlier-N`` when a run starts over there (--no-resume,
     or a run stopped before its first save): its checkpoints, samples and TensorBoard events would otherwise sit

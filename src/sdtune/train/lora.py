@@ -48,7 +48,7 @@ from . import loop, report, validation
 from .config import LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
 from .pivotal import Pivot, check_captions
-from .prior import prior_set
+from .prior import make_class_images, prior_set
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
@@ -300,7 +300,9 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
-    prior = prior_set(base, settings)  # before anything is trained in: class images show the base model
+    if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
+        loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
+    prior = prior_set(base, settings)
     network = Network(base, settings)
     groups = [{"params": network.params("unet"), "lr": settings.lr, "name": "unet"}]
     if settings.text_encoder:

@@ -75,11 +75,10 @@ def make_class_images(base, settings: LoraSettings) -> list[Path]:
 
 
 def prior_set(base, settings: LoraSettings) -> TrainingSet | None:
-    """The class images as a training set (None without prior preservation), drawn first when needed."""
+    """The class images as a training set (None without prior preservation), once ``make_class_images`` has
+    drawn them for a --class-prompt."""
     if not settings.prior:
         return None
-    if settings.class_prompt:
-        make_class_images(base, settings)
     folder = class_folder(settings)
     if not folder.is_dir():
         raise SdtuneError(f"{folder}: --reg-dir is not a folder; point it at class images, or give --class-prompt "
