@@ -128,6 +128,11 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
+def launched() -> bool:
+    """Whether this process is one of several that a launcher started (WORLD_SIZE, which they set)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def note(message: str) -> None:
     """Tell the user about a fallback or a skipped input; the command goes on."""
     if main_process():

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, Terminated, main_process, note, progress, stop_requests
+from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
@@ -378,7 +377,7 @@ _RUN_FOLDERS = ("samples", "tensorboard", "diffusers")
 def main_first(work: Callable[[], object]) -> None:
     """``work`` (files that every process then reads) on the main process alone under a launcher, the others
     waiting for it; an error it meets stops every process with its message."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+    if not launched():
         work()
         return
     error = None
@@ -414,7 +413,7 @@ def holding(settings: TrainSettings, name: str, base):
     stops all of them at once (one left going would wait in the first collective until the launcher's timeout):
     the lock's outcome is shared, and every process must see the same resume state (one folder all share)."""
     lock = folder_lock(Path(settings.out), f"sdtune train {name}")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+    if not launched():
         with lock:
             yield
         return
