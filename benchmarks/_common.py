@@ -228,7 +228,8 @@ def child_env(threads: int, scratch: Path) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(scratch / "hf-datasets"), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",
-            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "SDTUNE_LOG_SECONDS": "0", "PATH": f"{Path(sys.executable).parent}:"
+            "TQDM_BAR_FORMAT": "@step {desc}|{n}|{total}|{elapsed_s:.4f}@\n", "SDTUNE_LOG_SECONDS": "0",
+            "PATH": f"{Path(sys.executable).parent}:"
             f"{os.environ.get('PATH', '')}",
             # this checkout's sdtune first; packages installed beside the environment's (gpu_sdxl.sh) stay found
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -301,8 +302,8 @@ def run_process(cmd: list[str], env: dict, device: str = "cpu") -> dict:
 
 
 def step_times(output: str, steps: int) -> dict[int, float]:
-    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks (or sdtune's log lines) of the training bar: the last
-    bar of ``steps`` steps that is not a model-loading bar, each step at its first mark."""
+    """Step -> seconds since the bar started, from the ``TQDM_BAR_FORMAT`` marks (or sdtune's log lines) of the
+    training bar: the last bar of ``steps`` steps that is not a model-loading bar, each step at its first mark."""
     bars: list[tuple[str, str, dict[int, float]]] = []
     current: dict[str, dict[int, float]] = {}  # the open bar of each description and total (bars may interleave)
     for desc, n, total, t in STEP_MARK.findall(output) + LOG_LINE.findall(output):

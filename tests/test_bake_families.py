@@ -404,8 +404,8 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
     assert checkpoint("v.safetensors", spread(0.3))["prediction"] == "v_prediction"
     base = checkpoint("base.safetensors", spread(0.02))
     assert (base["family"], base["prediction"], base["prediction_from"]) == ("sd2", "epsilon", "weights")
-    assert "(the file does not say: read from its weights, as ComfyUI reads it; a .yaml config" in inspect.render(base | {
-        "hashes": {"autov2": "0", "sha256": "0", "autov1": "0"}})
+    assert "(the file does not say: read from its weights, as ComfyUI reads it; a .yaml config" in inspect.render(
+        base | {"hashes": {"autov2": "0", "sha256": "0", "autov1": "0"}})
     said = checkpoint("said.safetensors", spread(0.02), {"modelspec.prediction_type": "v"})
     assert (said["prediction"], said["prediction_from"]) == ("v_prediction", "file")
     none = checkpoint("none.safetensors")  # no weight to read: the family's default
@@ -464,7 +464,8 @@ def test_an_a1111_config_beside_a_checkpoint_settles_its_prediction(sd2, tmp_pat
     for scaling, want in (("VScaling", "v_prediction"), ("EpsScaling", "epsilon")):
         (tmp_path / "bare.yaml").write_text(sgm.format(scaling))
         assert models.file_configs(families.SD2, {}, bare)["scheduler"]["prediction_type"] == want
-    for text, says in (("model: [unclosed\n", r"bare.yaml: not a model config A1111 reads \(expected ',' or ']'.* at line 2\)"),
+    for text, says in (("model: [unclosed\n",
+                        r"bare.yaml: not a model config A1111 reads \(expected ',' or ']'.* at line 2\)"),
                        ("notes: mine\n", r"no model.params entry\); fix it, or rename it"),
                        (ldm_config + "    parameterization: x0\n", "parameterization 'x0' is not one sdtune samples")):
         (tmp_path / "bare.yaml").write_text(text)

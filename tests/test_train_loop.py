@@ -601,7 +601,7 @@ def test_two_processes_equal_one_with_double_batch(base, dataset, tmp_path):
                                                for line in said), said
     assert "# trained on 2 processes x batch 2" in (tmp_path / "two" / loop.SETTINGS_FILE).read_text()
     # resumed on one process, its batches and steps per epoch would differ: refused in one line
-    with pytest.raises(SdtuneError, match=r"resume.pt: this run was trained on 2 process\(es\) \(a global batch of 4\), "
-                                          r"now on 1; resume it on 2, or use another --out"):
+    with pytest.raises(SdtuneError, match=r"resume.pt: this run was trained on 2 process\(es\) \(a global batch "
+                                          r"of 4\), now on 1; resume it on 2, or use another --out"):
         train_lora(load_base("tiny-random"), LoraSettings(data=str(dataset), out=str(tmp_path / "two"), steps=4,
                                                           batch_size=2, rank=4, alpha=4, lr=1e-3, progress=False))

@@ -223,7 +223,8 @@ def test_clip_skip_trains_on_the_layer_it_reads(base, dataset, tmp_path):
         with pytest.raises(SdtuneError, match=rf"^--seed {seed}: must be from 0 to {2**63 - 65}$"):
             settings(dataset, tmp_path / "x", seed=seed).check()
     # sd-scripts counts SD 2.x's skip on the stored encoder, which lacks OpenCLIP's last layer: one less
-    counted = {(f.name, n): kohya_clip_skip(f, n) for f in (families.SD1, families.SD2, families.SDXL) for n in (1, 2, 3)}
+    counted = {(f.name, n): kohya_clip_skip(f, n)
+               for f in (families.SD1, families.SD2, families.SDXL) for n in (1, 2, 3)}
     assert counted == {("sd1", 1): "None", ("sd1", 2): "2", ("sd1", 3): "3", ("sd2", 1): "None", ("sd2", 2): "None",
                        ("sd2", 3): "2", ("sdxl", 1): "None", ("sdxl", 2): "2", ("sdxl", 3): "3"}
 

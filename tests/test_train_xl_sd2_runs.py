@@ -152,7 +152,8 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
         mp.setattr(UNet2DConditionModel, "forward", recording_forward)
         code = cli.main(["train", "lora", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"),
                          "--steps", "2", "--batch-size", "2", "--resolution", "64", "--rank", "4", "--alpha", "4",
-                         "--targets", "attn+ff", "--text-encoder", "--clip-skip", "2", "--lr", "1e-3", "--formats", "kohya", "diffusers",
+                         "--targets", "attn+ff", "--text-encoder", "--clip-skip", "2", "--lr", "1e-3",
+                         "--formats", "kohya", "diffusers",
                          "--sample-every", "0", "--no-report", "--no-progress", "--device", "cpu", "--dtype", "fp32",
                          "--no-gradient-checkpointing"])
     assert code == 0, err.getvalue()[-2000:]

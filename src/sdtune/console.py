@@ -207,7 +207,8 @@ class LogLines:
         elapsed = self.last - self.start
         rate = f", {(self.n - self.first) / elapsed:.2f} {self.unit}/s" if elapsed > 0 and self.n > self.first else ""
         digits = 4 if self.every < 1 else 0  # lines more often than each second (benchmarks time each step)
-        sys.stderr.write(f"{self.desc}: {self.n}/{self.total} {self.unit}, {elapsed:.{digits}f} s{rate}{self.postfix}\n")
+        done = f"{self.n}/{self.total} {self.unit}, {elapsed:.{digits}f} s"
+        sys.stderr.write(f"{self.desc}: {done}{rate}{self.postfix}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
