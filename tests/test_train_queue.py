@@ -251,6 +251,11 @@ def test_queue_names_and_spellings(dataset, tmp_path):
     path.write_text(f'[defaults]\ndata = "{dataset.as_posix()}"\nmin-snr-gamma = 5\n[[job]]\nkind = "lora"\n'
                     'min_snr_gamma = 1\n')
     assert train_queue.read_queue(path)[1][0].given["min_snr_gamma"] == 1
+    # a job's name is its folder's: the LoRA file's is kohya's output_name (a run's --name)
+    path.write_text(f'[defaults]\ndata = "{dataset.as_posix()}"\n[[job]]\nkind = "lora"\nname = "a"\n'
+                    'output_name = "mystyle"\n')
+    (run,) = train_queue.read_queue(path)[1]
+    assert (run.name, run.given["name"]) == ("a", "mystyle")
 
 
 def test_the_page_marks_the_best_among_comparable_runs_and_says_what_is_running(tmp_path, monkeypatch):

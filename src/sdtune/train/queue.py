@@ -11,6 +11,7 @@ A queue file lists jobs; each is a table of the settings ``sdtune train KIND --c
 
     [[job]]
     name = "lora"                  # optional (default: KIND-N); the job's folder is OUT/NAME
+    output_name = "mystyle"        # optional: the LoRA file's name (a run's --name; default lora)
     kind = "lora"                  # ti | lora
     rank = 8
     sweep = {lr = [1e-3, 5e-4]}    # one run per value: lora-lr-0.001 and lora-lr-0.0005
@@ -174,6 +175,8 @@ def _job_runs(path: Path, number: int, job: dict, defaults: dict, nth: int) -> l
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
         raise SdtuneError(f"{path}: {where}: name = {name!r}: use letters, digits, '.', '_' or '-'")
     own = {k: v for k, v in job.items() if k not in JOB_KEYS}
+    if "output_name" in own and kind == "lora":  # the LoRA file's name (``name`` is the job's): kohya's key for it
+        own["name"] = own.pop("output_name")
     check_one_spelling(f"{path}: {where}", own)
     sweep = job.get("sweep", {})
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
