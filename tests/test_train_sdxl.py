@@ -121,7 +121,7 @@ def test_cli_lora_writes_kohya_sdxl_keys_with_the_sdxl_preset(cli_lora):
     # the run started from the SDXL preset: what the flags did not set is the preset's
     assert meta["ss_sdtune_preset"] == "sdxl" and meta["ss_enable_bucket"] == "True"
     assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_steps"] == "2"
-    assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_text_encoder_lr"] == "0.001"
+    assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_text_encoder_lr"] == "[0.001, 0.0001]"  # te1, te2
     (out / "again.toml").write_text(meta["ss_sdtune_settings"])
     again = load_settings(out / "again.toml", kind="lora")
     assert (again.te_lr, again.te2_lr, again.rank, again.preset) == (1e-3, 1e-4, 4, "sdxl")
@@ -257,6 +257,17 @@ def test_ti_on_sdxl_learns_one_row_per_encoder_and_loads_in_diffusers(xl, datase
 
 
 # ---------------------------------------------------------------- conditioning
+
+def test_a_deep_clip_skip_on_sdxl_is_said_when_training(dataset, tmp_path):
+    """A1111 ignores clip skip on SDXL: a skip past its own layer trains what only ComfyUI reads so (said, as
+    generation says it), where before only the run's samples said it."""
+    settings = LoraSettings(data=str(dataset / "train"), out=str(tmp_path), steps=1, batch_size=1, rank=2,
+                            clip_skip=3, sample_every=0, report=False, progress=False)
+    with pytest.warns(UserWarning, match=r"^clip skip 3: read as ComfyUI reads it; A1111 ignores clip skip on "
+                                         r"the built-in tiny SDXL model, so it reads what this run trains at the "
+                                         r"default layer$"):
+        train_lora(load_base("tiny-xl-random", device="cpu", dtype="fp32"), settings)
+
 
 def test_text_stack_encodes_as_generation_does(xl):
     prompts = ["a red square", ""]

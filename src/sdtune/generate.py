@@ -250,6 +250,15 @@ def check_clip_skip(clip_skip: int) -> None:
                           f"2 is what anime SD 1.x models expect")
 
 
+def note_deep_clip_skip(family, clip_skip: int, so: str) -> None:
+    """A1111 reads an OpenCLIP encoder (SD 2.x's, SDXL's second) at its own layer whatever the clip skip; the
+    first two skips are these families' own layer anyway, a deeper one is ComfyUI's reading alone: said, with
+    what ``so`` follows from it."""
+    if clip_skip > 2 and family is not None and any(te.openclip for te in family.text_encoders):
+        console.note(f"clip skip {clip_skip}: read as ComfyUI reads it; A1111 ignores clip skip on {family.title}, "
+                     f"so {so}")
+
+
 def read_layer(te, model, clip_skip: int = 1) -> tuple[int, bool]:
     """(hidden state index, whether the final layer norm follows) of what the UNet reads from encoder ``te`` at
     clip skip N, as A1111 and ComfyUI count it: the Nth layer from the end of the encoder as published (SD 2.x's
@@ -357,11 +366,7 @@ def generate(
         raise SdtuneError(f"--num-images {num_images}: must be at least 1")
     check_clip_skip(clip_skip)
     family = getattr(base, "family", None)
-    # A1111 reads an OpenCLIP encoder (SD 2.x's, SDXL's second) at its own layer whatever the clip skip; the
-    # first two skips are these families' own layer anyway, a deeper one is ComfyUI's reading alone
-    if clip_skip > 2 and family is not None and any(te.openclip for te in family.text_encoders):
-        console.note(f"clip skip {clip_skip}: read as ComfyUI reads it; A1111 ignores clip skip on {family.title}, "
-                     f"so it draws this PNG's settings with the default")
+    note_deep_clip_skip(family, clip_skip, "it draws this PNG's settings with the default")
     scheduler = check_scheduler(scheduler)
     if not math.isfinite(guidance):
         raise SdtuneError(f"--guidance {guidance}: must be a finite number, e.g. 7.5")

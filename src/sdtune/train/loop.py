@@ -54,7 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
-from ..generate import TextStack, generate, grid, infotext, save_png
+from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, shared_text
 from .config import TrainSettings, summary, to_toml
@@ -521,6 +521,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
         stack = TextStack.of(base, settings.clip_skip)
+        note_deep_clip_skip(base.family, settings.clip_skip, "it reads what this run trains at the default layer")
         # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
         unshare = shared_text.install(base.unet) if cache is not None and settings.share_text else None
         if unshare is not None:

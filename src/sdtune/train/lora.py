@@ -211,6 +211,7 @@ def kohya_clip_skip(family, clip_skip: int) -> str:
 def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, started: float, final: bool) -> dict:
     """Training facts in kohya's ``ss_*`` keys, which A1111, ComfyUI and LoRA browsers show."""
     m = job.metadata
+    lrs = text_lrs(settings, base)
     per_epoch = max(1, m.get("batches_per_epoch", 1))
     sizes = Counter(data.bucket_of[i] for i in data.entries)
     meta = {
@@ -219,8 +220,10 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_output_name": settings.name,
         "ss_learning_rate": str(settings.lr),
         "ss_unet_lr": str(settings.lr),
-        # "None" when no text-encoder LoRA is trained, as sd-scripts writes for a UNet-only run
-        "ss_text_encoder_lr": str(text_lrs(settings, base)[0]) if settings.text_encoder else "None",
+        # "None" when no text-encoder LoRA is trained, as sd-scripts writes for a UNet-only run; SDXL's two rates
+        # as the list sd-scripts takes and writes where they differ
+        "ss_text_encoder_lr": ("None" if not settings.text_encoder else str(lrs[0]) if len(set(lrs)) == 1
+                               else str(lrs)),
         "ss_num_train_images": str(len(data)),
         "ss_num_reg_images": "0",
         "ss_num_batches_per_epoch": str(per_epoch),
