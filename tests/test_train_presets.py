@@ -111,9 +111,12 @@ def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, cap
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines() == [str(first / "lora.safetensors")]
     err = run.stderr.splitlines()
-    assert err[0].startswith("sdtune train lora: preset 'tiny'; validation on 1 held-out image(s); 64 px (the "
+    assert err[1].startswith("sdtune train lora: preset 'tiny'; validation on 1 held-out image(s); 64 px (the "
                              "model's own size); settings")  # the preset leaves --resolution 0
-    assert all(re.match(r"(sdtune train lora: |  \w+=|step \d+: validation loss \d\.\d{8}$)", ln) for ln in err), err
+    assert all(re.match(r"(sdtune train lora: |  \w+=|step \d+: validation loss \d\.\d{8}$)", ln) for ln in err[1:]), err
+    # the rank given without the alpha: the preset's alpha stays, so the LoRA's scale changes (said)
+    assert err[0] == ("sdtune: warning: --rank 4 with preset tiny's alpha 8: the LoRA's scale alpha/rank is 2 (the "
+                      "preset's 1); give --alpha to choose it")
     assert "  rank=4" in run.stderr or " rank=4 " in run.stderr
     # --no-progress is how this terminal watches, not a training setting: neither printed nor saved, so a
     # --config rerun elsewhere shows its bar

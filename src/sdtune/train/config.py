@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
+from ..console import note
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
@@ -479,6 +480,12 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)
     values["preset"] = preset.name if preset else ""
+    if preset and {"rank", "alpha"} <= preset.values.keys() and "rank" in given and "alpha" not in given \
+            and values["rank"] > 0:  # (a rank below 1 is refused by check())
+        was, now = preset.values["alpha"] / preset.values["rank"], values["alpha"] / values["rank"]
+        if now != was:  # the LoRA's scale: kohya's default alpha is 1 and diffusers' the rank, so say which it is
+            note(f"--rank {values['rank']} with preset {preset.name}'s alpha {values['alpha']:g}: the LoRA's scale "
+                 f"alpha/rank is {now:g} (the preset's {was:g}); give --alpha to choose it")
     return KINDS[kind](**values)
 
 
