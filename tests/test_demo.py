@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune import cli, demo, demo_report
+from sdtune import cli, demo, demo_report, families
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import judge, world
+from sdtune.train import presets
 from sdtune.train.config import KINDS, load_settings
 
 
@@ -194,6 +195,19 @@ def test_commands_reproduce_the_steps(report, tmp_path):
     # the data commands are Python calls of the functions the demo used
     data_lines = [ln for ln in script.splitlines() if ln.startswith("python -c")]
     assert any("write_ti_set" in ln for ln in data_lines) and any("write_style_set" in ln for ln in data_lines)
+
+
+def test_the_full_plan_trains_with_the_models_preset_and_says_so(tmp_path):
+    """The full demo (the README's main job) names no preset: it trains with the model's own (it trained with
+    bare defaults, which learn nothing on the tiny model), and its printed command reruns those settings."""
+    parser = cli.build_parser()
+    for family, preset in ((families.TINY, "tiny"), (families.TINY_XL, "tiny-xl")):
+        for kind, make in (("ti", demo.ti_settings), ("lora", demo.lora_settings)):
+            settings = make(demo.FULL, tmp_path / "d", tmp_path / "o", family.name, True, family)
+            assert settings.preset == preset and settings.steps == presets.get(kind, preset).values["steps"]
+            a = parser.parse_args(shlex.split(demo.train_command(kind, settings))[1:])
+            names = {f.name for f in dataclasses.fields(KINDS[kind])}
+            assert load_settings(None, {k: v for k, v in vars(a).items() if k in names}, kind=kind) == settings
 
 
 def test_rerun_reuses_finished_phases(report):

@@ -160,14 +160,19 @@ class _Phases:
 TRAINERS = {"ti": train_ti, "lora": train_lora}  # what ``sdtune train ti|lora`` calls
 
 
+def _preset(name: str) -> dict:
+    """The plan's preset as a setting: none given (not preset "", which names no preset at all) is the model's."""
+    return {"preset": name} if name else {}
+
+
 def ti_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool, family=None) -> TISettings:
-    return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.ti_preset,
+    return load_settings(None, dict(data=str(data), out=str(out), model=model, **_preset(plan.ti_preset),
                                     token=plan.token, init_token=plan.init_token, seed=plan.seed, progress=progress),
                          kind="ti", family=family)
 
 
 def lora_settings(plan: Plan, data: Path, out: Path, model: str, progress: bool, family=None) -> LoraSettings:
-    return load_settings(None, dict(data=str(data), out=str(out), model=model, preset=plan.lora_preset,
+    return load_settings(None, dict(data=str(data), out=str(out), model=model, **_preset(plan.lora_preset),
                                     seed=plan.seed, name=plan.lora_name, progress=progress), kind="lora",
                          family=family)
 
