@@ -192,6 +192,9 @@ class TISettings(TrainSettings):
             raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
         if not self.init_token.strip():
             raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
+        if Path(self.init_token).suffix.lower() in (".safetensors", ".pt", ".bin", ".pti"):
+            raise SdtuneError(f"--init-token {self.init_token}: a file's name; the new word starts from the "
+                              f"vectors of words, so give words close to the concept (e.g. 'red square')")
         check_vectors("--num-vectors", self.num_vectors)
         _choice("property", self.property, ("object", "style"))
         for f in self.formats:
