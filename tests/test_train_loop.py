@@ -501,6 +501,12 @@ REFUSED_SCRIPT = textwrap.dedent("""
     from sdtune.cli import main
     data, out, per_process = sys.argv[1:4]
     out = os.path.join(out, os.environ["RANK"]) if per_process == "1" else out  # folders the processes do not share
+    if os.path.basename(out) == "full" and os.environ["RANK"] == "0":  # the main process's disk fills up
+        from sdtune.train import loop
+
+        def full(*a, **k):
+            raise OSError(28, "No space left on device", "samples")
+        loop.sample_grid = full
     sys.exit(main(["train", "lora", "--model", "tiny-random", "--data", data, "--out", out, "--steps", "2",
                    "--no-progress", "--sample-every", "0", "--no-report", *sys.argv[4:]]))
 """)
@@ -562,15 +568,21 @@ def test_a_refusal_under_a_launcher_stops_every_process(dataset, tmp_path):
     script.write_text(REFUSED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def launched(out, per_process):
+    def launched(out, per_process, *more):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), str(dataset), str(out), per_process], env=env, capture_output=True,
+                               str(script), str(dataset), str(out), per_process, *more], env=env, capture_output=True,
                               text=True, timeout=240, check=False)
     with folder_lock(tmp_path / "busy", "sdtune train lora"):
         run = launched(tmp_path / "busy", "0")
     assert run.returncode != 0
     assert run.stderr.count(f"sdtune: error: {tmp_path / 'busy'}: sdtune train lora (process {os.getpid()}) is using "
                             f"this folder") == 2, run.stderr[-3000:]
+    # a write only the main process makes fails mid-run (its disk is full as it draws samples): every process
+    # stops with that line; the other died in its next collective with a gloo "Connection closed by peer" traceback
+    run = launched(tmp_path / "full", "0", "--sample-every", "1", "--no-gradient-checkpointing")
+    assert run.returncode != 0
+    assert "sdtune: error: [Errno 28] No space left on device: 'samples'" in run.stderr, run.stderr[-3000:]
+    assert "Connection closed" not in run.stderr and "[rank1]: Traceback" not in run.stderr, run.stderr[-3000:]
     (tmp_path / "apart" / "0").mkdir(parents=True)
     (tmp_path / "apart" / "0" / loop.STATE_FILE).write_bytes(b"a save")
     run = launched(tmp_path / "apart", "1")

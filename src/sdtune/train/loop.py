@@ -384,7 +384,7 @@ def main_first(work: Callable[[], object]) -> None:
     if main_process():
         try:
             work()
-        except SdtuneError as e:
+        except (SdtuneError, OSError) as e:  # a refusal, a file that cannot be written (a full disk)
             error = str(e)
     errors = [e for e in gather_object([error]) if e]
     if errors:
@@ -659,32 +659,36 @@ class Session:
     def save(self, step: int, final: bool) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            written = self.job.save(step, final)  # the user's files first, then the state that points at them
-            self.final_files = written if final else self.final_files
-            self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
-            history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
-                       "seconds": self.seconds, "spans": self.spans}
-            self.log.flush()
-            atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
-                               "trainable": self.job.state(),
-                               "optimizer": self.optimizer.state_dict(),
-                               "settings": json.dumps(self.settings.to_dict()), "history": history,
-                               "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
-                               "final": final, "total": self.total, "processes": acc.num_processes},
-                              self.out / STATE_FILE)
+        main_first(lambda: self._write_save(step, final))  # a failed write stops every process, with its message
         self.last_save = step
-        acc.wait_for_everyone()
+
+    def _write_save(self, step: int, final: bool) -> None:
+        """The main process's part of ``save``: the job's files, then the resume state that points at them."""
+        acc = self.accelerator
+        written = self.job.save(step, final)  # the user's files first, then the state that points at them
+        self.final_files = written if final else self.final_files
+        self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
+        history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
+                   "seconds": self.seconds, "spans": self.spans}
+        self.log.flush()
+        atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
+                           "trainable": self.job.state(),
+                           "optimizer": self.optimizer.state_dict(),
+                           "settings": json.dumps(self.settings.to_dict()), "history": history,
+                           "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
+                           "final": final, "total": self.total, "processes": acc.num_processes},
+                          self.out / STATE_FILE)
 
     def _evaluating(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on the main process with the trainable modules in eval mode (no dropout)."""
-        if self.accelerator.is_main_process:
+        """Run ``work`` on the main process with the trainable modules in eval mode (no dropout); its error stops
+        every process."""
+        def evaluate() -> None:
             self.job.set_training(False)
             try:
                 work()
             finally:
                 self.job.set_training(True)
-        self.accelerator.wait_for_everyone()
+        main_first(evaluate)
 
     def sample(self, step: int) -> None:
         prompts = self.settings.sample_prompts or self.job.sample_prompts
