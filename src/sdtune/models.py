@@ -382,8 +382,7 @@ def detect_family(state: dict, path: Path) -> Family:
         raise SdtuneError(f"{path}: the UNet weights are incomplete (no conv_in or cross-attention); "
                           "the file is damaged or not a Stable Diffusion checkpoint")
     if conv_in.shape[1] != 4:
-        raise SdtuneError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an inpainting or "
-                          "instruct-pix2pix model); sdtune works with plain text-to-image models")
+        raise SdtuneError(f"{path}: {other_channels(conv_in.shape[1])}; sdtune works with plain text-to-image models")
     family = families.by_cross_attention(cross.shape[1])
     if family is None:
         raise SdtuneError(f"{path}: {unknown_width(cross.shape[1])}")
@@ -581,9 +580,8 @@ def describe_checkpoint(path: str | Path) -> dict | None:
     cross = next((s for k, (_, s) in shapes.items() if k.startswith(ldm.UNET_PREFIX)
                   and k.endswith("attn2.to_k.weight") and len(s) == 2), None)
     # what loading it would refuse, as loading says it (detect_family)
-    refused = (f"the UNet takes {conv_in[1]} input channels (an inpainting or instruct-pix2pix model)"
-               if len(conv_in) == 4 and conv_in[1] != 4 else unknown_width(cross[1]) if family is None and cross
-               else None)
+    refused = (other_channels(conv_in[1]) if len(conv_in) == 4 and conv_in[1] != 4
+               else unknown_width(cross[1]) if family is None and cross else None)
     weights = {k: (d, s) for k, (d, s) in shapes.items() if k.startswith(tuple(prefixes.values())) and "float" in d}
     components = {c: sum(math.prod(s) for k, (_, s) in weights.items() if k.startswith(prefix))
                   for c, prefix in prefixes.items()}
@@ -651,6 +649,11 @@ def _load_single_file(spec: str, path: Path, device, dtype, vae=None) -> Base:
                    source="single-file", single_file=path, model_hash=file_sha256(path)[:10], **info)
 
 
+def other_channels(channels: int) -> str:
+    """What a UNet that takes other than the 4 latent channels is, for its refusal (loading, inspect)."""
+    return f"the UNet takes {channels} input channels (an inpainting or instruct-pix2pix model)"
+
+
 def unknown_width(width) -> str:
     """The refusal of a UNet whose cross-attention width no family has; SDXL's refiner (1280) named as such."""
     if width == 1280:
@@ -666,8 +669,8 @@ def folder_family(folder: Path, index: dict) -> Family:
         raise SdtuneError(f"{folder}: no readable unet/config.json ({e}); re-download or re-export the model") from None
     width = unet_config.get("cross_attention_dim")
     if unet_config.get("in_channels", 4) != 4:  # the check a single file gets (it loaded, then sampling failed)
-        raise SdtuneError(f"{folder}: the UNet takes {unet_config['in_channels']} input channels (an inpainting or "
-                          "instruct-pix2pix model); sdtune works with plain text-to-image models")
+        raise SdtuneError(f"{folder}: {other_channels(unet_config['in_channels'])}; sdtune works with plain "
+                          f"text-to-image models")
     family = families.by_cross_attention(width)
     if family is None:
         raise SdtuneError(f"{folder}: {unknown_width(width)}")

@@ -305,17 +305,14 @@ def schedule_note(settings: TrainSettings, spans: list) -> str:
 def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spans: list, processes: int) -> None:
     """Print the settings the run uses and write them where ``--config`` can rerun them (with what the settings
     do not hold: the processes of an ``accelerate launch``, a schedule a resume changed)."""
-    notes = [schedule_note(settings, spans)]
-    if processes > 1:
-        notes.append(f"trained on {processes} processes x batch {settings.batch_size} x grad_accum "
-                     f"{settings.grad_accum} = global batch {processes * settings.batch_size * settings.grad_accum}; "
-                     f"rerun it on as many")
-    notes = [n for n in notes if n]
+    batch = (f"{processes} processes x batch {settings.batch_size} x grad_accum {settings.grad_accum} = global "
+             f"batch {processes * settings.batch_size * settings.grad_accum}") if processes > 1 else ""
+    notes = [n for n in (schedule_note(settings, spans), batch and f"trained on {batch}; rerun it on as many") if n]
     atomic_write_text("".join(f"# {n}\n" for n in notes) + to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
     validated = job.validation.description if job.validation else "no validation images"
     size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""  # resolution=0 says less
-    size += f"; {notes[-1].partition(';')[0]}" if processes > 1 else ""
+    size += f"; trained on {batch}" if batch else ""
     print(f"sdtune train {job.name}: {preset}; validation on {validated}{size}; settings (also in "
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
 

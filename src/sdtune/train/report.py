@@ -100,9 +100,9 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
     embeddings, token = base.embeddings, settings.token
     pattern = re.compile(re.escape(token), re.IGNORECASE)
     rows = [[_image(base, settings, pattern.sub(lambda _: settings.init_token, p)) for p in prompts]]
-    final = embeddings.get(token)
+    final, shown = embeddings.get(token), grid_checkpoints(record)
     try:
-        for _, path in grid_checkpoints(record):
+        for _, path in shown:
             embeddings.remove(token)
             embeddings.add(load_embedding(path, token=token))
             rows.append([_image(base, settings, p) for p in prompts])
@@ -110,7 +110,7 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
         if token in embeddings:
             embeddings.remove(token)
         embeddings.add(final)
-    labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in grid_checkpoints(record)]
+    labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in shown]
     return draw_grid(rows, labels, prompts, cell=GRID_CELL)
 
 
