@@ -67,6 +67,23 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
         dataclasses.replace(s, validation_split=0.1).check()
 
 
+def test_another_models_settings_file_says_its_preset_is_not_this_models(tmp_path, recwarn):
+    cfg = tmp_path / "settings.toml"  # a run on the built-in SD 1.x model, given to a run on tiny-xl
+    cfg.write_text('preset = "tiny"\nsteps = 5\n')
+    with pytest.warns(UserWarning, match=r"settings\.toml: its preset 'tiny' is the built-in tiny model's, and this "
+                                         r"model is the built-in tiny SDXL model, which starts from 'tiny-xl'; give "
+                                         r"--preset tiny-xl"):
+        s = load_settings(cfg, {}, "ti", family="tiny-xl")
+    assert (s.preset, s.steps) == ("tiny", 5)  # the file's settings are used, as asked
+    recwarn.clear()  # said only where it is news: the model's own preset, a chosen one, or a flag naming it
+    cfg.write_text('preset = "tiny-quick"\n')
+    load_settings(cfg, {}, "lora", family="tiny-xl")
+    cfg.write_text('preset = "tiny"\n')
+    load_settings(cfg, {"preset": "tiny"}, "ti", family="tiny-xl")
+    load_settings(cfg, {}, "ti", family="tiny")
+    assert not [w for w in recwarn if "preset" in str(w.message)]
+
+
 def test_an_unknown_preset_is_one_line_naming_the_choices(dataset, tmp_path, capsys):
     with pytest.raises(SdtuneError, match=r"--preset 'tiny-quik': no such lora preset; did you mean 'tiny-quick'\? "
                                           r"choose one of tiny, tiny-quick, tiny-xl, sd1, sd2, sdxl"):

@@ -30,6 +30,7 @@ from ..console import note
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
+from .. import families
 from . import presets
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
@@ -478,6 +479,7 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         preset = presets.get(kind, given["preset"]) if given["preset"] else None
     else:
         preset = presets.for_family(kind, family)
+    _note_other_family_preset(preset, toml_path, overrides, kind, family)
     values = dict(preset.values) if preset else {}
     if "validation_dir" in given and "validation_split" not in given:
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
@@ -490,6 +492,19 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             note(f"--rank {values['rank']} with preset {preset.name}'s alpha {values['alpha']:g}: the LoRA's scale "
                  f"alpha/rank is {now:g} (the preset's {was:g}); give --alpha to choose it")
     return KINDS[kind](**values)
+
+
+def _note_other_family_preset(preset, toml_path, overrides, kind: str, family) -> None:
+    """A --config file (another run's settings.toml) naming the preset of another model family: its settings were
+    chosen for that model (size, steps, learning rate), so say so, as the user asked for this model's."""
+    own = presets.for_family(kind, family)
+    if preset is None or own is None or preset.name == own.name or (overrides or {}).get("preset") is not None:
+        return
+    of = [f for f, name in presets.FAMILY_DEFAULTS.items() if name == preset.name]
+    if of:
+        mine = families.FAMILIES[getattr(family, "name", family)].title
+        note(f"{toml_path}: its preset {preset.name!r} is {families.FAMILIES[of[0]].title}'s, and this model is "
+             f"{mine}, which starts from {own.name!r}; give --preset {own.name} to train with its own")
 
 
 def check_given(settings, toml_path: str | Path | None = None, overrides: dict | None = None) -> None:
