@@ -537,6 +537,18 @@ def test_sdxl_convert_kohya_diffusers_round_trip_and_inspect(tmp_path, xl, xl_sg
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta)
         text = inspect.render(inspect.describe(tmp_path / f"{name}.safetensors"))
         assert said in text and all(v in text for v in meta.values()), text
+    # the model it was trained on, and a known fine-tune of the family by that name (its LoRAs are made for it)
+    for trained_on, fine_tune in (("ponyDiffusionV6XL_v6StartWithThisOne.safetensors", "Pony Diffusion"),
+                                  ("Illustrious-XL-v0.1.safetensors", "Illustrious"),
+                                  ("noobaiXLNAIXL_vPred10Version.safetensors", "NoobAI (an Illustrious fine-tune)"),
+                                  ("sd_xl_base_1.0.safetensors", None)):
+        save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"ss_sd_model_name": trained_on,
+                                                                       "ss_base_model_version": "sdxl_base_v1-0"})
+        info = inspect.describe(tmp_path / "t.safetensors")
+        assert (info["trained_on"], info["fine_tune"]) == (trained_on, fine_tune)
+        row = next(line for line in inspect.render(info).splitlines() if line.startswith("trained on"))
+        assert row.split(None, 2)[2] == trained_on + (f" ({fine_tune}: made for it and its fine-tunes; it may draw "
+                                                      f"poorly on other SDXL models)" if fine_tune else "")
     # a LoRA of no family's widths (SDXL's refiner reads 1280-wide text): named as such, no fit against SD 1.x
     refiner = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.ones(4, 1280),
                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.ones(768, 4)}

@@ -65,6 +65,14 @@ class Family:
     # The UNet sample size of this family's noise-prediction models where the shipped config is another's (SD 2.x
     # ships 768-v's 96; its 512-px "base" models are 64): what a single file without sdtune's configs is given.
     epsilon_sample_size: int = 0
+    # Well-known fine-tunes of this family, (a word in a model's file name, what it is): their LoRAs are made for
+    # them (Pony's tags, Illustrious's danbooru prompts) and often draw poorly on the base model, so inspect says so.
+    fine_tunes: tuple[tuple[str, str], ...] = ()
+
+    def fine_tune_named(self, model_name: str) -> str | None:
+        """The fine-tune ``model_name`` (a file name, as ``ss_sd_model_name`` keeps it) is, if a known one."""
+        name = model_name.lower()
+        return next((title for word, title in self.fine_tunes if word in name), None)
 
     @property
     def text_widths(self) -> tuple[int, ...]:
@@ -115,7 +123,9 @@ SDXL = Family(
     ),
     configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
     prediction_type="epsilon",
-    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm")
+    pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm",
+    fine_tunes=(("pony", "Pony Diffusion"), ("noob", "NoobAI (an Illustrious fine-tune)"),
+                ("illustrious", "Illustrious"), ("animagine", "Animagine XL")))
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.
 TINY = Family(

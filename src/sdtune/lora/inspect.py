@@ -73,6 +73,9 @@ def describe(path: str | Path) -> dict:
             (ad.io()[1] for c, p, ad in lora.items() if c == "unet" and p.endswith("attn2.to_k")), None),
         # where the family comes from: the file's metadata (and its layers agree), or its layers' widths alone
         "family_from": "metadata" if family and keys.claimed_family(lora) == family else "layers",
+        # the model it was trained on, as its trainer wrote it, and the family's fine-tune that name is, if known
+        "trained_on": lora.metadata.get("ss_sd_model_name") or None,
+        "fine_tune": family.fine_tune_named(lora.metadata.get("ss_sd_model_name", "")) if family else None,
         "modules": {c: len(m) for c, m in lora.modules.items() if m},
         # modules that fit a layer of the family's real architecture (none to fit when the family is unknown)
         "fits": {c: sum(1 for cc, _ in fit.matched if cc == c) for c in COMPONENTS if lora.modules.get(c)}
@@ -260,6 +263,9 @@ def render(info: dict) -> str:
         ("file", info["file"]),
         ("format", info["format"] or "unknown"),
         ("base family", family),
+        *([("trained on", info["trained_on"] + (f" ({info['fine_tune']}: made for it and its fine-tunes; it may "
+                                                 f"draw poorly on other {info['family_name']} models)"
+                                                 if info.get("fine_tune") else ""))] if info.get("trained_on") else []),
         ("modules", ", ".join(f"{c} {n}" for c, n in info["modules"].items()) or "none"),
         *([(f"fits {info['fits_family']}", ", ".join(f"{c} {info['fits'][c]} of {n}"
                                                      for c, n in info["modules"].items()) or "none")]
