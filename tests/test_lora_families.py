@@ -557,6 +557,12 @@ def test_sdxl_convert_kohya_diffusers_round_trip_and_inspect(tmp_path, xl, xl_sg
     text = inspect.render(info)
     assert info["fits"] == {} and "fits SD" not in text
     assert "unknown (its cross-attention reads 1280-wide text: an SDXL refiner" in text
+    # given to an SDXL model, its refusal says why in those words, not only which shapes differ
+    with pytest.raises(SdtuneError, match=r"refiner\.safetensors: this LoRA is for SDXL's refiner \(its "
+                                          r"cross-attention reads 1280-wide text\), an img2img model sdtune does not "
+                                          r"load\. 1 of 1 LoRA entries do not fit"):
+        xl.loras.add("refiner", tmp_path / "refiner.safetensors", 1.0)
+    assert not len(xl.loras)
 
 
 # ------------------------------------------------------------------ SD 2.x

@@ -191,6 +191,11 @@ def by_modelspec_architecture(value: str | None) -> Family | None:
     return FAMILIES.get(name) if name and "refiner" not in value else None
 
 
+# SDXL's refiner: the SDXL architecture reading OpenCLIP bigG's 1280-wide text only, an img2img model sdtune does
+# not load; its cross-attention width names it in refusals (its checkpoints, its LoRAs).
+SDXL_REFINER_CROSS_WIDTH = 1280
+
+
 def describe_width(width: int) -> str:
     """What a text width belongs to, for messages: 768 -> "SD 1.x", 1280 -> "SDXL's text_encoder_2"."""
     owners = by_text_width(width)

@@ -69,8 +69,7 @@ def describe(path: str | Path) -> dict:
         "family": family.name if family else None,
         "family_name": family.title if family else None,
         # no family's: the cross-attention width its layers read, which may name what it is for (SDXL's refiner)
-        "cross_attention_width": None if family else next(
-            (ad.io()[1] for c, p, ad in lora.items() if c == "unet" and p.endswith("attn2.to_k")), None),
+        "cross_attention_width": None if family else keys.cross_attention_width(lora),
         # where the family comes from: the file's metadata (and its layers agree), or its layers' widths alone
         "family_from": "metadata" if family and keys.claimed_family(lora) == family else "layers",
         # the model it was trained on, as its trainer wrote it, and the family's fine-tune that name is, if known

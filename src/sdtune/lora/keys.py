@@ -341,6 +341,11 @@ def guess_family(lora: Lora) -> Family | None:
     return _pick_family(evidence, claimed_family(lora))
 
 
+def cross_attention_width(lora: Lora) -> int | None:
+    """The text width the LoRA's UNet cross-attention layers read (its attn2.to_k input), if it has such a layer."""
+    return next((adapter_io(ad)[1] for c, p, ad in lora.items() if c == "unet" and p.endswith("attn2.to_k")), None)
+
+
 def claimed_family(lora: Lora) -> Family | None:
     """The family a file's metadata names: the model it was trained on where that is a family's name (the built-in
     tiny-xl, whose files say sdxl_base_v1-0 so that A1111 reads them as SDXL), else its kohya base model version,
@@ -373,6 +378,7 @@ class MatchReport:
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (component:path, lora, model)
     family_guess: Family | None = None  # what the file looks made for
     model_family: Family | None = None  # what the model looks like (None: widths of no known family)
+    lora_cross_width: int | None = None  # the text width the LoRA's cross-attention reads (names a refiner's)
 
     @property
     def ok(self) -> bool:
@@ -398,6 +404,9 @@ class MatchReport:
         guess, model = self.family_guess, self.model_family
         if guess and model and guess != model:
             return f"this LoRA is for {guess.title}; the model is {model.title}. "
+        if guess is None and self.lora_cross_width == families.SDXL_REFINER_CROSS_WIDTH:
+            return (f"this LoRA is for SDXL's refiner (its cross-attention reads {self.lora_cross_width}-wide text), "
+                    f"an img2img model sdtune does not load. ")
         return ""
 
     def raise_if_bad(self, allow_partial: bool = False, source: str = "") -> None:
@@ -427,7 +436,8 @@ def match(lora: Lora, model_modules: dict) -> MatchReport:
     Text-encoder paths are looked up with and without ``text_model.``.
     """
     tables = {c: _module_table(v) for c, v in model_modules.items() if v is not None}
-    report = MatchReport(family_guess=guess_family(lora), model_family=model_family(tables))
+    report = MatchReport(family_guess=guess_family(lora), model_family=model_family(tables),
+                         lora_cross_width=cross_attention_width(lora))
     for comp, path, ad in lora.items():
         table = tables.get(comp, {})
         found = next((p for p in _candidates(comp, path) if p in table), None)
