@@ -317,7 +317,10 @@ def test_a_port_in_use_is_one_line_without_gradio_s_advice(tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        cwd = os.getcwd()
         assert main(["ui", "--model", "tiny-random", "--out", str(tmp_path / "ui"), "--port", str(port)]) == 2
+        # the server changes into its output folder: one that does not start gives the folder back
+        assert os.getcwd() == cwd
     err = _error(capsys)
     assert f"cannot serve on 127.0.0.1:{port} (" in err and "is another server using it? pass --port" in err
     assert "GRADIO_SERVER_PORT" not in err and "launch()" not in err

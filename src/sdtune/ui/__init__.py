@@ -58,8 +58,19 @@ def serve(model: str = "tiny", *, out: str = "outputs", lora_dir: str | None = N
     folders = Folders.make(out, lora_dir, embedding_dir, model, model_dir)
     _quiet_environment(folders)
     # relative paths the API resolves (a prompt's <lora:name>) must land in the output folder, never in the
-    # folder the server happened to be started from
+    # folder the server happened to be started from; a server that does not start gives the folder back
+    started_in = os.getcwd()
     os.chdir(folders.out)
+    try:
+        return _start(folders, model, credentials, port=port, listen=listen, device=device, dtype=dtype,
+                      max_upload_mb=max_upload_mb, vae=vae, block=block)
+    except BaseException:
+        os.chdir(started_in)
+        raise
+
+
+def _start(folders: Folders, model: str, credentials, *, port: int, listen: bool, device, dtype, max_upload_mb: float,
+           vae, block: bool):
     import gradio as gr  # noqa: E402 - after the environment above, which Gradio reads on import
 
     from .app import CSS, build
