@@ -3,6 +3,7 @@ layout, against computations done here (LoraSet with the inputs, SVDs in float64
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -179,6 +180,53 @@ def test_kohya_merge_loads_in_diffusers_with_no_unmatched_keys(base, tmp_path, c
     assert wrapped == {ATTN, FF, CONV}
     te = {n.removesuffix(".lora_A.mix") for n, _ in pipe.text_encoder.named_modules() if n.endswith(".lora_A.mix")}
     assert {n.removeprefix("text_model.") for n in te} == {TE_Q, TE_OUT}
+    # and the same weights: its layers have ranks 5 and 2, and diffusers reads one alpha for a file (its per-layer
+    # alphas go by names it builds wrongly), so the file has one alpha and each layer's scale is in its up factor
+    assert len({float(ad.alpha) for _, _, ad in load_lora(out).items()}) == 1
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=["mix"])
+    for (comp, p), want in patched(base, [(str(out), 1.0)]).items():
+        got = getattr(pipe, comp).get_submodule(p if comp == "unet" else p).weight
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{comp}.{p}")
+
+
+def test_an_sdxl_merge_of_mixed_ranks_has_one_alpha_that_diffusers_applies(tmp_path):
+    """diffusers reads a kohya SDXL file's per-layer alphas by names it builds wrongly for transformers 5's text
+    encoders (peft: "alpha_pattern keys did not match any targeted module"), so such layers got the file's
+    commonest alpha: a merge writes one alpha, each layer's scale in its up factor."""
+    base = load_base("tiny-xl", device="cpu", dtype="fp32")
+    q = next(n for n, _ in base.unet.named_modules() if n.endswith("attn1.to_q"))
+    g = torch.Generator().manual_seed(0)
+
+    def module(model, comp, p):  # transformers 5 keeps text_model in CLIPTextModelWithProjection only
+        root = getattr(model, comp)
+        return root.get_submodule(p if comp == "unet" or not hasattr(root, "text_model") else "text_model." + p)
+
+    def write(path, layers, r):
+        lora = Lora()
+        for comp, p in layers:
+            m = module(base, comp, p)
+            lora.modules[comp][p] = Adapter("lora", {"down": torch.randn(r, m.in_features, generator=g) * 0.3,
+                                                     "up": torch.randn(m.out_features, r, generator=g) * 0.3}, float(r))
+        save_lora(lora, path)
+        return str(path)
+
+    te = [(c, p) for c in ("text_encoder", "text_encoder_2") for p in (TE_Q.replace("1", "0"), TE_OUT)]
+    a = write(tmp_path / "a.safetensors", [("unet", q)] + te, 2)
+    b = write(tmp_path / "b.safetensors", [("unet", q), ("text_encoder_2", TE_Q)], 3)
+    out = tmp_path / "mix.safetensors"
+    tools.merge_loras([(a, 1.0), (b, 1.0)], out)  # ranks 5 (to_q), 2 and 3 (text encoders)
+    mix = load_lora(out)
+    assert {ad.rank for _, _, ad in mix.items()} == {2, 3, 5} and {ad.alpha for _, _, ad in mix.items()} == {2.0}
+    base.loras.add("mix", out, 1.0)
+    pipe = load_base("tiny-xl", device="cpu", dtype="fp32").pipeline()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe.load_lora_weights(str(out), adapter_name="mix")
+    assert not [w for w in seen if "alpha_pattern" in str(w.message)]
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=1.0, adapter_names=["mix"])
+    for comp, p, _ in mix.items():
+        torch.testing.assert_close(module(pipe, comp, p).weight, module(base, comp, p).weight, rtol=0, atol=1e-5,
+                                   msg=f"{comp}.{p}")
 
 
 def test_merge_errors_name_the_file(tmp_path, capsys):

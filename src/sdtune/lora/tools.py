@@ -1,8 +1,10 @@
 """The LoRA toolbox: merge several LoRAs into one file, resize one, extract one from two checkpoints.
 
 All three end in the same place: per layer a ΔW (or exact low-rank factors of it), written back as plain LoRA
-factors with alpha = rank (scale 1), so the file says exactly the ΔW it was given, in any layout ``save_lora``
-writes. Low-rank approximations are SVD truncations: ΔW ≈ U_r diag(S_r) V_rᵀ, with up = U_r diag(S_r) and
+factors, so the file says exactly the ΔW it was given, in any layout ``save_lora`` writes. The file has one alpha
+(``_one_alpha``): diffusers applies a single alpha to a kohya file, as its per-layer ones go by module names it
+builds wrongly for SDXL and transformers 5's text encoders, so a layer of another rank gets its scale in its up.
+Low-rank approximations are SVD truncations: ΔW ≈ U_r diag(S_r) V_rᵀ, with up = U_r diag(S_r) and
 down = V_rᵀ (kohya's split), which is the best rank-r approximation in the Frobenius norm.
 """
 
@@ -45,6 +47,21 @@ def _factors_to_adapter(up: torch.Tensor, down: torch.Tensor, kernel: tuple | No
         down = down.reshape(r, down.shape[1] // math.prod(kernel), *kernel)
         up = up.reshape(up.shape[0], r, 1, 1)
     return Adapter("lora", {"down": down.to(dtype).contiguous(), "up": up.to(dtype).contiguous()}, alpha=float(r))
+
+
+def _one_alpha(lora: Lora) -> None:
+    """Give every plain LoRA layer of ``lora`` the alpha most of them have, folding the change of scale into its up
+    factor: the same ΔW = alpha/rank · up @ down, and a file whose per-layer ranks vary (merge, --dynamic resize,
+    --conv-rank) patches in diffusers as in A1111 and ComfyUI."""
+    alphas = [float(ad.alpha) for _, _, ad in lora.items() if ad.kind == "lora" and ad.alpha is not None]
+    if len(set(alphas)) < 2:
+        return
+    common = max(sorted(set(alphas)), key=alphas.count)
+    for comp, path, ad in list(lora.items()):
+        if ad.kind == "lora" and ad.alpha is not None and float(ad.alpha) != common:
+            up = ad.tensors["up"]
+            lora.modules[comp][path] = Adapter("lora", {**ad.tensors, "up": (up.double() * (float(ad.alpha) / common))
+                                                        .to(up.dtype).contiguous()}, alpha=common)
 
 
 def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,6 +219,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
               and (v := loaded[0][1].metadata.get(k)) is not None}
     mix.metadata = {**agreed, "ss_training_comment": "sdtune lora merge: " + " + ".join(
         f"{Path(p).name}:{_weight_text(w)}" for p, _, w in loaded)}
+    _one_alpha(mix)
     save_lora(mix, out, format=to, family=family)
     return mix, reports
 
@@ -308,6 +326,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
            else f"dimension is resized from {was} to {rank}")
     comment = lora.metadata.get("ss_training_comment")
     small.metadata["ss_training_comment"] = f"{how}; {comment}" if comment else how
+    _one_alpha(small)
     save_lora(small, out, format=to, family=family)
     return small, reports
 
@@ -363,6 +382,7 @@ def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int,
     if not len(lora):
         raise SdtuneError(f"{tuned_spec}: no layer differs from {base_spec} by more than {min_diff}; nothing to "
                           f"extract (lower --min-diff, or check the two paths)")
+    _one_alpha(lora)
     save_lora(lora, out, format=to, family=base.family, metadata=sampling_metadata(base.family, base.scheduler.config))
     return lora, reports
 
