@@ -199,6 +199,14 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
                 r"holds IA3, which"),
         "old-oft": ({f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)},
                     r"holds PEFT's older OFT \(oft_r/oft_s\), which"),
+        # PEFT's own LoHa/LoKr/BOFT files (save_pretrained): LyCORIS's tensor names on PEFT's module paths
+        "peft-loha": ({f"base_model.model.{UNET_ATTN}.hada_{w}": rand(g, 4, 32) for w in ("w1_a", "w2_a")} |
+                      {f"base_model.model.{UNET_ATTN}.hada_{w}": rand(g, 4, 32) for w in ("w1_b", "w2_b")},
+                      r"holds a PEFT LoHa \(hada_ tensors on PEFT's module paths\), which sdtune does not apply"),
+        "peft-lokr": ({f"base_model.model.{UNET_ATTN}.lokr_w1": rand(g, 4, 4),
+                       f"base_model.model.{UNET_ATTN}.lokr_w2": rand(g, 8, 8)}, r"holds a PEFT LoKr \("),
+        "peft-boft": ({f"base_model.model.{UNET_ATTN}.boft_R": rand(g, 1, 4, 8, 8),
+                       f"base_model.model.{UNET_ATTN}.boft_s": rand(g, 32, 1)}, r"holds PEFT's BOFT \(boft_R/boft_s\)"),
         "mixed": (glora | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
                   r"4 of 5 LoRA entries do not fit this model: 4 that are LyCORIS GLoRA, which sdtune does not apply"
                   r" .*; allow partial loading \(--allow-partial\) to apply the rest without them$"),

@@ -51,6 +51,12 @@ _NOT_READ = (
     (".on_input", "IA3"),
     (".oft_r", "PEFT's older OFT (oft_r/oft_s)"),
     (".oft_s", "PEFT's older OFT (oft_r/oft_s)"),
+    # LyCORIS's tensor names under PEFT's module paths (base_model.model.…), as PEFT's LoHa/LoKr save_pretrained
+    # writes them; their alpha lives in adapter_config.json, and PEFT's LoKr scales whole factors as LyCORIS does not
+    (".hada_w1_a", "a PEFT LoHa (hada_ tensors on PEFT's module paths)"),
+    (".lokr_w1", "a PEFT LoKr (lokr_ tensors on PEFT's module paths)"),
+    (".lokr_w1_a", "a PEFT LoKr (lokr_ tensors on PEFT's module paths)"),
+    (".boft_R", "PEFT's BOFT (boft_R/boft_s)"),
 )
 
 
