@@ -80,6 +80,21 @@ def test_exclude_leaves_layers_out_and_reads_back_from_the_settings_file(base, d
         Network(base, settings(dataset, tmp_path, targets="attn", exclude=["attn"]))
 
 
+def test_a_rank_above_every_layer_it_trains_is_refused_before_any_is_made(base, dataset, tmp_path, capsys):
+    full = max(min(m.weight.shape[0], m.weight[0].numel()) for p, m in base.unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and p in set(unet_targets(base.unet, "attn", False)))
+    assert len(Network(base, settings(dataset, tmp_path, targets="attn", rank=full)).layers)  # the largest: kept
+    with pytest.raises(SdtuneError, match=rf"^--rank {full + 1}: above the full rank of every layer it trains \(the "
+                                          rf"largest is {full}\); choose {full} or less"):
+        Network(base, settings(dataset, tmp_path, targets="attn", rank=full + 1))
+    with pytest.raises(SdtuneError, match=r"^--conv-rank 100000: above the full rank of every layer"):
+        Network(base, settings(dataset, tmp_path, targets="attn", conv_rank=100000))
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "big"),
+                 "--rank", "100000"]) == 2  # the UI's train form starts this command: one line, not an allocation
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rank 100000: above the full rank of every layer it trains" in err[0]
+
+
 def test_lora_layer_starts_at_the_base_and_adds_its_delta():
     g = torch.Generator().manual_seed(0)
     for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)):

@@ -107,38 +107,67 @@ def _is_3x3(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
+def _full_rank(module: nn.Module) -> int:
+    """The rank of the layer's whole weight: a LoRA of more holds more numbers than the change it can make."""
+    w = module.weight
+    return min(w.shape[0], w[0].numel())
+
+
+def _check_ranks(modules, rank: int, conv_rank: int, conv_flag: str) -> None:
+    """A rank above every layer it trains (a typo, 100000 for 100) would allocate huge factors that learn nothing a
+    full-size change could not: refused before any is made. Above some layers only is usual (kohya's ranks)."""
+    for flag, value, picked in (("--rank", rank, [m for *_, m in modules if not _is_3x3(m)]),
+                                (conv_flag, conv_rank, [m for *_, m in modules if _is_3x3(m)])):
+        largest = max(map(_full_rank, picked), default=0)
+        if picked and value > largest:
+            raise SdtuneError(f"{flag} {value}: above the full rank of every layer it trains (the largest is "
+                              f"{largest}); choose {largest} or less (LoRAs are usually rank 4 to 128)")
+
+
+def _conv_rank(settings: LoraSettings) -> int:
+    return settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
+
+
+def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.Module]], dict[str, nn.Module]]:
+    """The layers a run trains, (component, path, module) each, and each component's root module; refused here
+    when --exclude leaves a component none or a rank is above all of them."""
+    conv_rank = _conv_rank(settings)
+    plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
+    if settings.text_encoder:  # every text encoder of the family (SDXL: both)
+        plan += [(te.component, model,
+                  te_targets(model, settings.targets, used_layers(te, model, base.family, settings.clip_skip)))
+                 for te, model, _ in base.text_encoders()]
+    exclude = [re.compile(pattern) for pattern in settings.exclude]
+    modules = []
+    for comp, root, paths in plan:
+        kept = [p for p in paths if not any(x.search(f"{comp}.{p}") for x in exclude)]
+        if paths and not kept:  # the pattern took them all, not the model
+            raise SdtuneError(f"--exclude {' '.join(settings.exclude)}: leaves none of the {len(paths)} layers "
+                              f"--targets {settings.targets} picks in the {comp}; narrow the pattern (it is "
+                              f"searched in names such as {comp}.{paths[0]})")
+        if not kept:
+            raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a "
+                              f"Stable Diffusion model of a family sdtune knows?")
+        modules += [(comp, p, root.get_submodule(p)) for p in kept]
+    _check_ranks(modules, settings.rank, conv_rank, "--conv-rank" if settings.conv_rank else "--rank")
+    return modules, {comp: root for comp, root, _ in plan}
+
+
 class Network:
     """The LoRA layers injected into a model for one training run."""
 
     def __init__(self, base, settings: LoraSettings):
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
-        conv_rank = settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
+        conv_rank = _conv_rank(settings)
         if settings.conv_alpha is not None:
             conv_alpha = settings.conv_alpha
         else:  # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
             conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
+        modules, self.roots = plan_layers(base, settings)
         self.layers: dict[tuple[str, str], LoraLayer] = {}
-        plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
-        if settings.text_encoder:  # every text encoder of the family (SDXL: both)
-            plan += [(te.component, model,
-                      te_targets(model, settings.targets, used_layers(te, model, base.family, settings.clip_skip)))
-                     for te, model, _ in base.text_encoders()]
-        exclude = [re.compile(pattern) for pattern in settings.exclude]
-        for comp, root, paths in plan:
-            kept = [p for p in paths if not any(x.search(f"{comp}.{p}") for x in exclude)]
-            if paths and not kept:  # the pattern took them all, not the model
-                raise SdtuneError(f"--exclude {' '.join(settings.exclude)}: leaves none of the {len(paths)} layers "
-                                  f"--targets {settings.targets} picks in the {comp}; narrow the pattern (it is "
-                                  f"searched in names such as {comp}.{paths[0]})")
-            if not kept:
-                raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a "
-                                  f"Stable Diffusion model of a family sdtune knows?")
-            paths = kept
-            for path in paths:
-                module = root.get_submodule(path)
-                rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
-                self.layers[(comp, path)] = LoraLayer(module, rank, alpha, settings.lora_dropout, g)
-        self.roots = {comp: root for comp, root, _ in plan}
+        for comp, path, module in modules:
+            rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
+            self.layers[(comp, path)] = LoraLayer(module, rank, alpha, settings.lora_dropout, g)
 
     def inject(self) -> None:
         for (comp, path), layer in self.layers.items():
@@ -301,6 +330,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
+    plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
