@@ -185,7 +185,7 @@ def test_kohya_merge_loads_in_diffusers_with_no_unmatched_keys(base, tmp_path, c
     assert len({float(ad.alpha) for _, _, ad in load_lora(out).items()}) == 1
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=["mix"])
     for (comp, p), want in patched(base, [(str(out), 1.0)]).items():
-        got = getattr(pipe, comp).get_submodule(p if comp == "unet" else p).weight
+        got = getattr(pipe, comp).get_submodule(p).weight
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{comp}.{p}")
 
 

@@ -657,7 +657,7 @@ def other_channels(channels: int) -> str:
 def unknown_width(width) -> str:
     """The refusal of a UNet whose cross-attention width no family has; SDXL's refiner (1280) named as such."""
     if width == families.SDXL_REFINER_CROSS_WIDTH:
-        return ("an SDXL refiner (cross-attention width 1280), which only refines images by img2img; sdtune needs "
+        return (f"an SDXL refiner (cross-attention width {width}), which only refines images by img2img; sdtune needs "
                 "a text-to-image base model (SDXL base, Pony, Illustrious...)")
     return f"cross-attention width {width} is not {FAMILY_KEYS}; sdtune does not know this model family"
 

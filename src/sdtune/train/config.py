@@ -500,10 +500,10 @@ def _note_other_family_preset(preset, toml_path, overrides, kind: str, family) -
     own = presets.for_family(kind, family)
     if preset is None or own is None or preset.name == own.name or (overrides or {}).get("preset") is not None:
         return
-    of = [f for f, name in presets.FAMILY_DEFAULTS.items() if name == preset.name]
-    if of:
+    other = next((f for f, name in presets.FAMILY_DEFAULTS.items() if name == preset.name), None)
+    if other:  # (a preset of no family's, such as tiny-quick, is a choice, not another model's)
         mine = families.FAMILIES[getattr(family, "name", family)].title
-        note(f"{toml_path}: its preset {preset.name!r} is {families.FAMILIES[of[0]].title}'s, and this model is "
+        note(f"{toml_path}: its preset {preset.name!r} is {families.FAMILIES[other].title}'s, and this model is "
              f"{mine}, which starts from {own.name!r}; give --preset {own.name} to train with its own")
 
 

@@ -156,14 +156,15 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
 class Network:
     """The LoRA layers injected into a model for one training run."""
 
-    def __init__(self, base, settings: LoraSettings):
+    def __init__(self, base, settings: LoraSettings, plan=None):
+        """``plan``: ``plan_layers(base, settings)`` where the run made it already (for its refusals)."""
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
         conv_rank = _conv_rank(settings)
         if settings.conv_alpha is not None:
             conv_alpha = settings.conv_alpha
         else:  # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
             conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
-        modules, self.roots = plan_layers(base, settings)
+        modules, self.roots = plan or plan_layers(base, settings)
         self.layers: dict[tuple[str, str], LoraLayer] = {}
         for comp, path, module in modules:
             rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
@@ -330,13 +331,13 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
-    plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
+    plan = plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
     prior = prior_set(base, settings)
-    network = Network(base, settings)
+    network = Network(base, settings, plan)
     groups = [{"params": network.params("unet"), "lr": settings.lr, "name": "unet"}]
     if settings.text_encoder:
         groups += [{"params": network.params(te.component), "lr": lr, "name": te.component}
