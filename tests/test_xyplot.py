@@ -326,3 +326,20 @@ def test_a_replaced_grid_leaves_none_of_its_cells_behind(base, tmp_path):
     listed = {f for row in json.loads((tmp_path / "g.json").read_text())["cells"] for f in row}
     assert {p.name for p in tmp_path.glob("g-*.png")} == listed == {"g-00-00.png", "g-00-01.png"}
     assert (tmp_path / "other-00-00.png").is_file()
+
+
+def test_command_line_adapters_axis_as_the_readme_writes_it(base, lora_files, emb_file, tmp_path, capsys):
+    """``--x "adapters=none|<tok>|a|a:0.5+<tok>"`` (the README's line, the demo's mix grid): LoRAs named by file stem
+    and embeddings by token on one axis; the 'none' cell is the base model, the last credits both adapters."""
+    args = ["grid", "--model", "tiny-random", "--prompt", "a photo of <thing>", "--lora", str(lora_files[0]),
+            "--embedding", f"{emb_file}:<thing>", "--x", "adapters=none|<thing>|style|style:0.5+<thing>",
+            "--steps", "1", "--seed", "4", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "xy.png")
+    cells = [_pixels(tmp_path / f"xy-00-{c:02d}.png") for c in range(4)]
+    [plain] = generate(base, "a photo of <thing>", steps=1, seed=4, progress=False)
+    assert np.array_equal(cells[0], np.asarray(plain.image))
+    assert all(not np.array_equal(a, b) for a, b in itertools.combinations(cells, 2))
+    fields = parse_infotext(read_infotext(tmp_path / "xy-00-03.png"))
+    assert "Lora hashes" in fields and "TI hashes" in fields
+    assert parse_infotext(read_infotext(tmp_path / "xy.png"))["X Type"] == "Adapters"

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column axis, e.g. seed=1-4, weight=0,0.5,1, cfg=3,7, steps=10,20, sampler=ddim,euler, "
                          "clip_skip=1,2, "
                          "'prompt=a red star|a blue star', sr=red|blue, 'loras=none|a|a:0.5+b:1', "
-                         "'embeddings=none|<tok>', 'blocks=INALL|OUTALL|1,0,…' (block weights of the --lora)")
+                         "'embeddings=none|<tok>', 'adapters=none|a|a:0.5+<tok>' (LoRAs and embeddings in one axis), "
+                         "'blocks=INALL|OUTALL|1,0,…' (block weights of the --lora)")
     gr.add_argument("--y", metavar="KIND=VALUES", help="row axis (same kinds as --x)")
     gr.add_argument("--weights", metavar="W1,W2,...",
                     help="shorthand for --x weight=...: sweep the weight of the (only or named) --lora")
