@@ -106,7 +106,8 @@ def sd2(tmp_path_factory):
     beyond = {k.replace(".resblocks.1.", ".resblocks.2."): v.clone() + 1 for k, v in state.items()
               if k.startswith(SD2_TE + "transformer.resblocks.1.")}
     beyond |= {SD2_TE + "text_projection": torch.randn(1024, 512), SD2_TE + "logit_scale": torch.tensor(4.6)}
-    path = _write_model(base, d / "sd2.safetensors", EXTRA | beyond)
+    schedule = {"alphas_cumprod": torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)}
+    path = _write_model(base, d / "sd2.safetensors", EXTRA | beyond | schedule)
     return path, [(kohya_lora(base, d / "sd2_kohya.safetensors", 3), (0.8, -0.6)), (neutral_lora(base, 4), 1.3)]
 
 
@@ -203,6 +204,10 @@ def test_sd2_single_file_to_fp16(sd2, tmp_path):
     after = load_file(str(out))
     assert all(torch.equal(after[k], v) for k, v in reference.items())
     assert after[SD2_TE + "logit_scale"].dtype == torch.float16
+    # the sampling schedule beside the model keeps its dtype and values (A1111 keeps it fp32 in a halved model)
+    assert after["alphas_cumprod"].dtype == after["denoiser.sigmas"].dtype == torch.float32
+    assert torch.equal(after["alphas_cumprod"], load_file(str(path))["alphas_cumprod"])
+    assert after["model_ema.decay"].dtype == torch.float16  # the rest beside the model is cast as asked
 
 
 # ---------------------------------------------------------------- single file -> folder

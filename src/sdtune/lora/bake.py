@@ -638,14 +638,21 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
     items = []
     for key in _by_offset(src, src.header):
         info = src.header[key]
-        floating = ST_DTYPES[info["dtype"]].is_floating_point
+        cast = out_float and ST_DTYPES[info["dtype"]].is_floating_point and not _schedule_key(key, single.plan)
         items.append(_Item(key, src, key, list(changes.get((path, key), {}).items()),
-                           out_float if out_float and floating else info["dtype"], info["shape"]))
+                           out_float if cast else info["dtype"], info["shape"]))
     _write_file(out, items, dict(src.metadata, **{META_MERGED: _merged_note(pairs)}))
     config = models.config_beside(path)
     if config is not None:  # the A1111 config that says how to sample the input says it of the merge too
         atomic_write_text(config.read_text(encoding="utf-8"), out.with_suffix(".yaml"))
     return out
+
+
+def _schedule_key(key: str, plan: dict) -> bool:
+    """A sampling-schedule tensor stored beside the model: ldm's top-level buffers (``alphas_cumprod``, ``betas``…)
+    or sgm's ``denoiser.sigmas``. A smaller ``--save-dtype`` leaves them as they are: A1111 keeps
+    ``alphas_cumprod`` in fp32 when it halves a model (its fp16 copy shifts every sampler's noise levels)."""
+    return not plan.get(key) and ("." not in key or key.startswith("denoiser."))
 
 
 def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path:
