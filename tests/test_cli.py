@@ -2,6 +2,7 @@
 subcommand and every flag the README shows, with what each writes and prints; errors are one line."""
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from sdtune.tiny import world
 from sdtune.train.config import read_settings
 from sdtune.train.ti import word_hint
 
+generate_module = importlib.import_module("sdtune.generate")  # (sdtune.generate is the API's function)
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FAST = ["--model", "tiny-random", "--steps", "2", "--no-progress"]
 
@@ -163,6 +165,52 @@ def test_generate_writes_pngs_with_metadata(tmp_path, capsys):
     assert len(printed) == 3 and all(p.endswith(".png") for p in printed)
     info = parse_infotext(read_infotext(tmp_path / "00001-4.png"))
     assert info["prompt"] == "a red circle" and info["Seed"] == "4" and info["Steps"] == "2"
+
+
+def _interrupt_at_sampler_step(monkeypatch, n: int) -> None:
+    """A Ctrl-C (KeyboardInterrupt) in the ``n``-th sampler step of the command, counted over all its pipelines."""
+    real, calls = generate_module.make_scheduler, [0]
+
+    def counted(name, base_scheduler):
+        scheduler = real(name, base_scheduler)
+        step = scheduler.step
+
+        def interrupted_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            return step(*args, **kwargs)
+        scheduler.step = interrupted_step
+        return scheduler
+    monkeypatch.setattr(generate_module, "make_scheduler", counted)
+
+
+def test_a_ctrl_c_keeps_the_images_already_drawn(tmp_path, capsys, monkeypatch):
+    """generate writes each batch (4 images) when it is done: a Ctrl-C in the second batch keeps the first four, and
+    they are the pixels an uninterrupted run draws. A grid keeps the cells drawn, in a grid with a gap."""
+    run = ["generate", "--prompt", "a red circle", "--seed", "3", "--num-images", "5", *FAST]
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    _interrupt_at_sampler_step(monkeypatch, 3)  # 2 steps a batch: the 1st step of the second batch
+    assert main([*run, "--out", str(tmp_path / "cut")]) == 130
+    out, err = capsys.readouterr()
+    kept = [f"0000{i}-{3 + i}.png" for i in range(4)]
+    assert [Path(p).name for p in out.split()] == kept and err.strip() == "sdtune: interrupted"
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == kept  # no grid, no temporary
+    for name in kept:
+        assert np.array_equal(pixels(tmp_path / "cut" / name), pixels(tmp_path / "whole" / name))
+        assert read_infotext(tmp_path / "cut" / name) == read_infotext(tmp_path / "whole" / name)
+
+    _interrupt_at_sampler_step(monkeypatch, 3)  # the first step of the second cell (each cell its own prompt)
+    with pytest.warns(console.SdtuneWarning) as notes:
+        assert main(["grid", "--prompt", "a red star", "--x", "sr=red|blue", "--seed", "1", "--out",
+                     str(tmp_path / "grid"), *FAST]) == 130
+    assert [str(n.message) for n in notes] == [f"stopped after 1 of 2 cells: {tmp_path / 'grid' / 'xy.png'} shows "
+                                              f"them, blank where a cell was not drawn"]
+    assert capsys.readouterr().err.strip() == "sdtune: interrupted"
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["xy-00-00.png", "xy.json", "xy.png"]
+    record = json.loads((tmp_path / "grid" / "xy.json").read_text())
+    assert record["cells"] == [["xy-00-00.png", None]] and Image.open(tmp_path / "grid" / "xy.png").width > 128
 
 
 def test_generate_with_loras_weights_and_tags(tmp_path, loras, capsys):

@@ -282,10 +282,11 @@ def _prompt_name(row: dict) -> str:
 
 
 def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allow_partial: bool = False,
-             **kwargs) -> list[Generated]:
+             on_batch=None, **kwargs) -> list[Generated]:
     """Generate with the adapters on ``base``, plus ``<lora:name:w>`` tags in the prompt (``<lora:name:w:lbw=…>``
     with block weights; applied for this call only, looked up in ``lora_dirs``) and embedding names from
-    ``embedding_dirs``."""
+    ``embedding_dirs``. ``on_batch(images)``: each batch's finished images, their infotext final (to save them as
+    they come: ``generate.ImageWriter.add``)."""
     if kwargs.get("negative_prompt", "") is None:  # diffusers' default for none
         kwargs["negative_prompt"] = ""
     check_text("prompt", prompt)  # before the tags are read from it
@@ -334,12 +335,15 @@ def generate(base: Base, prompt: str, *, lora_dirs=(), embedding_dirs=None, allo
         if used:  # A1111's field for the embeddings a prompt used, by which civitai links them too
             info["TI hashes"] = ti_hashes_field(used)
         extra = {**info, **kwargs.pop("extra_info", {})}
-        results = _generate(base, clean, extra_info=extra, **kwargs)
         saved = prompt + _tags_of_loaded(base)
-        if saved != clean:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image
-            for r in results:
-                r.infotext = r.infotext.replace(clean, saved, 1)
-        return results
+
+        def finished(batch: list[Generated]) -> None:
+            if saved != clean:  # keep the tags in the saved prompt, as A1111 does, so the PNG reproduces the image
+                for r in batch:
+                    r.infotext = r.infotext.replace(clean, saved, 1)
+            if on_batch is not None:
+                on_batch(batch)
+        return _generate(base, clean, extra_info=extra, on_batch=finished, **kwargs)
     finally:
         for name in added:
             base.loras.remove(name)

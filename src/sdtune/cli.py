@@ -22,7 +22,7 @@ from .console import (
 
 with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
     from . import api, demo, sources, xyplot
-    from .generate import SCHEDULERS, check_clip_skip, check_scheduler, save_batch
+    from .generate import SCHEDULERS, ImageWriter, check_clip_skip, check_scheduler
     from .lora import blocks as block_weights
     from .lora import inspect
     from .lora import tools as lora_tools
@@ -219,12 +219,18 @@ def cmd_generate(a) -> None:
     output_folder(a.out)
     base = api.load(a.model, a.device, a.dtype, vae=a.vae, loras=a.lora, embeddings=a.embedding,
                     lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
-    results = api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
-                           seed=a.seed, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
-                           height=a.height, num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
-                           allow_partial=a.allow_partial)
-    for path in save_batch(results, a.out):
-        print(path)
+    writer = ImageWriter(a.out)  # each batch is written when done: a Ctrl-C keeps them
+
+    def write(batch) -> None:
+        for path in writer.add(batch):
+            print(path, flush=True)
+    api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
+                 seed=a.seed, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
+                 height=a.height, num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
+                 allow_partial=a.allow_partial, on_batch=write)
+    grid_path = writer.finish()
+    if grid_path:
+        print(grid_path)
 
 
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:

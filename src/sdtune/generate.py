@@ -349,9 +349,11 @@ def generate(
     progress: bool = True,
     extra_info: dict | None = None,
     on_step=None,
+    on_batch=None,
 ) -> list[Generated]:
     """Generate ``num_images`` images; adapters already applied to ``base`` are used as they are. ``on_step(done,
-    total)`` is called after each denoising step (of all batches together); an exception it raises stops here."""
+    total)`` is called after each denoising step (of all batches together); an exception it raises stops here.
+    ``on_batch(images)`` gets each batch's images as soon as they are done (to save them before the next batch)."""
     _check_types(prompt, negative_prompt, guidance, steps=steps, num_images=num_images, batch_size=batch_size,
                  seed=seed)
     width = width or default_size(base)
@@ -454,6 +456,7 @@ def generate(
             console.note(f"seed {', '.join(map(str, broken))}: the model's output is not a number (NaN), drawn black; "
                          f"a LoRA weight far too large, or fp16 overflow (try --dtype fp32)")
         images = [Image.fromarray((np.nan_to_num(a) * 255).round().astype("uint8")) for a in images]
+        batch = []
         for s, img in zip(seeds, images):
             params = {
                 "Steps": steps,
@@ -469,7 +472,10 @@ def generate(
                 **(extra_info or {}),
             }
             params.update(reading)
-            out.append(Generated(img, s, infotext(prompt_text, negative_text, params), params))
+            batch.append(Generated(img, s, infotext(prompt_text, negative_text, params), params))
+        if on_batch is not None:
+            on_batch(batch)
+        out += batch
     return out
 
 
@@ -578,17 +584,35 @@ def grid(
                      margin=6, font_size=max(10, min(18, width // 8)))
 
 
+class ImageWriter:
+    """Writes a call's images into ``out_dir`` as NNNNN-SEED.png (with infotext) batch by batch, as they are done,
+    so that a Ctrl-C keeps the finished ones; ``finish`` adds grid-NNNNN.png when there were several."""
+
+    def __init__(self, out_dir: str | Path, prefix: str = ""):
+        self.out_dir, self.prefix = output_folder(out_dir), prefix
+        # after the highest number in use, as A1111 numbers them: a count would reuse a deleted file's number and
+        # overwrite the images after it
+        used = [int(m.group(1)) for p in self.out_dir.glob(f"{glob.escape(prefix)}*.png")
+                if (m := re.match(re.escape(prefix) + r"(?:grid-)?(\d{5,})", p.name))]
+        self.start = max(used, default=-1) + 1
+        self.written: list[Generated] = []
+
+    def add(self, batch: list[Generated]) -> list[Path]:
+        first = self.start + len(self.written)
+        paths = [r.save(self.out_dir / f"{self.prefix}{first + i:05d}-{r.seed}.png") for i, r in enumerate(batch)]
+        self.written += batch
+        return paths
+
+    def finish(self) -> Path | None:
+        if len(self.written) < 2:
+            return None
+        return save_png(grid([r.image for r in self.written]), self.out_dir / f"{self.prefix}grid-{self.start:05d}.png",
+                        self.written[0].infotext)
+
+
 def save_batch(results: list[Generated], out_dir: str | Path, prefix: str = "") -> list[Path]:
-    """Write each image as NNNNN-SEED.png (with infotext), plus grid.png when there are several."""
-    out_dir = output_folder(out_dir)
-    # after the highest number in use, as A1111 numbers them: a count would reuse a deleted file's number and
-    # overwrite the images after it
-    used = [int(m.group(1)) for p in out_dir.glob(f"{glob.escape(prefix)}*.png")
-            if (m := re.match(re.escape(prefix) + r"(?:grid-)?(\d{5,})", p.name))]
-    start = max(used, default=-1) + 1
-    paths = [r.save(out_dir / f"{prefix}{start + i:05d}-{r.seed}.png") for i, r in enumerate(results)]
-    if len(results) > 1:
-        paths.append(
-            save_png(grid([r.image for r in results]), out_dir / f"{prefix}grid-{start:05d}.png", results[0].infotext)
-        )
-    return paths
+    """Write each image as NNNNN-SEED.png (with infotext), plus grid-NNNNN.png when there are several."""
+    writer = ImageWriter(out_dir, prefix)
+    paths = writer.add(results)
+    grid_path = writer.finish()
+    return paths + ([grid_path] if grid_path else [])

@@ -575,7 +575,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     fixed at W, with those block weights, unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
     otherwise such a LoRA is refused. ``on_step(done, total)``: after each denoising step of all the cells'
-    batches together; an exception it raises stops the plot, which then saves nothing. ``keep_earlier``: a grid
+    batches together; an exception it raises stops the plot, which then saves nothing (a Ctrl-C or SIGTERM
+    keeps the cells drawn: the grid is saved with gaps, then the KeyboardInterrupt goes on). ``keep_earlier``: a grid
     of that ``name`` in ``out_dir`` stays, the new one is named ``NAME-2`` (``-3``...) as ``generate`` numbers its
     images; otherwise it is replaced.
     """
@@ -608,6 +609,8 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     if keep_earlier:
         name = _free_name(out_dir, name)
     adapters = _Adapters(base, lora_dirs, embedding_dirs, allow_partial)
+    results: list = []  # (cell, image) pairs
+    interrupted = None
     try:
         for spec in loras:
             adapters.add_lora_file(spec)
@@ -640,9 +643,15 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
                         _apply_value(cell_, a, i, adapters, targets)
                 cells.append(cell_)
         adapters.add_prompt_words(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
-        results = _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress, on_step)
+        try:
+            _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress, on_step, results)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the cells drawn so far are kept, in a grid with gaps
+            if not results:
+                raise
+            interrupted = e
     finally:
         adapters.restore()
+    results.sort(key=lambda cr: (cr[0].row, cr[0].col))
 
     n_rows, n_cols = len(ys), len(x.values)
     grid_images = [[None] * n_cols for _ in range(n_rows)]
@@ -680,12 +689,16 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     for c_, _ in results:
         record["cell_prompts"][c_.row][c_.col] = c_.prompt
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{name}.json")
+    if interrupted is not None:
+        console.note(f"stopped after {len(results)} of {n_cells} cells: {grid_path} shows them, blank where a cell "
+                     f"was not drawn")
+        raise interrupted
     return grid_path
 
 
 def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_dirs, allow_partial: bool,
-            progress: bool, on_step=None):
-    out = []
+            progress: bool, on_step, out: list) -> None:
+    """Draws the cells, a run of alike cells a batch, appending (cell, image) pairs to ``out`` as they are done."""
     runs = _runs(cells)
     runs.sort(key=lambda run: run[0].adapter_key())
     total, done = sum(run[0].steps for run in runs), 0  # denoising steps of all batches
@@ -702,5 +715,3 @@ def _render(base, cells: list[_Cell], adapters: _Adapters, width, height, lora_d
             out.extend(zip(run, res))
             done += c0.steps
             bar.update(len(run))
-    out.sort(key=lambda cr: (cr[0].row, cr[0].col))
-    return out
