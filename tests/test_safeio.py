@@ -58,6 +58,13 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
     with pytest.raises(SdtuneError, match=r"model: could not be written \(.*No space left.*\); free some space"):
         with safeio.atomic_folder(tmp_path / "model"):  # save_pretrained's safetensors error
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(SdtuneError, match=r"model: could not be written \(No space left on device \(os error 28\)\); "
+                                          r"free some space"):
+        with safeio.atomic_folder(tmp_path / "model"):  # the tokenizers library's: a bare Exception
+            raise Exception("No space left on device (os error 28)")
+    with pytest.raises(Exception, match="^a defect$"):  # other errors go up as they are
+        with safeio.atomic_folder(tmp_path / "model"):
+            raise Exception("a defect")
     assert list(tmp_path.iterdir()) == []
 
 

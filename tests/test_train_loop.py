@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtune import safeio
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
-from sdtune.train import loop, prior, validation
+from sdtune.train import logs, loop, prior, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
@@ -139,6 +140,28 @@ def test_settings_from_toml_with_flags_winning(tmp_path):
 
 class Stop(Exception):
     pass
+
+
+def test_a_disk_full_at_a_save_is_said_of_the_file_that_failed(base, dataset, tmp_path, monkeypatch):
+    """The disk fills up as resume.pt is written: the error names resume.pt. The run's cleanups (loss.csv and
+    loss.png, written as it closes) fail on the same disk, and their error used to replace the first one."""
+    full = []
+
+    def resume_state(obj, path, *args, **kwargs):
+        full.append(path)
+        raise SdtuneError(f"{path}: could not be written (No space left on device); free some space or choose "
+                          f"another place")
+
+    def text(content, path):
+        if full:
+            raise OSError(28, "No space left on device", str(path))
+        safeio.atomic_write_text(content, path)
+    monkeypatch.setattr(loop, "atomic_save_torch", resume_state)
+    monkeypatch.setattr(logs, "atomic_write_text", text)
+    with pytest.raises(SdtuneError) as e:
+        train_lora(base, settings(dataset, tmp_path / "out", steps=4, save_every=2, sample_every=0, report=False))
+    assert str(e.value).startswith(f"{tmp_path / 'out' / loop.STATE_FILE}: could not be written")
+    assert full == [tmp_path / "out" / loop.STATE_FILE]
 
 
 def test_resume_after_interruption_equals_uninterrupted(base, dataset, tmp_path):

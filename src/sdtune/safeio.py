@@ -333,6 +333,12 @@ def atomic_folder(path: str | Path):
             yield tmp
         except SafetensorError as e:  # a full disk in a writer (save_pretrained): not an OSError
             raise SdtuneError(f"{path}: could not be written ({e}); free some space or choose another place") from None
+        except Exception as e:
+            # the tokenizers library's (Rust) write error is a bare Exception: "No space left on device (os error 28)"
+            if type(e) is Exception and "(os error " in str(e):
+                raise SdtuneError(f"{path}: could not be written ({e}); free some space or choose another "
+                                  f"place") from None
+            raise
         # mkdtemp makes 0700, and safetensors writes its files 0600: a model folder and its files get the usual
         # permissions, as single files do, so another account's A1111 or ComfyUI can read them
         for sub, dirs, files in os.walk(tmp):

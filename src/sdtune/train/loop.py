@@ -586,8 +586,15 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                       seconds=session.seconds, peak_memory=logs.peak_memory(), main=accelerator.is_main_process,
                       spans=spans)
     finally:
+        failing = sys.exc_info()[1] is not None
         for step_back in reversed(undo):
-            step_back()
+            if not failing:
+                step_back()
+                continue
+            # the run's own error goes up: a cleanup failing after it (loss.csv on a disk that was full for
+            # resume.pt) would replace it with the wrong file's name
+            with contextlib.suppress(Exception):
+                step_back()
 
 
 @dataclass
