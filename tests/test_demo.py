@@ -61,6 +61,7 @@ def test_every_file_the_report_names_exists(report):
     # the trained files are linked, and are what the training API wrote
     phases = json.loads((out / "phases.json").read_text())
     assert phases["ti"]["file"] in links and phases["lora"]["file"] in links
+    assert "train-ti/report.html" in links and "train-lora/report.html" in links  # each run's own page
     for p in demo.PHASES:
         assert phases[p]["done"]
 
@@ -149,6 +150,14 @@ def test_report_page_escapes_text_and_has_every_section(tmp_path):
     assert "a &lt;b&gt; &amp; c" in text and "TI + &lt;LoRA&gt;" in text and "--token &#x27;&lt;sks&gt;&#x27;" in text
     assert '<td class="num up">100%</td>' in text and '<td class="num">0.25</td>' in text
     assert '<tr><th>total</th><td class="num">12</td>' in text  # seconds, summed
+    # "before" and "after" head both their cells (label and value: the value's heading was empty, the next
+    # label's said "after"); each table's heading spans as many columns as its rows have
+    assert '<th colspan="2">before</th><th colspan="2">after</th><th>images</th>' in text
+    for table in re.findall(r"<table>(.*?)</table>", text, re.S):
+        heading, *rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+        width = sum(int(span or 1) for span in re.findall(r'<th(?: colspan="(\d+)")?>', heading))
+        assert rows and all(len(re.findall(r"<t[dh][ >]", row)) == width for row in rows), table
+    assert "The training images (section 1) are drawn by the shapes" in text
     assert "<b>quick</b> run" in text and "$" not in text
 
 
@@ -255,4 +264,5 @@ def test_demo_on_tiny_xl_writes_sdxl_files_and_the_same_report(tmp_path):
         assert any(k.startswith("lora_unet_") for k in f.keys())
     links = _links(tmp_path / "index.html")
     assert phases["ti"]["file"] in links and phases["lora"]["file"] in links
+    assert "train-ti/report.html" in links and "train-lora/report.html" in links  # each run's own page
     assert all((tmp_path / link).exists() for link in links)

@@ -37,6 +37,7 @@ from .tiny import judge, world
 from .tiny.evaluate import HELD_IN
 from .train.config import LoraSettings, TISettings, load_settings
 from .train.lora import train_lora
+from .train.report import REPORT_FILE
 from .train.ti import train_ti
 from .xyplot import Axis, xy_plot
 
@@ -485,6 +486,10 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny", quick: bool = Fa
                        "json": f"{GRIDS}/{s['name']}.json", "cells": len(s["x"].values) * len(s["y"].values),
                        "command": grid_command(s, plan, model, out)} for s in specs],
             "outputs": [("TI embedding", _rel(trained["ti"], out)), ("LoRA", _rel(trained["lora"], out)),
+                        # each run's own page: losses, samples step by step, the best checkpoint
+                        *[(f"{kind} training report", _rel(folder / REPORT_FILE, out))
+                          for kind, folder in (("TI", train_ti_dir), ("LoRA", train_lora_dir))
+                          if (folder / REPORT_FILE).is_file()],
                         ("judge scores, image by image", "scores.json"), ("phases and timings", PHASES_FILE),
                         ("all commands", "reproduce.sh")],
         }
