@@ -25,6 +25,7 @@ from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
+from sdtune.train import data
 from sdtune.train.config import KINDS, load_settings
 from sdtune.ui import app as app_mod
 from sdtune.ui import jobs as jobs_mod
@@ -104,6 +105,12 @@ def test_uploads_are_checked_for_size_and_type(tmp_path):
     fake.write_bytes(b"#!/bin/sh\necho not an image\n")
     with pytest.raises(Refused, match="contents are not a PNG"):
         check_upload(fake, "image", MB)
+    for suffix in (".bmp", ".gif", ".tiff", ".webp", ".jpg"):  # every kind training reads, known by its first bytes
+        Image.new("RGB", (8, 8)).save(tmp_path / f"c{suffix}")
+        assert check_upload(tmp_path / f"c{suffix}", "image", MB) == tmp_path / f"c{suffix}"
+        (tmp_path / f"d{suffix}").write_bytes(b"<html>not an image")
+        with pytest.raises(Refused, match="contents are not a PNG"):
+            check_upload(tmp_path / f"d{suffix}", "image", MB)
     with pytest.raises(Refused, match=r"not a \.safetensors or \.pt weight file"):
         check_upload(png, "weights", MB)
     text = tmp_path / "w.safetensors"
@@ -727,6 +734,26 @@ def test_dataset_uploads_say_what_they_got(studio, tmp_path):
                                           "orphan.txt (not used)"
     assert sorted(p.name for p in (studio.folders.out / "datasets" / "uploaded").iterdir()) == sorted(
         p.name for p in up.iterdir())
+    # a phone's or a browser's names, and every image kind training reads: kept under plain names that pair
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.new("RGB", (8, 8), "red").save(odd / "my pic (1).png")
+    (odd / "my pic (1).txt").write_text("a red square")
+    Image.new("RGB", (8, 8), "blue").save(odd / "scan.bmp")
+    Image.new("RGB", (8, 8), "green").save(odd / "été.gif")
+    name, said = studio.add_dataset_files("odd", [str(p) for p in sorted(odd.iterdir())])
+    assert said == ("3 image(s) and 1 caption(s) added to dataset odd; saved my pic (1).png as my_pic_1.png, "
+                    "my pic (1).txt as my_pic_1.txt, été.gif as ete.gif (plain names)")
+    kept = studio.folders.out / "datasets" / "odd"
+    assert sorted(p.name for p in kept.iterdir()) == ["ete.gif", "my_pic_1.png", "my_pic_1.txt", "scan.bmp"]
+    assert Image.open(kept / "scan.bmp").getpixel((0, 0)) == (0, 0, 255)
+    found = data.scan_folder(kept, require_captions=False)  # training reads them all, the caption paired
+    assert sorted((e.path.name, e.caption) for e in found.examples) == [
+        ("ete.gif", None), ("my_pic_1.png", "a red square"), ("scan.bmp", None)] and not found.skipped
+    (odd / "my_pic_1.png").write_bytes((odd / "my pic (1).png").read_bytes())  # two uploads, one plain name
+    with pytest.raises(Refused, match=r"^my pic \(1\)\.png and my_pic_1\.png would both be saved as my_pic_1\.png; "
+                                      r"rename one$"):
+        studio.add_dataset_files("odd2", [str(odd / "my pic (1).png"), str(odd / "my_pic_1.png")])
 
 
 def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):

@@ -18,6 +18,7 @@ import pandas as pd
 from ..generate import SCHEDULERS, scheduler_available
 from ..safeio import SdtuneError
 from . import trainform
+from .guard import UPLOADS
 from .studio import MERGED, RANGES, Studio
 
 # shown as A1111 names them ("Euler a"); only those that can run here (LMS needs scipy)
@@ -299,7 +300,7 @@ def _train_tab(studio: Studio):
             with gr.Accordion("Add images to a dataset", open=False):
                 with gr.Row():
                     upload = gr.File(file_count="multiple", label="Images and same-name .txt captions",
-                                     file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption"],
+                                     file_types=[*UPLOADS["image"][0], *UPLOADS["caption"][0]],
                                      elem_id="train-upload")
                     with gr.Column():
                         upload_name = gr.Textbox(label="Dataset name", elem_id="train-upload-name")

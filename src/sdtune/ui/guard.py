@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,14 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 # upload kind -> (accepted suffixes, what to ask for)
 UPLOADS = {
-    "image": ((".png", ".jpg", ".jpeg", ".webp"), "a PNG, JPEG or WebP image"),
+    # what training reads (train.data's image suffixes)
+    "image": ((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+              "a PNG, JPEG, WebP, BMP, GIF or TIFF image"),
     "weights": ((".safetensors", ".pt", ".pth", ".bin", ".ckpt"), "a .safetensors or .pt weight file"),
     "caption": ((".txt", ".caption"), "a .txt caption"),
     "queue": ((".toml",), "a .toml queue file (as sdtune train queue reads)"),
 }
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
 class Refused(SdtuneError):
@@ -110,6 +113,16 @@ class Folders:
         if not PLAIN_NAME.fullmatch(text) or text in (".", ".."):
             raise Refused(f"{what} {text!r}: use letters, digits, '.', '_' or '-' (no folders, no '..')")
         return text
+
+
+def upload_file_name(name: str) -> str:
+    """An uploaded file's name as a plain name (``new_name``'s): each run of other characters becomes '_', so
+    that a phone's or a browser's names ("my pic (1).png", "été.jpg") are kept, and an image and its caption
+    (the same stem) still pair."""
+    path = Path(str(name))
+    ascii_stem = unicodedata.normalize("NFKD", path.stem).encode("ascii", "ignore").decode()  # été -> ete
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_stem).strip("._-")[:90] or "upload"
+    return stem + re.sub(r"[^A-Za-z0-9.]+", "", path.suffix)
 
 
 def check_upload(path: str | Path, kind: str, max_bytes: int) -> Path:

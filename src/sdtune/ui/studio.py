@@ -40,7 +40,7 @@ from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
 from ..train.report import BEST_FILE
 from . import trainform
-from .guard import LABELS, Folders, Refused, check_upload
+from .guard import LABELS, Folders, Refused, check_upload, upload_file_name
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
@@ -649,8 +649,13 @@ class Studio:
         got: images and captions (a file chosen twice counts once) and captions with no image beside them."""
         name = self.folders.new_name(name, "dataset name")
         caption = lambda p: Path(p).suffix.lower() in (".txt", ".caption")  # noqa: E731
-        checked = {self.folders.new_name(Path(u).name, "file name"):  # the browser may send a file twice
-                   check_upload(u, "caption" if caption(u) else "image", self.max_upload) for u in uploads or []}
+        checked, given = {}, {}  # plain name -> the upload; plain name -> the name it came with
+        for u in uploads or []:
+            plain = upload_file_name(Path(u).name)
+            if given.get(plain, Path(u).name) != Path(u).name:  # (the browser may send a file twice: counted once)
+                raise Refused(f"{given[plain]} and {Path(u).name} would both be saved as {plain}; rename one")
+            given[plain] = Path(u).name
+            checked[plain] = check_upload(u, "caption" if caption(u) else "image", self.max_upload)
         if not checked:
             raise SdtuneError("no files; add images (and same-name .txt captions)")
         folder = self.folders.child("out", f"datasets/{name}", must_exist=False)
@@ -661,7 +666,9 @@ class Studio:
         images = {p.stem for p in folder.iterdir() if not caption(p)}
         alone = [n for n in captions if Path(n).stem not in images]
         said = f"{len(checked) - len(captions)} image(s) and {len(captions)} caption(s) added to dataset {name}"
-        return name, said + (f"; no image for {', '.join(alone)} (not used)" if alone else "")
+        renamed = [f"{was} as {plain}" for plain, was in given.items() if plain != was]
+        return name, said + (f"; no image for {', '.join(alone)} (not used)" if alone else "") + (
+            f"; saved {', '.join(renamed[:3])}{' ...' if len(renamed) > 3 else ''} (plain names)" if renamed else "")
 
     def submit(self, kind: str, name: str, dataset: str, values: dict):
         """Queue a training job of ``kind`` from the form's values; returns the job. Folders it names (the
