@@ -230,6 +230,16 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
         bake.merge(base_file, [(cut, 1.0)], tmp_path / "x.safetensors", fmt="single")
     cut.unlink()
     assert list(tmp_path.iterdir()) == []
+    # a weight no float can hold once multiplied (1e308 typed in the UI's merge box): every image would be black
+    for fmt, dtype, out in (("single", None, "x.safetensors"), ("single", "fp16", "x.safetensors"),
+                            ("diffusers", None, "folder")):
+        with pytest.raises(SdtuneError, match=r"^\S+: the merge makes it inf or NaN in (F32|F16) \(LoRA weight "
+                                              r"1e\+308\); a weight far too large \(usual: -2 to 2\)"):
+            bake.merge(base_file, [(loras[1], 1e308)], tmp_path / out, fmt=fmt, dtype=dtype)
+    with pytest.raises(SdtuneError, match=r"^unet\.\S+: the merge makes it inf or NaN in float32 \(LoRA weight "
+                                          r"1e\+308\)"):  # the loaded route (a built-in model)
+        bake.merge("tiny-random", [(loras[1], 1e308)], tmp_path / "x.safetensors", fmt="single")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_checkpoint_fails_clearly_and_leaves_no_file(base_file, loras, tmp_path):

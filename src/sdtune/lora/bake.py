@@ -185,6 +185,11 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
             weights = p.weights if two else {c: w for c, w in p.weights.items() if c != "text_encoder_2"}
             lora_set.add(f"{i:04d}", p.src, weights,
                          allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
+        for comp, module in lora_set.modules.items():  # as the streamed routes check each tensor they patch
+            for key, param in module.named_parameters():
+                if not torch.isfinite(param).all():
+                    raise SdtuneError(_overflow(f"{comp}.{key}", str(param.dtype).removeprefix("torch."),
+                                                sorted({w for p in pairs for w in p.weights.values()})))
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype, metadata={META_MERGED: _merged_note(pairs)})
         return models.save_diffusers(base, out)
@@ -484,7 +489,16 @@ def _rewrite(item: _Item, src_fd: int, dst: int, dst_offset: int, new) -> None:
     for cut, contribs in item.patches:
         tensor = cut.patched(tensor, contribs, new)
     tensor = tensor if tensor.dtype == want else new(tensor.shape, dtype=want).copy_(tensor)
+    if item.patches and not torch.isfinite(tensor).all():
+        weights = sorted({float(c[3]) for _, contribs in item.patches for c in contribs})
+        raise SdtuneError(_overflow(item.key, item.dtype, weights))
     _pwrite_all(dst, tensor.reshape(-1).view(torch.uint8).numpy(), dst_offset)
+
+
+def _overflow(key: str, dtype: str, weights) -> str:
+    """A merged weight that is inf or NaN: every image the model draws would be black."""
+    return (f"{key}: the merge makes it inf or NaN in {dtype} (LoRA weight {', '.join(f'{w:g}' for w in weights)}); "
+            f"a weight far too large (usual: -2 to 2), or a broken LoRA file; nothing was written")
 
 
 def _write_file(out: Path, items: list[_Item], metadata: dict) -> None:
