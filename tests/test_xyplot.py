@@ -251,6 +251,9 @@ def test_parsing_and_errors(base, tmp_path):
     assert parse_axis("sampler=Euler a|DPM++ 2M Karras|ddim").values == ["euler_a", "dpmpp_2m_karras", "ddim"]
     drawn = parse_axis("seed=-1,5")  # -1: a seed drawn now, so that the label names it
     assert 0 <= drawn.values[0] and drawn.values[1] == 5 and drawn.label(0) == f"seed {drawn.values[0]}"
+    for typo in ("seed=-5", "seed=-3-2"):  # other negatives: a typo, not three random seeds
+        with pytest.raises(SdtuneError, match=r"^seed axis value -[35]: a seed is 0 or more, or -1 for a random one$"):
+            parse_axis(typo)
     with pytest.raises(SdtuneError, match=r"cfg axis range|guidance axis range"):
         parse_values("cfg", "7-3")
     assert parse_values("prompt", "a, b|c") == ["a, b", "c"]

@@ -141,7 +141,9 @@ def _typed(kind: str, v):
             n = int(v)
             if kind in ("steps", "clip_skip") and n < 1:
                 raise SdtuneError(f"{kind} axis value {n}: must be at least 1")
-            if kind == "seed" and n < 0:  # -1: a random seed, drawn now so that the label names it (as A1111)
+            if kind == "seed" and n < -1:  # a typo (or a range through negatives), not a wish for random seeds
+                raise SdtuneError(f"seed axis value {n}: a seed is 0 or more, or -1 for a random one")
+            if kind == "seed" and n == -1:  # a random seed, drawn now so that the label names it (as A1111)
                 n = random.randrange(2**31 - 1)
             return n
         if kind in ("guidance", "weight"):
