@@ -129,7 +129,7 @@ def test_outputs_where_nothing_can_be_written_stop_before_the_work(tmp_path, lor
     ro.mkdir()
     real = os.access
     monkeypatch.setattr(safeio.os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
-    with pytest.raises(SdtuneError, match=r"ro: no permission to write in this folder; choose another --out"):
+    with pytest.raises(SdtuneError, match=r"ro: no permission to write in this folder; choose another place for --out"):
         output_folder(ro)
     with pytest.raises(SdtuneError, match="no permission to write"):
         output_folder(ro / "sub", create=False)
@@ -263,6 +263,11 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
     assert "--images 0: must be at least 1" in _error(capsys)
     assert main(["convert", str(lora_file), str(tmp_path), "--to", "kohya"]) == 2  # its output is no --out
     assert f"{tmp_path}: is a folder; give a file name for the output (convert's second argument)" in _error(capsys)
+    (tmp_path / "a-file").write_text("")
+    assert main(["convert", str(lora_file), str(tmp_path / "a-file" / "x.safetensors"), "--to", "kohya"]) == 2
+    assert _error(capsys) == (f"sdtune: error: {tmp_path / 'a-file'}: is a file, not a folder; choose another place "
+                              f"for the output (convert's second argument)\n")
+    (tmp_path / "a-file").unlink()
     with pytest.raises(SdtuneError, match="no such file"):  # --debug after the command: the traceback's error
         main(["inspect", str(tmp_path / "nothing.safetensors"), "--debug"])
     assert not (tmp_path / "r.safetensors").exists()

@@ -98,7 +98,7 @@ def test_out_where_a_file_stands_is_one_line_and_touches_nothing(tmp_path, capsy
     out = blocker if where == "the folder" else blocker / "sub"
     assert main([a if a != "." else str(tmp_path / "data") for a in command] + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "is a file, not a folder; choose another --out" in err
+    assert err.splitlines() == [err] and "is a file, not a folder; choose another place for --out" in err
     assert err.startswith(f"sdtune: error: {out}:") and ("taken.png is" in err if out != blocker else True)
     assert blocker.read_bytes() == b"keep me" and sorted(tmp_path.iterdir()) == [tmp_path / "data", blocker]
 

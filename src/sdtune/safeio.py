@@ -250,15 +250,16 @@ def output_folder(path: str | Path, option: str = "--out", create: bool = True) 
     blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         where = "" if blocked == path else f" {blocked}"
-        raise SdtuneError(f"{path}:{where} is a file, not a folder; choose another {option}")
+        raise SdtuneError(f"{path}:{where} is a file, not a folder; choose another place for {option}")
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except PermissionError:
-            raise SdtuneError(f"{path}: no permission to create this folder; choose another {option}") from None
+            raise SdtuneError(f"{path}: no permission to create this folder; choose another place for "
+                              f"{option}") from None
     existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):  # found before the work, not after
-        raise SdtuneError(f"{existing}: no permission to write in this folder; choose another {option}")
+        raise SdtuneError(f"{existing}: no permission to write in this folder; choose another place for {option}")
     return path
 
 
