@@ -317,6 +317,9 @@ def test_source_specs(tmp_path):
     with pytest.raises(SdtuneError, match=r"unknown option 'foo'; after its file a LoRA takes :WEIGHT"):
         sources.parse_weighted(f"{f}:0.5:foo=1")
     assert sources.split_suffix(f"{f}:<tok>") == (str(f), "<tok>")
+    # a token with '/' after an existing file (it was read as a path, then a hub id: "no such file")
+    assert sources.split_suffix(f"{f}:style/v2") == (str(f), "style/v2")
+    assert sources.split_suffix("C:/loras/a.safetensors") == ("C:/loras/a.safetensors", None)  # a drive letter
     assert sources.resolve("a", "lora", (tmp_path,)) == f
     # a name is found in a subfolder too, as A1111 finds <lora:inner> in Lora/sub/inner.safetensors; two are refused
     for rel in ("sub/inner.safetensors", "x/dup.safetensors", "y/z/dup.pt", ".hidden/inner2.safetensors"):

@@ -28,7 +28,8 @@ def split_suffix(spec: str) -> tuple[str, str | None]:
     if os.path.exists(spec) or ":" not in spec:
         return spec, None
     head, tail = spec.rsplit(":", 1)
-    if not head or "/" in tail or "\\" in tail:  # a drive letter or a path, not a suffix
+    # a drive letter or a path, not a suffix; after an existing file it is one (a token with '/', said by its check)
+    if not head or (("/" in tail or "\\" in tail) and not os.path.isfile(head)):
         return spec, None
     return head, tail
 
