@@ -86,6 +86,11 @@ def test_given_folders_must_exist(tmp_path):
     f = Folders.make(tmp_path / "out")
     assert (f.loras, f.embeddings, f.model) == (f.out / "loras", f.out / "embeddings", None)
     assert f.loras.is_dir() and f.embeddings.is_dir()
+    (tmp_path / "a-file").write_text("")  # was the system's "File exists" (or "Not a directory")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+        with pytest.raises(SdtuneError, match=rf"^{out}: ({tmp_path / 'a-file'} )?is a file, not a folder; choose "
+                                              r"another place for --out$"):
+            Folders.make(out)
 
 
 def test_new_names_are_plain(folders):

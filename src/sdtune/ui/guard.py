@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..safeio import SdtuneError, is_safetensors
+from ..safeio import SdtuneError, is_safetensors, output_folder
 
 LABELS = {"model": "model", "models": "model", "loras": "LoRA", "embeddings": "embedding", "out": "output"}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -59,7 +59,7 @@ class Folders:
                 what = "is a file, not a folder" if Path(given).expanduser().exists() else "no such folder"
                 raise SdtuneError(f"{flag} {given}: {what}; check the path (or leave it out: the default is a folder "
                                   f"inside --out)")
-        out = Path(out).expanduser().resolve()
+        out = output_folder(Path(out).expanduser(), "--out").resolve()  # a file in the way: said as for every --out
         builtin = model is None or model in ("tiny", "tiny-xl") or model.endswith("-random")
         model_path = None if builtin else Path(model).expanduser()
         folders = cls(out=out,
