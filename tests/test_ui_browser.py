@@ -574,9 +574,16 @@ def test_listen_warns_without_auth_and_auth_asks_for_the_password(tmp_path):
             login("wrong")
         with login("s3cret-pass") as r:
             assert r.status == 200
-    finally:
+        # stopped by Ctrl+C (SIGINT) or kill (SIGTERM): the server says only that (Gradio printed "Closing server")
+        os.killpg(locked.pid, signal.SIGINT)
+        assert locked.wait(timeout=30) == 130
+        assert locked_log.read_text().splitlines()[1:] == ["sdtune: interrupted"]
         _stop(opened)
-        _stop(locked)
+        assert opened.returncode == 0 and len(open_log.read_text().splitlines()) == 2
+    finally:
+        for proc in (opened, locked):
+            if proc.poll() is None:
+                _stop(proc)
 
 
 @needs_browser

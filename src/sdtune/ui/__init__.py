@@ -11,6 +11,8 @@ sdtune does not need it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -105,4 +107,5 @@ def _start(folders: Folders, model: str, credentials, *, port: int, listen: bool
             time.sleep(3600)
     finally:
         studio.jobs.shutdown()
-        app.close()
+        with contextlib.redirect_stdout(io.StringIO()):  # Gradio's "Closing server running on port: N"
+            app.close()
