@@ -503,6 +503,11 @@ def test_eval_tiny_prints_the_table(capsys):
     assert header.split() == ["prompt", "images", "shape", "colour", "style", "all"]
     assert len(next(r for r in rows if r.startswith("outline style")).split("%")) == 5  # 4 scores
     assert "unseen pairs it composes from the words" in table
+    # another architecture: measured, but said to be outside what the judge knows
+    with pytest.warns(console.SdtuneWarning, match=r"^sdxl-small-random is an sdxl model, not one trained on the "
+                                                   r"shapes world: the judge knows only that world's flat shapes"):
+        assert main(["eval-tiny", "--model", "sdxl-small-random", "--images", "1", "--steps", "1"]) == 0
+    assert "red circle" in capsys.readouterr().out
 
 
 def test_importing_sdtune_freezes_the_import_and_leaves_the_collector_as_it_was():

@@ -38,8 +38,8 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .train.ti import train_ti
 
 
-MODEL_HELP = ("tiny (built-in), a diffusers folder, a .safetensors/.ckpt SD 1.x/2.x/SDXL checkpoint, or a hub id "
-              "(default: tiny)")
+MODEL_HELP = ("tiny or tiny-xl (built-in), a diffusers folder, a .safetensors/.ckpt SD 1.x/2.x/SDXL checkpoint, or a "
+              "hub id (default: tiny)")
 
 
 def _base_args(p: argparse.ArgumentParser) -> None:
@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts")
+    e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts",
+                       description="Draw each shapes-world prompt (held in: pairs the built-in models were trained "
+                                   "on; held out: an unseen shape, unseen colour-shape pairs, the outline style) and "
+                                   "print the share of images the shapes-world judge finds right. For tiny, tiny-xl "
+                                   "and models trained on the shapes world.")
     _base_args(e)
     e.add_argument("--images", type=int, default=8, help="images per prompt (default: 8)")
     e.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
