@@ -37,6 +37,7 @@ grow to the size of the largest input file.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -642,6 +643,39 @@ class _SingleFile:
                     path = text_path(path) if target.component in TEXT_COMPONENTS else path
                     found[suffix][target.component][path] = (self.src, key, self.cut(key, target))
         return found[".weight"], found[".bias"]
+
+
+class StoredWeights:
+    """The Linear and Conv2d weights of a single-file checkpoint, read from the file one at a time (``lora
+    extract`` compares two checkpoints layer by layer instead of holding both models). Use it as a context."""
+
+    def __init__(self, path: Path):
+        self.single = _SingleFile.open(Path(path), strict=False)
+        self.family = self.single.family
+        self.scheduler_config = models.make_scheduler(self.family, self.single.configs["scheduler"]).config
+        self._where = self.single.where()[0]
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoredWeights:
+        self._fd = os.open(self.single.src.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+    def module(self, comp: str) -> torch.nn.Module:
+        """The component without weights (names, shapes)."""
+        return self.single.parts[comp]
+
+    def weight(self, comp: str, path: str, shape) -> torch.Tensor | None:
+        """The module's weight as stored (its dtype), in the module's ``shape``; None if the file lacks it."""
+        found = self._where.get(comp, {}).get(path)
+        if found is None:
+            return None
+        src, key, cut = found
+        tensor = src.read(self._fd, key, cut.rows)
+        tensor = tensor.T if cut.transposed else tensor
+        return tensor.reshape(shape) if tensor.numel() == math.prod(shape) else None
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
