@@ -503,6 +503,13 @@ def test_eval_tiny_prints_the_table(capsys):
     assert header.split() == ["prompt", "images", "shape", "colour", "style", "all"]
     assert len(next(r for r in rows if r.startswith("outline style")).split("%")) == 5  # 4 scores
     assert "unseen pairs it composes from the words" in table
+    # a gate for scripts: the random model draws few held-in prompts right (by chance)
+    assert main(["eval-tiny", "--model", "tiny-random", "--images", "1", "--steps", "1", "--min-held-in", "80"]) == 2
+    out, err = capsys.readouterr()
+    shown = re.search(r"held-in overall +8 +(\d+)%", out).group(1)
+    assert err == f"sdtune: error: held-in overall {shown}% is below --min-held-in 80%\n"
+    assert main(["eval-tiny", "--model", "tiny-random", "--images", "1", "--steps", "1", "--min-held-in", "0"]) == 0
+    capsys.readouterr()
     # another architecture: measured, but said to be outside what the judge knows
     with pytest.warns(console.SdtuneWarning, match=r"^sdxl-small-random is an sdxl model, not one trained on the "
                                                    r"shapes world: the judge knows only that world's flat shapes"):

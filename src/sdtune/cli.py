@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     e.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5.0)")
     e.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
+    e.add_argument("--min-held-in", type=float, metavar="PCT",
+                   help="after the table, fail (exit 2) if the held-in overall share is below PCT percent")
     e.set_defaults(func=cmd_eval_tiny)
 
     u = sub.add_parser("ui", help="the whole workflow in a browser: generate, compare, train, LoRA files, gallery")
@@ -403,7 +405,8 @@ def cmd_demo(a) -> Path:
 def cmd_eval_tiny(a) -> None:
     base = load_base(a.model, device=a.device, dtype=a.dtype)
     held_in, held_out = evaluate.evaluate(base, a.images, a.steps, a.guidance, a.seed, progress=True)
-    print(evaluate.table(held_in, held_out))
+    print(evaluate.table(held_in, held_out), flush=True)
+    evaluate.check_held_in(held_in, a.min_held_in)
 
 
 def cmd_ui(a) -> None:

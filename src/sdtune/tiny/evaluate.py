@@ -60,6 +60,17 @@ def evaluate(base, images_per_prompt: int = 8, steps: int = 20, guidance: float 
     return held_in, held_out
 
 
+def overall(rows: list[Row]) -> float:
+    """The share of all the rows' images that are right."""
+    return sum(r.hit * r.n for r in rows) / max(1, sum(r.n for r in rows))
+
+
+def check_held_in(held_in: list[Row], minimum: float | None) -> None:
+    """Refuse (for a script or CI) a model whose held-in share is below ``minimum`` percent."""
+    if minimum is not None and 100 * overall(held_in) < minimum:
+        raise SdtuneError(f"held-in overall {overall(held_in):.0%} is below --min-held-in {minimum:g}%")
+
+
 def table(held_in: list[Row], held_out: list[Row]) -> str:
     # "all": every asked thing right (shape and colour, and the style where the prompt asks one)
     lines = [f"{'prompt':<34} {'images':>6} {'shape':>6} {'colour':>6} {'style':>6} {'all':>6}", "-" * 69]
@@ -73,7 +84,7 @@ def table(held_in: list[Row], held_out: list[Row]) -> str:
 
     lines.append("held-in (target: all >= 80% overall)")
     add(held_in)
-    total = sum(r.hit * r.n for r in held_in) / max(1, sum(r.n for r in held_in))
+    total = overall(held_in)
     lines.append(f"{'held-in overall':<34} {sum(r.n for r in held_in):>6} {'':>6} {'':>6} {'':>6} {total:>6.0%}")
     lines.append("held-out (never trained on: the unseen shape and style should fail, the base's baseline for TI and "
                  "LoRA; unseen pairs it composes from the words)")
