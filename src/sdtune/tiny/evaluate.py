@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..console import note
+from ..families import TINY, TINY_XL
 from ..generate import generate
 from ..safeio import SdtuneError
 from . import judge, world
@@ -24,9 +25,6 @@ HELD_OUT = [  # (label, prompt, what the judge should see)
     ("outline style (unseen)", "a blue circle on a white background, outline style",
      dict(shape="circle", colour="blue", style="outline")),
 ]
-
-
-WORLD_FAMILIES = ("tiny", "tiny-xl")  # the built-in models' architectures, which the recipe trains on the world
 
 
 @dataclass
@@ -46,7 +44,7 @@ def evaluate(base, images_per_prompt: int = 8, steps: int = 20, guidance: float 
     """(held-in rows, held-out rows); each row scores ``images_per_prompt`` images of one prompt."""
     if images_per_prompt < 1:  # before generate's own check, which names its --num-images
         raise SdtuneError(f"--images {images_per_prompt}: must be at least 1")
-    if base.family.name not in WORLD_FAMILIES:
+    if base.family not in (TINY, TINY_XL):  # the architectures the recipe trains on the world
         note(f"{base.name or 'this model'} is an {base.family.name} model, not one trained on the shapes world: the "
              f"judge knows only that world's flat shapes, so these numbers do not measure how well it draws")
     def run(label, prompt, wanted):

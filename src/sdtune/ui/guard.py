@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..safeio import SdtuneError, is_safetensors, output_folder
+from ..train.data import CAPTION_SUFFIXES, IMAGE_SUFFIXES
 
 LABELS = {"model": "model", "models": "model", "loras": "LoRA", "embeddings": "embedding", "out": "output"}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 # upload kind -> (accepted suffixes, what to ask for)
 UPLOADS = {
-    # what training reads (train.data's image suffixes)
-    "image": ((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
-              "a PNG, JPEG, WebP, BMP, GIF or TIFF image"),
+    "image": (tuple(sorted(IMAGE_SUFFIXES)), "a PNG, JPEG, WebP, BMP, GIF or TIFF image"),  # what training reads
     "weights": ((".safetensors", ".pt", ".pth", ".bin", ".ckpt"), "a .safetensors or .pt weight file"),
-    "caption": ((".txt", ".caption"), "a .txt caption"),
+    "caption": (CAPTION_SUFFIXES, "a .txt caption"),
     "queue": ((".toml",), "a .toml queue file (as sdtune train queue reads)"),
 }
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")

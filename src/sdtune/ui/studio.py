@@ -40,7 +40,7 @@ from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
 from ..train.report import BEST_FILE
 from . import trainform
-from .guard import LABELS, Folders, Refused, check_upload, upload_file_name
+from .guard import LABELS, UPLOADS, Folders, Refused, check_upload, upload_file_name
 from .jobs import CONFIG_FILE, QUEUE, JobRunner, progress
 
 # A1111 settings an image may carry that sdtune's generation has no control for: named when an image is reused
@@ -648,7 +648,7 @@ class Studio:
         """Uploaded images and captions into ``out/datasets/NAME``; returns the name and a line saying what it
         got: images and captions (a file chosen twice counts once) and captions with no image beside them."""
         name = self.folders.new_name(name, "dataset name")
-        caption = lambda p: Path(p).suffix.lower() in (".txt", ".caption")  # noqa: E731
+        caption = lambda p: Path(p).suffix.lower() in UPLOADS["caption"][0]  # noqa: E731
         checked, given = {}, {}  # plain name -> the upload; plain name -> the name it came with
         for u in uploads or []:
             plain = upload_file_name(Path(u).name)
