@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from sdtune import safeio
 from sdtune.safeio import SdtuneError
@@ -112,4 +113,44 @@ def test_a_torch_file_cut_short_is_said_in_plain_words(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(SdtuneError, match=r"^.*embedding.pt: a torch file cut short \(its zip archive has no end\); "
                                           r"re-download or re-export it$"):
+        safeio.load_state(path)
+
+
+def in_mapping_of(tensor: torch.Tensor, path) -> bool:
+    """Whether the tensor's memory lies in a mapping of the file (Linux's /proc/self/maps)."""
+    for line in open("/proc/self/maps").read().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= tensor.data_ptr() < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_safetensors_are_read_into_own_aligned_memory_not_a_mapping_of_the_file(tmp_path):
+    """A checkpoint copied out of safe_open's file mapping (a cast, a realignment) was held twice at the peak (8.7 GB
+    RSS for a 4.3 GB SD 1.5 file): each tensor is now read into its own memory, bit-equal to safe_open's."""
+    tensors = {"a": torch.randn(3, 5), "h": torch.randn(7).half(), "b": torch.randn(2, 2).bfloat16(),
+               "i": torch.arange(5), "flag": torch.ones(0), "s": torch.tensor(2.5), "m": torch.tensor([True, False])}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path, metadata={"k": "v"})
+    state, metadata = safeio.load_state(path)
+    assert metadata == {"k": "v"} and state.keys() == tensors.keys()
+    with safe_open(str(path), "pt") as f:
+        for key, value in state.items():
+            want = f.get_tensor(key)
+            assert value.dtype == want.dtype and value.shape == want.shape and torch.equal(value, want), key
+            assert not in_mapping_of(value, path), key
+            assert value.numel() == 0 or value.data_ptr() % 64 == 0, key
+    # mmap: views of the file, read when used (models copy them straight to a GPU that way)
+    mapped, _ = safeio.load_state(path, mmap=True)
+    assert torch.equal(mapped["a"], tensors["a"]) and in_mapping_of(mapped["a"], path)
+    # a dtype sdtune does not read itself (fp8) still loads, through safe_open
+    save_file({"e": torch.randn(4).to(torch.float8_e4m3fn), "a": tensors["a"]}, path)
+    state, _ = safeio.load_state(path)
+    assert state["e"].dtype == torch.float8_e4m3fn and torch.equal(state["a"], tensors["a"])
+    # a file cut short is refused by the header check before any read
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(SdtuneError, match="not a readable safetensors file"):
         safeio.load_state(path)

@@ -56,6 +56,8 @@ from .. import ldm, models
 from ..console import note
 from ..families import Family
 from ..safeio import (
+    ST_DTYPES,
+    ST_NAMES,
     SdtuneError,
     atomic_folder,
     atomic_path,
@@ -65,17 +67,13 @@ from ..safeio import (
     output_file,
     output_folder,
     read_keys,
+    read_tensor,
 )
 from . import blocks as block_weights
 from .formats import bundled_words, load_lora
 from .neutral import TEXT_COMPONENTS, Lora, text_path
 from .patch import LoraSet, as_weights, check_fit, no_bias, write_patched
 
-# safetensors dtype names <-> torch dtypes
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 FORMATS = ("diffusers", "single")
 # The weight file (or shard index) diffusers' and transformers' from_pretrained read in each patched component
 # folder when no variant is asked for; other weight files there (variants, .bin copies, Flax/TF/ONNX exports)
@@ -246,25 +244,9 @@ class _Source:
         """The tensor (or a block of its rows), read with positioned reads (thread-safe) into aligned memory from
         ``new(shape, dtype=...)``."""
         info = self.header[key]
-        offset, nbytes = self.span(key, rows)
+        offset, _ = self.span(key, rows)
         shape = info["shape"] if rows is None else [rows[1] - rows[0], *info["shape"][1:]]
-        tensor = new(shape, dtype=ST_DTYPES[info["dtype"]])
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < nbytes:
-            n = _pread_into(fd, view[done:], offset + done)
-            if n <= 0:
-                raise SdtuneError(f"{self.path}: truncated file; re-download it")
-            done += n
-        return tensor
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    if hasattr(os, "preadv"):  # straight into the tensor's memory
-        return os.preadv(fd, [view], offset)
-    data = os.pread(fd, len(view), offset)  # platforms without preadv: one copy more
-    view[:len(data)] = data
-    return len(data)
+        return read_tensor(fd, offset, shape, ST_DTYPES[info["dtype"]], self.path, new)
 
 
 @dataclass(frozen=True)
