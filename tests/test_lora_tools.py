@@ -462,6 +462,16 @@ def test_extract_refuses_to_write_over_its_inputs_and_bad_numbers(tmp_path, caps
     assert tuned.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tuned.safetensors"]
 
 
+def test_extract_given_a_lora_as_base_names_no_flag_it_lacks(base, tmp_path, capsys):
+    """The message for a LoRA where a checkpoint goes said "a full checkpoint as --model", a flag extract lacks."""
+    lora = lora_file(base, tmp_path / "style.safetensors", 0, rank=2, alpha=1.0)
+    assert main(["lora", "extract", "--base", str(lora), "--tuned", "tiny-random", "--rank", "4",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{lora}: this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint in " \
+           "its place" in err and "--model" not in err and err.count("\n") == 1
+
+
 def test_merge_reruns_write_the_same_bytes(base, tmp_path):
     # safetensors keeps metadata in a hash map: unsorted, each run's header (and AutoV2 hash) came out different
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0)

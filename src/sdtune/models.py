@@ -354,11 +354,11 @@ FAMILY_KEYS = "SD 1.x (768), SD 2.x (1024) or SDXL (2048)"
 def not_a_model(keys: list[str]) -> str:
     """What a file given as a model holds instead of a UNet, by its keys, and where it goes."""
     if any(ldm.ADAPTER_KEY.search(k) or k.endswith(".alpha") for k in keys):
-        return "this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint as --model"
+        return "this is a LoRA/adapter file, not a base model; give it with --lora, and a full checkpoint in its place"
     if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("<") for k in keys):
         return "this is a textual-inversion embedding, not a base model; give it with --embedding"
     if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.", "encoder.down_blocks.")) for k in keys):
-        return "this is a VAE, not a whole model; give it with --vae beside a full checkpoint as --model"
+        return "this is a VAE, not a whole model; give it with --vae, and a full checkpoint in its place"
     if any(k.startswith(("control_model.", "controlnet_")) for k in keys):
         return "this is a ControlNet, which sdtune does not use; pass a full Stable Diffusion checkpoint"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
@@ -621,7 +621,10 @@ def describe_checkpoint(path: str | Path) -> dict | None:
 def _load_single_file(spec: str, path: Path, device, dtype, vae=None) -> Base:
     """``vae``: the --vae that will decode, which stands in for the VAE a "no VAE" checkpoint leaves out (as A1111's
     and ComfyUI's VAE choice does)."""
-    raw, metadata = load_state(path)
+    # For a GPU each tensor goes from a mapping of the file straight to the device; for the CPU it is read into its
+    # own aligned memory, the file held once (a mapping kept beside the copies held it twice). A .ckpt is read
+    # whole: torch maps only its newer zip form
+    raw, metadata = load_state(path, mmap=device.type != "cpu" and is_safetensors(path))
     state = _unwrap(raw, path)
     family = family_from_metadata(metadata) or detect_family(state, path)
     configs = file_configs(family, metadata, path, keys=state.keys(), probe=state.get(family.prediction_probe))
