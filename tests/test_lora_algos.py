@@ -191,12 +191,10 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
         return "lora_unet_" + path.replace(".", "_")
     conv = "down_blocks.1.resnets.0.conv1"
     w0 = parts["unet"].get_submodule(conv).weight.detach().clone()
-    glora = {k(UNET_ATTN) + s: rand(g, 4, 4) for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")}
+    ia3 = {k(UNET_ATTN) + ".weight": rand(g, 32), k(UNET_ATTN) + ".on_input": torch.tensor(True)}
     cases = {
-        "glora": (glora, r"holds LyCORIS GLoRA, which sdtune does not apply; it reads LoRA, LoCon, LoHa, LoKr, "
-                         r"DoRA \(on LoRA, LoHa and LoKr\), OFT, BOFT, LyCORIS full weight and bias differences"),
-        "ia3": ({k(UNET_ATTN) + ".weight": rand(g, 32), k(UNET_ATTN) + ".on_input": torch.tensor(True)},
-                r"holds IA3, which"),
+        "ia3": (ia3, r"holds IA3, which sdtune does not apply; it reads LoRA, LoCon, LoHa, LoKr, DoRA \(on LoRA, "
+                     r"LoHa and LoKr\), OFT, BOFT, GLoRA, LyCORIS full weight and bias differences"),
         "old-oft": ({f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)},
                     r"holds PEFT's older OFT \(oft_r/oft_s\), which"),
         # PEFT's own LoHa/LoKr/BOFT files (save_pretrained): LyCORIS's tensor names on PEFT's module paths
@@ -207,8 +205,8 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
                        f"base_model.model.{UNET_ATTN}.lokr_w2": rand(g, 8, 8)}, r"holds a PEFT LoKr \("),
         "peft-boft": ({f"base_model.model.{UNET_ATTN}.boft_R": rand(g, 1, 4, 8, 8),
                        f"base_model.model.{UNET_ATTN}.boft_s": rand(g, 32, 1)}, r"holds PEFT's BOFT \(boft_R/boft_s\)"),
-        "mixed": (glora | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
-                  r"4 of 5 LoRA entries do not fit this model: 4 that are LyCORIS GLoRA, which sdtune does not apply"
+        "mixed": (ia3 | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
+                  r"2 of 3 LoRA entries do not fit this model: 2 that are IA3, which sdtune does not apply"
                   r" .*; allow partial loading \(--allow-partial\) to apply the rest without them$"),
     }
     for name, (sd, message) in cases.items():
@@ -216,7 +214,7 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
         with pytest.raises(SdtuneError, match=message):
             s.add(name, tmp_path / f"{name}.safetensors")
         assert not len(s)
-    with pytest.warns(UserWarning, match=r"that are LyCORIS GLoRA, .*applying only the 1 that fit"):
+    with pytest.warns(UserWarning, match=r"that are IA3, .*applying only the 1 that fit"):
         s.add("mixed", tmp_path / "mixed.safetensors", allow_partial=True)
     torch.testing.assert_close(parts["unet"].get_submodule(conv).weight, w0 + cases["mixed"][0][k(conv) + ".diff"])
 

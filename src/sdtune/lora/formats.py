@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -136,6 +137,8 @@ def from_state_dict(sd: dict, metadata: dict | None = None, *, source: str = "",
         raise SdtuneError(f"{source}: holds Textual Inversion embeddings ({', '.join(lora.embeddings)}) and no LoRA "
                           f"weights; load it as an embedding")
     if not len(lora) and not lora.embeddings:
+        if reader.malformed:  # the keys of a known algorithm, in shapes that do not fit together
+            raise SdtuneError(f"{source}: {reader.malformed[0]}; the file is damaged: re-download or re-export it")
         raise SdtuneError(_not_a_lora_message(sd, source))
     return lora
 
@@ -187,6 +190,7 @@ class _Reader:
         self.styles: Counter = Counter()
         self.cloneofsimo: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self.peft = _peft_configs(metadata, peft_config, source)
+        self.malformed: list[str] = []  # why groups of a known algorithm's keys made no adapter
         # read from the registry now, so that an algorithm registered at run time is read too
         self.kohya_roles = algos.kohya_roles() | {_ALPHA: (None, _ALPHA)}
         self.diffusers_roles = [(algo.name, r) for algo in algos.ALGORITHMS.values() for r in algo.diffusers_roles]
@@ -348,7 +352,10 @@ class _Reader:
             if group["styles"] & {"peft", "diffusers"}:
                 roles = algo.configure(roles, self.peft.get(comp) or self.peft.get("*") or {})
             tensors = algo.build(roles)
-        except (KeyError, RuntimeError, ValueError):
+        except (KeyError, RuntimeError, ValueError) as e:
+            why = e.args[0] if isinstance(e, KeyError) and e.args else e
+            module = os.path.commonprefix(sorted(group["keys"])).rstrip(".")  # as the file names it
+            self.malformed.append(f"the {algo.label or algo.name} tensors of {module} make no adapter ({why})")
             return None
         if not algo.uses_alpha:
             alpha = None

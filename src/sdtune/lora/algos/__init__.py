@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import Algorithm, Io
 from .diff import Diff
 from .dora import Dora, DoraLoha, DoraLokr
+from .glora import Glora
 from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
@@ -40,14 +41,12 @@ def get(name: str) -> Algorithm:
         raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(ALGORITHMS)}") from None
 
 
-READ = ("LoRA, LoCon, LoHa, LoKr, DoRA (on LoRA, LoHa and LoKr), OFT, BOFT, LyCORIS full weight and bias differences "
-        "and norm-layer adapters")
+READ = ("LoRA, LoCon, LoHa, LoKr, DoRA (on LoRA, LoHa and LoKr), OFT, BOFT, GLoRA, LyCORIS full weight and bias "
+        "differences and norm-layer adapters")
 # Layouts other tools write that sdtune knows by their key endings but does not apply: (ending, what it is). A
 # file holding them is refused (or, allowed partial, applied without them) with their name, not as "no such
 # layer" or "not a LoRA"
 _NOT_READ = (
-    (".a1.weight", "LyCORIS GLoRA"),
-    (".b1.weight", "LyCORIS GLoRA"),
     (".on_input", "IA3"),
     (".oft_r", "PEFT's older OFT (oft_r/oft_s)"),
     (".oft_s", "PEFT's older OFT (oft_r/oft_s)"),
@@ -90,3 +89,4 @@ register(DoraLoha())
 register(DoraLokr())
 register(Oft())
 register(PeftOft())
+register(Glora())
