@@ -16,7 +16,7 @@ from sdtune.console import SdtuneWarning
 from sdtune.lora import tools
 from sdtune.lora.formats import load_lora, save_lora
 from sdtune.lora.neutral import Adapter, Lora
-from sdtune.models import load_base, save_single_file
+from sdtune.models import load_base, save_diffusers, save_single_file
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
@@ -436,6 +436,41 @@ def test_extract_reads_single_files_layer_by_layer_with_the_loaded_models_result
     for (_, _, a), (_, _, b) in zip(streamed.items(), loaded.items()):
         assert a.tensors.keys() == b.tensors.keys() and a.alpha == b.alpha
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.parametrize("spec, dtype", [("tiny-random", "fp16"), ("tiny-xl-random", "fp32")])
+def test_extract_reads_diffusers_folders_layer_by_layer_with_the_loaded_models_result(tmp_path, monkeypatch, spec,
+                                                                                       dtype):
+    """Two diffusers folders are read file by file too (SDXL's fp16 folders loaded in fp32 would take 21 GB); the
+    LoRA is bit-equal to the route that loads both, both text encoders (and SDXL's projection) included."""
+    src = load_base(spec, device="cpu", dtype=dtype)
+    save_diffusers(src, tmp_path / "base")
+    g = torch.Generator().manual_seed(4)
+    def first(comp, end):  # the module's name in the component (SDXL's second encoder keeps ``text_model.``)
+        return next(n for n, _ in getattr(src, comp).named_modules() if n.endswith(end))
+    changed = [("unet", first("unet", "attn1.to_q")), ("unet", first("unet", "resnets.0.conv1"))]
+    changed += [(te.component, first(te.component, TE_Q)) for te in src.family.text_encoders]
+    with torch.no_grad():
+        for comp, p in changed:
+            w = getattr(src, comp).get_submodule(p).weight
+            w.add_(torch.randn(w.shape, generator=g).to(w.dtype) * 0.05)
+    save_diffusers(src, tmp_path / "tuned")
+    folders = [str(tmp_path / f) for f in ("base", "tuned")]
+    monkeypatch.setattr(tools, "_weights_of", tools._LoadedWeights)
+    loaded, _ = tools.extract_lora(*folders, tmp_path / "loaded.safetensors", rank=3, text_encoder=True)
+    monkeypatch.undo()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(tools, "load_base", no_load)
+    streamed, reports = tools.extract_lora(*folders, tmp_path / "streamed.safetensors", rank=3, text_encoder=True)
+    assert {(r.component, r.path) for r in reports} == {(c, p.removeprefix("text_model.")) for c, p in changed}
+    assert [(c, p) for c, p, _ in streamed.items()] == [(c, p) for c, p, _ in loaded.items()]
+    for (_, _, a), (_, _, b) in zip(streamed.items(), loaded.items()):
+        assert a.tensors.keys() == b.tensors.keys() and a.alpha == b.alpha
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    meta = load_lora(tmp_path / "streamed.safetensors").metadata
+    assert meta == {k: v for k, v in load_lora(tmp_path / "loaded.safetensors").metadata.items() if k in meta}
 
 
 def test_extract_of_identical_models_is_an_error(tmp_path, capsys):

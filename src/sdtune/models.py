@@ -803,6 +803,11 @@ def load_base(spec: str = "tiny", device=None, dtype=None, vae=None) -> Base:
     return use_vae(base, vae) if vae and base.vae_file is None else base
 
 
+def tiny_export(path: Path) -> bool:
+    """Whether ``path`` is a folder the tiny recipe exported (``runs/tiny/model``), loaded as the built-in models are."""
+    return path.is_dir() and (tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path))
+
+
 def _load_any(spec: str, device, dtype, vae) -> Base:
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
@@ -812,7 +817,7 @@ def _load_any(spec: str, device, dtype, vae) -> Base:
     if spec in RANDOM_SPECS:
         return _load_random(spec, device, dtype)
     path = Path(spec).expanduser()
-    if path.is_dir() and (tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path)):
+    if tiny_export(path):
         return _load_tiny(spec, device, dtype, path)  # an export of the tiny recipe
     if path.is_dir():
         return _load_folder(spec, path, device, dtype)

@@ -51,10 +51,12 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
 
-from .. import ldm, models
+from .. import families, ldm, models
 from ..console import note
 from ..families import Family
+from ..families.build import text_model
 from ..safeio import (
     ST_DTYPES,
     ST_NAMES,
@@ -658,6 +660,66 @@ class StoredWeights:
         tensor = src.read(self._fd, key, cut.rows)
         tensor = tensor.T if cut.transposed else tensor
         return tensor.reshape(shape) if tensor.numel() == math.prod(shape) else None
+
+
+class FolderWeights:
+    """The Linear and Conv2d weights of a diffusers folder's UNet and text encoders, read from their safetensors
+    files one at a time, as ``StoredWeights`` reads a single file. ``open`` gives None for a folder it cannot read
+    that way (no model_index.json, a component without plain safetensors weights, a built-in model's export)."""
+
+    def __init__(self, folder: Path, files: dict[str, list[Path]]):
+        index = json.loads((folder / "model_index.json").read_text())  # read already by _folder_weight_files
+        family = models.folder_family(folder, index)
+        # as models loads such a folder
+        self.family = families.TINY if family.cross_attention_width == families.TINY.cross_attention_width else family
+        self.scheduler_config = models.make_scheduler(self.family, _json(folder / "scheduler" / "scheduler_config.json")
+                                                      ).config
+        self._parts, self._where, self._fds = {}, {}, {}
+        for comp, paths in files.items():
+            config = _json(folder / comp / "config.json")
+            with init_empty_weights():  # names and shapes only
+                te = next((t for t in family.text_encoders if t.component == comp), None)
+                self._parts[comp] = UNet2DConditionModel.from_config(config) if te is None else text_model(te, config)
+            self._where[comp] = {}
+            for src in map(_Source.open, paths):
+                for key in (k for k in src.header if k.endswith(".weight")):
+                    path = key.removesuffix(".weight")  # text encoders: transformers 4 or 5 naming, as LoRAs name them
+                    self._where[comp][text_path(ldm.text_encoder_key(path)) if te else path] = (src, key)
+
+    @classmethod
+    def open(cls, folder: Path) -> FolderWeights | None:
+        files = None if models.tiny_export(folder) else _folder_weight_files(folder)
+        return None if files is None else cls(folder, files)
+
+    def __enter__(self) -> FolderWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def module(self, comp: str) -> torch.nn.Module:
+        """The component without weights (names, shapes)."""
+        return self._parts[comp]
+
+    def weight(self, comp: str, path: str, shape) -> torch.Tensor | None:
+        """The module's weight as stored (its dtype), in the module's ``shape``; None if the files lack it."""
+        found = self._where.get(comp, {}).get(path)
+        if found is None:
+            return None
+        src, key = found
+        if src.path not in self._fds:
+            self._fds[src.path] = os.open(src.path, os.O_RDONLY)
+        tensor = src.read(self._fds[src.path], key)
+        return tensor.reshape(shape) if tensor.numel() == math.prod(shape) else None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"{path}: unreadable ({e}); re-download or re-export the model") from None
 
 
 def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:

@@ -21,7 +21,7 @@ from ..models import load_base
 from ..safeio import SdtuneError, is_safetensors
 from . import blocks as block_weights
 from . import keys
-from .bake import StoredWeights
+from .bake import FolderWeights, StoredWeights
 from .formats import check_output, load_lora, sampling_metadata, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from .patch import as_weights
@@ -367,12 +367,13 @@ class _LoadedWeights:
 
 
 def _weights_of(spec: str):
-    """A single .safetensors checkpoint is read layer by layer (two SD 1.5 files held whole took 12.9 GB peak RSS);
-    anything else is loaded."""
+    """A single .safetensors checkpoint or a diffusers folder of safetensors files is read layer by layer (two
+    SD 1.5 files held whole took 12.9 GB peak RSS); anything else is loaded."""
     path = Path(str(spec)).expanduser()
     if path.is_file() and is_safetensors(path):
         return StoredWeights(path)
-    return _LoadedWeights(spec)
+    folder = FolderWeights.open(path) if path.is_dir() else None
+    return folder or _LoadedWeights(spec)
 
 
 def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int, conv_rank: int | None = None,
