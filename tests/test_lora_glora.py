@@ -139,7 +139,8 @@ def test_glora_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_pat
     # its change depends on W0: no plain LoRA holds it
     for call in (lambda: tools.merge_loras([(path, 1.0)], tmp_path / "m.safetensors"),
                  lambda: tools.resize_lora(path, tmp_path / "r.safetensors", rank=2)):
-        with pytest.raises(SdtuneError, match="glora adapters change the weight itself"):
+        with pytest.raises(SdtuneError, match=r"glora.safetensors: holds glora adapters, which change the weight "
+                                              r"itself, not by a fixed ΔW"):
             call()
 
 
