@@ -89,12 +89,18 @@ def server(tmp_path_factory):
     _stop(proc)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl+C's default action in the server, as a terminal gives it: tests started in the background by a
+    non-interactive shell (``pytest &`` in a script) inherit SIGINT ignored, and the server would not stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(log: Path, *args: str):
     """`sdtune ui ARGS --port FREE` in a process group of its own, output to ``log``; (process, local URL)."""
     port = _free_port()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "sdtune.cli", "ui", *args, "--port", str(port)], stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     return proc, f"http://127.0.0.1:{port}"
 
 
