@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from sdtune.cli import main
 from sdtune.lora import formats, tools
 from sdtune.lora.inspect import describe
-from sdtune.models import load_base
+from sdtune.models import load_base, save_single_file
 from sdtune.safeio import SdtuneError
 
 CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 64 -> 32, no bias
@@ -129,13 +129,16 @@ def test_glora_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_pat
     formats.convert(path, tmp_path / "again.safetensors")  # kohya/LyCORIS keys out: the same tensors
     again, sd = load_file(tmp_path / "again.safetensors"), load_file(path)
     assert set(again) == set(sd) and all(torch.equal(again[k].reshape(sd[k].shape), sd[k]) for k in sd)
-    # sdtune merge bakes what the in-memory patch gives
-    assert main(["merge", "--model", "tiny-random", "--lora", f"{path}:0.7", "--out",
-                 str(tmp_path / "baked.safetensors")]) == 0
-    baked = load_base(str(tmp_path / "baked.safetensors"), device="cpu", dtype="fp32")
+    # sdtune merge bakes what the in-memory patch gives: from the built-in model (loaded) and from a single file
+    # (streamed tensor by tensor)
+    save_single_file(base, tmp_path / "model.safetensors")
+    for model, out in (("tiny-random", "baked.safetensors"), (str(tmp_path / "model.safetensors"), "streamed.safetensors")):
+        assert main(["merge", "--model", model, "--lora", f"{path}:0.7", "--out", str(tmp_path / out)]) == 0
     base.loras.add("g", path, weight=0.7)
-    for p in layers:
-        assert torch.equal(baked.unet.get_submodule(p).weight, base.unet.get_submodule(p).weight)
+    for out in ("baked.safetensors", "streamed.safetensors"):
+        baked = load_base(str(tmp_path / out), device="cpu", dtype="fp32")
+        for p in layers:
+            assert torch.equal(baked.unet.get_submodule(p).weight, base.unet.get_submodule(p).weight), (out, p)
     # its change depends on W0: no plain LoRA holds it
     for call in (lambda: tools.merge_loras([(path, 1.0)], tmp_path / "m.safetensors"),
                  lambda: tools.resize_lora(path, tmp_path / "r.safetensors", rank=2)):
