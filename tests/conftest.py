@@ -1,3 +1,4 @@
+import copy
 import io
 import logging
 import os
@@ -21,6 +22,20 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 def base():
     """A random-init SD1 model, fresh for each test module (its tests attach adapters to it and train on it)."""
     return load_base("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    """A random-init SD1 model per test module that no test changes: ``fresh_base`` copies it."""
+    return load_base("tiny-random")
+
+
+@pytest.fixture
+def fresh_base(pristine):
+    """A copy of ``pristine`` for one test; its adapters are detached after."""
+    b = copy.deepcopy(pristine)
+    yield b
+    b.loras.detach()
 
 
 class _RunsCode:

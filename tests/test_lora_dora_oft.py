@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from sdtune.lora import formats
 from sdtune.lora.inspect import describe
 from sdtune.lora.neutral import Adapter
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 
 peft = pytest.importorskip("peft")
@@ -25,16 +24,9 @@ D = torch.float64
 EPS = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(scope="module")
-def pristine():
-    return load_base("tiny-random")
-
-
 @pytest.fixture
-def base(pristine):
-    b = copy.deepcopy(pristine)
-    yield b
-    b.loras.detach()
+def base(fresh_base):  # each test starts from the untouched weights
+    return fresh_base
 
 
 def weight(module, path):

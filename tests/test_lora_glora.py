@@ -3,7 +3,6 @@ its forward computes it (y = W0·(x + s·a1·a2·x) + s·b1·b2·x, with convolu
 layout (plain and Tucker) and the older one A1111 reads; strength, restore, inspect, convert, bake and the tools
 that refuse it."""
 
-import copy
 
 import pytest
 import torch
@@ -22,16 +21,9 @@ D = torch.float64
 RANK, ALPHA = 4, 2.0
 
 
-@pytest.fixture(scope="module")
-def pristine():
-    return load_base("tiny-random")
-
-
 @pytest.fixture
-def base(pristine):
-    b = copy.deepcopy(pristine)
-    yield b
-    b.loras.detach()
+def base(fresh_base):  # each test starts from the untouched weights
+    return fresh_base
 
 
 def kohya(path):

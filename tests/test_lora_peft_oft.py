@@ -14,7 +14,6 @@ from sdtune.cli import main
 from sdtune.lora import formats
 from sdtune.lora.algos.peft_oft import DEFAULTS, rotation
 from sdtune.lora.inspect import describe
-from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 
 peft = pytest.importorskip("peft")
@@ -26,16 +25,9 @@ TEXT_Q = "encoder.layers.0.self_attn.q_proj"
 TARGETS = [ATTN, CROSS, CONV]
 
 
-@pytest.fixture(scope="module")
-def pristine():
-    return load_base("tiny-random")
-
-
 @pytest.fixture
-def base(pristine):
-    b = copy.deepcopy(pristine)
-    yield b
-    b.loras.detach()
+def base(fresh_base):  # each test starts from the untouched weights
+    return fresh_base
 
 
 def weight(module, path):

@@ -423,19 +423,27 @@ def test_extract_reads_single_files_layer_by_layer_with_the_loaded_models_result
             w.add_(torch.randn(w.shape, generator=g) * 0.05)
     save_single_file(src, tmp_path / "tuned.safetensors", dtype="fp16")
     files = [str(tmp_path / f) for f in ("base.safetensors", "tuned.safetensors")]
-    monkeypatch.setattr(tools, "_weights_of", tools._LoadedWeights)  # the route of folders and built-in models
-    loaded, _ = tools.extract_lora(*files, tmp_path / "loaded.safetensors", rank=3, text_encoder=True)
+    reports = extracted_without_loading(files, tmp_path, monkeypatch)
+    assert {(r.component, r.path) for r in reports} == {("unet", ATTN), ("unet", CONV), ("text_encoder", TE_Q)}
+
+
+def extracted_without_loading(inputs, tmp_path, monkeypatch):
+    """Extract from ``inputs`` with no model loaded, check the LoRA bit-equal to the route that loads both models
+    (built-in models' route), and give the streamed run's layer reports."""
+    monkeypatch.setattr(tools, "_weights_of", tools._LoadedWeights)
+    loaded, _ = tools.extract_lora(*inputs, tmp_path / "loaded.safetensors", rank=3, text_encoder=True)
     monkeypatch.undo()
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded")
     monkeypatch.setattr(tools, "load_base", no_load)
-    streamed, reports = tools.extract_lora(*files, tmp_path / "streamed.safetensors", rank=3, text_encoder=True)
-    assert {(r.component, r.path) for r in reports} == {("unet", ATTN), ("unet", CONV), ("text_encoder", TE_Q)}
+    streamed, reports = tools.extract_lora(*inputs, tmp_path / "streamed.safetensors", rank=3, text_encoder=True)
+    monkeypatch.undo()
     assert [(c, p) for c, p, _ in streamed.items()] == [(c, p) for c, p, _ in loaded.items()]
     for (_, _, a), (_, _, b) in zip(streamed.items(), loaded.items()):
         assert a.tensors.keys() == b.tensors.keys() and a.alpha == b.alpha
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    return reports
 
 
 @pytest.mark.parametrize("spec, dtype", [("tiny-random", "fp16"), ("tiny-xl-random", "fp32")])
@@ -455,20 +463,8 @@ def test_extract_reads_diffusers_folders_layer_by_layer_with_the_loaded_models_r
             w = getattr(src, comp).get_submodule(p).weight
             w.add_(torch.randn(w.shape, generator=g).to(w.dtype) * 0.05)
     save_diffusers(src, tmp_path / "tuned")
-    folders = [str(tmp_path / f) for f in ("base", "tuned")]
-    monkeypatch.setattr(tools, "_weights_of", tools._LoadedWeights)
-    loaded, _ = tools.extract_lora(*folders, tmp_path / "loaded.safetensors", rank=3, text_encoder=True)
-    monkeypatch.undo()
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-    monkeypatch.setattr(tools, "load_base", no_load)
-    streamed, reports = tools.extract_lora(*folders, tmp_path / "streamed.safetensors", rank=3, text_encoder=True)
+    reports = extracted_without_loading([str(tmp_path / f) for f in ("base", "tuned")], tmp_path, monkeypatch)
     assert {(r.component, r.path) for r in reports} == {(c, p.removeprefix("text_model.")) for c, p in changed}
-    assert [(c, p) for c, p, _ in streamed.items()] == [(c, p) for c, p, _ in loaded.items()]
-    for (_, _, a), (_, _, b) in zip(streamed.items(), loaded.items()):
-        assert a.tensors.keys() == b.tensors.keys() and a.alpha == b.alpha
-        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     meta = load_lora(tmp_path / "streamed.safetensors").metadata
     assert meta == {k: v for k, v in load_lora(tmp_path / "loaded.safetensors").metadata.items() if k in meta}
 
