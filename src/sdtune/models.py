@@ -684,6 +684,11 @@ def folder_family(folder: Path, index: dict) -> Family:
     return family
 
 
+def as_loaded(family: Family) -> Family:
+    """The family a diffusers folder of ``family``'s layout loads as: the built-in tiny one where its widths are."""
+    return families.TINY if family.cross_attention_width == families.TINY.cross_attention_width else family
+
+
 def _folder_index(folder: Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -741,8 +746,7 @@ def _load_folder(spec: str, folder: Path, device, dtype, source: str = "diffuser
     except Exception as e:  # noqa: BLE001 - any loader failure is a damaged or incomplete folder
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SdtuneError(f"{folder}: cannot load the diffusers model ({first}); re-download or re-export it") from None
-    if families.TINY.cross_attention_width == family.cross_attention_width:
-        family = families.TINY
+    family = as_loaded(family)
     tokenizers = {te.tokenizer: CLIPTokenizer.from_pretrained(folder / te.tokenizer)
                   if (folder / te.tokenizer / "vocab.json").is_file() else tokenizer_for(te)
                   for te in family.text_encoders}

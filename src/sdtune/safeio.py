@@ -135,18 +135,25 @@ def _read_safetensors(path: Path, keys) -> dict | None:
     the realignment models._place does) was held twice at the peak: 8.7 GB RSS for a 4.3 GB file; once now.
     Reads run on a few threads: filling fresh memory is bound by page faults, which one thread leaves idle."""
     keys = list(keys)
+    header, _, data_start = safetensors_header(path)
+    if any(header[k]["dtype"] not in ST_DTYPES for k in keys):
+        return None
+    with open(path, "rb") as f:
+        def read(key: str) -> torch.Tensor:
+            info = header[key]
+            return read_tensor(f.fileno(), data_start + info["data_offsets"][0], info["shape"],
+                               ST_DTYPES[info["dtype"]], path)
+        with ThreadPoolExecutor(max(1, min(READ_THREADS, os.cpu_count() or 1))) as pool:
+            return dict(zip(keys, pool.map(read, keys)))
+
+
+def safetensors_header(path: Path) -> tuple[dict, dict, int]:
+    """(key -> {"dtype", "shape", "data_offsets"}, metadata, where the tensor data starts) of a safetensors file,
+    read from its header alone; raises OSError, ValueError, KeyError or struct.error on a damaged one."""
     with open(path, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(size))
-        if any(header[k]["dtype"] not in ST_DTYPES for k in keys):
-            return None
-
-        def read(key: str) -> torch.Tensor:
-            info = header[key]
-            return read_tensor(f.fileno(), 8 + size + info["data_offsets"][0], info["shape"], ST_DTYPES[info["dtype"]],
-                               path)
-        with ThreadPoolExecutor(max(1, min(READ_THREADS, os.cpu_count() or 1))) as pool:
-            return dict(zip(keys, pool.map(read, keys)))
+    return header, header.pop("__metadata__", None) or {}, 8 + size
 
 
 def read_tensor(fd: int, offset: int, shape, dtype: torch.dtype, path: Path, new=torch.empty) -> torch.Tensor:

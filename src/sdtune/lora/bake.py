@@ -53,7 +53,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
-from .. import families, ldm, models
+from .. import ldm, models
 from ..console import note
 from ..families import Family
 from ..families.build import text_model
@@ -70,6 +70,7 @@ from ..safeio import (
     output_folder,
     read_keys,
     read_tensor,
+    safetensors_header,
 )
 from . import blocks as block_weights
 from .formats import bundled_words, load_lora
@@ -217,22 +218,19 @@ class _Source:
     @classmethod
     def open(cls, path: Path) -> _Source:
         try:
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size))
-            metadata = header.pop("__metadata__", None) or {}
+            header, metadata, data_start = safetensors_header(path)
             if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= i.keys() for i in header.values()):
                 raise ValueError("a tensor entry lacks dtype, shape or data_offsets")
             end = max((i["data_offsets"][1] for i in header.values()), default=0)
         except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
             raise SdtuneError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
-        if path.stat().st_size < 8 + size + end:  # found before anything is written
+        if path.stat().st_size < data_start + end:  # found before anything is written
             raise SdtuneError(f"{path}: truncated file; re-download it")
         unknown = next((k for k, i in header.items() if i["dtype"] not in ST_DTYPES), None)
         if unknown is not None:
             raise SdtuneError(f"{path}: tensor {unknown} has dtype {header[unknown]['dtype']}, which sdtune cannot "
                               "merge; convert the file to fp16/fp32")
-        return cls(path, header, metadata, 8 + size)
+        return cls(path, header, metadata, data_start)
 
     def span(self, key: str, rows: tuple[int, int] | None = None) -> tuple[int, int]:
         """(offset in the file, byte count) of the tensor, or of a block of its rows (contiguous bytes too)."""
@@ -630,68 +628,40 @@ class _SingleFile:
 
 
 class StoredWeights:
-    """The Linear and Conv2d weights of a single-file checkpoint, read from the file one at a time (``lora
-    extract`` compares two checkpoints layer by layer instead of holding both models). Use it as a context."""
+    """The Linear and Conv2d weights of a checkpoint, read from its safetensors files one at a time by module path
+    (``lora extract`` compares two checkpoints layer by layer instead of holding both models): a single file
+    (``single_file``) or a diffusers folder (``folder``). Use it as a context."""
 
-    def __init__(self, path: Path):
-        self.single = _SingleFile.open(Path(path), strict=False)
-        self.family = self.single.family
-        self.scheduler_config = models.make_scheduler(self.family, self.single.configs["scheduler"]).config
-        self._where = self.single.where()[0]
-        self._fd: int | None = None
-
-    def __enter__(self) -> StoredWeights:
-        self._fd = os.open(self.single.src.path, os.O_RDONLY)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self._fd)
-
-    def module(self, comp: str) -> torch.nn.Module:
-        """The component without weights (names, shapes)."""
-        return self.single.parts[comp]
-
-    def weight(self, comp: str, path: str, shape) -> torch.Tensor | None:
-        """The module's weight as stored (its dtype), in the module's ``shape``; None if the file lacks it."""
-        found = self._where.get(comp, {}).get(path)
-        if found is None:
-            return None
-        src, key, cut = found
-        tensor = src.read(self._fd, key, cut.rows)
-        tensor = tensor.T if cut.transposed else tensor
-        return tensor.reshape(shape) if tensor.numel() == math.prod(shape) else None
-
-
-class FolderWeights:
-    """The Linear and Conv2d weights of a diffusers folder's UNet and text encoders, read from their safetensors
-    files one at a time, as ``StoredWeights`` reads a single file. ``open`` gives None for a folder it cannot read
-    that way (no model_index.json, a component without plain safetensors weights, a built-in model's export)."""
-
-    def __init__(self, folder: Path, files: dict[str, list[Path]]):
-        index = json.loads((folder / "model_index.json").read_text())  # read already by _folder_weight_files
-        family = models.folder_family(folder, index)
-        # as models loads such a folder
-        self.family = families.TINY if family.cross_attention_width == families.TINY.cross_attention_width else family
-        self.scheduler_config = models.make_scheduler(self.family, _json(folder / "scheduler" / "scheduler_config.json")
-                                                      ).config
-        self._parts, self._where, self._fds = {}, {}, {}
-        for comp, paths in files.items():
-            config = _json(folder / comp / "config.json")
-            with init_empty_weights():  # names and shapes only
-                te = next((t for t in family.text_encoders if t.component == comp), None)
-                self._parts[comp] = UNet2DConditionModel.from_config(config) if te is None else text_model(te, config)
-            self._where[comp] = {}
-            for src in map(_Source.open, paths):
-                for key in (k for k in src.header if k.endswith(".weight")):
-                    path = key.removesuffix(".weight")  # text encoders: transformers 4 or 5 naming, as LoRAs name them
-                    self._where[comp][text_path(ldm.text_encoder_key(path)) if te else path] = (src, key)
+    def __init__(self, family: Family, scheduler_config, parts: dict, where: dict):
+        self.family, self.scheduler_config = family, scheduler_config
+        self._parts = parts  # components without weights: names and shapes
+        self._where = where  # {component: {module path: (_Source, key, _Cut)}}
+        self._fds: dict[Path, int] = {}
 
     @classmethod
-    def open(cls, folder: Path) -> FolderWeights | None:
-        files = None if models.tiny_export(folder) else _folder_weight_files(folder)
-        return None if files is None else cls(folder, files)
+    def single_file(cls, path: Path) -> StoredWeights:
+        single = _SingleFile.open(Path(path), strict=False)
+        scheduler = models.make_scheduler(single.family, single.configs["scheduler"]).config
+        return cls(single.family, scheduler, single.parts, single.where()[0])
 
-    def __enter__(self) -> FolderWeights:
+    @classmethod
+    def folder(cls, folder: Path) -> StoredWeights | None:
+        """None for a folder that cannot be read this way (no model_index.json, a component without plain
+        safetensors weights, a built-in model's export)."""
+        files = None if models.tiny_export(folder) else _folder_weight_files(folder)
+        if files is None:
+            return None
+        family = models.as_loaded(models.folder_family(folder, json.loads((folder / "model_index.json").read_text())))
+        scheduler = models.make_scheduler(family, _json(folder / "scheduler" / "scheduler_config.json")).config
+        parts = {}
+        for comp in files:
+            config = _json(folder / comp / "config.json")
+            te = next((t for t in family.text_encoders if t.component == comp), None)
+            with init_empty_weights():  # names and shapes only
+                parts[comp] = UNet2DConditionModel.from_config(config) if te is None else text_model(te, config)
+        return cls(family, scheduler, parts, _folder_where(files)[0])
+
+    def __enter__(self) -> StoredWeights:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -708,10 +678,11 @@ class FolderWeights:
         found = self._where.get(comp, {}).get(path)
         if found is None:
             return None
-        src, key = found
+        src, key, cut = found
         if src.path not in self._fds:
             self._fds[src.path] = os.open(src.path, os.O_RDONLY)
-        tensor = src.read(self._fds[src.path], key)
+        tensor = src.read(self._fds[src.path], key, cut.rows)
+        tensor = tensor.T if cut.transposed else tensor
         return tensor.reshape(shape) if tensor.numel() == math.prod(shape) else None
 
 
@@ -832,21 +803,13 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
 
 def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial: bool) -> Path:
     _check_out_folder(out)
-    sources = {comp: [_Source.open(p) for p in paths] for comp, paths in files.items()}
-    where: dict[str, dict] = {comp: {} for comp in sources}
-    biases: dict[str, dict] = {comp: {} for comp in sources}
-    for comp, srcs in sources.items():
-        for src in srcs:
-            for key in src.header:
-                for suffix, table in ((".weight", where), (".bias", biases)):
-                    if key.endswith(suffix):  # text-encoder paths in transformers-5 naming, whatever the file uses
-                        path = key.removesuffix(suffix)
-                        table[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
+    where, biases = _folder_where(files)
+    sources = list({src.path: src for table in (where, biases) for paths in table.values()
+                    for src, _, _ in paths.values()}.values())
     changes = _contributions((where, biases), pairs, allow_partial, *_folder_blocks_context(folder, pairs))
     with atomic_folder(out) as tmp:
-        rewritten = {src.path for srcs in sources.values() for src in srcs}
-        left_out = _copy_folder(folder, tmp, rewritten)
-        for src in (s for srcs in sources.values() for s in srcs):
+        left_out = _copy_folder(folder, tmp, {src.path for src in sources})
+        for src in sources:
             items = [_Item(k, src, k, list(changes.get((src.path, k), {}).items()), src.header[k]["dtype"],
                            src.header[k]["shape"]) for k in _by_offset(src, src.header)]
             metadata = dict(src.metadata, **{META_MERGED: _merged_note(pairs)})
@@ -855,6 +818,21 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial
         warnings.warn(f"{folder}: left out of the merge, as they would keep the unmerged weights: "
                       f"{', '.join(left_out)}", stacklevel=3)
     return out
+
+
+def _folder_where(files: dict[str, list[Path]]) -> tuple[dict, dict]:
+    """({component: {module path: (_Source, key, WHOLE)}} of every weight the component files hold, the same of
+    every bias), as ``_SingleFile.where`` gives them for a single file."""
+    where: dict[str, dict] = {comp: {} for comp in files}
+    biases: dict[str, dict] = {comp: {} for comp in files}
+    for comp, paths in files.items():
+        for src in map(_Source.open, paths):
+            for key in src.header:
+                for suffix, table in ((".weight", where), (".bias", biases)):
+                    if key.endswith(suffix):  # text-encoder paths in transformers-5 naming, whatever the file uses
+                        path = key.removesuffix(suffix)
+                        table[comp][ldm.text_encoder_key(path) if comp in TEXT_COMPONENTS else path] = (src, key, WHOLE)
+    return where, biases
 
 
 def _folder_blocks_context(folder: Path, pairs) -> tuple[Family | None, dict | None]:

@@ -21,7 +21,7 @@ from ..models import load_base
 from ..safeio import SdtuneError, is_safetensors
 from . import blocks as block_weights
 from . import keys
-from .bake import FolderWeights, StoredWeights
+from .bake import StoredWeights
 from .formats import check_output, load_lora, sampling_metadata, save_lora
 from .neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from .patch import as_weights
@@ -385,8 +385,8 @@ def _weights_of(spec: str):
     SD 1.5 files held whole took 12.9 GB peak RSS); anything else is loaded."""
     path = Path(str(spec)).expanduser()
     if path.is_file() and is_safetensors(path):
-        return StoredWeights(path)
-    folder = FolderWeights.open(path) if path.is_dir() else None
+        return StoredWeights.single_file(path)
+    folder = StoredWeights.folder(path) if path.is_dir() else None
     return folder or _LoadedWeights(spec)
 
 
