@@ -191,12 +191,11 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
         return "lora_unet_" + path.replace(".", "_")
     conv = "down_blocks.1.resnets.0.conv1"
     w0 = parts["unet"].get_submodule(conv).weight.detach().clone()
-    ia3 = {k(UNET_ATTN) + ".weight": rand(g, 32), k(UNET_ATTN) + ".on_input": torch.tensor(True)}
+    old_oft = {f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)}
     cases = {
-        "ia3": (ia3, r"holds IA3, which sdtune does not apply; it reads LoRA, LoCon, LoHa, LoKr, DoRA \(on LoRA, "
-                     r"LoHa and LoKr\), OFT, BOFT, GLoRA, LyCORIS full weight and bias differences"),
-        "old-oft": ({f"unet.{UNET_ATTN}.oft_r": rand(g, 4, 8, 8), f"unet.{UNET_ATTN}.oft_s": rand(g, 32, 1)},
-                    r"holds PEFT's older OFT \(oft_r/oft_s\), which"),
+        "old-oft": (old_oft, r"holds PEFT's older OFT \(oft_r/oft_s\), which sdtune does not apply; it reads LoRA, "
+                             r"LoCon, LoHa, LoKr, DoRA \(on LoRA, LoHa and LoKr\), OFT, BOFT, GLoRA, IA3, LyCORIS full "
+                             r"weight and bias differences"),
         # PEFT's own LoHa/LoKr/BOFT files (save_pretrained): LyCORIS's tensor names on PEFT's module paths
         "peft-loha": ({f"base_model.model.{UNET_ATTN}.hada_{w}": rand(g, 4, 32) for w in ("w1_a", "w2_a")} |
                       {f"base_model.model.{UNET_ATTN}.hada_{w}": rand(g, 4, 32) for w in ("w1_b", "w2_b")},
@@ -205,8 +204,9 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
                        f"base_model.model.{UNET_ATTN}.lokr_w2": rand(g, 8, 8)}, r"holds a PEFT LoKr \("),
         "peft-boft": ({f"base_model.model.{UNET_ATTN}.boft_R": rand(g, 1, 4, 8, 8),
                        f"base_model.model.{UNET_ATTN}.boft_s": rand(g, 32, 1)}, r"holds PEFT's BOFT \(boft_R/boft_s\)"),
-        "mixed": (ia3 | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
-                  r"2 of 3 LoRA entries do not fit this model: 2 that are IA3, which sdtune does not apply"
+        "mixed": (old_oft | {k(conv) + ".diff": rand(g, 64, 32, 3, 3)},
+                  r"2 of 3 LoRA entries do not fit this model: 2 that are PEFT's older OFT \(oft_r/oft_s\), which "
+                  r"sdtune does not apply"
                   r" .*; allow partial loading \(--allow-partial\) to apply the rest without them$"),
     }
     for name, (sd, message) in cases.items():
@@ -214,7 +214,7 @@ def test_known_adapter_types_sdtune_does_not_apply_are_named(tmp_path):
         with pytest.raises(SdtuneError, match=message):
             s.add(name, tmp_path / f"{name}.safetensors")
         assert not len(s)
-    with pytest.warns(UserWarning, match=r"that are IA3, .*applying only the 1 that fit"):
+    with pytest.warns(UserWarning, match=r"that are PEFT's older OFT .*applying only the 1 that fit"):
         s.add("mixed", tmp_path / "mixed.safetensors", allow_partial=True)
     torch.testing.assert_close(parts["unet"].get_submodule(conv).weight, w0 + cases["mixed"][0][k(conv) + ".diff"])
 

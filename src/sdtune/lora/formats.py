@@ -167,6 +167,8 @@ def _not_a_lora_message(sd: dict, source: str) -> str:
     first = ", ".join(list(sd)[:3])
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in sd):
         return f"{source}: this is a full Stable Diffusion checkpoint, not a LoRA; load it as the base model"
+    if sd and all(k.startswith(_COMFY_UNET) and not ADAPTER_KEY.search(k) for k in sd):
+        return f"{source}: this is a UNet's weights (diffusion_model.… keys, as ComfyUI saves a UNet), not a LoRA"
     what = algos.not_read(sd)
     if what:
         return f"{source}: holds {what}, which sdtune does not apply; it reads {algos.READ}"
@@ -193,6 +195,7 @@ class _Reader:
         self.malformed: list[str] = []  # why groups of a known algorithm's keys made no adapter
         # read from the registry now, so that an algorithm registered at run time is read too
         self.kohya_roles = algos.kohya_roles() | {_ALPHA: (None, _ALPHA)}
+        self.comfy_suffixes = [*algos.kohya_roles(comfy=True), _ALPHA]
         self.diffusers_roles = [(algo.name, r) for algo in algos.ALGORITHMS.values() for r in algo.diffusers_roles]
 
     def take(self, key: str, value: torch.Tensor) -> None:
@@ -221,7 +224,7 @@ class _Reader:
         m = _COMFY_TEXT.match(key)
         prefix, rest = ((KOHYA_UNET_PREFIX, key[len(_COMFY_UNET):]) if key.startswith(_COMFY_UNET) else
                         (_COMFY_TEXT_PREFIX[m.group(1)], key[m.end():]) if m else (None, ""))
-        suffix = max((x for x in self.kohya_roles if rest.endswith("." + x)), key=len, default=None) if prefix \
+        suffix = max((x for x in self.comfy_suffixes if rest.endswith("." + x)), key=len, default=None) if prefix \
             else None
         if suffix is None:
             return key
@@ -354,7 +357,7 @@ class _Reader:
             tensors = algo.build(roles)
         except (KeyError, RuntimeError, ValueError) as e:
             why = e.args[0] if isinstance(e, KeyError) and e.args else e
-            module = os.path.commonprefix(sorted(group["keys"])).rstrip(".")  # as the file names it
+            module = self._module_named(group["keys"])
             self.malformed.append(f"the {algo.label or algo.name} tensors of {module} make no adapter ({why})")
             return None
         if not algo.uses_alpha:
@@ -362,6 +365,15 @@ class _Reader:
         elif alpha is None and group["styles"] & {"peft", "diffusers"}:
             alpha = self.peft_alpha(comp, path, algo.rank(tensors))
         return Adapter(algo.name, tensors, alpha)
+
+    def _module_named(self, file_keys: list[str]) -> str:
+        """The module a group's keys name, as the file spells it: what they share, or a lone key without its
+        role's suffix."""
+        if len(file_keys) > 1:
+            return os.path.commonprefix(sorted(file_keys)).rstrip(".")
+        key = file_keys[0]
+        endings = [*("." + x for x in self.kohya_roles), *(r.suffix for _, r in self.diffusers_roles)]
+        return key[: -max((len(e) for e in endings if key.endswith(e)), default=0) or None]
 
     def peft_alpha(self, comp: str, path: str, rank: int) -> float | None:
         cfg = self.peft.get(comp) or self.peft.get("*")

@@ -11,6 +11,7 @@ from .base import Algorithm, Io
 from .diff import Diff
 from .dora import Dora, DoraLoha, DoraLokr
 from .glora import Glora
+from .ia3 import Ia3
 from .loha import Loha
 from .lokr import Lokr
 from .lora import Lora
@@ -41,13 +42,12 @@ def get(name: str) -> Algorithm:
         raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(ALGORITHMS)}") from None
 
 
-READ = ("LoRA, LoCon, LoHa, LoKr, DoRA (on LoRA, LoHa and LoKr), OFT, BOFT, GLoRA, LyCORIS full weight and bias "
-        "differences and norm-layer adapters")
+READ = ("LoRA, LoCon, LoHa, LoKr, DoRA (on LoRA, LoHa and LoKr), OFT, BOFT, GLoRA, IA3, LyCORIS full weight and "
+        "bias differences and norm-layer adapters")
 # Layouts other tools write that sdtune knows by their key endings but does not apply: (ending, what it is). A
 # file holding them is refused (or, allowed partial, applied without them) with their name, not as "no such
 # layer" or "not a LoRA"
 _NOT_READ = (
-    (".on_input", "IA3"),
     (".oft_r", "PEFT's older OFT (oft_r/oft_s)"),
     (".oft_s", "PEFT's older OFT (oft_r/oft_s)"),
     # LyCORIS's tensor names under PEFT's module paths (base_model.model.…), as PEFT's LoHa/LoKr save_pretrained
@@ -74,9 +74,11 @@ def combined(kinds: set[str]) -> str | None:
     return next((a.name for a in ALGORITHMS.values() if a.combines == kinds), None)
 
 
-def kohya_roles() -> dict[str, tuple[str, str]]:
-    """kohya/LyCORIS key suffix -> (algorithm name, tensor role), over every registered algorithm."""
-    return {suffix: (a.name, role) for a in ALGORITHMS.values() for suffix, role in a.roles.items()}
+def kohya_roles(comfy: bool = False) -> dict[str, tuple[str, str]]:
+    """kohya/LyCORIS key suffix -> (algorithm name, tensor role), over every registered algorithm (``comfy``:
+    those that ComfyUI's key layout may hold)."""
+    return {suffix: (a.name, role) for a in ALGORITHMS.values() if a.comfy_layout or not comfy
+            for suffix, role in a.roles.items()}
 
 
 register(Lora())
@@ -90,3 +92,4 @@ register(DoraLokr())
 register(Oft())
 register(PeftOft())
 register(Glora())
+register(Ia3())

@@ -55,6 +55,9 @@ class Algorithm:
     optional: ClassVar[frozenset[str]] = frozenset()  # roles a file may leave out (a bias change)
     # Whether it changes a vector weight (a norm layer's scale) rather than a matrix or a kernel
     vector: ClassVar[bool] = False
+    # Whether ComfyUI's key layout (``diffusion_model.<path>.<suffix>``) may hold it; not for a suffix as bare as
+    # IA3's ``weight``, which every weight of a ComfyUI UNet checkpoint given as a LoRA would match
+    comfy_layout: ClassVar[bool] = True
 
     def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the
@@ -66,8 +69,10 @@ class Algorithm:
         """The adapter's tensors from the roles a file gave (folding what the neutral form does not keep); raises
         ``KeyError`` or ``ValueError`` when they do not make a complete, consistent adapter."""
         every = set(self.roles.values())
-        if not every - self.optional <= set(roles) <= every:
-            raise KeyError(f"incomplete {self.name}")
+        missing = every - self.optional - set(roles)
+        if missing or not set(roles) <= every:
+            said = f"no {', '.join(sorted(self.file_key(r) for r in missing))}" if missing else "unknown parts"
+            raise KeyError(f"incomplete {self.label or self.name}: {said}")
         return dict(roles)
 
     def rank(self, t: dict[str, torch.Tensor]) -> int | None:
