@@ -549,6 +549,31 @@ def test_path_traversal_is_refused(server, browser):
         assert e.value.code in (403, 404)
 
 
+def test_values_sent_straight_to_the_api_are_refused_to_the_caller_alone(server):
+    """Gradio checks a value sent to its HTTP API before any handler runs (a slider's range, a menu's choices,
+    text for a number) and printed each refusal's traceback on the server's terminal; now the caller alone hears
+    it. A text or a number left out (null) is the field's own, as the page would send it."""
+    from gradio_client import Client
+
+    client = Client(server["url"] + "/", verbose=False)
+    fields = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/run"]["parameters"]
+    form = [f.get("parameter_default") for f in fields]  # Prompt, Negative prompt, Sampler, Steps, ..., Images
+    form[0], form[3] = "a star", 2
+    log_before = server["log"].read_text()
+    for at, value, says in ((3, 100000, "Value 100000 is greater than maximum value 150"),
+                            (3, "many", "Steps: "), (2, "nonsense", "Value: nonsense is not in the list of choices"),
+                            (9, -5, "Value -5 is less than minimum value 1")):
+        sent = list(form)
+        sent[at] = value
+        with pytest.raises(Exception, match=says):
+            client.predict(*sent, api_name="/run")
+    left_out = [None] * len(form)
+    left_out[0], left_out[2], left_out[3] = "a star", "ddim", 2  # the rest as the fields' own values
+    gallery, _, status = client.predict(*left_out, api_name="/run")
+    assert status.startswith("1 image(s) by ") and len(gallery) == 1, status
+    assert server["log"].read_text() == log_before  # nothing on the server's terminal
+
+
 @needs_browser
 def test_the_server_said_nothing_but_its_address(server):
     lines = [ln for ln in server["log"].read_text().splitlines() if ln.strip()]

@@ -30,6 +30,33 @@ CSS = """
 """
 
 
+def _quiet_refusals(app: gr.Blocks) -> None:
+    """Every field's refusal of a value goes to the caller alone. Gradio checks a value sent straight to its HTTP
+    API (a step count above the slider's range, a choice not in the menu, text for a number) before any handler
+    runs, and prints each refusal's traceback on the server's terminal: a caller's mistake, not the server's. A
+    number or a text the caller left out (null; the page always sends one) is the field's own value."""
+    for block in app.blocks.values():
+        if isinstance(block, gr.components.Component):
+            block.preprocess = _quiet(block)
+
+
+def _quiet(block: gr.components.Component):
+    preprocess, fill = block.preprocess, isinstance(block, (gr.Slider, gr.Number, gr.Textbox))
+    blank = "" if isinstance(block, gr.Textbox) else None  # a text box made without a value shows ""
+
+    def run(payload):
+        if payload is None and fill:
+            payload = blank if block.value is None else block.value
+        try:
+            return preprocess(payload)
+        except gr.Error as e:
+            e.print_exception = False
+            raise
+        except (TypeError, ValueError) as e:  # Gradio would print these too
+            raise gr.Error(f"{block.label or block.get_block_name()}: {e}", print_exception=False) from None
+    return run
+
+
 def _handler(n_outputs: int):
     """Wrap a handler whose last output is the tab's status line: errors go there, other outputs stay."""
     def wrap(fn):
@@ -637,4 +664,5 @@ def build(studio: Studio) -> gr.Blocks:
         # a reloaded page shows the server's state: the model in use (shared by every page), the lists, the jobs
         app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists(),
                           job_on_show()), None, [model, *listed, train_job])
+    _quiet_refusals(app)
     return app
