@@ -85,13 +85,21 @@ def test_ia3_layers_compute_what_the_lycoris_module_computes(base, tmp_path, on_
     assert info["kinds"] == {"ia3": 2} and info["lycoris"] == "IA3" and info["unknown_keys"] == []
 
 
-def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path):
+def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path, capsys):
     g = torch.Generator().manual_seed(3)
     layers = ia3_layers(g, on_input=False)
     path = save(tmp_path, "ia3.safetensors", layers)
-    formats.convert(path, tmp_path / "again.safetensors")  # kohya/LyCORIS keys out: the same tensors
+    # kohya/LyCORIS keys out: the same tensors (the output named by --out, as the other commands take it)
+    assert main(["convert", str(path), "--to", "kohya", "--out", str(tmp_path / "again.safetensors")]) == 0
     again, sd = load_file(tmp_path / "again.safetensors"), load_file(path)
     assert set(again) == set(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
+    assert main(["convert", str(path), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 2
+    assert "IA3 adapters have no layout that diffusers loads (PEFT has no such adapter in diffusers); write this " \
+           "LoRA in the kohya layout, which A1111 loads" in capsys.readouterr().err  # ComfyUI has no IA3
+    assert not (tmp_path / "d.safetensors").exists()
+    for named in ([], [str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")]):
+        assert main(["convert", str(path), *named, "--to", "kohya"]) == 2
+        assert "convert: name the file to write once" in capsys.readouterr().err
     # sdtune merge bakes what the in-memory patch gives: from the built-in model (loaded) and from a single file
     # (streamed tensor by tensor)
     save_single_file(base, tmp_path / "model.safetensors")

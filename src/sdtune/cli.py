@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="rewrite a LoRA in another layout (lossless)")
     c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("output", nargs="?", help="the file to write (or --out FILE, as the other commands name it)")
+    c.add_argument("--out", help=argparse.SUPPRESS)
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     c.set_defaults(func=cmd_convert)
 
@@ -289,9 +290,12 @@ def cmd_inspect(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    lora = convert(a.input, a.output, to=a.to)
-    words = word_files(lora, a.output) if a.to == "diffusers" else {}
-    print(f"{a.output}: {len(lora)} modules in {a.to} layout"
+    if (a.output is None) == (a.out is None):
+        raise SdtuneError("convert: name the file to write once: sdtune convert IN OUT --to LAYOUT (or --out OUT)")
+    output = a.output or a.out
+    lora = convert(a.input, output, to=a.to)
+    words = word_files(lora, output) if a.to == "diffusers" else {}
+    print(f"{output}: {len(lora)} modules in {a.to} layout"
           + "".join(f"; its word {emb.token} in {path} (diffusers loads it with load_textual_inversion)"
                     for path, emb in words.items()))
 

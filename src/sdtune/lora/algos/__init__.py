@@ -77,7 +77,7 @@ def combined(kinds: set[str]) -> str | None:
 def kohya_roles(comfy: bool = False) -> dict[str, tuple[str, str]]:
     """kohya/LyCORIS key suffix -> (algorithm name, tensor role), over every registered algorithm (``comfy``:
     those that ComfyUI's key layout may hold)."""
-    return {suffix: (a.name, role) for a in ALGORITHMS.values() if a.comfy_layout or not comfy
+    return {suffix: (a.name, role) for a in ALGORITHMS.values() if a.in_comfyui or not comfy
             for suffix, role in a.roles.items()}
 
 

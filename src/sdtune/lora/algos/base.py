@@ -55,9 +55,9 @@ class Algorithm:
     optional: ClassVar[frozenset[str]] = frozenset()  # roles a file may leave out (a bias change)
     # Whether it changes a vector weight (a norm layer's scale) rather than a matrix or a kernel
     vector: ClassVar[bool] = False
-    # Whether ComfyUI's key layout (``diffusion_model.<path>.<suffix>``) may hold it; not for a suffix as bare as
-    # IA3's ``weight``, which every weight of a ComfyUI UNet checkpoint given as a LoRA would match
-    comfy_layout: ClassVar[bool] = True
+    # Whether ComfyUI reads it, and so whether its key layout (``diffusion_model.<path>.<suffix>``) may hold it
+    # (IA3's bare ``weight`` suffix there would match every weight of a ComfyUI UNet checkpoint given as a LoRA)
+    in_comfyui: ClassVar[bool] = True
 
     def configure(self, roles: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """The roles of a diffusers/PEFT-style file with what its PEFT config (``adapter_config.json`` or the

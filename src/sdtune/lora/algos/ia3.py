@@ -28,7 +28,7 @@ class Ia3(Algorithm):
     label = "IA3"
     uses_alpha = False
     additive = False
-    comfy_layout = False  # ComfyUI has no IA3; its layout's bare ``.weight`` keys are a checkpoint's
+    in_comfyui = False  # ComfyUI has no IA3; its layout's bare ``.weight`` keys are a checkpoint's
 
     def build(self, roles):
         t = super().build(roles)
