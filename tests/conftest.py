@@ -3,6 +3,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -13,7 +14,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sdtune.models import load_base  # noqa: E402  (after the lines above: huggingface_hub reads them at import)
+import torch  # noqa: E402
+
+from sdtune.cli import main  # noqa: E402
+from sdtune.lora import tools  # noqa: E402
+from sdtune.models import load_base, save_single_file  # noqa: E402  (after the lines above: huggingface_hub reads them at import)
+from sdtune.safeio import SdtuneError  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -36,6 +42,30 @@ def fresh_base(pristine):
     b = copy.deepcopy(pristine)
     yield b
     b.loras.detach()
+
+
+@pytest.fixture
+def bakes_but_merges_not(tmp_path):
+    """A check of a file of adapters that change W itself (GLoRA, IA3): ``sdtune merge`` bakes what the in-memory
+    patch gives at weight 0.7, from the built-in model (loaded) and from a single file (streamed tensor by
+    tensor), and ``lora merge``/``resize`` refuse it, since its change depends on W0 and no plain LoRA holds it."""
+    def check(base, path: Path, layers, kind: str) -> None:
+        save_single_file(base, tmp_path / "model.safetensors")
+        for model, out in (("tiny-random", "baked.safetensors"), (str(tmp_path / "model.safetensors"),
+                                                                   "streamed.safetensors")):
+            assert main(["merge", "--model", model, "--lora", f"{path}:0.7", "--out", str(tmp_path / out)]) == 0
+        base.loras.add("bound", path, weight=0.7)
+        for out in ("baked.safetensors", "streamed.safetensors"):
+            baked = load_base(str(tmp_path / out), device="cpu", dtype="fp32")
+            for p in layers:
+                assert torch.equal(baked.unet.get_submodule(p).weight, base.unet.get_submodule(p).weight), (out, p)
+        base.loras.remove("bound")
+        for call in (lambda: tools.merge_loras([(path, 1.0)], tmp_path / "m.safetensors"),
+                     lambda: tools.resize_lora(path, tmp_path / "r.safetensors", rank=2)):
+            with pytest.raises(SdtuneError, match=rf"{re.escape(path.name)}: holds {kind} adapters, which change the "
+                                                  rf"weight itself, not by a fixed ΔW"):
+                call()
+    return check
 
 
 class _RunsCode:

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from sdtune.cli import main
-from sdtune.lora import formats, tools
+from sdtune.lora import formats
 from sdtune.lora.inspect import describe
-from sdtune.models import load_base, save_single_file
 from sdtune.safeio import SdtuneError
 
 CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 64 -> 32, no bias
@@ -114,29 +112,14 @@ def test_the_older_glora_layout_reads_as_the_same_adapter(base, tmp_path):
     assert torch.equal(base.unet.get_submodule(CROSS).weight, patched)
 
 
-def test_glora_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path):
+def test_glora_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path, bakes_but_merges_not):
     g = torch.Generator().manual_seed(3)
     layers = {CROSS: factors(g, 32, 64), CONV: factors(g, 64, 32, kernel=(3, 3))}
     path = save(tmp_path, "glora.safetensors", layers)
     formats.convert(path, tmp_path / "again.safetensors")  # kohya/LyCORIS keys out: the same tensors
     again, sd = load_file(tmp_path / "again.safetensors"), load_file(path)
     assert set(again) == set(sd) and all(torch.equal(again[k].reshape(sd[k].shape), sd[k]) for k in sd)
-    # sdtune merge bakes what the in-memory patch gives: from the built-in model (loaded) and from a single file
-    # (streamed tensor by tensor)
-    save_single_file(base, tmp_path / "model.safetensors")
-    for model, out in (("tiny-random", "baked.safetensors"), (str(tmp_path / "model.safetensors"), "streamed.safetensors")):
-        assert main(["merge", "--model", model, "--lora", f"{path}:0.7", "--out", str(tmp_path / out)]) == 0
-    base.loras.add("g", path, weight=0.7)
-    for out in ("baked.safetensors", "streamed.safetensors"):
-        baked = load_base(str(tmp_path / out), device="cpu", dtype="fp32")
-        for p in layers:
-            assert torch.equal(baked.unet.get_submodule(p).weight, base.unet.get_submodule(p).weight), (out, p)
-    # its change depends on W0: no plain LoRA holds it
-    for call in (lambda: tools.merge_loras([(path, 1.0)], tmp_path / "m.safetensors"),
-                 lambda: tools.resize_lora(path, tmp_path / "r.safetensors", rank=2)):
-        with pytest.raises(SdtuneError, match=r"glora.safetensors: holds glora adapters, which change the weight "
-                                              r"itself, not by a fixed ΔW"):
-            call()
+    bakes_but_merges_not(base, path, layers, "glora")
 
 
 def test_misshapen_glora_is_one_clear_error(base, tmp_path):

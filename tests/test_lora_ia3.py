@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sdtune.cli import main
-from sdtune.lora import formats, tools
+from sdtune.lora import formats
 from sdtune.lora.inspect import describe
-from sdtune.models import load_base, save_single_file
 from sdtune.safeio import SdtuneError
 
 CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 64 -> 32, no bias
@@ -85,7 +84,7 @@ def test_ia3_layers_compute_what_the_lycoris_module_computes(base, tmp_path, on_
     assert info["kinds"] == {"ia3": 2} and info["lycoris"] == "IA3" and info["unknown_keys"] == []
 
 
-def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path, capsys):
+def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path, bakes_but_merges_not, capsys):
     g = torch.Generator().manual_seed(3)
     layers = ia3_layers(g, on_input=False)
     path = save(tmp_path, "ia3.safetensors", layers)
@@ -100,22 +99,7 @@ def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path,
     for named in ([], [str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")]):
         assert main(["convert", str(path), *named, "--to", "kohya"]) == 2
         assert "convert: name the file to write once" in capsys.readouterr().err
-    # sdtune merge bakes what the in-memory patch gives: from the built-in model (loaded) and from a single file
-    # (streamed tensor by tensor)
-    save_single_file(base, tmp_path / "model.safetensors")
-    for model, out in (("tiny-random", "baked.safetensors"), (str(tmp_path / "model.safetensors"), "streamed.safetensors")):
-        assert main(["merge", "--model", model, "--lora", f"{path}:0.7", "--out", str(tmp_path / out)]) == 0
-    base.loras.add("i", path, weight=0.7)
-    for out in ("baked.safetensors", "streamed.safetensors"):
-        baked = load_base(str(tmp_path / out), device="cpu", dtype="fp32")
-        for p in layers:
-            assert torch.equal(baked.unet.get_submodule(p).weight, base.unet.get_submodule(p).weight), (out, p)
-    # its change depends on W0: no plain LoRA holds it
-    for call in (lambda: tools.merge_loras([(path, 1.0)], tmp_path / "m.safetensors"),
-                 lambda: tools.resize_lora(path, tmp_path / "r.safetensors", rank=2)):
-        with pytest.raises(SdtuneError, match=r"ia3.safetensors: holds ia3 adapters, which change the weight "
-                                              r"itself, not by a fixed ΔW"):
-            call()
+    bakes_but_merges_not(base, path, layers, "ia3")
 
 
 def test_ia3_that_does_not_fit_or_lacks_its_flag_is_one_clear_error(base, tmp_path):
