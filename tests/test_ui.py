@@ -806,6 +806,15 @@ def test_generation_reports_its_steps_and_stops_when_cancelled(studio):
     assert seen == [1] and sorted((studio.folders.out / "generate").iterdir()) == before
     rows, _ = studio.generate("a blue circle", steps=1, seed=1)  # the next one runs: the model is free again
     assert len(rows) == 1
+    # cancelled in the second of two batches of 4: the first batch's images are kept and shown, as A1111's
+    # Interrupt keeps them (and as the command line's Ctrl-C does)
+    before = set((studio.folders.out / "generate").iterdir())
+    rows, notes = studio.generate("a blue circle", steps=3, seed=1, count=8,
+                                  on_step=lambda d, t: d == 4 and studio.cancel())
+    assert [read_infotext(p) for p, _ in rows] == [text for _, text in rows] and len(rows) == 4
+    assert notes[-1] == "generation cancelled at step 5 of 6; the 4 image(s) finished before it are kept"
+    new = set((studio.folders.out / "generate").iterdir()) - before
+    assert len(new) == 5 and {p for p, _ in rows} < new and any(p.name.startswith("grid-") for p in new)
 
 
 def test_the_status_line_names_the_pages_fields_not_the_command_lines_flags(studio):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import api, sources, xyplot
 from .. import prompts as prompt_syntax
-from ..generate import model_label, parse_infotext, read_infotext, sampler_key, save_batch
+from ..generate import ImageWriter, model_label, parse_infotext, read_infotext, sampler_key
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
@@ -310,7 +310,7 @@ class Studio:
 
         def step(done: int, total: int) -> None:
             if entry[1].is_set():
-                raise Cancelled(f"{what} cancelled at step {done} of {total}; nothing was saved")
+                raise Cancelled(f"{what} cancelled at step {done} of {total}")
             if on_step is not None:
                 on_step(done, total)
 
@@ -327,19 +327,26 @@ class Studio:
                  clip_skip: int = 1, picks=(), on_step=None, owner=None) -> tuple[list[tuple[Path, str]], list[str]]:
         """Images saved in ``out/generate`` with their parameters, and any warnings. ``on_step(done, total)``
         follows the denoising steps; ``cancel()`` or ``cancel(owner)`` (from another request) stops it with
-        ``Cancelled``."""
+        ``Cancelled``, or, once a batch is saved, returns the images saved with a note that it was cancelled."""
         full = self.with_loras(prompt, picks)
         self.check_prompt(full, negative)
-
+        # each batch is written when done, as the command line writes them: a Cancel keeps the finished ones, as
+        # A1111's Interrupt does
+        writer, saved = ImageWriter(self.folders.out / "generate"), []
         with self._cancellable("generation", on_step, owner) as step, self.model_in_use() as (base, notes):
-            results = api.generate(base, full, negative_prompt=negative or "", steps=int(steps),
-                                   guidance=float(cfg), seed=_seed(seed), scheduler=sampler,
-                                   clip_skip=int(clip_skip), width=int(width) or None,
-                                   height=int(height) or None, num_images=int(count),
-                                   progress=False, lora_dirs=(self.folders.loras,),
-                                   embedding_dirs=(self.folders.embeddings,), on_step=step)
-        paths = save_batch(results, self.folders.out / "generate")
-        return [(p, r.infotext) for p, r in zip(paths, results)], notes
+            try:
+                api.generate(base, full, negative_prompt=negative or "", steps=int(steps), guidance=float(cfg),
+                             seed=_seed(seed), scheduler=sampler, clip_skip=int(clip_skip),
+                             width=int(width) or None, height=int(height) or None, num_images=int(count),
+                             progress=False, lora_dirs=(self.folders.loras,),
+                             embedding_dirs=(self.folders.embeddings,), on_step=step,
+                             on_batch=lambda batch: saved.extend(zip(writer.add(batch), batch)))
+            except Cancelled as e:
+                if not saved:
+                    raise Cancelled(f"{e}; nothing was saved") from None
+                notes = [*notes, f"{e}; the {len(saved)} image(s) finished before it are kept"]
+        writer.finish()
+        return [(p, r.infotext) for p, r in saved], notes
 
     def vae_hash(self) -> str:
         """A1111's short hash of the page's --vae ("": none, the models' own VAEs), as its PNGs carry it."""
@@ -516,9 +523,11 @@ class Studio:
                                       height=int(height) or None, loras=list(files.values()),
                                       lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
                                       out_dir=folder, cell=int(cell), progress=False, on_step=step)
-        except BaseException:
+        except BaseException as e:
             if folder.is_dir() and not any(folder.iterdir()):  # refused before a cell: no empty grid folder
                 folder.rmdir()
+            if isinstance(e, Cancelled):  # a grid's cells are written with the grid, at its end
+                raise Cancelled(f"{e}; nothing was saved") from None
             raise
         parts = sorted(folder.iterdir())
         return grid, [grid] + [p for p in parts if p != grid], notes
