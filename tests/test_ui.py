@@ -630,6 +630,15 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     with pytest.raises(SdtuneError, match=r"grid cancelled at step 2 of 4; nothing was saved"):
         studio.compare("a red star", x="seed=1,2", y="cfg=3,7", steps=2, on_step=lambda d, t: studio.cancel())
     assert len(set((studio.folders.out / "grids").iterdir())) == len(before) + 1  # only the finished grid
+    # cancelled in its second batch: the grid shows the first batch's cells, blank where the others would be, as a
+    # Ctrl-C leaves it on the command line
+    grid, parts, notes = studio.compare("a red star", x="seed=1,2", y="cfg=3,7", steps=2,
+                                        on_step=lambda d, t: d == 3 and studio.cancel())
+    assert notes[-1] == "grid cancelled at step 4 of 4; the grid shows the 2 cell(s) drawn before it, blank where " \
+                        "a cell was not"
+    record = json.loads(grid.with_suffix(".json").read_text())
+    assert record["cells"] == [["xy-00-00.png", "xy-00-01.png"], [None, None]]
+    assert sorted(p.name for p in parts) == ["xy-00-00.png", "xy-00-01.png", "xy.json", "xy.png"]
 
 
 def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, code_pickle):

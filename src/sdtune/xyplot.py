@@ -570,15 +570,16 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
             width: int | None = None,
             height: int | None = None, loras=(), embeddings=(), lora_dirs=(), embedding_dirs=(),
             allow_partial: bool = False, out_dir: str | Path = "grid", name: str = "xy", cell: int | None = 128,
-            progress: bool = True, on_step=None, keep_earlier: bool = False) -> Path:
+            progress: bool = True, on_step=None, keep_earlier: bool = False, keep_on: tuple = ()) -> Path:
     """Render every (y, x) cell, save the labelled grid and the single images; returns the grid's path.
 
     ``loras``: "FILE[:W][:lbw=…]" specs loaded for the plot (named by file stem; usable by name in axis values;
     fixed at W, with those block weights, unless an axis controls them). ``embeddings``: "FILE[:TOKEN]" specs, likewise (on unless an axis says).
     ``allow_partial``: apply a LoRA even if some of its keys match no module of the model (with a warning);
     otherwise such a LoRA is refused. ``on_step(done, total)``: after each denoising step of all the cells'
-    batches together; an exception it raises stops the plot, which then saves nothing (a Ctrl-C or SIGTERM
-    keeps the cells drawn: the grid is saved with gaps, then the KeyboardInterrupt goes on). ``keep_earlier``: a grid
+    batches together; an exception it raises stops the plot, which then saves nothing (a Ctrl-C or SIGTERM, or an
+    exception of a type in ``keep_on`` (a UI's Cancel), keeps the cells drawn: the grid is saved with gaps, then
+    the exception goes on). ``keep_earlier``: a grid
     of that ``name`` in ``out_dir`` stays, the new one is named ``NAME-2`` (``-3``...) as ``generate`` numbers its
     images; otherwise it is replaced.
     """
@@ -647,7 +648,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         adapters.add_prompt_words(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
         try:
             _render(base, cells, adapters, width, height, lora_dirs, allow_partial, progress, on_step, results)
-        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the cells drawn so far are kept, in a grid with gaps
+        except (KeyboardInterrupt, *keep_on) as e:  # Ctrl-C, SIGTERM, a Cancel: the cells drawn so far are kept
             if not results:
                 raise
             interrupted = e
@@ -692,8 +693,9 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
         record["cell_prompts"][c_.row][c_.col] = c_.prompt
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{name}.json")
     if interrupted is not None:
-        console.note(f"stopped after {len(results)} of {n_cells} cells: {grid_path} shows them, blank where a cell "
-                     f"was not drawn")
+        if isinstance(interrupted, KeyboardInterrupt):  # on the terminal; a UI says it on its page
+            console.note(f"stopped after {len(results)} of {n_cells} cells: {grid_path} shows them, blank where a "
+                         f"cell was not drawn")
         raise interrupted
     return grid_path
 

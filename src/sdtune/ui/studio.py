@@ -479,7 +479,7 @@ class Studio:
                 owner=None) -> tuple[Path, list[Path], list[str]]:
         """An X/Y plot in a new folder under ``out/grids``: the grid, and all its files (cells, JSON).
         ``on_step(done, total)`` follows the denoising steps; ``cancel()`` or ``cancel(owner)`` stops it as it
-        stops a generation."""
+        stops a generation: once a cell is drawn, the grid of the cells drawn is saved and returned with a note."""
         if not (x or "").strip():  # the page's words, not the command line's (--x KIND=VALUES)
             raise SdtuneError("no X axis; write KIND=VALUES in it, e.g. seed=1-4 or weight=0,0.5,1")
         x_axis, y_axis = xyplot.axes_from_specs(_unquoted(x), _unquoted(y) or None, sweep=sweep or None)
@@ -522,13 +522,18 @@ class Studio:
                                       clip_skip=int(clip_skip), width=int(width) or None,
                                       height=int(height) or None, loras=list(files.values()),
                                       lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
-                                      out_dir=folder, cell=int(cell), progress=False, on_step=step)
+                                      out_dir=folder, cell=int(cell), progress=False, on_step=step,
+                                      keep_on=(Cancelled,))
         except BaseException as e:
-            if folder.is_dir() and not any(folder.iterdir()):  # refused before a cell: no empty grid folder
+            if folder.is_dir() and not any(folder.iterdir()):  # refused (or cancelled) before a cell: no folder
                 folder.rmdir()
-            if isinstance(e, Cancelled):  # a grid's cells are written with the grid, at its end
+            if not isinstance(e, Cancelled):
+                raise
+            grid = folder / "xy.png"  # xy_plot's default name: the cells drawn, in a grid with gaps
+            if not grid.is_file():
                 raise Cancelled(f"{e}; nothing was saved") from None
-            raise
+            drawn = len(list(folder.glob("xy-[0-9][0-9]-[0-9][0-9].png")))
+            notes = [*notes, f"{e}; the grid shows the {drawn} cell(s) drawn before it, blank where a cell was not"]
         parts = sorted(folder.iterdir())
         return grid, [grid] + [p for p in parts if p != grid], notes
 
