@@ -6,6 +6,8 @@ b, on a linear and a 3x3 conv layer. For both: strength, restore, inspect, conve
 them, and the files that are damaged or are not theirs."""
 
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.cli import main
 from sdtune.lora import formats
-from sdtune.lora.inspect import describe
+from sdtune.lora.inspect import describe, render
 from sdtune.safeio import SdtuneError
 
 CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 64 -> 32, no bias
@@ -192,6 +194,8 @@ def test_ia3_layers_compute_what_the_lycoris_module_computes(base, tmp_path, on_
     assert all(torch.equal(mods[p].weight, w0[p]) for p in layers)  # bit for bit
     info = describe(path)
     assert info["kinds"] == {"ia3": 2} and info["lycoris"] == "IA3" and info["unknown_keys"] == []
+    assert info["ranks"] == info["alphas"] == [] and info["alpha_missing"] == 0  # IA3 has neither
+    assert re.search(r"^ranks +n/a$", render(info), re.M) and re.search(r"^alphas +n/a$", render(info), re.M)
 
 
 def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path, bakes_but_merges_not, capsys):

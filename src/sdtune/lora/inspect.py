@@ -83,7 +83,9 @@ def describe(path: str | Path) -> dict:
         "kinds": dict(kinds),
         "ranks": sorted({ad.rank for _, _, ad in lora.items() if ad.rank is not None}),
         "alphas": sorted({float(ad.alpha) for _, _, ad in lora.items() if ad.alpha is not None}),
-        "alpha_missing": sum(1 for _, _, ad in lora.items() if ad.alpha is None),
+        # adapters with a rank and no alpha (alpha = rank); IA3, full and norm adapters have neither
+        "alpha_missing": sum(1 for _, _, ad in lora.items() if ad.alpha is None and ad.algo.uses_alpha
+                             and ad.rank is not None),
         # an OFT's alpha is its constraint, not a factor on a ΔW (its scale slot carries it): no scale to show
         "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if ad.kind != "oft"}),
         "conv_layers": conv3,
@@ -253,7 +255,7 @@ def render(info: dict) -> str:
     width = info.get("cross_attention_width")
     family = info["family_name"] + said if info.get("family_name") else "unknown" + (
         f" (its cross-attention reads {width}-wide text: {unknown_width(width)})" if width else "")
-    alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "none"
+    alphas = ", ".join(f"{a:g}" for a in info["alphas"]) or "n/a"
     if info["alphas"] and info["alpha_missing"]:
         alphas += f" ({info['alpha_missing']} modules without: alpha = rank)"
     elif info["alpha_missing"]:
