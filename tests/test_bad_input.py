@@ -8,8 +8,10 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +331,49 @@ def test_a_port_in_use_is_one_line_without_gradio_s_advice(tmp_path, capsys):
     err = _error(capsys)
     assert f"cannot serve on 127.0.0.1:{port} (" in err and "is another server using it? pass --port" in err
     assert "GRADIO_SERVER_PORT" not in err and "launch()" not in err
+
+
+NOBODY = 65534  # Debian's user without a home or any group
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root, to run the commands as a user without write permission (setpriv)")
+def test_folders_the_user_may_not_write_to_are_refused_in_one_line(lora_file):
+    """As a user who may not write there (the tests run as root, who may write anywhere): every command that writes
+    refuses the folder before any work, in one line naming it and its option, and leaves nothing in it."""
+    top = Path(tempfile.mkdtemp(prefix="sdtune-ro-"))
+    try:
+        top.chmod(0o755)
+        home, locked, data = top / "home", top / "locked", top / "data"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)  # caches (matplotlib's, the hub's) go somewhere writable, as on a real account
+        locked.mkdir(mode=0o555)
+        data.mkdir()
+        shutil.copy(lora_file, top / "style.safetensors")
+        (top / "style.safetensors").chmod(0o644)
+
+        def run(*args):
+            return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                   sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=top,
+                                  env={**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+        if run("-c", "import sdtune").returncode != 0:
+            pytest.skip("the checkout or its virtual environment is not readable by another user")
+        tiny = ("--model", "tiny-random")
+        cases = [
+            (("generate", *tiny, "--prompt", "a star", "--steps", "1", "--out", locked / "gen"),
+             f"{locked / 'gen'}: no permission to create this folder; choose another place for --out"),
+            (("generate", *tiny, "--prompt", "a star", "--steps", "1", "--out", locked),
+             f"{locked}: no permission to write in this folder; choose another place for --out"),
+            (("train", "lora", *tiny, "--data", data, "--steps", "1", "--out", locked / "run"),
+             f"{locked}: no permission to write in this folder; choose another place for --out"),
+            (("merge", *tiny, "--lora", "style.safetensors", "--out", locked / "m.safetensors"),
+             f"{locked}: no permission to write in this folder; choose another place for --out"),
+            (("lora", "resize", "style.safetensors", "--rank", "1", "--out", locked / "r.safetensors"),
+             f"{locked}: no permission to write in this folder; choose another place for --out"),
+        ]
+        for args, says in cases:
+            done = run("-m", "sdtune.cli", *map(str, args))
+            assert (done.returncode, done.stderr) == (2, f"sdtune: error: {says}\n"), args
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(top)
