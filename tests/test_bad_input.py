@@ -264,11 +264,11 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, lora_file, capsys):
     assert main(["eval-tiny", "--model", "tiny-random", "--images", "0"]) == 2
     assert "--images 0: must be at least 1" in _error(capsys)
     assert main(["convert", str(lora_file), str(tmp_path), "--to", "kohya"]) == 2  # its output is no --out
-    assert f"{tmp_path}: is a folder; give a file name for the output (convert's second argument)" in _error(capsys)
+    assert f"{tmp_path}: is a folder; give a file name for the output (convert's OUT, or --out)" in _error(capsys)
     (tmp_path / "a-file").write_text("")
     assert main(["convert", str(lora_file), str(tmp_path / "a-file" / "x.safetensors"), "--to", "kohya"]) == 2
     assert _error(capsys) == (f"sdtune: error: {tmp_path / 'a-file'}: is a file, not a folder; choose another place "
-                              f"for the output (convert's second argument)\n")
+                              f"for the output (convert's OUT, or --out)\n")
     (tmp_path / "a-file").unlink()
     with pytest.raises(SdtuneError, match="no such file"):  # --debug after the command: the traceback's error
         main(["inspect", str(tmp_path / "nothing.safetensors"), "--debug"])
@@ -370,6 +370,9 @@ def test_folders_the_user_may_not_write_to_are_refused_in_one_line(lora_file):
              f"{locked}: no permission to write in this folder; choose another place for --out"),
             (("lora", "resize", "style.safetensors", "--rank", "1", "--out", locked / "r.safetensors"),
              f"{locked}: no permission to write in this folder; choose another place for --out"),
+            (("convert", "style.safetensors", locked / "c.safetensors", "--to", "kohya"),
+             f"{locked}: no permission to write in this folder; choose another place for the output (convert's OUT, "
+             f"or --out)"),
         ]
         for args, says in cases:
             done = run("-m", "sdtune.cli", *map(str, args))

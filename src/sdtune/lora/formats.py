@@ -530,7 +530,7 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
     The diffusers layout has no place for bundled embeddings (pivotal tuning's words; diffusers' loader refuses
     the file): each goes beside the output as ``word_files`` names it, in the layout ``load_textual_inversion``
     reads, and the LoRA without them."""
-    check_output(out_path, inputs=[in_path], option="the output (convert's second argument)")
+    check_output(out_path, inputs=[in_path], option="the output (convert's OUT, or --out)")
     lora = load_lora(in_path, model_keys=model_keys)
     words = word_files(lora, out_path) if to == "diffusers" else {}
     for path, emb in words.items():
