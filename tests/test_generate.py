@@ -9,7 +9,17 @@ from PIL import Image
 
 from sdtune import api, sources
 from sdtune.cli import main
-from sdtune.generate import draw_grid, generate, grid, infotext, parse_infotext, read_infotext, sampler_key, save_batch
+from sdtune.generate import (
+    draw_grid,
+    generate,
+    grid,
+    infotext,
+    make_scheduler,
+    parse_infotext,
+    read_infotext,
+    sampler_key,
+    save_batch,
+)
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny_model
@@ -63,6 +73,8 @@ def test_png_says_where_a1111_defaults_differ(base):
     assert sampler_key("DPM++ 2M", "Uniform") == "dpmpp_2m" and sampler_key("DPM++ 2M", "Automatic") == \
         "dpmpp_2m_karras" == sampler_key("DPM++ 2M Karras") == sampler_key("DPM++ 2M", "Karras")
     assert sampler_key("PLMS") == "pndm" == sampler_key("PNDM") and sampler_key("Euler a", "Karras") is None
+    # PLMS is linear multistep from the first step, whatever the model's scheduler config says (tiny's is DDIM's)
+    assert make_scheduler("pndm", base.scheduler).config.skip_prk_steps is True
     # A1111 looks for brackets in the texts once edited: an edit alone weighs nothing
     (edited,) = generate(base, "a [red:blue:0.5] star", steps=1, seed=1, progress=False)
     assert "Emphasis" not in parse_infotext(edited.infotext)

@@ -38,7 +38,9 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
     "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),  # A1111's name for the pseudo linear multistep method
+    # A1111's PLMS: linear multistep steps only, as SD's own config sets it; a model whose scheduler config does
+    # not say (the built-in ones, a DDIM config) would otherwise start with Runge-Kutta steps, another sampler
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
 }
 
