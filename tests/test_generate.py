@@ -3,11 +3,13 @@ import re
 import shutil
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from sdtune import api, sources
+from sdtune import api, families, sources
 from sdtune.cli import main
 from sdtune.generate import (
     draw_grid,
@@ -19,6 +21,7 @@ from sdtune.generate import (
     read_infotext,
     sampler_key,
     save_batch,
+    scheduler_available,
 )
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
@@ -78,6 +81,44 @@ def test_png_says_where_a1111_defaults_differ(base):
     # A1111 looks for brackets in the texts once edited: an edit alone weighs nothing
     (edited,) = generate(base, "a [red:blue:0.5] star", steps=1, seed=1, progress=False)
     assert "Emphasis" not in parse_infotext(edited.infotext)
+
+
+def _k_diffusion_sigmas(config: dict, steps: int) -> torch.Tensor:
+    """A1111's noise levels for its k-diffusion samplers (the "Automatic"/"Uniform" schedule): t = linspace(999, 0,
+    steps), sigma(t) interpolated in log sigma between the model's 1000 levels, as k-diffusion's get_sigmas does."""
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    log_sigmas = ((1 - alphas) / alphas).sqrt().log()
+    t = torch.linspace(999, 0, steps, dtype=torch.float64)
+    low = t.floor().long()
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[(low + 1).clamp(max=999)]).exp()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_samplers_take_a1111s_noise_levels(family):
+    """Euler, Euler a and Heun sample at k-diffusion's levels whatever the model's config spaces (SDXL's says
+    "leading", which started a 20-step Euler at sigma 11.0 where A1111's starts at 14.6); DPM++ 2M starts at the top
+    level too; DDIM and PLMS keep the leading steps (t = 951, 901, ... at 20 steps) that A1111's own DDIM and PLMS
+    take."""
+    config = families.FAMILIES[family].component_configs()["scheduler"]
+    base_scheduler = diffusers.DDIMScheduler.from_config(config)
+    want = _k_diffusion_sigmas(config, 20)
+    for name in ("euler", "euler_a", "heun", "dpmpp_2m", *(["lms"] if scheduler_available("lms") else [])):
+        scheduler = make_scheduler(name, base_scheduler)
+        scheduler.set_timesteps(20)
+        sigmas = scheduler.sigmas.double()
+        if name == "heun":  # each interior level twice: Heun's two evaluations
+            sigmas = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])
+        assert sigmas[-1] == 0 and len(sigmas) == 21, name
+        if name == "dpmpp_2m":  # diffusers' own spacing below the top: close to A1111's Uniform, not equal
+            torch.testing.assert_close(sigmas[0], want[0], rtol=1e-4, atol=0)
+        else:
+            torch.testing.assert_close(sigmas[:-1], want, rtol=1e-4, atol=0, msg=name)
+    for name in ("ddim", "pndm"):
+        scheduler = make_scheduler(name, base_scheduler)
+        scheduler.set_timesteps(20)
+        assert scheduler.timesteps[:2].tolist() == [951, 901], name
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc"])

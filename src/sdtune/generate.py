@@ -91,9 +91,17 @@ def _rescales(cls_name: str) -> bool:
     return "rescale_betas_zero_snr" in cls._get_init_keys(cls)
 
 
+# A1111 runs these through k-diffusion, whose default ("Automatic", its "Uniform") schedule is t = linspace(999, 0,
+# steps): the first step starts at the top noise level. diffusers' SD configs say "leading" (a 20-step run from
+# t = 951), which A1111 keeps for its DDIM and PLMS only. A zero-terminal-SNR model's "trailing" (from 999 too) stays.
+_K_DIFFUSION = {"euler", "euler_a", "dpmpp_2m", "heun", "lms"}
+
+
 def make_scheduler(name: str, base_scheduler):
     name = check_scheduler(name)
     cls_name, extra, _ = SCHEDULERS[name]
+    if name in _K_DIFFUSION and base_scheduler.config.get("timestep_spacing", "leading") == "leading":
+        extra = {**extra, "timestep_spacing": "linspace"}
     cls = getattr(diffusers, cls_name)
     # a zero-terminal-SNR model (its ztsnr marker) samples on the rescaled schedule, which diffusers' Heun, LMS and
     # PNDM do not build: they would draw on the ordinary one, another image than the model was trained for
