@@ -92,7 +92,7 @@ def _rescales(cls_name: str) -> bool:
 
 
 # A1111 runs these through k-diffusion, whose default ("Automatic", its "Uniform") schedule is t = linspace(999, 0,
-# steps): the first step starts at the top noise level. diffusers' SD configs say "leading" (a 20-step run from
+# steps): the first step starts at the top noise level. Some configs (SDXL's) say "leading" (a 20-step run from
 # t = 951), which A1111 keeps for its DDIM and PLMS only. A zero-terminal-SNR model's "trailing" (from 999 too) stays.
 _K_DIFFUSION = {"euler", "euler_a", "dpmpp_2m", "heun", "lms"}
 
