@@ -749,10 +749,9 @@ def _diffusers_tensors(lora: Lora, path: str | Path) -> tuple[dict[str, torch.Te
         if other:
             why = ("a kohya/LyCORIS DoRA normalises other axes than PEFT's" if any("dora" in o.lower() for o in other)
                    else "PEFT has no such adapter in diffusers")
-            readers = "A1111 and ComfyUI" if all(ad.algo.in_comfyui for ad in mods.values()) else "A1111"
+            readers = "A1111 and ComfyUI load" if all(ad.algo.in_comfyui for ad in mods.values()) else "A1111 loads"
             raise SdtuneError(f"{path}: {'/'.join(sorted(other))} adapters have no layout that diffusers loads "
-                              f"({why}); write this LoRA in the kohya layout, which {readers} load"
-                              f"{'s' if readers == 'A1111' else ''} ({KOHYA_HINT})")
+                              f"({why}); write this LoRA in the kohya layout, which {readers} ({KOHYA_HINT})")
         # PEFT switches an option such as DoRA on for a whole component, never per module
         switches = {ad.algo.peft_switch for ad in mods.values()}
         if len(switches) > 1:

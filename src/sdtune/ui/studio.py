@@ -60,6 +60,7 @@ BUILT_IN = ("tiny", "tiny-xl")
 # the Generate and Compare sliders' ranges (app.py draws them from here), A1111's own: an image's value outside
 # one is not put in the form, whose slider would refuse it before any handler runs
 RANGES = {"steps": (1, 150), "cfg": (1, 30), "clip_skip": (1, 12), "width": (0, 2048), "height": (0, 2048)}
+GRID_NAME = "xy"  # a Compare grid's file names in its folder: xy.png, xy.json, xy-ROW-COL.png
 MERGED = "merged: "  # the menu's prefix of the models merged on the page (out/merged/NAME)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
@@ -522,17 +523,17 @@ class Studio:
                                       clip_skip=int(clip_skip), width=int(width) or None,
                                       height=int(height) or None, loras=list(files.values()),
                                       lora_dirs=(self.folders.loras,), embedding_dirs=(self.folders.embeddings,),
-                                      out_dir=folder, cell=int(cell), progress=False, on_step=step,
-                                      keep_on=(Cancelled,))
+                                      out_dir=folder, name=GRID_NAME, cell=int(cell), progress=False,
+                                      on_step=step, keep_on=(Cancelled,))
         except BaseException as e:
             if folder.is_dir() and not any(folder.iterdir()):  # refused (or cancelled) before a cell: no folder
                 folder.rmdir()
             if not isinstance(e, Cancelled):
                 raise
-            grid = folder / "xy.png"  # xy_plot's default name: the cells drawn, in a grid with gaps
+            grid = folder / f"{GRID_NAME}.png"  # the cells drawn, in a grid with gaps
             if not grid.is_file():
                 raise Cancelled(f"{e}; nothing was saved") from None
-            drawn = len(list(folder.glob("xy-[0-9][0-9]-[0-9][0-9].png")))
+            drawn = len(list(folder.glob(f"{GRID_NAME}-[0-9][0-9]-[0-9][0-9].png")))
             notes = [*notes, f"{e}; the grid shows the {drawn} cell(s) drawn before it, blank where a cell was not"]
         parts = sorted(folder.iterdir())
         return grid, [grid] + [p for p in parts if p != grid], notes
