@@ -152,6 +152,17 @@ class _DropTorchvisionFallback(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
 
 
+class _DropBitsandbytesKernelFetch(logging.Filter):
+    """bitsandbytes (which diffusers imports when it is installed) says on import, on CPUs with AVX-512 BF16,
+    that it could not fetch a 4-bit kernel from the hub; sdtune uses no 4-bit layers, so it is noise too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelFetch())
+
+
 def _one_line(message, category, filename, lineno, line=None) -> str:
     return f"sdtune: warning: {message}\n"
 

@@ -31,7 +31,7 @@ from ..console import note
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import presets
+from . import optimizers, presets
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -73,6 +73,10 @@ class TrainSettings:
                      "own (as generate --vae and kohya's --vae)", default="")
     max_grad_norm: float = _help("0: no clipping", default=1.0)
     weight_decay: float = 1e-2
+    optimizer: str = _help("; ".join(f"{name}: {o.what}" for name, o in optimizers.OPTIMIZERS.items()),
+                           default="adamw")
+    optimizer_args: list[str] = _help("the optimizer's other keyword arguments, each as key=value (as kohya's "
+                                      "--optimizer_args): e.g. betas=(0.9,0.99) d_coef=2", default_factory=list)
     gradient_checkpointing: bool = False
     channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
                                 "cuDNN in fp16/bf16; same math, other kernels (float rounding differs)",
@@ -159,6 +163,8 @@ class TrainSettings:
         if self.validation_split and self.validation_dir:
             raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        _choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
+        optimizers.check(self.optimizer, self.optimizer_args)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
 
@@ -485,6 +491,9 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)
     values["preset"] = preset.name if preset else ""
+    if values.get("optimizer") == "prodigy":  # its learning rates are factors on the step size it finds
+        names = {f.name for f in dataclasses.fields(KINDS[kind])}
+        values |= {key: 1.0 for key in ("lr", "ti_lr") if key in names and key not in given}
     if preset and {"rank", "alpha"} <= preset.values.keys() and "rank" in given and "alpha" not in given \
             and values["rank"] > 0:  # (a rank below 1 is refused by check())
         was, now = preset.values["alpha"] / preset.values["rank"], values["alpha"] / values["rank"]

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
-from . import logs, shared_text
+from . import logs, optimizers, shared_text
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .validation import ValidationSet, validation_loss
@@ -526,10 +526,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
         objective = Objective(base.unet, stack, base.scheduler, settings.min_snr_gamma, job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base)).to(device)
-        # fused on the CPU (its default there is a Python loop over the tensors, 1,120 of them for an SDXL LoRA on
-        # the attention layers): one kernel for all, 4x faster than foreach, equal to it to the last bit or so
-        optimizer = torch.optim.AdamW(job.param_groups, lr=settings.lr, weight_decay=settings.weight_decay,
-                                      fused=True if device.type == "cpu" else None)
+        optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,
+                                     settings.weight_decay, device)
         start, history, extend, state, spans = 0, {}, False, {}, [[0, total]]
         data_id = fingerprint(data.scan, settings.data)
         if job.validation is not None and job.validation.data_id:
@@ -762,9 +760,10 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             done = step + 1
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-            r.log.train(done, value, optimizer.param_groups[0]["lr"],
-                        {g["name"]: g["lr"] for g in optimizer.param_groups if "name" in g})
+            lr = optimizers.step_size(optimizer.param_groups[0])  # Prodigy's: the factor times its step size
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+            r.log.train(done, value, lr,
+                        {g["name"]: optimizers.step_size(g) for g in optimizer.param_groups if "name" in g})
             if callback is not None:
                 callback(done, value)
             saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total

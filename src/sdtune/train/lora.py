@@ -44,7 +44,7 @@ from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
-from . import loop, report, validation
+from . import loop, optimizers, report, validation
 from .config import LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
 from .pivotal import Pivot, check_captions
@@ -267,7 +267,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_gradient_accumulation_steps": str(settings.grad_accum),
         "ss_lr_warmup_steps": str(settings.lr_warmup_steps),
         "ss_lr_scheduler": settings.lr_scheduler,
-        "ss_optimizer": f"torch.optim.AdamW(weight_decay={settings.weight_decay})",
+        "ss_optimizer": optimizers.describe(settings.optimizer, settings.optimizer_args, settings.weight_decay),
         "ss_max_grad_norm": str(settings.max_grad_norm),
         "ss_mixed_precision": m.get("mixed_precision", settings.mixed_precision),  # auto resolved: no/fp16/bf16
         "ss_full_fp16": "False",

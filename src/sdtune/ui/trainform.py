@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 
 from ..safeio import SdtuneError
-from ..train import config, presets
+from ..train import config, optimizers, presets
 from ..train.config import KINDS, load_settings, setting_helps, setting_type
 
 # set by the UI itself: where the job writes, which model, progress for the live view
@@ -23,7 +23,7 @@ MANAGED = ("out", "model", "progress", "resume")
 BASIC = ("data", "token", "init_token", "name", "steps", "lr", "batch_size", "rank", "alpha", "targets",
          "text_encoder", "num_vectors", "sample_every", "sample_prompts", "save_every", "seed")
 # settings whose allowed values config.py names as a constant
-CHOICES = {"lr_scheduler": config.SCHEDULES, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
+CHOICES = {"lr_scheduler": config.SCHEDULES, "optimizer": tuple(optimizers.OPTIMIZERS), "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
            "preset": ("", *dict.fromkeys(name for table in presets.PRESETS.values() for name in table))}
 
 

@@ -1,0 +1,130 @@
+"""The optimizer a run steps with (``--optimizer``, ``--optimizer-args``): torch's AdamW by default, or one of
+those kohya's and diffusers' users train LoRAs with. Each is a class in a package, built on the job's parameter
+groups with the run's ``lr`` (per group) and ``weight_decay``; ``--optimizer-args`` gives its other keyword
+arguments as ``key=value`` (kohya's ``--optimizer_args``), each checked against the class's own.
+
+The packages outside sdtune's dependencies (bitsandbytes, prodigyopt) are imported when a run asks for them.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from ..safeio import SdtuneError
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    module: str  # where the class lives
+    cls: str
+    package: str  # what pip installs it as, for the line that says it is missing
+    what: str  # for --help
+    defaults: dict = field(default_factory=dict)  # sdtune's keyword arguments, under --optimizer-args
+
+
+OPTIMIZERS = {
+    "adamw": Optimizer("torch.optim", "AdamW", "torch", "torch's, fused on the CPU"),
+    "adamw8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes",
+                           "AdamW with 8-bit moments in tensors of 4096 values or more, a quarter of the memory"),
+    "lion": Optimizer("bitsandbytes.optim", "Lion", "bitsandbytes",
+                      "the sign of the momentum: usually a 3-10x lower --lr and higher --weight-decay than AdamW"),
+    "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
+                         "finds its own step size: each learning rate is a factor on it, 1.0 unless given"),
+    # kohya's advice for LoRA: a fixed learning rate, no scaling by the size of the weights (which would leave a
+    # LoRA's zero-initialised up matrices almost still)
+    "adafactor": Optimizer("transformers.optimization", "Adafactor", "transformers", "factored second moments",
+                           {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
+}
+# arguments the run's own settings give, not --optimizer-args
+_OWN = {"params": "", "lr": "--lr", "weight_decay": "--weight-decay"}
+
+
+def optimizer_class(name: str):
+    """The class of optimizer ``name``, importing its package; one line where the package is missing."""
+    choice = OPTIMIZERS[name]
+    try:
+        return getattr(importlib.import_module(choice.module), choice.cls)
+    except ImportError as e:
+        raise SdtuneError(f"--optimizer {name} needs {choice.package}, which is not installed ({e}); pip install "
+                          f"{choice.package}, or choose another --optimizer") from None
+
+
+def _value(text: str):
+    """A Python literal (0.9, (0.9, 0.99), True), else the text itself; TOML's true/false read as booleans."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_args(name: str, items: list[str]) -> dict:
+    """``--optimizer-args`` (``["d_coef=2", "betas=(0.9,0.99)"]``) as keyword arguments of ``name``'s class, over
+    sdtune's own defaults for it; a malformed item or a name the class does not take is one line."""
+    cls = optimizer_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    kwargs = dict(OPTIMIZERS[name].defaults)
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SdtuneError(f"--optimizer-args {item!r}: give each as key=value (e.g. betas=(0.9,0.99))")
+        if key in _OWN:
+            raise SdtuneError(f"--optimizer-args {item!r}: {key} is set by {_OWN[key] or 'the run'}; use that")
+        if key not in accepted:
+            others = [p for p in accepted if p not in _OWN]
+            meant = difflib.get_close_matches(key, others, n=1)
+            raise SdtuneError(f"--optimizer-args {item!r}: {OPTIMIZERS[name].cls} takes no {key!r}"
+                              f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(others)}")
+        kwargs[key] = _value(text.strip())
+    return kwargs
+
+
+def check(name: str, items: list[str]) -> None:
+    """Refuse, before a model is loaded, an optimizer whose package is missing or whose arguments it does not
+    take: it is built and stepped once on a small tensor, as a bad value (``betas=(0.9,)``) fails only there."""
+    if not items:  # sdtune's own arguments: only the package to find
+        optimizer_class(name)
+        return
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = build(name, items, [{"params": [weight]}], 1e-3, 0.0, torch.device("cpu"))
+    weight.grad = torch.full_like(weight, 0.5)
+    try:
+        optimizer.step()
+    except Exception as e:  # whatever the class raises for a value it cannot use
+        raise SdtuneError(f"--optimizer {name} --optimizer-args {' '.join(items) or '(none)'}: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def build(name: str, items: list[str], param_groups: list[dict], lr: float, weight_decay: float,
+          device: torch.device) -> torch.optim.Optimizer:
+    """Optimizer ``name`` over ``param_groups`` (each with its own ``lr``); a value its class refuses is one line."""
+    kwargs = parse_args(name, items)
+    if name == "adamw" and device.type == "cpu" and "fused" not in kwargs:
+        # its CPU default is a Python loop over the tensors (1,120 for an SDXL LoRA on the attention layers); fused
+        # is one kernel for all, 4x faster than foreach and equal to it to the last bit or so
+        kwargs["fused"] = True
+    try:
+        return optimizer_class(name)(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SdtuneError(f"--optimizer {name} --optimizer-args {' '.join(items) or '(none)'}: {e}") from None
+
+
+def describe(name: str, items: list[str], weight_decay: float) -> str:
+    """The optimizer as kohya's metadata names it (``ss_optimizer``): ``prodigyopt.Prodigy(weight_decay=0.01,
+    d_coef=2)``."""
+    choice = OPTIMIZERS[name]
+    args = {"weight_decay": weight_decay, **parse_args(name, items)}
+    return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
+
+
+def step_size(group: dict) -> float:
+    """The learning rate a group steps with: its ``lr``, times the step size Prodigy finds (``d``)."""
+    return group["lr"] * group.get("d", 1.0)

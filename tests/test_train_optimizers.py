@@ -1,0 +1,126 @@
+"""--optimizer: AdamW 8-bit, Lion, Prodigy and Adafactor step the run, keep their state across a resume, name
+themselves in the LoRA's metadata, and refuse what they cannot take in one line."""
+
+import sys
+
+import pytest
+import torch
+
+from sdtune.cli import main
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import SdtuneError, load_state, read_metadata
+from sdtune.tiny import world
+from sdtune.train import logs, loop
+from sdtune.train.config import LoraSettings, load_settings
+from sdtune.train.lora import train_lora
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("prodigyopt")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(4, seed=3, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def settings(dataset, out, **kw):
+    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
+                    save_every=2, sample_every=0, report=False, progress=False)
+    return LoraSettings(**{**defaults, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at(at):
+    def callback(step, loss):
+        if step == at:
+            raise Stop()
+    return callback
+
+
+# what each optimizer keeps per tensor: its own state, so the run stepped with it (AdamW 8-bit's moments in bytes
+# where a tensor has at least min_8bit_size values)
+OWN_STATE = {
+    "adamw8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8),
+    "lion": ([], lambda s: "state1" in s and "state2" not in s),
+    "prodigy": ([], lambda s: {"s", "exp_avg", "exp_avg_sq", "p0"} <= s.keys()),
+    "adafactor": ([], lambda s: "exp_avg_sq_row" in s and "exp_avg_sq_col" in s),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_STATE))
+def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, dataset, tmp_path, name):
+    args, holds_own_state = OWN_STATE[name]
+    kw = dict(optimizer=name, optimizer_args=args, flip=True, lr_scheduler="cosine", lr_warmup_steps=1)
+    if name == "prodigy":
+        kw["lr"] = 1.0
+    whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=_stop_at(3))
+    state, _ = load_state(tmp_path / "cut" / loop.STATE_FILE)
+    assert state["step"] == 2
+    # (bitsandbytes keeps its tensors under one key of their own)
+    kept = [s.get("__bnb_optimizer_quant_state__", s) for s in state["optimizer"]["state"].values() if s]
+    assert kept and all(holds_own_state(s) for s in kept), sorted(kept[0])
+    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **kw))
+    a, b = load_lora(whole), load_lora(resumed)
+    assert [k for k, _, _ in a.items()] == [k for k, _, _ in b.items()]
+    for (_, path, x), (_, _, y) in zip(a.items(), b.items()):
+        assert torch.equal(x.tensors["down"], y.tensors["down"]) and torch.equal(x.tensors["up"], y.tensors["up"]), path
+    assert any(ad.tensors["up"].abs().max() > 0 for _, _, ad in a.items())  # it learned (up starts at zero)
+    said = read_metadata(whole)["ss_optimizer"]
+    cls = {"adamw8bit": "bitsandbytes.optim.AdamW8bit(", "lion": "bitsandbytes.optim.Lion(",
+           "prodigy": "prodigyopt.Prodigy(", "adafactor": "transformers.optimization.Adafactor("}[name]
+    assert said.startswith(cls + "weight_decay=0.01") and all(arg in said for arg in args), said
+
+
+def test_prodigy_takes_lr_1_unless_given_and_logs_the_step_size_it_found(base, dataset, tmp_path):
+    """Prodigy's learning rates are factors on the step size it finds (d): 1.0 unless the flag or file gives one
+    (a preset's 1e-4 would leave it still); the log's lr is the step it takes, d x lr."""
+    assert load_settings(None, {"optimizer": "prodigy"}, "lora").lr == 1.0
+    assert load_settings(None, {"optimizer": "prodigy"}, "lora").ti_lr == 1.0
+    assert load_settings(None, {"optimizer": "prodigy"}, "ti").lr == 1.0
+    assert load_settings(None, {"optimizer": "prodigy", "lr": 0.5}, "lora").lr == 0.5
+    toml = tmp_path / "run.toml"
+    toml.write_text('optimizer = "prodigy"\nlr = 0.25\n')
+    assert load_settings(toml, {}, "lora").lr == 0.25
+    assert load_settings(None, {"optimizer": "adamw"}, "lora").lr == 1e-4
+    out = tmp_path / "run"
+    s = load_settings(None, dict(data=str(dataset), out=str(out), optimizer="prodigy", steps=3, batch_size=2,
+                                 rank=4, alpha=4, sample_every=0, report=False, progress=False), "lora")
+    train_lora(base, s)
+    d = load_state(out / loop.STATE_FILE)[0]["optimizer"]["param_groups"][0]["d"]
+    assert d > 1e-6  # grew from Prodigy's d0
+    assert logs.read_csv(out / logs.CSV_FILE)[3]["lr"] == pytest.approx(d)
+
+
+def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch):
+    def refused(*flags):
+        code = main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out",
+                     str(tmp_path / "out"), "--steps", "1", "--no-progress", *flags])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "\n" not in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+        return err
+
+    assert "--optimizer 'adam': choose one of adamw, adamw8bit, lion, prodigy, adafactor" in refused(
+        "--optimizer", "adam")
+    err = refused("--optimizer", "prodigy", "--optimizer-args", "d_coeff=2")
+    assert "--optimizer-args 'd_coeff=2': Prodigy takes no 'd_coeff' (did you mean d_coef?); it takes betas, beta3" in err
+    assert "lr is set by --lr; use that" in refused("--optimizer-args", "lr=1")
+    assert "give each as key=value" in refused("--optimizer-args", "betas")
+    assert "--optimizer adamw8bit --optimizer-args betas=(0.9,): IndexError: " in refused(
+        "--optimizer", "adamw8bit", "--optimizer-args", "betas=(0.9,)")
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if it were not installed
+    assert "--optimizer prodigy needs prodigyopt, which is not installed" in refused("--optimizer", "prodigy")
+    assert "pip install prodigyopt, or choose another --optimizer" in refused("--optimizer", "prodigy")
+
+
+def test_a_run_resumes_only_with_its_own_optimizer(base, dataset, tmp_path):
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "out"), callback=_stop_at(3))
+    with pytest.raises(SdtuneError, match=r"other settings \(optimizer 'adamw' -> 'lion'\)"):
+        train_lora(base, settings(dataset, tmp_path / "out", optimizer="lion"))
