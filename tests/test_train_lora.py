@@ -13,14 +13,16 @@ from safetensors import safe_open
 
 from sdtune import families
 from sdtune.cli import main
+from sdtune.lora import algos
 from sdtune.lora.formats import load_lora
+from sdtune.lora.neutral import Adapter
 from sdtune.lora.patch import LoraSet
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train import lora as lora_train
 from sdtune.train.config import LoraSettings, load_settings
 from sdtune.train.data import scan_folder
-from sdtune.train.lora import LoraLayer, Network, kohya_clip_skip, te_targets, train_lora, unet_targets
+from sdtune.train.lora import Network, kohya_clip_skip, te_targets, train_lora, unet_targets
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +97,26 @@ def test_a_rank_above_every_layer_it_trains_is_refused_before_any_is_made(base, 
     assert len(err) == 1 and "--rank 100000: above the full rank of every layer it trains" in err[0]
 
 
-def test_lora_layer_starts_at_the_base_and_adds_its_delta():
+@pytest.mark.parametrize("algo, rank", [("lora", 2), ("loha", 2), ("lokr", 1), ("lokr", 4)])
+def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(algo, rank):
+    """The layer a run trains (LoRA's, or LoHa's and LoKr's, which build ΔW with the functions that apply a
+    file) gives, once trained, what the saved adapter applied to the layer gives; LoKr's w2 is split at a rank
+    below half its larger side, whole (scale 1) above."""
     g = torch.Generator().manual_seed(0)
     for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)):
-        lora = LoraLayer(layer, rank=2, alpha=1.0, dropout=0.0, generator=g)
+        trained = algos.get(algo).layer(layer, rank=rank, alpha=1.0, dropout=0.0, generator=g)
         x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 8, 8)
-        assert torch.equal(lora(x), layer(x))  # up starts at zero
+        assert torch.equal(trained(x), layer(x))  # one factor starts at zero
         with torch.no_grad():
-            lora.up.weight.normal_()
+            for p in trained.parts().values():
+                p.normal_(generator=g)
+        adapter = Adapter(algo, trained.tensors(), 1.0)
         merged = copy.deepcopy(layer)
         with torch.no_grad():
-            merged.weight += lora.adapter().delta(layer.weight.shape)
-        assert torch.allclose(lora(x), merged(x), atol=1e-5)
+            merged.weight += adapter.delta(layer.weight.shape)
+        assert torch.allclose(trained(x), merged(x), atol=1e-4)
+        if algo == "lokr":
+            assert ("w2" in adapter.tensors) == (rank == 4) and adapter.scale == (1.0 if rank == 4 else 1.0 / rank)
 
 
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):

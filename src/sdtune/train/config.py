@@ -28,6 +28,7 @@ from typing import get_args, get_origin, get_type_hints
 
 from .. import families
 from ..console import note
+from ..lora import algos
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
@@ -38,6 +39,7 @@ MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes mo
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
+LORA_ALGOS = ("lora", "loha", "lokr")  # the algorithms a run trains (each has a trainable layer)
 
 
 def _help(text: str, **kw):
@@ -214,6 +216,10 @@ class LoraSettings(TrainSettings):
 
     rank: int = 16
     alpha: float = 8.0
+    algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's: "
+                      "A1111, ComfyUI and sdtune load them, diffusers does not; --formats kohya)", default="lora")
+    lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
+                             "the width allows)", default=-1)
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
                          default="attn")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
@@ -282,6 +288,13 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
         for f in self.formats:
             _choice("formats", f, ("kohya", "diffusers"))
+        _choice("algo", self.algo, LORA_ALGOS)
+        if self.algo != "lora" and "diffusers" in self.formats:
+            raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
+                              f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
+                              f"--formats kohya")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
         self._check_pivotal()
         self._check_prior()
 

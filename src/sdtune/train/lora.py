@@ -38,7 +38,7 @@ from torch import nn
 
 from ..console import note
 from ..generate import read_layer
-from ..lora.algos import lora as algo_lora
+from ..lora import algos
 from ..lora.formats import sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -56,13 +56,6 @@ UNET_RESNET = re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_
 TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
 TE_LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
-
-
-class LoraLayer(algo_lora.LoraLayer):
-    """A frozen Linear/Conv2d plus a trainable low-rank branch (the plain LoRA algorithm's layer)."""
-
-    def adapter(self) -> Adapter:
-        return Adapter("lora", self.tensors(), float(self.alpha))
 
 
 def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
@@ -128,6 +121,13 @@ def _conv_rank(settings: LoraSettings) -> int:
     return settings.conv_rank or (settings.rank if settings.targets == "all" else 0)
 
 
+def _conv_alpha(settings: LoraSettings) -> float:
+    if settings.conv_alpha is not None:
+        return settings.conv_alpha
+    # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
+    return float(settings.conv_rank) if settings.conv_rank else settings.alpha
+
+
 def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.Module]], dict[str, nn.Module]]:
     """The layers a run trains, (component, path, module) each, and each component's root module; refused here
     when --exclude leaves a component none or a rank is above all of them."""
@@ -159,16 +159,14 @@ class Network:
     def __init__(self, base, settings: LoraSettings, plan=None):
         """``plan``: ``plan_layers(base, settings)`` where the run made it already (for its refusals)."""
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
-        conv_rank = _conv_rank(settings)
-        if settings.conv_alpha is not None:
-            conv_alpha = settings.conv_alpha
-        else:  # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
-            conv_alpha = float(conv_rank) if settings.conv_rank else settings.alpha
+        conv_rank, conv_alpha = _conv_rank(settings), _conv_alpha(settings)
         modules, self.roots = plan or plan_layers(base, settings)
-        self.layers: dict[tuple[str, str], LoraLayer] = {}
+        self.algo = algos.get(settings.algo)
+        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        self.layers: dict[tuple[str, str], nn.Module] = {}
         for comp, path, module in modules:
             rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
-            self.layers[(comp, path)] = LoraLayer(module, rank, alpha, settings.lora_dropout, g)
+            self.layers[(comp, path)] = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
 
     def inject(self) -> None:
         for (comp, path), layer in self.layers.items():
@@ -184,15 +182,15 @@ class Network:
         setattr(parent, child, module)
 
     def params(self, comp: str) -> list[nn.Parameter]:
-        return [p for (c, _), layer in self.layers.items() if c == comp for p in (layer.down.weight, layer.up.weight)]
+        return [p for (c, _), layer in self.layers.items() if c == comp for p in layer.parts().values()]
 
     def set_training(self, on: bool) -> None:
         for layer in self.layers.values():
             layer.dropout.train(on)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"{comp}:{path}.{part}": getattr(layer, part).weight.detach().cpu().clone()
-                for (comp, path), layer in self.layers.items() for part in ("down", "up")}
+        return {f"{comp}:{path}.{role}": p.detach().cpu().clone()
+                for (comp, path), layer in self.layers.items() for role, p in layer.parts().items()}
 
     def load_state(self, state: dict, source: Path) -> None:
         mine = self.state()
@@ -201,14 +199,14 @@ class Network:
                               f"changed); use the same settings, or another --out")
         with torch.no_grad():
             for (comp, path), layer in self.layers.items():
-                for part in ("down", "up"):
-                    getattr(layer, part).weight.copy_(state[f"{comp}:{path}.{part}"])
+                for role, p in layer.parts().items():
+                    p.copy_(state[f"{comp}:{path}.{role}"])
 
     def to_lora(self) -> Lora:
         lora = Lora(format="sdtune")
         for (comp, path), layer in self.layers.items():
             clean = text_path(path) if comp in TEXT_COMPONENTS else path
-            lora.modules[comp][clean] = layer.adapter()
+            lora.modules[comp][clean] = Adapter(self.algo.name, layer.tensors(), float(layer.alpha))
         return lora
 
 
@@ -300,10 +298,24 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
+    if settings.algo != "lora":
+        meta |= lycoris_network(settings)
     meta |= sampling_metadata(base.family, base.scheduler.config)
     if final:
         meta["ss_training_finished_at"] = str(time.time())
     return meta
+
+
+def lycoris_network(settings: LoraSettings) -> dict:
+    """A LoHa or LoKr run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose w2 is
+    whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's arguments."""
+    args = {"algo": settings.algo}
+    if _conv_rank(settings):
+        args |= {"conv_dim": str(_conv_rank(settings)), "conv_alpha": str(float(_conv_alpha(settings)))}
+    if settings.algo == "lokr":
+        args["factor"] = str(settings.lokr_factor)
+    return {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(settings.rank),
+            "ss_network_alpha": str(float(settings.alpha)), "ss_network_args": json.dumps(args)}
 
 
 def train_lora(base, settings: LoraSettings, callback=None) -> Path:

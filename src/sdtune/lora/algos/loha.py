@@ -6,7 +6,10 @@ reading: the same ΔW with the same rank.
 
 from __future__ import annotations
 
+import math
+
 from .base import Algorithm, Io, tucker_to_pair
+from .delta_layer import DeltaLayer, normal, zeros
 
 _FACTORS = {"w1a", "w1b", "w2a", "w2b"}
 
@@ -36,3 +39,16 @@ class Loha(Algorithm):
 
     def io(self, t):
         return Io(t["w1a"].shape[0], t["w1b"].flatten(1).shape[1], None)
+
+
+class LohaLayer(DeltaLayer):
+    """LoHa's trainable layer: w2a starts at zero (ΔW = 0), the others random, as LyCORIS starts them."""
+
+    algo = Loha()
+
+    def shapes_and_inits(self, shape, rank, **options):
+        out, inner = shape[0], math.prod(shape[1:])  # a conv's b factors span its input and kernel
+        return {"w1a": ((out, rank), normal(0.1)), "w1b": ((rank, inner), normal(1.0)),
+                "w2a": ((out, rank), zeros), "w2b": ((rank, inner), normal(1.0))}
+
+Loha.layer = LohaLayer  # (the layer needs the algorithm first)

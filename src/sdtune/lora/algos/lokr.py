@@ -6,9 +6,12 @@ A Tucker ``lokr_t2`` core is folded into ``w2a``/``w2b`` on reading (same ΔW, s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import Algorithm, Io, flat_inner, kernel_of, tucker_to_pair
+from .delta_layer import DeltaLayer, kaiming, zeros
 
 _SPLITS = ("w1b", "w2b")
 
@@ -56,3 +59,34 @@ class Lokr(Algorithm):
             return Io(w1[0] * w2.shape[0], w1[1] * flat_inner(w2), kernel_of(w2))
         return Io(w1[0] * t["w2a"].shape[0], w1[1] * flat_inner(t["w2b"]), None)
 
+
+
+def split(dim: int, factor: int = -1) -> tuple[int, int]:
+    """``dim`` as m · n with m <= n: m the largest divisor up to sqrt(dim) (and up to ``factor`` when it is
+    positive; a ``factor`` that divides ``dim`` is taken as it is), as LyCORIS factorises a LoKr layer."""
+    if factor > 0 and dim % factor == 0:
+        m, n = sorted((factor, dim // factor))
+        return m, n
+    limit = math.isqrt(dim) if factor <= 0 else min(math.isqrt(dim), factor)
+    m = max(d for d in range(1, limit + 1) if dim % d == 0)
+    return m, dim // m
+
+
+class LokrLayer(DeltaLayer):
+    """LoKr's trainable layer, shaped as LyCORIS shapes it: a whole w1 over the small factors of the output and
+    input widths, and w2 over the large ones, split into w2a @ w2b at ``rank`` unless the rank is at least half
+    of w2's larger side (then whole, and the scale is 1). The part of w2 that starts at zero makes ΔW = 0."""
+
+    algo = Lokr()
+
+    def shapes_and_inits(self, shape, rank, factor: int = -1):
+        (out_small, out_large), (in_small, in_large) = split(shape[0], factor), split(shape[1], factor)
+        kernel = tuple(shape[2:])
+        roles = {"w1": ((out_small, in_small), kaiming)}
+        if rank < max(out_large, in_large) / 2:
+            roles |= {"w2a": ((out_large, rank), kaiming), "w2b": ((rank, in_large * math.prod(kernel)), zeros)}
+        else:
+            roles["w2"] = ((out_large, in_large, *kernel), zeros)
+        return roles
+
+Lokr.layer = LokrLayer  # (the layer needs the algorithm first)

@@ -56,6 +56,10 @@ class LoraLayer(nn.Module):
         branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
         return y.add(branch.to(y.dtype), alpha=self.scale)
 
+    def parts(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by role (what the optimizer steps and a resume state keeps)."""
+        return {"down": self.down.weight, "up": self.up.weight}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The learned factors as the adapter's roles (float32, on the CPU, detached copies)."""
         return {"down": self.down.weight.detach().float().cpu().clone(),

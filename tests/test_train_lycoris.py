@@ -1,0 +1,85 @@
+"""--algo loha | lokr: LyCORIS's LoHa and LoKr trained, saved in LyCORIS's kohya layout (A1111, ComfyUI and
+sdtune read it), resumed exactly; the layers themselves are checked against the file's ΔW in test_train_lora."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdtune.cli import main
+from sdtune.lora.algos.lokr import split
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import load_state, read_metadata
+from sdtune.tiny import world
+from sdtune.train import loop
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(4, seed=5, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def train(dataset, out, *flags):
+    return main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out), "--steps", "4",
+                 "--batch-size", "2", "--rank", "4", "--alpha", "2", "--lr", "1e-2", "--targets", "all",
+                 "--conv-rank", "2", "--text-encoder", "--save-every", "2", "--no-report", "--no-progress", *flags])
+
+
+def test_split_factorises_widths_as_lycoris_does():
+    # LyCORIS's own table (factorization's docstring), and a factor that divides the width taken as it is
+    assert [split(d) for d in (127, 128, 250, 512, 1024)] == [(1, 127), (8, 16), (10, 25), (16, 32), (32, 32)]
+    assert [split(d, 4) for d in (127, 128, 250, 512)] == [(1, 127), (4, 32), (2, 125), (4, 128)]
+    assert [split(d, 8) for d in (250, 360, 1024)] == [(5, 50), (8, 45), (8, 128)]
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_lycoris_run_saves_its_layout_and_resumes_to_the_uninterrupted_weights(dataset, tmp_path, algo):
+    assert train(dataset, tmp_path / "whole", "--algo", algo) == 0
+    path = tmp_path / "whole" / "lora.safetensors"
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    suffixes = {k.split(".", 1)[1] for k in keys}
+    want = {"loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+            "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}}[algo]
+    assert suffixes == want, suffixes  # (LoKr: w2 split on the wide layers, whole on the narrow ones)
+    assert {k.split("_", 2)[1] for k in keys} == {"unet", "te"}  # lora_unet_..., lora_te_...
+    meta = read_metadata(path)
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_network_dim"] == "4"
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == algo and args["conv_dim"] == "2" and args.get("factor", "-1") == "-1"
+    lora = load_lora(path)
+    assert {ad.kind for _, _, ad in lora.items()} == {algo}
+    learned = [ad.delta((ad.io().out, ad.io().inner)).abs().max() for _, _, ad in lora.items()]
+    assert all(d > 0 for d in learned)  # every layer moved from the base (its zero factor trained)
+
+    cut = tmp_path / "cut"
+    assert train(dataset, cut, "--algo", algo, "--steps", "2") == 0  # the first half, then the whole run again
+    state, _ = load_state(cut / loop.STATE_FILE)
+    assert state["step"] == 2 and any(k.endswith(".w1a" if algo == "loha" else ".w1") for k in state["trainable"])
+    assert train(dataset, cut, "--algo", algo) == 0
+    resumed = load_lora(cut / "lora.safetensors")
+    for (comp, p, a), (_, _, b) in zip(lora.items(), resumed.items(), strict=True):
+        assert a.tensors.keys() == b.tensors.keys()
+        assert all(torch.equal(a.tensors[r], b.tensors[r]) for r in a.tensors), (comp, p)
+
+
+def test_lokr_factor_shapes_the_small_factor(dataset, tmp_path):
+    assert train(dataset, tmp_path, "--algo", "lokr", "--lokr-factor", "4", "--steps", "1") == 0
+    lora = load_lora(tmp_path / "lora.safetensors")
+    for _, path, ad in lora.items():
+        out, inner = ad.tensors["w1"].shape
+        assert out <= 4 and inner <= 4, (path, ad.tensors["w1"].shape)
+    assert json.loads(read_metadata(tmp_path / "lora.safetensors")["ss_network_args"])["factor"] == "4"
+
+
+def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
+    for flags, said in ((["--algo", "loha", "--formats", "kohya", "diffusers"],
+                         "--algo loha --formats diffusers: diffusers has no layout for LyCORIS's LoHa"),
+                        (["--algo", "lokr", "--lokr-factor", "0"], "--lokr-factor 0: must be -1"),
+                        (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr")):
+        assert train(dataset, tmp_path / "out", *flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and said in err, err
+        assert not (tmp_path / "out").exists()
