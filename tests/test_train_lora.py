@@ -115,6 +115,10 @@ def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(
         with torch.no_grad():
             merged.weight += adapter.delta(layer.weight.shape)
         assert torch.allclose(trained(x), merged(x), atol=1e-4)
+        if algo != "lora":  # with dropout (off here: eval mode) the change is a product of its own
+            dropping = algos.get(algo).layer(layer, rank=rank, alpha=1.0, dropout=0.3, generator=g).eval()
+            dropping.load_state_dict(trained.state_dict())
+            assert torch.allclose(dropping(x), merged(x), atol=1e-4)
         if algo == "lokr":
             assert ("w2" in adapter.tensors) == (rank == 4) and adapter.scale == (1.0 if rank == 4 else 1.0 / rank)
 

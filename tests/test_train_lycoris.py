@@ -10,6 +10,8 @@ from safetensors import safe_open
 from sdtune.cli import main
 from sdtune.lora.algos.lokr import split
 from sdtune.lora.formats import load_lora
+from sdtune.lora.patch import LoraSet
+from sdtune.models import load_base
 from sdtune.safeio import load_state, read_metadata
 from sdtune.tiny import world
 from sdtune.train import loop
@@ -83,3 +85,24 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and said in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_an_sdxl_lokr_writes_both_encoders_keys_and_applies_to_every_layer(dataset, tmp_path):
+    assert main(["train", "lora", "--model", "tiny-xl-random", "--data", str(dataset), "--out", str(tmp_path),
+                 "--steps", "1", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--algo", "lokr", "--text-encoder", "--no-report",
+                 "--no-progress"]) == 0
+    path = tmp_path / "lora.safetensors"
+    with safe_open(path, "pt") as f:
+        assert {k.split("_", 2)[1] for k in f.keys()} == {"unet", "te1", "te2"}  # lora_unet_, lora_te1_, lora_te2_
+    assert read_metadata(path)["ss_base_model_version"] == "sdxl_base_v1-0"
+    base = load_base("tiny-xl-random")
+    before = {c: {k: v.clone() for k, v in getattr(base, c).state_dict().items()}
+              for c in ("unet", "text_encoder", "text_encoder_2")}
+    loras = LoraSet.attach(base)
+    try:
+        loras.add("x", path, 1.0)  # every module of the file matched a layer (else it is refused)
+        for comp, weights in before.items():
+            now = getattr(base, comp).state_dict()
+            assert any(not torch.equal(now[k], v) for k, v in weights.items()), comp
+    finally:
+        loras.detach()

@@ -29,7 +29,8 @@ class DeltaLayer(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
                  **options):
         super().__init__()
-        if not isinstance(base, (nn.Linear, nn.Conv2d)) or getattr(base, "groups", 1) != 1:
+        if not isinstance(base, (nn.Linear, nn.Conv2d)) or getattr(base, "groups", 1) != 1 \
+                or getattr(base, "padding_mode", "zeros") != "zeros":
             raise SdtuneError(f"{self.algo.label} trains on linear and (ungrouped) convolution layers only")
         self.base, self.rank, self.alpha = base, rank, alpha
         w = base.weight
@@ -46,15 +47,21 @@ class DeltaLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x, *args, **kwargs):
-        y = self.base(x)
-        delta = (self.algo.delta(dict(self.factors)) * self.scale).reshape(self.base.weight.shape)
-        x = self.dropout(x.to(delta.dtype))
-        if isinstance(self.base, nn.Conv2d):
-            b = self.base
-            branch = F.conv2d(x, delta, None, b.stride, b.padding, b.dilation)
-        else:
-            branch = F.linear(x, delta)
-        return y + branch.to(y.dtype)
+        b = self.base
+        delta = (self.algo.delta(dict(self.factors)) * self.scale).reshape(b.weight.shape)
+        if isinstance(self.dropout, nn.Identity):
+            # one product with W + ΔW, as LyCORIS computes it: half the work of W x plus ΔW x, the same gradients
+            weight = b.weight.to(delta.dtype) + delta
+            bias = None if b.bias is None else b.bias.to(delta.dtype)
+            return self._op(x.to(delta.dtype), weight, bias).to(x.dtype)
+        y = b(x)  # dropout acts on the change's input only: two products
+        return y + self._op(self.dropout(x.to(delta.dtype)), delta, None).to(y.dtype)
+
+    def _op(self, x, weight, bias):
+        b = self.base
+        if isinstance(b, nn.Conv2d):
+            return F.conv2d(x, weight, bias, b.stride, b.padding, b.dilation)
+        return F.linear(x, weight, bias)
 
     def parts(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by role (what the optimizer steps and a resume state keeps)."""
