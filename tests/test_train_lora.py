@@ -268,3 +268,30 @@ def test_a_run_on_a_model_with_loras_merged_says_so(base, dataset, tmp_path):
             train_lora(base, settings(dataset, tmp_path / "second", steps=1, sample_every=0, report=False))
     finally:
         base.loras.remove_all()
+
+
+def test_save_precision_writes_the_same_weights_in_half_the_bytes(base, dataset, tmp_path):
+    """--save-precision fp16/bf16 (kohya's --save_precision): the files hold the fp32 run's weights rounded, training
+    and its resume state unchanged; it may change when a run resumes; a value past fp16's range is one line."""
+    runs = {p: train_lora(base, settings(dataset, tmp_path / p, save_precision=p, report=False, sample_every=0))
+            for p in ("fp32", "fp16", "bf16")}
+    with safe_open(runs["fp32"], "pt") as full, safe_open(runs["fp16"], "pt") as half, \
+            safe_open(runs["bf16"], "pt") as brain:
+        assert full.keys() == half.keys() == brain.keys()
+        values = 0
+        for key in full.keys():
+            if key.endswith(".alpha"):
+                continue
+            values += full.get_tensor(key).numel()
+            assert half.get_tensor(key).dtype == torch.float16 and brain.get_tensor(key).dtype == torch.bfloat16
+            assert torch.equal(half.get_tensor(key), full.get_tensor(key).half()), key
+            assert torch.equal(brain.get_tensor(key), full.get_tensor(key).bfloat16()), key
+    assert runs["fp32"].stat().st_size - runs["fp16"].stat().st_size >= 2 * values - 64  # 2 bytes a value fewer
+    assert load_settings(runs["fp16"], kind="lora").save_precision == "fp16"  # in the file's own settings
+    network = Network(base, settings(dataset, tmp_path / "x"))
+    (comp, path), layer = next(iter(network.layers.items()))
+    with torch.no_grad():
+        layer.up.weight.fill_(1e6)
+    with pytest.raises(SdtuneError, match=rf"^--save-precision fp16: {comp}\.{re.escape(path)} holds values past"):
+        network.to_lora("fp16")
+    assert network.to_lora("bf16").modules[comp][path].tensors["up"].dtype == torch.bfloat16

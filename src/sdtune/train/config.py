@@ -38,6 +38,7 @@ MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes mo
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
 LORA_ALGOS = ("lora", "loha", "lokr")  # the algorithms a run trains (each has a trainable layer)
 
@@ -234,6 +235,9 @@ class LoraSettings(TrainSettings):
     lora_dropout: float = 0.0
     name: str = _help("output file name (without .safetensors)", default="lora")
     formats: list[str] = _help("kohya and/or diffusers", default_factory=lambda: ["kohya"])
+    save_precision: str = _help("fp32 | fp16 | bf16: the saved files' weights (kohya's --save_precision; fp16 halves "
+                                "the file, as most shared LoRAs are); training and its resume state stay fp32",
+                                default="fp32")
     steps: int = 1000
     lr: float = 1e-4
     ti_token: str = _help("pivotal tuning: also train this new word (e.g. '<my-dog>') with the LoRA; put it in "
@@ -288,6 +292,7 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--name {self.name!r}: must be a plain file name")
         for f in self.formats:
             _choice("formats", f, ("kohya", "diffusers"))
+        _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
         _choice("algo", self.algo, LORA_ALGOS)
         if self.algo != "lora" and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "

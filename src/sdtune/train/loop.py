@@ -68,7 +68,7 @@ SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
                      "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
-                     "preset", "validation_every", "report"}
+                     "preset", "validation_every", "report", "save_precision"}
 
 
 @dataclass

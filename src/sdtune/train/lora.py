@@ -58,6 +58,9 @@ TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
 TE_LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --save-precision
+
+
 def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
     """Module paths of the UNet layers that get a LoRA."""
     found = []
@@ -202,11 +205,19 @@ class Network:
                 for role, p in layer.parts().items():
                     p.copy_(state[f"{comp}:{path}.{role}"])
 
-    def to_lora(self) -> Lora:
+    def to_lora(self, precision: str = "fp32") -> Lora:
+        """The trained adapters, their tensors in ``precision`` (--save-precision); one line where a value is
+        past fp16's range (the run's state, in fp32, is not touched by it)."""
+        dtype = SAVE_DTYPES[precision]
         lora = Lora(format="sdtune")
         for (comp, path), layer in self.layers.items():
             clean = text_path(path) if comp in TEXT_COMPONENTS else path
-            lora.modules[comp][clean] = Adapter(self.algo.name, layer.tensors(), float(layer.alpha))
+            tensors = {role: t.to(dtype) for role, t in layer.tensors().items()}
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise SdtuneError(f"--save-precision {precision}: {comp}.{clean} holds values past its range "
+                                  f"(fp16: 65504); rerun with --save-precision bf16 or fp32 to save from the last "
+                                  f"saved step")
+            lora.modules[comp][clean] = Adapter(self.algo.name, tensors, float(layer.alpha))
         return lora
 
 
@@ -361,7 +372,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
         groups.append(pivot.param_group())
 
     def save(step: int, final: bool) -> list[Path]:
-        lora = network.to_lora()
+        lora = network.to_lora(settings.save_precision)
         meta = kohya_metadata(settings, base, data, job, step, started, final)
         if prior is not None:
             meta["ss_num_reg_images"] = str(len(prior))

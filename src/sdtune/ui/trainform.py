@@ -23,7 +23,8 @@ MANAGED = ("out", "model", "progress", "resume")
 BASIC = ("data", "token", "init_token", "name", "steps", "lr", "batch_size", "rank", "alpha", "targets",
          "text_encoder", "num_vectors", "sample_every", "sample_prompts", "save_every", "seed")
 # settings whose allowed values config.py names as a constant
-CHOICES = {"lr_scheduler": config.SCHEDULES, "optimizer": tuple(optimizers.OPTIMIZERS), "algo": config.LORA_ALGOS, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
+CHOICES = {"lr_scheduler": config.SCHEDULES, "optimizer": tuple(optimizers.OPTIMIZERS), "algo": config.LORA_ALGOS,
+           "save_precision": config.SAVE_PRECISIONS, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
            "preset": ("", *dict.fromkeys(name for table in presets.PRESETS.values() for name in table))}
 
 
