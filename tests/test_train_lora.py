@@ -295,3 +295,43 @@ def test_save_precision_writes_the_same_weights_in_half_the_bytes(base, dataset,
     with pytest.raises(SdtuneError, match=rf"^--save-precision fp16: {comp}\.{re.escape(path)} holds values past"):
         network.to_lora("fp16")
     assert network.to_lora("bf16").modules[comp][path].tensors["up"].dtype == torch.bfloat16
+
+
+def test_network_weights_start_the_run_from_a_file_with_its_own_ranks(base, dataset, tmp_path):
+    """--network-weights (kohya's --network_weights): the run starts from the file's factors, each layer at the
+    file's rank and alpha; layers the run trains that the file lacks start fresh (said); the file's layers the run
+    does not train, or adapters of another algorithm, are one line."""
+    first = train_lora(base, settings(dataset, tmp_path / "a", rank=2, alpha=1, text_encoder=True, report=False,
+                                      sample_every=0))
+    saved = load_lora(first)
+    network = Network(base, settings(dataset, tmp_path / "b", rank=8, alpha=8, text_encoder=True,
+                                     network_weights=str(first)))
+    started = network.to_lora()
+    assert {(c, p) for c, p, _ in started.items()} == {(c, p) for c, p, _ in saved.items()}
+    for comp, path, ad in saved.items():
+        now = started.modules[comp][path]
+        assert now.rank == 2 and now.alpha == 1.0, (comp, path)
+        assert all(torch.equal(now.tensors[r], ad.tensors[r]) for r in ("down", "up")), (comp, path)
+    # continued through the command line: more layers than the file has (attn+ff), the new ones fresh
+    with pytest.warns(UserWarning, match=rf"^--network-weights {re.escape(str(first))}: \d+ of the \d+ layers this "
+                                         rf"run trains are not in it; they start fresh$"):
+        assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "c"),
+                     "--steps", "1", "--rank", "2", "--alpha", "1", "--targets", "attn+ff", "--text-encoder",
+                     "--network-weights", str(first), "--no-report", "--no-progress"]) == 0
+    assert load_settings(tmp_path / "c" / "lora.safetensors", kind="lora").network_weights == str(first)
+    with pytest.raises(SdtuneError, match=r"layers are not ones this run trains \(e\.g\. text_encoder\..*--text-enc"):
+        Network(base, settings(dataset, tmp_path / "d", network_weights=str(first)))  # the file's text layers
+    with pytest.raises(SdtuneError, match=r"holds LoRA adapters, and this run trains LoKr \(--algo lokr\); give"):
+        Network(base, settings(dataset, tmp_path / "e", text_encoder=True, algo="lokr", network_weights=str(first)))
+
+
+def test_network_weights_continue_a_lokr_with_its_own_shapes(base, dataset, tmp_path):
+    first = train_lora(base, settings(dataset, tmp_path / "a", algo="lokr", lokr_factor=4, rank=2, report=False,
+                                      sample_every=0))
+    saved = load_lora(first)
+    started = Network(base, settings(dataset, tmp_path / "b", algo="lokr", rank=8,
+                                     network_weights=str(first))).to_lora()  # other factor and rank: the file's
+    for comp, path, ad in saved.items():
+        now = started.modules[comp][path]
+        assert now.tensors.keys() == ad.tensors.keys() and now.scale == ad.scale, (comp, path)
+        assert all(torch.equal(now.tensors[r], ad.tensors[r]) for r in ad.tensors), (comp, path)

@@ -221,6 +221,8 @@ class LoraSettings(TrainSettings):
                       "A1111, ComfyUI and sdtune load them, diffusers does not; --formats kohya)", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
+    network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
+                                 "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
                          default="attn")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
@@ -293,6 +295,8 @@ class LoraSettings(TrainSettings):
         for f in self.formats:
             _choice("formats", f, ("kohya", "diffusers"))
         _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
+        if self.network_weights:
+            input_path(self.network_weights, "LoRA file", "--network-weights")
         _choice("algo", self.algo, LORA_ALGOS)
         if self.algo != "lora" and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "

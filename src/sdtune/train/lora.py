@@ -39,9 +39,10 @@ from torch import nn
 from ..console import note
 from ..generate import read_layer
 from ..lora import algos
-from ..lora.formats import sampling_metadata, save_lora
+from ..lora.formats import load_lora, sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
+from ..lora.patch import check_fit
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, optimizers, report, validation
@@ -59,6 +60,16 @@ TE_LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
 
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --save-precision
+
+
+def _label(algo) -> str:
+    """An algorithm as users name it (LoRA, LoKr, DoRA...)."""
+    return algo.label or ("LoRA" if algo.name == "lora" else algo.name)
+
+
+def _neutral(comp: str, path: str) -> tuple[str, str]:
+    """A layer's key as a LoRA file's neutral form names it (text encoders without ``text_model.``)."""
+    return comp, text_path(path) if comp in TEXT_COMPONENTS else path
 
 
 def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
@@ -166,10 +177,48 @@ class Network:
         modules, self.roots = plan or plan_layers(base, settings)
         self.algo = algos.get(settings.algo)
         options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
         self.layers: dict[tuple[str, str], nn.Module] = {}
         for comp, path, module in modules:
             rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
-            self.layers[(comp, path)] = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
+            given = start.get(_neutral(comp, path))
+            if given is not None:  # the file's own rank and alpha (kohya's --dim_from_weights)
+                rank = given.rank or rank
+                alpha = given.alpha if given.alpha is not None else float(rank)
+            layer = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
+            if given is not None:
+                layer.take(given.tensors)
+            self.layers[(comp, path)] = layer
+
+    def _starting_weights(self, base, settings: LoraSettings, modules) -> dict[tuple[str, str], Adapter]:
+        """--network-weights: the file's adapters by layer, each of this run's algorithm and on a layer it trains
+        (anything else is one line: a layer left out would be lost from what the run continues)."""
+        source = settings.network_weights
+        model = {"unet": base.unet, **{te.component: m for te, m, _ in base.text_encoders()}}
+        lora = load_lora(source, model_keys=model)
+        adapters = check_fit(lora, model, allow_partial=False, source=source)
+        other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind != self.algo.name})
+        if other or any("mid" in ad.tensors for ad in adapters.values()):
+            held = ", ".join(other) or "LoCon with Tucker cores"
+            raise SdtuneError(f"--network-weights {source}: holds {held} adapters, and this run trains "
+                              f"{_label(self.algo)} (--algo {settings.algo}); give the --algo it was "
+                              f"trained with (lora, loha or lokr)")
+        trained = {_neutral(comp, path): module for comp, path, module in modules}
+        outside = [key for key in adapters if key not in trained]
+        if outside:
+            comps = {comp for comp, _ in outside}
+            hint = "--text-encoder" if comps & set(TEXT_COMPONENTS) and not settings.text_encoder else \
+                "--targets attn+ff or all (all: the resnet convolutions too)"
+            raise SdtuneError(f"--network-weights {source}: {len(outside)} of its layers are not ones this run "
+                              f"trains (e.g. {'.'.join(outside[0])}); train them too ({hint}), or drop --exclude")
+        fresh = len(trained) - len(adapters)
+        if fresh:
+            note(f"--network-weights {source}: {fresh} of the {len(trained)} layers this run trains are not in it; "
+                 f"they start fresh")
+        if lora.embeddings:
+            note(f"--network-weights {source}: its embeddings ({', '.join(lora.embeddings)}) are not used; "
+                 f"continue one with --ti-token and --ti-init")
+        return adapters
 
     def inject(self) -> None:
         for (comp, path), layer in self.layers.items():
@@ -211,7 +260,7 @@ class Network:
         dtype = SAVE_DTYPES[precision]
         lora = Lora(format="sdtune")
         for (comp, path), layer in self.layers.items():
-            clean = text_path(path) if comp in TEXT_COMPONENTS else path
+            _, clean = _neutral(comp, path)
             tensors = {role: t.to(dtype) for role, t in layer.tensors().items()}
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 raise SdtuneError(f"--save-precision {precision}: {comp}.{clean} holds values past its range "
@@ -355,12 +404,12 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
     plan = plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
+    network = Network(base, settings, plan)  # (made, not yet in the model), --network-weights' refusals too
     data = training_set(base, settings, scan, templates=None)
     checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
     prior = prior_set(base, settings)
-    network = Network(base, settings, plan)
     groups = [{"params": network.params("unet"), "lr": settings.lr, "name": "unet"}]
     if settings.text_encoder:
         groups += [{"params": network.params(te.component), "lr": lr, "name": te.component}

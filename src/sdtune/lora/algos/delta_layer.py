@@ -63,6 +63,13 @@ class DeltaLayer(nn.Module):
             return F.conv2d(x, weight, bias, b.stride, b.padding, b.dilation)
         return F.linear(x, weight, bias)
 
+    def take(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Start from an adapter's factors instead of the fresh ones (their shapes may differ: a LoKr's split)."""
+        device = self.base.weight.device
+        self.factors = nn.ParameterDict({role: nn.Parameter(t.detach().float().clone().to(device))
+                                         for role, t in tensors.items()})
+        self.scale = self.algo.scale(dict(self.factors), self.alpha)
+
     def parts(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by role (what the optimizer steps and a resume state keeps)."""
         return dict(self.factors)

@@ -56,6 +56,12 @@ class LoraLayer(nn.Module):
         branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
         return y.add(branch.to(y.dtype), alpha=self.scale)
 
+    def take(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Start from an adapter's factors (of this layer's rank) instead of the fresh ones."""
+        with torch.no_grad():
+            self.down.weight.copy_(tensors["down"].reshape(self.down.weight.shape))
+            self.up.weight.copy_(tensors["up"].reshape(self.up.weight.shape))
+
     def parts(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by role (what the optimizer steps and a resume state keeps)."""
         return {"down": self.down.weight, "up": self.up.weight}
