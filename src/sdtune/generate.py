@@ -112,6 +112,16 @@ def make_scheduler(name: str, base_scheduler):
     return cls.from_config(base_scheduler.config, **extra)
 
 
+def sampling_steps(name: str, scheduler, steps: int) -> dict:
+    """The pipeline's step arguments for sampler ``name``: ``num_inference_steps``, or for DPM++ 2M on
+    k-diffusion's levels the timesteps themselves. A1111's (Uniform) DPM++ 2M steps through t = linspace(999, 0):
+    its last level before 0 is sigma(0) = 0.03, where diffusers' linspace spacing stops at t = 50 (sigma 0.22)."""
+    if name != "dpmpp_2m" or scheduler.config.get("timestep_spacing") != "linspace":
+        return {"num_inference_steps": steps}
+    last = scheduler.config.num_train_timesteps - 1  # (DPMSolver takes whole timesteps: the nearest ones)
+    return {"timesteps": np.linspace(last, 0, steps).round().astype(np.int64).tolist()}
+
+
 @dataclass
 class Generated:
     image: Image.Image
@@ -450,7 +460,7 @@ def generate(
             prompt_embeds=cond.hidden,
             negative_prompt_embeds=uncond.hidden,
             **(pooled if base.family.pooled_and_time_ids else {}),
-            num_inference_steps=steps,
+            **sampling_steps(scheduler, pipe.scheduler, steps),
             guidance_scale=guidance,
             latents=latents,
             generator=gens,
