@@ -33,6 +33,7 @@ from .families import Family, TextEncoder
 from .families.build import TEXT_CLASSES, build_parts
 from .lora.patch import LoraSet
 from .safeio import (
+    ST_DTYPES,
     SdtuneError,
     atomic_folder,
     atomic_save_safetensors,
@@ -533,10 +534,9 @@ def file_configs(family: Family, metadata: dict, path: Path, keys=(), probe: tor
     return configs
 
 
-# safetensors' dtype names -> torch's
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+# safetensors' dtype names -> torch's, as names: the ones sdtune reads itself, and fp8 (a header is only described)
+_ST_DTYPES = {name: str(dtype).removeprefix("torch.") for name, dtype in ST_DTYPES.items()} | \
+    {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _checkpoint_header(path: Path) -> tuple[dict[str, tuple[str, tuple]], dict]:
