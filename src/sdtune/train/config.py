@@ -40,7 +40,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
-LORA_ALGOS = ("lora", "loha", "lokr")  # the algorithms a run trains (each has a trainable layer)
+LORA_ALGOS = ("lora", "loha", "lokr", "dora")  # the algorithms a run trains (each has a trainable layer)
 
 
 def _help(text: str, **kw):
@@ -217,8 +217,9 @@ class LoraSettings(TrainSettings):
 
     rank: int = 16
     alpha: float = 8.0
-    algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's: "
-                      "A1111, ComfyUI and sdtune load them, diffusers does not; --formats kohya)", default="lora")
+    algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's) | "
+                      "dora (LoRA with a learned magnitude per input column, kohya's DoRA): A1111, ComfyUI and "
+                      "sdtune load all four, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
@@ -298,10 +299,17 @@ class LoraSettings(TrainSettings):
         if self.network_weights:
             input_path(self.network_weights, "LoRA file", "--network-weights")
         _choice("algo", self.algo, LORA_ALGOS)
-        if self.algo != "lora" and "diffusers" in self.formats:
+        if self.algo == "dora" and "diffusers" in self.formats:  # diffusers reads PEFT's per-row magnitude only
+            raise SdtuneError("--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input "
+                              "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
+                              "(PEFT's is per output row); use --formats kohya")
+        if self.algo in ("loha", "lokr") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
                               f"--formats kohya")
+        if self.algo == "dora" and self.lora_dropout:
+            raise SdtuneError(f"--algo dora --lora-dropout {self.lora_dropout}: DoRA computes with the whole "
+                              f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
         self._check_pivotal()

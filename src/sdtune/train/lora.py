@@ -187,7 +187,10 @@ class Network:
                 alpha = given.alpha if given.alpha is not None else float(rank)
             layer = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
             if given is not None:
-                layer.take(given.tensors)
+                try:
+                    layer.take(given.tensors)
+                except SdtuneError as e:
+                    raise SdtuneError(f"--network-weights {settings.network_weights}: {e}") from None
             self.layers[(comp, path)] = layer
 
     def _starting_weights(self, base, settings: LoraSettings, modules) -> dict[tuple[str, str], Adapter]:
@@ -367,9 +370,11 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
 
 
 def lycoris_network(settings: LoraSettings) -> dict:
-    """A LoHa or LoKr run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose w2 is
-    whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's arguments."""
-    args = {"algo": settings.algo}
+    """A LoHa, LoKr or DoRA run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose
+    w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
+    arguments."""
+    algo = algos.get(settings.algo)
+    args = {"algo": algo.network_algo or "locon", **algo.network_args}  # DoRA: a LoCon with dora_wd
     if _conv_rank(settings):
         args |= {"conv_dim": str(_conv_rank(settings)), "conv_alpha": str(float(_conv_alpha(settings)))}
     if settings.algo == "lokr":

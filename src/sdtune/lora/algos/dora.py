@@ -24,12 +24,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ...safeio import SdtuneError
 from .base import Algorithm, DiffusersRole
 from .loha import Loha
 from .lokr import Lokr
-from .lora import Lora, fold_mid
+from .lora import Lora, LoraLayer, fold_mid
 
 _LORA = Lora()
 
@@ -164,3 +166,51 @@ def _scale_axis(scale: torch.Tensor, out: int, inner: int) -> str | None:
     if len(shape) >= 2 and shape[0] == out and all(d == 1 for d in shape[1:]):
         return "row"
     return None
+
+
+_DORA = Dora()
+
+
+class DoraLayer(LoraLayer):
+    """DoRA's trainable layer, in kohya's form (what A1111, ComfyUI and LyCORIS read): LoRA's factors plus a learned
+    ``dora_scale``, one per input column, the layer computing with W_dora (``Dora.merged``, the function that
+    applies a saved file) in one product. PEFT's form (a magnitude per output row) is another function of the same
+    factors, which A1111 would misread; diffusers reads only that one. The scale starts at W0's column norms plus
+    the eps the form adds to them, so that W_dora = W0 exactly at the start; the norm is not detached, as LyCORIS
+    trains it (PEFT detaches it, a memory saving that changes the gradient)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        if dropout:
+            raise SdtuneError("DoRA computes with the whole weight, which takes no dropout on the LoRA's input; "
+                              "use --lora-dropout 0")
+        super().__init__(base, rank, alpha, dropout, generator)
+        w = base.weight.detach().float()
+        columns = (0, *range(2, w.dim()))  # the norm over the output rows (and the kernel): one per input column
+        self.dora_scale = nn.Parameter(torch.linalg.vector_norm(w, dim=columns, keepdim=True)
+                                       + torch.finfo(torch.float32).eps)
+
+    def forward(self, x, *args, **kwargs):
+        b = self.base
+        weight = _DORA.merged(b.weight.float(), self.parts(), self.scale)
+        bias = None if b.bias is None else b.bias.float()
+        x = x.to(weight.dtype)
+        if isinstance(b, nn.Conv2d):
+            return F.conv2d(x, weight, bias, b.stride, b.padding, b.dilation)
+        return F.linear(x, weight, bias)
+
+    def take(self, tensors):
+        if "dora_scale" not in tensors:  # PEFT's per-row magnitude: another function of the same factors
+            raise SdtuneError("its DoRA magnitude is PEFT's, per output row; sdtune trains kohya's, per input column")
+        super().take(tensors)
+        with torch.no_grad():
+            self.dora_scale.copy_(tensors["dora_scale"].reshape(self.dora_scale.shape))
+
+    def parts(self):
+        return {**super().parts(), "dora_scale": self.dora_scale}
+
+    def tensors(self):
+        return {**super().tensors(), "dora_scale": self.dora_scale.detach().float().cpu().clone()}
+
+
+Dora.layer = DoraLayer  # (the layer needs the algorithm first)
+DoraLoha.layer = None  # (LyCORIS's LoHa/LoKr with dora_wd are read, not trained)
