@@ -325,11 +325,12 @@ def test_network_weights_start_the_run_from_a_file_with_its_own_ranks(base, data
         Network(base, settings(dataset, tmp_path / "e", text_encoder=True, algo="lokr", network_weights=str(first)))
 
 
-def test_network_weights_continue_a_lokr_with_its_own_shapes(base, dataset, tmp_path):
-    first = train_lora(base, settings(dataset, tmp_path / "a", algo="lokr", lokr_factor=4, rank=2, report=False,
+@pytest.mark.parametrize("algo", ["lokr", "loha", "dora"])
+def test_network_weights_continue_each_algorithm_with_its_own_shapes(base, dataset, tmp_path, algo):
+    first = train_lora(base, settings(dataset, tmp_path / "a", algo=algo, lokr_factor=4, rank=2, report=False,
                                       sample_every=0))
     saved = load_lora(first)
-    started = Network(base, settings(dataset, tmp_path / "b", algo="lokr", rank=8,
+    started = Network(base, settings(dataset, tmp_path / "b", algo=algo, rank=8,
                                      network_weights=str(first))).to_lora()  # other factor and rank: the file's
     for comp, path, ad in saved.items():
         now = started.modules[comp][path]
