@@ -46,7 +46,7 @@ from ..lora.patch import check_fit
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, optimizers, report, validation
-from .config import LORA_SETTINGS_KEY, LoraSettings, to_toml
+from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
@@ -205,7 +205,7 @@ class Network:
             held = ", ".join(other) or "LoCon with Tucker cores"
             raise SdtuneError(f"--network-weights {source}: holds {held} adapters, and this run trains "
                               f"{_label(self.algo)} (--algo {settings.algo}); give the --algo it was "
-                              f"trained with (lora, loha or lokr)")
+                              f"trained with ({', '.join(LORA_ALGOS)})")
         trained = {_neutral(comp, path): module for comp, path, module in modules}
         outside = [key for key in adapters if key not in trained]
         if outside:

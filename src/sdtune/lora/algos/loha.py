@@ -51,4 +51,5 @@ class LohaLayer(DeltaLayer):
         return {"w1a": ((out, rank), normal(0.1)), "w1b": ((rank, inner), normal(1.0)),
                 "w2a": ((out, rank), zeros), "w2b": ((rank, inner), normal(1.0))}
 
+
 Loha.layer = LohaLayer  # (the layer needs the algorithm first)

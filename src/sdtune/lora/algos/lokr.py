@@ -60,7 +60,6 @@ class Lokr(Algorithm):
         return Io(w1[0] * t["w2a"].shape[0], w1[1] * flat_inner(t["w2b"]), None)
 
 
-
 def split(dim: int, factor: int = -1) -> tuple[int, int]:
     """``dim`` as m · n with m <= n: m the largest divisor up to sqrt(dim) (and up to ``factor`` when it is
     positive; a ``factor`` that divides ``dim`` is taken as it is), as LyCORIS factorises a LoKr layer."""
@@ -88,5 +87,6 @@ class LokrLayer(DeltaLayer):
         else:
             roles["w2"] = ((out_large, in_large, *kernel), zeros)
         return roles
+
 
 Lokr.layer = LokrLayer  # (the layer needs the algorithm first)
