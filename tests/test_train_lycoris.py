@@ -100,8 +100,8 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
 
 def test_an_sdxl_lokr_writes_both_encoders_keys_and_applies_to_every_layer(dataset, tmp_path):
     assert main(["train", "lora", "--model", "tiny-xl-random", "--data", str(dataset), "--out", str(tmp_path),
-                 "--steps", "1", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--algo", "lokr", "--text-encoder", "--no-report",
-                 "--no-progress"]) == 0
+                 "--steps", "1", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--algo", "lokr", "--text-encoder",
+                 "--no-report", "--no-progress"]) == 0
     path = tmp_path / "lora.safetensors"
     with safe_open(path, "pt") as f:
         assert {k.split("_", 2)[1] for k in f.keys()} == {"unet", "te1", "te2"}  # lora_unet_, lora_te1_, lora_te2_

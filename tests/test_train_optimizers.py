@@ -44,7 +44,7 @@ def _stop_at(at):
 # what each optimizer keeps per tensor: its own state, so the run stepped with it (AdamW 8-bit's moments in bytes
 # where a tensor has at least min_8bit_size values)
 OWN_STATE = {
-    "adamw8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8),
+    "adamw8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == s["state2"].dtype == torch.uint8),
     "lion": ([], lambda s: "state1" in s and "state2" not in s),
     "prodigy": ([], lambda s: {"s", "exp_avg", "exp_avg_sq", "p0"} <= s.keys()),
     "adafactor": ([], lambda s: "exp_avg_sq_row" in s and "exp_avg_sq_col" in s),

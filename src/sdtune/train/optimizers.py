@@ -30,8 +30,8 @@ class Optimizer:
 
 OPTIMIZERS = {
     "adamw": Optimizer("torch.optim", "AdamW", "torch", "torch's, fused on the CPU"),
-    "adamw8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes",
-                           "AdamW with 8-bit moments in tensors of 4096 values or more: its state in a quarter of the memory"),
+    "adamw8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", "AdamW with 8-bit moments in "
+                           "tensors of 4096 values or more: its state in a quarter of the memory"),
     "lion": Optimizer("bitsandbytes.optim", "Lion", "bitsandbytes",
                       "the sign of the momentum: usually a 3-10x lower --lr and higher --weight-decay than AdamW"),
     "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
