@@ -139,28 +139,27 @@ def note(message: str) -> None:
         warnings.warn(message, SdtuneWarning, stacklevel=2)
 
 
-class _DropTorchvisionFallback(logging.Filter):
-    """transformers 5 announces, on import, that ``CLIPImageProcessor`` and ``SiglipImageProcessor`` fall back
-    to their PIL versions when torchvision is missing. sdtune uses neither class (the safety checker is off),
-    so the message is noise before every answer; other transformers messages still come through."""
+class _DropMessage(logging.Filter):
+    """Drops one library message, known by a part of its text; the logger's other messages still come through."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        return self.part not in record.getMessage()
 
 
-# A filter on a logger that transformers has not created yet is kept: getLogger returns the same object later.
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
-
-
-class _DropBitsandbytesKernelFetch(logging.Filter):
-    """bitsandbytes (which diffusers imports when it is installed) says on import, on CPUs with AVX-512 BF16,
-    that it could not fetch a 4-bit kernel from the hub; sdtune uses no 4-bit layers, so it is noise too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in record.getMessage()
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelFetch())
+# Library messages on import that would come before every answer, each about something sdtune does not use. A
+# filter on a logger the library has not created yet is kept: getLogger returns the same object later.
+# - transformers 5: CLIPImageProcessor and SiglipImageProcessor fall back to PIL without torchvision (sdtune uses
+#   neither: the safety checker is off);
+# - bitsandbytes, which diffusers imports when it is installed (for --optimizer adamw8bit or lion), on CPUs with
+#   AVX-512 BF16: it could not fetch a 4-bit kernel from the hub (sdtune uses no 4-bit layers), and the kernels
+#   package, offline, that it skipped that kernel's publisher check
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessage("requires torchvision (not installed)"))
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("gemm_4bit_forward"))
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropMessage("kernels-community/quantization-bitsandbytes"))
 
 
 def _one_line(message, category, filename, lineno, line=None) -> str:
