@@ -10,7 +10,7 @@ from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, load_state, read_metadata
 from sdtune.tiny import world
-from sdtune.train import logs, loop
+from sdtune.train import logs, loop, optimizers
 from sdtune.train.config import LoraSettings, load_settings
 from sdtune.train.lora import train_lora
 
@@ -124,3 +124,16 @@ def test_a_run_resumes_only_with_its_own_optimizer(base, dataset, tmp_path):
         train_lora(base, settings(dataset, tmp_path / "out"), callback=_stop_at(3))
     with pytest.raises(SdtuneError, match=r"other settings \(optimizer 'adamw' -> 'lion'\)"):
         train_lora(base, settings(dataset, tmp_path / "out", optimizer="lion"))
+
+
+def test_a_bitsandbytes_without_cpu_optimizers_is_one_line_on_the_cpu(monkeypatch):
+    real = optimizers.importlib.metadata.version
+    monkeypatch.setattr(optimizers.importlib.metadata, "version",
+                        lambda name: "0.48.2" if name == "bitsandbytes" else real(name))
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(SdtuneError, match=r"^--optimizer adamw8bit: bitsandbytes 0\.48\.2 steps on CUDA only \(0\.50 "
+                                          r"added the CPU\); pip install -U bitsandbytes, or train on a GPU$"):
+        optimizers.build("adamw8bit", [], [{"params": [weight]}], 1e-3, 0.0, torch.device("cpu"))
+    assert optimizers._version("bitsandbytes") == (0, 48, 2)
+    monkeypatch.setattr(optimizers.importlib.metadata, "version", lambda name: "1.2rc1")
+    assert optimizers._version("x") == (1, 2)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import importlib.metadata
 import inspect
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +55,19 @@ def optimizer_class(name: str):
     except ImportError as e:
         raise SdtuneError(f"--optimizer {name} needs {choice.package}, which is not installed ({e}); pip install "
                           f"{choice.package}, or choose another --optimizer") from None
+
+
+def _version(package: str) -> tuple[int, ...]:
+    """An installed package's version as numbers (``0.50.2`` -> (0, 50, 2)); a suffix (rc1, .dev0) ends it."""
+    numbers = []
+    for part in importlib.metadata.version(package).split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    return tuple(numbers)
 
 
 def _value(text: str):
@@ -107,6 +122,10 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
           device: torch.device) -> torch.optim.Optimizer:
     """Optimizer ``name`` over ``param_groups`` (each with its own ``lr``); a value its class refuses is one line."""
     kwargs = parse_args(name, items)
+    package = OPTIMIZERS[name].package
+    if package == "bitsandbytes" and device.type == "cpu" and _version(package) < (0, 50):
+        raise SdtuneError(f"--optimizer {name}: bitsandbytes {importlib.metadata.version(package)} steps on CUDA "
+                          f"only (0.50 added the CPU); pip install -U bitsandbytes, or train on a GPU")
     if name == "adamw" and device.type == "cpu" and "fused" not in kwargs:
         # its CPU default is a Python loop over the tensors (1,120 for an SDXL LoRA on the attention layers); fused
         # is one kernel for all, 4x faster than foreach and equal to it to the last bit or so
