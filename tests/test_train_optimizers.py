@@ -81,6 +81,8 @@ def test_prodigy_takes_lr_1_unless_given_and_logs_the_step_size_it_found(base, d
     """Prodigy's learning rates are factors on the step size it finds (d): 1.0 unless the flag or file gives one
     (a preset's 1e-4 would leave it still); the log's lr is the step it takes, d x lr."""
     assert load_settings(None, {"optimizer": "prodigy"}, "lora").lr == 1.0
+    said = load_settings(None, {"optimizer": "Prodigy"}, "lora")  # kohya's spelling
+    assert said.optimizer == "prodigy" and said.lr == 1.0
     assert load_settings(None, {"optimizer": "prodigy"}, "lora").ti_lr == 1.0
     assert load_settings(None, {"optimizer": "prodigy"}, "ti").lr == 1.0
     assert load_settings(None, {"optimizer": "prodigy", "lr": 0.5}, "lora").lr == 0.5

@@ -122,6 +122,10 @@ class TrainSettings:
 
     kind = "train"
 
+    def __post_init__(self):
+        if isinstance(self.optimizer, str):  # kohya's spellings (AdamW8bit, Prodigy) are the same names
+            self.optimizer = self.optimizer.lower()
+
     def check(self) -> None:
         """Refuse settings that cannot work, with the option to fix."""
         if not self.data:
@@ -521,7 +525,7 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)
     values["preset"] = preset.name if preset else ""
-    if values.get("optimizer") == "prodigy":  # its learning rates are factors on the step size it finds
+    if str(values.get("optimizer", "")).lower() == "prodigy":  # its learning rates: factors on the step it finds
         names = {f.name for f in dataclasses.fields(KINDS[kind])}
         values |= {key: 1.0 for key in ("lr", "ti_lr") if key in names and key not in given}
     if preset and {"rank", "alpha"} <= preset.values.keys() and "rank" in given and "alpha" not in given \
