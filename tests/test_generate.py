@@ -100,8 +100,8 @@ def _k_diffusion_sigmas(config: dict, steps: int) -> torch.Tensor:
 def test_samplers_take_a1111s_noise_levels(family):
     """Euler, Euler a and Heun sample at k-diffusion's levels whatever the model's config spaces (SDXL's says
     "leading", which started a 20-step Euler at sigma 11.0 where A1111's starts at 14.6); DPM++ 2M too, from the top
-    level to sigma(0) (diffusers' own spacing stopped at t = 50, sigma 0.22); DDIM and PLMS keep the leading steps (t = 951, 901, ... at 20 steps) that A1111's own DDIM and PLMS
-    take."""
+    level to sigma(0) (diffusers' own spacing stopped at t = 50, sigma 0.22); DDIM and PLMS keep the leading steps
+    (t = 951, 901, ... at 20 steps) that A1111's own DDIM and PLMS take."""
     config = families.FAMILIES[family].component_configs()["scheduler"]
     base_scheduler = diffusers.DDIMScheduler.from_config(config)
     want = _k_diffusion_sigmas(config, 20)

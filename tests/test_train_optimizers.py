@@ -111,7 +111,8 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
     assert "--optimizer 'adam': choose one of adamw, adamw8bit, lion, prodigy, adafactor" in refused(
         "--optimizer", "adam")
     err = refused("--optimizer", "prodigy", "--optimizer-args", "d_coeff=2")
-    assert "--optimizer-args 'd_coeff=2': Prodigy takes no 'd_coeff' (did you mean d_coef?); it takes betas, beta3" in err
+    assert "--optimizer-args 'd_coeff=2': Prodigy takes no 'd_coeff' (did you mean d_coef?); it takes betas, " \
+           "beta3" in err
     assert "lr is set by --lr; use that" in refused("--optimizer-args", "lr=1")
     assert "give each as key=value" in refused("--optimizer-args", "betas")
     assert "--optimizer adamw8bit --optimizer-args betas=(0.9,): IndexError: " in refused(
