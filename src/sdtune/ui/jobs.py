@@ -213,7 +213,11 @@ def _log_text(folder: Path) -> str:
 
 def _csv_loss(folder: Path) -> list[tuple[int, float]]:
     """(step, loss) rows of a CSV that training wrote, if any has a step and a loss column."""
-    for path in sorted(folder.glob("*.csv")) + sorted(folder.glob("*/*.csv")):
+    try:
+        paths = sorted(folder.glob("*.csv")) + sorted(folder.glob("*/*.csv"))
+    except OSError:  # a file written atomically there (a .tmp) came and went while the folder was listed: next poll
+        return []
+    for path in paths:
         try:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
