@@ -197,7 +197,7 @@ class Network:
         """--network-weights: the file's adapters by layer, each of this run's algorithm and on a layer it trains
         (anything else is one line: a layer left out would be lost from what the run continues)."""
         source = settings.network_weights
-        model = {"unet": base.unet, **{te.component: m for te, m, _ in base.text_encoders()}}
+        model = {comp: m for comp, m in base.modules().items() if comp != "vae"}
         lora = load_lora(source, model_keys=model)
         adapters = check_fit(lora, model, allow_partial=False, source=source)
         other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind != self.algo.name})

@@ -115,8 +115,8 @@ class Dora(Algorithm):
         else:
             m = t["dora_scale"].to(dtype)
             per_column = _scale_axis(m, rows, weight.shape[1]) == "column"
-            dims = (0, *rest[1:]) if per_column else rest
-            norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
+            norm = _column_norms(v) if per_column else \
+                torch.linalg.vector_norm(v, dim=rest, keepdim=True) + torch.finfo(torch.float32).eps
             m = m.reshape(norm.shape)
         return (v * (m / norm)).to(weight.dtype)
 
@@ -147,6 +147,11 @@ class DoraLokr(DoraLoha):
     label = "LoKr + DoRA"
     network_algo = "lokr"
     base = Lokr()
+
+
+def _column_norms(v: torch.Tensor) -> torch.Tensor:
+    """kohya's DoRA norm: over the output rows (and the kernel), one per input column, plus LyCORIS's float32 eps."""
+    return torch.linalg.vector_norm(v, dim=(0, *range(2, v.dim())), keepdim=True) + torch.finfo(torch.float32).eps
 
 
 def _may_fit(scale: torch.Tensor, out: int, flat_inner: int) -> bool:
@@ -184,10 +189,7 @@ class DoraLayer(LoraLayer):
             raise SdtuneError("DoRA computes with the whole weight, which takes no dropout on the LoRA's input; "
                               "use --lora-dropout 0")
         super().__init__(base, rank, alpha, dropout, generator)
-        w = base.weight.detach().float()
-        columns = (0, *range(2, w.dim()))  # the norm over the output rows (and the kernel): one per input column
-        self.dora_scale = nn.Parameter(torch.linalg.vector_norm(w, dim=columns, keepdim=True)
-                                       + torch.finfo(torch.float32).eps)
+        self.dora_scale = nn.Parameter(_column_norms(base.weight.detach().float()))  # merged's own norm of W0
 
     def forward(self, x, *args, **kwargs):
         b = self.base
