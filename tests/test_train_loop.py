@@ -17,7 +17,7 @@ from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
-from sdtune.train import logs, loop, prior, validation
+from sdtune.train import diffusion, logs, loop, prior, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
@@ -56,14 +56,14 @@ def test_min_snr_weights_match_the_formula():
     acp = torch.linspace(0.999, 0.001, 1000)
     t = torch.tensor([0, 100, 500, 999])
     snr = acp[t] / (1 - acp[t])
-    assert torch.allclose(loop.min_snr_weights(t, acp, 5.0), torch.minimum(snr, torch.tensor(5.0)) / snr)
-    assert torch.allclose(loop.min_snr_weights(t, acp, 5.0, "v_prediction"),
+    assert torch.allclose(diffusion.min_snr_weights(t, acp, 5.0), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert torch.allclose(diffusion.min_snr_weights(t, acp, 5.0, "v_prediction"),
                           torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
-    assert torch.allclose(loop.min_snr_weights(t, acp, 1e9), torch.ones(4))
+    assert torch.allclose(diffusion.min_snr_weights(t, acp, 1e9), torch.ones(4))
     # zero terminal SNR: the last timestep's SNR is 0, which weighs 1 for ε (the limit), 0 for v; never NaN
     ztsnr = torch.cat([acp[:-1], torch.zeros(1)])
-    assert loop.min_snr_weights(t, ztsnr, 5.0)[-1] == 1.0
-    assert loop.min_snr_weights(t, ztsnr, 5.0, "v_prediction")[-1] == 0.0
+    assert diffusion.min_snr_weights(t, ztsnr, 5.0)[-1] == 1.0
+    assert diffusion.min_snr_weights(t, ztsnr, 5.0, "v_prediction")[-1] == 0.0
 
 
 class ZeroUNet(torch.nn.Module):
@@ -74,25 +74,30 @@ class ZeroUNet(torch.nn.Module):
 
 
 def test_objective_is_the_weighted_noise_mse(base):
-    obj = loop.Objective(ZeroUNet(), None, base.scheduler, min_snr_gamma=5.0)
+    obj = loop.Objective(ZeroUNet(), None, base.scheduler, diffusion.Loss(min_snr_gamma=5.0))
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([3, 400, 900])
     loss = obj(z0, noise, t, context=torch.zeros(3, 77, 64))
-    w = loop.min_snr_weights(t, base.scheduler.alphas_cumprod, 5.0)
+    w = diffusion.min_snr_weights(t, base.scheduler.alphas_cumprod, 5.0)
     assert loss.item() == pytest.approx((w * noise.pow(2).mean(dim=(1, 2, 3))).mean().item(), rel=1e-6)
 
 
 def test_draws_are_reproducible_and_noise_offset_shifts_channels():
-    a, ta = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.0)
-    b, tb = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.0)
-    c, _ = loop.diffusion_draws(1, 5, (2, 4, 8, 8), 1000, 0.1)
+    def draws(number=5, offset=0.0):
+        d = diffusion.diffusion_draws(1, number, (2, 4, 8, 8), 1000, diffusion.Noise(offset=offset))
+        assert d.input_noise is d.noise  # no input perturbation: the noisy latent is made with the target
+        return d.noise, d.timesteps
+
+    a, ta = draws()
+    b, tb = draws()
+    c, _ = draws(offset=0.1)
     assert torch.equal(a, b) and torch.equal(ta, tb)
     shift = c - a  # one constant per (image, channel)
     # (a + s) - a gives s back up to the rounding of a + s: half a float32 step at |a| < 8 is 2.4e-7, far
     # below the shifts themselves (0.1 x N(0, 1))
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), rtol=0, atol=1e-6) and shift.abs().max() > 0
-    assert not torch.equal(a, loop.diffusion_draws(1, 6, (2, 4, 8, 8), 1000, 0.0)[0])
+    assert not torch.equal(a, draws(6)[0])
 
 
 def test_text_cache_equals_running_the_encoder(base):

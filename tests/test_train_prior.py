@@ -12,6 +12,7 @@ from test_train_masked import FixedPrediction  # the same stand-in UNet
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train.config import LoraSettings
+from sdtune.train.diffusion import Loss
 from sdtune.train.loop import Objective
 from sdtune.train.lora import train_lora
 from sdtune.train.prior import make_class_images, prior_set
@@ -67,7 +68,7 @@ def test_class_images_are_drawn_once_and_reused(base, dataset, tmp_path):
 
 def test_the_objective_adds_the_weighted_prior_loss():
     objective = Objective(FixedPrediction((2, 4, 8, 8)), None, DDPMScheduler(num_train_timesteps=1000),
-                          min_snr_gamma=5.0)
+                          Loss(min_snr_gamma=5.0))
     g = torch.Generator().manual_seed(1)
 
     def inputs():

@@ -45,7 +45,7 @@ from .. import safeio
 from ..families import TINY, TINY_XL, Family
 from ..generate import TextStack
 from ..models import pick_device, tokenizer_for
-from ..train.loop import min_snr_weights
+from ..train.diffusion import min_snr_weights
 from . import model, world
 
 # "cpu": the shipped model, sized for 2 CPU cores. Min-SNR weighting (gamma 5) is what lets 216,000 samples

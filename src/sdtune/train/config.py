@@ -37,6 +37,8 @@ from . import optimizers, presets
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # the error of a prediction (``diffusion.Loss``)
+HUBER_SCHEDULES = ("constant", "exponential", "snr")  # how the Huber threshold follows the timestep
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
@@ -67,8 +69,24 @@ class TrainSettings:
     seed: int = 0
     lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine (decay to 0)", default="constant")
     lr_warmup_steps: int = 0
-    min_snr_gamma: float = _help("0: off; 5 is the usual value", default=0.0)
-    noise_offset: float = 0.0
+    min_snr_gamma: float = _help("Min-SNR-γ loss weights; 0: off; 5 is the usual value", default=0.0)
+    noise_offset: float = _help("a random constant per image and channel added to the noise (brighter brights, "
+                                "darker darks; 0.05 to 0.1 usual)", default=0.0)
+    multires_noise_iterations: int = _help("kohya's pyramid noise: layers of lower-resolution noise added to the "
+                                           "noise (6 to 10 usual; 0: off)", default=0)
+    multires_noise_discount: float = _help("each pyramid layer's weight is this to the power of its level (0.3 to "
+                                           "0.8)", default=0.3)
+    ip_noise_gamma: float = _help("input perturbation: the noisy image is made with noise + γ·N(0, I), the target "
+                                  "stays the noise (0.1 usual; diffusers' --input_perturbation)", default=0.0)
+    min_timestep: int = _help("train on timesteps from this one", default=0)
+    max_timestep: int = _help("train on timesteps below this one; 0: the schedule's end (1000)", default=0)
+    loss_type: str = _help("l2 | huber | smooth_l1 (pseudo-Huber: squared for small errors, linear for large "
+                           "ones)", default="l2")
+    huber_c: float = _help("the Huber threshold (at noisy timesteps, by --huber-schedule)", default=0.1)
+    huber_schedule: str = _help("constant | exponential (from 1 at t=0 to --huber-c) | snr (1 at clean timesteps, "
+                                "--huber-c at noisy ones)", default="snr")
+    debiased_estimation: bool = _help("weight each sample's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)",
+                                      default=False)
     clip_skip: int = _help("the text-encoder layer the UNet reads, counted from the end as A1111's clip skip "
                            "(2 for anime SD 1.x models; SDXL reads its 2nd anyway); generate with the same",
                            default=1)
@@ -150,6 +168,9 @@ class TrainSettings:
         non_negative = dict(steps=self.steps, epochs=self.epochs, resolution=self.resolution,
                             lr_warmup_steps=self.lr_warmup_steps, min_snr_gamma=self.min_snr_gamma,
                             noise_offset=self.noise_offset, max_grad_norm=self.max_grad_norm,
+                            multires_noise_iterations=self.multires_noise_iterations,
+                            ip_noise_gamma=self.ip_noise_gamma, min_timestep=self.min_timestep,
+                            max_timestep=self.max_timestep,
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
                             keep_tokens=self.keep_tokens, save_every=self.save_every, sample_every=self.sample_every,
                             validation_every=self.validation_every)
@@ -170,6 +191,15 @@ class TrainSettings:
         if self.validation_split and self.validation_dir:
             raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
+        if not 0 < self.multires_noise_discount <= 1:
+            raise SdtuneError(f"--multires-noise-discount {self.multires_noise_discount}: must be in (0, 1], e.g. 0.3")
+        if not 0 < self.huber_c <= 1:
+            raise SdtuneError(f"--huber-c {self.huber_c}: must be in (0, 1], e.g. 0.1")
+        if self.max_timestep and self.min_timestep >= self.max_timestep:
+            raise SdtuneError(f"--min-timestep {self.min_timestep} --max-timestep {self.max_timestep}: the range is "
+                              f"empty; give a min below the max")
         _choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
         optimizers.check(self.optimizer, self.optimizer_args)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
@@ -442,7 +472,8 @@ OTHER_TOOLS_NAMES = {
     "shuffle_caption": "shuffle_captions", "caption_dropout_rate": "caption_dropout", "output_name": "name",
     "snr_gamma": "min_snr_gamma", "lr_warmup": "lr_warmup_steps", "placeholder_token": "token",
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
-    "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder"}
+    "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder",
+    "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:
@@ -520,7 +551,7 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     else:
         preset = presets.for_family(kind, family)
     _note_other_family_preset(preset, toml_path, overrides, kind, family)
-    values = dict(preset.values) if preset else {}
+    values = preset.for_algo(given.get("algo", preset.values.get("algo", ""))) if preset else {}
     if "validation_dir" in given and "validation_split" not in given:
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)

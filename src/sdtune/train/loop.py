@@ -2,9 +2,12 @@
 
 One step, for a batch of cached latents z0 and captions c::
 
-    noise ~ N(0, I) (+ noise_offset · N(0, I) per channel),   t ~ U{0, T-1}
+    noise ~ N(0, I),   t ~ U{0, T-1}
     z_t  = sqrt(ᾱ_t) · z0 + sqrt(1 - ᾱ_t) · noise
-    loss = mean_i  w_i · mean(m_i ⊙ (target_i − ε_θ(z_t, t, c)_i)²)    target = noise (ε) or v; w = min-SNR-γ or 1
+    loss = mean_i  w_i · mean(m_i ⊙ (target_i − ε_θ(z_t, t, c)_i)²)    target = noise (ε) or v; w = 1
+
+``diffusion`` holds those draws and that loss with the options that change them (noise offset, pyramid noise,
+input perturbation, a timestep range, Huber losses, Min-SNR-γ and debiased weights).
 
 m_i is the image's loss mask on the latent grid (``masks``, with ``--masked-loss``; else all ones). With prior
 preservation (``prior``) each step also draws a batch of class images and adds ``prior_loss_weight`` times
@@ -47,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
@@ -59,6 +61,7 @@ from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_l
 from . import logs, optimizers, shared_text
 from .config import TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
+from .diffusion import Loss, Noise, diffusion_draws
 from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
@@ -120,28 +123,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise SdtuneError(f"--lr-scheduler {schedule!r}: use constant, constant_with_warmup, linear or cosine")
 
 
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
-                    prediction_type: str = "epsilon") -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε, / (SNR + 1) for v. A zero-terminal-
-    SNR schedule's last timestep (SNR 0) weighs 1 for ε, the limit of min(SNR, γ) / SNR, not 0/0."""
-    acp = alphas_cumprod[timesteps].float()
-    snr = acp / (1 - acp)
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
-
-
-def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, noise_offset: float):
-    """(noise, timesteps) for global batch ``number`` (shape: the global batch's latent shape)."""
-    g = torch.Generator().manual_seed(seed_for(seed, "noise", number))
-    noise = torch.randn(shape, generator=g)
-    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=g)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=g)
-    return noise, timesteps
-
-
 def default_time_ids(latents: torch.Tensor, scale: int) -> torch.Tensor:
     """SDXL time ids of uncropped images at their training size: (h, w, 0, 0, h, w) per sample."""
     h, w = latents.shape[-2] * scale, latents.shape[-1] * scale
@@ -154,7 +135,7 @@ class Objective(nn.Module):
     the optimizer. ``added_conditioning``: the UNet also reads the pooled text embedding and SDXL's time ids
     (``Family.pooled_and_time_ids``)."""
 
-    def __init__(self, unet, text: TextStack | None, scheduler, min_snr_gamma: float = 0.0,
+    def __init__(self, unet, text: TextStack | None, scheduler, loss: Loss = Loss(),
                  text_trainable: bool = False, added_conditioning: bool = False, vae_scale: int = 8):
         super().__init__()
         self.unet, self.text = unet, text
@@ -163,22 +144,23 @@ class Objective(nn.Module):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise SdtuneError(f"scheduler prediction type {self.prediction_type!r}: sdtune trains epsilon or "
                               f"v_prediction models")
-        self.min_snr_gamma = min_snr_gamma
+        self.loss = loss
         self.text_trainable = text_trainable
         self.added_conditioning, self.vae_scale = added_conditioning, vae_scale
         # read once: diffusers' ``ModelMixin.dtype`` walks every submodule (hooks) on each call, 2% of a step
         self.unet_dtype = unet.dtype
 
     def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-               mask=None, text_rows=None) -> torch.Tensor:
-        """The plain prediction error of each sample (what the validation loss averages); ``mask`` [b, 1, h, w]
-        weights each latent pixel's squared error. ``text_rows``: sample i reads row ``text_rows[i]`` of
-        ``context`` (the batch's distinct captions; ``shared_text``)."""
+               mask=None, text_rows=None, input_noise=None, loss: Loss = Loss()) -> torch.Tensor:
+        """Each sample's prediction error under ``loss``: by default the plain squared error, what the validation
+        loss averages. ``mask`` [b, 1, h, w] weights each latent pixel's error. ``text_rows``: sample i reads row
+        ``text_rows[i]`` of ``context`` (the batch's distinct captions; ``shared_text``). ``input_noise``: what the
+        noisy latent is made with where it is not the target ``noise`` (input perturbation)."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
                 context, pooled = self.text(input_ids)
         acp = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+        noisy = acp.sqrt() * latents + (1 - acp).sqrt() * (noise if input_noise is None else input_noise)
         dtype = self.unet_dtype
         extra = {}
         if self.added_conditioning:
@@ -189,23 +171,24 @@ class Objective(nn.Module):
             extra["cross_attention_kwargs"] = {"text_rows": text_rows}
         pred = self.unet(noisy.to(dtype), timesteps, context.to(dtype), **extra).sample
         target = noise if self.prediction_type == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
-        squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+        error = loss.elementwise(pred.float(), target.float(), timesteps, self.alphas_cumprod)
         if mask is not None:
-            squared = squared * mask.to(squared.device, squared.dtype)
-        return squared.mean(dim=(1, 2, 3))
+            error = error * mask.to(error.device, error.dtype)
+        return error.mean(dim=(1, 2, 3))
 
     def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                   mask=None, text_rows=None) -> torch.Tensor:
-        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows)
-        if self.min_snr_gamma:
-            loss = loss * min_snr_weights(timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
-        return loss.mean()
+                   mask=None, text_rows=None, input_noise=None) -> torch.Tensor:
+        loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows,
+                           input_noise, self.loss)
+        weights = self.loss.weights(timesteps, self.alphas_cumprod, self.prediction_type)
+        return (loss if weights is None else loss * weights).mean()
 
     def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                mask=None, text_rows=None, prior=None, prior_weight: float = 0.0):
+                mask=None, text_rows=None, input_noise=None, prior=None, prior_weight: float = 0.0):
         """The batch's loss, plus ``prior_weight`` x the loss of the class-image batch ``prior`` (the same
         arguments as a dict); one call, so that DDP sees one forward per backward."""
-        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows)
+        loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows,
+                               input_noise)
         if prior is not None:
             loss = loss + prior_weight * self.batch_loss(**prior)
         return loss
@@ -524,7 +507,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         if unshare is not None:
             undo.append(unshare)
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
-        objective = Objective(base.unet, stack, base.scheduler, settings.min_snr_gamma, job.text_trainable,
+        Noise.of(settings).check(len(base.scheduler.alphas_cumprod))
+        objective = Objective(base.unet, stack, base.scheduler, Loss.of(settings), job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base)).to(device)
         optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,
                                      settings.weight_decay, device)
@@ -648,12 +632,14 @@ class Session:
         and timesteps drawn for it from ``seed``."""
         acc, s = self.accelerator, self.settings
         batch = data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
-        noise, timesteps = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
-                                           len(self.base.scheduler.alphas_cumprod), s.noise_offset)
         mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
-        inputs = {"latents": batch.latents.to(acc.device), "noise": noise[mine].to(acc.device),
-                  "timesteps": timesteps[mine].to(acc.device), **self.text(batch.captions),
+        draws = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
+                                len(self.base.scheduler.alphas_cumprod), Noise.of(s)).rows(mine)
+        inputs = {"latents": batch.latents.to(acc.device), "noise": draws.noise.to(acc.device),
+                  "timesteps": draws.timesteps.to(acc.device), **self.text(batch.captions),
                   "time_ids": batch.time_ids.to(acc.device)}
+        if draws.input_noise is not draws.noise:
+            inputs["input_noise"] = draws.input_noise.to(acc.device)
         if batch.mask is not None:
             inputs["mask"] = batch.mask.to(acc.device)
         return inputs

@@ -1,0 +1,192 @@
+"""The objective's options (kohya's): pyramid noise, input perturbation, a timestep range, pseudo-Huber losses and
+debiased weights: their values, their draws (the default's unchanged), a run with all of them resumes to the
+uninterrupted weights and records them, and bad values are one line."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import SdtuneError, read_metadata
+from sdtune.tiny import world
+from sdtune.train import diffusion, loop
+from sdtune.train.config import LoraSettings, load_settings
+from sdtune.train.data import seed_for
+from sdtune.train.diffusion import Loss, Noise, diffusion_draws
+from sdtune.train.lora import train_lora
+
+SHAPE = (4, 4, 16, 16)
+
+
+def test_the_default_draws_are_the_plain_ones_and_each_option_moves_only_its_own():
+    plain = diffusion_draws(3, 7, SHAPE, 1000)
+    g = torch.Generator().manual_seed(seed_for(3, "noise", 7))
+    assert torch.equal(plain.noise, torch.randn(SHAPE, generator=g))
+    assert torch.equal(plain.timesteps, torch.randint(0, 1000, (4,), generator=g))
+    assert plain.input_noise is plain.noise
+    # input perturbation: the target noise and timesteps stay; the noisy latent's noise is off by gamma x N(0, I)
+    ip = diffusion_draws(3, 7, SHAPE, 1000, Noise(ip_gamma=0.1))
+    assert torch.equal(ip.noise, plain.noise) and torch.equal(ip.timesteps, plain.timesteps)
+    assert (ip.input_noise - ip.noise).std().item() == pytest.approx(0.1, rel=0.1)
+    # a timestep range
+    ranged = diffusion_draws(3, 7, (256, 4, 2, 2), 1000, Noise(min_timestep=200, max_timestep=210))
+    assert ranged.timesteps.min() >= 200 and ranged.timesteps.max() < 210 and len(ranged.timesteps.unique()) > 5
+
+
+def _neighbour_correlation(x: torch.Tensor) -> float:
+    a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
+def test_pyramid_noise_is_unit_variance_low_frequency_and_stops_at_one_pixel():
+    plain = diffusion_draws(0, 1, SHAPE, 1000).noise
+    pyramid = diffusion_draws(0, 1, SHAPE, 1000, Noise(multires_iterations=6, multires_discount=0.8))
+    assert torch.equal(pyramid.input_noise, pyramid.noise)
+    assert pyramid.noise.std().item() == pytest.approx(1.0, abs=1e-5)  # rescaled over the whole global batch
+    # neighbouring latent pixels: independent in plain noise, correlated once coarse layers are added (level 0 is
+    # full-resolution noise of weight 1, as kohya's, so at most about half of the variance is correlated)
+    assert abs(_neighbour_correlation(plain)) < 0.1 and _neighbour_correlation(pyramid.noise) > 0.15
+    # each image-channel's mean drifts from 0 far more (the coarse layers' low frequencies)
+    assert pyramid.noise.mean(dim=(2, 3)).std() > 3 * plain.mean(dim=(2, 3)).std()
+    # many iterations on a small latent: the layers stop at a 1-pixel side, the result is finite and reproducible
+    a = diffusion_draws(0, 1, (2, 4, 4, 4), 1000, Noise(multires_iterations=50)).noise
+    assert torch.isfinite(a).all() and torch.equal(a, diffusion_draws(0, 1, (2, 4, 4, 4), 1000,
+                                                                      Noise(multires_iterations=50)).noise)
+
+
+def test_pseudo_huber_values_thresholds_and_its_limits():
+    pred, target, t = torch.full((1, 1, 1, 1), 3.0), torch.zeros(1, 1, 1, 1), torch.tensor([500])
+    acp = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    # error 3 at threshold 4: sqrt(9 + 16) = 5, so huber 2*4*(5 - 4) = 8 and smooth_l1 2*(5 - 4) = 2
+    assert Loss("huber", 4.0, "constant").elementwise(pred, target, t, acp).item() == pytest.approx(8.0)
+    assert Loss("smooth_l1", 4.0, "constant").elementwise(pred, target, t, acp).item() == pytest.approx(2.0)
+    assert Loss().elementwise(pred, target, t, acp).item() == 9.0
+    # squared for errors far below the threshold, linear (2c|d|) far above it
+    small = torch.full((1, 1, 1, 1), 1e-2)
+    assert Loss("huber", 1.0, "constant").elementwise(small, target, t, acp).item() == pytest.approx(1e-4, rel=1e-4)
+    big = torch.full((1, 1, 1, 1), 100.0)
+    assert Loss("huber", 0.1, "constant").elementwise(big, target, t, acp).item() == pytest.approx(20.0, rel=1e-3)
+    # the schedules: exponential from 1 at t=0 to c at the end; snr from ~1 at clean timesteps to ~c at noisy ones
+    ends = torch.tensor([0, 999])
+    exp = Loss("huber", 0.1, "exponential").thresholds(ends, acp)
+    assert exp[0].item() == 1.0 and exp[1].item() == pytest.approx(0.1 ** (999 / 1000))
+    snr = Loss("huber", 0.1, "snr").thresholds(ends, acp)
+    assert snr[0].item() == pytest.approx(1.0, abs=0.02) and snr[1].item() == pytest.approx(0.1, abs=0.01)
+    assert torch.equal(Loss("huber", 0.1, "constant").thresholds(ends, acp), torch.full((2,), 0.1))
+
+
+def test_debiased_weights_are_one_over_root_snr_capped():
+    acp = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    t = torch.tensor([0, 10, 500, 999])
+    snr = acp[t] / (1 - acp[t])
+    w = diffusion.debiased_weights(t, acp)
+    assert torch.allclose(w, 1 / snr.clamp(max=1000).sqrt())
+    assert torch.allclose(diffusion.debiased_weights(t, acp, "v_prediction"), 1 / (snr.clamp(max=1000) + 1))
+    ztsnr = torch.cat([acp[:-1], torch.zeros(1)])  # zero terminal SNR: finite, not inf
+    assert diffusion.debiased_weights(t, ztsnr)[-1].item() == pytest.approx(1000.0)
+    both = Loss(min_snr_gamma=5.0, debiased=True).weights(t, acp, "epsilon")
+    assert torch.allclose(both, diffusion.min_snr_weights(t, acp, 5.0) * w)
+    assert Loss().weights(t, acp, "epsilon") is None
+
+
+class EchoUNet(torch.nn.Module):
+    """Predicts its noisy input: the loss is then a known function of the objective's inputs."""
+
+    dtype = torch.float32
+
+    def forward(self, x, t, context):
+        return type("Out", (), {"sample": x})()
+
+
+def test_the_objective_makes_the_noisy_latent_with_the_perturbed_noise_and_aims_at_the_noise():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    z0, noise, extra = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([100, 800])
+    acp = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    objective = loop.Objective(EchoUNet(), None, scheduler, Loss("smooth_l1", 0.5, "constant", debiased=True))
+    loss = objective(z0, noise, t, context=torch.zeros(2, 3, 5), input_noise=noise + 0.1 * extra)
+    d = acp.sqrt() * z0 + (1 - acp).sqrt() * (noise + 0.1 * extra) - noise
+    per_sample = (2 * ((d ** 2 + 0.25).sqrt() - 0.5)).mean(dim=(1, 2, 3))
+    expected = (per_sample * diffusion.debiased_weights(t, scheduler.alphas_cumprod)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the validation loss stays the plain squared error of the unperturbed input
+    plain = objective.errors(z0, noise, t, context=torch.zeros(2, 3, 5))
+    e = acp.sqrt() * z0 + (1 - acp).sqrt() * noise - noise
+    assert torch.allclose(plain, e.pow(2).mean(dim=(1, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(4, seed=3, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+OPTIONS = dict(multires_noise_iterations=6, multires_noise_discount=0.5, ip_noise_gamma=0.1, min_timestep=100,
+               max_timestep=900, loss_type="huber", huber_c=0.2, huber_schedule="exponential",
+               debiased_estimation=True, noise_offset=0.05)
+
+
+def settings(dataset, out, **kw):
+    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
+                    save_every=2, sample_every=0, report=False, progress=False)
+    return LoraSettings(**{**defaults, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def _weights(path):
+    return {k: (a.tensors["down"], a.tensors["up"]) for k, _, a in load_lora(path).items()}
+
+
+def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
+    whole = train_lora(base, settings(dataset, tmp_path / "whole", **OPTIONS))
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "cut", **OPTIONS), callback=stop)
+    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **OPTIONS))
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    plain = _weights(train_lora(base, settings(dataset, tmp_path / "plain")))
+    assert any(not torch.equal(a[k][1], plain[k][1]) for k in a)  # the options changed what was learned
+    meta = read_metadata(whole)
+    assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
+            meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"], meta["ss_debiased_estimation"]) == \
+        ("6", "0.5", "0.1", "huber", "exponential", "0.2", "True")
+    saved = (tmp_path / "whole" / loop.SETTINGS_FILE).read_text()
+    assert 'loss_type = "huber"' in saved and "multires_noise_iterations = 6" in saved
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--loss-type", "l1"], "--loss-type 'l1': choose one of l2, huber, smooth_l1"),
+    (["--huber-schedule", "linear"], "--huber-schedule 'linear'"),
+    (["--huber-c", "0"], "--huber-c 0.0: must be in (0, 1]"),
+    (["--multires-noise-discount", "1.5"], "--multires-noise-discount 1.5: must be in (0, 1]"),
+    (["--min-timestep", "900", "--max-timestep", "100"], "the range is empty"),
+    (["--multires-noise-iterations", "-1"], "--multires-noise-iterations -1: must be 0 or more"),
+    (["--max-timestep", "2000"], "schedule has timesteps 0 to 999"),
+])
+def test_bad_values_are_one_line(dataset, tmp_path, flags, says):
+    run = subprocess.run([sys.executable, "-m", "sdtune", "train", "lora", "--model", "tiny-random", "--data",
+                          str(dataset), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress", *flags],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_kohyas_and_diffusers_names_in_a_config_file_are_named_as_sdtunes(tmp_path):
+    cfg = tmp_path / "kohya.toml"
+    for theirs, ours in (("debiased_estimation_loss = true", "debiased_estimation"),
+                         ("input_perturbation = 0.1", "ip_noise_gamma")):
+        cfg.write_text(theirs + "\n")
+        with pytest.raises(SdtuneError, match=f"kohya's/diffusers' name; sdtune's is '{ours}'"):
+            load_settings(cfg, {}, "lora", family="tiny")
