@@ -269,7 +269,11 @@ class LoraSettings(TrainSettings):
     te2_lr: float | None = _help("SDXL's second text encoder's learning rate (None: te_lr)", default=None)
     conv_rank: int = _help("rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)", default=0)
     conv_alpha: float | None = _help("None: conv_rank (with targets=all and no conv_rank: alpha)", default=None)
-    lora_dropout: float = 0.0
+    lora_dropout: float = _help("dropout on each LoRA layer's input (PEFT's lora_dropout)", default=0.0)
+    rank_dropout: float = _help("kohya's rank_dropout: each of a layer's r branch channels dropped per sample with "
+                                "this probability, the branch scaled by 1/(1 - p) (--algo lora)", default=0.0)
+    module_dropout: float = _help("kohya's module_dropout: a layer's whole branch skipped in a step's forward with "
+                                  "this probability (--algo lora)", default=0.0)
     name: str = _help("output file name (without .safetensors)", default="lora")
     formats: list[str] = _help("kohya and/or diffusers", default_factory=lambda: ["kohya"])
     save_precision: str = _help("fp32 | fp16 | bf16: the saved files' weights (kohya's --save_precision; fp16 halves "
@@ -317,8 +321,13 @@ class LoraSettings(TrainSettings):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
-        if not 0 <= self.lora_dropout < 1:
-            raise SdtuneError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        for name in ("lora_dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
+        kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout") if getattr(self, n)]
+        if kohyas and self.algo != "lora":
+            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: these are kohya's dropouts of a LoRA's rank "
+                              f"channels and layers; sdtune offers them with --algo lora only")
         _choice("targets", self.targets, TARGETS)
         for pattern in self.exclude:
             try:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -264,7 +264,11 @@ def make_accelerator(settings: TrainSettings, base):
     mp = settings.mixed_precision
     if mp == "auto":
         mp = "no" if on_cpu else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base.dtype, "no")
-    return Accelerator(mixed_precision=mp, cpu=on_cpu)
+    # --module-dropout: a process's step may leave a layer out, whose gradients DDP must then find (it costs a walk
+    # of the graph each step, so only then)
+    skips = getattr(settings, "module_dropout", 0.0) > 0
+    return Accelerator(mixed_precision=mp, cpu=on_cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if skips else None)
 
 
 def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -> int:

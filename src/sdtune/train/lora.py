@@ -176,7 +176,9 @@ class Network:
         conv_rank, conv_alpha = _conv_rank(settings), _conv_alpha(settings)
         modules, self.roots = plan or plan_layers(base, settings)
         self.algo = algos.get(settings.algo)
-        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else \
+            {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout} \
+            if settings.rank_dropout or settings.module_dropout else {}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
         self.layers: dict[tuple[str, str], nn.Module] = {}
         for comp, path, module in modules:
@@ -240,8 +242,9 @@ class Network:
         return [p for (c, _), layer in self.layers.items() if c == comp for p in layer.parts().values()]
 
     def set_training(self, on: bool) -> None:
+        """Training mode (the dropouts) of the layers; their frozen base Linear/Conv2d has no mode-dependent part."""
         for layer in self.layers.values():
-            layer.dropout.train(on)
+            layer.train(on)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{comp}:{path}.{role}": p.detach().cpu().clone()
@@ -368,8 +371,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
-    if settings.algo != "lora":
-        meta |= lycoris_network(settings)
+    meta |= lycoris_network(settings) if settings.algo != "lora" else kohya_network(settings)
     meta |= sampling_metadata(base.family, base.scheduler.config)
     if final:
         meta["ss_training_finished_at"] = str(time.time())
@@ -381,13 +383,24 @@ def lycoris_network(settings: LoraSettings) -> dict:
     w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
     algo = algos.get(settings.algo)
-    args = {"algo": algo.network_algo or "locon", **algo.network_args}  # DoRA: a LoCon with dora_wd
-    if _conv_rank(settings):
-        args |= {"conv_dim": str(_conv_rank(settings)), "conv_alpha": str(float(_conv_alpha(settings)))}
+    args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
     return {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(settings.rank),
             "ss_network_alpha": str(float(settings.alpha)), "ss_network_args": json.dumps(args)}
+
+
+def kohya_network(settings: LoraSettings) -> dict:
+    """A LoRA run's network arguments where kohya's ``networks.lora`` would have some beyond what the file's
+    tensors say (the saved layout derives the conv ones): its rank and module dropouts."""
+    dropouts = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout")
+                if getattr(settings, name)}
+    return {"ss_network_args": json.dumps({**_conv_args(settings), **dropouts})} if dropouts else {}
+
+
+def _conv_args(settings: LoraSettings) -> dict:
+    conv_rank = _conv_rank(settings)
+    return {"conv_dim": str(conv_rank), "conv_alpha": str(float(_conv_alpha(settings)))} if conv_rank else {}
 
 
 def train_lora(base, settings: LoraSettings, callback=None) -> Path:

@@ -26,12 +26,18 @@ class LoraLayer(nn.Module):
 
     ``down`` starts like a fresh layer and ``up`` at zero, so training starts from the base model exactly.
     Convolutions get a ``down`` conv with the layer's kernel, stride and padding and a 1x1 ``up`` (LoCon).
+
+    kohya's two other dropouts, in training mode only: ``rank_dropout`` zeroes each of the r branch channels
+    per sample with that probability and scales the branch by 1/(1 − p) (as if the rank changed), and
+    ``module_dropout`` skips the whole branch of a forward with its probability.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scale = alpha / rank
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         w = base.weight
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False)
@@ -53,8 +59,18 @@ class LoraLayer(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         y = self.base(x)
-        branch = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
-        return y.add(branch.to(y.dtype), alpha=self.scale)
+        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+            return y
+        h = self.down(self.dropout(x.to(self.down.weight.dtype)))
+        scale = self.scale
+        if self.training and self.rank_dropout:
+            keep = torch.rand(h.shape[0], self.rank, device=h.device) >= self.rank_dropout
+            # the rank is dim 1 of a conv's [b, r, h, w] and the last one of a linear's [b, (tokens,) r]
+            shape = (h.shape[0], self.rank, *[1] * (h.dim() - 2)) if isinstance(self.down, nn.Conv2d) else \
+                (h.shape[0], *[1] * (h.dim() - 2), self.rank)
+            h = h * keep.view(shape).to(h.dtype)
+            scale = scale / (1 - self.rank_dropout)
+        return y.add(self.up(h).to(y.dtype), alpha=scale)
 
     def take(self, tensors: dict[str, torch.Tensor]) -> None:
         """Start from an adapter's factors (of this layer's rank) instead of the fresh ones."""

@@ -1,0 +1,138 @@
+"""kohya's rank and module dropouts of a LoRA in training: what a layer computes with them (in training mode only,
+unbiased), a run with both resumes to the uninterrupted weights, records them as kohya does, runs on two
+processes, and refuses what they cannot take in one line."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from sdtune.lora.algos.lora import LoraLayer
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import SdtuneError, read_metadata
+from sdtune.tiny import world
+from sdtune.train.config import LoraSettings
+from sdtune.train.lora import train_lora
+
+
+def _layer(base, **kw):
+    layer = LoraLayer(base, 4, 4.0, 0.0, torch.Generator().manual_seed(0), **kw)
+    with torch.no_grad():
+        layer.up.weight.normal_(generator=torch.Generator().manual_seed(1))  # a branch that is not zero
+    return layer
+
+
+LAYERS = [pytest.param(lambda: nn.Linear(6, 5), (3, 7, 6), id="linear-tokens"),
+          pytest.param(lambda: nn.Linear(6, 5), (3, 6), id="linear"),
+          pytest.param(lambda: nn.Conv2d(6, 5, 3, padding=1), (3, 6, 4, 4), id="conv")]
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_rank_dropout_drops_branch_channels_per_sample_and_is_unbiased(make, shape):
+    torch.manual_seed(0)
+    base = make()
+    plain, dropped = _layer(base), _layer(base, rank_dropout=0.5)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        full = plain(x) - base(x)
+        dropped.eval()
+        assert torch.equal(dropped(x), plain(x))  # in eval mode (sampling, validation): the whole branch
+        dropped.train()
+        draws = torch.stack([dropped(x) - base(x) for _ in range(4000)])
+    # per sample: the samples of one forward are not all dropped alike
+    assert any(not torch.allclose(d[0] / full[0], d[1] / full[1]) for d in draws[:10])
+    # the mean branch is the full one (the 1/(1 - p) scale), within the average's noise
+    assert torch.allclose(draws.mean(0), full, atol=0.06 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("make, shape", LAYERS[::2])
+def test_module_dropout_skips_the_whole_branch_with_its_probability(make, shape):
+    torch.manual_seed(0)
+    base = make()
+    layer = _layer(base, module_dropout=0.3)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        skipped = [torch.equal(layer(x), base(x)) for _ in range(2000)]
+        layer.eval()
+        assert not torch.equal(layer(x), base(x))
+    assert 0.26 < sum(skipped) / len(skipped) < 0.34
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    scenes = world.concept_scenes(4, seed=3, style="outline")
+    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+
+
+def settings(dataset, out, **kw):
+    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
+                    save_every=2, sample_every=0, report=False, progress=False)
+    return LoraSettings(**{**defaults, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def _weights(path):
+    return {k: (a.tensors["down"], a.tensors["up"]) for k, _, a in load_lora(path).items()}
+
+
+def test_a_run_with_both_dropouts_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
+    kw = dict(rank_dropout=0.25, module_dropout=0.25, targets="all", conv_rank=2)
+    whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=stop)
+    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **kw))
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    plain = _weights(train_lora(base, settings(dataset, tmp_path / "plain", targets="all", conv_rank=2)))
+    assert any(not torch.equal(a[k][1], plain[k][1]) for k in a)
+    meta = read_metadata(whole)
+    assert meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0", "rank_dropout": "0.25",
+                                                   "module_dropout": "0.25"}
+    assert "ss_network_args" not in read_metadata(tmp_path / "plain" / "lora.safetensors") or \
+        "rank_dropout" not in read_metadata(tmp_path / "plain" / "lora.safetensors")["ss_network_args"]
+
+
+def test_other_algorithms_and_bad_values_are_refused(dataset, tmp_path):
+    with pytest.raises(SdtuneError, match=r"--algo loha --rank-dropout: these are kohya's dropouts .* --algo lora "
+                                          r"only"):
+        settings(dataset, tmp_path / "o", algo="loha", rank_dropout=0.1).check()
+    with pytest.raises(SdtuneError, match=r"--module-dropout 1.0: must be in \[0, 1\)"):
+        settings(dataset, tmp_path / "o", module_dropout=1.0).check()
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from sdtune.models import load_base
+    from sdtune.train.config import LoraSettings
+    from sdtune.train.lora import train_lora
+    data, out = sys.argv[1:3]
+    train_lora(load_base("tiny-random"), LoraSettings(data=data, out=out, steps=3, batch_size=2, rank=4, alpha=4,
+                                                       lr=1e-3, progress=False, module_dropout=0.5))
+""")
+
+
+def test_module_dropout_trains_on_two_processes(dataset, tmp_path):
+    """Each process skips its own layers; DDP is told to find the gradients a step left out."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(dataset), str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ups = [ad.tensors["up"] for _, _, ad in load_lora(tmp_path / "two" / "lora.safetensors").items()]
+    assert any(u.abs().max() > 0 for u in ups)
