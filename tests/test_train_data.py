@@ -12,6 +12,7 @@ from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import model as tiny
 from sdtune.train import data
+from sdtune.train.config import LoraSettings
 from sdtune.train.data import (
     TrainingSet,
     bucket_sizes,
@@ -181,6 +182,34 @@ def test_caption_shuffle_keeps_tokens_and_dropout_rate():
     dropped = sum(process_caption(text, rng, dropout=0.3) == "" for _ in range(2000))
     assert 500 < dropped < 700
     assert process_caption(text, rng) == text
+
+
+def test_caption_tag_dropout_leaves_out_tags_but_the_kept_ones_in_their_order():
+    rng = random.Random(0)
+    text = "sks, dog, grass, sunny, park, ball"
+    counts = {t: 0 for t in text.split(", ")}
+    for _ in range(2000):
+        tags = process_caption(text, rng, keep_tokens=2, tag_dropout=0.25).split(", ")
+        assert tags[:2] == ["sks", "dog"]
+        assert tags == [t for t in text.split(", ") if t in tags]  # no shuffle: the order stays
+        for t in tags:
+            counts[t] += 1
+    assert counts["sks"] == counts["dog"] == 2000
+    assert all(1400 < counts[t] < 1600 for t in ("grass", "sunny", "park", "ball"))  # each kept 75% of the time
+    # with a shuffle too: the kept tags in front, the rest shuffled and thinned
+    out = {process_caption(text, rng, shuffle=True, keep_tokens=1, tag_dropout=0.5) for _ in range(200)}
+    assert all(o.startswith("sks") for o in out) and len(out) > 50
+    with pytest.raises(SdtuneError, match=r"--caption-tag-dropout 1.0: must be in \[0, 1\)"):
+        LoraSettings(data="d", out="o", caption_tag_dropout=1.0).check()
+
+
+def test_captions_that_lose_tags_vary_so_their_encodings_are_not_cached(tmp_path, vae):
+    solid(tmp_path / "a.png", size=(64, 64))
+    (tmp_path / "a.txt").write_text("sks, dog, grass, park")
+    assert not TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16).captions_vary
+    thinned = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, caption_tag_dropout=0.5)
+    assert thinned.captions_vary
+    assert len({thinned.batch(n, 1).captions[0] for n in range(30)}) > 3
 
 
 # ---------------------------------------------------------------- buckets

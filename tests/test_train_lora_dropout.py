@@ -1,4 +1,4 @@
-"""kohya's rank and module dropouts of a LoRA in training: what a layer computes with them (in training mode only,
+"""kohya's rank and module dropouts of a LoRA in training (and its caption tag dropout): what a layer computes with them (in training mode only,
 unbiased), a run with both resumes to the uninterrupted weights, records them as kohya does, runs on two
 processes, and refuses what they cannot take in one line."""
 
@@ -84,7 +84,8 @@ def _weights(path):
 
 
 def test_a_run_with_both_dropouts_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
-    kw = dict(rank_dropout=0.25, module_dropout=0.25, targets="all", conv_rank=2)
+    # (with kohya's caption tag dropout too: captions that vary, encoded every step)
+    kw = dict(rank_dropout=0.25, module_dropout=0.25, targets="all", conv_rank=2, caption_tag_dropout=0.3)
     whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
 
     def stop(step, loss):
@@ -99,7 +100,7 @@ def test_a_run_with_both_dropouts_resumes_to_the_uninterrupted_weights_and_recor
     plain = _weights(train_lora(base, settings(dataset, tmp_path / "plain", targets="all", conv_rank=2)))
     assert any(not torch.equal(a[k][1], plain[k][1]) for k in a)
     meta = read_metadata(whole)
-    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_caption_tag_dropout_rate"] == "0.3"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0", "rank_dropout": "0.25",
                                                    "module_dropout": "0.25"}
     assert "ss_network_args" not in read_metadata(tmp_path / "plain" / "lora.safetensors") or \

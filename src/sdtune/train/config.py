@@ -117,6 +117,8 @@ class TrainSettings:
     shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)
     keep_tokens: int = _help("tags kept in front when shuffling", default=0)
     caption_dropout: float = _help("probability of training a sample with an empty caption", default=0.0)
+    caption_tag_dropout: float = _help("probability of leaving out each comma-separated tag of a caption (those "
+                                       "--keep-tokens keeps in front stay)", default=0.0)
     default_caption: str | None = _help("caption of images without a caption file", default=None)
     save_every: int = _help("snapshot + resume state every N steps (0: only at the end)", default=0)
     sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
@@ -184,8 +186,9 @@ class TrainSettings:
         if self.resolution > MAX_RESOLUTION:
             raise SdtuneError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} pixels (SD 1.x trains at 512, "
                               f"SDXL at 1024)")
-        if not 0 <= self.caption_dropout < 1:
-            raise SdtuneError(f"--caption-dropout {self.caption_dropout}: must be in [0, 1)")
+        for name in ("caption_dropout", "caption_tag_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
         if not 0 <= self.validation_split < 1:
             raise SdtuneError(f"--validation-split {self.validation_split}: must be in [0, 1), e.g. 0.1")
         if self.validation_split and self.validation_dir:
@@ -482,7 +485,8 @@ OTHER_TOOLS_NAMES = {
     "snr_gamma": "min_snr_gamma", "lr_warmup": "lr_warmup_steps", "placeholder_token": "token",
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
     "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder",
-    "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma"}
+    "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma",
+    "caption_tag_dropout_rate": "caption_tag_dropout"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:

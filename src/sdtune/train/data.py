@@ -439,15 +439,19 @@ def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[
 # ---------------------------------------------------------------- captions
 
 def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
-                    dropout: float = 0.0) -> str:
+                    dropout: float = 0.0, tag_dropout: float = 0.0) -> str:
     """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
-    comma-separated tags, the first ``keep_tokens`` staying in front."""
+    comma-separated tags, the first ``keep_tokens`` staying in front; then drop each of the others with
+    probability ``tag_dropout``."""
     if dropout > 0 and rng.random() < dropout:
         return ""
-    if shuffle:
+    if shuffle or tag_dropout > 0:
         tags = [t.strip() for t in text.split(",") if t.strip()]
         head, tail = tags[:keep_tokens], tags[keep_tokens:]
-        rng.shuffle(tail)
+        if shuffle:
+            rng.shuffle(tail)
+        if tag_dropout > 0:
+            tail = [t for t in tail if rng.random() >= tag_dropout]
         text = ", ".join(head + tail)
     return text
 
@@ -491,7 +495,8 @@ class TrainingSet:
 
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
                  crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
-                 caption_dropout: float = 0.0, templates: list[str] | None = None, encode_batch: int = 8,
+                 caption_dropout: float = 0.0, caption_tag_dropout: float = 0.0, templates: list[str] | None = None,
+                 encode_batch: int = 8,
                  progress: bool = False, masked: bool = False):
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
@@ -499,7 +504,8 @@ class TrainingSet:
             raise SdtuneError(f"--resolution {resolution}: must be a multiple of {bucket_step} for this model")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
-        self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout)
+        self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout,
+                                 tag_dropout=caption_tag_dropout)
         self.templates = templates
         sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
@@ -563,7 +569,7 @@ class TrainingSet:
     @property
     def captions_vary(self) -> bool:
         """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
-        return self.caption_opts["shuffle"]
+        return self.caption_opts["shuffle"] or self.caption_opts["tag_dropout"] > 0
 
     def possible_captions(self) -> list[str]:
         """Every caption a batch can hold (when they don't vary), for caching text-encoder outputs."""
@@ -718,7 +724,8 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
     return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
                        flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                       caption_dropout=settings.caption_dropout, templates=templates, progress=settings.progress,
+                       caption_dropout=settings.caption_dropout, caption_tag_dropout=settings.caption_tag_dropout,
+                       templates=templates, progress=settings.progress,
                        masked=masked)
 
 
