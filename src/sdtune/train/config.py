@@ -277,6 +277,9 @@ class LoraSettings(TrainSettings):
                                 "this probability, the branch scaled by 1/(1 - p) (--algo lora)", default=0.0)
     module_dropout: float = _help("kohya's module_dropout: a layer's whole branch skipped in a step's forward with "
                                   "this probability (--algo lora)", default=0.0)
+    scale_weight_norms: float = _help("kohya's max-norm regularisation: after each step, a layer whose weight change "
+                                      "has a Frobenius norm above this is scaled back to it (1.0 usual; 0: off; "
+                                      "--algo lora)", default=0.0)
     name: str = _help("output file name (without .safetensors)", default="lora")
     formats: list[str] = _help("kohya and/or diffusers", default_factory=lambda: ["kohya"])
     save_precision: str = _help("fp32 | fp16 | bf16: the saved files' weights (kohya's --save_precision; fp16 halves "
@@ -327,10 +330,12 @@ class LoraSettings(TrainSettings):
         for name in ("lora_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
-        kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout") if getattr(self, n)]
+        if not self.scale_weight_norms >= 0:
+            raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
+        kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
         if kohyas and self.algo != "lora":
-            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: these are kohya's dropouts of a LoRA's rank "
-                              f"channels and layers; sdtune offers them with --algo lora only")
+            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: kohya's options for a LoRA's factors; sdtune "
+                              f"offers them with --algo lora only")
         _choice("targets", self.targets, TARGETS)
         for pattern in self.exclude:
             try:

@@ -98,6 +98,12 @@ class TrainLog:
                 for name, value in group_lrs.items():
                     self.writer.add_scalar(f"lr/{name}", value, step)
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Other numbers of a step (a job's own, e.g. --scale-weight-norms' counts), to TensorBoard by name."""
+        if self.enabled:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:
             self._row(step)["val_loss"] = loss

@@ -91,6 +91,7 @@ class Job:
     validation: ValidationSet | None = None  # fixed images for the validation loss
     prior_data: TrainingSet | None = None  # prior preservation: the class images, a batch of them every step
     prior_weight: float = 0.0  # their loss's weight
+    after_step: Callable[[], dict[str, float]] = lambda: {}  # run after each optimizer step; its numbers are logged
 
 
 @dataclass
@@ -754,6 +755,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
             r.log.train(done, value, lr,
                         {g["name"]: optimizers.step_size(g) for g in optimizer.param_groups if "name" in g})
+            r.log.scalars(done, r.job.after_step())
             if callback is not None:
                 callback(done, value)
             saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total

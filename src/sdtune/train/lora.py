@@ -246,6 +246,25 @@ class Network:
         for layer in self.layers.values():
             layer.train(on)
 
+    @torch.no_grad()
+    def max_norm(self, limit: float) -> dict[str, float]:
+        """kohya's max-norm regularisation (--scale-weight-norms): each layer whose ΔW = scale · up @ down has a
+        Frobenius norm above ``limit`` gets both factors scaled by √(limit/norm), which brings it to ``limit``.
+        Returns kohya's three numbers for the logs: layers scaled, the mean and the largest norm after."""
+        norms, scaled = [], 0
+        for layer in self.layers.values():
+            up, down = layer.up.weight.flatten(1), layer.down.weight.flatten(1)
+            # ||U D||² = sum((UᵀU) ∘ (D Dᵀ)): rank x rank products instead of the out x in matrix
+            norm = float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt()) * layer.scale
+            if norm > limit:
+                ratio = math.sqrt(limit / norm)
+                layer.up.weight.mul_(ratio)
+                layer.down.weight.mul_(ratio)
+                scaled, norm = scaled + 1, limit
+            norms.append(norm)
+        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": sum(norms) / len(norms),
+                "max_norm/max_key_norm": max(norms)}
+
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{comp}:{path}.{role}": p.detach().cpu().clone()
                 for (comp, path), layer in self.layers.items() for role, p in layer.parts().items()}
@@ -351,6 +370,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_huber_c": str(settings.huber_c),
         "ss_caption_dropout_rate": str(settings.caption_dropout),
         "ss_caption_tag_dropout_rate": str(settings.caption_tag_dropout),
+        "ss_scale_weight_norms": str(settings.scale_weight_norms or None),
         "ss_keep_tokens": str(settings.keep_tokens),
         "ss_shuffle_caption": str(settings.shuffle_captions),
         "ss_flip_aug": str(settings.flip),
@@ -479,6 +499,8 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
                    sample_prompts=prompts, validation=checks,
                    expand=pivot.embeddings.expand if pivot is not None else (lambda prompt: prompt),
                    prior_data=prior, prior_weight=settings.prior_loss_weight)
+    if settings.scale_weight_norms:
+        job.after_step = lambda: network.max_norm(settings.scale_weight_norms)
     network.inject()
     if pivot is not None:
         pivot.install()
