@@ -244,7 +244,7 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per training setting (``init_token`` -> ``--init-token``); unset flags stay None so that
     the TOML file's value (or the default) is kept."""
     cls = KINDS[kind]
-    preset_set = {name for p in presets.PRESETS[kind].values() for name in p.values}
+    preset_set = {name for p in presets.PRESETS[kind].values() for name in p.settings()}
     helps = setting_helps(cls)
     for f in dataclasses.fields(cls):
         flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
