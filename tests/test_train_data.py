@@ -426,5 +426,10 @@ def test_a_caption_longer_than_the_text_window_is_said(base, tmp_path, capfd):
         data._note_long_captions(base.tokenizer, scan)
     assert [str(w.message) for w in caught] == [
         f"{tmp_path / 'long.png'} and 1 more: caption longer than the 75 tokens training reads; the rest is not "
-        f"learned (shorten it, or put what matters first)"]
+        f"learned (shorten it, or put what matters first, or --max-token-length 150 or 225)"]
     assert capfd.readouterr().err == ""  # not transformers' own line about long sequences too
+    with pytest.warns(SdtuneWarning) as caught:  # --max-token-length 150: two chunks, so only the longer one
+        data._note_long_captions(base.tokenizer, scan, chunks=2)
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'longer.png'}: caption longer than the 150 tokens training reads; the rest is not "
+        f"learned (shorten it, or put what matters first, or --max-token-length 225)"]

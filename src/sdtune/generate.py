@@ -302,33 +302,52 @@ class TextStack(nn.Module):
     """A family's text encoders as its UNet reads them (``families.TextEncoder``): each encoder's chosen hidden
     layer (SD 1.x/2.x: the last; SDXL: the penultimate of both; deeper with a clip skip, ``read_layer``),
     concatenated, and the pooled output of an encoder that projects it (SDXL's second). Training runs it with
-    gradients, ``encode_prompt`` without."""
+    gradients, ``encode_prompt`` without.
 
-    def __init__(self, encoders, clip_skip: int = 1):
+    ``chunks`` > 1 (training's --max-token-length 150 or 225): a text's first 75 x chunks tokens, each 75 encoded
+    apart between their own start and end tokens (a chunk past the text's end is an empty one) and put one after
+    the other, as A1111 encodes a long prompt; the pooled embedding is the first chunk's, as ``encode_prompt``'s."""
+
+    def __init__(self, encoders, clip_skip: int = 1, chunks: int = 1):
         super().__init__()
         encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
         self.specs = [te for te, _, _ in encoders]
         self.tokenizers = [tok for _, _, tok in encoders]
         self.models = nn.ModuleList([model for _, model, _ in encoders])
         self.layers = [read_layer(te, model, clip_skip) for te, model, _ in encoders]
+        self.chunks = chunks
 
     @classmethod
-    def of(cls, base, clip_skip: int = 1) -> TextStack:
-        return cls(base.text_encoders(), clip_skip)
+    def of(cls, base, clip_skip: int = 1, chunks: int = 1) -> TextStack:
+        return cls(base.text_encoders(), clip_skip, chunks)
 
     def ids(self, texts: list[str], device) -> list[torch.Tensor]:
-        """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently)."""
-        return [tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                    return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
+        """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently): [texts, 77], or
+        [texts, chunks, 77] with chunks."""
+        if self.chunks == 1:
+            return [tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                        return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
+        return [self._chunked(tok, texts).to(device) for tok in self.tokenizers]
+
+    def _chunked(self, tok, texts: list[str]) -> torch.Tensor:
+        window = tok.model_max_length - 2  # a chunk's tokens between its start and end token
+        out = torch.full((len(texts), self.chunks, window + 2), tok.pad_token_id, dtype=torch.long)
+        # (verbose=False: transformers logs every text longer than the window otherwise)
+        for i, body in enumerate(tok(texts, add_special_tokens=False, verbose=False).input_ids):
+            for c in range(self.chunks):
+                row = [tok.bos_token_id, *body[c * window:(c + 1) * window], tok.eos_token_id]
+                out[i, c, :len(row)] = torch.tensor(row)
+        return out
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = ids[0].shape[0]
         hidden, pooled = [], None
         for (layer, norm), model, x in zip(self.layers, self.models, ids):
-            out = model(x, output_hidden_states=layer != -1)
+            out = model(x.reshape(-1, x.shape[-1]), output_hidden_states=layer != -1)
             h = out[0] if layer == -1 else out.hidden_states[layer]
-            hidden.append(_final_norm(model)(h) if norm else h)
+            hidden.append((_final_norm(model)(h) if norm else h).reshape(rows, -1, h.shape[-1]))
             if getattr(out, "text_embeds", None) is not None:
-                pooled = out.text_embeds
+                pooled = out.text_embeds.reshape(rows, -1, out.text_embeds.shape[-1])[:, 0]
         return torch.cat(hidden, dim=-1), pooled
 
 

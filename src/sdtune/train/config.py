@@ -37,6 +37,7 @@ from . import optimizers, presets
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+TOKEN_LENGTHS = (75, 150, 225)  # a caption's tokens training reads: 1, 2 or 3 chunks of the encoders' window
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # the error of a prediction (``diffusion.Loss``)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # how the Huber threshold follows the timestep
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -117,6 +118,9 @@ class TrainSettings:
     shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)
     keep_tokens: int = _help("tags kept in front when shuffling", default=0)
     caption_dropout: float = _help("probability of training a sample with an empty caption", default=0.0)
+    max_token_length: int = _help("caption tokens training reads: 75 (the text encoder's window), 150 or 225 (kohya's "
+                                  "--max_token_length: chunks of 75 encoded apart and put one after the other, as "
+                                  "A1111 reads a long prompt)", default=75)
     caption_tag_dropout: float = _help("probability of leaving out each comma-separated tag of a caption (those "
                                        "--keep-tokens keeps in front stay)", default=0.0)
     default_caption: str | None = _help("caption of images without a caption file", default=None)
@@ -195,6 +199,7 @@ class TrainSettings:
             raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("max_token_length", self.max_token_length, TOKEN_LENGTHS)
         _choice("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
         if not 0 < self.multires_noise_discount <= 1:
             raise SdtuneError(f"--multires-noise-discount {self.multires_noise_discount}: must be in (0, 1], e.g. 0.3")
@@ -402,7 +407,7 @@ def _flag(name: str) -> str:
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise SdtuneError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+        raise SdtuneError(f"--{_flag(name)} {value!r}: choose one of {', '.join(map(str, allowed))}")
 
 
 def setting_helps(cls) -> dict[str, str]:

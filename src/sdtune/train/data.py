@@ -720,7 +720,7 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
             folder = os.path.commonpath([str(ex.path.parent) for ex in scan.examples])
             note(f"{folder}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
                  f"their masks are white (now the whole image is learned, transparency on white)")
-    _note_long_captions(base.tokenizer, scan)
+    _note_long_captions(base.tokenizer, scan, settings.max_token_length // 75)
     return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
                        flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
@@ -729,16 +729,20 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
                        masked=masked)
 
 
-def _note_long_captions(tokenizer, scan: Scan) -> None:
-    """Training reads a caption's first 75 tokens (the text encoder's window, as kohya's default): say so for
-    the captions it cuts, which samples and the report still draw whole, in A1111's 75-token chunks."""
-    window = tokenizer.model_max_length - 2  # less the start and end tokens
+def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:
+    """Training reads a caption's first 75 tokens (the text encoder's window, as kohya's default), or 75 x
+    ``chunks`` (--max-token-length): say so for the captions it cuts, which samples and the report still draw
+    whole, in A1111's 75-token chunks."""
+    window = (tokenizer.model_max_length - 2) * chunks  # less each chunk's start and end tokens
     # (verbose=False: transformers logs every over-long text otherwise)
     long = [ex for ex in scan.examples
             if ex.caption and len(tokenizer(ex.caption, verbose=False).input_ids) - 2 > window]
     if long:
+        longer = [str(n) for n in (150, 225) if n > window]  # the config's TOKEN_LENGTHS past the window
+        more = f", or --max-token-length {' or '.join(longer)}" if longer else ""
         note(f"{long[0].path}" + (f" and {len(long) - 1} more" if len(long) > 1 else "") + f": caption longer than "
-             f"the {window} tokens training reads; the rest is not learned (shorten it, or put what matters first)")
+             f"the {window} tokens training reads; the rest is not learned (shorten it, or put what matters first"
+             f"{more})")
 
 
 def report_skipped(scan: Scan) -> None:

@@ -505,7 +505,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
-        stack = TextStack.of(base, settings.clip_skip)
+        stack = TextStack.of(base, settings.clip_skip, settings.max_token_length // 75)
         note_deep_clip_skip(base.family, settings.clip_skip, "it reads what this run trains at the default layer")
         # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
         unshare = shared_text.install(base.unet) if cache is not None and settings.share_text else None

@@ -356,7 +356,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_full_fp16": "False",
         "ss_resolution": str((data.resolution, data.resolution)),  # the training size; buckets: ss_bucket_info
         "ss_clip_skip": kohya_clip_skip(base.family, settings.clip_skip),
-        "ss_max_token_length": "None",
+        "ss_max_token_length": str(settings.max_token_length) if settings.max_token_length != 75 else "None",
         "ss_cache_latents": str(data.crop == "center"),
         "ss_seed": str(settings.seed),
         "ss_noise_offset": str(settings.noise_offset),
