@@ -163,8 +163,7 @@ TWO_PROCESSES = textwrap.dedent("""
     torch.set_num_threads(1)
     from sdtune.models import load_base
     from sdtune.train.config import LoraSettings
-    from sdtune.train import logs
-from sdtune.train.lora import Network, train_lora
+    from sdtune.train.lora import train_lora
     data, out = sys.argv[1:3]
     train_lora(load_base("tiny-random"), LoraSettings(data=data, out=out, steps=3, batch_size=2, rank=4, alpha=4,
                                                        lr=1e-3, progress=False, module_dropout=0.5))
