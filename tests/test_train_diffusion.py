@@ -166,20 +166,25 @@ def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_record
     assert 'loss_type = "huber"' in saved and "multires_noise_iterations = 6" in saved
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--loss-type", "l1"], "--loss-type 'l1': choose one of l2, huber, smooth_l1"),
-    (["--huber-schedule", "linear"], "--huber-schedule 'linear'"),
-    (["--huber-c", "0"], "--huber-c 0.0: must be in (0, 1]"),
-    (["--multires-noise-discount", "1.5"], "--multires-noise-discount 1.5: must be in (0, 1]"),
-    (["--min-timestep", "900", "--max-timestep", "100"], "the range is empty"),
-    (["--multires-noise-iterations", "-1"], "--multires-noise-iterations -1: must be 0 or more"),
-    (["--max-timestep", "2000"], "schedule has timesteps 0 to 999"),
+@pytest.mark.parametrize("values, says", [
+    (dict(loss_type="l1"), "--loss-type 'l1': choose one of l2, huber, smooth_l1"),
+    (dict(huber_schedule="linear"), "--huber-schedule 'linear'"),
+    (dict(huber_c=0.0), "--huber-c 0.0: must be in (0, 1]"),
+    (dict(multires_noise_discount=1.5), "--multires-noise-discount 1.5: must be in (0, 1]"),
+    (dict(min_timestep=900, max_timestep=100), "the range is empty"),
+    (dict(multires_noise_iterations=-1), "--multires-noise-iterations -1: must be 0 or more"),
 ])
-def test_bad_values_are_one_line(dataset, tmp_path, flags, says):
+def test_bad_values_are_refused(dataset, tmp_path, values, says):
+    with pytest.raises(SdtuneError) as e:
+        settings(dataset, tmp_path / "out", **values).check()
+    assert says in str(e.value)
+
+
+def test_a_timestep_past_the_models_schedule_is_one_line_through_the_command(dataset, tmp_path):
     run = subprocess.run([sys.executable, "-m", "sdtune", "train", "lora", "--model", "tiny-random", "--data",
-                          str(dataset), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress", *flags],
-                         capture_output=True, text=True)
-    assert run.returncode != 0 and says in run.stderr, run.stderr
+                          str(dataset), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress",
+                          "--max-timestep", "2000"], capture_output=True, text=True)
+    assert run.returncode != 0 and "schedule has timesteps 0 to 999" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not list((tmp_path / "out").glob("*.safetensors"))
 
 
