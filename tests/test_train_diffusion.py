@@ -26,7 +26,8 @@ def test_the_default_draws_are_the_plain_ones_and_each_option_moves_only_its_own
     g = torch.Generator().manual_seed(seed_for(3, "noise", 7))
     assert torch.equal(plain.noise, torch.randn(SHAPE, generator=g))
     assert torch.equal(plain.timesteps, torch.randint(0, 1000, (4,), generator=g))
-    assert plain.input_noise is plain.noise
+    part = plain.rows(slice(1, 3))  # a process's slice: still one tensor, so the objective is told of no perturbation
+    assert plain.input_noise is plain.noise and part.input_noise is part.noise and torch.equal(part.noise, plain.noise[1:3])
     # input perturbation: the target noise and timesteps stay; the noisy latent's noise is off by gamma x N(0, I)
     ip = diffusion_draws(3, 7, SHAPE, 1000, Noise(ip_gamma=0.1))
     assert torch.equal(ip.noise, plain.noise) and torch.equal(ip.timesteps, plain.timesteps)

@@ -67,7 +67,8 @@ class Draws:
     input_noise: torch.Tensor
 
     def rows(self, rows: slice) -> Draws:
-        return Draws(self.noise[rows], self.timesteps[rows], self.input_noise[rows])
+        noise = self.noise[rows]
+        return Draws(noise, self.timesteps[rows], noise if self.input_noise is self.noise else self.input_noise[rows])
 
 
 def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, noise: Noise = Noise()) -> Draws:
