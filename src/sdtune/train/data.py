@@ -44,6 +44,7 @@ from .. import console
 from ..console import note
 from ..safeio import SdtuneError
 from . import masks
+from .config import TOKEN_LENGTHS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -496,8 +497,7 @@ class TrainingSet:
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
                  crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
                  caption_dropout: float = 0.0, caption_tag_dropout: float = 0.0, templates: list[str] | None = None,
-                 encode_batch: int = 8,
-                 progress: bool = False, masked: bool = False):
+                 encode_batch: int = 8, progress: bool = False, masked: bool = False):
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
@@ -725,8 +725,7 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
                        bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
                        flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
                        caption_dropout=settings.caption_dropout, caption_tag_dropout=settings.caption_tag_dropout,
-                       templates=templates, progress=settings.progress,
-                       masked=masked)
+                       templates=templates, progress=settings.progress, masked=masked)
 
 
 def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:
@@ -738,7 +737,7 @@ def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:
     long = [ex for ex in scan.examples
             if ex.caption and len(tokenizer(ex.caption, verbose=False).input_ids) - 2 > window]
     if long:
-        longer = [str(n) for n in (150, 225) if n > window]  # the config's TOKEN_LENGTHS past the window
+        longer = [str(n) for n in TOKEN_LENGTHS if n > window]
         more = f", or --max-token-length {' or '.join(longer)}" if longer else ""
         note(f"{long[0].path}" + (f" and {len(long) - 1} more" if len(long) > 1 else "") + f": caption longer than "
              f"the {window} tokens training reads; the rest is not learned (shorten it, or put what matters first"

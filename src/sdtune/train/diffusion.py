@@ -2,8 +2,8 @@
 loss (per element, then weighted per sample).
 
 The default is the plain DDPM objective: Gaussian noise, timesteps uniform over the schedule, squared error,
-every sample weighted 1. The options are kohya sd-scripts' (its flag names are accepted in --config files), each
-off by default:
+every sample weighted 1. The options are kohya sd-scripts', under its names (where sdtune's differ, a --config file
+with kohya's is told sdtune's), each off by default:
 
 - ``noise_offset``: a per-channel constant added to the noise (darker darks, brighter brights);
 - ``multires_noise_iterations`` / ``_discount``: "pyramid" noise, lower-resolution noise layers added on top and
