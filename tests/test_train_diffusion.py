@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from small_runs import factors, outline_dataset, resumes_exactly, settings
 
-from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, read_metadata
-from sdtune.tiny import world
 from sdtune.train import diffusion, loop
-from sdtune.train.config import LoraSettings, load_settings
+from sdtune.train.config import load_settings
 from sdtune.train.data import seed_for
 from sdtune.train.diffusion import Loss, Noise, diffusion_draws
 from sdtune.train.lora import train_lora
@@ -122,8 +121,7 @@ def test_the_objective_makes_the_noisy_latent_with_the_perturbed_noise_and_aims_
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    scenes = world.concept_scenes(4, seed=3, style="outline")
-    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
+    return outline_dataset(tmp_path_factory.mktemp("data"))
 
 
 OPTIONS = dict(multires_noise_iterations=6, multires_noise_discount=0.5, ip_noise_gamma=0.1, min_timestep=100,
@@ -131,33 +129,10 @@ OPTIONS = dict(multires_noise_iterations=6, multires_noise_discount=0.5, ip_nois
                debiased_estimation=True, noise_offset=0.05)
 
 
-def settings(dataset, out, **kw):
-    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
-                    save_every=2, sample_every=0, report=False, progress=False)
-    return LoraSettings(**{**defaults, **kw})
-
-
-class Stop(Exception):
-    pass
-
-
-def _weights(path):
-    return {k: (a.tensors["down"], a.tensors["up"]) for k, _, a in load_lora(path).items()}
-
-
 def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
-    whole = train_lora(base, settings(dataset, tmp_path / "whole", **OPTIONS))
-
-    def stop(step, loss):
-        if step == 3:
-            raise Stop()
-
-    with pytest.raises(Stop):
-        train_lora(base, settings(dataset, tmp_path / "cut", **OPTIONS), callback=stop)
-    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **OPTIONS))
-    a, b = _weights(whole), _weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
-    plain = _weights(train_lora(base, settings(dataset, tmp_path / "plain")))
+    whole = resumes_exactly(base, dataset, tmp_path, **OPTIONS)
+    a = factors(whole)
+    plain = factors(train_lora(base, settings(dataset, tmp_path / "plain")))
     assert any(not torch.equal(a[k][1], plain[k][1]) for k in a)  # the options changed what was learned
     meta = read_metadata(whole)
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],

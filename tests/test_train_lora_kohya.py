@@ -11,15 +11,14 @@ import textwrap
 
 import pytest
 import torch
+from small_runs import factors, outline_dataset, resumes_exactly, settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from sdtune.lora.algos.lora import LoraLayer
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, read_metadata
-from sdtune.tiny import world
 from sdtune.train import logs
-from sdtune.train.config import LoraSettings
 from sdtune.train.lora import Network, train_lora
 
 
@@ -68,40 +67,16 @@ def test_module_dropout_skips_the_whole_branch_with_its_probability(make, shape)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    scenes = world.concept_scenes(4, seed=3, style="outline")
-    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
-
-
-def settings(dataset, out, **kw):
-    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
-                    save_every=2, sample_every=0, report=False, progress=False)
-    return LoraSettings(**{**defaults, **kw})
-
-
-class Stop(Exception):
-    pass
-
-
-def _weights(path):
-    return {k: (a.tensors["down"], a.tensors["up"]) for k, _, a in load_lora(path).items()}
+    return outline_dataset(tmp_path_factory.mktemp("data"))
 
 
 def test_a_run_with_both_dropouts_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
     # (with kohya's caption tag dropout too: captions that vary, encoded every step)
     kw = dict(rank_dropout=0.25, module_dropout=0.25, targets="all", conv_rank=2, caption_tag_dropout=0.3,
               scale_weight_norms=0.01)
-    whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
-
-    def stop(step, loss):
-        if step == 3:
-            raise Stop()
-
-    with pytest.raises(Stop):
-        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=stop)
-    resumed = train_lora(base, settings(dataset, tmp_path / "cut", **kw))
-    a, b = _weights(whole), _weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
-    plain = _weights(train_lora(base, settings(dataset, tmp_path / "plain", targets="all", conv_rank=2)))
+    whole = resumes_exactly(base, dataset, tmp_path, **kw)
+    a = factors(whole)
+    plain = factors(train_lora(base, settings(dataset, tmp_path / "plain", targets="all", conv_rank=2)))
     assert any(not torch.equal(a[k][1], plain[k][1]) for k in a)
     meta = read_metadata(whole)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_caption_tag_dropout_rate"] == "0.3"

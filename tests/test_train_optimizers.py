@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
+from small_runs import Stop, outline_dataset, settings, stop_at
 
 from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, load_state, read_metadata
-from sdtune.tiny import world
 from sdtune.train import logs, loop, optimizers
-from sdtune.train.config import LoraSettings, load_settings
+from sdtune.train.config import load_settings
 from sdtune.train.lora import train_lora
 
 pytest.importorskip("bitsandbytes")
@@ -20,25 +20,7 @@ pytest.importorskip("prodigyopt")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    scenes = world.concept_scenes(4, seed=3, style="outline")
-    return world.write_dataset(tmp_path_factory.mktemp("data"), scenes, template=None, with_style=False)
-
-
-def settings(dataset, out, **kw):
-    defaults = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, rank=4, alpha=4, lr=2e-3,
-                    save_every=2, sample_every=0, report=False, progress=False)
-    return LoraSettings(**{**defaults, **kw})
-
-
-class Stop(Exception):
-    pass
-
-
-def _stop_at(at):
-    def callback(step, loss):
-        if step == at:
-            raise Stop()
-    return callback
+    return outline_dataset(tmp_path_factory.mktemp("data"))
 
 
 # what each optimizer keeps per tensor: its own state, so the run stepped with it (AdamW 8-bit's moments in bytes
@@ -59,7 +41,7 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
         kw["lr"] = 1.0
     whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
     with pytest.raises(Stop):
-        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=_stop_at(3))
+        train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=stop_at(3))
     state, _ = load_state(tmp_path / "cut" / loop.STATE_FILE)
     assert state["step"] == 2
     # (bitsandbytes keeps its tensors under one key of their own)
@@ -124,7 +106,7 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
 
 def test_a_run_resumes_only_with_its_own_optimizer(base, dataset, tmp_path):
     with pytest.raises(Stop):
-        train_lora(base, settings(dataset, tmp_path / "out"), callback=_stop_at(3))
+        train_lora(base, settings(dataset, tmp_path / "out"), callback=stop_at(3))
     with pytest.raises(SdtuneError, match=r"other settings \(optimizer 'adamw' -> 'lion'\)"):
         train_lora(base, settings(dataset, tmp_path / "out", optimizer="lion"))
 
