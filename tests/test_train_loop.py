@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import small_runs
 import torch
 from PIL import Image
 
@@ -645,3 +646,19 @@ def test_two_processes_equal_one_with_double_batch(base, dataset, tmp_path):
                                           r"of 4\), now on 1; resume it on 2, or use another --out"):
         train_lora(load_base("tiny-random"), LoraSettings(data=str(dataset), out=str(tmp_path / "two"), steps=4,
                                                           batch_size=2, rank=4, alpha=4, lr=1e-3, progress=False))
+
+
+def test_save_every_epochs_saves_at_each_epochs_last_step(base, tmp_path):
+    """kohya's --save_every_n_epochs: 4 images in batches of 2 are 2 steps an epoch, so saves at steps 2 and 4 of
+    6; in batches of 1 with 2 accumulated per step, also 2 steps an epoch: every 2 epochs is step 4."""
+    data = small_runs.outline_dataset(tmp_path / "data")
+    train_lora(base, small_runs.settings(data, tmp_path / "epochs", steps=0, epochs=3, save_every=0,
+                                         save_every_epochs=1))
+    assert sorted(p.name for p in (tmp_path / "epochs").glob("lora*.safetensors")) == [
+        "lora-step000002.safetensors", "lora-step000004.safetensors", "lora.safetensors"]
+    train_lora(base, small_runs.settings(data, tmp_path / "accumulated", steps=0, epochs=3, save_every=0,
+                                         save_every_epochs=2, grad_accum=2, batch_size=1))
+    assert sorted(p.name for p in (tmp_path / "accumulated").glob("lora*.safetensors")) == [
+        "lora-step000004.safetensors", "lora.safetensors"]
+    with pytest.raises(SdtuneError, match="--save-every-epochs -1: must be 0 or more"):
+        small_runs.settings(data, tmp_path / "x", save_every_epochs=-1).check()

@@ -69,7 +69,7 @@ SAMPLE_KEY = "Training sample"  # the grid's parameter naming the run and step: 
 STATE_FORMAT = "sdtune-train-state-1"
 SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
-RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "sample_every", "sample_prompts", "sample_images",
+RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_prompts", "sample_images",
                      "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
                      "preset", "validation_every", "report", "save_precision"}
 
@@ -724,6 +724,8 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     params = [p for group in r.job.param_groups for p in group["params"]]
     bar = progress(r.total, f"train {r.job.name}", "step", initial=start, enabled=acc.is_main_process and s.progress)
     smooth = None
+    # --save-every-epochs in steps: an epoch is its batches, a step grad_accum of them (its last one may hold fewer)
+    epoch_saves = s.save_every_epochs * math.ceil(r.job.metadata["batches_per_epoch"] / s.grad_accum)
     # a Ctrl-C saves the step in progress, as a scheduled save does, and stops (one process only: several
     # would have to agree on the step)
     stopping = contextlib.ExitStack()
@@ -758,7 +760,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             r.log.scalars(done, r.job.after_step())
             if callback is not None:
                 callback(done, value)
-            saving = bool(s.save_every) and done % s.save_every == 0 and done < r.total
+            saving = done < r.total and any(every and done % every == 0 for every in (s.save_every, epoch_saves))
             if saving or done == r.total or (s.validation_every and done % s.validation_every == 0):
                 r.validate(done)
             if saving:
