@@ -41,6 +41,7 @@ TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -614,6 +615,11 @@ class Session:
     def out(self) -> Path:
         return Path(self.settings.out)
 
+    @functools.cached_property
+    def noise(self) -> Noise:
+        """How each step draws its noise and timesteps (from the settings, once)."""
+        return Noise.of(self.settings)
+
     @property
     def global_batch(self) -> int:
         return self.settings.batch_size * self.accelerator.num_processes
@@ -639,7 +645,7 @@ class Session:
         batch = data.batch(number, self.global_batch, acc.process_index, acc.num_processes)
         mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
         draws = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
-                                len(self.base.scheduler.alphas_cumprod), Noise.of(s)).rows(mine)
+                                len(self.base.scheduler.alphas_cumprod), self.noise).rows(mine)
         inputs = {"latents": batch.latents.to(acc.device), "noise": draws.noise.to(acc.device),
                   "timesteps": draws.timesteps.to(acc.device), **self.text(batch.captions),
                   "time_ids": batch.time_ids.to(acc.device)}

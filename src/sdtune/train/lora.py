@@ -251,19 +251,21 @@ class Network:
         """kohya's max-norm regularisation (--scale-weight-norms): each layer whose ΔW = scale · up @ down has a
         Frobenius norm above ``limit`` gets both factors scaled by √(limit/norm), which brings it to ``limit``.
         Returns kohya's three numbers for the logs: layers scaled, the mean and the largest norm after."""
-        norms, scaled = [], 0
+        norms = []
         for layer in self.layers.values():
             up, down = layer.up.weight.flatten(1), layer.down.weight.flatten(1)
             # ||U D||² = sum((UᵀU) ∘ (D Dᵀ)): rank x rank products instead of the out x in matrix
-            norm = float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt()) * layer.scale
-            if norm > limit:
-                ratio = math.sqrt(limit / norm)
-                layer.up.weight.mul_(ratio)
-                layer.down.weight.mul_(ratio)
-                scaled, norm = scaled + 1, limit
+            norm = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt() * layer.scale
+            # tensor arithmetic, no read-back per layer (a GPU would wait on each); a layer within the limit is
+            # multiplied by exactly 1
+            ratio = (limit / norm).clamp(max=1).sqrt()
+            layer.up.weight.mul_(ratio)
+            layer.down.weight.mul_(ratio)
             norms.append(norm)
-        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": sum(norms) / len(norms),
-                "max_norm/max_key_norm": max(norms)}
+        norms = torch.stack(norms)
+        after = norms.clamp(max=limit)
+        scaled, mean, largest = torch.stack([(norms > limit).sum().float(), after.mean(), after.max()]).tolist()
+        return {"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": mean, "max_norm/max_key_norm": largest}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{comp}:{path}.{role}": p.detach().cpu().clone()
