@@ -662,3 +662,27 @@ def test_save_every_epochs_saves_at_each_epochs_last_step(base, tmp_path):
         "lora-step000004.safetensors", "lora.safetensors"]
     with pytest.raises(SdtuneError, match="--save-every-epochs -1: must be 0 or more"):
         small_runs.settings(data, tmp_path / "x", save_every_epochs=-1).check()
+
+
+def test_sample_every_epochs_samples_at_each_epochs_last_step(base, tmp_path):
+    """kohya's --sample_every_n_epochs: 2 steps an epoch, so grids at step 0 (the base), 2, 4 and 6 (the end); with
+    --sample-every 3 beside it, at step 3 too. A run cut after step 3 (saved at 2) and resumed with the flag added
+    (a change that leaves the weights alone) samples from there on."""
+    data = small_runs.outline_dataset(tmp_path / "data")
+    quick = dict(steps=0, epochs=3, save_every=0, sample_images=1, sample_steps=1)
+
+    def grids(out):
+        return sorted(p.name for p in (tmp_path / out / "samples").glob("*.png"))
+
+    train_lora(base, small_runs.settings(data, tmp_path / "epochs", sample_every_epochs=1, **quick))
+    assert grids("epochs") == ["step-000000.png", "step-000002.png", "step-000004.png", "step-000006.png"]
+    train_lora(base, small_runs.settings(data, tmp_path / "both", sample_every_epochs=2, sample_every=3, **quick))
+    assert grids("both") == ["step-000000.png", "step-000003.png", "step-000004.png", "step-000006.png"]
+    with pytest.raises(small_runs.Stop):
+        train_lora(base, small_runs.settings(data, tmp_path / "cut", **{**quick, "save_every": 2}),
+                   callback=small_runs.stop_at(3))
+    assert not (tmp_path / "cut" / "samples").exists()
+    train_lora(base, small_runs.settings(data, tmp_path / "cut", sample_every_epochs=1, **{**quick, "save_every": 2}))
+    assert grids("cut") == ["step-000002.png", "step-000004.png", "step-000006.png"]
+    with pytest.raises(SdtuneError, match="--sample-every-epochs -1: must be 0 or more"):
+        small_runs.settings(data, tmp_path / "x", sample_every_epochs=-1).check()

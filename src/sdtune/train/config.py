@@ -128,6 +128,8 @@ class TrainSettings:
     save_every_epochs: int = _help("snapshot + resume state at the end of every N epochs too (kohya's "
                                    "--save_every_n_epochs; 0: none)", default=0)
     sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
+    sample_every_epochs: int = _help("sample grid at step 0, at the end of every N epochs and at the end too "
+                                     "(kohya's --sample_every_n_epochs; 0: none)", default=0)
     sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions)",
                                       default_factory=list)
     sample_images: int = _help("images per prompt in a grid", default=4)
@@ -181,7 +183,7 @@ class TrainSettings:
                             max_timestep=self.max_timestep,
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
                             keep_tokens=self.keep_tokens, save_every=self.save_every, save_every_epochs=self.save_every_epochs,
-                            sample_every=self.sample_every,
+                            sample_every=self.sample_every, sample_every_epochs=self.sample_every_epochs,
                             validation_every=self.validation_every)
         for name, value in non_negative.items():
             if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -494,7 +496,8 @@ OTHER_TOOLS_NAMES = {
     "gradient_accumulation_steps": "grad_accum", "network_dim": "rank", "network_alpha": "alpha",
     "output_dir": "out", "train_data_dir": "data", "instance_data_dir": "data",
     "pretrained_model_name_or_path": "model", "save_every_n_steps": "save_every", "checkpointing_steps": "save_every",
-    "save_every_n_epochs": "save_every_epochs",
+    "save_every_n_epochs": "save_every_epochs", "sample_every_n_steps": "sample_every",
+    "sample_every_n_epochs": "sample_every_epochs",
     "shuffle_caption": "shuffle_captions", "caption_dropout_rate": "caption_dropout", "output_name": "name",
     "snr_gamma": "min_snr_gamma", "lr_warmup": "lr_warmup_steps", "placeholder_token": "token",
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",

@@ -34,8 +34,8 @@ checkpoints so far); a NaN loss stops the run before the bad step is applied, le
 
 What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
 validation loss (``validation``) is measured at step 0, every ``validation_every`` steps, at each save and at
-the end; sample grids at step 0, every ``sample_every`` steps and at the end; the losses go to ``loss.csv``,
-TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html`` from the returned ``Record``.
+the end; sample grids at step 0, every ``sample_every`` steps (and ``sample_every_epochs`` epochs) and at the end;
+the losses go to ``loss.csv``, TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html`` from the returned ``Record``.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ SAMPLE_KEY = "Training sample"  # the grid's parameter naming the run and step: 
 STATE_FORMAT = "sdtune-train-state-1"
 SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
-RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_prompts", "sample_images",
-                     "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
+RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
+                     "sample_prompts", "sample_images", "sample_steps", "sample_guidance", "resume", "progress", "out", "data", "model", "formats",
                      "preset", "validation_every", "report", "save_precision"}
 
 
@@ -730,8 +730,15 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     params = [p for group in r.job.param_groups for p in group["params"]]
     bar = progress(r.total, f"train {r.job.name}", "step", initial=start, enabled=acc.is_main_process and s.progress)
     smooth = None
-    # --save-every-epochs in steps: an epoch is its batches, a step grad_accum of them (its last one may hold fewer)
-    epoch_saves = s.save_every_epochs * math.ceil(r.job.metadata["batches_per_epoch"] / s.grad_accum)
+    # --save-every-epochs and --sample-every-epochs in steps: an epoch is its batches, a step grad_accum of them
+    # (its last one may hold fewer)
+    epoch_steps = math.ceil(r.job.metadata["batches_per_epoch"] / s.grad_accum)
+    saves = [every for every in (s.save_every, s.save_every_epochs * epoch_steps) if every]
+    samples = [every for every in (s.sample_every, s.sample_every_epochs * epoch_steps) if every]
+
+    def due(step: int, periods: list[int]) -> bool:
+        return any(step % every == 0 for every in periods)
+
     # a Ctrl-C saves the step in progress, as a scheduled save does, and stops (one process only: several
     # would have to agree on the step)
     stopping = contextlib.ExitStack()
@@ -739,9 +746,9 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     try:
         if start == 0:  # the base model's numbers: where the run starts from
             r.validate(0)
-            if s.sample_every:
+            if samples:
                 r.sample(0)
-        elif s.sample_every and start % s.sample_every == 0 and not r.sample_path(start).exists():
+        elif due(start, samples) and not r.sample_path(start).exists():
             r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
@@ -766,12 +773,12 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             r.log.scalars(done, r.job.after_step())
             if callback is not None:
                 callback(done, value)
-            saving = done < r.total and any(every and done % every == 0 for every in (s.save_every, epoch_saves))
+            saving = done < r.total and due(done, saves)
             if saving or done == r.total or (s.validation_every and done % s.validation_every == 0):
                 r.validate(done)
             if saving:
                 r.save(done, final=False)
-            if s.sample_every and (done % s.sample_every == 0 or done == r.total):
+            if samples and (due(done, samples) or done == r.total):
                 r.sample(done)
             if asked and done < r.total:
                 if r.last_save != done:

@@ -68,8 +68,8 @@ TRAINERS = {"ti": train_ti, "lora": train_lora}
 NOT_COMPARED = {"out", "progress", "resume"}
 # settings that change what a run shows or keeps (samples, checkpoints, its report, file formats), not the weights
 # it trains: a finished run given new ones is kept as it is, not refused
-NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "sample_every", "sample_prompts", "sample_images", "sample_steps",
-                              "sample_guidance", "validation_every", "report", "formats"}
+NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "sample_every", "sample_every_epochs", "sample_prompts",
+                              "sample_images", "sample_steps", "sample_guidance", "validation_every", "report", "formats"}
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 
@@ -428,7 +428,8 @@ def write_page(folder: Path, runs: list[Run], state: dict, intro: str | None = N
     rows.append(row("best checkpoint (lowest validation loss)", best_cells))
     rows.append(row("report", [_cell(link(i["report"])) for i in info]))
     samples = [_cell(fill(SAMPLE, href=i["sample"].relative_to(folder).as_posix(), text=i["sample"].stem))
-               if i["sample"] else "no samples (sample_every = 0)" if u.get("sample_every") == 0 else "none yet"
+               if i["sample"] else "no samples (sample_every = 0)"
+               if u.get("sample_every") == 0 and not u.get("sample_every_epochs") else "none yet"
                for i, u in zip(info, used)]
     rows.append(row("last samples", samples))
     package = resources.files("sdtune")
