@@ -1,7 +1,7 @@
 """kohya's options for a LoRA's factors: rank and module dropout (what a layer computes with them, in training mode
-only, unbiased) and max-norm regularisation (--scale-weight-norms); a run with all of them (and kohya's caption tag
-dropout) resumes to the uninterrupted weights and records them as kohya does; module dropout runs on two
-processes; what they cannot take is one line."""
+only, unbiased) and max-norm regularisation (--scale-weight-norms), on LoRA and, as LyCORIS applies them, on LoHa
+and LoKr; a run with all of them (and kohya's caption tag dropout) resumes to the uninterrupted weights and records
+them as kohya/LyCORIS do; module dropout runs on two processes; what they cannot take is one line."""
 
 import json
 import os
@@ -15,6 +15,8 @@ from small_runs import factors, outline_dataset, resumes_exactly, settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from sdtune.lora.algos.loha import LohaLayer
+from sdtune.lora.algos.lokr import LokrLayer
 from sdtune.lora.algos.lora import LoraLayer
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, read_metadata
@@ -121,12 +123,85 @@ def test_max_norm_brings_each_layer_above_the_limit_to_it_and_leaves_the_others(
             assert torch.equal(a, b)
 
 
-def test_other_algorithms_and_bad_values_are_refused(dataset, tmp_path):
-    with pytest.raises(SdtuneError, match=r"--algo loha --rank-dropout: kohya's options for a LoRA's factors; "
-                                          r"sdtune offers them with --algo lora only"):
-        settings(dataset, tmp_path / "o", algo="loha", rank_dropout=0.1).check()
-    with pytest.raises(SdtuneError, match=r"--algo dora --scale-weight-norms"):
-        settings(dataset, tmp_path / "o", algo="dora", scale_weight_norms=1.0).check()
+def _delta_layer(cls, base, **kw):
+    layer = cls(base, 2, 2.0, 0.0, torch.Generator().manual_seed(0), **kw)
+    with torch.no_grad():
+        for p in layer.factors.values():  # no factor at zero: a change that is not zero
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return layer
+
+
+DELTA_LAYERS = [pytest.param(LohaLayer, lambda: nn.Linear(6, 8), (3, 7, 6), id="loha-linear"),
+                pytest.param(LokrLayer, lambda: nn.Linear(6, 8), (3, 6), id="lokr-linear"),
+                pytest.param(LokrLayer, lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 4, 4), id="lokr-conv")]
+
+
+@pytest.mark.parametrize("cls, make, shape", DELTA_LAYERS)
+def test_loha_and_lokr_dropouts_act_on_the_weight_change_as_lycoris_and_are_unbiased(cls, make, shape):
+    """LyCORIS's rank dropout: each output row of ΔW dropped per forward (all samples alike), the rest scaled by
+    1/(1 - p); module dropout: ΔW skipped with its probability; in eval mode neither."""
+    torch.manual_seed(0)
+    base = make()
+    plain = _delta_layer(cls, base)
+    rows, skips = _delta_layer(cls, base, rank_dropout=0.5), _delta_layer(cls, base, module_dropout=0.3)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        full = plain(x) - base(x)
+        for layer in (rows, skips):
+            layer.eval()
+            assert torch.allclose(layer(x), plain(x), atol=1e-6)
+            layer.train()
+        draws = torch.stack([rows(x) - base(x) for _ in range(4000)])
+        skipped = [torch.equal(skips(x), base(x)) for _ in range(2000)]
+    # one draw per forward: each output row kept (x 2) or dropped (x 0), for every sample and position alike
+    channel = 1 if isinstance(base, nn.Conv2d) else full.dim() - 1
+    others = [d for d in range(full.dim()) if d != channel]
+    per_row = (draws * full).sum([d + 1 for d in others]) / (full * full).sum(others)  # [draws, rows]
+    assert set(per_row.round(decimals=3).unique().tolist()) == {0.0, 2.0}
+    shape = [len(draws)] + [full.shape[d] if d == channel else 1 for d in range(full.dim())]
+    assert torch.allclose(draws, full * per_row.view(shape), atol=1e-5 * full.abs().max().item())
+    assert torch.allclose(draws.mean(0), full, atol=0.06 * full.abs().max().item())
+    assert 0.26 < sum(skipped) / len(skipped) < 0.34
+
+
+@pytest.mark.parametrize("cls, make, shape", DELTA_LAYERS)
+def test_loha_and_lokr_max_norm_brings_the_change_to_the_limit_in_the_same_direction(cls, make, shape):
+    layer = _delta_layer(cls, make())
+    with torch.no_grad():
+        before = layer.delta().clone()
+        limit = before.norm().item() / 3
+        assert layer.limit_norm(limit).item() == pytest.approx(before.norm().item(), rel=1e-5)
+        after = layer.delta()
+        assert after.norm().item() == pytest.approx(limit, rel=1e-4)
+        assert torch.allclose(after, before / 3, rtol=1e-4, atol=1e-6)
+        kept = {k: p.clone() for k, p in layer.factors.items()}
+        layer.limit_norm(limit * 2)  # within the limit: every factor multiplied by exactly 1
+        assert all(torch.equal(kept[k], p) for k, p in layer.factors.items())
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_lycoris_run_with_the_dropouts_and_max_norm_resumes_exactly_and_records_them(base, dataset, tmp_path, algo):
+    kw = dict(algo=algo, rank_dropout=0.25, module_dropout=0.25, scale_weight_norms=0.05, lr=1e-2)
+    whole = load_lora(resumes_exactly(base, dataset, tmp_path, **kw))
+    plain = load_lora(train_lora(base, settings(dataset, tmp_path / "plain", algo=algo, lr=1e-2)))
+    meta = whole.metadata
+    args = json.loads(meta["ss_network_args"])
+    assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == algo
+    assert {k: args[k] for k in ("rank_dropout", "module_dropout", "rank_dropout_scale")} == {
+        "rank_dropout": "0.25", "module_dropout": "0.25", "rank_dropout_scale": "True"}
+    assert meta["ss_scale_weight_norms"] == "0.05"
+
+    def largest(lora):
+        return max(ad.delta((ad.io().out, -1)).norm().item() for _, _, ad in lora.items())
+
+    assert largest(whole) <= 0.05 * (1 + 1e-4) < largest(plain)
+
+
+def test_dora_and_bad_values_are_refused(dataset, tmp_path):
+    with pytest.raises(SdtuneError, match=r"--algo dora --rank-dropout --scale-weight-norms: sdtune offers these "
+                                          r"with --algo lora, loha, lokr \(DoRA's layer computes with the whole "
+                                          r"weight"):
+        settings(dataset, tmp_path / "o", algo="dora", rank_dropout=0.1, scale_weight_norms=1.0).check()
     with pytest.raises(SdtuneError, match=r"--scale-weight-norms -1.0: must be 0 \(off\) or more"):
         settings(dataset, tmp_path / "o", scale_weight_norms=-1.0).check()
     with pytest.raises(SdtuneError, match=r"--module-dropout 1.0: must be in \[0, 1\)"):

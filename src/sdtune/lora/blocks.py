@@ -112,15 +112,16 @@ def layout(family: Family | None) -> Layout:
     return found
 
 
-def parse(spec: str | Sequence[float], family: Family | None) -> dict[str, float]:
+def parse(spec: str | Sequence[float], family: Family | None, said: str = LBW) -> dict[str, float]:
     """{block id: weight} over every block of the family's layout, from a preset name, ``"1,0,0.5,…"`` or a
-    sequence of numbers; blocks a short vector leaves out get 0, as in the extension."""
+    sequence of numbers; blocks a short vector leaves out get 0, as in the extension. ``said``: how the user
+    gave it, for the message (``lbw=``, or a flag and a space)."""
     lay = layout(family)
     counts = " or ".join(str(n) for n in sorted(lay.vectors))
     text = spec if isinstance(spec, str) else ",".join(str(v) for v in spec)
     text = lay.presets.get(text.strip(), text)
-    bad = SdtuneError(f"lbw={spec if isinstance(spec, str) else text}: {family.title} takes {counts} comma-separated "
-                      f"block weights, or a preset: {', '.join(lay.presets)}")
+    bad = SdtuneError(f"{said}{spec if isinstance(spec, str) else text}: {family.title} takes {counts} "
+                      f"comma-separated block weights, or a preset: {', '.join(lay.presets)}")
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:

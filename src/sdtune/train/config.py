@@ -44,6 +44,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
 LORA_ALGOS = ("lora", "loha", "lokr", "dora")  # the algorithms a run trains (each has a trainable layer)
+# those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
+FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr")
 
 
 def _help(text: str, **kw):
@@ -273,6 +275,10 @@ class LoraSettings(TrainSettings):
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
                          default="attn")
+    block_lr: str = _help("a factor on the learning rate per block, in the lora-block-weight syntax (a vector "
+                          "BASE,IN00,...,M00,...,OUT.. or a preset name, as lbw= takes; BASE: the text encoders); "
+                          "a block at 0 is not trained, its layers left out of the file (kohya's "
+                          "down/mid/up_lr_weight)", default="")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
                                "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
@@ -284,12 +290,13 @@ class LoraSettings(TrainSettings):
     conv_alpha: float | None = _help("None: conv_rank (with targets=all and no conv_rank: alpha)", default=None)
     lora_dropout: float = _help("dropout on each LoRA layer's input (PEFT's lora_dropout)", default=0.0)
     rank_dropout: float = _help("kohya's rank_dropout: each of a layer's r branch channels dropped per sample with "
-                                "this probability, the branch scaled by 1/(1 - p) (--algo lora)", default=0.0)
-    module_dropout: float = _help("kohya's module_dropout: a layer's whole branch skipped in a step's forward with "
-                                  "this probability (--algo lora)", default=0.0)
+                                "this probability, the branch scaled by 1/(1 - p); LoHa/LoKr: each output row of "
+                                "the weight change, per step, as LyCORIS (not with --algo dora)", default=0.0)
+    module_dropout: float = _help("kohya's module_dropout: a layer's whole change skipped in a step's forward with "
+                                  "this probability (not with --algo dora)", default=0.0)
     scale_weight_norms: float = _help("kohya's max-norm regularisation: after each step, a layer whose weight change "
                                       "has a Frobenius norm above this is scaled back to it (1.0 usual; 0: off; "
-                                      "--algo lora)", default=0.0)
+                                      "not with --algo dora)", default=0.0)
     name: str = _help("output file name (without .safetensors)", default="lora")
     formats: list[str] = _help("kohya and/or diffusers", default_factory=lambda: ["kohya"])
     save_precision: str = _help("fp32 | fp16 | bf16: the saved files' weights (kohya's --save_precision; fp16 halves "
@@ -343,9 +350,10 @@ class LoraSettings(TrainSettings):
         if not self.scale_weight_norms >= 0:
             raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
-        if kohyas and self.algo != "lora":
-            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: kohya's options for a LoRA's factors; sdtune "
-                              f"offers them with --algo lora only")
+        if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
+            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
+                              f"{', '.join(FACTOR_OPTION_ALGOS)} (DoRA's layer computes with the whole weight, its "
+                              f"magnitude learned beside the factors)")
         _choice("targets", self.targets, TARGETS)
         for pattern in self.exclude:
             try:

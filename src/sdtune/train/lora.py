@@ -38,7 +38,7 @@ from torch import nn
 
 from ..console import note
 from ..generate import read_layer
-from ..lora import algos
+from ..lora import algos, blocks
 from ..lora.formats import load_lora, sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -163,8 +163,30 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
             raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a "
                               f"Stable Diffusion model of a family sdtune knows?")
         modules += [(comp, p, root.get_submodule(p)) for p in kept]
+    factors = block_lrs(base, settings, [(comp, path) for comp, path, _ in modules])
+    if factors:  # blocks at 0 are not trained: their layers are left out, as kohya leaves them out
+        for comp, _, _ in plan:
+            if not any(factors[(c, p)] for c, p, _ in modules if c == comp):
+                raise SdtuneError(f"--block-lr {settings.block_lr}: gives every {comp} layer the run trains 0"
+                                  + ("; give BASE a factor, or leave out --text-encoder" if comp in TEXT_COMPONENTS
+                                     else "; give a block that has layers a factor"))
+        modules = [m for m in modules if factors[m[:2]]]
     _check_ranks(modules, settings.rank, conv_rank, "--conv-rank" if settings.conv_rank else "--rank")
     return modules, {comp: root for comp, root, _ in plan}
+
+
+def block_lrs(base, settings: LoraSettings, layers: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """--block-lr: each layer's factor on its component's learning rate ({} without the option). The blocks are
+    the lora-block-weight ones that block weights use at generation (BASE: the text encoders); a layer in no block
+    (the time embedding, conv_in/out) keeps its component's rate."""
+    if not settings.block_lr:
+        return {}
+    weights = blocks.parse(settings.block_lr, base.family, said="--block-lr ")
+    negative = next((block for block, w in weights.items() if w < 0), None)
+    if negative is not None:
+        raise SdtuneError(f"--block-lr {settings.block_lr}: {negative} is {weights[negative]:g}; a learning-rate "
+                          f"factor is 0 (not trained) or more")
+    return blocks.layer_factors(weights, layers, base.unet.config)
 
 
 class Network:
@@ -175,10 +197,11 @@ class Network:
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
         conv_rank, conv_alpha = _conv_rank(settings), _conv_alpha(settings)
         modules, self.roots = plan or plan_layers(base, settings)
+        self.lr_factors = block_lrs(base, settings, [(comp, path) for comp, path, _ in modules])
         self.algo = algos.get(settings.algo)
-        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else \
-            {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout} \
-            if settings.rank_dropout or settings.module_dropout else {}
+        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        if settings.rank_dropout or settings.module_dropout:
+            options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
         self.layers: dict[tuple[str, str], nn.Module] = {}
         for comp, path, module in modules:
@@ -238,8 +261,14 @@ class Network:
         parent = self.roots[comp].get_submodule(parent_path) if parent_path else self.roots[comp]
         setattr(parent, child, module)
 
-    def params(self, comp: str) -> list[nn.Parameter]:
-        return [p for (c, _), layer in self.layers.items() if c == comp for p in layer.parts().values()]
+    def param_groups(self, lrs: dict[str, float]) -> list[dict]:
+        """The optimizer's groups: one per component (``lrs``: its learning rate) and --block-lr factor, in the
+        layers' order, each named for the logs ("unet", "unet x0.5", ...)."""
+        groups: dict[tuple[str, float], list[nn.Parameter]] = {}
+        for key, layer in self.layers.items():
+            groups.setdefault((key[0], self.lr_factors.get(key, 1.0)), []).extend(layer.parts().values())
+        return [{"params": params, "lr": lrs[comp] * factor, "name": comp if factor == 1 else f"{comp} x{factor:g}"}
+                for (comp, factor), params in groups.items()]
 
     def set_training(self, on: bool) -> None:
         """Training mode (the dropouts) of the layers; their frozen base Linear/Conv2d has no mode-dependent part."""
@@ -248,21 +277,10 @@ class Network:
 
     @torch.no_grad()
     def max_norm(self, limit: float) -> dict[str, float]:
-        """kohya's max-norm regularisation (--scale-weight-norms): each layer whose ΔW = scale · up @ down has a
-        Frobenius norm above ``limit`` gets both factors scaled by √(limit/norm), which brings it to ``limit``.
-        Returns kohya's three numbers for the logs: layers scaled, the mean and the largest norm after."""
-        norms = []
-        for layer in self.layers.values():
-            up, down = layer.up.weight.flatten(1), layer.down.weight.flatten(1)
-            # ||U D||² = sum((UᵀU) ∘ (D Dᵀ)): rank x rank products instead of the out x in matrix
-            norm = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt() * layer.scale
-            # tensor arithmetic, no read-back per layer (a GPU would wait on each); a layer within the limit is
-            # multiplied by exactly 1
-            ratio = (limit / norm).clamp(max=1).sqrt()
-            layer.up.weight.mul_(ratio)
-            layer.down.weight.mul_(ratio)
-            norms.append(norm)
-        norms = torch.stack(norms)
+        """kohya's max-norm regularisation (--scale-weight-norms): each layer whose ΔW has a Frobenius norm above
+        ``limit`` is brought to ``limit`` (``limit_norm``). Returns kohya's three numbers for the logs: layers
+        scaled, the mean and the largest norm after (read back once: one wait for a GPU, not one per layer)."""
+        norms = torch.stack([layer.limit_norm(limit) for layer in self.layers.values()])
         after = norms.clamp(max=limit)
         scaled, mean, largest = torch.stack([(norms > limit).sum().float(), after.mean(), after.max()]).tolist()
         return {"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": mean, "max_norm/max_key_norm": largest}
@@ -394,14 +412,14 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
-    meta |= lycoris_network(settings) if settings.algo != "lora" else kohya_network(settings)
+    meta |= lycoris_network(settings, base.family) if settings.algo != "lora" else kohya_network(settings, base.family)
     meta |= sampling_metadata(base.family, base.scheduler.config)
     if final:
         meta["ss_training_finished_at"] = str(time.time())
     return meta
 
 
-def lycoris_network(settings: LoraSettings) -> dict:
+def lycoris_network(settings: LoraSettings, family) -> dict:
     """A LoHa, LoKr or DoRA run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose
     w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
@@ -409,16 +427,30 @@ def lycoris_network(settings: LoraSettings) -> dict:
     args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
+    args |= _option_args(settings, family)
+    if settings.rank_dropout:
+        args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it
     return {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(settings.rank),
             "ss_network_alpha": str(float(settings.alpha)), "ss_network_args": json.dumps(args)}
 
 
-def kohya_network(settings: LoraSettings) -> dict:
+def kohya_network(settings: LoraSettings, family) -> dict:
     """A LoRA run's network arguments where kohya's ``networks.lora`` would have some beyond what the file's
-    tensors say (the saved layout derives the conv ones): its rank and module dropouts."""
-    dropouts = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout")
-                if getattr(settings, name)}
-    return {"ss_network_args": json.dumps({**_conv_args(settings), **dropouts})} if dropouts else {}
+    tensors say (the saved layout derives the conv ones): its rank and module dropouts, its block lr."""
+    options = _option_args(settings, family)
+    return {"ss_network_args": json.dumps({**_conv_args(settings), **options})} if options else {}
+
+
+def _option_args(settings: LoraSettings, family) -> dict:
+    """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, and
+    --block-lr as kohya's down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output
+    ones; the text encoders' BASE has no place there, ss_sdtune_settings keeps the whole spec)."""
+    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout") if getattr(settings, name)}
+    if settings.block_lr:
+        weights = blocks.parse(settings.block_lr, family)
+        for name, prefix in (("down_lr_weight", "IN"), ("mid_lr_weight", "M"), ("up_lr_weight", "OUT")):
+            args[name] = ",".join(f"{w:g}" for block, w in weights.items() if block.startswith(prefix))
+    return args
 
 
 def _conv_args(settings: LoraSettings) -> dict:
@@ -458,10 +490,10 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
     prior = prior_set(base, settings)
-    groups = [{"params": network.params("unet"), "lr": settings.lr, "name": "unet"}]
+    lrs = {"unet": settings.lr}
     if settings.text_encoder:
-        groups += [{"params": network.params(te.component), "lr": lr, "name": te.component}
-                   for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))]
+        lrs |= {te.component: lr for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))}
+    groups = network.param_groups(lrs)
     if settings.pivotal:
         check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
     pivot = Pivot(base, settings) if settings.pivotal else None

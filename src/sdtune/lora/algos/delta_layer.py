@@ -22,17 +22,26 @@ class DeltaLayer(nn.Module):
 
     Subclasses set ``algo`` and make the factors (``shapes_and_inits``), one of which starts at zero so that
     training starts from the base model exactly.
+
+    LyCORIS's two other dropouts, in training mode only: ``rank_dropout`` zeroes each output row of ΔW with that
+    probability (one draw per forward, as LyCORIS draws it) and scales the rest by 1/(1 − p), so that ΔW is
+    unchanged on average (LyCORIS's rank_dropout_scale); ``module_dropout`` skips ΔW in a forward with its
+    probability.
     """
 
     algo: ClassVar[Algorithm]
+    # groups of roles, one factor of each present: ΔW is linear in each of them and the product across groups, so
+    # scaling each by √r scales ΔW by r (max-norm's split, as LyCORIS scales two factors)
+    linear_roles: ClassVar[tuple[tuple[str, ...], ...]]
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
-                 **options):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, **options):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)) or getattr(base, "groups", 1) != 1 \
                 or getattr(base, "padding_mode", "zeros") != "zeros":
             raise SdtuneError(f"{self.algo.label} trains on linear and (ungrouped) convolution layers only")
         self.base, self.rank, self.alpha = base, rank, alpha
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         w = base.weight
         self.factors = nn.ParameterDict()
         for role, (shape, init) in self.shapes_and_inits(tuple(w.shape), rank, **options).items():
@@ -48,7 +57,12 @@ class DeltaLayer(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         b = self.base
-        delta = (self.algo.delta(dict(self.factors)) * self.scale).reshape(b.weight.shape)
+        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+            return b(x)
+        delta = self.delta()
+        if self.training and self.rank_dropout:
+            keep = torch.rand(delta.shape[0], device=delta.device) >= self.rank_dropout
+            delta = delta * (keep.to(delta.dtype) / (1 - self.rank_dropout)).view(-1, *[1] * (delta.dim() - 1))
         if isinstance(self.dropout, nn.Identity):
             # one product with W + ΔW, as LyCORIS computes it: half the work of W x plus ΔW x, the same gradients
             weight = b.weight.to(delta.dtype) + delta
@@ -56,6 +70,21 @@ class DeltaLayer(nn.Module):
             return self._op(x.to(delta.dtype), weight, bias).to(x.dtype)
         y = b(x)  # dropout acts on the change's input only: two products
         return y + self._op(self.dropout(x.to(delta.dtype)), delta, None).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """ΔW, in the base weight's shape."""
+        return (self.algo.delta(dict(self.factors)) * self.scale).reshape(self.base.weight.shape)
+
+    @torch.no_grad()
+    def limit_norm(self, limit: float) -> torch.Tensor:
+        """kohya's max-norm (--scale-weight-norms): where ΔW's Frobenius norm is above ``limit``, one factor of each
+        ``linear_roles`` group is scaled by √(limit/norm), which brings ΔW to ``limit`` in the same direction.
+        Returns the norm before (a tensor: no read-back, a GPU would wait on each layer)."""
+        norm = torch.linalg.vector_norm(self.delta())
+        ratio = (limit / norm).clamp(max=1).sqrt()  # a layer within the limit is multiplied by exactly 1
+        for group in self.linear_roles:
+            self.factors[next(role for role in group if role in self.factors)].mul_(ratio)
+        return norm
 
     def _op(self, x, weight, bias):
         b = self.base

@@ -45,6 +45,7 @@ class LohaLayer(DeltaLayer):
     """LoHa's trainable layer: w2a starts at zero (ΔW = 0), the others random, as LyCORIS starts them."""
 
     algo = Loha()
+    linear_roles = (("w1a",), ("w2a",))  # ΔW = (w1a @ w1b) ∘ (w2a @ w2b)
 
     def shapes_and_inits(self, shape, rank, **options):
         out, inner = shape[0], math.prod(shape[1:])  # a conv's b factors span its input and kernel

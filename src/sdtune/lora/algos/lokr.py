@@ -77,6 +77,7 @@ class LokrLayer(DeltaLayer):
     of w2's larger side (then whole, and the scale is 1). The part of w2 that starts at zero makes ΔW = 0."""
 
     algo = Lokr()
+    linear_roles = (("w1", "w1a"), ("w2", "w2a"))  # ΔW = w1 ⊗ w2, each whole or a product (w1a @ w1b)
 
     def shapes_and_inits(self, shape, rank, factor: int = -1):
         (out_small, out_large), (in_small, in_large) = split(shape[0], factor), split(shape[1], factor)

@@ -72,6 +72,19 @@ class LoraLayer(nn.Module):
             scale = scale / (1 - self.rank_dropout)
         return y.add(self.up(h).to(y.dtype), alpha=scale)
 
+    @torch.no_grad()
+    def limit_norm(self, limit: float) -> torch.Tensor:
+        """kohya's max-norm (--scale-weight-norms): where ΔW = scale · up @ down has a Frobenius norm above
+        ``limit``, both factors are scaled by √(limit/norm), which brings it to ``limit``. Returns the norm before
+        (a tensor: no read-back, a GPU would wait on each layer)."""
+        up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)
+        # ||U D||² = sum((UᵀU) ∘ (D Dᵀ)): rank x rank products instead of the out x in matrix
+        norm = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt() * self.scale
+        ratio = (limit / norm).clamp(max=1).sqrt()  # a layer within the limit is multiplied by exactly 1
+        self.up.weight.mul_(ratio)
+        self.down.weight.mul_(ratio)
+        return norm
+
     def take(self, tensors: dict[str, torch.Tensor]) -> None:
         """Start from an adapter's factors (of this layer's rank) instead of the fresh ones."""
         with torch.no_grad():
