@@ -1,15 +1,17 @@
 """Training data: image modes, EXIF, repeats, captions, buckets, errors, the latent cache and batch plans."""
 
 import random
+import re
 from collections import Counter
 
 import numpy as np
 import pytest
+import small_runs
 import torch
 from PIL import Image
 
 from sdtune.console import SdtuneWarning
-from sdtune.safeio import SdtuneError
+from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.tiny import model as tiny
 from sdtune.train import data
 from sdtune.train.config import LoraSettings
@@ -23,6 +25,7 @@ from sdtune.train.data import (
     scan_folder,
     to_tensor,
 )
+from sdtune.train.lora import train_lora
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,8 @@ def test_every_mode_becomes_8bit_rgb_with_transparency_on_white(tmp_path):
         "gray.png": (Image.new("L", (8, 8), 77), (77, 77, 77)),
         "bw.png": (Image.new("1", (8, 8), 1), (255, 255, 255)),
         "cmyk.jpg": (Image.new("CMYK", (8, 8), (0, 0, 0, 0)), (255, 255, 255)),
+        "photo.avif": (Image.new("RGB", (8, 8), (200, 30, 60)), (200, 30, 60)),  # lossy: within 2 levels
+        "rgba.avif": (Image.new("RGBA", (8, 8), (255, 0, 0, 0)), (255, 255, 255)),
         "gray16.png": (Image.fromarray(np.full((8, 8), 65535, np.uint16)), (255, 255, 255)),
         "gray16_mid.png": (Image.fromarray(np.full((8, 8), 32896, np.uint16)), (128, 128, 128)),
     }
@@ -203,11 +208,52 @@ def test_caption_tag_dropout_leaves_out_tags_but_the_kept_ones_in_their_order():
         LoraSettings(data="d", out="o", caption_tag_dropout=1.0).check()
 
 
+def test_keep_tokens_separator_holds_the_front_and_the_end_and_never_reaches_the_text(tmp_path):
+    rng = random.Random(0)
+    text = "sks, 1girl ||| red hair, blue eyes;;;long sleeves, smile, park ||| masterpiece, best quality"
+    opts = dict(separator="|||", group=";;;", keep_tokens=3)  # keep_tokens is not used where the separator is
+    seen = set()
+    for _ in range(300):
+        tags = process_caption(text, rng, shuffle=True, tag_dropout=0.2, **opts).split(", ")
+        assert tags[:2] == ["sks", "1girl"] and tags[-2:] == ["masterpiece", "best quality"]
+        middle = tags[2:-2]
+        # the group moves and drops as one: both of its tags or neither, side by side
+        assert ("blue eyes" in middle) == ("long sleeves" in middle)
+        if "blue eyes" in middle:
+            assert middle.index("long sleeves") == middle.index("blue eyes") + 1
+        seen.add(tuple(middle))
+    assert len(seen) > 20 and not any("|" in t or ";" in t for m in seen for t in m)
+    # without shuffling or dropout: the same caption every time, separators out
+    steady = process_caption(text, rng, **opts)
+    assert steady == "sks, 1girl, red hair, blue eyes, long sleeves, smile, park, masterpiece, best quality"
+    # one separator: only the front is held; a caption without one keeps --keep-tokens
+    assert process_caption("a, b ||| c, d", rng, separator="|||") == "a, b, c, d"
+    assert all(process_caption("a, b, c, d", rng, shuffle=True, keep_tokens=2, separator="|||")[:4] == "a, b"
+               for _ in range(20))
+    # kohya's prefix and suffix: joined by a space, around the processed tags, never moved
+    out = process_caption("x, y, z", rng, shuffle=True, prefix="photo of sks,", suffix=", film grain")
+    assert out.startswith("photo of sks, ") and out.endswith(" , film grain")
+    assert sorted(out[len("photo of sks, "):-len(" , film grain")].split(", ")) == ["x", "y", "z"]
+    assert process_caption("x", rng, dropout=0.999, prefix="p") == ""
+
+
+def test_every_nth_epoch_trains_with_empty_captions_and_the_cache_knows_them(tmp_path, vae):
+    for i in range(2):
+        solid(tmp_path / f"{i}.png", colour=(90 * i, 20, 200), caption=f"tag{i} ||| x")
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, empty_every=2,
+                     captions=dict(separator="|||", prefix="sks"))
+    assert not ts.captions_vary and ts.possible_captions() == ["", "sks tag0, x", "sks tag1, x"]
+    per_epoch = ts.batches_per_epoch(1)  # 2: epochs 1, 3 (kohya's count) keep their captions, 2, 4 lose them
+    captions = [ts.batch(n, 1).captions[0] for n in range(4 * per_epoch)]
+    assert [set(captions[e * per_epoch:(e + 1) * per_epoch]) for e in range(4)] == [
+        {"sks tag0, x", "sks tag1, x"}, {""}, {"sks tag0, x", "sks tag1, x"}, {""}]
+
+
 def test_captions_that_lose_tags_vary_so_their_encodings_are_not_cached(tmp_path, vae):
     solid(tmp_path / "a.png", size=(64, 64))
     (tmp_path / "a.txt").write_text("sks, dog, grass, park")
     assert not TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16).captions_vary
-    thinned = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, caption_tag_dropout=0.5)
+    thinned = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, captions=dict(tag_dropout=0.5))
     assert thinned.captions_vary
     assert len({thinned.batch(n, 1).captions[0] for n in range(30)}) > 3
 
@@ -241,6 +287,28 @@ def test_buckets_group_mixed_sizes_and_batches_stay_in_one_bucket(tmp_path, vae)
         assert b.latents.shape == (2, 4, h // 4, w // 4)
     flat = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16)
     assert flat.sizes == [(64, 64)]
+
+
+def test_bucket_sides_are_kohyas_min_and_max_bucket_reso(tmp_path, vae, base):
+    for w, h in ((160, 40), (40, 160), (64, 64)):
+        solid(tmp_path / f"{w}x{h}.png", size=(w, h))
+    wide = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, buckets=True)
+    assert min(min(s) for s in wide.sizes) == 32 and max(max(s) for s in wide.sizes) == 128  # 64 / 2, 64 x 2
+    narrow = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, buckets=True, min_bucket_reso=48,
+                         max_bucket_reso=80)
+    assert all(48 <= side <= 80 for s in narrow.sizes for side in s) and (80, 48) in narrow.sizes
+    ok = LoraSettings(data=str(tmp_path), out="o", buckets=True, bucket_step=16, min_bucket_reso=32, max_bucket_reso=128)
+    assert data.bucket_options(base, ok) == dict(resolution=64, bucket_step=16, buckets=True, min_bucket_reso=32,
+                                                 max_bucket_reso=128)
+    for kw, says in ((dict(min_bucket_reso=32, buckets=False), "--min-bucket-reso 32: sets the buckets' sides, and "
+                                                                "buckets are off; add --buckets"),
+                     (dict(max_bucket_reso=100), "--max-bucket-reso 100: must be a multiple of 16 (the bucket step) "
+                                                 "and at least the training size 64"),
+                     (dict(min_bucket_reso=80), "--min-bucket-reso 80: must be a multiple of 16 (the bucket step) and "
+                                                "at most the training size 64")):
+        with pytest.raises(SdtuneError, match=f"^{re.escape(says)}$"):
+            data.bucket_options(base, LoraSettings(data=str(tmp_path), out="o", **{"buckets": True, "bucket_step": 16,
+                                                                                     **kw}))
 
 
 def test_small_and_animated_images_are_said(tmp_path, vae):
@@ -324,7 +392,7 @@ def test_batches_are_reproducible_and_slice_across_processes(tmp_path, vae):
     for i in range(5):
         solid(tmp_path / f"{i}.png", colour=(50 * i, 20, 200 - 30 * i), caption=f"tag{i}, x, y, z")
     make = lambda: TrainingSet(scan_folder(tmp_path), vae, 64, seed=7, bucket_step=16, flip=True,
-                               shuffle_captions=True, keep_tokens=1, caption_dropout=0.2)
+                               captions=dict(shuffle=True, keep_tokens=1, dropout=0.2))
     one, again = make(), make()
     for n in range(7):
         whole = one.batch(n, 4)
@@ -433,3 +501,25 @@ def test_a_caption_longer_than_the_text_window_is_said(base, tmp_path, capfd):
     assert [str(w.message) for w in caught] == [
         f"{tmp_path / 'longer.png'}: caption longer than the 150 tokens training reads; the rest is not "
         f"learned (shorten it, or put what matters first, or --max-token-length 225)"]
+
+
+def test_a_run_with_separators_and_a_prefix_trains_and_samples_the_captions_they_make(base, tmp_path):
+    """The separators never reach the text encoder and the prefix/suffix are on every caption, in training, the
+    validation loss and the sample prompts: the run equals one on caption files that hold the result as such."""
+    for name, caption in (("marked", "outline ||| a red;;;circle ||| white"), ("plain", "sks outline, a red, circle, "
+                                                                                   "white, film")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(4):
+            solid(folder / f"{i}.png", colour=(60 * i, 30, 200), caption=caption)
+    kw = dict(save_every=0, sample_every=4, sample_images=1, sample_steps=1)
+    marked = train_lora(base, small_runs.settings(tmp_path / "marked", tmp_path / "a", keep_tokens_separator="|||",
+                                       secondary_separator=";;;", caption_prefix="sks", caption_suffix=", film", **kw))
+    plain = train_lora(base, small_runs.settings(tmp_path / "plain", tmp_path / "b", **kw))
+    a, b = small_runs.factors(marked), small_runs.factors(plain)
+    assert all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    for step in ("step-000000.png", "step-000004.png"):
+        assert np.array_equal(*(np.asarray(Image.open(tmp_path / out / "samples" / step)) for out in ("a", "b")))
+    meta = read_metadata(marked)
+    assert (meta["ss_keep_tokens_separator"], meta["ss_caption_prefix"]) == ("|||", "sks")
+    assert "ss_caption_prefix" not in read_metadata(plain)

@@ -1,6 +1,6 @@
-"""The objective's options (kohya's): pyramid noise, input perturbation, a timestep range, pseudo-Huber losses and
-debiased weights: their values, their draws (the default's unchanged), a run with all of them resumes to the
-uninterrupted weights and records them, and bad values are one line."""
+"""The objective's options (kohya's): pyramid noise, input perturbation, random strengths, a timestep range,
+pseudo-Huber losses, debiased and v-prediction-like weights: their values, their draws (the default's unchanged),
+a run with all of them resumes to the uninterrupted weights and records them, and bad values are one line."""
 
 import subprocess
 import sys
@@ -31,6 +31,19 @@ def test_the_default_draws_are_the_plain_ones_and_each_option_moves_only_its_own
     ip = diffusion_draws(3, 7, SHAPE, 1000, Noise(ip_gamma=0.1))
     assert torch.equal(ip.noise, plain.noise) and torch.equal(ip.timesteps, plain.timesteps)
     assert (ip.input_noise - ip.noise).std().item() == pytest.approx(0.1, rel=0.1)
+    # kohya's random strengths: each batch's offset / γ drawn uniformly below the value, from the same generator
+    g = torch.Generator().manual_seed(seed_for(3, "noise", 7))
+    eps, t = torch.randn(SHAPE, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    offset = 0.1 * torch.rand((), generator=g).item()
+    eps = eps + offset * torch.randn((4, 4, 1, 1), generator=g)
+    gamma = 0.2 * torch.rand((), generator=g).item()
+    both = diffusion_draws(3, 7, SHAPE, 1000, Noise(offset=0.1, offset_random=True, ip_gamma=0.2, ip_gamma_random=True))
+    assert 0 < offset < 0.1 and 0 < gamma < 0.2
+    assert torch.equal(both.noise, eps) and torch.equal(both.timesteps, t)
+    assert torch.equal(both.input_noise, eps + gamma * torch.randn(SHAPE, generator=g))
+    strengths = {round(diffusion_draws(3, n, SHAPE, 1000, Noise(ip_gamma=0.2, ip_gamma_random=True)).input_noise.sub(
+        diffusion_draws(3, n, SHAPE, 1000).noise).std().item(), 5) for n in range(8)}
+    assert len(strengths) == 8 and max(strengths) < 0.2 * 1.1  # one strength per batch, each its own
     # a timestep range
     ranged = diffusion_draws(3, 7, (256, 4, 2, 2), 1000, Noise(min_timestep=200, max_timestep=210))
     assert ranged.timesteps.min() >= 200 and ranged.timesteps.max() < 210 and len(ranged.timesteps.unique()) > 5
@@ -92,6 +105,25 @@ def test_debiased_weights_are_one_over_root_snr_capped():
     assert Loss().weights(t, acp, "epsilon") is None
 
 
+def test_v_prediction_like_weights_are_kohyas_and_finite_at_zero_terminal_snr():
+    acp = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    t = torch.tensor([0, 10, 500, 999])
+    snr = (acp[t] / (1 - acp[t])).clamp(max=1000)
+    # --v-pred-like-loss v: the loss plus v times the loss weighted (SNR+1)/SNR
+    assert torch.allclose(Loss(v_pred_like=0.1).weights(t, acp, "epsilon"), 1 + 0.1 * (snr + 1) / snr)
+    # --scale-v-pred-loss-like-noise-pred: a v-prediction loss weighted SNR/(SNR+1), an ε-prediction loss
+    assert torch.allclose(Loss(v_like_eps=True).weights(t, acp, "v_prediction"), snr / (snr + 1))
+    ztsnr = torch.cat([acp[:-1], torch.zeros(1)])
+    assert Loss(v_pred_like=1.0).weights(t, ztsnr, "epsilon")[-1].item() == pytest.approx(1e6 + 2)
+    assert Loss(v_like_eps=True).weights(t, ztsnr, "v_prediction")[-1].item() == 0.0
+    every = Loss(min_snr_gamma=5.0, debiased=True, v_pred_like=0.1).weights(t, acp, "epsilon")
+    assert torch.allclose(every, diffusion.min_snr_weights(t, acp, 5.0) * diffusion.debiased_weights(t, acp)
+                          * (1 + 0.1 * (snr + 1) / snr))
+    Loss(v_like_eps=True).check("v_prediction")
+    with pytest.raises(SdtuneError, match="this model predicts ε already"):
+        Loss(v_like_eps=True).check("epsilon")
+
+
 class EchoUNet(torch.nn.Module):
     """Predicts its noisy input: the loss is then a known function of the objective's inputs."""
 
@@ -126,7 +158,8 @@ def dataset(tmp_path_factory):
 
 OPTIONS = dict(multires_noise_iterations=6, multires_noise_discount=0.5, ip_noise_gamma=0.1, min_timestep=100,
                max_timestep=900, loss_type="huber", huber_c=0.2, huber_schedule="exponential",
-               debiased_estimation=True, noise_offset=0.05)
+               debiased_estimation=True, noise_offset=0.05, noise_offset_random_strength=True,
+               ip_noise_gamma_random_strength=True, v_pred_like_loss=0.1)
 
 
 def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
@@ -138,6 +171,8 @@ def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_record
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
             meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"], meta["ss_debiased_estimation"]) == \
         ("6", "0.5", "0.1", "huber", "exponential", "0.2", "True")
+    assert (meta["ss_noise_offset_random_strength"], meta["ss_ip_noise_gamma_random_strength"],
+            meta["ss_v_pred_like_loss"], meta["ss_scale_v_pred_loss_like_noise_pred"]) == ("True", "True", "0.1", "False")
     saved = (tmp_path / "whole" / loop.SETTINGS_FILE).read_text()
     assert 'loss_type = "huber"' in saved and "multires_noise_iterations = 6" in saved
 
@@ -149,6 +184,10 @@ def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_record
     (dict(multires_noise_discount=1.5), "--multires-noise-discount 1.5: must be in (0, 1]"),
     (dict(min_timestep=900, max_timestep=100), "the range is empty"),
     (dict(multires_noise_iterations=-1), "--multires-noise-iterations -1: must be 0 or more"),
+    (dict(noise_offset_random_strength=True), "--noise-offset-random-strength: draws each batch's strength from 0 "
+                                              "to --noise-offset, which is 0; give --noise-offset"),
+    (dict(ip_noise_gamma_random_strength=True), "which is 0; give --ip-noise-gamma"),
+    (dict(v_pred_like_loss=-0.1), "--v-pred-like-loss -0.1: must be 0 or more"),
 ])
 def test_bad_values_are_refused(dataset, tmp_path, values, says):
     with pytest.raises(SdtuneError) as e:
@@ -156,11 +195,13 @@ def test_bad_values_are_refused(dataset, tmp_path, values, says):
     assert says in str(e.value)
 
 
-def test_a_timestep_past_the_models_schedule_is_one_line_through_the_command(dataset, tmp_path):
+@pytest.mark.parametrize("flags, says", [(["--max-timestep", "2000"], "schedule has timesteps 0 to 999"),
+                                         (["--scale-v-pred-loss-like-noise-pred"], "this model predicts ε already")])
+def test_what_the_model_cannot_train_with_is_one_line_through_the_command(dataset, tmp_path, flags, says):
     run = subprocess.run([sys.executable, "-m", "sdtune", "train", "lora", "--model", "tiny-random", "--data",
-                          str(dataset), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress",
-                          "--max-timestep", "2000"], capture_output=True, text=True)
-    assert run.returncode != 0 and "schedule has timesteps 0 to 999" in run.stderr, run.stderr
+                          str(dataset), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress", *flags],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and says in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not list((tmp_path / "out").glob("*.safetensors"))
 
 

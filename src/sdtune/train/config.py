@@ -75,12 +75,16 @@ class TrainSettings:
     min_snr_gamma: float = _help("Min-SNR-γ loss weights; 0: off; 5 is the usual value", default=0.0)
     noise_offset: float = _help("a random constant per image and channel added to the noise (brighter brights, "
                                 "darker darks; 0.05 to 0.1 usual)", default=0.0)
+    noise_offset_random_strength: bool = _help("each batch's noise offset drawn uniformly from 0 to --noise-offset "
+                                               "(kohya's)", default=False)
     multires_noise_iterations: int = _help("kohya's pyramid noise: layers of lower-resolution noise added to the "
                                            "noise (6 to 10 usual; 0: off)", default=0)
     multires_noise_discount: float = _help("each pyramid layer's weight is this to the power of its level (0.3 to "
                                            "0.8)", default=0.3)
     ip_noise_gamma: float = _help("input perturbation: the noisy image is made with noise + γ·N(0, I), the target "
                                   "stays the noise (0.1 usual; diffusers' --input_perturbation)", default=0.0)
+    ip_noise_gamma_random_strength: bool = _help("each batch's input perturbation drawn uniformly from 0 to "
+                                                 "--ip-noise-gamma (kohya's)", default=False)
     min_timestep: int = _help("train on timesteps from this one", default=0)
     max_timestep: int = _help("train on timesteps below this one; 0: the schedule's end (1000)", default=0)
     loss_type: str = _help("l2 | huber | smooth_l1 (pseudo-Huber: squared for small errors, linear for large "
@@ -90,6 +94,10 @@ class TrainSettings:
                                 "--huber-c at noisy ones)", default="snr")
     debiased_estimation: bool = _help("weight each sample's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)",
                                       default=False)
+    v_pred_like_loss: float = _help("kohya's: add this times the loss weighted as a v-prediction loss, (SNR+1)/SNR "
+                                    "(0: off; 0.1 usual)", default=0.0)
+    scale_v_pred_loss_like_noise_pred: bool = _help("v-prediction models: weight each sample's loss by SNR/(SNR+1), "
+                                                    "which makes it an ε-prediction loss (kohya's)", default=False)
     clip_skip: int = _help("the text-encoder layer the UNet reads, counted from the end as A1111's clip skip "
                            "(2 for anime SD 1.x models; SDXL reads its 2nd anyway); generate with the same",
                            default=1)
@@ -117,9 +125,21 @@ class TrainSettings:
     flip: bool = False
     buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
     bucket_step: int = _help("bucket sizes step in pixels; 0: the model's (64 for SD 1.x)", default=0)
+    min_bucket_reso: int = _help("smallest bucket side in pixels (kohya's); 0: half the training size", default=0)
+    max_bucket_reso: int = _help("largest bucket side in pixels (kohya's); 0: twice the training size", default=0)
     shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)
     keep_tokens: int = _help("tags kept in front when shuffling", default=0)
     caption_dropout: float = _help("probability of training a sample with an empty caption", default=0.0)
+    caption_dropout_every_epochs: int = _help("every Nth epoch trains with every caption empty (kohya's "
+                                              "--caption_dropout_every_n_epochs; 0: never)", default=0)
+    keep_tokens_separator: str = _help("in a caption holding it (kohya's, e.g. '|||'), the tags before it stay in "
+                                       "front and those after a second one at the end; only the tags between are "
+                                       "shuffled or dropped (--keep-tokens is not used for it); never trained on "
+                                       "itself", default="")
+    secondary_separator: str = _help("tags joined by it (kohya's, e.g. ';;;') are shuffled and dropped as one, "
+                                     "trained joined by commas", default="")
+    caption_prefix: str = _help("text put before every caption (kohya's; never shuffled or dropped)", default="")
+    caption_suffix: str = _help("text put after every caption (kohya's; never shuffled or dropped)", default="")
     max_token_length: int = _help("caption tokens training reads: 75 (the text encoder's window), 150 or 225 (kohya's "
                                   "--max_token_length: chunks of 75 encoded apart and put one after the other, as "
                                   "A1111 reads a long prompt)", default=75)
@@ -182,10 +202,13 @@ class TrainSettings:
                             noise_offset=self.noise_offset, max_grad_norm=self.max_grad_norm,
                             multires_noise_iterations=self.multires_noise_iterations,
                             ip_noise_gamma=self.ip_noise_gamma, min_timestep=self.min_timestep,
+                            v_pred_like_loss=self.v_pred_like_loss,
                             max_timestep=self.max_timestep,
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
+                            min_bucket_reso=self.min_bucket_reso, max_bucket_reso=self.max_bucket_reso,
                             keep_tokens=self.keep_tokens, save_every=self.save_every, save_every_epochs=self.save_every_epochs,
                             sample_every=self.sample_every, sample_every_epochs=self.sample_every_epochs,
+                            caption_dropout_every_epochs=self.caption_dropout_every_epochs,
                             validation_every=self.validation_every)
         for name, value in non_negative.items():
             if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -212,6 +235,14 @@ class TrainSettings:
             raise SdtuneError(f"--multires-noise-discount {self.multires_noise_discount}: must be in (0, 1], e.g. 0.3")
         if not 0 < self.huber_c <= 1:
             raise SdtuneError(f"--huber-c {self.huber_c}: must be in (0, 1], e.g. 0.1")
+        if self.keep_tokens_separator and self.keep_tokens_separator == self.secondary_separator:
+            raise SdtuneError(f"--keep-tokens-separator and --secondary-separator are both "
+                              f"{self.keep_tokens_separator!r}; give them different strings")
+        for flag, of in (("noise_offset_random_strength", "noise_offset"),
+                         ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+            if getattr(self, flag) and not getattr(self, of):
+                raise SdtuneError(f"--{_flag(flag)}: draws each batch's strength from 0 to --{_flag(of)}, which is "
+                                  f"0; give --{_flag(of)} (e.g. 0.1)")
         if self.max_timestep and self.min_timestep >= self.max_timestep:
             raise SdtuneError(f"--min-timestep {self.min_timestep} --max-timestep {self.max_timestep}: the range is "
                               f"empty; give a min below the max")

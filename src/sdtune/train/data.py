@@ -46,7 +46,7 @@ from ..safeio import SdtuneError
 from . import masks
 from .config import TOKEN_LENGTHS
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}  # AVIF: Pillow 11.3+
 CAPTION_SUFFIXES = (".txt", ".caption")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
@@ -439,22 +439,55 @@ def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[
 
 # ---------------------------------------------------------------- captions
 
+def _tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
-                    dropout: float = 0.0, tag_dropout: float = 0.0) -> str:
+                    dropout: float = 0.0, tag_dropout: float = 0.0, separator: str = "", group: str = "",
+                    prefix: str = "", suffix: str = "") -> str:
     """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
     comma-separated tags, the first ``keep_tokens`` staying in front; then drop each of the others with
-    probability ``tag_dropout``."""
+    probability ``tag_dropout``. In a caption holding ``separator`` (kohya's keep_tokens_separator) the tags
+    before it stay in front and those after its last one at the end, instead of ``keep_tokens``; tags joined
+    by ``group`` (kohya's secondary_separator) move and drop as one; ``prefix`` and ``suffix`` are put around
+    what is left, joined by a space as kohya joins them."""
     if dropout > 0 and rng.random() < dropout:
         return ""
-    if shuffle or tag_dropout > 0:
-        tags = [t.strip() for t in text.split(",") if t.strip()]
-        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    held = bool(separator) and separator in text
+    if shuffle or tag_dropout > 0 or held:
+        if held:
+            parts = text.split(separator)
+            head, end = _tags(parts[0]), _tags(parts[-1]) if len(parts) > 2 else []
+            tail = _tags(",".join(parts[1:-1] if len(parts) > 2 else parts[1:]))
+        else:
+            tags = _tags(text)
+            head, tail, end = tags[:keep_tokens], tags[keep_tokens:], []
         if shuffle:
             rng.shuffle(tail)
         if tag_dropout > 0:
             tail = [t for t in tail if rng.random() >= tag_dropout]
-        text = ", ".join(head + tail)
+        text = ", ".join(head + tail + end)
+    if group:
+        text = ", ".join(_tags(text.replace(group, ",")))
+    if prefix or suffix:
+        text = " ".join(t for t in (prefix, text, suffix) if t)
     return text
+
+
+def caption_options(settings) -> dict:
+    """The ``process_caption`` options of a run's settings."""
+    return dict(shuffle=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
+                dropout=settings.caption_dropout, tag_dropout=settings.caption_tag_dropout,
+                separator=settings.keep_tokens_separator, group=settings.secondary_separator,
+                prefix=settings.caption_prefix, suffix=settings.caption_suffix)
+
+
+def steady_caption(text: str, settings) -> str:
+    """A caption as training reads it less its random parts (dropouts, shuffling): separators out, prefix and
+    suffix on. What the samples, the report and the validation loss use."""
+    opts = caption_options(settings) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0)
+    return process_caption(text, random.Random(0), **opts)
 
 
 # ---------------------------------------------------------------- latents
@@ -495,19 +528,22 @@ class TrainingSet:
     """The scanned images resized into buckets, encoded once, and served as reproducible batches."""
 
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
-                 crop: str = "center", flip: bool = False, shuffle_captions: bool = False, keep_tokens: int = 0,
-                 caption_dropout: float = 0.0, caption_tag_dropout: float = 0.0, templates: list[str] | None = None,
-                 encode_batch: int = 8, progress: bool = False, masked: bool = False):
+                 min_bucket_reso: int = 0, max_bucket_reso: int = 0, crop: str = "center", flip: bool = False, captions: dict | None = None, empty_every: int = 0,
+                 templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
+                 masked: bool = False):
+        """``captions``: the ``process_caption`` options (``caption_options``); ``empty_every``: every Nth epoch
+        trains with empty captions (kohya's caption_dropout_every_n_epochs)."""
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
             raise SdtuneError(f"--resolution {resolution}: must be a multiple of {bucket_step} for this model")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
-        self.caption_opts = dict(shuffle=shuffle_captions, keep_tokens=keep_tokens, dropout=caption_dropout,
-                                 tag_dropout=caption_tag_dropout)
+        self.caption_opts = dict(captions or {})
+        self.empty_every = empty_every
         self.templates = templates
-        sizes = bucket_sizes(resolution, bucket_step) if buckets else [(resolution, resolution)]
+        sizes = bucket_sizes(resolution, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets \
+            else [(resolution, resolution)]
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
         # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
@@ -569,12 +605,14 @@ class TrainingSet:
     @property
     def captions_vary(self) -> bool:
         """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
-        return self.caption_opts["shuffle"] or self.caption_opts["tag_dropout"] > 0
+        return self.caption_opts.get("shuffle", False) or self.caption_opts.get("tag_dropout", 0) > 0
 
     def possible_captions(self) -> list[str]:
         """Every caption a batch can hold (when they don't vary), for caching text-encoder outputs."""
         texts = set(self.templates) if self.templates is not None else {ex.caption or "" for ex in self.scan.examples}
-        if self.caption_opts["dropout"] > 0:
+        steady = self.caption_opts | dict(dropout=0.0)  # (they do not vary: no shuffling or tag dropout)
+        texts = {process_caption(t, random.Random(0), **steady) for t in texts}
+        if self.caption_opts.get("dropout", 0) > 0 or self.empty_every:
             texts.add("")
         return sorted(texts)
 
@@ -644,9 +682,10 @@ class TrainingSet:
                                     for i, f in list(zip(ids, flips))[part]])
         latents = mean + std * eps
         captions = []
+        empty = bool(self.empty_every) and (number // per_epoch + 1) % self.empty_every == 0  # kohya counts from 1
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
-            captions.append(process_caption(text, rng, **self.caption_opts))
+            captions.append("" if empty else process_caption(text, rng, **self.caption_opts))
         return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
 
 
@@ -692,13 +731,30 @@ def config_steps(unet_config, vae_config) -> tuple[int, int]:
 BATCH_REPEATS = 16  # the most times a batch may hold each training image over (see training_set)
 
 
+def bucket_options(base, settings) -> dict:
+    """The training size and the ``TrainingSet`` bucket arguments of a run's settings (the training set's and the
+    validation images', which must fall in the same buckets), checked against the model."""
+    native, step = model_steps(base)
+    size = settings.resolution or native
+    if settings.bucket_step and size % settings.bucket_step:  # said by its own flag
+        raise SdtuneError(f"--bucket-step {settings.bucket_step}: the training size {size} must be a multiple of it; "
+                          f"use a divisor of it such as {step}")
+    step = settings.bucket_step or step
+    sides = dict(min_bucket_reso=settings.min_bucket_reso, max_bucket_reso=settings.max_bucket_reso)
+    for name, side in sides.items():
+        if side and not settings.buckets:
+            raise SdtuneError(f"--{name.replace('_', '-')} {side}: sets the buckets' sides, and buckets are off; "
+                              f"add --buckets")
+        if side % step or (side and (side > size if name.startswith("min") else side < size)):
+            raise SdtuneError(f"--{name.replace('_', '-')} {side}: must be a multiple of {step} (the bucket step) "
+                              f"and {'at most' if name.startswith('min') else 'at least'} the training size {size}")
+    return dict(resolution=size, bucket_step=step, buckets=settings.buckets, **sides)
+
+
 def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: int | None = None) -> TrainingSet:
     """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
     (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
-    native, step = model_steps(base)
-    if settings.bucket_step and (settings.resolution or native) % settings.bucket_step:  # said by its own flag
-        raise SdtuneError(f"--bucket-step {settings.bucket_step}: the training size {settings.resolution or native} "
-                          f"must be a multiple of it; use a divisor of it such as {step}")
+    sizing = bucket_options(base, settings)
     masked = getattr(settings, "masked_loss", False)
     images = sum(ex.repeats for ex in scan.examples)
     # A batch past the images repeats them (a preset's batch of 8 on 4 images is fine); far past them, it takes the
@@ -721,11 +777,10 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
             note(f"{folder}: {found} of {len(scan.examples)} images; --masked-loss would train only where "
                  f"their masks are white (now the whole image is learned, transparency on white)")
     _note_long_captions(base.tokenizer, scan, settings.max_token_length // 75)
-    return TrainingSet(scan, base.vae, settings.resolution or native, seed if seed is not None else settings.seed,
-                       bucket_step=settings.bucket_step or step, buckets=settings.buckets, crop=settings.crop,
-                       flip=settings.flip, shuffle_captions=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                       caption_dropout=settings.caption_dropout, caption_tag_dropout=settings.caption_tag_dropout,
-                       templates=templates, progress=settings.progress, masked=masked)
+    return TrainingSet(scan, base.vae, seed=seed if seed is not None else settings.seed, **sizing, crop=settings.crop,
+                       flip=settings.flip, captions=caption_options(settings),
+                       empty_every=settings.caption_dropout_every_epochs, templates=templates,
+                       progress=settings.progress, masked=masked)
 
 
 def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:

@@ -6,14 +6,18 @@ every sample weighted 1. The options are kohya sd-scripts', under its names (whe
 with kohya's is told sdtune's), each off by default:
 
 - ``noise_offset``: a per-channel constant added to the noise (darker darks, brighter brights);
+  ``noise_offset_random_strength``: its strength drawn per batch from 0 to the value;
 - ``multires_noise_iterations`` / ``_discount``: "pyramid" noise, lower-resolution noise layers added on top and
   the sum rescaled to unit variance (low-frequency colour and composition learned sooner);
 - ``ip_noise_gamma``: input perturbation (Ning et al. 2023): the noisy latent is made with noise + γ·ξ while the
-  target stays the noise (diffusers' ``--input_perturbation``);
+  target stays the noise (diffusers' ``--input_perturbation``); ``ip_noise_gamma_random_strength``: γ drawn per
+  batch from 0 to the value;
 - ``min_timestep`` / ``max_timestep``: timesteps drawn from that range only;
 - ``loss_type`` huber or smooth_l1: the pseudo-Huber error 2c(√(d² + c²) − c) (× 1/c for smooth_l1), squared for
   small d and linear for large, less pulled by outlying pixels; c per sample by ``huber_schedule``;
-- ``min_snr_gamma`` (Min-SNR-γ, Hang et al. 2023) and ``debiased_estimation`` (1/√SNR): weights per sample.
+- ``min_snr_gamma`` (Min-SNR-γ, Hang et al. 2023), ``debiased_estimation`` (1/√SNR), ``v_pred_like_loss`` (1 + v ·
+  (SNR+1)/SNR) and ``scale_v_pred_loss_like_noise_pred`` (SNR/(SNR+1), v-prediction models): weights per sample,
+  multiplied together as kohya applies them one after the other.
 
 Every draw comes from one generator seeded per global batch, so a resumed or multi-process run repeats the
 single-process run exactly; an option that is off draws nothing, so a default run's draws do not move.
@@ -43,11 +47,14 @@ class Noise:
     ip_gamma: float = 0.0
     min_timestep: int = 0
     max_timestep: int = 0  # 0: the schedule's end
+    offset_random: bool = False  # each batch's offset strength uniform in [0, offset)
+    ip_gamma_random: bool = False  # each batch's γ uniform in [0, ip_gamma)
 
     @classmethod
     def of(cls, settings) -> Noise:
         return cls(settings.noise_offset, settings.multires_noise_iterations, settings.multires_noise_discount,
-                   settings.ip_noise_gamma, settings.min_timestep, settings.max_timestep)
+                   settings.ip_noise_gamma, settings.min_timestep, settings.max_timestep,
+                   settings.noise_offset_random_strength, settings.ip_noise_gamma_random_strength)
 
     def check(self, num_timesteps: int) -> None:
         """The timestep range against the model's schedule (``TrainSettings.check`` checked the rest)."""
@@ -77,10 +84,14 @@ def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, no
     eps = torch.randn(shape, generator=g)
     timesteps = torch.randint(noise.min_timestep, noise.max_timestep or num_timesteps, (shape[0],), generator=g)
     if noise.offset:
-        eps = eps + noise.offset * torch.randn((shape[0], shape[1], 1, 1), generator=g)
+        strength = noise.offset * torch.rand((), generator=g).item() if noise.offset_random else noise.offset
+        eps = eps + strength * torch.randn((shape[0], shape[1], 1, 1), generator=g)
     if noise.multires_iterations:
         eps = pyramid_noise(eps, noise.multires_iterations, noise.multires_discount, g)
-    perturbed = eps + noise.ip_gamma * torch.randn(shape, generator=g) if noise.ip_gamma else eps
+    perturbed = eps
+    if noise.ip_gamma:
+        gamma = noise.ip_gamma * torch.rand((), generator=g).item() if noise.ip_gamma_random else noise.ip_gamma
+        perturbed = eps + gamma * torch.randn(shape, generator=g)
     return Draws(eps, timesteps, perturbed)
 
 
@@ -129,6 +140,15 @@ def debiased_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
     return 1 / ratio.clamp(min=1 / DEBIASED_SNR_CAP ** 2).sqrt()
 
 
+def v_like_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(SNR+1)/SNR, the weight that makes an ε-prediction error a v-prediction one (kohya's ``--v_pred_like_loss``
+    adds v times the loss so weighted), with the SNR capped at 1000 as kohya's, and at 1/1000² from below, as the
+    debiased weights are: a zero-terminal-SNR schedule's last timestep (SNR 0) weighs about 10⁶, where kohya's
+    is infinite (SD's own last timestep, SNR 4·10⁻⁵, is above the floor)."""
+    ratio = snr(timesteps, alphas_cumprod).clamp(min=1 / DEBIASED_SNR_CAP ** 2, max=DEBIASED_SNR_CAP)
+    return (ratio + 1) / ratio
+
+
 @dataclass(frozen=True)
 class Loss:
     """How a prediction's error becomes the training loss (the validation loss stays the plain squared error, so
@@ -139,11 +159,19 @@ class Loss:
     huber_schedule: str = "snr"
     min_snr_gamma: float = 0.0
     debiased: bool = False
+    v_pred_like: float = 0.0
+    v_like_eps: bool = False  # kohya's scale_v_pred_loss_like_noise_pred (v-prediction models)
 
     @classmethod
     def of(cls, settings) -> Loss:
         return cls(settings.loss_type, settings.huber_c, settings.huber_schedule, settings.min_snr_gamma,
-                   settings.debiased_estimation)
+                   settings.debiased_estimation, settings.v_pred_like_loss, settings.scale_v_pred_loss_like_noise_pred)
+
+    def check(self, prediction_type: str) -> None:
+        """The options that need a model's prediction type (``TrainSettings.check`` checked the rest)."""
+        if self.v_like_eps and prediction_type != "v_prediction":
+            raise SdtuneError("--scale-v-pred-loss-like-noise-pred: weights a v-prediction model's loss as an "
+                              "ε-prediction one; this model predicts ε already (leave the flag out)")
 
     def thresholds(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """The Huber threshold c of each sample: constant; exponential, from 1 at t=0 down to huber_c at the
@@ -173,10 +201,19 @@ class Loss:
     def weights(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
                 prediction_type: str) -> torch.Tensor | None:
         """Each sample's weight, or None for all 1."""
-        w = None
+        parts = []
         if self.min_snr_gamma:
-            w = min_snr_weights(timesteps, alphas_cumprod, self.min_snr_gamma, prediction_type)
+            parts.append(min_snr_weights(timesteps, alphas_cumprod, self.min_snr_gamma, prediction_type))
+        if self.v_like_eps:
+            ratio = snr(timesteps, alphas_cumprod).clamp(max=DEBIASED_SNR_CAP)
+            parts.append(ratio / (ratio + 1))
+        if self.v_pred_like:
+            parts.append(1 + self.v_pred_like * v_like_weights(timesteps, alphas_cumprod))
         if self.debiased:
-            d = debiased_weights(timesteps, alphas_cumprod, prediction_type)
-            w = d if w is None else w * d
+            parts.append(debiased_weights(timesteps, alphas_cumprod, prediction_type))
+        if not parts:
+            return None
+        w = parts[0]
+        for part in parts[1:]:
+            w = w * part
         return w

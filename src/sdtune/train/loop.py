@@ -242,13 +242,16 @@ class TextInput:
         return {"context": context, "pooled": pooled}
 
 
-def check_precision(settings: TrainSettings, base) -> None:
-    """What the model's device cannot train in: said by the trainers first, before any image is encoded."""
+def check_model(settings: TrainSettings, base) -> None:
+    """What the model cannot train with (its device's precision, its schedule's timesteps and prediction type):
+    said by the trainers first, before any image is encoded."""
     on_cpu = base.device.type == "cpu"
     if on_cpu and base.dtype == torch.float16:
         raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
     if on_cpu and settings.mixed_precision == "fp16":
         raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
+    Noise.of(settings).check(len(base.scheduler.alphas_cumprod))
+    Loss.of(settings).check(base.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def note_merged(base) -> None:
@@ -261,7 +264,7 @@ def note_merged(base) -> None:
 
 
 def make_accelerator(settings: TrainSettings, base):
-    check_precision(settings, base)
+    check_model(settings, base)
     on_cpu = base.device.type == "cpu"
     mp = settings.mixed_precision
     if mp == "auto":
@@ -513,7 +516,6 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         if unshare is not None:
             undo.append(unshare)
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
-        Noise.of(settings).check(len(base.scheduler.alphas_cumprod))
         objective = Objective(base.unet, stack, base.scheduler, Loss.of(settings), job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base)).to(device)
         optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,

@@ -47,7 +47,7 @@ from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, optimizers, report, validation
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
-from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, training_set
+from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, steady_caption, training_set
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
 
@@ -385,12 +385,18 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_multires_noise_discount": str(settings.multires_noise_discount),
         "ss_ip_noise_gamma": str(settings.ip_noise_gamma or None),
         "ss_debiased_estimation": str(settings.debiased_estimation),
+        "ss_noise_offset_random_strength": str(settings.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(settings.ip_noise_gamma_random_strength),
+        # kohya's metadata has no place for these two; written under their flags' names
+        "ss_v_pred_like_loss": str(settings.v_pred_like_loss or None),
+        "ss_scale_v_pred_loss_like_noise_pred": str(settings.scale_v_pred_loss_like_noise_pred),
         "ss_loss_type": settings.loss_type,
         "ss_huber_schedule": settings.huber_schedule,
         "ss_huber_c": str(settings.huber_c),
         "ss_caption_dropout_rate": str(settings.caption_dropout),
         "ss_caption_tag_dropout_rate": str(settings.caption_tag_dropout),
         "ss_scale_weight_norms": str(settings.scale_weight_norms or None),
+        "ss_caption_dropout_every_n_epochs": str(settings.caption_dropout_every_epochs),
         "ss_keep_tokens": str(settings.keep_tokens),
         "ss_shuffle_caption": str(settings.shuffle_captions),
         "ss_flip_aug": str(settings.flip),
@@ -412,6 +418,9 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "vae_file", None) else {}),
         LORA_SETTINGS_KEY: to_toml(settings),  # --config reads it back: the run that made this file
     }
+    # kohya keeps these per subset in ss_datasets, which sdtune does not write (one folder is one dataset)
+    meta |= {f"ss_{name}": getattr(settings, name) for name in (
+        "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix") if getattr(settings, name)}
     meta |= lycoris_network(settings, base.family) if settings.algo != "lora" else kohya_network(settings, base.family)
     meta |= sampling_metadata(base.family, base.scheduler.config)
     if final:
@@ -461,7 +470,7 @@ def _conv_args(settings: LoraSettings) -> dict:
 def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """Train a LoRA; returns ``out/NAME.safetensors`` (kohya layout). The base is left unchanged."""
     settings.check()  # before the VAE is read
-    loop.check_precision(settings, base)
+    loop.check_model(settings, base)
     loop.note_merged(base)
     unused = [f"--{n.replace('_', '-')}" for n in ("te_lr", "te2_lr") if getattr(settings, n) is not None]
     if unused and not settings.text_encoder:  # a kohya config may carry one for a UNet-only run: said, not refused
@@ -486,7 +495,8 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     plan = plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
     network = Network(base, settings, plan)  # (made, not yet in the model), --network-weights' refusals too
     data = training_set(base, settings, scan, templates=None)
-    checks = validation.build(base, settings, held, [ex.caption or "" for ex in held.examples], held_out)
+    checks = validation.build(base, settings, held, [steady_caption(ex.caption or "", settings) for ex in held.examples],
+                              held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
     prior = prior_set(base, settings)
@@ -527,7 +537,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
         source = out / loop.STATE_FILE
         network.load_state(pivot.load_state(saved, source) if pivot is not None else saved, source)
 
-    prompts = first_prompts(ex.caption for ex in scan.examples)
+    prompts = first_prompts(steady_caption(ex.caption or "", settings) for ex in scan.examples)
     job = loop.Job(name="lora", param_groups=groups, state=state, load_state=load_state, save=save,
                    text_trainable=settings.text_encoder or pivot is not None, set_training=network.set_training,
                    sample_prompts=prompts, validation=checks,

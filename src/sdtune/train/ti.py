@@ -29,7 +29,7 @@ from ..ti.formats import Embedding, file_stem, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, validation
 from .config import TISettings, to_toml
-from .data import Scan, first_prompts, report_skipped, scan_folder, training_set
+from .data import Scan, first_prompts, report_skipped, scan_folder, steady_caption, training_set
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [
@@ -155,7 +155,7 @@ def train_ti(base, settings: TISettings, callback=None) -> Path:
 
     Afterwards the token is loaded on ``base`` with its learned vectors (``base.embeddings``)."""
     settings.check()  # before the VAE is read
-    loop.check_precision(settings, base)
+    loop.check_model(settings, base)
     loop.note_merged(base)
     # the folder is this run's from its first read of it through its report (a second run there is refused)
     with loop.holding(settings, "ti", base), vae_swapped(base, settings.vae):  # --vae: for this run only
@@ -174,10 +174,10 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     data = training_set(base, settings, scan, templates)
     # validation images get the captions or templates their folder's rule gives (template i % n for image i)
     held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates
-    captions = [held_templates[i % len(held_templates)] if held_templates else ex.caption
+    captions = [steady_caption(held_templates[i % len(held_templates)] if held_templates else ex.caption or "", settings)
                 for i, ex in enumerate(held.examples)]
     checks = validation.build(base, settings, held, captions, held_out)
-    prompts = first_prompts(templates or [ex.caption for ex in scan.examples])
+    prompts = first_prompts(steady_caption(t, settings) for t in templates or [ex.caption or "" for ex in scan.examples])
 
     embeddings = embedding_set(base)
     add_token(base, settings)

@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 from . import presets
-from .data import Scan, TrainingSet, fingerprint, held_out_order, model_steps, scan_folder, seed_for, split_validation
+from .data import (
+    Scan,
+    TrainingSet,
+    bucket_options,
+    fingerprint,
+    held_out_order,
+    scan_folder,
+    seed_for,
+    split_validation,
+)
 
 TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
 FALLBACK_IMAGES = 8
@@ -81,11 +90,9 @@ def data_id(settings, held: Scan, held_out: bool) -> dict | None:
 
 def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> ValidationSet:
     """The fixed (latent, noise, timestep, caption) batches of ``scan``'s images; ``captions[i]`` is image i's."""
-    native, step = model_steps(base)
     # center crops, no flips: the latents' means are the images
     masked = getattr(settings, "masked_loss", False)  # masked training is validated on the same masked errors
-    images = TrainingSet(scan, base.vae, settings.resolution or native, seed=0,
-                         bucket_step=settings.bucket_step or step, buckets=settings.buckets, masked=masked)
+    images = TrainingSet(scan, base.vae, seed=0, **bucket_options(base, settings), masked=masked)
     num_timesteps = len(base.scheduler.alphas_cumprod)
     timesteps = [int((k + 0.5) * num_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
     pairs: dict[tuple[int, int], list] = {}  # per bucket: (latent, noise, t, caption), images in scan order

@@ -23,7 +23,7 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 # upload kind -> (accepted suffixes, what to ask for)
 UPLOADS = {
-    "image": (tuple(sorted(IMAGE_SUFFIXES)), "a PNG, JPEG, WebP, BMP, GIF or TIFF image"),  # what training reads
+    "image": (tuple(sorted(IMAGE_SUFFIXES)), "a PNG, JPEG, WebP, AVIF, BMP, GIF or TIFF image"),  # what training reads
     "weights": ((".safetensors", ".pt", ".pth", ".bin", ".ckpt"), "a .safetensors or .pt weight file"),
     "caption": (CAPTION_SUFFIXES, "a .txt caption"),
     "queue": ((".toml",), "a .toml queue file (as sdtune train queue reads)"),
