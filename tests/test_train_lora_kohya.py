@@ -197,6 +197,23 @@ def test_a_lycoris_run_with_the_dropouts_and_max_norm_resumes_exactly_and_record
     assert largest(whole) <= 0.05 * (1 + 1e-4) < largest(plain)
 
 
+def test_loraplus_moves_the_up_factors_ratio_times_as_far(base, dataset, tmp_path):
+    """LoRA+: from up = 0, AdamW's first step is lr · g/(|g| + eps) per element, so a run at ratio 16 has up
+    factors 16 times the plain run's; the down factors, whose gradient is 0 at that step, are the plain run's."""
+    plus = train_lora(base, settings(dataset, tmp_path / "plus", steps=1, save_every=0, loraplus_lr_ratio=16.0))
+    plain = factors(train_lora(base, settings(dataset, tmp_path / "plain", steps=1, save_every=0)))
+    for k, (down, up) in factors(plus).items():
+        assert torch.equal(down, plain[k][0]) and up.abs().max() > 0
+        assert torch.allclose(up, 16 * plain[k][1], rtol=1e-5, atol=0)
+    assert json.loads(read_metadata(plus)["ss_network_args"]) == {"loraplus_lr_ratio": "16.0"}
+    network = Network(base, settings(dataset, tmp_path / "o", text_encoder=True))
+    groups = {g["name"]: g["lr"] for g in network.param_groups({"unet": 1e-4, "text_encoder": 5e-5}, up_ratio=16.0)}
+    assert groups == {"unet": 1e-4, "unet up": 16e-4, "text_encoder": 5e-5, "text_encoder up": 16 * 5e-5}
+    with pytest.raises(SdtuneError, match=r"--algo loha --loraplus-lr-ratio: LoRA\+ speeds up a LoRA's up factor; "
+                                          r"loha has none \(use --algo lora or dora\)"):
+        settings(dataset, tmp_path / "o", algo="loha", loraplus_lr_ratio=16.0).check()
+
+
 def test_dora_and_bad_values_are_refused(dataset, tmp_path):
     with pytest.raises(SdtuneError, match=r"--algo dora --rank-dropout --scale-weight-norms: sdtune offers these "
                                           r"with --algo lora, loha, lokr \(DoRA's layer computes with the whole "

@@ -46,6 +46,7 @@ TARGETS = ("attn", "attn+ff", "all")
 LORA_ALGOS = ("lora", "loha", "lokr", "dora")  # the algorithms a run trains (each has a trainable layer)
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
 FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr")
+UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 
 
 def _help(text: str, **kw):
@@ -325,6 +326,9 @@ class LoraSettings(TrainSettings):
                                 "the weight change, per step, as LyCORIS (not with --algo dora)", default=0.0)
     module_dropout: float = _help("kohya's module_dropout: a layer's whole change skipped in a step's forward with "
                                   "this probability (not with --algo dora)", default=0.0)
+    loraplus_lr_ratio: float = _help("LoRA+ (kohya's loraplus_lr_ratio): each layer's up factor learns at this times "
+                                     "the rate of its down factor (16 usual; 0: off; --algo lora or dora)",
+                                     default=0.0)
     scale_weight_norms: float = _help("kohya's max-norm regularisation: after each step, a layer whose weight change "
                                       "has a Frobenius norm above this is scaled back to it (1.0 usual; 0: off; "
                                       "not with --algo dora)", default=0.0)
@@ -378,6 +382,11 @@ class LoraSettings(TrainSettings):
         for name in ("lora_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
+        if not self.loraplus_lr_ratio >= 0:
+            raise SdtuneError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be 0 (off) or more, e.g. 16")
+        if self.loraplus_lr_ratio and self.algo not in UP_FACTOR_ALGOS:
+            raise SdtuneError(f"--algo {self.algo} --loraplus-lr-ratio: LoRA+ speeds up a LoRA's up factor; "
+                              f"{self.algo} has none (use --algo {' or '.join(UP_FACTOR_ALGOS)})")
         if not self.scale_weight_norms >= 0:
             raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]

@@ -261,14 +261,18 @@ class Network:
         parent = self.roots[comp].get_submodule(parent_path) if parent_path else self.roots[comp]
         setattr(parent, child, module)
 
-    def param_groups(self, lrs: dict[str, float]) -> list[dict]:
+    def param_groups(self, lrs: dict[str, float], up_ratio: float = 0.0) -> list[dict]:
         """The optimizer's groups: one per component (``lrs``: its learning rate) and --block-lr factor, in the
-        layers' order, each named for the logs ("unet", "unet x0.5", ...)."""
-        groups: dict[tuple[str, float], list[nn.Parameter]] = {}
+        layers' order, each named for the logs ("unet", "unet x0.5", ...); with ``up_ratio`` (LoRA+) the up factors
+        in groups of their own at that times the rate ("unet up")."""
+        groups: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
         for key, layer in self.layers.items():
-            groups.setdefault((key[0], self.lr_factors.get(key, 1.0)), []).extend(layer.parts().values())
-        return [{"params": params, "lr": lrs[comp] * factor, "name": comp if factor == 1 else f"{comp} x{factor:g}"}
-                for (comp, factor), params in groups.items()]
+            factor = self.lr_factors.get(key, 1.0)
+            for role, param in layer.parts().items():
+                groups.setdefault((key[0], factor, bool(up_ratio) and role == "up"), []).append(param)
+        return [{"params": params, "lr": lrs[comp] * factor * (up_ratio if up else 1),
+                 "name": (comp if factor == 1 else f"{comp} x{factor:g}") + (" up" if up else "")}
+                for (comp, factor, up), params in groups.items()]
 
     def set_training(self, on: bool) -> None:
         """Training mode (the dropouts) of the layers; their frozen base Linear/Conv2d has no mode-dependent part."""
@@ -451,10 +455,12 @@ def kohya_network(settings: LoraSettings, family) -> dict:
 
 
 def _option_args(settings: LoraSettings, family) -> dict:
-    """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, and
+    """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, LoRA+'s
+    ratio, and
     --block-lr as kohya's down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output
     ones; the text encoders' BASE has no place there, ss_sdtune_settings keeps the whole spec)."""
-    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout") if getattr(settings, name)}
+    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio")
+            if getattr(settings, name)}
     if settings.block_lr:
         weights = blocks.parse(settings.block_lr, family)
         for name, prefix in (("down_lr_weight", "IN"), ("mid_lr_weight", "M"), ("up_lr_weight", "OUT")):
@@ -503,7 +509,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     lrs = {"unet": settings.lr}
     if settings.text_encoder:
         lrs |= {te.component: lr for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))}
-    groups = network.param_groups(lrs)
+    groups = network.param_groups(lrs, settings.loraplus_lr_ratio)
     if settings.pivotal:
         check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
     pivot = Pivot(base, settings) if settings.pivotal else None
