@@ -311,6 +311,10 @@ class LoraSettings(TrainSettings):
                           "BASE,IN00,...,M00,...,OUT.. or a preset name, as lbw= takes; BASE: the text encoders); "
                           "a block at 0 is not trained, its layers left out of the file (kohya's "
                           "down/mid/up_lr_weight)", default="")
+    block_ranks: str = _help("the rank per block of the linear and 1x1 layers, in the same syntax as --block-lr "
+                             "(kohya's block_dims); a block at 0 is not trained; the 3x3 convolutions and layers "
+                             "in no block keep --conv-rank and --rank", default="")
+    block_alphas: str = _help("the alpha per block, as --block-ranks (kohya's block_alphas)", default="")
     exclude: list[str] = _help("layers left out of --targets: regular expressions searched in each layer's "
                                "COMPONENT.PATH (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'"
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
@@ -551,7 +555,7 @@ OTHER_TOOLS_NAMES = {
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
     "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder",
     "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma",
-    "caption_tag_dropout_rate": "caption_tag_dropout"}
+    "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:

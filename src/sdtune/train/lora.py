@@ -163,30 +163,57 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
             raise SdtuneError(f"--targets {settings.targets}: no matching layers in the {comp}; is it a "
                               f"Stable Diffusion model of a family sdtune knows?")
         modules += [(comp, p, root.get_submodule(p)) for p in kept]
-    factors = block_lrs(base, settings, [(comp, path) for comp, path, _ in modules])
-    if factors:  # blocks at 0 are not trained: their layers are left out, as kohya leaves them out
+    # blocks at 0 (--block-lr, --block-ranks) are not trained: their layers are left out, as kohya leaves them out
+    for name, values in (("block_lr", block_lrs(base, settings, modules)),
+                         ("block_ranks", block_ranks(base, settings, modules)[0])):
+        if not values:
+            continue
         for comp, _, _ in plan:
-            if not any(factors[(c, p)] for c, p, _ in modules if c == comp):
-                raise SdtuneError(f"--block-lr {settings.block_lr}: gives every {comp} layer the run trains 0"
-                                  + ("; give BASE a factor, or leave out --text-encoder" if comp in TEXT_COMPONENTS
-                                     else "; give a block that has layers a factor"))
-        modules = [m for m in modules if factors[m[:2]]]
-    _check_ranks(modules, settings.rank, conv_rank, "--conv-rank" if settings.conv_rank else "--rank")
+            if not any(values.get((c, p), 1) for c, p, _ in modules if c == comp):
+                raise SdtuneError(f"--{name.replace('_', '-')} {getattr(settings, name)}: gives every {comp} layer "
+                                  f"the run trains 0" + ("; give BASE a value, or leave out --text-encoder"
+                                                         if comp in TEXT_COMPONENTS
+                                                         else "; give a block that has layers a value"))
+        modules = [m for m in modules if values.get(m[:2], 1)]
+    ranks = block_ranks(base, settings, modules)[0]
+    _check_ranks(modules, max([settings.rank, *ranks.values()]), conv_rank,
+                 "--conv-rank" if settings.conv_rank else "--block-ranks" if ranks else "--rank")
     return modules, {comp: root for comp, root, _ in plan}
 
 
-def block_lrs(base, settings: LoraSettings, layers: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-    """--block-lr: each layer's factor on its component's learning rate ({} without the option). The blocks are
-    the lora-block-weight ones that block weights use at generation (BASE: the text encoders); a layer in no block
-    (the time embedding, conv_in/out) keeps its component's rate."""
-    if not settings.block_lr:
-        return {}
-    weights = blocks.parse(settings.block_lr, base.family, said="--block-lr ")
-    negative = next((block for block, w in weights.items() if w < 0), None)
+def _per_block(base, spec: str, flag: str, layers) -> dict[tuple[str, str], float]:
+    """Each layer's value from a lora-block-weight vector or preset ``spec`` given as ``flag`` (nonnegative; 1 for
+    a layer in no block). The blocks are those block weights use at generation (BASE: the text encoders)."""
+    values = blocks.parse(spec, base.family, said=f"{flag} ")
+    negative = next((block for block, v in values.items() if v < 0), None)
     if negative is not None:
-        raise SdtuneError(f"--block-lr {settings.block_lr}: {negative} is {weights[negative]:g}; a learning-rate "
-                          f"factor is 0 (not trained) or more")
-    return blocks.layer_factors(weights, layers, base.unet.config)
+        raise SdtuneError(f"{flag} {spec}: {negative} is {values[negative]:g}; give 0 (not trained) or more")
+    return blocks.layer_factors(values, [m[:2] for m in layers], base.unet.config)
+
+
+def block_lrs(base, settings: LoraSettings, layers) -> dict[tuple[str, str], float]:
+    """--block-lr: each layer's factor on its component's learning rate ({} without the option); a layer in no
+    block (the time embedding, conv_in/out) keeps its component's rate."""
+    return _per_block(base, settings.block_lr, "--block-lr", layers) if settings.block_lr else {}
+
+
+def block_ranks(base, settings: LoraSettings, layers) -> tuple[dict, dict]:
+    """--block-ranks and --block-alphas (kohya's block_dims and block_alphas): each linear or 1x1 layer's rank and
+    alpha by its block, ({}, {}) without them; a layer in no block, and the 3x3 convolutions (--conv-rank), keep
+    --rank and --alpha. ``layers``: (component, path, module) each."""
+    plain = [m for m in layers if not _is_3x3(m[2])]
+    ranks = _per_block(base, settings.block_ranks, "--block-ranks", plain) if settings.block_ranks else {}
+    odd = next((r for r in ranks.values() if r != int(r)), None)
+    if odd is not None:
+        raise SdtuneError(f"--block-ranks {settings.block_ranks}: {odd:g} is not a whole rank; give whole numbers")
+    alphas = _per_block(base, settings.block_alphas, "--block-alphas", plain) if settings.block_alphas else {}
+    # a layer in no block keeps the run's rank and alpha (layer_factors gives it 1)
+    unet = blocks.unet_blocks(base.unet.config)
+    for key in ranks.keys() | alphas.keys():
+        if blocks.block_of(*key, unet) is None:
+            ranks.pop(key, None)
+            alphas.pop(key, None)
+    return {k: int(r) for k, r in ranks.items()}, alphas
 
 
 class Network:
@@ -197,7 +224,8 @@ class Network:
         g = torch.Generator().manual_seed(seed_for(settings.seed, "lora-init"))
         conv_rank, conv_alpha = _conv_rank(settings), _conv_alpha(settings)
         modules, self.roots = plan or plan_layers(base, settings)
-        self.lr_factors = block_lrs(base, settings, [(comp, path) for comp, path, _ in modules])
+        self.lr_factors = block_lrs(base, settings, modules)
+        ranks, alphas = block_ranks(base, settings, modules)
         self.algo = algos.get(settings.algo)
         options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
         if settings.rank_dropout or settings.module_dropout:
@@ -205,7 +233,8 @@ class Network:
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
         self.layers: dict[tuple[str, str], nn.Module] = {}
         for comp, path, module in modules:
-            rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (settings.rank, settings.alpha)
+            rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (
+                ranks.get((comp, path), settings.rank), alphas.get((comp, path), settings.alpha))
             given = start.get(_neutral(comp, path))
             if given is not None:  # the file's own rank and alpha (kohya's --dim_from_weights)
                 rank = given.rank or rank
@@ -456,15 +485,18 @@ def kohya_network(settings: LoraSettings, family) -> dict:
 
 def _option_args(settings: LoraSettings, family) -> dict:
     """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, LoRA+'s
-    ratio, and
-    --block-lr as kohya's down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output
-    ones; the text encoders' BASE has no place there, ss_sdtune_settings keeps the whole spec)."""
+    ratio, --block-ranks/--block-alphas as kohya's block_dims/block_alphas, and --block-lr as kohya's
+    down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output ones). The text encoders'
+    BASE has no place there; ss_sdtune_settings keeps the whole specs."""
     args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio")
             if getattr(settings, name)}
     if settings.block_lr:
         weights = blocks.parse(settings.block_lr, family)
         for name, prefix in (("down_lr_weight", "IN"), ("mid_lr_weight", "M"), ("up_lr_weight", "OUT")):
             args[name] = ",".join(f"{w:g}" for block, w in weights.items() if block.startswith(prefix))
+    for name, spec in (("block_dims", settings.block_ranks), ("block_alphas", settings.block_alphas)):
+        if spec:  # kohya's one list over the UNet's blocks, input to output
+            args[name] = ",".join(f"{v:g}" for block, v in blocks.parse(spec, family).items() if block != blocks.BASE)
     return args
 
 
