@@ -444,7 +444,8 @@ def test_captions_from_metadata_jsonl_or_csv_and_upper_case_caption_files(tmp_pa
     scan = scan_folder(upper)
     assert scan.examples[0].caption == "a green square"
     assert scan.unused == [f"{upper}: 1 caption file(s) have more than one line; only the first is used, as kohya "
-                           f"does (A.TXT); join the lines to keep them"]
+                           f"does (A.TXT); join the lines to keep them, or give --wildcards to draw one of them "
+                           f"each time"]
 
 
 def test_kohya_folders_sd_scripts_would_read_otherwise_are_said(tmp_path):
@@ -523,3 +524,24 @@ def test_a_run_with_separators_and_a_prefix_trains_and_samples_the_captions_they
     meta = read_metadata(marked)
     assert (meta["ss_keep_tokens_separator"], meta["ss_caption_prefix"]) == ("|||", "sks")
     assert "ss_caption_prefix" not in read_metadata(plain)
+
+
+def test_wildcards_draw_a_line_and_an_option_each_time_and_samples_read_the_first(tmp_path, vae):
+    """kohya's enable_wildcard: a caption file's lines are alternatives and {a|b|c} takes one option; without the
+    flag only the first line is read, and a note says so and names the flag."""
+    solid(tmp_path / "a.png", caption="a {red|blue|green} circle\nsks, circle, {plain|flat} colour")
+    with pytest.warns(SdtuneWarning, match="have more than one line; only the first is used.*--wildcards"):
+        data.report_skipped(scan_folder(tmp_path))
+    assert scan_folder(tmp_path).examples[0].caption == "a {red|blue|green} circle"
+    scan = scan_folder(tmp_path, all_lines=True)
+    assert not scan.unused and scan.examples[0].caption.count("\n") == 1
+    ts = TrainingSet(scan, vae, 64, seed=0, bucket_step=16, captions=dict(wildcards=True))
+    assert ts.captions_vary
+    drawn = {ts.batch(n, 1).captions[0] for n in range(200)}
+    assert drawn == {"a red circle", "a blue circle", "a green circle", "sks, circle, plain colour",
+                     "sks, circle, flat colour"}
+    settings = LoraSettings(data=str(tmp_path), out="o", wildcards=True, caption_prefix="x")
+    assert data.steady_caption(scan.examples[0].caption, settings) == "x a red circle"
+    plain = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, captions=dict(wildcards=True))
+    assert not TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16).captions_vary
+    assert plain.captions_vary  # {red|blue|green} on the first line alone still varies

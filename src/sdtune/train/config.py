@@ -139,6 +139,9 @@ class TrainSettings:
                                        "itself", default="")
     secondary_separator: str = _help("tags joined by it (kohya's, e.g. ';;;') are shuffled and dropped as one, "
                                      "trained joined by commas", default="")
+    wildcards: bool = _help("kohya's enable_wildcard: a caption file's lines are alternatives, one drawn each time "
+                            "the image is trained, and each {a|b|c} in a caption takes one of its options",
+                            default=False)
     caption_prefix: str = _help("text put before every caption (kohya's; never shuffled or dropped)", default="")
     caption_suffix: str = _help("text put after every caption (kohya's; never shuffled or dropped)", default="")
     max_token_length: int = _help("caption tokens training reads: 75 (the text encoder's window), 150 or 225 (kohya's "
@@ -555,7 +558,7 @@ OTHER_TOOLS_NAMES = {
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
     "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder",
     "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma",
-    "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks"}
+    "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks", "enable_wildcard": "wildcards"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:

@@ -87,9 +87,10 @@ def caption_file(image: Path) -> Path | None:
     return None
 
 
-def read_caption(image: Path, read: dict[Path, list[str]] | None = None) -> str | None:
-    """The first non-empty line of the image's caption file ("" for an empty file); None without one. ``read``
-    collects each file's lines, for ``_caption_notes``."""
+def read_caption(image: Path, read: dict[Path, list[str]] | None = None, all_lines: bool = False) -> str | None:
+    """The first non-empty line of the image's caption file ("" for an empty file), or with ``all_lines`` every
+    non-empty one joined by newlines (--wildcards); None without one. ``read`` collects each file's lines, for
+    ``_caption_notes``."""
     path = caption_file(image)
     if path is None:
         return None
@@ -99,6 +100,8 @@ def read_caption(image: Path, read: dict[Path, list[str]] | None = None) -> str 
         raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
     if read is not None:
         read[path] = lines
+    if all_lines:
+        return "\n".join(ln.strip() for ln in lines if ln.strip())
     return next((ln.strip() for ln in lines if ln.strip()), "")
 
 
@@ -143,7 +146,8 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict[Path, list[str]]) -> list[str]:
+def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict[Path, list[str]],
+                   all_lines: bool = False) -> list[str]:
     """What a user would not see happen to the caption files of ``folder``: one with no image beside it (not
     used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption), one of
     several lines (the first is used). ``read``: the lines of the files the scan read (the others: of images
@@ -161,7 +165,7 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict
     filled = {p: [line for line in lines(p) if line.strip()] for p in used}
     empty = [p for p in used if not filled[p]]
     # only the first line is read, as kohya reads it: a captioner's further lines would go unseen
-    multi = [p for p in used if len(filled[p]) > 1]
+    multi = [] if all_lines else [p for p in used if len(filled[p]) > 1]
 
     def named(paths: list[Path]) -> str:
         return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -177,17 +181,18 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict
                      f"caption ({named(empty)})")
     if multi:
         notes.append(f"{folder}: {len(multi)} caption file(s) have more than one line; only the first is used, as "
-                     f"kohya does ({named(multi)}); join the lines to keep them")
+                     f"kohya does ({named(multi)}); join the lines to keep them, or give --wildcards to draw one "
+                     f"of them each time")
     return notes
 
 
 def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True,
-                option: str = "--data") -> Scan:
+                option: str = "--data", all_lines: bool = False) -> Scan:
     """Every readable image under ``folder`` (given as ``option``) with its caption and repeat count.
 
     Caption order: same-name caption file, then the folder's metadata.jsonl/csv, then the ``N_name`` folder's
     name, then ``default_caption``. With ``require_captions`` an image left without one is an error (TI uses
-    prompt templates instead)."""
+    prompt templates instead). ``all_lines``: a caption file's every line, as alternatives (--wildcards)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SdtuneError(f"{folder}: {option} is not a folder; point it at a folder of images and captions")
@@ -215,7 +220,7 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
             if why:
                 scan.skipped.append((image, why))
                 continue
-            caption = read_caption(image, read)
+            caption = read_caption(image, read, all_lines)
             if caption is None:
                 caption = listed.get(image.resolve())
             if caption is None:
@@ -226,7 +231,7 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
             count += 1
         if count and repeats > 0:
             scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
-        scan.unused += _caption_notes(path_, recursive, files, read)
+        scan.unused += _caption_notes(path_, recursive, files, read, all_lines)
         unlisted = sorted(p.name for p in listed if not p.is_file())
         if unlisted:  # a typo, or an image renamed or deleted since the metadata was written
             scan.unused.append(f"{path_}: {len(unlisted)} row(s) of its metadata name no image there and are not "
@@ -443,17 +448,39 @@ def _tags(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # {a|b|c}: one of the options (kohya's enable_wildcard)
+
+
+def pick_wildcards(text: str, rng: random.Random | None) -> str:
+    """One of the caption's lines (--wildcards: each line an alternative) and one option of each ``{a|b|c}`` in
+    it, drawn from ``rng``; with ``rng`` None the first of each (the steady caption samples read)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [""]
+    line = lines[0] if rng is None or len(lines) == 1 else rng.choice(lines)
+
+    def option(match: re.Match) -> str:
+        options = match.group(1).split("|")
+        return options[0] if rng is None else rng.choice(options)
+    return WILDCARD.sub(option, line)
+
+
+def has_wildcards(text: str) -> bool:
+    return "\n" in text or WILDCARD.search(text) is not None
+
+
 def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
                     dropout: float = 0.0, tag_dropout: float = 0.0, separator: str = "", group: str = "",
-                    prefix: str = "", suffix: str = "") -> str:
+                    prefix: str = "", suffix: str = "", wildcards: bool = False) -> str:
     """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
     comma-separated tags, the first ``keep_tokens`` staying in front; then drop each of the others with
     probability ``tag_dropout``. In a caption holding ``separator`` (kohya's keep_tokens_separator) the tags
     before it stay in front and those after its last one at the end, instead of ``keep_tokens``; tags joined
     by ``group`` (kohya's secondary_separator) move and drop as one; ``prefix`` and ``suffix`` are put around
-    what is left, joined by a space as kohya joins them."""
+    what is left, joined by a space as kohya joins them. ``wildcards``: one line of the text and one option of each
+    {a|b|c} first (``pick_wildcards``)."""
     if dropout > 0 and rng.random() < dropout:
         return ""
+    if wildcards:
+        text = pick_wildcards(text, rng)
     held = bool(separator) and separator in text
     if shuffle or tag_dropout > 0 or held:
         if held:
@@ -480,14 +507,14 @@ def caption_options(settings) -> dict:
     return dict(shuffle=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
                 dropout=settings.caption_dropout, tag_dropout=settings.caption_tag_dropout,
                 separator=settings.keep_tokens_separator, group=settings.secondary_separator,
-                prefix=settings.caption_prefix, suffix=settings.caption_suffix)
+                prefix=settings.caption_prefix, suffix=settings.caption_suffix, wildcards=settings.wildcards)
 
 
 def steady_caption(text: str, settings) -> str:
     """A caption as training reads it less its random parts (dropouts, shuffling): separators out, prefix and
     suffix on. What the samples, the report and the validation loss use."""
-    opts = caption_options(settings) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0)
-    return process_caption(text, random.Random(0), **opts)
+    opts = caption_options(settings) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0, wildcards=False)
+    return process_caption(pick_wildcards(text, None) if settings.wildcards else text, random.Random(0), **opts)
 
 
 # ---------------------------------------------------------------- latents
@@ -605,12 +632,17 @@ class TrainingSet:
     @property
     def captions_vary(self) -> bool:
         """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
+        if self.caption_opts.get("wildcards") and any(has_wildcards(t) for t in self._texts()):
+            return True
         return self.caption_opts.get("shuffle", False) or self.caption_opts.get("tag_dropout", 0) > 0
+
+    def _texts(self) -> set[str]:
+        return set(self.templates) if self.templates is not None else {ex.caption or "" for ex in self.scan.examples}
 
     def possible_captions(self) -> list[str]:
         """Every caption a batch can hold (when they don't vary), for caching text-encoder outputs."""
-        texts = set(self.templates) if self.templates is not None else {ex.caption or "" for ex in self.scan.examples}
-        steady = self.caption_opts | dict(dropout=0.0)  # (they do not vary: no shuffling or tag dropout)
+        texts = self._texts()
+        steady = self.caption_opts | dict(dropout=0.0)  # (they do not vary: no shuffling, tag dropout or wildcards)
         texts = {process_caption(t, random.Random(0), **steady) for t in texts}
         if self.caption_opts.get("dropout", 0) > 0 or self.empty_every:
             texts.add("")
@@ -789,8 +821,8 @@ def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:
     whole, in A1111's 75-token chunks."""
     window = (tokenizer.model_max_length - 2) * chunks  # less each chunk's start and end tokens
     # (verbose=False: transformers logs every over-long text otherwise)
-    long = [ex for ex in scan.examples
-            if ex.caption and len(tokenizer(ex.caption, verbose=False).input_ids) - 2 > window]
+    long = [ex for ex in scan.examples if ex.caption and any(  # (--wildcards: each line is a caption)
+        len(tokenizer(line, verbose=False).input_ids) - 2 > window for line in ex.caption.splitlines())]
     if long:
         longer = [str(n) for n in TOKEN_LENGTHS if n > window]
         more = f", or --max-token-length {' or '.join(longer)}" if longer else ""

@@ -361,7 +361,7 @@ def _tag_frequency(scan, root: Path) -> dict:
     freq: dict[str, Counter] = {}
     for ex in scan.examples:
         folder = dataset_dir(ex.path, root)  # as ss_dataset_dirs names it: the N_name folder, not a subfolder
-        tags = [t.strip() for t in (ex.caption or "").split(",") if t.strip()]
+        tags = [t.strip() for t in (ex.caption or "").replace("\n", ",").split(",") if t.strip()]  # (--wildcards)
         freq.setdefault(folder, Counter()).update(tags)
     return {k: dict(v) for k, v in freq.items()}
 
@@ -526,7 +526,8 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """The run itself, with its VAE in place."""
     out = Path(settings.out)
     started = time.time()
-    scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True)
+    scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True,
+                       all_lines=settings.wildcards)
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding

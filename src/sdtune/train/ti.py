@@ -84,7 +84,8 @@ def embedding_set(base) -> EmbeddingSet:
 def prompt_templates(scan: Scan, token: str, prop: str) -> list[str] | None:
     """None when every image has a caption that mentions the token (train on those), else the templates."""
     captions = [ex.caption for ex in scan.examples]
-    mentions = [bool(c) and token.lower() in c.lower() for c in captions]
+    # (--wildcards: each line of a caption is one the run may train on, so each must mention it)
+    mentions = [bool(c) and all(token.lower() in line.lower() for line in c.splitlines()) for c in captions]
     if all(mentions):
         return None
     if any(mentions):
@@ -166,7 +167,7 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     """The run itself, with its VAE in place."""
     check_new_token(base, settings)
     out = Path(settings.out)
-    scan = scan_folder(settings.data, default_caption=None, require_captions=False)
+    scan = scan_folder(settings.data, default_caption=None, require_captions=False, all_lines=settings.wildcards)
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
     scan, held, held_out = validation.split(settings, scan, require_captions=False)

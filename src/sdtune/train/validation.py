@@ -68,7 +68,7 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
     if settings.validation_dir:
         held = scan_folder(settings.validation_dir, require_captions=require_captions,  # as --data
                            default_caption=settings.default_caption if require_captions else None,
-                           option="--validation-dir")
+                           option="--validation-dir", all_lines=settings.wildcards)
         return scan, held, True
     if settings.validation_split:
         preset = presets.get(settings.kind, settings.preset).values if settings.preset else {}
