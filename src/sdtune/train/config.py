@@ -123,6 +123,9 @@ class TrainSettings:
     mixed_precision: str = _help("auto (fp16/bf16 when the model is loaded so on a GPU) | no | fp16 | bf16",
                                  default="auto")
     crop: str = _help("center | random (random crops are VAE-encoded every step)", default="center")
+    cache_latents_to_disk: bool = _help("keep each image's encoding in DATA/.sdtune-latents (kohya's), found again by "
+                                        "the image's bytes, its bucket and the VAE: a rerun, resume or queue on the "
+                                        "same images skips the VAE", default=False)
     flip: bool = False
     buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
     bucket_step: int = _help("bucket sizes step in pixels; 0: the model's (64 for SD 1.x)", default=0)
@@ -242,6 +245,9 @@ class TrainSettings:
         if self.keep_tokens_separator and self.keep_tokens_separator == self.secondary_separator:
             raise SdtuneError(f"--keep-tokens-separator and --secondary-separator are both "
                               f"{self.keep_tokens_separator!r}; give them different strings")
+        if self.cache_latents_to_disk and self.crop == "random":
+            raise SdtuneError("--cache-latents-to-disk with --crop random: random crops are encoded every step, so "
+                              "there is nothing to cache; use one of them")
         for flag, of in (("noise_offset_random_strength", "noise_offset"),
                          ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
             if getattr(self, flag) and not getattr(self, of):

@@ -45,6 +45,7 @@ from ..console import note
 from ..safeio import SdtuneError
 from . import masks
 from .config import TOKEN_LENGTHS
+from .latent_cache import LatentCache
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}  # AVIF: Pillow 11.3+
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -555,11 +556,12 @@ class TrainingSet:
     """The scanned images resized into buckets, encoded once, and served as reproducible batches."""
 
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
-                 min_bucket_reso: int = 0, max_bucket_reso: int = 0, crop: str = "center", flip: bool = False, captions: dict | None = None, empty_every: int = 0,
+                 min_bucket_reso: int = 0, max_bucket_reso: int = 0, crop: str = "center", cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
                  templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
                  masked: bool = False):
         """``captions``: the ``process_caption`` options (``caption_options``); ``empty_every``: every Nth epoch
-        trains with empty captions (kohya's caption_dropout_every_n_epochs)."""
+        trains with empty captions (kohya's caption_dropout_every_n_epochs); ``cache``: a ``LatentCache`` that
+        keeps the encodings on disk."""
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         if resolution % bucket_step:
@@ -608,14 +610,23 @@ class TrainingSet:
             plain, flipped, marks = [], [], []
             for k in range(0, len(paths), encode_batch):
                 chunk = paths[k:k + encode_batch]
-                x = torch.stack([to_tensor(fit(open_rgb(path), size)) for path in chunk])
-                plain.append(encode(vae, x))
+                found = [cache.get(path, size, flip) if cache is not None else None for path in chunk]
+                todo = [i for i, entry in enumerate(found) if entry is None]
+                if todo:  # the images not cached, encoded together
+                    x = torch.stack([to_tensor(fit(open_rgb(chunk[i]), size)) for i in todo])
+                    latents = encode(vae, x)
+                    mirrored = encode(vae, x.flip(-1)) if flip else None
+                    for j, i in enumerate(todo):
+                        found[i] = (latents[j], mirrored[j] if flip else None)
+                        if cache is not None:
+                            cache.put(chunk[i], size, *found[i])
+                plain.append(torch.stack([entry[0] for entry in found]))
                 if flip:
-                    flipped.append(encode(vae, x.flip(-1)))
+                    flipped.append(torch.stack([entry[1] for entry in found]))
                 if masked:
                     grid = tuple(plain[-1].shape[-2:])
                     marks.append(torch.stack([masks.to_latent(_fitted_mask(path, size), grid) for path in chunk]))
-                bar.update(len(x))
+                bar.update(len(chunk))
             self.latents[size] = torch.cat(plain)
             if masked:
                 self.masks[size] = torch.cat(marks)
@@ -783,6 +794,11 @@ def bucket_options(base, settings) -> dict:
     return dict(resolution=size, bucket_step=step, buckets=settings.buckets, **sides)
 
 
+def latent_cache(base, settings) -> LatentCache | None:
+    """--cache-latents-to-disk: the run's cache of encodings, in its data folder (None without the option)."""
+    return LatentCache.at(settings.data, base.vae) if getattr(settings, "cache_latents_to_disk", False) else None
+
+
 def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: int | None = None) -> TrainingSet:
     """The images of ``scan`` ready to train on, with the settings' size, crops, flips, captions and masks
     (``seed``: the batches' seed when not the run's, e.g. the class images' of prior preservation)."""
@@ -810,6 +826,7 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
                  f"their masks are white (now the whole image is learned, transparency on white)")
     _note_long_captions(base.tokenizer, scan, settings.max_token_length // 75)
     return TrainingSet(scan, base.vae, seed=seed if seed is not None else settings.seed, **sizing, crop=settings.crop,
+                       cache=latent_cache(base, settings),
                        flip=settings.flip, captions=caption_options(settings),
                        empty_every=settings.caption_dropout_every_epochs, templates=templates,
                        progress=settings.progress, masked=masked)

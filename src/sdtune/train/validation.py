@@ -28,6 +28,7 @@ from .data import (
     bucket_options,
     fingerprint,
     held_out_order,
+    latent_cache,
     scan_folder,
     seed_for,
     split_validation,
@@ -92,7 +93,8 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
     """The fixed (latent, noise, timestep, caption) batches of ``scan``'s images; ``captions[i]`` is image i's."""
     # center crops, no flips: the latents' means are the images
     masked = getattr(settings, "masked_loss", False)  # masked training is validated on the same masked errors
-    images = TrainingSet(scan, base.vae, seed=0, **bucket_options(base, settings), masked=masked)
+    images = TrainingSet(scan, base.vae, seed=0, **bucket_options(base, settings), masked=masked,
+                         cache=latent_cache(base, settings))
     num_timesteps = len(base.scheduler.alphas_cumprod)
     timesteps = [int((k + 0.5) * num_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
     pairs: dict[tuple[int, int], list] = {}  # per bucket: (latent, noise, t, caption), images in scan order
