@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import small_runs
 import torch
+from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from sdtune import safeio
@@ -51,6 +52,25 @@ def test_lr_factor_warmup_and_schedules():
     assert f(109, 110, 10, "linear") == pytest.approx(0.01)
     with pytest.raises(SdtuneError, match="--lr-scheduler"):
         f(0, 10, 0, "exponential")
+
+
+@pytest.mark.parametrize("name, kw, ours", [("cosine_with_restarts", {"num_cycles": 3}, {"cycles": 3}),
+                                             ("polynomial", {"power": 2.0}, {"power": 2.0})])
+def test_kohyas_other_schedules_are_diffusers_ones(name, kw, ours):
+    """kohya's cosine_with_restarts (--lr-scheduler-num-cycles) and polynomial (--lr-scheduler-power), step for step
+    as diffusers' get_scheduler computes them (no warm-up: diffusers' starts at 0, sdtune's at 1/warmup; diffusers'
+    polynomial ends at 1e-7, sdtune's at 0)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=90, **kw)
+    theirs = []
+    for _ in range(90):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [loop.lr_factor(s, 90, 0, name, **ours) for s in range(90)] == pytest.approx(theirs, abs=2e-7)
+    if name == "cosine_with_restarts":  # three cosines: back to the full rate at steps 30 and 60
+        assert [loop.lr_factor(s, 90, 0, name, **ours) for s in (0, 29, 30, 60)] == pytest.approx(
+            [1.0, 0.0027, 1.0, 1.0], abs=1e-3)
 
 
 def test_min_snr_weights_match_the_formula():

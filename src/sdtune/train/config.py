@@ -36,7 +36,8 @@ from . import optimizers, presets
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULES_OVER_RUN = ("linear", "cosine", "cosine_with_restarts", "polynomial")  # planned over the run's steps
 TOKEN_LENGTHS = (75, 150, 225)  # a caption's tokens training reads: 1, 2 or 3 chunks of the encoders' window
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # the error of a prediction (``diffusion.Loss``)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # how the Huber threshold follows the timestep
@@ -71,8 +72,13 @@ class TrainSettings:
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     resolution: int = _help("training image size in pixels; 0: the model's native size", default=0)
     seed: int = 0
-    lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine (decay to 0)", default="constant")
+    lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine (decay to 0) | cosine_with_restarts "
+                              "(--lr-scheduler-num-cycles cosines) | polynomial ((1 - progress)^--lr-scheduler-power)",
+                              default="constant")
     lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = _help("cosine_with_restarts: the number of cosines, each from the full rate to 0 "
+                                         "(kohya's)", default=1)
+    lr_scheduler_power: float = _help("polynomial: the power of the decay to 0 (1: linear; kohya's)", default=1.0)
     min_snr_gamma: float = _help("Min-SNR-γ loss weights; 0: off; 5 is the usual value", default=0.0)
     noise_offset: float = _help("a random constant per image and channel added to the noise (brighter brights, "
                                 "darker darks; 0.05 to 0.1 usual)", default=0.0)
@@ -200,6 +206,7 @@ class TrainSettings:
         if self.vae:
             input_path(self.vae, "VAE file or folder", "--vae")
         positive = dict(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                        lr_scheduler_num_cycles=self.lr_scheduler_num_cycles, lr_scheduler_power=self.lr_scheduler_power,
                         sample_images=self.sample_images, sample_steps=self.sample_steps, clip_skip=self.clip_skip)
         for name, value in positive.items():
             if not value > 0:

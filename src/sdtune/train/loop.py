@@ -60,7 +60,7 @@ from ..console import Interrupted, Terminated, launched, main_process, note, pro
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, optimizers, shared_text
-from .config import TrainSettings, summary, to_toml
+from .config import SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
 from .validation import ValidationSet, validation_loss
@@ -111,8 +111,10 @@ class Record:
 
 # ---------------------------------------------------------------- pieces
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then the schedule."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1, power: float = 1.0) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then the schedule (diffusers'
+    and kohya's: ``cycles`` cosines for cosine_with_restarts, (1 − progress)^``power`` for polynomial, which
+    decays to 0 where diffusers' stops at 1e-7)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule in ("constant", "constant_with_warmup"):
@@ -122,7 +124,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return max(0.0, 1.0 - progress)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise SdtuneError(f"--lr-scheduler {schedule!r}: use constant, constant_with_warmup, linear or cosine")
+    if schedule == "cosine_with_restarts":
+        return 0.0 if progress >= 1 else 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+    if schedule == "polynomial":
+        return max(0.0, 1.0 - progress) ** power
+    raise SdtuneError(f"--lr-scheduler {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
 
 def default_time_ids(latents: torch.Tensor, scale: int) -> torch.Tensor:
@@ -285,7 +291,7 @@ def total_steps(settings: TrainSettings, data: TrainingSet, global_batch: int) -
 def schedule_note(settings: TrainSettings, spans: list) -> str:
     """What a run resumed with other --steps cannot repeat from its settings: the part of it that followed a
     learning-rate schedule planned over another step count ("" when nothing differs)."""
-    if settings.lr_scheduler not in ("linear", "cosine") or len(spans) < 2:
+    if settings.lr_scheduler not in SCHEDULES_OVER_RUN or len(spans) < 2:
         return ""
     ends = [start for start, _ in spans[1:]] + [spans[-1][1]]
     parts = ", ".join(f"steps {start + 1}-{end} over {planned}" for (start, planned), end in zip(spans, ends))
@@ -434,7 +440,7 @@ def _resuming(name: str, state: dict, start: int, total: int, settings: TrainSet
                 f"writing its final files and report again (more --steps would continue it)")
     line = f"sdtune train {name}: resuming at step {start} of {total} from {Path(settings.out) / STATE_FILE}"
     before = state.get("total")
-    if before and before != total and settings.lr_scheduler != "constant":
+    if before and before != total and settings.lr_scheduler in SCHEDULES_OVER_RUN:
         line += (f" (the {settings.lr_scheduler} learning-rate schedule now spans {total} steps, not {before}, "
                  f"so the remaining steps' rates differ from the first run's plan)")
     return line
@@ -753,7 +759,8 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
         elif due(start, samples) and not r.sample_path(start).exists():
             r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
-            factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler)
+            factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler, s.lr_scheduler_num_cycles,
+                               s.lr_scheduler_power)
             for group in optimizer.param_groups:  # a group may stop early (pivotal tuning's word: --ti-steps)
                 stop = group.get("stop_after", 0)
                 group["lr"] = 0.0 if stop and step >= stop else group["base_lr"] * factor
