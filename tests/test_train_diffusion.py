@@ -208,7 +208,10 @@ def test_what_the_model_cannot_train_with_is_one_line_through_the_command(datase
 def test_kohyas_and_diffusers_names_in_a_config_file_are_named_as_sdtunes(tmp_path):
     cfg = tmp_path / "kohya.toml"
     for theirs, ours in (("debiased_estimation_loss = true", "debiased_estimation"),
-                         ("input_perturbation = 0.1", "ip_noise_gamma")):
+                         ("input_perturbation = 0.1", "ip_noise_gamma"), ("block_dims = '4,4'", "block_ranks"),
+                         ("enable_wildcard = true", "wildcards"), ("bucket_reso_steps = 64", "bucket_step"),
+                         ("caption_dropout_every_n_epochs = 2", "caption_dropout_every_epochs"),
+                         ("optimizer_type = 'AdamW'", "optimizer"), ("sample_every_n_epochs = 1", "sample_every_epochs")):
         cfg.write_text(theirs + "\n")
         with pytest.raises(SdtuneError, match=f"kohya's/diffusers' name; sdtune's is '{ours}'"):
             load_settings(cfg, {}, "lora", family="tiny")

@@ -571,7 +571,9 @@ OTHER_TOOLS_NAMES = {
     "initializer_token": "init_token", "validation_prompt": "sample_prompts", "instance_prompt": "default_caption",
     "network_dropout": "lora_dropout", "train_text_encoder": "text_encoder",
     "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma",
-    "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks", "enable_wildcard": "wildcards"}
+    "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks", "enable_wildcard": "wildcards",
+    "caption_dropout_every_n_epochs": "caption_dropout_every_epochs", "bucket_reso_steps": "bucket_step",
+    "enable_bucket": "buckets", "flip_aug": "flip", "optimizer_type": "optimizer", "max_resolution": "resolution"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:
