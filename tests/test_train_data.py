@@ -299,7 +299,7 @@ def test_bucket_sides_are_kohyas_min_and_max_bucket_reso(tmp_path, vae, base):
     assert all(48 <= side <= 80 for s in narrow.sizes for side in s) and (80, 48) in narrow.sizes
     ok = LoraSettings(data=str(tmp_path), out="o", buckets=True, bucket_step=16, min_bucket_reso=32, max_bucket_reso=128)
     assert data.bucket_options(base, ok) == dict(resolution=64, bucket_step=16, buckets=True, min_bucket_reso=32,
-                                                 max_bucket_reso=128)
+                                                 max_bucket_reso=128, no_upscale=False)
     for kw, says in ((dict(min_bucket_reso=32, buckets=False), "--min-bucket-reso 32: sets the buckets' sides, and "
                                                                 "buckets are off; add --buckets"),
                      (dict(max_bucket_reso=100), "--max-bucket-reso 100: must be a multiple of 16 (the bucket step) "
@@ -309,6 +309,21 @@ def test_bucket_sides_are_kohyas_min_and_max_bucket_reso(tmp_path, vae, base):
         with pytest.raises(SdtuneError, match=f"^{re.escape(says)}$"):
             data.bucket_options(base, LoraSettings(data=str(tmp_path), out="o", **{"buckets": True, "bucket_step": 16,
                                                                                      **kw}))
+
+
+def test_bucket_no_upscale_keeps_small_images_at_their_own_size(tmp_path, vae, base, recwarn):
+    """kohya's bucket_no_upscale: an image of less than the training area (64 x 64) trains at its size rounded down
+    to the step (16), not upscaled to a bucket; a larger one takes its bucket as before."""
+    for w, h in ((40, 40), (50, 90), (128, 128)):
+        solid(tmp_path / f"{w}x{h}.png", size=(w, h))
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, buckets=True, no_upscale=True)
+    by_name = {e.path.stem: ts.bucket_of[i] for i, e in enumerate(ts.scan.examples)}
+    assert by_name == {"40x40": (32, 32), "50x90": (48, 80), "128x128": (64, 64)}
+    assert {tuple(ts.batch(n, 1).latents.shape[-2:]) for n in range(3)} == {(8, 8), (20, 12), (16, 16)}
+    assert not any("upscaled" in str(w.message) for w in recwarn)
+    with pytest.raises(SdtuneError, match="^--bucket-no-upscale: keeps small images at their own size in buckets, "
+                                          "and buckets are off; add --buckets$"):
+        data.bucket_options(base, LoraSettings(data=str(tmp_path), out="o", bucket_no_upscale=True))
 
 
 def test_small_and_animated_images_are_said(tmp_path, vae):

@@ -135,6 +135,8 @@ class TrainSettings:
     flip: bool = False
     buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
     bucket_step: int = _help("bucket sizes step in pixels; 0: the model's (64 for SD 1.x)", default=0)
+    bucket_no_upscale: bool = _help("kohya's: an image of less than the training area is not upscaled; its bucket "
+                                    "is its own size rounded down to the bucket step", default=False)
     min_bucket_reso: int = _help("smallest bucket side in pixels (kohya's); 0: half the training size", default=0)
     max_bucket_reso: int = _help("largest bucket side in pixels (kohya's); 0: twice the training size", default=0)
     shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)

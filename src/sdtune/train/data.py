@@ -437,6 +437,11 @@ def bucket_sizes(resolution: int, step: int, min_side: int | None = None, max_si
     return sorted(sizes)
 
 
+def _own_bucket(size: tuple[int, int], step: int) -> tuple[int, int]:
+    """An image's own size rounded down to multiples of ``step`` (at least one step a side)."""
+    return max(step, size[0] - size[0] % step), max(step, size[1] - size[1] % step)
+
+
 def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
     """The size whose aspect ratio is closest to the image's (ties: the larger area)."""
     ratio = math.log(width / height)
@@ -556,7 +561,8 @@ class TrainingSet:
     """The scanned images resized into buckets, encoded once, and served as reproducible batches."""
 
     def __init__(self, scan: Scan, vae, resolution: int, seed: int, *, bucket_step: int = 64, buckets: bool = False,
-                 min_bucket_reso: int = 0, max_bucket_reso: int = 0, crop: str = "center", cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
+                 min_bucket_reso: int = 0, max_bucket_reso: int = 0, no_upscale: bool = False, crop: str = "center",
+                 cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
                  templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
                  masked: bool = False):
         """``captions``: the ``process_caption`` options (``caption_options``); ``empty_every``: every Nth epoch
@@ -578,7 +584,9 @@ class TrainingSet:
         # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
         headers = [_header(ex.path) for ex in scan.examples]
         self.original_size = [wh for wh, _ in headers]
-        self.bucket_of = [pick_bucket(*wh, sizes) for wh in self.original_size]
+        # kohya's bucket_no_upscale: an image of less than the training area keeps its size (rounded down to the step)
+        self.bucket_of = [_own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= resolution ** 2
+                          else pick_bucket(*wh, sizes) for wh in self.original_size]
         _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):
@@ -784,6 +792,9 @@ def bucket_options(base, settings) -> dict:
                           f"use a divisor of it such as {step}")
     step = settings.bucket_step or step
     sides = dict(min_bucket_reso=settings.min_bucket_reso, max_bucket_reso=settings.max_bucket_reso)
+    if settings.bucket_no_upscale and not settings.buckets:
+        raise SdtuneError("--bucket-no-upscale: keeps small images at their own size in buckets, and buckets are off; "
+                          "add --buckets")
     for name, side in sides.items():
         if side and not settings.buckets:
             raise SdtuneError(f"--{name.replace('_', '-')} {side}: sets the buckets' sides, and buckets are off; "
@@ -791,7 +802,8 @@ def bucket_options(base, settings) -> dict:
         if side % step or (side and (side > size if name.startswith("min") else side < size)):
             raise SdtuneError(f"--{name.replace('_', '-')} {side}: must be a multiple of {step} (the bucket step) "
                               f"and {'at most' if name.startswith('min') else 'at least'} the training size {size}")
-    return dict(resolution=size, bucket_step=step, buckets=settings.buckets, **sides)
+    return dict(resolution=size, bucket_step=step, buckets=settings.buckets, **sides,
+                no_upscale=settings.bucket_no_upscale)
 
 
 def latent_cache(base, settings) -> LatentCache | None:
