@@ -478,7 +478,7 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
 
 def kohya_network(settings: LoraSettings, family) -> dict:
     """A LoRA run's network arguments where kohya's ``networks.lora`` would have some beyond what the file's
-    tensors say (the saved layout derives the conv ones): its rank and module dropouts, its block lr."""
+    tensors say (the saved layout derives the conv ones): ``_option_args``."""
     options = _option_args(settings, family)
     return {"ss_network_args": json.dumps({**_conv_args(settings), **options})} if options else {}
 
