@@ -151,6 +151,21 @@ def test_the_objective_makes_the_noisy_latent_with_the_perturbed_noise_and_aims_
     assert torch.allclose(plain, e.pow(2).mean(dim=(1, 2, 3)))
 
 
+def test_zero_terminal_snr_trains_on_diffusers_rescaled_schedule(base):
+    """--zero-terminal-snr: the objective's schedule is diffusers' rescale_betas_zero_snr of the model's, its last
+    timestep pure noise (the noisy latent is the noise itself), its first as it was."""
+    plain = loop.Objective(EchoUNet(), None, base.scheduler)
+    ztsnr = loop.Objective(EchoUNet(), None, base.scheduler, zero_terminal_snr=True)
+    want = DDPMScheduler.from_config(base.scheduler.config, rescale_betas_zero_snr=True).alphas_cumprod
+    assert torch.allclose(ztsnr.alphas_cumprod, want, rtol=1e-6, atol=0) and ztsnr.alphas_cumprod[-1].item() == 0.0
+    assert ztsnr.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    assert plain.alphas_cumprod[-1].item() > 0
+    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 999])
+    # an echo of its input at t = 999 is the noise exactly: no error left for ε
+    assert ztsnr.errors(z0, noise, t, context=torch.zeros(2, 3, 5)).abs().max().item() == 0.0
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return outline_dataset(tmp_path_factory.mktemp("data"))
@@ -159,7 +174,7 @@ def dataset(tmp_path_factory):
 OPTIONS = dict(multires_noise_iterations=6, multires_noise_discount=0.5, ip_noise_gamma=0.1, min_timestep=100,
                max_timestep=900, loss_type="huber", huber_c=0.2, huber_schedule="exponential",
                debiased_estimation=True, noise_offset=0.05, noise_offset_random_strength=True,
-               ip_noise_gamma_random_strength=True, v_pred_like_loss=0.1)
+               ip_noise_gamma_random_strength=True, v_pred_like_loss=0.1, zero_terminal_snr=True)
 
 
 def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_records_them(base, dataset, tmp_path):
@@ -171,6 +186,8 @@ def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_record
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
             meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"], meta["ss_debiased_estimation"]) == \
         ("6", "0.5", "0.1", "huber", "exponential", "0.2", "True")
+    assert meta["ss_zero_terminal_snr"] == "True" and "ss_zero_terminal_snr" not in read_metadata(
+        tmp_path / "plain" / "lora.safetensors")
     assert (meta["ss_noise_offset_random_strength"], meta["ss_ip_noise_gamma_random_strength"],
             meta["ss_v_pred_like_loss"], meta["ss_scale_v_pred_loss_like_noise_pred"]) == ("True", "True", "0.1", "False")
     saved = (tmp_path / "whole" / loop.SETTINGS_FILE).read_text()

@@ -101,6 +101,9 @@ class TrainSettings:
                                 "--huber-c at noisy ones)", default="snr")
     debiased_estimation: bool = _help("weight each sample's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)",
                                       default=False)
+    zero_terminal_snr: bool = _help("train on the noise schedule rescaled to zero terminal SNR (Lin et al. 2023; "
+                                    "kohya's): the last timestep is pure noise, as for NoobAI-style v-prediction "
+                                    "models; a model that says it is so already needs no flag", default=False)
     v_pred_like_loss: float = _help("kohya's: add this times the loss weighted as a v-prediction loss, (SNR+1)/SNR "
                                     "(0: off; 0.1 usual)", default=0.0)
     scale_v_pred_loss_like_noise_pred: bool = _help("v-prediction models: weight each sample's loss by SNR/(SNR+1), "

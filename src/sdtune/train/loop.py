@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -144,10 +145,16 @@ class Objective(nn.Module):
     (``Family.pooled_and_time_ids``)."""
 
     def __init__(self, unet, text: TextStack | None, scheduler, loss: Loss = Loss(),
-                 text_trainable: bool = False, added_conditioning: bool = False, vae_scale: int = 8):
+                 text_trainable: bool = False, added_conditioning: bool = False, vae_scale: int = 8,
+                 zero_terminal_snr: bool = False):
+        """``zero_terminal_snr``: the scheduler's betas rescaled so that the last timestep is pure noise (kohya's
+        --zero_terminal_snr, diffusers' rescale_betas_zero_snr)."""
         super().__init__()
         self.unet, self.text = unet, text
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.detach().float().clone(), persistent=False)
+        acp = scheduler.alphas_cumprod
+        if zero_terminal_snr and not scheduler.config.get("rescale_betas_zero_snr"):
+            acp = torch.cumprod(1.0 - rescale_zero_terminal_snr(scheduler.betas.float()), dim=0)
+        self.register_buffer("alphas_cumprod", acp.detach().float().clone(), persistent=False)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise SdtuneError(f"scheduler prediction type {self.prediction_type!r}: sdtune trains epsilon or "
@@ -523,7 +530,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             undo.append(unshare)
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
         objective = Objective(base.unet, stack, base.scheduler, Loss.of(settings), job.text_trainable,
-                              base.family.pooled_and_time_ids, vae_scale(base)).to(device)
+                              base.family.pooled_and_time_ids, vae_scale(base), settings.zero_terminal_snr).to(device)
         optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,
                                      settings.weight_decay, device)
         start, history, extend, state, spans = 0, {}, False, {}, [[0, total]]

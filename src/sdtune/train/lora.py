@@ -456,6 +456,8 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix") if getattr(settings, name)}
     meta |= lycoris_network(settings, base.family) if settings.algo != "lora" else kohya_network(settings, base.family)
     meta |= sampling_metadata(base.family, base.scheduler.config)
+    if settings.zero_terminal_snr:  # trained on the rescaled schedule, whatever the base samples with
+        meta["ss_zero_terminal_snr"] = "True"
     if final:
         meta["ss_training_finished_at"] = str(time.time())
     return meta
