@@ -306,20 +306,40 @@ class TextStack(nn.Module):
 
     ``chunks`` > 1 (training's --max-token-length 150 or 225): a text's first 75 x chunks tokens, each 75 encoded
     apart between their own start and end tokens (a chunk past the text's end is an empty one) and put one after
-    the other, as A1111 encodes a long prompt; the pooled embedding is the first chunk's, as ``encode_prompt``'s."""
+    the other, as A1111 encodes a long prompt; the pooled embedding is the first chunk's, as ``encode_prompt``'s.
+    ``weighted`` (training's --weighted-captions): ``tokens`` reads A1111's emphasis as ``encode_prompt`` does, and
+    ``forward`` weighs each encoder's features by it."""
 
-    def __init__(self, encoders, clip_skip: int = 1, chunks: int = 1):
+    def __init__(self, encoders, clip_skip: int = 1, chunks: int = 1, weighted: bool = False):
         super().__init__()
         encoders = list(encoders)  # (TextEncoder, model, tokenizer) as ``Base.text_encoders()`` gives them
         self.specs = [te for te, _, _ in encoders]
         self.tokenizers = [tok for _, _, tok in encoders]
         self.models = nn.ModuleList([model for _, model, _ in encoders])
         self.layers = [read_layer(te, model, clip_skip) for te, model, _ in encoders]
-        self.chunks = chunks
+        self.chunks, self.weighted = chunks, weighted
 
     @classmethod
-    def of(cls, base, clip_skip: int = 1, chunks: int = 1) -> TextStack:
-        return cls(base.text_encoders(), clip_skip, chunks)
+    def of(cls, base, clip_skip: int = 1, chunks: int = 1, weighted: bool = False) -> TextStack:
+        return cls(base.text_encoders(), clip_skip, chunks, weighted)
+
+    def tokens(self, texts: list[str], device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(ids, weights): ``ids``' token ids, or with ``weighted`` A1111's prompt syntax read from the texts (its
+        brackets out of the ids, (word:1.2) and [word] as each token's weight, [texts, chunks, 77] per encoder, cut
+        or filled with empty chunks to ``chunks``); weights None where every one is 1."""
+        if not self.weighted:
+            return self.ids(texts, device), None
+        ids, weights = prompts_syntax.tokenize(self.tokenizers, texts)
+        fitted_ids, fitted_weights = [], []
+        for tok, i, w in zip(self.tokenizers, ids, weights):
+            if i.shape[1] < self.chunks:  # empty chunks after the text, as ``_chunked`` fills them
+                empty = torch.full((i.shape[0], self.chunks - i.shape[1], i.shape[2]), tok.pad_token_id)
+                empty[..., 0], empty[..., 1] = tok.bos_token_id, tok.eos_token_id
+                i, w = torch.cat([i, empty], 1), torch.cat([w, torch.ones(empty.shape)], 1)
+            fitted_ids.append(i[:, :self.chunks].to(device))
+            fitted_weights.append(w[:, :self.chunks].to(device))
+        emphasis = any(bool((w != 1).any()) for w in fitted_weights)
+        return fitted_ids, fitted_weights if emphasis else None
 
     def ids(self, texts: list[str], device) -> list[torch.Tensor]:
         """Token ids of ``texts`` in each encoder's tokenizer (SDXL's pad differently): [texts, 77], or
@@ -339,13 +359,19 @@ class TextStack(nn.Module):
                 out[i, c, :len(row)] = torch.tensor(row)
         return out
 
-    def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, ids: list[torch.Tensor], weights: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features [rows, tokens, width], pooled embedding or None) of each encoder's ``ids``; ``weights`` (of the
+        ids' shape, per encoder): A1111's emphasis, each token's features times its weight."""
         rows = ids[0].shape[0]
         hidden, pooled = [], None
-        for (layer, norm), model, x in zip(self.layers, self.models, ids):
+        for k, ((layer, norm), model, x) in enumerate(zip(self.layers, self.models, ids)):
             out = model(x.reshape(-1, x.shape[-1]), output_hidden_states=layer != -1)
             h = out[0] if layer == -1 else out.hidden_states[layer]
-            hidden.append((_final_norm(model)(h) if norm else h).reshape(rows, -1, h.shape[-1]))
+            h = _final_norm(model)(h) if norm else h
+            if weights is not None:
+                h = prompts_syntax.weigh(h, weights[k].reshape(-1, weights[k].shape[-1]))
+            hidden.append(h.reshape(rows, -1, h.shape[-1]))
             if getattr(out, "text_embeds", None) is not None:
                 pooled = out.text_embeds.reshape(rows, -1, out.text_embeds.shape[-1])[:, 0]
         return torch.cat(hidden, dim=-1), pooled
@@ -360,11 +386,9 @@ def encode_prompt(base, prompts: list[str], clip_skip: int = 1) -> PromptEmbeds:
     text = TextStack.of(base, clip_skip)
     ids, weights = prompts_syntax.tokenize(text.tokenizers, prompts)
     rows, chunks, length = ids[0].shape
-    hidden, pooled = text([i.reshape(rows * chunks, length).to(base.device) for i in ids])
-    if any(bool((w != 1).any()) for w in weights):  # each encoder's emphasis on its own features
-        parts = hidden.split([te.width for te in text.specs], dim=-1)
-        hidden = torch.cat([prompts_syntax.weigh(h, w.reshape(rows * chunks, length))
-                            for h, w in zip(parts, weights)], dim=-1)
+    emphasis = any(bool((w != 1).any()) for w in weights)  # each encoder's emphasis on its own features
+    hidden, pooled = text([i.reshape(rows * chunks, length).to(base.device) for i in ids],
+                          [w.to(base.device) for w in weights] if emphasis else None)
     hidden = hidden.reshape(rows, chunks * length, -1)
     if pooled is not None:
         pooled = pooled.reshape(rows, chunks, -1)[:, 0]

@@ -161,6 +161,9 @@ class TrainSettings:
     max_token_length: int = _help("caption tokens training reads: 75 (the text encoder's window), 150 or 225 (kohya's "
                                   "--max_token_length: chunks of 75 encoded apart and put one after the other, as "
                                   "A1111 reads a long prompt)", default=75)
+    weighted_captions: bool = _help("kohya's: A1111's emphasis in captions, (word:1.2) and [word], weighs those "
+                                    "tokens' text features as generation weighs a prompt's (no commas inside the "
+                                    "brackets with shuffling or tag dropout)", default=False)
     caption_tag_dropout: float = _help("probability of leaving out each comma-separated tag of a caption (those "
                                        "--keep-tokens keeps in front stay)", default=0.0)
     default_caption: str | None = _help("caption of images without a caption file", default=None)

@@ -166,14 +166,15 @@ class Objective(nn.Module):
         self.unet_dtype = unet.dtype
 
     def errors(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-               mask=None, text_rows=None, input_noise=None, loss: Loss = Loss()) -> torch.Tensor:
+               mask=None, text_rows=None, input_noise=None, loss: Loss = Loss(), input_weights=None) -> torch.Tensor:
         """Each sample's prediction error under ``loss``: by default the plain squared error, what the validation
         loss averages. ``mask`` [b, 1, h, w] weights each latent pixel's error. ``text_rows``: sample i reads row
         ``text_rows[i]`` of ``context`` (the batch's distinct captions; ``shared_text``). ``input_noise``: what the
-        noisy latent is made with where it is not the target ``noise`` (input perturbation)."""
+        noisy latent is made with where it is not the target ``noise`` (input perturbation). ``input_weights``: the
+        ids' emphasis (--weighted-captions)."""
         if context is None:
             with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
-                context, pooled = self.text(input_ids)
+                context, pooled = self.text(input_ids, input_weights)
         acp = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = acp.sqrt() * latents + (1 - acp).sqrt() * (noise if input_noise is None else input_noise)
         dtype = self.unet_dtype
@@ -192,18 +193,19 @@ class Objective(nn.Module):
         return error.mean(dim=(1, 2, 3))
 
     def batch_loss(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                   mask=None, text_rows=None, input_noise=None) -> torch.Tensor:
+                   mask=None, text_rows=None, input_noise=None, input_weights=None) -> torch.Tensor:
         loss = self.errors(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows,
-                           input_noise, self.loss)
+                           input_noise, self.loss, input_weights)
         weights = self.loss.weights(timesteps, self.alphas_cumprod, self.prediction_type)
         return (loss if weights is None else loss * weights).mean()
 
     def forward(self, latents, noise, timesteps, input_ids=None, context=None, pooled=None, time_ids=None,
-                mask=None, text_rows=None, input_noise=None, prior=None, prior_weight: float = 0.0):
+                mask=None, text_rows=None, input_noise=None, prior=None, prior_weight: float = 0.0,
+                input_weights=None):
         """The batch's loss, plus ``prior_weight`` x the loss of the class-image batch ``prior`` (the same
         arguments as a dict); one call, so that DDP sees one forward per backward."""
         loss = self.batch_loss(latents, noise, timesteps, input_ids, context, pooled, time_ids, mask, text_rows,
-                               input_noise)
+                               input_noise, input_weights)
         if prior is not None:
             loss = loss + prior_weight * self.batch_loss(**prior)
         return loss
@@ -224,12 +226,13 @@ class TextInput:
             with torch.no_grad():
                 for i in range(0, len(cache_captions), 32):
                     chunk = cache_captions[i:i + 32]
-                    hidden, pooled = text(self.ids(chunk))
+                    hidden, pooled = text(*self.tokens(chunk))
                     pooled = pooled if pooled is not None else [None] * len(chunk)
                     self.cache.update(zip(chunk, zip(hidden, pooled)))
 
-    def ids(self, captions: list[str]) -> list[torch.Tensor]:
-        return self.text.ids([self.expand(c) for c in captions], self.device)
+    def tokens(self, captions: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(ids, emphasis weights or None) of the captions, as ``TextStack.tokens`` reads them."""
+        return self.text.tokens([self.expand(c) for c in captions], self.device)
 
     def _cached(self, captions: list[str]) -> dict:
         distinct, rows = shared_text.distinct_rows(captions) if self.shared else (captions, None)
@@ -243,7 +246,8 @@ class TextInput:
     def __call__(self, captions: list[str]) -> dict:
         if self.cache is not None:
             return self._cached(captions)
-        return {"input_ids": self.ids(captions)}
+        ids, weights = self.tokens(captions)
+        return {"input_ids": ids} | ({"input_weights": weights} if weights is not None else {})
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> dict:
@@ -251,7 +255,7 @@ class TextInput:
         the objective's ``context`` and ``pooled``."""
         if self.cache is not None and all(c in self.cache for c in captions):
             return self._cached(captions)
-        context, pooled = self.text(self.ids(captions))
+        context, pooled = self.text(*self.tokens(captions))
         return {"context": context, "pooled": pooled}
 
 
@@ -522,7 +526,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
-        stack = TextStack.of(base, settings.clip_skip, settings.max_token_length // 75)
+        stack = TextStack.of(base, settings.clip_skip, settings.max_token_length // 75, settings.weighted_captions)
         note_deep_clip_skip(base.family, settings.clip_skip, "it reads what this run trains at the default layer")
         # frozen, cached text: each distinct caption of a batch goes through the cross-attention projections once
         unshare = shared_text.install(base.unet) if cache is not None and settings.share_text else None
