@@ -5,7 +5,7 @@ VAE is encoded again; a folder that cannot take the cache is one note, and the r
 import pytest
 import torch
 from PIL import Image
-from small_runs import factors, outline_dataset, settings
+from small_runs import Stop, factors, outline_dataset, settings, stop_at
 
 from sdtune.console import SdtuneWarning
 from sdtune.models import load_base
@@ -63,3 +63,12 @@ def test_a_folder_that_cannot_take_the_cache_is_one_note(base, tmp_path, encodes
     with pytest.raises(SdtuneError, match="--cache-latents-to-disk with --crop random: random crops are encoded "
                                           "every step"):
         settings(dataset, tmp_path / "x", cache_latents_to_disk=True, crop="random").check()
+
+
+def test_a_run_resumed_with_the_cache_turned_on_equals_the_uninterrupted_run(base, tmp_path):
+    dataset = outline_dataset(tmp_path / "data")
+    whole = factors(train_lora(base, settings(dataset, tmp_path / "whole")))
+    with pytest.raises(Stop):
+        train_lora(base, settings(dataset, tmp_path / "cut"), callback=stop_at(3))
+    resumed = factors(train_lora(base, settings(dataset, tmp_path / "cut", cache_latents_to_disk=True)))
+    assert all(torch.equal(x, y) for k in whole for x, y in zip(whole[k], resumed[k]))
