@@ -35,7 +35,8 @@ checkpoints so far); a NaN loss stops the run before the bad step is applied, le
 What a run shows: it prints its settings and writes them to ``settings.toml`` (``--config`` reruns it); the
 validation loss (``validation``) is measured at step 0, every ``validation_every`` steps, at each save and at
 the end; sample grids at step 0, every ``sample_every`` steps (and ``sample_every_epochs`` epochs) and at the end;
-the losses go to ``loss.csv``, TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html`` from the returned ``Record``.
+the losses go to ``loss.csv``, TensorBoard and ``loss.png`` (``logs``). The trainers then write ``report.html``
+from the returned ``Record``.
 """
 
 from __future__ import annotations
