@@ -32,7 +32,7 @@ from ..lora import algos
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import optimizers, presets
+from . import optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -173,8 +173,12 @@ class TrainSettings:
     sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
     sample_every_epochs: int = _help("sample grid at step 0, at the end of every N epochs and at the end too "
                                      "(kohya's --sample_every_n_epochs; 0: none)", default=0)
-    sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions)",
+    sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions), "
+                                      "each with kohya's options if any (a castle --n blurry --w 768 --h 512 --d 1 "
+                                      "--l 6 --s 30 --ss euler_a), or a .txt file of them, one per line",
                                       default_factory=list)
+    sample_sampler: str = _help("the sampler of the sample grids and the report (kohya's --sample_sampler; "
+                                "sdtune's, A1111's or kohya's name)", default="ddim")
     sample_images: int = _help("images per prompt in a grid", default=4)
     sample_steps: int = 20
     sample_guidance: float = 7.5
@@ -249,6 +253,8 @@ class TrainSettings:
             raise SdtuneError(f"--validation-split {self.validation_split}: must be in [0, 1), e.g. 0.1")
         if self.validation_split and self.validation_dir:
             raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
+        samples.check(self.sample_prompts)
+        samples.sampler(self.sample_sampler)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("max_token_length", self.max_token_length, TOKEN_LENGTHS)

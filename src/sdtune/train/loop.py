@@ -55,13 +55,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
-from . import logs, optimizers, shared_text
+from . import logs, optimizers, samples, shared_text
 from .config import SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
@@ -74,6 +75,7 @@ SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
                      "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps", "sample_guidance",
+                     "sample_sampler",
                      "resume", "progress", "out", "data", "model", "formats", "preset", "validation_every", "report",
                      "save_precision"}
 
@@ -711,7 +713,7 @@ class Session:
         main_first(evaluate)
 
     def sample(self, step: int) -> None:
-        prompts = self.settings.sample_prompts or self.job.sample_prompts
+        prompts = samples.expand(self.settings.sample_prompts) or self.job.sample_prompts
         path = self.sample_path(step)
         self._evaluating(lambda: sample_grid(self.base, self.settings, prompts, self.job.expand, path))
 
@@ -824,14 +826,33 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
 
 @torch.no_grad()
 def sample_grid(base, settings: TrainSettings, prompts: list[str], expand, path: Path) -> Path:
-    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time. Its PNG carries the
-    first image's parameters, as A1111's grids do (one prompt: "all prompts joined" is no prompt anyone typed),
+    """A grid of ``sample_images`` images per prompt (one row each), same seeds every time, each prompt with its
+    own kohya options (``samples``; rows of other sizes are centred on the largest, not stretched). Its PNG carries
+    the first image's parameters, as A1111's grids do (one prompt: "all prompts joined" is no prompt anyone typed),
     and names the run and step the images came from."""
     images, first = [], None
-    for prompt in prompts:
-        made = generate(base, expand(prompt), steps=settings.sample_steps, guidance=settings.sample_guidance,
-                        seed=settings.seed, clip_skip=settings.clip_skip, num_images=settings.sample_images,
-                        progress=False, extra_info={SAMPLE_KEY: f"{path.parent.parent.name} {path.stem}"})
+    for prompt in map(samples.parse, prompts):
+        made = generate(base, expand(prompt.text), expand(prompt.negative), steps=prompt.steps or settings.sample_steps,
+                        guidance=settings.sample_guidance if prompt.guidance is None else prompt.guidance,
+                        seed=settings.seed if prompt.seed is None else prompt.seed,
+                        scheduler=prompt.sampler or settings.sample_sampler, clip_skip=settings.clip_skip,
+                        width=prompt.width, height=prompt.height, num_images=settings.sample_images, progress=False,
+                        extra_info={SAMPLE_KEY: f"{path.parent.parent.name} {path.stem}"})
         images += [g.image for g in made]
-        first = first or infotext(prompt, "", made[0].params)  # as written: the TI sub-tokens are expand's
-    return save_png(grid(images, cols=settings.sample_images), path, first)
+        # as written: the TI sub-tokens are expand's
+        first = first or infotext(prompt.text, prompt.negative, made[0].params)
+    return save_png(grid(_centred(images), cols=settings.sample_images), path, first)
+
+
+def _centred(images: list) -> list:
+    """Images of several sizes each centred on a white canvas of the largest width and height (the grid draws every
+    image at one size)."""
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    if all(im.size == (w, h) for im in images):
+        return images
+    out = []
+    for im in images:
+        canvas = Image.new("RGB", (w, h), "white")
+        canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+        out.append(canvas)
+    return out

@@ -45,7 +45,7 @@ from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..lora.patch import check_fit
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
-from . import loop, optimizers, report, validation
+from . import loop, optimizers, report, samples, validation
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, steady_caption, training_set
 from .pivotal import Pivot, check_captions
@@ -596,7 +596,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
         if pivot is not None:
             pivot.remove()  # the base as it was; the LoRA file brings the word back (base.loras.add)
     if settings.report and record.main:
-        shown = settings.sample_prompts or prompts
+        shown = samples.expand(settings.sample_prompts) or prompts
         report.write_report(base, settings, record, lambda: report.lora_grid(base, settings, record, shown[0]),
                             "Each checkpoint at strengths 0 to 1",
                             f"Prompt: {shown[0]}; seed {settings.seed}. Strength 0 is the base model.",

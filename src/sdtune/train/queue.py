@@ -70,7 +70,7 @@ NOT_COMPARED = {"out", "progress", "resume"}
 # it trains: a finished run given new ones is kept as it is, not refused
 NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
                               "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps",
-                              "sample_guidance", "validation_every", "report", "formats"}
+                              "sample_guidance", "sample_sampler", "validation_every", "report", "formats"}
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 

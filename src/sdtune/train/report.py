@@ -24,6 +24,7 @@ from ..generate import draw_grid, generate, save_png
 from ..pages import Html, fill, lines
 from ..safeio import atomic_path, atomic_write_text
 from ..ti.formats import load_embedding
+from . import samples
 from .config import to_toml
 from .logs import TENSORBOARD_DIR
 from .loop import SETTINGS_FILE, Record, schedule_note
@@ -69,9 +70,13 @@ def grid_checkpoints(record: Record, limit: int = GRID_ROWS) -> list[tuple[int, 
 
 
 def _image(base, settings, prompt: str):
-    """One image of ``prompt`` with the run's sampling settings and seed."""
-    return generate(base, prompt, steps=settings.sample_steps, guidance=settings.sample_guidance,
-                    seed=settings.seed, clip_skip=settings.clip_skip, num_images=1, progress=False)[0].image
+    """One image of ``prompt`` with the run's sampling settings and seed, or those its kohya options give."""
+    p = samples.parse(prompt)
+    return generate(base, p.text, p.negative, steps=p.steps or settings.sample_steps,
+                    guidance=settings.sample_guidance if p.guidance is None else p.guidance,
+                    seed=settings.seed if p.seed is None else p.seed, scheduler=p.sampler or settings.sample_sampler,
+                    clip_skip=settings.clip_skip, width=p.width, height=p.height, num_images=1,
+                    progress=False)[0].image
 
 
 def lora_grid(base, settings, record: Record, prompt: str):
@@ -111,7 +116,7 @@ def ti_grid(base, settings, record: Record, prompts: list[str]):
             embeddings.remove(token)
         embeddings.add(final)
     labels = [f"base: {settings.init_token}"] + [f"step {s}" for s, _ in shown]
-    return draw_grid(rows, labels, prompts, cell=GRID_CELL)
+    return draw_grid(rows, labels, [samples.parse(p).text for p in prompts], cell=GRID_CELL)
 
 
 def _verdict(record: Record, best: tuple[int, Path] | None, out: Path) -> Html:

@@ -27,7 +27,7 @@ from ..models import vae_swapped
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, file_stem, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
-from . import loop, report, validation
+from . import loop, report, samples, validation
 from .config import TISettings, to_toml
 from .data import Scan, first_prompts, report_skipped, scan_folder, steady_caption, training_set
 
@@ -244,7 +244,7 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
         for _, table, spliced in splices.values():
             table.weight[spliced.first:spliced.first + len(spliced.rows)] = spliced.rows.detach().to(table.weight.dtype)
     if settings.report and record.main:
-        shown = settings.sample_prompts or prompts
+        shown = samples.expand(settings.sample_prompts) or prompts
         report.write_report(base, settings, record, lambda: report.ti_grid(base, settings, record, shown),
                             "Each checkpoint on the sample prompts",
                             f"Seed {settings.seed}. The first row is the base model with the init text "

@@ -1,0 +1,55 @@
+"""Sample prompts as kohya reads them: each prompt's own options (--n --w --h --d --l --s --ss), a .txt file of
+prompts, --sample-sampler; the grid draws each prompt with its options (rows of other sizes centred, not
+stretched), and what sdtune cannot read is one line before the run starts."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from small_runs import outline_dataset, settings
+
+from sdtune.generate import generate, parse_infotext, read_infotext
+from sdtune.safeio import SdtuneError
+from sdtune.train import samples
+from sdtune.train.lora import train_lora
+
+
+def test_kohyas_options_split_off_the_prompt():
+    p = samples.parse("a castle, night --n blurry, lowres --w 768 --h 512 --d 42 --l 6.5 --s 30 --ss k_euler_a")
+    assert p == samples.SamplePrompt("a castle, night", "blurry, lowres", 768, 512, 42, 6.5, 30, "euler_a")
+    assert samples.parse("a castle") == samples.SamplePrompt("a castle")
+    assert samples.parse("a castle --ss DPM++ 2M Karras").sampler == "dpmpp_2m_karras"  # A1111's names too
+    with pytest.raises(SdtuneError, match=r"^sample prompt 'a castle --cn canny': --cn is not an option sdtune reads"):
+        samples.parse("a castle --cn canny")
+    with pytest.raises(SdtuneError, match=r"--w 'wide' is not a number"):
+        samples.parse("a castle --w wide")
+    with pytest.raises(SdtuneError, match=r"unknown scheduler 'dpm_2_a'"):
+        samples.parse("a castle --ss dpm_2_a")
+
+
+def test_a_prompt_file_is_its_lines(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("# kohya's prompt file\n\na castle --w 64\n  a river  \n")
+    assert samples.expand([str(file), "a tree"]) == ["a castle --w 64", "a river", "a tree"]
+    (tmp_path / "prompts.toml").write_text("[[prompt]]\n")
+    with pytest.raises(SdtuneError, match=r"prompts.toml: sdtune reads kohya's prompt files as .txt"):
+        samples.expand([str(tmp_path / "prompts.toml")])
+
+
+def test_the_grid_draws_each_prompt_with_its_options(base, tmp_path):
+    dataset = outline_dataset(tmp_path / "data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 32 --d 5 --s 2\na blue square --n red --s 2 --ss euler\n")
+    train_lora(base, settings(dataset, tmp_path / "o", steps=1, sample_every=1, sample_images=1,
+                              sample_prompts=[str(prompts)], sample_sampler="ddim"))
+    grid = tmp_path / "o" / "samples" / "step-000000.png"
+    image = np.asarray(Image.open(grid).convert("RGB"))
+    assert image.shape == (128, 64, 3)  # two rows of 64 x 64: the 64 x 32 image centred on white
+    assert (image[:16] == 255).all() and (image[48:64] == 255).all()
+    want = generate(base, "a red circle", width=64, height=32, seed=5, steps=2, progress=False)[0].image
+    assert np.array_equal(image[16:48], np.asarray(want))
+    params = parse_infotext(read_infotext(grid))
+    assert params["Seed"] == "5" and params["Size"] == "64x32" and params["Steps"] == "2"
+    with pytest.raises(SdtuneError, match=r"--q is not an option sdtune reads"):
+        settings(dataset, tmp_path / "x", sample_prompts=["a castle --q 1"]).check()
+    with pytest.raises(SdtuneError, match=r"unknown scheduler 'nope'"):
+        settings(dataset, tmp_path / "x", sample_sampler="nope").check()
