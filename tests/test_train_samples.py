@@ -33,6 +33,8 @@ def test_a_prompt_file_is_its_lines(tmp_path):
     (tmp_path / "prompts.toml").write_text("[[prompt]]\n")
     with pytest.raises(SdtuneError, match=r"prompts.toml: sdtune reads kohya's prompt files as .txt"):
         samples.expand([str(tmp_path / "prompts.toml")])
+    with pytest.raises(SdtuneError, match=r"missing.txt: no such prompt file; check --sample-prompts$"):
+        samples.expand([str(tmp_path / "missing.txt")])
 
 
 def test_the_grid_draws_each_prompt_with_its_options(base, tmp_path):

@@ -74,6 +74,8 @@ def expand(entries: list[str]) -> list[str]:
         elif path.suffix.lower() in (".toml", ".json") and path.is_file():
             raise SdtuneError(f"{path}: sdtune reads kohya's prompt files as .txt, one prompt per line with its "
                               f"options (--n ... --w ...); write the prompts so")
+        elif path.suffix.lower() in (".txt", ".toml", ".json") and " " not in entry.strip():
+            raise SdtuneError(f"{entry}: no such prompt file; check --sample-prompts")
         else:
             prompts.append(entry)
     return prompts
