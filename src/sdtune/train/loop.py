@@ -75,9 +75,8 @@ SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
                      "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps", "sample_guidance",
-                     "sample_sampler",
-                     "resume", "progress", "out", "data", "model", "formats", "preset", "validation_every", "report",
-                     "save_precision"}
+                     "sample_sampler", "resume", "progress", "out", "data", "model", "formats", "preset",
+                     "validation_every", "report", "save_precision"}
 
 
 @dataclass
