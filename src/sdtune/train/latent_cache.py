@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,10 +21,15 @@ from ..console import note
 from ..safeio import SdtuneError, atomic_save_safetensors
 
 FOLDER = ".sdtune-latents"  # hidden: the scan of the data folder skips it
+# a run's training, validation and class images share one VAE: its weights are hashed once, not per image set
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vae_fingerprint(vae) -> str:
-    """sha256 of the VAE's weights (bytes, dtypes, shapes) and of what encoding reads from its config."""
+    """sha256 of the VAE's weights (bytes, dtypes, shapes) and of what encoding reads from its config (kept per
+    VAE module, which a run does not change)."""
+    if vae in _FINGERPRINTS:
+        return _FINGERPRINTS[vae]
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -31,7 +37,8 @@ def vae_fingerprint(vae) -> str:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     config = {k: vae.config.get(k) for k in ("scaling_factor", "shift_factor", "force_upcast")}
     digest.update(json.dumps(config, sort_keys=True).encode())
-    return digest.hexdigest()
+    _FINGERPRINTS[vae] = digest.hexdigest()
+    return _FINGERPRINTS[vae]
 
 
 class LatentCache:
@@ -41,12 +48,18 @@ class LatentCache:
         self.folder = Path(folder)
         self.vae_id = vae_fingerprint(vae)
         self.writable = True
+        self._paths: dict[tuple[Path, tuple[int, int]], Path] = {}  # an image is hashed once, for get and put
 
     @classmethod
     def at(cls, data: str | Path, vae) -> LatentCache:
         return cls(Path(data) / FOLDER, vae)
 
     def _path(self, image: Path, size: tuple[int, int]) -> Path:
+        if (image, size) not in self._paths:
+            self._paths[(image, size)] = self._key_path(image, size)
+        return self._paths[(image, size)]
+
+    def _key_path(self, image: Path, size: tuple[int, int]) -> Path:
         with open(image, "rb") as f:
             content = hashlib.file_digest(f, "sha256").hexdigest()
         key = hashlib.sha256(json.dumps([content, list(size), self.vae_id]).encode()).hexdigest()
