@@ -684,6 +684,49 @@ def test_save_every_epochs_saves_at_each_epochs_last_step(base, tmp_path):
         small_runs.settings(data, tmp_path / "x", save_every_epochs=-1).check()
 
 
+def test_keep_last_deletes_older_snapshots_but_the_best_and_resumes(base, tmp_path, monkeypatch):
+    """--keep-last 2 (diffusers' checkpoints_total_limit): of the snapshots at steps 2, 4, 6 and 8 of 9, the newest
+    two stay with every file they have (pivotal tuning's word beside the LoRA), plus the one with the best validation
+    loss; the resume state lists what is left. A run cut after step 5 and resumed trains the same weights as a whole
+    one (a change that leaves them alone: resumed with --keep-last 1)."""
+    data = small_runs.outline_dataset(tmp_path / "data")
+    for caption in data.glob("*.txt"):
+        caption.write_text("<kl> " + caption.read_text())
+    kw = dict(steps=9, save_every=2, batch_size=1, ti_token="<kl>", ti_init="square", validation_split=0.25)
+
+    def snapshots(out):
+        return {int(p.stem[-6:]) for p in (tmp_path / out).glob("*-step*.safetensors")}
+
+    whole = train_lora(base, small_runs.settings(data, tmp_path / "whole", keep_last=2, **kw))
+    val = logs.read_csv(tmp_path / "whole" / logs.CSV_FILE)
+    best = min((val[s]["val_loss"], s) for s in (2, 4, 6, 8, 9))[1]
+    kept = {6, 8} | ({best} - {9})
+    assert snapshots("whole") == kept
+    assert sorted(p.name for p in (tmp_path / "whole").glob("*-step*")) == sorted(
+        f"{stem}-step{s:06d}.safetensors" for s in kept for stem in ("lora", "kl"))
+    history = load_state(tmp_path / "whole" / loop.STATE_FILE)[0]["history"]
+    assert [s for s, _ in history["checkpoints"]] == sorted(kept | {9}) and history["snapshot_files"].keys() == {
+        str(s) for s in kept}
+    with pytest.raises(small_runs.Stop):
+        train_lora(base, small_runs.settings(data, tmp_path / "cut", keep_last=2, **kw), callback=small_runs.stop_at(5))
+    assert snapshots("cut") == {2, 4}
+    resumed = train_lora(base, small_runs.settings(data, tmp_path / "cut", keep_last=1, **kw))
+    assert snapshots("cut") == {8} | ({best} - {9})
+    a, b = small_runs.factors(whole), small_runs.factors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    # the best validation loss at step 2: that snapshot stays beside the newest two, and the report names it
+    real = logs.TrainLog.val_losses
+    monkeypatch.setattr(logs.TrainLog, "val_losses", lambda self: {s: 0.0 if s == 2 else v
+                                                                   for s, v in real(self).items()})
+    train_lora(base, small_runs.settings(data, tmp_path / "early", keep_last=2, report=True, sample_images=1,
+                                         sample_steps=1, **{**kw, "ti_token": "", "ti_init": ""}))
+    assert snapshots("early") == {2, 6, 8}
+    assert 'Recommended checkpoint: <span class="best">step 2</span>, <code>lora-step000002.safetensors</code>' in (
+        tmp_path / "early" / "report.html").read_text()
+    with pytest.raises(SdtuneError, match="--keep-last -1: must be 0 or more"):
+        small_runs.settings(data, tmp_path / "x", keep_last=-1).check()
+
+
 def test_sample_every_epochs_samples_at_each_epochs_last_step(base, tmp_path):
     """kohya's --sample_every_n_epochs: 2 steps an epoch, so grids at step 0 (the base), 2, 4 and 6 (the end); with
     --sample-every 3 beside it, at step 3 too. A run cut after step 3 (saved at 2) and resumed with the flag added

@@ -170,6 +170,9 @@ class TrainSettings:
     save_every: int = _help("snapshot + resume state every N steps (0: only at the end)", default=0)
     save_every_epochs: int = _help("snapshot + resume state at the end of every N epochs too (kohya's "
                                    "--save_every_n_epochs; 0: none)", default=0)
+    keep_last: int = _help("keep only the newest N snapshots (and the one with the best validation loss): an older "
+                           "one's files are deleted once a newer one is written, its samples stay; the final files "
+                           "always stay (diffusers' --checkpoints_total_limit; 0: keep every snapshot)", default=0)
     sample_every: int = _help("sample grid at step 0, every N steps and at the end (0: never)", default=0)
     sample_every_epochs: int = _help("sample grid at step 0, at the end of every N epochs and at the end too "
                                      "(kohya's --sample_every_n_epochs; 0: none)", default=0)
@@ -233,6 +236,7 @@ class TrainSettings:
                             weight_decay=self.weight_decay, bucket_step=self.bucket_step,
                             min_bucket_reso=self.min_bucket_reso, max_bucket_reso=self.max_bucket_reso,
                             keep_tokens=self.keep_tokens, save_every=self.save_every, save_every_epochs=self.save_every_epochs,
+                            keep_last=self.keep_last,
                             sample_every=self.sample_every, sample_every_epochs=self.sample_every_epochs,
                             caption_dropout_every_epochs=self.caption_dropout_every_epochs,
                             validation_every=self.validation_every)
@@ -578,6 +582,7 @@ OTHER_TOOLS_NAMES = {
     "gradient_accumulation_steps": "grad_accum", "network_dim": "rank", "network_alpha": "alpha",
     "output_dir": "out", "train_data_dir": "data", "instance_data_dir": "data",
     "pretrained_model_name_or_path": "model", "save_every_n_steps": "save_every", "checkpointing_steps": "save_every",
+    "checkpoints_total_limit": "keep_last",
     "save_every_n_epochs": "save_every_epochs", "sample_every_n_steps": "sample_every",
     "sample_every_n_epochs": "sample_every_epochs",
     "shuffle_caption": "shuffle_captions", "caption_dropout_rate": "caption_dropout", "output_name": "name",

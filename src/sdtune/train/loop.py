@@ -73,10 +73,10 @@ SAMPLE_KEY = "Training sample"  # the grid's parameter naming the run and step: 
 STATE_FORMAT = "sdtune-train-state-1"
 SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
-RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
-                     "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps", "sample_guidance",
-                     "sample_sampler", "resume", "progress", "out", "data", "model", "formats", "preset",
-                     "validation_every", "report", "save_precision"}
+RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "keep_last", "sample_every",
+                     "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps",
+                     "sample_guidance", "sample_sampler", "resume", "progress", "out", "data", "model", "formats",
+                     "preset", "validation_every", "report", "save_precision"}
 
 
 @dataclass
@@ -586,6 +586,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
                           model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
                           checkpoints=[(s, Path(settings.out) / f) for s, f in history.get("checkpoints", [])],
+                          snapshot_files={int(s): [Path(settings.out) / f for f in files]
+                                          for s, files in history.get("snapshot_files", {}).items()},
                           seconds_before=history.get("seconds", 0.0), started=started, data_id=data_id, spans=spans)
         if extend:
             session.save(start, final=False)
@@ -624,6 +626,8 @@ class Session:
     last_save: int | None = None  # step of the newest save, for the NaN message
     final_files: list[Path] = field(default_factory=list)
     checkpoints: list[tuple[int, Path]] = field(default_factory=list)  # (step, main file), resumed runs' included
+    # step -> every file of that snapshot (not the final files'), which --keep-last deletes together
+    snapshot_files: dict[int, list[Path]] = field(default_factory=dict)
     seconds_before: float = 0.0  # training time of the sessions before a resume
     data_id: dict = field(default_factory=dict)  # the training data's fingerprint (data.fingerprint), for resumes
     spans: list = field(default_factory=list)  # Record.spans
@@ -689,7 +693,14 @@ class Session:
         written = self.job.save(step, final)  # the user's files first, then the state that points at them
         self.final_files = written if final else self.final_files
         self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
+        self.snapshot_files.pop(step, None)  # a finished run extended: its final files are not a snapshot's
+        if not final:
+            self.snapshot_files[step] = written
+        expired = self._expired()
+        self.checkpoints = [c for c in self.checkpoints if c[0] not in expired]
         history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
+                   "snapshot_files": {str(s): [p.relative_to(self.out).as_posix() for p in files]
+                                      for s, files in self.snapshot_files.items() if s not in expired},
                    "seconds": self.seconds, "spans": self.spans}
         self.log.flush()
         atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
@@ -699,6 +710,22 @@ class Session:
                            "model_hash": getattr(self.base, "model_hash", ""), "data": self.data_id,
                            "final": final, "total": self.total, "processes": acc.num_processes},
                           self.out / STATE_FILE)
+        # deleted only once the state no longer names them: a kill in between leaves files, never a dangling state
+        for old in expired:
+            for path in self.snapshot_files.pop(old):
+                path.unlink(missing_ok=True)
+
+    def _expired(self) -> set[int]:
+        """The snapshots ``--keep-last`` lets go: all but the newest N and the save with the best validation loss
+        (the report's best checkpoint). Saves from before sdtune recorded their files are kept."""
+        keep = self.settings.keep_last
+        if not keep:
+            return set()
+        snapshots = sorted(s for s, _ in self.checkpoints if s in self.snapshot_files)
+        losses = self.log.val_losses()
+        scored = [(losses[s], s) for s, _ in self.checkpoints if s in losses]
+        best = {min(scored)[1]} if scored else set()
+        return set(snapshots[:-keep]) - best
 
     def _evaluating(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the main process with the trainable modules in eval mode (no dropout); its error stops

@@ -68,9 +68,10 @@ TRAINERS = {"ti": train_ti, "lora": train_lora}
 NOT_COMPARED = {"out", "progress", "resume"}
 # settings that change what a run shows or keeps (samples, checkpoints, its report, file formats), not the weights
 # it trains: a finished run given new ones is kept as it is, not refused
-NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "sample_every", "sample_every_epochs",
-                              "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps",
-                              "sample_guidance", "sample_sampler", "validation_every", "report", "formats"}
+NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "keep_last", "sample_every",
+                              "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images",
+                              "sample_steps", "sample_guidance", "sample_sampler", "validation_every", "report",
+                              "formats"}
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 
