@@ -13,7 +13,7 @@ from sdtune.cli import main
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
-from sdtune.train import presets
+from sdtune.train import config, presets
 from sdtune.train.config import LoraSettings, TISettings, load_settings, settings_for
 
 
@@ -135,6 +135,27 @@ def test_help_says_how_num_vectors_meets_a_longer_init_text(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "1 starts from their mean" in text and "N = T: one token each" in text and "A1111's rule" in text
     assert "--list-presets" in text and "the preset's" in text
+
+
+def test_help_lists_every_setting_once_in_its_topics_section(capsys):
+    """About a hundred flags read as sections (config.TOPICS): every setting of every kind has one topic, each kind's
+    --help shows the sections it has settings in, each flag under its own, and the usage line stays short."""
+    listed = [name for names in config.TOPICS.values() for name in names]
+    assert len(listed) == len(set(listed))
+    for kind, cls in config.KINDS.items():
+        assert {f.name for f in dataclasses.fields(cls)} <= set(listed)
+        with pytest.raises(SystemExit):
+            main(["train", kind, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: sdtune train {kind} [--config FILE] [--data FOLDER] [--out FOLDER] "
+                               f"[--model MODEL] [option ...]\n")
+        sections = re.split(r"\n\n(?=[a-z][^\n]*:\n)", text)
+        flags = {title.split(":\n")[0]: re.findall(r"^  (--[a-z0-9-]+)", title, re.M) for title in sections[1:]}
+        mine = {t: [f"--{n.replace('_', '-')}" for n in names if n in {f.name for f in dataclasses.fields(cls)}]
+                for t, names in config.TOPICS.items()}
+        assert flags == {"options": ["--config", "--list-presets", "--device", "--dtype"],
+                         **{t: names for t, names in mine.items() if names}}
+    assert "the network (LoRA and LyCORIS)" in flags and "--keep-last" in flags["saves, samples and validation"]
 
 
 def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, capsys):

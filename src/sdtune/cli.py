@@ -33,7 +33,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
-    from .train.config import KINDS, check_given, load_settings, read_settings, setting_helps, setting_type
+    from .train.config import KINDS, TOPICS, check_given, load_settings, read_settings, setting_helps, setting_type
     from .train.lora import train_lora
     from .train.ti import train_ti
 
@@ -135,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a TI embedding or a LoRA from a folder of images and captions")
     tsub = t.add_subparsers(dest="kind", required=True)
     for kind, text in (("ti", "Textual Inversion: learn a new token"), ("lora", "LoRA on the UNet (+ text encoder)")):
+        # the usage line names the few flags a run needs: all of them would fill a screen before the sections
         tp = tsub.add_parser(kind, help=text, description=f"{text}. Settings start from a preset (the base "
-                             "model's own unless --preset names one), then the --config file, then the flags.")
-        tp.add_argument("--config", help="TOML file with the same settings (flags override it; a run's own "
+                             "model's own unless --preset names one), then the --config file, then the flags.",
+                             usage="%(prog)s [--config FILE] [--data FOLDER] [--out FOLDER] [--model MODEL] "
+                                   "[option ...]")
+        tp.add_argument("--config", metavar="FILE", help="TOML file with the same settings (flags override it; a run's own "
                         "settings.toml reruns it, as does a .safetensors file sdtune trained)")
         tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
         _device_args(tp)
@@ -246,7 +249,11 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
     cls = KINDS[kind]
     preset_set = {name for p in presets.PRESETS[kind].values() for name in p.settings()}
     helps = setting_helps(cls)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # --help in sections (config.TOPICS, those this kind has settings in), in each section's order
+    sections = {topic: [fields[name] for name in names if name in fields] for topic, names in TOPICS.items()}
+    placed = [(p.add_argument_group(topic), mine) for topic, mine in sections.items() if mine]
+    for group, f in ((group, f) for group, mine in placed for f in mine):
         flag, (typ, _) = "--" + f.name.replace("_", "-"), setting_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"default: {default}" + (", or the preset's" if f.name in preset_set else "")
@@ -254,11 +261,11 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
             said = "(default:" in helps[f.name] or default in ("", None, [])
             help_ = helps[f.name] + ("" if said and f.name not in preset_set else f" ({help_})")
         if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:
-            p.add_argument(flag, nargs="+", default=None, help=help_)
+            group.add_argument(flag, nargs="+", default=None, help=help_)
         else:
-            p.add_argument(flag, type=typ, default=None, help=help_)
+            group.add_argument(flag, type=typ, default=None, help=help_)
 
 
 def cmd_train(a) -> None:

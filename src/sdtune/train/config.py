@@ -491,6 +491,41 @@ class LoraSettings(TrainSettings):
 
 KINDS = {"ti": TISettings, "lora": LoraSettings}
 
+# --help's sections, in order: each setting's topic (every setting has one: tested), so that a hundred flags read
+# as a few short lists; a kind shows the sections it has settings in
+TOPICS = {
+    "input and output": ("data", "out", "model", "vae", "preset", "name", "formats", "save_precision", "resume",
+                         "progress", "report"),
+    "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
+                             "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
+                             "optimizer_args", "max_grad_norm", "weight_decay"),
+    "the new word (textual inversion)": ("token", "init_token", "num_vectors", "property"),
+    "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
+                                       "exclude", "text_encoder", "te_lr", "te2_lr", "network_weights", "block_lr",
+                                       "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",
+                                       "module_dropout", "loraplus_lr_ratio", "scale_weight_norms"),
+    "pivotal tuning (a new word beside the LoRA)": ("ti_token", "ti_init", "ti_vectors", "ti_lr", "ti_steps"),
+    "prior preservation (DreamBooth's class images)": ("reg_dir", "class_prompt", "num_class_images",
+                                                       "prior_loss_weight"),
+    "images": ("resolution", "crop", "flip", "buckets", "bucket_step", "bucket_no_upscale", "min_bucket_reso",
+               "max_bucket_reso", "masked_loss", "cache_latents_to_disk"),
+    "captions": ("shuffle_captions", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+                 "caption_dropout", "caption_dropout_every_epochs", "caption_tag_dropout", "caption_prefix",
+                 "caption_suffix", "default_caption", "wildcards", "weighted_captions", "max_token_length",
+                 "clip_skip"),
+    "noise, timesteps and loss": ("loss_type", "huber_c", "huber_schedule", "min_snr_gamma", "debiased_estimation",
+                                  "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
+                                  "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+                                  "min_timestep", "max_timestep", "zero_terminal_snr", "v_pred_like_loss",
+                                  "scale_v_pred_loss_like_noise_pred"),
+    "saves, samples and validation": ("save_every", "save_every_epochs", "keep_last", "sample_every",
+                                      "sample_every_epochs", "sample_prompts", "sample_sampler", "sample_images",
+                                      "sample_steps", "sample_guidance", "validation_dir", "validation_split",
+                                      "validation_every"),
+    "speed and memory": ("mixed_precision", "gradient_checkpointing", "channels_last", "share_text",
+                         "flush_denormals"),
+}
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
