@@ -1,5 +1,5 @@
-"""Sample prompts as kohya reads them: each prompt's own options (--n --w --h --d --l --s --ss), a .txt file of
-prompts, --sample-sampler; the grid draws each prompt with its options (rows of other sizes centred, not
+"""Sample prompts as kohya reads them: each prompt's own options (--n --w --h --d --l --s --ss), a .txt, .toml or
+.json file of prompts, --sample-sampler; the grid draws each prompt with its options (rows of other sizes centred, not
 stretched), and what sdtune cannot read is one line before the run starts."""
 
 import numpy as np
@@ -30,11 +30,36 @@ def test_a_prompt_file_is_its_lines(tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("# kohya's prompt file\n\na castle --w 64\n  a river  \n")
     assert samples.expand([str(file), "a tree"]) == ["a castle --w 64", "a river", "a tree"]
-    (tmp_path / "prompts.toml").write_text("[[prompt]]\n")
-    with pytest.raises(SdtuneError, match=r"prompts.toml: sdtune reads kohya's prompt files as .txt"):
-        samples.expand([str(tmp_path / "prompts.toml")])
     with pytest.raises(SdtuneError, match=r"missing.txt: no such prompt file; check --sample-prompts$"):
         samples.expand([str(tmp_path / "missing.txt")])
+
+
+def test_kohyas_toml_and_json_prompt_files_read_as_their_lines(tmp_path):
+    """kohya's .toml prompt file: [prompt] defaults under each [[prompt.subset]]; its .json file: a list of entries
+    (or lines). Each entry reads as the prompt line with kohya's options that says the same."""
+    toml = tmp_path / "prompts.toml"
+    toml.write_text('[prompt]\nwidth = 64\nheight = 32\nscale = 6.5\nsample_steps = 3\n\n'
+                    '[[prompt.subset]]\nprompt = "a castle"\nnegative_prompt = "blurry"\nseed = 4\n\n'
+                    '[[prompt.subset]]\nprompt = "a river"\nwidth = 48\nsample_sampler = "k_euler_a"\n')
+    assert list(map(samples.parse, samples.expand([str(toml)]))) == [
+        samples.SamplePrompt("a castle", "blurry", 64, 32, 4, 6.5, 3),
+        samples.SamplePrompt("a river", "", 48, 32, None, 6.5, 3, "euler_a")]
+    js = tmp_path / "prompts.json"
+    js.write_text('[{"prompt": "a tree", "seed": 7, "negative_prompt": "", "width": null},'
+                  ' "a lake --s 2", "# a comment"]')
+    assert samples.expand([str(js), "a hill"]) == ["a tree --d 7", "a lake --s 2", "a hill"]
+    for text, said in (('[prompt]\nwidth = 64\n', r"no \[\[prompt.subset\]\] entries"),
+                       ('[[prompt.subset]\n', r"not valid TOML"),
+                       ('[prompt]\n[[prompt.subset]]\nprompt = "a"\ncontrolnet_image = "c.png"\n',
+                        r"controlnet_image is not a key sdtune reads; an entry has prompt and any of negative_prompt"),
+                       ('[prompt]\n[[prompt.subset]]\nseed = 1\n', r"an entry without a prompt")):
+        toml.write_text(text)
+        with pytest.raises(SdtuneError, match=rf"^{toml}: {said}"):
+            samples.expand([str(toml)])
+    for text, said in (('{"prompt": "a"}', r"a .json prompt file is a list of entries"), ("[1", r"not valid JSON")):
+        js.write_text(text)
+        with pytest.raises(SdtuneError, match=rf"^{js}: {said}"):
+            samples.check([str(js)])
 
 
 def test_the_grid_draws_each_prompt_with_its_options(base, tmp_path):

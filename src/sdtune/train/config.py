@@ -178,7 +178,8 @@ class TrainSettings:
                                      "(kohya's --sample_every_n_epochs; 0: none)", default=0)
     sample_prompts: list[str] = _help("prompts of the sample grids and the report (default: the first captions), "
                                       "each with kohya's options if any (a castle --n blurry --w 768 --h 512 --d 1 "
-                                      "--l 6 --s 30 --ss euler_a), or a .txt file of them, one per line",
+                                      "--l 6 --s 30 --ss euler_a), or kohya's prompt file: .txt (one per line), "
+                                      ".toml or .json",
                                       default_factory=list)
     sample_sampler: str = _help("the sampler of the sample grids and the report (kohya's --sample_sampler; "
                                 "sdtune's, A1111's or kohya's name)", default="ddim")

@@ -2,13 +2,18 @@
 
 A prompt may carry kohya's options after its text: ``a castle --n blurry --w 768 --h 512 --d 42 --l 6 --s 30 --ss
 euler_a`` (negative prompt, width, height, seed, guidance, steps, sampler); an option it lacks takes the run's
-setting. An entry of ``--sample-prompts`` naming a ``.txt`` file stands for the file's prompts, one per line (empty
-lines and ``#`` comments skipped), as kohya's prompt files are.
+setting. An entry of ``--sample-prompts`` naming a prompt file stands for its prompts, as kohya's prompt files are: a
+``.txt`` file one per line (empty lines and ``#`` comments skipped); a ``.toml`` file a ``[prompt]`` table of
+defaults and its ``[[prompt.subset]]`` entries; a ``.json`` file a list of entries (or of lines as a ``.txt`` file
+has them). An entry's keys are kohya's: prompt, negative_prompt, width, height, seed, scale, sample_steps,
+sample_sampler.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +23,9 @@ from ..safeio import SdtuneError
 # kohya's sampler names sdtune reads under its own (its others, ddim, euler, euler_a, heun, lms, pndm, are sdtune's)
 KOHYA_SAMPLERS = {"k_euler": "euler", "k_euler_a": "euler_a", "k_lms": "lms", "dpmsolver++": "dpmpp_2m"}
 OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps", "ss": "sampler"}
+# a .toml/.json prompt file's keys, as the options they are on a prompt line
+FILE_KEYS = {"negative_prompt": "n", "width": "w", "height": "h", "seed": "d", "scale": "l", "sample_steps": "s",
+             "sample_sampler": "ss"}
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,9 @@ def expand(entries: list[str]) -> list[str]:
     for entry in entries:
         path = Path(entry).expanduser()
         if path.suffix.lower() == ".txt" and path.is_file():
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-            prompts += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            prompts += _lines(path.read_text(encoding="utf-8-sig").splitlines())
         elif path.suffix.lower() in (".toml", ".json") and path.is_file():
-            raise SdtuneError(f"{path}: sdtune reads kohya's prompt files as .txt, one prompt per line with its "
-                              f"options (--n ... --w ...); write the prompts so")
+            prompts += [entry if isinstance(entry, str) else _line(entry, path) for entry in _entries(path)]
         elif path.suffix.lower() in (".txt", ".toml", ".json") and " " not in entry.strip():
             raise SdtuneError(f"{entry}: no such prompt file; check --sample-prompts")
         else:
@@ -85,3 +91,38 @@ def check(entries: list[str]) -> None:
     """Every prompt of ``--sample-prompts`` parses (before the run starts)."""
     for prompt in expand(entries):
         parse(prompt)
+
+
+def _lines(lines: list[str]) -> list[str]:
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _entries(path: Path) -> list:
+    """A .toml or .json prompt file's entries: dicts, or (a .json list's) prompt lines."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix.lower() == ".toml":
+            table = tomllib.loads(text).get("prompt")
+            if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+                raise SdtuneError(f"{path}: no [[prompt.subset]] entries; write each prompt as kohya's prompt files "
+                                  f"do: [prompt] defaults, then [[prompt.subset]] prompt = \"...\"")
+            defaults = {k: v for k, v in table.items() if k != "subset"}
+            return [{**defaults, **entry} for entry in table["subset"]]
+        entries = json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise SdtuneError(f"{path}: not valid {path.suffix[1:].upper()} ({e}); fix the file") from None
+    if not isinstance(entries, list) or not all(isinstance(e, (str, dict)) for e in entries):
+        raise SdtuneError(f"{path}: a .json prompt file is a list of entries ({{\"prompt\": \"...\", \"seed\": 1}}) or of "
+                          f"prompt lines; write it so")
+    return [e if isinstance(e, dict) else e.strip() for e in entries if isinstance(e, dict) or _lines([e])]
+
+
+def _line(entry: dict, path: Path) -> str:
+    """A prompt file's entry as the prompt line with kohya's options that says the same."""
+    unknown = sorted(set(entry) - {"prompt", *FILE_KEYS})
+    if unknown or not isinstance(entry.get("prompt"), str):
+        what = f"{', '.join(unknown)} is not a key sdtune reads" if unknown else "an entry without a prompt"
+        raise SdtuneError(f"{path}: {what}; an entry has prompt and any of {', '.join(FILE_KEYS)}")
+    options = [f"--{FILE_KEYS[key]} {value}" for key, value in entry.items()
+               if key in FILE_KEYS and value not in ("", None)]
+    return " ".join([entry["prompt"].strip(), *options])
