@@ -49,6 +49,36 @@ def test_the_default_draws_are_the_plain_ones_and_each_option_moves_only_its_own
     assert ranged.timesteps.min() >= 200 and ranged.timesteps.max() < 210 and len(ranged.timesteps.unique()) > 5
 
 
+def test_adaptive_noise_scale_grows_each_images_offset_by_its_latent_mean():
+    """kohya's adaptive_noise_scale: the offset of image b, channel c is offset + s·|mean(latent[b, c])| (floored at
+    0) times the same offset draw; the rest of the draw stays, the perturbed noise moves with it, and a process's
+    slice adapts as the whole batch's rows do."""
+    latents = torch.randn(SHAPE) + torch.linspace(-2, 2, 4).view(4, 1, 1, 1)
+    kw = dict(offset=0.1, ip_gamma=0.2)
+    plain = diffusion_draws(3, 7, SHAPE, 1000, Noise(**kw))
+    drawn = diffusion_draws(3, 7, SHAPE, 1000, Noise(**kw, adaptive_scale=0.5))
+    assert plain.offset_noise is None and torch.equal(drawn.noise, plain.noise)  # the draw itself is the same
+    g = torch.Generator().manual_seed(seed_for(3, "noise", 7))
+    eps, _ = torch.randn(SHAPE, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    z = torch.randn((4, 4, 1, 1), generator=g)
+    for scale in (0.5, -0.1):
+        adapted = drawn.adapted(latents, scale)
+        strength = (0.1 + scale * latents.mean(dim=(2, 3), keepdim=True).abs()).clamp(min=0)
+        assert torch.allclose(adapted.noise, eps + strength * z, atol=1e-6)
+        assert torch.allclose(adapted.input_noise - adapted.noise, plain.input_noise - plain.noise, atol=1e-6)
+        assert torch.equal(adapted.timesteps, plain.timesteps)
+        assert torch.equal(drawn.rows(slice(2, 4)).adapted(latents[2:], scale).noise, adapted.noise[2:])
+    assert (strength == 0).any() and (strength > 0).any()  # a negative scale floors some at 0
+
+
+def test_a_run_with_adaptive_noise_scale_resumes_exactly_and_records_it(base, dataset, tmp_path):
+    whole = resumes_exactly(base, dataset, tmp_path, noise_offset=0.1, adaptive_noise_scale=0.05)
+    assert read_metadata(whole)["ss_adaptive_noise_scale"] == "0.05"
+    offset = factors(train_lora(base, settings(dataset, tmp_path / "offset", noise_offset=0.1)))
+    assert any(not torch.equal(a, b) for k, (a, *_) in factors(whole).items() for b in offset[k][:1])
+    assert read_metadata(tmp_path / "offset" / "lora.safetensors")["ss_adaptive_noise_scale"] == "None"
+
+
 def _neighbour_correlation(x: torch.Tensor) -> float:
     a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
     return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
@@ -205,6 +235,10 @@ def test_a_run_with_every_option_resumes_to_the_uninterrupted_weights_and_record
                                               "to --noise-offset, which is 0; give --noise-offset"),
     (dict(ip_noise_gamma_random_strength=True), "which is 0; give --ip-noise-gamma"),
     (dict(v_pred_like_loss=-0.1), "--v-pred-like-loss -0.1: must be 0 or more"),
+    (dict(adaptive_noise_scale=0.01), "--adaptive-noise-scale 0.01: adds to the noise offset, which is 0; give "
+                                      "--noise-offset"),
+    (dict(adaptive_noise_scale=0.01, noise_offset=0.1, multires_noise_iterations=6),
+     "--adaptive-noise-scale with --multires-noise-iterations"),
 ])
 def test_bad_values_are_refused(dataset, tmp_path, values, says):
     with pytest.raises(SdtuneError) as e:

@@ -84,6 +84,8 @@ class TrainSettings:
                                 "darker darks; 0.05 to 0.1 usual)", default=0.0)
     noise_offset_random_strength: bool = _help("each batch's noise offset drawn uniformly from 0 to --noise-offset "
                                                "(kohya's)", default=False)
+    adaptive_noise_scale: float = _help("kohya's: each image and channel's noise offset grows by this times the "
+                                        "absolute mean of its latent (needs --noise-offset; 0: off)", default=0.0)
     multires_noise_iterations: int = _help("kohya's pyramid noise: layers of lower-resolution noise added to the "
                                            "noise (6 to 10 usual; 0: off)", default=0)
     multires_noise_discount: float = _help("each pyramid layer's weight is this to the power of its level (0.3 to "
@@ -279,6 +281,13 @@ class TrainSettings:
             if getattr(self, flag) and not getattr(self, of):
                 raise SdtuneError(f"--{_flag(flag)}: draws each batch's strength from 0 to --{_flag(of)}, which is "
                                   f"0; give --{_flag(of)} (e.g. 0.1)")
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise SdtuneError(f"--adaptive-noise-scale {self.adaptive_noise_scale}: adds to the noise offset, which "
+                              f"is 0; give --noise-offset (e.g. 0.1)")
+        if self.adaptive_noise_scale and self.multires_noise_iterations:
+            raise SdtuneError("--adaptive-noise-scale with --multires-noise-iterations: the pyramid noise is scaled "
+                              "over the whole batch before each image's latent is known; use one of them (kohya "
+                              "uses the offset or the pyramid, not both)")
         if self.max_timestep and self.min_timestep >= self.max_timestep:
             raise SdtuneError(f"--min-timestep {self.min_timestep} --max-timestep {self.max_timestep}: the range is "
                               f"empty; give a min below the max")
@@ -515,7 +524,8 @@ TOPICS = {
                  "caption_suffix", "default_caption", "wildcards", "weighted_captions", "max_token_length",
                  "clip_skip"),
     "noise, timesteps and loss": ("loss_type", "huber_c", "huber_schedule", "min_snr_gamma", "debiased_estimation",
-                                  "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
+                                  "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+                                  "multires_noise_iterations",
                                   "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
                                   "min_timestep", "max_timestep", "zero_terminal_snr", "v_pred_like_loss",
                                   "scale_v_pred_loss_like_noise_pred"),

@@ -6,7 +6,8 @@ every sample weighted 1. The options are kohya sd-scripts', under its names (whe
 with kohya's is told sdtune's), each off by default:
 
 - ``noise_offset``: a per-channel constant added to the noise (darker darks, brighter brights);
-  ``noise_offset_random_strength``: its strength drawn per batch from 0 to the value;
+  ``noise_offset_random_strength``: its strength drawn per batch from 0 to the value; ``adaptive_noise_scale``:
+  each image and channel's strength grows by this times the absolute mean of its latent (``Draws.adapted``);
 - ``multires_noise_iterations`` / ``_discount``: "pyramid" noise, lower-resolution noise layers added on top and
   the sum rescaled to unit variance (low-frequency colour and composition learned sooner);
 - ``ip_noise_gamma``: input perturbation (Ning et al. 2023): the noisy latent is made with noise + γ·ξ while the
@@ -49,12 +50,14 @@ class Noise:
     max_timestep: int = 0  # 0: the schedule's end
     offset_random: bool = False  # each batch's offset strength uniform in [0, offset)
     ip_gamma_random: bool = False  # each batch's γ uniform in [0, ip_gamma)
+    adaptive_scale: float = 0.0  # the offset's growth per unit of |latent mean| (kohya's adaptive_noise_scale)
 
     @classmethod
     def of(cls, settings) -> Noise:
         return cls(settings.noise_offset, settings.multires_noise_iterations, settings.multires_noise_discount,
                    settings.ip_noise_gamma, settings.min_timestep, settings.max_timestep,
-                   settings.noise_offset_random_strength, settings.ip_noise_gamma_random_strength)
+                   settings.noise_offset_random_strength, settings.ip_noise_gamma_random_strength,
+                   settings.adaptive_noise_scale)
 
     def check(self, num_timesteps: int) -> None:
         """The timestep range against the model's schedule (``TrainSettings.check`` checked the rest)."""
@@ -72,10 +75,25 @@ class Draws:
     noise: torch.Tensor
     timesteps: torch.Tensor
     input_noise: torch.Tensor
+    # the noise offset's draw (batch, channels, 1, 1) and the strength it was added with, kept only for
+    # ``adapted`` (None otherwise)
+    offset_noise: torch.Tensor | None = None
+    offset: float = 0.0
 
     def rows(self, rows: slice) -> Draws:
         noise = self.noise[rows]
-        return Draws(noise, self.timesteps[rows], noise if self.input_noise is self.noise else self.input_noise[rows])
+        return Draws(noise, self.timesteps[rows], noise if self.input_noise is self.noise else self.input_noise[rows],
+                     None if self.offset_noise is None else self.offset_noise[rows], self.offset)
+
+    def adapted(self, latents: torch.Tensor, scale: float) -> Draws:
+        """kohya's adaptive noise scale on these rows' ``latents``: each image and channel's offset strength is
+        the drawn one plus ``scale`` × |the latent's mean over its pixels|, floored at 0 (a negative scale may take
+        it below). Per row, so each process adapts its own slice of the global batch."""
+        strength = (self.offset + scale * latents.float().mean(dim=(2, 3), keepdim=True).abs()).clamp(min=0)
+        extra = (strength - self.offset) * self.offset_noise
+        noise = self.noise + extra
+        input_noise = noise if self.input_noise is self.noise else self.input_noise + extra
+        return Draws(noise, self.timesteps, input_noise, self.offset_noise, self.offset)
 
 
 def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, noise: Noise = Noise()) -> Draws:
@@ -83,16 +101,20 @@ def diffusion_draws(seed: int, number: int, shape: tuple, num_timesteps: int, no
     g = torch.Generator().manual_seed(seed_for(seed, "noise", number))
     eps = torch.randn(shape, generator=g)
     timesteps = torch.randint(noise.min_timestep, noise.max_timestep or num_timesteps, (shape[0],), generator=g)
+    offset_noise, strength = None, 0.0
     if noise.offset:
         strength = noise.offset * torch.rand((), generator=g).item() if noise.offset_random else noise.offset
-        eps = eps + strength * torch.randn((shape[0], shape[1], 1, 1), generator=g)
+        offset_noise = torch.randn((shape[0], shape[1], 1, 1), generator=g)
+        eps = eps + strength * offset_noise
     if noise.multires_iterations:
         eps = pyramid_noise(eps, noise.multires_iterations, noise.multires_discount, g)
     perturbed = eps
     if noise.ip_gamma:
         gamma = noise.ip_gamma * torch.rand((), generator=g).item() if noise.ip_gamma_random else noise.ip_gamma
         perturbed = eps + gamma * torch.randn(shape, generator=g)
-    return Draws(eps, timesteps, perturbed)
+    if not noise.adaptive_scale:
+        offset_noise = None
+    return Draws(eps, timesteps, perturbed, offset_noise, strength)
 
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, g: torch.Generator) -> torch.Tensor:

@@ -672,6 +672,8 @@ class Session:
         mine = slice(acc.process_index * s.batch_size, (acc.process_index + 1) * s.batch_size)
         draws = diffusion_draws(seed, number, (self.global_batch, *batch.latents.shape[1:]),
                                 len(self.base.scheduler.alphas_cumprod), self.noise).rows(mine)
+        if self.noise.adaptive_scale:
+            draws = draws.adapted(batch.latents, self.noise.adaptive_scale)
         inputs = {"latents": batch.latents.to(acc.device), "noise": draws.noise.to(acc.device),
                   "timesteps": draws.timesteps.to(acc.device), **self.text(batch.captions),
                   "time_ids": batch.time_ids.to(acc.device)}
