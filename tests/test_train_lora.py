@@ -215,6 +215,36 @@ def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset,
             assert torch.allclose(fused, want, atol=1e-6), (comp, p)
 
 
+def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, dataset, tmp_path, diffusers_says,
+                                                                      capsys):
+    """kohya's --network_train_text_encoder_only: --no-unet --text-encoder, through the command; the UNet is left
+    alone (no layer of it in the files) and the text encoder's layers learn; diffusers loads the file cleanly."""
+    out = tmp_path / "te"
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out), "--steps", "2",
+                 "--rank", "4", "--alpha", "4", "--lr", "5e-3", "--no-unet", "--text-encoder", "--formats", "kohya", "diffusers",
+                 "--no-report", "--no-progress"]) == 0
+    lora = load_lora(out / "lora.safetensors")
+    assert {comp for comp, layers in lora.modules.items() if layers} == {"text_encoder"}
+    assert all(ad.tensors["up"].abs().sum() > 0 for ad in lora.modules["text_encoder"].values())
+    meta = lora.metadata
+    assert meta["ss_unet_lr"] == "None" and meta["ss_text_encoder_lr"] == "0.005"
+    text = copy.deepcopy(base.text_encoder)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer,
+                                   unet=copy.deepcopy(base.unet), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    said = diffusers_says(lambda: pipe.load_lora_weights(str(out / "diffusers"), adapter_name="te"))
+    # its one note: the file has no UNet layers, as it should not
+    said = re.sub(r"No LoRA keys associated to UNet2DConditionModel found[^\n]*", "", said)
+    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    assert {n.removeprefix("text_model.") for n, m in text.named_modules() if hasattr(m, "lora_A")} == set(
+        lora.modules["text_encoder"])
+    capsys.readouterr()
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "x"),
+                 "--no-unet"]) == 2
+    assert capsys.readouterr().err.strip() == ("sdtune: error: --no-unet: leaves the LoRA nothing to train; add "
+                                               "--text-encoder to train the text encoder(s) only")
+
+
 def test_default_caption_and_missing_captions(base, tmp_path):
     folder = world.write_dataset(tmp_path / "d", world.concept_scenes(2, seed=4))
     (folder / "0000.txt").unlink()

@@ -26,7 +26,7 @@ from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
 from sdtune.train import data
-from sdtune.train.config import KINDS, load_settings
+from sdtune.train.config import KINDS, TOPICS, load_settings
 from sdtune.ui import app as app_mod
 from sdtune.ui import jobs as jobs_mod
 from sdtune.ui import parse_auth, trainform
@@ -157,6 +157,16 @@ def test_the_forms_come_from_the_settings_dataclasses():
     assert fields["optimizer_args"].typ is list  # one key=value per line
     assert fields["loss_type"].choices == ("l2", "huber", "smooth_l1") and fields["loss_type"].defaults["ti"] == "l2"
     assert fields["huber_schedule"].choices == ("constant", "exponential", "snr")
+
+
+def test_the_advanced_settings_are_in_helps_sections():
+    """Every setting under "Advanced" is in one section, as --help shows it (config.TOPICS), in its order."""
+    fields = trainform.form_fields()
+    shown = trainform.sections(fields)
+    assert sorted(f.name for _, mine in shown for f in mine) == sorted(f.name for f in fields if not f.basic)
+    assert [topic for topic, _ in shown] == list(TOPICS)
+    network = dict(shown)["the network (LoRA and LyCORIS)"]
+    assert [f.name for f in network][:2] == ["algo", "conv_rank"] and all(set(f.defaults) == {"lora"} for f in network)
 
 
 def test_form_values_become_the_toml_the_cli_reads(tmp_path):

@@ -617,6 +617,9 @@ def test_listen_warns_without_auth_and_auth_asks_for_the_password(tmp_path):
                 _stop(proc)
 
 
+NETWORK = "train-section-the-network-LoRA-and-LyCORIS"
+
+
 @needs_browser
 def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(server, browser):
     """The form shows what a run starts from, as `sdtune train` does: the model's preset for the kind picked
@@ -629,9 +632,12 @@ def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(ser
     assert token.get_attribute("value") == ""
     _wait(lambda: _value(d, "train-lr") == "0.005", 10, "the TI preset's lr")  # tiny-random: the tiny preset
     assert not [e for e in d.find_elements(By.ID, "train-rank") if e.is_displayed()]  # a LoRA setting: hidden
+    _open(d, "train-advanced")  # in --help's sections; TI has no network section
+    assert d.find_element(By.ID, "train-section-captions").is_displayed()
+    assert not d.find_element(By.ID, NETWORK).is_displayed()
     d.find_element(By.CSS_SELECTOR, "#train-kind input[value=lora]").click()
     _wait(lambda: _value(d, "train-lr") == "0.001" and _value(d, "train-batch_size") == "8", 10, "the LoRA preset")
-    _open(d, "train-advanced")
+    _wait(lambda: d.find_element(By.ID, NETWORK).is_displayed(), 10, "the LoRA's network section")
     assert _value(d, "train-preset") == "tiny" and _value(d, "train-te_lr") == ""  # unset, not 0
     _pick(d, "train-preset", "tiny-quick")
     _wait(lambda: _value(d, "train-steps") == "30", 10, "the tiny-quick preset's 30 steps")

@@ -364,6 +364,8 @@ class LoraSettings(TrainSettings):
                                "; 'attn2\\.to_[kv]$' leaves out the cross-attention's key and value)",
                                default_factory=list)
     text_encoder: bool = _help("also train LoRA on the text encoder(s) (SDXL: both)", default=False)
+    unet: bool = _help("train LoRA on the UNet; --no-unet --text-encoder trains the text encoder(s) only (kohya's "
+                       "--network_train_text_encoder_only)", default=True)
     te_lr: float | None = _help("text-encoder learning rate (None: lr)", default=None)
     te2_lr: float | None = _help("SDXL's second text encoder's learning rate (None: te_lr)", default=None)
     conv_rank: int = _help("rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)", default=0)
@@ -423,6 +425,10 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
+        if not self.unet and not self.text_encoder:
+            raise SdtuneError("--no-unet: leaves the LoRA nothing to train; add --text-encoder to train the text "
+                              "encoder(s) only" + (", or use sdtune train ti for the word alone" if self.pivotal
+                                                   else ""))
         for name in ("te_lr", "te2_lr"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -511,7 +517,7 @@ TOPICS = {
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
-                                       "exclude", "text_encoder", "te_lr", "te2_lr", "network_weights", "block_lr",
+                                       "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "network_weights", "block_lr",
                                        "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",
                                        "module_dropout", "loraplus_lr_ratio", "scale_weight_norms"),
     "pivotal tuning (a new word beside the LoRA)": ("ti_token", "ti_init", "ti_vectors", "ti_lr", "ti_steps"),

@@ -146,7 +146,7 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
     """The layers a run trains, (component, path, module) each, and each component's root module; refused here
     when --exclude leaves a component none or a rank is above all of them."""
     conv_rank = _conv_rank(settings)
-    plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))]
+    plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))] if settings.unet else []
     if settings.text_encoder:  # every text encoder of the family (SDXL: both)
         plan += [(te.component, model,
                   te_targets(model, settings.targets, used_layers(te, model, base.family, settings.clip_skip)))
@@ -385,7 +385,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_training_started_at": str(started),
         "ss_output_name": settings.name,
         "ss_learning_rate": str(settings.lr),
-        "ss_unet_lr": str(settings.lr),
+        "ss_unet_lr": str(settings.lr) if settings.unet else "None",
         # "None" when no text-encoder LoRA is trained, as sd-scripts writes for a UNet-only run; SDXL's two rates
         # as the list sd-scripts takes and writes where they differ
         "ss_text_encoder_lr": ("None" if not settings.text_encoder else str(lrs[0]) if len(set(lrs)) == 1

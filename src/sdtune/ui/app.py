@@ -294,6 +294,7 @@ def _train_tab(studio: Studio):
     data_help = next(f.help for f in trainform.form_fields() if f.name == "data")
     first = "lora"
     comps = {}
+    sections = []  # (the Advanced section, the kinds with settings in it)
     initial = studio.form_values(first)  # the model's preset, as sdtune train starts from
 
     def component(f: trainform.FormField):
@@ -338,10 +339,14 @@ def _train_tab(studio: Studio):
                         if f.basic:
                             comps[f.name] = component(f)
             with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
-                with gr.Row(equal_height=True):
-                    for f in fields:
-                        if not f.basic:
-                            comps[f.name] = component(f)
+                # in --help's sections; a section shows for the kinds it has settings of (TI: no network)
+                for topic, mine in trainform.sections(fields):
+                    with gr.Accordion(topic, elem_id="train-section-" + re.sub(r"\W+", "-", topic).strip("-"),
+                                      visible=any(first in f.defaults for f in mine)) as section:
+                        with gr.Row(equal_height=True):
+                            for f in mine:
+                                comps[f.name] = component(f)
+                    sections.append((section, {kind_ for f in mine for kind_ in f.defaults}))
             start = gr.Button("Start (queue)", variant="primary", elem_id="train-start")
             with gr.Accordion("Run a queue file: jobs and sweeps, as sdtune train queue reads them", open=False,
                               elem_id="train-queue"):
@@ -378,16 +383,17 @@ def _train_tab(studio: Studio):
 
     names = list(comps)
 
-    filled = [comps[n] for n in names] + [status]
+    filled = [comps[n] for n in names] + [section for section, _ in sections] + [status]
 
     @_handler(len(filled))
     def fill(k, preset="", keep=()):
         """Every field of kind ``k`` at the preset's values (the model's own when none is named), the other
-        kind's hidden; ``keep``: fields left as the user set them. The status line is left as it is."""
+        kind's hidden (and the sections with none of its settings); ``keep``: fields left as the user set them.
+        The status line is left as it is."""
         values = studio.form_values(k, preset)
         return *[gr.skip() if n in keep else
                  gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
-                 for n in names], gr.skip()
+                 for n in names], *[gr.update(visible=k in kinds) for _, kinds in sections], gr.skip()
 
     kind.change(fill, kind, filled)
     # naming a preset fills the form with its values, as --preset does on the command line (flags still win

@@ -47,6 +47,13 @@ class FormField:
         return self.name in BASIC
 
 
+def sections(fields: list[FormField]) -> list[tuple[str, list[FormField]]]:
+    """The fields under "Advanced" in ``--help``'s sections (``config.TOPICS``, in its order), those with any."""
+    advanced = {f.name: f for f in fields if not f.basic}
+    grouped = [(topic, [advanced[n] for n in names if n in advanced]) for topic, names in config.TOPICS.items()]
+    return [(topic, mine) for topic, mine in grouped if mine]
+
+
 def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
