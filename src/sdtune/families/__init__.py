@@ -56,9 +56,13 @@ class Family:
     prediction_type: str  # what the UNet predicts by default: "epsilon" | "v_prediction"
     pooled_and_time_ids: bool  # SDXL: pooled text embedding + (original size, crop, target size) condition
     base_model_version: str  # kohya ss_base_model_version written for LoRAs of this family
+    # ModelSpec's architecture id (modelspec.architecture, before "/lora"), as sd-scripts writes it
+    modelspec: str
     # UNet module names in kohya LoRA keys: "diffusers" (``lora_unet_down_blocks_0_…``: sd-scripts trains SD 1.x/2.x
     # on diffusers' UNet) or "sgm" (``lora_unet_input_blocks_4_1_…``: it trains SDXL on its own SGM-layout UNet)
     kohya_unet_names: str = "diffusers"
+    # ModelSpec's id for the family's v-prediction models where it names them apart (SD 2.x 768-v); "": modelspec
+    modelspec_v: str = ""
     # A single-file weight whose spread tells this family's v-prediction models from its noise-prediction ones when
     # the file does not say which it is (see models.file_sampling); "" where the file must say.
     prediction_probe: str = ""
@@ -99,7 +103,7 @@ SD1 = Family(
     name="sd1", title="SD 1.x", cross_attention_width=768,
     text_encoders=(_clip_l(single="cond_stage_model.transformer."),),
     configs="sd1", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="PNDMScheduler",
-    prediction_type="epsilon", pooled_and_time_ids=False, base_model_version="sd_v1")
+    prediction_type="epsilon", pooled_and_time_ids=False, base_model_version="sd_v1", modelspec="stable-diffusion-v1")
 
 SD2 = Family(
     name="sd2", title="SD 2.x", cross_attention_width=1024,
@@ -108,7 +112,8 @@ SD2 = Family(
                                pretrained_layers=24),),
     configs="sd2", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
     prediction_type="v_prediction",
-    pooled_and_time_ids=False, base_model_version="sd_v2",
+    pooled_and_time_ids=False, base_model_version="sd_v2", modelspec="stable-diffusion-v2-512",
+    modelspec_v="stable-diffusion-v2-768-v",
     # SD 2.x ships 768-v models and 512-px "base" ones with the same architecture; ComfyUI tells them apart by
     # this bias, whose standard deviation is above 0.09 in the v-prediction ones
     prediction_probe="model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias",
@@ -124,7 +129,7 @@ SDXL = Family(
     configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
     prediction_type="epsilon",
     pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm",
-    fine_tunes=(("pony", "Pony Diffusion"), ("noob", "NoobAI (an Illustrious fine-tune)"),
+    modelspec="stable-diffusion-xl-v1-base", fine_tunes=(("pony", "Pony Diffusion"), ("noob", "NoobAI (an Illustrious fine-tune)"),
                 ("illustrious", "Illustrious"), ("animagine", "Animagine XL")))
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.
@@ -133,7 +138,8 @@ TINY = Family(
     text_encoders=(_clip_l(single="cond_stage_model.transformer.", width=tiny_config.TEXT_WIDTH),),
     configs="", single_file_layout="ldm", pipeline="StableDiffusionPipeline", scheduler="DDIMScheduler",
     prediction_type="epsilon",
-    pooled_and_time_ids=False, base_model_version="sd_v1")
+    # ModelSpec: its own id (SD 1.x's would send its LoRAs to SD 1.x models, whose widths they do not fit)
+    pooled_and_time_ids=False, base_model_version="sd_v1", modelspec="sdtune-tiny")
 
 # tiny-xl: the SDXL architecture at small widths (see sdtune.tiny.config), on tiny's VAE; its first text encoder is
 # tiny's width (an embedding for one fits the other's clip_l).
@@ -147,7 +153,8 @@ TINY_XL = Family(
                     hidden_layer=-2, pad_token="!"),
     ),
     configs="", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="DDIMScheduler",
-    prediction_type="epsilon", pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm")
+    prediction_type="epsilon", pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm",
+    modelspec="sdtune-tiny-xl")
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, TINY, TINY_XL)}
 _TINY_ARCH = {"tiny": "sd1", "tiny-xl": "sdxl"}  # families whose configs are Python (sdtune.tiny.config)
@@ -178,6 +185,14 @@ def by_base_model_version(value: str | None) -> Family | None:
         return None
     name = _BASE_MODEL_VERSIONS.get(value) or ("sdxl" if value.startswith("sdxl") else None)
     return FAMILIES.get(name) if name else None
+
+
+def kohya_clip_skip(family: Family, clip_skip: int) -> str:
+    """A1111's clip skip as sd-scripts counts it (``ss_clip_skip``, ``modelspec.encoder_layer``): from the end of
+    the encoder as diffusers stores it. That is A1111's count except on SD 2.x, whose stored encoder already lacks
+    OpenCLIP's last layer (A1111's 2 is sd-scripts' 1, written "None" as when no skip is set)."""
+    skip = clip_skip - (1 if family.text_encoders[0].pretrained_layers else 0)
+    return str(skip) if skip > 1 else "None"
 
 
 # ModelSpec's architecture names (modelspec.architecture, "stable-diffusion-xl-v1-base/lora" in a LoRA) by prefix

@@ -54,6 +54,8 @@ class Embedding:
     # how it was trained, where the file says: {"step", "base_model", "base_model_hash", "settings"} (strings)
     training: dict[str, str] = field(default_factory=dict)
     stored_dtype: str = "float32"  # the file's (the vectors are float32 here)
+    # other safetensors metadata a save writes as it is (ModelSpec's modelspec.* keys of a trained file); not read
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def parts(self) -> dict[str, torch.Tensor]:
@@ -184,12 +186,13 @@ def save_embedding(emb: Embedding, path: str | Path, format: str = "diffusers") 
     or "a1111" ``.pt`` holding only tensors, dicts, str and int (loads with ``torch.load(weights_only=True)``).
     An SDXL embedding is written as ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` in either format: the one
     multi-encoder layout A1111 and ComfyUI read (diffusers has none: it loads each key into its encoder).
-    ``emb.training`` goes along: as ``sdtune.*`` safetensors metadata, or in an A1111 .pt's own fields."""
+    ``emb.training`` goes along: as ``sdtune.*`` safetensors metadata, or in an A1111 .pt's own fields (which
+    has no place for ``emb.metadata``)."""
     path = Path(path)
     if format not in SAVE_FORMATS:
         raise SdtuneError(f"{path}: unknown embedding format {format!r}; use 'diffusers' or 'a1111'")
     parts = {key: rows.detach().to("cpu", torch.float32).contiguous().clone() for key, rows in emb.parts.items()}
-    metadata = {TRAINING_METADATA + k: str(v) for k, v in emb.training.items()}
+    metadata = {TRAINING_METADATA + k: str(v) for k, v in emb.training.items()} | emb.metadata
     if isinstance(emb.vectors, dict):  # the layout has no token: A1111 takes the file name, sdtune the metadata
         _save_dict(parts, path, {**metadata, TOKEN_METADATA: emb.token})
     elif format == "diffusers":

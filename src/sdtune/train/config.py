@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from .. import families
+from .. import families, modelspec
 from ..console import note
 from ..lora import algos
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
@@ -200,6 +200,12 @@ class TrainSettings:
                          "checkpoint (copied to best.safetensors)", default=True)
     resume: bool = _help("continue from the resume state in --out if there is one", default=True)
     progress: bool = _help("progress bar", default=True)
+    # what the trained files say of themselves in ModelSpec's keys (kohya's --metadata_* flags, under its names)
+    metadata_title: str = _help("the files' title (modelspec.title; default: --name, or the token)", default="")
+    metadata_author: str = _help("the files' author (modelspec.author)", default="")
+    metadata_description: str = _help("what the files are and how to use them (modelspec.description)", default="")
+    metadata_license: str = _help("the files' license (modelspec.license)", default="")
+    metadata_tags: str = _help("comma-separated tags (modelspec.tags)", default="")
 
     kind = "train"
 
@@ -295,6 +301,16 @@ class TrainSettings:
         optimizers.check(self.optimizer, self.optimizer_args)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
+
+    def user_metadata(self) -> dict[str, str]:
+        """What the user said of the files (the metadata_* settings), by ModelSpec field."""
+        return {name: getattr(self, f"metadata_{name}") for name in modelspec.USER_FIELDS}
+
+    def timestep_range(self, num_timesteps: int) -> tuple[int, int] | None:
+        """The timesteps trained on, (first, end), when not the whole schedule."""
+        if not (self.min_timestep or self.max_timestep):
+            return None
+        return self.min_timestep, self.max_timestep or num_timesteps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -511,7 +527,8 @@ KINDS = {"ti": TISettings, "lora": LoraSettings}
 # as a few short lists; a kind shows the sections it has settings in
 TOPICS = {
     "input and output": ("data", "out", "model", "vae", "preset", "name", "formats", "save_precision", "resume",
-                         "progress", "report"),
+                         "progress", "report", "metadata_title", "metadata_author", "metadata_description",
+                         "metadata_license", "metadata_tags"),
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
                              "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),

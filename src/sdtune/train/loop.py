@@ -76,7 +76,8 @@ SETTINGS_FILE = "settings.toml"
 RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "keep_last", "sample_every",
                      "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps",
                      "sample_guidance", "sample_sampler", "resume", "progress", "out", "data", "model", "formats",
-                     "preset", "validation_every", "report", "save_precision"}
+                     "preset", "validation_every", "report", "save_precision", "metadata_title", "metadata_author",
+                     "metadata_description", "metadata_license", "metadata_tags"}
 
 
 @dataclass

@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import modelspec
 from ..console import note
+from ..families import kohya_clip_skip
 from ..generate import read_layer
 from ..lora import algos, blocks
 from ..lora.formats import load_lora, sampling_metadata, save_lora
@@ -366,14 +368,6 @@ def _tag_frequency(scan, root: Path) -> dict:
     return {k: dict(v) for k, v in freq.items()}
 
 
-def kohya_clip_skip(family, clip_skip: int) -> str:
-    """``ss_clip_skip`` as sd-scripts counts it: from the end of the encoder as diffusers stores it. That is
-    A1111's count except on SD 2.x, whose stored encoder already lacks OpenCLIP's last layer (A1111's 2 is
-    sd-scripts' 1, written "None" as when no skip is set)."""
-    skip = clip_skip - (1 if family.text_encoders[0].pretrained_layers else 0)
-    return str(skip) if skip > 1 else "None"
-
-
 def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, started: float, final: bool) -> dict:
     """Training facts in kohya's ``ss_*`` keys, which A1111, ComfyUI and LoRA browsers show."""
     m = job.metadata
@@ -457,6 +451,10 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix") if getattr(settings, name)}
     meta |= lycoris_network(settings, base.family) if settings.algo != "lora" else kohya_network(settings, base.family)
     meta |= sampling_metadata(base.family, base.scheduler.config)
+    meta |= modelspec.metadata(base.family, base.scheduler.config, "lora", title=settings.name,
+                               resolution=data.resolution, created=time.time(), clip_skip=meta["ss_clip_skip"],
+                               timesteps=settings.timestep_range(len(base.scheduler.alphas_cumprod)),
+                               trigger=settings.ti_token, user=settings.user_metadata())
     if settings.zero_terminal_snr:  # trained on the rescaled schedule, whatever the base samples with
         meta["ss_zero_terminal_snr"] = "True"
     if final:

@@ -71,7 +71,8 @@ NOT_COMPARED = {"out", "progress", "resume"}
 NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "keep_last", "sample_every",
                               "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images",
                               "sample_steps", "sample_guidance", "sample_sampler", "validation_every", "report",
-                              "formats"}
+                              "formats", "metadata_title", "metadata_author", "metadata_description",
+                              "metadata_license", "metadata_tags"}
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 

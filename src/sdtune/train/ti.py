@@ -17,12 +17,15 @@ checkpoint on the sample prompts.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import modelspec
 from ..console import note
+from ..families import kohya_clip_skip
 from ..models import vae_swapped
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, file_stem, save_embedding
@@ -201,6 +204,11 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
 
     def save(step: int, final: bool) -> list[Path]:
         emb = learned(step)
+        emb.metadata = modelspec.metadata(base.family, base.scheduler.config, "ti", title=settings.token,
+                                          resolution=data.resolution, created=time.time(),
+                                          clip_skip=kohya_clip_skip(base.family, settings.clip_skip),
+                                          timesteps=settings.timestep_range(len(base.scheduler.alphas_cumprod)),
+                                          trigger=settings.token, user=settings.user_metadata())
         suffix = "" if final else f"-step{step:06d}"
         paths = []
         for fmt in formats:
