@@ -32,7 +32,7 @@ from ..lora import algos
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import optimizers, presets, samples
+from . import kohya_config, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -709,6 +709,11 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
+        if kind == "lora" and kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
+            table, unused = kohya_config.translate(table, path)
+            if unused:
+                note(f"{path}: read as a kohya sd-scripts config; {', '.join(unused)} change nothing sdtune trains "
+                     f"and are not used")
         unknown = [key for key, value in table.items() if not isinstance(value, dict)  # dicts: the other kind's
                    and key.replace("-", "_") not in names]
         if unknown:  # all of them at once, each with its likely name

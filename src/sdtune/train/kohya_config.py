@@ -1,0 +1,205 @@
+"""kohya sd-scripts' training config (the TOML file its ``--config_file`` reads, which kohya_ss writes for each run)
+read as sdtune's settings, so that ``sdtune train lora --config config_lora.toml`` runs what the file describes.
+
+A table is kohya's when it names the base model or the network as sd-scripts does (``pretrained_model_name_or_path``,
+``network_module``). Each of its keys is then one of:
+
+- a setting under another name (``learning_rate`` is ``lr``), its value read as sd-scripts reads it where sdtune
+  writes it otherwise (``resolution = "512,512"``, ``optimizer_type = "AdamW8bit"``, ``save_precision = "float"``);
+- sd-scripts' own way of saying what sdtune says otherwise: the network module and its ``network_args`` (``--algo``,
+  ``--conv-rank``...), the text encoder trained unless ``network_train_unet_only``, a separate ``unet_lr``;
+- a switch of how sd-scripts runs that changes nothing sdtune trains (xformers, data loader workers, logging
+  folder...): left out, and said in one line;
+- a feature sdtune does not have: accepted while it is off (kohya's default), refused in one line when it is on.
+
+Keys sdtune knows under its own name pass through; what fits none of these is refused as any unknown setting is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ..safeio import SdtuneError
+
+MARKERS = ("pretrained_model_name_or_path", "network_module")  # keys every sd-scripts LoRA config has
+
+# kohya's name -> sdtune's, the value read as it is
+RENAMED = {
+    "train_batch_size": "batch_size", "max_train_steps": "steps", "max_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "network_dim": "rank", "network_alpha": "alpha",
+    "output_dir": "out", "train_data_dir": "data", "reg_data_dir": "reg_dir",
+    "pretrained_model_name_or_path": "model", "save_every_n_steps": "save_every",
+    "save_every_n_epochs": "save_every_epochs", "sample_every_n_steps": "sample_every",
+    "sample_every_n_epochs": "sample_every_epochs", "shuffle_caption": "shuffle_captions",
+    "caption_dropout_rate": "caption_dropout", "output_name": "name", "network_dropout": "lora_dropout",
+    "debiased_estimation_loss": "debiased_estimation", "caption_tag_dropout_rate": "caption_tag_dropout",
+    "enable_wildcard": "wildcards", "caption_dropout_every_n_epochs": "caption_dropout_every_epochs",
+    "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
+}
+
+# how sd-scripts runs, not what it trains: nothing to do here
+NO_EFFECT = {
+    "cache_latents", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "dynamo_backend",
+    "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "logging_dir", "log_prefix", "log_with",
+    "log_tracker_name", "log_config", "max_data_loader_n_workers", "persistent_data_loader_workers",
+    "save_model_as", "sdpa", "xformers", "mem_eff_attn", "lowram", "lowvram", "highvram", "vae_batch_size",
+    "save_state", "save_state_on_train_end", "no_half_vae", "noise_offset_type", "training_comment",
+    "console_log_simple", "console_log_level", "console_log_file", "huggingface_repo_id", "huggingface_token",
+    "gpu_ids",
+    "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
+    "wandb_api_key", "wandb_run_name", "sample_at_first",
+    *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
+}
+# kohya's switches of features sdtune lacks: fine while off
+OFF_ONLY = {
+    "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
+    "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
+    "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args", "lr_scheduler_type", "dataset_config", "in_json",
+    "token_warmup_min", "token_warmup_step", "alpha_mask",
+}
+# sd-scripts' values of settings sdtune spells otherwise
+OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
+              "adafactor": "adafactor"}
+PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # LyCORIS's algo= names
+LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
+# network_args keys -> sdtune's settings (LyCORIS's and kohya's LoRA module's)
+NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout",
+                "module_dropout": "module_dropout", "factor": "lokr_factor", "dropout": "lora_dropout",
+                "loraplus_lr_ratio": "loraplus_lr_ratio"}
+
+
+def is_kohya(table: dict) -> bool:
+    return any(key in table for key in MARKERS)
+
+
+def translate(table: dict, where) -> tuple[dict, list[str]]:
+    """(sdtune's table, the kohya keys left out as changing nothing here) for kohya's ``table`` from ``where``."""
+    theirs = dict(table)
+    out, unused, refused = {}, [], []
+
+    def take(key: str, name: str, value) -> None:
+        if name in out and out[name] != value:
+            raise SdtuneError(f"{where}: {key} = {value!r} and another key set {name} to {out[name]!r}; keep one")
+        out[name] = value
+
+    _network(theirs, take, where)
+    _rates(theirs, take)
+    if "epoch" in theirs:  # kohya_ss's own field for max_train_epochs, written beside it
+        epoch = theirs.pop("epoch")
+        theirs.setdefault("max_train_epochs", epoch)
+    for key, value in theirs.items():
+        if key == "random_crop":  # a switch in kohya, a choice in sdtune
+            take(key, "crop", "random" if value else "center")
+        elif key in RENAMED:
+            take(key, RENAMED[key], value)
+        elif key in NO_EFFECT:
+            unused.append(key)
+        elif key in OFF_ONLY:
+            if value not in (False, 0, "", None, [], "0"):
+                refused.append(f"{key} = {value!r}")
+        elif key == "caption_extension":
+            if value not in (".txt", ".caption"):
+                raise SdtuneError(f"{where}: caption_extension = {value!r}: sdtune reads captions from .txt and "
+                                  f".caption files beside the images; rename the captions")
+        elif key == "resolution":
+            take(key, "resolution", _resolution(value, where))
+        elif key == "optimizer_type":
+            name = OPTIMIZERS.get(str(value).lower())
+            if name is None:
+                raise SdtuneError(f"{where}: optimizer_type = {value!r}: sdtune trains with "
+                                  f"{', '.join(OPTIMIZERS)}; pick one of them")
+            take(key, "optimizer", name)
+        elif key == "save_precision":
+            take(key, "save_precision", PRECISIONS.get(str(value), value))
+        elif key in ("sample_prompts", "sample_sampler") and value in ("", None):
+            unused.append(key)
+        elif key == "sample_prompts":
+            take(key, "sample_prompts", [value] if isinstance(value, str) else value)
+        else:
+            take(key, key, value)  # sdtune's own name, or unknown: the settings reader says which
+    if refused:
+        raise SdtuneError(f"{where}: sdtune does not offer {', '.join(refused)}; leave "
+                          f"{'it' if len(refused) == 1 else 'them'} out (or off) to train without")
+    return out, unused
+
+
+def _resolution(value, where) -> int:
+    """kohya's "W,H" (or one number): a square side; another shape is refused (sdtune's buckets keep the area of
+    the square)."""
+    sides = [int(v) for v in re.split(r"[,x ]+", str(value).strip()) if v]
+    if len(sides) == 2 and sides[0] != sides[1]:
+        side = math.isqrt(sides[0] * sides[1])
+        raise SdtuneError(f"{where}: resolution = {value!r}: sdtune trains at a square size whose area its buckets "
+                          f"keep; give resolution = {side - side % 64} (or the side you want)")
+    return sides[0]
+
+
+def _network(theirs: dict, take, where) -> None:
+    """network_module and network_args as --algo and its settings; the text encoder trained unless
+    network_train_unet_only, as sd-scripts trains it."""
+    module = theirs.pop("network_module", "networks.lora")
+    args = theirs.pop("network_args", [])
+    parsed = dict(str(a).split("=", 1) for a in ([args] if isinstance(args, str) else args) if "=" in str(a))
+    parsed = {k.strip(): v.strip() for k, v in parsed.items()}
+    if module == "networks.lora":
+        algo = "lora"
+    elif module == "lycoris.kohya":
+        named = parsed.pop("algo", "lora")
+        algo = NETWORK_ALGOS.get(named.lower())
+        if algo is None:
+            raise SdtuneError(f"{where}: network_args algo = {named!r}: sdtune trains LyCORIS's "
+                              f"{', '.join(NETWORK_ALGOS)}; pick one of them")
+    else:
+        raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
+                          f"(LoCon, LoHa, LoKr); use one of them")
+    if str(parsed.pop("dora_wd", "false")).lower() == "true":
+        algo = "dora"
+    if "preset" in parsed:
+        preset = parsed.pop("preset")
+        if preset not in LYCORIS_PRESETS:
+            raise SdtuneError(f"{where}: network_args preset={preset}: sdtune reads LyCORIS's "
+                              f"{', '.join(LYCORIS_PRESETS)} (as --targets); pick one, or give targets")
+        take("network_args preset", "targets", LYCORIS_PRESETS[preset])
+    take("network_module", "algo", algo)
+    for key, value in parsed.items():
+        if key not in NETWORK_ARGS:
+            raise SdtuneError(f"{where}: network_args {key}={value}: not an argument sdtune reads (it reads "
+                              f"{', '.join(NETWORK_ARGS)}, algo, dora_wd); leave it out")
+        take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
+    unet_only = theirs.pop("network_train_unet_only", False)
+    te_only = theirs.pop("network_train_text_encoder_only", False)
+    take("network_train_unet_only", "text_encoder", not unet_only)
+    if te_only:
+        take("network_train_text_encoder_only", "unet", False)
+
+
+def _rates(theirs: dict, take) -> None:
+    """learning_rate, unet_lr and text_encoder_lr as sd-scripts reads them: the UNet's rate is unet_lr if given,
+    the text encoders' text_encoder_lr (a list: SDXL's two), both else learning_rate."""
+    base = theirs.pop("learning_rate", None)
+    unet = theirs.pop("unet_lr", None)
+    text = theirs.pop("text_encoder_lr", None)
+    if unet is not None or base is not None:
+        take("unet_lr" if unet is not None else "learning_rate", "lr", unet if unet is not None else base)
+    if isinstance(text, list):
+        text = [t for t in text if t is not None]
+        if text:
+            take("text_encoder_lr", "te_lr", text[0])
+        if len(text) > 1:
+            take("text_encoder_lr", "te2_lr", text[1])
+    elif text is not None:
+        take("text_encoder_lr", "te_lr", text)
+    elif unet is not None and base is not None and unet != base:  # sd-scripts gives the text encoders the base
+        take("learning_rate", "te_lr", base)
+
+
+def _number(text: str):
+    """A network_args value: an int, a float or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

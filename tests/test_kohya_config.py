@@ -1,0 +1,149 @@
+"""A kohya sd-scripts config file (as kohya_ss writes it) given to `sdtune train lora --config`: read as sd-scripts
+reads it (its names, values, network module and arguments, learning rates, text encoder on by default), its
+switches of how sd-scripts runs left out in one line, what sdtune lacks refused while on; a run from it trains and
+saves sdtune's settings, which rerun it."""
+
+import pytest
+from small_runs import outline_dataset
+
+from sdtune.cli import main
+from sdtune.safeio import SdtuneError
+from sdtune.train import loop
+from sdtune.train.config import load_settings
+
+# a config_lora-*.toml as kohya_ss writes it for sd-scripts' train_network.py (its keys, its spelling)
+KOHYA_SS = """bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+cache_latents_to_disk = false
+caption_extension = ".txt"
+clip_skip = 2
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 15
+gradient_accumulation_steps = 1
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+learning_rate = 0.0004
+logging_dir = "/workspace/kohya_ss/logs"
+loss_type = "l2"
+lr_scheduler = "cosine"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 1
+lr_scheduler_power = 1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 75
+max_train_epochs = 15
+max_train_steps = 1600
+min_bucket_reso = 256
+mixed_precision = "fp16"
+multires_noise_discount = 0.3
+network_alpha = 16
+network_dim = 32
+network_module = "networks.lora"
+noise_offset_type = "Original"
+optimizer_type = "AdamW8bit"
+output_dir = "/workspace/out"
+output_name = "mylora"
+pretrained_model_name_or_path = "runwayml/stable-diffusion-v1-5"
+prior_loss_weight = 1
+resolution = "512,512"
+sample_prompts = "/workspace/prompt.txt"
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "fp16"
+sdpa = true
+text_encoder_lr = 0.0001
+train_batch_size = 2
+train_data_dir = "/workspace/img"
+unet_lr = 0.0004
+xformers = "sdpa"
+seed = 42
+full_fp16 = false
+color_aug = false
+"""
+
+
+def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
+    cfg = tmp_path / "config_lora.toml"
+    cfg.write_text(KOHYA_SS)
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    got = {k: getattr(s, k) for k in ("model", "data", "out", "name", "lr", "te_lr", "text_encoder", "unet", "rank",
+                                       "alpha", "algo", "optimizer", "resolution", "steps", "epochs", "batch_size",
+                                       "save_every_epochs", "save_precision", "sample_prompts", "sample_sampler",
+                                       "buckets", "bucket_step", "bucket_no_upscale", "min_bucket_reso",
+                                       "max_bucket_reso", "clip_skip", "seed", "mixed_precision", "lr_scheduler")}
+    assert got == dict(model="runwayml/stable-diffusion-v1-5", data="/workspace/img", out="/workspace/out",
+                       name="mylora", lr=4e-4, te_lr=1e-4, text_encoder=True, unet=True, rank=32, alpha=16.0,
+                       algo="lora", optimizer="adamw8bit", resolution=512, steps=1600, epochs=15, batch_size=2,
+                       save_every_epochs=1, save_precision="fp16", sample_prompts=["/workspace/prompt.txt"],
+                       sample_sampler="euler_a", buckets=True, bucket_step=64, bucket_no_upscale=True,
+                       min_bucket_reso=256, max_bucket_reso=2048, clip_skip=2, seed=42, mixed_precision="fp16",
+                       lr_scheduler="cosine")
+    [said] = {str(w.message) for w in recwarn if "sd-scripts" in str(w.message)}
+    assert said == (f"{cfg}: read as a kohya sd-scripts config; cache_latents, dynamo_backend, logging_dir, "
+                    f"max_data_loader_n_workers, noise_offset_type, save_model_as, sdpa, xformers change nothing "
+                    f"sdtune trains and are not used")
+
+
+@pytest.mark.parametrize("extra, want", [
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "conv_dim=4", "conv_alpha=1", "preset=attn-mlp"]',
+     dict(algo="loha", conv_rank=4, conv_alpha=1.0, targets="attn+ff")),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8", "rank_dropout=0.1"]',
+     dict(algo="lokr", lokr_factor=8, rank_dropout=0.1)),
+    ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
+     dict(algo="dora", loraplus_lr_ratio=16.0)),
+    ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),
+    ('network_module = "networks.lora"\nnetwork_train_text_encoder_only = true', dict(text_encoder=True, unet=False)),
+    # sd-scripts gives the text encoders learning_rate when unet_lr is the UNet's own and text_encoder_lr is absent
+    ('network_module = "networks.lora"\nlearning_rate = 1e-4\nunet_lr = 3e-4', dict(lr=3e-4, te_lr=1e-4)),
+    ('network_module = "networks.lora"\nlearning_rate = 1e-4\ntext_encoder_lr = [5e-5, 2e-5]',
+     dict(lr=1e-4, te_lr=5e-5, te2_lr=2e-5)),
+    ('network_module = "networks.lora"\nrandom_crop = true\nresolution = 768', dict(crop="random", resolution=768)),
+])
+def test_network_modules_arguments_and_rates(tmp_path, extra, want):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\n' + extra + "\n")
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    assert {k: getattr(s, k) for k in want} == want
+
+
+@pytest.mark.parametrize("extra, says", [
+    ("color_aug = true\nfp8_base = true", r"sdtune does not offer color_aug = True, fp8_base = True; leave them out"),
+    ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
+                                           r"lycoris.kohya"),
+    ('network_args = ["block_dims=2,2,2"]', r"network_args block_dims=2,2,2: not an argument sdtune reads"),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
+    ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
+    ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),
+    ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
+    ('lr_scheduler_args = ["T_max=100"]', r"sdtune does not offer lr_scheduler_args = \['T_max=100'\]"),
+    ("learning_rate = 1e-4\nlr = 2e-4", r"lr = 0.0002 and another key set lr to 0.0001; keep one"),
+    ("gradient_accumulation_step = 2", r"unknown setting for lora training: 'gradient_accumulation_step'"),
+])
+def test_what_sdtune_cannot_do_as_the_file_says_is_one_line(tmp_path, extra, says):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\n' + extra + "\n")
+    with pytest.raises(SdtuneError, match=says):
+        load_settings(cfg, {}, "lora", family="sd1")
+
+
+def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_path, capsys):
+    data = outline_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = tmp_path / "config_lora.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "{data}"\noutput_dir = "{out}"\n'
+                   f'output_name = "k"\nnetwork_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
+                   f'network_train_unet_only = true\nmax_train_steps = 2\ntrain_batch_size = 2\nlearning_rate = 1e-3\n'
+                   f'xformers = true\nsave_model_as = "safetensors"\n')
+    assert main(["train", "lora", "--config", str(cfg), "--no-report", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "k.safetensors")
+    saved = (out / loop.SETTINGS_FILE).read_text()
+    assert 'name = "k"' in saved and "rank = 4" in saved and "text_encoder = false" in saved and "xformers" not in saved
+    assert main(["train", "lora", "--config", str(out / loop.SETTINGS_FILE), "--no-progress"]) == 0  # done: kept
+    assert "already finished" in capsys.readouterr().err
