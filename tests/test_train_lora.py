@@ -221,8 +221,8 @@ def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, datas
     alone (no layer of it in the files) and the text encoder's layers learn; diffusers loads the file cleanly."""
     out = tmp_path / "te"
     assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out), "--steps", "2",
-                 "--rank", "4", "--alpha", "4", "--lr", "5e-3", "--no-unet", "--text-encoder", "--formats", "kohya", "diffusers",
-                 "--no-report", "--no-progress"]) == 0
+                 "--rank", "4", "--alpha", "4", "--lr", "5e-3", "--no-unet", "--text-encoder", "--formats", "kohya",
+                 "diffusers", "--no-report", "--no-progress"]) == 0
     lora = load_lora(out / "lora.safetensors")
     assert {comp for comp, layers in lora.modules.items() if layers} == {"text_encoder"}
     assert all(ad.tensors["up"].abs().sum() > 0 for ad in lora.modules["text_encoder"].values())
@@ -230,8 +230,8 @@ def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, datas
     assert meta["ss_unet_lr"] == "None" and meta["ss_text_encoder_lr"] == "0.005"
     text = copy.deepcopy(base.text_encoder)
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer,
-                                   unet=copy.deepcopy(base.unet), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   unet=copy.deepcopy(base.unet), scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     said = diffusers_says(lambda: pipe.load_lora_weights(str(out / "diffusers"), adapter_name="te"))
     # its one note: the file has no UNet layers, as it should not
     said = re.sub(r"No LoRA keys associated to UNet2DConditionModel found[^\n]*", "", said)

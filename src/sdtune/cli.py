@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's own unless --preset names one), then the --config file, then the flags.",
                              usage="%(prog)s [--config FILE] [--data FOLDER] [--out FOLDER] [--model MODEL] "
                                    "[option ...]")
-        tp.add_argument("--config", metavar="FILE", help="TOML file with the same settings (flags override it; a run's own "
-                        "settings.toml reruns it, as does a .safetensors file sdtune trained)")
+        tp.add_argument("--config", metavar="FILE", help="TOML file with the same settings (flags override it; a "
+                        "run's own settings.toml reruns it, as does a .safetensors file sdtune trained, and a kohya "
+                        "sd-scripts config reads as sd-scripts reads it)")
         tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
         _device_args(tp)
         _settings_args(tp, kind)

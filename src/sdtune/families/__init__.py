@@ -129,7 +129,8 @@ SDXL = Family(
     configs="sdxl", single_file_layout="sgm", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
     prediction_type="epsilon",
     pooled_and_time_ids=True, base_model_version="sdxl_base_v1-0", kohya_unet_names="sgm",
-    modelspec="stable-diffusion-xl-v1-base", fine_tunes=(("pony", "Pony Diffusion"), ("noob", "NoobAI (an Illustrious fine-tune)"),
+    modelspec="stable-diffusion-xl-v1-base",
+    fine_tunes=(("pony", "Pony Diffusion"), ("noob", "NoobAI (an Illustrious fine-tune)"),
                 ("illustrious", "Illustrious"), ("animagine", "Animagine XL")))
 
 # The built-in tiny model: the SD 1.x architecture at small widths (see sdtune.tiny); its files use SD 1.x names.

@@ -55,8 +55,8 @@ NO_EFFECT = {
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
     "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
-    "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args", "lr_scheduler_type", "dataset_config", "in_json",
-    "token_warmup_min", "token_warmup_step", "alpha_mask",
+    "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
+    "lr_scheduler_type", "dataset_config", "in_json", "token_warmup_min", "token_warmup_step", "alpha_mask",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",

@@ -696,7 +696,8 @@ class Session:
         written = self.job.save(step, final)  # the user's files first, then the state that points at them
         self.final_files = written if final else self.final_files
         self.checkpoints = [c for c in self.checkpoints if c[0] != step] + [(step, written[0])]
-        self.snapshot_files.pop(step, None)  # a finished run extended: its final files are not a snapshot's
+        # a step saved again as the final files (a run resumed with fewer --steps): they are its checkpoint now
+        self.snapshot_files.pop(step, None)
         if not final:
             self.snapshot_files[step] = written
         expired = self._expired()

@@ -112,8 +112,8 @@ def _entries(path: Path) -> list:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise SdtuneError(f"{path}: not valid {path.suffix[1:].upper()} ({e}); fix the file") from None
     if not isinstance(entries, list) or not all(isinstance(e, (str, dict)) for e in entries):
-        raise SdtuneError(f"{path}: a .json prompt file is a list of entries ({{\"prompt\": \"...\", \"seed\": 1}}) or of "
-                          f"prompt lines; write it so")
+        raise SdtuneError(f"{path}: a .json prompt file is a list of entries ({{\"prompt\": \"...\", \"seed\": 1}}) "
+                          f"or of prompt lines; write it so")
     return [e if isinstance(e, dict) else e.strip() for e in entries if isinstance(e, dict) or _lines([e])]
 
 
