@@ -133,6 +133,17 @@ def test_what_sdtune_cannot_do_as_the_file_says_is_one_line(tmp_path, extra, say
         load_settings(cfg, {}, "lora", family="sd1")
 
 
+def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):
+    cfg = tmp_path / "ti.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\ntoken_string = "mychar"\ninit_word = "girl"\n'
+                   'num_vectors_per_token = 4\nuse_style_template = true\nlearning_rate = 5e-3\nxformers = true\n')
+    s = load_settings(cfg, {}, "ti", family="sd1")
+    assert (s.token, s.init_token, s.num_vectors, s.property, s.lr) == ("mychar", "girl", 4, "style", 5e-3)
+    cfg.write_text('pretrained_model_name_or_path = "m"\ntoken_string = "a"\nweights = "old.safetensors"\n')
+    with pytest.raises(SdtuneError, match=r"sdtune does not offer weights = 'old.safetensors'"):
+        load_settings(cfg, {}, "ti", family="sd1")
+
+
 def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_path, capsys):
     data = outline_dataset(tmp_path / "data")
     out = tmp_path / "out"

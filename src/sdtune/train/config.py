@@ -709,8 +709,8 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
-        if kind == "lora" and kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
-            table, unused = kohya_config.translate(table, path)
+        if kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
+            table, unused = kohya_config.translate(table, path, kind)
             if unused:
                 note(f"{path}: read as a kohya sd-scripts config; {', '.join(unused)} change nothing sdtune trains "
                      f"and are not used")

@@ -1,8 +1,9 @@
 """kohya sd-scripts' training config (the TOML file its ``--config_file`` reads, which kohya_ss writes for each run)
-read as sdtune's settings, so that ``sdtune train lora --config config_lora.toml`` runs what the file describes.
+read as sdtune's settings, so that ``sdtune train lora --config config_lora.toml`` runs what the file describes
+(``train_network.py``'s; ``train_textual_inversion.py``'s for ``sdtune train ti``).
 
-A table is kohya's when it names the base model or the network as sd-scripts does (``pretrained_model_name_or_path``,
-``network_module``). Each of its keys is then one of:
+A table is kohya's when it names the base model, the network or the token as sd-scripts does
+(``pretrained_model_name_or_path``, ``network_module``, ``token_string``). Each of its keys is then one of:
 
 - a setting under another name (``learning_rate`` is ``lr``), its value read as sd-scripts reads it where sdtune
   writes it otherwise (``resolution = "512,512"``, ``optimizer_type = "AdamW8bit"``, ``save_precision = "float"``);
@@ -22,7 +23,7 @@ import re
 
 from ..safeio import SdtuneError
 
-MARKERS = ("pretrained_model_name_or_path", "network_module")  # keys every sd-scripts LoRA config has
+MARKERS = ("pretrained_model_name_or_path", "network_module", "token_string")  # keys sd-scripts' configs have
 
 # kohya's name -> sdtune's, the value read as it is
 RENAMED = {
@@ -36,6 +37,8 @@ RENAMED = {
     "debiased_estimation_loss": "debiased_estimation", "caption_tag_dropout_rate": "caption_tag_dropout",
     "enable_wildcard": "wildcards", "caption_dropout_every_n_epochs": "caption_dropout_every_epochs",
     "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
+    # train_textual_inversion.py's
+    "token_string": "token", "init_word": "init_token", "num_vectors_per_token": "num_vectors",
 }
 
 # how sd-scripts runs, not what it trains: nothing to do here
@@ -57,6 +60,7 @@ OFF_ONLY = {
     "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
     "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
     "lr_scheduler_type", "dataset_config", "in_json", "token_warmup_min", "token_warmup_step", "alpha_mask",
+    "weights",  # train_textual_inversion.py's embedding to start from
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
@@ -74,8 +78,9 @@ def is_kohya(table: dict) -> bool:
     return any(key in table for key in MARKERS)
 
 
-def translate(table: dict, where) -> tuple[dict, list[str]]:
-    """(sdtune's table, the kohya keys left out as changing nothing here) for kohya's ``table`` from ``where``."""
+def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
+    """(sdtune's table, the kohya keys left out as changing nothing here) for kohya's ``table`` from ``where``: a
+    train_network.py config for ``kind`` "lora", a train_textual_inversion.py one for "ti"."""
     theirs = dict(table)
     out, unused, refused = {}, [], []
 
@@ -84,7 +89,11 @@ def translate(table: dict, where) -> tuple[dict, list[str]]:
             raise SdtuneError(f"{where}: {key} = {value!r} and another key set {name} to {out[name]!r}; keep one")
         out[name] = value
 
-    _network(theirs, take, where)
+    if kind == "lora":
+        _network(theirs, take, where)
+    for key, prop in (("use_object_template", "object"), ("use_style_template", "style")):
+        if theirs.pop(key, False):  # sd-scripts' templates: sdtune's when no caption names the token
+            take(key, "property", prop)
     _rates(theirs, take)
     if "epoch" in theirs:  # kohya_ss's own field for max_train_epochs, written beside it
         epoch = theirs.pop("epoch")
