@@ -99,6 +99,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
      dict(algo="dora", loraplus_lr_ratio=16.0)),
     ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),
+    ("network_dim = 16", dict(rank=16, alpha=1.0, text_encoder=True)),  # sd-scripts' defaults the file relies on
     ('network_module = "networks.lora"\nnetwork_train_text_encoder_only = true', dict(text_encoder=True, unet=False)),
     # sd-scripts gives the text encoders learning_rate when unet_lr is the UNet's own and text_encoder_lr is absent
     ('network_module = "networks.lora"\nlearning_rate = 1e-4\nunet_lr = 3e-4', dict(lr=3e-4, te_lr=1e-4)),

@@ -14,6 +14,8 @@ A table is kohya's when it names the base model, the network or the token as sd-
 - a feature sdtune does not have: accepted while it is off (kohya's default), refused in one line when it is on.
 
 Keys sdtune knows under its own name pass through; what fits none of these is refused as any unknown setting is.
+A key the file lacks takes the model's preset, as in any sdtune config, except the two whose sd-scripts default a
+config relies on: the text encoder is trained, and ``network_alpha`` is 1.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ def _network(theirs: dict, take, where) -> None:
             raise SdtuneError(f"{where}: network_args {key}={value}: not an argument sdtune reads (it reads "
                               f"{', '.join(NETWORK_ARGS)}, algo, dora_wd); leave it out")
         take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
+    if "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
+        theirs.setdefault("network_alpha", 1)
     unet_only = theirs.pop("network_train_unet_only", False)
     te_only = theirs.pop("network_train_text_encoder_only", False)
     take("network_train_unet_only", "text_encoder", not unet_only)
