@@ -134,6 +134,23 @@ def test_what_sdtune_cannot_do_as_the_file_says_is_one_line(tmp_path, extra, say
         load_settings(cfg, {}, "lora", family="sd1")
 
 
+def test_print_settings_shows_what_a_run_would_use_and_reads_back(tmp_path, capsys):
+    """--print-settings: the settings after the model's preset, the file and the flags, as the TOML --config reads
+    (equal settings read back), without loading the model or training; a bad value is the run's one line."""
+    cfg = tmp_path / "config_lora.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "tiny"\nnetwork_dim = 16\nnetwork_alpha = 8\n'
+                   f'train_data_dir = "{tmp_path / "data"}"\noutput_dir = "{tmp_path / "out"}"\nmax_train_steps = 50\n')
+    assert main(["train", "lora", "--config", str(cfg), "--lr", "3e-4", "--print-settings"]) == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    s = load_settings(printed, {}, "lora")
+    assert (s.preset, s.rank, s.alpha, s.steps, s.lr, s.text_encoder) == ("tiny", 16, 8.0, 50, 3e-4, True)
+    assert s == load_settings(cfg, {"lr": 3e-4}, "lora", family="tiny")
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+    assert main(["train", "lora", "--config", str(cfg), "--rank", "0", "--print-settings"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--rank 0: must be at least 1")
+
+
 def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):
     cfg = tmp_path / "ti.toml"
     cfg.write_text('pretrained_model_name_or_path = "m"\ntoken_string = "mychar"\ninit_word = "girl"\n'

@@ -33,7 +33,16 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     from .tiny import evaluate
     from .train import presets
     from .train import queue as train_queue
-    from .train.config import KINDS, TOPICS, check_given, load_settings, read_settings, setting_helps, setting_type
+    from .train.config import (
+        KINDS,
+        TOPICS,
+        check_given,
+        load_settings,
+        planned_settings,
+        read_settings,
+        setting_helps,
+        setting_type,
+    )
     from .train.lora import train_lora
     from .train.ti import train_ti
 
@@ -144,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's own settings.toml reruns it, as does a .safetensors file sdtune trained, and a kohya "
                         "sd-scripts config reads as sd-scripts reads it)")
         tp.add_argument("--list-presets", action="store_true", help="list the presets and what each is for")
+        tp.add_argument("--print-settings", action="store_true",
+                        help="print the settings the run would use (preset, then --config, then flags) as the TOML "
+                             "--config reads, and stop: what sdtune made of a kohya config, say")
         _device_args(tp)
         _settings_args(tp, kind)
         tp.set_defaults(func=cmd_train)
@@ -278,6 +290,9 @@ def cmd_train(a) -> None:
     given = read_settings(a.config, overrides, kind=a.kind)  # bad values stop before the model loads
     if given.get("preset"):
         presets.get(a.kind, given["preset"])
+    if a.print_settings:
+        print(planned_settings(a.kind, a.config, overrides, given.get("model", KINDS[a.kind].model)), end="")
+        return
     # the run's --vae as the model's: a "no VAE" checkpoint loads only with one
     base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype, vae=given.get("vae"))
     settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first

@@ -29,6 +29,7 @@ from typing import get_args, get_origin, get_type_hints
 from .. import families, modelspec
 from ..console import note
 from ..lora import algos
+from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
@@ -826,6 +827,18 @@ def _recorded(settings: TrainSettings) -> list[tuple[str, object]]:
     """The settings a run records and prints: all but the terminal's progress bar, which is how one session
     chose to watch, not part of what was trained (a ``--config`` rerun elsewhere should not inherit it)."""
     return [(name, value) for name, value in settings.to_dict().items() if name != "progress"]
+
+
+def planned_settings(kind: str, toml_path, overrides: dict, model: str) -> str:
+    """The settings a ``kind`` run on ``model`` would use, as the TOML ``--config`` reads, without loading the
+    model: its family's preset where the family is known from the name, folder or file header (``known_family``),
+    then the file, then ``overrides``; checked as the run checks them."""
+    family = known_family(model)
+    settings = load_settings(toml_path, overrides, kind, family=family)
+    check_given(settings, toml_path, overrides)
+    unknown = ("" if family is not None or settings.preset else
+               f"# {model}: its family is known only once it loads, so its preset is not applied here\n")
+    return unknown + to_toml(settings)
 
 
 def to_toml(settings: TrainSettings) -> str:
