@@ -54,12 +54,12 @@ NO_EFFECT = {
     "gpu_ids",
     "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
     "wandb_api_key", "wandb_run_name", "sample_at_first",
+    "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
-    "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
     "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
     "lr_scheduler_type", "dataset_config", "in_json", "token_warmup_min", "token_warmup_step", "alpha_mask",
     "weights",  # train_textual_inversion.py's embedding to start from
@@ -97,6 +97,7 @@ def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
         if theirs.pop(key, False):  # sd-scripts' templates: sdtune's when no caption names the token
             take(key, "property", prop)
     _rates(theirs, take)
+    _kept_saves(theirs, take, where)
     if "epoch" in theirs:  # kohya_ss's own field for max_train_epochs, written beside it
         epoch = theirs.pop("epoch")
         theirs.setdefault("max_train_epochs", epoch)
@@ -186,6 +187,20 @@ def _network(theirs: dict, take, where) -> None:
     take("network_train_unet_only", "text_encoder", not unet_only)
     if te_only:
         take("network_train_text_encoder_only", "unet", False)
+
+
+def _kept_saves(theirs: dict, take, where) -> None:
+    """save_last_n_epochs / save_last_n_steps as --keep-last: sd-scripts deletes the save N epochs (N saves) or N
+    steps back at each save, so it keeps N saves, or N // save_every_n_steps + 1 (sdtune keeps the best too)."""
+    epochs, steps = theirs.pop("save_last_n_epochs", None), theirs.pop("save_last_n_steps", None)
+    if epochs:
+        take("save_last_n_epochs", "keep_last", epochs)
+    if steps:
+        every = theirs.get("save_every_n_steps")
+        if not every:
+            raise SdtuneError(f"{where}: save_last_n_steps = {steps} without save_every_n_steps: there are no step "
+                              f"saves to keep; give save_every_n_steps")
+        take("save_last_n_steps", "keep_last", steps // every + 1)
 
 
 def _rates(theirs: dict, take) -> None:
