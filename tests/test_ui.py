@@ -410,6 +410,29 @@ def studio(tmp_path_factory):
     s.jobs.shutdown()
 
 
+def test_a_settings_file_fills_the_form_as_the_cli_reads_it(studio, tmp_path):
+    """An uploaded settings file fills the Train form as `sdtune train --config FILE` reads it: a kohya sd-scripts
+    config (its notes said on the page), a run's settings.toml; the other kind's file and a non-settings upload are
+    one line each."""
+    kohya = tmp_path / "config_lora.toml"
+    kohya.write_text('pretrained_model_name_or_path = "x"\nnetwork_dim = 12\nnetwork_alpha = 6\nxformers = true\n'
+                     'unet_lr = 3e-4\nlearning_rate = 1e-4\n')
+    values, notes = studio.file_form_values("lora", str(kohya))
+    assert (values["rank"], values["alpha"], values["lr"], values["te_lr"], values["text_encoder"]) == (
+        12, 6.0, 3e-4, "0.0001", True)
+    assert notes == ["config_lora.toml: read as a kohya sd-scripts config; xformers change nothing sdtune trains and "
+                     "are not used"]
+    own = tmp_path / "settings.toml"
+    own.write_text('[ti]\ntoken = "<w>"\ninit_token = "star"\nnum_vectors = 3\n')
+    values, notes = studio.file_form_values("ti", str(own))
+    assert (values["token"], values["num_vectors"], values["preset"], notes) == ("<w>", 3, "tiny", [])
+    with pytest.raises(SdtuneError, match=r"holds \[ti\] settings, not \[lora\]; use sdtune train ti"):
+        studio.file_form_values("lora", str(own))
+    (tmp_path / "notes.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(Refused, match=r"notes.toml: its contents are not a .toml settings file"):
+        studio.file_form_values("lora", str(tmp_path / "notes.toml"))
+
+
 def test_use_the_result_copies_the_recommended_checkpoint_under_the_name_to_type(studio, tmp_path, monkeypatch):
     """A finished job's "Use the result": the checkpoint its report recommends (best.safetensors) where there is one;
     an embedding named after its token (the folder's embeddings are typed by file name), a LoRA after the job; a

@@ -621,9 +621,10 @@ NETWORK = "train-section-the-network-LoRA-and-LyCORIS"
 
 
 @needs_browser
-def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(server, browser):
+def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(server, browser, tmp_path):
     """The form shows what a run starts from, as `sdtune train` does: the model's preset for the kind picked
-    (the TI fields appear for TI), a preset picked by name; a reloaded page shows the model in use."""
+    (the TI fields appear for TI), a preset picked by name, a settings file uploaded (a kohya config); a reloaded
+    page shows the model in use."""
     d = browser
     _tab(d, "train")
     d.find_element(By.CSS_SELECTOR, "#train-kind input[value=ti]").click()
@@ -641,6 +642,12 @@ def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(ser
     assert _value(d, "train-preset") == "tiny" and _value(d, "train-te_lr") == ""  # unset, not 0
     _pick(d, "train-preset", "tiny-quick")
     _wait(lambda: _value(d, "train-steps") == "30", 10, "the tiny-quick preset's 30 steps")
+    kohya = tmp_path / "config_lora.toml"
+    kohya.write_text('pretrained_model_name_or_path = "x"\nnetwork_dim = 12\nmax_train_steps = 7\nxformers = true\n')
+    d.find_element(By.CSS_SELECTOR, "#train-settings-file input[type=file]").send_keys(str(kohya))
+    _wait(lambda: _value(d, "train-rank") == "12" and _value(d, "train-steps") == "7", 30, "the kohya config's values")
+    _wait_text(d, "train-status", r"(?s)config_lora.toml's settings .*\n\n⚠️ config_lora.toml: read as a kohya "
+                                  r"sd-scripts config; xformers change nothing sdtune trains")
     other = "tiny-xl" if MODEL != "tiny-xl" else "tiny"
     _pick(d, "model", other)
     _wait_text(d, "model-status", f"base model: {other} ", 30)

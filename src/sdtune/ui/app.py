@@ -11,6 +11,7 @@ import functools
 import re
 import sys
 import traceback
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -338,6 +339,9 @@ def _train_tab(studio: Studio):
                     for f in fields:
                         if f.basic:
                             comps[f.name] = component(f)
+            settings_file = gr.File(label="Fill the form from a settings file: a run's settings.toml, a kohya "
+                                    "sd-scripts config, or a LoRA or embedding sdtune trained",
+                                    file_types=[".toml", ".safetensors"], height=90, elem_id="train-settings-file")
             with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
                 # in --help's sections; a section shows for the kinds it has settings of (TI: no network)
                 for topic, mine in trainform.sections(fields):
@@ -396,6 +400,19 @@ def _train_tab(studio: Studio):
                  for n in names], *[gr.update(visible=k in kinds) for _, kinds in sections], gr.skip()
 
     kind.change(fill, kind, filled)
+
+    @_handler(len(filled))
+    def fill_from_file(k, upload):
+        """The form as ``sdtune train --config FILE`` would start: the file over the model's preset."""
+        if not upload:  # the file cleared: the form stays as it is
+            return (gr.skip(),) * len(filled)
+        values, notes = studio.file_form_values(k, upload)
+        return *[gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
+                 for n in names], *[gr.update(visible=k in kinds) for _, kinds in sections], \
+            f"the form holds {Path(upload).name}'s settings (the dataset is picked above)" + \
+            "".join(f"\n\n⚠️ {_page_words(m)}" for m in notes)
+
+    settings_file.upload(fill_from_file, [kind, settings_file], filled)
     # naming a preset fills the form with its values, as --preset does on the command line (flags still win
     # there; here, change a value after picking the preset)
     comps["preset"].input(lambda k, p: fill(k, p, ("preset",)), [kind, comps["preset"]], filled)

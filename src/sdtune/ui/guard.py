@@ -27,6 +27,7 @@ UPLOADS = {
     "weights": ((".safetensors", ".pt", ".pth", ".bin", ".ckpt"), "a .safetensors or .pt weight file"),
     "caption": (CAPTION_SUFFIXES, "a .txt caption"),
     "queue": ((".toml",), "a .toml queue file (as sdtune train queue reads)"),
+    "settings": ((".toml", ".safetensors"), "a .toml settings file or a .safetensors file sdtune trained"),
 }
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
@@ -141,7 +142,7 @@ def check_upload(path: str | Path, kind: str, max_bytes: int) -> Path:
         head = f.read(16)
     if kind == "image":
         ok = head.startswith(_IMAGE_MAGIC) and (not head.startswith(b"RIFF") or head[8:12] == b"WEBP")
-    elif kind == "weights":
+    elif kind == "weights" or (kind == "settings" and path.suffix.lower() == ".safetensors"):
         # safetensors (a JSON header), or what torch.save writes: a zip archive or a bare pickle (protocol 2+)
         ok = is_safetensors(path) or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
     else:

@@ -209,6 +209,17 @@ class Studio:
         family = self._page_family()
         return trainform.preset_values(kind, family, preset)
 
+    def file_form_values(self, kind: str, upload) -> tuple[dict, list[str]]:
+        """(the Train form's values for ``kind`` from an uploaded settings file, what reading it said): as
+        ``sdtune train --config FILE`` reads it, over the page's model's preset."""
+        path = check_upload(upload, "settings", self.max_upload)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            values = trainform.file_values(kind, path, self._page_family())
+        # the server's copy of the upload named as the user named it
+        return values, [str(w.message).replace(str(path), path.name) for w in caught
+                        if issubclass(w.category, UserWarning)]
+
     def set_model(self, choice: str) -> str:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
         the model's spec."""

@@ -114,7 +114,16 @@ def from_form(field: FormField, value):
 def preset_values(kind: str, family=None, preset: str = "") -> dict:
     """The form's values for ``kind``, by field name: what a run starts from, as ``sdtune train`` does (the
     named preset, else the one of ``family`` (a Family or its name), else the defaults)."""
-    settings = load_settings(None, {"preset": preset} if preset else {}, kind=kind, family=family)
+    return _values(load_settings(None, {"preset": preset} if preset else {}, kind=kind, family=family))
+
+
+def file_values(kind: str, path, family=None) -> dict:
+    """The form's values for ``kind`` from a settings file: a run's settings.toml, a kohya sd-scripts config or a
+    file sdtune trained, read as ``sdtune train --config FILE`` reads it (over the preset of ``family``)."""
+    return _values(load_settings(path, {}, kind=kind, family=family))
+
+
+def _values(settings) -> dict:
     fields = {f.name: f for f in form_fields()}
     return {name: to_form(fields[name], v) for name, v in settings.to_dict().items() if name in fields}
 
