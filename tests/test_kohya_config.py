@@ -164,6 +164,12 @@ def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):
     cfg.write_text('pretrained_model_name_or_path = "m"\ntoken_string = "a"\nweights = "old.safetensors"\n')
     with pytest.raises(SdtuneError, match=r"sdtune does not offer weights = 'old.safetensors'"):
         load_settings(cfg, {}, "ti", family="sd1")
+    with pytest.raises(SdtuneError, match=r"ti.toml: token_string makes it a textual inversion config; use sdtune "
+                                          r"train ti$"):
+        load_settings(cfg, {}, "lora", family="sd1")
+    cfg.write_text('pretrained_model_name_or_path = "m"\nnetwork_module = "networks.lora"\n')
+    with pytest.raises(SdtuneError, match=r"network_module makes it a LoRA config; use sdtune train lora$"):
+        load_settings(cfg, {}, "ti", family="sd1")
 
 
 def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_path, capsys):

@@ -51,8 +51,7 @@ NO_EFFECT = {
     "save_model_as", "sdpa", "xformers", "mem_eff_attn", "lowram", "lowvram", "highvram", "vae_batch_size",
     "save_state", "save_state_on_train_end", "no_half_vae", "noise_offset_type", "training_comment",
     "console_log_simple", "console_log_level", "console_log_file", "huggingface_repo_id", "huggingface_token",
-    "gpu_ids",
-    "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
+    "gpu_ids", "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
     "wandb_api_key", "wandb_run_name", "sample_at_first",
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
@@ -85,6 +84,10 @@ def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
     train_network.py config for ``kind`` "lora", a train_textual_inversion.py one for "ti"."""
     theirs = dict(table)
     out, unused, refused = {}, [], []
+    for mine, foreign, what, other in (("ti", "network_module", "LoRA", "lora"),
+                                       ("lora", "token_string", "textual inversion", "ti")):
+        if kind == mine and foreign in theirs:
+            raise SdtuneError(f"{where}: {foreign} makes it a {what} config; use sdtune train {other}")
 
     def take(key: str, name: str, value) -> None:
         if name in out and out[name] != value:
