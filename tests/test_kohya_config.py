@@ -6,7 +6,9 @@ saves sdtune's settings, which rerun it."""
 import pytest
 from small_runs import outline_dataset
 
+from sdtune import families
 from sdtune.cli import main
+from sdtune.families import kohya_clip_skip
 from sdtune.safeio import SdtuneError
 from sdtune.train import loop
 from sdtune.train.config import load_settings
@@ -153,6 +155,15 @@ def test_print_settings_shows_what_a_run_would_use_and_reads_back(tmp_path, caps
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
     assert main(["train", "lora", "--config", str(cfg), "--rank", "0", "--print-settings"]) == 2
     assert capsys.readouterr().err.strip().endswith("--rank 0: must be at least 1")
+
+
+def test_clip_skip_is_counted_as_a1111_counts_it(tmp_path):
+    """sd-scripts counts SD 2.x's clip skip one less than A1111 (its stored encoder lacks OpenCLIP's last layer):
+    its 2 is sdtune's 3 there, and the same 2 elsewhere; the run writes sd-scripts' count back."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\nclip_skip = 2\n')
+    assert [load_settings(cfg, {}, "lora", family=f).clip_skip for f in ("sd1", "sd2", "sdxl")] == [2, 3, 2]
+    assert kohya_clip_skip(families.SD2, 3) == "2"
 
 
 def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):

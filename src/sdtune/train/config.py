@@ -693,9 +693,11 @@ def check_one_spelling(where, table: dict) -> None:
             raise SdtuneError(f"{where}: {other} and {key} are the same setting; keep one")
 
 
-def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora") -> dict:
+def read_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora",
+                  family=None) -> dict:
     """The settings a user gave for ``kind`` training: the TOML file's, then ``overrides`` (the flags given on the
-    command line; ``None`` values mean "not given" and are skipped), each checked against its field's type."""
+    command line; ``None`` values mean "not given" and are skipped), each checked against its field's type.
+    ``family``: the base model's, where known (a kohya config counts clip skip by it)."""
     if kind not in KINDS:
         raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
     cls = KINDS[kind]
@@ -711,7 +713,7 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
         if kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
-            table, unused = kohya_config.translate(table, path, kind)
+            table, unused = kohya_config.translate(table, path, kind, family)
             if unused:
                 note(f"{path}: read as a kohya sd-scripts config; {', '.join(unused)} change nothing sdtune trains "
                      f"and are not used")
@@ -739,7 +741,8 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     """Settings of ``kind`` ("ti" | "lora"): a preset (``preset`` from the file or flags, else the one of
     ``family``, the base model's ``Family`` or its name; with neither, the dataclass defaults), then the TOML
     file, then ``overrides``. The preset used is recorded in ``settings.preset``."""
-    given = read_settings(toml_path, overrides, kind)
+    known = families.FAMILIES.get(family) if isinstance(family, str) else family
+    given = read_settings(toml_path, overrides, kind, known)
     if "preset" in given:  # named in the file or a flag; "" names none (a run's settings.toml of a preset-less run)
         preset = presets.get(kind, given["preset"]) if given["preset"] else None
     else:

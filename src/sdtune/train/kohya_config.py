@@ -79,9 +79,10 @@ def is_kohya(table: dict) -> bool:
     return any(key in table for key in MARKERS)
 
 
-def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
+def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict, list[str]]:
     """(sdtune's table, the kohya keys left out as changing nothing here) for kohya's ``table`` from ``where``: a
-    train_network.py config for ``kind`` "lora", a train_textual_inversion.py one for "ti"."""
+    train_network.py config for ``kind`` "lora", a train_textual_inversion.py one for "ti". ``family``: the base
+    model's where known, whose clip skip sd-scripts may count otherwise than A1111 (``kohya_clip_skip``)."""
     theirs = dict(table)
     out, unused, refused = {}, [], []
     for mine, foreign, what, other in (("ti", "network_module", "LoRA", "lora"),
@@ -118,6 +119,8 @@ def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
             if value not in (".txt", ".caption"):
                 raise SdtuneError(f"{where}: caption_extension = {value!r}: sdtune reads captions from .txt and "
                                   f".caption files beside the images; rename the captions")
+        elif key == "clip_skip":
+            take(key, "clip_skip", _clip_skip(value, family))
         elif key == "resolution":
             take(key, "resolution", _resolution(value, where))
         elif key == "optimizer_type":
@@ -138,6 +141,13 @@ def translate(table: dict, where, kind: str = "lora") -> tuple[dict, list[str]]:
         raise SdtuneError(f"{where}: sdtune does not offer {', '.join(refused)}; leave "
                           f"{'it' if len(refused) == 1 else 'them'} out (or off) to train without")
     return out, unused
+
+
+def _clip_skip(value, family) -> int:
+    """sd-scripts' clip skip as A1111 counts it (sdtune's): one more on SD 2.x, whose encoder sd-scripts holds
+    without OpenCLIP's last layer, as diffusers stores it (``families.kohya_clip_skip`` is the other way)."""
+    skip = int(value or 1)
+    return skip + 1 if skip > 1 and family is not None and family.text_encoders[0].pretrained_layers else skip
 
 
 def _resolution(value, where) -> int:
