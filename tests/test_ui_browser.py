@@ -644,6 +644,7 @@ def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(ser
     _wait(lambda: _value(d, "train-steps") == "30", 10, "the tiny-quick preset's 30 steps")
     kohya = tmp_path / "config_lora.toml"
     kohya.write_text('pretrained_model_name_or_path = "x"\nnetwork_dim = 12\nmax_train_steps = 7\nxformers = true\n')
+    _open(d, "train-settings")
     d.find_element(By.CSS_SELECTOR, "#train-settings-file input[type=file]").send_keys(str(kohya))
     _wait(lambda: _value(d, "train-rank") == "12" and _value(d, "train-steps") == "7", 30, "the kohya config's values")
     _wait_text(d, "train-status", r"(?s)config_lora.toml's settings .*\n\n⚠️ config_lora.toml: read as a kohya "

@@ -339,9 +339,11 @@ def _train_tab(studio: Studio):
                     for f in fields:
                         if f.basic:
                             comps[f.name] = component(f)
-            settings_file = gr.File(label="Fill the form from a settings file: a run's settings.toml, a kohya "
-                                    "sd-scripts config, or a LoRA or embedding sdtune trained",
-                                    file_types=[".toml", ".safetensors"], height=90, elem_id="train-settings-file")
+            with gr.Accordion("Fill the form from a settings file", open=False, elem_id="train-settings"):
+                settings_file = gr.File(label="A run's settings.toml, a kohya sd-scripts config, or a LoRA or "
+                                        "embedding sdtune trained: read as sdtune train --config reads it",
+                                        file_types=[".toml", ".safetensors"], height=120,
+                                        elem_id="train-settings-file")
             with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
                 # in --help's sections; a section shows for the kinds it has settings of (TI: no network)
                 for topic, mine in trainform.sections(fields):
