@@ -1,5 +1,5 @@
 """Block weights (the A1111 lora-block-weight extension's lbw=): which layers each block weight scales, on the real
-SD 1.x block structure (``sd1-random``), SDXL's (``sdxl-small-random``) and the tiny model's (three levels of one
+SD 1.x block structure (``sd1-small-random``), SDXL's (``sdxl-small-random``) and the tiny model's (three levels of one
 resnet), its presets, the prompt/CLI/API forms, ``lora merge --blocks`` and the errors.
 
 The oracle for "which block is this layer in" is written here from the LDM UNet's numbering (input_blocks: conv_in,
@@ -42,7 +42,7 @@ ID8 = "BASE IN01 IN03 M00 OUT02 OUT03 OUT04 OUT05".split()
 
 @pytest.fixture(scope="module")
 def sd1():
-    return load_base("sd1-random", device="cpu", dtype="fp32")
+    return load_base("sd1-small-random", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_checkpoint_merge_bakes_block_weights_as_apply_does(xl_case, xl_single, 
     """``sdtune merge --lora FILE:W:lbw=…`` (a single file streamed to a single file) and ``bake.merge`` with
     (lora, weight, blocks) (a diffusers folder streamed to a folder) give each layer the bits of the same LoRA
     applied with those block weights; the merge note records them. (sdxl-small-random: SDXL's blocks at small
-    widths; sd1-random is a full-size 4 GB checkpoint.)"""
+    widths.)"""
     from safetensors import safe_open
 
     from sdtune import models

@@ -44,7 +44,7 @@ from .safeio import (
 )
 from .ti.tokens import EmbeddingSet
 from .tiny import model as tiny_model
-from .tiny import xl_config
+from .tiny import sd1_config, xl_config
 
 SD15 = families.CONFIGS / families.SD1.configs
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -235,6 +235,12 @@ def small_sdxl_configs() -> dict:
             "scheduler": families.SDXL.component_configs()["scheduler"]}
 
 
+def small_sd1_configs() -> dict:
+    """The small random SD 1.x-architecture model (``sd1-small-random``): see ``sdtune.tiny.sd1_config``."""
+    return {"unet": dict(sd1_config.UNET), "vae": dict(sd1_config.VAE), "text_encoder": dict(sd1_config.TEXT_ENCODER),
+            "scheduler": families.SD1.component_configs()["scheduler"]}
+
+
 def make_scheduler(family: Family, config: dict):
     """The family's own scheduler class from a config dict."""
     return getattr(diffusers, family.scheduler).from_config(config)
@@ -302,7 +308,8 @@ def _load_tiny(spec: str, device, dtype, folder: Path | None = None) -> Base:
 # Random-init models of each family's real architecture (and a small SDXL one), for tests and benchmarks.
 RANDOM_SPECS = {"sd15-random": (families.SD1, None), "sd1-random": (families.SD1, None),
                 "sd2-random": (families.SD2, None), "sdxl-random": (families.SDXL, None),
-                "sdxl-small-random": (families.SDXL, small_sdxl_configs)}
+                "sdxl-small-random": (families.SDXL, small_sdxl_configs),
+                "sd1-small-random": (families.SD1, small_sd1_configs)}
 
 
 def known_family(spec: str):
@@ -794,8 +801,8 @@ def load_base(spec: str = "tiny", device=None, dtype=None, vae=None) -> Base:
     """Load a base model of any family (SD 1.x, SD 2.x, SDXL); the family is read from the files.
 
     ``spec``: "tiny" or "tiny-xl" (built-in), "tiny-random", "tiny-xl-random", a random-init real architecture
-    ("sd15-random", "sd2-random", "sdxl-random", or "sdxl-small-random": SDXL's structure and names at small
-    widths), a diffusers folder,
+    ("sd15-random", "sd2-random", "sdxl-random", or "sd1-small-random"/"sdxl-small-random": the family's structure
+    and names at small widths), a diffusers folder,
     a single-file checkpoint (.safetensors; .ckpt/.pt through the safe loader), or a hub id.
     ``device``/``dtype`` default to ``pick_device()``/``pick_dtype()``.
     ``vae``: a VAE file or folder to decode with in place of the model's own (``use_vae``), or of none: a "no VAE"
