@@ -153,7 +153,7 @@ def test_help_lists_every_setting_once_in_its_topics_section(capsys):
         flags = {title.split(":\n")[0]: re.findall(r"^  (--[a-z0-9-]+)", title, re.M) for title in sections[1:]}
         mine = {t: [f"--{n.replace('_', '-')}" for n in names if n in {f.name for f in dataclasses.fields(cls)}]
                 for t, names in config.TOPICS.items()}
-        assert flags == {"options": ["--config", "--list-presets", "--device", "--dtype"],
+        assert flags == {"options": ["--config", "--list-presets", "--print-settings", "--device", "--dtype"],
                          **{t: names for t, names in mine.items() if names}}
     assert "the network (LoRA and LyCORIS)" in flags and "--keep-last" in flags["saves, samples and validation"]
 
