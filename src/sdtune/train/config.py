@@ -524,6 +524,13 @@ class LoraSettings(TrainSettings):
 
 KINDS = {"ti": TISettings, "lora": LoraSettings}
 
+# settings that change what a run shows or keeps (samples, checkpoints, its report, file formats and metadata), not
+# the weights it trains: a resume may change them (loop.RESUMABLE_CHANGES), a queue keeps a finished run given new ones
+OUTPUT_SETTINGS = frozenset({
+    "save_every", "save_every_epochs", "keep_last", "sample_every", "sample_every_epochs", "cache_latents_to_disk",
+    "sample_prompts", "sample_images", "sample_steps", "sample_guidance", "sample_sampler", "validation_every",
+    "report", "formats", *(f"metadata_{name}" for name in modelspec.USER_FIELDS)})
+
 # --help's sections, in order: each setting's topic (every setting has one: tested), so that a hundred flags read
 # as a few short lists; a kind shows the sections it has settings in
 TOPICS = {

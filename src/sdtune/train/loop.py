@@ -63,7 +63,7 @@ from ..console import Interrupted, Terminated, launched, main_process, note, pro
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import logs, optimizers, samples, shared_text
-from .config import SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
+from .config import OUTPUT_SETTINGS, SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
 from .validation import ValidationSet, validation_loss
@@ -73,11 +73,8 @@ SAMPLE_KEY = "Training sample"  # the grid's parameter naming the run and step: 
 STATE_FORMAT = "sdtune-train-state-1"
 SETTINGS_FILE = "settings.toml"
 # settings that may change between a save and its resume without changing what the remaining steps compute
-RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "save_every_epochs", "keep_last", "sample_every",
-                     "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images", "sample_steps",
-                     "sample_guidance", "sample_sampler", "resume", "progress", "out", "data", "model", "formats",
-                     "preset", "validation_every", "report", "save_precision", "metadata_title", "metadata_author",
-                     "metadata_description", "metadata_license", "metadata_tags"}
+RESUMABLE_CHANGES = OUTPUT_SETTINGS | {"steps", "epochs", "resume", "progress", "out", "data", "model", "preset",
+                                       "save_precision"}
 
 
 @dataclass

@@ -51,7 +51,15 @@ from ..models import load_base
 from ..pages import Html, fill, lines
 from ..safeio import SdtuneError, atomic_write_text, folder_lock, load_state, output_folder, read_toml
 from . import logs
-from .config import KINDS, as_keys, check_one_spelling, likely_name, load_settings, read_settings
+from .config import (
+    KINDS,
+    OUTPUT_SETTINGS,
+    as_keys,
+    check_one_spelling,
+    likely_name,
+    load_settings,
+    read_settings,
+)
 from .loop import SETTINGS_FILE, STATE_FILE, Record
 from .lora import train_lora
 from .report import BEST_FILE, LOOK, REPORT_FILE, best_checkpoint
@@ -66,13 +74,8 @@ JOB_KEYS = ("name", "kind", "sweep")  # a job's keys besides its settings
 TRAINERS = {"ti": train_ti, "lora": train_lora}
 # settings every run has its own value of, whatever was asked: not a difference worth a row on the page
 NOT_COMPARED = {"out", "progress", "resume"}
-# settings that change what a run shows or keeps (samples, checkpoints, its report, file formats), not the weights
-# it trains: a finished run given new ones is kept as it is, not refused
-NOT_WEIGHTS = NOT_COMPARED | {"save_every", "save_every_epochs", "keep_last", "sample_every",
-                              "sample_every_epochs", "cache_latents_to_disk", "sample_prompts", "sample_images",
-                              "sample_steps", "sample_guidance", "sample_sampler", "validation_every", "report",
-                              "formats", "metadata_title", "metadata_author", "metadata_description",
-                              "metadata_license", "metadata_tags"}
+# settings that leave the weights alone: a finished run given new ones is kept as it is, not refused
+NOT_WEIGHTS = NOT_COMPARED | OUTPUT_SETTINGS
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
 

@@ -391,15 +391,18 @@ def _train_tab(studio: Studio):
 
     filled = [comps[n] for n in names] + [section for section, _ in sections] + [status]
 
+    def shown(k, values: dict, keep=()) -> list:
+        """The form's updates for kind ``k`` at ``values``: its fields shown at them, the other kind's hidden (and
+        the sections with none of its settings); ``keep``: fields left as the user set them."""
+        return [gr.skip() if n in keep else
+                gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
+                for n in names] + [gr.update(visible=k in kinds) for _, kinds in sections]
+
     @_handler(len(filled))
     def fill(k, preset="", keep=()):
-        """Every field of kind ``k`` at the preset's values (the model's own when none is named), the other
-        kind's hidden (and the sections with none of its settings); ``keep``: fields left as the user set them.
-        The status line is left as it is."""
-        values = studio.form_values(k, preset)
-        return *[gr.skip() if n in keep else
-                 gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
-                 for n in names], *[gr.update(visible=k in kinds) for _, kinds in sections], gr.skip()
+        """Every field of kind ``k`` at the preset's values (the model's own when none is named). The status line
+        is left as it is."""
+        return *shown(k, studio.form_values(k, preset), keep), gr.skip()
 
     kind.change(fill, kind, filled)
 
@@ -409,9 +412,7 @@ def _train_tab(studio: Studio):
         if not upload:  # the file cleared: the form stays as it is
             return (gr.skip(),) * len(filled)
         values, notes = studio.file_form_values(k, upload)
-        return *[gr.update(visible=True, value=values[n]) if n in values else gr.update(visible=False)
-                 for n in names], *[gr.update(visible=k in kinds) for _, kinds in sections], \
-            f"the form holds {Path(upload).name}'s settings (the dataset is picked above)" + \
+        return *shown(k, values), f"the form holds {Path(upload).name}'s settings (the dataset is picked above)" + \
             "".join(f"\n\n⚠️ {_page_words(m)}" for m in notes)
 
     settings_file.upload(fill_from_file, [kind, settings_file], filled)
