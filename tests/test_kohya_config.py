@@ -109,6 +109,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(lr=1e-4, te_lr=5e-5, te2_lr=2e-5)),
     ('network_module = "networks.lora"\nrandom_crop = true\nresolution = 768', dict(crop="random", resolution=768)),
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
+    ("alpha_mask = true", dict(masked_loss=True)),  # the transparency as the loss's mask, as --masked-loss reads it
     # sd-scripts deletes the save 200 steps back: saves at 300, 400 and 500 are kept at step 500
     ("save_every_n_steps = 100\nsave_last_n_steps = 200\nsave_last_n_steps_state = 200",
      dict(save_every=100, keep_last=3)),

@@ -414,7 +414,13 @@ def test_full_rank_extract_reproduces_the_tuned_model(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {(r["component"], r["path"]) for r in rows} == {("unet", ATTN), ("unet", FF), ("unet", CONV),
                                                             ("text_encoder", TE_Q)}
-    assert load_lora(out).metadata["ss_v_parameterization"] == "True"
+    meta = load_lora(out).metadata
+    assert meta["ss_v_parameterization"] == "True"
+    # ModelSpec, as sd-scripts' extract writes it: the file's name, the base model's architecture and size
+    assert {k: meta[k] for k in ("modelspec.architecture", "modelspec.title", "modelspec.resolution",
+                                 "modelspec.prediction_type")} == \
+        {"modelspec.architecture": f"{src.family.modelspec}/lora", "modelspec.title": "x",
+         "modelspec.resolution": "64x64", "modelspec.prediction_type": "v"}
     assert all(r["fro"] == pytest.approx(1.0) for r in rows)
     again = load_base(str(tmp_path / "base.safetensors"), device="cpu", dtype="fp32")
     again.loras.add("x", out, 1.0)
@@ -482,7 +488,10 @@ def test_extract_reads_diffusers_folders_layer_by_layer_with_the_loaded_models_r
     reports = extracted_without_loading([str(tmp_path / f) for f in ("base", "tuned")], tmp_path, monkeypatch)
     assert {(r.component, r.path) for r in reports} == {(c, p.removeprefix("text_model.")) for c, p in changed}
     meta = load_lora(tmp_path / "streamed.safetensors").metadata
-    assert meta == {k: v for k, v in load_lora(tmp_path / "loaded.safetensors").metadata.items() if k in meta}
+    named = ("modelspec.title", "modelspec.date")  # each file's own name, and when it was made
+    assert {k: v for k, v in meta.items() if k not in named} == \
+        {k: v for k, v in load_lora(tmp_path / "loaded.safetensors").metadata.items() if k in meta and k not in named}
+    assert (meta["modelspec.title"], meta["modelspec.resolution"]) == ("streamed", "64x64")
 
 
 def test_extract_of_identical_models_is_an_error(tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):
         (tmp_path / rel).with_suffix(".txt").write_text(caption)
     scan = scan_folder(tmp_path)
     assert set(scan.folders) == {"2_blue", "."}
-    assert lora_train._tag_frequency(scan, tmp_path) == {"2_blue": {"blue": 2, "star": 1}, ".": {"red": 1}}
+    assert lora_train._tag_frequency(scan) == {"2_blue": {"blue": 2, "star": 1}, ".": {"red": 1}}
 
 
 def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dataset, tmp_path):

@@ -11,11 +11,13 @@ down = V_rᵀ (kohya's split), which is the best rank-r approximation in the Fro
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .. import modelspec
 from ..console import note
 from ..models import load_base
 from ..safeio import SdtuneError, is_safetensors
@@ -435,8 +437,18 @@ def extract_lora(base_spec: str, tuned_spec: str, out: str | Path, *, rank: int,
         raise SdtuneError(f"{tuned_spec}: no layer differs from {base_spec} by more than {min_diff}; nothing to "
                           f"extract (lower --min-diff, or check the two paths)")
     _one_alpha(lora)
-    save_lora(lora, out, format=to, family=base.family, metadata=sampling_metadata(base.family, base.scheduler_config))
+    # ModelSpec as sd-scripts' extract_lora_from_models.py writes it: the file's name as its title, the base's size
+    spec = modelspec.metadata(base.family, base.scheduler_config, "lora", title=Path(out).stem,
+                              resolution=_native_resolution(base), created=time.time())
+    save_lora(lora, out, format=to, family=base.family,
+              metadata=sampling_metadata(base.family, base.scheduler_config) | spec)
     return lora, reports
+
+
+def _native_resolution(weights) -> int:
+    """The side in pixels a model draws at: its UNet's sample size times its family's VAE downscaling."""
+    vae = weights.family.component_configs()["vae"]
+    return int(weights.module("unet").config.sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def report_table(reports: list[LayerReport]) -> str:

@@ -33,7 +33,7 @@ from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import kohya_config, optimizers, presets, samples
+from . import kohya_config, kohya_dataset, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -61,7 +61,8 @@ class TrainSettings:
     """What every training run needs (the shared loop and data)."""
 
     data: str = _help("folder of images (+ same-name .txt/.caption captions or a metadata.jsonl; N_name subfolders "
-                      "repeat N times)", default="")
+                      "repeat N times). Or a kohya dataset config (.toml): its subsets' folders and options",
+                      default="")
     out: str = _help("output folder: results, checkpoints, resume state, samples, report.html", default="")
     model: str = _help("the base model: tiny, a diffusers folder, a checkpoint file or a hub id", default="tiny")
     preset: str = _help("recommended settings to start from (--list-presets shows them); default: the base "
@@ -222,7 +223,9 @@ class TrainSettings:
             raise SdtuneError("no output folder; pass --out DIR")
         output_folder(self.out, create=False)
         out = Path(self.out).expanduser().resolve()
-        for option, given in (("--data", self.data), ("--validation-dir", self.validation_dir)):
+        data = [(f"--data {self.data}'s image_dir", s.image_dir) for s in kohya_dataset.read(self.data).subsets] \
+            if kohya_dataset.is_dataset_file(self.data) else [("--data", self.data)]
+        for option, given in (*data, ("--validation-dir", self.validation_dir)):
             folder = Path(given).expanduser().resolve() if given else None
             # the run's sample PNGs would become training images, and starting over would move the images aside
             if folder is not None and out.is_relative_to(folder):
@@ -520,6 +523,9 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--prior-loss-weight {self.prior_loss_weight}: must be 0 or more")
         if self.reg_dir and not self.class_prompt:  # nothing will draw into it: it must be there (said before the
             input_path(self.reg_dir, "class-image folder", "--reg-dir")  # model loads and the images are encoded)
+        if self.class_prompt and kohya_dataset.is_dataset_file(self.reg_dir):
+            raise SdtuneError(f"--class-prompt draws class images into --reg-dir, and {self.reg_dir} is a dataset "
+                              f"config (its is_reg subsets are the class images); give one or the other")
 
 
 KINDS = {"ti": TISettings, "lora": LoraSettings}
@@ -719,6 +725,8 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"{path}: holds [{others[0]}] settings, not [{kind}]; use sdtune train {others[0]}, "
                               f"or add a [{kind}] section")
         table = table.get(kind, table) if isinstance(table.get(kind), dict) else table  # [lora] / [ti] section
+        if kohya_dataset.is_dataset(table):  # sd-scripts' dataset config given as the settings: the data
+            table = {"data": str(path.resolve())}
         if kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
             table, unused = kohya_config.translate(table, path, kind, family)
             if unused:
@@ -740,7 +748,22 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         if name not in names:
             raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
+    if values.get("data") and kohya_dataset.is_dataset_file(values["data"]):
+        values = _dataset_values(values["data"], kind, family, names) | values
     return values
+
+
+def _dataset_values(path: str, kind: str, family, names: set[str]) -> dict:
+    """The settings a kohya dataset config given as --data holds (its caption and bucket options, its class
+    images), under those the --config file and the flags give."""
+    table, unused = kohya_config.dataset_settings(path, kind, family)
+    if unused:
+        note(f"{path}: {', '.join(unused)} change nothing sdtune trains and are not used")
+    unknown = [key for key in table if key not in names]
+    if unknown:
+        raise SdtuneError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} for {kind} training: "
+                          + "; ".join(_unknown_setting(key, names) for key in unknown))
+    return {key: _coerce(KINDS[kind], key, value, path) for key, value in table.items()}
 
 
 def load_settings(toml_path: str | Path | None = None, overrides: dict | None = None, kind: str = "lora",

@@ -3,7 +3,8 @@
 Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them, or listed in a
 ``metadata.jsonl``/``metadata.csv`` (Hugging Face's imagefolder layout, which diffusers' scripts read: ``file_name``
 and a ``text``/``caption``/``prompt`` column); a subfolder named ``N_name`` repeats its images N times per epoch,
-and ``name`` is the caption of its images that have no caption file. Any image Pillow reads is accepted (RGBA,
+and ``name`` is the caption of its images that have no caption file. A kohya dataset config given as the data
+names such folders itself (``kohya_dataset``: each subset's folder, repeats and class tokens). Any image Pillow reads is accepted (RGBA,
 palette, grayscale, 16-bit, EXIF-rotated): it becomes 8-bit RGB, transparency composited on white. Unreadable
 files are skipped and listed.
 
@@ -43,7 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .. import console
 from ..console import note
 from ..safeio import SdtuneError
-from . import masks
+from . import kohya_dataset, masks
 from .config import TOKEN_LENGTHS
 from .latent_cache import LatentCache
 
@@ -65,6 +66,8 @@ class Example:
     path: Path
     caption: str | None  # None: no caption file, no folder name, no default
     repeats: int = 1
+    name: str = ""  # its path inside the data ("10_cat/a.png"): the same wherever the folder is moved
+    group: str = "."  # the folder kohya's metadata counts it in (ss_dataset_dirs): its N_name folder, or "."
 
 
 @dataclass
@@ -187,6 +190,44 @@ def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict
     return notes
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One folder of images read alike: their repeats, the caption of an image without one, whether its
+    subfolders are read, and where its images' names start (their ``Example.name``) and how kohya counts them."""
+    folder: Path
+    repeats: int
+    caption: str | None
+    recursive: bool
+    group: str
+    names_from: Path
+    prefix: str = ""
+
+
+def scan_data(data: str | Path, default_caption: str | None = None, require_captions: bool = True,
+              option: str = "--data", all_lines: bool = False, reg: bool = False) -> Scan:
+    """``scan_folder`` of a folder; of a kohya dataset config (``kohya_dataset``), its training subsets' images, or
+    with ``reg`` its class images'."""
+    if not kohya_dataset.is_dataset_file(data):
+        return scan_folder(data, default_caption, require_captions, option, all_lines)
+    dataset = kohya_dataset.read(data)
+    subsets = dataset.images(reg)
+    if not subsets:
+        raise SdtuneError(f"{data}: has no {'is_reg ' if reg else ''}subsets to read as {option}; give one")
+    scan = Scan([])
+    groups, taken = [], set()
+    for s in subsets:  # each named by its folder, as ss_dataset_dirs names it (a second of a name: numbered)
+        group = next(g for g in (s.image_dir.name, *(f"{s.image_dir.name}-{i}" for i in range(2, 10**6)))
+                     if g not in taken)
+        taken.add(group)
+        groups.append(_Source(s.image_dir, s.repeats, s.class_tokens, False, group, s.image_dir, group + "/"))
+        deeper = [p for p in s.image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and _image_files(p, True)]
+        if deeper:  # sd-scripts reads a subset's own folder, not its subfolders
+            scan.unused.append(f"{s.image_dir}: images in its subfolders ({', '.join(p.name for p in deeper[:3])}) are "
+                               f"not read, as sd-scripts reads a subset; give each folder as a subset")
+    return _scan(Path(data), groups, scan, default_caption, require_captions, all_lines)
+
+
 def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True,
                 option: str = "--data", all_lines: bool = False) -> Scan:
     """Every readable image under ``folder`` (given as ``option``) with its caption and repeat count.
@@ -196,24 +237,32 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
     prompt templates instead). ``all_lines``: a caption file's every line, as alternatives (--wildcards)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SdtuneError(f"{folder}: {option} is not a folder; point it at a folder of images and captions")
-    groups: list[tuple[Path, int, str | None, bool]] = [(folder, 1, None, False)]
+        raise SdtuneError(f"{folder}: {option} is not a folder; point it at a folder of images and captions (or at a "
+                          f"kohya dataset config)")
+    groups = [_Source(folder, 1, None, False, ".", folder)]
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     kohya = any(REPEAT_FOLDER.match(sub.name) for sub in subfolders)
     scan = Scan([])
     for sub in subfolders:
         m = REPEAT_FOLDER.match(sub.name)
-        groups.append((sub, int(m.group(1)), m.group(2).strip() or None, True) if m else (sub, 1, None, True))
+        repeats, caption = (int(m.group(1)), m.group(2).strip() or None) if m else (1, None)
+        groups.append(_Source(sub, repeats, caption, True, sub.name, folder))
         # kohya's layout read as sd-scripts reads it, but said: it skips an unprefixed folder, which trains here
         if m and int(m.group(1)) == 0:
             scan.unused.append(f"{sub}: 0 repeats (its N_ prefix), so its images are not used")
         elif not m and kohya:
             scan.unused.append(f"{sub}: no N_ repeat prefix among kohya-style folders, so its images train once per "
                                f"epoch (kohya sd-scripts skips such a folder)")
+    return _scan(folder, groups, scan, default_caption, require_captions, all_lines)
+
+
+def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str | None, require_captions: bool,
+          all_lines: bool) -> Scan:
+    """``scan`` filled with the images of ``groups`` (of the data at ``where``, named in messages)."""
     missing: list[Path] = []
-    for path_, repeats, folder_caption, recursive in groups:
-        files = _image_files(path_, recursive)
-        listed = read_metadata_captions(path_)
+    for source in groups:
+        files = _image_files(source.folder, source.recursive)
+        listed = read_metadata_captions(source.folder)
         read: dict[Path, list[str]] = {}
         count = 0
         for image in files:
@@ -225,57 +274,50 @@ def scan_folder(folder: str | Path, default_caption: str | None = None, require_
             if caption is None:
                 caption = listed.get(image.resolve())
             if caption is None:
-                caption = folder_caption if folder_caption is not None else default_caption
+                caption = source.caption if source.caption is not None else default_caption
             if caption is None and require_captions:
                 missing.append(image)
-            scan.examples.append(Example(image, caption, repeats))
+            name = source.prefix + image.relative_to(source.names_from).as_posix()
+            scan.examples.append(Example(image, caption, source.repeats, name, source.group))
             count += 1
-        if count and repeats > 0:
-            scan.folders[path_.name if path_ != folder else "."] = {"n_repeats": repeats, "img_count": count}
-        scan.unused += _caption_notes(path_, recursive, files, read, all_lines)
+        if count and source.repeats > 0:
+            scan.folders[source.group] = {"n_repeats": source.repeats, "img_count": count}
+        scan.unused += _caption_notes(source.folder, source.recursive, files, read, all_lines)
         unlisted = sorted(p.name for p in listed if not p.is_file())
         if unlisted:  # a typo, or an image renamed or deleted since the metadata was written
-            scan.unused.append(f"{path_}: {len(unlisted)} row(s) of its metadata name no image there and are not "
-                               f"used ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")
+            scan.unused.append(f"{source.folder}: {len(unlisted)} row(s) of its metadata name no image there and "
+                               f"are not used ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")
     zero = [e for e in scan.examples if e.repeats == 0]
     scan.examples = [e for e in scan.examples if e.repeats > 0]
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise SdtuneError(f"{folder}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
+        raise SdtuneError(f"{where}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
                           f"(or a metadata.jsonl), or pass --default-caption TEXT")
     if not scan.examples:
         if zero:  # kohya's 0_ folders hold regularisation or held-back images, nothing to train on
-            name = next(sub.name for sub in subfolders if zero[0].path.is_relative_to(sub))
-            raise SdtuneError(f"{folder}: its {len(zero)} image(s) are all in folders of 0 repeats ({name}); give "
+            name = zero[0].group
+            raise SdtuneError(f"{where}: its {len(zero)} image(s) are all in folders of 0 repeats ({name}); give "
                               f"a folder a count of repeats, e.g. 10_{REPEAT_FOLDER.match(name).group(2)}")
         if scan.skipped:
-            raise SdtuneError(f"{folder}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
+            raise SdtuneError(f"{where}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
                               f"{scan.skipped[0][0].name}: {scan.skipped[0][1]}); check the files")
-        raise SdtuneError(f"{folder}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))}); put the training "
+        raise SdtuneError(f"{where}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))}); put the training "
                           f"images there, with same-name .txt captions")
     return scan
 
 
-def _subset(scan: Scan, keep: list[Example], root: Path) -> Scan:
+def _subset(scan: Scan, keep: list[Example]) -> Scan:
     """``scan`` reduced to ``keep``, with its per-folder image counts recounted."""
     folders = {}
     for ex in keep:
-        folders.setdefault(dataset_dir(ex.path, root), {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
+        folders.setdefault(ex.group, {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
     return Scan(keep, scan.skipped, folders={k: folders[k] for k in scan.folders if k in folders})
 
 
-def dataset_dir(image: Path, root: Path) -> str:
-    """The folder of ``root`` an image belongs to, as kohya's metadata names it: the top-level (``N_name``)
-    folder it is in, however deep, or "." for an image directly in ``root``."""
-    rel = image.relative_to(root).parts
-    return rel[0] if len(rel) > 1 else "."
-
-
-def held_out_order(scan: Scan, root: Path) -> list[Example]:
-    """The images in a fixed order that depends only on their paths under ``root`` (not on the seed or the
-    file system): the validation images are the first of it, the same ones in every run on that folder."""
-    return sorted(scan.examples, key=lambda ex: hashlib.sha256(ex.path.relative_to(root).as_posix().encode())
-                  .hexdigest())
+def held_out_order(scan: Scan) -> list[Example]:
+    """The images in a fixed order that depends only on their names in the data (not on the seed or the file
+    system): the validation images are the first of it, the same ones in every run on that folder."""
+    return sorted(scan.examples, key=lambda ex: hashlib.sha256(ex.name.encode()).hexdigest())
 
 
 def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
@@ -286,7 +328,7 @@ def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
     images share."""
     root = Path(root or os.path.commonpath([ex.path.parent for ex in scan.examples] or ["."]))
     examples = sorted(scan.examples, key=lambda ex: ex.path)
-    rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.path.name,
+    rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.name or ex.path.name,
                    ex.path.stat().st_size, ex.caption, ex.repeats) for ex in examples)
     content = hashlib.sha256()
     for ex in examples:
@@ -306,9 +348,9 @@ def split_validation(scan: Scan, fraction: float, root: str | Path, origin: str 
         raise SdtuneError(f"{origin}--validation-split {fraction:g} holds out all {n} image(s) of {root}; add images, "
                           f"give --validation-split 0 (the loss is then measured on training images), or give "
                           f"held-out images with --validation-dir")
-    held = {id(ex) for ex in held_out_order(scan, root)[:k]}
-    return (_subset(scan, [ex for ex in scan.examples if id(ex) not in held], root),
-            _subset(scan, [ex for ex in scan.examples if id(ex) in held], root))
+    held = {id(ex) for ex in held_out_order(scan)[:k]}
+    return (_subset(scan, [ex for ex in scan.examples if id(ex) not in held]),
+            _subset(scan, [ex for ex in scan.examples if id(ex) in held]))
 
 
 def first_prompts(texts, n: int = 4) -> list[str]:

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
+from ..console import note
 from ..safeio import SdtuneError
+from . import kohya_dataset
 
 MARKERS = ("pretrained_model_name_or_path", "network_module", "token_string")  # keys sd-scripts' configs have
 
@@ -53,6 +56,8 @@ NO_EFFECT = {
     "console_log_simple", "console_log_level", "console_log_file", "huggingface_repo_id", "huggingface_token",
     "gpu_ids", "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
     "wandb_api_key", "wandb_run_name", "sample_at_first",
+    "cache_info", "debug_dataset",  # a dataset config's: its image-size cache, its preview
+    "validation_seed",  # sdtune holds out the same images whatever the seed (data.held_out_order)
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
 }
@@ -60,7 +65,7 @@ NO_EFFECT = {
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
     "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
-    "lr_scheduler_type", "dataset_config", "in_json", "token_warmup_min", "token_warmup_step", "alpha_mask",
+    "lr_scheduler_type", "in_json", "token_warmup_min", "token_warmup_step",
     "weights",  # train_textual_inversion.py's embedding to start from
 }
 # sd-scripts' values of settings sdtune spells otherwise
@@ -84,7 +89,7 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
     train_network.py config for ``kind`` "lora", a train_textual_inversion.py one for "ti". ``family``: the base
     model's where known, whose clip skip sd-scripts may count otherwise than A1111 (``kohya_clip_skip``)."""
     theirs = dict(table)
-    out, unused, refused = {}, [], []
+    out, unused = {}, []
     for mine, foreign, what, other in (("ti", "network_module", "LoRA", "lora"),
                                        ("lora", "token_string", "textual inversion", "ti")):
         if kind == mine and foreign in theirs:
@@ -102,9 +107,18 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
             take(key, "property", prop)
     _rates(theirs, take)
     _kept_saves(theirs, take, where)
+    if theirs.get("dataset_config"):
+        _dataset(theirs, take, where, kind, unused)
     if "epoch" in theirs:  # kohya_ss's own field for max_train_epochs, written beside it
         epoch = theirs.pop("epoch")
         theirs.setdefault("max_train_epochs", epoch)
+    _options(theirs, take, where, family, unused)
+    return out, unused
+
+
+def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
+    """Each key of ``theirs`` as sdtune's setting (``take``); a switch that changes nothing here into ``unused``."""
+    refused = []
     for key, value in theirs.items():
         if key == "random_crop":  # a switch in kohya, a choice in sdtune
             take(key, "crop", "random" if value else "center")
@@ -114,6 +128,12 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
             unused.append(key)
         elif key in OFF_ONLY:
             if value not in (False, 0, "", None, [], "0"):
+                refused.append(f"{key} = {value!r}")
+        elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
+            if value:
+                take(key, "masked_loss", True)
+        elif key == "network_multiplier":  # a dataset's LoRA strength in training, 1 unless changed
+            if value != 1:
                 refused.append(f"{key} = {value!r}")
         elif key == "caption_extension":
             if value not in (".txt", ".caption"):
@@ -140,6 +160,43 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
     if refused:
         raise SdtuneError(f"{where}: sdtune does not offer {', '.join(refused)}; leave "
                           f"{'it' if len(refused) == 1 else 'them'} out (or off) to train without")
+
+
+def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
+    """dataset_config as --data: its folders replace train_data_dir and reg_data_dir, and its options replace the
+    config's own, as in sd-scripts (read_settings then takes them from the file: ``dataset_settings``)."""
+    given = Path(str(theirs.pop("dataset_config"))).expanduser()
+    if not given.is_absolute() and not given.is_file() and (Path(where).parent / given).is_file():
+        given = Path(where).parent / given  # sd-scripts finds it from the current folder; the config's also works
+    if not given.is_file():
+        raise SdtuneError(f"{where}: dataset_config {str(given)!r} is not a file; give the path of the dataset "
+                          f"config (.toml)")
+    dataset = kohya_dataset.read(given)
+    for key in ("train_data_dir", "reg_data_dir"):
+        if theirs.pop(key, None):
+            unused.append(f"{key} (dataset_config's folders are used)")
+    for key in dataset.options:  # (a dataset's batch_size is the config's train_batch_size)
+        theirs.pop("train_batch_size" if key == "batch_size" else key, None)
+    take("dataset_config", "data", str(given.resolve()))
+
+
+def dataset_settings(path: str | Path, kind: str, family=None) -> tuple[dict, list[str]]:
+    """(sdtune's settings, kohya keys left out) of the kohya dataset config at ``path``, the --data of a run: its
+    caption and bucket options, and its class images (is_reg subsets) as the --reg-dir."""
+    dataset = kohya_dataset.read(path)
+    for line in dataset.notes:
+        note(line)
+    out, unused = {}, []
+
+    def take(key: str, name: str, value) -> None:
+        out[name] = value
+
+    _options(dict(dataset.options), take, path, family, unused)
+    if dataset.images(reg=True):
+        if kind == "ti":
+            raise SdtuneError(f"{path}: its is_reg subsets are class images for prior preservation, which textual "
+                              f"inversion does not use; leave them out")
+        out["reg_dir"] = str(Path(path).resolve())
     return out, unused
 
 
@@ -151,9 +208,10 @@ def _clip_skip(value, family) -> int:
 
 
 def _resolution(value, where) -> int:
-    """kohya's "W,H" (or one number): a square side; another shape is refused (sdtune's buckets keep the area of
+    """kohya's "W,H" or [W, H] (or one number): a square side; another shape is refused (sdtune's buckets keep the area of
     the square)."""
-    sides = [int(v) for v in re.split(r"[,x ]+", str(value).strip()) if v]
+    given = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # a dataset config's [W, H]
+    sides = [int(v) for v in re.split(r"[,x ]+", given.strip()) if v]
     if len(sides) == 2 and sides[0] != sides[1]:
         side = math.isqrt(sides[0] * sides[1])
         raise SdtuneError(f"{where}: resolution = {value!r}: sdtune trains at a square size whose area its buckets "

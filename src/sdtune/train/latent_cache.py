@@ -52,7 +52,9 @@ class LatentCache:
 
     @classmethod
     def at(cls, data: str | Path, vae) -> LatentCache:
-        return cls(Path(data) / FOLDER, vae)
+        """The cache of the --data folder, or of the folder of a dataset config (kohya's) given as --data."""
+        data = Path(data)
+        return cls((data if data.is_dir() else data.parent) / FOLDER, vae)
 
     def _path(self, image: Path, size: tuple[int, int]) -> Path:
         if (image, size) not in self._paths:

@@ -49,7 +49,7 @@ from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, optimizers, report, samples, validation
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
-from .data import dataset_dir, first_prompts, report_skipped, scan_folder, seed_for, steady_caption, training_set
+from .data import first_prompts, report_skipped, scan_data, seed_for, steady_caption, training_set
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
 
@@ -358,11 +358,12 @@ def text_lrs(settings: LoraSettings, base) -> list[float]:
     return [first, *[second] * (len(base.family.text_encoders) - 1)]
 
 
-def _tag_frequency(scan, root: Path) -> dict:
-    """{folder: {tag: count}} over the captions' comma-separated tags (kohya's ss_tag_frequency)."""
+def _tag_frequency(scan) -> dict:
+    """{folder: {tag: count}} over the captions' comma-separated tags (kohya's ss_tag_frequency), each folder as
+    ss_dataset_dirs names it (the N_name folder, not a subfolder)."""
     freq: dict[str, Counter] = {}
     for ex in scan.examples:
-        folder = dataset_dir(ex.path, root)  # as ss_dataset_dirs names it: the N_name folder, not a subfolder
+        folder = ex.group
         tags = [t.strip() for t in (ex.caption or "").replace("\n", ",").split(",") if t.strip()]  # (--wildcards)
         freq.setdefault(folder, Counter()).update(tags)
     return {k: dict(v) for k, v in freq.items()}
@@ -433,7 +434,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
         "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(s), "count": n}
                                                   for i, (s, n) in enumerate(sorted(sizes.items()))}}),
         "ss_dataset_dirs": json.dumps(data.scan.folders),
-        "ss_tag_frequency": json.dumps(_tag_frequency(data.scan, Path(settings.data))),
+        "ss_tag_frequency": json.dumps(_tag_frequency(data.scan)),
         "ss_sd_model_name": Path(str(getattr(base, "name", ""))).name,
         # kohya's hashes of a single-file base (the old 8-hex one and the sha256), by which tools find the model;
         # a folder or built-in model has no file to hash
@@ -527,8 +528,8 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """The run itself, with its VAE in place."""
     out = Path(settings.out)
     started = time.time()
-    scan = scan_folder(settings.data, default_caption=settings.default_caption, require_captions=True,
-                       all_lines=settings.wildcards)
+    scan = scan_data(settings.data, default_caption=settings.default_caption, require_captions=True,
+                     all_lines=settings.wildcards)
     report_skipped(scan)
     scan, held, held_out = validation.split(settings, scan, require_captions=True)
     loop.check_resume(base, settings, "lora", scan, validation.data_id(settings, held, held_out))  # before encoding
@@ -553,8 +554,9 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     def save(step: int, final: bool) -> list[Path]:
         lora = network.to_lora(settings.save_precision)
         meta = kohya_metadata(settings, base, data, job, step, started, final)
-        if prior is not None:
+        if prior is not None:  # (as sd-scripts counts them: the images with their repeats, by folder)
             meta["ss_num_reg_images"] = str(len(prior))
+            meta["ss_reg_dataset_dirs"] = json.dumps(prior.scan.folders)
         stem = settings.name if final else f"{settings.name}-step{step:06d}"
         paths = [out / f"{stem}.safetensors"]
         # pivotal tuning: the word inside the kohya file (A1111 loads both from it) and on its own beside it (for

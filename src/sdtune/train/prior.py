@@ -3,7 +3,8 @@
     loss = loss(your images) + prior_loss_weight · loss(class images)
 
 Every step draws a batch of each (``loop.Session.prior_inputs``). The class images come from ``--reg-dir``
-(a folder captioned like ``--data``; images without a caption take ``--class-prompt``), or are made by the
+(a folder captioned like ``--data``, or a kohya dataset config's is_reg subsets; images without a caption take
+``--class-prompt``), or are made by the
 base model itself: ``--class-prompt "a photo of a dog" --num-class-images N`` draws the missing ones of N
 into ``--reg-dir`` (default ``OUT/class_images``) with the sampling settings, each with the prompt as its
 caption. They are drawn once: a second run, or a resumed one, finds them there and draws none (only the
@@ -19,7 +20,8 @@ from pathlib import Path
 from ..generate import generate, save_png
 from ..safeio import SdtuneError, atomic_write_text
 from .config import LoraSettings
-from .data import IMAGE_SUFFIXES, TrainingSet, model_steps, scan_folder, seed_for, training_set
+from .data import IMAGE_SUFFIXES, TrainingSet, model_steps, scan_data, seed_for, training_set
+from .kohya_dataset import is_dataset_file
 from .masks import is_mask_file
 
 CLASS_DIR = "class_images"
@@ -80,8 +82,10 @@ def prior_set(base, settings: LoraSettings) -> TrainingSet | None:
     if not settings.prior:
         return None
     folder = class_folder(settings)
-    if not folder.is_dir():
+    if not folder.is_dir() and not is_dataset_file(folder):
         raise SdtuneError(f"{folder}: --reg-dir is not a folder; point it at class images, or give --class-prompt "
                           f"to draw them")
-    scan = scan_folder(folder, default_caption=settings.class_prompt or None, require_captions=True)
+    # (a kohya dataset config's class images are its is_reg subsets)
+    scan = scan_data(folder, default_caption=settings.class_prompt or None, require_captions=True,
+                     option="--reg-dir", reg=True)
     return training_set(base, settings, scan, templates=None, seed=seed_for(settings.seed, "prior"))

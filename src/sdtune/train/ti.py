@@ -32,7 +32,7 @@ from ..ti.formats import Embedding, file_stem, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, samples, validation
 from .config import TISettings, to_toml
-from .data import Scan, first_prompts, report_skipped, scan_folder, steady_caption, training_set
+from .data import Scan, first_prompts, report_skipped, scan_data, steady_caption, training_set
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [
@@ -170,7 +170,7 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     """The run itself, with its VAE in place."""
     check_new_token(base, settings)
     out = Path(settings.out)
-    scan = scan_folder(settings.data, default_caption=None, require_captions=False, all_lines=settings.wildcards)
+    scan = scan_data(settings.data, default_caption=None, require_captions=False, all_lines=settings.wildcards)
     report_skipped(scan)
     templates = prompt_templates(scan, settings.token, settings.property)
     scan, held, held_out = validation.split(settings, scan, require_captions=False)

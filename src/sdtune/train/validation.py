@@ -17,7 +17,6 @@ show over-fitting (the report says which it was).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -77,7 +76,7 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
                   else "")
         train, held = split_validation(scan, settings.validation_split, settings.data, origin)
         return train, held, True
-    chosen = held_out_order(scan, Path(settings.data))[:FALLBACK_IMAGES]
+    chosen = held_out_order(scan)[:FALLBACK_IMAGES]
     return scan, Scan(chosen), False
 
 

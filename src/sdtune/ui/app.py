@@ -292,7 +292,8 @@ def _compare_tab(studio: Studio):
 
 def _train_tab(studio: Studio):
     fields = [f for f in trainform.form_fields() if f.name != "data"]
-    data_help = next(f.help for f in trainform.form_fields() if f.name == "data")
+    # (the page offers the datasets folder's folders, not dataset configs, whose folders may be anywhere)
+    data_help = next(f.help for f in trainform.form_fields() if f.name == "data").split(". Or ")[0]
     first = "lora"
     comps = {}
     sections = []  # (the Advanced section, the kinds with settings in it)

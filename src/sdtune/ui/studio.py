@@ -111,6 +111,17 @@ def _names_one(spec: str, names: set[str]) -> bool:
         return False
 
 
+@contextmanager
+def said():
+    """The notes the API says inside (its UserWarnings, each time, not once per line as Python shows them),
+    collected into the yielded list when the block ends, for the page to show."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        notes: list[str] = []
+        yield notes
+        notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
 class Studio:
     """One server's state: its folders, the loaded model, the training queue."""
 
@@ -134,13 +145,10 @@ class Studio:
     def model_in_use(self):
         """The loaded model (loaded on first use), held for one request; the API's warnings are collected in
         the list yielded with it, for the page to show."""
-        with self.lock, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with self.lock, said() as notes:
             if self._base is None:
                 self._base = load_base(self.model, device=self.device, dtype=self.dtype, vae=self.vae or None)
-            notes: list[str] = []
             yield self._base, notes
-            notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
     # ---------------------------------------------------------------- the base model
 
@@ -213,12 +221,9 @@ class Studio:
         """(the Train form's values for ``kind`` from an uploaded settings file, what reading it said): as
         ``sdtune train --config FILE`` reads it, over the page's model's preset."""
         path = check_upload(upload, "settings", self.max_upload)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with said() as notes:
             values = trainform.file_values(kind, path, self._page_family())
-        # the server's copy of the upload named as the user named it
-        return values, [str(w.message).replace(str(path), path.name) for w in caught
-                        if issubclass(w.category, UserWarning)]
+        return values, [n.replace(str(path), path.name) for n in notes]  # the upload named as the user named it
 
     def set_model(self, choice: str) -> str:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns

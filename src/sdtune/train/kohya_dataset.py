@@ -1,0 +1,134 @@
+"""kohya sd-scripts' dataset config (the ``.toml`` or ``.json`` its ``--dataset_config`` reads): image folders
+("subsets"), each with its repeats and its ``class_tokens``, and the caption and bucket options of the images.
+
+    [general]                      # options of every subset
+    shuffle_caption = true
+    [[datasets]]                   # resolution, batch size, buckets (and the general options, overridden)
+    resolution = 512
+      [[datasets.subsets]]
+      image_dir = "/data/cat"      # read as a "10_cat" folder of --data: repeats, and the caption of an image
+      num_repeats = 10             # without a caption file
+      class_tokens = "sks cat"
+      [[datasets.subsets]]
+      image_dir = "/data/cats"     # is_reg: class images for prior preservation (as --reg-dir)
+      is_reg = true
+      class_tokens = "cat"
+
+sdtune trains every image with one set of options, so a subset's options (after [general] and its dataset's) must
+agree with every other training subset's: a file that gives two values is refused in one line. The class images
+(``is_reg``) take the training images' options; where theirs differ, that is said. This module reads the file's
+structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
+folders. A relative ``image_dir`` is found from the current folder, as sd-scripts finds it, else from the file's.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..safeio import SdtuneError
+
+SUFFIXES = (".toml", ".json")
+# what makes a subset, not how its images train
+STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg"}
+# kinds of subset sdtune does not read: sd-scripts' fine-tuning metadata, ControlNet's conditioning images
+REFUSED = {"metadata_file": "a fine-tuning subset (its captions in a metadata JSON); sdtune reads .txt captions "
+                            "beside the images, or a metadata.jsonl",
+           "conditioning_data_dir": "a ControlNet subset; sdtune trains LoRA and textual inversion"}
+
+
+@dataclass(frozen=True)
+class Subset:
+    image_dir: Path
+    repeats: int
+    class_tokens: str | None  # the caption of an image without a caption file
+    is_reg: bool
+    options: dict  # kohya's caption and bucket options for its images, [general] and its dataset's included
+
+
+@dataclass
+class Dataset:
+    path: Path
+    subsets: list[Subset]
+    options: dict  # the training subsets' options (one value each)
+    notes: list[str] = field(default_factory=list)
+
+    def images(self, reg: bool) -> list[Subset]:
+        return [s for s in self.subsets if s.is_reg == reg]
+
+
+def is_dataset(table: dict) -> bool:
+    return isinstance(table.get("datasets"), list)
+
+
+def is_dataset_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in SUFFIXES and Path(path).is_file()
+
+
+def _table(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        return json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:  # (tomllib's and json's errors are ValueErrors)
+        raise SdtuneError(f"{path}: not a readable dataset config ({e}); fix the file") from None
+
+
+def read(path: str | Path) -> Dataset:
+    """The dataset config at ``path``, checked: every subset an existing folder, one set of options."""
+    path = Path(path)
+    table = _table(path)
+    if not is_dataset(table):
+        raise SdtuneError(f"{path}: not a kohya dataset config (it has no [[datasets]]); give a folder of images, "
+                          f"or a file with [[datasets.subsets]] image_dir = ...")
+    general = table.get("general", {})
+    subsets = []
+    for dataset in table["datasets"]:
+        shared = general | {k: v for k, v in dataset.items() if k != "subsets"}
+        for entry in dataset.get("subsets", []):
+            subsets.append(_subset(path, shared | entry))
+    if not subsets:
+        raise SdtuneError(f"{path}: no [[datasets.subsets]]; give each image folder as one, with image_dir = ...")
+    train = [s for s in subsets if not s.is_reg]
+    if not train:
+        raise SdtuneError(f"{path}: every subset is is_reg (class images); give the training images' folder as a "
+                          f"subset without is_reg")
+    options = dict(train[0].options)
+    for s in train[1:]:
+        for key in sorted(options.keys() | s.options.keys()):
+            if options.get(key) != s.options.get(key):
+                raise SdtuneError(f"{path}: {key} is {options.get(key)!r} for {train[0].image_dir} and "
+                                  f"{s.options.get(key)!r} for {s.image_dir}; sdtune trains every image with one "
+                                  f"{key}: give it once, in [general]")
+    notes = []
+    for s in subsets:
+        if s.is_reg:
+            differ = sorted(k for k in options.keys() | s.options.keys() if options.get(k) != s.options.get(k))
+            if differ:
+                notes.append(f"{path}: the class images of {s.image_dir} train with the training images' "
+                             f"options, not their own {', '.join(differ)}")
+    return Dataset(path, subsets, options, notes)
+
+
+def _subset(path: Path, entry: dict) -> Subset:
+    for key, why in REFUSED.items():
+        if entry.get(key):
+            raise SdtuneError(f"{path}: {key} = {entry[key]!r} makes {why}; give image_dir instead")
+    if not entry.get("image_dir"):
+        raise SdtuneError(f"{path}: a subset without image_dir; give each subset its folder of images")
+    repeats = entry.get("num_repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise SdtuneError(f"{path}: num_repeats = {repeats!r} for {entry['image_dir']}: must be a whole number, "
+                          f"1 or more")
+    return Subset(_folder(path, str(entry["image_dir"])), repeats, entry.get("class_tokens") or None,
+                  bool(entry.get("is_reg", False)), {k: v for k, v in entry.items() if k not in STRUCTURE})
+
+
+def _folder(path: Path, given: str) -> Path:
+    folder = Path(given).expanduser()
+    if not folder.is_absolute() and not folder.is_dir() and (path.parent / folder).is_dir():
+        folder = path.parent / folder
+    if not folder.is_dir():
+        raise SdtuneError(f"{path}: image_dir {given!r} is not a folder; give the folder of the subset's images")
+    return folder.resolve()

@@ -1,0 +1,207 @@
+"""kohya sd-scripts' dataset config (--dataset_config) as --data: its subsets are image folders with their repeats and
+class_tokens, read as N_name folders are (the same images, captions and repeats train the same weights); its options
+are settings under the --config file's and the flags; is_reg subsets are the class images; what sdtune cannot read
+is one line naming the file."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from small_runs import outline_dataset
+
+from sdtune.cli import main
+from sdtune.safeio import SdtuneError
+from sdtune.train import loop
+from sdtune.train.config import load_settings
+from sdtune.train.data import fingerprint, scan_data, split_validation
+
+
+def images(folder, n, caption=None, colour=(200, 40, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (colour[0], colour[1] + 20 * i, colour[2])).save(folder / f"{i}.png")
+        if caption is not None:
+            (folder / f"{i}.txt").write_text(f"{caption} {i}")
+    return folder
+
+
+def dataset_file(path, body):
+    path.write_text(body)
+    return path
+
+
+def test_subsets_scan_as_folders_with_their_repeats_and_class_tokens(tmp_path, monkeypatch):
+    cats = images(tmp_path / "cats", 2)  # no caption files: class_tokens is the caption
+    images(tmp_path / "more" / "dogs", 3, caption="a dog")
+    images(tmp_path / "other" / "cats", 1, caption="a second cat")  # a folder named as the first
+    images(tmp_path / "reg", 2)
+    monkeypatch.chdir(tmp_path / "more")  # relative folders: from the current folder (as sd-scripts), else the file's
+    ds = dataset_file(tmp_path / "ds.toml", f"""
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{cats}"
+  num_repeats = 10
+  class_tokens = "sks cat"
+  [[datasets.subsets]]
+  image_dir = "dogs"
+  [[datasets.subsets]]
+  image_dir = "other/cats"
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "cat"
+""")
+    scan = scan_data(ds)
+    got = [(ex.path.relative_to(tmp_path).as_posix(), ex.caption, ex.repeats, ex.name, ex.group) for ex in scan.examples]
+    assert got == [("cats/0.png", "sks cat", 10, "cats/0.png", "cats"), ("cats/1.png", "sks cat", 10, "cats/1.png", "cats"),
+                   ("more/dogs/0.png", "a dog 0", 1, "dogs/0.png", "dogs"),
+                   ("more/dogs/1.png", "a dog 1", 1, "dogs/1.png", "dogs"),
+                   ("more/dogs/2.png", "a dog 2", 1, "dogs/2.png", "dogs"),
+                   ("other/cats/0.png", "a second cat 0", 1, "cats-2/0.png", "cats-2")]
+    assert scan.folders == {"cats": {"n_repeats": 10, "img_count": 2}, "dogs": {"n_repeats": 1, "img_count": 3},
+                            "cats-2": {"n_repeats": 1, "img_count": 1}}
+    reg = scan_data(ds, reg=True)
+    assert [(ex.path.name, ex.caption, ex.group) for ex in reg.examples] == [("0.png", "cat", "reg"),
+                                                                              ("1.png", "cat", "reg")]
+    # the held-out images and the resume fingerprint go by the names, not by where the folders are
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
+    monkeypatch.chdir(moved / "more")
+    other = scan_data(dataset_file(moved / "ds.toml", ds.read_text().replace(str(cats), str(moved / "cats"))))
+    assert fingerprint(other, moved / "ds.toml") == fingerprint(scan, ds)
+    assert [ex.name for ex in split_validation(other, 0.4, moved)[1].examples] == \
+        [ex.name for ex in split_validation(scan, 0.4, tmp_path)[1].examples]
+
+
+def test_options_are_settings_under_the_config_and_the_flags(tmp_path, recwarn):
+    data = images(tmp_path / "img", 2, caption="a")
+    ds = dataset_file(tmp_path / "ds.toml", f"""
+[general]
+shuffle_caption = true
+keep_tokens = 1
+caption_extension = ".txt"
+cache_info = true
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+enable_bucket = true
+keep_tokens = 2
+  [[datasets.subsets]]
+  image_dir = "{data}"
+  flip_aug = true
+  [[datasets.subsets]]
+  image_dir = "{data}"
+  is_reg = true
+  keep_tokens = 0
+""")
+    s = load_settings(ds, {"out": str(tmp_path / "out")}, "lora", family="sd1")  # the dataset config as --config
+    assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.flip) == \
+        (str(ds.resolve()), str(ds.resolve()), True, 2, 768, 2, True, True)
+    said = {str(w.message) for w in recwarn}
+    assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
+           f"flip_aug, keep_tokens" in said
+    assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
+    # --data names it: the same; a flag is over it
+    s = load_settings(None, {"data": str(ds), "keep_tokens": 3}, "lora", family="sd1")
+    assert (s.keep_tokens, s.shuffle_captions, s.batch_size) == (3, True, 2)
+    # in sd-scripts' training config, dataset_config's folders and options replace the config's own
+    cfg = dataset_file(tmp_path / "config_lora.toml",
+                       'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "/elsewhere"\n'
+                       'dataset_config = "ds.toml"\nkeep_tokens = 5\ntrain_batch_size = 8\nlearning_rate = 1e-3\nseed = 7\n')
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    assert (s.data, s.keep_tokens, s.batch_size, s.lr, s.seed) == (str(ds.resolve()), 2, 2, 1e-3, 7)
+    assert any("train_data_dir (dataset_config's folders are used)" in str(w.message) for w in recwarn)
+
+
+@pytest.mark.parametrize("body, says", [
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nkeep_tokens = 1\n"
+     "[[datasets.subsets]]\nimage_dir = '{b}'\nkeep_tokens = 2\n",
+     "keep_tokens is 1 for {a} and 2 for {b}; sdtune trains every image with one keep_tokens: give it once, in "
+     "[general]"),
+    ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
+     "[[datasets]]\nresolution = 1024\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
+     "resolution is 512 for {a} and 1024 for {b}"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nmetadata_file = 'meta.json'\n",
+     "metadata_file = 'meta.json' makes a fine-tuning subset"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}/nothing'\n", "image_dir '{a}/nothing' is not a folder"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnum_repeats = 0\n",
+     "num_repeats = 0 for {a}: must be a whole number, 1 or more"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nis_reg = true\n", "every subset is is_reg"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncolor_aug = true\n", "sdtune does not offer color_aug"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnot_a_key = 1\n", "unknown setting for lora"),
+    ("[[datasets]\n", "not a readable dataset config"),
+])
+def test_what_sdtune_cannot_read_is_one_line_naming_the_file(tmp_path, body, says):
+    a, b = images(tmp_path / "a", 1, "x"), images(tmp_path / "b", 1, "y")
+    ds = dataset_file(tmp_path / "ds.toml", body.format(a=a, b=b))
+    with pytest.raises(SdtuneError) as e:
+        load_settings(None, {"data": str(ds)}, "lora", family="sd1")
+    assert str(e.value).startswith(f"{ds}: ") and says.format(a=a, b=b) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_class_images_of_a_dataset_config_are_for_lora_only_and_not_drawn(tmp_path):
+    a = images(tmp_path / "a", 1, "x")
+    ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
+                                            f"[[datasets.subsets]]\nimage_dir = '{a}'\nis_reg = true\n")
+    with pytest.raises(SdtuneError, match="textual inversion does not use"):
+        load_settings(None, {"data": str(ds), "token": "<t>"}, "ti", family="sd1")
+    s = load_settings(None, {"data": str(ds), "out": str(tmp_path / "out"), "class_prompt": "a cat"}, "lora", "sd1")
+    with pytest.raises(SdtuneError, match="is a dataset config"):
+        s.check()
+    s = load_settings(None, {"data": str(ds), "out": str(a / "out")}, "lora", "sd1")
+    with pytest.raises(SdtuneError, match=r"--out .* is inside --data .*ds.toml's image_dir"):
+        s.check()
+
+
+def test_a_dataset_config_trains_the_weights_its_folders_would(tmp_path, capsys):
+    """Two subsets and a reg one, through the CLI, equal --data with 2_sks shape and 1_more folders and --reg-dir."""
+    data = outline_dataset(tmp_path / "src")
+    shots = sorted(data.glob("*.png"))
+    folder = tmp_path / "folder"
+    for sub, chosen, keep_captions in (("2_sks shape", shots[:2], False), ("1_more", shots[2:], True)):
+        (folder / sub).mkdir(parents=True)
+        for shot in chosen:
+            shutil.copy(shot, folder / sub / shot.name)
+            if keep_captions:
+                shutil.copy(shot.with_suffix(".txt"), folder / sub / shot.with_suffix(".txt").name)
+    reg = images(tmp_path / "reg", 2, caption="a shape")
+    common = ["--model", "tiny-random", "--steps", "2", "--batch-size", "2", "--rank", "4", "--alpha", "4",
+              "--validation-split", "0", "--no-text-encoder", "--no-report", "--no-progress", "--sample-every", "0"]
+    assert main(["train", "lora", "--data", str(folder), "--reg-dir", str(reg), "--out", str(tmp_path / "o1"),
+                 *common]) == 0
+    ds = dataset_file(tmp_path / "ds.toml", f"""[general]
+shuffle_caption = false
+[[datasets]]
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "{folder / '1_more'}"
+  [[datasets.subsets]]
+  image_dir = "{folder / '2_sks shape'}"
+  num_repeats = 2
+  class_tokens = "sks shape"
+  [[datasets.subsets]]
+  image_dir = "{reg}"
+  is_reg = true
+""")
+    cfg = dataset_file(tmp_path / "config_lora.toml", f'pretrained_model_name_or_path = "tiny-random"\n'
+                                                      f'dataset_config = "{ds}"\noutput_dir = "{tmp_path / "o2"}"\n'
+                                                      f'network_dim = 4\nnetwork_alpha = 4\nmax_train_steps = 2\n')
+    assert main(["train", "lora", "--config", str(cfg), *common]) == 0
+    capsys.readouterr()
+    first, second = (tmp_path / o / "lora.safetensors" for o in ("o1", "o2"))
+    a, b = load_file(first), load_file(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(second), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ss_dataset_dirs"]) == {"1_more": {"n_repeats": 1, "img_count": 2},
+                                                   "2_sks shape": {"n_repeats": 2, "img_count": 2}}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"reg": {"n_repeats": 1, "img_count": 2}}
+    saved = (tmp_path / "o2" / loop.SETTINGS_FILE).read_text()
+    assert f'data = "{ds}"' in saved and f'reg_dir = "{ds}"' in saved
+    assert main(["train", "lora", "--config", str(tmp_path / "o2" / loop.SETTINGS_FILE), "--no-progress"]) == 0
+    assert "already finished" in capsys.readouterr().err  # its own settings name the same run
