@@ -155,7 +155,7 @@ def test_help_lists_every_setting_once_in_its_topics_section(capsys):
                 for t, names in config.TOPICS.items()}
         assert flags == {"options": ["--config", "--list-presets", "--print-settings", "--device", "--dtype"],
                          **{t: names for t, names in mine.items() if names}}
-    assert "the network (LoRA and LyCORIS)" in flags and "--keep-last" in flags["saves, samples and validation"]
+    assert "the network (LoRA and LyCORIS)" in flags and "--keep-last" in flags["saves, samples, validation and logs"]
 
 
 def test_settings_are_printed_saved_and_rerun_identically(dataset, tmp_path, capsys):

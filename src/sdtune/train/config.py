@@ -33,7 +33,7 @@ from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import kohya_config, kohya_dataset, optimizers, presets, samples
+from . import kohya_config, kohya_dataset, logs, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -43,6 +43,7 @@ TOKEN_LENGTHS = (75, 150, 225)  # a caption's tokens training reads: 1, 2 or 3 c
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # the error of a prediction (``diffusion.Loss``)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # how the Huber threshold follows the timestep
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+LOGGERS = ("tensorboard", "wandb", "all")  # besides loss.csv (``logs.TrainLog``)
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
 LORA_ALGOS = ("lora", "loha", "lokr", "dora")  # the algorithms a run trains (each has a trainable layer)
@@ -200,6 +201,12 @@ class TrainSettings:
                               "not used and transparency is composited on white", default=False)
     report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
                          "checkpoint (copied to best.safetensors)", default=True)
+    log_with: str = _help("where the losses and learning rates are logged besides loss.csv: tensorboard "
+                          "(OUT/tensorboard), wandb (Weights & Biases: pip install wandb; wandb login or WANDB_API_KEY, "
+                          "or WANDB_MODE=offline to keep it in OUT/wandb) or all (kohya's --log_with, diffusers' "
+                          "--report_to)", default="tensorboard")
+    log_tracker_name: str = _help("wandb: the project the run is logged in (kohya's; default sdtune)", default="")
+    wandb_run_name: str = _help("wandb: the run's name (kohya's; default: the --out folder's name)", default="")
     resume: bool = _help("continue from the resume state in --out if there is one", default=True)
     progress: bool = _help("progress bar", default=True)
     # what the trained files say of themselves in ModelSpec's keys (kohya's --metadata_* flags, under its names)
@@ -305,6 +312,14 @@ class TrainSettings:
         optimizers.check(self.optimizer, self.optimizer_args)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
+        _choice("log_with", self.log_with, LOGGERS)
+        if self.log_with in ("wandb", "all"):
+            logs.wandb_module()  # not installed: said before the run starts
+
+    def wandb_run(self) -> dict:
+        """``wandb.init``'s project, name and config for this run."""
+        return {"project": self.log_tracker_name or "sdtune", "name": self.wandb_run_name or Path(self.out).name,
+                "config": self.to_dict()}
 
     def user_metadata(self) -> dict[str, str]:
         """What the user said of the files (the metadata_* settings), by ModelSpec field."""
@@ -535,7 +550,8 @@ KINDS = {"ti": TISettings, "lora": LoraSettings}
 OUTPUT_SETTINGS = frozenset({
     "save_every", "save_every_epochs", "keep_last", "sample_every", "sample_every_epochs", "cache_latents_to_disk",
     "sample_prompts", "sample_images", "sample_steps", "sample_guidance", "sample_sampler", "validation_every",
-    "report", "formats", *(f"metadata_{name}" for name in modelspec.USER_FIELDS)})
+    "report", "formats", "log_with", "log_tracker_name", "wandb_run_name",
+    *(f"metadata_{name}" for name in modelspec.USER_FIELDS)})
 
 # --help's sections, in order: each setting's topic (every setting has one: tested), so that a hundred flags read
 # as a few short lists; a kind shows the sections it has settings in
@@ -566,10 +582,10 @@ TOPICS = {
                                   "ip_noise_gamma_random_strength",
                                   "min_timestep", "max_timestep", "zero_terminal_snr", "v_pred_like_loss",
                                   "scale_v_pred_loss_like_noise_pred"),
-    "saves, samples and validation": ("save_every", "save_every_epochs", "keep_last", "sample_every",
+    "saves, samples, validation and logs": ("save_every", "save_every_epochs", "keep_last", "sample_every",
                                       "sample_every_epochs", "sample_prompts", "sample_sampler", "sample_images",
                                       "sample_steps", "sample_guidance", "validation_dir", "validation_split",
-                                      "validation_every"),
+                                      "validation_every", "log_with", "log_tracker_name", "wandb_run_name"),
     "speed and memory": ("mixed_precision", "gradient_checkpointing", "channels_last", "share_text",
                          "flush_denormals"),
 }
@@ -675,7 +691,8 @@ OTHER_TOOLS_NAMES = {
     "debiased_estimation_loss": "debiased_estimation", "input_perturbation": "ip_noise_gamma",
     "caption_tag_dropout_rate": "caption_tag_dropout", "block_dims": "block_ranks", "enable_wildcard": "wildcards",
     "caption_dropout_every_n_epochs": "caption_dropout_every_epochs", "bucket_reso_steps": "bucket_step",
-    "enable_bucket": "buckets", "flip_aug": "flip", "optimizer_type": "optimizer", "max_resolution": "resolution"}
+    "enable_bucket": "buckets", "flip_aug": "flip", "optimizer_type": "optimizer", "max_resolution": "resolution",
+    "report_to": "log_with", "tracker_project_name": "log_tracker_name"}
 
 
 def likely_name(key: str, names) -> tuple[str | None, bool]:
@@ -750,6 +767,8 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
     if values.get("data") and kohya_dataset.is_dataset_file(values["data"]):
         values = _dataset_values(values["data"], kind, family, names) | values
+    if values.get("log_with") in ("wandb", "all"):
+        logs.wandb_module()  # not installed: said before the model loads
     return values
 
 

@@ -49,13 +49,13 @@ RENAMED = {
 # how sd-scripts runs, not what it trains: nothing to do here
 NO_EFFECT = {
     "cache_latents", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "dynamo_backend",
-    "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "logging_dir", "log_prefix", "log_with",
-    "log_tracker_name", "log_config", "max_data_loader_n_workers", "persistent_data_loader_workers",
+    "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "logging_dir", "log_prefix", "log_config", "max_data_loader_n_workers", "persistent_data_loader_workers",
     "save_model_as", "sdpa", "xformers", "mem_eff_attn", "lowram", "lowvram", "highvram", "vae_batch_size",
     "save_state", "save_state_on_train_end", "no_half_vae", "noise_offset_type", "training_comment",
     "console_log_simple", "console_log_level", "console_log_file", "huggingface_repo_id", "huggingface_token",
     "gpu_ids", "num_processes", "num_machines", "num_cpu_threads_per_process", "multi_gpu", "main_process_port",
-    "wandb_api_key", "wandb_run_name", "sample_at_first",
+    "wandb_api_key",  # (never kept: the settings go into the files trained; wandb reads WANDB_API_KEY)
+    "sample_at_first",
     "cache_info", "debug_dataset",  # a dataset config's: its image-size cache, its preview
     "validation_seed",  # sdtune holds out the same images whatever the seed (data.held_out_order)
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest

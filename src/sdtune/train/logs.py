@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from ..safeio import atomic_path, atomic_write_text
+from ..safeio import SdtuneError, atomic_path, atomic_write_text
 
 CSV_FILE = "loss.csv"
 PLOT_FILE = "loss.png"
@@ -69,20 +70,49 @@ def peak_memory() -> dict[str, int]:
     return peak
 
 
-class TrainLog:
-    """One run's loss log (a no-op on processes other than the main one)."""
+def wandb_module():
+    """Weights & Biases' package (optional: ``pip install wandb``), or one line saying how to get it."""
+    try:
+        import wandb  # (imported only by the runs that log to it: it starts a service process of its own)
+    except ImportError:
+        raise SdtuneError("--log-with wandb needs Weights & Biases' package: pip install wandb (or log with "
+                          "tensorboard)") from None
+    return wandb
 
-    def __init__(self, out: Path, start: int, enabled: bool = True):
+
+class TrainLog:
+    """One run's loss log (a no-op on processes other than the main one): loss.csv always, and TensorBoard and/or
+    Weights & Biases as ``log_with`` says ("tensorboard", "wandb", "all"). ``wandb``: the run's project, name and
+    settings (``wandb.init``'s project, name, config)."""
+
+    def __init__(self, out: Path, start: int, enabled: bool = True, log_with: str = "tensorboard",
+                 wandb: dict | None = None):
         self.out, self.enabled = Path(out), enabled
         self.rows: dict[int, dict] = {}
-        self.writer = None
+        self.writer = self.wandb = None
         if not enabled:
             return
         self.rows = {step: row for step, row in read_csv(self.out / CSV_FILE).items() if step <= start}
-        from torch.utils.tensorboard import SummaryWriter
+        if log_with in ("tensorboard", "all"):
+            from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard hides this folder's older events past ``start`` (a fresh run: all of them)
-        self.writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR), purge_step=start + 1 if start else 0)
+            # purge_step: TensorBoard hides this folder's older events past ``start`` (a fresh run: all of them)
+            self.writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR), purge_step=start + 1 if start else 0)
+        if log_with in ("wandb", "all"):
+            module = wandb_module()
+            # quiet (its advice to install Weave, its LLM tracer, comes before the settings' silence applies), and
+            # leaving the terminal's output (progress bars) alone; a resumed run is a new W&B run of the same
+            # name (W&B drops steps logged again after a kill, and its rewinding needs its server)
+            for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
+                os.environ.setdefault(name, "true")
+            self.wandb = module.init(**(wandb or {}), dir=str(self.out), settings=module.Settings(
+                silent=True, console="off"))
+
+    def _scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({name: value}, step=step)
 
     def _row(self, step: int) -> dict:
         return self.rows.setdefault(step, {"step": step, "loss": None, "lr": None, "val_loss": None})
@@ -92,22 +122,22 @@ class TrainLog:
         to TensorBoard where there are several (lr/unet, lr/text_encoder, lr/text_encoder_2, lr/embedding)."""
         if self.enabled:
             self._row(step).update(loss=loss, lr=lr)
-            self.writer.add_scalar("loss/train", loss, step)
-            self.writer.add_scalar("lr", lr, step)
+            self._scalar("loss/train", loss, step)
+            self._scalar("lr", lr, step)
             if group_lrs and len(group_lrs) > 1:
                 for name, value in group_lrs.items():
-                    self.writer.add_scalar(f"lr/{name}", value, step)
+                    self._scalar(f"lr/{name}", value, step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Other numbers of a step (a job's own, e.g. --scale-weight-norms' counts), to TensorBoard by name."""
         if self.enabled:
             for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+                self._scalar(name, value, step)
 
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:
             self._row(step)["val_loss"] = loss
-            self.writer.add_scalar("loss/validation", loss, step)
+            self._scalar("loss/validation", loss, step)
 
     def val_losses(self) -> dict[int, float]:
         return {s: r["val_loss"] for s, r in sorted(self.rows.items()) if r["val_loss"] is not None}
@@ -122,14 +152,18 @@ class TrainLog:
         for _, row in sorted(self.rows.items()):
             table.writerow({k: "" if row[k] is None else repr(row[k]) for k in COLUMNS})
         atomic_write_text(text.getvalue(), self.out / CSV_FILE)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         """Write everything, ``loss.png`` included; later calls do nothing."""
         if self.enabled:
             self.flush()
             plot(self.rows, self.out / PLOT_FILE)
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
             self.enabled = False
 
 

@@ -579,7 +579,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
-        log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process)
+        log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process, log_with=settings.log_with,
+                            wandb=settings.wandb_run() if settings.log_with in ("wandb", "all") else None)
         undo.append(log.close)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
                           model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,

@@ -25,7 +25,7 @@ BASIC = ("data", "token", "init_token", "name", "steps", "lr", "batch_size", "ra
 # settings whose allowed values config.py names as a constant
 CHOICES = {"lr_scheduler": config.SCHEDULES, "optimizer": tuple(optimizers.OPTIMIZERS), "algo": config.LORA_ALGOS,
            "save_precision": config.SAVE_PRECISIONS, "mixed_precision": config.PRECISIONS, "targets": config.TARGETS,
-           "loss_type": config.LOSS_TYPES, "huber_schedule": config.HUBER_SCHEDULES,
+           "loss_type": config.LOSS_TYPES, "huber_schedule": config.HUBER_SCHEDULES, "log_with": config.LOGGERS,
            "preset": ("", *dict.fromkeys(name for table in presets.PRESETS.values() for name in table))}
 
 

@@ -1,0 +1,97 @@
+"""--log-with wandb (kohya's --log_with, diffusers' --report_to): a run's losses and learning rates go to Weights &
+Biases as to loss.csv, quietly; run offline here (WANDB_MODE=offline) and read back from the run's own file. Without
+the package it is one line before anything loads; a kohya config's wandb keys read, its API key never kept."""
+
+import json
+import sys
+
+import pytest
+from small_runs import outline_dataset
+
+from sdtune.cli import main
+from sdtune.safeio import SdtuneError
+from sdtune.train import logs
+from sdtune.train.config import load_settings
+from sdtune.ui.trainform import to_toml
+
+wandb = pytest.importorskip("wandb")
+
+
+def history(out):
+    """(project, name, config, rows) of the offline W&B run in ``out``, read with wandb's own record reader."""
+    try:  # (wandb's own reader of its run files, which are not a public format)
+        from wandb.proto import wandb_internal_pb2
+        from wandb.sdk.internal import datastore
+    except ImportError as e:
+        pytest.skip(f"this wandb has no run-file reader where these tests read it ({e})")
+
+    [path] = out.glob("wandb/offline-run-*/run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    run, rows = None, []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows.append({k: v for k, v in row.items() if not k.startswith("_") or k == "_step"})
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    return run.project, run.display_name, config, rows
+
+
+def test_a_run_logs_to_wandb_what_loss_csv_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = outline_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(data), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", "--rank", "4", "--no-report", "--no-progress", "--log-with", "wandb",
+                 "--log-tracker-name", "shapes", "--wandb-run-name", "outline-1"]) == 0
+    said = capsys.readouterr()
+    assert not [line for line in (said.out + said.err).splitlines() if line.lower().startswith("wandb")]  # quiet
+    assert not (out / logs.TENSORBOARD_DIR).exists()  # wandb alone
+    project, name, config, rows = history(out)
+    assert (project, name) == ("shapes", "outline-1")
+    assert config["steps"] == 3 and config["rank"] == 4 and config["out"] == str(out)
+    csv = logs.read_csv(out / logs.CSV_FILE)
+    want = [{"_step": s} | ({"loss/train": r["loss"], "lr": r["lr"]} if r["loss"] is not None else {})
+            | ({"loss/validation": r["val_loss"]} if r["val_loss"] is not None else {}) for s, r in sorted(csv.items())]
+    assert rows == want and len(rows) == 4  # step 0's validation, then steps 1-3 (to the last digit)
+
+
+def test_all_logs_to_both_and_the_default_to_tensorboard_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = logs.TrainLog(tmp_path / "both", 0, log_with="all", wandb={"project": "p", "name": "n"})
+    log.train(1, 0.5, 1e-3)
+    log.close()
+    assert (tmp_path / "both" / logs.TENSORBOARD_DIR).is_dir()
+    assert history(tmp_path / "both")[3] == [{"_step": 1, "loss/train": 0.5, "lr": 1e-3}]
+    log = logs.TrainLog(tmp_path / "tb", 0)
+    log.close()
+    assert (tmp_path / "tb" / logs.TENSORBOARD_DIR).is_dir() and not (tmp_path / "tb" / "wandb").exists()
+
+
+def test_without_the_package_it_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: importing it fails
+    data = outline_dataset(tmp_path / "data")
+    assert main(["train", "ti", "--model", "no/such-model", "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--token", "<t>", "--init-token", "shape", "--log-with", "wandb"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == ("sdtune: error: --log-with wandb needs Weights & Biases' package: pip install wandb (or log with "
+                   "tensorboard)")
+
+
+def test_a_kohya_config_logs_as_it_says_and_its_api_key_is_never_kept(tmp_path, recwarn):
+    cfg = tmp_path / "config_lora.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\nlog_with = "wandb"\nlog_tracker_name = "proj"\n'
+                   'wandb_run_name = "first"\nwandb_api_key = "0123456789abcdef"\n')
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    assert (s.log_with, s.log_tracker_name, s.wandb_run_name) == ("wandb", "proj", "first")
+    assert "0123456789abcdef" not in to_toml(s)  # the settings go into settings.toml and every file trained
+    assert any("wandb_api_key" in str(w.message) for w in recwarn)
+    diffusers = tmp_path / "diffusers.toml"
+    diffusers.write_text('report_to = "wandb"\n')  # diffusers' name: refused, naming sdtune's
+    with pytest.raises(SdtuneError, match=r"'report_to' \(kohya's/diffusers' name; sdtune's is 'log_with'\)"):
+        load_settings(diffusers, {}, "lora", family="sd1")
