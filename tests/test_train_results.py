@@ -124,6 +124,11 @@ def test_loss_csv_tensorboard_and_plot(lora_run):
     assert [e.step for e in train] == [1, 2, 3, 4]
     assert [e.value for e in train] == pytest.approx([float(r[1]) for r in rows[2:]], rel=1e-6)
     assert [e.step for e in events.Scalars("loss/validation")] == [0, 2, 4]
+    # the sample grids in TensorBoard's images, as written to samples/
+    grids = events.Images("samples")
+    assert [e.step for e in grids] == [0, 2, 4]
+    with Image.open(lora_run / "samples" / "step-000004.png") as im:
+        assert (grids[-1].width, grids[-1].height) == im.size
     with Image.open(lora_run / logs.PLOT_FILE) as im:
         assert im.format == "PNG" and im.size == (800, 550)
 

@@ -58,6 +58,12 @@ def test_a_run_logs_to_wandb_what_loss_csv_holds(tmp_path, monkeypatch, capsys):
     csv = logs.read_csv(out / logs.CSV_FILE)
     want = [{"_step": s} | ({"loss/train": r["loss"], "lr": r["lr"]} if r["loss"] is not None else {})
             | ({"loss/validation": r["val_loss"]} if r["val_loss"] is not None else {}) for s, r in sorted(csv.items())]
+    # the sample grids as W&B images, at the steps samples/ has them (here the base's at 0 and the end's)
+    assert [(row["_step"], row["samples/_type"], row["samples/caption"]) for row in rows if "samples/_type" in row] \
+        == [(0, "image-file", "step-000000.png"), (3, "image-file", "step-000003.png")]
+    rows = [{k: v for k, v in row.items() if not k.startswith("samples/")} for row in rows]
+    assert [p.name for p in sorted((out / "samples").glob("*.png"))] == ["step-000000.png", "step-000003.png"]
+    assert len(list(out.glob("wandb/offline-run-*/files/media/images/samples_*.png"))) == 2
     assert rows == want and len(rows) == 4  # step 0's validation, then steps 1-3 (to the last digit)
 
 

@@ -20,7 +20,9 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..safeio import SdtuneError, atomic_path, atomic_write_text
 
@@ -89,7 +91,7 @@ class TrainLog:
                  wandb: dict | None = None):
         self.out, self.enabled = Path(out), enabled
         self.rows: dict[int, dict] = {}
-        self.writer = self.wandb = None
+        self.writer = self.wandb = self._wandb_module = None
         if not enabled:
             return
         self.rows = {step: row for step, row in read_csv(self.out / CSV_FILE).items() if step <= start}
@@ -105,6 +107,7 @@ class TrainLog:
             # name (W&B drops steps logged again after a kill, and its rewinding needs its server)
             for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
                 os.environ.setdefault(name, "true")
+            self._wandb_module = module
             self.wandb = module.init(**(wandb or {}), dir=str(self.out), settings=module.Settings(
                 silent=True, console="off"))
 
@@ -138,6 +141,16 @@ class TrainLog:
         if self.enabled:
             self._row(step)["val_loss"] = loss
             self._scalar("loss/validation", loss, step)
+
+    def image(self, name: str, step: int, path: Path) -> None:
+        """An image file of a step (a sample grid) to TensorBoard's images and W&B's media."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            with Image.open(path) as img:
+                self.writer.add_image(name, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log({name: self._wandb_module.Image(str(path), caption=path.name)}, step=step)
 
     def val_losses(self) -> dict[int, float]:
         return {s: r["val_loss"] for s, r in sorted(self.rows.items()) if r["val_loss"] is not None}

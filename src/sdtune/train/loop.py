@@ -743,7 +743,8 @@ class Session:
     def sample(self, step: int) -> None:
         prompts = samples.expand(self.settings.sample_prompts) or self.job.sample_prompts
         path = self.sample_path(step)
-        self._evaluating(lambda: sample_grid(self.base, self.settings, prompts, self.job.expand, path))
+        self._evaluating(lambda: self.log.image("samples", step, sample_grid(self.base, self.settings, prompts,
+                                                                            self.job.expand, path)))
 
     def sample_path(self, step: int) -> Path:
         return self.out / "samples" / f"step-{step:06d}.png"
