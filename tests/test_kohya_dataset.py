@@ -126,7 +126,10 @@ keep_tokens = 2
      "[[datasets]]\nresolution = 1024\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
      "resolution is 512 for {a} and 1024 for {b}"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nmetadata_file = 'meta.json'\n",
-     "metadata_file = 'meta.json' makes a fine-tuning subset"),
+     "metadata_file = 'meta.json': a fine-tuning subset's captions in sd-scripts' metadata JSON"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nconditioning_data_dir = '{b}'\n",
+     "conditioning_data_dir = '{b}': the subset's masks (--masked_loss) in another folder; sdtune reads an image's "
+     "mask beside it, as NAME.mask.png"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}/nothing'\n", "image_dir '{a}/nothing' is not a folder"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnum_repeats = 0\n",
      "num_repeats = 0 for {a}: must be a whole number, 1 or more"),

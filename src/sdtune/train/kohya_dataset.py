@@ -33,10 +33,11 @@ from ..safeio import SdtuneError
 SUFFIXES = (".toml", ".json")
 # what makes a subset, not how its images train
 STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg"}
-# kinds of subset sdtune does not read: sd-scripts' fine-tuning metadata, ControlNet's conditioning images
-REFUSED = {"metadata_file": "a fine-tuning subset (its captions in a metadata JSON); sdtune reads .txt captions "
-                            "beside the images, or a metadata.jsonl",
-           "conditioning_data_dir": "a ControlNet subset; sdtune trains LoRA and textual inversion"}
+# what sdtune reads otherwise: sd-scripts' fine-tuning captions, and masks (or ControlNet's images) in another folder
+REFUSED = {"metadata_file": "a fine-tuning subset's captions in sd-scripts' metadata JSON; sdtune reads .txt "
+                            "captions beside the images (or a metadata.jsonl there): give image_dir with those",
+           "conditioning_data_dir": "the subset's masks (--masked_loss) in another folder; sdtune reads an image's "
+                                    "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def read(path: str | Path) -> Dataset:
 def _subset(path: Path, entry: dict) -> Subset:
     for key, why in REFUSED.items():
         if entry.get(key):
-            raise SdtuneError(f"{path}: {key} = {entry[key]!r} makes {why}; give image_dir instead")
+            raise SdtuneError(f"{path}: {key} = {entry[key]!r}: {why}")
     if not entry.get("image_dir"):
         raise SdtuneError(f"{path}: a subset without image_dir; give each subset its folder of images")
     repeats = entry.get("num_repeats", 1)
