@@ -4,14 +4,16 @@ the package it is one line before anything loads; a kohya config's wandb keys re
 
 import json
 import sys
+import time
 
 import pytest
-from small_runs import outline_dataset
+from small_runs import Stop, outline_dataset, settings, stop_at
 
 from sdtune.cli import main
 from sdtune.safeio import SdtuneError
 from sdtune.train import logs
 from sdtune.train.config import load_settings
+from sdtune.train.lora import train_lora
 from sdtune.ui.trainform import to_toml
 
 wandb = pytest.importorskip("wandb")
@@ -19,13 +21,18 @@ wandb = pytest.importorskip("wandb")
 
 def history(out):
     """(project, name, config, rows) of the offline W&B run in ``out``, read with wandb's own record reader."""
+    [path] = out.glob("wandb/offline-run-*/run-*.wandb")
+    return read_run(path)
+
+
+def read_run(path):
+    """(project, name, config, rows) of the offline W&B run file ``path``."""
     try:  # (wandb's own reader of its run files, which are not a public format)
         from wandb.proto import wandb_internal_pb2
         from wandb.sdk.internal import datastore
     except ImportError as e:
         pytest.skip(f"this wandb has no run-file reader where these tests read it ({e})")
 
-    [path] = out.glob("wandb/offline-run-*/run-*.wandb")
     store = datastore.DataStore()
     store.open_for_scan(str(path))
     run, rows = None, []
@@ -101,3 +108,17 @@ def test_a_kohya_config_logs_as_it_says_and_its_api_key_is_never_kept(tmp_path, 
     diffusers.write_text('report_to = "wandb"\n')  # diffusers' name: refused, naming sdtune's
     with pytest.raises(SdtuneError, match=r"'report_to' \(kohya's/diffusers' name; sdtune's is 'log_with'\)"):
         load_settings(diffusers, {}, "lora", family="sd1")
+
+
+def test_a_resumed_run_logs_into_the_run_it_continues(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = outline_dataset(tmp_path / "data")
+    with pytest.raises(Stop):  # killed at step 3, past the save of step 2
+        train_lora(base, settings(data, tmp_path / "run", log_with="wandb"), callback=stop_at(3))
+    time.sleep(1.1)  # (an offline run's folder is named by the second it starts)
+    train_lora(base, settings(data, tmp_path / "run", log_with="wandb"))
+    files = sorted((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name  # one W&B run (its id), logged in two sittings
+    cut, resumed = (read_run(f)[3] for f in files)
+    assert [r["_step"] for r in cut] == [0, 1, 2, 3] and [r["_step"] for r in resumed] == [3, 4]
+    assert resumed[0] == cut[3]  # the step the kill cut short, logged again: the same numbers (resuming is exact)

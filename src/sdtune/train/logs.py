@@ -88,10 +88,11 @@ class TrainLog:
     settings (``wandb.init``'s project, name, config)."""
 
     def __init__(self, out: Path, start: int, enabled: bool = True, log_with: str = "tensorboard",
-                 wandb: dict | None = None):
+                 wandb: dict | None = None, wandb_id: str | None = None):
         self.out, self.enabled = Path(out), enabled
         self.rows: dict[int, dict] = {}
         self.writer = self.wandb = self._wandb_module = None
+        self.wandb_id = wandb_id  # the W&B run's id, kept in the resume state
         if not enabled:
             return
         self.rows = {step: row for step, row in read_csv(self.out / CSV_FILE).items() if step <= start}
@@ -103,13 +104,14 @@ class TrainLog:
         if log_with in ("wandb", "all"):
             module = wandb_module()
             # quiet (its advice to install Weave, its LLM tracer, comes before the settings' silence applies), and
-            # leaving the terminal's output (progress bars) alone; a resumed run is a new W&B run of the same
-            # name (W&B drops steps logged again after a kill, and its rewinding needs its server)
+            # leaving the terminal's output (progress bars) alone. A resume logs into the run it continues: the
+            # steps a kill cut short are logged again with the same values (resuming is exact), which W&B keeps once
             for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
                 os.environ.setdefault(name, "true")
             self._wandb_module = module
-            self.wandb = module.init(**(wandb or {}), dir=str(self.out), settings=module.Settings(
-                silent=True, console="off"))
+            self.wandb = module.init(**(wandb or {}), dir=str(self.out), id=wandb_id, resume="allow",
+                                     settings=module.Settings(silent=True, console="off"))
+            self.wandb_id = self.wandb.id
 
     def _scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:

@@ -580,7 +580,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
         log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process, log_with=settings.log_with,
-                            wandb=settings.wandb_run() if settings.log_with in ("wandb", "all") else None)
+                            wandb=settings.wandb_run() if settings.log_with in ("wandb", "all") else None,
+                            wandb_id=history.get("wandb_id"))
         undo.append(log.close)
         session = Session(accelerator=accelerator, base=base, settings=settings, job=job, data=data, text=text,
                           model=model, optimizer=optimizer, total=total, log=log, last_save=start or None,
@@ -704,6 +705,8 @@ class Session:
                    "snapshot_files": {str(s): [p.relative_to(self.out).as_posix() for p in files]
                                       for s, files in self.snapshot_files.items() if s not in expired},
                    "seconds": self.seconds, "spans": self.spans}
+        if self.log.wandb_id:  # a resume goes on logging into the same W&B run
+            history["wandb_id"] = self.log.wandb_id
         self.log.flush()
         atomic_save_torch({"format": STATE_FORMAT, "kind": self.job.name, "step": step,
                            "trainable": self.job.state(),
