@@ -48,6 +48,7 @@ def test_subsets_scan_as_folders_with_their_repeats_and_class_tokens(tmp_path, m
   class_tokens = "sks cat"
   [[datasets.subsets]]
   image_dir = "dogs"
+  caption_extension = ".caption"  # a subset's own extension: sdtune reads both
   [[datasets.subsets]]
   image_dir = "other/cats"
   [[datasets.subsets]]
@@ -137,6 +138,8 @@ keep_tokens = 2
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncolor_aug = true\n", "sdtune does not offer color_aug"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnot_a_key = 1\n", "unknown setting for lora"),
     ("[[datasets]\n", "not a readable dataset config"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncaption_extension = '.cap'\n",
+     "caption_extension = '.cap' for {a}: sdtune reads captions from .txt and .caption files"),
 ])
 def test_what_sdtune_cannot_read_is_one_line_naming_the_file(tmp_path, body, says):
     a, b = images(tmp_path / "a", 1, "x"), images(tmp_path / "b", 1, "y")

@@ -31,6 +31,7 @@ from pathlib import Path
 from ..safeio import SdtuneError
 
 SUFFIXES = (".toml", ".json")
+CAPTION_EXTENSIONS = (".txt", ".caption")
 # what makes a subset, not how its images train
 STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg"}
 # what sdtune reads otherwise: sd-scripts' fine-tuning captions, and masks (or ControlNet's images) in another folder
@@ -118,6 +119,10 @@ def _subset(path: Path, entry: dict) -> Subset:
             raise SdtuneError(f"{path}: {key} = {entry[key]!r}: {why}")
     if not entry.get("image_dir"):
         raise SdtuneError(f"{path}: a subset without image_dir; give each subset its folder of images")
+    extension = entry.pop("caption_extension", ".txt")  # each subset's own: sdtune reads .txt, else .caption
+    if extension not in CAPTION_EXTENSIONS:
+        raise SdtuneError(f"{path}: caption_extension = {extension!r} for {entry['image_dir']}: sdtune reads captions "
+                          f"from .txt and .caption files beside the images; rename the captions")
     repeats = entry.get("num_repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise SdtuneError(f"{path}: num_repeats = {repeats!r} for {entry['image_dir']}: must be a whole number, "
