@@ -428,6 +428,11 @@ def test_a_settings_file_fills_the_form_as_the_cli_reads_it(studio, tmp_path):
     assert (values["token"], values["num_vectors"], values["preset"], notes) == ("<w>", 3, "tiny", [])
     with pytest.raises(SdtuneError, match=r"holds \[ti\] settings, not \[lora\]; use sdtune train ti"):
         studio.file_form_values("lora", str(own))
+    dataset = tmp_path / "dataset.toml"  # kohya's dataset config: folders of the uploader's machine
+    dataset.write_text('[general]\nkeep_tokens = 1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/their/img"\n')
+    with pytest.raises(Refused, match=r"^dataset.toml: a kohya dataset config, whose folders sdtune train --data "
+                                      r"dataset.toml reads; this page trains on a dataset of the output folder"):
+        studio.file_form_values("lora", str(dataset))
     (tmp_path / "notes.toml").write_bytes(b"\xff\xfe")
     with pytest.raises(Refused, match=r"notes.toml: its contents are not a .toml settings file"):
         studio.file_form_values("lora", str(tmp_path / "notes.toml"))

@@ -69,6 +69,14 @@ def is_dataset_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES and Path(path).is_file()
 
 
+def holds_datasets(path: str | Path) -> bool:
+    """Whether the file at ``path`` is a dataset config (read, whatever its name)."""
+    try:
+        return is_dataset(_table(Path(path)))
+    except (SdtuneError, OSError):
+        return False
+
+
 def _table(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8-sig")

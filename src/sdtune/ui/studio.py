@@ -35,6 +35,7 @@ from ..safeio import SdtuneError, atomic_path, read_toml, visible_paths
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..tiny import model as tiny_model
+from ..train import kohya_dataset
 from ..train import queue as train_queue
 from ..train.data import config_steps
 from ..train.loop import SAMPLE_KEY, STATE_FILE
@@ -221,6 +222,10 @@ class Studio:
         """(the Train form's values for ``kind`` from an uploaded settings file, what reading it said): as
         ``sdtune train --config FILE`` reads it, over the page's model's preset."""
         path = check_upload(upload, "settings", self.max_upload)
+        if kohya_dataset.holds_datasets(path):  # its image folders are the uploader's, not the server's
+            raise Refused(f"{path.name}: a kohya dataset config, whose folders sdtune train --data {path.name} reads; "
+                          f"this page trains on a dataset of the output folder: pick it, and set the caption options "
+                          f"under Advanced settings")
         with said() as notes:
             values = trainform.file_values(kind, path, self._page_family())
         return values, [n.replace(str(path), path.name) for n in notes]  # the upload named as the user named it
