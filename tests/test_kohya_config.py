@@ -173,9 +173,6 @@ def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):
                    'num_vectors_per_token = 4\nuse_style_template = true\nlearning_rate = 5e-3\nxformers = true\n')
     s = load_settings(cfg, {}, "ti", family="sd1")
     assert (s.token, s.init_token, s.num_vectors, s.property, s.lr) == ("mychar", "girl", 4, "style", 5e-3)
-    cfg.write_text('pretrained_model_name_or_path = "m"\ntoken_string = "a"\nweights = "old.safetensors"\n')
-    with pytest.raises(SdtuneError, match=r"sdtune does not offer weights = 'old.safetensors'"):
-        load_settings(cfg, {}, "ti", family="sd1")
     with pytest.raises(SdtuneError, match=r"ti.toml: token_string makes it a textual inversion config; use sdtune "
                                           r"train ti$"):
         load_settings(cfg, {}, "lora", family="sd1")

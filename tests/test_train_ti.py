@@ -139,8 +139,8 @@ def test_bad_tokens_fail_clearly_and_leave_the_base_unchanged(dataset, tmp_path)
         with pytest.raises(SdtuneError, match="no init token"):
             train_ti(base, settings(dataset, tmp_path, init_token=blank))
     # an embedding file as the init "word" read as the words of its path: refused
-    with pytest.raises(SdtuneError, match=r"^--init-token emb/star.safetensors: a file's name; the new word starts "
-                                          r"from the vectors of words"):
+    with pytest.raises(SdtuneError, match=r"^--init-token emb/star.safetensors: a file's name; to start from an "
+                                          r"embedding give it as --init-embedding"):
         train_ti(base, settings(dataset, tmp_path, init_token="emb/star.safetensors"))
     assert torch.equal(table(base), before) and len(base.tokenizer) == before.shape[0]
 

@@ -824,11 +824,12 @@ def test_training_jobs_need_a_dataset_inside_the_output_folder(studio):
         studio.submit("lora", "../x", "stars", {})
     for held_out in ("images", "held-out"):
         (studio.folders.out / "datasets" / held_out).mkdir(parents=True)
-    for setting in ("validation_dir", "reg_dir"):  # the form's other folders, as the queue file's
+    for kind, setting in (("lora", "validation_dir"), ("lora", "reg_dir"), ("lora", "network_weights"),
+                          ("ti", "init_embedding")):  # the form's other folders and files, as the queue file's
         with pytest.raises(Refused, match="absolute paths are not allowed"):
-            studio.submit("lora", "", "images", {setting: "/etc"})
+            studio.submit(kind, "", "images", {setting: "/etc"})
         with pytest.raises(Refused, match="'..' leaves the output folder"):
-            studio.submit("lora", "", "images", {setting: "../../x"})
+            studio.submit(kind, "", "images", {setting: "../../x"})
     # a size the model cannot train at is refused at Start, not by the queued job (the tiny models: steps of 16)
     queued = len(studio.jobs.list())
     for kind, extra in (("lora", {}), ("ti", {"token": "<zq>", "init_token": "star"})):

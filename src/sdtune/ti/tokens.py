@@ -188,7 +188,7 @@ class EmbeddingSet:
     # ---- loading -------------------------------------------------------------------------------------------
     def add(self, emb: Embedding) -> list[str]:
         """Register ``emb``: add its token(s), append its rows to each text encoder; returns the added names."""
-        self._check_fits(emb)
+        self.check_fits(emb)
         check_token(emb.token, Path(emb.source))
         names = sub_tokens(emb.token, emb.num_vectors)
         self._check_intact()
@@ -298,7 +298,7 @@ class EmbeddingSet:
         for table in self._tables:
             table.rebuild(names, rows[table.key])
 
-    def _check_fits(self, emb: Embedding) -> None:
+    def check_fits(self, emb: Embedding) -> None:
         """The embedding has rows, of the right width, for exactly this model's text encoders, and no more than a
         prompt chunk holds."""
         if emb.num_vectors > MAX_VECTORS:

@@ -342,6 +342,9 @@ class TISettings(TrainSettings):
     token: str = _help("the new word, e.g. '<my-cat>' (required)", default="")
     init_token: str = _help("a word (or a few) close to the concept, e.g. cat or 'red hexagon': the vectors start "
                             "from its CLIP tokens", default="")
+    init_embedding: str = _help("an embedding file the new word starts from instead of --init-token's words "
+                                "(kohya's --weights; A1111 trains on an embedding it made): its vectors in each text "
+                                "encoder, --num-vectors of them", default="")
     num_vectors: int = _help("vectors of the new word. With an init text of T tokens: 1 starts from their mean; "
                              "N <= T splits them into N consecutive groups and starts each vector from its group's "
                              "mean (N = T: one token each); N > T spreads them, each token over N/T neighbouring "
@@ -360,11 +363,14 @@ class TISettings(TrainSettings):
             raise SdtuneError("no token; pass --token '<name>' (the new word your prompts will use)")
         if len(self.token.split()) != 1:
             raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
-        if not self.init_token.strip():
-            raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept)")
-        if Path(self.init_token).suffix.lower() in (".safetensors", ".pt", ".bin", ".pti"):
-            raise SdtuneError(f"--init-token {self.init_token}: a file's name; the new word starts from the "
-                              f"vectors of words, so give words close to the concept (e.g. 'red square')")
+        if self.init_embedding:
+            input_path(self.init_embedding, "embedding file", "--init-embedding")
+        elif not self.init_token.strip():
+            raise SdtuneError("no init token; pass --init-token WORD (an existing word close to the concept), or "
+                              "--init-embedding FILE (an embedding to start from)")
+        elif Path(self.init_token).suffix.lower() in (".safetensors", ".pt", ".bin", ".pti"):
+            raise SdtuneError(f"--init-token {self.init_token}: a file's name; to start from an embedding give it as "
+                              f"--init-embedding, else give words close to the concept (e.g. 'red square')")
         check_vectors("--num-vectors", self.num_vectors)
         _choice("property", self.property, ("object", "style"))
         for f in self.formats:
@@ -562,7 +568,7 @@ TOPICS = {
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
                              "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),
-    "the new word (textual inversion)": ("token", "init_token", "num_vectors", "property"),
+    "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

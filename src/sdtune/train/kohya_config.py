@@ -44,6 +44,7 @@ RENAMED = {
     "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
     # train_textual_inversion.py's
     "token_string": "token", "init_word": "init_token", "num_vectors_per_token": "num_vectors",
+    "weights": "init_embedding",
 }
 
 # how sd-scripts runs, not what it trains: nothing to do here
@@ -66,7 +67,6 @@ OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
     "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
     "lr_scheduler_type", "in_json", "token_warmup_min", "token_warmup_step",
-    "weights",  # train_textual_inversion.py's embedding to start from
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",

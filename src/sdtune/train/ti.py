@@ -28,7 +28,7 @@ from ..console import note
 from ..families import kohya_clip_skip
 from ..models import vae_swapped
 from ..safeio import SdtuneError
-from ..ti.formats import Embedding, file_stem, save_embedding
+from ..ti.formats import Embedding, file_stem, load_embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, samples, validation
 from .config import TISettings, to_toml
@@ -124,21 +124,43 @@ def init_rows(base, text: str, num_vectors: int) -> dict[str, torch.Tensor]:
     return parts
 
 
+def starting_embedding(settings: TISettings) -> Embedding | None:
+    """The embedding --init-embedding names, under the new token (None without one), checked against
+    --num-vectors; ``EmbeddingSet.add`` checks that it fits the model's text encoders."""
+    if not getattr(settings, "init_embedding", ""):
+        return None
+    emb = load_embedding(settings.init_embedding, token=settings.token)
+    if emb.num_vectors != settings.num_vectors:
+        raise SdtuneError(f"--init-embedding {settings.init_embedding}: has {emb.num_vectors} vector(s) and "
+                          f"--num-vectors is {settings.num_vectors}; give --num-vectors {emb.num_vectors}")
+    return emb
+
+
 def check_new_token(base, settings: TISettings) -> None:
-    """The token (and its sub-tokens) must be new to the tokenizer: checked first, since a known word is the one
-    fix to make whatever else the data says."""
+    """The token (and its sub-tokens) must be new to the tokenizer, and --init-embedding's vectors fit: checked
+    first, since a known word is the one fix to make whatever else the data says."""
     known = {t.lower() for t in base.tokenizer.get_vocab()}
     if any(name.lower() in known for name in sub_tokens(settings.token, settings.num_vectors)):
         raise SdtuneError(f"--token {settings.token!r} is already in the tokenizer's vocabulary (a word it knows, or "
                           f"a loaded embedding); choose a new word, e.g. '<{settings.token.strip('<>')}-1>'")
+    emb = starting_embedding(settings)
+    if emb is not None:
+        embedding_set(base).check_fits(emb)
 
 
 def add_token(base, settings: TISettings) -> list[int]:
-    """Add the token to the base's embeddings with its starting rows; returns its ids (consecutive)."""
+    """Add the token to the base's embeddings with its starting rows (--init-embedding's vectors, else from
+    --init-token's words); returns its ids (consecutive)."""
     check_new_token(base, settings)
     embeddings = embedding_set(base)
-    parts = init_rows(base, settings.init_token, settings.num_vectors)
-    embeddings.add(Embedding.from_parts(settings.token, parts, f"placeholder {settings.token}", "diffusers"))
+    emb = starting_embedding(settings)
+    if emb is None:
+        emb = Embedding.from_parts(settings.token, init_rows(base, settings.init_token, settings.num_vectors),
+                                   f"placeholder {settings.token}", "diffusers")
+    elif settings.init_token.strip():  # (kohya's configs give init_word beside weights, which win there too)
+        note(f"--init-token {settings.init_token!r} is not used: the vectors start from --init-embedding "
+             f"{settings.init_embedding}")
+    embeddings.add(emb)
     return embeddings.ids(settings.token)
 
 

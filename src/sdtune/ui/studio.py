@@ -66,8 +66,9 @@ MERGED = "merged: "  # the menu's prefix of the models merged on the page (out/m
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
 PAGE_LINK = re.compile(r'\b(src|href)="([^"]*)"')
 FILE_ROUTE = "gradio_api/file="  # Gradio's route for files under launch(allowed_paths=...), login-checked
-# the training settings that name folders: what a job reads (reg_dir: where class images are also written)
-PATH_SETTINGS = ("data", "validation_dir", "reg_dir")
+# the training settings that name folders and files: what a job reads (reg_dir: where class images are also
+# written; network_weights, init_embedding: the files a run starts from), names inside the output folder
+PATH_SETTINGS = ("data", "validation_dir", "reg_dir", "network_weights", "init_embedding")
 
 
 @functools.cache
@@ -707,8 +708,8 @@ class Studio:
             f"; saved {', '.join(renamed[:3])}{' ...' if len(renamed) > 3 else ''} (plain names)" if renamed else "")
 
     def submit(self, kind: str, name: str, dataset: str, values: dict):
-        """Queue a training job of ``kind`` from the form's values; returns the job. Folders it names (the
-        dataset, ``validation_dir``, ``reg_dir``) are names inside the output folder."""
+        """Queue a training job of ``kind`` from the form's values; returns the job. Folders and files it names
+        (the dataset, ``PATH_SETTINGS``) are names inside the output folder."""
         if kind not in trainform.KINDS:
             raise SdtuneError(f"unknown training kind {kind!r}; use ti or lora")
         name = self.folders.new_name(name, "job name") if name and name.strip() else self._job_name(kind)
@@ -716,7 +717,7 @@ class Studio:
             raise SdtuneError("no training data; pick a dataset (a folder in out/datasets) or upload images first")
         data = self.folders.child("out", f"datasets/{dataset}" if dataset and "/" not in dataset else dataset)
         values = dict(values)
-        for setting in PATH_SETTINGS:  # the other folders a form names: inside the output folder too
+        for setting in PATH_SETTINGS:  # the other folders and files a form names: inside the output folder too
             if setting != "data" and isinstance(values.get(setting), str) and values[setting].strip():
                 values[setting] = str(self.folders.child("out", values[setting].strip(), must_exist=False).resolve())
         settings = trainform.settings_for(kind, values, data=str(data.resolve()),
