@@ -21,15 +21,17 @@ def vectors(spec: str, n: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("spec, layout", [("tiny-random", "a1111"), ("tiny-xl-random", "diffusers")])
-def test_the_new_word_starts_from_the_files_vectors(tmp_path, capsys, spec, layout):
+def test_the_new_word_starts_from_the_files_vectors(tmp_path, capsys, recwarn, spec, layout):
     start = vectors(spec, 2, seed=5)
     file = tmp_path / ("start.pt" if layout == "a1111" else "start.safetensors")
     save_embedding(Embedding.from_parts("<old>", start, "made here", layout), file, format=layout)
     out = tmp_path / "run"
     assert main(["train", "ti", "--model", spec, "--data", str(outline_dataset(tmp_path / "data")), "--out", str(out),
                  "--token", "<new>", "--init-embedding", str(file), "--num-vectors", "2", "--steps", "1",
-                 "--lr", "1e-9", "--no-report", "--no-progress", "--sample-every", "0"]) == 0
+                 "--lr", "1e-9", "--no-report", "--no-progress", "--sample-every", "0", "--init-token", "star"]) == 0
     capsys.readouterr()
+    said = f"--init-token 'star' is not used: the vectors start from --init-embedding {file}"
+    assert said in {str(w.message) for w in recwarn}  # (kohya's configs give init_word beside weights)
     learned = load_embedding(out / "learned_embeds.safetensors")
     assert learned.token == "<new>" and learned.parts.keys() == start.keys()
     for key, rows in start.items():  # one step at lr 1e-9: the file's vectors, moved by about 1e-9
