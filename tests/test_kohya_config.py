@@ -133,6 +133,8 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('lr_scheduler_args = ["T_max=100"]', r"sdtune does not offer lr_scheduler_args = \['T_max=100'\]"),
     ("learning_rate = 1e-4\nlr = 2e-4", r"lr = 0.0002 and another key set lr to 0.0001; keep one"),
     ("gradient_accumulation_step = 2", r"unknown setting for lora training: 'gradient_accumulation_step'"),
+    ('resume = "/runs/last-state"', r"resume = '/runs/last-state': sd-scripts' saved state \(accelerate's\) is not one "
+                                    r"sdtune reads; continue from its last LoRA with network_weights"),
 ])
 def test_what_sdtune_cannot_do_as_the_file_says_is_one_line(tmp_path, extra, says):
     cfg = tmp_path / "c.toml"

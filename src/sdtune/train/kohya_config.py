@@ -129,6 +129,12 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
         elif key in OFF_ONLY:
             if value not in (False, 0, "", None, [], "0"):
                 refused.append(f"{key} = {value!r}")
+        elif key == "resume" and isinstance(value, str):  # sd-scripts' saved state folder, not sdtune's switch
+            if value:
+                raise SdtuneError(f"{where}: resume = {value!r}: sd-scripts' saved state (accelerate's) is not one "
+                                  f"sdtune reads; continue from its last LoRA with network_weights = 'FILE' (sdtune "
+                                  f"then keeps its own resume state in output_dir)")
+            unused.append(key)
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)
