@@ -1,5 +1,6 @@
-"""--optimizer: AdamW 8-bit, Lion, Prodigy and Adafactor step the run, keep their state across a resume, name
-themselves in the LoRA's metadata, and refuse what they cannot take in one line."""
+"""--optimizer: AdamW 8-bit (paged too), Lion (8-bit too), SGD with Nesterov momentum (8-bit too), Prodigy and
+Adafactor step the run, keep their state across a resume, name themselves in the LoRA's metadata, and refuse what
+they cannot take in one line."""
 
 import sys
 
@@ -27,7 +28,11 @@ def dataset(tmp_path_factory):
 # where a tensor has at least min_8bit_size values)
 OWN_STATE = {
     "adamw8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == s["state2"].dtype == torch.uint8),
+    "pagedadamw8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == s["state2"].dtype == torch.uint8),
     "lion": ([], lambda s: "state1" in s and "state2" not in s),
+    "lion8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8 and "state2" not in s),
+    "sgdnesterov": ([], lambda s: "momentum_buffer" in s),
+    "sgdnesterov8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8),
     "prodigy": ([], lambda s: {"s", "exp_avg", "exp_avg_sq", "p0"} <= s.keys()),
     "adafactor": ([], lambda s: "exp_avg_sq_row" in s and "exp_avg_sq_col" in s),
 }
@@ -55,7 +60,9 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
     assert any(ad.tensors["up"].abs().max() > 0 for _, _, ad in a.items())  # it learned (up starts at zero)
     said = read_metadata(whole)["ss_optimizer"]
     cls = {"adamw8bit": "bitsandbytes.optim.AdamW8bit(", "lion": "bitsandbytes.optim.Lion(",
-           "prodigy": "prodigyopt.Prodigy(", "adafactor": "transformers.optimization.Adafactor("}[name]
+           "prodigy": "prodigyopt.Prodigy(", "adafactor": "transformers.optimization.Adafactor(",
+           "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit(", "lion8bit": "bitsandbytes.optim.Lion8bit(",
+           "sgdnesterov": "torch.optim.SGD(", "sgdnesterov8bit": "bitsandbytes.optim.SGD8bit("}[name]
     assert said.startswith(cls + "weight_decay=0.01") and all(arg in said for arg in args), said
 
 
@@ -90,8 +97,8 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
         assert not (tmp_path / "out").exists()  # refused before anything was written
         return err
 
-    assert "--optimizer 'adam': choose one of adamw, adamw8bit, lion, prodigy, adafactor" in refused(
-        "--optimizer", "adam")
+    assert ("--optimizer 'adam': choose one of adamw, adamw8bit, pagedadamw8bit, lion, lion8bit, sgdnesterov, "
+            "sgdnesterov8bit, prodigy, adafactor") in refused("--optimizer", "adam")
     err = refused("--optimizer", "prodigy", "--optimizer-args", "d_coeff=2")
     assert "--optimizer-args 'd_coeff=2': Prodigy takes no 'd_coeff' (did you mean d_coef?); it takes betas, " \
            "beta3" in err

@@ -34,8 +34,16 @@ OPTIMIZERS = {
     "adamw": Optimizer("torch.optim", "AdamW", "torch", "torch's, fused on the CPU"),
     "adamw8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", "AdamW with 8-bit moments in "
                            "tensors of 4096 values or more: its state in a quarter of the memory"),
+    "pagedadamw8bit": Optimizer("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", "AdamW 8-bit whose state "
+                                "a GPU pages out to the CPU's memory when its own runs short"),
     "lion": Optimizer("bitsandbytes.optim", "Lion", "bitsandbytes",
                       "the sign of the momentum: usually a 3-10x lower --lr and higher --weight-decay than AdamW"),
+    "lion8bit": Optimizer("bitsandbytes.optim", "Lion8bit", "bitsandbytes", "Lion with its momentum in 8 bits"),
+    # kohya's SGDNesterov: Nesterov momentum, 0.9 unless --optimizer-args gives another
+    "sgdnesterov": Optimizer("torch.optim", "SGD", "torch", "SGD with Nesterov momentum (0.9)",
+                             {"nesterov": True, "momentum": 0.9}),
+    "sgdnesterov8bit": Optimizer("bitsandbytes.optim", "SGD8bit", "bitsandbytes",
+                                 "SGD with Nesterov momentum (0.9) kept in 8 bits", {"nesterov": True, "momentum": 0.9}),
     "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
                          "finds its own step size: each learning rate is a factor on it, 1.0 unless given"),
     # kohya's advice for LoRA: a fixed learning rate, no scaling by the size of the weights (which would leave a
