@@ -125,7 +125,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ("color_aug = true\nfp8_base = true", r"sdtune does not offer color_aug = True, fp8_base = True; leave them out"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
                                            r"lycoris.kohya"),
-    ('network_args = ["block_dims=2,2,2"]', r"network_args block_dims=2,2,2: not an argument sdtune reads"),
+    ('network_args = ["use_tucker=True"]', r"network_args use_tucker=True: not an argument sdtune reads"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..console import note
 from ..safeio import SdtuneError
-from . import kohya_dataset
+from . import kohya_blocks, kohya_dataset
 
 MARKERS = ("pretrained_model_name_or_path", "network_module", "token_string")  # keys sd-scripts' configs have
 
@@ -102,7 +102,7 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
         out[name] = value
 
     if kind == "lora":
-        _network(theirs, take, where)
+        _network(theirs, take, where, family)
     for key, prop in (("use_object_template", "object"), ("use_style_template", "style")):
         if theirs.pop(key, False):  # sd-scripts' templates: sdtune's when no caption names the token
             take(key, "property", prop)
@@ -226,9 +226,9 @@ def _resolution(value, where) -> int:
     return sides[0]
 
 
-def _network(theirs: dict, take, where) -> None:
-    """network_module and network_args as --algo and its settings; the text encoder trained unless
-    network_train_unet_only, as sd-scripts trains it."""
+def _network(theirs: dict, take, where, family) -> None:
+    """network_module and network_args as --algo and its settings (the block-wise ones: ``kohya_blocks``); the text
+    encoder trained unless network_train_unet_only, as sd-scripts trains it."""
     module = theirs.pop("network_module", "networks.lora")
     args = theirs.pop("network_args", [])
     parsed = dict(str(a).split("=", 1) for a in ([args] if isinstance(args, str) else args) if "=" in str(a))
@@ -253,10 +253,18 @@ def _network(theirs: dict, take, where) -> None:
                               f"{', '.join(LYCORIS_PRESETS)} (as --targets); pick one, or give targets")
         take("network_args preset", "targets", LYCORIS_PRESETS[preset])
     take("network_module", "algo", algo)
+    # (sd-scripts' defaults where the file gives no network_dim or network_alpha: 4 and 1)
+    blocks = kohya_blocks.translate(parsed, family, bool(theirs.get("sdxl")), theirs.get("network_dim", 4),
+                                    theirs.get("network_alpha", 1), where)
+    for name, value in blocks.items():
+        take("network_args (block-wise)", name, value)
+    for key in kohya_blocks.ARGS:
+        parsed.pop(key, None)
     for key, value in parsed.items():
         if key not in NETWORK_ARGS:
             raise SdtuneError(f"{where}: network_args {key}={value}: not an argument sdtune reads (it reads "
-                              f"{', '.join(NETWORK_ARGS)}, algo, dora_wd); leave it out")
+                              f"{', '.join(NETWORK_ARGS)}, algo, dora_wd, preset and the block-wise "
+                              f"{', '.join(kohya_blocks.ARGS)}); leave it out")
         take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
     if "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
         theirs.setdefault("network_alpha", 1)
