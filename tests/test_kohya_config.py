@@ -109,7 +109,13 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(lr=1e-4, te_lr=5e-5, te2_lr=2e-5)),
     ('network_module = "networks.lora"\nrandom_crop = true\nresolution = 768', dict(crop="random", resolution=768)),
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
-    ("alpha_mask = true", dict(masked_loss=True)),  # the transparency as the loss's mask, as --masked-loss reads it
+    ("alpha_mask = true", dict(masked_loss=True)),
+    # kohya_ss's LoHa: each LyCORIS switch written, False; its arguments also as one command-line string
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["preset=full", "conv_dim=4", "conv_alpha=1", "rank_dropout=0", '
+     '"module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False", "algo=loha", '
+     '"train_norm=False"]', dict(algo="loha", conv_rank=4, targets="all")),
+    ('network_module = "lycoris.kohya"\nnetwork_args = \'"algo=lokr" "factor=4" "use_cp=False" "decompose_both=False"\'',
+     dict(algo="lokr", lokr_factor=4)),  # the transparency as the loss's mask, as --masked-loss reads it
     # sd-scripts deletes the save 200 steps back: saves at 300, 400 and 500 are kept at step 500
     ("save_every_n_steps = 100\nsave_last_n_steps = 200\nsave_last_n_steps_state = 200",
      dict(save_every=100, keep_last=3)),
@@ -125,7 +131,9 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ("color_aug = true\nfp8_base = true", r"sdtune does not offer color_aug = True, fp8_base = True; leave them out"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
                                            r"lycoris.kohya"),
-    ('network_args = ["use_tucker=True"]', r"network_args use_tucker=True: not an argument sdtune reads"),
+    ('network_args = ["use_tucker=True"]', r"network_args use_tucker=True: LyCORIS's option sdtune does not train "
+                                          r"with; leave it False"),
+    ('network_args = ["block_size=4"]', r"network_args block_size=4: not an argument sdtune reads"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),

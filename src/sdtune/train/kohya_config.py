@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 from ..console import note
@@ -75,6 +76,9 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # LyCORIS's algo= names
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
+# LyCORIS's switches sdtune trains without: fine while False
+LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both",
+                    "train_on_input", "bypass_mode", "rescaled", "wd_on_out", "full_matrix", "unbalanced_factorization"}
 # network_args keys -> sdtune's settings (LyCORIS's and kohya's LoRA module's)
 NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout",
                 "module_dropout": "module_dropout", "factor": "lokr_factor", "dropout": "lora_dropout",
@@ -231,7 +235,9 @@ def _network(theirs: dict, take, where, family) -> None:
     encoder trained unless network_train_unet_only, as sd-scripts trains it."""
     module = theirs.pop("network_module", "networks.lora")
     args = theirs.pop("network_args", [])
-    parsed = dict(str(a).split("=", 1) for a in ([args] if isinstance(args, str) else args) if "=" in str(a))
+    if isinstance(args, str):  # one string of arguments, as on sd-scripts' command line: "algo=loha" "conv_dim=4"
+        args = shlex.split(args)
+    parsed = dict(str(a).split("=", 1) for a in args if "=" in str(a))
     parsed = {k.strip(): v.strip() for k, v in parsed.items()}
     if module == "networks.lora":
         algo = "lora"
@@ -260,6 +266,11 @@ def _network(theirs: dict, take, where, family) -> None:
         take("network_args (block-wise)", name, value)
     for key in kohya_blocks.ARGS:
         parsed.pop(key, None)
+    for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked
+        value = parsed.pop(key)
+        if value.lower() not in ("false", "0", ""):
+            raise SdtuneError(f"{where}: network_args {key}={value}: LyCORIS's option sdtune does not train with; "
+                              f"leave it False")
     for key, value in parsed.items():
         if key not in NETWORK_ARGS:
             raise SdtuneError(f"{where}: network_args {key}={value}: not an argument sdtune reads (it reads "
