@@ -59,6 +59,9 @@ NO_EFFECT = {
     "wandb_api_key",  # (never kept: the settings go into the files trained; wandb reads WANDB_API_KEY)
     "sample_at_first",
     "cache_info", "debug_dataset",  # a dataset config's: its image-size cache, its preview
+    "skip_cache_check", "mem_eff_save", "disable_mmap_load_safetensors", "ddp_timeout", "ddp_gradient_as_bucket_view",
+    "ddp_static_graph", "async_upload", "huggingface_path_in_repo", "huggingface_repo_type",
+    "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
     "validation_seed",  # sdtune holds out the same images whatever the seed (data.held_out_order)
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
