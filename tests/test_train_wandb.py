@@ -96,7 +96,8 @@ def test_without_the_package_it_is_one_line_before_the_model_loads(tmp_path, mon
                    "tensorboard)")
 
 
-def test_a_kohya_config_logs_as_it_says_and_its_api_key_is_never_kept(tmp_path, recwarn):
+def test_a_kohya_config_logs_as_it_says_and_its_api_key_is_never_kept(tmp_path, recwarn, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tmp_path / "config_lora.toml"
     cfg.write_text('pretrained_model_name_or_path = "m"\nlog_with = "wandb"\nlog_tracker_name = "proj"\n'
                    'wandb_run_name = "first"\nwandb_api_key = "0123456789abcdef"\n')
@@ -122,3 +123,26 @@ def test_a_resumed_run_logs_into_the_run_it_continues(base, tmp_path, monkeypatc
     cut, resumed = (read_run(f)[3] for f in files)
     assert [r["_step"] for r in cut] == [0, 1, 2, 3] and [r["_step"] for r in resumed] == [3, 4]
     assert resumed[0] == cut[3]  # the step the kill cut short, logged again: the same numbers (resuming is exact)
+
+
+def test_no_account_or_a_failing_start_is_one_line(tmp_path, monkeypatch, capsys):
+    data = outline_dataset(tmp_path / "data")
+    cmd = ["train", "ti", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "o"), "--token", "<t>",
+           "--init-token", "shape", "--steps", "1", "--log-with", "wandb", "--no-progress"]
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc login)
+    monkeypatch.setattr(type(wandb.api), "api_key", property(lambda self: None))
+    assert main(cmd) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == ("sdtune: error: --log-with wandb: Weights & Biases has no API key here; run wandb login (or set "
+                   "WANDB_API_KEY), or WANDB_MODE=offline to keep the run in OUT/wandb (wandb sync uploads it later)")
+    assert not (tmp_path / "o").exists()  # said before anything ran
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def refuse(**kwargs):
+        raise wandb.errors.CommError("could not reach the server\ndetails")
+    monkeypatch.setattr(wandb, "init", refuse)
+    assert main(cmd) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sdtune: error: --log-with wandb: CommError: could not reach the server; run wandb login")

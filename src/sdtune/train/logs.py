@@ -72,13 +72,23 @@ def peak_memory() -> dict[str, int]:
     return peak
 
 
+LOCAL_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account
+NO_ACCOUNT = ("run wandb login (or set WANDB_API_KEY), or WANDB_MODE=offline to keep the run in OUT/wandb (wandb sync "
+              "uploads it later)")
+
+
 def wandb_module():
-    """Weights & Biases' package (optional: ``pip install wandb``), or one line saying how to get it."""
+    """Weights & Biases' package (optional: ``pip install wandb``), ready to log: one line saying how to get it, or
+    how to log in, where it is not."""
     try:
         import wandb  # (imported only by the runs that log to it: it starts a service process of its own)
     except ImportError:
         raise SdtuneError("--log-with wandb needs Weights & Biases' package: pip install wandb (or log with "
                           "tensorboard)") from None
+    # (where this wandb does not say, its own login step says)
+    key = getattr(getattr(wandb, "api", None), "api_key", "unknown")
+    if key is None and os.environ.get("WANDB_MODE", "").lower() not in LOCAL_MODES:
+        raise SdtuneError(f"--log-with wandb: Weights & Biases has no API key here; {NO_ACCOUNT}")
     return wandb
 
 
@@ -109,8 +119,12 @@ class TrainLog:
             for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
                 os.environ.setdefault(name, "true")
             self._wandb_module = module
-            self.wandb = module.init(**(wandb or {}), dir=str(self.out), id=wandb_id, resume="allow",
-                                     settings=module.Settings(silent=True, console="off"))
+            try:
+                self.wandb = module.init(**(wandb or {}), dir=str(self.out), id=wandb_id, resume="allow",
+                                         settings=module.Settings(silent=True, console="off"))
+            except Exception as e:  # noqa: BLE001 - its login, network and server errors, as one line
+                raise SdtuneError(f"--log-with wandb: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                                  f"{NO_ACCOUNT}") from None
             self.wandb_id = self.wandb.id
 
     def _scalar(self, name: str, value: float, step: int) -> None:
