@@ -201,10 +201,10 @@ class TrainSettings:
                               "not used and transparency is composited on white", default=False)
     report: bool = _help("write report.html at the end: loss curves, samples, a checkpoint grid, the best "
                          "checkpoint (copied to best.safetensors)", default=True)
-    log_with: str = _help("where the losses and learning rates are logged besides loss.csv: tensorboard "
-                          "(OUT/tensorboard), wandb (Weights & Biases: pip install wandb; wandb login or WANDB_API_KEY, "
-                          "or WANDB_MODE=offline to keep it in OUT/wandb) or all (kohya's --log_with, diffusers' "
-                          "--report_to)", default="tensorboard")
+    log_with: str = _help("where the losses, learning rates and sample grids are logged besides loss.csv: "
+                          "tensorboard (OUT/tensorboard), wandb (Weights & Biases: pip install wandb; wandb login or "
+                          "WANDB_API_KEY, or WANDB_MODE=offline to keep it in OUT/wandb) or all (kohya's --log_with, "
+                          "diffusers' --report_to)", default="tensorboard")
     log_tracker_name: str = _help("wandb: the project the run is logged in (kohya's; default sdtune)", default="")
     wandb_run_name: str = _help("wandb: the run's name (kohya's; default: the --out folder's name)", default="")
     resume: bool = _help("continue from the resume state in --out if there is one", default=True)
@@ -589,9 +589,10 @@ TOPICS = {
                                   "min_timestep", "max_timestep", "zero_terminal_snr", "v_pred_like_loss",
                                   "scale_v_pred_loss_like_noise_pred"),
     "saves, samples, validation and logs": ("save_every", "save_every_epochs", "keep_last", "sample_every",
-                                      "sample_every_epochs", "sample_prompts", "sample_sampler", "sample_images",
-                                      "sample_steps", "sample_guidance", "validation_dir", "validation_split",
-                                      "validation_every", "log_with", "log_tracker_name", "wandb_run_name"),
+                                            "sample_every_epochs", "sample_prompts", "sample_sampler",
+                                            "sample_images", "sample_steps", "sample_guidance", "validation_dir",
+                                            "validation_split", "validation_every", "log_with", "log_tracker_name",
+                                            "wandb_run_name"),
     "speed and memory": ("mixed_precision", "gradient_checkpointing", "channels_last", "share_text",
                          "flush_denormals"),
 }

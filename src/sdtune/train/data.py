@@ -4,9 +4,9 @@ Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) fi
 ``metadata.jsonl``/``metadata.csv`` (Hugging Face's imagefolder layout, which diffusers' scripts read: ``file_name``
 and a ``text``/``caption``/``prompt`` column); a subfolder named ``N_name`` repeats its images N times per epoch,
 and ``name`` is the caption of its images that have no caption file. A kohya dataset config given as the data
-names such folders itself (``kohya_dataset``: each subset's folder, repeats and class tokens). Any image Pillow reads is accepted (RGBA,
-palette, grayscale, 16-bit, EXIF-rotated): it becomes 8-bit RGB, transparency composited on white. Unreadable
-files are skipped and listed.
+names such folders itself (``kohya_dataset``: each subset's folder, repeats and class tokens). Any image Pillow
+reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it becomes 8-bit RGB, transparency composited
+on white. Unreadable files are skipped and listed.
 
 Each image is resized to cover its bucket (one square size, or with bucketing the size whose aspect ratio
 is closest) and cropped. With a center crop it is encoded once by the frozen VAE and the latent
@@ -291,8 +291,9 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
     scan.examples = [e for e in scan.examples if e.repeats > 0]
     if missing:
         shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        fix = "give their subset class_tokens" if where.is_file() else "pass --default-caption TEXT"
         raise SdtuneError(f"{where}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
-                          f"(or a metadata.jsonl), or pass --default-caption TEXT")
+                          f"(or a metadata.jsonl), or {fix}")
     if not scan.examples:
         if zero:  # kohya's 0_ folders hold regularisation or held-back images, nothing to train on
             name = zero[0].group

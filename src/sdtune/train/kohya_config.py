@@ -13,6 +13,9 @@ A table is kohya's when it names the base model, the network or the token as sd-
   folder...): left out, and said in one line;
 - a feature sdtune does not have: accepted while it is off (kohya's default), refused in one line when it is on.
 
+A ``dataset_config`` (sd-scripts' dataset config, ``kohya_dataset``) becomes the run's --data, its options and
+folders replacing the config's own as in sd-scripts; ``network_args``' block-wise lists are ``kohya_blocks``'.
+
 Keys sdtune knows under its own name pass through; what fits none of these is refused as any unknown setting is.
 A key the file lacks takes the model's preset, as in any sdtune config, except the two whose sd-scripts default a
 config relies on: the text encoder is trained, and ``network_alpha`` is 1.
@@ -51,7 +54,8 @@ RENAMED = {
 # how sd-scripts runs, not what it trains: nothing to do here
 NO_EFFECT = {
     "cache_latents", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "dynamo_backend",
-    "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "logging_dir", "log_prefix", "log_config", "max_data_loader_n_workers", "persistent_data_loader_workers",
+    "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "logging_dir", "log_prefix", "log_config",
+    "max_data_loader_n_workers", "persistent_data_loader_workers",
     "save_model_as", "sdpa", "xformers", "mem_eff_attn", "lowram", "lowvram", "highvram", "vae_batch_size",
     "save_state", "save_state_on_train_end", "no_half_vae", "noise_offset_type", "training_comment",
     "console_log_simple", "console_log_level", "console_log_file", "huggingface_repo_id", "huggingface_token",
@@ -222,8 +226,8 @@ def _clip_skip(value, family) -> int:
 
 
 def _resolution(value, where) -> int:
-    """kohya's "W,H" or [W, H] (or one number): a square side; another shape is refused (sdtune's buckets keep the area of
-    the square)."""
+    """kohya's "W,H" or [W, H] (or one number): a square side; another shape is refused (sdtune's buckets keep the
+    area of the square)."""
     given = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # a dataset config's [W, H]
     sides = [int(v) for v in re.split(r"[,x ]+", given.strip()) if v]
     if len(sides) == 2 and sides[0] != sides[1]:

@@ -43,7 +43,8 @@ OPTIMIZERS = {
     "sgdnesterov": Optimizer("torch.optim", "SGD", "torch", "SGD with Nesterov momentum (0.9)",
                              {"nesterov": True, "momentum": 0.9}),
     "sgdnesterov8bit": Optimizer("bitsandbytes.optim", "SGD8bit", "bitsandbytes",
-                                 "SGD with Nesterov momentum (0.9) kept in 8 bits", {"nesterov": True, "momentum": 0.9}),
+                                 "SGD with Nesterov momentum (0.9) kept in 8 bits",
+                                 {"nesterov": True, "momentum": 0.9}),
     "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
                          "finds its own step size: each learning rate is a factor on it, 1.0 unless given"),
     # kohya's advice for LoRA: a fixed learning rate, no scaling by the size of the weights (which would leave a
