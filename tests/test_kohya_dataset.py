@@ -138,6 +138,8 @@ keep_tokens = 2
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncolor_aug = true\n", "sdtune does not offer color_aug"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnot_a_key = 1\n", "unknown setting for lora"),
     ("[[datasets]\n", "not a readable dataset config"),
+    ("general = 1\n[[datasets]]\n", "a dataset config holds a [general] table and [[datasets]] tables"),
+    ("[[datasets]]\nsubsets = ['{a}']\n", "a dataset config holds a [general] table and [[datasets]] tables"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncaption_extension = '.cap'\n",
      "caption_extension = '.cap' for {a}: sdtune reads captions from .txt and .caption files"),
 ])

@@ -83,6 +83,8 @@ def _table(path: Path) -> dict:
         return json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (UnicodeDecodeError, ValueError) as e:  # (tomllib's and json's errors are ValueErrors)
         raise SdtuneError(f"{path}: not a readable dataset config ({e}); fix the file") from None
+    except OSError as e:
+        raise SdtuneError(f"{path}: cannot be read ({e.strerror or e}); check the file") from None
 
 
 def read(path: str | Path) -> Dataset:
@@ -93,10 +95,16 @@ def read(path: str | Path) -> Dataset:
         raise SdtuneError(f"{path}: not a kohya dataset config (it has no [[datasets]]); give a folder of images, "
                           f"or a file with [[datasets.subsets]] image_dir = ...")
     general = table.get("general", {})
+    shape = f"{path}: a dataset config holds a [general] table and [[datasets]] tables, each with [[datasets.subsets]]"
+    if not isinstance(general, dict) or not all(isinstance(d, dict) for d in table["datasets"]):
+        raise SdtuneError(f"{shape}; fix its layout")
     subsets = []
     for dataset in table["datasets"]:
         shared = general | {k: v for k, v in dataset.items() if k != "subsets"}
-        for entry in dataset.get("subsets", []):
+        entries = dataset.get("subsets", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SdtuneError(f"{shape}; fix its layout")
+        for entry in entries:
             subsets.append(_subset(path, shared | entry))
     if not subsets:
         raise SdtuneError(f"{path}: no [[datasets.subsets]]; give each image folder as one, with image_dir = ...")
