@@ -2,6 +2,7 @@
 
 import html
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,12 @@ def test_lr_factor_warmup_and_schedules():
     assert f(109, 110, 10, "linear") == pytest.approx(0.01)
     with pytest.raises(SdtuneError, match="--lr-scheduler"):
         f(0, 10, 0, "exponential")
+    # kohya's warm-up as a share of the steps (its lr_warmup_steps below 1): int(share x steps), as sd-scripts
+    assert LoraSettings(lr_warmup_ratio=0.15).warmup_steps(110) == 16 and LoraSettings().warmup_steps(110) == 0
+    for ratio, steps, says in ((1.0, 0, "--lr-warmup-ratio 1.0: a share of the run's steps, from 0 up to 1"),
+                               (0.1, 5, "--lr-warmup-steps 5 and --lr-warmup-ratio 0.1: give one of them")):
+        with pytest.raises(SdtuneError, match=re.escape(says)):
+            LoraSettings(data="d", out="o", lr_warmup_ratio=ratio, lr_warmup_steps=steps).check()
 
 
 @pytest.mark.parametrize("name, kw, ours", [("cosine_with_restarts", {"num_cycles": 3}, {"cycles": 3}),

@@ -79,6 +79,8 @@ class TrainSettings:
                               "(--lr-scheduler-num-cycles cosines) | polynomial ((1 - progress)^--lr-scheduler-power)",
                               default="constant")
     lr_warmup_steps: int = 0
+    lr_warmup_ratio: float = _help("the warm-up as a share of the run's steps instead (kohya's lr_warmup_steps below "
+                                   "1): int(share x steps)", default=0.0)
     lr_scheduler_num_cycles: int = _help("cosine_with_restarts: the number of cosines, each from the full rate to 0 "
                                          "(kohya's)", default=1)
     lr_scheduler_power: float = _help("polynomial: the power of the decay to 0 (1: linear; kohya's)", default=1.0)
@@ -313,8 +315,17 @@ class TrainSettings:
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))
         _choice("log_with", self.log_with, LOGGERS)
+        if not 0 <= self.lr_warmup_ratio < 1:
+            raise SdtuneError(f"--lr-warmup-ratio {self.lr_warmup_ratio}: a share of the run's steps, from 0 up to 1")
+        if self.lr_warmup_ratio and self.lr_warmup_steps:
+            raise SdtuneError(f"--lr-warmup-steps {self.lr_warmup_steps} and --lr-warmup-ratio "
+                              f"{self.lr_warmup_ratio}: give one of them")
         if self.log_with in ("wandb", "all"):
             logs.wandb_module()  # not installed: said before the run starts
+
+    def warmup_steps(self, total: int) -> int:
+        """The learning rate's warm-up steps in a run of ``total`` steps."""
+        return self.lr_warmup_steps or int(self.lr_warmup_ratio * total)
 
     def wandb_run(self) -> dict:
         """``wandb.init``'s project, name and config for this run."""
@@ -566,7 +577,7 @@ TOPICS = {
                          "progress", "report", "metadata_title", "metadata_author", "metadata_description",
                          "metadata_license", "metadata_tags"),
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
-                             "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
+                             "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",

@@ -147,6 +147,8 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                                   f"sdtune reads; continue from its last LoRA with network_weights = 'FILE' (sdtune "
                                   f"then keeps its own resume state in output_dir)")
             unused.append(key)
+        elif key == "lr_warmup_steps" and isinstance(value, float) and 0 < value < 1:  # sd-scripts: a share
+            take(key, "lr_warmup_ratio", value)
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)

@@ -806,7 +806,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
         elif due(start, samples) and not r.sample_path(start).exists():
             r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
-            factor = lr_factor(step, r.total, s.lr_warmup_steps, s.lr_scheduler, s.lr_scheduler_num_cycles,
+            factor = lr_factor(step, r.total, s.warmup_steps(r.total), s.lr_scheduler, s.lr_scheduler_num_cycles,
                                s.lr_scheduler_power)
             for group in optimizer.param_groups:  # a group may stop early (pivotal tuning's word: --ti-steps)
                 stop = group.get("stop_after", 0)
