@@ -13,6 +13,7 @@ per evaluation (see ``validation``).
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import math
 import os
@@ -85,11 +86,26 @@ def wandb_module():
     except ImportError:
         raise SdtuneError("--log-with wandb needs Weights & Biases' package: pip install wandb (or log with "
                           "tensorboard)") from None
-    # (where this wandb does not say, its own login step says)
-    key = getattr(getattr(wandb, "api", None), "api_key", "unknown")
-    if key is None and os.environ.get("WANDB_MODE", "").lower() not in LOCAL_MODES:
+    _quiet_wandb()
+    if os.environ.get("WANDB_MODE", "").lower() not in LOCAL_MODES and _logged_in(wandb) is False:
         raise SdtuneError(f"--log-with wandb: Weights & Biases has no API key here; {NO_ACCOUNT}")
     return wandb
+
+
+def _quiet_wandb() -> None:
+    """wandb's own lines off the terminal (the user's settings win): its banner, and its advice to install Weave,
+    its LLM tracer, which comes before a run's settings' silence applies."""
+    for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
+        os.environ.setdefault(name, "true")
+
+
+def _logged_in(wandb) -> bool | None:
+    """Whether W&B has a key here, asked without a prompt or the network; None where this wandb cannot say (its
+    own start then says)."""
+    if "prompt" in inspect.signature(wandb.login).parameters:  # wandb 0.2x+: login(prompt=False) only looks
+        return bool(wandb.login(prompt=False, verify=False))
+    key = getattr(getattr(wandb, "api", None), "api_key", "unknown")  # older ones: its key, or None
+    return None if key == "unknown" else key is not None
 
 
 class TrainLog:
@@ -113,11 +129,9 @@ class TrainLog:
             self.writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR), purge_step=start + 1 if start else 0)
         if log_with in ("wandb", "all"):
             module = wandb_module()
-            # quiet (its advice to install Weave, its LLM tracer, comes before the settings' silence applies), and
-            # leaving the terminal's output (progress bars) alone. A resume logs into the run it continues: the
-            # steps a kill cut short are logged again with the same values (resuming is exact), which W&B keeps once
-            for name in ("WANDB_SILENT", "WANDB_DISABLE_WEAVE"):
-                os.environ.setdefault(name, "true")
+            # quiet, and leaving the terminal's output (progress bars) alone. A resume logs into the run it
+            # continues: the steps a kill cut short are logged again with the same values (resuming is exact),
+            # which W&B keeps once
             self._wandb_module = module
             try:
                 self.wandb = module.init(**(wandb or {}), dir=str(self.out), id=wandb_id, resume="allow",
