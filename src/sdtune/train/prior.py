@@ -4,10 +4,9 @@
 
 Every step draws a batch of each (``loop.Session.prior_inputs``). The class images come from ``--reg-dir``
 (a folder captioned like ``--data``, or a kohya dataset config's is_reg subsets; images without a caption take
-``--class-prompt``), or are made by the
-base model itself: ``--class-prompt "a photo of a dog" --num-class-images N`` draws the missing ones of N
-into ``--reg-dir`` (default ``OUT/class_images``) with the sampling settings, each with the prompt as its
-caption. They are drawn once: a second run, or a resumed one, finds them there and draws none (only the
+``--class-prompt``), or are made by the base model itself: ``--class-prompt "a photo of a dog"
+--num-class-images N`` draws the missing ones of N into ``--reg-dir`` (default ``OUT/class_images``) with the
+sampling settings, each with the prompt as its caption. They are drawn once: a second run, or a resumed one, finds them there and draws none (only the
 ones still missing when N grows). Image ``i`` is drawn with seed ``seed + i``, so a deleted file comes back
 the same.
 """
