@@ -136,7 +136,7 @@ def starting_embedding(settings: TISettings) -> Embedding | None:
     return emb
 
 
-def check_new_token(base, settings: TISettings) -> None:
+def check_new_token(base, settings: TISettings) -> Embedding | None:
     """The token (and its sub-tokens) must be new to the tokenizer, and --init-embedding's vectors fit: checked
     first, since a known word is the one fix to make whatever else the data says."""
     known = {t.lower() for t in base.tokenizer.get_vocab()}
@@ -146,14 +146,14 @@ def check_new_token(base, settings: TISettings) -> None:
     emb = starting_embedding(settings)
     if emb is not None:
         embedding_set(base).check_fits(emb)
+    return emb  # (--init-embedding's, read once)
 
 
 def add_token(base, settings: TISettings) -> list[int]:
     """Add the token to the base's embeddings with its starting rows (--init-embedding's vectors, else from
     --init-token's words); returns its ids (consecutive)."""
-    check_new_token(base, settings)
+    emb = check_new_token(base, settings)
     embeddings = embedding_set(base)
-    emb = starting_embedding(settings)
     if emb is None:
         emb = Embedding.from_parts(settings.token, init_rows(base, settings.init_token, settings.num_vectors),
                                    f"placeholder {settings.token}", "diffusers")
