@@ -38,8 +38,8 @@ def stop_at(at: int):
 
 
 def factors(path) -> dict:
-    """Each layer's tensors of a LoRA file by role, in the roles' order (a LoRA's: down, up)."""
-    return {k: tuple(a.tensors[role] for role in sorted(a.tensors)) for k, _, a in load_lora(path).items()}
+    """Each layer's tensors of a LoRA file, by "COMPONENT.PATH", in the roles' order (a LoRA's: down, up)."""
+    return {f"{comp}.{p}": tuple(a.tensors[role] for role in sorted(a.tensors)) for comp, p, a in load_lora(path).items()}
 
 
 def resumes_exactly(base, dataset, folder: Path, **kw) -> Path:

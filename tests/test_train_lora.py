@@ -10,9 +10,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
+from small_runs import factors, resumes_exactly
 
 from sdtune import families
 from sdtune.cli import main
+from sdtune.console import SdtuneWarning
 from sdtune.lora import algos
 from sdtune.lora.formats import load_lora
 from sdtune.lora.neutral import Adapter
@@ -243,6 +245,23 @@ def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, datas
                  "--no-unet"]) == 2
     assert capsys.readouterr().err.strip() == ("sdtune: error: --no-unet: leaves the LoRA nothing to train; add "
                                                "--text-encoder to train the text encoder(s) only")
+
+
+def test_te_steps_stops_the_text_encoders_there_and_resumes_exactly(base, dataset, tmp_path):
+    whole = resumes_exactly(base, dataset, tmp_path, text_encoder=True, te_steps=1)
+    final, step2 = factors(whole), factors(tmp_path / "whole" / "lora-step000002.safetensors")
+    te = [k for k in final if k.startswith("text_encoder.")]
+    unet = [k for k in final if k.startswith("unet.")]
+    assert te and unet
+    # the text encoders' layers learned in step 1 (up starts at zero) and never after; the UNet's went on
+    assert all(torch.equal(a, b) for k in te for a, b in zip(final[k], step2[k]))
+    assert any(final[k][1].abs().max() > 0 for k in te)
+    assert any(not torch.equal(final[k][1], step2[k][1]) for k in unet)
+    # a UNet-only run is told the option does nothing
+    with pytest.warns(SdtuneWarning, match="--te-steps: for the text encoders, but this run trains the UNet only"):
+        train_lora(base, settings(dataset, tmp_path / "unet", te_steps=2, steps=1, report=False))
+    with pytest.raises(SdtuneError, match=r"--te-steps -1: must be 0 \(all steps\) or more"):
+        settings(dataset, tmp_path / "bad", text_encoder=True, te_steps=-1).check()
 
 
 def test_default_caption_and_missing_captions(base, tmp_path):

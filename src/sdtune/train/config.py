@@ -420,6 +420,9 @@ class LoraSettings(TrainSettings):
                        "--network_train_text_encoder_only)", default=True)
     te_lr: float | None = _help("text-encoder learning rate (None: lr)", default=None)
     te2_lr: float | None = _help("SDXL's second text encoder's learning rate (None: te_lr)", default=None)
+    te_steps: int = _help("train the text encoder(s) only for the first N steps, then the UNet alone (diffusers' "
+                          "--train_text_encoder_frac x steps, kohya's stop_text_encoder_training; 0: all steps)",
+                          default=0)
     conv_rank: int = _help("rank of LoRA on 3x3 convs (0: none, unless targets=all, which uses rank)", default=0)
     conv_alpha: float | None = _help("None: conv_rank (with targets=all and no conv_rank: alpha)", default=None)
     lora_dropout: float = _help("dropout on each LoRA layer's input (PEFT's lora_dropout)", default=0.0)
@@ -485,6 +488,8 @@ class LoraSettings(TrainSettings):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise SdtuneError(f"--{_flag(name)} {value}: must be 0 or more")
+        if self.te_steps < 0:
+            raise SdtuneError(f"--te-steps {self.te_steps}: must be 0 (all steps) or more")
         for name in ("lora_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
@@ -581,7 +586,8 @@ TOPICS = {
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
-                                       "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "network_weights",
+                                       "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
+                                       "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",
                                        "module_dropout", "loraplus_lr_ratio", "scale_weight_norms"),
     "pivotal tuning (a new word beside the LoRA)": ("ti_token", "ti_init", "ti_vectors", "ti_lr", "ti_steps"),

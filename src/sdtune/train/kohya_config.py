@@ -73,7 +73,7 @@ NO_EFFECT = {
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
-    "dim_from_weights", "save_n_epoch_ratio", "stop_text_encoder_training", "lr_scheduler_args",
+    "dim_from_weights", "save_n_epoch_ratio", "lr_scheduler_args",
     "lr_scheduler_type", "in_json", "token_warmup_min", "token_warmup_step",
 }
 # sd-scripts' values of settings sdtune spells otherwise
@@ -152,6 +152,11 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)
+        elif key == "stop_text_encoder_training":  # train_db.py's steps of the text encoder (-1: none of them)
+            if value and value > 0:
+                take(key, "te_steps", int(value))
+            elif value:
+                refused.append(f"{key} = {value!r} (network_train_unet_only = true trains the UNet alone)")
         elif key == "network_multiplier":  # a dataset's LoRA strength in training, 1 unless changed
             if value != 1:
                 refused.append(f"{key} = {value!r}")

@@ -808,12 +808,16 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.warmup_steps(r.total), s.lr_scheduler, s.lr_scheduler_num_cycles,
                                s.lr_scheduler_power)
-            for group in optimizer.param_groups:  # a group may stop early (pivotal tuning's word: --ti-steps)
+            for group in optimizer.param_groups:  # a group may stop early (--ti-steps, --te-steps)
                 stop = group.get("stop_after", 0)
                 group["lr"] = 0.0 if stop and step >= stop else group["base_lr"] * factor
             loss = torch.zeros((), device=acc.device)
             for micro in range(s.grad_accum):
                 loss += r.micro_step(step * s.grad_accum + micro, sync=micro == s.grad_accum - 1)
+            for group in optimizer.param_groups:  # a stopped group's gradients neither count in the clipping nor
+                if group.get("stop_after", 0) and step >= group["stop_after"]:  # reach its optimizer (its moments
+                    for p in group["params"]:  # and weight decay stay where they stopped)
+                        p.grad = None
             norm = acc.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm else None
             value = float(acc.reduce(loss, "mean"))
             r.stop_if_diverged(step, value, norm)

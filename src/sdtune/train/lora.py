@@ -301,7 +301,7 @@ class Network:
             factor = self.lr_factors.get(key, 1.0)
             for role, param in layer.parts().items():
                 groups.setdefault((key[0], factor, bool(up_ratio) and role == "up"), []).append(param)
-        return [{"params": params, "lr": lrs[comp] * factor * (up_ratio if up else 1),
+        return [{"params": params, "lr": lrs[comp] * factor * (up_ratio if up else 1), "component": comp,
                  "name": (comp if factor == 1 else f"{comp} x{factor:g}") + (" up" if up else "")}
                 for (comp, factor, up), params in groups.items()]
 
@@ -512,10 +512,11 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
     settings.check()  # before the VAE is read
     loop.check_model(settings, base)
     loop.note_merged(base)
-    unused = [f"--{n.replace('_', '-')}" for n in ("te_lr", "te2_lr") if getattr(settings, n) is not None]
+    unused = [f"--{n.replace('_', '-')}" for n in ("te_lr", "te2_lr") if getattr(settings, n) is not None] + \
+        (["--te-steps"] if settings.te_steps else [])
     if unused and not settings.text_encoder:  # a kohya config may carry one for a UNet-only run: said, not refused
-        note(f"{' and '.join(unused)}: the text encoders' learning rate, but this run trains the UNet only (add "
-             f"--text-encoder to train them too); not used")
+        note(f"{' and '.join(unused)}: for the text encoders, but this run trains the UNet only (add --text-encoder "
+             f"to train them too); not used")
     elif settings.te2_lr is not None and len(base.family.text_encoders) < 2:
         note(f"--te2-lr: SDXL's second text encoder's learning rate, but {base.family.title} has one text encoder; "
              f"not used")
@@ -545,6 +546,9 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     if settings.text_encoder:
         lrs |= {te.component: lr for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))}
     groups = network.param_groups(lrs, settings.loraplus_lr_ratio)
+    for group in groups:  # --te-steps: the loop stops the text encoders' groups there (``stop_after``)
+        if group["component"] != "unet":
+            group["stop_after"] = settings.te_steps
     if settings.pivotal:
         check_captions([ex.caption for ex in scan.examples], settings.ti_token, settings.data)
     pivot = Pivot(base, settings) if settings.pivotal else None
