@@ -110,7 +110,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_module = "networks.lora"\nrandom_crop = true\nresolution = 768', dict(crop="random", resolution=768)),
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
-    ("stop_text_encoder_training = 300", dict(te_steps=300)),  # (train_db.py's; kohya_ss writes it for LoRA too)
+    ("stop_text_encoder_training = 300", dict(te_steps=300)),
+    ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),  # (train_db.py's; kohya_ss writes it for LoRA too)
     ("lr_warmup_steps = 0.1", dict(lr_warmup_ratio=0.1, lr_warmup_steps=0)),  # sd-scripts: below 1, a share
     # kohya_ss's LoHa: each LyCORIS switch written, False; its arguments also as one command-line string
     ('network_module = "lycoris.kohya"\nnetwork_args = ["preset=full", "conv_dim=4", "conv_alpha=1", "rank_dropout=0", '

@@ -1,6 +1,6 @@
-"""--optimizer: AdamW 8-bit (paged too), Lion (8-bit too), SGD with Nesterov momentum (8-bit too), Prodigy and
-Adafactor step the run, keep their state across a resume, name themselves in the LoRA's metadata, and refuse what
-they cannot take in one line."""
+"""--optimizer: AdamW 8-bit (paged too), Lion (8-bit too), SGD with Nesterov momentum (8-bit too), Prodigy,
+Adafactor and the schedule-free AdamW, RAdam and SGD step the run, keep their state across a resume, name themselves
+in the LoRA's metadata, and refuse what they cannot take in one line."""
 
 import sys
 
@@ -17,6 +17,7 @@ from sdtune.train.lora import train_lora
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("prodigyopt")
+pytest.importorskip("schedulefree")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,10 @@ OWN_STATE = {
     "sgdnesterov8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8),
     "prodigy": ([], lambda s: {"s", "exp_avg", "exp_avg_sq", "p0"} <= s.keys()),
     "adafactor": ([], lambda s: "exp_avg_sq_row" in s and "exp_avg_sq_col" in s),
+    "adamwschedulefree": (["warmup_steps=1"], lambda s: {"z", "exp_avg_sq"} <= s.keys()),
+    # (its first 5 steps only gather moments, unless told otherwise: this run has 4)
+    "radamschedulefree": (["silent_sgd_phase=False"], lambda s: {"z", "exp_avg_sq"} <= s.keys()),
+    "sgdschedulefree": (["momentum=0.8"], lambda s: "z" in s),
 }
 
 
@@ -44,6 +49,8 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
     kw = dict(optimizer=name, optimizer_args=args, flip=True, lr_scheduler="cosine", lr_warmup_steps=1)
     if name == "prodigy":
         kw["lr"] = 1.0
+    if optimizers.schedule_free(name):  # (no decaying schedule: refused below)
+        kw["lr_scheduler"] = "constant_with_warmup"
     whole = train_lora(base, settings(dataset, tmp_path / "whole", **kw))
     with pytest.raises(Stop):
         train_lora(base, settings(dataset, tmp_path / "cut", **kw), callback=stop_at(3))
@@ -62,8 +69,36 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
     cls = {"adamw8bit": "bitsandbytes.optim.AdamW8bit(", "lion": "bitsandbytes.optim.Lion(",
            "prodigy": "prodigyopt.Prodigy(", "adafactor": "transformers.optimization.Adafactor(",
            "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit(", "lion8bit": "bitsandbytes.optim.Lion8bit(",
-           "sgdnesterov": "torch.optim.SGD(", "sgdnesterov8bit": "bitsandbytes.optim.SGD8bit("}[name]
+           "sgdnesterov": "torch.optim.SGD(", "sgdnesterov8bit": "bitsandbytes.optim.SGD8bit(",
+           "adamwschedulefree": "schedulefree.AdamWScheduleFree(", "radamschedulefree": "schedulefree.RAdamScheduleFree(",
+           "sgdschedulefree": "schedulefree.SGDScheduleFree("}[name]
     assert said.startswith(cls + "weight_decay=0.01") and all(arg in said for arg in args), said
+    if optimizers.schedule_free(name):  # saved (files and state) at the averaged point
+        saved = load_state(tmp_path / "whole" / loop.STATE_FILE)[0]
+        assert not any(g["train_mode"] for g in saved["optimizer"]["param_groups"])
+
+
+def test_schedule_free_validates_samples_and_saves_the_average_and_steps_from_the_gradient_point():
+    """x (the average: what is used and saved) and y (where gradients are taken) are blends of each other and the
+    optimizer's z: y = (1 - b1) z + b1 x. ``set_averaged`` moves between them, once, whichever the optimizer is."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = optimizers.build("adamwschedulefree", [], [{"params": [weight]}], 0.1, 0.0, torch.device("cpu"))
+    optimizers.set_averaged(optimizer, False)
+    for grad in (1.0, -2.0, 0.5):
+        weight.grad = torch.full((3,), grad)
+        optimizer.step()
+    y, z = weight.detach().clone(), optimizer.state[weight]["z"]
+    optimizers.set_averaged(optimizer, True)
+    x = weight.detach().clone()
+    assert not torch.allclose(x, y) and torch.allclose(0.1 * z + 0.9 * x, y, atol=1e-6)
+    optimizers.set_averaged(optimizer, True)  # already there: no change
+    assert torch.equal(weight.detach(), x)
+    optimizers.set_averaged(optimizer, False)
+    assert torch.allclose(weight.detach(), y, atol=1e-6)
+    plain = optimizers.build("adamw", [], [{"params": [weight]}], 0.1, 0.0, torch.device("cpu"))
+    before = weight.detach().clone()
+    optimizers.set_averaged(plain, True)  # one point only
+    assert torch.equal(weight.detach(), before)
 
 
 def test_prodigy_takes_lr_1_unless_given_and_logs_the_step_size_it_found(base, dataset, tmp_path):
@@ -98,7 +133,11 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
         return err
 
     assert ("--optimizer 'adam': choose one of adamw, adamw8bit, pagedadamw8bit, lion, lion8bit, sgdnesterov, "
-            "sgdnesterov8bit, prodigy, adafactor") in refused("--optimizer", "adam")
+            "sgdnesterov8bit, prodigy, adamwschedulefree, radamschedulefree, sgdschedulefree, adafactor") in refused(
+        "--optimizer", "adam")
+    assert ("--optimizer adamwschedulefree --lr-scheduler cosine: a schedule-free optimizer averages its steps "
+            "instead of decaying the rate; use --lr-scheduler constant (or constant_with_warmup)") in refused(
+        "--optimizer", "AdamWScheduleFree", "--lr-scheduler", "cosine")
     err = refused("--optimizer", "prodigy", "--optimizer-args", "d_coeff=2")
     assert "--optimizer-args 'd_coeff=2': Prodigy takes no 'd_coeff' (did you mean d_coef?); it takes betas, " \
            "beta3" in err

@@ -311,6 +311,10 @@ class TrainSettings:
             raise SdtuneError(f"--min-timestep {self.min_timestep} --max-timestep {self.max_timestep}: the range is "
                               f"empty; give a min below the max")
         _choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
+        if optimizers.schedule_free(self.optimizer) and self.lr_scheduler in SCHEDULES_OVER_RUN:
+            raise SdtuneError(f"--optimizer {self.optimizer} --lr-scheduler {self.lr_scheduler}: a schedule-free "
+                              f"optimizer averages its steps instead of decaying the rate; use --lr-scheduler "
+                              f"constant (or constant_with_warmup)")
         optimizers.check(self.optimizer, self.optimizer_args)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("crop", self.crop, ("center", "random"))

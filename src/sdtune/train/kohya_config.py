@@ -79,7 +79,8 @@ OFF_ONLY = {
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
               "lion8bit": "lion8bit", "sgdnesterov": "sgdnesterov", "sgdnesterov8bit": "sgdnesterov8bit",
-              "prodigy": "prodigy", "adafactor": "adafactor"}
+              "prodigy": "prodigy", "adafactor": "adafactor", "adamwschedulefree": "adamwschedulefree",
+              "radamschedulefree": "radamschedulefree", "sgdschedulefree": "sgdschedulefree"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # LyCORIS's algo= names
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets

@@ -685,6 +685,7 @@ class Session:
 
     def save(self, step: int, final: bool) -> None:
         acc = self.accelerator
+        optimizers.set_averaged(self.optimizer, True)  # (schedule-free: the averaged weights, and the state so)
         acc.wait_for_everyone()
         main_first(lambda: self._write_save(step, final))  # a failed write stops every process, with its message
         self.last_save = step
@@ -746,6 +747,7 @@ class Session:
     def sample(self, step: int) -> None:
         prompts = samples.expand(self.settings.sample_prompts) or self.job.sample_prompts
         path = self.sample_path(step)
+        optimizers.set_averaged(self.optimizer, True)
         self._evaluating(lambda: self.log.image("samples", step, sample_grid(self.base, self.settings, prompts,
                                                                             self.job.expand, path)))
 
@@ -756,6 +758,7 @@ class Session:
         """The validation loss at ``step``: logged, and printed with enough digits to compare runs."""
         if self.job.validation is None:
             return
+        optimizers.set_averaged(self.optimizer, True)
 
         def measure():
             with self.accelerator.autocast():
@@ -808,6 +811,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.warmup_steps(r.total), s.lr_scheduler, s.lr_scheduler_num_cycles,
                                s.lr_scheduler_power)
+            optimizers.set_averaged(optimizer, False)  # (schedule-free: back where the gradients are taken)
             for group in optimizer.param_groups:  # a group may stop early (--ti-steps, --te-steps)
                 stop = group.get("stop_after", 0)
                 group["lr"] = 0.0 if stop and step >= stop else group["base_lr"] * factor

@@ -3,7 +3,8 @@ those kohya's and diffusers' users train LoRAs with. Each is a class in a packag
 groups with the run's ``lr`` (per group) and ``weight_decay``; ``--optimizer-args`` gives its other keyword
 arguments as ``key=value`` (kohya's ``--optimizer_args``), each checked against the class's own.
 
-The packages outside sdtune's dependencies (bitsandbytes, prodigyopt) are imported when a run asks for them.
+The packages outside sdtune's dependencies (bitsandbytes, prodigyopt, schedulefree) are imported when a run asks
+for them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ OPTIMIZERS = {
                                  {"nesterov": True, "momentum": 0.9}),
     "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
                          "finds its own step size: each learning rate is a factor on it, 1.0 unless given"),
+    # schedule-free (Defazio et al. 2024): the gradient is taken at one point (y) and the weights used and saved
+    # are an average (x), which stands in for a decaying schedule (``set_averaged``)
+    "adamwschedulefree": Optimizer("schedulefree", "AdamWScheduleFree", "schedulefree", "AdamW with no schedule: "
+                                   "the saved weights are an average of the steps (--lr-scheduler constant; a warm-up "
+                                   "as usual)"),
+    "radamschedulefree": Optimizer("schedulefree", "RAdamScheduleFree", "schedulefree", "schedule-free RAdam: no "
+                                   "warm-up needed either"),
+    "sgdschedulefree": Optimizer("schedulefree", "SGDScheduleFree", "schedulefree", "schedule-free SGD with momentum "
+                                 "(0.9): a --lr near 1, as for SGD"),
     # kohya's advice for LoRA: a fixed learning rate, no scaling by the size of the weights (which would leave a
     # LoRA's zero-initialised up matrices almost still)
     "adafactor": Optimizer("transformers.optimization", "Adafactor", "transformers", "factored second moments",
@@ -119,6 +129,7 @@ def check(name: str, items: list[str]) -> None:
         return
     weight = torch.nn.Parameter(torch.ones(4, 4))
     optimizer = build(name, items, [{"params": [weight]}], 1e-3, 0.0, torch.device("cpu"))
+    set_averaged(optimizer, False)
     weight.grad = torch.full_like(weight, 0.5)
     try:
         optimizer.step()
@@ -151,6 +162,21 @@ def describe(name: str, items: list[str], weight_decay: float) -> str:
     choice = OPTIMIZERS[name]
     args = {"weight_decay": weight_decay, **parse_args(name, items)}
     return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
+
+
+def schedule_free(name: str) -> bool:
+    return OPTIMIZERS[name].module == "schedulefree"
+
+
+def set_averaged(optimizer, on: bool) -> None:
+    """A schedule-free optimizer's parameters at their average x (``on``: what validation, the samples and the saved
+    files use) or at the point its gradients are taken (y, for the steps); no change when already there, none for
+    other optimizers, which have one point. x and y are each a blend of the other and the optimizer's z, so a switch
+    there and back is not exact to the last bit: a run switches at its saves, validations and samples only, and a
+    resumed run (saved at x) does the same from there."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
+    if "train_mode" in inner.param_groups[0]:  # schedulefree's mark of the point its parameters are at
+        (inner.eval if on else inner.train)()
 
 
 def step_size(group: dict) -> float:
