@@ -101,27 +101,34 @@ keep_tokens = 2
 """)
     s = load_settings(ds, {"out": str(tmp_path / "out")}, "lora", family="sd1")  # the dataset config as --config
     assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.flip) == \
-        (str(ds.resolve()), str(ds.resolve()), True, 2, 768, 2, True, True)
+        (str(ds.resolve()), str(ds.resolve()), True, 0, 768, 2, True, True)
     said = {str(w.message) for w in recwarn}
     assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
-           f"flip_aug, keep_tokens" in said
+           f"flip_aug" in said
     assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
-    # --data names it: the same; a flag is over it
-    s = load_settings(None, {"data": str(ds), "keep_tokens": 3}, "lora", family="sd1")
-    assert (s.keep_tokens, s.shuffle_captions, s.batch_size) == (3, True, 2)
+    # keep_tokens differs between the subsets: each image's own (the class images' too)
+    assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2}] * 2
+    assert [ex.options for ex in scan_data(ds, reg=True).examples] == [{"keep_tokens": 0}] * 2
+    # --data names it: the same; a flag is over it, but not over an option each subset gives its own of
+    s = load_settings(None, {"data": str(ds), "shuffle_captions": False}, "lora", family="sd1")
+    assert (s.shuffle_captions, s.batch_size) == (False, 2)
+    with pytest.raises(SdtuneError, match=rf"^--keep-tokens 3: {ds} gives its subsets their own keep_tokens; leave "
+                                          rf"--keep-tokens out, or give keep_tokens once in the file's \[general\]$"):
+        load_settings(None, {"data": str(ds), "keep_tokens": 3}, "lora", family="sd1")
     # in sd-scripts' training config, dataset_config's folders and options replace the config's own
     cfg = dataset_file(tmp_path / "config_lora.toml",
                        'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "/elsewhere"\n'
                        'dataset_config = "ds.toml"\nkeep_tokens = 5\ntrain_batch_size = 8\nlearning_rate = 1e-3\nseed = 7\n')
     s = load_settings(cfg, {}, "lora", family="sd1")
-    assert (s.data, s.keep_tokens, s.batch_size, s.lr, s.seed) == (str(ds.resolve()), 2, 2, 1e-3, 7)
+    # (its keep_tokens = 5 too: the subsets give their own)
+    assert (s.data, s.keep_tokens, s.batch_size, s.lr, s.seed) == (str(ds.resolve()), 0, 2, 1e-3, 7)
     assert any("train_data_dir (dataset_config's folders are used)" in str(w.message) for w in recwarn)
 
 
 @pytest.mark.parametrize("body, says", [
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nkeep_tokens = 1\n"
-     "[[datasets.subsets]]\nimage_dir = '{b}'\nkeep_tokens = 2\n",
-     "keep_tokens is 1 for {a} and 2 for {b}; sdtune trains every image with one keep_tokens: give it once, in "
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nflip_aug = true\n"
+     "[[datasets.subsets]]\nimage_dir = '{b}'\nflip_aug = false\n",
+     "flip_aug is True for {a} and False for {b}; sdtune trains every image with one flip_aug: give it once, in "
      "[general]"),
     ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
      "[[datasets]]\nresolution = 1024\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
@@ -213,3 +220,46 @@ batch_size = 2
     assert f'data = "{ds}"' in saved and f'reg_dir = "{ds}"' in saved
     assert main(["train", "lora", "--config", str(tmp_path / "o2" / loop.SETTINGS_FILE), "--no-progress"]) == 0
     assert "already finished" in capsys.readouterr().err  # its own settings name the same run
+
+
+def test_each_subsets_caption_options_train_as_its_captions_with_them_written_in(tmp_path, capsys):
+    """A subset's own prefix, suffix and kept tags (sd-scripts lets each subset give its own) train the weights that
+    captions with the prefix and suffix written in do, through the CLI; the text encoder reads them cached."""
+    data = outline_dataset(tmp_path / "src")
+    shots = sorted(data.glob("*.png"))
+    folder, plain = tmp_path / "folder", tmp_path / "plain"
+    for sub, chosen, edit in (("1_a", shots[:2], "sks, {}"), ("1_b", shots[2:], "{} in outline style")):
+        for root, text in ((folder, edit), (plain, "{}")):
+            (root / sub).mkdir(parents=True)
+            for shot in chosen:
+                shutil.copy(shot, root / sub / shot.name)
+                caption = shot.with_suffix(".txt").read_text().strip()
+                (root / sub / shot.with_suffix(".txt").name).write_text(text.format(caption))
+    common = ["--model", "tiny-random", "--steps", "2", "--batch-size", "2", "--rank", "4", "--alpha", "4",
+              "--validation-split", "0", "--no-text-encoder", "--no-report", "--no-progress", "--sample-every", "0"]
+    assert main(["train", "lora", "--data", str(folder), "--out", str(tmp_path / "o1"), *common]) == 0
+    ds = dataset_file(tmp_path / "ds.toml", f"""[general]
+keep_tokens = 1
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{plain / '1_a'}"
+  caption_prefix = "sks,"
+  [[datasets.subsets]]
+  image_dir = "{plain / '1_b'}"
+  caption_suffix = "in outline style"
+  keep_tokens = 2
+""")
+    scan = scan_data(ds)
+    assert [ex.options for ex in scan.examples] == [{"caption_prefix": "sks,", "caption_suffix": "", "keep_tokens": 1}] \
+        * 2 + [{"caption_prefix": "", "caption_suffix": "in outline style", "keep_tokens": 2}] * 2
+    assert main(["train", "lora", "--data", str(ds), "--out", str(tmp_path / "o2"), *common]) == 0
+    a, b = (load_file(tmp_path / o / "lora.safetensors") for o in ("o1", "o2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the validation loss (on the training images, their captions as trained) is the same too
+    said = capsys.readouterr().err
+    assert said.count("step 2: validation loss") == 2
+    assert len({line for line in said.splitlines() if line.startswith("step 2: validation loss")}) == 1
+    # an edited subset option is another run's data: no resume under it
+    ds.write_text(ds.read_text().replace('"sks,"', '"sks2,"'))
+    assert main(["train", "lora", "--data", str(ds), "--out", str(tmp_path / "o2"), *common, "--steps", "3"]) != 0
+    assert "changed since this run was saved" in capsys.readouterr().err

@@ -794,15 +794,21 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
     if values.get("data") and kohya_dataset.is_dataset_file(values["data"]):
-        values = _dataset_values(values["data"], kind, family, names) | values
+        values = _dataset_values(values["data"], kind, family, names, values) | values
     if values.get("log_with") in ("wandb", "all"):
         logs.wandb_module()  # not installed: said before the model loads
     return values
 
 
-def _dataset_values(path: str, kind: str, family, names: set[str]) -> dict:
+def _dataset_values(path: str, kind: str, family, names: set[str], given: dict) -> dict:
     """The settings a kohya dataset config given as --data holds (its caption and bucket options, its class
-    images), under those the --config file and the flags give."""
+    images), under those the --config file and the flags give (``given``); a caption option its subsets each give
+    their own of cannot also be given for all."""
+    for key in kohya_dataset.read(path).varying:
+        name = kohya_dataset.VARYING[key]
+        if name in given:
+            raise SdtuneError(f"--{_flag(name)} {given[name]!r}: {path} gives its subsets their own {key}; leave "
+                              f"--{_flag(name)} out, or give {key} once in the file's [general]")
     table, unused = kohya_config.dataset_settings(path, kind, family)
     if unused:
         note(f"{path}: {', '.join(unused)} change nothing sdtune trains and are not used")

@@ -68,6 +68,7 @@ class Example:
     repeats: int = 1
     name: str = ""  # its path inside the data ("10_cat/a.png"): the same wherever the folder is moved
     group: str = "."  # the folder kohya's metadata counts it in (ss_dataset_dirs): its N_name folder, or "."
+    options: dict = field(default_factory=dict)  # its own caption settings (a dataset config's subset), over the run's
 
 
 @dataclass
@@ -201,6 +202,7 @@ class _Source:
     group: str
     names_from: Path
     prefix: str = ""
+    options: dict = field(default_factory=dict)  # the caption settings of its images (``Example.options``)
 
 
 def scan_data(data: str | Path, default_caption: str | None = None, require_captions: bool = True,
@@ -219,7 +221,8 @@ def scan_data(data: str | Path, default_caption: str | None = None, require_capt
         group = next(g for g in (s.image_dir.name, *(f"{s.image_dir.name}-{i}" for i in range(2, 10**6)))
                      if g not in taken)
         taken.add(group)
-        groups.append(_Source(s.image_dir, s.repeats, s.class_tokens, False, group, s.image_dir, group + "/"))
+        groups.append(_Source(s.image_dir, s.repeats, s.class_tokens, False, group, s.image_dir, group + "/",
+                              dataset.own_options(s)))
         deeper = [p for p in s.image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                   and _image_files(p, True)]
         if deeper:  # sd-scripts reads a subset's own folder, not its subfolders
@@ -278,7 +281,7 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
             if caption is None and require_captions:
                 missing.append(image)
             name = source.prefix + image.relative_to(source.names_from).as_posix()
-            scan.examples.append(Example(image, caption, source.repeats, name, source.group))
+            scan.examples.append(Example(image, caption, source.repeats, name, source.group, source.options))
             count += 1
         if count and source.repeats > 0:
             scan.folders[source.group] = {"n_repeats": source.repeats, "img_count": count}
@@ -324,13 +327,15 @@ def held_out_order(scan: Scan) -> list[Example]:
 def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
     """What identifies a folder's training data for a resume: its images (by path inside ``root``, so that a moved
     or copied folder still matches), their captions and repeats, and the images' bytes (an edited image keeps its
-    name and often its size). {"images": n, "sha256": of the names and captions, "content": of the bytes}. Reading
+    name and often its size), with a dataset config's caption settings per subset. {"images": n, "sha256": of the
+    names and captions, "content": of the bytes}. Reading
     every image once costs little beside the training that decodes them all. ``root`` defaults to the folder the
     images share."""
     root = Path(root or os.path.commonpath([ex.path.parent for ex in scan.examples] or ["."]))
     examples = sorted(scan.examples, key=lambda ex: ex.path)
     rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.name or ex.path.name,
-                   ex.path.stat().st_size, ex.caption, ex.repeats) for ex in examples)
+                   ex.path.stat().st_size, ex.caption, ex.repeats)
+                  + ((repr(sorted(ex.options.items())),) if ex.options else ()) for ex in examples)
     content = hashlib.sha256()
     for ex in examples:
         with open(ex.path, "rb") as f:
@@ -551,18 +556,24 @@ def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_t
     return text
 
 
-def caption_options(settings) -> dict:
-    """The ``process_caption`` options of a run's settings."""
-    return dict(shuffle=settings.shuffle_captions, keep_tokens=settings.keep_tokens,
-                dropout=settings.caption_dropout, tag_dropout=settings.caption_tag_dropout,
-                separator=settings.keep_tokens_separator, group=settings.secondary_separator,
-                prefix=settings.caption_prefix, suffix=settings.caption_suffix, wildcards=settings.wildcards)
+# ``process_caption``'s options -> the settings that give them
+CAPTION_SETTINGS = {"shuffle": "shuffle_captions", "keep_tokens": "keep_tokens", "dropout": "caption_dropout",
+                    "tag_dropout": "caption_tag_dropout", "separator": "keep_tokens_separator",
+                    "group": "secondary_separator", "prefix": "caption_prefix", "suffix": "caption_suffix",
+                    "wildcards": "wildcards"}
 
 
-def steady_caption(text: str, settings) -> str:
+def caption_options(settings, own: dict | None = None) -> dict:
+    """The ``process_caption`` options of a run's settings, ``own`` (an example's ``options``) over them."""
+    own = own or {}
+    return {option: own.get(name, getattr(settings, name)) for option, name in CAPTION_SETTINGS.items()}
+
+
+def steady_caption(text: str, settings, own: dict | None = None) -> str:
     """A caption as training reads it less its random parts (dropouts, shuffling): separators out, prefix and
-    suffix on. What the samples, the report and the validation loss use."""
-    opts = caption_options(settings) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0, wildcards=False)
+    suffix on (``own``: an example's own caption settings). What the samples, the report and the validation loss
+    use."""
+    opts = caption_options(settings, own) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0, wildcards=False)
     return process_caption(pick_wildcards(text, None) if settings.wildcards else text, random.Random(0), **opts)
 
 
@@ -608,7 +619,8 @@ class TrainingSet:
                  cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
                  templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
                  masked: bool = False):
-        """``captions``: the ``process_caption`` options (``caption_options``); ``empty_every``: every Nth epoch
+        """``captions``: the ``process_caption`` options (``caption_options``), an example's own ``options`` over
+        them (a dataset config's subset may give its own); ``empty_every``: every Nth epoch
         trains with empty captions (kohya's caption_dropout_every_n_epochs); ``cache``: a ``LatentCache`` that
         keeps the encodings on disk."""
         if crop not in ("center", "random"):
@@ -618,6 +630,9 @@ class TrainingSet:
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
         self.caption_opts = dict(captions or {})
+        # each example's: the run's, its own caption settings over them (settings' names -> process_caption's)
+        names = {name: option for option, name in CAPTION_SETTINGS.items()}
+        self.example_opts = [self.caption_opts | {names[k]: v for k, v in ex.options.items()} for ex in scan.examples]
         self.empty_every = empty_every
         self.templates = templates
         sizes = bucket_sizes(resolution, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets \
@@ -694,21 +709,32 @@ class TrainingSet:
     @property
     def captions_vary(self) -> bool:
         """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
-        if self.caption_opts.get("wildcards") and any(has_wildcards(t) for t in self._texts()):
-            return True
-        return self.caption_opts.get("shuffle", False) or self.caption_opts.get("tag_dropout", 0) > 0
+        for opts, texts in self._texts():
+            if opts.get("wildcards") and any(has_wildcards(t) for t in texts):
+                return True
+            if opts.get("shuffle", False) or opts.get("tag_dropout", 0) > 0:
+                return True
+        return False
 
-    def _texts(self) -> set[str]:
-        return set(self.templates) if self.templates is not None else {ex.caption or "" for ex in self.scan.examples}
+    def _texts(self) -> list[tuple[dict, set[str]]]:
+        """The texts a batch draws from, each set with the caption options they are read with."""
+        if self.templates is not None:  # (prompt templates: the run's options)
+            return [(self.caption_opts, set(self.templates))]
+        by_opts: dict[str, tuple[dict, set[str]]] = {}
+        for ex, opts in zip(self.scan.examples, self.example_opts):
+            by_opts.setdefault(repr(sorted(opts.items())), (opts, set()))[1].add(ex.caption or "")
+        return list(by_opts.values())
 
     def possible_captions(self) -> list[str]:
         """Every caption a batch can hold (when they don't vary), for caching text-encoder outputs."""
-        texts = self._texts()
-        steady = self.caption_opts | dict(dropout=0.0)  # (they do not vary: no shuffling, tag dropout or wildcards)
-        texts = {process_caption(t, random.Random(0), **steady) for t in texts}
-        if self.caption_opts.get("dropout", 0) > 0 or self.empty_every:
-            texts.add("")
-        return sorted(texts)
+        found = set()
+        for opts, texts in self._texts():  # (they do not vary: no shuffling, tag dropout or wildcards)
+            found |= {process_caption(t, random.Random(0), **(opts | dict(dropout=0.0))) for t in texts}
+            if opts.get("dropout", 0) > 0:
+                found.add("")
+        if self.empty_every:
+            found.add("")
+        return sorted(found)
 
     def time_ids(self, i: int, flipped: bool = False, where: tuple[float, float] = (0.5, 0.5)) -> list[float]:
         """SDXL time ids of image ``i`` cropped at ``where`` (center crops: the middle), flipped or not."""
@@ -779,7 +805,8 @@ class TrainingSet:
         empty = bool(self.empty_every) and (number // per_epoch + 1) % self.empty_every == 0  # kohya counts from 1
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
-            captions.append("" if empty else process_caption(text, rng, **self.caption_opts))
+            opts = self.caption_opts if self.templates is not None else self.example_opts[i]
+            captions.append("" if empty else process_caption(text, rng, **opts))
         return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
 
 

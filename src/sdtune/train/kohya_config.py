@@ -201,7 +201,7 @@ def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
     for key in ("train_data_dir", "reg_data_dir"):
         if theirs.pop(key, None):
             unused.append(f"{key} (dataset_config's folders are used)")
-    for key in dataset.options:  # (a dataset's batch_size is the config's train_batch_size)
+    for key in [*dataset.options, *dataset.varying]:  # (a dataset's batch_size is the config's train_batch_size)
         theirs.pop("train_batch_size" if key == "batch_size" else key, None)
     take("dataset_config", "data", str(given.resolve()))
 

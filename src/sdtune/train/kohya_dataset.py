@@ -14,9 +14,11 @@
       is_reg = true
       class_tokens = "cat"
 
-sdtune trains every image with one set of options, so a subset's options (after [general] and its dataset's) must
-agree with every other training subset's: a file that gives two values is refused in one line. The class images
-(``is_reg``) take the training images' options; where theirs differ, that is said. This module reads the file's
+A subset's caption options (after [general] and its dataset's) are its own where they differ from another
+subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts), as in sd-scripts: each image
+trains with its subset's (``data.Example.options``). Its other options (resolution, buckets, flips...) must agree
+with every other training subset's: a file that gives two values is refused in one line. The class images
+(``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads the file's
 structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
 folders. A relative ``image_dir`` is found from the current folder, as sd-scripts finds it, else from the file's.
 """
@@ -41,6 +43,17 @@ REFUSED = {"metadata_file": "a fine-tuning subset's captions in sd-scripts' meta
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
+# the caption options a subset may give its own images (kohya's name -> sdtune's setting)
+VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
+           "keep_tokens_separator": "keep_tokens_separator", "secondary_separator": "secondary_separator",
+           "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
+           "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout"}
+# sd-scripts' values of those where a subset gives none (sdtune's settings' defaults are the same)
+VARYING_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "", "secondary_separator": "",
+                    "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
+                    "caption_tag_dropout_rate": 0.0}
+
+
 @dataclass(frozen=True)
 class Subset:
     image_dir: Path
@@ -54,11 +67,17 @@ class Subset:
 class Dataset:
     path: Path
     subsets: list[Subset]
-    options: dict  # the training subsets' options (one value each)
+    options: dict  # the training subsets' options (one value each), less those ``varying``
     notes: list[str] = field(default_factory=list)
+    varying: list[str] = field(default_factory=list)  # the VARYING options that differ between subsets
 
     def images(self, reg: bool) -> list[Subset]:
         return [s for s in self.subsets if s.is_reg == reg]
+
+    def own_options(self, subset: Subset) -> dict:
+        """The settings (sdtune's names) the images of ``subset`` train with instead of the run's: its values of
+        the options that vary between subsets."""
+        return {VARYING[k]: subset.options.get(k, VARYING_DEFAULTS[k]) for k in self.varying}
 
 
 def is_dataset(table: dict) -> bool:
@@ -112,9 +131,11 @@ def read(path: str | Path) -> Dataset:
     if not train:
         raise SdtuneError(f"{path}: every subset is is_reg (class images); give the training images' folder as a "
                           f"subset without is_reg")
-    options = dict(train[0].options)
+    # (a subset's value of a caption option that another gives otherwise: its own, the class images' too)
+    varying = sorted(k for k in VARYING if len({repr(s.options.get(k, VARYING_DEFAULTS[k])) for s in subsets}) > 1)
+    options = {k: v for k, v in train[0].options.items() if k not in varying}
     for s in train[1:]:
-        for key in sorted(options.keys() | s.options.keys()):
+        for key in sorted((options.keys() | s.options.keys()) - set(varying)):
             if options.get(key) != s.options.get(key):
                 raise SdtuneError(f"{path}: {key} is {options.get(key)!r} for {train[0].image_dir} and "
                                   f"{s.options.get(key)!r} for {s.image_dir}; sdtune trains every image with one "
@@ -122,11 +143,12 @@ def read(path: str | Path) -> Dataset:
     notes = []
     for s in subsets:
         if s.is_reg:
-            differ = sorted(k for k in options.keys() | s.options.keys() if options.get(k) != s.options.get(k))
+            differ = sorted(k for k in (options.keys() | s.options.keys()) - set(varying)
+                            if options.get(k) != s.options.get(k))
             if differ:
                 notes.append(f"{path}: the class images of {s.image_dir} train with the training images' "
                              f"options, not their own {', '.join(differ)}")
-    return Dataset(path, subsets, options, notes)
+    return Dataset(path, subsets, options, notes, varying)
 
 
 def _subset(path: Path, entry: dict) -> Subset:

@@ -537,7 +537,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     plan = plan_layers(base, settings)  # its refusals (--exclude, --rank) before the images are encoded
     network = Network(base, settings, plan)  # (made, not yet in the model), --network-weights' refusals too
     data = training_set(base, settings, scan, templates=None)
-    checks = validation.build(base, settings, held, [steady_caption(ex.caption or "", settings) for ex in held.examples],
+    checks = validation.build(base, settings, held, [steady_caption(ex.caption or "", settings, ex.options) for ex in held.examples],
                               held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
@@ -583,7 +583,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
         source = out / loop.STATE_FILE
         network.load_state(pivot.load_state(saved, source) if pivot is not None else saved, source)
 
-    prompts = first_prompts(steady_caption(ex.caption or "", settings) for ex in scan.examples)
+    prompts = first_prompts(steady_caption(ex.caption or "", settings, ex.options) for ex in scan.examples)
     job = loop.Job(name="lora", param_groups=groups, state=state, load_state=load_state, save=save,
                    text_trainable=settings.text_encoder or pivot is not None, set_training=network.set_training,
                    sample_prompts=prompts, validation=checks,

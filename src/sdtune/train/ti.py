@@ -200,10 +200,11 @@ def _train_ti(base, settings: TISettings, callback=None) -> Path:
     data = training_set(base, settings, scan, templates)
     # validation images get the captions or templates their folder's rule gives (template i % n for image i)
     held_templates = prompt_templates(held, settings.token, settings.property) if settings.validation_dir else templates
-    captions = [steady_caption(held_templates[i % len(held_templates)] if held_templates else ex.caption or "", settings)
-                for i, ex in enumerate(held.examples)]
+    captions = [steady_caption(held_templates[i % len(held_templates)], settings) if held_templates else
+                steady_caption(ex.caption or "", settings, ex.options) for i, ex in enumerate(held.examples)]
     checks = validation.build(base, settings, held, captions, held_out)
-    prompts = first_prompts(steady_caption(t, settings) for t in templates or [ex.caption or "" for ex in scan.examples])
+    prompts = first_prompts(steady_caption(t, settings) for t in templates) if templates else \
+        first_prompts(steady_caption(ex.caption or "", settings, ex.options) for ex in scan.examples)
 
     embeddings = embedding_set(base)
     add_token(base, settings)
