@@ -284,8 +284,8 @@ def test_a_text_encoder_learning_rate_for_a_unet_only_run_is_said(tmp_path):
     data = world.write_dataset(tmp_path / "data", world.concept_scenes(4, seed=3, shape="star"))
     s = LoraSettings(data=str(data), out=str(tmp_path / "o"), steps=1, te_lr=1e-4, report=False, progress=False,
                      validation_split=0.0)
-    with pytest.warns(UserWarning, match=r"--te-lr: the text encoders' learning rate, but this run trains the UNet "
-                                         r"only \(add --text-encoder to train them too\); not used"):
+    with pytest.warns(UserWarning, match=r"--te-lr: for the text encoders, but this run trains the UNet only \(add "
+                                         r"--text-encoder to train them too\); not used"):
         train_lora(load_base("tiny-random"), s)
     s = LoraSettings(data=str(data), out=str(tmp_path / "o2"), steps=1, te2_lr=1e-4, text_encoder=True,
                      report=False, progress=False, validation_split=0.0)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from small_runs import outline_dataset
 
 from sdtune.cli import main
-from sdtune.safeio import SdtuneError
+from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import loop
 from sdtune.train.config import load_settings
 from sdtune.train.data import fingerprint, scan_data, split_validation
@@ -130,9 +130,14 @@ keep_tokens = 2
      "[[datasets.subsets]]\nimage_dir = '{b}'\nflip_aug = false\n",
      "flip_aug is True for {a} and False for {b}; sdtune trains every image with one flip_aug: give it once, in "
      "[general]"),
+    ("[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
+     "[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
+     "enable_bucket is True for {a} and False for {b}"),
     ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
-     "[[datasets]]\nresolution = 1024\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
-     "resolution is 512 for {a} and 1024 for {b}"),
+     "[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
+     "its datasets train at several resolutions and {b} gives none; give each [[datasets]] its resolution"),
+    ("[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = '{a}'\n",
+     "resolution = [512, 768]: sdtune trains at a square size whose area its buckets keep; give resolution = 576"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nmetadata_file = 'meta.json'\n",
      "metadata_file = 'meta.json': a fine-tuning subset's captions in sd-scripts' metadata JSON"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nconditioning_data_dir = '{b}'\n",
@@ -263,3 +268,33 @@ keep_tokens = 1
     ds.write_text(ds.read_text().replace('"sks,"', '"sks2,"'))
     assert main(["train", "lora", "--data", str(ds), "--out", str(tmp_path / "o2"), *common, "--steps", "3"]) != 0
     assert "changed since this run was saved" in capsys.readouterr().err
+
+
+def test_datasets_at_several_resolutions_bucket_each_image_at_its_own(tmp_path, capsys):
+    """sd-scripts' multi-resolution training: each [[datasets]] at its resolution, the batches of one size each."""
+    small = images(tmp_path / "small", 2, caption="a small square")
+    large = tmp_path / "large"
+    large.mkdir()
+    for i in range(2):
+        Image.new("RGB", (128, 128), (40, 40 + 30 * i, 200)).save(large / f"{i}.png")
+        (large / f"{i}.txt").write_text(f"a large square {i}")
+    ds = dataset_file(tmp_path / "ds.toml", f"""[general]
+batch_size = 2
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{small}"
+[[datasets]]
+resolution = "128,128"
+  [[datasets.subsets]]
+  image_dir = "{large}"
+""")
+    assert [ex.options for ex in scan_data(ds).examples] == [{"resolution": 64}] * 2 + [{"resolution": 128}] * 2
+    out = tmp_path / "out"
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(ds), "--out", str(out), "--steps", "2",
+                 "--rank", "4", "--validation-split", "0", "--no-report", "--no-progress", "--sample-every", "0"]) == 0
+    assert "; 64 and 128 px (its datasets' sizes)" in capsys.readouterr().err
+    meta = json.loads(read_metadata(out / "lora.safetensors")["ss_bucket_info"])["buckets"]
+    assert sorted((tuple(b["resolution"]), b["count"]) for b in meta.values()) == [((64, 64), 2), ((128, 128), 2)]
+    with pytest.raises(SdtuneError, match=rf"^--resolution 64: {ds} gives its subsets their own resolution"):
+        load_settings(None, {"data": str(ds), "resolution": 64}, "lora", family="sd1")

@@ -625,26 +625,35 @@ class TrainingSet:
         keeps the encodings on disk."""
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
-        if resolution % bucket_step:
-            raise SdtuneError(f"--resolution {resolution}: must be a multiple of {bucket_step} for this model")
+        # each image's training size: the run's, or its dataset's where a dataset config gives several
+        sides = [ex.options.get("resolution", resolution) for ex in scan.examples]
+        for side in sorted({resolution, *sides}):
+            what = "--resolution" if side == resolution else "a dataset's resolution"
+            if side % bucket_step:
+                raise SdtuneError(f"{what} {side}: must be a multiple of {bucket_step} for this model")
+            if buckets and (min_bucket_reso > side or (max_bucket_reso and max_bucket_reso < side)):
+                raise SdtuneError(f"{what} {side}: outside --min-bucket-reso {min_bucket_reso} .. --max-bucket-reso "
+                                  f"{max_bucket_reso}; widen them, or leave them out (half to twice each size)")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
         self.caption_opts = dict(captions or {})
         # each example's: the run's, its own caption settings over them (settings' names -> process_caption's)
         names = {name: option for option, name in CAPTION_SETTINGS.items()}
-        self.example_opts = [self.caption_opts | {names[k]: v for k, v in ex.options.items()} for ex in scan.examples]
+        self.example_opts = [self.caption_opts | {names[k]: v for k, v in ex.options.items() if k in names}
+                             for ex in scan.examples]
         self.empty_every = empty_every
         self.templates = templates
-        sizes = bucket_sizes(resolution, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets \
-            else [(resolution, resolution)]
+        sizes = {side: bucket_sizes(side, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets
+                 else [(side, side)] for side in set(sides)}
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
         # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
         headers = [_header(ex.path) for ex in scan.examples]
         self.original_size = [wh for wh, _ in headers]
         # kohya's bucket_no_upscale: an image of less than the training area keeps its size (rounded down to the step)
-        self.bucket_of = [_own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= resolution ** 2
-                          else pick_bucket(*wh, sizes) for wh in self.original_size]
+        self.bucket_of = [_own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= side ** 2
+                          else pick_bucket(*wh, sizes[side]) for wh, side in zip(self.original_size, sides)]
+        self.resolutions = sorted(set(sides))  # (one: the run's; several: a dataset config's)
         _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):

@@ -23,8 +23,6 @@ config relies on: the text encoder is trained, and ``network_alpha`` is 1.
 
 from __future__ import annotations
 
-import math
-import re
 import shlex
 from pathlib import Path
 
@@ -168,7 +166,7 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
         elif key == "clip_skip":
             take(key, "clip_skip", _clip_skip(value, family))
         elif key == "resolution":
-            take(key, "resolution", _resolution(value, where))
+            take(key, "resolution", kohya_dataset.square_side(value, where))
         elif key == "optimizer_type":
             name = OPTIMIZERS.get(str(value).lower())
             if name is None:
@@ -231,18 +229,6 @@ def _clip_skip(value, family) -> int:
     without OpenCLIP's last layer, as diffusers stores it (``families.kohya_clip_skip`` is the other way)."""
     skip = int(value or 1)
     return skip + 1 if skip > 1 and family is not None and family.text_encoders[0].pretrained_layers else skip
-
-
-def _resolution(value, where) -> int:
-    """kohya's "W,H" or [W, H] (or one number): a square side; another shape is refused (sdtune's buckets keep the
-    area of the square)."""
-    given = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # a dataset config's [W, H]
-    sides = [int(v) for v in re.split(r"[,x ]+", given.strip()) if v]
-    if len(sides) == 2 and sides[0] != sides[1]:
-        side = math.isqrt(sides[0] * sides[1])
-        raise SdtuneError(f"{where}: resolution = {value!r}: sdtune trains at a square size whose area its buckets "
-                          f"keep; give resolution = {side - side % 64} (or the side you want)")
-    return sides[0]
 
 
 def _network(theirs: dict, take, where, family) -> None:

@@ -16,7 +16,8 @@
 
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
 subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts), as in sd-scripts: each image
-trains with its subset's (``data.Example.options``). Its other options (resolution, buckets, flips...) must agree
+trains with its subset's (``data.Example.options``), and so is its dataset's resolution (several resolutions in
+one run: each image bucketed at its own). Its other options (resolution, buckets, flips...) must agree
 with every other training subset's: a file that gives two values is refused in one line. The class images
 (``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads the file's
 structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
@@ -26,6 +27,8 @@ folders. A relative ``image_dir`` is found from the current folder, as sd-script
 from __future__ import annotations
 
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +50,12 @@ REFUSED = {"metadata_file": "a fine-tuning subset's captions in sd-scripts' meta
 VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
            "keep_tokens_separator": "keep_tokens_separator", "secondary_separator": "secondary_separator",
            "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
-           "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout"}
+           "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout",
+           "resolution": "resolution"}
 # sd-scripts' values of those where a subset gives none (sdtune's settings' defaults are the same)
 VARYING_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "", "secondary_separator": "",
                     "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
-                    "caption_tag_dropout_rate": 0.0}
+                    "caption_tag_dropout_rate": 0.0, "resolution": None}
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,11 @@ def read(path: str | Path) -> Dataset:
                           f"subset without is_reg")
     # (a subset's value of a caption option that another gives otherwise: its own, the class images' too)
     varying = sorted(k for k in VARYING if len({repr(s.options.get(k, VARYING_DEFAULTS[k])) for s in subsets}) > 1)
+    if "resolution" in varying:  # several: each subset's own, so each must say its own
+        vague = next((s for s in subsets if "resolution" not in s.options), None)
+        if vague is not None:
+            raise SdtuneError(f"{path}: its datasets train at several resolutions and {vague.image_dir} gives none; "
+                              f"give each [[datasets]] its resolution")
     options = {k: v for k, v in train[0].options.items() if k not in varying}
     for s in train[1:]:
         for key in sorted((options.keys() | s.options.keys()) - set(varying)):
@@ -151,6 +160,23 @@ def read(path: str | Path) -> Dataset:
     return Dataset(path, subsets, options, notes, varying)
 
 
+def square_side(value, where) -> int:
+    """kohya's resolution, "W,H" or [W, H] (or one number), as a square side; another shape is refused (sdtune's
+    buckets keep the area of the square)."""
+    given = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # a dataset config's [W, H]
+    try:
+        sides = [int(v) for v in re.split(r"[,x ]+", given.strip()) if v]
+    except ValueError:
+        sides = []
+    if not sides or len(sides) > 2:
+        raise SdtuneError(f"{where}: resolution = {value!r}: give a size in pixels, e.g. resolution = 512")
+    if len(sides) == 2 and sides[0] != sides[1]:
+        side = math.isqrt(sides[0] * sides[1])
+        raise SdtuneError(f"{where}: resolution = {value!r}: sdtune trains at a square size whose area its buckets "
+                          f"keep; give resolution = {side - side % 64} (or the side you want)")
+    return sides[0]
+
+
 def _subset(path: Path, entry: dict) -> Subset:
     for key, why in REFUSED.items():
         if entry.get(key):
@@ -161,6 +187,8 @@ def _subset(path: Path, entry: dict) -> Subset:
     if extension not in CAPTION_EXTENSIONS:
         raise SdtuneError(f"{path}: caption_extension = {extension!r} for {entry['image_dir']}: sdtune reads captions "
                           f"from .txt and .caption files beside the images; rename the captions")
+    if "resolution" in entry:  # (one spelling, to compare)
+        entry["resolution"] = square_side(entry["resolution"], path)
     repeats = entry.get("num_repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise SdtuneError(f"{path}: num_repeats = {repeats!r} for {entry['image_dir']}: must be a whole number, "

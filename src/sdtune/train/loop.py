@@ -312,7 +312,8 @@ def schedule_note(settings: TrainSettings, spans: list) -> str:
             f"so a rerun's weights differ")
 
 
-def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spans: list, processes: int) -> None:
+def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, resolutions: list[int], spans: list,
+              processes: int) -> None:
     """Print the settings the run uses and write them where ``--config`` can rerun them (with what the settings
     do not hold: the processes of an ``accelerate launch``, a schedule a resume changed)."""
     batch = (f"{processes} processes x batch {settings.batch_size} x grad_accum {settings.grad_accum} = global "
@@ -321,7 +322,10 @@ def _announce(settings: TrainSettings, job: Job, out: Path, resolution: int, spa
     atomic_write_text("".join(f"# {n}\n" for n in notes) + to_toml(settings), out / SETTINGS_FILE)
     preset = f"preset {settings.preset!r}" if settings.preset else "no preset"
     validated = job.validation.description if job.validation else "no validation images"
-    size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""  # resolution=0 says less
+    if resolutions != [resolution]:  # a dataset config's datasets at their own sizes
+        size = f"; {' and '.join(map(str, resolutions))} px (its datasets' sizes)"
+    else:  # (resolution=0 says less)
+        size = f"; {resolution} px (the model's own size)" if not settings.resolution else ""
     size += f"; trained on {batch}" if batch else ""
     print(f"sdtune train {job.name}: {preset}; validation on {validated}{size}; settings (also in "
           f"{out / SETTINGS_FILE}):\n{summary(settings)}", file=sys.stderr)
@@ -574,7 +578,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             if aside is not None:
                 print(f"sdtune train {job.name}: starting over in {settings.out}; the earlier run's files are now in "
                       f"{aside}", file=sys.stderr)
-            _announce(settings, job, Path(settings.out), data.resolution, spans, world)
+            _announce(settings, job, Path(settings.out), data.resolution, data.resolutions, spans, world)
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
         model, optimizer = accelerator.prepare(objective, optimizer)
