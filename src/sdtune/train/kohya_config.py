@@ -46,7 +46,7 @@ RENAMED = {
     "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
     # train_textual_inversion.py's
     "token_string": "token", "init_word": "init_token", "num_vectors_per_token": "num_vectors",
-    "weights": "init_embedding",
+    "weights": "init_embedding", "fp8_base_unet": "fp8_base",
 }
 
 # how sd-scripts runs, not what it trains: nothing to do here
@@ -70,7 +70,7 @@ NO_EFFECT = {
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
-    "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "fused_backward_pass",
+    "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fused_backward_pass",
     "dim_from_weights", "save_n_epoch_ratio", "lr_scheduler_args",
     "lr_scheduler_type", "in_json", "token_warmup_min", "token_warmup_step",
 }

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
-from . import logs, optimizers, samples, shared_text
+from . import fp8, logs, optimizers, samples, shared_text
 from .config import OUTPUT_SETTINGS, SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
@@ -520,6 +520,12 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
+        if settings.fp8_base:
+            if device.type == "cpu":
+                note("--fp8-base: saves a GPU's memory; on the CPU the full-precision layers stay beside their 8-bit "
+                     "twins (the run trains as on a GPU)")
+            trainable = {id(p) for group in job.param_groups for p in group["params"]}
+            undo.append(fp8.store_in_fp8(base.unet, trainable))
         if settings.channels_last:  # only 4-D weights change layout: the convolutions (LoRA's included)
             base.unet.to(memory_format=torch.channels_last)
             undo.append(lambda: base.unet.to(memory_format=torch.contiguous_format))
@@ -540,6 +546,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
         objective = Objective(base.unet, stack, base.scheduler, Loss.of(settings), job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base), settings.zero_terminal_snr).to(device)
+        if settings.fp8_base:  # DDP leaves them alone: every process loaded the same, and its broadcast takes no fp8
+            objective._ddp_params_and_buffers_to_ignore = fp8.names_in_fp8(objective)
         optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,
                                      settings.weight_decay, device)
         start, history, extend, state, spans = 0, {}, False, {}, [[0, total]]

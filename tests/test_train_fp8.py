@@ -1,0 +1,94 @@
+"""--fp8-base: the UNet's frozen layers stored in fp8 while a run trains, each computing in its own dtype; the run
+trains what a UNet rounded to fp8 trains (bit for bit), the LoRA's factors stay fp32, and the base comes back as it
+was."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from small_runs import factors, outline_dataset, settings
+from torch import nn
+
+from sdtune.cli import main
+from sdtune.console import SdtuneWarning
+from sdtune.lora.formats import load_lora
+from sdtune.safeio import SdtuneError
+from sdtune.train import fp8
+from sdtune.train.lora import train_lora
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return outline_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _rounded(base):
+    """A copy of ``base`` whose UNet linear and convolution layers hold their fp8-rounded weights, in fp32."""
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in other.unet.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_(m.weight.to(fp8.FP8).float())
+    return other
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_a_run_on_fp8_layers_trains_what_the_rounded_unet_trains(base, dataset, tmp_path, algo):
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    seen = {}
+
+    def look(step, loss):  # while it trains: the UNet's layers are 8-bit, the LoRA's factors are not
+        if step == 1:
+            seen["frozen"] = {m.weight.dtype for m in base.unet.modules() if isinstance(m, fp8.Fp8Layer)}
+            seen["left"] = [n for n, m in base.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                            and not m.weight.requires_grad]
+            seen["trained"] = {p.dtype for p in base.unet.parameters() if p.requires_grad}
+            seen["unet dtype"] = base.unet.dtype
+
+    kw = dict(algo=algo, targets="all", conv_rank=2, save_every=0, steps=2)
+    with pytest.warns(SdtuneWarning, match="--fp8-base: saves a GPU's memory; on the CPU"):
+        small = train_lora(base, settings(dataset, tmp_path / "fp8", fp8_base=True, **kw), callback=look)
+    assert seen == {"frozen": {fp8.FP8}, "left": [], "trained": {torch.float32}, "unet dtype": torch.float32}
+    rounded = train_lora(_rounded(base), settings(dataset, tmp_path / "rounded", **kw))
+    a, b = factors(small), factors(rounded)
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    plain = factors(train_lora(base, settings(dataset, tmp_path / "plain", **kw)))
+    assert any(not torch.equal(x, y) for k in a for x, y in zip(a[k], plain[k]))  # (the rounding is seen)
+    # the base as it was: its own layers, weights and dtypes, no casting hooks
+    after = base.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) and after[k].dtype == v.dtype
+                                                 for k, v in before.items())
+    assert not any(isinstance(m, fp8.Fp8Layer) for m in base.unet.modules())
+
+
+def test_a_weight_past_fp8s_range_is_refused_and_the_layers_are_put_back():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1000.0
+    first = model[0]
+    with pytest.raises(SdtuneError, match=r"^--fp8-base: the UNet's 1 layer holds weights past fp8's largest value "
+                                          r"\(448\); train without --fp8-base$"):
+        fp8.store_in_fp8(model, set())
+    assert model[0] is first and model[0].weight.dtype == torch.float32
+
+
+def test_two_processes_on_fp8_layers_equal_one_with_double_batch(dataset, tmp_path):
+    """DDP leaves the 8-bit weights alone (every process loaded the same; its broadcast takes no fp8)."""
+    common = ["--model", "tiny-random", "--data", str(dataset), "--steps", "2", "--rank", "4", "--alpha", "4",
+              "--lr", "1e-3", "--fp8-base", "--validation-split", "0", "--no-report", "--no-progress",
+              "--sample-every", "0"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sdtune", "train", "lora", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with pytest.warns(SdtuneWarning, match="--fp8-base"):
+        assert main(["train", "lora", *common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    a, b = (load_lora(tmp_path / run / "lora.safetensors") for run in ("one", "two"))
+    for comp, path, ad in a.items():
+        shape = (ad.tensors["up"].shape[0], -1)
+        da, db = ad.delta(shape), b.modules[comp][path].delta(shape)
+        assert ((da - db).norm() / da.norm()).item() < 1e-3, path
