@@ -52,3 +52,4 @@ def resumes_exactly(base, dataset, folder: Path, **kw) -> Path:
     a, b = factors(whole), factors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
     return whole
+

@@ -9,6 +9,7 @@ import torch
 from small_runs import Stop, outline_dataset, settings, stop_at
 
 from sdtune.cli import main
+from sdtune.console import SdtuneWarning
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, load_state, read_metadata
 from sdtune.train import logs, loop, optimizers
@@ -40,6 +41,7 @@ OWN_STATE = {
     # (its first 5 steps only gather moments, unless told otherwise: this run has 4)
     "radamschedulefree": (["silent_sgd_phase=False"], lambda s: {"z", "exp_avg_sq"} <= s.keys()),
     "sgdschedulefree": (["momentum=0.8"], lambda s: "z" in s),
+    "torch.optim.RAdam": (["decoupled_weight_decay=True"], lambda s: {"exp_avg", "exp_avg_sq"} <= s.keys()),
 }
 
 
@@ -71,7 +73,7 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
            "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit(", "lion8bit": "bitsandbytes.optim.Lion8bit(",
            "sgdnesterov": "torch.optim.SGD(", "sgdnesterov8bit": "bitsandbytes.optim.SGD8bit(",
            "adamwschedulefree": "schedulefree.AdamWScheduleFree(", "radamschedulefree": "schedulefree.RAdamScheduleFree(",
-           "sgdschedulefree": "schedulefree.SGDScheduleFree("}[name]
+           "sgdschedulefree": "schedulefree.SGDScheduleFree(", "torch.optim.RAdam": "torch.optim.RAdam("}[name]
     assert said.startswith(cls + "weight_decay=0.01") and all(arg in said for arg in args), said
     if optimizers.schedule_free(name):  # saved (files and state) at the averaged point
         saved = load_state(tmp_path / "whole" / loop.STATE_FILE)[0]
@@ -133,7 +135,8 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
         return err
 
     assert ("--optimizer 'adam': choose one of adamw, adamw8bit, pagedadamw8bit, lion, lion8bit, sgdnesterov, "
-            "sgdnesterov8bit, prodigy, adamwschedulefree, radamschedulefree, sgdschedulefree, adafactor") in refused(
+            "sgdnesterov8bit, prodigy, adamwschedulefree, radamschedulefree, sgdschedulefree, adafactor, "
+            "module.Class") in refused(
         "--optimizer", "adam")
     assert ("--optimizer adamwschedulefree --lr-scheduler cosine: a schedule-free optimizer averages its steps "
             "instead of decaying the rate; use --lr-scheduler constant (or constant_with_warmup)") in refused(
@@ -145,6 +148,20 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
     assert "give each as key=value" in refused("--optimizer-args", "betas")
     assert "--optimizer adamw8bit --optimizer-args betas=(0.9,): IndexError: " in refused(
         "--optimizer", "adamw8bit", "--optimizer-args", "betas=(0.9,)")
+    # a class given as module.Class (kohya's optimizer_type takes one too): one line where it is none, or fails
+    assert "--optimizer torch.optim.Nope: torch.optim has no Nope (a torch.optim.Optimizer class)" in refused(
+        "--optimizer", "torch.optim.Nope")
+    assert "--optimizer torch.nn.Linear: torch.nn holds no optimizer named Linear" in refused(
+        "--optimizer", "torch.nn.Linear")
+    assert "--optimizer nosuch.Thing needs nosuch, which is not installed" in refused("--optimizer", "nosuch.Thing")
+    # LBFGS steps with a closure of its own, which a training loop has not: it fails at the first step (it takes no
+    # weight decay either, which is said)
+    with pytest.warns(SdtuneWarning, match="--weight-decay 0.01: LBFGS takes no weight decay; not used"):
+        code = main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "lbfgs"),
+                     "--steps", "1", "--no-progress", "--optimizer", "torch.optim.LBFGS"])
+    assert code != 0 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sdtune: error: --optimizer torch.optim.LBFGS failed at step 1 (TypeError: 'NoneType' object is not "
+        "callable); give it other --optimizer-args, or choose another --optimizer")
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if it were not installed
     assert "--optimizer prodigy needs prodigyopt, which is not installed" in refused("--optimizer", "prodigy")
     assert "pip install prodigyopt, or choose another --optimizer" in refused("--optimizer", "prodigy")

@@ -122,7 +122,8 @@ class TrainSettings:
                      "own (as generate --vae and kohya's --vae)", default="")
     max_grad_norm: float = _help("0: no clipping", default=1.0)
     weight_decay: float = 1e-2
-    optimizer: str = _help("; ".join(f"{name}: {o.what}" for name, o in optimizers.OPTIMIZERS.items()),
+    optimizer: str = _help("; ".join(f"{name}: {o.what}" for name, o in optimizers.OPTIMIZERS.items())
+                           + "; or any torch optimizer class as module.Class (torch.optim.RAdam)",
                            default="adamw")
     optimizer_args: list[str] = _help("the optimizer's other keyword arguments, each as key=value (as kohya's "
                                       "--optimizer_args): e.g. betas=(0.9,0.99) d_coef=2", default_factory=list)
@@ -224,7 +225,8 @@ class TrainSettings:
     kind = "train"
 
     def __post_init__(self):
-        if isinstance(self.optimizer, str):  # kohya's spellings (AdamW8bit, Prodigy) are the same names
+        # kohya's spellings (AdamW8bit, Prodigy) are the same names; a module.Class keeps its own
+        if isinstance(self.optimizer, str) and "." not in self.optimizer:
             self.optimizer = self.optimizer.lower()
 
     def check(self) -> None:
@@ -313,7 +315,8 @@ class TrainSettings:
         if self.max_timestep and self.min_timestep >= self.max_timestep:
             raise SdtuneError(f"--min-timestep {self.min_timestep} --max-timestep {self.max_timestep}: the range is "
                               f"empty; give a min below the max")
-        _choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
+        if not optimizers.known(self.optimizer):
+            _choice("optimizer", self.optimizer, [*optimizers.OPTIMIZERS, "module.Class"])
         if optimizers.schedule_free(self.optimizer) and self.lr_scheduler in SCHEDULES_OVER_RUN:
             raise SdtuneError(f"--optimizer {self.optimizer} --lr-scheduler {self.lr_scheduler}: a schedule-free "
                               f"optimizer averages its steps instead of decaying the rate; use --lr-scheduler "

@@ -168,10 +168,11 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
         elif key == "resolution":
             take(key, "resolution", kohya_dataset.square_side(value, where))
         elif key == "optimizer_type":
-            name = OPTIMIZERS.get(str(value).lower())
+            # (sd-scripts also takes any optimizer class as module.Class, as --optimizer does)
+            name = OPTIMIZERS.get(str(value).lower()) or (str(value) if "." in str(value) else None)
             if name is None:
                 raise SdtuneError(f"{where}: optimizer_type = {value!r}: sdtune trains with "
-                                  f"{', '.join(OPTIMIZERS)}; pick one of them")
+                                  f"{', '.join(OPTIMIZERS)} or a class given as module.Class; pick one of them")
             take(key, "optimizer", name)
         elif key == "save_precision":
             take(key, "save_precision", PRECISIONS.get(str(value), value))

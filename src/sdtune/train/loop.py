@@ -837,7 +837,13 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             norm = acc.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm else None
             value = float(acc.reduce(loss, "mean"))
             r.stop_if_diverged(step, value, norm)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except (RuntimeError, ValueError, TypeError) as e:
+                if s.optimizer in optimizers.OPTIMIZERS:  # sdtune's own: a bug, with its traceback
+                    raise
+                raise SdtuneError(f"--optimizer {s.optimizer} failed at step {step + 1} ({type(e).__name__}: {e}); "
+                                  f"give it other --optimizer-args, or choose another --optimizer") from None
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value

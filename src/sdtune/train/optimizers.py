@@ -15,10 +15,12 @@ import importlib
 import importlib.metadata
 import inspect
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from ..console import note
 from ..safeio import SdtuneError
 
 
@@ -66,14 +68,37 @@ OPTIMIZERS = {
 _OWN = {"params": "", "lr": "--lr", "weight_decay": "--weight-decay"}
 
 
+DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def known(name: str) -> bool:
+    """A registry name, or an optimizer class as ``module.Class`` (kohya's optimizer_type takes one too:
+    ``torch.optim.RAdam``, ``pytorch_optimizer.CAME``)."""
+    return name in OPTIMIZERS or bool(DOTTED.match(name))
+
+
+def spec(name: str) -> Optimizer:
+    """The registry's entry of ``name``, or one made for a ``module.Class`` name."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    module, _, cls = name.rpartition(".")
+    return Optimizer(module, cls, module.split(".")[0], name)
+
+
 def optimizer_class(name: str):
-    """The class of optimizer ``name``, importing its package; one line where the package is missing."""
-    choice = OPTIMIZERS[name]
+    """The class of optimizer ``name``, importing its package; one line where the package is missing, or where a
+    ``module.Class`` name is not an optimizer."""
+    choice = spec(name)
     try:
-        return getattr(importlib.import_module(choice.module), choice.cls)
+        cls = getattr(importlib.import_module(choice.module), choice.cls, None)
     except ImportError as e:
         raise SdtuneError(f"--optimizer {name} needs {choice.package}, which is not installed ({e}); pip install "
                           f"{choice.package}, or choose another --optimizer") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        what = "has no" if cls is None else "holds no optimizer named"
+        raise SdtuneError(f"--optimizer {name}: {choice.module} {what} {choice.cls} (a torch.optim.Optimizer "
+                          f"class); give module.Class of an optimizer, or one of {', '.join(OPTIMIZERS)}")
+    return cls
 
 
 def _version(package: str) -> tuple[int, ...]:
@@ -104,7 +129,7 @@ def parse_args(name: str, items: list[str]) -> dict:
     sdtune's own defaults for it; a malformed item or a name the class does not take is one line."""
     cls = optimizer_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    kwargs = dict(OPTIMIZERS[name].defaults)
+    kwargs = dict(spec(name).defaults)
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -115,7 +140,7 @@ def parse_args(name: str, items: list[str]) -> dict:
         if key not in accepted:
             others = [p for p in accepted if p not in _OWN]
             meant = difflib.get_close_matches(key, others, n=1)
-            raise SdtuneError(f"--optimizer-args {item!r}: {OPTIMIZERS[name].cls} takes no {key!r}"
+            raise SdtuneError(f"--optimizer-args {item!r}: {spec(name).cls} takes no {key!r}"
                               f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(others)}")
         kwargs[key] = _value(text.strip())
     return kwargs
@@ -142,7 +167,7 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
           device: torch.device) -> torch.optim.Optimizer:
     """Optimizer ``name`` over ``param_groups`` (each with its own ``lr``); a value its class refuses is one line."""
     kwargs = parse_args(name, items)
-    package = OPTIMIZERS[name].package
+    package = spec(name).package
     if package == "bitsandbytes" and device.type == "cpu" and _version(package) < (0, 50):
         raise SdtuneError(f"--optimizer {name}: bitsandbytes {importlib.metadata.version(package)} steps on CUDA "
                           f"only (0.50 added the CPU); pip install -U bitsandbytes, or train on a GPU")
@@ -150,22 +175,33 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
         # its CPU default is a Python loop over the tensors (1,120 for an SDXL LoRA on the attention layers); fused
         # is one kernel for all, 4x faster than foreach and equal to it to the last bit or so
         kwargs["fused"] = True
+    cls = optimizer_class(name)
+    if _takes(cls, "weight_decay"):
+        kwargs["weight_decay"] = weight_decay
+    elif weight_decay:  # (a module.Class without one, e.g. LBFGS)
+        note(f"--weight-decay {weight_decay:g}: {cls.__name__} takes no weight decay; not used")
     try:
-        return optimizer_class(name)(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+        return cls(param_groups, lr=lr, **kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
         raise SdtuneError(f"--optimizer {name} --optimizer-args {' '.join(items) or '(none)'}: {e}") from None
+
+
+def _takes(cls, argument: str) -> bool:
+    parameters = inspect.signature(cls.__init__).parameters
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def describe(name: str, items: list[str], weight_decay: float) -> str:
     """The optimizer as kohya's metadata names it (``ss_optimizer``): ``prodigyopt.Prodigy(weight_decay=0.01,
     d_coef=2)``."""
-    choice = OPTIMIZERS[name]
-    args = {"weight_decay": weight_decay, **parse_args(name, items)}
+    choice = spec(name)
+    args = {"weight_decay": weight_decay} if _takes(optimizer_class(name), "weight_decay") else {}
+    args |= parse_args(name, items)
     return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
 
 
 def schedule_free(name: str) -> bool:
-    return OPTIMIZERS[name].module == "schedulefree"
+    return spec(name).module == "schedulefree"
 
 
 def set_averaged(optimizer, on: bool) -> None:
