@@ -227,6 +227,10 @@ def test_bad_form_values_are_refused_before_a_job_starts(tmp_path):
         trainform.settings_for("ti", {}, data=str(tmp_path), out="o", model="tiny")
     with pytest.raises(SdtuneError, match="not a whole number"):
         trainform.settings_for("lora", {"steps": 2.5}, data=str(tmp_path), out="o", model="tiny")
+    # a module.Class optimizer (a settings file may name one) would import its module: the command line's only
+    with pytest.raises(SdtuneError, match=r"^optimizer os\.path: the web UI trains with adamw, .*; train with another "
+                                          r"class on the command line \(sdtune train --optimizer module\.Class\)$"):
+        trainform.settings_for("lora", {"optimizer": "os.path"}, data=str(tmp_path), out="o", model="tiny")
 
 
 # ---------------------------------------------------------------------------------------------- jobs

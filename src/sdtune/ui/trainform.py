@@ -135,6 +135,10 @@ def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
     fields = {f.name: f for f in form_fields()}
     overrides = {k: from_form(fields[k], v) for k, v in values.items() if k in names and k in fields}
     overrides["preset"] = overrides.get("preset") or ""  # none named: none (not the model's, unseen here)
+    # a class named module.Class would import its module: the command line's, not a page's (which may be remote)
+    if str(overrides.get("optimizer") or "adamw").lower() not in optimizers.OPTIMIZERS:
+        raise SdtuneError(f"optimizer {overrides['optimizer']}: the web UI trains with {', '.join(optimizers.OPTIMIZERS)}; "
+                          f"train with another class on the command line (sdtune train --optimizer module.Class)")
     overrides.update(data=data, out=out, model=model, progress=True, resume=True)
     try:
         settings = load_settings(None, overrides, kind=kind)
