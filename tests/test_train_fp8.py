@@ -16,8 +16,11 @@ from sdtune.cli import main
 from sdtune.console import SdtuneWarning
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError
+from sdtune.ti.formats import load_embedding
 from sdtune.train import fp8
+from sdtune.train.config import TISettings
 from sdtune.train.lora import train_lora
+from sdtune.train.ti import train_ti
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,17 @@ def test_a_run_on_fp8_layers_trains_what_the_rounded_unet_trains(base, dataset, 
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) and after[k].dtype == v.dtype
                                                  for k, v in before.items())
     assert not any(isinstance(m, fp8.Fp8Layer) for m in base.unet.modules())
+
+
+def test_textual_inversion_on_fp8_layers_trains_what_the_rounded_unet_trains(base, dataset, tmp_path):
+    def run(model, out, **kw):  # (a word of its own each: a run leaves its word in the model)
+        return train_ti(model, TISettings(data=str(dataset), out=str(tmp_path / out), token=f"<{out}-word>",
+                                          init_token="star", steps=2, batch_size=2, report=False, progress=False, **kw))
+
+    with pytest.warns(SdtuneWarning, match="--fp8-base"):
+        small = load_embedding(run(base, "fp8", fp8_base=True)).vectors
+    assert torch.equal(small, load_embedding(run(_rounded(base), "rounded")).vectors)
+    assert not torch.equal(small, load_embedding(run(base, "plain")).vectors)
 
 
 def test_a_weight_past_fp8s_range_is_refused_and_the_layers_are_put_back():
