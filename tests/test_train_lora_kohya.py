@@ -247,3 +247,15 @@ def test_module_dropout_trains_on_two_processes(dataset, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ups = [ad.tensors["up"] for _, _, ad in load_lora(tmp_path / "two" / "lora.safetensors").items()]
     assert any(u.abs().max() > 0 for u in ups)
+
+
+def test_rs_lora_scales_by_the_root_of_the_rank_and_saves_it_as_every_loader_reads_alpha(base, dataset, tmp_path):
+    """alpha/sqrt(rank): rank 4 at alpha 2 trains what alpha 4 trains without it (both scale 1), and the file's
+    alpha is 4 (alpha x sqrt(rank)), which A1111, ComfyUI and diffusers divide by the rank as for any LoRA."""
+    rs = train_lora(base, settings(dataset, tmp_path / "rs", rank=4, alpha=2, rs_lora=True, save_every=0, steps=2))
+    plain = train_lora(base, settings(dataset, tmp_path / "plain", rank=4, alpha=4, save_every=0, steps=2))
+    a, b = factors(rs), factors(plain)
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    assert {ad.alpha for _, _, ad in load_lora(rs).items()} == {4.0}
+    meta = read_metadata(rs)
+    assert json.loads(meta["ss_network_args"]) == {"rs_lora": "True"} and meta["ss_network_alpha"] == "4.0"  # (as its keys)

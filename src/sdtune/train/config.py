@@ -404,6 +404,9 @@ class LoraSettings(TrainSettings):
 
     rank: int = 16
     alpha: float = 8.0
+    rs_lora: bool = _help("rank-stabilised scale alpha/sqrt(rank) instead of alpha/rank (rsLoRA, PEFT's use_rslora, "
+                          "LyCORIS's rs_lora): high ranks learn as fast as low ones; the files keep the usual "
+                          "alpha/rank form, each layer's alpha x sqrt(rank), so every loader reads them", default=False)
     algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's) | "
                       "dora (LoRA with a learned magnitude per input column, kohya's DoRA): A1111, ComfyUI and "
                       "sdtune load all four, diffusers lora only", default="lora")
@@ -596,7 +599,7 @@ TOPICS = {
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
-                                       "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
+                                       "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",
                                        "module_dropout", "loraplus_lr_ratio", "scale_weight_norms"),

@@ -254,6 +254,8 @@ def _network(theirs: dict, take, where, family) -> None:
                           f"(LoCon, LoHa, LoKr); use one of them")
     if str(parsed.pop("dora_wd", "false")).lower() == "true":
         algo = "dora"
+    if str(parsed.pop("rs_lora", "false")).lower() == "true":  # LyCORIS's
+        take("network_args rs_lora", "rs_lora", True)
     if "preset" in parsed:
         preset = parsed.pop("preset")
         if preset not in LYCORIS_PRESETS:

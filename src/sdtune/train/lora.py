@@ -237,6 +237,8 @@ class Network:
         for comp, path, module in modules:
             rank, alpha = (conv_rank, conv_alpha) if _is_3x3(module) else (
                 ranks.get((comp, path), settings.rank), alphas.get((comp, path), settings.alpha))
+            if settings.rs_lora:  # alpha/sqrt(rank) as the alpha/rank every loader computes
+                alpha = alpha * math.sqrt(rank)
             given = start.get(_neutral(comp, path))
             if given is not None:  # the file's own rank and alpha (kohya's --dim_from_weights)
                 rank = given.rank or rank
@@ -487,11 +489,11 @@ def kohya_network(settings: LoraSettings, family) -> dict:
 
 def _option_args(settings: LoraSettings, family) -> dict:
     """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, LoRA+'s
-    ratio, --block-ranks/--block-alphas as kohya's block_dims/block_alphas, and --block-lr as kohya's
+    ratio, rsLoRA, --block-ranks/--block-alphas as kohya's block_dims/block_alphas, and --block-lr as kohya's
     down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output ones). The text encoders'
     BASE has no place there; ss_sdtune_settings keeps the whole specs."""
-    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio")
-            if getattr(settings, name)}
+    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio",
+                                                            "rs_lora") if getattr(settings, name)}
     if settings.block_lr:
         weights = blocks.parse(settings.block_lr, family)
         for name, prefix in (("down_lr_weight", "IN"), ("mid_lr_weight", "M"), ("up_lr_weight", "OUT")):
