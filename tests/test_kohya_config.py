@@ -114,6 +114,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     ('optimizer_type = "torch.optim.RAdam"', dict(optimizer="torch.optim.RAdam")),  # any class, as sd-scripts
+    ('lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 0.2\nlr_scheduler_min_lr_ratio = 0.1',
+     dict(lr_scheduler="warmup_stable_decay", lr_decay_ratio=0.2, lr_decay_steps=0, lr_scheduler_min_lr_ratio=0.1)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "rs_lora=True"]', dict(rs_lora=True)),  # (train_db.py's; kohya_ss writes it for LoRA too)
     ("lr_warmup_steps = 0.1", dict(lr_warmup_ratio=0.1, lr_warmup_steps=0)),  # sd-scripts: below 1, a share
     # kohya_ss's LoHa: each LyCORIS switch written, False; its arguments also as one command-line string

@@ -13,6 +13,7 @@ import small_runs
 import torch
 from diffusers.optimization import get_scheduler
 from PIL import Image
+from transformers import optimization as tf_optimization
 
 from sdtune import safeio
 from sdtune.lora.formats import load_lora
@@ -78,6 +79,39 @@ def test_kohyas_other_schedules_are_diffusers_ones(name, kw, ours):
     if name == "cosine_with_restarts":  # three cosines: back to the full rate at steps 30 and 60
         assert [loop.lr_factor(s, 90, 0, name, **ours) for s in (0, 29, 30, 60)] == pytest.approx(
             [1.0, 0.0027, 1.0, 1.0], abs=1e-3)
+
+
+@pytest.mark.parametrize("name, make, ours", [
+    ("cosine_with_min_lr", lambda o: tf_optimization.get_cosine_with_min_lr_schedule_with_warmup(
+        o, 10, 90, min_lr_rate=0.1), dict(min_ratio=0.1)),
+    ("warmup_stable_decay", lambda o: tf_optimization.get_wsd_schedule(
+        o, 10, 30, num_training_steps=90, min_lr_ratio=0.2), dict(min_ratio=0.2, decay=30)),
+    ("inverse_sqrt", lambda o: tf_optimization.get_inverse_sqrt_schedule(o, 10), {}),
+    ("inverse_sqrt", lambda o: tf_optimization.get_inverse_sqrt_schedule(o, 0), {}),
+])
+def test_transformers_schedules_are_theirs_step_for_step_past_the_warmup(name, make, ours):
+    """cosine_with_min_lr, warmup_stable_decay (--lr-scheduler-min-lr-ratio, --lr-decay-steps) and inverse_sqrt, as
+    kohya offers them from transformers: the same factors after the warm-up (transformers' starts at 0, sdtune's at
+    1/warmup)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make(optimizer)
+    theirs = []
+    for _ in range(90):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warmup = scheduler.lr_lambdas[0].keywords["num_warmup_steps"]
+    mine = [loop.lr_factor(s, 90, warmup, name, **ours) for s in range(90)]
+    assert mine[warmup:] == pytest.approx(theirs[warmup:], abs=1e-7)
+    if name == "warmup_stable_decay":  # full rate until the last 30 steps, then down to 0.2
+        assert mine[59] == 1.0 and mine[89] == pytest.approx(0.2, abs=3e-3)
+    if warmup:
+        assert mine[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    settings = dict(data="d", out="o", lr_scheduler="warmup_stable_decay")
+    with pytest.raises(SdtuneError, match=r"warmup_stable_decay: decays over the run's last steps; give "
+                                          r"--lr-decay-steps N \(or --lr-decay-ratio, e\.g\. 0\.2\)"):
+        LoraSettings(**settings).check()
+    assert LoraSettings(**settings, lr_decay_ratio=0.25).decay_steps(90) == 22
 
 
 def test_min_snr_weights_match_the_formula():

@@ -37,8 +37,12 @@ from . import kohya_config, kohya_dataset, logs, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-SCHEDULES_OVER_RUN = ("linear", "cosine", "cosine_with_restarts", "polynomial")  # planned over the run's steps
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
+# planned over the run's steps
+SCHEDULES_OVER_RUN = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr",
+                      "warmup_stable_decay")
+DECAYING = (*SCHEDULES_OVER_RUN, "inverse_sqrt")
 TOKEN_LENGTHS = (75, 150, 225)  # a caption's tokens training reads: 1, 2 or 3 chunks of the encoders' window
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # the error of a prediction (``diffusion.Loss``)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # how the Huber threshold follows the timestep
@@ -76,7 +80,10 @@ class TrainSettings:
     resolution: int = _help("training image size in pixels; 0: the model's native size", default=0)
     seed: int = 0
     lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine (decay to 0) | cosine_with_restarts "
-                              "(--lr-scheduler-num-cycles cosines) | polynomial ((1 - progress)^--lr-scheduler-power)",
+                              "(--lr-scheduler-num-cycles cosines) | polynomial ((1 - progress)^--lr-scheduler-power) | "
+                              "cosine_with_min_lr (decay to --lr-scheduler-min-lr-ratio) | warmup_stable_decay (constant, "
+                              "then a cosine to the min ratio over the last --lr-decay-steps) | inverse_sqrt "
+                              "(1/sqrt(step) past the warm-up; transformers' schedules, as kohya offers them)",
                               default="constant")
     lr_warmup_steps: int = 0
     lr_warmup_ratio: float = _help("the warm-up as a share of the run's steps instead (kohya's lr_warmup_steps below "
@@ -84,6 +91,11 @@ class TrainSettings:
     lr_scheduler_num_cycles: int = _help("cosine_with_restarts: the number of cosines, each from the full rate to 0 "
                                          "(kohya's)", default=1)
     lr_scheduler_power: float = _help("polynomial: the power of the decay to 0 (1: linear; kohya's)", default=1.0)
+    lr_scheduler_min_lr_ratio: float = _help("cosine_with_min_lr and warmup_stable_decay: the share of the rate they "
+                                             "decay to (kohya's)", default=0.0)
+    lr_decay_steps: int = _help("warmup_stable_decay: the last steps, over which the rate decays (kohya's)", default=0)
+    lr_decay_ratio: float = _help("warmup_stable_decay: the decay as a share of the run's steps instead (kohya's "
+                                  "lr_decay_steps below 1)", default=0.0)
     min_snr_gamma: float = _help("Min-SNR-γ loss weights; 0: off; 5 is the usual value", default=0.0)
     noise_offset: float = _help("a random constant per image and channel added to the noise (brighter brights, "
                                 "darker darks; 0.05 to 0.1 usual)", default=0.0)
@@ -317,7 +329,7 @@ class TrainSettings:
                               f"empty; give a min below the max")
         if not optimizers.known(self.optimizer):
             _choice("optimizer", self.optimizer, [*optimizers.OPTIMIZERS, "module.Class"])
-        if optimizers.schedule_free(self.optimizer) and self.lr_scheduler in SCHEDULES_OVER_RUN:
+        if optimizers.schedule_free(self.optimizer) and self.lr_scheduler in DECAYING:
             raise SdtuneError(f"--optimizer {self.optimizer} --lr-scheduler {self.lr_scheduler}: a schedule-free "
                               f"optimizer averages its steps instead of decaying the rate; use --lr-scheduler "
                               f"constant (or constant_with_warmup)")
@@ -330,12 +342,27 @@ class TrainSettings:
         if self.lr_warmup_ratio and self.lr_warmup_steps:
             raise SdtuneError(f"--lr-warmup-steps {self.lr_warmup_steps} and --lr-warmup-ratio "
                               f"{self.lr_warmup_ratio}: give one of them")
+        for name in ("lr_scheduler_min_lr_ratio", "lr_decay_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: a share, from 0 up to 1")
+        if self.lr_decay_steps < 0:
+            raise SdtuneError(f"--lr-decay-steps {self.lr_decay_steps}: must be 0 or more")
+        if self.lr_decay_ratio and self.lr_decay_steps:
+            raise SdtuneError(f"--lr-decay-steps {self.lr_decay_steps} and --lr-decay-ratio {self.lr_decay_ratio}: "
+                              f"give one of them")
+        if self.lr_scheduler == "warmup_stable_decay" and not (self.lr_decay_steps or self.lr_decay_ratio):
+            raise SdtuneError("--lr-scheduler warmup_stable_decay: decays over the run's last steps; give "
+                              "--lr-decay-steps N (or --lr-decay-ratio, e.g. 0.2)")
         if self.log_with in ("wandb", "all"):
             logs.wandb_module()  # not installed: said before the run starts
 
     def warmup_steps(self, total: int) -> int:
         """The learning rate's warm-up steps in a run of ``total`` steps."""
         return self.lr_warmup_steps or int(self.lr_warmup_ratio * total)
+
+    def decay_steps(self, total: int) -> int:
+        """warmup_stable_decay's decay steps in a run of ``total`` steps."""
+        return self.lr_decay_steps or int(self.lr_decay_ratio * total)
 
     def wandb_run(self) -> dict:
         """``wandb.init``'s project, name and config for this run."""
@@ -595,7 +622,8 @@ TOPICS = {
                          "progress", "report", "metadata_title", "metadata_author", "metadata_description",
                          "metadata_license", "metadata_tags"),
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
-                             "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles", "lr_scheduler_power", "optimizer",
+                             "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles", "lr_scheduler_power",
+                             "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_decay_ratio", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",

@@ -148,6 +148,8 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             unused.append(key)
         elif key == "lr_warmup_steps" and isinstance(value, float) and 0 < value < 1:  # sd-scripts: a share
             take(key, "lr_warmup_ratio", value)
+        elif key == "lr_decay_steps" and isinstance(value, float) and 0 < value < 1:  # (the same)
+            take(key, "lr_decay_ratio", value)
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)

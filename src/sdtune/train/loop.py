@@ -113,10 +113,12 @@ class Record:
 
 # ---------------------------------------------------------------- pieces
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1, power: float = 1.0) -> float:
+def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1, power: float = 1.0,
+              min_ratio: float = 0.0, decay: int = 0) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then the schedule (diffusers'
     and kohya's: ``cycles`` cosines for cosine_with_restarts, (1 − progress)^``power`` for polynomial, which
-    decays to 0 where diffusers' stops at 1e-7)."""
+    decays to 0 where diffusers' stops at 1e-7; transformers' cosine_with_min_lr and warmup_stable_decay, to
+    ``min_ratio``, the latter over the last ``decay`` steps, and inverse_sqrt)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule in ("constant", "constant_with_warmup"):
@@ -130,6 +132,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1
         return 0.0 if progress >= 1 else 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
     if schedule == "polynomial":
         return max(0.0, 1.0 - progress) ** power
+    if schedule == "cosine_with_min_lr":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "warmup_stable_decay":
+        into = step - (total - decay)  # steps into the decay
+        if into < 0:
+            return 1.0
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, into / max(1, decay))))
+    if schedule == "inverse_sqrt":  # (transformers' timescale: the warm-up, else 10000 steps)
+        timescale = warmup or 10_000
+        return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
     raise SdtuneError(f"--lr-scheduler {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
 
@@ -822,7 +834,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
             r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
             factor = lr_factor(step, r.total, s.warmup_steps(r.total), s.lr_scheduler, s.lr_scheduler_num_cycles,
-                               s.lr_scheduler_power)
+                               s.lr_scheduler_power, s.lr_scheduler_min_lr_ratio, s.decay_steps(r.total))
             optimizers.set_averaged(optimizer, False)  # (schedule-free: back where the gradients are taken)
             for group in optimizer.param_groups:  # a group may stop early (--ti-steps, --te-steps)
                 stop = group.get("stop_after", 0)
