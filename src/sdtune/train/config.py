@@ -839,8 +839,8 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
 
 def _dataset_values(path: str, kind: str, family, names: set[str], given: dict) -> dict:
     """The settings a kohya dataset config given as --data holds (its caption and bucket options, its class
-    images), under those the --config file and the flags give (``given``); a caption option its subsets each give
-    their own of cannot also be given for all."""
+    images), under those the --config file and the flags give (``given``); an option its subsets each give their own
+    of (a caption option, a resolution) cannot also be given for all."""
     for key in kohya_dataset.read(path).varying:
         name = kohya_dataset.VARYING[key]
         if name in given:

@@ -68,7 +68,8 @@ class Example:
     repeats: int = 1
     name: str = ""  # its path inside the data ("10_cat/a.png"): the same wherever the folder is moved
     group: str = "."  # the folder kohya's metadata counts it in (ss_dataset_dirs): its N_name folder, or "."
-    options: dict = field(default_factory=dict)  # its own caption settings (a dataset config's subset), over the run's
+    # its own settings, over the run's (a dataset config's subset: caption options, its dataset's resolution)
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -202,7 +203,7 @@ class _Source:
     group: str
     names_from: Path
     prefix: str = ""
-    options: dict = field(default_factory=dict)  # the caption settings of its images (``Example.options``)
+    options: dict = field(default_factory=dict)  # its images' own settings (``Example.options``)
 
 
 def scan_data(data: str | Path, default_caption: str | None = None, require_captions: bool = True,
@@ -327,7 +328,7 @@ def held_out_order(scan: Scan) -> list[Example]:
 def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
     """What identifies a folder's training data for a resume: its images (by path inside ``root``, so that a moved
     or copied folder still matches), their captions and repeats, and the images' bytes (an edited image keeps its
-    name and often its size), with a dataset config's caption settings per subset. {"images": n, "sha256": of the
+    name and often its size), with a dataset config's settings per subset. {"images": n, "sha256": of the
     names and captions, "content": of the bytes}. Reading
     every image once costs little beside the training that decodes them all. ``root`` defaults to the folder the
     images share."""

@@ -17,7 +17,7 @@
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
 subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts), as in sd-scripts: each image
 trains with its subset's (``data.Example.options``), and so is its dataset's resolution (several resolutions in
-one run: each image bucketed at its own). Its other options (resolution, buckets, flips...) must agree
+one run: each image bucketed at its own). Its other options (buckets, flips, batch size...) must agree
 with every other training subset's: a file that gives two values is refused in one line. The class images
 (``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads the file's
 structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
@@ -46,7 +46,8 @@ REFUSED = {"metadata_file": "a fine-tuning subset's captions in sd-scripts' meta
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
-# the caption options a subset may give its own images (kohya's name -> sdtune's setting)
+# the options a subset may give its own images, its caption options and its dataset's resolution (kohya's name ->
+# sdtune's setting)
 VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
            "keep_tokens_separator": "keep_tokens_separator", "secondary_separator": "secondary_separator",
            "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
