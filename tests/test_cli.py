@@ -151,9 +151,11 @@ def test_inspect_of_a_folder_says_so(tmp_path, loras, capsys):
                                        f"checkpoint file (it holds lora.safetensors)\n")
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r = run_cli("--debug", "generate", "--prompt", "x", "--model", tmp_path / "missing.safetensors")
     assert r.returncode != 0 and "Traceback" in r.stderr and "SdtuneError" in r.stderr
+    assert not (tmp_path / "out").exists()  # (--out's default: made only once there are images to write)
 
 
 # ---------------------------------------------------------------- generate

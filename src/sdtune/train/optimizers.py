@@ -94,7 +94,7 @@ def optimizer_class(name: str):
     except ImportError as e:
         raise SdtuneError(f"--optimizer {name} needs {choice.package}, which is not installed ({e}); pip install "
                           f"{choice.package}, or choose another --optimizer") from None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+    if name not in OPTIMIZERS and not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         what = "has no" if cls is None else "holds no optimizer named"
         raise SdtuneError(f"--optimizer {name}: {choice.module} {what} {choice.cls} (a torch.optim.Optimizer "
                           f"class); give module.Class of an optimizer, or one of {', '.join(OPTIMIZERS)}")
@@ -176,7 +176,7 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
         # is one kernel for all, 4x faster than foreach and equal to it to the last bit or so
         kwargs["fused"] = True
     cls = optimizer_class(name)
-    if _takes(cls, "weight_decay"):
+    if _takes(name, "weight_decay"):
         kwargs["weight_decay"] = weight_decay
     elif weight_decay:  # (a module.Class without one, e.g. LBFGS)
         note(f"--weight-decay {weight_decay:g}: {cls.__name__} takes no weight decay; not used")
@@ -186,8 +186,11 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
         raise SdtuneError(f"--optimizer {name} --optimizer-args {' '.join(items) or '(none)'}: {e}") from None
 
 
-def _takes(cls, argument: str) -> bool:
-    parameters = inspect.signature(cls.__init__).parameters
+def _takes(name: str, argument: str) -> bool:
+    """Whether optimizer ``name``'s class takes ``argument`` (the registry's all take a weight decay)."""
+    if name in OPTIMIZERS:
+        return True
+    parameters = inspect.signature(optimizer_class(name).__init__).parameters
     return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
@@ -195,7 +198,7 @@ def describe(name: str, items: list[str], weight_decay: float) -> str:
     """The optimizer as kohya's metadata names it (``ss_optimizer``): ``prodigyopt.Prodigy(weight_decay=0.01,
     d_coef=2)``."""
     choice = spec(name)
-    args = {"weight_decay": weight_decay} if _takes(optimizer_class(name), "weight_decay") else {}
+    args = {"weight_decay": weight_decay} if _takes(name, "weight_decay") else {}
     args |= parse_args(name, items)
     return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
 
