@@ -154,7 +154,7 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             if value:
                 take(key, "masked_loss", True)
         elif key == "stop_text_encoder_training":  # train_db.py's steps of the text encoder (-1: none of them)
-            if value and value > 0:
+            if isinstance(value, (int, float)) and value > 0:
                 take(key, "te_steps", int(value))
             elif value:
                 refused.append(f"{key} = {value!r} (network_train_unet_only = true trains the UNet alone)")
