@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(a) -> None:
     check_scheduler(a.scheduler)  # a sampler that cannot run, or a file in the way, stops it before the work
     check_clip_skip(a.clip_skip)
-    output_folder(a.out, create=False)  # (made by the writer: a model that fails to load leaves no empty folder)
+    output_folder(a.out)
     base = api.load(a.model, a.device, a.dtype, vae=a.vae, loras=a.lora, embeddings=a.embedding,
                     lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
     writer = ImageWriter(a.out)  # each batch is written when done: a Ctrl-C keeps them
