@@ -841,12 +841,13 @@ def _dataset_values(path: str, kind: str, family, names: set[str], given: dict) 
     """The settings a kohya dataset config given as --data holds (its caption and bucket options, its class
     images), under those the --config file and the flags give (``given``); an option its subsets each give their own
     of (a caption option, a resolution) cannot also be given for all."""
-    for key in kohya_dataset.read(path).varying:
+    dataset = kohya_dataset.read(path)
+    for key in dataset.varying:
         name = kohya_dataset.VARYING[key]
         if name in given:
             raise SdtuneError(f"--{_flag(name)} {given[name]!r}: {path} gives its subsets their own {key}; leave "
                               f"--{_flag(name)} out, or give {key} once in the file's [general]")
-    table, unused = kohya_config.dataset_settings(path, kind, family)
+    table, unused = kohya_config.dataset_settings(dataset, kind, family)
     if unused:
         note(f"{path}: {', '.join(unused)} change nothing sdtune trains and are not used")
     unknown = [key for key in table if key not in names]

@@ -638,10 +638,9 @@ class TrainingSet:
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
         self.crop, self.flip = crop, flip
         self.caption_opts = dict(captions or {})
-        # each example's: the run's, its own caption settings over them (settings' names -> process_caption's)
-        names = {name: option for option, name in CAPTION_SETTINGS.items()}
-        self.example_opts = [self.caption_opts | {names[k]: v for k, v in ex.options.items() if k in names}
-                             for ex in scan.examples]
+        # each example's: the run's, its own caption settings over them
+        self.example_opts = [self.caption_opts | {option: ex.options[name] for option, name in CAPTION_SETTINGS.items()
+                                                  if name in ex.options} for ex in scan.examples]
         self.empty_every = empty_every
         self.templates = templates
         sizes = {side: bucket_sizes(side, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets

@@ -207,10 +207,10 @@ def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
     take("dataset_config", "data", str(given.resolve()))
 
 
-def dataset_settings(path: str | Path, kind: str, family=None) -> tuple[dict, list[str]]:
-    """(sdtune's settings, kohya keys left out) of the kohya dataset config at ``path``, the --data of a run: its
-    caption and bucket options, and its class images (is_reg subsets) as the --reg-dir."""
-    dataset = kohya_dataset.read(path)
+def dataset_settings(dataset: kohya_dataset.Dataset, kind: str, family=None) -> tuple[dict, list[str]]:
+    """(sdtune's settings, kohya keys left out) of a kohya dataset config (``kohya_dataset.read``), the --data of a
+    run: its caption and bucket options, and its class images (is_reg subsets) as the --reg-dir."""
+    path = dataset.path
     for line in dataset.notes:
         note(line)
     out, unused = {}, []

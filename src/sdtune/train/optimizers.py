@@ -176,7 +176,7 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
         # is one kernel for all, 4x faster than foreach and equal to it to the last bit or so
         kwargs["fused"] = True
     cls = optimizer_class(name)
-    if _takes(name, "weight_decay"):
+    if _takes_weight_decay(name, cls):
         kwargs["weight_decay"] = weight_decay
     elif weight_decay:  # (a module.Class without one, e.g. LBFGS)
         note(f"--weight-decay {weight_decay:g}: {cls.__name__} takes no weight decay; not used")
@@ -186,19 +186,19 @@ def build(name: str, items: list[str], param_groups: list[dict], lr: float, weig
         raise SdtuneError(f"--optimizer {name} --optimizer-args {' '.join(items) or '(none)'}: {e}") from None
 
 
-def _takes(name: str, argument: str) -> bool:
-    """Whether optimizer ``name``'s class takes ``argument`` (the registry's all take a weight decay)."""
+def _takes_weight_decay(name: str, cls) -> bool:
+    """Whether optimizer ``name``'s class ``cls`` takes a weight decay (the registry's all do)."""
     if name in OPTIMIZERS:
         return True
-    parameters = inspect.signature(optimizer_class(name).__init__).parameters
-    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    parameters = inspect.signature(cls.__init__).parameters
+    return "weight_decay" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def describe(name: str, items: list[str], weight_decay: float) -> str:
     """The optimizer as kohya's metadata names it (``ss_optimizer``): ``prodigyopt.Prodigy(weight_decay=0.01,
     d_coef=2)``."""
     choice = spec(name)
-    args = {"weight_decay": weight_decay} if _takes(name, "weight_decay") else {}
+    args = {"weight_decay": weight_decay} if _takes_weight_decay(name, optimizer_class(name)) else {}
     args |= parse_args(name, items)
     return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
 
