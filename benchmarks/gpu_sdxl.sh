@@ -17,6 +17,6 @@ print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transform
       'peft', peft.__version__, 'accelerate', a.__version__)"; } 2>&1 | tee "$out/gpu.txt"
 args=(--arch sdxl-full --device cuda --dtype bf16 --resolution 1024 --batch 1 --gradient-checkpointing
       --steps 20 --warmup 5 --repeats 1 --threads 8 --model-folder /tmp/sdxl-full)
-# (LoRA also with --fp8-base: the UNet's frozen weights in 8 bits, kohya's --fp8_base, its own row)
+# (LoRA also with --fp8-base: the UNet's and text encoders' frozen weights in 8 bits, kohya's --fp8_base, its own row)
 timeout 330 python3 benchmarks/train_lora.py "${args[@]}" --sdtune-args=--fp8-base 2>&1 | tee "$out/train_lora.txt"
 timeout 210 python3 benchmarks/train_ti.py "${args[@]}" 2>&1 | tee "$out/train_ti.txt"

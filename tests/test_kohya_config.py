@@ -111,7 +111,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
-    ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base=True)),
+    ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     ('optimizer_type = "torch.optim.RAdam"', dict(optimizer="torch.optim.RAdam")),  # any class, as sd-scripts
     ('lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 0.2\nlr_scheduler_min_lr_ratio = 0.1',

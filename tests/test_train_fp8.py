@@ -28,46 +28,65 @@ def dataset(tmp_path_factory):
     return outline_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _rounded(base):
-    """A copy of ``base`` whose UNet linear and convolution layers hold their fp8-rounded weights, in fp32."""
+def _rounded(base, text: bool = True):
+    """A copy of ``base`` whose UNet linear and convolution layers (and, with ``text``, its text encoder's linear
+    layers) hold their fp8-rounded weights, in fp32."""
     other = copy.deepcopy(base)
+    models = [m for name, m in other.modules().items() if name == "unet" or (text and name.startswith("text_"))]
     with torch.no_grad():
-        for m in other.unet.modules():
+        for m in (layer for model in models for layer in model.modules()):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 m.weight.copy_(m.weight.to(fp8.FP8).float())
     return other
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha"])
-def test_a_run_on_fp8_layers_trains_what_the_rounded_unet_trains(base, dataset, tmp_path, algo):
-    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+def _weights(base) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.clone() for name, model in base.modules().items() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algo,switch,text_encoder", [("lora", "fp8_base", True), ("loha", "fp8_base", False),
+                                                      ("lora", "fp8_base_unet", True)])
+def test_a_run_on_fp8_layers_trains_what_the_rounded_base_trains(base, dataset, tmp_path, algo, switch,
+                                                                  text_encoder):
+    """--fp8-base: the UNet and the text encoder (trained with --text-encoder or not); --fp8-base-unet: the UNet."""
+    before = _weights(base)
     seen = {}
 
-    def look(step, loss):  # while it trains: the UNet's layers are 8-bit, the LoRA's factors are not
+    def look(step, loss):  # while it trains: the frozen layers are 8-bit, the LoRA's factors are not
         if step == 1:
-            seen["frozen"] = {m.weight.dtype for m in base.unet.modules() if isinstance(m, fp8.Fp8Layer)}
-            seen["left"] = [n for n, m in base.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-                            and not m.weight.requires_grad]
-            seen["trained"] = {p.dtype for p in base.unet.parameters() if p.requires_grad}
+            for name, model in base.modules().items():
+                seen[name] = {m.weight.dtype for m in model.modules() if isinstance(m, fp8.Fp8Layer)}
+                seen[f"{name} left"] = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                                        and not m.weight.requires_grad]
+            seen["trained"] = {p.dtype for m in (base.unet, base.text_encoder) for p in m.parameters()
+                               if p.requires_grad}
             seen["unet dtype"] = base.unet.dtype
 
-    kw = dict(algo=algo, targets="all", conv_rank=2, save_every=0, steps=2)
-    with pytest.warns(SdtuneWarning, match="--fp8-base: saves a GPU's memory; on the CPU"):
-        small = train_lora(base, settings(dataset, tmp_path / "fp8", fp8_base=True, **kw), callback=look)
-    assert seen == {"frozen": {fp8.FP8}, "left": [], "trained": {torch.float32}, "unet dtype": torch.float32}
-    rounded = train_lora(_rounded(base), settings(dataset, tmp_path / "rounded", **kw))
+    kw = dict(algo=algo, targets="all", conv_rank=2, save_every=0, steps=2, text_encoder=text_encoder)
+    flag = "--" + switch.replace("_", "-")
+    with pytest.warns(SdtuneWarning, match=f"^{flag}: saves a GPU's memory; on the CPU"):
+        small = train_lora(base, settings(dataset, tmp_path / "fp8", **{switch: True}, **kw), callback=look)
+    whole = switch == "fp8_base"
+    assert seen == {"unet": {fp8.FP8}, "unet left": [], "text_encoder": {fp8.FP8} if whole else set(),
+                    "text_encoder left": [] if whole else seen["text_encoder left"], "vae": set(),
+                    "vae left": seen["vae left"], "trained": {torch.float32}, "unet dtype": torch.float32}
+    assert whole or seen["text_encoder left"]  # (--fp8-base-unet: the text encoder's layers as they were)
+    rounded = train_lora(_rounded(base, text=whole), settings(dataset, tmp_path / "rounded", **kw))
     a, b = factors(small), factors(rounded)
     assert a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    assert any(k.startswith("text_encoder") for k in a) == text_encoder
     plain = factors(train_lora(base, settings(dataset, tmp_path / "plain", **kw)))
     assert any(not torch.equal(x, y) for k in a for x, y in zip(a[k], plain[k]))  # (the rounding is seen)
     # the base as it was: its own layers, weights and dtypes, no casting hooks
-    after = base.unet.state_dict()
+    after = _weights(base)
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) and after[k].dtype == v.dtype
                                                  for k, v in before.items())
-    assert not any(isinstance(m, fp8.Fp8Layer) for m in base.unet.modules())
+    assert not any(isinstance(m, fp8.Fp8Layer) for model in base.modules().values() for m in model.modules())
 
 
-def test_textual_inversion_on_fp8_layers_trains_what_the_rounded_unet_trains(base, dataset, tmp_path):
+def test_textual_inversion_on_fp8_layers_trains_what_the_rounded_base_trains(base, dataset, tmp_path):
+    """The text encoder the embedding trains through is in fp8 too (its token embeddings are not: no linear
+    layer)."""
     def run(model, out, **kw):  # (a word of its own each: a run leaves its word in the model)
         return train_ti(model, TISettings(data=str(dataset), out=str(tmp_path / out), token=f"<{out}-word>",
                                           init_token="star", steps=2, batch_size=2, report=False, progress=False, **kw))
@@ -75,6 +94,10 @@ def test_textual_inversion_on_fp8_layers_trains_what_the_rounded_unet_trains(bas
     with pytest.warns(SdtuneWarning, match="--fp8-base"):
         small = load_embedding(run(base, "fp8", fp8_base=True)).vectors
     assert torch.equal(small, load_embedding(run(_rounded(base), "rounded")).vectors)
+    with pytest.warns(SdtuneWarning, match="--fp8-base-unet"):
+        unet_only = load_embedding(run(base, "unet", fp8_base_unet=True)).vectors
+    assert torch.equal(unet_only, load_embedding(run(_rounded(base, text=False), "unetrounded")).vectors)
+    assert not torch.equal(small, unet_only)
     assert not torch.equal(small, load_embedding(run(base, "plain")).vectors)
 
 

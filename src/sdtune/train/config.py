@@ -140,9 +140,12 @@ class TrainSettings:
     optimizer_args: list[str] = _help("the optimizer's other keyword arguments, each as key=value (as kohya's "
                                       "--optimizer_args): e.g. betas=(0.9,0.99) d_coef=2", default_factory=list)
     gradient_checkpointing: bool = False
-    fp8_base: bool = _help("the UNet's frozen layers in 8-bit floats while training, each cast back as it computes "
-                           "(kohya's --fp8_base): half the GPU memory of fp16 weights (SDXL: 2.6 GB), a LoRA trained "
-                           "around W0 rounded to 8 bits", default=False)
+    fp8_base: bool = _help("the UNet's and text encoders' frozen layers in 8-bit floats while training, each cast "
+                           "back as it computes (kohya's --fp8_base): half the GPU memory of fp16 weights (SDXL's "
+                           "UNet: 2.6 GB), a LoRA or embedding trained around the base rounded to 8 bits",
+                           default=False)
+    fp8_base_unet: bool = _help("as --fp8-base for the UNet alone, the text encoders kept as they are (kohya's "
+                                "--fp8_base_unet)", default=False)
     channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
                                 "cuDNN in fp16/bf16; same math, other kernels (float rounding differs)",
                                 default=False)
@@ -651,8 +654,8 @@ TOPICS = {
                                             "sample_images", "sample_steps", "sample_guidance", "validation_dir",
                                             "validation_split", "validation_every", "log_with", "log_tracker_name",
                                             "wandb_run_name"),
-    "speed and memory": ("mixed_precision", "gradient_checkpointing", "fp8_base", "channels_last", "share_text",
-                         "flush_denormals"),
+    "speed and memory": ("mixed_precision", "gradient_checkpointing", "fp8_base", "fp8_base_unet", "channels_last",
+                         "share_text", "flush_denormals"),
 }
 
 

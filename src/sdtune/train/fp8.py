@@ -1,7 +1,9 @@
-"""--fp8-base (kohya's --fp8_base): the frozen UNet's linear and convolution weights stored in 8-bit floats (e4m3)
-while a run trains, each cast to its layer's dtype only while it computes. An SDXL UNet then holds 2.6 GB of
-weights instead of 5.1 GB in fp16. The run trains around W0 rounded to 8 bits; the LoRA's files are applied to the
-real W0 afterwards, as kohya's are.
+"""--fp8-base (kohya's --fp8_base): the frozen linear and convolution weights of the UNet and the text encoders
+stored in 8-bit floats (e4m3) while a run trains, each cast to its layer's dtype only while it computes; with
+--fp8-base-unet (kohya's --fp8_base_unet) the UNet's alone. An SDXL UNet then holds 2.6 GB of weights instead of
+5.1 GB in fp16, its two text encoders about 0.9 instead of 1.6. The run trains around the base rounded to 8 bits;
+the LoRA's files are applied to the real W0 afterwards, as kohya's are. The token embeddings stay as they are, as
+in kohya's (no linear layer, and TI trains a row of them).
 
 The layers are replaced by fp8 twins (``Fp8Layer``) for the run, and the originals put back after it; on a GPU the
 originals wait in the CPU's memory meanwhile (which is where the saving is: on the CPU they stay beside their twins).
@@ -68,7 +70,24 @@ def _convertible(layer: nn.Module) -> bool:
                                             and not isinstance(layer.padding, str))
 
 
-def store_in_fp8(model: nn.Module, trainable: set[int], where: str = "the UNet") -> Callable[[], None]:
+def models(base, whole: bool, unet_only: bool) -> dict[str, nn.Module]:
+    """The models of ``base`` a run keeps in fp8, by the name its refusals give them: the UNet with either switch,
+    the text encoders too with --fp8-base alone (``whole``)."""
+    if not (whole or unet_only):
+        return {}
+    chosen = {"the UNet": base.unet}
+    if not unet_only:
+        chosen |= {f"the {te.component}": model for te, model, _ in base.text_encoders()}
+    return chosen
+
+
+def flag(settings) -> str:
+    """The switch a run's fp8 notes and refusals name."""
+    return "--fp8-base-unet" if settings.fp8_base_unet else "--fp8-base"
+
+
+def store_in_fp8(model: nn.Module, trainable: set[int], where: str = "the UNet",
+                 switch: str = "--fp8-base") -> Callable[[], None]:
     """Each linear and convolution layer of ``model`` whose weight is not ``trainable`` (by id) replaced by an
     ``Fp8Layer``; returns the undo, which puts the originals back where they were."""
     swaps = []
@@ -84,8 +103,8 @@ def store_in_fp8(model: nn.Module, trainable: set[int], where: str = "the UNet")
                 if not _convertible(child) or id(child.weight) in trainable:
                     continue
                 if child.weight.detach().abs().max() > LARGEST:
-                    raise SdtuneError(f"--fp8-base: {where}'s {name} layer holds weights past fp8's largest value "
-                                      f"({LARGEST:g}); train without --fp8-base")
+                    raise SdtuneError(f"{switch}: {where}'s {name} layer holds weights past fp8's largest value "
+                                      f"({LARGEST:g}); train without {switch}")
                 device = child.weight.device
                 twin = Fp8Layer(child)
                 if device.type != "cpu":

@@ -46,7 +46,7 @@ RENAMED = {
     "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
     # train_textual_inversion.py's
     "token_string": "token", "init_word": "init_token", "num_vectors_per_token": "num_vectors",
-    "weights": "init_embedding", "fp8_base_unet": "fp8_base",
+    "weights": "init_embedding",
 }
 
 # how sd-scripts runs, not what it trains: nothing to do here

@@ -532,12 +532,14 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     try:
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
-        if settings.fp8_base:
+        in_fp8 = fp8.models(base, settings.fp8_base, settings.fp8_base_unet)
+        if in_fp8:
             if device.type == "cpu":
-                note("--fp8-base: saves a GPU's memory; on the CPU the full-precision layers stay beside their 8-bit "
-                     "twins (the run trains as on a GPU)")
+                note(f"{fp8.flag(settings)}: saves a GPU's memory; on the CPU the full-precision layers stay beside "
+                     f"their 8-bit twins (the run trains as on a GPU)")
             trainable = {id(p) for group in job.param_groups for p in group["params"]}
-            undo.append(fp8.store_in_fp8(base.unet, trainable))
+            for where, model in in_fp8.items():  # (before the text cache: cached and run captions read the same)
+                undo.append(fp8.store_in_fp8(model, trainable, where, fp8.flag(settings)))
         if settings.channels_last:  # only 4-D weights change layout: the convolutions (LoRA's included)
             base.unet.to(memory_format=torch.channels_last)
             undo.append(lambda: base.unet.to(memory_format=torch.contiguous_format))
@@ -558,7 +560,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         text = TextInput(stack, device, job.expand, cache, shared=unshare is not None)
         objective = Objective(base.unet, stack, base.scheduler, Loss.of(settings), job.text_trainable,
                               base.family.pooled_and_time_ids, vae_scale(base), settings.zero_terminal_snr).to(device)
-        if settings.fp8_base:  # DDP leaves them alone: every process loaded the same, and its broadcast takes no fp8
+        if in_fp8:  # DDP leaves them alone: every process loaded the same, and its broadcast takes no fp8
             objective._ddp_params_and_buffers_to_ignore = fp8.names_in_fp8(objective)
         optimizer = optimizers.build(settings.optimizer, settings.optimizer_args, job.param_groups, settings.lr,
                                      settings.weight_decay, device)
