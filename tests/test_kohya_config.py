@@ -148,6 +148,9 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),
     ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
+    ('in_json = "meta_lat.json"', r"in_json = 'meta_lat.json': sdtune reads sd-scripts' fine-tuning metadata from a "
+                                  r"dataset config; give dataset_config = a .toml with \[\[datasets.subsets\]\] "
+                                  r"image_dir = train_data_dir's folder and metadata_file = 'meta_lat.json'"),
     ('lr_scheduler_args = ["T_max=100"]', r"sdtune does not offer lr_scheduler_args = \['T_max=100'\]"),
     ("learning_rate = 1e-4\nlr = 2e-4", r"lr = 0.0002 and another key set lr to 0.0001; keep one"),
     ("gradient_accumulation_step = 2", r"unknown setting for lora training: 'gradient_accumulation_step'"),

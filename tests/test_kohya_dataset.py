@@ -139,7 +139,13 @@ keep_tokens = 2
     ("[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = '{a}'\n",
      "resolution = [512, 768]: sdtune trains at a square size whose area its buckets keep; give resolution = 576"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nmetadata_file = 'meta.json'\n",
-     "metadata_file = 'meta.json': a fine-tuning subset's captions in sd-scripts' metadata JSON"),
+     "metadata_file 'meta.json' is not a file; give the path of the subset's metadata JSON"),
+    ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file = '{a}/0.txt'\n", "0.txt: not a readable metadata file"),
+    ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file = '{a}/list.json'\n",
+     "list.json: not sd-scripts' fine-tuning metadata (an object of image keys"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\n[[datasets.subsets]]\nimage_dir = '{b}'\n"
+     "metadata_file = '{a}/meta.json'\nis_reg = true\n",
+     "with is_reg: a fine-tuning subset holds training images (as in sd-scripts)"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nconditioning_data_dir = '{b}'\n",
      "conditioning_data_dir = '{b}': the subset's masks (--masked_loss) in another folder; sdtune reads an image's "
      "mask beside it, as NAME.mask.png"),
@@ -157,10 +163,13 @@ keep_tokens = 2
 ])
 def test_what_sdtune_cannot_read_is_one_line_naming_the_file(tmp_path, body, says):
     a, b = images(tmp_path / "a", 1, "x"), images(tmp_path / "b", 1, "y")
+    (a / "list.json").write_text('["0.png"]')
+    (a / "meta.json").write_text('{"0": {"caption": "x"}}')
     ds = dataset_file(tmp_path / "ds.toml", body.format(a=a, b=b))
     with pytest.raises(SdtuneError) as e:
         load_settings(None, {"data": str(ds)}, "lora", family="sd1")
-    assert str(e.value).startswith(f"{ds}: ") and says.format(a=a, b=b) in str(e.value)
+    named = ds if "metadata file" not in says and "metadata (" not in says else next(a.glob(says.split(":")[0]))
+    assert str(e.value).startswith(f"{named}: ") and says.format(a=a, b=b) in str(e.value)
     assert "\n" not in str(e.value)
 
 
@@ -298,3 +307,66 @@ resolution = "128,128"
     assert sorted((tuple(b["resolution"]), b["count"]) for b in meta.values()) == [((64, 64), 2), ((128, 128), 2)]
     with pytest.raises(SdtuneError, match=rf"^--resolution 64: {ds} gives its subsets their own resolution"):
         load_settings(None, {"data": str(ds), "resolution": 64}, "lora", family="sd1")
+
+
+def test_a_fine_tuning_subset_trains_the_images_and_captions_its_metadata_names(tmp_path, monkeypatch):
+    """sd-scripts' metadata_file (its finetune/ scripts' JSON): a key is an image's name in image_dir (with or
+    without its extension) or its path; the caption and then the tags; the folder's caption files and other
+    images are not used, and what is left out is said."""
+    folder = images(tmp_path / "imgs", 4, caption="a caption file")  # 0-3.png, each with a .txt not used
+    elsewhere = images(tmp_path / "elsewhere", 1)
+    (folder / "meta.json").write_text(json.dumps({
+        "0": {"caption": "a red square", "tags": "red, square"},
+        "1.png": {"tags": "only tags"},
+        str(elsewhere / "0.png"): {"caption": "from elsewhere\nanother line", "train_resolution": [64, 64]},
+        "gone": {"caption": "no such image"},
+        "2": {"caption": ""},
+    }))
+    monkeypatch.chdir(tmp_path)
+    ds = dataset_file(tmp_path / "ds.toml", "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'imgs'\n"
+                                            "metadata_file = 'imgs/meta.json'\nnum_repeats = 3\n")
+    scan = scan_data(ds)
+    got = sorted((ex.path.relative_to(tmp_path).as_posix(), ex.caption, ex.repeats, ex.name) for ex in scan.examples)
+    assert got == [("elsewhere/0.png", "from elsewhere", 3, "imgs" + (elsewhere / "0.png").resolve().as_posix()),
+                   ("imgs/0.png", "a red square, red, square", 3, "imgs/0.png"),
+                   ("imgs/1.png", "only tags", 3, "imgs/1.png"), ("imgs/2.png", "", 3, "imgs/2.png")]
+    assert scan.folders == {"imgs": {"n_repeats": 3, "img_count": 4}}
+    meta = (folder / "meta.json").resolve()
+    assert scan.unused == [f"{meta}: 1 of its images are neither a file nor in {folder.resolve()} and are not used (gone)",
+                           f"{meta}: 1 caption(s) have more than one line; only the first is used, as kohya reads a "
+                           f"caption file; give --wildcards to draw one of them each time",
+                           f"{folder.resolve()}: 1 image(s) its metadata_file does not name are not used, as "
+                           f"sd-scripts reads a fine-tuning subset (3.png)"]
+    wild = {ex.path.parent.name: ex.caption for ex in scan_data(ds, all_lines=True).examples if ex.path.stem == "0"}
+    assert wild == {"elsewhere": "from elsewhere\nanother line", "imgs": "a red square, red, square"}
+    # without image_dir: the keys are the images' paths (or names beside the metadata file)
+    alone = dataset_file(tmp_path / "alone.toml", "[[datasets]]\n[[datasets.subsets]]\n"
+                                                  "metadata_file = 'imgs/meta.json'\n")
+    assert sorted(ex.caption for ex in scan_data(alone).examples) == ["", "a red square, red, square",
+                                                                       "from elsewhere", "only tags"]
+
+
+def test_a_fine_tuning_subset_trains_the_weights_its_captions_as_files_would(tmp_path, capsys):
+    """Through the CLI: a metadata_file's captions and tags train bit for bit what the same captions in .txt files
+    train."""
+    data = outline_dataset(tmp_path / "src")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    metadata = {}
+    for i, shot in enumerate(sorted(data.glob("*.png"))):
+        shutil.copy(shot, folder / shot.name)
+        caption = shot.with_suffix(".txt").read_text().strip()
+        head, _, rest = caption.partition(",")
+        metadata[shot.stem if i % 2 else shot.name] = {"caption": head, "tags": rest.strip()} if rest else \
+            {"caption": caption}
+        (folder / shot.with_suffix(".txt").name).write_text("not this caption")
+    (tmp_path / "meta.json").write_text(json.dumps(metadata))
+    common = ["--model", "tiny-random", "--steps", "2", "--batch-size", "2", "--rank", "4", "--alpha", "4",
+              "--validation-split", "0", "--no-text-encoder", "--no-report", "--no-progress", "--sample-every", "0"]
+    assert main(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o1"), *common]) == 0
+    ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+                                            f"metadata_file = 'meta.json'\n")
+    assert main(["train", "lora", "--data", str(ds), "--out", str(tmp_path / "o2"), *common]) == 0
+    capsys.readouterr()
+    a, b = (load_file(tmp_path / o / "lora.safetensors") for o in ("o1", "o2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -204,6 +204,9 @@ class _Source:
     names_from: Path
     prefix: str = ""
     options: dict = field(default_factory=dict)  # its images' own settings (``Example.options``)
+    # a fine-tuning subset's {image key: caption} (``kohya_dataset.Subset.captions``) and its metadata file
+    listed: dict[str, str | None] | None = None
+    listing: Path | None = None
 
 
 def scan_data(data: str | Path, default_caption: str | None = None, require_captions: bool = True,
@@ -223,9 +226,9 @@ def scan_data(data: str | Path, default_caption: str | None = None, require_capt
                      if g not in taken)
         taken.add(group)
         groups.append(_Source(s.image_dir, s.repeats, s.class_tokens, False, group, s.image_dir, group + "/",
-                              dataset.own_options(s)))
+                              dataset.own_options(s), s.captions, s.metadata))
         deeper = [p for p in s.image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and _image_files(p, True)]
+                  and _image_files(p, True)] if s.captions is None else []
         if deeper:  # sd-scripts reads a subset's own folder, not its subfolders
             scan.unused.append(f"{s.image_dir}: images in its subfolders ({', '.join(p.name for p in deeper[:3])}) are "
                                f"not read, as sd-scripts reads a subset; give each folder as a subset")
@@ -265,8 +268,13 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
     """``scan`` filled with the images of ``groups`` (of the data at ``where``, named in messages)."""
     missing: list[Path] = []
     for source in groups:
-        files = _image_files(source.folder, source.recursive)
-        listed = read_metadata_captions(source.folder)
+        fine_tuning = source.listed is not None
+        if fine_tuning:
+            listed = _fine_tuning_captions(source, all_lines, scan)
+            files = sorted(listed)
+        else:
+            files = _image_files(source.folder, source.recursive)
+            listed = read_metadata_captions(source.folder)
         read: dict[Path, list[str]] = {}
         count = 0
         for image in files:
@@ -274,18 +282,21 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
             if why:
                 scan.skipped.append((image, why))
                 continue
-            caption = read_caption(image, read, all_lines)
+            caption = None if fine_tuning else read_caption(image, read, all_lines)
             if caption is None:
                 caption = listed.get(image.resolve())
             if caption is None:
                 caption = source.caption if source.caption is not None else default_caption
             if caption is None and require_captions:
                 missing.append(image)
-            name = source.prefix + image.relative_to(source.names_from).as_posix()
+            inside = image.is_relative_to(source.names_from)  # (a fine-tuning key may name an image elsewhere)
+            name = source.prefix + (image.relative_to(source.names_from) if inside else image).as_posix().lstrip("/")
             scan.examples.append(Example(image, caption, source.repeats, name, source.group, source.options))
             count += 1
         if count and source.repeats > 0:
             scan.folders[source.group] = {"n_repeats": source.repeats, "img_count": count}
+        if fine_tuning:
+            continue
         scan.unused += _caption_notes(source.folder, source.recursive, files, read, all_lines)
         unlisted = sorted(p.name for p in listed if not p.is_file())
         if unlisted:  # a typo, or an image renamed or deleted since the metadata was written
@@ -309,6 +320,45 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
         raise SdtuneError(f"{where}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))}); put the training "
                           f"images there, with same-name .txt captions")
     return scan
+
+
+def image_named(key: str, folder: Path) -> Path | None:
+    """The image a fine-tuning metadata key names, found as sd-scripts finds it: an image at that path, else one of
+    that name in the subset's ``folder``, with or without its extension; None where there is none."""
+    candidates = [Path(key).expanduser(), folder / key,
+                  *(folder / (key + case) for suffix in sorted(IMAGE_SUFFIXES) for case in (suffix, suffix.upper()))]
+    return next((p.resolve() for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), None)
+
+
+def _fine_tuning_captions(source: _Source, all_lines: bool, scan: Scan) -> dict[Path, str | None]:
+    """{image: caption} of a fine-tuning subset, the images its metadata names (not its folder's other images nor
+    caption files, as sd-scripts reads it); a caption of several lines read as a caption file's. What is not used
+    goes into ``scan.unused``."""
+    captions, lost, multi = {}, [], 0
+    for key, caption in source.listed.items():
+        image = image_named(key, source.folder)
+        if image is None:
+            lost.append(key)
+            continue
+        if caption is not None:
+            lines = [line.strip() for line in caption.splitlines() if line.strip()]
+            multi += len(lines) > 1 and not all_lines
+            caption = "\n".join(lines) if all_lines else (lines[0] if lines else "")
+        captions[image] = caption
+
+    def named(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+    if lost:  # (sd-scripts also trains on its own cached .npz latents without the image: sdtune needs the image)
+        scan.unused.append(f"{source.listing}: {len(lost)} of its images are neither a file nor in {source.folder} "
+                           f"and are not used ({named(lost)})")
+    if multi:
+        scan.unused.append(f"{source.listing}: {multi} caption(s) have more than one line; only the first is used, as "
+                           f"kohya reads a caption file; give --wildcards to draw one of them each time")
+    others = [p.name for p in _image_files(source.folder, False) if p.resolve() not in captions]
+    if others:
+        scan.unused.append(f"{source.folder}: {len(others)} image(s) its metadata_file does not name are not used, as "
+                           f"sd-scripts reads a fine-tuning subset ({named(others)})")
+    return captions
 
 
 def _subset(scan: Scan, keep: list[Example]) -> Scan:

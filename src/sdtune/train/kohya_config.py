@@ -72,7 +72,7 @@ NO_EFFECT = {
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fused_backward_pass",
     "dim_from_weights", "save_n_epoch_ratio", "lr_scheduler_args",
-    "lr_scheduler_type", "in_json", "token_warmup_min", "token_warmup_step",
+    "lr_scheduler_type", "token_warmup_min", "token_warmup_step",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
@@ -158,6 +158,11 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                 take(key, "te_steps", int(value))
             elif value:
                 refused.append(f"{key} = {value!r} (network_train_unet_only = true trains the UNet alone)")
+        elif key == "in_json":  # train_network.py's fine-tuning metadata for train_data_dir's images
+            if value:
+                raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "
+                                  f"a dataset config; give dataset_config = a .toml with [[datasets.subsets]] "
+                                  f"image_dir = train_data_dir's folder and metadata_file = {str(value)!r}")
         elif key == "network_multiplier":  # a dataset's LoRA strength in training, 1 unless changed
             if value != 1:
                 refused.append(f"{key} = {value!r}")

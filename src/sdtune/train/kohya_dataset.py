@@ -14,6 +14,9 @@
       is_reg = true
       class_tokens = "cat"
 
+A subset with a ``metadata_file`` (sd-scripts' fine-tuning subset, written by its finetune/ scripts) trains the
+images its JSON names, with the captions and tags it gives them, not the folder's caption files or other images.
+
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
 subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts), as in sd-scripts: each image
 trains with its subset's (``data.Example.options``), and so is its dataset's resolution (several resolutions in
@@ -38,11 +41,9 @@ from ..safeio import SdtuneError
 SUFFIXES = (".toml", ".json")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 # what makes a subset, not how its images train
-STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg"}
-# what sdtune reads otherwise: sd-scripts' fine-tuning captions, and masks (or ControlNet's images) in another folder
-REFUSED = {"metadata_file": "a fine-tuning subset's captions in sd-scripts' metadata JSON; sdtune reads .txt "
-                            "captions beside the images (or a metadata.jsonl there): give image_dir with those",
-           "conditioning_data_dir": "the subset's masks (--masked_loss) in another folder; sdtune reads an image's "
+STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg", "metadata_file"}
+# what sdtune reads otherwise: masks (or ControlNet's images) in another folder
+REFUSED = {"conditioning_data_dir": "the subset's masks (--masked_loss) in another folder; sdtune reads an image's "
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
@@ -66,6 +67,10 @@ class Subset:
     class_tokens: str | None  # the caption of an image without a caption file
     is_reg: bool
     options: dict  # kohya's caption and bucket options for its images, [general] and its dataset's included
+    # a fine-tuning subset's (sd-scripts' metadata_file, which its finetune/ scripts write): {image key: caption or
+    # None} of the images it trains (``data`` finds them, in image_dir or by path), and the file
+    captions: dict[str, str | None] | None = None
+    metadata: Path | None = None
 
 
 @dataclass
@@ -182,6 +187,12 @@ def _subset(path: Path, entry: dict) -> Subset:
     for key, why in REFUSED.items():
         if entry.get(key):
             raise SdtuneError(f"{path}: {key} = {entry[key]!r}: {why}")
+    metadata, captions = _metadata(path, str(entry["metadata_file"])) if entry.get("metadata_file") else (None, None)
+    if metadata is not None and entry.get("is_reg"):
+        raise SdtuneError(f"{path}: metadata_file {str(metadata)!r} with is_reg: a fine-tuning subset holds training "
+                          f"images (as in sd-scripts); give the class images as a subset of their own")
+    if metadata is not None and not entry.get("image_dir"):  # its keys are the images' paths
+        entry["image_dir"] = str(metadata.parent)
     if not entry.get("image_dir"):
         raise SdtuneError(f"{path}: a subset without image_dir; give each subset its folder of images")
     extension = entry.pop("caption_extension", ".txt")  # each subset's own: sdtune reads .txt, else .caption
@@ -195,7 +206,39 @@ def _subset(path: Path, entry: dict) -> Subset:
         raise SdtuneError(f"{path}: num_repeats = {repeats!r} for {entry['image_dir']}: must be a whole number, "
                           f"1 or more")
     return Subset(_folder(path, str(entry["image_dir"])), repeats, entry.get("class_tokens") or None,
-                  bool(entry.get("is_reg", False)), {k: v for k, v in entry.items() if k not in STRUCTURE})
+                  bool(entry.get("is_reg", False)), {k: v for k, v in entry.items() if k not in STRUCTURE},
+                  captions, metadata)
+
+
+def _metadata(path: Path, given: str) -> tuple[Path, dict[str, str | None]]:
+    """(the file, {image key: caption}) of a fine-tuning subset's metadata_file: sd-scripts' JSON object of image keys,
+    each with its "caption" and "tags" (the tags follow the caption after a comma, as sd-scripts joins them; one
+    without a caption is its tags; neither: None). Found as an image_dir is found."""
+    file = Path(given).expanduser()
+    if not file.is_absolute() and not file.is_file() and (path.parent / file).is_file():
+        file = path.parent / file
+    if not file.is_file():
+        raise SdtuneError(f"{path}: metadata_file {given!r} is not a file; give the path of the subset's metadata "
+                          f"JSON")
+    try:
+        table = json.loads(file.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SdtuneError(f"{file}: not a readable metadata file ({e}); fix the file") from None
+    except OSError as e:
+        raise SdtuneError(f"{file}: cannot be read ({e.strerror or e}); check the file") from None
+    if not isinstance(table, dict) or not all(isinstance(row, dict) for row in table.values()):
+        raise SdtuneError(f"{file}: not sd-scripts' fine-tuning metadata (an object of image keys, each an object "
+                          f"with its caption and tags); fix the file")
+    captions = {}
+    for key, row in table.items():
+        caption, tags = row.get("caption"), row.get("tags")
+        if caption is None:
+            caption, tags = tags, None
+        if caption is not None and tags:  # (tags are one line: a caption's every line gets them, for --wildcards)
+            tags = ", ".join(t.strip() for t in str(tags).splitlines() if t.strip())
+            caption = "\n".join(f"{line}, {tags}" for line in str(caption).splitlines() if line.strip()) or tags
+        captions[str(key)] = None if caption is None else str(caption)
+    return file.resolve(), captions
 
 
 def _folder(path: Path, given: str) -> Path:
