@@ -350,12 +350,14 @@ def check_resume(base, settings: TrainSettings, kind: str, scan, validation_id: 
     path = Path(settings.out) / STATE_FILE
     if settings.resume and path.is_file():
         data_id = fingerprint(scan, settings.data) | ({"validation": validation_id} if validation_id else {})
-        _read_resume(path, kind, settings, getattr(base, "model_hash", ""), data_id)
+        # (mapped: only its settings are read here; ``run`` reads the tensors)
+        _read_resume(path, kind, settings, getattr(base, "model_hash", ""), data_id, mmap=True)
 
 
-def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str, data_id: dict) -> dict:
+def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str, data_id: dict,
+                 mmap: bool = False) -> dict:
     try:
-        state, _ = load_state(path)
+        state, _ = load_state(path, mmap=mmap)
     except SdtuneError as e:  # cut short (a full disk): the files of the last complete save are still there
         raise SdtuneError(f"{e}; delete it to start over here (or use --no-resume), or use another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
