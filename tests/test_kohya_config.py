@@ -113,6 +113,13 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
     ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
+    # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
+    ('lr_scheduler = "cosine"\nlr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]',
+     dict(lr_scheduler="CosineAnnealingLR", lr_scheduler_args=["T_max=100"])),
+    ('lr_scheduler_type = "torch.optim.lr_scheduler.StepLR"\nlr_scheduler_args = "step_size=10 gamma=0.5"',
+     dict(lr_scheduler="torch.optim.lr_scheduler.StepLR", lr_scheduler_args=["step_size=10", "gamma=0.5"])),
+    ('lr_scheduler = "linear"\nlr_scheduler_type = ""\nlr_scheduler_args = ""',
+     dict(lr_scheduler="linear", lr_scheduler_args=[])),
     ('optimizer_type = "torch.optim.RAdam"', dict(optimizer="torch.optim.RAdam")),  # any class, as sd-scripts
     ('lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 0.2\nlr_scheduler_min_lr_ratio = 0.1',
      dict(lr_scheduler="warmup_stable_decay", lr_decay_ratio=0.2, lr_decay_steps=0, lr_scheduler_min_lr_ratio=0.1)),
@@ -151,7 +158,6 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('in_json = "meta_lat.json"', r"in_json = 'meta_lat.json': sdtune reads sd-scripts' fine-tuning metadata from a "
                                   r"dataset config; give dataset_config = a .toml with \[\[datasets.subsets\]\] "
                                   r"image_dir = train_data_dir's folder and metadata_file = 'meta_lat.json'"),
-    ('lr_scheduler_args = ["T_max=100"]', r"sdtune does not offer lr_scheduler_args = \['T_max=100'\]"),
     ("learning_rate = 1e-4\nlr = 2e-4", r"lr = 0.0002 and another key set lr to 0.0001; keep one"),
     ("gradient_accumulation_step = 2", r"unknown setting for lora training: 'gradient_accumulation_step'"),
     ('resume = "/runs/last-state"', r"resume = '/runs/last-state': sd-scripts' saved state \(accelerate's\) is not one "

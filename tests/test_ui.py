@@ -231,6 +231,10 @@ def test_bad_form_values_are_refused_before_a_job_starts(tmp_path):
     with pytest.raises(SdtuneError, match=r"^optimizer os\.path: the web UI trains with adamw, .*; train with another "
                                           r"class on the command line \(sdtune train --optimizer module\.Class\)$"):
         trainform.settings_for("lora", {"optimizer": "os.path"}, data=str(tmp_path), out="o", model="tiny")
+    with pytest.raises(SdtuneError, match=r"^lr_scheduler os\.path: the web UI trains with constant, .*; train with a "
+                                          r"scheduler class on the command line \(sdtune train --lr-scheduler "
+                                          r"module\.Class\)$"):
+        trainform.settings_for("lora", {"lr_scheduler": "os.path"}, data=str(tmp_path), out="o", model="tiny")
 
 
 # ---------------------------------------------------------------------------------------------- jobs

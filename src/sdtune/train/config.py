@@ -33,7 +33,7 @@ from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
 from ..ti.tokens import check_vectors
-from . import kohya_config, kohya_dataset, logs, optimizers, presets, samples
+from . import kohya_config, kohya_dataset, logs, lr_classes, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
@@ -83,8 +83,11 @@ class TrainSettings:
                               "(--lr-scheduler-num-cycles cosines) | polynomial ((1 - progress)^--lr-scheduler-power) | "
                               "cosine_with_min_lr (decay to --lr-scheduler-min-lr-ratio) | warmup_stable_decay (constant, "
                               "then a cosine to the min ratio over the last --lr-decay-steps) | inverse_sqrt "
-                              "(1/sqrt(step) past the warm-up; transformers' schedules, as kohya offers them)",
-                              default="constant")
+                              "(1/sqrt(step) past the warm-up; transformers' schedules, as kohya offers them); or a "
+                              "scheduler class, of torch.optim.lr_scheduler (CosineAnnealingWarmRestarts) or as "
+                              "module.Class (kohya's --lr_scheduler_type)", default="constant")
+    lr_scheduler_args: list[str] = _help("a scheduler class's keyword arguments, each as key=value (kohya's "
+                                         "--lr_scheduler_args): e.g. T_0=100 eta_min=1e-6", default_factory=list)
     lr_warmup_steps: int = 0
     lr_warmup_ratio: float = _help("the warm-up as a share of the run's steps instead (kohya's lr_warmup_steps below "
                                    "1): int(share x steps)", default=0.0)
@@ -301,7 +304,14 @@ class TrainSettings:
             raise SdtuneError("--validation-split and --validation-dir both given; hold out images one way")
         samples.check(self.sample_prompts)
         samples.sampler(self.sample_sampler)
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        if lr_classes.is_class_name(self.lr_scheduler):
+            lr_classes.check(self.lr_scheduler, self.lr_scheduler_args)
+        else:
+            _choice("lr_scheduler", self.lr_scheduler, [*SCHEDULES, "a scheduler class (module.Class)"])
+            if self.lr_scheduler_args:
+                raise SdtuneError(f"--lr-scheduler-args {' '.join(self.lr_scheduler_args)}: the arguments of a "
+                                  f"scheduler class (--lr-scheduler module.Class); --lr-scheduler {self.lr_scheduler} "
+                                  f"takes sdtune's own flags (--lr-scheduler-num-cycles, ...)")
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("max_token_length", self.max_token_length, TOKEN_LENGTHS)
         _choice("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
@@ -625,6 +635,7 @@ TOPICS = {
                          "progress", "report", "metadata_title", "metadata_author", "metadata_description",
                          "metadata_license", "metadata_tags"),
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
+                             "lr_scheduler_args",
                              "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles", "lr_scheduler_power",
                              "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_decay_ratio", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),

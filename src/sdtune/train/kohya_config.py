@@ -71,8 +71,7 @@ NO_EFFECT = {
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fused_backward_pass",
-    "dim_from_weights", "save_n_epoch_ratio", "lr_scheduler_args",
-    "lr_scheduler_type", "token_warmup_min", "token_warmup_step",
+    "dim_from_weights", "save_n_epoch_ratio", "token_warmup_min", "token_warmup_step",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
@@ -130,6 +129,8 @@ def translate(table: dict, where, kind: str = "lora", family=None) -> tuple[dict
 def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
     """Each key of ``theirs`` as sdtune's setting (``take``); a switch that changes nothing here into ``unused``."""
     refused = []
+    if theirs.get("lr_scheduler_type"):  # a scheduler class: sd-scripts then leaves lr_scheduler aside
+        theirs = {k: v for k, v in theirs.items() if k != "lr_scheduler"}
     for key, value in theirs.items():
         if key == "random_crop":  # a switch in kohya, a choice in sdtune
             take(key, "crop", "random" if value else "center")
@@ -158,6 +159,13 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                 take(key, "te_steps", int(value))
             elif value:
                 refused.append(f"{key} = {value!r} (network_train_unet_only = true trains the UNet alone)")
+        elif key == "lr_scheduler_type":  # a class, of torch.optim.lr_scheduler or as module.Class
+            if value:
+                take(key, "lr_scheduler", str(value))
+        elif key == "lr_scheduler_args":  # (kohya_ss writes one string of them)
+            items = shlex.split(value) if isinstance(value, str) else [str(item) for item in value or []]
+            if items:
+                take(key, "lr_scheduler_args", items)
         elif key == "in_json":  # train_network.py's fine-tuning metadata for train_data_dir's images
             if value:
                 raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
-from . import fp8, logs, optimizers, samples, shared_text
+from . import fp8, logs, lr_classes, optimizers, samples, shared_text
 from .config import OUTPUT_SETTINGS, SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
 from .data import TrainingSet, fingerprint, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
@@ -143,6 +143,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1
         timescale = warmup or 10_000
         return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
     raise SdtuneError(f"--lr-scheduler {schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+
+def learning_rates(settings: TrainSettings, total: int, base_rates: list[float]) -> Callable[[int], list[float]]:
+    """Each optimizer group's rate at a step, from its base rate: sdtune's schedule (``lr_factor``), or a scheduler
+    class's (``lr_classes``) times the warm-up."""
+    s, warmup = settings, settings.warmup_steps(total)
+    if lr_classes.is_class_name(s.lr_scheduler):
+        schedule = lr_classes.ClassSchedule(s.lr_scheduler, s.lr_scheduler_args, base_rates)
+        return lambda step: [rate * min(1.0, (step + 1) / warmup if warmup else 1.0) for rate in schedule.rates(step)]
+
+    def rates(step: int) -> list[float]:
+        factor = lr_factor(step, total, warmup, s.lr_scheduler, s.lr_scheduler_num_cycles, s.lr_scheduler_power,
+                           s.lr_scheduler_min_lr_ratio, s.decay_steps(total))
+        return [rate * factor for rate in base_rates]
+    return rates
 
 
 def default_time_ids(latents: torch.Tensor, scale: int) -> torch.Tensor:
@@ -821,6 +836,7 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
     epoch_steps = math.ceil(r.job.metadata["batches_per_epoch"] / s.grad_accum)
     saves = [every for every in (s.save_every, s.save_every_epochs * epoch_steps) if every]
     samples = [every for every in (s.sample_every, s.sample_every_epochs * epoch_steps) if every]
+    schedule = learning_rates(s, r.total, [group["base_lr"] for group in optimizer.param_groups])
 
     def due(step: int, periods: list[int]) -> bool:
         return any(step % every == 0 for every in periods)
@@ -837,12 +853,11 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
         elif due(start, samples) and not r.sample_path(start).exists():
             r.sample(start)  # a kill between the save of this step and its samples: the model is that step's
         for step in range(start, r.total):
-            factor = lr_factor(step, r.total, s.warmup_steps(r.total), s.lr_scheduler, s.lr_scheduler_num_cycles,
-                               s.lr_scheduler_power, s.lr_scheduler_min_lr_ratio, s.decay_steps(r.total))
+            rates = schedule(step)
             optimizers.set_averaged(optimizer, False)  # (schedule-free: back where the gradients are taken)
-            for group in optimizer.param_groups:  # a group may stop early (--ti-steps, --te-steps)
+            for group, rate in zip(optimizer.param_groups, rates):  # a group may stop early (--ti-steps, --te-steps)
                 stop = group.get("stop_after", 0)
-                group["lr"] = 0.0 if stop and step >= stop else group["base_lr"] * factor
+                group["lr"] = 0.0 if stop and step >= stop else rate
             loss = torch.zeros((), device=acc.device)
             for micro in range(s.grad_accum):
                 loss += r.micro_step(step * s.grad_accum + micro, sync=micro == s.grad_accum - 1)

@@ -114,7 +114,7 @@ def _version(package: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _value(text: str):
+def literal(text: str):
     """A Python literal (0.9, (0.9, 0.99), True), else the text itself; TOML's true/false read as booleans."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -142,7 +142,7 @@ def parse_args(name: str, items: list[str]) -> dict:
             meant = difflib.get_close_matches(key, others, n=1)
             raise SdtuneError(f"--optimizer-args {item!r}: {spec(name).cls} takes no {key!r}"
                               f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(others)}")
-        kwargs[key] = _value(text.strip())
+        kwargs[key] = literal(text.strip())
     return kwargs
 
 

@@ -139,6 +139,9 @@ def settings_for(kind: str, values: dict, *, data: str, out: str, model: str):
     if str(overrides.get("optimizer") or "adamw").lower() not in optimizers.OPTIMIZERS:
         raise SdtuneError(f"optimizer {overrides['optimizer']}: the web UI trains with {', '.join(optimizers.OPTIMIZERS)}; "
                           f"train with another class on the command line (sdtune train --optimizer module.Class)")
+    if str(overrides.get("lr_scheduler") or "constant") not in config.SCHEDULES:
+        raise SdtuneError(f"lr_scheduler {overrides['lr_scheduler']}: the web UI trains with {', '.join(config.SCHEDULES)}; "
+                          f"train with a scheduler class on the command line (sdtune train --lr-scheduler module.Class)")
     overrides.update(data=data, out=out, model=model, progress=True, resume=True)
     try:
         settings = load_settings(None, overrides, kind=kind)
