@@ -3,6 +3,7 @@ class_tokens, read as N_name folders are (the same images, captions and repeats 
 are settings under the --config file's and the flags; is_reg subsets are the class images; what sdtune cannot read
 is one line naming the file."""
 
+import dataclasses
 import json
 import shutil
 
@@ -17,7 +18,7 @@ from sdtune.cli import main
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import loop
 from sdtune.train.config import load_settings
-from sdtune.train.data import fingerprint, scan_data, split_validation
+from sdtune.train.data import TrainingSet, fingerprint, scan_data, seed_for, split_validation
 
 
 def images(folder, n, caption=None, colour=(200, 40, 40)):
@@ -98,17 +99,18 @@ keep_tokens = 2
   image_dir = "{data}"
   is_reg = true
   keep_tokens = 0
+  random_crop = true
 """)
     s = load_settings(ds, {"out": str(tmp_path / "out")}, "lora", family="sd1")  # the dataset config as --config
-    assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.flip) == \
-        (str(ds.resolve()), str(ds.resolve()), True, 0, 768, 2, True, True)
+    assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.crop) == \
+        (str(ds.resolve()), str(ds.resolve()), True, 0, 768, 2, True, "center")
     said = {str(w.message) for w in recwarn}
     assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
-           f"flip_aug" in said
+           f"random_crop" in said
     assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
-    # keep_tokens differs between the subsets: each image's own (the class images' too)
-    assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2}] * 2
-    assert [ex.options for ex in scan_data(ds, reg=True).examples] == [{"keep_tokens": 0}] * 2
+    # keep_tokens and flip_aug differ between the subsets: each image's own (the class images' too)
+    assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2, "flip": True}] * 2
+    assert [ex.options for ex in scan_data(ds, reg=True).examples] == [{"keep_tokens": 0, "flip": False}] * 2
     # --data names it: the same; a flag is over it, but not over an option each subset gives its own of
     s = load_settings(None, {"data": str(ds), "shuffle_captions": False}, "lora", family="sd1")
     assert (s.shuffle_captions, s.batch_size) == (False, 2)
@@ -126,9 +128,9 @@ keep_tokens = 2
 
 
 @pytest.mark.parametrize("body, says", [
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nflip_aug = true\n"
-     "[[datasets.subsets]]\nimage_dir = '{b}'\nflip_aug = false\n",
-     "flip_aug is True for {a} and False for {b}; sdtune trains every image with one flip_aug: give it once, in "
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nrandom_crop = true\n"
+     "[[datasets.subsets]]\nimage_dir = '{b}'\nrandom_crop = false\n",
+     "random_crop is True for {a} and False for {b}; sdtune trains every image with one random_crop: give it once, in "
      "[general]"),
     ("[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
      "[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
@@ -370,3 +372,44 @@ def test_a_fine_tuning_subset_trains_the_weights_its_captions_as_files_would(tmp
     capsys.readouterr()
     a, b = (load_file(tmp_path / o / "lora.safetensors") for o in ("o1", "o2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def mean_std_noise(data: TrainingSet, number: int, which: str) -> torch.Tensor:
+    """Batch ``number`` (of 1) drawn from ``data``'s ``which`` encodings ("latents" or "flipped") of its image, with
+    the noise the batch draws after its flip."""
+    ids = data.plan(number // data.batches_per_epoch(1), 1)[number % data.batches_per_epoch(1)]
+    mean, std = getattr(data, which)[(64, 64)][data.row_of[ids[0]]].unsqueeze(0).chunk(2, 1)
+    g = torch.Generator().manual_seed(seed_for(0, "batch", number))
+    torch.rand(1, generator=g)
+    return (mean + std * torch.randn((1, *mean.shape[1:]), generator=g))[0]
+
+
+def test_each_subsets_flip_aug_flips_its_own_images(tmp_path, base):
+    """flip_aug per subset: its images draw the flips a run where every image flips draws, the others none."""
+    a, b = images(tmp_path / "a", 2, caption="flips"), images(tmp_path / "b", 2, caption="stays", colour=(40, 40, 200))
+    for image in [*a.glob("*.png"), *b.glob("*.png")]:  # (a half of each in another colour: its mirror differs)
+        drawn = Image.open(image).convert("RGB")
+        drawn.paste((250, 250, 250), (0, 0, 32, 64))
+        drawn.save(image)
+    ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nflip_aug = true\n"
+                                            f"[[datasets.subsets]]\nimage_dir = '{b}'\n")
+    scan = scan_data(ds)
+    assert [ex.options for ex in scan.examples] == [{"flip": True}] * 2 + [{"flip": False}] * 2
+
+    def every(flip: bool):  # the same images, all flipping or none
+        return dataclasses.replace(scan, examples=[dataclasses.replace(ex, options={"flip": flip})
+                                                   for ex in scan.examples])
+    mixed, flipping = (TrainingSet(s, base.vae, 64, seed=0) for s in (scan, every(True)))
+    assert mixed.flip and mixed.flips == [True, True, False, False]
+    flipped = []
+    for number in range(24):
+        got = mixed.batch(number, 1)
+        if got.captions[0].startswith("flips"):  # as where every image flips: the same draws
+            want = flipping.batch(number, 1)
+            assert got.captions == want.captions and torch.equal(got.latents, want.latents)
+            flipped.append(torch.equal(got.latents[0], mean_std_noise(flipping, number, "flipped")))
+        else:  # the same noise, never its mirror image
+            assert torch.equal(got.latents[0], mean_std_noise(mixed, number, "latents"))
+    assert set(flipped) == {True, False}
+    with pytest.raises(SdtuneError, match=rf"^--flip True: {ds} gives its subsets their own flip_aug"):
+        load_settings(None, {"data": str(ds), "flip": True}, "lora", family="sd1")

@@ -686,7 +686,11 @@ class TrainingSet:
                 raise SdtuneError(f"{what} {side}: outside --min-bucket-reso {min_bucket_reso} .. --max-bucket-reso "
                                   f"{max_bucket_reso}; widen them, or leave them out (half to twice each size)")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
-        self.crop, self.flip = crop, flip
+        self.crop = crop
+        # each image's flip_aug (a dataset config's subset may give its own); mirrored copies are encoded where any
+        # image flips, and its draws are made for every image then (the same draws as a run where all flip)
+        self.flips = [bool(ex.options.get("flip", flip)) for ex in scan.examples]
+        self.flip = flip = any(self.flips)
         self.caption_opts = dict(captions or {})
         # each example's: the run's, its own caption settings over them
         self.example_opts = [self.caption_opts | {option: ex.options[name] for option, name in CAPTION_SETTINGS.items()
@@ -831,7 +835,8 @@ class TrainingSet:
         size = self.bucket_of[ids[0]]
         g = torch.Generator().manual_seed(seed_for(self.seed, "batch", number))
         rng = random.Random(seed_for(self.seed, "captions", number))
-        flips = (torch.rand(len(ids), generator=g) < 0.5).tolist() if self.flip else [False] * len(ids)
+        drawn = (torch.rand(len(ids), generator=g) < 0.5).tolist() if self.flip else [False] * len(ids)
+        flips = [f and self.flips[i] for f, i in zip(drawn, ids)]
         per = global_batch // world
         part = slice(rank * per, (rank + 1) * per)
         if self.crop == "random":  # only this process's images are encoded; the draws cover the global batch

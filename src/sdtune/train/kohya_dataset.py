@@ -18,9 +18,10 @@ A subset with a ``metadata_file`` (sd-scripts' fine-tuning subset, written by it
 images its JSON names, with the captions and tags it gives them, not the folder's caption files or other images.
 
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
-subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts), as in sd-scripts: each image
-trains with its subset's (``data.Example.options``), and so is its dataset's resolution (several resolutions in
-one run: each image bucketed at its own). Its other options (buckets, flips, batch size...) must agree
+subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts, and flip_aug), as in
+sd-scripts: each image trains with its subset's (``data.Example.options``), and so is its dataset's resolution
+(several resolutions in one run: each image bucketed at its own). Its other options (buckets, crops, batch size...)
+must agree
 with every other training subset's: a file that gives two values is refused in one line. The class images
 (``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads the file's
 structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
@@ -47,17 +48,17 @@ REFUSED = {"conditioning_data_dir": "the subset's masks (--masked_loss) in anoth
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
-# the options a subset may give its own images, its caption options and its dataset's resolution (kohya's name ->
-# sdtune's setting)
+# the options a subset may give its own images, its caption options, its flips and its dataset's resolution
+# (kohya's name -> sdtune's setting)
 VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
            "keep_tokens_separator": "keep_tokens_separator", "secondary_separator": "secondary_separator",
            "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
            "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout",
-           "resolution": "resolution"}
+           "resolution": "resolution", "flip_aug": "flip"}
 # sd-scripts' values of those where a subset gives none (sdtune's settings' defaults are the same)
 VARYING_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "", "secondary_separator": "",
                     "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
-                    "caption_tag_dropout_rate": 0.0, "resolution": None}
+                    "caption_tag_dropout_rate": 0.0, "resolution": None, "flip_aug": False}
 
 
 @dataclass(frozen=True)
