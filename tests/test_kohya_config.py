@@ -111,7 +111,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
-    ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
+    ("full_bf16 = true", dict(full_bf16=True)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
     ('lr_scheduler = "cosine"\nlr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]',
@@ -143,7 +143,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
 
 
 @pytest.mark.parametrize("extra, says", [
-    ("color_aug = true\nfull_bf16 = true", r"sdtune does not offer color_aug = True, full_bf16 = True; leave them out"),
+    ("color_aug = true\nfull_fp16 = true", r"sdtune does not offer color_aug = True, full_fp16 = True; leave them out"),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "

@@ -149,6 +149,9 @@ class TrainSettings:
                            default=False)
     fp8_base_unet: bool = _help("as --fp8-base for the UNet alone, the text encoders kept as they are (kohya's "
                                 "--fp8_base_unet)", default=False)
+    full_bf16: bool = _help("the trained weights, their gradients and the optimizer's state in bf16 too (kohya's "
+                            "--full_bf16): half their memory, needs --mixed-precision bf16; an update below bf16's "
+                            "precision of a weight (1/256 of it) rounds away, so mind a small --lr", default=False)
     channels_last: bool = _help("UNet convolutions in channels-last (NHWC) memory layout: the fast layout for "
                                 "cuDNN in fp16/bf16; same math, other kernels (float rounding differs)",
                                 default=False)
@@ -665,7 +668,8 @@ TOPICS = {
                                             "sample_images", "sample_steps", "sample_guidance", "validation_dir",
                                             "validation_split", "validation_every", "log_with", "log_tracker_name",
                                             "wandb_run_name"),
-    "speed and memory": ("mixed_precision", "gradient_checkpointing", "fp8_base", "fp8_base_unet", "channels_last",
+    "speed and memory": ("mixed_precision", "gradient_checkpointing", "fp8_base", "fp8_base_unet", "full_bf16",
+                         "channels_last",
                          "share_text", "flush_denormals"),
 }
 

@@ -70,7 +70,7 @@ NO_EFFECT = {
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
-    "color_aug", "face_crop_aug_range", "full_fp16", "full_bf16", "fused_backward_pass",
+    "color_aug", "face_crop_aug_range", "full_fp16", "fused_backward_pass",
     "dim_from_weights", "save_n_epoch_ratio", "token_warmup_min", "token_warmup_step",
 }
 # sd-scripts' values of settings sdtune spells otherwise

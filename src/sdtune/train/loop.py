@@ -295,6 +295,9 @@ def check_model(settings: TrainSettings, base) -> None:
         raise SdtuneError("training on the CPU needs the model in fp32 (or bf16); load it with --dtype fp32")
     if on_cpu and settings.mixed_precision == "fp16":
         raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
+    if settings.full_bf16 and precision(settings, base) != "bf16":
+        raise SdtuneError(f"--full-bf16: the trained weights in bf16 compute under bf16 mixed precision, and this run's "
+                          f"is {precision(settings, base)}; add --mixed-precision bf16")
     Noise.of(settings).check(len(base.scheduler.alphas_cumprod))
     Loss.of(settings).check(base.scheduler.config.get("prediction_type", "epsilon"))
 
@@ -308,12 +311,17 @@ def note_merged(base) -> None:
              f"itself")
 
 
+def precision(settings: TrainSettings, base) -> str:
+    """The run's mixed precision, --mixed-precision auto resolved: the model's half dtype on a GPU, else none."""
+    if settings.mixed_precision != "auto":
+        return settings.mixed_precision
+    return "no" if base.device.type == "cpu" else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base.dtype, "no")
+
+
 def make_accelerator(settings: TrainSettings, base):
     check_model(settings, base)
     on_cpu = base.device.type == "cpu"
-    mp = settings.mixed_precision
-    if mp == "auto":
-        mp = "no" if on_cpu else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base.dtype, "no")
+    mp = precision(settings, base)
     # --module-dropout: a process's step may leave a layer out, whose gradients DDP must then find (it costs a walk
     # of the graph each step, so only then)
     skips = getattr(settings, "module_dropout", 0.0) > 0
@@ -509,6 +517,20 @@ def _freeze(base, job: Job) -> Callable[[], None]:
     return lambda: [p.requires_grad_(flag) for p, flag in flags.items()]
 
 
+def _trained_in(job: Job, dtype: torch.dtype) -> Callable[[], None]:
+    """--full-bf16: the job's trainable tensors in ``dtype`` (their gradients and the optimizer's state follow);
+    returns the undo, which gives them their dtype back with the values trained."""
+    params = [p for group in job.param_groups for p in group["params"]]
+    dtypes = [p.dtype for p in params]
+    for p in params:  # (in place: the optimizer's groups hold these parameters)
+        p.data = p.data.to(dtype)
+
+    def undo():
+        for p, was in zip(params, dtypes):
+            p.data = p.data.to(was)
+    return undo
+
+
 def _checkpointing(base, text_trainable: bool) -> Callable[[], None]:
     """Gradient checkpointing on the UNet (and the text encoders when they are on the gradient path)."""
     unet = base.unet
@@ -547,6 +569,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         group["base_lr"] = group["lr"]
     undo = [_freeze(base, job)]  # the folder is held by the trainer (``holding``), through its report too
     try:
+        if settings.full_bf16:
+            undo.append(_trained_in(job, torch.bfloat16))
         if settings.gradient_checkpointing:
             undo.append(_checkpointing(base, job.text_trainable))
         in_fp8 = fp8.models(base, settings.fp8_base, settings.fp8_base_unet)
