@@ -10,18 +10,16 @@ momentum (OneCycleLR's cycle_momentum) moves the stand-in's."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import inspect
 import warnings
 
 import torch
 
 from ..safeio import SdtuneError
-from .optimizers import DOTTED, literal
+from .optimizers import DOTTED, keyword_args
 
 TORCH = "torch.optim.lr_scheduler"  # where sd-scripts looks for a name without a module
-_OWN = ("optimizer", "last_epoch", "verbose")  # what the run gives, not --lr-scheduler-args
+_OWN = {"optimizer": "", "last_epoch": "", "verbose": ""}  # what the run gives, not --lr-scheduler-args
 
 
 def is_class_name(name: str) -> bool:
@@ -49,26 +47,8 @@ def scheduler_class(name: str):
 
 
 def parse_args(name: str, items: list[str]) -> dict:
-    """``--lr-scheduler-args`` (``["T_0=100", "eta_min=1e-6"]``) as keyword arguments of ``name``'s class; a
-    malformed item or a name the class does not take is one line."""
-    cls = scheduler_class(name)
-    parameters = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in parameters if p not in ("self", *_OWN)]
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    kwargs = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SdtuneError(f"--lr-scheduler-args {item!r}: give each as key=value (e.g. T_0=100)")
-        if key in _OWN:
-            raise SdtuneError(f"--lr-scheduler-args {item!r}: {key} is set by the run")
-        if key not in accepted and not open_ended:
-            meant = difflib.get_close_matches(key, accepted, n=1)
-            raise SdtuneError(f"--lr-scheduler-args {item!r}: {cls.__name__} takes no {key!r}"
-                              f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(accepted)}")
-        kwargs[key] = literal(text.strip())
-    return kwargs
+    """``--lr-scheduler-args`` (``["T_0=100", "eta_min=1e-6"]``) as keyword arguments of ``name``'s class."""
+    return keyword_args("--lr-scheduler-args", items, scheduler_class(name), _OWN, "T_0=100")
 
 
 class ClassSchedule:

@@ -124,26 +124,35 @@ def literal(text: str):
         return text
 
 
-def parse_args(name: str, items: list[str]) -> dict:
-    """``--optimizer-args`` (``["d_coef=2", "betas=(0.9,0.99)"]``) as keyword arguments of ``name``'s class, over
-    sdtune's own defaults for it; a malformed item or a name the class does not take is one line."""
-    cls = optimizer_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    kwargs = dict(spec(name).defaults)
+def keyword_args(flag: str, items: list[str], cls, own: dict[str, str], example: str) -> dict:
+    """``items`` (``["d_coef=2", "betas=(0.9,0.99)"]``, given as ``flag``) as keyword arguments of class ``cls``,
+    each value a Python literal; a malformed item, one of ``own`` (set by the run: {name: the flag that sets it, or
+    ""}) or a name the class does not take (unless it takes any) is one line."""
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in parameters if p != "self" and p not in own]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    kwargs = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise SdtuneError(f"--optimizer-args {item!r}: give each as key=value (e.g. betas=(0.9,0.99))")
-        if key in _OWN:
-            raise SdtuneError(f"--optimizer-args {item!r}: {key} is set by {_OWN[key] or 'the run'}; use that")
-        if key not in accepted:
-            others = [p for p in accepted if p not in _OWN]
-            meant = difflib.get_close_matches(key, others, n=1)
-            raise SdtuneError(f"--optimizer-args {item!r}: {spec(name).cls} takes no {key!r}"
-                              f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(others)}")
+            raise SdtuneError(f"{flag} {item!r}: give each as key=value (e.g. {example})")
+        if key in own:
+            raise SdtuneError(f"{flag} {item!r}: {key} is set by {own[key] or 'the run'}"
+                              + ("; use that" if own[key] else ""))
+        if key not in accepted and not open_ended:
+            meant = difflib.get_close_matches(key, accepted, n=1)
+            raise SdtuneError(f"{flag} {item!r}: {cls.__name__} takes no {key!r}"
+                              f"{f' (did you mean {meant[0]}?)' if meant else ''}; it takes {', '.join(accepted)}")
         kwargs[key] = literal(text.strip())
     return kwargs
+
+
+def parse_args(name: str, items: list[str]) -> dict:
+    """``--optimizer-args`` as keyword arguments of ``name``'s class (``keyword_args``), over sdtune's own defaults
+    for it."""
+    return dict(spec(name).defaults) | keyword_args("--optimizer-args", items, optimizer_class(name), _OWN,
+                                                    "betas=(0.9,0.99)")
 
 
 def check(name: str, items: list[str]) -> None:
