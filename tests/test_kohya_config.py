@@ -111,7 +111,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
-    ("full_bf16 = true", dict(full_bf16=True)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
+    ("full_bf16 = true", dict(full_bf16=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
     ('lr_scheduler = "cosine"\nlr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]',
@@ -155,6 +155,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),
     ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
+    ('caption_separator = ";"', r"caption_separator = ';': sdtune splits captions into tags at commas"),
     ('in_json = "meta_lat.json"', r"in_json = 'meta_lat.json': sdtune reads sd-scripts' fine-tuning metadata from a "
                                   r"dataset config; give dataset_config = a .toml with \[\[datasets.subsets\]\] "
                                   r"image_dir = train_data_dir's folder and metadata_file = 'meta_lat.json'"),

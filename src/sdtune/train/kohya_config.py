@@ -166,6 +166,10 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             items = shlex.split(value) if isinstance(value, str) else [str(item) for item in value or []]
             if items:
                 take(key, "lr_scheduler_args", items)
+        elif key == "caption_separator":  # how sd-scripts splits a caption into tags: sdtune splits at commas
+            if str(value) != ",":
+                raise SdtuneError(f"{where}: caption_separator = {value!r}: sdtune splits captions into tags at "
+                                  f"commas; write the captions with commas (or leave it out)")
         elif key == "in_json":  # train_network.py's fine-tuning metadata for train_data_dir's images
             if value:
                 raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "
