@@ -315,7 +315,7 @@ def test_a_fine_tuning_subset_trains_the_images_and_captions_its_metadata_names(
     """sd-scripts' metadata_file (its finetune/ scripts' JSON): a key is an image's name in image_dir (with or
     without its extension) or its path; the caption and then the tags; the folder's caption files and other
     images are not used, and what is left out is said."""
-    folder = images(tmp_path / "imgs", 4, caption="a caption file")  # 0-3.png, each with a .txt not used
+    folder = images(tmp_path / "imgs", 5, caption="a caption file")  # 0-4.png, each with a .txt not used
     elsewhere = images(tmp_path / "elsewhere", 1)
     (folder / "meta.json").write_text(json.dumps({
         "0": {"caption": "a red square", "tags": "red, square"},
@@ -323,6 +323,7 @@ def test_a_fine_tuning_subset_trains_the_images_and_captions_its_metadata_names(
         str(elsewhere / "0.png"): {"caption": "from elsewhere\nanother line", "train_resolution": [64, 64]},
         "gone": {"caption": "no such image"},
         "2": {"caption": ""},
+        "3": {"caption": "a list of tags", "tags": ["one", "two"]},  # (some taggers write a list)
     }))
     monkeypatch.chdir(tmp_path)
     ds = dataset_file(tmp_path / "ds.toml", "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'imgs'\n"
@@ -331,20 +332,22 @@ def test_a_fine_tuning_subset_trains_the_images_and_captions_its_metadata_names(
     got = sorted((ex.path.relative_to(tmp_path).as_posix(), ex.caption, ex.repeats, ex.name) for ex in scan.examples)
     assert got == [("elsewhere/0.png", "from elsewhere", 3, "imgs" + (elsewhere / "0.png").resolve().as_posix()),
                    ("imgs/0.png", "a red square, red, square", 3, "imgs/0.png"),
-                   ("imgs/1.png", "only tags", 3, "imgs/1.png"), ("imgs/2.png", "", 3, "imgs/2.png")]
-    assert scan.folders == {"imgs": {"n_repeats": 3, "img_count": 4}}
+                   ("imgs/1.png", "only tags", 3, "imgs/1.png"), ("imgs/2.png", "", 3, "imgs/2.png"),
+                   ("imgs/3.png", "a list of tags, one, two", 3, "imgs/3.png")]
+    assert scan.folders == {"imgs": {"n_repeats": 3, "img_count": 5}}
     meta = (folder / "meta.json").resolve()
     assert scan.unused == [f"{meta}: 1 of its images are neither a file nor in {folder.resolve()} and are not used (gone)",
                            f"{meta}: 1 caption(s) have more than one line; only the first is used, as kohya reads a "
                            f"caption file; give --wildcards to draw one of them each time",
                            f"{folder.resolve()}: 1 image(s) its metadata_file does not name are not used, as "
-                           f"sd-scripts reads a fine-tuning subset (3.png)"]
+                           f"sd-scripts reads a fine-tuning subset (4.png)"]
     wild = {ex.path.parent.name: ex.caption for ex in scan_data(ds, all_lines=True).examples if ex.path.stem == "0"}
     assert wild == {"elsewhere": "from elsewhere\nanother line", "imgs": "a red square, red, square"}
     # without image_dir: the keys are the images' paths (or names beside the metadata file)
     alone = dataset_file(tmp_path / "alone.toml", "[[datasets]]\n[[datasets.subsets]]\n"
                                                   "metadata_file = 'imgs/meta.json'\n")
-    assert sorted(ex.caption for ex in scan_data(alone).examples) == ["", "a red square, red, square",
+    assert sorted(ex.caption for ex in scan_data(alone).examples) == ["", "a list of tags, one, two",
+                                                                       "a red square, red, square",
                                                                        "from elsewhere", "only tags"]
 
 

@@ -638,8 +638,8 @@ TOPICS = {
                          "progress", "report", "metadata_title", "metadata_author", "metadata_description",
                          "metadata_license", "metadata_tags"),
     "length and optimizer": ("steps", "epochs", "lr", "batch_size", "grad_accum", "seed", "lr_scheduler",
-                             "lr_scheduler_args",
-                             "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles", "lr_scheduler_power",
+                             "lr_scheduler_args", "lr_warmup_steps", "lr_warmup_ratio", "lr_scheduler_num_cycles",
+                             "lr_scheduler_power",
                              "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_decay_ratio", "optimizer",
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
@@ -669,8 +669,7 @@ TOPICS = {
                                             "validation_split", "validation_every", "log_with", "log_tracker_name",
                                             "wandb_run_name"),
     "speed and memory": ("mixed_precision", "gradient_checkpointing", "fp8_base", "fp8_base_unet", "full_bf16",
-                         "channels_last",
-                         "share_text", "flush_denormals"),
+                         "channels_last", "share_text", "flush_denormals"),
 }
 
 

@@ -21,11 +21,11 @@ A subset's caption options (after [general] and its dataset's) are its own where
 subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts, and flip_aug), as in
 sd-scripts: each image trains with its subset's (``data.Example.options``), and so is its dataset's resolution
 (several resolutions in one run: each image bucketed at its own). Its other options (buckets, crops, batch size...)
-must agree
-with every other training subset's: a file that gives two values is refused in one line. The class images
-(``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads the file's
-structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and ``data.scan_data`` its
-folders. A relative ``image_dir`` is found from the current folder, as sd-scripts finds it, else from the file's.
+must agree with every other training subset's: a file that gives two values is refused in one line. The class
+images (``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads
+the file's structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and
+``data.scan_data`` its folders. A relative ``image_dir`` is found from the current folder, as sd-scripts finds it,
+else from the file's.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def _metadata(path: Path, given: str) -> tuple[Path, dict[str, str | None]]:
         if caption is None:
             caption, tags = tags, None
         if caption is not None and tags:  # (tags are one line: a caption's every line gets them, for --wildcards)
-            tags = ", ".join(t.strip() for t in str(tags).splitlines() if t.strip())
+            tags = ", ".join(str(t).strip() for t in (tags if isinstance(tags, list) else str(tags).splitlines())
+                             if str(t).strip())
             caption = "\n".join(f"{line}, {tags}" for line in str(caption).splitlines() if line.strip()) or tags
         captions[str(key)] = None if caption is None else str(caption)
     return file.resolve(), captions
