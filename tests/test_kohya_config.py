@@ -111,6 +111,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
+    ("token_warmup_min = 3\ntoken_warmup_step = 0.25", dict(token_warmup_min=3, token_warmup_ratio=0.25)),
+    ("token_warmup_step = 10", dict(token_warmup_steps=10, token_warmup_ratio=0.0)),
     ("full_bf16 = true", dict(full_bf16=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string

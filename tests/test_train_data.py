@@ -258,6 +258,35 @@ def test_captions_that_lose_tags_vary_so_their_encodings_are_not_cached(tmp_path
     assert len({thinned.batch(n, 1).captions[0] for n in range(30)}) > 3
 
 
+def test_token_warm_up_grows_the_tags_as_kohya_counts_them(tmp_path, vae):
+    """kohya's token warm-up: before step N, the first min + step x (n - min) / N of the n tags after keep_tokens
+    (before the shuffle; floored, as kohya's), then all; a step is grad_accum batches; the captions vary."""
+    tags = "sks, red, square, grass, park, sky"  # sks kept (keep_tokens 1), 5 more
+    for step, want in ((0, "sks, red, square"), (1, "sks, red, square"), (2, "sks, red, square, grass"),
+                       (3, "sks, red, square, grass, park"), (4, tags), (9, tags)):
+        kept = process_caption(tags, random.Random(0), keep_tokens=1, warm=(step, 2, 4))
+        assert kept == want and len(kept.split(", ")) - 1 == min(5, 2 + (step * (5 - 2)) // 4), step
+    # the kept tags are the first ones; a shuffle then moves those, a separator's head and end stay
+    assert set(process_caption(tags, random.Random(3), shuffle=True, keep_tokens=1, warm=(0, 2, 4)).split(", ")) == \
+        {"sks", "red", "square"}
+    assert process_caption("a, b ||| c, d, e ||| f", random.Random(0), separator="|||", warm=(0, 1, 2)) == "a, b, c, f"
+    solid(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text(tags)
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, captions=dict(keep_tokens=1))
+    assert not ts.captions_vary
+    ts.warm_tokens(4, 2, grad_accum=2)  # 4 steps of 2 batches each
+    assert ts.captions_vary
+    assert [len(ts.batch(n, 1).captions[0].split(", ")) for n in range(10)] == [3, 3, 3, 3, 4, 4, 5, 5, 6, 6]
+
+
+def test_a_token_warm_up_run_resumes_exactly_and_trains_other_weights(base, tmp_path):
+    dataset = small_runs.outline_dataset(tmp_path / "data")
+    warm = small_runs.resumes_exactly(base, dataset, tmp_path / "warm", token_warmup_ratio=0.75, token_warmup_min=0)
+    plain = train_lora(base, small_runs.settings(dataset, tmp_path / "plain"))
+    a, b = small_runs.factors(warm), small_runs.factors(plain)
+    assert any(not torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))  # (its first steps' captions differ)
+
+
 # ---------------------------------------------------------------- buckets
 
 def test_bucket_sizes_and_choice():

@@ -177,6 +177,12 @@ class TrainSettings:
     shuffle_captions: bool = _help("shuffle comma-separated tags", default=False)
     keep_tokens: int = _help("tags kept in front when shuffling", default=0)
     caption_dropout: float = _help("probability of training a sample with an empty caption", default=0.0)
+    token_warmup_steps: int = _help("kohya's token warm-up: over these first steps a caption's tags (those after "
+                                    "--keep-tokens) grow from --token-warmup-min to all of them, the first ones "
+                                    "first; 0: off", default=0)
+    token_warmup_ratio: float = _help("the token warm-up as a share of the run's steps instead (kohya's "
+                                      "token_warmup_step below 1)", default=0.0)
+    token_warmup_min: int = _help("the tags a caption starts the token warm-up with (kohya's)", default=1)
     caption_dropout_every_epochs: int = _help("every Nth epoch trains with every caption empty (kohya's "
                                               "--caption_dropout_every_n_epochs; 0: never)", default=0)
     keep_tokens_separator: str = _help("in a caption holding it (kohya's, e.g. '|||'), the tags before it stay in "
@@ -358,7 +364,13 @@ class TrainSettings:
         if self.lr_warmup_ratio and self.lr_warmup_steps:
             raise SdtuneError(f"--lr-warmup-steps {self.lr_warmup_steps} and --lr-warmup-ratio "
                               f"{self.lr_warmup_ratio}: give one of them")
-        for name in ("lr_scheduler_min_lr_ratio", "lr_decay_ratio"):
+        if self.token_warmup_steps < 0 or self.token_warmup_min < 0:
+            raise SdtuneError(f"--token-warmup-steps {self.token_warmup_steps} --token-warmup-min "
+                              f"{self.token_warmup_min}: must be 0 or more")
+        if self.token_warmup_ratio and self.token_warmup_steps:
+            raise SdtuneError(f"--token-warmup-steps {self.token_warmup_steps} and --token-warmup-ratio "
+                              f"{self.token_warmup_ratio}: give one of them")
+        for name in ("lr_scheduler_min_lr_ratio", "lr_decay_ratio", "token_warmup_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: a share, from 0 up to 1")
         if self.lr_decay_steps < 0:
@@ -375,6 +387,10 @@ class TrainSettings:
     def warmup_steps(self, total: int) -> int:
         """The learning rate's warm-up steps in a run of ``total`` steps."""
         return self.lr_warmup_steps or int(self.lr_warmup_ratio * total)
+
+    def token_warmup(self, total: int) -> int:
+        """The token warm-up's steps in a run of ``total`` steps (0: none)."""
+        return self.token_warmup_steps or int(self.token_warmup_ratio * total)
 
     def decay_steps(self, total: int) -> int:
         """warmup_stable_decay's decay steps in a run of ``total`` steps."""
@@ -656,7 +672,7 @@ TOPICS = {
     "captions": ("shuffle_captions", "keep_tokens", "keep_tokens_separator", "secondary_separator",
                  "caption_dropout", "caption_dropout_every_epochs", "caption_tag_dropout", "caption_prefix",
                  "caption_suffix", "default_caption", "wildcards", "weighted_captions", "max_token_length",
-                 "clip_skip"),
+                 "clip_skip", "token_warmup_steps", "token_warmup_ratio", "token_warmup_min"),
     "noise, timesteps and loss": ("loss_type", "huber_c", "huber_schedule", "min_snr_gamma", "debiased_estimation",
                                   "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
                                   "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",

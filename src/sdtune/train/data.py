@@ -574,20 +574,24 @@ def has_wildcards(text: str) -> bool:
 
 def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
                     dropout: float = 0.0, tag_dropout: float = 0.0, separator: str = "", group: str = "",
-                    prefix: str = "", suffix: str = "", wildcards: bool = False) -> str:
+                    prefix: str = "", suffix: str = "", wildcards: bool = False,
+                    warm: tuple[int, int, int] | None = None) -> str:
     """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
     comma-separated tags, the first ``keep_tokens`` staying in front; then drop each of the others with
     probability ``tag_dropout``. In a caption holding ``separator`` (kohya's keep_tokens_separator) the tags
     before it stay in front and those after its last one at the end, instead of ``keep_tokens``; tags joined
     by ``group`` (kohya's secondary_separator) move and drop as one; ``prefix`` and ``suffix`` are put around
     what is left, joined by a space as kohya joins them. ``wildcards``: one line of the text and one option of each
-    {a|b|c} first (``pick_wildcards``)."""
+    {a|b|c} first (``pick_wildcards``). ``warm``: (step, least, steps) of kohya's token warm-up: before ``steps``,
+    only the first ``least`` + step x (n − ``least``) / ``steps`` of the n tags that may move are kept (before
+    the shuffle)."""
     if dropout > 0 and rng.random() < dropout:
         return ""
     if wildcards:
         text = pick_wildcards(text, rng)
     held = bool(separator) and separator in text
-    if shuffle or tag_dropout > 0 or held:
+    warming = warm is not None and warm[0] < warm[2]
+    if shuffle or tag_dropout > 0 or held or warming:
         if held:
             parts = text.split(separator)
             head, end = _tags(parts[0]), _tags(parts[-1]) if len(parts) > 2 else []
@@ -595,6 +599,9 @@ def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_t
         else:
             tags = _tags(text)
             head, tail, end = tags[:keep_tokens], tags[keep_tokens:], []
+        if warming:  # (kohya's count, floored)
+            step, least, steps = warm
+            tail = tail[:max(0, math.floor(step * (len(tail) - least) / steps) + least)]
         if shuffle:
             rng.shuffle(tail)
         if tag_dropout > 0:
@@ -697,6 +704,7 @@ class TrainingSet:
                                                   if name in ex.options} for ex in scan.examples]
         self.empty_every = empty_every
         self.templates = templates
+        self.token_warmup: tuple[int, int, int] | None = None  # (steps, least tags, micro-batches a step): ``warm_tokens``
         sizes = {side: bucket_sizes(side, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets
                  else [(side, side)] for side in set(sides)}
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
@@ -769,9 +777,16 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def warm_tokens(self, steps: int, least: int, grad_accum: int) -> None:
+        """kohya's token warm-up: over the first ``steps`` optimizer steps (of ``grad_accum`` batches each) the
+        captions grow from ``least`` tags to all of them (``process_caption``'s ``warm``); 0 steps: none."""
+        self.token_warmup = (steps, least, grad_accum) if steps else None
+
     @property
     def captions_vary(self) -> bool:
         """Whether a caption can differ from step to step (text-encoder outputs can't be cached then)."""
+        if self.token_warmup is not None:
+            return True
         for opts, texts in self._texts():
             if opts.get("wildcards") and any(has_wildcards(t) for t in texts):
                 return True
@@ -867,10 +882,14 @@ class TrainingSet:
         latents = mean + std * eps
         captions = []
         empty = bool(self.empty_every) and (number // per_epoch + 1) % self.empty_every == 0  # kohya counts from 1
+        warm = None
+        if self.token_warmup is not None:  # (the optimizer steps done before this batch's, as kohya counts them)
+            steps, least, grad_accum = self.token_warmup
+            warm = (number // grad_accum, least, steps)
         for i in ids:
             text = rng.choice(self.templates) if self.templates is not None else (self.scan.examples[i].caption or "")
             opts = self.caption_opts if self.templates is not None else self.example_opts[i]
-            captions.append("" if empty else process_caption(text, rng, **opts))
+            captions.append("" if empty else process_caption(text, rng, **opts, warm=warm))
         return Batch(latents, captions[part], size, torch.tensor(conditions, dtype=torch.float32), mask)
 
 

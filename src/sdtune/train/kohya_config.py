@@ -71,7 +71,7 @@ NO_EFFECT = {
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "fused_backward_pass",
-    "dim_from_weights", "save_n_epoch_ratio", "token_warmup_min", "token_warmup_step",
+    "dim_from_weights", "save_n_epoch_ratio",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
@@ -151,6 +151,9 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             take(key, "lr_warmup_ratio", value)
         elif key == "lr_decay_steps" and isinstance(value, float) and 0 < value < 1:  # (the same)
             take(key, "lr_decay_ratio", value)
+        elif key == "token_warmup_step":  # (the same)
+            take(key, "token_warmup_ratio" if isinstance(value, float) and 0 < value < 1 else "token_warmup_steps",
+                 value if isinstance(value, float) and 0 < value < 1 else int(value or 0))
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)

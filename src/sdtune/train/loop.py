@@ -590,6 +590,8 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
         job.set_training(True)
         undo.append(lambda: job.set_training(False))
         sets = [data] + ([job.prior_data] if job.prior_data is not None else [])
+        for d in sets:
+            d.warm_tokens(settings.token_warmup(total), settings.token_warmup_min, settings.grad_accum)
         cache = None if job.text_trainable or any(d.captions_vary for d in sets) else \
             sorted({c for d in sets for c in d.possible_captions()})
         stack = TextStack.of(base, settings.clip_skip, settings.max_token_length // 75, settings.weighted_captions)
