@@ -113,6 +113,9 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
     ("token_warmup_min = 3\ntoken_warmup_step = 0.25", dict(token_warmup_min=3, token_warmup_ratio=0.25)),
     ("token_warmup_step = 10", dict(token_warmup_steps=10, token_warmup_ratio=0.0)),
+    ('network_weights = "a.safetensors"\ndim_from_weights = true', dict(network_weights="a.safetensors")),
+    ("max_train_epochs = 10\nsave_n_epoch_ratio = 3", dict(epochs=10, save_every_epochs=3)),
+    ("max_train_epochs = 2\nsave_n_epoch_ratio = 3", dict(epochs=2, save_every_epochs=1)),
     ("full_bf16 = true", dict(full_bf16=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
@@ -157,6 +160,8 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),
     ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
+    ("save_n_epoch_ratio = 3", r"save_n_epoch_ratio = 3 spreads saves over max_train_epochs, which it does not "
+                               r"give; give save_every_n_epochs instead"),
     ('caption_separator = ";"', r"caption_separator = ';': sdtune splits captions into tags at commas"),
     ('in_json = "meta_lat.json"', r"in_json = 'meta_lat.json': sdtune reads sd-scripts' fine-tuning metadata from a "
                                   r"dataset config; give dataset_config = a .toml with \[\[datasets.subsets\]\] "

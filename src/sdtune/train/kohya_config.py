@@ -23,6 +23,7 @@ config relies on: the text encoder is trained, and ``network_alpha`` is 1.
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -71,7 +72,6 @@ NO_EFFECT = {
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
     "color_aug", "face_crop_aug_range", "full_fp16", "fused_backward_pass",
-    "dim_from_weights", "save_n_epoch_ratio",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
@@ -173,6 +173,16 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             if str(value) != ",":
                 raise SdtuneError(f"{where}: caption_separator = {value!r}: sdtune splits captions into tags at "
                                   f"commas; write the captions with commas (or leave it out)")
+        elif key == "save_n_epoch_ratio":  # that many saves over the epochs, as sd-scripts spreads them
+            epochs = theirs.get("max_train_epochs") or theirs.get("epoch")
+            if value and not epochs:
+                raise SdtuneError(f"{where}: save_n_epoch_ratio = {value!r} spreads saves over max_train_epochs, "
+                                  f"which it does not give; give save_every_n_epochs instead")
+            if value:
+                take(key, "save_every_epochs", math.floor(int(epochs) / value) or 1)
+        elif key == "dim_from_weights":  # sdtune always continues network_weights at the file's own ranks
+            if value and not theirs.get("network_weights"):
+                unused.append(key)
         elif key == "in_json":  # train_network.py's fine-tuning metadata for train_data_dir's images
             if value:
                 raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "
