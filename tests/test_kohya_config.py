@@ -116,7 +116,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_weights = "a.safetensors"\ndim_from_weights = true', dict(network_weights="a.safetensors")),
     ("max_train_epochs = 10\nsave_n_epoch_ratio = 3", dict(epochs=10, save_every_epochs=3)),
     ("max_train_epochs = 2\nsave_n_epoch_ratio = 3", dict(epochs=2, save_every_epochs=1)),
-    ("full_bf16 = true", dict(full_bf16=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
+    ("full_bf16 = true", dict(full_bf16=True)), ("color_aug = true", dict(color_aug=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
     ('lr_scheduler = "cosine"\nlr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]',
@@ -148,7 +148,8 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
 
 
 @pytest.mark.parametrize("extra, says", [
-    ("color_aug = true\nfull_fp16 = true", r"sdtune does not offer color_aug = True, full_fp16 = True; leave them out"),
+    ("fused_backward_pass = true\nfull_fp16 = true", r"sdtune does not offer fused_backward_pass = True, full_fp16 = "
+                                                     r"True; leave them out"),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "

@@ -287,6 +287,37 @@ def test_a_token_warm_up_run_resumes_exactly_and_trains_other_weights(base, tmp_
     assert any(not torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))  # (its first steps' captions differ)
 
 
+def test_color_aug_turns_the_hue_of_each_image_by_its_draw(tmp_path, vae, base):
+    """kohya's color_aug: a hue turn of up to 8/180 of the circle either way, drawn per image and step, on images
+    encoded at each step (center crops too); a run with it resumes exactly."""
+    red = data.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), data.COLOR_AUG_TURN).getpixel((0, 0))
+    assert red[0] == 255 and 60 <= red[1] <= 70 and red[2] == 0  # 16 degrees: towards yellow
+    back = data.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), -data.COLOR_AUG_TURN).getpixel((0, 0))
+    assert back[0] == 255 and back[1] == 0 and 55 <= back[2] <= 70  # (the other way: towards magenta)
+    grey = Image.new("RGB", (8, 8), (120, 120, 120))
+    assert data.shift_hue(grey, data.COLOR_AUG_TURN).getpixel((0, 0)) == (120, 120, 120)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    image.with_suffix(".txt").write_text("noise")
+    ts = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, color_aug=True)
+    assert ts.per_step and not ts.latents and list(ts.pixels) == [(64, 64)]
+    hues = []
+    for number in range(3):
+        g = torch.Generator().manual_seed(data.seed_for(0, "batch", number))
+        hue = (torch.rand(1, generator=g) * 2 - 1).item()
+        turned = data.shift_hue(fit(open_rgb(image), (64, 64)), hue * data.COLOR_AUG_TURN)
+        mean, std = data.encode(vae, to_tensor(turned).unsqueeze(0)).chunk(2, 1)
+        want = mean + std * torch.randn((1, *mean.shape[1:]), generator=g)
+        assert torch.equal(ts.batch(number, 1).latents, want)
+        hues.append(hue)
+    assert len(set(hues)) == 3 and all(-1 <= h <= 1 for h in hues)
+    small_runs.resumes_exactly(base, small_runs.outline_dataset(tmp_path / "data"), tmp_path / "runs", color_aug=True)
+    with pytest.raises(SdtuneError, match="--cache-latents-to-disk with --color-aug: its images are encoded every "
+                                          "step"):
+        LoraSettings(data=str(tmp_path), out=str(tmp_path.parent / "o"), color_aug=True,
+                     cache_latents_to_disk=True).check()
+
+
 # ---------------------------------------------------------------- buckets
 
 def test_bucket_sizes_and_choice():

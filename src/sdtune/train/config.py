@@ -168,6 +168,9 @@ class TrainSettings:
                                         "the image's bytes, its bucket and the VAE: a rerun, resume or queue on the "
                                         "same images skips the VAE", default=False)
     flip: bool = False
+    color_aug: bool = _help("kohya's color augmentation: each image's hue turned by up to 8/180 of the circle either "
+                            "way, drawn each step (so the images are VAE-encoded every step, as random crops are)",
+                            default=False)
     buckets: bool = _help("aspect-ratio buckets for images of mixed sizes", default=False)
     bucket_step: int = _help("bucket sizes step in pixels; 0: the model's (64 for SD 1.x)", default=0)
     bucket_no_upscale: bool = _help("kohya's: an image of less than the training area is not upscaled; its bucket "
@@ -331,9 +334,10 @@ class TrainSettings:
         if self.keep_tokens_separator and self.keep_tokens_separator == self.secondary_separator:
             raise SdtuneError(f"--keep-tokens-separator and --secondary-separator are both "
                               f"{self.keep_tokens_separator!r}; give them different strings")
-        if self.cache_latents_to_disk and self.crop == "random":
-            raise SdtuneError("--cache-latents-to-disk with --crop random: random crops are encoded every step, so "
-                              "there is nothing to cache; use one of them")
+        if self.cache_latents_to_disk and (self.crop == "random" or self.color_aug):
+            given = "--crop random" if self.crop == "random" else "--color-aug"
+            raise SdtuneError(f"--cache-latents-to-disk with {given}: its images are encoded every step, so there is "
+                              f"nothing to cache; use one of them")
         for flag, of in (("noise_offset_random_strength", "noise_offset"),
                          ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
             if getattr(self, flag) and not getattr(self, of):
@@ -667,8 +671,8 @@ TOPICS = {
     "pivotal tuning (a new word beside the LoRA)": ("ti_token", "ti_init", "ti_vectors", "ti_lr", "ti_steps"),
     "prior preservation (DreamBooth's class images)": ("reg_dir", "class_prompt", "num_class_images",
                                                        "prior_loss_weight"),
-    "images": ("resolution", "crop", "flip", "buckets", "bucket_step", "bucket_no_upscale", "min_bucket_reso",
-               "max_bucket_reso", "masked_loss", "cache_latents_to_disk"),
+    "images": ("resolution", "crop", "flip", "color_aug", "buckets", "bucket_step", "bucket_no_upscale",
+               "min_bucket_reso", "max_bucket_reso", "masked_loss", "cache_latents_to_disk"),
     "captions": ("shuffle_captions", "keep_tokens", "keep_tokens_separator", "secondary_separator",
                  "caption_dropout", "caption_dropout_every_epochs", "caption_tag_dropout", "caption_prefix",
                  "caption_suffix", "default_caption", "wildcards", "weighted_captions", "max_token_length",

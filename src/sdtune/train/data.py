@@ -506,6 +506,16 @@ def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0
     return img.crop((left, top, left + w, top + h))
 
 
+COLOR_AUG_TURN = 8 / 180  # kohya's color_aug: up to 8 of OpenCV's 180 hue steps either way
+
+
+def shift_hue(img: Image.Image, turn: float) -> Image.Image:
+    """``img`` with its hue turned by ``turn`` of the colour circle (kohya's color_aug, in Pillow's 256 steps)."""
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(turn * 256)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
 def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
              flipped: bool = False) -> list[float]:
     """SDXL's size and crop conditioning of one training image: (original height, original width, crop top,
@@ -676,11 +686,11 @@ class TrainingSet:
                  min_bucket_reso: int = 0, max_bucket_reso: int = 0, no_upscale: bool = False, crop: str = "center",
                  cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
                  templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
-                 masked: bool = False):
+                 masked: bool = False, color_aug: bool = False):
         """``captions``: the ``process_caption`` options (``caption_options``), an example's own ``options`` over
         them (a dataset config's subset may give its own); ``empty_every``: every Nth epoch
         trains with empty captions (kohya's caption_dropout_every_n_epochs); ``cache``: a ``LatentCache`` that
-        keeps the encodings on disk."""
+        keeps the encodings on disk; ``color_aug``: kohya's hue shifts (``shift_hue``), drawn per image and step."""
         if crop not in ("center", "random"):
             raise SdtuneError(f"--crop {crop!r}: use center or random")
         # each image's training size: the run's, or its dataset's where a dataset config gives several
@@ -693,7 +703,9 @@ class TrainingSet:
                 raise SdtuneError(f"{what} {side}: outside --min-bucket-reso {min_bucket_reso} .. --max-bucket-reso "
                                   f"{max_bucket_reso}; widen them, or leave them out (half to twice each size)")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
-        self.crop = crop
+        self.crop, self.color_aug = crop, color_aug
+        # random crops and colour shifts change every step: those images are kept as pixels and encoded per batch
+        self.per_step = crop == "random" or color_aug
         # each image's flip_aug (a dataset config's subset may give its own); mirrored copies are encoded where any
         # image flips, and its draws are made for every image then (the same draws as a run where all flip)
         self.flips = [bool(ex.options.get("flip", flip)) for ex in scan.examples]
@@ -737,7 +749,7 @@ class TrainingSet:
         bar = console.progress(len(scan.examples), "encoding images", "img", enabled=progress, leave=False)
         for size, ids in members.items():
             paths = [scan.examples[i].path for i in ids]
-            if crop == "random":
+            if self.per_step:
                 self.pixels[size] = [_cover_resize(open_rgb(path), size) for path in paths]
                 if masked:
                     self.mask_pixels[size] = [None if m is None else _cover_resize(m, size)
@@ -817,7 +829,7 @@ class TrainingSet:
     def time_ids(self, i: int, flipped: bool = False, where: tuple[float, float] = (0.5, 0.5)) -> list[float]:
         """SDXL time ids of image ``i`` cropped at ``where`` (center crops: the middle), flipped or not."""
         size = self.bucket_of[i]
-        if self.crop == "random":  # cut from the cover-resized image: the same box as from the original
+        if self.per_step:  # cut from the cover-resized image: the same box as from the original
             img = self.pixels[size][self.row_of[i]]
             box = cover_box(img.width, img.height, size, where)
         else:
@@ -854,12 +866,14 @@ class TrainingSet:
         flips = [f and self.flips[i] for f, i in zip(drawn, ids)]
         per = global_batch // world
         part = slice(rank * per, (rank + 1) * per)
-        if self.crop == "random":  # only this process's images are encoded; the draws cover the global batch
-            where = torch.rand(len(ids), 2, generator=g).tolist()
+        if self.per_step:  # only this process's images are encoded; the draws cover the global batch
+            where = torch.rand(len(ids), 2, generator=g).tolist() if self.crop == "random" else [(0.5, 0.5)] * len(ids)
+            hues = (torch.rand(len(ids), generator=g) * 2 - 1).tolist() if self.color_aug else [0.0] * len(ids)
             conditions = [self.time_ids(i, f, tuple(w)) for i, f, w in list(zip(ids, flips, where))[part]]
             x = []
-            for i, f, (fx, fy) in list(zip(ids, flips, where))[part]:
+            for i, f, (fx, fy), hue in list(zip(ids, flips, where, hues))[part]:
                 img = fit(self.pixels[size][self.row_of[i]], size, (fx, fy))
+                img = shift_hue(img, hue * COLOR_AUG_TURN) if hue else img
                 x.append(to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else img))
             mean, std = encode(self.vae, torch.stack(x)).chunk(2, 1)
             eps = torch.randn((len(ids), *mean.shape[1:]), generator=g)[part]
@@ -992,7 +1006,7 @@ def training_set(base, settings, scan: Scan, templates: list[str] | None, seed: 
     _note_long_captions(base.tokenizer, scan, settings.max_token_length // 75)
     return TrainingSet(scan, base.vae, seed=seed if seed is not None else settings.seed, **sizing, crop=settings.crop,
                        cache=latent_cache(base, settings),
-                       flip=settings.flip, captions=caption_options(settings),
+                       flip=settings.flip, color_aug=settings.color_aug, captions=caption_options(settings),
                        empty_every=settings.caption_dropout_every_epochs, templates=templates,
                        progress=settings.progress, masked=masked)
 

@@ -71,7 +71,7 @@ NO_EFFECT = {
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
-    "color_aug", "face_crop_aug_range", "full_fp16", "fused_backward_pass",
+    "face_crop_aug_range", "full_fp16", "fused_backward_pass",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
