@@ -116,7 +116,9 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_weights = "a.safetensors"\ndim_from_weights = true', dict(network_weights="a.safetensors")),
     ("max_train_epochs = 10\nsave_n_epoch_ratio = 3", dict(epochs=10, save_every_epochs=3)),
     ("max_train_epochs = 2\nsave_n_epoch_ratio = 3", dict(epochs=2, save_every_epochs=1)),
-    ("full_bf16 = true", dict(full_bf16=True)), ("color_aug = true", dict(color_aug=True)), ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)), ("fp8_base_unet = true", dict(fp8_base_unet=True)),
+    ("full_bf16 = true", dict(full_bf16=True)), ("color_aug = true", dict(color_aug=True)),
+    ('caption_separator = ","', dict(shuffle_captions=False)), ("fp8_base = true", dict(fp8_base=True)),
+    ("fp8_base_unet = true", dict(fp8_base_unet=True)),
     ('optimizer_type = "RAdamScheduleFree"\nlr_scheduler = "constant"', dict(optimizer="radamschedulefree")),
     # a scheduler class: sd-scripts leaves lr_scheduler aside; kohya_ss writes the arguments as one string
     ('lr_scheduler = "cosine"\nlr_scheduler_type = "CosineAnnealingLR"\nlr_scheduler_args = ["T_max=100"]',

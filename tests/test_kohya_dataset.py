@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from sdtune.cli import main
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import loop
 from sdtune.train.config import load_settings
-from sdtune.train.data import TrainingSet, fingerprint, scan_data, seed_for, split_validation
+from sdtune.train.data import TrainingSet, encode, fingerprint, fit, scan_data, seed_for, split_validation, to_tensor
 
 
 def images(folder, n, caption=None, colour=(200, 40, 40)):
@@ -99,14 +100,14 @@ keep_tokens = 2
   image_dir = "{data}"
   is_reg = true
   keep_tokens = 0
-  random_crop = true
+  bucket_no_upscale = true
 """)
     s = load_settings(ds, {"out": str(tmp_path / "out")}, "lora", family="sd1")  # the dataset config as --config
     assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.crop) == \
         (str(ds.resolve()), str(ds.resolve()), True, 0, 768, 2, True, "center")
     said = {str(w.message) for w in recwarn}
     assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
-           f"random_crop" in said
+           f"bucket_no_upscale" in said
     assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
     # keep_tokens and flip_aug differ between the subsets: each image's own (the class images' too)
     assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2, "flip": True}] * 2
@@ -128,9 +129,10 @@ keep_tokens = 2
 
 
 @pytest.mark.parametrize("body, says", [
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nrandom_crop = true\n"
-     "[[datasets.subsets]]\nimage_dir = '{b}'\nrandom_crop = false\n",
-     "random_crop is True for {a} and False for {b}; sdtune trains every image with one random_crop: give it once, in "
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nbucket_no_upscale = true\n"
+     "[[datasets.subsets]]\nimage_dir = '{b}'\nbucket_no_upscale = false\n",
+     "bucket_no_upscale is True for {a} and False for {b}; sdtune trains every image with one bucket_no_upscale: give "
+     "it once, in "
      "[general]"),
     ("[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
      "[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
@@ -155,7 +157,8 @@ keep_tokens = 2
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnum_repeats = 0\n",
      "num_repeats = 0 for {a}: must be a whole number, 1 or more"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nis_reg = true\n", "every subset is is_reg"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\ncolor_aug = true\n", "sdtune does not offer color_aug"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nface_crop_aug_range = '2.0,4.0'\n",
+     "sdtune does not offer face_crop_aug_range"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nnot_a_key = 1\n", "unknown setting for lora"),
     ("[[datasets]\n", "not a readable dataset config"),
     ("general = 1\n[[datasets]]\n", "a dataset config holds a [general] table and [[datasets]] tables"),
@@ -416,3 +419,39 @@ def test_each_subsets_flip_aug_flips_its_own_images(tmp_path, base):
     assert set(flipped) == {True, False}
     with pytest.raises(SdtuneError, match=rf"^--flip True: {ds} gives its subsets their own flip_aug"):
         load_settings(None, {"data": str(ds), "flip": True}, "lora", family="sd1")
+
+
+def test_each_subsets_random_crop_and_color_aug_are_its_own(tmp_path, base):
+    """random_crop and color_aug per subset: its images draw what a run where every image has them draws, the
+    others are cut in the middle with their colours, encoded at each step beside them."""
+    rng = np.random.default_rng(0)
+    folders = {}
+    for name in ("moves", "stays"):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folders[name] / f"{i}.png")
+            (folders[name] / f"{i}.txt").write_text(f"{name} {i}")
+    ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{folders['moves']}'\n"
+                                            f"random_crop = true\ncolor_aug = true\n"
+                                            f"[[datasets.subsets]]\nimage_dir = '{folders['stays']}'\n")
+    scan = scan_data(ds)
+    assert [ex.options for ex in scan.examples] == [{"crop": "random", "color_aug": True}] * 2 + \
+        [{"crop": "center", "color_aug": False}] * 2
+    every = dataclasses.replace(scan, examples=[dataclasses.replace(ex, options={"crop": "random", "color_aug": True})
+                                                for ex in scan.examples])
+    mixed, moving = TrainingSet(scan, base.vae, 64, seed=0), TrainingSet(every, base.vae, 64, seed=0)
+    assert mixed.per_step and mixed.crops == ["random"] * 2 + ["center"] * 2
+    for number in range(8):
+        got = mixed.batch(number, 1)
+        if got.captions[0].startswith("moves"):
+            assert torch.equal(got.latents, moving.batch(number, 1).latents)
+        else:  # the middle, its own colours, the noise drawn after the crop's and the colour's draws
+            ids = mixed.plan(number // mixed.batches_per_epoch(1), 1)[number % mixed.batches_per_epoch(1)]
+            g = torch.Generator().manual_seed(seed_for(0, "batch", number))
+            torch.rand(1, 2, generator=g), torch.rand(1, generator=g)
+            image = fit(mixed.pixels[(64, 64)][mixed.row_of[ids[0]]], (64, 64))
+            mean, std = encode(base.vae, to_tensor(image).unsqueeze(0)).chunk(2, 1)
+            assert torch.equal(got.latents, mean + std * torch.randn((1, *mean.shape[1:]), generator=g))
+    with pytest.raises(SdtuneError, match=rf"^--crop 'random': {ds} gives its subsets their own random_crop"):
+        load_settings(None, {"data": str(ds), "crop": "random"}, "lora", family="sd1")

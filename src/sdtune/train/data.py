@@ -703,9 +703,14 @@ class TrainingSet:
                 raise SdtuneError(f"{what} {side}: outside --min-bucket-reso {min_bucket_reso} .. --max-bucket-reso "
                                   f"{max_bucket_reso}; widen them, or leave them out (half to twice each size)")
         self.scan, self.vae, self.seed, self.resolution = scan, vae, seed, resolution
-        self.crop, self.color_aug = crop, color_aug
-        # random crops and colour shifts change every step: those images are kept as pixels and encoded per batch
-        self.per_step = crop == "random" or color_aug
+        # each image's crop and colour shift (a dataset config's subset may give its own); random crops and colour
+        # shifts change every step: where any image has one, the images are kept as pixels and encoded per batch,
+        # and its draws made for every image (the same draws as a run where all have it)
+        self.crops = [ex.options.get("crop", crop) for ex in scan.examples]
+        self.color_augs = [bool(ex.options.get("color_aug", color_aug)) for ex in scan.examples]
+        self.crop = "random" if "random" in self.crops else "center"
+        self.color_aug = any(self.color_augs)
+        self.per_step = self.crop == "random" or self.color_aug
         # each image's flip_aug (a dataset config's subset may give its own); mirrored copies are encoded where any
         # image flips, and its draws are made for every image then (the same draws as a run where all flip)
         self.flips = [bool(ex.options.get("flip", flip)) for ex in scan.examples]
@@ -868,7 +873,9 @@ class TrainingSet:
         part = slice(rank * per, (rank + 1) * per)
         if self.per_step:  # only this process's images are encoded; the draws cover the global batch
             where = torch.rand(len(ids), 2, generator=g).tolist() if self.crop == "random" else [(0.5, 0.5)] * len(ids)
+            where = [w if self.crops[i] == "random" else (0.5, 0.5) for w, i in zip(where, ids)]
             hues = (torch.rand(len(ids), generator=g) * 2 - 1).tolist() if self.color_aug else [0.0] * len(ids)
+            hues = [h if self.color_augs[i] else 0.0 for h, i in zip(hues, ids)]
             conditions = [self.time_ids(i, f, tuple(w)) for i, f, w in list(zip(ids, flips, where))[part]]
             x = []
             for i, f, (fx, fy), hue in list(zip(ids, flips, where, hues))[part]:

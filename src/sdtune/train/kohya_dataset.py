@@ -18,7 +18,8 @@ A subset with a ``metadata_file`` (sd-scripts' fine-tuning subset, written by it
 images its JSON names, with the captions and tags it gives them, not the folder's caption files or other images.
 
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
-subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts, and flip_aug), as in
+subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts, flips, random crops and
+colour shifts), as in
 sd-scripts: each image trains with its subset's (``data.Example.options``), and so is its dataset's resolution
 (several resolutions in one run: each image bucketed at its own). Its other options (buckets, crops, batch size...)
 must agree with every other training subset's: a file that gives two values is refused in one line. The class
@@ -48,17 +49,20 @@ REFUSED = {"conditioning_data_dir": "the subset's masks (--masked_loss) in anoth
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
-# the options a subset may give its own images, its caption options, its flips and its dataset's resolution
-# (kohya's name -> sdtune's setting)
+# the options a subset may give its own images, its caption options, its augmentations and its dataset's
+# resolution (kohya's name -> sdtune's setting)
 VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
            "keep_tokens_separator": "keep_tokens_separator", "secondary_separator": "secondary_separator",
            "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
            "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout",
-           "resolution": "resolution", "flip_aug": "flip"}
+           "resolution": "resolution", "flip_aug": "flip", "random_crop": "crop", "color_aug": "color_aug"}
+# (sd-scripts' switch as sdtune's choice)
+VARYING_VALUES = {"random_crop": lambda on: "random" if on else "center"}
 # sd-scripts' values of those where a subset gives none (sdtune's settings' defaults are the same)
 VARYING_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "", "secondary_separator": "",
                     "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
-                    "caption_tag_dropout_rate": 0.0, "resolution": None, "flip_aug": False}
+                    "caption_tag_dropout_rate": 0.0, "resolution": None, "flip_aug": False, "random_crop": False,
+                    "color_aug": False}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ class Dataset:
     def own_options(self, subset: Subset) -> dict:
         """The settings (sdtune's names) the images of ``subset`` train with instead of the run's: its values of
         the options that vary between subsets."""
-        return {VARYING[k]: subset.options.get(k, VARYING_DEFAULTS[k]) for k in self.varying}
+        return {VARYING[k]: VARYING_VALUES.get(k, lambda v: v)(subset.options.get(k, VARYING_DEFAULTS[k]))
+                for k in self.varying}
 
 
 def is_dataset(table: dict) -> bool:
