@@ -721,7 +721,8 @@ class TrainingSet:
                                                   if name in ex.options} for ex in scan.examples]
         self.empty_every = empty_every
         self.templates = templates
-        self.token_warmup: tuple[int, int, int] | None = None  # (steps, least tags, micro-batches a step): ``warm_tokens``
+        # kohya's token warm-up: (steps, least tags, micro-batches a step), set by ``warm_tokens``
+        self.token_warmup: tuple[int, int, int] | None = None
         sizes = {side: bucket_sizes(side, bucket_step, min_bucket_reso or None, max_bucket_reso or None) if buckets
                  else [(side, side)] for side in set(sides)}
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so

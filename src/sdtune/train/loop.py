@@ -296,8 +296,8 @@ def check_model(settings: TrainSettings, base) -> None:
     if on_cpu and settings.mixed_precision == "fp16":
         raise SdtuneError("--mixed-precision fp16 needs a GPU; on the CPU use no or bf16")
     if settings.full_bf16 and precision(settings, base) != "bf16":
-        raise SdtuneError(f"--full-bf16: the trained weights in bf16 compute under bf16 mixed precision, and this run's "
-                          f"is {precision(settings, base)}; add --mixed-precision bf16")
+        raise SdtuneError(f"--full-bf16: the trained weights in bf16 compute under bf16 mixed precision, and this "
+                          f"run's is {precision(settings, base)}; add --mixed-precision bf16")
     Noise.of(settings).check(len(base.scheduler.alphas_cumprod))
     Loss.of(settings).check(base.scheduler.config.get("prediction_type", "epsilon"))
 
