@@ -60,7 +60,7 @@ def test_a_folder_that_cannot_take_the_cache_is_one_note(base, tmp_path, encodes
     with pytest.warns(SdtuneWarning, match=f"--cache-latents-to-disk: cannot write in {dataset / FOLDER}"):
         train_lora(base, settings(dataset, tmp_path / "o", cache_latents_to_disk=True))
     assert (tmp_path / "o" / "lora.safetensors").is_file()
-    with pytest.raises(SdtuneError, match="--cache-latents-to-disk with --crop random: random crops are encoded "
+    with pytest.raises(SdtuneError, match="--cache-latents-to-disk with --crop random: its images are encoded "
                                           "every step"):
         settings(dataset, tmp_path / "x", cache_latents_to_disk=True, crop="random").check()
 

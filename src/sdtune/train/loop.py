@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from PIL import Image
@@ -325,6 +326,10 @@ def make_accelerator(settings: TrainSettings, base):
     # --module-dropout: a process's step may leave a layer out, whose gradients DDP must then find (it costs a walk
     # of the graph each step, so only then)
     skips = getattr(settings, "module_dropout", 0.0) > 0
+    # accelerate keeps one state per process, fixed by its first Accelerator: a later run in the same process (the
+    # Python API, a test) with another precision would be refused, so each run starts it afresh; the process group
+    # (its PartialState) stays
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mp, cpu=on_cpu,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if skips else None)
 
