@@ -75,3 +75,11 @@ def test_full_bf16_without_bf16_mixed_precision_is_one_line(dataset, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err == ("sdtune: error: --full-bf16: the trained weights in bf16 compute under bf16 mixed precision, and "
                    "this run's is no; add --mixed-precision bf16")
+
+
+def test_runs_of_other_precisions_follow_each_other_in_one_process(base, dataset, tmp_path):
+    """accelerate fixes its state at a process's first Accelerator: each run starts it afresh (CI once failed here
+    when a bf16 run followed fp32 ones)."""
+    for i, precision in enumerate(("no", "bf16", "no")):
+        out = train_lora(base, settings(dataset, tmp_path / str(i), steps=1, mixed_precision=precision))
+        assert load_lora(out).metadata["ss_mixed_precision"] == precision
