@@ -151,7 +151,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
 
 @pytest.mark.parametrize("extra, says", [
     ("fused_backward_pass = true\nfull_fp16 = true", r"sdtune does not offer fused_backward_pass = True, full_fp16 = "
-                                                     r"True; leave them out"),
+                                                     r"True \(full_bf16 = true keeps them in bf16\); leave them out"),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "

@@ -71,7 +71,7 @@ NO_EFFECT = {
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
-    "face_crop_aug_range", "full_fp16", "fused_backward_pass",
+    "face_crop_aug_range", "fused_backward_pass",
 }
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
@@ -180,6 +180,9 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                                   f"which it does not give; give save_every_n_epochs instead")
             if value:
                 take(key, "save_every_epochs", math.floor(int(epochs) / value) or 1)
+        elif key == "full_fp16":  # fp16 trained weights: sd-scripts patches accelerate's grad scaler for them
+            if value:
+                refused.append(f"{key} = {value!r} (full_bf16 = true keeps them in bf16)")
         elif key == "dim_from_weights":  # sdtune always continues network_weights at the file's own ranks
             if value and not theirs.get("network_weights"):
                 unused.append(key)
