@@ -322,12 +322,19 @@ def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str |
     return scan
 
 
-def image_named(key: str, folder: Path) -> Path | None:
+def image_named(key: str, folder: Path, names: set[str] | None = None) -> Path | None:
     """The image a fine-tuning metadata key names, found as sd-scripts finds it: an image at that path, else one of
-    that name in the subset's ``folder``, with or without its extension; None where there is none."""
-    candidates = [Path(key).expanduser(), folder / key,
-                  *(folder / (key + case) for suffix in sorted(IMAGE_SUFFIXES) for case in (suffix, suffix.upper()))]
-    return next((p.resolve() for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), None)
+    that name in the subset's ``folder``, with or without its extension; None where there is none. ``names``: the
+    file names in ``folder``, listed once for all its keys (else each name tried is a file-system lookup)."""
+    def named(name: str) -> bool:
+        path = folder / name
+        return name in names if names is not None and path.parent == folder else path.is_file()
+    given = Path(key).expanduser()
+    if given.suffix.lower() in IMAGE_SUFFIXES and given.is_file():
+        return given.resolve()
+    tried = [key, *(key + case for suffix in sorted(IMAGE_SUFFIXES) for case in (suffix, suffix.upper()))]
+    return next(((folder / n).resolve() for n in tried if Path(n).suffix.lower() in IMAGE_SUFFIXES and named(n)),
+                None)
 
 
 def _fine_tuning_captions(source: _Source, all_lines: bool, scan: Scan) -> dict[Path, str | None]:
@@ -335,8 +342,10 @@ def _fine_tuning_captions(source: _Source, all_lines: bool, scan: Scan) -> dict[
     caption files, as sd-scripts reads it); a caption of several lines read as a caption file's. What is not used
     goes into ``scan.unused``."""
     captions, lost, multi = {}, [], 0
+    with os.scandir(source.folder) as entries:  # (the listing's own file types: no lookup per file)
+        names = {entry.name for entry in entries if entry.is_file()}
     for key, caption in source.listed.items():
-        image = image_named(key, source.folder)
+        image = image_named(key, source.folder, names)
         if image is None:
             lost.append(key)
             continue

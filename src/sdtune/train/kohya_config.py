@@ -73,6 +73,10 @@ NO_EFFECT = {
 OFF_ONLY = {
     "face_crop_aug_range", "fused_backward_pass",
 }
+# sd-scripts' step counts that are a share of the run below 1 -> sdtune's (steps, share) settings
+STEPS_OR_SHARE = {"lr_warmup_steps": ("lr_warmup_steps", "lr_warmup_ratio"),
+                  "lr_decay_steps": ("lr_decay_steps", "lr_decay_ratio"),
+                  "token_warmup_step": ("token_warmup_steps", "token_warmup_ratio")}
 # sd-scripts' values of settings sdtune spells otherwise
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
               "lion8bit": "lion8bit", "sgdnesterov": "sgdnesterov", "sgdnesterov8bit": "sgdnesterov8bit",
@@ -147,13 +151,12 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                                   f"sdtune reads; continue from its last LoRA with network_weights = 'FILE' (sdtune "
                                   f"then keeps its own resume state in output_dir)")
             unused.append(key)
-        elif key == "lr_warmup_steps" and isinstance(value, float) and 0 < value < 1:  # sd-scripts: a share
-            take(key, "lr_warmup_ratio", value)
-        elif key == "lr_decay_steps" and isinstance(value, float) and 0 < value < 1:  # (the same)
-            take(key, "lr_decay_ratio", value)
-        elif key == "token_warmup_step":  # (the same)
-            take(key, "token_warmup_ratio" if isinstance(value, float) and 0 < value < 1 else "token_warmup_steps",
-                 value if isinstance(value, float) and 0 < value < 1 else int(value or 0))
+        elif key in STEPS_OR_SHARE:  # sd-scripts: below 1, a share of the run's steps
+            steps, share = STEPS_OR_SHARE[key]
+            if isinstance(value, float) and 0 < value < 1:
+                take(key, share, value)
+            else:  # (a whole float, 10.0, as the steps it counts)
+                take(key, steps, int(value) if isinstance(value, float) and value == int(value) else value)
         elif key == "alpha_mask":  # the images' transparency as the loss's mask: sdtune's masked loss reads it
             if value:
                 take(key, "masked_loss", True)
