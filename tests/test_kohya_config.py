@@ -132,6 +132,7 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(lr_scheduler="warmup_stable_decay", lr_decay_ratio=0.2, lr_decay_steps=0, lr_scheduler_min_lr_ratio=0.1)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "rs_lora=True"]', dict(rs_lora=True)),  # (train_db.py's; kohya_ss writes it for LoRA too)
     ("lr_warmup_steps = 0.1", dict(lr_warmup_ratio=0.1, lr_warmup_steps=0)),  # sd-scripts: below 1, a share
+    ("lr_warmup_steps = 10.0", dict(lr_warmup_ratio=0.0, lr_warmup_steps=10)),  # (a whole float: its steps)
     # kohya_ss's LoHa: each LyCORIS switch written, False; its arguments also as one command-line string
     ('network_module = "lycoris.kohya"\nnetwork_args = ["preset=full", "conv_dim=4", "conv_alpha=1", "rank_dropout=0", '
      '"module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False", "algo=loha", '
