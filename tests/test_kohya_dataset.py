@@ -19,7 +19,9 @@ from sdtune.cli import main
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import loop
 from sdtune.train.config import load_settings
-from sdtune.train.data import TrainingSet, encode, fingerprint, fit, scan_data, seed_for, split_validation, to_tensor
+from sdtune.train.data import TrainingSet, encode, seed_for
+from sdtune.train.images import fit, to_tensor
+from sdtune.train.scan import fingerprint, scan_data, split_validation
 
 
 def images(folder, n, caption=None, colour=(200, 40, 40)):

@@ -13,19 +13,13 @@ from PIL import Image
 from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.tiny import model as tiny
-from sdtune.train import data
+from sdtune.train import captions, data, images
+from sdtune.train.captions import process_caption
 from sdtune.train.config import LoraSettings
-from sdtune.train.data import (
-    TrainingSet,
-    bucket_sizes,
-    fit,
-    open_rgb,
-    pick_bucket,
-    process_caption,
-    scan_folder,
-    to_tensor,
-)
+from sdtune.train.data import TrainingSet
+from sdtune.train.images import bucket_sizes, fit, open_rgb, pick_bucket, to_tensor
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import report_skipped, scan_folder
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +68,7 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     up = open_rgb(tmp_path / "phone.jpg")
-    assert up.size == (20, 40) and data.upright_size(tmp_path / "phone.jpg") == (20, 40)  # buckets see it tall
+    assert up.size == (20, 40) and images.upright_size(tmp_path / "phone.jpg") == (20, 40)  # buckets see it tall
     top, bottom = up.getpixel((10, 5)), up.getpixel((10, 35))
     assert top[0] > 200 and top[2] < 60, top  # the stored left (red) is now on top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
@@ -153,7 +147,7 @@ def test_caption_files_that_are_not_used_as_they_stand_are_noted(tmp_path):
         f"{tmp_path}: 1 caption file(s) are empty, so their images train with an empty caption (b.txt)",
         f"{tmp_path / '3_sub'}: 1 caption file(s) have no image beside them and are not used (lost.caption)"]
     with pytest.warns(SdtuneWarning) as seen:
-        data.report_skipped(scan)
+        report_skipped(scan)
     assert [str(w.message) for w in seen] == scan.unused
 
 
@@ -290,12 +284,12 @@ def test_a_token_warm_up_run_resumes_exactly_and_trains_other_weights(base, tmp_
 def test_color_aug_turns_the_hue_of_each_image_by_its_draw(tmp_path, vae, base):
     """kohya's color_aug: a hue turn of up to 8/180 of the circle either way, drawn per image and step, on images
     encoded at each step (center crops too); a run with it resumes exactly."""
-    red = data.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), data.COLOR_AUG_TURN).getpixel((0, 0))
+    red = images.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), images.COLOR_AUG_TURN).getpixel((0, 0))
     assert red[0] == 255 and 60 <= red[1] <= 70 and red[2] == 0  # 16 degrees: towards yellow
-    back = data.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), -data.COLOR_AUG_TURN).getpixel((0, 0))
+    back = images.shift_hue(Image.new("RGB", (8, 8), (255, 0, 0)), -images.COLOR_AUG_TURN).getpixel((0, 0))
     assert back[0] == 255 and back[1] == 0 and 55 <= back[2] <= 70  # (the other way: towards magenta)
     grey = Image.new("RGB", (8, 8), (120, 120, 120))
-    assert data.shift_hue(grey, data.COLOR_AUG_TURN).getpixel((0, 0)) == (120, 120, 120)
+    assert images.shift_hue(grey, images.COLOR_AUG_TURN).getpixel((0, 0)) == (120, 120, 120)
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
     image.with_suffix(".txt").write_text("noise")
@@ -305,7 +299,7 @@ def test_color_aug_turns_the_hue_of_each_image_by_its_draw(tmp_path, vae, base):
     for number in range(3):
         g = torch.Generator().manual_seed(data.seed_for(0, "batch", number))
         hue = (torch.rand(1, generator=g) * 2 - 1).item()
-        turned = data.shift_hue(fit(open_rgb(image), (64, 64)), hue * data.COLOR_AUG_TURN)
+        turned = images.shift_hue(fit(open_rgb(image), (64, 64)), hue * images.COLOR_AUG_TURN)
         mean, std = data.encode(vae, to_tensor(turned).unsqueeze(0)).chunk(2, 1)
         want = mean + std * torch.randn((1, *mean.shape[1:]), generator=g)
         assert torch.equal(ts.batch(number, 1).latents, want)
@@ -565,7 +559,7 @@ def test_a_caption_longer_than_the_text_window_is_said(base, tmp_path, capfd):
     for name, caption in (("short", "a red star"), ("long", "a red star " * 40), ("longer", "a blue circle " * 60)):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
         (tmp_path / f"{name}.txt").write_text(caption)
-    scan = data.scan_folder(tmp_path)
+    scan = scan_folder(tmp_path)
     with pytest.warns(SdtuneWarning) as caught:
         data._note_long_captions(base.tokenizer, scan)
     assert [str(w.message) for w in caught] == [
@@ -606,7 +600,7 @@ def test_wildcards_draw_a_line_and_an_option_each_time_and_samples_read_the_firs
     flag only the first line is read, and a note says so and names the flag."""
     solid(tmp_path / "a.png", caption="a {red|blue|green} circle\nsks, circle, {plain|flat} colour")
     with pytest.warns(SdtuneWarning, match="have more than one line; only the first is used.*--wildcards"):
-        data.report_skipped(scan_folder(tmp_path))
+        report_skipped(scan_folder(tmp_path))
     assert scan_folder(tmp_path).examples[0].caption == "a {red|blue|green} circle"
     scan = scan_folder(tmp_path, all_lines=True)
     assert not scan.unused and scan.examples[0].caption.count("\n") == 1
@@ -616,7 +610,7 @@ def test_wildcards_draw_a_line_and_an_option_each_time_and_samples_read_the_firs
     assert drawn == {"a red circle", "a blue circle", "a green circle", "sks, circle, plain colour",
                      "sks, circle, flat colour"}
     settings = LoraSettings(data=str(tmp_path), out="o", wildcards=True, caption_prefix="x")
-    assert data.steady_caption(scan.examples[0].caption, settings) == "x a red circle"
+    assert captions.steady_caption(scan.examples[0].caption, settings) == "x a red circle"
     plain = TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16, captions=dict(wildcards=True))
     assert not TrainingSet(scan_folder(tmp_path), vae, 64, seed=0, bucket_step=16).captions_vary
     assert plain.captions_vary  # {red|blue|green} on the first line alone still varies

@@ -13,6 +13,7 @@ from sdtune.safeio import SdtuneError
 from sdtune.train import data
 from sdtune.train.latent_cache import FOLDER
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import scan_folder
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_a_second_run_encodes_nothing_and_trains_the_same_weights(base, tmp_path
     assert encodes == []
     assert all(torch.equal(x, y) for k in first for x, y in zip(first[k], second[k]))
     # the cache folder is not training data: the scan does not see it
-    assert len(data.scan_folder(dataset).examples) == 4
+    assert len(scan_folder(dataset).examples) == 4
 
     # an edited image is encoded again (twice: plain and flipped), the others are found
     edited = sorted(dataset.glob("*.png"))[0]

@@ -24,6 +24,7 @@ from sdtune.train import data as data_mod
 from sdtune.train import diffusion, logs, loop, prior, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import scan_folder
 from sdtune.train.ti import train_ti
 
 
@@ -439,7 +440,7 @@ def test_resume_refuses_changed_held_out_images_and_draws_a_sample_a_kill_skippe
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000000.png", "step-000002.png",
                                                                        "step-000003.png"]
     s = settings(data, out, steps=4, **held)
-    _, held_scan, _ = validation.split(s, data_mod.scan_folder(str(data)), require_captions=True)
+    _, held_scan, _ = validation.split(s, scan_folder(str(data)), require_captions=True)
     [image] = [ex.path for ex in held_scan.examples]
     image.with_suffix(".txt").write_text("another caption")
     with pytest.raises(SdtuneError, match=r"resume.pt: the held-out validation images or their captions in \S+data "

@@ -23,8 +23,8 @@ from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train import lora as lora_train
 from sdtune.train.config import LoraSettings, load_settings
-from sdtune.train.data import scan_folder
 from sdtune.train.lora import Network, kohya_clip_skip, te_targets, train_lora, unet_targets
+from sdtune.train.scan import scan_folder
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from torch import nn
 from sdtune.console import SdtuneWarning
 from sdtune.lora.formats import load_lora
 from sdtune.train.config import LoraSettings
-from sdtune.train.data import scan_folder, seed_for, training_set
+from sdtune.train.data import seed_for, training_set
 from sdtune.train.loop import Objective
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import scan_folder
 
 
 class FixedPrediction(nn.Module):

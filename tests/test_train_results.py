@@ -19,9 +19,9 @@ from sdtune.ti.formats import load_embedding
 from sdtune.tiny import world
 from sdtune.train import logs, report, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
-from sdtune.train.data import Scan, first_prompts, scan_folder, split_validation
 from sdtune.train.loop import Record
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import Scan, first_prompts, scan_folder, split_validation
 from sdtune.train.ti import train_ti
 
 

@@ -37,7 +37,9 @@ from sdtune.models import RANDOM_SPECS, load_base, make_scheduler
 from sdtune.train import data as data_mod
 from sdtune.train import loop
 from sdtune.train.config import LoraSettings, load_settings, settings_for
+from sdtune.train.images import cover_box, time_ids
 from sdtune.train.lora import train_lora
+from sdtune.train.scan import scan_folder
 from sdtune.train.ti import init_rows, train_ti
 
 XL = "sdxl-small-random"
@@ -280,7 +282,7 @@ def test_text_stack_encodes_as_generation_does(xl):
 
 
 def test_time_ids_hold_each_images_original_size_and_crop(xl, dataset):
-    scan = data_mod.scan_folder(dataset / "train")
+    scan = scan_folder(dataset / "train")
     images = data_mod.TrainingSet(scan, xl.vae, 64, seed=0, bucket_step=32, buckets=True, flip=True)
     by_name = {ex.path.name: i for i, ex in enumerate(scan.examples)}
     # 80x80 is scaled to 64x64, no crop; 96x64 is cropped to 64x64; 128x32 has a bucket of its shape
@@ -289,10 +291,10 @@ def test_time_ids_hold_each_images_original_size_and_crop(xl, dataset):
     assert images.time_ids(by_name["1.png"], flipped=True) == [64, 96, 0, 16, 64, 64]  # 96 - 64 - 16
     assert images.time_ids(by_name["2.png"]) == [32, 128, 0, 0, 32, 128]
     # a wide image in a square bucket: scaled to 107x64 (w x h), centre crop 22 px from the left; flipped 21
-    box = data_mod.cover_box(100, 60, (64, 64))
+    box = cover_box(100, 60, (64, 64))
     assert box == (107, 64, 22, 0)
-    assert data_mod.time_ids((100, 60), box, (64, 64)) == [60, 100, 0, 22, 64, 64]
-    assert data_mod.time_ids((100, 60), box, (64, 64), flipped=True) == [60, 100, 0, 21, 64, 64]
+    assert time_ids((100, 60), box, (64, 64)) == [60, 100, 0, 22, 64, 64]
+    assert time_ids((100, 60), box, (64, 64), flipped=True) == [60, 100, 0, 21, 64, 64]
     # batches carry them, one row per image; each of several processes gets the rows of its slice
     for number in range(images.batches_per_epoch(2)):
         b = images.batch(number, 2)

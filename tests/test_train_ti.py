@@ -15,7 +15,7 @@ from sdtune.tiny import model as tiny
 from sdtune.tiny import world
 from sdtune.train import loop
 from sdtune.train.config import TISettings
-from sdtune.train.data import scan_folder
+from sdtune.train.scan import scan_folder
 from sdtune.train.ti import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,

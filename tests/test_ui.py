@@ -25,8 +25,8 @@ from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, save_embedding
-from sdtune.train import data
 from sdtune.train.config import KINDS, TOPICS, load_settings
+from sdtune.train.scan import scan_folder
 from sdtune.ui import app as app_mod
 from sdtune.ui import jobs as jobs_mod
 from sdtune.ui import parse_auth, trainform
@@ -814,7 +814,7 @@ def test_dataset_uploads_say_what_they_got(studio, tmp_path):
     kept = studio.folders.out / "datasets" / "odd"
     assert sorted(p.name for p in kept.iterdir()) == ["ete.gif", "my_pic_1.png", "my_pic_1.txt", "scan.bmp"]
     assert Image.open(kept / "scan.bmp").getpixel((0, 0)) == (0, 0, 255)
-    found = data.scan_folder(kept, require_captions=False)  # training reads them all, the caption paired
+    found = scan_folder(kept, require_captions=False)  # training reads them all, the caption paired
     assert sorted((e.path.name, e.caption) for e in found.examples) == [
         ("ete.gif", None), ("my_pic_1.png", "a red square"), ("scan.bmp", None)] and not found.skipped
     (odd / "my_pic_1.png").write_bytes((odd / "my pic (1).png").read_bytes())  # two uploads, one plain name

@@ -1,12 +1,7 @@
-"""Training data: a folder of images and captions in, cached latents and per-step batches out.
+"""Training data: the scanned images (``scan``) in buckets, cached latents and per-step batches out.
 
-Layout (kohya-compatible): images with a same-name ``.txt`` (or ``.caption``) file beside them, or listed in a
-``metadata.jsonl``/``metadata.csv`` (Hugging Face's imagefolder layout, which diffusers' scripts read: ``file_name``
-and a ``text``/``caption``/``prompt`` column); a subfolder named ``N_name`` repeats its images N times per epoch,
-and ``name`` is the caption of its images that have no caption file. A kohya dataset config given as the data
-names such folders itself (``kohya_dataset``: each subset's folder, repeats and class tokens). Any image Pillow
-reads is accepted (RGBA, palette, grayscale, 16-bit, EXIF-rotated): it becomes 8-bit RGB, transparency composited
-on white. Unreadable files are skipped and listed.
+The folder is read by ``scan``, each image opened, resized and cropped by ``images``, each caption processed by
+``captions``; this module puts them together (``training_set``, from a run's settings).
 
 Each image is resized to cover its bucket (one square size, or with bucketing the size whose aspect ratio
 is closest) and cropped. With a center crop it is encoded once by the frozen VAE and the latent
@@ -25,458 +20,44 @@ makes resuming exact, and lets each of several processes take its slice of the s
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import math
 import os
 import random
-import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .. import console
 from ..console import note
 from ..safeio import SdtuneError
-from . import kohya_dataset, masks
+from . import masks
+from .captions import CAPTION_SETTINGS, caption_options, has_wildcards, process_caption
 from .config import TOKEN_LENGTHS
+from .images import (
+    COLOR_AUG_TURN,
+    IMAGE_SUFFIXES,
+    bucket_sizes,
+    cover_box,
+    fit,
+    image_header,
+    open_rgb,
+    own_bucket,
+    pick_bucket,
+    shift_hue,
+    time_ids,
+    to_tensor,
+)
 from .latent_cache import LatentCache
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}  # AVIF: Pillow 11.3+
-CAPTION_SUFFIXES = (".txt", ".caption")
-REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+from .scan import Scan
 
 
 def seed_for(*parts) -> int:
     """A 63-bit seed from any parts (seed, step, purpose...); the same in every process and Python run."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ---------------------------------------------------------------- the folder
-
-@dataclass
-class Example:
-    path: Path
-    caption: str | None  # None: no caption file, no folder name, no default
-    repeats: int = 1
-    name: str = ""  # its path inside the data ("10_cat/a.png"): the same wherever the folder is moved
-    group: str = "."  # the folder kohya's metadata counts it in (ss_dataset_dirs): its N_name folder, or "."
-    # its own settings, over the run's (a dataset config's subset: caption options, its dataset's resolution)
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class Scan:
-    examples: list[Example]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images, and why
-    folders: dict[str, dict] = field(default_factory=dict)  # folder -> {"n_repeats", "img_count"} (kohya metadata)
-    unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
-
-
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-METADATA_COLUMNS = ("text", "caption", "prompt")  # diffusers' scripts default to "text"
-
-
-def caption_file(image: Path) -> Path | None:
-    """The caption file of ``image``: ``.txt``, else ``.caption``, in lower or upper case (``A.PNG`` + ``A.TXT``)."""
-    for suffix in CAPTION_SUFFIXES:
-        for case in (suffix, suffix.upper()):
-            if image.with_suffix(case).is_file():
-                return image.with_suffix(case)
-    return None
-
-
-def read_caption(image: Path, read: dict[Path, list[str]] | None = None, all_lines: bool = False) -> str | None:
-    """The first non-empty line of the image's caption file ("" for an empty file), or with ``all_lines`` every
-    non-empty one joined by newlines (--wildcards); None without one. ``read`` collects each file's lines, for
-    ``_caption_notes``."""
-    path = caption_file(image)
-    if path is None:
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise SdtuneError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
-    if read is not None:
-        read[path] = lines
-    if all_lines:
-        return "\n".join(ln.strip() for ln in lines if ln.strip())
-    return next((ln.strip() for ln in lines if ln.strip()), "")
-
-
-def read_metadata_captions(folder: Path) -> dict[Path, str]:
-    """{image path: caption} from the folder's ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder:
-    a ``file_name`` relative to the folder and a caption column); {} without one."""
-    path = next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
-    if path is None:
-        return {}
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise SdtuneError(f"{path}: is not UTF-8 text; re-save it as UTF-8") from None
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise SdtuneError(f"{path}: line {number} is not JSON; each line must be an object such as "
-                                  f'{{"file_name": "0.png", "text": "a red circle"}}') from None
-    captions = {}
-    for row in rows:
-        if not isinstance(row, dict) or "file_name" not in row:
-            raise SdtuneError(f"{path}: a row without file_name ({str(row)[:60]}); give each image's file_name and "
-                              f"its {' or '.join(METADATA_COLUMNS)}")
-        column = next((c for c in METADATA_COLUMNS if c in row), None)
-        if column is None:
-            raise SdtuneError(f"{path}: no caption column ({', '.join(METADATA_COLUMNS)}) for {row['file_name']}; "
-                              f"name the captions' column text")
-        captions[(folder / str(row["file_name"])).resolve()] = str(row[column] or "").strip()
-    return captions
-
-
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _caption_notes(folder: Path, recursive: bool, images: list[Path], read: dict[Path, list[str]],
-                   all_lines: bool = False) -> list[str]:
-    """What a user would not see happen to the caption files of ``folder``: one with no image beside it (not
-    used), an image with both a .txt and a .caption (the .txt is used), an empty one (an empty caption), one of
-    several lines (the first is used). ``read``: the lines of the files the scan read (the others: of images
-    that were skipped) are not read again."""
-    stems = {p.with_suffix("") for p in images}
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    captions = sorted(p for p in files if p.suffix.lower() in CAPTION_SUFFIXES and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    orphans = [p for p in captions if p.with_suffix("") not in stems]
-    both = [p for p in captions if p.suffix.lower() == CAPTION_SUFFIXES[1] and p.with_suffix("") in stems
-            and caption_file(p.with_suffix("")) != p]
-    used = [p for p in captions if p not in orphans and p not in both]
-    def lines(p: Path) -> list[str]:
-        return read[p] if p in read else p.read_text(encoding="utf-8", errors="replace").splitlines()
-    filled = {p: [line for line in lines(p) if line.strip()] for p in used}
-    empty = [p for p in used if not filled[p]]
-    # only the first line is read, as kohya reads it: a captioner's further lines would go unseen
-    multi = [] if all_lines else [p for p in used if len(filled[p]) > 1]
-
-    def named(paths: list[Path]) -> str:
-        return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-    notes = []
-    if orphans:
-        notes.append(f"{folder}: {len(orphans)} caption file(s) have no image beside them and are not used "
-                     f"({named(orphans)})")
-    if both:
-        notes.append(f"{folder}: {len(both)} image(s) have both a .txt and a .caption file; the .txt is used "
-                     f"({named(both)} not)")
-    if empty:
-        notes.append(f"{folder}: {len(empty)} caption file(s) are empty, so their images train with an empty "
-                     f"caption ({named(empty)})")
-    if multi:
-        notes.append(f"{folder}: {len(multi)} caption file(s) have more than one line; only the first is used, as "
-                     f"kohya does ({named(multi)}); join the lines to keep them, or give --wildcards to draw one "
-                     f"of them each time")
-    return notes
-
-
-@dataclass(frozen=True)
-class _Source:
-    """One folder of images read alike: their repeats, the caption of an image without one, whether its
-    subfolders are read, and where its images' names start (their ``Example.name``) and how kohya counts them."""
-    folder: Path
-    repeats: int
-    caption: str | None
-    recursive: bool
-    group: str
-    names_from: Path
-    prefix: str = ""
-    options: dict = field(default_factory=dict)  # its images' own settings (``Example.options``)
-    # a fine-tuning subset's {image key: caption} (``kohya_dataset.Subset.captions``) and its metadata file
-    listed: dict[str, str | None] | None = None
-    listing: Path | None = None
-
-
-def scan_data(data: str | Path, default_caption: str | None = None, require_captions: bool = True,
-              option: str = "--data", all_lines: bool = False, reg: bool = False) -> Scan:
-    """``scan_folder`` of a folder; of a kohya dataset config (``kohya_dataset``), its training subsets' images, or
-    with ``reg`` its class images'."""
-    if not kohya_dataset.is_dataset_file(data):
-        return scan_folder(data, default_caption, require_captions, option, all_lines)
-    dataset = kohya_dataset.read(data)
-    subsets = dataset.images(reg)
-    if not subsets:
-        raise SdtuneError(f"{data}: has no {'is_reg ' if reg else ''}subsets to read as {option}; give one")
-    scan = Scan([])
-    groups, taken = [], set()
-    for s in subsets:  # each named by its folder, as ss_dataset_dirs names it (a second of a name: numbered)
-        group = next(g for g in (s.image_dir.name, *(f"{s.image_dir.name}-{i}" for i in range(2, 10**6)))
-                     if g not in taken)
-        taken.add(group)
-        groups.append(_Source(s.image_dir, s.repeats, s.class_tokens, False, group, s.image_dir, group + "/",
-                              dataset.own_options(s), s.captions, s.metadata))
-        deeper = [p for p in s.image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and _image_files(p, True)] if s.captions is None else []
-        if deeper:  # sd-scripts reads a subset's own folder, not its subfolders
-            scan.unused.append(f"{s.image_dir}: images in its subfolders ({', '.join(p.name for p in deeper[:3])}) are "
-                               f"not read, as sd-scripts reads a subset; give each folder as a subset")
-    return _scan(Path(data), groups, scan, default_caption, require_captions, all_lines)
-
-
-def scan_folder(folder: str | Path, default_caption: str | None = None, require_captions: bool = True,
-                option: str = "--data", all_lines: bool = False) -> Scan:
-    """Every readable image under ``folder`` (given as ``option``) with its caption and repeat count.
-
-    Caption order: same-name caption file, then the folder's metadata.jsonl/csv, then the ``N_name`` folder's
-    name, then ``default_caption``. With ``require_captions`` an image left without one is an error (TI uses
-    prompt templates instead). ``all_lines``: a caption file's every line, as alternatives (--wildcards)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SdtuneError(f"{folder}: {option} is not a folder; point it at a folder of images and captions (or at a "
-                          f"kohya dataset config)")
-    groups = [_Source(folder, 1, None, False, ".", folder)]
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    kohya = any(REPEAT_FOLDER.match(sub.name) for sub in subfolders)
-    scan = Scan([])
-    for sub in subfolders:
-        m = REPEAT_FOLDER.match(sub.name)
-        repeats, caption = (int(m.group(1)), m.group(2).strip() or None) if m else (1, None)
-        groups.append(_Source(sub, repeats, caption, True, sub.name, folder))
-        # kohya's layout read as sd-scripts reads it, but said: it skips an unprefixed folder, which trains here
-        if m and int(m.group(1)) == 0:
-            scan.unused.append(f"{sub}: 0 repeats (its N_ prefix), so its images are not used")
-        elif not m and kohya:
-            scan.unused.append(f"{sub}: no N_ repeat prefix among kohya-style folders, so its images train once per "
-                               f"epoch (kohya sd-scripts skips such a folder)")
-    return _scan(folder, groups, scan, default_caption, require_captions, all_lines)
-
-
-def _scan(where: Path, groups: list[_Source], scan: Scan, default_caption: str | None, require_captions: bool,
-          all_lines: bool) -> Scan:
-    """``scan`` filled with the images of ``groups`` (of the data at ``where``, named in messages)."""
-    missing: list[Path] = []
-    for source in groups:
-        fine_tuning = source.listed is not None
-        if fine_tuning:
-            listed = _fine_tuning_captions(source, all_lines, scan)
-            files = sorted(listed)
-        else:
-            files = _image_files(source.folder, source.recursive)
-            listed = read_metadata_captions(source.folder)
-        read: dict[Path, list[str]] = {}
-        count = 0
-        for image in files:
-            why = check_image(image)
-            if why:
-                scan.skipped.append((image, why))
-                continue
-            caption = None if fine_tuning else read_caption(image, read, all_lines)
-            if caption is None:
-                caption = listed.get(image.resolve())
-            if caption is None:
-                caption = source.caption if source.caption is not None else default_caption
-            if caption is None and require_captions:
-                missing.append(image)
-            inside = image.is_relative_to(source.names_from)  # (a fine-tuning key may name an image elsewhere)
-            name = source.prefix + (image.relative_to(source.names_from) if inside else image).as_posix().lstrip("/")
-            scan.examples.append(Example(image, caption, source.repeats, name, source.group, source.options))
-            count += 1
-        if count and source.repeats > 0:
-            scan.folders[source.group] = {"n_repeats": source.repeats, "img_count": count}
-        if fine_tuning:
-            continue
-        scan.unused += _caption_notes(source.folder, source.recursive, files, read, all_lines)
-        unlisted = sorted(p.name for p in listed if not p.is_file())
-        if unlisted:  # a typo, or an image renamed or deleted since the metadata was written
-            scan.unused.append(f"{source.folder}: {len(unlisted)} row(s) of its metadata name no image there and "
-                               f"are not used ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")
-    zero = [e for e in scan.examples if e.repeats == 0]
-    scan.examples = [e for e in scan.examples if e.repeats > 0]
-    if missing:
-        shown = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-        fix = "give their subset class_tokens" if where.is_file() else "pass --default-caption TEXT"
-        raise SdtuneError(f"{where}: {len(missing)} image(s) have no caption ({shown}); add same-name .txt files "
-                          f"(or a metadata.jsonl), or {fix}")
-    if not scan.examples:
-        if zero:  # kohya's 0_ folders hold regularisation or held-back images, nothing to train on
-            name = zero[0].group
-            raise SdtuneError(f"{where}: its {len(zero)} image(s) are all in folders of 0 repeats ({name}); give "
-                              f"a folder a count of repeats, e.g. 10_{REPEAT_FOLDER.match(name).group(2)}")
-        if scan.skipped:
-            raise SdtuneError(f"{where}: none of its {len(scan.skipped)} image(s) could be read (e.g. "
-                              f"{scan.skipped[0][0].name}: {scan.skipped[0][1]}); check the files")
-        raise SdtuneError(f"{where}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))}); put the training "
-                          f"images there, with same-name .txt captions")
-    return scan
-
-
-def image_named(key: str, folder: Path, names: set[str] | None = None) -> Path | None:
-    """The image a fine-tuning metadata key names, found as sd-scripts finds it: an image at that path, else one of
-    that name in the subset's ``folder``, with or without its extension; None where there is none. ``names``: the
-    file names in ``folder``, listed once for all its keys (else each name tried is a file-system lookup)."""
-    def named(name: str) -> bool:
-        path = folder / name
-        return name in names if names is not None and path.parent == folder else path.is_file()
-    given = Path(key).expanduser()
-    if given.suffix.lower() in IMAGE_SUFFIXES and given.is_file():
-        return given.resolve()
-    tried = [key, *(key + case for suffix in sorted(IMAGE_SUFFIXES) for case in (suffix, suffix.upper()))]
-    return next(((folder / n).resolve() for n in tried if Path(n).suffix.lower() in IMAGE_SUFFIXES and named(n)),
-                None)
-
-
-def _fine_tuning_captions(source: _Source, all_lines: bool, scan: Scan) -> dict[Path, str | None]:
-    """{image: caption} of a fine-tuning subset, the images its metadata names (not its folder's other images nor
-    caption files, as sd-scripts reads it); a caption of several lines read as a caption file's. What is not used
-    goes into ``scan.unused``."""
-    captions, lost, multi = {}, [], 0
-    with os.scandir(source.folder) as entries:  # (the listing's own file types: no lookup per file)
-        names = {entry.name for entry in entries if entry.is_file()}
-    for key, caption in source.listed.items():
-        image = image_named(key, source.folder, names)
-        if image is None:
-            lost.append(key)
-            continue
-        if caption is not None:
-            lines = [line.strip() for line in caption.splitlines() if line.strip()]
-            multi += len(lines) > 1 and not all_lines
-            caption = "\n".join(lines) if all_lines else (lines[0] if lines else "")
-        captions[image] = caption
-
-    def named(items: list[str]) -> str:
-        return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-    if lost:  # (sd-scripts also trains on its own cached .npz latents without the image: sdtune needs the image)
-        scan.unused.append(f"{source.listing}: {len(lost)} of its images are neither a file nor in {source.folder} "
-                           f"and are not used ({named(lost)})")
-    if multi:
-        scan.unused.append(f"{source.listing}: {multi} caption(s) have more than one line; only the first is used, as "
-                           f"kohya reads a caption file; give --wildcards to draw one of them each time")
-    others = [p.name for p in _image_files(source.folder, False) if p.resolve() not in captions]
-    if others:
-        scan.unused.append(f"{source.folder}: {len(others)} image(s) its metadata_file does not name are not used, as "
-                           f"sd-scripts reads a fine-tuning subset ({named(others)})")
-    return captions
-
-
-def _subset(scan: Scan, keep: list[Example]) -> Scan:
-    """``scan`` reduced to ``keep``, with its per-folder image counts recounted."""
-    folders = {}
-    for ex in keep:
-        folders.setdefault(ex.group, {"n_repeats": ex.repeats, "img_count": 0})["img_count"] += 1
-    return Scan(keep, scan.skipped, folders={k: folders[k] for k in scan.folders if k in folders})
-
-
-def held_out_order(scan: Scan) -> list[Example]:
-    """The images in a fixed order that depends only on their names in the data (not on the seed or the file
-    system): the validation images are the first of it, the same ones in every run on that folder."""
-    return sorted(scan.examples, key=lambda ex: hashlib.sha256(ex.name.encode()).hexdigest())
-
-
-def fingerprint(scan: Scan, root: str | Path | None = None) -> dict:
-    """What identifies a folder's training data for a resume: its images (by path inside ``root``, so that a moved
-    or copied folder still matches), their captions and repeats, and the images' bytes (an edited image keeps its
-    name and often its size), with a dataset config's settings per subset. {"images": n, "sha256": of the
-    names and captions, "content": of the bytes}. Reading
-    every image once costs little beside the training that decodes them all. ``root`` defaults to the folder the
-    images share."""
-    root = Path(root or os.path.commonpath([ex.path.parent for ex in scan.examples] or ["."]))
-    examples = sorted(scan.examples, key=lambda ex: ex.path)
-    rows = sorted((ex.path.relative_to(root).as_posix() if ex.path.is_relative_to(root) else ex.name or ex.path.name,
-                   ex.path.stat().st_size, ex.caption, ex.repeats)
-                  + ((repr(sorted(ex.options.items())),) if ex.options else ()) for ex in examples)
-    content = hashlib.sha256()
-    for ex in examples:
-        with open(ex.path, "rb") as f:
-            content.update(hashlib.file_digest(f, "sha256").digest())
-    return {"images": len(rows), "sha256": hashlib.sha256(repr(rows).encode()).hexdigest(),
-            "content": content.hexdigest()}
-
-
-def split_validation(scan: Scan, fraction: float, root: str | Path, origin: str = "") -> tuple[Scan, Scan]:
-    """(training, validation): ``fraction`` of the images (at least one) held out, with all their repeats.
-    ``origin``: where the fraction came from, for the message ("the tiny preset's "), when not from the user."""
-    root = Path(root)
-    n = len(scan.examples)
-    k = max(1, round(fraction * n))
-    if k >= n:
-        raise SdtuneError(f"{origin}--validation-split {fraction:g} holds out all {n} image(s) of {root}; add images, "
-                          f"give --validation-split 0 (the loss is then measured on training images), or give "
-                          f"held-out images with --validation-dir")
-    held = {id(ex) for ex in held_out_order(scan)[:k]}
-    return (_subset(scan, [ex for ex in scan.examples if id(ex) not in held]),
-            _subset(scan, [ex for ex in scan.examples if id(ex) in held]))
-
-
-def first_prompts(texts, n: int = 4) -> list[str]:
-    """The first ``n`` distinct non-empty texts: the prompts of samples and the report when none are given
-    (the empty prompt when every text is empty)."""
-    return list(dict.fromkeys(t for t in texts if t))[:n] or [""]
-
-
-# ---------------------------------------------------------------- images
-
-def check_image(path: Path) -> str | None:
-    """None if Pillow can decode ``path``, else the reason."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "empty image"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Grayscale of more than 8 bits (I;16*, I, F) as 8-bit L, scaled rather than clipped."""
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode.startswith("I;16"):
-        arr = arr / 257.0
-    elif img.mode == "F":
-        arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
-    elif arr.size and arr.max() > 255:  # "I": 16-bit data in a 32-bit container
-        arr = arr / 257.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """The image as 8-bit RGB, upright (EXIF orientation applied), transparency composited on white."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I") or img.mode == "F":
-            img = _to_8bit(img)
-        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-        if has_alpha:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
-
-
-def upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed: EXIF orientations 5-8 swap the sides. Reads only the header."""
-    return _header(path)[0]
-
-
-def _header(path: Path) -> tuple[tuple[int, int], bool]:
-    """(upright (width, height), whether the file is animated: GIF, APNG, WebP) from its header."""
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-        animated = bool(getattr(img, "is_animated", False))
-    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), animated
 
 
 def _note_image_sizes(scan: Scan, sizes: list[tuple[int, int]], buckets: list[tuple[int, int]],
@@ -494,164 +75,6 @@ def _note_image_sizes(scan: Scan, sizes: list[tuple[int, int]], buckets: list[tu
         note(f"{path}" + (f" and {len(small) - 1} more" if len(small) > 1 else "") + f": {w}x{h}, at most half "
              f"the {bw}x{bh} it is trained at; it is upscaled, so it trains blurred (use larger images, or a "
              f"smaller --resolution)")
-
-
-def cover_box(width: int, height: int, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)
-              ) -> tuple[int, int, int, int]:
-    """What ``fit`` does to a ``width`` x ``height`` image: (resized width, resized height, crop left, crop top),
-    the crop's corner in the resized image's pixels (what SDXL's crop time ids hold)."""
-    w, h = size
-    scale = max(w / width, h / height)
-    nw, nh = max(w, round(width * scale)), max(h, round(height * scale))
-    return nw, nh, round((nw - w) * where[0]), round((nh - h) * where[1])
-
-
-def fit(img: Image.Image, size: tuple[int, int], where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
-    """Resize to cover ``size`` (w, h) keeping the aspect ratio, then crop; ``where`` places the crop (0..1)."""
-    w, h = size
-    nw, nh, left, top = cover_box(img.width, img.height, size, where)
-    if (nw, nh) != img.size:
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    return img.crop((left, top, left + w, top + h))
-
-
-COLOR_AUG_TURN = 8 / 180  # kohya's color_aug: up to 8 of OpenCV's 180 hue steps either way
-
-
-def shift_hue(img: Image.Image, turn: float) -> Image.Image:
-    """``img`` with its hue turned by ``turn`` of the colour circle (kohya's color_aug, in Pillow's 256 steps)."""
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(turn * 256)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
-
-
-def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
-             flipped: bool = False) -> list[float]:
-    """SDXL's size and crop conditioning of one training image: (original height, original width, crop top,
-    crop left, target height, target width), as SDXL was trained. ``original``, ``size``: (w, h); ``box``: from
-    ``cover_box``. A flipped image's crop is mirrored: its left edge is the distance from the right."""
-    nw, _, left, top = box
-    if flipped:
-        left = nw - size[0] - left
-    return [float(original[1]), float(original[0]), float(top), float(left), float(size[1]), float(size[0])]
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """[3, H, W] float32 in [-1, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
-def bucket_sizes(resolution: int, step: int, min_side: int | None = None, max_side: int | None = None
-                 ) -> list[tuple[int, int]]:
-    """(w, h) sizes, multiples of ``step``, of area at most resolution², sides within [min_side, max_side]."""
-    min_side = min_side or max(step, (resolution // 2) // step * step)
-    max_side = max_side or resolution * 2
-    area = resolution * resolution
-    sizes = {(resolution, resolution)}
-    for w in range(min_side, max_side + 1, step):
-        h = min(max_side, area // w // step * step)
-        if h >= min_side:
-            sizes.update({(w, h), (h, w)})
-    return sorted(sizes)
-
-
-def _own_bucket(size: tuple[int, int], step: int) -> tuple[int, int]:
-    """An image's own size rounded down to multiples of ``step`` (at least one step a side)."""
-    return max(step, size[0] - size[0] % step), max(step, size[1] - size[1] % step)
-
-
-def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """The size whose aspect ratio is closest to the image's (ties: the larger area)."""
-    ratio = math.log(width / height)
-    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - ratio), -s[0] * s[1]))
-
-
-# ---------------------------------------------------------------- captions
-
-def _tags(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # {a|b|c}: one of the options (kohya's enable_wildcard)
-
-
-def pick_wildcards(text: str, rng: random.Random | None) -> str:
-    """One of the caption's lines (--wildcards: each line an alternative) and one option of each ``{a|b|c}`` in
-    it, drawn from ``rng``; with ``rng`` None the first of each (the steady caption samples read)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [""]
-    line = lines[0] if rng is None or len(lines) == 1 else rng.choice(lines)
-
-    def option(match: re.Match) -> str:
-        options = match.group(1).split("|")
-        return options[0] if rng is None else rng.choice(options)
-    return WILDCARD.sub(option, line)
-
-
-def has_wildcards(text: str) -> bool:
-    return "\n" in text or WILDCARD.search(text) is not None
-
-
-def process_caption(text: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
-                    dropout: float = 0.0, tag_dropout: float = 0.0, separator: str = "", group: str = "",
-                    prefix: str = "", suffix: str = "", wildcards: bool = False,
-                    warm: tuple[int, int, int] | None = None) -> str:
-    """kohya's caption options: drop the whole caption with probability ``dropout``; shuffle the
-    comma-separated tags, the first ``keep_tokens`` staying in front; then drop each of the others with
-    probability ``tag_dropout``. In a caption holding ``separator`` (kohya's keep_tokens_separator) the tags
-    before it stay in front and those after its last one at the end, instead of ``keep_tokens``; tags joined
-    by ``group`` (kohya's secondary_separator) move and drop as one; ``prefix`` and ``suffix`` are put around
-    what is left, joined by a space as kohya joins them. ``wildcards``: one line of the text and one option of each
-    {a|b|c} first (``pick_wildcards``). ``warm``: (step, least, steps) of kohya's token warm-up: before ``steps``,
-    only the first ``least`` + step x (n − ``least``) / ``steps`` of the n tags that may move are kept (before
-    the shuffle)."""
-    if dropout > 0 and rng.random() < dropout:
-        return ""
-    if wildcards:
-        text = pick_wildcards(text, rng)
-    held = bool(separator) and separator in text
-    warming = warm is not None and warm[0] < warm[2]
-    if shuffle or tag_dropout > 0 or held or warming:
-        if held:
-            parts = text.split(separator)
-            head, end = _tags(parts[0]), _tags(parts[-1]) if len(parts) > 2 else []
-            tail = _tags(",".join(parts[1:-1] if len(parts) > 2 else parts[1:]))
-        else:
-            tags = _tags(text)
-            head, tail, end = tags[:keep_tokens], tags[keep_tokens:], []
-        if warming:  # (kohya's count, floored)
-            step, least, steps = warm
-            tail = tail[:max(0, math.floor(step * (len(tail) - least) / steps) + least)]
-        if shuffle:
-            rng.shuffle(tail)
-        if tag_dropout > 0:
-            tail = [t for t in tail if rng.random() >= tag_dropout]
-        text = ", ".join(head + tail + end)
-    if group:
-        text = ", ".join(_tags(text.replace(group, ",")))
-    if prefix or suffix:
-        text = " ".join(t for t in (prefix, text, suffix) if t)
-    return text
-
-
-# ``process_caption``'s options -> the settings that give them
-CAPTION_SETTINGS = {"shuffle": "shuffle_captions", "keep_tokens": "keep_tokens", "dropout": "caption_dropout",
-                    "tag_dropout": "caption_tag_dropout", "separator": "keep_tokens_separator",
-                    "group": "secondary_separator", "prefix": "caption_prefix", "suffix": "caption_suffix",
-                    "wildcards": "wildcards"}
-
-
-def caption_options(settings, own: dict | None = None) -> dict:
-    """The ``process_caption`` options of a run's settings, ``own`` (an example's ``options``) over them."""
-    own = own or {}
-    return {option: own.get(name, getattr(settings, name)) for option, name in CAPTION_SETTINGS.items()}
-
-
-def steady_caption(text: str, settings, own: dict | None = None) -> str:
-    """A caption as training reads it less its random parts (dropouts, shuffling): separators out, prefix and
-    suffix on (``own``: an example's own caption settings). What the samples, the report and the validation loss
-    use."""
-    opts = caption_options(settings, own) | dict(shuffle=False, dropout=0.0, tag_dropout=0.0, wildcards=False)
-    return process_caption(pick_wildcards(text, None) if settings.wildcards else text, random.Random(0), **opts)
 
 
 # ---------------------------------------------------------------- latents
@@ -737,10 +160,10 @@ class TrainingSet:
         # each image's bucket, from its upright size (no decoding); then one bucket at a time, in chunks, so
         # only ``encode_batch`` decoded images are held at once
         # each image's upright size, kept for SDXL's time ids (what the image was before resizing and cropping)
-        headers = [_header(ex.path) for ex in scan.examples]
+        headers = [image_header(ex.path) for ex in scan.examples]
         self.original_size = [wh for wh, _ in headers]
         # kohya's bucket_no_upscale: an image of less than the training area keeps its size (rounded down to the step)
-        self.bucket_of = [_own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= side ** 2
+        self.bucket_of = [own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= side ** 2
                           else pick_bucket(*wh, sizes[side]) for wh, side in zip(self.original_size, sides)]
         self.resolutions = sorted(set(sides))  # (one: the run's; several: a dataset config's)
         _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
@@ -1042,12 +465,3 @@ def _note_long_captions(tokenizer, scan: Scan, chunks: int = 1) -> None:
         note(f"{long[0].path}" + (f" and {len(long) - 1} more" if len(long) > 1 else "") + f": caption longer than "
              f"the {window} tokens training reads; the rest is not learned (shorten it, or put what matters first"
              f"{more})")
-
-
-def report_skipped(scan: Scan) -> None:
-    for line in scan.unused:
-        note(line)
-    if scan.skipped:
-        print(f"sdtune: warning: skipped {len(scan.skipped)} unreadable image(s):", file=sys.stderr)
-        for path, why in scan.skipped:
-            print(f"  {path}: {why}", file=sys.stderr)

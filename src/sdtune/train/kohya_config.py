@@ -65,7 +65,7 @@ NO_EFFECT = {
     "skip_cache_check", "mem_eff_save", "disable_mmap_load_safetensors", "ddp_timeout", "ddp_gradient_as_bucket_view",
     "ddp_static_graph", "async_upload", "huggingface_path_in_repo", "huggingface_repo_type",
     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-    "validation_seed",  # sdtune holds out the same images whatever the seed (data.held_out_order)
+    "validation_seed",  # sdtune holds out the same images whatever the seed (scan.held_out_order)
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
 }

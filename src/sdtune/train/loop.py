@@ -65,8 +65,9 @@ from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip,
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import fp8, logs, lr_classes, optimizers, samples, shared_text
 from .config import OUTPUT_SETTINGS, SCHEDULES, SCHEDULES_OVER_RUN, TrainSettings, summary, to_toml
-from .data import TrainingSet, fingerprint, seed_for, vae_scale
+from .data import TrainingSet, seed_for, vae_scale
 from .diffusion import Loss, Noise, diffusion_draws
+from .scan import fingerprint
 from .validation import ValidationSet, validation_loss
 
 STATE_FILE = "resume.pt"
@@ -703,7 +704,7 @@ class Session:
     # step -> every file of that snapshot (not the final files'), which --keep-last deletes together
     snapshot_files: dict[int, list[Path]] = field(default_factory=dict)
     seconds_before: float = 0.0  # training time of the sessions before a resume
-    data_id: dict = field(default_factory=dict)  # the training data's fingerprint (data.fingerprint), for resumes
+    data_id: dict = field(default_factory=dict)  # the training data's fingerprint (scan.fingerprint), for resumes
     spans: list = field(default_factory=list)  # Record.spans
     started: float = 0.0  # perf_counter() at this session's start
 

@@ -48,10 +48,12 @@ from ..lora.patch import check_fit
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
 from . import loop, optimizers, report, samples, validation
+from .captions import steady_caption
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
-from .data import first_prompts, report_skipped, scan_data, seed_for, steady_caption, training_set
+from .data import seed_for, training_set
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
+from .scan import first_prompts, report_skipped, scan_data
 
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")

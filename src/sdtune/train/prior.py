@@ -19,9 +19,11 @@ from pathlib import Path
 from ..generate import generate, save_png
 from ..safeio import SdtuneError, atomic_write_text
 from .config import LoraSettings
-from .data import IMAGE_SUFFIXES, TrainingSet, model_steps, scan_data, seed_for, training_set
+from .data import TrainingSet, model_steps, seed_for, training_set
+from .images import IMAGE_SUFFIXES
 from .kohya_dataset import is_dataset_file
 from .masks import is_mask_file
+from .scan import scan_data
 
 CLASS_DIR = "class_images"
 CLASS_NAME = "class-{:05d}"

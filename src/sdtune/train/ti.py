@@ -31,8 +31,10 @@ from ..safeio import SdtuneError
 from ..ti.formats import Embedding, file_stem, load_embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
 from . import loop, report, samples, validation
+from .captions import steady_caption
 from .config import TISettings, to_toml
-from .data import Scan, first_prompts, report_skipped, scan_data, steady_caption, training_set
+from .data import training_set
+from .scan import Scan, first_prompts, report_skipped, scan_data
 
 # Prompt templates for images without captions ({} is the token).
 OBJECT_TEMPLATES = [

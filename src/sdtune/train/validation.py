@@ -21,17 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from . import presets
-from .data import (
-    Scan,
-    TrainingSet,
-    bucket_options,
-    fingerprint,
-    held_out_order,
-    latent_cache,
-    scan_folder,
-    seed_for,
-    split_validation,
-)
+from .data import TrainingSet, bucket_options, latent_cache, seed_for
+from .scan import Scan, fingerprint, held_out_order, scan_folder, split_validation
 
 TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
 FALLBACK_IMAGES = 8
@@ -53,7 +44,7 @@ class ValidationSet:
     batches: list[Batch]
     images: int
     held_out: bool  # False: training images stand in
-    data_id: dict | None = None  # the held-out images' fingerprint (``data.fingerprint``), for resumes
+    data_id: dict | None = None  # the held-out images' fingerprint (``scan.fingerprint``), for resumes
 
     @property
     def description(self) -> str:
