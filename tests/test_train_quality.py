@@ -5,7 +5,7 @@ CI runs them).
   "a photo of a <token>" must show the pair in >= 70% of images (the base with the init word: ~0%), all
   within 10 minutes on 2 CPU cores.
 - LoRA: renders in the held-out style "outline", captioned WITHOUT the style word -> a LoRA; prompts without
-  the style word show outline in >= 70% of images at weight 1.0, as many as the base at 0.0, and the shape
+  the style word show outline in >= 70% of images at weight 1.0, the base's own weights at 0.0, and the shape
   and colour accuracy of held-in prompts drops by at most 10 points; within 15 minutes.
 
 Both train with the built-in model's defaults: nothing but the data, the output (and TI's token and init
@@ -17,6 +17,7 @@ import random
 import time
 
 import pytest
+import torch
 
 from sdtune import demo
 from sdtune.generate import generate
@@ -129,19 +130,26 @@ def test_lora_learns_the_held_out_style_and_keeps_content(tmp_path, model, algo,
     if model not in BASE_SCORES:
         BASE_SCORES[model] = evaluate()
     base_outline, base_content = BASE_SCORES[model]
+    # at weight 0.0 the base's own tensors come back bit for bit, so its renders are the base's (checked on the
+    # weights: one more round of renders took ~8 s per run and could only say the same)
+    modules = base.modules()
+    before = {f"{c}.{k}": v.clone() for c, m in modules.items() for k, v in m.state_dict().items()}
     loras = LoraSet.attach(base)
     try:
         loras.add("outline", path, 1.0)
         full_outline, full_content = evaluate()
+        changed = [k for c, m in modules.items() for k, v in m.state_dict().items()
+                   if not torch.equal(v, before[f"{c}.{k}"])]
         loras.set_weights({"outline": 0.0})
-        zero_outline, _ = evaluate()
+        still = [k for c, m in modules.items() for k, v in m.state_dict().items()
+                 if not torch.equal(v, before[f"{c}.{k}"])]
     finally:
         loras.detach()
     minutes = (time.perf_counter() - start) / 60
-    print(f"{model} {algo} outline: style {base_outline:.0%} base, {full_outline:.0%} at 1.0, {zero_outline:.0%} at "
-          f"0.0; held-in shape+colour {base_content:.0%} base, {full_content:.0%} at 1.0; {minutes:.1f} min, of which the "
-          f"default training run {training:.1f} min")
+    print(f"{model} {algo} outline: style {base_outline:.0%} base, {full_outline:.0%} at 1.0 ({len(changed)} tensors "
+          f"changed, the base's again at 0.0); held-in shape+colour {base_content:.0%} base, {full_content:.0%} at 1.0; "
+          f"{minutes:.1f} min, of which the default training run {training:.1f} min")
     assert full_outline >= 0.7
-    assert abs(zero_outline - base_outline) <= 0.05
+    assert changed and not still
     assert full_content >= base_content - 0.10
     assert minutes <= 15 and training <= DEFAULT_RUN_MINUTES
