@@ -562,15 +562,15 @@ def profile_sdtune(kind: str, model: Path, settings: dict, threads: int, steps: 
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     from sdtune.models import load_base
-    from sdtune.train import loop
+    from sdtune.train import objective
     from sdtune.train.config import LoraSettings, TISettings
     from sdtune.train.data import TrainingSet
     from sdtune.train.lora import train_lora
     from sdtune.train.ti import train_ti
 
     torch.set_num_threads(threads)
-    parts = {"data": (TrainingSet, "batch"), "text": (loop.TextInput, "__call__"),
-             "forward": (loop.Objective, "forward"), "backward": (Accelerator, "backward"),
+    parts = {"data": (TrainingSet, "batch"), "text": (objective.TextInput, "__call__"),
+             "forward": (objective.Objective, "forward"), "backward": (Accelerator, "backward"),
              "clip": (Accelerator, "clip_grad_norm_")}
     originals = {name: getattr(cls, attr) for name, (cls, attr) in parts.items()}
 

@@ -16,6 +16,7 @@ from sdtune.train.config import load_settings
 from sdtune.train.data import seed_for
 from sdtune.train.diffusion import Loss, Noise, diffusion_draws
 from sdtune.train.lora import train_lora
+from sdtune.train.objective import Objective
 
 SHAPE = (4, 4, 16, 16)
 
@@ -169,7 +170,7 @@ def test_the_objective_makes_the_noisy_latent_with_the_perturbed_noise_and_aims_
     z0, noise, extra = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
     t = torch.tensor([100, 800])
     acp = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    objective = loop.Objective(EchoUNet(), None, scheduler, Loss("smooth_l1", 0.5, "constant", debiased=True))
+    objective = Objective(EchoUNet(), None, scheduler, Loss("smooth_l1", 0.5, "constant", debiased=True))
     loss = objective(z0, noise, t, context=torch.zeros(2, 3, 5), input_noise=noise + 0.1 * extra)
     d = acp.sqrt() * z0 + (1 - acp).sqrt() * (noise + 0.1 * extra) - noise
     per_sample = (2 * ((d ** 2 + 0.25).sqrt() - 0.5)).mean(dim=(1, 2, 3))
@@ -184,8 +185,8 @@ def test_the_objective_makes_the_noisy_latent_with_the_perturbed_noise_and_aims_
 def test_zero_terminal_snr_trains_on_diffusers_rescaled_schedule(base):
     """--zero-terminal-snr: the objective's schedule is diffusers' rescale_betas_zero_snr of the model's, its last
     timestep pure noise (the noisy latent is the noise itself), its first as it was."""
-    plain = loop.Objective(EchoUNet(), None, base.scheduler)
-    ztsnr = loop.Objective(EchoUNet(), None, base.scheduler, zero_terminal_snr=True)
+    plain = Objective(EchoUNet(), None, base.scheduler)
+    ztsnr = Objective(EchoUNet(), None, base.scheduler, zero_terminal_snr=True)
     want = DDPMScheduler.from_config(base.scheduler.config, rescale_betas_zero_snr=True).alphas_cumprod
     assert torch.allclose(ztsnr.alphas_cumprod, want, rtol=1e-6, atol=0) and ztsnr.alphas_cumprod[-1].item() == 0.0
     assert ztsnr.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)

@@ -16,14 +16,16 @@ from PIL import Image
 from transformers import optimization as tf_optimization
 
 from sdtune import safeio
+from sdtune.generate import TextStack
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError, folder_lock, load_state
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
-from sdtune.train import diffusion, logs, loop, prior, validation
+from sdtune.train import diffusion, logs, loop, prior, schedules, validation
 from sdtune.train.config import LoraSettings, TISettings, load_settings
 from sdtune.train.lora import train_lora
+from sdtune.train.objective import Objective, TextInput
 from sdtune.train.scan import scan_folder
 from sdtune.train.ti import train_ti
 
@@ -47,7 +49,7 @@ def settings(dataset, out, **kw):
 # ---------------------------------------------------------------- pieces
 
 def test_lr_factor_warmup_and_schedules():
-    f = loop.lr_factor
+    f = schedules.lr_factor
     assert [f(s, 110, 10, "constant") for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
     assert f(60, 110, 10, "linear") == pytest.approx(0.5)
     assert f(60, 110, 10, "cosine") == pytest.approx(0.5)
@@ -76,9 +78,9 @@ def test_kohyas_other_schedules_are_diffusers_ones(name, kw, ours):
         theirs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert [loop.lr_factor(s, 90, 0, name, **ours) for s in range(90)] == pytest.approx(theirs, abs=2e-7)
+    assert [schedules.lr_factor(s, 90, 0, name, **ours) for s in range(90)] == pytest.approx(theirs, abs=2e-7)
     if name == "cosine_with_restarts":  # three cosines: back to the full rate at steps 30 and 60
-        assert [loop.lr_factor(s, 90, 0, name, **ours) for s in (0, 29, 30, 60)] == pytest.approx(
+        assert [schedules.lr_factor(s, 90, 0, name, **ours) for s in (0, 29, 30, 60)] == pytest.approx(
             [1.0, 0.0027, 1.0, 1.0], abs=1e-3)
 
 
@@ -102,7 +104,7 @@ def test_transformers_schedules_are_theirs_step_for_step_past_the_warmup(name, m
         optimizer.step()
         scheduler.step()
     warmup = scheduler.lr_lambdas[0].keywords["num_warmup_steps"]
-    mine = [loop.lr_factor(s, 90, warmup, name, **ours) for s in range(90)]
+    mine = [schedules.lr_factor(s, 90, warmup, name, **ours) for s in range(90)]
     assert mine[warmup:] == pytest.approx(theirs[warmup:], abs=1e-7)
     if name == "warmup_stable_decay":  # full rate until the last 30 steps, then down to 0.2
         assert mine[59] == 1.0 and mine[89] == pytest.approx(0.2, abs=3e-3)
@@ -137,7 +139,7 @@ class ZeroUNet(torch.nn.Module):
 
 
 def test_objective_is_the_weighted_noise_mse(base):
-    obj = loop.Objective(ZeroUNet(), None, base.scheduler, diffusion.Loss(min_snr_gamma=5.0))
+    obj = Objective(ZeroUNet(), None, base.scheduler, diffusion.Loss(min_snr_gamma=5.0))
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([3, 400, 900])
@@ -165,8 +167,8 @@ def test_draws_are_reproducible_and_noise_offset_shifts_channels():
 
 def test_text_cache_equals_running_the_encoder(base):
     captions = ["a red circle", "a blue square", ""]
-    cached = loop.TextInput(loop.TextStack.of(base), "cpu", cache_captions=captions)
-    live = loop.TextInput(loop.TextStack.of(base), "cpu")
+    cached = TextInput(TextStack.of(base), "cpu", cache_captions=captions)
+    live = TextInput(TextStack.of(base), "cpu")
     with torch.no_grad():
         want = base.text_encoder(live(["a blue square", "a red circle"])["input_ids"][0])[0]
     # the cache ran the encoder on another batch (all three captions), and CPU kernels may round differently
@@ -539,7 +541,7 @@ def test_the_faster_loop_learns_what_the_plain_one_did(base, dataset, tmp_path, 
 
     monkeypatch.setattr(torch.optim, "AdamW", plain_adamw)
     # the dtype asked of the UNet at every forward pass again (the value __init__ stores is ignored)
-    monkeypatch.setattr(loop.Objective, "unet_dtype", property(lambda self: self.unet.dtype, lambda self, v: None),
+    monkeypatch.setattr(Objective, "unet_dtype", property(lambda self: self.unet.dtype, lambda self, v: None),
                         raising=False)
     plain = losses_and_lora(tmp_path / "plain")
     assert made == [True]  # the loop asked for the fused form on the CPU

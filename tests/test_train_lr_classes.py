@@ -13,7 +13,7 @@ from sdtune.cli import main
 from sdtune.safeio import SdtuneError
 from sdtune.train import lr_classes
 from sdtune.train.config import LoraSettings
-from sdtune.train.loop import learning_rates
+from sdtune.train.schedules import learning_rates
 
 
 @pytest.fixture(scope="module")

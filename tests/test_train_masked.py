@@ -14,8 +14,8 @@ from sdtune.console import SdtuneWarning
 from sdtune.lora.formats import load_lora
 from sdtune.train.config import LoraSettings
 from sdtune.train.data import seed_for, training_set
-from sdtune.train.loop import Objective
 from sdtune.train.lora import train_lora
+from sdtune.train.objective import Objective
 from sdtune.train.scan import scan_folder
 
 

@@ -13,8 +13,8 @@ from sdtune.safeio import SdtuneError
 from sdtune.tiny import world
 from sdtune.train.config import LoraSettings
 from sdtune.train.diffusion import Loss
-from sdtune.train.loop import Objective
 from sdtune.train.lora import train_lora
+from sdtune.train.objective import Objective
 from sdtune.train.prior import make_class_images, prior_set
 
 CLASS = "a photo of a shape"

@@ -30,15 +30,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune import cli
-from sdtune.generate import encode_prompt
+from sdtune.generate import TextStack, encode_prompt
 from sdtune.lora.formats import load_lora
 from sdtune.lora.neutral import text_paths
 from sdtune.models import RANDOM_SPECS, load_base, make_scheduler
 from sdtune.train import data as data_mod
-from sdtune.train import loop
 from sdtune.train.config import LoraSettings, load_settings, settings_for
 from sdtune.train.images import cover_box, time_ids
 from sdtune.train.lora import train_lora
+from sdtune.train.objective import Objective
 from sdtune.train.scan import scan_folder
 from sdtune.train.ti import init_rows, train_ti
 
@@ -273,7 +273,7 @@ def test_a_deep_clip_skip_on_sdxl_is_said_when_training(dataset, tmp_path):
 
 def test_text_stack_encodes_as_generation_does(xl):
     prompts = ["a red square", ""]
-    stack = loop.TextStack.of(xl)
+    stack = TextStack.of(xl)
     with torch.no_grad():
         hidden, pooled = stack(stack.ids(prompts, "cpu"))
     want = encode_prompt(xl, prompts)
@@ -329,11 +329,11 @@ def test_sd2_loss_targets_diffusers_velocity():
     t = torch.tensor([0, 250, 640, 999])
     velocity = oracle.get_velocity(z0, noise, t)
     unet = FixedUNet(velocity)
-    objective = loop.Objective(unet, None, scheduler)
+    objective = Objective(unet, None, scheduler)
     errors = objective.errors(z0, noise, t, context=torch.zeros(4, 77, 1024))
     assert torch.allclose(unet.fed, oracle.add_noise(z0, noise, t), atol=1e-6)
     assert errors.max().item() < 1e-10  # predicting diffusers' velocity is a perfect score
-    miss = loop.Objective(FixedUNet(noise), None, scheduler).errors(z0, noise, t, context=torch.zeros(4, 77, 1024))
+    miss = Objective(FixedUNet(noise), None, scheduler).errors(z0, noise, t, context=torch.zeros(4, 77, 1024))
     assert torch.allclose(miss, (noise - velocity).pow(2).mean(dim=(1, 2, 3)), atol=1e-6)
 
 

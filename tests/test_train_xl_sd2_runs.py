@@ -29,6 +29,7 @@ from sdtune import cli, families, models
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import load_state
 from sdtune.train import loop
+from sdtune.train.objective import Objective
 
 
 def square_images(folder, colours):
@@ -134,7 +135,7 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
     for i, colour in enumerate(["red", "green", "blue", "orange"]):
         (data / f"{i}.txt").write_text(f"a {colour} square")
     calls, preds = [], []
-    errors, forward = loop.Objective.errors, UNet2DConditionModel.forward
+    errors, forward = Objective.errors, UNet2DConditionModel.forward
 
     def recording_errors(self, latents, noise, timesteps, *a, **k):
         got = errors(self, latents, noise, timesteps, *a, **k)
@@ -148,7 +149,7 @@ def test_sd2_lora_trains_on_the_velocity_and_loads_in_diffusers(tmp_path, diffus
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
-        mp.setattr(loop.Objective, "errors", recording_errors)
+        mp.setattr(Objective, "errors", recording_errors)
         mp.setattr(UNet2DConditionModel, "forward", recording_forward)
         code = cli.main(["train", "lora", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"),
                          "--steps", "2", "--batch-size", "2", "--resolution", "64", "--rank", "4", "--alpha", "4",

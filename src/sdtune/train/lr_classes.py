@@ -2,7 +2,7 @@
 a bare name of ``torch.optim.lr_scheduler`` (``CosineAnnealingWarmRestarts``), as sd-scripts reads one, or any
 package's ``module.Class``, with ``--lr-scheduler-args key=value ...`` as its keyword arguments.
 
-sdtune's own schedules are functions of the step (``loop.lr_factor``), which is what makes a resume exact. A class
+sdtune's own schedules are functions of the step (``schedules.lr_factor``), which is what makes a resume exact. A class
 is made one: it is built on a stand-in optimizer holding the run's groups at their base rates and stepped there, so
 the rates of step N are what N of its steps give, whether the run got there in one go or was resumed (the steps
 are replayed, a few microseconds each). Only the rates are taken from it: a class that also moves an optimizer's
