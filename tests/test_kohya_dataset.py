@@ -18,6 +18,7 @@ from small_runs import outline_dataset
 from sdtune.cli import main
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import loop
+from sdtune.train.captions import caption_options
 from sdtune.train.config import load_settings
 from sdtune.train.data import TrainingSet, encode, seed_for
 from sdtune.train.images import fit, to_tensor
@@ -113,12 +114,14 @@ keep_tokens = 2
     assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
     # keep_tokens and flip_aug differ between the subsets: each image's own (the class images' too)
     assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2, "flip": True}] * 2
-    assert [ex.options for ex in scan_data(ds, reg=True).examples] == [{"keep_tokens": 0, "flip": False}] * 2
+    # (the class images give no flip_aug: the run's, as sd-scripts falls back to its command line)
+    assert [ex.options for ex in scan_data(ds, reg=True).examples] == [{"keep_tokens": 0}] * 2
     # --data names it: the same; a flag is over it, but not over an option each subset gives its own of
     s = load_settings(None, {"data": str(ds), "shuffle_captions": False}, "lora", family="sd1")
     assert (s.shuffle_captions, s.batch_size) == (False, 2)
-    with pytest.raises(SdtuneError, match=rf"^--keep-tokens 3: {ds} gives its subsets their own keep_tokens; leave "
-                                          rf"--keep-tokens out, or give keep_tokens once in the file's \[general\]$"):
+    with pytest.raises(SdtuneError, match=rf"^--keep-tokens 3: {ds} gives each of its subsets its own keep_tokens, "
+                                          rf"so this would change nothing; leave --keep-tokens out, or give "
+                                          rf"keep_tokens once in the file's \[general\]$"):
         load_settings(None, {"data": str(ds), "keep_tokens": 3}, "lora", family="sd1")
     # in sd-scripts' training config, dataset_config's folders and options replace the config's own
     cfg = dataset_file(tmp_path / "config_lora.toml",
@@ -129,6 +132,41 @@ keep_tokens = 2
     assert (s.data, s.keep_tokens, s.batch_size, s.lr, s.seed) == (str(ds.resolve()), 0, 2, 1e-3, 7)
     assert any("train_data_dir (dataset_config's folders are used)" in str(w.message) for w in recwarn)
 
+
+
+def test_a_training_configs_option_is_taken_by_the_subsets_that_give_none(tmp_path, base):
+    """sd-scripts reads a subset's option from the subset, its dataset, [general], then its command line (a training
+    config's keys): a training config's flip_aug and shuffle_caption go to the subset that gives none."""
+    own, bare = images(tmp_path / "own", 1, caption="a, b, c"), images(tmp_path / "bare", 1, caption="d, e, f")
+    dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{own}'\nflip_aug = false\n"
+                                       f"shuffle_caption = false\nkeep_tokens = 1\n"
+                                       f"[[datasets.subsets]]\nimage_dir = '{bare}'\nkeep_tokens = 2\n")
+    cfg = dataset_file(tmp_path / "config_lora.toml",
+                       'pretrained_model_name_or_path = "tiny-random"\ndataset_config = "ds.toml"\nflip_aug = true\n'
+                       'shuffle_caption = true\nkeep_tokens = 5\n')
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    assert (s.flip, s.shuffle_captions, s.keep_tokens) == (True, True, 0)  # (keep_tokens: every subset its own)
+    scan = scan_data(s.data)
+    assert [ex.options for ex in scan.examples] == [{"flip": False, "shuffle_captions": False, "keep_tokens": 1},
+                                                     {"keep_tokens": 2}]
+    ts = TrainingSet(scan, base.vae, 64, seed=0, flip=s.flip, captions=caption_options(s))
+    assert ts.flips == [False, True]
+    assert [(o["shuffle"], o["keep_tokens"]) for o in ts.example_opts] == [(False, 1), (True, 2)]
+
+
+def test_a_run_on_subsets_with_their_own_options_reruns_from_its_settings(tmp_path):
+    """A run's settings.toml holds every setting, those the subsets give their own of too (the run's, unused where
+    every subset gives its own): --config settings.toml reruns it, bit for bit."""
+    a, b = images(tmp_path / "a", 2, caption="x, y, z"), images(tmp_path / "b", 2, caption="u, v, w")
+    ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nkeep_tokens = 1\n"
+                                            f"flip_aug = true\n[[datasets.subsets]]\nimage_dir = '{b}'\nkeep_tokens = 2\n")
+    common = ["--steps", "2", "--no-report", "--no-progress", "--sample-every", "0"]
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(ds), "--out", str(tmp_path / "o1"),
+                 "--rank", "4", "--alpha", "4", "--validation-split", "0", *common]) == 0
+    assert main(["train", "lora", "--config", str(tmp_path / "o1" / "settings.toml"), "--out", str(tmp_path / "o2"),
+                 *common]) == 0
+    first, again = (load_file(tmp_path / o / "lora.safetensors") for o in ("o1", "o2"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 @pytest.mark.parametrize("body, says", [
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nbucket_no_upscale = true\n"
@@ -271,8 +309,9 @@ keep_tokens = 1
   keep_tokens = 2
 """)
     scan = scan_data(ds)
-    assert [ex.options for ex in scan.examples] == [{"caption_prefix": "sks,", "caption_suffix": "", "keep_tokens": 1}] \
-        * 2 + [{"caption_prefix": "", "caption_suffix": "in outline style", "keep_tokens": 2}] * 2
+    # (what a subset does not give is the run's: no suffix for a, no prefix for b)
+    assert [ex.options for ex in scan.examples] == [{"caption_prefix": "sks,", "keep_tokens": 1}] * 2 + \
+        [{"caption_suffix": "in outline style", "keep_tokens": 2}] * 2
     assert main(["train", "lora", "--data", str(ds), "--out", str(tmp_path / "o2"), *common]) == 0
     a, b = (load_file(tmp_path / o / "lora.safetensors") for o in ("o1", "o2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -312,7 +351,7 @@ resolution = "128,128"
     assert "; 64 and 128 px (its datasets' sizes)" in capsys.readouterr().err
     meta = json.loads(read_metadata(out / "lora.safetensors")["ss_bucket_info"])["buckets"]
     assert sorted((tuple(b["resolution"]), b["count"]) for b in meta.values()) == [((64, 64), 2), ((128, 128), 2)]
-    with pytest.raises(SdtuneError, match=rf"^--resolution 64: {ds} gives its subsets their own resolution"):
+    with pytest.raises(SdtuneError, match=rf"^--resolution 64: {ds} gives each of its subsets its own resolution, so"):
         load_settings(None, {"data": str(ds), "resolution": 64}, "lora", family="sd1")
 
 
@@ -402,7 +441,7 @@ def test_each_subsets_flip_aug_flips_its_own_images(tmp_path, base):
     ds = dataset_file(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nflip_aug = true\n"
                                             f"[[datasets.subsets]]\nimage_dir = '{b}'\n")
     scan = scan_data(ds)
-    assert [ex.options for ex in scan.examples] == [{"flip": True}] * 2 + [{"flip": False}] * 2
+    assert [ex.options for ex in scan.examples] == [{"flip": True}] * 2 + [{}] * 2  # (b: the run's)
 
     def every(flip: bool):  # the same images, all flipping or none
         return dataclasses.replace(scan, examples=[dataclasses.replace(ex, options={"flip": flip})
@@ -419,8 +458,9 @@ def test_each_subsets_flip_aug_flips_its_own_images(tmp_path, base):
         else:  # the same noise, never its mirror image
             assert torch.equal(got.latents[0], mean_std_noise(mixed, number, "latents"))
     assert set(flipped) == {True, False}
-    with pytest.raises(SdtuneError, match=rf"^--flip True: {ds} gives its subsets their own flip_aug"):
-        load_settings(None, {"data": str(ds), "flip": True}, "lora", family="sd1")
+    # --flip: the images of the subset that gives no flip_aug flip too (sd-scripts' --flip_aug is its fallback)
+    assert load_settings(None, {"data": str(ds), "flip": True}, "lora", family="sd1").flip
+    assert TrainingSet(scan, base.vae, 64, seed=0, flip=True).flips == [True] * 4
 
 
 def test_each_subsets_random_crop_and_color_aug_are_its_own(tmp_path, base):
@@ -438,8 +478,7 @@ def test_each_subsets_random_crop_and_color_aug_are_its_own(tmp_path, base):
                                             f"random_crop = true\ncolor_aug = true\n"
                                             f"[[datasets.subsets]]\nimage_dir = '{folders['stays']}'\n")
     scan = scan_data(ds)
-    assert [ex.options for ex in scan.examples] == [{"crop": "random", "color_aug": True}] * 2 + \
-        [{"crop": "center", "color_aug": False}] * 2
+    assert [ex.options for ex in scan.examples] == [{"crop": "random", "color_aug": True}] * 2 + [{}] * 2
     every = dataclasses.replace(scan, examples=[dataclasses.replace(ex, options={"crop": "random", "color_aug": True})
                                                 for ex in scan.examples])
     mixed, moving = TrainingSet(scan, base.vae, 64, seed=0), TrainingSet(every, base.vae, 64, seed=0)
@@ -455,5 +494,6 @@ def test_each_subsets_random_crop_and_color_aug_are_its_own(tmp_path, base):
             image = fit(mixed.pixels[(64, 64)][mixed.row_of[ids[0]]], (64, 64))
             mean, std = encode(base.vae, to_tensor(image).unsqueeze(0)).chunk(2, 1)
             assert torch.equal(got.latents, mean + std * torch.randn((1, *mean.shape[1:]), generator=g))
-    with pytest.raises(SdtuneError, match=rf"^--crop 'random': {ds} gives its subsets their own random_crop"):
-        load_settings(None, {"data": str(ds), "crop": "random"}, "lora", family="sd1")
+    # --crop random: the subset that gives no random_crop takes it (as sd-scripts' --random_crop)
+    assert load_settings(None, {"data": str(ds), "crop": "random"}, "lora", family="sd1").crop == "random"
+    assert TrainingSet(scan, base.vae, 64, seed=0, crop="random").crops == ["random"] * 4

@@ -868,22 +868,26 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
             raise SdtuneError(f"unknown option --{_flag(name)} for {kind} training")
         values[name] = _coerce(cls, name, value, f"--{_flag(name)}")
     if values.get("data") and kohya_dataset.is_dataset_file(values["data"]):
-        values = _dataset_values(values["data"], kind, family, names, values) | values
+        flags = {key.replace("-", "_") for key, value in (overrides or {}).items() if value is not None}
+        values = _dataset_values(values["data"], kind, family, names, values, flags) | values
     if values.get("log_with") in ("wandb", "all"):
         logs.wandb_module()  # not installed: said before the model loads
     return values
 
 
-def _dataset_values(path: str, kind: str, family, names: set[str], given: dict) -> dict:
+def _dataset_values(path: str, kind: str, family, names: set[str], given: dict, flags: set[str]) -> dict:
     """The settings a kohya dataset config given as --data holds (its caption and bucket options, its class
     images), under those the --config file and the flags give (``given``); an option its subsets each give their own
-    of (a caption option, a resolution) cannot also be given for all."""
+    of (a caption option, a resolution) cannot also be given as a flag (``flags``: their names), which would change
+    nothing; where only some give it, the others take the given one. (A --config file's value of it is the run's
+    own: a run's settings.toml holds every setting.)"""
     dataset = kohya_dataset.read(path)
     for key in dataset.varying:
         name = kohya_dataset.VARYING[key]
-        if name in given:
-            raise SdtuneError(f"--{_flag(name)} {given[name]!r}: {path} gives its subsets their own {key}; leave "
-                              f"--{_flag(name)} out, or give {key} once in the file's [general]")
+        if name in flags and dataset.every_own(key):
+            raise SdtuneError(f"--{_flag(name)} {given[name]!r}: {path} gives each of its subsets its own {key}, so "
+                              f"this would change nothing; leave --{_flag(name)} out, or give {key} once in the "
+                              f"file's [general]")
     table, unused = kohya_config.dataset_settings(dataset, kind, family)
     if unused:
         note(f"{path}: {', '.join(unused)} change nothing sdtune trains and are not used")

@@ -227,7 +227,8 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
 
 def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
     """dataset_config as --data: its folders replace train_data_dir and reg_data_dir, and its options replace the
-    config's own, as in sd-scripts (read_settings then takes them from the file: ``dataset_settings``)."""
+    config's own, as in sd-scripts (read_settings then takes them from the file: ``dataset_settings``); the config's
+    value of an option only some subsets give is the others'."""
     given = Path(str(theirs.pop("dataset_config"))).expanduser()
     if not given.is_absolute() and not given.is_file() and (Path(where).parent / given).is_file():
         given = Path(where).parent / given  # sd-scripts finds it from the current folder; the config's also works
@@ -238,7 +239,9 @@ def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
     for key in ("train_data_dir", "reg_data_dir"):
         if theirs.pop(key, None):
             unused.append(f"{key} (dataset_config's folders are used)")
-    for key in [*dataset.options, *dataset.varying]:  # (a dataset's batch_size is the config's train_batch_size)
+    # what the dataset gives every image replaces the config's (a dataset's batch_size is its train_batch_size); a
+    # caption option some subsets give their own stays: the subsets without one take it, as in sd-scripts
+    for key in [*dataset.options, *(k for k in dataset.varying if dataset.every_own(k))]:
         theirs.pop("train_batch_size" if key == "batch_size" else key, None)
     take("dataset_config", "data", str(given.resolve()))
 

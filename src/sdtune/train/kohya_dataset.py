@@ -19,9 +19,9 @@ images its JSON names, with the captions and tags it gives them, not the folder'
 
 A subset's caption options (after [general] and its dataset's) are its own where they differ from another
 subset's (``VARYING``: shuffling, kept tags, separators, prefix and suffix, dropouts, flips, random crops and
-colour shifts), as in
-sd-scripts: each image trains with its subset's (``scan.Example.options``), and so is its dataset's resolution
-(several resolutions in one run: each image bucketed at its own). Its other options (buckets, crops, batch size...)
+colour shifts), as in sd-scripts: each image trains with its subset's (``scan.Example.options``), and a subset
+that gives none takes the run's (its training config's or a flag's: sd-scripts falls back to its command line);
+so is its dataset's resolution (several resolutions in one run: each image bucketed at its own). Its other options (buckets, crops, batch size...)
 must agree with every other training subset's: a file that gives two values is refused in one line. The class
 images (``is_reg``) take the training images' other options; where theirs differ, that is said. This module reads
 the file's structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and
@@ -58,11 +58,6 @@ VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
            "resolution": "resolution", "flip_aug": "flip", "random_crop": "crop", "color_aug": "color_aug"}
 # (sd-scripts' switch as sdtune's choice)
 VARYING_VALUES = {"random_crop": lambda on: "random" if on else "center"}
-# sd-scripts' values of those where a subset gives none (sdtune's settings' defaults are the same)
-VARYING_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "", "secondary_separator": "",
-                    "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
-                    "caption_tag_dropout_rate": 0.0, "resolution": None, "flip_aug": False, "random_crop": False,
-                    "color_aug": False}
 
 
 @dataclass(frozen=True)
@@ -91,9 +86,14 @@ class Dataset:
 
     def own_options(self, subset: Subset) -> dict:
         """The settings (sdtune's names) the images of ``subset`` train with instead of the run's: its values of
-        the options that vary between subsets."""
-        return {VARYING[k]: VARYING_VALUES.get(k, lambda v: v)(subset.options.get(k, VARYING_DEFAULTS[k]))
-                for k in self.varying}
+        the options that vary between subsets (one it does not give: the run's, as sd-scripts falls back to its
+        command line)."""
+        return {VARYING[k]: VARYING_VALUES.get(k, lambda v: v)(subset.options[k]) for k in self.varying
+                if k in subset.options}
+
+    def every_own(self, key: str) -> bool:
+        """Whether every subset gives ``key`` (a ``VARYING`` option) its own value: the run's is then unused."""
+        return key in self.varying and all(key in s.options for s in self.subsets)
 
 
 def is_dataset(table: dict) -> bool:
@@ -147,8 +147,9 @@ def read(path: str | Path) -> Dataset:
     if not train:
         raise SdtuneError(f"{path}: every subset is is_reg (class images); give the training images' folder as a "
                           f"subset without is_reg")
-    # (a subset's value of a caption option that another gives otherwise: its own, the class images' too)
-    varying = sorted(k for k in VARYING if len({repr(s.options.get(k, VARYING_DEFAULTS[k])) for s in subsets}) > 1)
+    # (a subset's value of a caption option that another gives otherwise, or does not give: its own, the class
+    # images' too; where every subset gives the same, it is the run's)
+    varying = sorted(k for k in VARYING if len({repr(s.options[k]) if k in s.options else None for s in subsets}) > 1)
     if "resolution" in varying:  # several: each subset's own, so each must say its own
         vague = next((s for s in subsets if "resolution" not in s.options), None)
         if vague is not None:
