@@ -1,11 +1,15 @@
 """Caption processing as kohya's sd-scripts does it: shuffling, kept tokens, dropouts, separators, wildcards, the
-token warm-up, prefix and suffix; and the steady caption (less its random parts) that samples and reports use."""
+token warm-up, prefix and suffix; and the steady caption (less its random parts) that samples and reports use;
+the suffixes of caption files."""
 
 from __future__ import annotations
 
 import math
 import random
 import re
+
+# the caption file beside an image: NAME.txt, else NAME.caption (kohya's two)
+CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 def _tags(text: str) -> list[str]:

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..safeio import SdtuneError
+from .captions import CAPTION_SUFFIXES
 
 SUFFIXES = (".toml", ".json")
-CAPTION_EXTENSIONS = (".txt", ".caption")
 # what makes a subset, not how its images train
 STRUCTURE = {"image_dir", "num_repeats", "class_tokens", "is_reg", "metadata_file"}
 # what sdtune reads otherwise: masks (or ControlNet's images) in another folder
@@ -203,7 +203,7 @@ def _subset(path: Path, entry: dict) -> Subset:
     if not entry.get("image_dir"):
         raise SdtuneError(f"{path}: a subset without image_dir; give each subset its folder of images")
     extension = entry.pop("caption_extension", ".txt")  # each subset's own: sdtune reads .txt, else .caption
-    if extension not in CAPTION_EXTENSIONS:
+    if extension not in CAPTION_SUFFIXES:
         raise SdtuneError(f"{path}: caption_extension = {extension!r} for {entry['image_dir']}: sdtune reads captions "
                           f"from .txt and .caption files beside the images; rename the captions")
     if "resolution" in entry:  # (one spelling, to compare)

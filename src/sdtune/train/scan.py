@@ -23,9 +23,9 @@ from pathlib import Path
 from ..console import note
 from ..safeio import SdtuneError
 from . import kohya_dataset, masks
+from .captions import CAPTION_SUFFIXES
 from .images import IMAGE_SUFFIXES, check_image
 
-CAPTION_SUFFIXES = (".txt", ".caption")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
@@ -331,7 +331,8 @@ def _fine_tuning_captions(source: _Source, all_lines: bool, scan: Scan) -> dict[
     if multi:
         scan.unused.append(f"{source.listing}: {multi} caption(s) have more than one line; only the first is used, as "
                            f"kohya reads a caption file; give --wildcards to draw one of them each time")
-    others = [p.name for p in _image_files(source.folder, False) if p.resolve() not in captions]
+    others = [name for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+              and not masks.is_mask_file(Path(name)) and (source.folder / name).resolve() not in captions]
     if others:
         scan.unused.append(f"{source.folder}: {len(others)} image(s) its metadata_file does not name are not used, as "
                            f"sd-scripts reads a fine-tuning subset ({named(others)})")

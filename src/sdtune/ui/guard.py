@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..safeio import SdtuneError, is_safetensors, output_folder
+from ..train.captions import CAPTION_SUFFIXES
 from ..train.images import IMAGE_SUFFIXES
-from ..train.scan import CAPTION_SUFFIXES
 
 LABELS = {"model": "model", "models": "model", "loras": "LoRA", "embeddings": "embedding", "out": "output"}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
