@@ -42,7 +42,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from sdtune import families, ldm, models
+from sdtune import checkpoints, families, ldm, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_apply import write_kohya  # noqa: E402  (the LoRAs of the apply benchmark)
@@ -95,7 +95,7 @@ def write_checkpoint(path: Path) -> None:
         header[key] = {"dtype": {torch.float16: "F16", torch.int64: "I64"}[dtype[key]], "shape": list(value.shape),
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    head = json.dumps({"__metadata__": {models.META_ARCH: "sdxl"}, **header}).encode()
+    head = json.dumps({"__metadata__": {checkpoints.META_ARCH: "sdxl"}, **header}).encode()
     head += b" " * (-len(head) % 8)
     g = torch.Generator().manual_seed(0)
     with open(path, "wb") as f:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_lora_bake import assert_same_weights, files_of, patched_in_memory, tensors
 from test_single_file_families import _small_sd2
 
-from sdtune import families, ldm, models
+from sdtune import checkpoints, families, ldm, models
 from sdtune.cli import main
 from sdtune.generate import make_scheduler
 from sdtune.lora import bake, inspect
@@ -182,7 +182,7 @@ def test_single_file_streams_the_in_memory_patch(model, tmp_path, monkeypatch):
                for i in range(3)]
     assert changed == [True, False, True]  # q from the Lora object, v from the kohya file; k untouched
     meta = tensors(out)[1]
-    assert meta["modelspec.title"] == want.family.name and meta[models.META_ARCH] == want.family.name
+    assert meta["modelspec.title"] == want.family.name and meta[checkpoints.META_ARCH] == want.family.name
     assert [(m["te_weight"], m["te2_weight"]) for m in json.loads(meta[bake.META_MERGED])] == [(-0.6, -0.6), (1.3, 1.3)]
     assert_same_weights(models.load_base(str(out), device="cpu", dtype=_dtype(path)), want, tuple(want.modules()))
 
@@ -340,11 +340,11 @@ def test_v_prediction_flags_are_read_kept_by_a_bake_and_written(sdxl, tmp_path):
     file keeps the flags, a baked folder's scheduler says them, and a file sdtune writes carries them."""
     path, pairs = sdxl
     state, meta = tensors(path)
-    configs = json.loads(meta[models.META_CONFIGS])
+    configs = json.loads(meta[checkpoints.META_CONFIGS])
     del configs["scheduler"]  # as a file from elsewhere: the flags are all it has
     marked = tmp_path / "vpred.safetensors"
     save_file(state | {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, str(marked),
-              metadata={**meta, models.META_CONFIGS: json.dumps(configs)})
+              metadata={**meta, checkpoints.META_CONFIGS: json.dumps(configs)})
     flags = lambda config: (config["prediction_type"], config["rescale_betas_zero_snr"], config["timestep_spacing"])  # noqa: E731
     want = ("v_prediction", True, "trailing")
     loaded = models.load_base(str(marked), device="cpu", dtype="fp16")
@@ -371,19 +371,19 @@ def test_v_prediction_flags_are_read_kept_by_a_bake_and_written(sdxl, tmp_path):
 
 
 def test_modelspec_metadata_names_the_prediction_and_edm_files_are_refused(tmp_path):
-    sampling = models.file_sampling
+    sampling = checkpoints.file_sampling
     assert sampling({"modelspec.prediction_type": "v"}) == {"prediction_type": "v_prediction"}
     assert sampling({"modelspec.architecture": "stable-diffusion-v2-512"}) == {"prediction_type": "epsilon"}
     assert sampling({"modelspec.architecture": "stable-diffusion-v2-768-v"}) == {"prediction_type": "v_prediction"}
     assert sampling({"modelspec.architecture": "stable-diffusion-xl-v1-base"}) == {}
     assert sampling({}, keys={"v_pred"}) == {"prediction_type": "v_prediction"}
-    base = models.file_configs(families.SD2, {"modelspec.architecture": "stable-diffusion-v2-512"}, tmp_path)
+    base = checkpoints.file_configs(families.SD2, {"modelspec.architecture": "stable-diffusion-v2-512"}, tmp_path)
     assert base["scheduler"]["prediction_type"] == "epsilon"
     assert base["unet"]["sample_size"] == 64  # the 512-px base model: generation and training default to 512
-    v = models.file_configs(families.SD2, {}, tmp_path)
+    v = checkpoints.file_configs(families.SD2, {}, tmp_path)
     assert (v["scheduler"]["prediction_type"], v["unet"]["sample_size"]) == ("v_prediction", 96)
     with pytest.raises(SdtuneError, match=r"x.safetensors: an EDM model \(Playground v2.5 style: edm_mean\)"):
-        models.file_configs(families.SDXL, {}, tmp_path / "x.safetensors", keys={"edm_mean", "edm_std"})
+        checkpoints.file_configs(families.SDXL, {}, tmp_path / "x.safetensors", keys={"edm_mean", "edm_std"})
 
 
 def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
@@ -392,7 +392,7 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
     wider than 0.09 (std), noise prediction otherwise. What the file says wins over the weight."""
     probe = families.SD2.prediction_probe
     spread = lambda std: torch.randn(32, generator=torch.Generator().manual_seed(0)) * std  # noqa: E731
-    sampling = models.file_sampling
+    sampling = checkpoints.file_sampling
     assert sampling({}, probe=spread(0.3)) == {"prediction_type": "v_prediction"}
     assert sampling({}, probe=spread(0.02)) == {"prediction_type": "epsilon"}
     assert sampling({"modelspec.prediction_type": "epsilon"}, probe=spread(0.3)) == {"prediction_type": "epsilon"}
@@ -404,7 +404,7 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
         if bias is not None:
             state[probe] = bias.half()
         save_file(state, str(tmp_path / name), metadata=metadata)
-        return models.describe_checkpoint(tmp_path / name)
+        return checkpoints.describe_checkpoint(tmp_path / name)
 
     assert checkpoint("v.safetensors", spread(0.3))["prediction"] == "v_prediction"
     base = checkpoint("base.safetensors", spread(0.02))
@@ -417,17 +417,17 @@ def test_sd2_files_that_do_not_say_are_told_apart_by_a_weight(sd2, tmp_path):
     assert (none["prediction"], none["prediction_from"]) == ("v_prediction", "family")
     torch.save({"state_dict": {probe: spread(0.02), "model.diffusion_model.x.attn2.to_k.weight": torch.zeros(8, 1024)}},
                tmp_path / "base.ckpt")
-    assert models.describe_checkpoint(tmp_path / "base.ckpt")["prediction"] == "epsilon"
-    assert models.file_configs(families.SD2, {}, tmp_path, probe=spread(0.02))["scheduler"]["prediction_type"] == "epsilon"
+    assert checkpoints.describe_checkpoint(tmp_path / "base.ckpt")["prediction"] == "epsilon"
+    assert checkpoints.file_configs(families.SD2, {}, tmp_path, probe=spread(0.02))["scheduler"]["prediction_type"] == "epsilon"
 
     path, pairs = sd2  # a whole file from elsewhere: no v_pred entry, no scheduler config; loaded and baked
     state, meta = tensors(path)
-    configs = json.loads(meta[models.META_CONFIGS])
+    configs = json.loads(meta[checkpoints.META_CONFIGS])
     del configs["scheduler"]
     for std, want in ((0.02, "epsilon"), (0.3, "v_prediction")):
         bare = tmp_path / f"bare{std}.safetensors"
         save_file({k: v for k, v in state.items() if k != "v_pred"} | {probe: spread(std)}, str(bare),
-                  metadata={**meta, models.META_CONFIGS: json.dumps(configs)})
+                  metadata={**meta, checkpoints.META_CONFIGS: json.dumps(configs)})
         assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == want
         folder = bake.merge(bare, pairs, tmp_path / f"merged{std}", fmt="diffusers")
         assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == want
@@ -440,9 +440,9 @@ def test_an_a1111_config_beside_a_checkpoint_settles_its_prediction(sd2, tmp_pat
     probe = families.SD2.prediction_probe
     path, pairs = sd2
     state, meta = tensors(path)
-    configs = json.loads(meta[models.META_CONFIGS])
+    configs = json.loads(meta[checkpoints.META_CONFIGS])
     del configs["scheduler"]
-    metadata = {**meta, models.META_CONFIGS: json.dumps(configs)}
+    metadata = {**meta, checkpoints.META_CONFIGS: json.dumps(configs)}
     spread = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 0.3  # the weights say v-prediction
     bare = tmp_path / "bare.safetensors"
     save_file({k: v for k, v in state.items() if k != "v_pred"} | {probe: spread}, str(bare), metadata=metadata)
@@ -451,7 +451,7 @@ def test_an_a1111_config_beside_a_checkpoint_settles_its_prediction(sd2, tmp_pat
     ldm_config = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
     (tmp_path / "bare.yaml").write_text(ldm_config)  # v2-inference.yaml: no parameterization, so eps
     assert models.load_base(str(bare), device="cpu").scheduler.config.prediction_type == "epsilon"
-    described = models.describe_checkpoint(bare)
+    described = checkpoints.describe_checkpoint(bare)
     assert (described["prediction"], described["prediction_from"]) == ("epsilon", "config")
     assert main(["inspect", str(bare)]) == 0
     assert "epsilon (from bare.yaml beside it, as A1111 reads it)" in capsys.readouterr().out
@@ -462,13 +462,13 @@ def test_an_a1111_config_beside_a_checkpoint_settles_its_prediction(sd2, tmp_pat
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
 
     (tmp_path / "bare.yaml").write_text(ldm_config + "    parameterization: v\n")  # v2-inference-v.yaml
-    assert models.file_configs(families.SD2, {}, bare, probe=spread * 0)["scheduler"]["prediction_type"] == \
+    assert checkpoints.file_configs(families.SD2, {}, bare, probe=spread * 0)["scheduler"]["prediction_type"] == \
         "v_prediction"
     sgm = "model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n    denoiser_config:\n      params:\n" \
           "        scaling_config:\n          target: sgm.modules.diffusionmodules.denoiser_scaling.{}\n"
     for scaling, want in (("VScaling", "v_prediction"), ("EpsScaling", "epsilon")):
         (tmp_path / "bare.yaml").write_text(sgm.format(scaling))
-        assert models.file_configs(families.SD2, {}, bare)["scheduler"]["prediction_type"] == want
+        assert checkpoints.file_configs(families.SD2, {}, bare)["scheduler"]["prediction_type"] == want
     for text, says in (("model: [unclosed\n",
                         r"bare.yaml: not a model config A1111 reads \(expected ',' or ']'.* at line 2\)"),
                        ("notes: mine\n", r"no model.params entry\); fix it, or rename it"),

@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdtune import families, ldm, models
+from sdtune import checkpoints, families, ldm, models
 from sdtune.cli import main
 from sdtune.lora import inspect
 from sdtune.safeio import SdtuneError, load_state
@@ -338,10 +338,10 @@ def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
     state, metadata = load_state(path)
     marked = tmp_path / "vpred.safetensors"  # fp16, an EMA copy, v-prediction, ModelSpec metadata, no sdtune configs
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    configs = {k: v for k, v in json.loads(metadata[models.META_CONFIGS]).items() if k != "scheduler"}
+    configs = {k: v for k, v in json.loads(metadata[checkpoints.META_CONFIGS]).items() if k != "scheduler"}
     save_file(half | {"model_ema.decay": torch.tensor(0.9999), "v_pred": torch.zeros(0)}, str(marked),
-              metadata={"modelspec.title": "NoobAI-XL V-Pred", models.META_ARCH: "sdxl",
-                        models.META_CONFIGS: json.dumps(configs)})
+              metadata={"modelspec.title": "NoobAI-XL V-Pred", checkpoints.META_ARCH: "sdxl",
+                        checkpoints.META_CONFIGS: json.dumps(configs)})
     assert main(["inspect", str(marked), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in base.modules().items()}
@@ -352,7 +352,7 @@ def test_inspect_describes_a_checkpoint_from_its_header(sdxl, tmp_path, capsys):
     assert info["hashes"]["autov2"] == models.load_base(str(marked), device="cpu").model_hash
     # A1111's first model hash (kohya's model_hash): the 64 KiB at 1 MiB
     assert info["hashes"]["autov1"] == hashlib.sha256(marked.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
-    assert info["metadata"] == {"modelspec.title": "NoobAI-XL V-Pred", models.META_ARCH: "sdxl"}
+    assert info["metadata"] == {"modelspec.title": "NoobAI-XL V-Pred", checkpoints.META_ARCH: "sdxl"}
     assert main(["inspect", str(marked)]) == 0
     text = capsys.readouterr().out
     assert "base family  SDXL" in text and "prediction   v_prediction" in text and f"unet {counts['unet']:,}" in text

@@ -50,7 +50,7 @@ _VAE_ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
 _ADDED_EMBEDDINGS = {"text_time": {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}}
 
 # Top-level entries of LDM/SGM checkpoints that are not weights of the models (schedules, EMA, loss, and the
-# v_pred/ztsnr flags, which models.file_sampling reads).
+# v_pred/ztsnr flags, which checkpoints.file_sampling reads).
 _IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_",
                      "posterior_", "logvar", "lvlb_weights", "first_stage_model.loss.", "denoiser.", "v_pred", "ztsnr")
 

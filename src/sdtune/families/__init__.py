@@ -64,7 +64,7 @@ class Family:
     # ModelSpec's id for the family's v-prediction models where it names them apart (SD 2.x 768-v); "": modelspec
     modelspec_v: str = ""
     # A single-file weight whose spread tells this family's v-prediction models from its noise-prediction ones when
-    # the file does not say which it is (see models.file_sampling); "" where the file must say.
+    # the file does not say which it is (see checkpoints.file_sampling); "" where the file must say.
     prediction_probe: str = ""
     # The UNet sample size of this family's noise-prediction models where the shipped config is another's (SD 2.x
     # ships 768-v's 96; its 512-px "base" models are 64): what a single file without sdtune's configs is given.

@@ -53,7 +53,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
-from .. import ldm, models
+from .. import checkpoints, ldm, models
 from ..console import note
 from ..families import Family
 from ..families.build import text_model
@@ -589,7 +589,7 @@ class _SingleFile:
     weights) and the ``ldm.single_file_plan`` of its keys."""
 
     src: _Source
-    family: models.Family
+    family: Family
     configs: dict
     parts: dict
     plan: dict[str, list[ldm.Target]]
@@ -598,9 +598,9 @@ class _SingleFile:
     def open(cls, path: Path, strict: bool) -> _SingleFile:
         src = _Source.open(path)
         shapes = {k: torch.empty(v["shape"], device="meta") for k, v in src.header.items()}
-        family = models.family_from_metadata(src.metadata) or models.detect_family(shapes, path)
-        configs = models.file_configs(family, src.metadata, path, keys=src.header.keys(),
-                                      probe=models.read_probe(family, path, src.header.keys()))
+        family = checkpoints.family_from_metadata(src.metadata) or checkpoints.detect_family(shapes, path)
+        configs = checkpoints.file_configs(family, src.metadata, path, keys=src.header.keys(),
+                                           probe=checkpoints.read_probe(family, path, src.header.keys()))
         with init_empty_weights():  # names and configs only
             parts = models.build_parts(family, configs)
         try:
@@ -651,7 +651,7 @@ class StoredWeights:
         files = None if models.tiny_export(folder) else _folder_weight_files(folder)
         if files is None:
             return None
-        family = models.as_loaded(models.folder_family(folder, json.loads((folder / "model_index.json").read_text())))
+        family = checkpoints.as_loaded(checkpoints.folder_family(folder, json.loads((folder / "model_index.json").read_text())))
         scheduler = models.make_scheduler(family, _json(folder / "scheduler" / "scheduler_config.json")).config
         parts = {}
         for comp in files:
@@ -705,7 +705,7 @@ def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) 
         items.append(_Item(key, src, key, list(changes.get((path, key), {}).items()),
                            out_float if cast else info["dtype"], info["shape"]))
     _write_file(out, items, dict(src.metadata, **{META_MERGED: _merged_note(pairs)}))
-    config = models.config_beside(path)
+    config = checkpoints.config_beside(path)
     if config is not None:  # the A1111 config that says how to sample the input says it of the merge too
         atomic_write_text(config.read_text(encoding="utf-8"), out.with_suffix(".yaml"))
     return out
@@ -778,7 +778,7 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
     if not index_file.is_file():
         return None
     try:
-        family = models.folder_family(folder, json.loads(index_file.read_text()))
+        family = checkpoints.folder_family(folder, json.loads(index_file.read_text()))
     except (OSError, ValueError) as e:
         raise SdtuneError(f"{index_file}: unreadable ({e}); re-download or re-export the model") from None
     found = {}
@@ -840,8 +840,8 @@ def _folder_blocks_context(folder: Path, pairs) -> tuple[Family | None, dict | N
     if all(p.blocks is None for p in pairs):
         return None, None
     index = json.loads((folder / "model_index.json").read_text())  # read already by _folder_weight_files
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())  # and by models.folder_family
-    return models.folder_family(folder, index), unet_config
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())  # and by checkpoints.folder_family
+    return checkpoints.folder_family(folder, index), unet_config
 
 
 def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:

@@ -8,8 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 from .. import families
+from ..checkpoints import describe_checkpoint, describe_folder, not_a_model, unknown_width
 from ..ldm import ADAPTER_KEY
-from ..models import describe_checkpoint, describe_folder, file_sha256, not_a_model, unknown_width
+from ..models import file_sha256
 from ..safeio import SdtuneError, is_safetensors, read_keys
 from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
 from . import blocks as block_weights
@@ -22,7 +23,7 @@ def describe(path: str | Path) -> dict:
     """A JSON-ready summary: format, base family guess, modules per component and how many of them fit that
     family's layers, ranks, alphas, scales, conv layers, LyCORIS type, ``ss_*`` metadata, bundled embeddings,
     and keys sdtune could not read. A Textual Inversion file (any layout ``load_embedding`` reads) is described
-    as one: its token, vectors, widths and the family they fit; a checkpoint as ``models.describe_checkpoint``
+    as one: its token, vectors, widths and the family they fit; a checkpoint as ``checkpoints.describe_checkpoint``
     reads its header, with the hash A1111 shows for it."""
     if Path(path).is_dir() and (Path(path) / "model_index.json").is_file():
         return describe_folder(path)
