@@ -12,14 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sdtune import cli, console
+from sdtune import __version__, cli, console
 from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora import blocks
@@ -64,6 +66,14 @@ def loras(tmp_path_factory):
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_version_is_one_line_naming_the_libraries():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.count("\n") == 1  # unwrapped, whatever the terminal's width
+    assert r.stdout.startswith(f"sdtune {__version__} (torch {torch.__version__}, ")
+    assert f"diffusers {diffusers.__version__}, transformers {transformers.__version__}" in r.stdout
 
 
 # ---------------------------------------------------------------- errors

@@ -8,8 +8,10 @@ import gc
 import json
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
+from . import __version__
 from .console import (
     Interrupted,
     Terminated,
@@ -98,10 +100,34 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="a multiple of 8 (default, or 0: the model's size)")
 
 
+# the libraries whose versions decide what a run computes and reads (a bug report names them)
+VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "accelerate", "peft")
+
+
+def version_line() -> str:
+    found = []
+    for name in VERSIONED:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:  # peft is optional
+            pass
+    return f"sdtune {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+
+
+class _Version(argparse.Action):
+    """--version: one line as it is (argparse's own version action wraps it at the terminal's width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sdtune", description="Personalise Stable Diffusion with LoRA and "
                                  "Textual Inversion: train, load, mix, merge, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--version", action=_Version, nargs=0,
+                    help="sdtune's version and the libraries' it runs on (for a bug report)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="txt2img with any mix of LoRAs and embeddings")
