@@ -158,7 +158,8 @@ def test_inspect_of_a_folder_says_so(tmp_path, loras, capsys):
     (tmp_path / "run" / "lora.safetensors").write_bytes(loras[0].read_bytes())
     assert main(["inspect", str(tmp_path / "run")]) == 2  # it said "no such file"
     assert capsys.readouterr().err == (f"sdtune: error: {tmp_path / 'run'}: is a folder; give a LoRA, embedding or "
-                                       f"checkpoint file (it holds lora.safetensors)\n")
+                                       f"checkpoint file (it holds lora.safetensors), or several (sdtune inspect "
+                                       f"{tmp_path / 'run' / '*.safetensors'})\n")
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -272,6 +273,23 @@ def test_inspect_text_and_json(loras, capsys):
     assert info["blocks"].get("BASE", 0) == sum(n for c, n in info["modules"].items() if c != "unet")
     assert list(info["blocks"]) == [b for b in (*blocks.TINY.blocks, "none") if b in info["blocks"]]
     assert "layers per block" in text
+
+
+def test_inspect_of_several_files_says_each_and_goes_past_a_bad_one(tmp_path, loras, capsys):
+    style, other = loras
+    missing = tmp_path / "missing.safetensors"
+    assert main(["inspect", str(style), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("file ")] == [str(style), str(other)]
+    assert "\n\nfile " in text  # a blank line between the two tables
+    # JSON: a list in the order given; one that cannot be read is its own line, the others still described, exit 2
+    assert main(["inspect", str(style), str(missing), str(other), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert [info["file"] for info in json.loads(out)] == [str(style), str(other)]
+    assert err == (f"sdtune: error: {missing}: no such file; check the path\n"
+                   f"sdtune: error: 1 of 3 files could not be inspected (said above): {missing}\n")
+    assert main(["inspect", str(style), "--json"]) == 0  # one file: one object, as before
+    assert json.loads(capsys.readouterr().out)["file"] == str(style)
 
 
 def test_inspect_describes_embeddings_of_every_layout(tmp_path, capsys):

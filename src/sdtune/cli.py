@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="what a LoRA, embedding or checkpoint file holds: format, family, ranks, "
                        "alphas, modules, hashes")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("file", nargs="+", help="one or more files (loras/*.safetensors), or a diffusers model folder")
+    i.add_argument("--json", action="store_true", help="JSON: one object, or a list of them for several files")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("convert", help="rewrite a LoRA in another layout (lossless)")
@@ -334,8 +334,30 @@ def cmd_train_queue(a) -> Path:
 
 
 def cmd_inspect(a) -> None:
-    info = inspect.describe(a.file)
-    print(json.dumps(info, indent=1, default=str) if a.json else inspect.render(info))
+    if len(a.file) == 1:
+        info = inspect.describe(a.file[0])
+        print(json.dumps(info, indent=1, default=str) if a.json else inspect.render(info))
+        return
+    # several files: each as one alone, as it comes; one that cannot be read is its one line and the rest go on
+    found, failed = [], []
+    for number, name in enumerate(a.file):
+        try:
+            info = inspect.describe(name)
+        except SdtuneError as e:
+            if a.debug:
+                raise
+            print(f"sdtune: error: {e}", file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
+        if a.json:
+            found.append(info)
+        else:
+            print(("\n" if number else "") + inspect.render(info), flush=True)
+    if a.json:
+        print(json.dumps(found, indent=1, default=str))
+    if failed:
+        raise SdtuneError(f"{len(failed)} of {len(a.file)} files could not be inspected (said above): "
+                          f"{', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}")
 
 
 def cmd_convert(a) -> None:

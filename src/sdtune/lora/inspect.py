@@ -30,7 +30,8 @@ def describe(path: str | Path) -> dict:
     if Path(path).is_dir():
         inside = sorted(Path(path).glob("*.safetensors"))[:3]
         hint = f" (it holds {', '.join(p.name for p in inside)})" if inside else ""
-        raise SdtuneError(f"{path}: is a folder; give a LoRA, embedding or checkpoint file{hint}")
+        raise SdtuneError(f"{path}: is a folder; give a LoRA, embedding or checkpoint file{hint}, or several "
+                          f"(sdtune inspect {Path(path) / '*.safetensors'})")
     checkpoint = describe_checkpoint(path)
     if checkpoint is not None:
         sha = file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
