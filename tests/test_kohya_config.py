@@ -98,6 +98,11 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(algo="loha", conv_rank=4, conv_alpha=1.0, targets="attn+ff")),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8", "rank_dropout=0.1"]',
      dict(algo="lokr", lokr_factor=8, rank_dropout=0.1)),
+    # LyCORIS's diag-oft: its constraint (0 where not given) is the alpha; network_alpha goes unused
+    ('network_module = "lycoris.kohya"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["algo=diag-oft", '
+     '"constraint=0.5"]', dict(algo="oft", rank=8, alpha=0.5)),
+    ('network_module = "lycoris.kohya"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["algo=diag-oft"]',
+     dict(algo="oft", rank=8, alpha=0.0)),
     ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
      dict(algo="dora", loraplus_lr_ratio=16.0)),
     ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),

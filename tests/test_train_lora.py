@@ -99,11 +99,13 @@ def test_a_rank_above_every_layer_it_trains_is_refused_before_any_is_made(base, 
     assert len(err) == 1 and "--rank 100000: above the full rank of every layer it trains" in err[0]
 
 
-@pytest.mark.parametrize("algo, rank", [("lora", 2), ("loha", 2), ("lokr", 1), ("lokr", 4), ("dora", 2)])
+@pytest.mark.parametrize("algo, rank", [("lora", 2), ("loha", 2), ("lokr", 1), ("lokr", 4), ("dora", 2),
+                                        ("oft", 2), ("oft", 3)])
 def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(algo, rank):
-    """The layer a run trains (LoRA's, or LoHa's, LoKr's and DoRA's, which compute with the functions that apply a
-    file) gives, once trained, what the saved adapter applied to the layer gives; LoKr's w2 is split at a rank
-    below half its larger side, whole (scale 1) above."""
+    """The layer a run trains (LoRA's, or LoHa's, LoKr's, DoRA's and OFT's, which compute with the functions that
+    apply a file) gives, once trained, what the saved adapter applied to the layer gives; LoKr's w2 is split at a
+    rank below half its larger side, whole (scale 1) above; OFT's blocks are LyCORIS's split of the output width
+    (6 at rank 2 or 3: 3 blocks of 2), its alpha the constraint (1.0: Q's norm held to 6, as it is here)."""
     g = torch.Generator().manual_seed(0)
     for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)):
         trained = algos.get(algo).layer(layer, rank=rank, alpha=1.0, dropout=0.0, generator=g)
@@ -112,6 +114,8 @@ def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(
         with torch.no_grad():
             for p in trained.parts().values():
                 p.normal_(generator=g)
+                if algo == "oft":
+                    p.mul_(10)  # past the constraint
         adapter = Adapter(algo, trained.tensors(), 1.0)
         merged = copy.deepcopy(layer)
         with torch.no_grad():
@@ -123,6 +127,10 @@ def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(
             assert torch.allclose(dropping(x), merged(x), atol=1e-4)
         if algo == "lokr":
             assert ("w2" in adapter.tensors) == (rank == 4) and adapter.scale == (1.0 if rank == 4 else 1.0 / rank)
+        if algo == "oft":
+            assert adapter.tensors["blocks"].shape == (3, 2, 2) and adapter.scale == 1.0
+            q = adapter.tensors["blocks"] - adapter.tensors["blocks"].transpose(1, 2)
+            assert torch.linalg.vector_norm(q) > 6  # the constraint acted: the trained weight is the held one
 
 
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):
@@ -374,7 +382,7 @@ def test_network_weights_start_the_run_from_a_file_with_its_own_ranks(base, data
         Network(base, settings(dataset, tmp_path / "e", text_encoder=True, algo="lokr", network_weights=str(first)))
 
 
-@pytest.mark.parametrize("algo", ["lokr", "loha", "dora"])
+@pytest.mark.parametrize("algo", ["lokr", "loha", "dora", "oft"])
 def test_network_weights_continue_each_algorithm_with_its_own_shapes(base, dataset, tmp_path, algo):
     first = train_lora(base, settings(dataset, tmp_path / "a", algo=algo, lokr_factor=4, rank=2, report=False,
                                       sample_every=0))

@@ -1,5 +1,5 @@
-"""--algo loha | lokr | dora: LyCORIS's LoHa and LoKr and kohya's DoRA trained, saved in the kohya/LyCORIS layout
-(A1111, ComfyUI and sdtune read it), resumed exactly; the layers themselves are checked against what the saved
+"""--algo loha | lokr | dora | oft: LyCORIS's LoHa, LoKr and diag-OFT and kohya's DoRA trained, saved in the
+kohya/LyCORIS layout (A1111, ComfyUI and sdtune read it), resumed exactly; the layers themselves are checked against what the saved
 adapter applies in test_train_lora."""
 
 import json
@@ -42,7 +42,8 @@ LAYOUTS = {"loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"
            "lokr": ({"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}, {"algo": "lokr", "factor": "-1"},
                     ("w2", "w2b")),
            "dora": ({"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"}, {"algo": "locon", "dora_wd": "True"},
-                    ("up",))}
+                    ("up",)),
+           "oft": ({"oft_blocks", "alpha"}, {"algo": "diag-oft", "constraint": "2.0"}, ("blocks",))}
 
 
 @pytest.mark.parametrize("algo", list(LAYOUTS))
@@ -91,7 +92,11 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "dora", "--formats", "diffusers"],
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),
-                        (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora")):
+                        (["--algo", "oft", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's OFT"),
+                        (["--algo", "oft", "--scale-weight-norms", "1"], "OFT's change is a rotation"),
+                        (["--algo", "oft", "--rs-lora"], "OFT's --alpha is its constraint"),
+                        (["--algo", "lora", "--alpha", "0"], "--alpha 0.0: must be greater than 0"),
+                        (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft")):
         assert train(dataset, tmp_path / "out", *flags) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and said in err, err

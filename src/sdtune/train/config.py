@@ -50,9 +50,9 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "all")  # besides loss.csv (``logs.TrainLog``)
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
-LORA_ALGOS = ("lora", "loha", "lokr", "dora")  # the algorithms a run trains (each has a trainable layer)
+LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft")  # the algorithms a run trains (each has a trainable layer)
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
-FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr")
+FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 
 
@@ -471,8 +471,10 @@ class LoraSettings(TrainSettings):
                           "LyCORIS's rs_lora): high ranks learn as fast as low ones; the files keep the usual "
                           "alpha/rank form, each layer's alpha x sqrt(rank), so every loader reads them", default=False)
     algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's) | "
-                      "dora (LoRA with a learned magnitude per input column, kohya's DoRA): A1111, ComfyUI and "
-                      "sdtune load all four, diffusers lora only", default="lora")
+                      "dora (LoRA with a learned magnitude per input column, kohya's DoRA) | oft (LyCORIS's "
+                      "diag-oft: each layer's output turned by an orthogonal R, in blocks of the largest size up to "
+                      "--rank that divides the width; --alpha is its constraint, 0 none): A1111, ComfyUI and "
+                      "sdtune load all five, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
@@ -552,8 +554,10 @@ class LoraSettings(TrainSettings):
         super().check()
         if self.rank < 1:
             raise SdtuneError(f"--rank {self.rank}: must be at least 1")
-        if not self.alpha > 0:
-            raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
+        if not (self.alpha > 0 or (self.algo == "oft" and self.alpha == 0)):
+            raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0" + (" (--algo oft: 0 or more, its "
+                                                                                 "constraint)" if self.algo == "oft"
+                                                                                 else ""))
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
         if not self.unet and not self.text_encoder:
@@ -576,6 +580,12 @@ class LoraSettings(TrainSettings):
                               f"{self.algo} has none (use --algo {' or '.join(UP_FACTOR_ALGOS)})")
         if not self.scale_weight_norms >= 0:
             raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
+        if self.algo == "oft" and self.scale_weight_norms:
+            raise SdtuneError("--algo oft --scale-weight-norms: OFT's change is a rotation, which max-norm does not "
+                              "scale back (its --alpha bounds it instead); use --scale-weight-norms 0")
+        if self.algo == "oft" and self.rs_lora:
+            raise SdtuneError("--algo oft --rs-lora: OFT's --alpha is its constraint, not a scale that rsLoRA "
+                              "could change; leave --rs-lora off")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
         if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
             raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
@@ -599,7 +609,7 @@ class LoraSettings(TrainSettings):
             raise SdtuneError("--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input "
                               "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
                               "(PEFT's is per output row); use --formats kohya")
-        if self.algo in ("loha", "lokr") and "diffusers" in self.formats:
+        if self.algo in ("loha", "lokr", "oft") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
                               f"--formats kohya")

@@ -83,7 +83,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
               "prodigy": "prodigy", "adafactor": "adafactor", "adamwschedulefree": "adamwschedulefree",
               "radamschedulefree": "radamschedulefree", "sgdschedulefree": "sgdschedulefree"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # LyCORIS's algo= names
+NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}  # LyCORIS's algo=
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
 LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both",
@@ -292,7 +292,7 @@ def _network(theirs: dict, take, where, family) -> None:
                               f"{', '.join(NETWORK_ALGOS)}; pick one of them")
     else:
         raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
-                          f"(LoCon, LoHa, LoKr); use one of them")
+                          f"(LoCon, LoHa, LoKr, diag-OFT); use one of them")
     if str(parsed.pop("dora_wd", "false")).lower() == "true":
         algo = "dora"
     if str(parsed.pop("rs_lora", "false")).lower() == "true":  # LyCORIS's
@@ -311,6 +311,7 @@ def _network(theirs: dict, take, where, family) -> None:
         take("network_args (block-wise)", name, value)
     for key in kohya_blocks.ARGS:
         parsed.pop(key, None)
+    constraint = parsed.pop("constraint", None) if algo == "oft" else None
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked
         value = parsed.pop(key)
         if value.lower() not in ("false", "0", ""):
@@ -322,7 +323,10 @@ def _network(theirs: dict, take, where, family) -> None:
                               f"{', '.join(NETWORK_ARGS)}, algo, dora_wd, preset and the block-wise "
                               f"{', '.join(kohya_blocks.ARGS)}); leave it out")
         take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
-    if "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
+    if algo == "oft":  # LyCORIS's diag-oft: its constraint argument (0: none) is the layers' alpha; network_alpha
+        theirs.pop("network_alpha", None)  # goes unused
+        take("network_args constraint", "alpha", _number(constraint or "0"))
+    elif "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
         theirs.setdefault("network_alpha", 1)
     unet_only = theirs.pop("network_train_unet_only", False)
     te_only = theirs.pop("network_train_text_encoder_only", False)

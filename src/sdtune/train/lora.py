@@ -142,8 +142,9 @@ def _conv_rank(settings: LoraSettings) -> int:
 def _conv_alpha(settings: LoraSettings) -> float:
     if settings.conv_alpha is not None:
         return settings.conv_alpha
-    # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest
-    return float(settings.conv_rank) if settings.conv_rank else settings.alpha
+    # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest. OFT's alpha is
+    # no scale but its constraint: the convolutions keep the run's
+    return float(settings.conv_rank) if settings.conv_rank and settings.algo != "oft" else settings.alpha
 
 
 def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.Module]], dict[str, nn.Module]]:
@@ -469,13 +470,15 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
 
 
 def lycoris_network(settings: LoraSettings, family) -> dict:
-    """A LoHa, LoKr or DoRA run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose
+    """A LoHa, LoKr, DoRA or OFT run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose
     w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
     algo = algos.get(settings.algo)
     args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
+    if settings.algo == "oft":  # (LyCORIS's argument; the layers' alpha holds it too)
+        args["constraint"] = str(float(settings.alpha))
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it

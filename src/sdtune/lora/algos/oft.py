@@ -20,6 +20,8 @@ LyCORIS's optional ``rescale`` [out, 1, …] then multiplies each output row of 
 The user's strength w scales the change from W0 (A1111; kohya's own w·R + (1 − w)·I is the same weight for
 diag-oft): W' = W0 + w·(R(W0) − W0). Only output rows are mixed, so the tensors fit any input width: ``io``
 leaves it None.
+
+``OftLayer`` trains diag-oft as LyCORIS does (its ``oft_blocks`` and ``alpha``, read back by ``Oft``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import torch
 
 from .base import Algorithm, Io
+from .delta_layer import DeltaLayer, zeros
+from .lokr import split
 
 _ROTATIONS = ("blocks", "rotation")  # the free blocks (Cayley) or R itself; a file has exactly one
 
@@ -116,3 +120,25 @@ def rotation(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     eye = torch.eye(q.shape[1], dtype=dtype, device=q.device).expand_as(q)
     # (I + Q)(I − Q)⁻¹ = (I − Q)⁻¹(I + Q): the two commute, so one solve gives it
     return torch.linalg.solve(eye - q, eye + q)
+
+
+class OftLayer(DeltaLayer):
+    """LyCORIS diag-oft's trainable layer: free blocks [k, b, b] that start at zero (R = I: the base exactly), with
+    b the smaller factor of the output width as LyCORIS factorises it at ``rank`` (its lora_dim: ``lokr.split``)
+    and k = out / b. ``alpha`` is the constraint (Q's norm held to alpha · out; 0: free), which the file stores as
+    its alpha, as LyCORIS and kohya's OFT store it. The layer computes with R(W0) = Rᵀ·W0, made by ``Oft.apply``,
+    the function that applies the saved file; training goes through the Cayley transform."""
+
+    algo = Oft()
+    linear_roles = ()  # R is no product of factors: max-norm (--scale-weight-norms) is not offered
+
+    def shapes_and_inits(self, shape, rank, **options):
+        size, count = split(shape[0], rank)
+        return {"blocks": ((count, size, size), zeros)}
+
+    def delta(self):
+        w0 = self.base.weight.float()
+        return self.algo.apply(w0, dict(self.factors), self.scale, 1.0) - w0
+
+
+Oft.layer = OftLayer  # (the layer needs the algorithm first)
