@@ -583,6 +583,10 @@ class LoraSettings(TrainSettings):
         if self.algo == "oft" and self.scale_weight_norms:
             raise SdtuneError("--algo oft --scale-weight-norms: OFT's change is a rotation, which max-norm does not "
                               "scale back (its --alpha bounds it instead); use --scale-weight-norms 0")
+        ones = [f"--{_flag(n)} 1" for n in ("rank", "conv_rank") if getattr(self, n) == 1]
+        if self.algo == "oft" and ones:
+            raise SdtuneError(f"--algo oft {' '.join(ones)}: OFT's blocks would be 1 x 1, which turn nothing; give 2 "
+                              f"or more (the block size, as LyCORIS's lora_dim)")
         if self.algo == "oft" and self.rs_lora:
             raise SdtuneError("--algo oft --rs-lora: OFT's --alpha is its constraint, not a scale that rsLoRA "
                               "could change; leave --rs-lora off")
