@@ -235,7 +235,7 @@ def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_p
                    f'output_name = "k"\nnetwork_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
                    f'network_train_unet_only = true\nmax_train_steps = 2\ntrain_batch_size = 2\nlearning_rate = 1e-3\n'
                    f'xformers = true\nsave_model_as = "safetensors"\n')
-    assert main(["train", "lora", "--config", str(cfg), "--no-report", "--no-progress"]) == 0
+    assert main(["train", "lora", "--config", str(cfg), "--sample-every", "0", "--no-report", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(out / "k.safetensors")
     saved = (out / loop.SETTINGS_FILE).read_text()
     assert 'name = "k"' in saved and "rank = 4" in saved and "text_encoder = false" in saved and "xformers" not in saved

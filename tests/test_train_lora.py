@@ -232,7 +232,7 @@ def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, datas
     out = tmp_path / "te"
     assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out), "--steps", "2",
                  "--rank", "4", "--alpha", "4", "--lr", "5e-3", "--no-unet", "--text-encoder", "--formats", "kohya",
-                 "diffusers", "--no-report", "--no-progress"]) == 0
+                 "diffusers", "--sample-every", "0", "--no-report", "--no-progress"]) == 0
     lora = load_lora(out / "lora.safetensors")
     assert {comp for comp, layers in lora.modules.items() if layers} == {"text_encoder"}
     assert all(ad.tensors["up"].abs().sum() > 0 for ad in lora.modules["text_encoder"].values())
@@ -374,7 +374,7 @@ def test_network_weights_start_the_run_from_a_file_with_its_own_ranks(base, data
                                          rf"run trains are not in it; they start fresh$"):
         assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "c"),
                      "--steps", "1", "--rank", "2", "--alpha", "1", "--targets", "attn+ff", "--text-encoder",
-                     "--network-weights", str(first), "--no-report", "--no-progress"]) == 0
+                     "--network-weights", str(first), "--sample-every", "0", "--no-report", "--no-progress"]) == 0
     assert load_settings(tmp_path / "c" / "lora.safetensors", kind="lora").network_weights == str(first)
     with pytest.raises(SdtuneError, match=r"layers are not ones this run trains \(e\.g\. text_encoder\..*--text-enc"):
         Network(base, settings(dataset, tmp_path / "d", network_weights=str(first)))  # the file's text layers

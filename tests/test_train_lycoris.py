@@ -27,7 +27,8 @@ def dataset(tmp_path_factory):
 def train(dataset, out, *flags):
     return main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out), "--steps", "4",
                  "--batch-size", "2", "--rank", "4", "--alpha", "2", "--lr", "1e-2", "--targets", "all",
-                 "--conv-rank", "2", "--text-encoder", "--save-every", "2", "--no-report", "--no-progress", *flags])
+                 "--conv-rank", "2", "--text-encoder", "--save-every", "2", "--sample-every", "0", "--no-report",
+                 "--no-progress", *flags])
 
 
 def test_split_factorises_widths_as_lycoris_does():
@@ -107,7 +108,7 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
 def test_an_sdxl_lokr_writes_both_encoders_keys_and_applies_to_every_layer(dataset, tmp_path):
     assert main(["train", "lora", "--model", "tiny-xl-random", "--data", str(dataset), "--out", str(tmp_path),
                  "--steps", "1", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--algo", "lokr", "--text-encoder",
-                 "--no-report", "--no-progress"]) == 0
+                 "--sample-every", "0", "--no-report", "--no-progress"]) == 0
     path = tmp_path / "lora.safetensors"
     with safe_open(path, "pt") as f:
         assert {k.split("_", 2)[1] for k in f.keys()} == {"unet", "te1", "te2"}  # lora_unet_, lora_te1_, lora_te2_

@@ -158,7 +158,7 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
     # weight decay either, which is said)
     with pytest.warns(SdtuneWarning, match="--weight-decay 0.01: LBFGS takes no weight decay; not used"):
         code = main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "lbfgs"),
-                     "--steps", "1", "--no-progress", "--optimizer", "torch.optim.LBFGS"])
+                     "--steps", "1", "--sample-every", "0", "--no-progress", "--optimizer", "torch.optim.LBFGS"])
     assert code != 0 and capsys.readouterr().err.strip().splitlines()[-1] == (
         "sdtune: error: --optimizer torch.optim.LBFGS failed at step 1 (TypeError: 'NoneType' object is not "
         "callable); give it other --optimizer-args, or choose another --optimizer")

@@ -223,7 +223,7 @@ def test_a_merge_bakes_the_layers_and_leaves_the_word_out(base, run, tmp_path, c
 def test_cli_pivotal_run_writes_both_files(dataset, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(out),
-                 "--steps", "2", "--batch-size", "2", "--rank", "2", "--no-report", "--no-progress",
+                 "--steps", "2", "--batch-size", "2", "--rank", "2", "--sample-every", "0", "--no-report", "--no-progress",
                  "--ti-token", TOKEN, "--ti-init", "square", "--ti-lr", "0.01"]) == 0
     assert capsys.readouterr().out.strip() == str(out / "lora.safetensors")
     word = load_embedding(out / "pv.safetensors")

@@ -80,7 +80,7 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path, model):
     assert minutes <= 10 and training <= DEFAULT_RUN_MINUTES
 
 
-# (model, --algo, other settings): LoHa, LoKr and DoRA too, on the tiny model's preset (which gives LoKr its own
+# (model, --algo, other settings): LoHa, LoKr, DoRA and OFT too, on the tiny model's preset (which gives LoKr its own
 # learning rate, 3e-3: at the LoRA's 1e-3 it drew outline in 53% of images), without the sample grids and report
 # the LoRA runs show already (about 30 s each)
 VARIANT = {"sample_every": 0, "report": False}
@@ -88,10 +88,11 @@ LORA_RUNS = [pytest.param("tiny", "lora", {}, id="tiny"),
              pytest.param("tiny-xl", "lora", {}, marks=XL_SHIPPED, id="tiny-xl"),
              pytest.param("tiny", "loha", VARIANT, id="tiny-loha"),
              pytest.param("tiny", "lokr", VARIANT, id="tiny-lokr"),
-             pytest.param("tiny", "dora", VARIANT, id="tiny-dora")]
+             pytest.param("tiny", "dora", VARIANT, id="tiny-dora"),
+             pytest.param("tiny", "oft", VARIANT, id="tiny-oft")]
 
 
-# the base model's own outline and content scores, measured once per model: the LoRA, LoHa, LoKr and DoRA runs
+# the base model's own outline and content scores, measured once per model: the LoRA, LoHa, LoKr, DoRA and OFT runs
 # render the same prompts with the same seeds before their adapter is added
 BASE_SCORES: dict[str, tuple[float, float]] = {}
 

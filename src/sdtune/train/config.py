@@ -592,9 +592,10 @@ class LoraSettings(TrainSettings):
                               "could change; leave --rs-lora off")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
         if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
+            offering = [a for a in FACTOR_OPTION_ALGOS if a != "oft" or not self.scale_weight_norms]  # (above)
             raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
-                              f"{', '.join(FACTOR_OPTION_ALGOS)} (DoRA's layer computes with the whole weight, its "
-                              f"magnitude learned beside the factors)")
+                              f"{', '.join(offering)} (DoRA's layer computes with the whole weight, its magnitude "
+                              f"learned beside the factors)")
         _choice("targets", self.targets, TARGETS)
         for pattern in self.exclude:
             try:
