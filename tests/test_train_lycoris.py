@@ -98,6 +98,7 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "oft", "--rs-lora"], "OFT's --alpha is its constraint"),
                         (["--algo", "oft", "--conv-rank", "1"], "--algo oft --conv-rank 1: OFT's blocks would be 1 x 1"),
                         (["--algo", "lora", "--alpha", "0"], "--alpha 0.0: must be greater than 0"),
+                        (["--algo", "oft", "--alpha", "-1"], "--alpha -1.0: must be 0 or more (--algo oft: its"),
                         (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft")):
         assert train(dataset, tmp_path / "out", *flags) == 2
         err = capsys.readouterr().err.strip()

@@ -472,8 +472,8 @@ class LoraSettings(TrainSettings):
                           "alpha/rank form, each layer's alpha x sqrt(rank), so every loader reads them", default=False)
     algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's) | "
                       "dora (LoRA with a learned magnitude per input column, kohya's DoRA) | oft (LyCORIS's "
-                      "diag-oft: each layer's output turned by an orthogonal R, in blocks of the largest size up to "
-                      "--rank that divides the width; --alpha is its constraint, 0 none): A1111, ComfyUI and "
+                      "diag-oft: each layer's output turned by an orthogonal R in blocks, sized as LyCORIS "
+                      "factorises the width at --rank; --alpha is its constraint, 0 none): A1111, ComfyUI and "
                       "sdtune load all five, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
@@ -554,10 +554,10 @@ class LoraSettings(TrainSettings):
         super().check()
         if self.rank < 1:
             raise SdtuneError(f"--rank {self.rank}: must be at least 1")
-        if not (self.alpha > 0 or (self.algo == "oft" and self.alpha == 0)):
-            raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0" + (" (--algo oft: 0 or more, its "
-                                                                                 "constraint)" if self.algo == "oft"
-                                                                                 else ""))
+        if self.algo == "oft" and not self.alpha >= 0:
+            raise SdtuneError(f"--alpha {self.alpha}: must be 0 or more (--algo oft: its constraint, 0 none)")
+        if self.algo != "oft" and not self.alpha > 0:
+            raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
         if not self.unet and not self.text_encoder:
@@ -592,7 +592,8 @@ class LoraSettings(TrainSettings):
                               "could change; leave --rs-lora off")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
         if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
-            offering = [a for a in FACTOR_OPTION_ALGOS if a != "oft" or not self.scale_weight_norms]  # (above)
+            # (OFT's layer takes the two dropouts, not max-norm)
+            offering = [a for a in FACTOR_OPTION_ALGOS if a != "oft" or not self.scale_weight_norms]
             raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
                               f"{', '.join(offering)} (DoRA's layer computes with the whole weight, its magnitude "
                               f"learned beside the factors)")

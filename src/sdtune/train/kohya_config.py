@@ -83,7 +83,8 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
               "prodigy": "prodigy", "adafactor": "adafactor", "adamwschedulefree": "adamwschedulefree",
               "radamschedulefree": "radamschedulefree", "sgdschedulefree": "sgdschedulefree"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}  # LyCORIS's algo=
+# LyCORIS's algo= names
+NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
 LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both",

@@ -470,8 +470,8 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
 
 
 def lycoris_network(settings: LoraSettings, family) -> dict:
-    """A LoHa, LoKr, DoRA or OFT run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer whose
-    w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
+    """A LoHa, LoKr, DoRA or OFT run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer
+    whose w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
     algo = algos.get(settings.algo)
     args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
