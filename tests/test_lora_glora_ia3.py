@@ -124,7 +124,7 @@ def test_glora_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_pat
     formats.convert(path, tmp_path / "again.safetensors")  # kohya/LyCORIS keys out: the same tensors
     again, sd = load_file(tmp_path / "again.safetensors"), load_file(path)
     assert set(again) == set(sd) and all(torch.equal(again[k].reshape(sd[k].shape), sd[k]) for k in sd)
-    bakes_but_merges_not(base, path, layers, "glora")
+    bakes_but_merges_not(base, path, layers, "GLoRA")
 
 
 def test_misshapen_glora_is_one_clear_error(base, tmp_path):
@@ -213,7 +213,7 @@ def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path,
     for named in ([], [str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")]):
         assert main(["convert", str(path), *named, "--to", "kohya"]) == 2
         assert "convert: name the file to write once" in capsys.readouterr().err
-    bakes_but_merges_not(base, path, layers, "ia3")
+    bakes_but_merges_not(base, path, layers, "IA3")
 
 
 def test_ia3_that_does_not_fit_or_lacks_its_flag_is_one_clear_error(base, tmp_path):
