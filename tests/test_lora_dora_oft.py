@@ -4,6 +4,7 @@ test writes and merged by ``base.loras`` on the tiny SD1 model; strength, restor
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune.lora import formats
-from sdtune.lora.inspect import describe
+from sdtune.lora.inspect import describe, render
 from sdtune.lora.neutral import Adapter
 from sdtune.safeio import SdtuneError
 
@@ -37,15 +38,17 @@ def kohya(path):
     return "lora_unet_" + path.replace(".", "_")
 
 
-def removed_and_described(base, name, w0, path, kind, label):
+def removed_and_described(base, name, w0, path, kind, label, oft_blocks=None):
     """Removing the adapter gives every layer its original bits back, and ``inspect`` names the algorithm."""
     base.loras.remove(name)
     for t in w0:
         assert torch.equal(weight(base.unet, t), w0[t])
     info = describe(path)
     assert info["kinds"] == {kind: len(w0)} and info["lycoris"] == label and info["unknown_keys"] == []
-    if kind == "oft":  # its alpha is a constraint, not a factor on a ΔW: no scale is shown
-        assert info["scales"] == []
+    if kind == "oft":  # its alpha is a constraint, not a factor on a ΔW: no scale is shown; its block sizes are
+        assert info["scales"] == [] and info["oft_block_sizes"] == oft_blocks
+        shown = ", ".join(f"{b} x {b} ({n} layer{'s' * (n > 1)})" for b, n in oft_blocks.items())
+        assert re.search(rf"\nOFT block sizes +{re.escape(shown)}\n", render(info))
 
 
 # ---------------------------------------------------------------- PEFT: its own merge is the oracle
@@ -342,7 +345,7 @@ def test_oft_blocks_rotate_output_rows_with_and_without_the_constraint(base, tmp
     base.loras.set_weights({"o": 1.0})
     for t, (_, alpha) in cases.items():
         torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], alpha, 1.0), rtol=1e-5, atol=1e-6)
-    removed_and_described(base, "o", w0, path, "oft", "OFT")
+    removed_and_described(base, "o", w0, path, "oft", "OFT", {8: 2})
 
     lora = formats.convert(path, tmp_path / "again.safetensors")  # kohya out, same tensors and constraint
     again = formats.load_lora(tmp_path / "again.safetensors")
@@ -426,7 +429,7 @@ def test_boft_butterfly_with_constraint_and_rescale(base, tmp_path):
         for t, (_, alpha, rescale) in cases.items():
             torch.testing.assert_close(weight(base.unet, t), butterfly64(w0[t], blocks[t], alpha, strength, rescale),
                                        rtol=1e-5, atol=1e-6)
-    removed_and_described(base, "b", w0, tmp_path / "boft.safetensors", "oft", "BOFT")
+    removed_and_described(base, "b", w0, tmp_path / "boft.safetensors", "oft", "BOFT", {4: 1, 8: 1})
     formats.convert(tmp_path / "boft.safetensors", tmp_path / "again.safetensors")  # kohya out, same tensors
     again = formats.load_lora(tmp_path / "again.safetensors")
     assert torch.equal(again.modules["unet"][CONV].tensors["rescale"], cases[CONV][2])
@@ -443,7 +446,7 @@ def test_oft_diag_is_the_rotation_itself(base, tmp_path):
     big = torch.block_diag(*r.float().to(D))
     expected = (w0.to(D) + 0.5 * (big.T @ w0.to(D) - w0.to(D))).float()
     torch.testing.assert_close(weight(base.unet, ATTN), expected, rtol=1e-5, atol=1e-6)
-    removed_and_described(base, "d", {ATTN: w0}, tmp_path / "diag.safetensors", "oft", "OFT")
+    removed_and_described(base, "d", {ATTN: w0}, tmp_path / "diag.safetensors", "oft", "OFT", {8: 1})
 
 
 def test_misshapen_oft_blocks_are_one_clear_error(base, tmp_path):

@@ -90,6 +90,9 @@ def describe(path: str | Path) -> dict:
                              and ad.rank is not None),
         # an OFT's alpha is its constraint, not a factor on a ΔW (its scale slot carries it): no scale to show
         "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if ad.kind != "oft"}),
+        # what an OFT has instead of a rank: the size b of its b x b blocks, {b: layers}
+        "oft_block_sizes": dict(sorted(Counter(next(t for r, t in ad.tensors.items() if r in ("blocks", "rotation"))
+                                               .shape[-1] for _, _, ad in lora.items() if ad.kind == "oft").items())),
         "conv_layers": conv3,
         "conv1x1_layers": conv1,
         "lycoris": ", ".join(lycoris) or None,
@@ -275,6 +278,9 @@ def render(info: dict) -> str:
           if info.get("fits_family") else []),
         ("adapter kinds", ", ".join(f"{k} {n}" for k, n in info["kinds"].items()) or "none"),
         ("ranks", ", ".join(map(str, info["ranks"])) or "n/a"),
+        *([("OFT block sizes", ", ".join(f"{b} x {b} ({n} layer{'s' * (n != 1)})"
+                                         for b, n in info["oft_block_sizes"].items()))]
+          if info.get("oft_block_sizes") else []),
         ("alphas", alphas),
         ("scales", ", ".join(f"{s:g}" for s in info["scales"]) or "n/a"),
         ("conv layers", f"{info['conv_layers']} (kernel > 1), {info['conv1x1_layers']} (1x1)"),
