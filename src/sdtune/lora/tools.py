@@ -139,7 +139,8 @@ def _read(path: str | Path) -> Lora:
                           f"{kept_apart[0]}: LyCORIS full's diff_b, norm w_norm/b_norm), which LoRA factors cannot "
                           f"hold: a merge or resize would drop them. Apply the file as it is, or bake it into a "
                           f"checkpoint with sdtune merge")
-    weight_bound = sorted({ad.algo.label or ad.kind for _, _, ad in lora.items() if not ad.algo.additive})  # as inspect names them
+    # (named as inspect names them: OFT, DoRA...)
+    weight_bound = sorted({ad.algo.label or ad.kind for _, _, ad in lora.items() if not ad.algo.additive})
     if weight_bound:  # said before any layer is worked on, naming the file
         raise SdtuneError(f"{path}: holds {'/'.join(weight_bound)} adapters, which change the weight itself, not by "
                           f"a fixed ΔW: a merge or resize into LoRA factors is not possible. Apply the file as it "
