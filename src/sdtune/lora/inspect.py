@@ -91,8 +91,8 @@ def describe(path: str | Path) -> dict:
         # an OFT's alpha is its constraint, not a factor on a ΔW (its scale slot carries it): no scale to show
         "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if ad.kind != "oft"}),
         # what an OFT has instead of a rank: the size b of its b x b blocks, {b: layers}
-        "oft_block_sizes": dict(sorted(Counter(next(t for r, t in ad.tensors.items() if r in ("blocks", "rotation"))
-                                               .shape[-1] for _, _, ad in lora.items() if ad.kind == "oft").items())),
+        "oft_block_sizes": dict(sorted(Counter(ad.algo.block_size(ad.tensors) for _, _, ad in lora.items()
+                                               if ad.kind == "oft").items())),
         "conv_layers": conv3,
         "conv1x1_layers": conv1,
         "lycoris": ", ".join(lycoris) or None,

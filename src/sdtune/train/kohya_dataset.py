@@ -24,9 +24,9 @@ that gives none takes the run's (its training config's or a flag's: sd-scripts f
 so is its dataset's resolution (several resolutions in one run: each image bucketed at its own). Its other
 options (buckets, crops, batch size...) must agree with every other training subset's: a file that gives two
 values is refused in one line. The class images (``is_reg``) take the training images' other options; where theirs
-differ, that is said. This module reads the file's structure; ``kohya_config.dataset_settings`` reads its options as sdtune's settings, and
-``scan.scan_data`` its folders. A relative ``image_dir`` is found from the current folder, as sd-scripts finds it,
-else from the file's.
+differ, that is said. This module reads the file's structure; ``kohya_config.dataset_settings`` reads its options
+as sdtune's settings, and ``scan.scan_data`` its folders. A relative ``image_dir`` is found from the current
+folder, as sd-scripts finds it, else from the file's.
 """
 
 from __future__ import annotations

@@ -71,6 +71,10 @@ class Oft(Algorithm):
         r = t["blocks"] if "blocks" in t else t["rotation"]
         return Io(r.shape[-3] * r.shape[-1], None, None)
 
+    def block_size(self, t) -> int:
+        """b of its b x b blocks: what an OFT has instead of a rank (``sdtune inspect`` shows it)."""
+        return (t["blocks"] if "blocks" in t else t["rotation"]).shape[-1]
+
     def lycoris_label(self, t):
         return "BOFT" if "blocks" in t and t["blocks"].dim() == 4 else self.label
 
