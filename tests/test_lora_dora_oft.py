@@ -449,6 +449,36 @@ def test_oft_diag_is_the_rotation_itself(base, tmp_path):
     removed_and_described(base, "d", {ATTN: w0}, tmp_path / "diag.safetensors", "oft", "OFT", {8: 1})
 
 
+def test_kohya_networks_oft_file_applies_and_converts_to_the_lycoris_layout(base, tmp_path):
+    """kohya's own ``networks.oft`` names its UNet modules ``oft_unet_…`` (its network_dim is the number of blocks,
+    its network_alpha the constraint, 1e-3 by default): read as A1111 reads them, the same math as LyCORIS's."""
+    g = torch.Generator().manual_seed(12)
+    to_k = ATTN.replace("to_q", "to_k")
+    w0 = {t: weight(base.unet, t) for t in (ATTN, to_k)}
+    blocks = {t: torch.randn(4, 8, 8, generator=g) * 0.01 for t in w0}  # dim 4: 4 blocks of a 32-wide layer
+    sd = {}
+    for t in w0:
+        key = "oft_unet_" + t.replace(".", "_")
+        sd |= {f"{key}.oft_blocks": blocks[t], f"{key}.alpha": torch.tensor(1e-3)}
+    path = tmp_path / "kohya_oft.safetensors"
+    save_file(sd, path, {"ss_network_module": "networks.oft", "ss_network_dim": "4", "ss_network_alpha": "0.001"})
+    assert (blocks[ATTN] - blocks[ATTN].transpose(1, 2)).norm() > 1e-3 * 32  # kohya's default constraint acts
+
+    base.loras.add("k", path, weight=0.7)
+    for t in w0:
+        torch.testing.assert_close(weight(base.unet, t), oft64(w0[t], blocks[t], 1e-3, 0.7), rtol=1e-5, atol=1e-6)
+    removed_and_described(base, "k", w0, path, "oft", "OFT", {8: 2})
+    assert describe(path)["format"] == "kohya-oft"
+
+    formats.convert(path, tmp_path / "lycoris.safetensors")  # the layout A1111, ComfyUI and LyCORIS read
+    with safe_open(tmp_path / "lycoris.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(k.replace("oft_unet_", "lora_unet_") for k in sd)
+        meta = f.metadata()  # what loads it in kohya's LyCORIS loader, no longer networks.oft
+        assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == "diag-oft"
+        for k, v in sd.items():
+            assert torch.equal(f.get_tensor(k.replace("oft_unet_", "lora_unet_")), v)
+
+
 def test_misshapen_oft_blocks_are_one_clear_error(base, tmp_path):
     bad = {"rows": torch.zeros(3, 8, 8),  # 24 rows for a 32-row layer
            "butterfly": torch.zeros(3, 2, 8, 8),  # 3 stages need blocks in multiples of 4

@@ -52,6 +52,10 @@ KOHYA_UNET_PREFIX = "lora_unet_"
 # kohya prefix -> component: lora_unet_, and each family's text-encoder prefixes (lora_te_, lora_te1_, lora_te2_)
 KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {te.kohya_prefix: te.component for f in families.FAMILIES.values()
                                                 for te in f.text_encoders}
+# kohya's own OFT (``networks.oft``, UNet only) names its modules oft_unet_<kohya name>, as A1111 reads them; sdtune
+# writes them back as lora_unet_ (the LyCORIS layout, which A1111 and ComfyUI read)
+KOHYA_OFT_PREFIX = "oft_unet_"
+KOHYA_PREFIXES[KOHYA_OFT_PREFIX] = "unet"
 # The key suffixes and roles of each algorithm are its own (``algos``); ``alpha`` is shared by all of them.
 _ALPHA = "alpha"
 # attention-processor LoRA (diffusers < 0.19, and the text-encoder monkey patch of that time)
@@ -212,6 +216,8 @@ class _Reader:
                 if kind_role is None:
                     break
                 style = algos.get(kind_role[0]).style if kind_role[0] else None
+                if prefix == KOHYA_OFT_PREFIX:
+                    style = "kohya-oft"
                 self._add(self.kohya, comp, name, kind_role, value, key, style)
                 return
         else:
