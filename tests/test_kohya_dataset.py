@@ -111,7 +111,7 @@ keep_tokens = 2
     said = {str(w.message) for w in recwarn}
     assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
            f"bucket_no_upscale" in said
-    assert f"{ds}: cache_info change nothing sdtune trains and are not used" in said
+    assert f"{ds}: cache_info changes nothing sdtune trains and is not used" in said
     # keep_tokens and flip_aug differ between the subsets: each image's own (the class images' too)
     assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2, "flip": True}] * 2
     # (the class images give no flip_aug: the run's, as sd-scripts falls back to its command line)

@@ -94,9 +94,10 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),
                         (["--algo", "oft", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's OFT"),
-                        (["--algo", "oft", "--scale-weight-norms", "1"], "OFT's change is a rotation"),
+                        (["--algo", "oft", "--scale-weight-norms", "1"], "OFT's change is no product of factors"),
                         (["--algo", "oft", "--rs-lora"], "OFT's --alpha is its constraint"),
                         (["--algo", "oft", "--conv-rank", "1"], "--algo oft --conv-rank 1: OFT's blocks would be 1 x 1"),
+                        (["--algo", "oft", "--rank", "1"], "--algo oft --rank 1: OFT's blocks would be 1 x 1, which turn nothing; give 2"),
                         (["--algo", "lora", "--alpha", "0"], "--alpha 0.0: must be greater than 0"),
                         (["--algo", "oft", "--alpha", "-1"], "--alpha -1.0: must be 0 or more (--algo oft: its"),
                         (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft")):

@@ -430,8 +430,8 @@ def test_a_settings_file_fills_the_form_as_the_cli_reads_it(studio, tmp_path):
     values, notes = studio.file_form_values("lora", str(kohya))
     assert (values["rank"], values["alpha"], values["lr"], values["te_lr"], values["text_encoder"]) == (
         12, 6.0, 3e-4, "0.0001", True)
-    assert notes == ["config_lora.toml: read as a kohya sd-scripts config; xformers change nothing sdtune trains and "
-                     "are not used"]
+    assert notes == ["config_lora.toml: read as a kohya sd-scripts config; xformers changes nothing sdtune trains and "
+                     "is not used"]
     own = tmp_path / "settings.toml"
     own.write_text('[ti]\ntoken = "<w>"\ninit_token = "star"\nnum_vectors = 3\n')
     values, notes = studio.file_form_values("ti", str(own))

@@ -648,7 +648,7 @@ def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(ser
     d.find_element(By.CSS_SELECTOR, "#train-settings-file input[type=file]").send_keys(str(kohya))
     _wait(lambda: _value(d, "train-rank") == "12" and _value(d, "train-steps") == "7", 30, "the kohya config's values")
     _wait_text(d, "train-status", r"(?s)config_lora.toml's settings .*\n\n⚠️ config_lora.toml: read as a kohya "
-                                  r"sd-scripts config; xformers change nothing sdtune trains")
+                                  r"sd-scripts config; xformers changes nothing sdtune trains")
     other = "tiny-xl" if MODEL != "tiny-xl" else "tiny"
     _pick(d, "model", other)
     _wait_text(d, "model-status", f"base model: {other} ", 30)

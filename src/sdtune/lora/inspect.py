@@ -89,7 +89,7 @@ def describe(path: str | Path) -> dict:
         "alpha_missing": sum(1 for _, _, ad in lora.items() if ad.alpha is None and ad.algo.uses_alpha
                              and ad.rank is not None),
         # an OFT's alpha is its constraint, not a factor on a ΔW (its scale slot carries it): no scale to show
-        "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if ad.kind != "oft"}),
+        "scales": sorted({round(ad.scale, 6) for _, _, ad in lora.items() if not ad.algo.alpha_is_constraint}),
         # what an OFT has instead of a rank: the size b of its b x b blocks, {b: layers}
         "oft_block_sizes": dict(sorted(Counter(ad.algo.block_size(ad.tensors) for _, _, ad in lora.items()
                                                if ad.kind == "oft").items())),

@@ -56,6 +56,12 @@ FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 
 
+def _not_used(keys: list[str]) -> str:
+    """The note for a config's keys that sdtune reads and leaves: what it tells the user."""
+    one = len(keys) == 1
+    return f"{', '.join(keys)} change{'s' * one} nothing sdtune trains and {'is' if one else 'are'} not used"
+
+
 def _help(text: str, **kw):
     """A field with its ``--help`` text (the CLI shows it; other fields show only their default)."""
     return field(metadata={"help": text}, **kw)
@@ -552,11 +558,13 @@ class LoraSettings(TrainSettings):
 
     def check(self) -> None:
         super().check()
+        _choice("algo", self.algo, LORA_ALGOS)
+        algo = algos.get(self.algo)
         if self.rank < 1:
             raise SdtuneError(f"--rank {self.rank}: must be at least 1")
-        if self.algo == "oft" and not self.alpha >= 0:
-            raise SdtuneError(f"--alpha {self.alpha}: must be 0 or more (--algo oft: its constraint, 0 none)")
-        if self.algo != "oft" and not self.alpha > 0:
+        if algo.alpha_is_constraint and not self.alpha >= 0:
+            raise SdtuneError(f"--alpha {self.alpha}: must be 0 or more (--algo {self.algo}: its constraint, 0 none)")
+        if not algo.alpha_is_constraint and not self.alpha > 0:
             raise SdtuneError(f"--alpha {self.alpha}: must be greater than 0")
         if self.conv_rank < 0:
             raise SdtuneError(f"--conv-rank {self.conv_rank}: must be 0 or more")
@@ -580,20 +588,23 @@ class LoraSettings(TrainSettings):
                               f"{self.algo} has none (use --algo {' or '.join(UP_FACTOR_ALGOS)})")
         if not self.scale_weight_norms >= 0:
             raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
-        if self.algo == "oft" and self.scale_weight_norms:
-            raise SdtuneError("--algo oft --scale-weight-norms: OFT's change is a rotation, which max-norm does not "
-                              "scale back (its --alpha bounds it instead); use --scale-weight-norms 0")
-        ones = [f"--{_flag(n)} 1" for n in ("rank", "conv_rank") if getattr(self, n) == 1]
-        if self.algo == "oft" and ones:
-            raise SdtuneError(f"--algo oft {' '.join(ones)}: OFT's blocks would be 1 x 1, which turn nothing; give 2 "
-                              f"or more (the block size, as LyCORIS's lora_dim)")
-        if self.algo == "oft" and self.rs_lora:
-            raise SdtuneError("--algo oft --rs-lora: OFT's --alpha is its constraint, not a scale that rsLoRA "
-                              "could change; leave --rs-lora off")
+        if algo.alpha_is_constraint and self.scale_weight_norms:
+            raise SdtuneError(f"--algo {self.algo} --scale-weight-norms: {algo.label}'s change is no product of "
+                              f"factors that max-norm could scale back (its --alpha bounds it instead); use "
+                              f"--scale-weight-norms 0")
+        small = [f"--{_flag(n)} {getattr(self, n)}" for n in ("rank", "conv_rank")
+                 if 0 < getattr(self, n) < algo.least_rank]
+        if small:  # (OFT's only: its rank is a block size)
+            raise SdtuneError(f"--algo {self.algo} {' '.join(small)}: {algo.label}'s blocks would be 1 x 1, which "
+                              f"turn nothing; give {algo.least_rank} or more (the block size, as LyCORIS's lora_dim)")
+        if algo.alpha_is_constraint and self.rs_lora:
+            raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label}'s --alpha is its constraint, not a scale "
+                              f"that rsLoRA could change; leave --rs-lora off")
         kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
         if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
-            # (OFT's layer takes the two dropouts, not max-norm)
-            offering = [a for a in FACTOR_OPTION_ALGOS if a != "oft" or not self.scale_weight_norms]
+            # (those whose alpha is a constraint take the two dropouts, not max-norm)
+            offering = [a for a in FACTOR_OPTION_ALGOS
+                        if not (algos.get(a).alpha_is_constraint and self.scale_weight_norms)]
             raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
                               f"{', '.join(offering)} (DoRA's layer computes with the whole weight, its magnitude "
                               f"learned beside the factors)")
@@ -610,7 +621,6 @@ class LoraSettings(TrainSettings):
         _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
         if self.network_weights:
             input_path(self.network_weights, "LoRA file", "--network-weights")
-        _choice("algo", self.algo, LORA_ALGOS)
         if self.algo == "dora" and "diffusers" in self.formats:  # diffusers reads PEFT's per-row magnitude only
             raise SdtuneError("--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input "
                               "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
@@ -865,8 +875,7 @@ def read_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         if kohya_config.is_kohya(table):  # sd-scripts' config file, read as it reads it
             table, unused = kohya_config.translate(table, path, kind, family)
             if unused:
-                note(f"{path}: read as a kohya sd-scripts config; {', '.join(unused)} change nothing sdtune trains "
-                     f"and are not used")
+                note(f"{path}: read as a kohya sd-scripts config; {_not_used(unused)}")
         unknown = [key for key, value in table.items() if not isinstance(value, dict)  # dicts: the other kind's
                    and key.replace("-", "_") not in names]
         if unknown:  # all of them at once, each with its likely name
@@ -906,7 +915,7 @@ def _dataset_values(path: str, kind: str, family, names: set[str], given: dict, 
                               f"file's [general]")
     table, unused = kohya_config.dataset_settings(dataset, kind, family)
     if unused:
-        note(f"{path}: {', '.join(unused)} change nothing sdtune trains and are not used")
+        note(f"{path}: {_not_used(unused)}")
     unknown = [key for key in table if key not in names]
     if unknown:
         raise SdtuneError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} for {kind} training: "

@@ -28,6 +28,7 @@ import shlex
 from pathlib import Path
 
 from ..console import note
+from ..lora import algos
 from ..safeio import SdtuneError
 from . import kohya_blocks, kohya_dataset
 
@@ -312,7 +313,8 @@ def _network(theirs: dict, take, where, family) -> None:
         take("network_args (block-wise)", name, value)
     for key in kohya_blocks.ARGS:
         parsed.pop(key, None)
-    constraint = parsed.pop("constraint", None) if algo == "oft" else None
+    constrained = algos.get(algo).alpha_is_constraint  # (diag-oft: LyCORIS's constraint argument is its alpha)
+    constraint = parsed.pop("constraint", None) if constrained else None
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked
         value = parsed.pop(key)
         if value.lower() not in ("false", "0", ""):
@@ -324,8 +326,8 @@ def _network(theirs: dict, take, where, family) -> None:
                               f"{', '.join(NETWORK_ARGS)}, algo, dora_wd, preset and the block-wise "
                               f"{', '.join(kohya_blocks.ARGS)}); leave it out")
         take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
-    if algo == "oft":  # LyCORIS's diag-oft: its constraint argument (0: none) is the layers' alpha; network_alpha
-        theirs.pop("network_alpha", None)  # goes unused
+    if constrained:  # the constraint argument (0: none) is the layers' alpha; network_alpha goes unused
+        theirs.pop("network_alpha", None)
         take("network_args constraint", "alpha", _number(constraint or "0"))
     elif "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
         theirs.setdefault("network_alpha", 1)

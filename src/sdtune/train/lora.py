@@ -142,9 +142,10 @@ def _conv_rank(settings: LoraSettings) -> int:
 def _conv_alpha(settings: LoraSettings) -> float:
     if settings.conv_alpha is not None:
         return settings.conv_alpha
-    # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest. OFT's alpha is
-    # no scale but its constraint: the convolutions keep the run's
-    return float(settings.conv_rank) if settings.conv_rank and settings.algo != "oft" else settings.alpha
+    # a --conv-rank of their own: scale 1; as plain targets of "all": --rank and --alpha like the rest. An alpha that
+    # is no scale but a constraint (OFT's) stays the run's
+    constraint = algos.get(settings.algo).alpha_is_constraint
+    return float(settings.conv_rank) if settings.conv_rank and not constraint else settings.alpha
 
 
 def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.Module]], dict[str, nn.Module]]:
@@ -477,7 +478,7 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
     args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
-    if settings.algo == "oft":  # (LyCORIS's argument; the layers' alpha holds it too)
+    if algo.alpha_is_constraint:  # (LyCORIS's argument; the layers' alpha holds it too)
         args["constraint"] = str(float(settings.alpha))
     args |= _option_args(settings, family)
     if settings.rank_dropout:

@@ -43,6 +43,10 @@ class Algorithm:
     network_algo: ClassVar[str | None] = None  # LyCORIS ``ss_network_args`` ``algo``; None: kohya's plain LoRA
     label: ClassVar[str | None] = None  # its LyCORIS type as ``sdtune inspect`` names it; None: not LyCORIS
     uses_alpha: ClassVar[bool] = True  # whether a file's ``.alpha`` key belongs to it
+    # Whether that alpha bounds the change (OFT's constraint on its rotation, 0: none) instead of scaling ΔW by
+    # alpha / rank: then it has no scale to show, none for rsLoRA to change and no factors for max-norm to shrink
+    alpha_is_constraint: ClassVar[bool] = False
+    least_rank: ClassVar[int] = 1  # the smallest --rank a run trains something with (OFT's is a block size)
     # Whether W' = W0 + strength · ΔW. Additive adapters of one layer are summed (and plain LoRAs share one GEMM);
     # a non-additive one (DoRA, OFT) overrides ``apply``, and its change apply(W0) − W0 is added to that sum.
     additive: ClassVar[bool] = True

@@ -42,6 +42,8 @@ class Oft(Algorithm):
     network_algo = "diag-oft"
     label = "OFT"
     additive = False
+    alpha_is_constraint = True
+    least_rank = 2  # 1 x 1 blocks turn nothing
 
     def build(self, roles):
         t = dict(roles)
