@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from small_runs import factors, resumes_exactly
 
+import sdtune
 from sdtune import families
 from sdtune.cli import main
 from sdtune.console import SdtuneWarning
@@ -167,6 +168,7 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     (tmp_path / "from-metadata.toml").write_text(meta["ss_sdtune_settings"])
     again = load_settings(tmp_path / "from-metadata.toml", kind="lora")  # all but the terminal's progress bar
     assert again == dataclasses.replace(s, progress=again.progress) and meta["ss_sdtune_preset"] == ""
+    assert meta["ss_sdtune_version"] == sdtune.__version__  # the tool that made it, for bug reports
 
     lora = load_lora(path)
     conv = lora.modules["unet"]["down_blocks.0.resnets.0.conv1"]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+import sdtune
 from sdtune.console import SdtuneWarning
 from sdtune.models import load_base
-from sdtune.safeio import SdtuneError, load_state
+from sdtune.safeio import SdtuneError, load_state, read_metadata
 from sdtune.ti.formats import load_embedding
 from sdtune.tiny import model as tiny
 from sdtune.tiny import world
@@ -74,6 +75,8 @@ def test_only_the_new_rows_learn_and_the_file_loads_in_diffusers(dataset, tmp_pa
     a1111 = load_embedding(tmp_path / "pstar.pt")
     assert a1111.token == "<pstar>" and a1111.format == "a1111" and torch.equal(a1111.vectors[0], after[n])
     assert torch.equal(load_embedding(path).vectors[0], after[n])
+    facts = read_metadata(path)  # what the file records of its run, the sdtune that made it among them
+    assert facts["sdtune.step"] == "4" and facts["sdtune.version"] == sdtune.__version__
     # prompts with the token now condition differently from the init word
     ids = base.tokenizer(["a photo of a <pstar>", "a photo of a star"], padding="max_length", max_length=77,
                          return_tensors="pt").input_ids

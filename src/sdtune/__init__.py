@@ -3,11 +3,10 @@
     from sdtune import load_base, generate
 """
 
-__version__ = "0.1.0"
-
 # First: silences library import-time messages before diffusers/transformers are imported below, and makes a
 # Ctrl-C during those imports one line for the command.
 from .console import imports_without_gc, quiet_interrupt_while_starting  # noqa: E402, I001
+from .version import __version__  # noqa: F401
 
 quiet_interrupt_while_starting()
 

@@ -11,7 +11,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
 from .console import (
     Interrupted,
     Terminated,
@@ -47,6 +46,7 @@ with imports_without_gc():  # the commands' modules, as the package's (see conso
     )
     from .train.lora import train_lora
     from .train.ti import train_ti
+    from .version import __version__
 
 
 MODEL_HELP = ("tiny or tiny-xl (built-in), a diffusers folder, a .safetensors/.ckpt SD 1.x/2.x/SDXL checkpoint, or a "

@@ -47,6 +47,7 @@ from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..lora.patch import check_fit
 from ..models import file_sha256, vae_swapped
 from ..safeio import SdtuneError
+from ..version import __version__
 from . import loop, optimizers, report, samples, validation
 from .captions import steady_caption
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
@@ -449,6 +450,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
            if getattr(base, "single_file", None) else {}),
         "ss_training_comment": f"trained with sdtune (targets={settings.targets}, lora_dropout={settings.lora_dropout})",
         "ss_sdtune_preset": settings.preset,
+        "ss_sdtune_version": __version__,  # (sd-scripts records its commit the same way)
         # kohya's record of a VAE given apart: its file name and sha256
         **({"ss_vae_name": base.vae_name, "ss_new_vae_hash": file_sha256(base.vae_file)}
            if getattr(base, "vae_file", None) else {}),

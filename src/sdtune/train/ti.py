@@ -30,6 +30,7 @@ from ..models import vae_swapped
 from ..safeio import SdtuneError
 from ..ti.formats import Embedding, file_stem, load_embedding, save_embedding
 from ..ti.tokens import EmbeddingSet, sub_tokens
+from ..version import __version__
 from . import loop, report, samples, validation
 from .captions import steady_caption
 from .config import TISettings, to_toml
@@ -173,8 +174,9 @@ def _state_key(embedding_key: str) -> str:
 
 def training_facts(base, settings, step: int) -> dict[str, str]:
     """What an embedding file records of its run (``Embedding.training``): the step, the base model's name and
-    hash (A1111's sd_checkpoint_name / sd_checkpoint in a .pt), and the settings (``--config`` reads them back)."""
-    return {"step": str(step), "base_model": Path(str(getattr(base, "name", ""))).name,
+    hash (A1111's sd_checkpoint_name / sd_checkpoint in a .pt), the settings (``--config`` reads them back) and
+    the sdtune that trained it."""
+    return {"step": str(step), "base_model": Path(str(getattr(base, "name", ""))).name, "version": __version__,
             "base_model_hash": str(getattr(base, "model_hash", "")), "settings": to_toml(settings)}
 
 
