@@ -143,7 +143,15 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      '"module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False", "algo=loha", '
      '"train_norm=False"]', dict(algo="loha", conv_rank=4, targets="all")),
     ('network_module = "lycoris.kohya"\nnetwork_args = \'"algo=lokr" "factor=4" "use_cp=False" "decompose_both=False"\'',
-     dict(algo="lokr", lokr_factor=4)),  # the transparency as the loss's mask, as --masked-loss reads it
+     dict(algo="lokr", lokr_factor=4)),
+    # LyCORIS's LoKr options; rank_dropout_scale=True is what sdtune does; other algorithms pass LoKr's by
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "full_matrix=True", "decompose_both=False", '
+     '"unbalanced_factorization=True", "rank_dropout_scale=True", "rank_dropout=0.1"]',
+     dict(algo="lokr", lokr_full_matrix=True, lokr_decompose_both=False, lokr_unbalanced=True, rank_dropout=0.1)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "decompose_both=True"]',
+     dict(algo="lokr", lokr_full_matrix=False, lokr_decompose_both=True)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "full_matrix=True"]',
+     dict(algo="loha", lokr_full_matrix=False)),
     # sd-scripts deletes the save 200 steps back: saves at 300, 400 and 500 are kept at step 500
     ("save_every_n_steps = 100\nsave_last_n_steps = 200\nsave_last_n_steps_state = 200",
      dict(save_every=100, keep_last=3)),
@@ -241,3 +249,17 @@ def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_p
     assert 'name = "k"' in saved and "rank = 4" in saved and "text_encoder = false" in saved and "xformers" not in saved
     assert main(["train", "lora", "--config", str(out / loop.SETTINGS_FILE), "--no-progress"]) == 0  # done: kept
     assert "already finished" in capsys.readouterr().err
+
+
+def test_rank_dropout_scale_false_is_noted_only_where_rows_are_dropped(tmp_path, recwarn):
+    """sdtune scales the rows rank dropout keeps by 1/(1 - p) (LyCORIS's rank_dropout_scale=True): a config that
+    turns the switch off while dropping rows is told so; kohya_ss's default False with no rank dropout is not."""
+    cfg = tmp_path / "c.toml"
+    for dropout, noted in (("0.1", True), ("0", False)):
+        cfg.write_text('pretrained_model_name_or_path = "m"\nnetwork_module = "lycoris.kohya"\nnetwork_args = '
+                       f'["algo=loha", "rank_dropout={dropout}", "rank_dropout_scale=False"]\n')
+        recwarn.clear()
+        assert load_settings(cfg, {}, "lora", family="sd1").rank_dropout == float(dropout)
+        said = [str(w.message) for w in recwarn if "rank_dropout_scale" in str(w.message)]
+        assert said == ([f"{cfg}: network_args rank_dropout_scale=False: sdtune scales the rows rank dropout keeps "
+                         f"by 1/(1 - rank_dropout), as rank_dropout_scale=True does"] if noted else [])

@@ -134,6 +134,34 @@ def test_each_trainable_layer_starts_at_the_base_and_adds_what_its_file_applies(
             assert torch.linalg.vector_norm(q) > 6  # the constraint acted: the trained weight is the held one
 
 
+@pytest.mark.parametrize("options, rank, roles, w1", [
+    ({"full_matrix": True}, 1, {"w1", "w2"}, (4, 4)),  # whole at any rank: scale 1
+    ({"decompose_both": True}, 1, {"w1a", "w1b", "w2a", "w2b"}, (4, 4)),  # rank 1 < half of w1's 4 x 4: split
+    ({"decompose_both": True}, 2, {"w1", "w2a", "w2b"}, (4, 4)),  # 2 is not below half of 4: w1 whole
+    ({"unbalanced": True}, 1, {"w1", "w2a", "w2b"}, (8, 4)),  # the output's larger factor (8 of 4 x 8) in w1
+])
+def test_lokr_layer_options_shape_the_factors_as_lycoris(options, rank, roles, w1):
+    """LyCORIS's full_matrix, decompose_both and unbalanced_factorization, on a Linear(16 -> 32): 32 = 4 x 8 and
+    16 = 4 x 4; the layer starts at the base and, trained, gives what its saved adapter applies."""
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(16, 32)
+    trained = algos.get("lokr").layer(layer, rank=rank, alpha=1.0, dropout=0.0, generator=g, **options)
+    assert set(trained.parts()) == roles
+    made = trained.tensors()
+    assert (made["w1"].shape if "w1" in made else (made["w1a"].shape[0], made["w1b"].shape[1])) == w1
+    x = torch.randn(3, 16)
+    assert torch.equal(trained(x), layer(x))
+    with torch.no_grad():
+        for p in trained.parts().values():
+            p.normal_(generator=g)
+    adapter = Adapter("lokr", trained.tensors(), 1.0)
+    assert adapter.scale == (1.0 if "w2" in roles and "w1" in roles else 1.0 / rank)  # LyCORIS's alpha / lora_dim
+    merged = copy.deepcopy(layer)
+    with torch.no_grad():
+        merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+    assert torch.allclose(trained(x), merged(x), atol=1e-4)
+
+
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):
     for rel, caption in (("2_blue/sub/a.png", "blue, star"), ("2_blue/b.png", "blue"), ("c.png", "red")):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -86,10 +86,33 @@ def test_lokr_factor_shapes_the_small_factor(dataset, tmp_path):
     assert json.loads(read_metadata(tmp_path / "lora.safetensors")["ss_network_args"])["factor"] == "4"
 
 
+def test_lokr_options_shape_every_layer_and_are_recorded_as_lycoris_names_them(dataset, tmp_path):
+    """--lokr-full-matrix: every layer's two factors whole (scale 1); --lokr-decompose-both --lokr-unbalanced at
+    rank 1: both split, w1 holding the output's larger factor (to_q's 32 = 4 x 8: 8); each in ss_network_args."""
+    runs = {"full": (["--lokr-full-matrix"], {"w1", "w2"}, {"full_matrix": "True"}),
+            "both": (["--lokr-decompose-both", "--lokr-unbalanced", "--rank", "1", "--conv-rank", "1"],
+                     {"w1a", "w1b", "w2a", "w2b"}, {"decompose_both": "True", "unbalanced_factorization": "True"})}
+    for name, (flags, roles, args) in runs.items():
+        assert train(dataset, tmp_path / name, "--algo", "lokr", "--steps", "2", *flags) == 0
+        path = tmp_path / name / "lora.safetensors"
+        lora = load_lora(path)
+        assert {frozenset(ad.tensors) for _, _, ad in lora.items()} == {frozenset(roles)}, name
+        recorded = json.loads(read_metadata(path)["ss_network_args"])
+        assert {k: recorded.get(k) for k in args} == args and recorded["algo"] == "lokr"
+        if name == "full":
+            assert {ad.scale for _, _, ad in lora.items()} == {1.0}
+        else:
+            q = lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+            assert q.tensors["w1a"].shape == (8, 1) and q.tensors["w2a"].shape == (4, 1) and q.scale == 2.0
+
+
 def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
     for flags, said in ((["--algo", "loha", "--formats", "kohya", "diffusers"],
                          "--algo loha --formats diffusers: diffusers has no layout for LyCORIS's LoHa"),
                         (["--algo", "lokr", "--lokr-factor", "0"], "--lokr-factor 0: must be -1"),
+                        (["--lokr-full-matrix"], "--lokr-full-matrix: shape a LoKr's factors, and this run trains "
+                                                 "--algo lora; add --algo lokr or leave them out"),
+                        (["--algo", "lokr", "--lokr-full-matrix", "--lokr-decompose-both"], "; choose one"),
                         (["--algo", "dora", "--formats", "diffusers"],
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),

@@ -29,6 +29,7 @@ from typing import get_args, get_origin, get_type_hints
 from .. import families, modelspec
 from ..console import note
 from ..lora import algos
+from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
@@ -54,6 +55,7 @@ LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft")  # the algorithms a run tra
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
 FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
+LOKR_SWITCHES = [f"lokr_{option}" for option in LYCORIS_OPTIONS]  # LoKr's layer options, as settings
 
 
 def _not_used(keys: list[str]) -> str:
@@ -483,6 +485,12 @@ class LoraSettings(TrainSettings):
                       "sdtune load all five, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
+    lokr_full_matrix: bool = _help("LoKr: both Kronecker factors whole at any --rank (LyCORIS's full_matrix; no "
+                                   "rank, scale 1)", default=False)
+    lokr_decompose_both: bool = _help("LoKr: the small factor split at --rank too, where --rank is below half its "
+                                      "larger side (LyCORIS's decompose_both)", default=False)
+    lokr_unbalanced: bool = _help("LoKr: the output width's larger factor in the small-factor slot (LyCORIS's "
+                                  "unbalanced_factorization)", default=False)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
@@ -634,6 +642,13 @@ class LoraSettings(TrainSettings):
                               f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
+        lokr_only = [f"--{_flag(n)}" for n in LOKR_SWITCHES if getattr(self, n)]
+        if lokr_only and self.algo != "lokr":
+            raise SdtuneError(f"{' '.join(lokr_only)}: shape a LoKr's factors, and this run trains --algo "
+                              f"{self.algo}; add --algo lokr or leave them out")
+        if self.lokr_full_matrix and self.lokr_decompose_both:
+            raise SdtuneError("--lokr-full-matrix --lokr-decompose-both: one keeps both factors whole, the other "
+                              "splits the small one; choose one")
         self._check_pivotal()
         self._check_prior()
 
@@ -690,6 +705,7 @@ TOPICS = {
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
+                                       "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..console import note
 from ..lora import algos
+from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..safeio import SdtuneError
 from . import kohya_blocks, kohya_dataset
 
@@ -88,8 +89,8 @@ PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both",
-                    "train_on_input", "bypass_mode", "rescaled", "wd_on_out", "full_matrix", "unbalanced_factorization"}
+LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input", "bypass_mode", "rescaled",
+                    "wd_on_out"}
 # network_args keys -> sdtune's settings (LyCORIS's and kohya's LoRA module's)
 NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout",
                 "module_dropout": "module_dropout", "factor": "lokr_factor", "dropout": "lora_dropout",
@@ -315,9 +316,15 @@ def _network(theirs: dict, take, where, family) -> None:
         parsed.pop(key, None)
     constrained = algos.get(algo).alpha_is_constraint  # (diag-oft: LyCORIS's constraint argument is its alpha)
     constraint = parsed.pop("constraint", None) if constrained else None
+    for option, key in LYCORIS_OPTIONS.items():  # LoKr's layer options (LyCORIS's other algorithms pass them by)
+        if _true(parsed.pop(key, "false")) and algo == "lokr":
+            take(f"network_args {key}", f"lokr_{option}", True)
+    # sdtune scales the rows rank dropout keeps by 1/(1 - p) (kohya's LoRA does; LyCORIS with this switch on, by the
+    # kept fraction): what the run does whatever the switch says, so its False is only noted
+    rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked
         value = parsed.pop(key)
-        if value.lower() not in ("false", "0", ""):
+        if _true(value):
             raise SdtuneError(f"{where}: network_args {key}={value}: LyCORIS's option sdtune does not train with; "
                               f"leave it False")
     for key, value in parsed.items():
@@ -326,6 +333,10 @@ def _network(theirs: dict, take, where, family) -> None:
                               f"{', '.join(NETWORK_ARGS)}, algo, dora_wd, preset and the block-wise "
                               f"{', '.join(kohya_blocks.ARGS)}); leave it out")
         take(f"network_args {key}", NETWORK_ARGS[key], _number(value))
+    dropped = _number(parsed.get("rank_dropout", "0"))
+    if not rescaled_rows and isinstance(dropped, (int, float)) and dropped > 0:
+        note(f"{where}: network_args rank_dropout_scale=False: sdtune scales the rows rank dropout keeps by "
+             f"1/(1 - rank_dropout), as rank_dropout_scale=True does")
     if constrained:  # the constraint argument (0: none) is the layers' alpha; network_alpha goes unused
         theirs.pop("network_alpha", None)
         take("network_args constraint", "alpha", _number(constraint or "0"))
@@ -370,6 +381,11 @@ def _rates(theirs: dict, take) -> None:
         take("text_encoder_lr", "te_lr", text)
     elif unet is not None and base is not None and unet != base:  # sd-scripts gives the text encoders the base
         take("learning_rate", "te_lr", base)
+
+
+def _true(text: str) -> bool:
+    """A network_args switch's value as kohya_ss writes it ("True"/"False"; LyCORIS takes 1/0 and the like too)."""
+    return str(text).strip().lower() not in ("false", "0", "", "none")
 
 
 def _number(text: str):

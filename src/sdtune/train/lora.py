@@ -41,6 +41,7 @@ from ..console import note
 from ..families import kohya_clip_skip
 from ..generate import read_layer
 from ..lora import algos, blocks
+from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..lora.formats import load_lora, sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -234,7 +235,8 @@ class Network:
         self.lr_factors = block_lrs(base, settings, modules)
         ranks, alphas = block_ranks(base, settings, modules)
         self.algo = algos.get(settings.algo)
-        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        options = {"factor": settings.lokr_factor, **{option: getattr(settings, f"lokr_{option}")
+                                                      for option in LYCORIS_OPTIONS}} if settings.algo == "lokr" else {}
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -480,6 +482,7 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
     args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
+        args |= {theirs: "True" for option, theirs in LYCORIS_OPTIONS.items() if getattr(settings, f"lokr_{option}")}
     if algo.alpha_is_constraint:  # (LyCORIS's argument; the layers' alpha holds it too)
         args["constraint"] = str(float(settings.alpha))
     args |= _option_args(settings, family)

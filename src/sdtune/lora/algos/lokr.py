@@ -14,6 +14,9 @@ from .base import Algorithm, Io, flat_inner, kernel_of, tucker_to_pair
 from .delta_layer import DeltaLayer, kaiming, zeros
 
 _SPLITS = ("w1b", "w2b")
+# ``LokrLayer``'s options -> LyCORIS's names for them (its network_args); a run's settings are lokr_<option>
+LYCORIS_OPTIONS = {"full_matrix": "full_matrix", "decompose_both": "decompose_both",
+                   "unbalanced": "unbalanced_factorization"}
 
 
 class Lokr(Algorithm):
@@ -74,16 +77,27 @@ def split(dim: int, factor: int = -1) -> tuple[int, int]:
 class LokrLayer(DeltaLayer):
     """LoKr's trainable layer, shaped as LyCORIS shapes it: a whole w1 over the small factors of the output and
     input widths, and w2 over the large ones, split into w2a @ w2b at ``rank`` unless the rank is at least half
-    of w2's larger side (then whole, and the scale is 1). The part of w2 that starts at zero makes ΔW = 0."""
+    of w2's larger side (then whole). The part of w2 that starts at zero makes ΔW = 0; the other factors start as
+    LyCORIS's (Kaiming). The scale is alpha / rank where a factor is split, else 1 (``Lokr.scale``, as LyCORIS).
+
+    LyCORIS's options: ``full_matrix`` keeps both factors whole at any rank; ``decompose_both`` splits w1 as well,
+    into w1a @ w1b at ``rank``, where the rank is below half of w1's larger side; ``unbalanced`` gives w1 the
+    output width's larger factor (its unbalanced_factorization)."""
 
     algo = Lokr()
     linear_roles = (("w1", "w1a"), ("w2", "w2a"))  # ΔW = w1 ⊗ w2, each whole or a product (w1a @ w1b)
 
-    def shapes_and_inits(self, shape, rank, factor: int = -1):
+    def shapes_and_inits(self, shape, rank, factor: int = -1, full_matrix: bool = False,
+                         decompose_both: bool = False, unbalanced: bool = False):
         (out_small, out_large), (in_small, in_large) = split(shape[0], factor), split(shape[1], factor)
+        if unbalanced:
+            out_small, out_large = out_large, out_small
         kernel = tuple(shape[2:])
-        roles = {"w1": ((out_small, in_small), kaiming)}
-        if rank < max(out_large, in_large) / 2:
+        if decompose_both and not full_matrix and rank < max(out_small, in_small) / 2:
+            roles = {"w1a": ((out_small, rank), kaiming), "w1b": ((rank, in_small), kaiming)}
+        else:
+            roles = {"w1": ((out_small, in_small), kaiming)}
+        if rank < max(out_large, in_large) / 2 and not full_matrix:
             roles |= {"w2a": ((out_large, rank), kaiming), "w2b": ((rank, in_large * math.prod(kernel)), zeros)}
         else:
             roles["w2"] = ((out_large, in_large, *kernel), zeros)
