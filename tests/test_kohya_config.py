@@ -133,6 +133,9 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('lr_scheduler = "linear"\nlr_scheduler_type = ""\nlr_scheduler_args = ""',
      dict(lr_scheduler="linear", lr_scheduler_args=[])),
     ('optimizer_type = "torch.optim.RAdam"', dict(optimizer="torch.optim.RAdam")),  # any class, as sd-scripts
+    # D-Adaptation as kohya names it (DAdaptation: the preprint's Adam); its rates are factors, 1.0 unless given
+    ('optimizer_type = "DAdaptAdam"', dict(optimizer="dadaptadam", lr=1.0)),
+    ('optimizer_type = "DAdaptation"\nlearning_rate = 0.5', dict(optimizer="dadaptation", lr=0.5)),
     ('lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 0.2\nlr_scheduler_min_lr_ratio = 0.1',
      dict(lr_scheduler="warmup_stable_decay", lr_decay_ratio=0.2, lr_decay_steps=0, lr_scheduler_min_lr_ratio=0.1)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "rs_lora=True"]', dict(rs_lora=True)),  # (train_db.py's; kohya_ss writes it for LoRA too)
@@ -175,7 +178,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('network_args = ["block_size=4"]', r"network_args block_size=4: not an argument sdtune reads"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
-    ('optimizer_type = "DAdaptAdam"', r"optimizer_type = 'DAdaptAdam': sdtune trains with adamw, adamw8bit"),
+    ('optimizer_type = "CAME"', r"optimizer_type = 'CAME': sdtune trains with adamw, adamw8bit"),
     ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
     ("save_n_epoch_ratio = 3", r"save_n_epoch_ratio = 3 spreads saves over max_train_epochs, which it does not "
                                r"give; give save_every_n_epochs instead"),

@@ -19,6 +19,7 @@ from sdtune.train.lora import train_lora
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("prodigyopt")
 pytest.importorskip("schedulefree")
+pytest.importorskip("dadaptation")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,8 @@ OWN_STATE = {
     "sgdnesterov": ([], lambda s: "momentum_buffer" in s),
     "sgdnesterov8bit": (["min_8bit_size=64"], lambda s: s["state1"].dtype == torch.uint8),
     "prodigy": ([], lambda s: {"s", "exp_avg", "exp_avg_sq", "p0"} <= s.keys()),
+    "dadaptadam": (["decouple=True"], lambda s: {"s", "exp_avg", "exp_avg_sq"} <= s.keys()),
+    "dadaptlion": ([], lambda s: {"s", "exp_avg"} <= s.keys() and "exp_avg_sq" not in s),
     "adafactor": ([], lambda s: "exp_avg_sq_row" in s and "exp_avg_sq_col" in s),
     "adamwschedulefree": (["warmup_steps=1"], lambda s: {"z", "exp_avg_sq"} <= s.keys()),
     # (its first 5 steps only gather moments, unless told otherwise: this run has 4)
@@ -49,7 +52,7 @@ OWN_STATE = {
 def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, dataset, tmp_path, name):
     args, holds_own_state = OWN_STATE[name]
     kw = dict(optimizer=name, optimizer_args=args, flip=True, lr_scheduler="cosine", lr_warmup_steps=1)
-    if name == "prodigy":
+    if optimizers.finds_step(name):
         kw["lr"] = 1.0
     if optimizers.schedule_free(name):  # (no decaying schedule: refused below)
         kw["lr_scheduler"] = "constant_with_warmup"
@@ -70,6 +73,7 @@ def test_each_optimizer_trains_and_resumes_to_the_uninterrupted_weights(base, da
     said = read_metadata(whole)["ss_optimizer"]
     cls = {"adamw8bit": "bitsandbytes.optim.AdamW8bit(", "lion": "bitsandbytes.optim.Lion(",
            "prodigy": "prodigyopt.Prodigy(", "adafactor": "transformers.optimization.Adafactor(",
+           "dadaptadam": "dadaptation.DAdaptAdam(", "dadaptlion": "dadaptation.DAdaptLion(",
            "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit(", "lion8bit": "bitsandbytes.optim.Lion8bit(",
            "sgdnesterov": "torch.optim.SGD(", "sgdnesterov8bit": "bitsandbytes.optim.SGD8bit(",
            "adamwschedulefree": "schedulefree.AdamWScheduleFree(", "radamschedulefree": "schedulefree.RAdamScheduleFree(",
@@ -125,6 +129,27 @@ def test_prodigy_takes_lr_1_unless_given_and_logs_the_step_size_it_found(base, d
     assert logs.read_csv(out / logs.CSV_FILE)[3]["lr"] == pytest.approx(d)
 
 
+def test_dadaptation_steps_groups_at_one_rate_and_dadaptadam_scales_each(base, dataset, tmp_path, capsys):
+    """D-Adaptation's optimizers step every group at one learning rate (0 aside): D-Adaptation Adam keeps the text
+    encoder's --te-lr as its group's layer_scale (the rate logged: lr x d x layer_scale); the others refuse rates
+    that differ, in one line, before a step."""
+    out = tmp_path / "adam"
+    train_lora(base, settings(dataset, out, optimizer="dadaptadam", lr=1.0, text_encoder=True, te_lr=0.25,
+                              steps=3))
+    groups = load_state(out / loop.STATE_FILE)[0]["optimizer"]["param_groups"]
+    assert sorted((g["lr"], g["layer_scale"]) for g in groups) == [(1.0, 0.25), (1.0, 1.0)]
+    d = groups[0]["d"]
+    assert d > 1e-6  # grew from its d0
+    assert logs.read_csv(out / logs.CSV_FILE)[3]["lr"] == pytest.approx(d * groups[0]["layer_scale"])
+    capsys.readouterr()  # (the run above's settings)
+    assert main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out", str(tmp_path / "lion"),
+                 "--optimizer", "dadaptlion", "--text-encoder", "--te-lr", "0.5", "--steps", "2", "--no-progress",
+                 "--sample-every", "0", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--optimizer dadaptlion: DAdaptLion steps every group at one learning rate, and " \
+        "this run's differ (0.5, 1:" in err, err
+
+
 def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch):
     def refused(*flags):
         code = main(["train", "lora", "--model", "tiny-random", "--data", str(dataset), "--out",
@@ -135,7 +160,8 @@ def test_optimizer_refusals_are_one_line(dataset, tmp_path, capsys, monkeypatch)
         return err
 
     assert ("--optimizer 'adam': choose one of adamw, adamw8bit, pagedadamw8bit, lion, lion8bit, sgdnesterov, "
-            "sgdnesterov8bit, prodigy, adamwschedulefree, radamschedulefree, sgdschedulefree, adafactor, "
+            "sgdnesterov8bit, prodigy, dadaptation, dadaptadam, dadaptadagrad, dadaptadan, dadaptadanip, dadaptlion, "
+            "dadaptsgd, adamwschedulefree, radamschedulefree, sgdschedulefree, adafactor, "
             "module.Class") in refused(
         "--optimizer", "adam")
     assert ("--optimizer adamwschedulefree --lr-scheduler cosine: a schedule-free optimizer averages its steps "

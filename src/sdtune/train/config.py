@@ -956,7 +956,7 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)
     values["preset"] = preset.name if preset else ""
-    if str(values.get("optimizer", "")).lower() == "prodigy":  # its learning rates: factors on the step it finds
+    if optimizers.finds_step(str(values.get("optimizer", "")).lower()):  # its rates: factors on the step it finds
         names = {f.name for f in dataclasses.fields(KINDS[kind])}
         values |= {key: 1.0 for key in ("lr", "ti_lr") if key in names and key not in given}
     if preset and {"rank", "alpha"} <= preset.values.keys() and "rank" in given and "alpha" not in given \

@@ -83,7 +83,10 @@ STEPS_OR_SHARE = {"lr_warmup_steps": ("lr_warmup_steps", "lr_warmup_ratio"),
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pagedadamw8bit", "lion": "lion",
               "lion8bit": "lion8bit", "sgdnesterov": "sgdnesterov", "sgdnesterov8bit": "sgdnesterov8bit",
               "prodigy": "prodigy", "adafactor": "adafactor", "adamwschedulefree": "adamwschedulefree",
-              "radamschedulefree": "radamschedulefree", "sgdschedulefree": "sgdschedulefree"}
+              "radamschedulefree": "radamschedulefree", "sgdschedulefree": "sgdschedulefree",
+              "dadaptation": "dadaptation", "dadaptadampreprint": "dadaptation", "dadaptadam": "dadaptadam",
+              "dadaptadagrad": "dadaptadagrad", "dadaptadan": "dadaptadan", "dadaptadanip": "dadaptadanip",
+              "dadaptlion": "dadaptlion", "dadaptsgd": "dadaptsgd"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # LyCORIS's algo= names
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}

@@ -399,6 +399,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
     job.metadata.update(total_steps=total, batches_per_epoch=data.batches_per_epoch(global_batch),
                         global_batch=global_batch * settings.grad_accum, processes=world,
                         mixed_precision=str(accelerator.mixed_precision))
+    optimizers.fit_group_lrs(settings.optimizer, job.param_groups)  # (before the model changes: nothing to undo)
     for group in job.param_groups:
         group["base_lr"] = group["lr"]
     undo = [_freeze(base, job)]  # the folder is held by the trainer (``holding``), through its report too

@@ -3,8 +3,8 @@ those kohya's and diffusers' users train LoRAs with. Each is a class in a packag
 groups with the run's ``lr`` (per group) and ``weight_decay``; ``--optimizer-args`` gives its other keyword
 arguments as ``key=value`` (kohya's ``--optimizer_args``), each checked against the class's own.
 
-The packages outside sdtune's dependencies (bitsandbytes, prodigyopt, schedulefree) are imported when a run asks
-for them.
+The packages outside sdtune's dependencies (bitsandbytes, prodigyopt, schedulefree, dadaptation) are imported when
+a run asks for them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ class Optimizer:
     package: str  # what pip installs it as, for the line that says it is missing
     what: str  # for --help
     defaults: dict = field(default_factory=dict)  # sdtune's keyword arguments, under --optimizer-args
+    # It finds its own step size, and a learning rate is a factor on it: 1.0 unless given (Prodigy, D-Adaptation)
+    finds_step: bool = False
+    # How it takes the groups' learning rates (the text encoders', the blocks', LoRA+'s): "own" each its own; "one"
+    # one for all (0 aside: a group that stopped), so a run whose rates differ is refused; "layer_scale" one for
+    # all, with D-Adaptation Adam's layer_scale per group holding the ratios (the same steps as rates of their own)
+    group_lrs: str = "own"
 
 
 OPTIMIZERS = {
@@ -49,7 +55,24 @@ OPTIMIZERS = {
                                  "SGD with Nesterov momentum (0.9) kept in 8 bits",
                                  {"nesterov": True, "momentum": 0.9}),
     "prodigy": Optimizer("prodigyopt", "Prodigy", "prodigyopt",
-                         "finds its own step size: each learning rate is a factor on it, 1.0 unless given"),
+                         "finds its own step size: each learning rate is a factor on it, 1.0 unless given",
+                         finds_step=True),
+    # D-Adaptation (Defazio and Mishchenko 2023), as kohya names its classes: each finds its own step size, as
+    # Prodigy does after it
+    "dadaptation": Optimizer("dadaptation.experimental", "DAdaptAdamPreprint", "dadaptation", "D-Adaptation's Adam "
+                             "as its paper's first version has it (kohya's DAdaptation): finds its own step size; one "
+                             "learning rate for every group", finds_step=True, group_lrs="one"),
+    "dadaptadam": Optimizer("dadaptation", "DAdaptAdam", "dadaptation", "D-Adaptation's Adam: finds its own step "
+                            "size; each learning rate a factor on it", finds_step=True, group_lrs="layer_scale"),
+    "dadaptadagrad": Optimizer("dadaptation", "DAdaptAdaGrad", "dadaptation", "D-Adaptation's AdaGrad: one "
+                               "learning rate for every group", finds_step=True, group_lrs="one"),
+    "dadaptadan": Optimizer("dadaptation", "DAdaptAdan", "dadaptation", "D-Adaptation's Adan", finds_step=True),
+    "dadaptadanip": Optimizer("dadaptation.experimental", "DAdaptAdanIP", "dadaptation", "D-Adaptation's Adan, "
+                              "the inverse-preconditioned variant", finds_step=True),
+    "dadaptlion": Optimizer("dadaptation", "DAdaptLion", "dadaptation", "D-Adaptation's Lion: one learning rate "
+                            "for every group", finds_step=True, group_lrs="one"),
+    "dadaptsgd": Optimizer("dadaptation", "DAdaptSGD", "dadaptation", "D-Adaptation's SGD: one learning rate for "
+                           "every group", finds_step=True, group_lrs="one"),
     # schedule-free (Defazio et al. 2024): the gradient is taken at one point (y) and the weights used and saved
     # are an average (x), which stands in for a decaying schedule (``set_averaged``)
     "adamwschedulefree": Optimizer("schedulefree", "AdamWScheduleFree", "schedulefree", "AdamW with no schedule: "
@@ -212,6 +235,29 @@ def describe(name: str, items: list[str], weight_decay: float) -> str:
     return f"{choice.module}.{choice.cls}({','.join(f'{k}={v}' for k, v in args.items())})"
 
 
+def finds_step(name: str) -> bool:
+    """Whether optimizer ``name`` finds its own step size (its learning rates are factors on it, 1.0 by default)."""
+    return known(name) and spec(name).finds_step
+
+
+def fit_group_lrs(name: str, groups: list[dict]) -> None:
+    """The groups' learning rates as optimizer ``name`` takes them (``Optimizer.group_lrs``), before the run sets
+    them at each step: one rate, with D-Adaptation Adam's layer_scale holding each group's ratio to it, or one line
+    where an optimizer of one rate is given several."""
+    how = spec(name).group_lrs
+    rates = sorted({g["lr"] for g in groups if g["lr"] > 0})
+    if how == "own" or len(rates) < 2:
+        return
+    if how == "one":
+        raise SdtuneError(f"--optimizer {name}: {spec(name).cls} steps every group at one learning rate, and this "
+                          f"run's differ ({', '.join(f'{r:g}' for r in rates)}: --te-lr, --te2-lr, --ti-lr, "
+                          f"--block-lr or --loraplus-lr-ratio give them); give them one, or use --optimizer "
+                          f"dadaptadam, which scales each group")
+    for g in groups:
+        if g["lr"] > 0:
+            g["layer_scale"], g["lr"] = g["lr"] / rates[-1], rates[-1]
+
+
 def schedule_free(name: str) -> bool:
     return spec(name).module == "schedulefree"
 
@@ -228,5 +274,6 @@ def set_averaged(optimizer, on: bool) -> None:
 
 
 def step_size(group: dict) -> float:
-    """The learning rate a group steps with: its ``lr``, times the step size Prodigy finds (``d``)."""
-    return group["lr"] * group.get("d", 1.0)
+    """The learning rate a group steps with: its ``lr``, times the step size Prodigy or D-Adaptation finds (``d``)
+    and D-Adaptation Adam's ``layer_scale``."""
+    return group["lr"] * group.get("d", 1.0) * group.get("layer_scale", 1.0)
