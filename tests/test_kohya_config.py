@@ -153,8 +153,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(algo="lokr", lokr_full_matrix=True, lokr_decompose_both=False, lokr_unbalanced=True, rank_dropout=0.1)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "decompose_both=True"]',
      dict(algo="lokr", lokr_full_matrix=False, lokr_decompose_both=True)),
-    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "full_matrix=True"]',
-     dict(algo="loha", lokr_full_matrix=False)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "full_matrix=True", "bypass_mode=True"]',
+     dict(algo="loha", lokr_full_matrix=False)),  # (bypass_mode: how LyCORIS computes the same change)
     # sd-scripts deletes the save 200 steps back: saves at 300, 400 and 500 are kept at step 500
     ("save_every_n_steps = 100\nsave_last_n_steps = 200\nsave_last_n_steps_state = 200",
      dict(save_every=100, keep_last=3)),
