@@ -102,7 +102,9 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_module = "lycoris.kohya"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["algo=diag-oft", '
      '"constraint=0.5"]', dict(algo="oft", rank=8, alpha=0.5)),
     ('network_module = "lycoris.kohya"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["algo=diag-oft"]',
-     dict(algo="oft", rank=8, alpha=0.0)),
+     dict(algo="oft", rank=8, alpha=0.0, oft_rescaled=False)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=diag-oft", "rescaled=True"]',
+     dict(algo="oft", oft_rescaled=True)),
     ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
      dict(algo="dora", loraplus_lr_ratio=16.0)),
     ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),

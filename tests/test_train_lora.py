@@ -162,6 +162,29 @@ def test_lokr_layer_options_shape_the_factors_as_lycoris(options, rank, roles, w
     assert torch.allclose(trained(x), merged(x), atol=1e-4)
 
 
+def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies():
+    """LyCORIS's rescaled diag-OFT: a rescale per output row, starting at 1 (the base exactly), saved as the file's
+    ``rescale`` and applied with the rotation by the function that applies a file."""
+    g = torch.Generator().manual_seed(2)
+    for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, padding=1)):
+        trained = algos.get("oft").layer(layer, rank=2, alpha=0.0, dropout=0.0, generator=g, rescaled=True)
+        assert set(trained.parts()) == {"blocks", "rescale"}
+        assert trained.parts()["rescale"].shape == (6, *[1] * (layer.weight.dim() - 1))
+        x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 5, 5)
+        assert torch.allclose(trained(x), layer(x), atol=1e-6)  # R = I and rescale 1
+        with torch.no_grad():
+            for p in trained.parts().values():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        adapter = Adapter("oft", trained.tensors(), 0.0)
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+        assert torch.allclose(trained(x), merged(x), atol=1e-4)
+        unscaled = Adapter("oft", {"blocks": adapter.tensors["blocks"]}, 0.0).apply(layer.weight, 1.0)
+        flat = adapter.tensors["rescale"].reshape(6, *[1] * (layer.weight.dim() - 1))
+        assert torch.allclose(merged.weight, unscaled * flat, atol=1e-6)  # each output row times its factor
+
+
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):
     for rel, caption in (("2_blue/sub/a.png", "blue, star"), ("2_blue/b.png", "blue"), ("c.png", "red")):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,16 @@ def test_lokr_factor_shapes_the_small_factor(dataset, tmp_path):
     assert json.loads(read_metadata(tmp_path / "lora.safetensors")["ss_network_args"])["factor"] == "4"
 
 
+def test_oft_rescaled_saves_a_rescale_per_layer_and_records_it(dataset, tmp_path):
+    assert train(dataset, tmp_path, "--algo", "oft", "--oft-rescaled", "--steps", "2") == 0
+    path = tmp_path / "lora.safetensors"
+    lora = load_lora(path)
+    assert {frozenset(ad.tensors) for _, _, ad in lora.items()} == {frozenset({"blocks", "rescale"})}
+    assert any(not torch.equal(ad.tensors["rescale"], torch.ones_like(ad.tensors["rescale"]))
+               for _, _, ad in lora.items())  # learned (from 1)
+    assert json.loads(read_metadata(path)["ss_network_args"])["rescaled"] == "True"
+
+
 def test_lokr_options_shape_every_layer_and_are_recorded_as_lycoris_names_them(dataset, tmp_path):
     """--lokr-full-matrix: every layer's two factors whole (scale 1); --lokr-decompose-both --lokr-unbalanced at
     rank 1: both split, w1 holding the output's larger factor (to_q's 32 = 4 x 8: 8); each in ss_network_args."""
@@ -113,6 +123,8 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--lokr-full-matrix"], "--lokr-full-matrix: shape a LoKr's factors, and this run trains "
                                                  "--algo lora; add --algo lokr or leave them out"),
                         (["--algo", "lokr", "--lokr-full-matrix", "--lokr-decompose-both"], "; choose one"),
+                        (["--algo", "loha", "--oft-rescaled"], "--oft-rescaled: an OFT's option, and this run trains "
+                                                               "--algo loha"),
                         (["--algo", "dora", "--formats", "diffusers"],
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),

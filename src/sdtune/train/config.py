@@ -491,6 +491,8 @@ class LoraSettings(TrainSettings):
                                       "larger side (LyCORIS's decompose_both)", default=False)
     lokr_unbalanced: bool = _help("LoKr: the output width's larger factor in the small-factor slot (LyCORIS's "
                                   "unbalanced_factorization)", default=False)
+    oft_rescaled: bool = _help("OFT: a learned factor per output row beside the rotation (LyCORIS's rescaled)",
+                               default=False)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
@@ -646,6 +648,9 @@ class LoraSettings(TrainSettings):
         if lokr_only and self.algo != "lokr":
             raise SdtuneError(f"{' '.join(lokr_only)}: shape a LoKr's factors, and this run trains --algo "
                               f"{self.algo}; add --algo lokr or leave them out")
+        if self.oft_rescaled and self.algo != "oft":
+            raise SdtuneError(f"--oft-rescaled: an OFT's option, and this run trains --algo {self.algo}; add --algo "
+                              f"oft or leave it out")
         if self.lokr_full_matrix and self.lokr_decompose_both:
             raise SdtuneError("--lokr-full-matrix --lokr-decompose-both: one keeps both factors whole, the other "
                               "splits the small one; choose one")
@@ -705,7 +710,7 @@ TOPICS = {
                              "optimizer_args", "max_grad_norm", "weight_decay"),
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
-                                       "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced",
+                                       "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

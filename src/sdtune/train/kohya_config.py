@@ -92,7 +92,7 @@ PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input", "rescaled", "wd_on_out"}
+LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input", "wd_on_out"}
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
 # where sdtune's layers compute (W0 + ΔW)·x): the same training either way
 SAME_TRAINING = {"bypass_mode"}
@@ -327,6 +327,8 @@ def _network(theirs: dict, take, where, family) -> None:
     # sdtune scales the rows rank dropout keeps by 1/(1 - p) (kohya's LoRA does; LyCORIS with this switch on, by the
     # kept fraction): what the run does whatever the switch says, so its False is only noted
     rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
+    if _true(parsed.pop("rescaled", "false")) and algo == "oft":  # (diag-oft's; LyCORIS's others pass it by)
+        take("network_args rescaled", "oft_rescaled", True)
     for key in SAME_TRAINING & parsed.keys():
         parsed.pop(key)
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked

@@ -237,6 +237,8 @@ class Network:
         self.algo = algos.get(settings.algo)
         options = {"factor": settings.lokr_factor, **{option: getattr(settings, f"lokr_{option}")
                                                       for option in LYCORIS_OPTIONS}} if settings.algo == "lokr" else {}
+        if settings.algo == "oft":
+            options["rescaled"] = settings.oft_rescaled
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -485,6 +487,8 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
         args |= {theirs: "True" for option, theirs in LYCORIS_OPTIONS.items() if getattr(settings, f"lokr_{option}")}
     if algo.alpha_is_constraint:  # (LyCORIS's argument; the layers' alpha holds it too)
         args["constraint"] = str(float(settings.alpha))
+    if settings.oft_rescaled:
+        args["rescaled"] = "True"
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it

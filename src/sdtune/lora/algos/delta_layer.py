@@ -117,6 +117,10 @@ def zeros(t: torch.Tensor, generator: torch.Generator) -> None:
     t.zero_()
 
 
+def ones(t: torch.Tensor, generator: torch.Generator) -> None:
+    t.fill_(1.0)
+
+
 def normal(std: float):
     def init(t: torch.Tensor, generator: torch.Generator) -> None:
         nn.init.normal_(t, std=std, generator=generator)

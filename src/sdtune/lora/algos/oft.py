@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .base import Algorithm, Io
-from .delta_layer import DeltaLayer, zeros
+from .delta_layer import DeltaLayer, ones, zeros
 from .lokr import split
 
 _ROTATIONS = ("blocks", "rotation")  # the free blocks (Cayley) or R itself; a file has exactly one
@@ -133,14 +133,18 @@ class OftLayer(DeltaLayer):
     b the smaller factor of the output width as LyCORIS factorises it at ``rank`` (its lora_dim: ``lokr.split``)
     and k = out / b. ``alpha`` is the constraint (Q's norm held to alpha · out; 0: free), which the file stores as
     its alpha, as LyCORIS and kohya's OFT store it. The layer computes with R(W0) = Rᵀ·W0, made by ``Oft.apply``,
-    the function that applies the saved file; training goes through the Cayley transform."""
+    the function that applies the saved file; training goes through the Cayley transform. ``rescaled`` (LyCORIS's
+    option) learns a factor per output row as well (``rescale``, starting at 1)."""
 
     algo = Oft()
     linear_roles = ()  # R is no product of factors: max-norm (--scale-weight-norms) is not offered
 
-    def shapes_and_inits(self, shape, rank, **options):
+    def shapes_and_inits(self, shape, rank, rescaled: bool = False, **options):
         size, count = split(shape[0], rank)
-        return {"blocks": ((count, size, size), zeros)}
+        roles = {"blocks": ((count, size, size), zeros)}
+        if rescaled:
+            roles["rescale"] = ((shape[0], *[1] * (len(shape) - 1)), ones)
+        return roles
 
     def delta(self):
         w0 = self.base.weight.float()
