@@ -17,6 +17,7 @@ from sdtune import families
 from sdtune.cli import main
 from sdtune.console import SdtuneWarning
 from sdtune.lora import algos
+from sdtune.lora.algos.oft import butterfly_split
 from sdtune.lora.formats import load_lora
 from sdtune.lora.neutral import Adapter
 from sdtune.lora.patch import LoraSet
@@ -183,6 +184,30 @@ def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies
         unscaled = Adapter("oft", {"blocks": adapter.tensors["blocks"]}, 0.0).apply(layer.weight, 1.0)
         flat = adapter.tensors["rescale"].reshape(6, *[1] * (layer.weight.dim() - 1))
         assert torch.allclose(merged.weight, unscaled * flat, atol=1e-6)  # each output row times its factor
+
+
+def test_boft_layer_is_a_butterfly_split_as_lycoris_splits_it_and_adds_what_its_file_applies():
+    """BOFT's blocks: the largest even size up to the rank that leaves a power-of-two count (LyCORIS's
+    butterfly_factor), in log2(count) + 1 stages; a width with none is one line naming the rank to give."""
+    assert [butterfly_split(w, 16) for w in (320, 640, 768, 1280)] == [(10, 32), (10, 64), (12, 64), (10, 128)]
+    assert butterfly_split(320, 8) is None and butterfly_split(32, 4) == (4, 8) and butterfly_split(16, 16) == (16, 1)
+    g = torch.Generator().manual_seed(3)
+    for layer in (torch.nn.Linear(8, 16), torch.nn.Conv2d(4, 16, 3, padding=1)):
+        trained = algos.get("oft").layer(layer, rank=4, alpha=0.05, dropout=0.0, generator=g, butterfly=True)
+        assert trained.parts()["blocks"].shape == (3, 4, 4, 4)  # 16 = 4 blocks of 4: 3 stages
+        x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 5, 5)
+        assert torch.allclose(trained(x), layer(x), atol=1e-6)
+        with torch.no_grad():
+            trained.parts()["blocks"].normal_(generator=g)  # past the constraint (0.05 x 16)
+        adapter = Adapter("oft", trained.tensors(), 0.05)
+        assert adapter.algo.lycoris_label(adapter.tensors) == "BOFT"
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+        assert torch.allclose(trained(x), merged(x), atol=1e-4)
+    with pytest.raises(SdtuneError, match=r"^BOFT at rank 2: an output width of 24 has no even block size up to 2 "
+                                          r"that leaves a power-of-two number of blocks"):
+        algos.get("oft").layer(torch.nn.Linear(8, 24), rank=2, alpha=0.0, dropout=0.0, generator=g, butterfly=True)
 
 
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):

@@ -86,6 +86,19 @@ def test_lokr_factor_shapes_the_small_factor(dataset, tmp_path):
     assert json.loads(read_metadata(tmp_path / "lora.safetensors")["ss_network_args"])["factor"] == "4"
 
 
+def test_boft_run_saves_butterfly_blocks_as_lycoris_and_a_conversion_keeps_them(dataset, tmp_path):
+    assert train(dataset, tmp_path, "--algo", "oft", "--oft-butterfly", "--steps", "2") == 0
+    path = tmp_path / "lora.safetensors"
+    lora = load_lora(path)
+    q = lora.modules["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]  # 32 = 8 blocks of 4
+    assert q.tensors["blocks"].shape == (4, 8, 4, 4) and q.alpha == 2.0
+    assert {ad.algo.lycoris_label(ad.tensors) for _, _, ad in lora.items()} == {"BOFT"}
+    assert any(ad.tensors["blocks"].abs().max() > 0 for _, _, ad in lora.items())  # learned (from zero)
+    assert json.loads(read_metadata(path)["ss_network_args"])["algo"] == "boft"
+    assert main(["convert", str(path), str(tmp_path / "again.safetensors"), "--to", "kohya"]) == 0
+    assert json.loads(read_metadata(tmp_path / "again.safetensors")["ss_network_args"])["algo"] == "boft"
+
+
 def test_oft_rescaled_saves_a_rescale_per_layer_and_records_it(dataset, tmp_path):
     assert train(dataset, tmp_path, "--algo", "oft", "--oft-rescaled", "--steps", "2") == 0
     path = tmp_path / "lora.safetensors"
@@ -123,8 +136,8 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--lokr-full-matrix"], "--lokr-full-matrix: shape a LoKr's factors, and this run trains "
                                                  "--algo lora; add --algo lokr or leave them out"),
                         (["--algo", "lokr", "--lokr-full-matrix", "--lokr-decompose-both"], "; choose one"),
-                        (["--algo", "loha", "--oft-rescaled"], "--oft-rescaled: an OFT's option, and this run trains "
-                                                               "--algo loha"),
+                        (["--algo", "loha", "--oft-rescaled", "--oft-butterfly"],
+                         "--oft-rescaled --oft-butterfly: an OFT's option, and this run trains --algo loha"),
                         (["--algo", "dora", "--formats", "diffusers"],
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),

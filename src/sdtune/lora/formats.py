@@ -714,7 +714,7 @@ def _kohya_metadata(lora: Lora, family: Family) -> dict[str, str]:
     dim, alpha = dim_alpha(linear or conv) if (linear or conv) else ("0", "0")
     meta = {"ss_network_dim": dim, "ss_network_alpha": alpha, **_version_metadata(lora, family)}
     # LyCORIS names the algorithms beyond kohya's plain LoRA; a Tucker core alone makes it LyCORIS's LoCon
-    network_algos = sorted({algos.get(k).network_algo for k in kinds} - {None})
+    network_algos = sorted({ad.algo.lycoris_algo(ad.tensors) for _, _, ad in lora.items()} - {None})
     lycoris = network_algos or any(ad.algo.lycoris_label(ad.tensors) for _, _, ad in lora.items())
     args = {}
     if conv:

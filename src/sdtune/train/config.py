@@ -493,6 +493,8 @@ class LoraSettings(TrainSettings):
                                   "unbalanced_factorization)", default=False)
     oft_rescaled: bool = _help("OFT: a learned factor per output row beside the rotation (LyCORIS's rescaled)",
                                default=False)
+    oft_butterfly: bool = _help("OFT as LyCORIS's BOFT: the rotation a butterfly of log2(k) + 1 stages of k even "
+                                "blocks, each block at most --rank wide (LyCORIS's algo=boft)", default=False)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
@@ -648,9 +650,10 @@ class LoraSettings(TrainSettings):
         if lokr_only and self.algo != "lokr":
             raise SdtuneError(f"{' '.join(lokr_only)}: shape a LoKr's factors, and this run trains --algo "
                               f"{self.algo}; add --algo lokr or leave them out")
-        if self.oft_rescaled and self.algo != "oft":
-            raise SdtuneError(f"--oft-rescaled: an OFT's option, and this run trains --algo {self.algo}; add --algo "
-                              f"oft or leave it out")
+        oft_only = [f"--{_flag(n)}" for n in ("oft_rescaled", "oft_butterfly") if getattr(self, n)]
+        if oft_only and self.algo != "oft":
+            raise SdtuneError(f"{' '.join(oft_only)}: an OFT's option, and this run trains --algo {self.algo}; add "
+                              f"--algo oft or leave it out")
         if self.lokr_full_matrix and self.lokr_decompose_both:
             raise SdtuneError("--lokr-full-matrix --lokr-decompose-both: one keeps both factors whole, the other "
                               "splits the small one; choose one")
@@ -711,6 +714,7 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
+                                       "oft_butterfly",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

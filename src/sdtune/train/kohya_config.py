@@ -89,7 +89,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
               "dadaptlion": "dadaptlion", "dadaptsgd": "dadaptsgd"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # LyCORIS's algo= names
-NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft"}
+NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
 LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input", "wd_on_out"}
@@ -298,9 +298,11 @@ def _network(theirs: dict, take, where, family) -> None:
         if algo is None:
             raise SdtuneError(f"{where}: network_args algo = {named!r}: sdtune trains LyCORIS's "
                               f"{', '.join(NETWORK_ALGOS)}; pick one of them")
+        if named.lower() == "boft":  # (diag-oft's layer as a butterfly)
+            take("network_args algo", "oft_butterfly", True)
     else:
         raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
-                          f"(LoCon, LoHa, LoKr, diag-OFT); use one of them")
+                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT); use one of them")
     if str(parsed.pop("dora_wd", "false")).lower() == "true":
         algo = "dora"
     if str(parsed.pop("rs_lora", "false")).lower() == "true":  # LyCORIS's

@@ -238,7 +238,7 @@ class Network:
         options = {"factor": settings.lokr_factor, **{option: getattr(settings, f"lokr_{option}")
                                                       for option in LYCORIS_OPTIONS}} if settings.algo == "lokr" else {}
         if settings.algo == "oft":
-            options["rescaled"] = settings.oft_rescaled
+            options |= {"rescaled": settings.oft_rescaled, "butterfly": settings.oft_butterfly}
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -481,7 +481,8 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
     whose w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
     algo = algos.get(settings.algo)
-    args = {"algo": algo.network_algo or "locon", **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
+    name = "boft" if settings.oft_butterfly else algo.network_algo or "locon"
+    args = {"algo": name, **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
         args |= {theirs: "True" for option, theirs in LYCORIS_OPTIONS.items() if getattr(settings, f"lokr_{option}")}

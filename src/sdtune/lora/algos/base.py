@@ -134,6 +134,10 @@ class Algorithm:
         """The LyCORIS type these tensors are, as ``sdtune inspect`` names it; None: kohya's plain LoRA."""
         return self.label
 
+    def lycoris_algo(self, t: dict[str, torch.Tensor]) -> str | None:
+        """LyCORIS's ``algo`` for these tensors (``ss_network_args``); None: kohya's plain LoRA."""
+        return self.network_algo
+
     def file_key(self, role: str) -> str:
         """The kohya/LyCORIS suffix a role is written under."""
         return next(suffix for suffix, r in self.roles.items() if r == role)

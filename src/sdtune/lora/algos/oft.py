@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ...safeio import SdtuneError
 from .base import Algorithm, Io
 from .delta_layer import DeltaLayer, ones, zeros
 from .lokr import split
@@ -78,7 +79,10 @@ class Oft(Algorithm):
         return (t["blocks"] if "blocks" in t else t["rotation"]).shape[-1]
 
     def lycoris_label(self, t):
-        return "BOFT" if "blocks" in t and t["blocks"].dim() == 4 else self.label
+        return "BOFT" if _butterfly_blocks(t) else self.label
+
+    def lycoris_algo(self, t):
+        return "boft" if _butterfly_blocks(t) else self.network_algo
 
     def apply(self, weight, t, scale, strength):
         rows = weight.shape[0]
@@ -95,6 +99,22 @@ class Oft(Algorithm):
         if "rescale" in t:
             rotated = rotated * t["rescale"].to(dtype).reshape(rows, 1)
         return weight + strength * (rotated.reshape(weight.shape).to(weight.dtype) - weight)
+
+
+def _butterfly_blocks(t) -> bool:
+    return "blocks" in t and t["blocks"].dim() == 4
+
+
+def butterfly_split(width: int, rank: int) -> tuple[int, int] | None:
+    """(b, k) of a BOFT layer of output ``width`` at ``rank`` as LyCORIS splits it (its lora_dim): b the largest even
+    block size up to ``rank`` with width = b·k and k a power of two (the butterfly then has log2(k) + 1 stages of k
+    blocks); None where no such b exists."""
+    found = None
+    for b in range(2, rank + 1, 2):
+        k, rest = divmod(width, b)
+        if not rest and k & (k - 1) == 0:
+            found = (b, k)
+    return found
 
 
 def _rotate_blocks(r: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -134,14 +154,24 @@ class OftLayer(DeltaLayer):
     and k = out / b. ``alpha`` is the constraint (Q's norm held to alpha · out; 0: free), which the file stores as
     its alpha, as LyCORIS and kohya's OFT store it. The layer computes with R(W0) = Rᵀ·W0, made by ``Oft.apply``,
     the function that applies the saved file; training goes through the Cayley transform. ``rescaled`` (LyCORIS's
-    option) learns a factor per output row as well (``rescale``, starting at 1)."""
+    option) learns a factor per output row as well (``rescale``, starting at 1). ``butterfly``: LyCORIS's BOFT
+    instead, blocks [log2(k) + 1, k, b, b] (``butterfly_split``), one constraint over all stages."""
 
     algo = Oft()
     linear_roles = ()  # R is no product of factors: max-norm (--scale-weight-norms) is not offered
 
-    def shapes_and_inits(self, shape, rank, rescaled: bool = False, **options):
-        size, count = split(shape[0], rank)
-        roles = {"blocks": ((count, size, size), zeros)}
+    def shapes_and_inits(self, shape, rank, rescaled: bool = False, butterfly: bool = False, **options):
+        if butterfly:
+            found = butterfly_split(shape[0], rank)
+            if found is None:
+                raise SdtuneError(f"BOFT at rank {rank}: an output width of {shape[0]} has no even block size up to "
+                                  f"{rank} that leaves a power-of-two number of blocks (LyCORIS's rule); give a larger "
+                                  f"rank (16 suits SD's widths)")
+            size, count = found
+            roles = {"blocks": ((count.bit_length(), count, size, size), zeros)}
+        else:
+            size, count = split(shape[0], rank)
+            roles = {"blocks": ((count, size, size), zeros)}
         if rescaled:
             roles["rescale"] = ((shape[0], *[1] * (len(shape) - 1)), ones)
         return roles
