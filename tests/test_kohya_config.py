@@ -108,7 +108,12 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_module = "lycoris.kohya"\nnetwork_dim = 16\nnetwork_args = ["algo=boft", "constraint=0.1"]',
      dict(algo="oft", oft_butterfly=True, rank=16, alpha=0.1)),
     ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
-     dict(algo="dora", loraplus_lr_ratio=16.0)),
+     dict(algo="dora", loraplus_lr_ratio=16.0, dora_wd_on_output=False)),
+    # LyCORIS's DoRA axis: per output row when asked (its recent default; sdtune's stays kohya's, per input column)
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True", "wd_on_output=True"]',
+     dict(algo="dora", dora_wd_on_output=True)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True", "wd_on_out=False"]',
+     dict(algo="dora", dora_wd_on_output=False)),
     ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),
     ("network_dim = 16", dict(rank=16, alpha=1.0, text_encoder=True)),  # sd-scripts' defaults the file relies on
     ('network_module = "networks.lora"\nnetwork_train_text_encoder_only = true', dict(text_encoder=True, unet=False)),

@@ -159,6 +159,40 @@ def test_lycoris_dora_scale_per_input_column_and_per_output_row(base, tmp_path):
     removed_and_described(base, "d", w0, path, "dora", "DoRA")
 
 
+def test_lycoris_per_row_dora_converts_to_diffusers_and_fuses_as_sdtune_applies_it(base, tmp_path):
+    """A per-output-row dora_scale (LyCORIS's wd_on_output) is PEFT's axis: ``sdtune convert --to diffusers`` writes
+    it as lora_magnitude_vector, and diffusers' fuse gives sdtune's weights (PEFT adds no eps to the norm: a
+    float32-rounding difference); a per-column one stays refused, naming the axes."""
+    g = torch.Generator().manual_seed(13)
+    w0 = {t: weight(base.unet, t) for t in (ATTN, CONV)}
+    sd, tensors = {}, {}
+    for t in w0:
+        tensors[t] = lycoris_tensors(w0[t], g, per_out=True)
+        down, up, scale = tensors[t]
+        sd |= {f"{kohya(t)}.lora_down.weight": down, f"{kohya(t)}.lora_up.weight": up,
+               f"{kohya(t)}.dora_scale": scale, f"{kohya(t)}.alpha": torch.tensor(2.0)}
+    save_file(sd, tmp_path / "rows.safetensors")
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    formats.convert(tmp_path / "rows.safetensors", out, to="diffusers")
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor(f"unet.{ATTN}.lora_magnitude_vector").shape == (32,)
+        assert f.get_tensor(f"unet.{CONV}.lora_magnitude_vector").shape == (1, 64, 1, 1)
+    pipe = base.pipeline()
+    pipe.load_lora_weights(str(out), adapter_name="d")
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["d"])
+    pipe.unload_lora_weights()
+    for t in w0:
+        down, up, scale = tensors[t]
+        torch.testing.assert_close(weight(base.unet, t), lycoris64(w0[t], down, up, scale, 0.5, 1.0),
+                                   rtol=1e-5, atol=1e-5)
+    column = {k: v for k, v in sd.items() if not k.endswith("dora_scale")}
+    column[f"{kohya(ATTN)}.dora_scale"] = torch.rand(1, 32, generator=g) + 0.5
+    column[f"{kohya(CONV)}.dora_scale"] = torch.rand(1, 32, 1, 1, generator=g) + 0.5
+    save_file(column, tmp_path / "columns.safetensors")
+    with pytest.raises(SdtuneError, match="a kohya/LyCORIS DoRA normalises other axes than PEFT's"):
+        formats.convert(tmp_path / "columns.safetensors", tmp_path / "c.safetensors", to="diffusers")
+
+
 def test_dora_with_an_additive_lora_on_the_same_layer(base, tmp_path):
     """Order: every adapter's change is taken from the pristine W0 and the changes are summed (A1111's order),
     so the DoRA's magnitude is that of W0 plus its own LoRA, and the result is independent of adding order."""

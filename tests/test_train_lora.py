@@ -21,7 +21,7 @@ from sdtune.lora.algos.oft import butterfly_split
 from sdtune.lora.formats import load_lora
 from sdtune.lora.neutral import Adapter
 from sdtune.lora.patch import LoraSet
-from sdtune.safeio import SdtuneError
+from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.tiny import world
 from sdtune.train import lora as lora_train
 from sdtune.train.config import LoraSettings, load_settings
@@ -301,6 +301,52 @@ def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset,
             w0 = getattr(base, comp).get_submodule(p).weight.detach()
             want = w0 + ad.delta(w0.shape)
             assert torch.allclose(fused, want, atol=1e-6), (comp, p)
+
+
+def test_dora_per_output_row_trains_and_its_diffusers_file_fuses_in_diffusers_as_sdtune_applies_it(
+        base, dataset, tmp_path, diffusers_says):
+    """--dora-wd-on-output: a magnitude per output row (LyCORIS's wd_on_output, PEFT's axis), starting at the base;
+    the kohya file holds it as dora_scale [out, 1], the diffusers file as PEFT's lora_magnitude_vector, which
+    diffusers' load_lora_weights + fuse_lora take to the weights sdtune applies (PEFT adds no eps to the norm: a
+    difference at float32 rounding)."""
+    layer = torch.nn.Conv2d(4, 6, 3, padding=1)
+    g = torch.Generator().manual_seed(4)
+    dora = algos.get("dora").layer(layer, rank=2, alpha=2.0, dropout=0.0, generator=g, on_output=True)
+    assert dora.parts()["dora_scale"].shape == (6, 1, 1, 1)
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(dora(x), layer(x), atol=1e-6)
+    s = settings(dataset, tmp_path, algo="dora", dora_wd_on_output=True, targets="attn", text_encoder=True,
+                 formats=["kohya", "diffusers"], lr=1e-2)
+    kohya = train_lora(base, s)
+    lora = load_lora(kohya)
+    assert all(ad.tensors["dora_scale"].shape == (ad.tensors["up"].shape[0], 1) for _, _, ad in lora.items())
+    args = json.loads(read_metadata(kohya)["ss_network_args"])
+    assert args["dora_wd"] == "True" and args["wd_on_output"] == "True"
+    unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    said = diffusers_says(lambda: pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained"))
+    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    pipe.fuse_lora(adapter_names=["trained"], lora_scale=1.0)
+    moved = 0
+    for comp, model in (("unet", unet), ("text_encoder", text)):
+        for p, ad in lora.modules[comp].items():
+            mod = model.get_submodule(p)
+            fused = (mod.base_layer if hasattr(mod, "base_layer") else mod).weight.detach()
+            w0 = getattr(base, comp).get_submodule(p).weight.detach()
+            want = ad.apply(w0, 1.0)
+            moved += not torch.allclose(want, w0, atol=1e-4)
+            assert torch.allclose(fused, want, atol=1e-5), (comp, p, (fused - want).abs().max())
+    assert moved  # it learned
+    # --network-weights: a DoRA continues on its own axis (PEFT's magnitude is per row); the other is one line
+    column = algos.get("dora").layer(layer, rank=2, alpha=2.0, dropout=0.0, generator=g)
+    with pytest.raises(SdtuneError, match=r"^its DoRA magnitude is per output row, and this run trains one per "
+                                          r"input column; add --dora-wd-on-output$"):
+        column.take(dora.tensors())
+    peft_form = {k: v for k, v in dora.tensors().items() if k != "dora_scale"}
+    dora.take({**peft_form, "magnitude": torch.full((1, 6, 1, 1), 2.0)})
+    assert torch.equal(dora.parts()["dora_scale"], torch.full((6, 1, 1, 1), 2.0))
 
 
 def test_no_unet_trains_the_text_encoder_only_and_diffusers_loads_it(base, dataset, tmp_path, diffusers_says,

@@ -136,6 +136,9 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--lokr-full-matrix"], "--lokr-full-matrix: shape a LoKr's factors, and this run trains "
                                                  "--algo lora; add --algo lokr or leave them out"),
                         (["--algo", "lokr", "--lokr-full-matrix", "--lokr-decompose-both"], "; choose one"),
+                        (["--algo", "lora", "--dora-wd-on-output"], "--dora-wd-on-output: a DoRA's option"),
+                        (["--algo", "dora", "--formats", "diffusers"], "add --dora-wd-on-output, or use --formats "
+                                                                        "kohya"),
                         (["--algo", "loha", "--oft-rescaled", "--oft-butterfly"],
                          "--oft-rescaled --oft-butterfly: an OFT's option, and this run trains --algo loha"),
                         (["--algo", "dora", "--formats", "diffusers"],

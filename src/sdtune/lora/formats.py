@@ -72,6 +72,9 @@ _COMFY_UNET = "diffusion_model."
 _COMFY_TEXT = re.compile(r"^text_encoders\.(clip_[lgh])\.transformer\.")
 _COMFY_TEXT_PREFIX = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "clip_h": "lora_te_"}
 _META_KEY = "lora_adapter_metadata"
+# A text encoder's PEFT keys that diffusers hands to transformers, which loads them under the module's own parameter
+# name: a DoRA magnitude as PEFT saves it (without .weight) is left unloaded there; the UNet's loads either way
+_TEXT_SUFFIXES = {".lora_magnitude_vector": ".lora_magnitude_vector.weight"}
 BUNDLE_PREFIX = "bundle_emb."  # A1111's keys of an embedding a LoRA file carries
 CLIP_G_SUFFIX = ".clip_g"  # Lora.embeddings name suffix of an SDXL bundle's second-encoder rows
 
@@ -768,7 +771,8 @@ def _diffusers_tensors(lora: Lora, path: str | Path) -> tuple[dict[str, torch.Te
             down, up = ad.algo.peft_factors(ad.tensors)
             key = _diffusers_module(comp, p)
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
-            tensors |= {key + suffix: t for suffix, t in ad.algo.peft_extras(ad.tensors).items()}
+            tensors |= {key + (_TEXT_SUFFIXES.get(suffix, suffix) if comp in TEXT_COMPONENTS else suffix): t
+                        for suffix, t in ad.algo.peft_extras(ad.tensors).items()}
             ranks[p] = ad.rank
             alphas[p] = float(ad.alpha) if ad.alpha is not None else float(ad.rank)
         header |= _pack_config(comp, ranks, alphas, switches.pop())

@@ -491,6 +491,9 @@ class LoraSettings(TrainSettings):
                                       "larger side (LyCORIS's decompose_both)", default=False)
     lokr_unbalanced: bool = _help("LoKr: the output width's larger factor in the small-factor slot (LyCORIS's "
                                   "unbalanced_factorization)", default=False)
+    dora_wd_on_output: bool = _help("DoRA: the magnitude per output row (LyCORIS's wd_on_output; PEFT's and "
+                                    "diffusers' DoRA, so --formats diffusers can hold it; A1111 reads only the "
+                                    "default, per input column)", default=False)
     oft_rescaled: bool = _help("OFT: a learned factor per output row beside the rotation (LyCORIS's rescaled)",
                                default=False)
     oft_butterfly: bool = _help("OFT as LyCORIS's BOFT: the rotation a butterfly of log2(k) + 1 stages of k even "
@@ -633,10 +636,14 @@ class LoraSettings(TrainSettings):
         _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
         if self.network_weights:
             input_path(self.network_weights, "LoRA file", "--network-weights")
-        if self.algo == "dora" and "diffusers" in self.formats:  # diffusers reads PEFT's per-row magnitude only
+        # diffusers reads PEFT's per-row magnitude only
+        if self.algo == "dora" and "diffusers" in self.formats and not self.dora_wd_on_output:
             raise SdtuneError("--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input "
                               "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
-                              "(PEFT's is per output row); use --formats kohya")
+                              "(PEFT's is per output row); add --dora-wd-on-output, or use --formats kohya")
+        if self.dora_wd_on_output and self.algo != "dora":
+            raise SdtuneError(f"--dora-wd-on-output: a DoRA's option, and this run trains --algo {self.algo}; add "
+                              f"--algo dora or leave it out")
         if self.algo in ("loha", "lokr", "oft") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
@@ -714,7 +721,7 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
-                                       "oft_butterfly",
+                                       "oft_butterfly", "dora_wd_on_output",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

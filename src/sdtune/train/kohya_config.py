@@ -92,7 +92,7 @@ PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input", "wd_on_out"}
+LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input"}
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
 # where sdtune's layers compute (W0 + ΔW)·x): the same training either way
 SAME_TRAINING = {"bypass_mode"}
@@ -331,6 +331,11 @@ def _network(theirs: dict, take, where, family) -> None:
     rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
     if _true(parsed.pop("rescaled", "false")) and algo == "oft":  # (diag-oft's; LyCORIS's others pass it by)
         take("network_args rescaled", "oft_rescaled", True)
+    # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
+    # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
+    on_output = [_true(parsed.pop(key)) for key in ("wd_on_output", "wd_on_out") if key in parsed]
+    if any(on_output) and algo == "dora":
+        take("network_args wd_on_output", "dora_wd_on_output", True)
     for key in SAME_TRAINING & parsed.keys():
         parsed.pop(key)
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked

@@ -239,6 +239,8 @@ class Network:
                                                       for option in LYCORIS_OPTIONS}} if settings.algo == "lokr" else {}
         if settings.algo == "oft":
             options |= {"rescaled": settings.oft_rescaled, "butterfly": settings.oft_butterfly}
+        if settings.dora_wd_on_output:
+            options["on_output"] = True
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -490,6 +492,8 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
         args["constraint"] = str(float(settings.alpha))
     if settings.oft_rescaled:
         args["rescaled"] = "True"
+    if settings.dora_wd_on_output:
+        args["wd_on_output"] = "True"
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it

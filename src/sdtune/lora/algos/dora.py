@@ -86,13 +86,19 @@ class Dora(Algorithm):
                               "same way; write it in the diffusers layout (format='diffusers', --to diffusers)")
         return "dora_scale" if role == "dora_scale" else self.base.file_key(role)
 
-    # PEFT's layout goes back to PEFT/diffusers as it came; kohya's dora_scale (per input column by default) has no
-    # PEFT equivalent, as PEFT normalises per output row.
+    # PEFT's layout goes back to PEFT/diffusers as it came, and so does a per-row dora_scale (LyCORIS's wd_on_output,
+    # PEFT's axis: its norm without LyCORIS's float32 eps, a difference at float32 rounding); kohya's default dora_scale,
+    # per input column, has no PEFT equivalent.
     def peft_factors(self, t):
-        return _LORA.peft_factors(t) if "magnitude" in t else None
+        if self.peft_switch is None:  # (a LoHa's or LoKr's DoRA: PEFT's DoRA is on LoRA only)
+            return None
+        return _LORA.peft_factors(t) if "magnitude" in t or _per_row(t.get("dora_scale")) else None
 
     def peft_extras(self, t):
-        return {".lora_magnitude_vector": t["magnitude"]}
+        if "magnitude" in t:
+            return {".lora_magnitude_vector": t["magnitude"]}
+        m = t["dora_scale"]  # [out, 1] -> PEFT's [out]; a convolution's [out, 1, 1, 1] -> its [1, out, 1, 1]
+        return {".lora_magnitude_vector": m.flatten() if m.dim() == 2 else m.reshape(1, -1, *m.shape[2:])}
 
     def apply(self, weight, t, scale, strength):
         return weight + strength * (self.merged(weight, t, scale) - weight)
@@ -149,6 +155,16 @@ class DoraLokr(DoraLoha):
     base = Lokr()
 
 
+def _per_row(scale: torch.Tensor | None) -> bool:
+    """Whether a ``dora_scale`` is per output row ([out, 1(, 1, 1)], LyCORIS's wd_on_output), which PEFT holds."""
+    return scale is not None and scale.dim() >= 2 and scale.shape[0] > 1 and all(d == 1 for d in scale.shape[1:])
+
+
+def _row_norms(v: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's wd_on_output norm: over the input columns (and the kernel), one per output row, plus its eps."""
+    return torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True) + torch.finfo(torch.float32).eps
+
+
 def _column_norms(v: torch.Tensor) -> torch.Tensor:
     """kohya's DoRA norm: over the output rows (and the kernel), one per input column, plus LyCORIS's float32 eps."""
     return torch.linalg.vector_norm(v, dim=(0, *range(2, v.dim())), keepdim=True) + torch.finfo(torch.float32).eps
@@ -180,16 +196,19 @@ class DoraLayer(LoraLayer):
     """DoRA's trainable layer, in kohya's form (what A1111, ComfyUI and LyCORIS read): LoRA's factors plus a learned
     ``dora_scale``, one per input column, the layer computing with W_dora (``Dora.merged``, the function that
     applies a saved file) in one product. PEFT's form (a magnitude per output row) is another function of the same
-    factors, which A1111 would misread; diffusers reads only that one. The scale starts at W0's column norms plus
-    the eps the form adds to them, so that W_dora = W0 exactly at the start; the norm is not detached, as LyCORIS
-    trains it (PEFT detaches it, a memory saving that changes the gradient)."""
+    factors, which A1111 would misread; diffusers reads only that one: ``on_output`` trains it instead (LyCORIS's
+    wd_on_output: a dora_scale of [out, 1], which the diffusers layout holds as PEFT's magnitude). The scale starts
+    at W0's norms plus the eps the form adds to them, so that W_dora = W0 exactly at the start; the norm is not
+    detached, as LyCORIS trains it (PEFT detaches it, a memory saving that changes the gradient)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
+                 on_output: bool = False):
         if dropout:
             raise SdtuneError("DoRA computes with the whole weight, which takes no dropout on the LoRA's input; "
                               "use --lora-dropout 0")
         super().__init__(base, rank, alpha, dropout, generator)
-        self.dora_scale = nn.Parameter(_column_norms(base.weight.detach().float()))  # merged's own norm of W0
+        norms = _row_norms if on_output else _column_norms
+        self.dora_scale = nn.Parameter(norms(base.weight.detach().float()))  # merged's own norm of W0
 
     def forward(self, x, *args, **kwargs):
         b = self.base
@@ -201,11 +220,16 @@ class DoraLayer(LoraLayer):
         return F.linear(x, weight, bias)
 
     def take(self, tensors):
-        if "dora_scale" not in tensors:  # PEFT's per-row magnitude: another function of the same factors
-            raise SdtuneError("its DoRA magnitude is PEFT's, per output row; sdtune trains kohya's, per input column")
-        super().take(tensors)
+        given = tensors.get("dora_scale", tensors.get("magnitude"))  # (PEFT's magnitude: per output row)
+        per_row = "magnitude" in tensors or _per_row(given)
+        if per_row != _per_row(self.dora_scale):
+            theirs, mine = ("per output row", "per input column") if per_row else ("per input column",
+                                                                                   "per output row")
+            raise SdtuneError(f"its DoRA magnitude is {theirs}, and this run trains one {mine}; "
+                              f"{'add' if per_row else 'leave out'} --dora-wd-on-output")
+        super().take({k: v for k, v in tensors.items() if k not in ("dora_scale", "magnitude")})
         with torch.no_grad():
-            self.dora_scale.copy_(tensors["dora_scale"].reshape(self.dora_scale.shape))
+            self.dora_scale.copy_(given.reshape(self.dora_scale.shape))
 
     def parts(self):
         return {**super().parts(), "dora_scale": self.dora_scale}
