@@ -145,6 +145,11 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     # D-Adaptation as kohya names it (DAdaptation: the preprint's Adam); its rates are factors, 1.0 unless given
     ('optimizer_type = "DAdaptAdam"', dict(optimizer="dadaptadam", lr=1.0)),
     ('optimizer_type = "DAdaptation"\nlearning_rate = 0.5', dict(optimizer="dadaptation", lr=0.5)),
+    # sd-scripts gives the weight decay among the optimizer's arguments (a list, or kohya_ss's one string)
+    ('optimizer_type = "AdamW8bit"\noptimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]',
+     dict(optimizer="adamw8bit", weight_decay=0.1, optimizer_args=["betas=0.9,0.99"])),
+    ('optimizer_type = "Prodigy"\noptimizer_args = "weight_decay=0.05 d_coef=2"',
+     dict(optimizer="prodigy", weight_decay=0.05, optimizer_args=["d_coef=2"])),
     ('lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 0.2\nlr_scheduler_min_lr_ratio = 0.1',
      dict(lr_scheduler="warmup_stable_decay", lr_decay_ratio=0.2, lr_decay_steps=0, lr_scheduler_min_lr_ratio=0.1)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "rs_lora=True"]', dict(rs_lora=True)),  # (train_db.py's; kohya_ss writes it for LoRA too)
@@ -188,6 +193,7 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
     ('optimizer_type = "CAME"', r"optimizer_type = 'CAME': sdtune trains with adamw, adamw8bit"),
+    ('optimizer_args = ["weight_decay=lots"]', r"optimizer_args 'weight_decay=lots': weight_decay takes a number"),
     ('caption_extension = ".cap"', r"caption_extension = '.cap': sdtune reads captions from .txt and .caption"),
     ("save_n_epoch_ratio = 3", r"save_n_epoch_ratio = 3 spreads saves over max_train_epochs, which it does not "
                                r"give; give save_every_n_epochs instead"),

@@ -180,6 +180,17 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             items = shlex.split(value) if isinstance(value, str) else [str(item) for item in value or []]
             if items:
                 take(key, "lr_scheduler_args", items)
+        elif key == "optimizer_args":  # (one string of them too); sd-scripts gives the weight decay among them
+            items = shlex.split(value) if isinstance(value, str) else [str(item) for item in value or []]
+            decay = [item for item in items if item.partition("=")[0].strip() == "weight_decay"]
+            for item in decay:
+                text = item.partition("=")[2].strip()
+                try:
+                    take(key, "weight_decay", float(text))
+                except ValueError:
+                    raise SdtuneError(f"{where}: optimizer_args {item!r}: weight_decay takes a number, e.g. "
+                                      f"weight_decay=0.01") from None
+            take(key, "optimizer_args", [item for item in items if item not in decay])
         elif key == "caption_separator":  # how sd-scripts splits a caption into tags: sdtune splits at commas
             if str(value) != ",":
                 raise SdtuneError(f"{where}: caption_separator = {value!r}: sdtune splits captions into tags at "
