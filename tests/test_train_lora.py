@@ -163,6 +163,30 @@ def test_lokr_layer_options_shape_the_factors_as_lycoris(options, rank, roles, w
     assert torch.allclose(trained(x), merged(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("on_input", [False, True])
+def test_ia3_layer_scales_rows_or_input_channels_from_zero_as_its_file_applies(on_input):
+    """LyCORIS's IA3: a scale per output row (train_on_input: per input channel), [n] or a conv's [1, n, 1, 1],
+    from 0 (the base exactly), saved with its on_input flag and applied by the function that applies a file."""
+    g = torch.Generator().manual_seed(5)
+    for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, padding=1)):
+        trained = algos.get("ia3").layer(layer, rank=4, alpha=1.0, dropout=0.0, generator=g, on_input=on_input)
+        n = layer.weight.shape[1 if on_input else 0]
+        assert trained.parts()["scale"].shape == ((n,) if layer.weight.dim() == 2 else (1, n, 1, 1))
+        x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 5, 5)
+        assert torch.equal(trained(x), layer(x))
+        with torch.no_grad():
+            trained.parts()["scale"].normal_(generator=g)
+        adapter = Adapter("ia3", trained.tensors(), None)
+        assert bool(adapter.tensors["on_input"]) == on_input
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+        assert torch.allclose(trained(x), merged(x), atol=1e-5)
+    other = algos.get("ia3").layer(layer, rank=4, alpha=1.0, dropout=0.0, generator=g, on_input=not on_input)
+    with pytest.raises(SdtuneError, match="--ia3-on-input$"):
+        other.take(adapter.tensors)
+
+
 def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies():
     """LyCORIS's rescaled diag-OFT: a rescale per output row, starting at 1 (the base exactly), saved as the file's
     ``rescale`` and applied with the rotation by the function that applies a file."""

@@ -44,7 +44,8 @@ LAYOUTS = {"loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"
                     ("w2", "w2b")),
            "dora": ({"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"}, {"algo": "locon", "dora_wd": "True"},
                     ("up",)),
-           "oft": ({"oft_blocks", "alpha"}, {"algo": "diag-oft", "constraint": "2.0"}, ("blocks",))}
+           "oft": ({"oft_blocks", "alpha"}, {"algo": "diag-oft", "constraint": "2.0"}, ("blocks",)),
+           "ia3": ({"weight", "on_input"}, {"algo": "ia3"}, ("scale",))}
 
 
 @pytest.mark.parametrize("algo", list(LAYOUTS))
@@ -151,7 +152,10 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "oft", "--rank", "1"], "--algo oft --rank 1: OFT's blocks would be 1 x 1, which turn nothing; give 2"),
                         (["--algo", "lora", "--alpha", "0"], "--alpha 0.0: must be greater than 0"),
                         (["--algo", "oft", "--alpha", "-1"], "--alpha -1.0: must be 0 or more (--algo oft: its"),
-                        (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft")):
+                        (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft, ia3"),
+                        (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an IA3's option"),
+                        (["--algo", "ia3", "--rs-lora"], "--algo ia3 --rs-lora: IA3 has no alpha or rank"),
+                        (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3")):
         assert train(dataset, tmp_path / "out", *flags) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and said in err, err

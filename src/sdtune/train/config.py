@@ -51,9 +51,10 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "all")  # besides loss.csv (``logs.TrainLog``)
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
-LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft")  # the algorithms a run trains (each has a trainable layer)
+# the algorithms a run trains (each has a trainable layer)
+LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
-FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft")
+FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft", "ia3")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 LOKR_SWITCHES = [f"lokr_{option}" for option in LYCORIS_OPTIONS]  # LoKr's layer options, as settings
 
@@ -481,8 +482,9 @@ class LoraSettings(TrainSettings):
     algo: str = _help("lora (LoCon on convolutions; kohya's and diffusers' layouts) | loha | lokr (LyCORIS's) | "
                       "dora (LoRA with a learned magnitude per input column, kohya's DoRA) | oft (LyCORIS's "
                       "diag-oft: each layer's output turned by an orthogonal R in blocks, sized as LyCORIS "
-                      "factorises the width at --rank; --alpha is its constraint, 0 none): A1111, ComfyUI and "
-                      "sdtune load all five, diffusers lora only", default="lora")
+                      "factorises the width at --rank; --alpha is its constraint, 0 none) | ia3 (LyCORIS's: a "
+                      "learned scale per output row; no rank or alpha): A1111 and sdtune load all six, ComfyUI "
+                      "all but ia3, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
     lokr_full_matrix: bool = _help("LoKr: both Kronecker factors whole at any --rank (LyCORIS's full_matrix; no "
@@ -491,6 +493,8 @@ class LoraSettings(TrainSettings):
                                       "larger side (LyCORIS's decompose_both)", default=False)
     lokr_unbalanced: bool = _help("LoKr: the output width's larger factor in the small-factor slot (LyCORIS's "
                                   "unbalanced_factorization)", default=False)
+    ia3_on_input: bool = _help("IA3: a learned scale per input channel instead of per output row (LyCORIS's "
+                               "train_on_input)", default=False)
     dora_wd_on_output: bool = _help("DoRA: the magnitude per output row (LyCORIS's wd_on_output; PEFT's and "
                                     "diffusers' DoRA, so --formats diffusers can hold it; A1111 reads only the "
                                     "default, per input column)", default=False)
@@ -612,6 +616,12 @@ class LoraSettings(TrainSettings):
         if small:  # (OFT's only: its rank is a block size)
             raise SdtuneError(f"--algo {self.algo} {' '.join(small)}: {algo.label}'s blocks would be 1 x 1, which "
                               f"turn nothing; give {algo.least_rank} or more (the block size, as LyCORIS's lora_dim)")
+        if not algo.uses_alpha and self.rs_lora:
+            raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label} has no alpha or rank for rsLoRA to "
+                              f"change; leave --rs-lora off")
+        if self.ia3_on_input and self.algo != "ia3":
+            raise SdtuneError(f"--ia3-on-input: an IA3's option, and this run trains --algo {self.algo}; add --algo "
+                              f"ia3 or leave it out")
         if algo.alpha_is_constraint and self.rs_lora:
             raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label}'s --alpha is its constraint, not a scale "
                               f"that rsLoRA could change; leave --rs-lora off")
@@ -644,7 +654,7 @@ class LoraSettings(TrainSettings):
         if self.dora_wd_on_output and self.algo != "dora":
             raise SdtuneError(f"--dora-wd-on-output: a DoRA's option, and this run trains --algo {self.algo}; add "
                               f"--algo dora or leave it out")
-        if self.algo in ("loha", "lokr", "oft") and "diffusers" in self.formats:
+        if self.algo in ("loha", "lokr", "oft", "ia3") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
                               f"--formats kohya")
@@ -721,7 +731,7 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
-                                       "oft_butterfly", "dora_wd_on_output",
+                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

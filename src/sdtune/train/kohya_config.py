@@ -89,10 +89,11 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
               "dadaptlion": "dadaptlion", "dadaptsgd": "dadaptsgd"}
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # LyCORIS's algo= names
-NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft"}
+NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft",
+                 "ia3": "ia3"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 # LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm", "train_on_input"}
+LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm"}
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
 # where sdtune's layers compute (W0 + ΔW)·x): the same training either way
 SAME_TRAINING = {"bypass_mode"}
@@ -313,7 +314,7 @@ def _network(theirs: dict, take, where, family) -> None:
             take("network_args algo", "oft_butterfly", True)
     else:
         raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
-                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT); use one of them")
+                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3); use one of them")
     if str(parsed.pop("dora_wd", "false")).lower() == "true":
         algo = "dora"
     if str(parsed.pop("rs_lora", "false")).lower() == "true":  # LyCORIS's
@@ -342,6 +343,8 @@ def _network(theirs: dict, take, where, family) -> None:
     rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
     if _true(parsed.pop("rescaled", "false")) and algo == "oft":  # (diag-oft's; LyCORIS's others pass it by)
         take("network_args rescaled", "oft_rescaled", True)
+    if _true(parsed.pop("train_on_input", "false")) and algo == "ia3":  # (IA3's)
+        take("network_args train_on_input", "ia3_on_input", True)
     # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
     # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
     on_output = [_true(parsed.pop(key)) for key in ("wd_on_output", "wd_on_out") if key in parsed]

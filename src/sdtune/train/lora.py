@@ -241,6 +241,8 @@ class Network:
             options |= {"rescaled": settings.oft_rescaled, "butterfly": settings.oft_butterfly}
         if settings.dora_wd_on_output:
             options["on_output"] = True
+        if settings.ia3_on_input:
+            options["on_input"] = True
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -359,7 +361,8 @@ class Network:
                 raise SdtuneError(f"--save-precision {precision}: {comp}.{clean} holds values past its range "
                                   f"(fp16: 65504); rerun with --save-precision bf16 or fp32 to save from the last "
                                   f"saved step")
-            lora.modules[comp][clean] = Adapter(self.algo.name, tensors, float(layer.alpha))
+            alpha = float(layer.alpha) if self.algo.uses_alpha else None  # (IA3 has none)
+            lora.modules[comp][clean] = Adapter(self.algo.name, tensors, alpha)
         return lora
 
 
@@ -494,6 +497,8 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
         args["rescaled"] = "True"
     if settings.dora_wd_on_output:
         args["wd_on_output"] = "True"
+    if settings.ia3_on_input:
+        args["train_on_input"] = "True"
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it

@@ -11,13 +11,17 @@ same tensors the same way; ComfyUI has no IA3. The change depends on W0, so IA3 
 
 A file's ``<module>.weight`` key alone would also match every weight of a checkpoint given as a LoRA: IA3 is
 read only where the ``on_input`` flag stands beside it, as LyCORIS always saves it (and A1111 requires it).
+
+``Ia3Layer`` trains it as LyCORIS does (its ``train_on_input`` option as ``on_input``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...safeio import SdtuneError
 from .base import Algorithm, Io
+from .delta_layer import DeltaLayer, zeros
 
 
 class Ia3(Algorithm):
@@ -60,3 +64,38 @@ class Ia3(Algorithm):
 
 def _on_input(t: dict[str, torch.Tensor]) -> bool:
     return bool(t["on_input"].reshape(()).item())
+
+
+class Ia3Layer(DeltaLayer):
+    """LyCORIS IA3's trainable layer: a scale per output row (``on_input``: per input channel) that starts at zero
+    (the base exactly), in LyCORIS's shape ([n], a conv's [1, n, 1, 1]); it computes with ``Ia3.apply``, the
+    function that applies the saved file, which carries LyCORIS's ``on_input`` flag beside it. No rank, no alpha."""
+
+    algo = Ia3()
+    linear_roles = (("scale",),)  # ΔW = v ⊙ W0 is linear in v: max-norm scales v itself
+
+    def shapes_and_inits(self, shape, rank, on_input: bool = False, **options):
+        self.on_input = on_input
+        n = shape[1] if on_input else shape[0]
+        return {"scale": ((n,) if len(shape) == 2 else (1, n, *[1] * (len(shape) - 2)), zeros)}
+
+    def _flag(self) -> torch.Tensor:
+        return torch.tensor(int(self.on_input))  # (LyCORIS's buffer: an int)
+
+    def delta(self):
+        w0 = self.base.weight.float()
+        return self.algo.apply(w0, {"scale": self.factors["scale"], "on_input": self._flag()}, 1.0, 1.0) - w0
+
+    def take(self, tensors):
+        flag = tensors.get("on_input")
+        if flag is not None and bool(flag.reshape(()).item()) != self.on_input:
+            mine, theirs = ("input channel", "output row") if self.on_input else ("output row", "input channel")
+            raise SdtuneError(f"its IA3 scales each {theirs}, and this run scales each {mine}; "
+                              f"{'leave out' if self.on_input else 'add'} --ia3-on-input")
+        super().take({"scale": tensors["scale"]})
+
+    def tensors(self):
+        return {**super().tensors(), "on_input": self._flag()}
+
+
+Ia3.layer = Ia3Layer  # (the layer needs the algorithm first)
