@@ -134,14 +134,14 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
     for flags, said in ((["--algo", "loha", "--formats", "kohya", "diffusers"],
                          "--algo loha --formats diffusers: diffusers has no layout for LyCORIS's LoHa"),
                         (["--algo", "lokr", "--lokr-factor", "0"], "--lokr-factor 0: must be -1"),
-                        (["--lokr-full-matrix"], "--lokr-full-matrix: shape a LoKr's factors, and this run trains "
-                                                 "--algo lora; add --algo lokr or leave them out"),
+                        (["--lokr-full-matrix"], "--lokr-full-matrix: an option of --algo lokr (LoKr's), and this "
+                                                 "run trains --algo lora; add --algo lokr or leave it out"),
                         (["--algo", "lokr", "--lokr-full-matrix", "--lokr-decompose-both"], "; choose one"),
-                        (["--algo", "lora", "--dora-wd-on-output"], "--dora-wd-on-output: a DoRA's option"),
+                        (["--algo", "lora", "--dora-wd-on-output"], "--dora-wd-on-output: an option of --algo dora"),
                         (["--algo", "dora", "--formats", "diffusers"], "add --dora-wd-on-output, or use --formats "
                                                                         "kohya"),
-                        (["--algo", "loha", "--oft-rescaled", "--oft-butterfly"],
-                         "--oft-rescaled --oft-butterfly: an OFT's option, and this run trains --algo loha"),
+                        (["--algo", "loha", "--oft-butterfly"],
+                         "--oft-butterfly: an option of --algo oft (OFT's), and this run trains --algo loha"),
                         (["--algo", "dora", "--formats", "diffusers"],
                          "--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input column"),
                         (["--algo", "dora", "--lora-dropout", "0.1"], "--algo dora --lora-dropout 0.1: DoRA computes"),
@@ -153,7 +153,7 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "lora", "--alpha", "0"], "--alpha 0.0: must be greater than 0"),
                         (["--algo", "oft", "--alpha", "-1"], "--alpha -1.0: must be 0 or more (--algo oft: its"),
                         (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft, ia3"),
-                        (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an IA3's option"),
+                        (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an option of --algo ia3 (IA3's)"),
                         (["--algo", "ia3", "--rs-lora"], "--algo ia3 --rs-lora: IA3 has no alpha or rank"),
                         (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3")):
         assert train(dataset, tmp_path / "out", *flags) == 2

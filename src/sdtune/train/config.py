@@ -56,7 +56,9 @@ LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
 FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft", "ia3")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
-LOKR_SWITCHES = [f"lokr_{option}" for option in LYCORIS_OPTIONS]  # LoKr's layer options, as settings
+# each algorithm's own options -> the --algo they shape (LoKr's are its layer's, as LyCORIS names them)
+ALGO_OPTIONS = {**{f"lokr_{option}": "lokr" for option in LYCORIS_OPTIONS}, "oft_rescaled": "oft",
+                "oft_butterfly": "oft", "dora_wd_on_output": "dora", "ia3_on_input": "ia3"}
 
 
 def _not_used(keys: list[str]) -> str:
@@ -619,9 +621,6 @@ class LoraSettings(TrainSettings):
         if not algo.uses_alpha and self.rs_lora:
             raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label} has no alpha or rank for rsLoRA to "
                               f"change; leave --rs-lora off")
-        if self.ia3_on_input and self.algo != "ia3":
-            raise SdtuneError(f"--ia3-on-input: an IA3's option, and this run trains --algo {self.algo}; add --algo "
-                              f"ia3 or leave it out")
         if algo.alpha_is_constraint and self.rs_lora:
             raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label}'s --alpha is its constraint, not a scale "
                               f"that rsLoRA could change; leave --rs-lora off")
@@ -651,9 +650,7 @@ class LoraSettings(TrainSettings):
             raise SdtuneError("--algo dora --formats diffusers: sdtune trains kohya's DoRA (a magnitude per input "
                               "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
                               "(PEFT's is per output row); add --dora-wd-on-output, or use --formats kohya")
-        if self.dora_wd_on_output and self.algo != "dora":
-            raise SdtuneError(f"--dora-wd-on-output: a DoRA's option, and this run trains --algo {self.algo}; add "
-                              f"--algo dora or leave it out")
+
         if self.algo in ("loha", "lokr", "oft", "ia3") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
@@ -663,14 +660,10 @@ class LoraSettings(TrainSettings):
                               f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
-        lokr_only = [f"--{_flag(n)}" for n in LOKR_SWITCHES if getattr(self, n)]
-        if lokr_only and self.algo != "lokr":
-            raise SdtuneError(f"{' '.join(lokr_only)}: shape a LoKr's factors, and this run trains --algo "
-                              f"{self.algo}; add --algo lokr or leave them out")
-        oft_only = [f"--{_flag(n)}" for n in ("oft_rescaled", "oft_butterfly") if getattr(self, n)]
-        if oft_only and self.algo != "oft":
-            raise SdtuneError(f"{' '.join(oft_only)}: an OFT's option, and this run trains --algo {self.algo}; add "
-                              f"--algo oft or leave it out")
+        for name, owner in ALGO_OPTIONS.items():
+            if getattr(self, name) and self.algo != owner:
+                raise SdtuneError(f"--{_flag(name)}: an option of --algo {owner} ({algos.get(owner).label}'s), and "
+                                  f"this run trains --algo {self.algo}; add --algo {owner} or leave it out")
         if self.lokr_full_matrix and self.lokr_decompose_both:
             raise SdtuneError("--lokr-full-matrix --lokr-decompose-both: one keeps both factors whole, the other "
                               "splits the small one; choose one")
