@@ -530,7 +530,7 @@ def test_network_weights_start_the_run_from_a_file_with_its_own_ranks(base, data
         Network(base, settings(dataset, tmp_path / "e", text_encoder=True, algo="lokr", network_weights=str(first)))
 
 
-@pytest.mark.parametrize("algo", ["lokr", "loha", "dora", "oft"])
+@pytest.mark.parametrize("algo", ["lokr", "loha", "dora", "oft", "ia3"])
 def test_network_weights_continue_each_algorithm_with_its_own_shapes(base, dataset, tmp_path, algo):
     first = train_lora(base, settings(dataset, tmp_path / "a", algo=algo, lokr_factor=4, rank=2, report=False,
                                       sample_every=0))
