@@ -302,17 +302,24 @@ def test_trained_kohya_file_loads_back_and_matches_the_trained_network(base, dat
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+def in_diffusers(base, folder, diffusers_says):
+    """A diffusers pipeline on copies of ``base``'s UNet and text encoder with the LoRA of ``folder`` loaded, each key
+    of it matched: (pipeline, its UNet, its text encoder)."""
+    unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    said = diffusers_says(lambda: pipe.load_lora_weights(str(folder), adapter_name="trained"))
+    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    return pipe, unet, text
+
+
 def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path, diffusers_says):
     s = settings(dataset, tmp_path, targets="attn+ff", conv_rank=2, text_encoder=True, formats=["diffusers"])
     kohya = train_lora(base, s)
     path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
     assert path.is_file()
-    unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
-                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    said = diffusers_says(lambda: pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained"))
-    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    pipe, unet, text = in_diffusers(base, tmp_path / "diffusers", diffusers_says)
     lora = load_lora(kohya)
     for comp, model in (("unet", unet), ("text_encoder", text)):
         wrapped = {n.removeprefix("text_model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
@@ -346,12 +353,7 @@ def test_dora_per_output_row_trains_and_its_diffusers_file_fuses_in_diffusers_as
     assert all(ad.tensors["dora_scale"].shape == (ad.tensors["up"].shape[0], 1) for _, _, ad in lora.items())
     args = json.loads(read_metadata(kohya)["ss_network_args"])
     assert args["dora_wd"] == "True" and args["wd_on_output"] == "True"
-    unet, text = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text, tokenizer=base.tokenizer, unet=unet,
-                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    said = diffusers_says(lambda: pipe.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="trained"))
-    assert not re.search(r"unexpected|did not match|missing", said, re.IGNORECASE), said[-2000:]
+    pipe, unet, text = in_diffusers(base, tmp_path / "diffusers", diffusers_says)
     pipe.fuse_lora(adapter_names=["trained"], lora_scale=1.0)
     moved = 0
     for comp, model in (("unet", unet), ("text_encoder", text)):
