@@ -152,10 +152,11 @@ def test_the_forms_come_from_the_settings_dataclasses():
     assert fields["sample_prompts"].typ is list and fields["flip"].typ is bool
     assert "optimizer steps" in fields["steps"].help  # the comment beside the field
     assert fields["targets"].choices == ("attn", "attn+ff", "all")
-    assert fields["algo"].choices == ("lora", "loha", "lokr", "dora", "oft") and set(fields["algo"].defaults) == {"lora"}
+    assert fields["algo"].choices == ("lora", "loha", "lokr", "dora", "oft", "ia3") and set(fields["algo"].defaults) == {"lora"}
     assert fields["optimizer"].choices == ("adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "sgdnesterov",
-                                           "sgdnesterov8bit", "prodigy", "adamwschedulefree", "radamschedulefree",
-                                           "sgdschedulefree", "adafactor")
+                                           "sgdnesterov8bit", "prodigy", "dadaptation", "dadaptadam", "dadaptadagrad",
+                                           "dadaptadan", "dadaptadanip", "dadaptlion", "dadaptsgd", "adamwschedulefree",
+                                           "radamschedulefree", "sgdschedulefree", "adafactor")
     assert fields["optimizer_args"].typ is list  # one key=value per line
     assert fields["loss_type"].choices == ("l2", "huber", "smooth_l1") and fields["loss_type"].defaults["ti"] == "l2"
     assert fields["huber_schedule"].choices == ("constant", "exponential", "snr")
