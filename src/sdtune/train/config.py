@@ -29,7 +29,6 @@ from typing import get_args, get_origin, get_type_hints
 from .. import families, modelspec
 from ..console import note
 from ..lora import algos
-from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..models import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
 from ..ti.formats import TRAINING_METADATA
@@ -56,9 +55,6 @@ LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
 FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft", "ia3")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
-# each algorithm's own options -> the --algo they shape (LoKr's are its layer's, as LyCORIS names them)
-ALGO_OPTIONS = {**{f"lokr_{option}": "lokr" for option in LYCORIS_OPTIONS}, "oft_rescaled": "oft",
-                "oft_butterfly": "oft", "dora_wd_on_output": "dora", "ia3_on_input": "ia3"}
 
 
 def _not_used(keys: list[str]) -> str:
@@ -660,7 +656,8 @@ class LoraSettings(TrainSettings):
                               f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
-        for name, owner in ALGO_OPTIONS.items():
+        for name, switch in kohya_config.ALGO_SWITCHES.items():
+            owner = switch.algo
             if getattr(self, name) and self.algo != owner:
                 raise SdtuneError(f"--{_flag(name)}: an option of --algo {owner} ({algos.get(owner).label}'s), and "
                                   f"this run trains --algo {self.algo}; add --algo {owner} or leave it out")

@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from ..console import note
 from ..lora import algos
-from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..safeio import SdtuneError
 from . import kohya_blocks, kohya_dataset
 
@@ -92,6 +92,28 @@ PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft",
                  "ia3": "ia3"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
+
+
+class Switch(NamedTuple):
+    """An algorithm's own switch: the --algo it shapes, its layer's keyword, LyCORIS's network_args name (None:
+    LyCORIS says it otherwise: BOFT is its own algo=)."""
+
+    algo: str
+    option: str
+    lycoris: str | None
+
+
+# sdtune's setting -> its switch: each algorithm's own options, in one table (settings check, layers, metadata,
+# kohya configs)
+ALGO_SWITCHES = {
+    "lokr_full_matrix": Switch("lokr", "full_matrix", "full_matrix"),
+    "lokr_decompose_both": Switch("lokr", "decompose_both", "decompose_both"),
+    "lokr_unbalanced": Switch("lokr", "unbalanced", "unbalanced_factorization"),
+    "oft_rescaled": Switch("oft", "rescaled", "rescaled"),
+    "oft_butterfly": Switch("oft", "butterfly", None),
+    "dora_wd_on_output": Switch("dora", "on_output", "wd_on_output"),
+    "ia3_on_input": Switch("ia3", "on_input", "train_on_input"),
+}
 # LyCORIS's switches sdtune trains without: fine while False
 LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm"}
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
@@ -335,21 +357,16 @@ def _network(theirs: dict, take, where, family) -> None:
         parsed.pop(key, None)
     constrained = algos.get(algo).alpha_is_constraint  # (diag-oft: LyCORIS's constraint argument is its alpha)
     constraint = parsed.pop("constraint", None) if constrained else None
-    for option, key in LYCORIS_OPTIONS.items():  # LoKr's layer options (LyCORIS's other algorithms pass them by)
-        if _true(parsed.pop(key, "false")) and algo == "lokr":
-            take(f"network_args {key}", f"lokr_{option}", True)
+    # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
+    # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
+    if "wd_on_out" in parsed:  # (its older name)
+        parsed.setdefault("wd_on_output", parsed.pop("wd_on_out"))
+    for name, switch in ALGO_SWITCHES.items():  # (LyCORIS's other algorithms pass an algorithm's switch by)
+        if switch.lycoris and _true(parsed.pop(switch.lycoris, "false")) and algo == switch.algo:
+            take(f"network_args {switch.lycoris}", name, True)
     # sdtune scales the rows rank dropout keeps by 1/(1 - p) (kohya's LoRA does; LyCORIS with this switch on, by the
     # kept fraction): what the run does whatever the switch says, so its False is only noted
     rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
-    if _true(parsed.pop("rescaled", "false")) and algo == "oft":  # (diag-oft's; LyCORIS's others pass it by)
-        take("network_args rescaled", "oft_rescaled", True)
-    if _true(parsed.pop("train_on_input", "false")) and algo == "ia3":  # (IA3's)
-        take("network_args train_on_input", "ia3_on_input", True)
-    # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
-    # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
-    on_output = [_true(parsed.pop(key)) for key in ("wd_on_output", "wd_on_out") if key in parsed]
-    if any(on_output) and algo == "dora":
-        take("network_args wd_on_output", "dora_wd_on_output", True)
     for key in SAME_TRAINING & parsed.keys():
         parsed.pop(key)
     for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked

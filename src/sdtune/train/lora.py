@@ -41,7 +41,6 @@ from ..console import note
 from ..families import kohya_clip_skip
 from ..generate import read_layer
 from ..lora import algos, blocks
-from ..lora.algos.lokr import LYCORIS_OPTIONS
 from ..lora.formats import load_lora, sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -53,6 +52,7 @@ from . import loop, optimizers, report, samples, validation
 from .captions import steady_caption
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
 from .data import seed_for, training_set
+from .kohya_config import ALGO_SWITCHES
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
 from .scan import first_prompts, report_skipped, scan_data
@@ -235,14 +235,8 @@ class Network:
         self.lr_factors = block_lrs(base, settings, modules)
         ranks, alphas = block_ranks(base, settings, modules)
         self.algo = algos.get(settings.algo)
-        options = {"factor": settings.lokr_factor, **{option: getattr(settings, f"lokr_{option}")
-                                                      for option in LYCORIS_OPTIONS}} if settings.algo == "lokr" else {}
-        if settings.algo == "oft":
-            options |= {"rescaled": settings.oft_rescaled, "butterfly": settings.oft_butterfly}
-        if settings.dora_wd_on_output:
-            options["on_output"] = True
-        if settings.ia3_on_input:
-            options["on_input"] = True
+        options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        options |= {switch.option: True for name, switch in ALGO_SWITCHES.items() if getattr(settings, name)}
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
         start = self._starting_weights(base, settings, modules) if settings.network_weights else {}
@@ -490,15 +484,10 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
     args = {"algo": name, **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd
     if settings.algo == "lokr":
         args["factor"] = str(settings.lokr_factor)
-        args |= {theirs: "True" for option, theirs in LYCORIS_OPTIONS.items() if getattr(settings, f"lokr_{option}")}
     if algo.alpha_is_constraint:  # (LyCORIS's argument; the layers' alpha holds it too)
         args["constraint"] = str(float(settings.alpha))
-    if settings.oft_rescaled:
-        args["rescaled"] = "True"
-    if settings.dora_wd_on_output:
-        args["wd_on_output"] = "True"
-    if settings.ia3_on_input:
-        args["train_on_input"] = "True"
+    args |= {switch.lycoris: "True" for name, switch in ALGO_SWITCHES.items()
+             if switch.lycoris and getattr(settings, name)}
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it

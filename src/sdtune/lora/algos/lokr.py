@@ -14,9 +14,6 @@ from .base import Algorithm, Io, flat_inner, kernel_of, tucker_to_pair
 from .delta_layer import DeltaLayer, kaiming, zeros
 
 _SPLITS = ("w1b", "w2b")
-# ``LokrLayer``'s options -> LyCORIS's names for them (its network_args); a run's settings are lokr_<option>
-LYCORIS_OPTIONS = {"full_matrix": "full_matrix", "decompose_both": "decompose_both",
-                   "unbalanced": "unbalanced_factorization"}
 
 
 class Lokr(Algorithm):
