@@ -76,15 +76,13 @@ class Ia3Layer(DeltaLayer):
 
     def shapes_and_inits(self, shape, rank, on_input: bool = False, **options):
         self.on_input = on_input
+        self.flag = torch.tensor(int(on_input))  # LyCORIS's buffer (an int), made once: each forward reads it
         n = shape[1] if on_input else shape[0]
         return {"scale": ((n,) if len(shape) == 2 else (1, n, *[1] * (len(shape) - 2)), zeros)}
 
-    def _flag(self) -> torch.Tensor:
-        return torch.tensor(int(self.on_input))  # (LyCORIS's buffer: an int)
-
     def delta(self):
         w0 = self.base.weight.float()
-        return self.algo.apply(w0, {"scale": self.factors["scale"], "on_input": self._flag()}, 1.0, 1.0) - w0
+        return self.algo.apply(w0, {"scale": self.factors["scale"], "on_input": self.flag}, 1.0, 1.0) - w0
 
     def take(self, tensors):
         flag = tensors.get("on_input")
@@ -95,7 +93,7 @@ class Ia3Layer(DeltaLayer):
         super().take({"scale": tensors["scale"]})
 
     def tensors(self):
-        return {**super().tensors(), "on_input": self._flag()}
+        return {**super().tensors(), "on_input": self.flag.clone()}
 
 
 Ia3.layer = Ia3Layer  # (the layer needs the algorithm first)
