@@ -187,6 +187,66 @@ def test_ia3_layer_scales_rows_or_input_channels_from_zero_as_its_file_applies(o
         other.take(adapter.tensors)
 
 
+# each algorithm's roles on a 3x3 convolution with LyCORIS's Tucker core (the linear layer keeps its plain ones)
+TUCKER_ROLES = {"lora": {"down", "mid", "up"}, "loha": {"t1", "w1a", "w1b", "t2", "w2a", "w2b"},
+                "lokr": {"w1", "t2", "w2a", "w2b"}}
+
+
+@pytest.mark.parametrize("algo", list(TUCKER_ROLES))
+@pytest.mark.parametrize("tucker, scalar", [(True, False), (False, True), (True, True)])
+def test_tucker_and_scalar_layers_start_at_the_base_and_save_what_they_apply(algo, tucker, scalar):
+    """LyCORIS's use_tucker (a 3x3 conv's change through a core [r, r, 3, 3] between 1x1 factors, kept in the
+    file) and use_scalar (a learned scalar from 0 on the change, every factor random; saved folded into the first
+    factor, as LyCORIS saves it): the layer starts at the base exactly and, trained, gives what its file applies."""
+    g = torch.Generator().manual_seed(3)
+    rank = 1 if algo == "lokr" else 2  # (LoKr's w2 is split only below half its side)
+    for layer in (torch.nn.Linear(8, 6), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)):
+        trained = algos.get(algo).layer(layer, rank=rank, alpha=1.0, dropout=0.0, generator=g, tucker=tucker,
+                                        scalar=scalar)
+        conv = isinstance(layer, torch.nn.Conv2d)
+        made = trained.tensors()
+        assert (set(made) == TUCKER_ROLES[algo]) == (tucker and conv), set(made)
+        if scalar:  # the scalar at 0 holds the change at zero; every factor starts random
+            assert trained.parts()["scalar"].item() == 0.0
+            assert all(p.abs().max() > 0 for role, p in trained.parts().items() if role != "scalar")
+        x = torch.randn(2, 4, 8, 8) if conv else torch.randn(2, 8)
+        assert torch.equal(trained(x), layer(x))
+        with torch.no_grad():
+            for p in trained.parts().values():
+                p.normal_(generator=g)
+        adapter = Adapter(algo, algos.get(algo).build(trained.tensors()), 1.0)  # as the file is read
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+        assert torch.allclose(trained(x), merged(x), atol=1e-4)
+        if scalar:  # the saved factors hold the scalar: what the run would save without one, times it
+            s = trained.parts()["scalar"].item()
+            with torch.no_grad():
+                trained.scalar.fill_(1.0)
+            plain = Adapter(algo, algos.get(algo).build(trained.tensors()), 1.0).apply(layer.weight, 1.0)
+            assert torch.allclose(merged.weight - layer.weight, s * (plain - layer.weight), atol=1e-5)
+
+
+def test_a_tucker_locon_file_continues_only_in_a_tucker_run():
+    """--network-weights: the Tucker core is taken as it is; a layer without one is one line naming the flag."""
+    g = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    tucker = algos.get("lora").layer(conv, rank=2, alpha=1.0, dropout=0.0, generator=g, tucker=True)
+    with torch.no_grad():
+        for p in tucker.parts().values():
+            p.normal_(generator=g)
+    again = algos.get("lora").layer(conv, rank=2, alpha=1.0, dropout=0.0, generator=g, tucker=True, scalar=True)
+    again.take(tucker.tensors())
+    x = torch.randn(1, 4, 5, 5)
+    assert torch.equal(again(x), tucker(x)) and again.parts()["scalar"].item() == 1.0
+    plain = algos.get("lora").layer(conv, rank=2, alpha=1.0, dropout=0.0, generator=g)
+    with pytest.raises(SdtuneError, match="^its LoCon layers have Tucker cores, and this run trains none; add "
+                                          "--tucker$"):
+        plain.take(tucker.tensors())
+    with pytest.raises(SdtuneError, match="have no Tucker cores, and this run trains some; leave out --tucker$"):
+        tucker.take(plain.tensors())
+
+
 def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies():
     """LyCORIS's rescaled diag-OFT: a rescale per output row, starting at 1 (the base exactly), saved as the file's
     ``rescale`` and applied with the rotation by the function that applies a file."""
@@ -314,13 +374,17 @@ def in_diffusers(base, folder, diffusers_says):
     return pipe, unet, text
 
 
-def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path, diffusers_says):
-    s = settings(dataset, tmp_path, targets="attn+ff", conv_rank=2, text_encoder=True, formats=["diffusers"])
+@pytest.mark.parametrize("switches", [{}, {"tucker": True, "scalar": True}], ids=["lora", "tucker-scalar"])
+def test_diffusers_file_loads_in_diffusers_with_no_unmatched_keys(base, dataset, tmp_path, diffusers_says, switches):
+    """(LyCORIS's Tucker cores, which PEFT's layout has no place for, folded into lora_A; the scalars in lora_B.)"""
+    s = settings(dataset, tmp_path, targets="attn+ff", conv_rank=2, text_encoder=True, formats=["diffusers"],
+                 **switches)
     kohya = train_lora(base, s)
     path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
     assert path.is_file()
     pipe, unet, text = in_diffusers(base, tmp_path / "diffusers", diffusers_says)
     lora = load_lora(kohya)
+    assert any("mid" in ad.tensors for _, _, ad in lora.items()) == bool(switches)
     for comp, model in (("unet", unet), ("text_encoder", text)):
         wrapped = {n.removeprefix("text_model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
         assert wrapped == set(lora.modules[comp]), comp

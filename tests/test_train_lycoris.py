@@ -130,6 +130,40 @@ def test_lokr_options_shape_every_layer_and_are_recorded_as_lycoris_names_them(d
             assert q.tensors["w1a"].shape == (8, 1) and q.tensors["w2a"].shape == (4, 1) and q.scale == 2.0
 
 
+# the roles of a run's 3x3 convolutions with --tucker (LyCORIS's file names)
+TUCKER_KEYS = {"lora": {"lora_down.weight", "lora_mid.weight", "lora_up.weight", "alpha"},
+               "loha": {"hada_t1", "hada_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+               "lokr": {"lokr_t2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}}
+
+
+@pytest.mark.parametrize("algo", list(TUCKER_KEYS))
+def test_tucker_and_scalar_runs_save_lycoris_files_and_resume_exactly(dataset, tmp_path, algo):
+    """--tucker --scalar: the resnets' 3x3 convolutions saved with their cores, the scalars folded in (no key of
+    their own), LyCORIS's record of both (a LoRA's too: algo=locon), and a cut run resumes to the same file."""
+    assert train(dataset, tmp_path / "whole", "--algo", algo, "--tucker", "--scalar") == 0
+    path = tmp_path / "whole" / "lora.safetensors"
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    conv = {k.split(".", 1)[1] for k in keys if k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.")}
+    assert conv == TUCKER_KEYS[algo], conv
+    assert not any("scalar" in k for k in keys)
+    meta = read_metadata(path)
+    args = json.loads(meta["ss_network_args"])
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert args["algo"] == {"lora": "locon"}.get(algo, algo) and args["use_tucker"] == args["use_scalar"] == "True"
+    lora = load_lora(path)
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for _, _, ad in lora.items() for t in ad.tensors.values())
+
+    cut = tmp_path / "cut"
+    assert train(dataset, cut, "--algo", algo, "--tucker", "--scalar", "--steps", "2") == 0
+    state, _ = load_state(cut / loop.STATE_FILE)
+    assert any(k.endswith(".scalar") for k in state["trainable"])
+    assert train(dataset, cut, "--algo", algo, "--tucker", "--scalar") == 0
+    resumed = load_lora(cut / "lora.safetensors")
+    for (comp, p, a), (_, _, b) in zip(lora.items(), resumed.items(), strict=True):
+        assert all(torch.equal(a.tensors[r], b.tensors[r]) for r in a.tensors), (comp, p)
+
+
 def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
     for flags, said in ((["--algo", "loha", "--formats", "kohya", "diffusers"],
                          "--algo loha --formats diffusers: diffusers has no layout for LyCORIS's LoHa"),
@@ -155,7 +189,12 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "boft"], "--algo 'boft': choose one of lora, loha, lokr, dora, oft, ia3"),
                         (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an option of --algo ia3 (IA3's)"),
                         (["--algo", "ia3", "--rs-lora"], "--algo ia3 --rs-lora: IA3 has no alpha or rank"),
-                        (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3")):
+                        (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3"),
+                        (["--algo", "oft", "--tucker"], "--tucker: an option of --algo lora, loha or lokr, and this "
+                                                        "run trains --algo oft; add --algo lora or leave it out"),
+                        (["--algo", "loha", "--tucker", "--conv-rank", "0", "--targets", "attn"],
+                         "--tucker: Tucker cores shape the 3x3 convolutions' change, and this run trains none; add "
+                         "--conv-rank N (or --targets all)")):
         assert train(dataset, tmp_path / "out", *flags) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and said in err, err

@@ -500,6 +500,11 @@ class LoraSettings(TrainSettings):
                                default=False)
     oft_butterfly: bool = _help("OFT as LyCORIS's BOFT: the rotation a butterfly of log2(k) + 1 stages of k even "
                                 "blocks, each block at most --rank wide (LyCORIS's algo=boft)", default=False)
+    tucker: bool = _help("lora, loha, lokr: each 3x3 convolution's change through a Tucker core (LyCORIS's "
+                         "use_tucker: a 1x1 down, a rank x rank core with the kernel, a 1x1 up), fewer numbers than "
+                         "a factor spanning the kernel", default=False)
+    scalar: bool = _help("lora, loha, lokr: a learned factor on each layer's change, from 0, so that every factor "
+                         "starts random (LyCORIS's use_scalar; saved folded into the factors)", default=False)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
@@ -657,10 +662,15 @@ class LoraSettings(TrainSettings):
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
         for name, switch in kohya_config.ALGO_SWITCHES.items():
-            owner = switch.algo
-            if getattr(self, name) and self.algo != owner:
-                raise SdtuneError(f"--{_flag(name)}: an option of --algo {owner} ({algos.get(owner).label}'s), and "
-                                  f"this run trains --algo {self.algo}; add --algo {owner} or leave it out")
+            owners = switch.algos
+            if getattr(self, name) and self.algo not in owners:
+                whose = f" ({algos.get(owners[0]).label}'s)" if len(owners) == 1 else ""
+                raise SdtuneError(f"--{_flag(name)}: an option of --algo {', '.join(owners[:-1]) or owners[0]}"
+                                  f"{f' or {owners[-1]}' if len(owners) > 1 else ''}{whose}, and this run trains "
+                                  f"--algo {self.algo}; add --algo {owners[0]} or leave it out")
+        if self.tucker and not (self.conv_rank or self.targets == "all"):
+            raise SdtuneError("--tucker: Tucker cores shape the 3x3 convolutions' change, and this run trains none; "
+                              "add --conv-rank N (or --targets all)")
         if self.lokr_full_matrix and self.lokr_decompose_both:
             raise SdtuneError("--lokr-full-matrix --lokr-decompose-both: one keeps both factors whole, the other "
                               "splits the small one; choose one")
@@ -721,7 +731,7 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
-                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input",
+                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input", "tucker", "scalar",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

@@ -95,10 +95,10 @@ LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  #
 
 
 class Switch(NamedTuple):
-    """An algorithm's own switch: the --algo it shapes, its layer's keyword, LyCORIS's network_args name (None:
-    LyCORIS says it otherwise: BOFT is its own algo=)."""
+    """An algorithm's own switch: the --algo values it shapes, its layer's keyword, LyCORIS's network_args name
+    (None: LyCORIS says it otherwise: BOFT is its own algo=)."""
 
-    algo: str
+    algos: tuple[str, ...]
     option: str
     lycoris: str | None
 
@@ -106,16 +106,19 @@ class Switch(NamedTuple):
 # sdtune's setting -> its switch: each algorithm's own options, in one table (settings check, layers, metadata,
 # kohya configs)
 ALGO_SWITCHES = {
-    "lokr_full_matrix": Switch("lokr", "full_matrix", "full_matrix"),
-    "lokr_decompose_both": Switch("lokr", "decompose_both", "decompose_both"),
-    "lokr_unbalanced": Switch("lokr", "unbalanced", "unbalanced_factorization"),
-    "oft_rescaled": Switch("oft", "rescaled", "rescaled"),
-    "oft_butterfly": Switch("oft", "butterfly", None),
-    "dora_wd_on_output": Switch("dora", "on_output", "wd_on_output"),
-    "ia3_on_input": Switch("ia3", "on_input", "train_on_input"),
+    "lokr_full_matrix": Switch(("lokr",), "full_matrix", "full_matrix"),
+    "lokr_decompose_both": Switch(("lokr",), "decompose_both", "decompose_both"),
+    "lokr_unbalanced": Switch(("lokr",), "unbalanced", "unbalanced_factorization"),
+    "oft_rescaled": Switch(("oft",), "rescaled", "rescaled"),
+    "oft_butterfly": Switch(("oft",), "butterfly", None),
+    "dora_wd_on_output": Switch(("dora",), "on_output", "wd_on_output"),
+    "ia3_on_input": Switch(("ia3",), "on_input", "train_on_input"),
+    "tucker": Switch(("lora", "loha", "lokr"), "tucker", "use_tucker"),
+    "scalar": Switch(("lora", "loha", "lokr"), "scalar", "use_scalar"),
 }
 # LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"use_tucker", "use_cp", "use_scalar", "train_norm"}
+LYCORIS_SWITCHES = {"train_norm"}
+OLDER_NAMES = {"wd_on_out": "wd_on_output", "use_cp": "use_tucker"}  # LyCORIS's earlier names of its switches
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
 # where sdtune's layers compute (W0 + ΔW)·x): the same training either way
 SAME_TRAINING = {"bypass_mode"}
@@ -359,10 +362,11 @@ def _network(theirs: dict, take, where, family) -> None:
     constraint = parsed.pop("constraint", None) if constrained else None
     # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
     # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
-    if "wd_on_out" in parsed:  # (its older name)
-        parsed.setdefault("wd_on_output", parsed.pop("wd_on_out"))
+    for older, name in OLDER_NAMES.items():
+        if older in parsed:
+            parsed.setdefault(name, parsed.pop(older))
     for name, switch in ALGO_SWITCHES.items():  # (LyCORIS's other algorithms pass an algorithm's switch by)
-        if switch.lycoris and _true(parsed.pop(switch.lycoris, "false")) and algo == switch.algo:
+        if switch.lycoris and _true(parsed.pop(switch.lycoris, "false")) and algo in switch.algos:
             take(f"network_args {switch.lycoris}", name, True)
     # sdtune scales the rows rank dropout keeps by 1/(1 - p) (kohya's LoRA does; LyCORIS with this switch on, by the
     # kept fraction): what the run does whatever the switch says, so its False is only noted

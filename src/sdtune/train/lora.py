@@ -266,7 +266,8 @@ class Network:
         lora = load_lora(source, model_keys=model)
         adapters = check_fit(lora, model, allow_partial=False, source=source)
         other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind != self.algo.name})
-        if other or any("mid" in ad.tensors for ad in adapters.values()):
+        # (a Tucker LoCon continues in a --tucker LoRA run: its layer says which way a mismatch goes)
+        if other or (settings.algo != "lora" and any("mid" in ad.tensors for ad in adapters.values())):
             held = ", ".join(other) or "LoCon with Tucker cores"
             raise SdtuneError(f"--network-weights {source}: holds {held} adapters, and this run trains "
                               f"{_label(self.algo)} (--algo {settings.algo}); give the --algo it was "
@@ -462,7 +463,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
     # kohya keeps these per subset in ss_datasets, which sdtune does not write (one folder is one dataset)
     meta |= {f"ss_{name}": getattr(settings, name) for name in (
         "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix") if getattr(settings, name)}
-    meta |= lycoris_network(settings, base.family) if settings.algo != "lora" else kohya_network(settings, base.family)
+    meta |= lycoris_network(settings, base.family) if is_lycoris(settings) else kohya_network(settings, base.family)
     meta |= sampling_metadata(base.family, base.scheduler.config)
     meta |= modelspec.metadata(base.family, base.scheduler.config, "lora", title=settings.name,
                                resolution=data.resolution, created=time.time(), clip_skip=meta["ss_clip_skip"],
@@ -475,8 +476,14 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
     return meta
 
 
+def is_lycoris(settings: LoraSettings) -> bool:
+    """Whether LyCORIS trains what the run trains (kohya's networks.lora trains a plain LoRA only: no algorithm
+    switches, such as --tucker)."""
+    return settings.algo != "lora" or any(getattr(settings, name) for name in ALGO_SWITCHES)
+
+
 def lycoris_network(settings: LoraSettings, family) -> dict:
-    """A LoHa, LoKr, DoRA or OFT run's network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer
+    """A LoHa, LoKr, DoRA, OFT or IA3 run's, or a LoRA's with LyCORIS's switches, network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer
     whose w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
     arguments."""
     algo = algos.get(settings.algo)

@@ -23,6 +23,11 @@ class DeltaLayer(nn.Module):
     Subclasses set ``algo`` and make the factors (``shapes_and_inits``), one of which starts at zero so that
     training starts from the base model exactly.
 
+    LyCORIS's ``scalar`` option multiplies ΔW by a learned scalar that starts at 0, so that the zero factor can
+    start random instead (``shapes_and_inits`` is told); the saved first factor of ``linear_roles`` holds it, as
+    LyCORIS saves it. Its ``tucker`` option gives a convolution's factors a core with the kernel (``cores``: the
+    roles ``algo.build`` folds away before ``delta``).
+
     LyCORIS's two other dropouts, in training mode only: ``rank_dropout`` zeroes each output row of ΔW with that
     probability (one draw per forward, as LyCORIS draws it) and scales the rest by 1/(1 − p), so that ΔW is
     unchanged on average (LyCORIS's rank_dropout_scale); ``module_dropout`` skips ΔW in a forward with its
@@ -33,9 +38,10 @@ class DeltaLayer(nn.Module):
     # groups of roles, one factor of each present: ΔW is linear in each of them and the product across groups, so
     # scaling each by √r scales ΔW by r (max-norm's split, as LyCORIS scales two factors)
     linear_roles: ClassVar[tuple[tuple[str, ...], ...]]
+    cores: ClassVar[frozenset[str]] = frozenset()  # Tucker cores, where the algorithm has them
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0, **options):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, scalar: bool = False, **options):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)) or getattr(base, "groups", 1) != 1 \
                 or getattr(base, "padding_mode", "zeros") != "zeros":
@@ -44,10 +50,13 @@ class DeltaLayer(nn.Module):
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         w = base.weight
         self.factors = nn.ParameterDict()
+        if scalar:
+            options["scalar"] = True
         for role, (shape, init) in self.shapes_and_inits(tuple(w.shape), rank, **options).items():
             t = torch.empty(shape, dtype=torch.float32)
             init(t, generator)
             self.factors[role] = nn.Parameter(t.to(w.device))
+        self.scalar = nn.Parameter(torch.zeros((), device=w.device)) if scalar else None
         self.scale = self.algo.scale(dict(self.factors), alpha)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
@@ -73,7 +82,11 @@ class DeltaLayer(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """ΔW, in the base weight's shape."""
-        return (self.algo.delta(dict(self.factors)) * self.scale).reshape(self.base.weight.shape)
+        t = dict(self.factors)
+        if self.cores & t.keys():
+            t = self.algo.build(t)
+        scale = self.scale if self.scalar is None else self.scalar * self.scale
+        return (self.algo.delta(t) * scale).reshape(self.base.weight.shape)
 
     @torch.no_grad()
     def limit_norm(self, limit: float) -> torch.Tensor:
@@ -93,19 +106,28 @@ class DeltaLayer(nn.Module):
         return F.linear(x, weight, bias)
 
     def take(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Start from an adapter's factors instead of the fresh ones (their shapes may differ: a LoKr's split)."""
+        """Start from an adapter's factors instead of the fresh ones (their shapes may differ: a LoKr's split; a
+        Tucker file's as the reader folded them); a learned scalar starts at 1 (the file's factors hold it)."""
         device = self.base.weight.device
         self.factors = nn.ParameterDict({role: nn.Parameter(t.detach().float().clone().to(device))
                                          for role, t in tensors.items()})
         self.scale = self.algo.scale(dict(self.factors), self.alpha)
+        if self.scalar is not None:
+            with torch.no_grad():
+                self.scalar.fill_(1.0)
 
     def parts(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by role (what the optimizer steps and a resume state keeps)."""
-        return dict(self.factors)
+        return dict(self.factors) | ({} if self.scalar is None else {"scalar": self.scalar})
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The learned factors as the adapter's roles (float32, on the CPU, detached copies)."""
-        return {role: p.detach().float().cpu().clone() for role, p in self.factors.items()}
+        """The learned factors as the adapter's roles (float32, on the CPU, detached copies), a learned scalar
+        in the first factor of ``linear_roles`` (as LyCORIS saves it)."""
+        made = dict(self.factors)
+        if self.scalar is not None:
+            holder = next(role for role in self.linear_roles[0] if role in made)
+            made[holder] = made[holder] * self.scalar
+        return {role: p.detach().float().cpu().clone() for role, p in made.items()}
 
 
 def kaiming(t: torch.Tensor, generator: torch.Generator) -> None:

@@ -42,15 +42,24 @@ class Loha(Algorithm):
 
 
 class LohaLayer(DeltaLayer):
-    """LoHa's trainable layer: w2a starts at zero (ΔW = 0), the others random, as LyCORIS starts them."""
+    """LoHa's trainable layer: w2a starts at zero (ΔW = 0; with ``scalar``, random as w1a, the scalar at 0), the
+    others random, as LyCORIS starts them. With ``tucker`` a convolution with a kernel gets LyCORIS's Tucker form:
+    each pair a core t [r, r, kh, kw] between wa [r, out] and wb [r, in] (cores from N(0, 0.1²))."""
 
     algo = Loha()
     linear_roles = (("w1a",), ("w2a",))  # ΔW = (w1a @ w1b) ∘ (w2a @ w2b)
+    cores = frozenset({"t1", "t2"})
 
-    def shapes_and_inits(self, shape, rank, **options):
-        out, inner = shape[0], math.prod(shape[1:])  # a conv's b factors span its input and kernel
+    def shapes_and_inits(self, shape, rank, tucker: bool = False, scalar: bool = False):
+        out, inner, kernel = shape[0], math.prod(shape[1:]), tuple(shape[2:])
+        w2a_init = normal(0.1) if scalar else zeros
+        if tucker and any(k != 1 for k in kernel):
+            return {"t1": ((rank, rank, *kernel), normal(0.1)), "w1a": ((rank, out), normal(0.1)),
+                    "w1b": ((rank, shape[1]), normal(1.0)), "t2": ((rank, rank, *kernel), normal(0.1)),
+                    "w2a": ((rank, out), w2a_init), "w2b": ((rank, shape[1]), normal(1.0))}
+        # a conv's b factors span its input and kernel
         return {"w1a": ((out, rank), normal(0.1)), "w1b": ((rank, inner), normal(1.0)),
-                "w2a": ((out, rank), zeros), "w2b": ((rank, inner), normal(1.0))}
+                "w2a": ((out, rank), w2a_init), "w2b": ((rank, inner), normal(1.0))}
 
 
 Loha.layer = LohaLayer  # (the layer needs the algorithm first)

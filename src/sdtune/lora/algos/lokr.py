@@ -79,13 +79,17 @@ class LokrLayer(DeltaLayer):
 
     LyCORIS's options: ``full_matrix`` keeps both factors whole at any rank; ``decompose_both`` splits w1 as well,
     into w1a @ w1b at ``rank``, where the rank is below half of w1's larger side; ``unbalanced`` gives w1 the
-    output width's larger factor (its unbalanced_factorization)."""
+    output width's larger factor (its unbalanced_factorization); ``tucker`` gives a convolution's split w2 a core
+    with the kernel, t2 [r, r, kh, kw] between w2a [r, out] and w2b [r, in]; ``scalar`` starts the zero factor
+    random (Kaiming) and a learned scalar on ΔW at 0."""
 
     algo = Lokr()
     linear_roles = (("w1", "w1a"), ("w2", "w2a"))  # ΔW = w1 ⊗ w2, each whole or a product (w1a @ w1b)
+    cores = frozenset({"t2"})
 
     def shapes_and_inits(self, shape, rank, factor: int = -1, full_matrix: bool = False,
-                         decompose_both: bool = False, unbalanced: bool = False):
+                         decompose_both: bool = False, unbalanced: bool = False, tucker: bool = False,
+                         scalar: bool = False):
         (out_small, out_large), (in_small, in_large) = split(shape[0], factor), split(shape[1], factor)
         if unbalanced:
             out_small, out_large = out_large, out_small
@@ -94,10 +98,15 @@ class LokrLayer(DeltaLayer):
             roles = {"w1a": ((out_small, rank), kaiming), "w1b": ((rank, in_small), kaiming)}
         else:
             roles = {"w1": ((out_small, in_small), kaiming)}
+        last = kaiming if scalar else zeros  # (the scalar at 0 holds ΔW at zero instead)
         if rank < max(out_large, in_large) / 2 and not full_matrix:
-            roles |= {"w2a": ((out_large, rank), kaiming), "w2b": ((rank, in_large * math.prod(kernel)), zeros)}
+            if tucker and any(k != 1 for k in kernel):  # LyCORIS's Tucker w2: a core between [r, out] and [r, in]
+                roles |= {"t2": ((rank, rank, *kernel), kaiming), "w2a": ((rank, out_large), kaiming),
+                          "w2b": ((rank, in_large), last)}
+            else:
+                roles |= {"w2a": ((out_large, rank), kaiming), "w2b": ((rank, in_large * math.prod(kernel)), last)}
         else:
-            roles["w2"] = ((out_large, in_large, *kernel), zeros)
+            roles["w2"] = ((out_large, in_large, *kernel), last)
         return roles
 
 
