@@ -176,6 +176,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      '"use_scalar=True"]', dict(algo="lora", tucker=True, scalar=True)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "conv_dim=4", "use_cp=True"]',
      dict(algo="lokr", tucker=True, scalar=False)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "train_norm=True"]',
+     dict(algo="loha", train_norm=True)),
     # sd-scripts deletes the save 200 steps back: saves at 300, 400 and 500 are kept at step 500
     ("save_every_n_steps = 100\nsave_last_n_steps = 200\nsave_last_n_steps_state = 200",
      dict(save_every=100, keep_last=3)),
@@ -194,8 +196,6 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
                                            r"lycoris.kohya"),
-    ('network_args = ["train_norm=True"]', r"network_args train_norm=True: LyCORIS's option sdtune does not train "
-                                          r"with; leave it False"),
     ('network_args = ["block_size=4"]', r"network_args block_size=4: not an argument sdtune reads"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),

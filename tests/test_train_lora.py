@@ -247,6 +247,28 @@ def test_a_tucker_locon_file_continues_only_in_a_tucker_run():
         tucker.take(plain.tensors())
 
 
+def test_norm_layer_starts_at_the_base_and_changes_scale_and_bias_as_its_file_applies():
+    """LyCORIS's train_norm module on a LayerNorm and a GroupNorm: w_norm and b_norm from zero (the base exactly),
+    trained, give what the saved norm adapter applies to the scale and (its bias part) the bias."""
+    g = torch.Generator().manual_seed(6)
+    for norm, x in ((torch.nn.LayerNorm(8), torch.randn(2, 3, 8)), (torch.nn.GroupNorm(2, 8), torch.randn(2, 8, 4, 4))):
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+            norm.bias.normal_(generator=g)
+        trained = algos.get("norm").layer(norm)
+        assert set(trained.parts()) == {"weight", "bias"} and torch.equal(trained(x), norm(x))
+        with torch.no_grad():
+            for p in trained.parts().values():
+                p.normal_(generator=g)
+        adapter = Adapter("norm", trained.tensors())
+        merged = copy.deepcopy(norm)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(norm.weight, 1.0))
+            merged.bias.copy_(adapter.bias_part().apply(norm.bias, 1.0))
+        assert torch.allclose(trained(x), merged(x), atol=1e-5)
+        assert torch.equal(merged.weight, norm.weight + trained.parts()["weight"])
+
+
 def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies():
     """LyCORIS's rescaled diag-OFT: a rescale per output row, starting at 1 (the base exactly), saved as the file's
     ``rescale`` and applied with the rotation by the function that applies a file."""
@@ -292,6 +314,17 @@ def test_boft_layer_is_a_butterfly_split_as_lycoris_splits_it_and_adds_what_its_
     with pytest.raises(SdtuneError, match=r"^BOFT at rank 2: an output width of 24 has no even block size up to 2 "
                                           r"that leaves a power-of-two number of blocks"):
         algos.get("oft").layer(torch.nn.Linear(8, 24), rank=2, alpha=0.0, dropout=0.0, generator=g, butterfly=True)
+
+
+def test_a_width_boft_cannot_split_is_refused_naming_its_layer(base, dataset, tmp_path):
+    unet = copy.deepcopy(base.unet)
+    unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q = torch.nn.Linear(
+        unet.config.block_out_channels[0], 24)
+    with_odd = copy.copy(base)
+    with_odd.unet = unet
+    with pytest.raises(SdtuneError, match=r"^unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q: "
+                                          r"BOFT at rank 2: an output width of 24 has no even block size"):
+        Network(with_odd, settings(dataset, tmp_path, algo="oft", oft_butterfly=True, rank=2, alpha=0.0))
 
 
 def test_tag_frequency_names_folders_as_the_dataset_dirs_do(tmp_path):

@@ -164,6 +164,43 @@ def test_tucker_and_scalar_runs_save_lycoris_files_and_resume_exactly(dataset, t
         assert all(torch.equal(a.tensors[r], b.tensors[r]) for r in a.tensors), (comp, p)
 
 
+@pytest.mark.parametrize("targets, resnets", [("attn+ff", False), ("all", True)])  # (attn+ff without convolutions)
+def test_train_norm_saves_the_unets_norm_changes_beside_the_algorithms_and_resumes(dataset, tmp_path, capsys,
+                                                                                   targets, resnets):
+    """--train-norm: w_norm/b_norm for the transformers' norms (attn+ff) and the resnets' (all), none for the
+    text encoder (outside the modules LyCORIS targets there), all learned; LyCORIS's record; a cut run resumes to
+    the same file, and the file continues only with --train-norm."""
+    flags = ["--targets", targets, "--train-norm", *([] if resnets else ["--conv-rank", "0"])]
+    assert train(dataset, tmp_path / "whole", *flags) == 0
+    path = tmp_path / "whole" / "lora.safetensors"
+    lora = load_lora(path)
+    norms = {(comp, p) for comp, p, ad in lora.items() if ad.kind == "norm"}
+    assert {comp for comp, _ in norms} == {"unet"}
+    assert any(p.endswith("transformer_blocks.0.norm3") for _, p in norms)
+    assert any(".resnets." in p for _, p in norms) == resnets
+    assert all(ad.tensors["weight"].abs().max() > 0 and ad.tensors["bias"].abs().max() > 0
+               for _, _, ad in lora.items() if ad.kind == "norm")
+    meta = read_metadata(path)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"])["train_norm"] == "True"
+    assert {ad.kind for _, _, ad in lora.items()} == {"lora", "norm"}
+
+    cut = tmp_path / "cut"
+    assert train(dataset, cut, *flags, "--steps", "2") == 0
+    assert train(dataset, cut, *flags) == 0
+    resumed = load_lora(cut / "lora.safetensors")
+    for (comp, p, a), (_, _, b) in zip(lora.items(), resumed.items(), strict=True):
+        assert all(torch.equal(a.tensors[r], b.tensors[r]) for r in a.tensors), (comp, p)
+    if resnets:
+        return
+    assert train(dataset, tmp_path / "more", *flags, "--network-weights", str(path), "--steps", "1") == 0
+    capsys.readouterr()
+    assert train(dataset, tmp_path / "plain", "--targets", targets, "--conv-rank", "0", "--network-weights",
+                 str(path)) == 2
+    assert "holds changes to norm layers (LyCORIS's train_norm), which this run does not train; add --train-norm" \
+        in capsys.readouterr().err
+
+
 def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
     for flags, said in ((["--algo", "loha", "--formats", "kohya", "diffusers"],
                          "--algo loha --formats diffusers: diffusers has no layout for LyCORIS's LoHa"),
@@ -194,7 +231,11 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                                                         "run trains --algo oft; add --algo lora or leave it out"),
                         (["--algo", "loha", "--tucker", "--conv-rank", "0", "--targets", "attn"],
                          "--tucker: Tucker cores shape the 3x3 convolutions' change, and this run trains none; add "
-                         "--conv-rank N (or --targets all)")):
+                         "--conv-rank N (or --targets all)"),
+                        (["--train-norm", "--targets", "attn", "--conv-rank", "0"],
+                         "--train-norm: --targets attn holds no norm layer of the UNet"),
+                        (["--train-norm", "--formats", "diffusers"], "--train-norm --formats diffusers: diffusers "
+                                                                     "has no layout for LyCORIS's norm-layer")):
         assert train(dataset, tmp_path / "out", *flags) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and said in err, err

@@ -505,6 +505,9 @@ class LoraSettings(TrainSettings):
                          "a factor spanning the kernel", default=False)
     scalar: bool = _help("lora, loha, lokr: a learned factor on each layer's change, from 0, so that every factor "
                          "starts random (LyCORIS's use_scalar; saved folded into the factors)", default=False)
+    train_norm: bool = _help("also learn a change to the UNet's norm layers' scale and bias, whole (LyCORIS's "
+                             "train_norm: its w_norm/b_norm; the transformers' norms with attn+ff, the resnets' too "
+                             "with all; any --algo)", default=False)
     network_weights: str = _help("a LoRA file to start from (kohya's --network_weights): each of its layers keeps "
                                  "its rank and alpha, the run's other layers start fresh", default="")
     targets: str = _help("attn | attn+ff (+ proj_in/out, kohya's default) | all (+ resnets and samplers)",
@@ -656,6 +659,13 @@ class LoraSettings(TrainSettings):
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
                               f"--formats kohya")
+        if self.train_norm and (self.targets == "attn" or not self.unet):
+            raise SdtuneError(f"--train-norm: {'--targets attn' if self.unet else '--no-unet'} holds no norm layer of "
+                              f"the UNet (the transformers' are in attn+ff, the resnets' in all); "
+                              f"{'choose one of them' if self.unet else 'leave out --no-unet'}")
+        if self.train_norm and "diffusers" in self.formats:
+            raise SdtuneError("--train-norm --formats diffusers: diffusers has no layout for LyCORIS's norm-layer "
+                              "changes (A1111, ComfyUI and sdtune read the kohya one); use --formats kohya")
         if self.algo == "dora" and self.lora_dropout:
             raise SdtuneError(f"--algo dora --lora-dropout {self.lora_dropout}: DoRA computes with the whole "
                               f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
@@ -731,7 +741,7 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
-                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input", "tucker", "scalar",
+                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input", "tucker", "scalar", "train_norm",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

@@ -116,8 +116,6 @@ ALGO_SWITCHES = {
     "tucker": Switch(("lora", "loha", "lokr"), "tucker", "use_tucker"),
     "scalar": Switch(("lora", "loha", "lokr"), "scalar", "use_scalar"),
 }
-# LyCORIS's switches sdtune trains without: fine while False
-LYCORIS_SWITCHES = {"train_norm"}
 OLDER_NAMES = {"wd_on_out": "wd_on_output", "use_cp": "use_tucker"}  # LyCORIS's earlier names of its switches
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
 # where sdtune's layers compute (W0 + ΔW)·x): the same training either way
@@ -373,11 +371,8 @@ def _network(theirs: dict, take, where, family) -> None:
     rescaled_rows = _true(parsed.pop("rank_dropout_scale", "true"))
     for key in SAME_TRAINING & parsed.keys():
         parsed.pop(key)
-    for key in LYCORIS_SWITCHES & parsed.keys():  # kohya_ss writes each, False unless ticked
-        value = parsed.pop(key)
-        if _true(value):
-            raise SdtuneError(f"{where}: network_args {key}={value}: LyCORIS's option sdtune does not train with; "
-                              f"leave it False")
+    if _true(parsed.pop("train_norm", "false")):  # (LyCORIS's norm layers, beside any algorithm's)
+        take("network_args train_norm", "train_norm", True)
     for key, value in parsed.items():
         if key not in NETWORK_ARGS:
             raise SdtuneError(f"{where}: network_args {key}={value}: not an argument sdtune reads (it reads "

@@ -41,6 +41,7 @@ from ..console import note
 from ..families import kohya_clip_skip
 from ..generate import read_layer
 from ..lora import algos, blocks
+from ..lora.algos.norm import NormLayer
 from ..lora.formats import load_lora, sampling_metadata, save_lora
 from ..lora.hashes import old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
@@ -60,6 +61,10 @@ from .scan import first_prompts, report_skipped, scan_data
 UNET_ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_FF = re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$")
 UNET_RESNET = re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|\.(down|up)samplers\.\d+\.conv)$")
+# LyCORIS's train_norm: the norms inside the blocks it targets (a transformer's with attn+ff, a resnet's with its
+# convolutions); the text encoders' sit outside the attention and MLP modules LyCORIS targets there
+UNET_NORM_ATTN = re.compile(r"\.attentions\.\d+\.(norm|transformer_blocks\.\d+\.norm[123])$")
+UNET_NORM_RESNET = re.compile(r"\.resnets\.\d+\.norm[12]$")
 TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
 TE_LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
@@ -78,13 +83,18 @@ def _neutral(comp: str, path: str) -> tuple[str, str]:
     return comp, text_path(path) if comp in TEXT_COMPONENTS else path
 
 
-def unet_targets(unet: nn.Module, targets: str, with_convs: bool) -> list[str]:
-    """Module paths of the UNet layers that get a LoRA."""
+def unet_targets(unet: nn.Module, targets: str, with_convs: bool, norms: bool = False) -> list[str]:
+    """Module paths of the UNet layers that get a LoRA (``norms``: and the norm layers of LyCORIS's train_norm)."""
     found = []
     for name, module in unet.named_modules():
+        dotted = "." + name
+        if norms and _is_norm(module):
+            if (targets != "attn" and UNET_NORM_ATTN.search(dotted)) or \
+                    ((targets == "all" or with_convs) and UNET_NORM_RESNET.search(dotted)):
+                found.append(name)
+            continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        dotted = "." + name
         if (UNET_ATTN.search(dotted) or (targets != "attn" and UNET_FF.search(dotted))
                 or ((targets == "all" or with_convs) and UNET_RESNET.search(dotted))):
             found.append(name)
@@ -114,6 +124,10 @@ def used_layers(te, model: nn.Module, family, clip_skip: int = 1) -> int:
     pooled = family.pooled_and_time_ids and te.model_class == "CLIPTextModelWithProjection"
     layer, _ = read_layer(te, model, clip_skip)
     return total if layer == -1 or pooled else total + 1 + layer
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm))
 
 
 def _is_3x3(module: nn.Module) -> bool:
@@ -154,7 +168,8 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
     """The layers a run trains, (component, path, module) each, and each component's root module; refused here
     when --exclude leaves a component none or a rank is above all of them."""
     conv_rank = _conv_rank(settings)
-    plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0))] if settings.unet else []
+    plan = [("unet", base.unet, unet_targets(base.unet, settings.targets, conv_rank > 0, settings.train_norm))
+            ] if settings.unet else []
     if settings.text_encoder:  # every text encoder of the family (SDXL: both)
         plan += [(te.component, model,
                   te_targets(model, settings.targets, used_layers(te, model, base.family, settings.clip_skip)))
@@ -183,8 +198,11 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
                                                          if comp in TEXT_COMPONENTS
                                                          else "; give a block that has layers a value"))
         modules = [m for m in modules if values.get(m[:2], 1)]
+    if settings.train_norm and not any(_is_norm(m) for *_, m in modules):
+        raise SdtuneError(f"--train-norm: --targets {settings.targets} holds no norm layer of the UNet (the "
+                          f"transformers' are in attn+ff, the resnets' in all); choose one of them")
     ranks = block_ranks(base, settings, modules)[0]
-    _check_ranks(modules, max([settings.rank, *ranks.values()]), conv_rank,
+    _check_ranks([m for m in modules if not _is_norm(m[2])], max([settings.rank, *ranks.values()]), conv_rank,
                  "--conv-rank" if settings.conv_rank else "--block-ranks" if ranks else "--rank")
     return modules, {comp: root for comp, root, _ in plan}
 
@@ -250,7 +268,13 @@ class Network:
             if given is not None:  # the file's own rank and alpha (kohya's --dim_from_weights)
                 rank = given.rank or rank
                 alpha = given.alpha if given.alpha is not None else float(rank)
-            layer = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
+            if _is_norm(module):  # (train_norm's: whole changes, no rank or alpha)
+                layer = NormLayer(module, settings.module_dropout)
+            else:
+                try:
+                    layer = self.algo.layer(module, rank, alpha, settings.lora_dropout, g, **options)
+                except SdtuneError as e:  # (a width the algorithm cannot split: BOFT's)
+                    raise SdtuneError(f"{comp}.{path}: {e}") from None
             if given is not None:
                 try:
                     layer.take(given.tensors)
@@ -265,7 +289,11 @@ class Network:
         model = {comp: m for comp, m in base.modules().items() if comp != "vae"}
         lora = load_lora(source, model_keys=model)
         adapters = check_fit(lora, model, allow_partial=False, source=source)
-        other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind != self.algo.name})
+        if not settings.train_norm and any(ad.kind == NormLayer.algo.name for ad in adapters.values()):
+            raise SdtuneError(f"--network-weights {source}: holds changes to norm layers (LyCORIS's train_norm), "
+                              f"which this run does not train; add --train-norm")
+        mine = {self.algo.name, NormLayer.algo.name}
+        other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind not in mine})
         # (a Tucker LoCon continues in a --tucker LoRA run: its layer says which way a mismatch goes)
         if other or (settings.algo != "lora" and any("mid" in ad.tensors for ad in adapters.values())):
             held = ", ".join(other) or "LoCon with Tucker cores"
@@ -325,7 +353,8 @@ class Network:
         """kohya's max-norm regularisation (--scale-weight-norms): each layer whose ΔW has a Frobenius norm above
         ``limit`` is brought to ``limit`` (``limit_norm``). Returns kohya's three numbers for the logs: layers
         scaled, the mean and the largest norm after (read back once: one wait for a GPU, not one per layer)."""
-        norms = torch.stack([layer.limit_norm(limit) for layer in self.layers.values()])
+        # (a norm layer's change has no factors to scale: LyCORIS's max-norm leaves it too)
+        norms = torch.stack([layer.limit_norm(limit) for layer in self.layers.values() if hasattr(layer, "limit_norm")])
         after = norms.clamp(max=limit)
         scaled, mean, largest = torch.stack([(norms > limit).sum().float(), after.mean(), after.max()]).tolist()
         return {"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": mean, "max_norm/max_key_norm": largest}
@@ -356,8 +385,9 @@ class Network:
                 raise SdtuneError(f"--save-precision {precision}: {comp}.{clean} holds values past its range "
                                   f"(fp16: 65504); rerun with --save-precision bf16 or fp32 to save from the last "
                                   f"saved step")
-            alpha = float(layer.alpha) if self.algo.uses_alpha else None  # (IA3 has none)
-            lora.modules[comp][clean] = Adapter(self.algo.name, tensors, alpha)
+            algo = NormLayer.algo if isinstance(layer, NormLayer) else self.algo
+            alpha = float(layer.alpha) if algo.uses_alpha else None  # (IA3 and norms have none)
+            lora.modules[comp][clean] = Adapter(algo.name, tensors, alpha)
         return lora
 
 
@@ -479,7 +509,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
 def is_lycoris(settings: LoraSettings) -> bool:
     """Whether LyCORIS trains what the run trains (kohya's networks.lora trains a plain LoRA only: no algorithm
     switches, such as --tucker)."""
-    return settings.algo != "lora" or any(getattr(settings, name) for name in ALGO_SWITCHES)
+    return settings.algo != "lora" or settings.train_norm or any(getattr(settings, name) for name in ALGO_SWITCHES)
 
 
 def lycoris_network(settings: LoraSettings, family) -> dict:
@@ -495,6 +525,8 @@ def lycoris_network(settings: LoraSettings, family) -> dict:
         args["constraint"] = str(float(settings.alpha))
     args |= {switch.lycoris: "True" for name, switch in ALGO_SWITCHES.items()
              if switch.lycoris and getattr(settings, name)}
+    if settings.train_norm:
+        args |= NormLayer.algo.network_args
     args |= _option_args(settings, family)
     if settings.rank_dropout:
         args["rank_dropout_scale"] = "True"  # sdtune's rows are scaled by 1/(1 - p), LyCORIS's option for it
