@@ -189,7 +189,7 @@ def test_ia3_layer_scales_rows_or_input_channels_from_zero_as_its_file_applies(o
 
 # each algorithm's roles on a 3x3 convolution with LyCORIS's Tucker core (the linear layer keeps its plain ones)
 TUCKER_ROLES = {"lora": {"down", "mid", "up"}, "loha": {"t1", "w1a", "w1b", "t2", "w2a", "w2b"},
-                "lokr": {"w1", "t2", "w2a", "w2b"}}
+                "lokr": {"w1", "t2", "w2a", "w2b"}, "dora": {"down", "mid", "up", "dora_scale"}}
 
 
 @pytest.mark.parametrize("algo", list(TUCKER_ROLES))
@@ -219,12 +219,35 @@ def test_tucker_and_scalar_layers_start_at_the_base_and_save_what_they_apply(alg
         with torch.no_grad():
             merged.weight.copy_(adapter.apply(layer.weight, 1.0))
         assert torch.allclose(trained(x), merged(x), atol=1e-4)
-        if scalar:  # the saved factors hold the scalar: what the run would save without one, times it
+        if scalar and algo != "dora":  # the saved factors hold the scalar: what the run would save without one,
+            # times it (DoRA's renormalised weight is no linear function of ΔW)
             s = trained.parts()["scalar"].item()
             with torch.no_grad():
                 trained.scalar.fill_(1.0)
             plain = Adapter(algo, algos.get(algo).build(trained.tensors()), 1.0).apply(layer.weight, 1.0)
             assert torch.allclose(merged.weight - layer.weight, s * (plain - layer.weight), atol=1e-5)
+
+
+def test_dora_layer_takes_lycoris_dropouts_on_its_change():
+    """Module dropout computes with W0 alone; rank dropout zeroes output rows of ΔW before the renormalisation (in
+    training mode only: eval gives what the file applies)."""
+    g = torch.Generator().manual_seed(7)
+    layer = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    skipped = algos.get("dora").layer(layer, 2, 1.0, 0.0, g, module_dropout=1.0)
+    with torch.no_grad():
+        skipped.up.weight.normal_(generator=g)
+    assert torch.equal(skipped(x), layer(x)) and not torch.equal(skipped.eval()(x), layer(x))
+    dropping = algos.get("dora").layer(layer, 2, 1.0, 0.0, g, rank_dropout=0.5)
+    with torch.no_grad():
+        dropping.up.weight.normal_(generator=g)
+    torch.manual_seed(0)
+    y = dropping(x)
+    torch.manual_seed(0)
+    keep = (torch.rand(6) >= 0.5).float() / 0.5
+    t = {"down": dropping.down.weight, "up": dropping.up.weight * keep[:, None], "dora_scale": dropping.dora_scale}
+    want = torch.nn.functional.linear(x, algos.get("dora").merged(layer.weight, t, dropping.scale), layer.bias)
+    assert torch.allclose(y, want, atol=1e-6) and not torch.allclose(dropping.eval()(x), y)
 
 
 def test_a_tucker_locon_file_continues_only_in_a_tucker_run():

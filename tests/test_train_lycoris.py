@@ -133,14 +133,18 @@ def test_lokr_options_shape_every_layer_and_are_recorded_as_lycoris_names_them(d
 # the roles of a run's 3x3 convolutions with --tucker (LyCORIS's file names)
 TUCKER_KEYS = {"lora": {"lora_down.weight", "lora_mid.weight", "lora_up.weight", "alpha"},
                "loha": {"hada_t1", "hada_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-               "lokr": {"lokr_t2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}}
+               "lokr": {"lokr_t2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
+               "dora": {"lora_down.weight", "lora_mid.weight", "lora_up.weight", "dora_scale", "alpha"}}
 
 
 @pytest.mark.parametrize("algo", list(TUCKER_KEYS))
 def test_tucker_and_scalar_runs_save_lycoris_files_and_resume_exactly(dataset, tmp_path, algo):
     """--tucker --scalar: the resnets' 3x3 convolutions saved with their cores, the scalars folded in (no key of
-    their own), LyCORIS's record of both (a LoRA's too: algo=locon), and a cut run resumes to the same file."""
-    assert train(dataset, tmp_path / "whole", "--algo", algo, "--tucker", "--scalar") == 0
+    their own), LyCORIS's record of both (a LoRA's too: algo=locon), and a cut run resumes to the same file
+    (DoRA's with LyCORIS's dropouts on)."""
+    flags = ["--algo", algo, "--tucker", "--scalar",
+             *(["--rank-dropout", "0.2", "--module-dropout", "0.1"] if algo == "dora" else [])]
+    assert train(dataset, tmp_path / "whole", *flags) == 0
     path = tmp_path / "whole" / "lora.safetensors"
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
@@ -150,15 +154,16 @@ def test_tucker_and_scalar_runs_save_lycoris_files_and_resume_exactly(dataset, t
     meta = read_metadata(path)
     args = json.loads(meta["ss_network_args"])
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert args["algo"] == {"lora": "locon"}.get(algo, algo) and args["use_tucker"] == args["use_scalar"] == "True"
+    assert args["algo"] == {"lora": "locon", "dora": "locon"}.get(algo, algo)
+    assert args["use_tucker"] == args["use_scalar"] == "True"
     lora = load_lora(path)
     assert all(torch.isfinite(t).all() and t.abs().max() > 0 for _, _, ad in lora.items() for t in ad.tensors.values())
 
     cut = tmp_path / "cut"
-    assert train(dataset, cut, "--algo", algo, "--tucker", "--scalar", "--steps", "2") == 0
+    assert train(dataset, cut, *flags, "--steps", "2") == 0
     state, _ = load_state(cut / loop.STATE_FILE)
     assert any(k.endswith(".scalar") for k in state["trainable"])
-    assert train(dataset, cut, "--algo", algo, "--tucker", "--scalar") == 0
+    assert train(dataset, cut, *flags) == 0
     resumed = load_lora(cut / "lora.safetensors")
     for (comp, p, a), (_, _, b) in zip(lora.items(), resumed.items(), strict=True):
         assert all(torch.equal(a.tensors[r], b.tensors[r]) for r in a.tensors), (comp, p)
@@ -227,7 +232,7 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an option of --algo ia3 (IA3's)"),
                         (["--algo", "ia3", "--rs-lora"], "--algo ia3 --rs-lora: IA3 has no alpha or rank"),
                         (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3"),
-                        (["--algo", "oft", "--tucker"], "--tucker: an option of --algo lora, loha or lokr, and this "
+                        (["--algo", "oft", "--tucker"], "--tucker: an option of --algo lora, loha, lokr or dora, and this "
                                                         "run trains --algo oft; add --algo lora or leave it out"),
                         (["--algo", "loha", "--tucker", "--conv-rank", "0", "--targets", "attn"],
                          "--tucker: Tucker cores shape the 3x3 convolutions' change, and this run trains none; add "

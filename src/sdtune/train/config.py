@@ -53,7 +53,7 @@ TARGETS = ("attn", "attn+ff", "all")
 # the algorithms a run trains (each has a trainable layer)
 LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
 # those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
-FACTOR_OPTION_ALGOS = ("lora", "loha", "lokr", "oft", "ia3")
+MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3")  # whose change max-norm can scale back (others: refused)
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 
 
@@ -500,10 +500,10 @@ class LoraSettings(TrainSettings):
                                default=False)
     oft_butterfly: bool = _help("OFT as LyCORIS's BOFT: the rotation a butterfly of log2(k) + 1 stages of k even "
                                 "blocks, each block at most --rank wide (LyCORIS's algo=boft)", default=False)
-    tucker: bool = _help("lora, loha, lokr: each 3x3 convolution's change through a Tucker core (LyCORIS's "
+    tucker: bool = _help("lora, loha, lokr, dora: each 3x3 convolution's change through a Tucker core (LyCORIS's "
                          "use_tucker: a 1x1 down, a rank x rank core with the kernel, a 1x1 up), fewer numbers than "
                          "a factor spanning the kernel", default=False)
-    scalar: bool = _help("lora, loha, lokr: a learned factor on each layer's change, from 0, so that every factor "
+    scalar: bool = _help("lora, loha, lokr, dora: a learned factor on each layer's change, from 0, so that every factor "
                          "starts random (LyCORIS's use_scalar; saved folded into the factors)", default=False)
     train_norm: bool = _help("also learn a change to the UNet's norm layers' scale and bias, whole (LyCORIS's "
                              "train_norm: its w_norm/b_norm; the transformers' norms with attn+ff, the resnets' too "
@@ -628,14 +628,10 @@ class LoraSettings(TrainSettings):
         if algo.alpha_is_constraint and self.rs_lora:
             raise SdtuneError(f"--algo {self.algo} --rs-lora: {algo.label}'s --alpha is its constraint, not a scale "
                               f"that rsLoRA could change; leave --rs-lora off")
-        kohyas = [f"--{_flag(n)}" for n in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(self, n)]
-        if kohyas and self.algo not in FACTOR_OPTION_ALGOS:
-            # (those whose alpha is a constraint take the two dropouts, not max-norm)
-            offering = [a for a in FACTOR_OPTION_ALGOS
-                        if not (algos.get(a).alpha_is_constraint and self.scale_weight_norms)]
-            raise SdtuneError(f"--algo {self.algo} {' '.join(kohyas)}: sdtune offers these with --algo "
-                              f"{', '.join(offering)} (DoRA's layer computes with the whole weight, its magnitude "
-                              f"learned beside the factors)")
+        if self.scale_weight_norms and self.algo not in MAX_NORM_ALGOS:
+            raise SdtuneError(f"--algo {self.algo} --scale-weight-norms: sdtune offers it with --algo "
+                              f"{', '.join(MAX_NORM_ALGOS)} (DoRA's layer computes with the whole weight, its "
+                              f"magnitude learned beside the factors)")
         _choice("targets", self.targets, TARGETS)
         for pattern in self.exclude:
             try:

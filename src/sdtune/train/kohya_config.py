@@ -113,8 +113,8 @@ ALGO_SWITCHES = {
     "oft_butterfly": Switch(("oft",), "butterfly", None),
     "dora_wd_on_output": Switch(("dora",), "on_output", "wd_on_output"),
     "ia3_on_input": Switch(("ia3",), "on_input", "train_on_input"),
-    "tucker": Switch(("lora", "loha", "lokr"), "tucker", "use_tucker"),
-    "scalar": Switch(("lora", "loha", "lokr"), "scalar", "use_scalar"),
+    "tucker": Switch(("lora", "loha", "lokr", "dora"), "tucker", "use_tucker"),
+    "scalar": Switch(("lora", "loha", "lokr", "dora"), "scalar", "use_scalar"),
 }
 OLDER_NAMES = {"wd_on_out": "wd_on_output", "use_cp": "use_tucker"}  # LyCORIS's earlier names of its switches
 # LyCORIS's switches of how a layer computes, not what it learns (bypass_mode: W0·x + ΔW·x, for a quantised base,
@@ -338,9 +338,9 @@ def _network(theirs: dict, take, where, family) -> None:
     else:
         raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
                           f"(LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3); use one of them")
-    if str(parsed.pop("dora_wd", "false")).lower() == "true":
+    if _true(parsed.pop("dora_wd", "false")):
         algo = "dora"
-    if str(parsed.pop("rs_lora", "false")).lower() == "true":  # LyCORIS's
+    if _true(parsed.pop("rs_lora", "false")):  # LyCORIS's
         take("network_args rs_lora", "rs_lora", True)
     if "preset" in parsed:
         preset = parsed.pop("preset")

@@ -294,9 +294,8 @@ class Network:
                               f"which this run does not train; add --train-norm")
         mine = {self.algo.name, NormLayer.algo.name}
         other = sorted({_label(ad.algo) for ad in adapters.values() if ad.kind not in mine})
-        # (a Tucker LoCon continues in a --tucker LoRA run: its layer says which way a mismatch goes)
-        if other or (settings.algo != "lora" and any("mid" in ad.tensors for ad in adapters.values())):
-            held = ", ".join(other) or "LoCon with Tucker cores"
+        if other:  # (a Tucker LoCon's core is taken by a --tucker run: its layer says which way a mismatch goes)
+            held = ", ".join(other)
             raise SdtuneError(f"--network-weights {source}: holds {held} adapters, and this run trains "
                               f"{_label(self.algo)} (--algo {settings.algo}); give the --algo it was "
                               f"trained with ({', '.join(LORA_ALGOS)})")

@@ -202,17 +202,30 @@ class DoraLayer(LoraLayer):
     detached, as LyCORIS trains it (PEFT detaches it, a memory saving that changes the gradient)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator,
-                 on_output: bool = False):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, on_output: bool = False,
+                 tucker: bool = False, scalar: bool = False):
         if dropout:
             raise SdtuneError("DoRA computes with the whole weight, which takes no dropout on the LoRA's input; "
                               "use --lora-dropout 0")
-        super().__init__(base, rank, alpha, dropout, generator)
+        super().__init__(base, rank, alpha, dropout, generator, rank_dropout, module_dropout, tucker, scalar)
         norms = _row_norms if on_output else _column_norms
         self.dora_scale = nn.Parameter(norms(base.weight.detach().float()))  # merged's own norm of W0
 
     def forward(self, x, *args, **kwargs):
+        # LyCORIS's dropouts on its DoRA, in training mode: module dropout computes with W0 alone; rank dropout
+        # zeroes output rows of ΔW (rows of up) before the renormalisation, the rest scaled by 1/(1 − p)
         b = self.base
-        weight = _DORA.merged(b.weight.float(), self.parts(), self.scale)
+        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+            return b(x)
+        t = {"down": self.down.weight, "up": self.up.weight, "dora_scale": self.dora_scale}
+        if self.mid is not None:
+            t["mid"] = self.mid.weight
+        if self.scalar is not None:
+            t["up"] = t["up"] * self.scalar
+        if self.training and self.rank_dropout:
+            keep = torch.rand(t["up"].shape[0], device=t["up"].device) >= self.rank_dropout
+            t["up"] = t["up"] * (keep.to(t["up"].dtype) / (1 - self.rank_dropout)).view(-1, *[1] * (t["up"].dim() - 1))
+        weight = _DORA.merged(b.weight.float(), t, self.scale)
         bias = None if b.bias is None else b.bias.float()
         x = x.to(weight.dtype)
         if weight.dim() == 4:  # (a convolution's, also while --fp8-base stands in a twin for it)
