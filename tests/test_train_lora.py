@@ -339,6 +339,13 @@ def test_boft_layer_is_a_butterfly_split_as_lycoris_splits_it_and_adds_what_its_
         algos.get("oft").layer(torch.nn.Linear(8, 24), rank=2, alpha=0.0, dropout=0.0, generator=g, butterfly=True)
 
 
+def test_train_norm_with_every_norm_excluded_is_one_line(base, dataset, tmp_path):
+    with pytest.raises(SdtuneError, match=r"^--train-norm: no norm layer of the UNet is left to train"):
+        Network(base, settings(dataset, tmp_path, targets="attn+ff", train_norm=True, exclude=[r"norm\d?$"]))
+    assert any(isinstance(layer, algos.get("norm").layer) for layer in Network(base, settings(
+        dataset, tmp_path, targets="attn+ff", train_norm=True, exclude=[r"norm1$"])).layers.values())
+
+
 def test_a_width_boft_cannot_split_is_refused_naming_its_layer(base, dataset, tmp_path):
     unet = copy.deepcopy(base.unet)
     unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q = torch.nn.Linear(

@@ -52,8 +52,9 @@ SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
 # the algorithms a run trains (each has a trainable layer)
 LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
-# those whose layer takes kohya's rank/module dropout and max-norm (DoRA's computes with the whole weight)
-MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3")  # whose change max-norm can scale back (others: refused)
+# those whose change kohya's max-norm can scale back (DoRA's layer computes with the whole weight, OFT's alpha bounds
+# its rotation); every algorithm takes the rank and module dropouts
+MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 
 

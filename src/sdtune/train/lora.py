@@ -199,8 +199,8 @@ def plan_layers(base, settings: LoraSettings) -> tuple[list[tuple[str, str, nn.M
                                                          else "; give a block that has layers a value"))
         modules = [m for m in modules if values.get(m[:2], 1)]
     if settings.train_norm and not any(_is_norm(m) for *_, m in modules):
-        raise SdtuneError(f"--train-norm: --targets {settings.targets} holds no norm layer of the UNet (the "
-                          f"transformers' are in attn+ff, the resnets' in all); choose one of them")
+        raise SdtuneError("--train-norm: no norm layer of the UNet is left to train (--targets attn+ff holds the "
+                          "transformers', all the resnets' too; --exclude or a block at 0 took them)")
     ranks = block_ranks(base, settings, modules)[0]
     _check_ranks([m for m in modules if not _is_norm(m[2])], max([settings.rank, *ranks.values()]), conv_rank,
                  "--conv-rank" if settings.conv_rank else "--block-ranks" if ranks else "--rank")
