@@ -80,19 +80,21 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path, model):
     assert minutes <= 10 and training <= DEFAULT_RUN_MINUTES
 
 
-# (model, --algo, other settings): LoHa, LoKr, DoRA and OFT too, on the tiny model's preset (which gives LoKr its own
-# learning rate, 3e-3: at the LoRA's 1e-3 it drew outline in 53% of images), without the sample grids and report
-# the LoRA runs show already (about 30 s each)
+# (model, --algo, other settings): LoHa, LoKr, DoRA, OFT, BOFT and IA3 too, on the tiny model's preset (which gives
+# LoKr, BOFT and IA3 their own learning rates: presets.py says what the LoRA's gave), without the sample grids and
+# report the LoRA runs show already (about 30 s each)
 VARIANT = {"sample_every": 0, "report": False}
 LORA_RUNS = [pytest.param("tiny", "lora", {}, id="tiny"),
              pytest.param("tiny-xl", "lora", {}, marks=XL_SHIPPED, id="tiny-xl"),
              pytest.param("tiny", "loha", VARIANT, id="tiny-loha"),
              pytest.param("tiny", "lokr", VARIANT, id="tiny-lokr"),
              pytest.param("tiny", "dora", VARIANT, id="tiny-dora"),
-             pytest.param("tiny", "oft", VARIANT, id="tiny-oft")]
+             pytest.param("tiny", "oft", VARIANT, id="tiny-oft"),
+             pytest.param("tiny", "oft", {**VARIANT, "oft_butterfly": True}, id="tiny-boft"),
+             pytest.param("tiny", "ia3", VARIANT, id="tiny-ia3")]
 
 
-# the base model's own outline and content scores, measured once per model: the LoRA, LoHa, LoKr, DoRA and OFT runs
+# the base model's own outline and content scores, measured once per model: the LoRA and LyCORIS runs
 # render the same prompts with the same seeds before their adapter is added
 BASE_SCORES: dict[str, tuple[float, float]] = {}
 

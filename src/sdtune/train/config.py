@@ -984,7 +984,8 @@ def load_settings(toml_path: str | Path | None = None, overrides: dict | None = 
     else:
         preset = presets.for_family(kind, family)
     _note_other_family_preset(preset, toml_path, overrides, kind, family)
-    values = preset.for_algo(given.get("algo", preset.values.get("algo", ""))) if preset else {}
+    values = preset.for_algo(given.get("algo", preset.values.get("algo", "")), bool(given.get("oft_butterfly"))) \
+        if preset else {}
     if "validation_dir" in given and "validation_split" not in given:
         values.pop("validation_split", None)  # held-out images given: the preset's split gives way
     values.update(given)

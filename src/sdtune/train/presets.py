@@ -26,13 +26,13 @@ class Preset:
     name: str
     purpose: str  # one line: what it is for (``--list-presets`` shows it)
     values: dict = field(default_factory=dict)  # the settings it sets
-    # --algo -> settings that algorithm needs instead of ``values``' (a LoKr's learning rate); the file and flags
-    # still override them
+    # --algo (or "boft": --algo oft --oft-butterfly) -> settings that algorithm needs instead of ``values``' (a
+    # LoKr's learning rate); the file and flags still override them
     by_algo: dict[str, dict] = field(default_factory=dict)
 
-    def for_algo(self, algo: str) -> dict:
-        """The settings this preset gives a run of ``algo``."""
-        return {**self.values, **self.by_algo.get(algo, {})}
+    def for_algo(self, algo: str, butterfly: bool = False) -> dict:
+        """The settings this preset gives a run of ``algo`` (``butterfly``: OFT as BOFT)."""
+        return {**self.values, **self.by_algo.get("boft" if algo == "oft" and butterfly else algo, {})}
 
     def settings(self) -> set[str]:
         """The names of the settings it gives some run."""
@@ -67,9 +67,15 @@ _TINY_XL_LORA = dict(_TINY_LORA, steps=400, sample_every=200, exclude=[r"attn2\.
 # LoKr on the tiny models: its Kronecker factors hold far fewer numbers than a LoRA of the same rank (each weight
 # change is a product of two small factors' entries), and at the LoRA's lr 1e-3 the quality test's style came out in
 # 53% of images on tiny and on tiny-xl; at 3e-3, 88% on tiny (shape and colour kept in 97%) and 81% on tiny-xl (94%,
-# as its base). LoHa and DoRA learn at 1e-3 (94%, 97% on tiny). The SD presets keep their lr for every algorithm:
-# nothing here measured another on those models.
-_TINY_BY_ALGO = {"lokr": {"lr": 3e-3}}
+# as its base). LoHa and DoRA learn at 1e-3 (94%, 97% on tiny). IA3 (a scale per row) at 1e-3 drew it in 12% on tiny;
+# on all layers at 1e-2, 91% but shape and colour fell to 81% (7e-3: 75% and 88%); on attention + feed-forward, as
+# the IA3 paper trains it, 1.5e-2 gave 94% with 91% kept (1e-2: 78%). On tiny-xl IA3 learns less: on all layers at
+# 1.5e-2, 69% with 88% kept (base 94%; 1e-2: 66%; attention + feed-forward at 1e-2 to 2e-2: 59-62%, keeping 78-91%).
+# BOFT's butterfly turns more than OFT's one stage: at the LoRA's 1e-3 it drew 94% keeping only 56%, at 5e-4 97%
+# keeping 91%, at 3e-4 97% keeping 97% (tiny-xl: 88% keeping 91%). The SD presets keep their lr for every
+# algorithm: nothing here measured another on those models. (2 cores, 2026-12-06 for IA3 and BOFT.)
+_TINY_BY_ALGO = {"lokr": {"lr": 3e-3}, "ia3": {"lr": 1.5e-2, "targets": "attn+ff"}, "boft": {"lr": 3e-4}}
+_TINY_XL_BY_ALGO = {**_TINY_BY_ALGO, "ia3": {"lr": 1.5e-2}}
 _TINY_XL_TI = dict(_TINY_TI, steps=400, sample_every=200)
 # samples at the start and the end only: on the tiny model a sample grid costs about as much as 20 steps
 _QUICK = dict(steps=30, validation_every=0, save_every=10, sample_every=30)
@@ -82,11 +88,11 @@ _A1111_TI = dict(lr=5e-3, batch_size=1, grad_accum=4, steps=2000, save_every=250
 
 LORA = [
     Preset("tiny", "the built-in tiny model: learn a style or a look from ~50 captioned images in about a minute "
-           "on a CPU (LoCon rank 8, lr 1e-3 (LoKr 3e-3), 300 steps of 8, Min-SNR 5)", _TINY_LORA, _TINY_BY_ALGO),
+           "on a CPU (LoCon rank 8, lr 1e-3 (LoKr 3e-3, BOFT 3e-4, IA3 1.5e-2 on attn+ff), 300 steps of 8, Min-SNR 5)", _TINY_LORA, _TINY_BY_ALGO),
     Preset("tiny-quick", "the built-in tiny model: a 30-step smoke test of your data and flags (learns little)",
            {**_TINY_LORA, **_QUICK, "batch_size": 4}, _TINY_BY_ALGO),
     Preset("tiny-xl", "the built-in tiny SDXL model: as tiny, 400 steps, no LoRA on the cross-attention's key and "
-           "value", _TINY_XL_LORA, _TINY_BY_ALGO),
+           "value (IA3 on all layers)", _TINY_XL_LORA, _TINY_XL_BY_ALGO),
     Preset("sd1", "SD 1.x at 512 px: kohya's usual LoRA for a character, object or style (rank 16, alpha 8, "
            "lr 1e-4, batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500,
                                                 "resolution": 512}),
