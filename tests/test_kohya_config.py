@@ -116,9 +116,12 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(algo="dora", dora_wd_on_output=True)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True", "wd_on_out=False"]',
      dict(algo="dora", dora_wd_on_output=False)),
+    # sd-scripts' LoRA+ ratios per component
+    ('network_args = ["loraplus_unet_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"]',
+     dict(loraplus_unet_lr_ratio=16.0, loraplus_te_lr_ratio=4.0, loraplus_lr_ratio=0.0)),
     # every switch read one way: True/False, or LyCORIS's 1/0
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=1", "rs_lora=0", "use_scalar=1"]',
-     dict(algo="dora", rs_lora=False, scalar=False)),
+     dict(algo="dora", rs_lora=False, scalar=True)),
     ('network_module = "networks.lora"\nnetwork_train_unet_only = true', dict(text_encoder=False, unet=True)),
     ("network_dim = 16", dict(rank=16, alpha=1.0, text_encoder=True)),  # sd-scripts' defaults the file relies on
     ('network_module = "networks.lora"\nnetwork_train_text_encoder_only = true', dict(text_encoder=True, unet=False)),

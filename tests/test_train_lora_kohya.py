@@ -21,6 +21,7 @@ from sdtune.lora.algos.lora import LoraLayer
 from sdtune.lora.formats import load_lora
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.train import logs
+from sdtune.train import lora as lora_train
 from sdtune.train.lora import Network, train_lora
 
 
@@ -207,8 +208,19 @@ def test_loraplus_moves_the_up_factors_ratio_times_as_far(base, dataset, tmp_pat
         assert torch.allclose(up, 16 * plain[k][1], rtol=1e-5, atol=0)
     assert json.loads(read_metadata(plus)["ss_network_args"]) == {"loraplus_lr_ratio": "16.0"}
     network = Network(base, settings(dataset, tmp_path / "o", text_encoder=True))
-    groups = {g["name"]: g["lr"] for g in network.param_groups({"unet": 1e-4, "text_encoder": 5e-5}, up_ratio=16.0)}
+    lrs = {"unet": 1e-4, "text_encoder": 5e-5}
+    groups = {g["name"]: g["lr"] for g in network.param_groups(lrs, {"unet": 16.0, "text_encoder": 16.0})}
     assert groups == {"unet": 1e-4, "unet up": 16e-4, "text_encoder": 5e-5, "text_encoder up": 16 * 5e-5}
+    # kohya's per-component ratios: the UNet's or the text encoders' own where given, else the common one
+    for given, want in (({"loraplus_unet_lr_ratio": 8.0}, {"unet": 8.0, "text_encoder": 0.0}),
+                        ({"loraplus_lr_ratio": 16.0, "loraplus_te_lr_ratio": 4.0}, {"unet": 16.0, "text_encoder": 4.0})):
+        assert lora_train.loraplus_ratios(settings(dataset, tmp_path / "o", **given), lrs) == want
+    groups = {g["name"]: g["lr"] for g in network.param_groups(lrs, {"unet": 8.0, "text_encoder": 0.0})}
+    assert groups == {"unet": 1e-4, "unet up": 8e-4, "text_encoder": 5e-5}
+    split = train_lora(base, settings(dataset, tmp_path / "split", steps=1, save_every=0, loraplus_unet_lr_ratio=16.0,
+                                      loraplus_te_lr_ratio=4.0))
+    assert json.loads(read_metadata(split)["ss_network_args"]) == {"loraplus_unet_lr_ratio": "16.0",
+                                                                   "loraplus_text_encoder_lr_ratio": "4.0"}
     with pytest.raises(SdtuneError, match=r"--algo loha --loraplus-lr-ratio: LoRA\+ speeds up a LoRA's up factor; "
                                           r"loha has none \(use --algo lora or dora\)"):
         settings(dataset, tmp_path / "o", algo="loha", loraplus_lr_ratio=16.0).check()

@@ -56,6 +56,7 @@ LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
 # its rotation); every algorithm takes the rank and module dropouts
 MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
+LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_te_lr_ratio")  # (kohya's three, its names)
 
 
 def _not_used(keys: list[str]) -> str:
@@ -544,6 +545,10 @@ class LoraSettings(TrainSettings):
     loraplus_lr_ratio: float = _help("LoRA+ (kohya's loraplus_lr_ratio): each layer's up factor learns at this times "
                                      "the rate of its down factor (16 usual; 0: off; --algo lora or dora)",
                                      default=0.0)
+    loraplus_unet_lr_ratio: float = _help("LoRA+ on the UNet's layers only (kohya's loraplus_unet_lr_ratio; 0: "
+                                          "--loraplus-lr-ratio)", default=0.0)
+    loraplus_te_lr_ratio: float = _help("LoRA+ on the text encoders' layers only (kohya's "
+                                        "loraplus_text_encoder_lr_ratio; 0: --loraplus-lr-ratio)", default=0.0)
     scale_weight_norms: float = _help("kohya's max-norm regularisation: after each step, a layer whose weight change "
                                       "has a Frobenius norm above this is scaled back to it (1.0 usual; 0: off; "
                                       "not with --algo dora)", default=0.0)
@@ -607,11 +612,13 @@ class LoraSettings(TrainSettings):
         for name in ("lora_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise SdtuneError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
-        if not self.loraplus_lr_ratio >= 0:
-            raise SdtuneError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be 0 (off) or more, e.g. 16")
-        if self.loraplus_lr_ratio and self.algo not in UP_FACTOR_ALGOS:
-            raise SdtuneError(f"--algo {self.algo} --loraplus-lr-ratio: LoRA+ speeds up a LoRA's up factor; "
-                              f"{self.algo} has none (use --algo {' or '.join(UP_FACTOR_ALGOS)})")
+        for name in LORAPLUS:
+            ratio = getattr(self, name)
+            if not ratio >= 0:
+                raise SdtuneError(f"--{_flag(name)} {ratio}: must be 0 (off) or more, e.g. 16")
+            if ratio and self.algo not in UP_FACTOR_ALGOS:
+                raise SdtuneError(f"--algo {self.algo} --{_flag(name)}: LoRA+ speeds up a LoRA's up factor; "
+                                  f"{self.algo} has none (use --algo {' or '.join(UP_FACTOR_ALGOS)})")
         if not self.scale_weight_norms >= 0:
             raise SdtuneError(f"--scale-weight-norms {self.scale_weight_norms}: must be 0 (off) or more, e.g. 1.0")
         if algo.alpha_is_constraint and self.scale_weight_norms:
@@ -742,7 +749,8 @@ TOPICS = {
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",
-                                       "module_dropout", "loraplus_lr_ratio", "scale_weight_norms"),
+                                       "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                       "loraplus_te_lr_ratio", "scale_weight_norms"),
     "pivotal tuning (a new word beside the LoRA)": ("ti_token", "ti_init", "ti_vectors", "ti_lr", "ti_steps"),
     "prior preservation (DreamBooth's class images)": ("reg_dir", "class_prompt", "num_class_images",
                                                        "prior_loss_weight"),

@@ -123,7 +123,8 @@ SAME_TRAINING = {"bypass_mode"}
 # network_args keys -> sdtune's settings (LyCORIS's and kohya's LoRA module's)
 NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_alpha": "conv_alpha", "rank_dropout": "rank_dropout",
                 "module_dropout": "module_dropout", "factor": "lokr_factor", "dropout": "lora_dropout",
-                "loraplus_lr_ratio": "loraplus_lr_ratio"}
+                "loraplus_lr_ratio": "loraplus_lr_ratio", "loraplus_unet_lr_ratio": "loraplus_unet_lr_ratio",
+                "loraplus_text_encoder_lr_ratio": "loraplus_te_lr_ratio"}
 
 
 def is_kohya(table: dict) -> bool:

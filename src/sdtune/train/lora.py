@@ -51,7 +51,7 @@ from ..safeio import SdtuneError
 from ..version import __version__
 from . import loop, optimizers, report, samples, validation
 from .captions import steady_caption
-from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LoraSettings, to_toml
+from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LORAPLUS, LoraSettings, to_toml
 from .data import seed_for, training_set
 from .kohya_config import ALGO_SWITCHES
 from .pivotal import Pivot, check_captions
@@ -329,16 +329,17 @@ class Network:
         parent = self.roots[comp].get_submodule(parent_path) if parent_path else self.roots[comp]
         setattr(parent, child, module)
 
-    def param_groups(self, lrs: dict[str, float], up_ratio: float = 0.0) -> list[dict]:
+    def param_groups(self, lrs: dict[str, float], up_ratios: dict[str, float] | None = None) -> list[dict]:
         """The optimizer's groups: one per component (``lrs``: its learning rate) and --block-lr factor, in the
-        layers' order, each named for the logs ("unet", "unet x0.5", ...); with ``up_ratio`` (LoRA+) the up factors
-        in groups of their own at that times the rate ("unet up")."""
+        layers' order, each named for the logs ("unet", "unet x0.5", ...); with ``up_ratios`` (LoRA+: a component's
+        ratio, 0 or absent for none) its up factors in groups of their own at that times the rate ("unet up")."""
+        up_ratios = up_ratios or {}
         groups: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
         for key, layer in self.layers.items():
             factor = self.lr_factors.get(key, 1.0)
             for role, param in layer.parts().items():
-                groups.setdefault((key[0], factor, bool(up_ratio) and role == "up"), []).append(param)
-        return [{"params": params, "lr": lrs[comp] * factor * (up_ratio if up else 1), "component": comp,
+                groups.setdefault((key[0], factor, bool(up_ratios.get(key[0])) and role == "up"), []).append(param)
+        return [{"params": params, "lr": lrs[comp] * factor * (up_ratios[comp] if up else 1), "component": comp,
                  "name": (comp if factor == 1 else f"{comp} x{factor:g}") + (" up" if up else "")}
                 for (comp, factor, up), params in groups.items()]
 
@@ -388,6 +389,12 @@ class Network:
             alpha = float(layer.alpha) if algo.uses_alpha else None  # (IA3 and norms have none)
             lora.modules[comp][clean] = Adapter(algo.name, tensors, alpha)
         return lora
+
+
+def loraplus_ratios(settings: LoraSettings, components) -> dict[str, float]:
+    """Each component's LoRA+ ratio (0: off): kohya's UNet or text-encoder one where given, else the common one."""
+    return {comp: (settings.loraplus_unet_lr_ratio if comp == "unet" else settings.loraplus_te_lr_ratio)
+            or settings.loraplus_lr_ratio for comp in components}
 
 
 def text_lrs(settings: LoraSettings, base) -> list[float]:
@@ -540,13 +547,16 @@ def kohya_network(settings: LoraSettings, family) -> dict:
     return {"ss_network_args": json.dumps({**_conv_args(settings), **options})} if options else {}
 
 
+KOHYA_ARG = {"loraplus_te_lr_ratio": "loraplus_text_encoder_lr_ratio"}  # settings kohya's network_args name otherwise
+
+
 def _option_args(settings: LoraSettings, family) -> dict:
     """The network arguments kohya and LyCORIS record for the run's options: the rank and module dropouts, LoRA+'s
     ratio, rsLoRA, --block-ranks/--block-alphas as kohya's block_dims/block_alphas, and --block-lr as kohya's
     down/mid/up_lr_weight (the factors of the input blocks, the middle one, the output ones). The text encoders'
     BASE has no place there; ss_sdtune_settings keeps the whole specs."""
-    args = {name: str(getattr(settings, name)) for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio",
-                                                            "rs_lora") if getattr(settings, name)}
+    names = ("rank_dropout", "module_dropout", *LORAPLUS, "rs_lora")
+    args = {KOHYA_ARG.get(name, name): str(getattr(settings, name)) for name in names if getattr(settings, name)}
     if settings.block_lr:
         weights = blocks.parse(settings.block_lr, family)
         for name, prefix in (("down_lr_weight", "IN"), ("mid_lr_weight", "M"), ("up_lr_weight", "OUT")):
@@ -600,7 +610,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     lrs = {"unet": settings.lr}
     if settings.text_encoder:
         lrs |= {te.component: lr for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))}
-    groups = network.param_groups(lrs, settings.loraplus_lr_ratio)
+    groups = network.param_groups(lrs, loraplus_ratios(settings, lrs))
     for group in groups:  # --te-steps: the loop stops the text encoders' groups there (``stop_after``)
         if group["component"] != "unet":
             group["stop_after"] = settings.te_steps
