@@ -53,7 +53,7 @@ from . import loop, optimizers, report, samples, validation
 from .captions import steady_caption
 from .config import LORA_ALGOS, LORA_SETTINGS_KEY, LORAPLUS, LoraSettings, to_toml
 from .data import seed_for, training_set
-from .kohya_config import ALGO_SWITCHES
+from .kohya_config import ALGO_SWITCHES, NETWORK_ARGS
 from .pivotal import Pivot, check_captions
 from .prior import make_class_images, prior_set
 from .scan import first_prompts, report_skipped, scan_data
@@ -547,7 +547,7 @@ def kohya_network(settings: LoraSettings, family) -> dict:
     return {"ss_network_args": json.dumps({**_conv_args(settings), **options})} if options else {}
 
 
-KOHYA_ARG = {"loraplus_te_lr_ratio": "loraplus_text_encoder_lr_ratio"}  # settings kohya's network_args name otherwise
+KOHYA_ARG = {mine: theirs for theirs, mine in NETWORK_ARGS.items()}  # a setting's network_args name
 
 
 def _option_args(settings: LoraSettings, family) -> dict:
