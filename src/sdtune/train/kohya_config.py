@@ -359,8 +359,8 @@ def _network(theirs: dict, take, where, family) -> None:
         parsed.pop(key, None)
     constrained = algos.get(algo).alpha_is_constraint  # (diag-oft: LyCORIS's constraint argument is its alpha)
     constraint = parsed.pop("constraint", None) if constrained else None
-    # DoRA's axis: LyCORIS's recent versions default to per output row where the argument is absent; sdtune keeps
-    # per input column (kohya's, the one A1111 reads) unless the config asks (the file's shape tells loaders which)
+    # (DoRA's axis: LyCORIS's recent versions default to per output row where wd_on_output is absent; sdtune keeps
+    # per input column, kohya's, the one A1111 reads, unless the config asks: the file's shape tells loaders which)
     for older, name in OLDER_NAMES.items():
         if older in parsed:
             parsed.setdefault(name, parsed.pop(older))

@@ -217,11 +217,7 @@ class DoraLayer(LoraLayer):
         b = self.base
         if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
             return b(x)
-        t = {"down": self.down.weight, "up": self.up.weight, "dora_scale": self.dora_scale}
-        if self.mid is not None:
-            t["mid"] = self.mid.weight
-        if self.scalar is not None:
-            t["up"] = t["up"] * self.scalar
+        t = {**self.live_factors(), "dora_scale": self.dora_scale}
         if self.training and self.rank_dropout:
             keep = torch.rand(t["up"].shape[0], device=t["up"].device) >= self.rank_dropout
             t["up"] = t["up"] * (keep.to(t["up"].dtype) / (1 - self.rank_dropout)).view(-1, *[1] * (t["up"].dim() - 1))

@@ -137,14 +137,16 @@ class LoraLayer(nn.Module):
             parts["scalar"] = self.scalar
         return parts
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The learned factors as the adapter's roles (float32, on the CPU, detached copies; the scalar, as
-        LyCORIS saves it, in ``up``)."""
-        up = self.up.weight if self.scalar is None else self.up.weight * self.scalar
-        made = {"down": self.down.weight, "up": up}
+    def live_factors(self) -> dict[str, torch.Tensor]:
+        """The factors as the adapter's roles, live (gradients flow): the scalar, as LyCORIS saves it, in ``up``."""
+        made = {"down": self.down.weight, "up": self.up.weight if self.scalar is None else self.up.weight * self.scalar}
         if self.mid is not None:
             made["mid"] = self.mid.weight
-        return {role: t.detach().float().cpu().clone() for role, t in made.items()}
+        return made
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The learned factors as the adapter's roles (float32, on the CPU, detached copies)."""
+        return {role: t.detach().float().cpu().clone() for role, t in self.live_factors().items()}
 
 
 class Lora(Algorithm):
