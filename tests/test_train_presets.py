@@ -80,6 +80,11 @@ def test_a_preset_gives_an_algorithm_its_own_learning_rate_and_the_file_and_flag
     cfg.write_text('algo = "lokr"\n')
     assert load_settings(cfg, {}, "lora", family="tiny").lr == 3e-3  # the file's algo picks the preset's lr
     assert load_settings(None, {"algo": "lokr"}, "lora", family="sd1").lr == 1e-4  # SD presets: no measured lr
+    # ... but IA3's, which LyCORIS's authors put at 5e-3 to 1e-2 on SD (kohya's LoRA 1e-4 would barely move it)
+    for family in ("sd1", "sd2", "sdxl"):
+        ia3 = load_settings(None, {"algo": "ia3"}, "lora", family=family)
+        assert (ia3.lr, ia3.targets) == (5e-3, "attn+ff")
+        assert load_settings(None, {"algo": "ia3", "lr": 1e-2}, "lora", family=family).lr == 1e-2
     # IA3 at 1.5e-2 (tiny: on attention + feed-forward), BOFT (OFT's butterfly, from a flag or the file) at 3e-4
     for name, targets in (("tiny", "attn+ff"), ("tiny-xl", "all")):  # (on tiny-xl all layers learned more)
         ia3 = load_settings(None, {"algo": "ia3", "preset": name}, "lora")
