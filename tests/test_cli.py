@@ -552,9 +552,31 @@ def test_importing_sdtune_freezes_the_import_and_leaves_the_collector_as_it_was(
     probe = ("import gc, sys, weakref\n"
              "enabled = gc.isenabled()\n"
              "import sdtune.cli\n"
+             "from sdtune import load_base\n"  # the API: diffusers and transformers, imported on first use
              "class Node: pass\n"
              "a, b = Node(), Node(); a.other, b.other = b, a; ref = weakref.ref(a); del a, b\n"
              "gc.collect()\n"
              "print(enabled, gc.isenabled(), gc.get_freeze_count() > 100_000, ref() is None)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "True", "True", "True"], out.stderr[-2000:]
+
+
+def test_the_command_line_parses_without_diffusers_and_the_api_loads_on_first_use():
+    """`sdtune --help`, --version and a refused flag answer before diffusers and transformers are imported (they
+    were most of the 4 to 5 seconds such an answer took); the API's names import them when first used, and
+    `sdtune.generate` stays the API's function though a submodule has the same name."""
+    probe = ("import sys\n"
+             "from sdtune import cli\n"
+             "cli.build_parser().parse_args(['train', 'lora', '--rank', '4', '--algo', 'loha'])\n"
+             "heavy = ('diffusers', 'transformers', 'accelerate', 'peft', 'gradio', 'huggingface_hub')\n"
+             "print(*[m for m in heavy if m in sys.modules], 'parsed')\n"
+             "import sdtune.generate\n"
+             "from sdtune import generate, load_base\n"
+             "import sdtune\n"
+             "print(generate.__module__, load_base.__module__, sdtune.generate is generate, 'diffusers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["parsed", "sdtune.api", "sdtune.models", "True", "True"], out.stderr[-2000:]
+    r = run_cli("--help")
+    assert r.returncode == 0 and r.stderr == "" and "train" in r.stdout and "inspect" in r.stdout
+    r = run_cli("train", "lora", "--rnak", "4")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "sdtune: error: unrecognized arguments: --rnak 4"

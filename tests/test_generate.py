@@ -1,7 +1,6 @@
 import hashlib
 import re
 import shutil
-from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -19,14 +18,13 @@ from sdtune.generate import (
     make_scheduler,
     parse_infotext,
     read_infotext,
-    sampler_key,
     sampling_steps,
     save_batch,
-    scheduler_available,
 )
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
-from sdtune.tiny import model as tiny_model
+from sdtune.samplers import sampler_key, scheduler_available
+from sdtune.tiny import files as tiny_files
 
 
 def test_same_seed_same_pixels_and_seed_sequence(base):
@@ -506,7 +504,7 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
     (tmp_path / "folder").mkdir()
     save_file(vae, str(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"))
     # the built-in models' own VAE file also states its scaling_factor (the family's scaling is kept)
-    shutil.copy(Path(tiny_model.__file__).parent / "assets" / "model" / "vae.safetensors", tmp_path / "builtin.safetensors")
+    shutil.copy(tiny_files.WEIGHTS / "vae.safetensors", tmp_path / "builtin.safetensors")
     for source in ("a1111.safetensors", "a1111.ckpt", "folder", "builtin.safetensors"):
         other = load_base("tiny", device="cpu")
         with torch.no_grad():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.cli import main
 from sdtune.console import SdtuneWarning
-from sdtune.lora import tools
+from sdtune.lora import ranks, tools
 from sdtune.lora.formats import load_lora, save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base, save_diffusers, save_single_file
@@ -273,14 +273,14 @@ def test_dynamic_rank_edges():
     """The counting rules at their edges: one kept value when only s0 passes, a share met exactly keeps the
     values up to it, and the rank never passes n."""
     s = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
-    assert tools.dynamic_rank(s, "sv_ratio", 2.0) == 1  # 2.0 is not > 4 / 2
-    assert tools.dynamic_rank(s, "sv_ratio", 2.5) == 2
-    assert tools.dynamic_rank(s, "sv_ratio", 100.0) == 4
-    assert tools.dynamic_rank(s, "sv_cumulative", 0.5) == 1  # 4 / 8 reaches one half exactly
-    assert tools.dynamic_rank(s, "sv_cumulative", 0.76) == 3
-    assert tools.dynamic_rank(s, "sv_fro", 0.8) == 1  # 16 / 22 = 0.727 >= 0.64
-    assert tools.dynamic_rank(s, "sv_fro", 0.9) == 2  # 20 / 22 = 0.909 >= 0.81
-    assert tools.dynamic_rank(s, "sv_fro", 1.5) == 4
+    assert ranks.dynamic_rank(s, "sv_ratio", 2.0) == 1  # 2.0 is not > 4 / 2
+    assert ranks.dynamic_rank(s, "sv_ratio", 2.5) == 2
+    assert ranks.dynamic_rank(s, "sv_ratio", 100.0) == 4
+    assert ranks.dynamic_rank(s, "sv_cumulative", 0.5) == 1  # 4 / 8 reaches one half exactly
+    assert ranks.dynamic_rank(s, "sv_cumulative", 0.76) == 3
+    assert ranks.dynamic_rank(s, "sv_fro", 0.8) == 1  # 16 / 22 = 0.727 >= 0.64
+    assert ranks.dynamic_rank(s, "sv_fro", 0.9) == 2  # 20 / 22 = 0.909 >= 0.81
+    assert ranks.dynamic_rank(s, "sv_fro", 1.5) == 4
 
 
 @pytest.mark.parametrize("mode, param", [("sv_ratio", 4.0), ("sv_cumulative", 0.6), ("sv_fro", 0.9)])

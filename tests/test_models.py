@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from sdtune import families, ldm
 from sdtune.families.build import build_parts
+from sdtune.model_names import known_family
 from sdtune.models import (
     Base,
-    known_family,
     load_base,
     pick_device,
     pick_dtype,

@@ -88,7 +88,7 @@ def test_sigterm_mid_write_removes_the_temporary_and_says_so(tmp_path, monkeypat
     temporary goes as after Ctrl-C, the old output stays, and the command says why it stopped (rc 128 + 15)."""
     import signal
 
-    from sdtune import cli
+    from sdtune import cli, commands
 
     out = tmp_path / "merged.safetensors"
     out.write_bytes(b"the earlier merge")
@@ -99,7 +99,7 @@ def test_sigterm_mid_write_removes_the_temporary_and_says_so(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
             pytest.fail("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(cli, "cmd_merge", killed_midway)
+    monkeypatch.setattr(commands, "cmd_merge", killed_midway)
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["merge", "--lora", "x.safetensors", "--out", str(out)]) == 143
     assert capsys.readouterr().err == "sdtune: terminated (SIGTERM)\n"

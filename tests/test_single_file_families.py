@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdtune import checkpoints, families, ldm, models
+from sdtune import checkpoints, families, ldm, model_names, models
 from sdtune.cli import main
 from sdtune.lora import inspect
 from sdtune.safeio import SdtuneError, load_state
@@ -322,7 +322,7 @@ def test_ckpt_without_metadata_detects_the_family(model, tmp_path, monkeypatch):
     """A .ckpt (read without unpickling code) carries no configs: the family comes from the weights and its
     shipped configs, here replaced by the small ones."""
     base, _ = model
-    small = {"sdxl": models.small_sdxl_configs, "sd2": small_sd2_configs}[base.family.name]()
+    small = {"sdxl": model_names.small_sdxl_configs, "sd2": small_sd2_configs}[base.family.name]()
     monkeypatch.setattr(families, "_read_configs", lambda name: small)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": ldm.to_single_file(base.modules(), base.family), "global_step": 1}, path)

@@ -9,17 +9,18 @@ from sdtune import ldm
 from sdtune.generate import generate
 from sdtune.models import load_base
 from sdtune.tiny import config as tiny_config
+from sdtune.tiny import files as tiny_files
 from sdtune.tiny import judge, recipe, vae_recipe
 from sdtune.tiny import model as tiny_model
 
-shipped = pytest.mark.skipif(not tiny_model.trained_weights_exist(), reason="no trained tiny model shipped")
-shipped_xl = pytest.mark.skipif(not (tiny_model.trained_weights_exist() and tiny_model.is_xl_export(
-    tiny_model.XL_WEIGHTS)), reason="no trained tiny-xl shipped")
+shipped = pytest.mark.skipif(not tiny_files.trained_weights_exist(), reason="no trained tiny model shipped")
+shipped_xl = pytest.mark.skipif(not (tiny_files.trained_weights_exist() and tiny_files.is_xl_export(
+    tiny_files.XL_WEIGHTS)), reason="no trained tiny-xl shipped")
 
 
 @shipped
 def test_shipped_weights_are_small_and_load_as_tiny():
-    size = sum((tiny_model.WEIGHTS / f"{c}.safetensors").stat().st_size for c in tiny_model.COMPONENTS)
+    size = sum((tiny_files.WEIGHTS / f"{c}.safetensors").stat().st_size for c in tiny_files.COMPONENTS)
     assert size <= 20_000_000
     base = load_base("tiny", device="cpu", dtype="fp32")
     assert base.source == "tiny" and base.model_hash
@@ -28,7 +29,7 @@ def test_shipped_weights_are_small_and_load_as_tiny():
 
 @shipped_xl
 def test_shipped_tiny_xl_is_sdxl_at_small_widths_on_tiny_s_vae():
-    own = [tiny_model.XL_WEIGHTS / f"{c}.safetensors" for c in tiny_model.XL_COMPONENTS]
+    own = [tiny_files.XL_WEIGHTS / f"{c}.safetensors" for c in tiny_files.XL_COMPONENTS]
     assert sum(f.stat().st_size for f in own) <= 20_000_000  # its own; the VAE is tiny's (in tiny's 20 MB)
     base = load_base("tiny-xl", device="cpu", dtype="fp32")
     tiny = load_base("tiny", device="cpu", dtype="fp32")
@@ -132,7 +133,7 @@ def test_recipe_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
     recipe.main(["--out", str(tmp_path / "resumed"), *SMALL])
     assert calls["n"] == 2  # VAE kept, diffusion went on from its step-4 checkpoint: steps 5 and 6 only
 
-    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", tiny_model.COMPONENTS)
+    assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", tiny_files.COMPONENTS)
     # --export-only rebuilds the same export from the last checkpoint
     exported = load_file(tmp_path / "straight" / "model" / "unet.safetensors")
     recipe.main(["--out", str(tmp_path / "straight"), "--export-only"])
@@ -196,17 +197,17 @@ def test_xl_recipe_trains_from_tiny_on_its_vae_resumes_and_installs_only_its_own
     calls["n"] = 0
     monkeypatch.setattr(recipe.F, "mse_loss", counted)
     installed = tmp_path / "installed"
-    monkeypatch.setattr(tiny_model, "XL_WEIGHTS", installed)
+    monkeypatch.setattr(tiny_files, "XL_WEIGHTS", installed)
     recipe.main(["--out", str(tmp_path / "resumed"), *SMALL_XL, "--install"])
     assert calls["n"] == 2  # went on from its step-4 checkpoint: steps 5 and 6 only
 
     assert_same_exports(tmp_path / "straight" / "model", tmp_path / "resumed" / "model",
-                        (*tiny_model.COMPONENTS, "text_encoder_2"))  # an export holds all four components
-    shipped_vae = load_file(tiny_model.WEIGHTS / "vae.safetensors")
+                        (*tiny_files.COMPONENTS, "text_encoder_2"))  # an export holds all four components
+    shipped_vae = load_file(tiny_files.WEIGHTS / "vae.safetensors")
     trained_vae = load_file(tmp_path / "straight" / "model" / "vae.safetensors")
     assert all(trained_vae[k].equal(shipped_vae[k]) for k in shipped_vae)  # tiny's VAE stayed frozen
     # the first text encoder starts as tiny's with a fourth layer that adds nothing, and learns slowly from there
-    shipped_te = load_file(tiny_model.WEIGHTS / "text_encoder.safetensors")
+    shipped_te = load_file(tiny_files.WEIGHTS / "text_encoder.safetensors")
     trained_te = load_file(tmp_path / "straight" / "model" / "text_encoder.safetensors")
     added = set(trained_te) - set(shipped_te)
     assert added and all(".layers.3." in k for k in added)
@@ -226,7 +227,7 @@ def test_xl_recipe_starts_its_first_text_encoder_from_the_tiny_it_is_given(tmp_p
     other = tmp_path / "other-tiny"  # another tiny's text encoder (all the recipe reads): the shipped one, moved
     other.mkdir()
     given = {k: v + 0.5 if v.is_floating_point() else v for k, v in
-             load_file(tiny_model.WEIGHTS / "text_encoder.safetensors").items()}
+             load_file(tiny_files.WEIGHTS / "text_encoder.safetensors").items()}
     save_file(given, other / "text_encoder.safetensors")
     recipe.main(["--out", str(tmp_path / "run"), *SMALL_XL, "--steps", "2", "--tiny", str(other)])
     trained = load_file(tmp_path / "run" / "model" / "text_encoder.safetensors")

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune.tiny import files as tiny_files
 from sdtune.tiny import images, vae_quality, vae_recipe
 from sdtune.tiny import model as tiny_model
 
-shipped = pytest.mark.skipif(not tiny_model.trained_weights_exist(), reason="no trained tiny model shipped")
+shipped = pytest.mark.skipif(not tiny_files.trained_weights_exist(), reason="no trained tiny model shipped")
 
 # The world-only VAE shipped before (commit 461c5a5) on the world renders of held_out_set(8):
 # `python tools/vae_psnr.py --old git:461c5a5 --per-category 8` prints it.
@@ -37,7 +38,7 @@ def test_shipped_vae_reproduces_every_category(small_test_set):
 
 @shipped
 def test_shipped_vae_keeps_its_format_and_scaling_factor():
-    state = load_file(tiny_model.WEIGHTS / "vae.safetensors")
+    state = load_file(tiny_files.WEIGHTS / "vae.safetensors")
     assert float(state.pop("scaling_factor")) == pytest.approx(0.4965, abs=1e-4)  # the UNet's latent units
     assert all(v.dtype == torch.float16 for v in state.values())
 

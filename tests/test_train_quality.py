@@ -23,17 +23,17 @@ from sdtune import demo
 from sdtune.generate import generate
 from sdtune.lora.patch import LoraSet
 from sdtune.models import load_base
+from sdtune.tiny import files as tiny_files
 from sdtune.tiny import judge, world
-from sdtune.tiny import model as tiny_model
 from sdtune.tiny.evaluate import HELD_IN
 from sdtune.train.config import settings_for
 from sdtune.train.lora import train_lora
 from sdtune.train.ti import train_ti
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not tiny_model.trained_weights_exist(),
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not tiny_files.trained_weights_exist(),
                                                     reason="the trained tiny model is not shipped yet")]
 # the same tests on the SDXL-architecture built-in model: its LoRA has te1/te2 and SDXL time ids in training
-XL_SHIPPED = pytest.mark.skipif(not tiny_model.is_xl_export(tiny_model.XL_WEIGHTS),
+XL_SHIPPED = pytest.mark.skipif(not tiny_files.is_xl_export(tiny_files.XL_WEIGHTS),
                                 reason="the trained tiny-xl is not shipped yet")
 MODELS = ["tiny", pytest.param("tiny-xl", marks=XL_SHIPPED)]
 

@@ -33,7 +33,8 @@ from sdtune import cli
 from sdtune.generate import TextStack, encode_prompt
 from sdtune.lora.formats import load_lora
 from sdtune.lora.neutral import text_paths
-from sdtune.models import RANDOM_SPECS, load_base, make_scheduler
+from sdtune.model_names import RANDOM_SPECS
+from sdtune.models import load_base, make_scheduler
 from sdtune.train import data as data_mod
 from sdtune.train.config import LoraSettings, load_settings, settings_for
 from sdtune.train.images import cover_box, time_ids

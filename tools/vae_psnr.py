@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.tiny import model, vae_quality, vae_recipe
+from sdtune.tiny import files, vae_quality, vae_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = "src/sdtune/tiny/assets/model/vae.safetensors"
@@ -53,7 +53,7 @@ def sheet(vaes: dict, test_set: dict, path: Path, n: int = 6) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", help="the VAE to compare with: vae.safetensors or git:REV")
-    p.add_argument("--new", default=str(model.WEIGHTS / "vae.safetensors"))
+    p.add_argument("--new", default=str(files.WEIGHTS / "vae.safetensors"))
     p.add_argument("--per-category", type=int, default=64)
     p.add_argument("--sheet", help="also write a picture of originals and reconstructions here")
     p.add_argument("--threads", type=int, default=1)

@@ -1,11 +1,12 @@
-"""The `sdtune` command: parse, call the Python API, print. No logic of its own."""
+"""The `sdtune` command line: parse it, then call the command (`commands`), which calls the Python API and prints. No
+logic of its own."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import gc
-import json
+import importlib
 import os
 import sys
 from importlib import metadata
@@ -21,31 +22,14 @@ from .console import (
     terminate_unwinds,
 )
 
-with imports_without_gc():  # the commands' modules, as the package's (see console.imports_without_gc)
-    from . import api, demo, sources, xyplot
-    from .generate import SCHEDULERS, ImageWriter, check_clip_skip, check_scheduler
-    from .lora import blocks as block_weights
-    from .lora import inspect
-    from .lora import tools as lora_tools
-    from .lora.bake import merge
-    from .lora.formats import convert, word_files
-    from .models import load_base
-    from .safeio import SdtuneError, output_folder, user_path
-    from .tiny import evaluate
-    from .train import presets
-    from .train import queue as train_queue
-    from .train.config import (
-        KINDS,
-        TOPICS,
-        check_given,
-        load_settings,
-        planned_settings,
-        read_settings,
-        setting_helps,
-        setting_type,
-    )
-    from .train.lora import train_lora
-    from .train.ti import train_ti
+# What the parser is built from: settings, presets and names, which load torch but not diffusers or transformers.
+# The commands themselves (``commands``) are imported once a line has parsed.
+with imports_without_gc():  # (see console.imports_without_gc)
+    from .lora.ranks import DYNAMIC
+    from .safeio import SdtuneError, user_path
+    from .samplers import SCHEDULERS
+    from .train import presets, queue_file
+    from .train.config import KINDS, TOPICS, setting_helps, setting_type
     from .version import __version__
 
 
@@ -138,20 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
     g.add_argument("--out", default="out", help="output folder (default: out)")
     g.add_argument("--no-progress", action="store_true")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(handler="cmd_generate")
 
     i = sub.add_parser("inspect", help="what a LoRA, embedding or checkpoint file holds: format, family, ranks, "
                        "alphas, modules, hashes")
     i.add_argument("file", nargs="+", help="one or more files (loras/*.safetensors), or a diffusers model folder")
     i.add_argument("--json", action="store_true", help="JSON: one object, or a list of them for several files")
-    i.set_defaults(func=cmd_inspect)
+    i.set_defaults(handler="cmd_inspect")
 
     c = sub.add_parser("convert", help="rewrite a LoRA in another layout (lossless)")
     c.add_argument("input")
     c.add_argument("output", nargs="?", help="the file to write (or --out FILE, as the other commands name it)")
     c.add_argument("--out", help=argparse.SUPPRESS)
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
-    c.set_defaults(func=cmd_convert)
+    c.set_defaults(handler="cmd_convert")
 
     _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize, extract from two models"))
 
@@ -165,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
     m.add_argument("--allow-partial", action="store_true")
-    m.set_defaults(func=cmd_merge)
+    m.set_defaults(handler="cmd_merge")
 
     t = sub.add_parser("train", help="train a TI embedding or a LoRA from a folder of images and captions")
     tsub = t.add_subparsers(dest="kind", required=True)
@@ -184,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--config reads, and stop: what sdtune made of a kohya config, say")
         _device_args(tp)
         _settings_args(tp, kind)
-        tp.set_defaults(func=cmd_train)
+        tp.set_defaults(handler="cmd_train")
     tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
-                         formatter_class=argparse.RawDescriptionHelpFormatter, description=train_queue.__doc__)
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=queue_file.__doc__)
     tq.add_argument("jobs", help="the queue file (TOML, as above)")
     tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
     _device_args(tq)
-    tq.set_defaults(func=cmd_train_queue)
+    tq.set_defaults(handler="cmd_train_queue")
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
@@ -220,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
     gr.add_argument("--out", default="grid", help="output folder (default: grid)")
     gr.add_argument("--no-progress", action="store_true")
-    gr.set_defaults(func=cmd_grid)
+    gr.set_defaults(handler="cmd_grid")
 
     d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
     _base_args(d)
@@ -228,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer steps and images, for a first look")
     d.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
     d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(handler="cmd_demo")
 
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts",
                        description="Draw each shapes-world prompt (held in: pairs the built-in models were trained "
@@ -242,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
     e.add_argument("--min-held-in", type=float, metavar="PCT",
                    help="after the table, fail (exit 2) if the held-in overall share is below PCT percent")
-    e.set_defaults(func=cmd_eval_tiny)
+    e.set_defaults(handler="cmd_eval_tiny")
 
     u = sub.add_parser("ui", help="the whole workflow in a browser: generate, compare, train, LoRA files, gallery")
     _base_args(u)
@@ -258,28 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
     u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
     u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
-    u.set_defaults(func=cmd_ui)
+    u.set_defaults(handler="cmd_ui")
     return ap
-
-
-def cmd_generate(a) -> None:
-    check_scheduler(a.scheduler)  # a sampler that cannot run, or a file in the way, stops it before the work
-    check_clip_skip(a.clip_skip)
-    output_folder(a.out)
-    base = api.load(a.model, a.device, a.dtype, vae=a.vae, loras=a.lora, embeddings=a.embedding,
-                    lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
-    writer = ImageWriter(a.out)  # each batch is written when done: a Ctrl-C keeps them
-
-    def write(batch) -> None:
-        for path in writer.add(batch):
-            print(path, flush=True)
-    api.generate(base, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
-                 seed=a.seed, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
-                 height=a.height, num_images=a.num_images, progress=not a.no_progress, lora_dirs=a.lora_dir,
-                 allow_partial=a.allow_partial, on_batch=write)
-    grid_path = writer.finish()
-    if grid_path:
-        print(grid_path)
 
 
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -307,70 +271,6 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
             group.add_argument(flag, type=typ, default=None, help=help_)
 
 
-def cmd_train(a) -> None:
-    if a.list_presets:
-        print(presets.listing(a.kind))
-        return
-    names = {f.name for f in dataclasses.fields(KINDS[a.kind])}
-    overrides = {k: v for k, v in vars(a).items() if k in names}
-    given = read_settings(a.config, overrides, kind=a.kind)  # bad values stop before the model loads
-    if given.get("preset"):
-        presets.get(a.kind, given["preset"])
-    if a.print_settings:
-        print(planned_settings(a.kind, a.config, overrides, given.get("model", KINDS[a.kind].model)), end="")
-        return
-    # the run's --vae as the model's: a "no VAE" checkpoint loads only with one
-    base = load_base(given.get("model", KINDS[a.kind].model), device=a.device, dtype=a.dtype, vae=given.get("vae"))
-    settings = load_settings(a.config, overrides, kind=a.kind, family=base.family)  # the model's preset first
-    check_given(settings, a.config, overrides)
-    train = train_ti if a.kind == "ti" else train_lora
-    written = train(base, settings)
-    if main_process():  # once under accelerate launch
-        print(written)
-
-
-def cmd_train_queue(a) -> Path:
-    return train_queue.run_queue(a.jobs, a.out, device=a.device, dtype=a.dtype)
-
-
-def cmd_inspect(a) -> None:
-    if len(a.file) == 1:
-        info = inspect.describe(a.file[0])
-        print(json.dumps(info, indent=1, default=str) if a.json else inspect.render(info))
-        return
-    # several files: each as one alone, as it comes; one that cannot be read is its one line and the rest go on
-    found, failed = [], []
-    for number, name in enumerate(a.file):
-        try:
-            info = inspect.describe(name)
-        except SdtuneError as e:
-            if a.debug:
-                raise
-            print(f"sdtune: error: {e}", file=sys.stderr, flush=True)
-            failed.append(name)
-            continue
-        if a.json:
-            found.append(info)
-        else:
-            print(("\n" if number else "") + inspect.render(info), flush=True)
-    if a.json:
-        print(json.dumps(found, indent=1, default=str))
-    if failed:
-        raise SdtuneError(f"{len(failed)} of {len(a.file)} files could not be inspected (said above): "
-                          f"{', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}")
-
-
-def cmd_convert(a) -> None:
-    if (a.output is None) == (a.out is None):
-        raise SdtuneError("convert: name the file to write once: sdtune convert IN OUT --to LAYOUT (or --out OUT)")
-    output = a.output or a.out
-    lora = convert(a.input, output, to=a.to)
-    words = word_files(lora, output) if a.to == "diffusers" else {}
-    print(f"{output}: {len(lora)} modules in {a.to} layout"
-          + "".join(f"; its word {emb.token} in {path} (diffusers loads it with load_textual_inversion)"
-                    for path, emb in words.items()))
-
-
 # ---------------------------------------------------------------- the LoRA toolbox (sdtune lora ...)
 
 def _lora_tool_args(p: argparse.ArgumentParser) -> None:
@@ -385,19 +285,19 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     mg.add_argument("--blocks", action="store_true", help="bake the files' lbw= block weights into the result "
                     "(each layer scaled by its block's weight)")
-    mg.set_defaults(func=cmd_lora_merge)
+    mg.set_defaults(handler="cmd_lora_merge")
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")
     rs.add_argument("--rank", type=int, help="the new rank (with --dynamic: the most any layer keeps)")
     rs.add_argument("--conv-rank", type=int, help="the same for convolutions with a kernel above 1x1 (LoCon's 3x3 "
                     "layers; default: --rank)")
-    rs.add_argument("--dynamic", choices=list(lora_tools.DYNAMIC))
+    rs.add_argument("--dynamic", choices=list(DYNAMIC))
     rs.add_argument("--param", type=float, help="the --dynamic mode's target (sv_ratio: e.g. 2; sv_fro, "
                     "sv_cumulative: a share, e.g. 0.9)")
     rs.add_argument("--out", required=True)
     rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
-    rs.set_defaults(func=cmd_lora_resize)
+    rs.set_defaults(handler="cmd_lora_resize")
     ex = tools_sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
     ex.add_argument("--base", required=True, help="the original model (any --model form)")
     ex.add_argument("--tuned", required=True, help="the fine-tuned model of the same family")
@@ -409,87 +309,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--out", required=True)
     ex.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     ex.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
-    ex.set_defaults(func=cmd_lora_extract)
-
-
-def _print_reports(reports, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
-    else:
-        print(lora_tools.report_table(reports))
-
-
-def cmd_lora_merge(a) -> Path:
-    specs = []
-    for spec in a.specs:
-        spec, lbw = block_weights.split_spec(spec)
-        if lbw is not None and not a.blocks:
-            raise SdtuneError(f"{spec}:lbw={lbw}: block weights in a merge are baked into the file; add --blocks")
-        src, w = sources.parse_weighted(spec)
-        specs.append((sources.resolve(src, "lora"), w, lbw))
-    if a.blocks and all(lbw is None for *_, lbw in specs):
-        raise SdtuneError("--blocks bakes the files' block weights, but no FILE has one; give e.g. FILE:1:lbw=INALL")
-    _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to)
-    if reports:
-        print(lora_tools.report_table(reports))
-    return Path(a.out)
-
-
-def cmd_lora_resize(a) -> Path | None:
-    _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
-                                        param=a.param, to=a.to, conv_rank=a.conv_rank)
-    _print_reports(reports, a.json)
-    return None if a.json else Path(a.out)
-
-
-def cmd_lora_extract(a) -> Path | None:
-    _, reports = lora_tools.extract_lora(a.base, a.tuned, a.out, rank=a.rank, conv_rank=a.conv_rank,
-                                         text_encoder=a.text_encoder, min_diff=a.min_diff, to=a.to)
-    _print_reports(reports, a.json)
-    return None if a.json else Path(a.out)
-
-
-def cmd_merge(a) -> None:
-    pairs = []
-    for spec in a.lora:
-        spec, lbw = block_weights.split_spec(spec)
-        src, w = sources.parse_weighted(spec)
-        pairs.append((sources.resolve(src, "lora"), w, lbw))
-    fmt = "single" if a.out.endswith(".safetensors") else "diffusers"
-    print(merge(a.model, pairs, a.out, fmt=fmt, dtype=a.save_dtype, allow_partial=a.allow_partial))
-
-
-def cmd_grid(a) -> Path:
-    x, y = xyplot.axes_from_specs(a.x, a.y, weights=a.weights, sweep=a.sweep)  # bad axes stop before the load
-    check_scheduler(a.scheduler)
-    check_clip_skip(a.clip_skip)
-    base = api.load(a.model, a.device, a.dtype, vae=a.vae)
-    return xyplot.xy_plot(base, a.prompt, x, y, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps,
-                          guidance=a.guidance, scheduler=a.scheduler, clip_skip=a.clip_skip, width=a.width,
-                          height=a.height, loras=a.lora,
-                          embeddings=a.embedding, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
-                          allow_partial=a.allow_partial, out_dir=a.out, name=a.name, cell=a.cell,
-                          progress=not a.no_progress, keep_earlier=True)
-
-
-def cmd_demo(a) -> Path:
-    return demo.run_demo(a.out, model=a.model, quick=a.quick, fresh=a.fresh, device=a.device, dtype=a.dtype,
-                         progress=not a.no_progress)
-
-
-def cmd_eval_tiny(a) -> None:
-    base = load_base(a.model, device=a.device, dtype=a.dtype)
-    held_in, held_out = evaluate.evaluate(base, a.images, a.steps, a.guidance, a.seed, progress=True)
-    print(evaluate.table(held_in, held_out), flush=True)
-    evaluate.check_held_in(held_in, a.min_held_in)
-
-
-def cmd_ui(a) -> None:
-    from . import ui  # Gradio is loaded for this command only
-
-    ui.serve(a.model, out=a.out, lora_dir=a.lora_dir, embedding_dir=a.embedding_dir, model_dir=a.model_dir,
-             port=a.port, listen=a.listen, auth=a.auth, device=a.device, dtype=a.dtype, max_upload_mb=a.max_upload_mb,
-             vae=a.vae)
+    ex.set_defaults(handler="cmd_lora_extract")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with terminate_unwinds():
-            result = args.func(args)
+            # the commands' modules, imported here rather than above: parsing, --help and a refused flag are
+            # answered without the seconds diffusers and transformers take to import
+            with imports_without_gc():
+                commands = importlib.import_module(".commands", __package__)
+            result = getattr(commands, args.handler)(args)
         if isinstance(result, Path):  # commands that make one main file print where it is
             print(result)
     except SdtuneError as e:

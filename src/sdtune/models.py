@@ -34,19 +34,18 @@ from .checkpoints import (
     V_PRED,
     ZTSNR,
     as_loaded,
-    checkpoint_header,
     detect_family,
     family_from_metadata,
     file_configs,
     folder_family,
     folder_index,
-    header_family,
     unwrap,
     weights_variant,
 )
 from .families import Family, TextEncoder
 from .families.build import TEXT_CLASSES, build_parts
 from .lora.patch import LoraSet
+from .model_names import RANDOM_SPECS, TINY_SPECS, tiny_export
 from .safeio import (
     SdtuneError,
     atomic_folder,
@@ -57,8 +56,8 @@ from .safeio import (
     load_state,
 )
 from .ti.tokens import EmbeddingSet
+from .tiny import files as tiny_files
 from .tiny import model as tiny_model
-from .tiny import sd1_config, xl_config
 
 SD15 = families.CONFIGS / families.SD1.configs
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -239,19 +238,6 @@ def _weights_hash(*modules) -> str:
 
 # ---------------------------------------------------------------- configs and construction
 
-def small_sdxl_configs() -> dict:
-    """The small random SDXL-architecture model (``sdxl-small-random``): see ``sdtune.tiny.xl_config``."""
-    return {"unet": dict(xl_config.UNET), "vae": dict(xl_config.VAE), "text_encoder": dict(xl_config.TEXT_ENCODER),
-            "text_encoder_2": dict(xl_config.TEXT_ENCODER_2),
-            "scheduler": families.SDXL.component_configs()["scheduler"]}
-
-
-def small_sd1_configs() -> dict:
-    """The small random SD 1.x-architecture model (``sd1-small-random``): see ``sdtune.tiny.sd1_config``."""
-    return {"unet": dict(sd1_config.UNET), "vae": dict(sd1_config.VAE), "text_encoder": dict(sd1_config.TEXT_ENCODER),
-            "scheduler": families.SD1.component_configs()["scheduler"]}
-
-
 def make_scheduler(family: Family, config: dict):
     """The family's own scheduler class from a config dict."""
     return getattr(diffusers, family.scheduler).from_config(config)
@@ -259,7 +245,7 @@ def make_scheduler(family: Family, config: dict):
 
 def tokenizer_for(te: TextEncoder) -> CLIPTokenizer:
     """The CLIP BPE tokenizer shipped with sdtune, padded as this text encoder was trained."""
-    return CLIPTokenizer.from_pretrained(tiny_model.TOKENIZER, pad_token=te.pad_token)
+    return CLIPTokenizer.from_pretrained(tiny_files.TOKENIZER, pad_token=te.pad_token)
 
 
 def _move(module: torch.nn.Module, device, dtype) -> None:
@@ -292,17 +278,13 @@ def _finish(parts: dict, scheduler, device, dtype, family: Family, tokenizers: d
 
 # ---------------------------------------------------------------- sources
 
-TINY_SPECS = {"tiny": (False, True), "tiny-random": (False, False), "tiny-xl": (True, True),
-              "tiny-xl-random": (True, False)}  # spec -> (SDXL architecture, trained weights)
-
-
 def _load_tiny(spec: str, device, dtype, folder: Path | None = None) -> Base:
     """A built-in model; ``folder`` may be another export of its recipe (``runs/tiny/model``,
     ``runs/tiny-xl/model``)."""
-    xl, trained = TINY_SPECS.get(spec, (folder is not None and tiny_model.is_xl_export(folder), True))
-    folder = folder or (tiny_model.XL_WEIGHTS if xl else tiny_model.WEIGHTS)
+    xl, trained = TINY_SPECS.get(spec, (folder is not None and tiny_files.is_xl_export(folder), True))
+    folder = folder or (tiny_files.XL_WEIGHTS if xl else tiny_files.WEIGHTS)
     build, load = (tiny_model.build_xl, tiny_model.load_xl) if xl else (tiny_model.build, tiny_model.load)
-    files = tiny_model.weight_files(folder, xl)
+    files = tiny_files.weight_files(folder, xl)
     trained = trained and all(f.is_file() for f in files)
     parts = load(folder) if trained else build(seed=0)
     scheduler = parts.pop("scheduler")
@@ -314,38 +296,6 @@ def _load_tiny(spec: str, device, dtype, folder: Path | None = None) -> Base:
     return _finish(parts, scheduler, device, dtype, family, tokenizers, name=spec,
                    source=("tiny-xl" if xl else "tiny") + ("" if trained else "-random"), single_file=None,
                    model_hash=model_hash)
-
-
-# Random-init models of each family's real architecture (and a small SDXL one), for tests and benchmarks.
-RANDOM_SPECS = {"sd15-random": (families.SD1, None), "sd1-random": (families.SD1, None),
-                "sd2-random": (families.SD2, None), "sdxl-random": (families.SDXL, None),
-                "sdxl-small-random": (families.SDXL, small_sdxl_configs),
-                "sd1-small-random": (families.SD1, small_sd1_configs)}
-
-
-def known_family(spec: str):
-    """The family of ``spec`` where it is known without loading the weights: built-in and random-init models by
-    name, a diffusers folder by its UNet config, a safetensors checkpoint by its header (sdtune's own metadata,
-    else the cross-attention width). None where only loading tells (a .ckpt pickle, a hub id, a damaged file),
-    and loading then says what is wrong."""
-    if spec in TINY_SPECS:
-        return families.TINY_XL if TINY_SPECS[spec][0] else families.TINY
-    if spec in RANDOM_SPECS:
-        return RANDOM_SPECS[spec][0]
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            if tiny_model.is_xl_export(path):
-                return families.TINY_XL
-            if tiny_model.trained_weights_exist(path):
-                return families.TINY
-            config = json.loads((path / "unet" / "config.json").read_text())
-            return families.by_cross_attention(config.get("cross_attention_dim"))
-        if path.is_file() and is_safetensors(path):
-            return header_family(*checkpoint_header(path))  # the header only: no tensor is read
-    except (OSError, ValueError, SdtuneError, AttributeError):
-        pass
-    return None
 
 
 def _load_random(spec: str, device, dtype) -> Base:
@@ -483,11 +433,6 @@ def load_base(spec: str = "tiny", device=None, dtype=None, vae=None) -> Base:
         input_path(vae, "VAE file or folder", "--vae")
     base = _load_any(spec, device, dtype, vae)
     return use_vae(base, vae) if vae and base.vae_file is None else base
-
-
-def tiny_export(path: Path) -> bool:
-    """Whether ``path`` is a folder the tiny recipe exported (``runs/tiny/model``), loaded as the built-in models are."""
-    return path.is_dir() and (tiny_model.is_xl_export(path) or tiny_model.trained_weights_exist(path))
 
 
 def _load_any(spec: str, device, dtype, vae) -> Base:

@@ -36,19 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import api, console, sources
-from .generate import (
-    SCHEDULERS,
-    check_clip_skip,
-    check_scheduler,
-    draw_grid,
-    infotext,
-    read_layer,
-    sampler_key,
-    save_png,
-)
+from .generate import check_clip_skip, draw_grid, infotext, read_layer, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
 from .safeio import SdtuneError, atomic_write_text, output_folder
+from .samplers import SCHEDULERS, check_scheduler, sampler_key
 from .ti.formats import load_embedding
 from .ti.tokens import find_in_prompt
 

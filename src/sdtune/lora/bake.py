@@ -53,7 +53,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
-from .. import checkpoints, ldm, models
+from .. import checkpoints, ldm, model_names, models
 from ..console import note
 from ..families import Family
 from ..families.build import text_model
@@ -648,7 +648,7 @@ class StoredWeights:
     def folder(cls, folder: Path) -> StoredWeights | None:
         """None for a folder that cannot be read this way (no model_index.json, a component without plain
         safetensors weights, a built-in model's export)."""
-        files = None if models.tiny_export(folder) else _folder_weight_files(folder)
+        files = None if model_names.tiny_export(folder) else _folder_weight_files(folder)
         if files is None:
             return None
         family = checkpoints.as_loaded(checkpoints.folder_family(folder, json.loads((folder / "model_index.json").read_text())))

@@ -293,6 +293,15 @@ def file_token(path: Path) -> str:
     return "-".join(name.split())
 
 
+MAX_VECTORS = 75  # tokens in one CLIP chunk: a multi-vector embedding is kept whole in one (A1111 too)
+
+
+def check_vectors(flag: str, n: int) -> None:
+    """A new word's vector count, as ``flag`` gave it: at least 1, at most a prompt chunk's tokens."""
+    if not 1 <= n <= MAX_VECTORS:
+        raise SdtuneError(f"{flag} {n}: must be from 1 to {MAX_VECTORS} (a prompt chunk's tokens)")
+
+
 def check_token(token: str, path: Path) -> None:
     """A token must be one non-empty word: the tokenizer matches it as a unit and FILE:TOKEN can name it."""
     if not is_one_word(token):

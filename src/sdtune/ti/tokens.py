@@ -27,15 +27,7 @@ from transformers import AddedToken
 
 from ..console import note
 from ..safeio import SdtuneError
-from .formats import Embedding, check_token, describe_widths, made_for
-
-MAX_VECTORS = 75  # tokens in one CLIP chunk: a multi-vector embedding is kept whole in one (A1111 too)
-
-
-def check_vectors(flag: str, n: int) -> None:
-    """A new word's vector count, as ``flag`` gave it: at least 1, at most a prompt chunk's tokens."""
-    if not 1 <= n <= MAX_VECTORS:
-        raise SdtuneError(f"{flag} {n}: must be from 1 to {MAX_VECTORS} (a prompt chunk's tokens)")
+from .formats import MAX_VECTORS, Embedding, check_token, check_vectors, describe_widths, made_for
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pti")
 

@@ -12,13 +12,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import config
-
-ASSETS = Path(__file__).parent / "assets"
-WEIGHTS = ASSETS / "model"
-TOKENIZER = ASSETS / "tokenizer"
-COMPONENTS = ("unet", "vae", "text_encoder")
-XL_WEIGHTS = ASSETS / "model-xl"
-XL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # tiny-xl's own; the VAE is tiny's
+from .files import TOKENIZER, WEIGHTS, XL_WEIGHTS, is_xl_export, trained_weights_exist, weight_files
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -56,24 +50,6 @@ def build_xl(seed: int = 0) -> dict:
     parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**config.XL_TEXT_ENCODER_1))
     parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config.XL_TEXT_ENCODER_2))
     return parts
-
-
-def trained_weights_exist(folder: Path = WEIGHTS, components=COMPONENTS) -> bool:
-    return all((folder / f"{c}.safetensors").is_file() for c in components)
-
-
-def is_xl_export(folder: Path) -> bool:
-    """A folder of tiny-xl weights (its own components; an export of the recipe also holds the shared ones)."""
-    return trained_weights_exist(folder, XL_COMPONENTS)
-
-
-def weight_files(folder: Path, xl: bool) -> list[Path]:
-    """The files a model is loaded from: tiny-xl takes its own components from ``folder``, and the VAE from
-    there too where an export holds one, else from the shipped tiny model."""
-    if not xl:
-        return [folder / f"{c}.safetensors" for c in COMPONENTS]
-    vae = folder / "vae.safetensors"
-    return [folder / f"{c}.safetensors" for c in XL_COMPONENTS] + [vae if vae.is_file() else WEIGHTS / vae.name]
 
 
 def _fill(parts: dict, files: list[Path]) -> dict:

@@ -46,7 +46,7 @@ from ..families import TINY, TINY_XL, Family
 from ..generate import TextStack
 from ..models import pick_device, tokenizer_for
 from ..train.diffusion import min_snr_weights
-from . import model, world
+from . import files, model, world
 
 # "cpu": the shipped model, sized for 2 CPU cores. Min-SNR weighting (gamma 5) is what lets 216,000 samples
 # do; LoRAs for this model train best with it too (see tests/test_train_quality.py).
@@ -265,7 +265,7 @@ def diffusion_parts(parts: dict, arch: str) -> dict:
 def export(parts: dict, scaling: float, folder: Path) -> None:
     """fp16 safetensors, one file per component (the package ships these; tiny-xl all but the VAE)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (*model.COMPONENTS, "text_encoder_2"):
+    for name in (*files.COMPONENTS, "text_encoder_2"):
         if name not in parts:
             continue
         state = {k: v.detach().cpu().half().contiguous() for k, v in parts[name].state_dict().items()}
@@ -340,8 +340,8 @@ def main(argv=None) -> None:
     parts = model.build_xl(a.seed) if xl else model.build(a.seed)
     vae_done = out / "vae.safetensors"
     if xl:  # tiny's VAE as shipped; the first text encoder starts from tiny's, its extra last layer adding nothing
-        tiny = Path(a.tiny) if a.tiny else model.WEIGHTS
-        if not model.trained_weights_exist(tiny, ("text_encoder",)):  # only its text encoder is read
+        tiny = Path(a.tiny) if a.tiny else files.WEIGHTS
+        if not files.trained_weights_exist(tiny, ("text_encoder",)):  # only its text encoder is read
             raise SystemExit(f"{tiny}: no trained tiny text encoder (text_encoder.safetensors) to build tiny-xl on; "
                              + ("give --tiny an export folder of tiny's recipe" if a.tiny else "train tiny first"))
         start = {k: v.float() for k, v in load_file(tiny / "text_encoder.safetensors").items()}
@@ -352,7 +352,7 @@ def main(argv=None) -> None:
             for name, param in parts["text_encoder"].named_parameters():
                 if added in name and ("out_proj" in name or "fc2" in name):
                     param.zero_()
-    given = Path(a.vae) if a.vae else (model.WEIGHTS / "vae.safetensors" if xl else None)  # None: train one
+    given = Path(a.vae) if a.vae else (files.WEIGHTS / "vae.safetensors" if xl else None)  # None: train one
     if given is not None and not vae_done.exists():  # a resumed run keeps the VAE it started on
         if not given.is_file():
             raise SystemExit(f"{given}: no such VAE file; give --vae PATH/vae.safetensors")
@@ -400,7 +400,7 @@ def main(argv=None) -> None:
     export(parts, scaling, out / "model")
     log(f"exported to {out / 'model'} ({time.time() - t0:.0f}s)")
     if a.install:  # tiny-xl ships its own components (not the VAE)
-        dest, names = (model.XL_WEIGHTS, model.XL_COMPONENTS) if xl else (model.WEIGHTS, model.COMPONENTS)
+        dest, names = (files.XL_WEIGHTS, files.XL_COMPONENTS) if xl else (files.WEIGHTS, files.COMPONENTS)
         dest.mkdir(parents=True, exist_ok=True)
         for name in names:
             shutil.copyfile(out / "model" / f"{name}.safetensors", dest / f"{name}.safetensors")

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from .. import safeio
 from ..generate import generate
 from ..models import load_base, pick_device
-from . import config, images, model, vae_quality, world
+from . import config, files, images, model, vae_quality, world
 from .recipe import run_log
 
 BROAD = [c for c in images.CATEGORIES if c != "world"]
@@ -372,8 +372,8 @@ def main(argv=None) -> None:
                            "new": vae_quality.category_psnr(shipped.eval(), test_set)}))
     log(f"exported {out / 'vae.safetensors'} ({time.time() - t0:.0f}s)")
     if a.install:
-        shutil.copyfile(out / "vae.safetensors", model.WEIGHTS / "vae.safetensors")
-        log(f"installed into {model.WEIGHTS}")
+        shutil.copyfile(out / "vae.safetensors", files.WEIGHTS / "vae.safetensors")
+        log(f"installed into {files.WEIGHTS}")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ from typing import get_args, get_origin, get_type_hints
 from .. import families, modelspec
 from ..console import note
 from ..lora import algos
-from ..models import known_family
+from ..model_names import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
-from ..ti.formats import TRAINING_METADATA
-from ..ti.tokens import check_vectors
+from ..ti.formats import TRAINING_METADATA, check_vectors
 from . import kohya_config, kohya_dataset, logs, lr_classes, optimizers, presets, samples
 
 MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has

@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..generate import check_scheduler
 from ..safeio import SdtuneError
+from ..samplers import check_scheduler
 
 # kohya's sampler names sdtune reads under its own (its others, ddim, euler, euler_a, heun, lms, pndm, are sdtune's)
 KOHYA_SAMPLERS = {"k_euler": "euler", "k_euler_a": "euler_a", "k_lms": "lms", "dpmsolver++": "dpmpp_2m"}

@@ -16,8 +16,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ..generate import SCHEDULERS, scheduler_available
 from ..safeio import SdtuneError
+from ..samplers import SCHEDULERS, scheduler_available
 from . import trainform
 from .guard import UPLOADS
 from .studio import MERGED, RANGES, Studio

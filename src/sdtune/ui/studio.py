@@ -25,13 +25,15 @@ from pathlib import Path
 
 from .. import api, sources, xyplot
 from .. import prompts as prompt_syntax
-from ..generate import ImageWriter, model_label, parse_infotext, read_infotext, sampler_key
+from ..generate import ImageWriter, model_label, parse_infotext, read_infotext
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
-from ..models import file_sha256, known_family, load_base, vae_weights
+from ..model_names import known_family
+from ..models import file_sha256, load_base, vae_weights
 from ..safeio import SdtuneError, atomic_path, read_toml, visible_paths
+from ..samplers import sampler_key
 from ..ti.formats import load_embedding
 from ..ti.tokens import find_in_prompt
 from ..tiny import model as tiny_model
