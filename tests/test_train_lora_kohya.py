@@ -15,6 +15,7 @@ from small_runs import factors, outline_dataset, resumes_exactly, settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from sdtune.lora.algos.ia3 import Ia3Layer
 from sdtune.lora.algos.loha import LohaLayer
 from sdtune.lora.algos.lokr import LokrLayer
 from sdtune.lora.algos.lora import LoraLayer
@@ -134,11 +135,13 @@ def _delta_layer(cls, base, **kw):
 
 DELTA_LAYERS = [pytest.param(LohaLayer, lambda: nn.Linear(6, 8), (3, 7, 6), id="loha-linear"),
                 pytest.param(LokrLayer, lambda: nn.Linear(6, 8), (3, 6), id="lokr-linear"),
-                pytest.param(LokrLayer, lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 4, 4), id="lokr-conv")]
+                pytest.param(LokrLayer, lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 4, 4), id="lokr-conv"),
+                pytest.param(Ia3Layer, lambda: nn.Linear(6, 8), (3, 6), id="ia3-linear"),  # one factor: the ratio
+                pytest.param(Ia3Layer, lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 4, 4), id="ia3-conv")]
 
 
 @pytest.mark.parametrize("cls, make, shape", DELTA_LAYERS)
-def test_loha_and_lokr_dropouts_act_on_the_weight_change_as_lycoris_and_are_unbiased(cls, make, shape):
+def test_lycoris_dropouts_act_on_the_weight_change_as_lycoris_and_are_unbiased(cls, make, shape):
     """LyCORIS's rank dropout: each output row of ΔW dropped per forward (all samples alike), the rest scaled by
     1/(1 - p); module dropout: ΔW skipped with its probability; in eval mode neither."""
     torch.manual_seed(0)
@@ -166,7 +169,7 @@ def test_loha_and_lokr_dropouts_act_on_the_weight_change_as_lycoris_and_are_unbi
 
 
 @pytest.mark.parametrize("cls, make, shape", DELTA_LAYERS)
-def test_loha_and_lokr_max_norm_brings_the_change_to_the_limit_in_the_same_direction(cls, make, shape):
+def test_lycoris_max_norm_brings_the_change_to_the_limit_in_the_same_direction(cls, make, shape):
     layer = _delta_layer(cls, make())
     with torch.no_grad():
         before = layer.delta().clone()

@@ -91,10 +91,12 @@ class DeltaLayer(nn.Module):
     @torch.no_grad()
     def limit_norm(self, limit: float) -> torch.Tensor:
         """kohya's max-norm (--scale-weight-norms): where ΔW's Frobenius norm is above ``limit``, one factor of each
-        ``linear_roles`` group is scaled by √(limit/norm), which brings ΔW to ``limit`` in the same direction.
-        Returns the norm before (a tensor: no read-back, a GPU would wait on each layer)."""
+        ``linear_roles`` group is scaled so that ΔW is scaled by limit/norm (LoHa's and LoKr's two groups by its
+        square root each, IA3's one by all of it), which brings ΔW to ``limit`` in the same direction. Returns the
+        norm before (a tensor: no read-back, a GPU would wait on each layer)."""
         norm = torch.linalg.vector_norm(self.delta())
-        ratio = (limit / norm).clamp(max=1).sqrt()  # a layer within the limit is multiplied by exactly 1
+        ratio = (limit / norm).clamp(max=1)  # a layer within the limit is multiplied by exactly 1
+        ratio = ratio.sqrt() if len(self.linear_roles) == 2 else ratio
         for group in self.linear_roles:
             self.factors[next(role for role in group if role in self.factors)].mul_(ratio)
         return norm
