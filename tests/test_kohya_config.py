@@ -105,6 +105,8 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(algo="oft", rank=8, alpha=0.0, oft_rescaled=False)),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=ia3", "train_on_input=True"]',
      dict(algo="ia3", ia3_on_input=True)),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=full", "preset=attn-mlp"]',
+     dict(algo="full", targets="attn+ff")),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=diag-oft", "rescaled=True"]',
      dict(algo="oft", oft_rescaled=True, oft_butterfly=False)),
     ('network_module = "lycoris.kohya"\nnetwork_dim = 16\nnetwork_args = ["algo=boft", "constraint=0.1"]',

@@ -292,6 +292,39 @@ def test_norm_layer_starts_at_the_base_and_changes_scale_and_bias_as_its_file_ap
         assert torch.equal(merged.weight, norm.weight + trained.parts()["weight"])
 
 
+def test_full_layer_learns_the_whole_weight_and_bias_change_from_zero_as_its_file_applies():
+    """LyCORIS full (native fine-tuning kept as a file): the weight's whole change and the bias's, from zero (the base
+    exactly), saved as diff and diff_b and applied by the functions that apply a file (the bias at the same
+    strength); rank dropout takes a row's bias change with its weight change."""
+    g = torch.Generator().manual_seed(7)
+    for layer in (torch.nn.Linear(8, 6), torch.nn.Linear(8, 6, bias=False), torch.nn.Conv2d(4, 6, 3, padding=1)):
+        trained = algos.get("full").layer(layer, rank=4, alpha=1.0, dropout=0.0, generator=g)
+        with_bias = layer.bias is not None
+        assert {k: tuple(p.shape) for k, p in trained.parts().items()} == \
+            {"diff": tuple(layer.weight.shape), **({"bias": (6,)} if with_bias else {})}
+        x = torch.randn(2, 8) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 4, 5, 5)
+        assert torch.equal(trained(x), layer(x))
+        with torch.no_grad():
+            for p in trained.parts().values():
+                p.normal_(generator=g)
+        adapter = Adapter("diff", trained.tensors(), None)
+        merged = copy.deepcopy(layer)
+        with torch.no_grad():
+            merged.weight.copy_(adapter.apply(layer.weight, 1.0))
+            if with_bias:
+                merged.bias.copy_(adapter.bias_part().apply(layer.bias, 1.0))
+        assert (adapter.bias_part() is not None) == with_bias
+        assert torch.allclose(trained(x), merged(x), atol=1e-5)
+    dropped = algos.get("full").layer(layer, rank=4, alpha=1.0, dropout=0.0, generator=g, rank_dropout=0.5).train()
+    with torch.no_grad():
+        for p in dropped.parts().values():
+            p.normal_(generator=g)
+    changes = torch.stack([dropped(x) - layer(x) for _ in range(200)])  # per output channel: all of it, or none
+    full = dropped.eval()(x) - layer(x)
+    per_row = (changes * full).sum([1, 3, 4]) / (full * full).sum([0, 2, 3])
+    assert set(per_row.round(decimals=3).unique().tolist()) == {0.0, 2.0}
+
+
 def test_oft_rescaled_layer_learns_a_factor_per_output_row_that_its_file_applies():
     """LyCORIS's rescaled diag-OFT: a rescale per output row, starting at 1 (the base exactly), saved as the file's
     ``rescale`` and applied with the rotation by the function that applies a file."""

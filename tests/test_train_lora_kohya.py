@@ -231,7 +231,7 @@ def test_loraplus_moves_the_up_factors_ratio_times_as_far(base, dataset, tmp_pat
 
 def test_dora_and_bad_values_are_refused(dataset, tmp_path):
     with pytest.raises(SdtuneError, match=r"--algo dora --scale-weight-norms: sdtune offers it with --algo lora, "
-                                          r"loha, lokr, ia3 \(DoRA's layer computes with the whole weight"):
+                                          r"loha, lokr, ia3, full \(DoRA's layer computes with the whole weight"):
         settings(dataset, tmp_path / "o", algo="dora", rank_dropout=0.1, scale_weight_norms=1.0).check()
     settings(dataset, tmp_path / "o", algo="dora", rank_dropout=0.1, module_dropout=0.1).check()  # (LyCORIS's)
     with pytest.raises(SdtuneError, match=r"--scale-weight-norms -1.0: must be 0 \(off\) or more"):

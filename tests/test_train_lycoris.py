@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
+from sdtune.lora import algos
 from sdtune.lora.algos.lokr import split
 from sdtune.lora.formats import load_lora
 from sdtune.lora.patch import LoraSet
@@ -45,7 +46,8 @@ LAYOUTS = {"loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"
            "dora": ({"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"}, {"algo": "locon", "dora_wd": "True"},
                     ("up",)),
            "oft": ({"oft_blocks", "alpha"}, {"algo": "diag-oft", "constraint": "2.0"}, ("blocks",)),
-           "ia3": ({"weight", "on_input"}, {"algo": "ia3"}, ("scale",))}
+           "ia3": ({"weight", "on_input"}, {"algo": "ia3"}, ("scale",)),
+           "full": ({"diff", "diff_b"}, {"algo": "full"}, ("diff",))}
 
 
 @pytest.mark.parametrize("algo", list(LAYOUTS))
@@ -63,7 +65,7 @@ def test_a_lycoris_run_saves_its_layout_and_resumes_to_the_uninterrupted_weights
     args = json.loads(meta["ss_network_args"])
     assert args == {**network, "conv_dim": "2", "conv_alpha": "2.0"}, args
     lora = load_lora(path)
-    assert {ad.kind for _, _, ad in lora.items()} == {algo}
+    assert {ad.kind for _, _, ad in lora.items()} == {algos.get(algo).name}  # (full: LyCORIS's files say diff)
     for comp, p, ad in lora.items():  # every layer moved from the base: its factor that starts at zero trained
         assert any(ad.tensors[r].abs().max() > 0 for r in zero_start if r in ad.tensors), (comp, p)
 
@@ -232,6 +234,7 @@ def test_lycoris_refusals_are_one_line(dataset, tmp_path, capsys):
                         (["--algo", "lora", "--ia3-on-input"], "--ia3-on-input: an option of --algo ia3 (IA3's)"),
                         (["--algo", "ia3", "--rs-lora"], "--algo ia3 --rs-lora: IA3 has no alpha or rank"),
                         (["--algo", "ia3", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's IA3"),
+                        (["--algo", "full", "--formats", "diffusers"], "diffusers has no layout for LyCORIS's full"),
                         (["--algo", "oft", "--tucker"], "--tucker: an option of --algo lora, loha, lokr or dora, and this "
                                                         "run trains --algo oft; add --algo lora or leave it out"),
                         (["--algo", "loha", "--tucker", "--conv-rank", "0", "--targets", "attn"],

@@ -85,17 +85,20 @@ def test_a_preset_gives_an_algorithm_its_own_learning_rate_and_the_file_and_flag
         ia3 = load_settings(None, {"algo": "ia3"}, "lora", family=family)
         assert (ia3.lr, ia3.targets) == (5e-3, "attn+ff")
         assert load_settings(None, {"algo": "ia3", "lr": 1e-2}, "lora", family=family).lr == 1e-2
+        # and full's (whole weights) diffusers' DreamBooth fine-tuning lr
+        assert load_settings(None, {"algo": "full"}, "lora", family=family).lr == 5e-6
     # IA3 at 1.5e-2 (tiny: on attention + feed-forward), BOFT (OFT's butterfly, from a flag or the file) at 3e-4
     for name, targets in (("tiny", "attn+ff"), ("tiny-xl", "all")):  # (on tiny-xl all layers learned more)
         ia3 = load_settings(None, {"algo": "ia3", "preset": name}, "lora")
         assert (ia3.lr, ia3.targets) == (1.5e-2, targets)
         assert load_settings(None, {"algo": "oft", "oft_butterfly": True, "preset": name}, "lora").lr == 3e-4
         assert load_settings(None, {"algo": "oft", "preset": name}, "lora").lr == 1e-3
+        assert load_settings(None, {"algo": "full", "preset": name}, "lora").lr == 3e-4
     cfg.write_text('algo = "oft"\noft_butterfly = true\n')
     assert load_settings(cfg, {}, "lora", family="tiny").lr == 3e-4
     assert load_settings(None, {"algo": "ia3", "targets": "all"}, "lora", family="tiny").targets == "all"
     main(["train", "lora", "--list-presets"])
-    assert "lr 1e-3 (LoKr 3e-3, BOFT 3e-4, IA3 1.5e-2 on attn+ff)" in capsys.readouterr().out
+    assert "lr 1e-3 (LoKr 3e-3, BOFT and full 3e-4, IA3 1.5e-2 on attn+ff)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "lora", "--help"])
     assert re.search(r"--lr LR .*or the\s+preset's", capsys.readouterr().out, re.S)

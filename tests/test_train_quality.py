@@ -80,9 +80,9 @@ def test_ti_learns_a_held_out_colour_on_shape_pair(tmp_path, model):
     assert minutes <= 10 and training <= DEFAULT_RUN_MINUTES
 
 
-# (model, --algo, other settings): LoHa, LoKr, DoRA, OFT, BOFT and IA3 too, on the tiny model's preset (which gives
-# LoKr, BOFT and IA3 their own learning rates: presets.py says what the LoRA's gave), without the sample grids and
-# report the LoRA runs show already (about 30 s each)
+# (model, --algo, other settings): LoHa, LoKr, DoRA, OFT, BOFT, IA3 and full too, on the tiny model's preset (which
+# gives LoKr, BOFT, IA3 and full their own learning rates: presets.py says what the LoRA's gave), without the sample
+# grids and report the LoRA runs show already (about 30 s each)
 VARIANT = {"sample_every": 0, "report": False}
 LORA_RUNS = [pytest.param("tiny", "lora", {}, id="tiny"),
              pytest.param("tiny-xl", "lora", {}, marks=XL_SHIPPED, id="tiny-xl"),
@@ -91,7 +91,8 @@ LORA_RUNS = [pytest.param("tiny", "lora", {}, id="tiny"),
              pytest.param("tiny", "dora", VARIANT, id="tiny-dora"),
              pytest.param("tiny", "oft", VARIANT, id="tiny-oft"),
              pytest.param("tiny", "oft", {**VARIANT, "oft_butterfly": True}, id="tiny-boft"),
-             pytest.param("tiny", "ia3", VARIANT, id="tiny-ia3")]
+             pytest.param("tiny", "ia3", VARIANT, id="tiny-ia3"),
+             pytest.param("tiny", "full", VARIANT, id="tiny-full")]
 
 
 # the base model's own outline and content scores, measured once per model: the LoRA and LyCORIS runs

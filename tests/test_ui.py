@@ -152,7 +152,7 @@ def test_the_forms_come_from_the_settings_dataclasses():
     assert fields["sample_prompts"].typ is list and fields["flip"].typ is bool
     assert "optimizer steps" in fields["steps"].help  # the comment beside the field
     assert fields["targets"].choices == ("attn", "attn+ff", "all")
-    assert fields["algo"].choices == ("lora", "loha", "lokr", "dora", "oft", "ia3") and set(fields["algo"].defaults) == {"lora"}
+    assert fields["algo"].choices == ("lora", "loha", "lokr", "dora", "oft", "ia3", "full") and set(fields["algo"].defaults) == {"lora"}
     assert fields["optimizer"].choices == ("adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "sgdnesterov",
                                            "sgdnesterov8bit", "prodigy", "dadaptation", "dadaptadam", "dadaptadagrad",
                                            "dadaptadan", "dadaptadanip", "dadaptlion", "dadaptsgd", "adamwschedulefree",

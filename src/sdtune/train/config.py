@@ -50,10 +50,10 @@ LOGGERS = ("tensorboard", "wandb", "all")  # besides loss.csv (``logs.TrainLog``
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("attn", "attn+ff", "all")
 # the algorithms a run trains (each has a trainable layer)
-LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3")
+LORA_ALGOS = ("lora", "loha", "lokr", "dora", "oft", "ia3", "full")
 # those whose change kohya's max-norm can scale back (DoRA's layer computes with the whole weight, OFT's alpha bounds
 # its rotation); every algorithm takes the rank and module dropouts
-MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3")
+MAX_NORM_ALGOS = ("lora", "loha", "lokr", "ia3", "full")
 UP_FACTOR_ALGOS = ("lora", "dora")  # those with an up factor, which LoRA+ gives its own rate
 LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_te_lr_ratio")  # (kohya's three, its names)
 
@@ -482,8 +482,9 @@ class LoraSettings(TrainSettings):
                       "dora (LoRA with a learned magnitude per input column, kohya's DoRA) | oft (LyCORIS's "
                       "diag-oft: each layer's output turned by an orthogonal R in blocks, sized as LyCORIS "
                       "factorises the width at --rank; --alpha is its constraint, 0 none) | ia3 (LyCORIS's: a "
-                      "learned scale per output row; no rank or alpha): A1111 and sdtune load all six, ComfyUI "
-                      "all but ia3, diffusers lora only", default="lora")
+                      "learned scale per output row; no rank or alpha) | full (LyCORIS's: each layer's whole "
+                      "change, weight and bias, as fine-tuning learns it, kept as a file; no rank or alpha): A1111 "
+                      "and sdtune load all seven, ComfyUI all but ia3, diffusers lora only", default="lora")
     lokr_factor: int = _help("LoKr: the largest small factor of each width (LyCORIS's factor; -1: as square as "
                              "the width allows)", default=-1)
     lokr_full_matrix: bool = _help("LoKr: both Kronecker factors whole at any --rank (LyCORIS's full_matrix; no "
@@ -658,7 +659,7 @@ class LoraSettings(TrainSettings):
                               "column, as A1111, ComfyUI and LyCORIS read it), which diffusers' layout cannot hold "
                               "(PEFT's is per output row); add --dora-wd-on-output, or use --formats kohya")
 
-        if self.algo in ("loha", "lokr", "oft", "ia3") and "diffusers" in self.formats:
+        if self.algo in ("loha", "lokr", "oft", "ia3", "full") and "diffusers" in self.formats:
             raise SdtuneError(f"--algo {self.algo} --formats diffusers: diffusers has no layout for LyCORIS's "
                               f"{algos.get(self.algo).label} (A1111, ComfyUI and sdtune read the kohya one); use "
                               f"--formats kohya")

@@ -90,7 +90,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "pag
 PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # LyCORIS's algo= names
 NETWORK_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "diag-oft": "oft", "boft": "oft",
-                 "ia3": "ia3"}
+                 "ia3": "ia3", "full": "full"}
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "attn+ff", "attn-only": "attn"}  # LyCORIS's preset= as --targets
 
 
@@ -338,7 +338,7 @@ def _network(theirs: dict, take, where, family) -> None:
             take("network_args algo", "oft_butterfly", True)
     else:
         raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
-                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3); use one of them")
+                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3, full); use one of them")
     if _true(parsed.pop("dora_wd", "false")):
         algo = "dora"
     if _true(parsed.pop("rs_lora", "false")):  # LyCORIS's

@@ -72,15 +72,19 @@ _TINY_XL_LORA = dict(_TINY_LORA, steps=400, sample_every=200, exclude=[r"attn2\.
 # the IA3 paper trains it, 1.5e-2 gave 94% with 91% kept (1e-2: 78%). On tiny-xl IA3 learns less: on all layers at
 # 1.5e-2, 69% with 88% kept (base 94%; 1e-2: 66%; attention + feed-forward at 1e-2 to 2e-2: 59-62%, keeping 78-91%).
 # BOFT's butterfly turns more than OFT's one stage: at the LoRA's 1e-3 it drew 94% keeping only 56%, at 5e-4 97%
-# keeping 91%, at 3e-4 97% keeping 97% (tiny-xl: 88% keeping 91%). (2 cores, 2026-12-06 for IA3 and BOFT.)
+# keeping 91%, at 3e-4 97% keeping 97% (tiny-xl: 88% keeping 91%). Full (every trained weight's whole change):
+# 3e-5 41%, 1e-4 84%, 3e-4 91% keeping 97%, 6e-4 91% keeping 94%, 1e-3 84% keeping 88%. (2 cores, 2026-12-06 for
+# IA3, BOFT and full.)
 # The SD presets keep kohya's LoRA lr for every algorithm but IA3, which LyCORIS's authors say needs about
 # 5e-3 to 1e-2 (their algorithm list, from their SD experiments); at the LoRA's 1e-4, a fiftieth of it, a run
-# would learn nearly nothing (on tiny, a tenth of IA3's lr drew the style in 12% of images). Nothing here measured
-# the other algorithms on those models.
-_TINY_BY_ALGO = {"lokr": {"lr": 3e-3}, "ia3": {"lr": 1.5e-2, "targets": "attn+ff"}, "boft": {"lr": 3e-4}}
+# would learn nearly nothing (on tiny, a tenth of IA3's lr drew the style in 12% of images); and full (whole
+# weights, as fine-tuning changes them), at the 5e-6 diffusers' DreamBooth example fine-tunes SD with: the LoRA's
+# 1e-4 moves every weight twenty times as far a step. Nothing here measured the other algorithms on those models.
+_TINY_BY_ALGO = {"lokr": {"lr": 3e-3}, "ia3": {"lr": 1.5e-2, "targets": "attn+ff"}, "boft": {"lr": 3e-4},
+                 "full": {"lr": 3e-4}}
 _TINY_XL_BY_ALGO = {**_TINY_BY_ALGO, "ia3": {"lr": 1.5e-2}}
 _TINY_XL_TI = dict(_TINY_TI, steps=400, sample_every=200)
-_SD_BY_ALGO = {"ia3": {"lr": 5e-3}}
+_SD_BY_ALGO = {"ia3": {"lr": 5e-3}, "full": {"lr": 5e-6}}
 # samples at the start and the end only: on the tiny model a sample grid costs about as much as 20 steps
 _QUICK = dict(steps=30, validation_every=0, save_every=10, sample_every=30)
 
@@ -92,20 +96,22 @@ _A1111_TI = dict(lr=5e-3, batch_size=1, grad_accum=4, steps=2000, save_every=250
 
 LORA = [
     Preset("tiny", "the built-in tiny model: learn a style or a look from ~50 captioned images in about a minute "
-           "on a CPU (LoCon rank 8, lr 1e-3 (LoKr 3e-3, BOFT 3e-4, IA3 1.5e-2 on attn+ff), 300 steps of 8, Min-SNR 5)", _TINY_LORA, _TINY_BY_ALGO),
+           "on a CPU (LoCon rank 8, lr 1e-3 (LoKr 3e-3, BOFT and full 3e-4, IA3 1.5e-2 on attn+ff), 300 steps of 8, "
+           "Min-SNR 5)", _TINY_LORA, _TINY_BY_ALGO),
     Preset("tiny-quick", "the built-in tiny model: a 30-step smoke test of your data and flags (learns little)",
            {**_TINY_LORA, **_QUICK, "batch_size": 4}, _TINY_BY_ALGO),
     Preset("tiny-xl", "the built-in tiny SDXL model: as tiny, 400 steps, no LoRA on the cross-attention's key and "
            "value (IA3 on all layers)", _TINY_XL_LORA, _TINY_XL_BY_ALGO),
     Preset("sd1", "SD 1.x at 512 px: kohya's usual LoRA for a character, object or style (rank 16, alpha 8, "
-           "lr 1e-4 (IA3 5e-3), batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2,
-                                                         "steps": 1500, "resolution": 512}, _SD_BY_ALGO),
+           "lr 1e-4 (IA3 5e-3, full 5e-6), batch 2, 1,500 steps)",
+           {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500, "resolution": 512}, _SD_BY_ALGO),
     Preset("sd2", "SD 2.x at its own size (768 px for 768-v, 512 for base): kohya's usual LoRA (rank 16, alpha 8, "
-           "lr 1e-4 (IA3 5e-3), batch 2, 1,500 steps)", {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2,
-                                                         "steps": 1500}, _SD_BY_ALGO),
-    Preset("sdxl", "SDXL at 1024 px: kohya's usual LoRA (rank 32, alpha 16, lr 1e-4 (IA3 5e-3), batch 1, 2,000 "
-           "steps, gradient checkpointing)", {**_KOHYA, "rank": 32, "alpha": 16.0, "batch_size": 1, "steps": 2000,
-                                              "resolution": 1024, "gradient_checkpointing": True}, _SD_BY_ALGO),
+           "lr 1e-4 (IA3 5e-3, full 5e-6), batch 2, 1,500 steps)",
+           {**_KOHYA, "rank": 16, "alpha": 8.0, "batch_size": 2, "steps": 1500}, _SD_BY_ALGO),
+    Preset("sdxl", "SDXL at 1024 px: kohya's usual LoRA (rank 32, alpha 16, lr 1e-4 (IA3 5e-3, full 5e-6), batch "
+           "1, 2,000 steps, gradient checkpointing)",
+           {**_KOHYA, "rank": 32, "alpha": 16.0, "batch_size": 1, "steps": 2000, "resolution": 1024,
+            "gradient_checkpointing": True}, _SD_BY_ALGO),
 ]
 TI = [
     Preset("tiny", "the built-in tiny model: a new word for an object from ~5 images in about a minute on a CPU "

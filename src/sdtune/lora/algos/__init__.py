@@ -35,9 +35,13 @@ def register(algorithm: Algorithm) -> Algorithm:
     return algorithm
 
 
+# the names other tools give an algorithm (LyCORIS's algo=full trains what its files call diff)
+ALIASES = {"full": "diff"}
+
+
 def get(name: str) -> Algorithm:
     try:
-        return ALGORITHMS[name]
+        return ALGORITHMS[ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(ALGORITHMS)}") from None
 

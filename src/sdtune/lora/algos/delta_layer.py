@@ -68,17 +68,21 @@ class DeltaLayer(nn.Module):
         b = self.base
         if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
             return b(x)
-        delta = self.delta()
+        delta, bias_delta = self.delta(), self.bias_delta()
         if self.training and self.rank_dropout:
-            keep = torch.rand(delta.shape[0], device=delta.device) >= self.rank_dropout
-            delta = delta * (keep.to(delta.dtype) / (1 - self.rank_dropout)).view(-1, *[1] * (delta.dim() - 1))
+            keep = (torch.rand(delta.shape[0], device=delta.device) >= self.rank_dropout).to(delta.dtype)
+            rows = keep / (1 - self.rank_dropout)
+            delta = delta * rows.view(-1, *[1] * (delta.dim() - 1))
+            bias_delta = None if bias_delta is None else bias_delta * rows  # (a row's bias goes with it)
         if isinstance(self.dropout, nn.Identity):
             # one product with W + ΔW, as LyCORIS computes it: half the work of W x plus ΔW x, the same gradients
             weight = b.weight.to(delta.dtype) + delta
             bias = None if b.bias is None else b.bias.to(delta.dtype)
+            if bias_delta is not None:
+                bias = bias + bias_delta
             return self._op(x.to(delta.dtype), weight, bias).to(x.dtype)
         y = b(x)  # dropout acts on the change's input only: two products
-        return y + self._op(self.dropout(x.to(delta.dtype)), delta, None).to(y.dtype)
+        return y + self._op(self.dropout(x.to(delta.dtype)), delta, bias_delta).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         """ΔW, in the base weight's shape."""
@@ -87,6 +91,10 @@ class DeltaLayer(nn.Module):
             t = self.algo.build(t)
         scale = self.scale if self.scalar is None else self.scalar * self.scale
         return (self.algo.delta(t) * scale).reshape(self.base.weight.shape)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """Δb, where the algorithm also trains the layer's bias (LyCORIS full); None: the bias stays."""
+        return None
 
     @torch.no_grad()
     def limit_norm(self, limit: float) -> torch.Tensor:
