@@ -8,6 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtune.cli import main
+from sdtune.console import SdtuneWarning
 from sdtune.lora import algos, formats, tools
 from sdtune.lora.algos.base import Algorithm, Io
 from sdtune.lora.neutral import Adapter
@@ -300,6 +302,30 @@ def test_full_bias_and_norm_adapters_round_trip_and_are_kept_out_of_lora_tools(t
     for call in (lambda: tools.merge_loras([(tmp_path / "full.safetensors", 1.0)], tmp_path / "m.safetensors"),
                  lambda: tools.resize_lora(tmp_path / "full.safetensors", tmp_path / "r.safetensors", rank=4)):
         with pytest.raises(SdtuneError, match=r"full.safetensors: changes the biases or norm layers of 2 layers .*"
-                                              r"which LoRA factors cannot hold"):
+                                              r"which LoRA factors cannot hold.*Add --drop-biases to leave them out"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "full.safetensors"]
+
+
+def test_drop_biases_makes_a_full_file_a_lora_of_its_weight_changes(tmp_path):
+    """--drop-biases (lora resize, lora merge): a LyCORIS full file's weight changes as LoRA factors (exact at their
+    own rank), its bias and norm-layer changes left out and said so once, instead of the file refused."""
+    g = torch.Generator().manual_seed(8)
+    conv, norm = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_resnets_0_norm1"
+    low_rank = (rand(g, 64, 3) @ rand(g, 3, 32 * 9)).reshape(64, 32, 3, 3)  # a change of rank 3
+    save_file({conv + ".diff": low_rank, conv + ".diff_b": rand(g, 64), norm + ".w_norm": rand(g, 32),
+               norm + ".b_norm": rand(g, 32)}, tmp_path / "full.safetensors")
+    with pytest.warns(SdtuneWarning, match=r"full.safetensors: the changes to the biases and norm layers of 2 "
+                                           r"layers are left out \(--drop-biases\)$") as said:
+        assert main(["lora", "resize", str(tmp_path / "full.safetensors"), "--rank", "3", "--out",
+                     str(tmp_path / "r.safetensors"), "--drop-biases"]) == 0
+    assert len(said) == 1
+    lora = formats.load_lora(tmp_path / "r.safetensors")
+    (comp, path, ad), = lora.items()
+    assert (comp, path, ad.kind, ad.rank) == ("unet", "down_blocks.1.resnets.0.conv1", "lora", 3)
+    assert ad.bias_part() is None and torch.allclose(ad.delta(low_rank.shape), low_rank, atol=1e-4)
+    with pytest.warns(SdtuneWarning, match="left out"):
+        assert main(["lora", "merge", f"{tmp_path / 'full.safetensors'}:0.5", "--out",
+                     str(tmp_path / "m.safetensors"), "--drop-biases"]) == 0
+    (_, _, merged), = formats.load_lora(tmp_path / "m.safetensors").items()
+    assert torch.allclose(merged.delta(low_rank.shape), 0.5 * low_rank, atol=1e-4)

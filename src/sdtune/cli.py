@@ -273,6 +273,10 @@ def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 # ---------------------------------------------------------------- the LoRA toolbox (sdtune lora ...)
 
+DROP_BIASES_HELP = ("leave out the changes to biases and norm layers (LyCORIS full's diff_b, train_norm's), which "
+                    "LoRA factors cannot hold, instead of refusing the file: a full run resized to a LoRA")
+
+
 def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     tools_sub = p.add_subparsers(dest="tool", required=True)
     mg = tools_sub.add_parser("merge", help="save a weighted mix of LoRAs as one LoRA file")
@@ -285,6 +289,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     mg.add_argument("--blocks", action="store_true", help="bake the files' lbw= block weights into the result "
                     "(each layer scaled by its block's weight)")
+    mg.add_argument("--drop-biases", action="store_true", help=DROP_BIASES_HELP)
     mg.set_defaults(handler="cmd_lora_merge")
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")
@@ -297,6 +302,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--out", required=True)
     rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    rs.add_argument("--drop-biases", action="store_true", help=DROP_BIASES_HELP)
     rs.set_defaults(handler="cmd_lora_resize")
     ex = tools_sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
     ex.add_argument("--base", required=True, help="the original model (any --model form)")

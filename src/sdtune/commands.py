@@ -129,7 +129,7 @@ def cmd_lora_merge(a) -> Path:
         specs.append((sources.resolve(src, "lora"), w, lbw))
     if a.blocks and all(lbw is None for *_, lbw in specs):
         raise SdtuneError("--blocks bakes the files' block weights, but no FILE has one; give e.g. FILE:1:lbw=INALL")
-    _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to)
+    _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to, drop_biases=a.drop_biases)
     if reports:
         print(lora_tools.report_table(reports))
     return Path(a.out)
@@ -137,7 +137,7 @@ def cmd_lora_merge(a) -> Path:
 
 def cmd_lora_resize(a) -> Path | None:
     _, reports = lora_tools.resize_lora(sources.resolve(a.file, "lora"), a.out, rank=a.rank, dynamic=a.dynamic,
-                                        param=a.param, to=a.to, conv_rank=a.conv_rank)
+                                        param=a.param, to=a.to, conv_rank=a.conv_rank, drop_biases=a.drop_biases)
     _print_reports(reports, a.json)
     return None if a.json else Path(a.out)
 

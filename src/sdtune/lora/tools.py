@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -128,17 +128,26 @@ def _dtype(loras: list[Lora]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _read(path: str | Path) -> Lora:
+def _read(path: str | Path, drop_biases: bool = False) -> Lora:
+    """The file's adapters, each one LoRA factors can hold; ``drop_biases``: its changes to biases and norm layers
+    (LyCORIS full's diff_b, train_norm's) left out, said in a note, instead of refused."""
     lora = load_lora(path)
     if lora.unknown:
         raise SdtuneError(f"{path}: {len(lora.unknown)} keys sdtune cannot read (e.g. {lora.unknown[0]}); a merge "
                           f"or resize would drop them. Convert or clean the file first")
-    kept_apart = [f"{comp}:{p}" for comp, p, ad in lora.items() if ad.algo.vector or ad.bias_part() is not None]
-    if kept_apart:
+    kept_apart = [(comp, p) for comp, p, ad in lora.items() if ad.algo.vector or ad.bias_part() is not None]
+    if kept_apart and not drop_biases:
         raise SdtuneError(f"{path}: changes the biases or norm layers of {len(kept_apart)} layers (e.g. "
-                          f"{kept_apart[0]}: LyCORIS full's diff_b, norm w_norm/b_norm), which LoRA factors cannot "
-                          f"hold: a merge or resize would drop them. Apply the file as it is, or bake it into a "
-                          f"checkpoint with sdtune merge")
+                          f"{':'.join(kept_apart[0])}: LyCORIS full's diff_b, norm w_norm/b_norm), which LoRA factors "
+                          f"cannot hold: a merge or resize would drop them. Add --drop-biases to leave them out, "
+                          f"apply the file as it is, or bake it into a checkpoint with sdtune merge")
+    for comp, p in kept_apart:
+        ad = lora.modules[comp].pop(p)
+        if not ad.algo.vector:  # the weight's change stays
+            lora.modules[comp][p] = replace(ad, tensors={r: t for r, t in ad.tensors.items() if r != "bias"})
+    if kept_apart:
+        note(f"{path}: the changes to the biases and norm layers of {len(kept_apart)} layers are left out "
+             f"(--drop-biases)")
     # (named as inspect names them: OFT, DoRA...)
     weight_bound = sorted({ad.algo.label or ad.kind for _, _, ad in lora.items() if not ad.algo.additive})
     if weight_bound:  # said before any layer is worked on, naming the file
@@ -168,8 +177,8 @@ BASE_FACTS = ("ss_base_model_version", "ss_sd_model_name", "ss_sd_model_hash", "
               "ss_v2", "ss_v_parameterization", "ss_zero_terminal_snr", "modelspec.architecture",
               "modelspec.prediction_type", "modelspec.resolution")
 
-def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
-                to: str = "kohya") -> tuple[Lora, list[LayerReport]]:
+def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None, to: str = "kohya",
+                drop_biases: bool = False) -> tuple[Lora, list[LayerReport]]:
     """One LoRA file equal to loading each (file, weight) or (file, weight, blocks) of ``specs`` at once.
 
     ``blocks`` (a preset name, "1,0,…" or numbers: ``lora.blocks``) bakes block weights in: each layer's weight is
@@ -180,7 +189,8 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
     summation order differs). A layer with a LoHa/LoKr/full adapter is merged through its ΔW and SVD, keeping
     every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
-    rank (at most), reported per layer.
+    rank (at most), reported per layer. ``drop_biases``: the inputs' bias and norm-layer changes are left out
+    (LoRA factors cannot hold them), not refused.
     """
     if not specs:
         raise SdtuneError("lora merge needs at least one FILE[:WEIGHT]")
@@ -188,7 +198,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     if rank is not None and rank < 1:
         raise SdtuneError(f"--rank {rank}: the rank must be 1 or more")
     # a weight per component (the UNet's, the text encoders'), as a LoRA loaded with (unet_w, te_w) patches
-    loaded = [(str(p), _read(p), as_weights(w, two_encoders=True)) for p, w, *_ in specs]
+    loaded = [(str(p), _read(p, drop_biases), as_weights(w, two_encoders=True)) for p, w, *_ in specs]
     family = _family([(p, lora) for p, lora, _ in loaded])
     dtype = _dtype([lora for _, lora, _ in loaded])
     layers: dict[tuple[str, str], list[tuple[Adapter, float]]] = {}
@@ -276,11 +286,12 @@ def _block_factors(path: str, lora: Lora, blocks, family) -> dict[tuple[str, str
 # ================================================================= resize
 
 def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, dynamic: str | None = None,
-                param: float | None = None, to: str = "kohya", conv_rank: int | None = None
-                ) -> tuple[Lora, list[LayerReport]]:
+                param: float | None = None, to: str = "kohya", conv_rank: int | None = None,
+                drop_biases: bool = False) -> tuple[Lora, list[LayerReport]]:
     """Lower each layer's rank by SVD of its ΔW: to ``rank`` (fixed), or as sd-scripts' ``resize_lora.py``
     dynamic modes pick it (``rank`` then caps it; default cap: the layer's own rank). ``conv_rank``: the same for
-    convolutions with a kernel above 1x1 (LoCon's 3x3 layers; default ``rank``), as sd-scripts' new_conv_rank."""
+    convolutions with a kernel above 1x1 (LoCon's 3x3 layers; default ``rank``), as sd-scripts' new_conv_rank.
+    ``drop_biases``: a file's bias and norm-layer changes left out (a LyCORIS full run made a LoRA), not refused."""
     if dynamic is None and rank is None:
         raise SdtuneError(f"{path}: give --rank R, or --dynamic {'|'.join(DYNAMIC)} with --param X")
     if dynamic is None and param is not None:
@@ -295,7 +306,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         if value is not None and value < 1:
             raise SdtuneError(f"{path}: {flag} {value}: the rank must be 1 or more")
     check_output(out, inputs=[path])
-    lora = _read(path)
+    lora = _read(path, drop_biases)
     family = keys.guess_family(lora)
     dtype = _dtype([lora])
     small, reports = Lora(metadata=dict(lora.metadata), embeddings=dict(lora.embeddings)), []
