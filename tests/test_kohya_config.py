@@ -198,8 +198,9 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
 
 
 @pytest.mark.parametrize("extra, says", [
-    ("fused_backward_pass = true\nfull_fp16 = true", r"sdtune does not offer fused_backward_pass = True, full_fp16 = "
-                                                     r"True \(full_bf16 = true keeps them in bf16\); leave them out"),
+    ("fused_backward_pass = true\nface_crop_aug_range = \"2.0,4.0\"", r"sdtune does not offer fused_backward_pass = "
+                                                                   r"True, face_crop_aug_range = '2.0,4.0'; leave them out"),
+    ("full_fp16 = true", r'full_fp16 = true needs mixed_precision = "fp16", as sd-scripts requires'),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
@@ -296,3 +297,16 @@ def test_rank_dropout_scale_false_is_noted_only_where_rows_are_dropped(tmp_path,
         said = [str(w.message) for w in recwarn if "rank_dropout_scale" in str(w.message)]
         assert said == ([f"{cfg}: network_args rank_dropout_scale=False: sdtune scales the rows rank dropout keeps "
                          f"by 1/(1 - rank_dropout), as rank_dropout_scale=True does"] if noted else [])
+
+
+def test_full_fp16_trains_the_network_in_fp32_under_fp16_and_says_so(tmp_path, recwarn):
+    """sd-scripts' full_fp16 (the network's weights, gradients and optimizer state in fp16, with mixed_precision
+    fp16): run with them in fp32 under fp16 autocast, said in a note, not refused (the model is fp16 either way)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('pretrained_model_name_or_path = "m"\nmixed_precision = "fp16"\nfull_fp16 = true\n')
+    s = load_settings(cfg, {}, "lora", family="sd1")
+    assert s.mixed_precision == "fp16" and not s.full_bf16
+    said = [str(w.message) for w in recwarn if "full_fp16" in str(w.message)]
+    assert said == [f"{cfg}: full_fp16 = true: sdtune keeps the network's weights, gradients and optimizer state in "
+                    f"fp32 under fp16 mixed precision (the model's own weights are fp16 either way); only they take "
+                    f"more memory (full_bf16 = true halves them on a GPU with bf16)"]

@@ -228,8 +228,14 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
             if value:
                 take(key, "save_every_epochs", math.floor(int(epochs) / value) or 1)
         elif key == "full_fp16":  # fp16 trained weights: sd-scripts patches accelerate's grad scaler for them
-            if value:
-                refused.append(f"{key} = {value!r} (full_bf16 = true keeps them in bf16)")
+            if value and theirs.get("mixed_precision") != "fp16":
+                raise SdtuneError(f"{where}: full_fp16 = true needs mixed_precision = \"fp16\", as sd-scripts "
+                                  f"requires; set it, or leave full_fp16 out")
+            if value:  # run, not refused: the base model is fp16 either way, so fp16 state saves the network's own
+                # memory only (a LoRA's: megabytes), at the cost of small updates lost below fp16's precision
+                note(f"{where}: full_fp16 = true: sdtune keeps the network's weights, gradients and optimizer state "
+                     f"in fp32 under fp16 mixed precision (the model's own weights are fp16 either way); only they "
+                     f"take more memory (full_bf16 = true halves them on a GPU with bf16)")
         elif key == "dim_from_weights":  # sdtune always continues network_weights at the file's own ranks
             if value and not theirs.get("network_weights"):
                 unused.append(key)
