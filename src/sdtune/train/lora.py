@@ -519,9 +519,9 @@ def is_lycoris(settings: LoraSettings) -> bool:
 
 
 def lycoris_network(settings: LoraSettings, family) -> dict:
-    """A LoHa, LoKr, DoRA, OFT or IA3 run's, or a LoRA's with LyCORIS's switches, network as LyCORIS records it: the ranks and alphas asked for (a LoKr layer
-    whose w2 is whole has no rank of its own, which the file alone would call "Dynamic") and the algorithm's
-    arguments."""
+    """A LoHa, LoKr, DoRA, OFT, IA3 or full run's, or a LoRA's with LyCORIS's switches, network as LyCORIS records
+    it: the ranks and alphas asked for (a LoKr layer whose w2 is whole has no rank of its own, which the file alone
+    would call "Dynamic") and the algorithm's arguments."""
     algo = algos.get(settings.algo)
     name = "boft" if settings.oft_butterfly else algo.network_algo or "locon"
     args = {"algo": name, **algo.network_args, **_conv_args(settings)}  # DoRA: dora_wd

@@ -47,4 +47,3 @@ class FullLayer(DeltaLayer):
 
 
 Diff.layer = FullLayer  # (the layer needs the algorithm first)
-
