@@ -142,8 +142,10 @@ def _read(path: str | Path, drop_biases: bool = False) -> Lora:
                           f"cannot hold: a merge or resize would drop them. Add --drop-biases to leave them out, "
                           f"apply the file as it is, or bake it into a checkpoint with sdtune merge")
     for comp, p in kept_apart:
-        ad = lora.modules[comp].pop(p)
-        if not ad.algo.vector:  # the weight's change stays
+        ad = lora.modules[comp][p]
+        if ad.algo.vector:  # a norm layer's change: nothing left
+            del lora.modules[comp][p]
+        else:  # the weight's change stays, in its place
             lora.modules[comp][p] = replace(ad, tensors={r: t for r, t in ad.tensors.items() if r != "bias"})
     if kept_apart:
         note(f"{path}: the changes to the biases and norm layers of {len(kept_apart)} layers are left out "

@@ -93,8 +93,9 @@ class DeltaLayer(nn.Module):
         return (self.algo.delta(t) * scale).reshape(self.base.weight.shape)
 
     def bias_delta(self) -> torch.Tensor | None:
-        """Δb, where the algorithm also trains the layer's bias (LyCORIS full); None: the bias stays."""
-        return None
+        """Δb, where the layer trains a bias change (LyCORIS full's ``bias`` role), read as a file's is
+        (``Algorithm.bias_delta``); None: the bias stays."""
+        return self.algo.bias_delta(dict(self.factors))
 
     @torch.no_grad()
     def limit_norm(self, limit: float) -> torch.Tensor:

@@ -3,8 +3,6 @@ the layer has a bias; no rank, and no alpha. ``FullLayer`` trains it (``--algo f
 
 from __future__ import annotations
 
-import torch
-
 from .base import Algorithm, Io, kernel_of
 from .delta_layer import DeltaLayer, zeros
 
@@ -41,9 +39,6 @@ class FullLayer(DeltaLayer):
         if self.base.bias is not None:
             made["bias"] = ((shape[0],), zeros)
         return made
-
-    def bias_delta(self) -> torch.Tensor | None:
-        return self.factors["bias"] if "bias" in self.factors else None
 
 
 Diff.layer = FullLayer  # (the layer needs the algorithm first)
