@@ -3,7 +3,10 @@ reads it (its names, values, network module and arguments, learning rates, text 
 switches of how sd-scripts runs left out in one line, what sdtune lacks refused while on; a run from it trains and
 saves sdtune's settings, which rerun it."""
 
+import json
+
 import pytest
+from safetensors import safe_open
 from small_runs import outline_dataset
 
 from sdtune import families
@@ -111,6 +114,16 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
      dict(algo="oft", oft_rescaled=True, oft_butterfly=False)),
     ('network_module = "lycoris.kohya"\nnetwork_dim = 16\nnetwork_args = ["algo=boft", "constraint=0.1"]',
      dict(algo="oft", oft_butterfly=True, rank=16, alpha=0.1)),
+    # kohya's own OFT: network_dim counts blocks, network_alpha is the constraint (sd-scripts' default 1), the UNet
+    # alone; attention only unless enable_all_linear, the resnets and samplers with enable_conv
+    ('network_module = "networks.oft"\nnetwork_dim = 8\nnetwork_alpha = 0.001',
+     dict(algo="oft", oft_blocks=8, alpha=0.001, targets="attn", conv_rank=0, text_encoder=False)),
+    ('network_module = "networks.oft"', dict(algo="oft", oft_blocks=4, alpha=1.0, text_encoder=False)),
+    ('network_module = "networks.oft"\nnetwork_dim = 8\nnetwork_alpha = 0.01\nnetwork_train_unet_only = false\n'
+     'network_args = ["enable_all_linear=True", "enable_conv=True"]',
+     dict(oft_blocks=8, targets="attn+ff", conv_rank=8, conv_alpha=0.01, alpha=0.01, text_encoder=False)),
+    ('network_module = "networks.oft"\nnetwork_args = ["enable_conv=True"]',
+     dict(oft_blocks=4, targets="attn", conv_rank=4, conv_alpha=1.0)),
     ('network_module = "networks.lora"\nnetwork_args = ["dora_wd=True", "loraplus_lr_ratio=16"]',
      dict(algo="dora", loraplus_lr_ratio=16.0, dora_wd_on_output=False)),
     # LyCORIS's DoRA axis: per output row when asked (its recent default; sdtune's stays kohya's, per input column)
@@ -203,8 +216,12 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ("full_fp16 = true", r'full_fp16 = true needs mixed_precision = "fp16", as sd-scripts requires'),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
-    ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora and "
-                                           r"lycoris.kohya"),
+    ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora, "
+                                           r"networks.oft and lycoris.kohya"),
+    ('network_module = "networks.oft"\nnetwork_train_text_encoder_only = true',
+     r"network_train_text_encoder_only with networks.oft: kohya's OFT trains the UNet alone"),
+    ('network_module = "networks.oft"\nnetwork_args = ["constraint=0.1"]',
+     r"network_args constraint=0.1: not an argument sdtune reads"),
     ('network_args = ["block_size=4"]', r"network_args block_size=4: not an argument sdtune reads"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', r"algo = 'glora': sdtune trains LyCORIS's"),
     ('resolution = "768,512"', r"resolution = '768,512': sdtune trains at a square size .* resolution = 576"),
@@ -283,6 +300,30 @@ def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_p
     assert 'name = "k"' in saved and "rank = 4" in saved and "text_encoder = false" in saved and "xformers" not in saved
     assert main(["train", "lora", "--config", str(out / loop.SETTINGS_FILE), "--no-progress"]) == 0  # done: kept
     assert "already finished" in capsys.readouterr().err
+
+
+def test_a_kohya_oft_config_trains_blocks_of_its_count_and_saves_them_as_lycoris_diag_oft(tmp_path, capsys):
+    """networks.oft: 4 blocks in every attention and convolution layer, whatever the width, at the file's
+    constraint; written in LyCORIS's layout (lora_unet_ keys, as ``sdtune convert`` writes kohya's oft_unet_ ones),
+    which A1111 and ComfyUI read, and loaded back by sdtune as the rotation trained."""
+    data = outline_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = tmp_path / "config_lora.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "{data}"\noutput_dir = "{out}"\n'
+                   f'output_name = "k"\nnetwork_module = "networks.oft"\nnetwork_dim = 4\nnetwork_alpha = 0.01\n'
+                   f'network_args = ["enable_conv=True"]\nmax_train_steps = 2\ntrain_batch_size = 2\n'
+                   f'learning_rate = 1e-2\n')
+    assert main(["train", "lora", "--config", str(cfg), "--sample-every", "0", "--no-report", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "k.safetensors")
+    with safe_open(out / "k.safetensors", "pt") as f:
+        blocks = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".oft_blocks")}
+        alphas = {round(f.get_tensor(k).item(), 6) for k in f.keys() if k.endswith(".alpha")}
+        meta = f.metadata()
+    assert blocks and all(k.startswith("lora_unet_") for k in blocks) and alphas == {0.01}
+    assert {b.shape[0] for b in blocks.values()} == {4} and len({b.shape[1] for b in blocks.values()}) > 1
+    assert any("_resnets_" in k for k in blocks) and not any("_ff_" in k or "proj_in" in k for k in blocks)
+    assert all(b.abs().sum() > 0 for b in blocks.values())  # every layer trained
+    assert json.loads(meta["ss_network_args"])["algo"] == "diag-oft"
 
 
 def test_rank_dropout_scale_false_is_noted_only_where_rows_are_dropped(tmp_path, recwarn):

@@ -372,6 +372,28 @@ def test_boft_layer_is_a_butterfly_split_as_lycoris_splits_it_and_adds_what_its_
         algos.get("oft").layer(torch.nn.Linear(8, 24), rank=2, alpha=0.0, dropout=0.0, generator=g, butterfly=True)
 
 
+def test_oft_in_a_count_of_blocks_splits_every_width_into_that_many(base, dataset, tmp_path):
+    """--oft-blocks (kohya's networks.oft, whose network_dim counts blocks): k blocks of out/k rows in every
+    layer, whatever its width; a width that does not split is one line naming the layer."""
+    g = torch.Generator().manual_seed(4)
+    for layer in (torch.nn.Linear(8, 12), torch.nn.Conv2d(4, 12, 3, padding=1)):
+        trained = algos.get("oft").layer(layer, rank=2, alpha=0.0, dropout=0.0, generator=g, blocks=3)
+        assert trained.parts()["blocks"].shape == (3, 4, 4)
+    network = Network(base, settings(dataset, tmp_path, algo="oft", oft_blocks=4, alpha=0.0, conv_rank=4))
+    widths = {layer.base.weight.shape[0] for layer in network.layers.values()}
+    assert len(widths) > 1 and any(isinstance(m.base, torch.nn.Conv2d) for m in network.layers.values())
+    for layer in network.layers.values():
+        out = layer.base.weight.shape[0]
+        assert layer.parts()["blocks"].shape == (4, out // 4, out // 4)
+    with pytest.raises(SdtuneError, match=r"^OFT in 5 blocks: an output width of 12 does not split into 5 equal"):
+        algos.get("oft").layer(torch.nn.Linear(8, 12), rank=2, alpha=0.0, dropout=0.0, generator=g, blocks=5)
+    for kw, says in ((dict(algo="lora"), r"counts the blocks of an --algo oft run"),
+                     (dict(algo="oft", oft_butterfly=True), r"BOFT \(--oft-butterfly\) sizes its blocks from --rank"),
+                     (dict(algo="oft", oft_blocks=1), r"must be 2 or more")):
+        with pytest.raises(SdtuneError, match=r"^--oft-blocks \d: " + says):
+            settings(dataset, tmp_path, **{"oft_blocks": 3, **kw}).check()
+
+
 def test_train_norm_with_every_norm_excluded_is_one_line(base, dataset, tmp_path):
     with pytest.raises(SdtuneError, match=r"^--train-norm: no norm layer of the UNet is left to train"):
         Network(base, settings(dataset, tmp_path, targets="attn+ff", train_norm=True, exclude=[r"norm\d?$"]))

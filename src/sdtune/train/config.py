@@ -502,6 +502,9 @@ class LoraSettings(TrainSettings):
                                default=False)
     oft_butterfly: bool = _help("OFT as LyCORIS's BOFT: the rotation a butterfly of log2(k) + 1 stages of k even "
                                 "blocks, each block at most --rank wide (LyCORIS's algo=boft)", default=False)
+    oft_blocks: int = _help("OFT: each layer's rotation in this many blocks of out/N rows, whatever the width "
+                            "(kohya's networks.oft, whose network_dim counts blocks); 0: blocks sized from --rank, "
+                            "as LyCORIS's diag-oft", default=0)
     tucker: bool = _help("lora, loha, lokr, dora: each 3x3 convolution's change through a Tucker core (LyCORIS's "
                          "use_tucker: a 1x1 down, a rank x rank core with the kernel, a 1x1 up), fewer numbers than "
                          "a factor spanning the kernel", default=False)
@@ -673,6 +676,14 @@ class LoraSettings(TrainSettings):
         if self.algo == "dora" and self.lora_dropout:
             raise SdtuneError(f"--algo dora --lora-dropout {self.lora_dropout}: DoRA computes with the whole "
                               f"weight, which takes no dropout on the LoRA's input; use --lora-dropout 0")
+        if self.oft_blocks and self.algo != "oft":
+            raise SdtuneError(f"--oft-blocks {self.oft_blocks}: counts the blocks of an --algo oft run (kohya's "
+                              f"networks.oft); leave it out or add --algo oft")
+        if self.oft_blocks and self.oft_butterfly:
+            raise SdtuneError(f"--oft-blocks {self.oft_blocks}: BOFT (--oft-butterfly) sizes its blocks from --rank; "
+                              f"leave one out")
+        if self.oft_blocks < 0 or self.oft_blocks == 1:
+            raise SdtuneError(f"--oft-blocks {self.oft_blocks}: must be 2 or more (0: blocks sized from --rank)")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise SdtuneError(f"--lokr-factor {self.lokr_factor}: must be -1 (as square as possible) or at least 1")
         for name, switch in kohya_config.ALGO_SWITCHES.items():
@@ -745,7 +756,8 @@ TOPICS = {
     "the new word (textual inversion)": ("token", "init_token", "init_embedding", "num_vectors", "property"),
     "the network (LoRA and LyCORIS)": ("algo", "rank", "alpha", "targets", "conv_rank", "conv_alpha", "lokr_factor",
                                        "lokr_full_matrix", "lokr_decompose_both", "lokr_unbalanced", "oft_rescaled",
-                                       "oft_butterfly", "dora_wd_on_output", "ia3_on_input", "tucker", "scalar", "train_norm",
+                                       "oft_butterfly", "oft_blocks", "dora_wd_on_output", "ia3_on_input", "tucker",
+                                       "scalar", "train_norm",
                                        "rs_lora", "exclude", "text_encoder", "unet", "te_lr", "te2_lr", "te_steps",
                                        "network_weights",
                                        "block_lr", "block_ranks", "block_alphas", "lora_dropout", "rank_dropout",

@@ -342,9 +342,12 @@ def _network(theirs: dict, take, where, family) -> None:
                               f"{', '.join(NETWORK_ALGOS)}; pick one of them")
         if named.lower() == "boft":  # (diag-oft's layer as a butterfly)
             take("network_args algo", "oft_butterfly", True)
+    elif module == "networks.oft":
+        algo = "oft"
+        _kohya_oft(theirs, parsed, take, where)
     else:
-        raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora and lycoris.kohya "
-                          f"(LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3, full); use one of them")
+        raise SdtuneError(f"{where}: network_module = {module!r}: sdtune trains networks.lora, networks.oft and "
+                          f"lycoris.kohya (LoCon, LoHa, LoKr, diag-OFT, BOFT, IA3, full); use one of them")
     if _true(parsed.pop("dora_wd", "false")):
         algo = "dora"
     if _true(parsed.pop("rs_lora", "false")):  # LyCORIS's
@@ -363,7 +366,8 @@ def _network(theirs: dict, take, where, family) -> None:
         take("network_args (block-wise)", name, value)
     for key in kohya_blocks.ARGS:
         parsed.pop(key, None)
-    constrained = algos.get(algo).alpha_is_constraint  # (diag-oft: LyCORIS's constraint argument is its alpha)
+    # (diag-oft: LyCORIS's constraint argument is its alpha; kohya's OFT reads network_alpha: _kohya_oft)
+    constrained = algos.get(algo).alpha_is_constraint and module != "networks.oft"
     constraint = parsed.pop("constraint", None) if constrained else None
     # (DoRA's axis: LyCORIS's recent versions default to per output row where wd_on_output is absent; sdtune keeps
     # per input column, kohya's, the one A1111 reads, unless the config asks: the file's shape tells loaders which)
@@ -400,6 +404,24 @@ def _network(theirs: dict, take, where, family) -> None:
     take("network_train_unet_only", "text_encoder", not unet_only)
     if te_only:
         take("network_train_text_encoder_only", "unet", False)
+
+
+def _kohya_oft(theirs: dict, parsed: dict, take, where) -> None:
+    """kohya's own OFT (``networks.oft``) as --algo oft: network_dim counts each layer's blocks (sd-scripts' default
+    4), network_alpha is every layer's constraint, the UNet alone (it trains no text encoder), its attention layers
+    unless enable_all_linear (every linear layer of the transformers: sdtune's attn+ff); enable_conv adds the
+    resnets and samplers."""
+    dim, alpha = int(theirs.get("network_dim", 4)), theirs.setdefault("network_alpha", 1)
+    take("network_dim", "oft_blocks", dim)
+    all_linear = _true(parsed.pop("enable_all_linear", "false"))
+    if _true(parsed.pop("enable_conv", "false")):  # (the convolutions in the same blocks, at the same alpha)
+        take("network_args enable_conv", "conv_rank", dim)
+        take("network_args enable_conv", "conv_alpha", float(alpha))
+    take("network_args enable_all_linear", "targets", "attn+ff" if all_linear else "attn")
+    if theirs.pop("network_train_text_encoder_only", False):
+        raise SdtuneError(f"{where}: network_train_text_encoder_only with networks.oft: kohya's OFT trains the UNet "
+                          f"alone; leave it out, or use lycoris.kohya with algo=diag-oft")
+    theirs["network_train_unet_only"] = True
 
 
 def _kept_saves(theirs: dict, take, where) -> None:

@@ -254,6 +254,7 @@ class Network:
         ranks, alphas = block_ranks(base, settings, modules)
         self.algo = algos.get(settings.algo)
         options = {"factor": settings.lokr_factor} if settings.algo == "lokr" else {}
+        options |= {"blocks": settings.oft_blocks} if settings.oft_blocks else {}
         options |= {switch.option: True for name, switch in ALGO_SWITCHES.items() if getattr(settings, name)}
         if settings.rank_dropout or settings.module_dropout:
             options |= {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}

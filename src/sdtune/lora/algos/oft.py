@@ -155,13 +155,21 @@ class OftLayer(DeltaLayer):
     its alpha, as LyCORIS and kohya's OFT store it. The layer computes with R(W0) = Rᵀ·W0, made by ``Oft.apply``,
     the function that applies the saved file; training goes through the Cayley transform. ``rescaled`` (LyCORIS's
     option) learns a factor per output row as well (``rescale``, starting at 1). ``butterfly``: LyCORIS's BOFT
-    instead, blocks [log2(k) + 1, k, b, b] (``butterfly_split``), one constraint over all stages."""
+    instead, blocks [log2(k) + 1, k, b, b] (``butterfly_split``), one constraint over all stages. ``blocks``
+    (kohya's ``networks.oft``, whose network_dim counts blocks): k = ``blocks`` in every layer, b = out / k."""
 
     algo = Oft()
     linear_roles = ()  # R is no product of factors: max-norm (--scale-weight-norms) is not offered
 
-    def shapes_and_inits(self, shape, rank, rescaled: bool = False, butterfly: bool = False, **options):
-        if butterfly:
+    def shapes_and_inits(self, shape, rank, rescaled: bool = False, butterfly: bool = False, blocks: int = 0,
+                         **options):
+        if blocks:
+            if shape[0] % blocks:
+                raise SdtuneError(f"OFT in {blocks} blocks: an output width of {shape[0]} does not split into "
+                                  f"{blocks} equal blocks (kohya's networks.oft would fail on it too); give a "
+                                  f"count that divides every width trained (4 or 8 suit SD's widths)")
+            roles = {"blocks": ((blocks, shape[0] // blocks, shape[0] // blocks), zeros)}
+        elif butterfly:
             found = butterfly_split(shape[0], rank)
             if found is None:
                 raise SdtuneError(f"BOFT at rank {rank}: an output width of {shape[0]} has no even block size up to "
