@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from sdtune import safeio
 from sdtune.cli import main
@@ -316,6 +317,12 @@ def test_a_resize_that_lowers_nothing_says_so(tmp_path, lora_file):
     with pytest.warns(UserWarning, match=r"style\.safetensors: --rank 4 is not below its rank \(2\); every layer is "
                                          r"written as it was"):
         assert main(["lora", "resize", str(lora_file), "--rank", "4", "--out", str(tmp_path / "r.safetensors")]) == 0
+    # as it says: each layer's own tensors, bit for bit, not an SVD's factors of the same change
+    with safe_open(lora_file, "pt") as f, safe_open(tmp_path / "r.safetensors", "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for key in f.keys():
+            assert f.get_tensor(key).dtype == g.get_tensor(key).dtype
+            assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
 
 
 def test_a_port_in_use_is_one_line_without_gradio_s_advice(tmp_path, capsys):

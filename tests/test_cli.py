@@ -26,6 +26,7 @@ from sdtune.cli import main
 from sdtune.generate import parse_infotext, read_infotext
 from sdtune.lora import blocks
 from sdtune.lora.formats import load_lora
+from sdtune.lora.inspect import describe
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import Embedding, load_embedding, save_embedding
@@ -160,6 +161,11 @@ def test_inspect_of_a_folder_says_so(tmp_path, loras, capsys):
     assert capsys.readouterr().err == (f"sdtune: error: {tmp_path / 'run'}: is a folder; give a LoRA, embedding or "
                                        f"checkpoint file (it holds lora.safetensors), or several (sdtune inspect "
                                        f"{tmp_path / 'run' / '*.safetensors'})\n")
+    # a diffusers or PEFT adapter folder is one LoRA, as convert and --lora read it: described as its file
+    (tmp_path / "run" / "lora.safetensors").rename(tmp_path / "run" / "adapter_model.safetensors")
+    assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described == describe(tmp_path / "run" / "adapter_model.safetensors") and described["modules"]
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

@@ -239,6 +239,10 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(base_file, loras, tmp_path):
     with pytest.raises(SdtuneError, match=r"^unet\.\S+: the merge makes it inf or NaN in float32 \(LoRA weight "
                                           r"1e\+308\)"):  # the loaded route (a built-in model)
         bake.merge("tiny-random", [(loras[1], 1e308)], tmp_path / "x.safetensors", fmt="single")
+    # finite in the float32 sum, past fp16's range once saved in it: checked in the saved dtype, nothing written
+    with pytest.raises(SdtuneError, match=r"^unet\.\S+: the merge makes it inf or NaN in float16 \(LoRA weight "
+                                          r"1e\+08\)"):
+        bake.merge("tiny-random", [(loras[1], 1e8)], tmp_path / "x.safetensors", fmt="single", dtype="fp16")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -187,10 +187,14 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
             weights = p.weights if two else {c: w for c, w in p.weights.items() if c != "text_encoder_2"}
             lora_set.add(f"{i:04d}", p.src, weights,
                          allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
-        for comp, module in lora_set.modules.items():  # as the streamed routes check each tensor they patch
+        # as the streamed routes check each tensor they patch: in the dtype it is saved in (a float32 sum can be
+        # finite and still overflow fp16)
+        saved = models.DTYPES[dtype] if fmt == "single" and dtype else None
+        for comp, module in lora_set.modules.items():
             for key, param in module.named_parameters():
-                if not torch.isfinite(param).all():
-                    raise SdtuneError(_overflow(f"{comp}.{key}", str(param.dtype).removeprefix("torch."),
+                stored = param if saved in (None, param.dtype) else param.to(saved)
+                if not torch.isfinite(stored).all():
+                    raise SdtuneError(_overflow(f"{comp}.{key}", str(stored.dtype).removeprefix("torch."),
                                                 sorted({w for p in pairs for w in p.weights.values()})))
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype, metadata={META_MERGED: _merged_note(pairs)})

@@ -98,11 +98,19 @@ def load_lora(path: str | Path, *, model_keys: dict | None = None) -> Lora:
     return from_state_dict(state, metadata, source=str(path), model_keys=model_keys, peft_config=peft_config)
 
 
-def _weights_in_folder(folder: Path) -> Path:
+def adapter_folder_file(folder: Path) -> Path | None:
+    """The weights file of a diffusers or PEFT adapter folder (``save_lora_weights``, ``save_pretrained``)."""
     for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin",
                  "adapter_model.bin"):
         if (folder / name).is_file():
             return folder / name
+    return None
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    named = adapter_folder_file(folder)
+    if named is not None:
+        return named
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return found[0]

@@ -15,7 +15,7 @@ from ..safeio import SdtuneError, is_safetensors, read_keys
 from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
 from . import blocks as block_weights
 from . import hashes, keys
-from .formats import CLIP_G_SUFFIX, load_lora
+from .formats import CLIP_G_SUFFIX, adapter_folder_file, load_lora
 from .neutral import COMPONENTS
 
 
@@ -27,6 +27,8 @@ def describe(path: str | Path) -> dict:
     reads its header, with the hash A1111 shows for it."""
     if Path(path).is_dir() and (Path(path) / "model_index.json").is_file():
         return describe_folder(path)
+    if Path(path).is_dir() and adapter_folder_file(Path(path)) is not None:  # as load_lora and convert read it
+        path = adapter_folder_file(Path(path))
     if Path(path).is_dir():
         inside = sorted(Path(path).glob("*.safetensors"))[:3]
         hint = f" (it holds {', '.join(p.name for p in inside)})" if inside else ""

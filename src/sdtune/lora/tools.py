@@ -324,19 +324,24 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
         if s[0] <= MIN_SV * (abs(ad.scale) if ad.kind == "lora" else 1.0):
             r = 1
         r = min(r, cap, len(s))
-        up, down = _truncate(u, s, vh, r)
-        small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, kernel, dtype)
+        if ad.kind == "lora" and r == ad.rank:  # nothing to cut: its own factors, bit for bit (not an SVD's)
+            small.modules.setdefault(comp, {})[p] = ad
+        else:
+            up, down = _truncate(u, s, vh, r)
+            small.modules.setdefault(comp, {})[p] = _factors_to_adapter(up, down, kernel, dtype)
         reports.append(LayerReport(comp, p, r, ad.rank, fro_share(s, r)))
     # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
     ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
     was = "/".join(map(str, ranks)) or "?"
-    if not dynamic and reports and all(r.rank == r.old_rank for r in reports):
+    whole = reports and all(small.modules[c][p] is lora.modules[c][p] for c, p, _ in lora.items())
+    if not dynamic and whole:
         note(f"{path}: --rank {rank} is not below its rank ({was}); every layer is written as it was")
     how = (f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic
            else f"dimension is resized from {was} to {rank}")
     comment = lora.metadata.get("ss_training_comment")
     small.metadata["ss_training_comment"] = f"{how}; {comment}" if comment else how
-    _one_alpha(small)
+    if not whole:  # (a file kept whole keeps its alphas too)
+        _one_alpha(small)
     save_lora(small, out, format=to, family=family)
     return small, reports
 
