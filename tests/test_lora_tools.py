@@ -166,6 +166,27 @@ def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
         assert rep.fro == pytest.approx(float(s[:3].norm() / s.norm()), abs=1e-6)
 
 
+def test_a_layer_one_lycoris_adapter_alone_changes_stays_that_adapter_with_its_weight_folded_in(base, tmp_path):
+    """A LoHa (or LoKr, full) layer no other input touches is written as that adapter, its weight in its first
+    factor: exact and as small as it was (a LoKr turned into full-rank LoRA factors grew 648 KB -> 555 MB). Where
+    the output cannot hold it (--to diffusers) or --rank asks for LoRA, it goes through its SVD, said in a note."""
+    a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF, conv=True)
+    mix, reports = tools.merge_loras([(a, 0.7)], tmp_path / "x.safetensors")
+    assert reports == [] and mix.modules["unet"][FF].kind == "loha"
+    source = load_lora(a).modules["unet"][FF]
+    torch.testing.assert_close(mix.modules["unet"][FF].delta(source.io()[:2]) * mix.modules["unet"][FF].scale,
+                               0.7 * source.delta(source.io()[:2]) * source.scale, rtol=1e-6, atol=1e-7)
+    want, got = patched(base, [(a, 0.7)]), patched(base, [(str(tmp_path / "x.safetensors"), 1.0)])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-5)
+    assert {r: t.shape for r, t in load_lora(tmp_path / "x.safetensors").modules["unet"][FF].tensors.items()} == {
+        r: t.shape for r, t in source.tensors.items()}  # its own factors, no larger
+    with pytest.warns(SdtuneWarning, match=r"LoHa/LoKr/full adapter is made LoRA factors \(--to diffusers\): 1; "
+                                           r"each is merged through the SVD"):
+        _, reports = tools.merge_loras([(a, 0.7)], tmp_path / "d.safetensors", to="diffusers")
+    assert [r.path for r in reports] == [FF]
+
+
 def test_kohya_merge_loads_in_diffusers_with_no_unmatched_keys(base, tmp_path, caplog):
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=2, alpha=1.0, conv=True)
     b = lora_file(base, tmp_path / "b.safetensors", 1, rank=3, alpha=3.0)

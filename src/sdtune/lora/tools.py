@@ -189,8 +189,9 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
 
     Default: exact concatenation per layer, up = [w₁s₁·up₁ | w₂s₂·up₂ | …], down = [down₁; down₂; …],
     alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
-    summation order differs). A layer with a LoHa/LoKr/full adapter is merged through its ΔW and SVD, keeping
-    every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
+    summation order differs). A layer that one LoHa/LoKr/full adapter alone changes stays that adapter, its
+    weight folded into its first factor (kohya layout, no ``rank``); one where it meets another file's adapter is
+    merged through its ΔW and SVD, keeping every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
     rank (at most), reported per layer. ``drop_biases``: the inputs' bias and norm-layer changes are left out
     (LoRA factors cannot hold them), not refused.
     """
@@ -209,12 +210,23 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
         for comp, path, ad in lora.items():
             layers.setdefault((comp, path), []).append((ad, w[comp] * factors.get((comp, path), 1.0)))
     mix, reports = Lora(), []
-    dense = sum(len(c) > 1 and any(ad.kind != "lora" for ad, _ in c) for c in layers.values())
+    # a layer one LoHa/LoKr/full adapter alone changes stays one, its weight folded in (exact, as small as it was),
+    # where the output layout holds it (kohya's: A1111, ComfyUI and sdtune read it) and no --rank asks for LoRA
+    kept = {} if rank is not None or to != "kohya" else {
+        layer: weighted for layer, c in layers.items()
+        if len(c) == 1 and c[0][0].kind != "lora" and (weighted := c[0][0].algo.weighted(c[0][0].tensors, c[0][1]))}
+    dense = sum(any(ad.kind != "lora" for ad, _ in c) and layer not in kept for layer, c in layers.items())
     if dense:  # the one slow case: say so rather than sit silent for minutes
-        note(f"layers where a LoHa/LoKr/full adapter meets another file's adapter: {dense}; each is merged through "
-             f"the SVD of its full ΔW, about a second per layer at SD 1.x size")
+        why = "meets another file's adapter" if rank is None and to == "kohya" else (
+            "is made LoRA factors" + (f" (--to {to})" if to != "kohya" else ""))
+        cap = "" if rank is not None else ", and its rank may be far above the inputs' (give --rank to cap it)"
+        note(f"layers where a LoHa/LoKr/full adapter {why}: {dense}; each is merged through the SVD of its full "
+             f"ΔW, about a second per layer at SD 1.x size{cap}")
     for (comp, path), contribs in layers.items():
         if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
+            continue
+        if (comp, path) in kept:
+            mix.modules.setdefault(comp, {})[path] = replace(contribs[0][0], tensors=kept[comp, path])
             continue
         kernel = keys.kernel_of(comp, path, contribs[0][0], family)
         if all(ad.kind == "lora" for ad, _ in contribs):

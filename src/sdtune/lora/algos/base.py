@@ -109,6 +109,16 @@ class Algorithm:
         (``tools.resize_lora``); None for the others."""
         return None
 
+    def weighted(self, t: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``weight`` x this adapter's ΔW in its own form: the first factor group of its trainable
+        layer's ``linear_roles``, in which ΔW is linear, multiplied (a LoKr's w1, a LoHa's w1a, a full diff); None
+        where no role scales ΔW so (an adapter that is not additive, or one without such a layer)."""
+        groups = getattr(self.layer, "linear_roles", ()) if self.additive else ()
+        role = next((r for r in groups[0] if r in t), None) if groups else None
+        if role is None:
+            return None
+        return {**t, role: (t[role].double() * weight).to(t[role].dtype)}
+
     def apply(self, weight: torch.Tensor, t: dict[str, torch.Tensor], scale: float, strength: float) -> torch.Tensor:
         """W' from W (``weight``), at the user's ``strength``. The additive form; DoRA/OFT-like algorithms
         override it (and set ``additive = False``)."""
