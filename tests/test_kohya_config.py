@@ -147,6 +147,10 @@ def test_a_kohya_ss_config_reads_as_sd_scripts_reads_it(tmp_path, recwarn):
     ('network_module = "networks.lora"\nrandom_crop = true\nresolution = 768', dict(crop="random", resolution=768)),
     ("save_every_n_epochs = 2\nsave_last_n_epochs = 3", dict(save_every_epochs=2, keep_last=3)),
     ("alpha_mask = true", dict(masked_loss=True)),
+    # sd-scripts' validation keys (validation_split's siblings); its switches of what sdtune lacks, while off
+    ("validate_every_n_steps = 5\nvalidate_every_n_epochs = 1\nmax_validation_steps = 4", dict(validation_every=5)),
+    ("initial_step = 0\nskip_until_initial_step = false\nno_metadata = false\nhuber_scale = 1.0\n"
+     'resize_interpolation = ""\nconditioning_data_dir = ""\ntorch_compile = true', dict(validation_every=0)),
     ("stop_text_encoder_training = 300", dict(te_steps=300)),
     ("token_warmup_min = 3\ntoken_warmup_step = 0.25", dict(token_warmup_min=3, token_warmup_ratio=0.25)),
     ("token_warmup_step = 10", dict(token_warmup_steps=10, token_warmup_ratio=0.0)),
@@ -214,6 +218,8 @@ def test_network_modules_arguments_and_rates(tmp_path, extra, want):
     ("fused_backward_pass = true\nface_crop_aug_range = \"2.0,4.0\"", r"sdtune does not offer fused_backward_pass = "
                                                                    r"True, face_crop_aug_range = '2.0,4.0'; leave them out"),
     ("full_fp16 = true", r'full_fp16 = true needs mixed_precision = "fp16", as sd-scripts requires'),
+    ("initial_step = 100\nhuber_scale = 2.0\nno_metadata = true",
+     r"sdtune does not offer initial_step = 100, huber_scale = 2.0, no_metadata = True; leave them out"),
     ("stop_text_encoder_training = -1", r"stop_text_encoder_training = -1 \(network_train_unet_only = true trains "
                                         r"the UNet alone\)"),
     ('network_module = "networks.dylora"', r"network_module = 'networks.dylora': sdtune trains networks.lora, "

@@ -10,6 +10,7 @@ import small_runs
 import torch
 from PIL import Image
 
+from sdtune.cli import main
 from sdtune.console import SdtuneWarning
 from sdtune.safeio import SdtuneError, read_metadata
 from sdtune.tiny import model as tiny
@@ -394,6 +395,21 @@ def test_small_and_animated_images_are_said(tmp_path, vae):
                      f"it trains blurred (use larger images, or a smaller --resolution)"]
     first = ts.scan.examples.index(next(e for e in ts.scan.examples if e.path.name == "moving.gif"))
     assert ts.original_size[first] == (64, 64)
+
+
+
+def test_a_small_image_is_said_once_where_the_training_images_stand_in_for_validation(tmp_path, recwarn):
+    """With nothing held out the validation loss is measured on the training images, whose set is built again:
+    its size notes were said twice."""
+    (tmp_path / "data").mkdir()
+    # (the validation set lists them in another order, so the two notes differed)
+    for name, size in (("exif.jpg", (32, 64)), ("tiny8.png", (8, 8)), ("wide.png", (2000, 20))):
+        solid(tmp_path / "data" / name, size=size)
+    assert main(["train", "lora", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--batch-size", "2", "--validation-split", "0", "--sample-every", "0", "--no-report",
+                 "--no-progress"]) == 0  # (the built-in tiny model's preset: buckets)
+    said = [str(w.message) for w in recwarn if "upscaled" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'data' / 'exif.jpg'} and 2 more: 32x64")
 
 
 # ---------------------------------------------------------------- cache and batches

@@ -170,7 +170,7 @@ def test_every_bad_job_is_named_at_once(dataset, tmp_path, capsys):
     assert lines[1:] == [f"{path}: job 2: kind = 'tii'; write kind = \"ti\" or kind = \"lora\"",
                          f"{path}: job lora-2: data = 'no/such/folder': no such folder (paths are relative to the "
                          f"current folder); fix the path",
-                         f"{path}: job ti-1: no token; pass --token '<name>' (the new word your prompts will use)"]
+                         f"{path}: job ti-1: no token; give token '<name>' (the new word your prompts will use)"]
     assert not (tmp_path / "jobs").exists()
 
 

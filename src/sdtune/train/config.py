@@ -452,7 +452,7 @@ class TISettings(TrainSettings):
     def check(self) -> None:
         super().check()
         if not self.token:
-            raise SdtuneError("no token; pass --token '<name>' (the new word your prompts will use)")
+            raise SdtuneError("no token; give --token '<name>' (the new word your prompts will use)")
         if len(self.token.split()) != 1:
             raise SdtuneError(f"--token {self.token!r}: must be one word without spaces, e.g. '<my-concept>'")
         if self.init_embedding:

@@ -118,7 +118,7 @@ class TrainingSet:
                  min_bucket_reso: int = 0, max_bucket_reso: int = 0, no_upscale: bool = False, crop: str = "center",
                  cache=None, flip: bool = False, captions: dict | None = None, empty_every: int = 0,
                  templates: list[str] | None = None, encode_batch: int = 8, progress: bool = False,
-                 masked: bool = False, color_aug: bool = False):
+                 masked: bool = False, color_aug: bool = False, note_sizes: bool = True):
         """``captions``: the ``process_caption`` options (``caption_options``), an example's own ``options`` over
         them (a dataset config's subset may give its own); ``empty_every``: every Nth epoch
         trains with empty captions (kohya's caption_dropout_every_n_epochs); ``cache``: a ``LatentCache`` that
@@ -166,7 +166,8 @@ class TrainingSet:
         self.bucket_of = [own_bucket(wh, bucket_step) if no_upscale and wh[0] * wh[1] <= side ** 2
                           else pick_bucket(*wh, sizes[side]) for wh, side in zip(self.original_size, sides)]
         self.resolutions = sorted(set(sides))  # (one: the run's; several: a dataset config's)
-        _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
+        if note_sizes:  # (off where these images were noted already: the training set standing in for validation)
+            _note_image_sizes(scan, self.original_size, self.bucket_of, [a for _, a in headers])
         members: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.bucket_of):
             members.setdefault(size, []).append(i)

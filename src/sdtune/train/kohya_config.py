@@ -46,6 +46,7 @@ RENAMED = {
     "caption_dropout_rate": "caption_dropout", "output_name": "name", "network_dropout": "lora_dropout",
     "debiased_estimation_loss": "debiased_estimation", "caption_tag_dropout_rate": "caption_tag_dropout",
     "enable_wildcard": "wildcards", "caption_dropout_every_n_epochs": "caption_dropout_every_epochs",
+    "validate_every_n_steps": "validation_every",
     "bucket_reso_steps": "bucket_step", "enable_bucket": "buckets", "flip_aug": "flip",
     # train_textual_inversion.py's
     "token_string": "token", "init_word": "init_token", "num_vectors_per_token": "num_vectors",
@@ -70,10 +71,18 @@ NO_EFFECT = {
     "validation_seed",  # sdtune holds out the same images whatever the seed (scan.held_out_order)
     "save_last_n_steps_state", "save_last_n_epochs_state",  # sdtune keeps one resume state, the newest
     *("v2", "sdxl", "v_parameterization"),  # sdtune reads the family and prediction type from the model itself
+    # sdtune validates at step 0, each save, every validation_every steps and the end, on every held-out image
+    "validate_every_n_epochs", "max_validation_steps",
+    "log_tracker_config", "tokenizer_cache_dir", "output_config", "torch_compile",
+    "dataset_repeats",  # (in_json's fine-tuning datasets only, which are read from a dataset config here)
+    "apply_t5_attn_mask",  # (SD3/FLUX's)
+    "base_weights_multiplier",  # (base_weights's, which is refused while given)
 }
 # kohya's switches of features sdtune lacks: fine while off
 OFF_ONLY = {
-    "face_crop_aug_range", "fused_backward_pass",
+    "face_crop_aug_range", "fused_backward_pass", "initial_step", "initial_epoch", "skip_until_initial_step",
+    "no_metadata", "resize_interpolation", "no_token_padding", "conditioning_data_dir", "dataset_class",
+    "base_weights",
 }
 # sd-scripts' step counts that are a share of the run below 1 -> sdtune's (steps, share) settings
 STEPS_OR_SHARE = {"lr_warmup_steps": ("lr_warmup_steps", "lr_warmup_ratio"),
@@ -244,7 +253,7 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                 raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "
                                   f"a dataset config; give dataset_config = a .toml with [[datasets.subsets]] "
                                   f"image_dir = train_data_dir's folder and metadata_file = {str(value)!r}")
-        elif key == "network_multiplier":  # a dataset's LoRA strength in training, 1 unless changed
+        elif key in ("network_multiplier", "huber_scale"):  # 1 unless changed (the LoRA's strength in training)
             if value != 1:
                 refused.append(f"{key} = {value!r}")
         elif key == "caption_extension":

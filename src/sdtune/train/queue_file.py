@@ -184,8 +184,9 @@ def _check_run(path: Path, run: Run, out: Path) -> None:
     try:
         # the model's preset is unknown until it loads; what the job gives is checked on the plain defaults
         load_settings(None, {**run.given, "out": str(out)}, kind=run.kind).check()
-    except SdtuneError as e:  # named as the file's keys, not as flags the user did not type
-        raise SdtuneError(f"{path}: {where}: {as_keys(str(e), run.given)}") from None
+    except SdtuneError as e:  # named as keys of the file (where a job's settings come from), not as flags
+        keys = {f.name for f in dataclasses.fields(KINDS[run.kind])}
+        raise SdtuneError(f"{path}: {where}: {as_keys(str(e), keys)}") from None
 
 
 def queue_folder(path: str | Path, top: dict, out: str | Path | None = None) -> Path:

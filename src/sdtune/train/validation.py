@@ -84,7 +84,7 @@ def build(base, settings, scan: Scan, captions: list[str], held_out: bool) -> Va
     # center crops, no flips: the latents' means are the images
     masked = getattr(settings, "masked_loss", False)  # masked training is validated on the same masked errors
     images = TrainingSet(scan, base.vae, seed=0, **bucket_options(base, settings), masked=masked,
-                         cache=latent_cache(base, settings))
+                         cache=latent_cache(base, settings), note_sizes=held_out)
     num_timesteps = len(base.scheduler.alphas_cumprod)
     timesteps = [int((k + 0.5) * num_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
     pairs: dict[tuple[int, int], list] = {}  # per bucket: (latent, noise, t, caption), images in scan order
