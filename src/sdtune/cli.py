@@ -243,7 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
     u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
     u.set_defaults(handler="cmd_ui")
+    _own_parser(ap)
     return ap
+
+
+def _own_parser(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser in its namespace as ``parser``: the innermost one parsed sets it last."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:  # (argparse keeps the subcommands' parsers on its subparsers action only)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _own_parser(child)
 
 
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -325,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in argv[1:]:  # also after the command (`sdtune inspect F --debug`), where users add it
         argv.remove("--debug")
         argv.insert(0, "--debug")
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage (argparse's top one shows sdtune's)
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with terminate_unwinds():
             # the commands' modules, imported here rather than above: parsing, --help and a refused flag are
