@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from small_runs import outline_dataset, settings
 
+from sdtune.cli import main
 from sdtune.generate import generate, parse_infotext, read_infotext
 from sdtune.safeio import SdtuneError
 from sdtune.train import samples
@@ -24,6 +25,24 @@ def test_kohyas_options_split_off_the_prompt():
         samples.parse("a castle --w wide")
     with pytest.raises(SdtuneError, match=r"unknown scheduler 'dpm_2_a'"):
         samples.parse("a castle --ss dpm_2_a")
+
+
+@pytest.mark.parametrize("option, says", [
+    ("--w 70", "the width must be a positive multiple of 8, e.g. 72"), ("--h 0", "the height must be a positive"),
+    ("--s -3", "the sampling steps must be at least 1"), ("--d -7", r"the seed must be -1 \(random\) or more"),
+    ("--l nan", "the guidance must be a finite number")])
+def test_a_value_no_image_can_be_drawn_with_is_said_before_the_run_quoting_the_prompt(tmp_path, capsys, option,
+                                                                                     says):
+    """Said by kohya's option and the prompt, before the model loads (it was said after the run's last step, by
+    generation, as --steps or --seed: flags the user had not given)."""
+    prompt = f"a castle {option}"
+    with pytest.raises(SdtuneError, match=rf"^sample prompt '{prompt}': {option}: {says}"):
+        samples.parse(prompt)
+    outline_dataset(tmp_path / "data")
+    assert main(["train", "lora", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--model",
+                 "tiny-random", "--sample-prompts", prompt, "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"sdtune: error: sample prompt '{prompt}': {option}: ")
+    assert not (tmp_path / "out" / "loss.csv").exists()  # no step was taken
 
 
 def test_a_prompt_file_is_its_lines(tmp_path):

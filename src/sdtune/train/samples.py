@@ -12,6 +12,7 @@ sample_sampler.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -68,7 +69,22 @@ def parse(prompt: str) -> SamplePrompt:
                 values[field] = value
         except ValueError:
             raise SdtuneError(f"sample prompt {prompt!r}: --{key} {value!r} is not a number") from None
+        if wrong := _out_of_range(field, values[field]):  # said now, not by the sampler after the run's steps
+            raise SdtuneError(f"sample prompt {prompt!r}: --{key} {value}: {wrong}")
     return SamplePrompt(text.strip(), **values)
+
+
+def _out_of_range(field: str, value) -> str:
+    """Why an option's value cannot draw (as generation would refuse it), or ""."""
+    if field in ("width", "height") and (value <= 0 or value % 8):
+        return f"the {field} must be a positive multiple of 8, e.g. {max(8, round(value / 8) * 8)}"
+    if field == "steps" and value < 1:
+        return "the sampling steps must be at least 1"
+    if field == "seed" and value < -1:
+        return "the seed must be -1 (random) or more"
+    if field == "guidance" and not math.isfinite(value):
+        return "the guidance must be a finite number, e.g. 7.5"
+    return ""
 
 
 def expand(entries: list[str]) -> list[str]:
