@@ -191,8 +191,8 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     alpha = total rank (scale 1): the patched weight is W + Σ wᵢsᵢ upᵢ downᵢ, as with each LoRA loaded (only the
     summation order differs). A layer that one LoHa/LoKr/full adapter alone changes stays that adapter, its
     weight folded into its first factor (kohya layout, no ``rank``); one where it meets another file's adapter is
-    merged through its ΔW and SVD, keeping every singular value above fp32 noise (exact to rounding). ``rank``: SVD of each layer's summed ΔW to that
-    rank (at most), reported per layer. ``drop_biases``: the inputs' bias and norm-layer changes are left out
+    merged through its ΔW and SVD, keeping every singular value above fp32 noise (exact to rounding). ``rank``:
+    SVD of each layer's summed ΔW to that rank (at most), reported per layer. ``drop_biases``: the inputs' bias and norm-layer changes are left out
     (LoRA factors cannot hold them), not refused.
     """
     if not specs:

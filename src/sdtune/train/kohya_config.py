@@ -253,7 +253,8 @@ def _options(theirs: dict, take, where, family, unused: list[str]) -> None:
                 raise SdtuneError(f"{where}: in_json = {value!r}: sdtune reads sd-scripts' fine-tuning metadata from "
                                   f"a dataset config; give dataset_config = a .toml with [[datasets.subsets]] "
                                   f"image_dir = train_data_dir's folder and metadata_file = {str(value)!r}")
-        elif key in ("network_multiplier", "huber_scale"):  # 1 unless changed (the LoRA's strength in training)
+        elif key in ("network_multiplier", "huber_scale"):  # 1 unless changed (the LoRA's strength in training,
+            # the Huber threshold's factor)
             if value != 1:
                 refused.append(f"{key} = {value!r}")
         elif key == "caption_extension":
