@@ -292,16 +292,22 @@ def test_a_textual_inversion_config_reads_for_train_ti(tmp_path):
         load_settings(cfg, {}, "ti", family="sd1")
 
 
-def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_path, capsys):
+def _train_from_config(tmp_path, capsys, network: str):
+    """The output folder of a 2-step run on tiny-random from a kohya config with ``network``'s keys."""
     data = outline_dataset(tmp_path / "data")
     out = tmp_path / "out"
     cfg = tmp_path / "config_lora.toml"
     cfg.write_text(f'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "{data}"\noutput_dir = "{out}"\n'
-                   f'output_name = "k"\nnetwork_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
-                   f'network_train_unet_only = true\nmax_train_steps = 2\ntrain_batch_size = 2\nlearning_rate = 1e-3\n'
-                   f'xformers = true\nsave_model_as = "safetensors"\n')
+                   f'output_name = "k"\n{network}\nmax_train_steps = 2\ntrain_batch_size = 2\n')
     assert main(["train", "lora", "--config", str(cfg), "--sample-every", "0", "--no-report", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(out / "k.safetensors")
+    return out
+
+
+def test_a_run_from_a_kohya_config_trains_and_reruns_from_its_own_settings(tmp_path, capsys):
+    out = _train_from_config(tmp_path, capsys, 'network_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
+                                               'network_train_unet_only = true\nlearning_rate = 1e-3\nxformers = true\n'
+                                               'save_model_as = "safetensors"')
     saved = (out / loop.SETTINGS_FILE).read_text()
     assert 'name = "k"' in saved and "rank = 4" in saved and "text_encoder = false" in saved and "xformers" not in saved
     assert main(["train", "lora", "--config", str(out / loop.SETTINGS_FILE), "--no-progress"]) == 0  # done: kept
@@ -312,15 +318,8 @@ def test_a_kohya_oft_config_trains_blocks_of_its_count_and_saves_them_as_lycoris
     """networks.oft: 4 blocks in every attention and convolution layer, whatever the width, at the file's
     constraint; written in LyCORIS's layout (lora_unet_ keys, as ``sdtune convert`` writes kohya's oft_unet_ ones),
     which A1111 and ComfyUI read, and loaded back by sdtune as the rotation trained."""
-    data = outline_dataset(tmp_path / "data")
-    out = tmp_path / "out"
-    cfg = tmp_path / "config_lora.toml"
-    cfg.write_text(f'pretrained_model_name_or_path = "tiny-random"\ntrain_data_dir = "{data}"\noutput_dir = "{out}"\n'
-                   f'output_name = "k"\nnetwork_module = "networks.oft"\nnetwork_dim = 4\nnetwork_alpha = 0.01\n'
-                   f'network_args = ["enable_conv=True"]\nmax_train_steps = 2\ntrain_batch_size = 2\n'
-                   f'learning_rate = 1e-2\n')
-    assert main(["train", "lora", "--config", str(cfg), "--sample-every", "0", "--no-report", "--no-progress"]) == 0
-    assert capsys.readouterr().out.strip() == str(out / "k.safetensors")
+    out = _train_from_config(tmp_path, capsys, 'network_module = "networks.oft"\nnetwork_dim = 4\nnetwork_alpha = 0.01\n'
+                                               'network_args = ["enable_conv=True"]\nlearning_rate = 1e-2')
     with safe_open(out / "k.safetensors", "pt") as f:
         blocks = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".oft_blocks")}
         alphas = {round(f.get_tensor(k).item(), 6) for k in f.keys() if k.endswith(".alpha")}
