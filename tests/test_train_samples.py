@@ -29,7 +29,7 @@ def test_kohyas_options_split_off_the_prompt():
 
 @pytest.mark.parametrize("option, says", [
     ("--w 70", "the width must be a positive multiple of 8, e.g. 72"), ("--h 0", "the height must be a positive"),
-    ("--s -3", "the sampling steps must be at least 1"), ("--d -7", r"the seed must be -1 \(random\) or more"),
+    ("--h 9000", "the height must be at most 8192 pixels"), ("--s -3", "the sampling steps must be at least 1"), ("--d -7", r"the seed must be -1 \(random\) or more"),
     ("--l nan", "the guidance must be a finite number")])
 def test_a_value_no_image_can_be_drawn_with_is_said_before_the_run_quoting_the_prompt(tmp_path, capsys, option,
                                                                                      says):

@@ -26,7 +26,7 @@ from torch import nn
 from . import console
 from . import prompts as prompts_syntax
 from .safeio import SdtuneError, atomic_path, output_folder
-from .samplers import SCHEDULE_TYPES, SCHEDULERS, check_scheduler, scheduler_available
+from .samplers import SCHEDULE_TYPES, SCHEDULERS, check_scheduler, check_size, scheduler_available
 
 
 def _rescales(cls_name: str) -> bool:
@@ -154,19 +154,6 @@ def parse_infotext(text: str) -> dict:
                 value = value.strip('"')
         out[m.group(1).strip()] = value
     return out
-
-
-MAX_SIDE = 8192  # pixels; above this one image takes hours and more memory than any machine has (SDXL: 1024)
-
-
-def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v < 0:
-            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; leave it out (or 0) for the model's size")
-        if v == 0 or v % 8:
-            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
-        if v > MAX_SIDE:
-            raise SdtuneError(f"{name} {v}: at most {MAX_SIDE} pixels (the model's own size is usual; upscale after)")
 
 
 def default_size(base) -> int:

@@ -1,5 +1,6 @@
-"""The samplers sdtune draws with, by its own key, diffusers' class and A1111's name: data, and the checks that
-need no model (so a command line is checked, and its --help written, without loading diffusers)."""
+"""The samplers sdtune draws with, by its own key, diffusers' class and A1111's name: data, and the checks of a
+drawing that need no model, the image size's too (so a command line, a training run's settings and its sample
+prompts are checked, and --help written, without loading diffusers)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,16 @@ def sampler_key(name: str, schedule: str = "") -> str | None:
     if schedule == "karras" and not name.lower().endswith(" karras"):
         name += " Karras"
     return _A1111_NAMES.get(name.lower())
+
+
+MAX_SIDE = 8192  # pixels; above this one image takes hours and more memory than any machine has (SDXL: 1024)
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v < 0:
+            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; leave it out (or 0) for the model's size")
+        if v == 0 or v % 8:
+            raise SdtuneError(f"{name} {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
+        if v > MAX_SIDE:
+            raise SdtuneError(f"{name} {v}: at most {MAX_SIDE} pixels (the model's own size is usual; upscale after)")

@@ -212,12 +212,15 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
     mix, reports = Lora(), []
     # a layer one LoHa/LoKr/full adapter alone changes stays one, its weight folded in (exact, as small as it was),
     # where the output layout holds it (kohya's: A1111, ComfyUI and sdtune read it) and no --rank asks for LoRA
-    kept = {} if rank is not None or to != "kohya" else {
-        layer: weighted for layer, c in layers.items()
-        if len(c) == 1 and c[0][0].kind != "lora" and (weighted := c[0][0].algo.weighted(c[0][0].tensors, c[0][1]))}
+    own_kinds = rank is None and to == "kohya"
+    kept: dict[tuple[str, str], Adapter] = {}
+    for layer, contribs in layers.items():
+        (ad, w), *others = contribs
+        if own_kinds and not others and ad.kind != "lora" and (tensors := ad.algo.weighted(ad.tensors, w)):
+            kept[layer] = replace(ad, tensors=tensors)
     dense = sum(any(ad.kind != "lora" for ad, _ in c) and layer not in kept for layer, c in layers.items())
     if dense:  # the one slow case: say so rather than sit silent for minutes
-        why = "meets another file's adapter" if rank is None and to == "kohya" else (
+        why = "meets another file's adapter" if own_kinds else (
             "is made LoRA factors" + (f" (--to {to})" if to != "kohya" else ""))
         cap = "" if rank is not None else ", and its rank may be far above the inputs' (give --rank to cap it)"
         note(f"layers where a LoHa/LoKr/full adapter {why}: {dense}; each is merged through the SVD of its full "
@@ -226,7 +229,7 @@ def merge_loras(specs: list[tuple], out: str | Path, *, rank: int | None = None,
         if all(w == 0 for _, w in contribs):  # e.g. a block weighted 0: nothing to write
             continue
         if (comp, path) in kept:
-            mix.modules.setdefault(comp, {})[path] = replace(contribs[0][0], tensors=kept[comp, path])
+            mix.modules.setdefault(comp, {})[path] = kept[comp, path]
             continue
         kernel = keys.kernel_of(comp, path, contribs[0][0], family)
         if all(ad.kind == "lora" for ad, _ in contribs):
@@ -345,7 +348,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, d
     # as sd-scripts' resize_lora.py notes it, ahead of the file's own comment
     ranks = sorted({r.old_rank for r in reports if r.old_rank is not None})
     was = "/".join(map(str, ranks)) or "?"
-    whole = reports and all(small.modules[c][p] is lora.modules[c][p] for c, p, _ in lora.items())
+    whole = bool(reports) and all(small.modules[c][p] is lora.modules[c][p] for c, p, _ in lora.items())
     if not dynamic and whole:
         note(f"{path}: --rank {rank} is not below its rank ({was}); every layer is written as it was")
     how = (f"Dynamic resize with {dynamic}: {param:g} from {was}" if dynamic

@@ -31,10 +31,9 @@ from ..console import note
 from ..lora import algos
 from ..model_names import known_family
 from ..safeio import SdtuneError, input_path, is_safetensors, output_folder, read_metadata, read_toml
+from ..samplers import MAX_SIDE
 from ..ti.formats import TRAINING_METADATA, check_vectors
 from . import kohya_config, kohya_dataset, logs, lr_classes, optimizers, presets, samples
-
-MAX_RESOLUTION = 8192  # pixels, as generation's cap: past it one image takes more memory than a machine has
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
              "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
@@ -312,8 +311,8 @@ class TrainSettings:
             raise SdtuneError("--steps 0 and --epochs 0: give one of them")
         if not 0 <= self.seed < 2**63 - 64:  # the samples' seeds (seed + image) stay torch's and A1111's
             raise SdtuneError(f"--seed {self.seed}: must be from 0 to {2**63 - 65}")
-        if self.resolution > MAX_RESOLUTION:
-            raise SdtuneError(f"--resolution {self.resolution}: at most {MAX_RESOLUTION} pixels (SD 1.x trains at 512, "
+        if self.resolution > MAX_SIDE:
+            raise SdtuneError(f"--resolution {self.resolution}: at most {MAX_SIDE} pixels (SD 1.x trains at 512, "
                               f"SDXL at 1024)")
         for name in ("caption_dropout", "caption_tag_dropout"):
             if not 0 <= getattr(self, name) < 1:

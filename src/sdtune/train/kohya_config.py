@@ -409,7 +409,7 @@ def _network(theirs: dict, take, where, family) -> None:
         take("network_args constraint", "alpha", _number(constraint or "0"))
     elif "network_dim" in theirs:  # sd-scripts' alpha when the file gives none is 1, not the rank
         theirs.setdefault("network_alpha", 1)
-    unet_only = theirs.pop("network_train_unet_only", False)
+    unet_only = theirs.pop("network_train_unet_only", False) or module == "networks.oft"  # (kohya's OFT: UNet only)
     te_only = theirs.pop("network_train_text_encoder_only", False)
     take("network_train_unet_only", "text_encoder", not unet_only)
     if te_only:
@@ -431,7 +431,6 @@ def _kohya_oft(theirs: dict, parsed: dict, take, where) -> None:
     if theirs.pop("network_train_text_encoder_only", False):
         raise SdtuneError(f"{where}: network_train_text_encoder_only with networks.oft: kohya's OFT trains the UNet "
                           f"alone; leave it out, or use lycoris.kohya with algo=diag-oft")
-    theirs["network_train_unet_only"] = True
 
 
 def _kept_saves(theirs: dict, take, where) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..safeio import SdtuneError
-from ..samplers import check_scheduler
+from ..samplers import MAX_SIDE, check_scheduler
 
 # kohya's sampler names sdtune reads under its own (its others, ddim, euler, euler_a, heun, lms, pndm, are sdtune's)
 KOHYA_SAMPLERS = {"k_euler": "euler", "k_euler_a": "euler_a", "k_lms": "lms", "dpmsolver++": "dpmpp_2m"}
@@ -78,6 +78,8 @@ def _out_of_range(field: str, value) -> str:
     """Why an option's value cannot draw (as generation would refuse it), or ""."""
     if field in ("width", "height") and (value <= 0 or value % 8):
         return f"the {field} must be a positive multiple of 8, e.g. {max(8, round(value / 8) * 8)}"
+    if field in ("width", "height") and value > MAX_SIDE:  # (generation's cap, ``check_size``)
+        return f"the {field} must be at most {MAX_SIDE} pixels"
     if field == "steps" and value < 1:
         return "the sampling steps must be at least 1"
     if field == "seed" and value < -1:
