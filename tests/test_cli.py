@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sdtune import __version__, cli, console
@@ -465,7 +465,8 @@ def test_train_lora(tmp_path, shapes_data, capsys):
 def test_train_with_a_vae_given_apart(tmp_path, shapes_data, capsys):
     """--vae trains on the latents of that VAE, records it as kohya does (ss_vae_name, ss_new_vae_hash) and in
     settings.toml, is refused as a change on resume, and leaves the model's own VAE in place afterwards."""
-    from sdtune.models import file_sha256, load_base, vae_swapped
+    from sdtune.lora.hashes import file_sha256
+    from sdtune.models import load_base, vae_swapped
 
     base = load_base("tiny-random")
     own = {k: v.clone() for k, v in base.vae.state_dict().items()}
@@ -565,6 +566,36 @@ def test_importing_sdtune_freezes_the_import_and_leaves_the_collector_as_it_was(
              "print(enabled, gc.isenabled(), gc.get_freeze_count() > 100_000, ref() is None)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "True", "True", "True"], out.stderr[-2000:]
+
+
+def test_inspect_and_convert_run_without_diffusers_or_transformers(tmp_path):
+    """The file tools read module names from the families' shipped tables, so they import neither library (their
+    imports were ~3 of inspect's 4.4 seconds); what they say and write is the same."""
+    lora = tmp_path / "k.safetensors"
+    unet = "lora_unet_down_blocks_0_attentions_0_proj_in"  # SD 1.x's is a 1x1 convolution: the table says so
+    save_file({f"{unet}.lora_down.weight": torch.ones(4, 320), f"{unet}.lora_up.weight": torch.ones(320, 4),
+               f"{unet}.alpha": torch.tensor(2.0),
+               "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.ones(4, 768),
+               "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.ones(1280, 4),
+               "lora_te_text_model_encoder_layers_11_mlp_fc1.lora_down.weight": torch.ones(4, 768),
+               "lora_te_text_model_encoder_layers_11_mlp_fc1.lora_up.weight": torch.ones(3072, 4)}, lora)
+    probe = ("import json, sys\n"
+             "from sdtune import cli\n"
+             f"assert cli.main(['inspect', {str(lora)!r}, '--json']) == 0\n"
+             f"assert cli.main(['convert', {str(lora)!r}, {str(tmp_path / 'd.safetensors')!r}, '--to', 'diffusers']) == 0\n"
+             "heavy = ('diffusers', 'transformers', 'accelerate', 'peft', 'gradio', 'huggingface_hub')\n"
+             "print('IMPORTED', *[m for m in heavy if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info, _ = json.JSONDecoder().raw_decode(out.stdout)
+    assert (info["family"], info["fits"], info["conv1x1_layers"]) == ("sd1", {"unet": 2, "text_encoder": 1}, 1)
+    assert out.stdout.splitlines()[-1] == "IMPORTED"
+    assert sorted(load_file(tmp_path / "d.safetensors")) == [
+        "text_encoder.text_model.encoder.layers.11.mlp.fc1.lora_A.weight",
+        "text_encoder.text_model.encoder.layers.11.mlp.fc1.lora_B.weight",
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"]
 
 
 def test_the_command_line_parses_without_diffusers_and_the_api_loads_on_first_use():

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune import families
+from sdtune.families.build import module_table
 from sdtune.tiny import model as tiny
 
 # Parameter counts of the published models (UNet, VAE, each text encoder), in millions, rounded.
@@ -61,3 +62,20 @@ def test_tiny_family_matches_the_tiny_model():
     assert parts["text_encoder"].config.hidden_size == families.TINY.text_widths[0]
     assert isinstance(parts["text_encoder"], CLIPTextModel) and torch.is_tensor(
         parts["text_encoder"].get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_shipped_module_tables_are_what_the_libraries_build(name):
+    """``Family.modules`` (data, so the file tools import neither library) holds every weight-owning module of
+    the UNet and text encoders, in diffusers' registration order (the cloneofsimo layout counts in it), as the
+    installed diffusers and transformers build them; text-encoder paths without ``text_model.`` (transformers 4
+    and CLIPTextModelWithProjection keep that level). If this fails, rerun tools/module_tables.py."""
+    family = families.get(name)
+    shipped = family.modules()
+    built = module_table(family)
+    assert list(shipped) == ["unet", *(te.component for te in family.text_encoders)]
+    for component, paths in built.items():
+        assert list(shipped[component].items()) == [(p, tuple(shape)) for p, shape in paths.items()], component
+    assert not any(p.startswith("text_model.") for c in shipped if c != "unet" for p in shipped[c])
+    encoder = shipped[family.text_encoders[-1].component]
+    assert encoder["encoder.layers.0.self_attn.q_proj"] == (family.text_widths[-1],) * 2

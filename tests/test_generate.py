@@ -493,7 +493,8 @@ def test_a_vae_given_apart_decodes_and_is_named_as_a1111_names_it(tmp_path):
 
     from sdtune import ldm
     from sdtune.cli import main
-    from sdtune.models import file_sha256, use_vae
+    from sdtune.lora.hashes import file_sha256
+    from sdtune.models import use_vae
 
     tiny = load_base("tiny", device="cpu")
     vae = {k: v.clone() for k, v in tiny.vae.state_dict().items()}

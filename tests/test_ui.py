@@ -926,7 +926,7 @@ def test_the_train_form_shows_a_model_files_preset_before_it_loads(tmp_path):
 
 
 def test_a_vae_given_to_the_ui_decodes_every_image_and_is_named(tmp_path):
-    from sdtune.models import file_sha256
+    from sdtune.lora.hashes import file_sha256
     from sdtune.ui.studio import Studio
 
     own = load_base("tiny-random", device="cpu").vae.state_dict()

@@ -1,5 +1,5 @@
-"""The `sdtune` command line: parse it, then call the command (`commands`), which calls the Python API and prints. No
-logic of its own."""
+"""The `sdtune` command line: parse it, then call the command (`commands`, or `file_commands` for the file tools),
+which calls the Python API and prints. No logic of its own."""
 
 from __future__ import annotations
 
@@ -122,20 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
     g.add_argument("--out", default="out", help="output folder (default: out)")
     g.add_argument("--no-progress", action="store_true")
-    g.set_defaults(handler="cmd_generate")
+    g.set_defaults(handler="commands.cmd_generate")
 
     i = sub.add_parser("inspect", help="what a LoRA, embedding or checkpoint file holds: format, family, ranks, "
                        "alphas, modules, hashes")
     i.add_argument("file", nargs="+", help="one or more files (loras/*.safetensors), or a diffusers model folder")
     i.add_argument("--json", action="store_true", help="JSON: one object, or a list of them for several files")
-    i.set_defaults(handler="cmd_inspect")
+    i.set_defaults(handler="file_commands.cmd_inspect")
 
     c = sub.add_parser("convert", help="rewrite a LoRA in another layout (lossless)")
     c.add_argument("input")
     c.add_argument("output", nargs="?", help="the file to write (or --out FILE, as the other commands name it)")
     c.add_argument("--out", help=argparse.SUPPRESS)
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
-    c.set_defaults(handler="cmd_convert")
+    c.set_defaults(handler="file_commands.cmd_convert")
 
     _lora_tool_args(sub.add_parser("lora", help="LoRA toolbox: merge several into one, resize, extract from two models"))
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
     m.add_argument("--save-dtype", help="fp16 | bf16 | fp32 (default: as loaded)")
     m.add_argument("--allow-partial", action="store_true")
-    m.set_defaults(handler="cmd_merge")
+    m.set_defaults(handler="commands.cmd_merge")
 
     t = sub.add_parser("train", help="train a TI embedding or a LoRA from a folder of images and captions")
     tsub = t.add_subparsers(dest="kind", required=True)
@@ -168,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--config reads, and stop: what sdtune made of a kohya config, say")
         _device_args(tp)
         _settings_args(tp, kind)
-        tp.set_defaults(handler="cmd_train")
+        tp.set_defaults(handler="commands.cmd_train")
     tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
                          formatter_class=argparse.RawDescriptionHelpFormatter, description=queue_file.__doc__)
     tq.add_argument("jobs", help="the queue file (TOML, as above)")
     tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
     _device_args(tq)
-    tq.set_defaults(handler="cmd_train_queue")
+    tq.set_defaults(handler="commands.cmd_train_queue")
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--name", default="xy", help="file name stem of the grid (default: xy)")
     gr.add_argument("--out", default="grid", help="output folder (default: grid)")
     gr.add_argument("--no-progress", action="store_true")
-    gr.set_defaults(handler="cmd_grid")
+    gr.set_defaults(handler="commands.cmd_grid")
 
     d = sub.add_parser("demo", help="the whole story on the built-in model: train TI and LoRA, mix, compare")
     _base_args(d)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer steps and images, for a first look")
     d.add_argument("--fresh", action="store_true", help="redo every phase, even those finished before")
     d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(handler="cmd_demo")
+    d.set_defaults(handler="commands.cmd_demo")
 
     e = sub.add_parser("eval-tiny", help="judge how well a model draws shapes-world prompts",
                        description="Draw each shapes-world prompt (held in: pairs the built-in models were trained "
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
     e.add_argument("--min-held-in", type=float, metavar="PCT",
                    help="after the table, fail (exit 2) if the held-in overall share is below PCT percent")
-    e.set_defaults(handler="cmd_eval_tiny")
+    e.set_defaults(handler="commands.cmd_eval_tiny")
 
     u = sub.add_parser("ui", help="the whole workflow in a browser: generate, compare, train, LoRA files, gallery")
     _base_args(u)
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
     u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
     u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
-    u.set_defaults(handler="cmd_ui")
+    u.set_defaults(handler="commands.cmd_ui")
     _own_parser(ap)
     return ap
 
@@ -300,7 +300,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--blocks", action="store_true", help="bake the files' lbw= block weights into the result "
                     "(each layer scaled by its block's weight)")
     mg.add_argument("--drop-biases", action="store_true", help=DROP_BIASES_HELP)
-    mg.set_defaults(handler="cmd_lora_merge")
+    mg.set_defaults(handler="commands.cmd_lora_merge")
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")
     rs.add_argument("--rank", type=int, help="the new rank (with --dynamic: the most any layer keeps)")
@@ -313,7 +313,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     rs.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
     rs.add_argument("--drop-biases", action="store_true", help=DROP_BIASES_HELP)
-    rs.set_defaults(handler="cmd_lora_resize")
+    rs.set_defaults(handler="commands.cmd_lora_resize")
     ex = tools_sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
     ex.add_argument("--base", required=True, help="the original model (any --model form)")
     ex.add_argument("--tuned", required=True, help="the fine-tuned model of the same family")
@@ -325,7 +325,7 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--out", required=True)
     ex.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
     ex.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
-    ex.set_defaults(handler="cmd_lora_extract")
+    ex.set_defaults(handler="commands.cmd_lora_extract")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with terminate_unwinds():
-            # the commands' modules, imported here rather than above: parsing, --help and a refused flag are
-            # answered without the seconds diffusers and transformers take to import
+            # the command's module, imported here rather than above: parsing, --help and a refused flag are
+            # answered without the seconds diffusers and transformers take to import (and the file commands
+            # never import them)
+            module, name = args.handler.split(".")
             with imports_without_gc():
-                commands = importlib.import_module(".commands", __package__)
-            result = getattr(commands, args.handler)(args)
+                commands = importlib.import_module(f".{module}", __package__)
+            result = getattr(commands, name)(args)
         if isinstance(result, Path):  # commands that make one main file print where it is
             print(result)
     except SdtuneError as e:

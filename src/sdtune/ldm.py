@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from . import families
-from .families import Family, TextEncoder
+from .families import TEXT_MODEL, Family, TextEncoder
 from .safeio import SdtuneError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -29,7 +29,6 @@ UNET_PREFIX = "model.diffusion_model."
 # adapter file from a model
 ADAPTER_KEY = re.compile(r"lora|hada_|lokr_|oft_|bundle_emb", re.I)
 VAE_PREFIX = "first_stage_model."
-TEXT_MODEL = "text_model."  # the extra level of transformers 4 / hub CLIP state dicts
 TEXT_PREFIX = families.SD1.text_encoders[0].single_file_prefix + TEXT_MODEL  # SD 1.x's text encoder
 
 # LDM ResBlock children -> diffusers ResnetBlock2D children (UNet); the VAE ResnetBlock names match diffusers

@@ -44,13 +44,13 @@ from .checkpoints import (
 )
 from .families import Family, TextEncoder
 from .families.build import TEXT_CLASSES, build_parts
+from .lora.hashes import file_sha256
 from .lora.patch import LoraSet
 from .model_names import RANDOM_SPECS, TINY_SPECS, tiny_export
 from .safeio import (
     SdtuneError,
     atomic_folder,
     atomic_save_safetensors,
-    atomic_write_text,
     input_path,
     is_safetensors,
     load_state,
@@ -176,48 +176,6 @@ def pick_dtype(device, name=None) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- hashes
-
-def _cache_file() -> Path:
-    root = os.environ.get("SDTUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdtune")
-    return Path(root) / "hashes.json"
-
-
-CACHE_MIN_BYTES = 64 << 20  # smaller files hash faster than the cache is read
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; for big files remembered across runs by (path, size, mtime): SD files are gigabytes."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    if stat.st_size < CACHE_MIN_BYTES:
-        return _sha256(path)
-    stamp = [stat.st_size, stat.st_mtime_ns]
-    cache_file = _cache_file()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    hit = cache.get(str(path))
-    if isinstance(hit, dict) and hit.get("stamp") == stamp:
-        return hit["sha256"]
-    sha = _sha256(path)
-    cache = {k: v for k, v in cache.items() if Path(k).exists()}  # forget deleted files
-    cache[str(path)] = {"stamp": stamp, "sha256": sha}
-    try:
-        atomic_write_text(json.dumps(cache), cache_file)
-    except OSError:
-        pass  # a read-only home only costs a re-hash next time
-    return sha
-
 
 def _files_hash(files: list[Path], root: Path) -> str:
     digest = hashlib.sha256()

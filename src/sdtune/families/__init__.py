@@ -16,6 +16,7 @@ Adding a family (an SD 1.x inpainting UNet, say) is one new ``Family`` in ``FAMI
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +25,11 @@ from pathlib import Path
 from ..tiny import config as tiny_config
 
 CONFIGS = Path(__file__).parent / "configs"
+# Each family's module table (see Family.modules), written by tools/module_tables.py from the configs above.
+MODULES = Path(__file__).parent / "modules"
+# The level transformers 4 (and CLIPTextModelWithProjection in 5) put around a CLIP text encoder's layers, which
+# hub and single-file state dicts keep; transformers 5's CLIPTextModel drops it. Module tables go without it.
+TEXT_MODEL = "text_model."
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,12 @@ class Family:
             if te.component == component:
                 return te
         raise KeyError(f"{self.title} has no {component}")
+
+    def modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{component: {module path: weight shape}} of the UNet and text encoders, as diffusers and transformers
+        build them from the shipped configs (text-encoder paths without ``text_model.``). Read from data
+        (``modules/``), so that tools which only need names (inspect, convert) import neither library."""
+        return _read_modules(self.name)
 
     def component_configs(self) -> dict[str, dict]:
         """The shipped diffusers/transformers config of each component (a fresh copy, safe to edit)."""
@@ -233,3 +245,10 @@ def _read_configs(name: str) -> dict[str, dict]:
 def _without_private(config: dict) -> dict:
     """Drop diffusers' bookkeeping keys ("_class_name", "_diffusers_version"): not constructor arguments."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@cache
+def _read_modules(name: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    with gzip.open(MODULES / f"{name}.json.gz", "rt") as f:
+        table = json.load(f)
+    return {c: {path: tuple(shape) for path, shape in paths.items()} for c, paths in table.items()}

@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..safeio import SdtuneError, is_safetensors
+from ..safeio import SdtuneError, atomic_write_text, is_safetensors
 
 _BLOCK = 1 << 20
 _LEGACY_AT, _LEGACY_LEN = 0x100000, 0x10000
@@ -60,9 +61,39 @@ def _header_end(path: Path) -> int:
     return _after_header(head)
 
 
+def _cache_file() -> Path:
+    root = os.environ.get("SDTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdtune")
+    return Path(root) / "hashes.json"
+
+
+CACHE_MIN_BYTES = 64 << 20  # smaller files hash faster than the cache is read
+
+
 def file_sha256(path: str | Path) -> str:
-    """sha256 of the whole file (AutoV2 is its first 10 hex digits)."""
-    return _sha256_from(Path(path), 0)
+    """sha256 of the whole file (AutoV2 is its first 10 hex digits). Big files' hashes are remembered across
+    runs by (path, size, mtime): SD checkpoints are gigabytes."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    if stat.st_size < CACHE_MIN_BYTES:
+        return _sha256_from(path, 0)
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    cache_file = _cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(str(path))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    sha = _sha256_from(path, 0)
+    cache = {k: v for k, v in cache.items() if Path(k).exists()}  # forget deleted files
+    cache[str(path)] = {"stamp": stamp, "sha256": sha}
+    try:
+        atomic_write_text(json.dumps(cache), cache_file)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return sha
 
 
 def old_model_hash(path: str | Path) -> str:

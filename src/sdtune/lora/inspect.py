@@ -10,7 +10,6 @@ from pathlib import Path
 from .. import families
 from ..checkpoints import describe_checkpoint, describe_folder, not_a_model, unknown_width
 from ..ldm import ADAPTER_KEY
-from ..models import file_sha256
 from ..safeio import SdtuneError, is_safetensors, read_keys
 from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
 from . import blocks as block_weights
@@ -36,7 +35,7 @@ def describe(path: str | Path) -> dict:
                           f"(sdtune inspect {Path(path) / '*.safetensors'})")
     checkpoint = describe_checkpoint(path)
     if checkpoint is not None:
-        sha = file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
+        sha = hashes.file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
         return checkpoint | {"hashes": {"sha256": sha, "autov2": sha[:hashes.AUTOV2_LEN],
                                         "autov1": hashes.old_model_hash(path)}}
     try:

@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import torch
-from accelerate import init_empty_weights
 
 from .. import families
 from ..families import Family
-from ..families.build import build_parts
 from ..ldm import unet_module_map
 from ..safeio import SdtuneError
 from . import algos
@@ -69,7 +67,7 @@ def dotted_guess(name: str) -> str:
     return ".".join(out)
 
 
-# ---------------------------------------------------------------- reference structures (meta device)
+# ---------------------------------------------------------------- reference structures
 
 def weight_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     """{module path: weight shape} for every module of ``module`` that owns a ``weight`` tensor."""
@@ -81,16 +79,10 @@ def weight_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     return out
 
 
-@cache
 def reference(family: Family) -> dict[str, dict[str, tuple]]:
-    """{component: {module path: weight shape}} of ``family``'s real architecture (unet and text encoders).
-
-    Built on the meta device (no memory, well under a second), so names can be resolved and files inspected
-    without any model at hand.
-    """
-    with init_empty_weights():
-        parts = build_parts(family)
-    return {c: weight_shapes(parts[c]) for c in ("unet", *(te.component for te in family.text_encoders))}
+    """{component: {module path: weight shape}} of ``family``'s real architecture (unet and text encoders), so
+    names can be resolved and files inspected without any model at hand (``Family.modules``: shipped data)."""
+    return family.modules()
 
 
 def kernel_of(comp: str, path: str, ad: Adapter, family: Family | None) -> tuple | None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..families import TEXT_MODEL
 from . import algos
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-TEXT_MODEL = "text_model."  # the level transformers 4 (and CLIPTextModelWithProjection in 5) put around the encoder
 
 
 def text_path(path: str) -> str:

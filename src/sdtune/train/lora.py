@@ -43,10 +43,10 @@ from ..generate import read_layer
 from ..lora import algos, blocks
 from ..lora.algos.norm import NormLayer
 from ..lora.formats import load_lora, sampling_metadata, save_lora
-from ..lora.hashes import old_model_hash
+from ..lora.hashes import file_sha256, old_model_hash
 from ..lora.neutral import TEXT_COMPONENTS, Adapter, Lora, text_path
 from ..lora.patch import check_fit
-from ..models import file_sha256, vae_swapped
+from ..models import vae_swapped
 from ..safeio import SdtuneError
 from ..version import __version__
 from . import loop, optimizers, report, samples, validation

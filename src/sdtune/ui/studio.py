@@ -30,8 +30,9 @@ from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
 from ..lora.formats import convert, load_lora
+from ..lora.hashes import file_sha256
 from ..model_names import known_family
-from ..models import file_sha256, load_base, vae_weights
+from ..models import load_base, vae_weights
 from ..safeio import SdtuneError, atomic_path, read_toml, visible_paths
 from ..samplers import sampler_key
 from ..ti.formats import load_embedding
