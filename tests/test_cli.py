@@ -246,6 +246,18 @@ def test_generate_with_loras_weights_and_tags(tmp_path, loras, capsys):
     assert mixed_info["Lora weights"] == "style=0.7; other=-0.3"
     tag_info = parse_infotext(read_infotext(next((tmp_path / "tag").glob("*.png"))))
     assert tag_info["prompt"] == "a red circle, <lora:style:0.7>"  # kept, so the PNG reproduces the image
+    # one file twice, or two files of one name: the later replaced the first without a word; now one line
+    twin = tmp_path / "b" / "style.safetensors"
+    twin.parent.mkdir()
+    twin.write_bytes(other.read_bytes())
+    for second in (f"{style}:0.4", f"{twin}:0.4"):
+        assert main(["generate", *common, "--out", str(tmp_path / "twice"), "--lora", f"{style}:0.7",
+                     "--lora", second]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"sdtune: error: --lora {second}: a LoRA named style is given already (--lora {style}:0.7); give each "
+            f"file once, with the weight it should have, and rename one of two files of one name (prompt tags and "
+            f"PNGs name a LoRA by its file name)")
+    assert not list((tmp_path / "twice").glob("*.png"))
 
 
 def test_generate_with_an_embedding_in_the_negative_prompt(tmp_path, capsys):

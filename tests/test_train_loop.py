@@ -336,11 +336,13 @@ def test_starting_over_sets_the_earlier_run_aside_and_a_finished_run_says_so(bas
     train_lora(base, settings(dataset, out, steps=4, save_every=2, sample_every=2))  # the same command again
     assert "already finished (4 steps" in capsys.readouterr().err
     earlier = sorted(p.name for p in out.iterdir())
+    (out / "job.toml").write_text("steps = 2\n")  # the user's own config there (the UI keeps its job's so) stays
     train_lora(base, settings(dataset, out, steps=2, lr=5e-4, resume=False, sample_every=0))
     assert f"starting over in {out}; the earlier run's files are now in {out / 'earlier-1'}" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "earlier-1").iterdir()) == earlier  # all there, none deleted
     assert "lora-step000002.safetensors" in earlier and not (out / "lora-step000002.safetensors").exists()
     assert not (out / "samples").exists() and load_state(out / loop.STATE_FILE)[0]["step"] == 2
+    assert (out / "job.toml").read_text() == "steps = 2\n" and (out / "earlier-1" / "settings.toml").is_file()
 
 
 def test_resume_refuses_other_settings(base, dataset, tmp_path, monkeypatch):

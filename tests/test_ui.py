@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.generate import parse_infotext, read_infotext, save_png
 from sdtune.lora.blocks import TINY
-from sdtune.lora.formats import save_lora
+from sdtune.lora.formats import load_lora, save_lora
 from sdtune.lora.neutral import Adapter, Lora
 from sdtune.models import load_base
 from sdtune.safeio import SdtuneError
-from sdtune.ti.formats import Embedding, save_embedding
+from sdtune.ti.formats import Embedding, load_embedding, save_embedding
 from sdtune.train.config import KINDS, TOPICS, load_settings
 from sdtune.train.scan import scan_folder
 from sdtune.ui import app as app_mod
@@ -110,7 +110,7 @@ def test_uploads_are_checked_for_size_and_type(tmp_path):
     fake.write_bytes(b"#!/bin/sh\necho not an image\n")
     with pytest.raises(Refused, match="contents are not a PNG"):
         check_upload(fake, "image", MB)
-    for suffix in (".bmp", ".gif", ".tiff", ".webp", ".jpg"):  # every kind training reads, known by its first bytes
+    for suffix in (".bmp", ".gif", ".tiff", ".webp", ".jpg", ".avif"):  # every kind training reads, by its first bytes
         Image.new("RGB", (8, 8)).save(tmp_path / f"c{suffix}")
         assert check_upload(tmp_path / f"c{suffix}", "image", MB) == tmp_path / f"c{suffix}"
         (tmp_path / f"d{suffix}").write_bytes(b"<html>not an image")
@@ -444,6 +444,10 @@ def test_a_settings_file_fills_the_form_as_the_cli_reads_it(studio, tmp_path):
     with pytest.raises(Refused, match=r"^dataset.toml: a kohya dataset config, whose folders sdtune train --data "
                                       r"dataset.toml reads; this page trains on a dataset of the output folder"):
         studio.file_form_values("lora", str(dataset))
+    (tmp_path / "broken.toml").write_text("rank = = 4\n")  # refused under the upload's name alone
+    with pytest.raises(SdtuneError, match=r"^broken.toml: not valid TOML") as refused:
+        studio.file_form_values("lora", str(tmp_path / "broken.toml"))
+    assert str(tmp_path) not in str(refused.value)
     (tmp_path / "notes.toml").write_bytes(b"\xff\xfe")
     with pytest.raises(Refused, match=r"notes.toml: its contents are not a .toml settings file"):
         studio.file_form_values("lora", str(tmp_path / "notes.toml"))
@@ -577,13 +581,20 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
     # values past the page's sliders (which would refuse them before any handler runs) are left out and named;
     # a file name's '=' and brackets are no weight and no emphasis; a text with no settings is a prompt
     big = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "big.png",
-                                       "a <lora:my (style):0.5>castle\nSteps: 200, CFG scale: 35, Seed: 1, "
+                                       "a <lora:my (style):0.5>castle\nSteps: 200, CFG scale: 35, Seed: -7, "
                                        "Size: 2560x1440, Clip skip: 13, RNG: CPU, Lora weights: eq=sign=0.8"),
                              uploaded=True)
-    assert {k for k in ("steps", "cfg", "clip_skip", "width", "height") if k in big} == set()
+    assert {k for k in ("steps", "cfg", "clip_skip", "seed", "width", "height") if k in big} == set()
     assert big["not_applied"] == ["Steps 200 (the page takes 1 to 150)", "CFG scale 35 (the page takes 1 to 30)",
-                                   "Clip skip 13 (the page takes 1 to 12)", "Size 2560x1440 (the page takes 0 to 2048 "
-                                   "a side)", "LoRA my (style), eq=sign (not in the LoRA folder)"]
+                                   "Clip skip 13 (the page takes 1 to 12)", "Seed -7 (seeds go from -1, random, up)",
+                                   "Size 2560x1440 (the page takes 0 to 2048 a side)",
+                                   "LoRA my (style), eq=sign (not in the LoRA folder)"]
+    # an entry with block weights or te2= is the LoRA of the folder it is (its last '=' was taken for the name's end)
+    for weights in ("0.8:lbw=1,0,1,0,1,0,1,0", "0.5:0.8:te2=0.3"):
+        taken = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "lbw.png",
+                                            f'a castle\nSteps: 3, Seed: 1, RNG: CPU, Lora weights: "style={weights}"'),
+                                   uploaded=True)
+        assert (taken["prompt"], taken["not_applied"]) == (f"a castle <lora:style:{weights}>", [])
     plain = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "text.png", "just some text"),
                                uploaded=True)
     assert plain == {"prompt": "just some text", "negative_prompt": "", "parameters": "just some text",
@@ -667,6 +678,9 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     for axis, folder in (("loras", "LoRA"), ("adapters", "LoRA"), ("embeddings", "embedding")):
         with pytest.raises(Refused, match=f"'..' leaves the {folder} folder"):
             studio.compare("a red star", x=f"{axis}=none|../secret", steps=1)
+    # too many cells: refused before the work per cell (checking a million cells' prompts took minutes)
+    with pytest.raises(SdtuneError, match="^1000000 cells: a grid takes at most 2500"):
+        studio.compare("a red star", x="seed=1-1000", y="cfg=1-1000", steps=1)
     with pytest.raises(SdtuneError, match="^no X axis; write KIND=VALUES in it"):  # the page's words, no flags
         studio.compare("a red star", y="seed=1,2", steps=1)
     with pytest.raises(SdtuneError, match="^weight axis: pick the LoRA it sweeps in 'weight axis sweeps'"):
@@ -702,8 +716,16 @@ def test_lora_files_inspect_convert_and_refuse_pickled_code(studio, tmp_path, co
     upload = tmp_path / "uploaded.safetensors"
     shutil.copyfile(studio.folders.loras / "style.safetensors", upload)
     assert studio.inspect("style", str(upload))[1]["file"] == "uploaded.safetensors"  # the file read, by its name
-    out = studio.convert("style", "diffusers", "style-diffusers")
+    out, words = studio.convert("style", "diffusers", "style-diffusers")
     assert out == studio.folders.loras / "style-diffusers.safetensors" and "style-diffusers" in studio.lora_names()
+    assert words == []
+    # a LoRA that bundles a word: the word goes to the embedding folder (beside the LoRA it was offered as one)
+    lora = load_lora(studio.folders.loras / "style.safetensors")
+    save_lora(dataclasses.replace(lora, embeddings={"<s1>": torch.ones(2, 64)}),
+              studio.folders.loras / "pivotal.safetensors", format="kohya")
+    out, words = studio.convert("pivotal", "diffusers", "pivotal-diffusers")
+    assert words == [studio.folders.embeddings / "s1.safetensors"] and "s1" in studio.embedding_names()
+    assert "s1" not in studio.lora_names() and torch.equal(load_embedding(words[0]).parts[""], torch.ones(2, 64))
     with pytest.raises(SdtuneError, match="exists already"):
         studio.convert("style", "diffusers", "style-diffusers")
     with pytest.raises(Refused, match="use letters, digits"):

@@ -306,6 +306,8 @@ def test_generation_can_be_cancelled_and_the_model_switched(server, browser):
     d.find_element(By.ID, "gen-cancel").click()
     _wait_text(d, "gen-status", r"generation cancelled at step \d+ of 150; nothing was saved", 60)
     assert sorted((server["out"] / "generate").glob("*.png")) == before
+    d.find_element(By.ID, "gen-cancel").click()  # nothing running: said on the page (the server log stays quiet)
+    _wait_text(d, "gen-status", "no generation to cancel", 30)
     _type(d, "gen-steps", STEPS)
     other = "tiny-xl" if MODEL == "tiny" else "tiny"  # another one: picking the one in use changes nothing
     _pick(d, "model", other)
@@ -654,5 +656,6 @@ def test_train_form_follows_the_kind_the_preset_and_the_model_after_a_reload(ser
     _wait_text(d, "model-status", f"base model: {other} ", 30)
     d.refresh()
     _wait(lambda: _value(d, "model") == other, 30, "the model in use in the reloaded page's menu")
+    _wait_text(d, "model-status", f"^base model: {other}$", 30)  # and in its status line (it said the first one)
     _pick(d, "model", MODEL)
     _wait_text(d, "model-status", f"base model: {MODEL} ", 30)

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -276,8 +277,14 @@ def test_parsing_and_errors(base, tmp_path):
         xy_plot(base, "x", parse_axis("loras=none|missing.safetensors"), steps=1, out_dir=tmp_path, progress=False)
     assert len(base.loras) == 0
     # a seed range of 100,000 filled the machine's memory as one batch: a grid has a size limit, batches too
-    with pytest.raises(SdtuneError, match="100000 cells: a grid takes at most 2500"):
-        xy_plot(base, "x", parse_axis("seed=1-100000"), steps=1, out_dir=tmp_path / "big", progress=False)
+    with pytest.raises(SdtuneError, match="3600 cells: a grid takes at most 2500"):
+        xy_plot(base, "x", Axis("seed", list(range(60))), Axis("guidance", list(range(1, 61))), steps=1,
+                out_dir=tmp_path / "big", progress=False)
+    # a range longer than that is refused as written, before its list is made (1-100000000 took a minute)
+    for spec, n in (("seed=1-100000000", 100000000), ("cfg=3-7[100000000]", 100000000), ("weight=0-1(+0.0001)", 10001)):
+        with pytest.raises(SdtuneError, match=rf"^{spec.split('=')[0]} axis range '{re.escape(spec.split('=')[1])}': "
+                                              rf"{n} values; a grid takes at most 2500 cells$"):
+            parse_axis(spec)
     assert [len(r) for r in _runs([_Cell(0, i, "x", "", i, 1, 7.5, "ddim", 1) for i in range(20)])] == [8, 8, 4]
     with pytest.raises(SdtuneError, match=r"--name '../up': a file name stem"):
         xy_plot(base, "x", Axis("seed", [1]), steps=1, out_dir=tmp_path, name="../up", progress=False)
@@ -346,3 +353,26 @@ def test_command_line_adapters_axis_as_the_readme_writes_it(base, lora_files, em
     fields = parse_infotext(read_infotext(tmp_path / "xy-00-03.png"))
     assert "Lora hashes" in fields and "TI hashes" in fields
     assert parse_infotext(read_infotext(tmp_path / "xy.png"))["X Type"] == "Adapters"
+
+
+def test_the_grid_png_names_its_fixed_loras_as_a_cell_does_and_one_name_twice_is_refused(lora_files, tmp_path, capsys):
+    """A LoRA given to every cell: the grid's PNG carries its block weights and hash (it said style=0.8 only, so
+    its settings redrew another image); a file given twice, or two files of one name (the cells' prompt tags would
+    name both 'style'), is one line before any cell."""
+    args = ["grid", "--model", "tiny-random", "--prompt", "a red star", "--x", "seed=1,2", "--steps", "1",
+            "--no-progress", "--out", str(tmp_path / "g")]
+    assert cli.main([*args, "--lora", f"{lora_files[0]}:0.8:lbw=INALL"]) == 0
+    grid = parse_infotext(read_infotext(tmp_path / "g" / "xy.png"))
+    cell = parse_infotext(read_infotext(tmp_path / "g" / "xy-00-00.png"))
+    assert grid["Lora weights"] == "style=0.8:lbw=INALL" and grid["Lora hashes"] == cell["Lora hashes"]
+    assert cell["Lora weights"].startswith("style=0.8:lbw=1,0,1,")
+    other = tmp_path / "b" / "style.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(lora_files[1].read_bytes())
+    capsys.readouterr()
+    for second in (f"{lora_files[0]}:0.3", str(other)):
+        assert cli.main([*args, "--lora", str(lora_files[0]), "--lora", second]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"sdtune: error: --lora {second}: a LoRA named style is given already (--lora {lora_files[0]}); give "
+            f"each file once, and rename one of two files of one name")
+    assert not (tmp_path / "g" / "xy-2.png").exists()

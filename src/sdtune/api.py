@@ -70,7 +70,8 @@ def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
             if te2 is not None and not math.isfinite(te2):
                 raise ValueError
         except ValueError:
-            raise SdtuneError(f"{m.group(0)}: the weight must be a number, e.g. <lora:{m.group(1)}:0.8>") from None
+            raise SdtuneError(f"{m.group(0)}: the weight must be a finite number, e.g. <lora:{m.group(1)}:0.8>") \
+                from None
         tags.append(LoraTag(m.group(1), w, te, lbw, te2))
 
     # only the tags go, as A1111's parse_prompt takes them out: "a castle, <lora:x:1>" encodes "a castle, "
@@ -186,8 +187,14 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
     base = load_base(model, device=device, dtype=dtype, vae=vae)
     # named one by one, so one that cannot be used stops here rather than draw images without it
     add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
+    given: dict[str, str] = {}
     for spec in loras:
-        add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
+        name = add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
+        if name in given:  # the later one replaced it: one file twice, or two files of one name, said
+            raise SdtuneError(f"--lora {spec}: a LoRA named {name} is given already (--lora {given[name]}); give each "
+                              f"file once, with the weight it should have, and rename one of two files of one name "
+                              f"(prompt tags and PNGs name a LoRA by its file name)")
+        given[name] = spec
     base.embedding_dirs = tuple(embedding_dirs)
     return base
 

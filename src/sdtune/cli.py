@@ -47,12 +47,21 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)")
 
 
-def _adapter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
-                   help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the UNet's "
-                   "own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, "
-                   "SDXL's second text encoder's te2=W, and block weights as the lora-block-weight extension's "
-                   "(lbw=1,0,… or lbw=INALL); repeatable")
+def _adapter_args(p: argparse.ArgumentParser, split_weights: bool = True) -> None:
+    """``split_weights``: --lora takes a text encoders' weight of its own (a grid's LoRAs take one weight, which
+    its axes sweep)."""
+    blocks = ("block weights as the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); each file once "
+              "(prompt tags and PNGs name a LoRA by its file name); repeatable")
+    if split_weights:
+        p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
+                       help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the "
+                       "UNet's own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or "
+                       "SOURCE:te=0.5:unet=0.8, SDXL's second text encoder's te2=W, and " + blocks)
+    else:
+        p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT][:lbw=W,W,…|PRESET]",
+                       help="a LoRA file or hub source (owner/repo[/file]) for the plot, weight 1.0 by default (one "
+                       "weight: a text encoder's own goes in a prompt tag, <lora:name:te=0.5:unet=0.8>), and "
+                       + blocks)
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
                    help="a TI embedding file or hub source; repeatable")
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("grid", help="X/Y comparison plot (prompts, seeds, adapter weights, guidance, steps)")
     _base_args(gr)
-    _adapter_args(gr)
+    _adapter_args(gr, split_weights=False)
     gr.add_argument("--prompt", required=True)
     gr.add_argument("--negative-prompt", default="")
     gr.add_argument("--x", metavar="KIND=VALUES",

@@ -39,6 +39,7 @@ from . import api, console, sources
 from .generate import check_clip_skip, draw_grid, infotext, read_layer, save_png
 from .lora import blocks as block_weights
 from .lora.formats import load_lora
+from .lora.hashes import lora_hashes_field
 from .safeio import SdtuneError, atomic_write_text, output_folder
 from .samplers import SCHEDULERS, check_scheduler, sampler_key
 from .ti.formats import load_embedding
@@ -154,6 +155,7 @@ def _typed(kind: str, v):
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
 # A1111's ranges: low-high, low-high (+step), low-high [count] (count values from low to high)
+MAX_CELLS = 2500  # a 50 x 50 grid; the drawn grid alone of a larger one takes gigabytes
 _RANGE = re.compile(rf"({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*\+\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?")
 
 
@@ -168,11 +170,23 @@ def _range(kind: str, text: str) -> list | None:
     if hi < lo or step <= 0 or (m.group(4) and count < 1) or (whole and not (lo.is_integer() and hi.is_integer())):
         raise SdtuneError(f"{kind} axis range {text!r}: write low-high, low-high(+step) or low-high[count], e.g. "
                           f"1-10(+3) or 3-7[5]")
-    if count:
+    count = count or int((hi - lo) / step + 1e-9) + 1
+    if count > MAX_CELLS:  # said before a list of millions is made (seed=1-100000000 took a minute to refuse)
+        raise SdtuneError(f"{kind} axis range {text!r}: {count} values; a grid takes at most {MAX_CELLS} cells")
+    if m.group(4):
         values = [lo + (hi - lo) * i / max(count - 1, 1) for i in range(count)]
     else:
-        values = [lo + step * i for i in range(int((hi - lo) / step + 1e-9) + 1)]
+        values = [lo + step * i for i in range(count)]
     return [int(round(v)) for v in values] if whole else [round(v, 10) for v in values]
+
+
+def check_cells(x: Axis, y: Axis | None) -> int:
+    """The plot's number of cells; refused above ``MAX_CELLS``, before any work per cell."""
+    n_cells = len(x.values) * (len(y.values) if y is not None else 1)
+    if n_cells > MAX_CELLS:
+        raise SdtuneError(f"{n_cells} cells: a grid takes at most {MAX_CELLS}; use fewer axis values (or several "
+                          f"grids)")
+    return n_cells
 
 
 def parse_values(kind: str, text: str) -> list:
@@ -289,6 +303,12 @@ class _Adapters:
         self.fixed[name] = weight
         self._set_base_blocks(name, lbw)
         return name
+
+    def prompt_name(self, name: str) -> str:
+        """The name prompts and PNGs give LoRA ``name``: its file's stem where the plot read it from a file."""
+        lora = self.read.get(name)
+        source = lora.metadata.get("source") if lora is not None else None
+        return Path(source).stem if source else name
 
     def _set_base_blocks(self, name: str, lbw: str | None) -> None:
         if lbw is not None:
@@ -521,7 +541,6 @@ def _apply_value(cell: _Cell, axis: Axis, i: int, adapters: _Adapters, targets: 
 
 
 BATCH = 8  # cells generated together at most: a seed range is one run of cells, and memory grows with the batch
-MAX_CELLS = 2500  # a 50 x 50 grid; the drawn grid alone of a larger one takes gigabytes
 
 
 def _runs(cells: list[_Cell]) -> list[list[_Cell]]:
@@ -577,10 +596,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     """
     scheduler = check_scheduler(scheduler)
     check_clip_skip(clip_skip)
-    n_cells = len(x.values) * (len(y.values) if y is not None else 1)
-    if n_cells > MAX_CELLS:
-        raise SdtuneError(f"{n_cells} cells: a grid takes at most {MAX_CELLS}; use fewer axis values (or several "
-                          f"grids)")
+    n_cells = check_cells(x, y)
     if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
         raise SdtuneError(f"--name {name!r}: a file name stem of letters, digits, '_', '.' or '-' (no folders: "
                           f"the grid goes in --out)")
@@ -607,8 +623,13 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     results: list = []  # (cell, image) pairs
     interrupted = None
     try:
+        given: dict[str, str] = {}  # the name a prompt and the PNG give each LoRA: its file's (A1111's)
         for spec in loras:
-            adapters.add_lora_file(spec)
+            said = adapters.prompt_name(adapters.add_lora_file(spec))
+            if said in given:  # its weight would replace the first's, or two files share one name in the cells
+                raise SdtuneError(f"--lora {spec}: a LoRA named {said} is given already (--lora {given[said]}); give "
+                                  f"each file once, and rename one of two files of one name")
+            given[said] = spec
         for spec in embeddings:
             adapters.add_embedding_file(spec)
         targets = {id(a): adapters.weight_target(a) for a in axes if a.kind in TARGETED_KINDS}
@@ -668,8 +689,12 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     shared = {k: v for k, v in first.params.items() if k not in ("Seed", "Lora weights", "Lora hashes", "Clip skip")}
     shared["Clip skip"] = clip_skip if clip_skip > 1 else None
     shared["Seed"] = seed  # (steps, CFG and sampler: the first cell's, as A1111 writes them)
-    if adapters.fixed:
-        shared["Lora weights"] = "; ".join(f"{n}={w:g}" for n, w in sorted(adapters.fixed.items()))
+    if adapters.fixed:  # the LoRAs of every cell, as a cell's PNG names them (block weights too; hashes: civitai)
+        fixed = sorted((adapters.prompt_name(n), w, adapters.base_blocks.get(n)) for n, w in adapters.fixed.items())
+        shared["Lora weights"] = "; ".join(f"{n}={w:g}" + (f":lbw={b}" if b else "") for n, w, b in fixed)
+        credited = [(adapters.prompt_name(m), adapters.read[m].metadata["source"])
+                    for m, w in adapters.fixed.items() if w and m in adapters.read]
+        shared["Lora hashes"] = lora_hashes_field(credited) or None
     for tag, a in (("X", x), ("Y", y)):
         if a is not None:
             shared[f"{tag} Type"] = a.title + (f" ({targets[id(a)]})" if a.kind in TARGETED_KINDS else "")

@@ -542,14 +542,14 @@ def save_lora(lora: Lora, path: str | Path, format: str = "kohya", metadata: dic
 
 
 def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, model_keys: dict | None = None,
-            family: Family | None = None) -> Lora:
+            family: Family | None = None, words_in: str | Path | None = None) -> Lora:
     """Re-write a LoRA file in another layout; the ΔW of every module is unchanged. Returns what was read.
     The diffusers layout has no place for bundled embeddings (pivotal tuning's words; diffusers' loader refuses
-    the file): each goes beside the output as ``word_files`` names it, in the layout ``load_textual_inversion``
-    reads, and the LoRA without them."""
+    the file): each goes into folder ``words_in`` (default: beside the output) as ``word_files`` names it, in the
+    layout ``load_textual_inversion`` reads, and the LoRA without them."""
     check_output(out_path, inputs=[in_path], option="the output (convert's OUT, or --out)")
     lora = load_lora(in_path, model_keys=model_keys)
-    words = word_files(lora, out_path) if to == "diffusers" else {}
+    words = word_files(lora, out_path, words_in) if to == "diffusers" else {}
     for path, emb in words.items():
         _check_word_file(path, emb, in_path)
     kept = dataclasses.replace(lora, embeddings={}) if words else lora
@@ -560,10 +560,12 @@ def convert(in_path: str | Path, out_path: str | Path, to: str = "kohya", *, mod
     return lora
 
 
-def word_files(lora: Lora, out_path: str | Path) -> dict[Path, Embedding]:
-    """Where ``convert`` to the diffusers layout writes each of ``lora``'s bundled embeddings: beside ``out_path``,
-    named as pivotal training names the word's own file (``<os>``: ``os.safetensors``, A1111's word)."""
-    return {Path(out_path).with_name(file_stem(emb.token) + ".safetensors"): emb for emb in bundled_embeddings(lora)}
+def word_files(lora: Lora, out_path: str | Path, folder: str | Path | None = None) -> dict[Path, Embedding]:
+    """Where ``convert`` to the diffusers layout writes each of ``lora``'s bundled embeddings: in ``folder``
+    (default: beside ``out_path``), named as pivotal training names the word's own file (``<os>``:
+    ``os.safetensors``, A1111's word)."""
+    folder = Path(folder) if folder is not None else Path(out_path).parent
+    return {folder / (file_stem(emb.token) + ".safetensors"): emb for emb in bundled_embeddings(lora)}
 
 
 def _check_word_file(path: Path, emb: Embedding, source) -> None:

@@ -252,7 +252,7 @@ def _read_resume(path: Path, kind: str, settings: TrainSettings, model_hash: str
 
 
 # What a run writes in its folder (beside settings.toml): its files and checkpoints, samples, logs, report
-_RUN_SUFFIXES = {".safetensors", ".pt", ".bin", ".png", ".csv", ".html", ".toml"}
+_RUN_SUFFIXES = {".safetensors", ".pt", ".bin", ".png", ".csv", ".html"}
 _RUN_FOLDERS = ("samples", "tensorboard", "diffusers")
 
 
@@ -279,7 +279,9 @@ def _set_aside(out: Path) -> Path | None:
     beside this run's and be taken for them. Nothing is deleted. None when ``out`` holds no earlier run."""
     if not (out / SETTINGS_FILE).is_file():
         return None
-    old = [p for p in out.iterdir() if (p.is_file() and p.suffix in _RUN_SUFFIXES)
+    # of the TOML files only the run's own: another is the user's (the UI's job.toml, a config given to --config
+    # from there), which a rerun of the same command reads again
+    old = [p for p in out.iterdir() if (p.is_file() and (p.suffix in _RUN_SUFFIXES or p.name == SETTINGS_FILE))
            or (p.is_dir() and p.name.startswith(_RUN_FOLDERS))]
     aside = next(out / f"earlier-{n}" for n in range(1, 10_000) if not (out / f"earlier-{n}").exists())
     aside.mkdir()

@@ -204,11 +204,11 @@ def _generate_tab(studio: Studio):
                    *[c for s in slots for c in s]], [images, params, shown, picked, status], concurrency_id="model")
     # outside the queue, so that it runs while the generation holds the model; the generation then stops
     # after its current step and says so in the status line
+    # (an answer goes to the status line: a gr.Info outside the queue never reached the page, Gradio printed it)
     def stop(request: gr.Request):
-        if not studio.cancel(_owner("generation", request)):
-            gr.Info("no generation to cancel")
+        return gr.skip() if studio.cancel(_owner("generation", request)) else "no generation to cancel"
 
-    cancel.click(stop, None, None, queue=False, show_progress="hidden")
+    cancel.click(stop, None, status, queue=False, show_progress="hidden")
 
     images.select(_picked, shown, [params, picked], show_progress="hidden")
 
@@ -282,11 +282,10 @@ def _compare_tab(studio: Studio):
 
     go.click(run, [prompt, negative, x, y, loras, sweep, sampler, steps, cfg, seed, clip_skip, width, height, cell],
              [grid, files, status], concurrency_id="model")
-    def stop(request: gr.Request):
-        if not studio.cancel(_owner("grid", request)):
-            gr.Info("no grid to cancel")
+    def stop(request: gr.Request):  # (said in the status line, as Generate's Cancel)
+        return gr.skip() if studio.cancel(_owner("grid", request)) else "no grid to cancel"
 
-    cancel.click(stop, None, None, queue=False, show_progress="hidden")
+    cancel.click(stop, None, status, queue=False, show_progress="hidden")
     return loras, sweep
 
 
@@ -589,7 +588,9 @@ def _lora_tab(studio: Studio, pickers):
 
     @_handler(1)
     def convert(n, target, new):
-        return f"written: {studio.convert(n, target, new)}"
+        path, words = studio.convert(n, target, new)
+        return f"written: {path}" + "".join(f"; the word it bundles is in the embedding folder as {w.name} (type "
+                                            f"{w.stem} in a prompt)" for w in words)
 
     conv.click(convert, [name, to, conv_name], status).then(relist, None, [name, *pickers])
 
@@ -646,15 +647,17 @@ def build(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="sdtune") as app:
         with gr.Row(equal_height=True):
             gr.Markdown(f"**sdtune** · output folder `{studio.folders.out}`")
-            model = gr.Dropdown(studio.model_choices(), value=studio.model, label="Base model", elem_id="model",
+            model = gr.Dropdown(studio.model_choices(), value=studio.model_choice(), label="Base model", elem_id="model",
                                 info="built-in, --model, or a model in --model-dir; it loads on first use",
                                 scale=2)
-            model_status = gr.Textbox(f"base model: {studio.model}", show_label=False, interactive=False,
+            # the model as the menu names it (a merged one "merged: NAME", not its path in the output folder)
+            model_status = gr.Textbox(f"base model: {studio.model_choice()}", show_label=False, interactive=False,
                                       elem_id="model-status", scale=2)
 
         @_handler(1)
         def switch_model(choice):
-            return f"base model: {studio.set_model(choice)} (training jobs started from now on use it too)"
+            studio.set_model(choice)
+            return f"base model: {studio.model_choice()} (training jobs started from now on use it too)"
 
         model.focus(lambda: gr.update(choices=studio.model_choices()), None, model, show_progress="hidden")
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -689,7 +692,8 @@ def build(studio: Studio) -> gr.Blocks:
             return gr.update(choices=[j.name for j in jobs], value=shown)
 
         # a reloaded page shows the server's state: the model in use (shared by every page), the lists, the jobs
-        app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()), *lists(),
-                          job_on_show()), None, [model, *listed, train_job])
+        app.load(lambda: (gr.update(choices=studio.model_choices(), value=studio.model_choice()),
+                          f"base model: {studio.model_choice()}", *lists(), job_on_show()), None,
+                 [model, model_status, *listed, train_job])
     _quiet_refusals(app)
     return app

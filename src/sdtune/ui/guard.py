@@ -31,6 +31,8 @@ UPLOADS = {
     "settings": ((".toml", ".safetensors"), "a .toml settings file or a .safetensors file sdtune trained"),
 }
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+# AVIF is an ISO media file: a box size, "ftyp", then its brand (a still image, a sequence, or HEIF's general one)
+_AVIF_BRANDS = (b"avif", b"avis", b"mif1")
 
 
 class Refused(SdtuneError):
@@ -142,7 +144,8 @@ def check_upload(path: str | Path, kind: str, max_bytes: int) -> Path:
     with open(path, "rb") as f:
         head = f.read(16)
     if kind == "image":
-        ok = head.startswith(_IMAGE_MAGIC) and (not head.startswith(b"RIFF") or head[8:12] == b"WEBP")
+        ok = (head.startswith(_IMAGE_MAGIC) and (not head.startswith(b"RIFF") or head[8:12] == b"WEBP")
+              or head[4:8] == b"ftyp" and head[8:12] in _AVIF_BRANDS)
     elif kind == "weights" or (kind == "settings" and path.suffix.lower() == ".safetensors"):
         # safetensors (a JSON header), or what torch.save writes: a zip archive or a bare pickle (protocol 2+)
         ok = is_safetensors(path) or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"

@@ -29,7 +29,7 @@ from ..generate import ImageWriter, model_label, parse_infotext, read_infotext
 from ..lora import blocks as block_weights
 from ..lora import inspect as lora_inspect
 from ..lora.bake import merge
-from ..lora.formats import convert, load_lora
+from ..lora.formats import convert, load_lora, word_files
 from ..lora.hashes import file_sha256
 from ..model_names import known_family
 from ..models import load_base, vae_weights
@@ -64,6 +64,8 @@ BUILT_IN = ("tiny", "tiny-xl")
 # the Generate and Compare sliders' ranges (app.py draws them from here), A1111's own: an image's value outside
 # one is not put in the form, whose slider would refuse it before any handler runs
 RANGES = {"steps": (1, 150), "cfg": (1, 30), "clip_skip": (1, 12), "width": (0, 2048), "height": (0, 2048)}
+# an entry of an image's "Lora weights": NAME=W, NAME=TE:UNET, then :te2=W, :lbw=...
+_LORA_ENTRY = re.compile(r"(.+?)=([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?(?::.*)?)", re.IGNORECASE)
 GRID_NAME = "xy"  # a Compare grid's file names in its folder: xy.png, xy.json, xy-ROW-COL.png
 MERGED = "merged: "  # the menu's prefix of the models merged on the page (out/merged/NAME)
 # the links of a page sdtune wrote (report.html, queue.html): relative, double-quoted
@@ -230,9 +232,13 @@ class Studio:
             raise Refused(f"{path.name}: a kohya dataset config, whose folders sdtune train --data {path.name} reads; "
                           f"this page trains on a dataset of the output folder: pick it, and set the caption options "
                           f"under Advanced settings")
-        with said() as notes:
-            values = trainform.file_values(kind, path, self._page_family())
-        return values, [n.replace(str(path), path.name) for n in notes]  # the upload named as the user named it
+        # the upload named as the user named it, in refusals and notes (not the server's temporary copy)
+        try:
+            with said() as notes:
+                values = trainform.file_values(kind, path, self._page_family())
+        except SdtuneError as e:
+            raise SdtuneError(str(e).replace(str(path), path.name)) from None
+        return values, [n.replace(str(path), path.name) for n in notes]
 
     def set_model(self, choice: str) -> str:
         """Switch the base model to ``choice`` (one of ``model_choices``); it loads on the next use. Returns
@@ -411,6 +417,9 @@ class Studio:
             if key in form and not low <= form[key] <= high:
                 form["not_applied"].append(f"{name} {p.get(name, form[key])} (the page takes {low} to {high})")
                 del form[key]
+        if "seed" in form and not -1 <= form["seed"] < 2**63:  # what generation takes (-1: random)
+            form["not_applied"].append(f"Seed {p['Seed']} (seeds go from -1, random, up)")
+            del form["seed"]
         low, high = RANGES["width"]
         if "width" in form and not all(low <= form[k] <= high for k in ("width", "height")):
             form["not_applied"].append(f"Size {p['Size']} (the page takes {low} to {high} a side)")
@@ -470,7 +479,9 @@ class Studio:
         form["prompt"] = re.sub(r"(\s*,?\s*)" + api.LORA_TAG.pattern, drop_missing, form["prompt"]).strip(" ,")
         in_prompt = {m.group(1) for m in api.LORA_TAG.finditer(form["prompt"])}
         for item in filter(None, (x.strip() for x in str(p.get("Lora weights", "")).split(";"))):
-            name, _, weights = item.rpartition("=")  # a file name may hold '=' too
+            # NAME=WEIGHTS: the first '=' before a number (a file name may hold '=' too, the weights lbw= and te2=)
+            found = _LORA_ENTRY.fullmatch(item)
+            name, weights = found.groups() if found else (item, "")
             # the prompt has its tag (sdtune writes one), or had it and it is named already
             if name.startswith("<lora:") or name in in_prompt or name in missing:
                 continue
@@ -509,6 +520,7 @@ class Studio:
         if not (x or "").strip():  # the page's words, not the command line's (--x KIND=VALUES)
             raise SdtuneError("no X axis; write KIND=VALUES in it, e.g. seed=1-4 or weight=0,0.5,1")
         x_axis, y_axis = xyplot.axes_from_specs(_unquoted(x), _unquoted(y) or None, sweep=sweep or None)
+        xyplot.check_cells(x_axis, y_axis)  # before the checks per cell below (a million cells took minutes)
         axes = [a for a in (y_axis, x_axis) if a is not None]
         files = {Path(n).name: str(self.adapter_file("loras", n)) for n in loras if n}
         for a in axes:
@@ -588,12 +600,14 @@ class Studio:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def convert(self, name: str, to: str, out_name: str) -> Path:
-        """Write LoRA ``name`` in layout ``to`` as a new file in the LoRA folder."""
+    def convert(self, name: str, to: str, out_name: str) -> tuple[Path, list[Path]]:
+        """Write LoRA ``name`` in layout ``to`` as a new file in the LoRA folder. Returns it and the files of the
+        words it bundles, which the diffusers layout keeps apart: in the embedding folder, where the page and
+        prompts find them (beside the LoRA they were offered as LoRAs)."""
         src = self.adapter_file("loras", name)
         dest = self._new_file("loras", out_name)
-        convert(src, dest, to=to)
-        return dest
+        lora = convert(src, dest, to=to, words_in=self.folders.embeddings)
+        return dest, list(word_files(lora, dest, self.folders.embeddings)) if to == "diffusers" else []
 
     def merge(self, specs: str, out_name: str, fmt: str = "single") -> Path:
         """Bake 'NAME[:WEIGHT]' LoRAs (comma or line separated) into the model, written under ``out/merged``."""
@@ -619,8 +633,9 @@ class Studio:
                 other(path)
             except SdtuneError:
                 raise SdtuneError(str(e).replace(str(path), Path(path).name)) from None
-            mine, theirs = ("LoRA layers", "embedding") if lora else ("embedding", "LoRA")
-            raise SdtuneError(f"{Path(path).name}: holds no {mine} (a {theirs}?); add it to the {theirs} folder "
+            mine, theirs, guess = (("LoRA layers", "embedding", "an embedding") if lora
+                                   else ("embedding", "LoRA", "a LoRA"))
+            raise SdtuneError(f"{Path(path).name}: holds no {mine} ({guess}?); add it to the {theirs} folder "
                               f"instead") from None
         # A1111 names such as "my style (v2)" are kept readable: what a file name in the folder may not hold, or
         # a prompt cannot type, becomes '_' (letters of any script stay)
