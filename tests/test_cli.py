@@ -364,6 +364,27 @@ def test_convert(tmp_path, loras, to, capsys):
         assert torch.equal(after.modules[comp][path].delta(shape), ad.delta(shape))  # lossless: same tensors
 
 
+def test_convert_to_kohya_says_when_diffusers_will_not_load_the_result(tmp_path, capsys):
+    """diffusers' load_lora_weights refuses two kohya files A1111 reads: bundled words, and text-encoder layers
+    without an out_proj; convert says so and names the layout it loads (the output is written all the same)."""
+    g = torch.Generator().manual_seed(0)
+    q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    te_only = {f"{q}.lora_down.weight": torch.randn(2, 64, generator=g), f"{q}.lora_up.weight": torch.zeros(64, 2)}
+    save_file(te_only, tmp_path / "te.safetensors")
+    save_file({**te_only, "bundle_emb.<w>.string_to_param.*": torch.randn(1, 64, generator=g)},
+              tmp_path / "words.safetensors")
+    save_file({**te_only, q.replace("q_proj", "out_proj") + ".lora_down.weight": torch.randn(2, 64, generator=g),
+               q.replace("q_proj", "out_proj") + ".lora_up.weight": torch.zeros(64, 2)}, tmp_path / "fine.safetensors")
+    for name, why in (("te", "text-encoder layers without an out_proj (its kohya reader infers the layout from one)"),
+                      ("words", "its bundled words (keys without 'lora')"), ("fine", None)):
+        out = tmp_path / f"{name}-k.safetensors"
+        assert main(["convert", str(tmp_path / f"{name}.safetensors"), str(out), "--to", "kohya"]) == 0
+        said = capsys.readouterr().out.strip()
+        assert said.endswith(f"; A1111 and ComfyUI read it, diffusers' load_lora_weights does not ({why}): --to "
+                             f"diffusers writes one it loads") if why else said.endswith("modules in kohya layout")
+        assert out.is_file()
+
+
 def test_merge_into_a_single_file(tmp_path, loras, capsys):
     style, _ = loras
     model = tmp_path / "base.safetensors"

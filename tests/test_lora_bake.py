@@ -384,7 +384,7 @@ def test_folder_merge_errors_leave_nothing_behind(base_folder, sharded_folder, l
     (tmp_path / "file").write_text("mine")
     with pytest.raises(SdtuneError, match="file: is a file, not a folder"):  # said before the bake
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "file")
-    with pytest.raises(SdtuneError, match="dtype is for single-file output"):
+    with pytest.raises(SdtuneError, match=r"--save-dtype fp16: for a single-file output \(OUT.safetensors\) only"):
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "x", dtype="fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken"]
 

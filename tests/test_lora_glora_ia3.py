@@ -210,9 +210,12 @@ def test_ia3_converts_bakes_and_is_refused_by_the_low_rank_tools(base, tmp_path,
     assert "IA3 adapters have no layout that diffusers loads (PEFT has no such adapter in diffusers); write this " \
            "LoRA in the kohya layout, which A1111 loads" in capsys.readouterr().err  # ComfyUI has no IA3
     assert not (tmp_path / "d.safetensors").exists()
-    for named in ([], [str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")]):
+    for named, said in (([], "convert: no file to write; sdtune convert IN OUT --to LAYOUT"),
+                        ([str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")],
+                         f"convert: the file to write is given twice ({tmp_path / 'x.safetensors'} and --out "
+                         f"{tmp_path / 'y.safetensors'}); give one")):
         assert main(["convert", str(path), *named, "--to", "kohya"]) == 2
-        assert "convert: name the file to write once" in capsys.readouterr().err
+        assert capsys.readouterr().err.strip() == f"sdtune: error: {said}"
     bakes_but_merges_not(base, path, layers, "IA3")
 
 

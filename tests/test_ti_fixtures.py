@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdtune.lora.inspect import describe
 from sdtune.safeio import SdtuneError
 from sdtune.ti.formats import load_embedding
 from sdtune.ti.tokens import EmbeddingSet
@@ -132,3 +133,6 @@ def test_original_textual_inversion_pickle_is_refused():
     message = str(err.value)
     assert message.startswith(str(ORIGINAL_TI)) and "\n" not in message
     assert "original textual_inversion embedding" in message and "will not unpickle" in message
+    with pytest.raises(SdtuneError) as err:  # inspect says the same (it said "a pickle" as the LoRA reader does)
+        describe(ORIGINAL_TI)
+    assert str(err.value) == message

@@ -8,7 +8,7 @@ import json
 import sys
 
 from .lora import inspect
-from .lora.formats import convert, word_files
+from .lora.formats import convert, diffusers_refuses_kohya, word_files
 from .safeio import SdtuneError
 
 
@@ -40,11 +40,16 @@ def cmd_inspect(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    if (a.output is None) == (a.out is None):
-        raise SdtuneError("convert: name the file to write once: sdtune convert IN OUT --to LAYOUT (or --out OUT)")
+    if a.output is None and a.out is None:
+        raise SdtuneError("convert: no file to write; sdtune convert IN OUT --to LAYOUT")
+    if a.output is not None and a.out is not None:
+        raise SdtuneError(f"convert: the file to write is given twice ({a.output} and --out {a.out}); give one")
     output = a.output or a.out
     lora = convert(a.input, output, to=a.to)
     words = word_files(lora, output) if a.to == "diffusers" else {}
+    refused = diffusers_refuses_kohya(lora) if a.to == "kohya" else None
     print(f"{output}: {len(lora)} modules in {a.to} layout"
           + "".join(f"; its word {emb.token} in {path} (diffusers loads it with load_textual_inversion)"
-                    for path, emb in words.items()))
+                    for path, emb in words.items())
+          + (f"; A1111 and ComfyUI read it, diffusers' load_lora_weights does not ({refused}): --to diffusers "
+             f"writes one it loads" if refused else ""))

@@ -107,7 +107,8 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
                           f"it; never a pickled {out.suffix}) or a diffusers folder; use "
                           f"{out.with_suffix('.safetensors')} or a folder name")
     if fmt == "diffusers" and dtype is not None:
-        raise SdtuneError("dtype is for single-file output; a diffusers folder is written in the dtype of its input")
+        raise SdtuneError(f"--save-dtype {dtype}: for a single-file output (OUT.safetensors) only; a diffusers "
+                          f"folder is written in the dtype of its input")
     if fmt == "diffusers":  # a file in the way, or no right to write there: said before the bake, not after
         output_folder(out, create=False)
     else:

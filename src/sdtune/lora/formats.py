@@ -666,6 +666,18 @@ def bundled_words(source: Lora | str | Path) -> list[str]:
     return sorted({k[len(BUNDLE_PREFIX):].split(".")[0] for k in read_keys(source) if k.startswith(BUNDLE_PREFIX)})
 
 
+def diffusers_refuses_kohya(lora: Lora) -> str | None:
+    """Why diffusers' ``load_lora_weights`` refuses ``lora`` written in the kohya layout, where it does (None: it
+    loads): bundled words (their keys hold no "lora"), or text-encoder layers alone without an ``out_proj`` (its
+    kohya reader tells the old text-encoder naming by that layer)."""
+    if bundled_embeddings(lora):
+        return "its bundled words (keys without 'lora')"
+    text = [p for c in TEXT_COMPONENTS for p in lora.modules.get(c, {})]
+    if text and not lora.modules.get("unet") and not any(p.endswith("out_proj") for p in text):
+        return "text-encoder layers without an out_proj (its kohya reader infers the layout from one)"
+    return None
+
+
 def bundled_embeddings(lora: Lora, source: str = "") -> list[Embedding]:
     """The Textual Inversion embeddings a LoRA file carries (``bundle_emb.*``, cloneofsimo's ``<s1>``), each as an
     ``Embedding`` whose token is its bundled name (A1111's prompt word)."""

@@ -11,7 +11,14 @@ from .. import families
 from ..checkpoints import describe_checkpoint, describe_folder, not_a_model, unknown_width
 from ..ldm import ADAPTER_KEY
 from ..safeio import SdtuneError, is_safetensors, read_keys
-from ..ti.formats import Embedding, a1111_word, fitting_families, load_embedding, made_for
+from ..ti.formats import (
+    Embedding,
+    OriginalTextualInversion,
+    a1111_word,
+    fitting_families,
+    load_embedding,
+    made_for,
+)
 from . import blocks as block_weights
 from . import hashes, keys
 from .formats import CLIP_G_SUFFIX, adapter_folder_file, load_lora
@@ -33,7 +40,11 @@ def describe(path: str | Path) -> dict:
         hint = f" (it holds {', '.join(p.name for p in inside)})" if inside else ""
         raise SdtuneError(f"{path}: is a folder; give a LoRA, embedding or checkpoint file{hint}, or several "
                           f"(sdtune inspect {Path(path) / '*.safetensors'})")
-    checkpoint = describe_checkpoint(path)
+    try:
+        checkpoint = describe_checkpoint(path)
+    except SdtuneError:  # unreadable: the embedding reader's refusal where it names the format, else this one
+        _embedding(path)
+        raise
     if checkpoint is not None:
         sha = hashes.file_sha256(Path(path))  # remembered across runs for big files: checkpoints are gigabytes
         return checkpoint | {"hashes": {"sha256": sha, "autov2": sha[:hashes.AUTOV2_LEN],
@@ -137,6 +148,8 @@ def _bundled_shapes(lora) -> dict:
 def _embedding(path: str | Path) -> Embedding | None:
     try:
         return load_embedding(path)
+    except OriginalTextualInversion:
+        raise  # its message names the format; the other readers say only "a pickle"
     except SdtuneError:
         return None
 
@@ -217,7 +230,7 @@ def _render_folder(info: dict) -> str:
     return "\n".join(_table([
         ("file", info["file"]), ("kind", "diffusers model folder (give it as --model)"),
         ("base family", info["family_name"]), ("parameters", f"{info['parameters']:,}: {_parts(info['components'])}"),
-        ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items()) or "n/a"),
+        ("dtypes", ", ".join(f"{d} ({n} weight tensors)" for d, n in info["dtypes"].items()) or "n/a"),
         ("prediction", info["prediction"] or "n/a")]))
 
 
@@ -234,7 +247,8 @@ def _render_checkpoint(info: dict) -> str:
     rows = [("file", info["file"]), ("kind", "checkpoint (single file)"),
             ("base family", info["family_name"] or "unknown (a cross-attention width sdtune does not know)"),
             ("parameters", f"{info['parameters']:,}: {parts}"),
-            ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items()) or "n/a"),
+            # (the weights' floats: position ids and other integer buffers are no weights)
+            ("dtypes", ", ".join(f"{d} ({n} weight tensors)" for d, n in info["dtypes"].items()) or "n/a"),
             ("EMA copy", f"yes ({info['ema_tensors']} tensors, not loaded)" if info["ema_tensors"] else "no"),
             *([("sdtune loads it", f"no: {info['not_loaded']}")] if info.get("not_loaded") else []),
             ("prediction", prediction),

@@ -126,13 +126,18 @@ def _halves(first: Embedding, second: Embedding, path: Path) -> Embedding:
                      first.training, first.stored_dtype)
 
 
+class OriginalTextualInversion(SdtuneError):
+    """The original textual_inversion pickle: refused with its own name (the safe loader's message says only "a
+    pickle with Python objects"), wherever a tool meets it."""
+
+
 def load_embedding_file(path: Path, token: str | None = None) -> Embedding:
     """``load_embedding`` of one file."""
     try:
         state, metadata = load_state(path)
     except SdtuneError:
         if _is_original_textual_inversion(path):
-            raise SdtuneError(
+            raise OriginalTextualInversion(
                 f"{path}: an original textual_inversion embedding (a pickled ParameterDict with numpy objects), which "
                 f"sdtune will not unpickle since that could run code; convert it to learned_embeds.safetensors "
                 f"with a tool you trust") from None
