@@ -54,7 +54,9 @@ def test_ctrl_c_while_the_command_starts_is_one_line(after):
     time.sleep(after)  # inside torch's and diffusers' imports, which take seconds
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (130, 2), err  # 2: the command had already finished (a very fast machine)
+    # 2: the command had finished (a fast machine); -SIGINT: it had, and the signal came while Python shut down,
+    # after the process's handlers are gone (a shell says 130, as for the 130 of an interrupted command)
+    assert proc.returncode in (130, 2, -signal.SIGINT), err
     assert "Traceback" not in err and err.strip() in ("sdtune: interrupted",
                                                       "sdtune: error: nothing.safetensors: no such file; check the path")
 

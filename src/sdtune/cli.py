@@ -17,6 +17,7 @@ from .console import (
     Terminated,
     cli_warnings,
     imports_without_gc,
+    interrupt_ends_with,
     main_process,
     restore_interrupt,
     terminate_unwinds,
@@ -339,15 +340,16 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    restore_interrupt()  # a Ctrl-C from now on is a KeyboardInterrupt, caught below after cleanups ran
     cli_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in argv[1:]:  # also after the command (`sdtune inspect F --debug`), where users add it
         argv.remove("--debug")
         argv.insert(0, "--debug")
+    # (a Ctrl-C while the parser is built, which imports torch, is still the starting one's line)
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage (argparse's top one shows sdtune's)
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    restore_interrupt()  # a Ctrl-C from now on is a KeyboardInterrupt, caught below after cleanups ran
     try:
         with terminate_unwinds():
             # the command's module, imported here rather than above: parsing, --help and a refused flag are
@@ -393,6 +395,7 @@ def run() -> None:
     cost about a tenth of the whole process (on the shared 2-core test machine). Only the process's entry does
     this: ``main`` called in a longer-lived process (tests, a notebook) leaves its collector alone."""
     code = main()
+    interrupt_ends_with(code)
     gc.freeze()
     sys.exit(code)
 

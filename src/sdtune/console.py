@@ -95,6 +95,18 @@ def restore_interrupt() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def interrupt_ends_with(code: int) -> None:
+    """For the ``sdtune`` process once its command is done: a Ctrl-C while it exits ends it with the command's own
+    exit code, what it printed flushed (Python's handler gave a traceback). Python's last steps of shutting down
+    put the system's default back, under which the signal ends the process as a shell's 130."""
+    def end(signum, frame) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    signal.signal(signal.SIGINT, end)
+
+
 @contextlib.contextmanager
 def imports_without_gc():
     """Import the heavy libraries without Python's cyclic garbage collector walking them.
