@@ -257,6 +257,8 @@ def test_parsing_and_errors(base, tmp_path):
             parse_axis(typo)
     with pytest.raises(SdtuneError, match=r"cfg axis range|guidance axis range"):
         parse_values("cfg", "7-3")
+    with pytest.raises(SdtuneError, match=r"guidance axis range '1-9{400}': write low-high"):  # (inf: a traceback)
+        parse_values("cfg", "1-" + "9" * 400)
     assert parse_values("prompt", "a, b|c") == ["a, b", "c"]
     assert parse_axis("cfg=3,7.5").values == [3.0, 7.5] and parse_axis("cfg=3,7.5").kind == "guidance"
     with pytest.raises(SdtuneError, match=r"^cfg axis value 'abc' is not a number; e.g. cfg=3,5,7.5$"):

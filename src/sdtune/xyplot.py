@@ -154,8 +154,8 @@ def _typed(kind: str, v):
 
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
-# A1111's ranges: low-high, low-high (+step), low-high [count] (count values from low to high)
 MAX_CELLS = 2500  # a 50 x 50 grid; the drawn grid alone of a larger one takes gigabytes
+# A1111's ranges: low-high, low-high (+step), low-high [count] (count values from low to high)
 _RANGE = re.compile(rf"({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*\+\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?")
 
 
@@ -167,7 +167,8 @@ def _range(kind: str, text: str) -> list | None:
     whole = kind in ("seed", "steps", "clip_skip")
     lo, hi = float(m.group(1)), float(m.group(2))
     step, count = float(m.group(3) or 1), int(m.group(4) or 0)
-    if hi < lo or step <= 0 or (m.group(4) and count < 1) or (whole and not (lo.is_integer() and hi.is_integer())):
+    if hi < lo or step <= 0 or (m.group(4) and count < 1) or not math.isfinite(hi - lo) or \
+            (whole and not (lo.is_integer() and hi.is_integer())):
         raise SdtuneError(f"{kind} axis range {text!r}: write low-high, low-high(+step) or low-high[count], e.g. "
                           f"1-10(+3) or 3-7[5]")
     count = count or int((hi - lo) / step + 1e-9) + 1
