@@ -2,7 +2,7 @@
 
     python tools/module_tables.py
 
-Run it after a family's configs change; tests/test_families_data.py checks the shipped tables against what the
+Run it after a family's configs change; tests/test_families.py checks the shipped tables against what the
 installed diffusers and transformers build. gzip with a fixed timestamp, so the same table gives the same bytes.
 """
 
