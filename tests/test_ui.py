@@ -595,6 +595,9 @@ def test_reuse_reads_an_a1111_png(studio, tmp_path):
                                             f'a castle\nSteps: 3, Seed: 1, RNG: CPU, Lora weights: "style={weights}"'),
                                    uploaded=True)
         assert (taken["prompt"], taken["not_applied"]) == (f"a castle <lora:style:{weights}>", [])
+    Image.new("RGB", (8, 8)).save(tmp_path / "edited.avif")  # every image kind the drop takes is read and answered
+    with pytest.raises(SdtuneError, match="^edited.avif: no generation parameters in this image"):
+        studio.settings_of(tmp_path / "edited.avif", uploaded=True)
     plain = studio.settings_of(save_png(Image.new("RGB", (8, 8)), tmp_path / "text.png", "just some text"),
                                uploaded=True)
     assert plain == {"prompt": "just some text", "negative_prompt": "", "parameters": "just some text",
@@ -681,6 +684,11 @@ def test_compare_makes_a_grid_with_its_parts(studio):
     # too many cells: refused before the work per cell (checking a million cells' prompts took minutes)
     with pytest.raises(SdtuneError, match="^1000000 cells: a grid takes at most 2500"):
         studio.compare("a red star", x="seed=1-1000", y="cfg=1-1000", steps=1)
+    (studio.folders.loras / "sub").mkdir()  # two picks of one file name: the cells could name only one of them
+    shutil.copyfile(studio.folders.loras / "style.safetensors", studio.folders.loras / "sub" / "style.safetensors")
+    with pytest.raises(SdtuneError, match=r"^two picked LoRAs are named style \(sub/style and another folder's\)"):
+        studio.compare("a red star", x="seed=1,2", loras=["style", "sub/style"], steps=1)
+    shutil.rmtree(studio.folders.loras / "sub")
     with pytest.raises(SdtuneError, match="^no X axis; write KIND=VALUES in it"):  # the page's words, no flags
         studio.compare("a red star", y="seed=1,2", steps=1)
     with pytest.raises(SdtuneError, match="^weight axis: pick the LoRA it sweeps in 'weight axis sweeps'"):

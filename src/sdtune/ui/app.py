@@ -178,7 +178,7 @@ def _generate_tab(studio: Studio):
             params = gr.Textbox(label="Parameters", lines=3, interactive=False, elem_id="gen-params")
             reuse = gr.Button("Reuse these settings", elem_id="gen-reuse")
             drop = gr.File(label="Drop an sdtune or A1111 PNG here to reuse its settings", elem_id="gen-drop",
-                           height=120, file_types=[".png", ".jpg", ".jpeg", ".webp"])
+                           height=120, file_types=list(UPLOADS["image"][0]))  # (another is dropped unsaid)
             status = _status("gen-status")
     shown = gr.State([])  # [(path, parameters)] of the images on show
     picked = gr.State(None)  # path of the image whose parameters are on show
