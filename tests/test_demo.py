@@ -193,7 +193,7 @@ def test_commands_reproduce_the_steps(report, tmp_path):
     grids = [parser.parse_args(w[1:]) for w in lines if w[1] == "grid"]
     assert [a.name for a in grids] == ["ti", "lora", "sweep", "mix"]
     for a in grids:
-        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps and a.handler == "cmd_grid"
+        assert Path(a.out) == out / "grids" and a.steps == demo.QUICK.gen_steps and a.handler == "commands.cmd_grid"
         assert all(Path(f).is_file() for f in a.lora + a.embedding)
     # running one of them (into another folder) gives the demo's images exactly
     words = next(w for w in lines if w[1] == "grid" and "mix" in w)

@@ -250,7 +250,7 @@ def test_lora_tag_parsing():
     clean, tags = api.parse_lora_tags("a castle, <lora:moxin:0.8> <lora:b> <lyco:c:1:0.5>")  # lyco: A1111's alias
     assert clean == "a castle,   "  # only the tags go, as in A1111 (the comma is a token of the prompt)
     assert tags == [("moxin", 0.8, None), ("b", 1.0, None), ("c", 0.5, 1.0)]  # A1111: te first, then the UNet
-    with pytest.raises(SdtuneError, match="must be a number"):
+    with pytest.raises(SdtuneError, match="must be a finite number"):
         api.parse_lora_tags("<lora:x:abc>")
     # A1111's named weights
     assert api.parse_lora_tags("a, <lora:x:unet=0.5:te=0.2>, b") == ("a, , b", [("x", 0.5, 0.2)])
