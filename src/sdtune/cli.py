@@ -51,18 +51,17 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 def _adapter_args(p: argparse.ArgumentParser, split_weights: bool = True) -> None:
     """``split_weights``: --lora takes a text encoders' weight of its own (a grid's LoRAs take one weight, which
     its axes sweep)."""
-    blocks = ("block weights as the lora-block-weight extension's (lbw=1,0,… or lbw=INALL); each file once "
-              "(prompt tags and PNGs name a LoRA by its file name); repeatable")
     if split_weights:
-        p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT[:UNET_WEIGHT]][:lbw=W,W,…|PRESET]",
-                       help="a LoRA file or hub source (owner/repo[/file]), weight 1.0 by default; optionally the "
-                       "UNet's own weight, as A1111 reads <lora:name:0.5:0.8>: SOURCE:0.5:0.8 or "
-                       "SOURCE:te=0.5:unet=0.8, SDXL's second text encoder's te2=W, and " + blocks)
+        form, weights = "[:WEIGHT[:UNET_WEIGHT]]", (
+            "weight 1.0 by default; optionally the UNet's own weight, as A1111 reads <lora:name:0.5:0.8>: "
+            "SOURCE:0.5:0.8 or SOURCE:te=0.5:unet=0.8, SDXL's second text encoder's te2=W")
     else:
-        p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:WEIGHT][:lbw=W,W,…|PRESET]",
-                       help="a LoRA file or hub source (owner/repo[/file]) for the plot, weight 1.0 by default (one "
-                       "weight: a text encoder's own goes in a prompt tag, <lora:name:te=0.5:unet=0.8>), and "
-                       + blocks)
+        form, weights = "[:WEIGHT]", ("for the plot, weight 1.0 by default (one weight: a text encoder's own goes in "
+                                      "a prompt tag, <lora:name:te=0.5:unet=0.8>)")
+    p.add_argument("--lora", action="append", default=[], metavar=f"SOURCE{form}[:lbw=W,W,…|PRESET]",
+                   help=f"a LoRA file or hub source (owner/repo[/file]), {weights}, and block weights as the "
+                   "lora-block-weight extension's (lbw=1,0,… or lbw=INALL); each file once (prompt tags and PNGs "
+                   "name a LoRA by its file name); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], help="folder for <lora:name:weight> in prompts")
     p.add_argument("--embedding", action="append", default=[], metavar="SOURCE[:TOKEN]",
                    help="a TI embedding file or hub source; repeatable")

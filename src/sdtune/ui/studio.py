@@ -524,10 +524,10 @@ class Studio:
         axes = [a for a in (y_axis, x_axis) if a is not None]
         files = {}
         for n in filter(None, loras):
-            if Path(n).name in files and self.adapter_file("loras", n) != Path(files[Path(n).name]):
+            path = str(self.adapter_file("loras", n))
+            if files.setdefault(Path(n).name, path) != path:
                 raise SdtuneError(f"two picked LoRAs are named {Path(n).name} ({n} and another folder's); a grid's "
                                   f"cells name a LoRA by its file name: rename one")
-            files[Path(n).name] = str(self.adapter_file("loras", n))
         for a in axes:
             if a.kind in xyplot.TARGETED_KINDS and a.target is None and len(files) != 1 and \
                     not any(b.kind in xyplot.ADAPTER_KINDS for b in axes):
