@@ -418,6 +418,12 @@ def test_merge_into_a_folder_has_the_usual_permissions_and_a_ckpt_name_is_refuse
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"use {tmp_path / 'm.safetensors'} or a folder name" in err
     assert not (tmp_path / "m.ckpt").exists()
+    half = tmp_path / "half"  # --save-dtype halves a folder too
+    assert main(["merge", "--model", str(folder), "--lora", f"{style}:0", "--out", str(half), "--save-dtype", "fp16"]) == 0
+    assert {v.dtype for v in load_file(half / "unet" / "diffusion_pytorch_model.safetensors").values()} == {
+        torch.float16}
+    assert (half / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < (
+        folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size * 0.51
 
 
 # ---------------------------------------------------------------- train

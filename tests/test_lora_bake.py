@@ -332,6 +332,44 @@ def test_sharded_folder_keeps_its_shards(sharded_folder, loras, tmp_path):
                         patched_in_memory(sharded_folder, pairs))
 
 
+def halved_as_patched(out: Path, want) -> None:
+    """Every float weight of the folder ``out`` is fp16 and equals the float32 patch ``want`` cast once, and each
+    text encoder's config says so (transformers loads a folder in the dtype its config names)."""
+    for comp in ("unet", "text_encoder", "vae"):
+        stem = bake.COMPONENT_WEIGHTS[comp]
+        state = {}
+        for shard in sorted((out / comp).glob(f"{stem}*.safetensors")):
+            state.update(tensors(shard)[0])
+        ref = getattr(want, comp).state_dict()
+        if comp == "text_encoder":  # the file's names may be the hub's (text_model.*)
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+            ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
+        assert state.keys() == ref.keys(), comp
+        for k, v in ref.items():
+            assert state[k].dtype == torch.float16 and torch.equal(state[k], v.half()), f"{comp}.{k}"
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
+    loaded = models.load_base(str(out), device="cpu", dtype="fp16")
+    assert torch.equal(loaded.unet.conv_in.weight, want.unet.conv_in.weight.half())
+
+
+def test_save_dtype_halves_a_folder_on_every_route(base_file, base_folder, sharded_folder, loras, tmp_path):
+    pairs = [(loras[0], 0.7), (loras[1], 1.0)]
+    want = patched_in_memory(base_file, pairs)
+    halved_as_patched(bake.merge(base_folder, pairs, tmp_path / "from-folder", dtype="fp16"), want)
+    halved_as_patched(bake.merge(base_file, pairs, tmp_path / "from-file", dtype="fp16"), want)
+    with pytest.warns(UserWarning, match="diffusion_pytorch_model.fp16.safetensors"):  # a variant left out
+        out = bake.merge(sharded_folder, pairs, tmp_path / "from-shards", dtype="fp16")
+    halved_as_patched(out, want)
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        index = json.loads((out / comp / f"{stem}.safetensors.index.json").read_text())
+        shards = [tensors(out / comp / s)[0] for s in sorted(set(index["weight_map"].values()))]
+        assert index["metadata"]["total_size"] == sum(v.nbytes for state in shards for v in state.values())
+    base = models.load_base(str(base_file), device="cpu", dtype="fp32")  # the loaded route
+    pristine = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    halved_as_patched(bake.merge(base, pairs, tmp_path / "from-loaded", dtype="fp16"), want)
+    assert all(v.dtype == torch.float32 and torch.equal(v, pristine[k]) for k, v in base.unet.state_dict().items())
+
+
 def test_fp16_folder_stays_fp16_and_matches_an_fp16_patch(base_folder, loras, tmp_path):
     half = models.save_diffusers(models.load_base(str(base_folder), device="cpu", dtype="fp16"), tmp_path / "half")
     pairs = [(loras[0], 0.7), (loras[1], 1.0)]
@@ -384,8 +422,8 @@ def test_folder_merge_errors_leave_nothing_behind(base_folder, sharded_folder, l
     (tmp_path / "file").write_text("mine")
     with pytest.raises(SdtuneError, match="file: is a file, not a folder"):  # said before the bake
         bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "file")
-    with pytest.raises(SdtuneError, match=r"--save-dtype fp16: for a single-file output \(OUT.safetensors\) only"):
-        bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "x", dtype="fp16")
+    with pytest.raises(SdtuneError, match=r"unknown dtype 'fp12'; use fp32, fp16 or bf16"):
+        bake.merge(base_folder, [(loras[1], 1.0)], tmp_path / "x", dtype="fp12")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken"]
 
     cut = tmp_path / "cut"

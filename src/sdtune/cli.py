@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "te2=W) and optional lora-block-weight block weights; repeatable")
     m.add_argument("--out", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (the family's single-file layout)")
-    m.add_argument("--save-dtype", help="fp16 | bf16 | fp32, for a single-file --out (default: as loaded; a folder "
-                   "keeps its input's dtype)")
+    m.add_argument("--save-dtype", help="fp16 | bf16 | fp32: the output's weights (default: the input's dtype; a "
+                   "single file keeps its sampling-schedule tensors as stored)")
     m.add_argument("--allow-partial", action="store_true")
     m.set_defaults(handler="commands.cmd_merge")
 

@@ -51,6 +51,7 @@ from .safeio import (
     SdtuneError,
     atomic_folder,
     atomic_save_safetensors,
+    atomic_write_text,
     input_path,
     is_safetensors,
     load_state,
@@ -512,11 +513,30 @@ def save_single_file(base: Base, path, dtype=None, metadata: dict | None = None)
     return path
 
 
-def save_diffusers(base: Base, folder) -> Path:
-    """Write the model as a diffusers folder; an existing folder at that path is replaced only on success."""
+def save_diffusers(base: Base, folder, dtype=None) -> Path:
+    """Write the model as a diffusers folder, its weights in ``dtype`` (default: as loaded); an existing folder at
+    that path is replaced only on success."""
     folder = Path(folder)
+    dtype = None if dtype is None else pick_dtype("cpu", dtype)
     if folder.exists() and not (folder / "model_index.json").is_file() and any(folder.iterdir()):
         raise SdtuneError(f"{folder}: exists and is not a diffusers model folder; choose a new or empty folder")
     with atomic_folder(folder) as tmp, quiet_progress():
         base.pipeline().save_pretrained(tmp, safe_serialization=True)
+        if dtype is not None:  # the files written are cast, not the modules: a Base passed in stays as it was
+            for path in sorted(Path(tmp).glob("*/*.safetensors")):
+                state, metadata = load_state(path)
+                atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                        path, metadata=metadata)
+            for te in base.family.text_encoders:
+                set_config_dtype(Path(tmp) / te.component / "config.json", dtype)
     return folder
+
+
+def set_config_dtype(config: Path, dtype: torch.dtype) -> None:
+    """Name ``dtype`` in a text encoder's transformers config (``dtype``; ``torch_dtype`` before transformers 5),
+    which ``from_pretrained(dtype="auto")`` loads the weights in, so that it says what the folder holds."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    keys = [k for k in ("dtype", "torch_dtype") if k in data]
+    if keys:
+        data.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+        atomic_write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", config)

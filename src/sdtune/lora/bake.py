@@ -95,7 +95,8 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     a triple ``(lora, weight, blocks)`` adds block weights as ``LoraSet.add`` takes them (a preset name such as
     ``"INALL"``, ``"1,0,…"`` or numbers; None: none). ``fmt``: "diffusers" (a
     folder) or "single" (one ``.safetensors`` in the family's original layout: LDM, or SGM for SDXL).
-    ``dtype``: e.g. "fp16" to store a single file smaller.
+    ``dtype``: the output's float weights' dtype, e.g. "fp16" to store it smaller (default: the input's; a
+    single file's sampling-schedule tensors keep theirs).
     """
     if fmt not in FORMATS:
         raise SdtuneError(f"unknown merge format {fmt!r}; use diffusers or single")
@@ -106,9 +107,8 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         raise SdtuneError(f"{out}: sdtune writes a merged model as one .safetensors file (A1111 and ComfyUI load "
                           f"it; never a pickled {out.suffix}) or a diffusers folder; use "
                           f"{out.with_suffix('.safetensors')} or a folder name")
-    if fmt == "diffusers" and dtype is not None:
-        raise SdtuneError(f"--save-dtype {dtype}: for a single-file output (OUT.safetensors) only; a diffusers "
-                          f"folder is written in the dtype of its input")
+    if dtype is not None:
+        models.pick_dtype("cpu", dtype)  # an unknown name is refused before anything is read
     if fmt == "diffusers":  # a file in the way, or no right to write there: said before the bake, not after
         output_folder(out, create=False)
     else:
@@ -134,10 +134,10 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
     if path.is_file() and is_safetensors(path):
         if fmt == "single":
             return _single_to_single(path, pairs, out, dtype, allow_partial)
-        return _single_to_folder(path, pairs, out, allow_partial)
+        return _single_to_folder(path, pairs, out, dtype, allow_partial)
     files = _folder_weight_files(path) if fmt == "diffusers" and path.is_dir() else None
     if files is not None:
-        return _folder_to_folder(path, files, pairs, out, allow_partial)
+        return _folder_to_folder(path, files, pairs, out, dtype, allow_partial)
     base = models.load_base(str(base_or_spec), device="cpu", dtype="fp32")
     # a folder's file written in the dtype its weights are stored in, as the streamed routes write theirs
     return _merge_loaded(base, pairs, out, fmt, dtype or _stored_dtype(path), allow_partial)
@@ -190,7 +190,7 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
                          allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
         # as the streamed routes check each tensor they patch: in the dtype it is saved in (a float32 sum can be
         # finite and still overflow fp16)
-        saved = models.DTYPES[dtype] if fmt == "single" and dtype else None
+        saved = models.pick_dtype("cpu", dtype) if dtype else None
         for comp, module in lora_set.modules.items():
             for key, param in module.named_parameters():
                 stored = param if saved in (None, param.dtype) else param.to(saved)
@@ -199,7 +199,7 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
                                                 sorted({w for p in pairs for w in p.weights.values()})))
         if fmt == "single":
             return models.save_single_file(base, out, dtype=dtype, metadata={META_MERGED: _merged_note(pairs)})
-        return models.save_diffusers(base, out)
+        return models.save_diffusers(base, out, dtype=dtype)
     finally:
         lora_set.remove_all()
 
@@ -723,8 +723,9 @@ def _schedule_key(key: str, plan: dict) -> bool:
     return not plan.get(key) and ("." not in key or key.startswith("denoiser."))
 
 
-def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path:
+def _single_to_folder(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
     _check_out_folder(out)
+    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
     single = _SingleFile.open(path, strict=True)  # a folder holds only what its components load
     src, prefixes = single.src, ldm.component_prefixes(single.family)
     by_part: dict[str, list] = {comp: [] for comp in single.parts}
@@ -737,18 +738,23 @@ def _single_to_folder(path: Path, pairs, out: Path, allow_partial: bool) -> Path
                               f"{single.family.title} that includes them")
     changes = _contributions(single.where(), pairs, allow_partial, single.family, dict(single.parts["unet"].config))
     with atomic_folder(out) as tmp:
-        _write_configs(tmp, single, {comp: _float_dtype(src, found) for comp, found in by_part.items()})
+        _write_configs(tmp, single, {comp: out_float or _float_dtype(src, found) for comp, found in by_part.items()})
         for comp, found in by_part.items():
             items = []
             for key, target in found:
                 info, cut = src.header[key], single.cut(key, target)
                 shape = cut.shape(info["shape"])
                 contribs = changes.get((path, key), {}).get(cut)
-                items.append(_Item(target.name, src, key, [(WHOLE, contribs)] if contribs else [], info["dtype"],
-                                   shape[:2] if target.squeeze else shape, cut))
+                items.append(_Item(target.name, src, key, [(WHOLE, contribs)] if contribs else [],
+                                   _out_dtype(info["dtype"], out_float), shape[:2] if target.squeeze else shape, cut))
             metadata = {"format": "pt", **({META_MERGED: _merged_note(pairs)} if comp != "vae" else {})}
             _write_file(tmp / comp / f"{COMPONENT_WEIGHTS[comp]}.safetensors", items, metadata)
     return out
+
+
+def _out_dtype(stored: str, out_float: torch.dtype | None) -> str:
+    """The safetensors dtype a tensor stored as ``stored`` is written in: ``out_float`` if it is a float one."""
+    return ST_NAMES[out_float] if out_float is not None and ST_DTYPES[stored].is_floating_point else stored
 
 
 def _float_dtype(src: _Source, found: list) -> torch.dtype:
@@ -806,23 +812,43 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
     return found
 
 
-def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, allow_partial: bool) -> Path:
+def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, dtype, allow_partial: bool) -> Path:
     _check_out_folder(out)
+    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
     where, biases = _folder_where(files)
     sources = list({src.path: src for table in (where, biases) for paths in table.values()
                     for src, _, _ in paths.values()}.values())
+    vae = folder / "vae" / f"{COMPONENT_WEIGHTS['vae']}.safetensors"
+    if out_float is not None and vae.is_file():  # no LoRA patches it, but the whole model takes the dtype
+        sources.append(_Source.open(vae))
     changes = _contributions((where, biases), pairs, allow_partial, *_folder_blocks_context(folder, pairs))
     with atomic_folder(out) as tmp:
         left_out = _copy_folder(folder, tmp, {src.path for src in sources})
         for src in sources:
-            items = [_Item(k, src, k, list(changes.get((src.path, k), {}).items()), src.header[k]["dtype"],
-                           src.header[k]["shape"]) for k in _by_offset(src, src.header)]
-            metadata = dict(src.metadata, **{META_MERGED: _merged_note(pairs)})
-            _write_file(tmp / src.path.relative_to(folder), items, metadata)
+            items = [_Item(k, src, k, list(changes.get((src.path, k), {}).items()),
+                           _out_dtype(src.header[k]["dtype"], out_float), src.header[k]["shape"])
+                     for k in _by_offset(src, src.header)]
+            merged = {META_MERGED: _merged_note(pairs)} if src.path.parent.name != "vae" else {}
+            _write_file(tmp / src.path.relative_to(folder), items, dict(src.metadata, **merged))
+        for comp in files if out_float is not None else ():
+            if comp in TEXT_COMPONENTS:
+                models.set_config_dtype(tmp / comp / "config.json", out_float)
+            for index in (tmp / comp).glob("*.safetensors.index.json"):  # its total size is the shards' new one
+                _set_total_size(index)
     if left_out:
         warnings.warn(f"{folder}: left out of the merge, as they would keep the unmerged weights: "
                       f"{', '.join(left_out)}", stacklevel=3)
     return out
+
+
+def _set_total_size(index: Path) -> None:
+    data = json.loads(index.read_text(encoding="utf-8"))
+    if isinstance(data.get("metadata"), dict) and "total_size" in data["metadata"]:
+        data["metadata"]["total_size"] = sum(
+            info["data_offsets"][1] - info["data_offsets"][0]
+            for shard in sorted(set(data["weight_map"].values()))
+            for info in safetensors_header(index.parent / shard)[0].values())
+        atomic_write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", index)
 
 
 def _folder_where(files: dict[str, list[Path]]) -> tuple[dict, dict]:
