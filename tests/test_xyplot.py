@@ -376,5 +376,6 @@ def test_the_grid_png_names_its_fixed_loras_as_a_cell_does_and_one_name_twice_is
         assert cli.main([*args, "--lora", str(lora_files[0]), "--lora", second]) == 2
         assert capsys.readouterr().err.strip() == (
             f"sdtune: error: --lora {second}: a LoRA named style is given already (--lora {lora_files[0]}); give "
-            f"each file once, and rename one of two files of one name")
+            f"each file once, with the weight it should have, and rename one of two files of one name (prompt tags "
+            f"and PNGs name a LoRA by its file name)")
     assert not (tmp_path / "g" / "xy-2.png").exists()

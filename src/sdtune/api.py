@@ -189,14 +189,20 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
     add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
     given: dict[str, str] = {}
     for spec in loras:
-        name = add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial)
-        if name in given:  # the later one replaced it: one file twice, or two files of one name, said
-            raise SdtuneError(f"--lora {spec}: a LoRA named {name} is given already (--lora {given[name]}); give each "
-                              f"file once, with the weight it should have, and rename one of two files of one name "
-                              f"(prompt tags and PNGs name a LoRA by its file name)")
-        given[name] = spec
+        once_by_name(given, add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial), spec)
     base.embedding_dirs = tuple(embedding_dirs)
     return base
+
+
+def once_by_name(given: dict[str, str], name: str, spec: str) -> None:
+    """Record ``--lora spec``, loaded as ``name``, in ``given``. One of a name given already (the same file
+    twice, or two files of one name) is refused: the later one replaced the first (``LoraSet`` keeps one adapter
+    a name), and prompt tags and PNGs name a LoRA by its file name."""
+    if name in given:
+        raise SdtuneError(f"--lora {spec}: a LoRA named {name} is given already (--lora {given[name]}); give each "
+                          f"file once, with the weight it should have, and rename one of two files of one name "
+                          f"(prompt tags and PNGs name a LoRA by its file name)")
+    given[name] = spec
 
 
 def _load_dir_embeddings(base: Base, prompt: str, dirs) -> None:

@@ -626,11 +626,7 @@ def xy_plot(base, prompt: str, x: Axis, y: Axis | None = None, *, negative_promp
     try:
         given: dict[str, str] = {}  # the name a prompt and the PNG give each LoRA: its file's (A1111's)
         for spec in loras:
-            said = adapters.prompt_name(adapters.add_lora_file(spec))
-            if said in given:  # its weight would replace the first's, or two files share one name in the cells
-                raise SdtuneError(f"--lora {spec}: a LoRA named {said} is given already (--lora {given[said]}); give "
-                                  f"each file once, and rename one of two files of one name")
-            given[said] = spec
+            api.once_by_name(given, adapters.prompt_name(adapters.add_lora_file(spec)), spec)
         for spec in embeddings:
             adapters.add_embedding_file(spec)
         targets = {id(a): adapters.weight_target(a) for a in axes if a.kind in TARGETED_KINDS}
