@@ -116,7 +116,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sdtune", description="Personalise Stable Diffusion with LoRA and "
+    ap = _Parser(prog="sdtune", description="Personalise Stable Diffusion with LoRA and "
                                  "Textual Inversion: train, load, mix, merge, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--version", action=_Version, nargs=0,
@@ -253,17 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default: 512)")
     u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
     u.set_defaults(handler="commands.cmd_ui")
-    _own_parser(ap)
     return ap
 
 
-def _own_parser(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)command's parser in its namespace as ``parser``: the innermost one parsed sets it last."""
-    parser.set_defaults(parser=parser)
-    for action in parser._actions:  # (argparse keeps the subcommands' parsers on its subparsers action only)
-        if isinstance(action, argparse._SubParsersAction):
-            for child in set(action.choices.values()):
-                _own_parser(child)
+class _Parser(argparse.ArgumentParser):
+    """A parser that puts itself in the namespace as ``parser``: of a command's parsers the innermost one parsed
+    sets it last, so a later refusal shows that (sub)command's usage. ``add_subparsers`` makes its children of
+    this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_defaults(parser=self)
 
 
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
