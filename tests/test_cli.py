@@ -655,7 +655,32 @@ def test_the_command_line_parses_without_diffusers_and_the_api_loads_on_first_us
     r = run_cli("--help")
     assert r.returncode == 0 and r.stderr == "" and "train" in r.stdout and "inspect" in r.stdout
     r = run_cli("train", "lora", "--rnak", "4")
-    # said by the command's own parser, with its usage (the top one's named sdtune's commands instead)
+    # said by the command's own parser (the top one's named sdtune's commands instead), in one line
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "usage: sdtune train lora [--config FILE] [--data FOLDER] [--out FOLDER] [--model MODEL] [option ...]",
-        "sdtune train lora: error: unrecognized arguments: --rnak 4"]
+        "sdtune train lora: error: unrecognized arguments: --rnak 4 (--rnak: did you mean --rank?); see sdtune train "
+        "lora --help"]
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["generate", "--promt", "x"], "sdtune generate: error: the following arguments are required: --prompt (--promt: "
+                                   "did you mean --prompt?); see sdtune generate --help"),
+    (["generate", "--prompt", "x", "--rank", "4"], "sdtune generate: error: unrecognized arguments: --rank 4 (--rank "
+     "is an option of sdtune lora merge, sdtune lora resize, sdtune lora extract, sdtune train lora); see sdtune "
+     "generate --help"),
+    (["train", "lora", "--network_dim=4", "--learning_rate", "1e-3"], "sdtune train lora: error: unrecognized "
+     "arguments: --network_dim=4 --learning_rate 1e-3 (--network_dim: kohya's/diffusers' name, sdtune's is --rank; "
+     "--learning_rate: kohya's/diffusers' name, sdtune's is --lr); see sdtune train lora --help"),
+    (["generate", "--prompt", "x", "--negative_prompt", "y"], "sdtune generate: error: unrecognized arguments: "
+     "--negative_prompt y (--negative_prompt: sdtune writes it --negative-prompt); see sdtune generate --help"),
+    (["inspect", "f", "--zz"], "sdtune inspect: error: unrecognized arguments: --zz (--zz: no command takes it); see "
+                               "sdtune inspect --help"),
+    (["genrate", "--prompt", "x"], "sdtune: error: argument command: invalid choice: 'genrate' (choose from "
+     "'generate', 'inspect', 'convert', 'lora', 'merge', 'train', 'grid', 'demo', 'eval-tiny', 'ui'); see sdtune "
+     "--help"),
+])
+def test_a_mistyped_or_misplaced_option_is_one_line_naming_the_likely_one(args, said, capsys):
+    """The README's promise (one line that says what is wrong and the fix) holds for argparse's refusals too: no
+    usage block, and a misspelt flag, kohya's name for one, or another command's flag is named as such."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and capsys.readouterr().err == said + "\n"

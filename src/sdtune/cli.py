@@ -30,7 +30,7 @@ with imports_without_gc():  # (see console.imports_without_gc)
     from .safeio import SdtuneError, user_path
     from .samplers import SCHEDULERS
     from .train import presets, queue_file
-    from .train.config import KINDS, TOPICS, setting_helps, setting_type
+    from .train.config import KINDS, TOPICS, likely_name, setting_helps, setting_type
     from .version import __version__
 
 
@@ -116,6 +116,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _Parser.built = []
     ap = _Parser(prog="sdtune", description="Personalise Stable Diffusion with LoRA and "
                                  "Textual Inversion: train, load, mix, merge, convert.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -258,12 +259,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Parser(argparse.ArgumentParser):
     """A parser that puts itself in the namespace as ``parser``: of a command's parsers the innermost one parsed
-    sets it last, so a later refusal shows that (sub)command's usage. ``add_subparsers`` makes its children of
-    this class too."""
+    sets it last, so a later refusal is that (sub)command's. ``add_subparsers`` makes its children of this class
+    too. Its refusals are one line, as every other of sdtune's, and name the option a mistyped one likely means
+    (or the commands that take it)."""
+
+    built: list[_Parser] = []  # every parser of the command line (build_parser starts it anew)
+    given: list[str] = []  # the command line being parsed (main sets it)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.set_defaults(parser=self)
+        _Parser.built.append(self)
+
+    def error(self, message):
+        # (not the top parser's: its refusals are of the command's name, and the options are the command's)
+        hints = [h for token in self.given if (h := self._hint(token))] if self is not _Parser.built[0] else []
+        self.exit(2, f"{self.prog}: error: {message}{' (' + '; '.join(hints) + ')' if hints else ''}; see "
+                     f"{self.prog} --help\n")
+
+    def _options(self) -> set[str]:
+        return set(self._option_string_actions)  # (argparse's table of its flags)
+
+    def _hint(self, token: str) -> str | None:
+        """For an option this command does not take: the one it likely means, or the commands that take it."""
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag in self._options() | _Parser.built[0]._options():
+            return None
+        own = {o.removeprefix("--").replace("-", "_") for o in self._options() if o.startswith("--")}
+        name = flag.removeprefix("--").lower()
+        likely, other_tool = likely_name(name, own)
+        if likely is not None:
+            said = "--" + likely.replace("_", "-")
+            if likely == name.replace("-", "_"):
+                return f"{flag}: sdtune writes it {said}"
+            return f"{flag}: kohya's/diffusers' name, sdtune's is {said}" if other_tool else f"{flag}: did you mean {said}?"
+        elsewhere = [p.prog for p in _Parser.built if flag in p._options()]
+        return f"{flag} is an option of {', '.join(elsewhere)}" if elsewhere else f"{flag}: no command takes it"
 
 
 def _settings_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -345,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")
         argv.insert(0, "--debug")
     # (a Ctrl-C while the parser is built, which imports torch, is still the starting one's line)
+    _Parser.given = argv
     args, unknown = build_parser().parse_known_args(argv)
-    if unknown:  # said by the command's own parser, with its usage (argparse's top one shows sdtune's)
+    if unknown:  # said by the command's own parser (argparse's top one would name sdtune's)
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     restore_interrupt()  # a Ctrl-C from now on is a KeyboardInterrupt, caught below after cleanups ran
     try:
