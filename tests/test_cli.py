@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -265,11 +266,22 @@ def test_generate_with_an_embedding_in_the_negative_prompt(tmp_path, capsys):
     save_file({"emb_params": torch.randn(2, 64) * 3}, emb)
     common = ["--prompt", "a red circle", "--seed", "1", *FAST]
     assert main(["generate", *common, "--out", str(tmp_path / "plain"), "--negative-prompt", "blurry"]) == 0
-    assert main(["generate", *common, "--out", str(tmp_path / "neg"), "--embedding", str(emb),
-                 "--negative-prompt", "EasyNeg"]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["generate", *common, "--out", str(tmp_path / "neg"), "--embedding", str(emb),
+                     "--negative-prompt", "EasyNeg"]) == 0
+    assert not [w for w in seen if issubclass(w.category, console.SdtuneWarning)]  # its word is typed
     assert main(["generate", *common, "--out", str(tmp_path / "dir"), "--embedding-dir", str(tmp_path),
                  "--negative-prompt", "EasyNeg"]) == 0
-    capsys.readouterr()
+    # a renamed diffusers file loads as the word it stores: typing its file's name uses nothing, which is said
+    renamed = tmp_path / "other" / "EasyNegative.safetensors"
+    renamed.parent.mkdir()
+    save_file({"<sks>": torch.randn(1, 64)}, renamed)
+    with pytest.warns(console.SdtuneWarning) as notes:
+        assert main(["generate", *common, "--out", str(tmp_path / "renamed"), "--embedding", str(renamed),
+                     "--negative-prompt", "EasyNegative"]) == 0
+    assert [str(n.message) for n in notes] == [f"{renamed}: loaded as '<sks>', which no prompt types, so it changes "
+                                               f"nothing; type <sks>, or give FILE:WORD to load it as another word"]
     plain, neg, by_dir = (next((tmp_path / d).glob("*.png")) for d in ("plain", "neg", "dir"))
     assert parse_infotext(read_infotext(neg))["negative_prompt"] == "EasyNeg"
     assert np.abs(pixels(plain) - pixels(neg)).max() > 0

@@ -186,12 +186,22 @@ def load(model: str = "tiny", device=None, dtype=None, *, vae=None, loras=(), em
             raise SdtuneError(f"{folder}: --lora-dir is not a folder; check the path")
     base = load_base(model, device=device, dtype=dtype, vae=vae)
     # named one by one, so one that cannot be used stops here rather than draw images without it
-    add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs), skip_unusable=False)
+    base.given_words = tuple(add_embeddings(base, embeddings, search_dirs=tuple(embedding_dirs),
+                                            skip_unusable=False))
     given: dict[str, str] = {}
     for spec in loras:
         once_by_name(given, add_lora(base, spec, search_dirs=tuple(lora_dirs), allow_partial=allow_partial), spec)
     base.embedding_dirs = tuple(embedding_dirs)
     return base
+
+
+def note_unused_words(base: Base, *prompts: str) -> None:
+    """An embedding ``load`` was given whose word no prompt types changes nothing: said, as a renamed file loads
+    under the word it stores (an SD 1.x diffusers file too), which may not be the one typed."""
+    for token in getattr(base, "given_words", ()):
+        if not any(token in p for p in prompts if p):
+            note(f"{base.embeddings.source(token)}: loaded as {token!r}, which no prompt types, so it changes "
+                 f"nothing; type {token}, or give FILE:WORD to load it as another word")
 
 
 def once_by_name(given: dict[str, str], name: str, spec: str) -> None:

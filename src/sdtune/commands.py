@@ -31,6 +31,7 @@ def cmd_generate(a) -> None:
     output_folder(a.out)
     base = api.load(a.model, a.device, a.dtype, vae=a.vae, loras=a.lora, embeddings=a.embedding,
                     lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir, allow_partial=a.allow_partial)
+    api.note_unused_words(base, a.prompt, a.negative_prompt)
     writer = ImageWriter(a.out)  # each batch is written when done: a Ctrl-C keeps them
 
     def write(batch) -> None:
