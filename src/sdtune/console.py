@@ -40,7 +40,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM (``kill``, ``docker stop``, a job scheduler's time limit) outside a training step."""
+    """A SIGTERM (``kill``, ``docker stop``, a job scheduler's time limit); its message, where it has one, says
+    what was kept."""
 
 
 @contextlib.contextmanager
@@ -64,8 +65,9 @@ def terminate_unwinds():
 
 @contextlib.contextmanager
 def stop_requests(enabled: bool = True):
-    """Inside: a first Ctrl-C (or SIGTERM) only asks (the yielded list gets an entry) and says so, for a loop to
-    finish its step, save and stop; a second one interrupts at once, as outside. Off in other threads (the web UI's jobs),
+    """Inside: a first Ctrl-C (or SIGTERM) only asks (the yielded list gets its signal number) and says so, for a
+    loop to finish its step, save and stop (raising ``stopped_by``'s exception); a second one interrupts at once,
+    as outside. Off in other threads (the web UI's jobs),
     where Python delivers no signal."""
     requested: list[bool] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -74,9 +76,9 @@ def stop_requests(enabled: bool = True):
 
     def ask(signum, frame):
         if requested:
-            raise Interrupted("stopped without saving the step in progress; the same command continues from the "
-                              "last save, if there is one")
-        requested.append(True)
+            raise stopped_by(signum)("stopped without saving the step in progress; the same command continues from "
+                                     "the last save, if there is one")
+        requested.append(signum)
         name = signal.Signals(signum).name
         why, again = ("", "Ctrl-C again") if signum == signal.SIGINT else (f"{name}: ", f"a second {name} or Ctrl-C")
         sys.stderr.write(f"\nsdtune: {why}stopping after this step to save it ({again} to stop without saving)\n")
@@ -88,6 +90,12 @@ def stop_requests(enabled: bool = True):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stopped_by(signum: int) -> type[KeyboardInterrupt]:
+    """The exception a stop asked by ``signum`` ends with: a SIGTERM's exits 143 (128 + 15), as schedulers expect,
+    a Ctrl-C's 130."""
+    return Terminated if signum == signal.SIGTERM else Interrupted
 
 
 def restore_interrupt() -> None:

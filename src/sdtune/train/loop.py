@@ -60,7 +60,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests
+from ..console import Interrupted, Terminated, launched, main_process, note, progress, stop_requests, stopped_by
 from ..generate import TextStack, generate, grid, infotext, note_deep_clip_skip, save_png
 from ..safeio import SdtuneError, atomic_save_torch, atomic_write_text, folder_lock, load_state
 from . import fp8, logs, optimizers, samples, shared_text
@@ -760,8 +760,9 @@ def _steps(r: Session, start: int, callback: Callable[[int, float], None] | None
                 if r.last_save != done:
                     r.validate(done)
                     r.save(done, final=False)
-                raise Interrupted(f"interrupted at step {done} of {r.total}, saved ({r.checkpoints[-1][1]}, "
-                                  f"{r.out / STATE_FILE}); run the same command to continue")
+                stop = stopped_by(asked[0])
+                raise stop(f"{'terminated' if stop is Terminated else 'interrupted'} at step {done} of {r.total}, "
+                           f"saved ({r.checkpoints[-1][1]}, {r.out / STATE_FILE}); run the same command to continue")
         r.save(r.total, final=True)
     except KeyboardInterrupt as e:
         if acc.num_processes == 1 or isinstance(e, Interrupted):
