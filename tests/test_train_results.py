@@ -107,6 +107,12 @@ def test_a_validation_folder(base, dataset, tmp_path, capsys):
     assert "validation on 3 held-out image(s)" in capsys.readouterr().err
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_num_train_images"] == "10"  # all of --data trains
+    # --data itself (or a folder of it, which --data reads too) holds no held-out images: refused, not called so
+    with pytest.raises(SdtuneError, match=rf"^--validation-dir {dataset}: 10 of its 10 image\(s\) are training "
+                                          rf"images too \(.*\.png, read from --data\); held-out images must be kept "
+                                          rf"apart: give a folder outside --data, or --validation-split"):
+        train_lora(base, settings(dataset, tmp_path / "same", validation_split=0.0, validation_dir=str(dataset),
+                                  steps=2, sample_every=0))
 
 
 # ---------------------------------------------------------------- logs

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..safeio import SdtuneError
 from . import presets
 from .data import TrainingSet, bucket_options, latent_cache, seed_for
 from .scan import Scan, fingerprint, held_out_order, scan_folder, split_validation
@@ -60,6 +61,7 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
         held = scan_folder(settings.validation_dir, require_captions=require_captions,  # as --data
                            default_caption=settings.default_caption if require_captions else None,
                            option="--validation-dir", all_lines=settings.wildcards)
+        _check_apart(settings.validation_dir, held, scan)
         return scan, held, True
     if settings.validation_split:
         preset = presets.get(settings.kind, settings.preset).values if settings.preset else {}
@@ -69,6 +71,17 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
         return train, held, True
     chosen = held_out_order(scan)[:FALLBACK_IMAGES]
     return scan, Scan(chosen), False
+
+
+def _check_apart(folder: str, held: Scan, scan: Scan) -> None:
+    """Refuse held-out images that are training images too (--validation-dir being --data, or a subfolder of it,
+    which --data reads too): the curve and the best checkpoint would rest on images the run learns."""
+    trained = {e.path.resolve() for e in scan.examples}
+    shared = [e.path for e in held.examples if e.path.resolve() in trained]
+    if shared:
+        raise SdtuneError(f"--validation-dir {folder}: {len(shared)} of its {len(held.examples)} image(s) are "
+                          f"training images too ({shared[0]}, read from --data); held-out images must be kept "
+                          f"apart: give a folder outside --data, or --validation-split to hold some out")
 
 
 def data_id(settings, held: Scan, held_out: bool) -> dict | None:
