@@ -8,6 +8,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sdtune import safeio
 from sdtune.cli import main
@@ -204,20 +206,26 @@ def test_the_page_compares_the_settings_each_run_trains_with(tmp_path):
 
 
 def test_a_finished_queue_takes_settings_that_do_not_change_weights(dataset, tmp_path, capsys, monkeypatch):
-    """A finished run given a new progress bar, sample cadence or report setting is kept (said), not refused; a
-    second queue process on the same folder is refused at once; a data folder given as "." is not taken for
+    """A finished run given a new progress bar, sample cadence or report setting keeps its weights, and its final
+    files and report follow the new ones (as a single run resumed finished), not refused; a second queue process on the same folder is refused at once; a data folder given as "." is not taken for
     the run's output folder."""
     extras = NO_EXTRAS.replace("save_every = 1", "save_every = 0")
     jobs = queue_file(tmp_path, dataset, '[[job]]\nkind = "lora"\n' + extras)
     out = tmp_path / "q"
     train_queue.run_queue(jobs, out)
-    done = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns
+    done = load_file(out / "lora-1" / "lora.safetensors")
+    assert not (out / "lora-1" / "report.html").exists()
     capsys.readouterr()
-    jobs.write_text(jobs.read_text().replace("progress = false", "progress = true").replace("sample_every = 0\n", ""))
+    jobs.write_text(jobs.read_text().replace("progress = false", "progress = true").replace("report = false", "report "
+                                                                                            "= true"))
     train_queue.run_queue(jobs, out)
-    assert "done before, skipped (kept with its earlier sample_every: they do not change its weights" in \
-        capsys.readouterr().err
-    assert (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns == done
+    assert ("lora-1: done before, with other report now, which do not change its weights: its final files and report "
+            "are written again") in capsys.readouterr().err
+    again = load_file(out / "lora-1" / "lora.safetensors")
+    assert again.keys() == done.keys() and all(torch.equal(again[k], done[k]) for k in done)
+    assert (out / "lora-1" / "report.html").is_file()
+    train_queue.run_queue(jobs, out)  # and then it is done as it is asked
+    assert "lora-1: done before, skipped\n" in capsys.readouterr().err
 
     with safeio.folder_lock(out, "sdtune train queue"):
         with pytest.raises(SdtuneError, match=r"q: sdtune train queue \(process \d+\) is using this folder"):

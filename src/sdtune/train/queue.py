@@ -29,7 +29,8 @@ PAGE = "templates/queue.html"
 TRAINERS = {"ti": train_ti, "lora": train_lora}
 # settings every run has its own value of, whatever was asked: not a difference worth a row on the page
 NOT_COMPARED = {"out", "progress", "resume"}
-# settings that leave the weights alone: a finished run given new ones is kept as it is, not refused
+# settings that leave the weights alone: a finished run given new ones resumes finished (its final files and report
+# follow them), not refused
 NOT_WEIGHTS = NOT_COMPARED | OUTPUT_SETTINGS
 # what makes validation losses comparable between runs: the same model, kind of training and held-out images
 SAME_VALIDATION = ("model", "vae", "data", "validation_dir", "validation_split", "resolution", "masked_loss")
@@ -88,11 +89,13 @@ def _run_all(path: Path, folder: Path, runs: list[Run], device, dtype, step_call
     for number, run in enumerate(runs, 1):
         head = f"sdtune train queue: {number}/{len(runs)} {run.name}"
         if state.get(run.name, {}).get("state") == "done":
-            kept = [k for k in _changed(state[run.name]["given"], run.given) if k not in NOT_COMPARED]
-            print(f"{head}: done before, skipped" + (f" (kept with its earlier {', '.join(kept)}: they do not change "
-                                                     f"its weights; rename the job to train it again)" if kept else ""),
-                  file=sys.stderr)
-            continue
+            new = [k for k in _changed(state[run.name]["given"], run.given) if k not in NOT_COMPARED]
+            if not new:
+                print(f"{head}: done before, skipped", file=sys.stderr)
+                continue
+            # (as a single run does when resumed finished: its samples, report or file formats follow the new ones)
+            print(f"{head}: done before, with other {', '.join(new)} now, which do not change its weights: its final "
+                  f"files and report are written again", file=sys.stderr)
         state[run.name] = {"state": "running", "kind": run.kind, "given": run.given}
         _write_state(folder, state)
         write_page(folder, runs, state)
