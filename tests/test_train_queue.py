@@ -303,3 +303,11 @@ def test_peak_memory_restarts_for_each_run():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) > 200 * 2**20
+
+
+def test_help_shows_the_queue_file_format_as_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "queue", "--help"])
+    text = capsys.readouterr().out
+    assert "sdtune train queue jobs.toml: several training runs" in text and 'kind = "lora"' in text
+    assert "``" not in text and "::\n" not in text  # the module docstring's reStructuredText marks

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import importlib
 import os
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         _settings_args(tp, kind)
         tp.set_defaults(handler="commands.cmd_train")
     tq = tsub.add_parser("queue", help="several runs in turn, with sweeps, compared in queue.html",
-                         formatter_class=argparse.RawDescriptionHelpFormatter, description=queue_file.__doc__)
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=_plain_text(queue_file.__doc__))
     tq.add_argument("jobs", help="the queue file (TOML, as above)")
     tq.add_argument("--out", help="the queue's folder (default: the file's out = key, else its name without .toml)")
     _device_args(tq)
@@ -255,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--vae", help=VAE_HELP + "; for every model the page loads")
     u.set_defaults(handler="commands.cmd_ui")
     return ap
+
+
+def _plain_text(docstring: str) -> str:
+    """A module's docstring as --help shows it: without reStructuredText's ``code`` marks and ``::`` blocks."""
+    return re.sub(r"``(.+?)``", r"\1", docstring).replace("::\n", ":\n")
 
 
 class _Parser(argparse.ArgumentParser):
