@@ -67,9 +67,8 @@ def terminate_unwinds():
 def stop_requests(enabled: bool = True):
     """Inside: a first Ctrl-C (or SIGTERM) only asks (the yielded list gets its signal number) and says so, for a
     loop to finish its step, save and stop (raising ``stopped_by``'s exception); a second one interrupts at once,
-    as outside. Off in other threads (the web UI's jobs),
-    where Python delivers no signal."""
-    requested: list[bool] = []
+    as outside. Off in other threads (the web UI's jobs), where Python delivers no signal."""
+    requested: list[int] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield requested
         return

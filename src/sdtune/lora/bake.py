@@ -842,6 +842,7 @@ def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, dtype, allow_
 
 
 def _set_total_size(index: Path) -> None:
+    """A shard index's ``total_size`` (the bytes of every tensor) made that of the shards it names now."""
     data = json.loads(index.read_text(encoding="utf-8"))
     if isinstance(data.get("metadata"), dict) and "total_size" in data["metadata"]:
         data["metadata"]["total_size"] = sum(
