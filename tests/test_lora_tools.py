@@ -143,7 +143,7 @@ def test_merge_takes_sdxl_second_encoders_own_weight(tmp_path):
     assert mix.metadata["ss_training_comment"] == "sdtune lora merge: xl.safetensors:0.5:te2=0.25 + xl.safetensors:1"
 
 
-def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
+def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path, capsys):
     a = lora_file(base, tmp_path / "a.safetensors", 0, rank=4, alpha=2.0, loha_on=FF, conv=True)
     b = lora_file(base, tmp_path / "b.safetensors", 1, rank=4, alpha=4.0)
     exact, reports = tools.merge_loras([(a, 0.7), (b, -0.4)], tmp_path / "x.safetensors")
@@ -164,6 +164,12 @@ def test_merge_through_delta_for_loha_and_to_a_rank(base, tmp_path):
         assert reread.modules[k[0]][k[1]].rank == 3
         rep = next(r for r in reports if (r.component, r.path) == k)
         assert rep.fro == pytest.approx(float(s[:3].norm() / s.norm()), abs=1e-6)
+    # the command line's --json: that table, as resize and extract print theirs
+    capsys.readouterr()
+    assert main(["lora", "merge", f"{a}:0.7", f"{b}:-0.4", "--rank", "3", "--out", str(tmp_path / "j.safetensors"),
+                 "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert [(r["component"], r["path"], r["fro"]) for r in table] == [(r.component, r.path, r.fro) for r in reports]
 
 
 def test_a_layer_one_lycoris_adapter_alone_changes_stays_that_adapter_with_its_weight_folded_in(base, tmp_path):

@@ -19,7 +19,7 @@ from sdtune import safeio
 from sdtune.generate import TextStack
 from sdtune.lora.formats import load_lora
 from sdtune.models import load_base
-from sdtune.safeio import SdtuneError, folder_lock, load_state
+from sdtune.safeio import SdtuneError, folder_lock, load_state, read_metadata
 from sdtune.tiny import world
 from sdtune.train import data as data_mod
 from sdtune.train import diffusion, logs, loop, prior, schedules, validation
@@ -286,6 +286,9 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_rerun_continues_exactly(base,
     assert steps == [5, 6]
     a, b = lora_tensors(whole), lora_tensors(resumed)
     assert all(torch.equal(a[k][r], b[k][r]) for k in a for r in ("down", "up"))
+    started = [read_metadata(out / f)["ss_training_started_at"] for f in ("lora-step000004.safetensors",
+                                                                           "lora.safetensors")]
+    assert started[0] == started[1]  # the run's first start, as kohya records it, not the resume's
     # SIGTERM (a scheduler's or `docker stop`'s first word) saves as a first Ctrl-C does, and is named as itself
     # (the command line exits 143 on a Terminated, as schedulers expect; 130 is a Ctrl-C's)
     term_before, out = signal.getsignal(signal.SIGTERM), tmp_path / "term"

@@ -347,6 +347,8 @@ def _lora_tool_args(p: argparse.ArgumentParser) -> None:
     mg.add_argument("--blocks", action="store_true", help="bake the files' lbw= block weights into the result "
                     "(each layer scaled by its block's weight)")
     mg.add_argument("--drop-biases", action="store_true", help=DROP_BIASES_HELP)
+    mg.add_argument("--json", action="store_true", help="print the per-layer table of the layers merged through "
+                    "their ΔW as JSON (a list, empty where every layer was concatenated exactly)")
     mg.set_defaults(handler="commands.cmd_lora_merge")
     rs = tools_sub.add_parser("resize", help="lower a LoRA's rank per layer (fixed or sd-scripts' dynamic modes)")
     rs.add_argument("file")

@@ -79,7 +79,7 @@ def _print_reports(reports, as_json: bool) -> None:
         print(lora_tools.report_table(reports))
 
 
-def cmd_lora_merge(a) -> Path:
+def cmd_lora_merge(a) -> Path | None:
     specs = []
     for spec in a.specs:
         spec, lbw = block_weights.split_spec(spec)
@@ -90,9 +90,9 @@ def cmd_lora_merge(a) -> Path:
     if a.blocks and all(lbw is None for *_, lbw in specs):
         raise SdtuneError("--blocks bakes the files' block weights, but no FILE has one; give e.g. FILE:1:lbw=INALL")
     _, reports = lora_tools.merge_loras(specs, a.out, rank=a.rank, to=a.to, drop_biases=a.drop_biases)
-    if reports:
-        print(lora_tools.report_table(reports))
-    return Path(a.out)
+    if reports or a.json:
+        _print_reports(reports, a.json)
+    return None if a.json else Path(a.out)
 
 
 def cmd_lora_resize(a) -> Path | None:

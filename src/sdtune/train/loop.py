@@ -483,6 +483,7 @@ def run(base, settings: TrainSettings, job: Job, data: TrainingSet,
             _announce(settings, job, Path(settings.out), data.resolution, data.resolutions, spans, world)
             if start:
                 print(_resuming(job.name, state, start, total, settings), file=sys.stderr)
+        job.metadata["started_at"] = history.get("started_at", time.time())  # wall clock, as kohya records it
         model, optimizer = accelerator.prepare(objective, optimizer)
         undo.append(accelerator.free_memory)
         log = logs.TrainLog(Path(settings.out), start, enabled=accelerator.is_main_process, log_with=settings.log_with,
@@ -611,7 +612,7 @@ class Session:
         history = {"checkpoints": [(s, p.relative_to(self.out).as_posix()) for s, p in self.checkpoints],
                    "snapshot_files": {str(s): [p.relative_to(self.out).as_posix() for p in files]
                                       for s, files in self.snapshot_files.items() if s not in expired},
-                   "seconds": self.seconds, "spans": self.spans}
+                   "seconds": self.seconds, "spans": self.spans, "started_at": self.job.metadata["started_at"]}
         if self.log.wandb_id:  # a resume goes on logging into the same W&B run
             history["wandb_id"] = self.log.wandb_id
         self.log.flush()

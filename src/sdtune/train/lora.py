@@ -417,7 +417,7 @@ def _tag_frequency(scan) -> dict:
     return {k: dict(v) for k, v in freq.items()}
 
 
-def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, started: float, final: bool) -> dict:
+def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int, final: bool) -> dict:
     """Training facts in kohya's ``ss_*`` keys, which A1111, ComfyUI and LoRA browsers show."""
     m = job.metadata
     lrs = text_lrs(settings, base)
@@ -425,7 +425,7 @@ def kohya_metadata(settings: LoraSettings, base, data, job: loop.Job, step: int,
     sizes = Counter(data.bucket_of[i] for i in data.entries)
     meta = {
         "ss_session_id": str(seed_for(settings.seed, "session") % 2**31),
-        "ss_training_started_at": str(started),
+        "ss_training_started_at": str(m["started_at"]),  # the run's first start, kept across resumes
         "ss_output_name": settings.name,
         "ss_learning_rate": str(settings.lr),
         "ss_unet_lr": str(settings.lr) if settings.unet else "None",
@@ -594,7 +594,6 @@ def train_lora(base, settings: LoraSettings, callback=None) -> Path:
 def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
     """The run itself, with its VAE in place."""
     out = Path(settings.out)
-    started = time.time()
     scan = scan_data(settings.data, default_caption=settings.default_caption, require_captions=True,
                      all_lines=settings.wildcards)
     report_skipped(scan)
@@ -623,7 +622,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
 
     def save(step: int, final: bool) -> list[Path]:
         lora = network.to_lora(settings.save_precision)
-        meta = kohya_metadata(settings, base, data, job, step, started, final)
+        meta = kohya_metadata(settings, base, data, job, step, final)
         if prior is not None:  # (as sd-scripts counts them: the images with their repeats, by folder)
             meta["ss_num_reg_images"] = str(len(prior))
             meta["ss_reg_dataset_dirs"] = json.dumps(prior.scan.folders)
