@@ -103,14 +103,14 @@ keep_tokens = 2
   image_dir = "{data}"
   is_reg = true
   keep_tokens = 0
-  bucket_no_upscale = true
+  enable_wildcard = true
 """)
     s = load_settings(ds, {"out": str(tmp_path / "out")}, "lora", family="sd1")  # the dataset config as --config
     assert (s.data, s.reg_dir, s.shuffle_captions, s.keep_tokens, s.resolution, s.batch_size, s.buckets, s.crop) == \
         (str(ds.resolve()), str(ds.resolve()), True, 0, 768, 2, True, "center")
     said = {str(w.message) for w in recwarn}
     assert f"{ds}: the class images of {data.resolve()} train with the training images' options, not their own " \
-           f"bucket_no_upscale" in said
+           f"enable_wildcard" in said
     assert f"{ds}: cache_info changes nothing sdtune trains and is not used" in said
     # keep_tokens and flip_aug differ between the subsets: each image's own (the class images' too)
     assert [ex.options for ex in scan_data(ds).examples] == [{"keep_tokens": 2, "flip": True}] * 2
@@ -169,11 +169,16 @@ def test_a_run_on_subsets_with_their_own_options_reruns_from_its_settings(tmp_pa
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 @pytest.mark.parametrize("body, says", [
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\nbucket_no_upscale = true\n"
-     "[[datasets.subsets]]\nimage_dir = '{b}'\nbucket_no_upscale = false\n",
+    ("[[datasets]]\nbucket_no_upscale = true\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
+     "[[datasets]]\nbucket_no_upscale = false\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
      "bucket_no_upscale is True for {a} and False for {b}; sdtune trains every image with one bucket_no_upscale: give "
-     "it once, in "
-     "[general]"),
+     "it once, in [general]"),
+    ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{a}'\nresolution = 48\n",
+     "resolution in the subset of '{a}': a dataset's setting in sd-scripts, which refuses it in a subset; move it to "
+     "its [[datasets]] table (or [general])"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{a}'\n[[datasets.subsets]]\nimage_dir = '{b}'\n"
+     "is_reg = true\nfoo_bar = 2\n",
+     "the subset of {b}: unknown setting for lora training: 'foo_bar'"),
     ("[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = '{a}'\n"
      "[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = '{b}'\n",
      "enable_bucket is True for {a} and False for {b}"),

@@ -981,6 +981,12 @@ def _dataset_values(path: str, kind: str, family, names: set[str], given: dict, 
             raise SdtuneError(f"--{_flag(name)} {given[name]!r}: {path} gives each of its subsets its own {key}, so "
                               f"this would change nothing; leave --{_flag(name)} out, or give {key} once in the "
                               f"file's [general]")
+    for subset in dataset.images(reg=True):  # the class images' own keys: a typo there is refused as elsewhere
+        unknown = sorted(k for k in kohya_config.subset_settings(subset, path, family) if k not in names)
+        if unknown:
+            raise SdtuneError(f"{path}: the subset of {subset.image_dir}: unknown setting"
+                              f"{'s' if len(unknown) > 1 else ''} for {kind} training: "
+                              + "; ".join(_unknown_setting(key, names) for key in unknown))
     table, unused = kohya_config.dataset_settings(dataset, kind, family)
     if unused:
         note(f"{path}: {_not_used(unused)}")

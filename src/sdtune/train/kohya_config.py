@@ -306,6 +306,13 @@ def _dataset(theirs: dict, take, where, kind: str, unused: list[str]) -> None:
     take("dataset_config", "data", str(given.resolve()))
 
 
+def subset_settings(subset: kohya_dataset.Subset, where, family=None) -> set[str]:
+    """The settings (sdtune's names) a subset's own keys are, to check them as the run's are."""
+    names: set[str] = set()
+    _options(dict(subset.options), lambda key, name, value: names.add(name), where, family, [])
+    return names
+
+
 def dataset_settings(dataset: kohya_dataset.Dataset, kind: str, family=None) -> tuple[dict, list[str]]:
     """(sdtune's settings, kohya keys left out) of a kohya dataset config (``kohya_dataset.read``), the --data of a
     run: its caption and bucket options, and its class images (is_reg subsets) as the --reg-dir."""

@@ -49,6 +49,9 @@ REFUSED = {"conditioning_data_dir": "the subset's masks (--masked_loss) in anoth
                                     "mask beside it, as NAME.mask.png (or its transparency): put the masks there"}
 
 
+# sd-scripts' dataset settings: in [general] or a [[datasets]] table, never in a subset
+DATASET_ONLY = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                "bucket_reso_steps", "bucket_no_upscale", "network_multiplier"}
 # the options a subset may give its own images, its caption options, its augmentations and its dataset's
 # resolution (kohya's name -> sdtune's setting)
 VARYING = {"shuffle_caption": "shuffle_captions", "keep_tokens": "keep_tokens",
@@ -140,6 +143,11 @@ def read(path: str | Path) -> Dataset:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise SdtuneError(f"{shape}; fix its layout")
         for entry in entries:
+            up = sorted(DATASET_ONLY & entry.keys())
+            if up:  # sd-scripts' schema refuses them there; taken, one would change its whole dataset unsaid
+                raise SdtuneError(f"{path}: {', '.join(up)} in the subset of {entry.get('image_dir')!r}: a dataset's "
+                                  f"setting in sd-scripts, which refuses it in a subset; move it to its [[datasets]] "
+                                  f"table (or [general])")
             subsets.append(_subset(path, shared | entry))
     if not subsets:
         raise SdtuneError(f"{path}: no [[datasets.subsets]]; give each image folder as one, with image_dir = ...")
@@ -165,8 +173,7 @@ def read(path: str | Path) -> Dataset:
     notes = []
     for s in subsets:
         if s.is_reg:
-            differ = sorted(k for k in (options.keys() | s.options.keys()) - set(varying)
-                            if options.get(k) != s.options.get(k))
+            differ = sorted(k for k in s.options.keys() - set(varying) if options.get(k) != s.options[k])
             if differ:
                 notes.append(f"{path}: the class images of {s.image_dir} train with the training images' "
                              f"options, not their own {', '.join(differ)}")
