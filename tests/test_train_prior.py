@@ -16,6 +16,7 @@ from sdtune.train.diffusion import Loss
 from sdtune.train.lora import train_lora
 from sdtune.train.objective import Objective
 from sdtune.train.prior import make_class_images, prior_set
+from sdtune.train.scan import Scan, scan_data
 
 CLASS = "a photo of a shape"
 
@@ -56,8 +57,14 @@ def test_class_images_are_drawn_once_and_reused(base, dataset, tmp_path):
     assert np.abs(redrawn - before).max() <= 2  # drawn in a batch of 1 instead of 3: the same up to rounding
     assert np.abs(redrawn - _pixels(folder / "class-00000.png")).max() > 20  # and not just any class image
     # the training set of them: four images captioned with the class prompt
-    prior = prior_set(base, settings(dataset, tmp_path / "run", class_prompt=CLASS, num_class_images=4))
+    trained = scan_data(dataset)
+    prior = prior_set(base, settings(dataset, tmp_path / "run", class_prompt=CLASS, num_class_images=4), trained)
     assert len(prior) == 4 and prior.possible_captions() == [CLASS]
+    # the training images as class images: refused (the class loss would pull towards what the run learns)
+    with pytest.raises(SdtuneError, match=rf"^--reg-dir {dataset}: \d+ of its \d+ image\(s\) are training images too "
+                                          rf"\(.*\); class images show what the model draws of the class, apart from "
+                                          rf"--data: give another folder, or --class-prompt to draw them$"):
+        prior_set(base, settings(dataset, tmp_path / "run", reg_dir=str(dataset)), trained)
     # --reg-dir names the cache folder
     reg = tmp_path / "reg"
     make_class_images(base, settings(dataset, tmp_path / "other", class_prompt=CLASS, num_class_images=1,
@@ -106,6 +113,6 @@ def test_prior_settings_are_checked(tmp_path):
     with pytest.raises(SdtuneError, match="--prior-loss-weight -1"):
         settings("d", "o", reg_dir="r", prior_loss_weight=-1).check()
     with pytest.raises(SdtuneError, match="--reg-dir is not a folder"):
-        prior_set(None, settings("d", "o", reg_dir=str(tmp_path / "nothing")))
+        prior_set(None, settings("d", "o", reg_dir=str(tmp_path / "nothing")), Scan([]))
     with pytest.raises(SdtuneError, match="nothing: no such class-image folder; check --reg-dir"):  # before the model
         settings("d", "o", reg_dir=str(tmp_path / "nothing")).check()

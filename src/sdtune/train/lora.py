@@ -606,7 +606,7 @@ def _train_lora(base, settings: LoraSettings, callback=None) -> Path:
                               held_out)
     if settings.prior and settings.class_prompt:  # before anything is trained in: they show the base model
         loop.main_first(lambda: make_class_images(base, settings))  # one process draws them, for all
-    prior = prior_set(base, settings)
+    prior = prior_set(base, settings, scan)
     lrs = {"unet": settings.lr}
     if settings.text_encoder:
         lrs |= {te.component: lr for (te, _, _), lr in zip(base.text_encoders(), text_lrs(settings, base))}

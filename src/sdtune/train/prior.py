@@ -23,7 +23,7 @@ from .data import TrainingSet, model_steps, seed_for, training_set
 from .images import IMAGE_SUFFIXES
 from .kohya_dataset import is_dataset_file
 from .masks import is_mask_file
-from .scan import scan_data
+from .scan import Scan, scan_data, shared_images
 
 CLASS_DIR = "class_images"
 CLASS_NAME = "class-{:05d}"
@@ -77,9 +77,9 @@ def make_class_images(base, settings: LoraSettings) -> list[Path]:
     return made
 
 
-def prior_set(base, settings: LoraSettings) -> TrainingSet | None:
+def prior_set(base, settings: LoraSettings, training: Scan) -> TrainingSet | None:
     """The class images as a training set (None without prior preservation), once ``make_class_images`` has
-    drawn them for a --class-prompt."""
+    drawn them for a --class-prompt; none of them one of the ``training`` images."""
     if not settings.prior:
         return None
     folder = class_folder(settings)
@@ -89,4 +89,9 @@ def prior_set(base, settings: LoraSettings) -> TrainingSet | None:
     # (a kohya dataset config's class images are its is_reg subsets)
     scan = scan_data(folder, default_caption=settings.class_prompt or None, require_captions=True,
                      option="--reg-dir", reg=True)
+    shared = shared_images(scan, training)
+    if shared:  # the class loss would pull the run back towards the very images it learns
+        raise SdtuneError(f"--reg-dir {settings.reg_dir}: {len(shared)} of its {len(scan.examples)} image(s) are "
+                          f"training images too ({shared[0]}); class images show what the model draws of the class, "
+                          f"apart from --data: give another folder, or --class-prompt to draw them")
     return training_set(base, settings, scan, templates=None, seed=seed_for(settings.seed, "prior"))

@@ -48,6 +48,12 @@ class Scan:
     unused: list[str] = field(default_factory=list)  # notes on caption files that are not used as they stand
 
 
+def shared_images(some: Scan, others: Scan) -> list[Path]:
+    """The images of ``some`` that ``others`` holds too (the same files, wherever each was found from)."""
+    theirs = {e.path.resolve() for e in others.examples}
+    return [e.path for e in some.examples if e.path.resolve() in theirs]
+
+
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 METADATA_COLUMNS = ("text", "caption", "prompt")  # diffusers' scripts default to "text"
 

@@ -23,7 +23,7 @@ import torch
 from ..safeio import SdtuneError
 from . import presets
 from .data import TrainingSet, bucket_options, latent_cache, seed_for
-from .scan import Scan, fingerprint, held_out_order, scan_folder, split_validation
+from .scan import Scan, fingerprint, held_out_order, scan_folder, shared_images, split_validation
 
 TIMESTEPS = 5  # evenly spaced over the schedule: (k + 0.5) / 5 of the way, k = 0..4
 FALLBACK_IMAGES = 8
@@ -76,8 +76,7 @@ def split(settings, scan: Scan, require_captions: bool) -> tuple[Scan, Scan, boo
 def _check_apart(folder: str, held: Scan, scan: Scan) -> None:
     """Refuse held-out images that are training images too (--validation-dir being --data, or a subfolder of it,
     which --data reads too): the curve and the best checkpoint would rest on images the run learns."""
-    trained = {e.path.resolve() for e in scan.examples}
-    shared = [e.path for e in held.examples if e.path.resolve() in trained]
+    shared = shared_images(held, scan)
     if shared:
         raise SdtuneError(f"--validation-dir {folder}: {len(shared)} of its {len(held.examples)} image(s) are "
                           f"training images too ({shared[0]}, read from --data); held-out images must be kept "
