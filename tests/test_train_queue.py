@@ -109,7 +109,9 @@ def test_a_killed_queue_skips_done_runs_and_resumes_the_interrupted_one(dataset,
         train_queue.run_queue(jobs, out, step_callback=kill_in_run_2)
     assert seen == [("lora-1", 1), ("lora-1", 2), ("ti-1", 1), ("ti-1", 2)]
     state = json.loads((out / "queue.json").read_text())["runs"]
-    assert (state["lora-1"]["state"], state["ti-1"]["state"]) == ("done", "running")
+    # (a kill -9 would leave "running"; a Ctrl-C or SIGTERM is said, on the page too)
+    assert (state["lora-1"]["state"], state["ti-1"]["state"]) == ("done", "stopped")
+    assert "<td>stopped: interrupted</td>" in (out / "queue.html").read_text()
     finished = (out / "lora-1" / "lora.safetensors").stat().st_mtime_ns
 
     seen.clear()

@@ -118,6 +118,11 @@ def _run_all(path: Path, folder: Path, runs: list[Run], device, dtype, step_call
                 for token in [t for t in base.embeddings.tokens if t not in before]:
                     base.embeddings.remove(token)
             state[run.name].update(state="done", result=str(result))
+        except KeyboardInterrupt as e:  # a Ctrl-C or SIGTERM: the queue stops, and its page says where
+            state[run.name].update(state="stopped", error=str(e) or "interrupted")
+            _write_state(folder, state)
+            write_page(folder, runs, state)
+            raise
         except SdtuneError as e:
             print(f"{head}: failed: {e}", file=sys.stderr)
             state[run.name].update(state="failed", error=str(e))
