@@ -107,8 +107,7 @@ def merge(base_or_spec, loras, out, fmt: str = "diffusers", *, dtype=None, allow
         raise SdtuneError(f"{out}: sdtune writes a merged model as one .safetensors file (A1111 and ComfyUI load "
                           f"it; never a pickled {out.suffix}) or a diffusers folder; use "
                           f"{out.with_suffix('.safetensors')} or a folder name")
-    if dtype is not None:
-        models.pick_dtype("cpu", dtype)  # an unknown name is refused before anything is read
+    dtype = None if dtype is None else models.pick_dtype("cpu", dtype)  # (an unknown name: before anything is read)
     if fmt == "diffusers":  # a file in the way, or no right to write there: said before the bake, not after
         output_folder(out, create=False)
     else:
@@ -190,7 +189,7 @@ def _merge_loaded(base, pairs, out: Path, fmt: str, dtype, allow_partial: bool) 
                          allow_partial=allow_partial, blocks=p.blocks, words=False)  # _note_words_left_out
         # as the streamed routes check each tensor they patch: in the dtype it is saved in (a float32 sum can be
         # finite and still overflow fp16)
-        saved = models.pick_dtype("cpu", dtype) if dtype else None
+        saved = dtype
         for comp, module in lora_set.modules.items():
             for key, param in module.named_parameters():
                 stored = param if saved in (None, param.dtype) else param.to(saved)
@@ -698,8 +697,8 @@ def _json(path: Path) -> dict:
         raise SdtuneError(f"{path}: unreadable ({e}); re-download or re-export the model") from None
 
 
-def _single_to_single(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
-    out_float = None if dtype is None else ST_NAMES[models.pick_dtype("cpu", dtype)]
+def _single_to_single(path: Path, pairs, out: Path, dtype: torch.dtype | None, allow_partial: bool) -> Path:
+    out_float = None if dtype is None else ST_NAMES[dtype]
     single = _SingleFile.open(path, strict=False)  # keys it does not know are copied through
     src = single.src
     changes = _contributions(single.where(), pairs, allow_partial, single.family, dict(single.parts["unet"].config))
@@ -723,9 +722,8 @@ def _schedule_key(key: str, plan: dict) -> bool:
     return not plan.get(key) and ("." not in key or key.startswith("denoiser."))
 
 
-def _single_to_folder(path: Path, pairs, out: Path, dtype, allow_partial: bool) -> Path:
+def _single_to_folder(path: Path, pairs, out: Path, out_float: torch.dtype | None, allow_partial: bool) -> Path:
     _check_out_folder(out)
-    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
     single = _SingleFile.open(path, strict=True)  # a folder holds only what its components load
     src, prefixes = single.src, ldm.component_prefixes(single.family)
     by_part: dict[str, list] = {comp: [] for comp in single.parts}
@@ -812,9 +810,9 @@ def _folder_weight_files(folder: Path) -> dict[str, list[Path]] | None:
     return found
 
 
-def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, dtype, allow_partial: bool) -> Path:
+def _folder_to_folder(folder: Path, files: dict, pairs, out: Path, out_float: torch.dtype | None,
+                      allow_partial: bool) -> Path:
     _check_out_folder(out)
-    out_float = None if dtype is None else models.pick_dtype("cpu", dtype)
     where, biases = _folder_where(files)
     sources = list({src.path: src for table in (where, biases) for paths in table.values()
                     for src, _, _ in paths.values()}.values())
@@ -895,7 +893,7 @@ def _copy_folder(folder: Path, dst: Path, rewritten: set[Path]) -> list[str]:
     return sorted(left_out)
 
 
-def _stored_dtype(path: Path) -> str | None:
+def _stored_dtype(path: Path) -> torch.dtype | None:
     """The dtype a diffusers folder's UNet weights are stored in (safetensors), by its header; None where only
     loading tells (a .bin folder, a pickled checkpoint, the built-in model, a hub id)."""
     files = _folder_weight_files(path) if path.is_dir() else None
@@ -903,7 +901,7 @@ def _stored_dtype(path: Path) -> str | None:
         return None
     src = _Source.open(files["unet"][0])
     floating = [ST_DTYPES[info["dtype"]] for info in src.header.values() if ST_DTYPES[info["dtype"]].is_floating_point]
-    return str(floating[0]).removeprefix("torch.") if floating else None
+    return floating[0] if floating else None
 
 
 def _check_out_file(out: Path) -> None:
